@@ -1,0 +1,73 @@
+"""ftimer's wire protocol: newline-delimited JSON messages of at most PIPE_BUF bytes.
+
+Sans-I/O: nothing here opens, reads or writes anything. See docs/protocol.md.
+"""
+
+from ._codec import SUPPORTED_VERSIONS, decode, encode
+from ._errors import (
+    LineTooLong,
+    LocalProtocolError,
+    MalformedMessage,
+    MessageTooLarge,
+    ProtocolError,
+    RemoteProtocolError,
+    UnsupportedVersion,
+)
+from ._limits import (
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
+    MAX_PID,
+    MAX_SCOPE,
+    MAX_SIGNAL,
+    MAX_TIME,
+    PIPE_BUF,
+)
+from ._messages import (
+    Arm,
+    Disarm,
+    DisarmAll,
+    Expire,
+    Message,
+    MessageV2,
+    Sync,
+    TimerRequestV1,
+)
+from ._stream import MESSAGE_START, DecodeResult, StreamDecoder, decode_line
+from ._version import __version__
+
+__all__ = [
+    # framing and codec
+    "PIPE_BUF",
+    "SUPPORTED_VERSIONS",
+    "MESSAGE_START",
+    "encode",
+    "decode",
+    "decode_line",
+    "StreamDecoder",
+    "DecodeResult",
+    # messages
+    "Message",
+    "MessageV2",
+    "TimerRequestV1",
+    "Arm",
+    "Disarm",
+    "DisarmAll",
+    "Expire",
+    "Sync",
+    # limits
+    "MAX_PID",
+    "MAX_SIGNAL",
+    "MAX_SCOPE",
+    "MAX_TIME",
+    "MAX_LABELS",
+    "MAX_LABEL_VALUE",
+    # errors
+    "ProtocolError",
+    "LocalProtocolError",
+    "MessageTooLarge",
+    "RemoteProtocolError",
+    "MalformedMessage",
+    "UnsupportedVersion",
+    "LineTooLong",
+    "__version__",
+]

@@ -1,0 +1,117 @@
+"""encode() and decode(): one message to one framed line and back.
+
+Dispatch is by the "version" member. A message written by ftimer starts with
+``{"version":N,``; lines with that exact prefix take a single-parse fast path, anything
+else is first parsed for its version alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Union
+
+import msgspec
+
+from ._errors import (
+    EXCERPT_BYTES,
+    LocalProtocolError,
+    MalformedMessage,
+    MessageTooLarge,
+    UnsupportedVersion,
+)
+from ._limits import PIPE_BUF
+from ._messages import Message, MessageV2, TimerRequestV1
+
+__all__ = ["SUPPORTED_VERSIONS", "decode", "encode"]
+
+SUPPORTED_VERSIONS = (1, 2)
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+_encoder = msgspec.json.Encoder()
+_v1_decoder = msgspec.json.Decoder(TimerRequestV1)
+_v2_decoder = msgspec.json.Decoder(MessageV2)  # type: ignore[arg-type]
+
+
+class _Envelope(msgspec.Struct):
+    version: Any = msgspec.UNSET
+
+
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+_V2_PREFIX = b'{"version":2,'
+
+_by_version: Dict[Any, Callable[[Buffer], Message]] = {
+    1: _v1_decoder.decode,
+    2: _v2_decoder.decode,
+}
+_fast_paths = (
+    (_V2_PREFIX, _v2_decoder.decode),
+    (b'{"version": 1,', _v1_decoder.decode),  # what torch's json.dumps writes
+    (b'{"version":1,', _v1_decoder.decode),
+)
+
+
+def encode(message: Message, *, limit: int = PIPE_BUF) -> bytes:
+    """Return ``message`` as one framed line: compact JSON and a trailing newline.
+
+    Args:
+        message: a ``TimerRequestV1`` (torch's format) or a version 2 message.
+        limit: the largest framed size allowed, newline included; defaults to the
+            platform's ``PIPE_BUF`` so that one ``write()`` of the result is atomic.
+
+    Raises:
+        MessageTooLarge: the framed line would be larger than ``limit`` bytes.
+        LocalProtocolError: the message breaks the schema (a field out of bounds, of the
+            wrong type, a NaN time, ...) or is not a message at all.
+    """
+    if type(message) is TimerRequestV1:
+        body = _encoder.encode(message)
+        check = _v1_decoder.decode
+        line = body + b"\n"
+    else:
+        try:
+            body = _encoder.encode(message)
+        except (TypeError, msgspec.EncodeError) as e:
+            raise LocalProtocolError(f"cannot encode {message!r}: {e}") from None
+        check = _v2_decoder.decode
+        line = b"".join((_V2_PREFIX, memoryview(body)[1:], b"\n"))
+    if len(line) > limit:
+        raise MessageTooLarge(len(line), limit)
+    # The schema is checked by decoding what we are about to send with the decoder every
+    # reader uses: what we emit is exactly what we accept.
+    try:
+        if check(body) != message:
+            raise LocalProtocolError(f"{message!r} does not survive a round trip")
+    except msgspec.ValidationError as e:
+        raise LocalProtocolError(f"invalid {type(message).__name__}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise LocalProtocolError(f"cannot encode {message!r}: {e}") from None
+    return line
+
+
+def decode(line: Buffer) -> Message:
+    """Decode one line (a trailing newline is allowed) into a message.
+
+    Unknown members are ignored, so an older reader accepts a newer writer's additions.
+
+    Raises:
+        UnsupportedVersion: the line is a JSON object whose "version" this reader does not
+            speak.
+        MalformedMessage: anything else wrong: not JSON, not an object, no version, a
+            member missing, of the wrong type or out of bounds.
+    """
+    try:
+        for prefix, fast in _fast_paths:
+            if line[: len(prefix)] == prefix:
+                return fast(line)
+        version = _envelope_decoder.decode(line).version
+        if version is msgspec.UNSET:
+            raise MalformedMessage('no "version" member', bytes(line[:EXCERPT_BYTES]))
+        try:
+            slow = _by_version[version] if type(version) is int else None
+        except KeyError:
+            slow = None
+        if slow is None:
+            raise UnsupportedVersion(version, bytes(line[:EXCERPT_BYTES]))
+        return slow(line)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise MalformedMessage(str(e), bytes(line[:EXCERPT_BYTES])) from None

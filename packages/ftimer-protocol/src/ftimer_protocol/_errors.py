@@ -1,0 +1,82 @@
+"""The protocol's errors, rooted at ProtocolError and split by whose fault it is.
+
+``LocalProtocolError``: this side tried to encode something invalid (a bug or a bad
+argument in the caller). ``RemoteProtocolError``: a peer sent bytes that are not a valid
+message. The stream decoder never raises the latter; it hands them back as values.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = [
+    "LineTooLong",
+    "LocalProtocolError",
+    "MalformedMessage",
+    "MessageTooLarge",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "UnsupportedVersion",
+]
+
+# How much of an offending line an error keeps, for logs.
+EXCERPT_BYTES = 64
+
+
+class ProtocolError(Exception):
+    """Root of every error raised or reported by ftimer_protocol."""
+
+
+class LocalProtocolError(ProtocolError, ValueError):
+    """We tried to encode a message that breaks the schema."""
+
+
+class MessageTooLarge(LocalProtocolError):
+    """The framed message (newline included) is larger than the atomic-write limit."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"framed message is {size} bytes, over the {limit}-byte PIPE_BUF limit")
+        self.size = size
+        self.limit = limit
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer sent a line that is not a valid message.
+
+    Attributes:
+        excerpt: up to the first 64 bytes of the offending line, for logs.
+    """
+
+    def __init__(self, reason: str, excerpt: Optional[bytes] = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.excerpt = excerpt
+
+    def __eq__(self, other: object) -> bool:
+        # Value semantics, so decoded streams can be compared in tests and dedup'd in logs.
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, RemoteProtocolError)
+        return (self.reason, self.excerpt) == (other.reason, other.excerpt)
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.reason, self.excerpt))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.reason!r}, excerpt={self.excerpt!r})"
+
+
+class MalformedMessage(RemoteProtocolError):
+    """Not JSON, not an object, a field missing, of the wrong type or out of bounds."""
+
+
+class UnsupportedVersion(RemoteProtocolError):
+    """A well-formed message of a protocol version this side does not speak."""
+
+    def __init__(self, version: object, excerpt: Optional[bytes] = None) -> None:
+        super().__init__(f"unsupported protocol version {version!r}", excerpt)
+        self.version = version
+
+
+class LineTooLong(RemoteProtocolError):
+    """A line longer than the decoder's limit; its bytes were dropped."""

@@ -1,0 +1,128 @@
+"""Message types of both protocol versions: small frozen msgspec structs.
+
+Bounds live in the types (``Meta``), so a decoded message is always within the schema and
+every valid message of bounded fields is provably small. Structs do not validate on
+construction; ``encode()`` does, and the decoder does on every line.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Dict, Optional, Union
+
+import msgspec
+from msgspec import Meta
+
+from ._limits import (
+    LABEL_KEY_PATTERN,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
+    MAX_PID,
+    MAX_SCOPE,
+    MAX_SIGNAL,
+    MAX_TIME,
+    MAX_TOKEN,
+)
+
+__all__ = [
+    "Arm",
+    "Disarm",
+    "DisarmAll",
+    "Expire",
+    "Message",
+    "MessageV2",
+    "Sync",
+    "TimerRequestV1",
+]
+
+Pid = Annotated[int, Meta(ge=1, le=MAX_PID)]
+Signal = Annotated[int, Meta(ge=0, le=MAX_SIGNAL)]
+ScopeId = Annotated[str, Meta(max_length=MAX_SCOPE)]
+#: Clock ticks since boot, field 22 of /proc/PID/stat.
+StartTime = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+#: CLOCK_MONOTONIC seconds (Python's time.monotonic() on the same host).
+Monotonic = Annotated[float, Meta(ge=0, le=MAX_TIME)]
+Labels = Annotated[
+    Dict[
+        Annotated[str, Meta(pattern=LABEL_KEY_PATTERN)],
+        Annotated[str, Meta(max_length=MAX_LABEL_VALUE)],
+    ],
+    Meta(max_length=MAX_LABELS),
+]
+
+
+class TimerRequestV1(msgspec.Struct, frozen=True, gc=False, tag_field="version", tag=1):
+    """Version 1: torch's ``FileTimerRequest``, field for field.
+
+    A negative ``expiration_time`` means "release ``scope_id``"; otherwise the scope is
+    armed until ``expiration_time`` (wall-clock epoch seconds, ``time.time()``).
+    """
+
+    pid: Pid
+    scope_id: ScopeId
+    expiration_time: Annotated[float, Meta(ge=-MAX_TIME, le=MAX_TIME)]
+    signal: Signal
+
+    @property
+    def is_release(self) -> bool:
+        """True when this request releases its scope (negative expiration time)."""
+        return self.expiration_time < 0
+
+
+# Version 2 messages share the tag field "op"; the encoder prepends {"version":2, ...}.
+class _V2(msgspec.Struct, frozen=True, gc=False, tag_field="op", omit_defaults=True):
+    pass
+
+
+class Arm(_V2, tag="arm"):
+    """Arm (or re-arm: heartbeat, extend) timer ``scope_id`` of process ``pid``.
+
+    ``deadline`` is in CLOCK_MONOTONIC seconds of the host; when it passes, the server
+    delivers ``signal`` (0: report only). Re-arming an armed scope replaces its deadline,
+    signal and labels.
+    """
+
+    pid: Pid
+    scope_id: ScopeId
+    deadline: Monotonic
+    signal: Signal
+    start_time: Optional[StartTime] = None
+    labels: Optional[Labels] = None
+
+
+class Disarm(_V2, tag="disarm"):
+    """Disarm timer ``scope_id`` of process ``pid``; disarming an unknown scope is a no-op."""
+
+    pid: Pid
+    scope_id: ScopeId
+    start_time: Optional[StartTime] = None
+
+
+class DisarmAll(_V2, tag="disarm_all"):
+    """Disarm every timer of process ``pid``: a clean exit, or the first step of a resync."""
+
+    pid: Pid
+    start_time: Optional[StartTime] = None
+
+
+class Expire(_V2, tag="expire"):
+    """Expire timer ``scope_id`` of process ``pid`` now: "reap me" (a stuck-state report)."""
+
+    pid: Pid
+    scope_id: ScopeId
+    signal: Signal
+    start_time: Optional[StartTime] = None
+    labels: Optional[Labels] = None
+
+
+class Sync(_V2, tag="sync"):
+    """A marker with no effect on timers; a reader reports when it has read ``token``.
+
+    A server writes one into its own FIFO to learn that everything written before it has
+    been applied.
+    """
+
+    token: Annotated[str, Meta(max_length=MAX_TOKEN)]
+
+
+MessageV2 = Union[Arm, Disarm, DisarmAll, Expire, Sync]
+Message = Union[TimerRequestV1, Arm, Disarm, DisarmAll, Expire, Sync]

@@ -1,0 +1,123 @@
+"""A sans-I/O streaming decoder for the newline-delimited message stream of a FIFO.
+
+Many writers share one FIFO. Each valid message arrives whole (one atomic write of at
+most PIPE_BUF bytes), but a writer that dies or misbehaves can leave bytes with no
+newline in front of the next writer's message. The resynchronisation rule: a message
+starts with ``{"version"`` and, because a JSON string cannot contain an unescaped
+quote, that sequence cannot occur inside a message. So when a line does not decode, its
+last ``{"version"`` that leaves at most ``max_line`` bytes starts the only message the
+line can still hold. Everything before it costs one error, never the message.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Union
+
+from ._codec import Buffer, decode
+from ._errors import EXCERPT_BYTES, LineTooLong, RemoteProtocolError
+from ._limits import PIPE_BUF
+from ._messages import Message
+
+__all__ = ["MESSAGE_START", "DecodeResult", "StreamDecoder", "decode_line"]
+
+#: Every message begins with these bytes; the decoder resynchronises on them.
+MESSAGE_START = b'{"version"'
+
+DecodeResult = Union[Message, RemoteProtocolError]
+
+
+def decode_line(
+    line: bytes, max_line: int = PIPE_BUF, *, overlong_excerpt: Optional[bytes] = None
+) -> List[DecodeResult]:
+    """Decode one complete line (without its newline) into results; never raises.
+
+    Returns ``[]`` for an empty line, ``[message]`` for a valid one, ``[error]`` for a bad
+    one, and ``[error, message]`` when a valid message follows junk on the same line.
+
+    Args:
+        line: the line's bytes, newline excluded.
+        max_line: the longest line accepted, in bytes (torch may write ``PIPE_BUF``).
+        overlong_excerpt: set by the stream decoder when it already dropped the start of
+            this line for being too long; the excerpt is that start.
+    """
+    out: List[DecodeResult] = []
+    if overlong_excerpt is None and len(line) <= max_line:
+        if not line:
+            return out
+        try:
+            out.append(decode(line))
+        except RemoteProtocolError as e:
+            out.append(e)
+        else:
+            return out
+    else:
+        excerpt = line[:EXCERPT_BYTES] if overlong_excerpt is None else overlong_excerpt
+        out.append(LineTooLong(f"line longer than {max_line} bytes", excerpt))
+    start = line.rfind(MESSAGE_START)
+    if start > 0 and len(line) - start <= max_line:
+        try:
+            out.append(decode(line[start:]))
+        except RemoteProtocolError:
+            pass  # the line's error is already counted
+    return out
+
+
+class StreamDecoder:
+    """Turns chunks of a byte stream, split anywhere, into messages and error values.
+
+    Memory is bounded: an unfinished line is kept only up to its last ``max_line`` bytes.
+
+    Args:
+        max_line: the longest line accepted, newline excluded; defaults to ``PIPE_BUF``,
+            the longest line torch's client writes.
+    """
+
+    __slots__ = ("_buf", "_max_line", "_overlong")
+
+    def __init__(self, max_line: int = PIPE_BUF) -> None:
+        if max_line < len(MESSAGE_START):
+            raise ValueError(f"max_line must be at least {len(MESSAGE_START)}")
+        self._max_line = max_line
+        self._buf = b""
+        # Excerpt of the current line once it has grown past max_line, else None.
+        self._overlong: Optional[bytes] = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a line whose newline has not arrived yet."""
+        return len(self._buf)
+
+    def feed(self, data: Buffer) -> List[DecodeResult]:
+        """Consume ``data`` and return the results of every line it completes, in order.
+
+        Never raises on bad input: a bad line becomes a ``RemoteProtocolError`` value.
+        """
+        if not data:
+            return []
+        buf = self._buf + data if self._buf else bytes(data)
+        lines = buf.split(b"\n")
+        rest = lines.pop()
+        out: List[DecodeResult] = []
+        max_line = self._max_line
+        if lines:
+            first = 0
+            if self._overlong is not None:
+                out += decode_line(lines[0], max_line, overlong_excerpt=self._overlong)
+                self._overlong = None
+                first = 1
+            for i in range(first, len(lines)):
+                line = lines[i]
+                if line:
+                    out += decode_line(line, max_line)
+        if len(rest) > max_line:
+            if self._overlong is None:
+                self._overlong = rest[:EXCERPT_BYTES]
+            rest = rest[-max_line:]
+        self._buf = rest
+        return out
+
+    def close(self) -> List[DecodeResult]:
+        """End of stream: decode what is buffered as a final line and reset."""
+        line, excerpt = self._buf, self._overlong
+        self._buf, self._overlong = b"", None
+        return decode_line(line, self._max_line, overlong_excerpt=excerpt)

@@ -32,6 +32,7 @@ from ._messages import (
     Sync,
     TimerRequestV1,
 )
+from ._paths import SYSTEM_FIFO_PATH, default_fifo_path
 from ._stream import MESSAGE_START, DecodeResult, StreamDecoder, decode_line
 from ._version import __version__
 
@@ -54,6 +55,9 @@ __all__ = [
     "DisarmAll",
     "Expire",
     "Sync",
+    # where a server listens by default
+    "SYSTEM_FIFO_PATH",
+    "default_fifo_path",
     # limits
     "MAX_PID",
     "MAX_SIGNAL",

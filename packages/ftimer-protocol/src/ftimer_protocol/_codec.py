@@ -29,7 +29,7 @@ Buffer = Union[bytes, bytearray, memoryview]
 
 _encoder = msgspec.json.Encoder()
 _v1_decoder = msgspec.json.Decoder(TimerRequestV1)
-_v2_decoder = msgspec.json.Decoder(MessageV2)  # type: ignore[arg-type]
+_v2_decoder = msgspec.json.Decoder(MessageV2)
 
 
 class _Envelope(msgspec.Struct):

@@ -73,7 +73,7 @@ class _V2(msgspec.Struct, frozen=True, gc=False, tag_field="op", omit_defaults=T
     pass
 
 
-class Arm(_V2, tag="arm"):
+class Arm(_V2, frozen=True, tag="arm"):
     """Arm (or re-arm: heartbeat, extend) timer ``scope_id`` of process ``pid``.
 
     ``deadline`` is in CLOCK_MONOTONIC seconds of the host; when it passes, the server
@@ -89,7 +89,7 @@ class Arm(_V2, tag="arm"):
     labels: Optional[Labels] = None
 
 
-class Disarm(_V2, tag="disarm"):
+class Disarm(_V2, frozen=True, tag="disarm"):
     """Disarm timer ``scope_id`` of process ``pid``; disarming an unknown scope is a no-op."""
 
     pid: Pid
@@ -97,14 +97,14 @@ class Disarm(_V2, tag="disarm"):
     start_time: Optional[StartTime] = None
 
 
-class DisarmAll(_V2, tag="disarm_all"):
+class DisarmAll(_V2, frozen=True, tag="disarm_all"):
     """Disarm every timer of process ``pid``: a clean exit, or the first step of a resync."""
 
     pid: Pid
     start_time: Optional[StartTime] = None
 
 
-class Expire(_V2, tag="expire"):
+class Expire(_V2, frozen=True, tag="expire"):
     """Expire timer ``scope_id`` of process ``pid`` now: "reap me" (a stuck-state report)."""
 
     pid: Pid
@@ -114,7 +114,7 @@ class Expire(_V2, tag="expire"):
     labels: Optional[Labels] = None
 
 
-class Sync(_V2, tag="sync"):
+class Sync(_V2, frozen=True, tag="sync"):
     """A marker with no effect on timers; a reader reports when it has read ``token``.
 
     A server writes one into its own FIFO to learn that everything written before it has

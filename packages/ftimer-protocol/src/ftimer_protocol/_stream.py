@@ -11,6 +11,7 @@ line can still hold. Everything before it costs one error, never the message.
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Union
 
 from ._codec import Buffer, decode
@@ -55,10 +56,9 @@ def decode_line(
         out.append(LineTooLong(f"line longer than {max_line} bytes", excerpt))
     start = line.rfind(MESSAGE_START)
     if start > 0 and len(line) - start <= max_line:
-        try:
+        # The line's error is already reported; a bad tail adds nothing to it.
+        with contextlib.suppress(RemoteProtocolError):
             out.append(decode(line[start:]))
-        except RemoteProtocolError:
-            pass  # the line's error is already counted
     return out
 
 

@@ -9,13 +9,20 @@ from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Shared, loaded machines (CI, other test runs in parallel): no per-example deadlines.
+settings.register_profile(
+    "ftimer", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile(os.environ.get("FTIMER_HYPOTHESIS_PROFILE", "ftimer"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def torch_timer() -> ModuleType:
     """torch.distributed.elastic.timer; a hard failure in the interop session if missing."""
     try:
-        import torch.distributed.elastic.timer as timer
+        from torch.distributed.elastic import timer
     except ImportError as e:
         if os.environ.get("FTIMER_REQUIRE_TORCH"):
             pytest.fail(f"torch is required in this session but cannot be imported: {e}")

@@ -1,0 +1,236 @@
+"""encode()/decode(): round trips, schema bounds, version dispatch and the PIPE_BUF guard."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ftimer_protocol import (
+    MAX_SCOPE,
+    PIPE_BUF,
+    Arm,
+    Disarm,
+    DisarmAll,
+    Expire,
+    LocalProtocolError,
+    MalformedMessage,
+    Message,
+    MessageTooLarge,
+    ProtocolError,
+    RemoteProtocolError,
+    Sync,
+    TimerRequestV1,
+    UnsupportedVersion,
+    decode,
+    encode,
+)
+
+from .strategies import messages
+
+
+@given(messages)
+def test_round_trip(message: Message) -> None:
+    try:
+        line = encode(message)
+    except MessageTooLarge:
+        assert len(encode(message, limit=1 << 20)) > PIPE_BUF
+        return
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
+    assert len(line) <= PIPE_BUF
+    assert decode(line) == message
+    assert type(decode(line)) is type(message)
+
+
+@given(messages)
+def test_every_encoded_message_starts_with_its_version(message: Message) -> None:
+    try:
+        line = encode(message)
+    except MessageTooLarge:
+        return
+    version = 1 if isinstance(message, TimerRequestV1) else 2
+    assert line.startswith(b'{"version":%d,' % version)
+
+
+def test_v1_is_torchs_format_field_for_field() -> None:
+    line = encode(TimerRequestV1(pid=42, scope_id="train.py#7", expiration_time=1.5, signal=9))
+    assert json.loads(line) == {
+        "version": 1,
+        "pid": 42,
+        "scope_id": "train.py#7",
+        "expiration_time": 1.5,
+        "signal": 9,
+    }
+
+
+def test_v2_wire_form() -> None:
+    arm = Arm(pid=7, scope_id="s", deadline=12.25, signal=15, start_time=99, labels={"rank": "3"})
+    assert encode(arm) == (
+        b'{"version":2,"op":"arm","pid":7,"scope_id":"s","deadline":12.25,"signal":15,'
+        b'"start_time":99,"labels":{"rank":"3"}}\n'
+    )
+    # Optional members are left out when unset.
+    assert encode(DisarmAll(pid=7)) == b'{"version":2,"op":"disarm_all","pid":7}\n'
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        # What torch 2.13's FileTimerRequest.to_json() writes (json.dumps, with spaces).
+        b'{"version": 1, "pid": 42, "scope_id": "a.py#3", "expiration_time": 17.5, "signal": 9}',
+        b'{"version": 1, "pid": 42, "scope_id": "a.py#3", "expiration_time": -1, "signal": 0}',
+        # Members in another order, an integer time, a newline.
+        b'{"signal": 9, "expiration_time": 17, "scope_id": "a.py#3", "pid": 42, "version": 1}\n',
+    ],
+)
+def test_decodes_torch_v1_lines(line: bytes) -> None:
+    message = decode(line)
+    assert isinstance(message, TimerRequestV1)
+    assert message.pid == 42
+    assert message.scope_id == "a.py#3"
+    assert message.is_release == (message.expiration_time < 0)
+
+
+def test_unknown_members_are_ignored() -> None:
+    line = b'{"version":2,"op":"disarm","pid":5,"scope_id":"x","future":[1,{"a":2}]}'
+    assert decode(line) == Disarm(pid=5, scope_id="x")
+    line = b'{"version": 1, "pid": 5, "scope_id": "x", "expiration_time": 1, "signal": 9, "z": 1}'
+    assert decode(line) == TimerRequestV1(pid=5, scope_id="x", expiration_time=1.0, signal=9)
+
+
+@pytest.mark.parametrize("version", [0, 3, 99, "2", None, 1.0, True])
+def test_unknown_version_is_a_typed_error(version: object) -> None:
+    line = json.dumps({"version": version, "op": "arm", "pid": 1}).encode()
+    with pytest.raises(UnsupportedVersion) as info:
+        decode(line)
+    assert info.value.version == version
+    assert isinstance(info.value, RemoteProtocolError)
+    assert "unsupported protocol version" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"", "truncated"),
+        (b"not json", "malformed"),
+        (b"[1, 2]", "Expected `object`"),
+        (b"{}", 'no "version"'),
+        (b'{"version":2,"op":"nap","pid":1}', "op"),
+        (b'{"version":2,"op":"arm","pid":1,"scope_id":"s","signal":9}', "deadline"),
+        (b'{"version":2,"op":"arm","pid":0,"scope_id":"s","deadline":1,"signal":9}', "pid"),
+        (b'{"version":2,"op":"arm","pid":-1,"scope_id":"s","deadline":1,"signal":9}', "pid"),
+        (b'{"version":2,"op":"arm","pid":1,"scope_id":"s","deadline":1,"signal":65}', "signal"),
+        (b'{"version":2,"op":"arm","pid":1,"scope_id":"s","deadline":-1,"signal":9}', "deadline"),
+        (b'{"version":2,"op":"arm","pid":1,"scope_id":"s","deadline":1e400,"signal":9}', "range"),
+        (b'{"version":2,"op":"arm","pid":1,"scope_id":"s","deadline":NaN,"signal":9}', "malformed"),
+        (b'{"version":2,"op":"arm","pid":1,"scope_id":7,"deadline":1,"signal":9}', "scope_id"),
+        (
+            b'{"version":2,"op":"arm","pid":1,"scope_id":"s","deadline":1,"signal":9,'
+            b'"labels":{"bad key":"v"}}',
+            "labels",
+        ),
+        (b'{"version": 1, "pid": 0, "scope_id": "s", "expiration_time": 1, "signal": 9}', "pid"),
+        (b'{"version": 1, "pid": 1, "scope_id": "s", "expiration_time": 1}', "signal"),
+        (b'{"version":2,"op":"disarm","pid":1,"scope_id":"s"}trailing', "malformed"),
+    ],
+)
+def test_malformed_lines_are_typed_errors(line: bytes, reason: str) -> None:
+    with pytest.raises(MalformedMessage) as info:
+        decode(line)
+    assert reason.lower() in str(info.value).lower()
+    assert info.value.excerpt == line[:64]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Arm(pid=0, scope_id="s", deadline=1.0, signal=9),
+        Arm(pid=2**31, scope_id="s", deadline=1.0, signal=9),
+        Arm(pid=1, scope_id="s", deadline=math.nan, signal=9),
+        Arm(pid=1, scope_id="s", deadline=math.inf, signal=9),
+        Arm(pid=1, scope_id="s", deadline=-0.5, signal=9),
+        Arm(pid=1, scope_id="s", deadline=1.0, signal=65),
+        Arm(pid=1, scope_id="s", deadline=1.0, signal=-1),
+        Arm(pid=1, scope_id="x" * (MAX_SCOPE + 1), deadline=1.0, signal=9),
+        Arm(pid=1, scope_id="s", deadline=1.0, signal=9, labels={"a-b": "v"}),
+        Arm(pid=1, scope_id=b"bytes", deadline=1.0, signal=9),  # type: ignore[arg-type]
+        Disarm(pid=1, scope_id="s", start_time=-5),
+        TimerRequestV1(pid=1, scope_id="s", expiration_time=math.nan, signal=9),
+        Expire(pid=1, scope_id="s", signal=99),
+        Sync(token="t" * 129),
+    ],
+)
+def test_encode_refuses_messages_outside_the_schema(message: Message) -> None:
+    with pytest.raises(LocalProtocolError):
+        encode(message)
+
+
+def test_encode_refuses_what_is_not_a_message() -> None:
+    with pytest.raises(LocalProtocolError):
+        encode({"version": 1})  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError):
+        encode(object())  # type: ignore[arg-type]
+
+
+def test_errors_say_whose_fault() -> None:
+    assert issubclass(MessageTooLarge, LocalProtocolError)
+    assert issubclass(LocalProtocolError, ProtocolError)
+    assert issubclass(MalformedMessage, RemoteProtocolError)
+    assert issubclass(UnsupportedVersion, RemoteProtocolError)
+    assert not issubclass(RemoteProtocolError, LocalProtocolError)
+    # msgspec's own errors never escape.
+    assert not issubclass(MalformedMessage, msgspec.MsgspecError)
+
+
+def _arm_of_size(size: int, wide: int = 0) -> Arm:
+    """An Arm framed in exactly ``size`` bytes, its scope holding ``wide`` two-byte "é"."""
+    base = len(encode(Arm(pid=1, scope_id="", deadline=1.0, signal=9)))
+    scope = "é" * wide + "x" * (size - base - 2 * wide)
+    return Arm(pid=1, scope_id=scope, deadline=1.0, signal=9)
+
+
+def test_guard_counts_multibyte_scopes_in_bytes() -> None:
+    exact = _arm_of_size(PIPE_BUF, wide=100)
+    assert len(exact.scope_id.encode()) == len(exact.scope_id) + 100
+    assert len(encode(exact)) == PIPE_BUF
+    with pytest.raises(MessageTooLarge) as info:
+        encode(Arm(pid=1, scope_id=exact.scope_id + "é", deadline=1.0, signal=9))
+    assert info.value.size == PIPE_BUF + 2
+
+
+def test_guard_counts_bytes_and_the_newline() -> None:
+    exact = _arm_of_size(PIPE_BUF)
+    assert len(encode(exact)) == PIPE_BUF
+    one_more = Arm(pid=1, scope_id=exact.scope_id + "x", deadline=1.0, signal=9)
+    with pytest.raises(MessageTooLarge) as info:
+        encode(one_more)
+    assert info.value.size == PIPE_BUF + 1
+    # The same number of characters, some of them two bytes wide, no longer fits.
+    wide = Arm(pid=1, scope_id="é" + exact.scope_id[1:], deadline=1.0, signal=9)
+    with pytest.raises(MessageTooLarge):
+        encode(wide)
+
+
+def test_guard_limit_can_be_lowered_for_macos_pipe_buf() -> None:
+    message = _arm_of_size(513)
+    with pytest.raises(MessageTooLarge):
+        encode(message, limit=512)
+    assert len(encode(_arm_of_size(512), limit=512)) == 512
+
+
+@given(st.integers(0, 200))
+def test_decoder_accepts_every_line_torch_can_write(pad: int) -> None:
+    # torch's guard allows PIPE_BUF characters before the newline, and json.dumps writes
+    # ASCII only, so torch can write PIPE_BUF bytes plus the newline.
+    head = '{"version": 1, "pid": 42, "scope_id": "'
+    tail = '", "expiration_time": 17.5, "signal": 9}'
+    scope = "s" * (PIPE_BUF - len(head) - len(tail) - pad)
+    line = (head + scope + tail).encode()
+    assert len(line) == PIPE_BUF - pad
+    message = decode(line + b"\n")
+    assert message == TimerRequestV1(pid=42, scope_id=scope, expiration_time=17.5, signal=9)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 
@@ -14,7 +15,9 @@ ROOT = pathlib.Path(__file__).parent
 PACKAGES = ["packages/ftimer-protocol", "packages/ftimer-client", "packages/ftimer-server"]
 EDITABLE = [arg for pkg in PACKAGES for arg in ("-e", pkg)]
 TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"]
-TORCH = "torch==2.13.0"  # CPU build; installed only in the sessions that compare with torch
+# CPU build, installed only in the sessions that compare with torch; numpy because torch
+# warns at import without it.
+TORCH = ["torch==2.13.0", "numpy"]
 
 nox.options.sessions = ["lint", "typecheck", "tests", "interop"]
 nox.options.error_on_missing_interpreters = True
@@ -45,7 +48,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def interop(session: nox.Session) -> None:
     """Tests against the real torch 2.13 (fails, never skips, if torch cannot be installed)."""
-    session.install(*TEST_DEPS, *EDITABLE, TORCH)
+    session.install(*TEST_DEPS, *EDITABLE, *TORCH)
     session.run("pytest", "-m", "interop", *session.posargs, env={"FTIMER_REQUIRE_TORCH": "1"})
 
 
@@ -54,32 +57,31 @@ def build(session: nox.Session) -> None:
     """Build every wheel and sdist; check the client wheel pulls in nothing but its protocol."""
     session.install("build>=1.0")
     dist = ROOT / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
     for pkg in PACKAGES:
         session.run("python", "-m", "build", "--outdir", str(dist), pkg)
     with tempfile.TemporaryDirectory() as tmp:
         venv = pathlib.Path(tmp) / "venv"
         session.run(sys.executable, "-m", "venv", str(venv), external=True)
-        python = str(venv / "bin" / "python")
-        session.run(
-            python, "-m", "pip", "install", "-q", "--find-links", str(dist), "ftimer-client",
-            external=True,
-        )
-        out = session.run(
-            python, "-m", "pip", "list", "--format=json", "--exclude-editable",
-            external=True, silent=True,
-        )
+        pip = [str(venv / "bin" / "python"), "-m", "pip"]
+        # The two wheels by path, so nothing of ours can come from an index.
+        wheels = [
+            str(next(dist.glob(f"{name}-*.whl"))) for name in ("ftimer_client", "ftimer_protocol")
+        ]
+        session.run(*pip, "install", "-q", *wheels, external=True)
+        out = session.run(*pip, "list", "--format=json", external=True, silent=True)
         installed = {p["name"].lower() for p in json.loads(str(out))}
         installed -= {"pip", "setuptools", "wheel"}
         expected = {"ftimer-client", "ftimer-protocol", "msgspec"}
         if installed != expected:
-            session.error(f"ftimer-client pulled in {sorted(installed)}, expected {sorted(expected)}")
+            session.error(f"client wheel pulled in {sorted(installed)}, not {sorted(expected)}")
         session.log(f"client wheel installs exactly {sorted(installed)}")
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks side by side with torch 2.13. `nox -s bench -- --quick` for a short run."""
-    session.install(*EDITABLE, TORCH, "matplotlib")
+    session.install(*EDITABLE, *TORCH, "matplotlib")
     session.run("python", "tests/benchmarks/run.py", *session.posargs)
 
 

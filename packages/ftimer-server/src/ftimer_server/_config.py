@@ -1,0 +1,284 @@
+"""The daemon's settings: a TOML file and command-line options merged into one frozen config.
+
+Precedence: command line, then the config file, then the environment
+(``TORCHELASTIC_TIMER_FILE`` for the FIFO path), then built-in defaults. The file is read
+with msgspec into a typed struct that forbids unknown keys, so a typo is an error rather
+than a silently ignored setting. Keys are the long option names without dashes in front::
+
+    fifo = "/run/ftimer/timer.fifo"
+    fifo-mode = 0o660          # or "0660"
+    fifo-group = "ftimer"
+    signal = "SIGTERM"
+    grace = 10.0
+    state-file = "/run/ftimer/state.json"
+    allow-uids = [1000, 1001]
+    log-format = "json"
+    metrics-address = "127.0.0.1:9464"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import signal as signal_module
+import sys
+from collections.abc import Mapping
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Union
+
+import msgspec
+
+from ftimer_protocol import MAX_SIGNAL, default_fifo_path
+
+from ._logging import LOG_FORMATS, LOG_LEVELS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.9 / 3.10 only
+    # tomli is a dependency below 3.11 only; mypy (targeting 3.9) may not have it.
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+__all__ = [
+    "ConfigError",
+    "DaemonConfig",
+    "FileSettings",
+    "control_socket_for",
+    "load_config_file",
+    "parse_signal",
+    "resolve_config",
+]
+
+#: Environment variable torch's elastic agent sets for its workers; honoured as the default.
+FIFO_ENV = "TORCHELASTIC_TIMER_FILE"
+
+
+class ConfigError(Exception):
+    """A setting is invalid or the config file cannot be read (exit code 2)."""
+
+
+class FileSettings(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only=True):
+    """Everything a config file may set; None means "not set here"."""
+
+    fifo: Optional[str] = None
+    fifo_mode: Union[int, str, None] = None
+    fifo_group: Union[int, str, None] = None
+    control_socket: Optional[str] = None
+    signal: Union[int, str, None] = None
+    grace: Optional[float] = None
+    state_file: Optional[str] = None
+    allow_uids: Optional[List[int]] = None
+    descendants_only: Optional[bool] = None
+    max_timers: Optional[int] = None
+    dry_run: Optional[bool] = None
+    log_format: Optional[str] = None
+    log_level: Optional[str] = None
+    log_file: Optional[str] = None
+    metrics_address: Optional[str] = None
+
+
+SETTING_NAMES = tuple(f.name for f in msgspec.structs.fields(FileSettings))
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+    """The validated settings of one daemon run.
+
+    Attributes:
+        fifo: the FIFO path (absolute).
+        fifo_mode: permission bits for a FIFO the daemon creates (0o600 by default).
+        fifo_group: gid given to the FIFO, or None to keep the daemon's.
+        control_socket: the status socket's path.
+        signal: signal sent for timers whose own signal is 0 ... see docs/deploy.md.
+        grace: seconds a signalled worker has before SIGKILL; None: no escalation.
+        state_file: where armed timers are saved, or None.
+        allow_uids: uids whose processes may be signalled; None: any (but see policy).
+        descendants_only: only signal descendants of the daemon's parent ... (core policy).
+        max_timers: cap on armed timers, or None for the core's default.
+        dry_run: log and count expiries instead of signalling.
+        log_format, log_level, log_file: logging.
+        metrics_address: (host, port) for Prometheus, or None.
+        config_file: the file the settings came from, for SIGHUP reloads.
+    """
+
+    fifo: str
+    fifo_mode: int = 0o600
+    fifo_group: Optional[int] = None
+    control_socket: str = ""
+    signal: Optional[int] = None
+    grace: Optional[float] = None
+    state_file: Optional[str] = None
+    allow_uids: Optional[FrozenSet[int]] = None
+    descendants_only: bool = False
+    max_timers: Optional[int] = None
+    dry_run: bool = False
+    log_format: str = "text"
+    log_level: str = "info"
+    log_file: Optional[str] = None
+    metrics_address: Optional[Tuple[str, int]] = None
+    config_file: Optional[str] = None
+
+
+def load_config_file(path: str) -> FileSettings:
+    """Read and type-check a TOML config file.
+
+    Raises:
+        ConfigError: unreadable, not TOML, an unknown key or a value of the wrong type.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    try:
+        return msgspec.convert(raw, FileSettings)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+
+
+def parse_signal(value: Union[int, str]) -> int:
+    """``9``, ``"9"``, ``"KILL"``, ``"SIGKILL"`` or ``"sigkill"`` -> 9.
+
+    Raises:
+        ConfigError: not a signal known on this platform.
+    """
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int):
+        if 1 <= value <= MAX_SIGNAL:
+            return value
+        raise ConfigError(f"signal {value} is out of range 1..{MAX_SIGNAL}")
+    name = value.strip().upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    sig = getattr(signal_module.Signals, name, None) if name.isidentifier() else None
+    if sig is None:
+        raise ConfigError(f"unknown signal {value!r}")
+    return int(sig)
+
+
+def parse_mode(value: Union[int, str]) -> int:
+    """``0o660`` or ``"0660"`` / ``"660"`` / ``"0o660"`` -> 0o660.
+
+    Raises:
+        ConfigError: not an octal permission mode, or one without owner read/write.
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        text = text[2:] if text.startswith("0o") else text
+        try:
+            value = int(text, 8)
+        except ValueError:
+            raise ConfigError(f"FIFO mode {value!r} is not an octal mode like 0660") from None
+    if not 0 <= value <= 0o777:
+        raise ConfigError(f"FIFO mode {value:#o} is not a permission mode (0..0777)")
+    if value & 0o600 != 0o600:
+        raise ConfigError(f"FIFO mode {value:#o} must let the owner read and write (0600)")
+    return value
+
+
+def parse_group(value: Union[int, str]) -> int:
+    """A group name or number -> gid.
+
+    Raises:
+        ConfigError: no such group.
+    """
+    if isinstance(value, int) or value.isdigit():
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise ConfigError(f"unknown group {value!r}") from None
+
+
+def parse_address(value: str) -> Tuple[str, int]:
+    """``"9464"``, ``":9464"``, ``"0.0.0.0:9464"``, ``"[::1]:9464"`` -> (host, port).
+
+    The host defaults to loopback (127.0.0.1): metrics are exposed to the network only
+    when asked for explicitly.
+
+    Raises:
+        ConfigError: no valid port.
+    """
+    host, sep, port = value.strip().rpartition(":")
+    if not sep:
+        host, port = "", value.strip()
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"metrics address {value!r} needs a port, like 127.0.0.1:9464")
+    return host, int(port)
+
+
+def control_socket_for(fifo: str) -> str:
+    """The control socket beside ``fifo``: the same path with ``.sock`` appended."""
+    return fifo + ".sock"
+
+
+def resolve_config(
+    cli: Mapping[str, Any],
+    file: Optional[FileSettings] = None,
+    environ: Optional[Mapping[str, str]] = None,
+    config_file: Optional[str] = None,
+) -> DaemonConfig:
+    """Merge command-line values over file values over defaults, and validate them.
+
+    Args:
+        cli: setting name (as in `FileSettings`) -> value; None means not given.
+        file: the config file's settings, if any.
+        environ: for ``TORCHELASTIC_TIMER_FILE`` and the default path's
+            ``XDG_RUNTIME_DIR``; ``os.environ`` by default.
+        config_file: recorded in the config for reloads.
+
+    Raises:
+        ConfigError: a value is invalid.
+    """
+    env = os.environ if environ is None else environ
+    merged: Dict[str, Any] = {}
+    for name in SETTING_NAMES:
+        value = cli.get(name)
+        if value is None and file is not None:
+            value = getattr(file, name)
+        merged[name] = value
+
+    fifo = merged["fifo"] or env.get(FIFO_ENV) or default_fifo_path(environ=env)
+    fifo = os.path.abspath(fifo)
+    grace = merged["grace"]
+    if grace is not None and not 0 <= grace <= 86400:
+        raise ConfigError(f"grace {grace} must be between 0 and 86400 seconds")
+    max_timers = merged["max_timers"]
+    if max_timers is not None and max_timers < 1:
+        raise ConfigError(f"max-timers {max_timers} must be at least 1")
+    log_format = (merged["log_format"] or "text").lower()
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"log format {log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+    log_level = (merged["log_level"] or "info").lower()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"log level {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    uids = merged["allow_uids"]
+    if uids is not None and any(u < 0 for u in uids):
+        raise ConfigError(f"allow-uids {uids} must be non-negative")
+
+    def opt(name: str, parse: Any) -> Any:
+        return None if merged[name] is None else parse(merged[name])
+
+    def path(name: str) -> Optional[str]:
+        return None if merged[name] is None else os.path.abspath(merged[name])
+
+    return DaemonConfig(
+        fifo=fifo,
+        fifo_mode=parse_mode(merged["fifo_mode"]) if merged["fifo_mode"] is not None else 0o600,
+        fifo_group=opt("fifo_group", parse_group),
+        control_socket=path("control_socket") or control_socket_for(fifo),
+        signal=opt("signal", parse_signal),
+        grace=grace,
+        state_file=path("state_file"),
+        allow_uids=None if uids is None else frozenset(uids),
+        descendants_only=bool(merged["descendants_only"]),
+        max_timers=max_timers,
+        dry_run=bool(merged["dry_run"]),
+        log_format=log_format,
+        log_level=log_level,
+        log_file=path("log_file"),
+        metrics_address=opt("metrics_address", parse_address),
+        config_file=config_file,
+    )

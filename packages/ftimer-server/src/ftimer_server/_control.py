@@ -1,0 +1,219 @@
+"""The control socket: how ``ftimer-server status`` asks a running daemon what it has armed.
+
+The FIFO only carries messages from workers to the daemon, so the daemon also listens on a
+small AF_UNIX stream socket beside it (``<fifo>.sock`` by default). The socket file is
+0600 and every connection's peer is checked with SO_PEERCRED: only the daemon's own user
+and root may ask. The exchange is one request line (``status``) and one JSON document in
+reply, then the daemon closes the connection.
+
+The socket also guards against two daemons on one FIFO: at start-up, a socket that answers
+means another daemon is running (refused); one that refuses connections is a leftover of a
+daemon that died, and is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import selectors
+import socket
+import stat
+import struct
+import threading
+from typing import Any, Callable, Dict, FrozenSet, Optional
+
+__all__ = [
+    "ControlServer",
+    "ControlSocketBusy",
+    "DaemonNotRunning",
+    "query_status",
+]
+
+log = logging.getLogger("ftimer_server.control")
+
+_MAX_REQUEST = 256
+_PEER_TIMEOUT = 2.0
+_UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+
+
+class ControlSocketBusy(Exception):
+    """Another daemon answers on the control socket, or the path is not a socket."""
+
+
+class DaemonNotRunning(Exception):
+    """No daemon answers on the control socket."""
+
+
+def _peer_uid(conn: socket.socket) -> Optional[int]:
+    """The connecting process's uid (Linux SO_PEERCRED), or None where unsupported."""
+    opt = getattr(socket, "SO_PEERCRED", None)
+    if opt is None:  # pragma: no cover - macOS; the 0600 socket file still protects it
+        return None
+    _pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, opt, _UCRED.size))
+    return int(uid)
+
+
+class ControlServer:
+    """Answers ``status`` requests on an owner-only AF_UNIX socket, on its own thread.
+
+    Args:
+        path: the socket path.
+        status: returns the status document (JSON-serialisable); called on the control
+            thread for each request.
+        allowed_uids: peers allowed to ask (default: this process's uid and root).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        status: Callable[[], Dict[str, Any]],
+        allowed_uids: Optional[FrozenSet[int]] = None,
+    ) -> None:
+        self.path = path
+        self._status = status
+        self._allowed = allowed_uids or frozenset({os.geteuid(), 0})
+        self._sock: Optional[socket.socket] = None
+        self._inode: Optional[tuple[int, int]] = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        """Bind the socket (0600, atomically via a temporary name) and start serving.
+
+        Raises:
+            ControlSocketBusy: a daemon already answers at ``path``, or ``path`` is
+                something other than a socket.
+            OSError: the directory is not writable, the path is too long, ...
+        """
+        self._clear_stale()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            sock.bind(tmp)
+            # Bind, chmod, then rename: the socket is never reachable with a wider mode.
+            os.chmod(tmp, 0o600)
+            os.rename(tmp, self.path)
+            sock.listen(8)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        st = os.lstat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, name="ftimer-control", daemon=True)
+        self._thread.start()
+
+    def _clear_stale(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlSocketBusy(
+                f"{self.path} exists and is not a socket; refusing to replace it"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(self.path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("removing stale control socket %s", self.path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            return
+        except OSError as e:
+            raise ControlSocketBusy(f"cannot probe control socket {self.path}: {e}") from None
+        finally:
+            probe.close()
+        raise ControlSocketBusy(f"another ftimer-server is already running on {self.path}")
+
+    def stop(self) -> None:
+        """Stop serving and remove the socket file (if it is still ours)."""
+        if self._thread is not None:
+            os.write(self._wake_w, b"x")
+            self._thread.join()
+            self._thread = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            try:
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == self._inode:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._sock, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                ready = sel.select()
+                if any(key.fileobj == self._wake_r for key, _ in ready):
+                    return
+                try:
+                    conn, _ = self._sock.accept()
+                except OSError:
+                    continue
+                with conn:
+                    self._handle(conn)
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(_PEER_TIMEOUT)
+            # Read the request before any reply: closing with unread data resets the
+            # connection, and the peer would see ECONNRESET instead of the answer.
+            request = conn.recv(_MAX_REQUEST).strip()
+            uid = _peer_uid(conn)
+            reply: Dict[str, Any]
+            if uid is not None and uid not in self._allowed:
+                log.warning("control socket: refused a request from uid %d", uid)
+                reply = {"error": "permission denied"}
+            elif request == b"status":
+                reply = self._status()
+            else:
+                reply = {"error": f"unknown request {request[:64]!r}"}
+            conn.sendall(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+        except OSError as e:
+            log.debug("control socket: %s", e)
+        except Exception:
+            # A bug in the status callback must not take the control thread down.
+            log.exception("control socket: status failed")
+
+
+def query_status(path: str, timeout: float = 5.0) -> Dict[str, Any]:
+    """Ask the daemon listening on ``path`` for its status document.
+
+    Raises:
+        DaemonNotRunning: nothing listens at ``path``.
+        PermissionError: the socket or the daemon refused this user.
+        OSError: the connection failed otherwise, or timed out.
+        ValueError: the reply is not a JSON object.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunning(f"no ftimer-server is running on {path}") from None
+        sock.sendall(b"status\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    reply = json.loads(b"".join(chunks))
+    if not isinstance(reply, dict):
+        raise ValueError("the daemon's reply is not a JSON object")
+    if reply.get("error") == "permission denied":
+        raise PermissionError(f"the daemon on {path} refused this user")
+    return reply

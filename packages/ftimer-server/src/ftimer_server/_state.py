@@ -1,0 +1,296 @@
+"""The state file: armed timers saved so a restarted daemon keeps watching them.
+
+Format (JSON, so an operator can read it)::
+
+    {"version": 1, "boot_id": "...", "saved_at": 1234.5,
+     "timers": [{"pid": 42, "scope_id": "step", "signal": 9, "deadline": 1240.0,
+                 "start_time": 123456, "labels": {"rank": "0"}}]}
+
+Deadlines are CLOCK_MONOTONIC seconds, which every process of one boot shares, so they stay
+valid across a daemon restart; the boot id says which boot they belong to, and a state
+file from another boot is discarded. Writes are atomic (temporary file, fsync, rename), so
+a reader sees the old or the new state, never half of one.
+
+`StateSaver` batches: the first change after a quiet period is written at once, later
+ones at most every ``interval`` seconds, and nothing is written while nothing changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Callable, Dict, List, Optional, Tuple
+
+import msgspec
+
+__all__ = [
+    "STATE_VERSION",
+    "BOOT_ID_PATH",
+    "SavedTimer",
+    "StateFile",
+    "StateFileError",
+    "StateLoad",
+    "StateSaver",
+    "decode_state",
+    "encode_state",
+    "load_state",
+    "read_boot_id",
+    "write_state",
+]
+
+log = logging.getLogger("ftimer_server.state")
+
+STATE_VERSION = 1
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+#: A state file larger than this is not a state file (100k timers take about 15 MB).
+MAX_STATE_BYTES = 256 * 1024 * 1024
+
+
+class SavedTimer(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One armed timer as saved: whose it is, what to send, and when (monotonic seconds)."""
+
+    pid: int
+    scope_id: str
+    signal: int
+    deadline: float
+    start_time: Optional[int] = None
+    labels: Optional[Dict[str, str]] = None
+
+
+class StateFile(msgspec.Struct, frozen=True, kw_only=True):
+    """The whole file. ``saved_at`` is the monotonic time of the write."""
+
+    version: int
+    boot_id: str
+    saved_at: float
+    timers: List[SavedTimer]
+
+
+class _Header(msgspec.Struct):
+    version: int
+
+
+class StateFileError(Exception):
+    """The state file is corrupt, truncated, of an unknown version or unreadable."""
+
+
+_encoder = msgspec.json.Encoder()
+_header_decoder = msgspec.json.Decoder(_Header)
+_decoder = msgspec.json.Decoder(StateFile)
+
+
+def read_boot_id(path: str = BOOT_ID_PATH) -> str:
+    """The kernel's boot id, or "" where there is none (macOS: deadlines then only
+    survive if the file's ``saved_at`` is not in the future, see `load_state`)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def encode_state(timers: Iterable[SavedTimer], boot_id: str, saved_at: float) -> bytes:
+    """Serialise a state file."""
+    doc = StateFile(version=STATE_VERSION, boot_id=boot_id, saved_at=saved_at, timers=list(timers))
+    return _encoder.encode(doc) + b"\n"
+
+
+def decode_state(data: bytes) -> StateFile:
+    """Parse a state file.
+
+    Raises:
+        StateFileError: not JSON, truncated, wrong shape, or a version this daemon
+            does not know.
+    """
+    try:
+        header = _header_decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise StateFileError(f"not a state file: {e}") from None
+    if header.version != STATE_VERSION:
+        raise StateFileError(
+            f"state file version {header.version} is not supported (expected {STATE_VERSION})"
+        )
+    try:
+        return _decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise StateFileError(f"invalid state file: {e}") from None
+
+
+def write_state(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically: temporary file, fsync, rename.
+
+    The file is created 0600 in ``path``'s directory. The directory itself is not fsynced:
+    the only crash that would need it is a power loss, after which the boot id changes and
+    the state is discarded anyway.
+
+    Raises:
+        OSError: the directory is not writable, the disk is full, ...
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class StateLoad(msgspec.Struct, frozen=True):
+    """What `load_state` found: timers to restore and what was dropped, and why."""
+
+    timers: List[SavedTimer]
+    #: (timer, reason) pairs left out: the process is gone or is another one now.
+    dropped: List[Tuple[SavedTimer, str]]
+    #: Why the whole file was ignored ("" if it was not): missing, other boot, corrupt.
+    ignored: str = ""
+    #: Where a corrupt file was moved to, or "".
+    set_aside: str = ""
+
+
+def load_state(
+    path: str,
+    boot_id: str,
+    start_time_of: Callable[[int], Optional[int]],
+    now: Optional[float] = None,
+) -> StateLoad:
+    """Read the state file at ``path`` and keep the timers that may still be enforced.
+
+    A timer is kept when its process exists and, if its start time was saved, still has
+    that start time (the pid was not reused). A file from another boot is ignored. A
+    corrupt file is renamed to ``<path>.corrupt-<unix time>`` so it is kept for
+    inspection and never read again. Never raises for what is in the file.
+
+    Args:
+        path: the state file; a missing file is an empty state.
+        boot_id: this boot's id (`read_boot_id`).
+        start_time_of: pid -> its start time in clock ticks, or None if it is gone.
+        now: the monotonic clock, used without a boot id (a ``saved_at`` in the future
+            means a reboot happened).
+
+    Raises:
+        OSError: the file exists but cannot be read (permissions), or the corrupt file
+            cannot be renamed.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return StateLoad([], [], ignored="no state file")
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_STATE_BYTES + 1)
+        if len(data) > MAX_STATE_BYTES:
+            raise StateFileError(f"larger than {MAX_STATE_BYTES} bytes")
+        state = decode_state(data)
+    except StateFileError as e:
+        aside = f"{path}.corrupt-{int(time.time())}"
+        os.replace(path, aside)
+        log.error("state file %s is unusable (%s); moved it to %s", path, e, aside)
+        return StateLoad([], [], ignored=str(e), set_aside=aside)
+
+    now = time.monotonic() if now is None else now
+    if state.boot_id != boot_id or (not boot_id and state.saved_at > now):
+        return StateLoad([], [], ignored="saved during another boot")
+    kept: List[SavedTimer] = []
+    dropped: List[Tuple[SavedTimer, str]] = []
+    for timer in state.timers:
+        current = start_time_of(timer.pid)
+        if current is None:
+            dropped.append((timer, "process is gone"))
+        elif timer.start_time is not None and current != timer.start_time:
+            dropped.append((timer, "pid now belongs to another process"))
+        else:
+            kept.append(timer)
+    return StateLoad(kept, dropped)
+
+
+class StateSaver:
+    """Writes the armed timers to the state file shortly after each change.
+
+    Call `changed()` whenever the armed set changes (cheap: sets an Event). A thread wakes
+    only then, writes ``snapshot()``, and then waits ``interval`` seconds before it looks
+    again, so a change is on disk at most ``interval`` (plus one write) after it happened.
+
+    Args:
+        path: the state file.
+        snapshot: returns the timers to save; called on the saver thread.
+        boot_id: written into the file.
+        interval: minimum seconds between two writes; also the bound on how stale the
+            file may be after a change.
+        clock: monotonic seconds, written as ``saved_at``.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        snapshot: Callable[[], Sequence[SavedTimer]],
+        boot_id: str,
+        interval: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self.interval = interval
+        self._snapshot = snapshot
+        self._boot_id = boot_id
+        self._clock = clock
+        self._dirty = threading.Event()
+        self._stopping = threading.Event()
+        self._write_lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        #: Successful and failed writes since start.
+        self.saves = 0
+        self.errors = 0
+
+    def start(self) -> None:
+        """Start the saver thread; the current state is written at once."""
+        self._dirty.set()
+        self._thread = threading.Thread(target=self._run, name="ftimer-state-saver", daemon=True)
+        self._thread.start()
+
+    def changed(self) -> None:
+        """Note that the armed set changed; it will be saved within ``interval``."""
+        self._dirty.set()
+
+    def save(self) -> bool:
+        """Write the current snapshot now (on the caller's thread); True on success."""
+        with self._write_lock:
+            timers = self._snapshot()
+            try:
+                write_state(self.path, encode_state(timers, self._boot_id, self._clock()))
+            except OSError as e:
+                self.errors += 1
+                log.error("cannot save state to %s: %s", self.path, e)
+                return False
+            self.saves += 1
+            return True
+
+    def stop(self, final_save: bool = True) -> None:
+        """Stop the thread; with ``final_save``, write the state one last time."""
+        self._stopping.set()
+        self._dirty.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if final_save:
+            self.save()
+
+    def _run(self) -> None:
+        while True:
+            self._dirty.wait()
+            if self._stopping.is_set():
+                return
+            self._dirty.clear()
+            if not self.save():
+                self._dirty.set()  # retry, but not in a tight loop
+                self._stopping.wait(max(self.interval, 1.0))
+            else:
+                self._stopping.wait(self.interval)

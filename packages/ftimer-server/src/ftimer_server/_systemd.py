@@ -1,0 +1,120 @@
+"""sd_notify without libsystemd: readiness, stopping and watchdog keep-alives.
+
+The protocol is one datagram per notification, newline-separated ``KEY=VALUE`` lines, sent
+to the AF_UNIX socket named by ``$NOTIFY_SOCKET`` (a path, or ``@name`` for the abstract
+namespace). ``$WATCHDOG_USEC`` asks for ``WATCHDOG=1`` at least that often; systemd's
+advice is every half interval. See sd_notify(3) and sd_watchdog_enabled(3).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from typing import Optional
+
+__all__ = ["SystemdNotifier"]
+
+log = logging.getLogger("ftimer_server.systemd")
+
+
+class SystemdNotifier:
+    """Sends notifications to systemd's socket; every method is a no-op without one.
+
+    Args:
+        address: the socket address (``/path`` or ``@abstract``), or None for no-op.
+        watchdog_usec: systemd's watchdog timeout in microseconds, or None.
+    """
+
+    def __init__(self, address: Optional[str], watchdog_usec: Optional[int] = None) -> None:
+        self._address: Optional[str] = None
+        if address:
+            # "@name" is the abstract namespace: a leading NUL byte on the wire.
+            self._address = "\0" + address[1:] if address.startswith("@") else address
+        self.watchdog_usec = watchdog_usec
+        self._sock: Optional[socket.socket] = None
+        self._warned = False
+
+    @classmethod
+    def from_environ(
+        cls, environ: Optional[Mapping[str, str]] = None, pid: Optional[int] = None
+    ) -> SystemdNotifier:
+        """Read ``NOTIFY_SOCKET``, ``WATCHDOG_USEC`` and ``WATCHDOG_PID``.
+
+        The watchdog is enabled only when ``WATCHDOG_USEC`` is a positive integer and
+        ``WATCHDOG_PID``, if set, is this process (``pid``, default ``os.getpid()``).
+        Unsupported addresses (``vsock:``) are logged and ignored.
+        """
+        env = os.environ if environ is None else environ
+        address: Optional[str] = env.get("NOTIFY_SOCKET") or None
+        if address is not None and not address.startswith(("/", "@")):
+            log.warning("NOTIFY_SOCKET=%s is not supported (only /path and @abstract)", address)
+            address = None
+        usec: Optional[int] = None
+        raw = env.get("WATCHDOG_USEC", "")
+        watchdog_pid = env.get("WATCHDOG_PID", "")
+        me = os.getpid() if pid is None else pid
+        if raw.isdigit() and int(raw) > 0 and (not watchdog_pid or watchdog_pid == str(me)):
+            usec = int(raw)
+        return cls(address, usec)
+
+    @property
+    def enabled(self) -> bool:
+        """True when there is a socket to notify."""
+        return self._address is not None
+
+    @property
+    def watchdog_interval(self) -> Optional[float]:
+        """Seconds between ``WATCHDOG=1`` pings (half systemd's timeout), or None."""
+        if self._address is None or self.watchdog_usec is None:
+            return None
+        return self.watchdog_usec / 2e6
+
+    def notify(self, *lines: str) -> bool:
+        """Send ``lines`` as one notification; True if it was sent.
+
+        Failures (socket gone, permission) are logged once and otherwise ignored: systemd
+        being unreachable must not stop the watchdog from working.
+        """
+        if self._address is None:
+            return False
+        payload = "\n".join(lines).encode()
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._sock.sendto(payload, self._address)
+        except OSError as e:
+            if not self._warned:
+                log.warning("cannot notify systemd at %r: %s", self._address, e)
+                self._warned = True
+            return False
+        return True
+
+    def ready(self, status: str = "") -> bool:
+        """``READY=1`` (and ``STATUS=``, ``MAINPID=``): start-up finished."""
+        lines = ["READY=1", f"MAINPID={os.getpid()}"]
+        if status:
+            lines.append(f"STATUS={status}")
+        return self.notify(*lines)
+
+    def stopping(self) -> bool:
+        """``STOPPING=1``: shutdown began."""
+        return self.notify("STOPPING=1")
+
+    def reloading(self) -> bool:
+        """``RELOADING=1``: a SIGHUP reload began (follow with `ready()`)."""
+        # MONOTONIC_USEC lets systemd tell this reload from an earlier one (notify-reload).
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
+    def watchdog(self) -> bool:
+        """``WATCHDOG=1``: the service is alive (send only when it really is)."""
+        return self.notify("WATCHDOG=1")
+
+    def close(self) -> None:
+        """Close the socket (a later notification opens a new one)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

@@ -1,0 +1,162 @@
+"""Settings: TOML file typed by msgspec (unknown keys refused), command line wins."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pathlib
+import signal
+
+import pytest
+
+from ftimer_server._config import (
+    ConfigError,
+    DaemonConfig,
+    load_config_file,
+    parse_address,
+    parse_mode,
+    parse_signal,
+    resolve_config,
+)
+
+
+def write(tmp_path: pathlib.Path, text: str) -> str:
+    path = tmp_path / "ftimer.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_follow_the_documented_fifo_path() -> None:
+    config = resolve_config({}, environ={})
+    uid = os.geteuid()
+    expected = "/run/ftimer/timer.fifo" if uid == 0 else f"/tmp/ftimer-{uid}/timer.fifo"
+    assert config == DaemonConfig(fifo=expected, control_socket=expected + ".sock")
+
+
+def test_torchelastic_timer_file_is_the_default_fifo() -> None:
+    config = resolve_config({}, environ={"TORCHELASTIC_TIMER_FILE": "/tmp/te/timer"})
+    assert config.fifo == "/tmp/te/timer"
+
+
+def test_file_settings_and_command_line_precedence(tmp_path: pathlib.Path) -> None:
+    path = write(
+        tmp_path,
+        """
+fifo = "/srv/ftimer/a.fifo"
+fifo-mode = 0o660
+signal = "SIGTERM"
+grace = 5
+state-file = "/srv/ftimer/state.json"
+allow-uids = [1000, 1001]
+log-format = "json"
+metrics-address = ":9464"
+dry-run = true
+""",
+    )
+    file = load_config_file(path)
+    config = resolve_config(
+        {"fifo": "/srv/ftimer/b.fifo", "log_format": "text", "grace": None},
+        file,
+        environ={"TORCHELASTIC_TIMER_FILE": "/ignored"},
+        config_file=path,
+    )
+    assert config.fifo == "/srv/ftimer/b.fifo"  # the command line wins
+    assert config.control_socket == "/srv/ftimer/b.fifo.sock"
+    assert config.fifo_mode == 0o660
+    assert config.signal == signal.SIGTERM
+    assert config.grace == 5.0
+    assert config.state_file == "/srv/ftimer/state.json"
+    assert config.allow_uids == frozenset({1000, 1001})
+    assert config.log_format == "text"
+    assert config.metrics_address == ("127.0.0.1", 9464)
+    assert config.dry_run
+    assert config.config_file == path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('fifo-mod = "0600"', "unknown field `fifo-mod`"),
+        ("grace = 'soon'", "Expected `float | null`, got `str` - at `$.grace`"),
+        ("allow-uids = 5", "at `$.allow-uids`"),
+        ("fifo = ", "not valid TOML"),
+    ],
+)
+def test_bad_config_files(tmp_path: pathlib.Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config_file(write(tmp_path, text))
+    assert message in str(info.value)
+
+
+def test_missing_config_file(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config_file(str(tmp_path / "nope.toml"))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(9, 9), ("9", 9), ("KILL", 9), ("sigterm", 15), ("SIGABRT", 6), (" SIGUSR1 ", 10)],
+)
+def test_parse_signal(value: int | str, expected: int) -> None:
+    assert parse_signal(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, 65, "-1", "SIGNOPE", "", "SIG_DFL", "kill -9"])
+def test_parse_signal_rejects(value: int | str) -> None:
+    with pytest.raises(ConfigError):
+        parse_signal(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(0o600, 0o600), ("0660", 0o660), ("660", 0o660), ("0o620", 0o620)]
+)
+def test_parse_mode(value: int | str, expected: int) -> None:
+    assert parse_mode(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0999", "rw-rw----", 0o1777, 0o400, "0060"])
+def test_parse_mode_rejects(value: int | str) -> None:
+    with pytest.raises(ConfigError):
+        parse_mode(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("9464", ("127.0.0.1", 9464)),
+        (":9464", ("127.0.0.1", 9464)),
+        ("0.0.0.0:1", ("0.0.0.0", 1)),
+        ("[::1]:9464", ("::1", 9464)),
+        ("localhost:0", ("localhost", 0)),
+    ],
+)
+def test_parse_address(value: str, expected: tuple[str, int]) -> None:
+    assert parse_address(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "host:", "host:http", "1.2.3.4:70000"])
+def test_parse_address_rejects(value: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_address(value)
+
+
+@pytest.mark.parametrize(
+    ("cli", "message"),
+    [
+        ({"grace": -1.0}, "grace"),
+        ({"log_format": "xml"}, "log format"),
+        ({"log_level": "loud"}, "log level"),
+        ({"max_timers": 0}, "max-timers"),
+        ({"allow_uids": [-1]}, "allow-uids"),
+        ({"fifo_group": "no-such-group-ftimer"}, "unknown group"),
+    ],
+)
+def test_invalid_values(cli: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(cli, environ={})
+
+
+def test_group_by_name_or_number() -> None:
+    name = grp.getgrgid(os.getegid()).gr_name
+    assert resolve_config({"fifo_group": name}, environ={}).fifo_group == os.getegid()
+    assert resolve_config({"fifo_group": "12345"}, environ={}).fifo_group == 12345

@@ -1,0 +1,104 @@
+"""The control socket: owner-only, one daemon per path, stale sockets replaced."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import stat
+
+import pytest
+
+from ftimer_server._control import (
+    ControlServer,
+    ControlSocketBusy,
+    DaemonNotRunning,
+    query_status,
+)
+
+
+@pytest.fixture
+def path(tmp_path: pathlib.Path) -> str:
+    return str(tmp_path / "timer.fifo.sock")
+
+
+def test_status_round_trip_and_cleanup(path: str) -> None:
+    calls = []
+
+    def status() -> dict[str, object]:
+        calls.append(1)
+        return {"pid": os.getpid(), "timers": [{"scope_id": "s"}]}
+
+    server = ControlServer(path, status)
+    server.start()
+    try:
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        assert query_status(path) == {"pid": os.getpid(), "timers": [{"scope_id": "s"}]}
+        assert query_status(path)["pid"] == os.getpid()
+        assert len(calls) == 2
+    finally:
+        server.stop()
+    assert not os.path.exists(path)
+    assert os.listdir(os.path.dirname(path)) == []
+    with pytest.raises(DaemonNotRunning):
+        query_status(path)
+
+
+def test_a_second_daemon_on_the_same_socket_is_refused(path: str) -> None:
+    first = ControlServer(path, dict)
+    first.start()
+    try:
+        with pytest.raises(ControlSocketBusy, match="already running"):
+            ControlServer(path, dict).start()
+        assert query_status(path) == {}  # the first one still answers
+    finally:
+        first.stop()
+
+
+def test_a_stale_socket_is_replaced(path: str) -> None:
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)  # bound, never listening: what a killed daemon leaves behind
+    dead.close()
+    server = ControlServer(path, lambda: {"ok": True})
+    server.start()
+    try:
+        assert query_status(path) == {"ok": True}
+    finally:
+        server.stop()
+
+
+def test_a_regular_file_at_the_path_is_not_replaced(path: str) -> None:
+    pathlib.Path(path).write_text("precious")
+    with pytest.raises(ControlSocketBusy, match="not a socket"):
+        ControlServer(path, dict).start()
+    assert pathlib.Path(path).read_text() == "precious"
+
+
+def test_peers_of_other_users_are_refused(path: str) -> None:
+    server = ControlServer(path, lambda: {"secret": 1}, allowed_uids=frozenset({os.geteuid() + 1}))
+    server.start()
+    try:
+        with pytest.raises(PermissionError):
+            query_status(path)
+    finally:
+        server.stop()
+
+
+def test_unknown_request_and_a_failing_callback_do_not_stop_the_server(path: str) -> None:
+    def broken() -> dict[str, object]:
+        raise RuntimeError("bug")
+
+    server = ControlServer(path, broken)
+    server.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(path)
+            s.sendall(b"reboot\n")
+            assert b"unknown request" in s.recv(4096)
+        # The broken callback: the connection is closed with no reply.
+        with pytest.raises(ValueError, match="Expecting value"):
+            query_status(path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(path)  # still serving
+    finally:
+        server.stop()

@@ -1,0 +1,226 @@
+"""The state file: format, atomic writes, what a restart keeps, and the batching saver."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import stat
+import threading
+import time
+from typing import Callable, Optional
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given, settings
+
+from ftimer_server._state import (
+    STATE_VERSION,
+    SavedTimer,
+    StateFileError,
+    StateSaver,
+    decode_state,
+    encode_state,
+    load_state,
+    read_boot_id,
+    write_state,
+)
+
+BOOT = "c0ffee00-0000-4000-8000-000000000000"
+
+timers = st.builds(
+    SavedTimer,
+    pid=st.integers(1, 2**22),
+    scope_id=st.text(max_size=40),
+    signal=st.integers(0, 64),
+    deadline=st.floats(0, 1e9),
+    start_time=st.none() | st.integers(0, 2**40),
+    labels=st.none() | st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), st.text()),
+)
+
+
+@settings(max_examples=50)
+@given(st.lists(timers, max_size=8), st.floats(0, 1e9))
+def test_round_trip(ts: list[SavedTimer], saved_at: float) -> None:
+    state = decode_state(encode_state(ts, BOOT, saved_at))
+    assert state.timers == ts
+    assert (state.version, state.boot_id, state.saved_at) == (STATE_VERSION, BOOT, saved_at)
+
+
+def test_format_is_readable_json_with_a_version() -> None:
+    t = SavedTimer(pid=42, scope_id="step", signal=9, deadline=12.5, start_time=7)
+    doc = json.loads(encode_state([t], BOOT, 10.0))
+    assert doc == {
+        "version": 1,
+        "boot_id": BOOT,
+        "saved_at": 10.0,
+        "timers": [{"pid": 42, "scope_id": "step", "signal": 9, "deadline": 12.5, "start_time": 7}],
+    }
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00\x01garbage",
+        b'{"version": 1, "boot_id": "x", "saved_at": 1.0, "timers": [{"pid": 1',  # truncated
+        b'{"version": 2, "boot_id": "x", "saved_at": 1.0, "timers": []}',
+        b'{"version": 1, "boot_id": "x", "saved_at": 1.0, "timers": [{"pid": "one"}]}',
+        b"[]",
+    ],
+)
+def test_bad_files_raise_state_file_error(data: bytes) -> None:
+    with pytest.raises(StateFileError):
+        decode_state(data)
+
+
+def test_boot_id_is_read_from_the_kernel() -> None:
+    boot = read_boot_id()
+    if os.path.exists("/proc/sys/kernel/random/boot_id"):
+        assert len(boot) == 36
+    assert read_boot_id("/nonexistent") == ""
+
+
+def test_write_is_atomic_and_private(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "state.json"
+    write_state(str(path), b"one\n")
+    write_state(str(path), b"two\n")
+    assert path.read_bytes() == b"two\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert os.listdir(tmp_path) == ["state.json"]  # no temporary file left behind
+
+
+def test_write_replaces_a_symlink_instead_of_following_it(tmp_path: pathlib.Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"precious")
+    (tmp_path / "state.json").symlink_to(target)
+    write_state(str(tmp_path / "state.json"), b"state")
+    assert target.read_bytes() == b"precious"
+    assert not (tmp_path / "state.json").is_symlink()
+
+
+def alive(pids: dict[int, int]) -> Callable[[int], Optional[int]]:
+    return pids.get
+
+
+def test_load_keeps_live_processes_and_drops_gone_or_reused(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "state.json"
+    same = SavedTimer(pid=10, scope_id="a", signal=9, deadline=5.0, start_time=100)
+    unknown_start = SavedTimer(pid=11, scope_id="b", signal=15, deadline=6.0)
+    gone = SavedTimer(pid=12, scope_id="c", signal=9, deadline=7.0, start_time=100)
+    reused = SavedTimer(pid=13, scope_id="d", signal=9, deadline=8.0, start_time=100)
+    path.write_bytes(encode_state([same, unknown_start, gone, reused], BOOT, 1.0))
+    load = load_state(str(path), BOOT, alive({10: 100, 11: 5, 13: 999}))
+    assert load.timers == [same, unknown_start]
+    assert load.dropped == [
+        (gone, "process is gone"),
+        (reused, "pid now belongs to another process"),
+    ]
+    assert load.ignored == ""
+
+
+def test_load_ignores_another_boot(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "state.json"
+    t = SavedTimer(pid=10, scope_id="a", signal=9, deadline=5.0, start_time=100)
+    path.write_bytes(encode_state([t], "another-boot", 1.0))
+    load = load_state(str(path), BOOT, alive({10: 100}))
+    assert load.timers == []
+    assert load.ignored == "saved during another boot"
+
+
+def test_without_boot_id_a_future_save_time_means_a_reboot(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "state.json"
+    t = SavedTimer(pid=10, scope_id="a", signal=9, deadline=5.0, start_time=100)
+    path.write_bytes(encode_state([t], "", 50.0))
+    assert load_state(str(path), "", alive({10: 100}), now=40.0).timers == []
+    assert load_state(str(path), "", alive({10: 100}), now=60.0).timers == [t]
+
+
+def test_missing_file_is_an_empty_state(tmp_path: pathlib.Path) -> None:
+    load = load_state(str(tmp_path / "none.json"), BOOT, alive({}))
+    assert (load.timers, load.ignored) == ([], "no state file")
+
+
+def test_corrupt_file_is_set_aside_not_fatal(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "state.json"
+    good = encode_state([SavedTimer(pid=1, scope_id="a", signal=9, deadline=1.0)], BOOT, 1.0)
+    path.write_bytes(good[: len(good) // 2])  # truncated mid-write by something else
+    load = load_state(str(path), BOOT, alive({1: 1}))
+    assert load.timers == []
+    assert load.set_aside.startswith(str(path) + ".corrupt-")
+    assert not path.exists()
+    assert pathlib.Path(load.set_aside).read_bytes() == good[: len(good) // 2]
+
+
+def test_saver_writes_soon_after_a_change_and_batches(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "state.json"
+    current: list[SavedTimer] = []
+    snapshots = 0
+    lock = threading.Lock()
+
+    def snapshot() -> list[SavedTimer]:
+        nonlocal snapshots
+        with lock:
+            snapshots += 1
+            return list(current)
+
+    saver = StateSaver(str(path), snapshot, BOOT, interval=0.1)
+    saver.start()
+    try:
+        deadline = time.monotonic() + 5
+        while saver.saves < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert decode_state(path.read_bytes()).timers == []
+        # A burst of 2,000 changes is written a handful of times, not 2,000 times.
+        start = time.monotonic()
+        for i in range(2000):
+            with lock:
+                current.append(SavedTimer(pid=i + 1, scope_id="s", signal=9, deadline=1.0))
+            saver.changed()
+        burst = time.monotonic() - start
+        # ...and the last change is on disk within the bound after it was made.
+        changed_at = time.monotonic()
+        while time.monotonic() < changed_at + 5:
+            if len(decode_state(path.read_bytes()).timers) == 2000:
+                break
+            time.sleep(0.005)
+        assert len(decode_state(path.read_bytes()).timers) == 2000
+        assert time.monotonic() - changed_at < 0.1 + 0.4  # generous: shared 2-core machine
+        assert saver.saves <= 3 + burst / 0.1
+        # Nothing changes: nothing is written (let the last write finish counting first).
+        time.sleep(0.2)
+        saves = saver.saves
+        time.sleep(0.3)
+        assert saver.saves == saves
+    finally:
+        saver.stop()
+    assert saver.errors == 0
+
+
+def test_saver_survives_write_errors_and_recovers(tmp_path: pathlib.Path) -> None:
+    directory = tmp_path / "d"
+    directory.mkdir()
+    path = directory / "state.json"
+    saver = StateSaver(str(path), list, BOOT, interval=0.01)
+    directory.rmdir()  # writes now fail
+    saver.start()
+    deadline = time.monotonic() + 5
+    while saver.errors < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert saver.errors >= 1
+    directory.mkdir()
+    while not path.exists() and time.monotonic() < deadline + 5:
+        time.sleep(0.01)
+    saver.stop(final_save=False)
+    assert decode_state(path.read_bytes()).timers == []
+
+
+def test_stop_saves_the_final_state(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "state.json"
+    current: list[SavedTimer] = []
+    saver = StateSaver(str(path), lambda: list(current), BOOT, interval=60)
+    saver.start()
+    current.append(SavedTimer(pid=5, scope_id="last", signal=9, deadline=3.0))
+    saver.changed()
+    saver.stop()
+    assert [t.scope_id for t in decode_state(path.read_bytes()).timers] == ["last"]

@@ -1,0 +1,178 @@
+"""What the server reports: small frozen, typed events, and the reasons for a refusal.
+
+Every event goes to the ``on_event`` callback of ``FileTimerServer`` in the order things
+happened. Events are msgspec structs tagged by an ``"event"`` member, so
+``msgspec.json.encode(event)`` is a ready JSON log line.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Dict, Optional, Tuple
+
+import msgspec
+
+from ._records import Timer
+
+__all__ = [
+    "Armed",
+    "DecodeFailed",
+    "Disarmed",
+    "Escalated",
+    "Event",
+    "Expired",
+    "Reaped",
+    "RejectReason",
+    "Rejected",
+    "WorkerGone",
+]
+
+
+class RejectReason(str, enum.Enum):
+    """Why a request was refused (the value is the counter and log label)."""
+
+    #: pid 0 or 1, or a negative pid (a process group): never a worker.
+    RESERVED_PID = "reserved_pid"
+    #: the server's own process.
+    SERVER_PROCESS = "server_process"
+    #: a parent, grandparent, ... of the server.
+    SERVER_ANCESTOR = "server_ancestor"
+    #: ``Policy.descendants_only`` is set and the process is not one of the server's.
+    NOT_DESCENDANT = "not_descendant"
+    #: ``Policy.allowed_uids`` is set and the process runs as another user.
+    UID_NOT_ALLOWED = "uid_not_allowed"
+    #: not a signal of this platform, or not in ``Policy.allowed_signals``.
+    SIGNAL_NOT_ALLOWED = "signal_not_allowed"
+    #: no process has that pid.
+    NO_SUCH_PROCESS = "no_such_process"
+    #: the message's start time is not that of the process holding the pid (a reused
+    #: pid, or a stale saved timer).
+    IDENTITY_MISMATCH = "identity_mismatch"
+    #: the process already holds ``Policy.max_timers_per_pid`` timers.
+    PID_TIMER_LIMIT = "pid_timer_limit"
+    #: the server already holds ``Policy.max_timers`` timers.
+    TIMER_LIMIT = "timer_limit"
+
+
+class Event(msgspec.Struct, frozen=True, tag_field="event"):
+    """Base class of every event."""
+
+    @property
+    def labels(self) -> Optional[Dict[str, str]]:
+        """The labels of the timer or message the event is about, if it had any."""
+        return None
+
+
+class Armed(Event, frozen=True, tag="armed"):
+    """A timer was armed, or re-armed (``rearmed``: it replaced an armed one)."""
+
+    timer: Timer
+    rearmed: bool = False
+
+    @property
+    def labels(self) -> Optional[Dict[str, str]]:
+        return self.timer.labels
+
+
+class Disarmed(Event, frozen=True, tag="disarmed"):
+    """An armed timer was disarmed by its worker (disarming an unknown scope is silent)."""
+
+    timer: Timer
+
+    @property
+    def labels(self) -> Optional[Dict[str, str]]:
+        return self.timer.labels
+
+
+class Expired(Event, frozen=True, tag="expired"):
+    """A timer's deadline passed (``late``: seconds between the deadline and noticing)."""
+
+    timer: Timer
+    late: float
+
+    @property
+    def labels(self) -> Optional[Dict[str, str]]:
+        return self.timer.labels
+
+
+class Reaped(Event, frozen=True, tag="reaped"):
+    """A worker was signalled because its timers expired.
+
+    Attributes:
+        pid, start_time: the worker.
+        signal: the signal sent: that of its earliest expired timer with a signal.
+        scope_id: that timer's scope.
+        late: seconds from that timer's deadline to the signal (the reap latency).
+        delivered: False when the signal could not be delivered (``error`` says why).
+        timers: every timer of the worker, all cleared by the reap.
+        labels: the labels of the deciding timer.
+    """
+
+    pid: int
+    start_time: Optional[int]
+    signal: int
+    scope_id: str
+    late: float
+    delivered: bool
+    timers: Tuple[Timer, ...]
+    labels: Optional[Dict[str, str]] = None
+    error: Optional[str] = None
+
+
+class Escalated(Event, frozen=True, tag="escalated"):
+    """A reaped worker outlived the grace period (``after`` seconds) and got ``signal``."""
+
+    pid: int
+    start_time: Optional[int]
+    signal: int
+    after: float
+    delivered: bool
+    labels: Optional[Dict[str, str]] = None
+    error: Optional[str] = None
+
+
+class WorkerGone(Event, frozen=True, tag="worker_gone"):
+    """A bound worker exited; ``timers`` are those it still held, dropped unsignalled."""
+
+    pid: int
+    start_time: Optional[int]
+    timers: Tuple[Timer, ...] = ()
+
+    @property
+    def labels(self) -> Optional[Dict[str, str]]:
+        return next((t.labels for t in self.timers if t.labels), None)
+
+
+class Rejected(Event, frozen=True, tag="rejected"):
+    """A request was refused; nothing changed.
+
+    Attributes:
+        reason: why.
+        request: what was asked: ``"arm"``, ``"disarm"``, ``"disarm_all"``, ``"expire"``
+            (version 1 acquires and releases count as ``"arm"`` and ``"disarm"``), or
+            ``"restore"`` for a saved timer given to ``restore()``.
+        pid, scope_id, labels: from the request.
+        detail: a human-readable precision, possibly empty.
+    """
+
+    reason: RejectReason
+    request: str
+    pid: int
+    scope_id: Optional[str] = None
+    labels: Optional[Dict[str, str]] = None
+    detail: str = ""
+
+
+class DecodeFailed(Event, frozen=True, tag="decode_failed"):
+    """A line read from the FIFO was not a valid message; it was dropped and counted.
+
+    Attributes:
+        error: the protocol error's class: ``"MalformedMessage"``, ``"LineTooLong"`` or
+            ``"UnsupportedVersion"``.
+        reason: what was wrong.
+        excerpt: the first bytes of the line.
+    """
+
+    error: str
+    reason: str
+    excerpt: Optional[bytes] = None

@@ -1,0 +1,241 @@
+"""Creating and opening the server's FIFO safely.
+
+The FIFO path is often in a shared directory, so the path is treated as hostile: a
+symlink is never followed, anything but a FIFO is refused rather than removed (torch
+removes whatever is there), and a FIFO owned by another user is refused (its owner could
+read or redirect the stream). The server's own FIFO is reused across restarts, so
+writers that hold the path keep working.
+
+Opening: the read end is opened non-blocking (``open()`` of a FIFO blocks until a writer
+appears otherwise), and the server also holds a write end of its own: with a writer
+always present, writers that close never turn into an end-of-file spin, and the server
+can write ``Sync`` markers into its own stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import grp
+import os
+import stat
+import sys
+from typing import Optional, Union
+
+from ftimer_protocol import default_fifo_path
+
+__all__ = ["Fifo", "FifoError", "open_fifo"]
+
+#: fcntl F_SETPIPE_SZ / F_GETPIPE_SZ (Linux); Python >= 3.10 names them.
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032 if sys.platform.startswith("linux") else None)
+_PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+class FifoError(Exception):
+    """The FIFO path cannot be used safely (or at all); nothing was changed there.
+
+    Attributes:
+        path: the offending path (the FIFO or its directory).
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class Fifo:
+    """An open server FIFO: a non-blocking read end and the server's own write end.
+
+    Attributes:
+        path: where it is.
+        read_fd: non-blocking read end.
+        write_fd: non-blocking write end held by the server.
+        created: True if this server created the FIFO (False: reused an existing one).
+        pipe_size: the pipe's buffer size in bytes (0 where unknown).
+    """
+
+    def __init__(self, path: str, read_fd: int, write_fd: int, created: bool) -> None:
+        self.path = path
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self.created = created
+        st = os.fstat(read_fd)
+        self._identity = (st.st_dev, st.st_ino)
+        self.pipe_size = 0
+
+    def close(self, remove: bool = False) -> None:
+        """Close both ends; with ``remove``, also unlink the FIFO if this server created it
+        and it is still the same file."""
+        for fd in (self.read_fd, self.write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.read_fd = self.write_fd = -1
+        if remove and self.created:
+            with contextlib.suppress(OSError):
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == self._identity:
+                    os.unlink(self.path)
+
+
+def open_fifo(
+    path: Optional[Union[str, os.PathLike[str]]] = None,
+    *,
+    mode: int = 0o600,
+    group: Optional[Union[int, str]] = None,
+    private_parent: Optional[bool] = None,
+    pipe_size: Optional[int] = None,
+) -> Fifo:
+    """Create (or reuse) the FIFO at ``path`` and open it for the server.
+
+    Args:
+        path: the FIFO; defaults to ``ftimer_protocol.default_fifo_path()``.
+        mode: its permissions (applied to a reused FIFO too); 0600 lets only this user
+            write; 0620 with ``group`` lets a group of workers write.
+        group: a group name or gid to give the FIFO (and a parent it creates).
+        private_parent: create the parent directory (0700, 0710 with ``group``) if
+            missing, and refuse a parent owned by another user or writable by others.
+            Defaults to True for the default path and False otherwise (then the parent
+            must exist).
+        pipe_size: the pipe buffer size to ask for; defaults to the largest the system
+            allows (``/proc/sys/fs/pipe-max-size``). Ignored where unsupported.
+
+    Raises:
+        FifoError: the path is a symlink, not a FIFO, or a FIFO owned by another user;
+            its parent is unsafe or missing; or it cannot be created or opened.
+    """
+    path = os.fspath(path) if path is not None else default_fifo_path()
+    gid = _gid(group)
+    if private_parent is None:
+        private_parent = path == default_fifo_path()
+    if private_parent:
+        _ensure_private_dir(os.path.dirname(path) or ".", gid)
+    read_fd, created = _open_read_end(path, mode, gid)
+    try:
+        write_fd = _open_write_end(path, read_fd)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    fifo = Fifo(path, read_fd, write_fd, created)
+    fifo.pipe_size = _enlarge_pipe(read_fd, pipe_size)
+    return fifo
+
+
+def _gid(group: Optional[Union[int, str]]) -> Optional[int]:
+    if group is None or isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise FifoError(str(group), "no such group") from None
+
+
+def _ensure_private_dir(directory: str, gid: Optional[int]) -> None:
+    try:
+        os.mkdir(directory, 0o700)
+        if gid is not None:
+            os.chown(directory, -1, gid)
+            os.chmod(directory, 0o710)  # the group may reach the FIFO, not list or write
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise FifoError(directory, f"cannot create the directory: {e.strerror}") from None
+    st = os.lstat(directory)
+    if stat.S_ISLNK(st.st_mode):
+        raise FifoError(directory, "the directory is a symlink")
+    if not stat.S_ISDIR(st.st_mode):
+        raise FifoError(directory, "not a directory")
+    if st.st_uid != os.geteuid():
+        raise FifoError(directory, f"the directory is owned by uid {st.st_uid}, not us")
+    if st.st_mode & 0o022:
+        raise FifoError(directory, "the directory is writable by others")
+
+
+def _describe(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a FIFO"
+
+
+def _open_read_end(path: str, mode: int, gid: Optional[int]) -> tuple[int, bool]:
+    for _ in range(3):  # the path may vanish between mkfifo and open: retry a little
+        created = False
+        try:
+            os.mkfifo(path, 0o600)
+            created = True
+        except FileExistsError:
+            st = os.lstat(path)
+            if not stat.S_ISFIFO(st.st_mode):
+                raise FifoError(
+                    path, f"refusing {_describe(st.st_mode)} (expected a FIFO)"
+                ) from None
+        except OSError as e:
+            raise FifoError(path, f"cannot create the FIFO: {e.strerror}") from None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise FifoError(path, "refusing a symlink (expected a FIFO)") from None
+            raise FifoError(path, f"cannot open the FIFO: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISFIFO(st.st_mode):
+                raise FifoError(path, f"refusing {_describe(st.st_mode)} (expected a FIFO)")
+            if st.st_uid != os.geteuid():
+                raise FifoError(path, f"refusing a FIFO owned by uid {st.st_uid}, not us")
+            if gid is not None and st.st_gid != gid:
+                os.fchown(fd, -1, gid)
+            if stat.S_IMODE(st.st_mode) != mode:
+                os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, created
+    raise FifoError(path, "the FIFO keeps disappearing")
+
+
+def _open_write_end(path: str, read_fd: int) -> int:
+    # Reopen the very FIFO we hold through /proc, not the path, which might have been
+    # replaced in between. Non-blocking: it never blocks, since we are a reader.
+    flags = os.O_WRONLY | os.O_NONBLOCK | _O_CLOEXEC
+    proc_path = f"/proc/self/fd/{read_fd}"
+    if os.path.exists(proc_path):
+        return os.open(proc_path, flags)
+    fd = os.open(path, flags | _O_NOFOLLOW)
+    a, b = os.fstat(fd), os.fstat(read_fd)
+    if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+        os.close(fd)
+        raise FifoError(path, "the FIFO was replaced while it was being opened")
+    return fd
+
+
+def _enlarge_pipe(fd: int, wanted: Optional[int]) -> int:
+    if F_SETPIPE_SZ is None or F_GETPIPE_SZ is None:
+        return 0
+    if wanted is None:
+        try:
+            with open(_PIPE_MAX_SIZE) as f:
+                wanted = int(f.read())
+        except (OSError, ValueError):
+            wanted = 1 << 20
+    current: int = fcntl.fcntl(fd, F_GETPIPE_SZ)
+    # Unprivileged users may be held below pipe-max-size by pipe-user-pages-soft: halve.
+    while wanted > current:
+        try:
+            return int(fcntl.fcntl(fd, F_SETPIPE_SZ, wanted))
+        except OSError:
+            wanted //= 2
+    return current

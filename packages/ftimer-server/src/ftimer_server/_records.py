@@ -1,0 +1,54 @@
+"""The server's value types: an armed timer and the process a timer is bound to.
+
+Both are small frozen msgspec structs: cheap to create by the hundred thousand, not
+tracked by the garbage collector (``gc=False``), and encodable as they are (the daemon
+saves ``armed()`` to its state file and gives it back to ``restore()``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import msgspec
+
+__all__ = ["Timer", "Worker"]
+
+
+class Timer(msgspec.Struct, frozen=True, gc=False):
+    """One armed timer, as ``FileTimerServer.armed()`` reports it.
+
+    Attributes:
+        pid: the worker process.
+        scope_id: names the timer within the process; (``pid``, ``scope_id``) is the key.
+        deadline: when the timer expires, in CLOCK_MONOTONIC seconds of this boot
+            (``time.monotonic()``); version 1 wall-clock deadlines are converted on receipt.
+        signal: what to deliver on expiry; 0 reports only.
+        start_time: start time (clock ticks since boot) of the process the timer is bound
+            to; ``None`` where the platform does not tell.
+        labels: the labels the worker attached, if any.
+    """
+
+    pid: int
+    scope_id: str
+    deadline: float
+    signal: int
+    start_time: Optional[int] = None
+    labels: Optional[Dict[str, str]] = None
+
+
+class Worker(msgspec.Struct, frozen=True, gc=False):
+    """A process the server has bound timers to: what a ``Signaller`` is asked to signal.
+
+    Attributes:
+        pid: its process id.
+        start_time: its start time in clock ticks since boot (``/proc/PID/stat`` field
+            22), or ``None`` where unknown. With ``pid`` it identifies the process even
+            after the pid is reused.
+        pidfd: a Linux pidfd referring to exactly this process, or ``None`` (no pidfd
+            support, out of file descriptors, or a fake process in tests). Owned by the
+            server: signal through it, never close it.
+    """
+
+    pid: int
+    start_time: Optional[int] = None
+    pidfd: Optional[int] = None

@@ -1,0 +1,85 @@
+"""Delivering signals: the one place where the server acts on another process.
+
+The server never calls ``kill()`` itself; it asks a ``Signaller``. Tests of hostile
+requests inject a ``RecordingSignaller`` so nothing real is ever signalled, and a daemon
+run with ``--dry-run`` does the same.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import signal as _signal
+import threading
+from typing import List, Optional, Tuple
+
+from ._process import ProcessInspector, SystemInspector
+from ._records import Worker
+
+__all__ = ["OsSignaller", "RecordingSignaller", "Signaller"]
+
+
+class Signaller(abc.ABC):
+    """Delivers a signal to a bound worker process."""
+
+    @abc.abstractmethod
+    def send(self, worker: Worker, signal: int) -> bool:
+        """Deliver ``signal`` to exactly the process ``worker`` was bound to.
+
+        Returns:
+            True if it was delivered; False if that process is gone (exited, or its pid
+            now belongs to another process, which must not be signalled).
+
+        Raises:
+            OSError: the signal could not be delivered for another reason (for example
+                ``PermissionError``); the server reports it in the ``Reaped`` event.
+        """
+
+
+class OsSignaller(Signaller):
+    """Signals real processes: through the worker's pidfd when it has one.
+
+    Without a pidfd (macOS, or out of descriptors), the start time of the process holding
+    the pid is checked first, then ``kill()`` is used: a narrow window remains in which
+    the pid could be reused between the two; a pidfd closes it.
+
+    Args:
+        inspector: reads start times for the check without a pidfd.
+    """
+
+    def __init__(self, inspector: Optional[ProcessInspector] = None) -> None:
+        self._inspector = inspector or SystemInspector()
+
+    def send(self, worker: Worker, signal: int) -> bool:
+        try:
+            if worker.pidfd is not None:
+                _signal.pidfd_send_signal(worker.pidfd, signal)
+                return True
+            if worker.pid <= 1:  # never a process group or every process
+                raise PermissionError(f"refusing to signal pid {worker.pid}")
+            if not self._inspector.alive(worker):
+                return False
+            os.kill(worker.pid, signal)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+class RecordingSignaller(Signaller):
+    """Signals nothing: records each request in ``sent`` as (pid, signal).
+
+    For tests and dry runs.
+
+    Args:
+        delivered: what ``send()`` answers.
+    """
+
+    def __init__(self, delivered: bool = True) -> None:
+        self.delivered = delivered
+        self.sent: List[Tuple[int, int]] = []
+        self._lock = threading.Lock()
+
+    def send(self, worker: Worker, signal: int) -> bool:
+        with self._lock:
+            self.sent.append((worker.pid, signal))
+        return self.delivered

@@ -1,0 +1,104 @@
+"""Counters of what the server did, and their frozen snapshot ``Stats``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Dict
+
+import msgspec
+
+from ._events import (
+    DecodeFailed,
+    Escalated,
+    Event,
+    Expired,
+    Reaped,
+    Rejected,
+    WorkerGone,
+)
+
+__all__ = ["Counters", "Stats"]
+
+
+class Stats(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the server's counters (totals since it was created) and gauges.
+
+    Attributes:
+        requests: request type (``arm``, ``disarm``, ``disarm_all``, ``expire``,
+            ``sync``; version 1 acquires and releases count as ``arm`` and ``disarm``)
+            -> result (``ok``, ``rejected``, ``unknown``: a disarm of no armed timer)
+            -> count.
+        rejections: rejection reason (``RejectReason`` value) -> count.
+        decode_errors: error class (``MalformedMessage``, ``LineTooLong``,
+            ``UnsupportedVersion``) -> count of lines dropped.
+        reaps: signal number -> workers signalled with it (delivered or not).
+        reap_failures: reaps whose signal could not be delivered.
+        expired: timers that expired (with or without a signal).
+        escalations: workers that outlived the grace period and got SIGKILL.
+        workers_gone: bound workers seen to exit.
+        armed: timers armed now.
+        workers: processes bound now.
+    """
+
+    requests: Dict[str, Dict[str, int]]
+    rejections: Dict[str, int]
+    decode_errors: Dict[str, int]
+    reaps: Dict[int, int]
+    reap_failures: int
+    expired: int
+    escalations: int
+    workers_gone: int
+    armed: int
+    workers: int
+
+
+class Counters:
+    """The live counters. ``requests`` is bumped by the caller; the rest by ``count()``."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self.rejections: Counter[str] = Counter()
+        self.decode_errors: Counter[str] = Counter()
+        self.reaps: Counter[int] = Counter()
+        self.reap_failures = 0
+        self.expired = 0
+        self.escalations = 0
+        self.workers_gone = 0
+
+    def count(self, event: Event) -> None:
+        """Account for ``event`` (armed and disarmed timers are counted as requests)."""
+        t = type(event)
+        if t is Expired:
+            self.expired += 1
+        elif t is Reaped:
+            assert isinstance(event, Reaped)
+            self.reaps[event.signal] += 1
+            self.reap_failures += not event.delivered
+        elif t is Rejected:
+            assert isinstance(event, Rejected)
+            self.rejections[event.reason.value] += 1
+        elif t is DecodeFailed:
+            assert isinstance(event, DecodeFailed)
+            self.decode_errors[event.error] += 1
+        elif t is WorkerGone:
+            self.workers_gone += 1
+        elif t is Escalated:
+            self.escalations += 1
+
+    def snapshot(self, armed: int, workers: int) -> Stats:
+        """A frozen copy, with the current gauges."""
+        requests: Dict[str, Dict[str, int]] = {}
+        for (kind, result), n in self.requests.items():
+            requests.setdefault(kind, {})[result] = n
+        return Stats(
+            requests=requests,
+            rejections=dict(self.rejections),
+            decode_errors=dict(self.decode_errors),
+            reaps=dict(self.reaps),
+            reap_failures=self.reap_failures,
+            expired=self.expired,
+            escalations=self.escalations,
+            workers_gone=self.workers_gone,
+            armed=armed,
+            workers=workers,
+        )

@@ -1,0 +1,193 @@
+"""The armed timers: a sans-I/O table keyed by (pid, scope_id) and ordered by deadline.
+
+A dict of dicts (pid -> scope -> Timer) answers per-key and per-pid questions; a binary
+heap of (deadline, seq, timer) answers "what expires next". Disarming and re-arming leave
+the old heap entry in place (lazy deletion): an entry is live while the table still maps
+its key to that very Timer object. The heap is rebuilt when stale entries outnumber live
+ones, so every operation stays O(log n) amortised and nothing scans the table per loop.
+
+Timers are untracked by the garbage collector (``gc=False`` structs inside tuples and
+dicts of atomic values), so 100k armed timers add nothing to a collection's work.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from ._events import RejectReason
+from ._records import Timer
+
+__all__ = ["Expiry", "TimerTable"]
+
+# Below this many heap entries, stale ones are never worth a rebuild.
+_COMPACT_MIN = 1024
+
+
+class Expiry:
+    """What the expiry of one worker's timers calls for (torch's rules).
+
+    Attributes:
+        pid: the worker.
+        expired: its timers whose deadline passed, earliest first.
+        decider: the earliest of those with a signal, or ``None`` (report only).
+        cleared: every timer removed from the table: all the worker's timers when
+            ``decider`` is set (a reap clears the worker), else only ``expired``.
+    """
+
+    __slots__ = ("cleared", "decider", "expired", "pid")
+
+    def __init__(
+        self,
+        pid: int,
+        expired: Tuple[Timer, ...],
+        decider: Optional[Timer],
+        cleared: Tuple[Timer, ...],
+    ) -> None:
+        self.pid = pid
+        self.expired = expired
+        self.decider = decider
+        self.cleared = cleared
+
+    @property
+    def signal(self) -> int:
+        """The signal to deliver: the decider's, or 0 (report only)."""
+        return self.decider.signal if self.decider is not None else 0
+
+    def __repr__(self) -> str:
+        return f"Expiry(pid={self.pid}, signal={self.signal}, expired={self.expired!r})"
+
+
+class TimerTable:
+    """Armed timers by key, with their deadlines in order. Pure: no clock, no I/O.
+
+    Args:
+        max_per_pid: timers one pid may hold.
+        max_total: timers the table may hold.
+    """
+
+    def __init__(self, max_per_pid: int = 10_000, max_total: int = 1_000_000) -> None:
+        self.max_per_pid = max_per_pid
+        self.max_total = max_total
+        self._by_pid: Dict[int, Dict[str, Timer]] = {}
+        self._heap: List[Tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Timer]:
+        for scopes in self._by_pid.values():
+            yield from scopes.values()
+
+    def __contains__(self, pid: object) -> bool:
+        return pid in self._by_pid
+
+    def get(self, pid: int, scope_id: str) -> Optional[Timer]:
+        """The timer armed for (``pid``, ``scope_id``), or ``None``."""
+        scopes = self._by_pid.get(pid)
+        return scopes.get(scope_id) if scopes is not None else None
+
+    def timers_of(self, pid: int) -> List[Timer]:
+        """The timers ``pid`` holds, in no particular order."""
+        scopes = self._by_pid.get(pid)
+        return list(scopes.values()) if scopes is not None else []
+
+    def pids(self) -> List[int]:
+        """The pids holding at least one timer."""
+        return list(self._by_pid)
+
+    def arm(self, timer: Timer) -> Tuple[Optional[Timer], Optional[RejectReason]]:
+        """Arm ``timer``, replacing the one with the same key, if any.
+
+        Returns:
+            (the replaced timer or ``None``, ``None``) when armed, or
+            (``None``, the reason) when a limit refuses a new key (a re-arm never is).
+        """
+        scopes = self._by_pid.get(timer.pid)
+        if scopes is None:
+            if self._count >= self.max_total:
+                return None, RejectReason.TIMER_LIMIT
+            scopes = self._by_pid[timer.pid] = {}
+        previous = scopes.get(timer.scope_id)
+        if previous is timer:
+            return previous, None
+        if previous is None:
+            if len(scopes) >= self.max_per_pid:
+                return None, RejectReason.PID_TIMER_LIMIT
+            if self._count >= self.max_total:
+                if not scopes:
+                    del self._by_pid[timer.pid]
+                return None, RejectReason.TIMER_LIMIT
+            self._count += 1
+        scopes[timer.scope_id] = timer
+        heapq.heappush(self._heap, (timer.deadline, next(self._seq), timer))
+        if len(self._heap) > _COMPACT_MIN and len(self._heap) > 2 * self._count:
+            self._compact()
+        return previous, None
+
+    def disarm(self, pid: int, scope_id: str) -> Optional[Timer]:
+        """Disarm (``pid``, ``scope_id``); return the timer, or ``None`` if none was armed."""
+        scopes = self._by_pid.get(pid)
+        if scopes is None:
+            return None
+        timer = scopes.pop(scope_id, None)
+        if timer is not None:
+            self._count -= 1
+            if not scopes:
+                del self._by_pid[pid]
+        return timer
+
+    def disarm_all(self, pid: int) -> List[Timer]:
+        """Disarm every timer of ``pid``; return them."""
+        scopes = self._by_pid.pop(pid, None)
+        if scopes is None:
+            return []
+        self._count -= len(scopes)
+        return list(scopes.values())
+
+    def next_deadline(self) -> Optional[float]:
+        """The earliest deadline of an armed timer, or ``None`` when none is armed."""
+        heap = self._heap
+        while heap:
+            _, _, timer = heap[0]
+            if self._is_live(timer):
+                return timer.deadline
+            heapq.heappop(heap)
+        return None
+
+    def expire(self, now: float) -> List[Expiry]:
+        """Remove the timers whose deadline is at or before ``now``; say what they call for.
+
+        Per pid, torch's rules: the earliest expired timer with a signal decides it, and
+        then every timer of that pid is cleared; with none, only the expired ones go.
+        Results are in the order of each pid's earliest expired deadline.
+        """
+        heap = self._heap
+        expired: Dict[int, List[Timer]] = {}
+        while heap and heap[0][0] <= now:
+            timer = heapq.heappop(heap)[2]
+            if self._is_live(timer):
+                expired.setdefault(timer.pid, []).append(timer)
+        out: List[Expiry] = []
+        for pid, timers in expired.items():
+            decider = next((t for t in timers if t.signal > 0), None)
+            if decider is not None:
+                cleared = tuple(self.disarm_all(pid))
+            else:
+                for t in timers:
+                    self.disarm(pid, t.scope_id)
+                cleared = tuple(timers)
+            out.append(Expiry(pid, tuple(timers), decider, cleared))
+        return out
+
+    def _is_live(self, timer: Timer) -> bool:
+        scopes = self._by_pid.get(timer.pid)
+        return scopes is not None and scopes.get(timer.scope_id) is timer
+
+    def _compact(self) -> None:
+        seq = self._seq
+        self._heap = [(t.deadline, next(seq), t) for t in self]
+        heapq.heapify(self._heap)

@@ -1,0 +1,372 @@
+"""The server's decisions, without I/O of its own: messages in, timers, reaps and events out.
+
+``Watchdog`` applies decoded messages with the time passed in, binds each worker to its
+process (through the injected ``ProcessInspector``), enforces the policy, and on
+``tick(now)`` expires timers and reaps through the ``Reaper``. Everything it does is
+reported as an event. The I/O loop (``FileTimerServer``) feeds it and sleeps until
+``next_wakeup()``; tests drive it directly with a fake clock and fake processes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Union
+
+from ftimer_protocol import (
+    Arm,
+    DecodeResult,
+    Disarm,
+    DisarmAll,
+    Expire,
+    RemoteProtocolError,
+    Sync,
+    TimerRequestV1,
+)
+
+from ._events import (
+    Armed,
+    DecodeFailed,
+    Disarmed,
+    Event,
+    Expired,
+    Rejected,
+    RejectReason,
+    WorkerGone,
+)
+from ._policy import Policy, check_pid, check_process, valid_signals
+from ._process import ProcessInspector
+from ._reaper import Reaper, ReapStep
+from ._records import Timer, Worker
+from ._signaller import Signaller
+from ._stats import Counters, Stats
+from ._table import Expiry, TimerTable
+
+__all__ = ["Watchdog"]
+
+Labels = Optional[Dict[str, str]]
+
+
+def _ignore(_: object) -> None:
+    pass
+
+
+class Watchdog:
+    """Armed timers, bound workers, reaps and counters, driven by the caller.
+
+    Args:
+        inspector: how processes are looked at (start time, pidfd, liveness).
+        signaller: how signals are delivered.
+        policy: what may be armed and signalled.
+        server_pid: the server's process, never signalled.
+        ancestors: the server's ancestors, never signalled.
+        emit: receives every event, in order.
+        escalate_after: grace period before SIGKILL (``None``: never escalate).
+        watch, unwatch: told when a worker with a pidfd is bound and released, so the
+            I/O loop can wait for the pidfd to become readable (the worker exited) and
+            then call ``worker_gone()``.
+        steps: reap steps run before each signal (diagnostics).
+    """
+
+    def __init__(
+        self,
+        *,
+        inspector: ProcessInspector,
+        signaller: Signaller,
+        policy: Optional[Policy] = None,
+        server_pid: int,
+        ancestors: FrozenSet[int] = frozenset(),
+        emit: Callable[[Event], None] = _ignore,
+        escalate_after: Optional[float] = None,
+        watch: Callable[[Worker], None] = _ignore,
+        unwatch: Callable[[Worker], None] = _ignore,
+        steps: Sequence[ReapStep] = (),
+    ) -> None:
+        policy = policy or Policy()
+        self.policy = policy
+        self.table = TimerTable(policy.max_timers_per_pid, policy.max_timers)
+        self.counters = Counters()
+        self._inspector = inspector
+        self._reaper = Reaper(signaller, inspector, escalate_after, steps)
+        self._server_pid = server_pid
+        self._ancestors = ancestors
+        self._signals = (policy.allowed_signals or valid_signals()) | {0}
+        self._emit_to = emit
+        self._watch = watch
+        self._unwatch = unwatch
+        self._workers: Dict[int, Worker] = {}
+
+    # -- input -------------------------------------------------------------------------
+
+    def apply(self, result: DecodeResult, now: float, wall: float) -> Optional[str]:
+        """Apply one decoded message (or count one decode error) at monotonic time ``now``.
+
+        Args:
+            result: what the stream decoder produced.
+            now: ``time.monotonic()``.
+            wall: ``time.time()`` at the same instant, to convert version 1 deadlines.
+
+        Returns:
+            The token of a ``Sync`` message, else ``None``.
+        """
+        t = type(result)
+        if t is Arm:
+            assert isinstance(result, Arm)
+            self._arm(
+                "arm",
+                result.pid,
+                result.scope_id,
+                result.deadline,
+                result.signal,
+                result.start_time,
+                result.labels,
+            )
+        elif t is TimerRequestV1:
+            assert isinstance(result, TimerRequestV1)
+            if result.expiration_time < 0:
+                self._disarm("disarm", result.pid, result.scope_id, None)
+            else:
+                deadline = now + (result.expiration_time - wall)
+                self._arm("arm", result.pid, result.scope_id, deadline, result.signal, None, None)
+        elif t is Disarm:
+            assert isinstance(result, Disarm)
+            self._disarm("disarm", result.pid, result.scope_id, result.start_time)
+        elif t is DisarmAll:
+            assert isinstance(result, DisarmAll)
+            self._disarm("disarm_all", result.pid, None, result.start_time)
+        elif t is Expire:
+            assert isinstance(result, Expire)
+            self._arm(
+                "expire",
+                result.pid,
+                result.scope_id,
+                now,
+                result.signal,
+                result.start_time,
+                result.labels,
+            )
+        elif t is Sync:
+            assert isinstance(result, Sync)
+            self.counters.requests["sync", "ok"] += 1
+            return result.token
+        elif isinstance(result, RemoteProtocolError):
+            self._emit(DecodeFailed(type(result).__name__, result.reason, result.excerpt))
+        return None
+
+    def restore(self, timers: Iterable[Timer]) -> None:
+        """Arm saved timers again (a restarted daemon's state), checking each process.
+
+        A timer whose pid is now another process (another start time), no process, or
+        one the policy refuses, is dropped with a ``Rejected`` event (request
+        ``"restore"``); the others are armed with an ``Armed`` event.
+        """
+        by_pid: Dict[int, List[Timer]] = {}
+        for timer in timers:
+            by_pid.setdefault(timer.pid, []).append(timer)
+        for pid, group in by_pid.items():
+            start_time = next((t.start_time for t in group if t.start_time is not None), None)
+            for t in group:
+                self._arm("restore", pid, t.scope_id, t.deadline, t.signal, start_time, t.labels)
+
+    def worker_gone(self, worker: Worker) -> None:
+        """The I/O loop saw ``worker`` exit (its pidfd became readable): drop its timers."""
+        if self._workers.get(worker.pid) is worker:
+            self._gone(worker)
+
+    # -- time --------------------------------------------------------------------------
+
+    def next_wakeup(self) -> Optional[float]:
+        """The next time ``tick()`` has something to do, or ``None`` (nothing armed)."""
+        deadline = self.table.next_deadline()
+        escalation = self._reaper.next_deadline()
+        if deadline is None:
+            return escalation
+        if escalation is None:
+            return deadline
+        return min(deadline, escalation)
+
+    def tick(self, now: float) -> None:
+        """Expire the timers due at ``now``, reap their workers, escalate where due."""
+        for expiry in self.table.expire(now):
+            self._expired(expiry, now)
+        for worker, event in self._reaper.escalate(now):
+            if event is None:
+                self.worker_gone(worker)
+            else:
+                self._emit(event)
+                self._release_if_idle(worker)
+
+    # -- views -------------------------------------------------------------------------
+
+    def armed(self) -> List[Timer]:
+        """A snapshot of the armed timers."""
+        return list(self.table)
+
+    def workers(self) -> List[Worker]:
+        """The processes bound now."""
+        return list(self._workers.values())
+
+    def stats(self) -> Stats:
+        """A snapshot of the counters."""
+        return self.counters.snapshot(len(self.table), len(self._workers))
+
+    def close(self) -> None:
+        """Release every bound worker (closes pidfds); timers stay, for ``armed()``."""
+        for worker in list(self._workers.values()):
+            self._release(worker)
+        self._workers.clear()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        self.counters.count(event)
+        self._emit_to(event)
+
+    def _reject(  # noqa: PLR0917 - positional on the hot path
+        self,
+        reason: RejectReason,
+        request: str,
+        pid: int,
+        scope_id: Optional[str],
+        labels: Labels,
+        detail: str = "",
+    ) -> None:
+        self.counters.requests[request, "rejected"] += 1
+        self._emit(Rejected(reason, request, pid, scope_id, labels, detail))
+
+    def _arm(  # noqa: PLR0917 - positional on the hot path
+        self,
+        request: str,
+        pid: int,
+        scope_id: str,
+        deadline: float,
+        signal: int,
+        start_time: Optional[int],
+        labels: Labels,
+    ) -> None:
+        if signal not in self._signals:
+            self._reject(RejectReason.SIGNAL_NOT_ALLOWED, request, pid, scope_id, labels)
+            return
+        worker = self._workers.get(pid)
+        if worker is None or (
+            start_time is not None
+            and worker.start_time is not None
+            and worker.start_time != start_time
+        ):
+            bound = self._bind(pid, start_time)
+            if isinstance(bound, RejectReason):
+                self._reject(bound, request, pid, scope_id, labels)
+                return
+            worker = bound
+        timer = Timer(pid, scope_id, deadline, signal, worker.start_time, labels)
+        previous, reason = self.table.arm(timer)
+        if reason is not None:
+            self._reject(reason, request, pid, scope_id, labels)
+            self._release_if_idle(worker)
+            return
+        self.counters.requests[request, "ok"] += 1
+        self._emit(Armed(timer, previous is not None))
+
+    def _disarm(
+        self, request: str, pid: int, scope_id: Optional[str], start_time: Optional[int]
+    ) -> None:
+        worker = self._workers.get(pid)
+        if worker is None:
+            self.counters.requests[request, "unknown"] += 1
+            return
+        if (
+            start_time is not None
+            and worker.start_time is not None
+            and worker.start_time != start_time
+        ):
+            if self._inspector.alive(worker):
+                self._reject(RejectReason.IDENTITY_MISMATCH, request, pid, scope_id, None)
+            else:  # the bound process exited and its pid was reused by the sender
+                self._gone(worker)
+                self.counters.requests[request, "unknown"] += 1
+            return
+        if scope_id is None:
+            timers = self.table.disarm_all(pid)
+        else:
+            timer = self.table.disarm(pid, scope_id)
+            timers = [timer] if timer is not None else []
+        self.counters.requests[request, "ok" if timers else "unknown"] += 1
+        for timer in timers:
+            self._emit(Disarmed(timer))
+        self._release_if_idle(worker)
+
+    def _bind(self, pid: int, start_time: Optional[int]) -> Union[Worker, RejectReason]:
+        """Bind ``pid`` to the process holding it now, checking policy and identity."""
+        reason = check_pid(pid, self._server_pid, self._ancestors)
+        if reason is not None:
+            return reason
+        old = self._workers.get(pid)
+        if old is not None:
+            # The message names another process than the one bound to this pid.
+            if self._inspector.alive(old):
+                return RejectReason.IDENTITY_MISMATCH
+            self._gone(old)
+        inspector = self._inspector
+        pidfd: Optional[int] = None
+        live: Optional[int] = None
+        try:
+            # The pidfd first: whatever is read next describes its process as long as
+            # that process is still alive afterwards (checked last).
+            pidfd = inspector.open(pid)
+            live = inspector.start_time(pid)
+            if start_time is not None and live is not None and live != start_time:
+                reason = RejectReason.IDENTITY_MISMATCH
+            else:
+                reason = check_process(pid, self.policy, inspector, self._server_pid)
+        except ProcessLookupError:
+            reason = RejectReason.NO_SUCH_PROCESS
+        worker = Worker(pid, live if reason is None and live is not None else start_time, pidfd)
+        if reason is None and pidfd is not None and not inspector.alive(worker):
+            reason = RejectReason.NO_SUCH_PROCESS
+        if reason is not None:
+            if pidfd is not None:
+                inspector.close(worker)
+            return reason
+        self._workers[pid] = worker
+        if pidfd is not None:
+            self._watch(worker)
+        return worker
+
+    def _release(self, worker: Worker) -> None:
+        if worker.pidfd is not None:
+            self._unwatch(worker)
+        self._inspector.close(worker)
+
+    def _release_if_idle(self, worker: Worker) -> None:
+        # A worker bound with a pidfd stays bound until it exits: binding costs a few
+        # system calls, and workers arm and disarm in a loop. Without a pidfd there is
+        # nothing to hold, and nothing would tell us it exited: let it go when idle.
+        pid = worker.pid
+        if (
+            worker.pidfd is None
+            and pid not in self.table
+            and not self._reaper.pending(pid)
+            and self._workers.get(pid) is worker
+        ):
+            del self._workers[pid]
+            self._release(worker)
+
+    def _gone(self, worker: Worker, dropped: Sequence[Timer] = ()) -> None:
+        pid = worker.pid
+        del self._workers[pid]
+        self._release(worker)
+        self._reaper.forget(pid)
+        timers = tuple(dropped) + tuple(self.table.disarm_all(pid))
+        self._emit(WorkerGone(pid, worker.start_time, timers))
+
+    def _expired(self, expiry: Expiry, now: float) -> None:
+        for timer in expiry.expired:
+            self._emit(Expired(timer, now - timer.deadline))
+        worker = self._workers.get(expiry.pid)
+        if worker is None:  # pragma: no cover - timers exist only for bound workers
+            return
+        if expiry.decider is None:
+            self._release_if_idle(worker)
+        elif not self._inspector.alive(worker):
+            self._gone(worker, expiry.cleared)
+        else:
+            self._emit(self._reaper.reap(worker, expiry, now))
+            self._release_if_idle(worker)

@@ -1,5 +1,30 @@
-"""ftimer's worker-side client (skeleton: filled in by the client issue)."""
+"""ftimer's worker-side client: arm a watchdog timer around a step, disarm it on exit.
 
+    from ftimer_client import FileTimerClient, configure, expires
+
+    configure(FileTimerClient())
+    with expires(after=60):
+        train_step()
+
+A drop-in for ``torch.distributed.elastic.timer``'s ``FileTimerClient``, ``configure``
+and ``expires``. See docs/client.md.
+"""
+
+from ._client import POLICIES, FileTimerClient
+from ._errors import ServerStalled, ServerUnavailable, ServerUnavailableWarning
+from ._expires import TimerClient, configure, expires
+from ._paths import resolve_fifo_path
 from ._version import __version__
 
-__all__ = ["__version__"]
+__all__ = [
+    "FileTimerClient",
+    "configure",
+    "expires",
+    "TimerClient",
+    "POLICIES",
+    "resolve_fifo_path",
+    "ServerUnavailable",
+    "ServerStalled",
+    "ServerUnavailableWarning",
+    "__version__",
+]

@@ -1,0 +1,274 @@
+"""FileTimerClient: arm and disarm watchdog timers of this process over the server's FIFO."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal as _signal
+import time
+import warnings
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Dict, FrozenSet, Optional, Type, Union
+
+from ftimer_protocol import MAX_TIME
+
+from ._channel import channel_for
+from ._errors import ServerUnavailable, ServerUnavailableWarning
+from ._paths import resolve_fifo_path
+from ._proc import default_labels
+from ._wire import V1Lines, V2Lines, check_signal, fix_deadline
+
+__all__ = ["POLICIES", "FileTimerClient"]
+
+#: Values of ``on_unavailable``.
+POLICIES = ("raise", "warn", "ignore")
+
+_monotonic = time.monotonic
+
+
+class FileTimerClient:
+    """The worker side of an ftimer (or torch ``FileTimerServer``) watchdog.
+
+    A drop-in for ``torch.distributed.elastic.timer.FileTimerClient``: same constructor
+    arguments, ``acquire(scope_id, expiration_time)`` and ``release(scope_id)``. Timers
+    belong to this process (its pid); clients of one process that share a FIFO share
+    its state. Thread-safe; after a fork the child starts with nothing armed.
+
+    Args:
+        file_path: the server's FIFO. Default: ``$FTIMER_FIFO``, else
+            ``$TORCHELASTIC_TIMER_FILE``, else the server's default path (see
+            ``docs/client.md``).
+        signal: what the server sends when a timer expires; 0 or negative: report only.
+        protocol: 2 (ftimer's, the default) or 1 (torch's, to talk to torch's own
+            ``FileTimerServer``: the FIFO is then opened and closed per message).
+        on_unavailable: when a message cannot be delivered (no server, or the pipe still
+            full after ``write_timeout``): ``"raise"`` ``ServerUnavailable``, ``"warn"``
+            once per outage and carry on, or ``"ignore"``. Either way the client re-sends
+            what is armed when the server is back.
+        write_timeout: seconds to wait for room in a full pipe, once per stall.
+        labels: labels of every timer (protocol 2), e.g. ``{"job": "x"}``. Default:
+            ``rank`` and ``local_rank`` from torchrun's ``RANK`` and ``LOCAL_RANK`` when
+            set; ``{}`` for none.
+        pid: arm timers of another process instead of this one (what the ``ftimer``
+            command does for a shell script).
+
+    Raises:
+        ValueError: an argument is out of range or breaks the protocol's schema.
+    """
+
+    def __init__(
+        self,
+        file_path: Union[str, os.PathLike[str], None] = None,
+        signal: int = _signal.SIGKILL,
+        *,
+        protocol: int = 2,
+        on_unavailable: str = "raise",
+        write_timeout: float = 1.0,
+        labels: Optional[Mapping[str, str]] = None,
+        pid: Optional[int] = None,
+    ) -> None:
+        if protocol not in (1, 2):
+            raise ValueError(f"protocol must be 1 or 2, not {protocol!r}")
+        if on_unavailable not in POLICIES:
+            raise ValueError(f"on_unavailable must be one of {POLICIES}, not {on_unavailable!r}")
+        if not (isinstance(write_timeout, (int, float)) and 0 <= write_timeout < math.inf):
+            raise ValueError(f"write_timeout must be finite and >= 0, not {write_timeout!r}")
+        self._path = resolve_fifo_path(file_path)
+        self._signal = check_signal(signal)
+        self._policy = on_unavailable
+        self._keep = on_unavailable != "raise"
+        self._timeout = float(write_timeout)
+        self._labels: Dict[str, str] = default_labels() if labels is None else dict(labels)
+        self._channel = channel_for(self._path, protocol, pid)
+        self._lines = self._channel.lines(self._signal, self._labels or None)
+        self._v2 = self._lines if isinstance(self._lines, V2Lines) else None
+        self._warned = 0  # the outage last warned about (channel.outages counts them)
+        self._closed = False
+        self._channel.attach()
+
+    # -- torch's API --------------------------------------------------------------------
+
+    def acquire(self, scope_id: str, expiration_time: float) -> None:
+        """Arm timer ``scope_id`` until ``expiration_time`` (wall-clock epoch seconds, as
+        torch's client); re-arming an armed scope moves its deadline.
+
+        Protocol 2 converts the time to a monotonic deadline, so a later wall-clock step
+        does not move it.
+
+        Raises:
+            ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
+            ValueError: the scope or time breaks the schema.
+        """
+        if self._v2 is not None:
+            self.arm(scope_id, expiration_time - time.time())
+        else:
+            self._arm(scope_id, self._v1_line(scope_id, expiration_time, None))
+
+    def release(self, scope_id: str) -> None:
+        """Disarm timer ``scope_id``; releasing a scope that is not armed does nothing.
+
+        Raises:
+            ServerUnavailable: not delivered, with ``on_unavailable="raise"``. The client
+                still counts the scope as released and makes the server agree when it
+                is back.
+            ValueError: the scope breaks the schema.
+        """
+        line = self._lines.disarm(scope_id)
+        try:
+            self._channel.disarm(scope_id, line, self._timeout)
+        except ServerUnavailable as e:
+            self._unavailable(e)
+
+    # -- what torch lacks ---------------------------------------------------------------
+
+    def arm(self, scope_id: str, after: float, *, signal: Optional[int] = None) -> None:
+        """Arm (or re-arm) timer ``scope_id`` to expire ``after`` seconds from now.
+
+        Args:
+            signal: this timer's signal instead of the client's.
+
+        Raises:
+            ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
+            ValueError: ``after`` is not finite or too large, or the scope breaks the
+                schema (longer than ``MAX_SCOPE``, or its message over ``PIPE_BUF``).
+        """
+        v2 = self._v2
+        if v2 is None:
+            sig = None if signal is None else check_signal(signal)
+            line = self._v1_line(scope_id, time.time() + after, sig)
+        else:
+            deadline = _monotonic() + after
+            if not 0.0 <= deadline <= MAX_TIME:
+                deadline = fix_deadline(deadline)
+            if signal is None:
+                line = v2.entry(scope_id)[0] % deadline
+            else:
+                line = v2.arm(scope_id, deadline, check_signal(signal))
+        self._arm(scope_id, line)
+
+    def _v1_line(self, scope_id: str, expiration_time: float, signal: Optional[int]) -> bytes:
+        assert isinstance(self._lines, V1Lines)
+        return self._lines.arm(scope_id, expiration_time, signal)
+
+    def _arm(self, scope_id: str, line: bytes) -> None:
+        try:
+            self._channel.arm(scope_id, line, self, self._timeout, self._keep)
+        except ServerUnavailable as e:
+            self._unavailable(e)
+
+    def heartbeat(self, scope_id: str, after: float) -> None:
+        """Extend armed timer ``scope_id``: it now expires ``after`` seconds from now.
+
+        Raises:
+            KeyError: this process has not armed ``scope_id`` (or has released it).
+            ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
+        """
+        if scope_id not in self._channel.armed:
+            raise KeyError(scope_id)
+        self.arm(scope_id, after)
+
+    def expire(self, scope_id: str, *, signal: Optional[int] = None) -> None:
+        """Expire timer ``scope_id`` now: ask the server to reap this process at once
+        (with ``signal``, default the client's; 0 only reports).
+
+        Raises:
+            ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
+            ValueError: the scope breaks the schema.
+        """
+        sig = self._signal if signal is None else check_signal(signal)
+        line = self._lines.expire(scope_id, sig)
+        try:
+            self._channel.send(line, self._timeout, forget=scope_id)
+        except ServerUnavailable as e:
+            self._unavailable(e)
+
+    def release_all(self) -> None:
+        """Disarm every timer of this process on this FIFO, armed through any client.
+
+        Raises:
+            ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
+        """
+        try:
+            self._channel.disarm_all(self._timeout)
+        except ServerUnavailable as e:
+            self._unavailable(e)
+
+    def close(self) -> None:
+        """Disarm the timers this client armed and let go of the FIFO. Idempotent; the
+        client must not be used afterwards.
+
+        Raises:
+            ServerUnavailable: the disarms were not delivered, with
+                ``on_unavailable="raise"`` (the client is closed all the same).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._channel.disarm_all(self._timeout, owner=self)
+        except ServerUnavailable as e:
+            self._unavailable(e)
+        finally:
+            self._channel.detach()
+
+    def __enter__(self) -> FileTimerClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    # -- introspection ------------------------------------------------------------------
+
+    @property
+    def file_path(self) -> str:
+        """The FIFO this client writes to."""
+        return self._path
+
+    @property
+    def signal(self) -> int:
+        """The signal of this client's timers (0: report only)."""
+        return self._signal
+
+    @property
+    def protocol(self) -> int:
+        """1 (torch's format, open per message) or 2."""
+        return self._channel.protocol
+
+    @property
+    def on_unavailable(self) -> str:
+        """The failure policy: "raise", "warn" or "ignore"."""
+        return self._policy
+
+    @property
+    def labels(self) -> Dict[str, str]:
+        """The labels sent with every timer (protocol 2)."""
+        return dict(self._labels)
+
+    @property
+    def armed(self) -> FrozenSet[str]:
+        """Scopes armed through this client and not yet released or expired."""
+        with self._channel.lock:
+            return frozenset(s for s, (_, o) in self._channel.armed.items() if o is self)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self._path!r}, signal={self._signal}, "
+            f"protocol={self.protocol}, on_unavailable={self._policy!r})"
+        )
+
+    def _unavailable(self, e: ServerUnavailable) -> None:
+        if self._policy == "raise":
+            raise e
+        if self._policy == "warn" and self._warned != self._channel.outages:
+            self._warned = self._channel.outages
+            warnings.warn(
+                f"{e}; carrying on without a watchdog until the server is back",
+                ServerUnavailableWarning,
+                stacklevel=4,
+            )

@@ -1,0 +1,183 @@
+"""``configure()`` and ``expires``: torch's module-level API, plus a decorator form.
+
+The default scope names the line that called ``expires(...)`` (torch's ``file#line``),
+read with ``sys._getframe`` rather than torch's ``inspect.stack()``, which costs ~100 us.
+Outside the main thread it ends in ``@tid-<native thread id>`` and inside an asyncio task
+in ``@task-<id>``, so two threads or tasks running the same line hold distinct timers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+import sys
+import threading
+import time
+from types import TracebackType
+from typing import Any, Callable, Optional, Protocol, Tuple, Type, TypeVar
+
+from ._client import FileTimerClient
+
+__all__ = ["TimerClient", "configure", "default_scope_suffix", "expires"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class TimerClient(Protocol):
+    """Anything with torch's ``TimerClient`` methods: ``expires`` accepts torch's clients."""
+
+    def acquire(self, scope_id: str, expiration_time: float) -> None: ...
+
+    def release(self, scope_id: str) -> None: ...
+
+
+_configured: Optional[TimerClient] = None
+_main_thread = threading.main_thread().ident
+
+
+def _after_fork_in_child() -> None:
+    global _main_thread
+    _main_thread = threading.get_ident()  # the thread that forked is the child's main
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def configure(client: Optional[TimerClient]) -> None:
+    """Make ``client`` the one ``expires`` uses when it is given none; None un-configures."""
+    global _configured
+    _configured = client
+
+
+def default_scope_suffix() -> str:
+    """Return what tells this thread and asyncio task apart in a default scope:
+    ``""`` in the main thread outside any task."""
+    ident = threading.get_ident()
+    suffix = "" if ident == _main_thread else f"@tid-{threading.get_native_id()}"
+    asyncio = sys.modules.get("asyncio")  # never import it: it costs ~10 ms
+    if asyncio is not None and asyncio._get_running_loop() is not None:
+        task = asyncio.current_task()
+        if task is not None:
+            suffix += f"@task-{id(task):x}"
+    return suffix
+
+
+class expires:
+    """Arm a timer for a block (``with``) or for each call of a function (decorator).
+
+    ``with expires(after=60): step()`` arms timer ``scope`` to expire in 60 s and
+    disarms it when the block exits, however it exits: an exception in the block
+    propagates unchanged, and a failure to disarm does not replace it.
+
+    Args:
+        after: seconds until the timer expires.
+        scope: the timer's name; default: the call site of ``expires(...)`` (for a
+            decorator, the decorator's line), per thread and asyncio task.
+        client: the client to use; default: the one given to ``configure()``, looked up
+            when the block is entered.
+
+    Raises (on entering):
+        RuntimeError: no client given and none configured; or this object is already
+            in a ``with``.
+        ServerUnavailable: the arm was not delivered and the client's policy is "raise".
+        ValueError: ``after`` or the scope breaks the protocol's schema.
+    """
+
+    __slots__ = ("_active", "_after", "_client", "_scope", "_site")
+
+    def __init__(
+        self, after: float, scope: Optional[str] = None, client: Optional[TimerClient] = None
+    ) -> None:
+        self._after = after
+        self._scope = scope
+        self._client = client
+        self._active: Optional[Tuple[TimerClient, str]] = None
+        if scope is None:
+            frame = sys._getframe(1)
+            self._site = f"{frame.f_code.co_filename}#{frame.f_lineno}"
+
+    @property
+    def scope(self) -> Optional[str]:
+        """The scope of the armed timer while in the block, else None."""
+        return None if self._active is None else self._active[1]
+
+    def __enter__(self) -> expires:
+        if self._active is not None:
+            raise RuntimeError("this expires object is already in use")
+        client = self._client if self._client is not None else _configured
+        if client is None:
+            raise RuntimeError("Configure timer client before using countdown timers.")
+        scope = self._scope
+        if scope is None:
+            scope = self._site + default_scope_suffix()
+        if isinstance(client, FileTimerClient):
+            client.arm(scope, self._after)
+        else:
+            client.acquire(scope, time.time() + self._after)
+        self._active = (client, scope)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        active = self._active
+        if active is None:
+            return
+        self._active = None
+        client, scope = active
+        if exc_type is None:
+            client.release(scope)
+            return
+        # The block's own exception matters more than a disarm that did not get
+        # through; the client makes the server agree (a resync) when it is back.
+        with contextlib.suppress(BrokenPipeError):
+            client.release(scope)
+
+    def beat(self, after: Optional[float] = None) -> None:
+        """Heartbeat: push the block's deadline to ``after`` (default: the block's own
+        duration) seconds from now.
+
+        Raises:
+            RuntimeError: not inside the block.
+            ServerUnavailable: not delivered, with the client's policy "raise".
+        """
+        if self._active is None:
+            raise RuntimeError("beat() outside the expires block")
+        client, scope = self._active
+        after = self._after if after is None else after
+        if isinstance(client, FileTimerClient):
+            client.arm(scope, after)
+        else:
+            client.acquire(scope, time.time() + after)
+
+    def __call__(self, func: F) -> F:
+        """Decorate ``func``: each call runs in its own ``expires`` block."""
+        after, scope, client = self._after, self._scope, self._client
+        site = self._site if scope is None else ""
+
+        def block() -> expires:
+            new = expires.__new__(expires)
+            new._after, new._scope, new._client, new._active = after, scope, client, None
+            new._site = site
+            return new
+
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:
+                with block():
+                    return await func(*args, **kwargs)
+
+            return run_async  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with block():
+                return func(*args, **kwargs)
+
+        return run  # type: ignore[return-value]

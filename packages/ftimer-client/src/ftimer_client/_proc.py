@@ -1,0 +1,52 @@
+"""Facts about processes read from the system: start times and torchrun's rank labels."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Dict, Optional, Union
+
+__all__ = ["default_labels", "parse_start_time", "process_start_time"]
+
+# Environment variables torchrun sets in every worker, and the label each one becomes.
+_RANK_LABELS = (("RANK", "rank"), ("LOCAL_RANK", "local_rank"))
+
+
+def parse_start_time(stat: bytes) -> Optional[int]:
+    """Return field 22 (starttime) of the contents of a ``/proc/PID/stat`` file.
+
+    The command name (field 2) is in parentheses and may itself hold spaces and
+    parentheses, so fields are counted from the last ``)``. Returns None when the
+    contents do not have that shape.
+    """
+    _, paren, rest = stat.rpartition(b")")
+    fields = rest.split()
+    # fields[0] is field 3 (state), so field 22 is fields[19].
+    if not paren or len(fields) < 20 or not fields[19].isdigit():
+        return None
+    return int(fields[19])
+
+
+def process_start_time(pid: Union[int, str] = "self") -> Optional[int]:
+    """Return the start time of process ``pid`` in clock ticks since boot, or None.
+
+    None when ``/proc`` is missing (macOS) or the process does not exist.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return parse_start_time(f.read())
+    except OSError:
+        return None
+
+
+def default_labels(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """Labels a client sends by default: ``rank`` and ``local_rank`` from torchrun's
+    ``RANK`` and ``LOCAL_RANK`` environment variables, where they are set to an integer.
+    """
+    env = os.environ if environ is None else environ
+    labels = {}
+    for var, label in _RANK_LABELS:
+        value = env.get(var, "")
+        if value.isdigit() and len(value) <= 16:
+            labels[label] = value
+    return labels

@@ -1,0 +1,194 @@
+"""The bytes a client sends: every line built here is a valid message of at most PIPE_BUF.
+
+Sans-I/O. ``ftimer_protocol.encode()`` validates by a round trip, which is most of the
+cost of a message; an ``expires`` block sends two, so this module validates each scope
+once and caches its lines. A v2 arm line differs between calls only in its deadline, so
+the cache holds a format with the deadline left open; the deadline itself is checked
+(finite, within the schema's bounds) before it is formatted, which keeps every line
+valid without a round trip.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+from ftimer_protocol import (
+    MAX_SIGNAL,
+    MAX_TIME,
+    PIPE_BUF,
+    Arm,
+    Disarm,
+    DisarmAll,
+    Expire,
+    MessageTooLarge,
+    TimerRequestV1,
+    encode,
+)
+
+__all__ = ["CACHE_SIZE", "DEADLINE_FORMAT", "V1Lines", "V2Lines", "check_signal", "fix_deadline"]
+
+#: Deadlines go on the wire with microsecond resolution: fast to format, and exact enough.
+DEADLINE_FORMAT = b"%.6f"
+# The longest a deadline in [0, MAX_TIME] is once formatted ("1000000000000000.000000").
+_DEADLINE_WIDTH = len(DEADLINE_FORMAT % MAX_TIME)
+# Scopes whose lines are cached per client. A job uses a handful; past this many the cache
+# starts over rather than grow without bound (scopes built from changing values).
+CACHE_SIZE = 1024
+
+
+def check_signal(signal: int) -> int:
+    """Return ``signal`` as the int to send. Negative becomes 0 ("do not kill"), as torch
+    documents for its client.
+
+    Raises:
+        ValueError: not an integer, or above the highest signal number.
+    """
+    if isinstance(signal, bool) or not isinstance(signal, int):
+        raise ValueError(f"signal must be an integer, not {signal!r}")
+    number = int(signal)  # a signal.Signals member becomes a plain int
+    if number > MAX_SIGNAL:
+        raise ValueError(f"signal {number} is above the highest signal number {MAX_SIGNAL}")
+    return max(number, 0)
+
+
+def fix_deadline(deadline: float) -> float:
+    """Return a deadline outside [0, MAX_TIME] made valid: negative (already past) becomes 0.
+
+    Raises:
+        ValueError: NaN, infinite, or beyond MAX_TIME seconds.
+    """
+    if not math.isfinite(deadline) or deadline > MAX_TIME:
+        raise ValueError(f"timer duration out of range: deadline {deadline!r}")
+    return 0.0 if deadline < 0.0 else float(deadline)
+
+
+class V2Lines:
+    """Version 2 lines of one process (``pid``, ``start_time``) for one signal and label set.
+
+    Args:
+        pid: the process the timers belong to.
+        start_time: its start time in clock ticks since boot, or None.
+        signal: the checked signal of arm and expire lines.
+        labels: labels of arm and expire lines, or None.
+
+    Raises:
+        ValueError: (``LocalProtocolError``) the pid or labels break the schema.
+    """
+
+    __slots__ = ("__weakref__", "_cache", "_labels", "_pid", "_signal", "_start_time", "disarm_all")
+
+    def __init__(
+        self, pid: int, start_time: Optional[int], signal: int, labels: Optional[Dict[str, str]]
+    ) -> None:
+        self._signal, self._labels = signal, labels or None
+        self._cache: Dict[str, Tuple[bytes, bytes]] = {}
+        self.rebind(pid, start_time)
+
+    def rebind(self, pid: int, start_time: Optional[int]) -> None:
+        """Build lines for another process from now on (a forked child).
+
+        Raises:
+            ValueError: (``LocalProtocolError``) the pid or labels break the schema.
+        """
+        self._pid, self._start_time = pid, start_time
+        self._cache.clear()
+        self.disarm_all = encode(DisarmAll(pid, start_time))
+        self.entry("")  # validates pid, signal and labels now, not at the first arm
+
+    def entry(self, scope_id: str) -> Tuple[bytes, bytes]:
+        """Return ``(arm_format, disarm_line)`` of ``scope_id``; ``arm_format % deadline``
+        is its arm line. Validated and cached on first use.
+
+        Raises:
+            ValueError: (``LocalProtocolError``) the scope is not a string or too long.
+            MessageTooLarge: an arm line of this scope could exceed PIPE_BUF.
+        """
+        cached = self._cache.get(scope_id)
+        if cached is not None:
+            return cached
+        sample = encode(Arm(self._pid, scope_id, 0.0, self._signal, self._start_time, self._labels))
+        # msgspec writes fields in declaration order, so the deadline is the only
+        # '"deadline":0.0' of the line: a quote inside a JSON string is always escaped.
+        head, found, tail = sample.partition(b'"deadline":0.0')
+        assert found, sample
+        size = len(head) + len(found) - 3 + _DEADLINE_WIDTH + len(tail)
+        if size > PIPE_BUF:
+            raise MessageTooLarge(size, PIPE_BUF)
+        arm_format = b"%b%b%b" % (
+            (head + b'"deadline":').replace(b"%", b"%%"),
+            DEADLINE_FORMAT,
+            tail.replace(b"%", b"%%"),
+        )
+        entry = (arm_format, encode(Disarm(self._pid, scope_id, self._start_time)))
+        if len(self._cache) >= CACHE_SIZE:
+            self._cache.clear()
+        self._cache[scope_id] = entry
+        return entry
+
+    def arm(self, scope_id: str, deadline: float, signal: int) -> bytes:
+        """Return the arm line for a monotonic deadline in [0, MAX_TIME] and a checked
+        ``signal`` (the uncached, fully validated path, for a signal other than the usual).
+
+        Raises:
+            ValueError: the scope breaks the schema.
+            MessageTooLarge: the line exceeds PIPE_BUF.
+        """
+        return encode(Arm(self._pid, scope_id, deadline, signal, self._start_time, self._labels))
+
+    def disarm(self, scope_id: str) -> bytes:
+        """Return the disarm line of ``scope_id`` (cached)."""
+        return self.entry(scope_id)[1]
+
+    def expire(self, scope_id: str, signal: int) -> bytes:
+        """Return the expire-now line of ``scope_id`` with a checked ``signal``."""
+        return encode(Expire(self._pid, scope_id, signal, self._start_time, self._labels))
+
+
+class V1Lines:
+    """Version 1 (torch's format) lines of one process for one signal.
+
+    Raises:
+        ValueError: (``LocalProtocolError``) the pid breaks the schema.
+    """
+
+    __slots__ = ("__weakref__", "_pid", "_signal")
+
+    def __init__(self, pid: int, signal: int) -> None:
+        self._signal = signal
+        self.rebind(pid, None)
+
+    def rebind(self, pid: int, start_time: Optional[int]) -> None:
+        """Build lines for another process from now on; version 1 has no start time.
+
+        Raises:
+            ValueError: (``LocalProtocolError``) the pid breaks the schema.
+        """
+        self._pid = pid
+        self.release("")
+
+    def arm(self, scope_id: str, expiration_time: float, signal: Optional[int] = None) -> bytes:
+        """Return the line arming ``scope_id`` until ``expiration_time`` (epoch seconds).
+
+        Raises:
+            ValueError: the scope or time breaks the schema, or the time is negative
+                (which version 1 reads as a release).
+            MessageTooLarge: the line exceeds PIPE_BUF.
+        """
+        if not expiration_time >= 0.0:
+            raise ValueError(f"expiration time must be >= 0, not {expiration_time!r}")
+        sig = self._signal if signal is None else signal
+        return encode(TimerRequestV1(self._pid, scope_id, float(expiration_time), sig))
+
+    def expire(self, scope_id: str, signal: int) -> bytes:
+        """Return a line expiring ``scope_id`` now: version 1 has no expire, so this arms
+        it with an expiration time long past."""
+        return self.arm(scope_id, 0.0, signal)
+
+    def disarm(self, scope_id: str) -> bytes:
+        """Return the release line of ``scope_id``."""
+        return self.release(scope_id)
+
+    def release(self, scope_id: str) -> bytes:
+        """Return the line releasing ``scope_id`` (a negative expiration time, as torch)."""
+        return encode(TimerRequestV1(self._pid, scope_id, -1.0, 0))

@@ -1,0 +1,168 @@
+"""A minimal real peer for client tests: reads a real FIFO in a thread and decodes it.
+
+It stands in for a server: it opens the FIFO for reading (and keeps a write descriptor
+of its own so it never sees end-of-file), can stop reading (a stalled server), can fill
+the pipe, and can go away (a server restart: close, unlink, recreate).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import select
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import pytest
+from ftimer_protocol import (
+    Arm,
+    Disarm,
+    DisarmAll,
+    Expire,
+    Message,
+    StreamDecoder,
+    Sync,
+    TimerRequestV1,
+    encode,
+)
+
+import ftimer_client._expires as expires_module
+
+FILL_LINE = encode(Sync(token="fill"))
+
+
+class FifoPeer:
+    """Reads ``path`` (created when ``create``) and keeps every decoded message."""
+
+    def __init__(self, path: pathlib.Path, *, create: bool = True) -> None:
+        if create:
+            os.mkfifo(path, 0o600)
+        self.path = path
+        self.rfd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self.wfd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        self.messages: List[Message] = []
+        self.errors: List[Any] = []
+        self._cond = threading.Condition()
+        self._reading = threading.Event()
+        self._reading.set()
+        self._stop_r, self._stop_w = os.pipe()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        decoder = StreamDecoder()
+        poller = select.poll()
+        poller.register(self.rfd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while True:
+            self._reading.wait()
+            ready = {fd for fd, _ in poller.poll(50)}
+            if self._stop_r in ready:
+                return
+            if not self._reading.is_set() or self.rfd not in ready:
+                continue
+            try:
+                data = os.read(self.rfd, 65536)
+            except BlockingIOError:
+                continue
+            results = decoder.feed(data)
+            with self._cond:
+                for r in results:
+                    if isinstance(r, Sync):
+                        continue
+                    (self.messages if not isinstance(r, Exception) else self.errors).append(r)
+                self._cond.notify_all()
+
+    def wait_for(
+        self, predicate: Callable[[List[Message]], bool], timeout: float = 10.0
+    ) -> List[Message]:
+        """Wait until ``predicate(messages)`` holds; return a copy of the messages."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self.messages):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"timed out; peer has {self.messages!r}")
+                self._cond.wait(remaining)
+            return list(self.messages)
+
+    def wait_count(self, n: int, timeout: float = 10.0) -> List[Message]:
+        """Wait for at least ``n`` messages."""
+        return self.wait_for(lambda m: len(m) >= n, timeout)
+
+    def take(self) -> List[Message]:
+        """Return and forget the messages so far."""
+        with self._cond:
+            out, self.messages = self.messages, []
+            return out
+
+    def pause(self) -> None:
+        """Stop reading: a stalled server."""
+        self._reading.clear()
+
+    def resume(self) -> None:
+        self._reading.set()
+
+    def fill(self) -> int:
+        """Fill the pipe with no-op lines until a write would block; return the bytes."""
+        total = 0
+        while True:
+            try:
+                total += os.write(self.wfd, FILL_LINE)
+            except BlockingIOError:
+                return total
+
+    def close(self) -> None:
+        """Go away (stop reading and close the FIFO); the path stays."""
+        if self._closed:
+            return
+        self._closed = True
+        os.write(self._stop_w, b"x")
+        self._reading.set()
+        self._thread.join(10)
+        for fd in (self.rfd, self.wfd, self._stop_r, self._stop_w):
+            os.close(fd)
+
+
+def server_state(messages: Iterable[Message]) -> Dict[Tuple[int, str], float]:
+    """What a server holds after ``messages``: (pid, scope) -> deadline or expiration."""
+    state: Dict[Tuple[int, str], float] = {}
+    for m in messages:
+        if isinstance(m, Arm):
+            state[(m.pid, m.scope_id)] = m.deadline
+        elif isinstance(m, (Disarm, Expire)):
+            state.pop((m.pid, m.scope_id), None)
+        elif isinstance(m, DisarmAll):
+            state = {k: v for k, v in state.items() if k[0] != m.pid}
+        elif isinstance(m, TimerRequestV1):
+            if m.is_release:
+                state.pop((m.pid, m.scope_id), None)
+            else:
+                state[(m.pid, m.scope_id)] = m.expiration_time
+    return state
+
+
+@pytest.fixture
+def peer(fifo_path: pathlib.Path) -> Iterator[FifoPeer]:
+    p = FifoPeer(fifo_path)
+    yield p
+    p.close()
+
+
+@pytest.fixture(autouse=True)
+def _unconfigured() -> Iterator[None]:
+    """Every test starts and ends with no configured client."""
+    expires_module.configure(None)
+    yield
+    expires_module.configure(None)
+
+
+def restart(old: Optional[FifoPeer], path: pathlib.Path) -> FifoPeer:
+    """A server restart: the old reader leaves, the FIFO is recreated, a new one reads."""
+    if old is not None:
+        old.close()
+    path.unlink(missing_ok=True)
+    return FifoPeer(path)

@@ -7,15 +7,20 @@ the pipe, and can go away (a server restart: close, unlink, recreate).
 
 from __future__ import annotations
 
+import array
+import fcntl
 import os
 import pathlib
 import select
+import termios
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import pytest
+
+import ftimer_client._expires as expires_module
 from ftimer_protocol import (
     Arm,
     Disarm,
@@ -27,8 +32,6 @@ from ftimer_protocol import (
     TimerRequestV1,
     encode,
 )
-
-import ftimer_client._expires as expires_module
 
 FILL_LINE = encode(Sync(token="fill"))
 
@@ -114,6 +117,20 @@ class FifoPeer:
                 total += os.write(self.wfd, FILL_LINE)
             except BlockingIOError:
                 return total
+
+    def unread(self) -> int:
+        """Bytes in the pipe not read yet."""
+        buf = array.array("i", [0])
+        fcntl.ioctl(self.rfd, termios.FIONREAD, buf)
+        return buf[0]
+
+    def wait_drained(self, timeout: float = 10.0) -> None:
+        """Wait until the reader has emptied the pipe."""
+        deadline = time.monotonic() + timeout
+        while self.unread():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.unread()} bytes still unread")
+            time.sleep(0.005)
 
     def close(self) -> None:
         """Go away (stop reading and close the FIFO); the path stays."""

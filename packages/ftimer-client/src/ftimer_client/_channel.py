@@ -47,11 +47,11 @@ class _Gone(Exception):
 
 def _unavailable(e: OSError, path: str) -> ServerUnavailable:
     if e.errno == errno.ENXIO:
-        reason = "no ftimer server has the FIFO open for reading"
+        reason = "no ftimer server is reading the FIFO"
     elif e.errno == errno.ENOENT:
-        reason = "no FIFO at this path; is the ftimer server running?"
+        reason = "no FIFO (is the ftimer server running?)"
     else:
-        reason = f"cannot open the FIFO: {e.strerror}"
+        reason = f"cannot open the FIFO ({e.strerror})"
     return ServerUnavailable(e.errno, reason, path)
 
 
@@ -254,7 +254,7 @@ class Channel:
         except _Gone:
             self._close()
             raise ServerUnavailable(
-                errno.EPIPE, "the ftimer server closed the FIFO", self.path
+                errno.EPIPE, "the ftimer server closed or replaced the FIFO", self.path
             ) from None
 
     def _open(self) -> None:
@@ -282,7 +282,7 @@ class Channel:
         except BrokenPipeError:
             raise _Gone from None
         except OSError as e:
-            raise ServerUnavailable(e.errno, f"cannot write: {e.strerror}", self.path) from e
+            raise ServerUnavailable(e.errno, f"cannot write ({e.strerror})", self.path) from e
 
     def _wait_write(self, line: bytes, timeout: float) -> None:
         # The pipe is full. Checked only now, never per message: has the server
@@ -306,7 +306,7 @@ class Channel:
                     raise _Gone from None
             self._stalled = True
         raise ServerStalled(
-            errno.EAGAIN, f"the ftimer server has not drained the FIFO in {timeout}s", self.path
+            errno.EAGAIN, f"the ftimer server has not drained the FIFO in {timeout} s", self.path
         )
 
     def _replaced(self) -> bool:
@@ -396,10 +396,11 @@ def channel_for(path: str, protocol: int, pid: Optional[int] = None) -> Channel:
     """
     if pid is not None:
         return Channel(path, protocol, pid)
+    key = (os.path.abspath(path), protocol)
     with _shared_lock:
-        channel = _shared.get((path, protocol))
+        channel = _shared.get(key)
         if channel is None:
-            channel = _shared[(path, protocol)] = Channel(path, protocol)
+            channel = _shared[key] = Channel(path, protocol)
         return channel
 
 

@@ -1,0 +1,227 @@
+"""The ``ftimer`` command: timers for shell scripts and other non-Python workers.
+
+    ftimer arm    --scope S --after SECONDS [--pid PID] [--signal SIG]
+    ftimer beat   --scope S --after SECONDS [--pid PID] [--signal SIG]
+    ftimer disarm --scope S [--pid PID]
+    ftimer expire --scope S [--pid PID] [--signal SIG]
+    ftimer exec   --after SECONDS [--scope S] [--signal SIG] -- CMD ARGS...
+
+Exit status: 0 done; 2 bad arguments; 3 no server took the message (see
+``--on-unavailable``); ``exec`` exits with CMD's status (128+N when a signal N killed it,
+127 when CMD is not found, 126 when it cannot be run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import math
+import os
+import signal
+import sys
+from typing import Dict, List, Optional, Sequence
+
+from ftimer_protocol import MAX_PID
+
+from ._client import POLICIES, FileTimerClient
+from ._errors import ServerUnavailable
+
+__all__ = ["EXIT_UNAVAILABLE", "EXIT_USAGE", "main"]
+
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_NOT_FOUND = 127
+EXIT_CANNOT_RUN = 126
+# Sent to this process for CMD (by a supervisor): passed on. SIGINT and SIGQUIT from a
+# terminal reach CMD directly (same process group); the wrapper ignores them, as system().
+FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+IGNORED = (signal.SIGINT, signal.SIGQUIT)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"seconds must be finite and >= 0, not {text!r}")
+    return value
+
+
+def _signal(text: str) -> int:
+    if text.lstrip("-").isdigit():
+        return int(text)
+    name = text.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown signal: {text!r}") from None
+
+
+def _pid(text: str) -> int:
+    if not text.isdigit() or not 1 < int(text) <= MAX_PID:
+        raise argparse.ArgumentTypeError(f"not a process id other than 1: {text!r}")
+    return int(text)
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"a label is KEY=VALUE, not {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of ``ftimer``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--fifo", help="the server's FIFO (default: as the Python client)")
+    common.add_argument("--protocol", type=int, choices=(1, 2), default=2)
+    common.add_argument(
+        "--on-unavailable",
+        choices=POLICIES,
+        default="raise",
+        help="no server: fail with status 3 (raise), warn and succeed, or succeed",
+    )
+    common.add_argument("--write-timeout", type=_seconds, default=1.0, metavar="SECONDS")
+    common.add_argument("--label", type=_label, action="append", default=None, metavar="KEY=VALUE")
+    scope = argparse.ArgumentParser(add_help=False)
+    scope.add_argument("--scope", required=True)
+    pid = argparse.ArgumentParser(add_help=False)
+    pid.add_argument(
+        "--pid", type=_pid, help="the process the timer is for (default: this one's parent)"
+    )
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--after", type=_seconds, required=True, metavar="SECONDS")
+    sig = argparse.ArgumentParser(add_help=False)
+    sig.add_argument("--signal", type=_signal, default=None, help="name or number (default: KILL)")
+
+    parser = argparse.ArgumentParser(
+        prog="ftimer",
+        description="Arm and disarm ftimer watchdog timers from a shell.",
+        epilog="Exit status: 0 done, 2 bad arguments, 3 server unavailable; "
+        "exec: the command's status (128+N if killed by signal N).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "arm", parents=[common, scope, after, pid, sig], help="arm (or re-arm) a timer"
+    )
+    commands.add_parser(
+        "beat", parents=[common, scope, after, pid, sig], help="heartbeat: re-arm a timer"
+    )
+    commands.add_parser("disarm", parents=[common, scope, pid], help="disarm a timer")
+    commands.add_parser("expire", parents=[common, scope, pid, sig], help="expire a timer now")
+    run = commands.add_parser(
+        "exec",
+        parents=[common, after, sig],
+        help="run a command under a timer",
+        usage="ftimer exec --after SECONDS [--scope S] [--signal SIG] -- CMD [ARGS...]",
+    )
+    run.add_argument("--scope", default=None)
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
+    return parser
+
+
+def _client(args: argparse.Namespace, pid: int) -> FileTimerClient:
+    labels: Optional[Dict[str, str]] = None if args.label is None else dict(args.label)
+    sig = signal.SIGKILL if args.signal is None else args.signal
+    return FileTimerClient(
+        args.fifo,
+        sig,
+        protocol=args.protocol,
+        on_unavailable=args.on_unavailable,
+        write_timeout=args.write_timeout,
+        labels=labels,
+        pid=pid,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``ftimer`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    args.signal = getattr(args, "signal", None)
+    try:
+        if args.command == "exec":
+            return _exec(parser, args)
+        pid = os.getppid() if args.pid is None else args.pid
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            parser.error(f"no process {pid}")
+        except PermissionError:
+            pass  # it exists; the server decides whether it may signal it
+        client = _client(args, pid)
+        if args.command in ("arm", "beat"):
+            client.arm(args.scope, args.after)
+        elif args.command == "disarm":
+            client.release(args.scope)
+        else:
+            client.expire(args.scope)
+        # Exit without close(): an arm must outlive this command.
+    except ServerUnavailable as e:
+        print(f"ftimer: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except ValueError as e:
+        print(f"ftimer: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    return 0
+
+
+def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    cmd: List[str] = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        parser.error("exec needs a command after --")
+    # CMD's process waits at a gate until its timer is armed, so CMD never runs
+    # unwatched (unless the policy says so); exec errors come back through err_r.
+    gate_r, gate_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child, until exec)
+        code = EXIT_CANNOT_RUN
+        try:
+            os.close(gate_w)
+            os.close(err_r)
+            if os.read(gate_r, 1) == b"1":
+                os.execvp(cmd[0], cmd)
+        except OSError as e:
+            code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_RUN
+            os.write(err_w, f"{code} {e}".encode())
+        finally:
+            os._exit(code)
+    os.close(gate_r)
+    os.close(err_w)
+    scope = args.scope or f"exec:{os.path.basename(cmd[0])}"
+    try:
+        client = _client(args, pid)
+        client.arm(scope, args.after)
+    except (ServerUnavailable, ValueError) as e:
+        os.close(gate_w)  # CMD never runs
+        os.close(err_r)
+        os.waitpid(pid, 0)
+        print(f"ftimer: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE if isinstance(e, ServerUnavailable) else EXIT_USAGE
+    for signum in FORWARDED:
+        signal.signal(signum, lambda signum, _frame: os.kill(pid, signum))
+    for signum in IGNORED:
+        signal.signal(signum, signal.SIG_IGN)
+    os.write(gate_w, b"1")
+    os.close(gate_w)
+    with os.fdopen(err_r, "rb") as err:
+        failure = err.read().decode()  # empty once CMD is running (close-on-exec)
+    _, status = os.waitpid(pid, 0)
+    try:
+        client.close()
+    except ServerUnavailable as e:
+        print(f"ftimer: could not disarm: {e}", file=sys.stderr)
+    if failure:
+        exit_code, _, message = failure.partition(" ")
+        print(f"ftimer: {cmd[0]}: {message}", file=sys.stderr)
+        return int(exit_code)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code

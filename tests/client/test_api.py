@@ -1,0 +1,81 @@
+"""The public surface: exactly what __all__ says, torch-compatible signatures, validation."""
+
+from __future__ import annotations
+
+import inspect
+import signal
+
+import pytest
+
+import ftimer_client
+from ftimer_client import (
+    FileTimerClient,
+    ServerStalled,
+    ServerUnavailable,
+    ServerUnavailableWarning,
+    expires,
+)
+
+
+def test_all_is_the_public_api() -> None:
+    public = {n for n in dir(ftimer_client) if not n.startswith("_")} | {"__version__"}
+    assert set(ftimer_client.__all__) == public
+    assert len(ftimer_client.__all__) == len(set(ftimer_client.__all__))
+
+
+def test_errors_are_what_torch_users_catch() -> None:
+    assert issubclass(ServerUnavailable, BrokenPipeError)
+    assert issubclass(ServerStalled, ServerUnavailable)
+    assert not issubclass(ServerStalled, BlockingIOError)
+    assert issubclass(ServerUnavailableWarning, RuntimeWarning)
+
+
+def test_signatures_match_torch() -> None:
+    params = list(inspect.signature(FileTimerClient).parameters.values())
+    assert [p.name for p in params[:2]] == ["file_path", "signal"]
+    assert params[1].default == signal.SIGKILL
+    assert all(p.kind is p.KEYWORD_ONLY for p in params[2:])
+    assert list(inspect.signature(FileTimerClient.acquire).parameters) == [
+        "self",
+        "scope_id",
+        "expiration_time",
+    ]
+    assert list(inspect.signature(FileTimerClient.release).parameters) == ["self", "scope_id"]
+    assert list(inspect.signature(expires).parameters) == ["after", "scope", "client"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"protocol": 3}, "protocol"),
+        ({"on_unavailable": "retry"}, "on_unavailable"),
+        ({"write_timeout": -1}, "write_timeout"),
+        ({"write_timeout": float("nan")}, "write_timeout"),
+        ({"write_timeout": float("inf")}, "write_timeout"),
+        ({"signal": 65}, "signal"),
+        ({"signal": "KILL"}, "signal"),
+        ({"labels": {"1bad": "x"}}, "labels|pattern"),
+        ({"labels": {"job": "x" * 129}}, "labels|length"),
+        ({"pid": 0}, "pid|>= 1"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(
+    fifo_path: object, kwargs: dict, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        FileTimerClient(fifo_path, **kwargs)  # type: ignore[arg-type]
+
+
+def test_negative_signal_means_report_only_as_torch_documents(fifo_path: object) -> None:
+    client = FileTimerClient(fifo_path, -1)  # type: ignore[arg-type]
+    assert client.signal == 0
+    assert FileTimerClient(fifo_path, signal.SIGTERM).signal == 15  # type: ignore[arg-type]
+
+
+def test_construction_does_no_io(fifo_path: object) -> None:
+    # No FIFO exists: the client connects lazily, at its first message.
+    client = FileTimerClient(fifo_path, labels={})  # type: ignore[arg-type]
+    assert client.armed == frozenset()
+    assert "FileTimerClient(" in repr(client)
+    client.close()
+    client.close()

@@ -1,0 +1,202 @@
+"""The ``ftimer`` command end to end: real processes, a real FIFO."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, main
+from ftimer_client._proc import process_start_time
+from ftimer_protocol import Arm, Disarm, Expire
+
+from .conftest import FifoPeer, server_state
+
+ME = os.getpid()
+
+
+def ftimer(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ftimer_client", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_arm_beat_disarm_for_the_calling_process(peer: FifoPeer) -> None:
+    fifo = str(peer.path)
+    before = time.monotonic()
+    assert ftimer("arm", "--fifo", fifo, "--scope", "job", "--after", "30").returncode == 0
+    assert ftimer("beat", "--fifo", fifo, "--scope", "job", "--after", "90").returncode == 0
+    assert ftimer("disarm", "--fifo", fifo, "--scope", "job").returncode == 0
+    arm, beat, disarm = peer.wait_count(3)
+    # The timer is for the caller (this test process), with its identity.
+    assert isinstance(arm, Arm)
+    assert isinstance(beat, Arm)
+    assert (arm.pid, arm.scope_id, arm.signal, arm.start_time) == (
+        ME,
+        "job",
+        9,
+        process_start_time(),
+    )
+    assert before + 30 <= arm.deadline <= time.monotonic() + 30
+    assert beat.deadline > arm.deadline + 59
+    assert disarm == Disarm(ME, "job", process_start_time())
+
+
+def test_explicit_pid_signal_labels_and_expire(peer: FifoPeer) -> None:
+    with subprocess.Popen(["sleep", "30"]) as other:
+        try:
+            fifo = str(peer.path)
+            args = ("--fifo", fifo, "--scope", "s", "--pid", str(other.pid))
+            assert (
+                ftimer(
+                    "arm", *args, "--after", "5", "--signal", "TERM", "--label", "job=x"
+                ).returncode
+                == 0
+            )
+            assert ftimer("expire", *args, "--signal", "0").returncode == 0
+            arm, expire = peer.wait_count(2)
+            assert isinstance(arm, Arm)
+            assert isinstance(expire, Expire)
+            assert (arm.pid, arm.signal, arm.labels) == (other.pid, 15, {"job": "x"})
+            assert arm.start_time == process_start_time(other.pid) != process_start_time()
+            assert (expire.pid, expire.signal) == (other.pid, 0)
+        finally:
+            other.kill()
+
+
+def test_exec_arms_for_the_command_and_exits_with_its_status(peer: FifoPeer) -> None:
+    done = ftimer(
+        "exec", "--fifo", str(peer.path), "--after", "60", "--", "sh", "-c", "echo $$; exit 7"
+    )
+    assert done.returncode == 7
+    child = int(done.stdout)
+    arm, disarm = peer.wait_count(2)
+    assert isinstance(arm, Arm)
+    assert (arm.pid, arm.scope_id) == (child, "exec:sh")
+    assert disarm == Disarm(child, "exec:sh", arm.start_time)
+
+
+def test_exec_reports_death_by_signal_as_128_plus_n(peer: FifoPeer) -> None:
+    done = ftimer(
+        "exec",
+        "--fifo",
+        str(peer.path),
+        "--after",
+        "60",
+        "--scope",
+        "k",
+        "--",
+        "sh",
+        "-c",
+        "kill -TERM $$",
+    )
+    assert done.returncode == 128 + signal.SIGTERM
+    assert server_state(peer.wait_count(2)) == {}
+
+
+def test_exec_command_reaped_by_the_server(peer: FifoPeer) -> None:
+    # The peer plays a server that reaps: it kills the pid of the arm it received,
+    # after checking that pid is the child of the ftimer process this test started.
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ftimer_client",
+            "exec",
+            "--fifo",
+            str(peer.path),
+            "--after",
+            "0",
+            "--",
+            "sleep",
+            "60",
+        ],
+    ) as wrapper:
+        (arm,) = peer.wait_count(1)
+        assert isinstance(arm, Arm)
+        with open(f"/proc/{arm.pid}/stat", "rb") as f:
+            assert int(f.read().rpartition(b")")[2].split()[1]) == wrapper.pid
+        os.kill(arm.pid, arm.signal)
+        assert wrapper.wait(30) == 128 + signal.SIGKILL
+
+
+def test_exec_without_a_server_does_not_run_the_command(tmp_path: pathlib.Path) -> None:
+    marker = tmp_path / "ran"
+    done = ftimer(
+        "exec", "--fifo", str(tmp_path / "none"), "--after", "5", "--", "touch", str(marker)
+    )
+    assert done.returncode == EXIT_UNAVAILABLE
+    assert "no FIFO" in done.stderr
+    assert not marker.exists()
+    # Unless asked to run without a watchdog.
+    done = ftimer(
+        "exec",
+        "--fifo",
+        str(tmp_path / "none"),
+        "--on-unavailable",
+        "ignore",
+        "--after",
+        "5",
+        "--",
+        "touch",
+        str(marker),
+    )
+    assert done.returncode == 0
+    assert marker.exists()
+
+
+def test_exec_command_not_found(peer: FifoPeer) -> None:
+    done = ftimer("exec", "--fifo", str(peer.path), "--after", "5", "--", "/nonexistent/x")
+    assert done.returncode == 127
+    assert "/nonexistent/x" in done.stderr
+    assert server_state(peer.wait_count(2)) == {}
+
+
+def test_absent_server_exits_3_with_a_clear_message(tmp_path: pathlib.Path) -> None:
+    done = ftimer("arm", "--fifo", str(tmp_path / "none"), "--scope", "s", "--after", "5")
+    assert done.returncode == EXIT_UNAVAILABLE
+    assert done.stderr.startswith("ftimer: ")
+    assert "no FIFO" in done.stderr
+    os.mkfifo(tmp_path / "fifo")
+    assert main(["disarm", "--fifo", str(tmp_path / "fifo"), "--scope", "s"]) == 3
+
+
+BAD = [
+    ["arm", "--scope", "s"],
+    ["arm", "--scope", "s", "--after", "soon"],
+    ["arm", "--scope", "s", "--after", "nan"],
+    ["arm", "--scope", "s", "--after", "-1"],
+    ["arm", "--scope", "s", "--after", "1", "--signal", "NOPE"],
+    ["arm", "--scope", "s", "--after", "1", "--signal", "99"],
+    ["arm", "--scope", "s", "--after", "1", "--pid", "1"],
+    ["arm", "--scope", "s", "--after", "1", "--pid", "0"],
+    ["arm", "--scope", "s", "--after", "1", "--pid", str(2**31 - 2)],  # no such process
+    ["arm", "--scope", "s", "--after", "1", "--label", "novalue"],
+    ["arm", "--scope", "s", "--after", "1", "--label", "1bad=x"],
+    ["arm", "--scope", "x" * 5000, "--after", "1"],
+    ["exec", "--after", "1"],
+    ["exec", "--after", "1", "--"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD)
+def test_bad_arguments_exit_2(
+    argv: list, fifo_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    FifoPeer(fifo_path).close()  # a FIFO exists: the arguments are what is wrong
+    assert main([argv[0], "--fifo", str(fifo_path), *argv[1:]]) == EXIT_USAGE
+    assert "ftimer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"]])
+def test_no_or_unknown_command_exits_2(argv: list, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == EXIT_USAGE
+    assert "usage: ftimer" in capsys.readouterr().err

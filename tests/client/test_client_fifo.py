@@ -1,0 +1,164 @@
+"""FileTimerClient against a real FIFO and a real reader."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import time
+
+import pytest
+
+from ftimer_client import FileTimerClient, ServerUnavailable
+from ftimer_client._proc import process_start_time
+from ftimer_protocol import Arm, Disarm, DisarmAll, Expire, TimerRequestV1
+
+from .conftest import FifoPeer, server_state
+
+ME = os.getpid()
+
+
+def fifo_descriptors(path: pathlib.Path) -> int:
+    """How many descriptors of this process are open on ``path``."""
+    target = os.stat(path)
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            st = os.stat(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        count += (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino)
+    return count
+
+
+def test_arm_and_release_reach_the_server(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, signal.SIGTERM, labels={"job": "j"})
+    before = time.monotonic()
+    client.arm("step", 30)
+    assert client.armed == {"step"}
+    client.release("step")
+    arm, disarm = peer.wait_count(2)
+    start = process_start_time()
+    assert isinstance(arm, Arm)
+    assert (arm.pid, arm.scope_id, arm.signal, arm.start_time) == (ME, "step", 15, start)
+    assert arm.labels == {"job": "j"}
+    assert before + 30 <= arm.deadline + 1e-6 <= time.monotonic() + 30 + 1e-6
+    assert disarm == Disarm(ME, "step", start)
+    assert client.armed == frozenset()
+
+
+def test_acquire_takes_torchs_epoch_time_and_sends_a_monotonic_deadline(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, labels={})
+    client.acquire("s", time.time() + 100)
+    (arm,) = peer.wait_count(1)
+    assert isinstance(arm, Arm)
+    assert abs(arm.deadline - (time.monotonic() + 100)) < 1.0
+    assert arm.signal == signal.SIGKILL
+
+
+def test_one_write_per_message_on_a_descriptor_kept_open(
+    peer: FifoPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = FileTimerClient(peer.path, labels={})
+    client.arm("warm-up", 5)  # connects
+    fd = client._channel._fd
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def counting_write(to: int, data: bytes) -> int:
+        if to == fd:
+            writes.append(bytes(data))
+        return real_write(to, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
+    for i in range(50):
+        client.arm(f"s{i}", 5)
+        client.release(f"s{i}")
+    monkeypatch.undo()
+    assert len(writes) == 100
+    assert all(w.count(b"\n") == 1 and w.endswith(b"\n") for w in writes)
+    assert client._channel._fd == fd
+    assert fifo_descriptors(peer.path) == 3  # the peer's two, and the client's one
+    peer.wait_count(101)
+    assert peer.errors == []
+
+
+def test_protocol_1_speaks_torchs_format_and_opens_per_message(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, signal.SIGTERM, protocol=1)
+    client.arm("a", 60)
+    assert fifo_descriptors(peer.path) == 2  # only the peer's
+    client.acquire("b", 1.7e9)
+    client.release("a")
+    client.expire("b")
+    messages = peer.wait_count(4)
+    assert all(isinstance(m, TimerRequestV1) for m in messages)
+    a, b, release, expire = messages
+    assert isinstance(a, TimerRequestV1)
+    assert (a.pid, a.scope_id, a.signal) == (ME, "a", 15)
+    assert abs(a.expiration_time - (time.time() + 60)) < 5
+    assert b == TimerRequestV1(ME, "b", 1.7e9, 15)
+    assert release == TimerRequestV1(ME, "a", -1.0, 0)
+    assert expire == TimerRequestV1(ME, "b", 0.0, 15)
+    assert fifo_descriptors(peer.path) == 2
+    with pytest.raises(ValueError, match=">= 0"):
+        client.acquire("c", -1)
+
+
+def test_heartbeat_extends_an_armed_scope_only(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, labels={})
+    client.arm("s", 1)
+    client.heartbeat("s", 100)
+    first, second = peer.wait_count(2)
+    assert isinstance(first, Arm)
+    assert isinstance(second, Arm)
+    assert second.deadline - first.deadline > 98
+    client.release("s")
+    with pytest.raises(KeyError):
+        client.heartbeat("s", 100)
+
+
+def test_expire_now_and_per_timer_signal(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, labels={"job": "j"})
+    client.arm("s", 60, signal=signal.SIGABRT)
+    client.expire("s", signal=0)
+    arm, expire = peer.wait_count(2)
+    assert isinstance(arm, Arm)
+    assert arm.signal == signal.SIGABRT
+    assert expire == Expire(ME, "s", 0, process_start_time(), {"job": "j"})
+    assert client.armed == frozenset()
+
+
+def test_release_all_disarms_everything_of_the_process(peer: FifoPeer) -> None:
+    one = FileTimerClient(peer.path, labels={})
+    two = FileTimerClient(peer.path, labels={})
+    one.arm("a", 60)
+    two.arm("b", 60)
+    one.release_all()
+    messages = peer.wait_count(3)
+    assert messages[-1] == DisarmAll(ME, process_start_time())
+    assert one.armed == two.armed == frozenset()
+
+
+def test_close_disarms_only_what_this_client_armed(peer: FifoPeer) -> None:
+    with FileTimerClient(peer.path, labels={}) as one:
+        two = FileTimerClient(peer.path, labels={})
+        one.arm("a", 60)
+        two.arm("b", 60)
+    two.arm("c", 60)  # the shared descriptor is still good for the other client
+    messages = peer.wait_count(4)
+    assert server_state(messages) == {
+        (ME, "b"): messages[1].deadline,  # type: ignore[union-attr]
+        (ME, "c"): messages[3].deadline,  # type: ignore[union-attr]
+    }
+    two.close()
+    assert server_state(peer.wait_count(6)) == {}
+    assert fifo_descriptors(peer.path) == 2  # the last client let go of the FIFO
+
+
+def test_a_path_that_is_not_a_fifo_is_refused_and_left_alone(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "regular"
+    path.write_bytes(b"precious")
+    client = FileTimerClient(path)
+    with pytest.raises(ServerUnavailable, match="not a FIFO"):
+        client.arm("s", 5)
+    assert path.read_bytes() == b"precious"

@@ -1,0 +1,241 @@
+"""configure() and expires: context manager, decorator, default scopes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+
+import pytest
+
+from ftimer_client import FileTimerClient, configure, expires
+from ftimer_protocol import Arm, Disarm
+
+from .conftest import FifoPeer, server_state
+
+ME = os.getpid()
+HERE = __file__
+
+
+def armed_scopes(messages: list) -> list:
+    return [m.scope_id for m in messages if isinstance(m, Arm)]
+
+
+def test_without_a_client_it_raises_as_torch_does() -> None:
+    with pytest.raises(RuntimeError, match="Configure timer client"), expires(after=1):
+        pass
+
+
+def test_configure_none_unconfigures(peer: FifoPeer) -> None:
+    configure(FileTimerClient(peer.path, labels={}))
+    with expires(after=1):
+        pass
+    configure(None)
+    with pytest.raises(RuntimeError), expires(after=1):
+        pass
+
+
+def test_default_scope_is_the_call_site(peer: FifoPeer) -> None:
+    configure(FileTimerClient(peer.path, labels={}))
+    with expires(after=60) as block:
+        line = sys._getframe().f_lineno - 1
+        assert block.scope == f"{HERE}#{line}"
+    assert block.scope is None
+    arm, disarm = peer.wait_count(2)
+    assert isinstance(arm, Arm)
+    assert arm.scope_id == f"{HERE}#{line}"
+    assert disarm == Disarm(ME, arm.scope_id, arm.start_time)
+
+
+def test_explicit_client_and_scope(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, labels={})
+    with expires(after=60, scope="named", client=client):
+        pass
+    assert armed_scopes(peer.wait_count(2)) == ["named"]
+
+
+def test_exceptions_propagate_unchanged_and_the_timer_is_released(peer: FifoPeer) -> None:
+    configure(FileTimerClient(peer.path, labels={}))
+    error = KeyError("mine")
+    with pytest.raises(KeyError) as info, expires(after=60, scope="s"):
+        raise error
+    assert info.value is error
+    assert server_state(peer.wait_count(2)) == {}
+
+
+def test_recursion_at_one_call_site_rearms_the_same_timer(peer: FifoPeer) -> None:
+    configure(FileTimerClient(peer.path, labels={}))
+
+    def recurse(depth: int) -> None:
+        with expires(after=60):
+            if depth:
+                recurse(depth - 1)
+
+    recurse(2)
+    messages = peer.wait_count(6)
+    assert len(set(armed_scopes(messages))) == 1
+    assert [type(m) for m in messages] == [Arm, Arm, Arm, Disarm, Disarm, Disarm]
+
+
+def test_decorator_arms_around_each_call_at_the_decorator_line(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, labels={})
+    decorator_line = sys._getframe().f_lineno + 2
+
+    @expires(after=60, client=client)
+    def step(x: int) -> int:
+        """Doc."""
+        if x < 0:
+            raise ValueError(x)
+        return x * 2
+
+    assert step.__doc__ == "Doc."
+    assert step.__name__ == "step"
+    assert step(21) == 42
+    with pytest.raises(ValueError, match="-1"):
+        step(-1)
+    messages = peer.wait_count(4)
+    assert armed_scopes(messages) == [f"{HERE}#{decorator_line}"] * 2
+    assert server_state(messages) == {}
+
+
+def test_decorator_on_a_coroutine_function(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, labels={})
+
+    @expires(after=60, scope="async-step", client=client)
+    async def step() -> str:
+        await asyncio.sleep(0)
+        return "done"
+
+    assert asyncio.run(step()) == "done"
+    assert armed_scopes(peer.wait_count(2)) == ["async-step"]
+
+
+def test_the_configured_client_is_looked_up_when_the_block_is_entered(peer: FifoPeer) -> None:
+    @expires(after=60, scope="late")
+    def step() -> None:
+        pass
+
+    with pytest.raises(RuntimeError):
+        step()
+    configure(FileTimerClient(peer.path, labels={}))
+    step()
+    assert armed_scopes(peer.wait_count(2)) == ["late"]
+
+
+def test_beat_extends_the_blocks_timer(peer: FifoPeer) -> None:
+    configure(FileTimerClient(peer.path, labels={}))
+    with expires(after=1, scope="s") as block:
+        block.beat()
+        block.beat(after=100)
+    first, second, third, _ = peer.wait_count(4)
+    assert isinstance(first, Arm)
+    assert isinstance(second, Arm)
+    assert isinstance(third, Arm)
+    assert third.deadline - first.deadline > 98
+    with pytest.raises(RuntimeError, match="outside"):
+        block.beat()
+
+
+def test_an_expires_object_cannot_be_entered_twice(peer: FifoPeer) -> None:
+    block = expires(after=60, scope="s", client=FileTimerClient(peer.path, labels={}))
+    with block, pytest.raises(RuntimeError, match="already"), block:
+        pass
+
+
+def test_expires_drives_any_torch_style_client() -> None:
+    calls = []
+
+    class TorchLike:
+        def acquire(self, scope_id: str, expiration_time: float) -> None:
+            calls.append(("acquire", scope_id))
+
+        def release(self, scope_id: str) -> None:
+            calls.append(("release", scope_id))
+
+    with expires(after=5, scope="s", client=TorchLike()):
+        pass
+    assert calls == [("acquire", "s"), ("release", "s")]
+
+
+# -- per thread and per task --------------------------------------------------------------
+
+
+def test_threads_at_one_line_hold_distinct_timers(peer: FifoPeer) -> None:
+    configure(FileTimerClient(peer.path, labels={}))
+    inside = threading.Barrier(3)
+    leave_b = threading.Event()
+    scopes: dict = {}
+
+    def run(name: str, wait: threading.Event) -> None:
+        with expires(after=60) as block:
+            scopes[name] = block.scope
+            inside.wait(10)
+            wait.wait(10)
+
+    left = threading.Event()
+    a = threading.Thread(target=run, args=("a", left))
+    b = threading.Thread(target=run, args=("b", leave_b))
+    a.start()
+    b.start()
+    inside.wait(10)
+    leave_b.set()
+    b.join(10)
+    # b left the same line: a's timer must still be armed.
+    state = server_state(peer.wait_count(3))
+    assert (ME, scopes["a"]) in state
+    assert (ME, scopes["b"]) not in state
+    left.set()
+    a.join(10)
+    assert scopes["a"] != scopes["b"]
+    assert scopes["a"].rsplit("@tid-", 1)[0] == scopes["b"].rsplit("@tid-", 1)[0]
+    assert server_state(peer.wait_count(4)) == {}
+
+
+def test_many_threads_many_blocks(peer: FifoPeer) -> None:
+    configure(FileTimerClient(peer.path, labels={}))
+
+    def run() -> None:
+        for _ in range(300):
+            with expires(after=60):
+                pass
+
+    threads = [threading.Thread(target=run) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    messages = peer.wait_count(6 * 300 * 2, timeout=30)
+    assert peer.errors == []
+    assert len(set(armed_scopes(messages))) == 6
+    assert server_state(messages) == {}
+
+
+def test_asyncio_tasks_at_one_line_hold_distinct_timers(peer: FifoPeer) -> None:
+    configure(FileTimerClient(peer.path, labels={}))
+    seen: list = []
+
+    async def worker(gate: asyncio.Event, both_in: asyncio.Event) -> None:
+        with expires(after=60) as block:
+            seen.append(block.scope)
+            if len(seen) == 2:
+                both_in.set()
+            await gate.wait()
+
+    async def main() -> None:
+        first, second, both_in = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        t1 = asyncio.create_task(worker(first, both_in))
+        t2 = asyncio.create_task(worker(second, both_in))
+        await both_in.wait()
+        second.set()
+        await t2
+        state = server_state(peer.wait_count(3))
+        assert (ME, seen[0]) in state
+        assert (ME, seen[1]) not in state
+        first.set()
+        await t1
+
+    asyncio.run(main())
+    assert seen[0] != seen[1]
+    assert "@task-" in seen[0]
+    assert server_state(peer.wait_count(4)) == {}

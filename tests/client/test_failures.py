@@ -1,0 +1,250 @@
+"""Server absent, stalled, restarted: the failure policies and the resync."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+import time
+import warnings
+
+import pytest
+
+from ftimer_client import (
+    FileTimerClient,
+    ServerStalled,
+    ServerUnavailable,
+    ServerUnavailableWarning,
+    expires,
+)
+from ftimer_protocol import Arm, Disarm, DisarmAll
+
+from .conftest import FifoPeer, restart, server_state
+
+ME = os.getpid()
+
+
+def scopes(state: dict) -> set:
+    return {scope for pid, scope in state if pid == ME}
+
+
+# -- absent -------------------------------------------------------------------------------
+
+
+def test_no_fifo_raises_promptly(fifo_path: pathlib.Path) -> None:
+    client = FileTimerClient(fifo_path)
+    start = time.monotonic()
+    with pytest.raises(ServerUnavailable) as info:
+        client.arm("s", 5)
+    assert time.monotonic() - start < 0.5  # torch retries for a second
+    assert info.value.errno == errno.ENOENT
+    assert str(fifo_path) in str(info.value)
+    assert client.armed == frozenset()  # the arm did not happen
+
+
+def test_fifo_without_reader_raises(fifo_path: pathlib.Path) -> None:
+    os.mkfifo(fifo_path)
+    client = FileTimerClient(fifo_path)
+    with pytest.raises(ServerUnavailable, match="no ftimer server") as info:
+        client.arm("s", 5)
+    assert info.value.errno == errno.ENXIO
+    with pytest.raises(BrokenPipeError):  # what torch users catch
+        client.release("s")
+
+
+def test_expires_raises_before_the_block_runs(fifo_path: pathlib.Path) -> None:
+    client = FileTimerClient(fifo_path)
+    ran = []
+    with pytest.raises(ServerUnavailable), expires(after=5, client=client):
+        ran.append(1)
+    assert ran == []
+
+
+def test_warn_once_per_outage_and_carry_on(fifo_path: pathlib.Path) -> None:
+    client = FileTimerClient(fifo_path, on_unavailable="warn", labels={})
+    ran = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            with expires(after=5, scope="s", client=client):
+                ran += 1
+    assert ran == 5
+    assert [w.category for w in caught] == [ServerUnavailableWarning]
+    assert "carrying on" in str(caught[0].message)
+    # The server comes; then goes again: a new outage, a new warning.
+    peer = FifoPeer(fifo_path)
+    client.arm("t", 5)
+    assert peer.wait_for(lambda m: any(isinstance(x, Arm) and x.scope_id == "t" for x in m))
+    peer.close()
+    with pytest.warns(ServerUnavailableWarning):
+        client.arm("t", 5)
+
+
+def test_ignore_is_silent(fifo_path: pathlib.Path) -> None:
+    client = FileTimerClient(fifo_path, on_unavailable="ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with expires(after=5, client=client):
+            pass
+        client.release_all()
+        client.expire("x")
+
+
+def test_block_exception_propagates_unchanged_when_the_disarm_fails(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, labels={})
+
+    error = LookupError("mine")
+
+    def step() -> None:
+        with expires(after=60, scope="s", client=client):
+            peer.close()  # the server goes away inside the block
+            raise error
+
+    with pytest.raises(LookupError) as info:
+        step()
+    assert info.value is error
+    assert client._channel.needs_resync  # the lost disarm will be made good
+
+
+# -- stalled ------------------------------------------------------------------------------
+
+
+def test_full_pipe_waits_a_bounded_time_then_fails_fast(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, write_timeout=0.3, labels={})
+    client.arm("a", 60)
+    peer.wait_count(1)
+    peer.pause()
+    peer.fill()
+    start = time.monotonic()
+    with pytest.raises(ServerStalled) as info:
+        client.arm("b", 60)
+    assert 0.25 <= time.monotonic() - start < 5
+    assert info.value.errno == errno.EAGAIN
+    assert not isinstance(info.value, BlockingIOError)
+    # Still stalled: fail at once rather than stall every step.
+    start = time.monotonic()
+    with pytest.raises(ServerStalled):
+        client.release("a")
+    assert time.monotonic() - start < 0.2
+    # The server drains: the next message brings it up to date first.
+    peer.take()
+    peer.resume()
+    peer.wait_drained()
+    client.arm("c", 60)
+    messages = peer.wait_for(lambda m: any(getattr(x, "scope_id", "") == "c" for x in m))
+    assert isinstance(messages[0], DisarmAll)
+    assert scopes(server_state(messages)) == {"c"}  # "b" was refused, "a" released
+
+
+def test_a_stall_shorter_than_the_timeout_is_invisible(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, write_timeout=5.0, labels={})
+    peer.pause()
+    peer.fill()
+    peer.take()
+    timer = __import__("threading").Timer(0.2, peer.resume)
+    timer.start()
+    client.arm("a", 60)  # waits for room, then goes through
+    timer.join()
+    (arm,) = peer.wait_count(1)
+    assert isinstance(arm, Arm)
+    assert arm.scope_id == "a"
+
+
+def test_warn_mode_stall_keeps_the_arm_and_resends_it_when_drained(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, write_timeout=0.1, on_unavailable="warn", labels={})
+    peer.pause()
+    peer.fill()
+    with pytest.warns(ServerUnavailableWarning, match="drained"):
+        client.arm("a", 60)
+    assert client.armed == {"a"}
+    peer.take()
+    peer.resume()
+    # No further call: the background resync delivers it.
+    messages = peer.wait_for(lambda m: (ME, "a") in server_state(m))
+    assert isinstance(messages[0], DisarmAll)
+
+
+# -- restarted ----------------------------------------------------------------------------
+
+
+def test_restart_resyncs_on_the_next_message(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, labels={})
+    client.arm("a", 60)
+    client.arm("b", 60)
+    client.arm("gone", 60)
+    client.release("gone")
+    peer.wait_count(4)
+    new = restart(peer, peer.path)
+    try:
+        client.arm("c", 60)
+        messages = new.wait_for(lambda m: (ME, "c") in server_state(m))
+        assert messages[0] == DisarmAll(ME, messages[1].start_time)  # type: ignore[union-attr]
+        assert scopes(server_state(messages)) == {"a", "b", "c"}
+        # The re-sent arms carry the deadlines they were armed with.
+        first = {m.scope_id: m.deadline for m in peer.messages if isinstance(m, Arm)}
+        again = {m.scope_id: m.deadline for m in messages if isinstance(m, Arm)}
+        assert again["a"] == first["a"]
+        assert again["b"] == first["b"]
+    finally:
+        new.close()
+
+
+def test_a_disarm_lost_in_an_outage_is_made_good_without_another_call(
+    peer: FifoPeer,
+) -> None:
+    client = FileTimerClient(peer.path, on_unavailable="warn", labels={})
+    with expires(after=60, scope="kept", client=client):
+        client.arm("step", 60)
+        peer.wait_count(2)
+        peer.close()
+        peer.path.unlink()
+        with pytest.warns(ServerUnavailableWarning):
+            client.release("step")  # lost: no server
+    # A server that restored "step" from its state file must not reap this healthy
+    # process later: the client tells it, unprompted, as soon as it is back.
+    new = FifoPeer(peer.path)
+    try:
+        messages = new.wait_for(lambda m: any(isinstance(x, DisarmAll) for x in m))
+        assert scopes(server_state([Arm(ME, "step", 1.0, 9), *messages])) == set()
+    finally:
+        new.close()
+
+
+def test_a_recreated_fifo_is_noticed_when_the_old_one_fills(peer: FifoPeer) -> None:
+    # The old reader keeps the old FIFO open but stops reading; a new server made a new
+    # FIFO at the path. Writes into the old pipe succeed until it is full: then the
+    # client checks the inode, reconnects and resyncs, without an error.
+    client = FileTimerClient(peer.path, write_timeout=5.0, labels={})
+    client.arm("a", 60)
+    peer.wait_count(1)
+    peer.pause()
+    peer.path.unlink()
+    new = FifoPeer(peer.path)
+    try:
+        for i in range(2000):
+            client.arm("b", 60 + i)
+            if new.messages:
+                break
+        messages = new.wait_for(lambda m: (ME, "b") in server_state(m))
+        assert isinstance(messages[0], DisarmAll)
+        assert scopes(server_state(messages)) == {"a", "b"}
+    finally:
+        new.close()
+
+
+def test_resync_after_restart_in_protocol_1(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, protocol=1, on_unavailable="ignore")
+    client.arm("a", 60)
+    client.arm("b", 60)
+    peer.wait_count(2)
+    peer.close()
+    peer.path.unlink()
+    client.release("b")  # lost
+    new = FifoPeer(peer.path)
+    try:
+        # torch's server forgets everything when it restarts: re-send what is armed.
+        messages = new.wait_for(lambda m: (ME, "a") in server_state(m))
+        assert scopes(server_state(messages)) == {"a"}
+        assert Disarm not in {type(m) for m in messages}
+    finally:
+        new.close()

@@ -1,0 +1,125 @@
+"""Fork safety: a child speaks with its own pid and never resends its parent's scopes."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from typing import Callable
+
+import pytest
+
+from ftimer_client import FileTimerClient, expires
+from ftimer_client._proc import process_start_time
+from ftimer_protocol import Arm, Disarm
+
+from .conftest import FifoPeer, server_state
+
+ME = os.getpid()
+
+
+def in_child(body: Callable[[], None], timeout: float = 20.0) -> int:
+    """Run ``body`` in a forked child; return its pid once it exited cleanly."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (child)
+        code = 0
+        try:
+            os.close(r)
+            body()
+        except BaseException:
+            os.write(w, traceback.format_exc().encode())
+            code = 1
+        os._exit(code)
+    os.close(w)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)  # our own child, hung
+            os.waitpid(pid, 0)
+            pytest.fail("child hung")
+        time.sleep(0.01)
+    with os.fdopen(r, "rb") as f:
+        report = f.read().decode()
+    assert os.waitstatus_to_exitcode(status) == 0, report
+    return pid
+
+
+def from_pid(messages: list, pid: int) -> list:
+    return [m for m in messages if getattr(m, "pid", None) == pid]
+
+
+def test_child_speaks_with_its_own_pid_and_not_its_parents_scopes(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, labels={})
+    client.arm("parent", 60)
+    peer.wait_count(1)
+
+    def child() -> None:
+        assert client.armed == frozenset()
+        client.arm("child", 60)
+        with expires(after=60, scope="block", client=client):
+            pass
+        client.release("child")
+
+    pid = in_child(child)
+    messages = peer.wait_count(5)
+    mine = from_pid(messages, pid)
+    assert [(type(m), m.scope_id) for m in mine] == [
+        (Arm, "child"),
+        (Arm, "block"),
+        (Disarm, "block"),
+        (Disarm, "child"),
+    ]
+    starts = {m.start_time for m in mine}
+    assert len(starts) == 1
+    assert starts != {process_start_time()}
+    # The parent is unaffected.
+    client.arm("parent-2", 60)
+    state = server_state(peer.wait_count(6))
+    assert set(state) == {(ME, "parent"), (ME, "parent-2")}
+
+
+def test_child_of_a_parent_mid_outage_does_not_resync_the_parents_state(
+    fifo_path: object,
+) -> None:
+    client = FileTimerClient(fifo_path, on_unavailable="ignore", labels={})  # type: ignore[arg-type]
+    client.arm("parent", 60)  # no server yet: kept, to be re-sent
+    assert client._channel.needs_resync
+    peer = FifoPeer(fifo_path)  # type: ignore[arg-type]
+    try:
+
+        def child() -> None:
+            client.arm("child", 60)
+
+        pid = in_child(child)
+        messages = peer.wait_for(
+            lambda m: bool(from_pid(m, pid)) and (ME, "parent") in server_state(m)
+        )
+        assert [(type(m), m.scope_id) for m in from_pid(messages, pid)] == [(Arm, "child")]
+    finally:
+        peer.close()
+
+
+def test_fork_while_another_thread_holds_the_client_lock(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, labels={})
+    client.arm("warm", 60)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with client._channel.lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    try:
+        pid = in_child(lambda: client.arm("child", 60))
+    finally:
+        release.set()
+        holder.join(10)
+    assert [m.scope_id for m in from_pid(peer.wait_count(2), pid)] == ["child"]

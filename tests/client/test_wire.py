@@ -1,0 +1,152 @@
+"""The lines the client builds without a validating round trip are valid messages.
+
+Property tests over scope names and durations at the schema's limits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from ftimer_client import FileTimerClient
+from ftimer_client._proc import default_labels, parse_start_time, process_start_time
+from ftimer_client._wire import DEADLINE_FORMAT, V1Lines, V2Lines, check_signal, fix_deadline
+from ftimer_protocol import (
+    MAX_SCOPE,
+    MAX_TIME,
+    PIPE_BUF,
+    Arm,
+    Disarm,
+    DisarmAll,
+    LocalProtocolError,
+    MessageTooLarge,
+    TimerRequestV1,
+    decode,
+    encode,
+)
+
+from .conftest import FifoPeer
+
+PID, START = 4242, 123456
+LABELS = {"job": "j" * 128, "rank": "7"}
+deadlines = st.one_of(
+    st.floats(min_value=0.0, max_value=MAX_TIME),
+    st.sampled_from([0.0, 5e-324, 1e-7, 0.5, 1e6, MAX_TIME, math.nextafter(MAX_TIME, 0)]),
+)
+scopes = st.one_of(
+    st.text(max_size=300),
+    st.text(alphabet='%"\\\n\x00\u2028é😀{}', max_size=60),
+    st.sampled_from(['"deadline":0.0', "%s%r%b%%", "x" * MAX_SCOPE]),
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(scope=scopes, deadline=deadlines, labels=st.sampled_from([None, LABELS]))
+def test_cached_arm_line_is_the_message(scope: str, deadline: float, labels: dict) -> None:
+    lines = V2Lines(PID, START, 9, labels)
+    try:
+        arm_format, disarm = lines.entry(scope)
+    except MessageTooLarge:
+        # Refused only when the widest deadline would not fit.
+        sample = encode(Arm(PID, scope, 0.0, 9, START, labels), limit=2**20)
+        assert len(sample) - len(b"0.0") + len(DEADLINE_FORMAT % MAX_TIME) > PIPE_BUF
+        return
+    line = arm_format % deadline
+    assert len(line) <= PIPE_BUF
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
+    expected = Arm(PID, scope, float(DEADLINE_FORMAT % deadline), 9, START, labels)
+    assert decode(line) == expected
+    assert len(arm_format % MAX_TIME) <= PIPE_BUF
+    assert decode(disarm) == Disarm(PID, scope, START)
+    assert lines.entry(scope) == (arm_format, disarm)  # cached
+
+
+def test_scope_length_limits() -> None:
+    lines = V2Lines(PID, START, 9, None)
+    overhead = len(lines.entry("")[0] % MAX_TIME)
+    longest = "x" * (PIPE_BUF - overhead)
+    assert len(lines.entry(longest)[0] % MAX_TIME) == PIPE_BUF
+    with pytest.raises(MessageTooLarge):
+        lines.entry(longest + "x")
+    with pytest.raises(LocalProtocolError):
+        lines.entry("x" * (MAX_SCOPE + 1))
+    with pytest.raises(LocalProtocolError):
+        lines.entry(42)  # type: ignore[arg-type]
+
+
+def test_disarm_all_and_v1_lines() -> None:
+    assert decode(V2Lines(PID, None, 9, None).disarm_all) == DisarmAll(PID)
+    v1 = V1Lines(PID, 15)
+    assert decode(v1.arm("s", 1.7e9)) == TimerRequestV1(PID, "s", 1.7e9, 15)
+    assert decode(v1.release("s")) == TimerRequestV1(PID, "s", -1.0, 0)
+    assert decode(v1.expire("s", 6)) == TimerRequestV1(PID, "s", 0.0, 6)
+    with pytest.raises(ValueError, match=">= 0"):
+        v1.arm("s", -5.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        v1.arm("s", math.nan)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, MAX_TIME * 1.0001, 1e300])
+def test_fix_deadline_refuses_what_cannot_be_sent(bad: float) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        fix_deadline(bad)
+
+
+def test_fix_deadline_clamps_the_past() -> None:
+    assert fix_deadline(-1e9) == 0.0
+
+
+@given(after=st.floats(allow_nan=True, allow_infinity=True))
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(after=0.0)
+@example(after=-1e300)
+@example(after=MAX_TIME)
+@example(after=1e-9)
+def test_any_duration_arms_or_is_refused(after: float, peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, labels={})
+    try:
+        before = time.monotonic()
+        client.arm("s", after)
+        after_call = time.monotonic()
+    except ValueError:
+        assert not math.isfinite(after) or time.monotonic() + after > MAX_TIME
+        assert client.armed == frozenset()
+        return
+    finally:
+        client.close()
+    assert math.isfinite(after)
+    (arm, _) = peer.wait_count(2)
+    peer.take()
+    assert isinstance(arm, Arm)
+    assert max(0.0, before + after) - 1e-6 <= arm.deadline <= max(0.0, after_call + after) + 1e-6
+
+
+def test_check_signal() -> None:
+    assert check_signal(9) == 9
+    assert check_signal(-3) == 0
+    with pytest.raises(ValueError, match="integer"):
+        check_signal(True)
+    with pytest.raises(ValueError, match="highest"):
+        check_signal(65)
+
+
+def test_start_time_parsing() -> None:
+    fields = " ".join(str(i) for i in range(3, 53))
+    assert parse_start_time(f"12 (a) b (c)) {fields}".encode()) == 22
+    assert parse_start_time(b"12 (x) S 1") is None
+    assert parse_start_time(b"garbage") is None
+    if os.path.exists("/proc/self/stat"):
+        assert process_start_time() == process_start_time(os.getpid()) is not None
+    assert process_start_time(2**31 - 1) is None
+
+
+def test_default_labels_from_torchrun() -> None:
+    assert default_labels({"RANK": "3", "LOCAL_RANK": "1"}) == {"rank": "3", "local_rank": "1"}
+    assert default_labels({"RANK": "x", "LOCAL_RANK": ""}) == {}
+    assert default_labels({}) == {}

@@ -39,6 +39,9 @@ logger = logging.getLogger("ftimer_server")
 #: Bytes read from the FIFO per loop iteration: big enough to drain a burst in a few
 #: system calls, small enough that deadlines are checked every few milliseconds.
 READ_CHUNK = 256 * 1024
+#: The longest single wait: a deadline days away costs one wake-up an hour, and no
+#: timeout overflows epoll's.
+MAX_WAIT = 3600.0
 _FIFO = object()
 _WAKE = object()
 _sync_ids = itertools.count()
@@ -132,6 +135,9 @@ class FileTimerServer:
         if signaller is None:
             signaller = RecordingSignaller() if dry_run else OsSignaller(self._inspector)
         self._lock = threading.RLock()
+        # Events wait here while the lock is held; they go to the callbacks after it is
+        # released, so a slow callback never blocks armed(), stats() or sync() callers.
+        self._pending: List[Event] = []
         self._selector: Optional[selectors.BaseSelector] = None
         self._watchdog = Watchdog(
             inspector=self._inspector,
@@ -139,7 +145,7 @@ class FileTimerServer:
             policy=policy,
             server_pid=os.getpid(),
             ancestors=ancestors_of(os.getpid(), self._inspector),
-            emit=self._dispatch,
+            emit=self._pending.append,
             escalate_after=escalate_after,
             watch=self._watch,
             unwatch=self._unwatch,
@@ -239,8 +245,11 @@ class FileTimerServer:
         """
         with self._lock:
             self._watchdog.restore(timers)
-            if self._state == "running":
-                self._wake()
+            running = self._state == "running"
+            if running:
+                self._wake()  # the loop delivers the events and sees the new deadlines
+        if not running:
+            self._flush()
 
     def sync(self, timeout: float = 10.0) -> None:
         """Return once everything written to the FIFO before this call has been applied
@@ -326,6 +335,7 @@ class FileTimerServer:
             self._state = "stopped"
             for done in self._syncs.values():
                 done.set()  # sync() rechecks nothing: it returns; stop() said so
+        self._flush()
         if self._log_event is not None:
             self._log_event("watchdog stopped", None)
 
@@ -333,48 +343,21 @@ class FileTimerServer:
         self._loop_ident = threading.get_ident()
         assert self._selector is not None
         assert self._fifo is not None
-        selector, fifo_fd, watchdog = self._selector, self._fifo.read_fd, self._watchdog
-        decoder = StreamDecoder()
-        apply = watchdog.apply
-        monotonic, wall_clock = time.monotonic, time.time
+        selector, decoder = self._selector, StreamDecoder()
         tick_interval = self._tick_interval
-        next_tick = monotonic() + tick_interval if tick_interval is not None else None
+        next_tick = time.monotonic() + tick_interval if tick_interval is not None else None
         while not self._stopping:
             with self._lock:
-                wakeup = watchdog.next_wakeup()
+                wakeup = self._watchdog.next_wakeup()
             if next_tick is not None:
                 wakeup = next_tick if wakeup is None else min(wakeup, next_tick)
-            timeout = None if wakeup is None else max(0.0, wakeup - monotonic())
-            ready = selector.select(timeout)
-            self._busy_since = wall_clock()
+            timeout = None
+            if wakeup is not None:
+                timeout = min(max(0.0, wakeup - time.monotonic()), MAX_WAIT)
             try:
-                with self._lock:
-                    tokens: List[str] = []
-                    fifo_ready = False
-                    for key, _ in ready:
-                        if key.data is _FIFO:
-                            fifo_ready = True
-                        elif key.data is _WAKE:
-                            _drain(self._wake_r)
-                        else:  # a pidfd: its worker exited
-                            watchdog.worker_gone(key.data)
-                    if fifo_ready:
-                        try:
-                            chunk = os.read(fifo_fd, READ_CHUNK)
-                        except BlockingIOError:
-                            chunk = b""
-                        if chunk:
-                            now, wall = monotonic(), wall_clock()
-                            for result in decoder.feed(chunk):
-                                token = apply(result, now, wall)
-                                if token is not None:
-                                    tokens.append(token)
-                    now = monotonic()
-                    watchdog.tick(now)
-                    for token in tokens:
-                        done = self._syncs.get(token)
-                        if done is not None:
-                            done.set()
+                ready = selector.select(timeout)
+                self._busy_since = time.time()
+                now = self._iterate(ready, decoder)
                 if next_tick is not None and now >= next_tick:
                     assert self._on_tick is not None
                     assert tick_interval is not None
@@ -384,24 +367,73 @@ class FileTimerServer:
                     logger.warning("killing the server itself (kill_self_on_reap)")
                     os.kill(os.getpid(), self._self_signal)
             except Exception:
+                # A bug, not a worker's doing (bad input never raises): keep serving, but
+                # never spin on a failure that repeats.
                 logger.exception("ftimer server loop iteration failed; continuing")
+                time.sleep(0.01)
             finally:
                 self._busy_since = None
 
+    def _iterate(
+        self, ready: List[tuple[selectors.SelectorKey, int]], decoder: StreamDecoder
+    ) -> float:
+        """One iteration after the wait: exits, then messages, then expiries; events to the
+        callbacks; sync() callers released. Returns the time the timers were checked."""
+        watchdog = self._watchdog
+        tokens: List[str] = []
+        with self._lock:
+            fifo_ready = False
+            for key, _ in ready:
+                if key.data is _FIFO:
+                    fifo_ready = True
+                elif key.data is _WAKE:
+                    _drain(self._wake_r)
+                else:  # a pidfd: its worker exited
+                    watchdog.worker_gone(key.data)
+            if fifo_ready and self._fifo is not None:
+                try:
+                    chunk = os.read(self._fifo.read_fd, READ_CHUNK)
+                except BlockingIOError:
+                    chunk = b""
+                if chunk:
+                    apply, now, wall = watchdog.apply, time.monotonic(), time.time()
+                    for result in decoder.feed(chunk):
+                        token = apply(result, now, wall)
+                        if token is not None:
+                            tokens.append(token)
+            now = time.monotonic()
+            watchdog.tick(now)
+        self._flush()
+        if tokens:
+            with self._lock:
+                for token in tokens:
+                    done = self._syncs.get(token)
+                    if done is not None:
+                        done.set()
+        return now
+
     # -- helpers -----------------------------------------------------------------------
 
-    def _dispatch(self, event: Event) -> None:
-        if type(event) is Reaped and self._kill_self_on_reap:
-            assert isinstance(event, Reaped)
-            if event.delivered:
-                self._self_signal = event.signal
-        try:
-            if self._on_event is not None:
-                self._on_event(event)
-            if self._log_event is not None:
-                torch_log_event(self._log_event, event)
-        except Exception:
-            logger.exception("event callback failed on %r", event)
+    def _flush(self) -> None:
+        """Deliver the pending events to the callbacks, outside the lock."""
+        with self._lock:
+            if not self._pending:
+                return
+            events = self._pending[:]
+            self._pending.clear()
+        on_event, log_event = self._on_event, self._log_event
+        for event in events:
+            if type(event) is Reaped and self._kill_self_on_reap:
+                assert isinstance(event, Reaped)
+                if event.delivered:
+                    self._self_signal = event.signal
+            try:
+                if on_event is not None:
+                    on_event(event)
+                if log_event is not None:
+                    torch_log_event(log_event, event)
+            except Exception:
+                logger.exception("event callback failed on %r", event)
 
     def _watch(self, worker: Worker) -> None:
         if self._selector is not None and worker.pidfd is not None:

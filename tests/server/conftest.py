@@ -1,0 +1,141 @@
+"""Helpers for the server tests: fake processes, real children, FIFO writers."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Callable, Dict, List, Optional
+
+import pytest
+
+from ftimer_protocol import Message, encode
+from ftimer_server import Event, ProcessInspector, Worker
+
+
+class FakeProcess:
+    def __init__(self, start_time: int, parent: int = 1, uid: int = 1000) -> None:
+        self.start_time = start_time
+        self.parent = parent
+        self.uid = uid
+
+
+class FakeInspector(ProcessInspector):
+    """A host made of dicts. ``auto`` makes every pid in the range exist (start time =
+    pid), for thousands of pretend workers."""
+
+    def __init__(self, auto: Optional[range] = None) -> None:
+        self.processes: Dict[int, FakeProcess] = {}
+        self.auto = auto
+
+    def spawn(self, pid: int, start_time: int = 100, parent: int = 1, uid: int = 1000) -> None:
+        self.processes[pid] = FakeProcess(start_time, parent, uid)
+
+    def exit(self, pid: int) -> None:
+        del self.processes[pid]
+
+    def _get(self, pid: int) -> FakeProcess:
+        if pid not in self.processes and self.auto is not None and pid in self.auto:
+            self.processes[pid] = FakeProcess(pid)
+        try:
+            return self.processes[pid]
+        except KeyError:
+            raise ProcessLookupError(pid) from None
+
+    def start_time(self, pid: int) -> Optional[int]:
+        return self._get(pid).start_time
+
+    def parent(self, pid: int) -> int:
+        return self._get(pid).parent
+
+    def uid(self, pid: int) -> int:
+        return self._get(pid).uid
+
+
+class Recorder:
+    """Collects events; thread-safe enough for list.append under the GIL."""
+
+    def __init__(self) -> None:
+        self.events: List[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type) -> List[Event]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+def proc_start_time(pid: int) -> int:
+    data = pathlib.Path(f"/proc/{pid}/stat").read_bytes()
+    return int(data[data.rindex(b")") + 2 :].split()[19])
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until true (for effects with no event to wait on)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.005)
+
+
+def send(path: os.PathLike[str], *messages: Message, raw: bytes = b"") -> None:
+    """Open the FIFO, write each message in one write (torch's open/write/close)."""
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        if raw:
+            os.write(fd, raw)
+        for m in messages:
+            os.write(fd, encode(m))
+    finally:
+        os.close(fd)
+
+
+def wait_exit(child: subprocess.Popen[bytes], timeout: float = 10.0) -> tuple[int, float]:
+    """Wait for a child through its pidfd; return (returncode, monotonic time of death)."""
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if not poller.poll(timeout * 1000):
+            raise AssertionError(f"child {child.pid} still alive after {timeout} s")
+        died = time.monotonic()
+    finally:
+        os.close(pidfd)
+    return child.wait(), died
+
+
+@pytest.fixture
+def children() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Spawn real child processes (``sleep`` by default); all are killed at the end."""
+    spawned: List[subprocess.Popen[bytes]] = []
+
+    def spawn(*argv: str) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(list(argv) or ["sleep", "60"])
+        spawned.append(child)
+        return child
+
+    yield spawn
+    for child in spawned:
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)
+        child.wait()
+
+
+#: A child that ignores SIGTERM, says so on stdout, then sleeps: for escalation tests.
+STUBBORN = [
+    sys.executable,
+    "-c",
+    "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "print('ready', flush=True); time.sleep(60)",
+]
+
+
+def fake_worker(pid: int, start_time: Optional[int] = 100) -> Worker:
+    return Worker(pid, start_time)

@@ -1,0 +1,92 @@
+"""The real process inspector and signaller, on real child processes."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+
+import pytest
+
+from ftimer_server import OsSignaller, SystemInspector, Worker
+from ftimer_server._process import raise_fd_limit
+
+from .conftest import proc_start_time, wait_for
+
+inspector = SystemInspector()
+
+
+def test_start_time_parent_and_uid_of_this_process() -> None:
+    me = os.getpid()
+    assert inspector.start_time(me) == proc_start_time(me)
+    assert inspector.parent(me) == os.getppid()
+    assert inspector.uid(me) == os.getuid()
+
+
+def test_a_command_name_with_parentheses_and_spaces(tmp_path: pathlib.Path) -> None:
+    exe = tmp_path / "odd ) name ("
+    os.symlink("/bin/sleep", exe)
+    child = subprocess.Popen([str(exe), "60"])
+    try:
+        assert inspector.start_time(child.pid) == proc_start_time(child.pid)
+        assert inspector.parent(child.pid) == os.getpid()
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_missing_and_zombie_processes(children) -> None:
+    child = children("true")
+    # Not waited for: a zombie until wait(), which is not a live process.
+    stat = pathlib.Path(f"/proc/{child.pid}/stat")
+    wait_for(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+    with pytest.raises(ProcessLookupError):
+        inspector.start_time(child.pid)
+    child.wait()
+    for probe in (inspector.start_time, inspector.parent, inspector.uid, inspector.open):
+        with pytest.raises(ProcessLookupError):
+            probe(child.pid)
+
+
+def test_pidfd_liveness_and_signals(children) -> None:
+    child = children()
+    pidfd = inspector.open(child.pid)
+    assert pidfd is not None
+    worker = Worker(child.pid, inspector.start_time(child.pid), pidfd)
+    try:
+        assert inspector.alive(worker)
+        assert OsSignaller().send(worker, 0)  # signal 0: a probe
+        assert OsSignaller().send(worker, signal.SIGTERM)
+        assert child.wait(10) == -signal.SIGTERM
+        assert not inspector.alive(worker)
+        assert not OsSignaller().send(worker, signal.SIGKILL)  # gone: False, not an error
+    finally:
+        inspector.close(worker)
+
+
+def test_without_a_pidfd_the_start_time_guards_the_kill(children) -> None:
+    child = children()
+    start = inspector.start_time(child.pid)
+    assert start is not None
+    stale = Worker(child.pid, start - 1)  # a process that held this pid before
+    assert not inspector.alive(stale)
+    assert not OsSignaller().send(stale, signal.SIGKILL)
+    assert child.poll() is None
+    assert OsSignaller().send(Worker(child.pid, start), signal.SIGKILL)
+    assert child.wait(10) == -signal.SIGKILL
+
+
+def test_os_signaller_refuses_process_groups() -> None:
+    for pid in (0, -1, 1):
+        with pytest.raises(PermissionError):
+            OsSignaller().send(Worker(pid, None), signal.SIGKILL)
+
+
+def test_fd_limit_is_raised_to_the_hard_limit() -> None:
+    import resource
+
+    soft = raise_fd_limit()
+    assert soft == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard in (soft, resource.RLIM_INFINITY)

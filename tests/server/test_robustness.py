@@ -1,0 +1,187 @@
+"""Hostile and heavy input through a real FIFO: bad lines among good ones from many
+writers, hostile pids and signals, thousands of pretend workers. Pretend processes and a
+recording signaller: nothing real is ever signalled here."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ftimer_protocol import PIPE_BUF, Arm, DisarmAll, Expire, TimerRequestV1, encode
+from ftimer_server import (
+    FileTimerServer,
+    Policy,
+    RecordingSignaller,
+    RejectReason,
+    WorkerGone,
+)
+
+from .conftest import FakeInspector, Recorder, send
+
+WORKERS_PER_WRITER = 500
+WRITERS = 8
+BASE_PID = 100_000
+
+
+# Run as a separate program (python -c) by each writer: it poses as WORKERS_PER_WRITER
+# workers, arming two scopes each (v2 and v1) and disarming one, with junk between the
+# messages. Every write is atomic (at most PIPE_BUF bytes), as real writers' are.
+WRITER = """
+import os, random, sys, time
+from ftimer_protocol import Arm, Disarm, TimerRequestV1, encode
+path, index, per, base = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(index)
+
+def junk():
+    kind = rng.randrange(6)
+    if kind == 0:  # binary, newline-terminated
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))).replace(
+            b"\\n", b"") + b"\\n"
+    if kind == 1:  # a partial line: the next writer's message lands after it
+        return b'{"version":2,"op":"arm","pid":12'
+    if kind == 2:
+        return b'{"version": 1, "pid": "not a number"}\\n'
+    if kind == 3:
+        return b'{"version":7,"op":"arm"}\\n'
+    if kind == 4:
+        return b"\\x00\\xff\\xfe garbage without a newline"
+    return b'{"version":2,"op":"arm","pid":0,"scope_id":"x","deadline":1,"signal":9}\\n'
+
+far = time.monotonic() + 3600
+fd = os.open(path, os.O_WRONLY)
+for i in range(per):
+    pid = base + index * per + i
+    for line in (
+        encode(Arm(pid=pid, scope_id="a", deadline=far, signal=9, labels={"w": str(index)})),
+        encode(TimerRequestV1(pid=pid, scope_id="b", expiration_time=time.time() + 3600,
+                              signal=15)),
+        encode(Disarm(pid=pid, scope_id="a")),
+    ):
+        if rng.random() < 0.3:
+            os.write(fd, junk())
+        os.write(fd, line)
+os.close(fd)
+"""
+
+
+def test_many_writers_bad_lines_and_thousands_of_workers(fifo_path: pathlib.Path) -> None:
+    total = WRITERS * WORKERS_PER_WRITER
+    host = FakeInspector(auto=range(BASE_PID, BASE_PID + total))
+    signaller = RecordingSignaller()
+    with FileTimerServer(fifo_path, inspector=host, signaller=signaller) as server:
+        writers = [
+            subprocess.Popen(
+                [sys.executable, "-c", WRITER, str(fifo_path)]
+                + [str(x) for x in (i, WORKERS_PER_WRITER, BASE_PID)]
+            )
+            for i in range(WRITERS)
+        ]
+        for w in writers:
+            assert w.wait(60) == 0
+        send(fifo_path, raw=b"trailing partial line, no newline")
+        server.sync()  # its marker follows the partial line: resynchronised
+        stats = server.stats()
+        armed = server.armed()
+    assert stats.requests == {
+        "arm": {"ok": 2 * total},
+        "disarm": {"ok": total},
+        "sync": {"ok": 1},
+    }
+    assert sum(stats.decode_errors.values()) > 0
+    assert sorted((t.pid, t.scope_id) for t in armed) == [(BASE_PID + i, "b") for i in range(total)]
+    assert all(t.signal == 15 for t in armed)
+    assert signaller.sent == []
+    assert stats.workers == total  # each still holds its timer "b"
+
+
+def test_over_long_lines_cost_only_themselves(fifo_path: pathlib.Path) -> None:
+    host = FakeInspector(auto=range(2000, 3000))
+    with FileTimerServer(fifo_path, inspector=host, signaller=RecordingSignaller()) as server:
+        fd = os.open(fifo_path, os.O_WRONLY)
+        try:
+            for i in range(50):
+                os.write(fd, b"x" * (3 * PIPE_BUF) + b"\n")  # over-long, then valid
+                os.write(fd, encode(Arm(pid=2000 + i, scope_id="s", deadline=1e6, signal=9)))
+                os.write(fd, b"y" * (2 * PIPE_BUF))  # over-long with no newline yet...
+                os.write(fd, encode(Arm(pid=2500 + i, scope_id="s", deadline=1e6, signal=9)))
+        finally:
+            os.close(fd)
+        server.sync()
+        stats = server.stats()
+    assert stats.requests["arm"] == {"ok": 100}
+    assert stats.decode_errors == {"LineTooLong": 100}
+
+
+def test_hostile_pids_and_signals_are_refused(fifo_path: pathlib.Path) -> None:
+    events = Recorder()
+    signaller = RecordingSignaller()
+    me, parent = os.getpid(), os.getppid()
+    with FileTimerServer(fifo_path, on_event=events, signaller=signaller) as server:
+        lines = [
+            encode(Expire(pid=1, scope_id="init", signal=9)),
+            encode(Arm(pid=me, scope_id="server", deadline=0.0, signal=9)),
+            encode(Arm(pid=parent, scope_id="parent", deadline=0.0, signal=9)),
+            encode(TimerRequestV1(pid=me, scope_id="torch", expiration_time=0.0, signal=9)),
+            encode(DisarmAll(pid=1)),
+        ]
+        raw = [  # out of the schema's bounds: never decoded into a request
+            {"version": 1, "pid": -1, "scope_id": "all", "expiration_time": 0, "signal": 9},
+            {"version": 1, "pid": 0, "scope_id": "group", "expiration_time": 0, "signal": 9},
+            {"version": 2, "op": "expire", "pid": 12345, "scope_id": "s", "signal": -9},
+            {"version": 2, "op": "expire", "pid": 12345, "scope_id": "s", "signal": 65},
+            {"version": 2, "op": "arm", "pid": 2**40, "scope_id": "s", "deadline": 0, "signal": 9},
+        ]
+        send(fifo_path, raw=b"".join(lines) + b"".join(json.dumps(r).encode() + b"\n" for r in raw))
+        server.sync()
+        stats = server.stats()
+    assert signaller.sent == []
+    assert server.armed() == []
+    assert stats.rejections == {
+        RejectReason.RESERVED_PID.value: 1,
+        RejectReason.SERVER_PROCESS.value: 2,
+        RejectReason.SERVER_ANCESTOR.value: 1,
+    }
+    assert stats.decode_errors == {"MalformedMessage": len(raw)}
+    assert stats.requests["disarm_all"] == {"unknown": 1}
+
+
+def test_reused_pid_through_the_fifo_is_never_signalled(fifo_path: pathlib.Path) -> None:
+    host = FakeInspector()
+    host.spawn(4242, start_time=100)
+    signaller = RecordingSignaller()
+    events = Recorder()
+    with FileTimerServer(fifo_path, inspector=host, signaller=signaller, on_event=events) as server:
+        deadline = time.monotonic() + 0.2
+        send(fifo_path, Arm(pid=4242, scope_id="s", deadline=deadline, signal=9))
+        server.sync()
+        host.exit(4242)
+        host.spawn(4242, start_time=999)  # another process took the pid
+        # Even a message naming the old process only adds to the old process's timers.
+        send(fifo_path, Arm(pid=4242, scope_id="late", deadline=0.0, signal=9, start_time=100))
+        time.sleep(max(0.0, deadline - time.monotonic()))  # let the deadline pass
+        server.sync()
+    assert signaller.sent == []
+    [gone] = events.of(WorkerGone)
+    assert isinstance(gone, WorkerGone)
+    assert (gone.start_time, {t.scope_id for t in gone.timers}) == (100, {"s", "late"})
+
+
+@pytest.mark.parametrize("cap", [Policy(max_timers=100)])
+def test_caps_hold_under_a_flood(fifo_path: pathlib.Path, cap: Policy) -> None:
+    host = FakeInspector(auto=range(5000, 6000))
+    with FileTimerServer(
+        fifo_path, inspector=host, signaller=RecordingSignaller(), policy=cap
+    ) as server:
+        fd = os.open(fifo_path, os.O_WRONLY)
+        for pid in range(5000, 6000):
+            os.write(fd, encode(Arm(pid=pid, scope_id="s", deadline=1e6, signal=9)))
+        os.close(fd)
+        server.sync()
+        assert len(server.armed()) == 100
+        assert server.stats().rejections == {"timer_limit": 900}

@@ -1,0 +1,383 @@
+"""FileTimerServer end to end: a real FIFO, real child processes, real signals (to those
+children only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import List, Optional
+
+import pytest
+
+from ftimer_protocol import Arm, Disarm, Expire, TimerRequestV1, encode
+from ftimer_server import (
+    Armed,
+    Escalated,
+    Expired,
+    FileTimerServer,
+    Reaped,
+    SystemInspector,
+    Timer,
+    TorchRequest,
+    Worker,
+    WorkerGone,
+)
+
+from .conftest import STUBBORN, Recorder, proc_start_time, send, wait_exit, wait_for
+
+
+@pytest.fixture
+def events() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def server(fifo_path: pathlib.Path, events: Recorder):  # type: ignore[no-untyped-def]
+    with FileTimerServer(fifo_path, on_event=events) as srv:
+        yield srv
+
+
+def test_expired_worker_is_killed_within_milliseconds(
+    server: FileTimerServer, fifo_path: pathlib.Path, events: Recorder, children
+) -> None:
+    child = children()
+    deadline = time.monotonic() + 0.1
+    send(
+        fifo_path,
+        Arm(
+            pid=child.pid,
+            scope_id="step",
+            deadline=deadline,
+            signal=signal.SIGKILL,
+            start_time=proc_start_time(child.pid),
+            labels={"rank": "0"},
+        ),
+    )
+    code, died = wait_exit(child)
+    assert code == -signal.SIGKILL
+    assert died - deadline < 0.5  # generous: the machine is shared; typically ~1 ms
+    server.sync()
+    [reaped] = events.of(Reaped)
+    assert isinstance(reaped, Reaped)
+    assert (reaped.pid, reaped.signal, reaped.scope_id) == (child.pid, 9, "step")
+    assert reaped.labels == {"rank": "0"}
+    assert 0 <= reaped.late < 0.5
+    wait_for(lambda: events.of(WorkerGone))  # its pidfd turned readable
+
+
+def test_torch_v1_lines_open_write_close(
+    server: FileTimerServer, fifo_path: pathlib.Path, children
+) -> None:
+    # Exactly what torch's FileTimerClient writes: json.dumps, one open/write/close each.
+    doomed, spared = children(), children()
+
+    def torch_line(pid: int, scope: str, expiration: float, sig: int) -> bytes:
+        body = {"version": 1, "pid": pid, "scope_id": scope, "expiration_time": expiration}
+        return (json.dumps({**body, "signal": sig}) + "\n").encode()
+
+    now = time.time()
+    send(fifo_path, raw=torch_line(doomed.pid, "train.py#12", now + 0.1, 15))
+    send(fifo_path, raw=torch_line(spared.pid, "train.py#12", now + 0.1, 9))
+    send(fifo_path, raw=torch_line(spared.pid, "train.py#12", -1, 0))
+    server.sync()
+    assert [t.pid for t in server.armed()] == [doomed.pid]
+    assert wait_exit(doomed)[0] == -signal.SIGTERM
+    assert spared.poll() is None
+
+
+def test_disarmed_and_report_only_timers_do_not_kill(
+    server: FileTimerServer, fifo_path: pathlib.Path, events: Recorder, children
+) -> None:
+    child = children()
+    deadline = time.monotonic() + 0.05
+    send(
+        fifo_path,
+        Arm(pid=child.pid, scope_id="done", deadline=deadline, signal=9),
+        Disarm(pid=child.pid, scope_id="done"),
+        Arm(pid=child.pid, scope_id="report", deadline=deadline, signal=0),
+    )
+    time.sleep(max(0.0, deadline - time.monotonic()))  # let the deadline pass
+    wait_for(lambda: events.of(Expired))
+    server.sync()
+    assert child.poll() is None
+    assert [e.timer.scope_id for e in events.of(Expired)] == ["report"]  # type: ignore[attr-defined]
+    assert events.of(Reaped) == []
+
+
+def test_a_worker_that_dies_mid_scope_is_cleaned_up_at_once(
+    server: FileTimerServer, fifo_path: pathlib.Path, events: Recorder, children
+) -> None:
+    child = children()
+    send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=time.monotonic() + 3600, signal=9))
+    server.sync()
+    assert len(server.armed()) == 1
+    child.kill()
+    child.wait()
+    wait_for(lambda: events.of(WorkerGone))  # promptly, long before the deadline
+    [gone] = events.of(WorkerGone)
+    assert isinstance(gone, WorkerGone)
+    assert [t.scope_id for t in gone.timers] == ["s"]
+    assert server.armed() == []
+    assert server.workers() == []
+
+
+def test_without_pidfds_a_dead_worker_is_noticed_at_its_deadline(
+    fifo_path: pathlib.Path, events: Recorder, children
+) -> None:
+    class NoPidfd(SystemInspector):
+        def open(self, pid: int) -> Optional[int]:
+            return None
+
+    with FileTimerServer(fifo_path, on_event=events, inspector=NoPidfd()) as server:
+        child = children()
+        send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=time.monotonic() + 0.2, signal=9))
+        server.sync()
+        child.kill()
+        child.wait()
+        wait_for(lambda: events.of(WorkerGone))
+        assert events.of(Reaped) == []
+
+
+def test_escalation_kills_a_worker_that_ignores_sigterm(fifo_path: pathlib.Path, children) -> None:
+    events = Recorder()
+    with FileTimerServer(fifo_path, on_event=events, escalate_after=0.2) as server:
+        child = subprocess.Popen(STUBBORN, stdout=subprocess.PIPE)
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == b"ready\n"
+            send(fifo_path, Expire(pid=child.pid, scope_id="stuck", signal=signal.SIGTERM))
+            code, _ = wait_exit(child)
+            assert code == -signal.SIGKILL
+            server.sync()
+            [esc] = events.of(Escalated)
+            assert isinstance(esc, Escalated)
+            assert (esc.pid, esc.signal, esc.delivered) == (child.pid, signal.SIGKILL, True)
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+            assert child.stdout is not None
+            child.stdout.close()
+
+
+def test_restore_before_start(fifo_path: pathlib.Path, events: Recorder, children) -> None:
+    child, other = children(), children()
+    saved = [
+        Timer(child.pid, "a", time.monotonic() + 0.1, 9, proc_start_time(child.pid)),
+        Timer(other.pid, "b", time.monotonic() + 0.1, 9, proc_start_time(other.pid) + 1),
+    ]
+    server = FileTimerServer(fifo_path, on_event=events)
+    server.restore(saved)
+    assert [t.pid for t in server.armed()] == [child.pid]
+    with server:
+        assert wait_exit(child)[0] == -9
+    assert other.poll() is None
+
+
+def test_armed_snapshot(server: FileTimerServer, fifo_path: pathlib.Path, children) -> None:
+    child = children()
+    start = proc_start_time(child.pid)
+    send(
+        fifo_path,
+        Arm(pid=child.pid, scope_id="a", deadline=5000.5, signal=15, labels={"job": "x"}),
+        Arm(pid=child.pid, scope_id="b", deadline=6000.0, signal=0),
+    )
+    server.sync()
+    assert sorted(server.armed(), key=lambda t: t.scope_id) == [
+        Timer(child.pid, "a", 5000.5, 15, start, {"job": "x"}),
+        Timer(child.pid, "b", 6000.0, 0, start, None),
+    ]
+    [worker] = server.workers()
+    assert (worker.pid, worker.start_time) == (child.pid, start)
+    assert worker.pidfd is not None
+    assert server.stats().armed == 2
+
+
+def test_idle_server_never_wakes_up(
+    server: FileTimerServer, fifo_path: pathlib.Path, children
+) -> None:
+    child = children()
+    far = time.monotonic() + 3600
+    fd = os.open(fifo_path, os.O_WRONLY)  # a connected client, like ftimer's v2 client
+    try:
+        for i in range(2000):
+            os.write(fd, encode(Arm(pid=child.pid, scope_id=f"s{i}", deadline=far, signal=9)))
+        server.sync()
+        assert server._thread is not None
+        status = pathlib.Path(f"/proc/self/task/{server._thread.native_id}/status")
+
+        def switches() -> int:
+            lines = status.read_text().splitlines()
+            return sum(int(x.split()[1]) for x in lines if "ctxt_switches" in x)
+
+        def sleeping() -> bool:  # blocked in epoll_wait, its iteration finished
+            stat = status.with_name("stat").read_text()
+            return stat[stat.rindex(")") + 2] == "S"
+
+        wait_for(sleeping)
+        before = switches()
+        time.sleep(1.0)  # measuring idleness takes time passing
+        assert switches() == before
+    finally:
+        os.close(fd)
+
+
+def test_keepalive_ticks_only_when_asked(fifo_path: pathlib.Path) -> None:
+    ticks: List[float] = []
+    with FileTimerServer(fifo_path, tick_interval=0.02, on_tick=lambda: ticks.append(1.0)):
+        wait_for(lambda: len(ticks) >= 5)
+    with pytest.raises(ValueError, match="together"):
+        FileTimerServer(fifo_path, tick_interval=1.0)
+
+
+def test_stop_is_prompt_with_no_client_ever(fifo_path: pathlib.Path) -> None:
+    server = FileTimerServer(fifo_path)
+    server.start()
+    t = time.monotonic()
+    server.stop()
+    assert time.monotonic() - t < 2.0
+    assert fifo_path.exists()  # kept for a restarted server's writers
+    server.stop()  # idempotent
+    with pytest.raises(RuntimeError, match="stopped"):
+        server.start()
+
+
+def test_stop_while_writers_hammer_the_fifo(fifo_path: pathlib.Path, children) -> None:
+    server = FileTimerServer(fifo_path, remove_fifo=True)
+    server.start()
+    line = encode(Disarm(pid=12345, scope_id="s"))
+    code = (
+        "import os, sys\n"
+        f"fd = os.open({str(fifo_path)!r}, os.O_WRONLY)\n"
+        f"line = {line!r} * 50\n"
+        "try:\n"
+        "    while True: os.write(fd, line)\n"
+        "except BrokenPipeError: pass\n"
+    )
+    writers = [children(sys.executable, "-c", code) for _ in range(4)]
+    wait_for(lambda: server.stats().requests.get("disarm", {}).get("unknown", 0) > 10_000)
+    t = time.monotonic()
+    server.stop()
+    assert time.monotonic() - t < 5.0
+    assert not fifo_path.exists()  # remove_fifo, and it created it
+    for w in writers:  # no reader left: they get EPIPE and finish
+        assert w.wait(timeout=30) in (0, -signal.SIGPIPE)
+
+
+def test_sync_needs_a_running_server_and_times_out(fifo_path: pathlib.Path) -> None:
+    gate = threading.Event()
+
+    def slow(event: object) -> None:
+        if isinstance(event, Armed):
+            gate.wait(10)
+
+    server = FileTimerServer(fifo_path, on_event=slow)
+    with pytest.raises(RuntimeError, match="not running"):
+        server.sync()
+    server.restore([Timer(os.getppid(), "x", 1e9, 0)])  # refused: no blocking here
+    with server:
+        child = subprocess.Popen(["sleep", "60"])
+        try:
+            send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=1e9, signal=9))
+            with pytest.raises(TimeoutError):
+                server.sync(timeout=0.2)
+            gate.set()
+            server.sync()
+        finally:
+            child.kill()
+            child.wait()
+
+
+def test_torch_constructor_and_log_event(fifo_path: pathlib.Path, children) -> None:
+    logged: List[tuple[str, Optional[TorchRequest]]] = []
+    server = FileTimerServer(str(fifo_path), "run-1", 0.1, True, lambda n, r: logged.append((n, r)))
+    assert (server.run_id, server.max_interval) == ("run-1", 0.1)
+    with server:
+        child = children()
+        send(
+            fifo_path,
+            TimerRequestV1(pid=child.pid, scope_id="s", expiration_time=time.time(), signal=9),
+        )
+        wait_exit(child)
+        server.sync()
+        assert abs(server.get_last_progress_time() - time.time()) <= 2
+    names = [n for n, _ in logged]
+    assert names == ["watchdog started", "timer expired", "kill worker process", "watchdog stopped"]
+    request = logged[2][1]
+    assert request is not None
+    assert (request.worker_pid, request.scope_id, request.signal) == (child.pid, "s", 9)
+    assert abs(request.expiration_time - time.time()) < 5
+    assert json.loads(request.to_json())["version"] == 1
+
+
+def test_callback_errors_do_not_stop_the_loop(
+    fifo_path: pathlib.Path, children, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(event: object) -> None:
+        raise ValueError("callback bug")
+
+    with FileTimerServer(fifo_path, on_event=broken) as server:
+        child = children()
+        send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
+        assert wait_exit(child)[0] == -9
+        server.sync()
+    assert "callback bug" in caplog.text
+
+
+def test_server_kills_itself_only_when_asked(fifo_path: pathlib.Path) -> None:
+    # In a subprocess: the embedding process is the one that dies.
+    script = f"""
+import subprocess, sys, time
+from ftimer_protocol import Arm, encode
+from ftimer_server import FileTimerServer
+import os
+kill_self = sys.argv[1] == "1"
+server = FileTimerServer({str(fifo_path)!r}, kill_self_on_reap=kill_self)
+server.start()
+child = subprocess.Popen(["sleep", "60"])
+fd = os.open({str(fifo_path)!r}, os.O_WRONLY)
+os.write(fd, encode(Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=15)))
+child.wait()
+server.sync()
+print("survived", flush=True)
+server.stop()
+"""
+    kept = subprocess.run([sys.executable, "-c", script, "0"], capture_output=True, timeout=60)
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stdout == b"survived\n"
+    killed = subprocess.run([sys.executable, "-c", script, "1"], capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGTERM
+    assert b"survived" not in killed.stdout
+
+
+def test_dry_run_signals_nothing(fifo_path: pathlib.Path, events: Recorder, children) -> None:
+    with FileTimerServer(fifo_path, on_event=events, dry_run=True) as server:
+        child = children()
+        send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
+        wait_for(lambda: events.of(Reaped))
+        server.sync()
+    assert child.poll() is None
+    assert events.of(Reaped)[0].delivered  # type: ignore[attr-defined]
+
+
+def test_run_in_the_calling_thread(fifo_path: pathlib.Path, children) -> None:
+    server = FileTimerServer(fifo_path)
+    runner = threading.Thread(target=server.run)
+    runner.start()
+    wait_for(lambda: server.fifo is not None)
+    child = children()
+    send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
+    assert wait_exit(child)[0] == -9
+    server.stop()
+    runner.join(10)
+    assert not runner.is_alive()
+
+
+def test_worker_record_is_what_a_signaller_gets() -> None:
+    assert Worker(5, 6).pidfd is None

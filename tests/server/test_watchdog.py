@@ -1,0 +1,448 @@
+"""The sans-I/O core: messages in, timers, reaps and events out. Fake processes, fake clock,
+a recording signaller: nothing real is signalled, nothing sleeps."""
+
+from __future__ import annotations
+
+import signal
+from typing import Optional
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given, settings
+
+from ftimer_protocol import (
+    Arm,
+    Disarm,
+    DisarmAll,
+    Expire,
+    LineTooLong,
+    MalformedMessage,
+    Sync,
+    TimerRequestV1,
+    UnsupportedVersion,
+)
+from ftimer_server import (
+    Armed,
+    DecodeFailed,
+    Disarmed,
+    Escalated,
+    Expired,
+    Policy,
+    Reaped,
+    RecordingSignaller,
+    Rejected,
+    RejectReason,
+    Timer,
+    WorkerGone,
+)
+from ftimer_server._watchdog import Watchdog
+
+from .conftest import FakeInspector, Recorder
+
+SERVER = 500
+PARENT = 400
+WALL = 1_700_000_000.0  # the wall clock at monotonic time 0 in these tests
+
+
+class Rig:
+    def __init__(self, policy: Optional[Policy] = None, escalate_after: Optional[float] = None):
+        self.host = FakeInspector()
+        self.host.spawn(SERVER, start_time=5, parent=PARENT)
+        self.host.spawn(PARENT, start_time=4, parent=1)
+        self.signaller = RecordingSignaller()
+        self.events = Recorder()
+        self.wd = Watchdog(
+            inspector=self.host,
+            signaller=self.signaller,
+            policy=policy,
+            server_pid=SERVER,
+            ancestors=frozenset({PARENT}),
+            emit=self.events,
+            escalate_after=escalate_after,
+        )
+        self.now = 0.0
+
+    def apply(self, *messages: object) -> None:
+        for m in messages:
+            self.wd.apply(m, self.now, WALL + self.now)  # type: ignore[arg-type]
+
+    def at(self, now: float) -> None:
+        self.now = now
+        self.wd.tick(now)
+
+
+@pytest.fixture
+def rig() -> Rig:
+    r = Rig()
+    r.host.spawn(1000, start_time=100, parent=SERVER)
+    return r
+
+
+def arm(pid: int = 1000, scope: str = "s", deadline: float = 10.0, signal: int = 9, **kw):  # type: ignore[no-untyped-def]
+    return Arm(pid=pid, scope_id=scope, deadline=deadline, signal=signal, **kw)
+
+
+def test_arm_then_expiry_reaps_once_and_clears(rig: Rig) -> None:
+    rig.apply(arm(scope="a", deadline=10.0), arm(scope="b", deadline=50.0))
+    assert rig.wd.next_wakeup() == 10.0
+    rig.at(9.9)
+    assert rig.signaller.sent == []
+    rig.at(10.25)
+    assert rig.signaller.sent == [(1000, 9)]
+    [reaped] = rig.events.of(Reaped)
+    assert isinstance(reaped, Reaped)
+    assert reaped.late == pytest.approx(0.25)
+    assert reaped.delivered
+    assert reaped.start_time == 100
+    assert {t.scope_id for t in reaped.timers} == {"a", "b"}
+    assert rig.wd.armed() == []
+    rig.at(100.0)
+    assert rig.signaller.sent == [(1000, 9)]
+    assert rig.wd.next_wakeup() is None
+
+
+def test_disarm_before_the_deadline_prevents_the_reap(rig: Rig) -> None:
+    rig.apply(arm(), Disarm(pid=1000, scope_id="s"))
+    rig.at(20.0)
+    assert rig.signaller.sent == []
+    assert [type(e) for e in rig.events.events] == [Armed, Disarmed]
+
+
+def test_v1_deadlines_are_converted_from_the_wall_clock(rig: Rig) -> None:
+    rig.now = 3.0
+    rig.apply(TimerRequestV1(pid=1000, scope_id="t", expiration_time=WALL + 8.0, signal=15))
+    [t] = rig.wd.armed()
+    assert t.deadline == pytest.approx(8.0)
+    assert t.start_time == 100  # bound to the process that held the pid
+    rig.apply(TimerRequestV1(pid=1000, scope_id="t", expiration_time=-1, signal=0))
+    assert rig.wd.armed() == []
+    rig.apply(TimerRequestV1(pid=1000, scope_id="unknown", expiration_time=-1, signal=0))
+    assert rig.wd.stats().requests["disarm"] == {"ok": 1, "unknown": 1}
+
+
+def test_report_only_timers_are_reported_not_signalled(rig: Rig) -> None:
+    rig.apply(arm(scope="report", deadline=5.0, signal=0), arm(scope="kill", deadline=30.0))
+    rig.at(6.0)
+    assert rig.signaller.sent == []
+    [expired] = rig.events.of(Expired)
+    assert isinstance(expired, Expired)
+    assert expired.timer.scope_id == "report"
+    assert [t.scope_id for t in rig.wd.armed()] == ["kill"]
+    rig.at(30.0)
+    assert rig.signaller.sent == [(1000, 9)]
+
+
+def test_expire_now_reaps_at_the_next_tick(rig: Rig) -> None:
+    rig.now = 2.0
+    rig.apply(arm(deadline=1000.0), Expire(pid=1000, scope_id="stuck", signal=6))
+    rig.at(2.0)
+    assert rig.signaller.sent == [(1000, 6)]
+    [reaped] = rig.events.of(Reaped)
+    assert isinstance(reaped, Reaped)
+    assert reaped.scope_id == "stuck"
+
+
+def test_disarm_all_clears_the_worker(rig: Rig) -> None:
+    rig.apply(arm(scope="a"), arm(scope="b"), DisarmAll(pid=1000))
+    assert rig.wd.armed() == []
+    assert len(rig.events.of(Disarmed)) == 2
+
+
+def test_labels_travel_with_every_event_about_the_timer(rig: Rig) -> None:
+    labels = {"job": "llm", "rank": "3"}
+    rig.apply(arm(deadline=1.0, labels=labels), arm(pid=4242, labels=labels))
+    rig.at(2.0)
+    for kind in (Armed, Expired, Reaped):
+        assert rig.events.of(kind)[0].labels == labels
+    [rejected] = rig.events.of(Rejected)
+    assert rejected.labels == labels
+
+
+@pytest.mark.parametrize(
+    ("pid", "reason"),
+    [
+        (1, RejectReason.RESERVED_PID),
+        (SERVER, RejectReason.SERVER_PROCESS),
+        (PARENT, RejectReason.SERVER_ANCESTOR),
+        (4242, RejectReason.NO_SUCH_PROCESS),
+    ],
+)
+def test_hostile_pids_are_refused_and_never_signalled(
+    rig: Rig, pid: int, reason: RejectReason
+) -> None:
+    rig.apply(arm(pid=pid, deadline=1.0), Expire(pid=pid, scope_id="x", signal=9))
+    rig.apply(TimerRequestV1(pid=pid, scope_id="y", expiration_time=0.0, signal=9))
+    rig.at(100.0)
+    assert rig.signaller.sent == []
+    assert rig.wd.armed() == []
+    rejected = rig.events.of(Rejected)
+    assert [(e.reason, e.request) for e in rejected] == [  # type: ignore[attr-defined]
+        (reason, "arm"),
+        (reason, "expire"),
+        (reason, "arm"),
+    ]
+    assert rig.wd.stats().rejections == {reason.value: 3}
+
+
+def test_pids_below_two_are_refused_even_without_the_decoder(rig: Rig) -> None:
+    # The protocol's bounds stop pid <= 0 at decoding; the core refuses them regardless.
+    for pid in (0, -1, -1000):
+        rig.wd.restore([Timer(pid, "s", 0.0, 9)])
+    rig.at(1.0)
+    assert rig.signaller.sent == []
+    assert {e.reason for e in rig.events.of(Rejected)} == {RejectReason.RESERVED_PID}  # type: ignore[attr-defined]
+
+
+def test_signals_outside_the_policy_are_refused() -> None:
+    rig = Rig(policy=Policy(allowed_signals=frozenset({15})))
+    rig.host.spawn(1000, parent=SERVER)
+    rig.apply(arm(signal=9), arm(scope="ok", signal=15), arm(scope="report", signal=0))
+    assert {t.scope_id for t in rig.wd.armed()} == {"ok", "report"}
+    [rejected] = rig.events.of(Rejected)
+    assert rejected.reason is RejectReason.SIGNAL_NOT_ALLOWED  # type: ignore[attr-defined]
+
+
+def test_signal_numbers_the_platform_lacks_are_refused(rig: Rig) -> None:
+    missing = sorted(set(range(1, 65)) - set(signal.valid_signals()))
+    if not missing:
+        pytest.skip("every number up to 64 is a signal here")
+    rig.apply(arm(signal=missing[0]))
+    assert rig.wd.armed() == []
+    assert rig.wd.stats().rejections == {"signal_not_allowed": 1}
+
+
+def test_descendants_only_and_uid_policies() -> None:
+    rig = Rig(policy=Policy(descendants_only=True, allowed_uids=frozenset({1000})))
+    rig.host.spawn(1000, parent=SERVER)  # child
+    rig.host.spawn(1001, parent=1000)  # grandchild
+    rig.host.spawn(1002, parent=1)  # someone else's
+    rig.host.spawn(1003, parent=SERVER, uid=0)  # ours, but root's
+    rig.apply(*(arm(pid=p) for p in (1000, 1001, 1002, 1003)))
+    assert sorted(t.pid for t in rig.wd.armed()) == [1000, 1001]
+    assert [(e.pid, e.reason) for e in rig.events.of(Rejected)] == [  # type: ignore[attr-defined]
+        (1002, RejectReason.NOT_DESCENDANT),
+        (1003, RejectReason.UID_NOT_ALLOWED),
+    ]
+
+
+def test_caps_per_pid_and_total() -> None:
+    rig = Rig(policy=Policy(max_timers_per_pid=2, max_timers=3))
+    rig.host.spawn(1000)
+    rig.host.spawn(1001)
+    rig.apply(*(arm(scope=s) for s in "abc"), *(arm(pid=1001, scope=s) for s in "ab"))
+    assert len(rig.wd.armed()) == 3
+    assert rig.wd.stats().rejections == {"pid_timer_limit": 1, "timer_limit": 1}
+
+
+def test_a_start_time_that_does_not_match_is_refused(rig: Rig) -> None:
+    rig.apply(arm(start_time=99))
+    assert rig.wd.armed() == []
+    [rejected] = rig.events.of(Rejected)
+    assert rejected.reason is RejectReason.IDENTITY_MISMATCH  # type: ignore[attr-defined]
+    rig.apply(arm(start_time=100))
+    assert len(rig.wd.armed()) == 1
+
+
+def test_a_reused_pid_is_never_signalled(rig: Rig) -> None:
+    # Worker 1000 arms, exits without a word; another process gets pid 1000.
+    rig.apply(arm(deadline=5.0))
+    rig.host.exit(1000)
+    rig.host.spawn(1000, start_time=777)
+    rig.at(6.0)
+    assert rig.signaller.sent == []
+    [gone] = rig.events.of(WorkerGone)
+    assert isinstance(gone, WorkerGone)
+    assert (gone.pid, gone.start_time, len(gone.timers)) == (1000, 100, 1)
+
+
+def test_a_reused_pid_with_a_new_identity_replaces_the_dead_binding(rig: Rig) -> None:
+    rig.apply(arm(scope="old", deadline=50.0, start_time=100))
+    rig.host.exit(1000)
+    rig.host.spawn(1000, start_time=777)
+    rig.apply(arm(scope="new", deadline=60.0, start_time=777))
+    [timer] = rig.wd.armed()
+    assert (timer.scope_id, timer.start_time) == ("new", 777)
+    assert len(rig.events.of(WorkerGone)) == 1
+
+
+def test_a_live_process_cannot_be_impersonated(rig: Rig) -> None:
+    rig.apply(arm(scope="mine", start_time=100))
+    rig.apply(arm(scope="forged", start_time=5), Disarm(pid=1000, scope_id="mine", start_time=5))
+    assert [t.scope_id for t in rig.wd.armed()] == ["mine"]
+    assert [e.reason for e in rig.events.of(Rejected)] == [  # type: ignore[attr-defined]
+        RejectReason.IDENTITY_MISMATCH
+    ] * 2
+
+
+def test_worker_that_exits_loses_its_timers(rig: Rig) -> None:
+    rig.apply(arm(scope="a"), arm(scope="b"))
+    [worker] = rig.wd.workers()
+    rig.host.exit(1000)
+    rig.wd.worker_gone(worker)
+    assert rig.wd.armed() == []
+    [gone] = rig.events.of(WorkerGone)
+    assert len(gone.timers) == 2  # type: ignore[attr-defined]
+    rig.wd.worker_gone(worker)  # a second notice is ignored
+    assert len(rig.events.of(WorkerGone)) == 1
+
+
+def test_escalation_sends_sigkill_after_the_grace_period() -> None:
+    rig = Rig(escalate_after=2.0)
+    rig.host.spawn(1000)
+    rig.apply(arm(signal=15, deadline=1.0))
+    rig.at(1.0)
+    assert rig.signaller.sent == [(1000, 15)]
+    assert rig.wd.next_wakeup() == 3.0
+    rig.at(2.9)
+    assert rig.signaller.sent == [(1000, 15)]
+    rig.at(3.0)
+    assert rig.signaller.sent == [(1000, 15), (1000, 9)]
+    [esc] = rig.events.of(Escalated)
+    assert isinstance(esc, Escalated)
+    assert (esc.signal, esc.after, esc.delivered) == (9, 2.0, True)
+    assert rig.wd.next_wakeup() is None
+
+
+def test_no_escalation_when_the_worker_died_or_got_sigkill() -> None:
+    rig = Rig(escalate_after=2.0)
+    rig.host.spawn(1000)
+    rig.host.spawn(1001)
+    rig.apply(arm(signal=15, deadline=1.0), arm(pid=1001, signal=9, deadline=1.0))
+    rig.at(1.0)
+    rig.host.exit(1000)  # died of its SIGTERM
+    rig.at(5.0)
+    assert sorted(rig.signaller.sent) == [(1000, 15), (1001, 9)]
+    assert rig.events.of(Escalated) == []
+
+
+def test_undeliverable_signals_are_reported() -> None:
+    rig = Rig()
+    rig.signaller.delivered = False
+    rig.host.spawn(1000)
+    rig.apply(arm(deadline=1.0))
+    rig.at(1.0)
+    [reaped] = rig.events.of(Reaped)
+    assert isinstance(reaped, Reaped)
+    assert not reaped.delivered
+    assert reaped.error
+    assert rig.wd.stats().reap_failures == 1
+
+
+def test_decode_errors_are_counted_by_kind(rig: Rig) -> None:
+    rig.apply(
+        MalformedMessage("bad", b"xx"),
+        LineTooLong("long", b"yy"),
+        UnsupportedVersion(3, b"zz"),
+        MalformedMessage("bad again"),
+    )
+    assert rig.wd.stats().decode_errors == {
+        "MalformedMessage": 2,
+        "LineTooLong": 1,
+        "UnsupportedVersion": 1,
+    }
+    assert all(isinstance(e, DecodeFailed) for e in rig.events.events)
+
+
+def test_sync_returns_its_token(rig: Rig) -> None:
+    assert rig.wd.apply(Sync(token="t1"), 0.0, WALL) == "t1"
+    assert rig.wd.apply(arm(), 0.0, WALL) is None
+
+
+def test_restore_rebinds_and_drops_timers_of_other_processes(rig: Rig) -> None:
+    rig.host.spawn(1001, start_time=200)
+    saved = [
+        Timer(1000, "a", 10.0, 9, start_time=100, labels={"rank": "0"}),
+        Timer(1001, "b", 10.0, 9, start_time=199),  # pid reused since it was saved
+        Timer(1002, "c", 10.0, 9, start_time=300),  # process gone
+    ]
+    rig.wd.restore(saved)
+    assert rig.wd.armed() == [saved[0]]
+    assert [(e.pid, e.reason, e.request) for e in rig.events.of(Rejected)] == [  # type: ignore[attr-defined]
+        (1001, RejectReason.IDENTITY_MISMATCH, "restore"),
+        (1002, RejectReason.NO_SUCH_PROCESS, "restore"),
+    ]
+
+
+def test_requests_are_counted_by_type_and_result(rig: Rig) -> None:
+    rig.apply(arm(), arm(), Disarm(pid=1000, scope_id="s"), Disarm(pid=1000, scope_id="s"))
+    rig.apply(arm(pid=4242))
+    assert rig.wd.stats().requests == {
+        "arm": {"ok": 2, "rejected": 1},
+        "disarm": {"ok": 1, "unknown": 1},
+    }
+    assert rig.events.of(Armed)[1].rearmed  # type: ignore[attr-defined]
+
+
+# -- property: any sequence of messages against a simple model -------------------------
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["arm", "disarm", "disarm_all", "expire", "v1", "v1_release", "tick"]),
+        st.sampled_from([1000, 1001, 1002]),
+        st.sampled_from(["a", "b", "c"]),
+        st.floats(min_value=0, max_value=20).map(lambda x: round(x, 1)),
+        st.sampled_from([0, 9, 15]),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150)
+@given(ops)
+def test_core_matches_a_model(ops_list: list[tuple[str, int, str, float, int]]) -> None:
+    rig = Rig()
+    for pid in (1000, 1001, 1002):
+        rig.host.spawn(pid)
+    model: dict[tuple[int, str], tuple[float, int]] = {}
+    reaps: list[tuple[int, int]] = []
+    for op, pid, scope, t, sig in ops_list:
+        if op == "tick":
+            rig.now += t
+            due = sorted((d, s, p, sc) for (p, sc), (d, s) in model.items() if d <= rig.now)
+            pids_due = {p for _, _, p, _ in due}
+            for p in sorted(pids_due, key=lambda p: min(d for d, _, q, _ in due if q == p)):
+                mine = [(d, s, sc) for d, s, q, sc in due if q == p]
+                decider = next((s for _, s, _ in mine if s > 0), 0)
+                if decider:
+                    reaps.append((p, decider))
+                    for k in [k for k in model if k[0] == p]:
+                        del model[k]
+                else:
+                    for _, _, sc in mine:
+                        del model[p, sc]
+            rig.wd.tick(rig.now)
+            continue
+        if op == "arm":
+            rig.apply(arm(pid=pid, scope=scope, deadline=rig.now + t, signal=sig))
+            model[pid, scope] = (rig.now + t, sig)
+        elif op == "v1":
+            rig.apply(
+                TimerRequestV1(
+                    pid=pid, scope_id=scope, expiration_time=WALL + rig.now + t, signal=sig
+                )
+            )
+            # The wall -> monotonic conversion rounds: the model takes the armed deadline.
+            [armed] = [x for x in rig.wd.armed() if (x.pid, x.scope_id) == (pid, scope)]
+            assert armed.deadline == pytest.approx(rig.now + t, abs=1e-6)
+            model[pid, scope] = (armed.deadline, sig)
+        elif op == "expire":
+            rig.apply(Expire(pid=pid, scope_id=scope, signal=sig))
+            model[pid, scope] = (rig.now, sig)
+        elif op in ("disarm", "v1_release"):
+            m = (
+                Disarm(pid=pid, scope_id=scope)
+                if op == "disarm"
+                else TimerRequestV1(pid=pid, scope_id=scope, expiration_time=-1, signal=0)
+            )
+            rig.apply(m)
+            model.pop((pid, scope), None)
+        else:
+            rig.apply(DisarmAll(pid=pid))
+            for k in [k for k in model if k[0] == pid]:
+                del model[k]
+        got = {(x.pid, x.scope_id): (x.deadline, x.signal) for x in rig.wd.armed()}
+        assert got.keys() == model.keys()
+        for k, (d, s) in model.items():
+            assert got[k][0] == pytest.approx(d, abs=1e-6)
+            assert got[k][1] == s
+    assert sorted(rig.signaller.sent) == sorted(reaps)

@@ -6,6 +6,7 @@ import os
 import threading
 import time
 import traceback
+import warnings
 from typing import Callable
 
 import pytest
@@ -22,7 +23,10 @@ ME = os.getpid()
 def in_child(body: Callable[[], None], timeout: float = 20.0) -> int:
     """Run ``body`` in a forked child; return its pid once it exited cleanly."""
     r, w = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # Python >= 3.12 warns about fork() with threads running (the peer's reader).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # pragma: no cover (child)
         code = 0
         try:

@@ -1,0 +1,109 @@
+"""ftimer-client against the real ftimer-server: reaping, and resync across a restart."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Callable, Iterator, Set, Tuple
+
+import pytest
+
+server_module = pytest.importorskip("ftimer_server")
+
+WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from ftimer_client import FileTimerClient, configure, expires
+    policy = sys.argv[3] if len(sys.argv) > 3 else "raise"
+    configure(FileTimerClient(sys.argv[1], on_unavailable=policy))
+    if sys.argv[2] == "healthy":
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            with expires(after=0.5):
+                time.sleep(0.005)
+    elif sys.argv[2] == "stuck":
+        with expires(after=0.3):
+            time.sleep(60)
+    else:  # scripted: one line of stdin per arm, echoed when sent
+        from ftimer_client._expires import _configured as client
+        for scope in sys.stdin:
+            client.arm(scope.strip(), 600)
+            print(scope.strip(), flush=True)
+    """
+)
+
+
+@contextlib.contextmanager
+def worker(fifo: pathlib.Path, mode: str, policy: str = "raise") -> Iterator[subprocess.Popen[str]]:
+    """A worker process running ``mode``; killed (it is ours) if still running at the end."""
+    with subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(fifo), mode, policy],
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    ) as proc:
+        try:
+            yield proc
+        finally:
+            proc.kill()
+
+
+def arm(proc: subprocess.Popen[str], scope: str) -> None:
+    """Have the scripted worker arm ``scope``; return once it has sent it."""
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.write(scope + "\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == scope + "\n"
+
+
+def armed(server: object) -> Set[Tuple[int, str]]:
+    server.sync()  # type: ignore[attr-defined]
+    return {(t.pid, t.scope_id) for t in server.armed()}  # type: ignore[attr-defined]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_stuck_worker_is_reaped_and_a_healthy_one_is_not(fifo_path: pathlib.Path) -> None:
+    with server_module.FileTimerServer(fifo_path), worker(fifo_path, "healthy") as healthy:
+        with worker(fifo_path, "stuck") as stuck:
+            assert stuck.wait(30) == -signal.SIGKILL
+        assert healthy.wait(30) == 0
+
+
+def test_a_server_restarted_on_a_new_fifo_gets_the_armed_timers(
+    fifo_path: pathlib.Path,
+) -> None:
+    with worker(fifo_path, "scripted") as proc:
+        with server_module.FileTimerServer(fifo_path) as first:
+            arm(proc, "x")
+            assert armed(first) == {(proc.pid, "x")}
+        fifo_path.unlink()
+        # A new server with none of the old one's state, on a new FIFO: the next
+        # message finds the old pipe without a reader, reconnects and resyncs.
+        with server_module.FileTimerServer(fifo_path) as second:
+            arm(proc, "y")
+            assert armed(second) == {(proc.pid, "x"), (proc.pid, "y")}
+
+
+def test_what_was_armed_while_the_server_was_down_reaches_the_next_one(
+    fifo_path: pathlib.Path,
+) -> None:
+    with worker(fifo_path, "scripted", "ignore") as proc:
+        with server_module.FileTimerServer(fifo_path) as first:
+            arm(proc, "x")
+            assert armed(first) == {(proc.pid, "x")}
+        arm(proc, "while-down")  # no server: kept, to be re-sent
+        with server_module.FileTimerServer(fifo_path) as second:
+            # No further message from the worker: its background resync does it.
+            wait_until(lambda: armed(second) == {(proc.pid, "x"), (proc.pid, "while-down")})

@@ -1,0 +1,110 @@
+"""ftimer-client and torch 2.13's timer, both ways (run by `nox -s interop`)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+from types import ModuleType
+
+import pytest
+
+from ftimer_client import FileTimerClient, expires
+from ftimer_protocol import Arm, Disarm, TimerRequestV1
+
+from .conftest import FifoPeer
+
+pytestmark = pytest.mark.interop
+ME = os.getpid()
+
+TORCH_SERVER = textwrap.dedent(
+    """
+    import sys, time
+    from torch.distributed.elastic.timer import FileTimerServer
+    server = FileTimerServer(sys.argv[1], "run", max_interval=0.1, daemon=True)
+    server.start()
+    print("ready", flush=True)
+    time.sleep(120)
+    """
+)
+WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from ftimer_client import FileTimerClient, expires
+    client = FileTimerClient(sys.argv[1], protocol=1)
+    if sys.argv[2] == "healthy":
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            with expires(after=0.5, client=client):
+                time.sleep(0.01)
+    else:
+        with expires(after=0.3, client=client):
+            time.sleep(60)
+    """
+)
+
+
+def test_protocol_1_client_against_torchs_server(
+    tmp_path: pathlib.Path, torch_timer: ModuleType
+) -> None:
+    fifo = str(tmp_path / "torch.fifo")
+    # torch's server runs in a process of our own: after a reap, 2.13 signals itself too.
+    with subprocess.Popen(
+        [sys.executable, "-c", TORCH_SERVER, fifo], stdout=subprocess.PIPE, text=True
+    ) as server:
+        try:
+            assert server.stdout is not None
+            assert server.stdout.readline().strip() == "ready"
+            healthy = subprocess.run([sys.executable, "-c", WORKER, fifo, "healthy"], timeout=60)
+            assert healthy.returncode == 0  # released in time, many times: never reaped
+            stuck = subprocess.run([sys.executable, "-c", WORKER, fifo, "stuck"], timeout=60)
+            assert stuck.returncode == -signal.SIGKILL  # reaped by torch's server
+        finally:
+            server.kill()
+
+
+def test_torchs_client_against_an_ftimer_reader(peer: FifoPeer, torch_timer: ModuleType) -> None:
+    client = torch_timer.FileTimerClient(str(peer.path), signal=signal.SIGTERM)
+    client.acquire("s", 1.7e9)
+    client.release("s")
+    assert peer.wait_count(2) == [
+        TimerRequestV1(ME, "s", 1.7e9, 15),
+        TimerRequestV1(ME, "s", -1, 0),
+    ]
+
+
+def test_torchs_expires_drives_ftimers_client(peer: FifoPeer, torch_timer: ModuleType) -> None:
+    torch_timer.configure(FileTimerClient(str(peer.path), labels={}))
+    try:
+        with torch_timer.expires(after=60, scope="s"):
+            pass
+    finally:
+        torch_timer.configure(None)
+    arm, disarm = peer.wait_count(2)
+    assert isinstance(arm, Arm)
+    assert arm.scope_id == "s"
+    assert isinstance(disarm, Disarm)
+
+
+def test_ftimers_expires_drives_torchs_client(peer: FifoPeer, torch_timer: ModuleType) -> None:
+    with expires(after=60, scope="s", client=torch_timer.FileTimerClient(str(peer.path))):
+        pass
+    arm, release = peer.wait_count(2)
+    assert isinstance(arm, TimerRequestV1)
+    assert not arm.is_release
+    assert isinstance(release, TimerRequestV1)
+    assert release.is_release
+
+
+def test_constructor_and_methods_accept_torchs_arguments(torch_timer: ModuleType) -> None:
+    theirs = inspect.signature(torch_timer.FileTimerClient)
+    ours = inspect.signature(FileTimerClient)
+    assert list(theirs.parameters) == list(ours.parameters)[: len(theirs.parameters)]
+    for method in ("acquire", "release"):
+        assert list(
+            inspect.signature(getattr(torch_timer.FileTimerClient, method)).parameters
+        ) == list(inspect.signature(getattr(FileTimerClient, method)).parameters)

@@ -44,7 +44,7 @@ def test_file_settings_and_command_line_precedence(tmp_path: pathlib.Path) -> No
         """
 fifo = "/srv/ftimer/a.fifo"
 fifo-mode = 0o660
-signal = "SIGTERM"
+allow-signals = ["SIGTERM", 9]
 grace = 5
 state-file = "/srv/ftimer/state.json"
 allow-uids = [1000, 1001]
@@ -63,7 +63,7 @@ dry-run = true
     assert config.fifo == "/srv/ftimer/b.fifo"  # the command line wins
     assert config.control_socket == "/srv/ftimer/b.fifo.sock"
     assert config.fifo_mode == 0o660
-    assert config.signal == signal.SIGTERM
+    assert config.allow_signals == frozenset({signal.SIGTERM, signal.SIGKILL})
     assert config.grace == 5.0
     assert config.state_file == "/srv/ftimer/state.json"
     assert config.allow_uids == frozenset({1000, 1001})
@@ -147,6 +147,8 @@ def test_parse_address_rejects(value: str) -> None:
         ({"log_format": "xml"}, "log format"),
         ({"log_level": "loud"}, "log level"),
         ({"max_timers": 0}, "max-timers"),
+        ({"max_timers_per_pid": 0}, "max-timers-per-pid"),
+        ({"allow_signals": ["SIGNOPE"]}, "unknown signal"),
         ({"allow_uids": [-1]}, "allow-uids"),
         ({"fifo_group": "no-such-group-ftimer"}, "unknown group"),
     ],

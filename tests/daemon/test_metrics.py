@@ -1,4 +1,5 @@
-"""Prometheus metrics: names and labels, served over loopback, a clear error without the extra."""
+"""Prometheus metrics: the server's counters by name and label, served over loopback, and a
+clear error without the extra."""
 
 from __future__ import annotations
 
@@ -7,9 +8,27 @@ import urllib.request
 
 import pytest
 
+from ftimer_server import Stats
 from ftimer_server._metrics import Metrics, MetricsUnavailable
 
 prometheus_client = pytest.importorskip("prometheus_client")
+
+
+def stats(**overrides: object) -> Stats:
+    fields: dict[str, object] = {
+        "requests": {"arm": {"ok": 5, "rejected": 1}, "disarm": {"unknown": 2}},
+        "rejections": {"reserved_pid": 1},
+        "decode_errors": {"MalformedMessage": 3},
+        "reaps": {9: 2, 15: 1},
+        "reap_failures": 0,
+        "expired": 4,
+        "escalations": 1,
+        "workers_gone": 6,
+        "armed": 7,
+        "workers": 2,
+    }
+    fields.update(overrides)
+    return Stats(**fields)  # type: ignore[arg-type]
 
 
 def sample(m: Metrics, name: str, **labels: str) -> float | None:
@@ -17,48 +36,52 @@ def sample(m: Metrics, name: str, **labels: str) -> float | None:
     return None if value is None else float(value)
 
 
-def test_metrics_count_what_the_daemon_reports() -> None:
-    armed = [3]
-    m = Metrics(lambda: armed[0])
-    m.request("arm", "accepted")
-    m.request("arm", "accepted")
-    m.request("v1_release", "rejected")
-    m.expiry("signalled")
-    m.reap("SIGKILL", 0.0015)
-    m.refusal("pid_1")
-    m.decode_error()
-    m.state_save(ok=True)
-    assert sample(m, "ftimer_armed_timers") == 3
-    armed[0] = 7
+def test_metrics_are_the_server_counters_read_at_scrape_time() -> None:
+    current = [stats()]
+    m = Metrics(lambda: current[0], state_saves=lambda: (12, 1), dry_run=True)
     assert sample(m, "ftimer_armed_timers") == 7
-    assert sample(m, "ftimer_requests_total", type="arm", result="accepted") == 2
-    assert sample(m, "ftimer_requests_total", type="v1_release", result="rejected") == 1
-    assert sample(m, "ftimer_expiries_total", action="signalled") == 1
-    assert sample(m, "ftimer_reaps_total", signal="SIGKILL") == 1
-    assert sample(m, "ftimer_refusals_total", reason="pid_1") == 1
-    assert sample(m, "ftimer_decode_errors_total") == 1
-    assert sample(m, "ftimer_state_saves_total", result="ok") == 1
-    assert sample(m, "ftimer_reap_latency_seconds_count") == 1
-    assert sample(m, "ftimer_reap_latency_seconds_bucket", le="0.001") == 0
-    assert sample(m, "ftimer_reap_latency_seconds_bucket", le="0.0025") == 1
+    assert sample(m, "ftimer_workers") == 2
+    assert sample(m, "ftimer_requests_total", type="arm", result="ok") == 5
+    assert sample(m, "ftimer_requests_total", type="arm", result="rejected") == 1
+    assert sample(m, "ftimer_requests_total", type="disarm", result="unknown") == 2
+    assert sample(m, "ftimer_refusals_total", reason="reserved_pid") == 1
+    assert sample(m, "ftimer_decode_errors_total", error="MalformedMessage") == 3
+    assert sample(m, "ftimer_reaps_total", signal="SIGKILL") == 2
+    assert sample(m, "ftimer_reaps_total", signal="SIGTERM") == 1
+    assert sample(m, "ftimer_expired_timers_total") == 4
+    assert sample(m, "ftimer_escalations_total") == 1
+    assert sample(m, "ftimer_workers_gone_total") == 6
+    assert sample(m, "ftimer_dry_run") == 1
+    assert sample(m, "ftimer_state_saves_total", result="ok") == 12
+    assert sample(m, "ftimer_state_saves_total", result="error") == 1
+    current[0] = stats(armed=0)
+    assert sample(m, "ftimer_armed_timers") == 0
+
+
+def test_reap_latency_histogram() -> None:
+    m = Metrics(stats)
+    m.reaped(0.0015)
+    m.reaped(-0.001)  # a restored timer that was due before the restart counts as 0
+    assert sample(m, "ftimer_reap_latency_seconds_count") == 2
+    assert sample(m, "ftimer_reap_latency_seconds_bucket", le="0.001") == 1
+    assert sample(m, "ftimer_reap_latency_seconds_bucket", le="0.0025") == 2
 
 
 def test_two_instances_do_not_clash() -> None:
-    a, b = Metrics(lambda: 0), Metrics(lambda: 0)
-    a.decode_error()
-    assert sample(b, "ftimer_decode_errors_total") == 0
+    a, b = Metrics(stats), Metrics(stats)
+    a.reaped(1.0)
+    assert sample(b, "ftimer_reap_latency_seconds_count") == 0
 
 
 def test_served_over_loopback() -> None:
-    m = Metrics(lambda: 1)
-    m.reap("SIGTERM", 0.0)
+    m = Metrics(stats)
     host, port = m.serve(("127.0.0.1", 0))
     try:
         assert host == "127.0.0.1"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             body = r.read().decode()
-        assert 'ftimer_reaps_total{signal="SIGTERM"} 1.0' in body
-        assert "ftimer_armed_timers 1.0" in body
+        assert 'ftimer_reaps_total{signal="SIGKILL"} 2.0' in body
+        assert "ftimer_armed_timers 7.0" in body
     finally:
         m.close()
 
@@ -66,4 +89,4 @@ def test_served_over_loopback() -> None:
 def test_without_prometheus_client_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
     with pytest.raises(MetricsUnavailable, match=r"ftimer-server\[metrics\]"):
-        Metrics(lambda: 0)
+        Metrics(stats)

@@ -8,15 +8,14 @@ import pathlib
 import stat
 import threading
 import time
-from typing import Callable, Optional
 
 import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
 
+from ftimer_server import Timer
 from ftimer_server._state import (
     STATE_VERSION,
-    SavedTimer,
     StateFileError,
     StateSaver,
     decode_state,
@@ -29,7 +28,7 @@ from ftimer_server._state import (
 BOOT = "c0ffee00-0000-4000-8000-000000000000"
 
 timers = st.builds(
-    SavedTimer,
+    Timer,
     pid=st.integers(1, 2**22),
     scope_id=st.text(max_size=40),
     signal=st.integers(0, 64),
@@ -41,20 +40,29 @@ timers = st.builds(
 
 @settings(max_examples=50)
 @given(st.lists(timers, max_size=8), st.floats(0, 1e9))
-def test_round_trip(ts: list[SavedTimer], saved_at: float) -> None:
+def test_round_trip(ts: list[Timer], saved_at: float) -> None:
     state = decode_state(encode_state(ts, BOOT, saved_at))
     assert state.timers == ts
     assert (state.version, state.boot_id, state.saved_at) == (STATE_VERSION, BOOT, saved_at)
 
 
 def test_format_is_readable_json_with_a_version() -> None:
-    t = SavedTimer(pid=42, scope_id="step", signal=9, deadline=12.5, start_time=7)
+    t = Timer(pid=42, scope_id="step", deadline=12.5, signal=9, start_time=7)
     doc = json.loads(encode_state([t], BOOT, 10.0))
     assert doc == {
         "version": 1,
         "boot_id": BOOT,
         "saved_at": 10.0,
-        "timers": [{"pid": 42, "scope_id": "step", "signal": 9, "deadline": 12.5, "start_time": 7}],
+        "timers": [
+            {
+                "pid": 42,
+                "scope_id": "step",
+                "deadline": 12.5,
+                "signal": 9,
+                "start_time": 7,
+                "labels": None,
+            }
+        ],
     }
 
 
@@ -99,66 +107,68 @@ def test_write_replaces_a_symlink_instead_of_following_it(tmp_path: pathlib.Path
     assert not (tmp_path / "state.json").is_symlink()
 
 
-def alive(pids: dict[int, int]) -> Callable[[int], Optional[int]]:
-    return pids.get
-
-
-def test_load_keeps_live_processes_and_drops_gone_or_reused(tmp_path: pathlib.Path) -> None:
+def test_load_returns_the_saved_timers(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "state.json"
-    same = SavedTimer(pid=10, scope_id="a", signal=9, deadline=5.0, start_time=100)
-    unknown_start = SavedTimer(pid=11, scope_id="b", signal=15, deadline=6.0)
-    gone = SavedTimer(pid=12, scope_id="c", signal=9, deadline=7.0, start_time=100)
-    reused = SavedTimer(pid=13, scope_id="d", signal=9, deadline=8.0, start_time=100)
-    path.write_bytes(encode_state([same, unknown_start, gone, reused], BOOT, 1.0))
-    load = load_state(str(path), BOOT, alive({10: 100, 11: 5, 13: 999}))
-    assert load.timers == [same, unknown_start]
-    assert load.dropped == [
-        (gone, "process is gone"),
-        (reused, "pid now belongs to another process"),
+    ts = [
+        Timer(10, "a", 5.0, 9, 100, {"rank": "0"}),
+        Timer(11, "b", 6.0, 15),
     ]
+    path.write_bytes(encode_state(ts, BOOT, 1.0))
+    load = load_state(str(path), BOOT)
+    assert load.timers == ts
     assert load.ignored == ""
 
 
 def test_load_ignores_another_boot(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "state.json"
-    t = SavedTimer(pid=10, scope_id="a", signal=9, deadline=5.0, start_time=100)
-    path.write_bytes(encode_state([t], "another-boot", 1.0))
-    load = load_state(str(path), BOOT, alive({10: 100}))
+    path.write_bytes(encode_state([Timer(10, "a", 5.0, 9, 100)], "another-boot", 1.0))
+    load = load_state(str(path), BOOT)
     assert load.timers == []
     assert load.ignored == "saved during another boot"
 
 
 def test_without_boot_id_a_future_save_time_means_a_reboot(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "state.json"
-    t = SavedTimer(pid=10, scope_id="a", signal=9, deadline=5.0, start_time=100)
+    t = Timer(10, "a", 5.0, 9, 100)
     path.write_bytes(encode_state([t], "", 50.0))
-    assert load_state(str(path), "", alive({10: 100}), now=40.0).timers == []
-    assert load_state(str(path), "", alive({10: 100}), now=60.0).timers == [t]
+    assert load_state(str(path), "", now=40.0).timers == []
+    assert load_state(str(path), "", now=60.0).timers == [t]
 
 
 def test_missing_file_is_an_empty_state(tmp_path: pathlib.Path) -> None:
-    load = load_state(str(tmp_path / "none.json"), BOOT, alive({}))
+    load = load_state(str(tmp_path / "none.json"), BOOT)
     assert (load.timers, load.ignored) == ([], "no state file")
 
 
 def test_corrupt_file_is_set_aside_not_fatal(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "state.json"
-    good = encode_state([SavedTimer(pid=1, scope_id="a", signal=9, deadline=1.0)], BOOT, 1.0)
+    good = encode_state([Timer(1, "a", 1.0, 9)], BOOT, 1.0)
     path.write_bytes(good[: len(good) // 2])  # truncated mid-write by something else
-    load = load_state(str(path), BOOT, alive({1: 1}))
+    load = load_state(str(path), BOOT)
     assert load.timers == []
     assert load.set_aside.startswith(str(path) + ".corrupt-")
     assert not path.exists()
     assert pathlib.Path(load.set_aside).read_bytes() == good[: len(good) // 2]
 
 
+def test_a_symlink_is_set_aside_not_followed(tmp_path: pathlib.Path) -> None:
+    target = tmp_path / "elsewhere.json"
+    target.write_bytes(encode_state([Timer(1, "a", 1.0, 9)], BOOT, 1.0))
+    (tmp_path / "state.json").symlink_to(target)
+    load = load_state(str(tmp_path / "state.json"), BOOT)
+    assert load.timers == []
+    assert load.set_aside
+    assert pathlib.Path(load.set_aside).is_symlink()
+    assert target.exists()
+
+
 def test_saver_writes_soon_after_a_change_and_batches(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "state.json"
-    current: list[SavedTimer] = []
+    current: list[Timer] = []
     snapshots = 0
     lock = threading.Lock()
 
-    def snapshot() -> list[SavedTimer]:
+    def snapshot() -> list[Timer]:
         nonlocal snapshots
         with lock:
             snapshots += 1
@@ -175,7 +185,7 @@ def test_saver_writes_soon_after_a_change_and_batches(tmp_path: pathlib.Path) ->
         start = time.monotonic()
         for i in range(2000):
             with lock:
-                current.append(SavedTimer(pid=i + 1, scope_id="s", signal=9, deadline=1.0))
+                current.append(Timer(i + 1, "s", 1.0, 9))
             saver.changed()
         burst = time.monotonic() - start
         # ...and the last change is on disk within the bound after it was made.
@@ -217,10 +227,10 @@ def test_saver_survives_write_errors_and_recovers(tmp_path: pathlib.Path) -> Non
 
 def test_stop_saves_the_final_state(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "state.json"
-    current: list[SavedTimer] = []
+    current: list[Timer] = []
     saver = StateSaver(str(path), lambda: list(current), BOOT, interval=60)
     saver.start()
-    current.append(SavedTimer(pid=5, scope_id="last", signal=9, deadline=3.0))
+    current.append(Timer(5, "last", 3.0, 9))
     saver.changed()
     saver.stop()
     assert [t.scope_id for t in decode_state(path.read_bytes()).timers] == ["last"]

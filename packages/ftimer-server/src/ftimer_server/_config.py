@@ -8,10 +8,10 @@ than a silently ignored setting. Keys are the long option names without dashes i
     fifo = "/run/ftimer/timer.fifo"
     fifo-mode = 0o660          # or "0660"
     fifo-group = "ftimer"
-    signal = "SIGTERM"
     grace = 10.0
     state-file = "/run/ftimer/state.json"
     allow-uids = [1000, 1001]
+    allow-signals = ["SIGTERM", "SIGKILL", "SIGABRT"]
     log-format = "json"
     metrics-address = "127.0.0.1:9464"
 """
@@ -63,12 +63,13 @@ class FileSettings(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", k
     fifo_mode: Union[int, str, None] = None
     fifo_group: Union[int, str, None] = None
     control_socket: Optional[str] = None
-    signal: Union[int, str, None] = None
     grace: Optional[float] = None
     state_file: Optional[str] = None
     allow_uids: Optional[List[int]] = None
+    allow_signals: Optional[List[Union[int, str]]] = None
     descendants_only: Optional[bool] = None
     max_timers: Optional[int] = None
+    max_timers_per_pid: Optional[int] = None
     dry_run: Optional[bool] = None
     log_format: Optional[str] = None
     log_level: Optional[str] = None
@@ -88,12 +89,13 @@ class DaemonConfig:
         fifo_mode: permission bits for a FIFO the daemon creates (0o600 by default).
         fifo_group: gid given to the FIFO, or None to keep the daemon's.
         control_socket: the status socket's path.
-        signal: signal sent for timers whose own signal is 0 ... see docs/deploy.md.
-        grace: seconds a signalled worker has before SIGKILL; None: no escalation.
+        grace: seconds a worker signalled with anything but SIGKILL has before SIGKILL;
+            None: no escalation.
         state_file: where armed timers are saved, or None.
-        allow_uids: uids whose processes may be signalled; None: any (but see policy).
-        descendants_only: only signal descendants of the daemon's parent ... (core policy).
-        max_timers: cap on armed timers, or None for the core's default.
+        allow_uids: only processes of these uids get timers; None: any user's.
+        allow_signals: signals a timer may ask for (0, report only, always may); None: any.
+        descendants_only: only descendants of the daemon get timers.
+        max_timers, max_timers_per_pid: caps on armed timers (None: the server's default).
         dry_run: log and count expiries instead of signalling.
         log_format, log_level, log_file: logging.
         metrics_address: (host, port) for Prometheus, or None.
@@ -104,12 +106,13 @@ class DaemonConfig:
     fifo_mode: int = 0o600
     fifo_group: Optional[int] = None
     control_socket: str = ""
-    signal: Optional[int] = None
     grace: Optional[float] = None
     state_file: Optional[str] = None
     allow_uids: Optional[FrozenSet[int]] = None
+    allow_signals: Optional[FrozenSet[int]] = None
     descendants_only: bool = False
     max_timers: Optional[int] = None
+    max_timers_per_pid: Optional[int] = None
     dry_run: bool = False
     log_format: str = "text"
     log_level: str = "info"
@@ -245,9 +248,9 @@ def resolve_config(
     grace = merged["grace"]
     if grace is not None and not 0 <= grace <= 86400:
         raise ConfigError(f"grace {grace} must be between 0 and 86400 seconds")
-    max_timers = merged["max_timers"]
-    if max_timers is not None and max_timers < 1:
-        raise ConfigError(f"max-timers {max_timers} must be at least 1")
+    for name in ("max_timers", "max_timers_per_pid"):
+        if merged[name] is not None and merged[name] < 1:
+            raise ConfigError(f"{name.replace('_', '-')} {merged[name]} must be at least 1")
     log_format = (merged["log_format"] or "text").lower()
     if log_format not in LOG_FORMATS:
         raise ConfigError(f"log format {log_format!r} is not one of {', '.join(LOG_FORMATS)}")
@@ -269,12 +272,13 @@ def resolve_config(
         fifo_mode=parse_mode(merged["fifo_mode"]) if merged["fifo_mode"] is not None else 0o600,
         fifo_group=opt("fifo_group", parse_group),
         control_socket=path("control_socket") or control_socket_for(fifo),
-        signal=opt("signal", parse_signal),
         grace=grace,
         state_file=path("state_file"),
         allow_uids=None if uids is None else frozenset(uids),
+        allow_signals=opt("allow_signals", lambda v: frozenset(parse_signal(x) for x in v)),
         descendants_only=bool(merged["descendants_only"]),
-        max_timers=max_timers,
+        max_timers=merged["max_timers"],
+        max_timers_per_pid=merged["max_timers_per_pid"],
         dry_run=bool(merged["dry_run"]),
         log_format=log_format,
         log_level=log_level,

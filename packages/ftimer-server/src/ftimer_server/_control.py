@@ -87,7 +87,7 @@ class ControlServer:
                 something other than a socket.
             OSError: the directory is not writable, the path is too long, ...
         """
-        self._clear_stale()
+        self.check_free()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
@@ -109,7 +109,12 @@ class ControlServer:
         self._thread = threading.Thread(target=self._serve, name="ftimer-control", daemon=True)
         self._thread.start()
 
-    def _clear_stale(self) -> None:
+    def check_free(self) -> None:
+        """Make sure no daemon answers at ``path``; remove a dead daemon's socket.
+
+        Raises:
+            ControlSocketBusy: a daemon answers there, or the path is not a socket.
+        """
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:

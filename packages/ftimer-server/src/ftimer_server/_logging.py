@@ -120,9 +120,9 @@ class RepeatFilter(logging.Filter):
             entry = self._seen.get(key)
             if entry is None or now - entry[0] >= self.window:
                 if entry is not None:
-                    self._summarise(key, entry)
+                    self._summarise(key, entry, now)
                 elif len(self._seen) >= self._max_keys:
-                    self._expire(now, force=True)
+                    self._evict_oldest(now)
                 self._seen[key] = [now, 1, record]
                 return True
             entry[1] += 1
@@ -138,31 +138,32 @@ class RepeatFilter(logging.Filter):
             ends = [e[0] + self.window for e in self._seen.values() if e[1] > self.burst]
         return min(ends) if ends else None
 
-    def flush(self) -> List[logging.LogRecord]:
-        """Forget windows that ended; return summary records for the messages they held.
+    def flush(self, everything: bool = False) -> List[logging.LogRecord]:
+        """Forget windows that ended (``everything``: all of them, at shutdown); return
+        summary records for the messages they held back.
 
         The caller passes the records to the handler they belong to (see `LoggingSetup`).
         """
         with self._lock:
-            self._expire(self._clock(), force=False)
+            now = self._clock()
+            ended = [k for k, e in self._seen.items() if everything or now - e[0] >= self.window]
+            for key in ended:
+                self._summarise(key, self._seen.pop(key), now)
             out, self._summaries = self._summaries, []
         return out
 
-    def _expire(self, now: float, force: bool) -> None:
-        ended = [k for k, e in self._seen.items() if now - e[0] >= self.window]
-        if force and not ended:
-            ended = [min(self._seen, key=lambda k: self._seen[k][0])]
-        for key in ended:
-            self._summarise(key, self._seen.pop(key))
+    def _evict_oldest(self, now: float) -> None:
+        key = min(self._seen, key=lambda k: self._seen[k][0])
+        self._summarise(key, self._seen.pop(key), now)
 
-    def _summarise(self, key: Tuple[str, int, str], entry: List[Any]) -> None:
+    def _summarise(self, key: Tuple[str, int, str], entry: List[Any], now: float) -> None:
         held = entry[1] - self.burst
         if held <= 0:
             return
         last: logging.LogRecord = entry[2]
         summary = logging.makeLogRecord(last.__dict__)
         summary.msg = "%s [repeated %d more times in %.0f s]"
-        summary.args = (key[2], held, self.window)
+        summary.args = (key[2], held, min(now - entry[0], self.window))
         summary.exc_info = None
         summary.exc_text = None
         summary.repeated = held
@@ -225,15 +226,15 @@ class LoggingSetup:
         if isinstance(self.handler, ReopenableFileHandler):
             self.handler.reopen()
 
-    def flush_repeats(self) -> None:
+    def flush_repeats(self, everything: bool = False) -> None:
         """Emit the filter's pending "repeated N more times" summaries."""
-        for record in self.filter.flush():
+        for record in self.filter.flush(everything):
             if record.levelno >= self._root.getEffectiveLevel():
                 self.handler.handle(record)
 
     def close(self) -> None:
         """Emit pending summaries, detach and close the handler, restore the root level."""
-        self.flush_repeats()
+        self.flush_repeats(everything=True)
         self._root.removeHandler(self.handler)
         self.handler.close()
         self._root.setLevel(self._old_level)

@@ -1,19 +1,22 @@
 """Prometheus metrics (the optional ``ftimer-server[metrics]`` extra).
 
 prometheus_client is imported only when metrics are asked for, so the daemon runs without
-it. Metrics live in a registry of their own (not the process-global default), so embedding
-the daemon, or running it twice in one test process, does not clash.
+it. The counters are the server's own (``FileTimerServer.stats()``), read at scrape time,
+so nothing is counted twice and the hot path does no metrics work; only the reap latency
+histogram is fed per reap. Metrics live in a registry of their own (not the process-global
+default), so two daemons in one process (tests, embedding) do not clash.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
+import signal as signal_module
+from collections.abc import Iterator
+from typing import Any, Callable, Optional, Tuple
 
-__all__ = ["Metrics", "MetricsUnavailable", "REAP_LATENCY_BUCKETS"]
+from ._stats import Stats
 
-if TYPE_CHECKING:
-    import prometheus_client
+__all__ = ["REAP_LATENCY_BUCKETS", "Metrics", "MetricsUnavailable"]
 
 #: Seconds from a deadline to its signal: the interesting range is 0.1 ms .. 1 s.
 REAP_LATENCY_BUCKETS = (
@@ -34,85 +37,117 @@ def _prometheus() -> Any:
         ) from None
 
 
+def signal_name(num: int) -> str:
+    """``9`` -> ``"SIGKILL"``; a number without a name stays a number."""
+    try:
+        return signal_module.Signals(num).name
+    except ValueError:
+        return str(num)
+
+
+class _StatsCollector:
+    """A prometheus_client collector over a ``Stats`` snapshot and daemon counters."""
+
+    def __init__(
+        self,
+        prom: Any,
+        stats: Callable[[], Stats],
+        state_saves: Optional[Callable[[], Tuple[int, int]]],
+        dry_run: bool,
+    ) -> None:
+        self._prom = prom
+        self._stats = stats
+        self._state_saves = state_saves
+        self._dry_run = dry_run
+
+    def collect(self) -> Iterator[Any]:
+        core = self._prom.metrics_core
+        s = self._stats()
+        yield core.GaugeMetricFamily("ftimer_armed_timers", "Timers armed now.", value=s.armed)
+        yield core.GaugeMetricFamily(
+            "ftimer_workers", "Worker processes with timers bound now.", value=s.workers
+        )
+        requests = core.CounterMetricFamily(
+            "ftimer_requests",
+            "Messages read from the FIFO, by type and result (ok, rejected, unknown).",
+            labels=["type", "result"],
+        )
+        for kind, results in sorted(s.requests.items()):
+            for result, n in sorted(results.items()):
+                requests.add_metric([kind, result], n)
+        yield requests
+        refusals = core.CounterMetricFamily(
+            "ftimer_refusals", "Requests refused, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(s.rejections.items()):
+            refusals.add_metric([reason], n)
+        yield refusals
+        decode = core.CounterMetricFamily(
+            "ftimer_decode_errors", "FIFO lines that were not valid messages.", labels=["error"]
+        )
+        for error, n in sorted(s.decode_errors.items()):
+            decode.add_metric([error], n)
+        yield decode
+        reaps = core.CounterMetricFamily(
+            "ftimer_reaps", "Workers reaped, by signal.", labels=["signal"]
+        )
+        for num, n in sorted(s.reaps.items()):
+            reaps.add_metric([signal_name(num)], n)
+        yield reaps
+        for name, doc, value in (
+            ("ftimer_reap_failures", "Reaps whose signal could not be delivered.", s.reap_failures),
+            ("ftimer_expired_timers", "Timers that expired.", s.expired),
+            ("ftimer_escalations", "Workers that outlived the grace period.", s.escalations),
+            ("ftimer_workers_gone", "Bound workers seen to exit.", s.workers_gone),
+        ):
+            yield core.CounterMetricFamily(name, doc, value=value)
+        yield core.GaugeMetricFamily(
+            "ftimer_dry_run", "1 if expiries are logged instead of signalled.", value=self._dry_run
+        )
+        if self._state_saves is not None:
+            saves = core.CounterMetricFamily(
+                "ftimer_state_saves", "State file writes, by result.", labels=["result"]
+            )
+            ok, errors = self._state_saves()
+            saves.add_metric(["ok"], ok)
+            saves.add_metric(["error"], errors)
+            yield saves
+
+
 class Metrics:
-    """The daemon's metrics, updated by the daemon's event handler.
+    """The daemon's metrics.
 
     Args:
-        armed: returns how many timers are armed (read at scrape time).
+        stats: the server's counters (``FileTimerServer.stats``), read at scrape time.
+        state_saves: (successful, failed) state file writes, read at scrape time.
+        dry_run: whether the daemon runs with ``--dry-run`` (a gauge).
 
     Raises:
         MetricsUnavailable: prometheus_client is not installed.
     """
 
-    def __init__(self, armed: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], Stats],
+        state_saves: Optional[Callable[[], Tuple[int, int]]] = None,
+        dry_run: bool = False,
+    ) -> None:
         prom = _prometheus()
-        self.registry: prometheus_client.CollectorRegistry = prom.CollectorRegistry()
-        r = self.registry
-        armed_gauge = prom.Gauge("ftimer_armed_timers", "Timers armed now.", registry=r)
-        armed_gauge.set_function(lambda: float(armed()))
-        self._requests = prom.Counter(
-            "ftimer_requests",
-            "Messages read from the FIFO, by type and result.",
-            ["type", "result"],
-            registry=r,
-        )
-        self._expiries = prom.Counter(
-            "ftimer_expiries",
-            "Timers that expired, by what was done (signalled, dry_run, report_only, skipped).",
-            ["action"],
-            registry=r,
-        )
-        self._reaps = prom.Counter(
-            "ftimer_reaps",
-            "Signals delivered to expired workers, by signal.",
-            ["signal"],
-            registry=r,
-        )
-        self._refusals = prom.Counter(
-            "ftimer_refusals", "Requests or signals refused by policy, by reason.", ["reason"],
-            registry=r,
-        )  # fmt: skip
-        self._decode_errors = prom.Counter(
-            "ftimer_decode_errors", "Lines read from the FIFO that were not valid messages.",
-            registry=r,
-        )  # fmt: skip
+        self.registry = prom.CollectorRegistry()
+        self.registry.register(_StatsCollector(prom, stats, state_saves, dry_run))
         self._latency = prom.Histogram(
             "ftimer_reap_latency_seconds",
-            "Seconds from a timer's deadline to its signal.",
+            "Seconds from a timer's deadline to its worker's signal.",
             buckets=REAP_LATENCY_BUCKETS,
-            registry=r,
+            registry=self.registry,
         )
-        self._state_saves = prom.Counter(
-            "ftimer_state_saves", "State file writes, by result.", ["result"], registry=r
-        )
+        self._prom = prom
         self._server: Any = None
         self._thread: Any = None
 
-    def request(self, kind: str, result: str) -> None:
-        """Count one FIFO message of type ``kind`` ("arm", "v1_release", ...)."""
-        self._requests.labels(kind, result).inc()
-
-    def expiry(self, action: str) -> None:
-        """Count one expired timer and what was done about it."""
-        self._expiries.labels(action).inc()
-
-    def reap(self, signal_name: str, lateness: Optional[float]) -> None:
-        """Count one delivered signal; ``lateness`` is seconds past the deadline."""
-        self._reaps.labels(signal_name).inc()
-        if lateness is not None:
-            self._latency.observe(max(lateness, 0.0))
-
-    def refusal(self, reason: str) -> None:
-        """Count one request or signal refused by policy."""
-        self._refusals.labels(reason).inc()
-
-    def decode_error(self) -> None:
-        """Count one undecodable line."""
-        self._decode_errors.inc()
-
-    def state_save(self, ok: bool) -> None:
-        """Count one state file write."""
-        self._state_saves.labels("ok" if ok else "error").inc()
+    def reaped(self, late: float) -> None:
+        """Record one reap, ``late`` seconds after its deadline."""
+        self._latency.observe(max(late, 0.0))
 
     def serve(self, address: Tuple[str, int]) -> Tuple[str, int]:
         """Serve ``/metrics`` over HTTP on ``address``; returns the bound (host, port).
@@ -120,9 +155,10 @@ class Metrics:
         Raises:
             OSError: the address is in use or cannot be bound.
         """
-        prom = _prometheus()
         host, port = address
-        self._server, self._thread = prom.start_http_server(port, addr=host, registry=self.registry)
+        self._server, self._thread = self._prom.start_http_server(
+            port, addr=host, registry=self.registry
+        )
         bound = self._server.server_address
         return str(bound[0]), int(bound[1])
 

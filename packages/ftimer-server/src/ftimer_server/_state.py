@@ -1,9 +1,9 @@
 """The state file: armed timers saved so a restarted daemon keeps watching them.
 
-Format (JSON, so an operator can read it)::
+Format (JSON, so an operator can read it; timers are ``FileTimerServer.armed()``)::
 
     {"version": 1, "boot_id": "...", "saved_at": 1234.5,
-     "timers": [{"pid": 42, "scope_id": "step", "signal": 9, "deadline": 1240.0,
+     "timers": [{"pid": 42, "scope_id": "step", "deadline": 1240.0, "signal": 9,
                  "start_time": 123456, "labels": {"rank": "0"}}]}
 
 Deadlines are CLOCK_MONOTONIC seconds, which every process of one boot shares, so they stay
@@ -24,14 +24,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional
 
 import msgspec
+
+from ._records import Timer
 
 __all__ = [
     "STATE_VERSION",
     "BOOT_ID_PATH",
-    "SavedTimer",
     "StateFile",
     "StateFileError",
     "StateLoad",
@@ -51,24 +52,13 @@ BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 MAX_STATE_BYTES = 256 * 1024 * 1024
 
 
-class SavedTimer(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One armed timer as saved: whose it is, what to send, and when (monotonic seconds)."""
-
-    pid: int
-    scope_id: str
-    signal: int
-    deadline: float
-    start_time: Optional[int] = None
-    labels: Optional[Dict[str, str]] = None
-
-
 class StateFile(msgspec.Struct, frozen=True, kw_only=True):
     """The whole file. ``saved_at`` is the monotonic time of the write."""
 
     version: int
     boot_id: str
     saved_at: float
-    timers: List[SavedTimer]
+    timers: List[Timer]
 
 
 class _Header(msgspec.Struct):
@@ -94,7 +84,7 @@ def read_boot_id(path: str = BOOT_ID_PATH) -> str:
         return ""
 
 
-def encode_state(timers: Iterable[SavedTimer], boot_id: str, saved_at: float) -> bytes:
+def encode_state(timers: Iterable[Timer], boot_id: str, saved_at: float) -> bytes:
     """Serialise a state file."""
     doc = StateFile(version=STATE_VERSION, boot_id=boot_id, saved_at=saved_at, timers=list(timers))
     return _encoder.encode(doc) + b"\n"
@@ -146,71 +136,53 @@ def write_state(path: str, data: bytes) -> None:
 
 
 class StateLoad(msgspec.Struct, frozen=True):
-    """What `load_state` found: timers to restore and what was dropped, and why."""
+    """What `load_state` found: the timers to restore, or why there are none."""
 
-    timers: List[SavedTimer]
-    #: (timer, reason) pairs left out: the process is gone or is another one now.
-    dropped: List[Tuple[SavedTimer, str]]
-    #: Why the whole file was ignored ("" if it was not): missing, other boot, corrupt.
+    timers: List[Timer]
+    #: Why the file was not used ("" if it was): no file, another boot, unusable.
     ignored: str = ""
-    #: Where a corrupt file was moved to, or "".
+    #: Where an unusable file was moved to, or "".
     set_aside: str = ""
 
 
-def load_state(
-    path: str,
-    boot_id: str,
-    start_time_of: Callable[[int], Optional[int]],
-    now: Optional[float] = None,
-) -> StateLoad:
-    """Read the state file at ``path`` and keep the timers that may still be enforced.
+def load_state(path: str, boot_id: str, now: Optional[float] = None) -> StateLoad:
+    """Read the state file at ``path``. Never raises: a bad file is reported, not fatal.
 
-    A timer is kept when its process exists and, if its start time was saved, still has
-    that start time (the pid was not reused). A file from another boot is ignored. A
-    corrupt file is renamed to ``<path>.corrupt-<unix time>`` so it is kept for
-    inspection and never read again. Never raises for what is in the file.
+    A file from another boot is ignored (its deadlines and pids mean nothing now). An
+    unusable file (corrupt, truncated, unknown version, a symlink) is renamed to
+    ``<path>.corrupt-<unix time>``, kept for inspection and never read again. Whether
+    each saved process still exists, and is the same one, is for
+    ``FileTimerServer.restore()`` to check.
 
     Args:
         path: the state file; a missing file is an empty state.
         boot_id: this boot's id (`read_boot_id`).
-        start_time_of: pid -> its start time in clock ticks, or None if it is gone.
-        now: the monotonic clock, used without a boot id (a ``saved_at`` in the future
-            means a reboot happened).
-
-    Raises:
-        OSError: the file exists but cannot be read (permissions), or the corrupt file
-            cannot be renamed.
+        now: the monotonic clock, used when there is no boot id (a ``saved_at`` in the
+            future then means a reboot happened).
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return StateLoad([], [], ignored="no state file")
-    try:
         with os.fdopen(fd, "rb") as f:
             data = f.read(MAX_STATE_BYTES + 1)
         if len(data) > MAX_STATE_BYTES:
             raise StateFileError(f"larger than {MAX_STATE_BYTES} bytes")
         state = decode_state(data)
-    except StateFileError as e:
+    except FileNotFoundError:
+        return StateLoad([], ignored="no state file")
+    except (OSError, StateFileError) as e:
+        problem = str(e) if isinstance(e, StateFileError) else f"cannot read it: {e.strerror}"
         aside = f"{path}.corrupt-{int(time.time())}"
-        os.replace(path, aside)
-        log.error("state file %s is unusable (%s); moved it to %s", path, e, aside)
-        return StateLoad([], [], ignored=str(e), set_aside=aside)
-
+        try:
+            os.replace(path, aside)
+        except OSError as e2:
+            log.error("state file %s is unusable (%s) and cannot be moved: %s", path, problem, e2)
+            return StateLoad([], ignored=problem)
+        log.error("state file %s is unusable (%s); moved it to %s", path, problem, aside)
+        return StateLoad([], ignored=problem, set_aside=aside)
     now = time.monotonic() if now is None else now
     if state.boot_id != boot_id or (not boot_id and state.saved_at > now):
-        return StateLoad([], [], ignored="saved during another boot")
-    kept: List[SavedTimer] = []
-    dropped: List[Tuple[SavedTimer, str]] = []
-    for timer in state.timers:
-        current = start_time_of(timer.pid)
-        if current is None:
-            dropped.append((timer, "process is gone"))
-        elif timer.start_time is not None and current != timer.start_time:
-            dropped.append((timer, "pid now belongs to another process"))
-        else:
-            kept.append(timer)
-    return StateLoad(kept, dropped)
+        return StateLoad([], ignored="saved during another boot")
+    return StateLoad(state.timers)
 
 
 class StateSaver:
@@ -232,7 +204,7 @@ class StateSaver:
     def __init__(
         self,
         path: str,
-        snapshot: Callable[[], Sequence[SavedTimer]],
+        snapshot: Callable[[], Sequence[Timer]],
         boot_id: str,
         interval: float = 0.1,
         clock: Callable[[], float] = time.monotonic,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Mapping
 from typing import Optional
@@ -35,6 +36,7 @@ class SystemdNotifier:
             self._address = "\0" + address[1:] if address.startswith("@") else address
         self.watchdog_usec = watchdog_usec
         self._sock: Optional[socket.socket] = None
+        self._lock = threading.Lock()  # keep-alives come from the server's loop thread
         self._warned = False
 
     @classmethod
@@ -81,15 +83,16 @@ class SystemdNotifier:
         if self._address is None:
             return False
         payload = "\n".join(lines).encode()
-        try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._sock.sendto(payload, self._address)
-        except OSError as e:
-            if not self._warned:
-                log.warning("cannot notify systemd at %r: %s", self._address, e)
-                self._warned = True
-            return False
+        with self._lock:
+            try:
+                if self._sock is None:
+                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._sock.sendto(payload, self._address)
+            except OSError as e:
+                if not self._warned:
+                    log.warning("cannot notify systemd at %r: %s", self._address, e)
+                    self._warned = True
+                return False
         return True
 
     def ready(self, status: str = "") -> bool:
@@ -115,6 +118,7 @@ class SystemdNotifier:
 
     def close(self) -> None:
         """Close the socket (a later notification opens a new one)."""
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None

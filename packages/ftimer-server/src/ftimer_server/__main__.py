@@ -1,0 +1,10 @@
+"""``python -m ftimer_server``: the same command line as ``ftimer-server``."""
+
+from __future__ import annotations
+
+import sys
+
+from ._cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

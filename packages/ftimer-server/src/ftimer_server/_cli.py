@@ -1,0 +1,199 @@
+"""``ftimer-server``: the command line. Thin: argparse -> a frozen config -> the daemon.
+
+Exit codes (also in docs/deploy.md):
+
+- 0: clean shutdown (SIGTERM / SIGINT), or ``status`` answered.
+- 1: ``status`` found no running daemon; the daemon failed while running.
+- 2: bad command-line options or config file.
+- 3: start-up refused: unsafe or unusable FIFO path, another daemon on the same FIFO,
+  metrics address in use, state directory not writable, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, Dict, List, Optional, TextIO
+
+from ._config import ConfigError, FileSettings, load_config_file, resolve_config
+from ._control import DaemonNotRunning, query_status
+from ._daemon import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_daemon
+from ._logging import LOG_FORMATS, LOG_LEVELS
+from ._version import __version__
+
+__all__ = ["format_status", "main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftimer-server",
+        description="The ftimer watchdog: reaps workers whose timers expire.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", metavar="FILE", help="TOML config file")
+    common.add_argument(
+        "--fifo",
+        metavar="PATH",
+        help="the FIFO (default: $TORCHELASTIC_TIMER_FILE, else /run/ftimer/timer.fifo for "
+        "root, $XDG_RUNTIME_DIR/ftimer/timer.fifo or /tmp/ftimer-UID/timer.fifo otherwise)",
+    )
+    common.add_argument(
+        "--control-socket", metavar="PATH", help="status socket (default: the FIFO path + .sock)"
+    )
+
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run the watchdog in the foreground",
+        description="Run the watchdog in the foreground until SIGTERM or SIGINT. "
+        "SIGHUP reopens the log file and reloads the config file.",
+    )
+    run.add_argument("--fifo-mode", metavar="MODE", help="octal mode of a new FIFO (0600)")
+    run.add_argument("--fifo-group", metavar="GROUP", help="group of a new FIFO (name or gid)")
+    run.add_argument(
+        "--grace",
+        type=float,
+        metavar="SECONDS",
+        help="time a worker signalled with anything but SIGKILL has to exit before "
+        "SIGKILL (default: no escalation)",
+    )
+    run.add_argument(
+        "--state-file", metavar="PATH", help="save armed timers here to survive restarts"
+    )
+    run.add_argument(
+        "--allow-uid",
+        dest="allow_uids",
+        type=int,
+        action="append",
+        metavar="UID",
+        help="only accept timers of processes of this uid (repeatable; default: any user)",
+    )
+    run.add_argument(
+        "--allow-signal",
+        dest="allow_signals",
+        action="append",
+        metavar="SIG",
+        help="only accept timers asking for this signal, e.g. SIGTERM or 15 (repeatable; "
+        "default: any)",
+    )
+    run.add_argument(
+        "--descendants-only",
+        action=argparse.BooleanOptionalAction,
+        help="only accept timers of processes descended from the daemon",
+    )
+    run.add_argument("--max-timers", type=int, metavar="N", help="cap on armed timers")
+    run.add_argument(
+        "--max-timers-per-pid", type=int, metavar="N", help="cap on one process's timers"
+    )
+    run.add_argument(
+        "--dry-run",
+        action=argparse.BooleanOptionalAction,
+        help="log and count expiries instead of signalling (a safe roll-out)",
+    )
+    run.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or JSON lines")
+    run.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
+    run.add_argument("--log-file", metavar="PATH", help="append logs here (default: stderr)")
+    run.add_argument(
+        "--metrics-address",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics here (host defaults to 127.0.0.1; needs the "
+        "ftimer-server[metrics] extra)",
+    )
+
+    status = sub.add_parser(
+        "status",
+        parents=[common],
+        help="show what the running daemon has armed",
+        description="Ask the running daemon (through its control socket) what it has armed.",
+    )
+    status.add_argument("--json", action="store_true", help="print the daemon's JSON document")
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"ftimer-server: error: {message}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit code (see the module docstring)."""
+    args = _parser().parse_args(argv)
+    cli: Dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("command", "json")}
+    try:
+        file = load_config_file(args.config) if args.config else FileSettings()
+        config = resolve_config(cli, file, config_file=args.config)
+    except ConfigError as e:
+        _error(str(e))
+        return EXIT_USAGE
+    if args.command == "status":
+        return _status(config.control_socket, as_json=args.json)
+    return run_daemon(config, cli)
+
+
+def _status(path: str, as_json: bool, out: TextIO = sys.stdout) -> int:
+    try:
+        doc = query_status(path)
+    except DaemonNotRunning as e:
+        _error(str(e))
+        return EXIT_FAILURE
+    except (OSError, ValueError) as e:
+        _error(f"cannot get the status from {path}: {e}")
+        return EXIT_FAILURE
+    if as_json:
+        json.dump(doc, out, indent=2)
+        out.write("\n")
+    else:
+        out.write(format_status(doc))
+    return EXIT_OK
+
+
+def _signal_name(num: int) -> str:
+    if num == 0:
+        return "report-only"
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return str(num)
+
+
+def _duration(seconds: float) -> str:
+    if abs(seconds) < 120:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(abs(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    text = f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+    return ("-" if seconds < 0 else "") + text
+
+
+def format_status(doc: Dict[str, Any]) -> str:
+    """Render the daemon's status document as a header and a table of armed timers."""
+    timers: List[Dict[str, Any]] = sorted(doc.get("timers", []), key=lambda t: t["remaining"])
+    mode = "DRY RUN (expiries are logged, not signalled)" if doc.get("dry_run") else "enforcing"
+    lines = [
+        f"ftimer-server {doc.get('version', '?')} (pid {doc.get('pid', '?')}), {mode}",
+        f"FIFO {doc.get('fifo', '?')}, up {_duration(doc.get('uptime', 0.0))}",
+        f"{len(timers)} timer{'s' if len(timers) != 1 else ''} armed",
+    ]
+    if timers:
+        rows = [("PID", "SCOPE", "LEFT", "SIGNAL", "LABELS")]
+        for t in timers:
+            labels = ",".join(f"{k}={v}" for k, v in sorted((t.get("labels") or {}).items()))
+            rows.append(
+                (
+                    str(t["pid"]),
+                    t["scope_id"],
+                    _duration(t["remaining"]),
+                    _signal_name(t["signal"]),
+                    labels,
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        for r in rows:
+            cells = [c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]
+            lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,354 @@
+"""``ftimer-server run``: the server core plus what a host daemon needs around it.
+
+Start-up, in order: refuse if another daemon answers on the control socket; load the state
+file; create the server and restore the saved timers (so a timer that expired while the
+daemon was down fires at once); open the FIFO and start; bind the control socket; start the
+state saver and the metrics endpoint; tell systemd READY=1.
+
+The main thread then only waits for signals. Handlers do nothing but wake it (the signal
+number arrives on a wake-up pipe); the loop acts: SIGTERM / SIGINT shut down cleanly
+(STOPPING=1, server stopped, state saved), SIGHUP reopens the log file and reloads the
+config file. Everything else runs on the server's own thread, which also sends systemd's
+WATCHDOG=1, so a wedged server loop is noticed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional
+
+import msgspec
+
+from ._config import ConfigError, DaemonConfig, load_config_file, resolve_config
+from ._control import ControlServer, ControlSocketBusy
+from ._daemon_log import describe, event_fields
+from ._events import DecodeFailed, Event, Reaped, Rejected
+from ._fifo import FifoError
+from ._logging import LoggingSetup
+from ._metrics import Metrics, MetricsUnavailable
+from ._policy import Policy
+from ._server import FileTimerServer
+from ._state import StateSaver, load_state, read_boot_id
+from ._systemd import SystemdNotifier
+from ._version import __version__
+
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_STARTUP", "EXIT_USAGE", "Daemon", "run_daemon"]
+
+log = logging.getLogger("ftimer_server.daemon")
+events_log = logging.getLogger("ftimer_server.events")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_STARTUP = 3
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Settings a SIGHUP applies in place; any other change needs a restart.
+_RELOADABLE = ("log_format", "log_level", "config_file")
+
+
+class StartupError(Exception):
+    """The daemon cannot start (exit code 3); the message says what to fix."""
+
+
+class Daemon:
+    """One run of the daemon with ``config``.
+
+    Args:
+        config: the settings.
+        logging_setup: the installed log handler (reopened and reconfigured on SIGHUP).
+        cli: the command-line settings, re-applied over the config file on SIGHUP.
+        environ: for systemd's variables; ``os.environ`` by default.
+    """
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        logging_setup: LoggingSetup,
+        cli: Optional[Mapping[str, Any]] = None,
+        environ: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        self.config = config
+        self._logging = logging_setup
+        self._cli = dict(cli or {})
+        self._notifier = SystemdNotifier.from_environ(environ)
+        self._server: Optional[FileTimerServer] = None
+        self._control: Optional[ControlServer] = None
+        self._saver: Optional[StateSaver] = None
+        self._metrics: Optional[Metrics] = None
+        self._restoring = False
+        self._started = time.monotonic()
+
+    # -- the run -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start, serve until SIGTERM or SIGINT, shut down; return the exit code.
+
+        Must be called from the main thread (it installs signal handlers).
+        """
+        wake_r, wake_w = os.pipe()
+        for fd in (wake_r, wake_w):
+            os.set_blocking(fd, False)
+        old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        handled = (*_STOP_SIGNALS, signal.SIGHUP)
+        old_handlers = {sig: signal.signal(sig, _wake_only) for sig in handled}
+        try:
+            try:
+                self._start()
+            except StartupError as e:
+                log.error("cannot start: %s", e)
+                return EXIT_STARTUP
+            except ConfigError as e:
+                log.error("%s", e)
+                return EXIT_USAGE
+            self._ready()
+            return self._loop(wake_r)
+        finally:
+            self._shutdown()
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _start(self) -> None:
+        c = self.config
+        if c.metrics_address is not None:
+            try:
+                self._metrics = Metrics(self._stats, self._state_saves, c.dry_run)
+            except MetricsUnavailable as e:
+                raise ConfigError(f"--metrics-address: {e}") from None
+        control = ControlServer(c.control_socket, self._status)
+        try:
+            control.check_free()
+        except (ControlSocketBusy, OSError) as e:
+            raise StartupError(str(e)) from None
+
+        boot_id = read_boot_id()
+        timers = []
+        if c.state_file is not None:
+            state_dir = os.path.dirname(c.state_file)
+            try:
+                os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise StartupError(f"cannot create the state directory {state_dir}: {e}") from None
+            loaded = load_state(c.state_file, boot_id)
+            if loaded.ignored:
+                log.info("state file %s not used: %s", c.state_file, loaded.ignored)
+            timers = loaded.timers
+
+        tick = self._notifier.watchdog_interval
+        server = FileTimerServer(
+            c.fifo,
+            on_event=self._on_event,
+            policy=_policy(c),
+            escalate_after=c.grace,
+            dry_run=c.dry_run,
+            fifo_mode=c.fifo_mode,
+            fifo_group=c.fifo_group,
+            tick_interval=tick,
+            on_tick=self._keepalive if tick is not None else None,
+        )
+        if timers:
+            self._restoring = True
+            try:
+                server.restore(timers)
+            finally:
+                self._restoring = False
+            log.info("restored %d of %d saved timers", len(server.armed()), len(timers))
+        try:
+            server.start()
+        except FifoError as e:
+            raise StartupError(f"refusing FIFO {e.path}: {e.reason}") from None
+        self._server = server
+        try:
+            control.start()
+        except (ControlSocketBusy, OSError) as e:
+            raise StartupError(f"control socket {c.control_socket}: {e}") from None
+        self._control = control
+        if c.state_file is not None:
+            self._saver = StateSaver(c.state_file, server.armed, boot_id)
+            self._saver.start()
+        if self._metrics is not None and c.metrics_address is not None:
+            try:
+                host, port = self._metrics.serve(c.metrics_address)
+            except OSError as e:
+                host, port = c.metrics_address
+                raise StartupError(f"cannot serve metrics on {host}:{port}: {e}") from None
+            log.info("metrics on http://%s:%d/metrics", host, port)
+
+    def _ready(self) -> None:
+        c = self.config
+        mode = "DRY RUN (expiries are logged, not signalled)" if c.dry_run else "enforcing"
+        log.info(
+            "ftimer-server %s ready: FIFO %s, %s, status socket %s, state file %s",
+            __version__,
+            c.fifo,
+            mode,
+            c.control_socket,
+            c.state_file or "none",
+        )
+        self._notifier.ready(f"watching {c.fifo}" + (" (dry run)" if c.dry_run else ""))
+
+    def _loop(self, wake_fd: int) -> int:
+        while True:
+            due = self._logging.filter.next_flush()
+            timeout = None if due is None else max(0.0, due - time.monotonic())
+            select.select([wake_fd], [], [], timeout)
+            self._logging.flush_repeats()
+            for signum in _read_signals(wake_fd):
+                if signum in _STOP_SIGNALS:
+                    log.info("%s: shutting down", signal.Signals(signum).name)
+                    return EXIT_OK
+                if signum == signal.SIGHUP:
+                    self._reload()
+
+    def _shutdown(self) -> None:
+        if self._server is not None:
+            self._notifier.stopping()
+        if self._control is not None:
+            self._control.stop()
+            self._control = None
+        if self._server is not None:
+            self._server.stop()  # the loop is done: armed() is final
+        if self._saver is not None:
+            self._saver.stop(final_save=True)
+            log.info("saved %d armed timers to %s", len(self._armed()), self._saver.path)
+            self._saver = None
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self._server is not None:
+            log.info("stopped")
+        self._notifier.close()
+
+    def _reload(self) -> None:
+        self._notifier.reloading()
+        try:
+            self._logging.reopen()
+        except OSError as e:
+            log.error("cannot reopen the log file: %s", e)
+        path = self.config.config_file
+        if path is not None:
+            try:
+                new = resolve_config(self._cli, load_config_file(path), config_file=path)
+            except ConfigError as e:
+                log.error("config not reloaded: %s", e)
+            else:
+                changed = [
+                    name
+                    for name in DaemonConfig.__dataclass_fields__
+                    if name not in _RELOADABLE and getattr(new, name) != getattr(self.config, name)
+                ]
+                if changed:
+                    log.warning(
+                        "config changes that need a restart were not applied: %s",
+                        ", ".join(n.replace("_", "-") for n in changed),
+                    )
+                self._logging.configure(new.log_format, new.log_level)
+                log.info("config reloaded from %s", path)
+        else:
+            log.info("log file reopened")
+        self._notifier.ready()
+
+    # -- callbacks (the server's thread, the control thread, the saver's thread) --------
+
+    def _on_event(self, event: Event) -> None:
+        t = type(event)
+        if self._saver is not None and t is not Rejected and t is not DecodeFailed:
+            self._saver.changed()
+        if t is Reaped and self._metrics is not None:
+            assert isinstance(event, Reaped)
+            self._metrics.reaped(event.late)
+        level, msg, args = describe(event, self.config.dry_run, self._restoring)
+        if events_log.isEnabledFor(level):
+            events_log.log(level, msg, *args, extra=event_fields(event))
+
+    def _keepalive(self) -> None:
+        # Called by the server's loop itself: it is alive and iterating.
+        self._notifier.watchdog()
+
+    def _armed(self) -> List[Any]:
+        return [] if self._server is None else self._server.armed()
+
+    def _stats(self) -> Any:
+        assert self._server is not None
+        return self._server.stats()
+
+    def _state_saves(self) -> tuple[int, int]:
+        saver = self._saver
+        return (0, 0) if saver is None else (saver.saves, saver.errors)
+
+    def _status(self) -> Dict[str, Any]:
+        server = self._server
+        assert server is not None
+        c = self.config
+        now = time.monotonic()
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "fifo": c.fifo,
+            "control_socket": c.control_socket,
+            "state_file": c.state_file,
+            "dry_run": c.dry_run,
+            "uptime": now - self._started,
+            "monotonic": now,
+            "timers": [
+                {
+                    "pid": t.pid,
+                    "scope_id": t.scope_id,
+                    "signal": t.signal,
+                    "deadline": t.deadline,
+                    "remaining": t.deadline - now,
+                    "start_time": t.start_time,
+                    "labels": t.labels,
+                }
+                for t in server.armed()
+            ],
+            "stats": msgspec.to_builtins(server.stats(), str_keys=True),
+        }
+
+
+def _policy(c: DaemonConfig) -> Policy:
+    kwargs: Dict[str, Any] = {
+        "allowed_uids": c.allow_uids,
+        "descendants_only": c.descendants_only,
+        "allowed_signals": c.allow_signals,
+    }
+    if c.max_timers is not None:
+        kwargs["max_timers"] = c.max_timers
+    if c.max_timers_per_pid is not None:
+        kwargs["max_timers_per_pid"] = c.max_timers_per_pid
+    return Policy(**kwargs)
+
+
+def _wake_only(signum: int, frame: object) -> None:
+    """A handler that records nothing itself: the wake-up fd carries the signal number."""
+
+
+def _read_signals(fd: int) -> List[int]:
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 512):
+            data += chunk
+    return list(data)
+
+
+def run_daemon(config: DaemonConfig, cli: Optional[Mapping[str, Any]] = None) -> int:
+    """Set up logging and run the daemon in the foreground; return the exit code."""
+    try:
+        setup = LoggingSetup(config.log_format, config.log_level, config.log_file)
+    except OSError as e:
+        print(f"ftimer-server: error: cannot open the log file: {e}", file=sys.stderr)
+        return EXIT_STARTUP
+    try:
+        return Daemon(config, setup, cli).run()
+    finally:
+        setup.close()

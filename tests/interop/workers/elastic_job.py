@@ -1,0 +1,93 @@
+"""A torchrun worker whose first attempt hangs on one rank inside a collective.
+
+Run by torchrun (see tests/interop/test_torchrun_job.py):
+``elastic_job.py --client {ftimer,torch} --out DIR [--hang-after S] [--step-after S]``.
+
+Every rank wraps its step in ``expires(...)`` with the timer client named by
+``--client``, on the FIFO in ``TORCHELASTIC_TIMER_FILE``. In restart 0, rank 1 enters an
+all_reduce on a two-rank group that rank 0 never joins, under a short timer
+(``--hang-after``), while every other rank waits for it in an all_reduce over the whole
+world: a collective hang. Once the timer server reaps rank 1 the others fail in gloo and
+the agents restart the group; restart 1 runs the same step, which completes.
+
+Each rank records what it did as JSON files in ``--out``: ``a{restart}-r{rank}-start.json``
+(pid, agent pid) before the step and ``a{restart}-r{rank}-done.json`` (the all_reduce's
+result) after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import sys
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as dist
+
+HUNG_RANK = 1
+
+
+def record(out: pathlib.Path, name: str, **fields: Any) -> None:
+    """Write one JSON record atomically (the test polls for these files)."""
+    tmp = out / f".{name}.tmp"
+    tmp.write_text(json.dumps(fields))
+    tmp.rename(out / f"{name}.json")
+
+
+def timer_module(client: str) -> Any:
+    """The timer API the job uses: ftimer's names, or torch's own."""
+    if client == "ftimer":
+        import ftimer_client
+
+        return ftimer_client
+    from torch.distributed.elastic import timer
+
+    return timer
+
+
+def main(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--client", choices=["ftimer", "torch"], required=True)
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--hang-after", type=float, default=2.0)
+    parser.add_argument("--step-after", type=float, default=60.0)
+    args = parser.parse_args(argv)
+
+    env: Dict[str, str] = dict(os.environ)
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    restart = int(env["TORCHELASTIC_RESTART_COUNT"])
+    timer = timer_module(args.client)
+    timer.configure(timer.FileTimerClient(env["TORCHELASTIC_TIMER_FILE"]))
+
+    # The agent's store outlives a restart, and so do the peer addresses the previous
+    # attempt's process group left in it: a group built on env:// after a restart reads
+    # them and fails ("Gloo connectFullMesh failed ... Connection refused"). A prefix per
+    # restart gives every attempt a clean namespace.
+    timeout = datetime.timedelta(seconds=60)
+    agent_store = dist.TCPStore(
+        env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
+    store = dist.PrefixStore(f"restart-{restart}/", agent_store)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    pair = dist.new_group([0, HUNG_RANK])
+
+    tag = f"a{restart}-r{rank}"
+    record(args.out, f"{tag}-start", pid=os.getpid(), agent_pid=os.getppid(), rank=rank)
+    value = torch.ones(1)
+    if restart == 0 and rank == HUNG_RANK:
+        with timer.expires(after=args.hang_after):
+            dist.all_reduce(value, group=pair)  # rank 0 never joins: hangs here
+    else:
+        with timer.expires(after=args.step_after):
+            dist.all_reduce(value)
+    record(args.out, f"{tag}-done", pid=os.getpid(), sum=value.item())
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,97 @@
+"""Run a command and leave nothing of it behind: ``python subreaper.py CMD [ARGS...]``.
+
+torchrun starts every worker in a session of its own, and torch's built-in file timer
+SIGKILLs the agent after a reap, orphaning its workers. To be sure a test ends every
+process it caused, it starts each command under this launcher: a Linux child subreaper
+(``prctl(PR_SET_CHILD_SUBREAPER)``), so orphaned descendants are re-parented here instead
+of to init. When the command exits, or when this launcher gets SIGTERM/SIGINT, every
+remaining descendant is SIGKILLed and reaped. The launcher then ends the way its command
+did: the same exit code, or the same signal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from typing import List
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def children(pid: int) -> List[int]:
+    """The direct children of ``pid`` (every thread's list), or [] once it is gone."""
+    found: List[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.extend(int(c) for c in f.read().split())
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def descendants(pid: int) -> List[int]:
+    """Every live descendant of ``pid``, parents before children."""
+    order: List[int] = []
+    stack = children(pid)
+    while stack:
+        child = stack.pop()
+        order.append(child)
+        stack.extend(children(child))
+    return order
+
+
+def kill_all_descendants() -> None:
+    """SIGKILL and reap every descendant; orphans keep arriving here until none is left."""
+    me = os.getpid()
+    while True:
+        for pid in descendants(me):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def main(argv: List[str]) -> int:
+    if not argv:
+        print("usage: subreaper.py CMD [ARGS...]", file=sys.stderr)
+        return 2
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        print(f"prctl failed: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
+        return 2
+
+    stop: List[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.append(signum)
+        kill_all_descendants()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        status = subprocess.Popen(argv).wait()
+    finally:
+        kill_all_descendants()
+    if stop:
+        return 128 + stop[0]
+    if status < 0:  # die of the same signal (SIGKILL and SIGSTOP cannot be caught anyway)
+        if -status not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

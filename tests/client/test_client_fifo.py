@@ -162,3 +162,28 @@ def test_a_path_that_is_not_a_fifo_is_refused_and_left_alone(tmp_path: pathlib.P
     with pytest.raises(ServerUnavailable, match="not a FIFO"):
         client.arm("s", 5)
     assert path.read_bytes() == b"precious"
+
+
+def test_negative_expiration_time_is_refused_in_both_protocols(peer: FifoPeer) -> None:
+    for protocol in (1, 2):
+        client = FileTimerClient(peer.path, protocol=protocol)
+        with pytest.raises(ValueError, match=">= 0"):
+            client.acquire("s", -1)
+
+
+def test_a_signal_handler_may_use_the_client_while_it_is_busy(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, labels={})
+
+    def handler(signum: int, frame: object) -> None:
+        client.release_all()
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with client._channel.lock:  # as if interrupted inside a write
+            client.arm("s", 60)
+            signal.raise_signal(signal.SIGUSR1)  # this process: the handler runs here
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    arm, disarm_all = peer.wait_count(2)
+    assert isinstance(arm, Arm)
+    assert disarm_all == DisarmAll(ME, arm.start_time)

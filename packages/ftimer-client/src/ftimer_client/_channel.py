@@ -58,7 +58,9 @@ def _unavailable(e: OSError, path: str) -> ServerUnavailable:
 class Channel:
     """Delivers lines to one FIFO for one process (or for one given ``pid``).
 
-    Every public method takes ``lock``; the line arguments are built by the caller.
+    Every public method takes ``lock``, reentrant so that a signal handler that arms or
+    disarms while the interrupted code was doing so does not deadlock. Lines are built by
+    the caller.
 
     Args:
         path: the FIFO.
@@ -71,7 +73,7 @@ class Channel:
         self.protocol = protocol
         self.keep_open = protocol != 1
         self.follows_process = pid is None
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         #: scope -> (its arm line, the client that armed it)
         self.armed: Dict[str, Tuple[bytes, object]] = {}
         #: Outages so far: a client warns once per outage.
@@ -365,7 +367,7 @@ class Channel:
     def _after_fork(self) -> None:
         # The child shares the parent's open file description: drop it without a write.
         # It never resends the parent's scopes, and speaks with its own pid.
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -98,8 +98,11 @@ class FileTimerClient:
 
         Raises:
             ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
-            ValueError: the scope or time breaks the schema.
+            ValueError: the scope or time breaks the schema, or the time is negative
+                (torch's wire format reads that as a release: call ``release()``).
         """
+        if not expiration_time >= 0.0:
+            raise ValueError(f"expiration time must be >= 0, not {expiration_time!r}")
         if self._v2 is not None:
             self.arm(scope_id, expiration_time - time.time())
         else:
@@ -136,7 +139,10 @@ class FileTimerClient:
         v2 = self._v2
         if v2 is None:
             sig = None if signal is None else check_signal(signal)
-            line = self._v1_line(scope_id, time.time() + after, sig)
+            expiration_time = time.time() + after
+            if expiration_time < 0.0:
+                expiration_time = 0.0  # already past, as a v2 deadline would be
+            line = self._v1_line(scope_id, expiration_time, sig)
         else:
             deadline = _monotonic() + after
             if not 0.0 <= deadline <= MAX_TIME:

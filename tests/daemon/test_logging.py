@@ -36,7 +36,7 @@ def test_repeat_filter_lets_a_burst_through_then_counts() -> None:
     assert f.flush() == []  # the window has not ended yet
     clock.now = 110.0
     (summary,) = f.flush()
-    assert summary.getMessage() == "bad line from fifo [repeated 7 more times in 10 s]"
+    assert summary.getMessage() == "bad line from fifo [repeated 7 more times in 10.0 s]"
     assert summary.levelno == logging.WARNING
     assert f.next_flush() is None
     # A new window starts clean.
@@ -93,7 +93,7 @@ def test_logging_setup_floods_are_held_and_summarised() -> None:
         setup.close()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 3
-    assert lines[-1].endswith("garbage on the FIFO [repeated 48 more times in 1 s]")
+    assert lines[-1].endswith("garbage on the FIFO [repeated 48 more times in 1.0 s]")
 
 
 def test_logging_setup_reopens_the_log_file(tmp_path: pathlib.Path) -> None:

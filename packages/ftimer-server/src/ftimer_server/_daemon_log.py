@@ -124,8 +124,12 @@ def describe(
 
 
 def event_fields(event: Event) -> Dict[str, Any]:
-    """The event as plain fields (``event``: its tag, then its members) for JSON logs."""
+    """The event as flat fields for JSON logs: ``event`` (its tag), then its members, with
+    those of its ``timer`` (pid, scope_id, deadline, ...) lifted to the top."""
     fields: Dict[str, Any] = msgspec.to_builtins(event, str_keys=True)
+    timer = fields.pop("timer", None)
+    if timer is not None:
+        fields.update(timer)
     if isinstance(event, DecodeFailed) and event.excerpt is not None:
         fields["excerpt"] = event.excerpt.decode("utf-8", "backslashreplace")
     return fields

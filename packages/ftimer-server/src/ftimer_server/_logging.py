@@ -162,7 +162,7 @@ class RepeatFilter(logging.Filter):
             return
         last: logging.LogRecord = entry[2]
         summary = logging.makeLogRecord(last.__dict__)
-        summary.msg = "%s [repeated %d more times in %.0f s]"
+        summary.msg = "%s [repeated %d more times in %.1f s]"
         summary.args = (key[2], held, min(now - entry[0], self.window))
         summary.exc_info = None
         summary.exc_text = None

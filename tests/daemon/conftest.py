@@ -1,0 +1,261 @@
+"""Running the real ``ftimer-server`` CLI in subprocesses, and workers that arm timers.
+
+Every wait is on something explicit: readiness arrives as READY=1 on a datagram socket the
+test owns (systemd's protocol), log lines are polled with a deadline, workers are waited
+for by pid. Only processes a test starts are ever signalled: the daemon under test only
+hears from the test's own workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any, Callable, Dict, List, Optional
+
+import pytest
+
+from ftimer_server._control import query_status
+
+PYTHON = sys.executable
+#: How long a test waits for something that normally takes milliseconds.
+PATIENCE = 15.0
+
+WORKER = """
+import sys, time
+from ftimer_client import FileTimerClient
+fifo, scope, after, hang = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+signal = int(sys.argv[5]) if len(sys.argv) > 5 else 9
+client = FileTimerClient(fifo, labels={"test": "daemon"}, signal=signal)
+client.arm(scope, after)
+print("armed", flush=True)
+time.sleep(hang)
+client.release(scope)
+"""
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = PATIENCE, what: str = "") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(0.01)
+
+
+class Notifications:
+    """An AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.received: List[str] = []
+
+    def has(self, line: str) -> bool:
+        return any(line in n.split("\n") for n in self.received)
+
+    def receive(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for one notification."""
+        self.sock.settimeout(max(timeout, 0.001))
+        with contextlib.suppress(socket.timeout):
+            self.received.append(self.sock.recv(4096).decode())
+
+    def wait_for(
+        self, line: str, timeout: float = PATIENCE, alive: Callable[[], bool] = lambda: True
+    ) -> List[str]:
+        """Receive notifications until one has ``line``; return all received so far.
+
+        Fails after ``timeout``, or as soon as ``alive()`` turns false.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.has(line):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not alive():
+                pytest.fail(f"no {line} within {timeout} s; got {self.received}")
+            self.receive(min(remaining, 0.1))
+        return self.received
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class DaemonProcess:
+    """One ``ftimer-server run`` in a subprocess, logging JSON lines to a file."""
+
+    def __init__(
+        self,
+        directory: pathlib.Path,
+        args: List[str],
+        env: Optional[Dict[str, str]] = None,
+        command: Optional[List[str]] = None,
+        name: str = "d",
+    ) -> None:
+        self.dir = directory
+        self.fifo = directory / "timer.fifo"
+        self.log = directory / f"{name}.log"
+        self.notify = Notifications(str(directory / f"{name}.notify"))
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_")}
+        full_env.update(NOTIFY_SOCKET=self.notify.path, **(env or {}))
+        command = command or [PYTHON, "-m", "ftimer_server"]
+        self.args = [
+            *command,
+            "run",
+            "--fifo",
+            str(self.fifo),
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+            "--log-file",
+            str(self.log),
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            self.args, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def ready(self) -> DaemonProcess:
+        """Wait for READY=1 (fails early, with its stderr, if the daemon exits instead)."""
+        try:
+            self.notify.wait_for("READY=1", alive=lambda: self.proc.poll() is None)
+        except pytest.fail.Exception:
+            self.cleanup()
+            assert self.proc.stderr is not None
+            print(f"daemon exit code {self.proc.returncode}; log: {self.records()}")
+            raise
+        return self
+
+    def records(self) -> List[Dict[str, Any]]:
+        """The JSON log lines written so far."""
+        try:
+            text = self.log.read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def wait_for_record(
+        self,
+        timeout: float = PATIENCE,
+        where: Callable[[Dict[str, Any]], bool] = lambda r: True,
+        **match: Any,
+    ) -> Dict[str, Any]:
+        """Wait for a log record whose fields include ``match`` and that passes ``where``."""
+
+        def find() -> Optional[Dict[str, Any]]:
+            for r in self.records():
+                if all(r.get(k) == v for k, v in match.items()) and where(r):
+                    return r
+            return None
+
+        found: Dict[str, Any] = wait_until(find, timeout, what=f"a log record {match}")
+        return found
+
+    def status(self) -> Dict[str, Any]:
+        return query_status(str(self.fifo) + ".sock")
+
+    def armed_scopes(self) -> List[str]:
+        return sorted(t["scope_id"] for t in self.status()["timers"])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = PATIENCE) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        self.notify.close()
+
+
+class Worker:
+    """A worker process that arms one timer through ftimer_client, then hangs."""
+
+    def __init__(
+        self, fifo: pathlib.Path, scope: str, after: float, hang: float, signal: int = 9
+    ) -> None:
+        self.proc = subprocess.Popen(
+            [PYTHON, "-c", WORKER, str(fifo), scope, str(after), str(hang), str(signal)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line != "armed\n":
+            self.proc.wait(5)
+            pytest.fail(f"worker failed to arm: {line!r} {self.proc.stderr.read()}")  # type: ignore[union-attr]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait(self, timeout: float = PATIENCE) -> int:
+        return self.proc.wait(timeout)
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[pathlib.Path]:
+    """A private temporary directory with a short path (AF_UNIX paths are limited)."""
+    d = tempfile.mkdtemp(prefix="ftd-")
+    os.chmod(d, 0o700)
+    yield pathlib.Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def spawn(short_dir: pathlib.Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start daemons in ``short_dir``; every one still running at the end is killed."""
+    started: List[DaemonProcess] = []
+
+    def start(*args: str, **kwargs: Any) -> DaemonProcess:
+        d = DaemonProcess(short_dir, list(args), **kwargs)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.cleanup()
+
+
+@pytest.fixture
+def worker() -> Iterator[Callable[..., Worker]]:
+    """Start workers; every one still running at the end is killed."""
+    started: List[Worker] = []
+
+    def start(*args: Any, **kwargs: Any) -> Worker:
+        w = Worker(*args, **kwargs)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.cleanup()

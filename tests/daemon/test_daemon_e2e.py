@@ -1,0 +1,385 @@
+"""The daemon end to end, through the real CLI in subprocesses, with real workers and signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import stat
+import subprocess
+import time
+import urllib.request
+from typing import Callable
+
+import pytest
+
+from ftimer_server._state import decode_state
+
+from .conftest import PATIENCE, PYTHON, DaemonProcess, Worker, wait_until
+
+Spawn = Callable[..., DaemonProcess]
+StartWorker = Callable[..., Worker]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "ftimer_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_reaps_a_stuck_worker_and_leaves_a_punctual_one(spawn: Spawn, worker: StartWorker) -> None:
+    console_script = pathlib.Path(PYTHON).parent / "ftimer-server"
+    command = [str(console_script)] if console_script.exists() else None
+    d = spawn(command=command).ready()
+    assert stat.S_IMODE(os.lstat(d.fifo).st_mode) == 0o600
+    stuck = worker(d.fifo, "stuck", 0.3, 60)
+    punctual = worker(d.fifo, "punctual", 10, 0.1)
+    assert stuck.wait() == -signal.SIGKILL
+    assert punctual.wait() == 0
+    reaped = d.wait_for_record(event="reaped", pid=stuck.pid)
+    assert reaped["level"] == "warning"
+    assert reaped["signal"] == signal.SIGKILL
+    assert reaped["scope_id"] == "stuck"
+    assert 0 <= reaped["late"] < 1.0
+    d.wait_for_record(event="disarmed", pid=punctual.pid)
+    assert not [r for r in d.records() if r.get("event") == "reaped" and r["pid"] != stuck.pid]
+    assert d.stop() == 0
+
+
+def test_status_as_a_table_and_as_json(spawn: Spawn, worker: StartWorker) -> None:
+    d = spawn().ready()
+    w = worker(d.fifo, "train_step", 60, 60, int(signal.SIGTERM))
+    wait_until(lambda: d.armed_scopes() == ["train_step"], what="the timer in the status")
+    table = run_cli("status", "--fifo", str(d.fifo))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert "enforcing" in lines[0]
+    assert lines[2] == "1 timer armed"
+    assert lines[3].split() == ["PID", "SCOPE", "LEFT", "SIGNAL", "LABELS"]
+    pid, scope, left, sig, labels = lines[4].split()
+    assert (int(pid), scope, sig, labels) == (w.pid, "train_step", "SIGTERM", "test=daemon")
+    assert 50 < float(left.rstrip("s")) <= 60
+    doc = json.loads(run_cli("status", "--fifo", str(d.fifo), "--json").stdout)
+    assert doc["pid"] == d.pid
+    assert doc["fifo"] == str(d.fifo)
+    (timer,) = doc["timers"]
+    assert timer["pid"] == w.pid
+    assert timer["signal"] == signal.SIGTERM
+    assert timer["labels"] == {"test": "daemon"}
+    assert doc["stats"]["requests"]["arm"]["ok"] == 1
+    assert d.stop() == 0
+    # No daemon: a clear message and exit code 1.
+    gone = run_cli("status", "--fifo", str(d.fifo))
+    assert gone.returncode == 1
+    assert "no ftimer-server is running" in gone.stderr
+
+
+def test_kill_9_and_restart_keeps_armed_timers(
+    spawn: Spawn, worker: StartWorker, short_dir: pathlib.Path
+) -> None:
+    state_file = short_dir / "state.json"
+    a = spawn("--state-file", str(state_file), name="a").ready()
+    due_while_down = worker(a.fifo, "due-while-down", 1.0, 60)
+    due_after_restart = worker(a.fifo, "due-after-restart", 4.0, 60)
+    wait_until(lambda: len(a.armed_scopes()) == 2, what="both timers armed")
+    time.sleep(0.25)  # the premise: armed for longer than the 100 ms save bound
+    a.stop(signal.SIGKILL)
+    assert a.proc.returncode == -signal.SIGKILL
+    # The first timer expires while no daemon runs: nobody reaps it yet.
+    wait_until(lambda: time.monotonic() > _deadline(state_file, "due-while-down") + 0.2)
+    assert due_while_down.proc.poll() is None
+    b = spawn("--state-file", str(state_file), name="b").ready()
+    assert due_while_down.wait() == -signal.SIGKILL  # at once on restart
+    late = b.wait_for_record(event="reaped", pid=due_while_down.pid)
+    assert late["late"] > 0.2
+    assert due_after_restart.wait() == -signal.SIGKILL  # on time after restart
+    on_time = b.wait_for_record(event="reaped", pid=due_after_restart.pid)
+    assert on_time["late"] < 1.0
+    restored = [r for r in b.records() if r["msg"].startswith("restored timer")]
+    assert len(restored) == 2
+    assert b.stop() == 0
+    assert decode_state(state_file.read_bytes()).timers == []
+
+
+def _deadline(state_file: pathlib.Path, scope: str) -> float:
+    (timer,) = [t for t in decode_state(state_file.read_bytes()).timers if t.scope_id == scope]
+    return timer.deadline
+
+
+def test_a_dead_worker_in_the_state_file_is_dropped_not_signalled(
+    spawn: Spawn, worker: StartWorker, short_dir: pathlib.Path
+) -> None:
+    state_file = short_dir / "state.json"
+    a = spawn("--state-file", str(state_file), name="a").ready()
+    w = worker(a.fifo, "s", 60, 60)
+    wait_until(lambda: a.armed_scopes() == ["s"])
+    assert a.stop() == 0  # SIGTERM saves the state
+    assert [t.pid for t in decode_state(state_file.read_bytes()).timers] == [w.pid]
+    w.cleanup()  # the worker dies while no daemon runs
+    b = spawn("--state-file", str(state_file), name="b").ready()
+    dropped = b.wait_for_record(event="rejected", request="restore", pid=w.pid)
+    assert dropped["reason"] == "no_such_process"
+    assert b.status()["timers"] == []
+    assert b.stop() == 0
+
+
+def test_corrupt_state_file_is_set_aside_and_the_daemon_runs(
+    spawn: Spawn, worker: StartWorker, short_dir: pathlib.Path
+) -> None:
+    state_file = short_dir / "state.json"
+    state_file.write_bytes(b'{"version": 1, "boot_id": "x", "timers": [{"pid": 1')  # truncated
+    d = spawn("--state-file", str(state_file)).ready()
+    error = d.wait_for_record(level="error", logger="ftimer_server.state")
+    assert "unusable" in error["msg"]
+    aside = [p for p in d.dir.iterdir() if p.name.startswith("state.json.corrupt-")]
+    assert len(aside) == 1
+    assert aside[0].read_bytes().startswith(b'{"version": 1, "boot_id": "x"')
+    w = worker(d.fifo, "s", 0.2, 60)
+    assert w.wait() == -signal.SIGKILL  # it works regardless
+    wait_until(lambda: state_file.exists() and decode_state(state_file.read_bytes()))
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize("kind", ["symlink", "regular file", "directory", "foreign FIFO"])
+def test_unsafe_fifo_paths_are_refused(short_dir: pathlib.Path, kind: str) -> None:
+    path = short_dir / "timer.fifo"
+    target = short_dir / "target"
+    target.write_text("precious")
+    if kind == "symlink":
+        path.symlink_to(target)
+    elif kind == "regular file":
+        path.write_text("precious")
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to create a FIFO owned by another user")
+        os.mkfifo(path, 0o600)
+        os.chown(path, 65534, 65534)
+    before = os.lstat(path)
+    result = run_cli("run", "--fifo", str(path))
+    assert result.returncode == 3, result.stderr
+    assert "refusing" in result.stderr
+    after = os.lstat(path)
+    assert (after.st_ino, after.st_mode, after.st_uid) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_uid,
+    )
+    assert target.read_text() == "precious"
+    assert not (short_dir / "timer.fifo.sock").exists()
+
+
+def test_own_fifo_is_reused_across_restarts(spawn: Spawn, worker: StartWorker) -> None:
+    a = spawn("--fifo-mode", "0620", name="a").ready()
+    inode = os.lstat(a.fifo).st_ino
+    assert stat.S_IMODE(os.lstat(a.fifo).st_mode) == 0o620
+    assert a.stop() == 0
+    b = spawn(name="b").ready()
+    assert os.lstat(b.fifo).st_ino == inode
+    assert stat.S_IMODE(os.lstat(b.fifo).st_mode) == 0o600  # the mode asked for now
+    assert worker(b.fifo, "s", 0.2, 60).wait() == -signal.SIGKILL
+    assert b.stop() == 0
+
+
+def test_a_second_daemon_on_the_same_fifo_is_refused(spawn: Spawn, worker: StartWorker) -> None:
+    a = spawn(name="a").ready()
+    b = spawn(name="b")
+    assert b.proc.wait(PATIENCE) == 3
+    assert any("already running" in r["msg"] for r in b.records())
+    assert worker(a.fifo, "s", 0.2, 60).wait() == -signal.SIGKILL  # the first one still works
+    assert a.stop() == 0
+
+
+def test_sigterm_with_writers_active(spawn: Spawn, short_dir: pathlib.Path) -> None:
+    state_file = short_dir / "state.json"
+    d = spawn("--state-file", str(state_file)).ready()
+    # Writers arm and disarm in a loop (long timers: nobody is reaped) as fast as they can.
+    hammer = (
+        "import sys\n"
+        "from ftimer_client import FileTimerClient\n"
+        "c = FileTimerClient(sys.argv[1], on_unavailable='ignore')\n"
+        "print('go', flush=True)\n"
+        "i = 0\n"
+        "while True:\n"
+        "    c.arm('s%d' % (i % 50), 600); c.release('s%d' % ((i + 25) % 50)); i += 1\n"
+    )
+    writers = [
+        subprocess.Popen([PYTHON, "-c", hammer, str(d.fifo)], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    try:
+        for w in writers:
+            assert w.stdout is not None
+            assert w.stdout.readline() == "go\n"
+        wait_until(lambda: d.status()["stats"]["requests"]["arm"]["ok"] > 1000)
+        start = time.monotonic()
+        assert d.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - start < 5
+        d.notify.wait_for("STOPPING=1")
+        state = decode_state(state_file.read_bytes())
+        assert {t.pid for t in state.timers} <= {w.pid for w in writers}
+        assert any(r["msg"].startswith("saved ") for r in d.records())
+        assert all(w.poll() is None for w in writers)  # writers were not hurt
+    finally:
+        for w in writers:
+            w.kill()
+            w.wait()
+            assert w.stdout is not None
+            w.stdout.close()
+
+
+def test_readiness_watchdog_and_stopping_on_a_real_socket(spawn: Spawn) -> None:
+    d = spawn(env={"WATCHDOG_USEC": "200000"}).ready()  # a keep-alive every 0.1 s
+    ready = next(n for n in d.notify.received if "READY=1" in n)
+    assert f"MAINPID={d.pid}" in ready.split("\n")
+    d.notify.wait_for("WATCHDOG=1")
+    count = sum(n == "WATCHDOG=1" for n in d.notify.received)
+    wait_until(
+        lambda: (
+            (d.notify.receive(0.1), sum(n == "WATCHDOG=1" for n in d.notify.received))[1]
+            >= count + 3
+        ),
+        what="more keep-alives",
+    )
+    assert d.stop() == 0
+    d.notify.wait_for("STOPPING=1")
+
+
+def test_dry_run_logs_and_counts_but_signals_nothing(spawn: Spawn, worker: StartWorker) -> None:
+    d = spawn("--dry-run").ready()
+    w = worker(d.fifo, "s", 0.2, 60)
+    record = d.wait_for_record(event="reaped", pid=w.pid)
+    assert record["msg"].startswith("DRY RUN")
+    assert w.proc.poll() is None  # still alive
+    assert d.status()["stats"]["reaps"] == {"9": 1}
+    assert d.stop() == 0
+
+
+def test_metrics_scraped_over_loopback(spawn: Spawn, worker: StartWorker) -> None:
+    pytest.importorskip("prometheus_client")
+    d = spawn("--metrics-address", "127.0.0.1:0").ready()
+    url = d.wait_for_record(
+        logger="ftimer_server.daemon", level="info", msg=_startswith("metrics on")
+    )
+    address = url["msg"].split()[-1]
+    assert address.startswith("http://127.0.0.1:")
+    w = worker(d.fifo, "s", 0.1, 60)
+    assert w.wait() == -signal.SIGKILL
+    d.wait_for_record(event="reaped", pid=w.pid)
+    with urllib.request.urlopen(address, timeout=PATIENCE) as r:
+        body = r.read().decode()
+    assert 'ftimer_reaps_total{signal="SIGKILL"} 1.0' in body
+    assert 'ftimer_requests_total{result="ok",type="arm"} 1.0' in body
+    assert "ftimer_reap_latency_seconds_count 1.0" in body
+    assert d.stop() == 0
+
+
+class _startswith(str):
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and other.startswith(self)
+
+    __hash__ = str.__hash__
+
+
+def test_metrics_without_the_extra_is_a_usage_error(short_dir: pathlib.Path) -> None:
+    blocker = short_dir / "blocked"
+    (blocker / "prometheus_client").mkdir(parents=True)
+    (blocker / "prometheus_client" / "__init__.py").write_text("raise ImportError('blocked')\n")
+    result = run_cli(
+        "run",
+        "--fifo",
+        str(short_dir / "timer.fifo"),
+        "--metrics-address",
+        "9464",
+        env={"PYTHONPATH": str(blocker)},
+    )
+    assert result.returncode == 2
+    assert "pip install 'ftimer-server[metrics]'" in result.stderr
+    assert not (short_dir / "timer.fifo").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--fifo-mode", "999"], "not an octal mode"),
+        (["run", "--grace", "-1"], "grace"),
+        (["run", "--log-format", "xml"], "invalid choice"),
+        (["run", "--allow-signal", "SIGNOPE"], "unknown signal"),
+        (["run", "--bogus"], "unrecognized arguments"),
+        ([], "required"),
+    ],
+)
+def test_bad_options_exit_2(args: list[str], message: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_bad_config_file_exit_2(short_dir: pathlib.Path) -> None:
+    config = short_dir / "ftimer.toml"
+    config.write_text('fifo = "/x"\nfifo-mod = "0600"\n')
+    result = run_cli("run", "--config", str(config))
+    assert result.returncode == 2
+    assert "unknown field `fifo-mod`" in result.stderr
+
+
+def test_config_file_with_command_line_override(spawn: Spawn, short_dir: pathlib.Path) -> None:
+    config = short_dir / "ftimer.toml"
+    config.write_text('log-level = "warning"\ndry-run = true\n')
+    d = spawn("--config", str(config), "--no-dry-run").ready()
+    doc = d.status()
+    assert doc["dry_run"] is False
+    assert d.stop() == 0
+
+
+def test_sighup_reopens_the_log_and_reloads_the_config(
+    spawn: Spawn, short_dir: pathlib.Path, worker: StartWorker
+) -> None:
+    config = short_dir / "ftimer.toml"
+    config.write_text('log-level = "info"\n')
+    d = spawn("--config", str(config)).ready()
+    rotated = d.log.with_name("d.log.1")
+    d.log.rename(rotated)
+    config.write_text('log-level = "debug"\nmax-timers = 5\n')
+    d.proc.send_signal(signal.SIGHUP)
+    d.notify.wait_for("RELOADING=1")
+    reloaded = d.wait_for_record(msg=_startswith("config reloaded"))
+    assert reloaded["level"] == "info"
+    needs_restart = d.wait_for_record(level="warning", logger="ftimer_server.daemon")
+    assert "max-timers" in needs_restart["msg"]
+    # The new file gets the new lines, at the new level (armed is a debug line).
+    w = worker(d.fifo, "s", 60, 60)
+    d.wait_for_record(event="armed", pid=w.pid)
+    assert not any(
+        r.get("event") == "armed" for r in map(json.loads, rotated.read_text().splitlines())
+    )
+    assert d.stop() == 0
+
+
+def test_a_flood_of_bad_input_is_logged_a_few_times_with_a_count(spawn: Spawn) -> None:
+    d = spawn().ready()
+    fd = os.open(d.fifo, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        for _ in range(20):
+            os.write(fd, b"this is not json\n" * 50)
+    finally:
+        os.close(fd)
+    wait_until(lambda: d.status()["stats"]["decode_errors"].get("MalformedMessage") == 1000)
+    assert d.stop() == 0
+    bad = [r for r in d.records() if r.get("event") == "decode_failed"]
+    assert len(bad) == 4  # three lines, then one summary at shutdown
+    assert "repeated" not in bad[2]["msg"]
+    assert "[repeated 997 more times in" in bad[3]["msg"]
+    assert bad[3]["repeated"] == 997
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("ftimer-server ")

@@ -1,5 +1,167 @@
-"""The README's main job. Until the server exists it runs the protocol's self-check."""
+"""The README's main job: a watchdog reaps a stuck worker and leaves a punctual one alone.
 
-import runpy
+    nox -s demo            (or: python docs/examples/demo.py, with the packages installed)
 
-runpy.run_module("ftimer_protocol", run_name="__main__")
+1. starts ``ftimer-server run`` on a FIFO in a temporary directory (and waits for it the
+   way systemd does: READY=1 on a notification socket);
+2. starts worker 1, which arms a 1 s timer around a step that hangs: the daemon reaps it;
+3. starts worker 2, which arms a 5 s timer around a 1 s step, and asks the daemon what it
+   has armed (``ftimer-server status``) while it runs: worker 2 is left alone;
+4. stops the daemon with SIGTERM and sums up. Everything is removed afterwards.
+
+Exit status 0 when both workers ended as they should.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import List, Optional, TextIO
+
+HERE = pathlib.Path(__file__).resolve().parent
+PYTHON = sys.executable
+PATIENCE = 20.0  # seconds: generous, for a slow first start on a busy machine
+
+
+def relay(stream: TextIO, prefix: str) -> threading.Thread:
+    """Copy ``stream`` to our stdout, line by line, with ``prefix``."""
+
+    def run() -> None:
+        for line in stream:
+            print(f"{prefix}{line}", end="", flush=True)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def start_daemon(
+    directory: pathlib.Path, fifo: pathlib.Path, notify: socket.socket
+) -> subprocess.Popen[str]:
+    """Start the daemon and return once it has said READY=1 on ``notify``."""
+    notify_path = str(directory / "notify.sock")
+    notify.bind(notify_path)
+    cmd = [PYTHON, "-m", "ftimer_server", "run", "--fifo", str(fifo), "--log-level", "debug"]
+    print(f"$ ftimer-server run --fifo {fifo} --log-level debug")
+    daemon = subprocess.Popen(
+        cmd,
+        env={**os.environ, "NOTIFY_SOCKET": notify_path},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert daemon.stderr is not None
+    relay(daemon.stderr, "  daemon   | ")
+    notify.settimeout(0.2)
+    deadline = time.monotonic() + PATIENCE
+    while True:
+        if daemon.poll() is not None:
+            raise SystemExit(f"the daemon exited with status {daemon.returncode}")
+        if time.monotonic() > deadline:
+            daemon.kill()
+            raise SystemExit("the daemon did not become ready")
+        try:
+            if b"READY=1" in notify.recv(4096).split(b"\n"):
+                return daemon
+        except socket.timeout:
+            pass
+
+
+def run_worker(
+    fifo: pathlib.Path, name: str, timeout: float, work: float, while_running: bool = False
+) -> int:
+    """Run docs/examples/worker.py to completion (or to its reaping); return its status.
+
+    With ``while_running``, show ``ftimer-server status`` once the worker has armed.
+    """
+    cmd = [
+        PYTHON,
+        str(HERE / "worker.py"),
+        "--fifo",
+        str(fifo),
+        "--name",
+        name,
+        "--timeout",
+        str(timeout),
+        "--work",
+        str(work),
+    ]
+    worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert worker.stdout is not None
+    prefix = "  " + name + " | "
+    print(prefix + worker.stdout.readline(), end="", flush=True)  # armed
+    if while_running:
+        print(f"$ ftimer-server status --fifo {fifo}")
+        status = subprocess.run(
+            [PYTHON, "-m", "ftimer_server", "status", "--fifo", str(fifo)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=PATIENCE,
+        )
+        for line in (status.stdout + status.stderr).splitlines():
+            print(f"  status   | {line}")
+    relay(worker.stdout, prefix).join(PATIENCE)
+    try:
+        return worker.wait(PATIENCE)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        return worker.wait()
+
+
+def describe(status: int) -> str:
+    if status < 0:
+        return f"killed by {signal.Signals(-status).name}, exit status {status}"
+    return f"exit status {status}"
+
+
+def main() -> int:
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="ftimer-demo-"))
+    os.chmod(directory, 0o700)
+    fifo = directory / "timer.fifo"
+    daemon: Optional[subprocess.Popen[str]] = None
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # stands in for systemd
+    summary: List[str] = []
+    ok = True
+    try:
+        print("\n== 1. the watchdog daemon")
+        daemon = start_daemon(directory, fifo, notify)
+
+        print("\n== 2. worker 1: a step that hangs, under a 1 s timer")
+        status = run_worker(fifo, "worker 1", timeout=1, work=60)
+        ok &= status == -signal.SIGKILL
+        summary.append(f"worker 1: hung past its 1 s timer -> reaped, {describe(status)}")
+
+        print("\n== 3. worker 2: a 1 s step, under a 5 s timer")
+        status = run_worker(fifo, "worker 2", timeout=5, work=1, while_running=True)
+        ok &= status == 0
+        summary.append(f"worker 2: finished in time -> left alone, {describe(status)}")
+
+        print("\n== 4. stopping the daemon (SIGTERM)")
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(PATIENCE)
+        ok &= code == 0
+        summary.append(f"daemon: clean shutdown on SIGTERM, exit status {code}")
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        notify.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+    print("\n== summary")
+    for line in summary:
+        print(f"  {line}")
+    print("  demo " + ("OK" if ok else "FAILED: see above"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

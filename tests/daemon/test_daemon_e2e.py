@@ -66,6 +66,7 @@ def test_status_as_a_table_and_as_json(spawn: Spawn, worker: StartWorker) -> Non
     assert 50 < float(left.rstrip("s")) <= 60
     doc = json.loads(run_cli("status", "--fifo", str(d.fifo), "--json").stdout)
     assert doc["pid"] == d.pid
+    assert doc["healthy"] is True
     assert doc["fifo"] == str(d.fifo)
     (timer,) = doc["timers"]
     assert timer["pid"] == w.pid

@@ -2,8 +2,8 @@
 
 Exit codes (also in docs/deploy.md):
 
-- 0: clean shutdown (SIGTERM / SIGINT), or ``status`` answered.
-- 1: ``status`` found no running daemon; the daemon failed while running.
+- 0: clean shutdown (SIGTERM / SIGINT), or ``status`` answered and the daemon is healthy.
+- 1: ``status`` found no running daemon, or one whose FIFO reader does not answer.
 - 2: bad command-line options or config file.
 - 3: start-up refused: unsafe or unusable FIFO path, another daemon on the same FIFO,
   metrics address in use, state directory not writable, ...
@@ -149,6 +149,9 @@ def _status(path: str, as_json: bool, out: TextIO = sys.stdout) -> int:
         out.write("\n")
     else:
         out.write(format_status(doc))
+    if not doc.get("healthy", False):
+        _error(f"the daemon on {path} answers, but its FIFO reader does not")
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -174,8 +177,9 @@ def format_status(doc: Dict[str, Any]) -> str:
     """Render the daemon's status document as a header and a table of armed timers."""
     timers: List[Dict[str, Any]] = sorted(doc.get("timers", []), key=lambda t: t["remaining"])
     mode = "DRY RUN (expiries are logged, not signalled)" if doc.get("dry_run") else "enforcing"
+    health = "" if doc.get("healthy") else ", NOT READING ITS FIFO"
     lines = [
-        f"ftimer-server {doc.get('version', '?')} (pid {doc.get('pid', '?')}), {mode}",
+        f"ftimer-server {doc.get('version', '?')} (pid {doc.get('pid', '?')}), {mode}{health}",
         f"FIFO {doc.get('fifo', '?')}, up {_duration(doc.get('uptime', 0.0))}",
         f"{len(timers)} timer{'s' if len(timers) != 1 else ''} armed",
     ]

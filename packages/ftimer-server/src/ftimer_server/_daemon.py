@@ -50,6 +50,8 @@ EXIT_USAGE = 2
 EXIT_STARTUP = 3
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Seconds the status request waits for the server loop to answer a sync.
+_HEALTH_TIMEOUT = 2.0
 #: Settings a SIGHUP applies in place; any other change needs a restart.
 _RELOADABLE = ("log_format", "log_level", "config_file")
 
@@ -290,10 +292,17 @@ class Daemon:
         server = self._server
         assert server is not None
         c = self.config
+        # A round trip through the FIFO: proves the server loop reads and applies.
+        try:
+            server.sync(timeout=_HEALTH_TIMEOUT)
+            healthy = True
+        except (TimeoutError, RuntimeError):
+            healthy = False
         now = time.monotonic()
         return {
             "version": __version__,
             "pid": os.getpid(),
+            "healthy": healthy,
             "fifo": c.fifo,
             "control_socket": c.control_socket,
             "state_file": c.state_file,

@@ -1,0 +1,152 @@
+"""What operators read: the status table and the log line of each server event."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import pytest
+
+from ftimer_server import (
+    Armed,
+    DecodeFailed,
+    Disarmed,
+    Escalated,
+    Event,
+    Expired,
+    Reaped,
+    Rejected,
+    RejectReason,
+    Timer,
+    WorkerGone,
+)
+from ftimer_server._cli import format_status
+from ftimer_server._daemon_log import describe, event_fields
+
+T = Timer(42, "step", 110.0, 9, 1234, {"rank": "3"})
+
+
+def status_doc(**overrides: object) -> dict[str, object]:
+    step = {"pid": 42, "scope_id": "step", "signal": 9, "remaining": 9.96, "labels": {"rank": "3"}}
+    doc: dict[str, object] = {
+        "version": "1.2.3",
+        "pid": 7,
+        "healthy": True,
+        "fifo": "/run/ftimer/timer.fifo",
+        "dry_run": False,
+        "uptime": 3725.0,
+        "timers": [
+            step,
+            {"pid": 43, "scope_id": "eval-loop", "signal": 15, "remaining": -0.5, "labels": None},
+            {"pid": 44, "scope_id": "report", "signal": 0, "remaining": 600.0, "labels": {}},
+        ],
+    }
+    doc.update(overrides)
+    return doc
+
+
+def test_status_table() -> None:
+    assert format_status(status_doc()).splitlines() == [
+        "ftimer-server 1.2.3 (pid 7), enforcing",
+        "FIFO /run/ftimer/timer.fifo, up 1h02m",
+        "3 timers armed",
+        "PID  SCOPE      LEFT    SIGNAL       LABELS",
+        "43   eval-loop  -0.5s   SIGTERM",  # overdue first: it is being reaped
+        "42   step       10.0s   SIGKILL      rank=3",
+        "44   report     10m00s  report-only",
+    ]
+
+
+def test_status_header_flags_dry_run_and_an_unhealthy_reader() -> None:
+    text = format_status(status_doc(dry_run=True, healthy=False, timers=[]))
+    assert text.splitlines() == [
+        "ftimer-server 1.2.3 (pid 7), DRY RUN (expiries are logged, not signalled), "
+        "NOT READING ITS FIFO",
+        "FIFO /run/ftimer/timer.fifo, up 1h02m",
+        "0 timers armed",
+    ]
+
+
+def reaped(**overrides: object) -> Reaped:
+    fields: dict[str, object] = {
+        "pid": 42,
+        "start_time": 1234,
+        "signal": 9,
+        "scope_id": "step",
+        "late": 0.0012,
+        "delivered": True,
+        "timers": (T,),
+        "labels": {"rank": "3"},
+    }
+    fields.update(overrides)
+    return Reaped(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("event", "level", "text"),
+    [
+        (Armed(T), logging.DEBUG, "armed: pid 42 scope 'step', SIGKILL in 10.000 s"),
+        (Armed(T, rearmed=True), logging.DEBUG, "re-armed: pid 42 scope 'step', SIGKILL in"),
+        (Disarmed(T), logging.DEBUG, "disarmed: pid 42 scope 'step'"),
+        (Expired(T, 0.002), logging.WARNING, "expired: pid 42 scope 'step' (SIGKILL), 2.0 ms"),
+        (reaped(), logging.WARNING, "reaped: pid 42 with SIGKILL (timer 'step', 1.2 ms late)"),
+        (
+            reaped(delivered=False, error="EPERM"),
+            logging.ERROR,
+            "could not reap pid 42 with SIGKILL (timer 'step', 1.2 ms late): EPERM",
+        ),
+        (
+            Escalated(42, 1234, 9, 10.0, True),
+            logging.WARNING,
+            "escalated: pid 42 still alive 10.0 s after its signal, sent SIGKILL",
+        ),
+        (WorkerGone(42, 1234, (T,)), logging.INFO, "worker exited: pid 42, 1 timer(s) dropped"),
+        (WorkerGone(42, 1234), logging.DEBUG, "worker exited: pid 42, 0 timer(s) dropped"),
+        (
+            Rejected(RejectReason.RESERVED_PID, "arm", 1, "s"),
+            logging.WARNING,
+            "refused arm: pid 1 scope 's': reserved_pid",
+        ),
+        (
+            Rejected(RejectReason.NO_SUCH_PROCESS, "restore", 42, "s"),
+            logging.INFO,
+            "saved timer not restored: pid 42 scope 's': no_such_process",
+        ),
+        (
+            DecodeFailed("MalformedMessage", "JSON is malformed", b"junk"),
+            logging.WARNING,
+            "dropped an invalid line from the FIFO: MalformedMessage: JSON is malformed: b'junk'",
+        ),
+    ],
+)
+def test_event_lines(event: Event, level: int, text: str) -> None:
+    got_level, fmt, args = describe(event, now=100.0)
+    assert got_level == level
+    assert (fmt % args).startswith(text)
+
+
+def test_dry_run_wording() -> None:
+    _, fmt, args = describe(reaped(signal=int(signal.SIGTERM)), dry_run=True)
+    assert (fmt % args).startswith("DRY RUN, not signalled: would have reaped pid 42 with SIGTERM")
+    _, fmt, args = describe(Escalated(42, 1, 9, 5.0, True), dry_run=True)
+    assert (fmt % args).startswith("DRY RUN, not signalled: escalated")
+
+
+def test_restored_timers_are_info() -> None:
+    level, fmt, args = describe(Armed(T), restoring=True, now=100.0)
+    assert level == logging.INFO
+    assert fmt % args == "restored timer: pid 42 scope 'step', SIGKILL in 10.000 s"
+
+
+def test_json_fields_are_flat() -> None:
+    assert event_fields(Expired(T, 0.5)) == {
+        "event": "expired",
+        "late": 0.5,
+        "pid": 42,
+        "scope_id": "step",
+        "deadline": 110.0,
+        "signal": 9,
+        "start_time": 1234,
+        "labels": {"rank": "3"},
+    }
+    assert event_fields(DecodeFailed("LineTooLong", "too long", b"\xff{"))["excerpt"] == "\\xff{"

@@ -110,7 +110,7 @@ def test_block_exception_propagates_unchanged_when_the_disarm_fails(peer: FifoPe
 
 
 def test_full_pipe_waits_a_bounded_time_then_fails_fast(peer: FifoPeer) -> None:
-    client = FileTimerClient(peer.path, write_timeout=0.3, labels={})
+    client = FileTimerClient(peer.path, write_timeout=1.0, labels={})
     client.arm("a", 60)
     peer.wait_count(1)
     peer.pause()
@@ -118,14 +118,14 @@ def test_full_pipe_waits_a_bounded_time_then_fails_fast(peer: FifoPeer) -> None:
     start = time.monotonic()
     with pytest.raises(ServerStalled) as info:
         client.arm("b", 60)
-    assert 0.25 <= time.monotonic() - start < 5
+    assert 0.95 <= time.monotonic() - start < 10
     assert info.value.errno == errno.EAGAIN
     assert not isinstance(info.value, BlockingIOError)
     # Still stalled: fail at once rather than stall every step.
     start = time.monotonic()
     with pytest.raises(ServerStalled):
         client.release("a")
-    assert time.monotonic() - start < 0.2
+    assert time.monotonic() - start < 0.5
     # The server drains: the next message brings it up to date first.
     peer.take()
     peer.resume()

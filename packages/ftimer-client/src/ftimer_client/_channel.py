@@ -204,11 +204,6 @@ class Channel:
                 self._close()
                 self._retry = None
 
-    @property
-    def connected(self) -> bool:
-        """Whether a descriptor is open on the FIFO (version 2 between messages)."""
-        return self._fd >= 0
-
     # -- delivery (lock held) -----------------------------------------------------------
 
     def _deliver(self, line: Optional[bytes], timeout: float) -> None:

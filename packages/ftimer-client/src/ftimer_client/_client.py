@@ -139,9 +139,9 @@ class FileTimerClient:
         v2 = self._v2
         if v2 is None:
             sig = None if signal is None else check_signal(signal)
-            expiration_time = time.time() + after
-            if expiration_time < 0.0:
-                expiration_time = 0.0  # already past, as a v2 deadline would be
+            # A time long past arms an expired timer, as a v2 deadline does (NaN stays
+            # NaN, and is refused).
+            expiration_time = max(time.time() + after, 0.0)
             line = self._v1_line(scope_id, expiration_time, sig)
         else:
             deadline = _monotonic() + after

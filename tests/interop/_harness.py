@@ -61,6 +61,11 @@ class Process:
         """Everything the command printed so far (stdout and stderr)."""
         return self.log.read_text(errors="replace")
 
+    def command_pid(self) -> int:
+        """The pid of the command itself (the subreaper's child)."""
+        out = self.wait_output("[subreaper] pid ", timeout=30)
+        return int(out.split("[subreaper] pid ", 1)[1].split(":", 1)[0])
+
     def wait(self, timeout: float) -> int:
         """Wait for the command to end and return its status (-N: killed by signal N).
 

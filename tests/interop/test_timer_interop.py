@@ -109,8 +109,8 @@ def test_torch_client_against_ftimer_server(
     assert reaped["delivered"] is True
     assert reaped["scope_id"] == (scope or torch_default_scope(torch_timer))
     # The server saw the on-time worker's timers, and it outlived them all untouched.
-    assert on_time_pid in {e["timer"]["pid"] for e in daemon.events("armed")}
-    assert on_time_pid not in {e["timer"]["pid"] for e in daemon.events("expired")}
+    assert on_time_pid in {e["pid"] for e in daemon.events("armed")}
+    assert on_time_pid not in {e["pid"] for e in daemon.events("expired")}
     assert [e["pid"] for e in daemon.events("reaped")] == [stuck_pid]
 
 

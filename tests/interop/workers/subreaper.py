@@ -6,11 +6,13 @@ process it caused, it starts each command under this launcher: a Linux child sub
 (``prctl(PR_SET_CHILD_SUBREAPER)``), so orphaned descendants are re-parented here instead
 of to init. When the command exits, or when this launcher gets SIGTERM/SIGINT, every
 remaining descendant is SIGKILLed and reaped. The launcher then ends the way its command
-did: the same exit code, or the same signal.
+did: the same exit code, or the same signal. It prints the command's pid on stderr first:
+``[subreaper] pid N: CMD...``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -53,10 +55,8 @@ def kill_all_descendants() -> None:
     me = os.getpid()
     while True:
         for pid in descendants(me):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         try:
             os.waitpid(-1, 0)
         except ChildProcessError:
@@ -81,7 +81,9 @@ def main(argv: List[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        status = subprocess.Popen(argv).wait()
+        child = subprocess.Popen(argv)
+        print(f"[subreaper] pid {child.pid}: {' '.join(argv)}", file=sys.stderr, flush=True)
+        status = child.wait()
     finally:
         kill_all_descendants()
     if stop:

@@ -36,7 +36,7 @@ def main(argv: List[str]) -> int:
     args = parser.parse_args(argv)
 
     if args.api == "torch":
-        import torch.distributed.elastic.timer as timer
+        from torch.distributed.elastic import timer
     else:
         import ftimer_client as timer
     options: Dict[str, Any] = {}

@@ -33,9 +33,11 @@ def test_defaults_follow_the_documented_fifo_path() -> None:
     assert config == DaemonConfig(fifo=expected, control_socket=expected + ".sock")
 
 
-def test_torchelastic_timer_file_is_the_default_fifo() -> None:
+def test_fifo_from_the_environment_as_the_client_reads_it() -> None:
     config = resolve_config({}, environ={"TORCHELASTIC_TIMER_FILE": "/tmp/te/timer"})
     assert config.fifo == "/tmp/te/timer"
+    both = {"TORCHELASTIC_TIMER_FILE": "/tmp/te/timer", "FTIMER_FIFO": "/tmp/ft/timer"}
+    assert resolve_config({}, environ=both).fifo == "/tmp/ft/timer"
 
 
 def test_file_settings_and_command_line_precedence(tmp_path: pathlib.Path) -> None:
@@ -144,6 +146,7 @@ def test_parse_address_rejects(value: str) -> None:
     ("cli", "message"),
     [
         ({"grace": -1.0}, "grace"),
+        ({"state_interval": 0.0}, "state-interval"),
         ({"log_format": "xml"}, "log format"),
         ({"log_level": "loud"}, "log level"),
         ({"max_timers": 0}, "max-timers"),

@@ -40,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--fifo",
         metavar="PATH",
-        help="the FIFO (default: $TORCHELASTIC_TIMER_FILE, else /run/ftimer/timer.fifo for "
-        "root, $XDG_RUNTIME_DIR/ftimer/timer.fifo or /tmp/ftimer-UID/timer.fifo otherwise)",
+        help="the FIFO (default: $FTIMER_FIFO, $TORCHELASTIC_TIMER_FILE, else "
+        "/run/ftimer/timer.fifo for root, $XDG_RUNTIME_DIR/ftimer/timer.fifo or "
+        "/tmp/ftimer-UID/timer.fifo otherwise)",
     )
     common.add_argument(
         "--control-socket", metavar="PATH", help="status socket (default: the FIFO path + .sock)"
@@ -65,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--state-file", metavar="PATH", help="save armed timers here to survive restarts"
+    )
+    run.add_argument(
+        "--state-interval",
+        type=float,
+        metavar="SECONDS",
+        help="longest delay between a change and its save, and shortest between two "
+        "saves (default: 0.1)",
     )
     run.add_argument(
         "--allow-uid",

@@ -1,7 +1,8 @@
 """The daemon's settings: a TOML file and command-line options merged into one frozen config.
 
-Precedence: command line, then the config file, then the environment
-(``TORCHELASTIC_TIMER_FILE`` for the FIFO path), then built-in defaults. The file is read
+Precedence: command line, then the config file, then the environment (``FTIMER_FIFO``,
+then ``TORCHELASTIC_TIMER_FILE``, for the FIFO path, as the client reads them), then
+built-in defaults. The file is read
 with msgspec into a typed struct that forbids unknown keys, so a typo is an error rather
 than a silently ignored setting. Keys are the long option names without dashes in front::
 
@@ -48,8 +49,9 @@ __all__ = [
     "resolve_config",
 ]
 
-#: Environment variable torch's elastic agent sets for its workers; honoured as the default.
-FIFO_ENV = "TORCHELASTIC_TIMER_FILE"
+#: Environment variables naming the FIFO, in the client's order (torch's agent sets the
+#: second one for its workers).
+FIFO_ENV = ("FTIMER_FIFO", "TORCHELASTIC_TIMER_FILE")
 
 
 class ConfigError(Exception):
@@ -65,6 +67,7 @@ class FileSettings(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", k
     control_socket: Optional[str] = None
     grace: Optional[float] = None
     state_file: Optional[str] = None
+    state_interval: Optional[float] = None
     allow_uids: Optional[List[int]] = None
     allow_signals: Optional[List[Union[int, str]]] = None
     descendants_only: Optional[bool] = None
@@ -92,6 +95,8 @@ class DaemonConfig:
         grace: seconds a worker signalled with anything but SIGKILL has before SIGKILL;
             None: no escalation.
         state_file: where armed timers are saved, or None.
+        state_interval: at most this many seconds pass between a change of the armed
+            timers and its save (and at least this many between two saves).
         allow_uids: only processes of these uids get timers; None: any user's.
         allow_signals: signals a timer may ask for (0, report only, always may); None: any.
         descendants_only: only descendants of the daemon get timers.
@@ -108,6 +113,7 @@ class DaemonConfig:
     control_socket: str = ""
     grace: Optional[float] = None
     state_file: Optional[str] = None
+    state_interval: float = 0.1
     allow_uids: Optional[FrozenSet[int]] = None
     allow_signals: Optional[FrozenSet[int]] = None
     descendants_only: bool = False
@@ -228,8 +234,8 @@ def resolve_config(
     Args:
         cli: setting name (as in `FileSettings`) -> value; None means not given.
         file: the config file's settings, if any.
-        environ: for ``TORCHELASTIC_TIMER_FILE`` and the default path's
-            ``XDG_RUNTIME_DIR``; ``os.environ`` by default.
+        environ: for ``FTIMER_FIFO`` / ``TORCHELASTIC_TIMER_FILE`` and the default
+            path's ``XDG_RUNTIME_DIR``; ``os.environ`` by default.
         config_file: recorded in the config for reloads.
 
     Raises:
@@ -243,11 +249,15 @@ def resolve_config(
             value = getattr(file, name)
         merged[name] = value
 
-    fifo = merged["fifo"] or env.get(FIFO_ENV) or default_fifo_path(environ=env)
+    from_env = next((env[name] for name in FIFO_ENV if env.get(name)), None)
+    fifo = merged["fifo"] or from_env or default_fifo_path(environ=env)
     fifo = os.path.abspath(fifo)
     grace = merged["grace"]
     if grace is not None and not 0 <= grace <= 86400:
         raise ConfigError(f"grace {grace} must be between 0 and 86400 seconds")
+    state_interval = 0.1 if merged["state_interval"] is None else merged["state_interval"]
+    if not 0.01 <= state_interval <= 60:
+        raise ConfigError(f"state-interval {state_interval} must be between 0.01 and 60 seconds")
     for name in ("max_timers", "max_timers_per_pid"):
         if merged[name] is not None and merged[name] < 1:
             raise ConfigError(f"{name.replace('_', '-')} {merged[name]} must be at least 1")
@@ -274,6 +284,7 @@ def resolve_config(
         control_socket=path("control_socket") or control_socket_for(fifo),
         grace=grace,
         state_file=path("state_file"),
+        state_interval=state_interval,
         allow_uids=None if uids is None else frozenset(uids),
         allow_signals=opt("allow_signals", lambda v: frozenset(parse_signal(x) for x in v)),
         descendants_only=bool(merged["descendants_only"]),

@@ -176,7 +176,7 @@ class Daemon:
             raise StartupError(f"control socket {c.control_socket}: {e}") from None
         self._control = control
         if c.state_file is not None:
-            self._saver = StateSaver(c.state_file, server.armed, boot_id)
+            self._saver = StateSaver(c.state_file, server.armed, boot_id, c.state_interval)
             self._saver.start()
         if self._metrics is not None and c.metrics_address is not None:
             try:

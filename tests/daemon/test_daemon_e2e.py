@@ -85,8 +85,8 @@ def test_kill_9_and_restart_keeps_armed_timers(
 ) -> None:
     state_file = short_dir / "state.json"
     a = spawn("--state-file", str(state_file), name="a").ready()
-    due_while_down = worker(a.fifo, "due-while-down", 1.0, 60)
     due_after_restart = worker(a.fifo, "due-after-restart", 4.0, 60)
+    due_while_down = worker(a.fifo, "due-while-down", 1.5, 60)  # ~1.2 s of margin to kill
     wait_until(lambda: len(a.armed_scopes()) == 2, what="both timers armed")
     time.sleep(0.25)  # the premise: armed for longer than the 100 ms save bound
     a.stop(signal.SIGKILL)

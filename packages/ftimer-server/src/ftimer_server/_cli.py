@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, Dict, List, Optional, TextIO
 
-from ._config import ConfigError, FileSettings, load_config_file, resolve_config
+from ._config import (
+    ConfigError,
+    FileSettings,
+    load_config_file,
+    resolve_config,
+    signal_label,
+)
 from ._control import DaemonNotRunning, query_status
 from ._daemon import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_daemon
 from ._logging import LOG_FORMATS, LOG_LEVELS
@@ -163,15 +168,6 @@ def _status(path: str, as_json: bool, out: TextIO = sys.stdout) -> int:
     return EXIT_OK
 
 
-def _signal_name(num: int) -> str:
-    if num == 0:
-        return "report-only"
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return str(num)
-
-
 def _duration(seconds: float) -> str:
     if abs(seconds) < 120:
         return f"{seconds:.1f}s"
@@ -200,7 +196,7 @@ def format_status(doc: Dict[str, Any]) -> str:
                     str(t["pid"]),
                     t["scope_id"],
                     _duration(t["remaining"]),
-                    _signal_name(t["signal"]),
+                    signal_label(t["signal"]),
                     labels,
                 )
             )

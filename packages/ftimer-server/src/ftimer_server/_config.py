@@ -47,6 +47,7 @@ __all__ = [
     "load_config_file",
     "parse_signal",
     "resolve_config",
+    "signal_label",
 ]
 
 #: Environment variables naming the FIFO, in the client's order (torch's agent sets the
@@ -164,6 +165,16 @@ def parse_signal(value: Union[int, str]) -> int:
     if sig is None:
         raise ConfigError(f"unknown signal {value!r}")
     return int(sig)
+
+
+def signal_label(num: int) -> str:
+    """``9`` -> ``"SIGKILL"``, ``0`` -> ``"report-only"``; an unnamed number stays a number."""
+    if num == 0:
+        return "report-only"
+    try:
+        return signal_module.Signals(num).name
+    except ValueError:
+        return str(num)
 
 
 def parse_mode(value: Union[int, str]) -> int:

@@ -168,7 +168,7 @@ class Daemon:
         try:
             server.start()
         except FifoError as e:
-            raise StartupError(f"refusing FIFO {e.path}: {e.reason}") from None
+            raise StartupError(f"FIFO {e.path}: {e.reason}") from None
         self._server = server
         try:
             control.start()

@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import msgspec
 
+from ._config import signal_label
 from ._events import (
     Armed,
     DecodeFailed,
@@ -24,7 +25,6 @@ from ._events import (
     RejectReason,
     WorkerGone,
 )
-from ._metrics import signal_name
 
 __all__ = ["describe", "event_fields"]
 
@@ -32,10 +32,6 @@ Line = Tuple[int, str, Tuple[Any, ...]]
 
 # Refusals of a saved timer whose worker died while the daemon was down are expected.
 _ROUTINE_RESTORE = (RejectReason.NO_SUCH_PROCESS, RejectReason.IDENTITY_MISMATCH)
-
-
-def _sig(num: int) -> str:
-    return "report only" if num == 0 else signal_name(num)
 
 
 def describe(
@@ -56,13 +52,13 @@ def describe(
             return (
                 logging.INFO,
                 "restored timer: pid %d scope %r, %s in %.3f s",
-                (t.pid, t.scope_id, _sig(t.signal), left),
+                (t.pid, t.scope_id, signal_label(t.signal), left),
             )
         verb = "re-armed" if event.rearmed else "armed"
         return (
             logging.DEBUG,
             "%s: pid %d scope %r, %s in %.3f s",
-            (verb, t.pid, t.scope_id, _sig(t.signal), left),
+            (verb, t.pid, t.scope_id, signal_label(t.signal), left),
         )
     if isinstance(event, Disarmed):
         return logging.DEBUG, "disarmed: pid %d scope %r", (event.timer.pid, event.timer.scope_id)
@@ -71,10 +67,10 @@ def describe(
         return (
             logging.WARNING,
             "expired: pid %d scope %r (%s), %.1f ms after its deadline",
-            (t.pid, t.scope_id, _sig(t.signal), event.late * 1e3),
+            (t.pid, t.scope_id, signal_label(t.signal), event.late * 1e3),
         )
     if isinstance(event, Reaped):
-        args = (event.pid, _sig(event.signal), event.scope_id, event.late * 1e3)
+        args = (event.pid, signal_label(event.signal), event.scope_id, event.late * 1e3)
         if dry_run:
             return (
                 logging.WARNING,
@@ -94,7 +90,7 @@ def describe(
         return (
             logging.WARNING,
             "%sescalated: pid %d still alive %.1f s after its signal, sent %s%s",
-            (prefix, event.pid, event.after, _sig(event.signal), outcome),
+            (prefix, event.pid, event.after, signal_label(event.signal), outcome),
         )
     if isinstance(event, WorkerGone):
         n = len(event.timers)

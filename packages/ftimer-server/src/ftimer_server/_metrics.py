@@ -10,10 +10,10 @@ default), so two daemons in one process (tests, embedding) do not clash.
 from __future__ import annotations
 
 import importlib
-import signal as signal_module
 from collections.abc import Iterator
 from typing import Any, Callable, Optional, Tuple
 
+from ._config import signal_label
 from ._stats import Stats
 
 __all__ = ["REAP_LATENCY_BUCKETS", "Metrics", "MetricsUnavailable"]
@@ -35,14 +35,6 @@ def _prometheus() -> Any:
         raise MetricsUnavailable(
             "metrics need prometheus_client: pip install 'ftimer-server[metrics]'"
         ) from None
-
-
-def signal_name(num: int) -> str:
-    """``9`` -> ``"SIGKILL"``; a number without a name stays a number."""
-    try:
-        return signal_module.Signals(num).name
-    except ValueError:
-        return str(num)
 
 
 class _StatsCollector:
@@ -92,7 +84,7 @@ class _StatsCollector:
             "ftimer_reaps", "Workers reaped, by signal.", labels=["signal"]
         )
         for num, n in sorted(s.reaps.items()):
-            reaps.add_metric([signal_name(num)], n)
+            reaps.add_metric([signal_label(num)], n)
         yield reaps
         for name, doc, value in (
             ("ftimer_reap_failures", "Reaps whose signal could not be delivered.", s.reap_failures),

@@ -29,7 +29,7 @@ import msgspec
 from ._config import ConfigError, DaemonConfig, load_config_file, resolve_config
 from ._control import ControlServer, ControlSocketBusy
 from ._daemon_log import describe, event_fields
-from ._events import DecodeFailed, Event, Reaped, Rejected
+from ._events import Armed, DecodeFailed, Disarmed, Event, Reaped, Rejected
 from ._fifo import FifoError
 from ._logging import LoggingSetup
 from ._metrics import Metrics, MetricsUnavailable
@@ -269,6 +269,10 @@ class Daemon:
         if t is Reaped and self._metrics is not None:
             assert isinstance(event, Reaped)
             self._metrics.reaped(event.late)
+        # The hot path: arms and disarms are debug lines, usually off; skip formatting them.
+        routine = t is Disarmed or (t is Armed and not self._restoring)
+        if routine and not events_log.isEnabledFor(logging.DEBUG):
+            return
         level, msg, args = describe(event, self.config.dry_run, self._restoring)
         if events_log.isEnabledFor(level):
             events_log.log(level, msg, *args, extra=event_fields(event))

@@ -230,7 +230,10 @@ class StateSaver:
 
     def changed(self) -> None:
         """Note that the armed set changed; it will be saved within ``interval``."""
-        self._dirty.set()
+        # Called per event on the server's thread: skip the Event's lock when already set.
+        # Safe: the saver clears the flag before it takes its snapshot.
+        if not self._dirty.is_set():
+            self._dirty.set()
 
     def save(self) -> bool:
         """Write the current snapshot now (on the caller's thread); True on success."""

@@ -14,7 +14,6 @@ In the first attempt rank 1 hangs inside a collective under ``expires(after=2)``
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import pathlib
@@ -22,7 +21,7 @@ import signal
 import sys
 import time
 import uuid
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import pytest
 
@@ -31,6 +30,9 @@ from ._harness import WORKERS, FtimerDaemon, Process, Processes, free_port
 pytestmark = pytest.mark.interop
 
 JOB = WORKERS / "elastic_job.py"
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
+#: torchrun with ftimer's server embedded in each agent.
+FTIMER_AGENT = (sys.executable, str(WORKERS / "ftimer_agent.py"))
 HUNG_RANK = 1
 WORLD = 4
 HANG_AFTER = 2.0
@@ -48,25 +50,32 @@ def job_env(**extra: str) -> Dict[str, str]:
 
 
 def start_job(
-    processes: Processes, records: pathlib.Path, client: str, env: Dict[str, str]
+    processes: Processes,
+    records: pathlib.Path,
+    client: str,
+    env: Dict[str, str],
+    torchrun: Sequence[str] = TORCHRUN,
 ) -> List[Process]:
-    """Start the two agents of the job (the first hosts the rendezvous store)."""
+    """Start the two agents of the job.
+
+    The first hosts the rendezvous store and is node 0 (so ranks 0 and 1 are its
+    workers): torch ranks nodes by their address, then pid, and "127.0.0.1" sorts before
+    "localhost". Both name this host; only node 0's address is ever connected to.
+    """
     records.mkdir()
     port = free_port()
     run_id = f"ftimer-interop-{uuid.uuid4().hex[:8]}"
     agents = []
-    for node, is_host in enumerate((1, 0)):
+    for node, (is_host, address) in enumerate(((1, "127.0.0.1"), (0, "localhost"))):
         argv = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
+            *torchrun,
             "--nnodes=2",
             "--nproc-per-node=2",
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{port}",
             f"--rdzv-id={run_id}",
             f"--rdzv-conf=is_host={is_host},join_timeout=30",
-            "--local-addr=127.0.0.1",
+            f"--local-addr={address}",
             "--max-restarts=1",
             "--monitor-interval=0.1",
             str(JOB),
@@ -88,27 +97,17 @@ def wait_all(agents: List[Process]) -> Tuple[int, ...]:
     return tuple(a.wait(max(1.0, deadline - time.monotonic())) for a in agents)
 
 
-def test_torchrun_job_recovers_from_a_hung_rank_with_ftimer(
-    processes: Processes, tmp_path: pathlib.Path, torch_timer: Any
+def check_recovery(
+    records: pathlib.Path, reaped: List[Dict[str, Any]], started: float, finished: float
 ) -> None:
-    daemon = FtimerDaemon(processes, tmp_path / "timer.fifo")
-    records = tmp_path / "records"
-    started = time.time()
-    agents = start_job(
-        processes, records, "ftimer", job_env(TORCHELASTIC_TIMER_FILE=str(daemon.fifo))
-    )
-    statuses = wait_all(agents)
-    finished = time.time()
-    logs = "\n".join(a.output()[-3000:] for a in agents)
-    assert statuses == (0, 0), logs
-
+    """Check that ftimer reaped only the hung rank and the restarted attempt completed."""
     done = read_records(records)
     hung = done[f"a0-r{HUNG_RANK}-start"]
-    # ftimer reaped exactly the hung rank, with SIGKILL, once its 2 s had passed.
-    reaped = daemon.events("reaped")
+    # Exactly the hung rank, with SIGKILL (the client's default), once its 2 s had passed.
     assert [(e["pid"], e["signal"], e["delivered"]) for e in reaped] == [
         (hung["pid"], signal.SIGKILL, True)
     ]
+    # ftimer's client labels timers with torchrun's ranks.
     assert reaped[0]["labels"] == {"rank": str(HUNG_RANK), "local_rank": str(HUNG_RANK % 2)}
     assert reaped[0]["scope_id"].startswith(f"{JOB}#")
     # The first attempt finished on no rank; the restart, on every rank, with new pids.
@@ -116,13 +115,42 @@ def test_torchrun_job_recovers_from_a_hung_rank_with_ftimer(
     for rank in range(WORLD):
         assert done[f"a1-r{rank}-done"]["sum"] == float(WORLD)
         assert done[f"a1-r{rank}-start"]["pid"] != done[f"a0-r{rank}-start"]["pid"]
-
-    reap_time = datetime.datetime.fromisoformat(reaped[0]["ts"]).timestamp()
+    restarted = max(done[f"a1-r{r}-done"]["time"] for r in range(WORLD))
     print(
-        f"job {finished - started:.1f} s: hang at +{hung['time'] - started:.1f} s, reap at "
-        f"+{reap_time - started:.1f} s, restart done at "
-        f"+{max(done[f'a1-r{r}-done']['time'] for r in range(WORLD)) - started:.1f} s"
+        f"job {finished - started:.1f} s: hang at +{hung['time'] - started:.1f} s, "
+        f"restart done at +{restarted - started:.1f} s"
     )
+
+
+def test_torchrun_job_recovers_from_a_hung_rank_with_the_ftimer_daemon(
+    processes: Processes, tmp_path: pathlib.Path, torch_timer: Any
+) -> None:
+    daemon = FtimerDaemon(processes, tmp_path / "timer.fifo")
+    records = tmp_path / "records"
+    started = time.time()
+    env = job_env(TORCHELASTIC_TIMER_FILE=str(daemon.fifo))
+    agents = start_job(processes, records, "ftimer", env)
+    statuses = wait_all(agents)
+    assert statuses == (0, 0), "\n".join(a.output()[-3000:] for a in agents)
+    check_recovery(records, daemon.events("reaped"), started, time.time())
+
+
+def test_torchrun_job_recovers_with_ftimer_embedded_in_the_agents(
+    processes: Processes, tmp_path: pathlib.Path, torch_timer: Any
+) -> None:
+    records = tmp_path / "records"
+    started = time.time()
+    agents = start_job(processes, records, "ftimer", job_env(), torchrun=FTIMER_AGENT)
+    statuses = wait_all(agents)
+    assert statuses == (0, 0), "\n".join(a.output()[-3000:] for a in agents)
+    prefix = "ftimer reaped: "
+    reaped = [
+        json.loads(line[len(prefix) :])
+        for agent in agents
+        for line in agent.output().splitlines()
+        if line.startswith(prefix)
+    ]
+    check_recovery(records, reaped, started, time.time())
 
 
 def test_torchs_builtin_timer_kills_the_agent_and_the_job(
@@ -135,9 +163,9 @@ def test_torchs_builtin_timer_kills_the_agent_and_the_job(
     statuses = wait_all(agents)
 
     done = read_records(records)
-    hung_agent = agent_pids.index(done[f"a0-r{HUNG_RANK}-start"]["agent_pid"])
+    assert done[f"a0-r{HUNG_RANK}-start"]["agent_pid"] == agent_pids[0]
     # After reaping rank 1, torch 2.13's server SIGKILLs its own process: the agent.
-    assert statuses[hung_agent] == -signal.SIGKILL
     # The other agent cannot go on without it: the job fails, never restarted.
-    assert statuses[1 - hung_agent] not in (0, -signal.SIGKILL)
+    assert statuses[0] == -signal.SIGKILL
+    assert statuses[1] not in (0, -signal.SIGKILL)
     assert sorted(done) == sorted(f"a0-r{rank}-start" for rank in range(WORLD))

@@ -34,8 +34,10 @@ from ._fifo import FifoError
 from ._logging import LoggingSetup
 from ._metrics import Metrics, MetricsUnavailable
 from ._policy import Policy
+from ._records import Timer
 from ._server import FileTimerServer
 from ._state import StateSaver, load_state, read_boot_id
+from ._stats import Stats
 from ._systemd import SystemdNotifier
 from ._version import __version__
 
@@ -134,7 +136,7 @@ class Daemon:
             raise StartupError(str(e)) from None
 
         boot_id = read_boot_id()
-        timers = []
+        timers: List[Timer] = []
         if c.state_file is not None:
             state_dir = os.path.dirname(c.state_file)
             try:
@@ -222,7 +224,7 @@ class Daemon:
             self._server.stop()  # the loop is done: armed() is final
         if self._saver is not None:
             self._saver.stop(final_save=True)
-            log.info("saved %d armed timers to %s", len(self._armed()), self._saver.path)
+            log.info("saved %d armed timer(s) to %s", len(self._armed()), self._saver.path)
             self._saver = None
         if self._metrics is not None:
             self._metrics.close()
@@ -281,10 +283,10 @@ class Daemon:
         # Called by the server's loop itself: it is alive and iterating.
         self._notifier.watchdog()
 
-    def _armed(self) -> List[Any]:
+    def _armed(self) -> List[Timer]:
         return [] if self._server is None else self._server.armed()
 
-    def _stats(self) -> Any:
+    def _stats(self) -> Stats:
         assert self._server is not None
         return self._server.stats()
 

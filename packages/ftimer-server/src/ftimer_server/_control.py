@@ -89,7 +89,8 @@ class ControlServer:
         """
         self.check_free()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        tmp = f"{self.path}.{os.getpid()}.tmp"
+        # Short, so that it fits AF_UNIX's ~107-byte limit wherever the final path does.
+        tmp = os.path.join(os.path.dirname(self.path), f".ctl{os.getpid()}")
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -2,9 +2,10 @@
 
 Precedence: command line, then the config file, then the environment (``FTIMER_FIFO``,
 then ``TORCHELASTIC_TIMER_FILE``, for the FIFO path, as the client reads them), then
-built-in defaults. The file is read
-with msgspec into a typed struct that forbids unknown keys, so a typo is an error rather
-than a silently ignored setting. Keys are the long option names without dashes in front::
+built-in defaults. The file is read with msgspec into a typed struct that forbids unknown
+keys, so a typo is an error rather than a silently ignored setting. Keys are the long
+option names without the leading dashes; the repeatable ``--allow-uid`` and
+``--allow-signal`` become the lists ``allow-uids`` and ``allow-signals``::
 
     fifo = "/run/ftimer/timer.fifo"
     fifo-mode = 0o660          # or "0660"

@@ -48,24 +48,35 @@ class FifoPeer:
         self.messages: List[Message] = []
         self.errors: List[Any] = []
         self._cond = threading.Condition()
-        self._reading = threading.Event()
-        self._reading.set()
-        self._stop_r, self._stop_w = os.pipe()
-        self._closed = False
+        self._state = "reading"  # or "paused", "stopped"; changed under _cond
+        self._parked = False  # the thread has seen "paused" and reads no more
+        self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    def _set_state(self, state: str) -> None:
+        with self._cond:
+            self._state = state
+            self._cond.notify_all()
+        os.write(self._wake_w, b"x")  # out of poll(), to look at the state
 
     def _run(self) -> None:
         decoder = StreamDecoder()
         poller = select.poll()
         poller.register(self.rfd, select.POLLIN)
-        poller.register(self._stop_r, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         while True:
-            self._reading.wait()
-            ready = {fd for fd, _ in poller.poll(50)}
-            if self._stop_r in ready:
-                return
-            if not self._reading.is_set() or self.rfd not in ready:
+            with self._cond:
+                while self._state == "paused":
+                    self._parked = True
+                    self._cond.notify_all()
+                    self._cond.wait()
+                self._parked = False
+                if self._state == "stopped":
+                    return
+            ready = {fd for fd, _ in poller.poll()}
+            if self._wake_r in ready:
+                os.read(self._wake_r, 4096)
                 continue
             try:
                 data = os.read(self.rfd, 65536)
@@ -103,11 +114,14 @@ class FifoPeer:
             return out
 
     def pause(self) -> None:
-        """Stop reading: a stalled server."""
-        self._reading.clear()
+        """Stop reading: a stalled server. Returns once the reader reads no more."""
+        self._set_state("paused")
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._parked, 10):
+                raise AssertionError("the reader did not pause")
 
     def resume(self) -> None:
-        self._reading.set()
+        self._set_state("reading")
 
     def fill(self) -> int:
         """Fill the pipe with no-op lines until a write would block; return the bytes."""
@@ -134,13 +148,11 @@ class FifoPeer:
 
     def close(self) -> None:
         """Go away (stop reading and close the FIFO); the path stays."""
-        if self._closed:
+        if self._state == "stopped":
             return
-        self._closed = True
-        os.write(self._stop_w, b"x")
-        self._reading.set()
+        self._set_state("stopped")
         self._thread.join(10)
-        for fd in (self.rfd, self.wfd, self._stop_r, self._stop_w):
+        for fd in (self.rfd, self.wfd, self._wake_r, self._wake_w):
             os.close(fd)
 
 

@@ -14,6 +14,7 @@ Exit status: 0 done; 2 bad arguments; 3 no server took the message (see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import math
 import os
@@ -210,7 +211,8 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         signal.signal(signum, lambda signum, _frame: os.kill(pid, signum))
     for signum in IGNORED:
         signal.signal(signum, signal.SIG_IGN)
-    os.write(gate_w, b"1")
+    with contextlib.suppress(BrokenPipeError):  # CMD may be reaped at the gate already
+        os.write(gate_w, b"1")
     os.close(gate_w)
     with os.fdopen(err_r, "rb") as err:
         failure = err.read().decode()  # empty once CMD is running (close-on-exec)

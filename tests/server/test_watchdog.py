@@ -63,8 +63,7 @@ class Rig:
         self.now = 0.0
 
     def apply(self, *messages: object) -> None:
-        for m in messages:
-            self.wd.apply(m, self.now, WALL + self.now)  # type: ignore[arg-type]
+        self.wd.apply(messages, self.now, WALL + self.now)  # type: ignore[arg-type]
 
     def at(self, now: float) -> None:
         self.now = now
@@ -344,8 +343,8 @@ def test_decode_errors_are_counted_by_kind(rig: Rig) -> None:
 
 
 def test_sync_returns_its_token(rig: Rig) -> None:
-    assert rig.wd.apply(Sync(token="t1"), 0.0, WALL) == "t1"
-    assert rig.wd.apply(arm(), 0.0, WALL) is None
+    assert rig.wd.apply([Sync(token="t1"), arm(), Sync(token="t2")], 0.0, WALL) == ["t1", "t2"]
+    assert rig.wd.apply([arm()], 0.0, WALL) == []
 
 
 def test_restore_rebinds_and_drops_timers_of_other_processes(rig: Rig) -> None:

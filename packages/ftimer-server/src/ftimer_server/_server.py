@@ -19,12 +19,13 @@ import time
 from types import TracebackType
 from typing import Callable, Dict, Iterable, List, Optional, Type, Union
 
-from ftimer_protocol import StreamDecoder, Sync, default_fifo_path, encode
+from ftimer_protocol import Sync, default_fifo_path, encode
 
 from ._events import Event, Reaped
 from ._fifo import Fifo, open_fifo
 from ._policy import Policy, ancestors_of
 from ._process import ProcessInspector, SystemInspector, raise_fd_limit
+from ._reader import LineReader
 from ._reaper import ReapStep
 from ._records import Timer, Worker
 from ._signaller import OsSignaller, RecordingSignaller, Signaller
@@ -150,6 +151,7 @@ class FileTimerServer:
             watch=self._watch,
             unwatch=self._unwatch,
             steps=tuple(reap_steps),
+            timer_events=on_event is not None,
         )
         self._fifo: Optional[Fifo] = None
         self._wake_r = self._wake_w = -1
@@ -343,7 +345,7 @@ class FileTimerServer:
         self._loop_ident = threading.get_ident()
         assert self._selector is not None
         assert self._fifo is not None
-        selector, decoder = self._selector, StreamDecoder()
+        selector, reader = self._selector, LineReader()
         tick_interval = self._tick_interval
         next_tick = time.monotonic() + tick_interval if tick_interval is not None else None
         while not self._stopping:
@@ -357,7 +359,7 @@ class FileTimerServer:
             try:
                 ready = selector.select(timeout)
                 self._busy_since = time.time()
-                now = self._iterate(ready, decoder)
+                now = self._iterate(ready, reader)
                 if next_tick is not None and now >= next_tick:
                     assert self._on_tick is not None
                     assert tick_interval is not None
@@ -374,9 +376,7 @@ class FileTimerServer:
             finally:
                 self._busy_since = None
 
-    def _iterate(
-        self, ready: List[tuple[selectors.SelectorKey, int]], decoder: StreamDecoder
-    ) -> float:
+    def _iterate(self, ready: List[tuple[selectors.SelectorKey, int]], reader: LineReader) -> float:
         """One iteration after the wait: exits, then messages, then expiries; events to the
         callbacks; sync() callers released. Returns the time the timers were checked."""
         watchdog = self._watchdog
@@ -396,11 +396,7 @@ class FileTimerServer:
                 except BlockingIOError:
                     chunk = b""
                 if chunk:
-                    apply, now, wall = watchdog.apply, time.monotonic(), time.time()
-                    for result in decoder.feed(chunk):
-                        token = apply(result, now, wall)
-                        if token is not None:
-                            tokens.append(token)
+                    tokens = watchdog.apply(reader.feed(chunk), time.monotonic(), time.time())
             now = time.monotonic()
             watchdog.tick(now)
         self._flush()

@@ -9,7 +9,7 @@ reported as an event. The I/O loop (``FileTimerServer``) feeds it and sleeps unt
 
 from __future__ import annotations
 
-from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Union
 
 from ftimer_protocol import (
     Arm,
@@ -64,6 +64,8 @@ class Watchdog:
             I/O loop can wait for the pidfd to become readable (the worker exited) and
             then call ``worker_gone()``.
         steps: reap steps run before each signal (diagnostics).
+        timer_events: emit ``Armed`` and ``Disarmed`` (one per request: the bulk of all
+            events); without them the counters still count every request.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class Watchdog:
         watch: Callable[[Worker], None] = _ignore,
         unwatch: Callable[[Worker], None] = _ignore,
         steps: Sequence[ReapStep] = (),
+        timer_events: bool = True,
     ) -> None:
         policy = policy or Policy()
         self.policy = policy
@@ -93,63 +96,48 @@ class Watchdog:
         self._watch = watch
         self._unwatch = unwatch
         self._workers: Dict[int, Worker] = {}
+        self._timer_events = timer_events
 
     # -- input -------------------------------------------------------------------------
 
-    def apply(self, result: DecodeResult, now: float, wall: float) -> Optional[str]:
-        """Apply one decoded message (or count one decode error) at monotonic time ``now``.
+    def apply(self, results: Iterable[DecodeResult], now: float, wall: float) -> List[str]:
+        """Apply decoded messages (and count decode errors), in order, at time ``now``.
 
         Args:
-            result: what the stream decoder produced.
+            results: what the stream decoder produced.
             now: ``time.monotonic()``.
             wall: ``time.time()`` at the same instant, to convert version 1 deadlines.
 
         Returns:
-            The token of a ``Sync`` message, else ``None``.
+            The tokens of the ``Sync`` messages among them.
         """
-        t = type(result)
-        if t is Arm:
-            assert isinstance(result, Arm)
-            self._arm(
-                "arm",
-                result.pid,
-                result.scope_id,
-                result.deadline,
-                result.signal,
-                result.start_time,
-                result.labels,
-            )
-        elif t is TimerRequestV1:
-            assert isinstance(result, TimerRequestV1)
-            if result.expiration_time < 0:
-                self._disarm("disarm", result.pid, result.scope_id, None)
-            else:
-                deadline = now + (result.expiration_time - wall)
-                self._arm("arm", result.pid, result.scope_id, deadline, result.signal, None, None)
-        elif t is Disarm:
-            assert isinstance(result, Disarm)
-            self._disarm("disarm", result.pid, result.scope_id, result.start_time)
-        elif t is DisarmAll:
-            assert isinstance(result, DisarmAll)
-            self._disarm("disarm_all", result.pid, None, result.start_time)
-        elif t is Expire:
-            assert isinstance(result, Expire)
-            self._arm(
-                "expire",
-                result.pid,
-                result.scope_id,
-                now,
-                result.signal,
-                result.start_time,
-                result.labels,
-            )
-        elif t is Sync:
-            assert isinstance(result, Sync)
-            self.counters.requests["sync", "ok"] += 1
-            return result.token
-        elif isinstance(result, RemoteProtocolError):
-            self._emit(DecodeFailed(type(result).__name__, result.reason, result.excerpt))
-        return None
+        tokens: List[str] = []
+        arm, disarm = self._arm, self._disarm
+        # One frame for the whole batch, dispatched on the exact type. ``m`` is untyped so
+        # no isinstance() is paid per message (each branch knows what it holds).
+        m: Any
+        for m in results:
+            t = type(m)
+            if t is Arm:
+                arm("arm", m.pid, m.scope_id, m.deadline, m.signal, m.start_time, m.labels)
+            elif t is Disarm:
+                disarm("disarm", m.pid, m.scope_id, m.start_time)
+            elif t is TimerRequestV1:
+                if m.expiration_time < 0:
+                    disarm("disarm", m.pid, m.scope_id, None)
+                else:
+                    deadline = now + (m.expiration_time - wall)
+                    arm("arm", m.pid, m.scope_id, deadline, m.signal, None, None)
+            elif t is DisarmAll:
+                disarm("disarm_all", m.pid, None, m.start_time)
+            elif t is Expire:
+                arm("expire", m.pid, m.scope_id, now, m.signal, m.start_time, m.labels)
+            elif t is Sync:
+                self.counters.requests["sync", "ok"] += 1
+                tokens.append(m.token)
+            elif isinstance(m, RemoteProtocolError):
+                self._emit(DecodeFailed(type(m).__name__, m.reason, m.excerpt))
+        return tokens
 
     def restore(self, timers: Iterable[Timer]) -> None:
         """Arm saved timers again (a restarted daemon's state), checking each process.
@@ -256,14 +244,16 @@ class Watchdog:
                 self._reject(bound, request, pid, scope_id, labels)
                 return
             worker = bound
-        timer = Timer(pid, scope_id, deadline, signal, worker.start_time, labels)
+        # The worker's pid and start time objects are shared by all its timers.
+        timer = Timer(worker.pid, scope_id, deadline, signal, worker.start_time, labels)
         previous, reason = self.table.arm(timer)
         if reason is not None:
             self._reject(reason, request, pid, scope_id, labels)
             self._release_if_idle(worker)
             return
         self.counters.requests[request, "ok"] += 1
-        self._emit(Armed(timer, previous is not None))
+        if self._timer_events:
+            self._emit(Armed(timer, previous is not None))
 
     def _disarm(
         self, request: str, pid: int, scope_id: Optional[str], start_time: Optional[int]
@@ -289,8 +279,9 @@ class Watchdog:
             timer = self.table.disarm(pid, scope_id)
             timers = [timer] if timer is not None else []
         self.counters.requests[request, "ok" if timers else "unknown"] += 1
-        for timer in timers:
-            self._emit(Disarmed(timer))
+        if self._timer_events:
+            for timer in timers:
+                self._emit(Disarmed(timer))
         self._release_if_idle(worker)
 
     def _bind(self, pid: int, start_time: Optional[int]) -> Union[Worker, RejectReason]:

@@ -1,0 +1,472 @@
+"""The server side by side with torch 2.13's: ingest, reap latency, idle CPU, memory.
+
+Each server runs in a subprocess of its own (``python bench_server.py serve ftimer|torch
+FIFO``) driven over stdin/stdout, so CPU time and RSS are the server's alone. torch's
+server runs with ``max_interval=0.1`` (what torchelastic uses) and is patched so it does
+not SIGKILL itself after each reap (torch 2.13 does). While one server is measured the
+other is paused (SIGSTOP), so neither steals the other's CPU on a small machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+HERE = pathlib.Path(__file__).resolve()
+KINDS = ("ftimer", "torch")
+HOLDERS = 20  # processes the "other" timers are bound to (5k timers each at 100k)
+FAR = 3600.0  # seconds: the other timers never expire during a run
+
+Row = Dict[str, Any]
+
+# -- the server process ----------------------------------------------------------------
+
+
+def serve(kind: str, path: str) -> None:
+    """Run one server and answer the driver's commands (one per line on stdin)."""
+    if kind == "ftimer":
+        from ftimer_server import FileTimerServer
+
+        server: Any = FileTimerServer(path)
+
+        def count() -> int:
+            requests = server.stats().requests
+            return sum(sum(v.values()) for k, v in requests.items() if k != "sync")
+
+        def ok() -> int:
+            requests = server.stats().requests
+            return sum(v.get("ok", 0) for k, v in requests.items() if k != "sync")
+
+        def armed() -> int:
+            return int(server.stats().armed)
+
+    else:
+        from torch.distributed.elastic.timer import FileTimerServer as TorchServer
+
+        reap = TorchServer._reap_worker
+
+        def _reap_worker(self: Any, worker_pid: int, signal: int) -> bool:
+            # torch 2.13 kills its own process after every reap: not in a benchmark.
+            return True if worker_pid == os.getpid() else bool(reap(self, worker_pid, signal))
+
+        TorchServer._reap_worker = _reap_worker  # type: ignore[method-assign]
+        server = TorchServer(path, "bench", max_interval=0.1, daemon=True)
+
+        def count() -> int:
+            return int(server._request_count)
+
+        ok = count
+
+        def armed() -> int:
+            return len(server._timers)
+
+    server.start()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd, *args = line.split()
+        if cmd == "wait":  # until `count` requests were applied: print when (monotonic)
+            target, give_up = int(args[0]), time.monotonic() + 300
+            while count() < target and time.monotonic() < give_up:
+                time.sleep(0.0005)
+            print(f"{time.monotonic()} {count()} {ok()}", flush=True)
+        elif cmd == "armed":
+            print(armed(), flush=True)
+        elif cmd == "quit":
+            break
+    server.stop()
+
+
+# -- writer processes (ingest) ---------------------------------------------------------
+
+
+def write(kind: str, path: str, n: int, per_message: bool) -> None:
+    """Pre-encode ``n`` arm/disarm messages for this process; on each "go" line, write
+    them, one write() each, then print "done"; exit at end of input.
+
+    The FIFO is opened once per round, or once per message with ``per_message`` (what
+    torch's client does: open, write, close)."""
+    pid = os.getpid()
+    if kind == "ftimer":
+        from ftimer_protocol import Arm, Disarm, encode
+
+        data = pathlib.Path(f"/proc/{pid}/stat").read_bytes()
+        start = int(data[data.rindex(b")") + 2 :].split()[19])
+        far = time.monotonic() + FAR
+        pairs = [
+            (
+                encode(
+                    Arm(pid=pid, scope_id=f"s{i % 8}", deadline=far, signal=9, start_time=start)
+                ),
+                encode(Disarm(pid=pid, scope_id=f"s{i % 8}", start_time=start)),
+            )
+            for i in range(n // 2)
+        ]
+    else:
+        far = time.time() + FAR
+
+        def line(scope: str, expiration: float, sig: int) -> bytes:  # torch's to_json()
+            body = {"version": 1, "pid": pid, "scope_id": scope, "expiration_time": expiration}
+            return (json.dumps({**body, "signal": sig}) + "\n").encode()
+
+        pairs = [(line(f"s{i % 8}", far, 9), line(f"s{i % 8}", -1, 0)) for i in range(n // 2)]
+    lines = [x for pair in pairs for x in pair]
+    print("ready", flush=True)
+    for cmd in sys.stdin:
+        if cmd.strip() != "go":
+            break
+        if per_message:
+            for x in lines:
+                fd = os.open(path, os.O_WRONLY)
+                os.write(fd, x)
+                os.close(fd)
+        else:
+            # Closed after each round: torch's server applies what it read only when a
+            # line arrives or the last writer closes.
+            fd = os.open(path, os.O_WRONLY)
+            for x in lines:
+                os.write(fd, x)
+            os.close(fd)
+        print("done", flush=True)
+
+
+# -- the driver ------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, kind: str, directory: str) -> None:
+        self.kind = kind
+        self.path = os.path.join(directory, f"{kind}.fifo")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE), "serve", kind, self.path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.applied = 0  # requests the server counted so far
+        self.paused = False
+        assert self._read() == "ready"
+
+    def _read(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.kind} server exited ({self.proc.wait()})")
+        return line.strip()
+
+    def ask(self, command: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def wait_applied(self, n: int) -> Tuple[float, int]:
+        """Wait until ``n`` more requests were applied: (monotonic time, how many were ok)."""
+        when, count, ok = self.ask(f"wait {self.applied + n}").split()
+        if int(count) < self.applied + n:
+            raise RuntimeError(f"{self.kind}: only {int(count) - self.applied} of {n} arrived")
+        ok_new = int(ok) - getattr(self, "_ok", 0)
+        self._ok = int(ok)
+        self.applied = int(count)
+        return float(when), ok_new
+
+    def pause(self, paused: bool) -> None:
+        if paused != self.paused:
+            self.proc.send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
+            self.paused = paused
+
+    def cpu_seconds(self) -> float:
+        data = pathlib.Path(f"/proc/{self.proc.pid}/stat").read_bytes()
+        fields = data[data.rindex(b")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self) -> float:
+        for line in pathlib.Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    def send(self, lines: List[bytes]) -> None:
+        """Open, write the lines (one write each), close: torch's client does this, and
+        torch's server only checks its timers while no writer holds the FIFO open."""
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            for x in lines:
+                os.write(fd, x)
+        finally:
+            os.close(fd)
+        self.applied += len(lines)
+        self._ok = getattr(self, "_ok", 0) + len(lines)
+
+    def close(self) -> None:
+        self.pause(False)
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _start_time(pid: int) -> int:
+    data = pathlib.Path(f"/proc/{pid}/stat").read_bytes()
+    return int(data[data.rindex(b")") + 2 :].split()[19])
+
+
+def _arm_line(kind: str, pid: int, scope: str, delay: float, start: Optional[int]) -> bytes:
+    """A line arming (pid, scope) with SIGKILL ``delay`` seconds from now."""
+    if kind == "ftimer":
+        from ftimer_protocol import Arm, encode
+
+        return encode(
+            Arm(
+                pid=pid,
+                scope_id=scope,
+                deadline=time.monotonic() + delay,
+                signal=9,
+                start_time=start,
+            )
+        )
+    body = {"version": 1, "pid": pid, "scope_id": scope, "expiration_time": time.time() + delay}
+    return (json.dumps({**body, "signal": 9}) + "\n").encode()
+
+
+def _ingest(
+    servers: Dict[str, Server], writers: int, total: Dict[str, int], reps: int, torch_way: bool
+) -> Row:
+    """Messages per second from ``writers`` processes. ``torch_way``: torch's writers open
+    and close the FIFO per message, as torch's client does (ftimer's client keeps its
+    descriptor open); otherwise both keep it open."""
+    rates: Dict[str, List[float]] = {k: [] for k in KINDS}
+    procs: Dict[str, List[subprocess.Popen[str]]] = {}
+    for kind, server in servers.items():
+        per = total[kind] // writers // 2 * 2
+        per_message = "1" if torch_way and kind == "torch" else "0"
+        procs[kind] = [
+            subprocess.Popen(
+                [sys.executable, str(HERE), "write", kind, server.path, str(per), per_message],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(writers)
+        ]
+        for p in procs[kind]:
+            assert p.stdout is not None
+            assert p.stdout.readline().strip() == "ready"
+    try:
+        for _ in range(reps):
+            for kind, server in servers.items():  # interleaved
+                for other in servers.values():
+                    other.pause(other is not server)
+                n = len(procs[kind]) * (total[kind] // writers // 2 * 2)
+                start = time.monotonic()
+                for p in procs[kind]:
+                    assert p.stdin is not None
+                    p.stdin.write("go\n")
+                    p.stdin.flush()
+                end, ok = server.wait_applied(n)
+                if ok != n:  # every message received and applied
+                    raise RuntimeError(f"{kind}: {n - ok} of {n} messages not applied")
+                for p in procs[kind]:
+                    assert p.stdout is not None
+                    assert p.stdout.readline().strip() == "done"
+                rates[kind].append(n / (end - start))
+    finally:
+        for ps in procs.values():
+            for p in ps:
+                assert p.stdin is not None
+                p.stdin.close()
+                p.wait(30)
+                assert p.stdout is not None
+                p.stdout.close()
+    how = (
+        "torch's writers open/write/close per message like torch's client, ftimer's keep "
+        "the FIFO open like ftimer's client"
+        if torch_way
+        else "both keep the FIFO open (a server-bound comparison)"
+    )
+    return {
+        "group": "server ingest",
+        "metric": f"{writers} writer{'s' if writers > 1 else ''}, "
+        + ("each client's way" if torch_way else "same writes"),
+        "unit": "msg/s",
+        "ftimer": statistics.median(rates["ftimer"]),
+        "torch": statistics.median(rates["torch"]),
+        "better": "higher",
+        "note": (
+            f"median of {reps}; arm/disarm pairs, one write() per message; {how}; ftimer v2 "
+            "lines, torch json.dumps lines; every message checked applied"
+        ),
+    }
+
+
+def _reap_once(server: Server, delay: float) -> float:
+    """Spawn a worker, arm a SIGKILL timer for it, return death time minus deadline (s)."""
+    worker = subprocess.Popen(["sleep", "60"])
+    pidfd = os.pidfd_open(worker.pid)
+    try:
+        start = _start_time(worker.pid)
+        deadline = time.monotonic() + delay
+        line = _arm_line(server.kind, worker.pid, "step", delay, start)
+        server.send([line])
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if not poller.poll(30_000):
+            raise RuntimeError(f"{server.kind} did not reap its worker within 30 s")
+        died = time.monotonic()
+    finally:
+        os.close(pidfd)
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait()
+    if worker.returncode != -signal.SIGKILL:
+        raise RuntimeError(f"worker ended with {worker.returncode}")
+    return died - deadline
+
+
+def _load(servers: Dict[str, Server], holders: List[int], n: int, base: int) -> None:
+    """Arm ``n`` more far-away timers, spread over the holder processes."""
+    starts = {pid: _start_time(pid) for pid in holders}
+    for kind, server in servers.items():
+        server.pause(False)
+        lines = []
+        for i in range(base, base + n):
+            pid = holders[i % len(holders)]
+            lines.append(_arm_line(kind, pid, f"other-{i}", FAR, starts[pid]))
+        server.send(lines)
+        server.wait_applied(0)
+        armed = int(server.ask("armed"))
+        if armed != base + n:
+            raise RuntimeError(f"{kind}: {armed} timers armed, expected {base + n}")
+
+
+def _percentile(samples: List[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run(quick: bool) -> List[Row]:
+    """Ingest, reap latency at 0..100k armed, idle CPU and RSS at 100k armed."""
+    rows: List[Row] = []
+    holders = [subprocess.Popen(["sleep", "3600"]) for _ in range(HOLDERS)]
+    with tempfile.TemporaryDirectory(prefix="ftimer-bench-") as directory:
+        servers = {kind: Server(kind, directory) for kind in KINDS}
+        try:
+            rss_idle = {k: s.rss_mb() for k, s in servers.items()}
+            reps = 2 if quick else 5
+            total = (
+                {"ftimer": 100_000, "torch": 20_000}
+                if quick
+                else {
+                    "ftimer": 400_000,
+                    "torch": 80_000,
+                }
+            )
+            for torch_way in (True, False):
+                for writers in (1, 4, 16):
+                    rows.append(_ingest(servers, writers, total, reps, torch_way))
+
+            samples = {"ftimer": 12, "torch": 5} if quick else {"ftimer": 60, "torch": 20}
+            armed = 0
+            for others in (0, 1_000, 10_000, 100_000):
+                _load(servers, [h.pid for h in holders], others - armed, armed)
+                armed = others
+                latency: Dict[str, List[float]] = {k: [] for k in KINDS}
+                if not others:  # warm-up: first-time costs are not steady state
+                    for server in servers.values():
+                        for other in servers.values():
+                            other.pause(other is not server)
+                        _reap_once(server, 0.02)
+                for i in range(max(samples.values())):
+                    for kind, server in servers.items():
+                        if i >= samples[kind]:
+                            continue
+                        for other in servers.values():
+                            other.pause(other is not server)
+                        latency[kind].append(1000 * _reap_once(server, 0.02))
+                label = f"{others // 1000}k" if others else "0"
+                for name, stat in (
+                    ("median", statistics.median),
+                    ("p99", lambda s: _percentile(s, 0.99)),
+                    ("max", max),
+                ):
+                    rows.append(
+                        {
+                            "group": "reap latency",
+                            "metric": f"{name}, {label} other timers armed",
+                            "unit": "ms",
+                            "ftimer": stat(latency["ftimer"]),
+                            "torch": stat(latency["torch"]),
+                            "better": "lower",
+                            "note": (
+                                f"{samples['ftimer']} / {samples['torch']} reaps (ftimer / "
+                                "torch); deadline to SIGKILL death seen by the worker's "
+                                "parent via pidfd; torch at max_interval=0.1, patched not "
+                                "to SIGKILL itself"
+                            ),
+                        }
+                    )
+
+            # Idle: both servers hold 100k timers, their writers closed; count CPU time.
+            for s in servers.values():
+                s.pause(False)
+            period = 3.0 if quick else 10.0
+            before = {k: s.cpu_seconds() for k, s in servers.items()}
+            time.sleep(period)
+            cpu = {k: 100 * (s.cpu_seconds() - before[k]) / period for k, s in servers.items()}
+            rows.append(
+                {
+                    "group": "server idle",
+                    "metric": "CPU with 100k timers armed",
+                    "unit": "% of a core",
+                    "ftimer": cpu["ftimer"],
+                    "torch": cpu["torch"],
+                    "better": "lower",
+                    "note": f"over {period:.0f} s with no traffic (clock tick resolution)",
+                }
+            )
+            rss = {k: s.rss_mb() for k, s in servers.items()}
+            rows.append(
+                {
+                    "group": "server memory",
+                    "metric": "RSS with 100k timers armed",
+                    "unit": "MB",
+                    "ftimer": rss["ftimer"],
+                    "torch": rss["torch"],
+                    "better": "lower",
+                    "note": (
+                        f"whole server process; with none armed: ftimer "
+                        f"{rss_idle['ftimer']:.0f} MB, torch {rss_idle['torch']:.0f} MB "
+                        "(torch itself imported)"
+                    ),
+                }
+            )
+        finally:
+            for s in servers.values():
+                s.close()
+            for h in holders:
+                h.kill()
+                h.wait()
+    return rows
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        serve(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "write":
+        write(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1")
+    else:
+        for row in run("--quick" in sys.argv):
+            print(row)

@@ -1,0 +1,72 @@
+"""The server's fast line reader gives exactly StreamDecoder's results, however split."""
+
+from __future__ import annotations
+
+import json
+
+import hypothesis.strategies as st
+from hypothesis import given, settings
+
+from ftimer_protocol import PIPE_BUF, Arm, Disarm, StreamDecoder, TimerRequestV1, encode
+from ftimer_server._reader import LineReader
+
+v2_lines = st.builds(
+    lambda pid, scope, sig: encode(Arm(pid=pid, scope_id=scope, deadline=5.5, signal=sig)),
+    st.integers(1, 2**31 - 1),
+    st.text(max_size=20),
+    st.integers(0, 64),
+) | st.builds(
+    lambda pid, scope: encode(Disarm(pid=pid, scope_id=scope)),
+    st.integers(1, 100),
+    st.text(max_size=5),
+)
+v1_lines = st.builds(
+    lambda pid, t: encode(TimerRequestV1(pid=pid, scope_id="s", expiration_time=t, signal=9)),
+    st.integers(1, 100),
+    st.floats(-1, 1e10),
+) | st.builds(
+    lambda pid: (
+        json.dumps(
+            {"version": 1, "pid": pid, "scope_id": "a.py#1", "expiration_time": -1, "signal": 0}
+        )
+        + "\n"
+    ).encode(),
+    st.integers(1, 100),
+)
+junk = st.sampled_from(
+    [
+        b"\n",
+        b"garbage\n",
+        b'{"version":2,"op":"arm"',  # partial
+        b'{"version":3,"op":"arm","pid":1}\n',
+        b'{"version":2,"op":"arm","pid":0,"scope_id":"x","deadline":1,"signal":9}\n',
+        b"x" * (PIPE_BUF + 10) + b"\n",
+        b'{"version":2,"op":"disarm","pid":5,"scope_id":"' + b"y" * PIPE_BUF + b'"}\n',
+        b'{"version": 1, "pid": 3}\n',
+        b"\xff\xfe\x00",
+    ]
+)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.one_of(v2_lines, v2_lines, v1_lines, junk), max_size=40),
+    st.lists(st.integers(1, 600), max_size=30),
+)
+def test_same_results_as_the_stream_decoder(parts: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(parts)
+    expected = StreamDecoder().feed(stream)
+    reader, got, pos = LineReader(), [], 0
+    for cut in cuts:
+        got += reader.feed(stream[pos : pos + cut])
+        pos += cut
+    got += reader.feed(stream[pos:])
+    assert got == expected
+
+
+def test_a_run_of_one_version_is_decoded_in_one_call() -> None:
+    lines = [encode(Arm(pid=7, scope_id=f"s{i}", deadline=1.0, signal=9)) for i in range(100)]
+    reader = LineReader()
+    assert reader._fast(b"".join(lines)) is not None
+    assert reader._fast(b"".join(lines) + b"junk\n") is None
+    assert reader.feed(b"".join(lines)) == StreamDecoder().feed(b"".join(lines))

@@ -381,3 +381,26 @@ def test_run_in_the_calling_thread(fifo_path: pathlib.Path, children) -> None:
 
 def test_worker_record_is_what_a_signaller_gets() -> None:
     assert Worker(5, 6).pidfd is None
+
+
+def test_stop_from_a_callback(fifo_path: pathlib.Path, children) -> None:
+    stopped = threading.Event()
+    logged: List[str] = []
+
+    def on_event(event: object) -> None:
+        if isinstance(event, Reaped):
+            server.stop()  # from the loop's own thread: no join, no deadlock
+            stopped.set()
+
+    server = FileTimerServer(fifo_path, on_event=on_event, log_event=lambda n, r: logged.append(n))
+    server.start()
+    child = children()
+    send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
+    assert stopped.wait(10)
+    assert server._thread is not None
+    server._thread.join(10)
+    assert not server._thread.is_alive()
+    assert server.fifo is not None
+    assert server.fifo.read_fd == -1  # closed by the loop thread itself
+    server.stop()  # and again from outside: a no-op
+    assert logged.count("watchdog stopped") == 1

@@ -173,23 +173,23 @@ class FileTimerServer:
             RuntimeError: the server was already started.
         """
         self._open()
-        self._thread = threading.Thread(target=self._run, name="ftimer-server", daemon=self._daemon)
+        self._thread = threading.Thread(
+            target=self._serve, name="ftimer-server", daemon=self._daemon
+        )
         self._thread.start()
 
     def run(self) -> None:
         """Open the FIFO and run the loop in the calling thread until ``stop()``.
 
-        ``stop()`` may be called from another thread or a signal handler.
+        ``stop()`` may be called from another thread, a signal handler or a callback;
+        ``run()`` returns once the FIFO is closed.
 
         Raises:
             FifoError: the FIFO path is unsafe or unusable.
             RuntimeError: the server was already started.
         """
         self._open()
-        try:
-            self._run()
-        finally:
-            self._close()
+        self._serve()
 
     def stop(self) -> None:
         """Stop the loop and close the FIFO (removed only with ``remove_fifo``).
@@ -206,8 +206,6 @@ class FileTimerServer:
         thread = self._thread
         if thread is not None and thread.ident != threading.get_ident():
             thread.join()
-            self._thread = None
-            self._close()
 
     def __enter__(self) -> FileTimerServer:
         self.start()
@@ -322,8 +320,16 @@ class FileTimerServer:
         if self._log_event is not None:
             self._log_event("watchdog started", None)
 
+    def _serve(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._close()
+
     def _close(self) -> None:
         with self._lock:
+            if self._state == "stopped":
+                return
             if self._selector is not None:
                 self._selector.close()
                 self._selector = None

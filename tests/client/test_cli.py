@@ -102,6 +102,41 @@ def test_exec_reports_death_by_signal_as_128_plus_n(peer: FifoPeer) -> None:
     assert server_state(peer.wait_count(2)) == {}
 
 
+def test_exec_command_runs_with_default_sigpipe(peer: FifoPeer) -> None:
+    # Python ignores SIGPIPE, and an ignored signal would stay ignored across exec.
+    done = ftimer(
+        "exec", "--fifo", str(peer.path), "--after", "60", "--", "sh", "-c", "kill -PIPE $$"
+    )
+    assert done.returncode == 128 + signal.SIGPIPE
+
+
+def test_exec_passes_sigterm_on_to_the_command(peer: FifoPeer) -> None:
+    script = 'trap "exit 42" TERM; echo ready; while :; do sleep 0.05; done'
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ftimer_client",
+            "exec",
+            "--fifo",
+            str(peer.path),
+            "--after",
+            "60",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as wrapper:
+        assert wrapper.stdout is not None
+        assert wrapper.stdout.readline() == "ready\n"
+        wrapper.send_signal(signal.SIGTERM)
+        assert wrapper.wait(30) == 42
+    assert server_state(peer.wait_count(2)) == {}
+
+
 def test_exec_command_reaped_by_the_server(peer: FifoPeer) -> None:
     # The peer plays a server that reaps: it kills the pid of the arm it received,
     # after checking that pid is the child of the ftimer process this test started.

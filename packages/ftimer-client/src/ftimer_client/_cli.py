@@ -189,6 +189,8 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             os.close(gate_w)
             os.close(err_r)
             if os.read(gate_r, 1) == b"1":
+                # Python ignores SIGPIPE; CMD gets the default back, as with subprocess.
+                signal.signal(signal.SIGPIPE, signal.SIG_DFL)
                 os.execvp(cmd[0], cmd)
         except OSError as e:
             code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_RUN
@@ -207,8 +209,13 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         os.waitpid(pid, 0)
         print(f"ftimer: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE if isinstance(e, ServerUnavailable) else EXIT_USAGE
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
     for signum in FORWARDED:
-        signal.signal(signum, lambda signum, _frame: os.kill(pid, signum))
+        signal.signal(signum, forward)
     for signum in IGNORED:
         signal.signal(signum, signal.SIG_IGN)
     with contextlib.suppress(BrokenPipeError):  # CMD may be reaped at the gate already
@@ -216,6 +223,11 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     os.close(gate_w)
     with os.fdopen(err_r, "rb") as err:
         failure = err.read().decode()  # empty once CMD is running (close-on-exec)
+    if hasattr(os, "waitid"):
+        # Wait without reaping: the pid stays CMD's until the forwarding stops.
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    for signum in FORWARDED:
+        signal.signal(signum, signal.SIG_DFL)
     _, status = os.waitpid(pid, 0)
     try:
         client.close()

@@ -404,3 +404,48 @@ def test_stop_from_a_callback(fifo_path: pathlib.Path, children) -> None:
     assert server.fifo.read_fd == -1  # closed by the loop thread itself
     server.stop()  # and again from outside: a no-op
     assert logged.count("watchdog stopped") == 1
+
+
+def test_sync_interrupted_by_stop_raises(fifo_path: pathlib.Path, children) -> None:
+    gate = threading.Event()
+    in_callback = threading.Event()
+
+    def slow(event: object) -> None:
+        if isinstance(event, Armed):
+            in_callback.set()
+            gate.wait(10)
+
+    server = FileTimerServer(fifo_path, on_event=slow)
+    server.start()
+    child = children()
+    send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=1e9, signal=9))
+    assert in_callback.wait(10)  # the loop is busy; the marker below stays unread
+    errors: List[BaseException] = []
+
+    def syncer() -> None:
+        try:
+            server.sync(timeout=30)
+        except BaseException as e:
+            errors.append(e)
+
+    waiting = threading.Thread(target=syncer)
+    waiting.start()
+    stopper = threading.Thread(target=server.stop)
+    wait_for(lambda: server._syncs)
+    stopper.start()
+    wait_for(lambda: server._stopping)
+    gate.set()
+    stopper.join(10)
+    waiting.join(10)
+    assert [type(e) for e in errors] == [RuntimeError]
+
+
+def test_misuse_is_refused(fifo_path: pathlib.Path) -> None:
+    from ftimer_server import RecordingSignaller
+
+    with pytest.raises(ValueError, match="dry_run"):
+        FileTimerServer(fifo_path, dry_run=True, signaller=RecordingSignaller())
+    server = FileTimerServer(fifo_path)
+    server.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        server.restore([])

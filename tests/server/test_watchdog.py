@@ -231,6 +231,7 @@ def test_caps_per_pid_and_total() -> None:
     rig.apply(*(arm(scope=s) for s in "abc"), *(arm(pid=1001, scope=s) for s in "ab"))
     assert len(rig.wd.armed()) == 3
     assert rig.wd.stats().rejections == {"pid_timer_limit": 1, "timer_limit": 1}
+    assert [e.detail for e in rig.events.of(Rejected)] == ["limit 2", "limit 3"]  # type: ignore[attr-defined]
 
 
 def test_a_start_time_that_does_not_match_is_refused(rig: Rig) -> None:

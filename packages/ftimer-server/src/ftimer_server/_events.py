@@ -152,7 +152,7 @@ class Rejected(Event, frozen=True, tag="rejected"):
             (version 1 acquires and releases count as ``"arm"`` and ``"disarm"``), or
             ``"restore"`` for a saved timer given to ``restore()``.
         pid, scope_id, labels: from the request.
-        detail: a human-readable precision, possibly empty.
+        detail: a precision for people, possibly empty (the signal, the limit).
     """
 
     reason: RejectReason

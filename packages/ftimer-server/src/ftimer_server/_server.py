@@ -87,7 +87,7 @@ class FileTimerServer:
         reap_steps: callables run between an expiry and its signal (diagnostics).
 
     Raises:
-        ValueError: an option is out of range.
+        ValueError: an option is out of range, or options conflict.
     """
 
     def __init__(
@@ -133,6 +133,8 @@ class FileTimerServer:
         self._on_tick = on_tick
         self._pipe_size = pipe_size
         self._inspector = inspector or SystemInspector()
+        if signaller is not None and dry_run:
+            raise ValueError("dry_run replaces the signaller: give one or the other")
         if signaller is None:
             signaller = RecordingSignaller() if dry_run else OsSignaller(self._inspector)
         self._lock = threading.RLock()
@@ -198,8 +200,10 @@ class FileTimerServer:
         A stopped server cannot be started again: create another and ``restore()``.
         """
         with self._lock:
-            if self._state != "running":
+            if self._state == "new":  # never started: release what restore() bound
+                self._watchdog.close()
                 self._state = "stopped"
+            if self._state != "running":
                 return
             self._stopping = True
             self._wake()
@@ -242,8 +246,13 @@ class FileTimerServer:
         Deadlines are monotonic seconds of this boot. A timer whose process is gone or
         is now another process (start time) is dropped with a ``Rejected`` event
         (request ``"restore"``). Call it before ``start()`` or while running.
+
+        Raises:
+            RuntimeError: the server was stopped.
         """
         with self._lock:
+            if self._state == "stopped":
+                raise RuntimeError("the server is stopped; restore into a new one")
             self._watchdog.restore(timers)
             running = self._state == "running"
             if running:
@@ -257,7 +266,8 @@ class FileTimerServer:
 
         Raises:
             TimeoutError: that took longer than ``timeout`` seconds.
-            RuntimeError: the server is not running, or this is the loop's own thread.
+            RuntimeError: the server is not running (or stopped meanwhile), or this is
+                the loop's own thread.
         """
         deadline = time.monotonic() + timeout
         token = f"ftimer-server-{os.getpid()}-{next(_sync_ids)}"
@@ -274,6 +284,9 @@ class FileTimerServer:
             _write_all(fd, line, deadline)
             if not done.wait(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"sync() did not complete within {timeout} s")
+            with self._lock:
+                if token in self._syncs:  # the loop removes the tokens it reached
+                    raise RuntimeError("the server stopped before the sync completed")
         finally:
             with self._lock:
                 self._syncs.pop(token, None)
@@ -342,7 +355,7 @@ class FileTimerServer:
             self._wake_r = self._wake_w = -1
             self._state = "stopped"
             for done in self._syncs.values():
-                done.set()  # sync() rechecks nothing: it returns; stop() said so
+                done.set()  # wake sync() callers: their tokens were not reached
         self._flush()
         if self._log_event is not None:
             self._log_event("watchdog stopped", None)
@@ -409,7 +422,7 @@ class FileTimerServer:
         if tokens:
             with self._lock:
                 for token in tokens:
-                    done = self._syncs.get(token)
+                    done = self._syncs.pop(token, None)
                     if done is not None:
                         done.set()
         return now

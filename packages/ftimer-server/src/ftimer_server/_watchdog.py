@@ -208,7 +208,7 @@ class Watchdog:
         self.counters.count(event)
         self._emit_to(event)
 
-    def _reject(  # noqa: PLR0917 - positional on the hot path
+    def _reject(  # noqa: PLR0917 - positional, like Rejected's fields
         self,
         reason: RejectReason,
         request: str,
@@ -231,7 +231,8 @@ class Watchdog:
         labels: Labels,
     ) -> None:
         if signal not in self._signals:
-            self._reject(RejectReason.SIGNAL_NOT_ALLOWED, request, pid, scope_id, labels)
+            reason = RejectReason.SIGNAL_NOT_ALLOWED
+            self._reject(reason, request, pid, scope_id, labels, f"signal {signal}")
             return
         worker = self._workers.get(pid)
         if worker is None or (
@@ -246,9 +247,11 @@ class Watchdog:
             worker = bound
         # The worker's pid and start time objects are shared by all its timers.
         timer = Timer(worker.pid, scope_id, deadline, signal, worker.start_time, labels)
-        previous, reason = self.table.arm(timer)
-        if reason is not None:
-            self._reject(reason, request, pid, scope_id, labels)
+        previous, limit = self.table.arm(timer)
+        if limit is not None:
+            table = self.table
+            n = table.max_total if limit is RejectReason.TIMER_LIMIT else table.max_per_pid
+            self._reject(limit, request, pid, scope_id, labels, f"limit {n}")
             self._release_if_idle(worker)
             return
         self.counters.requests[request, "ok"] += 1

@@ -3,6 +3,7 @@ a recording signaller: nothing real is signalled, nothing sleeps."""
 
 from __future__ import annotations
 
+import itertools
 import signal
 from typing import Optional
 
@@ -395,13 +396,18 @@ def test_core_matches_a_model(ops_list: list[tuple[str, int, str, float, int]]) 
         rig.host.spawn(pid)
     model: dict[tuple[int, str], tuple[float, int]] = {}
     reaps: list[tuple[int, int]] = []
+    seq: dict[tuple[int, str], int] = {}
+    counter = itertools.count()
     for op, pid, scope, t, sig in ops_list:
         if op == "tick":
             rig.now += t
-            due = sorted((d, s, p, sc) for (p, sc), (d, s) in model.items() if d <= rig.now)
-            pids_due = {p for _, _, p, _ in due}
-            for p in sorted(pids_due, key=lambda p: min(d for d, _, q, _ in due if q == p)):
-                mine = [(d, s, sc) for d, s, q, sc in due if q == p]
+            # Ties on the deadline go to the timer armed first (its latest arm).
+            due = sorted(
+                (d, seq[p, sc], s, p, sc) for (p, sc), (d, s) in model.items() if d <= rig.now
+            )
+            pids_due = {p for _, _, _, p, _ in due}
+            for p in sorted(pids_due, key=lambda p: min(d for d, _, _, q, _ in due if q == p)):
+                mine = [(d, s, sc) for d, _, s, q, sc in due if q == p]
                 decider = next((s for _, s, _ in mine if s > 0), 0)
                 if decider:
                     reaps.append((p, decider))
@@ -415,6 +421,7 @@ def test_core_matches_a_model(ops_list: list[tuple[str, int, str, float, int]]) 
         if op == "arm":
             rig.apply(arm(pid=pid, scope=scope, deadline=rig.now + t, signal=sig))
             model[pid, scope] = (rig.now + t, sig)
+            seq[pid, scope] = next(counter)
         elif op == "v1":
             rig.apply(
                 TimerRequestV1(
@@ -425,9 +432,11 @@ def test_core_matches_a_model(ops_list: list[tuple[str, int, str, float, int]]) 
             [armed] = [x for x in rig.wd.armed() if (x.pid, x.scope_id) == (pid, scope)]
             assert armed.deadline == pytest.approx(rig.now + t, abs=1e-6)
             model[pid, scope] = (armed.deadline, sig)
+            seq[pid, scope] = next(counter)
         elif op == "expire":
             rig.apply(Expire(pid=pid, scope_id=scope, signal=sig))
             model[pid, scope] = (rig.now, sig)
+            seq[pid, scope] = next(counter)
         elif op in ("disarm", "v1_release"):
             m = (
                 Disarm(pid=pid, scope_id=scope)

@@ -126,7 +126,7 @@ def test_ftimer_client_v1_against_torch_server(
     server = processes.python("torch-server", TORCH_SERVER, str(fifo))
     server.wait_output("ready", timeout=60)
     argv = ["ftimer", str(fifo), *worker_options(scope, sig), "--protocol", "1"]
-    stuck, stuck_pid, on_time_pid = run_pair(processes, argv, stuck_after=4.0, on_time_after=1.0)
+    stuck, stuck_pid, on_time_pid = run_pair(processes, argv, stuck_after=3.0, on_time_after=1.0)
 
     expected_signal = sig or signal.SIGKILL
     assert stuck.wait(30) == -expected_signal

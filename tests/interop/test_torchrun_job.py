@@ -115,10 +115,14 @@ def check_recovery(
     for rank in range(WORLD):
         assert done[f"a1-r{rank}-done"]["sum"] == float(WORLD)
         assert done[f"a1-r{rank}-start"]["pid"] != done[f"a0-r{rank}-start"]["pid"]
+    # Shown with `pytest -s`: the figures quoted in docs/torchelastic.md.
+    reap = hung["time"] + HANG_AFTER + reaped[0]["late"]
     restarted = max(done[f"a1-r{r}-done"]["time"] for r in range(WORLD))
     print(
-        f"job {finished - started:.1f} s: hang at +{hung['time'] - started:.1f} s, "
-        f"restart done at +{restarted - started:.1f} s"
+        f"\njob {finished - started:.1f} s: rank {HUNG_RANK} hung at "
+        f"+{hung['time'] - started:.1f} s, reaped at +{reap - started:.1f} s "
+        f"({reaped[0]['late'] * 1000:.1f} ms late), restarted group done at "
+        f"+{restarted - started:.1f} s"
     )
 
 
@@ -158,9 +162,13 @@ def test_torchs_builtin_timer_kills_the_agent_and_the_job(
 ) -> None:
     records = tmp_path / "records"
     # Each agent runs torch's FileTimerServer on a FIFO of its own.
+    started = time.time()
     agents = start_job(processes, records, "torch", job_env(TORCHELASTIC_ENABLE_FILE_TIMER="1"))
     agent_pids = [a.command_pid() for a in agents]
-    statuses = wait_all(agents)
+    first = agents[0].wait(JOB_TIMEOUT)
+    killed = time.time()
+    statuses = (first, *wait_all(agents[1:]))
+    finished = time.time()
 
     done = read_records(records)
     assert done[f"a0-r{HUNG_RANK}-start"]["agent_pid"] == agent_pids[0]
@@ -169,3 +177,8 @@ def test_torchs_builtin_timer_kills_the_agent_and_the_job(
     assert statuses[0] == -signal.SIGKILL
     assert statuses[1] not in (0, -signal.SIGKILL)
     assert sorted(done) == sorted(f"a0-r{rank}-start" for rank in range(WORLD))
+    hung = done[f"a0-r{HUNG_RANK}-start"]["time"]
+    print(
+        f"\njob failed after {finished - started:.1f} s: rank {HUNG_RANK} hung at "
+        f"+{hung - started:.1f} s, its agent killed at +{killed - started:.1f} s"
+    )

@@ -40,11 +40,14 @@ HANG_AFTER = 2.0
 JOB_TIMEOUT = 90
 
 
-def job_env(**extra: str) -> Dict[str, str]:
+def job_env(tmp_path: pathlib.Path, **extra: str) -> Dict[str, str]:
     """This environment without any TorchElastic setting of its own, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
     # Loopback only, one thread per worker on a small machine.
     env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # torch's log directories, and the FIFOs torch's killed agents leave behind, go here.
+    (tmp_path / "tmp").mkdir()
+    env["TMPDIR"] = str(tmp_path / "tmp")
     env.update(extra)
     return env
 
@@ -132,7 +135,7 @@ def test_torchrun_job_recovers_from_a_hung_rank_with_the_ftimer_daemon(
     daemon = FtimerDaemon(processes, tmp_path / "timer.fifo")
     records = tmp_path / "records"
     started = time.time()
-    env = job_env(TORCHELASTIC_TIMER_FILE=str(daemon.fifo))
+    env = job_env(tmp_path, TORCHELASTIC_TIMER_FILE=str(daemon.fifo))
     agents = start_job(processes, records, "ftimer", env)
     statuses = wait_all(agents)
     assert statuses == (0, 0), "\n".join(a.output()[-3000:] for a in agents)
@@ -144,7 +147,7 @@ def test_torchrun_job_recovers_with_ftimer_embedded_in_the_agents(
 ) -> None:
     records = tmp_path / "records"
     started = time.time()
-    agents = start_job(processes, records, "ftimer", job_env(), torchrun=FTIMER_AGENT)
+    agents = start_job(processes, records, "ftimer", job_env(tmp_path), torchrun=FTIMER_AGENT)
     statuses = wait_all(agents)
     assert statuses == (0, 0), "\n".join(a.output()[-3000:] for a in agents)
     prefix = "ftimer reaped: "
@@ -163,7 +166,9 @@ def test_torchs_builtin_timer_kills_the_agent_and_the_job(
     records = tmp_path / "records"
     # Each agent runs torch's FileTimerServer on a FIFO of its own.
     started = time.time()
-    agents = start_job(processes, records, "torch", job_env(TORCHELASTIC_ENABLE_FILE_TIMER="1"))
+    agents = start_job(
+        processes, records, "torch", job_env(tmp_path, TORCHELASTIC_ENABLE_FILE_TIMER="1")
+    )
     agent_pids = [a.command_pid() for a in agents]
     first = agents[0].wait(JOB_TIMEOUT)
     killed = time.time()

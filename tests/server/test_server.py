@@ -449,3 +449,26 @@ def test_misuse_is_refused(fifo_path: pathlib.Path) -> None:
     server.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         server.restore([])
+
+
+def test_what_is_in_the_pipe_at_stop_is_applied(fifo_path: pathlib.Path, children) -> None:
+    gate = threading.Event()
+
+    def slow(event: object) -> None:
+        gate.wait(10)  # hold the loop while requests pile up in the pipe
+
+    server = FileTimerServer(fifo_path, on_event=slow)
+    server.start()
+    child = children()
+    send(fifo_path, Arm(pid=child.pid, scope_id="first", deadline=1e9, signal=9))
+    wait_for(lambda: server.stats().requests.get("arm"))
+    send(
+        fifo_path,
+        *(Arm(pid=child.pid, scope_id=f"s{i}", deadline=1e9, signal=9) for i in range(100)),
+    )
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    wait_for(lambda: server._stopping)
+    gate.set()
+    stopper.join(10)
+    assert len(server.armed()) == 101

@@ -30,13 +30,16 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
     """What the server agrees to do. The defaults suit a host with one user's workers.
 
     Attributes:
-        allowed_uids: if set, only processes whose effective uid is in it get timers.
+        allowed_uids: if set, only processes whose real uid is in it get timers.
         descendants_only: only processes descended from the server get timers (an agent
             that launches its workers itself, as torchrun does).
         allowed_signals: signals a timer may carry (0, report only, is always allowed);
             ``None`` means every signal of the platform.
         max_timers_per_pid: timers one process may hold at once.
         max_timers: timers the server holds at once, in total.
+
+    Raises:
+        ValueError: a limit is below 1.
     """
 
     allowed_uids: Optional[FrozenSet[int]] = None

@@ -40,6 +40,8 @@ logger = logging.getLogger("ftimer_server")
 #: Bytes read from the FIFO per loop iteration: big enough to drain a burst in a few
 #: system calls, small enough that deadlines are checked every few milliseconds.
 READ_CHUNK = 256 * 1024
+#: At most this many chunks are read and applied on stop (4 MiB, a full pipe).
+DRAIN_CHUNKS = 16
 #: The longest single wait: a deadline days away costs one wake-up an hour, and no
 #: timeout overflows epoll's.
 MAX_WAIT = 3600.0
@@ -385,8 +387,9 @@ class FileTimerServer:
                     next_tick = now + tick_interval
                     self._on_tick()
                 if self._self_signal:
-                    logger.warning("killing the server itself (kill_self_on_reap)")
-                    os.kill(os.getpid(), self._self_signal)
+                    sig, self._self_signal = self._self_signal, 0
+                    logger.warning("signalling the server itself (kill_self_on_reap)")
+                    os.kill(os.getpid(), sig)
             except Exception:
                 # A bug, not a worker's doing (bad input never raises): keep serving, but
                 # never spin on a failure that repeats.
@@ -394,6 +397,22 @@ class FileTimerServer:
                 time.sleep(0.01)
             finally:
                 self._busy_since = None
+        self._drain(reader)
+
+    def _drain(self, reader: LineReader) -> None:
+        """On stop: apply what is already in the pipe, so ``armed()`` includes it (a
+        bounded amount: writers that keep writing do not delay the stop)."""
+        assert self._fifo is not None
+        try:
+            with self._lock:
+                for _ in range(DRAIN_CHUNKS):
+                    chunk = os.read(self._fifo.read_fd, READ_CHUNK)
+                    self._watchdog.apply(reader.feed(chunk), time.monotonic(), time.time())
+        except BlockingIOError:
+            pass
+        except Exception:
+            logger.exception("ftimer server: reading the FIFO on stop failed")
+        self._flush()
 
     def _iterate(self, ready: List[tuple[selectors.SelectorKey, int]], reader: LineReader) -> float:
         """One iteration after the wait: exits, then messages, then expiries; events to the

@@ -36,12 +36,13 @@ FTIMER_AGENT = (sys.executable, str(WORKERS / "ftimer_agent.py"))
 HUNG_RANK = 1
 WORLD = 4
 HANG_AFTER = 2.0
-#: Bounds every wait on the job; a run takes about 10-20 s on a 2-core machine.
+#: Bounds every wait on the job; a run takes 10-20 s on a 2-core machine.
 JOB_TIMEOUT = 90
 
 
 def job_env(tmp_path: pathlib.Path, **extra: str) -> Dict[str, str]:
-    """This environment without any TorchElastic setting of its own, plus ``extra``."""
+    """This environment without any TorchElastic setting of its own, with temporary files
+    under ``tmp_path``, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
     # Loopback only, one thread per worker on a small machine.
     env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -164,11 +165,10 @@ def test_torchs_builtin_timer_kills_the_agent_and_the_job(
     processes: Processes, tmp_path: pathlib.Path, torch_timer: Any
 ) -> None:
     records = tmp_path / "records"
-    # Each agent runs torch's FileTimerServer on a FIFO of its own.
+    # Each agent runs torch's FileTimerServer on a FIFO of its own; INFO shows its reaps.
     started = time.time()
-    agents = start_job(
-        processes, records, "torch", job_env(tmp_path, TORCHELASTIC_ENABLE_FILE_TIMER="1")
-    )
+    env = job_env(tmp_path, TORCHELASTIC_ENABLE_FILE_TIMER="1", LOGLEVEL="INFO")
+    agents = start_job(processes, records, "torch", env)
     agent_pids = [a.command_pid() for a in agents]
     first = agents[0].wait(JOB_TIMEOUT)
     killed = time.time()
@@ -176,14 +176,17 @@ def test_torchs_builtin_timer_kills_the_agent_and_the_job(
     finished = time.time()
 
     done = read_records(records)
-    assert done[f"a0-r{HUNG_RANK}-start"]["agent_pid"] == agent_pids[0]
+    hung = done[f"a0-r{HUNG_RANK}-start"]
+    assert hung["agent_pid"] == agent_pids[0]
     # After reaping rank 1, torch 2.13's server SIGKILLs its own process: the agent.
     # The other agent cannot go on without it: the job fails, never restarted.
+    log = agents[0].output()
+    assert f"Successfully reaped worker=[{hung['pid']}] with signal=9" in log
+    assert f"Terminating the server process=[{agent_pids[0]}]" in log
     assert statuses[0] == -signal.SIGKILL
     assert statuses[1] not in (0, -signal.SIGKILL)
     assert sorted(done) == sorted(f"a0-r{rank}-start" for rank in range(WORLD))
-    hung = done[f"a0-r{HUNG_RANK}-start"]["time"]
     print(
         f"\njob failed after {finished - started:.1f} s: rank {HUNG_RANK} hung at "
-        f"+{hung - started:.1f} s, its agent killed at +{killed - started:.1f} s"
+        f"+{hung['time'] - started:.1f} s, its agent killed at +{killed - started:.1f} s"
     )

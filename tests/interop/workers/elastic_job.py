@@ -66,12 +66,12 @@ def main(argv: List[str]) -> int:
 
     # The agent's store outlives a restart, and so do the peer addresses the previous
     # attempt's process group left in it: a group built on env:// after a restart reads
-    # them and fails ("Gloo connectFullMesh failed ... Connection refused"). A prefix per
-    # attempt gives every attempt a clean namespace. TORCHELASTIC_RESTART_COUNT cannot
-    # name the attempt: an agent that restarts its workers because another node re-joined
-    # the rendezvous, before its own workers have failed, does not count a restart, so
-    # the two agents' counts differ. The workers count attempts in the store instead:
-    # each worker of an attempt adds one.
+    # them and fails ("Gloo connectFullMesh failed ... Connection refused") or hangs in
+    # its init. A prefix per attempt gives every attempt a clean namespace.
+    # TORCHELASTIC_RESTART_COUNT cannot name the attempt: an agent that restarts its
+    # workers because another node re-joined the rendezvous, before its own workers have
+    # failed, does not count a restart, so the two agents' counts differ. The workers
+    # count attempts in the store instead: each worker of an attempt adds one.
     timeout = datetime.timedelta(seconds=30)
     agent_store = dist.TCPStore(
         env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout

@@ -40,8 +40,6 @@ logger = logging.getLogger("ftimer_server")
 #: Bytes read from the FIFO per loop iteration: big enough to drain a burst in a few
 #: system calls, small enough that deadlines are checked every few milliseconds.
 READ_CHUNK = 256 * 1024
-#: At most this many chunks are read and applied on stop (4 MiB, a full pipe).
-DRAIN_CHUNKS = 16
 #: The longest single wait: a deadline days away costs one wake-up an hour, and no
 #: timeout overflows epoll's.
 MAX_WAIT = 3600.0
@@ -400,14 +398,13 @@ class FileTimerServer:
         self._drain(reader)
 
     def _drain(self, reader: LineReader) -> None:
-        """On stop: apply what is already in the pipe, so ``armed()`` includes it (a
-        bounded amount: writers that keep writing do not delay the stop)."""
+        """On stop: apply what is already in the pipe, so ``armed()`` includes it. One
+        chunk, like an iteration: writers that keep writing do not delay the stop."""
         assert self._fifo is not None
         try:
             with self._lock:
-                for _ in range(DRAIN_CHUNKS):
-                    chunk = os.read(self._fifo.read_fd, READ_CHUNK)
-                    self._watchdog.apply(reader.feed(chunk), time.monotonic(), time.time())
+                chunk = os.read(self._fifo.read_fd, READ_CHUNK)
+                self._watchdog.apply(reader.feed(chunk), time.monotonic(), time.time())
         except BlockingIOError:
             pass
         except Exception:

@@ -167,6 +167,7 @@ def _torch() -> Optional[Any]:
 def run(quick: bool) -> List[Row]:
     """Rows of the client benchmark; torch columns are None when torch is missing."""
     import ftimer_client
+    from ftimer_protocol import Arm, Disarm, encode
 
     torch_timer = _torch()
     reps = 5 if quick else 9
@@ -199,6 +200,17 @@ def run(quick: bool) -> List[Row]:
                 "v1 explicit": (explicit(ftimer_client.expires, v1), n_slow * 10),
                 "v1 default": (default(ftimer_client.expires, v1), n_slow * 10),
             }
+            # The floor of a v2 block: its two lines, pre-encoded, each one non-blocking
+            # write() on a descriptor kept open, as the client writes them.
+            floor_fd = os.open(drained, os.O_WRONLY | os.O_NONBLOCK)
+            arm_line = encode(Arm(os.getpid(), "s", time.monotonic() + 60, 9, start_time=1))
+            disarm_line = encode(Disarm(os.getpid(), "s", start_time=1))
+
+            def floor() -> None:
+                os.write(floor_fd, arm_line)
+                os.write(floor_fd, disarm_line)
+
+            cases["floor"] = (floor, n_fast)
             if torch_timer is not None:
                 cases["torch explicit"] = (explicit(torch_timer.expires, torch_client), n_slow * 10)
                 cases["torch default"] = (default(torch_timer.expires, torch_client), n_slow)
@@ -212,6 +224,7 @@ def run(quick: bool) -> List[Row]:
             med = {name: statistics.median(s) for name, s in samples.items()}
             v2.close()
             v1.close()
+            os.close(floor_fd)
             # torch against the drainer: does its client fail when the reader keeps up?
             torch_drained = _worker(drained, "torch", 5_000) if torch_timer else None
             ftimer_drained = _worker(drained, "v2", 5_000)
@@ -234,6 +247,20 @@ def run(quick: bool) -> List[Row]:
                         f"torch {failed.get(f'torch {scope}', '-')}",
                     }
                 )
+
+        rows.append(
+            {
+                "group": "client",
+                "metric": "us per block, floor: two pre-encoded lines, one write() each",
+                "unit": "us",
+                "ftimer": med["floor"],
+                "torch": None,
+                "better": "lower",
+                "note": "no client: os.write() of a v2 arm and a disarm line on a "
+                "non-blocking descriptor kept open, against the same draining reader; "
+                f"writes that raised: {failed['floor']}",
+            }
+        )
 
         n_big = 100_000 if quick else 1_000_000
         served = os.path.join(tmp, "ftimer.fifo")

@@ -96,20 +96,6 @@ class TimerTable:
     def __contains__(self, pid: object) -> bool:
         return pid in self._by_pid
 
-    def get(self, pid: int, scope_id: str) -> Optional[Timer]:
-        """The timer armed for (``pid``, ``scope_id``), or ``None``."""
-        scopes = self._by_pid.get(pid)
-        return scopes.get(scope_id) if scopes is not None else None
-
-    def timers_of(self, pid: int) -> List[Timer]:
-        """The timers ``pid`` holds, in no particular order."""
-        scopes = self._by_pid.get(pid)
-        return list(scopes.values()) if scopes is not None else []
-
-    def pids(self) -> List[int]:
-        """The pids holding at least one timer."""
-        return list(self._by_pid)
-
     def arm(self, timer: Timer) -> Tuple[Optional[Timer], Optional[RejectReason]]:
         """Arm ``timer``, replacing the one with the same key, if any.
 
@@ -118,21 +104,18 @@ class TimerTable:
             (``None``, the reason) when a limit refuses a new key (a re-arm never is).
         """
         scopes = self._by_pid.get(timer.pid)
-        if scopes is None:
-            if self._count >= self.max_total:
-                return None, RejectReason.TIMER_LIMIT
-            scopes = self._by_pid[timer.pid] = {}
-        previous = scopes.get(timer.scope_id)
+        previous = scopes.get(timer.scope_id) if scopes is not None else None
         if previous is timer:
             return previous, None
         if previous is None:
-            if len(scopes) >= self.max_per_pid:
+            if scopes is not None and len(scopes) >= self.max_per_pid:
                 return None, RejectReason.PID_TIMER_LIMIT
             if self._count >= self.max_total:
-                if not scopes:
-                    del self._by_pid[timer.pid]
                 return None, RejectReason.TIMER_LIMIT
+            if scopes is None:
+                scopes = self._by_pid[timer.pid] = {}
             self._count += 1
+        assert scopes is not None  # a replaced timer was in it
         scopes[timer.scope_id] = timer
         heapq.heappush(self._heap, _Entry(timer.deadline, next(self._seq), timer))
         if len(self._heap) > _COMPACT_MIN and len(self._heap) > 2 * self._count:

@@ -285,7 +285,8 @@ class Watchdog:
         if self._timer_events:
             for timer in timers:
                 self._emit(Disarmed(timer))
-        self._release_if_idle(worker)
+        if worker.pidfd is None:
+            self._release_if_idle(worker)
 
     def _bind(self, pid: int, start_time: Optional[int]) -> Union[Worker, RejectReason]:
         """Bind ``pid`` to the process holding it now, checking policy and identity."""

@@ -26,7 +26,7 @@ nox.options.error_on_missing_interpreters = True
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check over the whole tree."""
-    session.install("ruff>=0.6")
+    session.install("ruff==0.17.6")  # pinned: formatting changes between releases
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -34,7 +34,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the three packages (configured in pyproject.toml)."""
-    session.install("mypy>=1.10", "prometheus_client>=0.17", *EDITABLE)
+    session.install("mypy==2.4.1", "prometheus_client>=0.17", *EDITABLE)
     session.run("mypy")
 
 
@@ -48,7 +48,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def interop(session: nox.Session) -> None:
     """Tests against the real torch 2.13 (fails, never skips, if torch cannot be installed)."""
-    session.install(*TEST_DEPS, *EDITABLE, *TORCH)
+    session.install(*TEST_DEPS, *EDITABLE, "-e", "packages/ftimer-server[metrics]", *TORCH)
     session.run("pytest", "-m", "interop", *session.posargs, env={"FTIMER_REQUIRE_TORCH": "1"})
 
 

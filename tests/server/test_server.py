@@ -248,26 +248,38 @@ def test_stop_is_prompt_with_no_client_ever(fifo_path: pathlib.Path) -> None:
         server.start()
 
 
-def test_stop_while_writers_hammer_the_fifo(fifo_path: pathlib.Path, children) -> None:
+def test_stop_while_writers_hammer_the_fifo(fifo_path: pathlib.Path) -> None:
     server = FileTimerServer(fifo_path, remove_fifo=True)
     server.start()
     line = encode(Disarm(pid=12345, scope_id="s"))
     code = (
         "import os, sys\n"
         f"fd = os.open({str(fifo_path)!r}, os.O_WRONLY)\n"
+        "print('open', flush=True)\n"
         f"line = {line!r} * 50\n"
         "try:\n"
         "    while True: os.write(fd, line)\n"
         "except BrokenPipeError: pass\n"
     )
-    writers = [children(sys.executable, "-c", code) for _ in range(4)]
+    writers = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE) for _ in range(4)
+    ]
+    for w in writers:  # every writer holds the FIFO open before the stop
+        assert w.stdout is not None
+        assert w.stdout.readline() == b"open\n"
+        w.stdout.close()
     wait_for(lambda: server.stats().requests.get("disarm", {}).get("unknown", 0) > 10_000)
     t = time.monotonic()
     server.stop()
     assert time.monotonic() - t < 5.0
     assert not fifo_path.exists()  # remove_fifo, and it created it
     for w in writers:  # no reader left: they get EPIPE and finish
-        assert w.wait(timeout=30) in (0, -signal.SIGPIPE)
+        try:
+            assert w.wait(timeout=30) in (0, -signal.SIGPIPE)
+        finally:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
 
 
 def test_sync_needs_a_running_server_and_times_out(fifo_path: pathlib.Path) -> None:

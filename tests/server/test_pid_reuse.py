@@ -29,11 +29,12 @@ class NoPidfd(SystemInspector):
 
 path, use_pidfd = sys.argv[1], sys.argv[2] == "1"
 events = []
-gate = threading.Event()
+gate, held = threading.Event(), threading.Event()
 
 def on_event(event):
     events.append(event)
     if not gate.is_set():
+        held.set()
         gate.wait(30)  # hold the loop: it must not see the worker exit in time
 
 server = FileTimerServer(path, on_event=on_event, inspector=None if use_pidfd else NoPidfd())
@@ -44,7 +45,7 @@ deadline = time.time() + 0.5
 fd = os.open(path, os.O_WRONLY)
 # torch's v1 format: no start time in the message; the server binds the pid on receipt.
 os.write(fd, encode(TimerRequestV1(pid=pid, scope_id="s", expiration_time=deadline, signal=9)))
-time.sleep(0.05)  # the loop is now held in the callback of the Armed event
+assert held.wait(30)  # the loop is held in the callback of the Armed event
 worker.kill()
 worker.wait()
 time.sleep(0.03)  # a later clock tick: start times have a 10 ms resolution

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import statistics
 import subprocess
 import sys
@@ -201,14 +202,27 @@ def run(quick: bool) -> List[Row]:
                 "v1 default": (default(ftimer_client.expires, v1), n_slow * 10),
             }
             # The floor of a v2 block: its two lines, pre-encoded, each one non-blocking
-            # write() on a descriptor kept open, as the client writes them.
+            # write() on a descriptor kept open, waiting for room when the pipe is full,
+            # as the client writes them.
             floor_fd = os.open(drained, os.O_WRONLY | os.O_NONBLOCK)
-            arm_line = encode(Arm(os.getpid(), "s", time.monotonic() + 60, 9, start_time=1))
-            disarm_line = encode(Disarm(os.getpid(), "s", start_time=1))
+            room = select.poll()
+            room.register(floor_fd, select.POLLOUT)
+            floor_lines = (
+                encode(Arm(os.getpid(), "s", time.monotonic() + 60, 9, start_time=1)),
+                encode(Disarm(os.getpid(), "s", start_time=1)),
+            )
+            full = 0  # writes that found the pipe full (then waited)
 
             def floor() -> None:
-                os.write(floor_fd, arm_line)
-                os.write(floor_fd, disarm_line)
+                nonlocal full
+                for line in floor_lines:
+                    while True:
+                        try:
+                            os.write(floor_fd, line)
+                            break
+                        except BlockingIOError:
+                            full += 1
+                            room.poll()
 
             cases["floor"] = (floor, n_fast)
             if torch_timer is not None:
@@ -257,8 +271,8 @@ def run(quick: bool) -> List[Row]:
                 "torch": None,
                 "better": "lower",
                 "note": "no client: os.write() of a v2 arm and a disarm line on a "
-                "non-blocking descriptor kept open, against the same draining reader; "
-                f"writes that raised: {failed['floor']}",
+                "non-blocking descriptor kept open, waiting for room when the pipe is full, "
+                f"against the same draining reader; writes that found it full: {full:,}",
             }
         )
 

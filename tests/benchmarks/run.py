@@ -109,8 +109,9 @@ def markdown(rows: List[Row], meta: Dict[str, Any], checks: List[Dict[str, Any]]
     lines = [
         f"Measured {meta['date']} on {meta['machine']}; Python {meta['python']}, "
         f"torch {meta['torch']}; {'quick' if meta['quick'] else 'full'} run of "
-        f"{meta['seconds']:.0f} s; load average {meta['load_before']} before, "
-        f"{meta['load_after']} after. Command: `{meta['command']}`.",
+        f"{meta['seconds']:.0f} s; load average (1 / 5 / 15 min) {meta['load_before']} "
+        f"before, {meta['load_after']} after (the run's own processes included). "
+        f"Command: `{meta['command']}`.",
         "",
         "Targets from the brief (ftimer's figure):",
         "",

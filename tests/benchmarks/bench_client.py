@@ -2,6 +2,7 @@
 
 - us per ``with expires(after=60, ...)`` block (explicit and default scope), against a
   reader process that drains the FIFO as fast as it can, so the figure is the client's;
+- the floor of a block: its two lines, pre-encoded, one ``write()`` each;
 - failures in back-to-back blocks against a real server: ftimer's (1,000,000 blocks,
   100,000 quick) and torch's own ``FileTimerServer`` (5,000), and against the drainer;
 - ``python -X importtime`` of ``import ftimer_client`` and of torch's timer module.

@@ -31,10 +31,17 @@ PYTHON = sys.executable
 PATIENCE = 15.0
 
 WORKER = """
-import sys, time
+import signal as sig, sys, time
 from ftimer_client import FileTimerClient
 fifo, scope, after, hang = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
-signal = int(sys.argv[5]) if len(sys.argv) > 5 else 9
+signal, on_term = int(sys.argv[5]), sys.argv[6]
+if on_term == "ignore":
+    sig.signal(sig.SIGTERM, sig.SIG_IGN)
+elif on_term == "exit":
+    def bye(*_):
+        print("cleaned up", flush=True)
+        sys.exit(42)
+    sig.signal(sig.SIGTERM, bye)
 client = FileTimerClient(fifo, labels={"test": "daemon"}, signal=signal)
 client.arm(scope, after)
 print("armed", flush=True)
@@ -189,13 +196,25 @@ class DaemonProcess:
 
 
 class Worker:
-    """A worker process that arms one timer through ftimer_client, then hangs."""
+    """A worker process that arms one timer through ftimer_client, then hangs.
+
+    ``on_term``: what it does on SIGTERM: "default" (dies), "ignore", or "exit" (prints
+    "cleaned up" and exits with status 42).
+    """
 
     def __init__(
-        self, fifo: pathlib.Path, scope: str, after: float, hang: float, signal: int = 9
+        self,
+        fifo: pathlib.Path,
+        scope: str,
+        after: float,
+        hang: float,
+        signal: int = 9,
+        *,
+        on_term: str = "default",
     ) -> None:
+        argv = [str(fifo), scope, str(after), str(hang), str(signal), on_term]
         self.proc = subprocess.Popen(
-            [PYTHON, "-c", WORKER, str(fifo), scope, str(after), str(hang), str(signal)],
+            [PYTHON, "-c", WORKER, *argv],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

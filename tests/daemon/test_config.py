@@ -10,6 +10,7 @@ import signal
 import pytest
 
 from ftimer_server._config import (
+    DEFAULT_GRACE,
     ConfigError,
     DaemonConfig,
     load_config_file,
@@ -152,6 +153,9 @@ def test_parse_address_rejects(value: str) -> None:
         ({"max_timers": 0}, "max-timers"),
         ({"max_timers_per_pid": 0}, "max-timers-per-pid"),
         ({"allow_signals": ["SIGNOPE"]}, "unknown signal"),
+        ({"signal": "SIGNOPE"}, "unknown signal"),
+        ({"signal": "0"}, "out of range"),
+        ({"signal": 32}, "not a signal of this platform"),
         ({"allow_uids": [-1]}, "allow-uids"),
         ({"fifo_group": "no-such-group-ftimer"}, "unknown group"),
     ],
@@ -165,3 +169,15 @@ def test_group_by_name_or_number() -> None:
     name = grp.getgrgid(os.getegid()).gr_name
     assert resolve_config({"fifo_group": name}, environ={}).fifo_group == os.getegid()
     assert resolve_config({"fifo_group": "12345"}, environ={}).fifo_group == 12345
+
+
+def test_signal_override_and_its_default_grace(tmp_path: pathlib.Path) -> None:
+    file = load_config_file(write(tmp_path, 'signal = "SIGTERM"\n'))
+    config = resolve_config({}, file, environ={})
+    assert (config.signal, config.grace) == (signal.SIGTERM, DEFAULT_GRACE)
+    assert resolve_config({"signal": "15", "grace": 2.5}, environ={}).grace == 2.5
+    assert resolve_config({"signal": "KILL"}, environ={}).grace is None  # nothing to escalate
+    assert resolve_config({}, environ={}).signal is None
+    assert resolve_config({}, environ={}).grace is None
+    with pytest.raises(ConfigError, match=r"at `\$.signal`"):
+        load_config_file(write(tmp_path, "signal = true\n"))

@@ -51,6 +51,39 @@ def test_reaps_a_stuck_worker_and_leaves_a_punctual_one(spawn: Spawn, worker: St
     assert d.stop() == 0
 
 
+def test_default_signal_then_sigkill_after_the_grace(spawn: Spawn, worker: StartWorker) -> None:
+    d = spawn("--signal", "SIGTERM", "--grace", "0.5").ready()
+    # Both workers' timers ask for SIGKILL (the client's default); the daemon sends SIGTERM.
+    graceful = worker(d.fifo, "tidy", 0.2, 60, on_term="exit")
+    stubborn = worker(d.fifo, "stuck", 0.2, 60, on_term="ignore")
+    assert graceful.wait() == 42
+    assert graceful.proc.stdout is not None
+    assert graceful.proc.stdout.read() == "cleaned up\n"
+    assert stubborn.wait() == -signal.SIGKILL
+    for w in (graceful, stubborn):
+        reaped = d.wait_for_record(event="reaped", pid=w.pid)
+        assert reaped["signal"] == signal.SIGTERM
+        assert "with SIGTERM" in reaped["msg"]
+    escalated = d.wait_for_record(event="escalated", pid=stubborn.pid)
+    assert (escalated["signal"], escalated["after"]) == (signal.SIGKILL, 0.5)
+    escalations = [r["pid"] for r in d.records() if r.get("event") == "escalated"]
+    assert escalations == [stubborn.pid]
+    assert d.status()["signal"] == signal.SIGTERM
+    assert "reaps with SIGTERM" in run_cli("status", "--fifo", str(d.fifo)).stdout
+    assert d.stop() == 0
+
+
+def test_default_signal_from_the_config_file(
+    spawn: Spawn, worker: StartWorker, short_dir: pathlib.Path
+) -> None:
+    config = short_dir / "ftimer.toml"
+    config.write_text('signal = "SIGTERM"\n')
+    d = spawn("--config", str(config)).ready()
+    assert (d.status()["signal"], d.status()["grace"]) == (signal.SIGTERM, 10.0)
+    assert worker(d.fifo, "tidy", 0.2, 60, on_term="exit").wait() == 42
+    assert d.stop() == 0
+
+
 def test_status_as_a_table_and_as_json(spawn: Spawn, worker: StartWorker) -> None:
     d = spawn().ready()
     w = worker(d.fifo, "train_step", 60, 60, int(signal.SIGTERM))
@@ -303,6 +336,8 @@ def test_metrics_without_the_extra_is_a_usage_error(short_dir: pathlib.Path) -> 
         (["run", "--grace", "-1"], "grace"),
         (["run", "--log-format", "xml"], "invalid choice"),
         (["run", "--allow-signal", "SIGNOPE"], "unknown signal"),
+        (["run", "--signal", "SIGNOPE"], "unknown signal"),
+        (["run", "--signal", "0"], "out of range"),
         (["run", "--bogus"], "unrecognized arguments"),
         ([], "required"),
     ],
@@ -313,12 +348,20 @@ def test_bad_options_exit_2(args: list[str], message: str) -> None:
     assert message in result.stderr
 
 
-def test_bad_config_file_exit_2(short_dir: pathlib.Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('fifo = "/x"\nfifo-mod = "0600"\n', "unknown field `fifo-mod`"),
+        ('signal = "SIGNOPE"\n', "unknown signal 'SIGNOPE'"),
+        ("signal = 99\n", "out of range"),
+    ],
+)
+def test_bad_config_file_exit_2(short_dir: pathlib.Path, text: str, message: str) -> None:
     config = short_dir / "ftimer.toml"
-    config.write_text('fifo = "/x"\nfifo-mod = "0600"\n')
+    config.write_text(text)
     result = run_cli("run", "--config", str(config))
     assert result.returncode == 2
-    assert "unknown field `fifo-mod`" in result.stderr
+    assert message in result.stderr
 
 
 def test_config_file_with_command_line_override(spawn: Spawn, short_dir: pathlib.Path) -> None:

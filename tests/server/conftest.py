@@ -136,6 +136,15 @@ STUBBORN = [
     "print('ready', flush=True); time.sleep(60)",
 ]
 
+#: A child that cleans up on SIGTERM: prints a marker and exits with status 42.
+GRACEFUL = [
+    sys.executable,
+    "-c",
+    "import signal, sys, time\n"
+    "def bye(*_):\n    print('cleaned up', flush=True)\n    sys.exit(42)\n"
+    "signal.signal(signal.SIGTERM, bye); print('ready', flush=True); time.sleep(60)",
+]
+
 
 def fake_worker(pid: int, start_time: Optional[int] = 100) -> Worker:
     return Worker(pid, start_time)

@@ -29,7 +29,7 @@ from ftimer_server import (
     WorkerGone,
 )
 
-from .conftest import STUBBORN, Recorder, proc_start_time, send, wait_exit, wait_for
+from .conftest import GRACEFUL, STUBBORN, Recorder, proc_start_time, send, wait_exit, wait_for
 
 
 @pytest.fixture
@@ -166,6 +166,62 @@ def test_escalation_kills_a_worker_that_ignores_sigterm(fifo_path: pathlib.Path,
             child.stdout.close()
 
 
+def test_signal_override_lets_a_worker_clean_up(fifo_path: pathlib.Path) -> None:
+    events = Recorder()
+    with FileTimerServer(
+        fifo_path, on_event=events, signal_override=signal.SIGTERM, escalate_after=30
+    ) as server:
+        child = subprocess.Popen(GRACEFUL, stdout=subprocess.PIPE)
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == b"ready\n"
+            # The timer asks for SIGKILL (the client's default); the server sends SIGTERM.
+            send(fifo_path, Expire(pid=child.pid, scope_id="step", signal=signal.SIGKILL))
+            code, _ = wait_exit(child)
+            assert code == 42
+            assert child.stdout.read() == b"cleaned up\n"
+            wait_for(lambda: events.of(WorkerGone))
+            server.sync()
+            [reaped] = events.of(Reaped)
+            assert isinstance(reaped, Reaped)
+            assert (reaped.pid, reaped.signal, reaped.delivered) == (child.pid, 15, True)
+            assert events.of(Escalated) == []  # it exited: the SIGKILL was cancelled
+            assert server.stats().reaps == {signal.SIGTERM: 1}
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+            assert child.stdout is not None
+            child.stdout.close()
+
+
+def test_signal_override_escalates_when_sigterm_is_ignored(fifo_path: pathlib.Path) -> None:
+    events = Recorder()
+    with FileTimerServer(
+        fifo_path, on_event=events, signal_override=signal.SIGTERM, escalate_after=0.2
+    ) as server:
+        child = subprocess.Popen(STUBBORN, stdout=subprocess.PIPE)
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == b"ready\n"
+            send(fifo_path, Expire(pid=child.pid, scope_id="stuck", signal=signal.SIGKILL))
+            code, _ = wait_exit(child)
+            assert code == -signal.SIGKILL
+            server.sync()
+            [reaped] = events.of(Reaped)
+            [esc] = events.of(Escalated)
+            assert isinstance(reaped, Reaped)
+            assert isinstance(esc, Escalated)
+            assert reaped.signal == signal.SIGTERM
+            assert (esc.pid, esc.signal, esc.after) == (child.pid, signal.SIGKILL, 0.2)
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+            assert child.stdout is not None
+            child.stdout.close()
+
+
 def test_restore_before_start(fifo_path: pathlib.Path, events: Recorder, children) -> None:
     child, other = children(), children()
     saved = [
@@ -183,15 +239,16 @@ def test_restore_before_start(fifo_path: pathlib.Path, events: Recorder, childre
 def test_armed_snapshot(server: FileTimerServer, fifo_path: pathlib.Path, children) -> None:
     child = children()
     start = proc_start_time(child.pid)
+    a, b = time.monotonic() + 5000.5, time.monotonic() + 6000.0  # monotonic: since boot
     send(
         fifo_path,
-        Arm(pid=child.pid, scope_id="a", deadline=5000.5, signal=15, labels={"job": "x"}),
-        Arm(pid=child.pid, scope_id="b", deadline=6000.0, signal=0),
+        Arm(pid=child.pid, scope_id="a", deadline=a, signal=15, labels={"job": "x"}),
+        Arm(pid=child.pid, scope_id="b", deadline=b, signal=0),
     )
     server.sync()
     assert sorted(server.armed(), key=lambda t: t.scope_id) == [
-        Timer(child.pid, "a", 5000.5, 15, start, {"job": "x"}),
-        Timer(child.pid, "b", 6000.0, 0, start, None),
+        Timer(child.pid, "a", a, 15, start, {"job": "x"}),
+        Timer(child.pid, "b", b, 0, start, None),
     ]
     [worker] = server.workers()
     assert (worker.pid, worker.start_time) == (child.pid, start)

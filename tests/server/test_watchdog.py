@@ -46,7 +46,12 @@ WALL = 1_700_000_000.0  # the wall clock at monotonic time 0 in these tests
 
 
 class Rig:
-    def __init__(self, policy: Optional[Policy] = None, escalate_after: Optional[float] = None):
+    def __init__(
+        self,
+        policy: Optional[Policy] = None,
+        escalate_after: Optional[float] = None,
+        signal_override: Optional[int] = None,
+    ):
         self.host = FakeInspector()
         self.host.spawn(SERVER, start_time=5, parent=PARENT)
         self.host.spawn(PARENT, start_time=4, parent=1)
@@ -60,6 +65,7 @@ class Rig:
             ancestors=frozenset({PARENT}),
             emit=self.events,
             escalate_after=escalate_after,
+            signal_override=signal_override,
         )
         self.now = 0.0
 
@@ -314,6 +320,48 @@ def test_no_escalation_when_the_worker_died_or_got_sigkill() -> None:
     rig.at(5.0)
     assert sorted(rig.signaller.sent) == [(1000, 15), (1001, 9)]
     assert rig.events.of(Escalated) == []
+
+
+def test_signal_override_replaces_the_timers_signal_and_escalates() -> None:
+    rig = Rig(escalate_after=2.0, signal_override=signal.SIGTERM)
+    rig.host.spawn(1000)
+    rig.apply(arm(scope="a", signal=9, deadline=1.0, labels={"k": "v"}))
+    rig.at(1.0)
+    assert rig.signaller.sent == [(1000, signal.SIGTERM)]
+    [reaped] = rig.events.of(Reaped)
+    assert isinstance(reaped, Reaped)
+    assert (reaped.signal, reaped.scope_id, reaped.labels) == (signal.SIGTERM, "a", {"k": "v"})
+    assert rig.wd.stats().reaps == {signal.SIGTERM: 1}
+    rig.at(3.0)  # still alive after the grace: SIGKILL, though the timer asked for it first
+    assert rig.signaller.sent == [(1000, signal.SIGTERM), (1000, signal.SIGKILL)]
+    assert len(rig.events.of(Escalated)) == 1
+
+
+def test_signal_override_keeps_report_only_timers_report_only() -> None:
+    rig = Rig(escalate_after=2.0, signal_override=signal.SIGTERM)
+    rig.host.spawn(1000)
+    rig.apply(arm(scope="watch", signal=0, deadline=1.0), arm(scope="step", deadline=9.0))
+    rig.at(1.0)
+    assert rig.signaller.sent == []
+    assert len(rig.events.of(Expired)) == 1
+    assert [t.scope_id for t in rig.wd.armed()] == ["step"]
+
+
+def test_signal_override_sigkill_never_escalates() -> None:
+    rig = Rig(escalate_after=2.0, signal_override=signal.SIGKILL)
+    rig.host.spawn(1000)
+    rig.apply(arm(signal=signal.SIGTERM, deadline=1.0))
+    rig.at(1.0)
+    rig.at(10.0)
+    assert rig.signaller.sent == [(1000, signal.SIGKILL)]
+    assert rig.wd.next_wakeup() is None
+    assert rig.events.of(Escalated) == []
+
+
+@pytest.mark.parametrize("bad", [0, -1, 32, 10_000])
+def test_signal_override_must_be_a_signal(bad: int) -> None:
+    with pytest.raises(ValueError, match="signal_override"):
+        Rig(signal_override=bad)
 
 
 def test_undeliverable_signals_are_reported() -> None:

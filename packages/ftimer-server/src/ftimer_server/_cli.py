@@ -63,11 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fifo-mode", metavar="MODE", help="octal mode of a new FIFO (0600)")
     run.add_argument("--fifo-group", metavar="GROUP", help="group of a new FIFO (name or gid)")
     run.add_argument(
+        "--signal",
+        metavar="SIG",
+        help="signal every reap sends instead of the timer's own, e.g. SIGTERM or 15 "
+        "(default: each timer's; report-only timers stay report-only)",
+    )
+    run.add_argument(
         "--grace",
         type=float,
         metavar="SECONDS",
         help="time a worker signalled with anything but SIGKILL has to exit before "
-        "SIGKILL (default: no escalation)",
+        "SIGKILL (default: 10 with --signal, else no escalation)",
     )
     run.add_argument(
         "--state-file", metavar="PATH", help="save armed timers here to survive restarts"
@@ -181,6 +187,8 @@ def format_status(doc: Dict[str, Any]) -> str:
     """Render the daemon's status document as a header and a table of armed timers."""
     timers: List[Dict[str, Any]] = sorted(doc.get("timers", []), key=lambda t: t["remaining"])
     mode = "DRY RUN (expiries are logged, not signalled)" if doc.get("dry_run") else "enforcing"
+    if doc.get("signal"):
+        mode += f", reaps with {signal_label(doc['signal'])}"
     health = "" if doc.get("healthy") else ", NOT READING ITS FIFO"
     lines = [
         f"ftimer-server {doc.get('version', '?')} (pid {doc.get('pid', '?')}), {mode}{health}",

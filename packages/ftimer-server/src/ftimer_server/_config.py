@@ -10,6 +10,7 @@ option names without the leading dashes; the repeatable ``--allow-uid`` and
     fifo = "/run/ftimer/timer.fifo"
     fifo-mode = 0o660          # or "0660"
     fifo-group = "ftimer"
+    signal = "SIGTERM"
     grace = 10.0
     state-file = "/run/ftimer/state.json"
     allow-uids = [1000, 1001]
@@ -41,6 +42,7 @@ else:  # pragma: no cover - exercised on 3.9 / 3.10 only
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = [
+    "DEFAULT_GRACE",
     "ConfigError",
     "DaemonConfig",
     "FileSettings",
@@ -54,6 +56,8 @@ __all__ = [
 #: Environment variables naming the FIFO, in the client's order (torch's agent sets the
 #: second one for its workers).
 FIFO_ENV = ("FTIMER_FIFO", "TORCHELASTIC_TIMER_FILE")
+#: Seconds before SIGKILL when ``signal`` is set to something else and ``grace`` is not.
+DEFAULT_GRACE = 10.0
 
 
 class ConfigError(Exception):
@@ -67,6 +71,7 @@ class FileSettings(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", k
     fifo_mode: Union[int, str, None] = None
     fifo_group: Union[int, str, None] = None
     control_socket: Optional[str] = None
+    signal: Union[int, str, None] = None
     grace: Optional[float] = None
     state_file: Optional[str] = None
     state_interval: Optional[float] = None
@@ -94,8 +99,11 @@ class DaemonConfig:
         fifo_mode: permission bits for a FIFO the daemon creates (0o600 by default).
         fifo_group: gid given to the FIFO, or None to keep the daemon's.
         control_socket: the status socket's path.
+        signal: the signal every reap sends instead of the timer's own (report-only
+            timers stay report-only); None: each timer's.
         grace: seconds a worker signalled with anything but SIGKILL has before SIGKILL;
-            None: no escalation.
+            None: no escalation. With a ``signal`` other than SIGKILL it defaults to
+            ``DEFAULT_GRACE``.
         state_file: where armed timers are saved, or None.
         state_interval: at most this many seconds pass between a change of the armed
             timers and its save (and at least this many between two saves).
@@ -113,6 +121,7 @@ class DaemonConfig:
     fifo_mode: int = 0o600
     fifo_group: Optional[int] = None
     control_socket: str = ""
+    signal: Optional[int] = None
     grace: Optional[float] = None
     state_file: Optional[str] = None
     state_interval: float = 0.1
@@ -264,9 +273,14 @@ def resolve_config(
     from_env = next((env[name] for name in FIFO_ENV if env.get(name)), None)
     fifo = merged["fifo"] or from_env or default_fifo_path(environ=env)
     fifo = os.path.abspath(fifo)
+    signal = None if merged["signal"] is None else parse_signal(merged["signal"])
+    if signal is not None and signal not in signal_module.valid_signals():
+        raise ConfigError(f"signal {signal} is not a signal of this platform")
     grace = merged["grace"]
     if grace is not None and not 0 <= grace <= 86400:
         raise ConfigError(f"grace {grace} must be between 0 and 86400 seconds")
+    if grace is None and signal is not None and signal != signal_module.SIGKILL:
+        grace = DEFAULT_GRACE  # a worker that ignores the signal must not outlive its reap
     state_interval = 0.1 if merged["state_interval"] is None else merged["state_interval"]
     if not 0.01 <= state_interval <= 60:
         raise ConfigError(f"state-interval {state_interval} must be between 0.01 and 60 seconds")
@@ -294,6 +308,7 @@ def resolve_config(
         fifo_mode=parse_mode(merged["fifo_mode"]) if merged["fifo_mode"] is not None else 0o600,
         fifo_group=opt("fifo_group", parse_group),
         control_socket=path("control_socket") or control_socket_for(fifo),
+        signal=signal,
         grace=grace,
         state_file=path("state_file"),
         state_interval=state_interval,

@@ -26,7 +26,13 @@ from typing import Any, Dict, List, Optional
 
 import msgspec
 
-from ._config import ConfigError, DaemonConfig, load_config_file, resolve_config
+from ._config import (
+    ConfigError,
+    DaemonConfig,
+    load_config_file,
+    resolve_config,
+    signal_label,
+)
 from ._control import ControlServer, ControlSocketBusy
 from ._daemon_log import describe, event_fields
 from ._events import Armed, DecodeFailed, Disarmed, Event, Reaped, Rejected
@@ -154,6 +160,7 @@ class Daemon:
             on_event=self._on_event,
             policy=_policy(c),
             escalate_after=c.grace,
+            signal_override=c.signal,
             dry_run=c.dry_run,
             fifo_mode=c.fifo_mode,
             fifo_group=c.fifo_group,
@@ -191,6 +198,10 @@ class Daemon:
     def _ready(self) -> None:
         c = self.config
         mode = "DRY RUN (expiries are logged, not signalled)" if c.dry_run else "enforcing"
+        if c.signal is not None:
+            mode += f", reaps with {signal_label(c.signal)}"
+        if c.grace is not None:
+            mode += f", SIGKILL {c.grace:g} s later if still alive"
         log.info(
             "ftimer-server %s ready: FIFO %s, %s, status socket %s, state file %s",
             __version__,
@@ -313,6 +324,8 @@ class Daemon:
             "control_socket": c.control_socket,
             "state_file": c.state_file,
             "dry_run": c.dry_run,
+            "signal": c.signal,
+            "grace": c.grace,
             "uptime": now - self._started,
             "monotonic": now,
             "timers": [

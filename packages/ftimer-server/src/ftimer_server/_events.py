@@ -100,7 +100,8 @@ class Reaped(Event, frozen=True, tag="reaped"):
 
     Attributes:
         pid, start_time: the worker.
-        signal: the signal sent: that of its earliest expired timer with a signal.
+        signal: the signal sent: that of its earliest expired timer with a signal, or
+            the server's ``signal_override``.
         scope_id: that timer's scope.
         late: seconds from that timer's deadline to the signal (the reap latency).
         delivered: False when the signal could not be delivered (``error`` says why).

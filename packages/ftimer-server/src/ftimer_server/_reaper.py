@@ -14,6 +14,7 @@ import signal as _signal
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._events import Escalated, Reaped
+from ._policy import valid_signals
 from ._process import ProcessInspector
 from ._records import Worker
 from ._signaller import Signaller
@@ -36,6 +37,12 @@ class Reaper:
         escalate_after: seconds to wait after the first signal before SIGKILL;
             ``None`` (torch's behaviour) never escalates. No escalation follows a SIGKILL.
         steps: run in order before each signal (diagnostics).
+        signal_override: if set, the signal every reap sends, instead of the deciding
+            timer's own (the host's choice, e.g. SIGTERM so workers can clean up).
+
+    Raises:
+        ValueError: ``escalate_after`` is negative, or ``signal_override`` is not a
+            signal of this platform.
     """
 
     def __init__(
@@ -44,33 +51,39 @@ class Reaper:
         inspector: ProcessInspector,
         escalate_after: Optional[float] = None,
         steps: Sequence[ReapStep] = (),
+        signal_override: Optional[int] = None,
     ) -> None:
         if escalate_after is not None and escalate_after < 0:
             raise ValueError("escalate_after must be >= 0")
+        if signal_override is not None and signal_override not in valid_signals():
+            raise ValueError(f"signal_override {signal_override} is not a signal here")
         self._signaller = signaller
         self._inspector = inspector
         self._escalate_after = escalate_after
         self._steps = tuple(steps)
+        self._override = signal_override
         # pid -> (due time, worker, labels); the heap orders due times, lazily deleted.
         self._pending: Dict[int, Tuple[float, Worker, Optional[Dict[str, str]]]] = {}
         self._heap: List[Tuple[float, int, int]] = []
         self._seq = itertools.count()
 
     def reap(self, worker: Worker, expiry: Expiry, now: float) -> Reaped:
-        """Signal ``worker`` as ``expiry`` decides (its ``decider`` must be set)."""
+        """Signal ``worker`` as ``expiry`` decides (its ``decider`` must be set), or with
+        the override signal."""
         decider = expiry.decider
         assert decider is not None, "a report-only expiry is not reaped"
+        signal = decider.signal if self._override is None else self._override
         for step in self._steps:
             step(worker, expiry, now)
-        delivered, error = self._send(worker, decider.signal)
-        if delivered and self._escalate_after is not None and decider.signal != KILL:
+        delivered, error = self._send(worker, signal)
+        if delivered and self._escalate_after is not None and signal != KILL:
             due = now + self._escalate_after
             self._pending[worker.pid] = (due, worker, decider.labels)
             heapq.heappush(self._heap, (due, next(self._seq), worker.pid))
         return Reaped(
             pid=worker.pid,
             start_time=worker.start_time,
-            signal=decider.signal,
+            signal=signal,
             scope_id=decider.scope_id,
             late=now - decider.deadline,
             delivered=delivered,

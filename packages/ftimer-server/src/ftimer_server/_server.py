@@ -70,6 +70,8 @@ class FileTimerServer:
         policy: which processes and signals are allowed, and the timer limits.
         escalate_after: seconds after a signal other than SIGKILL before a surviving
             worker gets SIGKILL; ``None`` (default, torch's behaviour) never escalates.
+        signal_override: the signal every reap sends, instead of the deciding timer's
+            own (timers with signal 0 stay report-only); ``None`` (default): the timer's.
         signaller: delivers signals; defaults to ``OsSignaller``.
         dry_run: signal nothing (a ``RecordingSignaller`` that reports delivery); the
             events are the same.
@@ -101,6 +103,7 @@ class FileTimerServer:
         on_event: Optional[Callable[[Event], None]] = None,
         policy: Optional[Policy] = None,
         escalate_after: Optional[float] = None,
+        signal_override: Optional[int] = None,
         signaller: Optional[Signaller] = None,
         dry_run: bool = False,
         inspector: Optional[ProcessInspector] = None,
@@ -150,6 +153,7 @@ class FileTimerServer:
             ancestors=ancestors_of(os.getpid(), self._inspector),
             emit=self._pending.append,
             escalate_after=escalate_after,
+            signal_override=signal_override,
             watch=self._watch,
             unwatch=self._unwatch,
             steps=tuple(reap_steps),

@@ -66,6 +66,12 @@ class Watchdog:
         steps: reap steps run before each signal (diagnostics).
         timer_events: emit ``Armed`` and ``Disarmed`` (one per request: the bulk of all
             events); without them the counters still count every request.
+        signal_override: the signal every reap sends instead of the deciding timer's
+            (report-only timers stay report-only).
+
+    Raises:
+        ValueError: ``escalate_after`` is negative, or ``signal_override`` is not a
+            signal of this platform.
     """
 
     def __init__(
@@ -82,13 +88,14 @@ class Watchdog:
         unwatch: Callable[[Worker], None] = _ignore,
         steps: Sequence[ReapStep] = (),
         timer_events: bool = True,
+        signal_override: Optional[int] = None,
     ) -> None:
         policy = policy or Policy()
         self.policy = policy
         self.table = TimerTable(policy.max_timers_per_pid, policy.max_timers)
         self.counters = Counters()
         self._inspector = inspector
-        self._reaper = Reaper(signaller, inspector, escalate_after, steps)
+        self._reaper = Reaper(signaller, inspector, escalate_after, steps, signal_override)
         self._server_pid = server_pid
         self._ancestors = ancestors
         self._signals = (policy.allowed_signals or valid_signals()) | {0}

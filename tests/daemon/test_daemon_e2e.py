@@ -10,6 +10,7 @@ import stat
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from typing import Callable
 
 import pytest
@@ -209,14 +210,90 @@ def test_unsafe_fifo_paths_are_refused(short_dir: pathlib.Path, kind: str) -> No
     assert not (short_dir / "timer.fifo.sock").exists()
 
 
-def test_own_fifo_is_reused_across_restarts(spawn: Spawn, worker: StartWorker) -> None:
-    a = spawn("--fifo-mode", "0620", name="a").ready()
+#: Arms "first", then on each line of stdin arms the scope named on it; keeps the FIFO open.
+ARMER = """
+import sys
+from ftimer_client import FileTimerClient
+client = FileTimerClient(sys.argv[1])
+client.arm("first", 3600)
+print("armed", flush=True)
+for line in sys.stdin:
+    client.arm(line.strip(), 3600)
+    print("armed", flush=True)
+"""
+
+
+@pytest.fixture
+def armer(short_dir: pathlib.Path) -> Iterator[Callable[[], subprocess.Popen[str]]]:
+    """Starts an ARMER on the FIFO of ``short_dir`` (call it once a daemon runs)."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start() -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [PYTHON, "-c", ARMER, str(short_dir / "timer.fifo")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "armed\n"
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def arm_next(proc: subprocess.Popen[str], scope: str) -> None:
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.write(scope + "\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == "armed\n"
+
+
+def test_fifo_is_reused_when_timers_were_restored(
+    spawn: Spawn, armer: Callable[[], subprocess.Popen[str]], short_dir: pathlib.Path
+) -> None:
+    state = str(short_dir / "state.json")
+    a = spawn("--fifo-mode", "0620", "--state-file", state, name="a").ready()
     inode = os.lstat(a.fifo).st_ino
     assert stat.S_IMODE(os.lstat(a.fifo).st_mode) == 0o620
-    assert a.stop() == 0
-    b = spawn(name="b").ready()
+    w = armer()
+    wait_until(lambda: a.armed_scopes() == ["first"], what="the first timer armed")
+    assert a.stop() == 0  # saves the state
+    b = spawn("--state-file", state, name="b").ready()
     assert os.lstat(b.fifo).st_ino == inode
     assert stat.S_IMODE(os.lstat(b.fifo).st_mode) == 0o600  # the mode asked for now
+    assert b.armed_scopes() == ["first"]
+    arm_next(w, "second")  # through the FIFO it held all along
+    wait_until(lambda: b.armed_scopes() == ["first", "second"], what="the second timer")
+    assert not any("replaced the FIFO" in r["msg"] for r in b.records())
+    assert b.stop() == 0
+
+
+def test_fifo_is_replaced_without_state_and_clients_resend_their_timers(
+    spawn: Spawn, armer: Callable[[], subprocess.Popen[str]], worker: StartWorker
+) -> None:
+    a = spawn("--fifo-mode", "0620", name="a").ready()
+    inode = os.lstat(a.fifo).st_ino
+    w = armer()
+    wait_until(lambda: a.armed_scopes() == ["first"], what="the first timer armed")
+    assert a.stop() == 0
+    b = spawn("--fifo-mode", "0620", name="b").ready()
+    assert os.lstat(b.fifo).st_ino != inode  # a new FIFO, atomically in place
+    assert stat.S_IMODE(os.lstat(b.fifo).st_mode) == 0o620
+    b.wait_for_record(where=lambda r: r["msg"].startswith("replaced the FIFO"))
+    assert b.armed_scopes() == []
+    # The worker wrote nothing while no daemon ran; its next write fails with EPIPE on
+    # the old FIFO, and the client re-sends what it has armed before the new message.
+    arm_next(w, "second")
+    wait_until(lambda: b.armed_scopes() == ["first", "second"], what="both timers")
     assert worker(b.fifo, "s", 0.2, 60).wait() == -signal.SIGKILL
     assert b.stop() == 0
 

@@ -188,3 +188,115 @@ def test_private_parent_on_request(tmp_path: pathlib.Path) -> None:
     fifo = open_fifo(tmp_path / "run" / "timer.fifo", private_parent=True)
     fifo.close()
     assert stat.S_IMODE((tmp_path / "run").lstat().st_mode) == 0o700
+
+
+def _leftovers(fifo_path: pathlib.Path) -> list[str]:
+    return [p.name for p in fifo_path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_replace_puts_a_new_fifo_in_place(fifo_path: pathlib.Path) -> None:
+    first = open_fifo(fifo_path, mode=0o620)
+    old_inode = fifo_path.lstat().st_ino
+    holder = os.open(fifo_path, os.O_WRONLY | os.O_NONBLOCK)  # a client keeping it open
+    try:
+        first.close()
+        second = open_fifo(fifo_path, mode=0o640, replace=True)
+        try:
+            assert (second.created, second.replaced) == (True, True)
+            st = fifo_path.lstat()
+            assert stat.S_ISFIFO(st.st_mode)
+            assert st.st_ino != old_inode
+            assert stat.S_IMODE(st.st_mode) == 0o640
+            assert os.fstat(second.read_fd).st_ino == st.st_ino
+            with pytest.raises(BrokenPipeError):  # the old FIFO has no reader any more
+                os.write(holder, b"x\n")
+            fd = os.open(fifo_path, os.O_WRONLY | os.O_NONBLOCK)  # new opens find the new one
+            os.write(fd, b"hello\n")
+            os.close(fd)
+            assert os.read(second.read_fd, 10) == b"hello\n"
+            assert _leftovers(fifo_path) == []
+        finally:
+            second.close(remove=True)
+        assert not fifo_path.exists()  # it created (replaced) it: removed when asked
+    finally:
+        os.close(holder)
+
+
+def test_replace_creates_a_missing_fifo(fifo_path: pathlib.Path) -> None:
+    fifo = open_fifo(fifo_path, replace=True)
+    try:
+        assert (fifo.created, fifo.replaced) == (True, False)
+        assert stat.S_ISFIFO(fifo_path.lstat().st_mode)
+    finally:
+        fifo.close()
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to give a file a group we are not in")
+def test_replace_keeps_the_old_group_unless_one_is_asked_for(fifo_path: pathlib.Path) -> None:
+    os.mkfifo(fifo_path, 0o600)
+    os.chown(fifo_path, -1, 12345)
+    open_fifo(fifo_path, mode=0o620, replace=True).close()
+    st = fifo_path.lstat()
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (12345, 0o620)
+    open_fifo(fifo_path, group=23456, replace=True).close()
+    assert fifo_path.lstat().st_gid == 23456
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("symlink", "symlink"),
+        ("regular file", "regular file"),
+        ("directory", "directory"),
+        ("foreign FIFO", "owned by uid"),
+    ],
+)
+def test_replace_refuses_what_reuse_refuses(
+    fifo_path: pathlib.Path, kind: str, message: str
+) -> None:
+    target = fifo_path.with_name("real.fifo")
+    if kind == "symlink":
+        os.mkfifo(target, 0o600)
+        fifo_path.symlink_to(target)
+    elif kind == "regular file":
+        fifo_path.write_text("precious")
+    elif kind == "directory":
+        fifo_path.mkdir()
+    else:
+        if not ROOT:
+            pytest.skip("needs root to make a file owned by another user")
+        os.mkfifo(fifo_path, 0o666)
+        os.chown(fifo_path, OTHER_UID, OTHER_UID)
+    before = fifo_path.lstat()
+    with pytest.raises(FifoError, match=message):
+        open_fifo(fifo_path, replace=True)
+    after = fifo_path.lstat()
+    assert (after.st_ino, after.st_mode, after.st_uid) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_uid,
+    )
+    assert _leftovers(fifo_path) == []
+
+
+def test_replace_falls_back_to_reuse_when_no_fifo_can_be_made_beside_it(
+    fifo_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    os.mkfifo(fifo_path, 0o600)
+    inode = fifo_path.lstat().st_ino
+    real_mkfifo = os.mkfifo
+
+    def mkfifo(path: str, mode: int = 0o666) -> None:
+        if os.path.basename(path).startswith("."):  # the temporary name: a read-only dir
+            raise PermissionError(13, "Permission denied")
+        real_mkfifo(path, mode)
+
+    monkeypatch.setattr(os, "mkfifo", mkfifo)
+    with caplog.at_level("WARNING", logger="ftimer_server"):
+        fifo = open_fifo(fifo_path, replace=True)
+    try:
+        assert (fifo.created, fifo.replaced) == (False, False)
+        assert fifo_path.lstat().st_ino == inode
+        assert "reusing it" in caplog.text
+    finally:
+        fifo.close()

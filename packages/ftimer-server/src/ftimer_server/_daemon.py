@@ -2,8 +2,9 @@
 
 Start-up, in order: refuse if another daemon answers on the control socket; load the state
 file; create the server and restore the saved timers (so a timer that expired while the
-daemon was down fires at once); open the FIFO and start; bind the control socket; start the
-state saver and the metrics endpoint; tell systemd READY=1.
+daemon was down fires at once); open the FIFO (a new one in place of the old if nothing
+was restored, so clients holding the old one re-send their timers) and start; bind the
+control socket; start the state saver and the metrics endpoint; tell systemd READY=1.
 
 The main thread then only waits for signals. Handlers do nothing but wake it (the signal
 number arrives on a wake-up pipe); the loop acts: SIGTERM / SIGINT shut down cleanly

@@ -3,8 +3,15 @@
 The FIFO path is often in a shared directory, so the path is treated as hostile: a
 symlink is never followed, anything but a FIFO is refused rather than removed (torch
 removes whatever is there), and a FIFO owned by another user is refused (its owner could
-read or redirect the stream). The server's own FIFO is reused across restarts, so
-writers that hold the path keep working.
+read or redirect the stream).
+
+The server's own FIFO is either reused or replaced. Reused (a server that restored
+timers): writers that hold it open keep writing to the new server and lose nothing.
+Replaced (a server that starts empty): a new FIFO is made under a temporary name, given
+the mode and group, and renamed over the path, so the path always holds a FIFO and a
+writer still holding the old one gets EPIPE at its next write; the ftimer client then
+reopens the path and re-sends its armed timers, which the empty server would otherwise
+never learn about.
 
 Opening: the read end is opened non-blocking (``open()`` of a FIFO blocks until a writer
 appears otherwise), and the server also holds a write end of its own: with a writer
@@ -18,10 +25,12 @@ import contextlib
 import errno
 import fcntl
 import grp
+import logging
 import os
+import secrets
 import stat
 import sys
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from ftimer_protocol import default_fifo_path
 
@@ -33,6 +42,9 @@ F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032 if sys.platform.startswith("l
 _PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC
+
+logger = logging.getLogger("ftimer_server")
 
 
 class FifoError(Exception):
@@ -57,14 +69,18 @@ class Fifo:
         read_fd: non-blocking read end.
         write_fd: non-blocking write end held by the server.
         created: True if this server created the FIFO (False: reused an existing one).
+        replaced: True if it replaced an existing FIFO of this user (``created`` too).
         pipe_size: the pipe's buffer size in bytes (0 where unknown).
     """
 
-    def __init__(self, path: str, read_fd: int, write_fd: int, created: bool) -> None:
+    def __init__(
+        self, path: str, read_fd: int, write_fd: int, created: bool, replaced: bool = False
+    ) -> None:
         self.path = path
         self.read_fd = read_fd
         self.write_fd = write_fd
         self.created = created
+        self.replaced = replaced
         st = os.fstat(read_fd)
         self._identity = (st.st_dev, st.st_ino)
         self.pipe_size = 0
@@ -90,8 +106,9 @@ def open_fifo(
     group: Optional[Union[int, str]] = None,
     private_parent: Optional[bool] = None,
     pipe_size: Optional[int] = None,
+    replace: bool = False,
 ) -> Fifo:
-    """Create (or reuse) the FIFO at ``path`` and open it for the server.
+    """Create (or reuse, or replace) the FIFO at ``path`` and open it for the server.
 
     Args:
         path: the FIFO; defaults to ``ftimer_protocol.default_fifo_path()``.
@@ -104,6 +121,10 @@ def open_fifo(
             must exist).
         pipe_size: the pipe buffer size to ask for; defaults to the largest the system
             allows (``/proc/sys/fs/pipe-max-size``). Ignored where unsupported.
+        replace: if the path holds this user's FIFO, atomically put a new one in its
+            place (same mode; the requested group, else the old one's) instead of
+            reusing it, so writers holding the old one get EPIPE and reconnect. Falls
+            back to reusing it (with a warning) when no FIFO can be made beside it.
 
     Raises:
         FifoError: the path is a symlink, not a FIFO, or a FIFO owned by another user;
@@ -115,13 +136,13 @@ def open_fifo(
         private_parent = path == default_fifo_path()
     if private_parent:
         _ensure_private_dir(os.path.dirname(path) or ".", gid)
-    read_fd, created = _open_read_end(path, mode, gid)
+    read_fd, created, replaced = _open_read_end(path, mode, gid, replace)
     try:
         write_fd = _open_write_end(path, read_fd)
     except BaseException:
         os.close(read_fd)
         raise
-    fifo = Fifo(path, read_fd, write_fd, created)
+    fifo = Fifo(path, read_fd, write_fd, created, replaced)
     fifo.pipe_size = _enlarge_pipe(read_fd, pipe_size)
     return fifo
 
@@ -168,22 +189,36 @@ def _describe(mode: int) -> str:
     return "not a FIFO"
 
 
-def _open_read_end(path: str, mode: int, gid: Optional[int]) -> tuple[int, bool]:
+def _open_read_end(
+    path: str, mode: int, gid: Optional[int], replace: bool
+) -> Tuple[int, bool, bool]:
+    """Return (read end, created, replaced)."""
     for _ in range(3):  # the path may vanish between mkfifo and open: retry a little
         created = False
         try:
             os.mkfifo(path, 0o600)
             created = True
         except FileExistsError:
-            st = os.lstat(path)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
             if not stat.S_ISFIFO(st.st_mode):
                 raise FifoError(
                     path, f"refusing {_describe(st.st_mode)} (expected a FIFO)"
                 ) from None
+            if replace:
+                if st.st_uid != os.geteuid():
+                    raise FifoError(
+                        path, f"refusing a FIFO owned by uid {st.st_uid}, not us"
+                    ) from None
+                new_fd = _replace(path, st, mode, gid)
+                if new_fd is not None:
+                    return new_fd, True, True
         except OSError as e:
             raise FifoError(path, f"cannot create the FIFO: {e.strerror}") from None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC)
+            fd = os.open(path, _READ_FLAGS)
         except FileNotFoundError:
             continue
         except OSError as e:
@@ -203,8 +238,57 @@ def _open_read_end(path: str, mode: int, gid: Optional[int]) -> tuple[int, bool]
         except BaseException:
             os.close(fd)
             raise
-        return fd, created
+        return fd, created, False
     raise FifoError(path, "the FIFO keeps disappearing")
+
+
+def _replace(path: str, old: os.stat_result, mode: int, gid: Optional[int]) -> Optional[int]:
+    """Put a new FIFO in place of ``old`` (this user's FIFO at ``path``); return its read
+    end, or ``None`` (with a warning) if no FIFO can be made beside it.
+
+    Made and opened under a temporary name, given its mode and group, then renamed over
+    the path: the path never lacks a FIFO and never holds one with the wrong permissions.
+
+    Raises:
+        FifoError: the path changed meanwhile, or the requested group cannot be given.
+    """
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+    try:
+        os.mkfifo(tmp, 0o600)
+    except OSError as e:
+        logger.warning(
+            "cannot make a new FIFO beside %s (%s): reusing it; writers that hold it "
+            "open will not notice the restart",
+            path,
+            e.strerror,
+        )
+        return None
+    fd = -1
+    try:
+        fd = os.open(tmp, _READ_FLAGS)
+        target_gid = old.st_gid if gid is None else gid
+        if os.fstat(fd).st_gid != target_gid:
+            try:
+                os.fchown(fd, -1, target_gid)
+            except PermissionError as e:
+                if gid is not None:
+                    raise FifoError(path, f"cannot give it group {gid}: {e.strerror}") from None
+                # Not in the old FIFO's group: it gets ours, as a new FIFO would.
+        os.fchmod(fd, mode)
+        now = os.lstat(path)  # what was checked is what gets replaced
+        if (now.st_dev, now.st_ino) != (old.st_dev, old.st_ino):
+            raise FifoError(path, "the FIFO was replaced while it was being opened")
+        os.rename(tmp, path)
+    except BaseException as e:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise FifoError(path, f"cannot replace the FIFO: {e.strerror}") from None
+        raise
+    return fd
 
 
 def _open_write_end(path: str, read_fd: int) -> int:

@@ -58,7 +58,9 @@ class FileTimerServer:
     Args:
         file_path: the FIFO; defaults to ``$TORCHELASTIC_TIMER_FILE``, else
             ``ftimer_protocol.default_fifo_path()``. Created if missing (see
-            ``fifo_mode``); an existing FIFO of this user is reused.
+            ``fifo_mode``). An existing FIFO of this user is reused if timers were
+            restored before ``start()``, else replaced by a new one, so that clients
+            holding the old one notice the restart and re-send their timers.
         run_id: torch's job id, kept for ``log_event`` users; not used otherwise.
         max_interval: torch's polling interval; ignored.
         daemon: run the loop in a daemon thread.
@@ -313,12 +315,22 @@ class FileTimerServer:
             if self._state != "new":
                 raise RuntimeError(f"the server is {self._state}; create a new one")
             raise_fd_limit()
+            # A server that restored nothing replaces its old FIFO: clients that still
+            # hold the old one then fail their next write and re-send their timers.
+            # One that restored timers reuses it: its writers lose nothing.
             self._fifo = open_fifo(
                 self.file_path,
                 mode=self._fifo_mode,
                 group=self._fifo_group,
                 pipe_size=self._pipe_size,
+                replace=len(self._watchdog.table) == 0,
             )
+            if self._fifo.replaced:
+                logger.info(
+                    "replaced the FIFO %s with a new one (no timers restored): writers "
+                    "holding the old one reconnect and re-send their timers",
+                    self.file_path,
+                )
             self._wake_r, self._wake_w = os.pipe()
             for fd in (self._wake_r, self._wake_w):
                 os.set_blocking(fd, False)

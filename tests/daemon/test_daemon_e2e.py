@@ -141,6 +141,27 @@ def test_kill_9_and_restart_keeps_armed_timers(
     assert decode_state(state_file.read_bytes()).timers == []
 
 
+def test_at_info_level_arms_are_not_logged_but_still_saved(
+    spawn: Spawn, worker: StartWorker, short_dir: pathlib.Path
+) -> None:
+    state_file = short_dir / "state.json"
+    d = spawn("--state-file", str(state_file), "--log-level", "info").ready()
+    w = worker(d.fifo, "saved", 60, 60)
+
+    def saved() -> list[str]:
+        try:
+            return [t.scope_id for t in decode_state(state_file.read_bytes()).timers]
+        except (FileNotFoundError, ValueError):
+            return []
+
+    wait_until(lambda: saved() == ["saved"], what="the timer in the state file")
+    w.cleanup()
+    wait_until(lambda: d.armed_scopes() == [], what="the worker's exit")
+    wait_until(lambda: saved() == [], what="the exit saved")
+    assert not [r for r in d.records() if r.get("event") in ("armed", "disarmed")]
+    assert d.stop() == 0
+
+
 def _deadline(state_file: pathlib.Path, scope: str) -> float:
     (timer,) = [t for t in decode_state(state_file.read_bytes()).timers if t.scope_id == scope]
     return timer.deadline

@@ -70,3 +70,22 @@ def test_a_run_of_one_version_is_decoded_in_one_call() -> None:
     assert reader._fast(b"".join(lines)) is not None
     assert reader._fast(b"".join(lines) + b"junk\n") is None
     assert reader.feed(b"".join(lines)) == StreamDecoder().feed(b"".join(lines))
+
+
+@settings(max_examples=300)
+@given(st.lists(st.integers(0, 150), min_size=1, max_size=30), st.integers(10, 200))
+def test_over_long_lines_are_found_by_the_block_scan(lengths: list[int], max_line: int) -> None:
+    # A run of valid lines of every length around max_line: only length can refuse one.
+    stream = b"".join(encode(Disarm(pid=5, scope_id="y" * n)) for n in lengths)
+    reader = LineReader(max_line)
+    too_long = max(map(len, stream.split(b"\n"))) > max_line
+    assert reader._may_hold_a_long_line(stream) == too_long
+    assert reader.feed(stream) == StreamDecoder(max_line).feed(stream)
+
+
+@given(st.lists(st.integers(0, 3), max_size=20), st.integers(10, 40), st.integers(-2, 2))
+def test_the_block_scan_is_exact(lines: list[int], max_line: int, delta: int) -> None:
+    # Lines of random lengths, with one of about max_line among them.
+    whole = b"".join(b"a" * n + b"\n" for n in [*lines, max_line + delta, *lines])
+    too_long = max(map(len, whole.split(b"\n"))) > max_line
+    assert LineReader(max_line)._may_hold_a_long_line(whole) == too_long

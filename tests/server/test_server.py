@@ -18,6 +18,7 @@ import pytest
 from ftimer_protocol import Arm, Disarm, Expire, TimerRequestV1, encode
 from ftimer_server import (
     Armed,
+    Disarmed,
     Escalated,
     Expired,
     FileTimerServer,
@@ -541,3 +542,60 @@ def test_what_is_in_the_pipe_at_stop_is_applied(fifo_path: pathlib.Path, childre
     gate.set()
     stopper.join(10)
     assert len(server.armed()) == 101
+
+
+def test_on_event_gets_only_the_event_types_asked_for(fifo_path: pathlib.Path, children) -> None:
+    events = Recorder()
+    child, far = children(), time.monotonic() + 3600
+    with FileTimerServer(fifo_path, on_event=events, event_types=[Expired, Reaped]) as server:
+        send(fifo_path, Arm(pid=child.pid, scope_id="a", deadline=far, signal=9))
+        send(fifo_path, Disarm(pid=child.pid, scope_id="a"))
+        send(fifo_path, Expire(pid=child.pid, scope_id="b", signal=signal.SIGKILL))
+        assert wait_exit(child)[0] == -signal.SIGKILL
+        server.sync()
+        assert [type(e) for e in events.events] == [Expired, Reaped]
+        assert server.stats().requests["arm"] == {"ok": 1}  # counted all the same
+        server.set_event_types([Armed, Disarmed])
+        other = children()
+        send(fifo_path, Arm(pid=other.pid, scope_id="c", deadline=far, signal=9))
+        send(fifo_path, Disarm(pid=other.pid, scope_id="c"))
+        server.sync()
+        assert [type(e) for e in events.events[2:]] == [Armed, Disarmed]
+        server.set_event_types(None)
+        send(fifo_path, Expire(pid=other.pid, scope_id="d", signal=signal.SIGKILL))
+        assert wait_exit(other)[0] == -signal.SIGKILL
+        server.sync()
+        assert [type(e) for e in events.events[4:6]] == [Armed, Expired]  # everything again
+
+
+def test_event_types_are_checked(fifo_path: pathlib.Path) -> None:
+    with pytest.raises(ValueError, match="needs on_event"):
+        FileTimerServer(fifo_path, event_types=[Reaped])
+    with pytest.raises(TypeError, match="not an Event class"):
+        FileTimerServer(fifo_path, on_event=print, event_types=[Timer])
+    with pytest.raises(ValueError, match="needs on_event"):
+        FileTimerServer(fifo_path).set_event_types([Reaped])
+
+
+def test_on_change_once_per_iteration_that_changed_the_timers(
+    fifo_path: pathlib.Path, children
+) -> None:
+    changes: List[int] = []
+    child, far = children(), time.monotonic() + 3600
+    with FileTimerServer(fifo_path, on_change=lambda: changes.append(1)) as server:
+        server.sync()
+        assert changes == []
+        send(
+            fifo_path,
+            *(Arm(pid=child.pid, scope_id=f"s{i}", deadline=far, signal=9) for i in range(50)),
+        )
+        server.sync()
+        assert 1 <= len(changes) <= 50  # per iteration, not per message
+        before = len(changes)
+        send(fifo_path, Disarm(pid=child.pid, scope_id="never-armed"))
+        server.sync()
+        assert len(changes) == before  # nothing changed
+        child.kill()
+        child.wait()
+        wait_for(lambda: len(changes) > before)  # its timers were dropped
+        assert server.armed() == []

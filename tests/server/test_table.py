@@ -57,6 +57,22 @@ def test_earliest_expired_timer_with_a_signal_decides_and_clears_the_pid() -> No
     assert 10 not in table
 
 
+def test_a_pid_is_kept_until_disarm_all_and_changes_are_counted() -> None:
+    table = TimerTable()
+    table.arm(timer(10, "step", 1.0))
+    table.arm(timer(10, "step", 2.0))
+    assert table.disarm(10, "step") is not None
+    assert table.disarm(10, "step") is None  # nothing armed: no change
+    assert (len(table), 10 in table, table.changes) == (0, False, 3)
+    assert table._by_pid == {10: {}}  # kept for the worker's next arm
+    assert table.disarm_all(10) == []
+    assert (table._by_pid, table.changes) == ({}, 3)
+    table.arm(timer(10, "a", 1.0))
+    table.arm(timer(10, "b", 1.0))
+    assert len(table.disarm_all(10)) == 2
+    assert (table._by_pid, table.changes) == ({}, 6)
+
+
 def test_report_only_expiry_removes_only_the_expired_timers() -> None:
     table = TimerTable()
     table.arm(timer(10, "report", 1.0, signal=0))
@@ -97,6 +113,17 @@ def test_limits_refuse_new_keys_but_never_a_rearm() -> None:
     assert table.arm(timer(10, "a", 9.0))[1] is None  # re-arm at the limit
     assert 12 not in table
     assert len(table) == 3
+
+
+def test_ties_go_by_arming_order_also_after_the_heap_is_compacted() -> None:
+    table = TimerTable()
+    table.arm(timer(11, "b", 5.0))
+    table.arm(timer(10, "a", 5.0))
+    table.arm(timer(11, "b", 5.0))  # re-armed: now armed after pid 10's
+    for i in range(3000):  # churn until stale entries get compacted away
+        table.arm(timer(12, "churn", 100.0 + i))
+    assert len(table._heap) < 3000
+    assert [e.pid for e in table.expire(5.0)] == [10, 11]
 
 
 def test_heap_stays_bounded_under_heartbeats() -> None:

@@ -112,6 +112,9 @@ def test_disarm_before_the_deadline_prevents_the_reap(rig: Rig) -> None:
     rig.at(20.0)
     assert rig.signaller.sent == []
     assert [type(e) for e in rig.events.events] == [Armed, Disarmed]
+    # Bound without a pidfd (fake processes have none): released once idle, table too.
+    assert rig.wd.workers() == []
+    assert rig.wd.table._by_pid == {}
 
 
 def test_v1_deadlines_are_converted_from_the_wall_clock(rig: Rig) -> None:

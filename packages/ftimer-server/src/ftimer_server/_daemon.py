@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional, Type
 
 import msgspec
 
@@ -36,7 +36,7 @@ from ._config import (
 )
 from ._control import ControlServer, ControlSocketBusy
 from ._daemon_log import describe, event_fields
-from ._events import Armed, DecodeFailed, Disarmed, Event, Reaped, Rejected
+from ._events import EVENT_TYPES, Armed, Disarmed, Event, Reaped
 from ._fifo import FifoError
 from ._logging import LoggingSetup
 from ._metrics import Metrics, MetricsUnavailable
@@ -159,6 +159,7 @@ class Daemon:
         server = FileTimerServer(
             c.fifo,
             on_event=self._on_event,
+            on_change=self._changed,
             policy=_policy(c),
             escalate_after=c.grace,
             signal_override=c.signal,
@@ -175,6 +176,8 @@ class Daemon:
             finally:
                 self._restoring = False
             log.info("restored %d of %d saved timers", len(server.armed()), len(timers))
+        # Restored timers were logged; from now on, arms and disarms only at debug level.
+        server.set_event_types(self._event_types())
         try:
             server.start()
         except FifoError as e:
@@ -269,6 +272,8 @@ class Daemon:
                         ", ".join(n.replace("_", "-") for n in changed),
                     )
                 self._logging.configure(new.log_format, new.log_level)
+                if self._server is not None:
+                    self._server.set_event_types(self._event_types())
                 log.info("config reloaded from %s", path)
         else:
             log.info("log file reopened")
@@ -276,20 +281,25 @@ class Daemon:
 
     # -- callbacks (the server's thread, the control thread, the saver's thread) --------
 
+    def _event_types(self) -> FrozenSet[Type[Event]]:
+        # Arms and disarms (one event per request) are debug lines: unless they are
+        # logged, the server does not even build their events.
+        if events_log.isEnabledFor(logging.DEBUG):
+            return frozenset(EVENT_TYPES)
+        return frozenset(EVENT_TYPES) - {Armed, Disarmed}
+
     def _on_event(self, event: Event) -> None:
-        t = type(event)
-        if self._saver is not None and t is not Rejected and t is not DecodeFailed:
-            self._saver.changed()
-        if t is Reaped and self._metrics is not None:
+        if type(event) is Reaped and self._metrics is not None:
             assert isinstance(event, Reaped)
             self._metrics.reaped(event.late)
-        # The hot path: arms and disarms are debug lines, usually off; skip formatting them.
-        routine = t is Disarmed or (t is Armed and not self._restoring)
-        if routine and not events_log.isEnabledFor(logging.DEBUG):
-            return
         level, msg, args = describe(event, self.config.dry_run, self._restoring)
         if events_log.isEnabledFor(level):
             events_log.log(level, msg, *args, extra=event_fields(event))
+
+    def _changed(self) -> None:
+        # The server's loop: the armed timers changed in its last iteration.
+        if self._saver is not None:
+            self._saver.changed()
 
     def _keepalive(self) -> None:
         # Called by the server's loop itself: it is alive and iterating.

@@ -8,13 +8,14 @@ happened. Events are msgspec structs tagged by an ``"event"`` member, so
 from __future__ import annotations
 
 import enum
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Type
 
 import msgspec
 
 from ._records import Timer
 
 __all__ = [
+    "EVENT_TYPES",
     "Armed",
     "DecodeFailed",
     "Disarmed",
@@ -177,3 +178,16 @@ class DecodeFailed(Event, frozen=True, tag="decode_failed"):
     error: str
     reason: str
     excerpt: Optional[bytes] = None
+
+
+#: Every event class.
+EVENT_TYPES: Tuple[Type[Event], ...] = (
+    Armed,
+    Disarmed,
+    Expired,
+    Reaped,
+    Escalated,
+    WorkerGone,
+    Rejected,
+    DecodeFailed,
+)

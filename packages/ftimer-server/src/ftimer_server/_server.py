@@ -17,11 +17,11 @@ import selectors
 import threading
 import time
 from types import TracebackType
-from typing import Callable, Dict, Iterable, List, Optional, Type, Union
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Type, Union
 
 from ftimer_protocol import Sync, default_fifo_path, encode
 
-from ._events import Event, Reaped
+from ._events import Armed, Disarmed, Event, Reaped
 from ._fifo import Fifo, open_fifo
 from ._policy import Policy, ancestors_of
 from ._process import ProcessInspector, SystemInspector, raise_fd_limit
@@ -67,8 +67,14 @@ class FileTimerServer:
         log_event: torch's callback, ``log_event(name, request)``, called with torch's
             names: "watchdog started", "timer expired", "kill worker process",
             "watchdog stopped".
-        on_event: receives every ``Event`` (from the loop thread, in order). Exceptions
-            it raises are logged and ignored.
+        on_event: receives every ``Event`` (from the loop thread, in order), or those of
+            ``event_types``. Exceptions it raises are logged and ignored.
+        event_types: the event classes ``on_event`` wants; ``None`` (default): all.
+            ``Armed`` and ``Disarmed``, one per request, are not even built when not
+            wanted. ``set_event_types()`` changes it later.
+        on_change: called from the loop, once per iteration, when the armed timers
+            changed in it (armed, re-armed, disarmed, expired, dropped): a cheap cue to
+            save them, instead of watching every event.
         policy: which processes and signals are allowed, and the timer limits.
         escalate_after: seconds after a signal other than SIGKILL before a surviving
             worker gets SIGKILL; ``None`` (default, torch's behaviour) never escalates.
@@ -103,6 +109,8 @@ class FileTimerServer:
         log_event: Optional[LogEvent] = None,
         *,
         on_event: Optional[Callable[[Event], None]] = None,
+        event_types: Optional[Iterable[Type[Event]]] = None,
+        on_change: Optional[Callable[[], None]] = None,
         policy: Optional[Policy] = None,
         escalate_after: Optional[float] = None,
         signal_override: Optional[int] = None,
@@ -130,6 +138,11 @@ class FileTimerServer:
         self._daemon = daemon
         self._log_event = log_event
         self._on_event = on_event
+        self._on_change = on_change
+        self._changes = 0  # the table's change count when on_change was last called
+        self._event_types = _event_types(event_types)
+        if on_event is None and event_types is not None:
+            raise ValueError("event_types needs on_event")
         self._fifo_mode = fifo_mode
         self._fifo_group = fifo_group
         self._remove_fifo = remove_fifo
@@ -159,7 +172,7 @@ class FileTimerServer:
             watch=self._watch,
             unwatch=self._unwatch,
             steps=tuple(reap_steps),
-            timer_events=on_event is not None,
+            timer_events=self._wants_timer_events(),
         )
         self._fifo: Optional[Fifo] = None
         self._wake_r = self._wake_w = -1
@@ -303,6 +316,20 @@ class FileTimerServer:
         busy_since = self._busy_since
         return int(time.time() if busy_since is None else busy_since)
 
+    def set_event_types(self, event_types: Optional[Iterable[Type[Event]]]) -> None:
+        """Change which events ``on_event`` receives (``None``: all), from now on.
+
+        Raises:
+            TypeError: one of them is not an ``Event`` class.
+            ValueError: the server has no ``on_event``.
+        """
+        types = _event_types(event_types)
+        if self._on_event is None:
+            raise ValueError("event_types needs on_event")
+        with self._lock:
+            self._event_types = types
+            self._watchdog.timer_events = self._wants_timer_events()
+
     @property
     def fifo(self) -> Optional[Fifo]:
         """The open FIFO while running (path, pipe size, whether this server created it)."""
@@ -426,6 +453,7 @@ class FileTimerServer:
         except Exception:
             logger.exception("ftimer server: reading the FIFO on stop failed")
         self._flush()
+        self._changed()
 
     def _iterate(self, ready: List[tuple[selectors.SelectorKey, int]], reader: LineReader) -> float:
         """One iteration after the wait: exits, then messages, then expiries; events to the
@@ -451,6 +479,7 @@ class FileTimerServer:
             now = time.monotonic()
             watchdog.tick(now)
         self._flush()
+        self._changed()
         if tokens:
             with self._lock:
                 for token in tokens:
@@ -468,19 +497,33 @@ class FileTimerServer:
                 return
             events = self._pending[:]
             self._pending.clear()
-        on_event, log_event = self._on_event, self._log_event
+        on_event, log_event, types = self._on_event, self._log_event, self._event_types
         for event in events:
             if type(event) is Reaped and self._kill_self_on_reap:
                 assert isinstance(event, Reaped)
                 if event.delivered:
                     self._self_signal = event.signal
             try:
-                if on_event is not None:
+                if on_event is not None and (types is None or type(event) in types):
                     on_event(event)
                 if log_event is not None:
                     torch_log_event(log_event, event)
             except Exception:
                 logger.exception("event callback failed on %r", event)
+
+    def _changed(self) -> None:
+        """Call ``on_change`` if the armed timers changed since it was last called."""
+        changes = self._watchdog.table.changes
+        if self._on_change is not None and changes != self._changes:
+            self._changes = changes
+            try:
+                self._on_change()
+            except Exception:
+                logger.exception("on_change callback failed")
+
+    def _wants_timer_events(self) -> bool:
+        types = self._event_types
+        return self._on_event is not None and (types is None or Armed in types or Disarmed in types)
 
     def _watch(self, worker: Worker) -> None:
         if self._selector is not None and worker.pidfd is not None:
@@ -494,6 +537,16 @@ class FileTimerServer:
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):  # already pending: enough
             os.write(self._wake_w, b"w")
+
+
+def _event_types(types: Optional[Iterable[Type[Event]]]) -> Optional[FrozenSet[type]]:
+    if types is None:
+        return None
+    out = frozenset(types)
+    for t in out:
+        if not (isinstance(t, type) and issubclass(t, Event)):
+            raise TypeError(f"{t!r} is not an Event class")
+    return out
 
 
 def _drain(fd: int) -> None:

@@ -14,7 +14,6 @@ costs about 250 bytes.
 from __future__ import annotations
 
 import heapq
-import itertools
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import msgspec
@@ -83,8 +82,11 @@ class TimerTable:
         self.max_total = max_total
         self._by_pid: Dict[int, Dict[str, Timer]] = {}
         self._heap: List[_Entry] = []
-        self._seq = itertools.count()
         self._count = 0
+        #: Bumped by every change of the armed timers (so a saver knows when to save).
+        self.changes = 0
+        # Rebuild the heap when it grows past this (stale entries dominate by then).
+        self._compact_at = _COMPACT_MIN
 
     def __len__(self) -> int:
         return self._count
@@ -94,7 +96,8 @@ class TimerTable:
             yield from scopes.values()
 
     def __contains__(self, pid: object) -> bool:
-        return pid in self._by_pid
+        """True if ``pid`` has armed timers."""
+        return bool(self._by_pid.get(pid))  # type: ignore[call-overload]
 
     def arm(self, timer: Timer) -> Tuple[Optional[Timer], Optional[RejectReason]]:
         """Arm ``timer``, replacing the one with the same key, if any.
@@ -103,43 +106,54 @@ class TimerTable:
             (the replaced timer or ``None``, ``None``) when armed, or
             (``None``, the reason) when a limit refuses a new key (a re-arm never is).
         """
-        scopes = self._by_pid.get(timer.pid)
-        previous = scopes.get(timer.scope_id) if scopes is not None else None
-        if previous is timer:
-            return previous, None
-        if previous is None:
-            if scopes is not None and len(scopes) >= self.max_per_pid:
-                return None, RejectReason.PID_TIMER_LIMIT
+        pid, scope_id = timer.pid, timer.scope_id
+        scopes = self._by_pid.get(pid)
+        if scopes is None:
+            previous = None
             if self._count >= self.max_total:
                 return None, RejectReason.TIMER_LIMIT
-            if scopes is None:
-                scopes = self._by_pid[timer.pid] = {}
+            scopes = self._by_pid[pid] = {}
             self._count += 1
-        assert scopes is not None  # a replaced timer was in it
-        scopes[timer.scope_id] = timer
-        heapq.heappush(self._heap, _Entry(timer.deadline, next(self._seq), timer))
-        if len(self._heap) > _COMPACT_MIN and len(self._heap) > 2 * self._count:
+        else:
+            previous = scopes.get(scope_id)
+            if previous is timer:
+                return previous, None
+            if previous is None:
+                if len(scopes) >= self.max_per_pid:
+                    return None, RejectReason.PID_TIMER_LIMIT
+                if self._count >= self.max_total:
+                    return None, RejectReason.TIMER_LIMIT
+                self._count += 1
+        scopes[scope_id] = timer
+        self.changes = seq = self.changes + 1  # strictly increasing: the arming order
+        heap = self._heap
+        heapq.heappush(heap, _Entry(timer.deadline, seq, timer))
+        if len(heap) > self._compact_at:
             self._compact()
         return previous, None
 
     def disarm(self, pid: int, scope_id: str) -> Optional[Timer]:
-        """Disarm (``pid``, ``scope_id``); return the timer, or ``None`` if none was armed."""
+        """Disarm (``pid``, ``scope_id``); return the timer, or ``None`` if none was armed.
+
+        The pid's (now maybe empty) entry stays, since workers arm and disarm in a loop;
+        ``disarm_all(pid)`` removes it when the process goes.
+        """
         scopes = self._by_pid.get(pid)
         if scopes is None:
             return None
         timer = scopes.pop(scope_id, None)
         if timer is not None:
             self._count -= 1
-            if not scopes:
-                del self._by_pid[pid]
+            self.changes += 1
         return timer
 
     def disarm_all(self, pid: int) -> List[Timer]:
-        """Disarm every timer of ``pid``; return them."""
+        """Disarm every timer of ``pid`` and forget the pid; return the timers."""
         scopes = self._by_pid.pop(pid, None)
-        if scopes is None:
+        if not scopes:
             return []
         self._count -= len(scopes)
+        self.changes += 1
         return list(scopes.values())
 
     def next_deadline(self) -> Optional[float]:
@@ -182,6 +196,12 @@ class TimerTable:
         return scopes is not None and scopes.get(timer.scope_id) is timer
 
     def _compact(self) -> None:
-        seq = self._seq
-        self._heap = [_Entry(t.deadline, next(seq), t) for t in self]
-        heapq.heapify(self._heap)
+        # Called when the heap outgrew the last bound; rebuilt only if stale entries now
+        # outnumber live ones. Either way the next check waits until it doubles the
+        # live count again, so the check costs one comparison per arm.
+        if len(self._heap) > 2 * self._count:
+            # Keep the live entries as they are (their seq: the arming order among equal
+            # deadlines). A Timer object is armed once, so a live one has one entry.
+            self._heap = [e for e in self._heap if self._is_live(e.timer)]
+            heapq.heapify(self._heap)
+        self._compact_at = max(_COMPACT_MIN, 2 * self._count)

@@ -65,7 +65,8 @@ class Watchdog:
             then call ``worker_gone()``.
         steps: reap steps run before each signal (diagnostics).
         timer_events: emit ``Armed`` and ``Disarmed`` (one per request: the bulk of all
-            events); without them the counters still count every request.
+            events); without them the counters still count every request. An attribute
+            of the same name changes it later.
         signal_override: the signal every reap sends instead of the deciding timer's
             (report-only timers stay report-only).
 
@@ -103,7 +104,7 @@ class Watchdog:
         self._watch = watch
         self._unwatch = unwatch
         self._workers: Dict[int, Worker] = {}
-        self._timer_events = timer_events
+        self.timer_events = timer_events
 
     # -- input -------------------------------------------------------------------------
 
@@ -120,30 +121,80 @@ class Watchdog:
         """
         tokens: List[str] = []
         arm, disarm = self._arm, self._disarm
+        # The hot path, a v2 arm or disarm of a worker already bound to the same process,
+        # is inlined with everything it needs in locals: at a million messages a second,
+        # each call, attribute lookup and counter update shows. Anything else (a new or
+        # changed process, a refused signal, a limit, v1, ...) takes the general methods.
+        workers_get = self._workers.get
+        signals = self._signals
+        table_arm, table_disarm = self.table.arm, self.table.disarm
+        emit = self._emit_to if self.timer_events else None
+        arm_ok = disarm_ok = disarm_unknown = 0
         # One frame for the whole batch, dispatched on the exact type. ``m`` is untyped so
         # no isinstance() is paid per message (each branch knows what it holds).
         m: Any
-        for m in results:
-            t = type(m)
-            if t is Arm:
-                arm("arm", m.pid, m.scope_id, m.deadline, m.signal, m.start_time, m.labels)
-            elif t is Disarm:
-                disarm("disarm", m.pid, m.scope_id, m.start_time)
-            elif t is TimerRequestV1:
-                if m.expiration_time < 0:
-                    disarm("disarm", m.pid, m.scope_id, None)
-                else:
-                    deadline = now + (m.expiration_time - wall)
-                    arm("arm", m.pid, m.scope_id, deadline, m.signal, None, None)
-            elif t is DisarmAll:
-                disarm("disarm_all", m.pid, None, m.start_time)
-            elif t is Expire:
-                arm("expire", m.pid, m.scope_id, now, m.signal, m.start_time, m.labels)
-            elif t is Sync:
-                self.counters.requests["sync", "ok"] += 1
-                tokens.append(m.token)
-            elif isinstance(m, RemoteProtocolError):
-                self._emit(DecodeFailed(type(m).__name__, m.reason, m.excerpt))
+        try:
+            for m in results:
+                t = type(m)
+                if t is Arm:
+                    worker = workers_get(m.pid)
+                    if (
+                        worker is not None
+                        and m.signal in signals
+                        and (m.start_time is None or m.start_time == worker.start_time)
+                    ):
+                        # The worker's pid and start time objects are shared by its timers.
+                        timer = Timer(
+                            worker.pid,
+                            m.scope_id,
+                            m.deadline,
+                            m.signal,
+                            worker.start_time,
+                            m.labels,
+                        )
+                        previous, limit = table_arm(timer)
+                        if limit is None:
+                            arm_ok += 1
+                            if emit is not None:
+                                emit(Armed(timer, previous is not None))
+                            continue
+                    arm("arm", m.pid, m.scope_id, m.deadline, m.signal, m.start_time, m.labels)
+                elif t is Disarm:
+                    worker = workers_get(m.pid)
+                    if (
+                        worker is not None
+                        and worker.pidfd is not None
+                        and (m.start_time is None or m.start_time == worker.start_time)
+                    ):
+                        gone = table_disarm(m.pid, m.scope_id)
+                        if gone is None:
+                            disarm_unknown += 1
+                        else:
+                            disarm_ok += 1
+                            if emit is not None:
+                                emit(Disarmed(gone))
+                        continue
+                    disarm("disarm", m.pid, m.scope_id, m.start_time)
+                elif t is TimerRequestV1:
+                    if m.expiration_time < 0:
+                        disarm("disarm", m.pid, m.scope_id, None)
+                    else:
+                        deadline = now + (m.expiration_time - wall)
+                        arm("arm", m.pid, m.scope_id, deadline, m.signal, None, None)
+                elif t is DisarmAll:
+                    disarm("disarm_all", m.pid, None, m.start_time)
+                elif t is Expire:
+                    arm("expire", m.pid, m.scope_id, now, m.signal, m.start_time, m.labels)
+                elif t is Sync:
+                    self.counters.requests["sync", "ok"] += 1
+                    tokens.append(m.token)
+                elif isinstance(m, RemoteProtocolError):
+                    self._emit(DecodeFailed(type(m).__name__, m.reason, m.excerpt))
+        finally:
+            counters = self.counters
+            counters.arm_ok += arm_ok
+            counters.disarm_ok += disarm_ok
+            counters.disarm_unknown += disarm_unknown
         return tokens
 
     def restore(self, timers: Iterable[Timer]) -> None:
@@ -262,8 +313,8 @@ class Watchdog:
             self._release_if_idle(worker)
             return
         self.counters.requests[request, "ok"] += 1
-        if self._timer_events:
-            self._emit(Armed(timer, previous is not None))
+        if self.timer_events:
+            self._emit_to(Armed(timer, previous is not None))
 
     def _disarm(
         self, request: str, pid: int, scope_id: Optional[str], start_time: Optional[int]
@@ -289,9 +340,9 @@ class Watchdog:
             timer = self.table.disarm(pid, scope_id)
             timers = [timer] if timer is not None else []
         self.counters.requests[request, "ok" if timers else "unknown"] += 1
-        if self._timer_events:
+        if self.timer_events:
             for timer in timers:
-                self._emit(Disarmed(timer))
+                self._emit_to(Disarmed(timer))
         if worker.pidfd is None:
             self._release_if_idle(worker)
 
@@ -350,6 +401,7 @@ class Watchdog:
         ):
             del self._workers[pid]
             self._release(worker)
+            self.table.disarm_all(pid)  # drops its empty entry
 
     def _gone(self, worker: Worker, dropped: Sequence[Timer] = ()) -> None:
         pid = worker.pid

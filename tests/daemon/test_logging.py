@@ -64,6 +64,22 @@ def test_repeat_filter_levels_are_distinct_and_keys_are_bounded() -> None:
     assert len(f._seen) <= 4
 
 
+def test_repeat_filter_evicts_the_oldest_window() -> None:
+    clock = FakeClock()
+    f = RepeatFilter(burst=1, window=5.0, clock=clock, max_keys=2)
+    assert f.filter(record("a"))  # a's window: 100 .. 105
+    assert not f.filter(record("a"))  # held back
+    clock.now = 103.0
+    assert f.filter(record("b"))  # b's window: 103 .. 108
+    clock.now = 105.5
+    assert f.filter(record("a"))  # a's window ended: a new one, the newest
+    clock.now = 106.0
+    assert f.filter(record("c"))  # one key too many: b's window is the oldest
+    assert [key[2] for key in f._seen] == ["a", "c"]
+    (summary,) = f.flush()  # a's first window, summarised when it restarted
+    assert summary.getMessage() == "a [repeated 1 more times in 5.0 s]"
+
+
 def test_json_formatter_one_object_per_line_with_extra_fields() -> None:
     rec = record("reaped pid %d", 42)
     rec.event = "reaped"

@@ -16,6 +16,7 @@ WATCHDOG=1, so a wedged server loop is noticed.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -119,6 +120,10 @@ class Daemon:
             except ConfigError as e:
                 log.error("%s", e)
                 return EXIT_USAGE
+            # Everything loaded so far (modules, restored timers, ...) lives as long as
+            # the daemon: keep it out of every later garbage collection.
+            gc.collect()
+            gc.freeze()
             self._ready()
             return self._loop(wake_r)
         finally:

@@ -119,8 +119,8 @@ class RepeatFilter(logging.Filter):
         with self._lock:
             entry = self._seen.get(key)
             if entry is None or now - entry[0] >= self.window:
-                if entry is not None:
-                    self._summarise(key, entry, now)
+                if entry is not None:  # re-inserted below: the dict stays in start order
+                    self._summarise(key, self._seen.pop(key), now)
                 elif len(self._seen) >= self._max_keys:
                     self._evict_oldest(now)
                 self._seen[key] = [now, 1, record]
@@ -153,7 +153,9 @@ class RepeatFilter(logging.Filter):
         return out
 
     def _evict_oldest(self, now: float) -> None:
-        key = min(self._seen, key=lambda k: self._seen[k][0])
+        # Windows are inserted as they start, so the first key is the oldest: O(1) (a
+        # min() over every key cost tens of microseconds per distinct debug line).
+        key = next(iter(self._seen))
         self._summarise(key, self._seen.pop(key), now)
 
     def _summarise(self, key: Tuple[str, int, str], entry: List[Any], now: float) -> None:

@@ -34,6 +34,7 @@ from ftimer_server import (
     Rejected,
     RejectReason,
     Timer,
+    Worker,
     WorkerGone,
 )
 from ftimer_server._watchdog import Watchdog
@@ -115,6 +116,44 @@ def test_disarm_before_the_deadline_prevents_the_reap(rig: Rig) -> None:
     # Bound without a pidfd (fake processes have none): released once idle, table too.
     assert rig.wd.workers() == []
     assert rig.wd.table._by_pid == {}
+
+
+class CountingInspector(FakeInspector):
+    """Fake processes with (pretend) pidfds; counts every look at a process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def start_time(self, pid: int) -> Optional[int]:
+        self.calls += 1
+        return super().start_time(pid)
+
+    def open(self, pid: int) -> Optional[int]:
+        self.calls += 1
+        self._get(pid)
+        return 100_000 + pid
+
+    def alive(self, worker: Worker) -> bool:
+        self.calls += 1
+        return worker.pid in self.processes
+
+    def close(self, worker: Worker) -> None:
+        pass
+
+
+def test_a_bound_worker_is_looked_at_once_not_per_message() -> None:
+    host = CountingInspector()
+    host.spawn(1000, start_time=100)
+    wd = Watchdog(inspector=host, signaller=RecordingSignaller(), server_pid=SERVER)
+    wd.apply([arm(start_time=100)], 0.0, WALL)
+    bound = host.calls
+    assert bound > 0
+    for i in range(100):
+        wd.apply([arm(scope=f"s{i % 3}", start_time=100), Disarm(pid=1000, scope_id="s")], 0, WALL)
+        wd.apply([Disarm(pid=1000, scope_id=f"s{i % 3}", start_time=100)], 0.0, WALL)
+    assert host.calls == bound  # identity was checked once, at binding
+    assert wd.stats().requests == {"arm": {"ok": 101}, "disarm": {"ok": 101, "unknown": 99}}
 
 
 def test_v1_deadlines_are_converted_from_the_wall_clock(rig: Rig) -> None:

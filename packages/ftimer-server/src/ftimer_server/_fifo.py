@@ -27,7 +27,6 @@ import fcntl
 import grp
 import logging
 import os
-import secrets
 import stat
 import sys
 from typing import Optional, Tuple, Union
@@ -253,7 +252,8 @@ def _replace(path: str, old: os.stat_result, mode: int, gid: Optional[int]) -> O
         FifoError: the path changed meanwhile, or the requested group cannot be given.
     """
     directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+    # os.urandom, not secrets: importing secrets loads OpenSSL, megabytes of RSS.
+    tmp = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.tmp")
     try:
         os.mkfifo(tmp, 0o600)
     except OSError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -148,3 +149,19 @@ GRACEFUL = [
 
 def fake_worker(pid: int, start_time: Optional[int] = 100) -> Worker:
     return Worker(pid, start_time)
+
+
+@contextlib.contextmanager
+def ready_child(argv: List[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A child that prints "ready" once set up; killed and reaped on the way out."""
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"ready\n"
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        assert child.stdout is not None
+        child.stdout.close()

@@ -30,7 +30,16 @@ from ftimer_server import (
     WorkerGone,
 )
 
-from .conftest import GRACEFUL, STUBBORN, Recorder, proc_start_time, send, wait_exit, wait_for
+from .conftest import (
+    GRACEFUL,
+    STUBBORN,
+    Recorder,
+    proc_start_time,
+    ready_child,
+    send,
+    wait_exit,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -147,80 +156,53 @@ def test_without_pidfds_a_dead_worker_is_noticed_at_its_deadline(
 
 def test_escalation_kills_a_worker_that_ignores_sigterm(fifo_path: pathlib.Path, children) -> None:
     events = Recorder()
-    with FileTimerServer(fifo_path, on_event=events, escalate_after=0.2) as server:
-        child = subprocess.Popen(STUBBORN, stdout=subprocess.PIPE)
-        try:
-            assert child.stdout is not None
-            assert child.stdout.readline() == b"ready\n"
-            send(fifo_path, Expire(pid=child.pid, scope_id="stuck", signal=signal.SIGTERM))
-            code, _ = wait_exit(child)
-            assert code == -signal.SIGKILL
-            server.sync()
-            [esc] = events.of(Escalated)
-            assert isinstance(esc, Escalated)
-            assert (esc.pid, esc.signal, esc.delivered) == (child.pid, signal.SIGKILL, True)
-        finally:
-            if child.poll() is None:
-                child.kill()
-            child.wait()
-            assert child.stdout is not None
-            child.stdout.close()
+    server = FileTimerServer(fifo_path, on_event=events, escalate_after=0.2)
+    with server, ready_child(STUBBORN) as child:
+        send(fifo_path, Expire(pid=child.pid, scope_id="stuck", signal=signal.SIGTERM))
+        code, _ = wait_exit(child)
+        assert code == -signal.SIGKILL
+        server.sync()
+        [esc] = events.of(Escalated)
+        assert isinstance(esc, Escalated)
+        assert (esc.pid, esc.signal, esc.delivered) == (child.pid, signal.SIGKILL, True)
 
 
 def test_signal_override_lets_a_worker_clean_up(fifo_path: pathlib.Path) -> None:
     events = Recorder()
-    with FileTimerServer(
+    server = FileTimerServer(
         fifo_path, on_event=events, signal_override=signal.SIGTERM, escalate_after=30
-    ) as server:
-        child = subprocess.Popen(GRACEFUL, stdout=subprocess.PIPE)
-        try:
-            assert child.stdout is not None
-            assert child.stdout.readline() == b"ready\n"
-            # The timer asks for SIGKILL (the client's default); the server sends SIGTERM.
-            send(fifo_path, Expire(pid=child.pid, scope_id="step", signal=signal.SIGKILL))
-            code, _ = wait_exit(child)
-            assert code == 42
-            assert child.stdout.read() == b"cleaned up\n"
-            wait_for(lambda: events.of(WorkerGone))
-            server.sync()
-            [reaped] = events.of(Reaped)
-            assert isinstance(reaped, Reaped)
-            assert (reaped.pid, reaped.signal, reaped.delivered) == (child.pid, 15, True)
-            assert events.of(Escalated) == []  # it exited: the SIGKILL was cancelled
-            assert server.stats().reaps == {signal.SIGTERM: 1}
-        finally:
-            if child.poll() is None:
-                child.kill()
-            child.wait()
-            assert child.stdout is not None
-            child.stdout.close()
+    )
+    with server, ready_child(GRACEFUL) as child:
+        # The timer asks for SIGKILL (the client's default); the server sends SIGTERM.
+        send(fifo_path, Expire(pid=child.pid, scope_id="step", signal=signal.SIGKILL))
+        code, _ = wait_exit(child)
+        assert code == 42
+        assert child.stdout.read() == b"cleaned up\n"
+        wait_for(lambda: events.of(WorkerGone))
+        server.sync()
+        [reaped] = events.of(Reaped)
+        assert isinstance(reaped, Reaped)
+        assert (reaped.pid, reaped.signal, reaped.delivered) == (child.pid, 15, True)
+        assert events.of(Escalated) == []  # it exited: the SIGKILL was cancelled
+        assert server.stats().reaps == {signal.SIGTERM: 1}
 
 
 def test_signal_override_escalates_when_sigterm_is_ignored(fifo_path: pathlib.Path) -> None:
     events = Recorder()
-    with FileTimerServer(
+    server = FileTimerServer(
         fifo_path, on_event=events, signal_override=signal.SIGTERM, escalate_after=0.2
-    ) as server:
-        child = subprocess.Popen(STUBBORN, stdout=subprocess.PIPE)
-        try:
-            assert child.stdout is not None
-            assert child.stdout.readline() == b"ready\n"
-            send(fifo_path, Expire(pid=child.pid, scope_id="stuck", signal=signal.SIGKILL))
-            code, _ = wait_exit(child)
-            assert code == -signal.SIGKILL
-            server.sync()
-            [reaped] = events.of(Reaped)
-            [esc] = events.of(Escalated)
-            assert isinstance(reaped, Reaped)
-            assert isinstance(esc, Escalated)
-            assert reaped.signal == signal.SIGTERM
-            assert (esc.pid, esc.signal, esc.after) == (child.pid, signal.SIGKILL, 0.2)
-        finally:
-            if child.poll() is None:
-                child.kill()
-            child.wait()
-            assert child.stdout is not None
-            child.stdout.close()
+    )
+    with server, ready_child(STUBBORN) as child:
+        send(fifo_path, Expire(pid=child.pid, scope_id="stuck", signal=signal.SIGKILL))
+        code, _ = wait_exit(child)
+        assert code == -signal.SIGKILL
+        server.sync()
+        [reaped] = events.of(Reaped)
+        [esc] = events.of(Escalated)
+        assert isinstance(reaped, Reaped)
+        assert isinstance(esc, Escalated)
+        assert reaped.signal == signal.SIGTERM
+        assert (esc.pid, esc.signal, esc.after) == (child.pid, signal.SIGKILL, 0.2)
 
 
 def test_restore_before_start(fifo_path: pathlib.Path, events: Recorder, children) -> None:

@@ -18,11 +18,12 @@ from ftimer_protocol import Arm, Disarm, Expire
 from .conftest import FifoPeer, server_state
 
 ME = os.getpid()
+FTIMER = [sys.executable, "-m", "ftimer_client"]  # the `ftimer` command
 
 
 def ftimer(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ftimer_client", *args],
+        [*FTIMER, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -114,9 +115,7 @@ def test_exec_passes_sigterm_on_to_the_command(peer: FifoPeer) -> None:
     script = 'trap "exit 42" TERM; echo ready; while :; do sleep 0.05; done'
     with subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "ftimer_client",
+            *FTIMER,
             "exec",
             "--fifo",
             str(peer.path),
@@ -142,9 +141,7 @@ def test_exec_command_reaped_by_the_server(peer: FifoPeer) -> None:
     # after checking that pid is the child of the ftimer process this test started.
     with subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "ftimer_client",
+            *FTIMER,
             "exec",
             "--fifo",
             str(peer.path),

@@ -62,6 +62,16 @@ def wait_until(condition: Callable[[], Any], timeout: float = PATIENCE, what: st
         time.sleep(0.01)
 
 
+def kill_and_close(proc: subprocess.Popen[str]) -> None:
+    """Kill ``proc`` if it still runs, reap it, and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
 class Notifications:
     """An AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET."""
 
@@ -186,12 +196,7 @@ class DaemonProcess:
         return self.proc.wait(timeout)
 
     def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        kill_and_close(self.proc)
         self.notify.close()
 
 
@@ -233,12 +238,7 @@ class Worker:
         return self.proc.wait(timeout)
 
     def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        kill_and_close(self.proc)
 
 
 @pytest.fixture

@@ -147,6 +147,7 @@ def write(kind: str, path: str, n: int, how: str) -> None:
 
         pairs = [(line(s, far, 9), line(s, -1, 0)) for s in scopes]
     lines = [x for pair in pairs for x in pair]
+    batches = _batches(lines)
     print("ready", flush=True)
     for cmd in sys.stdin:
         if cmd.strip() != "go":
@@ -156,6 +157,11 @@ def write(kind: str, path: str, n: int, how: str) -> None:
                 fd = os.open(path, os.O_WRONLY)
                 os.write(fd, x)
                 os.close(fd)
+        elif how == "batch":
+            fd = os.open(path, os.O_WRONLY)
+            for x in batches:
+                os.write(fd, x)
+            os.close(fd)
         else:
             # Closed after each round: torch's server applies what it read only when a
             # line arrives or the last writer closes.
@@ -164,6 +170,18 @@ def write(kind: str, path: str, n: int, how: str) -> None:
                 os.write(fd, x)
             os.close(fd)
         print("done 0", flush=True)
+
+
+def _batches(lines: List[bytes]) -> List[bytes]:
+    """Whole lines joined into writes of at most PIPE_BUF bytes (so each is atomic)."""
+    out: List[bytes] = []
+    batch = b""
+    for x in lines:
+        if len(batch) + len(x) > select.PIPE_BUF:
+            out.append(batch)
+            batch = b""
+        batch += x
+    return [*out, batch] if batch else out
 
 
 # -- the driver ------------------------------------------------------------------------
@@ -285,6 +303,12 @@ MODES = {
         "per-message",
         "pre-encoded lines, one write() each: ftimer's v2 lines on a FIFO kept open, "
         "torch's json.dumps lines with an open/close around each write, as its client does",
+    ),
+    "batched": (
+        "encoded lines, batched writes",
+        "batch",
+        "batch",
+        "the same",
     ),
     "same": (
         "encoded lines, same writes",

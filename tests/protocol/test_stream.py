@@ -125,9 +125,11 @@ def test_over_long_junk_then_a_message_on_the_same_line() -> None:
     assert results[1:] == [ARM]
 
 
-def test_empty_lines_are_ignored_and_close_flushes_the_last_line() -> None:
+def test_blank_lines_are_ignored_and_close_flushes_the_last_line() -> None:
     decoder = StreamDecoder()
-    assert decoder.feed(b"\n\n\n") == []
+    assert decoder.feed(b"\n\n \t\r\n\r\n") == []
+    assert decoder.feed(encode(ARM)[:-1] + b"\r\n") == [ARM]
+    assert decoder.feed(b"\x0b\n") != []  # not JSON white space: junk
     assert decoder.feed(encode(ARM)[:-1]) == []
     assert decoder.close() == [ARM]
     assert decoder.buffered == 0

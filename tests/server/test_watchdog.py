@@ -115,7 +115,7 @@ def test_disarm_before_the_deadline_prevents_the_reap(rig: Rig) -> None:
     assert [type(e) for e in rig.events.events] == [Armed, Disarmed]
     # Bound without a pidfd (fake processes have none): released once idle, table too.
     assert rig.wd.workers() == []
-    assert rig.wd.table._by_pid == {}
+    assert rig.wd.table.by_pid == {}
 
 
 class CountingInspector(FakeInspector):

@@ -26,14 +26,18 @@ MESSAGE_START = b'{"version"'
 
 DecodeResult = Union[Message, RemoteProtocolError]
 
+# JSON's whitespace, newline aside: a line of only these holds no message, and no junk.
+_BLANK = b" \t\r"
+
 
 def decode_line(
     line: bytes, max_line: int = PIPE_BUF, *, overlong_excerpt: Optional[bytes] = None
 ) -> List[DecodeResult]:
     """Decode one complete line (without its newline) into results; never raises.
 
-    Returns ``[]`` for an empty line, ``[message]`` for a valid one, ``[error]`` for a bad
-    one, and ``[error, message]`` when a valid message follows junk on the same line.
+    Returns ``[]`` for a blank line (empty or JSON whitespace only), ``[message]`` for a
+    valid one, ``[error]`` for a bad one, and ``[error, message]`` when a valid message
+    follows junk on the same line.
 
     Args:
         line: the line's bytes, newline excluded.
@@ -43,7 +47,7 @@ def decode_line(
     """
     out: List[DecodeResult] = []
     if overlong_excerpt is None and len(line) <= max_line:
-        if not line:
+        if not line.strip(_BLANK):
             return out
         try:
             out.append(decode(line))

@@ -125,6 +125,7 @@ def event_fields(event: Event) -> Dict[str, Any]:
     fields: Dict[str, Any] = msgspec.to_builtins(event, str_keys=True)
     timer = fields.pop("timer", None)
     if timer is not None:
+        del timer["op"]  # a Timer is an Arm message: its tag says nothing here
         fields.update(timer)
     if isinstance(event, DecodeFailed) and event.excerpt is not None:
         fields["excerpt"] = event.excerpt.decode("utf-8", "backslashreplace")

@@ -3,19 +3,25 @@
 Both are small frozen msgspec structs: cheap to create by the hundred thousand, not
 tracked by the garbage collector (``gc=False``), and encodable as they are (the daemon
 saves ``armed()`` to its state file and gives it back to ``restore()``).
+
+A ``Timer`` is the ``Arm`` message that armed it: a subclass with the same fields and tag,
+so the server's reader decodes arm lines straight into the records the table keeps, and
+a burst of arms costs no copy.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 import msgspec
+
+from ftimer_protocol import Arm
 
 __all__ = ["Timer", "Worker"]
 
 
-class Timer(msgspec.Struct, frozen=True, gc=False):
-    """One armed timer, as ``FileTimerServer.armed()`` reports it.
+class Timer(Arm, frozen=True, tag="arm"):
+    """One armed timer, as ``FileTimerServer.armed()`` reports it: an accepted ``Arm``.
 
     Attributes:
         pid: the worker process.
@@ -27,13 +33,6 @@ class Timer(msgspec.Struct, frozen=True, gc=False):
             to; ``None`` where the platform does not tell.
         labels: the labels the worker attached, if any.
     """
-
-    pid: int
-    scope_id: str
-    deadline: float
-    signal: int
-    start_time: Optional[int] = None
-    labels: Optional[Dict[str, str]] = None
 
 
 class Worker(msgspec.Struct, frozen=True, gc=False):

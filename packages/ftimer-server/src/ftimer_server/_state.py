@@ -1,10 +1,11 @@
 """The state file: armed timers saved so a restarted daemon keeps watching them.
 
-Format (JSON, so an operator can read it; timers are ``FileTimerServer.armed()``)::
+Format (JSON, so an operator can read it; timers are ``FileTimerServer.armed()``, each
+written as the ``Arm`` message it is, without the members it leaves at their defaults)::
 
     {"version": 1, "boot_id": "...", "saved_at": 1234.5,
-     "timers": [{"pid": 42, "scope_id": "step", "deadline": 1240.0, "signal": 9,
-                 "start_time": 123456, "labels": {"rank": "0"}}]}
+     "timers": [{"op": "arm", "pid": 42, "scope_id": "step", "deadline": 1240.0,
+                 "signal": 9, "start_time": 123456, "labels": {"rank": "0"}}]}
 
 Deadlines are CLOCK_MONOTONIC seconds, which every process of one boot shares, so they stay
 valid across a daemon restart; the boot id says which boot they belong to, and a state

@@ -1,10 +1,13 @@
 """The armed timers: a sans-I/O table keyed by (pid, scope_id) and ordered by deadline.
 
 A dict of dicts (pid -> scope -> Timer) answers per-key and per-pid questions; a binary
-heap of (deadline, seq, timer) entries answers "what expires next". Disarming and re-arming leave
-the old heap entry in place (lazy deletion): an entry is live while the table still maps
-its key to that very Timer object. The heap is rebuilt when stale entries outnumber live
-ones, so every operation stays O(log n) amortised and nothing scans the table per loop.
+heap of (deadline, seq, timer) entries answers "what expires next". Disarming and re-arming
+leave the old heap entry in place (lazy deletion): an entry is live while the table still
+maps its key to that very Timer object. The heap is rebuilt when stale entries outnumber
+live ones, so every operation stays O(log n) amortised and nothing scans the table per loop.
+
+A timer enters the heap only at the next ``settle()``: workers arm and disarm in bursts,
+and a timer disarmed before then (most of them, under load) never costs a heap entry.
 
 Timers and heap entries are ``gc=False`` structs in dicts and lists the garbage collector
 need not traverse, so 100k armed timers add little to a collection's work, and a timer
@@ -14,12 +17,12 @@ costs about 250 bytes.
 from __future__ import annotations
 
 import heapq
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import msgspec
 
 from ._events import RejectReason
-from ._records import Timer
+from ._records import Timer, Worker
 
 __all__ = ["Expiry", "TimerTable"]
 
@@ -72,6 +75,9 @@ class Expiry:
 class TimerTable:
     """Armed timers by key, with their deadlines in order. Pure: no clock, no I/O.
 
+    ``by_pid``, ``fresh``, ``count`` and ``changes`` are open to ``Watchdog.apply``, which
+    inlines arm and disarm on its hot path and keeps them as ``arm()`` and ``disarm()`` do.
+
     Args:
         max_per_pid: timers one pid may hold.
         max_total: timers the table may hold.
@@ -80,24 +86,29 @@ class TimerTable:
     def __init__(self, max_per_pid: int = 10_000, max_total: int = 1_000_000) -> None:
         self.max_per_pid = max_per_pid
         self.max_total = max_total
-        self._by_pid: Dict[int, Dict[str, Timer]] = {}
-        self._heap: List[_Entry] = []
-        self._count = 0
+        #: pid -> scope_id -> Timer. A pid's (maybe empty) dict stays until disarm_all().
+        self.by_pid: Dict[int, Dict[str, Timer]] = {}
+        #: Timers armed since the last settle(), in arming order; not in the heap yet.
+        self.fresh: List[Timer] = []
+        #: Armed timers.
+        self.count = 0
         #: Bumped by every change of the armed timers (so a saver knows when to save).
         self.changes = 0
+        self._heap: List[_Entry] = []
+        self._seq = 0  # arming order, among equal deadlines
         # Rebuild the heap when it grows past this (stale entries dominate by then).
         self._compact_at = _COMPACT_MIN
 
     def __len__(self) -> int:
-        return self._count
+        return self.count
 
     def __iter__(self) -> Iterator[Timer]:
-        for scopes in self._by_pid.values():
+        for scopes in self.by_pid.values():
             yield from scopes.values()
 
     def __contains__(self, pid: object) -> bool:
         """True if ``pid`` has armed timers."""
-        return bool(self._by_pid.get(pid))  # type: ignore[call-overload]
+        return bool(self.by_pid.get(pid))  # type: ignore[call-overload]
 
     def arm(self, timer: Timer) -> Tuple[Optional[Timer], Optional[RejectReason]]:
         """Arm ``timer``, replacing the one with the same key, if any.
@@ -106,30 +117,26 @@ class TimerTable:
             (the replaced timer or ``None``, ``None``) when armed, or
             (``None``, the reason) when a limit refuses a new key (a re-arm never is).
         """
-        pid, scope_id = timer.pid, timer.scope_id
-        scopes = self._by_pid.get(pid)
+        scopes = self.by_pid.get(timer.pid)
         if scopes is None:
             previous = None
-            if self._count >= self.max_total:
+            if self.count >= self.max_total:
                 return None, RejectReason.TIMER_LIMIT
-            scopes = self._by_pid[pid] = {}
-            self._count += 1
+            scopes = self.by_pid[timer.pid] = {}
         else:
-            previous = scopes.get(scope_id)
+            previous = scopes.get(timer.scope_id)
             if previous is timer:
                 return previous, None
             if previous is None:
                 if len(scopes) >= self.max_per_pid:
                     return None, RejectReason.PID_TIMER_LIMIT
-                if self._count >= self.max_total:
+                if self.count >= self.max_total:
                     return None, RejectReason.TIMER_LIMIT
-                self._count += 1
-        scopes[scope_id] = timer
-        self.changes = seq = self.changes + 1  # strictly increasing: the arming order
-        heap = self._heap
-        heapq.heappush(heap, _Entry(timer.deadline, seq, timer))
-        if len(heap) > self._compact_at:
-            self._compact()
+        if previous is None:
+            self.count += 1
+        scopes[timer.scope_id] = timer
+        self.fresh.append(timer)
+        self.changes += 1
         return previous, None
 
     def disarm(self, pid: int, scope_id: str) -> Optional[Timer]:
@@ -138,26 +145,58 @@ class TimerTable:
         The pid's (now maybe empty) entry stays, since workers arm and disarm in a loop;
         ``disarm_all(pid)`` removes it when the process goes.
         """
-        scopes = self._by_pid.get(pid)
+        scopes = self.by_pid.get(pid)
         if scopes is None:
             return None
         timer = scopes.pop(scope_id, None)
         if timer is not None:
-            self._count -= 1
+            self.count -= 1
             self.changes += 1
         return timer
 
     def disarm_all(self, pid: int) -> List[Timer]:
         """Disarm every timer of ``pid`` and forget the pid; return the timers."""
-        scopes = self._by_pid.pop(pid, None)
+        scopes = self.by_pid.pop(pid, None)
         if not scopes:
             return []
-        self._count -= len(scopes)
+        self.count -= len(scopes)
         self.changes += 1
         return list(scopes.values())
 
+    def settle(self, workers: Optional[Mapping[int, Worker]] = None) -> None:
+        """Put the timers armed since the last call, and still armed, in deadline order.
+
+        Args:
+            workers: the bound processes by pid. A timer decoded straight from the wire
+                has its own pid and start time objects; one whose worker is given is
+                re-made to share the worker's (56 bytes less per armed timer).
+        """
+        fresh, self.fresh = self.fresh, []
+        by_pid, heap = self.by_pid, self._heap
+        for timer in fresh:
+            scopes = by_pid.get(timer.pid)
+            if scopes is None or scopes.get(timer.scope_id) is not timer:
+                continue  # disarmed or replaced since
+            worker = workers.get(timer.pid) if workers is not None else None
+            if worker is not None and timer.pid is not worker.pid:
+                scopes[timer.scope_id] = shared = Timer(
+                    worker.pid,
+                    timer.scope_id,
+                    timer.deadline,
+                    timer.signal,
+                    worker.start_time,
+                    timer.labels,
+                )
+                timer = shared  # noqa: PLW2901
+            self._seq += 1
+            heapq.heappush(heap, _Entry(timer.deadline, self._seq, timer))
+        if len(heap) > self._compact_at:
+            self._compact()
+
     def next_deadline(self) -> Optional[float]:
         """The earliest deadline of an armed timer, or ``None`` when none is armed."""
+        if self.fresh:
+            self.settle()
         heap = self._heap
         while heap:
             timer = heap[0].timer
@@ -173,35 +212,39 @@ class TimerTable:
         then every timer of that pid is cleared; with none, only the expired ones go.
         Results are in the order of each pid's earliest expired deadline.
         """
+        if self.fresh:
+            self.settle()
         heap = self._heap
-        expired: Dict[int, List[Timer]] = {}
+        # pid -> scope -> timer: a record armed twice has two live entries, expired once.
+        expired: Dict[int, Dict[str, Timer]] = {}
         while heap and heap[0].deadline <= now:
             timer = heapq.heappop(heap).timer
             if self._is_live(timer):
-                expired.setdefault(timer.pid, []).append(timer)
+                expired.setdefault(timer.pid, {})[timer.scope_id] = timer
         out: List[Expiry] = []
-        for pid, timers in expired.items():
+        for pid, by_scope in expired.items():
+            timers = tuple(by_scope.values())
             decider = next((t for t in timers if t.signal > 0), None)
             if decider is not None:
                 cleared = tuple(self.disarm_all(pid))
             else:
                 for t in timers:
                     self.disarm(pid, t.scope_id)
-                cleared = tuple(timers)
-            out.append(Expiry(pid, tuple(timers), decider, cleared))
+                cleared = timers
+            out.append(Expiry(pid, timers, decider, cleared))
         return out
 
     def _is_live(self, timer: Timer) -> bool:
-        scopes = self._by_pid.get(timer.pid)
+        scopes = self.by_pid.get(timer.pid)
         return scopes is not None and scopes.get(timer.scope_id) is timer
 
     def _compact(self) -> None:
         # Called when the heap outgrew the last bound; rebuilt only if stale entries now
-        # outnumber live ones. Either way the next check waits until it doubles the
-        # live count again, so the check costs one comparison per arm.
-        if len(self._heap) > 2 * self._count:
+        # outnumber live ones. Either way the next rebuild waits until the heap doubles
+        # the live count again, so each costs O(1) per entry pushed since the last.
+        if len(self._heap) > 2 * self.count:
             # Keep the live entries as they are (their seq: the arming order among equal
-            # deadlines). A Timer object is armed once, so a live one has one entry.
+            # deadlines).
             self._heap = [e for e in self._heap if self._is_live(e.timer)]
             heapq.heapify(self._heap)
-        self._compact_at = max(_COMPACT_MIN, 2 * self._count)
+        self._compact_at = max(_COMPACT_MIN, 2 * self.count)

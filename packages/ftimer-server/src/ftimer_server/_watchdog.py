@@ -17,7 +17,6 @@ from ftimer_protocol import (
     Disarm,
     DisarmAll,
     Expire,
-    RemoteProtocolError,
     Sync,
     TimerRequestV1,
 )
@@ -108,7 +107,7 @@ class Watchdog:
 
     # -- input -------------------------------------------------------------------------
 
-    def apply(self, results: Iterable[DecodeResult], now: float, wall: float) -> List[str]:
+    def apply(self, results: Sequence[DecodeResult], now: float, wall: float) -> List[str]:
         """Apply decoded messages (and count decode errors), in order, at time ``now``.
 
         Args:
@@ -120,45 +119,47 @@ class Watchdog:
             The tokens of the ``Sync`` messages among them.
         """
         tokens: List[str] = []
-        arm, disarm = self._arm, self._disarm
-        # The hot path, a v2 arm or disarm of a worker already bound to the same process,
-        # is inlined with everything it needs in locals: at a million messages a second,
-        # each call, attribute lookup and counter update shows. Anything else (a new or
-        # changed process, a refused signal, a limit, v1, ...) takes the general methods.
+        # The hot path: an arm (decoded by the server's reader straight into a Timer) or
+        # a disarm from a worker already bound to the same process, with nothing else to
+        # decide. It is inlined, table operations included, with everything in locals: at
+        # two million messages a second every call and attribute lookup shows. Anything
+        # else goes through _apply_one(), in order.
         workers_get = self._workers.get
         signals = self._signals
-        table_arm, table_disarm = self.table.arm, self.table.disarm
+        table = self.table
+        by_pid_get = table.by_pid.get
+        fresh = table.fresh.append
+        per_pid = table.max_per_pid
+        # Each message arms at most one timer: with this much room left, the total limit
+        # cannot refuse any of them, and only the per-pid one needs checking.
+        room = table.max_total - table.count >= len(results)
         emit = self._emit_to if self.timer_events else None
-        arm_ok = disarm_ok = disarm_unknown = 0
-        # One frame for the whole batch, dispatched on the exact type. ``m`` is untyped so
-        # no isinstance() is paid per message (each branch knows what it holds).
+        arm_ok = disarm_ok = disarm_unknown = added = 0
+        # ``m`` is untyped so no isinstance() is paid per message: each branch knows what
+        # the exact type it checked holds.
         m: Any
         try:
             for m in results:
                 t = type(m)
-                if t is Arm:
+                if t is Timer:
                     worker = workers_get(m.pid)
                     if (
                         worker is not None
+                        and m.start_time == worker.start_time
                         and m.signal in signals
-                        and (m.start_time is None or m.start_time == worker.start_time)
                     ):
-                        # The worker's pid and start time objects are shared by its timers.
-                        timer = Timer(
-                            worker.pid,
-                            m.scope_id,
-                            m.deadline,
-                            m.signal,
-                            worker.start_time,
-                            m.labels,
-                        )
-                        previous, limit = table_arm(timer)
-                        if limit is None:
-                            arm_ok += 1
-                            if emit is not None:
-                                emit(Armed(timer, previous is not None))
-                            continue
-                    arm("arm", m.pid, m.scope_id, m.deadline, m.signal, m.start_time, m.labels)
+                        scopes = by_pid_get(m.pid)
+                        if scopes is not None:
+                            previous = scopes.get(m.scope_id)
+                            if previous is not None or (room and len(scopes) < per_pid):
+                                scopes[m.scope_id] = m
+                                fresh(m)
+                                arm_ok += 1
+                                if previous is None:
+                                    added += 1
+                                if emit is not None:
+                                    emit(Armed(m, previous is not None))
+                                continue
                 elif t is Disarm:
                     worker = workers_get(m.pid)
                     if (
@@ -166,36 +167,50 @@ class Watchdog:
                         and worker.pidfd is not None
                         and (m.start_time is None or m.start_time == worker.start_time)
                     ):
-                        gone = table_disarm(m.pid, m.scope_id)
+                        scopes = by_pid_get(m.pid)
+                        gone = None if scopes is None else scopes.pop(m.scope_id, None)
                         if gone is None:
                             disarm_unknown += 1
                         else:
                             disarm_ok += 1
+                            added -= 1
                             if emit is not None:
                                 emit(Disarmed(gone))
                         continue
-                    disarm("disarm", m.pid, m.scope_id, m.start_time)
-                elif t is TimerRequestV1:
-                    if m.expiration_time < 0:
-                        disarm("disarm", m.pid, m.scope_id, None)
-                    else:
-                        deadline = now + (m.expiration_time - wall)
-                        arm("arm", m.pid, m.scope_id, deadline, m.signal, None, None)
-                elif t is DisarmAll:
-                    disarm("disarm_all", m.pid, None, m.start_time)
-                elif t is Expire:
-                    arm("expire", m.pid, m.scope_id, now, m.signal, m.start_time, m.labels)
-                elif t is Sync:
-                    self.counters.requests["sync", "ok"] += 1
-                    tokens.append(m.token)
-                elif isinstance(m, RemoteProtocolError):
-                    self._emit(DecodeFailed(type(m).__name__, m.reason, m.excerpt))
+                table.count += added  # the general path reads it
+                added = 0
+                self._apply_one(m, now, wall, tokens)
         finally:
+            table.count += added
+            table.changes += arm_ok + disarm_ok
             counters = self.counters
             counters.arm_ok += arm_ok
             counters.disarm_ok += disarm_ok
             counters.disarm_unknown += disarm_unknown
+            table.settle(self._workers)
         return tokens
+
+    def _apply_one(self, m: DecodeResult, now: float, wall: float, tokens: List[str]) -> None:
+        """Apply one message (or count one decode error) the general way."""
+        if isinstance(m, Arm):  # a Timer (decoded by the server's reader) is an Arm
+            self._arm("arm", m.pid, m.scope_id, m.deadline, m.signal, m.start_time, m.labels)
+        elif isinstance(m, Disarm):
+            self._disarm("disarm", m.pid, m.scope_id, m.start_time)
+        elif isinstance(m, TimerRequestV1):
+            if m.expiration_time < 0:
+                self._disarm("disarm", m.pid, m.scope_id, None)
+            else:
+                deadline = now + (m.expiration_time - wall)
+                self._arm("arm", m.pid, m.scope_id, deadline, m.signal, None, None)
+        elif isinstance(m, DisarmAll):
+            self._disarm("disarm_all", m.pid, None, m.start_time)
+        elif isinstance(m, Expire):
+            self._arm("expire", m.pid, m.scope_id, now, m.signal, m.start_time, m.labels)
+        elif isinstance(m, Sync):
+            self.counters.requests["sync", "ok"] += 1
+            tokens.append(m.token)
+        else:
+            self._emit(DecodeFailed(type(m).__name__, m.reason, m.excerpt))
 
     def restore(self, timers: Iterable[Timer]) -> None:
         """Arm saved timers again (a restarted daemon's state), checking each process.

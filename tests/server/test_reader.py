@@ -87,9 +87,10 @@ def test_same_results_as_the_stream_decoder(parts: list[bytes], cuts: list[int])
 
 def test_a_run_of_one_version_is_decoded_in_one_call() -> None:
     lines = [encode(Arm(pid=7, scope_id=f"s{i}", deadline=1.0, signal=9)) for i in range(100)]
-    reader = LineReader()
-    assert reader._fast(b"".join(lines)) is not None
-    assert reader._fast(b"".join(lines) + b"junk\n") is None
+    reader, run = LineReader(), b"".join(lines)
+    assert reader._fast(run, 0, len(run)) is not None
+    assert reader._fast(b"junk\n" + run, 5, len(run) + 5) is not None
+    assert reader._fast(run + b"junk\n", 0, len(run) + 5) is None
     results = reader.feed(b"".join(lines))
     assert all(type(r) is Timer for r in results)
     assert as_messages(results) == StreamDecoder().feed(b"".join(lines))
@@ -102,7 +103,7 @@ def test_over_long_lines_are_found_by_the_block_scan(lengths: list[int], max_lin
     stream = b"".join(encode(Disarm(pid=5, scope_id="y" * n)) for n in lengths)
     reader = LineReader(max_line)
     too_long = max(map(len, stream.split(b"\n"))) > max_line
-    assert reader._may_hold_a_long_line(stream) == too_long
+    assert reader._may_hold_a_long_line(stream, 0, len(stream)) == too_long
     assert reader.feed(stream) == StreamDecoder(max_line).feed(stream)
 
 
@@ -111,4 +112,5 @@ def test_the_block_scan_is_exact(lines: list[int], max_line: int, delta: int) ->
     # Lines of random lengths, with one of about max_line among them.
     whole = b"".join(b"a" * n + b"\n" for n in [*lines, max_line + delta, *lines])
     too_long = max(map(len, whole.split(b"\n"))) > max_line
-    assert LineReader(max_line)._may_hold_a_long_line(whole) == too_long
+    chunk = b"ab\n" + whole + b"cd"  # the run as part of a chunk
+    assert LineReader(max_line)._may_hold_a_long_line(chunk, 3, 3 + len(whole)) == too_long

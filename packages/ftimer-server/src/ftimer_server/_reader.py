@@ -56,56 +56,61 @@ class LineReader:
 
     def feed(self, chunk: bytes) -> List[DecodeResult]:
         """Consume ``chunk``; return the results of the lines it completes. Never raises."""
-        out: List[DecodeResult] = []
+        # Offsets into ``chunk`` and memoryviews of it, rather than slices: a chunk is a
+        # few hundred KiB, and each copy of it would cost more than the checks.
+        view, slow = memoryview(chunk), self._slow.feed
+        head: List[DecodeResult] = []
+        start = 0
         if self._slow.buffered:  # a line is pending: finish it the slow way
-            newline = chunk.find(b"\n")
-            if newline < 0:
-                return self._slow.feed(chunk)
-            out = self._slow.feed(chunk[: newline + 1])
-            chunk = chunk[newline + 1 :]
-        last = chunk.rfind(b"\n")
-        if last < 0:
-            out += self._slow.feed(chunk)
-            return out
-        whole = chunk[: last + 1]
-        fast = self._fast(whole)
-        out += self._slow.feed(whole) if fast is None else fast
-        if last + 1 < len(chunk):
-            out += self._slow.feed(chunk[last + 1 :])
-        return out
+            start = chunk.find(b"\n") + 1
+            if not start:
+                return slow(chunk)
+            head = slow(view[:start])
+        end = chunk.rfind(b"\n") + 1
+        if end <= start:
+            return head + slow(view[start:])
+        body = self._fast(chunk, start, end)
+        if body is None:
+            body = slow(view[start:end])
+        if head:
+            body[:0] = head
+        if end < len(chunk):
+            body += slow(view[end:])
+        return body
 
-    def _fast(self, whole: bytes) -> Optional[List[DecodeResult]]:
-        """Decode whole lines in one call if all are valid lines of one version."""
-        for prefix, decoder in _FAST:
-            if whole.startswith(prefix):
-                return self._decode_run(whole, prefix, decoder)
-        return None
-
-    def _decode_run(self, whole: bytes, prefix: bytes, decoder: Any) -> Optional[List[Any]]:
-        if len(whole) > self._max_line + 1 and self._may_hold_a_long_line(whole):
+    def _fast(self, chunk: bytes, start: int, end: int) -> Optional[List[DecodeResult]]:
+        """Decode the whole lines ``chunk[start:end]`` in one call if all are valid lines
+        of one version; else ``None``."""
+        found = next((f for f in _FAST if chunk.startswith(f[0], start)), None)
+        if found is None:
+            return None
+        prefix, decoder = found
+        if end - start > self._max_line + 1 and self._may_hold_a_long_line(chunk, start, end):
             return None
         try:
-            results: List[Any] = decoder.decode_lines(whole)
+            results: List[Any] = decoder.decode_lines(memoryview(chunk)[start:end])
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
         # msgspec skips blank lines (as StreamDecoder does) and would take two messages
         # on one line. Every other line yields at least one value, so as many values as
         # lines opening with the prefix (a newline cannot occur inside a message, so a
         # line starts right after one) means: one message per line, all of this version.
-        if whole.count(b"\n" + prefix) != len(results) - 1:
+        if chunk.count(b"\n" + prefix, start, end) != len(results) - 1:
             return None
         return results
 
-    def _may_hold_a_long_line(self, whole: bytes) -> bool:
-        """False if no line of ``whole`` is longer than ``max_line`` (newline excluded).
+    def _may_hold_a_long_line(self, chunk: bytes, start: int, end: int) -> bool:
+        """False if no line of ``chunk[start:end]`` is longer than ``max_line`` (newline
+        excluded).
 
         A line that long is a run of ``max_line + 1`` bytes without a newline, and such a
         run covers at least one whole aligned block of ``(max_line + 1) // 2`` bytes. So
         if every such block holds a newline, no line is too long: a hundred ``find``
         calls per 256 KiB, instead of splitting it into thousands of lines.
         """
-        block, find = self._block, whole.find
-        for start in range(0, len(whole) - block + 1, block):
-            if find(b"\n", start, start + block) < 0:
-                return max(map(len, whole.split(b"\n"))) > self._max_line
+        block, find = self._block, chunk.find
+        for at in range(start, end - block + 1, block):
+            if find(b"\n", at, at + block) < 0:
+                lines = chunk[start:end].split(b"\n")
+                return max(map(len, lines)) > self._max_line
         return False

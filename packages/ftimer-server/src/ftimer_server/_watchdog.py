@@ -128,13 +128,13 @@ class Watchdog:
         signals = self._signals
         table = self.table
         by_pid_get = table.by_pid.get
-        fresh = table.fresh.append
+        fresh_append = table.fresh.append
         per_pid = table.max_per_pid
         # Each message arms at most one timer: with this much room left, the total limit
         # cannot refuse any of them, and only the per-pid one needs checking.
         room = table.max_total - table.count >= len(results)
         emit = self._emit_to if self.timer_events else None
-        arm_ok = disarm_ok = disarm_unknown = added = 0
+        armed = rearmed = disarm_ok = disarm_unknown = counted = 0
         # ``m`` is untyped so no isinstance() is paid per message: each branch knows what
         # the exact type it checked holds.
         m: Any
@@ -142,49 +142,58 @@ class Watchdog:
             for m in results:
                 t = type(m)
                 if t is Timer:
-                    worker = workers_get(m.pid)
+                    pid = m.pid
+                    worker = workers_get(pid)
                     if (
                         worker is not None
                         and m.start_time == worker.start_time
                         and m.signal in signals
                     ):
-                        scopes = by_pid_get(m.pid)
+                        scopes = by_pid_get(pid)
                         if scopes is not None:
-                            previous = scopes.get(m.scope_id)
-                            if previous is not None or (room and len(scopes) < per_pid):
-                                scopes[m.scope_id] = m
-                                fresh(m)
-                                arm_ok += 1
-                                if previous is None:
-                                    added += 1
+                            scope = m.scope_id
+                            previous = scopes.get(scope)
+                            if previous is None:
+                                if room and len(scopes) < per_pid:
+                                    scopes[scope] = m
+                                    fresh_append(m)
+                                    armed += 1
+                                    if emit is not None:
+                                        emit(Armed(m, False))
+                                    continue
+                            else:
+                                scopes[scope] = m
+                                fresh_append(m)
+                                rearmed += 1
                                 if emit is not None:
-                                    emit(Armed(m, previous is not None))
+                                    emit(Armed(m, True))
                                 continue
                 elif t is Disarm:
-                    worker = workers_get(m.pid)
+                    pid = m.pid
+                    worker = workers_get(pid)
                     if (
                         worker is not None
                         and worker.pidfd is not None
                         and (m.start_time is None or m.start_time == worker.start_time)
                     ):
-                        scopes = by_pid_get(m.pid)
+                        scopes = by_pid_get(pid)
                         gone = None if scopes is None else scopes.pop(m.scope_id, None)
                         if gone is None:
                             disarm_unknown += 1
                         else:
                             disarm_ok += 1
-                            added -= 1
                             if emit is not None:
                                 emit(Disarmed(gone))
                         continue
-                table.count += added  # the general path reads it
-                added = 0
+                # The general path reads the table's count: bring it up to date first.
+                table.count += armed - disarm_ok - counted
+                counted = armed - disarm_ok
                 self._apply_one(m, now, wall, tokens)
         finally:
-            table.count += added
-            table.changes += arm_ok + disarm_ok
+            table.count += armed - disarm_ok - counted
+            table.changes += armed + rearmed + disarm_ok
             counters = self.counters
-            counters.arm_ok += arm_ok
+            counters.arm_ok += armed + rearmed
             counters.disarm_ok += disarm_ok
             counters.disarm_unknown += disarm_unknown
             table.settle(self._workers)

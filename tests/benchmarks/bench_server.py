@@ -95,7 +95,8 @@ def write(kind: str, path: str, n: int, how: str) -> None:
     ``how``: "client": each library's ``FileTimerClient.acquire``/``release`` (torch's
     opens, writes and closes the FIFO per message; ftimer's keeps it open); "open":
     pre-encoded lines, one write() each, the FIFO opened once per round; "per-message":
-    pre-encoded lines, the FIFO opened and closed around each write (torch's way).
+    pre-encoded lines, the FIFO opened and closed around each write (torch's way);
+    "batch": pre-encoded lines joined into writes of up to PIPE_BUF bytes.
     """
     pid = os.getpid()
     scopes = [f"s{i % 8}" for i in range(n // 2)]
@@ -304,18 +305,19 @@ MODES = {
         "pre-encoded lines, one write() each: ftimer's v2 lines on a FIFO kept open, "
         "torch's json.dumps lines with an open/close around each write, as its client does",
     ),
-    "batched": (
-        "encoded lines, batched writes",
-        "batch",
-        "batch",
-        "the same",
-    ),
     "same": (
         "encoded lines, same writes",
         "open",
         "open",
         "pre-encoded lines, one write() each, both on a FIFO kept open: a comparison of "
         "the servers alone (the writers share the machine's cores)",
+    ),
+    "batched": (
+        "encoded lines, batched writes",
+        "batch",
+        "batch",
+        "the same lines, whole lines joined into writes of up to PIPE_BUF bytes (each "
+        "still atomic), so the writers need little CPU: the servers' own capacity",
     ),
 }
 

@@ -178,7 +178,9 @@ class TimerTable:
             if scopes is None or scopes.get(timer.scope_id) is not timer:
                 continue  # disarmed or replaced since
             worker = workers.get(timer.pid) if workers is not None else None
-            if worker is not None and timer.pid is not worker.pid:
+            if worker is not None and (
+                timer.pid is not worker.pid or timer.start_time is not worker.start_time
+            ):
                 scopes[timer.scope_id] = shared = Timer(
                     worker.pid,
                     timer.scope_id,

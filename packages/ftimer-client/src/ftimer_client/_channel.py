@@ -225,7 +225,10 @@ class Channel:
                     if self._fd < 0:
                         self._open()
                     if line is not None:
-                        self._write(line, timeout)
+                        try:  # self._write(), inlined: this is every message's path
+                            os.write(self._fd, line)
+                        except OSError:
+                            self._write(line, timeout)
                     return
                 except _Gone:
                     self._close()

@@ -151,7 +151,10 @@ class FileTimerClient:
                 line = v2.entry(scope_id)[0] % deadline
             else:
                 line = v2.arm(scope_id, deadline, check_signal(signal))
-        self._arm(scope_id, line)
+        try:  # self._arm(), inlined: every block of expires() comes here
+            self._channel.arm(scope_id, line, self, self._timeout, self._keep)
+        except ServerUnavailable as e:
+            self._unavailable(e)
 
     def _v1_line(self, scope_id: str, expiration_time: float, signal: Optional[int]) -> bytes:
         assert isinstance(self._lines, V1Lines)

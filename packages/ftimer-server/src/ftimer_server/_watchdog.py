@@ -128,7 +128,9 @@ class Watchdog:
         signals = self._signals
         table = self.table
         by_pid_get = table.by_pid.get
-        fresh_append = table.fresh.append
+        fresh = table.fresh
+        fresh_append, fresh_pop = fresh.append, fresh.pop
+        last = None  # the record fresh_append() took last, while it is fresh's last
         per_pid = table.max_per_pid
         # Each message arms at most one timer: with this much room left, the total limit
         # cannot refuse any of them, and only the per-pid one needs checking.
@@ -157,6 +159,7 @@ class Watchdog:
                                 if room and len(scopes) < per_pid:
                                     scopes[scope] = m
                                     fresh_append(m)
+                                    last = m
                                     armed += 1
                                     if emit is not None:
                                         emit(Armed(m, False))
@@ -164,6 +167,7 @@ class Watchdog:
                             else:
                                 scopes[scope] = m
                                 fresh_append(m)
+                                last = m
                                 rearmed += 1
                                 if emit is not None:
                                     emit(Armed(m, True))
@@ -182,12 +186,16 @@ class Watchdog:
                             disarm_unknown += 1
                         else:
                             disarm_ok += 1
+                            if gone is last:  # armed just before: it need not settle
+                                fresh_pop()
+                                last = None
                             if emit is not None:
                                 emit(Disarmed(gone))
                         continue
                 # The general path reads the table's count: bring it up to date first.
                 table.count += armed - disarm_ok - counted
                 counted = armed - disarm_ok
+                last = None  # it may append to fresh
                 self._apply_one(m, now, wall, tokens)
         finally:
             table.count += armed - disarm_ok - counted

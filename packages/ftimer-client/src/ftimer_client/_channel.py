@@ -124,6 +124,12 @@ class Channel:
         with self.lock:
             previous = self.armed.get(scope_id)
             self.armed[scope_id] = (line, owner)
+            if self._fd >= 0 and not self.needs_resync:  # v2, connected: every message
+                try:
+                    os.write(self._fd, line)  # at most PIPE_BUF: all of it, or nothing
+                    return
+                except OSError:
+                    pass  # a full pipe or a gone server: _deliver() sorts it out
             try:
                 self._deliver(line, timeout)
             except ServerUnavailable:
@@ -143,6 +149,12 @@ class Channel:
         """
         with self.lock:
             self.armed.pop(scope_id, None)
+            if self._fd >= 0 and not self.needs_resync:  # as in arm()
+                try:
+                    os.write(self._fd, line)
+                    return
+                except OSError:
+                    pass
             try:
                 self._deliver(line, timeout)
             except ServerUnavailable:
@@ -225,10 +237,7 @@ class Channel:
                     if self._fd < 0:
                         self._open()
                     if line is not None:
-                        try:  # self._write(), inlined: this is every message's path
-                            os.write(self._fd, line)
-                        except OSError:
-                            self._write(line, timeout)
+                        self._write(line, timeout)
                     return
                 except _Gone:
                     self._close()

@@ -4,9 +4,10 @@ Under load a read returns thousands of lines, nearly always all of one version f
 well-behaved writers. Such a run of whole lines is decoded by msgspec in one call
 (``decode_lines``) instead of line by line; anything unusual (a bad line, mixed versions,
 an over-long line, a partial line) goes through ``StreamDecoder``, whose results are the
-reference: the fast path only applies where it gives the same ones. The one difference
-is on purpose: arm lines decode straight into ``Timer`` records (an ``Arm`` subclass with
-the same fields), which the table keeps as they are.
+reference: the fast path only applies where it gives the same ones. One difference is
+on purpose: in a fast run, arm lines decode straight into ``Timer`` records (an ``Arm``
+subclass with the same fields), which the table keeps as they are; the slow path gives
+``Arm`` messages, which the watchdog takes too.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class LineReader:
 
     def feed(self, chunk: bytes) -> List[DecodeResult]:
         """Consume ``chunk``; return the results of the lines it completes. Never raises."""
-        # Offsets into ``chunk`` and memoryviews of it, rather than slices: a chunk is a
-        # few hundred KiB, and each copy of it would cost more than the checks.
+        # Offsets into ``chunk`` and memoryviews of it, rather than slices: no copy of a
+        # few hundred KiB per read.
         view, slow = memoryview(chunk), self._slow.feed
         head: List[DecodeResult] = []
         start = 0

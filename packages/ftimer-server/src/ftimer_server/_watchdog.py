@@ -137,8 +137,8 @@ class Watchdog:
         room = table.max_total - table.count >= len(results)
         emit = self._emit_to if self.timer_events else None
         armed = rearmed = disarm_ok = disarm_unknown = counted = 0
-        # ``m`` is untyped so no isinstance() is paid per message: each branch knows what
-        # the exact type it checked holds.
+        # ``m`` is untyped so no isinstance() is paid per message: each branch knows the
+        # exact type it checked.
         m: Any
         try:
             for m in results:
@@ -155,22 +155,16 @@ class Watchdog:
                         if scopes is not None:
                             scope = m.scope_id
                             previous = scopes.get(scope)
-                            if previous is None:
-                                if room and len(scopes) < per_pid:
-                                    scopes[scope] = m
-                                    fresh_append(m)
-                                    last = m
-                                    armed += 1
-                                    if emit is not None:
-                                        emit(Armed(m, False))
-                                    continue
-                            else:
+                            if previous is not None or (room and len(scopes) < per_pid):
                                 scopes[scope] = m
                                 fresh_append(m)
                                 last = m
-                                rearmed += 1
+                                if previous is None:
+                                    armed += 1
+                                else:
+                                    rearmed += 1
                                 if emit is not None:
-                                    emit(Armed(m, True))
+                                    emit(Armed(m, previous is not None))
                                 continue
                 elif t is Disarm:
                     pid = m.pid

@@ -171,27 +171,28 @@ class TimerTable:
                 has its own pid and start time objects; one whose worker is given is
                 re-made to share the worker's (56 bytes less per armed timer).
         """
-        fresh, self.fresh = self.fresh, []
-        by_pid, heap = self.by_pid, self._heap
-        for timer in fresh:
-            scopes = by_pid.get(timer.pid)
-            if scopes is None or scopes.get(timer.scope_id) is not timer:
+        # The list is cleared in place: Watchdog.apply holds on to it.
+        fresh, by_pid, heap = self.fresh, self.by_pid, self._heap
+        for armed in fresh:
+            scopes = by_pid.get(armed.pid)
+            if scopes is None or scopes.get(armed.scope_id) is not armed:
                 continue  # disarmed or replaced since
-            worker = workers.get(timer.pid) if workers is not None else None
+            timer = armed
+            worker = workers.get(armed.pid) if workers is not None else None
             if worker is not None and (
-                timer.pid is not worker.pid or timer.start_time is not worker.start_time
+                armed.pid is not worker.pid or armed.start_time is not worker.start_time
             ):
-                scopes[timer.scope_id] = shared = Timer(
+                timer = scopes[armed.scope_id] = Timer(
                     worker.pid,
-                    timer.scope_id,
-                    timer.deadline,
-                    timer.signal,
+                    armed.scope_id,
+                    armed.deadline,
+                    armed.signal,
                     worker.start_time,
-                    timer.labels,
+                    armed.labels,
                 )
-                timer = shared  # noqa: PLW2901
             self._seq += 1
             heapq.heappush(heap, _Entry(timer.deadline, self._seq, timer))
+        fresh.clear()
         if len(heap) > self._compact_at:
             self._compact()
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
+import time
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Callable, Optional, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -35,3 +37,37 @@ def fifo_path() -> Iterator[pathlib.Path]:
     """A path for a FIFO in a fresh private directory (short, to stay under AF_UNIX limits)."""
     with tempfile.TemporaryDirectory(prefix="ftimer-") as d:
         yield pathlib.Path(d) / "timer.fifo"
+
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], Optional[T]], timeout: float = 15.0, what: str = "") -> T:
+    """Poll ``condition`` until it returns something truthy, and return that: for effects
+    with nothing to wait on explicitly.
+
+    Raises:
+        AssertionError: ``timeout`` seconds went by first (the message names ``what``).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(0.01)
+
+
+#: A worker script (``python -c ARMER FIFO``): arms "first", prints "armed", then arms the
+#: scope named on each line of stdin, printing "armed" each time; keeps the FIFO open.
+ARMER = """
+import sys
+from ftimer_client import FileTimerClient
+client = FileTimerClient(sys.argv[1])
+client.arm("first", 3600)
+print("armed", flush=True)
+for line in sys.stdin:
+    client.arm(line.strip(), 3600)
+    print("armed", flush=True)
+"""

@@ -8,10 +8,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from typing import Callable, Iterator, Set, Tuple
+from typing import Iterator, Set, Tuple
 
 import pytest
+from tests.conftest import wait_until
 
 server_module = pytest.importorskip("ftimer_server")
 
@@ -65,13 +65,6 @@ def arm(proc: subprocess.Popen[str], scope: str) -> None:
 def armed(server: object) -> Set[Tuple[int, str]]:
     server.sync()  # type: ignore[attr-defined]
     return {(t.pid, t.scope_id) for t in server.armed()}  # type: ignore[attr-defined]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_a_stuck_worker_is_reaped_and_a_healthy_one_is_not(fifo_path: pathlib.Path) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any, Callable, Dict, List, Optional
 
 import pytest
+from tests.conftest import wait_until
 
 from ftimer_server._control import query_status
 
@@ -48,18 +49,6 @@ print("armed", flush=True)
 time.sleep(hang)
 client.release(scope)
 """
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = PATIENCE, what: str = "") -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.01)
 
 
 def kill_and_close(proc: subprocess.Popen[str]) -> None:

@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from typing import Callable
 
 import pytest
+from tests.conftest import ARMER, wait_until
 
 from ftimer_server._state import decode_state
 
-from .conftest import PATIENCE, PYTHON, DaemonProcess, Worker, wait_until
+from .conftest import PATIENCE, PYTHON, DaemonProcess, Worker
 
 Spawn = Callable[..., DaemonProcess]
 StartWorker = Callable[..., Worker]
@@ -229,19 +230,6 @@ def test_unsafe_fifo_paths_are_refused(short_dir: pathlib.Path, kind: str) -> No
     )
     assert target.read_text() == "precious"
     assert not (short_dir / "timer.fifo.sock").exists()
-
-
-#: Arms "first", then on each line of stdin arms the scope named on it; keeps the FIFO open.
-ARMER = """
-import sys
-from ftimer_client import FileTimerClient
-client = FileTimerClient(sys.argv[1])
-client.arm("first", 3600)
-print("armed", flush=True)
-for line in sys.stdin:
-    client.arm(line.strip(), 3600)
-    print("armed", flush=True)
-"""
 
 
 @pytest.fixture

@@ -16,30 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
+from typing import Any, Dict, List, Optional, Sequence
+
+from tests.conftest import wait_until
 
 HERE = pathlib.Path(__file__).parent
 WORKERS = HERE / "workers"
 SUBREAPER = WORKERS / "subreaper.py"
-
-T = TypeVar("T")
-
-
-def wait_for(what: str, condition: Callable[[], Optional[T]], timeout: float) -> T:
-    """Poll ``condition`` until it returns something truthy, and return that.
-
-    Raises:
-        AssertionError: ``timeout`` seconds went by first (the message names ``what``).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def free_port() -> int:
@@ -97,7 +80,7 @@ class Process:
                 )
             return None
 
-        return wait_for(f"{text!r} from {self.name}", seen, timeout)
+        return wait_until(seen, timeout, f"{text!r} from {self.name}")
 
 
 class Processes:
@@ -189,4 +172,4 @@ class FtimerDaemon:
         def find() -> Optional[Dict[str, Any]]:
             return next((e for e in self.events(kind) if e["pid"] == pid), None)
 
-        return wait_for(f"a {kind!r} event for pid {pid}", find, timeout)
+        return wait_until(find, timeout, f"a {kind!r} event for pid {pid}")

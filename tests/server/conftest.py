@@ -75,15 +75,6 @@ def proc_start_time(pid: int) -> int:
     return int(data[data.rindex(b")") + 2 :].split()[19])
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    """Poll ``condition`` until true (for effects with no event to wait on)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.005)
-
-
 def send(path: os.PathLike[str], *messages: Message, raw: bytes = b"") -> None:
     """Open the FIFO, write each message in one write (torch's open/write/close)."""
     fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)

@@ -8,11 +8,12 @@ import signal
 import subprocess
 
 import pytest
+from tests.conftest import wait_until
 
 from ftimer_server import OsSignaller, SystemInspector, Worker
 from ftimer_server._process import raise_fd_limit
 
-from .conftest import proc_start_time, wait_for
+from .conftest import proc_start_time
 
 inspector = SystemInspector()
 
@@ -40,7 +41,7 @@ def test_missing_and_zombie_processes(children) -> None:
     child = children("true")
     # Not waited for: a zombie until wait(), which is not a live process.
     stat = pathlib.Path(f"/proc/{child.pid}/stat")
-    wait_for(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+    wait_until(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
     with pytest.raises(ProcessLookupError):
         inspector.start_time(child.pid)
     child.wait()

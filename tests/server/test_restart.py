@@ -9,26 +9,15 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from tests.conftest import ARMER
 
 from ftimer_server import FileTimerServer
-
-#: Arms "first", then on each line of stdin arms the scope named on it.
-WORKER = """
-import sys
-from ftimer_client import FileTimerClient
-client = FileTimerClient(sys.argv[1])
-client.arm("first", 3600)
-print("armed", flush=True)
-for line in sys.stdin:
-    client.arm(line.strip(), 3600)
-    print("armed", flush=True)
-"""
 
 
 class Worker:
     def __init__(self, fifo: pathlib.Path) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(fifo)],
+            [sys.executable, "-c", ARMER, str(fifo)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -14,6 +14,7 @@ import time
 from typing import List, Optional
 
 import pytest
+from tests.conftest import wait_until
 
 from ftimer_protocol import Arm, Disarm, Expire, TimerRequestV1, encode
 from ftimer_server import (
@@ -38,7 +39,6 @@ from .conftest import (
     ready_child,
     send,
     wait_exit,
-    wait_for,
 )
 
 
@@ -78,7 +78,7 @@ def test_expired_worker_is_killed_within_milliseconds(
     assert (reaped.pid, reaped.signal, reaped.scope_id) == (child.pid, 9, "step")
     assert reaped.labels == {"rank": "0"}
     assert 0 <= reaped.late < 0.5
-    wait_for(lambda: events.of(WorkerGone))  # its pidfd turned readable
+    wait_until(lambda: events.of(WorkerGone))  # its pidfd turned readable
 
 
 def test_torch_v1_lines_open_write_close(
@@ -113,7 +113,7 @@ def test_disarmed_and_report_only_timers_do_not_kill(
         Arm(pid=child.pid, scope_id="report", deadline=deadline, signal=0),
     )
     time.sleep(max(0.0, deadline - time.monotonic()))  # let the deadline pass
-    wait_for(lambda: events.of(Expired))
+    wait_until(lambda: events.of(Expired))
     server.sync()
     assert child.poll() is None
     assert [e.timer.scope_id for e in events.of(Expired)] == ["report"]  # type: ignore[attr-defined]
@@ -129,7 +129,7 @@ def test_a_worker_that_dies_mid_scope_is_cleaned_up_at_once(
     assert len(server.armed()) == 1
     child.kill()
     child.wait()
-    wait_for(lambda: events.of(WorkerGone))  # promptly, long before the deadline
+    wait_until(lambda: events.of(WorkerGone))  # promptly, long before the deadline
     [gone] = events.of(WorkerGone)
     assert isinstance(gone, WorkerGone)
     assert [t.scope_id for t in gone.timers] == ["s"]
@@ -150,7 +150,7 @@ def test_without_pidfds_a_dead_worker_is_noticed_at_its_deadline(
         server.sync()
         child.kill()
         child.wait()
-        wait_for(lambda: events.of(WorkerGone))
+        wait_until(lambda: events.of(WorkerGone))
         assert events.of(Reaped) == []
 
 
@@ -178,7 +178,7 @@ def test_signal_override_lets_a_worker_clean_up(fifo_path: pathlib.Path) -> None
         code, _ = wait_exit(child)
         assert code == 42
         assert child.stdout.read() == b"cleaned up\n"
-        wait_for(lambda: events.of(WorkerGone))
+        wait_until(lambda: events.of(WorkerGone))
         server.sync()
         [reaped] = events.of(Reaped)
         assert isinstance(reaped, Reaped)
@@ -260,7 +260,7 @@ def test_idle_server_never_wakes_up(
             stat = status.with_name("stat").read_text()
             return stat[stat.rindex(")") + 2] == "S"
 
-        wait_for(sleeping)
+        wait_until(sleeping)
         before = switches()
         time.sleep(1.0)  # measuring idleness takes time passing
         assert switches() == before
@@ -271,7 +271,7 @@ def test_idle_server_never_wakes_up(
 def test_keepalive_ticks_only_when_asked(fifo_path: pathlib.Path) -> None:
     ticks: List[float] = []
     with FileTimerServer(fifo_path, tick_interval=0.02, on_tick=lambda: ticks.append(1.0)):
-        wait_for(lambda: len(ticks) >= 5)
+        wait_until(lambda: len(ticks) >= 5)
     with pytest.raises(ValueError, match="together"):
         FileTimerServer(fifo_path, tick_interval=1.0)
 
@@ -308,7 +308,7 @@ def test_stop_while_writers_hammer_the_fifo(fifo_path: pathlib.Path) -> None:
         assert w.stdout is not None
         assert w.stdout.readline() == b"open\n"
         w.stdout.close()
-    wait_for(lambda: server.stats().requests.get("disarm", {}).get("unknown", 0) > 10_000)
+    wait_until(lambda: server.stats().requests.get("disarm", {}).get("unknown", 0) > 10_000)
     t = time.monotonic()
     server.stop()
     assert time.monotonic() - t < 5.0
@@ -412,7 +412,7 @@ def test_dry_run_signals_nothing(fifo_path: pathlib.Path, events: Recorder, chil
     with FileTimerServer(fifo_path, on_event=events, dry_run=True) as server:
         child = children()
         send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
-        wait_for(lambda: events.of(Reaped))
+        wait_until(lambda: events.of(Reaped))
         server.sync()
     assert child.poll() is None
     assert events.of(Reaped)[0].delivered  # type: ignore[attr-defined]
@@ -422,7 +422,7 @@ def test_run_in_the_calling_thread(fifo_path: pathlib.Path, children) -> None:
     server = FileTimerServer(fifo_path)
     runner = threading.Thread(target=server.run)
     runner.start()
-    wait_for(lambda: server.fifo is not None)
+    wait_until(lambda: server.fifo is not None)
     child = children()
     send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
     assert wait_exit(child)[0] == -9
@@ -483,9 +483,9 @@ def test_sync_interrupted_by_stop_raises(fifo_path: pathlib.Path, children) -> N
     waiting = threading.Thread(target=syncer)
     waiting.start()
     stopper = threading.Thread(target=server.stop)
-    wait_for(lambda: server._syncs)
+    wait_until(lambda: server._syncs)
     stopper.start()
-    wait_for(lambda: server._stopping)
+    wait_until(lambda: server._stopping)
     gate.set()
     stopper.join(10)
     waiting.join(10)
@@ -513,14 +513,14 @@ def test_what_is_in_the_pipe_at_stop_is_applied(fifo_path: pathlib.Path, childre
     server.start()
     child = children()
     send(fifo_path, Arm(pid=child.pid, scope_id="first", deadline=1e9, signal=9))
-    wait_for(lambda: server.stats().requests.get("arm"))
+    wait_until(lambda: server.stats().requests.get("arm"))
     send(
         fifo_path,
         *(Arm(pid=child.pid, scope_id=f"s{i}", deadline=1e9, signal=9) for i in range(100)),
     )
     stopper = threading.Thread(target=server.stop)
     stopper.start()
-    wait_for(lambda: server._stopping)
+    wait_until(lambda: server._stopping)
     gate.set()
     stopper.join(10)
     assert len(server.armed()) == 101
@@ -579,5 +579,5 @@ def test_on_change_once_per_iteration_that_changed_the_timers(
         assert len(changes) == before  # nothing changed
         child.kill()
         child.wait()
-        wait_for(lambda: len(changes) > before)  # its timers were dropped
+        wait_until(lambda: len(changes) > before)  # its timers were dropped
         assert server.armed() == []

@@ -63,6 +63,8 @@ def encode(message: Message, *, limit: int = PIPE_BUF) -> bytes:
         LocalProtocolError: the message breaks the schema (a field out of bounds, of the
             wrong type, a NaN time, ...) or is not a message at all.
     """
+    # Typed as the union: each decoder's stubs name only its own result type.
+    check: Callable[[Buffer], Message]
     if type(message) is TimerRequestV1:
         body = _encoder.encode(message)
         check = _v1_decoder.decode

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional
 import pytest
 from tests.conftest import wait_until
 
-from ftimer_server._control import query_status
+from ftimer_server.daemon._control import query_status
 
 PYTHON = sys.executable
 #: How long a test waits for something that normally takes milliseconds.

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from ftimer_server._config import (
+from ftimer_server.daemon._config import (
     DEFAULT_GRACE,
     ConfigError,
     DaemonConfig,

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from ftimer_server._control import (
+from ftimer_server.daemon._control import (
     ControlServer,
     ControlSocketBusy,
     DaemonNotRunning,

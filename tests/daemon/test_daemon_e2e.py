@@ -16,7 +16,7 @@ from typing import Callable
 import pytest
 from tests.conftest import ARMER, wait_until
 
-from ftimer_server._state import decode_state
+from ftimer_server.daemon._state import decode_state
 
 from .conftest import PATIENCE, PYTHON, DaemonProcess, Worker
 

@@ -9,7 +9,7 @@ import pathlib
 
 import pytest
 
-from ftimer_server._logging import JsonFormatter, LoggingSetup, RepeatFilter
+from ftimer_server.daemon._logging import JsonFormatter, LoggingSetup, RepeatFilter
 
 
 class FakeClock:

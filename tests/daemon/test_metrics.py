@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from ftimer_server import Stats
-from ftimer_server._metrics import Metrics, MetricsUnavailable
+from ftimer_server.daemon._metrics import Metrics, MetricsUnavailable
 
 prometheus_client = pytest.importorskip("prometheus_client")
 

@@ -20,8 +20,8 @@ from ftimer_server import (
     Timer,
     WorkerGone,
 )
-from ftimer_server._cli import format_status
-from ftimer_server._daemon_log import describe, event_fields
+from ftimer_server.daemon._cli import format_status
+from ftimer_server.daemon._daemon_log import describe, event_fields
 
 T = Timer(42, "step", 110.0, 9, 1234, {"rank": "3"})
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 
 from ftimer_server import Timer
-from ftimer_server._state import (
+from ftimer_server.daemon._state import (
     STATE_VERSION,
     StateFileError,
     StateSaver,

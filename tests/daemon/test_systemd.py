@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ftimer_server._systemd import SystemdNotifier
+from ftimer_server.daemon._systemd import SystemdNotifier
 
 
 @pytest.fixture

@@ -144,10 +144,10 @@ def test_pipe_buffer_is_enlarged(fifo_path: pathlib.Path) -> None:
 @pytest.fixture
 def default_path(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
     """Make the default FIFO path a temporary one (root's would be /run/ftimer)."""
-    import ftimer_server._fifo
+    import ftimer_server.server._fifo
 
     path = tmp_path / "ftimer" / "timer.fifo"
-    monkeypatch.setattr(ftimer_server._fifo, "default_fifo_path", lambda: str(path))
+    monkeypatch.setattr(ftimer_server.server._fifo, "default_fifo_path", lambda: str(path))
     return path
 
 

@@ -16,7 +16,8 @@ from hypothesis import event, given, settings
 
 from ftimer_protocol import Arm, Disarm, DisarmAll, Expire
 from ftimer_server import Policy, RecordingSignaller, Timer, Worker
-from ftimer_server._watchdog import Watchdog
+from ftimer_server.core._watchdog import Watchdog
+from ftimer_server.server._edge import SystemHost
 
 from .conftest import FakeInspector, Recorder
 
@@ -80,8 +81,7 @@ def rig(policy: Policy) -> tuple[Watchdog, Recorder]:
         host.spawn(pid, start_time=start_of(pid), parent=SERVER)
     events = Recorder()
     watchdog = Watchdog(
-        inspector=host,
-        signaller=RecordingSignaller(),
+        host=SystemHost(host, RecordingSignaller()),
         policy=policy,
         server_pid=SERVER,
         emit=events,

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import wait_until
 
 from ftimer_server import OsSignaller, SystemInspector, Worker
-from ftimer_server._process import raise_fd_limit
+from ftimer_server.server._process import raise_fd_limit
 
 from .conftest import proc_start_time
 

@@ -18,7 +18,7 @@ from ftimer_protocol import (
     encode,
 )
 from ftimer_server import Timer
-from ftimer_server._reader import LineReader
+from ftimer_server.core._reader import LineReader
 
 
 def as_messages(results: list[DecodeResult]) -> list[DecodeResult]:

@@ -174,12 +174,12 @@ def test_reused_pid_through_the_fifo_is_never_signalled(fifo_path: pathlib.Path)
 
 @pytest.mark.parametrize("cap", [Policy(max_timers=100)])
 def test_caps_hold_under_a_flood(fifo_path: pathlib.Path, cap: Policy) -> None:
-    host = FakeInspector(auto=range(5000, 6000))
+    host = FakeInspector(auto=range(3_000_000, 3_001_000))
     with FileTimerServer(
         fifo_path, inspector=host, signaller=RecordingSignaller(), policy=cap
     ) as server:
         fd = os.open(fifo_path, os.O_WRONLY)
-        for pid in range(5000, 6000):
+        for pid in range(3_000_000, 3_001_000):
             os.write(fd, encode(Arm(pid=pid, scope_id="s", deadline=1e6, signal=9)))
         os.close(fd)
         server.sync()

@@ -23,6 +23,7 @@ from ftimer_server import (
     Escalated,
     Expired,
     FileTimerServer,
+    Lifecycle,
     Reaped,
     SystemInspector,
     Timer,
@@ -458,7 +459,8 @@ def test_stop_from_a_callback(fifo_path: pathlib.Path, children) -> None:
     assert logged.count("watchdog stopped") == 1
 
 
-def test_sync_interrupted_by_stop_raises(fifo_path: pathlib.Path, children) -> None:
+def test_a_sync_pending_at_stop_completes(fifo_path: pathlib.Path, children) -> None:
+    """The stop applies everything written before it, the sync marker included."""
     gate = threading.Event()
     in_callback = threading.Event()
 
@@ -485,11 +487,14 @@ def test_sync_interrupted_by_stop_raises(fifo_path: pathlib.Path, children) -> N
     stopper = threading.Thread(target=server.stop)
     wait_until(lambda: server._syncs)
     stopper.start()
-    wait_until(lambda: server._stopping)
+    wait_until(lambda: server.state is Lifecycle.STOPPING)
     gate.set()
     stopper.join(10)
     waiting.join(10)
-    assert [type(e) for e in errors] == [RuntimeError]
+    assert errors == []
+    assert not waiting.is_alive()
+    with pytest.raises(RuntimeError, match="not running"):
+        server.sync()
 
 
 def test_misuse_is_refused(fifo_path: pathlib.Path) -> None:
@@ -520,7 +525,7 @@ def test_what_is_in_the_pipe_at_stop_is_applied(fifo_path: pathlib.Path, childre
     )
     stopper = threading.Thread(target=server.stop)
     stopper.start()
-    wait_until(lambda: server._stopping)
+    wait_until(lambda: server.state is Lifecycle.STOPPING)
     gate.set()
     stopper.join(10)
     assert len(server.armed()) == 101

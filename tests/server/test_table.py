@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from ftimer_server import RejectReason, Timer
-from ftimer_server._table import TimerTable
+from ftimer_server.core._table import TimerTable
 
 
 def timer(pid: int, scope: str, deadline: float, signal: int = 9) -> Timer:
@@ -64,13 +64,13 @@ def test_a_pid_is_kept_until_disarm_all_and_changes_are_counted() -> None:
     assert table.disarm(10, "step") is not None
     assert table.disarm(10, "step") is None  # nothing armed: no change
     assert (len(table), 10 in table, table.changes) == (0, False, 3)
-    assert table.by_pid == {10: {}}  # kept for the worker's next arm
+    assert table._by_pid == {10: {}}  # kept for the worker's next arm
     assert table.disarm_all(10) == []
-    assert (table.by_pid, table.changes) == ({}, 3)
+    assert (table._by_pid, table.changes) == ({}, 3)
     table.arm(timer(10, "a", 1.0))
     table.arm(timer(10, "b", 1.0))
     assert len(table.disarm_all(10)) == 2
-    assert (table.by_pid, table.changes) == ({}, 6)
+    assert (table._by_pid, table.changes) == ({}, 6)
 
 
 def test_report_only_expiry_removes_only_the_expired_timers() -> None:

@@ -37,7 +37,8 @@ from ftimer_server import (
     Worker,
     WorkerGone,
 )
-from ftimer_server._watchdog import Watchdog
+from ftimer_server.core._watchdog import Watchdog
+from ftimer_server.server._edge import SystemHost
 
 from .conftest import FakeInspector, Recorder
 
@@ -59,8 +60,7 @@ class Rig:
         self.signaller = RecordingSignaller()
         self.events = Recorder()
         self.wd = Watchdog(
-            inspector=self.host,
-            signaller=self.signaller,
+            host=SystemHost(self.host, self.signaller),
             policy=policy,
             server_pid=SERVER,
             ancestors=frozenset({PARENT}),
@@ -115,7 +115,7 @@ def test_disarm_before_the_deadline_prevents_the_reap(rig: Rig) -> None:
     assert [type(e) for e in rig.events.events] == [Armed, Disarmed]
     # Bound without a pidfd (fake processes have none): released once idle, table too.
     assert rig.wd.workers() == []
-    assert rig.wd.table.by_pid == {}
+    assert rig.wd.table._by_pid == {}
 
 
 class CountingInspector(FakeInspector):
@@ -145,7 +145,7 @@ class CountingInspector(FakeInspector):
 def test_a_bound_worker_is_looked_at_once_not_per_message() -> None:
     host = CountingInspector()
     host.spawn(1000, start_time=100)
-    wd = Watchdog(inspector=host, signaller=RecordingSignaller(), server_pid=SERVER)
+    wd = Watchdog(host=SystemHost(host, RecordingSignaller()), server_pid=SERVER)
     wd.apply([arm(start_time=100)], 0.0, WALL)
     bound = host.calls
     assert bound > 0

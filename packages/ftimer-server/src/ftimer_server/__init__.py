@@ -4,7 +4,8 @@ Embed ``FileTimerServer`` in an agent (it is a drop-in for torch's), or run the
 ``ftimer-server`` daemon. See docs/server.md.
 """
 
-from ._events import (
+from ._version import __version__
+from .core._events import (
     Armed,
     DecodeFailed,
     Disarmed,
@@ -16,19 +17,19 @@ from ._events import (
     RejectReason,
     WorkerGone,
 )
-from ._fifo import Fifo, FifoError, open_fifo
-from ._policy import Policy
-from ._process import ProcessInspector, SystemInspector
-from ._records import Timer, Worker
-from ._server import FileTimerServer
-from ._signaller import OsSignaller, RecordingSignaller, Signaller
-from ._stats import Stats
-from ._torch import TorchRequest
-from ._version import __version__
+from .core._policy import Policy
+from .core._records import Timer, Worker
+from .core._stats import Stats
+from .server._fifo import Fifo, FifoError, open_fifo
+from .server._process import ProcessInspector, SystemInspector
+from .server._server import FileTimerServer, Lifecycle
+from .server._signaller import OsSignaller, RecordingSignaller, Signaller
+from .server._torch import TorchRequest
 
 __all__ = [
     # the server
     "FileTimerServer",
+    "Lifecycle",
     "Policy",
     "Stats",
     "Timer",

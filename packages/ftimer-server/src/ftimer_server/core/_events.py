@@ -46,6 +46,11 @@ class RejectReason(str, enum.Enum):
     SIGNAL_NOT_ALLOWED = "signal_not_allowed"
     #: no process has that pid.
     NO_SUCH_PROCESS = "no_such_process"
+    #: the pid is a thread's id, not a process's (its thread group leader is another).
+    NOT_A_PROCESS = "not_a_process"
+    #: the server could not examine the process (a ``/proc`` file it may not read, out
+    #: of file descriptors, ...): refused, since nothing unverified is ever signalled.
+    UNVERIFIABLE = "unverifiable"
     #: the message's start time is not that of the process holding the pid (a reused
     #: pid, or a stale saved timer).
     IDENTITY_MISMATCH = "identity_mismatch"

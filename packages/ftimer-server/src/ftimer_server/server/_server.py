@@ -1,51 +1,51 @@
-"""``FileTimerServer``: the FIFO, the I/O loop and its thread around the ``Watchdog`` core.
+"""``FileTimerServer``: the embeddable server, a drop-in for torch's.
 
-One loop iteration: wait (epoll) until the next deadline, new bytes in the FIFO, a
-worker's pidfd turning readable (it exited) or a wake-up; then apply, in that order,
-exits, messages, expiries and escalations. The wait has no fixed interval: with nothing
-armed it has no timeout at all, so an idle server never wakes up.
+The façade around the loop (``_loop``) and the core (``Watchdog``): torch's API, the
+lifecycle (new -> running -> stopping -> stopped), events delivered to callbacks outside
+the lock, ``sync()``, and the views other threads read while the loop runs.
 """
 
 from __future__ import annotations
 
-import contextlib
+import enum
 import itertools
 import logging
 import os
 import select
-import selectors
 import threading
 import time
 from types import TracebackType
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Type, Union
 
 from ftimer_protocol import Sync, default_fifo_path, encode
+from ftimer_server.core._events import Armed, Disarmed, Event, Reaped
+from ftimer_server.core._policy import Policy
+from ftimer_server.core._records import Timer, Worker
+from ftimer_server.core._stats import Stats
+from ftimer_server.core._watchdog import Watchdog
 
-from ._events import Armed, Disarmed, Event, Reaped
+from ._edge import ReapStep, SystemHost, ancestors_of
 from ._fifo import Fifo, open_fifo
-from ._policy import Policy, ancestors_of
+from ._loop import Loop
 from ._process import ProcessInspector, SystemInspector, raise_fd_limit
-from ._reader import LineReader
-from ._reaper import ReapStep
-from ._records import Timer, Worker
 from ._signaller import OsSignaller, RecordingSignaller, Signaller
-from ._stats import Stats
 from ._torch import LogEvent, torch_log_event
-from ._watchdog import Watchdog
 
-__all__ = ["FileTimerServer"]
+__all__ = ["FileTimerServer", "Lifecycle"]
 
 logger = logging.getLogger("ftimer_server")
 
-#: Bytes read from the FIFO per loop iteration: big enough to drain a burst in a few
-#: system calls, small enough that deadlines are checked every few milliseconds.
-READ_CHUNK = 256 * 1024
-#: The longest single wait: a deadline days away costs one wake-up an hour, and no
-#: timeout overflows epoll's.
-MAX_WAIT = 3600.0
-_FIFO = object()
-_WAKE = object()
 _sync_ids = itertools.count()
+
+
+class Lifecycle(enum.Enum):
+    """Where a ``FileTimerServer`` is in its life; it only ever moves forward."""
+
+    NEW = "new"
+    RUNNING = "running"
+    #: ``stop()`` was called; the loop applies what was written before it, then ends.
+    STOPPING = "stopping"
+    STOPPED = "stopped"
 
 
 class FileTimerServer:
@@ -159,32 +159,32 @@ class FileTimerServer:
         # Events wait here while the lock is held; they go to the callbacks after it is
         # released, so a slow callback never blocks armed(), stats() or sync() callers.
         self._pending: List[Event] = []
-        self._selector: Optional[selectors.BaseSelector] = None
+        host = SystemHost(
+            self._inspector, signaller, tuple(reap_steps), watch=self._watch, unwatch=self._unwatch
+        )
         self._watchdog = Watchdog(
-            inspector=self._inspector,
-            signaller=signaller,
+            host=host,
             policy=policy,
             server_pid=os.getpid(),
             ancestors=ancestors_of(os.getpid(), self._inspector),
             emit=self._pending.append,
             escalate_after=escalate_after,
             signal_override=signal_override,
-            watch=self._watch,
-            unwatch=self._unwatch,
-            steps=tuple(reap_steps),
             timer_events=self._wants_timer_events(),
         )
+        self._state = Lifecycle.NEW
         self._fifo: Optional[Fifo] = None
-        self._wake_r = self._wake_w = -1
+        self._loop: Optional[Loop] = None
         self._thread: Optional[threading.Thread] = None
-        self._loop_ident: Optional[int] = None
-        self._state = "new"  # -> "running" -> "stopped"
-        self._stopping = False
         self._syncs: Dict[str, threading.Event] = {}
         self._self_signal = 0
-        self._busy_since: Optional[float] = None
 
     # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> Lifecycle:
+        """Where the server is in its life."""
+        return self._state
 
     def start(self) -> None:
         """Open the FIFO and start the loop in a thread.
@@ -193,9 +193,9 @@ class FileTimerServer:
             FifoError: the FIFO path is unsafe or unusable.
             RuntimeError: the server was already started.
         """
-        self._open()
+        loop = self._open()
         self._thread = threading.Thread(
-            target=self._serve, name="ftimer-server", daemon=self._daemon
+            target=self._serve, args=(loop,), name="ftimer-server", daemon=self._daemon
         )
         self._thread.start()
 
@@ -209,23 +209,25 @@ class FileTimerServer:
             FifoError: the FIFO path is unsafe or unusable.
             RuntimeError: the server was already started.
         """
-        self._open()
-        self._serve()
+        self._serve(self._open())
 
     def stop(self) -> None:
         """Stop the loop and close the FIFO (removed only with ``remove_fifo``).
 
-        Prompt whatever the writers do. Armed timers stay readable with ``armed()``.
-        A stopped server cannot be started again: create another and ``restore()``.
+        Everything written to the FIFO before the call is applied first (at most one
+        pipe-full: writers that keep writing do not delay the stop). Armed timers stay
+        readable with ``armed()``. A stopped server cannot be started again: create
+        another and ``restore()``.
         """
         with self._lock:
-            if self._state == "new":  # never started: release what restore() bound
+            if self._state is Lifecycle.NEW:  # never started: release what restore() bound
                 self._watchdog.close()
-                self._state = "stopped"
-            if self._state != "running":
+                self._state = Lifecycle.STOPPED
+            if self._state is not Lifecycle.RUNNING:
                 return
-            self._stopping = True
-            self._wake()
+            self._state = Lifecycle.STOPPING
+            assert self._loop is not None
+            self._loop.request_stop()
         thread = self._thread
         if thread is not None and thread.ident != threading.get_ident():
             thread.join()
@@ -270,13 +272,13 @@ class FileTimerServer:
             RuntimeError: the server was stopped.
         """
         with self._lock:
-            if self._state == "stopped":
+            if self._state in (Lifecycle.STOPPING, Lifecycle.STOPPED):
                 raise RuntimeError("the server is stopped; restore into a new one")
             self._watchdog.restore(timers)
-            running = self._state == "running"
-            if running:
-                self._wake()  # the loop delivers the events and sees the new deadlines
-        if not running:
+            loop = self._loop
+            if loop is not None:
+                loop.wake()  # the loop delivers the events and sees the new deadlines
+        if loop is None:
             self._flush()
 
     def sync(self, timeout: float = 10.0) -> None:
@@ -293,12 +295,14 @@ class FileTimerServer:
         done = threading.Event()
         line = encode(Sync(token))
         with self._lock:
-            if self._state != "running" or self._stopping or self._fifo is None:
+            if self._state is not Lifecycle.RUNNING or self._fifo is None:
                 raise RuntimeError("the server is not running")
-            if threading.get_ident() == self._loop_ident:
+            if self._loop is not None and threading.get_ident() == self._loop.ident:
                 raise RuntimeError("sync() from the server's own thread would deadlock")
             self._syncs[token] = done
-            fd = self._fifo.write_fd
+            # A descriptor of our own: the FIFO's may be closed (and its number reused
+            # by another file) by a concurrent stop() while we wait for room to write.
+            fd = os.dup(self._fifo.write_fd)
         try:
             _write_all(fd, line, deadline)
             if not done.wait(max(0.0, deadline - time.monotonic())):
@@ -307,13 +311,14 @@ class FileTimerServer:
                 if token in self._syncs:  # the loop removes the tokens it reached
                     raise RuntimeError("the server stopped before the sync completed")
         finally:
+            os.close(fd)
             with self._lock:
                 self._syncs.pop(token, None)
 
     def get_last_progress_time(self) -> int:
         """torch's liveness probe: now while the loop is healthy (idle or working), else
         the wall-clock second its current iteration started."""
-        busy_since = self._busy_since
+        busy_since = None if self._loop is None else self._loop.busy_since
         return int(time.time() if busy_since is None else busy_since)
 
     def set_event_types(self, event_types: Optional[Iterable[Type[Event]]]) -> None:
@@ -337,147 +342,68 @@ class FileTimerServer:
 
     # -- the loop ----------------------------------------------------------------------
 
-    def _open(self) -> None:
+    def _open(self) -> Loop:
         with self._lock:
-            if self._state != "new":
-                raise RuntimeError(f"the server is {self._state}; create a new one")
+            if self._state is not Lifecycle.NEW:
+                raise RuntimeError(f"the server is {self._state.value}; create a new one")
             raise_fd_limit()
             # A server that restored nothing replaces its old FIFO: clients that still
             # hold the old one then fail their next write and re-send their timers.
             # One that restored timers reuses it: its writers lose nothing.
-            self._fifo = open_fifo(
+            fifo = open_fifo(
                 self.file_path,
                 mode=self._fifo_mode,
                 group=self._fifo_group,
                 pipe_size=self._pipe_size,
                 replace=len(self._watchdog.table) == 0,
             )
-            if self._fifo.replaced:
+            if fifo.replaced:
                 logger.info(
                     "replaced the FIFO %s with a new one (no timers restored): writers "
                     "holding the old one reconnect and re-send their timers",
                     self.file_path,
                 )
-            self._wake_r, self._wake_w = os.pipe()
-            for fd in (self._wake_r, self._wake_w):
-                os.set_blocking(fd, False)
-            selector = selectors.DefaultSelector()
-            selector.register(self._fifo.read_fd, selectors.EVENT_READ, _FIFO)
-            selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
-            self._selector = selector
+            loop = Loop(
+                fifo,
+                self._watchdog,
+                self._lock,
+                self._after,
+                tick_interval=self._tick_interval,
+                on_tick=self._on_tick,
+            )
             for worker in self._watchdog.workers():  # bound by restore() before start
-                self._watch(worker)
-            self._state = "running"
+                loop.watch(worker)
+            self._fifo, self._loop = fifo, loop
+            self._state = Lifecycle.RUNNING
         logger.info(
-            "ftimer server listening on %s (pipe buffer %d bytes)",
-            self._fifo.path,
-            self._fifo.pipe_size,
+            "ftimer server listening on %s (pipe buffer %d bytes)", fifo.path, fifo.pipe_size
         )
         if self._log_event is not None:
             self._log_event("watchdog started", None)
+        return loop
 
-    def _serve(self) -> None:
+    def _serve(self, loop: Loop) -> None:
         try:
-            self._run()
+            loop.run()
         finally:
-            self._close()
+            self._close(loop)
 
-    def _close(self) -> None:
+    def _close(self, loop: Loop) -> None:
         with self._lock:
-            if self._state == "stopped":
-                return
-            if self._selector is not None:
-                self._selector.close()
-                self._selector = None
             self._watchdog.close()
+            loop.close()
             if self._fifo is not None:
                 self._fifo.close(remove=self._remove_fifo)
-            for fd in (self._wake_r, self._wake_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            self._wake_r = self._wake_w = -1
-            self._state = "stopped"
+            self._state = Lifecycle.STOPPED
             for done in self._syncs.values():
                 done.set()  # wake sync() callers: their tokens were not reached
         self._flush()
         if self._log_event is not None:
             self._log_event("watchdog stopped", None)
 
-    def _run(self) -> None:
-        self._loop_ident = threading.get_ident()
-        assert self._selector is not None
-        assert self._fifo is not None
-        selector, reader = self._selector, LineReader()
-        tick_interval = self._tick_interval
-        next_tick = time.monotonic() + tick_interval if tick_interval is not None else None
-        while not self._stopping:
-            with self._lock:
-                wakeup = self._watchdog.next_wakeup()
-            if next_tick is not None:
-                wakeup = next_tick if wakeup is None else min(wakeup, next_tick)
-            timeout = None
-            if wakeup is not None:
-                timeout = min(max(0.0, wakeup - time.monotonic()), MAX_WAIT)
-            try:
-                ready = selector.select(timeout)
-                self._busy_since = time.time()
-                now = self._iterate(ready, reader)
-                if next_tick is not None and now >= next_tick:
-                    assert self._on_tick is not None
-                    assert tick_interval is not None
-                    next_tick = now + tick_interval
-                    self._on_tick()
-                if self._self_signal:
-                    sig, self._self_signal = self._self_signal, 0
-                    logger.warning("signalling the server itself (kill_self_on_reap)")
-                    os.kill(os.getpid(), sig)
-            except Exception:
-                # A bug, not a worker's doing (bad input never raises): keep serving, but
-                # never spin on a failure that repeats.
-                logger.exception("ftimer server loop iteration failed; continuing")
-                time.sleep(0.01)
-            finally:
-                self._busy_since = None
-        self._drain(reader)
-
-    def _drain(self, reader: LineReader) -> None:
-        """On stop: apply what is already in the pipe, so ``armed()`` includes it. One
-        chunk, like an iteration: writers that keep writing do not delay the stop."""
-        assert self._fifo is not None
-        try:
-            with self._lock:
-                chunk = os.read(self._fifo.read_fd, READ_CHUNK)
-                self._watchdog.apply(reader.feed(chunk), time.monotonic(), time.time())
-        except BlockingIOError:
-            pass
-        except Exception:
-            logger.exception("ftimer server: reading the FIFO on stop failed")
-        self._flush()
-        self._changed()
-
-    def _iterate(self, ready: List[tuple[selectors.SelectorKey, int]], reader: LineReader) -> float:
-        """One iteration after the wait: exits, then messages, then expiries; events to the
-        callbacks; sync() callers released. Returns the time the timers were checked."""
-        watchdog = self._watchdog
-        tokens: List[str] = []
-        with self._lock:
-            fifo_ready = False
-            for key, _ in ready:
-                if key.data is _FIFO:
-                    fifo_ready = True
-                elif key.data is _WAKE:
-                    _drain(self._wake_r)
-                else:  # a pidfd: its worker exited
-                    watchdog.worker_gone(key.data)
-            if fifo_ready and self._fifo is not None:
-                try:
-                    chunk = os.read(self._fifo.read_fd, READ_CHUNK)
-                except BlockingIOError:
-                    chunk = b""
-                if chunk:
-                    tokens = watchdog.apply(reader.feed(chunk), time.monotonic(), time.time())
-            now = time.monotonic()
-            watchdog.tick(now)
+    def _after(self, tokens: List[str]) -> None:
+        """After each iteration: events to the callbacks, ``on_change``, ``sync()``
+        callers released, and the server's own signal if it asked for one."""
         self._flush()
         self._changed()
         if tokens:
@@ -486,7 +412,10 @@ class FileTimerServer:
                     done = self._syncs.pop(token, None)
                     if done is not None:
                         done.set()
-        return now
+        if self._self_signal:
+            sig, self._self_signal = self._self_signal, 0
+            logger.warning("signalling the server itself (kill_self_on_reap)")
+            os.kill(os.getpid(), sig)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -526,17 +455,12 @@ class FileTimerServer:
         return self._on_event is not None and (types is None or Armed in types or Disarmed in types)
 
     def _watch(self, worker: Worker) -> None:
-        if self._selector is not None and worker.pidfd is not None:
-            self._selector.register(worker.pidfd, selectors.EVENT_READ, worker)
+        if self._loop is not None:
+            self._loop.watch(worker)
 
     def _unwatch(self, worker: Worker) -> None:
-        if self._selector is not None and worker.pidfd is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._selector.unregister(worker.pidfd)
-
-    def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):  # already pending: enough
-            os.write(self._wake_w, b"w")
+        if self._loop is not None:
+            self._loop.unwatch(worker)
 
 
 def _event_types(types: Optional[Iterable[Type[Event]]]) -> Optional[FrozenSet[type]]:
@@ -547,12 +471,6 @@ def _event_types(types: Optional[Iterable[Type[Event]]]) -> Optional[FrozenSet[t
         if not (isinstance(t, type) and issubclass(t, Event)):
             raise TypeError(f"{t!r} is not an Event class")
     return out
-
-
-def _drain(fd: int) -> None:
-    with contextlib.suppress(BlockingIOError):
-        while os.read(fd, 4096):
-            pass
 
 
 def _write_all(fd: int, line: bytes, deadline: float) -> None:

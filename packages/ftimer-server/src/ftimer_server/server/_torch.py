@@ -11,8 +11,8 @@ import json
 import time
 from typing import Callable, Optional
 
-from ._events import Event, Expired, Reaped
-from ._records import Timer
+from ftimer_server.core._events import Event, Expired, Reaped
+from ftimer_server.core._records import Timer
 
 __all__ = ["LogEvent", "TorchRequest", "torch_log_event"]
 

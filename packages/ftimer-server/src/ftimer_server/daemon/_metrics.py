@@ -13,8 +13,9 @@ import importlib
 from collections.abc import Iterator
 from typing import Any, Callable, Optional, Tuple
 
+from ftimer_server.core._stats import Stats
+
 from ._config import signal_label
-from ._stats import Stats
 
 __all__ = ["REAP_LATENCY_BUCKETS", "Metrics", "MetricsUnavailable"]
 

@@ -1,15 +1,15 @@
 """The server's decisions, without I/O of its own: messages in, timers, reaps and events out.
 
 ``Watchdog`` applies decoded messages with the time passed in, binds each worker to its
-process (through the injected ``ProcessInspector``), enforces the policy, and on
-``tick(now)`` expires timers and reaps through the ``Reaper``. Everything it does is
-reported as an event. The I/O loop (``FileTimerServer``) feeds it and sleeps until
-``next_wakeup()``; tests drive it directly with a fake clock and fake processes.
+process from the facts its ``Host`` resolved, enforces the policy, and on ``tick()``
+expires timers and reaps through the ``Reaper``. Everything it does is reported as an
+event. The I/O loop feeds it and sleeps until ``next_wakeup()``; tests drive it directly
+with a fake clock and a fake host.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Union
 
 from ftimer_protocol import (
     Arm,
@@ -31,11 +31,10 @@ from ._events import (
     RejectReason,
     WorkerGone,
 )
-from ._policy import Policy, check_pid, check_process, valid_signals
-from ._process import ProcessInspector
-from ._reaper import Reaper, ReapStep
+from ._host import Facts, Host
+from ._policy import Policy, check_pid, judge
+from ._reaper import Reaper
 from ._records import Timer, Worker
-from ._signaller import Signaller
 from ._stats import Counters, Stats
 from ._table import Expiry, TimerTable
 
@@ -52,17 +51,12 @@ class Watchdog:
     """Armed timers, bound workers, reaps and counters, driven by the caller.
 
     Args:
-        inspector: how processes are looked at (start time, pidfd, liveness).
-        signaller: how signals are delivered.
+        host: the edge: resolves pids into facts, watches bound workers, signals.
         policy: what may be armed and signalled.
         server_pid: the server's process, never signalled.
         ancestors: the server's ancestors, never signalled.
         emit: receives every event, in order.
         escalate_after: grace period before SIGKILL (``None``: never escalate).
-        watch, unwatch: told when a worker with a pidfd is bound and released, so the
-            I/O loop can wait for the pidfd to become readable (the worker exited) and
-            then call ``worker_gone()``.
-        steps: reap steps run before each signal (diagnostics).
         timer_events: emit ``Armed`` and ``Disarmed`` (one per request: the bulk of all
             events); without them the counters still count every request. An attribute
             of the same name changes it later.
@@ -77,16 +71,12 @@ class Watchdog:
     def __init__(
         self,
         *,
-        inspector: ProcessInspector,
-        signaller: Signaller,
+        host: Host,
         policy: Optional[Policy] = None,
         server_pid: int,
         ancestors: FrozenSet[int] = frozenset(),
         emit: Callable[[Event], None] = _ignore,
         escalate_after: Optional[float] = None,
-        watch: Callable[[Worker], None] = _ignore,
-        unwatch: Callable[[Worker], None] = _ignore,
-        steps: Sequence[ReapStep] = (),
         timer_events: bool = True,
         signal_override: Optional[int] = None,
     ) -> None:
@@ -94,14 +84,12 @@ class Watchdog:
         self.policy = policy
         self.table = TimerTable(policy.max_timers_per_pid, policy.max_timers)
         self.counters = Counters()
-        self._inspector = inspector
-        self._reaper = Reaper(signaller, inspector, escalate_after, steps, signal_override)
+        self._host = host
+        self._reaper = Reaper(host, escalate_after, signal_override)
         self._server_pid = server_pid
         self._ancestors = ancestors
-        self._signals = (policy.allowed_signals or valid_signals()) | {0}
+        self._signals = policy.signals(host.signals)
         self._emit_to = emit
-        self._watch = watch
-        self._unwatch = unwatch
         self._workers: Dict[int, Worker] = {}
         self.timer_events = timer_events
 
@@ -119,86 +107,22 @@ class Watchdog:
             The tokens of the ``Sync`` messages among them.
         """
         tokens: List[str] = []
-        # The hot path: an arm (decoded by the server's reader straight into a Timer) or
-        # a disarm from a worker already bound to the same process, with nothing else to
-        # decide. It is inlined, table operations included, with everything in locals: at
-        # two million messages a second every call and attribute lookup shows. Anything
-        # else goes through _apply_one(), in order.
-        workers_get = self._workers.get
-        signals = self._signals
-        table = self.table
-        by_pid_get = table.by_pid.get
-        fresh = table.fresh
-        fresh_append, fresh_pop = fresh.append, fresh.pop
-        last = None  # the record fresh_append() took last, while it is fresh's last
-        per_pid = table.max_per_pid
-        # Each message arms at most one timer: with this much room left, the total limit
-        # cannot refuse any of them, and only the per-pid one needs checking.
-        room = table.max_total - table.count >= len(results)
+        table, workers, signals, counters = self.table, self._workers, self._signals, self.counters
         emit = self._emit_to if self.timer_events else None
-        armed = rearmed = disarm_ok = disarm_unknown = counted = 0
-        # ``m`` is untyped so no isinstance() is paid per message: each branch knows the
-        # exact type it checked.
-        m: Any
+        i, n = 0, len(results)
         try:
-            for m in results:
-                t = type(m)
-                if t is Timer:
-                    pid = m.pid
-                    worker = workers_get(pid)
-                    if (
-                        worker is not None
-                        and m.start_time == worker.start_time
-                        and m.signal in signals
-                    ):
-                        scopes = by_pid_get(pid)
-                        if scopes is not None:
-                            scope = m.scope_id
-                            previous = scopes.get(scope)
-                            if previous is not None or (room and len(scopes) < per_pid):
-                                scopes[scope] = m
-                                fresh_append(m)
-                                last = m
-                                if previous is None:
-                                    armed += 1
-                                else:
-                                    rearmed += 1
-                                if emit is not None:
-                                    emit(Armed(m, previous is not None))
-                                continue
-                elif t is Disarm:
-                    pid = m.pid
-                    worker = workers_get(pid)
-                    if (
-                        worker is not None
-                        and worker.pidfd is not None
-                        and (m.start_time is None or m.start_time == worker.start_time)
-                    ):
-                        scopes = by_pid_get(pid)
-                        gone = None if scopes is None else scopes.pop(m.scope_id, None)
-                        if gone is None:
-                            disarm_unknown += 1
-                        else:
-                            disarm_ok += 1
-                            if gone is last:  # armed just before: it need not settle
-                                fresh_pop()
-                                last = None
-                            if emit is not None:
-                                emit(Disarmed(gone))
-                        continue
-                # The general path reads the table's count: bring it up to date first.
-                table.count += armed - disarm_ok - counted
-                counted = armed - disarm_ok
-                last = None  # it may append to fresh
-                self._apply_one(m, now, wall, tokens)
+            while True:
+                # The common case, arms and disarms of bound workers, in one call; the
+                # first message it leaves goes the general way, in order.
+                i = table.apply_batch(
+                    results, i, workers=workers, signals=signals, counters=counters, emit=emit
+                )
+                if i >= n:
+                    break
+                self._apply_one(results[i], now, wall, tokens)
+                i += 1
         finally:
-            table.count += armed - disarm_ok - counted
-            table.changes += armed + rearmed + disarm_ok
-            counters = self.counters
-            counters.arm_ok += armed + rearmed
-            counters.disarm_ok += disarm_ok
-            counters.disarm_unknown += disarm_unknown
-            table.settle(self._workers)
+            table.settle(workers)
         return tokens
 
     def _apply_one(self, m: DecodeResult, now: float, wall: float, tokens: List[str]) -> None:
@@ -255,9 +179,17 @@ class Watchdog:
             return deadline
         return min(deadline, escalation)
 
-    def tick(self, now: float) -> None:
-        """Expire the timers due at ``now``, reap their workers, escalate where due."""
-        for expiry in self.table.expire(now):
+    def tick(self, now: float, horizon: Optional[float] = None) -> None:
+        """Expire the timers due, reap their workers, escalate where due at ``now``.
+
+        Args:
+            now: the time.
+            horizon: expire only timers whose deadline is at or before it (``now`` by
+                default). The I/O loop passes the last moment before which it has read
+                everything written to it, so that no timer expires while a disarm
+                written before its deadline still waits to be read.
+        """
+        for expiry in self.table.expire(now if horizon is None else min(horizon, now)):
             self._expired(expiry, now)
         for worker, event in self._reaper.escalate(now):
             if event is None:
@@ -325,8 +257,9 @@ class Watchdog:
             and worker.start_time != start_time
         ):
             bound = self._bind(pid, start_time)
-            if isinstance(bound, RejectReason):
-                self._reject(bound, request, pid, scope_id, labels)
+            if not isinstance(bound, Worker):
+                reason, detail = bound
+                self._reject(reason, request, pid, scope_id, labels, detail)
                 return
             worker = bound
         # The worker's pid and start time objects are shared by all its timers.
@@ -354,7 +287,7 @@ class Watchdog:
             and worker.start_time is not None
             and worker.start_time != start_time
         ):
-            if self._inspector.alive(worker):
+            if self._host.alive(worker):
                 self._reject(RejectReason.IDENTITY_MISMATCH, request, pid, scope_id, None)
             else:  # the bound process exited and its pid was reused by the sender
                 self._gone(worker)
@@ -372,47 +305,32 @@ class Watchdog:
         if worker.pidfd is None:
             self._release_if_idle(worker)
 
-    def _bind(self, pid: int, start_time: Optional[int]) -> Union[Worker, RejectReason]:
-        """Bind ``pid`` to the process holding it now, checking policy and identity."""
+    def _bind(self, pid: int, start_time: Optional[int]) -> Union[Worker, tuple[RejectReason, str]]:
+        """Bind ``pid`` to the process holding it now, from the facts the host resolved;
+        or say why not."""
         reason = check_pid(pid, self._server_pid, self._ancestors)
         if reason is not None:
-            return reason
+            return reason, ""
         old = self._workers.get(pid)
         if old is not None:
             # The message names another process than the one bound to this pid.
-            if self._inspector.alive(old):
-                return RejectReason.IDENTITY_MISMATCH
+            if self._host.alive(old):
+                return RejectReason.IDENTITY_MISMATCH, ""
             self._gone(old)
-        inspector = self._inspector
-        pidfd: Optional[int] = None
-        live: Optional[int] = None
-        try:
-            # The pidfd first: whatever is read next describes its process as long as
-            # that process is still alive afterwards (checked last).
-            pidfd = inspector.open(pid)
-            live = inspector.start_time(pid)
-            if start_time is not None and live is not None and live != start_time:
-                reason = RejectReason.IDENTITY_MISMATCH
-            else:
-                reason = check_process(pid, self.policy, inspector, self._server_pid)
-        except ProcessLookupError:
-            reason = RejectReason.NO_SUCH_PROCESS
-        worker = Worker(pid, live if reason is None and live is not None else start_time, pidfd)
-        if reason is None and pidfd is not None and not inspector.alive(worker):
-            reason = RejectReason.NO_SUCH_PROCESS
+        facts = self._host.resolve(pid, ancestry=self.policy.descendants_only)
+        if not isinstance(facts, Facts):
+            return facts.reason, facts.detail
+        worker = Worker(pid, facts.start_time, facts.pidfd)
+        reason = judge(facts, start_time, self.policy, self._server_pid)
         if reason is not None:
-            if pidfd is not None:
-                inspector.close(worker)
-            return reason
+            self._host.release(worker)
+            return reason, ""
         self._workers[pid] = worker
-        if pidfd is not None:
-            self._watch(worker)
+        self._host.bound(worker)
         return worker
 
     def _release(self, worker: Worker) -> None:
-        if worker.pidfd is not None:
-            self._unwatch(worker)
-        self._inspector.close(worker)
+        self._host.release(worker)
 
     def _release_if_idle(self, worker: Worker) -> None:
         # A worker bound with a pidfd stays bound until it exits: binding costs a few
@@ -445,7 +363,7 @@ class Watchdog:
             return
         if expiry.decider is None:
             self._release_if_idle(worker)
-        elif not self._inspector.alive(worker):
+        elif not self._host.alive(worker):
             self._gone(worker, expiry.cleared)
         else:
             self._emit(self._reaper.reap(worker, expiry, now))

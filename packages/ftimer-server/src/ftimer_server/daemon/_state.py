@@ -29,7 +29,7 @@ from typing import Callable, List, Optional
 
 import msgspec
 
-from ._records import Timer
+from ftimer_server.core._records import Timer
 
 __all__ = [
     "STATE_VERSION",

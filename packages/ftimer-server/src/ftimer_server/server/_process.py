@@ -1,8 +1,9 @@
-"""How the server sees processes: start time, parent, uid, pidfd, liveness.
+"""How the server reads processes: start time, thread group, parent, uid, pidfd, liveness.
 
 The server only ever looks at processes through a ``ProcessInspector``, so tests can
 replace the operating system with a fake one (a pid that gets reused, ten thousand
-workers that do not exist) and never touch a real process.
+workers that do not exist) and never touch a real process. An inspector may raise
+``OSError``; the edge (``SystemHost``) turns every error into an answer for the core.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import select
 import sys
 from typing import Optional, Tuple
 
-from ._records import Worker
+from ftimer_server.core._records import Worker
 
 __all__ = ["ProcessInspector", "SystemInspector", "raise_fd_limit"]
 
@@ -44,6 +45,16 @@ class ProcessInspector(abc.ABC):
             ProcessLookupError: no process has that pid, or it is a zombie.
         """
 
+    def tgid(self, pid: int) -> int:
+        """Return the thread group id of ``pid``: ``pid`` itself for a process, the id of
+        its process for a thread. This default is for platforms (and fakes) whose
+        thread ids are not process ids.
+
+        Raises:
+            ProcessLookupError: no process or thread has that id.
+        """
+        return pid
+
     @abc.abstractmethod
     def parent(self, pid: int) -> int:
         """Return the parent pid of process ``pid``.
@@ -69,6 +80,8 @@ class ProcessInspector(abc.ABC):
 
         Raises:
             ProcessLookupError: no process has that pid.
+            OSError: no pidfd could be opened although pidfds work here (``pid`` is a
+                thread's id, out of descriptors, ...).
         """
         return None
 
@@ -80,7 +93,11 @@ class ProcessInspector(abc.ABC):
     def alive(self, worker: Worker) -> bool:
         """True while the process ``worker`` was bound to is running (not a zombie).
 
-        A pid now held by another process (another start time) counts as not alive.
+        A pid now held by another process (another start time), or by a thread, counts
+        as not alive.
+
+        Raises:
+            OSError: the process could not be examined.
         """
         if worker.pidfd is not None:
             poller = select.poll()
@@ -88,6 +105,8 @@ class ProcessInspector(abc.ABC):
             return not poller.poll(0)
         try:
             start_time = self.start_time(worker.pid)
+            if self.tgid(worker.pid) != worker.pid:
+                return False
         except ProcessLookupError:
             return False
         return worker.start_time is None or start_time == worker.start_time
@@ -105,7 +124,7 @@ class SystemInspector(ProcessInspector):
             _probe(pid)
             return None
         state, _, start_time = _stat(pid)
-        if state in "ZX":
+        if state in "ZXx":
             raise ProcessLookupError(errno.ESRCH, f"process {pid} is a zombie")
         return start_time
 
@@ -119,32 +138,28 @@ class SystemInspector(ProcessInspector):
     def uid(self, pid: int) -> int:
         if not _LINUX:
             raise NotImplementedError("uid of another process: no /proc here")
-        try:
-            with open(f"/proc/{pid}/status", "rb") as f:
-                for line in f:
-                    if line.startswith(b"Uid:"):
-                        return int(line.split()[1])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-        raise ProcessLookupError(errno.ESRCH, f"no process {pid}")
+        return int(_status(pid, b"Uid:"))
+
+    def tgid(self, pid: int) -> int:
+        if not _LINUX:
+            return pid  # thread ids are not process ids there
+        return int(_status(pid, b"Tgid:"))
 
     def open(self, pid: int) -> Optional[int]:
         if not self._pidfds or pid <= 0:
             return None
         try:
             return os.pidfd_open(pid)
-        except ProcessLookupError:
-            raise
         except OSError as e:
-            # Out of descriptors (EMFILE, ENFILE), or a kernel without pidfds (ENOSYS):
-            # degrade to start-time checks at deadline time.
+            if e.errno != errno.ENOSYS:
+                # ESRCH: no such process; ENOENT: a thread's id (or gone); EMFILE, ...:
+                # never a reason to fall back to kill(pid).
+                raise
+            # A kernel without pidfds (before 5.3): start-time and thread checks instead.
+            self._pidfds = False
             if not self._warned:
                 self._warned = True
-                logger.warning(
-                    "pidfd_open(%d) failed (%s): falling back to start-time checks", pid, e
-                )
-            if e.errno == errno.ENOSYS:
-                self._pidfds = False
+                logger.warning("no pidfds on this kernel: processes are checked by start time")
             return None
 
 
@@ -162,6 +177,23 @@ def _stat(pid: int) -> Tuple[str, int, int]:
     # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
     fields = data[data.rindex(b")") + 2 :].split()
     return fields[0].decode(), int(fields[1]), int(fields[19])
+
+
+def _status(pid: int, field: bytes) -> bytes:
+    """The first value of ``field`` (``b"Uid:"``, ...) in ``/proc/PID/status``.
+
+    Raises:
+        ProcessLookupError: no process or thread has that id.
+        OSError: the file cannot be read (``hidepid``, ...).
+    """
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(field):
+                    return line.split()[1]
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    raise ProcessLookupError(errno.ESRCH, f"no process {pid}")
 
 
 def _probe(pid: int) -> None:

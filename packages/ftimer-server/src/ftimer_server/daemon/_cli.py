@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Dict, List, Optional, TextIO
 
+from ftimer_server._version import __version__
+
 from ._config import (
     ConfigError,
     FileSettings,
@@ -27,7 +29,6 @@ from ._config import (
 from ._control import DaemonNotRunning, query_status
 from ._daemon import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_daemon
 from ._logging import LOG_FORMATS, LOG_LEVELS
-from ._version import __version__
 
 __all__ = ["format_status", "main"]
 

@@ -13,8 +13,9 @@ import signal as _signal
 import threading
 from typing import List, Optional, Tuple
 
+from ftimer_server.core._records import Worker
+
 from ._process import ProcessInspector, SystemInspector
-from ._records import Worker
 
 __all__ = ["OsSignaller", "RecordingSignaller", "Signaller"]
 

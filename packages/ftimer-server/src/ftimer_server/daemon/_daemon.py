@@ -28,6 +28,14 @@ from typing import Any, Dict, FrozenSet, List, Optional, Type
 
 import msgspec
 
+from ftimer_server._version import __version__
+from ftimer_server.core._events import EVENT_TYPES, Armed, Disarmed, Event, Reaped
+from ftimer_server.core._policy import Policy
+from ftimer_server.core._records import Timer
+from ftimer_server.core._stats import Stats
+from ftimer_server.server._fifo import FifoError
+from ftimer_server.server._server import FileTimerServer
+
 from ._config import (
     ConfigError,
     DaemonConfig,
@@ -37,17 +45,10 @@ from ._config import (
 )
 from ._control import ControlServer, ControlSocketBusy
 from ._daemon_log import describe, event_fields
-from ._events import EVENT_TYPES, Armed, Disarmed, Event, Reaped
-from ._fifo import FifoError
 from ._logging import LoggingSetup
 from ._metrics import Metrics, MetricsUnavailable
-from ._policy import Policy
-from ._records import Timer
-from ._server import FileTimerServer
 from ._state import StateSaver, load_state, read_boot_id
-from ._stats import Stats
 from ._systemd import SystemdNotifier
-from ._version import __version__
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_STARTUP", "EXIT_USAGE", "Daemon", "run_daemon"]
 

@@ -12,8 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import msgspec
 
-from ._config import signal_label
-from ._events import (
+from ftimer_server.core._events import (
     Armed,
     DecodeFailed,
     Disarmed,
@@ -25,6 +24,8 @@ from ._events import (
     RejectReason,
     WorkerGone,
 )
+
+from ._config import signal_label
 
 __all__ = ["describe", "event_fields"]
 

@@ -21,6 +21,7 @@ can write ``Sync`` markers into its own stream.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import fcntl
@@ -29,6 +30,7 @@ import logging
 import os
 import stat
 import sys
+import termios
 from typing import Optional, Tuple, Union
 
 from ftimer_protocol import default_fifo_path
@@ -83,6 +85,16 @@ class Fifo:
         st = os.fstat(read_fd)
         self._identity = (st.st_dev, st.st_ino)
         self.pipe_size = 0
+
+    def pending(self) -> int:
+        """Bytes waiting in the pipe now (``FIONREAD``); where that cannot be asked, the
+        most it can hold (``pipe_size``, else 1 MiB, Linux's default maximum)."""
+        buf = array.array("i", [0])
+        try:
+            fcntl.ioctl(self.read_fd, termios.FIONREAD, buf, True)
+        except OSError:
+            return self.pipe_size or 1 << 20
+        return buf[0]
 
     def close(self, remove: bool = False) -> None:
         """Close both ends; with ``remove``, also unlink the FIFO if this server created it

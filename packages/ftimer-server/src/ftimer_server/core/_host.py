@@ -1,0 +1,108 @@
+"""What the core knows of processes, and the one interface through which it asks the edge.
+
+The core never looks at a process itself. When a message names a pid it has not bound,
+it asks the host to ``resolve()`` it into ``Facts`` (or an ``Unresolved`` answer saying
+why not) and decides from those facts alone: is it a process and not a thread, is it the
+process the message meant, does the policy allow it. Signals go the same way: the core
+asks, the host answers with a ``Delivery``. No method of a ``Host`` raises: every error
+of the operating system is turned into an answer at the edge, once, so bad luck with one
+process never costs another message.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import FrozenSet, Optional, Tuple, Union
+
+import msgspec
+
+from ._events import RejectReason
+from ._records import Worker
+from ._table import Expiry
+
+__all__ = ["KILL", "Delivery", "Facts", "Host", "Unresolved"]
+
+#: SIGKILL: 9 on every POSIX system.
+KILL = 9
+
+
+class Facts(msgspec.Struct, frozen=True, gc=False):
+    """What the host found about a pid, read after a pidfd (if any) was opened for it.
+
+    Attributes:
+        pid: the pid asked about.
+        tgid: its thread group id: ``pid`` itself for a process; a thread's id differs
+            (Linux gives threads ids from the same space as processes).
+        start_time: start time in clock ticks since boot; ``None`` where unknown.
+        uid: real user id; ``None`` where the platform does not tell.
+        ancestors: parent, grandparent, ... up to (not including) pid 1, when asked for;
+            ``None`` when not asked for or not known.
+        pidfd: a pidfd for exactly this process, now owned by the core, or ``None``.
+    """
+
+    pid: int
+    tgid: int
+    start_time: Optional[int] = None
+    uid: Optional[int] = None
+    ancestors: Optional[Tuple[int, ...]] = None
+    pidfd: Optional[int] = None
+
+
+class Unresolved(msgspec.Struct, frozen=True):
+    """Why the host could not describe a pid: no such process, a thread, or an error.
+
+    Attributes:
+        reason: the rejection this becomes.
+        detail: for people: the errno and what was being read.
+    """
+
+    reason: RejectReason
+    detail: str = ""
+
+
+class Delivery(msgspec.Struct, frozen=True):
+    """The outcome of a signal: ``delivered``, or not and ``error`` says why."""
+
+    delivered: bool
+    error: Optional[str] = None
+
+
+DELIVERED = Delivery(True)
+
+
+class Host(abc.ABC):
+    """The processes of the host as the core sees them. No method raises.
+
+    Attributes:
+        signals: the signal numbers of this platform.
+    """
+
+    signals: FrozenSet[int]
+
+    @abc.abstractmethod
+    def resolve(self, pid: int, *, ancestry: bool = False) -> Union[Facts, Unresolved]:
+        """Describe process ``pid``; with ``ancestry``, its ancestors too.
+
+        A returned ``pidfd`` belongs to the caller, who gives it back with ``release()``.
+        """
+
+    @abc.abstractmethod
+    def bound(self, worker: Worker) -> None:
+        """``worker`` now holds timers: watch it (its exit becomes ``worker_gone``)."""
+
+    @abc.abstractmethod
+    def release(self, worker: Worker) -> None:
+        """Stop watching ``worker`` and close its pidfd, if any."""
+
+    @abc.abstractmethod
+    def alive(self, worker: Worker) -> bool:
+        """True while the process ``worker`` was bound to runs (a reused pid: False)."""
+
+    @abc.abstractmethod
+    def signal(self, worker: Worker, signal: int) -> Delivery:
+        """Deliver ``signal`` to exactly the process ``worker`` was bound to."""
+
+    def reap(self, worker: Worker, signal: int, expiry: Expiry, now: float) -> Delivery:
+        """Reap ``worker`` for ``expiry``: whatever comes before the signal (diagnostics),
+        then ``signal``. Only the signal, unless the host has more to do."""
+        return self.signal(worker, signal)

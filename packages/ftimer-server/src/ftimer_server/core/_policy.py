@@ -1,0 +1,86 @@
+"""Which processes and signals the server may act on, and how many timers it keeps.
+
+Some refusals are not optional: pid <= 1 (``kill(0)`` and ``kill(-1)`` mean process
+groups or everything, pid 1 is init), the server itself and its ancestors (reaping them
+would take down the supervisor that restarts workers), and a thread's id (a signal sent
+to it reaches its whole process). The rest is configurable, and fails closed: an empty
+set allows nothing, and what cannot be verified is refused.
+"""
+
+from __future__ import annotations
+
+from typing import AbstractSet, FrozenSet, Optional
+
+import msgspec
+
+from ._events import RejectReason
+from ._host import Facts
+
+__all__ = ["Policy", "check_pid", "judge"]
+
+
+class Policy(msgspec.Struct, frozen=True, kw_only=True):
+    """What the server agrees to do. The defaults suit a host with one user's workers.
+
+    Attributes:
+        allowed_uids: if set, only processes whose real uid is in it get timers (an
+            empty set: none do).
+        descendants_only: only processes descended from the server get timers (an agent
+            that launches its workers itself, as torchrun does).
+        allowed_signals: signals a timer may carry (0, report only, is always allowed);
+            ``None`` means every signal of the platform, an empty set none but 0.
+        max_timers_per_pid: timers one process may hold at once.
+        max_timers: timers the server holds at once, in total.
+
+    Raises:
+        ValueError: a limit is below 1.
+    """
+
+    allowed_uids: Optional[FrozenSet[int]] = None
+    descendants_only: bool = False
+    allowed_signals: Optional[FrozenSet[int]] = None
+    max_timers_per_pid: int = 10_000
+    max_timers: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.max_timers_per_pid < 1 or self.max_timers < 1:
+            raise ValueError("timer limits must be at least 1")
+
+    def signals(self, platform: AbstractSet[int]) -> FrozenSet[int]:
+        """The signals a timer may carry on a platform with signals ``platform``."""
+        allowed = platform if self.allowed_signals is None else self.allowed_signals & platform
+        return frozenset(allowed) | {0}
+
+
+def check_pid(pid: int, server_pid: int, ancestors: AbstractSet[int]) -> Optional[RejectReason]:
+    """Return why ``pid`` may never hold timers, or ``None``. Looks at nothing but numbers."""
+    if pid <= 1:
+        return RejectReason.RESERVED_PID
+    if pid == server_pid:
+        return RejectReason.SERVER_PROCESS
+    if pid in ancestors:
+        return RejectReason.SERVER_ANCESTOR
+    return None
+
+
+def judge(
+    facts: Facts, start_time: Optional[int], policy: Policy, server_pid: int
+) -> Optional[RejectReason]:
+    """Return why the process ``facts`` describe may not hold timers, or ``None``.
+
+    Args:
+        facts: what the host found (call ``check_pid`` first).
+        start_time: the start time the message names, if any.
+        policy: the policy.
+        server_pid: the server's process, for ``descendants_only``.
+    """
+    if facts.tgid != facts.pid:
+        return RejectReason.NOT_A_PROCESS
+    if start_time is not None and facts.start_time is not None and facts.start_time != start_time:
+        return RejectReason.IDENTITY_MISMATCH
+    # Unknown facts (None) never pass a check that needs them.
+    if policy.allowed_uids is not None and facts.uid not in policy.allowed_uids:
+        return RejectReason.UID_NOT_ALLOWED
+    if policy.descendants_only and server_pid not in (facts.ancestors or ()):
+        return RejectReason.NOT_DESCENDANT
+    return None

@@ -1,0 +1,188 @@
+"""The process edge: the one place where the server examines and signals real processes.
+
+``SystemHost`` is the ``Host`` the core talks to. It reads processes through a
+``ProcessInspector`` and signals through a ``Signaller``, and it is where every error
+they raise is handled, once: a pid that is gone, a thread's id, a ``/proc`` file the
+server may not read (``hidepid``), no descriptor left for a pidfd. Each becomes an answer
+(an ``Unresolved`` reason the core counts and reports as a rejection, or an undelivered
+``Delivery``), never an exception in the middle of a batch of messages.
+
+On Linux with pidfds, a pid is bound through a pidfd, which only a thread group leader
+(a process) has: a failed ``pidfd_open`` means the pid is no process to bind, never a
+reason to fall back to ``kill(pid)`` (which Linux would deliver to the whole process a
+thread belongs to).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal as _signal
+from typing import Callable, FrozenSet, Optional, Sequence, Union
+
+from ftimer_server.core._events import RejectReason
+from ftimer_server.core._host import DELIVERED, Delivery, Facts, Host, Unresolved
+from ftimer_server.core._records import Worker
+from ftimer_server.core._table import Expiry
+
+from ._process import ProcessInspector
+from ._signaller import Signaller
+
+__all__ = ["ReapStep", "SystemHost", "ancestors_of"]
+
+logger = logging.getLogger("ftimer_server")
+
+#: A step run between an expiry and its signal: (worker, expiry, now) -> None.
+ReapStep = Callable[[Worker, Expiry, float], None]
+
+# The walk up to an ancestor is bounded: a process tree deeper than this is not ours.
+_MAX_DEPTH = 256
+
+
+def _ignore(_: Worker) -> None:
+    pass
+
+
+def platform_signals() -> FrozenSet[int]:
+    """The signal numbers of this platform (1 .. SIGRTMAX on Linux)."""
+    return frozenset(int(s) for s in _signal.valid_signals())
+
+
+class SystemHost(Host):
+    """The real host, seen through ``inspector`` and signalled through ``signaller``.
+
+    Args:
+        inspector: reads processes.
+        signaller: delivers signals.
+        steps: run in order before each reap's signal (diagnostics); one that raises is
+            logged and the reap goes on.
+        watch, unwatch: told when a worker with a pidfd is bound and released, so the I/O
+            loop can wait for the pidfd (readable: the worker exited).
+    """
+
+    def __init__(
+        self,
+        inspector: ProcessInspector,
+        signaller: Signaller,
+        steps: Sequence[ReapStep] = (),
+        watch: Callable[[Worker], None] = _ignore,
+        unwatch: Callable[[Worker], None] = _ignore,
+    ) -> None:
+        self.signals = platform_signals()
+        self._inspector = inspector
+        self._signaller = signaller
+        self._steps = tuple(steps)
+        self._watch = watch
+        self._unwatch = unwatch
+
+    def resolve(self, pid: int, *, ancestry: bool = False) -> Union[Facts, Unresolved]:
+        inspector = self._inspector
+        try:
+            pidfd = inspector.open(pid)
+        except ProcessLookupError:
+            return Unresolved(RejectReason.NO_SUCH_PROCESS)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.EINVAL):  # what pidfd_open says of a thread
+                return self._not_a_process(pid)
+            return Unresolved(RejectReason.UNVERIFIABLE, f"pidfd_open: {_describe(e)}")
+        except Exception as e:  # a custom inspector's bug: refuse, never crash the loop
+            logger.exception("inspecting process %d failed", pid)
+            return Unresolved(RejectReason.UNVERIFIABLE, _describe(e))
+        try:
+            # The pidfd first: whatever is read next describes its process as long as that
+            # process is still alive afterwards (checked last).
+            facts = Facts(
+                pid=pid,
+                tgid=inspector.tgid(pid),
+                start_time=inspector.start_time(pid),
+                uid=_optional(inspector.uid, pid),
+                ancestors=tuple(ancestors_of(pid, inspector)) if ancestry else None,
+                pidfd=pidfd,
+            )
+            if pidfd is not None and not inspector.alive(Worker(pid, facts.start_time, pidfd)):
+                raise ProcessLookupError(errno.ESRCH, f"process {pid} exited")
+        except Exception as e:
+            if pidfd is not None:
+                self.release(Worker(pid, None, pidfd))
+            if isinstance(e, ProcessLookupError):
+                return Unresolved(RejectReason.NO_SUCH_PROCESS)
+            if not isinstance(e, OSError):
+                logger.exception("inspecting process %d failed", pid)
+            return Unresolved(RejectReason.UNVERIFIABLE, f"/proc/{pid}: {_describe(e)}")
+        return facts
+
+    def bound(self, worker: Worker) -> None:
+        if worker.pidfd is not None:
+            self._watch(worker)
+
+    def release(self, worker: Worker) -> None:
+        if worker.pidfd is not None:
+            self._unwatch(worker)
+        try:
+            self._inspector.close(worker)
+        except OSError as e:
+            logger.error("closing the pidfd of process %d failed: %s", worker.pid, e)
+
+    def alive(self, worker: Worker) -> bool:
+        try:
+            return self._inspector.alive(worker)
+        except Exception as e:
+            # Unknown counts as alive: the worker keeps its timers, and a signal still
+            # goes through the signaller's own identity checks.
+            logger.warning("cannot tell whether process %d is alive: %s", worker.pid, e)
+            return True
+
+    def signal(self, worker: Worker, signal: int) -> Delivery:
+        try:
+            if self._signaller.send(worker, signal):
+                return DELIVERED
+            return Delivery(False, "the process is gone")
+        except Exception as e:
+            if not isinstance(e, OSError):
+                logger.exception("signalling process %d failed", worker.pid)
+            return Delivery(False, _describe(e))
+
+    def reap(self, worker: Worker, signal: int, expiry: Expiry, now: float) -> Delivery:
+        for step in self._steps:
+            try:
+                step(worker, expiry, now)
+            except Exception:
+                logger.exception("reap step %r failed for process %d", step, worker.pid)
+        return self.signal(worker, signal)
+
+    def _not_a_process(self, pid: int) -> Unresolved:
+        try:
+            tgid = self._inspector.tgid(pid)
+        except Exception:
+            return Unresolved(RejectReason.NO_SUCH_PROCESS)
+        if tgid != pid:
+            return Unresolved(RejectReason.NOT_A_PROCESS, f"a thread of process {tgid}")
+        return Unresolved(RejectReason.NO_SUCH_PROCESS)
+
+
+def ancestors_of(pid: int, inspector: ProcessInspector) -> FrozenSet[int]:
+    """The parent, grandparent, ... of ``pid`` (pid 1 and 0 excluded), as far as they can
+    be read."""
+    found = set()
+    for _ in range(_MAX_DEPTH):
+        try:
+            pid = inspector.parent(pid)
+        except (OSError, NotImplementedError):
+            break
+        if pid <= 1:
+            break
+        found.add(pid)
+    return frozenset(found)
+
+
+def _optional(read: Callable[[int], int], pid: int) -> Optional[int]:
+    try:
+        return read(pid)
+    except NotImplementedError:
+        return None
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"{errno.errorcode.get(e.errno, e.errno)} ({e.strerror})"
+    return f"{type(e).__name__}: {e}"

@@ -1,0 +1,204 @@
+"""The I/O loop: waits for bytes, exits and deadlines, and feeds the core.
+
+One iteration is a fixed sequence: wait (epoll) until the next deadline, bytes in the
+FIFO, a worker's pidfd turning readable (it exited) or a wake-up; apply the exits; read
+and apply what the FIFO holds; expire and escalate; hand the results to the façade
+(events, sync callers). The wait has no fixed interval: with nothing armed it has no
+timeout at all, so an idle server never wakes up.
+
+The reading rule: **a deadline is judged only against everything written before it.**
+Each iteration notes the time, then asks the pipe how many bytes it holds (``FIONREAD``)
+and reads at least that many before expiring anything, and only timers whose deadline is
+at or before the noted time (the horizon) expire. Every message is one atomic write, so
+the bytes the pipe held then end at a message boundary and hold every message written
+before that moment: a disarm written before its deadline is always applied before the
+deadline is judged, however much junk or backlog is in front of it. What one iteration
+reads is bounded by the pipe's size, so a flood delays reaps by at most the time it takes
+to read one pipe-full; it never makes a healthy worker look hung. On stop, the same read
+applies everything written before the stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import threading
+import time
+from typing import Callable, List, Optional, Tuple
+
+from ftimer_server.core._reader import LineReader
+from ftimer_server.core._records import Worker
+from ftimer_server.core._watchdog import Watchdog
+
+from ._fifo import Fifo
+
+__all__ = ["MAX_WAIT", "READ_CHUNK", "Loop"]
+
+logger = logging.getLogger("ftimer_server")
+
+#: Bytes read from the FIFO at once: big enough to drain a burst in a few system calls,
+#: small enough that the lock is released every few milliseconds.
+READ_CHUNK = 256 * 1024
+#: The longest single wait: a deadline days away costs one wake-up an hour, and no
+#: timeout overflows epoll's.
+MAX_WAIT = 3600.0
+_FIFO = object()
+_WAKE = object()
+
+
+class Loop:
+    """Runs ``watchdog`` on ``fifo`` until ``request_stop()``.
+
+    Args:
+        fifo: the open FIFO (the caller closes it after ``close()``).
+        watchdog: the core; every call into it holds ``lock``.
+        lock: shared with the façade's readers (``armed()``, ``stats()``, ...).
+        after: called after each iteration (and after the stop-time read), without the
+            lock, with the tokens of the ``Sync`` messages applied in it.
+        tick_interval, on_tick: call ``on_tick()`` at least every ``tick_interval``
+            seconds (a systemd watchdog keep-alive).
+    """
+
+    def __init__(
+        self,
+        fifo: Fifo,
+        watchdog: Watchdog,
+        lock: threading.RLock,
+        after: Callable[[List[str]], None],
+        *,
+        tick_interval: Optional[float] = None,
+        on_tick: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self._fifo = fifo
+        self._watchdog = watchdog
+        self._lock = lock
+        self._after = after
+        self._tick_interval = tick_interval
+        self._on_tick = on_tick
+        self._reader = LineReader()
+        self._stopping = False
+        #: The loop's thread, once it runs.
+        self.ident: Optional[int] = None
+        #: The wall-clock time the current iteration started, or None between them.
+        self.busy_since: Optional[float] = None
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(fifo.read_fd, selectors.EVENT_READ, _FIFO)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+
+    # -- called from any thread ---------------------------------------------------------
+
+    def watch(self, worker: Worker) -> None:
+        """Wait for ``worker``'s pidfd too: readable means it exited."""
+        if worker.pidfd is not None:
+            self._selector.register(worker.pidfd, selectors.EVENT_READ, worker)
+
+    def unwatch(self, worker: Worker) -> None:
+        """Stop waiting for ``worker``'s pidfd."""
+        if worker.pidfd is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(worker.pidfd)
+
+    def wake(self) -> None:
+        """Make the current or next wait return at once."""
+        with contextlib.suppress(BlockingIOError, OSError):  # pending already, or closed
+            os.write(self._wake_w, b"w")
+
+    def request_stop(self) -> None:
+        """Make ``run()`` apply what was written so far and return."""
+        self._stopping = True
+        self.wake()
+
+    # -- the loop's own thread -----------------------------------------------------------
+
+    def run(self) -> None:
+        """Iterate until ``request_stop()``; then read and apply what the FIFO holds."""
+        self.ident = threading.get_ident()
+        watchdog, tick_interval = self._watchdog, self._tick_interval
+        next_tick = None if tick_interval is None else time.monotonic() + tick_interval
+        while not self._stopping:
+            with self._lock:
+                wakeup = watchdog.next_wakeup()
+            if next_tick is not None:
+                wakeup = next_tick if wakeup is None else min(wakeup, next_tick)
+            timeout = None
+            if wakeup is not None:
+                timeout = min(max(0.0, wakeup - time.monotonic()), MAX_WAIT)
+            try:
+                ready = self._selector.select(timeout)
+                self.busy_since = time.time()
+                now = self._iterate(ready)
+                if next_tick is not None and now >= next_tick:
+                    assert self._on_tick is not None
+                    assert tick_interval is not None
+                    next_tick = now + tick_interval
+                    self._on_tick()
+            except Exception:
+                # A bug, not a worker's doing (bad input never raises): keep serving, but
+                # never spin on a failure that repeats.
+                logger.exception("ftimer server loop iteration failed; continuing")
+                time.sleep(0.01)
+            finally:
+                self.busy_since = None
+        try:
+            tokens, _ = self._ingest()
+        except Exception:
+            logger.exception("ftimer server: reading the FIFO on stop failed")
+            tokens = []
+        self._after(tokens)
+
+    def close(self) -> None:
+        """Release the selector and the wake-up pipe (after ``run()`` returned)."""
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _iterate(self, ready: List[Tuple[selectors.SelectorKey, int]]) -> float:
+        """Exits, then messages, then expiries; returns the time the timers were checked."""
+        watchdog = self._watchdog
+        with self._lock:
+            for key, _ in ready:
+                if key.data is _WAKE:
+                    _drain(self._wake_r)
+                elif key.data is not _FIFO:  # a pidfd: its worker exited
+                    watchdog.worker_gone(key.data)
+        tokens, horizon = self._ingest()
+        with self._lock:
+            now = time.monotonic()
+            watchdog.tick(now, horizon)
+        self._after(tokens)
+        return now
+
+    def _ingest(self) -> Tuple[List[str], float]:
+        """Read and apply at least what the FIFO holds now.
+
+        Returns:
+            The ``Sync`` tokens applied, and the horizon: a moment before which
+            everything written to the FIFO has now been applied.
+        """
+        fifo, watchdog, feed = self._fifo, self._watchdog, self._reader.feed
+        tokens: List[str] = []
+        horizon = time.monotonic()
+        pending = fifo.pending()
+        while pending > 0:
+            try:
+                chunk = os.read(fifo.read_fd, READ_CHUNK)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            pending -= len(chunk)
+            with self._lock:
+                tokens += watchdog.apply(feed(chunk), time.monotonic(), time.time())
+        return tokens, horizon
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            pass

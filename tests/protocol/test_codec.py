@@ -116,10 +116,12 @@ def test_unknown_version_is_a_typed_error(version: object) -> None:
 @pytest.mark.parametrize(
     ("line", "reason"),
     [
-        (b"", "truncated"),
-        (b"not json", "malformed"),
-        (b"[1, 2]", "Expected `object`"),
+        (b"", "not a JSON object"),
+        (b"not json", "not a JSON object"),
+        (b"[1, 2]", "not a JSON object"),
         (b"{}", 'no "version"'),
+        (b'{"\\u0076ersion": 2}', 'no "version"'),  # the name is spelled out, never escaped
+        (b'{"version" 2}', "malformed"),
         (b'{"version":2,"op":"nap","pid":1}', "op"),
         (b'{"version":2,"op":"arm","pid":1,"scope_id":"s","signal":9}', "deadline"),
         (b'{"version":2,"op":"arm","pid":0,"scope_id":"s","deadline":1,"signal":9}', "pid"),

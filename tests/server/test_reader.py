@@ -13,6 +13,8 @@ from ftimer_protocol import (
     Arm,
     DecodeResult,
     Disarm,
+    MalformedMessage,
+    RemoteProtocolError,
     StreamDecoder,
     TimerRequestV1,
     encode,
@@ -24,6 +26,18 @@ from ftimer_server.core._reader import LineReader
 def as_messages(results: list[DecodeResult]) -> list[DecodeResult]:
     """The fast path's arms are Timer records (an Arm subclass): compare them as Arms."""
     return [Arm(*msgspec.structs.astuple(r)) if type(r) is Timer else r for r in results]
+
+
+def per_line(results: list[DecodeResult]) -> list[object]:
+    """Messages as Arms, and each error as (class, reason) once per line it stands for:
+    the reader reports a run of lines with one error as one value."""
+    out: list[object] = []
+    for r in as_messages(results):
+        if isinstance(r, RemoteProtocolError):
+            out += [(type(r), r.reason)] * r.lines
+        else:
+            out.append(r)
+    return out
 
 
 v2_lines = st.builds(
@@ -65,6 +79,14 @@ junk = st.sampled_from(
         b'{"version":2,"op":"disarm","pid":5,"scope_id":"' + b"y" * PIPE_BUF + b'"}\n',
         b'{"version": 1, "pid": 3}\n',
         b"\xff\xfe\x00",
+        b"y\n" * 5,  # a yes flood
+        b"[]\n{}\n{}\n",
+        b'{"version":2,"op":"bogus"}\n' * 3,  # one bad line, repeated
+        # a label named "version": its "{\"version\"" is inside a valid message
+        b'junk{"version":2,"op":"arm","pid":9,"scope_id":"s","deadline":1,"signal":9,'
+        b'"labels":{"version":"x"}}\n',
+        # one JSON object spread over two lines is two bad lines, not a message
+        b'{"version":2,"op":"disarm",\n"pid":5,"scope_id":"s"}\n',
     ]
 )
 
@@ -82,7 +104,7 @@ def test_same_results_as_the_stream_decoder(parts: list[bytes], cuts: list[int])
         got += reader.feed(stream[pos : pos + cut])
         pos += cut
     got += reader.feed(stream[pos:])
-    assert as_messages(got) == expected
+    assert per_line(got) == per_line(expected)
 
 
 def test_a_run_of_one_version_is_decoded_in_one_call() -> None:
@@ -104,7 +126,7 @@ def test_over_long_lines_are_found_by_the_block_scan(lengths: list[int], max_lin
     reader = LineReader(max_line)
     too_long = max(map(len, stream.split(b"\n"))) > max_line
     assert reader._may_hold_a_long_line(stream, 0, len(stream)) == too_long
-    assert reader.feed(stream) == StreamDecoder(max_line).feed(stream)
+    assert per_line(reader.feed(stream)) == per_line(StreamDecoder(max_line).feed(stream))
 
 
 @given(st.lists(st.integers(0, 3), max_size=20), st.integers(10, 40), st.integers(-2, 2))
@@ -114,3 +136,33 @@ def test_the_block_scan_is_exact(lines: list[int], max_line: int, delta: int) ->
     too_long = max(map(len, whole.split(b"\n"))) > max_line
     chunk = b"ab\n" + whole + b"cd"  # the run as part of a chunk
     assert LineReader(max_line)._may_hold_a_long_line(chunk, 3, 3 + len(whole)) == too_long
+
+
+def test_a_flood_of_junk_is_one_error_per_run() -> None:
+    arm = encode(Arm(pid=7, scope_id="s", deadline=1.0, signal=9))
+    stream = b"y\n" * 1000 + arm + b"n\n" * 10 + b"{}\n" * 3 + b"y\n"
+    results = LineReader().feed(stream)
+    assert [(type(r).__name__, getattr(r, "lines", None)) for r in results] == [
+        ("MalformedMessage", 1000),
+        ("Arm", None),  # lines around junk take the slow path: an Arm, not a Timer
+        ("MalformedMessage", 10),  # "n": not a JSON object either, so one run
+        ("MalformedMessage", 3),  # {}: an object without "version"
+        ("MalformedMessage", 1),
+    ]
+    assert results[0] == MalformedMessage("not a JSON object", b"y", lines=1000)
+
+
+def test_a_json_object_over_two_lines_is_not_a_message() -> None:
+    # msgspec's decode_lines reads values separated by any white space, newlines included.
+    stream = b'{"version":2,"op":"disarm",\n"pid":5,"scope_id":"s"}\n'
+    assert [type(r) for r in LineReader().feed(stream)] == [MalformedMessage, MalformedMessage]
+
+
+def test_a_label_named_version_does_not_cost_the_message() -> None:
+    arm = Arm(pid=9, scope_id="s", deadline=1.0, signal=9, labels={"version": "x"})
+    line = encode(arm)
+    assert line.count(b'{"version"') == 2
+    for reader in (LineReader(), StreamDecoder()):
+        results = reader.feed(b'{"version":2,"op":"ar' + line)  # a writer died mid-line
+        assert isinstance(results[0], MalformedMessage)
+        assert as_messages(results[1:]) == [arm]

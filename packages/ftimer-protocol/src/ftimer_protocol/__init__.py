@@ -3,7 +3,7 @@
 Sans-I/O: nothing here opens, reads or writes anything. See docs/protocol.md.
 """
 
-from ._codec import SUPPORTED_VERSIONS, decode, encode
+from ._codec import SUPPORTED_VERSIONS, decode, decode_value, encode
 from ._errors import (
     LineTooLong,
     LocalProtocolError,
@@ -43,6 +43,7 @@ __all__ = [
     "MESSAGE_START",
     "encode",
     "decode",
+    "decode_value",
     "decode_line",
     "StreamDecoder",
     "DecodeResult",

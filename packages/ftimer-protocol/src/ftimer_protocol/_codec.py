@@ -16,12 +16,13 @@ from ._errors import (
     LocalProtocolError,
     MalformedMessage,
     MessageTooLarge,
+    RemoteProtocolError,
     UnsupportedVersion,
 )
 from ._limits import PIPE_BUF
 from ._messages import Message, MessageV2, TimerRequestV1
 
-__all__ = ["SUPPORTED_VERSIONS", "decode", "encode"]
+__all__ = ["SUPPORTED_VERSIONS", "decode", "decode_value", "encode"]
 
 SUPPORTED_VERSIONS = (1, 2)
 
@@ -38,16 +39,17 @@ class _Envelope(msgspec.Struct):
 
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 _V2_PREFIX = b'{"version":2,'
+# JSON's white space; a line whose first other byte is not "{" holds no JSON object.
+_WHITESPACE = b" \t\r\n"
+NOT_AN_OBJECT = "not a JSON object"
+NO_VERSION = 'no "version" member'
 
-_by_version: Dict[Any, Callable[[Buffer], Message]] = {
+# Each version's exact line openings, decoded in a single parse.
+_V1_PREFIXES = (b'{"version": 1,', b'{"version":1,')  # torch's json.dumps, and ours
+_by_version: Dict[Any, Callable[[bytes], Message]] = {
     1: _v1_decoder.decode,
     2: _v2_decoder.decode,
 }
-_fast_paths = (
-    (_V2_PREFIX, _v2_decoder.decode),
-    (b'{"version": 1,', _v1_decoder.decode),  # what torch's json.dumps writes
-    (b'{"version":1,', _v1_decoder.decode),
-)
 
 
 def encode(message: Message, *, limit: int = PIPE_BUF) -> bytes:
@@ -101,19 +103,42 @@ def decode(line: Buffer) -> Message:
         MalformedMessage: anything else wrong: not JSON, not an object, no version, a
             member missing, of the wrong type or out of bounds.
     """
-    try:
-        for prefix, fast in _fast_paths:
-            if line[: len(prefix)] == prefix:
-                return fast(line)
-        version = _envelope_decoder.decode(line).version
-        if version is msgspec.UNSET:
-            raise MalformedMessage('no "version" member', bytes(line[:EXCERPT_BYTES]))
+    result = decode_value(line)
+    if isinstance(result, RemoteProtocolError):
+        raise result
+    return result
+
+
+def decode_value(line: Buffer) -> Union[Message, RemoteProtocolError]:
+    """``decode()`` without raising: the message, or the error as a value.
+
+    The error is never raised, so it holds no traceback (no frames kept alive). A line
+    that cannot be a message is refused without parsing: one that holds no JSON object
+    (``yes`` output, binary junk), or no ``"version"`` member name (which every message
+    spells out as it is).
+    """
+    if type(line) is not bytes:
+        line = bytes(line)
+    if line.startswith(_V2_PREFIX):
+        decoder: Callable[[bytes], Message] = _v2_decoder.decode
+    elif line.startswith(_V1_PREFIXES):
+        decoder = _v1_decoder.decode
+    elif line.lstrip(_WHITESPACE)[:1] != b"{":
+        return MalformedMessage(NOT_AN_OBJECT, line[:EXCERPT_BYTES])
+    elif b'"version"' not in line:
+        return MalformedMessage(NO_VERSION, line[:EXCERPT_BYTES])
+    else:
         try:
-            slow = _by_version[version] if type(version) is int else None
-        except KeyError:
-            slow = None
+            version = _envelope_decoder.decode(line).version
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            return MalformedMessage(str(e), line[:EXCERPT_BYTES])
+        if version is msgspec.UNSET:
+            return MalformedMessage(NO_VERSION, line[:EXCERPT_BYTES])
+        slow = _by_version.get(version) if type(version) is int else None
         if slow is None:
-            raise UnsupportedVersion(version, bytes(line[:EXCERPT_BYTES]))
-        return slow(line)
+            return UnsupportedVersion(version, line[:EXCERPT_BYTES])
+        decoder = slow
+    try:
+        return decoder(line)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise MalformedMessage(str(e), bytes(line[:EXCERPT_BYTES])) from None
+        return MalformedMessage(str(e), line[:EXCERPT_BYTES])

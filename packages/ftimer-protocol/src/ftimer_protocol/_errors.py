@@ -44,26 +44,32 @@ class RemoteProtocolError(ProtocolError):
     """A peer sent a line that is not a valid message.
 
     Attributes:
+        reason: what was wrong.
         excerpt: up to the first 64 bytes of the offending line, for logs.
+        lines: how many consecutive lines this error stands for: 1 from ``decode()`` and
+            ``StreamDecoder``; a reader may report a run of junk lines of one kind (a
+            ``yes`` flood) as one error, with the excerpt of the first.
     """
 
-    def __init__(self, reason: str, excerpt: Optional[bytes] = None) -> None:
+    def __init__(self, reason: str, excerpt: Optional[bytes] = None, lines: int = 1) -> None:
         super().__init__(reason)
         self.reason = reason
         self.excerpt = excerpt
+        self.lines = lines
 
     def __eq__(self, other: object) -> bool:
         # Value semantics, so decoded streams can be compared in tests and dedup'd in logs.
         if type(other) is not type(self):
             return NotImplemented
         assert isinstance(other, RemoteProtocolError)
-        return (self.reason, self.excerpt) == (other.reason, other.excerpt)
+        return (self.reason, self.excerpt, self.lines) == (other.reason, other.excerpt, other.lines)
 
     def __hash__(self) -> int:
-        return hash((type(self), self.reason, self.excerpt))
+        return hash((type(self), self.reason, self.excerpt, self.lines))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.reason!r}, excerpt={self.excerpt!r})"
+        lines = f", lines={self.lines}" if self.lines != 1 else ""
+        return f"{type(self).__name__}({self.reason!r}, excerpt={self.excerpt!r}{lines})"
 
 
 class MalformedMessage(RemoteProtocolError):
@@ -73,8 +79,8 @@ class MalformedMessage(RemoteProtocolError):
 class UnsupportedVersion(RemoteProtocolError):
     """A well-formed message of a protocol version this side does not speak."""
 
-    def __init__(self, version: object, excerpt: Optional[bytes] = None) -> None:
-        super().__init__(f"unsupported protocol version {version!r}", excerpt)
+    def __init__(self, version: object, excerpt: Optional[bytes] = None, lines: int = 1) -> None:
+        super().__init__(f"unsupported protocol version {version!r}", excerpt, lines)
         self.version = version
 
 

@@ -3,18 +3,19 @@
 Many writers share one FIFO. Each valid message arrives whole (one atomic write of at
 most PIPE_BUF bytes), but a writer that dies or misbehaves can leave bytes with no
 newline in front of the next writer's message. The resynchronisation rule: a message
-starts with ``{"version"`` and, because a JSON string cannot contain an unescaped
-quote, that sequence cannot occur inside a message. So when a line does not decode, its
-last ``{"version"`` that leaves at most ``max_line`` bytes starts the only message the
-line can still hold. Everything before it costs one error, never the message.
+starts with ``{"version"``, and inside a message that sequence can only start its
+``labels`` object (a label named ``version``, whose value is a string and so never
+decodes as a message): a JSON string cannot contain an unescaped quote. So when a line
+does not decode, the only message it can still hold starts at its last or second-to-last
+``{"version"``, tried in that order. Everything before it costs one error, never the
+message.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import List, Optional, Union
 
-from ._codec import Buffer, decode
+from ._codec import Buffer, decode_value
 from ._errors import EXCERPT_BYTES, LineTooLong, RemoteProtocolError
 from ._limits import PIPE_BUF
 from ._messages import Message
@@ -45,25 +46,34 @@ def decode_line(
         overlong_excerpt: set by the stream decoder when it already dropped the start of
             this line for being too long; the excerpt is that start.
     """
-    out: List[DecodeResult] = []
     if overlong_excerpt is None and len(line) <= max_line:
         if not line.strip(_BLANK):
-            return out
-        try:
-            out.append(decode(line))
-        except RemoteProtocolError as e:
-            out.append(e)
-        else:
-            return out
+            return []
+        result = decode_value(line)
+        if not isinstance(result, RemoteProtocolError):
+            return [result]
+        out: List[DecodeResult] = [result]
     else:
         excerpt = line[:EXCERPT_BYTES] if overlong_excerpt is None else overlong_excerpt
-        out.append(LineTooLong(f"line longer than {max_line} bytes", excerpt))
-    start = line.rfind(MESSAGE_START)
-    if start > 0 and len(line) - start <= max_line:
-        # The line's error is already reported; a bad tail adds nothing to it.
-        with contextlib.suppress(RemoteProtocolError):
-            out.append(decode(line[start:]))
+        out = [LineTooLong(f"line longer than {max_line} bytes", excerpt)]
+    message = _resync(line, max_line)
+    if message is not None:
+        out.append(message)
     return out
+
+
+def _resync(line: bytes, max_line: int) -> Optional[DecodeResult]:
+    """The message the bad ``line`` ends with, if any (see the module's docstring)."""
+    end = len(line)
+    for _ in range(2):
+        start = line.rfind(MESSAGE_START, 0, end)
+        if start <= 0 or len(line) - start > max_line:
+            return None
+        result = decode_value(line[start:])
+        if not isinstance(result, RemoteProtocolError):
+            return result
+        end = start
+    return None
 
 
 class StreamDecoder:

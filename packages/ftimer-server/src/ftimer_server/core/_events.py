@@ -171,18 +171,21 @@ class Rejected(Event, frozen=True, tag="rejected"):
 
 
 class DecodeFailed(Event, frozen=True, tag="decode_failed"):
-    """A line read from the FIFO was not a valid message; it was dropped and counted.
+    """Lines read from the FIFO were not valid messages; they were dropped and counted.
 
     Attributes:
         error: the protocol error's class: ``"MalformedMessage"``, ``"LineTooLong"`` or
             ``"UnsupportedVersion"``.
         reason: what was wrong.
-        excerpt: the first bytes of the line.
+        excerpt: the first bytes of the (first) line.
+        lines: how many consecutive lines with this same error the event stands for (a
+            flood of junk is reported in runs, not line by line).
     """
 
     error: str
     reason: str
     excerpt: Optional[bytes] = None
+    lines: int = 1
 
 
 #: Every event class.

@@ -3,11 +3,15 @@
 Under load a read returns thousands of lines, nearly always all of one version from
 well-behaved writers. Such a run of whole lines is decoded by msgspec in one call
 (``decode_lines``) instead of line by line; anything unusual (a bad line, mixed versions,
-an over-long line, a partial line) goes through ``StreamDecoder``, whose results are the
-reference: the fast path only applies where it gives the same ones. One difference is
-on purpose: in a fast run, arm lines decode straight into ``Timer`` records (an ``Arm``
-subclass with the same fields), which the table keeps as they are; the slow path gives
-``Arm`` messages, which the watchdog takes too.
+an over-long line, a partial line) goes line by line through ``decode_line``, and lines
+split across reads through ``StreamDecoder``, whose results are the reference: the
+fast path only applies where it gives the same ones. Two differences are on purpose: in
+a fast run, arm lines decode straight into ``Timer`` records (an ``Arm`` subclass with
+the same fields), which the table keeps as they are (the slow path gives ``Arm``
+messages, which the watchdog takes too); and a run of consecutive lines that cannot
+hold a message at all (not a JSON object, no ``{"version"``: what ``yes`` writes) is
+reported as one error whose ``lines`` counts them, so a flood of junk costs about what
+the same number of valid lines costs, events and logs included.
 """
 
 from __future__ import annotations
@@ -22,15 +26,20 @@ from ftimer_protocol import (
     Disarm,
     DisarmAll,
     Expire,
+    RemoteProtocolError,
     StreamDecoder,
     Sync,
     TimerRequestV1,
+    decode_line,
+    decode_value,
 )
 
 from ._records import Timer
 
 __all__ = ["LineReader"]
 
+# JSON's white space, newline aside (as the stream decoder's blank lines).
+_BLANK = b" \t\r"
 # ftimer_protocol.MessageV2, with Timer in the place of Arm.
 _V2 = msgspec.json.Decoder(Union[Timer, Disarm, DisarmAll, Expire, Sync])
 _V1 = msgspec.json.Decoder(TimerRequestV1)
@@ -72,7 +81,7 @@ class LineReader:
             return head + slow(view[start:])
         body = self._fast(chunk, start, end)
         if body is None:
-            body = slow(view[start:end])
+            body = self._lines(chunk[start : end - 1])
         if head:
             body[:0] = head
         if end < len(chunk):
@@ -92,13 +101,59 @@ class LineReader:
             results: List[Any] = decoder.decode_lines(memoryview(chunk)[start:end])
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None
-        # msgspec skips blank lines (as StreamDecoder does) and would take two messages
-        # on one line. Every other line yields at least one value, so as many values as
-        # lines opening with the prefix (a newline cannot occur inside a message, so a
-        # line starts right after one) means: one message per line, all of this version.
+        # msgspec skips blank lines, takes two values on one line and one value spread
+        # over two lines. As many values as lines, and as many lines opening with the
+        # prefix, means one message per line, all of this version.
+        if chunk.count(b"\n", start, end) != len(results):
+            return None
         if chunk.count(b"\n" + prefix, start, end) != len(results) - 1:
             return None
         return results
+
+    def _lines(self, lines: bytes) -> List[DecodeResult]:
+        """Decode whole lines (newline-separated, no trailing newline) one by one; a run
+        of consecutive lines with the same error is reported as one error."""
+        out: List[DecodeResult] = []
+        max_line = self._max_line
+        run: Optional[RemoteProtocolError] = None  # the last result, if an error
+        # When ``run`` is the error of a line without "version": whether it held "{".
+        junk: Optional[bool] = None
+        last_line = b""  # the line ``run`` came from
+        for line in lines.split(b"\n"):
+            if run is not None and line == last_line:  # a flood of one line: no parse
+                run.lines += 1
+                continue
+            last_line = line
+            if len(line) <= max_line and b'"version"' not in line:
+                # No message, not even after junk: found without parsing, and a run of
+                # them of one kind (as a yes flood) costs one error value.
+                stripped = line.lstrip(_BLANK)
+                if not stripped:
+                    continue  # blank
+                kind = stripped[:1] == b"{"
+                if run is not None and junk is kind:
+                    run.lines += 1
+                    continue
+                results = [decode_value(line)]
+                junk = kind
+            else:
+                results = decode_line(line, max_line)
+                junk = None
+            first = results[0]
+            if (
+                run is not None
+                and isinstance(first, RemoteProtocolError)
+                and type(first) is type(run)
+                and first.reason == run.reason
+            ):
+                run.lines += 1
+                del results[0]
+                if not results:
+                    continue
+            out += results
+            last = results[-1]
+            run = last if isinstance(last, RemoteProtocolError) else None
+        return out
 
     def _may_hold_a_long_line(self, chunk: bytes, start: int, end: int) -> bool:
         """False if no line of ``chunk[start:end]`` is longer than ``max_line`` (newline

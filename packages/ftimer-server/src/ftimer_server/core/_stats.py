@@ -87,7 +87,7 @@ class Counters:
             self.rejections[event.reason.value] += 1
         elif t is DecodeFailed:
             assert isinstance(event, DecodeFailed)
-            self.decode_errors[event.error] += 1
+            self.decode_errors[event.error] += event.lines
         elif t is WorkerGone:
             self.workers_gone += 1
         elif t is Escalated:

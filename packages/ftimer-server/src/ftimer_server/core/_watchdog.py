@@ -145,7 +145,7 @@ class Watchdog:
             self.counters.requests["sync", "ok"] += 1
             tokens.append(m.token)
         else:
-            self._emit(DecodeFailed(type(m).__name__, m.reason, m.excerpt))
+            self._emit(DecodeFailed(type(m).__name__, m.reason, m.excerpt, m.lines))
 
     def restore(self, timers: Iterable[Timer]) -> None:
         """Arm saved timers again (a restarted daemon's state), checking each process.

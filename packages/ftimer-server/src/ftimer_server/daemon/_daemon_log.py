@@ -112,6 +112,12 @@ def describe(
             (event.request, event.pid, event.scope_id, event.reason.value, detail),
         )
     if isinstance(event, DecodeFailed):
+        if event.lines > 1:
+            return (
+                logging.WARNING,
+                "dropped %d invalid lines in a row from the FIFO: %s: %s: first %r",
+                (event.lines, event.error, event.reason, event.excerpt),
+            )
         return (
             logging.WARNING,
             "dropped an invalid line from the FIFO: %s: %s: %r",

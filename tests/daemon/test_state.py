@@ -83,13 +83,19 @@ def test_timers_saved_without_their_tag_still_load() -> None:
         b"\x00\x01garbage",
         b'{"version": 1, "boot_id": "x", "saved_at": 1.0, "timers": [{"pid": 1',  # truncated
         b'{"version": 2, "boot_id": "x", "saved_at": 1.0, "timers": []}',
-        b'{"version": 1, "boot_id": "x", "saved_at": 1.0, "timers": [{"pid": "one"}]}',
         b"[]",
     ],
 )
 def test_bad_files_raise_state_file_error(data: bytes) -> None:
     with pytest.raises(StateFileError):
         decode_state(data)
+
+
+def test_a_bad_timer_costs_only_itself() -> None:
+    good = {"op": "arm", "pid": 42, "scope_id": "s", "deadline": 1.5, "signal": 9}
+    bad = [{"pid": "one"}, {**good, "deadline": -1.0e9}, {**good, "signal": 99}, 7]
+    doc = {"version": 1, "boot_id": BOOT, "saved_at": 1.0, "timers": [*bad, good]}
+    assert decode_state(json.dumps(doc).encode()).timers == [Timer(42, "s", 1.5, 9)]
 
 
 def test_boot_id_is_read_from_the_kernel() -> None:

@@ -38,6 +38,7 @@ from ftimer_server import (
     WorkerGone,
 )
 from ftimer_server.core._watchdog import Watchdog
+from ftimer_server.daemon._state import decode_state, encode_state
 from ftimer_server.server._edge import SystemHost
 
 from .conftest import FakeInspector, Recorder
@@ -166,6 +167,18 @@ def test_v1_deadlines_are_converted_from_the_wall_clock(rig: Rig) -> None:
     assert rig.wd.armed() == []
     rig.apply(TimerRequestV1(pid=1000, scope_id="unknown", expiration_time=-1, signal=0))
     assert rig.wd.stats().requests["disarm"] == {"ok": 1, "unknown": 1}
+
+
+def test_a_v1_expiry_long_past_is_due_now_and_can_be_saved(rig: Rig) -> None:
+    # 1970 on the wall clock: before the monotonic clock's zero. Saved as it was, a
+    # negative deadline made the whole state file unreadable at the next start.
+    rig.now = 3.0
+    rig.apply(TimerRequestV1(pid=1000, scope_id="t", expiration_time=1.0, signal=9))
+    [t] = rig.wd.armed()
+    assert t.deadline == 0.0
+    assert decode_state(encode_state(rig.wd.armed(), "boot", 3.0)).timers == [t]
+    rig.at(3.0)
+    assert rig.signaller.sent == [(1000, 9)]
 
 
 def test_report_only_timers_are_reported_not_signalled(rig: Rig) -> None:

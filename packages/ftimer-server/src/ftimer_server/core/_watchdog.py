@@ -135,7 +135,9 @@ class Watchdog:
             if m.expiration_time < 0:
                 self._disarm("disarm", m.pid, m.scope_id, None)
             else:
-                deadline = now + (m.expiration_time - wall)
+                # A wall-clock time long past would make a negative monotonic deadline,
+                # outside the schema of what is saved: it is simply due now.
+                deadline = max(0.0, now + (m.expiration_time - wall))
                 self._arm("arm", m.pid, m.scope_id, deadline, m.signal, None, None)
         elif isinstance(m, DisarmAll):
             self._disarm("disarm_all", m.pid, None, m.start_time)

@@ -62,6 +62,14 @@ class StateFile(msgspec.Struct, frozen=True, kw_only=True):
     timers: List[Timer]
 
 
+class _LenientStateFile(msgspec.Struct, frozen=True, kw_only=True):
+    # As StateFile, each timer decoded on its own: one bad timer costs only itself.
+    version: int
+    boot_id: str
+    saved_at: float
+    timers: List[msgspec.Raw]
+
+
 class _Header(msgspec.Struct):
     version: int
 
@@ -72,7 +80,8 @@ class StateFileError(Exception):
 
 _encoder = msgspec.json.Encoder()
 _header_decoder = msgspec.json.Decoder(_Header)
-_decoder = msgspec.json.Decoder(StateFile)
+_decoder = msgspec.json.Decoder(_LenientStateFile)
+_timer_decoder = msgspec.json.Decoder(Timer)
 
 
 def read_boot_id(path: str = BOOT_ID_PATH) -> str:
@@ -92,7 +101,8 @@ def encode_state(timers: Iterable[Timer], boot_id: str, saved_at: float) -> byte
 
 
 def decode_state(data: bytes) -> StateFile:
-    """Parse a state file.
+    """Parse a state file. A timer that is not valid (out of the schema's bounds, say)
+    is logged and dropped; the others are kept.
 
     Raises:
         StateFileError: not JSON, truncated, wrong shape, or a version this daemon
@@ -107,9 +117,16 @@ def decode_state(data: bytes) -> StateFile:
             f"state file version {header.version} is not supported (expected {STATE_VERSION})"
         )
     try:
-        return _decoder.decode(data)
+        raw = _decoder.decode(data)
     except msgspec.DecodeError as e:
         raise StateFileError(f"invalid state file: {e}") from None
+    timers: List[Timer] = []
+    for item in raw.timers:
+        try:
+            timers.append(_timer_decoder.decode(item))
+        except msgspec.DecodeError as e:
+            log.error("state file: dropped an invalid timer (%s): %s", e, bytes(item)[:200])
+    return StateFile(version=raw.version, boot_id=raw.boot_id, saved_at=raw.saved_at, timers=timers)
 
 
 def write_state(path: str, data: bytes) -> None:

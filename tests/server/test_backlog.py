@@ -1,0 +1,97 @@
+"""A deadline is judged only against everything written before it: real FIFO, real
+children, real signals.
+
+The loop is held (a callback blocks on the first arm) while a flood of junk and then the
+workers' disarms pile up in the pipe, and the deadline passes. When it resumes, it must
+read all of that before it expires anything: the healthy workers live, the hung one is
+reaped. The same holds for everything written before ``stop()``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import threading
+import time
+
+from tests.conftest import wait_until
+
+from ftimer_protocol import Arm, Disarm, encode
+from ftimer_server import Armed, Event, FileTimerServer, Lifecycle, Reaped
+from ftimer_server.server._loop import READ_CHUNK
+
+from .conftest import send, wait_exit
+
+HEALTHY = 12
+
+
+class Gate:
+    """An ``on_event`` that holds the server's loop on the first ``Armed`` until opened."""
+
+    def __init__(self) -> None:
+        self.held = threading.Event()
+        self.open = threading.Event()
+        self.events: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if isinstance(event, Armed) and not self.held.is_set():
+            self.held.set()
+            assert self.open.wait(30)
+
+
+def test_disarms_behind_a_flood_save_the_healthy(fifo_path: pathlib.Path, children) -> None:
+    gate = Gate()
+    healthy = [children() for _ in range(HEALTHY)]
+    hung = children()
+    with FileTimerServer(fifo_path, on_event=gate) as server:
+        deadline = time.monotonic() + 0.5
+        send(
+            fifo_path,
+            *(Arm(pid=c.pid, scope_id="step", deadline=deadline, signal=9) for c in healthy),
+            Arm(pid=hung.pid, scope_id="step", deadline=deadline, signal=9),
+        )
+        assert gate.held.wait(10)  # the loop applied the arms and is held
+        fd = os.open(fifo_path, os.O_WRONLY)
+        try:
+            os.write(fd, b"y\n" * (READ_CHUNK // 2))  # what `yes > FIFO` writes
+            for child in healthy:  # each disarm well before the deadline
+                os.write(fd, encode(Disarm(pid=child.pid, scope_id="step")))
+        finally:
+            os.close(fd)
+        assert time.monotonic() < deadline
+        time.sleep(max(0.0, deadline - time.monotonic()) + 0.1)  # the deadline passes
+        gate.open.set()
+        code, _ = wait_exit(hung)
+        server.sync()
+        stats = server.stats()
+    assert code == -9
+    assert [c.poll() for c in healthy] == [None] * HEALTHY
+    assert [e.pid for e in gate.events if isinstance(e, Reaped)] == [hung.pid]
+    assert stats.decode_errors == {"MalformedMessage": READ_CHUNK // 2}
+    assert stats.requests["disarm"] == {"ok": HEALTHY}
+
+
+def test_stop_applies_everything_written_before_it(fifo_path: pathlib.Path, children) -> None:
+    gate = Gate()
+    child = children()
+    server = FileTimerServer(fifo_path, on_event=gate)
+    server.start()
+    send(fifo_path, Arm(pid=child.pid, scope_id="held", deadline=1e9, signal=9))
+    assert gate.held.wait(10)
+    # More than one read's worth of junk, then a disarm and an arm: the disarm's line is
+    # cut by the first read, and must still be applied.
+    junk = b"x" * 100 + b"\n"
+    send(
+        fifo_path,
+        Arm(pid=child.pid, scope_id="kept", deadline=1e9, signal=9),
+        raw=junk * (READ_CHUNK // len(junk) + 7),
+    )
+    send(fifo_path, Disarm(pid=child.pid, scope_id="held"))
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    wait_until(lambda: server.state is Lifecycle.STOPPING)
+    gate.open.set()  # the loop resumes only to stop: what it applies, it applies on stop
+    stopper.join(30)
+    assert [t.scope_id for t in server.armed()] == ["kept"]
+    assert child.poll() is None

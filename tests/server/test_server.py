@@ -497,6 +497,45 @@ def test_a_sync_pending_at_stop_completes(fifo_path: pathlib.Path, children) -> 
         server.sync()
 
 
+def test_a_sync_racing_stop_never_writes_into_another_file(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ftimer_server.server import _server
+
+    entered, proceed = threading.Event(), threading.Event()
+    write_all = _server._write_all
+
+    def held(fd: int, line: bytes, deadline: float) -> None:
+        entered.set()
+        assert proceed.wait(10)
+        write_all(fd, line, deadline)
+
+    monkeypatch.setattr(_server, "_write_all", held)
+    server = FileTimerServer(fifo_path)
+    server.start()
+    errors: List[BaseException] = []
+
+    def syncer() -> None:
+        try:
+            server.sync(timeout=10)
+        except BaseException as e:
+            errors.append(e)
+
+    waiting = threading.Thread(target=syncer)
+    waiting.start()
+    assert entered.wait(10)  # sync() holds its descriptor and is about to write
+    server.stop()  # closes the FIFO: its descriptor numbers are free again
+    files = [os.open(tmp_path / f"f{i}", os.O_WRONLY | os.O_CREAT) for i in range(16)]
+    try:
+        proceed.set()
+        waiting.join(10)
+    finally:
+        for fd in files:
+            os.close(fd)
+    assert [p.stat().st_size for p in tmp_path.iterdir()] == [0] * 16
+    assert [type(e) for e in errors] == [RuntimeError]
+
+
 def test_misuse_is_refused(fifo_path: pathlib.Path) -> None:
     from ftimer_server import RecordingSignaller
 

@@ -304,7 +304,10 @@ class FileTimerServer:
             # by another file) by a concurrent stop() while we wait for room to write.
             fd = os.dup(self._fifo.write_fd)
         try:
-            _write_all(fd, line, deadline)
+            try:
+                _write_all(fd, line, deadline)
+            except BrokenPipeError:  # the server closed its end: it stopped meanwhile
+                raise RuntimeError("the server stopped before the sync completed") from None
             if not done.wait(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"sync() did not complete within {timeout} s")
             with self._lock:

@@ -65,6 +65,19 @@ def interop(session: nox.Session) -> None:
 
 
 @nox.session
+def chaos(session: nox.Session) -> None:
+    """Fault injection against the real daemon in a private PID namespace (kill -9 and
+    restart, SIGSTOP, a full pipe, junk floods, writers dying mid-line, hostile pids,
+    damaged state): one table, under 5 minutes (docs/reliability.md). `-- --quick` for
+    one round. Skipped, with the reason, where unshare cannot make the namespace."""
+    install(session, *EDITABLE)
+    reason = str(session.run("python", "tests/chaos/run.py", "--probe", silent=True)).strip()
+    if reason:
+        session.skip(f"the chaos run needs a private PID namespace: {reason}")
+    session.run("python", "tests/chaos/run.py", *session.posargs, env={"PYTHONUNBUFFERED": "1"})
+
+
+@nox.session
 def build(session: nox.Session) -> None:
     """Build every wheel and sdist; check the client wheel pulls in nothing but its protocol."""
     install(session, "build>=1.0")

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 HERE = pathlib.Path(__file__).resolve()
 KINDS = ("ftimer", "torch")
@@ -49,6 +49,9 @@ def serve(kind: str, path: str) -> None:
         def armed() -> int:
             return int(server.stats().armed)
 
+        def junk() -> int:
+            return sum(server.stats().decode_errors.values())
+
     else:
         from torch.distributed.elastic.timer import FileTimerServer as TorchServer
 
@@ -69,6 +72,9 @@ def serve(kind: str, path: str) -> None:
         def armed() -> int:
             return len(server._timers)
 
+        def junk() -> int:
+            raise NotImplementedError("torch's server does not count bad lines")
+
     server.start()
     print("ready", flush=True)
     for line in sys.stdin:
@@ -78,6 +84,11 @@ def serve(kind: str, path: str) -> None:
             while count() < target and time.monotonic() < give_up:
                 time.sleep(0.0005)
             print(f"{time.monotonic()} {count()} {ok()}", flush=True)
+        elif cmd == "junk":  # until `n` invalid lines were counted (ftimer only)
+            target, give_up = int(args[0]), time.monotonic() + 60
+            while junk() < target and time.monotonic() < give_up:
+                time.sleep(0.0005)
+            print(f"{time.monotonic()} {junk()}", flush=True)
         elif cmd == "armed":
             print(armed(), flush=True)
         elif cmd == "quit":
@@ -428,6 +439,138 @@ def _reap_once(server: Server, delay: float) -> float:
     return died - deadline
 
 
+#: Kinds of junk: (what the rows call it, the line for index i).
+JUNK: Dict[str, Tuple[str, Callable[[int], bytes]]] = {
+    "yes": ("a yes flood: one line repeated (b'y')", lambda i: b"y\n"),
+    "text": ("distinct lines that are not JSON", lambda i: b"junk %d\n" % i),
+    "json": (
+        "distinct invalid messages (JSON, unknown op)",
+        lambda i: b'{"version":2,"op":"bogus","pid":%d}\n' % i,
+    ),
+}
+JUNK_BLOCK = 64 * 1024  # bytes per write(): many lines each, as `yes` writes
+
+
+def _blocks(data: bytes) -> List[bytes]:
+    """``data`` (whole lines) cut into writes of about JUNK_BLOCK bytes, at line ends."""
+    out, start = [], 0
+    while start < len(data):
+        end = data.rfind(b"\n", start, start + JUNK_BLOCK) + 1 or len(data)
+        out.append(data[start:end])
+        start = end
+    return out
+
+
+def _timed_write(server: Server, blocks: List[bytes]) -> float:
+    """Write ``blocks`` into the server's FIFO (blocking while it is full); return the
+    time the first write started."""
+    fd = os.open(server.path, os.O_WRONLY)
+    try:
+        start = time.monotonic()
+        for block in blocks:
+            view = memoryview(block)
+            while view:
+                view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    return start
+
+
+def _junk_rows(server: Server, holder: int, n: int, reps: int) -> List[Row]:
+    """ftimer's server reading ``n`` lines of each kind of junk, beside ``n`` valid lines
+    from the same writer (the target: junk costs at most twice a valid line)."""
+    start_time = _start_time(holder)
+    valid = b"".join(
+        _arm_line("ftimer", holder, f"s{i % 8}", FAR, start_time)
+        + b'{"version":2,"op":"disarm","pid":%d,"scope_id":"s%d","start_time":%d}\n'
+        % (holder, i % 8, start_time)
+        for i in range(n // 2)
+    )
+    rates: Dict[str, List[float]] = {"valid": [], **{k: [] for k in JUNK}}
+    data = {k: _blocks(b"".join(line(i) for i in range(n))) for k, (_, line) in JUNK.items()}
+    data["valid"] = _blocks(valid)
+    seen = int(server.ask("junk 0").split()[1])
+    for _ in range(reps):
+        for kind, blocks in data.items():
+            start = _timed_write(server, blocks)
+            if kind == "valid":
+                end, _ = server.wait_applied(n // 2 * 2)
+            else:
+                seen += n
+                end, count = map(float, server.ask(f"junk {seen}").split())
+                if count < seen:
+                    raise RuntimeError(f"ftimer counted {count - seen + n:.0f} of {n} bad lines")
+            rates[kind].append(n / (end - start))
+    valid_rate = statistics.median(rates["valid"])
+    return [
+        {
+            "group": "server junk",
+            "metric": f"{label}, from one writer",
+            "unit": "lines/s",
+            "ftimer": statistics.median(rates[kind]),
+            "torch": None,
+            "valid": valid_rate,
+            "better": "higher",
+            "note": (
+                f"median of {reps} runs of {n:,} lines in {JUNK_BLOCK // 1024} KiB writes; "
+                f"valid lines from the same writer in the same run: {valid_rate:,.0f}/s "
+                f"(junk costs {valid_rate / statistics.median(rates[kind]):.2f}x a valid "
+                "line); every bad line counted; torch has no counter of bad lines (one bad "
+                "line drops what it read with it)"
+            ),
+        }
+        for kind, (label, _) in JUNK.items()
+    ]
+
+
+FLOOD = b"y\n" * (512 * 1024)  # 1 MiB
+
+
+def _flood_reap(server: Server, samples: int) -> Row:
+    """Reap lateness of a worker whose deadline falls inside a 1 MiB yes flood, beside
+    the time the server takes to read the flood: the rule is that a reap waits for what
+    was written before its deadline, and no longer."""
+    blocks = _blocks(FLOOD)
+    lateness, reading = [], []
+    for _ in range(samples):
+        worker = subprocess.Popen(["sleep", "60"])
+        pidfd = os.pidfd_open(worker.pid)
+        try:
+            seen = int(server.ask("junk 0").split()[1])
+            deadline = time.monotonic() + 0.1
+            server.send([_arm_line("ftimer", worker.pid, "step", 0.1, _start_time(worker.pid))])
+            server.wait_applied(0)
+            time.sleep(max(0.0, deadline - 0.02 - time.monotonic()))  # the experiment's clock
+            start = _timed_write(server, blocks)
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            if not poller.poll(30_000):
+                raise RuntimeError("ftimer did not reap its worker during the flood")
+            died = time.monotonic()
+            end, _ = map(float, server.ask(f"junk {seen + len(FLOOD) // 2}").split())
+        finally:
+            os.close(pidfd)
+            if worker.poll() is None:
+                worker.kill()
+            worker.wait()
+        lateness.append(1000 * (died - deadline))
+        reading.append(1000 * (end - start))
+    return {
+        "group": "reap during a flood",
+        "metric": "lateness of a reap due 20 ms into a 1 MiB yes flood",
+        "unit": "ms",
+        "ftimer": statistics.median(lateness),
+        "torch": None,
+        "flood": statistics.median(reading),
+        "better": "lower",
+        "note": (
+            f"median of {samples}; the server read the flood (524,288 lines) in "
+            f"{statistics.median(reading):.1f} ms (median), so a reap may wait up to that "
+            f"minus 20 ms; worst lateness {max(lateness):.1f} ms"
+        ),
+    }
+
+
 def _load(servers: Dict[str, Server], holders: List[int], n: int, base: int) -> None:
     """Arm ``n`` more far-away timers, spread over the holder processes."""
     starts = {pid: _start_time(pid) for pid in holders}
@@ -473,6 +616,13 @@ def run(quick: bool) -> List[Row]:
                 counts = (4,) if quick and mode == "clients" else (1, 4, 16)
                 for writers in counts:
                     rows.append(_ingest(servers, writers, total, reps, mode))
+
+            for other in servers.values():
+                other.pause(other.kind != "ftimer")
+            rows += _junk_rows(
+                servers["ftimer"], holders[0].pid, 100_000 if quick else 400_000, reps
+            )
+            rows.append(_flood_reap(servers["ftimer"], 3 if quick else 9))
 
             samples = {"ftimer": 12, "torch": 5} if quick else {"ftimer": 60, "torch": 20}
             armed = 0

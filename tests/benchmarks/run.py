@@ -74,6 +74,18 @@ TARGETS = [
     # The brief asks for these at 100k armed and "independent of how many are armed".
     Target("reap latency", r"^median", "<= 2 ms", _at_most(2)),
     Target("reap latency", r"^p99", "<= 10 ms", _at_most(10)),
+    Target(
+        "server junk",
+        r"not JSON|yes flood",
+        ">= 1M lines/s and <= 2x a valid line",
+        lambda row: row["ftimer"] >= 1e6 and row["ftimer"] >= row["valid"] / 2,
+    ),
+    Target(
+        "reap during a flood",
+        r"",
+        "no later than the flood's read time",
+        lambda row: row["ftimer"] <= row["flood"],
+    ),
     Target("server idle", r"", "no busy polling (< 0.5% of a core)", _at_most(0.5)),
     Target("server memory", r"100k", "<= 50 MB", _at_most(50)),
 ]

@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import IO, Any, Dict, List, Optional
+from typing import IO, AbstractSet, Any, Dict, List, Optional
 
 from _procs import Child, DeathWatch
 
@@ -148,6 +148,21 @@ class Daemon:
             if self.status()["healthy"]:
                 return time.monotonic()
         raise DaemonDied(f"the daemon's reader did not catch up in {timeout} s")
+
+    def await_saved(self, pids: AbstractSet[int], timeout: float = 10.0) -> AbstractSet[int]:
+        """Wait until the state file holds a timer of each of ``pids`` (the daemon saves
+        within 100 ms of a change); return those still missing after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(self.state_file, "rb") as f:
+                    saved = {t["pid"] for t in json.loads(f.read())["timers"]}
+            except (OSError, ValueError):
+                saved = set()
+            missing = pids - saved
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.01)
 
     def kill(self) -> float:
         """``kill -9`` the daemon; return when it died. Call `checkpoint` first."""

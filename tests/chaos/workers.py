@@ -1,10 +1,10 @@
 """The processes of a chaos run, one role per sub-command (``python workers.py ROLE ...``).
 
-- ``healthy FIFO``: loops short ``expires`` blocks until its stdin closes, then prints a
-  JSON summary (blocks done, outage warnings, exceptions) and exits 0: the proof that it
-  stayed alive to the end.
-- ``quiet FIFO``: one ``expires`` block per line of stdin (the line is ``after``), then
-  writes nothing: a worker between two steps, for faults that hit just after a disarm.
+- ``healthy FIFO``: loops short ``expires`` blocks until its stdin closes, printing a
+  JSON summary (blocks done, outage warnings, exceptions) every second and at the end,
+  then exits 0: the proof that it stayed alive to the end.
+- ``quiet FIFO``: arms and disarms when told on stdin, and writes nothing in between: a
+  worker between two steps, for faults that hit just after a disarm.
 - ``hung FIFO``: reads ``after`` from stdin, arms a timer and sleeps forever; it must be
   reaped. Prints the earliest its deadline can be.
 - ``canary N``: a process with N extra threads that never arms anything; it must survive.
@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import select
 import signal
 import sys
 import threading
@@ -32,6 +33,8 @@ from ftimer_client import FileTimerClient, ServerUnavailableWarning, configure, 
 #: Seconds a healthy block's timer gives it; its work takes at most WORK seconds.
 BLOCK_AFTER = 2.0
 WORK = 0.03
+#: Seconds between two summaries of a healthy worker.
+REPORT_EVERY = 1.0
 
 
 class Tally:
@@ -55,6 +58,13 @@ class Tally:
     def error(self, e: BaseException) -> None:
         with self._lock:
             self.errors.append(repr(e)[:200])
+
+    def summary(self) -> str:
+        """The counts so far, as one JSON line."""
+        with self._lock:
+            return json.dumps(
+                {"blocks": self.blocks, "warnings": self.warnings, "errors": self.errors}
+            )
 
 
 def count_warnings(tally: Tally) -> None:
@@ -99,31 +109,40 @@ def healthy(fifo: str, protocol: int, threads: int, labels: Optional[Dict[str, s
         t.start()
     started.wait()
     say("ready")
-    sys.stdin.buffer.read()  # until the harness closes it
+    # Until the harness closes stdin, a summary every second: a worker killed later
+    # has still told what it saw.
+    while not select.select([sys.stdin], [], [], REPORT_EVERY)[0] or os.read(0, 4096):
+        say(tally.summary())
     stop.set()
     for t in workers:
         t.join()
     client.close()
-    say(json.dumps({"blocks": tally.blocks, "warnings": tally.warnings, "errors": tally.errors}))
+    say(tally.summary())
     return 0
 
 
 def quiet(fifo: str) -> int:
-    """One block per stdin line; print ``done LATEST`` after it, LATEST being the latest
-    its timer's deadline can be."""
+    """Obey stdin: ``arm AFTER`` arms scope "quiet" and prints ``armed LATEST`` (the
+    latest its deadline can be), ``disarm`` disarms it and prints ``disarmed``. Between
+    commands it writes nothing."""
     tally = Tally()
     count_warnings(tally)
-    configure(FileTimerClient(fifo, on_unavailable="warn"))
+    client = FileTimerClient(fifo, on_unavailable="warn")
     say("ready")
     for line in sys.stdin:
-        after = float(line)
+        command, *args = line.split()
         try:
-            with expires(after=after, scope="quiet"):
-                pass
+            if command == "arm":
+                client.arm("quiet", float(args[0]))
+                say(f"armed {time.monotonic() + float(args[0])!r}")
+            else:
+                client.release("quiet")
+                say("disarmed")
         except Exception as e:
             tally.error(e)
-        say(f"done {time.monotonic() + after!r}")
-    say(json.dumps({"blocks": 0, "warnings": tally.warnings, "errors": tally.errors}))
+            say(f"error {e!r}")
+    client.close()
+    say(tally.summary())
     return 0
 
 

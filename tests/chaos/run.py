@@ -7,8 +7,8 @@
 The run needs a private PID namespace, its safety net: the harness sends the daemon
 requests to signal pid 1, process groups, its own threads and others, and should the
 daemon obey, only processes of the run can be hit. So this script re-runs itself as the
-namespace's pid 1 (``unshare --pid --fork --mount-proc``; root, or a kernel that lets this
-user create namespaces) and refuses to run the scenario anywhere else. Where unshare is
+namespace's pid 1 (``unshare --pid --fork --mount-proc``, plus ``--map-root-user`` for
+a user other than root) and refuses to run the scenario anywhere else. Where unshare is
 missing or fails, the run is skipped with the reason. When pid 1 exits, the kernel kills
 whatever is left in the namespace, so nothing outlives the run.
 
@@ -30,7 +30,11 @@ from types import FrameType
 from typing import List, Optional
 
 #: The namespace, and the harness as its pid 1, killed if unshare itself is killed.
+#: Another user than root gets a user namespace too, where it is root (if the kernel
+#: lets unprivileged users make them).
 UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+if os.geteuid() != 0:
+    UNSHARE.insert(1, "--map-root-user")
 #: Hard limit on the whole run, on top of the scenario's own time budget.
 HARD_LIMIT = 300
 
@@ -48,7 +52,7 @@ def probe() -> Optional[str]:
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"unshare failed: {e}"
     if result.returncode != 0:
-        return f"unshare --pid --fork --mount-proc failed: {result.stderr.strip()}"
+        return f"{' '.join(UNSHARE)} failed: {result.stderr.strip()}"
     return None
 
 

@@ -13,8 +13,10 @@ from ftimer_server.daemon._config import (
     DEFAULT_GRACE,
     ConfigError,
     DaemonConfig,
+    ascii_int,
     load_config_file,
     parse_address,
+    parse_group,
     parse_mode,
     parse_signal,
     resolve_config,
@@ -156,13 +158,103 @@ def test_parse_address_rejects(value: str) -> None:
         ({"signal": "SIGNOPE"}, "unknown signal"),
         ({"signal": "0"}, "out of range"),
         ({"signal": 32}, "not a signal of this platform"),
-        ({"allow_uids": [-1]}, "allow-uids"),
-        ({"fifo_group": "no-such-group-ftimer"}, "unknown group"),
+        ({"allow_uids": [-1]}, "--allow-uid: "),
+        ({"fifo_group": "no-such-group-ftimer"}, "--fifo-group: unknown group"),
+        ({"fifo_group": -1}, "not a gid"),
+        ({"metrics_address": "host:70000"}, "port 70000 is out of range 0..65535"),
+        ({"metrics_address": "host:http"}, "has no port number"),
     ],
 )
 def test_invalid_values(cli: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         resolve_config(cli, environ={})
+
+
+# "\u00b2" ("²") is a digit to str.isdigit() but int() refuses it; "\u0662" (Arabic-Indic
+# two) is one that int() accepts. Neither is a number in a config file or an option.
+SUPERSCRIPT_TWO = "\u00b2"
+ARABIC_TWO = "\u0662"
+
+
+@pytest.mark.parametrize("text", [SUPERSCRIPT_TWO, ARABIC_TWO, "1" + SUPERSCRIPT_TWO])
+def test_non_ascii_digits_are_not_numbers_to_any_parser(text: str) -> None:
+    with pytest.raises(ConfigError, match="unknown signal"):
+        parse_signal(text)
+    with pytest.raises(ConfigError, match="not an octal mode"):
+        parse_mode(text)
+    with pytest.raises(ConfigError, match="unknown group"):
+        parse_group(text)
+    with pytest.raises(ConfigError, match="has no port number"):
+        parse_address(text)
+    with pytest.raises(ConfigError, match="has no port number"):
+        parse_address("127.0.0.1:" + text)
+    assert ascii_int(text) is None
+    assert ascii_int(" 42 ") == 42
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("signal", f'"{SUPERSCRIPT_TWO}"', "unknown signal"),
+        ("allow-signals", f'["{SUPERSCRIPT_TWO}"]', "unknown signal"),
+        ("fifo-group", f'"{SUPERSCRIPT_TWO}"', "unknown group"),
+        ("fifo-mode", f'"{SUPERSCRIPT_TWO}"', "not an octal mode"),
+        ("metrics-address", f'"{SUPERSCRIPT_TWO}"', "has no port number"),
+        ("max-timers", f'"{SUPERSCRIPT_TWO}"', "Expected `int | null`, got `str`"),
+        ("max-timers-per-pid", f'"{SUPERSCRIPT_TWO}"', "Expected `int | null`, got `str`"),
+        ("allow-uids", f'["{SUPERSCRIPT_TWO}"]', "Expected `int`, got `str`"),
+    ],
+)
+def test_non_ascii_digits_in_the_config_file_are_config_errors(
+    tmp_path: pathlib.Path, key: str, value: str, message: str
+) -> None:
+    path = write(tmp_path, f"{key} = {value}\n")
+    with pytest.raises(ConfigError) as info:
+        resolve_config({}, load_config_file(path), environ={}, config_file=path)
+    assert message in str(info.value)
+    assert path in str(info.value)  # the error names the file
+    assert key in str(info.value)  # and the key
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("allow-uids", "allows no user's timers"),
+        ("allow-signals", "allows no signal (only report-only timers)"),
+    ],
+)
+def test_an_empty_allow_list_fails_closed(tmp_path: pathlib.Path, key: str, message: str) -> None:
+    path = write(tmp_path, f"{key} = []\n")
+    with pytest.raises(ConfigError) as info:
+        resolve_config({}, load_config_file(path), environ={}, config_file=path)
+    assert str(info.value).startswith(f"config file {path}: {key}: an empty list")
+    assert message in str(info.value)
+    # The same from a caller passing the settings directly (argparse cannot: the options
+    # are repeatable, so they are absent or hold at least one value).
+    with pytest.raises(ConfigError, match="an empty list"):
+        resolve_config({key.replace("-", "_"): []}, environ={})
+
+
+def test_file_errors_name_the_file_and_the_key_command_line_errors_the_option(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = write(tmp_path, 'fifo-group = "no-such-group-ftimer"\ngrace = -1.0\n')
+    file = load_config_file(path)
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"grace": 1.0}, file, environ={}, config_file=path)
+    assert str(info.value).startswith(f"config file {path}: fifo-group: unknown group")
+    assert "the group must exist" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"fifo_group": "4242"}, file, environ={}, config_file=path)
+    assert str(info.value) == f"config file {path}: grace: -1.0 must be between 0 and 86400 seconds"
+    with pytest.raises(ConfigError, match=r"^--grace: -2.0 must be between 0 and 86400"):
+        resolve_config({"grace": -2.0, "fifo_group": "4242"}, file, environ={})
+
+
+def test_a_decimal_fifo_mode_in_toml_is_explained(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "fifo-mode = 660\n")
+    with pytest.raises(ConfigError, match=r'decimal number: write the octal mode as "0660"'):
+        resolve_config({}, load_config_file(path), environ={}, config_file=path)
 
 
 def test_group_by_name_or_number() -> None:

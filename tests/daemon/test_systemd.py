@@ -78,6 +78,9 @@ def test_unreachable_socket_is_not_an_error(
         ({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "999"}, None),  # another process's
         ({"WATCHDOG_USEC": "0"}, None),
         ({"WATCHDOG_USEC": "soon"}, None),
+        # Digits to str.isdigit() but not to int(): ignored, never a crash.
+        ({"WATCHDOG_USEC": "\u00b2"}, None),
+        ({"WATCHDOG_USEC": "\u0662000000"}, None),
     ],
 )
 def test_watchdog_environment(env: dict[str, str], interval: float | None) -> None:

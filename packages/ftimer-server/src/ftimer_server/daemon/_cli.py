@@ -22,6 +22,7 @@ from ftimer_server._version import __version__
 from ._config import (
     ConfigError,
     FileSettings,
+    ascii_int,
     load_config_file,
     resolve_config,
     signal_label,
@@ -31,6 +32,22 @@ from ._daemon import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_daemon
 from ._logging import LOG_FORMATS, LOG_LEVELS
 
 __all__ = ["format_status", "main"]
+
+
+def _number(text: str) -> int:
+    number = ascii_int(text)
+    if number is None:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return number
+
+
+def _seconds(text: str) -> float:
+    try:
+        if not text.isascii():
+            raise ValueError(text)
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,8 +78,20 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the watchdog in the foreground until SIGTERM or SIGINT. "
         "SIGHUP reopens the log file and reloads the config file.",
     )
-    run.add_argument("--fifo-mode", metavar="MODE", help="octal mode of a new FIFO (0600)")
-    run.add_argument("--fifo-group", metavar="GROUP", help="group of a new FIFO (name or gid)")
+    run.add_argument(
+        "--fifo-mode",
+        metavar="MODE",
+        help="octal permissions of the FIFO, set at every start (a reused FIFO too); "
+        "default 0600: only the daemon's user writes; 0620 with --fifo-group: the group "
+        "writes too. Never let others write (0622, 0666): anyone who can write the FIFO "
+        "can have the workers it names signalled",
+    )
+    run.add_argument(
+        "--fifo-group",
+        metavar="GROUP",
+        help="group (an existing name, or a gid) given to the FIFO and to a directory the "
+        "daemon manages, at every start",
+    )
     run.add_argument(
         "--signal",
         metavar="SIG",
@@ -71,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--grace",
-        type=float,
+        type=_seconds,
         metavar="SECONDS",
         help="time a worker signalled with anything but SIGKILL has to exit before "
         "SIGKILL (default: 10 with --signal, else no escalation)",
@@ -81,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--state-interval",
-        type=float,
+        type=_seconds,
         metavar="SECONDS",
         help="longest delay between a change and its save, and shortest between two "
         "saves (default: 0.1)",
@@ -89,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--allow-uid",
         dest="allow_uids",
-        type=int,
+        type=_number,
         action="append",
         metavar="UID",
         help="only accept timers of processes of this uid (repeatable; default: any user)",
@@ -107,9 +136,9 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="only accept timers of processes descended from the daemon",
     )
-    run.add_argument("--max-timers", type=int, metavar="N", help="cap on armed timers")
+    run.add_argument("--max-timers", type=_number, metavar="N", help="cap on armed timers")
     run.add_argument(
-        "--max-timers-per-pid", type=int, metavar="N", help="cap on one process's timers"
+        "--max-timers-per-pid", type=_number, metavar="N", help="cap on one process's timers"
     )
     run.add_argument(
         "--dry-run",

@@ -27,7 +27,7 @@ import os
 import signal as signal_module
 import sys
 from collections.abc import Mapping
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import msgspec
 
@@ -43,6 +43,7 @@ else:  # pragma: no cover - exercised on 3.9 / 3.10 only
 
 __all__ = [
     "DEFAULT_GRACE",
+    "ascii_int",
     "ConfigError",
     "DaemonConfig",
     "FileSettings",
@@ -157,24 +158,38 @@ def load_config_file(path: str) -> FileSettings:
         raise ConfigError(f"config file {path}: {e}") from None
 
 
+def ascii_int(text: str) -> Optional[int]:
+    """``"42"`` -> 42; None for anything but ASCII digits.
+
+    ``str.isdigit()`` is true for ``"²"`` and ``int()`` accepts ``"٤٢"`` and ``"4_2"``:
+    a setting is read as a number only when it is written as one in plain ASCII.
+    """
+    text = text.strip()
+    if text.isascii() and text.isdecimal():
+        return int(text)
+    return None
+
+
 def parse_signal(value: Union[int, str]) -> int:
     """``9``, ``"9"``, ``"KILL"``, ``"SIGKILL"`` or ``"sigkill"`` -> 9.
 
     Raises:
         ConfigError: not a signal known on this platform.
     """
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, int):
-        if 1 <= value <= MAX_SIGNAL:
-            return value
-        raise ConfigError(f"signal {value} is out of range 1..{MAX_SIGNAL}")
-    name = value.strip().upper()
-    name = name if name.startswith("SIG") else "SIG" + name
-    sig = getattr(signal_module.Signals, name, None) if name.isidentifier() else None
-    if sig is None:
-        raise ConfigError(f"unknown signal {value!r}")
-    return int(sig)
+    if isinstance(value, str):
+        number = ascii_int(value)
+        if number is None:
+            name = value.strip().upper()
+            name = name if name.startswith("SIG") else "SIG" + name
+            known = name.isascii() and name.isidentifier()
+            sig = getattr(signal_module.Signals, name, None) if known else None
+            if sig is None:
+                raise ConfigError(f"unknown signal {value!r} (a name like SIGTERM, or a number)")
+            return int(sig)
+        value = number
+    if 1 <= value <= MAX_SIGNAL:
+        return value
+    raise ConfigError(f"signal {value} is out of range 1..{MAX_SIGNAL}")
 
 
 def signal_label(num: int) -> str:
@@ -196,10 +211,15 @@ def parse_mode(value: Union[int, str]) -> int:
     if isinstance(value, str):
         text = value.strip().lower()
         text = text[2:] if text.startswith("0o") else text
-        try:
-            value = int(text, 8)
-        except ValueError:
-            raise ConfigError(f"FIFO mode {value!r} is not an octal mode like 0660") from None
+        if not text or any(c not in "01234567" for c in text):
+            raise ConfigError(f"FIFO mode {value!r} is not an octal mode like 0660")
+        value = int(text, 8)
+    elif value > 0o777 and set(str(value)) <= set("01234567") and int(str(value), 8) <= 0o777:
+        # TOML reads `fifo-mode = 660` as the decimal number 660 (0o1224).
+        raise ConfigError(
+            f'FIFO mode {value} is a decimal number: write the octal mode as "0{value}" '
+            f"or 0o{value}"
+        )
     if not 0 <= value <= 0o777:
         raise ConfigError(f"FIFO mode {value:#o} is not a permission mode (0..0777)")
     if value & 0o600 != 0o600:
@@ -207,18 +227,30 @@ def parse_mode(value: Union[int, str]) -> int:
     return value
 
 
+#: The largest gid: (gid_t)-1 means "leave unchanged" to chown(), so it is not a group.
+_MAX_GID = 2**32 - 2
+
+
 def parse_group(value: Union[int, str]) -> int:
     """A group name or number -> gid.
 
     Raises:
-        ConfigError: no such group.
+        ConfigError: no such group name, or a number that is not a gid.
     """
-    if isinstance(value, int) or value.isdigit():
-        return int(value)
+    number = value if isinstance(value, int) else ascii_int(value)
+    if number is not None:
+        if not 0 <= number <= _MAX_GID:
+            raise ConfigError(f"group {number} is not a gid (0..{_MAX_GID})")
+        return number
+    assert isinstance(value, str)
     try:
         return grp.getgrnam(value).gr_gid
     except KeyError:
-        raise ConfigError(f"unknown group {value!r}") from None
+        raise ConfigError(
+            f"unknown group {value!r}: the group must exist before the daemon starts "
+            f"(create it, e.g. `groupadd {value}`, and put the workers' users in it), "
+            "or give a gid"
+        ) from None
 
 
 def parse_address(value: str) -> Tuple[str, int]:
@@ -228,15 +260,20 @@ def parse_address(value: str) -> Tuple[str, int]:
     when asked for explicitly.
 
     Raises:
-        ConfigError: no valid port.
+        ConfigError: no port number, or one out of range.
     """
-    host, sep, port = value.strip().rpartition(":")
+    host, sep, port_text = value.strip().rpartition(":")
     if not sep:
-        host, port = "", value.strip()
+        host, port_text = "", value.strip()
     host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"metrics address {value!r} needs a port, like 127.0.0.1:9464")
-    return host, int(port)
+    port = ascii_int(port_text)
+    if port is None:
+        raise ConfigError(
+            f"metrics address {value!r} has no port number: give [HOST:]PORT, like 127.0.0.1:9464"
+        )
+    if port > 65535:
+        raise ConfigError(f"metrics address {value!r}: port {port} is out of range 0..65535")
+    return host, port
 
 
 def control_socket_for(fifo: str) -> str:
@@ -257,70 +294,114 @@ def resolve_config(
         file: the config file's settings, if any.
         environ: for ``FTIMER_FIFO`` / ``TORCHELASTIC_TIMER_FILE`` and the default
             path's ``XDG_RUNTIME_DIR``; ``os.environ`` by default.
-        config_file: recorded in the config for reloads.
+        config_file: the file ``file`` was read from: named in errors, recorded in the
+            config for reloads.
 
     Raises:
-        ConfigError: a value is invalid.
+        ConfigError: a value is invalid; the message names the option or the file and
+            key it came from.
     """
     env = os.environ if environ is None else environ
     merged: Dict[str, Any] = {}
+    origin: Dict[str, str] = {}
     for name in SETTING_NAMES:
+        key = name.replace("_", "-")
         value = cli.get(name)
+        origin[name] = f"--{_OPTION.get(name, key)}"
         if value is None and file is not None:
             value = getattr(file, name)
+            origin[name] = f"config file {config_file or '(unnamed)'}: {key}"
         merged[name] = value
+
+    def check(name: str, parse: Callable[[Any], Any]) -> Any:
+        """``parse`` the merged value (None stays None); errors name where it came from."""
+        if merged[name] is None:
+            return None
+        try:
+            return parse(merged[name])
+        except ConfigError as e:
+            raise ConfigError(f"{origin[name]}: {e}") from None
 
     from_env = next((env[name] for name in FIFO_ENV if env.get(name)), None)
     fifo = merged["fifo"] or from_env or default_fifo_path(environ=env)
     fifo = os.path.abspath(fifo)
-    signal = None if merged["signal"] is None else parse_signal(merged["signal"])
-    if signal is not None and signal not in signal_module.valid_signals():
-        raise ConfigError(f"signal {signal} is not a signal of this platform")
-    grace = merged["grace"]
-    if grace is not None and not 0 <= grace <= 86400:
-        raise ConfigError(f"grace {grace} must be between 0 and 86400 seconds")
+    signal = check("signal", _platform_signal)
+    grace = check("grace", lambda v: _within(v, 0, 86400, "seconds"))
     if grace is None and signal is not None and signal != signal_module.SIGKILL:
         grace = DEFAULT_GRACE  # a worker that ignores the signal must not outlive its reap
-    state_interval = 0.1 if merged["state_interval"] is None else merged["state_interval"]
-    if not 0.01 <= state_interval <= 60:
-        raise ConfigError(f"state-interval {state_interval} must be between 0.01 and 60 seconds")
+    state_interval = check("state_interval", lambda v: _within(v, 0.01, 60, "seconds"))
     for name in ("max_timers", "max_timers_per_pid"):
-        if merged[name] is not None and merged[name] < 1:
-            raise ConfigError(f"{name.replace('_', '-')} {merged[name]} must be at least 1")
-    log_format = (merged["log_format"] or "text").lower()
-    if log_format not in LOG_FORMATS:
-        raise ConfigError(f"log format {log_format!r} is not one of {', '.join(LOG_FORMATS)}")
-    log_level = (merged["log_level"] or "info").lower()
-    if log_level not in LOG_LEVELS:
-        raise ConfigError(f"log level {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-    uids = merged["allow_uids"]
-    if uids is not None and any(u < 0 for u in uids):
-        raise ConfigError(f"allow-uids {uids} must be non-negative")
-
-    def opt(name: str, parse: Any) -> Any:
-        return None if merged[name] is None else parse(merged[name])
+        check(name, lambda v: _within(v, 1, None, "timers"))
+    log_format = check("log_format", lambda v: _choice(v, LOG_FORMATS, "log format"))
+    log_level = check("log_level", lambda v: _choice(v, LOG_LEVELS, "log level"))
 
     def path(name: str) -> Optional[str]:
         return None if merged[name] is None else os.path.abspath(merged[name])
 
     return DaemonConfig(
         fifo=fifo,
-        fifo_mode=parse_mode(merged["fifo_mode"]) if merged["fifo_mode"] is not None else 0o600,
-        fifo_group=opt("fifo_group", parse_group),
+        fifo_mode=0o600 if merged["fifo_mode"] is None else check("fifo_mode", parse_mode),
+        fifo_group=check("fifo_group", parse_group),
         control_socket=path("control_socket") or control_socket_for(fifo),
         signal=signal,
         grace=grace,
         state_file=path("state_file"),
-        state_interval=state_interval,
-        allow_uids=None if uids is None else frozenset(uids),
-        allow_signals=opt("allow_signals", lambda v: frozenset(parse_signal(x) for x in v)),
+        state_interval=0.1 if state_interval is None else state_interval,
+        allow_uids=check("allow_uids", _uids),
+        allow_signals=check("allow_signals", _signals),
         descendants_only=bool(merged["descendants_only"]),
         max_timers=merged["max_timers"],
         max_timers_per_pid=merged["max_timers_per_pid"],
         dry_run=bool(merged["dry_run"]),
-        log_format=log_format,
-        log_level=log_level,
+        log_format=log_format or "text",
+        log_level=log_level or "info",
         log_file=path("log_file"),
-        metrics_address=opt("metrics_address", parse_address),
+        metrics_address=check("metrics_address", parse_address),
         config_file=config_file,
     )
+
+
+#: Settings whose command-line option is not the setting's name (repeatable options).
+_OPTION = {"allow_uids": "allow-uid", "allow_signals": "allow-signal"}
+
+
+def _platform_signal(value: Union[int, str]) -> int:
+    sig = parse_signal(value)
+    if sig not in signal_module.valid_signals():
+        raise ConfigError(f"signal {sig} is not a signal of this platform")
+    return sig
+
+
+def _within(value: float, low: float, high: Optional[float], unit: str) -> float:
+    if not low <= value or (high is not None and not value <= high):
+        bounds = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+        raise ConfigError(f"{value} must be {bounds} {unit}")
+    return value
+
+
+def _choice(value: str, choices: Tuple[str, ...], what: str) -> str:
+    if value.lower() not in choices:
+        raise ConfigError(f"{what} {value!r} is not one of {', '.join(choices)}")
+    return value.lower()
+
+
+def _uids(values: List[int]) -> FrozenSet[int]:
+    # Fail closed, loudly: an empty list would let the daemon start and accept nobody's
+    # timers; "any user" is said by leaving the setting out, never by an empty list.
+    if not values:
+        raise ConfigError(
+            "an empty list allows no user's timers: leave it out to allow every user, or "
+            "list the uids whose workers may hold timers"
+        )
+    if any(u < 0 for u in values):
+        raise ConfigError(f"{values} must be non-negative uids")
+    return frozenset(values)
+
+
+def _signals(values: List[Union[int, str]]) -> FrozenSet[int]:
+    if not values:
+        raise ConfigError(
+            "an empty list allows no signal (only report-only timers): leave it out to "
+            "allow every signal, or list the signals timers may ask for"
+        )
+    return frozenset(_platform_signal(v) for v in values)

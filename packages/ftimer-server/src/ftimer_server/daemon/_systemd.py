@@ -58,7 +58,9 @@ class SystemdNotifier:
         raw = env.get("WATCHDOG_USEC", "")
         watchdog_pid = env.get("WATCHDOG_PID", "")
         me = os.getpid() if pid is None else pid
-        if raw.isdigit() and int(raw) > 0 and (not watchdog_pid or watchdog_pid == str(me)):
+        # isdecimal and isascii: "²".isdigit() is true, and int() refuses it.
+        is_number = raw.isascii() and raw.isdecimal()
+        if is_number and int(raw) > 0 and (not watchdog_pid or watchdog_pid == str(me)):
             usec = int(raw)
         return cls(address, usec)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import stat
 import subprocess
@@ -16,6 +17,7 @@ from typing import Callable
 import pytest
 from tests.conftest import ARMER, wait_until
 
+from ftimer_protocol import Arm, Disarm, encode
 from ftimer_server.daemon._state import decode_state
 
 from .conftest import PATIENCE, PYTHON, DaemonProcess, Worker
@@ -426,12 +428,23 @@ def test_metrics_without_the_extra_is_a_usage_error(short_dir: pathlib.Path) -> 
         (["run", "--signal", "0"], "out of range"),
         (["run", "--bogus"], "unrecognized arguments"),
         ([], "required"),
+        # "\u00b2" ("²") passes str.isdigit() but not int(): a clear error, never a crash.
+        (["run", "--signal", "\u00b2"], "--signal: unknown signal"),
+        (["run", "--allow-signal", "\u00b2"], "--allow-signal: unknown signal"),
+        (["run", "--fifo-group", "\u00b2"], "--fifo-group: unknown group"),
+        (["run", "--fifo-mode", "\u00b2"], "--fifo-mode: FIFO mode"),
+        (["run", "--metrics-address", "\u00b2"], "has no port number"),
+        (["run", "--metrics-address", "70000"], "port 70000 is out of range"),
+        (["run", "--allow-uid", "\u00b2"], "--allow-uid: not a whole number"),
+        (["run", "--max-timers", "\u0662"], "--max-timers: not a whole number"),
+        (["run", "--grace", "\u0662"], "--grace: not a number of seconds"),
     ],
 )
 def test_bad_options_exit_2(args: list[str], message: str) -> None:
     result = run_cli(*args)
     assert result.returncode == 2
     assert message in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -440,14 +453,23 @@ def test_bad_options_exit_2(args: list[str], message: str) -> None:
         ('fifo = "/x"\nfifo-mod = "0600"\n', "unknown field `fifo-mod`"),
         ('signal = "SIGNOPE"\n', "unknown signal 'SIGNOPE'"),
         ("signal = 99\n", "out of range"),
+        ('signal = "\u00b2"\n', "signal: unknown signal"),
+        ('fifo-group = "\u00b2"\n', "fifo-group: unknown group"),
+        ('metrics-address = "\u00b2"\n', "metrics-address: metrics address"),
+        ('max-timers = "\u00b2"\n', "at `$.max-timers`"),
+        ("allow-uids = []\n", "allow-uids: an empty list allows no user's timers"),
+        ("allow-signals = []\n", "allow-signals: an empty list allows no signal"),
     ],
 )
 def test_bad_config_file_exit_2(short_dir: pathlib.Path, text: str, message: str) -> None:
     config = short_dir / "ftimer.toml"
     config.write_text(text)
-    result = run_cli("run", "--config", str(config))
+    result = run_cli("run", "--config", str(config), "--fifo", str(short_dir / "timer.fifo"))
     assert result.returncode == 2
     assert message in result.stderr
+    assert str(config) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (short_dir / "timer.fifo").exists()  # refused before anything was made
 
 
 def test_config_file_with_command_line_override(spawn: Spawn, short_dir: pathlib.Path) -> None:
@@ -484,20 +506,44 @@ def test_sighup_reopens_the_log_and_reloads_the_config(
 
 
 def test_a_flood_of_bad_input_is_logged_a_few_times_with_a_count(spawn: Spawn) -> None:
-    d = spawn().ready()
+    # Lines that differ each time (a new excerpt, another pid) are one kind of line: they
+    # are held back after a burst like identical ones. Timers ask for SIGKILL while only
+    # SIGTERM is allowed, so they are refused before any process is looked at, and the
+    # disarms between the junk lines (which keep each junk line a run of its own) name a
+    # pid with no timers: nothing here can signal anything.
+    d = spawn("--allow-signal", "SIGTERM").ready()
+    n = 200
+    lines = []
+    for i in range(n):
+        lines.append(b"junk %d\n" % i)
+        lines.append(encode(Disarm(pid=2, scope_id="none")))
+        lines.append(encode(Arm(pid=100_000 + i, scope_id="s", deadline=1e6, signal=9)))
     fd = os.open(d.fifo, os.O_WRONLY | os.O_NONBLOCK)
     try:
-        for _ in range(20):
-            os.write(fd, b"this is not json\n" * 50)
+        for i in range(0, len(lines), 30):
+            os.write(fd, b"".join(lines[i : i + 30]))
     finally:
         os.close(fd)
-    wait_until(lambda: d.status()["stats"]["decode_errors"].get("MalformedMessage") == 1000)
+
+    def counted() -> bool:
+        stats = d.status()["stats"]
+        return (
+            stats["decode_errors"].get("MalformedMessage") == n
+            and stats["rejections"].get("signal_not_allowed") == n
+        )
+
+    wait_until(counted, what="every line read")
     assert d.stop() == 0
-    bad = [r for r in d.records() if r.get("event") == "decode_failed"]
-    assert len(bad) == 4  # three lines, then one summary at shutdown
-    assert "repeated" not in bad[2]["msg"]
-    assert "[repeated 997 more times in" in bad[3]["msg"]
-    assert bad[3]["repeated"] == 997
+    records = d.records()
+    for event, last in (("decode_failed", "b'junk 199'"), ("rejected", "pid 100199 ")):
+        lines_of_kind = [r for r in records if r.get("event") == event]
+        assert len(lines_of_kind) == 11  # a burst of ten, then one summary (at shutdown)
+        assert not any("more like this" in r["msg"] for r in lines_of_kind[:10])
+        summary = lines_of_kind[10]
+        assert re.search(rf" \[{n - 10} more like this in \d+\.\d s\]$", summary["msg"])
+        assert last in summary["msg"]  # it quotes the last line held back
+        assert summary["suppressed"] == n - 10
+        assert summary["ts"] >= lines_of_kind[9]["ts"]
 
 
 def test_version() -> None:

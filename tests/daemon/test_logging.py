@@ -5,10 +5,18 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import pathlib
+import select
+import signal
+import threading
+import time
 
 import pytest
+from tests.conftest import wait_until
 
+from ftimer_server.daemon._config import DaemonConfig
+from ftimer_server.daemon._daemon import Daemon
 from ftimer_server.daemon._logging import JsonFormatter, LoggingSetup, RepeatFilter
 
 
@@ -30,38 +38,100 @@ def test_repeat_filter_lets_a_burst_through_then_counts() -> None:
     passed = [f.filter(record("bad line from %s", "fifo")) for _ in range(10)]
     assert passed == [True] * 3 + [False] * 7
     assert f.suppressed_total == 7
-    # A different message is not affected by the flood.
-    assert f.filter(record("bad line from %s", "elsewhere"))
+    # Another kind of line (another format string) is not affected by the flood.
+    assert f.filter(record("another line from %s", "fifo"))
     assert f.next_flush() == pytest.approx(110.0)
     assert f.flush() == []  # the window has not ended yet
     clock.now = 110.0
     (summary,) = f.flush()
-    assert summary.getMessage() == "bad line from fifo [repeated 7 more times in 10.0 s]"
+    assert summary.getMessage() == "bad line from fifo [7 more like this in 10.0 s]"
     assert summary.levelno == logging.WARNING
+    assert summary.suppressed == 7
     assert f.next_flush() is None
     # A new window starts clean.
     assert f.filter(record("bad line from %s", "fifo"))
 
 
-def test_repeat_filter_summarises_when_the_message_comes_back_after_its_window() -> None:
+def test_repeat_filter_holds_back_distinct_lines_of_one_kind() -> None:
+    # A worker writing junk that differs on every line (another excerpt), or refused
+    # requests naming another pid each time: one format string, many messages.
+    clock = FakeClock()
+    f = RepeatFilter(burst=3, window=10.0, clock=clock)
+    passed = [f.filter(record("invalid line: %r", f"junk {i}".encode())) for i in range(100)]
+    passed += [f.filter(record("refused arm: pid %d", pid)) for pid in range(1000, 1100)]
+    assert passed == ([True] * 3 + [False] * 97) * 2
+    assert f.suppressed_total == 194
+    clock.now = 110.0
+    junk, refused = f.flush()
+    # The summary quotes the last line held back, then the count.
+    assert junk.getMessage() == "invalid line: b'junk 99' [97 more like this in 10.0 s]"
+    assert refused.getMessage() == "refused arm: pid 1099 [97 more like this in 10.0 s]"
+
+
+def test_repeat_filter_kinds_are_per_logger_and_level_and_debug_lines_pass() -> None:
     clock = FakeClock()
     f = RepeatFilter(burst=1, window=5.0, clock=clock)
-    assert f.filter(record("x"))
-    assert not f.filter(record("x"))
+    assert f.filter(record("x %d", 1, level=logging.WARNING))
+    assert f.filter(record("x %d", 2, level=logging.ERROR))
+    other = record("x %d", 3)
+    other.name = "ftimer_server.other"
+    assert f.filter(other)
+    assert not f.filter(record("x %d", 4, level=logging.WARNING))
+    # Debug lines are asked for (--log-level debug, every arm and disarm): never held.
+    assert all(f.filter(record("armed %d", i, level=logging.DEBUG)) for i in range(50))
+
+
+def test_repeat_filter_summarises_when_the_kind_comes_back_after_its_window() -> None:
+    clock = FakeClock()
+    written: list[logging.LogRecord] = []
+    f = RepeatFilter(burst=1, window=5.0, clock=clock, sink=written.append)
+    assert f.filter(record("x %d", 1))
+    assert not f.filter(record("x %d", 2))
     clock.now += 6
-    assert f.filter(record("x"))
+    # The summary goes to the sink before the line that opens the next window passes.
+    assert f.filter(record("x %d", 3))
+    (summary,) = written
+    assert summary.getMessage() == "x 2 [1 more like this in 5.0 s]"
+    assert f.flush() == []
+
+
+def test_repeat_filter_wakes_its_flusher_once_per_window_that_holds_lines() -> None:
+    clock = FakeClock()
+    wakes: list[float] = []
+    f = RepeatFilter(burst=2, window=5.0, clock=clock, on_hold=lambda: wakes.append(clock.now))
+    for _ in range(2):
+        assert f.filter(record("a"))
+    assert wakes == []
+    assert f.next_flush() is None  # nothing held: no summary will be due
+    for _ in range(10):
+        f.filter(record("a"))
+    assert wakes == [100.0]  # the first line held back, not every one
+    assert f.next_flush() == 105.0
+    clock.now = 101.0
+    for _ in range(3):
+        f.filter(record("b"))
+    assert wakes == [100.0, 101.0]
+
+
+def test_repeat_filter_summary_is_stamped_when_written_not_when_quoted() -> None:
+    clock = FakeClock()
+    f = RepeatFilter(burst=1, window=5.0, clock=clock)
+    f.filter(record("a"))
+    held = record("a")
+    held.created -= 60  # as if the held line had been logged a minute ago
+    assert not f.filter(held)
+    clock.now += 5
     (summary,) = f.flush()
-    assert "repeated 1 more times" in summary.getMessage()
+    assert summary.created > held.created + 30
 
 
-def test_repeat_filter_levels_are_distinct_and_keys_are_bounded() -> None:
+def test_repeat_filter_keys_are_bounded() -> None:
     clock = FakeClock()
     f = RepeatFilter(burst=1, window=5.0, clock=clock, max_keys=4)
-    assert f.filter(record("x", level=logging.WARNING))
-    assert f.filter(record("x", level=logging.ERROR))
     for i in range(20):
-        assert f.filter(record("distinct %d", i))
-    assert len(f._seen) <= 4
+        # An f-string message is its own format string: each is a kind of its own.
+        assert f.filter(record(f"distinct {i}"))
+    assert len(f._windows) <= 4
 
 
 def test_repeat_filter_evicts_the_oldest_window() -> None:
@@ -75,9 +145,9 @@ def test_repeat_filter_evicts_the_oldest_window() -> None:
     assert f.filter(record("a"))  # a's window ended: a new one, the newest
     clock.now = 106.0
     assert f.filter(record("c"))  # one key too many: b's window is the oldest
-    assert [key[2] for key in f._seen] == ["a", "c"]
+    assert [key[2] for key in f._windows] == ["a", "c"]
     (summary,) = f.flush()  # a's first window, summarised when it restarted
-    assert summary.getMessage() == "a [repeated 1 more times in 5.0 s]"
+    assert summary.getMessage() == "a [1 more like this in 5.0 s]"
 
 
 def test_json_formatter_one_object_per_line_with_extra_fields() -> None:
@@ -100,8 +170,8 @@ def test_logging_setup_floods_are_held_and_summarised() -> None:
     setup = LoggingSetup("text", "info", stream=stream, repeat_filter=RepeatFilter(2, 1, clock))
     try:
         log = logging.getLogger("ftimer_server.test")
-        for _ in range(50):
-            log.warning("garbage on the FIFO")
+        for i in range(50):
+            log.warning("garbage on the FIFO: %r", f"junk {i}")
         log.debug("not shown at info")
         clock.now += 1
         setup.flush_repeats()
@@ -109,7 +179,30 @@ def test_logging_setup_floods_are_held_and_summarised() -> None:
         setup.close()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 3
-    assert lines[-1].endswith("garbage on the FIFO [repeated 48 more times in 1.0 s]")
+    assert lines[-1].endswith("garbage on the FIFO: 'junk 49' [48 more like this in 1.0 s]")
+
+
+def test_logging_setup_wake_fd_turns_readable_when_a_line_is_held_back() -> None:
+    stream = io.StringIO()
+    clock = FakeClock()
+    setup = LoggingSetup("text", "info", stream=stream, repeat_filter=RepeatFilter(1, 5, clock))
+    try:
+        log = logging.getLogger("ftimer_server.test")
+        log.warning("flood %d", 1)
+        assert select.select([setup.wake_fd], [], [], 0)[0] == []
+        log.warning("flood %d", 2)  # held back: a summary will be due at 105
+        assert select.select([setup.wake_fd], [], [], 0)[0] == [setup.wake_fd]
+        setup.flush_repeats()  # drains the wake-up; nothing is due yet
+        assert select.select([setup.wake_fd], [], [], 0)[0] == []
+        assert setup.filter.next_flush() == 105.0
+        # The kind comes back after its window: its summary precedes the new line.
+        clock.now = 106.0
+        log.warning("flood %d", 3)
+    finally:
+        setup.close()
+    summary, last = stream.getvalue().splitlines()[-2:]
+    assert summary.endswith("flood 2 [1 more like this in 5.0 s]")
+    assert last.endswith("flood 3")
 
 
 def test_logging_setup_reopens_the_log_file(tmp_path: pathlib.Path) -> None:
@@ -132,3 +225,36 @@ def test_logging_setup_reopens_the_log_file(tmp_path: pathlib.Path) -> None:
     assert json.loads(new[0])["msg"] == "after rotation"
     assert len(new) == 2
     assert new[1].endswith("WARNING ftimer_server.test: plain text now")
+
+
+def test_the_daemon_loop_writes_a_summary_when_due_without_another_wake_up() -> None:
+    # The loop's wait starts before any line is held back; the summary must still come
+    # out when its window ends, not at the next signal (it once came minutes late).
+    stream = io.StringIO()
+    window = 0.3  # real time: this is the loop's own clock
+    setup = LoggingSetup("text", "info", stream=stream, repeat_filter=RepeatFilter(1, window))
+    daemon = Daemon(DaemonConfig(fifo="/nonexistent/timer.fifo"), setup, environ={})
+    signals_r, signals_w = os.pipe()
+    os.set_blocking(signals_r, False)  # as run() sets it up
+    result: list[int] = []
+    loop = threading.Thread(target=lambda: result.append(daemon._loop(signals_r)))
+    loop.start()
+    try:
+        log = logging.getLogger("ftimer_server.test")
+        started = time.monotonic()
+        for pid in range(100, 105):
+            log.warning("refused: pid %d", pid)
+        text = wait_until(
+            lambda: "more like this" in stream.getvalue() and stream.getvalue(),
+            timeout=10,
+            what="the summary",
+        )
+        assert time.monotonic() - started < 5  # well before anything else woke the loop
+        assert text.splitlines()[-1].endswith("refused: pid 104 [4 more like this in 0.3 s]")
+    finally:
+        os.write(signals_w, bytes([signal.SIGTERM]))
+        loop.join(10)
+        os.close(signals_r)
+        os.close(signals_w)
+        setup.close()
+    assert result == [0]

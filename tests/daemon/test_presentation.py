@@ -129,13 +129,42 @@ def test_dry_run_wording() -> None:
     _, fmt, args = describe(reaped(signal=int(signal.SIGTERM)), dry_run=True)
     assert (fmt % args).startswith("DRY RUN, not signalled: would have reaped pid 42 with SIGTERM")
     _, fmt, args = describe(Escalated(42, 1, 9, 5.0, True), dry_run=True)
-    assert (fmt % args).startswith("DRY RUN, not signalled: escalated")
+    # Nothing was sent: the line must not say a signal was.
+    assert fmt % args == (
+        "DRY RUN, not signalled: would have escalated to SIGKILL: pid 42, 5.0 s after its reap"
+    )
+    assert "sent" not in fmt % args
+
+
+def test_text_lines_name_the_labels_of_the_timer() -> None:
+    # docs/torchelastic.md: the daemon's log names the reaped rank, in text lines too.
+    _, fmt, args = describe(reaped(labels={"rank": "3", "local_rank": "1"}))
+    assert fmt % args == (
+        "reaped: pid 42 with SIGKILL (timer 'step', 1.2 ms late), local_rank=1 rank=3"
+    )
+    _, fmt, args = describe(Expired(T, 0.002))
+    assert (fmt % args).endswith("2.0 ms after its deadline, rank=3")
+    _, fmt, args = describe(reaped(labels=None))
+    assert (fmt % args).endswith("1.2 ms late)")
+
+
+def test_the_format_string_is_the_kind_of_line_for_flood_control() -> None:
+    # Refusals for one reason naming other pids are one kind; another reason is another.
+    kinds = {
+        describe(Rejected(reason, "arm", pid, "s"))[1]
+        for reason in (RejectReason.NO_SUCH_PROCESS, RejectReason.UID_NOT_ALLOWED)
+        for pid in (100, 101, 102)
+    }
+    assert len(kinds) == 2
+    junk = {describe(DecodeFailed("MalformedMessage", "bad", bytes([i])))[1] for i in range(9)}
+    junk.add(describe(DecodeFailed("LineTooLong", "long", b"x"))[1])
+    assert len(junk) == 2
 
 
 def test_restored_timers_are_info() -> None:
     level, fmt, args = describe(Armed(T), restoring=True, now=100.0)
     assert level == logging.INFO
-    assert fmt % args == "restored timer: pid 42 scope 'step', SIGKILL in 10.000 s"
+    assert fmt % args == "restored timer: pid 42 scope 'step', SIGKILL in 10.000 s, rank=3"
 
 
 def test_json_fields_are_flat() -> None:

@@ -50,7 +50,15 @@ from ._metrics import Metrics, MetricsUnavailable
 from ._state import StateSaver, load_state, read_boot_id
 from ._systemd import SystemdNotifier
 
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_STARTUP", "EXIT_USAGE", "Daemon", "run_daemon"]
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_STARTUP",
+    "EXIT_USAGE",
+    "Daemon",
+    "run_daemon",
+    "startup_warnings",
+]
 
 log = logging.getLogger("ftimer_server.daemon")
 events_log = logging.getLogger("ftimer_server.events")
@@ -125,6 +133,8 @@ class Daemon:
             # the daemon: keep it out of every later garbage collection.
             gc.collect()
             gc.freeze()
+            for warning in startup_warnings(self.config, os.geteuid()):
+                log.warning("%s", warning)
             self._ready()
             return self._loop(wake_r)
         finally:
@@ -223,10 +233,17 @@ class Daemon:
         self._notifier.ready(f"watching {c.fifo}" + (" (dry run)" if c.dry_run else ""))
 
     def _loop(self, wake_fd: int) -> int:
+        """Wait for signals and for flood summaries to come due; act on them.
+
+        The log filter's wake-up descriptor is waited on too: a line held back after
+        the wait began makes a summary due that the timeout computed before it does not
+        cover.
+        """
+        log_fd = self._logging.wake_fd
         while True:
             due = self._logging.filter.next_flush()
             timeout = None if due is None else max(0.0, due - time.monotonic())
-            select.select([wake_fd], [], [], timeout)
+            select.select([wake_fd, log_fd], [], [], timeout)
             self._logging.flush_repeats()
             for signum in _read_signals(wake_fd):
                 if signum in _STOP_SIGNALS:
@@ -359,6 +376,45 @@ class Daemon:
             ],
             "stats": msgspec.to_builtins(server.stats(), str_keys=True),
         }
+
+
+def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
+    """What is risky about running with ``c`` as user ``euid``, one sentence each.
+
+    Anyone who can write the FIFO can have any process the policy allows signalled, by
+    naming its pid. So: a FIFO others may write, and a root daemon (which may signal
+    every user's processes) whose FIFO someone besides root may write while nothing
+    restricts the target users.
+    """
+    warnings = []
+    others_write = bool(c.fifo_mode & 0o002)
+    group_write = bool(c.fifo_mode & 0o020)
+    mode = f"{c.fifo_mode:04o}"
+    if others_write:
+        warnings.append(
+            f"--fifo-mode {mode} lets every local user write the FIFO {c.fifo}, and so have "
+            "any process the policy allows signalled; use 0600, or 0620 with --fifo-group "
+            "for the workers' group"
+        )
+    if euid == 0 and c.allow_uids is None and (others_write or group_write):
+        if others_write:
+            writers = "any local user"
+        elif c.fifo_group is not None:
+            writers = f"any member of group {c.fifo_group}"
+        else:
+            writers = "any member of the daemon's group"
+        targets = (
+            "any descendant of the daemon, whatever its user,"
+            if c.descendants_only
+            else "any process of any user"
+        )
+        warnings.append(
+            f"running as root with no --allow-uid: {writers} (they can write the FIFO "
+            f"{c.fifo}, mode {mode}) can have {targets} signalled, except pid 1, the daemon "
+            "and its ancestors. Set --allow-uid to the workers' uids, or --fifo-mode 0600 "
+            "if only root writes timers"
+        )
+    return warnings
 
 
 def _policy(c: DaemonConfig) -> Policy:

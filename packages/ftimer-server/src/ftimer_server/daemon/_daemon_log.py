@@ -40,90 +40,119 @@ def describe(
 ) -> Line:
     """Return (level, format, args) of the log line for ``event``.
 
+    The format string is the line's kind for flood control (`RepeatFilter`): lines that
+    differ only in their arguments (pid, scope, excerpt) are one kind, so a refusal's
+    reason and a bad line's error class are part of the format, not arguments. A timer's
+    labels (torchrun's ``rank=... local_rank=...``) end the line.
+
     Args:
         event: what the server reported.
         dry_run: the daemon signals nothing; reaps are worded as what would have happened.
         restoring: the event comes from restoring the state file.
         now: monotonic time, for "expires in"; defaults to the clock.
     """
+    labels = _labels(event.labels)
     if isinstance(event, Armed):
         t = event.timer
         left = t.deadline - (time.monotonic() if now is None else now)
         if restoring:
             return (
                 logging.INFO,
-                "restored timer: pid %d scope %r, %s in %.3f s",
-                (t.pid, t.scope_id, signal_label(t.signal), left),
+                "restored timer: pid %d scope %r, %s in %.3f s%s",
+                (t.pid, t.scope_id, signal_label(t.signal), left, labels),
             )
         verb = "re-armed" if event.rearmed else "armed"
         return (
             logging.DEBUG,
-            "%s: pid %d scope %r, %s in %.3f s",
-            (verb, t.pid, t.scope_id, signal_label(t.signal), left),
+            "%s: pid %d scope %r, %s in %.3f s%s",
+            (verb, t.pid, t.scope_id, signal_label(t.signal), left, labels),
         )
     if isinstance(event, Disarmed):
-        return logging.DEBUG, "disarmed: pid %d scope %r", (event.timer.pid, event.timer.scope_id)
+        t = event.timer
+        return logging.DEBUG, "disarmed: pid %d scope %r%s", (t.pid, t.scope_id, labels)
     if isinstance(event, Expired):
         t = event.timer
         return (
             logging.WARNING,
-            "expired: pid %d scope %r (%s), %.1f ms after its deadline",
-            (t.pid, t.scope_id, signal_label(t.signal), event.late * 1e3),
+            "expired: pid %d scope %r (%s), %.1f ms after its deadline%s",
+            (t.pid, t.scope_id, signal_label(t.signal), event.late * 1e3, labels),
         )
     if isinstance(event, Reaped):
         args = (event.pid, signal_label(event.signal), event.scope_id, event.late * 1e3)
         if dry_run:
             return (
                 logging.WARNING,
-                "DRY RUN, not signalled: would have reaped pid %d with %s (timer %r, %.1f ms late)",
-                args,
+                "DRY RUN, not signalled: would have reaped pid %d with %s "
+                "(timer %r, %.1f ms late)%s",
+                (*args, labels),
             )
         if not event.delivered:
             return (
                 logging.ERROR,
-                "could not reap pid %d with %s (timer %r, %.1f ms late): %s",
-                (*args, event.error or "the process is gone"),
+                "could not reap pid %d with %s (timer %r, %.1f ms late): %s%s",
+                (*args, event.error or "the process is gone", labels),
             )
-        return logging.WARNING, "reaped: pid %d with %s (timer %r, %.1f ms late)", args
+        return logging.WARNING, "reaped: pid %d with %s (timer %r, %.1f ms late)%s", (*args, labels)
     if isinstance(event, Escalated):
-        prefix = "DRY RUN, not signalled: " if dry_run else ""
+        sig = signal_label(event.signal)
+        if dry_run:  # nothing was sent, neither the reap's signal nor this one
+            return (
+                logging.WARNING,
+                "DRY RUN, not signalled: would have escalated to %s: pid %d, %.1f s after "
+                "its reap%s",
+                (sig, event.pid, event.after, labels),
+            )
         outcome = "" if event.delivered else f" (not delivered: {event.error or 'gone'})"
         return (
             logging.WARNING,
-            "%sescalated: pid %d still alive %.1f s after its signal, sent %s%s",
-            (prefix, event.pid, event.after, signal_label(event.signal), outcome),
+            "escalated: pid %d still alive %.1f s after its signal, sent %s%s%s",
+            (event.pid, event.after, sig, outcome, labels),
         )
     if isinstance(event, WorkerGone):
         n = len(event.timers)
         level = logging.INFO if n else logging.DEBUG
-        return level, "worker exited: pid %d, %d timer(s) dropped", (event.pid, n)
+        return level, "worker exited: pid %d, %d timer(s) dropped%s", (event.pid, n, labels)
     if isinstance(event, Rejected):
         detail = f" ({event.detail})" if event.detail else ""
+        reason = _literal(event.reason.value)
         if event.request == "restore":
             level = logging.INFO if event.reason in _ROUTINE_RESTORE else logging.WARNING
             return (
                 level,
-                "saved timer not restored: pid %d scope %r: %s%s",
-                (event.pid, event.scope_id, event.reason.value, detail),
+                f"saved timer not restored: pid %d scope %r: {reason}%s%s",
+                (event.pid, event.scope_id, detail, labels),
             )
         return (
             logging.WARNING,
-            "refused %s: pid %d scope %r: %s%s",
-            (event.request, event.pid, event.scope_id, event.reason.value, detail),
+            f"refused %s: pid %d scope %r: {reason}%s%s",
+            (event.request, event.pid, event.scope_id, detail, labels),
         )
     if isinstance(event, DecodeFailed):
+        error = _literal(event.error)
         if event.lines > 1:
             return (
                 logging.WARNING,
-                "dropped %d invalid lines in a row from the FIFO: %s: %s: first %r",
-                (event.lines, event.error, event.reason, event.excerpt),
+                f"dropped %d invalid lines in a row from the FIFO: {error}: %s: first %r",
+                (event.lines, event.reason, event.excerpt),
             )
         return (
             logging.WARNING,
-            "dropped an invalid line from the FIFO: %s: %s: %r",
-            (event.error, event.reason, event.excerpt),
+            f"dropped an invalid line from the FIFO: {error}: %s: %r",
+            (event.reason, event.excerpt),
         )
     return logging.INFO, "%r", (event,)  # pragma: no cover - an event type added later
+
+
+def _labels(labels: Optional[Dict[str, str]]) -> str:
+    """``{"rank": "1"}`` -> ``", rank=1"``: the end of a line; empty without labels."""
+    if not labels:
+        return ""
+    return ", " + " ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def _literal(text: str) -> str:
+    """``text`` as literal text inside a %-format string."""
+    return text.replace("%", "%%")
 
 
 def event_fields(event: Event) -> Dict[str, Any]:

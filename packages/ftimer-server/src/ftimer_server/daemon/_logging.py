@@ -1,15 +1,20 @@
 """The daemon's logging: text or JSON lines, a reopenable log file, and flood control.
 
-A worker sending garbage in a loop must not fill the disk with the same warning: a
-`RepeatFilter` lets a few identical lines through per window and then reports how many it
-held back. The filter takes its clock as an argument so it is tested without sleeping.
+A worker sending garbage in a loop must not fill the disk: a `RepeatFilter` lets a burst
+of lines of one kind through per window, holds the rest back and then writes one summary
+with their count. A kind is a format string, not a rendered line, so junk lines that all
+differ (another excerpt each time) or refusals naming another pid each time are held back
+as well as identical ones. The filter takes its clock as an argument so it is tested
+without sleeping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -77,98 +82,152 @@ class ReopenableFileHandler(logging.FileHandler):
             self.release()
 
 
-class RepeatFilter(logging.Filter):
-    """Lets at most ``burst`` identical records through per ``window`` seconds.
+#: A kind of log line: logger name, level, and the format string (``record.msg``).
+_Kind = Tuple[str, int, str]
+#: LogRecord attributes a summary must not inherit from the line it quotes: it is made
+#: (and stamped, and formatted) when it is written, after every line it summarises.
+_FRESH_ATTRS = ("created", "msecs", "relativeCreated", "asctime", "message")
 
-    Records are identical when logger, level and rendered message are. Records held back
-    are counted; `flush()` (called by the daemon's loop, and on the next identical record
-    after the window) emits one summary line per suppressed message.
+
+class _Window:
+    """One kind's current window: when it started, what it saw, the last line held."""
+
+    __slots__ = ("held", "last", "seen", "start")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.seen = 1
+        self.held = 0
+        self.last: Optional[logging.LogRecord] = None
+
+
+class RepeatFilter(logging.Filter):
+    """Lets at most ``burst`` records of one kind through per ``window`` seconds.
+
+    Records are of one kind when their logger, level and format string (``record.msg``,
+    before its arguments are filled in) are the same. Records beyond the burst are held
+    back and counted; when their window ends, one summary record quotes the last line held
+    back followed by ``[N more like this in T s]`` (field ``suppressed`` in JSON).
+
+    Summaries are written as soon as they are due: by `flush()`, which the daemon's loop
+    calls at `next_flush()` (``on_hold`` wakes that loop whenever a kind starts holding
+    lines back, since its wait may have been computed before), and by the ``sink``, which
+    gets a kind's summary just before the first record of its next window.
 
     Args:
-        burst: identical records let through per window.
+        burst: records of one kind let through per window.
         window: seconds a window lasts, counted from its first record.
         clock: returns monotonic seconds.
-        max_keys: distinct messages tracked at once; the oldest are flushed beyond it.
+        max_keys: kinds tracked at once; the oldest window is summarised beyond it.
+        min_level: records below this level always pass (debug lines are asked for).
+        on_hold: called (outside the filter's lock) when a kind holds back its first
+            record of a window, i.e. when `next_flush()` may have become earlier.
+        sink: where summaries go as soon as they are made; without one they wait for
+            `flush()`.
     """
 
     def __init__(
         self,
-        burst: int = 3,
+        burst: int = 10,
         window: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         max_keys: int = 1024,
+        *,
+        min_level: int = logging.INFO,
+        on_hold: Optional[Callable[[], None]] = None,
+        sink: Optional[Callable[[logging.LogRecord], None]] = None,
     ) -> None:
         super().__init__()
         self.burst = burst
         self.window = window
+        self.min_level = min_level
+        self.on_hold = on_hold
+        self.sink = sink
         self._clock = clock
         self._max_keys = max_keys
         self._lock = threading.Lock()
-        # key -> [window start, records seen in the window, a record to summarise with]
-        self._seen: Dict[Tuple[str, int, str], List[Any]] = {}
+        # Insertion order is window start order: the first key is the oldest window.
+        self._windows: Dict[_Kind, _Window] = {}
         self._summaries: List[logging.LogRecord] = []
-        #: Records suppressed since start (a counter for status and tests).
+        #: Records held back since start (a counter for status and tests).
         self.suppressed_total = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Return False for a record that exceeds its message's burst in this window."""
-        if getattr(record, "_summary", False):
+        """Return False for a record beyond its kind's burst in the current window."""
+        if getattr(record, "_summary", False) or record.levelno < self.min_level:
             return True
         now = self._clock()
-        key = (record.name, record.levelno, record.getMessage())
+        kind = (record.name, record.levelno, str(record.msg))
+        first_held = False
         with self._lock:
-            entry = self._seen.get(key)
-            if entry is None or now - entry[0] >= self.window:
-                if entry is not None:  # re-inserted below: the dict stays in start order
-                    self._summarise(key, self._seen.pop(key), now)
-                elif len(self._seen) >= self._max_keys:
+            window = self._windows.get(kind)
+            if window is None or now - window.start >= self.window:
+                if window is not None:  # re-inserted below: the dict stays in start order
+                    self._summarise(kind, self._windows.pop(kind), now)
+                elif len(self._windows) >= self._max_keys:
                     self._evict_oldest(now)
-                self._seen[key] = [now, 1, record]
-                return True
-            entry[1] += 1
-            entry[2] = record
-            if entry[1] <= self.burst:
-                return True
-            self.suppressed_total += 1
-            return False
+                self._windows[kind] = _Window(now)
+                passed = True
+            else:
+                window.seen += 1
+                passed = window.seen <= self.burst
+                if not passed:
+                    window.held += 1
+                    window.last = record
+                    first_held = window.held == 1
+                    self.suppressed_total += 1
+            ready: List[logging.LogRecord] = []
+            if self.sink is not None and self._summaries:
+                ready, self._summaries = self._summaries, []
+        for summary in ready:  # before ``record``: the lines it summarises came first
+            assert self.sink is not None
+            self.sink(summary)
+        if first_held and self.on_hold is not None:
+            self.on_hold()
+        return passed
 
     def next_flush(self) -> Optional[float]:
-        """The clock time at which `flush()` has a summary to emit, or None."""
+        """The clock time at which `flush()` has a summary to write, or None."""
         with self._lock:
-            ends = [e[0] + self.window for e in self._seen.values() if e[1] > self.burst]
+            if self._summaries:
+                return self._clock()
+            ends = [w.start + self.window for w in self._windows.values() if w.held]
         return min(ends) if ends else None
 
     def flush(self, everything: bool = False) -> List[logging.LogRecord]:
         """Forget windows that ended (``everything``: all of them, at shutdown); return
-        summary records for the messages they held back.
+        summary records for the lines they held back, oldest window first.
 
         The caller passes the records to the handler they belong to (see `LoggingSetup`).
         """
         with self._lock:
             now = self._clock()
-            ended = [k for k, e in self._seen.items() if everything or now - e[0] >= self.window]
-            for key in ended:
-                self._summarise(key, self._seen.pop(key), now)
+            ended = [
+                k for k, w in self._windows.items() if everything or now - w.start >= self.window
+            ]
+            for kind in ended:
+                self._summarise(kind, self._windows.pop(kind), now)
             out, self._summaries = self._summaries, []
         return out
 
     def _evict_oldest(self, now: float) -> None:
         # Windows are inserted as they start, so the first key is the oldest: O(1) (a
         # min() over every key cost tens of microseconds per distinct debug line).
-        key = next(iter(self._seen))
-        self._summarise(key, self._seen.pop(key), now)
+        kind = next(iter(self._windows))
+        self._summarise(kind, self._windows.pop(kind), now)
 
-    def _summarise(self, key: Tuple[str, int, str], entry: List[Any], now: float) -> None:
-        held = entry[1] - self.burst
-        if held <= 0:
+    def _summarise(self, kind: _Kind, window: _Window, now: float) -> None:
+        last = window.last
+        if not window.held or last is None:
             return
-        last: logging.LogRecord = entry[2]
-        summary = logging.makeLogRecord(last.__dict__)
-        summary.msg = "%s [repeated %d more times in %.1f s]"
-        summary.args = (key[2], held, min(now - entry[0], self.window))
+        fields = {k: v for k, v in last.__dict__.items() if k not in _FRESH_ATTRS}
+        summary = logging.makeLogRecord(fields)  # stamped now, not when ``last`` was
+        summary.msg = "%s [%d more like this in %.1f s]"
+        summary.args = (last.getMessage(), window.held, min(now - window.start, self.window))
         summary.exc_info = None
         summary.exc_text = None
-        summary.repeated = held
+        summary.stack_info = None
+        summary.suppressed = window.held
         summary._summary = True
         self._summaries.append(summary)
 
@@ -176,12 +235,17 @@ class RepeatFilter(logging.Filter):
 class LoggingSetup:
     """Installs the daemon's single handler on the root logger and can change it later.
 
+    Flood summaries are written by the thread that logs the next line of their kind, or
+    by whoever calls `flush_repeats()` once `wake_fd` turns readable (a kind started
+    holding lines back) and `RepeatFilter.next_flush()` has come.
+
     Args:
         fmt: "text" or "json".
         level: "debug", "info", "warning" or "error".
         log_file: append to this file instead of writing to stderr.
         stream: the stream used without a log file (stderr by default; tests pass one).
-        repeat_filter: the flood filter (a default one if None).
+        repeat_filter: the flood filter (a default one if None); its ``on_hold`` and
+            ``sink`` are set here.
 
     Raises:
         OSError: the log file cannot be opened.
@@ -201,8 +265,22 @@ class LoggingSetup:
         self._old_level = self._root.level
         self.handler: logging.Handler = self._make_handler(log_file)
         self._log_file = log_file
+        # The wake-up pipe is written from any thread that logs; closing it under the
+        # lock means no thread writes to a descriptor number that was closed and reused.
+        self._wake_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self.filter.on_hold = self._wake
+        self.filter.sink = self._write_summary
         self.configure(fmt, level)
         self._root.addHandler(self.handler)
+
+    @property
+    def wake_fd(self) -> int:
+        """Readable when a kind of line started being held back: time to look at
+        `RepeatFilter.next_flush()` again (`flush_repeats()` drains it)."""
+        return self._wake_r
 
     def _make_handler(self, log_file: Optional[str]) -> logging.Handler:
         handler: logging.Handler
@@ -229,14 +307,32 @@ class LoggingSetup:
             self.handler.reopen()
 
     def flush_repeats(self, everything: bool = False) -> None:
-        """Emit the filter's pending "repeated N more times" summaries."""
+        """Write the filter's due "N more like this" summaries (``everything``: all)."""
+        with self._wake_lock:
+            if self._wake_r >= 0:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 512):
+                        pass
         for record in self.filter.flush(everything):
-            if record.levelno >= self._root.getEffectiveLevel():
-                self.handler.handle(record)
+            self._write_summary(record)
 
     def close(self) -> None:
-        """Emit pending summaries, detach and close the handler, restore the root level."""
+        """Write pending summaries, detach and close the handler, restore the root level."""
         self.flush_repeats(everything=True)
         self._root.removeHandler(self.handler)
         self.handler.close()
         self._root.setLevel(self._old_level)
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self._wake_r = self._wake_w = -1
+
+    def _write_summary(self, record: logging.LogRecord) -> None:
+        if record.levelno >= self._root.getEffectiveLevel():
+            self.handler.handle(record)
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            if self._wake_w >= 0:
+                with contextlib.suppress(BlockingIOError):  # a wake-up is pending already
+                    os.write(self._wake_w, b"!")

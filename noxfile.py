@@ -26,7 +26,7 @@ TORCH = ["torch==2.13.0", "numpy"]
 # for users; `nox -s lock` refreshes this file on purpose.
 CONSTRAINTS = ROOT / ".ci" / "constraints.txt"
 
-nox.options.sessions = ["lint", "typecheck", "tests", "interop"]
+nox.options.sessions = ["lint", "typecheck", "tests", "interop", "chaos"]
 nox.options.error_on_missing_interpreters = True
 
 

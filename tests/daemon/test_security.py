@@ -4,14 +4,20 @@ workers of another user reaching the FIFO (a real second uid, through ``setpriv`
 from __future__ import annotations
 
 import os
+import pathlib
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
 from typing import Callable
 
 import pytest
 
+from ftimer_protocol import SYSTEM_FIFO_PATH
 from ftimer_server.daemon._config import DaemonConfig
 from ftimer_server.daemon._daemon import startup_warnings
 
-from .conftest import DaemonProcess
+from .conftest import PATIENCE, PYTHON, DaemonProcess, kill_and_close
 
 Spawn = Callable[..., DaemonProcess]
 ROOT = os.geteuid() == 0
@@ -27,17 +33,26 @@ def warnings_of(d: DaemonProcess) -> list[str]:
     ]
 
 
+def let_in(directory: pathlib.Path, mode: int, gid: int = -1) -> None:
+    """Give ``directory`` (ours) ``mode`` and group ``gid``: the daemon refuses a FIFO
+    its writers could not reach."""
+    os.chown(directory, -1, gid)
+    os.chmod(directory, mode)
+
+
 @needs_root
 def test_a_root_daemon_whose_fifo_others_may_write_warns_once_without_allow_uid(
-    spawn: Spawn,
+    spawn: Spawn, short_dir: pathlib.Path
 ) -> None:
+    let_in(short_dir, 0o710, 4242)
     d = spawn("--fifo-mode", "0620", "--fifo-group", "4242").ready()
     # The warnings are logged before READY=1: the log is complete here.
     (warning,) = warnings_of(d)
     assert warning.startswith(ROOT_RISK)
     assert "any member of group 4242" in warning
     assert "any process of any user signalled" in warning
-    assert "--allow-uid" in warning and "--fifo-mode 0600" in warning
+    assert "--allow-uid" in warning
+    assert "--fifo-mode 0600" in warning
     assert d.stop() == 0
 
 
@@ -50,15 +65,19 @@ def test_a_root_daemon_whose_fifo_others_may_write_warns_once_without_allow_uid(
     ],
 )
 def test_no_warning_when_only_root_writes_or_targets_are_restricted(
-    spawn: Spawn, args: list[str]
+    spawn: Spawn, short_dir: pathlib.Path, args: list[str]
 ) -> None:
+    let_in(short_dir, 0o710, 4242)
     d = spawn(*args).ready()
     assert warnings_of(d) == []
     assert d.stop() == 0
 
 
 @needs_root
-def test_a_world_writable_fifo_is_accepted_with_a_warning(spawn: Spawn) -> None:
+def test_a_world_writable_fifo_is_accepted_with_a_warning(
+    spawn: Spawn, short_dir: pathlib.Path
+) -> None:
+    let_in(short_dir, 0o711)
     d = spawn("--fifo-mode", "0666", "--allow-uid", "4243").ready()
     (warning,) = warnings_of(d)
     assert warning.startswith("--fifo-mode 0666 " + WORLD_WRITABLE)
@@ -76,8 +95,181 @@ def test_startup_warnings_for_each_user_and_mode() -> None:
     world = DaemonConfig(fifo=fifo, fifo_mode=0o622, descendants_only=True)
     mode, root = startup_warnings(world, euid=0)
     assert mode.startswith("--fifo-mode 0622 " + WORLD_WRITABLE)
-    assert "any local user" in root and "any descendant of the daemon" in root
+    assert "any local user" in root
+    assert "any descendant of the daemon" in root
     (mode,) = startup_warnings(world, euid=1000)
     assert mode.startswith("--fifo-mode 0622")
     allowed = DaemonConfig(fifo=fifo, fifo_mode=0o620, allow_uids=frozenset({1000}))
     assert startup_warnings(allowed, euid=0) == []
+
+
+# -- workers of another user: a real second uid and gid ---------------------------------
+
+#: A uid and gid for the workers, distinct from the daemon's (root's).
+WORKER_UID, WORKER_GID = 4243, 4242
+
+#: Arms a timer on the FIFO the client resolves by itself (argv[1] if given), prints
+#: "armed" (or the error) and hangs until reaped.
+OTHER_USER_WORKER = """
+import os, sys, time
+from ftimer_client import FileTimerClient, ServerUnavailable
+try:
+    FileTimerClient(sys.argv[1] if len(sys.argv) > 1 else None).arm("step", 0.3)
+except ServerUnavailable as e:
+    print("unavailable:", e, flush=True)
+    sys.exit(3)
+print("armed", os.getuid(), os.getgid(), flush=True)
+time.sleep(60)
+"""
+
+
+def as_worker(*command: str) -> list[str]:
+    return [
+        "setpriv",
+        f"--reuid={WORKER_UID}",
+        f"--regid={WORKER_GID}",
+        "--clear-groups",
+        *command,
+    ]
+
+
+def worker_env() -> dict[str, str]:
+    # The client's default path depends on these: leave it to resolve the FIFO itself.
+    drop = ("FTIMER_FIFO", "TORCHELASTIC_TIMER_FILE", "XDG_RUNTIME_DIR")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+@pytest.fixture(scope="module")
+def second_uid() -> None:
+    """Skip unless this is root with setpriv, and the second uid can run this Python."""
+    if not ROOT or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run workers as a second uid")
+    probe = subprocess.run(
+        as_worker(PYTHON, "-c", "import ftimer_client"), capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"uid {WORKER_UID} cannot run {PYTHON}: {probe.stderr.strip()}")
+
+
+def run_worker(prefix: list[str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*prefix, *as_worker(PYTHON, "-c", OTHER_USER_WORKER, *args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=worker_env(),
+    )
+
+
+def refused_worker(prefix: list[str], *args: str) -> str:
+    """Run a worker that must fail to arm (exit 3); return what it printed."""
+    proc = run_worker(prefix, *args)
+    try:
+        out, _ = proc.communicate(timeout=PATIENCE)
+    finally:
+        kill_and_close(proc)
+    assert proc.returncode == 3, out
+    assert out.startswith("unavailable: ")
+    return out
+
+
+def reaped_after_arming(proc: subprocess.Popen[str], d: DaemonProcess) -> None:
+    """``proc`` armed its timer as the second uid and was reaped for it by ``d``."""
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line == f"armed {WORKER_UID} {WORKER_GID}\n", line
+        assert proc.wait(PATIENCE) == -signal.SIGKILL
+        d.wait_for_record(event="reaped", pid=proc.pid)
+    finally:
+        kill_and_close(proc)
+
+
+@pytest.fixture
+def run_namespace(second_uid: None) -> Iterator[list[str]]:
+    """A private mount namespace with an empty tmpfs on /run, held by a process of ours;
+    yields the command prefix that runs a command in it (``nsenter``)."""
+    holder = subprocess.Popen(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o mode=0755 ftimer-test /run && echo ready && exec sleep 600",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        if holder.stdout.readline() != "ready\n":
+            holder.wait(PATIENCE)
+            pytest.skip(f"cannot make a private mount namespace: {holder.stderr.read()}")
+        yield ["nsenter", f"--mount=/proc/{holder.pid}/ns/mnt"]
+    finally:
+        kill_and_close(holder)
+
+
+@needs_root
+def test_a_group_given_later_opens_the_directory_an_earlier_run_made_private(
+    spawn: Spawn, short_dir: pathlib.Path, run_namespace: list[str]
+) -> None:
+    # The default path of a root daemon, /run/ftimer/timer.fifo, in a /run of our own.
+    daemon = [*run_namespace, PYTHON, "-m", "ftimer_server"]
+    where = ["--fifo", SYSTEM_FIFO_PATH, "--control-socket", str(short_dir / "c.sock")]
+    first = spawn(*where, command=daemon, name="first").ready()
+    assert first.stop() == 0  # it made /run/ftimer 0700: nobody else's business yet
+    second = spawn(
+        *where, "--fifo-group", str(WORKER_GID), "--fifo-mode", "0620", command=daemon
+    ).ready()
+    inside = subprocess.run(
+        [*run_namespace, "stat", "-c", "%a %g", os.path.dirname(SYSTEM_FIFO_PATH)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert inside.stdout.split() == ["710", str(WORKER_GID)]
+    # A worker of the group finds the FIFO at its default path, and by name.
+    reaped_after_arming(run_worker(run_namespace), second)
+    reaped_after_arming(run_worker(run_namespace, SYSTEM_FIFO_PATH), second)
+    assert second.stop() == 0
+    # Without the group again, the directory is closed again, and a worker of the old
+    # group is told why it finds no FIFO rather than only that none runs.
+    third = spawn(*where, command=daemon, name="third").ready()
+    out = refused_worker(run_namespace)
+    assert "/run/ftimer exists but does not let this user in" in out
+    assert third.stop() == 0
+
+
+@needs_root
+def test_a_fifo_its_group_cannot_reach_is_refused_at_start(
+    short_dir: pathlib.Path, spawn: Spawn, second_uid: None
+) -> None:
+    # short_dir is 0700: a directory the daemon does not manage, so it cannot fix it.
+    group = ["--fifo-group", str(WORKER_GID), "--fifo-mode", "0620"]
+    d = spawn(*group)
+    assert d.proc.wait(PATIENCE) == 3
+    (error,) = [r for r in d.records() if r["level"] == "error"]
+    assert error["msg"].startswith(f"cannot start: FIFO {d.fifo}: members of group {WORKER_GID}")
+    assert f"directory {short_dir} (mode 0700" in error["msg"]
+    assert not d.fifo.exists()  # refused before anything was made
+    # Once the directory lets the group in, the daemon starts, and the group's workers
+    # write to it: a real second uid, reaped for its own timer.
+    let_in(short_dir, 0o710, WORKER_GID)
+    d = spawn(*group, name="again").ready()
+    reaped_after_arming(run_worker([], str(d.fifo)), d)
+    assert d.stop() == 0
+
+
+@needs_root
+def test_a_worker_the_fifo_mode_leaves_out_gets_a_clear_error(
+    short_dir: pathlib.Path, spawn: Spawn, second_uid: None
+) -> None:
+    let_in(short_dir, 0o711)  # anyone may enter; the FIFO (0600) lets only root write
+    d = spawn().ready()
+    out = refused_worker([], str(d.fifo))
+    assert "this user may not write the FIFO or enter its directory (permission denied)" in out
+    assert d.stop() == 0

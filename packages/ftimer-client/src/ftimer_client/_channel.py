@@ -28,6 +28,8 @@ import time
 import weakref
 from typing import Dict, List, Optional, Tuple, Union
 
+from ftimer_protocol import SYSTEM_FIFO_PATH
+
 from ._errors import ServerStalled, ServerUnavailable
 from ._proc import process_start_time
 from ._wire import V1Lines, V2Lines
@@ -49,10 +51,36 @@ def _unavailable(e: OSError, path: str) -> ServerUnavailable:
     if e.errno == errno.ENXIO:
         reason = "no ftimer server is reading the FIFO"
     elif e.errno == errno.ENOENT:
-        reason = "no FIFO (is the ftimer server running?)"
+        reason = "no FIFO (is the ftimer server running?)" + _hidden_system_fifo(path)
+    elif e.errno == errno.EACCES:
+        reason = (
+            "this user may not write the FIFO or enter its directory (permission denied): "
+            "the server's --fifo-mode and --fifo-group say who may"
+        )
     else:
         reason = f"cannot open the FIFO ({e.strerror})"
     return ServerUnavailable(e.errno, reason, path)
+
+
+def _hidden_system_fifo(path: str) -> str:
+    """A hint when the system daemon's FIFO may exist where this user cannot see it.
+
+    A non-root client defaults to the system FIFO only when it can see it; a directory
+    that does not let it in sends it to its per-user FIFO instead, which no server reads.
+    """
+    if path == SYSTEM_FIFO_PATH:
+        return ""
+    try:
+        os.stat(SYSTEM_FIFO_PATH)
+    except PermissionError:
+        directory = os.path.dirname(SYSTEM_FIFO_PATH)
+        return (
+            f"; {directory} exists but does not let this user in, so a server's FIFO there "
+            f"cannot be used: run the workers in the server's --fifo-group"
+        )
+    except OSError:
+        pass
+    return ""
 
 
 class Channel:

@@ -33,7 +33,7 @@ from ftimer_server.core._events import EVENT_TYPES, Armed, Disarmed, Event, Reap
 from ftimer_server.core._policy import Policy
 from ftimer_server.core._records import Timer
 from ftimer_server.core._stats import Stats
-from ftimer_server.server._fifo import FifoError
+from ftimer_server.server._fifo import FifoError, unreachable_by_writers
 from ftimer_server.server._server import FileTimerServer
 
 from ._config import (
@@ -152,6 +152,11 @@ class Daemon:
                 self._metrics = Metrics(self._stats, self._state_saves, c.dry_run)
             except MetricsUnavailable as e:
                 raise ConfigError(f"--metrics-address: {e}") from None
+        # A FIFO its workers may write but cannot reach fails them all with EACCES, or
+        # sends them to their per-user default path: refuse to start instead.
+        unreachable = unreachable_by_writers(c.fifo, c.fifo_mode, c.fifo_group)
+        if unreachable is not None:
+            raise StartupError(f"FIFO {c.fifo}: {unreachable}")
         control = ControlServer(c.control_socket, self._status)
         try:
             control.check_free()

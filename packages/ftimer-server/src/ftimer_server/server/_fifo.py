@@ -35,7 +35,14 @@ from typing import Optional, Tuple, Union
 
 from ftimer_protocol import default_fifo_path
 
-__all__ = ["Fifo", "FifoError", "open_fifo"]
+__all__ = [
+    "Fifo",
+    "FifoError",
+    "manages_parent",
+    "open_fifo",
+    "parent_mode",
+    "unreachable_by_writers",
+]
 
 #: fcntl F_SETPIPE_SZ / F_GETPIPE_SZ (Linux); Python >= 3.10 names them.
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
@@ -43,6 +50,7 @@ F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032 if sys.platform.startswith("l
 _PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC
 
 logger = logging.getLogger("ftimer_server")
@@ -126,10 +134,12 @@ def open_fifo(
         mode: its permissions (applied to a reused FIFO too); 0600 lets only this user
             write; 0620 with ``group`` lets a group of workers write.
         group: a group name or gid to give the FIFO (and a parent it creates).
-        private_parent: create the parent directory (0700, 0710 with ``group``) if
-            missing, and refuse a parent owned by another user or writable by others.
-            Defaults to True for the default path and False otherwise (then the parent
-            must exist).
+        private_parent: manage the parent directory: create it if missing, refuse it if
+            owned by another user or writable by others, and give it, at every call,
+            ``group`` and the mode ``parent_mode(mode)`` (0700; 0710 when the FIFO's
+            group may write it), so the FIFO's writers can reach it and nobody can list
+            or change it. Defaults to `manages_parent(path)`: True for the default path,
+            False otherwise (then the parent must exist and is left as it is).
         pipe_size: the pipe buffer size to ask for; defaults to the largest the system
             allows (``/proc/sys/fs/pipe-max-size``). Ignored where unsupported.
         replace: if the path holds this user's FIFO, atomically put a new one in its
@@ -139,14 +149,15 @@ def open_fifo(
 
     Raises:
         FifoError: the path is a symlink, not a FIFO, or a FIFO owned by another user;
-            its parent is unsafe or missing; or it cannot be created or opened.
+            its parent is unsafe or missing, or (managed) cannot be given its group or
+            mode; or it cannot be created or opened.
     """
     path = os.fspath(path) if path is not None else default_fifo_path()
     gid = _gid(group)
     if private_parent is None:
-        private_parent = path == default_fifo_path()
+        private_parent = manages_parent(path)
     if private_parent:
-        _ensure_private_dir(os.path.dirname(path) or ".", gid)
+        _ensure_private_dir(os.path.dirname(path) or ".", gid, mode)
     read_fd, created, replaced = _open_read_end(path, mode, gid, replace)
     try:
         write_fd = _open_write_end(path, read_fd)
@@ -167,25 +178,118 @@ def _gid(group: Optional[Union[int, str]]) -> Optional[int]:
         raise FifoError(str(group), "no such group") from None
 
 
-def _ensure_private_dir(directory: str, gid: Optional[int]) -> None:
+def manages_parent(path: str) -> bool:
+    """Whether `open_fifo` manages the directory of ``path`` by default: only for the
+    documented default path, whose directory belongs to the server."""
+    return path == default_fifo_path()
+
+
+def parent_mode(mode: int) -> int:
+    """The mode of a directory managed for a FIFO of ``mode``: rwx for its owner, and
+    search (x) for the group and for others exactly where the FIFO lets them write."""
+    return 0o700 | (0o010 if mode & 0o020 else 0) | (0o001 if mode & 0o002 else 0)
+
+
+def _ensure_private_dir(directory: str, gid: Optional[int], mode: int) -> None:
+    # Owner, type and safety are checked on an open descriptor, and the group and mode
+    # set through it, so the directory checked is the one changed. The mode is set at
+    # every start: a directory made 0700 by an earlier run without a group would keep
+    # the group's workers out of a FIFO they may write (EACCES, or a silent fall-back
+    # of their default path to a per-user FIFO nobody reads).
     try:
         os.mkdir(directory, 0o700)
-        if gid is not None:
-            os.chown(directory, -1, gid)
-            os.chmod(directory, 0o710)  # the group may reach the FIFO, not list or write
     except FileExistsError:
         pass
     except OSError as e:
         raise FifoError(directory, f"cannot create the directory: {e.strerror}") from None
-    st = os.lstat(directory)
-    if stat.S_ISLNK(st.st_mode):
-        raise FifoError(directory, "the directory is a symlink")
-    if not stat.S_ISDIR(st.st_mode):
-        raise FifoError(directory, "not a directory")
-    if st.st_uid != os.geteuid():
-        raise FifoError(directory, f"the directory is owned by uid {st.st_uid}, not us")
-    if st.st_mode & 0o022:
-        raise FifoError(directory, "the directory is writable by others")
+    try:
+        fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            st = os.lstat(directory)
+            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            raise FifoError(directory, f"the directory is {what}") from None
+        raise FifoError(directory, f"cannot open the directory: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise FifoError(directory, f"the directory is owned by uid {st.st_uid}, not us")
+        if st.st_mode & 0o022:
+            raise FifoError(directory, "the directory is writable by others")
+        if gid is not None and st.st_gid != gid:
+            try:
+                os.fchown(fd, -1, gid)
+            except OSError as e:
+                raise FifoError(
+                    directory,
+                    f"cannot give the directory group {gid} ({e.strerror}); the FIFO's "
+                    "group could not reach the FIFO",
+                ) from None
+        wanted = parent_mode(mode)
+        if stat.S_IMODE(st.st_mode) != wanted:
+            try:
+                os.fchmod(fd, wanted)
+            except OSError as e:
+                raise FifoError(
+                    directory, f"cannot make the directory mode {wanted:04o}: {e.strerror}"
+                ) from None
+    finally:
+        os.close(fd)
+
+
+def unreachable_by_writers(
+    path: str, mode: int, gid: Optional[int], managed: Optional[bool] = None
+) -> Optional[str]:
+    """Say why the users the FIFO's ``mode`` and group ``gid`` let write ``path`` could not
+    reach it, or return None.
+
+    A directory on the way must give them search permission: others through its
+    "others" bits, members of ``gid`` through its group bits (when it belongs to
+    ``gid``) or its "others" bits. The directory the server manages (``managed``, by
+    default `manages_parent`) is left out: `open_fifo` gives it the right mode.
+    Directories with an access control list are not judged (their mode bits do not say
+    who may enter). Nothing is changed.
+    """
+    if managed is None:
+        managed = manages_parent(path)
+    others = bool(mode & 0o002)
+    group = gid is not None and bool(mode & 0o020)
+    if not (others or group):
+        return None
+    directory = os.path.dirname(os.path.abspath(path))
+    if managed:
+        directory = os.path.dirname(directory)
+    while True:
+        try:
+            st = os.stat(directory)
+        except OSError:
+            return None  # missing or unreadable: open_fifo says what is wrong with it
+        bits = stat.S_IMODE(st.st_mode)
+        if not _has_acl(directory):
+            if others and not bits & 0o001:
+                who = "other users"
+            elif group and not (bits & 0o001 or (st.st_gid == gid and bits & 0o010)):
+                who = f"members of group {gid}"
+            else:
+                who = ""
+            if who:
+                return (
+                    f"{who} may write the FIFO (mode {mode:04o}) but cannot reach it: "
+                    f"directory {directory} (mode {bits:04o}, group {st.st_gid}) does not "
+                    "let them in; give them search permission there (for a group: chgrp "
+                    "and chmod g+x) or put the FIFO elsewhere"
+                )
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent
+
+
+def _has_acl(directory: str) -> bool:
+    try:
+        return "system.posix_acl_access" in os.listxattr(directory)
+    except (OSError, AttributeError):  # no xattr support (or not Linux): mode bits rule
+        return False
 
 
 def _describe(mode: int) -> str:

@@ -546,6 +546,19 @@ def test_a_flood_of_bad_input_is_logged_a_few_times_with_a_count(spawn: Spawn) -
         assert summary["ts"] >= lines_of_kind[9]["ts"]
 
 
+def test_sigabrt_prints_every_threads_stack_to_stderr(spawn: Spawn) -> None:
+    # What systemd's WatchdogSignal=SIGABRT does to a wedged daemon: the journal (stderr,
+    # even with --log-file) gets the Python stack of each thread, the reader loop's too.
+    d = spawn().ready()
+    d.proc.send_signal(signal.SIGABRT)
+    assert d.proc.wait(PATIENCE) == -signal.SIGABRT
+    assert d.proc.stderr is not None
+    err = d.proc.stderr.read()
+    assert "Fatal Python error: Aborted" in err
+    assert err.count("Thread 0x") >= 2  # the main thread and the server's loop
+    assert "_loop.py" in err
+
+
 def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0

@@ -16,6 +16,7 @@ WATCHDOG=1, so a wedged server loop is noticed.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import gc
 import logging
 import os
@@ -449,6 +450,10 @@ def _read_signals(fd: int) -> List[int]:
 
 def run_daemon(config: DaemonConfig, cli: Optional[Mapping[str, Any]] = None) -> int:
     """Set up logging and run the daemon in the foreground; return the exit code."""
+    # systemd's watchdog kills a wedged daemon with WatchdogSignal=SIGABRT: print every
+    # thread's Python stack to stderr (the journal) first, so the hang can be diagnosed.
+    if sys.stderr is not None:
+        faulthandler.enable(file=sys.stderr, all_threads=True)
     try:
         setup = LoggingSetup(config.log_format, config.log_level, config.log_file)
     except OSError as e:

@@ -17,34 +17,15 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import IO, AbstractSet, Any, Dict, List, Optional
+from typing import IO, AbstractSet, Any, Dict, Optional
 
 from _procs import Child, DeathWatch
 
-__all__ = ["Daemon", "DaemonDied", "Totals"]
+__all__ = ["Daemon", "DaemonDied"]
 
 
 class DaemonDied(RuntimeError):
     """The daemon exited when it should have been running."""
-
-
-@dataclass
-class Totals:
-    """Counters summed over every daemon process of the run (each starts from zero)."""
-
-    decode_errors: int = 0
-    rejections: Counter[str] = field(default_factory=Counter)
-    reaps: int = 0
-    requests: int = 0
-
-    def add(self, stats: Dict[str, Any]) -> None:
-        """Add one daemon's final counters."""
-        self.decode_errors += sum(stats["decode_errors"].values())
-        self.rejections.update(stats["rejections"])
-        self.reaps += sum(stats["reaps"].values())
-        self.requests += sum(sum(r.values()) for r in stats["requests"].values())
 
 
 class Daemon:
@@ -66,9 +47,6 @@ class Daemon:
         self._notify.bind(self._notify_path)
         self._log: IO[bytes] = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
         self.child: Optional[Child] = None
-        self.totals = Totals()
-        self._last: Optional[Dict[str, Any]] = None  # the current process's latest counters
-        self.processes: List[Child] = []
 
     @property
     def pid(self) -> int:
@@ -93,8 +71,6 @@ class Daemon:
         self._log.flush()
         child = self._watch.spawn("daemon", argv, stderr=self._log, env=env)
         self.child = child
-        self.processes.append(child)
-        self._last = None
         return self._wait_ready(child, timeout)
 
     def _wait_ready(self, child: Child, timeout: float) -> float:
@@ -116,7 +92,7 @@ class Daemon:
                 raise DaemonDied(f"no READY=1 from the daemon in {timeout} s")
 
     def status(self, timeout: float = 10.0) -> Dict[str, Any]:
-        """The daemon's status document (its counters are remembered for `totals`).
+        """The daemon's status document (``ftimer-server status --json``).
 
         Raises:
             DaemonDied: nothing answers on the control socket.
@@ -133,7 +109,6 @@ class Daemon:
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
         doc: Dict[str, Any] = json.loads(b"".join(chunks))
-        self._last = doc["stats"]
         return doc
 
     def wait_healthy(self, timeout: float) -> float:
@@ -165,14 +140,13 @@ class Daemon:
             time.sleep(0.01)
 
     def kill(self) -> float:
-        """``kill -9`` the daemon; return when it died. Call `checkpoint` first."""
+        """``kill -9`` the daemon; return when it died."""
         child = self._current()
         child.end(signal.SIGKILL)
         return self._await_death(child)
 
     def terminate(self) -> float:
         """SIGTERM: the daemon saves its state and exits; return when it was sent.
-        Call `checkpoint` first.
 
         Raises:
             DaemonDied: it did not exit 0 within 30 s.
@@ -201,13 +175,11 @@ class Daemon:
         if child is None or child.alive or child.planned:
             return None
         child.planned = True  # reported once
-        self._bank()
         return child.status
 
     def close(self) -> None:
         """Stop the daemon still running (SIGTERM) and release the harness's sockets."""
         if self.child is not None and self.child.alive:
-            self.checkpoint()
             with contextlib.suppress(DaemonDied):
                 self.terminate()
         self._notify.close()
@@ -224,17 +196,6 @@ class Daemon:
         if child is None or not child.alive:
             raise DaemonDied("the daemon is not running")
         return child
-
-    def checkpoint(self) -> None:
-        """Read the counters of a daemon about to be ended on purpose, and bank them."""
-        with contextlib.suppress(OSError, DaemonDied):  # else the last counters read
-            self.status()
-        self._bank()
-
-    def _bank(self) -> None:
-        if self._last is not None:
-            self.totals.add(self._last)
-            self._last = None
 
     def _await_death(self, child: Child) -> float:
         if not self._watch.wait_dead([child], timeout=30.0):

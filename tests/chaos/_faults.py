@@ -1,6 +1,6 @@
 """What the chaos harness throws at the daemon: junk, partial lines, hostile requests,
 a full pipe, damaged state files. Builders here are pure (bytes out); the few writes go
-through `FifoWriter`, one ``write()`` per line, as a worker's client would.
+through `FifoWriter`, whole lines in atomic writes of at most PIPE_BUF bytes.
 """
 
 from __future__ import annotations
@@ -24,17 +24,11 @@ __all__ = [
     "mixed_junk",
     "partial_lines",
     "sync_lines",
-    "yes_flood",
 ]
 
 PIPE_BUF = select.PIPE_BUF
 #: Signals a hostile request asks for: a real one, "report only", and two that are none.
 HOSTILE_SIGNALS = (9, 0, 65, -1)
-
-
-def yes_flood(size: int) -> bytes:
-    """``size`` bytes of ``y\\n``: what ``yes > FIFO`` writes."""
-    return b"y\n" * (size // 2)
 
 
 def mixed_junk(size: int, rng: random.Random) -> bytes:

@@ -212,7 +212,6 @@ class Chaos:
     def kill_restart(self, during: Callable[[], None]) -> None:
         """kill -9 right after a quiet worker disarmed a saved timer; restart on the same
         state file."""
-        self.daemon.checkpoint()
         self.quiet_step("kill -9")
         killed = self.daemon.kill()
         during()
@@ -221,7 +220,6 @@ class Chaos:
     def term_restart(self, during: Callable[[], None]) -> None:
         """SIGTERM (the daemon saves its state) right after a quiet worker disarmed a
         saved timer; restart."""
-        self.daemon.checkpoint()
         self.quiet_step("SIGTERM")
         sent = self.daemon.terminate()
         during()
@@ -231,7 +229,6 @@ class Chaos:
         """kill -9, and restart only once a healthy block's timer has run out: workers
         disarmed while no daemon could hear it, and resynchronise once it is back."""
         self.await_saved()
-        self.daemon.checkpoint()
         killed = self.daemon.kill()
         during()
         time.sleep(max(0.0, killed + LONG_OUTAGE - time.monotonic()))  # the fault's length
@@ -242,7 +239,6 @@ class Chaos:
         an unreadable file aside."""
         if how == "bad-entry":
             self.await_saved()
-        self.daemon.checkpoint()
         killed = self.daemon.kill()
         aside = set(glob.glob(self.daemon.state_file + ".corrupt-*"))
         self.log(f"state file {damage_state(self.daemon.state_file, how, self.rng)}")
@@ -382,8 +378,10 @@ class Chaos:
     # -- helpers ------------------------------------------------------------------------
 
     def quiet_step(self, fault: str) -> None:
-        """A quiet worker disarms a timer the state file holds; ``fault`` comes next."""
+        """A quiet worker disarms a timer the state file holds, and the daemon reads the
+        disarm (a status request syncs); ``fault`` comes next, within milliseconds."""
         missing = self.fleet.quiet_step(fault, QUIET_AFTER)
+        self.daemon.status()
         if missing:
             self.log(f"warning: pids {sorted(missing)} not in the state file in time")
 

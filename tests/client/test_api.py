@@ -54,9 +54,16 @@ def test_signatures_match_torch() -> None:
         ({"write_timeout": float("inf")}, "write_timeout"),
         ({"signal": 65}, "signal"),
         ({"signal": "KILL"}, "signal"),
-        ({"labels": {"1bad": "x"}}, "labels|pattern"),
-        ({"labels": {"job": "x" * 129}}, "labels|length"),
-        ({"pid": 0}, "pid|>= 1"),
+        # Messages in the user's terms, not the schema's regex or a message class name.
+        ({"labels": {"1bad": "x"}}, "^label key '1bad' is not allowed: a key is a letter"),
+        ({"labels": {"bad-key": "x"}}, "^label key 'bad-key' is not allowed"),
+        ({"labels": {"job": "x" * 129}}, "^label 'job' is 129 characters long; the most is 128"),
+        ({"labels": {f"k{i}": "" for i in range(17)}}, "^at most 16 labels, not 17"),
+        ({"labels": {"job": 7}}, "^labels map strings to strings"),
+        ({"pid": 0}, r"^pid must be the id of a process other than init \(2\.\."),
+        ({"pid": 1}, "1 is init"),
+        ({"pid": -5}, "negative ids name process groups"),
+        ({"pid": True}, "^pid must be"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(

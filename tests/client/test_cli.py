@@ -13,7 +13,7 @@ import pytest
 
 from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, main
 from ftimer_client._proc import process_start_time
-from ftimer_protocol import Arm, Disarm, Expire
+from ftimer_protocol import Arm, Disarm, Expire, TimerRequestV1
 
 from .conftest import FifoPeer, server_state
 
@@ -216,6 +216,14 @@ BAD = [
     ["arm", "--scope", "x" * 5000, "--after", "1"],
     ["exec", "--after", "1"],
     ["exec", "--after", "1", "--"],
+    # "\u00b2" ("²") passes str.isdigit() but not int(); int() and float() take "\u0662"
+    # (Arabic-Indic two): neither is a number on the command line.
+    ["arm", "--scope", "s", "--after", "1", "--pid", "\u00b2"],
+    ["arm", "--scope", "s", "--after", "1", "--signal", "\u00b2"],
+    ["arm", "--scope", "s", "--after", "1", "--signal", "-\u00b2"],
+    ["arm", "--scope", "s", "--after", "\u0662"],
+    ["arm", "--scope", "s", "--after", "1", "--protocol", "\u0662"],
+    ["arm", "--scope", "s", "--after", "1", "--write-timeout", "\u00b2"],
 ]
 
 
@@ -225,7 +233,75 @@ def test_bad_arguments_exit_2(
 ) -> None:
     FifoPeer(fifo_path).close()  # a FIFO exists: the arguments are what is wrong
     assert main([argv[0], "--fifo", str(fifo_path), *argv[1:]]) == EXIT_USAGE
-    assert "ftimer" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ftimer" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "lines"),
+    [
+        # Errors found after parsing show the usage of the command, not of `ftimer`.
+        (
+            ["arm", "--scope", "s", "--after", "5", "--pid", str(2**31 - 2)],
+            ["usage: ftimer arm ", f"ftimer arm: error: no process {2**31 - 2} (--pid)"],
+        ),
+        (["exec", "--after", "5"], ["usage: ftimer exec ", "exec needs a command after --"]),
+        # What the protocol's schema refuses, in the user's terms.
+        (
+            ["arm", "--scope", "s", "--after", "5", "--label", "bad-key=x"],
+            ["ftimer: label key 'bad-key' is not allowed: a key is a letter or '_'"],
+        ),
+        (
+            ["arm", "--scope", "s", "--after", "5", "--pid", "\u00b2"],
+            ["usage: ftimer arm ", "not a process id other than 1: '\u00b2'"],
+        ),
+        (
+            ["arm", "--scope", "s", "--after", "5", "--signal", "\u00b2"],
+            ["unknown signal: '\u00b2' (a name like TERM or SIGTERM, or a number)"],
+        ),
+        (
+            ["disarm", "--scope", "s", "--protocol", "3"],
+            ["protocol is 1 (torch's) or 2, not '3'"],
+        ),
+    ],
+)
+def test_errors_name_the_problem_in_the_users_terms(
+    argv: list[str], lines: list[str], fifo_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    FifoPeer(fifo_path).close()
+    assert main([argv[0], "--fifo", str(fifo_path), *argv[1:]]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    for line in lines:
+        assert line in err
+
+
+def test_warn_policy_prints_one_plain_line(tmp_path: pathlib.Path) -> None:
+    done = ftimer(
+        "arm", "--fifo", str(tmp_path / "none"), "--scope", "s", "--after", "5",
+        "--on-unavailable", "warn",
+    )  # fmt: skip
+    assert done.returncode == 0
+    assert done.stderr.startswith("ftimer: warning: [Errno 2] no FIFO")
+    assert done.stderr.endswith("carrying on without a watchdog until the server is back\n")
+    assert done.stderr.count("\n") == 1  # no "file:line: Category" and no source line
+
+
+def test_expire_in_protocol_1_expires_at_the_present(peer: FifoPeer) -> None:
+    # Version 1 has no expire message: the arm it sends instead names the present, not
+    # a time long past (which a server reports as decades late).
+    with subprocess.Popen(["sleep", "30"]) as other:
+        try:
+            before = time.time()
+            args = ("--fifo", str(peer.path), "--scope", "s", "--pid", str(other.pid))
+            assert ftimer("expire", *args, "--protocol", "1", "--signal", "0").returncode == 0
+            after = time.time()
+            (request,) = peer.wait_count(1)
+            assert isinstance(request, TimerRequestV1)
+            assert (request.pid, request.scope_id, request.signal) == (other.pid, "s", 0)
+            assert before <= request.expiration_time <= after
+        finally:
+            other.kill()
 
 
 @pytest.mark.parametrize("argv", [[], ["frobnicate"]])

@@ -20,7 +20,8 @@ import math
 import os
 import signal
 import sys
-from typing import Dict, List, Optional, Sequence
+import warnings
+from typing import Dict, List, Optional, Sequence, TextIO, Type, Union
 
 from ftimer_protocol import MAX_PID
 
@@ -39,8 +40,16 @@ FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 IGNORED = (signal.SIGINT, signal.SIGQUIT)
 
 
+def _ascii_int(text: str) -> Optional[int]:
+    # str.isdigit() is true for "²", which int() refuses, and int() takes "٢" (Arabic-
+    # Indic two): a number on the command line is ASCII digits, nothing else.
+    return int(text) if text.isascii() and text.isdecimal() else None
+
+
 def _seconds(text: str) -> float:
     try:
+        if not text.isascii():  # float() takes "٢" too
+            raise ValueError(text)
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
@@ -50,20 +59,31 @@ def _seconds(text: str) -> float:
 
 
 def _signal(text: str) -> int:
-    if text.lstrip("-").isdigit():
-        return int(text)
+    number = _ascii_int(text[1:] if text.startswith("-") else text)
+    if number is not None:
+        return -number if text.startswith("-") else number
     name = text.upper()
     name = name if name.startswith("SIG") else "SIG" + name
     try:
         return int(signal.Signals[name])
     except KeyError:
-        raise argparse.ArgumentTypeError(f"unknown signal: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"unknown signal: {text!r} (a name like TERM or SIGTERM, or a number)"
+        ) from None
 
 
 def _pid(text: str) -> int:
-    if not text.isdigit() or not 1 < int(text) <= MAX_PID:
+    number = _ascii_int(text)
+    if number is None or not 1 < number <= MAX_PID:
         raise argparse.ArgumentTypeError(f"not a process id other than 1: {text!r}")
-    return int(text)
+    return number
+
+
+def _protocol(text: str) -> int:
+    number = _ascii_int(text)
+    if number not in (1, 2):
+        raise argparse.ArgumentTypeError(f"protocol is 1 (torch's) or 2, not {text!r}")
+    return number
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -77,7 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``ftimer``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--fifo", help="the server's FIFO (default: as the Python client)")
-    common.add_argument("--protocol", type=int, choices=(1, 2), default=2)
+    common.add_argument(
+        "--protocol",
+        type=_protocol,
+        default=2,
+        metavar="1|2",
+        help="2: ftimer's (default); 1: torch's, for torch's FileTimerServer",
+    )
     common.add_argument(
         "--on-unavailable",
         choices=POLICIES,
@@ -90,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--scope", required=True)
     pid = argparse.ArgumentParser(add_help=False)
     pid.add_argument(
-        "--pid", type=_pid, help="the process the timer is for (default: this one's parent)"
+        "--pid",
+        type=_pid,
+        help="the process the timer is for. Default: the parent of ftimer, i.e. the shell "
+        "or script that runs it; typed at an interactive terminal, that is your own "
+        "shell, which an expired timer kills (SIGKILL unless --signal)",
     )
     after = argparse.ArgumentParser(add_help=False)
     after.add_argument("--after", type=_seconds, required=True, metavar="SECONDS")
@@ -104,14 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         "exec: the command's status (128+N if killed by signal N).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser(
-        "arm", parents=[common, scope, after, pid, sig], help="arm (or re-arm) a timer"
-    )
-    commands.add_parser(
-        "beat", parents=[common, scope, after, pid, sig], help="heartbeat: re-arm a timer"
-    )
-    commands.add_parser("disarm", parents=[common, scope, pid], help="disarm a timer")
-    commands.add_parser("expire", parents=[common, scope, pid, sig], help="expire a timer now")
+    for name, parents, text in (
+        ("arm", [common, scope, after, pid, sig], "arm (or re-arm) a timer"),
+        ("beat", [common, scope, after, pid, sig], "heartbeat: re-arm a timer"),
+        ("disarm", [common, scope, pid], "disarm a timer"),
+        ("expire", [common, scope, pid, sig], "expire a timer now"),
+    ):
+        sub = commands.add_parser(name, parents=parents, help=text, description=text)
+        sub.set_defaults(subparser=sub)  # errors found later show this command's usage
     run = commands.add_parser(
         "exec",
         parents=[common, after, sig],
@@ -120,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--scope", default=None)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
+    run.set_defaults(subparser=run)
     return parser
 
 
@@ -144,15 +175,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    with warnings.catch_warnings():
+        # A warning (``--on-unavailable warn``) is one line for a person, not Python's
+        # "file:line: Category: ..." with the source line of the console script.
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _show_warning(  # noqa: PLR0917 - warnings.showwarning's signature
+    message: Union[Warning, str],
+    category: Type[Warning],
+    filename: str,
+    lineno: int,
+    file: Optional[TextIO] = None,
+    line: Optional[str] = None,
+) -> None:
+    print(f"ftimer: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _run(args: argparse.Namespace) -> int:
+    command: argparse.ArgumentParser = args.subparser
     args.signal = getattr(args, "signal", None)
     try:
         if args.command == "exec":
-            return _exec(parser, args)
+            return _exec(command, args)
         pid = os.getppid() if args.pid is None else args.pid
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            parser.error(f"no process {pid}")
+            command.error(f"no process {pid} (--pid)")
         except PermissionError:
             pass  # it exists; the server decides whether it may signal it
         client = _client(args, pid)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Dict, FrozenSet, Optional, Type, Union
 
-from ftimer_protocol import MAX_TIME
+from ftimer_protocol import MAX_LABEL_VALUE, MAX_LABELS, MAX_PID, MAX_TIME, Arm, encode
 
 from ._channel import channel_for
 from ._errors import ServerUnavailable, ServerUnavailableWarning
@@ -79,7 +79,9 @@ class FileTimerClient:
         self._policy = on_unavailable
         self._keep = on_unavailable != "raise"
         self._timeout = float(write_timeout)
-        self._labels: Dict[str, str] = default_labels() if labels is None else dict(labels)
+        self._labels: Dict[str, str] = default_labels() if labels is None else _labels(labels)
+        if pid is not None:
+            _check_pid(pid)
         self._channel = channel_for(self._path, protocol, pid)
         self._lines = self._channel.lines(self._signal, self._labels or None)
         self._v2 = self._lines if isinstance(self._lines, V2Lines) else None
@@ -186,7 +188,11 @@ class FileTimerClient:
             ValueError: the scope breaks the schema.
         """
         sig = self._signal if signal is None else check_signal(signal)
-        line = self._lines.expire(scope_id, sig)
+        if self._v2 is None:
+            # Version 1 has no expire: arm with the present as the expiration time.
+            line = self._v1_line(scope_id, time.time(), sig)
+        else:
+            line = self._v2.expire(scope_id, sig)
         try:
             self._channel.send(line, self._timeout, forget=scope_id)
         except ServerUnavailable as e:
@@ -281,3 +287,36 @@ class FileTimerClient:
                 ServerUnavailableWarning,
                 stacklevel=4,
             )
+
+
+def _check_pid(pid: int) -> None:
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 2 <= pid <= MAX_PID:
+        raise ValueError(
+            f"pid must be the id of a process other than init (2..{MAX_PID}), not {pid!r}: "
+            "0 and negative ids name process groups, and 1 is init; servers refuse them"
+        )
+
+
+def _labels(labels: Mapping[str, str]) -> Dict[str, str]:
+    """Check ``labels`` against the protocol's schema; say what is wrong in plain words.
+
+    Raises:
+        ValueError: too many labels, a key the schema refuses, or a value too long.
+    """
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels, not {len(labels)}")
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"labels map strings to strings, not {key!r}: {value!r}")
+        try:  # the protocol decides which keys are valid; this only words the refusal
+            encode(Arm(1, "", 0.0, 0, None, {key: ""}))
+        except ValueError:
+            raise ValueError(
+                f"label key {key!r} is not allowed: a key is a letter or '_', then at most "
+                "31 letters, digits or '_' (like rank or job_id)"
+            ) from None
+        if len(value) > MAX_LABEL_VALUE:
+            raise ValueError(
+                f"label {key!r} is {len(value)} characters long; the most is {MAX_LABEL_VALUE}"
+            )
+    return dict(labels)

@@ -47,6 +47,7 @@ def default_labels(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str
     labels = {}
     for var, label in _RANK_LABELS:
         value = env.get(var, "")
-        if value.isdigit() and len(value) <= 16:
+        # isascii: "²".isdigit() is true, and is no rank.
+        if value.isascii() and value.isdecimal() and len(value) <= 16:
             labels[label] = value
     return labels

@@ -180,11 +180,6 @@ class V1Lines:
         sig = self._signal if signal is None else signal
         return encode(TimerRequestV1(self._pid, scope_id, float(expiration_time), sig))
 
-    def expire(self, scope_id: str, signal: int) -> bytes:
-        """Return a line expiring ``scope_id`` now: version 1 has no expire, so this arms
-        it with an expiration time long past."""
-        return self.arm(scope_id, 0.0, signal)
-
     def disarm(self, scope_id: str) -> bytes:
         """Return the release line of ``scope_id``."""
         return self.release(scope_id)

@@ -53,12 +53,13 @@ def job_env(tmp_path: pathlib.Path, **extra: str) -> Dict[str, str]:
     return env
 
 
-def start_job(
+def start_job(  # noqa: PLR0917 - the tests name what they change
     processes: Processes,
     records: pathlib.Path,
     client: str,
     env: Dict[str, str],
     torchrun: Sequence[str] = TORCHRUN,
+    hang_attempts: int = 1,
 ) -> List[Process]:
     """Start the two agents of the job.
 
@@ -86,6 +87,7 @@ def start_job(
             f"--client={client}",
             f"--out={records}",
             f"--hang-after={HANG_AFTER}",
+            f"--hang-attempts={hang_attempts}",
         ]
         agents.append(processes.start(f"agent-{node}", argv, env=env))
     return agents
@@ -151,14 +153,40 @@ def test_torchrun_job_recovers_with_ftimer_embedded_in_the_agents(
     agents = start_job(processes, records, "ftimer", job_env(tmp_path), torchrun=FTIMER_AGENT)
     statuses = wait_all(agents)
     assert statuses == (0, 0), "\n".join(a.output()[-3000:] for a in agents)
+    check_recovery(records, reaps_printed_by(agents), started, time.time())
+
+
+def reaps_printed_by(agents: List[Process]) -> List[Dict[str, Any]]:
+    """The ``Reaped`` events the embedded servers printed (workers/ftimer_agent.py)."""
     prefix = "ftimer reaped: "
-    reaped = [
+    return [
         json.loads(line[len(prefix) :])
         for agent in agents
         for line in agent.output().splitlines()
         if line.startswith(prefix)
     ]
-    check_recovery(records, reaped, started, time.time())
+
+
+def test_a_job_that_never_recovers_fails_as_torchrun_says_with_ftimer_in_the_agents(
+    processes: Processes, tmp_path: pathlib.Path, torch_timer: Any
+) -> None:
+    # The example agent of docs/torchelastic.md (workers/ftimer_agent.py, verbatim): rank
+    # 1 hangs in both attempts, so the agents stop the workers twice and give up. Each
+    # attempt had a server of its own; the agent's last _shutdown finds its directory
+    # gone and must not fail on it (FileNotFoundError from os.rmdir, once).
+    records = tmp_path / "records"
+    env = job_env(tmp_path)
+    agents = start_job(processes, records, "ftimer", env, torchrun=FTIMER_AGENT, hang_attempts=2)
+    statuses = wait_all(agents)
+    output = "\n".join(a.output() for a in agents)
+    assert 0 not in statuses, output[-3000:]
+    assert "ChildFailedError" in output, output[-3000:]
+    assert "FileNotFoundError" not in output, output[-3000:]
+    done = read_records(records)
+    hung = [done[f"a{attempt}-r{HUNG_RANK}-start"]["pid"] for attempt in (0, 1)]
+    assert sorted(e["pid"] for e in reaps_printed_by(agents)) == sorted(hung)
+    # Every server's FIFO and directory is gone with it.
+    assert list((tmp_path / "tmp").glob("ftimer-agent-*")) == []
 
 
 def test_torchs_builtin_timer_kills_the_agent_and_the_job(

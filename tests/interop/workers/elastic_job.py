@@ -1,14 +1,17 @@
 """A torchrun worker whose first attempt hangs on one rank inside a collective.
 
 Run by torchrun (see tests/interop/test_torchrun_job.py):
-``elastic_job.py --client {ftimer,torch} --out DIR [--hang-after S] [--step-after S]``.
+``elastic_job.py --client {ftimer,torch} --out DIR [--hang-after S] [--step-after S]
+[--hang-attempts N]``.
 
 Every rank wraps its step in ``expires(...)`` with the timer client named by
 ``--client``, on the FIFO in ``TORCHELASTIC_TIMER_FILE``. In attempt 0, rank 1 enters an
 all_reduce on a two-rank group that rank 0 never joins, under a short timer
 (``--hang-after``), while every other rank waits for it in an all_reduce over the whole
 world: a collective hang. Once the timer server reaps rank 1 the others fail in gloo and
-the agents restart the group; attempt 1 runs the same step, which completes.
+the agents restart the group; attempt 1 runs the same step, which completes. With
+``--hang-attempts N`` rank 1 hangs in each of the first N attempts instead of only the
+first (a job that never recovers).
 
 Each rank records what it did as JSON files in ``--out``: ``a{attempt}-r{rank}-start.json``
 (pid, agent pid, the agent's restart count) before the step and
@@ -57,6 +60,7 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--out", type=pathlib.Path, required=True)
     parser.add_argument("--hang-after", type=float, default=2.0)
     parser.add_argument("--step-after", type=float, default=60.0)
+    parser.add_argument("--hang-attempts", type=int, default=1)
     args = parser.parse_args(argv)
 
     env: Dict[str, str] = dict(os.environ)
@@ -90,7 +94,7 @@ def main(argv: List[str]) -> int:
         restart_count=int(env["TORCHELASTIC_RESTART_COUNT"]),
     )
     value = torch.ones(1)
-    if attempt == 0 and rank == HUNG_RANK:
+    if attempt < args.hang_attempts and rank == HUNG_RANK:
         with timer.expires(after=args.hang_after):
             dist.all_reduce(value, group=pair)  # rank 0 never joins: hangs here
     else:

@@ -308,3 +308,13 @@ def test_expire_in_protocol_1_expires_at_the_present(peer: FifoPeer) -> None:
 def test_no_or_unknown_command_exits_2(argv: list, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == EXIT_USAGE
     assert "usage: ftimer" in capsys.readouterr().err
+
+
+def test_arm_help_warns_that_the_default_pid_is_the_calling_shell(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["arm", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "at an interactive terminal, that is your own shell, which an expired timer kills" in text
+    )

@@ -20,7 +20,7 @@ from ftimer_server import (
     Timer,
     WorkerGone,
 )
-from ftimer_server.daemon._cli import format_status
+from ftimer_server.daemon._cli import format_status, main
 from ftimer_server.daemon._daemon_log import describe, event_fields
 
 T = Timer(42, "step", 110.0, 9, 1234, {"rank": "3"})
@@ -179,3 +179,14 @@ def test_json_fields_are_flat() -> None:
         "labels": {"rank": "3"},
     }
     assert event_fields(DecodeFailed("LineTooLong", "too long", b"\xff{"))["excerpt"] == "\\xff{"
+
+
+def test_run_help_says_the_fifo_mode_applies_at_every_start(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # docs/deploy.md: the mode is set on a reused FIFO too, not only on a new one.
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "octal permissions of the FIFO, set at every start (a reused FIFO too)" in text
+    assert "of a new FIFO" not in text

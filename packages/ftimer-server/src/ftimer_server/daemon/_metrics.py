@@ -34,7 +34,8 @@ def _prometheus() -> Any:
         return importlib.import_module("prometheus_client")
     except ImportError:
         raise MetricsUnavailable(
-            "metrics need prometheus_client: pip install 'ftimer-server[metrics]'"
+            "metrics need prometheus_client (the ftimer-server[metrics] extra): "
+            "pip install prometheus_client"
         ) from None
 
 

@@ -66,6 +66,7 @@ def test_format_is_readable_json_with_a_version() -> None:
                 "start_time": 7,
             }
         ],
+        "journal": 0,
     }
 
 
@@ -184,11 +185,11 @@ def test_saver_writes_soon_after_a_change_and_batches(tmp_path: pathlib.Path) ->
     snapshots = 0
     lock = threading.Lock()
 
-    def snapshot() -> list[Timer]:
+    def snapshot() -> tuple[list[Timer], int]:
         nonlocal snapshots
         with lock:
             snapshots += 1
-            return list(current)
+            return list(current), 0
 
     saver = StateSaver(str(path), snapshot, BOOT, interval=0.1)
     saver.start()
@@ -227,7 +228,7 @@ def test_saver_survives_write_errors_and_recovers(tmp_path: pathlib.Path) -> Non
     directory = tmp_path / "d"
     directory.mkdir()
     path = directory / "state.json"
-    saver = StateSaver(str(path), list, BOOT, interval=0.01)
+    saver = StateSaver(str(path), lambda: ([], 0), BOOT, interval=0.01)
     directory.rmdir()  # writes now fail
     saver.start()
     deadline = time.monotonic() + 5
@@ -244,7 +245,7 @@ def test_saver_survives_write_errors_and_recovers(tmp_path: pathlib.Path) -> Non
 def test_stop_saves_the_final_state(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "state.json"
     current: list[Timer] = []
-    saver = StateSaver(str(path), lambda: list(current), BOOT, interval=60)
+    saver = StateSaver(str(path), lambda: (list(current), 0), BOOT, interval=60)
     saver.start()
     current.append(Timer(5, "last", 3.0, 9))
     saver.changed()

@@ -181,6 +181,17 @@ def test_a_v1_expiry_long_past_is_due_now_and_can_be_saved(rig: Rig) -> None:
     assert rig.signaller.sent == [(1000, 9)]
 
 
+def test_nothing_expires_while_held(rig: Rig) -> None:
+    # After a restart: a deadline that fell in the outage is judged after the grace.
+    rig.apply(arm(deadline=5.0))
+    rig.wd.hold(12.0)
+    assert rig.wd.next_wakeup() == 12.0
+    rig.at(11.9)
+    assert rig.signaller.sent == []
+    rig.at(12.0)
+    assert rig.signaller.sent == [(1000, 9)]
+
+
 def test_report_only_timers_are_reported_not_signalled(rig: Rig) -> None:
     rig.apply(arm(scope="report", deadline=5.0, signal=0), arm(scope="kill", deadline=30.0))
     rig.at(6.0)

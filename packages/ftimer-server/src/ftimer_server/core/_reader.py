@@ -64,6 +64,11 @@ class LineReader:
         self._max_line = max_line
         self._block = max(1, (max_line + 1) // 2)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a line whose newline has not arrived yet."""
+        return self._slow.buffered
+
     def feed(self, chunk: bytes) -> List[DecodeResult]:
         """Consume ``chunk``; return the results of the lines it completes. Never raises."""
         # Offsets into ``chunk`` and memoryviews of it, rather than slices: no copy of a

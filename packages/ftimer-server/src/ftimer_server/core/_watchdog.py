@@ -91,6 +91,7 @@ class Watchdog:
         self._signals = policy.signals(host.signals)
         self._emit_to = emit
         self._workers: Dict[int, Worker] = {}
+        self._hold_until = 0.0
         self.timer_events = timer_events
 
     # -- input -------------------------------------------------------------------------
@@ -171,9 +172,18 @@ class Watchdog:
 
     # -- time --------------------------------------------------------------------------
 
+    def hold(self, until: float) -> None:
+        """Expire nothing before ``until``: after a restart, the workers' clients need
+        that long to re-send what they could not write while no server read the FIFO
+        (a disarm written during the outage), so a deadline that fell in the outage is
+        judged only then."""
+        self._hold_until = max(self._hold_until, until)
+
     def next_wakeup(self) -> Optional[float]:
         """The next time ``tick()`` has something to do, or ``None`` (nothing armed)."""
         deadline = self.table.next_deadline()
+        if deadline is not None and deadline < self._hold_until:
+            deadline = self._hold_until
         escalation = self._reaper.next_deadline()
         if deadline is None:
             return escalation
@@ -191,8 +201,9 @@ class Watchdog:
                 everything written to it, so that no timer expires while a disarm
                 written before its deadline still waits to be read.
         """
-        for expiry in self.table.expire(now if horizon is None else min(horizon, now)):
-            self._expired(expiry, now)
+        if now >= self._hold_until:
+            for expiry in self.table.expire(now if horizon is None else min(horizon, now)):
+                self._expired(expiry, now)
         for worker, event in self._reaper.escalate(now):
             if event is None:
                 self.worker_gone(worker)

@@ -35,6 +35,7 @@ from ftimer_server.core._policy import Policy
 from ftimer_server.core._records import Timer
 from ftimer_server.core._stats import Stats
 from ftimer_server.server._fifo import FifoError, unreachable_by_writers
+from ftimer_server.server._journal import Journal
 from ftimer_server.server._server import FileTimerServer
 
 from ._config import (
@@ -166,16 +167,20 @@ class Daemon:
 
         boot_id = read_boot_id()
         timers: List[Timer] = []
+        journal: Optional[Journal] = None
+        replay_from = 0
         if c.state_file is not None:
             state_dir = os.path.dirname(c.state_file)
             try:
                 os.makedirs(state_dir, mode=0o700, exist_ok=True)
+                journal = Journal(c.state_file + ".journal")
             except OSError as e:
-                raise StartupError(f"cannot create the state directory {state_dir}: {e}") from None
+                raise StartupError(f"cannot use the state directory {state_dir}: {e}") from None
             loaded = load_state(c.state_file, boot_id)
             if loaded.ignored:
                 log.info("state file %s not used: %s", c.state_file, loaded.ignored)
-            timers = loaded.timers
+                journal.discard_before(journal.seq)  # it follows a state that is gone
+            timers, replay_from = loaded.timers, loaded.journal
 
         tick = self._notifier.watchdog_interval
         server = FileTimerServer(
@@ -190,6 +195,7 @@ class Daemon:
             fifo_group=c.fifo_group,
             tick_interval=tick,
             on_tick=self._keepalive if tick is not None else None,
+            journal=journal,
         )
         if timers:
             self._restoring = True
@@ -198,6 +204,16 @@ class Daemon:
             finally:
                 self._restoring = False
             log.info("restored %d of %d saved timers", len(server.armed()), len(timers))
+        if journal is not None and replay_from:
+            # What the last server read after its last save (it was killed): applied again
+            # in order, so not even a disarm it had read is lost.
+            size = server.replay(journal.replay(replay_from))
+            log.info(
+                "replayed %d byte(s) of the journal from segment %d: %d timer(s) armed now",
+                size,
+                replay_from,
+                len(server.armed()),
+            )
         # Restored timers were logged; from now on, arms and disarms only at debug level.
         server.set_event_types(self._event_types())
         try:
@@ -211,7 +227,13 @@ class Daemon:
             raise StartupError(f"control socket {c.control_socket}: {e}") from None
         self._control = control
         if c.state_file is not None:
-            self._saver = StateSaver(c.state_file, server.armed, boot_id, c.state_interval)
+            self._saver = StateSaver(
+                c.state_file,
+                server.checkpoint,
+                boot_id,
+                c.state_interval,
+                saved=journal.discard_before if journal is not None else lambda _: None,
+            )
             self._saver.start()
         if self._metrics is not None and c.metrics_address is not None:
             try:

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import msgspec
 
@@ -54,12 +54,14 @@ MAX_STATE_BYTES = 256 * 1024 * 1024
 
 
 class StateFile(msgspec.Struct, frozen=True, kw_only=True):
-    """The whole file. ``saved_at`` is the monotonic time of the write."""
+    """The whole file. ``saved_at`` is the monotonic time of the write; ``journal`` the
+    first journal segment to replay after restoring ``timers`` (0: none)."""
 
     version: int
     boot_id: str
     saved_at: float
     timers: List[Timer]
+    journal: int = 0
 
 
 class _LenientStateFile(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,6 +70,7 @@ class _LenientStateFile(msgspec.Struct, frozen=True, kw_only=True):
     boot_id: str
     saved_at: float
     timers: List[msgspec.Raw]
+    journal: int = 0
 
 
 class _Header(msgspec.Struct):
@@ -94,9 +97,15 @@ def read_boot_id(path: str = BOOT_ID_PATH) -> str:
         return ""
 
 
-def encode_state(timers: Iterable[Timer], boot_id: str, saved_at: float) -> bytes:
+def encode_state(timers: Iterable[Timer], boot_id: str, saved_at: float, journal: int = 0) -> bytes:
     """Serialise a state file."""
-    doc = StateFile(version=STATE_VERSION, boot_id=boot_id, saved_at=saved_at, timers=list(timers))
+    doc = StateFile(
+        version=STATE_VERSION,
+        boot_id=boot_id,
+        saved_at=saved_at,
+        timers=list(timers),
+        journal=journal,
+    )
     return _encoder.encode(doc) + b"\n"
 
 
@@ -126,7 +135,13 @@ def decode_state(data: bytes) -> StateFile:
             timers.append(_timer_decoder.decode(item))
         except msgspec.DecodeError as e:
             log.error("state file: dropped an invalid timer (%s): %s", e, bytes(item)[:200])
-    return StateFile(version=raw.version, boot_id=raw.boot_id, saved_at=raw.saved_at, timers=timers)
+    return StateFile(
+        version=raw.version,
+        boot_id=raw.boot_id,
+        saved_at=raw.saved_at,
+        timers=timers,
+        journal=raw.journal,
+    )
 
 
 def write_state(path: str, data: bytes) -> None:
@@ -157,6 +172,8 @@ class StateLoad(msgspec.Struct, frozen=True):
     """What `load_state` found: the timers to restore, or why there are none."""
 
     timers: List[Timer]
+    #: The first journal segment to replay after restoring ``timers`` (0: none).
+    journal: int = 0
     #: Why the file was not used ("" if it was): no file, another boot, unusable.
     ignored: str = ""
     #: Where an unusable file was moved to, or "".
@@ -200,7 +217,7 @@ def load_state(path: str, boot_id: str, now: Optional[float] = None) -> StateLoa
     now = time.monotonic() if now is None else now
     if state.boot_id != boot_id or (not boot_id and state.saved_at > now):
         return StateLoad([], ignored="saved during another boot")
-    return StateLoad(state.timers)
+    return StateLoad(state.timers, state.journal)
 
 
 class StateSaver:
@@ -212,22 +229,28 @@ class StateSaver:
 
     Args:
         path: the state file.
-        snapshot: returns the timers to save; called on the saver thread.
+        snapshot: returns the timers to save and the journal segment a restart replays
+            after them (0: none); called on the saver thread.
         boot_id: written into the file.
         interval: minimum seconds between two writes; also the bound on how stale the
             file may be after a change.
         clock: monotonic seconds, written as ``saved_at``.
+        saved: called after each successful write with the journal segment it names
+            (older segments can go).
     """
 
     def __init__(
         self,
         path: str,
-        snapshot: Callable[[], Sequence[Timer]],
+        snapshot: Callable[[], Tuple[Sequence[Timer], int]],
         boot_id: str,
         interval: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        saved: Callable[[int], None] = lambda journal: None,
     ) -> None:
         self.path = path
+        self._saved = saved
         self.interval = interval
         self._snapshot = snapshot
         self._boot_id = boot_id
@@ -256,14 +279,16 @@ class StateSaver:
     def save(self) -> bool:
         """Write the current snapshot now (on the caller's thread); True on success."""
         with self._write_lock:
-            timers = self._snapshot()
             try:
-                write_state(self.path, encode_state(timers, self._boot_id, self._clock()))
+                timers, journal = self._snapshot()
+                state = encode_state(timers, self._boot_id, self._clock(), journal)
+                write_state(self.path, state)
             except OSError as e:
                 self.errors += 1
                 log.error("cannot save state to %s: %s", self.path, e)
                 return False
             self.saves += 1
+            self._saved(journal)
             return True
 
     def stop(self, final_save: bool = True) -> None:

@@ -33,6 +33,7 @@ from ftimer_server.core._records import Worker
 from ftimer_server.core._watchdog import Watchdog
 
 from ._fifo import Fifo
+from ._journal import Journal
 
 __all__ = ["MAX_WAIT", "READ_CHUNK", "Loop"]
 
@@ -59,6 +60,7 @@ class Loop:
             lock, with the tokens of the ``Sync`` messages applied in it.
         tick_interval, on_tick: call ``on_tick()`` at least every ``tick_interval``
             seconds (a systemd watchdog keep-alive).
+        journal: where every byte read goes before it is applied (the daemon's state).
     """
 
     def __init__(
@@ -70,14 +72,17 @@ class Loop:
         *,
         tick_interval: Optional[float] = None,
         on_tick: Optional[Callable[[], None]] = None,
+        journal: Optional[Journal] = None,
     ) -> None:
         self._fifo = fifo
+        self._journal = journal
         self._watchdog = watchdog
         self._lock = lock
         self._after = after
         self._tick_interval = tick_interval
         self._on_tick = on_tick
-        self._reader = LineReader()
+        #: The decoder of the FIFO's stream (its unfinished line is kept at checkpoints).
+        self.reader = LineReader()
         self._stopping = False
         #: The loop's thread, once it runs.
         self.ident: Optional[int] = None
@@ -181,20 +186,23 @@ class Loop:
             The ``Sync`` tokens applied, and the horizon: a moment before which
             everything written to the FIFO has now been applied.
         """
-        fifo, watchdog, feed = self._fifo, self._watchdog, self._reader.feed
+        fifo, watchdog, feed = self._fifo, self._watchdog, self.reader.feed
+        read = os.read if self._journal is None else self._journal.read
         tokens: List[str] = []
         horizon = time.monotonic()
         pending = fifo.pending()
         while pending > 0:
-            try:
-                chunk = os.read(fifo.read_fd, READ_CHUNK)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            pending -= len(chunk)
+            # Read and apply under one lock: a checkpoint (snapshot plus journal position)
+            # never falls between the two.
             with self._lock:
+                try:
+                    chunk = read(fifo.read_fd, READ_CHUNK)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
                 tokens += watchdog.apply(feed(chunk), time.monotonic(), time.time())
+            pending -= len(chunk)
         return tokens, horizon
 
 

@@ -15,17 +15,19 @@ import select
 import threading
 import time
 from types import TracebackType
-from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Type, Union
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple, Type, Union
 
 from ftimer_protocol import Sync, default_fifo_path, encode
 from ftimer_server.core._events import Armed, Disarmed, Event, Reaped
 from ftimer_server.core._policy import Policy
+from ftimer_server.core._reader import LineReader
 from ftimer_server.core._records import Timer, Worker
 from ftimer_server.core._stats import Stats
 from ftimer_server.core._watchdog import Watchdog
 
 from ._edge import ReapStep, SystemHost, ancestors_of
 from ._fifo import Fifo, open_fifo
+from ._journal import Journal
 from ._loop import Loop
 from ._process import ProcessInspector, SystemInspector, raise_fd_limit
 from ._signaller import OsSignaller, RecordingSignaller, Signaller
@@ -36,6 +38,8 @@ __all__ = ["FileTimerServer", "Lifecycle"]
 logger = logging.getLogger("ftimer_server")
 
 _sync_ids = itertools.count()
+#: Bytes in the journal's current segment past which ``on_change`` asks for a save.
+JOURNAL_TRIM = 16 * 1024 * 1024
 
 
 class Lifecycle(enum.Enum):
@@ -73,8 +77,9 @@ class FileTimerServer:
             ``Armed`` and ``Disarmed``, one per request, are not even built when not
             wanted. ``set_event_types()`` changes it later.
         on_change: called from the loop, once per iteration, when the armed timers
-            changed in it (armed, re-armed, disarmed, expired, dropped): a cheap cue to
-            save them, instead of watching every event.
+            changed in it (armed, re-armed, disarmed, expired, dropped), or the journal
+            holds more than 16 MiB: a cheap cue to save them (``checkpoint()``), instead
+            of watching every event.
         policy: which processes and signals are allowed, and the timer limits.
         escalate_after: seconds after a signal other than SIGKILL before a surviving
             worker gets SIGKILL; ``None`` (default, torch's behaviour) never escalates.
@@ -95,6 +100,12 @@ class FileTimerServer:
             wake-up the server ever does, and only when asked.
         pipe_size: the pipe buffer size to request; defaults to the system maximum.
         reap_steps: callables run between an expiry and its signal (diagnostics).
+        journal: keeps every byte read before it is applied, for ``checkpoint()`` and a
+            restart's ``replay()`` (the daemon's state file); ``None``: no journal.
+        restore_grace: after ``restore()`` or ``replay()``, no timer expires for this
+            many seconds: clients that could not write while no server ran (a disarm
+            during the outage) re-send within their retry interval (1 s at most for
+            ftimer's client), and a deadline that fell in the outage is judged after.
 
     Raises:
         ValueError: an option is out of range, or options conflict.
@@ -125,6 +136,8 @@ class FileTimerServer:
         on_tick: Optional[Callable[[], None]] = None,
         pipe_size: Optional[int] = None,
         reap_steps: Iterable[ReapStep] = (),
+        journal: Optional[Journal] = None,
+        restore_grace: float = 1.5,
     ) -> None:
         if file_path is None:
             file_path = os.environ.get("TORCHELASTIC_TIMER_FILE") or default_fifo_path()
@@ -132,6 +145,10 @@ class FileTimerServer:
             raise ValueError("tick_interval and on_tick go together")
         if tick_interval is not None and tick_interval <= 0:
             raise ValueError("tick_interval must be > 0")
+        if not 0 <= restore_grace <= 3600:
+            raise ValueError("restore_grace must be between 0 and 3600 seconds")
+        self._journal = journal
+        self._restore_grace = restore_grace
         self.file_path = os.fspath(file_path)
         self.run_id = run_id
         self.max_interval = max_interval
@@ -266,7 +283,8 @@ class FileTimerServer:
 
         Deadlines are monotonic seconds of this boot. A timer whose process is gone or
         is now another process (start time) is dropped with a ``Rejected`` event
-        (request ``"restore"``). Call it before ``start()`` or while running.
+        (request ``"restore"``). For ``restore_grace`` seconds nothing expires. Call it
+        before ``start()`` or while running.
 
         Raises:
             RuntimeError: the server was stopped.
@@ -274,12 +292,53 @@ class FileTimerServer:
         with self._lock:
             if self._state in (Lifecycle.STOPPING, Lifecycle.STOPPED):
                 raise RuntimeError("the server is stopped; restore into a new one")
+            timers = list(timers)
             self._watchdog.restore(timers)
+            if timers:
+                self._watchdog.hold(time.monotonic() + self._restore_grace)
             loop = self._loop
             if loop is not None:
                 loop.wake()  # the loop delivers the events and sees the new deadlines
         if loop is None:
             self._flush()
+
+    def replay(self, chunks: Iterable[bytes]) -> int:
+        """Apply bytes as if read from the FIFO before it was opened: a journal's
+        segments, after ``restore()`` of the snapshot they follow. Markers of ``sync()``
+        in them are ignored. For ``restore_grace`` seconds nothing expires. Call it
+        before ``start()``.
+
+        Returns:
+            The number of bytes replayed.
+
+        Raises:
+            RuntimeError: the server was started.
+        """
+        reader, size = LineReader(), 0
+        with self._lock:
+            if self._state is not Lifecycle.NEW:
+                raise RuntimeError("replay() comes before start()")
+            for chunk in chunks:
+                self._watchdog.apply(reader.feed(chunk), time.monotonic(), time.time())
+                size += len(chunk)
+            if size:
+                self._watchdog.hold(time.monotonic() + self._restore_grace)
+        self._flush()
+        return size
+
+    def checkpoint(self) -> Tuple[List[Timer], int]:
+        """A snapshot of the armed timers and, atomically with it, the journal segment
+        from which a restart that restores the snapshot must ``replay()`` (0: no journal).
+
+        Raises:
+            OSError: the journal could not start a new segment.
+        """
+        with self._lock:
+            timers = self._watchdog.armed()
+            if self._journal is None:
+                return timers, 0
+            keep = 0 if self._loop is None else self._loop.reader.buffered
+            return timers, self._journal.checkpoint(keep)
 
     def sync(self, timeout: float = 10.0) -> None:
         """Return once everything written to the FIFO before this call has been applied
@@ -373,6 +432,7 @@ class FileTimerServer:
                 self._after,
                 tick_interval=self._tick_interval,
                 on_tick=self._on_tick,
+                journal=self._journal,
             )
             for worker in self._watchdog.workers():  # bound by restore() before start
                 loop.watch(worker)
@@ -444,9 +504,12 @@ class FileTimerServer:
                 logger.exception("event callback failed on %r", event)
 
     def _changed(self) -> None:
-        """Call ``on_change`` if the armed timers changed since it was last called."""
+        """Call ``on_change`` if the armed timers changed since it was last called, or
+        the journal has grown enough that a checkpoint should trim it (a junk flood
+        changes no timer, but fills the journal)."""
         changes = self._watchdog.table.changes
-        if self._on_change is not None and changes != self._changes:
+        grown = self._journal is not None and self._journal.size > JOURNAL_TRIM
+        if self._on_change is not None and (changes != self._changes or grown):
             self._changes = changes
             try:
                 self._on_change()

@@ -1,0 +1,160 @@
+"""The journal: every byte the server reads from its FIFO, kept on file before it is
+applied, so a server killed at any moment loses nothing it had read.
+
+A saved state (the daemon's state file) is a snapshot of the armed timers; what the
+server applied after the snapshot lives only in its memory, and a ``kill -9`` would lose
+it: a disarm read but not yet saved comes back as an armed timer after the restart, and
+the healthy worker that sent it is reaped. So bytes go from the pipe into the journal
+first (``splice(2)`` moves them without a window in which they are in neither place;
+``read`` and ``write`` where there is no ``splice``), then to the decoder. Each snapshot
+starts a new journal segment and names it; a restart restores the snapshot and replays
+the segments from the one it names. Segments older than the last saved snapshot are
+deleted, so the journal holds about one save interval of traffic.
+
+Segments are files ``<prefix>.<number>`` (mode 0600) beside the state file. No fsync: a
+process that dies leaves its writes in the page cache; after a power loss the boot id
+changes and the whole state is discarded anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import logging
+import os
+from typing import Iterator, List
+
+__all__ = ["Journal"]
+
+logger = logging.getLogger("ftimer_server")
+
+_SPLICE = getattr(os, "splice", None)
+_SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
+_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_FLAGS |= getattr(os, "O_NOFOLLOW", 0)
+_REPLAY_CHUNK = 256 * 1024
+
+
+class Journal:
+    """The segments ``<prefix>.<n>``; writes go to a new segment, numbered after those
+    already there (which a restart replays first).
+
+    Args:
+        prefix: path prefix of the segment files (the state file's path, say).
+
+    Raises:
+        OSError: the first segment cannot be created.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        found = self.segments()
+        self._seq = (found[-1] if found else 0) + 1
+        self._fd = self._create(self._seq)
+        self._size = 0
+        self._failed = False
+        self._splice = _SPLICE
+
+    @property
+    def size(self) -> int:
+        """Bytes in the segment being written."""
+        return self._size
+
+    @property
+    def seq(self) -> int:
+        """The number of the segment being written."""
+        return self._seq
+
+    def segments(self) -> List[int]:
+        """The numbers of the segments on disk, in order."""
+        out = []
+        for path in glob.glob(glob.escape(self._prefix) + ".*"):
+            suffix = path[len(self._prefix) + 1 :]
+            if suffix.isdecimal() and suffix.isascii():
+                out.append(int(suffix))
+        return sorted(out)
+
+    def read(self, fd: int, size: int) -> bytes:
+        """Move up to ``size`` bytes from the pipe ``fd`` into the journal; return them.
+
+        Raises:
+            BlockingIOError: the pipe is empty.
+        """
+        if not self._failed:
+            try:
+                return self._journal(fd, size)
+            except BlockingIOError:
+                raise
+            except OSError as e:  # disk full, ...: keep serving, without the journal
+                self._failed = True
+                logger.error(
+                    "journal %s.%d: %s; from now on, what was read since the last save is "
+                    "lost if the server is killed",
+                    self._prefix,
+                    self._seq,
+                    e,
+                )
+        return os.read(fd, size)
+
+    def checkpoint(self, keep: int = 0) -> int:
+        """Start a new segment with the last ``keep`` bytes of the current one (an
+        unfinished line) and return its number: a snapshot of the timers taken now
+        needs the segments from that one on. Call it with the snapshot, atomically.
+
+        Raises:
+            OSError: the new segment cannot be created (the journal keeps the old one).
+        """
+        carry = os.pread(self._fd, keep, self._size - keep) if keep else b""
+        fd = self._create(self._seq + 1)
+        if carry:
+            os.write(fd, carry)
+        os.close(self._fd)
+        self._fd, self._size, self._seq = fd, len(carry), self._seq + 1
+        self._failed = False
+        return self._seq
+
+    def discard_before(self, seq: int) -> None:
+        """Delete the segments numbered below ``seq`` (a saved snapshot no longer needs
+        them)."""
+        for n in self.segments():
+            if n >= seq:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self._prefix}.{n}")
+
+    def replay(self, first: int) -> Iterator[bytes]:
+        """The bytes of the segments from ``first`` up to (not including) the current
+        one, in order, in chunks."""
+        for n in self.segments():
+            if first <= n < self._seq:
+                with open(f"{self._prefix}.{n}", "rb") as f:
+                    while chunk := f.read(_REPLAY_CHUNK):
+                        yield chunk
+
+    def close(self) -> None:
+        """Close the current segment (it stays on disk)."""
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+    def _create(self, seq: int) -> int:
+        return os.open(f"{self._prefix}.{seq}", _FLAGS, 0o600)
+
+    def _journal(self, fd: int, size: int) -> bytes:
+        start = self._size
+        if self._splice is not None:
+            try:
+                moved: int = self._splice(fd, self._fd, size, flags=_SPLICE_F_NONBLOCK)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                self._splice = None  # a file system that takes no splice: copy instead
+                return self._journal(fd, size)
+            data = os.pread(self._fd, moved, start)
+        else:
+            data = os.read(fd, size)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        self._size = start + len(data)
+        return data

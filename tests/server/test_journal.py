@@ -1,0 +1,78 @@
+"""The journal: bytes move from a real FIFO into segment files before they are applied."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+
+import pytest
+
+from ftimer_server.server._journal import Journal
+
+
+@pytest.fixture
+def pipe(fifo_path: pathlib.Path):  # type: ignore[no-untyped-def]
+    os.mkfifo(fifo_path)
+    r = os.open(fifo_path, os.O_RDONLY | os.O_NONBLOCK)
+    w = os.open(fifo_path, os.O_WRONLY)
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
+def test_what_is_read_is_on_file_first(tmp_path: pathlib.Path, pipe) -> None:  # type: ignore[no-untyped-def]
+    r, w = pipe
+    journal = Journal(str(tmp_path / "state.journal"))
+    assert journal.seq == 1
+    os.write(w, b"one\ntw")
+    assert journal.read(r, 1 << 16) == b"one\ntw"
+    os.write(w, b"o\n")
+    assert journal.read(r, 1 << 16) == b"o\n"
+    with pytest.raises(BlockingIOError):
+        journal.read(r, 1 << 16)
+    assert (tmp_path / "state.journal.1").read_bytes() == b"one\ntwo\n"
+    assert journal.size == 8
+
+
+def test_a_checkpoint_starts_a_segment_with_the_unfinished_line(
+    tmp_path: pathlib.Path,
+    pipe,  # type: ignore[no-untyped-def]
+) -> None:
+    r, w = pipe
+    journal = Journal(str(tmp_path / "j"))
+    os.write(w, b"done\nhalf a li")
+    journal.read(r, 100)
+    assert journal.checkpoint(keep=len(b"half a li")) == 2
+    os.write(w, b"ne\n")
+    journal.read(r, 100)
+    assert (tmp_path / "j.2").read_bytes() == b"half a line\n"
+    journal.checkpoint()
+    assert b"".join(journal.replay(2)) == b"half a line\n"
+    journal.discard_before(3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.3"]
+
+
+def test_numbering_goes_on_after_what_is_there(tmp_path: pathlib.Path) -> None:
+    for name in ("j.4", "j.12", "j.x", "j.12.tmp"):
+        (tmp_path / name).write_bytes(name.encode() + b"\n")
+    journal = Journal(str(tmp_path / "j"))
+    assert journal.seq == 13
+    assert journal.segments() == [4, 12, 13]
+    assert b"".join(journal.replay(5)) == b"j.12\n"  # from 5 up to the current one
+
+
+def test_a_journal_that_cannot_be_written_costs_no_byte(
+    tmp_path: pathlib.Path,
+    pipe,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    r, w = pipe
+    journal = Journal(str(tmp_path / "j"))
+    os.close(journal._fd)  # as a full disk would, every write to it fails
+    journal._fd = os.open(os.devnull, os.O_RDONLY)
+    os.write(w, b"still read\n")
+    with caplog.at_level(logging.ERROR, logger="ftimer_server"):
+        assert journal.read(r, 100) == b"still read\n"
+    assert "lost if the server is killed" in caplog.text
+    journal.close()

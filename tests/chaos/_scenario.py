@@ -49,6 +49,8 @@ STOP_SECONDS = 2.5
 FULL_PIPE_HOLD = 0.4
 #: A daemon down for longer than a healthy block's timer.
 LONG_OUTAGE = 3.0
+#: The daemon's default restore grace (seconds, FileTimerServer.restore_grace).
+RESTORE_GRACE = 1.5
 
 Inject = Callable[[Callable[[], None]], None]
 
@@ -249,10 +251,13 @@ class Chaos:
             self.tally.damaged.append((how, bool(new)))
 
     def restart(self, kind: str, down: float, deliberate: bool = False) -> None:
-        """Start the next daemon; the time it was down is an excused interval (and an
-        outage figure; ``deliberate``: made long on purpose)."""
+        """Start the next daemon; the time it was down, and its restore grace after, are
+        an excused interval (the time down is an outage figure; ``deliberate``: made long
+        on purpose)."""
         ready = self.daemon.start()
-        self.tally.excused.append(Interval(kind, down, ready))
+        # A daemon that restored timers expires nothing for its restore grace: clients
+        # re-send what they could not write while it was down (docs/server.md).
+        self.tally.excused.append(Interval(kind, down, ready + RESTORE_GRACE))
         self.tally.restarts += 1
         (self.tally.long_outages if deliberate else self.tally.outages).append(ready - down)
         self.log(f"{kind}: daemon back (pid {self.daemon.pid}) after {ready - down:.3f} s")

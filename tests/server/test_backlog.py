@@ -17,7 +17,15 @@ import time
 from tests.conftest import wait_until
 
 from ftimer_protocol import Arm, Disarm, encode
-from ftimer_server import Armed, Event, FileTimerServer, Lifecycle, Reaped
+from ftimer_server import (
+    Armed,
+    Disarmed,
+    Event,
+    FileTimerServer,
+    Lifecycle,
+    Reaped,
+    WorkerGone,
+)
 from ftimer_server.server._loop import READ_CHUNK
 
 from .conftest import send, wait_exit
@@ -95,3 +103,21 @@ def test_stop_applies_everything_written_before_it(fifo_path: pathlib.Path, chil
     stopper.join(30)
     assert [t.scope_id for t in server.armed()] == ["kept"]
     assert child.poll() is None
+
+
+def test_a_worker_that_disarms_then_exits_is_seen_to_disarm_first(
+    fifo_path: pathlib.Path, children
+) -> None:
+    gate = Gate()
+    child = children("sleep", "0.3")
+    with FileTimerServer(fifo_path, on_event=gate) as server:
+        send(fifo_path, Arm(pid=child.pid, scope_id="step", deadline=1e9, signal=9))
+        assert gate.held.wait(10)  # held: the disarm and the exit arrive together
+        send(fifo_path, Disarm(pid=child.pid, scope_id="step"))
+        wait_exit(child)
+        gate.open.set()
+        wait_until(lambda: any(isinstance(e, WorkerGone) for e in gate.events))
+        server.sync()
+    [gone] = [e for e in gate.events if isinstance(e, WorkerGone)]
+    assert gone.timers == ()  # exited with nothing armed: not "1 timer(s) dropped"
+    assert [type(e) for e in gate.events] == [Armed, Disarmed, WorkerGone]

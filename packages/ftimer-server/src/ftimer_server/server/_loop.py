@@ -1,8 +1,8 @@
 """The I/O loop: waits for bytes, exits and deadlines, and feeds the core.
 
 One iteration is a fixed sequence: wait (epoll) until the next deadline, bytes in the
-FIFO, a worker's pidfd turning readable (it exited) or a wake-up; apply the exits; read
-and apply what the FIFO holds; expire and escalate; hand the results to the façade
+FIFO, a worker's pidfd turning readable (it exited) or a wake-up; read and apply what
+the FIFO holds; apply the exits; expire and escalate; hand the results to the façade
 (events, sync callers). The wait has no fixed interval: with nothing armed it has no
 timeout at all, so an idle server never wakes up.
 
@@ -164,16 +164,19 @@ class Loop:
                 os.close(fd)
 
     def _iterate(self, ready: List[Tuple[selectors.SelectorKey, int]]) -> float:
-        """Exits, then messages, then expiries; returns the time the timers were checked."""
+        """Messages, then exits, then expiries; returns the time the timers were checked.
+
+        Messages first: a worker that disarmed and then exited had its disarm written
+        before its exit, so its last words are applied before its death is.
+        """
         watchdog = self._watchdog
+        tokens, horizon = self._ingest()
         with self._lock:
             for key, _ in ready:
                 if key.data is _WAKE:
                     _drain(self._wake_r)
                 elif key.data is not _FIFO:  # a pidfd: its worker exited
                     watchdog.worker_gone(key.data)
-        tokens, horizon = self._ingest()
-        with self._lock:
             now = time.monotonic()
             watchdog.tick(now, horizon)
         self._after(tokens)

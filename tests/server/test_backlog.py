@@ -26,7 +26,7 @@ from ftimer_server import (
     Reaped,
     WorkerGone,
 )
-from ftimer_server.server._loop import READ_CHUNK
+from ftimer_server.server._loop import EXIT_HOLD, READ_CHUNK
 
 from .conftest import send, wait_exit
 
@@ -121,3 +121,21 @@ def test_a_worker_that_disarms_then_exits_is_seen_to_disarm_first(
     [gone] = [e for e in gate.events if isinstance(e, WorkerGone)]
     assert gone.timers == ()  # exited with nothing armed: not "1 timer(s) dropped"
     assert [type(e) for e in gate.events] == [Armed, Disarmed, WorkerGone]
+
+
+def test_a_wrappers_disarm_after_the_exit_is_applied_first(
+    fifo_path: pathlib.Path, children
+) -> None:
+    # `ftimer exec` disarms once its command has exited: just after the pidfd fired.
+    events: list[Event] = []
+    child = children("sleep", "0.2")
+    with FileTimerServer(fifo_path, on_event=events.append) as server:
+        send(fifo_path, Arm(pid=child.pid, scope_id="exec", deadline=1e9, signal=9))
+        server.sync()
+        wait_exit(child)
+        time.sleep(EXIT_HOLD / 2)  # the wrapper's own wake-up: not instant
+        send(fifo_path, Disarm(pid=child.pid, scope_id="exec"))
+        wait_until(lambda: any(isinstance(e, WorkerGone) for e in events))
+    [gone] = [e for e in events if isinstance(e, WorkerGone)]
+    assert gone.timers == ()
+    assert [type(e) for e in events] == [Armed, Disarmed, WorkerGone]

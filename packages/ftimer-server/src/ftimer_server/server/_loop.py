@@ -45,6 +45,9 @@ READ_CHUNK = 256 * 1024
 #: The longest single wait: a deadline days away costs one wake-up an hour, and no
 #: timeout overflows epoll's.
 MAX_WAIT = 3600.0
+#: Seconds an exit waits before it is applied, for the worker's last words written by
+#: someone else after it (``ftimer exec`` disarms once its command has exited).
+EXIT_HOLD = 0.05
 _FIFO = object()
 _WAKE = object()
 
@@ -91,6 +94,7 @@ class Loop:
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
+        self._exits: List[Tuple[float, Worker]] = []  # (when to apply, worker), in order
         self._selector = selectors.DefaultSelector()
         self._selector.register(fifo.read_fd, selectors.EVENT_READ, _FIFO)
         self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
@@ -128,6 +132,9 @@ class Loop:
         while not self._stopping:
             with self._lock:
                 wakeup = watchdog.next_wakeup()
+            if self._exits:
+                due = self._exits[0][0]
+                wakeup = due if wakeup is None else min(wakeup, due)
             if next_tick is not None:
                 wakeup = next_tick if wakeup is None else min(wakeup, next_tick)
             timeout = None
@@ -166,18 +173,22 @@ class Loop:
     def _iterate(self, ready: List[Tuple[selectors.SelectorKey, int]]) -> float:
         """Messages, then exits, then expiries; returns the time the timers were checked.
 
-        Messages first: a worker that disarmed and then exited had its disarm written
-        before its exit, so its last words are applied before its death is.
+        Messages first, and an exit only ``EXIT_HOLD`` after it was seen: a worker's last
+        words (its own disarm before it exited, or its wrapper's after) are applied
+        before its death is, so its timers are disarmed, not dropped.
         """
         watchdog = self._watchdog
+        for key, _ in ready:
+            if key.data is _WAKE:
+                _drain(self._wake_r)
+            elif key.data is not _FIFO:  # a pidfd: its worker exited
+                self.unwatch(key.data)  # readable from now on: stop waiting for it
+                self._exits.append((time.monotonic() + EXIT_HOLD, key.data))
         tokens, horizon = self._ingest()
         with self._lock:
-            for key, _ in ready:
-                if key.data is _WAKE:
-                    _drain(self._wake_r)
-                elif key.data is not _FIFO:  # a pidfd: its worker exited
-                    watchdog.worker_gone(key.data)
             now = time.monotonic()
+            while self._exits and self._exits[0][0] <= now:
+                watchdog.worker_gone(self._exits.pop(0)[1])
             watchdog.tick(now, horizon)
         self._after(tokens)
         return now

@@ -1,0 +1,194 @@
+"""The incident record: why a worker hung, captured before it was reaped.
+
+One incident per reap (of a worker whose server captures diagnostics): the expired timer,
+what was captured of the stuck worker and of its peers (the other workers of the same job
+on the host), the stacks grouped so that the outlier stands out, and a summary a person
+reads first. A versioned msgspec schema: the daemon writes it as JSON, ``ftimer-server
+incidents`` reads it back, and third parties may too. Evolution follows the protocol's
+rules: new members get defaults, nothing is ever renamed or retyped; a breaking change is
+a new ``version``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import msgspec
+
+__all__ = [
+    "INCIDENT_VERSION",
+    "Capture",
+    "Frame",
+    "Group",
+    "Incident",
+    "ProcessFacts",
+    "ThreadStack",
+]
+
+INCIDENT_VERSION = 1
+
+
+class Frame(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
+    """One frame of a stack.
+
+    Attributes:
+        function: the function (``Thread.run``, ``all_reduce``, ``clock_nanosleep``).
+        file: its file, as the capture gave it (``train.py``, ``/usr/lib/...``); "" for a
+            native frame without one.
+        line: the line, 0 where unknown.
+        native: a C/C++ frame (``py-spy --native``), not a Python one.
+    """
+
+    function: str
+    file: str = ""
+    line: int = 0
+    native: bool = False
+
+
+class ThreadStack(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One thread of a captured worker.
+
+    Attributes:
+        tid: its thread id (``os_thread_id``).
+        name: its Python name, where known ("MainThread").
+        frames: innermost first.
+        state: its state from ``/proc/PID/task/TID/stat``: R running, S sleeping, D
+            uninterruptible (usually I/O), T stopped, Z zombie.
+        wchan: the kernel function it waits in, where readable.
+        active: the capture saw it running Python (not idle), where it can tell.
+        gil: the capture saw it holding the GIL, where it can tell.
+        kernel_stack: ``/proc/PID/task/TID/stack``, where readable (root).
+        doing: what it is doing, in words ("waiting on a lock", "holding the GIL in a C
+            call", "in uninterruptible I/O", ...).
+    """
+
+    tid: int
+    name: str = ""
+    frames: List[Frame] = []
+    state: Optional[str] = None
+    wchan: Optional[str] = None
+    active: Optional[bool] = None
+    gil: Optional[bool] = None
+    kernel_stack: Optional[List[str]] = None
+    doing: str = ""
+
+
+class ProcessFacts(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What ``/proc`` tells about a worker, whatever else could be captured.
+
+    Attributes:
+        cmdline: its command line.
+        state: the process's state letter.
+        rss: resident memory in bytes.
+        threads: number of threads.
+        children: pids of its children.
+        age: seconds since it started.
+        fifos, sockets: open FIFOs and sockets.
+        uid: its real user id.
+    """
+
+    cmdline: List[str] = []
+    state: str = ""
+    rss: int = 0
+    threads: int = 0
+    children: List[int] = []
+    age: float = 0.0
+    fifos: int = 0
+    sockets: int = 0
+    uid: Optional[int] = None
+
+
+class Capture(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What was captured of one worker.
+
+    Attributes:
+        pid, start_time: the worker.
+        role: "stuck" (its timer expired) or "peer" (another worker of the same job,
+            captured for comparison and left alone).
+        labels: the labels of its timer (job, rank, ...).
+        method: "py-spy", "hook" (the faulthandler hook its client installed) or
+            "none" (the facts alone).
+        seconds: how long the capture took.
+        exited: the worker exited during the capture.
+        error: why the method failed or was not used, for people ("py-spy: ptrace not
+            permitted (EPERM): run the server as root or grant CAP_SYS_PTRACE").
+        facts: what ``/proc`` told.
+        threads: every thread's stack.
+        raw: the method's own output, as it came.
+        core: the path of a core file taken with ``gcore``, if asked for.
+    """
+
+    pid: int
+    start_time: Optional[int] = None
+    role: str = "stuck"
+    labels: Optional[Dict[str, str]] = None
+    method: str = "none"
+    seconds: float = 0.0
+    exited: bool = False
+    error: Optional[str] = None
+    facts: Optional[ProcessFacts] = None
+    threads: List[ThreadStack] = []
+    raw: str = ""
+    core: Optional[str] = None
+
+
+class Group(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Workers whose stuck threads have the same stack.
+
+    Attributes:
+        pids: the workers.
+        ranks: their ``rank`` labels, where they have one.
+        frames: the shared stack of the thread that matters (innermost first).
+        doing: what that thread is doing, in words.
+        summary: one line: "7 ranks in all_reduce at train.py:42 (waiting ...)".
+    """
+
+    pids: List[int]
+    ranks: List[str] = []
+    frames: List[Frame] = []
+    doing: str = ""
+    summary: str = ""
+
+
+class Incident(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One reap, and why the worker hung.
+
+    Attributes:
+        version: ``INCIDENT_VERSION``.
+        id: unique on the host, and sorts by time ("20261202T061503.123Z-4242-step").
+        host: the host name.
+        created: wall-clock time of the expiry (``time.time()``).
+        pid, start_time, scope_id, signal, deadline, labels: the expired timer (its
+            deadline in CLOCK_MONOTONIC seconds) and the signal its reap sends.
+        late: seconds from the deadline to the start of the capture.
+        job: the value of the job label the peers were found by, if any.
+        captures: the stuck worker's first, then its peers'.
+        groups: the captured workers grouped by stack, outliers first.
+        summary: the lines a person reads first.
+        seconds: from the start of the capture to its end (or to the budget).
+        timed_out: the budget ran out before every capture was complete; the signal was
+            sent then.
+        delivered: whether the reap's signal was delivered (``None``: dry run, or not
+            known when the record was written).
+        errors: what went wrong while capturing or writing, for people.
+    """
+
+    version: int = INCIDENT_VERSION
+    id: str
+    host: str
+    created: float
+    pid: int
+    start_time: Optional[int] = None
+    scope_id: str
+    signal: int
+    deadline: float
+    labels: Optional[Dict[str, str]] = None
+    late: float = 0.0
+    job: Optional[str] = None
+    captures: List[Capture] = []
+    groups: List[Group] = []
+    summary: List[str] = []
+    seconds: float = 0.0
+    timed_out: bool = False
+    delivered: Optional[bool] = None
+    errors: List[str] = []

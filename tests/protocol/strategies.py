@@ -13,6 +13,7 @@ from ftimer_protocol import (
     Arm,
     Disarm,
     DisarmAll,
+    DumpHook,
     Expire,
     Message,
     Sync,
@@ -28,6 +29,10 @@ labels = st.none() | st.dictionaries(
     st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,31}", fullmatch=True),
     st.text(max_size=MAX_LABEL_VALUE),
     max_size=MAX_LABELS,
+)
+
+dumps = st.none() | st.builds(
+    DumpHook, signal=st.integers(1, MAX_SIGNAL), fd=st.integers(0, 2**31 - 1)
 )
 
 v1_messages = st.builds(
@@ -46,11 +51,18 @@ v2_messages = st.one_of(
         signal=signals,
         start_time=start_times,
         labels=labels,
+        dump=dumps,
     ),
     st.builds(Disarm, pid=pids, scope_id=scopes, start_time=start_times),
     st.builds(DisarmAll, pid=pids, start_time=start_times),
     st.builds(
-        Expire, pid=pids, scope_id=scopes, signal=signals, start_time=start_times, labels=labels
+        Expire,
+        pid=pids,
+        scope_id=scopes,
+        signal=signals,
+        start_time=start_times,
+        labels=labels,
+        dump=dumps,
     ),
     st.builds(Sync, token=st.text(max_size=128)),
 )

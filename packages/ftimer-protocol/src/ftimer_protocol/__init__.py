@@ -26,6 +26,7 @@ from ._messages import (
     Arm,
     Disarm,
     DisarmAll,
+    DumpHook,
     Expire,
     Message,
     MessageV2,
@@ -54,6 +55,7 @@ __all__ = [
     "Arm",
     "Disarm",
     "DisarmAll",
+    "DumpHook",
     "Expire",
     "Sync",
     # where a server listens by default

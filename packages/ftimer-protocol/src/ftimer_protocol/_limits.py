@@ -12,6 +12,7 @@ __all__ = [
     "MAX_SCOPE",
     "MAX_SIGNAL",
     "MAX_TIME",
+    "MAX_FD",
     "MAX_TOKEN",
     "PIPE_BUF",
 ]
@@ -33,3 +34,5 @@ MAX_LABEL_VALUE = 128
 #: Label names follow Prometheus' rule, so servers can export them as metric labels.
 LABEL_KEY_PATTERN = "^[A-Za-z_][A-Za-z0-9_]{0,31}$"
 MAX_TOKEN = 128
+#: A file descriptor number (an ``int`` in C).
+MAX_FD = 2**31 - 1

@@ -14,6 +14,7 @@ from msgspec import Meta
 
 from ._limits import (
     LABEL_KEY_PATTERN,
+    MAX_FD,
     MAX_LABEL_VALUE,
     MAX_LABELS,
     MAX_PID,
@@ -27,6 +28,7 @@ __all__ = [
     "Arm",
     "Disarm",
     "DisarmAll",
+    "DumpHook",
     "Expire",
     "Message",
     "MessageV2",
@@ -68,6 +70,18 @@ class TimerRequestV1(msgspec.Struct, frozen=True, gc=False, tag_field="version",
         return self.expiration_time < 0
 
 
+class DumpHook(msgspec.Struct, frozen=True, gc=False):
+    """How a worker has its own stacks dumped: the signal on which it registered Python's
+    ``faulthandler`` (all threads), and the descriptor, open in the worker, of the file
+    the dump goes to. A server that captures diagnostics before a reap may send that
+    signal (only if the worker really handles it) and read the file through
+    ``/proc/PID/fd/FD``: no ptrace needed, and it works while a thread holds the GIL.
+    """
+
+    signal: Annotated[int, Meta(ge=1, le=MAX_SIGNAL)]
+    fd: Annotated[int, Meta(ge=0, le=MAX_FD)]
+
+
 # Version 2 messages share the tag field "op"; the encoder prepends {"version":2, ...}.
 class _V2(msgspec.Struct, frozen=True, gc=False, tag_field="op", omit_defaults=True):
     pass
@@ -87,6 +101,7 @@ class Arm(_V2, frozen=True, tag="arm"):
     signal: Signal
     start_time: Optional[StartTime] = None
     labels: Optional[Labels] = None
+    dump: Optional[DumpHook] = None
 
 
 class Disarm(_V2, frozen=True, tag="disarm"):
@@ -112,6 +127,7 @@ class Expire(_V2, frozen=True, tag="expire"):
     signal: Signal
     start_time: Optional[StartTime] = None
     labels: Optional[Labels] = None
+    dump: Optional[DumpHook] = None
 
 
 class Sync(_V2, frozen=True, tag="sync"):

@@ -91,10 +91,12 @@ class Disarmed(Event, frozen=True, tag="disarmed"):
 
 
 class Expired(Event, frozen=True, tag="expired"):
-    """A timer's deadline passed (``late``: seconds between the deadline and noticing)."""
+    """A timer's deadline passed (``late``: seconds between the deadline and noticing;
+    ``incident``: the id of the incident captured about it, if any)."""
 
     timer: Timer
     late: float
+    incident: Optional[str] = None
 
     @property
     def labels(self) -> Optional[Dict[str, str]]:
@@ -113,6 +115,9 @@ class Reaped(Event, frozen=True, tag="reaped"):
         delivered: False when the signal could not be delivered (``error`` says why).
         timers: every timer of the worker, all cleared by the reap.
         labels: the labels of the deciding timer.
+        error: why the signal was not delivered.
+        incident: the id of the incident captured before the signal, if any (``late``
+            then includes the capture).
     """
 
     pid: int
@@ -124,6 +129,7 @@ class Reaped(Event, frozen=True, tag="reaped"):
     timers: Tuple[Timer, ...]
     labels: Optional[Dict[str, str]] = None
     error: Optional[str] = None
+    incident: Optional[str] = None
 
 
 class Escalated(Event, frozen=True, tag="escalated"):
@@ -139,11 +145,13 @@ class Escalated(Event, frozen=True, tag="escalated"):
 
 
 class WorkerGone(Event, frozen=True, tag="worker_gone"):
-    """A bound worker exited; ``timers`` are those it still held, dropped unsignalled."""
+    """A bound worker exited; ``timers`` are those it still held, dropped unsignalled;
+    ``incident``: the incident it exited during the capture of (it is not signalled)."""
 
     pid: int
     start_time: Optional[int]
     timers: Tuple[Timer, ...] = ()
+    incident: Optional[str] = None
 
     @property
     def labels(self) -> Optional[Dict[str, str]]:

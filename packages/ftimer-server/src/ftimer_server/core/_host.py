@@ -12,15 +12,15 @@ process never costs another message.
 from __future__ import annotations
 
 import abc
-from typing import FrozenSet, Optional, Tuple, Union
+from typing import Dict, FrozenSet, Optional, Tuple, Union
 
 import msgspec
 
 from ._events import RejectReason
-from ._records import Worker
+from ._records import Timer, Worker
 from ._table import Expiry
 
-__all__ = ["KILL", "Delivery", "Facts", "Host", "Unresolved"]
+__all__ = ["KILL", "CaptureRequest", "Delivery", "Facts", "Host", "Peer", "Unresolved"]
 
 #: SIGKILL: 9 on every POSIX system.
 KILL = 9
@@ -70,6 +70,35 @@ class Delivery(msgspec.Struct, frozen=True):
 DELIVERED = Delivery(True)
 
 
+class Peer(msgspec.Struct, frozen=True):
+    """Another live worker of the stuck worker's job: captured too, never signalled."""
+
+    worker: Worker
+    labels: Optional[Dict[str, str]] = None
+
+
+class CaptureRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What the core asks the host to capture before it signals a stuck worker.
+
+    Attributes:
+        worker: the stuck worker.
+        timer: its expired timer that decides the reap.
+        signal: the signal the reap sends once the capture is done (or its budget spent).
+        now: when the capture was asked for (CLOCK_MONOTONIC seconds).
+        budget: seconds the capture may take: the signal goes then, done or not.
+        job: the job label's value the peers share, if any.
+        peers: the other live workers of that job on this host.
+    """
+
+    worker: Worker
+    timer: Timer
+    signal: int
+    now: float
+    budget: float
+    job: Optional[str] = None
+    peers: Tuple[Peer, ...] = ()
+
+
 class Host(abc.ABC):
     """The processes of the host as the core sees them. No method raises.
 
@@ -106,3 +135,10 @@ class Host(abc.ABC):
         """Reap ``worker`` for ``expiry``: whatever comes before the signal (diagnostics),
         then ``signal``. Only the signal, unless the host has more to do."""
         return self.signal(worker, signal)
+
+    def capture(self, request: CaptureRequest) -> Optional[str]:
+        """Start capturing why ``request.worker`` hangs, off the loop; return the id of
+        the incident being written, or ``None`` if this host captures nothing (the core
+        then signals at once). When the capture is done, whoever runs the core calls
+        ``Watchdog.captured(pid)``; the core signals then, or when the budget is spent."""
+        return None

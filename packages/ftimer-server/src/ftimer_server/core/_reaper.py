@@ -1,19 +1,19 @@
 """Turning an expiry into signals: the reap, then the escalation if the worker survives.
 
-A reap is a short pipeline: expiry -> what the host does before the signal
-(diagnostics) -> signal -> escalation. The clock is passed in and the signals go through
-the ``Host``, so the whole sequence runs in tests with a fake clock and nothing real
-signalled.
+A reap is a short pipeline: expiry -> capture (diagnostics, off the loop, bounded by a
+budget) -> signal -> escalation. The clock is passed in and the capture and the signals
+go through the ``Host``, so the whole sequence runs in tests with a fake clock and
+nothing real signalled.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ._events import Escalated, Reaped
-from ._host import KILL, Host
+from ._host import KILL, CaptureRequest, Host, Peer
 from ._records import Worker
 from ._table import Expiry
 
@@ -30,6 +30,8 @@ class Reaper:
             ``None`` (torch's behaviour) never escalates. No escalation follows a SIGKILL.
         signal_override: if set, the signal every reap sends, instead of the deciding
             timer's own (the host's choice, e.g. SIGTERM so workers can clean up).
+        capture_budget: seconds a capture may take before the signal goes anyway;
+            ``None``: the host is never asked to capture.
 
     Raises:
         ValueError: ``escalate_after`` is negative, or ``signal_override`` is not a
@@ -41,9 +43,12 @@ class Reaper:
         host: Host,
         escalate_after: Optional[float] = None,
         signal_override: Optional[int] = None,
+        capture_budget: Optional[float] = None,
     ) -> None:
         if escalate_after is not None and escalate_after < 0:
             raise ValueError("escalate_after must be >= 0")
+        if capture_budget is not None and capture_budget < 0:
+            raise ValueError("capture_budget must be >= 0")
         if signal_override is not None and signal_override not in host.signals:
             raise ValueError(f"signal_override {signal_override} is not a signal here")
         self._host = host
@@ -53,13 +58,75 @@ class Reaper:
         self._pending: Dict[int, Tuple[float, Worker, Optional[Dict[str, str]]]] = {}
         self._heap: List[Tuple[float, int, int]] = []
         self._seq = itertools.count()
+        self._capture_budget = capture_budget
+        # pid -> the reap waiting for its capture; the heap orders their budgets' ends.
+        self._capturing: Dict[int, _Capture] = {}
+        self._capture_heap: List[Tuple[float, int, int]] = []
 
-    def reap(self, worker: Worker, expiry: Expiry, now: float) -> Reaped:
-        """Signal ``worker`` as ``expiry`` decides (its ``decider`` must be set), or with
-        the override signal."""
+    def reap(
+        self,
+        worker: Worker,
+        expiry: Expiry,
+        now: float,
+        peers: Sequence[Peer] = (),
+        job: Optional[str] = None,
+    ) -> Union[str, Reaped]:
+        """Reap ``worker`` as ``expiry`` decides (its ``decider`` must be set), with its
+        signal or the override.
+
+        Returns:
+            The id of the incident the host is capturing (the signal then follows
+            ``captured()`` or the budget's end, see ``due()``), or the ``Reaped`` event
+            of a reap signalled at once.
+        """
         decider = expiry.decider
         assert decider is not None, "a report-only expiry is not reaped"
         signal = decider.signal if self._override is None else self._override
+        if self._capture_budget is not None:
+            request = CaptureRequest(
+                worker=worker,
+                timer=decider,
+                signal=signal,
+                now=now,
+                budget=self._capture_budget,
+                job=job,
+                peers=tuple(peers),
+            )
+            incident = self._host.capture(request)
+            if incident is not None:
+                due = now + self._capture_budget
+                self._capturing[worker.pid] = _Capture(due, worker, expiry, signal, incident)
+                heapq.heappush(self._capture_heap, (due, next(self._seq), worker.pid))
+                return incident
+        return self._signal(worker, expiry, signal, now, None)
+
+    def captured(self, pid: int, now: float) -> Optional[Reaped]:
+        """The host finished capturing ``pid``: signal it now (``None`` if it was not
+        waiting: its budget ran out first, or it exited)."""
+        pending = self._capturing.pop(pid, None)
+        if pending is None:
+            return None
+        return self._signal(pending.worker, pending.expiry, pending.signal, now, pending.incident)
+
+    def due(self, now: float) -> List[Reaped]:
+        """Signal the workers whose capture budget ended at or before ``now``."""
+        out: List[Reaped] = []
+        heap = self._capture_heap
+        while heap and heap[0][0] <= now:
+            due, _, pid = heapq.heappop(heap)
+            pending = self._capturing.get(pid)
+            if pending is None or pending.due != due:
+                continue
+            del self._capturing[pid]
+            p = pending
+            out.append(self._signal(p.worker, p.expiry, p.signal, now, p.incident))
+        return out
+
+    def _signal(
+        self, worker: Worker, expiry: Expiry, signal: int, now: float, incident: Optional[str]
+    ) -> Reaped:
+        decider = expiry.decider
+        assert decider is not None
         delivery = self._host.reap(worker, signal, expiry, now)
         if delivery.delivered and self._escalate_after is not None and signal != KILL:
             due = now + self._escalate_after
@@ -75,18 +142,33 @@ class Reaper:
             timers=expiry.cleared,
             labels=decider.labels,
             error=delivery.error,
+            incident=incident,
         )
 
     def pending(self, pid: int) -> bool:
-        """True while an escalation of ``pid`` is scheduled."""
-        return pid in self._pending
+        """True while a capture or an escalation of ``pid`` is pending."""
+        return pid in self._pending or pid in self._capturing
 
-    def forget(self, pid: int) -> None:
-        """Cancel any escalation of ``pid`` (it exited)."""
+    def forget(self, pid: int) -> Optional[str]:
+        """Cancel what is pending for ``pid`` (it exited); return the id of the incident
+        whose capture it exited during, if any."""
         self._pending.pop(pid, None)
+        pending = self._capturing.pop(pid, None)
+        return None if pending is None else pending.incident
 
     def next_deadline(self) -> Optional[float]:
-        """When the next escalation is due, or ``None``."""
+        """When the next capture budget ends or escalation is due, or ``None``."""
+        ends = self._capture_heap
+        while ends and (
+            ends[0][2] not in self._capturing or self._capturing[ends[0][2]].due != ends[0][0]
+        ):
+            heapq.heappop(ends)
+        escalation = self._next_escalation()
+        if not ends:
+            return escalation
+        return ends[0][0] if escalation is None else min(ends[0][0], escalation)
+
+    def _next_escalation(self) -> Optional[float]:
         heap = self._heap
         while heap:
             due, _, pid = heap[0]
@@ -125,3 +207,18 @@ class Reaper:
             )
             out.append((worker, event))
         return out
+
+
+class _Capture:
+    """A reap waiting for its capture: signalled at ``due`` at the latest."""
+
+    __slots__ = ("due", "expiry", "incident", "signal", "worker")
+
+    def __init__(
+        self, due: float, worker: Worker, expiry: Expiry, signal: int, incident: str
+    ) -> None:
+        self.due = due
+        self.worker = worker
+        self.expiry = expiry
+        self.signal = signal
+        self.incident = incident

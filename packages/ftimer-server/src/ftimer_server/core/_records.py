@@ -32,6 +32,8 @@ class Timer(Arm, frozen=True, tag="arm"):
         start_time: start time (clock ticks since boot) of the process the timer is bound
             to; ``None`` where the platform does not tell.
         labels: the labels the worker attached, if any.
+        dump: how the worker has its own stacks dumped (its client's faulthandler
+            hook), if it announced one.
     """
 
 

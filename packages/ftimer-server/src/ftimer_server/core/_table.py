@@ -208,6 +208,7 @@ class TimerTable:
                     armed.signal,
                     worker.start_time,
                     armed.labels,
+                    armed.dump,
                 )
             self._seq += 1
             heapq.heappush(heap, _Entry(timer.deadline, self._seq, timer))

@@ -16,6 +16,7 @@ from ftimer_protocol import (
     DecodeResult,
     Disarm,
     DisarmAll,
+    DumpHook,
     Expire,
     Sync,
     TimerRequestV1,
@@ -27,11 +28,12 @@ from ._events import (
     Disarmed,
     Event,
     Expired,
+    Reaped,
     Rejected,
     RejectReason,
     WorkerGone,
 )
-from ._host import Facts, Host
+from ._host import Facts, Host, Peer
 from ._policy import Policy, check_pid, judge
 from ._reaper import Reaper
 from ._records import Timer, Worker
@@ -62,6 +64,10 @@ class Watchdog:
             of the same name changes it later.
         signal_override: the signal every reap sends instead of the deciding timer's
             (report-only timers stay report-only).
+        capture_budget: ask the host to capture diagnostics before each reap, and signal
+            when it is done or after this many seconds; ``None``: never.
+        job_label: the label whose value names a worker's job: the other workers of the
+            stuck one's job are its peers, captured too. ``None``: no peers.
 
     Raises:
         ValueError: ``escalate_after`` is negative, or ``signal_override`` is not a
@@ -79,13 +85,17 @@ class Watchdog:
         escalate_after: Optional[float] = None,
         timer_events: bool = True,
         signal_override: Optional[int] = None,
+        capture_budget: Optional[float] = None,
+        job_label: Optional[str] = "job",
     ) -> None:
         policy = policy or Policy()
         self.policy = policy
         self.table = TimerTable(policy.max_timers_per_pid, policy.max_timers)
         self.counters = Counters()
         self._host = host
-        self._reaper = Reaper(host, escalate_after, signal_override)
+        self._reaper = Reaper(host, escalate_after, signal_override, capture_budget)
+        self._job_label = job_label
+        self._captures = capture_budget is not None
         self._server_pid = server_pid
         self._ancestors = ancestors
         self._signals = policy.signals(host.signals)
@@ -129,7 +139,9 @@ class Watchdog:
     def _apply_one(self, m: DecodeResult, now: float, wall: float, tokens: List[str]) -> None:
         """Apply one message (or count one decode error) the general way."""
         if isinstance(m, Arm):  # a Timer (decoded by the server's reader) is an Arm
-            self._arm("arm", m.pid, m.scope_id, m.deadline, m.signal, m.start_time, m.labels)
+            self._arm(
+                "arm", m.pid, m.scope_id, m.deadline, m.signal, m.start_time, m.labels, m.dump
+            )
         elif isinstance(m, Disarm):
             self._disarm("disarm", m.pid, m.scope_id, m.start_time)
         elif isinstance(m, TimerRequestV1):
@@ -143,7 +155,7 @@ class Watchdog:
         elif isinstance(m, DisarmAll):
             self._disarm("disarm_all", m.pid, None, m.start_time)
         elif isinstance(m, Expire):
-            self._arm("expire", m.pid, m.scope_id, now, m.signal, m.start_time, m.labels)
+            self._arm("expire", m.pid, m.scope_id, now, m.signal, m.start_time, m.labels, m.dump)
         elif isinstance(m, Sync):
             self.counters.requests["sync", "ok"] += 1
             tokens.append(m.token)
@@ -163,12 +175,24 @@ class Watchdog:
         for pid, group in by_pid.items():
             start_time = next((t.start_time for t in group if t.start_time is not None), None)
             for t in group:
-                self._arm("restore", pid, t.scope_id, t.deadline, t.signal, start_time, t.labels)
+                self._arm(
+                    "restore", pid, t.scope_id, t.deadline, t.signal, start_time, t.labels, t.dump
+                )
 
     def worker_gone(self, worker: Worker) -> None:
         """The I/O loop saw ``worker`` exit (its pidfd became readable): drop its timers."""
         if self._workers.get(worker.pid) is worker:
             self._gone(worker)
+
+    def captured(self, pid: int, now: float) -> None:
+        """The host finished the capture it was asked for about ``pid``: signal it now
+        (unless its budget ran out first, or it exited)."""
+        reaped = self._reaper.captured(pid, now)
+        if reaped is not None:
+            self._emit(reaped)
+            worker = self._workers.get(pid)
+            if worker is not None:
+                self._release_if_idle(worker)
 
     # -- time --------------------------------------------------------------------------
 
@@ -204,6 +228,11 @@ class Watchdog:
         if now >= self._hold_until:
             for expiry in self.table.expire(now if horizon is None else min(horizon, now)):
                 self._expired(expiry, now)
+        for reaped in self._reaper.due(now):  # captures whose budget ran out: signal now
+            self._emit(reaped)
+            worker = self._workers.get(reaped.pid)
+            if worker is not None:
+                self._release_if_idle(worker)
         for worker, event in self._reaper.escalate(now):
             if event is None:
                 self.worker_gone(worker)
@@ -258,6 +287,7 @@ class Watchdog:
         signal: int,
         start_time: Optional[int],
         labels: Labels,
+        dump: Optional[DumpHook] = None,
     ) -> None:
         if signal not in self._signals:
             reason = RejectReason.SIGNAL_NOT_ALLOWED
@@ -276,7 +306,7 @@ class Watchdog:
                 return
             worker = bound
         # The worker's pid and start time objects are shared by all its timers.
-        timer = Timer(worker.pid, scope_id, deadline, signal, worker.start_time, labels)
+        timer = Timer(worker.pid, scope_id, deadline, signal, worker.start_time, labels, dump)
         previous, limit = self.table.arm(timer)
         if limit is not None:
             table = self.table
@@ -364,20 +394,46 @@ class Watchdog:
         pid = worker.pid
         del self._workers[pid]
         self._release(worker)
-        self._reaper.forget(pid)
+        incident = self._reaper.forget(pid)
         timers = tuple(dropped) + tuple(self.table.disarm_all(pid))
-        self._emit(WorkerGone(pid, worker.start_time, timers))
+        self._emit(WorkerGone(pid, worker.start_time, timers, incident))
 
     def _expired(self, expiry: Expiry, now: float) -> None:
-        for timer in expiry.expired:
-            self._emit(Expired(timer, now - timer.deadline))
         worker = self._workers.get(expiry.pid)
+        outcome: Optional[Union[str, Reaped]] = None
+        if worker is not None and expiry.decider is not None and self._host.alive(worker):
+            # Peers matter only to a capture (and finding them scans every timer).
+            job = self._job_of(expiry.decider) if self._captures else None
+            outcome = self._reaper.reap(worker, expiry, now, self._peers(job, worker), job)
+        incident = outcome if isinstance(outcome, str) else None
+        for timer in expiry.expired:
+            self._emit(Expired(timer, now - timer.deadline, incident))
         if worker is None:  # pragma: no cover - timers exist only for bound workers
             return
-        if expiry.decider is None:
-            self._release_if_idle(worker)
-        elif not self._host.alive(worker):
+        if isinstance(outcome, Reaped):
+            self._emit(outcome)
+        elif outcome is None and expiry.decider is not None:  # it exited
             self._gone(worker, expiry.cleared)
-        else:
-            self._emit(self._reaper.reap(worker, expiry, now))
-            self._release_if_idle(worker)
+            return
+        self._release_if_idle(worker)
+
+    def _job_of(self, timer: Timer) -> Optional[str]:
+        if self._job_label is None or not timer.labels:
+            return None
+        return timer.labels.get(self._job_label)
+
+    def _peers(self, job: Optional[str], stuck: Worker) -> List[Peer]:
+        """The other bound workers with a timer labelled with ``job`` (none without one)."""
+        if job is None:
+            return []
+        found: Dict[int, Peer] = {}
+        for timer in self.table:
+            worker = self._workers.get(timer.pid)
+            if (
+                worker is not None
+                and worker is not stuck
+                and timer.pid not in found
+                and self._job_of(timer) == job
+            ):
+                found[timer.pid] = Peer(worker, timer.labels)
+        return list(found.values())

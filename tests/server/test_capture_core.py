@@ -1,0 +1,132 @@
+"""The reap with a capture, in the sans-I/O core: expiry -> capture (bounded by a budget)
+-> signal -> escalation. A fake host records what it is asked to capture; a fake clock;
+nothing real is signalled."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from ftimer_protocol import Arm
+from ftimer_server import Expired, Reaped, RecordingSignaller, WorkerGone
+from ftimer_server.core._host import CaptureRequest
+from ftimer_server.core._watchdog import Watchdog
+from ftimer_server.server._edge import SystemHost
+
+from .conftest import FakeInspector, Recorder
+
+SERVER = 500
+
+
+class CapturingHost(SystemHost):
+    """Records each capture asked for and names its incident."""
+
+    def __init__(self, inspector: FakeInspector, signaller: RecordingSignaller) -> None:
+        super().__init__(inspector, signaller)
+        self.requests: List[CaptureRequest] = []
+
+    def capture(self, request: CaptureRequest) -> Optional[str]:
+        self.requests.append(request)
+        return f"incident-{len(self.requests)}"
+
+
+class Rig:
+    def __init__(self, budget: Optional[float] = 2.0, escalate_after: Optional[float] = None):
+        self.inspector = FakeInspector()
+        self.signaller = RecordingSignaller()
+        self.host = CapturingHost(self.inspector, self.signaller)
+        self.events = Recorder()
+        self.wd = Watchdog(
+            host=self.host,
+            server_pid=SERVER,
+            emit=self.events,
+            capture_budget=budget,
+            escalate_after=escalate_after,
+        )
+        for pid in (1000, 1001, 1002, 1003):
+            self.inspector.spawn(pid)
+
+    def arm(self, pid: int, deadline: float, job: Optional[str] = "j1", signal: int = 9) -> None:
+        labels = {"job": job, "rank": str(pid - 1000)} if job else None
+        arm = Arm(pid=pid, scope_id="step", deadline=deadline, signal=signal, labels=labels)
+        self.wd.apply([arm], 0.0, 0.0)
+
+
+def test_the_signal_follows_the_capture() -> None:
+    rig = Rig()
+    rig.arm(1000, 5.0)
+    rig.wd.tick(5.0)
+    assert rig.signaller.sent == []  # capturing first
+    [request] = rig.host.requests
+    assert (request.worker.pid, request.signal, request.budget, request.now) == (1000, 9, 2.0, 5.0)
+    [expired] = rig.events.of(Expired)
+    assert expired.incident == "incident-1"  # type: ignore[attr-defined]
+    assert rig.wd.next_wakeup() == 7.0  # the budget's end
+    rig.wd.captured(1000, 5.4)
+    assert rig.signaller.sent == [(1000, 9)]
+    [reaped] = rig.events.of(Reaped)
+    assert (reaped.incident, round(reaped.late, 6)) == ("incident-1", 0.4)  # type: ignore[attr-defined]
+    rig.wd.tick(7.0)  # the budget's end does not signal twice
+    assert rig.signaller.sent == [(1000, 9)]
+    assert rig.wd.next_wakeup() is None
+
+
+def test_a_capture_that_hangs_never_delays_the_signal_past_its_budget() -> None:
+    rig = Rig(budget=2.0, escalate_after=1.0)
+    rig.arm(1000, 5.0, signal=15)
+    rig.wd.tick(5.0)
+    rig.wd.tick(6.999)
+    assert rig.signaller.sent == []
+    rig.wd.tick(7.0)
+    assert rig.signaller.sent == [(1000, 15)]
+    rig.wd.captured(1000, 7.5)  # late: nothing more
+    assert rig.signaller.sent == [(1000, 15)]
+    assert rig.wd.next_wakeup() == 8.0  # escalation, from the signal on
+    rig.wd.tick(8.0)
+    assert rig.signaller.sent == [(1000, 15), (1000, 9)]
+
+
+def test_a_worker_that_exits_during_the_capture_is_not_signalled() -> None:
+    rig = Rig()
+    rig.arm(1000, 5.0)
+    rig.wd.tick(5.0)
+    [worker] = rig.wd.workers()
+    rig.inspector.exit(1000)
+    rig.wd.worker_gone(worker)
+    rig.wd.captured(1000, 5.5)
+    rig.wd.tick(10.0)
+    assert rig.signaller.sent == []
+    [gone] = rig.events.of(WorkerGone)
+    assert gone.incident == "incident-1"  # type: ignore[attr-defined]
+
+
+def test_the_peers_are_the_other_workers_of_the_job() -> None:
+    rig = Rig()
+    rig.arm(1000, 5.0)
+    rig.arm(1001, 50.0)
+    rig.arm(1002, 50.0)
+    rig.arm(1003, 50.0, job="another")
+    rig.wd.tick(5.0)
+    [request] = rig.host.requests
+    assert request.job == "j1"
+    assert sorted(p.worker.pid for p in request.peers) == [1001, 1002]
+    assert rig.signaller.sent == []  # peers are captured, never signalled
+    rig.wd.captured(1000, 5.1)
+    assert rig.signaller.sent == [(1000, 9)]
+
+
+def test_without_a_budget_nothing_is_captured() -> None:
+    rig = Rig(budget=None)
+    rig.arm(1000, 5.0)
+    rig.wd.tick(5.0)
+    assert rig.host.requests == []
+    assert rig.signaller.sent == [(1000, 9)]
+    [reaped] = rig.events.of(Reaped)
+    assert reaped.incident is None  # type: ignore[attr-defined]
+
+
+def test_report_only_timers_are_not_captured() -> None:
+    rig = Rig()
+    rig.arm(1000, 5.0, signal=0)
+    rig.wd.tick(5.0)
+    assert rig.host.requests == []
+    assert len(rig.events.of(Expired)) == 1

@@ -21,7 +21,7 @@ import signal as _signal
 from typing import Callable, FrozenSet, Optional, Sequence, Union
 
 from ftimer_server.core._events import RejectReason
-from ftimer_server.core._host import DELIVERED, Delivery, Facts, Host, Unresolved
+from ftimer_server.core._host import DELIVERED, CaptureRequest, Delivery, Facts, Host, Unresolved
 from ftimer_server.core._records import Worker
 from ftimer_server.core._table import Expiry
 
@@ -58,6 +58,8 @@ class SystemHost(Host):
             logged and the reap goes on.
         watch, unwatch: told when a worker with a pidfd is bound and released, so the I/O
             loop can wait for the pidfd (readable: the worker exited).
+        capture: starts a capture off the loop and returns its incident's id (the
+            server's diagnostics); ``None``: this host captures nothing.
     """
 
     def __init__(
@@ -65,8 +67,10 @@ class SystemHost(Host):
         inspector: ProcessInspector,
         signaller: Signaller,
         steps: Sequence[ReapStep] = (),
+        *,
         watch: Callable[[Worker], None] = _ignore,
         unwatch: Callable[[Worker], None] = _ignore,
+        capture: Optional[Callable[[CaptureRequest], Optional[str]]] = None,
     ) -> None:
         self.signals = platform_signals()
         self._inspector = inspector
@@ -74,6 +78,7 @@ class SystemHost(Host):
         self._steps = tuple(steps)
         self._watch = watch
         self._unwatch = unwatch
+        self._capture = capture
 
     def resolve(self, pid: int, *, ancestry: bool = False) -> Union[Facts, Unresolved]:
         inspector = self._inspector
@@ -149,6 +154,15 @@ class SystemHost(Host):
             except Exception:
                 logger.exception("reap step %r failed for process %d", step, worker.pid)
         return self.signal(worker, signal)
+
+    def capture(self, request: CaptureRequest) -> Optional[str]:
+        if self._capture is None:
+            return None
+        try:
+            return self._capture(request)
+        except Exception:  # never a reason not to reap: signal at once instead
+            logger.exception("starting the capture of process %d failed", request.worker.pid)
+            return None
 
     def _not_a_process(self, pid: int) -> Unresolved:
         try:

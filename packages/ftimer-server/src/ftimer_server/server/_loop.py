@@ -20,13 +20,14 @@ applies everything written before the stop.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
 import selectors
 import threading
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Deque, List, Optional, Tuple
 
 from ftimer_server.core._reader import LineReader
 from ftimer_server.core._records import Worker
@@ -95,6 +96,7 @@ class Loop:
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
         self._exits: List[Tuple[float, Worker]] = []  # (when to apply, worker), in order
+        self._captured: Deque[int] = collections.deque()  # pids whose capture is done
         self._selector = selectors.DefaultSelector()
         self._selector.register(fifo.read_fd, selectors.EVENT_READ, _FIFO)
         self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
@@ -116,6 +118,11 @@ class Loop:
         """Make the current or next wait return at once."""
         with contextlib.suppress(BlockingIOError, OSError):  # pending already, or closed
             os.write(self._wake_w, b"w")
+
+    def captured(self, pid: int) -> None:
+        """The capture of ``pid`` is done (from any thread): the loop signals it."""
+        self._captured.append(pid)
+        self.wake()
 
     def request_stop(self) -> None:
         """Make ``run()`` apply what was written so far and return."""
@@ -189,6 +196,8 @@ class Loop:
             now = time.monotonic()
             while self._exits and self._exits[0][0] <= now:
                 watchdog.worker_gone(self._exits.pop(0)[1])
+            while self._captured:
+                watchdog.captured(self._captured.popleft(), now)
             watchdog.tick(now, horizon)
         self._after(tokens)
         return now

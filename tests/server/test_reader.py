@@ -152,6 +152,12 @@ def test_a_flood_of_junk_is_one_error_per_run() -> None:
     assert results[0] == MalformedMessage("not a JSON object", b"y", lines=1000)
 
 
+def test_blank_lines_after_junk_are_not_junk() -> None:
+    # Found by the property test: a blank line equal to the last blank one was counted.
+    [error] = LineReader().feed(b"\x0b\n\n\n \n\x0b\n")
+    assert error.lines == 2  # type: ignore[union-attr]
+
+
 def test_a_json_object_over_two_lines_is_not_a_message() -> None:
     # msgspec's decode_lines reads values separated by any white space, newlines included.
     stream = b'{"version":2,"op":"disarm",\n"pid":5,"scope_id":"s"}\n'

@@ -128,13 +128,13 @@ class LineReader:
             if run is not None and line == last_line:  # a flood of one line: no parse
                 run.lines += 1
                 continue
-            last_line = line
             if len(line) <= max_line and b'"version"' not in line:
                 # No message, not even after junk: found without parsing, and a run of
                 # them of one kind (as a yes flood) costs one error value.
                 stripped = line.lstrip(_BLANK)
                 if not stripped:
                     continue  # blank
+                last_line = line
                 kind = stripped[:1] == b"{"
                 if run is not None and junk is kind:
                     run.lines += 1
@@ -142,6 +142,7 @@ class LineReader:
                 results = [decode_value(line)]
                 junk = kind
             else:
+                last_line = line
                 results = decode_line(line, max_line)
                 junk = None
             first = results[0]

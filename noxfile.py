@@ -14,7 +14,7 @@ import nox
 ROOT = pathlib.Path(__file__).parent
 PACKAGES = ["packages/ftimer-protocol", "packages/ftimer-client", "packages/ftimer-server"]
 EDITABLE = [arg for pkg in PACKAGES for arg in ("-e", pkg)]
-SERVER_EXTRAS = ["-e", "packages/ftimer-server[metrics]"]
+SERVER_EXTRAS = ["-e", "packages/ftimer-server[metrics,pyspy]"]
 TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"]
 LINT = ["ruff"]
 TYPECHECK = ["mypy", "prometheus_client>=0.17"]

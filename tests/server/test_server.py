@@ -22,12 +22,12 @@ from ftimer_server import (
     Disarmed,
     Escalated,
     Expired,
+    FileTimerRequest,
     FileTimerServer,
     Lifecycle,
     Reaped,
     SystemInspector,
     Timer,
-    TorchRequest,
     Worker,
     WorkerGone,
 )
@@ -348,7 +348,7 @@ def test_sync_needs_a_running_server_and_times_out(fifo_path: pathlib.Path) -> N
 
 
 def test_torch_constructor_and_log_event(fifo_path: pathlib.Path, children) -> None:
-    logged: List[tuple[str, Optional[TorchRequest]]] = []
+    logged: List[tuple[str, Optional[FileTimerRequest]]] = []
     server = FileTimerServer(str(fifo_path), "run-1", 0.1, True, lambda n, r: logged.append((n, r)))
     assert (server.run_id, server.max_interval) == ("run-1", 0.1)
     with server:

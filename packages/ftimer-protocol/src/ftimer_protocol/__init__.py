@@ -35,6 +35,7 @@ from ._messages import (
 )
 from ._paths import SYSTEM_FIFO_PATH, default_fifo_path
 from ._stream import MESSAGE_START, DecodeResult, StreamDecoder, decode_line
+from ._torch import FileTimerRequest
 from ._version import __version__
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "Message",
     "MessageV2",
     "TimerRequestV1",
+    "FileTimerRequest",
     "Arm",
     "Disarm",
     "DisarmAll",

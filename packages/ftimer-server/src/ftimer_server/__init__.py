@@ -4,6 +4,8 @@ Embed ``FileTimerServer`` in an agent (it is a drop-in for torch's), or run the
 ``ftimer-server`` daemon. See docs/server.md.
 """
 
+from ftimer_protocol import FileTimerRequest
+
 from ._version import __version__
 from .core._events import (
     Armed,
@@ -24,7 +26,6 @@ from .server._fifo import Fifo, FifoError, open_fifo
 from .server._process import ProcessInspector, SystemInspector
 from .server._server import FileTimerServer, Lifecycle
 from .server._signaller import OsSignaller, RecordingSignaller, Signaller
-from .server._torch import TorchRequest
 
 __all__ = [
     # the server
@@ -56,6 +57,6 @@ __all__ = [
     "FifoError",
     "open_fifo",
     # torch compatibility
-    "TorchRequest",
+    "FileTimerRequest",
     "__version__",
 ]

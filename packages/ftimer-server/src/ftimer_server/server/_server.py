@@ -7,6 +7,7 @@ the lock, ``sync()``, and the views other threads read while the loop runs.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import logging
@@ -17,8 +18,8 @@ import time
 from types import TracebackType
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple, Type, Union
 
-from ftimer_protocol import Sync, default_fifo_path, encode
-from ftimer_server.core._events import Armed, Disarmed, Event, Reaped
+from ftimer_protocol import DisarmAll, FileTimerRequest, Sync, default_fifo_path, encode
+from ftimer_server.core._events import Armed, Disarmed, Event, Expired, Reaped
 from ftimer_server.core._policy import Policy
 from ftimer_server.core._reader import LineReader
 from ftimer_server.core._records import Timer, Worker
@@ -31,7 +32,7 @@ from ._journal import Journal
 from ._loop import Loop
 from ._process import ProcessInspector, SystemInspector, raise_fd_limit
 from ._signaller import OsSignaller, RecordingSignaller, Signaller
-from ._torch import LogEvent, torch_log_event
+from ._torch import LogEvent, request_of, torch_log_event
 
 __all__ = ["FileTimerServer", "Lifecycle"]
 
@@ -71,6 +72,9 @@ class FileTimerServer:
         log_event: torch's callback, ``log_event(name, request)``, called with torch's
             names: "watchdog started", "timer expired", "kill worker process",
             "watchdog stopped".
+        log_debug_info: torch's debug hook point, called as torch 2.13 calls
+            ``log_debug_info_for_expired_timers(run_id, {pid: [request.to_json(), ...]})``
+            whenever timers expire (pass torch's function to get its log line).
         on_event: receives every ``Event`` (from the loop thread, in order), or those of
             ``event_types``. Exceptions it raises are logged and ignored.
         event_types: the event classes ``on_event`` wants; ``None`` (default): all.
@@ -119,6 +123,7 @@ class FileTimerServer:
         daemon: bool = True,
         log_event: Optional[LogEvent] = None,
         *,
+        log_debug_info: Optional[Callable[[str, Dict[int, List[str]]], None]] = None,
         on_event: Optional[Callable[[Event], None]] = None,
         event_types: Optional[Iterable[Type[Event]]] = None,
         on_change: Optional[Callable[[], None]] = None,
@@ -154,6 +159,7 @@ class FileTimerServer:
         self.max_interval = max_interval
         self._daemon = daemon
         self._log_event = log_event
+        self._log_debug_info = log_debug_info
         self._on_event = on_event
         self._on_change = on_change
         self._changes = 0  # the table's change count when on_change was last called
@@ -377,6 +383,58 @@ class FileTimerServer:
             with self._lock:
                 self._syncs.pop(token, None)
 
+    # -- torch's public methods ----------------------------------------------------------
+
+    def run_once(self) -> None:
+        """torch's test and tool entry: apply everything written to the FIFO so far, run
+        one expiry pass, then stop (torch's ``run_once`` ends its watchdog too). Starts
+        the server first if it was not."""
+        if self._state is Lifecycle.NEW:
+            self.start()
+        with contextlib.suppress(RuntimeError):  # stopped meanwhile: nothing left to do
+            self.sync()
+        self.stop()
+
+    def register_timers(self, timer_requests: Iterable[FileTimerRequest]) -> None:
+        """Apply torch's requests as if read from the FIFO, through the same policy and
+        identity checks (a negative ``expiration_time`` releases)."""
+        messages = [r.to_message() for r in timer_requests]
+        with self._lock:
+            self._watchdog.apply(messages, time.monotonic(), time.time())
+        self._loop_or_flush()
+
+    def clear_timers(self, worker_pids: Iterable[int]) -> None:
+        """Drop every timer of ``worker_pids``, unsignalled (torch also drops those of
+        processes that are gone; ftimer drops them as soon as they exit)."""
+        with self._lock:
+            self._watchdog.apply([DisarmAll(pid) for pid in set(worker_pids)], 0.0, 0.0)
+        self._loop_or_flush()
+
+    def get_expired_timers(self, deadline: float) -> Dict[int, List[FileTimerRequest]]:
+        """torch's view of the armed timers whose expiration is at or before
+        ``deadline`` (wall-clock seconds, ``time.time()``), by pid; nothing is reaped."""
+        wall, now = time.time(), time.monotonic()
+        due = now + (deadline - wall)
+        expired: Dict[int, List[FileTimerRequest]] = {}
+        for timer in self.armed():
+            if timer.deadline <= due:
+                expired.setdefault(timer.pid, []).append(request_of(timer))
+        return expired
+
+    @staticmethod
+    def is_process_running(pid: int) -> bool:
+        """True if ``pid`` names a live process (not a zombie, not a thread's id).
+        Unlike torch's, it sends nothing (torch's ``kill(pid, 0)`` is true for a thread
+        id, and for pid 0 or -1 asks about process groups)."""
+        if pid <= 0:
+            return False
+        inspector = SystemInspector()
+        try:
+            inspector.start_time(pid)
+            return inspector.tgid(pid) == pid
+        except OSError:
+            return False
+
     def get_last_progress_time(self) -> int:
         """torch's liveness probe: now while the loop is healthy (idle or working), else
         the wall-clock second its current iteration started."""
@@ -464,6 +522,15 @@ class FileTimerServer:
         if self._log_event is not None:
             self._log_event("watchdog stopped", None)
 
+    def _loop_or_flush(self) -> None:
+        """After a change made from another thread: the loop sees new deadlines and
+        delivers the events; before the loop runs, deliver them here."""
+        loop = self._loop
+        if loop is not None and self._state is Lifecycle.RUNNING:
+            loop.wake()
+        else:
+            self._flush()
+
     def _after(self, tokens: List[str]) -> None:
         """After each iteration: events to the callbacks, ``on_change``, ``sync()``
         callers released, and the server's own signal if it asked for one."""
@@ -490,6 +557,8 @@ class FileTimerServer:
             events = self._pending[:]
             self._pending.clear()
         on_event, log_event, types = self._on_event, self._log_event, self._event_types
+        if self._log_debug_info is not None:
+            self._debug_info(events)
         for event in events:
             if type(event) is Reaped and self._kill_self_on_reap:
                 assert isinstance(event, Reaped)
@@ -502,6 +571,19 @@ class FileTimerServer:
                     torch_log_event(log_event, event)
             except Exception:
                 logger.exception("event callback failed on %r", event)
+
+    def _debug_info(self, events: List[Event]) -> None:
+        expired: Dict[int, List[str]] = {}
+        for event in events:
+            if isinstance(event, Expired):
+                timer = event.timer
+                expired.setdefault(timer.pid, []).append(request_of(timer).to_json())
+        if expired:
+            assert self._log_debug_info is not None
+            try:
+                self._log_debug_info(self.run_id, expired)
+            except Exception:
+                logger.exception("log_debug_info callback failed")
 
     def _changed(self) -> None:
         """Call ``on_change`` if the armed timers changed since it was last called, or

@@ -28,8 +28,9 @@ import time
 import weakref
 from typing import Dict, List, Optional, Tuple, Union
 
-from ftimer_protocol import SYSTEM_FIFO_PATH
+from ftimer_protocol import SYSTEM_FIFO_PATH, DumpHook
 
+from . import _dump
 from ._errors import ServerStalled, ServerUnavailable
 from ._proc import process_start_time
 from ._wire import V1Lines, V2Lines
@@ -123,15 +124,19 @@ class Channel:
         self._stalled = False  # the last write timed out on a full pipe
         self._retry: Optional[threading.Thread] = None
 
-    def lines(self, signal: int, labels: Optional[Dict[str, str]]) -> Lines:
-        """Return a line builder of this channel's process and protocol, rebound on fork.
+    def lines(
+        self, signal: int, labels: Optional[Dict[str, str]], dump: Optional[DumpHook] = None
+    ) -> Lines:
+        """Return a line builder of this channel's process and protocol, rebound on fork
+        (with the child's own stack-dump hook, when ``dump`` is given).
 
         Raises:
-            ValueError: the pid or labels break the schema.
+            ValueError: the pid, labels or hook break the schema (``MessageTooLarge``:
+                the lines would not fit PIPE_BUF).
         """
         built: Lines
         if self.keep_open:
-            built = V2Lines(self.pid, self.start_time, signal, labels)
+            built = V2Lines(self.pid, self.start_time, signal, labels, dump)
         else:
             built = V1Lines(self.pid, signal)
         self._lines.add(built)
@@ -411,8 +416,9 @@ class Channel:
         if self.follows_process:
             self.pid = os.getpid()
             self.start_time = process_start_time(self.pid)
+            hook = _dump.current()  # the child's own, made by _after_fork_in_child()
             for built in list(self._lines):
-                built.rebind(self.pid, self.start_time)
+                built.rebind(self.pid, self.start_time, hook)
 
     def __del__(self) -> None:
         if getattr(self, "_fd", -1) >= 0:
@@ -444,6 +450,8 @@ def channel_for(path: str, protocol: int, pid: Optional[int] = None) -> Channel:
 def _after_fork_in_child() -> None:
     global _shared_lock
     _shared_lock = threading.Lock()
+    # First the child's own dump file, which the rebuilt lines announce.
+    _dump.after_fork_in_child()
     for channel in list(_channels):
         channel._after_fork()
 

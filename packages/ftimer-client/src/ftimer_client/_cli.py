@@ -27,6 +27,7 @@ from ftimer_protocol import MAX_PID
 
 from ._client import POLICIES, FileTimerClient
 from ._errors import ServerUnavailable
+from ._signals import parse_signal
 
 __all__ = ["EXIT_UNAVAILABLE", "EXIT_USAGE", "main"]
 
@@ -38,6 +39,19 @@ EXIT_CANNOT_RUN = 126
 # terminal reach CMD directly (same process group); the wrapper ignores them, as system().
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 IGNORED = (signal.SIGINT, signal.SIGQUIT)
+# Why there is no --dump-signal: the hook is faulthandler inside the worker's own Python
+# process, and the process a timer of this command is for is never ftimer's own.
+NO_DUMP = (
+    "Stack dumps for the server's incidents need a hook inside the worker's own Python "
+    "process (FileTimerClient(dump_signal=...) or FTIMER_DUMP_SIGNAL); ftimer cannot "
+    "install one in another process, so it has no --dump-signal."
+)
+NO_DUMP_EXEC = (
+    "Stack dumps: the hook would have to be inside CMD's own process, which a wrapper "
+    "cannot install, so exec has no --dump-signal. A Python CMD can turn it on itself: it "
+    "inherits FTIMER_DUMP_SIGNAL, and its own ftimer_client timers then announce the hook "
+    "(this command's timer does not)."
+)
 
 
 def _ascii_int(text: str) -> Optional[int]:
@@ -59,14 +73,12 @@ def _seconds(text: str) -> float:
 
 
 def _signal(text: str) -> int:
-    number = _ascii_int(text[1:] if text.startswith("-") else text)
+    number = _ascii_int(text[1:]) if text.startswith("-") else None
     if number is not None:
-        return -number if text.startswith("-") else number
-    name = text.upper()
-    name = name if name.startswith("SIG") else "SIG" + name
+        return -number  # negative: report only, as the Python client takes it
     try:
-        return int(signal.Signals[name])
-    except KeyError:
+        return parse_signal(text)
+    except ValueError:
         raise argparse.ArgumentTypeError(
             f"unknown signal: {text!r} (a name like TERM or SIGTERM, or a number)"
         ) from None
@@ -140,13 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("disarm", [common, scope, pid], "disarm a timer"),
         ("expire", [common, scope, pid, sig], "expire a timer now"),
     ):
-        sub = commands.add_parser(name, parents=parents, help=text, description=text)
+        sub = commands.add_parser(
+            name, parents=parents, help=text, description=text, epilog=NO_DUMP
+        )
         sub.set_defaults(subparser=sub)  # errors found later show this command's usage
     run = commands.add_parser(
         "exec",
         parents=[common, after, sig],
         help="run a command under a timer",
+        description="run a command under a timer armed for the command's own process",
         usage="ftimer exec --after SECONDS [--scope S] [--signal SIG] -- CMD [ARGS...]",
+        epilog=NO_DUMP_EXEC,
     )
     run.add_argument("--scope", default=None)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")

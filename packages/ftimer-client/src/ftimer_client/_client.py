@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Dict, FrozenSet, Optional, Type, Union
 
-from ftimer_protocol import MAX_LABEL_VALUE, MAX_LABELS, MAX_PID, MAX_TIME, Arm, encode
+from ftimer_protocol import MAX_LABEL_VALUE, MAX_LABELS, MAX_PID, MAX_TIME, Arm, DumpHook, encode
 
+from . import _dump
 from ._channel import channel_for
 from ._errors import ServerUnavailable, ServerUnavailableWarning
 from ._paths import resolve_fifo_path
@@ -49,12 +50,21 @@ class FileTimerClient:
         write_timeout: seconds to wait for room in a full pipe, once per stall.
         labels: labels of every timer (protocol 2), e.g. ``{"job": "x"}``. Default:
             ``rank`` and ``local_rank`` from torchrun's ``RANK`` and ``LOCAL_RANK`` when
-            set; ``{}`` for none.
+            set, and ``job`` from its ``TORCHELASTIC_RUN_ID``; ``{}`` for none.
         pid: arm timers of another process instead of this one (what the ``ftimer``
             command does for a shell script).
+        dump_signal: turn on the stack-dump hook for the server's incidents (protocol 2):
+            register Python's ``faulthandler`` on this signal (a number or a name such as
+            ``"SIGUSR2"`` or ``"SIGRTMIN+2"``), once per process, and announce it with
+            every arm and expire. ``0``: off. Default: ``$FTIMER_DUMP_SIGNAL``, where a
+            value the hook cannot use warns (``RuntimeWarning``) and leaves it off.
 
     Raises:
-        ValueError: an argument is out of range or breaks the protocol's schema.
+        ValueError: an argument is out of range or breaks the protocol's schema;
+            ``dump_signal`` is not SIGUSR1, SIGUSR2 or a real-time signal, is handled
+            by something else in this process, differs from the hook this process
+            already has, or is given with ``pid`` or protocol 1.
+        OSError: the stack-dump hook's temporary file could not be made.
     """
 
     def __init__(
@@ -67,6 +77,7 @@ class FileTimerClient:
         write_timeout: float = 1.0,
         labels: Optional[Mapping[str, str]] = None,
         pid: Optional[int] = None,
+        dump_signal: Union[int, str, None] = None,
     ) -> None:
         if protocol not in (1, 2):
             raise ValueError(f"protocol must be 1 or 2, not {protocol!r}")
@@ -82,8 +93,9 @@ class FileTimerClient:
         self._labels: Dict[str, str] = default_labels() if labels is None else _labels(labels)
         if pid is not None:
             _check_pid(pid)
+        hook = _dump_hook(dump_signal, protocol, pid)
         self._channel = channel_for(self._path, protocol, pid)
-        self._lines = self._channel.lines(self._signal, self._labels or None)
+        self._lines = self._channel.lines(self._signal, self._labels or None, hook)
         self._v2 = self._lines if isinstance(self._lines, V2Lines) else None
         self._warned = 0  # the outage last warned about (channel.outages counts them)
         self._closed = False
@@ -266,6 +278,12 @@ class FileTimerClient:
         return dict(self._labels)
 
     @property
+    def dump_hook(self) -> Optional[DumpHook]:
+        """The stack-dump hook announced with every arm and expire (its signal, and the
+        descriptor of its file in this process), or None when it is off."""
+        return None if self._v2 is None else self._v2.dump
+
+    @property
     def armed(self) -> FrozenSet[str]:
         """Scopes armed through this client and not yet released or expired."""
         with self._channel.lock:
@@ -287,6 +305,30 @@ class FileTimerClient:
                 ServerUnavailableWarning,
                 stacklevel=4,
             )
+
+
+def _dump_hook(
+    dump_signal: Union[int, str, None], protocol: int, pid: Optional[int]
+) -> Optional[DumpHook]:
+    """Return the stack-dump hook a client announces, registered; None when off.
+
+    Raises:
+        ValueError: ``dump_signal`` is refused (see ``FileTimerClient``).
+        OSError: the hook's temporary file could not be made.
+    """
+    if dump_signal is None:
+        return _dump.from_environment(protocol=protocol, pid=pid)
+    sig = _dump.check_dump_signal(dump_signal)
+    if not sig:
+        return None
+    if pid is not None:
+        raise ValueError(
+            "dump_signal cannot be used with pid: the hook has to be registered inside the "
+            "process whose timers these are, and this client is not that process"
+        )
+    if protocol == 1:
+        raise ValueError("dump_signal needs protocol 2: torch's format cannot announce a hook")
+    return _dump.install(sig)
 
 
 def _check_pid(pid: int) -> None:

@@ -1,4 +1,4 @@
-"""Facts about processes read from the system: start times and torchrun's rank labels."""
+"""Facts about processes read from the system: start times and torchrun's labels."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import os
 from collections.abc import Mapping
 from typing import Dict, Optional, Union
 
+from ftimer_protocol import MAX_LABEL_VALUE
+
 __all__ = ["default_labels", "parse_start_time", "process_start_time"]
 
 # Environment variables torchrun sets in every worker, and the label each one becomes.
 _RANK_LABELS = (("RANK", "rank"), ("LOCAL_RANK", "local_rank"))
+# The rendezvous run id: the server finds the peers of a stuck rank by this label.
+_JOB = ("TORCHELASTIC_RUN_ID", "job")
 
 
 def parse_start_time(stat: bytes) -> Optional[int]:
@@ -41,7 +45,9 @@ def process_start_time(pid: Union[int, str] = "self") -> Optional[int]:
 
 def default_labels(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """Labels a client sends by default: ``rank`` and ``local_rank`` from torchrun's
-    ``RANK`` and ``LOCAL_RANK`` environment variables, where they are set to an integer.
+    ``RANK`` and ``LOCAL_RANK`` environment variables, where they are set to an integer,
+    and ``job`` from its ``TORCHELASTIC_RUN_ID`` where it is not empty (cut to the
+    protocol's bound on a label value).
     """
     env = os.environ if environ is None else environ
     labels = {}
@@ -50,4 +56,10 @@ def default_labels(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str
         # isascii: "²".isdigit() is true, and is no rank.
         if value.isascii() and value.isdecimal() and len(value) <= 16:
             labels[label] = value
+    var, label = _JOB
+    # os.environ holds bytes that are not UTF-8 as lone surrogates, which no JSON encoder
+    # writes: they become "?", so an odd run id never fails a client.
+    run_id = env.get(var, "").encode("utf-8", "replace").decode("utf-8")
+    if run_id:
+        labels[label] = run_id[:MAX_LABEL_VALUE]
     return labels

@@ -20,6 +20,7 @@ from ftimer_protocol import (
     Arm,
     Disarm,
     DisarmAll,
+    DumpHook,
     Expire,
     MessageTooLarge,
     TimerRequestV1,
@@ -32,6 +33,10 @@ __all__ = ["CACHE_SIZE", "DEADLINE_FORMAT", "V1Lines", "V2Lines", "check_signal"
 DEADLINE_FORMAT = b"%.6f"
 # The longest a deadline in [0, MAX_TIME] is once formatted ("1000000000000000.000000").
 _DEADLINE_WIDTH = len(DEADLINE_FORMAT % MAX_TIME)
+# The widest descriptor number of a dump hook (the schema's bound for DumpHook.fd, an int
+# in C, which ftimer_protocol does not export): a forked child's hook has another
+# descriptor, and a scope that fits in the parent must fit in the child.
+_FD_WIDTH = len(str(2**31 - 1))
 # Scopes whose lines are cached per client. A job uses a handful; past this many the cache
 # starts over rather than grow without bound (scopes built from changing values).
 CACHE_SIZE = 1024
@@ -71,30 +76,63 @@ class V2Lines:
         start_time: its start time in clock ticks since boot, or None.
         signal: the checked signal of arm and expire lines.
         labels: labels of arm and expire lines, or None.
+        dump: the process's stack-dump hook, announced by arm and expire lines; None: no
+            announcement, ever (even after ``rebind`` with a hook).
 
     Raises:
-        ValueError: (``LocalProtocolError``) the pid or labels break the schema.
+        ValueError: (``LocalProtocolError``) the pid, labels or hook break the schema.
+        MessageTooLarge: an arm line with no scope could exceed PIPE_BUF.
     """
 
-    __slots__ = ("__weakref__", "_cache", "_labels", "_pid", "_signal", "_start_time", "disarm_all")
+    __slots__ = (
+        "__weakref__",
+        "_announces",
+        "_cache",
+        "_dump",
+        "_labels",
+        "_pid",
+        "_signal",
+        "_slack",
+        "_start_time",
+        "disarm_all",
+    )
 
     def __init__(
-        self, pid: int, start_time: Optional[int], signal: int, labels: Optional[Dict[str, str]]
+        self,
+        pid: int,
+        start_time: Optional[int],
+        signal: int,
+        labels: Optional[Dict[str, str]],
+        dump: Optional[DumpHook] = None,
     ) -> None:
         self._signal, self._labels = signal, labels or None
+        self._announces = dump is not None
         self._cache: Dict[str, Tuple[bytes, bytes]] = {}
-        self.rebind(pid, start_time)
+        self.rebind(pid, start_time, dump)
 
-    def rebind(self, pid: int, start_time: Optional[int]) -> None:
+    @property
+    def dump(self) -> Optional[DumpHook]:
+        """The stack-dump hook the arm and expire lines announce, or None."""
+        return self._dump
+
+    def rebind(self, pid: int, start_time: Optional[int], dump: Optional[DumpHook] = None) -> None:
         """Build lines for another process from now on (a forked child).
 
+        Args:
+            dump: that process's stack-dump hook (a child's has a file of its own), or
+                None; announced only by lines built with a hook.
+
         Raises:
-            ValueError: (``LocalProtocolError``) the pid or labels break the schema.
+            ValueError: (``LocalProtocolError``) the pid, labels or hook break the schema.
+            MessageTooLarge: an arm line with no scope could exceed PIPE_BUF.
         """
         self._pid, self._start_time = pid, start_time
+        self._dump = dump if self._announces else None
+        # Room kept for the widest descriptor number (see _FD_WIDTH).
+        self._slack = 0 if self._dump is None else _FD_WIDTH - len(str(self._dump.fd))
         self._cache.clear()
         self.disarm_all = encode(DisarmAll(pid, start_time))
-        self.entry("")  # validates pid, signal and labels now, not at the first arm
+        self.entry("")  # validates pid, signal, labels and hook now, not at the first arm
 
     def entry(self, scope_id: str) -> Tuple[bytes, bytes]:
         """Return ``(arm_format, disarm_line)`` of ``scope_id``; ``arm_format % deadline``
@@ -107,12 +145,14 @@ class V2Lines:
         cached = self._cache.get(scope_id)
         if cached is not None:
             return cached
-        sample = encode(Arm(self._pid, scope_id, 0.0, self._signal, self._start_time, self._labels))
+        sample = encode(
+            Arm(self._pid, scope_id, 0.0, self._signal, self._start_time, self._labels, self._dump)
+        )
         # msgspec writes fields in declaration order, so the deadline is the only
         # '"deadline":0.0' of the line: a quote inside a JSON string is always escaped.
         head, found, tail = sample.partition(b'"deadline":0.0')
         assert found, sample
-        size = len(head) + len(found) - 3 + _DEADLINE_WIDTH + len(tail)
+        size = len(head) + len(found) - 3 + _DEADLINE_WIDTH + len(tail) + self._slack
         if size > PIPE_BUF:
             raise MessageTooLarge(size, PIPE_BUF)
         arm_format = b"%b%b%b" % (
@@ -134,15 +174,24 @@ class V2Lines:
             ValueError: the scope breaks the schema.
             MessageTooLarge: the line exceeds PIPE_BUF.
         """
-        return encode(Arm(self._pid, scope_id, deadline, signal, self._start_time, self._labels))
+        return encode(
+            Arm(self._pid, scope_id, deadline, signal, self._start_time, self._labels, self._dump)
+        )
 
     def disarm(self, scope_id: str) -> bytes:
         """Return the disarm line of ``scope_id`` (cached)."""
         return self.entry(scope_id)[1]
 
     def expire(self, scope_id: str, signal: int) -> bytes:
-        """Return the expire-now line of ``scope_id`` with a checked ``signal``."""
-        return encode(Expire(self._pid, scope_id, signal, self._start_time, self._labels))
+        """Return the expire-now line of ``scope_id`` with a checked ``signal``.
+
+        Raises:
+            ValueError: the scope breaks the schema.
+            MessageTooLarge: the line exceeds PIPE_BUF.
+        """
+        return encode(
+            Expire(self._pid, scope_id, signal, self._start_time, self._labels, self._dump)
+        )
 
 
 class V1Lines:
@@ -158,8 +207,9 @@ class V1Lines:
         self._signal = signal
         self.rebind(pid, None)
 
-    def rebind(self, pid: int, start_time: Optional[int]) -> None:
-        """Build lines for another process from now on; version 1 has no start time.
+    def rebind(self, pid: int, start_time: Optional[int], dump: Optional[DumpHook] = None) -> None:
+        """Build lines for another process from now on; version 1 has no start time and
+        no stack-dump hook.
 
         Raises:
             ValueError: (``LocalProtocolError``) the pid breaks the schema.

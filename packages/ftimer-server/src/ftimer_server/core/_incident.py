@@ -116,6 +116,8 @@ class Capture(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
         threads: every thread's stack.
         raw: the method's own output, as it came.
         core: the path of a core file taken with ``gcore``, if asked for.
+        host: the host it ran on, where that is not the incident's own: set when the
+            incidents of several hosts are merged into one report.
     """
 
     pid: int
@@ -130,6 +132,7 @@ class Capture(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     threads: List[ThreadStack] = []
     raw: str = ""
     core: Optional[str] = None
+    host: str = ""
 
 
 class Group(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -141,6 +144,8 @@ class Group(msgspec.Struct, frozen=True, omit_defaults=True):
         frames: the shared stack of the thread that matters (innermost first).
         doing: what that thread is doing, in words.
         summary: one line: "7 ranks in all_reduce at train.py:42 (waiting ...)".
+        hosts: the host of each of ``pids``, in the same order, when the workers come
+            from several hosts (a merged report); empty otherwise.
     """
 
     pids: List[int]
@@ -148,6 +153,7 @@ class Group(msgspec.Struct, frozen=True, omit_defaults=True):
     frames: List[Frame] = []
     doing: str = ""
     summary: str = ""
+    hosts: List[str] = []
 
 
 class Incident(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -1,0 +1,296 @@
+"""The text of an incident: the summary a person reads first, and the whole report.
+
+Pure functions over the incident schema (no I/O, no clock: times are the record's own):
+
+- `summarize`: the first lines: what expired, what was captured, the groups of workers
+  by stack (outliers first), whether the capture ran out of its budget, the errors;
+- `annotate`: fills every thread's ``doing``, the groups and the summary of an incident
+  (what the server does before it writes one);
+- `render`: the whole incident as text (``ftimer-server incidents show`` and the
+  ``.txt`` beside each record): the summary, the call-prefix tree, every worker's facts
+  and every thread's stack, innermost frame last as in a Python traceback;
+- `merge_captures` / `render_merged`: one report over the incidents of one job taken on
+  several hosts at once (``ftimer-server incidents merge``).
+"""
+
+from __future__ import annotations
+
+import signal as signal_module
+import time
+from collections.abc import Sequence
+from typing import Dict, List, Optional, Tuple
+
+import msgspec
+
+from ._incident import Capture, Group, Incident, ProcessFacts, ThreadStack
+from ._stacks import _doing_of, _items, _wchan, call_tree, doing, group
+
+__all__ = ["annotate", "merge_captures", "render", "render_merged", "summarize"]
+
+
+# -- the summary -----------------------------------------------------------------------
+
+
+def summarize(incident: Incident) -> List[str]:
+    """The lines a person reads first: what expired, what was captured, the groups
+    (outliers first; ``incident.groups``, or `group` of its captures when it has none),
+    whether the capture ran out of its budget, and the errors."""
+    labels = _labels(incident.labels)
+    late = _duration(incident.late)
+    lines = [
+        f"timer {incident.scope_id!r} of pid {incident.pid}"
+        + (f" ({labels})" if labels else "")
+        + f" expired {late} after its deadline; {_signal_text(incident.signal, incident.delivered)}"
+    ]
+    captures = incident.captures
+    if captures:
+        job = f" of job {incident.job}" if incident.job is not None else ""
+        count = f"{len(captures)} worker{'s' if len(captures) != 1 else ''}"
+        lines.append(
+            f"captured {count}{job} in {_duration(incident.seconds)} ({_methods(captures)})"
+        )
+        lines += [f"  {g.summary}" for g in incident.groups or group(captures)]
+    else:
+        lines.append("nothing captured")
+    if incident.timed_out:
+        lines.append(
+            f"the capture ran out of its budget after {_duration(incident.seconds)}: the "
+            "signal was sent then, and what was not captured by then is missing"
+        )
+    lines += [f"error: {e}" for e in incident.errors]
+    return lines
+
+
+def annotate(incident: Incident) -> Incident:
+    """``incident`` with every thread's ``doing`` filled (where the capture left it
+    empty), its captures grouped and its summary written."""
+    captures = [
+        msgspec.structs.replace(c, threads=[_with_doing(t) for t in c.threads])
+        for c in incident.captures
+    ]
+    incident = msgspec.structs.replace(incident, captures=captures, groups=group(captures))
+    return msgspec.structs.replace(incident, summary=summarize(incident))
+
+
+def _with_doing(thread: ThreadStack) -> ThreadStack:
+    return thread if thread.doing else msgspec.structs.replace(thread, doing=doing(thread))
+
+
+def _methods(captures: Sequence[Capture]) -> str:
+    counts: Dict[str, int] = {}
+    for c in captures:
+        counts[c.method] = counts.get(c.method, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{method} {n}" for method, n in counts.items())
+
+
+def _signal_text(signal: int, delivered: Optional[bool]) -> str:
+    if signal == 0:
+        return "report only (no signal)"
+    name = _signal_name(signal)
+    if delivered is None:
+        return f"reaped with {name}"
+    return f"reaped with {name}" + ("" if delivered else " (NOT delivered)")
+
+
+def _signal_name(signal: int) -> str:
+    try:
+        return signal_module.Signals(signal).name
+    except ValueError:
+        return f"signal {signal}"
+
+
+def _labels(labels: Optional[Dict[str, str]]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted((labels or {}).items()))
+
+
+def _duration(seconds: float) -> str:
+    """``0.0123`` -> ``"12 ms"``, ``1.5`` -> ``"1.5 s"``, ``4000`` -> ``"1h06m"``."""
+    s = abs(seconds)
+    sign = "-" if seconds < 0 else ""
+    if s < 0.01:
+        return f"{sign}{s * 1000:.1f} ms"
+    if s < 1:
+        return f"{sign}{s * 1000:.0f} ms"
+    if s < 120:
+        return f"{sign}{s:.1f} s"
+    minutes, secs = divmod(int(s), 60)
+    hours, minutes = divmod(minutes, 60)
+    return sign + (f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s")
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"  # pragma: no cover - the loop always returns
+
+
+# -- the whole text --------------------------------------------------------------------
+
+
+def render(incident: Incident) -> str:
+    """The incident as a person reads it (``ftimer-server incidents show``): the summary
+    first, the call-prefix tree when the stacks differ, then each worker's facts and
+    every thread's stack (innermost frame last, as in a Python traceback), then the
+    errors. Uses ``incident.summary`` and ``incident.groups`` when the record has them."""
+    groups = incident.groups or group(incident.captures)
+    summary = incident.summary or summarize(msgspec.structs.replace(incident, groups=groups))
+    lines = [f"incident {incident.id} on {incident.host}, {_utc(incident.created)}", ""]
+    lines += summary
+    lines += _tree_section(incident.captures, groups)
+    for capture in incident.captures:
+        lines += ["", *_worker_lines(capture)]
+    if incident.errors:
+        lines += ["", "errors:", *(f"  {e}" for e in incident.errors)]
+    return "\n".join(lines) + "\n"
+
+
+def _tree_section(captures: Sequence[Capture], groups: Sequence[Group]) -> List[str]:
+    if sum(1 for g in groups if g.frames) < 2:
+        return []
+    return [
+        "",
+        "call tree of the stuck threads (outermost first; workers through each frame):",
+        *(f"  {line}" for line in call_tree(captures)),
+    ]
+
+
+def _utc(created: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(created))
+
+
+def _worker_lines(capture: Capture) -> List[str]:
+    labels = capture.labels or {}
+    head = f"pid {capture.pid}"
+    if capture.host:
+        head += f" on {capture.host}"
+    if "rank" in labels:
+        head += f", rank {labels['rank']}"
+    head += f": {capture.role}, {capture.method}, {_duration(capture.seconds)}"
+    if capture.exited:
+        head += ", exited during the capture"
+    lines = [head]
+    if labels:
+        lines.append(f"  labels: {_labels(labels)}")
+    facts = capture.facts
+    if facts is not None:
+        if facts.cmdline:
+            lines.append(f"  command: {' '.join(facts.cmdline)}")
+        lines.append(f"  process: {_facts_text(facts)}")
+    if capture.error:
+        lines.append(f"  error: {capture.error}")
+    if capture.core:
+        lines.append(f"  core: {capture.core}")
+    for thread in capture.threads:
+        lines += _thread_lines(thread)
+    if not capture.threads and capture.raw:
+        lines += ["  raw output:", *(f"    {line}" for line in capture.raw.splitlines())]
+    return lines
+
+
+def _facts_text(f: ProcessFacts) -> str:
+    parts = [f"state {f.state}"] if f.state else []
+    if f.rss:
+        parts.append(f"{_size(f.rss)} resident")
+    if f.threads:
+        parts.append(f"{f.threads} threads")
+    if f.age:
+        parts.append(f"up {_duration(f.age)}")
+    if f.uid is not None:
+        parts.append(f"uid {f.uid}")
+    if f.children:
+        parts.append(f"children {_items(f.children)}")
+    parts.append(f"{f.fifos} FIFOs, {f.sockets} sockets")
+    return ", ".join(parts)
+
+
+def _thread_lines(thread: ThreadStack) -> List[str]:
+    flags = []
+    if thread.state:
+        flags.append(thread.state + (f" in {_wchan(thread)}" if _wchan(thread) else ""))
+    if thread.active is not None:
+        flags.append("active" if thread.active else "idle")
+    if thread.gil:
+        flags.append("holds the GIL")
+    name = f' "{thread.name}"' if thread.name else ""
+    what = _doing_of(thread)
+    head = f"  thread {thread.tid}{name}" + (f" [{'; '.join(flags)}]" if flags else "")
+    lines = [head + (f": {what}" if what else "")]
+    for frame in reversed(thread.frames):
+        if frame.native:
+            where = f" in {frame.file}" if frame.file else ""
+            line = f":{frame.line}" if frame.line and frame.file else ""
+            lines.append(f"    [native] {frame.function}{where}{line}")
+        else:
+            lines.append(f'    File "{frame.file}", line {frame.line}, in {frame.function}')
+    if not thread.frames:
+        lines.append("    (no frames)")
+    if thread.kernel_stack:
+        lines += ["    kernel:", *(f"      {entry}" for entry in thread.kernel_stack)]
+    return lines
+
+
+# -- several hosts ---------------------------------------------------------------------
+
+
+def merge_captures(incidents: Sequence[Incident]) -> List[Capture]:
+    """The captures of ``incidents`` (taken on several hosts) as one list of workers.
+
+    Each capture is named by its incident's host. A worker (host, pid, start time) seen
+    by several incidents of its host (its own, and its peers' as a peer) counts once:
+    the capture where it is the stuck worker, else the first by the incidents' time.
+    Order: by incident time, each incident's stuck worker first.
+    """
+    chosen: Dict[Tuple[str, int, Optional[int]], Capture] = {}
+    for incident in sorted(incidents, key=lambda i: (i.created, i.host, i.id)):
+        for capture in incident.captures:
+            named = msgspec.structs.replace(capture, host=capture.host or incident.host)
+            identity = (named.host, named.pid, named.start_time)
+            seen = chosen.get(identity)
+            if seen is None or (seen.role != "stuck" and named.role == "stuck"):
+                chosen[identity] = named
+    return list(chosen.values())
+
+
+def render_merged(incidents: Sequence[Incident], job: Optional[str] = None) -> str:
+    """One report over ``incidents`` of one job taken on several hosts: which workers
+    expired where, the workers of every host grouped together (outliers first), the
+    call-prefix tree, every worker's stacks (its host named), and the errors.
+
+    Args:
+        incidents: the incidents to merge (at least one).
+        job: the job's name, for the heading.
+    """
+    ordered = sorted(incidents, key=lambda i: (i.created, i.host, i.id))
+    captures = merge_captures(ordered)
+    groups = group(captures)
+    hosts = sorted({i.host for i in ordered})
+    first, last = ordered[0].created, ordered[-1].created
+    span = _utc(first) + (f" to {_utc(last)}" if last - first >= 1 else "")
+    heading = f"{len(ordered)} incident{'s' if len(ordered) != 1 else ''}"
+    heading += f" of job {job}" if job is not None else ""
+    lines = [
+        f"{heading} on {len(hosts)} host{'s' if len(hosts) != 1 else ''} "
+        f"({', '.join(hosts)}), {span}",
+        "",
+    ]
+    for i in ordered:
+        rank = (i.labels or {}).get("rank")
+        who = f"rank {rank}" if rank is not None else f"pid {i.pid}"
+        lines.append(
+            f"{who} on {i.host} expired ({i.scope_id!r}, {_duration(i.late)} late): {i.id}"
+            + (" (capture ran out of its budget)" if i.timed_out else "")
+        )
+    lines.append(f"{len(captures)} workers captured, grouped by stack:")
+    lines += [f"  {g.summary}" for g in groups]
+    lines += _tree_section(captures, groups)
+    for capture in captures:
+        lines += ["", *_worker_lines(capture)]
+    errors = [f"  {i.host} {i.id}: {e}" for i in ordered for e in i.errors]
+    if errors:
+        lines += ["", "errors:", *errors]
+    return "\n".join(lines) + "\n"

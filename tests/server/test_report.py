@@ -1,0 +1,262 @@
+"""The text of an incident: the summary a person reads first, the whole report, and the
+report merged over several hosts. Hand-built records, no processes."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import msgspec
+
+from ftimer_server.core._incident import Capture, Frame, Incident, ProcessFacts, ThreadStack
+from ftimer_server.core._report import (
+    annotate,
+    merge_captures,
+    render,
+    render_merged,
+    summarize,
+)
+
+PY = "/usr/lib/python3.11"
+OUTER = [Frame("<module>", "/app/train.py", 120), Frame("main", "/app/train.py", 100)]
+REDUCE = [*OUTER, Frame("train", "/app/train.py", 42), Frame("wait", f"{PY}/threading.py", 320)]
+LOADER = [*OUTER, Frame("train", "/app/train.py", 40), Frame("select", f"{PY}/selectors.py", 468)]
+
+
+def worker(pid: int, rank: int, frames: List[Frame], role: str = "peer", host: str = "") -> Capture:
+    main = ThreadStack(tid=pid, name="MainThread", frames=frames[::-1], state="S")
+    return Capture(
+        pid=pid,
+        start_time=pid * 10,
+        role=role,
+        labels={"job": "71", "rank": str(rank)},
+        method="py-spy",
+        seconds=0.2,
+        threads=[main],
+        host=host,
+    )
+
+
+def incident(
+    captures: List[Capture],
+    *,
+    host: str = "node-a",
+    pid: int = 100,
+    rank: str = "0",
+    created: float = 1_796_000_000.0,
+    **kw: object,
+) -> Incident:
+    fields = {
+        "id": f"20261130T005320.000Z-{pid}-step",
+        "host": host,
+        "created": created,
+        "pid": pid,
+        "scope_id": "step",
+        "signal": 9,
+        "deadline": 5.0,
+        "labels": {"job": "71", "rank": rank},
+        "late": 0.012,
+        "job": "71",
+        "captures": captures,
+        "seconds": 0.41,
+    }
+    fields.update(kw)
+    return Incident(**fields)  # type: ignore[arg-type]
+
+
+def eight_ranks(host: str = "", base: int = 100, odd: Optional[int] = 3) -> List[Capture]:
+    return [
+        worker(base + r, r, LOADER if r == odd else REDUCE, "stuck" if r == 0 else "peer", host)
+        for r in range(8)
+    ]
+
+
+def test_summary_says_what_expired_what_was_captured_and_names_the_outlier_first() -> None:
+    assert summarize(incident(eight_ranks())) == [
+        "timer 'step' of pid 100 (job=71 rank=0) expired 12 ms after its deadline; "
+        "reaped with SIGKILL",
+        "captured 8 workers of job 71 in 410 ms (py-spy)",
+        "  rank 3 in train at train.py:40 ... select at selectors.py:468 (waiting for I/O)",
+        "  7 ranks (0-2,4-7) in train at train.py:42 ... wait at threading.py:320 "
+        "(waiting on a lock)",
+    ]
+
+
+def test_summary_says_when_the_budget_ran_out_and_lists_errors() -> None:
+    lines = summarize(
+        incident(
+            [worker(100, 0, REDUCE, "stuck")],
+            timed_out=True,
+            seconds=3.0,
+            delivered=False,
+            errors=["py-spy of pid 101: timed out after 3.0 s", "incident directory full"],
+        )
+    )
+    assert lines[0].endswith("reaped with SIGKILL (NOT delivered)")
+    assert lines[1] == "captured 1 worker of job 71 in 3.0 s (py-spy)"
+    assert lines[3:] == [
+        "the capture ran out of its budget after 3.0 s: the signal was sent then, and what "
+        "was not captured by then is missing",
+        "error: py-spy of pid 101: timed out after 3.0 s",
+        "error: incident directory full",
+    ]
+
+
+def test_summary_of_a_report_only_timer_without_captures() -> None:
+    lines = summarize(incident([], signal=0, labels=None, job=None, late=2.5))
+    assert lines == [
+        "timer 'step' of pid 100 expired 2.5 s after its deadline; report only (no signal)",
+        "nothing captured",
+    ]
+
+
+def test_summary_counts_methods_when_they_differ() -> None:
+    hooked = msgspec.structs.replace(worker(101, 1, REDUCE), method="hook")
+    lines = summarize(incident([worker(100, 0, REDUCE, "stuck"), hooked]))
+    assert lines[1] == "captured 2 workers of job 71 in 410 ms (py-spy 1, hook 1)"
+
+
+def test_annotate_fills_doing_groups_and_summary_and_keeps_what_the_capture_said() -> None:
+    said = ThreadStack(tid=5, frames=REDUCE[::-1], doing="what the capture said")
+    captures = [*eight_ranks(), Capture(pid=5, threads=[said])]
+    done = annotate(incident(captures))
+    assert [t.doing for c in done.captures[:8] for t in c.threads] == [
+        "waiting on a lock" if c.pid != 103 else "waiting for I/O" for c in done.captures[:8]
+    ]
+    assert done.captures[8].threads[0].doing == "what the capture said"
+    assert [g.pids for g in done.groups] == [[5], [103], [100, 101, 102, 104, 105, 106, 107]]
+    assert done.summary == summarize(done)
+    # A record that was annotated says the same when decoded again.
+    again = msgspec.json.decode(msgspec.json.encode(done), type=Incident)
+    assert again == done
+
+
+def test_render_shows_the_summary_the_tree_and_every_stack_innermost_last() -> None:
+    captures = eight_ranks()
+    stuck = msgspec.structs.replace(
+        captures[0],
+        facts=ProcessFacts(
+            cmdline=["python", "train.py"], state="S", rss=3 << 30, threads=2, age=4000.0, uid=1000
+        ),
+        core="/var/lib/ftimer/cores/core.100",
+        threads=[
+            *captures[0].threads,
+            ThreadStack(
+                tid=170,
+                name="io",
+                frames=[Frame("clock_nanosleep", "libc.so.6", native=True), *REDUCE[::-1]],
+                state="S",
+                wchan="hrtimer_nanosleep",
+                active=False,
+                kernel_stack=["[<0>] hrtimer_nanosleep+0x9a/0x140"],
+            ),
+        ],
+    )
+    text = render(annotate(incident([stuck, *captures[1:]], errors=["gcore: not installed"])))
+    lines = text.splitlines()
+    assert lines[0] == "incident 20261130T005320.000Z-100-step on node-a, 2026-11-30 00:53:20 UTC"
+    assert lines[2].startswith("timer 'step' of pid 100")
+    assert (
+        "  rank 3 in train at train.py:40 ... select at selectors.py:468 (waiting for I/O)" in lines
+    )
+    tree = lines.index(
+        "call tree of the stuck threads (outermost first; workers through each frame):"
+    )
+    assert lines[tree + 1 : tree + 4] == [
+        "  8  <module> at train.py:120",
+        "  8  main at train.py:100",
+        "  1  + train at train.py:40",
+    ]
+    worker_100 = lines.index("pid 100, rank 0: stuck, py-spy, 200 ms")
+    assert lines[worker_100 + 1 : worker_100 + 17] == [
+        "  labels: job=71 rank=0",
+        "  command: python train.py",
+        "  process: state S, 3.0 GiB resident, 2 threads, up 1h06m, uid 1000, 0 FIFOs, 0 sockets",
+        "  core: /var/lib/ftimer/cores/core.100",
+        '  thread 100 "MainThread" [S]: waiting on a lock',
+        '    File "/app/train.py", line 120, in <module>',
+        '    File "/app/train.py", line 100, in main',
+        '    File "/app/train.py", line 42, in train',
+        f'    File "{PY}/threading.py", line 320, in wait',
+        '  thread 170 "io" [S in hrtimer_nanosleep; idle]: sleeping',
+        '    File "/app/train.py", line 120, in <module>',
+        '    File "/app/train.py", line 100, in main',
+        '    File "/app/train.py", line 42, in train',
+        f'    File "{PY}/threading.py", line 320, in wait',
+        "    [native] clock_nanosleep in libc.so.6",
+        "    kernel:",
+    ]
+    assert lines[-2:] == ["errors:", "  gcore: not installed"]
+
+
+def test_render_of_a_worker_without_threads_shows_the_raw_output_and_the_error() -> None:
+    failed = Capture(
+        pid=100, method="hook", error="hook: no dump within the budget", raw="Fatal Python\n..."
+    )
+    text = render(incident([failed]))
+    assert "pid 100: stuck, hook, 0.0 ms" in text
+    assert "  error: hook: no dump within the budget\n  raw output:\n    Fatal Python\n" in text
+    assert "call tree" not in text  # one group: nothing to compare
+
+
+def test_render_of_an_unannotated_record_still_groups_and_summarizes() -> None:
+    assert render(incident(eight_ranks())) == render(annotate(incident(eight_ranks())))
+
+
+# -- several hosts ---------------------------------------------------------------------
+
+
+def test_merge_names_hosts_and_counts_a_worker_seen_twice_once() -> None:
+    a = incident(eight_ranks(odd=None), host="node-a")
+    # node-b: rank 11 hung first (incident 1, the others as peers), then rank 12's own
+    # incident saw rank 12 as stuck: it counts once, as stuck.
+    b_workers = [worker(200 + r, 8 + r, REDUCE, host="") for r in range(8)]
+    b_workers[3] = worker(203, 11, LOADER)
+    b1 = incident(
+        [msgspec.structs.replace(b_workers[3], role="stuck"), *b_workers[:3], *b_workers[4:]],
+        host="node-b",
+        pid=203,
+        rank="11",
+        created=1_796_000_000.5,
+    )
+    b2 = incident(
+        [msgspec.structs.replace(b_workers[4], role="stuck")],
+        host="node-b",
+        pid=204,
+        rank="12",
+        created=1_796_000_001.0,
+    )
+    merged = merge_captures([b2, a, b1])
+    assert len(merged) == 16
+    assert [(c.host, c.pid, c.role) for c in merged][:2] == [
+        ("node-a", 100, "stuck"),
+        ("node-a", 101, "peer"),
+    ]
+    assert ("node-b", 204, "stuck") in [(c.host, c.pid, c.role) for c in merged]
+    assert ("node-b", 204, "peer") not in [(c.host, c.pid, c.role) for c in merged]
+
+    text = render_merged([b2, a, b1], job="71")
+    lines = text.splitlines()
+    assert lines[0] == (
+        "3 incidents of job 71 on 2 hosts (node-a, node-b), 2026-11-30 00:53:20 UTC to "
+        "2026-11-30 00:53:21 UTC"
+    )
+    assert lines[2:5] == [
+        "rank 0 on node-a expired ('step', 12 ms late): 20261130T005320.000Z-100-step",
+        "rank 11 on node-b expired ('step', 12 ms late): 20261130T005320.000Z-203-step",
+        "rank 12 on node-b expired ('step', 12 ms late): 20261130T005320.000Z-204-step",
+    ]
+    assert lines[5:8] == [
+        "16 workers captured, grouped by stack:",
+        "  rank 11 on node-b in train at train.py:40 ... select at selectors.py:468 "
+        "(waiting for I/O)",
+        "  15 ranks (0-10,12-15) on 2 hosts in train at train.py:42 ... wait at "
+        "threading.py:320 (waiting on a lock)",
+    ]
+    assert "pid 203 on node-b, rank 11: stuck, py-spy, 200 ms" in lines
+
+
+def test_merge_of_one_host_with_errors() -> None:
+    one = incident([worker(100, 0, REDUCE, "stuck")], errors=["disk full"])
+    text = render_merged([one])
+    assert text.splitlines()[0] == "1 incident on 1 host (node-a), 2026-11-30 00:53:20 UTC"
+    assert text.endswith("errors:\n  node-a 20261130T005320.000Z-100-step: disk full\n")

@@ -1,0 +1,631 @@
+"""What a stuck thread is doing, which thread stands for its worker, and the grouping of
+workers by stack (STAT's call-prefix tree): all on hand-built records, no processes."""
+
+from __future__ import annotations
+
+import random
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given, settings
+
+from ftimer_server.core._incident import Capture, Frame, Group, ThreadStack
+from ftimer_server.core._stacks import call_tree, doing, focus, group
+
+PY = "/usr/lib/python3.11"
+TORCH = "/venv/lib/python3.11/site-packages/torch"
+
+
+def py(function: str, file: str, line: int = 1) -> Frame:
+    return Frame(function, file, line)
+
+
+def c(function: str, library: str = "libc.so.6") -> Frame:
+    return Frame(function, library, 0, native=True)
+
+
+def stack(*outermost_first: Frame) -> List[Frame]:
+    """Frames as a reader writes them (outermost first), stored innermost first."""
+    return list(reversed(outermost_first))
+
+
+USER = py("step", "/app/train.py", 42)  # a C call made there leaves no frame of its own
+
+
+def thread(
+    *frames: Frame,
+    state: Optional[str] = None,
+    wchan: Optional[str] = None,
+    active: Optional[bool] = None,
+    gil: Optional[bool] = None,
+    tid: int = 7,
+    name: str = "",
+) -> ThreadStack:
+    return ThreadStack(
+        tid=tid,
+        name=name,
+        frames=stack(*frames),
+        state=state,
+        wchan=wchan,
+        active=active,
+        gil=gil,
+    )
+
+
+# -- doing -----------------------------------------------------------------------------
+
+DOING_CASES = [
+    # The thread's state comes first: D is stuck in the kernel whatever Python says.
+    (
+        "D state, with its wait channel",
+        thread(USER, py("read", f"{PY}/socket.py"), state="D", wchan="rpc_wait_bit_killable"),
+        "in uninterruptible I/O (D state, in rpc_wait_bit_killable: py-spy cannot stop it)",
+    ),
+    (
+        "D state, wait channel unreadable",
+        thread(state="D", gil=True, active=True),
+        "in uninterruptible I/O (D state: py-spy cannot stop it)",
+    ),
+    ("stopped", thread(USER, state="T"), "stopped (T state: by a signal or a debugger)"),
+    (
+        "stopped by a tracer",
+        thread(USER, state="t"),
+        "stopped (T state: by a signal or a debugger)",
+    ),
+    ("zombie thread", thread(state="Z"), "exited (zombie)"),
+    # The GIL.
+    (
+        "waiting to take the GIL back (time.sleep returning)",
+        thread(
+            USER,
+            c("time_sleep", "python3.11"),
+            c("PyEval_RestoreThread", "python3.11"),
+            c("take_gil", "python3.11"),
+            c("pthread_cond_timedwait@@GLIBC_2.3.2"),
+            c("__futex_abstimed_wait_common64"),
+            state="S",
+            wchan="futex_wait_queue",
+        ),
+        "waiting for the GIL",
+    ),
+    (
+        "ctypes.PyDLL sleep: holds the GIL, native frames say sleeping",
+        thread(USER, c("sleep"), c("__GI___clock_nanosleep"), state="S", gil=True, active=True),
+        "holding the GIL in a C call (sleeping)",
+    ),
+    (
+        "holds the GIL, no native frames: the wait channel says what the C call waits for",
+        thread(USER, state="S", wchan="hrtimer_nanosleep", gil=True, active=False),
+        "holding the GIL in a C call (sleeping)",
+    ),
+    (
+        "holds the GIL and is blocked (S) in something unknown",
+        thread(USER, state="S", gil=True),
+        "holding the GIL in a C call",
+    ),
+    (
+        "holds the GIL, py-spy says idle",
+        thread(USER, gil=True, active=False),
+        "holding the GIL in a C call",
+    ),
+    (
+        "holds the GIL, running inside an extension's native code",
+        thread(USER, c("dgemm_kernel", "libopenblas.so"), state="R", gil=True, active=True),
+        "holding the GIL in a C call",
+    ),
+    (
+        "holds the GIL while waiting on a lock: the deadlock that stops every thread",
+        thread(USER, c("pthread_mutex_lock"), c("__lll_lock_wait"), state="S", gil=True),
+        "holding the GIL in a C call (waiting on a lock)",
+    ),
+    (
+        "busy Python loop: holds the GIL, running",
+        thread(USER, py("spin", "/app/busy.py", 3), state="R", gil=True, active=True),
+        "running Python",
+    ),
+    (
+        "busy loop seen inside the interpreter's own native code",
+        thread(USER, c("_PyEval_EvalFrameDefault", "python3.11"), state="R", gil=True),
+        "running Python",
+    ),
+    (
+        "holds the GIL, a stale wait channel of a running thread does not count",
+        thread(USER, state="R", wchan="futex_wait_queue", gil=True, active=True),
+        "running Python",
+    ),
+    # Waiting on a lock: Python frames, native frames, the wait channel.
+    (
+        "threading.Condition.wait (Event.wait, Queue.get end there)",
+        thread(USER, py("get", f"{PY}/queue.py", 171), py("wait", f"{PY}/threading.py", 320)),
+        "waiting on a lock",
+    ),
+    (
+        "queue.Queue.get seen as the innermost frame",
+        thread(USER, py("get", f"{PY}/queue.py", 171)),
+        "waiting on a lock",
+    ),
+    (
+        "a multiprocessing lock",
+        thread(USER, py("__enter__", f"{PY}/multiprocessing/synchronize.py", 95)),
+        "waiting on a lock",
+    ),
+    (
+        "Lock.acquire in user code: no frame, the native frames say it",
+        thread(USER, c("PyThread_acquire_lock_timed", "python3.11"), c("sem_clockwait")),
+        "waiting on a lock",
+    ),
+    (
+        "Lock.acquire in user code: no frame, no native frames, the futex says it",
+        thread(USER, state="S", wchan="futex_wait_queue_me", active=False, gil=False),
+        "waiting on a lock",
+    ),
+    (
+        "Thread.join",
+        thread(
+            USER,
+            py("join", f"{PY}/threading.py", 1119),
+            py("_wait_for_tstate_lock", f"{PY}/threading.py", 1139),
+        ),
+        "waiting for another thread to finish",
+    ),
+    # Sleeping.
+    (
+        "time.sleep seen by its native frame",
+        thread(USER, c("pysleep", "python3.11"), c("clock_nanosleep@GLIBC_2.17"), state="S"),
+        "sleeping",
+    ),
+    (
+        "time.sleep seen by its wait channel",
+        thread(USER, state="S", wchan="do_nanosleep", active=False, gil=False),
+        "sleeping",
+    ),
+    # I/O.
+    (
+        "selectors (asyncio's loop)",
+        thread(USER, py("select", f"{PY}/selectors.py", 468)),
+        "waiting for I/O",
+    ),
+    (
+        "a multiprocessing pipe (DataLoader's worker queue)",
+        thread(
+            USER,
+            py("__next__", "/app/data.py", 17),
+            py("recv_bytes", f"{PY}/multiprocessing/connection.py", 216),
+            py("_recv_bytes", f"{PY}/multiprocessing/connection.py", 414),
+        ),
+        "waiting for I/O",
+    ),
+    ("socket.recv: native", thread(USER, c("__libc_recv")), "waiting for I/O"),
+    ("poll: native, glibc's inner name", thread(USER, c("__GI___poll")), "waiting for I/O"),
+    ("epoll: wait channel", thread(USER, state="S", wchan="do_epoll_wait"), "waiting for I/O"),
+    ("a pipe read: wait channel", thread(USER, state="S", wchan="pipe_read"), "waiting for I/O"),
+    # Children, signals, collectives, the GPU.
+    (
+        "subprocess.wait",
+        thread(
+            USER, py("wait", f"{PY}/subprocess.py", 1264), py("_wait", f"{PY}/subprocess.py", 2046)
+        ),
+        "waiting for a child process",
+    ),
+    (
+        "waitpid: wait channel",
+        thread(USER, state="S", wchan="do_wait"),
+        "waiting for a child process",
+    ),
+    ("signal.pause: native", thread(USER, c("pause")), "waiting for a signal"),
+    (
+        "a torch.distributed collective",
+        thread(USER, py("all_reduce", f"{TORCH}/distributed/distributed_c10d.py", 2050)),
+        "waiting in the collective all_reduce",
+    ),
+    (
+        "torch.cuda.synchronize",
+        thread(USER, py("synchronize", f"{TORCH}/cuda/__init__.py", 801)),
+        "waiting for the GPU in synchronize",
+    ),
+    # What it waits for: native frames first, then the Python frame, then the wchan.
+    (
+        "native frames are the most exact",
+        thread(
+            USER,
+            py("select", f"{PY}/selectors.py", 468),
+            c("pthread_cond_wait"),
+            wchan="do_nanosleep",
+        ),
+        "waiting on a lock",
+    ),
+    (
+        "the Python frame beats the wait channel",
+        thread(USER, py("wait", f"{PY}/threading.py", 320), state="S", wchan="do_epoll_wait"),
+        "waiting on a lock",
+    ),
+    (
+        "a same-named function elsewhere is no wait",
+        thread(USER, py("wait", "/app/mythreading.py", 3), state="R"),
+        "running",
+    ),
+    # Activity when nothing says what it waits for.
+    ("py-spy: active, GIL unknown", thread(USER, active=True), "running Python"),
+    (
+        "py-spy: active without the GIL",
+        thread(USER, active=True, gil=False),
+        "running a C call (GIL released)",
+    ),
+    (
+        "blocked in a kernel function nothing here knows",
+        thread(USER, state="S", wchan="kthread_worker_fn", active=False),
+        "blocked in the kernel (kthread_worker_fn)",
+    ),
+    ("py-spy: idle", thread(USER, active=False, gil=False), "idle"),
+    ("state R alone", thread(USER, state="R", wchan="0"), "running"),
+    ("state S alone", thread(USER, state="S", wchan="0"), "blocked (S state)"),
+    ("nothing known", thread(USER), ""),
+    ("nothing at all", thread(), ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "value", "expected"), DOING_CASES, ids=[case for case, _, _ in DOING_CASES]
+)
+def test_doing(case: str, value: ThreadStack, expected: str) -> None:
+    assert doing(value) == expected
+
+
+def test_every_doing_case_is_different_or_says_why() -> None:
+    # The table above covers each of the words doing() can return.
+    said = {expected.split(" (")[0] for _, _, expected in DOING_CASES}
+    assert {
+        "in uninterruptible I/O",
+        "stopped",
+        "exited",
+        "waiting for the GIL",
+        "holding the GIL in a C call",
+        "running Python",
+        "waiting on a lock",
+        "waiting for another thread to finish",
+        "sleeping",
+        "waiting for I/O",
+        "waiting for a child process",
+        "waiting for a signal",
+        "waiting in the collective all_reduce",
+        "waiting for the GPU in synchronize",
+        "running a C call",
+        "blocked in the kernel",
+        "idle",
+        "running",
+        "blocked",
+        "",
+    } <= said
+
+
+# -- focus -----------------------------------------------------------------------------
+
+
+def capture_of(*threads: ThreadStack, pid: int = 100, **kw: object) -> Capture:
+    return Capture(pid=pid, threads=list(threads), **kw)  # type: ignore[arg-type]
+
+
+MAIN = thread(USER, tid=100, name="MainThread", state="S")
+HOLDER = thread(USER, tid=101, name="holder", gil=True, active=True)
+ACTIVE = thread(USER, tid=102, name="busy", active=True, gil=False)
+IN_D = thread(USER, tid=103, name="reader", state="D")
+OTHER = thread(USER, tid=104, name="other", state="S")
+
+
+@pytest.mark.parametrize(
+    ("threads", "chosen"),
+    [
+        ((OTHER, MAIN, ACTIVE, HOLDER, IN_D), IN_D),  # D beats everything
+        ((OTHER, MAIN, ACTIVE, HOLDER), HOLDER),  # then the GIL holder
+        ((OTHER, MAIN, ACTIVE), ACTIVE),  # then an active thread
+        ((OTHER, MAIN), MAIN),  # then the main thread
+        ((OTHER, thread(USER, tid=105)), OTHER),  # then the first
+    ],
+)
+def test_focus_prefers_d_then_the_gil_then_active_then_main(
+    threads: Tuple[ThreadStack, ...], chosen: ThreadStack
+) -> None:
+    assert focus(capture_of(*threads)) == chosen
+
+
+def test_focus_finds_the_main_thread_by_its_id_when_it_has_no_name() -> None:
+    unnamed_main = thread(USER, tid=100)
+    assert focus(capture_of(OTHER, unnamed_main, pid=100)) == unnamed_main
+
+
+def test_focus_prefers_a_thread_with_frames_among_equals() -> None:
+    bare = thread(tid=110, state="D")  # from /proc only
+    with_frames = thread(USER, tid=111, state="D")
+    assert focus(capture_of(bare, with_frames)) == with_frames
+    assert focus(capture_of(bare)) == bare
+
+
+def test_focus_of_a_capture_without_threads_is_none() -> None:
+    assert focus(Capture(pid=1)) is None
+
+
+# -- groups ----------------------------------------------------------------------------
+
+OUTER = (py("<module>", "/app/train.py", 120), py("main", "/app/train.py", 100))
+IN_ALL_REDUCE = (
+    *OUTER,
+    py("train", "/app/train.py", 42),
+    py("all_reduce", f"{TORCH}/distributed/distributed_c10d.py", 2050),
+)
+IN_LOADER = (
+    *OUTER,
+    py("train", "/app/train.py", 40),
+    py("__next__", "/app/data.py", 17),
+    py("recv_bytes", f"{PY}/multiprocessing/connection.py", 216),
+)
+
+
+def rank(
+    r: int,
+    frames: Sequence[Frame],
+    role: str = "peer",
+    host: str = "",
+    labels: Optional[Dict[str, str]] = None,
+    **flags: object,
+) -> Capture:
+    main = thread(*frames, tid=1000 + r, name="MainThread", **flags)  # type: ignore[arg-type]
+    background = thread(py("wait", f"{PY}/threading.py", 324), tid=2000 + r, name="pin_memory")
+    return Capture(
+        pid=1000 + r,
+        role=role,
+        labels={"rank": str(r), "job": "71"} if labels is None else labels,
+        method="py-spy",
+        threads=[background, main],
+        host=host,
+    )
+
+
+def test_seven_ranks_in_all_reduce_and_the_outlier_in_its_data_loader() -> None:
+    captures = [
+        rank(r, IN_LOADER if r == 3 else IN_ALL_REDUCE, "stuck" if r == 0 else "peer")
+        for r in range(8)
+    ]
+    outlier, rest = group(captures)
+    assert outlier.pids == [1003]
+    assert outlier.ranks == ["3"]
+    assert outlier.frames == stack(*IN_LOADER)
+    assert outlier.doing == "waiting for I/O"
+    assert outlier.summary == (
+        "rank 3 in train at train.py:40 ... recv_bytes at connection.py:216 (waiting for I/O)"
+    )
+    assert rest.pids == [1000, 1001, 1002, 1004, 1005, 1006, 1007]
+    assert rest.ranks == ["0", "1", "2", "4", "5", "6", "7"]
+    assert rest.doing == "waiting in the collective all_reduce"
+    assert rest.summary == (
+        "7 ranks (0-2,4-7) in train at train.py:42 ... all_reduce at distributed_c10d.py:2050 "
+        "(waiting in the collective all_reduce)"
+    )
+    assert rest.hosts == outlier.hosts == []
+
+
+def test_ranks_that_diverge_deep_in_the_stack_are_told_apart_where_they_diverge() -> None:
+    shared = tuple(py(f"layer{i}", "/app/model.py", 10 + i) for i in range(12))
+    a = (*shared, py("forward", "/app/model.py", 200), py("wait", f"{PY}/threading.py", 320))
+    b = (*shared, py("forward", "/app/model.py", 230), py("wait", f"{PY}/threading.py", 320))
+    groups = group([rank(0, a, "stuck"), rank(1, b), rank(2, a), rank(3, b)])
+    # Two groups of two: the stuck worker's first; each named at the frame after the
+    # twelve they share, then their innermost frame.
+    assert [g.ranks for g in groups] == [["0", "2"], ["1", "3"]]
+    assert [g.summary for g in groups] == [
+        "2 ranks (0,2) in forward at model.py:200 ... wait at threading.py:320 (waiting on a lock)",
+        "2 ranks (1,3) in forward at model.py:230 ... wait at threading.py:320 (waiting on a lock)",
+    ]
+
+
+def test_a_group_alone_is_named_by_its_innermost_python_frame() -> None:
+    frames = (*IN_ALL_REDUCE, c("ncclKernel", "libnccl.so"))
+    [only] = group([rank(r, frames) for r in range(4)])
+    assert only.summary == (
+        "4 ranks (0-3) in all_reduce at distributed_c10d.py:2050 "
+        "(waiting in the collective all_reduce)"
+    )
+
+
+def test_a_stack_that_is_a_prefix_of_another_is_named_by_its_innermost_frame() -> None:
+    deeper = (*IN_ALL_REDUCE, py("wait", f"{PY}/threading.py", 320))
+    groups = group([rank(0, IN_ALL_REDUCE), rank(1, deeper), rank(2, deeper)])
+    assert [g.summary for g in groups] == [
+        "rank 0 in all_reduce at distributed_c10d.py:2050 (waiting in the collective all_reduce)",
+        "2 ranks (1,2) in wait at threading.py:320 (waiting on a lock)",
+    ]
+
+
+def test_the_same_stack_doing_something_else_is_another_group() -> None:
+    # Seven ranks blocked in a read, one in D state at the same line: the outlier.
+    frames = (*OUTER, py("load", "/app/data.py", 9), py("readinto", f"{PY}/socket.py", 707))
+    captures = [rank(r, frames, state="D" if r == 5 else "S") for r in range(8)]
+    outlier, rest = group(captures)
+    assert outlier.ranks == ["5"]
+    assert outlier.summary.startswith("rank 5 in readinto at socket.py:707 (in uninterruptible I/O")
+    assert rest.summary == "7 ranks (0-4,6,7) in readinto at socket.py:707 (waiting for I/O)"
+
+
+def test_workers_without_a_stack_are_grouped_by_why() -> None:
+    eperm = "py-spy: ptrace not permitted (EPERM): run the server as root or grant CAP_SYS_PTRACE"
+    captures = [
+        rank(0, IN_ALL_REDUCE, "stuck"),
+        Capture(pid=4242, method="py-spy", error=eperm),
+        Capture(pid=4243, method="py-spy", error=eperm),
+        Capture(pid=4244, method="hook", exited=True),
+        Capture(pid=4245, threads=[ThreadStack(tid=4245, state="D", wchan="nfs_wait")]),
+        Capture(pid=4246, method="hook"),
+    ]
+    groups = group(captures)
+    assert [g.summary for g in groups] == [
+        "rank 0 in all_reduce at distributed_c10d.py:2050 (waiting in the collective all_reduce)",
+        "pid 4244 (no stack: exited during the capture)",
+        "pid 4245 (in uninterruptible I/O (D state, in nfs_wait: py-spy cannot stop it); "
+        "no stack: no capture method: /proc facts only)",
+        "pid 4246 (no stack: hook gave no frames)",
+        f"2 workers (pids 4242, 4243) (no stack: {eperm})",
+    ]
+    assert all(g.frames == [] for g in groups[1:])
+
+
+def test_workers_without_rank_labels_are_named_by_pid() -> None:
+    captures = [rank(r, IN_ALL_REDUCE, labels={}) for r in range(2)] + [rank(2, IN_ALL_REDUCE)]
+    [g] = group(captures)
+    assert g.summary.startswith("3 workers (ranks 2; pids 1000, 1001) in all_reduce")
+    assert g.ranks == ["2"]
+
+
+def test_workers_of_several_hosts_keep_their_host_and_are_told_apart_by_it() -> None:
+    # The same pid on two hosts is two workers.
+    a = Capture(pid=50, labels={"rank": "0"}, host="node-a", threads=[thread(*IN_ALL_REDUCE)])
+    b = Capture(pid=50, labels={"rank": "8"}, host="node-b", threads=[thread(*IN_ALL_REDUCE)])
+    odd = Capture(pid=51, labels={"rank": "9"}, host="node-b", threads=[thread(*IN_LOADER)])
+    outlier, rest = group([a, b, odd])
+    assert (outlier.pids, outlier.hosts) == ([51], ["node-b"])
+    assert outlier.summary.startswith("rank 9 on node-b in train at train.py:40")
+    assert (rest.pids, rest.hosts) == ([50, 50], ["node-a", "node-b"])
+    assert rest.summary.startswith("2 ranks (0,8) on 2 hosts in train at train.py:42")
+
+
+def test_long_rank_lists_are_cut() -> None:
+    [g] = group([rank(r, IN_ALL_REDUCE) for r in range(0, 40, 2)])
+    assert g.summary.startswith("20 ranks (0,2,4,6,8,10,12,14,... 12 more) in all_reduce")
+
+
+def test_no_captures_no_groups() -> None:
+    assert group([]) == []
+
+
+# -- the call-prefix tree --------------------------------------------------------------
+
+
+def test_call_tree_shows_shared_frames_once_and_branches_smallest_first() -> None:
+    captures = [rank(r, IN_LOADER if r == 3 else IN_ALL_REDUCE) for r in range(8)]
+    captures.append(Capture(pid=9, error="no stack"))  # left out
+    assert call_tree(captures) == [
+        "8  <module> at train.py:120",
+        "8  main at train.py:100",
+        "1  + train at train.py:40",
+        "1    __next__ at data.py:17",
+        "1    recv_bytes at connection.py:216",
+        "7  + train at train.py:42",
+        "7    all_reduce at distributed_c10d.py:2050",
+    ]
+
+
+def test_call_tree_of_nothing_is_empty() -> None:
+    assert call_tree([Capture(pid=1)]) == []
+
+
+# -- properties ------------------------------------------------------------------------
+
+ALPHABET = [py(f"f{i}", f"/app/m{i % 2}.py", i) for i in range(4)] + [c("poll")]
+
+
+@st.composite
+def captures(draw: st.DrawFn) -> List[Capture]:
+    """Workers with unique (host, pid), stacks drawn from a few frames so they collide."""
+    n = draw(st.integers(0, 14))
+    identities = draw(
+        st.lists(
+            st.tuples(st.sampled_from(["", "a", "b"]), st.integers(1, 30)),
+            min_size=n,
+            max_size=n,
+            unique=True,
+        )
+    )
+    result = []
+    for i, (host, pid) in enumerate(identities):
+        threads = draw(
+            st.lists(
+                st.builds(
+                    ThreadStack,
+                    tid=st.integers(1, 40),
+                    frames=st.lists(st.sampled_from(ALPHABET), max_size=4),
+                    state=st.sampled_from([None, "S", "R", "D"]),
+                    gil=st.sampled_from([None, True, False]),
+                    active=st.sampled_from([None, True, False]),
+                ),
+                max_size=3,
+            )
+        )
+        labels = draw(st.sampled_from([None, {"rank": str(i)}]))
+        role = "stuck" if i == 0 else "peer"
+        error = draw(st.sampled_from([None, "EPERM"]))
+        result.append(
+            Capture(pid=pid, host=host, role=role, labels=labels, threads=threads, error=error)
+        )
+    return result
+
+
+def identities(g: Group) -> List[Tuple[str, int]]:
+    return list(zip(g.hosts or [""] * len(g.pids), g.pids))
+
+
+@settings(max_examples=300, deadline=None)
+@given(captures(), st.randoms(use_true_random=False))
+def test_grouping_properties(workers: List[Capture], rnd: random.Random) -> None:
+    groups = group(workers)
+    by_identity = {(w.host, w.pid): w for w in workers}
+    # Every worker is in exactly one group.
+    assert sorted(i for g in groups for i in identities(g)) == sorted(by_identity)
+    # Smallest groups first; among groups of one size, the stuck worker's first.
+    sizes = [len(g.pids) for g in groups]
+    assert sizes == sorted(sizes)
+    for size in set(sizes):
+        same = [g for g in groups if len(g.pids) == size]
+        holding = [
+            n
+            for n, g in enumerate(same)
+            if any(by_identity[i].role == "stuck" for i in identities(g))
+        ]
+        assert holding in ([], [0])
+    # The members of a group share the frames of their focus thread, and each group
+    # says something.
+    for g in groups:
+        for i in identities(g):
+            chosen = focus(by_identity[i])
+            assert (chosen.frames if chosen else []) == g.frames
+        assert g.summary
+    # The order of the captures does not matter.
+    shuffled = list(workers)
+    rnd.shuffle(shuffled)
+    assert group(shuffled) == groups
+    # The tree's first line counts every worker with frames when they all share a root
+    # frame, and never more.
+    with_frames = [w for w in workers if (f := focus(w)) is not None and f.frames]
+    tree = call_tree(workers)
+    assert bool(tree) == bool(with_frames)
+    if tree:
+        assert int(tree[0].split()[0]) <= len(with_frames)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.builds(
+        ThreadStack,
+        tid=st.integers(1, 9),
+        frames=st.lists(
+            st.one_of(
+                st.sampled_from(ALPHABET),
+                st.builds(
+                    Frame,
+                    st.text(max_size=12),
+                    st.text(max_size=20),
+                    st.integers(0, 9),
+                    st.booleans(),
+                ),
+            ),
+            max_size=5,
+        ),
+        state=st.one_of(st.none(), st.text(max_size=2)),
+        wchan=st.one_of(st.none(), st.text(max_size=20)),
+        active=st.sampled_from([None, True, False]),
+        gil=st.sampled_from([None, True, False]),
+    )
+)
+def test_doing_never_fails_and_says_something_whenever_anything_is_known(t: ThreadStack) -> None:
+    said = doing(t)
+    assert isinstance(said, str)
+    if t.active is not None or t.gil or (t.state or "").strip()[:1] in ("D", "R", "S", "T", "Z"):
+        assert said

@@ -1,0 +1,441 @@
+"""The incident directory: one record and one text per reap, written atomically, pruned.
+
+Layout: ``<dir>/<id>.json``, the record (msgspec JSON of ``core/_incident.py``'s
+versioned ``Incident``, for programs: ``jq``, ``ftimer-server incidents``), and
+``<dir>/<id>.txt``, what a person reads (``render()``). Ids begin with the UTC time of
+the expiry, so names sort by time.
+
+Each file is written under a temporary name in the directory, fsynced and renamed into
+place: a reader sees a whole file or none. The text is written before the record, so a
+record that exists has its text beside it.
+
+Retention: after each write the oldest incidents go until at most ``keep`` remain and
+their files take at most ``max_bytes`` (the newest is always kept, however large). Every
+file whose name is an incident's id followed by a dot (its record, its text, and
+anything the server puts beside them, a core file say) belongs to that incident: it is
+counted, and removed with it. The directory belongs to one daemon.
+
+The directory is created 0700. One that exists must be a directory, not a symlink, owned
+by the server's user and writable by nobody else: incidents hold command lines and
+stacks, and a directory others may write lets them plant or swap files. Its read
+permissions are left as the operator set them (a group of people may be let in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from typing import Dict, List, Optional, Set, Tuple
+
+import msgspec
+
+from ftimer_server.core._incident import INCIDENT_VERSION, Incident
+from ftimer_server.core._report import render
+
+__all__ = [
+    "IncidentError",
+    "IncidentStore",
+    "IncidentSummary",
+    "incident_id",
+    "load_incidents",
+    "read_incident",
+]
+
+log = logging.getLogger("ftimer_server.incidents")
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+#: What a scope keeps in an incident id (and so in a file name), and how much of it.
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_MAX_SCOPE = 40
+#: An id that can be a file name in the directory and nothing else.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}$")
+RECORD = ".json"
+TEXT = ".txt"
+
+
+class IncidentError(Exception):
+    """An incident cannot be found or read: a missing file, one that is not an incident
+    record, or one of a schema version this server does not read. The message names the
+    file or id and says which."""
+
+
+class IncidentSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """The head of an incident record, for listings: decoding it skips the stacks.
+
+    Attributes:
+        path: the record's file.
+        the others: as in ``Incident``.
+    """
+
+    version: int
+    id: str
+    host: str
+    created: float
+    pid: int
+    scope_id: str
+    signal: int
+    late: float = 0.0
+    labels: Optional[Dict[str, str]] = None
+    job: Optional[str] = None
+    summary: List[str] = []
+    timed_out: bool = False
+    path: str = ""
+
+
+class _Version(msgspec.Struct):
+    version: Optional[int] = None
+
+
+_encoder = msgspec.json.Encoder()
+_version_decoder = msgspec.json.Decoder(_Version)
+_incident_decoder = msgspec.json.Decoder(Incident)
+_summary_decoder = msgspec.json.Decoder(IncidentSummary)
+
+
+def incident_id(created: float, pid: int, scope_id: str) -> str:
+    """``"20261202T061503.123Z-4242-step"``: the UTC time of ``created`` to the
+    millisecond, the pid and the scope, reduced to ``[A-Za-z0-9_.-]`` (anything else
+    becomes ``_``) and its first 40 characters. Ids sort by time, and are safe as file
+    names."""
+    whole = int(created)
+    millis = min(int((created - whole) * 1000), 999)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(whole))
+    scope = _UNSAFE.sub("_", scope_id)[:_MAX_SCOPE] or "_"
+    return f"{stamp}.{millis:03d}Z-{pid}-{scope}"
+
+
+class IncidentStore:
+    """The incident directory of one server.
+
+    Args:
+        directory: where incidents go; created 0700 if missing (its parent must exist).
+        keep: at most this many incidents are kept (at least 1).
+        max_bytes: their files take at most this many bytes, the newest excepted.
+
+    Raises:
+        OSError: the directory cannot be created or opened, is a symlink or not a
+            directory, is owned by another user, or is writable by group or others;
+            the message says which.
+        ValueError: ``keep`` or ``max_bytes`` below 1.
+    """
+
+    def __init__(
+        self, directory: str, *, keep: int = 200, max_bytes: int = 256 * 1024 * 1024
+    ) -> None:
+        if keep < 1 or max_bytes < 1:
+            raise ValueError(f"keep ({keep}) and max_bytes ({max_bytes}) must be at least 1")
+        self.directory = os.path.abspath(directory)
+        self.keep = keep
+        self.max_bytes = max_bytes
+        # Captures finish on several threads at once; one write (and prune) at a time,
+        # so a prune never removes the temporary file of a write in progress.
+        self._lock = threading.Lock()
+        _ensure_private_dir(self.directory)
+
+    def write(self, incident: Incident) -> str:
+        """Write ``incident`` as ``<id>.json`` and ``<id>.txt``, then prune.
+
+        Returns:
+            the record's path.
+
+        Raises:
+            OSError: a file could not be written (a full disk, a directory that became
+                unwritable, ...): nothing of this incident is left behind. A failure
+                to prune older incidents is logged, not raised.
+            ValueError: the incident's id is not a safe file name.
+        """
+        if not _SAFE_ID.match(incident.id):
+            raise ValueError(f"incident id {incident.id!r} is not a safe file name")
+        record = _encode(incident)
+        text = _text(incident).encode("utf-8", "replace")
+        base = os.path.join(self.directory, incident.id)
+        with self._lock:
+            _write_atomically(base + TEXT, text)
+            try:
+                _write_atomically(base + RECORD, record)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(base + TEXT)
+                raise
+            self._prune()
+        return base + RECORD
+
+    def list(self) -> List[IncidentSummary]:
+        """The incidents in the directory, newest last. A file that cannot be read or
+        is not an incident record is skipped with a warning.
+
+        Raises:
+            OSError: the directory cannot be listed.
+        """
+        found = []
+        for name in sorted(os.listdir(self.directory)):
+            if not _is_record(name):
+                continue
+            path = os.path.join(self.directory, name)
+            try:
+                found.append(_read_summary(path))
+            except IncidentError as e:
+                log.warning("skipping %s", e)
+        found.sort(key=lambda s: (s.created, s.id))
+        return found
+
+    def load(self, id_or_path: str) -> Incident:
+        """The incident with this id (or the only one whose id starts with it), or the
+        record at this path (``<id>.txt`` names its record too).
+
+        Raises:
+            IncidentError: no such incident, several whose ids start so, or a file that
+                cannot be read or is not an incident record of a known version.
+        """
+        return read_incident(self.path_of(id_or_path))
+
+    def path_of(self, id_or_path: str) -> str:
+        """The record's path for an id, a unique start of one, or a path.
+
+        Raises:
+            IncidentError: no such incident, or several whose ids start so.
+        """
+        if "/" in id_or_path or id_or_path.endswith((RECORD, TEXT)):
+            path = id_or_path[: -len(TEXT)] + RECORD if id_or_path.endswith(TEXT) else id_or_path
+            if not os.path.isabs(path) and not os.path.exists(path):
+                path = os.path.join(self.directory, path)
+            return path
+        exact = os.path.join(self.directory, id_or_path + RECORD)
+        if os.path.exists(exact):
+            return exact
+        try:
+            names = os.listdir(self.directory)
+        except OSError as e:
+            raise IncidentError(f"cannot list {self.directory}: {e.strerror or e}") from None
+        ids = sorted(n[: -len(RECORD)] for n in names if _is_record(n))
+        matches = [i for i in ids if i.startswith(id_or_path)] if id_or_path else []
+        if len(matches) == 1:
+            return os.path.join(self.directory, matches[0] + RECORD)
+        if not matches:
+            raise IncidentError(f"no incident {id_or_path!r} in {self.directory}")
+        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise IncidentError(
+            f"{id_or_path!r} is the start of {len(matches)} incident ids ({shown}): give more "
+            "of the id"
+        )
+
+    def _prune(self) -> None:
+        try:
+            incidents = self._incidents()
+        except OSError as e:
+            log.warning("cannot prune incidents in %s: %s", self.directory, e)
+            return
+        total = sum(size for _, files in incidents for _, size in files)
+        excess = max(len(incidents) - self.keep, 0)
+        for n, (_, files) in enumerate(incidents[:-1]):
+            if n >= excess and total <= self.max_bytes:
+                break
+            # The record first: from then on, nobody lists a half-removed incident.
+            for path, size in sorted(files, key=lambda f: not f[0].endswith(RECORD)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    log.warning("cannot remove %s: %s", path, e.strerror or e)
+                    continue
+                total -= size
+
+    def _incidents(self) -> List[Tuple[str, List[Tuple[str, int]]]]:
+        """Every incident (oldest first) with its files and their sizes; leftover
+        temporary files of this store (a write cut short by a crash) are removed."""
+        files: Dict[str, List[Tuple[str, int]]] = {}
+        names = sorted(os.listdir(self.directory))
+        ids = {n[: -len(RECORD)] for n in names if _is_record(n)}
+        for name in names:
+            path = os.path.join(self.directory, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if name.startswith(".") and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)  # no write is in progress: we hold the lock
+                continue
+            owner = _owner(name, ids)
+            if owner is not None:
+                files.setdefault(owner, []).append((path, st.st_size))
+        return sorted(files.items())
+
+
+def _encode(incident: Incident) -> bytes:
+    # ``Incident`` omits members at their defaults, and ``version`` is one: written
+    # that way, a record would not say which schema it follows, and a later reader
+    # (whose default is a later version) would misread it. The file always says.
+    doc = {"version": incident.version, **msgspec.to_builtins(incident)}
+    return _encoder.encode(doc) + b"\n"
+
+
+def _owner(name: str, ids: Set[str]) -> Optional[str]:
+    """The incident a file belongs to: the longest id that, with a dot, starts its name."""
+    for end in range(len(name), 0, -1):
+        if name[end - 1 : end] == "." and name[: end - 1] in ids:
+            return name[: end - 1]
+    return None
+
+
+def _is_record(name: str) -> bool:
+    return name.endswith(RECORD) and not name.startswith(".")
+
+
+def _text(incident: Incident) -> str:
+    try:
+        return render(incident)
+    except Exception:  # a bug in the text must not cost the record
+        log.exception("cannot render incident %s as text", incident.id)
+        return f"incident {incident.id}: the text could not be made; see {incident.id}.json\n"
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data``: a 0600 temporary file beside it, fsync, rename.
+
+    Raises:
+        OSError: from any step; the temporary file is removed.
+    """
+    directory, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _ensure_private_dir(directory: str) -> None:
+    # Checked on an open descriptor (never through a symlink), so the directory judged
+    # is the one the incidents go to.
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise OSError(
+            e.errno, f"incident directory {directory}: cannot create it: {e.strerror}"
+        ) from None
+    try:
+        fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            what = "a symlink" if os.path.islink(directory) else "not a directory"
+            raise OSError(e.errno, f"incident directory {directory}: it is {what}") from None
+        raise OSError(
+            e.errno, f"incident directory {directory}: cannot open it: {e.strerror}"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise OSError(
+                errno.EPERM,
+                f"incident directory {directory}: owned by uid {st.st_uid}, not by this "
+                f"server's user ({os.geteuid()})",
+            )
+        if st.st_mode & 0o022:
+            raise OSError(
+                errno.EPERM,
+                f"incident directory {directory}: writable by others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}); make it 0700 (chmod go-w)",
+            )
+    finally:
+        os.close(fd)
+
+
+def read_incident(path: str) -> Incident:
+    """The incident record at ``path``.
+
+    Raises:
+        IncidentError: missing, unreadable, not an incident record, or of a schema
+            version this server does not read.
+    """
+    data = _versioned(path)
+    try:
+        return _incident_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise IncidentError(f"{path} is not an incident record: {e}") from None
+
+
+def _read_summary(path: str) -> IncidentSummary:
+    # Only the head is decoded (msgspec skips the rest): listing stays cheap.
+    data = _versioned(path)
+    try:
+        summary = _summary_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise IncidentError(f"{path} is not an incident record: {e}") from None
+    return msgspec.structs.replace(summary, path=path)
+
+
+def _versioned(path: str) -> bytes:
+    """The bytes of a record whose version this server reads.
+
+    Raises:
+        IncidentError: missing, unreadable, not JSON with a version, another version.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise IncidentError(f"no incident file {path}") from None
+    except OSError as e:
+        raise IncidentError(f"cannot read incident file {path}: {e.strerror or e}") from None
+    try:
+        version = _version_decoder.decode(data).version
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise IncidentError(f"{path} is not an incident record: {e}") from None
+    if version is None:
+        raise IncidentError(f"{path} is not an incident record: it has no version")
+    if version != INCIDENT_VERSION:
+        raise IncidentError(
+            f"{path}: an incident record of version {version}; this ftimer-server reads "
+            f"version {INCIDENT_VERSION}"
+        )
+    return data
+
+
+def load_incidents(paths: Sequence[str]) -> List[Incident]:
+    """The incidents at ``paths``: record files, or directories (each record in them,
+    not below), oldest first. In a directory, a file that is not a readable incident
+    record is skipped with a warning; a file named on its own must be one.
+
+    Raises:
+        IncidentError: a path that does not exist, or a file named on its own that is
+            not a readable incident record.
+    """
+    found: List[Incident] = []
+    for path in paths:
+        if os.path.isdir(path):
+            try:
+                names = sorted(os.listdir(path))
+            except OSError as e:
+                raise IncidentError(f"cannot list {path}: {e.strerror or e}") from None
+            for name in filter(_is_record, names):
+                try:
+                    found.append(read_incident(os.path.join(path, name)))
+                except IncidentError as e:
+                    log.warning("skipping %s", e)
+        elif os.path.exists(path):
+            found.append(read_incident(path))
+        else:
+            raise IncidentError(f"no such file or directory: {path}")
+    found.sort(key=lambda i: (i.created, i.host, i.id))
+    return found

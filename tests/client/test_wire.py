@@ -17,6 +17,7 @@ from ftimer_client import FileTimerClient
 from ftimer_client._proc import default_labels, parse_start_time, process_start_time
 from ftimer_client._wire import DEADLINE_FORMAT, V1Lines, V2Lines, check_signal, fix_deadline
 from ftimer_protocol import (
+    MAX_LABEL_VALUE,
     MAX_SCOPE,
     MAX_TIME,
     PIPE_BUF,
@@ -150,3 +151,29 @@ def test_default_labels_from_torchrun() -> None:
     assert default_labels({"RANK": "x", "LOCAL_RANK": ""}) == {}
     assert default_labels({"RANK": "\u00b2", "LOCAL_RANK": "\u0662"}) == {}  # not integers
     assert default_labels({}) == {}
+
+
+def test_default_job_label_from_torchruns_run_id() -> None:
+    env = {"RANK": "3", "LOCAL_RANK": "1", "TORCHELASTIC_RUN_ID": "3f2a-llm"}
+    assert default_labels(env) == {"rank": "3", "local_rank": "1", "job": "3f2a-llm"}
+    assert default_labels({"TORCHELASTIC_RUN_ID": ""}) == {}
+    # Cut to the protocol's bound on a label value, never refused.
+    assert default_labels({"TORCHELASTIC_RUN_ID": "j" * 300}) == {"job": "j" * MAX_LABEL_VALUE}
+    # Bytes of the environment that are not UTF-8 (lone surrogates in os.environ).
+    assert default_labels({"TORCHELASTIC_RUN_ID": "run-\udcff"}) == {"job": "run-?"}
+
+
+def test_the_job_label_goes_with_every_arm_by_default(
+    peer: FifoPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "\u00e9" * 200)  # 2 bytes a character
+    client = FileTimerClient(peer.path)
+    assert client.labels == {"rank": "5", "job": "\u00e9" * MAX_LABEL_VALUE}
+    client.arm("s", 60)
+    (arm,) = peer.wait_count(1)
+    assert isinstance(arm, Arm)
+    assert arm.labels == {"rank": "5", "job": "\u00e9" * MAX_LABEL_VALUE}
+    explicit = FileTimerClient(peer.path, labels={"job": "mine"})
+    assert explicit.labels == {"job": "mine"}  # given labels replace the defaults

@@ -317,7 +317,8 @@ def _dump_hook(
         OSError: the hook's temporary file could not be made.
     """
     if dump_signal is None:
-        return _dump.from_environment(protocol=protocol, pid=pid)
+        # Warnings name the line that constructs the client.
+        return _dump.from_environment(protocol=protocol, pid=pid, stacklevel=3)
     sig = _dump.check_dump_signal(dump_signal)
     if not sig:
         return None

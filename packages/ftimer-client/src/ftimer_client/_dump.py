@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Mapping
 from typing import IO, FrozenSet, Optional, Tuple, Union
 
-from ftimer_protocol import DumpHook
+from ftimer_protocol import MAX_SIGNAL, DumpHook
 
 from ._signals import parse_signal, signal_name
 
@@ -87,6 +87,8 @@ def check_dump_signal(value: Union[int, str]) -> int:
         number = int(value)  # a signal.Signals member becomes a plain int
     if number == 0:
         return 0
+    if not 0 < number <= MAX_SIGNAL:
+        raise ValueError(f"{number} is not a signal number (1..{MAX_SIGNAL})")
     if number in _UNCATCHABLE:
         raise ValueError(f"{signal_name(number)} cannot be caught, so it cannot dump: {_HINT}")
     if number not in usable_signals():
@@ -137,7 +139,11 @@ def current() -> Optional[DumpHook]:
 
 
 def from_environment(
-    *, protocol: int, pid: Optional[int], environ: Optional[Mapping[str, str]] = None
+    *,
+    protocol: int,
+    pid: Optional[int],
+    environ: Optional[Mapping[str, str]] = None,
+    stacklevel: int = 1,
 ) -> Optional[DumpHook]:
     """Return the hook ``$FTIMER_DUMP_SIGNAL`` asks for, registered; None when it is unset,
     empty or "0", or names a signal the hook cannot use (a ``RuntimeWarning`` says why).
@@ -145,19 +151,26 @@ def from_environment(
     A setting of the environment never fails a client: it warns and leaves the hook off.
     It is not read for a client that arms another process's timers (``pid``): the hook
     can only be in the process that registers it.
+
+    Args:
+        stacklevel: the frame a warning names, as ``warnings.warn``'s, counted from the
+            caller of this function (1: the caller).
     """
     env = os.environ if environ is None else environ
     text = env.get(ENV_VAR, "")
     if pid is not None or not text.strip():
         return None
     if protocol == 1:
-        _warn(f"{ENV_VAR} is ignored with protocol 1: torch's format cannot announce a hook")
+        _warn(
+            f"{ENV_VAR} is ignored with protocol 1: torch's format cannot announce a hook",
+            stacklevel + 1,
+        )
         return None
     try:
         sig = check_dump_signal(text)
         return install(sig) if sig else None
     except (ValueError, OSError) as e:
-        _warn(f"{ENV_VAR}={text!r}: {e}; stack dumps stay off")
+        _warn(f"{ENV_VAR}={text!r}: {e}; stack dumps stay off", stacklevel + 1)
         return None
 
 
@@ -178,7 +191,7 @@ def after_fork_in_child() -> None:
         # No file of its own: the child stops catching the signal rather than write into
         # its parent's file. It announces no hook, so no server sends it the signal.
         faulthandler.unregister(sig)
-        _warn(f"no stack-dump file for the forked child {os.getpid()} ({e}); its hook is off")
+        _warn(f"no stack-dump file for the forked child {os.getpid()} ({e}); its hook is off", 1)
     else:
         # Same signal, already registered: this only points faulthandler at the new file.
         faulthandler.register(sig, file=file, all_threads=True, chain=False)
@@ -230,5 +243,6 @@ def _caught(sig: int) -> bool:
     return False
 
 
-def _warn(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+def _warn(message: str, stacklevel: int) -> None:
+    # stacklevel counts from _warn's caller.
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)

@@ -17,10 +17,8 @@ lines).
 from __future__ import annotations
 
 import faulthandler
-import fcntl
 import os
 import signal
-import tempfile
 import threading
 import warnings
 from collections.abc import Mapping
@@ -201,6 +199,10 @@ def after_fork_in_child() -> None:
 
 
 def _dump_file() -> IO[bytes]:
+    # Imported here: only a process with the hook pays for them (tempfile: ~6 ms).
+    import fcntl  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
     # Unbuffered: faulthandler writes to the descriptor itself, never through Python.
     # Open for the life of the process (the hook's file), so no context manager.
     file = tempfile.TemporaryFile(buffering=0, prefix="ftimer-dump-")  # noqa: SIM115

@@ -7,6 +7,9 @@ Exit codes (also in docs/deploy.md):
 - 2: bad command-line options or config file.
 - 3: start-up refused: unsafe or unusable FIFO path, another daemon on the same FIFO,
   metrics address in use, state directory not writable, ...
+
+``incidents`` exits 0 when it printed what was asked, 1 when there is nothing to print
+(no incident directory, no such incident, an unreadable record), 2 for bad options.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any, Dict, List, Optional, TextIO
 from ftimer_server._version import __version__
 
 from ._config import (
+    CAPTURE_METHODS,
+    SETTING_NAMES,
     ConfigError,
     FileSettings,
     ascii_int,
@@ -29,6 +34,7 @@ from ._config import (
 )
 from ._control import DaemonNotRunning, query_status
 from ._daemon import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_daemon
+from ._incidents import DEFAULT_WINDOW, list_incidents, merge_incidents, show_incident
 from ._logging import LOG_FORMATS, LOG_LEVELS
 
 __all__ = ["format_status", "main"]
@@ -154,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics here (host defaults to 127.0.0.1; needs the "
         "ftimer-server[metrics] extra)",
     )
+    _add_incident_options(run)
 
     status = sub.add_parser(
         "status",
@@ -162,7 +169,160 @@ def _parser() -> argparse.ArgumentParser:
         description="Ask the running daemon (through its control socket) what it has armed.",
     )
     status.add_argument("--json", action="store_true", help="print the daemon's JSON document")
+    _add_incidents_command(sub)
     return parser
+
+
+def _add_incident_options(run: argparse.ArgumentParser) -> None:
+    group = run.add_argument_group(
+        "incidents",
+        "Before a reap, the daemon captures why the worker hung (the Python stacks of "
+        "its threads and of the other workers of its job on this host, /proc facts) "
+        "and writes an incident; the signal waits for the capture at most "
+        "--capture-timeout seconds. See docs/incidents.md.",
+    )
+    group.add_argument(
+        "--capture",
+        choices=CAPTURE_METHODS,
+        help="how stacks are captured: auto (the default) takes py-spy if it is found "
+        "(on PATH or beside this Python: the ftimer-server[pyspy] extra), else the "
+        "worker's own hook if its client announced one, else the /proc facts alone; "
+        "py-spy or hook: only that method (and the facts); none: capture nothing and "
+        "write no incident (a reap signals at once)",
+    )
+    group.add_argument(
+        "--capture-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="the capture's budget per reap, 0.05..60 (default 3): the signal goes when "
+        "the capture is done or the budget spent, whichever comes first",
+    )
+    group.add_argument(
+        "--incident-dir",
+        metavar="DIR",
+        help="where incidents are written, created 0700 (default: incidents/ beside the "
+        "state file, else beside the FIFO; /run is lost at reboot: give a directory "
+        "under /var/lib to keep them)",
+    )
+    group.add_argument(
+        "--incidents-keep",
+        type=_number,
+        metavar="N",
+        help="keep at most N incidents, removing the oldest (default 200)",
+    )
+    group.add_argument(
+        "--incidents-max-bytes",
+        metavar="SIZE",
+        help="keep at most SIZE of incident files (every file named after an incident's "
+        "id), removing the oldest incidents; the newest is always kept (bytes, or K, M, "
+        "G, T in powers of 1024; default 256M)",
+    )
+    group.add_argument(
+        "--job-label",
+        metavar="LABEL",
+        help="the timer label whose value names a worker's job (default: job): the other "
+        'workers of the job on this host are captured too, never signalled; "" for none',
+    )
+    group.add_argument(
+        "--py-spy-native",
+        action=argparse.BooleanOptionalAction,
+        help="py-spy also captures native (C/C++) frames (several times slower; default off)",
+    )
+    group.add_argument(
+        "--core",
+        action=argparse.BooleanOptionalAction,
+        help="write a core file of the worker with gcore before the kill (needs gdb and "
+        "ptrace rights; the worker survives it, then is signalled; default off)",
+    )
+    group.add_argument(
+        "--core-max-bytes",
+        metavar="SIZE",
+        help="no core of a worker whose resident memory is larger than SIZE (bytes, or "
+        "K, M, G, T; default 4G)",
+    )
+    group.add_argument(
+        "--reap-tree",
+        action=argparse.BooleanOptionalAction,
+        help="after the capture, signal the worker's descendants too (DataLoader and "
+        "compile workers that would keep GPU memory), including those forked meanwhile "
+        "(default off: the worker alone)",
+    )
+
+
+def _add_incidents_command(sub: Any) -> None:
+    # The directory options are given to `incidents` and to each action, so they may
+    # come before or after the action's name; SUPPRESS keeps an action's absent option
+    # from overwriting the one given before it.
+    def where(parser: argparse.ArgumentParser, default: Any) -> None:
+        parser.add_argument(
+            "-c", "--config", metavar="FILE", default=default, help="the daemon's config file"
+        )
+        parser.add_argument(
+            "--dir",
+            dest="incident_dir",
+            metavar="DIR",
+            default=default,
+            help="the incident directory (default: the daemon's, from -c FILE, --state-file "
+            "or --fifo as `run` resolves it)",
+        )
+        parser.add_argument(
+            "--fifo", metavar="PATH", default=default, help="the daemon's FIFO, as for `run`"
+        )
+        parser.add_argument(
+            "--state-file", metavar="PATH", default=default, help="the daemon's state file"
+        )
+
+    incidents = sub.add_parser(
+        "incidents",
+        help="list, show or merge incidents (why reaped workers hung)",
+        description="List the incidents the daemon wrote (one line each), show one, or "
+        "merge the incidents of one job from several hosts into one report.",
+    )
+    where(incidents, None)
+    actions = incidents.add_subparsers(dest="action", metavar="ACTION")
+    where(
+        actions.add_parser("list", help="one line per incident, oldest first (the default action)"),
+        argparse.SUPPRESS,
+    )
+    show = actions.add_parser(
+        "show",
+        help="print an incident: its summary, then every worker's stacks",
+        description="Print an incident: the summary a person reads first (what expired, "
+        "the workers grouped by stack, outliers first), the call tree, then every "
+        "worker's facts and every thread's stack, innermost frame last.",
+    )
+    where(show, argparse.SUPPRESS)
+    show.add_argument(
+        "id",
+        nargs="?",
+        metavar="ID",
+        help="the incident's id, or its start if unique, or its file (default: the newest)",
+    )
+    show.add_argument("--json", action="store_true", help="print its JSON record instead")
+    merge = actions.add_parser(
+        "merge",
+        help="one report over the incidents of a job from several hosts",
+        description="Merge the incidents of one job taken on several hosts (their "
+        "incident directories or files, on a shared file system or collected) into one "
+        "report: the workers of every host grouped by stack, outliers first.",
+    )
+    merge.add_argument(
+        "paths", nargs="+", metavar="FILE_OR_DIR", help="incident directories or records"
+    )
+    merge.add_argument(
+        "--job",
+        metavar="JOB",
+        help="the job (the value of its job label) whose incidents to merge; needed when "
+        "the paths hold several jobs' incidents",
+    )
+    merge.add_argument(
+        "--window",
+        type=_seconds,
+        metavar="SECONDS",
+        default=DEFAULT_WINDOW,
+        help=f"take the job's incidents created up to this long before its newest "
+        f"(default {DEFAULT_WINDOW:g}: one hang; 0: all)",
+    )
 
 
 def _error(message: str) -> None:
@@ -172,15 +332,23 @@ def _error(message: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     args = _parser().parse_args(argv)
-    cli: Dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("command", "json")}
+    action = getattr(args, "action", None)
+    if args.command == "incidents" and action == "merge":
+        return merge_incidents(args.paths, job=args.job, window=args.window)
+    cli: Dict[str, Any] = {k: v for k, v in vars(args).items() if k in SETTING_NAMES}
+    config_file = getattr(args, "config", None)
     try:
-        file = load_config_file(args.config) if args.config else FileSettings()
-        config = resolve_config(cli, file, config_file=args.config)
+        file = load_config_file(config_file) if config_file else FileSettings()
+        config = resolve_config(cli, file, config_file=config_file)
     except ConfigError as e:
         _error(str(e))
         return EXIT_USAGE
     if args.command == "status":
         return _status(config.control_socket, as_json=args.json)
+    if args.command == "incidents":
+        if action == "show":
+            return show_incident(config.incident_dir, args.id, as_json=args.json)
+        return list_incidents(config.incident_dir)
     return run_daemon(config, cli)
 
 

@@ -17,6 +17,10 @@ option names without the leading dashes; the repeatable ``--allow-uid`` and
     allow-signals = ["SIGTERM", "SIGKILL", "SIGABRT"]
     log-format = "json"
     metrics-address = "127.0.0.1:9464"
+    incident-dir = "/var/lib/ftimer/incidents"
+    incidents-max-bytes = "1GiB"   # or a number of bytes
+    capture = "py-spy"
+    capture-timeout = 5.0
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import grp
 import os
+import re
 import signal as signal_module
 import sys
 from collections.abc import Mapping
@@ -32,6 +37,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 import msgspec
 
 from ftimer_protocol import MAX_SIGNAL, default_fifo_path
+from ftimer_protocol._limits import LABEL_KEY_PATTERN
 
 from ._logging import LOG_FORMATS, LOG_LEVELS
 
@@ -42,14 +48,17 @@ else:  # pragma: no cover - exercised on 3.9 / 3.10 only
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = [
+    "CAPTURE_METHODS",
     "DEFAULT_GRACE",
     "ascii_int",
     "ConfigError",
     "DaemonConfig",
     "FileSettings",
     "control_socket_for",
+    "default_incident_dir",
     "load_config_file",
     "parse_signal",
+    "parse_size",
     "resolve_config",
     "signal_label",
 ]
@@ -59,6 +68,12 @@ __all__ = [
 FIFO_ENV = ("FTIMER_FIFO", "TORCHELASTIC_TIMER_FILE")
 #: Seconds before SIGKILL when ``signal`` is set to something else and ``grace`` is not.
 DEFAULT_GRACE = 10.0
+#: How a reaped worker's stacks are captured: ``auto`` takes py-spy if it is found, else
+#: the worker's own hook (if its client announced one), else the /proc facts alone;
+#: ``none`` captures nothing and writes no incident (a reap as before incidents).
+CAPTURE_METHODS = ("auto", "py-spy", "hook", "none")
+_MIB = 1024 * 1024
+_GIB = 1024 * _MIB
 
 
 class ConfigError(Exception):
@@ -86,6 +101,16 @@ class FileSettings(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", k
     log_level: Optional[str] = None
     log_file: Optional[str] = None
     metrics_address: Optional[str] = None
+    incident_dir: Optional[str] = None
+    incidents_keep: Optional[int] = None
+    incidents_max_bytes: Union[int, str, None] = None
+    capture: Optional[str] = None
+    capture_timeout: Optional[float] = None
+    py_spy_native: Optional[bool] = None
+    core: Optional[bool] = None
+    core_max_bytes: Union[int, str, None] = None
+    reap_tree: Optional[bool] = None
+    job_label: Optional[str] = None
 
 
 SETTING_NAMES = tuple(f.name for f in msgspec.structs.fields(FileSettings))
@@ -116,6 +141,20 @@ class DaemonConfig:
         log_format, log_level, log_file: logging.
         metrics_address: (host, port) for Prometheus, or None.
         config_file: the file the settings came from, for SIGHUP reloads.
+        incident_dir: where incidents are written (created 0700); by default
+            `default_incident_dir`: ``incidents`` beside the state file, else beside
+            the FIFO.
+        incidents_keep, incidents_max_bytes: retention: the oldest incidents go beyond
+            this many, or beyond this many bytes of files (the newest is always kept).
+        capture: how stacks are captured before a reap (one of `CAPTURE_METHODS`).
+        capture_timeout: seconds a reap's capture may take (0.05..60); then the signal
+            goes anyway.
+        py_spy_native: py-spy also shows native (C/C++) frames (``--native``).
+        core: take a core file with ``gcore`` before the kill.
+        core_max_bytes: no core of a worker larger than this (bytes of memory).
+        reap_tree: after the capture, signal the worker's descendants too.
+        job_label: the label whose value names a worker's job, so the other workers of
+            the job on this host are captured with it; None: no peers.
     """
 
     fifo: str
@@ -137,6 +176,30 @@ class DaemonConfig:
     log_file: Optional[str] = None
     metrics_address: Optional[Tuple[str, int]] = None
     config_file: Optional[str] = None
+    incident_dir: str = ""
+    incidents_keep: int = 200
+    incidents_max_bytes: int = 256 * _MIB
+    capture: str = "auto"
+    capture_timeout: float = 3.0
+    py_spy_native: bool = False
+    core: bool = False
+    core_max_bytes: int = 4 * _GIB
+    reap_tree: bool = False
+    job_label: Optional[str] = "job"
+
+    def __post_init__(self) -> None:
+        # The default directory follows the FIFO and the state file, so a config built
+        # in code gets the same one as a config read from options.
+        if not self.incident_dir:
+            default = default_incident_dir(self.fifo, self.state_file)
+            object.__setattr__(self, "incident_dir", default)
+
+
+def default_incident_dir(fifo: str, state_file: Optional[str] = None) -> str:
+    """Where incidents go unless told: ``incidents`` in the state file's directory (the
+    daemon's own, kept across restarts), else in the FIFO's directory (for the default
+    FIFO path, a directory only the daemon writes)."""
+    return os.path.join(os.path.dirname(state_file or fifo), "incidents")
 
 
 def load_config_file(path: str) -> FileSettings:
@@ -276,6 +339,46 @@ def parse_address(value: str) -> Tuple[str, int]:
     return host, port
 
 
+_SIZE = re.compile(r"^\s*([0-9]+)\s*(?:([KMGT])(?:I?B)?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: Union[int, str]) -> int:
+    """``1048576``, ``"1048576"``, ``"1M"``, ``"1MiB"``, ``"1 MB"`` -> 1048576: a number
+    of bytes, or one with a unit K, M, G or T (powers of 1024, as systemd reads them).
+
+    Raises:
+        ConfigError: not a whole number of bytes, or not at least 1.
+    """
+    if isinstance(value, str):
+        match = _SIZE.match(value) if value.isascii() else None
+        if match is None:
+            raise ConfigError(
+                f"{value!r} is not a size: give bytes, or a number with K, M, G or T "
+                '(powers of 1024), like "256M" or "4GiB"'
+            )
+        value = int(match[1]) * _UNITS[(match[2] or "").upper()]
+    if value < 1:
+        raise ConfigError(f"{value} must be at least 1 byte")
+    return value
+
+
+def parse_job_label(value: str) -> Optional[str]:
+    """A label name, or "" for none (None: no peers are captured).
+
+    Raises:
+        ConfigError: not a label name the protocol allows.
+    """
+    if value == "":
+        return None
+    if not re.fullmatch(LABEL_KEY_PATTERN, value):
+        raise ConfigError(
+            f"{value!r} is not a label name (a letter or _, then letters, digits or _, at "
+            'most 32 in all), nor "" for none'
+        )
+    return value
+
+
 def control_socket_for(fifo: str) -> str:
     """The control socket beside ``fifo``: the same path with ``.sock`` appended."""
     return fifo + ".sock"
@@ -322,6 +425,9 @@ def resolve_config(
         except ConfigError as e:
             raise ConfigError(f"{origin[name]}: {e}") from None
 
+    def path(name: str) -> Optional[str]:
+        return None if merged[name] is None else os.path.abspath(merged[name])
+
     from_env = next((env[name] for name in FIFO_ENV if env.get(name)), None)
     fifo = merged["fifo"] or from_env or default_fifo_path(environ=env)
     fifo = os.path.abspath(fifo)
@@ -334,9 +440,16 @@ def resolve_config(
         check(name, lambda v: _within(v, 1, None, "timers"))
     log_format = check("log_format", lambda v: _choice(v, LOG_FORMATS, "log format"))
     log_level = check("log_level", lambda v: _choice(v, LOG_LEVELS, "log level"))
-
-    def path(name: str) -> Optional[str]:
-        return None if merged[name] is None else os.path.abspath(merged[name])
+    check("incidents_keep", lambda v: _within(v, 1, None, "incidents"))
+    capture = check("capture", lambda v: _choice(v, CAPTURE_METHODS, "capture method"))
+    capture_timeout = check("capture_timeout", lambda v: _within(v, 0.05, 60, "seconds"))
+    if merged["core"] and capture == "none":
+        raise ConfigError(
+            f"{origin['core']}: a core file is a capture, and {origin['capture']} says "
+            '"none": set capture to "auto" (or a method), or leave core off'
+        )
+    job_label = check("job_label", parse_job_label)
+    state_file = path("state_file")
 
     return DaemonConfig(
         fifo=fifo,
@@ -345,7 +458,7 @@ def resolve_config(
         control_socket=path("control_socket") or control_socket_for(fifo),
         signal=signal,
         grace=grace,
-        state_file=path("state_file"),
+        state_file=state_file,
         state_interval=0.1 if state_interval is None else state_interval,
         allow_uids=check("allow_uids", _uids),
         allow_signals=check("allow_signals", _signals),
@@ -358,6 +471,16 @@ def resolve_config(
         log_file=path("log_file"),
         metrics_address=check("metrics_address", parse_address),
         config_file=config_file,
+        incident_dir=path("incident_dir") or default_incident_dir(fifo, state_file),
+        incidents_keep=merged["incidents_keep"] or 200,
+        incidents_max_bytes=check("incidents_max_bytes", parse_size) or 256 * _MIB,
+        capture=capture or "auto",
+        capture_timeout=3.0 if capture_timeout is None else capture_timeout,
+        py_spy_native=bool(merged["py_spy_native"]),
+        core=bool(merged["core"]),
+        core_max_bytes=check("core_max_bytes", parse_size) or 4 * _GIB,
+        reap_tree=bool(merged["reap_tree"]),
+        job_label="job" if merged["job_label"] is None else job_label,
     )
 
 

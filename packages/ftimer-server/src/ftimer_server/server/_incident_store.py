@@ -121,16 +121,24 @@ class IncidentStore:
         directory: where incidents go; created 0700 if missing (its parent must exist).
         keep: at most this many incidents are kept (at least 1).
         max_bytes: their files take at most this many bytes, the newest excepted.
+        create: create and check the directory (the server). False: only read what is
+            there (the ``incidents`` commands, which may run as another user and must
+            not make a directory): nothing is created or checked.
 
     Raises:
-        OSError: the directory cannot be created or opened, is a symlink or not a
-            directory, is owned by another user, or is writable by group or others;
-            the message says which.
+        OSError: (``create``) the directory cannot be created or opened, is a symlink
+            or not a directory, is owned by another user, or is writable by group or
+            others; the message says which.
         ValueError: ``keep`` or ``max_bytes`` below 1.
     """
 
     def __init__(
-        self, directory: str, *, keep: int = 200, max_bytes: int = 256 * 1024 * 1024
+        self,
+        directory: str,
+        *,
+        keep: int = 200,
+        max_bytes: int = 256 * 1024 * 1024,
+        create: bool = True,
     ) -> None:
         if keep < 1 or max_bytes < 1:
             raise ValueError(f"keep ({keep}) and max_bytes ({max_bytes}) must be at least 1")
@@ -140,7 +148,8 @@ class IncidentStore:
         # Captures finish on several threads at once; one write (and prune) at a time,
         # so a prune never removes the temporary file of a write in progress.
         self._lock = threading.Lock()
-        _ensure_private_dir(self.directory)
+        if create:
+            _ensure_private_dir(self.directory)
 
     def write(self, incident: Incident) -> str:
         """Write ``incident`` as ``<id>.json`` and ``<id>.txt``, then prune.

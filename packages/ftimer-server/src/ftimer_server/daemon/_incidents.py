@@ -1,0 +1,254 @@
+"""``ftimer-server incidents``: list, show and merge the incidents the daemon wrote.
+
+- ``incidents`` (or ``incidents list``): one line per incident in the daemon's incident
+  directory, oldest first: its time, id, pid, labels, and the first group of its summary
+  (the outlier when the stacks differ).
+- ``incidents show [ID]``: the incident as text (the newest without an ID; an ID may be
+  cut short when its start is unique), or its record with ``--json``.
+- ``incidents merge PATH...``: the incidents of one job taken on several hosts (their
+  directories or files, on a shared file system or collected) as one report, the
+  workers of every host grouped by stack.
+
+Nothing here writes: a person may run these commands as any user who can read the
+directory. Exit codes: 0 done; 1 nothing to show (no such directory or incident, an
+unreadable record); 2 bad options (including incidents of several jobs to merge without
+``--job``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import List, Optional, TextIO
+
+from ftimer_server.core._incident import Incident
+from ftimer_server.core._report import render, render_merged
+from ftimer_server.server._incident_store import (
+    IncidentError,
+    IncidentStore,
+    IncidentSummary,
+    load_incidents,
+)
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "format_incident_list",
+    "list_incidents",
+    "merge_incidents",
+    "select_job",
+    "show_incident",
+]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+#: Seconds before the newest incident of a job within which ``merge`` takes the job's
+#: incidents: the ranks of one hang expire together, an older incident is another hang.
+DEFAULT_WINDOW = 600.0
+
+_log = logging.getLogger("ftimer_server.incidents")
+
+
+def _error(message: str, err: TextIO) -> None:
+    err.write(f"ftimer-server: error: {message}\n")
+
+
+class _Warnings(logging.Handler):
+    """Skipped records, said on stderr in the command's voice."""
+
+    def __init__(self, err: TextIO) -> None:
+        super().__init__(logging.WARNING)
+        self.err = err
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.err.write(f"ftimer-server: warning: {record.getMessage()}\n")
+
+
+def _warnings_to(err: TextIO) -> _Warnings:
+    handler = _Warnings(err)
+    _log.addHandler(handler)
+    _log.propagate = False
+    return handler
+
+
+def _done(handler: _Warnings) -> None:
+    _log.removeHandler(handler)
+    _log.propagate = True
+
+
+def _missing(directory: str, err: TextIO) -> bool:
+    if os.path.isdir(directory):
+        return False
+    _error(
+        f"no incident directory {directory}: the daemon makes it at its first incident "
+        "(is this the daemon's config, -c FILE, or its --incident-dir? give --dir)",
+        err,
+    )
+    return True
+
+
+def list_incidents(
+    directory: str, out: Optional[TextIO] = None, err: Optional[TextIO] = None
+) -> int:
+    """Print one line per incident of ``directory``, oldest first; return the exit code."""
+    out, err = out or sys.stdout, err or sys.stderr
+    if _missing(directory, err):
+        return EXIT_FAILURE
+    handler = _warnings_to(err)
+    try:
+        summaries = IncidentStore(directory, create=False).list()
+    except OSError as e:
+        _error(f"cannot list {directory}: {e.strerror or e}", err)
+        return EXIT_FAILURE
+    finally:
+        _done(handler)
+    if not summaries:
+        out.write(f"no incidents in {directory}\n")
+        return EXIT_OK
+    out.write(format_incident_list(summaries))
+    return EXIT_OK
+
+
+def format_incident_list(summaries: Sequence[IncidentSummary]) -> str:
+    """A table: time (UTC), id, pid, labels, and the first line of what was found."""
+    rows = [("TIME (UTC)", "ID", "PID", "LABELS", "SUMMARY")]
+    for s in summaries:
+        labels = " ".join(f"{k}={v}" for k, v in sorted((s.labels or {}).items()))
+        rows.append(
+            (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.created)),
+                s.id,
+                str(s.pid),
+                labels or "-",
+                _headline(s),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]).rstrip() for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _headline(s: IncidentSummary) -> str:
+    """The first group of the summary (indented there), else its first line."""
+    group = next((line.strip() for line in s.summary if line.startswith("  ")), None)
+    headline = group or (s.summary[0] if s.summary else f"timer {s.scope_id!r} expired")
+    return headline + (" [capture ran out of its budget]" if s.timed_out else "")
+
+
+def show_incident(
+    directory: str,
+    ident: Optional[str],
+    as_json: bool = False,
+    out: Optional[TextIO] = None,
+    err: Optional[TextIO] = None,
+) -> int:
+    """Print the incident ``ident`` (the newest if None) as text, or its record with
+    ``as_json``; return the exit code."""
+    out, err = out or sys.stdout, err or sys.stderr
+    store = IncidentStore(directory, create=False)
+    if ident is None:
+        if _missing(directory, err):
+            return EXIT_FAILURE
+        handler = _warnings_to(err)
+        try:
+            summaries = store.list()
+        except OSError as e:
+            _error(f"cannot list {directory}: {e.strerror or e}", err)
+            return EXIT_FAILURE
+        finally:
+            _done(handler)
+        if not summaries:
+            _error(f"no incidents in {directory}", err)
+            return EXIT_FAILURE
+        ident = summaries[-1].path
+    try:
+        path = store.path_of(ident)
+        incident = store.load(path)
+    except IncidentError as e:
+        _error(str(e), err)
+        return EXIT_FAILURE
+    if as_json:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                out.write(f.read())
+        except OSError as e:  # removed by the daemon's retention since it was read
+            _error(f"cannot read {path}: {e.strerror or e}", err)
+            return EXIT_FAILURE
+    else:
+        out.write(render(incident))
+    return EXIT_OK
+
+
+def select_job(incidents: Sequence[Incident], job: Optional[str], window: float) -> List[Incident]:
+    """The incidents of ``job`` (all of them if None) created within ``window`` seconds
+    before the newest of them (0: all), oldest first.
+
+    Raises:
+        ValueError: ``job`` is None and the incidents are of several jobs; the message
+            names them.
+    """
+    if job is None:
+        jobs = sorted({i.job or "" for i in incidents})
+        if len(jobs) > 1:
+            counts = ", ".join(
+                f"{j or '(no job label)'}: {sum(1 for i in incidents if (i.job or '') == j)}"
+                for j in jobs
+            )
+            raise ValueError(
+                f"these are incidents of several jobs ({counts}): choose one with --job"
+            )
+        chosen = list(incidents)
+    else:
+        chosen = [i for i in incidents if i.job == job]
+    if chosen and window > 0:
+        newest = max(i.created for i in chosen)
+        chosen = [i for i in chosen if i.created >= newest - window]
+    return sorted(chosen, key=lambda i: (i.created, i.host, i.id))
+
+
+def merge_incidents(
+    paths: Sequence[str],
+    job: Optional[str] = None,
+    window: float = DEFAULT_WINDOW,
+    out: Optional[TextIO] = None,
+    err: Optional[TextIO] = None,
+) -> int:
+    """Print one report over the incidents of one job at ``paths`` (directories or
+    record files); return the exit code."""
+    out, err = out or sys.stdout, err or sys.stderr
+    handler = _warnings_to(err)
+    try:
+        found = load_incidents(paths)
+    except IncidentError as e:
+        _error(str(e), err)
+        return EXIT_FAILURE
+    finally:
+        _done(handler)
+    if not found:
+        _error(f"no incident records in {', '.join(paths)}", err)
+        return EXIT_FAILURE
+    try:
+        chosen = select_job(found, job, window)
+    except ValueError as e:
+        _error(str(e), err)
+        return EXIT_USAGE
+    if not chosen:
+        jobs = sorted({i.job for i in found if i.job is not None})
+        _error(
+            f"no incident of job {job!r} in {', '.join(paths)}"
+            + (f" (their jobs: {', '.join(jobs)})" if jobs else " (none has a job label)"),
+            err,
+        )
+        return EXIT_FAILURE
+    left_out = sum(1 for i in found if (job is None or i.job == job)) - len(chosen)
+    if left_out:
+        err.write(
+            f"ftimer-server: note: {left_out} older incident{'s' if left_out != 1 else ''} "
+            f"of the job left out (more than {window:g} s before the newest; --window 0 "
+            "takes them all)\n"
+        )
+    out.write(render_merged(chosen, job if job is not None else chosen[0].job))
+    return EXIT_OK

@@ -1,0 +1,277 @@
+"""``ftimer-server incidents``: list, show and merge, on real incident directories,
+through ``main`` (and once through the installed command, for its exit codes)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+from typing import List, Optional, Tuple
+
+import pytest
+
+from ftimer_server.core._incident import Capture, Frame, Incident, ThreadStack
+from ftimer_server.core._report import annotate, render
+from ftimer_server.daemon._cli import main
+from ftimer_server.server._incident_store import IncidentStore, incident_id
+
+T0 = 1_796_000_000.0
+PY = "/usr/lib/python3.11"
+OUTER = [Frame("<module>", "/app/train.py", 120), Frame("main", "/app/train.py", 100)]
+REDUCE = [*OUTER, Frame("train", "/app/train.py", 42), Frame("wait", f"{PY}/threading.py", 320)]
+LOADER = [*OUTER, Frame("train", "/app/train.py", 40), Frame("select", f"{PY}/selectors.py", 468)]
+
+
+def worker(pid: int, rank: int, frames: List[Frame], role: str = "peer") -> Capture:
+    return Capture(
+        pid=pid,
+        role=role,
+        labels={"job": "71", "rank": str(rank)},
+        method="py-spy",
+        threads=[ThreadStack(tid=pid, name="MainThread", frames=frames[::-1], state="S")],
+    )
+
+
+def incident(
+    host: str,
+    first_pid: int,
+    ranks: range,
+    *,
+    odd: Optional[int] = None,
+    created: float = T0,
+    job: str = "71",
+) -> Incident:
+    captures = [
+        worker(first_pid + n, r, LOADER if r == odd else REDUCE, "stuck" if n == 0 else "peer")
+        for n, r in enumerate(ranks)
+    ]
+    return annotate(
+        Incident(
+            id=incident_id(created, first_pid, "step"),
+            host=host,
+            created=created,
+            pid=first_pid,
+            scope_id="step",
+            signal=9,
+            deadline=50.0,
+            labels={"job": job, "rank": str(ranks[0])},
+            late=0.004,
+            job=job,
+            captures=captures,
+            seconds=0.3,
+        )
+    )
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> Tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def directory(tmp_path: pathlib.Path) -> pathlib.Path:
+    """An incident directory with two incidents of one host."""
+    store = IncidentStore(str(tmp_path / "incidents"))
+    store.write(incident("node-a", 100, range(8), odd=3))
+    store.write(incident("node-a", 300, range(2), created=T0 + 60))
+    return tmp_path / "incidents"
+
+
+def test_list_prints_one_line_per_incident_oldest_first(
+    capsys: pytest.CaptureFixture[str], directory: pathlib.Path
+) -> None:
+    code, out, err = run(capsys, "incidents", "--dir", str(directory))
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "TIME (UTC)           ID                             PID  LABELS         SUMMARY",
+        "2026-11-30 00:53:20  20261130T005320.000Z-100-step  100  job=71 rank=0  "
+        "rank 3 in train at train.py:40 ... select at selectors.py:468 (waiting for I/O)",
+        "2026-11-30 00:54:20  20261130T005420.000Z-300-step  300  job=71 rank=0  "
+        "2 ranks (0,1) in wait at threading.py:320 (waiting on a lock)",
+    ]
+    # `list` is the same, and the options may follow the action.
+    assert run(capsys, "incidents", "list", "--dir", str(directory))[1] == out
+
+
+def test_the_directory_is_the_daemons_from_its_config_or_its_options(
+    capsys: pytest.CaptureFixture[str], directory: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    config = tmp_path / "ftimer.toml"
+    config.write_text(f'fifo = "{tmp_path}/run/timer.fifo"\nstate-file = "{tmp_path}/s.json"\n')
+    code, out, _ = run(capsys, "incidents", "-c", str(config))
+    assert code == 0
+    assert "20261130T005320.000Z-100-step" in out
+    # Without a state file: beside the FIFO.
+    assert run(capsys, "incidents", "--fifo", str(tmp_path / "x.fifo"))[1] == out
+    code, _, err = run(capsys, "incidents", "--fifo", str(tmp_path / "run" / "timer.fifo"))
+    assert code == 1
+    assert err == (
+        f"ftimer-server: error: no incident directory {tmp_path}/run/incidents: the daemon "
+        "makes it at its first incident (is this the daemon's config, -c FILE, or its "
+        "--incident-dir? give --dir)\n"
+    )
+
+
+def test_an_empty_directory_and_a_bad_config(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    (tmp_path / "empty").mkdir()
+    assert run(capsys, "incidents", "--dir", str(tmp_path / "empty")) == (
+        0,
+        f"no incidents in {tmp_path}/empty\n",
+        "",
+    )
+    config = tmp_path / "bad.toml"
+    config.write_text("capture = 'gdb'\n")
+    code, _, err = run(capsys, "incidents", "-c", str(config))
+    assert code == 2
+    assert "bad.toml: capture: capture method 'gdb' is not one of" in err
+
+
+def test_list_skips_an_invalid_record_with_a_warning(
+    capsys: pytest.CaptureFixture[str], directory: pathlib.Path
+) -> None:
+    (directory / "20261130T005000.000Z-1-x.json").write_text('{"version": 1')
+    code, out, err = run(capsys, "incidents", "--dir", str(directory))
+    assert code == 0
+    assert len(out.splitlines()) == 3
+    assert err.startswith(
+        f"ftimer-server: warning: skipping {directory}/20261130T005000.000Z-1-x.json is not "
+        "an incident record: Input data was truncated"
+    )
+
+
+def test_show_prints_the_text_of_an_id_its_start_or_the_newest(
+    capsys: pytest.CaptureFixture[str], directory: pathlib.Path
+) -> None:
+    first = IncidentStore(str(directory), create=False).load("20261130T005320.000Z-100-step")
+    code, out, err = run(
+        capsys, "incidents", "show", "20261130T005320.000Z-100-step", "--dir", str(directory)
+    )
+    assert (code, err) == (0, "")
+    assert out == render(first)
+    assert out.splitlines()[4] == (
+        "  rank 3 in train at train.py:40 ... select at selectors.py:468 (waiting for I/O)"
+    )
+    assert run(capsys, "incidents", "--dir", str(directory), "show", "20261130T0053")[1] == out
+    newest = run(capsys, "incidents", "--dir", str(directory), "show")[1]
+    assert newest.startswith("incident 20261130T005420.000Z-300-step on node-a")
+
+
+def test_show_json_prints_the_record(
+    capsys: pytest.CaptureFixture[str], directory: pathlib.Path
+) -> None:
+    code, out, _ = run(capsys, "incidents", "show", "--json", "--dir", str(directory))
+    assert code == 0
+    doc = json.loads(out)
+    assert (doc["version"], doc["id"]) == (1, "20261130T005420.000Z-300-step")
+
+
+@pytest.mark.parametrize(
+    ("ident", "message"),
+    [
+        ("nope", "no incident 'nope' in {dir}"),
+        ("2026", "'2026' is the start of 2 incident ids ("),
+        ("{dir}/bad.json", "{dir}/bad.json is not an incident record: "),
+    ],
+)
+def test_show_errors_say_what_is_wrong(
+    capsys: pytest.CaptureFixture[str], directory: pathlib.Path, ident: str, message: str
+) -> None:
+    (directory / "bad.json").write_text("[]")
+    code, out, err = run(
+        capsys, "incidents", "show", ident.format(dir=directory), "--dir", str(directory)
+    )
+    assert (code, out) == (1, "")
+    assert err.startswith("ftimer-server: error: " + message.format(dir=directory))
+
+
+# -- merge -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hosts(tmp_path: pathlib.Path) -> Tuple[pathlib.Path, pathlib.Path]:
+    """Two hosts' incident directories: job 71's ranks 0-7 on node-a, 8-15 on node-b
+    (rank 11 the odd one), an older hang of job 71 and one of job 72 on node-b."""
+    a = IncidentStore(str(tmp_path / "node-a"))
+    b = IncidentStore(str(tmp_path / "node-b"))
+    a.write(incident("node-a", 100, range(8), created=T0 + 1))
+    b.write(incident("node-b", 200, range(8, 16), odd=11, created=T0 + 1.2))
+    b.write(incident("node-b", 900, range(8, 10), created=T0 - 3600))  # an hour before
+    b.write(incident("node-b", 500, range(2), created=T0, job="72"))
+    return tmp_path / "node-a", tmp_path / "node-b"
+
+
+def test_merge_groups_the_ranks_of_every_host_and_names_the_outlier_first(
+    capsys: pytest.CaptureFixture[str], hosts: Tuple[pathlib.Path, pathlib.Path]
+) -> None:
+    code, out, err = run(capsys, "incidents", "merge", *map(str, hosts), "--job", "71")
+    assert code == 0
+    assert err == (
+        "ftimer-server: note: 1 older incident of the job left out (more than 600 s before "
+        "the newest; --window 0 takes them all)\n"
+    )
+    lines = out.splitlines()
+    assert lines[0] == (
+        "2 incidents of job 71 on 2 hosts (node-a, node-b), 2026-11-30 00:53:21 UTC"
+    )
+    assert lines[4:7] == [
+        "16 workers captured, grouped by stack:",
+        "  rank 11 on node-b in train at train.py:40 ... select at selectors.py:468 "
+        "(waiting for I/O)",
+        "  15 ranks (0-10,12-15) on 2 hosts in train at train.py:42 ... wait at "
+        "threading.py:320 (waiting on a lock)",
+    ]
+    assert "pid 203 on node-b, rank 11: peer, py-spy, 0.0 ms" in lines
+
+
+def test_merge_of_files_and_with_every_incident_of_the_job(
+    capsys: pytest.CaptureFixture[str], hosts: Tuple[pathlib.Path, pathlib.Path]
+) -> None:
+    a, b = hosts
+    files = [str(p) for p in sorted(a.glob("*.json"))]
+    code, out, err = run(
+        capsys, "incidents", "merge", *files, str(b), "--job", "71", "--window", "0"
+    )
+    assert (code, err) == (0, "")
+    assert out.startswith("3 incidents of job 71 on 2 hosts")
+
+
+def test_merge_without_job_of_several_jobs_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], hosts: Tuple[pathlib.Path, pathlib.Path]
+) -> None:
+    code, out, err = run(capsys, "incidents", "merge", *map(str, hosts))
+    assert (code, out) == (2, "")
+    assert err == (
+        "ftimer-server: error: these are incidents of several jobs (71: 3, 72: 1): choose "
+        "one with --job\n"
+    )
+
+
+def test_merge_errors(
+    capsys: pytest.CaptureFixture[str],
+    hosts: Tuple[pathlib.Path, pathlib.Path],
+    tmp_path: pathlib.Path,
+) -> None:
+    code, _, err = run(capsys, "incidents", "merge", str(hosts[0]), "--job", "99")
+    assert code == 1
+    assert err == f"ftimer-server: error: no incident of job '99' in {hosts[0]} (their jobs: 71)\n"
+    code, _, err = run(capsys, "incidents", "merge", str(tmp_path / "node-c"))
+    assert code == 1
+    assert err == f"ftimer-server: error: no such file or directory: {tmp_path}/node-c\n"
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "incidents", "merge", str(tmp_path / "empty"))
+    assert (code, err) == (1, f"ftimer-server: error: no incident records in {tmp_path}/empty\n")
+
+
+def test_the_command_exits_with_the_documented_codes(directory: pathlib.Path) -> None:
+    command = [sys.executable, "-m", "ftimer_server", "incidents"]  # = ftimer-server
+    ok = subprocess.run([*command, "--dir", str(directory)], capture_output=True)
+    missing = subprocess.run(
+        [*command, "show", "nope", "--dir", str(directory)], capture_output=True
+    )
+    usage = subprocess.run([*command, "merge"], capture_output=True)
+    assert (ok.returncode, missing.returncode, usage.returncode) == (0, 1, 2)
+    assert b"the following arguments are required: FILE_OR_DIR" in usage.stderr

@@ -260,3 +260,10 @@ def test_merge_of_one_host_with_errors() -> None:
     text = render_merged([one])
     assert text.splitlines()[0] == "1 incident on 1 host (node-a), 2026-11-30 00:53:20 UTC"
     assert text.endswith("errors:\n  node-a 20261130T005320.000Z-100-step: disk full\n")
+
+
+def test_signals_are_named_where_every_platform_agrees_and_numbered_elsewhere() -> None:
+    # The core asks no platform: SIGUSR1 is 10 on Linux and 30 on macOS.
+    assert summarize(incident([], signal=15))[0].endswith("reaped with SIGTERM")
+    assert summarize(incident([], signal=6))[0].endswith("reaped with SIGABRT")
+    assert summarize(incident([], signal=10))[0].endswith("reaped with signal 10")

@@ -15,8 +15,7 @@ Pure functions over the incident schema (no I/O, no clock: times are the record'
 
 from __future__ import annotations
 
-import signal as signal_module
-import time
+import datetime
 from collections.abc import Sequence
 from typing import Dict, List, Optional, Tuple
 
@@ -26,6 +25,18 @@ from ._incident import Capture, Group, Incident, ProcessFacts, ThreadStack
 from ._stacks import _doing_of, _items, _wchan, call_tree, doing, group
 
 __all__ = ["annotate", "merge_captures", "render", "render_merged", "summarize"]
+
+#: Signals with the same number on every POSIX system (the core imports no ``signal``:
+#: it names what it can without asking the platform; others are shown as numbers).
+_SIGNAL_NAMES = {
+    1: "SIGHUP",
+    2: "SIGINT",
+    3: "SIGQUIT",
+    6: "SIGABRT",
+    9: "SIGKILL",
+    14: "SIGALRM",
+    15: "SIGTERM",
+}
 
 
 # -- the summary -----------------------------------------------------------------------
@@ -95,10 +106,7 @@ def _signal_text(signal: int, delivered: Optional[bool]) -> str:
 
 
 def _signal_name(signal: int) -> str:
-    try:
-        return signal_module.Signals(signal).name
-    except ValueError:
-        return f"signal {signal}"
+    return _SIGNAL_NAMES.get(signal, f"signal {signal}")
 
 
 def _labels(labels: Optional[Dict[str, str]]) -> str:
@@ -160,7 +168,8 @@ def _tree_section(captures: Sequence[Capture], groups: Sequence[Group]) -> List[
 
 
 def _utc(created: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(created))
+    moment = datetime.datetime.fromtimestamp(created, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _worker_lines(capture: Capture) -> List[str]:

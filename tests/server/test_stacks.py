@@ -272,7 +272,7 @@ def test_doing(case: str, value: ThreadStack, expected: str) -> None:
     assert doing(value) == expected
 
 
-def test_every_doing_case_is_different_or_says_why() -> None:
+def test_the_cases_cover_every_answer_doing_gives() -> None:
     # The table above covers each of the words doing() can return.
     said = {expected.split(" (")[0] for _, _, expected in DOING_CASES}
     assert {

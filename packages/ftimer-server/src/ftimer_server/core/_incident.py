@@ -156,7 +156,7 @@ class Group(msgspec.Struct, frozen=True, omit_defaults=True):
     hosts: List[str] = []
 
 
-class Incident(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class Incident(msgspec.Struct, frozen=True, kw_only=True):
     """One reap, and why the worker hung.
 
     Attributes:

@@ -159,6 +159,8 @@ def event_fields(event: Event) -> Dict[str, Any]:
     """The event as flat fields for JSON logs: ``event`` (its tag), then its members, with
     those of its ``timer`` (pid, scope_id, deadline, ...) lifted to the top."""
     fields: Dict[str, Any] = msgspec.to_builtins(event, str_keys=True)
+    if "incident" in fields and fields["incident"] is None:
+        del fields["incident"]  # only reaps that were diagnosed name one
     timer = fields.pop("timer", None)
     if timer is not None:
         del timer["op"]  # a Timer is an Arm message: its tag says nothing here

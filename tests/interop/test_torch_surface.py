@@ -190,3 +190,64 @@ def test_every_public_name_has_a_counterpart_or_a_reason(torch_timer: types.Modu
             assert hasattr(methods, member) or qualified in rows, (
                 f"{qualified} has no counterpart and no documented reason"
             )
+
+
+@pytest.fixture(params=["torch", "ftimer"])
+def client_api(request: pytest.FixtureRequest, torch_timer: types.ModuleType) -> types.ModuleType:
+    """The module whose FileTimerClient, configure and expires a scenario uses."""
+    return torch_timer if request.param == "torch" else ftimer_client
+
+
+def read_lines(fd: int) -> List[Dict[str, Any]]:
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return [json.loads(line) for line in data.splitlines()]
+
+
+@pytest.fixture
+def fifo_reader(tmp_path: pathlib.Path) -> Iterator[Tuple[str, int]]:
+    path = str(tmp_path / "timer.fifo")
+    os.mkfifo(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    yield path, fd
+    os.close(fd)
+
+
+def test_a_subclass_that_overrides_acquire_and_release_is_called(
+    client_api: types.ModuleType, fifo_reader: Tuple[str, int]
+) -> None:
+    path, fd = fifo_reader
+    calls: List[Tuple[str, str]] = []
+
+    class Traced(client_api.FileTimerClient):  # type: ignore[misc, name-defined]
+        def acquire(self, scope_id: str, expiration_time: float) -> None:
+            calls.append(("acquire", scope_id))
+            super().acquire(scope_id, expiration_time)
+
+        def release(self, scope_id: str) -> None:
+            calls.append(("release", scope_id))
+            super().release(scope_id)
+
+    client_api.configure(timer_client=Traced(path))  # torch's keyword
+    with client_api.expires(after=60, scope="step"):
+        pass
+    assert calls == [("acquire", "step"), ("release", "step")]
+    assert len(read_lines(fd)) == 2  # and the requests went out
+
+
+def test_the_signal_may_be_assigned(
+    client_api: types.ModuleType, fifo_reader: Tuple[str, int]
+) -> None:
+    path, fd = fifo_reader
+    client = client_api.FileTimerClient(path)
+    client.signal = 15
+    client.acquire("step", time.time() + 60)
+    [line] = read_lines(fd)
+    assert line["signal"] == 15

@@ -6,9 +6,11 @@
     with expires(after=60):
         train_step()
 
-A drop-in for ``torch.distributed.elastic.timer``'s ``FileTimerClient``, ``configure``
-and ``expires``. See docs/client.md.
+A drop-in for ``torch.distributed.elastic.timer``'s ``FileTimerClient``,
+``FileTimerRequest``, ``configure`` and ``expires``. See docs/client.md.
 """
+
+from ftimer_protocol import FileTimerRequest
 
 from ._client import POLICIES, FileTimerClient
 from ._errors import ServerStalled, ServerUnavailable, ServerUnavailableWarning
@@ -18,6 +20,7 @@ from ._version import __version__
 
 __all__ = [
     "FileTimerClient",
+    "FileTimerRequest",
     "configure",
     "expires",
     "TimerClient",

@@ -93,10 +93,16 @@ class FileTimerClient:
         self._labels: Dict[str, str] = default_labels() if labels is None else _labels(labels)
         if pid is not None:
             _check_pid(pid)
-        hook = _dump_hook(dump_signal, protocol, pid)
+        self._hook = _dump_hook(dump_signal, protocol, pid)
         self._channel = channel_for(self._path, protocol, pid)
-        self._lines = self._channel.lines(self._signal, self._labels or None, hook)
+        self._lines = self._channel.lines(self._signal, self._labels or None, self._hook)
         self._v2 = self._lines if isinstance(self._lines, V2Lines) else None
+        # ``expires`` writes straight to the channel unless a subclass overrides torch's
+        # methods (for logging, metrics, tracing): then it calls them, as torch's does.
+        cls = type(self)
+        self._plain = (
+            cls.acquire is FileTimerClient.acquire and cls.release is FileTimerClient.release
+        )
         self._warned = 0  # the outage last warned about (channel.outages counts them)
         self._closed = False
         self._channel.attach()
@@ -259,8 +265,19 @@ class FileTimerClient:
 
     @property
     def signal(self) -> int:
-        """The signal of this client's timers (0: report only)."""
+        """The signal of this client's timers (0: report only). torch code assigns it
+        (``client.signal = signal.SIGTERM``): timers armed from then on carry the new one.
+
+        Raises (on assignment):
+            ValueError: not a signal number of this platform, nor 0.
+        """
         return self._signal
+
+    @signal.setter
+    def signal(self, value: int) -> None:
+        self._signal = check_signal(value)
+        self._lines = self._channel.lines(self._signal, self._labels or None, self._hook)
+        self._v2 = self._lines if isinstance(self._lines, V2Lines) else None
 
     @property
     def protocol(self) -> int:

@@ -45,10 +45,19 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def configure(client: Optional[TimerClient]) -> None:
-    """Make ``client`` the one ``expires`` uses when it is given none; None un-configures."""
+def configure(
+    timer_client: Optional[TimerClient] = None, *, client: Optional[TimerClient] = None
+) -> None:
+    """Make ``timer_client`` (torch's keyword) the one ``expires`` uses when it is given
+    none; None un-configures. ``client=`` is the same, under ftimer's older keyword.
+
+    Raises:
+        TypeError: both keywords are given.
+    """
     global _configured
-    _configured = client
+    if timer_client is not None and client is not None:
+        raise TypeError("configure() takes timer_client or client, not both")
+    _configured = timer_client if timer_client is not None else client
 
 
 def default_scope_suffix() -> str:
@@ -112,7 +121,7 @@ class expires:
         scope = self._scope
         if scope is None:
             scope = self._site + default_scope_suffix()
-        if isinstance(client, FileTimerClient):
+        if isinstance(client, FileTimerClient) and client._plain:
             client.arm(scope, self._after)
         else:
             client.acquire(scope, time.time() + self._after)
@@ -150,7 +159,7 @@ class expires:
             raise RuntimeError("beat() outside the expires block")
         client, scope = self._active
         after = self._after if after is None else after
-        if isinstance(client, FileTimerClient):
+        if isinstance(client, FileTimerClient) and client._plain:
             client.arm(scope, after)
         else:
             client.acquire(scope, time.time() + after)

@@ -1,0 +1,591 @@
+"""Capturing stuck workers with real processes: py-spy, the worker's faulthandler hook,
+and the /proc facts alone; stand-ins for a py-spy refused by ptrace and one that hangs;
+core dumps with gcore; the reap of a worker's descendants.
+
+Every process signalled here is one these tests started (``stuck_worker.py``, in a
+session of its own, killed whole at the end of each test) or a child of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import select
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any, Callable, Dict, List, Optional
+
+import pytest
+
+from ftimer_protocol import DumpHook
+from ftimer_server.core._incident import Capture, ThreadStack
+from ftimer_server.server import _procfs
+from ftimer_server.server._capture import (
+    CaptureOptions,
+    capture,
+    core_dump,
+    find_py_spy,
+    signal_tree,
+)
+from ftimer_server.server._procfs import read_stat
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
+
+WORKER = pathlib.Path(__file__).with_name("stuck_worker.py")
+ROOT = os.geteuid() == 0
+HOOK = signal.SIGUSR2
+#: How late a capture may return after its deadline (a loaded CI machine included).
+MARGIN = 0.25
+
+
+class Worker:
+    """A stuck worker these tests started: its ready line, and where its hook writes."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], info: Dict[str, Any]) -> None:
+        self.proc = proc
+        self.pid: int = info["pid"]
+        self.info = info
+        self.tids: Dict[str, int] = info["tids"]
+
+    @property
+    def hook(self) -> DumpHook:
+        return DumpHook(signal=HOOK, fd=self.info["fd"])
+
+    def state(self) -> str:
+        return read_stat(self.pid).state
+
+    def settle(self, kind: str) -> None:
+        """Wait until it is where it gets stuck: its ready line comes just before."""
+        if kind == "busy":
+            # Spinning, as its CPU time shows: 20 ms of it since the ready line.
+            start = _cpu_ticks(self.pid)
+            wait_for(lambda: _cpu_ticks(self.pid) >= start + 2)
+            return
+        # Every thread asleep, the main one in time.sleep or libc's sleep.
+        wait_for(lambda: _all_asleep(self.pid) and "nanosleep" in _wchan(self.pid, self.pid))
+
+    def dump_text(self) -> str:
+        """What its hook has written so far."""
+        return pathlib.Path(f"/proc/{self.pid}/fd/{self.info['fd']}").read_text()
+
+
+def _cpu_ticks(pid: int) -> int:
+    data = pathlib.Path(f"/proc/{pid}/stat").read_bytes()
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _wchan(pid: int, tid: int) -> str:
+    return pathlib.Path(f"/proc/{pid}/task/{tid}/wchan").read_text()
+
+
+def _all_asleep(pid: int) -> bool:
+    return all(read_stat(pid, int(t)).state == "S" for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def _read_line(stream: Any, timeout: float) -> bytes:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        raise TimeoutError("the worker did not get ready in time")
+    return bytes(stream.readline())
+
+
+@contextlib.contextmanager
+def stuck(kind: str, hook: bool = False) -> Iterator[Worker]:
+    """Start a stuck worker in its own session; kill the whole session at the end."""
+    args = [sys.executable, str(WORKER), kind, *(["--hook"] if hook else [])]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        worker = Worker(proc, json.loads(_read_line(proc.stdout, 20)))
+        if kind != "tree":  # the tree's processes come and go
+            worker.settle(kind)
+        yield worker
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its session, its group: ours alone
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Look until ``predicate()`` holds: thread states and process exits raise no event
+    another process can wait on."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.002)
+
+
+def run(
+    worker: Worker,
+    options: CaptureOptions,
+    *,
+    hook: Optional[DumpHook] = None,
+    budget: float = 5.0,
+    start_time: Optional[int] = None,
+    pidfd: Optional[int] = None,
+) -> Capture:
+    return capture(
+        worker.pid,
+        start_time,
+        pidfd,
+        role="stuck",
+        labels={"rank": "0"},
+        hook=hook,
+        options=options,
+        deadline=time.monotonic() + budget,
+    )
+
+
+def thread_in(c: Capture, function: str) -> ThreadStack:
+    """The one thread whose stack passes through ``function`` of the worker script."""
+    found = [
+        t
+        for t in c.threads
+        if any(f.function == function and f.file.endswith("stuck_worker.py") for f in t.frames)
+    ]
+    assert len(found) == 1, f"{function}: {[(t.tid, t.frames[:2]) for t in c.threads]}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def py_spy() -> str:
+    path = find_py_spy()
+    if path is None:
+        pytest.skip("py-spy is not installed (the tests session installs ftimer-server[pyspy])")
+    return path
+
+
+@pytest.fixture(params=["py-spy", "hook", "none"])
+def method(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def options_for(method: str, request: pytest.FixtureRequest) -> CaptureOptions:
+    if method == "py-spy":
+        return CaptureOptions(py_spy=request.getfixturevalue("py_spy"), hook=False)
+    return CaptureOptions(py_spy=None, hook=method == "hook")
+
+
+def capture_stuck(
+    worker: Worker, method: str, request: pytest.FixtureRequest, **kw: Any
+) -> Capture:
+    c = run(worker, options_for(method, request), hook=worker.hook, **kw)
+    assert c.method == method, c.error
+    assert not c.exited
+    assert c.facts is not None
+    assert c.facts.threads == len(os.listdir(f"/proc/{worker.pid}/task"))
+    assert {t.tid for t in c.threads} >= set(map(int, os.listdir(f"/proc/{worker.pid}/task")))
+    if method == "none":
+        assert c.error is not None
+        assert c.error.startswith("no stacks")
+        assert all(not t.frames for t in c.threads)
+    else:
+        assert c.raw
+    assert worker.state() not in "Tt"  # never left stopped
+    return c
+
+
+# Stuck workers of each kind, by each method ----------------------------------------
+
+
+def test_sleep(method: str, request: pytest.FixtureRequest) -> None:
+    with stuck("sleep", hook=True) as worker:
+        c = capture_stuck(worker, method, request)
+        main = next(t for t in c.threads if t.tid == worker.pid)
+        assert main.state == "S"
+        if ROOT:
+            assert main.kernel_stack
+            assert any("nanosleep" in f for f in main.kernel_stack)
+        if method != "none":
+            assert thread_in(c, "stuck_in_sleep").tid == worker.pid
+            assert c.threads[0].frames[0].function == "stuck_in_sleep"  # innermost first
+        if method == "py-spy":
+            assert main.name == "MainThread"
+            assert main.gil is False
+
+
+def test_c_call_holding_the_gil(method: str, request: pytest.FixtureRequest) -> None:
+    with stuck("cgil", hook=True) as worker:
+        c = capture_stuck(worker, method, request)
+        main = next(t for t in c.threads if t.tid == worker.pid)
+        assert main.state == "S"
+        if method != "none":
+            frame = thread_in(c, "stuck_in_c").frames[0]
+            assert frame.file.endswith("stuck_worker.py")
+            assert frame.line > 0
+        if method == "py-spy":
+            assert main.gil is True
+
+
+def test_c_call_native_frames(py_spy: str) -> None:
+    with stuck("cgil") as worker:
+        c = run(worker, CaptureOptions(py_spy=py_spy, native=True))
+        assert c.method == "py-spy", c.error
+        main = thread_in(c, "stuck_in_c")
+        native = [f.function for f in main.frames if f.native]
+        assert "sleep" in native or any("nanosleep" in f for f in native), main.frames
+        python = [f for f in main.frames if not f.native]
+        assert python[0].function == "stuck_in_c"
+
+
+def test_deadlock(method: str, request: pytest.FixtureRequest) -> None:
+    with stuck("deadlock", hook=True) as worker:
+        left, right = worker.tids["left"], worker.tids["right"]
+
+        wait_for(lambda: all("futex" in _wchan(worker.pid, t) for t in (left, right)))
+        c = capture_stuck(worker, method, request)
+        by_tid = {t.tid: t for t in c.threads}
+        for tid in (left, right):
+            assert by_tid[tid].state == "S"
+            assert by_tid[tid].wchan is not None
+            assert "futex" in by_tid[tid].wchan
+        if method == "py-spy":
+            assert thread_in(c, "take_a_then_b").tid == left
+            assert thread_in(c, "take_b_then_a").tid == right
+            assert not by_tid[left].gil
+            assert not by_tid[right].gil
+            assert by_tid[left].name == "left"
+        elif method == "hook":
+            # Blocked threads are paired with their kernel ids through their stacks.
+            assert thread_in(c, "take_a_then_b").tid == left
+            assert thread_in(c, "take_b_then_a").tid == right
+            assert thread_in(c, "stuck_in_sleep").tid == worker.pid
+
+
+def test_busy_loop(method: str, request: pytest.FixtureRequest) -> None:
+    with stuck("busy", hook=True) as worker:
+        c = capture_stuck(worker, method, request)
+        main = next(t for t in c.threads if t.tid == worker.pid)
+        assert main.state == "R"
+        if method != "none":
+            assert thread_in(c, "spin").frames[0].function == "spin"
+        if method == "py-spy":
+            assert main.active is True
+            assert main.gil is True
+
+
+def test_fifty_threads(method: str, request: pytest.FixtureRequest) -> None:
+    with stuck("threads50", hook=True) as worker:
+        c = capture_stuck(worker, method, request)
+        assert len(c.threads) == 51
+        if method != "none":
+            parked = [t for t in c.threads if any(f.function == "park" for f in t.frames)]
+            assert len(parked) == 50
+            assert thread_in(c, "stuck_in_sleep")
+        if method == "py-spy":
+            assert {t.name for t in parked} == {f"parked-{i}" for i in range(50)}
+        if method == "hook":
+            assert all(t.tid for t in c.threads)  # every blocked thread paired
+
+
+def test_facts() -> None:
+    with stuck("facts") as worker:
+        c = run(worker, CaptureOptions(hook=False))
+        facts = c.facts
+        assert facts is not None
+        assert facts.cmdline[1:] == [str(WORKER), "facts"]
+        assert facts.state == "S"
+        assert facts.threads == 1
+        assert facts.uid == os.getuid()
+        assert facts.children == [worker.info["child"]]
+        assert facts.rss > 1 << 20
+        assert 0 < facts.age < 60
+        assert facts.sockets == 2
+        assert facts.fifos == 4  # stdout's pipe, the pipe's two ends, the named FIFO
+        assert c.start_time == read_stat(worker.pid).start_time
+        assert c.role == "stuck"
+        assert c.labels == {"rank": "0"}
+        assert "py-spy: not installed or not enabled" in (c.error or "")
+        assert "dump hook: not enabled" in (c.error or "")
+
+
+def test_caller_pidfd_is_used_and_left_open(py_spy: str) -> None:
+    with stuck("sleep") as worker:
+        pidfd = os.pidfd_open(worker.pid)
+        try:
+            c = run(worker, CaptureOptions(py_spy=py_spy), pidfd=pidfd)
+            assert c.method == "py-spy"
+            os.fstat(pidfd)  # still ours, still open
+        finally:
+            os.close(pidfd)
+
+
+def test_find_py_spy_beside_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    beside = pathlib.Path(sys.executable).parent / "py-spy"
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert find_py_spy() == (str(beside) if beside.exists() else None)
+
+
+# Fallbacks and refusals -------------------------------------------------------------
+
+PTRACE_REFUSALS = [
+    # What py-spy prints when process_vm_readv or ptrace fails with EPERM / EACCES.
+    "Error: Operation not permitted (os error 1)",
+    "Permission Denied: Try running again with elevated permissions by going "
+    "'sudo env \"PATH=$PATH\" !!'",
+]
+
+
+def fake_py_spy(tmp_path: pathlib.Path, body: str) -> str:
+    path = tmp_path / "py-spy"
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize("message", PTRACE_REFUSALS)
+def test_ptrace_refused_falls_back_to_the_hook(tmp_path: pathlib.Path, message: str) -> None:
+    fake = fake_py_spy(tmp_path, f"echo '{message}' >&2\nexit 1\n")
+    with stuck("sleep", hook=True) as worker:
+        c = run(worker, CaptureOptions(py_spy=fake), hook=worker.hook)
+        assert c.method == "hook"
+        assert thread_in(c, "stuck_in_sleep").tid == worker.pid
+        assert c.error is not None
+        assert "ptrace not permitted" in c.error
+        assert "CAP_SYS_PTRACE" in c.error
+        assert message.split(maxsplit=1)[0] in c.error  # py-spy's own words follow
+
+
+def test_ptrace_refused_without_a_hook(tmp_path: pathlib.Path) -> None:
+    fake = fake_py_spy(tmp_path, f"echo '{PTRACE_REFUSALS[0]}' >&2\nexit 1\n")
+    with stuck("sleep") as worker:
+        c = run(worker, CaptureOptions(py_spy=fake))
+        assert c.method == "none"
+        assert c.facts is not None
+        assert c.facts.state == "S"
+        assert c.error is not None
+        assert c.error.startswith("no stacks: py-spy cannot attach")
+        assert "the worker announced none" in c.error
+
+
+# A py-spy that stops its target (as ptrace's attach does), then hangs.
+HANGING = """
+while [ "$#" -gt 0 ]; do
+  if [ "$1" = --pid ]; then kill -STOP "$2"; fi
+  shift
+done
+exec sleep 600
+"""
+
+
+@pytest.mark.parametrize("hook", [True, False], ids=["then-hook", "no-hook"])
+def test_hanging_py_spy_is_killed_by_the_deadline(tmp_path: pathlib.Path, hook: bool) -> None:
+    fake = fake_py_spy(tmp_path, HANGING)
+    with stuck("sleep", hook=hook) as worker:
+        started = time.monotonic()
+        c = run(worker, CaptureOptions(py_spy=fake), hook=worker.hook if hook else None, budget=1)
+        elapsed = time.monotonic() - started
+        assert elapsed <= 1 + MARGIN
+        assert worker.state() not in "Tt"  # continued after the stand-in stopped it
+        assert c.error is not None
+        assert "py-spy did not finish" in c.error
+        # The hook keeps a share of the budget, so a hung py-spy still leaves it time.
+        assert c.method == ("hook" if hook else "none")
+        if hook:
+            assert thread_in(c, "stuck_in_sleep")
+    # The stand-in's whole process group was killed with it.
+    assert not list(_pids_running(fake))
+
+
+def _pids_running(executable: str) -> List[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if (
+                name.isdigit()
+                and executable.encode() in pathlib.Path(f"/proc/{name}/cmdline").read_bytes()
+            ):
+                found.append(int(name))
+    return found
+
+
+def test_worker_exits_during_the_capture() -> None:
+    with stuck("exit-on-hook", hook=True) as worker:
+        started = time.monotonic()
+        c = run(worker, CaptureOptions(), hook=worker.hook, budget=5)
+        assert time.monotonic() - started < 2  # it saw the exit; it did not wait it out
+        assert c.exited
+        assert c.error is not None
+        assert "exited during the capture" in c.error
+        assert worker.proc.wait(5) == 3
+
+
+def test_worker_killed_while_py_spy_runs(tmp_path: pathlib.Path) -> None:
+    fake = fake_py_spy(
+        tmp_path,
+        'while [ "$#" -gt 0 ]; do [ "$1" = --pid ] && kill -KILL "$2"; shift; done\n'
+        "echo 'Error: Failed to get process executable name. "
+        "Check that the process is running.' >&2\nexit 1\n",
+    )
+    with stuck("sleep", hook=True) as worker:
+        c = run(worker, CaptureOptions(py_spy=fake), hook=worker.hook)
+        assert c.exited
+        assert c.method == "none"
+        assert c.error is not None
+        assert "exited" in c.error
+        assert c.facts is not None
+        assert c.facts.cmdline
+
+
+def test_hook_signal_not_caught_is_not_sent() -> None:
+    with stuck("sleep", hook=True) as worker:
+        c = run(worker, CaptureOptions(), hook=DumpHook(signal.SIGUSR1, worker.info["fd"]))
+        assert c.method == "none"
+        assert c.error is not None
+        assert "does not catch SIGUSR1" in c.error
+        assert worker.proc.poll() is None  # SIGUSR1 would have killed it
+        assert worker.dump_text() == ""
+
+
+def test_hook_fd_must_be_a_regular_file() -> None:
+    with stuck("sleep", hook=True) as worker:
+        c = run(worker, CaptureOptions(), hook=DumpHook(HOOK, 1))  # its stdout: our pipe
+        assert c.method == "none"
+        assert c.error is not None
+        assert "not a regular file" in c.error
+        assert worker.dump_text() == ""  # the signal was not sent either
+
+
+def test_thread_id_is_refused() -> None:
+    with stuck("deadlock", hook=True) as worker:
+        tid = worker.tids["left"]
+        c = capture(
+            tid,
+            None,
+            None,
+            role="stuck",
+            labels=None,
+            hook=worker.hook,
+            options=CaptureOptions(),
+            deadline=time.monotonic() + 2,
+        )
+        assert c.method == "none"
+        assert not c.exited
+        assert c.facts is None
+        assert c.error is not None
+        assert "thread" in c.error
+        assert worker.dump_text() == ""
+
+
+def test_other_start_time_is_not_touched() -> None:
+    with stuck("sleep", hook=True) as worker:
+        other = read_stat(worker.pid).start_time + 1
+        c = run(worker, CaptureOptions(), hook=worker.hook, start_time=other)
+        assert c.exited
+        assert c.method == "none"
+        assert c.facts is None
+        assert c.error is not None
+        assert "gone" in c.error
+        assert worker.dump_text() == ""
+
+
+def test_capture_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ftimer_server.server import _capture
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(_capture, "read_facts", broken)
+    with stuck("sleep") as worker:
+        c = run(worker, CaptureOptions())
+        assert c.error == "capture failed: RuntimeError: boom"
+
+
+# Core dumps ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_process() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(["sleep", "600"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/gcore"), reason="gcore (gdb) is not installed")
+def test_core_dump(tmp_path: pathlib.Path, small_process: subprocess.Popen[bytes]) -> None:
+    directory = tmp_path / "cores"
+    path, error = core_dump(
+        small_process.pid, None, str(directory), max_bytes=1 << 30, deadline=time.monotonic() + 60
+    )
+    assert error is None
+    assert path is not None
+    assert path.startswith(str(directory) + "/core.")
+    assert path.endswith(f".{small_process.pid}")
+    assert os.path.getsize(path) > 0
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert small_process.poll() is None
+    assert read_stat(small_process.pid).state == "S"
+
+
+def test_core_dump_size_guard(
+    tmp_path: pathlib.Path, small_process: subprocess.Popen[bytes]
+) -> None:
+    path, error = core_dump(
+        small_process.pid, None, str(tmp_path), max_bytes=4096, deadline=time.monotonic() + 60
+    )
+    assert path is None
+    assert error is not None
+    assert "resident memory" in error
+    assert "4096" in error
+    assert list(tmp_path.iterdir()) == []
+    assert small_process.poll() is None
+
+
+# Descendants -----------------------------------------------------------------------
+
+
+def _session_members(sid: int) -> List[int]:
+    """Live (not zombie) processes of session ``sid``: the worker and its descendants
+    (none of which calls setsid)."""
+    members = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            data = pathlib.Path(f"/proc/{name}/stat").read_bytes()
+            fields = data[data.rindex(b")") + 2 :].split()
+            if int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
+                members.append(int(name))
+    return members
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["KILL", "TERM"])
+def test_signal_tree(sig: int) -> None:
+    with stuck("tree") as worker:
+        # Wait until the tree is at its depth: grandchildren's children being forked.
+        wait_for(lambda: len(_session_members(worker.pid)) > 10)
+        signalled = signal_tree(worker.pid, sig)
+        assert worker.pid not in signalled
+        assert set(worker.info["children"]) <= set(signalled)
+        assert len(signalled) > len(worker.info["children"])  # grandchildren too
+        # None left: every descendant dies (a stopped one acts on SIGTERM once continued).
+        wait_for(lambda: _session_members(worker.pid) == [worker.pid])
+        assert worker.proc.poll() is None
+        assert worker.state() not in "Tt"
+
+
+def test_signal_tree_without_descendants() -> None:
+    with stuck("sleep") as worker:
+        assert signal_tree(worker.pid, signal.SIGKILL) == []
+        assert worker.proc.poll() is None
+
+
+def test_signal_tree_refuses_init_and_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing is really sent even if the guard failed: sends are only recorded.
+    sent: List[int] = []
+    monkeypatch.setattr(_procfs.Process, "send", lambda self, s: sent.append(self.pid))
+    for pid in (1, 0, -1):
+        assert signal_tree(pid, signal.SIGKILL) == []
+    assert sent == []

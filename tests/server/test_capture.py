@@ -25,7 +25,7 @@ import pytest
 
 from ftimer_protocol import DumpHook
 from ftimer_server.core._incident import Capture, ThreadStack
-from ftimer_server.server import _procfs
+from ftimer_server.server import _pinned
 from ftimer_server.server._capture import (
     CaptureOptions,
     capture,
@@ -33,7 +33,12 @@ from ftimer_server.server._capture import (
     find_py_spy,
     signal_tree,
 )
-from ftimer_server.server._procfs import read_stat
+from ftimer_server.server._procfs import ThreadFacts, read_stat
+from ftimer_server.server._stack_formats import (
+    match_faulthandler_threads,
+    parse_faulthandler,
+    parse_py_spy,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
 
@@ -585,7 +590,83 @@ def test_signal_tree_without_descendants() -> None:
 def test_signal_tree_refuses_init_and_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     # Nothing is really sent even if the guard failed: sends are only recorded.
     sent: List[int] = []
-    monkeypatch.setattr(_procfs.Process, "send", lambda self, s: sent.append(self.pid))
+    monkeypatch.setattr(_pinned.Process, "send", lambda self, s: sent.append(self.pid))
     for pid in (1, 0, -1):
         assert signal_tree(pid, signal.SIGKILL) == []
     assert sent == []
+
+
+# The stack formats, without processes ------------------------------------------------
+
+FAULTHANDLER = """\
+Thread 0x00007f0000001000 (most recent call first):
+  File "/app/data.py", line 17 in __next__
+  File "/app/train.py", line 42 in step
+
+Current thread 0x00007f0000002000 (most recent call first):
+  File "/app/train.py", line ??? in <lambda>
+  ...
+
+Thread 0x00007f0000003000 (most recent call first):
+  <no Python frame>
+"""
+
+
+def test_parse_faulthandler() -> None:
+    threads = parse_faulthandler(FAULTHANDLER)
+    assert [t.ident for t in threads] == [
+        "0x00007f0000001000",
+        "0x00007f0000002000",
+        "0x00007f0000003000",
+    ]
+    first, current, native = threads
+    assert [(f.function, f.file, f.line) for f in first.frames] == [
+        ("__next__", "/app/data.py", 17),
+        ("step", "/app/train.py", 42),
+    ]
+    assert current.current
+    assert current.truncated
+    assert current.frames[0].line == 0
+    assert native.frames == []
+    # A dump cut short keeps what was written; one thread alone is "Stack".
+    assert len(parse_faulthandler(FAULTHANDLER[:120])[0].frames) == 1
+    single = parse_faulthandler('Stack (most recent call first):\n  File "a.py", line 1 in f\n')
+    assert single[0].frames[0].function == "f"
+    assert parse_faulthandler("garbage\n") == []
+
+
+def test_parse_py_spy_refuses_other_output() -> None:
+    with pytest.raises(ValueError, match="not the JSON expected"):
+        parse_py_spy("Error: something")
+    (thread,) = parse_py_spy(
+        '[{"os_thread_id": 7, "thread_name": "w", "active": true, "owns_gil": false,'
+        ' "frames": [{"name": "f", "filename": "/a.py", "short_filename": "a.py", "line": 3,'
+        ' "module": null}, {"name": "clock_nanosleep", "filename": "/libc.so.6",'
+        ' "module": "/libc.so.6", "line": 0}], "unknown": 1}]'
+    )
+    assert thread.tid == 7
+    assert thread.active is True
+    assert thread.gil is False
+    assert [(f.function, f.native) for f in thread.frames] == [
+        ("f", False),
+        ("clock_nanosleep", True),
+    ]
+
+
+def test_match_faulthandler_threads() -> None:
+    maps = [(0x1000, 0x2000), (0x3000, 0x4000), (0x9000, 0xA000)]
+    threads = [
+        ThreadFacts(tid=100, sp=0x8000),  # the main thread: its stack is elsewhere
+        ThreadFacts(tid=101, sp=0x1F00),
+        ThreadFacts(tid=102, sp=0x3F00),
+        ThreadFacts(tid=103, sp=0x5000),  # a native thread: no ident in its mapping
+    ]
+    idents = ["0x1ff0", "0x3ff0", "0x9100"]
+    assert match_faulthandler_threads(idents, threads, maps, 100) == {
+        "0x1ff0": 101,
+        "0x3ff0": 102,
+        "0x9100": 100,  # the one left over
+    }
+    # A running thread (no stack pointer) leaves two idents unpaired: no guess.
+    running = [threads[0], ThreadFacts(tid=101), threads[2]]
+    assert match_faulthandler_threads(idents, running, maps, 100) == {"0x3ff0": 102}

@@ -7,9 +7,6 @@ memory lock (the classic ``ps`` hang when a process is stuck in a page fault) an
 ``stat()`` of an open file reaches its file system (a dead NFS server); both run in a
 helper thread the capture stops waiting for at its deadline.
 
-A ``Process`` pins the worker for the length of a capture: by a pidfd where the kernel
-has them, else by its start time, re-checked right before any signal. It never signals a
-pid <= 1 or a thread.
 """
 
 from __future__ import annotations
@@ -17,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import select
-import signal as _signal
 import stat
 import threading
 import time
@@ -30,12 +25,11 @@ from ftimer_server.core._incident import ProcessFacts
 __all__ = [
     "CLK_TCK",
     "PAGE_SIZE",
-    "Process",
-    "ProcessRefused",
     "ThreadFacts",
     "bounded",
     "children",
     "read_facts",
+    "strerror",
     "read_stat",
     "read_status",
     "read_threads",
@@ -51,18 +45,6 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: stays bounded whatever the worker holds.
 MAX_THREADS = 4096
 MAX_FDS = 65536
-
-
-class ProcessRefused(Exception):
-    """The pid given is not a process this capture may look at or signal.
-
-    Attributes:
-        gone: it is no longer there (exited, or its pid now belongs to another process).
-    """
-
-    def __init__(self, message: str, *, gone: bool = False) -> None:
-        super().__init__(message)
-        self.gone = gone
 
 
 @dataclass(frozen=True)
@@ -133,13 +115,26 @@ def bounded(fn: Callable[[], _T], deadline: float) -> Tuple[bool, Optional[_T]]:
     Returns:
         (True, its result), or (False, None) if it had not returned by then: the thread
         is left behind (a daemon thread, blocked in the kernel until the worker is
-        killed), and whatever it returns later is dropped. ``fn`` must not raise.
+        killed), and whatever it returns later is dropped.
+
+    Raises:
+        Exception: what ``fn`` raised, if it raised by the deadline.
     """
-    box: List[_T] = []
-    thread = threading.Thread(target=lambda: box.append(fn()), name="ftimer-proc", daemon=True)
+    results: List[_T] = []
+    errors: List[Exception] = []
+
+    def call() -> None:
+        try:
+            results.append(fn())
+        except Exception as e:  # handed to the caller's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=call, name="ftimer-proc", daemon=True)
     thread.start()
     thread.join(max(0.0, deadline - time.monotonic()))
-    return (True, box[0]) if box else (False, None)
+    if errors:
+        raise errors[0]
+    return (True, results[0]) if results else (False, None)
 
 
 def _boot_seconds() -> float:
@@ -319,7 +314,7 @@ def _read_slow(pid: int, paths: List[str]) -> _Slow:
         raw = _read(f"/proc/{pid}/cmdline")
         slow.cmdline = [a.decode(errors="replace") for a in raw.split(b"\0")[:-1] or [raw]]
     except OSError as e:
-        slow.notes.append(f"cmdline unreadable: {_strerror(e)}")
+        slow.notes.append(f"cmdline unreadable: {strerror(e)}")
     for path in paths:
         try:
             if stat.S_ISFIFO(os.stat(path).st_mode):
@@ -341,7 +336,7 @@ def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
     try:
         st = read_stat(pid)
     except (OSError, ValueError, IndexError) as e:
-        notes.append(f"/proc/{pid}/stat unreadable: {_strerror(e)}")
+        notes.append(f"/proc/{pid}/stat unreadable: {strerror(e)}")
     uid = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         uid = int(read_status(pid).get("Uid", "").split()[0])
@@ -349,14 +344,14 @@ def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
     try:
         kids = children(pid)
     except (OSError, ValueError) as e:
-        notes.append(f"children unknown: {_strerror(e)}")
+        notes.append(f"children unknown: {strerror(e)}")
     sockets = fifos = 0
     paths: List[str] = []
     try:
         names = os.listdir(f"/proc/{pid}/fd")[:MAX_FDS]
     except OSError as e:
         names = []
-        notes.append(f"open files unreadable: {_strerror(e)}")
+        notes.append(f"open files unreadable: {strerror(e)}")
     for name in names:
         path = f"/proc/{pid}/fd/{name}"
         try:
@@ -393,116 +388,8 @@ def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
     return facts, notes
 
 
-def _strerror(e: BaseException) -> str:
+def strerror(e: BaseException) -> str:
+    """An error in a few words: "ESRCH (No such process)"."""
     if isinstance(e, OSError) and e.errno is not None:
         return f"{errno.errorcode.get(e.errno, e.errno)} ({os.strerror(e.errno)})"
     return str(e) or type(e).__name__
-
-
-class Process:
-    """A worker pinned for the length of a capture: by a pidfd (the caller's, or one
-    opened here and checked against the start time), else by pid and start time.
-
-    Use ``Process.open()``; ``close()`` releases a pidfd opened here (never the caller's).
-
-    Attributes:
-        pid: the process.
-        start_time: its start time in clock ticks since boot, as read when opened.
-        pidfd: the pidfd it is signalled through, if any.
-    """
-
-    def __init__(self, pid: int, start_time: int, pidfd: Optional[int], owned: bool) -> None:
-        self.pid = pid
-        self.start_time = start_time
-        self.pidfd = pidfd
-        self._owned = owned
-
-    @classmethod
-    def open(cls, pid: int, start_time: Optional[int], pidfd: Optional[int]) -> Process:
-        """Pin process ``pid``, which must be the one started at ``start_time`` (if given)
-        and the one ``pidfd`` refers to (if given).
-
-        Raises:
-            ProcessRefused: ``pid`` is <= 1 or a thread's id, or the process is gone (its
-                ``gone`` attribute is then set), or it cannot be read.
-        """
-        if pid <= 1:
-            raise ProcessRefused(f"pid {pid} is not a worker process")
-        owned = False
-        if pidfd is None and hasattr(os, "pidfd_open"):
-            try:
-                pidfd = os.pidfd_open(pid)
-                owned = True
-            except ProcessLookupError:
-                raise ProcessRefused(f"process {pid} is gone", gone=True) from None
-            except OSError as e:
-                if e.errno not in (errno.ENOSYS, errno.EMFILE, errno.ENFILE, errno.ENOMEM):
-                    # EINVAL/ENOENT: a thread's id; anything else: not ours to guess at.
-                    raise ProcessRefused(_refusal(pid, e)) from None
-        try:
-            try:
-                st = read_stat(pid)
-                tgid = int(read_status(pid).get("Tgid", "0"))
-            except ProcessLookupError:
-                raise ProcessRefused(f"process {pid} is gone", gone=True) from None
-            except (OSError, ValueError, IndexError) as e:
-                raise ProcessRefused(f"process {pid} cannot be read: {_strerror(e)}") from None
-            if tgid != pid:
-                raise ProcessRefused(f"{pid} is a thread of process {tgid}, not a process")
-            if start_time is not None and st.start_time != start_time:
-                raise ProcessRefused(
-                    f"process {pid} is gone (its pid now belongs to another process)", gone=True
-                )
-            if st.state in "ZXx":
-                raise ProcessRefused(f"process {pid} has exited", gone=True)
-            process = cls(pid, st.start_time, pidfd, owned)
-            if not process.alive():
-                raise ProcessRefused(f"process {pid} has exited", gone=True)
-            return process
-        except BaseException:
-            if owned and pidfd is not None:
-                os.close(pidfd)
-            raise
-
-    def alive(self) -> bool:
-        """True while the pinned process runs (not exited, not a zombie)."""
-        if self.pidfd is not None:
-            try:
-                return not select.select([self.pidfd], [], [], 0)[0]
-            except (OSError, ValueError):
-                return False
-        try:
-            st = read_stat(self.pid)
-        except (OSError, ValueError, IndexError):
-            return False
-        return st.start_time == self.start_time and st.state not in "ZXx"
-
-    def send(self, signal: int) -> None:
-        """Deliver ``signal`` to exactly the pinned process.
-
-        Raises:
-            ProcessLookupError: it is gone (its pid may now be another process's).
-            OSError: the signal could not be delivered (``PermissionError``, ...).
-        """
-        if self.pid <= 1:  # never a process group or every process
-            raise PermissionError(errno.EPERM, f"refusing to signal pid {self.pid}")
-        if self.pidfd is not None:
-            _signal.pidfd_send_signal(self.pidfd, signal)
-            return
-        # No pidfd: the start time and thread group, read right before the kill.
-        if not self.alive() or int(read_status(self.pid).get("Tgid", "0")) != self.pid:
-            raise ProcessLookupError(errno.ESRCH, f"process {self.pid} is gone")
-        os.kill(self.pid, signal)
-
-    def close(self) -> None:
-        """Close the pidfd opened here, if any. Idempotent."""
-        if self._owned and self.pidfd is not None:
-            os.close(self.pidfd)
-        self.pidfd = None
-        self._owned = False
-
-
-def _refusal(pid: int, e: OSError) -> str:
-    if e.errno in (errno.EINVAL, errno.ENOENT):
-        return f"{pid} is not a process (a thread's id?): pidfd_open: {_strerror(e)}"
-    return f"process {pid} cannot be opened: pidfd_open: {_strerror(e)}"

@@ -15,11 +15,12 @@ import contextlib
 import os
 import shutil
 import signal as _signal
-import subprocess
 import time
 from typing import Dict, List, Optional, Tuple
 
-from ._procfs import PAGE_SIZE, Process, ProcessRefused, children, read_stat
+from ._pinned import Process, ProcessRefused
+from ._procfs import PAGE_SIZE, children, read_stat
+from ._tools import run_tool
 
 __all__ = ["core_dump", "signal_tree"]
 
@@ -78,38 +79,26 @@ def _core_dump(
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
     prefix = os.path.join(directory, f"core.{stamp}")
     path = f"{prefix}.{process.pid}"  # gcore appends the pid
-    timeout = deadline - time.monotonic()
-    if timeout <= 0:
+    if deadline <= time.monotonic():
         return None, "core dump: no time left before the deadline"
     try:
-        child = subprocess.Popen(
+        run = run_tool(
             [gcore, "-o", prefix, str(process.pid)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # gcore and its gdb: one group, killed whole
+            process,
+            deadline,
+            resume=st.state not in ("T", "t"),  # left stopped if it was found so
         )
     except OSError as e:
         return None, f"core dump: gcore could not be started: {e}"
-    try:
-        try:
-            out, _ = child.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(OSError):
-                os.killpg(child.pid, _signal.SIGKILL)
-            child.communicate()
-            _remove(path)
-            return None, f"core dump: gcore did not finish within {timeout:.1f}s: killed"
-    finally:
-        if st.state != "T":  # gdb's attach may leave it stopped; as it was otherwise
-            with contextlib.suppress(OSError):
-                process.send(_signal.SIGCONT)
-    if child.returncode != 0 or not os.path.isfile(path):
+    if run.returncode is None:
         _remove(path)
-        text = " ".join(out.decode(errors="replace").split())[-400:]
+        return None, f"core dump: gcore did not finish within {run.seconds:.1f}s: killed"
+    if run.returncode != 0 or not os.path.isfile(path):
+        _remove(path)
+        text = " ".join((run.out + run.err).decode(errors="replace").split())[-400:]
         if "not permitted" in text.lower():
             text = f"ptrace not permitted (root or CAP_SYS_PTRACE needed): {text}"
-        return None, f"core dump: gcore failed (exit {child.returncode}): {text}"
+        return None, f"core dump: gcore failed (exit {run.returncode}): {text}"
     return path, None
 
 

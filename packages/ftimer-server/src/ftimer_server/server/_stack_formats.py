@@ -11,6 +11,7 @@ thread states too wherever that pairing is certain.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import msgspec
@@ -21,11 +22,27 @@ from ._procfs import ThreadFacts
 
 __all__ = [
     "FaulthandlerThread",
+    "MethodResult",
     "match_faulthandler_threads",
     "merge_threads",
     "parse_faulthandler",
     "parse_py_spy",
 ]
+
+
+@dataclass
+class MethodResult:
+    """What one capture method gave.
+
+    Attributes:
+        threads: the stacks; ``None`` if the method failed.
+        raw: its output, as it came.
+        error: why it failed, for people.
+    """
+
+    threads: Optional[List[ThreadStack]] = None
+    raw: str = ""
+    error: Optional[str] = None
 
 
 class _PySpyFrame(msgspec.Struct):

@@ -1,0 +1,171 @@
+"""The outside tools a capture runs against a worker: ``py-spy dump`` and ``gcore``.
+
+Each runs in a process group of its own, so that at the deadline the whole of it (gcore
+is a script around gdb) is killed at once; a tool killed while attached can leave the
+worker stopped (the SIGSTOP of ptrace's attach still pending), so the worker is resumed
+after, unless it was stopped before the tool came.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal as _signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ._pinned import Process
+from ._stack_formats import MethodResult, parse_py_spy
+
+__all__ = ["PTRACE_ADVICE", "ToolRun", "py_spy_dump", "run_tool"]
+
+#: How long a killed tool is waited for before a thread is left to reap it.
+_KILL_WAIT = 0.025
+_PTRACE_REFUSED = re.compile(
+    r"permission denied|operation not permitted|os error (1|13)\)|SYS_PTRACE", re.IGNORECASE
+)
+PTRACE_ADVICE = (
+    "py-spy cannot attach (ptrace not permitted): run the server as root or with "
+    "CAP_SYS_PTRACE; in a container, add the SYS_PTRACE capability (docker run "
+    "--cap-add SYS_PTRACE; Kubernetes: securityContext.capabilities.add: [SYS_PTRACE]) "
+    "and share the workers' PID namespace (hostPID); kernel.yama.ptrace_scope 3 "
+    "refuses even root"
+)
+
+
+@dataclass
+class ToolRun:
+    """How a tool's run ended.
+
+    Attributes:
+        returncode: its exit status; ``None`` if it was killed at the deadline.
+        out, err: what it wrote (what it had written, if killed).
+        seconds: how long it ran.
+    """
+
+    returncode: Optional[int]
+    out: bytes
+    err: bytes
+    seconds: float
+
+
+def run_tool(
+    command: Sequence[str],
+    process: Process,
+    deadline: float,
+    *,
+    resume: bool,
+    env: Optional[Dict[str, str]] = None,
+) -> ToolRun:
+    """Run ``command`` against ``process`` until it exits or ``deadline`` comes (then its
+    process group is killed); SIGCONT ``process`` after if ``resume``.
+
+    Raises:
+        OSError: the tool could not be started.
+    """
+    started = time.monotonic()
+    child = subprocess.Popen(
+        list(command),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env=env,
+    )
+    returncode: Optional[int] = None
+    try:
+        out, err = child.communicate(timeout=max(0.0, deadline - time.monotonic()))
+        returncode = child.returncode
+    except subprocess.TimeoutExpired:
+        out, err = _kill(child)
+    finally:
+        if resume:
+            process.resume()
+    return ToolRun(returncode, out, err, time.monotonic() - started)
+
+
+def _kill(child: subprocess.Popen[bytes]) -> Tuple[bytes, bytes]:
+    """Kill ``child``'s process group (not reaped yet: the group's id is still ours) and
+    collect what it wrote. One that does not die at once (stuck in the kernel itself) is
+    left to a thread that reaps it whenever it does."""
+    with contextlib.suppress(OSError):
+        os.killpg(child.pid, _signal.SIGKILL)
+    try:
+        return child.communicate(timeout=_KILL_WAIT)
+    except subprocess.TimeoutExpired:
+        threading.Thread(target=child.communicate, name="ftimer-reap", daemon=True).start()
+        return b"", b""
+
+
+def py_spy_dump(
+    py_spy: str,
+    process: Process,
+    deadline: float,
+    *,
+    native: bool,
+    resume: bool,
+    uninterruptible: Sequence[int] = (),
+) -> MethodResult:
+    """``py-spy dump --json`` of ``process`` (``--native`` too, if asked), parsed.
+
+    Args:
+        py_spy: its path.
+        process: the worker.
+        deadline: when py-spy is killed.
+        native: C/C++ frames too.
+        resume: SIGCONT the worker after.
+        uninterruptible: its threads in state D, named if py-spy hangs.
+
+    Returns:
+        The threads, or why there are none: ptrace refused (in the user's terms), the
+        deadline, the worker gone, or py-spy's own error.
+    """
+    command = [py_spy, "dump", "--pid", str(process.pid), "--json"]
+    if native:
+        command.append("--native")
+    if deadline <= time.monotonic():
+        return MethodResult(error="py-spy: no time left before the deadline")
+    # Its errors without a Rust backtrace, whatever the server's environment says.
+    env = dict(os.environ, RUST_BACKTRACE="0", RUST_LIB_BACKTRACE="0")
+    try:
+        run = run_tool(command, process, deadline, resume=resume, env=env)
+    except OSError as e:
+        return MethodResult(error=f"py-spy could not be started ({py_spy}): {e}")
+    text = run.out.decode(errors="replace")
+    if run.returncode is None:
+        stuck = ", ".join(map(str, uninterruptible))
+        why = (
+            f"thread {stuck} is in uninterruptible sleep (D state) and cannot be stopped"
+            if stuck
+            else "it did not finish"
+        )
+        return MethodResult(
+            raw=text,
+            error=f"py-spy did not finish within {run.seconds:.2f}s and was killed: {why}",
+        )
+    if run.returncode != 0:
+        message = _message(run.err.decode(errors="replace"))
+        if not process.alive():
+            return MethodResult(error=f"py-spy failed: the worker exited ({message})")
+        if _PTRACE_REFUSED.search(message):
+            return MethodResult(error=f"{PTRACE_ADVICE} (py-spy said: {message})")
+        return MethodResult(error=f"py-spy failed (exit {run.returncode}): {message}")
+    try:
+        return MethodResult(threads=parse_py_spy(text), raw=text)
+    except ValueError as e:
+        return MethodResult(raw=text, error=str(e))
+
+
+def _message(stderr: str) -> str:
+    """py-spy's error in one line: its messages, without a backtrace."""
+    lines: List[str] = []
+    for line in stderr.splitlines():
+        if line.strip().lower().startswith("stack backtrace"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines)[:500] or "no message"

@@ -493,6 +493,16 @@ def test_other_start_time_is_not_touched() -> None:
         assert worker.dump_text() == ""
 
 
+def test_deadline_already_passed(py_spy: str) -> None:
+    with stuck("sleep", hook=True) as worker:
+        started = time.monotonic()
+        c = run(worker, CaptureOptions(py_spy=py_spy), hook=worker.hook, budget=0)
+        assert time.monotonic() - started < MARGIN
+        assert c.method == "none"
+        assert c.error is not None
+        assert "no time left" in c.error
+
+
 def test_capture_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     from ftimer_server.server import _capture
 
@@ -579,6 +589,15 @@ def test_signal_tree(sig: int) -> None:
         wait_for(lambda: _session_members(worker.pid) == [worker.pid])
         assert worker.proc.poll() is None
         assert worker.state() not in "Tt"
+
+
+def test_signal_tree_report_only_touches_nobody() -> None:
+    with stuck("tree") as worker:
+        wait_for(lambda: len(_session_members(worker.pid)) > 3)
+        assert signal_tree(worker.pid, 0) == []
+        for pid in _session_members(worker.pid):
+            with contextlib.suppress(ProcessLookupError):  # a leaf that came and went
+                assert read_stat(pid).state not in "Tt"
 
 
 def test_signal_tree_without_descendants() -> None:

@@ -149,6 +149,8 @@ def _capture(
             hook_why = "dump hook: not enabled"
         elif hook is None:
             hook_why = "dump hook: the worker announced none (ftimer-client's dump hook option)"
+        elif time.monotonic() >= deadline - _RESERVE:
+            hook_why = "dump hook: no time left before the deadline"
         else:
             plan = prepare_hook(process, hook, threads, deadline - _RESERVE)
             if isinstance(plan, str):
@@ -173,7 +175,12 @@ def _capture(
                 method = "py-spy"
         else:
             py_spy_why = "py-spy: not installed or not enabled (ftimer-server[pyspy])"
-        if result.threads is None and hook_file is not None and process.alive():
+        if (
+            result.threads is None
+            and hook_file is not None
+            and time.monotonic() < deadline - _RESERVE
+            and process.alive()
+        ):
             by_hook = run_hook(process, hook_file, threads, deadline - _RESERVE)
             if by_hook.threads is not None:
                 method, result = "hook", by_hook

@@ -12,6 +12,7 @@ SIGTERM only once continued). Nothing here signals a pid <= 1 or a thread.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal as _signal
@@ -23,6 +24,8 @@ from ._procfs import PAGE_SIZE, children, read_stat
 from ._tools import run_tool
 
 __all__ = ["core_dump", "signal_tree"]
+
+logger = logging.getLogger("ftimer_server")
 
 #: Bounds of the walk of a process tree: passes, processes, and how long the freeze may
 #: take to be seen (a stop is delivered asynchronously).
@@ -117,17 +120,17 @@ def signal_tree(pid: int, signal: int) -> List[int]:
     nobody new. Then ``signal`` goes to each, and unless it was SIGKILL, SIGCONT to those
     still alive. A descendant whose parent dies during the walk is re-parented away from
     the tree and escapes it; so does a child ``pid`` itself forks after the last walk
-    (``pid`` is never stopped here).
+    (``pid`` is never stopped here). Signal 0 (report only) touches nobody.
 
     Returns:
         The pids ``signal`` was delivered to.
     """
-    if pid <= 1:
+    if pid <= 1 or signal == 0:
         return []
     frozen: Dict[int, Process] = {}
+    signalled: List[int] = []
     try:
         _freeze(pid, frozen)
-        signalled = []
         for child, process in frozen.items():
             try:
                 process.send(signal)
@@ -137,23 +140,27 @@ def signal_tree(pid: int, signal: int) -> List[int]:
         if signal != _signal.SIGKILL:
             for process in frozen.values():
                 if process.alive():
-                    try:
-                        process.send(_signal.SIGCONT)
-                    except OSError:
-                        continue
-        return signalled
+                    process.resume()
+    except Exception:  # a bug here must never cost the reap of the worker itself
+        logger.exception("signalling the descendants of process %d failed", pid)
+        for process in frozen.values():  # none left frozen by a walk cut short
+            process.resume()
     finally:
         for process in frozen.values():
             process.close()
+    return signalled
 
 
 def _freeze(root: int, frozen: Dict[int, Process]) -> None:
     # A stop is delivered asynchronously: a process may finish a fork after SIGSTOP was
     # sent. So each walk is followed by a wait until every frozen process is seen
-    # stopped, and only a walk that finds nobody new after that wait ends the freeze.
+    # stopped, and only a walk that finds nobody new after that wait ends the freeze. A
+    # process that does not stop (in uninterruptible sleep, D) is waited for once, within
+    # one overall bound.
+    waited_until = time.monotonic() + _FREEZE_WAIT
     for _ in range(_MAX_PASSES):
         found = _walk(root, frozen)
-        _wait_stopped(frozen, time.monotonic() + _FREEZE_WAIT)
+        _wait_stopped(frozen, waited_until)
         if not found or len(frozen) >= _MAX_TREE:
             return
 

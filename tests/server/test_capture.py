@@ -324,6 +324,19 @@ def test_caller_pidfd_is_used_and_left_open(py_spy: str) -> None:
             os.close(pidfd)
 
 
+def test_pidfd_of_another_process_is_refused() -> None:
+    with stuck("sleep", hook=True) as worker, stuck("sleep") as other:
+        pidfd = os.pidfd_open(other.pid)
+        try:
+            c = run(worker, CaptureOptions(), hook=worker.hook, pidfd=pidfd)
+        finally:
+            os.close(pidfd)
+        assert c.method == "none"
+        assert c.facts is None
+        assert c.error == f"the pidfd given for process {worker.pid} refers to process {other.pid}"
+        assert worker.dump_text() == ""
+
+
 def test_find_py_spy_beside_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     beside = pathlib.Path(sys.executable).parent / "py-spy"
     monkeypatch.setenv("PATH", "/nonexistent")

@@ -80,6 +80,14 @@ class Process:
                 raise ProcessRefused(f"process {pid} cannot be read: {strerror(e)}") from None
             if tgid != pid:
                 raise ProcessRefused(f"{pid} is a thread of process {tgid}, not a process")
+            named = _pidfd_pid(pidfd) if pidfd is not None else None
+            if named is not None and named != pid:
+                # The caller's pidfd is for another process (-1: one that has exited).
+                raise ProcessRefused(
+                    f"the pidfd given for process {pid} refers to "
+                    + ("a process that has exited" if named < 0 else f"process {named}"),
+                    gone=named < 0,
+                )
             if start_time is not None and st.start_time != start_time:
                 raise ProcessRefused(
                     f"process {pid} is gone (its pid now belongs to another process)", gone=True
@@ -137,6 +145,18 @@ class Process:
             os.close(self.pidfd)
         self.pidfd = None
         self._owned = False
+
+
+def _pidfd_pid(pidfd: int) -> Optional[int]:
+    """The pid a pidfd refers to, from its fdinfo (Linux 5.4+); ``None`` where unknown."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _refusal(pid: int, e: OSError) -> str:

@@ -1,4 +1,4 @@
-"""What ``/proc`` tells about a worker being captured, and the worker's identity.
+"""What ``/proc`` tells about a worker being captured: its facts and its threads.
 
 Everything here reads a process that may exit, be hidden (``hidepid``) or be stuck while
 it is read: every ``OSError`` becomes an empty field or a note for people, never an
@@ -6,7 +6,6 @@ exception out of a capture. Two reads can block: ``/proc/PID/cmdline`` takes the
 memory lock (the classic ``ps`` hang when a process is stuck in a page fault) and
 ``stat()`` of an open file reaches its file system (a dead NFS server); both run in a
 helper thread the capture stops waiting for at its deadline.
-
 """
 
 from __future__ import annotations
@@ -311,8 +310,10 @@ class _Slow:
 def _read_slow(pid: int, paths: List[str]) -> _Slow:
     slow = _Slow()
     try:
-        raw = _read(f"/proc/{pid}/cmdline")
-        slow.cmdline = [a.decode(errors="replace") for a in raw.split(b"\0")[:-1] or [raw]]
+        args = _read(f"/proc/{pid}/cmdline").split(b"\0")
+        if args[-1] == b"":  # NUL-terminated, unless the process rewrote its arguments
+            args.pop()
+        slow.cmdline = [a.decode(errors="replace") for a in args]
     except OSError as e:
         slow.notes.append(f"cmdline unreadable: {strerror(e)}")
     for path in paths:
@@ -325,7 +326,7 @@ def _read_slow(pid: int, paths: List[str]) -> _Slow:
 
 
 def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
-    """Read the facts of process ``pid``: what can be read by ``deadline``.
+    """Read the facts of process ``pid``: what can be read by ``deadline``. Never raises.
 
     Returns:
         The facts (empty fields where unreadable) and notes for people on what could not

@@ -242,6 +242,23 @@ def test_c_call_native_frames(py_spy: str) -> None:
         assert python[0].function == "stuck_in_c"
 
 
+def test_native_failure_falls_back_to_python_frames(py_spy: str, tmp_path: pathlib.Path) -> None:
+    fake = fake_py_spy(
+        tmp_path,
+        'for a in "$@"; do\n'
+        '  [ "$a" = --native ] && { echo "Error: unwind failed" >&2; exit 1; }\n'
+        "done\n"
+        f'exec {py_spy} "$@"\n',
+    )
+    with stuck("cgil") as worker:
+        c = run(worker, CaptureOptions(py_spy=fake, native=True))
+        assert c.method == "py-spy"
+        assert not any(f.native for t in c.threads for f in t.frames)
+        assert thread_in(c, "stuck_in_c")
+        assert c.error is not None
+        assert c.error.startswith("py-spy failed (exit 1): Error: unwind failed; without --native")
+
+
 def test_deadlock(method: str, request: pytest.FixtureRequest) -> None:
     with stuck("deadlock", hook=True) as worker:
         left, right = worker.tids["left"], worker.tids["right"]

@@ -18,6 +18,7 @@ the server imports every OS-facing diagnostic from one place.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -162,14 +163,22 @@ def _capture(
         if options.py_spy:
             left = deadline - time.monotonic()
             share = min(_HOOK_SHARE_MAX, _HOOK_SHARE * left) if hook_file else 0.0
-            result = py_spy_dump(
+            spy = functools.partial(
+                py_spy_dump,
                 options.py_spy,
                 process,
                 deadline - share - _RESERVE,
-                native=options.native,
                 resume=not was_stopped,
                 uninterruptible=[t.tid for t in threads if t.state == "D"],
             )
+            result = spy(native=options.native)
+            if result.threads is None and options.native and result.retryable:
+                # --native unwinds C stacks, which fails where py-spy cannot read them
+                # (some builds, some architectures): the Python frames are still worth it.
+                failed = result.error
+                result = spy(native=False)
+                if result.threads is not None:
+                    notes.insert(0, f"{failed}; without --native: Python frames only")
             py_spy_why = result.error
             if result.threads is not None:
                 method = "py-spy"

@@ -38,11 +38,14 @@ class MethodResult:
         threads: the stacks; ``None`` if the method failed.
         raw: its output, as it came.
         error: why it failed, for people.
+        retryable: it failed for a reason of its own (not ptrace refused, not the
+            deadline, not the worker gone): another way of running it may succeed.
     """
 
     threads: Optional[List[ThreadStack]] = None
     raw: str = ""
     error: Optional[str] = None
+    retryable: bool = False
 
 
 class _PySpyFrame(msgspec.Struct):

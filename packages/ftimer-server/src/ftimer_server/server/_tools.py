@@ -153,7 +153,9 @@ def py_spy_dump(
             return MethodResult(error=f"py-spy failed: the worker exited ({message})")
         if _PTRACE_REFUSED.search(message):
             return MethodResult(error=f"{PTRACE_ADVICE} (py-spy said: {message})")
-        return MethodResult(error=f"py-spy failed (exit {run.returncode}): {message}")
+        return MethodResult(
+            error=f"py-spy failed (exit {run.returncode}): {message}", retryable=True
+        )
     try:
         return MethodResult(threads=parse_py_spy(text), raw=text)
     except ValueError as e:

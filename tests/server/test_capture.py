@@ -330,6 +330,24 @@ def test_facts() -> None:
         assert "dump hook: not enabled" in (c.error or "")
 
 
+def test_peer_without_a_hook() -> None:
+    with stuck("sleep") as worker:
+        c = capture(
+            worker.pid,
+            None,
+            None,
+            role="peer",
+            labels={"job": "j"},
+            hook=None,
+            options=CaptureOptions(),
+            deadline=time.monotonic() + 2,
+        )
+        assert c.role == "peer"
+        assert c.method == "none"
+        assert c.error is not None
+        assert c.error.endswith("dump hook: none given for this peer")
+
+
 def test_caller_pidfd_is_used_and_left_open(py_spy: str) -> None:
     with stuck("sleep") as worker:
         pidfd = os.pidfd_open(worker.pid)

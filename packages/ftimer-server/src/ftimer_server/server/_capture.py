@@ -148,6 +148,8 @@ def _capture(
         hook_why: Optional[str] = None
         if not options.hook:
             hook_why = "dump hook: not enabled"
+        elif hook is None and base.role == "peer":
+            hook_why = "dump hook: none given for this peer"
         elif hook is None:
             hook_why = "dump hook: the worker announced none (ftimer-client's dump hook option)"
         elif time.monotonic() >= deadline - _RESERVE:

@@ -16,6 +16,8 @@ from typing import Dict, FrozenSet, Optional, Tuple, Union
 
 import msgspec
 
+from ftimer_protocol import DumpHook
+
 from ._events import RejectReason
 from ._records import Timer, Worker
 from ._table import Expiry
@@ -87,7 +89,9 @@ class CaptureRequest(msgspec.Struct, frozen=True, kw_only=True):
         now: when the capture was asked for (CLOCK_MONOTONIC seconds).
         budget: seconds the capture may take: the signal goes then, done or not.
         job: the job label's value the peers share, if any.
-        peers: the other live workers of that job on this host.
+        peers: the other live workers of that job on this host (captured without being
+            signalled: their dump hooks are not used).
+        dump: the stuck worker's dump hook, from any of its timers that announced one.
     """
 
     worker: Worker
@@ -97,6 +101,7 @@ class CaptureRequest(msgspec.Struct, frozen=True, kw_only=True):
     budget: float
     job: Optional[str] = None
     peers: Tuple[Peer, ...] = ()
+    dump: Optional[DumpHook] = None
 
 
 class Host(abc.ABC):

@@ -91,6 +91,7 @@ class Reaper:
                 budget=self._capture_budget,
                 job=job,
                 peers=tuple(peers),
+                dump=decider.dump or next((t.dump for t in expiry.cleared if t.dump), None),
             )
             incident = self._host.capture(request)
             if incident is not None:

@@ -26,6 +26,7 @@ from ftimer_server.core._records import Worker
 from ftimer_server.core._table import Expiry
 
 from ._process import ProcessInspector
+from ._reap_extras import signal_tree
 from ._signaller import Signaller
 
 __all__ = ["ReapStep", "SystemHost", "ancestors_of"]
@@ -60,6 +61,8 @@ class SystemHost(Host):
             loop can wait for the pidfd (readable: the worker exited).
         capture: starts a capture off the loop and returns its incident's id (the
             server's diagnostics); ``None``: this host captures nothing.
+        tree: a reap signals the worker's descendants too (frozen first, so none escapes
+            by forking), then the worker.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class SystemHost(Host):
         watch: Callable[[Worker], None] = _ignore,
         unwatch: Callable[[Worker], None] = _ignore,
         capture: Optional[Callable[[CaptureRequest], Optional[str]]] = None,
+        tree: bool = False,
     ) -> None:
         self.signals = platform_signals()
         self._inspector = inspector
@@ -79,6 +83,7 @@ class SystemHost(Host):
         self._watch = watch
         self._unwatch = unwatch
         self._capture = capture
+        self._tree = tree
 
     def resolve(self, pid: int, *, ancestry: bool = False) -> Union[Facts, Unresolved]:
         inspector = self._inspector
@@ -153,6 +158,11 @@ class SystemHost(Host):
                 step(worker, expiry, now)
             except Exception:
                 logger.exception("reap step %r failed for process %d", step, worker.pid)
+        if self._tree:
+            try:
+                signal_tree(worker.pid, signal)
+            except Exception:  # the worker itself is reaped regardless
+                logger.exception("signalling the descendants of process %d failed", worker.pid)
         return self.signal(worker, signal)
 
     def capture(self, request: CaptureRequest) -> Optional[str]:

@@ -19,13 +19,16 @@ from types import TracebackType
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple, Type, Union
 
 from ftimer_protocol import DisarmAll, FileTimerRequest, Sync, default_fifo_path, encode
-from ftimer_server.core._events import Armed, Disarmed, Event, Expired, Reaped
+from ftimer_server.core._events import Armed, Disarmed, Event, Expired, Reaped, WorkerGone
+from ftimer_server.core._host import CaptureRequest
+from ftimer_server.core._incident import Incident
 from ftimer_server.core._policy import Policy
 from ftimer_server.core._reader import LineReader
 from ftimer_server.core._records import Timer, Worker
 from ftimer_server.core._stats import Stats
 from ftimer_server.core._watchdog import Watchdog
 
+from ._diagnostics import Diagnostics, IncidentOptions
 from ._edge import ReapStep, SystemHost, ancestors_of
 from ._fifo import Fifo, open_fifo
 from ._journal import Journal
@@ -103,7 +106,11 @@ class FileTimerServer:
             ``tick_interval`` seconds (a systemd watchdog keep-alive). The only periodic
             wake-up the server ever does, and only when asked.
         pipe_size: the pipe buffer size to request; defaults to the system maximum.
-        reap_steps: callables run between an expiry and its signal (diagnostics).
+        reap_steps: callables run between an expiry and its signal.
+        incidents: capture why a worker hangs before each reap (its stacks and its
+            peers', off the loop, within ``incidents.timeout``), and write an incident
+            (see docs/incidents.md); ``None`` (default): reap at once, capture nothing.
+        on_incident: called with each incident once complete (from a capture thread).
         journal: keeps every byte read before it is applied, for ``checkpoint()`` and a
             restart's ``replay()`` (the daemon's state file); ``None``: no journal.
         restore_grace: after ``restore()`` or ``replay()``, no timer expires for this
@@ -141,6 +148,8 @@ class FileTimerServer:
         on_tick: Optional[Callable[[], None]] = None,
         pipe_size: Optional[int] = None,
         reap_steps: Iterable[ReapStep] = (),
+        incidents: Optional[IncidentOptions] = None,
+        on_incident: Optional[Callable[[Incident], None]] = None,
         journal: Optional[Journal] = None,
         restore_grace: float = 1.5,
     ) -> None:
@@ -182,8 +191,15 @@ class FileTimerServer:
         # Events wait here while the lock is held; they go to the callbacks after it is
         # released, so a slow callback never blocks armed(), stats() or sync() callers.
         self._pending: List[Event] = []
+        self._diagnostics = None if incidents is None else Diagnostics(incidents, on_incident)
         host = SystemHost(
-            self._inspector, signaller, tuple(reap_steps), watch=self._watch, unwatch=self._unwatch
+            self._inspector,
+            signaller,
+            tuple(reap_steps),
+            watch=self._watch,
+            unwatch=self._unwatch,
+            capture=None if self._diagnostics is None else self._capture,
+            tree=incidents is not None and incidents.reap_tree,
         )
         self._watchdog = Watchdog(
             host=host,
@@ -194,6 +210,8 @@ class FileTimerServer:
             escalate_after=escalate_after,
             signal_override=signal_override,
             timer_events=self._wants_timer_events(),
+            capture_budget=None if incidents is None else incidents.timeout,
+            job_label=None if incidents is None else incidents.job_label,
         )
         self._state = Lifecycle.NEW
         self._fifo: Optional[Fifo] = None
@@ -512,6 +530,8 @@ class FileTimerServer:
     def _close(self, loop: Loop) -> None:
         with self._lock:
             self._watchdog.close()
+            if self._diagnostics is not None:
+                self._diagnostics.close()
             loop.close()
             if self._fifo is not None:
                 self._fifo.close(remove=self._remove_fifo)
@@ -559,7 +579,15 @@ class FileTimerServer:
         on_event, log_event, types = self._on_event, self._log_event, self._event_types
         if self._log_debug_info is not None:
             self._debug_info(events)
+        diagnostics = self._diagnostics
         for event in events:
+            if (
+                diagnostics is not None
+                and isinstance(event, (Reaped, WorkerGone))
+                and event.incident is not None  # its signal went, or its worker exited
+            ):
+                delivered = event.delivered if isinstance(event, Reaped) else None
+                diagnostics.signalled(event.incident, delivered)
             if type(event) is Reaped and self._kill_self_on_reap:
                 assert isinstance(event, Reaped)
                 if event.delivered:
@@ -601,6 +629,15 @@ class FileTimerServer:
     def _wants_timer_events(self) -> bool:
         types = self._event_types
         return self._on_event is not None and (types is None or Armed in types or Disarmed in types)
+
+    def _capture(self, request: CaptureRequest) -> str:
+        assert self._diagnostics is not None
+        return self._diagnostics.start(request, self._captured)
+
+    def _captured(self, pid: int) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.captured(pid)
 
     def _watch(self, worker: Worker) -> None:
         if self._loop is not None:

@@ -1,0 +1,304 @@
+"""Incidents: why a stuck worker hangs, captured before it is reaped.
+
+The core asks for a capture when it decides a reap (``Host.capture``); ``Diagnostics``
+runs it off the loop: the stuck worker and its peers (the other workers of its job on
+this host) are captured in parallel, each by the best method there is (py-spy, the
+worker's own faulthandler hook, or the /proc facts alone), all bounded by the budget.
+When every capture is done the loop is told and signals the worker; when the budget
+runs out first, the core signals anyway. The incident is written once both the captures
+and the signal's outcome are known: one JSON document (and its text rendering) per reap.
+
+Workers that hang together (eight ranks of one collective) are each other's peers: a
+capture of a pid started within ``SHARE_WINDOW`` is shared by every incident that needs
+it, so eight incidents cost eight captures, not sixty-four.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import msgspec
+
+from ftimer_protocol import DumpHook
+from ftimer_server.core._host import CaptureRequest
+from ftimer_server.core._incident import Capture, Incident
+from ftimer_server.core._records import Worker
+from ftimer_server.core._report import annotate
+
+from ._capture import CaptureOptions, capture, find_py_spy
+from ._incident_store import IncidentStore, incident_id
+from ._reap_extras import core_dump
+
+__all__ = ["CAPTURE_METHODS", "Diagnostics", "IncidentOptions"]
+
+logger = logging.getLogger("ftimer_server")
+
+#: How to capture stacks: the best available, one method only, or none (facts alone).
+CAPTURE_METHODS = ("auto", "py-spy", "hook", "none")
+#: Captures of one pid started this close together serve every incident that needs one.
+SHARE_WINDOW = 1.0
+#: Threads capturing at once (each mostly waits on py-spy or on a worker's dump).
+MAX_CAPTURES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class IncidentOptions:
+    """What the server captures before a reap, and where the incidents go.
+
+    Attributes:
+        directory: where incidents are written (mode 0700); ``None``: not written, only
+            given to ``on_incident``.
+        keep, max_bytes: retention of the directory, oldest first.
+        method: "auto" (py-spy if found, else the worker's hook, else /proc facts),
+            "py-spy", "hook", or "none" (the /proc facts alone).
+        timeout: the budget of an incident in seconds: the signal follows the capture
+            or this, whichever comes first.
+        native: py-spy's ``--native`` (C/C++ frames; about four times slower).
+        core: take a core dump with ``gcore`` before the kill, of a worker whose RSS is
+            at most ``core_max_bytes``.
+        reap_tree: signal the worker's descendants too (DataLoader and compile workers
+            that would keep GPU memory).
+        job_label: the label whose value names a worker's job (its peers share it);
+            ``None``: no peers.
+        py_spy: the py-spy executable; ``None``: found on PATH or beside the server's
+            interpreter.
+
+    Raises:
+        ValueError: a value out of range.
+    """
+
+    directory: Optional[str] = None
+    keep: int = 200
+    max_bytes: int = 256 * 1024 * 1024
+    method: str = "auto"
+    timeout: float = 3.0
+    native: bool = False
+    core: bool = False
+    core_max_bytes: int = 4 * 1024**3
+    reap_tree: bool = False
+    job_label: Optional[str] = "job"
+    py_spy: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.method not in CAPTURE_METHODS:
+            raise ValueError(f"method must be one of {CAPTURE_METHODS}, not {self.method!r}")
+        if not 0 < self.timeout <= 3600:
+            raise ValueError("timeout must be > 0 and at most 3600 seconds")
+        if self.keep < 1 or self.max_bytes < 1 or self.core_max_bytes < 1:
+            raise ValueError("keep, max_bytes and core_max_bytes must be at least 1")
+
+
+class Diagnostics:
+    """Runs the captures the core asks for, and writes the incidents.
+
+    Args:
+        options: what to capture and where to write.
+        on_incident: called with each incident once written (from a capture thread).
+
+    Raises:
+        OSError: the incident directory cannot be made or is unsafe.
+    """
+
+    def __init__(
+        self, options: IncidentOptions, on_incident: Optional[Callable[[Incident], None]] = None
+    ) -> None:
+        self.options = options
+        self._on_incident = on_incident
+        self._store = (
+            None
+            if options.directory is None
+            else IncidentStore(options.directory, keep=options.keep, max_bytes=options.max_bytes)
+        )
+        py_spy = options.py_spy or find_py_spy()
+        self._capture_options = CaptureOptions(
+            py_spy=py_spy if options.method in ("auto", "py-spy") else None,
+            native=options.native,
+            hook=options.method in ("auto", "hook"),
+        )
+        if options.method == "py-spy" and py_spy is None:
+            logger.warning("capture method py-spy: no py-spy found (install ftimer-server[pyspy])")
+        self._pool = concurrent.futures.ThreadPoolExecutor(MAX_CAPTURES, "ftimer-capture")
+        self._lock = threading.Lock()
+        self._shared: Dict[int, Tuple[float, concurrent.futures.Future[Capture]]] = {}
+        self._incidents: Dict[str, _Pending] = {}
+        #: Incidents written, and failures to write one.
+        self.written = 0
+        self.write_errors = 0
+
+    def start(self, request: CaptureRequest, done: Callable[[int], None]) -> str:
+        """Start capturing ``request`` (from the loop); return the incident's id.
+        ``done(pid)`` is called, from another thread, once every capture has ended."""
+        timer, worker = request.timer, request.worker
+        created = time.time()
+        incident = incident_id(created, worker.pid, timer.scope_id)
+        deadline = request.now + request.budget
+        futures = [self._capture(worker, timer.labels, request.dump, deadline, stuck=incident)]
+        futures += [
+            self._capture(peer.worker, peer.labels, None, deadline) for peer in request.peers
+        ]
+        pending = _Pending(request, incident, created, futures)
+        with self._lock:
+            self._incidents[incident] = pending
+
+        def collect() -> None:
+            concurrent.futures.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+            pending.captured = time.monotonic()
+            done(worker.pid)
+            self._maybe_write(incident)
+
+        threading.Thread(target=collect, name="ftimer-incident", daemon=True).start()
+        return incident
+
+    def signalled(self, incident: str, delivered: Optional[bool]) -> None:
+        """The reap of ``incident`` signalled its worker (``delivered``), or the worker
+        exited during the capture (``None``): the incident can be written."""
+        with self._lock:
+            pending = self._incidents.get(incident)
+            if pending is None:
+                return
+            pending.signalled = True
+            pending.delivered = delivered
+        self._maybe_write(incident)
+
+    def close(self) -> None:
+        """Stop taking captures; those running end by their deadline."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _capture(
+        self,
+        worker: Worker,
+        labels: Optional[Dict[str, str]],
+        hook: Optional[DumpHook],
+        deadline: float,
+        stuck: Optional[str] = None,
+    ) -> concurrent.futures.Future[Capture]:
+        """A capture of ``worker`` (``stuck``: the id of its own incident), shared with
+        the incidents that need one within ``SHARE_WINDOW``."""
+        now = time.monotonic()
+        with self._lock:
+            shared = self._shared.get(worker.pid)
+            if shared is not None and now - shared[0] < SHARE_WINDOW and stuck is None:
+                return shared[1]
+            future = self._pool.submit(self._run, worker, labels, hook, deadline, stuck)
+            self._shared[worker.pid] = (now, future)
+            for pid in [p for p, (t, _) in self._shared.items() if now - t >= SHARE_WINDOW]:
+                del self._shared[pid]
+        return future
+
+    def _run(
+        self,
+        worker: Worker,
+        labels: Optional[Dict[str, str]],
+        hook: Optional[DumpHook],
+        deadline: float,
+        stuck: Optional[str],
+    ) -> Capture:
+        result = capture(
+            worker.pid,
+            worker.start_time,
+            worker.pidfd,
+            role="peer" if stuck is None else "stuck",
+            labels=labels,
+            hook=hook,
+            options=self._capture_options,
+            deadline=deadline,
+        )
+        store = self._store
+        if stuck is not None and self.options.core and store is not None and not result.exited:
+            path, error = core_dump(
+                worker.pid,
+                worker.pidfd,
+                store.directory,
+                max_bytes=self.options.core_max_bytes,
+                deadline=deadline,
+            )
+            if path is not None:  # named after its incident: pruned with it
+                named = os.path.join(store.directory, f"{stuck}.core")
+                os.replace(path, named)
+                path = named
+            errors = "; ".join(e for e in (result.error, error) if e) or None
+            result = msgspec.structs.replace(result, core=path, error=errors)
+        return result
+
+    def _maybe_write(self, incident: str) -> None:
+        with self._lock:
+            pending = self._incidents.get(incident)
+            if pending is None or not pending.signalled or pending.captured is None:
+                return
+            del self._incidents[incident]
+        record = pending.incident()
+        if self._store is not None:
+            try:
+                self._store.write(record)
+                self.written += 1
+            except OSError as e:
+                self.write_errors += 1
+                logger.error("cannot write incident %s: %s", incident, e)
+        if self._on_incident is not None:
+            try:
+                self._on_incident(record)
+            except Exception:
+                logger.exception("on_incident callback failed on %s", incident)
+
+
+class _Pending:
+    """An incident being captured: complete once captured and signalled."""
+
+    def __init__(
+        self,
+        request: CaptureRequest,
+        incident: str,
+        created: float,
+        futures: List[concurrent.futures.Future[Capture]],
+    ) -> None:
+        self.request = request
+        self.id = incident
+        self.created = created
+        self.futures = futures
+        self.captured: Optional[float] = None
+        self.signalled = False
+        self.delivered: Optional[bool] = None
+
+    def incident(self) -> Incident:
+        request, timer = self.request, self.request.timer
+        captures: List[Capture] = []
+        errors: List[str] = []
+        for i, future in enumerate(self.futures):
+            if future.done() and not future.cancelled() and future.exception() is None:
+                capture = future.result()
+                role = "stuck" if i == 0 else "peer"
+                captures.append(msgspec.structs.replace(capture, role=role))
+            else:
+                who = request.worker if i == 0 else request.peers[i - 1].worker
+                errors.append(f"pid {who.pid}: no capture within the budget")
+        timed_out = any(not f.done() for f in self.futures)
+        assert self.captured is not None
+        seconds = self.captured - request.now
+        incident = Incident(
+            id=self.id,
+            host=socket.gethostname(),
+            created=self.created,
+            pid=request.worker.pid,
+            start_time=request.worker.start_time,
+            scope_id=timer.scope_id,
+            signal=request.signal,
+            deadline=timer.deadline,
+            labels=timer.labels,
+            late=request.now - timer.deadline,
+            job=request.job,
+            captures=captures,
+            seconds=seconds,
+            timed_out=timed_out,
+            delivered=self.delivered,
+            errors=errors,
+        )
+        return annotate(incident)  # what each thread does, the groups, the summary

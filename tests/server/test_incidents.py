@@ -1,0 +1,212 @@
+"""Incidents end to end: a FileTimerServer with diagnostics, real stuck workers (through
+ftimer's client), real py-spy or the workers' own faulthandler hook, real signals. The
+capture comes first, the kill within the budget; one incident per reap, its peers
+grouped with the outlier first."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Callable, List, Optional
+
+import pytest
+from tests.conftest import wait_until
+
+from ftimer_server import FileTimerServer, Reaped
+from ftimer_server.core._incident import Incident
+from ftimer_server.server._capture import find_py_spy
+from ftimer_server.server._diagnostics import IncidentOptions
+
+from .conftest import wait_exit
+
+# A worker of job "j": arms `after` seconds, then hangs in `where` (its stack says so).
+WORKER = """
+import sys, time
+from ftimer_client import FileTimerClient
+fifo, rank, after, where, dump = sys.argv[1:6]
+after = float(after)
+client = FileTimerClient(fifo, labels={"job": "j", "rank": rank}, dump_signal=dump or None)
+
+def collective():
+    time.sleep(3600)
+
+def load_batch():
+    time.sleep(3600)
+
+client.arm("step", after)
+print("armed", flush=True)
+{"collective": collective, "load_batch": load_batch}[where]()
+"""
+
+needs_py_spy = pytest.mark.skipif(
+    find_py_spy() is None, reason="py-spy is not installed (ftimer-server[pyspy])"
+)
+
+
+@pytest.fixture
+def workers() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    started: List[subprocess.Popen[str]] = []
+
+    def start(
+        fifo: pathlib.Path, rank: int, after: float, where: str, dump: str = ""
+    ) -> subprocess.Popen[str]:
+        args = [str(fifo), str(rank), str(after), where, dump]
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WORKER, *args], stdout=subprocess.PIPE, text=True
+        )
+        started.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "armed\n"
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.incidents: List[Incident] = []
+        self.reaped: List[Reaped] = []
+        self.done = threading.Event()
+
+    def incident(self, incident: Incident) -> None:
+        self.incidents.append(incident)
+        self.done.set()
+
+    def event(self, event: object) -> None:
+        if isinstance(event, Reaped):
+            self.reaped.append(event)
+
+
+def server(fifo: pathlib.Path, got: Collector, **options: object) -> FileTimerServer:
+    return FileTimerServer(
+        fifo,
+        on_event=got.event,
+        incidents=IncidentOptions(**options),  # type: ignore[arg-type]
+        on_incident=got.incident,
+    )
+
+
+@needs_py_spy
+def test_the_stuck_rank_and_its_peers_outlier_first(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, workers
+) -> None:  # type: ignore[no-untyped-def]
+    got = Collector()
+    directory = tmp_path / "incidents"
+    with server(fifo_path, got, directory=str(directory), timeout=5.0) as srv:
+        stuck = workers(fifo_path, 0, 0.5, "collective")
+        workers(fifo_path, 1, 3600, "collective")
+        workers(fifo_path, 2, 3600, "load_batch")
+        srv.sync()
+        code, _ = wait_exit(stuck)
+        assert got.done.wait(15)
+    assert code == -9
+    [incident] = got.incidents
+    [reaped] = got.reaped
+    assert reaped.incident == incident.id
+    assert reaped.late < 5.0  # the kill came with the capture, well within the budget
+    assert [c.role for c in incident.captures] == ["stuck", "peer", "peer"]
+    assert {c.method for c in incident.captures} == {"py-spy"}
+    assert (incident.job, incident.delivered, incident.timed_out) == ("j", True, False)
+    # The outlier (rank 2, in load_batch) first; ranks 0 and 1 share a stack.
+    assert [g.ranks for g in incident.groups] == [["2"], ["0", "1"]]
+    assert "load_batch" in incident.groups[0].summary
+    assert any("collective" in line for line in incident.summary)
+    record = json.loads((directory / f"{incident.id}.json").read_text())
+    assert record["version"] == 1
+    assert record["groups"][0]["ranks"] == ["2"]
+    assert "load_batch" in (directory / f"{incident.id}.txt").read_text()
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+
+
+def test_the_workers_own_hook_without_py_spy(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, workers
+) -> None:  # type: ignore[no-untyped-def]
+    got = Collector()
+    with server(fifo_path, got, directory=str(tmp_path / "i"), method="hook", timeout=5.0):
+        stuck = workers(fifo_path, 0, 0.3, "collective", dump="SIGUSR2")
+        code, _ = wait_exit(stuck)
+        assert got.done.wait(15)
+    assert code == -9
+    [incident] = got.incidents
+    [capture] = incident.captures
+    assert capture.method == "hook"
+    frames = [f.function for t in capture.threads for f in t.frames]
+    assert "collective" in frames
+
+
+def test_a_capture_that_hangs_never_delays_the_kill_past_the_budget(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, workers
+) -> None:  # type: ignore[no-untyped-def]
+    hanging = tmp_path / "py-spy"  # a py-spy that never answers (a D-state worker)
+    hanging.write_text("#!/bin/sh\nexec sleep 3600\n")
+    hanging.chmod(0o755)
+    got = Collector()
+    budget = 0.5
+    options = {"directory": str(tmp_path / "i"), "py_spy": str(hanging), "timeout": budget}
+    with server(fifo_path, got, **options):
+        deadline = time.monotonic() + 0.3
+        stuck = workers(fifo_path, 0, 0.3, "collective")
+        code, died = wait_exit(stuck)
+        assert got.done.wait(15)
+    assert code == -9
+    assert died - deadline < budget + 0.3  # margin for a loaded 2-core machine
+    [incident] = got.incidents
+    assert incident.captures[0].error  # says the capture could not finish
+
+
+def test_an_unwritable_directory_costs_no_kill(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, workers, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    directory = tmp_path / "full"
+    got = Collector()
+    with server(fifo_path, got, directory=str(directory), method="none", timeout=2.0):
+        os.chmod(directory, 0o500)  # the store made it; now nothing can be written there
+        try:
+            stuck = workers(fifo_path, 0, 0.2, "collective")
+            code, _ = wait_exit(stuck)
+            assert got.done.wait(15)
+        finally:
+            os.chmod(directory, 0o700)
+    assert code == -9
+    [incident] = got.incidents  # still given to on_incident
+    assert incident.captures[0].facts is not None
+    if os.geteuid() != 0:  # root writes anyway
+        assert "cannot write incident" in caplog.text
+
+
+def test_a_worker_that_exits_during_the_capture(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, workers
+) -> None:  # type: ignore[no-untyped-def]
+    hanging = tmp_path / "py-spy"  # holds the capture open while the worker exits
+    hanging.write_text("#!/bin/sh\nexec sleep 3600\n")
+    hanging.chmod(0o755)
+    got = Collector()
+    events: List[object] = []
+    with FileTimerServer(
+        fifo_path,
+        on_event=events.append,
+        incidents=IncidentOptions(py_spy=str(hanging), timeout=3.0),
+        on_incident=got.incident,
+    ):
+        stuck = workers(fifo_path, 0, 0.2, "collective")
+        wait_until(lambda: any(type(e).__name__ == "Expired" for e in events))
+        stuck.kill()  # exits mid-capture: never signalled by the server
+        assert got.done.wait(15)
+    [incident] = got.incidents
+    assert incident.delivered is None
+    assert not [e for e in events if isinstance(e, Reaped)]
+    gone: Optional[object] = next(e for e in events if type(e).__name__ == "WorkerGone")
+    assert gone.incident == incident.id  # type: ignore[union-attr]

@@ -589,7 +589,7 @@ def test_core_dump(tmp_path: pathlib.Path, small_process: subprocess.Popen[bytes
     assert os.path.getsize(path) > 0
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert small_process.poll() is None
-    assert read_stat(small_process.pid).state == "S"
+    assert read_stat(small_process.pid).state not in "Tt"  # left running
 
 
 def test_core_dump_size_guard(

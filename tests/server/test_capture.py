@@ -592,18 +592,19 @@ def test_core_dump(tmp_path: pathlib.Path, small_process: subprocess.Popen[bytes
     assert read_stat(small_process.pid).state not in "Tt"  # left running
 
 
-def test_core_dump_size_guard(
-    tmp_path: pathlib.Path, small_process: subprocess.Popen[bytes]
-) -> None:
-    path, error = core_dump(
-        small_process.pid, None, str(tmp_path), max_bytes=4096, deadline=time.monotonic() + 60
-    )
-    assert path is None
-    assert error is not None
-    assert "resident memory" in error
-    assert "4096" in error
-    assert list(tmp_path.iterdir()) == []
-    assert small_process.poll() is None
+def test_core_dump_size_guard(tmp_path: pathlib.Path) -> None:
+    # A Python worker (over 1 MiB resident once settled), not a process just exec'd
+    # whose resident set is still a few pages.
+    with stuck("sleep") as worker:
+        path, error = core_dump(
+            worker.pid, None, str(tmp_path), max_bytes=1 << 20, deadline=time.monotonic() + 60
+        )
+        assert path is None
+        assert error is not None
+        assert "resident memory" in error
+        assert f"({1 << 20} bytes)" in error
+        assert list(tmp_path.iterdir()) == []
+        assert worker.proc.poll() is None
 
 
 # Descendants -----------------------------------------------------------------------

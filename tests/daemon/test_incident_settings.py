@@ -203,7 +203,7 @@ def test_run_help_documents_every_incident_option(capsys: pytest.CaptureFixture[
         _parser().parse_args(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for option, words in [
-        ("--capture {auto,py-spy,hook,none}", "none: capture nothing and write no incident"),
+        ("--capture {auto,py-spy,hook,facts,none}", "none: capture nothing and write no incident"),
         ("--capture-timeout SECONDS", "0.05..60 (default 3)"),
         ("--incident-dir DIR", "default: incidents/ beside the state file, else beside the FIFO"),
         ("--incidents-keep N", "(default 200)"),

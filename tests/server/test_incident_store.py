@@ -391,8 +391,13 @@ def test_unsafe_directories_are_refused(tmp_path: pathlib.Path) -> None:
     shared.chmod(0o777)
     with pytest.raises(OSError, match=r"writable by others \(mode 0777\); make it 0700"):
         IncidentStore(str(shared))
-    with pytest.raises(OSError, match=r"/missing/incidents: cannot create it: No such file"):
-        IncidentStore(str(tmp_path / "missing" / "incidents"))
+    # A missing parent is made too, private (the FIFO's directory before the server
+    # makes it its own at start).
+    IncidentStore(str(tmp_path / "missing" / "incidents"))
+    assert stat.S_IMODE((tmp_path / "missing").stat().st_mode) == 0o700
+    (tmp_path / "blocked").write_text("")
+    with pytest.raises(OSError, match=r"/blocked/incidents: it is not a directory"):
+        IncidentStore(str(tmp_path / "blocked" / "incidents"))
     readable = tmp_path / "readable"
     readable.mkdir()
     readable.chmod(0o750)  # let a group of people read: allowed, left as it is

@@ -172,7 +172,7 @@ def test_an_unwritable_directory_costs_no_kill(
 ) -> None:  # type: ignore[no-untyped-def]
     directory = tmp_path / "full"
     got = Collector()
-    with server(fifo_path, got, directory=str(directory), method="none", timeout=2.0):
+    with server(fifo_path, got, directory=str(directory), method="facts", timeout=2.0):
         os.chmod(directory, 0o500)  # the store made it; now nothing can be written there
         try:
             stuck = workers(fifo_path, 0, 0.2, "collective")

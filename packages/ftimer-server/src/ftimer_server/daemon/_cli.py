@@ -187,8 +187,8 @@ def _add_incident_options(run: argparse.ArgumentParser) -> None:
         help="how stacks are captured: auto (the default) takes py-spy if it is found "
         "(on PATH or beside this Python: the ftimer-server[pyspy] extra), else the "
         "worker's own hook if its client announced one, else the /proc facts alone; "
-        "py-spy or hook: only that method (and the facts); none: capture nothing and "
-        "write no incident (a reap signals at once)",
+        "py-spy or hook: only that method (and the facts); facts: the /proc facts "
+        "alone; none: capture nothing and write no incident (a reap signals at once)",
     )
     group.add_argument(
         "--capture-timeout",

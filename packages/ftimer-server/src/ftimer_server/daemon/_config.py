@@ -38,6 +38,7 @@ import msgspec
 
 from ftimer_protocol import MAX_SIGNAL, default_fifo_path
 from ftimer_protocol._limits import LABEL_KEY_PATTERN
+from ftimer_server.server._diagnostics import CAPTURE_METHODS as INCIDENT_METHODS
 
 from ._logging import LOG_FORMATS, LOG_LEVELS
 
@@ -70,8 +71,9 @@ FIFO_ENV = ("FTIMER_FIFO", "TORCHELASTIC_TIMER_FILE")
 DEFAULT_GRACE = 10.0
 #: How a reaped worker's stacks are captured: ``auto`` takes py-spy if it is found, else
 #: the worker's own hook (if its client announced one), else the /proc facts alone;
-#: ``none`` captures nothing and writes no incident (a reap as before incidents).
-CAPTURE_METHODS = ("auto", "py-spy", "hook", "none")
+#: ``facts`` takes the /proc facts alone; ``none`` captures nothing and writes no
+#: incident (a reap as before incidents).
+CAPTURE_METHODS = (*INCIDENT_METHODS, "none")
 _MIB = 1024 * 1024
 _GIB = 1024 * _MIB
 

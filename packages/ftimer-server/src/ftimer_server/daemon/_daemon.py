@@ -31,9 +31,11 @@ import msgspec
 
 from ftimer_server._version import __version__
 from ftimer_server.core._events import EVENT_TYPES, Armed, Disarmed, Event, Reaped
+from ftimer_server.core._incident import Incident
 from ftimer_server.core._policy import Policy
 from ftimer_server.core._records import Timer
 from ftimer_server.core._stats import Stats
+from ftimer_server.server._diagnostics import IncidentOptions
 from ftimer_server.server._fifo import FifoError, unreachable_by_writers
 from ftimer_server.server._journal import Journal
 from ftimer_server.server._server import FileTimerServer
@@ -183,20 +185,25 @@ class Daemon:
             timers, replay_from = loaded.timers, loaded.journal
 
         tick = self._notifier.watchdog_interval
-        server = FileTimerServer(
-            c.fifo,
-            on_event=self._on_event,
-            on_change=self._changed,
-            policy=_policy(c),
-            escalate_after=c.grace,
-            signal_override=c.signal,
-            dry_run=c.dry_run,
-            fifo_mode=c.fifo_mode,
-            fifo_group=c.fifo_group,
-            tick_interval=tick,
-            on_tick=self._keepalive if tick is not None else None,
-            journal=journal,
-        )
+        try:
+            server = FileTimerServer(
+                c.fifo,
+                on_event=self._on_event,
+                on_change=self._changed,
+                policy=_policy(c),
+                escalate_after=c.grace,
+                signal_override=c.signal,
+                dry_run=c.dry_run,
+                fifo_mode=c.fifo_mode,
+                fifo_group=c.fifo_group,
+                tick_interval=tick,
+                on_tick=self._keepalive if tick is not None else None,
+                journal=journal,
+                incidents=_incidents(c),
+                on_incident=self._incident,
+            )
+        except OSError as e:  # the incident directory is unusable or unsafe
+            raise StartupError(f"incident directory {c.incident_dir}: {e}") from None
         if timers:
             self._restoring = True
             try:
@@ -347,6 +354,15 @@ class Daemon:
         if events_log.isEnabledFor(level):
             events_log.log(level, msg, *args, extra=event_fields(event))
 
+    def _incident(self, incident: Incident) -> None:
+        # A capture thread: the incident is written (or could not be: logged there).
+        stuck = incident.captures[0] if incident.captures else None
+        method = stuck.method if stuck is not None else "none"
+        if self._metrics is not None:
+            self._metrics.incident(method, incident.seconds)
+        lines = "\n  ".join(incident.summary)
+        log.warning("incident %s (%s):\n  %s", incident.id, self.config.incident_dir, lines)
+
     def _changed(self) -> None:
         # The server's loop: the armed timers changed in its last iteration.
         if self._saver is not None:
@@ -443,6 +459,23 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
             "if only root writes timers"
         )
     return warnings
+
+
+def _incidents(c: DaemonConfig) -> Optional[IncidentOptions]:
+    if c.capture == "none":
+        return None
+    return IncidentOptions(
+        directory=c.incident_dir,
+        keep=c.incidents_keep,
+        max_bytes=c.incidents_max_bytes,
+        method=c.capture,
+        timeout=c.capture_timeout,
+        native=c.py_spy_native,
+        core=c.core,
+        core_max_bytes=c.core_max_bytes,
+        reap_tree=c.reap_tree,
+        job_label=c.job_label,
+    )
 
 
 def _policy(c: DaemonConfig) -> Policy:

@@ -92,6 +92,12 @@ def describe(
                 "could not reap pid %d with %s (timer %r, %.1f ms late): %s%s",
                 (*args, event.error or "the process is gone", labels),
             )
+        if event.incident is not None:
+            return (
+                logging.WARNING,
+                "reaped: pid %d with %s (timer %r, %.1f ms late), incident %s%s",
+                (*args, event.incident, labels),
+            )
         return logging.WARNING, "reaped: pid %d with %s (timer %r, %.1f ms late)%s", (*args, labels)
     if isinstance(event, Escalated):
         sig = signal_label(event.signal)

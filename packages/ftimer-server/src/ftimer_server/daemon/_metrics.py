@@ -18,6 +18,8 @@ from ftimer_server.core._stats import Stats
 from ._config import signal_label
 
 __all__ = ["REAP_LATENCY_BUCKETS", "Metrics", "MetricsUnavailable"]
+#: Capture times: py-spy takes tens of milliseconds, a budget a few seconds.
+CAPTURE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 #: Seconds from a deadline to its signal: the interesting range is 0.1 ms .. 1 s.
 REAP_LATENCY_BUCKETS = (
@@ -135,6 +137,19 @@ class Metrics:
             buckets=REAP_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._incidents = prom.Counter(
+            "ftimer_incidents",
+            "Incidents captured before a reap, by how the stuck worker's stacks were had.",
+            ["method"],
+            registry=self.registry,
+        )
+        self._capture = prom.Histogram(
+            "ftimer_capture_seconds",
+            "Seconds from a reap's decision to the end of its capture, by method.",
+            ["method"],
+            buckets=CAPTURE_BUCKETS,
+            registry=self.registry,
+        )
         self._prom = prom
         self._server: Any = None
         self._thread: Any = None
@@ -142,6 +157,11 @@ class Metrics:
     def reaped(self, late: float) -> None:
         """Record one reap, ``late`` seconds after its deadline."""
         self._latency.observe(max(late, 0.0))
+
+    def incident(self, method: str, seconds: float) -> None:
+        """Record one incident whose stuck worker was captured by ``method``."""
+        self._incidents.labels(method).inc()
+        self._capture.labels(method).observe(max(seconds, 0.0))
 
     def serve(self, address: Tuple[str, int]) -> Tuple[str, int]:
         """Serve ``/metrics`` over HTTP on ``address``; returns the bound (host, port).

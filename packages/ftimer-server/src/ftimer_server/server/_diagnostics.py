@@ -40,8 +40,8 @@ __all__ = ["CAPTURE_METHODS", "Diagnostics", "IncidentOptions"]
 
 logger = logging.getLogger("ftimer_server")
 
-#: How to capture stacks: the best available, one method only, or none (facts alone).
-CAPTURE_METHODS = ("auto", "py-spy", "hook", "none")
+#: How to capture stacks: the best available, one method only, or the /proc facts alone.
+CAPTURE_METHODS = ("auto", "py-spy", "hook", "facts")
 #: Captures of one pid started this close together serve every incident that needs one.
 SHARE_WINDOW = 1.0
 #: Threads capturing at once (each mostly waits on py-spy or on a worker's dump).
@@ -57,7 +57,7 @@ class IncidentOptions:
             given to ``on_incident``.
         keep, max_bytes: retention of the directory, oldest first.
         method: "auto" (py-spy if found, else the worker's hook, else /proc facts),
-            "py-spy", "hook", or "none" (the /proc facts alone).
+            "py-spy", "hook", or "facts" (the /proc facts alone).
         timeout: the budget of an incident in seconds: the signal follows the capture
             or this, whichever comes first.
         native: py-spy's ``--native`` (C/C++ frames; about four times slower).

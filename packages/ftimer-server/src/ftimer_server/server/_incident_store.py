@@ -118,7 +118,8 @@ class IncidentStore:
     """The incident directory of one server.
 
     Args:
-        directory: where incidents go; created 0700 if missing (its parent must exist).
+        directory: where incidents go; created 0700 if missing (its missing parents
+            too, 0700).
         keep: at most this many incidents are kept (at least 1).
         max_bytes: their files take at most this many bytes, the newest excepted.
         create: create and check the directory (the server). False: only read what is
@@ -336,6 +337,9 @@ def _ensure_private_dir(directory: str) -> None:
     # Checked on an open descriptor (never through a symlink), so the directory judged
     # is the one the incidents go to.
     try:
+        # Its parent may not exist yet: the FIFO's directory, say, which the server
+        # makes (and gives its mode) when it starts, after this.
+        os.makedirs(os.path.dirname(directory), 0o700, exist_ok=True)
         os.mkdir(directory, 0o700)
     except FileExistsError:
         pass

@@ -113,8 +113,10 @@ def check_recovery(
     assert [(e["pid"], e["signal"], e["delivered"]) for e in reaped] == [
         (hung["pid"], signal.SIGKILL, True)
     ]
-    # ftimer's client labels timers with torchrun's ranks.
-    assert reaped[0]["labels"] == {"rank": str(HUNG_RANK), "local_rank": str(HUNG_RANK % 2)}
+    # ftimer's client labels timers with torchrun's ranks and run id (the job).
+    labels = reaped[0]["labels"]
+    assert labels.pop("job").startswith("ftimer-interop-")
+    assert labels == {"rank": str(HUNG_RANK), "local_rank": str(HUNG_RANK % 2)}
     assert reaped[0]["scope_id"].startswith(f"{JOB}#")
     # The first attempt finished on no rank; the restart, on every rank, with new pids.
     assert [name for name in done if name.startswith("a0-") and name.endswith("-done")] == []

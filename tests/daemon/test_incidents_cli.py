@@ -14,7 +14,7 @@ import pytest
 from ftimer_server.core._incident import Capture, Frame, Incident, ThreadStack
 from ftimer_server.core._report import annotate, render
 from ftimer_server.daemon._cli import main
-from ftimer_server.server._incident_store import IncidentStore, incident_id
+from ftimer_server.incidents._store import IncidentStore, incident_id
 
 T0 = 1_796_000_000.0
 PY = "/usr/lib/python3.11"

@@ -25,16 +25,16 @@ import pytest
 
 from ftimer_protocol import DumpHook
 from ftimer_server.core._incident import Capture, ThreadStack
-from ftimer_server.server import _pinned
-from ftimer_server.server._capture import (
+from ftimer_server.incidents import _pinned
+from ftimer_server.incidents._capture import (
     CaptureOptions,
     capture,
     core_dump,
     find_py_spy,
     signal_tree,
 )
-from ftimer_server.server._procfs import ThreadFacts, read_stat
-from ftimer_server.server._stack_formats import (
+from ftimer_server.incidents._procfs import ThreadFacts, read_stat
+from ftimer_server.incidents._stack_formats import (
     match_faulthandler_threads,
     parse_faulthandler,
     parse_py_spy,
@@ -552,7 +552,7 @@ def test_deadline_already_passed(py_spy: str) -> None:
 
 
 def test_capture_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ftimer_server.server import _capture
+    from ftimer_server.incidents import _capture
 
     def broken(*_: object, **__: object) -> None:
         raise RuntimeError("boom")

@@ -21,7 +21,7 @@ import pytest
 
 from ftimer_server.core._incident import Capture, Frame, Incident, ThreadStack
 from ftimer_server.core._report import render
-from ftimer_server.server._incident_store import (
+from ftimer_server.incidents._store import (
     IncidentError,
     IncidentStore,
     incident_id,
@@ -304,7 +304,7 @@ def test_a_reader_never_sees_half_a_record(tmp_path: pathlib.Path) -> None:
 
 FULL = """
 import errno, json, os, sys
-from ftimer_server.server._incident_store import IncidentStore
+from ftimer_server.incidents._store import IncidentStore
 sys.path.insert(0, sys.argv[2])
 from test_incident_store import make
 directory = os.path.join(sys.argv[1], "incidents")
@@ -339,7 +339,7 @@ def test_a_full_directory_raises_oserror_and_leaves_nothing(tmp_path: pathlib.Pa
 
 UNWRITABLE = """
 import json, os, sys
-from ftimer_server.server._incident_store import IncidentStore
+from ftimer_server.incidents._store import IncidentStore
 sys.path.insert(0, sys.argv[2])
 from test_incident_store import make
 store = IncidentStore(sys.argv[1])

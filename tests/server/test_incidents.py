@@ -21,8 +21,8 @@ from tests.conftest import wait_until
 
 from ftimer_server import FileTimerServer, Reaped
 from ftimer_server.core._incident import Incident
-from ftimer_server.server._capture import find_py_spy
-from ftimer_server.server._diagnostics import IncidentOptions
+from ftimer_server.incidents._capture import find_py_spy
+from ftimer_server.incidents._diagnostics import IncidentOptions
 
 from .conftest import wait_exit
 

@@ -26,7 +26,7 @@ OS_MODULES = {
     "time",
     "logging",
 }
-LAYERS = ["core", "server", "daemon"]  # each may import those before it only
+LAYERS = ["core", "incidents", "server", "daemon"]  # each may import those before it only
 
 
 def imports(path: pathlib.Path) -> set[str]:

@@ -38,7 +38,7 @@ import msgspec
 
 from ftimer_protocol import MAX_SIGNAL, default_fifo_path
 from ftimer_protocol._limits import LABEL_KEY_PATTERN
-from ftimer_server.server._diagnostics import CAPTURE_METHODS as INCIDENT_METHODS
+from ftimer_server.incidents._diagnostics import CAPTURE_METHODS as INCIDENT_METHODS
 
 from ._logging import LOG_FORMATS, LOG_LEVELS
 

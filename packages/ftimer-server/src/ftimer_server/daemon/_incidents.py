@@ -26,7 +26,7 @@ from typing import List, Optional, TextIO
 
 from ftimer_server.core._incident import Incident
 from ftimer_server.core._report import render, render_merged
-from ftimer_server.server._incident_store import (
+from ftimer_server.incidents._store import (
     IncidentError,
     IncidentStore,
     IncidentSummary,

@@ -24,9 +24,9 @@ from ftimer_server.core._events import RejectReason
 from ftimer_server.core._host import DELIVERED, CaptureRequest, Delivery, Facts, Host, Unresolved
 from ftimer_server.core._records import Worker
 from ftimer_server.core._table import Expiry
+from ftimer_server.incidents._reap_extras import signal_tree
 
 from ._process import ProcessInspector
-from ._reap_extras import signal_tree
 from ._signaller import Signaller
 
 __all__ = ["ReapStep", "SystemHost", "ancestors_of"]

@@ -27,8 +27,8 @@ from ftimer_server.core._reader import LineReader
 from ftimer_server.core._records import Timer, Worker
 from ftimer_server.core._stats import Stats
 from ftimer_server.core._watchdog import Watchdog
+from ftimer_server.incidents._diagnostics import Diagnostics, IncidentOptions
 
-from ._diagnostics import Diagnostics, IncidentOptions
 from ._edge import ReapStep, SystemHost, ancestors_of
 from ._fifo import Fifo, open_fifo
 from ._journal import Journal

@@ -33,8 +33,8 @@ from ftimer_server.core._records import Worker
 from ftimer_server.core._report import annotate
 
 from ._capture import CaptureOptions, capture, find_py_spy
-from ._incident_store import IncidentStore, incident_id
 from ._reap_extras import core_dump
+from ._store import IncidentStore, incident_id
 
 __all__ = ["CAPTURE_METHODS", "Diagnostics", "IncidentOptions"]
 

@@ -113,7 +113,7 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def demo(session: nox.Session) -> None:
     """The main job: a server reaps a stuck worker and leaves a punctual one alone."""
-    install(session, *EDITABLE)
+    install(session, *EDITABLE, "-e", "packages/ftimer-server[pyspy]")
     session.run("python", "docs/examples/demo.py", *session.posargs, env={"PYTHONUNBUFFERED": "1"})
 
 

@@ -1,15 +1,19 @@
-"""The README's main job: a watchdog reaps a stuck worker and leaves a punctual one alone.
+"""The README's main job: a watchdog finds out why a worker hangs, reaps it, and leaves
+a punctual one alone.
 
     nox -s demo            (or: python docs/examples/demo.py, with the packages installed)
 
 1. starts ``ftimer-server run`` on a FIFO in a temporary directory (and waits for it the
    way systemd does: READY=1 on a notification socket);
-2. starts worker 1, which arms a 1 s timer around a step that hangs: the daemon reaps it;
+2. starts a job of three ranks: ranks 0 and 1 wait in ``all_reduce`` under long timers,
+   rank 2 hangs in ``load_batch`` under a 1 s timer. The daemon captures the stacks of
+   rank 2 and of its peers, then reaps rank 2; ``ftimer-server incidents show`` prints
+   the incident: rank 2, the outlier, first;
 3. starts worker 2, which arms a 5 s timer around a 1 s step, and asks the daemon what it
    has armed (``ftimer-server status``) while it runs: worker 2 is left alone;
 4. stops the daemon with SIGTERM and sums up. Everything is removed afterwards.
 
-Exit status 0 when both workers ended as they should.
+Exit status 0 when every worker ended as it should and the incident names the outlier.
 """
 
 from __future__ import annotations
@@ -74,29 +78,33 @@ def start_daemon(
             pass
 
 
+def start_worker(
+    fifo: pathlib.Path, name: str, timeout: float, work: float, *extra: str
+) -> subprocess.Popen[str]:
+    """Start docs/examples/worker.py; return once it has armed its timer."""
+    cmd = [PYTHON, str(HERE / "worker.py"), "--fifo", str(fifo), "--name", name]
+    cmd += ["--timeout", str(timeout), "--work", str(work), *extra]
+    worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert worker.stdout is not None
+    print(f"  {name:<8} | " + worker.stdout.readline(), end="", flush=True)  # armed
+    return worker
+
+
 def run_worker(
-    fifo: pathlib.Path, name: str, timeout: float, work: float, while_running: bool = False
+    fifo: pathlib.Path,
+    name: str,
+    timeout: float,
+    work: float,
+    *extra: str,
+    while_running: bool = False,
 ) -> int:
     """Run docs/examples/worker.py to completion (or to its reaping); return its status.
 
     With ``while_running``, show ``ftimer-server status`` once the worker has armed.
     """
-    cmd = [
-        PYTHON,
-        str(HERE / "worker.py"),
-        "--fifo",
-        str(fifo),
-        "--name",
-        name,
-        "--timeout",
-        str(timeout),
-        "--work",
-        str(work),
-    ]
-    worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    worker = start_worker(fifo, name, timeout, work, *extra)
     assert worker.stdout is not None
-    prefix = "  " + name + " | "
-    print(prefix + worker.stdout.readline(), end="", flush=True)  # armed
+    prefix = f"  {name:<8} | "
     if while_running:
         print(f"$ ftimer-server status --fifo {fifo}")
         status = subprocess.run(
@@ -114,6 +122,15 @@ def run_worker(
     except subprocess.TimeoutExpired:
         worker.kill()
         return worker.wait()
+
+
+def wait_for_incident(directory: pathlib.Path) -> None:
+    """Wait until the daemon has written its incident (just after the reap)."""
+    deadline = time.monotonic() + PATIENCE
+    while not list(directory.glob("*.json")):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no incident in {directory}")
+        time.sleep(0.05)
 
 
 def describe(status: int) -> str:
@@ -134,13 +151,36 @@ def main() -> int:
         print("\n== 1. the watchdog daemon")
         daemon = start_daemon(directory, fifo, notify)
 
-        print("\n== 2. worker 1: a step that hangs, under a 1 s timer")
-        status = run_worker(fifo, "worker 1", timeout=1, work=60)
+        print("\n== 2. a job of three ranks: rank 2 hangs in load_batch, under a 1 s timer")
+        peers = [start_worker(fifo, f"rank {r}", 60, 60, "--rank", str(r)) for r in (0, 1)]
+        status = run_worker(fifo, "rank 2", 1, 60, "--rank", "2", "--hang-in", "load_batch")
         ok &= status == -signal.SIGKILL
-        summary.append(f"worker 1: hung past its 1 s timer -> reaped, {describe(status)}")
+        summary.append(f"rank 2: hung past its 1 s timer -> reaped, {describe(status)}")
+        wait_for_incident(directory / "incidents")
+        print(f"$ ftimer-server incidents show --fifo {fifo}")
+        shown = subprocess.run(
+            [PYTHON, "-m", "ftimer_server", "incidents", "show", "--fifo", str(fifo)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=PATIENCE,
+        )
+        for line in (shown.stdout + shown.stderr).splitlines():
+            print(f"  incident | {line}")
+        outlier = "rank 2 in load_batch" in shown.stdout
+        ok &= outlier
+        summary.append(
+            "incident: "
+            + ("rank 2, the outlier, named first" if outlier else "NOT as expected, see above")
+        )
+        for peer in peers:  # the demo's own workers: ended by the demo
+            peer.terminate()
+            peer.wait(PATIENCE)
+            assert peer.stdout is not None
+            peer.stdout.close()
 
         print("\n== 3. worker 2: a 1 s step, under a 5 s timer")
-        status = run_worker(fifo, "worker 2", timeout=5, work=1, while_running=True)
+        status = run_worker(fifo, "worker 2", 5, 1, while_running=True)
         ok &= status == 0
         summary.append(f"worker 2: finished in time -> left alone, {describe(status)}")
 

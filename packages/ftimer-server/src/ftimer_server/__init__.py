@@ -19,9 +19,11 @@ from .core._events import (
     RejectReason,
     WorkerGone,
 )
+from .core._incident import Capture, Frame, Group, Incident, ProcessFacts, ThreadStack
 from .core._policy import Policy
 from .core._records import Timer, Worker
 from .core._stats import Stats
+from .incidents._diagnostics import IncidentOptions
 from .server._fifo import Fifo, FifoError, open_fifo
 from .server._process import ProcessInspector, SystemInspector
 from .server._server import FileTimerServer, Lifecycle
@@ -35,6 +37,14 @@ __all__ = [
     "Stats",
     "Timer",
     "Worker",
+    # incidents: why a reaped worker hung
+    "IncidentOptions",
+    "Incident",
+    "Capture",
+    "ThreadStack",
+    "Frame",
+    "Group",
+    "ProcessFacts",
     # events
     "Event",
     "Armed",

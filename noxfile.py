@@ -106,7 +106,7 @@ def build(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks side by side with torch 2.13. `nox -s bench -- --quick` for a short run."""
-    install(session, *EDITABLE, *TORCH, "matplotlib")
+    install(session, *EDITABLE, "-e", "packages/ftimer-server[pyspy]", *TORCH, "matplotlib")
     session.run("python", "tests/benchmarks/run.py", *session.posargs)
 
 

@@ -28,7 +28,7 @@ import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 HERE = pathlib.Path(__file__).parent
-MODULES = ["bench_protocol", "bench_client", "bench_server"]
+MODULES = ["bench_protocol", "bench_client", "bench_server", "bench_incidents"]
 PLOT = "reap_latency.png"
 
 Row = Dict[str, Any]
@@ -85,6 +85,14 @@ TARGETS = [
         r"",
         "no later than the flood's read time",
         lambda row: row["ftimer"] <= row["flood"],
+    ),
+    Target("incidents", r"^8 stuck ranks, py-spy: deadline to", "<= 1 s", _at_most(1.0)),
+    Target("incidents", r"kill after its capture", "<= 10 ms", _at_most(10.0)),
+    Target(
+        "incidents",
+        r"while 8 captures run",
+        "no later than with nothing captured (+1 ms)",
+        lambda row: row["ftimer"] <= row["quiet"] + 1.0,
     ),
     Target("server idle", r"", "no busy polling (< 0.5% of a core)", _at_most(0.5)),
     Target("server memory", r"100k", "<= 50 MB", _at_most(50)),

@@ -130,3 +130,15 @@ def test_report_only_timers_are_not_captured() -> None:
     rig.wd.tick(5.0)
     assert rig.host.requests == []
     assert len(rig.events.of(Expired)) == 1
+
+
+def test_ranks_that_expire_together_are_each_others_peers() -> None:
+    rig = Rig()
+    for pid in (1000, 1001, 1002):
+        rig.arm(pid, 5.0)
+    rig.wd.tick(5.0)
+    assert [sorted(p.worker.pid for p in r.peers) for r in rig.host.requests] == [
+        [1001, 1002],
+        [1000, 1002],
+        [1000, 1001],
+    ]

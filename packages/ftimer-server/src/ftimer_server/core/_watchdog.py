@@ -9,6 +9,7 @@ with a fake clock and a fake host.
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Union
 
 from ftimer_protocol import (
@@ -226,8 +227,12 @@ class Watchdog:
                 written before its deadline still waits to be read.
         """
         if now >= self._hold_until:
-            for expiry in self.table.expire(now if horizon is None else min(horizon, now)):
-                self._expired(expiry, now)
+            expiries = self.table.expire(now if horizon is None else min(horizon, now))
+            # Ranks that hang together expire together: each is the others' peer, though
+            # their timers just left the table.
+            together = [t for e in expiries for t in e.cleared] if len(expiries) > 1 else []
+            for expiry in expiries:
+                self._expired(expiry, now, together)
         for reaped in self._reaper.due(now):  # captures whose budget ran out: signal now
             self._emit(reaped)
             worker = self._workers.get(reaped.pid)
@@ -398,13 +403,14 @@ class Watchdog:
         timers = tuple(dropped) + tuple(self.table.disarm_all(pid))
         self._emit(WorkerGone(pid, worker.start_time, timers, incident))
 
-    def _expired(self, expiry: Expiry, now: float) -> None:
+    def _expired(self, expiry: Expiry, now: float, together: Sequence[Timer] = ()) -> None:
         worker = self._workers.get(expiry.pid)
         outcome: Optional[Union[str, Reaped]] = None
         if worker is not None and expiry.decider is not None and self._host.alive(worker):
             # Peers matter only to a capture (and finding them scans every timer).
             job = self._job_of(expiry.decider) if self._captures else None
-            outcome = self._reaper.reap(worker, expiry, now, self._peers(job, worker), job)
+            peers = self._peers(job, worker, together)
+            outcome = self._reaper.reap(worker, expiry, now, peers, job)
         incident = outcome if isinstance(outcome, str) else None
         for timer in expiry.expired:
             self._emit(Expired(timer, now - timer.deadline, incident))
@@ -422,12 +428,15 @@ class Watchdog:
             return None
         return timer.labels.get(self._job_label)
 
-    def _peers(self, job: Optional[str], stuck: Worker) -> List[Peer]:
-        """The other bound workers with a timer labelled with ``job`` (none without one)."""
+    def _peers(
+        self, job: Optional[str], stuck: Worker, together: Sequence[Timer] = ()
+    ) -> List[Peer]:
+        """The other bound workers with a timer labelled with ``job``, armed or expiring
+        with the stuck one's (``together``); none without a job."""
         if job is None:
             return []
         found: Dict[int, Peer] = {}
-        for timer in self.table:
+        for timer in itertools.chain(self.table, together):
             worker = self._workers.get(timer.pid)
             if (
                 worker is not None

@@ -8,6 +8,10 @@ When every capture is done the loop is told and signals the worker; when the bud
 runs out first, the core signals anyway. The incident is written once both the captures
 and the signal's outcome are known: one JSON document (and its text rendering) per reap.
 
+Captures and writes run in a helper process (``_helper``), not in the server's threads:
+parsing stacks and reading /proc for eight workers would otherwise hold the server's GIL
+for tens of milliseconds, and the loop must stay on time for everyone else meanwhile.
+
 Workers that hang together (eight ranks of one collective) are each other's peers: a
 capture of a pid started within ``SHARE_WINDOW`` is shared by every incident that needs
 it, so eight incidents cost eight captures, not sixty-four.
@@ -18,7 +22,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-import os
 import socket
 import threading
 import time
@@ -32,8 +35,8 @@ from ftimer_server.core._incident import Capture, Incident
 from ftimer_server.core._records import Worker
 from ftimer_server.core._report import annotate
 
-from ._capture import CaptureOptions, capture, find_py_spy
-from ._reap_extras import core_dump
+from ._capture import CaptureOptions, find_py_spy
+from ._helper import CaptureJob, Helper, HelperGone, WriteJob
 from ._store import IncidentStore, incident_id
 
 __all__ = ["CAPTURE_METHODS", "Diagnostics", "IncidentOptions"]
@@ -44,8 +47,8 @@ logger = logging.getLogger("ftimer_server")
 CAPTURE_METHODS = ("auto", "py-spy", "hook", "facts")
 #: Captures of one pid started this close together serve every incident that needs one.
 SHARE_WINDOW = 1.0
-#: Threads capturing at once (each mostly waits on py-spy or on a worker's dump).
-MAX_CAPTURES = 16
+_CAPTURE = msgspec.msgpack.Decoder(Capture)
+_INCIDENT = msgspec.msgpack.Decoder(Incident)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +127,9 @@ class Diagnostics:
         )
         if options.method == "py-spy" and py_spy is None:
             logger.warning("capture method py-spy: no py-spy found (install ftimer-server[pyspy])")
-        self._pool = concurrent.futures.ThreadPoolExecutor(MAX_CAPTURES, "ftimer-capture")
+        self._helper = Helper()
         self._lock = threading.Lock()
-        self._shared: Dict[int, Tuple[float, concurrent.futures.Future[Capture]]] = {}
+        self._shared: Dict[int, Tuple[float, concurrent.futures.Future[bytes]]] = {}
         self._incidents: Dict[str, _Pending] = {}
         #: Incidents written, and failures to write one.
         self.written = 0
@@ -168,8 +171,8 @@ class Diagnostics:
         self._maybe_write(incident)
 
     def close(self) -> None:
-        """Stop taking captures; those running end by their deadline."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop capturing: the helper is stopped (captures running end with it)."""
+        self._helper.close()
 
     # -- internals ---------------------------------------------------------------------
 
@@ -180,69 +183,66 @@ class Diagnostics:
         hook: Optional[DumpHook],
         deadline: float,
         stuck: Optional[str] = None,
-    ) -> concurrent.futures.Future[Capture]:
+    ) -> concurrent.futures.Future[bytes]:
         """A capture of ``worker`` (``stuck``: the id of its own incident), shared with
         the incidents that need one within ``SHARE_WINDOW``."""
         now = time.monotonic()
+        core = None
+        store = self._store
+        if stuck is not None and self.options.core and store is not None:
+            core = (store.directory, self.options.core_max_bytes, f"{stuck}.core")
+        # A capture of a peer serves a stuck worker too, unless it needs what a peer's
+        # lacks: a core, or its hook where py-spy is not there to replace it.
+        needs_own = core is not None or (hook is not None and self._capture_options.py_spy is None)
         with self._lock:
             shared = self._shared.get(worker.pid)
-            if shared is not None and now - shared[0] < SHARE_WINDOW and stuck is None:
+            if shared is not None and now - shared[0] < SHARE_WINDOW and not needs_own:
                 return shared[1]
-            future = self._pool.submit(self._run, worker, labels, hook, deadline, stuck)
+            job = CaptureJob(
+                pid=worker.pid,
+                start_time=worker.start_time,
+                role="peer" if stuck is None else "stuck",
+                labels=labels,
+                hook=hook,
+                options=self._capture_options,
+                deadline=deadline,
+                core=core,
+            )
+            future = self._helper.submit(job)
             self._shared[worker.pid] = (now, future)
             for pid in [p for p, (t, _) in self._shared.items() if now - t >= SHARE_WINDOW]:
                 del self._shared[pid]
         return future
 
-    def _run(
-        self,
-        worker: Worker,
-        labels: Optional[Dict[str, str]],
-        hook: Optional[DumpHook],
-        deadline: float,
-        stuck: Optional[str],
-    ) -> Capture:
-        result = capture(
-            worker.pid,
-            worker.start_time,
-            worker.pidfd,
-            role="peer" if stuck is None else "stuck",
-            labels=labels,
-            hook=hook,
-            options=self._capture_options,
-            deadline=deadline,
-        )
-        store = self._store
-        if stuck is not None and self.options.core and store is not None and not result.exited:
-            path, error = core_dump(
-                worker.pid,
-                worker.pidfd,
-                store.directory,
-                max_bytes=self.options.core_max_bytes,
-                deadline=deadline,
-            )
-            if path is not None:  # named after its incident: pruned with it
-                named = os.path.join(store.directory, f"{stuck}.core")
-                os.replace(path, named)
-                path = named
-            errors = "; ".join(e for e in (result.error, error) if e) or None
-            result = msgspec.structs.replace(result, core=path, error=errors)
-        return result
-
     def _maybe_write(self, incident: str) -> None:
+        """Write ``incident`` if it is complete: in a thread of its own, since the loop
+        calls here (``signalled``) and must not wait for it."""
         with self._lock:
             pending = self._incidents.get(incident)
             if pending is None or not pending.signalled or pending.captured is None:
                 return
             del self._incidents[incident]
+        threading.Thread(
+            target=self._write, args=(pending,), name="ftimer-incident-write", daemon=True
+        ).start()
+
+    def _write(self, pending: _Pending) -> None:
+        incident = pending.id
+        store = self._store
+        where = None if store is None else (store.directory, store.keep, store.max_bytes)
         record = pending.incident()
-        if self._store is not None:
-            try:
-                self._store.write(record)
-                self.written += 1
-            except OSError as e:
-                self.write_errors += 1
-                logger.error("cannot write incident %s: %s", incident, e)
+        want = self._on_incident is not None
+        error = None
+        try:
+            data = self._helper.submit(WriteJob(record, where, want)).result()
+            record = _INCIDENT.decode(data) if want else record
+        except (RuntimeError, HelperGone) as e:  # not written; annotated here for others
+            record, error = annotate(record), str(e)
+        if error is not None:
+            self.write_errors += 1
+            logger.error("cannot write incident %s: %s", incident, error)
+        elif store is not None:
+            self.written += 1
         if self._on_incident is not None:
             try:
                 self._on_incident(record)
@@ -258,7 +258,7 @@ class _Pending:
         request: CaptureRequest,
         incident: str,
         created: float,
-        futures: List[concurrent.futures.Future[Capture]],
+        futures: List[concurrent.futures.Future[bytes]],
     ) -> None:
         self.request = request
         self.id = incident
@@ -274,7 +274,7 @@ class _Pending:
         errors: List[str] = []
         for i, future in enumerate(self.futures):
             if future.done() and not future.cancelled() and future.exception() is None:
-                capture = future.result()
+                capture = _CAPTURE.decode(future.result())
                 role = "stuck" if i == 0 else "peer"
                 captures.append(msgspec.structs.replace(capture, role=role))
             else:
@@ -283,7 +283,7 @@ class _Pending:
         timed_out = any(not f.done() for f in self.futures)
         assert self.captured is not None
         seconds = self.captured - request.now
-        incident = Incident(
+        return Incident(
             id=self.id,
             host=socket.gethostname(),
             created=self.created,
@@ -301,4 +301,3 @@ class _Pending:
             delivered=self.delivered,
             errors=errors,
         )
-        return annotate(incident)  # what each thread does, the groups, the summary

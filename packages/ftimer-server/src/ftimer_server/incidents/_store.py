@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -33,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import msgspec
 
@@ -169,7 +170,7 @@ class IncidentStore:
         record = _encode(incident)
         text = _text(incident).encode("utf-8", "replace")
         base = os.path.join(self.directory, incident.id)
-        with self._lock:
+        with self._lock, _locked(self.directory):
             _write_atomically(base + TEXT, text)
             try:
                 _write_atomically(base + RECORD, record)
@@ -311,6 +312,18 @@ def _text(incident: Incident) -> str:
     except Exception:  # a bug in the text must not cost the record
         log.exception("cannot render incident %s as text", incident.id)
         return f"incident {incident.id}: the text could not be made; see {incident.id}.json\n"
+
+
+@contextlib.contextmanager
+def _locked(directory: str) -> Iterator[None]:
+    """Hold the directory's lock: writers in other processes (the server's capture
+    processes) do not prune one another's half-written files."""
+    fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _write_atomically(path: str, data: bytes) -> None:

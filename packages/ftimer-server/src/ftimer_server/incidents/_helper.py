@@ -1,0 +1,242 @@
+"""The capture helper: a process of its own that captures workers and writes incidents.
+
+Parsing stacks and reading /proc for eight workers would hold the server's GIL for tens
+of milliseconds, and the loop must stay on time for every other worker meanwhile. So the
+work runs in a helper process, started once with the server (``python -m
+ftimer_server.incidents``: nothing of the embedding program, which may be a
+user's script, is imported again, as multiprocessing's start methods would), at a lower
+priority, with the threads it needs. It finds each worker again by pid and start time (a
+pidfd does not cross processes), so a reused pid is still never touched.
+
+The two talk over the helper's stdin and stdout in frames: a 4-byte length, then a
+msgpack message (``Job`` in, ``Done`` out), matched by a number.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import struct
+import subprocess
+import sys
+import threading
+from typing import IO, Dict, Optional, Tuple, Union
+
+import msgspec
+
+from ftimer_protocol import DumpHook
+from ftimer_server.core._incident import Incident
+from ftimer_server.core._report import annotate
+
+from ._capture import CaptureOptions, capture
+from ._reap_extras import core_dump
+from ._store import IncidentStore
+
+__all__ = ["CaptureJob", "Helper", "HelperGone", "WriteJob"]
+
+logger = logging.getLogger("ftimer_server")
+
+#: How much lower the helper's priority is than the server's (py-spy and gcore inherit
+#: it): on a busy host the loop keeps the CPU it needs while a capture runs.
+NICENESS = 10
+#: Captures at once in the helper (each mostly waits on py-spy or a worker's dump).
+THREADS = 16
+_LENGTH = struct.Struct("!I")
+
+
+class CaptureJob(msgspec.Struct, frozen=True, tag=True):
+    """Capture ``pid`` (of start time ``start_time``); with ``core`` = (directory, max
+    bytes, file name), take its core there too."""
+
+    pid: int
+    start_time: Optional[int]
+    role: str
+    labels: Optional[Dict[str, str]]
+    hook: Optional[DumpHook]
+    options: CaptureOptions
+    deadline: float
+    core: Optional[Tuple[str, int, str]] = None
+
+
+class WriteJob(msgspec.Struct, frozen=True, tag=True):
+    """Annotate ``incident`` and write it to ``where`` = (directory, keep, max bytes);
+    send it back annotated if ``want``."""
+
+    incident: Incident
+    where: Optional[Tuple[str, int, int]]
+    want: bool
+
+
+class _Frame(msgspec.Struct, frozen=True):
+    number: int
+    job: Union[CaptureJob, WriteJob]
+
+
+class Done(msgspec.Struct, frozen=True):
+    """The answer to job ``number``: its result (an encoded ``Capture`` or
+    ``Incident``), or what went wrong."""
+
+    number: int
+    result: Optional[bytes] = None
+    error: Optional[str] = None
+
+
+class HelperGone(Exception):
+    """The helper process exited; its pending jobs are lost."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_frames = msgspec.msgpack.Decoder(_Frame)
+_dones = msgspec.msgpack.Decoder(Done)
+
+
+def _send(stream: IO[bytes], message: object, lock: threading.Lock) -> None:
+    data = _encoder.encode(message)
+    with lock:
+        stream.write(_LENGTH.pack(len(data)) + data)
+        stream.flush()
+
+
+def _receive(stream: IO[bytes]) -> Optional[bytes]:
+    """One frame's payload, or None at the end of the stream."""
+    head = stream.read(_LENGTH.size)
+    if len(head) < _LENGTH.size:
+        return None
+    (size,) = _LENGTH.unpack(head)
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+class Helper:
+    """The server's side: starts the helper and hands it jobs.
+
+    Raises:
+        OSError: the helper could not be started.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._pending: Dict[int, concurrent.futures.Future[bytes]] = {}
+        self._numbers = 0
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "ftimer_server.incidents"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        self._reader = threading.Thread(target=self._read, name="ftimer-helper", daemon=True)
+        self._reader.start()
+
+    def submit(self, job: Union[CaptureJob, WriteJob]) -> concurrent.futures.Future[bytes]:
+        """Hand ``job`` to the helper; the future gets its encoded result, or fails with
+        ``RuntimeError`` (the job failed) or ``HelperGone``."""
+        future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        with self._lock:
+            if self._process.poll() is not None:
+                future.set_exception(HelperGone("the capture helper has exited"))
+                return future
+            self._numbers += 1
+            number = self._numbers
+            self._pending[number] = future
+        try:
+            assert self._process.stdin is not None
+            _send(self._process.stdin, _Frame(number, job), self._write_lock)
+        except OSError as e:
+            with self._lock:
+                self._pending.pop(number, None)
+            future.set_exception(HelperGone(f"the capture helper is gone: {e}"))
+        return future
+
+    def close(self) -> None:
+        """Stop the helper (its running captures end with it)."""
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        try:
+            self._process.wait(5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._reader.join(5)
+        assert self._process.stdout is not None
+        self._process.stdout.close()
+
+    def _read(self) -> None:
+        assert self._process.stdout is not None
+        while (data := _receive(self._process.stdout)) is not None:
+            done = _dones.decode(data)
+            with self._lock:
+                future = self._pending.pop(done.number, None)
+            if future is None:
+                continue
+            if done.error is not None:
+                future.set_exception(RuntimeError(done.error))
+            else:
+                future.set_result(done.result or b"")
+        with self._lock:  # the helper exited: whatever it had is lost
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            future.set_exception(HelperGone("the capture helper exited"))
+
+
+# -- the helper process ------------------------------------------------------------------
+
+
+def run_capture(job: CaptureJob) -> bytes:
+    """Capture ``job.pid`` (and its core); return the ``Capture`` encoded."""
+    result = capture(
+        job.pid,
+        job.start_time,
+        None,
+        role=job.role,
+        labels=job.labels,
+        hook=job.hook,
+        options=job.options,
+        deadline=job.deadline,
+    )
+    if job.core is not None and not result.exited:
+        directory, max_bytes, name = job.core
+        path, error = core_dump(
+            job.pid, None, directory, max_bytes=max_bytes, deadline=job.deadline
+        )
+        if path is not None:  # named after its incident: pruned with it
+            named = os.path.join(directory, name)
+            os.replace(path, named)
+            path = named
+        errors = "; ".join(e for e in (result.error, error) if e) or None
+        result = msgspec.structs.replace(result, core=path, error=errors)
+    return _encoder.encode(result)
+
+
+def run_write(job: WriteJob) -> bytes:
+    """Annotate and write ``job.incident``; return it encoded (if wanted).
+
+    Raises:
+        OSError: it could not be written.
+    """
+    incident = annotate(job.incident)
+    if job.where is not None:
+        directory, keep, max_bytes = job.where
+        IncidentStore(directory, keep=keep, max_bytes=max_bytes).write(incident)
+    return _encoder.encode(incident) if job.want else b""
+
+
+def main() -> None:
+    """Serve the jobs that arrive on stdin until it closes."""
+    os.nice(NICENESS)
+    out_lock = threading.Lock()
+    pool = concurrent.futures.ThreadPoolExecutor(THREADS, "ftimer-capture")
+
+    def work(frame: _Frame) -> None:
+        try:
+            job = frame.job
+            result = run_capture(job) if isinstance(job, CaptureJob) else run_write(job)
+            answer = Done(frame.number, result)
+        except Exception as e:  # answered as a failure; the helper goes on
+            answer = Done(frame.number, error=f"{type(e).__name__}: {e}")
+        _send(sys.stdout.buffer, answer, out_lock)
+
+    while (data := _receive(sys.stdin.buffer)) is not None:
+        pool.submit(work, _frames.decode(data))
+    pool.shutdown(wait=True)

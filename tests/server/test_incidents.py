@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import select
 import stat
 import subprocess
 import sys
@@ -210,3 +211,46 @@ def test_a_worker_that_exits_during_the_capture(
     assert not [e for e in events if isinstance(e, Reaped)]
     gone: Optional[object] = next(e for e in events if type(e).__name__ == "WorkerGone")
     assert gone.incident == incident.id  # type: ignore[union-attr]
+
+
+CHILDREN = """
+import subprocess, sys, time
+from ftimer_client import FileTimerClient
+child = subprocess.Popen(["sleep", "3600"])  # a DataLoader worker, say
+print(child.pid, flush=True)
+FileTimerClient(sys.argv[1]).arm("step", 0.3)
+time.sleep(3600)
+"""
+
+
+def test_reap_tree_and_a_core_before_the_kill(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    got = Collector()
+    directory = tmp_path / "i"
+    options = {"directory": str(directory), "core": True, "reap_tree": True, "timeout": 10.0}
+    worker = subprocess.Popen(
+        [sys.executable, "-c", CHILDREN, str(fifo_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        with server(fifo_path, got, **options):
+            assert worker.stdout is not None
+            child = int(worker.stdout.readline())
+            child_fd = os.pidfd_open(child)
+            code, _ = wait_exit(worker)
+            assert got.done.wait(30)
+        # The worker's own child went with it, though nothing waits for it here: it was
+        # signalled (not orphaned to linger), and is gone once reaped by init.
+        assert select.select([child_fd], [], [], 10)[0]
+        os.close(child_fd)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait()
+        assert worker.stdout is not None
+        worker.stdout.close()
+    assert code == -9
+    [incident] = got.incidents
+    core = incident.captures[0].core
+    assert core == str(directory / f"{incident.id}.core")
+    assert os.path.getsize(core) > 0  # taken while it lived, before the kill

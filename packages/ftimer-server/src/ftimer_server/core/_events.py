@@ -8,14 +8,18 @@ happened. Events are msgspec structs tagged by an ``"event"`` member, so
 from __future__ import annotations
 
 import enum
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, Optional, Tuple, Type, Union
 
 import msgspec
+
+from ftimer_protocol import DecodeResult
 
 from ._records import Timer
 
 __all__ = [
     "EVENT_TYPES",
+    "Incoming",
+    "Refused",
     "Armed",
     "DecodeFailed",
     "Disarmed",
@@ -48,6 +52,13 @@ class RejectReason(str, enum.Enum):
     NO_SUCH_PROCESS = "no_such_process"
     #: the pid is a thread's id, not a process's (its thread group leader is another).
     NOT_A_PROCESS = "not_a_process"
+    #: (socket) the sender is in a PID namespace the server cannot see: its pid is 0.
+    SENDER_NOT_VISIBLE = "sender_not_visible"
+    #: (socket) the sender exited before its message was read.
+    SENDER_GONE = "sender_gone"
+    #: (socket) the pidfd a datagram carries names a process the sender may not arm
+    #: for: not of its uid, or neither its descendant nor its parent.
+    FOREIGN_SUBJECT = "foreign_subject"
     #: the server could not examine the process (a ``/proc`` file it may not read, out
     #: of file descriptors, ...): refused, since nothing unverified is ever signalled.
     UNVERIFIABLE = "unverifiable"
@@ -194,6 +205,27 @@ class DecodeFailed(Event, frozen=True, tag="decode_failed"):
     reason: str
     excerpt: Optional[bytes] = None
     lines: int = 1
+
+
+class Refused(msgspec.Struct, frozen=True, gc=False):
+    """A message the edge refused before the core saw it (a socket's sender may not
+    name that process, or cannot be seen): reported and counted as a rejection.
+
+    Attributes:
+        reason: why.
+        request: what the message asked (``request_of``).
+        pid: the sender's pid, as the server sees it (0: not visible).
+        detail: for people.
+    """
+
+    reason: RejectReason
+    request: str
+    pid: int
+    detail: str = ""
+
+
+#: What the core applies: a decoded message or a decode error, or an edge's refusal.
+Incoming = Union[DecodeResult, Refused]
 
 
 #: Every event class.

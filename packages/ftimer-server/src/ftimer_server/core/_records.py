@@ -15,9 +15,17 @@ from typing import Optional
 
 import msgspec
 
-from ftimer_protocol import Arm
+from ftimer_protocol import (
+    Arm,
+    Disarm,
+    DisarmAll,
+    Expire,
+    Message,
+    Sync,
+    TimerRequestV1,
+)
 
-__all__ = ["Timer", "Worker"]
+__all__ = ["Timer", "Worker", "request_of"]
 
 
 class Timer(Arm, frozen=True, tag="arm"):
@@ -53,3 +61,14 @@ class Worker(msgspec.Struct, frozen=True, gc=False):
     pid: int
     start_time: Optional[int] = None
     pidfd: Optional[int] = None
+
+
+_REQUESTS = {Arm: "arm", Disarm: "disarm", DisarmAll: "disarm_all", Expire: "expire", Sync: "sync"}
+
+
+def request_of(message: Message) -> str:
+    """What ``message`` asks, as counters and rejections name it (a version 1 request
+    is an ``arm``, or with a negative time a ``disarm``)."""
+    if isinstance(message, TimerRequestV1):
+        return "disarm" if message.expiration_time < 0 else "arm"
+    return _REQUESTS.get(type(message), "arm")

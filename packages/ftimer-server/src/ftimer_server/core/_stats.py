@@ -38,6 +38,8 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
         workers_gone: bound workers seen to exit.
         armed: timers armed now.
         workers: processes bound now.
+        received: what was received, by transport ("fifo", "socket"): messages, refused
+            datagrams and bad lines (a run of identical bad lines counting once).
     """
 
     requests: Dict[str, Dict[str, int]]
@@ -50,6 +52,7 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
     workers_gone: int
     armed: int
     workers: int
+    received: Dict[str, int] = {}
 
 
 class Counters:
@@ -72,6 +75,8 @@ class Counters:
         self.expired = 0
         self.escalations = 0
         self.workers_gone = 0
+        #: Messages (and bad lines or datagrams) received, by transport.
+        self.received: Counter[str] = Counter()
 
     def count(self, event: Event) -> None:
         """Account for ``event`` (armed and disarmed timers are counted as requests)."""
@@ -114,4 +119,5 @@ class Counters:
             workers_gone=self.workers_gone,
             armed=armed,
             workers=workers,
+            received=dict(self.received),
         )

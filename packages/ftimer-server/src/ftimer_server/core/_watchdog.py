@@ -14,7 +14,6 @@ from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence
 
 from ftimer_protocol import (
     Arm,
-    DecodeResult,
     Disarm,
     DisarmAll,
     DumpHook,
@@ -29,7 +28,9 @@ from ._events import (
     Disarmed,
     Event,
     Expired,
+    Incoming,
     Reaped,
+    Refused,
     Rejected,
     RejectReason,
     WorkerGone,
@@ -107,7 +108,7 @@ class Watchdog:
 
     # -- input -------------------------------------------------------------------------
 
-    def apply(self, results: Sequence[DecodeResult], now: float, wall: float) -> List[str]:
+    def apply(self, results: Sequence[Incoming], now: float, wall: float) -> List[str]:
         """Apply decoded messages (and count decode errors), in order, at time ``now``.
 
         Args:
@@ -137,7 +138,7 @@ class Watchdog:
             table.settle(workers)
         return tokens
 
-    def _apply_one(self, m: DecodeResult, now: float, wall: float, tokens: List[str]) -> None:
+    def _apply_one(self, m: Incoming, now: float, wall: float, tokens: List[str]) -> None:
         """Apply one message (or count one decode error) the general way."""
         if isinstance(m, Arm):  # a Timer (decoded by the server's reader) is an Arm
             self._arm(
@@ -160,6 +161,8 @@ class Watchdog:
         elif isinstance(m, Sync):
             self.counters.requests["sync", "ok"] += 1
             tokens.append(m.token)
+        elif isinstance(m, Refused):
+            self._reject(m.reason, m.request, m.pid, None, None, m.detail)
         else:
             self._emit(DecodeFailed(type(m).__name__, m.reason, m.excerpt, m.lines))
 

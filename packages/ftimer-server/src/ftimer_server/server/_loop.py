@@ -35,6 +35,7 @@ from ftimer_server.core._watchdog import Watchdog
 
 from ._fifo import Fifo
 from ._journal import Journal
+from ._socket import DatagramSocket
 
 __all__ = ["MAX_WAIT", "READ_CHUNK", "Loop"]
 
@@ -50,6 +51,7 @@ MAX_WAIT = 3600.0
 #: someone else after it (``ftimer exec`` disarms once its command has exited).
 EXIT_HOLD = 0.05
 _FIFO = object()
+_SOCKET = object()
 _WAKE = object()
 
 
@@ -65,6 +67,7 @@ class Loop:
         tick_interval, on_tick: call ``on_tick()`` at least every ``tick_interval``
             seconds (a systemd watchdog keep-alive).
         journal: where every byte read goes before it is applied (the daemon's state).
+        socket: the datagram socket, read in the same iterations as the FIFO.
     """
 
     def __init__(
@@ -77,9 +80,11 @@ class Loop:
         tick_interval: Optional[float] = None,
         on_tick: Optional[Callable[[], None]] = None,
         journal: Optional[Journal] = None,
+        socket: Optional[DatagramSocket] = None,
     ) -> None:
         self._fifo = fifo
         self._journal = journal
+        self._socket = socket
         self._watchdog = watchdog
         self._lock = lock
         self._after = after
@@ -100,6 +105,8 @@ class Loop:
         self._selector = selectors.DefaultSelector()
         self._selector.register(fifo.read_fd, selectors.EVENT_READ, _FIFO)
         self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        if socket is not None:
+            self._selector.register(socket.fd, selectors.EVENT_READ, _SOCKET)
 
     # -- called from any thread ---------------------------------------------------------
 
@@ -188,7 +195,7 @@ class Loop:
         for key, _ in ready:
             if key.data is _WAKE:
                 _drain(self._wake_r)
-            elif key.data is not _FIFO:  # a pidfd: its worker exited
+            elif key.data is not _FIFO and key.data is not _SOCKET:  # a pidfd: it exited
                 self.unwatch(key.data)  # readable from now on: stop waiting for it
                 self._exits.append((time.monotonic() + EXIT_HOLD, key.data))
         tokens, horizon = self._ingest()
@@ -224,8 +231,18 @@ class Loop:
                     break
                 if not chunk:
                     break
-                tokens += watchdog.apply(feed(chunk), time.monotonic(), time.time())
+                results = feed(chunk)
+                watchdog.counters.received["fifo"] += len(results)
+                tokens += watchdog.apply(results, time.monotonic(), time.time())
             pending -= len(chunk)
+        if self._socket is not None:
+            # Everything queued now (a sender whose datagram would overflow the queue
+            # waits): sent before the horizon, so read before judging it.
+            received = self._socket.receive()
+            if received:
+                with self._lock:
+                    watchdog.counters.received["socket"] += len(received)
+                    tokens += watchdog.apply(received, time.monotonic(), time.time())
         return tokens, horizon
 
 

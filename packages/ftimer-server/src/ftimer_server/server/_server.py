@@ -35,6 +35,7 @@ from ._journal import Journal
 from ._loop import Loop
 from ._process import ProcessInspector, SystemInspector, raise_fd_limit
 from ._signaller import OsSignaller, RecordingSignaller, Signaller
+from ._socket import DatagramSocket, open_socket
 from ._torch import LogEvent, request_of, torch_log_event
 
 __all__ = ["FileTimerServer", "Lifecycle"]
@@ -111,6 +112,10 @@ class FileTimerServer:
             peers', off the loop, within ``incidents.timeout``), and write an incident
             (see docs/incidents.md); ``None`` (default): reap at once, capture nothing.
         on_incident: called with each incident once complete (from a capture thread).
+        socket_path: also receive timer requests as datagrams on an AF_UNIX socket bound
+            there (mode and group as the FIFO's): the sender's pid and uid come from
+            the kernel, not the message (see docs/protocol.md); ``None`` (default): the
+            FIFO alone. ``ftimer_protocol.socket_path_for(file_path)`` is the usual place.
         journal: keeps every byte read before it is applied, for ``checkpoint()`` and a
             restart's ``replay()`` (the daemon's state file); ``None``: no journal.
         restore_grace: after ``restore()`` or ``replay()``, no timer expires for this
@@ -150,6 +155,7 @@ class FileTimerServer:
         reap_steps: Iterable[ReapStep] = (),
         incidents: Optional[IncidentOptions] = None,
         on_incident: Optional[Callable[[Incident], None]] = None,
+        socket_path: Optional[Union[str, os.PathLike[str]]] = None,
         journal: Optional[Journal] = None,
         restore_grace: float = 1.5,
     ) -> None:
@@ -163,6 +169,8 @@ class FileTimerServer:
             raise ValueError("restore_grace must be between 0 and 3600 seconds")
         self._journal = journal
         self._restore_grace = restore_grace
+        self._socket_path = None if socket_path is None else os.fspath(socket_path)
+        self._socket: Optional[DatagramSocket] = None
         self.file_path = os.fspath(file_path)
         self.run_id = run_id
         self.max_interval = max_interval
@@ -474,6 +482,11 @@ class FileTimerServer:
             self._watchdog.timer_events = self._wants_timer_events()
 
     @property
+    def socket(self) -> Optional[DatagramSocket]:
+        """The bound datagram socket while running, if the server has one."""
+        return self._socket
+
+    @property
     def fifo(self) -> Optional[Fifo]:
         """The open FIFO while running (path, pipe size, whether this server created it)."""
         return self._fifo
@@ -495,6 +508,14 @@ class FileTimerServer:
                 pipe_size=self._pipe_size,
                 replace=len(self._watchdog.table) == 0,
             )
+            if self._socket_path is not None:
+                try:
+                    self._socket = open_socket(
+                        self._socket_path, mode=self._fifo_mode, group=self._fifo_group
+                    )
+                except BaseException:
+                    fifo.close()
+                    raise
             if fifo.replaced:
                 logger.info(
                     "replaced the FIFO %s with a new one (no timers restored): writers "
@@ -509,6 +530,7 @@ class FileTimerServer:
                 tick_interval=self._tick_interval,
                 on_tick=self._on_tick,
                 journal=self._journal,
+                socket=self._socket,
             )
             for worker in self._watchdog.workers():  # bound by restore() before start
                 loop.watch(worker)
@@ -535,6 +557,8 @@ class FileTimerServer:
             loop.close()
             if self._fifo is not None:
                 self._fifo.close(remove=self._remove_fifo)
+            if self._socket is not None:
+                self._socket.close()
             self._state = Lifecycle.STOPPED
             for done in self._syncs.values():
                 done.set()  # wake sync() callers: their tokens were not reached

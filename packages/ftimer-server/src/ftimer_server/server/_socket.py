@@ -1,0 +1,271 @@
+"""The kernel-verified transport: an AF_UNIX datagram socket beside the FIFO.
+
+Over the FIFO the server must believe the pid a writer puts in its message. Over this
+socket the kernel says who sent each datagram (``SCM_CREDENTIALS``: pid and uid,
+translated into the server's PID namespace; and, where the kernel offers it,
+``SCM_PIDFD``: a pidfd of the sender itself), so the subject of a message is the sender,
+never the pid it names. A datagram may carry one pidfd of another process
+(``SCM_RIGHTS``): then that process is the subject, if it has the sender's uid and is
+the sender's descendant or parent (``ftimer exec``, or a shell's ``ftimer arm``):
+nothing the sender could not already do with ``kill(2)``.
+
+Every refusal here is a value for the core (``Refused``, counted and reported as a
+rejection), or a protocol error (a datagram truncated, or without credentials), and
+every descriptor received is closed once read.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from typing import List, Optional, Tuple, Union
+
+import msgspec
+
+from ftimer_protocol import PIPE_BUF, MalformedMessage, Sync, decode_value
+from ftimer_server.core._events import Incoming, Refused, RejectReason
+from ftimer_server.core._records import request_of
+
+from ._fifo import FifoError, _gid
+
+__all__ = ["DatagramSocket", "open_socket", "socket_path_for"]
+
+logger = logging.getLogger("ftimer_server")
+
+# Linux's numbers, which Python 3.11's socket module does not all name.
+_SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
+_SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)
+_SO_PASSPIDFD = getattr(socket, "SO_PASSPIDFD", 76)  # Linux 6.5
+_SCM_PIDFD = getattr(socket, "SCM_PIDFD", 4)
+_UCRED = struct.Struct("iII")  # pid, uid, gid
+#: Descriptors a datagram may carry: one pidfd; the kernel closes any beyond room.
+_MAX_FDS = 1
+_ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4 * _MAX_FDS) + socket.CMSG_SPACE(4)
+_QLEN = "/proc/sys/net/unix/max_dgram_qlen"
+
+
+def socket_path_for(fifo: str) -> str:
+    """The datagram socket beside the FIFO ``fifo``: ``timer.fifo`` -> ``timer.socket``."""
+    return fifo[: -len(".fifo")] + ".socket" if fifo.endswith(".fifo") else fifo + ".socket"
+
+
+class DatagramSocket:
+    """The bound socket: ``receive()`` what was sent to it, with who sent it.
+
+    Attributes:
+        path: where it is bound.
+        fd: its descriptor (non-blocking), for the loop's selector.
+        pidfds: whether the kernel gives a pidfd of each sender (``SO_PASSPIDFD``).
+        queue: the most datagrams its queue holds (``net.unix.max_dgram_qlen``): a
+            sender whose datagram would exceed it waits for room.
+    """
+
+    def __init__(self, path: str, sock: socket.socket, pidfds: bool, queue: int) -> None:
+        self.path = path
+        self._sock = sock
+        self.fd = sock.fileno()
+        self.pidfds = pidfds
+        self.queue = queue
+        st = os.lstat(path)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def receive(self) -> List[Incoming]:
+        """Read what is queued now (at most ``queue`` + 1 datagrams: everything sent
+        before the call); return each datagram's message, with its subject's pid in
+        place of the one it names, or its refusal. Never raises."""
+        out: List[Incoming] = []
+        for _ in range(self.queue + 1):
+            try:
+                data, ancillary, flags, _ = self._sock.recvmsg(PIPE_BUF + 1, _ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:  # never expected on a bound datagram socket
+                logger.error("receiving from %s: %s", self.path, e)
+                break
+            out.append(self._one(data, ancillary, flags))
+        return out
+
+    def close(self) -> None:
+        """Close the socket and remove its path, if it is still this socket's."""
+        self._sock.close()
+        with contextlib.suppress(OSError):
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.unlink(self.path)
+
+    def _one(self, data: bytes, ancillary: List[Tuple[int, int, bytes]], flags: int) -> Incoming:
+        creds: Optional[Tuple[int, int, int]] = None
+        sender_fd: Optional[int] = None
+        rights: List[int] = []
+        for level, kind, cdata in ancillary:
+            if level != socket.SOL_SOCKET:
+                continue
+            if kind == _SCM_CREDENTIALS and len(cdata) >= _UCRED.size:
+                creds = _UCRED.unpack_from(cdata)
+            elif kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+                rights += list(fds)
+            elif kind == _SCM_PIDFD and len(cdata) >= 4:
+                sender_fd = struct.unpack_from("i", cdata)[0]
+        try:
+            return _judge(data, flags, creds, sender_fd, rights)
+        finally:
+            for fd in ([sender_fd] if sender_fd is not None else []) + rights:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _judge(
+    data: bytes,
+    flags: int,
+    creds: Optional[Tuple[int, int, int]],
+    sender_fd: Optional[int],
+    rights: List[int],
+) -> Incoming:
+    """One datagram: its message for its subject, or why not."""
+    if flags & socket.MSG_TRUNC:
+        return MalformedMessage("datagram longer than PIPE_BUF", data[:64])
+    if creds is None:
+        return MalformedMessage("datagram without credentials", data[:64])
+    message = decode_value(data[:-1] if data.endswith(b"\n") else data)
+    if isinstance(message, Exception):
+        return message
+    request = request_of(message)
+    pid, uid, _ = creds
+    if pid == 0:
+        return Refused(
+            RejectReason.SENDER_NOT_VISIBLE,
+            request,
+            0,
+            "the sender is in a PID namespace the server cannot see: run the server in "
+            "the workers' PID namespace or an ancestor of it",
+        )
+    if sender_fd is not None and _pidfd_pid(sender_fd) != pid:
+        return Refused(
+            RejectReason.SENDER_GONE, request, pid, "it exited before its message was read"
+        )
+    subject = pid
+    if rights:
+        if len(rights) > 1 or (flags & socket.MSG_CTRUNC):
+            return Refused(RejectReason.FOREIGN_SUBJECT, request, pid, "more than one descriptor")
+        target = _pidfd_pid(rights[0])
+        if target is None or target <= 0:
+            dead = "not a pidfd of a live process"
+            return Refused(RejectReason.FOREIGN_SUBJECT, request, pid, dead)
+        why = _may_name(pid, uid, target)
+        if why is not None:
+            return Refused(RejectReason.FOREIGN_SUBJECT, request, pid, why)
+        subject = target
+    if isinstance(message, Sync):  # a marker names nobody
+        return message
+    return msgspec.structs.replace(message, pid=subject)
+
+
+def _pidfd_pid(fd: int) -> Optional[int]:
+    """The pid a pidfd refers to (-1 once it exited), or None if ``fd`` is no pidfd."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _may_name(sender: int, uid: int, target: int) -> Optional[str]:
+    """Why ``sender`` (of ``uid``) may not arm a timer for ``target``, or None: only a
+    process of its own uid that is its descendant or its parent."""
+    try:
+        if _status_uid(target) != uid:
+            return f"process {target} is not of the sender's user"
+        if _ppid(sender) == target:
+            return None
+        pid = target
+        for _ in range(256):
+            pid = _ppid(pid)
+            if pid == sender:
+                return None
+            if pid <= 1:
+                break
+    except OSError as e:
+        return f"cannot examine process {target}: {e.strerror}"
+    return f"process {target} is neither a descendant nor the parent of the sender"
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    return int(data[data.rindex(b")") + 2 :].split()[1])
+
+
+def _status_uid(pid: int) -> int:
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Uid:"):
+                return int(line.split()[1])
+    raise OSError(errno.ESRCH, "no Uid line")
+
+
+def open_socket(
+    path: str, *, mode: int = 0o600, group: Optional[Union[int, str]] = None
+) -> DatagramSocket:
+    """Bind the datagram socket at ``path`` (its directory is the FIFO's, already made
+    safe), with the FIFO's ``mode`` and ``group``.
+
+    A socket left at the path by this user (a server that died) is replaced; anything
+    else there is refused, never removed.
+
+    Raises:
+        FifoError: the path holds something else, or another user's socket, or the
+            socket cannot be bound.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise FifoError(path, f"cannot examine it: {e.strerror}") from None
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FifoError(path, "something other than a socket is there; not removing it")
+        if st.st_uid != os.geteuid():
+            raise FifoError(path, f"a socket of uid {st.st_uid} is there; not removing it")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_PASSCRED, 1)
+        pidfds = True
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_PASSPIDFD, 1)
+        except OSError:  # before Linux 6.5: pid and start time, as over the FIFO
+            pidfds = False
+        old = os.umask(0o177)  # no moment at which others may connect
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        gid = _gid(group)
+        os.chmod(path, mode)
+        if gid is not None:
+            os.chown(path, -1, gid)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise FifoError(path, f"cannot bind the socket: {e.strerror or e}") from None
+    return DatagramSocket(path, sock, pidfds, _queue_length())
+
+
+def _queue_length() -> int:
+    try:
+        with open(_QLEN, encoding="ascii") as f:
+            return max(1, int(f.read()))
+    except (OSError, ValueError):
+        return 512  # Linux's default

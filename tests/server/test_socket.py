@@ -1,0 +1,206 @@
+"""The datagram socket: the kernel says who sent each message (SCM_CREDENTIALS, a pidfd
+of the sender), so the subject of a timer is the sender, never the pid it names. Real
+sockets, real processes (one in a private PID namespace), real signals to the test's
+own children only."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Callable, List, Sequence
+
+import pytest
+from tests.conftest import wait_until
+
+from ftimer_protocol import Arm, Expire, encode
+from ftimer_server import Armed, Event, FileTimerServer, Reaped, Rejected
+
+from .conftest import wait_exit
+
+# Sends one line to the socket argv[1]: argv[2] is the line; with argv[3], also a pidfd
+# of that pid (SCM_RIGHTS). Then waits for its stdin to close (it is the sender).
+SENDER = """
+import os, socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sock.connect(sys.argv[1])
+line = sys.argv[2].encode()
+if len(sys.argv) > 3:
+    socket.send_fds(sock, [line], [os.pidfd_open(int(sys.argv[3]))])
+else:
+    sock.send(line)
+print("sent", flush=True)
+sys.stdin.read()
+"""
+
+
+class Events:
+    def __init__(self) -> None:
+        self.all: List[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.all.append(event)
+
+    def of(self, kind: type) -> List[Event]:
+        return [e for e in self.all if isinstance(e, kind)]
+
+
+@pytest.fixture
+def served(fifo_path: pathlib.Path) -> Iterator[tuple[FileTimerServer, Events, str]]:
+    events = Events()
+    path = str(fifo_path.with_suffix(".socket"))
+    with FileTimerServer(fifo_path, on_event=events, socket_path=path) as server:
+        yield server, events, path
+
+
+@pytest.fixture
+def senders() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    started: List[subprocess.Popen[str]] = []
+
+    def send(
+        path: str, line: bytes, *extra: str, prefix: Sequence[str] = ()
+    ) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [*prefix, sys.executable, "-c", SENDER, path, line.decode(), *extra],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        started.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "sent\n"
+        return proc
+
+    yield send
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def soon() -> float:
+    """A deadline just after the sender has said it sent."""
+    return time.monotonic() + 0.5
+
+
+def arm(pid: int, after: float = 1e6, scope: str = "step") -> bytes:
+    return encode(Arm(pid=pid, scope_id=scope, deadline=after, signal=9))
+
+
+def test_the_subject_is_the_sender_not_the_pid_it_names(served, senders, children) -> None:  # type: ignore[no-untyped-def]
+    server, events, path = served
+    bystander = children()
+    sender = senders(path, arm(bystander.pid, soon()))  # names another process
+    code, _ = wait_exit(sender)
+    assert code == -9  # the sender itself was reaped
+    assert bystander.poll() is None
+    [reaped] = events.of(Reaped)
+    assert reaped.pid == sender.pid  # type: ignore[attr-defined]
+    assert server.stats().received["socket"] == 1
+
+
+def test_a_pidfd_names_the_senders_parent_never_a_stranger(served, senders) -> None:  # type: ignore[no-untyped-def]
+    server, events, path = served
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        stranger = senders(path, arm(1), str(child.pid))  # the test's child: not the sender's
+        wait_until(lambda: events.of(Rejected))
+        [refused] = events.of(Rejected)
+        assert refused.reason.value == "foreign_subject"  # type: ignore[attr-defined]
+        assert "neither a descendant nor the parent" in refused.detail  # type: ignore[attr-defined]
+        assert stranger.poll() is None
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait()
+    # A shell whose child sends its parent's pidfd: the shell is the subject.
+    command = f'"{sys.executable}" -c "$0" "$1" "$2" "$$" < /dev/null > /dev/null; sleep 60'
+    shell = subprocess.Popen(["sh", "-c", command, SENDER, path, arm(1).decode()])
+    try:
+        wait_until(lambda: events.of(Armed))
+        [armed] = events.of(Armed)
+        assert armed.timer.pid == shell.pid  # type: ignore[attr-defined]
+    finally:
+        shell.kill()
+        shell.wait()
+    del server
+
+
+def test_a_sender_in_a_private_pid_namespace_is_known_by_its_host_pid(
+    served,
+    senders,  # type: ignore[no-untyped-def]
+) -> None:
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(["unshare", "--pid", "--fork", "true"], check=False).returncode
+    ):
+        pytest.skip("cannot create a PID namespace here")
+    server, events, path = served
+    # Inside, the sender is pid 1 (with --fork, unshare's child) and names itself so.
+    sender = senders(path, arm(1, soon()), prefix=["unshare", "--pid", "--fork", "--kill-child"])
+    wait_until(lambda: events.of(Reaped))
+    [reaped] = events.of(Reaped)
+    host_pid = reaped.pid  # type: ignore[attr-defined]
+    assert host_pid not in (1, sender.pid)  # its host pid: unshare's child
+    with open(f"/proc/{sender.pid}/status") as f:  # unshare itself lives on, unsignalled
+        assert "State:" in f.read()
+    assert sender.wait(10) != 0  # its child was killed, so unshare ends
+    del server
+
+
+def test_a_sender_that_exits_before_it_is_read_is_refused(fifo_path: pathlib.Path, senders) -> None:  # type: ignore[no-untyped-def]
+    events = Events()
+    gate, held = threading.Event(), threading.Event()
+
+    def hold(event: Event) -> None:
+        events(event)
+        if isinstance(event, Armed) and not held.is_set():
+            held.set()
+            gate.wait(10)
+
+    path = str(fifo_path.with_suffix(".socket"))
+    with FileTimerServer(fifo_path, on_event=hold, socket_path=path) as server:
+        if not server.socket.pidfds:  # type: ignore[union-attr]
+            pytest.skip("the kernel gives no pidfd of a sender (SO_PASSPIDFD, Linux 6.5)")
+        first = senders(path, arm(1))
+        assert held.wait(10)  # the loop is held; the next datagram waits in the queue
+        gone = senders(path, arm(1, scope="late"))
+        gone.kill()
+        gone.wait()
+        gate.set()
+        wait_until(lambda: events.of(Rejected))
+    [refused] = events.of(Rejected)
+    assert refused.reason.value == "sender_gone"  # type: ignore[attr-defined]
+    assert [e.timer.pid for e in events.of(Armed)] == [first.pid]  # type: ignore[attr-defined]
+
+
+def test_bad_datagrams_are_counted_and_no_descriptor_leaks(served) -> None:  # type: ignore[no-untyped-def]
+    server, events, path = served
+    before = len(os.listdir("/proc/self/fd"))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.connect(path)
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        sock.send(b"y" * 5000)  # longer than PIPE_BUF: truncated
+        sock.send(b"not a message\n")
+        for _ in range(50):  # descriptors that are refused must still be closed
+            socket.send_fds(sock, [encode(Expire(pid=1, scope_id="x", signal=9))], [pidfd, pidfd])
+        server.sync()
+        stats = server.stats()
+    finally:
+        os.close(pidfd)
+        sock.close()
+    assert stats.decode_errors == {"MalformedMessage": 2}
+    assert stats.rejections == {"foreign_subject": 50}
+    assert stats.received["socket"] == 52
+    assert len(os.listdir("/proc/self/fd")) == before
+    del events

@@ -103,9 +103,10 @@ class FileTimerServer:
             default, so a restarted server is found at the same path by its writers.
         kill_self_on_reap: after reaping a worker, signal this process with the same
             signal (what torch 2.13 always does). Off by default.
-        tick_interval, on_tick: call ``on_tick()`` from the loop at least every
-            ``tick_interval`` seconds (a systemd watchdog keep-alive). The only periodic
-            wake-up the server ever does, and only when asked.
+        tick_interval: call ``on_tick()`` from the loop at least every this many
+            seconds (a systemd watchdog keep-alive). The only periodic wake-up the
+            server ever does, and only when asked.
+        on_tick: what the loop calls every ``tick_interval`` seconds.
         pipe_size: the pipe buffer size to request; defaults to the system maximum.
         reap_steps: callables run between an expiry and its signal.
         incidents: capture why a worker hangs before each reap (its stacks and its

@@ -254,3 +254,19 @@ def test_reap_tree_and_a_core_before_the_kill(
     core = incident.captures[0].core
     assert core == str(directory / f"{incident.id}.core")
     assert os.path.getsize(core) > 0  # taken while it lived, before the kill
+
+
+def test_a_capture_helper_that_died_is_replaced(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, workers
+) -> None:  # type: ignore[no-untyped-def]
+    got = Collector()
+    with server(fifo_path, got, directory=str(tmp_path / "i"), method="facts") as srv:
+        helper = srv._diagnostics._helper._process  # type: ignore[union-attr]
+        helper.kill()  # as the OOM killer would
+        helper.wait()
+        stuck = workers(fifo_path, 0, 0.3, "collective")
+        code, _ = wait_exit(stuck)
+        assert got.done.wait(15)
+    assert code == -9
+    [incident] = got.incidents
+    assert incident.captures[0].facts is not None  # captured by a new helper

@@ -120,26 +120,44 @@ class Helper:
         self._write_lock = threading.Lock()
         self._pending: Dict[int, concurrent.futures.Future[bytes]] = {}
         self._numbers = 0
+        self._start()
+
+    def _start(self) -> None:
         self._process = subprocess.Popen(
             [sys.executable, "-m", "ftimer_server.incidents"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
         )
-        self._reader = threading.Thread(target=self._read, name="ftimer-helper", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read, args=(self._process,), name="ftimer-helper", daemon=True
+        )
         self._reader.start()
 
     def submit(self, job: Union[CaptureJob, WriteJob]) -> concurrent.futures.Future[bytes]:
         """Hand ``job`` to the helper; the future gets its encoded result, or fails with
         ``RuntimeError`` (the job failed) or ``HelperGone``."""
         future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        lost: Dict[int, concurrent.futures.Future[bytes]] = {}
         with self._lock:
-            if self._process.poll() is not None:
-                future.set_exception(HelperGone("the capture helper has exited"))
-                return future
-            self._numbers += 1
-            number = self._numbers
-            self._pending[number] = future
+            if self._process.poll() is not None:  # it died (killed, out of memory): anew
+                logger.error(
+                    "the capture helper exited (status %s); starting another",
+                    self._process.returncode,
+                )
+                lost, self._pending = self._pending, {}
+                try:
+                    self._start()
+                except OSError as e:
+                    future.set_exception(HelperGone(f"cannot start the capture helper: {e}"))
+            if not future.done():
+                self._numbers += 1
+                number = self._numbers
+                self._pending[number] = future
+        for gone in lost.values():
+            gone.set_exception(HelperGone("the capture helper exited"))
+        if future.done():
+            return future
         try:
             assert self._process.stdin is not None
             _send(self._process.stdin, _Frame(number, job), self._write_lock)
@@ -162,9 +180,9 @@ class Helper:
         assert self._process.stdout is not None
         self._process.stdout.close()
 
-    def _read(self) -> None:
-        assert self._process.stdout is not None
-        while (data := _receive(self._process.stdout)) is not None:
+    def _read(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        while (data := _receive(process.stdout)) is not None:
             done = _dones.decode(data)
             with self._lock:
                 future = self._pending.pop(done.number, None)
@@ -175,6 +193,8 @@ class Helper:
             else:
                 future.set_result(done.result or b"")
         with self._lock:  # the helper exited: whatever it had is lost
+            if process is not self._process:
+                return  # a new one took over already
             pending, self._pending = self._pending, {}
         for future in pending.values():
             future.set_exception(HelperGone("the capture helper exited"))

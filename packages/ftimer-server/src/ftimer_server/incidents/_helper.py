@@ -15,6 +15,7 @@ msgpack message (``Job`` in, ``Done`` out), matched by a number.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import struct
@@ -146,6 +147,9 @@ class Helper:
                     self._process.returncode,
                 )
                 lost, self._pending = self._pending, {}
+                if self._process.stdin is not None:
+                    with contextlib.suppress(OSError):
+                        self._process.stdin.close()
                 try:
                     self._start()
                 except OSError as e:
@@ -177,12 +181,20 @@ class Helper:
             self._process.kill()
             self._process.wait()
         self._reader.join(5)
-        assert self._process.stdout is not None
-        self._process.stdout.close()
 
     def _read(self, process: subprocess.Popen[bytes]) -> None:
         assert process.stdout is not None
-        while (data := _receive(process.stdout)) is not None:
+        with process.stdout:  # closed once the helper is gone
+            self._answer(process.stdout)
+        with self._lock:  # the helper exited: whatever it had is lost
+            if process is not self._process:
+                return  # a new one took over already
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            future.set_exception(HelperGone("the capture helper exited"))
+
+    def _answer(self, stream: IO[bytes]) -> None:
+        while (data := _receive(stream)) is not None:
             done = _dones.decode(data)
             with self._lock:
                 future = self._pending.pop(done.number, None)
@@ -192,12 +204,6 @@ class Helper:
                 future.set_exception(RuntimeError(done.error))
             else:
                 future.set_result(done.result or b"")
-        with self._lock:  # the helper exited: whatever it had is lost
-            if process is not self._process:
-                return  # a new one took over already
-            pending, self._pending = self._pending, {}
-        for future in pending.values():
-            future.set_exception(HelperGone("the capture helper exited"))
 
 
 # -- the helper process ------------------------------------------------------------------

@@ -33,7 +33,15 @@ def test_defaults_follow_the_documented_fifo_path() -> None:
     config = resolve_config({}, environ={})
     uid = os.geteuid()
     expected = "/run/ftimer/timer.fifo" if uid == 0 else f"/tmp/ftimer-{uid}/timer.fifo"
-    assert config == DaemonConfig(fifo=expected, control_socket=expected + ".sock")
+    socket = expected[: -len(".fifo")] + ".socket"
+    assert config == DaemonConfig(fifo=expected, control_socket=expected + ".sock", socket=socket)
+
+
+def test_the_socket_is_beside_the_fifo_unless_told_otherwise() -> None:
+    assert resolve_config({"fifo": "/srv/t/timer.fifo"}, environ={}).socket == "/srv/t/timer.socket"
+    assert resolve_config({"fifo": "/srv/t/pipe"}, environ={}).socket == "/srv/t/pipe.socket"
+    assert resolve_config({"socket": "/srv/s"}, environ={}).socket == "/srv/s"
+    assert resolve_config({"socket": ""}, environ={}).socket is None  # --no-socket
 
 
 def test_fifo_from_the_environment_as_the_client_reads_it() -> None:

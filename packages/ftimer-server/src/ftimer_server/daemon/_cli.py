@@ -84,6 +84,21 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the watchdog in the foreground until SIGTERM or SIGINT. "
         "SIGHUP reopens the log file and reloads the config file.",
     )
+    transport = run.add_mutually_exclusive_group()
+    transport.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="also receive timers as datagrams on an AF_UNIX socket here, whose sender "
+        "the kernel names (workers in containers without hostPID use it); default: "
+        "beside the FIFO (timer.fifo -> timer.socket)",
+    )
+    transport.add_argument(
+        "--no-socket",
+        dest="socket",
+        action="store_const",
+        const="",
+        help="the FIFO alone",
+    )
     run.add_argument(
         "--fifo-mode",
         metavar="MODE",
@@ -390,7 +405,9 @@ def format_status(doc: Dict[str, Any]) -> str:
     health = "" if doc.get("healthy") else ", NOT READING ITS FIFO"
     lines = [
         f"ftimer-server {doc.get('version', '?')} (pid {doc.get('pid', '?')}), {mode}{health}",
-        f"FIFO {doc.get('fifo', '?')}, up {_duration(doc.get('uptime', 0.0))}",
+        f"FIFO {doc.get('fifo', '?')}"
+        + (f", socket {doc['socket']}" if doc.get("socket") else "")
+        + f", up {_duration(doc.get('uptime', 0.0))}",
         f"{len(timers)} timer{'s' if len(timers) != 1 else ''} armed",
     ]
     if timers:

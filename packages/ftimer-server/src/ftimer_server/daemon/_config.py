@@ -39,6 +39,7 @@ import msgspec
 from ftimer_protocol import MAX_SIGNAL, default_fifo_path
 from ftimer_protocol._limits import LABEL_KEY_PATTERN
 from ftimer_server.incidents._diagnostics import CAPTURE_METHODS as INCIDENT_METHODS
+from ftimer_server.server._socket import socket_path_for
 
 from ._logging import LOG_FORMATS, LOG_LEVELS
 
@@ -89,6 +90,7 @@ class FileSettings(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", k
     fifo_mode: Union[int, str, None] = None
     fifo_group: Union[int, str, None] = None
     control_socket: Optional[str] = None
+    socket: Optional[str] = None
     signal: Union[int, str, None] = None
     grace: Optional[float] = None
     state_file: Optional[str] = None
@@ -127,6 +129,8 @@ class DaemonConfig:
         fifo_mode: permission bits for a FIFO the daemon creates (0o600 by default).
         fifo_group: gid given to the FIFO, or None to keep the daemon's.
         control_socket: the status socket's path.
+        socket: the datagram socket (the kernel-verified transport) beside the FIFO, or
+            None: the FIFO alone.
         signal: the signal every reap sends instead of the timer's own (report-only
             timers stay report-only); None: each timer's.
         grace: seconds a worker signalled with anything but SIGKILL has before SIGKILL;
@@ -163,6 +167,7 @@ class DaemonConfig:
     fifo_mode: int = 0o600
     fifo_group: Optional[int] = None
     control_socket: str = ""
+    socket: Optional[str] = None
     signal: Optional[int] = None
     grace: Optional[float] = None
     state_file: Optional[str] = None
@@ -458,6 +463,11 @@ def resolve_config(
         fifo_mode=0o600 if merged["fifo_mode"] is None else check("fifo_mode", parse_mode),
         fifo_group=check("fifo_group", parse_group),
         control_socket=path("control_socket") or control_socket_for(fifo),
+        socket=(
+            socket_path_for(fifo)
+            if merged["socket"] is None
+            else (os.path.abspath(merged["socket"]) if merged["socket"] else None)
+        ),
         signal=signal,
         grace=grace,
         state_file=state_file,

@@ -200,6 +200,7 @@ class Daemon:
                 on_tick=self._keepalive if tick is not None else None,
                 journal=journal,
                 incidents=_incidents(c),
+                socket_path=c.socket,
                 on_incident=self._incident,
             )
         except OSError as e:  # the incident directory is unusable or unsafe
@@ -258,9 +259,10 @@ class Daemon:
         if c.grace is not None:
             mode += f", SIGKILL {c.grace:g} s later if still alive"
         log.info(
-            "ftimer-server %s ready: FIFO %s, %s, status socket %s, state file %s",
+            "ftimer-server %s ready: FIFO %s, socket %s, %s, status socket %s, state file %s",
             __version__,
             c.fifo,
+            c.socket or "none",
             mode,
             c.control_socket,
             c.state_file or "none",
@@ -399,6 +401,7 @@ class Daemon:
             "pid": os.getpid(),
             "healthy": healthy,
             "fifo": c.fifo,
+            "socket": c.socket,
             "control_socket": c.control_socket,
             "state_file": c.state_file,
             "dry_run": c.dry_run,

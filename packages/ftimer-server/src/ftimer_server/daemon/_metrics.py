@@ -65,7 +65,7 @@ class _StatsCollector:
         )
         requests = core.CounterMetricFamily(
             "ftimer_requests",
-            "Messages read from the FIFO, by type and result (ok, rejected, unknown).",
+            "Messages applied, by type and result (ok, rejected, unknown).",
             labels=["type", "result"],
         )
         for kind, results in sorted(s.requests.items()):
@@ -78,8 +78,18 @@ class _StatsCollector:
         for reason, n in sorted(s.rejections.items()):
             refusals.add_metric([reason], n)
         yield refusals
+        received = core.CounterMetricFamily(
+            "ftimer_received",
+            "Messages, refused datagrams and bad lines received, by transport (fifo, socket).",
+            labels=["transport"],
+        )
+        for transport, n in sorted(s.received.items()):
+            received.add_metric([transport], n)
+        yield received
         decode = core.CounterMetricFamily(
-            "ftimer_decode_errors", "FIFO lines that were not valid messages.", labels=["error"]
+            "ftimer_decode_errors",
+            "Lines or datagrams that were not valid messages.",
+            labels=["error"],
         )
         for error, n in sorted(s.decode_errors.items()):
             decode.add_metric([error], n)

@@ -153,7 +153,9 @@ class Daemon:
         c = self.config
         if c.metrics_address is not None:
             try:
-                self._metrics = Metrics(self._stats, self._state_saves, c.dry_run)
+                self._metrics = Metrics(
+                    self._stats, self._state_saves, c.dry_run, self._incident_writes
+                )
             except MetricsUnavailable as e:
                 raise ConfigError(f"--metrics-address: {e}") from None
         # A FIFO its workers may write but cannot reach fails them all with EACCES, or
@@ -380,6 +382,9 @@ class Daemon:
     def _stats(self) -> Stats:
         assert self._server is not None
         return self._server.stats()
+
+    def _incident_writes(self) -> tuple[int, int]:
+        return (0, 0) if self._server is None else self._server.incident_writes
 
     def _state_saves(self) -> tuple[int, int]:
         saver = self._saver

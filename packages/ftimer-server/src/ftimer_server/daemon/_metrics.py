@@ -49,11 +49,13 @@ class _StatsCollector:
         prom: Any,
         stats: Callable[[], Stats],
         state_saves: Optional[Callable[[], Tuple[int, int]]],
+        incident_writes: Optional[Callable[[], Tuple[int, int]]],
         dry_run: bool,
     ) -> None:
         self._prom = prom
         self._stats = stats
         self._state_saves = state_saves
+        self._incident_writes = incident_writes
         self._dry_run = dry_run
 
     def collect(self) -> Iterator[Any]:
@@ -110,6 +112,14 @@ class _StatsCollector:
         yield core.GaugeMetricFamily(
             "ftimer_dry_run", "1 if expiries are logged instead of signalled.", value=self._dry_run
         )
+        if self._incident_writes is not None:
+            writes = core.CounterMetricFamily(
+                "ftimer_incident_writes", "Incidents written, by result.", labels=["result"]
+            )
+            ok, errors = self._incident_writes()
+            writes.add_metric(["ok"], ok)
+            writes.add_metric(["error"], errors)
+            yield writes
         if self._state_saves is not None:
             saves = core.CounterMetricFamily(
                 "ftimer_state_saves", "State file writes, by result.", labels=["result"]
@@ -126,6 +136,7 @@ class Metrics:
     Args:
         stats: the server's counters (``FileTimerServer.stats``), read at scrape time.
         state_saves: (successful, failed) state file writes, read at scrape time.
+        incident_writes: (successful, failed) incident writes, read at scrape time.
         dry_run: whether the daemon runs with ``--dry-run`` (a gauge).
 
     Raises:
@@ -137,10 +148,11 @@ class Metrics:
         stats: Callable[[], Stats],
         state_saves: Optional[Callable[[], Tuple[int, int]]] = None,
         dry_run: bool = False,
+        incident_writes: Optional[Callable[[], Tuple[int, int]]] = None,
     ) -> None:
         prom = _prometheus()
         self.registry = prom.CollectorRegistry()
-        self.registry.register(_StatsCollector(prom, stats, state_saves, dry_run))
+        self.registry.register(_StatsCollector(prom, stats, state_saves, incident_writes, dry_run))
         self._latency = prom.Histogram(
             "ftimer_reap_latency_seconds",
             "Seconds from a timer's deadline to its worker's signal.",

@@ -483,6 +483,12 @@ class FileTimerServer:
             self._watchdog.timer_events = self._wants_timer_events()
 
     @property
+    def incident_writes(self) -> Tuple[int, int]:
+        """(incidents written, incidents that could not be written) since start."""
+        d = self._diagnostics
+        return (0, 0) if d is None else (d.written, d.write_errors)
+
+    @property
     def socket(self) -> Optional[DatagramSocket]:
         """The bound datagram socket while running, if the server has one."""
         return self._socket

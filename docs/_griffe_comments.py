@@ -1,0 +1,48 @@
+"""A griffe extension (mkdocs.yml): ``#:`` comments document the attribute below them,
+and every enum member is listed.
+
+The packages document constants and enum members the way Sphinx reads them, with ``#:``
+comment lines just above the assignment (``RejectReason.RESERVED_PID``, ``PIPE_BUF``).
+griffe reads only docstrings, so without this the API reference would show such a name
+with no text, or (for an enum member) not at all. An enum member with no comment is
+documented by its value, so that every member of an enum is listed.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import griffe
+
+
+class HashColonComments(griffe.Extension):
+    """Give an attribute that has no docstring the ``#:`` lines just above it."""
+
+    def on_attribute_instance(
+        self, *, node: Any, attr: griffe.Attribute, agent: Any, **kwargs: Any
+    ) -> None:
+        code = getattr(agent, "code", None)  # the source of a visited (not inspected) module
+        lineno = getattr(node, "lineno", None)
+        if attr.docstring is not None or not isinstance(node, ast.AST) or not code or not lineno:
+            return
+        lines = code.splitlines()
+        comment = []
+        i = lineno - 2  # the line above, 0-based
+        while i >= 0 and lines[i].lstrip().startswith("#:"):
+            comment.append(lines[i].lstrip()[2:].strip())
+            i -= 1
+        if comment:
+            text = "\n".join(reversed(comment))
+        elif _in_enum(attr) and attr.value is not None:
+            text = f"``{attr.value}``"
+        else:
+            return
+        attr.docstring = griffe.Docstring(text, lineno=i + 2, endlineno=lineno - 1, parent=attr)
+
+
+def _in_enum(attr: griffe.Attribute) -> bool:
+    parent = attr.parent
+    if not isinstance(parent, griffe.Class):
+        return False
+    return any(str(base).split(".")[-1].endswith("Enum") for base in parent.bases)

@@ -1,8 +1,11 @@
-"""A minimal real peer for client tests: reads a real FIFO in a thread and decodes it.
+"""Minimal real peers for client tests: a FIFO or a datagram socket read in a thread.
 
-It stands in for a server: it opens the FIFO for reading (and keeps a write descriptor
-of its own so it never sees end-of-file), can stop reading (a stalled server), can fill
-the pipe, and can go away (a server restart: close, unlink, recreate).
+Each stands in for a server. ``FifoPeer`` opens the FIFO for reading (and keeps a write
+descriptor of its own so it never sees end-of-file); ``SocketPeer`` binds an AF_UNIX
+datagram socket with SO_PASSCRED, as the server does, and keeps for every datagram the
+kernel's credentials of its sender and the pid named by each pidfd it carried. Both can
+stop reading (a stalled server), fill their queue, and go away (a server restart: close,
+unlink, create again).
 """
 
 from __future__ import annotations
@@ -12,24 +15,29 @@ import fcntl
 import os
 import pathlib
 import select
+import socket
+import struct
 import termios
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import pytest
 
 import ftimer_client._expires as expires_module
 from ftimer_protocol import (
+    PIPE_BUF,
     Arm,
     Disarm,
     DisarmAll,
     Expire,
     Message,
+    RemoteProtocolError,
     StreamDecoder,
     Sync,
     TimerRequestV1,
+    decode_value,
     encode,
 )
 
@@ -156,6 +164,179 @@ class FifoPeer:
             os.close(fd)
 
 
+class Datagram(NamedTuple):
+    """One datagram a ``SocketPeer`` received."""
+
+    data: bytes
+    #: The sender's pid and uid, from the kernel (SCM_CREDENTIALS).
+    pid: int
+    uid: int
+    #: The pid each pidfd it carried names (SCM_RIGHTS), in order.
+    pidfds: Tuple[int, ...]
+    #: Other descriptors it carried (not pidfds): their count.
+    others: int
+
+
+# Room for one struct ucred and a few descriptors: more than a client ever sends.
+_ANCILLARY = socket.CMSG_SPACE(struct.calcsize("iII")) + socket.CMSG_SPACE(8 * 4)
+
+
+def pidfd_pid(fd: int) -> Optional[int]:
+    """The pid a pidfd names (its fdinfo's ``Pid:``), or None for another descriptor."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    return None
+
+
+class SocketPeer:
+    """Binds ``path`` (an AF_UNIX datagram socket with SO_PASSCRED) and reads it."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.datagrams: List[Datagram] = []
+        self.messages: List[Message] = []
+        self.errors: List[Any] = []
+        self._cond = threading.Condition()
+        self._state = "reading"  # or "paused", "stopped"; changed under _cond
+        self._parked = False
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _set_state(self, state: str) -> None:
+        with self._cond:
+            self._state = state
+            self._cond.notify_all()
+        os.write(self._wake_w, b"x")
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            with self._cond:
+                while self._state == "paused":
+                    self._parked = True
+                    self._cond.notify_all()
+                    self._cond.wait()
+                self._parked = False
+                if self._state == "stopped":
+                    return
+            ready = {fd for fd, _ in poller.poll()}
+            if self._wake_r in ready:
+                os.read(self._wake_r, 4096)
+                continue
+            try:
+                data, ancdata, flags, _ = self.sock.recvmsg(PIPE_BUF + 1, _ANCILLARY)
+            except BlockingIOError:
+                continue
+            assert not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC), flags
+            self._received(data, ancdata)
+
+    def _received(self, data: bytes, ancdata: List[Tuple[int, int, bytes]]) -> None:
+        pid = uid = -1
+        pidfds: List[int] = []
+        others = 0
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid, uid, _ = struct.unpack("iII", payload[: struct.calcsize("iII")])
+            elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                for fd in fds:
+                    named = pidfd_pid(fd)
+                    os.close(fd)  # never leak what a client sent
+                    if named is None:
+                        others += 1
+                    else:
+                        pidfds.append(named)
+        result = decode_value(data)
+        with self._cond:
+            self.datagrams.append(Datagram(data, pid, uid, tuple(pidfds), others))
+            if isinstance(result, RemoteProtocolError):
+                self.errors.append(result)
+            elif not isinstance(result, Sync):
+                self.messages.append(result)
+            self._cond.notify_all()
+
+    def wait_for(
+        self, predicate: Callable[[List[Message]], bool], timeout: float = 10.0
+    ) -> List[Message]:
+        """Wait until ``predicate(messages)`` holds; return a copy of the messages."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self.messages):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"timed out; peer has {self.messages!r}")
+                self._cond.wait(remaining)
+            return list(self.messages)
+
+    def wait_count(self, n: int, timeout: float = 10.0) -> List[Message]:
+        """Wait for at least ``n`` messages."""
+        return self.wait_for(lambda m: len(m) >= n, timeout)
+
+    def take(self) -> List[Message]:
+        """Return and forget the messages (and datagrams) so far."""
+        with self._cond:
+            out, self.messages, self.datagrams = self.messages, [], []
+            return out
+
+    def pause(self) -> None:
+        """Stop reading: a stalled server. Returns once the reader reads no more."""
+        self._set_state("paused")
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._parked, 10):
+                raise AssertionError("the reader did not pause")
+
+    def resume(self) -> None:
+        self._set_state("reading")
+
+    def fill(self) -> int:
+        """Fill the queue with no-op datagrams (from a socket of the test's own) until a
+        send would block; return how many were queued."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+            filler.setblocking(False)
+            filler.connect(str(self.path))
+            count = 0
+            while True:
+                try:
+                    filler.send(FILL_LINE)
+                except BlockingIOError:
+                    return count
+                count += 1
+
+    def unread(self) -> int:
+        """Bytes of the next datagram not read yet (SIOCINQ): 0 when the queue is empty."""
+        buf = array.array("i", [0])
+        fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, buf)
+        return buf[0]
+
+    def wait_drained(self, timeout: float = 10.0) -> None:
+        """Wait until the reader has emptied the queue."""
+        deadline = time.monotonic() + timeout
+        while self.unread():
+            if time.monotonic() > deadline:
+                raise AssertionError("datagrams still unread")
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        """Go away (stop reading, close the socket); the path stays, bound to nobody."""
+        if self._state == "stopped":
+            return
+        self._set_state("stopped")
+        self._thread.join(10)
+        self.sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
 def server_state(messages: Iterable[Message]) -> Dict[Tuple[int, str], float]:
     """What a server holds after ``messages``: (pid, scope) -> deadline or expiration."""
     state: Dict[Tuple[int, str], float] = {}
@@ -187,6 +368,27 @@ def _unconfigured() -> Iterator[None]:
     expires_module.configure(None)
     yield
     expires_module.configure(None)
+
+
+@pytest.fixture
+def socket_path(fifo_path: pathlib.Path) -> pathlib.Path:
+    """The path of the socket beside ``fifo_path`` (``timer.socket``)."""
+    return fifo_path.with_name("timer.socket")
+
+
+@pytest.fixture
+def speer(socket_path: pathlib.Path) -> Iterator[SocketPeer]:
+    p = SocketPeer(socket_path)
+    yield p
+    p.close()
+
+
+def restart_socket(old: Optional[SocketPeer], path: pathlib.Path) -> SocketPeer:
+    """A server restart on the socket: the old one goes, the path is bound again."""
+    if old is not None:
+        old.close()
+    path.unlink(missing_ok=True)
+    return SocketPeer(path)
 
 
 def restart(old: Optional[FifoPeer], path: pathlib.Path) -> FifoPeer:

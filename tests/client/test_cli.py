@@ -258,7 +258,7 @@ def test_bad_arguments_exit_2(
         ),
         (
             ["arm", "--scope", "s", "--after", "5", "--signal", "\u00b2"],
-            ["unknown signal: '\u00b2' (a name like TERM or SIGTERM, or a number)"],
+            ["unknown signal: '\u00b2' (a name like USR2 or SIGUSR2, SIGRTMIN+N, or a number)"],
         ),
         (
             ["disarm", "--scope", "s", "--protocol", "3"],

@@ -28,7 +28,6 @@ from tests.conftest import wait_until
 
 from ftimer_client import FileTimerClient
 from ftimer_client._cli import main as ftimer_main
-from ftimer_client._signals import parse_signal, signal_name
 from ftimer_client._wire import V2Lines
 from ftimer_protocol import (
     MAX_LABEL_VALUE,
@@ -40,6 +39,7 @@ from ftimer_protocol import (
     Expire,
     MessageTooLarge,
     decode,
+    parse_signal,
 )
 
 from .conftest import FifoPeer
@@ -561,32 +561,7 @@ def test_every_line_with_a_hook_is_the_message(
     assert decode(lines.expire(scope, 0)) == Expire(PID, scope, 0, START, {"job": "j"}, hook)
 
 
-# -- signal names, and the ftimer command --------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "number", "name"),
-    [
-        ("USR2", SIGUSR2, "SIGUSR2"),
-        ("sigusr2", SIGUSR2, "SIGUSR2"),
-        (" 12 ", SIGUSR2, "SIGUSR2"),
-        ("SIGRTMIN", RTMIN, "SIGRTMIN"),
-        ("rtmin+3", RTMIN + 3, "SIGRTMIN+3"),
-        ("SIGRTMAX-1", int(signal.SIGRTMAX) - 1, f"SIGRTMIN+{int(signal.SIGRTMAX) - 1 - RTMIN}"),
-        ("KILL", 9, "SIGKILL"),
-    ],
-)
-def test_signal_names(text: str, number: int, name: str) -> None:
-    assert parse_signal(text) == number
-    assert signal_name(number) == name
-
-
-@pytest.mark.parametrize(
-    "text", ["", "SIG", "USR9", "RTMIN+99", "RTMAX-99", "RTMIN+x", "\u0661\u0662", "__class__"]
-)
-def test_unknown_signal_names(text: str) -> None:
-    with pytest.raises(ValueError, match=r"^unknown signal: "):
-        parse_signal(text)
+# -- the ftimer command --------------------------------------------------
 
 
 def test_the_command_offers_no_dump_signal_and_ignores_the_environment(

@@ -1,128 +1,98 @@
-"""One process's connection to one FIFO: the descriptor, what is armed, and recovery.
+"""One process's connection to one server: a lock, the resync state, a writer, fork.
 
-The server keys timers by pid, so every client of this process that writes to the same
-FIFO with the same protocol shares one Channel: a resynchronisation ("disarm everything
+The server keys timers by pid, so every client of this process that sends to the same
+server with the same protocol shares one Channel: a resynchronisation ("disarm everything
 of this pid, then re-arm what it has armed") must see every scope the process armed.
+What to send is ``Resync``'s (sans-I/O); how, the writers' (``_fifo``, ``_socket``).
 
-Version 2 keeps the descriptor open across messages. Version 1 (torch's server) opens,
-writes and closes per message: torch's server reads with a blocking ``readline()`` that
-only returns to its expiry check once every writer has closed the FIFO.
+Version 2 keeps its connection open. Version 1 (torch's server, FIFO only) opens, writes
+and closes per message: torch's server reads with a blocking ``readline()`` that only
+returns to its expiry check once every writer has closed the FIFO.
 
-Recovery: a write that fails with EPIPE (the reader left), or finds the pipe full while
-the path now names another FIFO (the server recreated it), reconnects and resynchronises
-on the spot. A message that could not be delivered marks the channel for resync; the
-next message, or a background thread retrying with backoff while something is armed or
-a disarm was lost, brings the server up to date. So an arm lost in an outage is re-sent
-and a lost disarm cannot later get a healthy process reaped.
+The hot path is one ``os.write()`` on the connection's descriptor (a FIFO, or a connected
+datagram socket), under the lock, while the server is in sync. Anything else goes through
+``_deliver``: a lost connection (the server left or restarted) reconnects and
+resynchronises on the spot; a failure marks the channel for resync, and a background
+thread retries with backoff while something is armed or a disarm was lost.
 """
 
 from __future__ import annotations
 
 import errno
-import math
 import os
-import select
-import stat
 import threading
 import time
 import weakref
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
-from ftimer_protocol import SYSTEM_FIFO_PATH, DumpHook
+from ftimer_protocol import DumpHook
 
 from . import _dump
 from ._errors import ServerStalled, ServerUnavailable
+from ._paths import Route
 from ._proc import process_start_time
+from ._resync import Armed, Resync
+from ._socket import open_pidfd
+from ._transport import open_writer
 from ._wire import V1Lines, V2Lines
+from ._writer import ConnectionLost, Writer
 
 __all__ = ["Channel", "channel_for"]
 
 Lines = Union[V1Lines, V2Lines]
 
-# Backoff of the background resync while the server is away: first try, then the cap.
-RETRY_FIRST = 0.05
-RETRY_MAX = 1.0
-
-
-class _Gone(Exception):
-    """The reader left (EPIPE) or the path now names another FIFO: reconnect."""
-
-
-def _unavailable(e: OSError, path: str) -> ServerUnavailable:
-    if e.errno == errno.ENXIO:
-        reason = "no ftimer server is reading the FIFO"
-    elif e.errno == errno.ENOENT:
-        reason = "no FIFO (is the ftimer server running?)" + _hidden_system_fifo(path)
-    elif e.errno == errno.EACCES:
-        reason = (
-            "this user may not write the FIFO or enter its directory (permission denied): "
-            "the server's --fifo-mode and --fifo-group say who may"
-        )
-    else:
-        reason = f"cannot open the FIFO ({e.strerror})"
-    return ServerUnavailable(e.errno, reason, path)
-
-
-def _hidden_system_fifo(path: str) -> str:
-    """A hint when the system daemon's FIFO may exist where this user cannot see it.
-
-    A non-root client defaults to the system FIFO only when it can see it; a directory
-    that does not let it in sends it to its per-user FIFO instead, which no server reads.
-    """
-    if path == SYSTEM_FIFO_PATH:
-        return ""
-    try:
-        os.stat(SYSTEM_FIFO_PATH)
-    except PermissionError:
-        directory = os.path.dirname(SYSTEM_FIFO_PATH)
-        return (
-            f"; {directory} exists but does not let this user in, so a server's FIFO there "
-            f"cannot be used: run the workers in the server's --fifo-group"
-        )
-    except OSError:
-        pass
-    return ""
-
 
 class Channel:
-    """Delivers lines to one FIFO for one process (or for one given ``pid``).
+    """Delivers lines to one server for one process (or for one given ``pid``).
 
     Every public method takes ``lock``, reentrant so that a signal handler that arms or
     disarms while the interrupted code was doing so does not deadlock. Lines are built by
     the caller.
 
     Args:
-        path: the FIFO.
-        protocol: 1 (open per message, torch's format) or 2 (descriptor kept open).
+        route: where the server is.
+        protocol: 1 (open per message, torch's format, FIFO only) or 2 (kept open).
         pid: the process the timers belong to; None for this process, following forks.
+
+    Raises:
+        ValueError: the pid breaks the schema.
     """
 
-    def __init__(self, path: str, protocol: int, pid: Optional[int] = None) -> None:
-        self.path = path
+    def __init__(self, route: Route, protocol: int, pid: Optional[int] = None) -> None:
+        self.route = route
         self.protocol = protocol
         self.keep_open = protocol != 1
         self.follows_process = pid is None
         self.lock = threading.RLock()
-        #: scope -> (its arm line, the client that armed it)
-        self.armed: Dict[str, Tuple[bytes, object]] = {}
-        #: Outages so far: a client warns once per outage.
-        self.outages = 0
         self.pid = os.getpid() if pid is None else pid
         self.start_time = process_start_time(self.pid)
         self._lines: weakref.WeakSet[Lines] = weakref.WeakSet()
-        self._base = self.lines(0, None)
+        self.state = Resync(self.lines(0, None))
+        #: The registry (``state.armed``, the same dict): scope -> (arm line, client).
+        self.armed: Dict[str, Armed] = self.state.armed
+        self._writer: Optional[Writer] = None  # version 2's connection
+        # The hot path's descriptor: >= 0 only while connected, in sync, and the writer
+        # delivers a line with one os.write() on it.
         self._fd = -1
-        self._fifo = (0, 0)  # (st_dev, st_ino) of the FIFO self._fd is open on
+        self._pidfd = -1  # of ``pid``, for the socket; opened once, at the first need
         self._clients = 0
-        self._reset_state()
+        self._retry: Optional[threading.Thread] = None
         _channels.add(self)
 
-    def _reset_state(self) -> None:
-        self.needs_resync = False
-        self._lost: Dict[str, bytes] = {}  # v1: release lines not delivered
-        self._stale = False  # v2: a disarm may not have been delivered
-        self._stalled = False  # the last write timed out on a full pipe
-        self._retry: Optional[threading.Thread] = None
+    @property
+    def needs_resync(self) -> bool:
+        """The server's view of this process is unknown: the next delivery resyncs."""
+        return self.state.needs_resync
+
+    @property
+    def outages(self) -> int:
+        """Outages so far: a client warns once per outage."""
+        return self.state.outages
+
+    @property
+    def transport(self) -> Optional[str]:
+        """``"fifo"`` or ``"socket"`` while connected (protocol 2), else None."""
+        return None if self._writer is None else self._writer.kind
 
     def lines(
         self, signal: int, labels: Optional[Dict[str, str]], dump: Optional[DumpHook] = None
@@ -152,26 +122,22 @@ class Channel:
                 when the server is back); else leave it as it was.
 
         Raises:
-            ServerUnavailable: not delivered (``ServerStalled``: the pipe stayed full).
+            ServerUnavailable: not delivered (``ServerStalled``: no room in time).
         """
         with self.lock:
-            previous = self.armed.get(scope_id)
-            self.armed[scope_id] = (line, owner)
-            if self._fd >= 0 and not self.needs_resync:  # v2, connected: every message
+            previous = self.state.arm(scope_id, line, owner)
+            if self._fd >= 0:
                 try:
                     os.write(self._fd, line)  # at most PIPE_BUF: all of it, or nothing
                     return
                 except OSError:
-                    pass  # a full pipe or a gone server: _deliver() sorts it out
+                    pass  # a full queue or a gone server: _deliver() sorts it out
             try:
                 self._deliver(line, timeout)
-            except ServerUnavailable:
+            except ServerUnavailable as e:
                 if not keep:
-                    if previous is None:
-                        del self.armed[scope_id]
-                    else:
-                        self.armed[scope_id] = previous
-                self._failed()
+                    self.state.unarm(scope_id, previous)
+                self._failed(e)
                 raise
 
     def disarm(self, scope_id: str, line: bytes, timeout: float) -> None:
@@ -181,8 +147,8 @@ class Channel:
             ServerUnavailable: not delivered.
         """
         with self.lock:
-            self.armed.pop(scope_id, None)
-            if self._fd >= 0 and not self.needs_resync:  # as in arm()
+            self.state.disarm(scope_id)
+            if self._fd >= 0:  # as in arm()
                 try:
                     os.write(self._fd, line)
                     return
@@ -190,9 +156,9 @@ class Channel:
                     pass
             try:
                 self._deliver(line, timeout)
-            except ServerUnavailable:
-                self._lose(scope_id, line)
-                self._failed()
+            except ServerUnavailable as e:
+                self.state.lost_disarms((scope_id,))
+                self._failed(e)
                 raise
 
     def disarm_all(self, timeout: float, owner: Optional[object] = None) -> None:
@@ -202,23 +168,13 @@ class Channel:
             ServerUnavailable: not delivered.
         """
         with self.lock:
-            if owner is None and self.keep_open:
-                self.armed.clear()
-                lines = [self._base_v2().disarm_all]
-                scopes: List[str] = []
-            else:
-                scopes = [s for s, (_, o) in self.armed.items() if owner is None or o is owner]
-                lines = [self._disarm_line(s) for s in scopes]
-                for scope_id in scopes:
-                    del self.armed[scope_id]
+            lines, scopes = self.state.disarm_all(owner)
             try:
                 for line in lines:
                     self._deliver(line, timeout)
-            except ServerUnavailable:
-                self._stale = True
-                for scope_id in scopes:
-                    self._lose(scope_id, self._disarm_line(scope_id))
-                self._failed()
+            except ServerUnavailable as e:
+                self.state.lost_disarms(scopes)
+                self._failed(e)
                 raise
 
     def send(self, line: bytes, timeout: float, forget: Optional[str] = None) -> None:
@@ -229,11 +185,11 @@ class Channel:
         """
         with self.lock:
             if forget is not None:
-                self.armed.pop(forget, None)
+                self.state.disarm(forget)
             try:
                 self._deliver(line, timeout)
-            except ServerUnavailable:
-                self._failed()
+            except ServerUnavailable as e:
+                self._failed(e)
                 raise
 
     def attach(self) -> None:
@@ -242,142 +198,101 @@ class Channel:
             self._clients += 1
 
     def detach(self) -> None:
-        """Count one client less; the last one closes the descriptor."""
+        """Count one client less; the last one closes the connection."""
         with self.lock:
             self._clients -= 1
             if self._clients <= 0:
-                self._close()
+                self._disconnect()
+                if self._pidfd >= 0:
+                    fd, self._pidfd = self._pidfd, -1
+                    os.close(fd)
                 self._retry = None
 
     # -- delivery (lock held) -----------------------------------------------------------
 
     def _deliver(self, line: Optional[bytes], timeout: float) -> None:
-        """Write ``line`` (None: only resynchronise), reconnecting and resynchronising as
-        needed.
+        """Send the backlog, then ``line`` (None: only the backlog), reconnecting and
+        resynchronising as needed.
 
         Raises:
             ServerUnavailable: the server is absent, or stalled past ``timeout``.
         """
+        state = self.state
+        timeout = state.timeout(timeout)
+        lines = state.backlog()
+        if line is not None:
+            lines.append(line)
         if not self.keep_open:
-            self._open()
+            once = self._open()
             try:
-                self._write_all(self._resync_lines() if self.needs_resync else [], line, timeout)
+                self._write_all(once, lines, timeout)
             finally:
-                self._close()
-        else:
-            if not self.needs_resync:
-                try:
-                    if self._fd < 0:
-                        self._open()
-                    if line is not None:
-                        self._write(line, timeout)
-                    return
-                except _Gone:
-                    self._close()
-            # The server's view is unknown (an outage, or it restarted): make it ours.
-            if self._fd < 0:
-                self._open()
-            self._write_all(self._resync_lines(), line, timeout)
-        self.needs_resync = self._stale = self._stalled = False
-        self._lost.clear()
+                once.close()
+            state.delivered()
+            return
+        writer: Optional[Writer] = self._writer
+        for reconnecting in (False, True):
+            if writer is None:
+                writer = self._writer = self._open()
+            try:
+                self._write_all(writer, lines, timeout)
+                break
+            except ConnectionLost:
+                self._disconnect()
+                writer = None
+                if reconnecting:
+                    raise self._lost() from None
+                # The server left or restarted: its view is unknown, make it ours.
+                lines = state.resync_lines()
+                if line is not None:
+                    lines.append(line)
+        state.delivered()
+        assert writer is not None
+        self._fd = writer.hot_fd
 
-    def _resync_lines(self) -> List[bytes]:
-        arms = [line for line, _ in self.armed.values()]
-        if self.keep_open:
-            return [self._base_v2().disarm_all, *arms]
-        return [*self._lost.values(), *arms]
-
-    def _write_all(self, lines: List[bytes], last: Optional[bytes], timeout: float) -> None:
+    def _write_all(self, writer: Writer, lines: list[bytes], timeout: float) -> None:
+        """Raises ConnectionLost (version 2), ServerUnavailable."""
         try:
             for line in lines:
-                self._write(line, timeout)
-            if last is not None:
-                self._write(last, timeout)
-        except _Gone:
-            self._close()
-            raise ServerUnavailable(
-                errno.EPIPE, "the ftimer server closed or replaced the FIFO", self.path
-            ) from None
+                writer.write(line, timeout)
+        except ConnectionLost:
+            if self.keep_open:
+                raise
+            raise self._lost() from None
 
-    def _open(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise _unavailable(e, self.path) from e
-        st = os.fstat(fd)
-        if not stat.S_ISFIFO(st.st_mode):
-            os.close(fd)
-            raise ServerUnavailable(errno.EINVAL, "not a FIFO", self.path)
-        self._fd, self._fifo = fd, (st.st_dev, st.st_ino)
-
-    def _close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def _write(self, line: bytes, timeout: float) -> None:
-        try:
-            # One write of at most PIPE_BUF bytes with O_NONBLOCK: all of it, or EAGAIN.
-            os.write(self._fd, line)
-        except BlockingIOError:
-            self._wait_write(line, timeout)
-        except BrokenPipeError:
-            raise _Gone from None
-        except OSError as e:
-            raise ServerUnavailable(e.errno, f"cannot write ({e.strerror})", self.path) from e
-
-    def _wait_write(self, line: bytes, timeout: float) -> None:
-        # The pipe is full. Checked only now, never per message: has the server
-        # recreated the FIFO while something still holds the old one open?
-        if self.keep_open and self._replaced():
-            raise _Gone
-        # Wait once per stall: after a timeout, fail fast until a write gets through.
-        if not self._stalled:
-            poller = select.poll()
-            poller.register(self._fd, select.POLLOUT)
-            end = time.monotonic() + timeout
-            remaining = timeout
-            while remaining > 0:
-                poller.poll(math.ceil(remaining * 1000))
-                try:
-                    os.write(self._fd, line)
-                    return
-                except BlockingIOError:
-                    remaining = end - time.monotonic()
-                except BrokenPipeError:
-                    raise _Gone from None
-            self._stalled = True
-        raise ServerStalled(
-            errno.EAGAIN, f"the ftimer server has not drained the FIFO in {timeout} s", self.path
+    def _lost(self) -> ServerUnavailable:
+        what = "FIFO" if self.route.transport == "fifo" else "FIFO or socket"
+        return ServerUnavailable(
+            errno.EPIPE, f"the ftimer server closed or replaced its {what}", self.route.path
         )
 
-    def _replaced(self) -> bool:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return True
-        return (st.st_dev, st.st_ino) != self._fifo
+    def _open(self) -> Writer:
+        """Raises ServerUnavailable."""
+        return open_writer(self.route, keep_open=self.keep_open, pidfd=self._subject)
 
-    # -- failure bookkeeping (lock held) --------------------------------------------------
+    def _subject(self) -> int:
+        """A pidfd of the process the timers are for, or -1 when that is the sender.
 
-    def _disarm_line(self, scope_id: str) -> bytes:
-        return self._base.disarm(scope_id)
+        Raises:
+            ServerUnavailable: no pidfd of it can be had.
+        """
+        if self.follows_process or self.pid == os.getpid():
+            return -1
+        if self._pidfd < 0:
+            self._pidfd = open_pidfd(self.pid)
+        return self._pidfd
 
-    def _base_v2(self) -> V2Lines:
-        assert isinstance(self._base, V2Lines)
-        return self._base
+    def _disconnect(self) -> None:
+        self._fd = -1
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()
 
-    def _lose(self, scope_id: str, line: bytes) -> None:
-        if self.keep_open:
-            self._stale = True
-        else:
-            self._lost[scope_id] = line
-
-    def _failed(self) -> None:
-        if not self.needs_resync:
-            self.needs_resync = True
-            self.outages += 1
-        if self._retry is None and (self.armed or self._lost or self._stale):
+    def _failed(self, error: ServerUnavailable) -> None:
+        self._fd = -1  # out of sync: every line goes through _deliver() until resynced
+        state = self.state
+        state.failed(time.monotonic(), stalled=isinstance(error, ServerStalled))
+        if self._retry is None and state.retry_wanted:
             self._retry = threading.Thread(
                 target=self._retry_loop, name="ftimer-client-resync", daemon=True
             )
@@ -385,22 +300,23 @@ class Channel:
 
     def _retry_loop(self) -> None:
         me = threading.current_thread()
-        delay = RETRY_FIRST
         while True:
-            time.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX)
             with self.lock:
                 if self._retry is not me:
                     return  # closed, or superseded after a fork
-                if not self.needs_resync or not (self.armed or self._lost or self._stale):
+                wait = self.state.next_retry(time.monotonic())
+                if wait is None:
                     self._retry = None
                     return
-                try:
-                    self._deliver(None, 0.0)
-                except ServerUnavailable:
-                    continue
-                self._retry = None
-                return
+                if wait <= 0:
+                    try:
+                        self._deliver(None, 0.0)
+                    except ServerUnavailable:
+                        self.state.retry_failed(time.monotonic())
+                        continue
+                    self._retry = None
+                    return
+            time.sleep(wait)
 
     # -- fork ---------------------------------------------------------------------------
 
@@ -408,11 +324,9 @@ class Channel:
         # The child shares the parent's open file description: drop it without a write.
         # It never resends the parent's scopes, and speaks with its own pid.
         self.lock = threading.RLock()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self.armed.clear()
-        self._reset_state()
+        self._disconnect()
+        self.state.reset()
+        self._retry = None
         if self.follows_process:
             self.pid = os.getpid()
             self.start_time = process_start_time(self.pid)
@@ -421,29 +335,30 @@ class Channel:
                 built.rebind(self.pid, self.start_time, hook)
 
     def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            os.close(self._fd)
+        if getattr(self, "_pidfd", -1) >= 0:
+            os.close(self._pidfd)
 
 
 _channels: weakref.WeakSet[Channel] = weakref.WeakSet()
-_shared: weakref.WeakValueDictionary[Tuple[str, int], Channel] = weakref.WeakValueDictionary()
+_shared: weakref.WeakValueDictionary[Tuple[object, ...], Channel] = weakref.WeakValueDictionary()
 _shared_lock = threading.Lock()
 
 
-def channel_for(path: str, protocol: int, pid: Optional[int] = None) -> Channel:
-    """Return the channel of this process for (``path``, ``protocol``), shared by every
+def channel_for(route: Route, protocol: int, pid: Optional[int] = None) -> Channel:
+    """Return the channel of this process for (``route``, ``protocol``), shared by every
     client that does not name a ``pid``; a client naming one gets a channel of its own.
 
     Raises:
         ValueError: the pid breaks the schema.
     """
     if pid is not None:
-        return Channel(path, protocol, pid)
-    key = (os.path.abspath(path), protocol)
+        return Channel(route, protocol, pid)
+    prefer = None if route.prefer is None else os.path.abspath(route.prefer)
+    key = (os.path.abspath(route.path), prefer, route.transport, protocol)
     with _shared_lock:
         channel = _shared.get(key)
         if channel is None:
-            channel = _shared[key] = Channel(path, protocol)
+            channel = _shared[key] = Channel(route, protocol)
         return channel
 
 

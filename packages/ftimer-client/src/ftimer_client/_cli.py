@@ -9,6 +9,12 @@
 Exit status: 0 done; 2 bad arguments; 3 no server took the message (see
 ``--on-unavailable``); ``exec`` exits with CMD's status (128+N when a signal N killed it,
 127 when CMD is not found, 126 when it cannot be run).
+
+The timer is never this command's own: it is for the calling shell (or ``--pid``), or
+for CMD. Over the server's socket, where the kernel tells the server who sends, every
+message therefore carries a pidfd of that process (the client does it for a client made
+with ``pid``), which the server accepts for the sender's parent or a descendant of it:
+so the command works from inside a container that does not share the host's pids.
 """
 
 from __future__ import annotations
@@ -23,11 +29,11 @@ import sys
 import warnings
 from typing import Dict, List, Optional, Sequence, TextIO, Type, Union
 
-from ftimer_protocol import MAX_PID
+from ftimer_protocol import MAX_PID, parse_signal
 
 from ._client import POLICIES, FileTimerClient
 from ._errors import ServerUnavailable
-from ._signals import parse_signal
+from ._paths import TRANSPORTS
 
 __all__ = ["EXIT_UNAVAILABLE", "EXIT_USAGE", "main"]
 
@@ -77,11 +83,9 @@ def _signal(text: str) -> int:
     if number is not None:
         return -number  # negative: report only, as the Python client takes it
     try:
-        return parse_signal(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"unknown signal: {text!r} (a name like TERM or SIGTERM, or a number)"
-        ) from None
+        return parse_signal(text, allow_zero=True)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _pid(text: str) -> int:
@@ -108,7 +112,20 @@ def _label(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``ftimer``."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--fifo", help="the server's FIFO (default: as the Python client)")
+    where = common.add_mutually_exclusive_group()
+    where.add_argument(
+        "--fifo",
+        metavar="PATH",
+        help="the server's FIFO, or its socket: what is there decides (default: as the "
+        "Python client, preferring the server's socket)",
+    )
+    where.add_argument("--socket", metavar="PATH", help="the server's socket")
+    common.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default=None,
+        help="auto (default: what is at the path), fifo or socket",
+    )
     common.add_argument(
         "--protocol",
         type=_protocol,
@@ -173,9 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _client(args: argparse.Namespace, pid: int) -> FileTimerClient:
     labels: Optional[Dict[str, str]] = None if args.label is None else dict(args.label)
     sig = signal.SIGKILL if args.signal is None else args.signal
+    if args.socket is not None and args.transport not in (None, "socket"):
+        raise ValueError(f"--socket names a socket: --transport {args.transport} contradicts it")
+    transport = args.transport or ("socket" if args.socket is not None else "auto")
     return FileTimerClient(
-        args.fifo,
+        args.socket if args.socket is not None else args.fifo,
         sig,
+        transport=transport,
         protocol=args.protocol,
         on_unavailable=args.on_unavailable,
         write_timeout=args.write_timeout,

@@ -1,9 +1,11 @@
-"""FileTimerClient: arm and disarm watchdog timers of this process over the server's FIFO."""
+"""FileTimerClient: arm and disarm watchdog timers of this process over the server's FIFO
+or its socket."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import signal as _signal
 import time
 import warnings
@@ -11,12 +13,19 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Dict, FrozenSet, Optional, Type, Union
 
-from ftimer_protocol import MAX_LABEL_VALUE, MAX_LABELS, MAX_PID, MAX_TIME, Arm, DumpHook, encode
+from ftimer_protocol import (
+    LABEL_KEY_PATTERN,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
+    MAX_PID,
+    MAX_TIME,
+    DumpHook,
+)
 
 from . import _dump
 from ._channel import channel_for
 from ._errors import ServerUnavailable, ServerUnavailableWarning
-from ._paths import resolve_fifo_path
+from ._paths import resolve_route
 from ._proc import default_labels
 from ._wire import V1Lines, V2Lines, check_signal, fix_deadline
 
@@ -26,6 +35,8 @@ __all__ = ["POLICIES", "FileTimerClient"]
 POLICIES = ("raise", "warn", "ignore")
 
 _monotonic = time.monotonic
+# The protocol's pattern (its schema's own), for a refusal in the user's words.
+_LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
 
 
 class FileTimerClient:
@@ -33,21 +44,29 @@ class FileTimerClient:
 
     A drop-in for ``torch.distributed.elastic.timer.FileTimerClient``: same constructor
     arguments, ``acquire(scope_id, expiration_time)`` and ``release(scope_id)``. Timers
-    belong to this process (its pid); clients of one process that share a FIFO share
-    its state. Thread-safe; after a fork the child starts with nothing armed.
+    belong to this process (its pid); clients of one process that share a server (path,
+    transport and protocol) share its state. Thread-safe; after a fork the child starts
+    with nothing armed.
+
+    Over the server's socket the kernel tells the server who sends, so the timers are
+    this process's whatever pid a message names (and, with ``pid``, those of the process
+    whose pidfd goes with every message). The API and the failure policies are the same
+    over either transport.
 
     Args:
-        file_path: the server's FIFO. Default: ``$FTIMER_FIFO``, else
-            ``$TORCHELASTIC_TIMER_FILE``, else the server's default path (see
+        file_path: the server's FIFO or socket. Default: ``$FTIMER_SOCKET``, else
+            ``$FTIMER_FIFO``, else ``$TORCHELASTIC_TIMER_FILE``, else the server's default
+            path, each FIFO preferring the socket beside it when there is one (see
             ``docs/client.md``).
         signal: what the server sends when a timer expires; 0 or negative: report only.
         protocol: 2 (ftimer's, the default) or 1 (torch's, to talk to torch's own
             ``FileTimerServer``: the FIFO is then opened and closed per message).
-        on_unavailable: when a message cannot be delivered (no server, or the pipe still
-            full after ``write_timeout``): ``"raise"`` ``ServerUnavailable``, ``"warn"``
-            once per outage and carry on, or ``"ignore"``. Either way the client re-sends
-            what is armed when the server is back.
-        write_timeout: seconds to wait for room in a full pipe, once per stall.
+        on_unavailable: when a message cannot be delivered (no server, or the pipe or
+            the socket's queue still full after ``write_timeout``): ``"raise"``
+            ``ServerUnavailable``, ``"warn"`` once per outage and carry on, or
+            ``"ignore"``. Either way the client re-sends what is armed when the server
+            is back.
+        write_timeout: seconds to wait for room in a full pipe or queue, once per stall.
         labels: labels of every timer (protocol 2), e.g. ``{"job": "x"}``. Default:
             ``rank`` and ``local_rank`` from torchrun's ``RANK`` and ``LOCAL_RANK`` when
             set, and ``job`` from its ``TORCHELASTIC_RUN_ID``; ``{}`` for none.
@@ -58,9 +77,12 @@ class FileTimerClient:
             ``"SIGUSR2"`` or ``"SIGRTMIN+2"``), once per process, and announce it with
             every arm and expire. ``0``: off. Default: ``$FTIMER_DUMP_SIGNAL``, where a
             value the hook cannot use warns (``RuntimeWarning``) and leaves it off.
+        transport: ``"auto"`` (what is at the path, looked at on each connection),
+            ``"fifo"`` or ``"socket"``. Protocol 1 is FIFO-only.
 
     Raises:
         ValueError: an argument is out of range or breaks the protocol's schema;
+            ``transport`` is unknown, or ``"socket"`` with protocol 1;
             ``dump_signal`` is not SIGUSR1, SIGUSR2 or a real-time signal, is handled
             by something else in this process, differs from the hook this process
             already has, or is given with ``pid`` or protocol 1.
@@ -78,6 +100,7 @@ class FileTimerClient:
         labels: Optional[Mapping[str, str]] = None,
         pid: Optional[int] = None,
         dump_signal: Union[int, str, None] = None,
+        transport: str = "auto",
     ) -> None:
         if protocol not in (1, 2):
             raise ValueError(f"protocol must be 1 or 2, not {protocol!r}")
@@ -85,7 +108,7 @@ class FileTimerClient:
             raise ValueError(f"on_unavailable must be one of {POLICIES}, not {on_unavailable!r}")
         if not (isinstance(write_timeout, (int, float)) and 0 <= write_timeout < math.inf):
             raise ValueError(f"write_timeout must be finite and >= 0, not {write_timeout!r}")
-        self._path = resolve_fifo_path(file_path)
+        self._route = resolve_route(file_path, transport=transport, protocol=protocol)
         self._signal = check_signal(signal)
         self._policy = on_unavailable
         self._keep = on_unavailable != "raise"
@@ -94,7 +117,7 @@ class FileTimerClient:
         if pid is not None:
             _check_pid(pid)
         self._hook = _dump_hook(dump_signal, protocol, pid)
-        self._channel = channel_for(self._path, protocol, pid)
+        self._channel = channel_for(self._route, protocol, pid)
         self._lines = self._channel.lines(self._signal, self._labels or None, self._hook)
         self._v2 = self._lines if isinstance(self._lines, V2Lines) else None
         # ``expires`` writes straight to the channel unless a subclass overrides torch's
@@ -217,7 +240,7 @@ class FileTimerClient:
             self._unavailable(e)
 
     def release_all(self) -> None:
-        """Disarm every timer of this process on this FIFO, armed through any client.
+        """Disarm every timer of this process on this server, armed through any client.
 
         Raises:
             ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
@@ -228,8 +251,9 @@ class FileTimerClient:
             self._unavailable(e)
 
     def close(self) -> None:
-        """Disarm the timers this client armed and let go of the FIFO. Idempotent; the
-        client must not be used afterwards.
+        """Disarm the timers this client armed and let go of the connection (once no
+        client of the process uses it). Idempotent; the client must not be used
+        afterwards.
 
         Raises:
             ServerUnavailable: the disarms were not delivered, with
@@ -260,8 +284,15 @@ class FileTimerClient:
 
     @property
     def file_path(self) -> str:
-        """The FIFO this client writes to."""
-        return self._path
+        """The path this client sends to: a FIFO or a socket (with the default path, the
+        FIFO, unless a socket is there beside it when the client connects)."""
+        return self._route.path
+
+    @property
+    def transport(self) -> str:
+        """The transport asked for: ``"auto"``, ``"fifo"`` or ``"socket"`` (protocol 1:
+        always ``"fifo"``)."""
+        return self._route.transport
 
     @property
     def signal(self) -> int:
@@ -304,12 +335,13 @@ class FileTimerClient:
     def armed(self) -> FrozenSet[str]:
         """Scopes armed through this client and not yet released or expired."""
         with self._channel.lock:
-            return frozenset(s for s, (_, o) in self._channel.armed.items() if o is self)
+            return self._channel.state.armed_by(self)
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}({self._path!r}, signal={self._signal}, "
-            f"protocol={self.protocol}, on_unavailable={self._policy!r})"
+            f"{type(self).__name__}({self._route.path!r}, signal={self._signal}, "
+            f"protocol={self.protocol}, transport={self.transport!r}, "
+            f"on_unavailable={self._policy!r})"
         )
 
     def _unavailable(self, e: ServerUnavailable) -> None:
@@ -368,13 +400,11 @@ def _labels(labels: Mapping[str, str]) -> Dict[str, str]:
     for key, value in labels.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise ValueError(f"labels map strings to strings, not {key!r}: {value!r}")
-        try:  # the protocol decides which keys are valid; this only words the refusal
-            encode(Arm(1, "", 0.0, 0, None, {key: ""}))
-        except ValueError:
+        if not _LABEL_KEY.fullmatch(key):
             raise ValueError(
                 f"label key {key!r} is not allowed: a key is a letter or '_', then at most "
                 "31 letters, digits or '_' (like rank or job_id)"
-            ) from None
+            )
         if len(value) > MAX_LABEL_VALUE:
             raise ValueError(
                 f"label {key!r} is {len(value)} characters long; the most is {MAX_LABEL_VALUE}"

@@ -24,9 +24,7 @@ import warnings
 from collections.abc import Mapping
 from typing import IO, FrozenSet, Optional, Tuple, Union
 
-from ftimer_protocol import MAX_SIGNAL, DumpHook
-
-from ._signals import parse_signal, signal_name
+from ftimer_protocol import MAX_SIGNAL, DumpHook, parse_signal, signal_name
 
 __all__ = [
     "ENV_VAR",
@@ -80,7 +78,7 @@ def check_dump_signal(value: Union[int, str]) -> int:
     if isinstance(value, str):
         if not value.strip():
             return 0
-        number = parse_signal(value)
+        number = parse_signal(value, allow_zero=True)
     else:
         number = int(value)  # a signal.Signals member becomes a plain int
     if number == 0:

@@ -1,17 +1,43 @@
-"""Which FIFO a client writes to when it is not told: a pure function of its inputs."""
+"""Where a client sends when it is not told: a pure function of its inputs.
+
+A server reads a FIFO and may bind a datagram socket beside it
+(``ftimer_protocol.socket_path_for``). A client given no path prefers that socket, whose
+sender the kernel vouches for, and falls back to the FIFO; a client given a path uses
+what is there. torch's protocol 1 is spoken over a FIFO only (torch's server has no
+socket).
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
-from ftimer_protocol import SYSTEM_FIFO_PATH, default_fifo_path
+from ftimer_protocol import (
+    ENV_SOCKET,
+    FIFO_ENV_VARS,
+    SYSTEM_FIFO_PATH,
+    SYSTEM_SOCKET_PATH,
+    default_fifo_path,
+    socket_path_for,
+)
 
-__all__ = ["ENV_VARS", "resolve_fifo_path"]
+__all__ = ["TRANSPORTS", "Route", "resolve_fifo_path", "resolve_route"]
 
-#: Environment variables naming the FIFO, in order of precedence.
-ENV_VARS = ("FTIMER_FIFO", "TORCHELASTIC_TIMER_FILE")
+#: Values of ``transport``: by what is at the path, or always a FIFO, or always a socket.
+TRANSPORTS = ("auto", "fifo", "socket")
+
+
+class Route(NamedTuple):
+    """Where a channel sends, decided at each (re)connection by what is on disk then."""
+
+    #: The path: a FIFO, a socket, or (``"auto"``) whichever is there.
+    path: str
+    #: ``"auto"``, ``"fifo"`` or ``"socket"``.
+    transport: str
+    #: ``"auto"`` only: a socket path used instead of ``path`` whenever a socket is there
+    #: (the socket beside a FIFO found by the default resolution); None: none.
+    prefer: Optional[str] = None
 
 
 def resolve_fifo_path(
@@ -34,14 +60,77 @@ def resolve_fifo_path(
         uid: the effective user id; defaults to this process's.
         exists: tells whether a path exists (injected for tests).
     """
+    return _fifo(file_path, environ, uid, exists, (SYSTEM_FIFO_PATH,))
+
+
+def resolve_route(
+    file_path: Union[str, os.PathLike[str], None] = None,
+    *,
+    transport: str = "auto",
+    protocol: int = 2,
+    environ: Optional[Mapping[str, str]] = None,
+    uid: Optional[int] = None,
+    exists: Callable[[str], bool] = os.path.exists,
+) -> Route:
+    """Return where a client with these settings sends.
+
+    - ``file_path`` given: that path, with ``transport`` (``"auto"``: what is there).
+    - ``transport="fifo"``, or protocol 1: the FIFO of ``resolve_fifo_path()``.
+    - ``transport="socket"``: ``$FTIMER_SOCKET``, else the socket beside that FIFO.
+    - ``transport="auto"``: ``$FTIMER_SOCKET``, else that FIFO, or the socket beside it
+      whenever one is there (the system daemon's counts as there for another user when
+      its FIFO or its socket exists).
+
+    Args:
+        file_path: an explicit path; wins when given.
+        transport: one of ``TRANSPORTS``.
+        protocol: 1 (torch's, FIFO only) or 2.
+        environ: the environment to read; defaults to ``os.environ``.
+        uid: the effective user id; defaults to this process's.
+        exists: tells whether a path exists (injected for tests).
+
+    Raises:
+        ValueError: ``transport`` is not one of ``TRANSPORTS``, or is ``"socket"`` with
+            protocol 1.
+    """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
+    if protocol == 1:
+        if transport == "socket":
+            raise ValueError(
+                "protocol 1 (torch's format) is spoken over a FIFO only: torch's server has "
+                "no socket; use protocol 2 for the socket"
+            )
+        transport = "fifo"
+    if file_path is not None:
+        return Route(os.fspath(file_path), transport)
+    env = os.environ if environ is None else environ
+    if transport == "fifo":
+        return Route(_fifo(None, env, uid, exists, (SYSTEM_FIFO_PATH,)), "fifo")
+    socket = env.get(ENV_SOCKET)
+    if socket:
+        return Route(socket, transport)
+    fifo = _fifo(None, env, uid, exists, (SYSTEM_FIFO_PATH, SYSTEM_SOCKET_PATH))
+    if transport == "socket":
+        return Route(socket_path_for(fifo), "socket")
+    return Route(fifo, "auto", socket_path_for(fifo))
+
+
+def _fifo(
+    file_path: Union[str, os.PathLike[str], None],
+    environ: Optional[Mapping[str, str]],
+    uid: Optional[int],
+    exists: Callable[[str], bool],
+    system: tuple[str, ...],
+) -> str:
     if file_path is not None:
         return os.fspath(file_path)
     env = os.environ if environ is None else environ
-    for var in ENV_VARS:
+    for var in FIFO_ENV_VARS:
         value = env.get(var)
         if value:
             return value
     uid = os.geteuid() if uid is None else uid
-    if uid == 0 or exists(SYSTEM_FIFO_PATH):
+    if uid == 0 or any(exists(path) for path in system):
         return SYSTEM_FIFO_PATH
     return default_fifo_path(uid, env)

@@ -6,29 +6,14 @@ import os
 from collections.abc import Mapping
 from typing import Dict, Optional, Union
 
-from ftimer_protocol import MAX_LABEL_VALUE
+from ftimer_protocol import MAX_LABEL_VALUE, parse_start_time
 
-__all__ = ["default_labels", "parse_start_time", "process_start_time"]
+__all__ = ["default_labels", "process_start_time"]
 
 # Environment variables torchrun sets in every worker, and the label each one becomes.
 _RANK_LABELS = (("RANK", "rank"), ("LOCAL_RANK", "local_rank"))
 # The rendezvous run id: the server finds the peers of a stuck rank by this label.
 _JOB = ("TORCHELASTIC_RUN_ID", "job")
-
-
-def parse_start_time(stat: bytes) -> Optional[int]:
-    """Return field 22 (starttime) of the contents of a ``/proc/PID/stat`` file.
-
-    The command name (field 2) is in parentheses and may itself hold spaces and
-    parentheses, so fields are counted from the last ``)``. Returns None when the
-    contents do not have that shape.
-    """
-    _, paren, rest = stat.rpartition(b")")
-    fields = rest.split()
-    # fields[0] is field 3 (state), so field 22 is fields[19].
-    if not paren or len(fields) < 20 or not fields[19].isdigit():
-        return None
-    return int(fields[19])
 
 
 def process_start_time(pid: Union[int, str] = "self") -> Optional[int]:

@@ -1,19 +1,28 @@
 """The bytes a client sends: every line built here is a valid message of at most PIPE_BUF.
 
 Sans-I/O. ``ftimer_protocol.encode()`` validates by a round trip, which is most of the
-cost of a message; an ``expires`` block sends two, so this module validates each scope
-once and caches its lines. A v2 arm line differs between calls only in its deadline, so
+cost of a message; an ``expires`` block sends two, so this module builds lines without
+one and caches each scope's. A v2 arm line differs between calls only in its deadline, so
 the cache holds a format with the deadline left open; the deadline itself is checked
 (finite, within the schema's bounds) before it is formatted, which keeps every line
 valid without a round trip.
+
+A scope never seen before (``scope=f"step-{i}"``) costs one JSON string encoding: its
+lines are the pieces of a line encoded (and validated) once per process, signal and
+labels, around the scope's JSON string. A scope can only be invalid by its type, its
+length in characters or its size in bytes, each checked here; anything unusual (a str
+subclass, a lone surrogate) takes the validating encoder, which says what is wrong.
 """
 
 from __future__ import annotations
 
 import math
+from json.encoder import encode_basestring
 from typing import Dict, Optional, Tuple
 
 from ftimer_protocol import (
+    MAX_FD,
+    MAX_SCOPE,
     MAX_SIGNAL,
     MAX_TIME,
     PIPE_BUF,
@@ -33,10 +42,16 @@ __all__ = ["CACHE_SIZE", "DEADLINE_FORMAT", "V1Lines", "V2Lines", "check_signal"
 DEADLINE_FORMAT = b"%.6f"
 # The longest a deadline in [0, MAX_TIME] is once formatted ("1000000000000000.000000").
 _DEADLINE_WIDTH = len(DEADLINE_FORMAT % MAX_TIME)
-# The widest descriptor number of a dump hook (the schema's bound for DumpHook.fd, an int
-# in C, which ftimer_protocol does not export): a forked child's hook has another
-# descriptor, and a scope that fits in the parent must fit in the child.
-_FD_WIDTH = len(str(2**31 - 1))
+# The widest descriptor number of a dump hook (the schema's bound for DumpHook.fd): a
+# forked child's hook has another descriptor, and a scope that fits in the parent must
+# fit in the child.
+_FD_WIDTH = len(str(MAX_FD))
+# What msgspec writes for an empty scope, a part of every line with a scope: the pieces
+# of a line are what is around it. The scope comes before labels in every message, so
+# the first occurrence is the scope's even when a label is named scope_id.
+_EMPTY_SCOPE = b'"scope_id":""'
+_SCOPE_KEY = b'"scope_id":'
+_DEADLINE = b'"deadline":0.0'
 # Scopes whose lines are cached per client. A job uses a handful; past this many the cache
 # starts over rather than grow without bound (scopes built from changing values).
 CACHE_SIZE = 1024
@@ -87,12 +102,16 @@ class V2Lines:
     __slots__ = (
         "__weakref__",
         "_announces",
+        "_arm_post",
+        "_arm_pre",
+        "_arm_size",
         "_cache",
+        "_disarm_post",
+        "_disarm_pre",
         "_dump",
         "_labels",
         "_pid",
         "_signal",
-        "_slack",
         "_start_time",
         "disarm_all",
     )
@@ -128,43 +147,73 @@ class V2Lines:
         """
         self._pid, self._start_time = pid, start_time
         self._dump = dump if self._announces else None
-        # Room kept for the widest descriptor number (see _FD_WIDTH).
-        self._slack = 0 if self._dump is None else _FD_WIDTH - len(str(self._dump.fd))
         self._cache.clear()
         self.disarm_all = encode(DisarmAll(pid, start_time))
-        self.entry("")  # validates pid, signal, labels and hook now, not at the first arm
+        # The validating encoder checks pid, signal, labels and hook once, here.
+        arm = encode(Arm(pid, "", 0.0, self._signal, start_time, self._labels, self._dump))
+        head, found, tail = arm.partition(_EMPTY_SCOPE)
+        # msgspec writes fields in declaration order: the deadline follows the scope.
+        between, found_deadline, rest = tail.partition(_DEADLINE)
+        assert found, arm
+        assert found_deadline, arm
+        self._arm_pre = (head + _SCOPE_KEY).replace(b"%", b"%%")
+        self._arm_post = b"%b%b%b" % (
+            (between + b'"deadline":').replace(b"%", b"%%"),
+            DEADLINE_FORMAT,
+            rest.replace(b"%", b"%%"),
+        )
+        # The longest arm line of an empty scope (quotes included): any deadline in
+        # bounds, and room kept for the widest descriptor number (see _FD_WIDTH). A
+        # disarm line is shorter than its arm line: it has a subset of its members, and
+        # "disarm" is 3 bytes longer than "arm" where the arm has ~20 more for its
+        # deadline and signal.
+        slack = 0 if self._dump is None else _FD_WIDTH - len(str(self._dump.fd))
+        self._arm_size = len(arm) - len(b"0.0") + _DEADLINE_WIDTH + slack
+        if self._arm_size > PIPE_BUF:
+            raise MessageTooLarge(self._arm_size, PIPE_BUF)
+        disarm = encode(Disarm(pid, "", start_time))
+        head, found, tail = disarm.partition(_EMPTY_SCOPE)
+        assert found, disarm
+        self._disarm_pre, self._disarm_post = head + _SCOPE_KEY, tail
 
     def entry(self, scope_id: str) -> Tuple[bytes, bytes]:
         """Return ``(arm_format, disarm_line)`` of ``scope_id``; ``arm_format % deadline``
         is its arm line. Validated and cached on first use.
 
         Raises:
-            ValueError: (``LocalProtocolError``) the scope is not a string or too long.
+            ValueError: (``LocalProtocolError``) the scope is not a string, is longer
+                than MAX_SCOPE characters, or cannot be encoded (a lone surrogate).
             MessageTooLarge: an arm line of this scope could exceed PIPE_BUF.
         """
         cached = self._cache.get(scope_id)
         if cached is not None:
             return cached
-        sample = encode(
-            Arm(self._pid, scope_id, 0.0, self._signal, self._start_time, self._labels, self._dump)
-        )
-        # msgspec writes fields in declaration order, so the deadline is the only
-        # '"deadline":0.0' of the line: a quote inside a JSON string is always escaped.
-        head, found, tail = sample.partition(b'"deadline":0.0')
-        assert found, sample
-        size = len(head) + len(found) - 3 + _DEADLINE_WIDTH + len(tail) + self._slack
+        if type(scope_id) is not str or len(scope_id) > MAX_SCOPE:
+            return self._validated(scope_id)
+        try:
+            quoted = encode_basestring(scope_id).encode()
+        except UnicodeEncodeError:
+            return self._validated(scope_id)
+        size = self._arm_size - 2 + len(quoted)  # the empty scope's quotes were counted
         if size > PIPE_BUF:
             raise MessageTooLarge(size, PIPE_BUF)
-        arm_format = b"%b%b%b" % (
-            (head + b'"deadline":').replace(b"%", b"%%"),
-            DEADLINE_FORMAT,
-            tail.replace(b"%", b"%%"),
+        entry = (
+            b"%b%b%b" % (self._arm_pre, quoted.replace(b"%", b"%%"), self._arm_post),
+            b"%b%b%b" % (self._disarm_pre, quoted, self._disarm_post),
         )
-        entry = (arm_format, encode(Disarm(self._pid, scope_id, self._start_time)))
-        if len(self._cache) >= CACHE_SIZE:
-            self._cache.clear()
-        self._cache[scope_id] = entry
+        cache = self._cache
+        if len(cache) >= CACHE_SIZE:
+            cache.clear()
+        cache[scope_id] = entry
         return entry
+
+    def _validated(self, scope_id: str) -> Tuple[bytes, bytes]:
+        """Raises what ``encode()`` raises for this scope (it always does, or the scope
+        is valid after all: then its entry, uncached)."""
+        self.arm(scope_id, 0.0, self._signal)
+        encode(Disarm(self._pid, scope_id, self._start_time))
+        # Valid (a str subclass, say): one more try with its plain value.
+        return self.entry(str(scope_id))
 
     def arm(self, scope_id: str, deadline: float, signal: int) -> bytes:
         """Return the arm line for a monotonic deadline in [0, MAX_TIME] and a checked

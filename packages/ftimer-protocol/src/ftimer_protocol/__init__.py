@@ -1,9 +1,11 @@
 """ftimer's wire protocol: newline-delimited JSON messages of at most PIPE_BUF bytes.
 
-Sans-I/O: nothing here opens, reads or writes anything. See docs/protocol.md.
+Sans-I/O: nothing here opens, reads or writes anything. See docs/protocol.md. Besides
+the schema and the codec: where a server listens (the FIFO and the socket beside it) and
+the pure helpers both sides share (``/proc/PID/stat`` parsing, signal names).
 """
 
-from ._codec import SUPPORTED_VERSIONS, decode, decode_value, encode
+from ._codec import SUPPORTED_VERSIONS, V1_PREFIXES, V2_PREFIX, decode, decode_value, encode
 from ._errors import (
     LineTooLong,
     LocalProtocolError,
@@ -14,6 +16,8 @@ from ._errors import (
     UnsupportedVersion,
 )
 from ._limits import (
+    LABEL_KEY_PATTERN,
+    MAX_FD,
     MAX_LABEL_VALUE,
     MAX_LABELS,
     MAX_PID,
@@ -33,7 +37,19 @@ from ._messages import (
     Sync,
     TimerRequestV1,
 )
-from ._paths import SYSTEM_FIFO_PATH, default_fifo_path
+from ._paths import (
+    ENV_FIFO,
+    ENV_SOCKET,
+    ENV_TORCH_FIFO,
+    FIFO_ENV_VARS,
+    SYSTEM_FIFO_PATH,
+    SYSTEM_SOCKET_PATH,
+    default_fifo_path,
+    default_socket_path,
+    socket_path_for,
+)
+from ._procstat import ProcStat, parse_proc_stat, parse_start_time
+from ._signals import parse_signal, signal_name
 from ._stream import MESSAGE_START, DecodeResult, StreamDecoder, decode_line
 from ._torch import FileTimerRequest
 from ._version import __version__
@@ -43,6 +59,8 @@ __all__ = [
     "PIPE_BUF",
     "SUPPORTED_VERSIONS",
     "MESSAGE_START",
+    "V1_PREFIXES",
+    "V2_PREFIX",
     "encode",
     "decode",
     "decode_value",
@@ -60,9 +78,22 @@ __all__ = [
     "DumpHook",
     "Expire",
     "Sync",
-    # where a server listens by default
+    # where a server listens by default, and the environment variables that say where
     "SYSTEM_FIFO_PATH",
+    "SYSTEM_SOCKET_PATH",
     "default_fifo_path",
+    "default_socket_path",
+    "socket_path_for",
+    "ENV_FIFO",
+    "ENV_TORCH_FIFO",
+    "ENV_SOCKET",
+    "FIFO_ENV_VARS",
+    # helpers clients and servers share (pure: the caller does the I/O)
+    "ProcStat",
+    "parse_proc_stat",
+    "parse_start_time",
+    "parse_signal",
+    "signal_name",
     # limits
     "MAX_PID",
     "MAX_SIGNAL",
@@ -70,6 +101,8 @@ __all__ = [
     "MAX_TIME",
     "MAX_LABELS",
     "MAX_LABEL_VALUE",
+    "LABEL_KEY_PATTERN",
+    "MAX_FD",
     # errors
     "ProtocolError",
     "LocalProtocolError",

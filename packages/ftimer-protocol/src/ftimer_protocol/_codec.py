@@ -22,7 +22,7 @@ from ._errors import (
 from ._limits import PIPE_BUF
 from ._messages import Message, MessageV2, TimerRequestV1
 
-__all__ = ["SUPPORTED_VERSIONS", "decode", "decode_value", "encode"]
+__all__ = ["SUPPORTED_VERSIONS", "V1_PREFIXES", "V2_PREFIX", "decode", "decode_value", "encode"]
 
 SUPPORTED_VERSIONS = (1, 2)
 
@@ -38,14 +38,18 @@ class _Envelope(msgspec.Struct):
 
 
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
-_V2_PREFIX = b'{"version":2,'
+#: How every version 2 line this encoder writes begins: a reader may decode a line that
+#: begins so with the version 2 schema at once (a fast path), without reading its version.
+V2_PREFIX = b'{"version":2,'
 # JSON's white space; a line whose first other byte is not "{" holds no JSON object.
 _WHITESPACE = b" \t\r\n"
 NOT_AN_OBJECT = "not a JSON object"
 NO_VERSION = 'no "version" member'
 
-# Each version's exact line openings, decoded in a single parse.
-_V1_PREFIXES = (b'{"version": 1,', b'{"version":1,')  # torch's json.dumps, and ours
+#: How version 1 lines begin: torch's ``json.dumps`` and this encoder; a reader may decode
+#: a line that begins so with the version 1 schema at once. Any other line is first
+#: parsed for its version alone.
+V1_PREFIXES = (b'{"version": 1,', b'{"version":1,')
 _by_version: Dict[Any, Callable[[bytes], Message]] = {
     1: _v1_decoder.decode,
     2: _v2_decoder.decode,
@@ -77,7 +81,7 @@ def encode(message: Message, *, limit: int = PIPE_BUF) -> bytes:
         except (TypeError, msgspec.EncodeError) as e:
             raise LocalProtocolError(f"cannot encode {message!r}: {e}") from None
         check = _v2_decoder.decode
-        line = b"".join((_V2_PREFIX, memoryview(body)[1:], b"\n"))
+        line = b"".join((V2_PREFIX, memoryview(body)[1:], b"\n"))
     if len(line) > limit:
         raise MessageTooLarge(len(line), limit)
     # The schema is checked by decoding what we are about to send with the decoder every
@@ -119,9 +123,9 @@ def decode_value(line: Buffer) -> Union[Message, RemoteProtocolError]:
     """
     if type(line) is not bytes:
         line = bytes(line)
-    if line.startswith(_V2_PREFIX):
+    if line.startswith(V2_PREFIX):
         decoder: Callable[[bytes], Message] = _v2_decoder.decode
-    elif line.startswith(_V1_PREFIXES):
+    elif line.startswith(V1_PREFIXES):
         decoder = _v1_decoder.decode
     elif line.lstrip(_WHITESPACE)[:1] != b"{":
         return MalformedMessage(NOT_AN_OBJECT, line[:EXCERPT_BYTES])

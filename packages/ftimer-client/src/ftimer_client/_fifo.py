@@ -1,0 +1,156 @@
+"""The FIFO writer: a non-blocking descriptor, one ``write()`` per line.
+
+A write of at most PIPE_BUF bytes with O_NONBLOCK is atomic: all of it, or EAGAIN. The
+reader leaving shows as EPIPE; a server that recreated its FIFO while something still
+holds the old one open shows only as the old pipe filling up, so the path's inode is
+compared with the descriptor's then (never per message).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from ftimer_protocol import SYSTEM_FIFO_PATH
+
+from ._errors import ServerStalled, ServerUnavailable
+from ._writer import ConnectionLost, wait_for_room
+
+__all__ = ["FifoWriter"]
+
+
+class FifoWriter:
+    """An open FIFO (see ``Writer``).
+
+    Args:
+        path: the FIFO.
+        check_replaced: on a full pipe, check whether the path now names another FIFO
+            (a descriptor kept open across messages; pointless for one opened just now).
+        or_socket: a socket would have done too (transport "auto"): said when there is
+            nothing at the path.
+
+    Raises:
+        ServerUnavailable: the FIFO cannot be opened (no FIFO, no reader, not a FIFO,
+            permission denied).
+    """
+
+    kind = "fifo"
+
+    def __init__(self, path: str, *, check_replaced: bool = True, or_socket: bool = False) -> None:
+        self.path = path
+        self._check_replaced = check_replaced
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise _unavailable(e, path, "FIFO or socket" if or_socket else "FIFO") from e
+        st = os.fstat(fd)
+        if not stat.S_ISFIFO(st.st_mode):
+            os.close(fd)
+            raise ServerUnavailable(errno.EINVAL, "not a FIFO", path)
+        self.hot_fd = fd
+        self._inode = (st.st_dev, st.st_ino)
+
+    def write(self, line: bytes, timeout: float) -> None:
+        """Write ``line`` (at most PIPE_BUF bytes) in one ``write()``, waiting up to
+        ``timeout`` seconds for room in a full pipe.
+
+        Raises:
+            ConnectionLost: the reader left (EPIPE), or the path names another FIFO now.
+            ServerStalled: the pipe stayed full for ``timeout`` seconds.
+            ServerUnavailable: another error.
+        """
+        try:
+            os.write(self.hot_fd, line)
+            return
+        except BlockingIOError:
+            pass
+        except BrokenPipeError:
+            raise ConnectionLost from None
+        except OSError as e:
+            raise ServerUnavailable(e.errno, f"cannot write ({e.strerror})", self.path) from e
+        if self._check_replaced and self._replaced():
+            raise ConnectionLost
+        if not wait_for_room(self.hot_fd, timeout, lambda: self._attempt(line)):
+            raise ServerStalled(
+                errno.EAGAIN,
+                f"the ftimer server has not drained the FIFO in {timeout} s",
+                self.path,
+            )
+
+    def _attempt(self, line: bytes) -> bool:
+        try:
+            os.write(self.hot_fd, line)
+            return True
+        except BlockingIOError:
+            return False
+        except BrokenPipeError:
+            raise ConnectionLost from None
+        except OSError as e:
+            raise ServerUnavailable(e.errno, f"cannot write ({e.strerror})", self.path) from e
+
+    def _replaced(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._inode
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent)."""
+        if self.hot_fd >= 0:
+            fd, self.hot_fd = self.hot_fd, -1
+            os.close(fd)
+
+    def __del__(self) -> None:
+        if getattr(self, "hot_fd", -1) >= 0:
+            os.close(self.hot_fd)
+
+
+def _unavailable(e: OSError, path: str, what: str) -> ServerUnavailable:
+    if e.errno == errno.ENXIO:
+        if _is_socket(path):
+            reason = (
+                "a socket, not a FIFO: this client was told to use a FIFO (transport "
+                "'fifo', or protocol 1: torch's format is spoken over a FIFO only)"
+            )
+        else:
+            reason = "no ftimer server is reading the FIFO"
+    elif e.errno == errno.ENOENT:
+        reason = f"no {what} (is the ftimer server running?)" + hidden_system_dir(path)
+    elif e.errno == errno.EACCES:
+        reason = (
+            "this user may not write the FIFO or enter its directory (permission denied): "
+            "the server's --fifo-mode and --fifo-group say who may"
+        )
+    else:
+        reason = f"cannot open the FIFO ({e.strerror})"
+    return ServerUnavailable(e.errno, reason, path)
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def hidden_system_dir(path: str) -> str:
+    """A hint when the system daemon's FIFO may exist where this user cannot see it.
+
+    A non-root client defaults to the system FIFO only when it can see it; a directory
+    that does not let it in sends it to its per-user FIFO instead, which no server reads.
+    """
+    directory = os.path.dirname(SYSTEM_FIFO_PATH)
+    if os.path.dirname(path) == directory:
+        return ""
+    try:
+        os.stat(SYSTEM_FIFO_PATH)
+    except PermissionError:
+        return (
+            f"; {directory} exists but does not let this user in, so a server's FIFO there "
+            f"cannot be used: run the workers in the server's --fifo-group"
+        )
+    except OSError:
+        pass
+    return ""

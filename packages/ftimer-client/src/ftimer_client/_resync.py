@@ -1,0 +1,179 @@
+"""What one process has armed on one server, and what to send so the server agrees.
+
+Sans-I/O: no descriptor, no thread, no clock of its own (``now`` is passed in). The
+channel asks it which lines to send and tells it what happened; the writers do the I/O.
+
+The server keys timers by pid. Whenever a line may not have reached it (no server, a
+full queue, a reconnection after a restart), its view of this process is unknown, and
+the next delivery first resynchronises it: version 2 sends ``disarm_all`` then every
+armed scope again with its original deadline; version 1 (torch's, which has no
+``disarm_all``) the releases that were lost, then the arms. So an arm lost in an outage
+is re-sent, and a lost disarm cannot later get a healthy process reaped by a server that
+restored the timer from its state file. Until that delivery succeeds, a retry is due
+from time to time (backing off) while something is armed or a disarm was lost.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple, Union
+
+from ._wire import V1Lines, V2Lines
+
+__all__ = ["RETRY_FIRST", "RETRY_MAX", "Armed", "Resync"]
+
+Lines = Union[V1Lines, V2Lines]
+#: A scope's arm line, and the client that armed it.
+Armed = Tuple[bytes, object]
+
+# Backoff of the retries while the server is away: the first, then the cap (seconds).
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
+
+
+class Resync:
+    """The armed registry of one channel and its resynchronisation state.
+
+    Args:
+        base: line builder of the channel's process (its disarm and disarm_all lines);
+            rebound in place after a fork, so this keeps it.
+
+    Attributes:
+        armed: scope -> (its arm line, the client that armed it).
+        needs_resync: the server's view is unknown: the next delivery resynchronises.
+        stalled: the last delivery waited for room in vain: do not wait again until a
+            delivery succeeds (fail fast instead of stalling every step).
+        outages: how many times the server became unreachable (a client warns once per
+            outage).
+    """
+
+    __slots__ = (
+        "_base",
+        "_delay",
+        "_lost",
+        "_retry_at",
+        "_stale",
+        "armed",
+        "needs_resync",
+        "outages",
+        "stalled",
+    )
+
+    def __init__(self, base: Lines) -> None:
+        self._base = base
+        self.armed: Dict[str, Armed] = {}
+        self.outages = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything armed and every failure (a forked child starts afresh)."""
+        self.armed.clear()
+        self.needs_resync = False
+        self.stalled = False
+        self._lost: Dict[str, bytes] = {}  # version 1: releases not delivered
+        self._stale = False  # version 2: a disarm may not have been delivered
+        self._retry_at: Optional[float] = None
+        self._delay = RETRY_FIRST
+
+    # -- the registry -------------------------------------------------------------------
+
+    def arm(self, scope_id: str, line: bytes, owner: object) -> Optional[Armed]:
+        """Record ``scope_id`` as armed with ``line``; return what it was before (for
+        ``unarm``), or None."""
+        armed = self.armed
+        previous = armed.get(scope_id)
+        armed[scope_id] = (line, owner)
+        return previous
+
+    def unarm(self, scope_id: str, previous: Optional[Armed]) -> None:
+        """Undo ``arm``: an arm that was refused did not happen."""
+        if previous is None:
+            self.armed.pop(scope_id, None)
+        else:
+            self.armed[scope_id] = previous
+
+    def disarm(self, scope_id: str) -> None:
+        """Forget ``scope_id`` (disarmed or expired); unknown scopes are ignored."""
+        self.armed.pop(scope_id, None)
+
+    def disarm_all(self, owner: Optional[object] = None) -> Tuple[List[bytes], List[str]]:
+        """Forget every scope (``owner``: only those it armed); return the lines that
+        disarm them on the server, and the scopes forgotten."""
+        if owner is None and isinstance(self._base, V2Lines):
+            self.armed.clear()
+            return [self._base.disarm_all], []
+        scopes = [s for s, (_, o) in self.armed.items() if owner is None or o is owner]
+        for scope_id in scopes:
+            del self.armed[scope_id]
+        return [self._base.disarm(s) for s in scopes], scopes
+
+    def armed_by(self, owner: object) -> FrozenSet[str]:
+        """The scopes ``owner`` armed and that are still armed."""
+        return frozenset(s for s, (_, o) in self.armed.items() if o is owner)
+
+    # -- what to send ---------------------------------------------------------------------
+
+    def resync_lines(self) -> List[bytes]:
+        """The lines that make the server's view of this process this registry."""
+        arms = [line for line, _ in self.armed.values()]
+        base = self._base
+        if isinstance(base, V2Lines):
+            return [base.disarm_all, *arms]
+        return [*self._lost.values(), *arms]
+
+    def backlog(self) -> List[bytes]:
+        """The lines to send before the next one: the resync when it is needed, else none."""
+        return self.resync_lines() if self.needs_resync else []
+
+    def timeout(self, timeout: float) -> float:
+        """How long the next delivery may wait for room: ``timeout``, or 0 while stalled."""
+        return 0.0 if self.stalled else timeout
+
+    # -- what happened --------------------------------------------------------------------
+
+    def delivered(self) -> None:
+        """Everything asked for went through, resync included: the server agrees."""
+        self.needs_resync = self._stale = self.stalled = False
+        self._lost.clear()
+        self._retry_at = None
+        self._delay = RETRY_FIRST
+
+    def lost_disarms(self, scopes: Iterable[str]) -> None:
+        """The disarms of ``scopes`` (or a ``disarm_all``) were not delivered: the resync
+        must make them good."""
+        if isinstance(self._base, V2Lines):
+            self._stale = True
+            return
+        for scope_id in scopes:
+            self._lost[scope_id] = self._base.disarm(scope_id)
+
+    def failed(self, now: float, *, stalled: bool = False) -> None:
+        """A delivery failed at ``now`` (``stalled``: after waiting for room in vain)."""
+        if not self.needs_resync:
+            self.needs_resync = True
+            self.outages += 1
+        if stalled:
+            self.stalled = True
+        if self._retry_at is None:
+            self._retry_at = now + self._delay
+
+    # -- retries --------------------------------------------------------------------------
+
+    @property
+    def retry_wanted(self) -> bool:
+        """Whether the server must be brought up to date without waiting for the next
+        message: it is out of date, and something is armed or a disarm was lost."""
+        return self.needs_resync and bool(self.armed or self._lost or self._stale)
+
+    def next_retry(self, now: float) -> Optional[float]:
+        """Seconds from ``now`` until a retry is due (0: now); None when none is wanted."""
+        if not self.retry_wanted:
+            return None
+        if self._retry_at is None:
+            self._retry_at = now + self._delay
+        return max(0.0, self._retry_at - now)
+
+    def retry_failed(self, now: float) -> None:
+        """A retry at ``now`` failed: the next is due after twice the delay, at most
+        ``RETRY_MAX``."""
+        self._delay = min(self._delay * 2, RETRY_MAX)
+        self._retry_at = now + self._delay

@@ -1,0 +1,184 @@
+"""The socket writer: a non-blocking AF_UNIX datagram socket, connected once, one
+datagram per line (docs/protocol.md, "Socket binding").
+
+The server learns the sender's pid and uid from the kernel, so on the socket the timers
+a process arms are its own whatever pid its messages name. To arm timers of another
+process (what the ``ftimer`` command does for its parent shell or for the command it
+runs), every datagram carries a pidfd of that process (SCM_RIGHTS), opened once: it keeps
+naming that process even if the pid is reused later.
+
+How the server's end shows here: no file at the path, ENOENT; a file nobody is bound to
+(the server died or is restarting), ECONNREFUSED; a full receive queue (a stopped or
+stalled server), EAGAIN, and POLLOUT once there is room. A server that restarted bound a
+new socket: the old connection's next send is refused (ECONNREFUSED, then ENOTCONN), and
+a server that replaced its socket while the old one lives on (stopped) shows as a full
+queue and another inode at the path, checked only then.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from typing import Tuple
+
+from ._errors import ServerStalled, ServerUnavailable
+from ._fifo import hidden_system_dir
+from ._writer import ConnectionLost, wait_for_room
+
+__all__ = ["SocketWriter", "open_pidfd"]
+
+# Errors of a send that mean the server's end is gone: reconnect.
+_LOST = frozenset(
+    (errno.ECONNREFUSED, errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.EDESTADDRREQ)
+)
+
+
+class SocketWriter:
+    """A datagram socket connected to the server's (see ``Writer``).
+
+    Args:
+        path: the server's socket.
+        pidfd: a pidfd sent with every datagram (the process the timers are for), or -1
+            for none (the sender's own timers).
+
+    Raises:
+        ServerUnavailable: no socket at the path, nobody bound to it, not a datagram
+            socket, permission denied.
+    """
+
+    kind = "socket"
+
+    def __init__(self, path: str, pidfd: int = -1) -> None:
+        self.path = path
+        self._pidfd = pidfd
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.setblocking(False)
+            # The inode first: a socket replaced after this is noticed, never the reverse.
+            self._inode = _inode(path)
+            sock.connect(path)
+        except OSError as e:
+            sock.close()
+            raise _unavailable(e, path) from e
+        self._sock = sock
+        # write() on a connected datagram socket sends one datagram, as send() does, at
+        # the cost of os.write: the hot path is the FIFO's. Not with a pidfd to attach.
+        self.hot_fd = sock.fileno() if pidfd < 0 else -1
+
+    def write(self, line: bytes, timeout: float) -> None:
+        """Send ``line`` as one datagram, waiting up to ``timeout`` seconds for room in a
+        full queue.
+
+        Raises:
+            ConnectionLost: the server's socket is gone (it died or restarted).
+            ServerStalled: the server's queue stayed full for ``timeout`` seconds.
+            ServerUnavailable: another error.
+        """
+        if self._attempt(line):
+            return
+        if self._replaced():
+            raise ConnectionLost
+        if not wait_for_room(self._sock.fileno(), timeout, lambda: self._attempt(line)):
+            raise ServerStalled(
+                errno.EAGAIN,
+                f"the ftimer server has not drained its socket in {timeout} s",
+                self.path,
+            )
+
+    def _attempt(self, line: bytes) -> bool:
+        """Send ``line``; False when the queue is full.
+
+        Raises:
+            ConnectionLost, ServerUnavailable: as ``write``.
+        """
+        try:
+            if self._pidfd < 0:
+                self._sock.send(line)
+            else:
+                socket.send_fds(self._sock, [line], [self._pidfd])
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in _LOST:
+                raise ConnectionLost from None
+            raise ServerUnavailable(e.errno, f"cannot send ({e.strerror})", self.path) from e
+
+    def _replaced(self) -> bool:
+        try:
+            return _inode(self.path) != self._inode
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        """Close the socket (idempotent); a pidfd given to it is not its to close."""
+        self.hot_fd = -1
+        self._sock.close()
+
+    def __del__(self) -> None:
+        # A client dropped without close() lets go of its connection quietly, as the
+        # FIFO writer does (no ResourceWarning from the socket).
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            sock.close()
+
+
+def open_pidfd(pid: int) -> int:
+    """Return a new pidfd of process ``pid`` (close-on-exec).
+
+    Raises:
+        ServerUnavailable: the process does not exist, or this system has no pidfds
+            (Linux 5.3, Python 3.9): another process's timers cannot be sent over the
+            socket, only over a FIFO.
+    """
+    pidfd_open = getattr(os, "pidfd_open", None)
+    try:
+        if pidfd_open is None:
+            raise OSError(errno.ENOSYS, "os.pidfd_open is missing")
+        fd: int = pidfd_open(pid)
+    except OSError as e:
+        if e.errno == errno.ESRCH:
+            reason = f"process {pid} does not exist, so no timer of it can be armed"
+        else:
+            reason = (
+                f"cannot name process {pid} to the server: pidfd_open: {e.strerror} (over "
+                "the socket, another process's timers need a pidfd; use the FIFO instead)"
+            )
+        raise ServerUnavailable(e.errno, reason, f"/proc/{pid}") from e
+    return fd
+
+
+def _inode(path: str) -> Tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _unavailable(e: OSError, path: str) -> ServerUnavailable:
+    if e.errno == errno.ENOENT:
+        reason = "no socket (is the ftimer server running?)" + hidden_system_dir(path)
+    elif e.errno == errno.ECONNREFUSED and not _is_socket(path):
+        reason = "not a socket (a FIFO? this client was told to use a socket)"
+    elif e.errno == errno.ECONNREFUSED:
+        reason = (
+            "no ftimer server is bound to the socket (it stopped, or is restarting: it "
+            "binds again when it starts)"
+        )
+    elif e.errno == errno.EACCES:
+        reason = (
+            "this user may not write the socket or enter its directory (permission "
+            "denied): the server's --fifo-mode and --fifo-group say who may"
+        )
+    elif e.errno == errno.EPROTOTYPE:
+        reason = "not an ftimer server's socket (not a datagram socket)"
+    else:
+        reason = f"cannot connect to the socket ({e.strerror})"
+    return ServerUnavailable(e.errno, reason, path)
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False

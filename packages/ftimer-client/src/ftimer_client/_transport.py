@@ -1,0 +1,48 @@
+"""Which writer a route gets: decided at each connection by what is on disk then.
+
+``"fifo"`` and ``"socket"`` are what they say. ``"auto"`` takes the preferred socket when
+one is there (the socket beside a FIFO found by the default resolution), else what is at
+the path: a socket, or else a FIFO (whose opening reports anything else).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Callable
+
+from ._fifo import FifoWriter
+from ._paths import Route
+from ._socket import SocketWriter
+from ._writer import Writer
+
+__all__ = ["open_writer"]
+
+
+def open_writer(route: Route, *, keep_open: bool, pidfd: Callable[[], int]) -> Writer:
+    """Connect to the server ``route`` names.
+
+    Args:
+        keep_open: the connection is kept across messages (protocol 2): a FIFO writer
+            then watches for a replaced FIFO.
+        pidfd: returns the pidfd the socket sends with every datagram, or -1 for none;
+            called only for a socket.
+
+    Raises:
+        ServerUnavailable: nothing can be connected to (see the writers).
+    """
+    if route.transport == "auto":
+        for path in (route.prefer, route.path):
+            if path is not None and _is_socket(path):
+                return SocketWriter(path, pidfd())
+        return FifoWriter(route.path, check_replaced=keep_open, or_socket=True)
+    if route.transport == "socket":
+        return SocketWriter(route.path, pidfd())
+    return FifoWriter(route.path, check_replaced=keep_open)
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False

@@ -1,0 +1,62 @@
+"""What a channel needs of a transport: one thin writer per transport (``_fifo``,
+``_socket``), each holding every OS call of its transport and the errors they raise.
+
+A writer delivers one line per call, whole or not at all (one ``write()`` of at most
+PIPE_BUF bytes on a FIFO, one datagram on the socket), waits a bounded time for room,
+and says how it failed: ``ConnectionLost`` when the server went away or replaced its
+FIFO or socket (reconnect and resynchronise), ``ServerUnavailable`` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+import time
+from typing import Callable, Protocol
+
+__all__ = ["ConnectionLost", "Writer", "wait_for_room"]
+
+
+class ConnectionLost(Exception):
+    """The server went away, or replaced its FIFO or socket: reconnect, then resync."""
+
+
+class Writer(Protocol):
+    """One open connection to a server, over one transport."""
+
+    #: "fifo" or "socket".
+    kind: str
+    #: The path connected to.
+    path: str
+    #: A descriptor on which one ``os.write(hot_fd, line)`` delivers ``line`` (the hot
+    #: path), or -1 when every line must go through ``write()``.
+    hot_fd: int
+
+    def write(self, line: bytes, timeout: float) -> None:
+        """Deliver ``line``, waiting up to ``timeout`` seconds for room.
+
+        Raises:
+            ConnectionLost: the server went away or replaced its end.
+            ServerUnavailable: not delivered (``ServerStalled``: no room in time).
+        """
+
+    def close(self) -> None:
+        """Let go of the connection (idempotent)."""
+
+
+def wait_for_room(fd: int, timeout: float, attempt: Callable[[], bool]) -> bool:
+    """Poll ``fd`` for POLLOUT and call ``attempt`` each time it may have room, until it
+    returns True or ``timeout`` seconds have passed; return whether it succeeded.
+
+    ``attempt`` raises what it raises (the writer's own errors).
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    end = time.monotonic() + timeout
+    remaining = timeout
+    while remaining > 0:
+        poller.poll(math.ceil(remaining * 1000))
+        if attempt():
+            return True
+        remaining = end - time.monotonic()
+    return False

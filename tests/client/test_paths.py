@@ -1,4 +1,4 @@
-"""Which FIFO a client writes to when not told."""
+"""Which FIFO or socket a client sends to when not told (pure: no file is looked at)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 import pytest
 
 from ftimer_client import FileTimerClient, resolve_fifo_path
-from ftimer_protocol import SYSTEM_FIFO_PATH
+from ftimer_client._paths import Route, resolve_route
+from ftimer_protocol import SYSTEM_FIFO_PATH, SYSTEM_SOCKET_PATH
 
 
 def no(path: str) -> bool:
@@ -50,8 +51,68 @@ def test_server_default(uid: int, env: dict, system_exists: bool, expected: str)
 
 
 def test_client_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FTIMER_SOCKET", raising=False)
     monkeypatch.setenv("TORCHELASTIC_TIMER_FILE", "/from/torch")
     assert FileTimerClient().file_path == "/from/torch"
     monkeypatch.setenv("FTIMER_FIFO", "/from/ftimer")
     assert FileTimerClient().file_path == "/from/ftimer"
     assert FileTimerClient(os.fsencode("/p").decode()).file_path == "/p"
+
+
+# -- the route: FIFO or socket --------------------------------------------------------------
+
+
+def test_an_explicit_path_is_used_with_the_transport_asked_for() -> None:
+    env = {"FTIMER_SOCKET": "/s", "FTIMER_FIFO": "/f"}
+    assert resolve_route("/x", environ=env) == Route("/x", "auto")
+    assert resolve_route("/x", transport="fifo", environ=env) == Route("/x", "fifo")
+    assert resolve_route("/x", transport="socket", environ=env) == Route("/x", "socket")
+    assert resolve_route("/x", protocol=1, environ=env) == Route("/x", "fifo")
+
+
+def test_the_default_prefers_ftimer_socket_then_the_socket_beside_the_fifo() -> None:
+    env = {"FTIMER_SOCKET": "/s", "FTIMER_FIFO": "/run/a.fifo"}
+    assert resolve_route(environ=env, exists=no) == Route("/s", "auto")
+    assert resolve_route(transport="socket", environ=env, exists=no) == Route("/s", "socket")
+    del env["FTIMER_SOCKET"]
+    assert resolve_route(environ=env, exists=no) == Route("/run/a.fifo", "auto", "/run/a.socket")
+    assert resolve_route(transport="socket", environ=env, exists=no) == Route(
+        "/run/a.socket", "socket"
+    )
+    torch = {"TORCHELASTIC_TIMER_FILE": "/tmp/t"}
+    assert resolve_route(environ=torch, exists=no) == Route("/tmp/t", "auto", "/tmp/t.socket")
+
+
+def test_fifo_and_protocol_1_never_look_for_a_socket() -> None:
+    env = {"FTIMER_SOCKET": "/s", "FTIMER_FIFO": "/f.fifo"}
+    assert resolve_route(transport="fifo", environ=env, exists=no) == Route("/f.fifo", "fifo")
+    assert resolve_route(protocol=1, environ=env, exists=no) == Route("/f.fifo", "fifo")
+    with pytest.raises(ValueError, match="FIFO only"):
+        resolve_route(protocol=1, transport="socket")
+    with pytest.raises(ValueError, match="transport must be one of"):
+        resolve_route(transport="tcp")
+
+
+@pytest.mark.parametrize("present", [SYSTEM_FIFO_PATH, SYSTEM_SOCKET_PATH])
+def test_a_non_root_worker_next_to_a_root_daemon_finds_its_socket(present: str) -> None:
+    route = resolve_route(uid=1000, environ={}, exists=lambda path: path == present)
+    assert route == Route(SYSTEM_FIFO_PATH, "auto", SYSTEM_SOCKET_PATH)
+    alone = resolve_route(uid=1000, environ={}, exists=no)
+    assert alone == Route("/tmp/ftimer-1000/timer.fifo", "auto", "/tmp/ftimer-1000/timer.socket")
+    # The FIFO's own resolution is unchanged: only a system FIFO counts there.
+    assert resolve_fifo_path(uid=1000, environ={}, exists=lambda p: p == SYSTEM_SOCKET_PATH) == (
+        "/tmp/ftimer-1000/timer.fifo"
+    )
+
+
+def test_the_client_reports_its_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FTIMER_SOCKET", raising=False)
+    monkeypatch.setenv("FTIMER_FIFO", "/from/ftimer.fifo")
+    client = FileTimerClient()
+    assert (client.file_path, client.transport) == ("/from/ftimer.fifo", "auto")
+    assert "transport='auto'" in repr(client)
+    assert FileTimerClient(transport="fifo").transport == "fifo"
+    monkeypatch.setenv("FTIMER_SOCKET", "/from/ftimer.socket")
+    assert FileTimerClient().file_path == "/from/ftimer.socket"
+    with pytest.raises(ValueError, match="transport"):
+        FileTimerClient(transport="udp")

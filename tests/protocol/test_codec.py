@@ -165,6 +165,10 @@ def test_malformed_lines_are_typed_errors(line: bytes, reason: str) -> None:
         TimerRequestV1(pid=1, scope_id="s", expiration_time=math.nan, signal=9),
         Expire(pid=1, scope_id="s", signal=99),
         Sync(token="t" * 129),
+        # A lone surrogate: UTF-8 cannot carry it.
+        Arm(pid=1, scope_id="a\ud800", deadline=1.0, signal=9),
+        TimerRequestV1(pid=1, scope_id="\udfff", expiration_time=1.0, signal=9),
+        Arm(pid=1, scope_id="s", deadline=1.0, signal=9, labels={"job": "\ud800"}),
     ],
 )
 def test_encode_refuses_messages_outside_the_schema(message: Message) -> None:

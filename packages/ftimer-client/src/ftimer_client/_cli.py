@@ -311,16 +311,21 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     os.close(gate_w)
     with os.fdopen(err_r, "rb") as err:
         failure = err.read().decode()  # empty once CMD is running (close-on-exec)
-    if hasattr(os, "waitid"):
-        # Wait without reaping: the pid stays CMD's until the forwarding stops.
+    reap_first = not hasattr(os, "waitid")
+    if not reap_first:
+        # Wait without reaping: the pid stays CMD's until the forwarding stops and the
+        # disarm is sent (a pidfd of CMD names it until it is reaped).
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
     for signum in FORWARDED:
         signal.signal(signum, signal.SIG_DFL)
-    _, status = os.waitpid(pid, 0)
+    if reap_first:
+        _, status = os.waitpid(pid, 0)
     try:
         client.close()
     except ServerUnavailable as e:
         print(f"ftimer: could not disarm: {e}", file=sys.stderr)
+    if not reap_first:
+        _, status = os.waitpid(pid, 0)
     if failure:
         exit_code, _, message = failure.partition(" ")
         print(f"ftimer: {cmd[0]}: {message}", file=sys.stderr)

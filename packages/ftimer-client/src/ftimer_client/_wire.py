@@ -10,8 +10,8 @@ valid without a round trip.
 A scope never seen before (``scope=f"step-{i}"``) costs one JSON string encoding: its
 lines are the pieces of a line encoded (and validated) once per process, signal and
 labels, around the scope's JSON string. A scope can only be invalid by its type, its
-length in characters or its size in bytes, each checked here; anything unusual (a str
-subclass, a lone surrogate) takes the validating encoder, which says what is wrong.
+length in characters, its encoding (a lone surrogate) or its size in bytes, each checked
+here; the validating encoder words any refusal.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ftimer_protocol import (
     DisarmAll,
     DumpHook,
     Expire,
+    LocalProtocolError,
     MessageTooLarge,
     TimerRequestV1,
     encode,
@@ -208,12 +209,15 @@ class V2Lines:
         return entry
 
     def _validated(self, scope_id: str) -> Tuple[bytes, bytes]:
-        """Raises what ``encode()`` raises for this scope (it always does, or the scope
-        is valid after all: then its entry, uncached)."""
-        self.arm(scope_id, 0.0, self._signal)
-        encode(Disarm(self._pid, scope_id, self._start_time))
-        # Valid (a str subclass, say): one more try with its plain value.
-        return self.entry(str(scope_id))
+        """Raise what the validating encoder says is wrong with ``scope_id``.
+
+        Raises:
+            ValueError: (``LocalProtocolError``) always.
+        """
+        self.arm(scope_id, 0.0, self._signal)  # raises, in the encoder's words
+        raise LocalProtocolError(
+            f"a scope is a str of at most {MAX_SCOPE} characters, not {scope_id!r:.80}"
+        )
 
     def arm(self, scope_id: str, deadline: float, signal: int) -> bytes:
         """Return the arm line for a monotonic deadline in [0, MAX_TIME] and a checked

@@ -71,15 +71,15 @@ def encode(message: Message, *, limit: int = PIPE_BUF) -> bytes:
     """
     # Typed as the union: each decoder's stubs name only its own result type.
     check: Callable[[Buffer], Message]
-    if type(message) is TimerRequestV1:
+    try:
         body = _encoder.encode(message)
+    # UnicodeEncodeError: a string holding a lone surrogate, which UTF-8 cannot carry.
+    except (TypeError, UnicodeEncodeError, msgspec.EncodeError) as e:
+        raise LocalProtocolError(f"cannot encode {message!r}: {e}") from None
+    if type(message) is TimerRequestV1:
         check = _v1_decoder.decode
         line = body + b"\n"
     else:
-        try:
-            body = _encoder.encode(message)
-        except (TypeError, msgspec.EncodeError) as e:
-            raise LocalProtocolError(f"cannot encode {message!r}: {e}") from None
         check = _v2_decoder.decode
         line = b"".join((V2_PREFIX, memoryview(body)[1:], b"\n"))
     if len(line) > limit:

@@ -1,0 +1,235 @@
+"""The resync state machine, without I/O: which lines to send, what a failure leaves to
+make good, and when a retry is due (the clock passed in)."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ftimer_client._resync import RETRY_FIRST, RETRY_MAX, Resync
+from ftimer_client._wire import V1Lines, V2Lines
+from ftimer_protocol import Arm, Disarm, DisarmAll, TimerRequestV1, decode
+
+from .conftest import server_state
+
+PID, START = 4242, 99
+
+
+def v2() -> Tuple[Resync, V2Lines]:
+    lines = V2Lines(PID, START, 9, None)
+    return Resync(lines), lines
+
+
+def arm_line(lines: V2Lines, scope: str, deadline: float = 100.0) -> bytes:
+    return lines.entry(scope)[0] % deadline
+
+
+def test_in_sync_there_is_no_backlog() -> None:
+    state, lines = v2()
+    state.arm("a", arm_line(lines, "a"), owner=1)
+    assert state.backlog() == []
+    assert not state.needs_resync
+    assert state.next_retry(0.0) is None
+
+
+def test_a_resync_is_disarm_all_then_every_armed_scope_with_its_line() -> None:
+    state, lines = v2()
+    state.arm("a", arm_line(lines, "a", 10.0), owner=1)
+    state.arm("b", arm_line(lines, "b", 20.0), owner=2)
+    state.arm("a", arm_line(lines, "a", 30.0), owner=1)  # re-armed: the last line counts
+    state.failed(5.0)
+    assert state.needs_resync
+    assert state.outages == 1
+    sent = [decode(line) for line in state.backlog()]
+    assert sent == [
+        DisarmAll(PID, START),
+        Arm(PID, "a", 30.0, 9, START),
+        Arm(PID, "b", 20.0, 9, START),
+    ]
+    state.delivered()
+    assert state.backlog() == []
+
+
+def test_a_refused_arm_is_undone() -> None:
+    state, lines = v2()
+    first = arm_line(lines, "a", 10.0)
+    state.arm("a", first, owner=1)
+    previous = state.arm("a", arm_line(lines, "a", 20.0), owner=1)
+    state.unarm("a", previous)
+    assert state.armed == {"a": (first, 1)}
+    state.unarm("b", state.arm("b", arm_line(lines, "b"), owner=1))
+    assert set(state.armed) == {"a"}
+
+
+def test_disarm_all_of_everyone_is_one_line_of_one_owner_one_per_scope() -> None:
+    state, lines = v2()
+    for scope, owner in (("a", 1), ("b", 2), ("c", 1)):
+        state.arm(scope, arm_line(lines, scope), owner)
+    assert state.armed_by(1) == {"a", "c"}
+    sent, forgotten = state.disarm_all(owner=1)
+    assert [decode(line) for line in sent] == [Disarm(PID, "a", START), Disarm(PID, "c", START)]
+    assert forgotten == ["a", "c"]
+    assert set(state.armed) == {"b"}
+    sent, forgotten = state.disarm_all()
+    assert [decode(line) for line in sent] == [DisarmAll(PID, START)]
+    assert state.armed == {}
+
+
+def test_version_1_resends_the_releases_it_lost_then_the_arms() -> None:
+    lines = V1Lines(PID, 9)
+    state = Resync(lines)
+    state.arm("a", lines.arm("a", 1000.0), owner=1)
+    state.arm("b", lines.arm("b", 2000.0), owner=1)
+    state.disarm("b")
+    state.lost_disarms(["b"])
+    state.failed(0.0)
+    sent = [decode(line) for line in state.backlog()]
+    assert sent == [TimerRequestV1(PID, "b", -1.0, 0), TimerRequestV1(PID, "a", 1000.0, 9)]
+    state.delivered()
+    assert state.resync_lines() == [lines.arm("a", 1000.0)]
+
+
+def test_a_stall_is_waited_for_once() -> None:
+    state, _ = v2()
+    assert state.timeout(1.5) == 1.5
+    state.failed(0.0, stalled=True)
+    assert state.timeout(1.5) == 0.0  # fail fast until a delivery gets through
+    state.failed(0.1)
+    assert state.outages == 1  # the same outage
+    state.delivered()
+    assert state.timeout(1.5) == 1.5
+
+
+def test_outages_are_counted_once_each() -> None:
+    state, _ = v2()
+    for now in (0.0, 0.1, 0.2):
+        state.failed(now)
+    assert state.outages == 1
+    state.delivered()
+    state.failed(1.0)
+    assert state.outages == 2
+
+
+def test_retries_back_off_to_the_cap_and_stop_when_nothing_is_owed() -> None:
+    state, lines = v2()
+    state.failed(10.0)
+    assert state.next_retry(10.0) is None  # nothing armed, nothing lost: nothing to redo
+    state.arm("a", arm_line(lines, "a"), owner=1)
+    assert state.retry_wanted
+    assert state.next_retry(10.0) == pytest.approx(RETRY_FIRST)
+    assert state.next_retry(10.0 + RETRY_FIRST) == 0.0
+    delays = []
+    now = 10.0 + RETRY_FIRST
+    for _ in range(8):
+        state.retry_failed(now)
+        delay = state.next_retry(now)
+        assert delay is not None
+        delays.append(delay)
+        now += delay
+    assert delays[:4] == pytest.approx(
+        [2 * RETRY_FIRST, 4 * RETRY_FIRST, 8 * RETRY_FIRST, 16 * RETRY_FIRST]
+    )
+    assert delays[-1] == pytest.approx(RETRY_MAX)
+    state.delivered()
+    assert state.next_retry(now) is None
+    state.failed(now)  # a new outage starts from the first delay again
+    assert state.next_retry(now) == pytest.approx(RETRY_FIRST)
+
+
+def test_a_lost_disarm_alone_is_worth_a_retry() -> None:
+    state, _ = v2()
+    state.lost_disarms(["a"])
+    state.failed(0.0)
+    assert state.retry_wanted
+    assert [decode(line) for line in state.backlog()] == [DisarmAll(PID, START)]
+
+
+def test_reset_forgets_everything_but_the_outage_count() -> None:
+    state, lines = v2()
+    state.arm("a", arm_line(lines, "a"), owner=1)
+    state.failed(0.0, stalled=True)
+    state.reset()
+    assert (state.armed, state.needs_resync, state.stalled) == ({}, False, False)
+    assert state.next_retry(0.0) is None
+    assert state.outages == 1
+
+
+# -- every failure pattern ends with the server agreeing --------------------------------------
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["arm", "disarm", "disarm_all", "disarm_mine", "restart"]),
+        st.sampled_from(["a", "b", "c"]),
+        st.sampled_from([1, 2]),
+        st.booleans(),  # delivered?
+    ),
+    max_size=40,
+)
+
+
+@given(OPS, st.booleans())
+def test_after_a_resync_the_server_holds_exactly_the_registry(
+    ops: List[Tuple[str, str, int, bool]], version_2: bool
+) -> None:
+    # A model of the channel's use of the machine: each line is delivered or lost; a
+    # restart loses the server's state or (a state file) keeps a stale copy. Whatever
+    # happened, once a delivery goes through after the backlog the server agrees.
+    lines: object = V2Lines(PID, START, 9, None) if version_2 else V1Lines(PID, 9)
+    state = Resync(lines)  # type: ignore[arg-type]
+    server: List[bytes] = []  # what the server applied, in order
+    now = 0.0
+
+    def deliver(new: List[bytes], ok: bool) -> None:
+        nonlocal now
+        now += 0.01
+        if ok:
+            server.extend(state.backlog() + new)
+            state.delivered()
+        else:
+            state.failed(now)
+
+    deadline = 0.0
+    for op, scope, owner, ok in ops:
+        deadline += 1.0
+        if op == "arm":
+            line = (
+                lines.entry(scope)[0] % deadline  # type: ignore[attr-defined]
+                if version_2
+                else lines.arm(scope, deadline)  # type: ignore[attr-defined]
+            )
+            previous = state.arm(scope, line, owner)
+            deliver([line], ok)
+            if not ok and owner == 1:  # owner 1 stands for on_unavailable="raise"
+                state.unarm(scope, previous)
+        elif op == "disarm":
+            state.disarm(scope)
+            disarm = lines.disarm(scope)  # type: ignore[attr-defined]
+            deliver([disarm], ok)
+            if not ok:
+                state.lost_disarms([scope])
+        elif op in ("disarm_all", "disarm_mine"):
+            sent, scopes = state.disarm_all(owner if op == "disarm_mine" else None)
+            deliver(sent, ok)
+            if not ok:
+                state.lost_disarms(scopes)
+        elif ok:  # a restart that kept a state file: a stale copy survives
+            state.failed(now)
+        else:  # a restart without one: everything is gone
+            server.clear()
+            state.failed(now)
+    deliver([], True)  # the server is back: the next delivery, or the retry thread
+    expected: Dict[Tuple[int, str], float] = {
+        (PID, s): _deadline(line) for s, (line, _) in state.armed.items()
+    }
+    assert server_state([decode(line) for line in server]) == expected
+
+
+def _deadline(line: bytes) -> float:
+    message = decode(line)
+    if isinstance(message, Arm):
+        return message.deadline
+    assert isinstance(message, TimerRequestV1)
+    return message.expiration_time

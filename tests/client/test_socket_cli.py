@@ -1,0 +1,116 @@
+"""The ``ftimer`` command over the socket: its timers are for another process (the calling
+shell, ``--pid``, or CMD), so every datagram carries that process's pidfd, and the kernel
+names the command itself as the sender."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, main
+from ftimer_protocol import Arm, Disarm, Expire
+
+from .conftest import FifoPeer, SocketPeer, server_state
+from .test_cli import ftimer
+
+ME = os.getpid()
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "pidfd_open"), reason="the socket transport is Linux's (pidfds)"
+)
+
+
+def test_arm_names_the_calling_shell_by_its_pidfd(speer: SocketPeer) -> None:
+    # The test process stands for the shell: it runs the command, so it is its parent.
+    path = str(speer.path)
+    assert ftimer("arm", "--socket", path, "--scope", "job", "--after", "30").returncode == 0
+    assert ftimer("disarm", "--fifo", path, "--scope", "job").returncode == 0  # auto: a socket
+    arm, disarm = speer.wait_count(2)
+    assert isinstance(arm, Arm)
+    assert isinstance(disarm, Disarm)
+    assert (arm.pid, disarm.pid) == (ME, ME)  # the message names the shell, for logs
+    senders = [d.pid for d in speer.datagrams]
+    assert ME not in senders  # the kernel names each command's own process as the sender
+    assert len(set(senders)) == 2
+    assert [d.pidfds for d in speer.datagrams] == [(ME,), (ME,)]  # the subject: the shell
+
+
+def test_arm_with_pid_sends_that_processs_pidfd(speer: SocketPeer) -> None:
+    with subprocess.Popen(["sleep", "30"]) as other:
+        try:
+            args = ("--socket", str(speer.path), "--scope", "s", "--pid", str(other.pid))
+            assert ftimer("arm", *args, "--after", "5", "--signal", "TERM").returncode == 0
+            assert ftimer("expire", *args, "--signal", "0").returncode == 0
+            arm, expire = speer.wait_count(2)
+            assert isinstance(arm, Arm)
+            assert isinstance(expire, Expire)
+            assert (arm.pid, arm.signal, expire.pid) == (other.pid, 15, other.pid)
+            assert [d.pidfds for d in speer.datagrams] == [(other.pid,), (other.pid,)]
+        finally:
+            other.kill()
+
+
+def test_exec_names_the_command_by_its_pidfd(speer: SocketPeer) -> None:
+    done = ftimer(
+        "exec", "--fifo", str(speer.path), "--after", "60", "--", "sh", "-c", "echo $$; exit 7"
+    )
+    assert done.returncode == 7, done.stderr
+    child = int(done.stdout)
+    arm, disarm = speer.wait_count(2)
+    assert isinstance(arm, Arm)
+    assert (arm.pid, arm.scope_id) == (child, "exec:sh")
+    assert disarm == Disarm(child, "exec:sh", arm.start_time)
+    (sender,) = {d.pid for d in speer.datagrams}  # the wrapper, CMD's parent
+    assert sender not in (ME, child)
+    # Each carries CMD's pidfd; by the time the disarm's is read, CMD has exited, and
+    # a pidfd of an exited process names no pid (-1 in its fdinfo).
+    assert [d.pidfds for d in speer.datagrams] in ([(child,), (child,)], [(child,), (-1,)])
+
+
+def test_exec_in_process_passes_the_pidfd_of_its_child(speer: SocketPeer) -> None:
+    # main() here: the sender is this process, the subject its child (a descendant).
+    code = main(["exec", "--socket", str(speer.path), "--after", "60", "--", "true"])
+    assert code == 0
+    arm, disarm = speer.wait_count(2)
+    assert isinstance(arm, Arm)
+    assert arm.pid != ME
+    first, second = speer.datagrams
+    assert (first.pid, first.pidfds) == (ME, (arm.pid,))
+    assert (second.pid, second.pidfds) in ((ME, (arm.pid,)), (ME, (-1,)))  # exited (above)
+    assert server_state([arm, disarm]) == {}
+
+
+def test_no_server_on_the_socket_fails_with_status_3_and_exec_does_not_run(
+    socket_path: object, tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = os.path.join(str(tmp_path), "ran")
+    args = ["--socket", str(socket_path), "--after", "5"]
+    assert main(["exec", *args, "--", "touch", marker]) == EXIT_UNAVAILABLE
+    assert not os.path.exists(marker)
+    assert "no socket" in capsys.readouterr().err
+    # The policies as on the FIFO.
+    assert main(["arm", *args, "--scope", "s", "--pid", str(ME), "--on-unavailable", "ignore"]) == 0
+
+
+def test_transport_options(
+    fifo_path: object, socket_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo, sock = FifoPeer(fifo_path), SocketPeer(socket_path)  # type: ignore[arg-type]
+    try:
+        base = ["arm", "--scope", "s", "--after", "5", "--pid", str(ME)]
+        assert main([*base, "--fifo", str(fifo_path)]) == 0
+        assert main([*base, "--socket", str(socket_path)]) == 0
+        assert [type(m) for m in fifo.wait_count(1)] == [Arm]
+        assert [type(m) for m in sock.wait_count(1)] == [Arm]
+        assert main([*base, "--socket", str(socket_path), "--transport", "fifo"]) == EXIT_USAGE
+        assert "contradicts" in capsys.readouterr().err
+        assert main([*base, "--fifo", "x", "--socket", "y"]) == EXIT_USAGE
+        assert "not allowed with" in capsys.readouterr().err
+        code = main([*base, "--socket", str(socket_path), "--protocol", "1"])
+        assert code == EXIT_USAGE
+        assert "FIFO only" in capsys.readouterr().err
+    finally:
+        fifo.close()
+        sock.close()

@@ -3,7 +3,11 @@ clear error without the extra."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import threading
+import time
 import urllib.request
 
 import pytest
@@ -90,3 +94,43 @@ def test_without_prometheus_client_a_clear_error(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
     with pytest.raises(MetricsUnavailable, match=r"ftimer-server\[metrics\]"):
         Metrics(stats)
+
+
+def test_last_progress_stops_while_the_loop_is_stuck(tmp_path) -> None:
+    """The gauge is now while the server's loop is healthy and stays at the start of the
+    iteration it is stuck in (here: a callback that blocks), so an alert can tell them apart."""
+    from ftimer_protocol import Arm, encode
+    from ftimer_server import Armed, FileTimerServer
+
+    gate, entered = threading.Event(), threading.Event()
+
+    def stuck(event: object) -> None:
+        if isinstance(event, Armed):
+            entered.set()
+            gate.wait(30)
+
+    fifo = tmp_path / "timer.fifo"
+    with FileTimerServer(fifo, on_event=stuck) as server:
+        m = Metrics(server.stats, last_progress=server.get_last_progress_time)
+        healthy = sample(m, "ftimer_last_progress_timestamp_seconds")
+        assert healthy is not None
+        assert abs(healthy - time.time()) <= 1
+        child = subprocess.Popen(["sleep", "60"])
+        try:
+            fd = os.open(fifo, os.O_WRONLY)
+            os.write(fd, encode(Arm(pid=child.pid, scope_id="s", deadline=1e9, signal=9)))
+            os.close(fd)
+            assert entered.wait(10)
+        finally:
+            child.kill()
+            child.wait()
+        since = sample(m, "ftimer_last_progress_timestamp_seconds")
+        time.sleep(1.1)  # the gauge must not follow the clock while the loop is stuck
+        assert sample(m, "ftimer_last_progress_timestamp_seconds") == since
+        assert since is not None
+        assert since < time.time() - 1
+        gate.set()
+        server.sync()
+        after = sample(m, "ftimer_last_progress_timestamp_seconds")
+        assert after is not None
+        assert after > since

@@ -313,7 +313,7 @@ def test_the_kit_covers_what_an_operator_watches() -> None:
         "FtimerRefusalsClimbing",
         "FtimerDecodeErrorsClimbing",
         "FtimerReapsLate",
-        "FtimerReaderIdleWithArmedTimers",
+        "FtimerLoopStalled",
     }
     text = RULES.read_text()
     assert len(alerts) == text.count("- alert:") == text.count(" expr:")

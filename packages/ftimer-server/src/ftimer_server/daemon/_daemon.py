@@ -154,7 +154,11 @@ class Daemon:
         if c.metrics_address is not None:
             try:
                 self._metrics = Metrics(
-                    self._stats, self._state_saves, c.dry_run, self._incident_writes
+                    self._stats,
+                    self._state_saves,
+                    c.dry_run,
+                    self._incident_writes,
+                    self._last_progress,
                 )
             except MetricsUnavailable as e:
                 raise ConfigError(f"--metrics-address: {e}") from None
@@ -385,6 +389,9 @@ class Daemon:
 
     def _incident_writes(self) -> tuple[int, int]:
         return (0, 0) if self._server is None else self._server.incident_writes
+
+    def _last_progress(self) -> float:
+        return time.time() if self._server is None else self._server.get_last_progress_time()
 
     def _state_saves(self) -> tuple[int, int]:
         saver = self._saver

@@ -48,14 +48,17 @@ class _StatsCollector:
         self,
         prom: Any,
         stats: Callable[[], Stats],
+        *,
         state_saves: Optional[Callable[[], Tuple[int, int]]],
         incident_writes: Optional[Callable[[], Tuple[int, int]]],
+        last_progress: Optional[Callable[[], float]],
         dry_run: bool,
     ) -> None:
         self._prom = prom
         self._stats = stats
         self._state_saves = state_saves
         self._incident_writes = incident_writes
+        self._last_progress = last_progress
         self._dry_run = dry_run
 
     def collect(self) -> Iterator[Any]:
@@ -112,6 +115,14 @@ class _StatsCollector:
         yield core.GaugeMetricFamily(
             "ftimer_dry_run", "1 if expiries are logged instead of signalled.", value=self._dry_run
         )
+        if self._last_progress is not None:
+            # Now while the loop is healthy, else the start of the iteration it is stuck
+            # in: time() minus this is how long the reader has not been reading.
+            yield core.GaugeMetricFamily(
+                "ftimer_last_progress_timestamp_seconds",
+                "Unix time the server's loop last made progress (now while it is healthy).",
+                value=self._last_progress(),
+            )
         if self._incident_writes is not None:
             writes = core.CounterMetricFamily(
                 "ftimer_incident_writes", "Incidents written, by result.", labels=["result"]
@@ -137,6 +148,8 @@ class Metrics:
         stats: the server's counters (``FileTimerServer.stats``), read at scrape time.
         state_saves: (successful, failed) state file writes, read at scrape time.
         incident_writes: (successful, failed) incident writes, read at scrape time.
+        last_progress: when the server's loop last made progress
+            (``FileTimerServer.get_last_progress_time``), read at scrape time.
         dry_run: whether the daemon runs with ``--dry-run`` (a gauge).
 
     Raises:
@@ -149,10 +162,19 @@ class Metrics:
         state_saves: Optional[Callable[[], Tuple[int, int]]] = None,
         dry_run: bool = False,
         incident_writes: Optional[Callable[[], Tuple[int, int]]] = None,
+        last_progress: Optional[Callable[[], float]] = None,
     ) -> None:
         prom = _prometheus()
         self.registry = prom.CollectorRegistry()
-        self.registry.register(_StatsCollector(prom, stats, state_saves, incident_writes, dry_run))
+        collector = _StatsCollector(
+            prom,
+            stats,
+            state_saves=state_saves,
+            incident_writes=incident_writes,
+            last_progress=last_progress,
+            dry_run=dry_run,
+        )
+        self.registry.register(collector)
         self._latency = prom.Histogram(
             "ftimer_reap_latency_seconds",
             "Seconds from a timer's deadline to its worker's signal.",

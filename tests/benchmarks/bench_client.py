@@ -2,7 +2,13 @@
 
 - us per ``with expires(after=60, ...)`` block (explicit and default scope), against a
   reader process that drains the FIFO as fast as it can, so the figure is the client's;
-- the floor of a block: its two lines, pre-encoded, one ``write()`` each;
+- the same block over the server's AF_UNIX datagram socket, against a reader process
+  that drains it (SO_PASSCRED set, as a server's: the kernel then attaches the sender's
+  credentials to every datagram, part of what a send costs);
+- a block with a scope the client has never seen (``scope=f"step-{i}"``) beside the
+  cached one, on each transport;
+- the floor of a block: its two lines, pre-encoded, one ``write()`` each (on each
+  transport);
 - failures in back-to-back blocks against a real server: ftimer's (1,000,000 blocks,
   100,000 quick) and torch's own ``FileTimerServer`` (5,000), and against the drainer;
 - ``python -X importtime`` of ``import ftimer_client`` and of torch's timer module.
@@ -15,10 +21,12 @@ too). torch is imported only here.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
 import select
+import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +52,19 @@ DRAINER = textwrap.dedent(
             os.read(r, 1 << 20)
         except BlockingIOError:
             pass
+    """
+)
+# The socket's drainer: one recv() per datagram (what a datagram socket allows).
+SOCKET_DRAINER = textwrap.dedent(
+    """
+    import socket, sys
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sys.argv[1])
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    print("ready", flush=True)
+    recv = sock.recv
+    while True:
+        recv(8192)
     """
 )
 FTIMER_SERVER = textwrap.dedent(
@@ -177,9 +198,11 @@ def run(quick: bool) -> List[Row]:
     rows: List[Row] = []
     with tempfile.TemporaryDirectory(prefix="ftimer-bench-") as tmp:
         drained = os.path.join(tmp, "drained.fifo")
-        with _process(DRAINER, drained):
+        drained_socket = os.path.join(tmp, "drained.socket")
+        with _process(DRAINER, drained), _process(SOCKET_DRAINER, drained_socket):
             v2 = ftimer_client.FileTimerClient(drained, labels={})
             v1 = ftimer_client.FileTimerClient(drained, protocol=1)
+            over_socket = ftimer_client.FileTimerClient(drained_socket, labels={})
             torch_client = torch_timer.FileTimerClient(drained) if torch_timer else None
 
             def explicit(expires: Any, client: Any) -> Callable[[], None]:
@@ -196,36 +219,58 @@ def run(quick: bool) -> List[Row]:
 
                 return block
 
+            def fresh(expires: Any, client: Any) -> Callable[[], None]:
+                # A scope never seen before at every block, across repetitions too.
+                counter = itertools.count()
+
+                def block() -> None:
+                    with expires(after=60, scope=f"step-{next(counter)}", client=client):
+                        pass
+
+                return block
+
             cases: Dict[str, tuple] = {
                 "v2 explicit": (explicit(ftimer_client.expires, v2), n_fast),
                 "v2 default": (default(ftimer_client.expires, v2), n_fast),
+                "v2 fresh": (fresh(ftimer_client.expires, v2), n_fast),
+                "socket explicit": (explicit(ftimer_client.expires, over_socket), n_fast),
+                "socket fresh": (fresh(ftimer_client.expires, over_socket), n_fast),
                 "v1 explicit": (explicit(ftimer_client.expires, v1), n_slow * 10),
                 "v1 default": (default(ftimer_client.expires, v1), n_slow * 10),
             }
             # The floor of a v2 block: its two lines, pre-encoded, each one non-blocking
-            # write() on a descriptor kept open, waiting for room when the pipe is full,
-            # as the client writes them.
-            floor_fd = os.open(drained, os.O_WRONLY | os.O_NONBLOCK)
-            room = select.poll()
-            room.register(floor_fd, select.POLLOUT)
+            # write() on a descriptor kept open, waiting for room when the pipe (or the
+            # socket's queue) is full, as the client writes them.
             floor_lines = (
                 encode(Arm(os.getpid(), "s", time.monotonic() + 60, 9, start_time=1)),
                 encode(Disarm(os.getpid(), "s", start_time=1)),
             )
-            full = 0  # writes that found the pipe full (then waited)
+            full = {"floor": 0, "socket floor": 0}  # writes that found no room (then waited)
 
-            def floor() -> None:
-                nonlocal full
-                for line in floor_lines:
-                    while True:
-                        try:
-                            os.write(floor_fd, line)
-                            break
-                        except BlockingIOError:
-                            full += 1
-                            room.poll()
+            def floor_of(fd: int, name: str) -> Callable[[], None]:
+                room = select.poll()
+                room.register(fd, select.POLLOUT)
 
-            cases["floor"] = (floor, n_fast)
+                def floor() -> None:
+                    for line in floor_lines:
+                        while True:
+                            try:
+                                os.write(fd, line)
+                                break
+                            except BlockingIOError:
+                                full[name] += 1
+                                room.poll()
+
+                return floor
+
+            floor_fd = os.open(drained, os.O_WRONLY | os.O_NONBLOCK)
+            floor_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            floor_socket.setblocking(False)
+            floor_socket.connect(drained_socket)
+            cases["floor"] = (floor_of(floor_fd, "floor"), n_fast)
+            cases["socket floor"] = (floor_of(floor_socket.fileno(), "socket floor"), n_fast)
+            if torch_timer is not None:
+                cases["torch fresh"] = (fresh(torch_timer.expires, torch_client), n_slow * 10)
             if torch_timer is not None:
                 cases["torch explicit"] = (explicit(torch_timer.expires, torch_client), n_slow * 10)
                 cases["torch default"] = (default(torch_timer.expires, torch_client), n_slow)
@@ -239,7 +284,10 @@ def run(quick: bool) -> List[Row]:
             med = {name: statistics.median(s) for name, s in samples.items()}
             v2.close()
             v1.close()
+            transport = over_socket._channel.transport
+            over_socket.close()
             os.close(floor_fd)
+            floor_socket.close()
             # torch against the drainer: does its client fail when the reader keeps up?
             torch_drained = _worker(drained, "torch", 5_000) if torch_timer else None
             ftimer_drained = _worker(drained, "v2", 5_000)
@@ -266,16 +314,53 @@ def run(quick: bool) -> List[Row]:
         rows.append(
             {
                 "group": "client",
-                "metric": "us per block, floor: two pre-encoded lines, one write() each",
+                "metric": "us per expires block, explicit scope, ftimer v2 over the socket",
                 "unit": "us",
-                "ftimer": med["floor"],
-                "torch": None,
+                "ftimer": med["socket explicit"],
+                "torch": med.get("torch explicit"),
                 "better": "lower",
-                "note": "no client: os.write() of a v2 arm and a disarm line on a "
-                "non-blocking descriptor kept open, waiting for room when the pipe is full, "
-                f"against the same draining reader; writes that found it full: {full:,}",
+                "note": f"AF_UNIX datagram socket (the client connected over: {transport}), "
+                "one datagram per message, against a draining reader with SO_PASSCRED; "
+                f"{med['socket explicit'] / med['v2 explicit']:.2f}x the FIFO block of the "
+                f"same run; the socket's floor is {med['socket floor']:.2f} us, the FIFO's "
+                f"{med['floor']:.2f} us; blocks that raised: {failed['socket explicit']}",
             }
         )
+        for transport_name, fresh_case, cached_case in (
+            ("FIFO", "v2 fresh", "v2 explicit"),
+            ("socket", "socket fresh", "socket explicit"),
+        ):
+            rows.append(
+                {
+                    "group": "client",
+                    "metric": "us per expires block, a scope never seen before "
+                    f'(scope=f"step-{{i}}"), ftimer v2 over the {transport_name}',
+                    "unit": "us",
+                    "ftimer": med[fresh_case],
+                    "torch": med.get("torch fresh"),
+                    "better": "lower",
+                    "note": f"{med[fresh_case] / med[cached_case]:.2f}x the cached scope's "
+                    f"block of the same run ({med[cached_case]:.2f} us; the f-string "
+                    f"included); blocks that raised: ftimer {failed[fresh_case]}, "
+                    f"torch {failed.get('torch fresh', '-')}",
+                }
+            )
+        for name, where in (("floor", "FIFO"), ("socket floor", "socket")):
+            rows.append(
+                {
+                    "group": "client",
+                    "metric": f"us per block, floor: two pre-encoded lines, one write() each "
+                    f"({where})",
+                    "unit": "us",
+                    "ftimer": med[name],
+                    "torch": None,
+                    "better": "lower",
+                    "note": "no client: os.write() of a v2 arm and a disarm line on a "
+                    f"non-blocking {'descriptor' if where == 'FIFO' else 'connected socket'} "
+                    "kept open, waiting for room when it is full, against the same draining "
+                    f"reader; writes that found no room: {full[name]:,}",
+                }
+            )
 
         n_big = 100_000 if quick else 1_000_000
         served = os.path.join(tmp, "ftimer.fifo")

@@ -232,8 +232,14 @@ class V2Lines:
         )
 
     def disarm(self, scope_id: str) -> bytes:
-        """Return the disarm line of ``scope_id`` (cached)."""
-        return self.entry(scope_id)[1]
+        """Return the disarm line of ``scope_id`` (cached).
+
+        Raises:
+            ValueError: as ``entry``.
+        """
+        # The cache first, without a call of entry(): every expires block ends here.
+        cached = self._cache.get(scope_id)
+        return (self.entry(scope_id) if cached is None else cached)[1]
 
     def expire(self, scope_id: str, signal: int) -> bytes:
         """Return the expire-now line of ``scope_id`` with a checked ``signal``.

@@ -13,6 +13,8 @@ from typing import Iterator, Set, Tuple
 import pytest
 from tests.conftest import wait_until
 
+from ftimer_protocol import socket_path_for
+
 server_module = pytest.importorskip("ftimer_server")
 
 WORKER = textwrap.dedent(
@@ -100,3 +102,61 @@ def test_what_was_armed_while_the_server_was_down_reaches_the_next_one(
         with server_module.FileTimerServer(fifo_path) as second:
             # No further message from the worker: its background resync does it.
             wait_until(lambda: armed(second) == {(proc.pid, "x"), (proc.pid, "while-down")})
+
+
+# -- over the socket ----------------------------------------------------------------------
+
+FTIMER = [sys.executable, "-m", "ftimer_client"]  # the `ftimer` command
+
+
+@pytest.fixture
+def socket_server(fifo_path: pathlib.Path) -> Iterator[Tuple[object, pathlib.Path]]:
+    """The real server on a FIFO and on the socket beside it."""
+    socket_path = pathlib.Path(socket_path_for(str(fifo_path)))
+    with server_module.FileTimerServer(fifo_path, socket_path=socket_path) as server:
+        yield server, socket_path
+
+
+def test_over_the_socket_a_stuck_worker_is_reaped_and_a_healthy_one_is_not(
+    socket_server: Tuple[object, pathlib.Path],
+) -> None:
+    _, path = socket_server
+    with worker(path, "healthy") as healthy:
+        with worker(path, "stuck") as stuck:
+            assert stuck.wait(30) == -signal.SIGKILL
+        assert healthy.wait(30) == 0
+
+
+def test_a_server_restarted_on_its_socket_gets_the_armed_timers(fifo_path: pathlib.Path) -> None:
+    path = pathlib.Path(socket_path_for(str(fifo_path)))
+    with worker(path, "scripted") as proc:
+        with server_module.FileTimerServer(fifo_path, socket_path=path) as first:
+            arm(proc, "x")
+            wait_until(lambda: armed(first) == {(proc.pid, "x")})
+        # A new server with none of the old one's state binds the path again: the
+        # worker's old connection is refused, it reconnects and resyncs.
+        with server_module.FileTimerServer(fifo_path, socket_path=path) as second:
+            arm(proc, "y")
+            wait_until(lambda: armed(second) == {(proc.pid, "x"), (proc.pid, "y")})
+
+
+def test_ftimer_exec_over_the_socket_gets_its_command_reaped(
+    socket_server: Tuple[object, pathlib.Path],
+) -> None:
+    # The sender is the wrapper; the timer is CMD's, named by its pidfd: a descendant.
+    _, path = socket_server
+    done = subprocess.run(
+        [*FTIMER, "exec", "--socket", str(path), "--after", "0.3", "--", "sleep", "60"],
+        timeout=30,
+    )
+    assert done.returncode == 128 + signal.SIGKILL
+
+
+def test_ftimer_arm_over_the_socket_is_for_the_calling_shell(
+    socket_server: Tuple[object, pathlib.Path],
+) -> None:
+    # The sender is the command; the timer is its parent's, the shell, named by its pidfd.
+    _, path = socket_server
+    arm_it = " ".join([*FTIMER, "arm", "--socket", str(path), "--scope", "s", "--after", "0.3"])
+    shell = subprocess.run(["sh", "-c", f"{arm_it} && exec sleep 60"], timeout=30)
+    assert shell.returncode == -signal.SIGKILL

@@ -426,7 +426,7 @@ def test_metrics_without_the_extra_is_a_usage_error(short_dir: pathlib.Path) -> 
         (["run", "--log-format", "xml"], "invalid choice"),
         (["run", "--allow-signal", "SIGNOPE"], "unknown signal"),
         (["run", "--signal", "SIGNOPE"], "unknown signal"),
-        (["run", "--signal", "0"], "out of range"),
+        (["run", "--signal", "0"], "is not a signal number"),
         (["run", "--bogus"], "unrecognized arguments"),
         ([], "required"),
         # "\u00b2" ("²") passes str.isdigit() but not int(): a clear error, never a crash.
@@ -452,8 +452,8 @@ def test_bad_options_exit_2(args: list[str], message: str) -> None:
     ("text", "message"),
     [
         ('fifo = "/x"\nfifo-mod = "0600"\n', "unknown field `fifo-mod`"),
-        ('signal = "SIGNOPE"\n', "unknown signal 'SIGNOPE'"),
-        ("signal = 99\n", "out of range"),
+        ('signal = "SIGNOPE"\n', "unknown signal: 'SIGNOPE'"),
+        ("signal = 99\n", "is not a signal number"),
         ('signal = "\u00b2"\n', "signal: unknown signal"),
         ('fifo-group = "\u00b2"\n', "fifo-group: unknown group"),
         ('metrics-address = "\u00b2"\n', "metrics-address: metrics address"),

@@ -19,7 +19,7 @@ from typing import Callable, List, Sequence
 import pytest
 from tests.conftest import wait_until
 
-from ftimer_protocol import Arm, Expire, encode
+from ftimer_protocol import Arm, Disarm, Expire, encode
 from ftimer_server import Armed, Event, FileTimerServer, Reaped, Rejected
 
 from .conftest import wait_exit
@@ -122,11 +122,15 @@ def test_a_pidfd_names_the_senders_parent_never_a_stranger(served, senders) -> N
     finally:
         child.kill()
         child.wait()
-    # A shell whose child sends its parent's pidfd: the shell is the subject.
-    command = f'"{sys.executable}" -c "$0" "$1" "$2" "$$" < /dev/null > /dev/null; sleep 60'
-    shell = subprocess.Popen(["sh", "-c", command, SENDER, path, arm(1).decode()])
+    # A shell whose child sends its parent's pidfd: the shell is the subject. The child
+    # lives until the server has read it (it waits for the shell's stdin to close).
+    command = f'"{sys.executable}" -c "$0" "$1" "$2" "$$" > /dev/null; sleep 60'
+    shell = subprocess.Popen(
+        ["sh", "-c", command, SENDER, path, arm(1).decode()], stdin=subprocess.PIPE
+    )
     try:
         wait_until(lambda: events.of(Armed))
+        shell.stdin.close()  # type: ignore[union-attr]
         [armed] = events.of(Armed)
         assert armed.timer.pid == shell.pid  # type: ignore[attr-defined]
     finally:
@@ -204,3 +208,41 @@ def test_bad_datagrams_are_counted_and_no_descriptor_leaks(served) -> None:  # t
     assert stats.received["socket"] == 52
     assert len(os.listdir("/proc/self/fd")) == before
     del events
+
+
+# Forks a child, opens its pidfd, reaps it, then sends the disarm argv[2] with that pidfd:
+# what `ftimer exec` does when its command has exited. Waits for stdin to close.
+EXITED_SUBJECT = """
+import os, socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sock.connect(sys.argv[1])
+child = os.fork()
+if child == 0:
+    os._exit(0)
+pidfd = os.pidfd_open(child)
+os.waitpid(child, 0)
+socket.send_fds(sock, [sys.argv[2].encode()], [pidfd])
+print("sent", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_disarm_for_a_process_that_exited_is_not_taken_for_a_foreign_one(served) -> None:  # type: ignore[no-untyped-def]
+    """`ftimer exec` disarms after its command exited: the server reads a pidfd of a dead
+    process. Its timers go with it; the refusal says so, not that the sender named a
+    stranger."""
+    server, events, path = served
+    disarm = encode(Disarm(pid=12345, scope_id="s"))
+    sender = subprocess.Popen(
+        [sys.executable, "-c", EXITED_SUBJECT, path, disarm.decode()],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert sender.stdout.readline() == b"sent\n"  # type: ignore[union-attr]
+        server.sync()
+        [refused] = events.of(Rejected)
+    finally:
+        sender.communicate()
+    assert refused.reason.value == "no_such_process"  # type: ignore[attr-defined]
+    assert "exited before its disarm was read" in refused.detail  # type: ignore[attr-defined]

@@ -22,6 +22,8 @@ import msgspec
 
 from ftimer_protocol import (
     PIPE_BUF,
+    V1_PREFIXES,
+    V2_PREFIX,
     DecodeResult,
     Disarm,
     DisarmAll,
@@ -45,11 +47,7 @@ _V2 = msgspec.json.Decoder(Union[Timer, Disarm, DisarmAll, Expire, Sync])
 _V1 = msgspec.json.Decoder(TimerRequestV1)
 # Each version's exact line openings (see ftimer_protocol's codec): a line that starts
 # otherwise may hold another version, so it takes the slow path.
-_FAST: Tuple[Tuple[bytes, Any], ...] = (
-    (b'{"version":2,', _V2),
-    (b'{"version": 1,', _V1),  # torch's json.dumps
-    (b'{"version":1,', _V1),
-)
+_FAST: Tuple[Tuple[bytes, Any], ...] = ((V2_PREFIX, _V2), *((p, _V1) for p in V1_PREFIXES))
 
 
 class LineReader:

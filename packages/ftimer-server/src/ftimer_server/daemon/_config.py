@@ -36,10 +36,10 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import msgspec
 
-from ftimer_protocol import MAX_SIGNAL, default_fifo_path
+from ftimer_protocol import FIFO_ENV_VARS, default_fifo_path, signal_name, socket_path_for
+from ftimer_protocol import parse_signal as _parse_signal
 from ftimer_protocol._limits import LABEL_KEY_PATTERN
 from ftimer_server.incidents._diagnostics import CAPTURE_METHODS as INCIDENT_METHODS
-from ftimer_server.server._socket import socket_path_for
 
 from ._logging import LOG_FORMATS, LOG_LEVELS
 
@@ -67,7 +67,6 @@ __all__ = [
 
 #: Environment variables naming the FIFO, in the client's order (torch's agent sets the
 #: second one for its workers).
-FIFO_ENV = ("FTIMER_FIFO", "TORCHELASTIC_TIMER_FILE")
 #: Seconds before SIGKILL when ``signal`` is set to something else and ``grace`` is not.
 DEFAULT_GRACE = 10.0
 #: How a reaped worker's stacks are captured: ``auto`` takes py-spy if it is found, else
@@ -241,35 +240,21 @@ def ascii_int(text: str) -> Optional[int]:
 
 
 def parse_signal(value: Union[int, str]) -> int:
-    """``9``, ``"9"``, ``"KILL"``, ``"SIGKILL"`` or ``"sigkill"`` -> 9.
+    """``9``, ``"9"``, ``"KILL"``, ``"SIGKILL"``, ``"sigkill"`` or ``"SIGRTMIN+2"`` -> its
+    number (``ftimer_protocol.parse_signal``, which the client's command line uses too).
 
     Raises:
         ConfigError: not a signal known on this platform.
     """
-    if isinstance(value, str):
-        number = ascii_int(value)
-        if number is None:
-            name = value.strip().upper()
-            name = name if name.startswith("SIG") else "SIG" + name
-            known = name.isascii() and name.isidentifier()
-            sig = getattr(signal_module.Signals, name, None) if known else None
-            if sig is None:
-                raise ConfigError(f"unknown signal {value!r} (a name like SIGTERM, or a number)")
-            return int(sig)
-        value = number
-    if 1 <= value <= MAX_SIGNAL:
-        return value
-    raise ConfigError(f"signal {value} is out of range 1..{MAX_SIGNAL}")
+    try:
+        return _parse_signal(value)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def signal_label(num: int) -> str:
     """``9`` -> ``"SIGKILL"``, ``0`` -> ``"report-only"``; an unnamed number stays a number."""
-    if num == 0:
-        return "report-only"
-    try:
-        return signal_module.Signals(num).name
-    except ValueError:
-        return str(num)
+    return "report-only" if num == 0 else signal_name(num)
 
 
 def parse_mode(value: Union[int, str]) -> int:
@@ -435,7 +420,7 @@ def resolve_config(
     def path(name: str) -> Optional[str]:
         return None if merged[name] is None else os.path.abspath(merged[name])
 
-    from_env = next((env[name] for name in FIFO_ENV if env.get(name)), None)
+    from_env = next((env[name] for name in FIFO_ENV_VARS if env.get(name)), None)
     fifo = merged["fifo"] or from_env or default_fifo_path(environ=env)
     fifo = os.path.abspath(fifo)
     signal = check("signal", _platform_signal)

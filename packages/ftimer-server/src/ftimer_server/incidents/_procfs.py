@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple, TypeVar
 
+from ftimer_protocol import ProcStat, parse_proc_stat
 from ftimer_server.core._incident import ProcessFacts
 
 __all__ = [
@@ -46,18 +47,7 @@ MAX_THREADS = 4096
 MAX_FDS = 65536
 
 
-@dataclass(frozen=True)
-class Stat:
-    """The fields of ``/proc/PID/stat`` (or ``/proc/PID/task/TID/stat``) a capture uses."""
-
-    state: str
-    ppid: int
-    num_threads: int
-    start_time: int
-    rss_pages: int
-
-
-def read_stat(pid: int, tid: Optional[int] = None) -> Stat:
+def read_stat(pid: int, tid: Optional[int] = None) -> ProcStat:
     """Read ``/proc/PID/stat``, or a thread's ``/proc/PID/task/TID/stat``.
 
     Raises:
@@ -66,15 +56,7 @@ def read_stat(pid: int, tid: Optional[int] = None) -> Stat:
     """
     path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     data = _read(path)
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = data[data.rindex(b")") + 2 :].split()
-    return Stat(
-        state=fields[0].decode(),
-        ppid=int(fields[1]),
-        num_threads=int(fields[17]),
-        start_time=int(fields[19]),
-        rss_pages=int(fields[21]),
-    )
+    return parse_proc_stat(data)
 
 
 def read_status(pid: int, tid: Optional[int] = None) -> Dict[str, str]:
@@ -333,7 +315,7 @@ def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
         be read.
     """
     notes: List[str] = []
-    st: Optional[Stat] = None
+    st: Optional[ProcStat] = None
     try:
         st = read_stat(pid)
     except (OSError, ValueError, IndexError) as e:

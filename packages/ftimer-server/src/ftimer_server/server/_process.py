@@ -18,6 +18,7 @@ import select
 import sys
 from typing import Optional, Tuple
 
+from ftimer_protocol import parse_proc_stat
 from ftimer_server.core._records import Worker
 
 __all__ = ["ProcessInspector", "SystemInspector", "raise_fd_limit"]
@@ -174,9 +175,8 @@ def _stat(pid: int) -> Tuple[str, int, int]:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         raise ProcessLookupError(errno.ESRCH, f"no process {pid}") from None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = data[data.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[1]), int(fields[19])
+    stat = parse_proc_stat(data)
+    return stat.state, stat.ppid, stat.start_time
 
 
 def _status(pid: int, field: bytes) -> bytes:

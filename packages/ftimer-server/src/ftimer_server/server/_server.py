@@ -18,7 +18,14 @@ import time
 from types import TracebackType
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple, Type, Union
 
-from ftimer_protocol import DisarmAll, FileTimerRequest, Sync, default_fifo_path, encode
+from ftimer_protocol import (
+    ENV_TORCH_FIFO,
+    DisarmAll,
+    FileTimerRequest,
+    Sync,
+    default_fifo_path,
+    encode,
+)
 from ftimer_server.core._events import Armed, Disarmed, Event, Expired, Reaped, WorkerGone
 from ftimer_server.core._host import CaptureRequest
 from ftimer_server.core._incident import Incident
@@ -161,7 +168,7 @@ class FileTimerServer:
         restore_grace: float = 1.5,
     ) -> None:
         if file_path is None:
-            file_path = os.environ.get("TORCHELASTIC_TIMER_FILE") or default_fifo_path()
+            file_path = os.environ.get(ENV_TORCH_FIFO) or default_fifo_path()
         if (tick_interval is None) != (on_tick is None):
             raise ValueError("tick_interval and on_tick go together")
         if tick_interval is not None and tick_interval <= 0:

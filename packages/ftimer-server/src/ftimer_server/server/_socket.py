@@ -21,6 +21,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -28,13 +29,22 @@ from typing import List, Optional, Tuple, Union
 
 import msgspec
 
-from ftimer_protocol import PIPE_BUF, MalformedMessage, Sync, decode_value
+from ftimer_protocol import (
+    PIPE_BUF,
+    Disarm,
+    DisarmAll,
+    MalformedMessage,
+    Message,
+    Sync,
+    decode_value,
+    parse_proc_stat,
+)
 from ftimer_server.core._events import Incoming, Refused, RejectReason
 from ftimer_server.core._records import request_of
 
 from ._fifo import FifoError, _gid
 
-__all__ = ["DatagramSocket", "open_socket", "socket_path_for"]
+__all__ = ["DatagramSocket", "open_socket"]
 
 logger = logging.getLogger("ftimer_server")
 
@@ -44,15 +54,16 @@ _SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)
 _SO_PASSPIDFD = getattr(socket, "SO_PASSPIDFD", 76)  # Linux 6.5
 _SCM_PIDFD = getattr(socket, "SCM_PIDFD", 4)
 _UCRED = struct.Struct("iII")  # pid, uid, gid
+_FD = struct.Struct("i")
+# Plain ints: the enum members' & and == cost a call each, per datagram.
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 #: Descriptors a datagram may carry: one pidfd; the kernel closes any beyond room.
 _MAX_FDS = 1
 _ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4 * _MAX_FDS) + socket.CMSG_SPACE(4)
 _QLEN = "/proc/sys/net/unix/max_dgram_qlen"
-
-
-def socket_path_for(fifo: str) -> str:
-    """The datagram socket beside the FIFO ``fifo``: ``timer.fifo`` -> ``timer.socket``."""
-    return fifo[: -len(".fifo")] + ".socket" if fifo.endswith(".fifo") else fifo + ".socket"
 
 
 class DatagramSocket:
@@ -104,22 +115,28 @@ class DatagramSocket:
         sender_fd: Optional[int] = None
         rights: List[int] = []
         for level, kind, cdata in ancillary:
-            if level != socket.SOL_SOCKET:
+            if level != _SOL_SOCKET:
                 continue
             if kind == _SCM_CREDENTIALS and len(cdata) >= _UCRED.size:
                 creds = _UCRED.unpack_from(cdata)
-            elif kind == socket.SCM_RIGHTS:
+            elif kind == _SCM_PIDFD and len(cdata) >= 4:
+                sender_fd = _FD.unpack_from(cdata)[0]
+            elif kind == _SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-                rights += list(fds)
-            elif kind == _SCM_PIDFD and len(cdata) >= 4:
-                sender_fd = struct.unpack_from("i", cdata)[0]
+                rights += fds
         try:
             return _judge(data, flags, creds, sender_fd, rights)
         finally:
-            for fd in ([sender_fd] if sender_fd is not None else []) + rights:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            if sender_fd is not None:
+                _close(sender_fd)
+            for fd in rights:
+                _close(fd)
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _judge(
@@ -130,42 +147,59 @@ def _judge(
     rights: List[int],
 ) -> Incoming:
     """One datagram: its message for its subject, or why not."""
-    if flags & socket.MSG_TRUNC:
+    if flags & _MSG_TRUNC:
         return MalformedMessage("datagram longer than PIPE_BUF", data[:64])
     if creds is None:
         return MalformedMessage("datagram without credentials", data[:64])
     message = decode_value(data[:-1] if data.endswith(b"\n") else data)
     if isinstance(message, Exception):
         return message
-    request = request_of(message)
     pid, uid, _ = creds
     if pid == 0:
-        return Refused(
-            RejectReason.SENDER_NOT_VISIBLE,
-            request,
-            0,
+        why = (
             "the sender is in a PID namespace the server cannot see: run the server in "
-            "the workers' PID namespace or an ancestor of it",
+            "the workers' PID namespace or an ancestor of it"
         )
-    if sender_fd is not None and _pidfd_pid(sender_fd) != pid:
-        return Refused(
-            RejectReason.SENDER_GONE, request, pid, "it exited before its message was read"
-        )
+        return Refused(RejectReason.SENDER_NOT_VISIBLE, request_of(message), 0, why)
+    # Alive now, the sender still owns the pid the kernel gave (a pid is not reused while
+    # its process lives); reading the pidfd's pid costs ten times this poll.
+    if sender_fd is not None and _exited(sender_fd):
+        why = "it exited before its message was read"
+        return Refused(RejectReason.SENDER_GONE, request_of(message), pid, why)
     subject = pid
     if rights:
-        if len(rights) > 1 or (flags & socket.MSG_CTRUNC):
-            return Refused(RejectReason.FOREIGN_SUBJECT, request, pid, "more than one descriptor")
-        target = _pidfd_pid(rights[0])
-        if target is None or target <= 0:
-            dead = "not a pidfd of a live process"
-            return Refused(RejectReason.FOREIGN_SUBJECT, request, pid, dead)
-        why = _may_name(pid, uid, target)
-        if why is not None:
-            return Refused(RejectReason.FOREIGN_SUBJECT, request, pid, why)
-        subject = target
-    if isinstance(message, Sync):  # a marker names nobody
+        reason, subject, why = _subject(message, pid, uid, rights, flags)
+        if reason is not None:
+            return Refused(reason, request_of(message), pid, why)
+    if isinstance(message, Sync) or message.pid == subject:  # a marker names nobody
         return message
     return msgspec.structs.replace(message, pid=subject)
+
+
+def _subject(
+    message: Message, sender: int, uid: int, rights: List[int], flags: int
+) -> Tuple[Optional[RejectReason], int, str]:
+    """The process a datagram's pidfd names, or why the sender may not name it."""
+    if len(rights) > 1 or (flags & _MSG_CTRUNC):
+        return RejectReason.FOREIGN_SUBJECT, sender, "more than one descriptor"
+    target = _pidfd_pid(rights[0])
+    if target == -1 and isinstance(message, (Disarm, DisarmAll)):
+        # ftimer exec's disarm, read after its command exited: the timers go with it.
+        why = "the process it is about exited before its disarm was read"
+        return RejectReason.NO_SUCH_PROCESS, sender, why
+    if target is None or target <= 0:
+        return RejectReason.FOREIGN_SUBJECT, sender, "not a pidfd of a live process"
+    refusal = _may_name(sender, uid, target)
+    if refusal is not None:
+        return RejectReason.FOREIGN_SUBJECT, sender, refusal
+    return None, target, ""
+
+
+def _exited(pidfd: int) -> bool:
+    """Whether the process of ``pidfd`` has exited (a pidfd polls readable from then)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _pidfd_pid(fd: int) -> Optional[int]:
@@ -201,9 +235,9 @@ def _may_name(sender: int, uid: int, target: int) -> Optional[str]:
 
 
 def _ppid(pid: int) -> int:
+    """Raises OSError: no such process; ValueError: not the shape of a stat file."""
     with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    return int(data[data.rindex(b")") + 2 :].split()[1])
+        return parse_proc_stat(f.read()).ppid
 
 
 def _status_uid(pid: int) -> int:

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, main
-from ftimer_protocol import Arm, Disarm, Expire
+from ftimer_protocol import Arm, Disarm
 
 from .conftest import FifoPeer, SocketPeer, server_state
 from .test_cli import ftimer
@@ -37,17 +37,24 @@ def test_arm_names_the_calling_shell_by_its_pidfd(speer: SocketPeer) -> None:
     assert [d.pidfds for d in speer.datagrams] == [(ME,), (ME,)]  # the subject: the shell
 
 
-def test_arm_with_pid_sends_that_processs_pidfd(speer: SocketPeer) -> None:
+def test_arm_with_pid_of_another_process_never_goes_to_the_socket(
+    speer: SocketPeer, peer: FifoPeer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server takes from a socket only the sender's parent or descendants: `--pid` of
+    any other process is a usage error on the socket, and goes over the FIFO by default."""
     with subprocess.Popen(["sleep", "30"]) as other:
         try:
-            args = ("--socket", str(speer.path), "--scope", "s", "--pid", str(other.pid))
-            assert ftimer("arm", *args, "--after", "5", "--signal", "TERM").returncode == 0
-            assert ftimer("expire", *args, "--signal", "0").returncode == 0
-            arm, expire = speer.wait_count(2)
+            args = ("--scope", "s", "--pid", str(other.pid), "--after", "5")
+            assert main(["arm", "--socket", str(speer.path), *args]) == EXIT_USAGE
+            assert "not this command's parent" in capsys.readouterr().err
+            assert main(["arm", "--fifo", str(peer.path), "--transport", "socket", *args]) == (
+                EXIT_USAGE
+            )
+            assert speer.datagrams == []
+            assert ftimer("arm", "--fifo", str(peer.path), *args).returncode == 0
+            (arm,) = peer.wait_count(1)
             assert isinstance(arm, Arm)
-            assert isinstance(expire, Expire)
-            assert (arm.pid, arm.signal, expire.pid) == (other.pid, 15, other.pid)
-            assert [d.pidfds for d in speer.datagrams] == [(other.pid,), (other.pid,)]
+            assert arm.pid == other.pid
         finally:
             other.kill()
 

@@ -237,6 +237,16 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "exec":
             return _exec(command, args)
         pid = os.getppid() if args.pid is None else args.pid
+        if pid not in (os.getppid(), os.getpid()):
+            # The server takes from a socket only the sender, its parent or descendants,
+            # and this command has no descendants: another process goes over the FIFO.
+            if args.socket is not None or args.transport == "socket":
+                command.error(
+                    f"--pid {pid} is not this command's parent (the calling shell), which "
+                    "is all the server accepts from it over the socket: use the FIFO "
+                    "(--fifo PATH, --transport fifo)"
+                )
+            args.transport = args.transport or "fifo"
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

@@ -192,6 +192,12 @@ class Channel:
                 self._failed(e)
                 raise
 
+    def wait_read(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until the server has read what this channel
+        delivered; return whether it has (True when nothing is connected)."""
+        with self.lock:
+            return self._writer is None or self._writer.wait_read(timeout)
+
     def attach(self) -> None:
         """Count one more client using this channel."""
         with self.lock:

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, TextIO, Type, Union
 from ftimer_protocol import MAX_PID, parse_signal
 
 from ._client import POLICIES, FileTimerClient
-from ._errors import ServerUnavailable
+from ._errors import ServerStalled, ServerUnavailable, ServerUnavailableWarning
 from ._paths import TRANSPORTS
 
 __all__ = ["EXIT_UNAVAILABLE", "EXIT_USAGE", "main"]
@@ -139,7 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="raise",
         help="no server: fail with status 3 (raise), warn and succeed, or succeed",
     )
-    common.add_argument("--write-timeout", type=_seconds, default=1.0, metavar="SECONDS")
+    common.add_argument(
+        "--write-timeout",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="how long to wait for room in the server's queue, and over the socket for "
+        "the server to read the message (default: 1)",
+    )
     common.add_argument("--label", type=_label, action="append", default=None, metavar="KEY=VALUE")
     scope = argparse.ArgumentParser(add_help=False)
     scope.add_argument("--scope", required=True)
@@ -237,7 +244,17 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "exec":
             return _exec(command, args)
         pid = os.getppid() if args.pid is None else args.pid
-        if pid not in (os.getppid(), os.getpid()):
+        if pid == 1:
+            # The calling shell is the init of its PID namespace (a container's): the
+            # server refuses pid 1 from the FIFO, and tells it from the host's over the
+            # socket, by the pidfd this command sends.
+            if args.transport == "fifo":
+                command.error(
+                    "the calling shell is pid 1 (a container's first process), which "
+                    "the server refuses from the FIFO: use the socket (--socket PATH)"
+                )
+            args.transport = args.transport or "socket"
+        elif pid not in (os.getppid(), os.getpid()):
             # The server takes from a socket only the sender, its parent or descendants,
             # and this command has no descendants: another process goes over the FIFO.
             if args.socket is not None or args.transport == "socket":
@@ -260,6 +277,8 @@ def _run(args: argparse.Namespace) -> int:
             client.release(args.scope)
         else:
             client.expire(args.scope)
+        if not client._wait_read():
+            _stalled(args)
         # Exit without close(): an arm must outlive this command.
     except ServerUnavailable as e:
         print(f"ftimer: {e}", file=sys.stderr)
@@ -270,6 +289,25 @@ def _run(args: argparse.Namespace) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     return 0
+
+
+def _stalled(args: argparse.Namespace) -> None:
+    """The server has not read this command's datagram: once the command has exited, it
+    will refuse it (it can no longer check the sender's kin), so say so now.
+
+    Raises:
+        ServerStalled: with ``--on-unavailable raise``.
+    """
+    stalled = ServerStalled(
+        errno.EAGAIN,
+        f"the ftimer server has not read the message in {args.write_timeout} s, and "
+        "refuses it once this command has exited (is the server stopped?)",
+        args.socket or args.fifo or "the server's socket",
+    )
+    if args.on_unavailable == "raise":
+        raise stalled
+    if args.on_unavailable == "warn":
+        warnings.warn(str(stalled), ServerUnavailableWarning, stacklevel=2)
 
 
 def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

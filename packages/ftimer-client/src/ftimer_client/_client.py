@@ -115,7 +115,7 @@ class FileTimerClient:
         self._timeout = float(write_timeout)
         self._labels: Dict[str, str] = default_labels() if labels is None else _labels(labels)
         if pid is not None:
-            _check_pid(pid)
+            _check_pid(pid, self._route.transport)
         self._hook = _dump_hook(dump_signal, protocol, pid)
         self._channel = channel_for(self._route, protocol, pid)
         self._lines = self._channel.lines(self._signal, self._labels or None, self._hook)
@@ -344,6 +344,12 @@ class FileTimerClient:
             f"on_unavailable={self._policy!r})"
         )
 
+    def _wait_read(self) -> bool:
+        """Whether the server has read what this client sent, waiting up to
+        ``write_timeout`` (for the ``ftimer`` command, which exits next; see
+        ``Channel.wait_read``)."""
+        return self._channel.wait_read(self._timeout)
+
     def _unavailable(self, e: ServerUnavailable) -> None:
         if self._policy == "raise":
             raise e
@@ -381,8 +387,11 @@ def _dump_hook(
     return _dump.install(sig)
 
 
-def _check_pid(pid: int) -> None:
-    if isinstance(pid, bool) or not isinstance(pid, int) or not 2 <= pid <= MAX_PID:
+def _check_pid(pid: int, transport: str) -> None:
+    # Over the socket a pidfd names the process, and pid 1 is the init of the sender's
+    # PID namespace (a container's shell, say), which the server tells from the host's.
+    lowest = 1 if transport == "socket" and pid == os.getppid() else 2
+    if isinstance(pid, bool) or not isinstance(pid, int) or not lowest <= pid <= MAX_PID:
         raise ValueError(
             f"pid must be the id of a process other than init (2..{MAX_PID}), not {pid!r}: "
             "0 and negative ids name process groups, and 1 is init; servers refuse them"

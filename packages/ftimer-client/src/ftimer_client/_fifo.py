@@ -96,6 +96,11 @@ class FifoWriter:
             return True
         return (st.st_dev, st.st_ino) != self._inode
 
+    def wait_read(self, timeout: float) -> bool:
+        """True: a FIFO's line names its subject by pid, whoever wrote it and whether or
+        not the writer still lives when the server reads it."""
+        return True
+
     def close(self) -> None:
         """Close the descriptor (idempotent)."""
         if self.hot_fd >= 0:

@@ -17,10 +17,14 @@ queue and another inode at the path, checked only then.
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import os
 import socket
 import stat
+import termios
+import time
 from typing import Tuple
 
 from ._errors import ServerStalled, ServerUnavailable
@@ -87,6 +91,25 @@ class SocketWriter:
                 self.path,
             )
 
+    def wait_read(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until the server has read every datagram sent
+        here; return whether it has.
+
+        The kernel charges a datagram to its sender's socket until the receiver reads
+        it (SIOCOUTQ), and says nothing when that happens: this polls, from 1 ms up to
+        every 50 ms. Only a sender about to exit needs it (the ``ftimer`` command): the
+        server refuses a datagram naming another process whose sender is gone.
+        """
+        end = time.monotonic() + timeout
+        pause = 0.001
+        while _unread(self._sock.fileno()):
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(pause, remaining))
+            pause = min(2 * pause, 0.05)
+        return True
+
     def _attempt(self, line: bytes) -> bool:
         """Send ``line``; False when the queue is full.
 
@@ -148,6 +171,13 @@ def open_pidfd(pid: int) -> int:
             )
         raise ServerUnavailable(e.errno, reason, f"/proc/{pid}") from e
     return fd
+
+
+def _unread(fd: int) -> int:
+    """Bytes the socket ``fd`` sent that its receiver has not read (SIOCOUTQ)."""
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.TIOCOUTQ, count)
+    return count[0]
 
 
 def _inode(path: str) -> Tuple[int, int]:

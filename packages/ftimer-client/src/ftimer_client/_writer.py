@@ -40,6 +40,11 @@ class Writer(Protocol):
             ServerUnavailable: not delivered (``ServerStalled``: no room in time).
         """
 
+    def wait_read(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until the server has read every line this
+        writer delivered; return whether it has (True at once where that does not
+        matter: a FIFO's line names its subject by pid)."""
+
     def close(self) -> None:
         """Let go of the connection (idempotent)."""
 

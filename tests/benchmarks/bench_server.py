@@ -5,21 +5,28 @@ FIFO``) driven over stdin/stdout, so CPU time and RSS are the server's alone. to
 server runs with ``max_interval=0.1`` (what torchelastic uses) and is patched so it does
 not SIGKILL itself after each reap (torch 2.13 does). While one server is measured the
 other is paused (SIGSTOP), so neither steals the other's CPU on a small machine.
+
+ftimer's server also binds its AF_UNIX datagram socket beside the FIFO (as the daemon
+does by default), so the same process is measured over either transport: ingest from
+ftimer's client over the socket, and reap latency of a timer armed over it, beside torch's
+FIFO server and client in the same run.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
 import select
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 HERE = pathlib.Path(__file__).resolve()
 KINDS = ("ftimer", "torch")
@@ -34,9 +41,10 @@ Row = Dict[str, Any]
 def serve(kind: str, path: str) -> None:
     """Run one server and answer the driver's commands (one per line on stdin)."""
     if kind == "ftimer":
+        from ftimer_protocol import socket_path_for
         from ftimer_server import FileTimerServer
 
-        server: Any = FileTimerServer(path)
+        server: Any = FileTimerServer(path, socket_path=socket_path_for(path))
 
         def count() -> int:
             requests = server.stats().requests
@@ -104,20 +112,29 @@ def write(kind: str, path: str, n: int, how: str) -> None:
     "done"; exit at end of input.
 
     ``how``: "client": each library's ``FileTimerClient.acquire``/``release`` (torch's
-    opens, writes and closes the FIFO per message; ftimer's keeps it open); "open":
-    pre-encoded lines, one write() each, the FIFO opened once per round; "per-message":
-    pre-encoded lines, the FIFO opened and closed around each write (torch's way);
-    "batch": pre-encoded lines joined into writes of up to PIPE_BUF bytes.
+    opens, writes and closes the FIFO per message; ftimer's keeps it open), with
+    "+socket": ftimer's client over the server's datagram socket at ``path``, with
+    "+fresh": a scope never used before for each pair (``f"step-{i}"``) instead of 8
+    scopes used over and over; "open": pre-encoded lines, one write() each, the FIFO
+    opened once per round; "per-message": pre-encoded lines, the FIFO opened and closed
+    around each write (torch's way); "batch": pre-encoded lines joined into writes of up
+    to PIPE_BUF bytes.
     """
     pid = os.getpid()
     scopes = [f"s{i % 8}" for i in range(n // 2)]
-    if how == "client":
+    method, *options = how.split("+")
+    if method == "client":
         if kind == "ftimer":
             from ftimer_client import FileTimerClient
+
+            transport = "socket" if "socket" in options else "fifo"
+            client = FileTimerClient(path, signal.SIGKILL, transport=transport)
         else:
             from torch.distributed.elastic.timer import FileTimerClient  # type: ignore
-        client = FileTimerClient(path, signal.SIGKILL)
+
+            client = FileTimerClient(path, signal.SIGKILL)
         far = time.time() + FAR
+        fresh = itertools.count()  # never the same scope twice, across rounds too
         failures = 0  # torch's client raises BlockingIOError when the pipe is full
 
         def retry(call: Any, *args: Any) -> None:
@@ -133,9 +150,15 @@ def write(kind: str, path: str, n: int, how: str) -> None:
         for cmd in sys.stdin:
             if cmd.strip() != "go":
                 break
-            for scope in scopes:
-                retry(client.acquire, scope, far)
-                retry(client.release, scope)
+            if "fresh" in options:
+                for _ in range(n // 2):
+                    scope = f"step-{next(fresh)}"
+                    retry(client.acquire, scope, far)
+                    retry(client.release, scope)
+            else:
+                for scope in scopes:
+                    retry(client.acquire, scope, far)
+                    retry(client.release, scope)
             print(f"done {failures}", flush=True)
         return
     if kind == "ftimer":
@@ -203,6 +226,13 @@ class Server:
     def __init__(self, kind: str, directory: str) -> None:
         self.kind = kind
         self.path = os.path.join(directory, f"{kind}.fifo")
+        #: ftimer's datagram socket (torch's server has none).
+        self.socket_path: Optional[str] = None
+        if kind == "ftimer":
+            from ftimer_protocol import socket_path_for
+
+            self.socket_path = socket_path_for(self.path)
+        self._sock: Optional[socket.socket] = None
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE), "serve", kind, self.path],
             stdin=subprocess.PIPE,
@@ -264,7 +294,20 @@ class Server:
         self.applied += len(lines)
         self._ok = getattr(self, "_ok", 0) + len(lines)
 
+    def send_datagram(self, line: bytes, pidfd: int) -> None:
+        """Send ``line`` over the server's socket with ``pidfd`` (SCM_RIGHTS): a timer of
+        that process, a child of ours (``ftimer exec``'s way), blocking for room."""
+        if self._sock is None:
+            assert self.socket_path is not None
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._sock.connect(self.socket_path)
+        socket.send_fds(self._sock, [line], [pidfd])
+        self.applied += 1
+        self._ok = getattr(self, "_ok", 0) + 1
+
     def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
         self.pause(False)
         if self.proc.poll() is None:
             assert self.proc.stdin is not None
@@ -300,30 +343,64 @@ def _arm_line(kind: str, pid: int, scope: str, delay: float, start: Optional[int
     return (json.dumps({**body, "signal": 9}) + "\n").encode()
 
 
-#: Ingest modes: (metric label, how ftimer's writers write, how torch's do, note).
+class Mode(NamedTuple):
+    """A way of writing, measured from 1, 4 and 16 writer processes of each library."""
+
+    label: str  # what the rows call it
+    ftimer: str  # how ftimer's writers write (see ``write``)
+    torch: str  # how torch's do
+    note: str
+    #: ftimer's writers over the socket too, in the same rounds, as rows of their own
+    #: beside the same torch figures: (how they write, label, note).
+    socket: Optional[Tuple[str, str, str]] = None
+    #: writer processes (each torch client process imports torch: seconds each).
+    writers: Tuple[int, ...] = (1, 4, 16)
+    quick_writers: Tuple[int, ...] = (1, 4, 16)
+
+
+_SOCKET_CLIENT_NOTE = (
+    "ftimer's client (v2) over the server's AF_UNIX datagram socket: one datagram per "
+    "message, the sender's credentials and pidfd checked by the server for each, a queue "
+    "of net.unix.max_dgram_qlen datagrams the writers wait on when it is full; torch's "
+    "figure is its client on its FIFO server, measured in the same rounds"
+)
+
 MODES = {
-    "clients": (
+    "clients": Mode(
         "each library's client",
         "client",
         "client",
         "FileTimerClient.acquire/release in a loop: ftimer's client (v2, FIFO kept open) "
         "against torch's (v1 json, open/write/close per message)",
+        socket=("client+socket", "over the socket, ftimer's client", _SOCKET_CLIENT_NOTE),
+        quick_writers=(4,),
     ),
-    "lines": (
+    "scopes": Mode(
+        "each library's client, distinct scopes",
+        "client+fresh",
+        "client+fresh",
+        "FileTimerClient.acquire/release in a loop, each pair with a scope never used "
+        'before (scope=f"step-{i}", a common pattern): ftimer\'s client (v2, FIFO kept '
+        "open) against torch's (v1 json, open/write/close per message); the writers "
+        "share the 2 cores with the server",
+        writers=(4,),
+        quick_writers=(4,),
+    ),
+    "lines": Mode(
         "encoded lines, each client's way",
         "open",
         "per-message",
         "pre-encoded lines, one write() each: ftimer's v2 lines on a FIFO kept open, "
         "torch's json.dumps lines with an open/close around each write, as its client does",
     ),
-    "same": (
+    "same": Mode(
         "encoded lines, same writes",
         "open",
         "open",
         "pre-encoded lines, one write() each, both on a FIFO kept open: a comparison of "
         "the servers alone (the writers share the machine's cores)",
     ),
-    "batched": (
+    "batched": Mode(
         "encoded lines, batched writes",
         "batch",
         "batch",
@@ -333,53 +410,76 @@ MODES = {
 }
 
 
+class Series(NamedTuple):
+    """One library's writers in a round: who, to where, how, how many messages."""
+
+    name: str
+    kind: str
+    server: Server
+    path: str
+    how: str
+    total: int  # messages of all its writers together
+
+
 def _ingest(
     servers: Dict[str, Server], writers: int, total: Dict[str, int], reps: int, mode: str
-) -> Row:
-    """Messages per second from ``writers`` processes writing as ``MODES[mode]`` says."""
-    label, ftimer_how, torch_how, note = MODES[mode]
-    rates: Dict[str, List[float]] = {k: [] for k in KINDS}
-    failures = dict.fromkeys(KINDS, 0)
-    duplicates = dict.fromkeys(KINDS, 0)
+) -> List[Row]:
+    """Messages per second from ``writers`` processes writing as ``MODES[mode]`` says:
+    a row, and one more over the socket if the mode has it."""
+    spec = MODES[mode]
+    series = [
+        Series(kind, kind, servers[kind], servers[kind].path, getattr(spec, kind), total[kind])
+        for kind in KINDS
+    ]
+    if spec.socket is not None:
+        ftimer = servers["ftimer"]
+        assert ftimer.socket_path is not None
+        series.append(
+            Series("socket", "ftimer", ftimer, ftimer.socket_path, spec.socket[0], total["socket"])
+        )
+    rates: Dict[str, List[float]] = {s.name: [] for s in series}
+    failures = {s.name: 0 for s in series}
+    duplicates = {s.name: 0 for s in series}
     procs: Dict[str, List[subprocess.Popen[str]]] = {}
-    for kind, server in servers.items():
-        per = total[kind] // writers // 2 * 2
-        how = ftimer_how if kind == "ftimer" else torch_how
-        procs[kind] = [
+    for s in series:
+        per = s.total // writers // 2 * 2
+        procs[s.name] = [
             subprocess.Popen(
-                [sys.executable, str(HERE), "write", kind, server.path, str(per), how],
+                [sys.executable, str(HERE), "write", s.kind, s.path, str(per), s.how],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
             )
             for _ in range(writers)
         ]
-        for p in procs[kind]:
+        for p in procs[s.name]:
             assert p.stdout is not None
             assert p.stdout.readline().strip() == "ready"
     try:
         for _ in range(reps):
-            for kind, server in servers.items():  # interleaved
+            for s in series:  # interleaved
                 for other in servers.values():
-                    other.pause(other is not server)
-                n = len(procs[kind]) * (total[kind] // writers // 2 * 2)
+                    other.pause(other is not s.server)
+                n = writers * (s.total // writers // 2 * 2)
                 start = time.monotonic()
-                for p in procs[kind]:
+                for p in procs[s.name]:
                     assert p.stdin is not None
                     p.stdin.write("go\n")
                     p.stdin.flush()
-                end, ok = server.wait_applied(n)
+                # The writers stay alive until the server read everything: a datagram
+                # whose sender exited before it was read is refused.
+                end, ok = s.server.wait_applied(n)
                 if ok < n:  # every message received and applied
-                    raise RuntimeError(f"{kind}: {n - ok} of {n} messages not applied")
+                    raise RuntimeError(f"{s.name}: {n - ok} of {n} messages not applied")
                 # torch's client can raise on close after its line went through: the
                 # retry sends it twice.
-                duplicates[kind] += ok - n
-                for p in procs[kind]:
+                duplicates[s.name] += ok - n
+                for p in procs[s.name]:
                     assert p.stdout is not None
                     word, count = p.stdout.readline().split()
                     assert word == "done"
-                    failures[kind] = max(failures[kind], int(count))
-                rates[kind].append(n / (end - start))
+                    failures[s.name] = max(failures[s.name], int(count))
+                rates[s.name].append(n / (end - start))
     finally:
         for ps in procs.values():
             for p in ps:
@@ -388,21 +488,37 @@ def _ingest(
                 p.wait(30)
                 assert p.stdout is not None
                 p.stdout.close()
-    if any(failures.values()):
-        note += (
-            f"; writes that raised BlockingIOError (full pipe) and were retried after 1 ms, "
-            f"per writer at most: ftimer {failures['ftimer']}, torch {failures['torch']}"
-            f" (messages applied twice because of it: torch {duplicates['torch']})"
+    processes = f"{writers} writer process{'es' if writers > 1 else ''}"
+    torch_rate = statistics.median(rates["torch"])
+    rows = []
+    for name, label, what in (
+        ("ftimer", spec.label, spec.note),
+        *([("socket", spec.socket[1], spec.socket[2])] if spec.socket else []),
+    ):
+        note = what
+        if failures[name] or failures["torch"]:
+            note += (
+                f"; writes that raised BlockingIOError (full pipe) and were retried after "
+                f"1 ms, per writer at most: ftimer {failures[name]}, torch "
+                f"{failures['torch']} (messages applied twice because of it: torch "
+                f"{duplicates['torch']})"
+            )
+        per = total[name] // writers // 2
+        rows.append(
+            {
+                "group": "server ingest",
+                "metric": f"{processes}, {label}",
+                "unit": "msg/s",
+                "ftimer": statistics.median(rates[name]),
+                "torch": torch_rate,
+                "better": "higher",
+                "transport": "socket" if name == "socket" else "fifo",
+                "note": f"median of {reps}; arm/disarm pairs, {per:,} arms per writer "
+                f"(torch {total['torch'] // writers // 2:,}); {note}; every message checked "
+                "applied",
+            }
         )
-    return {
-        "group": "server ingest",
-        "metric": f"{writers} writer process{'es' if writers > 1 else ''}, {label}",
-        "unit": "msg/s",
-        "ftimer": statistics.median(rates["ftimer"]),
-        "torch": statistics.median(rates["torch"]),
-        "better": "higher",
-        "note": f"median of {reps}; arm/disarm pairs; {note}; every message checked applied",
-    }
+    return rows
 
 
 # How long before its deadline a reap-latency timer is armed: long enough for each server
@@ -410,15 +526,21 @@ def _ingest(
 ARM_AHEAD = {"ftimer": 0.05, "torch": 0.4}
 
 
-def _reap_once(server: Server, delay: float) -> float:
-    """Spawn a worker, arm a SIGKILL timer for it, return death time minus deadline (s)."""
+def _reap_once(server: Server, delay: float, over_socket: bool = False) -> float:
+    """Spawn a worker, arm a SIGKILL timer for it, return death time minus deadline (s).
+
+    ``over_socket``: the arm goes over ftimer's datagram socket with the worker's pidfd
+    (our child, so ours to name: ``ftimer exec``'s way), instead of the FIFO."""
     worker = subprocess.Popen(["sleep", "60"])
     pidfd = os.pidfd_open(worker.pid)
     try:
         start = _start_time(worker.pid)
         deadline = time.monotonic() + delay
         line = _arm_line(server.kind, worker.pid, "step", delay, start)
-        server.send([line])
+        if over_socket:
+            server.send_datagram(line, pidfd)
+        else:
+            server.send([line])
         # Time the reap, not the ingest: the timer must be armed before its deadline
         # (torch's server applies a line only after its next loop sleep).
         server.wait_applied(0)
@@ -603,19 +725,16 @@ def run(quick: bool) -> List[Row]:
             # torch's figure swings between repetitions (170k-230k msg/s when fed
             # pre-encoded lines): nine give a steadier median.
             reps = 2 if quick else 9
+            # Messages per round, over all writers. ftimer's 400k from 4 writers are the
+            # 50k arms each of the distinct-scope row; the socket carries fewer a second.
             total = (
-                {"ftimer": 100_000, "torch": 20_000}
+                {"ftimer": 100_000, "torch": 20_000, "socket": 25_000}
                 if quick
-                else {
-                    "ftimer": 400_000,
-                    "torch": 80_000,
-                }
+                else {"ftimer": 400_000, "torch": 80_000, "socket": 100_000}
             )
-            for mode in MODES:
-                # Each torch client process imports torch: seconds each, so fewer in quick.
-                counts = (4,) if quick and mode == "clients" else (1, 4, 16)
-                for writers in counts:
-                    rows.append(_ingest(servers, writers, total, reps, mode))
+            for mode, spec in MODES.items():
+                for writers in spec.quick_writers if quick else spec.writers:
+                    rows += _ingest(servers, writers, total, reps, mode)
 
             for other in servers.values():
                 other.pause(other.kind != "ftimer")
@@ -624,24 +743,32 @@ def run(quick: bool) -> List[Row]:
             )
             rows.append(_flood_reap(servers["ftimer"], 3 if quick else 9))
 
-            samples = {"ftimer": 12, "torch": 5} if quick else {"ftimer": 60, "torch": 20}
+            # "socket": ftimer's timers armed over its datagram socket instead of the FIFO.
+            samples = (
+                {"ftimer": 12, "torch": 5, "socket": 12}
+                if quick
+                else {"ftimer": 60, "torch": 20, "socket": 60}
+            )
+            reapers = {"ftimer": "ftimer", "torch": "torch", "socket": "ftimer"}
             armed = 0
             for others in (0, 1_000, 10_000, 100_000):
                 _load(servers, [h.pid for h in holders], others - armed, armed)
                 armed = others
-                latency: Dict[str, List[float]] = {k: [] for k in KINDS}
+                latency: Dict[str, List[float]] = {k: [] for k in samples}
                 if not others:  # warm-up: first-time costs are not steady state
-                    for server in servers.values():
+                    for name, kind in reapers.items():
                         for other in servers.values():
-                            other.pause(other is not server)
-                        _reap_once(server, ARM_AHEAD[server.kind])
+                            other.pause(other is not servers[kind])
+                        _reap_once(servers[kind], ARM_AHEAD[kind], name == "socket")
                 for i in range(max(samples.values())):
-                    for kind, server in servers.items():
-                        if i >= samples[kind]:
+                    for name, kind in reapers.items():
+                        if i >= samples[name]:
                             continue
                         for other in servers.values():
-                            other.pause(other is not server)
-                        latency[kind].append(1000 * _reap_once(server, ARM_AHEAD[kind]))
+                            other.pause(other is not servers[kind])
+                        latency[name].append(
+                            1000 * _reap_once(servers[kind], ARM_AHEAD[kind], name == "socket")
+                        )
                 label = f"{others // 1000}k" if others else "0"
                 for name, stat in (
                     ("median", statistics.median),
@@ -663,6 +790,29 @@ def run(quick: bool) -> List[Row]:
                                 "torch); deadline to SIGKILL death seen by the worker's "
                                 "parent via pidfd; torch at max_interval=0.1, patched not "
                                 "to SIGKILL itself"
+                            ),
+                        }
+                    )
+                for name, stat in (
+                    ("median", statistics.median),
+                    ("p99", lambda s: _percentile(s, 0.99)),
+                ):
+                    rows.append(
+                        {
+                            "group": "reap latency",
+                            "metric": f"{name} over the socket, {label} other timers armed",
+                            "unit": "ms",
+                            "ftimer": stat(latency["socket"]),
+                            "torch": stat(latency["torch"]),
+                            "better": "lower",
+                            "transport": "socket",
+                            "note": (
+                                f"{samples['socket']} reaps of timers armed over ftimer's "
+                                "datagram socket (a datagram carrying the worker's pidfd, "
+                                f"sent by its parent) / {samples['torch']} of torch's (its "
+                                "FIFO, the same reaps as the row without 'over the socket'); "
+                                f"worst {max(latency['socket']):.2f} ms; deadline to SIGKILL "
+                                "death seen by the worker's parent via pidfd"
                             ),
                         }
                     )

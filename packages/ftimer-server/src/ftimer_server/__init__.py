@@ -23,7 +23,7 @@ from .core._incident import Capture, Frame, Group, Incident, ProcessFacts, Threa
 from .core._policy import Policy
 from .core._records import Timer, Worker
 from .core._stats import Stats
-from .incidents._diagnostics import IncidentOptions
+from .incidents._options import IncidentOptions
 from .server._fifo import Fifo, FifoError, open_fifo
 from .server._process import ProcessInspector, SystemInspector
 from .server._server import FileTimerServer, Lifecycle

@@ -33,6 +33,7 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Set,
     Tuple,
 )
 
@@ -110,7 +111,7 @@ class TimerTable:
         self._count = 0  # armed timers
         self._changes = 0
         self._heap: List[_Entry] = []
-        self._seq = 0  # arming order, among equal deadlines
+        self._seq = 0  # arming order, among equal deadlines (see settle())
         # Rebuild the heap when it grows past this (stale entries dominate by then).
         self._compact_at = _COMPACT_MIN
 
@@ -192,6 +193,14 @@ class TimerTable:
                 re-made to share the worker's (56 bytes less per armed timer).
         """
         fresh, by_pid, heap = self._fresh, self._by_pid, self._heap
+        if not fresh:
+            return  # the heap is as the last call left it (within its bound)
+        # The arming order among equal deadlines, without an int object per entry: the
+        # entries of one call share ``seq`` (past every earlier call's), and only a
+        # deadline met again within the call takes a later one of its own.
+        seq = self._seq + 1
+        deadlines: Set[float] = set()
+        ties = 0
         for armed in fresh:
             scopes = by_pid.get(armed.pid)
             if scopes is None or scopes.get(armed.scope_id) is not armed:
@@ -210,8 +219,14 @@ class TimerTable:
                     armed.labels,
                     armed.dump,
                 )
-            self._seq += 1
-            heapq.heappush(heap, _Entry(timer.deadline, self._seq, timer))
+            deadline = timer.deadline
+            if deadline in deadlines:
+                ties += 1
+                heapq.heappush(heap, _Entry(deadline, seq + ties, timer))
+            else:
+                deadlines.add(deadline)
+                heapq.heappush(heap, _Entry(deadline, seq, timer))
+        self._seq = seq + ties
         fresh.clear()
         if len(heap) > self._compact_at:
             self._compact()

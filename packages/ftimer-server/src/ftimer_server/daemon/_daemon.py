@@ -35,7 +35,7 @@ from ftimer_server.core._incident import Incident
 from ftimer_server.core._policy import Policy
 from ftimer_server.core._records import Timer
 from ftimer_server.core._stats import Stats
-from ftimer_server.incidents._diagnostics import IncidentOptions
+from ftimer_server.incidents._options import IncidentOptions
 from ftimer_server.server._fifo import FifoError, unreachable_by_writers
 from ftimer_server.server._journal import Journal
 from ftimer_server.server._server import FileTimerServer

@@ -24,7 +24,6 @@ from ftimer_server.core._events import RejectReason
 from ftimer_server.core._host import DELIVERED, CaptureRequest, Delivery, Facts, Host, Unresolved
 from ftimer_server.core._records import Worker
 from ftimer_server.core._table import Expiry
-from ftimer_server.incidents._reap_extras import signal_tree
 
 from ._process import ProcessInspector
 from ._signaller import Signaller
@@ -83,7 +82,13 @@ class SystemHost(Host):
         self._watch = watch
         self._unwatch = unwatch
         self._capture = capture
-        self._tree = tree
+        self._tree: Optional[Callable[[int, int], object]] = None
+        if tree:
+            # Imported only by a server that signals descendants: keeps the daemon's RSS
+            # down (and the import's time off the first reap).
+            from ftimer_server.incidents._reap_extras import signal_tree  # noqa: PLC0415
+
+            self._tree = signal_tree
 
     def resolve(self, pid: int, *, ancestry: bool = False) -> Union[Facts, Unresolved]:
         inspector = self._inspector
@@ -158,9 +163,9 @@ class SystemHost(Host):
                 step(worker, expiry, now)
             except Exception:
                 logger.exception("reap step %r failed for process %d", step, worker.pid)
-        if self._tree:
+        if self._tree is not None:
             try:
-                signal_tree(worker.pid, signal)
+                self._tree(worker.pid, signal)
             except Exception:  # the worker itself is reaped regardless
                 logger.exception("signalling the descendants of process %d failed", worker.pid)
         return self.signal(worker, signal)

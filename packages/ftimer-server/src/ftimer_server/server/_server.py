@@ -16,7 +16,18 @@ import select
 import threading
 import time
 from types import TracebackType
-from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple, Type, Union
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    Dict,
+    FrozenSet,
+    Iterable,
+    List,
+    Optional,
+    Tuple,
+    Type,
+    Union,
+)
 
 from ftimer_protocol import (
     ENV_TORCH_FIFO,
@@ -34,7 +45,7 @@ from ftimer_server.core._reader import LineReader
 from ftimer_server.core._records import Timer, Worker
 from ftimer_server.core._stats import Stats
 from ftimer_server.core._watchdog import Watchdog
-from ftimer_server.incidents._diagnostics import Diagnostics, IncidentOptions
+from ftimer_server.incidents._options import IncidentOptions
 
 from ._edge import ReapStep, SystemHost, ancestors_of
 from ._fifo import Fifo, open_fifo
@@ -44,6 +55,9 @@ from ._process import ProcessInspector, SystemInspector, raise_fd_limit
 from ._signaller import OsSignaller, RecordingSignaller, Signaller
 from ._socket import DatagramSocket, open_socket
 from ._torch import LogEvent, request_of, torch_log_event
+
+if TYPE_CHECKING:
+    from ftimer_server.incidents._diagnostics import Diagnostics
 
 __all__ = ["FileTimerServer", "Lifecycle"]
 
@@ -207,7 +221,12 @@ class FileTimerServer:
         # Events wait here while the lock is held; they go to the callbacks after it is
         # released, so a slow callback never blocks armed(), stats() or sync() callers.
         self._pending: List[Event] = []
-        self._diagnostics = None if incidents is None else Diagnostics(incidents, on_incident)
+        self._diagnostics: Optional[Diagnostics] = None
+        if incidents is not None:
+            # Imported only by a server that captures: keeps the daemon's RSS down.
+            from ftimer_server.incidents._diagnostics import Diagnostics  # noqa: PLC0415
+
+            self._diagnostics = Diagnostics(incidents, on_incident)
         host = SystemHost(
             self._inspector,
             signaller,

@@ -304,7 +304,8 @@ def test_ftimer_exec_in_a_private_pid_namespace_gets_its_command_reaped(
     c = contained(*SHELL_INIT, *AS_WORKER, *exec_, "--", "sleep", "60")
     armed = d.wait_for_record(event="armed")
     subject = armed["pid"]
-    assert comm(subject) == "sleep"
+    # CMD's process waits at a gate until its timer is armed, then execs sleep.
+    wait_until(lambda: comm(subject) == "sleep", what="CMD exec'd once armed")
     assert c.host_pids()[1:] == [armed_sender(d, subject), subject]
     reaped = d.wait_for_record(event="reaped")
     assert (reaped["pid"], reaped["signal"]) == (subject, signal.SIGKILL)

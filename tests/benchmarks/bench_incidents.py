@@ -48,8 +48,13 @@ def serve(fifo: str, directory: str, method: str) -> None:
     """The server under test: prints one JSON line per expiry, reap and incident."""
     from ftimer_server import Expired, FileTimerServer, Incident, IncidentOptions, Reaped
 
+    lock = threading.Lock()
+
     def say(**fields: Any) -> None:
-        print(json.dumps({"t": time.monotonic(), **fields}), flush=True)
+        # Events and incidents come from different threads: print() writes the line and
+        # its newline apart, so two unlocked reports can share a line.
+        with lock:
+            print(json.dumps({"t": time.monotonic(), **fields}), flush=True)
 
     def on_event(event: object) -> None:
         if isinstance(event, Expired):

@@ -210,6 +210,27 @@ def test_bad_datagrams_are_counted_and_no_descriptor_leaks(served) -> None:  # t
     del events
 
 
+def test_an_empty_datagram_is_counted_and_the_loop_does_not_spin(served) -> None:  # type: ignore[no-untyped-def]
+    # The loop reads the socket when the selector saw it readable or a datagram is
+    # queued (FIONREAD), which reads 0 for an empty one: it must still be taken, once.
+    server, events, path = served
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(path)
+        sock.send(b"")
+        server.sync()
+        assert server.stats().decode_errors == {"MalformedMessage": 1}
+        cpu = time.process_time()
+        time.sleep(0.3)  # a window to measure the idle loop's CPU in, not a wait
+        assert time.process_time() - cpu < 0.1
+        sock.send(b"")
+        sock.send(b"not a message\n")
+        server.sync()
+    stats = server.stats()
+    assert stats.decode_errors == {"MalformedMessage": 3}
+    assert stats.received["socket"] == 3
+    del events
+
+
 # Forks a child, opens its pidfd, reaps it, then sends the disarm argv[2] with that pidfd:
 # what `ftimer exec` does when its command has exited. Waits for stdin to close.
 EXITED_SUBJECT = """

@@ -19,12 +19,14 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import select
 import socket
 import stat
 import struct
+import termios
 from typing import FrozenSet, List, Optional, Tuple, Union
 
 import msgspec
@@ -93,6 +95,13 @@ class DatagramSocket:
         self.batch = max(queue + 1, READ_BATCH)
         st = os.lstat(path)
         self._identity = (st.st_dev, st.st_ino)
+
+    def pending(self) -> int:
+        """Bytes of the next datagram queued: 0 when none is, or when it is empty (which
+        the selector reports as readable all the same)."""
+        size = array.array("i", [0])
+        fcntl.ioctl(self.fd, termios.FIONREAD, size)
+        return size[0]
 
     def receive(self) -> List[Incoming]:
         """Read what is queued now (everything sent before the call: the queue holds at

@@ -15,7 +15,7 @@ import stat
 from ftimer_protocol import SYSTEM_FIFO_PATH
 
 from ._errors import ServerStalled, ServerUnavailable
-from ._writer import ConnectionLost, wait_for_room
+from ._writer import ConnectionLost, is_socket, wait_for_room
 
 __all__ = ["FifoWriter"]
 
@@ -114,7 +114,7 @@ class FifoWriter:
 
 def _unavailable(e: OSError, path: str, what: str) -> ServerUnavailable:
     if e.errno == errno.ENXIO:
-        if _is_socket(path):
+        if is_socket(path):
             reason = (
                 "a socket, not a FIFO: this client was told to use a FIFO (transport "
                 "'fifo', or protocol 1: torch's format is spoken over a FIFO only)"
@@ -131,13 +131,6 @@ def _unavailable(e: OSError, path: str, what: str) -> ServerUnavailable:
     else:
         reason = f"cannot open the FIFO ({e.strerror})"
     return ServerUnavailable(e.errno, reason, path)
-
-
-def _is_socket(path: str) -> bool:
-    try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
-    except OSError:
-        return False
 
 
 def hidden_system_dir(path: str) -> str:

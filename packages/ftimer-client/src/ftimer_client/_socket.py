@@ -22,14 +22,13 @@ import errno
 import fcntl
 import os
 import socket
-import stat
 import termios
 import time
 from typing import Tuple
 
 from ._errors import ServerStalled, ServerUnavailable
 from ._fifo import hidden_system_dir
-from ._writer import ConnectionLost, wait_for_room
+from ._writer import ConnectionLost, is_socket, wait_for_room
 
 __all__ = ["SocketWriter", "open_pidfd"]
 
@@ -188,7 +187,7 @@ def _inode(path: str) -> Tuple[int, int]:
 def _unavailable(e: OSError, path: str) -> ServerUnavailable:
     if e.errno == errno.ENOENT:
         reason = "no socket (is the ftimer server running?)" + hidden_system_dir(path)
-    elif e.errno == errno.ECONNREFUSED and not _is_socket(path):
+    elif e.errno == errno.ECONNREFUSED and not is_socket(path):
         reason = "not a socket (a FIFO? this client was told to use a socket)"
     elif e.errno == errno.ECONNREFUSED:
         reason = (
@@ -205,10 +204,3 @@ def _unavailable(e: OSError, path: str) -> ServerUnavailable:
     else:
         reason = f"cannot connect to the socket ({e.strerror})"
     return ServerUnavailable(e.errno, reason, path)
-
-
-def _is_socket(path: str) -> bool:
-    try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
-    except OSError:
-        return False

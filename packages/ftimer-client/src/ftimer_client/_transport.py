@@ -7,14 +7,12 @@ the path: a socket, or else a FIFO (whose opening reports anything else).
 
 from __future__ import annotations
 
-import os
-import stat
 from typing import Callable
 
 from ._fifo import FifoWriter
 from ._paths import Route
 from ._socket import SocketWriter
-from ._writer import Writer
+from ._writer import Writer, is_socket
 
 __all__ = ["open_writer"]
 
@@ -33,16 +31,9 @@ def open_writer(route: Route, *, keep_open: bool, pidfd: Callable[[], int]) -> W
     """
     if route.transport == "auto":
         for path in (route.prefer, route.path):
-            if path is not None and _is_socket(path):
+            if path is not None and is_socket(path):
                 return SocketWriter(path, pidfd())
         return FifoWriter(route.path, check_replaced=keep_open, or_socket=True)
     if route.transport == "socket":
         return SocketWriter(route.path, pidfd())
     return FifoWriter(route.path, check_replaced=keep_open)
-
-
-def _is_socket(path: str) -> bool:
-    try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
-    except OSError:
-        return False

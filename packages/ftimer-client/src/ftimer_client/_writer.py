@@ -10,11 +10,13 @@ FIFO or socket (reconnect and resynchronise), ``ServerUnavailable`` otherwise.
 from __future__ import annotations
 
 import math
+import os
 import select
+import stat
 import time
 from typing import Callable, Protocol
 
-__all__ = ["ConnectionLost", "Writer", "wait_for_room"]
+__all__ = ["ConnectionLost", "Writer", "is_socket", "wait_for_room"]
 
 
 class ConnectionLost(Exception):
@@ -65,3 +67,11 @@ def wait_for_room(fd: int, timeout: float, attempt: Callable[[], bool]) -> bool:
             return True
         remaining = end - time.monotonic()
     return False
+
+
+def is_socket(path: str) -> bool:
+    """Whether a socket is at ``path`` (following symlinks); False if nothing is."""
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False

@@ -13,7 +13,7 @@ import select
 import signal as _signal
 from typing import Optional
 
-from ._procfs import read_stat, read_status, strerror
+from ._procfs import pidfd_pid, read_stat, read_status, strerror
 
 __all__ = ["Process", "ProcessRefused"]
 
@@ -80,7 +80,7 @@ class Process:
                 raise ProcessRefused(f"process {pid} cannot be read: {strerror(e)}") from None
             if tgid != pid:
                 raise ProcessRefused(f"{pid} is a thread of process {tgid}, not a process")
-            named = _pidfd_pid(pidfd) if pidfd is not None else None
+            named = pidfd_pid(pidfd) if pidfd is not None else None
             if named is not None and named != pid:
                 # The caller's pidfd is for another process (-1: one that has exited).
                 raise ProcessRefused(
@@ -145,18 +145,6 @@ class Process:
             os.close(self.pidfd)
         self.pidfd = None
         self._owned = False
-
-
-def _pidfd_pid(pidfd: int) -> Optional[int]:
-    """The pid a pidfd refers to, from its fdinfo (Linux 5.4+); ``None`` where unknown."""
-    try:
-        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
-            for line in f:
-                if line.startswith(b"Pid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _refusal(pid: int, e: OSError) -> str:

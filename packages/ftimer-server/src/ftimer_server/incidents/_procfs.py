@@ -59,6 +59,19 @@ def read_stat(pid: int, tid: Optional[int] = None) -> ProcStat:
     return parse_proc_stat(data)
 
 
+def pidfd_pid(pidfd: int) -> Optional[int]:
+    """The pid a pidfd refers to, from its fdinfo (Linux 5.4+): -1 once its process has
+    exited; ``None`` where unknown (not a pidfd, no fdinfo)."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def read_status(pid: int, tid: Optional[int] = None) -> Dict[str, str]:
     """Read ``/proc/PID/status`` (or a thread's) into a dict: "Tgid" -> "4242", ...
 

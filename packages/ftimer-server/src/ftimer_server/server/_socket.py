@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -39,12 +38,13 @@ from ftimer_protocol import (
     Message,
     Sync,
     decode_value,
-    parse_proc_stat,
 )
 from ftimer_server.core._events import Incoming, Refused, RejectReason
 from ftimer_server.core._records import request_of
+from ftimer_server.incidents._procfs import pidfd_pid
 
 from ._fifo import FifoError, _gid
+from ._process import SystemInspector
 
 __all__ = ["DatagramSocket", "open_socket"]
 
@@ -66,6 +66,8 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MAX_FDS = 1
 _ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4 * _MAX_FDS) + socket.CMSG_SPACE(4)
 _QLEN = "/proc/sys/net/unix/max_dgram_qlen"
+#: Reads a process's parent and uid, for the kinship of a pidfd's process to its sender.
+_PROCESSES = SystemInspector()
 #: The fewest datagrams ``receive()`` reads when they keep coming: with the usual queue
 #: of 10, senders refill it while it is read, and each iteration of the loop around the
 #: read costs as much as a few datagrams. 64 datagrams take well under a millisecond to
@@ -222,7 +224,7 @@ def _subject(
     """The process a datagram's pidfd names, or why the sender may not name it."""
     if len(rights) > 1 or (flags & _MSG_CTRUNC):
         return RejectReason.FOREIGN_SUBJECT, sender, "more than one descriptor"
-    target = _pidfd_pid(rights[0])
+    target = pidfd_pid(rights[0])
     if target == -1 and isinstance(message, (Disarm, DisarmAll)):
         # ftimer exec's disarm, read after its command exited: the timers go with it.
         why = "the process it is about exited before its disarm was read"
@@ -246,29 +248,17 @@ def _exited(pidfds: List[int]) -> FrozenSet[int]:
     return frozenset(fd for fd, _ in poller.poll(0))
 
 
-def _pidfd_pid(fd: int) -> Optional[int]:
-    """The pid a pidfd refers to (-1 once it exited), or None if ``fd`` is no pidfd."""
-    try:
-        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
-            for line in f:
-                if line.startswith(b"Pid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def _may_name(sender: int, uid: int, target: int) -> Optional[str]:
     """Why ``sender`` (of ``uid``) may not arm a timer for ``target``, or None: only a
     process of its own uid that is its descendant or its parent."""
     try:
-        if _status_uid(target) != uid:
+        if _PROCESSES.uid(target) != uid:
             return f"process {target} is not of the sender's user"
-        if _ppid(sender) == target:
+        if _PROCESSES.parent(sender) == target:
             return None
         pid = target
         for _ in range(256):
-            pid = _ppid(pid)
+            pid = _PROCESSES.parent(pid)
             if pid == sender:
                 return None
             if pid <= 1:
@@ -276,20 +266,6 @@ def _may_name(sender: int, uid: int, target: int) -> Optional[str]:
     except OSError as e:
         return f"cannot examine process {target}: {e.strerror}"
     return f"process {target} is neither a descendant nor the parent of the sender"
-
-
-def _ppid(pid: int) -> int:
-    """Raises OSError: no such process; ValueError: not the shape of a stat file."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        return parse_proc_stat(f.read()).ppid
-
-
-def _status_uid(pid: int) -> int:
-    with open(f"/proc/{pid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"Uid:"):
-                return int(line.split()[1])
-    raise OSError(errno.ESRCH, "no Uid line")
 
 
 def open_socket(

@@ -95,21 +95,31 @@ def list_incidents(
 ) -> int:
     """Print one line per incident of ``directory``, oldest first; return the exit code."""
     out, err = out or sys.stdout, err or sys.stderr
-    if _missing(directory, err):
+    summaries = _summaries(IncidentStore(directory, create=False), directory, err)
+    if summaries is None:
         return EXIT_FAILURE
-    handler = _warnings_to(err)
-    try:
-        summaries = IncidentStore(directory, create=False).list()
-    except OSError as e:
-        _error(f"cannot list {directory}: {e.strerror or e}", err)
-        return EXIT_FAILURE
-    finally:
-        _done(handler)
     if not summaries:
         out.write(f"no incidents in {directory}\n")
         return EXIT_OK
     out.write(format_incident_list(summaries))
     return EXIT_OK
+
+
+def _summaries(
+    store: IncidentStore, directory: str, err: TextIO
+) -> Optional[List[IncidentSummary]]:
+    """The store's incidents, oldest first, its warnings written to ``err``; None, said
+    on ``err``, when the directory is missing or cannot be listed."""
+    if _missing(directory, err):
+        return None
+    handler = _warnings_to(err)
+    try:
+        return store.list()
+    except OSError as e:
+        _error(f"cannot list {directory}: {e.strerror or e}", err)
+        return None
+    finally:
+        _done(handler)
 
 
 def format_incident_list(summaries: Sequence[IncidentSummary]) -> str:
@@ -150,16 +160,9 @@ def show_incident(
     out, err = out or sys.stdout, err or sys.stderr
     store = IncidentStore(directory, create=False)
     if ident is None:
-        if _missing(directory, err):
+        summaries = _summaries(store, directory, err)
+        if summaries is None:
             return EXIT_FAILURE
-        handler = _warnings_to(err)
-        try:
-            summaries = store.list()
-        except OSError as e:
-            _error(f"cannot list {directory}: {e.strerror or e}", err)
-            return EXIT_FAILURE
-        finally:
-            _done(handler)
         if not summaries:
             _error(f"no incidents in {directory}", err)
             return EXIT_FAILURE

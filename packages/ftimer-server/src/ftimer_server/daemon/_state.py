@@ -18,10 +18,8 @@ ones at most every ``interval`` seconds, and nothing is written while nothing ch
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -30,6 +28,7 @@ from typing import Callable, List, Optional, Tuple
 import msgspec
 
 from ftimer_server.core._records import Timer
+from ftimer_server.incidents._store import write_atomically
 
 __all__ = [
     "STATE_VERSION",
@@ -154,18 +153,7 @@ def write_state(path: str, data: bytes) -> None:
     Raises:
         OSError: the directory is not writable, the disk is full, ...
     """
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomically(os.path.abspath(path), data)
 
 
 class StateLoad(msgspec.Struct, frozen=True):

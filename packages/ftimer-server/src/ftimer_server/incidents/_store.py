@@ -171,9 +171,9 @@ class IncidentStore:
         text = _text(incident).encode("utf-8", "replace")
         base = os.path.join(self.directory, incident.id)
         with self._lock, _locked(self.directory):
-            _write_atomically(base + TEXT, text)
+            write_atomically(base + TEXT, text)
             try:
-                _write_atomically(base + RECORD, record)
+                write_atomically(base + RECORD, record)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(base + TEXT)
@@ -326,7 +326,7 @@ def _locked(directory: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _write_atomically(path: str, data: bytes) -> None:
+def write_atomically(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data``: a 0600 temporary file beside it, fsync, rename.
 
     Raises:

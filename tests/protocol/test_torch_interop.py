@@ -58,8 +58,10 @@ def test_torch_server_reads_our_v1_lines(torch_timer: ModuleType, fifo_path: pat
             pid=os.getpid(), scope_id="scope-0-é", expiration_time=-1, signal=0
         )
         for message in [*arms, release]:
-            # Open, write, close per message: what torch's server needs (it reads until EOF).
-            fd = os.open(fifo_path, os.O_WRONLY | os.O_NONBLOCK)
+            # Open, write, close per message, as torch's client does. The open blocks until
+            # torch's server thread has opened its end: start() returns before it has, and a
+            # non-blocking open in that window fails with ENXIO.
+            fd = os.open(fifo_path, os.O_WRONLY)
             try:
                 assert os.write(fd, encode(message)) == len(encode(message))
             finally:

@@ -120,8 +120,41 @@ def test_a_stall_shorter_than_the_timeout_is_invisible(speer: SocketPeer) -> Non
     speer.fill()
     timer = threading.Timer(0.2, speer.resume)
     timer.start()
-    client.arm("a", 60)  # waits for room (POLLOUT on the connected socket), then sends
+    client.arm("a", 60)  # waits for room (a blocking send), then sends
     timer.join()
+    messages = speer.wait_for(lambda m: any(isinstance(x, Arm) for x in m))
+    assert [m.scope_id for m in messages if isinstance(m, Arm)] == ["a"]
+
+
+def test_a_sender_waits_for_room_in_the_kernels_queue_where_it_is_woken_alone(
+    speer: SocketPeer,
+) -> None:
+    """poll(POLLOUT) on a full queue wakes every waiting sender at each datagram the
+    server reads (with 16 waiting, the server spent 4x as long per datagram waking them
+    as reading it); a blocking send waits in unix_wait_for_peer, woken one at a time."""
+    client = FileTimerClient(speer.path, write_timeout=30.0, labels={})
+    speer.pause()
+    speer.fill()
+    tids: list = []
+
+    def arm() -> None:
+        tids.append(threading.get_native_id())
+        client.arm("a", 60)
+
+    sender = threading.Thread(target=arm)
+    sender.start()
+    seen = set()
+    deadline = time.monotonic() + 10
+    while "unix_wait_for_peer" not in seen and time.monotonic() < deadline:
+        if tids:
+            with open(f"/proc/self/task/{tids[0]}/wchan") as f:
+                seen.add(f.read())
+        time.sleep(0.005)
+    speer.resume()
+    sender.join(30)
+    if seen <= {"0", ""}:
+        pytest.skip("this kernel does not name what a sleeping thread waits in (wchan)")
+    assert "unix_wait_for_peer" in seen, seen
     messages = speer.wait_for(lambda m: any(isinstance(x, Arm) for x in m))
     assert [m.scope_id for m in messages if isinstance(m, Arm)] == ["a"]
 

@@ -9,13 +9,17 @@ compared with the descriptor's then (never per message).
 from __future__ import annotations
 
 import errno
+import math
 import os
+import select
 import stat
+import time
+from typing import Callable
 
 from ftimer_protocol import SYSTEM_FIFO_PATH
 
 from ._errors import ServerStalled, ServerUnavailable
-from ._writer import ConnectionLost, is_socket, wait_for_room
+from ._writer import ConnectionLost, is_socket
 
 __all__ = ["FifoWriter"]
 
@@ -71,7 +75,7 @@ class FifoWriter:
             raise ServerUnavailable(e.errno, f"cannot write ({e.strerror})", self.path) from e
         if self._check_replaced and self._replaced():
             raise ConnectionLost
-        if not wait_for_room(self.hot_fd, timeout, lambda: self._attempt(line)):
+        if not _wait_for_room(self.hot_fd, timeout, lambda: self._attempt(line)):
             raise ServerStalled(
                 errno.EAGAIN,
                 f"the ftimer server has not drained the FIFO in {timeout} s",
@@ -152,3 +156,21 @@ def hidden_system_dir(path: str) -> str:
     except OSError:
         pass
     return ""
+
+
+def _wait_for_room(fd: int, timeout: float, attempt: Callable[[], bool]) -> bool:
+    """Poll ``fd`` for POLLOUT and call ``attempt`` each time it may have room, until it
+    returns True or ``timeout`` seconds have passed; return whether it succeeded.
+
+    ``attempt`` raises what it raises (the writer's own errors).
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    end = time.monotonic() + timeout
+    remaining = timeout
+    while remaining > 0:
+        poller.poll(math.ceil(remaining * 1000))
+        if attempt():
+            return True
+        remaining = end - time.monotonic()
+    return False

@@ -9,14 +9,11 @@ FIFO or socket (reconnect and resynchronise), ``ServerUnavailable`` otherwise.
 
 from __future__ import annotations
 
-import math
 import os
-import select
 import stat
-import time
-from typing import Callable, Protocol
+from typing import Protocol
 
-__all__ = ["ConnectionLost", "Writer", "is_socket", "wait_for_room"]
+__all__ = ["ConnectionLost", "Writer", "is_socket"]
 
 
 class ConnectionLost(Exception):
@@ -49,24 +46,6 @@ class Writer(Protocol):
 
     def close(self) -> None:
         """Let go of the connection (idempotent)."""
-
-
-def wait_for_room(fd: int, timeout: float, attempt: Callable[[], bool]) -> bool:
-    """Poll ``fd`` for POLLOUT and call ``attempt`` each time it may have room, until it
-    returns True or ``timeout`` seconds have passed; return whether it succeeded.
-
-    ``attempt`` raises what it raises (the writer's own errors).
-    """
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    end = time.monotonic() + timeout
-    remaining = timeout
-    while remaining > 0:
-        poller.poll(math.ceil(remaining * 1000))
-        if attempt():
-            return True
-        remaining = end - time.monotonic()
-    return False
 
 
 def is_socket(path: str) -> bool:

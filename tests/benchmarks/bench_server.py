@@ -9,7 +9,10 @@ other is paused (SIGSTOP), so neither steals the other's CPU on a small machine.
 ftimer's server also binds its AF_UNIX datagram socket beside the FIFO (as the daemon
 does by default), so the same process is measured over either transport: ingest from
 ftimer's client over the socket, and reap latency of a timer armed over it, beside torch's
-FIFO server and client in the same run.
+FIFO server and client in the same run. The socket's floor is measured in the same rounds:
+the same writers against a reader that only receives each datagram with its credentials
+and pidfd and closes that pidfd (``serve floor SOCKET``), what any server in Python pays
+per datagram before it looks at one.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -40,7 +44,20 @@ Row = Dict[str, Any]
 
 def serve(kind: str, path: str) -> None:
     """Run one server and answer the driver's commands (one per line on stdin)."""
-    if kind == "ftimer":
+    if kind == "floor":
+        server = _Receiver(path)
+
+        def count() -> int:
+            return server.count
+
+        ok = count
+
+        def armed() -> int:
+            raise NotImplementedError("the floor's reader keeps no timers")
+
+        junk = armed
+
+    elif kind == "ftimer":
         from ftimer_protocol import socket_path_for
         from ftimer_server import FileTimerServer
 
@@ -102,6 +119,43 @@ def serve(kind: str, path: str) -> None:
         elif cmd == "quit":
             break
     server.stop()
+
+
+class _Receiver:
+    """The socket's floor: a thread receiving datagrams as ftimer's server does (one
+    ``recvmsg()`` each, with ``SO_PASSCRED`` and ``SO_PASSPIDFD``, the pidfd closed),
+    counting them and nothing more."""
+
+    def __init__(self, path: str) -> None:
+        self.count = 0
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_PASSPIDFD", 76), 1)
+        self._sock.bind(path)
+        self._sock.setblocking(False)
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def stop(self) -> None:
+        self._sock.close()
+
+    def _run(self) -> None:
+        recvmsg, close = self._sock.recvmsg, os.close
+        space = socket.CMSG_SPACE(12) + 2 * socket.CMSG_SPACE(4)
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        while True:
+            poller.poll()
+            while True:
+                try:
+                    _, ancillary, _, _ = recvmsg(select.PIPE_BUF + 1, space)
+                except BlockingIOError:
+                    break
+                for _, kind, data in ancillary:
+                    if kind != socket.SCM_CREDENTIALS:  # a pidfd
+                        close(int.from_bytes(data[:4], sys.byteorder))
+                self.count += 1
 
 
 # -- writer processes (ingest) ---------------------------------------------------------
@@ -225,7 +279,7 @@ def _batches(lines: List[bytes]) -> List[bytes]:
 class Server:
     def __init__(self, kind: str, directory: str) -> None:
         self.kind = kind
-        self.path = os.path.join(directory, f"{kind}.fifo")
+        self.path = os.path.join(directory, f"{kind}.{'socket' if kind == 'floor' else 'fifo'}")
         #: ftimer's datagram socket (torch's server has none).
         self.socket_path: Optional[str] = None
         if kind == "ftimer":
@@ -365,6 +419,13 @@ _SOCKET_CLIENT_NOTE = (
     "figure is its client on its FIFO server, measured in the same rounds"
 )
 
+_FLOOR_NOTE = (
+    "not a server: the same writers against a reader that receives each datagram as "
+    "ftimer's server does (one recvmsg() with SO_PASSCRED and SO_PASSPIDFD, the pidfd "
+    "closed) and only counts it, the most any server in Python reads over the socket; "
+    "torch's figure is its client on its FIFO server, measured in the same rounds"
+)
+
 MODES = {
     "clients": Mode(
         "each library's client",
@@ -422,10 +483,17 @@ class Series(NamedTuple):
 
 
 def _ingest(
-    servers: Dict[str, Server], writers: int, total: Dict[str, int], reps: int, mode: str
+    servers: Dict[str, Server],
+    writers: int,
+    total: Dict[str, int],
+    reps: int,
+    mode: str,
+    *,
+    floor: Server,
 ) -> List[Row]:
     """Messages per second from ``writers`` processes writing as ``MODES[mode]`` says:
-    a row, and one more over the socket if the mode has it."""
+    a row, and if the mode has it, one over the socket and one of the socket's
+    ``floor`` (the same writers against a reader that only receives)."""
     spec = MODES[mode]
     series = [
         Series(kind, kind, servers[kind], servers[kind].path, getattr(spec, kind), total[kind])
@@ -434,9 +502,10 @@ def _ingest(
     if spec.socket is not None:
         ftimer = servers["ftimer"]
         assert ftimer.socket_path is not None
-        series.append(
-            Series("socket", "ftimer", ftimer, ftimer.socket_path, spec.socket[0], total["socket"])
-        )
+        series += [
+            Series("socket", "ftimer", ftimer, ftimer.socket_path, spec.socket[0], total["socket"]),
+            Series("floor", "ftimer", floor, floor.path, spec.socket[0], total["socket"]),
+        ]
     rates: Dict[str, List[float]] = {s.name: [] for s in series}
     failures = {s.name: 0 for s in series}
     duplicates = {s.name: 0 for s in series}
@@ -458,7 +527,7 @@ def _ingest(
     try:
         for _ in range(reps):
             for s in series:  # interleaved
-                for other in servers.values():
+                for other in (*servers.values(), floor):
                     other.pause(other is not s.server)
                 n = writers * (s.total // writers // 2 * 2)
                 start = time.monotonic()
@@ -493,7 +562,14 @@ def _ingest(
     rows = []
     for name, label, what in (
         ("ftimer", spec.label, spec.note),
-        *([("socket", spec.socket[1], spec.socket[2])] if spec.socket else []),
+        *(
+            [
+                ("socket", spec.socket[1], spec.socket[2]),
+                ("floor", f"floor: {spec.socket[1]}, to a reader that only receives", _FLOOR_NOTE),
+            ]
+            if spec.socket
+            else []
+        ),
     ):
         note = what
         if failures[name] or failures["torch"]:
@@ -503,7 +579,7 @@ def _ingest(
                 f"{failures['torch']} (messages applied twice because of it: torch "
                 f"{duplicates['torch']})"
             )
-        per = total[name] // writers // 2
+        per = next(s.total for s in series if s.name == name) // writers // 2
         rows.append(
             {
                 "group": "server ingest",
@@ -512,7 +588,7 @@ def _ingest(
                 "ftimer": statistics.median(rates[name]),
                 "torch": torch_rate,
                 "better": "higher",
-                "transport": "socket" if name == "socket" else "fifo",
+                "transport": "fifo" if name == "ftimer" else "socket",
                 "note": f"median of {reps}; arm/disarm pairs, {per:,} arms per writer "
                 f"(torch {total['torch'] // writers // 2:,}); {note}; every message checked "
                 "applied",
@@ -720,6 +796,7 @@ def run(quick: bool) -> List[Row]:
     holders = [subprocess.Popen(["sleep", "3600"]) for _ in range(HOLDERS)]
     with tempfile.TemporaryDirectory(prefix="ftimer-bench-") as directory:
         servers = {kind: Server(kind, directory) for kind in KINDS}
+        floor = Server("floor", directory)
         try:
             rss_idle = {k: s.rss_mb() for k, s in servers.items()}
             # torch's figure swings between repetitions (170k-230k msg/s when fed
@@ -734,7 +811,7 @@ def run(quick: bool) -> List[Row]:
             )
             for mode, spec in MODES.items():
                 for writers in spec.quick_writers if quick else spec.writers:
-                    rows += _ingest(servers, writers, total, reps, mode)
+                    rows += _ingest(servers, writers, total, reps, mode, floor=floor)
 
             for other in servers.values():
                 other.pause(other.kind != "ftimer")
@@ -852,7 +929,7 @@ def run(quick: bool) -> List[Row]:
                 }
             )
         finally:
-            for s in servers.values():
+            for s in (*servers.values(), floor):
                 s.close()
             for h in holders:
                 h.kill()

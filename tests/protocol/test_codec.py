@@ -136,6 +136,11 @@ def test_unknown_version_is_a_typed_error(version: object) -> None:
             b'"labels":{"bad key":"v"}}',
             "labels",
         ),
+        (
+            b'{"version":2,"op":"arm","pid":1,"scope_id":"s","deadline":1,"signal":9,'
+            b'"labels":{"job\\n":"v"}}',
+            "labels",
+        ),
         (b'{"version": 1, "pid": 0, "scope_id": "s", "expiration_time": 1, "signal": 9}', "pid"),
         (b'{"version": 1, "pid": 1, "scope_id": "s", "expiration_time": 1}', "signal"),
         (b'{"version":2,"op":"disarm","pid":1,"scope_id":"s"}trailing', "malformed"),
@@ -160,6 +165,7 @@ def test_malformed_lines_are_typed_errors(line: bytes, reason: str) -> None:
         Arm(pid=1, scope_id="s", deadline=1.0, signal=-1),
         Arm(pid=1, scope_id="x" * (MAX_SCOPE + 1), deadline=1.0, signal=9),
         Arm(pid=1, scope_id="s", deadline=1.0, signal=9, labels={"a-b": "v"}),
+        Arm(pid=1, scope_id="s", deadline=1.0, signal=9, labels={"job\n": "v"}),
         Arm(pid=1, scope_id=b"bytes", deadline=1.0, signal=9),  # type: ignore[arg-type]
         Disarm(pid=1, scope_id="s", start_time=-5),
         TimerRequestV1(pid=1, scope_id="s", expiration_time=math.nan, signal=9),

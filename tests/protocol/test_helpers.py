@@ -230,7 +230,7 @@ def test_only_ints_and_strings_are_signals(value: object) -> None:
 
 
 def test_bounds_are_the_schemas() -> None:
-    assert LABEL_KEY_PATTERN == "^[A-Za-z_][A-Za-z0-9_]{0,31}$"
+    assert LABEL_KEY_PATTERN == r"^[A-Za-z_][A-Za-z0-9_]{0,31}\Z"
     assert MAX_FD == 2**31 - 1
     encode(Arm(1, "s", 1.0, 9, dump=DumpHook(12, MAX_FD)))
     with pytest.raises(ValueError, match="invalid Arm"):

@@ -32,7 +32,9 @@ MAX_TIME = 1e15
 MAX_LABELS = 16
 MAX_LABEL_VALUE = 128
 #: Label names follow Prometheus' rule, so servers can export them as metric labels.
-LABEL_KEY_PATTERN = "^[A-Za-z_][A-Za-z0-9_]{0,31}$"
+#: ``\Z``, not ``$``: the schema searches with Python's ``re``, whose ``$`` also matches
+#: before a final newline ("job\n" would pass).
+LABEL_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,31}\Z"
 MAX_TOKEN = 128
 #: A file descriptor number (an ``int`` in C).
 MAX_FD = 2**31 - 1

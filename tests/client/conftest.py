@@ -33,7 +33,6 @@ from ftimer_protocol import (
     DisarmAll,
     Expire,
     Message,
-    RemoteProtocolError,
     StreamDecoder,
     Sync,
     TimerRequestV1,
@@ -44,15 +43,12 @@ from ftimer_protocol import (
 FILL_LINE = encode(Sync(token="fill"))
 
 
-class FifoPeer:
-    """Reads ``path`` (created when ``create``) and keeps every decoded message."""
+class _Peer:
+    """A reader thread that can stop reading (``pause``), read again and go away; what
+    it reads is the subclass's (``_fd``, ``_read``, ``_release``)."""
 
-    def __init__(self, path: pathlib.Path, *, create: bool = True) -> None:
-        if create:
-            os.mkfifo(path, 0o600)
+    def __init__(self, path: pathlib.Path) -> None:
         self.path = path
-        self.rfd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        self.wfd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
         self.messages: List[Message] = []
         self.errors: List[Any] = []
         self._cond = threading.Condition()
@@ -62,6 +58,25 @@ class FifoPeer:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _fd(self) -> int:
+        """The descriptor to read when it polls readable."""
+        raise NotImplementedError
+
+    def _read(self) -> None:
+        """Read what is there (never blocks) and keep it, under ``_cond``."""
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Close what the subclass opened (the reader thread has stopped)."""
+        raise NotImplementedError
+
+    def unread(self) -> int:
+        """Bytes queued not read yet (FIONREAD; on a datagram socket, of the next
+        datagram only): 0 when nothing is."""
+        buf = array.array("i", [0])
+        fcntl.ioctl(self._fd(), termios.FIONREAD, buf)
+        return buf[0]
+
     def _set_state(self, state: str) -> None:
         with self._cond:
             self._state = state
@@ -69,9 +84,8 @@ class FifoPeer:
         os.write(self._wake_w, b"x")  # out of poll(), to look at the state
 
     def _run(self) -> None:
-        decoder = StreamDecoder()
         poller = select.poll()
-        poller.register(self.rfd, select.POLLIN)
+        poller.register(self._fd(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         while True:
             with self._cond:
@@ -86,17 +100,14 @@ class FifoPeer:
             if self._wake_r in ready:
                 os.read(self._wake_r, 4096)
                 continue
-            try:
-                data = os.read(self.rfd, 65536)
-            except BlockingIOError:
-                continue
-            results = decoder.feed(data)
-            with self._cond:
-                for r in results:
-                    if isinstance(r, Sync):
-                        continue
-                    (self.messages if not isinstance(r, Exception) else self.errors).append(r)
-                self._cond.notify_all()
+            self._read()
+
+    def _keep(self, result: object) -> None:
+        """Keep a decoded message or error (fill lines are dropped); ``_cond`` held."""
+        if isinstance(result, Exception):
+            self.errors.append(result)
+        elif not isinstance(result, Sync):
+            self.messages.append(result)  # type: ignore[arg-type]
 
     def wait_for(
         self, predicate: Callable[[List[Message]], bool], timeout: float = 10.0
@@ -131,6 +142,50 @@ class FifoPeer:
     def resume(self) -> None:
         self._set_state("reading")
 
+    def wait_drained(self, timeout: float = 10.0) -> None:
+        """Wait until the reader has emptied its queue."""
+        deadline = time.monotonic() + timeout
+        while self.unread():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.unread()} bytes still unread")
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        """Go away (stop reading, close); the path stays."""
+        if self._state == "stopped":
+            return
+        self._set_state("stopped")
+        self._thread.join(10)
+        self._release()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+class FifoPeer(_Peer):
+    """Reads ``path`` (created when ``create``) and keeps every decoded message."""
+
+    def __init__(self, path: pathlib.Path, *, create: bool = True) -> None:
+        if create:
+            os.mkfifo(path, 0o600)
+        self.rfd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self.wfd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        self._decoder = StreamDecoder()
+        super().__init__(path)
+
+    def _fd(self) -> int:
+        return self.rfd
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.rfd, 65536)
+        except BlockingIOError:
+            return
+        results = self._decoder.feed(data)
+        with self._cond:
+            for r in results:
+                self._keep(r)
+            self._cond.notify_all()
+
     def fill(self) -> int:
         """Fill the pipe with no-op lines until a write would block; return the bytes."""
         total = 0
@@ -140,28 +195,9 @@ class FifoPeer:
             except BlockingIOError:
                 return total
 
-    def unread(self) -> int:
-        """Bytes in the pipe not read yet."""
-        buf = array.array("i", [0])
-        fcntl.ioctl(self.rfd, termios.FIONREAD, buf)
-        return buf[0]
-
-    def wait_drained(self, timeout: float = 10.0) -> None:
-        """Wait until the reader has emptied the pipe."""
-        deadline = time.monotonic() + timeout
-        while self.unread():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.unread()} bytes still unread")
-            time.sleep(0.005)
-
-    def close(self) -> None:
-        """Go away (stop reading and close the FIFO); the path stays."""
-        if self._state == "stopped":
-            return
-        self._set_state("stopped")
-        self._thread.join(10)
-        for fd in (self.rfd, self.wfd, self._wake_r, self._wake_w):
-            os.close(fd)
+    def _release(self) -> None:
+        os.close(self.rfd)
+        os.close(self.wfd)
 
 
 class Datagram(NamedTuple):
@@ -190,56 +226,27 @@ def pidfd_pid(fd: int) -> Optional[int]:
     return None
 
 
-class SocketPeer:
-    """Binds ``path`` (an AF_UNIX datagram socket with SO_PASSCRED) and reads it."""
+class SocketPeer(_Peer):
+    """Binds ``path`` (an AF_UNIX datagram socket with SO_PASSCRED) and reads it; keeps
+    each datagram (``datagrams``) beside its message."""
 
     def __init__(self, path: pathlib.Path) -> None:
-        self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.bind(str(path))
         self.sock.setblocking(False)
         self.datagrams: List[Datagram] = []
-        self.messages: List[Message] = []
-        self.errors: List[Any] = []
-        self._cond = threading.Condition()
-        self._state = "reading"  # or "paused", "stopped"; changed under _cond
-        self._parked = False
-        self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__(path)
 
-    def _set_state(self, state: str) -> None:
-        with self._cond:
-            self._state = state
-            self._cond.notify_all()
-        os.write(self._wake_w, b"x")
+    def _fd(self) -> int:
+        return self.sock.fileno()
 
-    def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while True:
-            with self._cond:
-                while self._state == "paused":
-                    self._parked = True
-                    self._cond.notify_all()
-                    self._cond.wait()
-                self._parked = False
-                if self._state == "stopped":
-                    return
-            ready = {fd for fd, _ in poller.poll()}
-            if self._wake_r in ready:
-                os.read(self._wake_r, 4096)
-                continue
-            try:
-                data, ancdata, flags, _ = self.sock.recvmsg(PIPE_BUF + 1, _ANCILLARY)
-            except BlockingIOError:
-                continue
-            assert not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC), flags
-            self._received(data, ancdata)
-
-    def _received(self, data: bytes, ancdata: List[Tuple[int, int, bytes]]) -> None:
+    def _read(self) -> None:
+        try:
+            data, ancdata, flags, _ = self.sock.recvmsg(PIPE_BUF + 1, _ANCILLARY)
+        except BlockingIOError:
+            return
+        assert not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC), flags
         pid = uid = -1
         pidfds: List[int] = []
         others = 0
@@ -259,44 +266,14 @@ class SocketPeer:
         result = decode_value(data)
         with self._cond:
             self.datagrams.append(Datagram(data, pid, uid, tuple(pidfds), others))
-            if isinstance(result, RemoteProtocolError):
-                self.errors.append(result)
-            elif not isinstance(result, Sync):
-                self.messages.append(result)
+            self._keep(result)
             self._cond.notify_all()
-
-    def wait_for(
-        self, predicate: Callable[[List[Message]], bool], timeout: float = 10.0
-    ) -> List[Message]:
-        """Wait until ``predicate(messages)`` holds; return a copy of the messages."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate(self.messages):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"timed out; peer has {self.messages!r}")
-                self._cond.wait(remaining)
-            return list(self.messages)
-
-    def wait_count(self, n: int, timeout: float = 10.0) -> List[Message]:
-        """Wait for at least ``n`` messages."""
-        return self.wait_for(lambda m: len(m) >= n, timeout)
 
     def take(self) -> List[Message]:
         """Return and forget the messages (and datagrams) so far."""
         with self._cond:
-            out, self.messages, self.datagrams = self.messages, [], []
-            return out
-
-    def pause(self) -> None:
-        """Stop reading: a stalled server. Returns once the reader reads no more."""
-        self._set_state("paused")
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._parked, 10):
-                raise AssertionError("the reader did not pause")
-
-    def resume(self) -> None:
-        self._set_state("reading")
+            self.datagrams = []
+            return super().take()
 
     def fill(self) -> int:
         """Fill the queue with no-op datagrams (from a socket of the test's own) until a
@@ -312,29 +289,8 @@ class SocketPeer:
                     return count
                 count += 1
 
-    def unread(self) -> int:
-        """Bytes of the next datagram not read yet (SIOCINQ): 0 when the queue is empty."""
-        buf = array.array("i", [0])
-        fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, buf)
-        return buf[0]
-
-    def wait_drained(self, timeout: float = 10.0) -> None:
-        """Wait until the reader has emptied the queue."""
-        deadline = time.monotonic() + timeout
-        while self.unread():
-            if time.monotonic() > deadline:
-                raise AssertionError("datagrams still unread")
-            time.sleep(0.005)
-
-    def close(self) -> None:
-        """Go away (stop reading, close the socket); the path stays, bound to nobody."""
-        if self._state == "stopped":
-            return
-        self._set_state("stopped")
-        self._thread.join(10)
-        self.sock.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+    def _release(self) -> None:
+        self.sock.close()  # the path stays, bound to nobody
 
 
 def server_state(messages: Iterable[Message]) -> Dict[Tuple[int, str], float]:

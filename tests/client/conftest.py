@@ -43,7 +43,7 @@ from ftimer_protocol import (
 FILL_LINE = encode(Sync(token="fill"))
 
 
-class _Peer:
+class Peer:
     """A reader thread that can stop reading (``pause``), read again and go away; what
     it reads is the subclass's (``_fd``, ``_read``, ``_release``)."""
 
@@ -161,7 +161,7 @@ class _Peer:
         os.close(self._wake_w)
 
 
-class FifoPeer(_Peer):
+class FifoPeer(Peer):
     """Reads ``path`` (created when ``create``) and keeps every decoded message."""
 
     def __init__(self, path: pathlib.Path, *, create: bool = True) -> None:
@@ -226,7 +226,7 @@ def pidfd_pid(fd: int) -> Optional[int]:
     return None
 
 
-class SocketPeer(_Peer):
+class SocketPeer(Peer):
     """Binds ``path`` (an AF_UNIX datagram socket with SO_PASSCRED) and reads it; keeps
     each datagram (``datagrams``) beside its message."""
 
@@ -339,17 +339,22 @@ def speer(socket_path: pathlib.Path) -> Iterator[SocketPeer]:
     p.close()
 
 
-def restart_socket(old: Optional[SocketPeer], path: pathlib.Path) -> SocketPeer:
-    """A server restart on the socket: the old one goes, the path is bound again."""
-    if old is not None:
-        old.close()
-    path.unlink(missing_ok=True)
-    return SocketPeer(path)
+@pytest.fixture(params=["fifo", "socket"])
+def server(
+    request: pytest.FixtureRequest, fifo_path: pathlib.Path, socket_path: pathlib.Path
+) -> Iterator[Peer]:
+    """A peer on each transport in turn: the test runs once over the FIFO, once over the
+    socket."""
+    if request.param == "socket" and not hasattr(os, "pidfd_open"):
+        pytest.skip("the socket transport is Linux's (pidfds)")
+    p = FifoPeer(fifo_path) if request.param == "fifo" else SocketPeer(socket_path)
+    yield p
+    p.close()
 
 
-def restart(old: Optional[FifoPeer], path: pathlib.Path) -> FifoPeer:
-    """A server restart: the old reader leaves, the FIFO is recreated, a new one reads."""
-    if old is not None:
-        old.close()
-    path.unlink(missing_ok=True)
-    return FifoPeer(path)
+def restart(old: Peer) -> Peer:
+    """A server restart: the old peer goes, its path is made again (a new FIFO, a new
+    socket bound), and a new peer of the same kind reads it."""
+    old.close()
+    old.path.unlink(missing_ok=True)
+    return type(old)(old.path)

@@ -1,10 +1,13 @@
-"""Server absent, stalled, restarted: the failure policies and the resync."""
+"""Server absent, stalled, restarted: the failure policies and the resync, over the FIFO;
+the tests taking ``server`` run over each transport (the socket's own cases are in
+test_socket_failures.py)."""
 
 from __future__ import annotations
 
 import errno
 import os
 import pathlib
+import threading
 import time
 import warnings
 
@@ -19,7 +22,7 @@ from ftimer_client import (
 )
 from ftimer_protocol import Arm, Disarm, DisarmAll
 
-from .conftest import FifoPeer, restart, server_state
+from .conftest import FifoPeer, Peer, restart, server_state
 
 ME = os.getpid()
 
@@ -109,14 +112,14 @@ def test_block_exception_propagates_unchanged_when_the_disarm_fails(peer: FifoPe
 # -- stalled ------------------------------------------------------------------------------
 
 
-def test_full_pipe_waits_a_bounded_time_then_fails_fast(peer: FifoPeer) -> None:
-    client = FileTimerClient(peer.path, write_timeout=1.0, labels={})
+def test_a_full_queue_waits_a_bounded_time_then_fails_fast(server: Peer) -> None:
+    client = FileTimerClient(server.path, write_timeout=1.0, labels={})
     client.arm("a", 60)
-    peer.wait_count(1)
-    peer.pause()
-    peer.fill()
+    server.wait_count(1)
+    server.pause()
+    server.fill()
     start = time.monotonic()
-    with pytest.raises(ServerStalled) as info:
+    with pytest.raises(ServerStalled, match="has not drained") as info:
         client.arm("b", 60)
     assert 0.95 <= time.monotonic() - start < 10
     assert info.value.errno == errno.EAGAIN
@@ -127,104 +130,113 @@ def test_full_pipe_waits_a_bounded_time_then_fails_fast(peer: FifoPeer) -> None:
         client.release("a")
     assert time.monotonic() - start < 0.5
     # The server drains: the next message brings it up to date first.
-    peer.take()
-    peer.resume()
-    peer.wait_drained()
+    server.take()
+    server.resume()
+    server.wait_drained()
     client.arm("c", 60)
-    messages = peer.wait_for(lambda m: any(getattr(x, "scope_id", "") == "c" for x in m))
+    messages = server.wait_for(lambda m: any(getattr(x, "scope_id", "") == "c" for x in m))
     assert isinstance(messages[0], DisarmAll)
     assert scopes(server_state(messages)) == {"c"}  # "b" was refused, "a" released
 
 
-def test_a_stall_shorter_than_the_timeout_is_invisible(peer: FifoPeer) -> None:
-    client = FileTimerClient(peer.path, write_timeout=5.0, labels={})
-    peer.pause()
-    peer.fill()
-    peer.take()
-    timer = __import__("threading").Timer(0.2, peer.resume)
+def test_a_stall_shorter_than_the_timeout_is_invisible(server: Peer) -> None:
+    client = FileTimerClient(server.path, write_timeout=5.0, labels={})
+    server.pause()
+    server.fill()
+    server.take()
+    timer = threading.Timer(0.2, server.resume)
     timer.start()
     client.arm("a", 60)  # waits for room, then goes through
     timer.join()
-    (arm,) = peer.wait_count(1)
+    (arm,) = server.wait_count(1)
     assert isinstance(arm, Arm)
     assert arm.scope_id == "a"
 
 
-def test_warn_mode_stall_keeps_the_arm_and_resends_it_when_drained(peer: FifoPeer) -> None:
-    client = FileTimerClient(peer.path, write_timeout=0.1, on_unavailable="warn", labels={})
-    peer.pause()
-    peer.fill()
-    with pytest.warns(ServerUnavailableWarning, match="drained"):
+@pytest.mark.parametrize("policy", ["warn", "ignore"])
+def test_a_stall_with_warn_or_ignore_keeps_the_arm_and_resends_it(
+    server: Peer, policy: str
+) -> None:
+    client = FileTimerClient(server.path, write_timeout=0.1, on_unavailable=policy, labels={})
+    server.pause()
+    server.fill()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         client.arm("a", 60)
+    assert [w.category for w in caught] == ([ServerUnavailableWarning] if policy == "warn" else [])
+    assert all("drained" in str(w.message) for w in caught)
     assert client.armed == {"a"}
-    peer.take()
-    peer.resume()
+    server.take()
+    server.resume()
     # No further call: the background resync delivers it.
-    messages = peer.wait_for(lambda m: (ME, "a") in server_state(m))
+    messages = server.wait_for(lambda m: (ME, "a") in server_state(m))
     assert isinstance(messages[0], DisarmAll)
 
 
 # -- restarted ----------------------------------------------------------------------------
 
 
-def test_restart_resyncs_on_the_next_message(peer: FifoPeer) -> None:
-    client = FileTimerClient(peer.path, labels={})
+def test_restart_resyncs_on_the_next_message(server: Peer) -> None:
+    # FIFO: the write finds no reader (EPIPE); socket: the send is refused (ECONNREFUSED).
+    client = FileTimerClient(server.path, labels={})
     client.arm("a", 60)
     client.arm("b", 60)
     client.arm("gone", 60)
     client.release("gone")
-    peer.wait_count(4)
-    new = restart(peer, peer.path)
+    server.wait_count(4)
+    new = restart(server)
     try:
         client.arm("c", 60)
         messages = new.wait_for(lambda m: (ME, "c") in server_state(m))
         assert messages[0] == DisarmAll(ME, messages[1].start_time)  # type: ignore[union-attr]
         assert scopes(server_state(messages)) == {"a", "b", "c"}
         # The re-sent arms carry the deadlines they were armed with.
-        first = {m.scope_id: m.deadline for m in peer.messages if isinstance(m, Arm)}
+        first = {m.scope_id: m.deadline for m in server.messages if isinstance(m, Arm)}
         again = {m.scope_id: m.deadline for m in messages if isinstance(m, Arm)}
-        assert again["a"] == first["a"]
-        assert again["b"] == first["b"]
+        assert (again["a"], again["b"]) == (first["a"], first["b"])
     finally:
         new.close()
 
 
-def test_a_disarm_lost_in_an_outage_is_made_good_without_another_call(
-    peer: FifoPeer,
-) -> None:
-    client = FileTimerClient(peer.path, on_unavailable="warn", labels={})
+def test_a_disarm_lost_in_an_outage_is_made_good_without_another_call(server: Peer) -> None:
+    client = FileTimerClient(server.path, on_unavailable="warn", labels={})
     with expires(after=60, scope="kept", client=client):
         client.arm("step", 60)
-        peer.wait_count(2)
-        peer.close()
-        peer.path.unlink()
-        with pytest.warns(ServerUnavailableWarning):
+        server.wait_count(2)
+        server.close()
+        server.path.unlink()  # removed: ENOENT
+        with pytest.warns(ServerUnavailableWarning, match="no FIFO"):
             client.release("step")  # lost: no server
-    # A server that restored "step" from its state file must not reap this healthy
-    # process later: the client tells it, unprompted, as soon as it is back.
-    new = FifoPeer(peer.path)
+    # A server that restored "step" and "kept" from its state file must not reap this
+    # healthy process later: the client tells it, unprompted, as soon as it is back.
+    new = type(server)(server.path)  # made again
     try:
         messages = new.wait_for(lambda m: any(isinstance(x, DisarmAll) for x in m))
-        assert scopes(server_state([Arm(ME, "step", 1.0, 9), *messages])) == set()
+        restored = [Arm(ME, "step", 1.0, 9), Arm(ME, "kept", 1.0, 9)]
+        assert scopes(server_state([*restored, *messages])) == set()
     finally:
         new.close()
 
 
-def test_a_recreated_fifo_is_noticed_when_the_old_one_fills(peer: FifoPeer) -> None:
-    # The old reader keeps the old FIFO open but stops reading; a new server made a new
-    # FIFO at the path. Writes into the old pipe succeed until it is full: then the
-    # client checks the inode, reconnects and resyncs, without an error.
-    client = FileTimerClient(peer.path, write_timeout=5.0, labels={})
+def test_a_path_made_again_while_the_old_server_is_stopped_is_noticed_when_full(
+    server: Peer,
+) -> None:
+    # The old server still holds its FIFO or socket but reads no more; a new one made a
+    # new one at the path. Writes queue on the old one until it is full: then the client
+    # compares the path's inode with the one it opened, reconnects and resyncs.
+    client = FileTimerClient(server.path, write_timeout=5.0, labels={})
     client.arm("a", 60)
-    peer.wait_count(1)
-    peer.pause()
-    peer.path.unlink()
-    new = FifoPeer(peer.path)
+    server.wait_count(1)
+    server.pause()
+    server.path.unlink()
+    new = type(server)(server.path)
     try:
+        start = time.monotonic()
         for i in range(2000):
             client.arm("b", 60 + i)
             if new.messages:
                 break
+        assert time.monotonic() - start < 2.5  # no write_timeout spent on the old one
         messages = new.wait_for(lambda m: (ME, "b") in server_state(m))
         assert isinstance(messages[0], DisarmAll)
         assert scopes(server_state(messages)) == {"a", "b"}

@@ -1,5 +1,6 @@
-"""Over the socket: server absent, stalled, restarted, replaced; the failure policies and
-the resync, as on the FIFO (test_failures.py)."""
+"""Over the socket: server absent or stalled, the wait for room, fork. What holds alike on
+both transports (a stall under warn or ignore, restart, removal, a path made again) is in
+test_failures.py, run over each."""
 
 from __future__ import annotations
 
@@ -14,14 +15,13 @@ import pytest
 
 from ftimer_client import (
     FileTimerClient,
-    ServerStalled,
     ServerUnavailable,
     ServerUnavailableWarning,
     expires,
 )
 from ftimer_protocol import Arm, DisarmAll
 
-from .conftest import SocketPeer, restart_socket, server_state
+from .conftest import SocketPeer, server_state
 from .test_fork import from_pid, in_child
 
 ME = os.getpid()
@@ -87,45 +87,6 @@ def test_warn_and_ignore_carry_on_and_deliver_when_the_server_is_back(
 # -- stalled: the server stops reading ---------------------------------------------------
 
 
-def test_full_queue_waits_a_bounded_time_then_fails_fast(speer: SocketPeer) -> None:
-    client = FileTimerClient(speer.path, write_timeout=1.0, labels={})
-    client.arm("a", 60)
-    speer.wait_count(1)
-    speer.pause()
-    assert speer.fill() > 0
-    start = time.monotonic()
-    with pytest.raises(ServerStalled, match="has not drained its socket") as info:
-        client.arm("b", 60)
-    assert 0.95 <= time.monotonic() - start < 10
-    assert info.value.errno == errno.EAGAIN
-    assert not isinstance(info.value, BlockingIOError)
-    # Still stalled: fail at once rather than stall every step.
-    start = time.monotonic()
-    with pytest.raises(ServerStalled):
-        client.release("a")
-    assert time.monotonic() - start < 0.5
-    # The server reads again: the next message brings it up to date first.
-    speer.take()
-    speer.resume()
-    speer.wait_drained()
-    client.arm("c", 60)
-    messages = speer.wait_for(lambda m: any(getattr(x, "scope_id", "") == "c" for x in m))
-    assert isinstance(messages[0], DisarmAll)
-    assert scopes(messages) == {"c"}  # "b" was refused, "a" released
-
-
-def test_a_stall_shorter_than_the_timeout_is_invisible(speer: SocketPeer) -> None:
-    client = FileTimerClient(speer.path, write_timeout=5.0, labels={})
-    speer.pause()
-    speer.fill()
-    timer = threading.Timer(0.2, speer.resume)
-    timer.start()
-    client.arm("a", 60)  # waits for room (a blocking send), then sends
-    timer.join()
-    messages = speer.wait_for(lambda m: any(isinstance(x, Arm) for x in m))
-    assert [m.scope_id for m in messages if isinstance(m, Arm)] == ["a"]
-
-
 def test_a_sender_waits_for_room_in_the_kernels_queue_where_it_is_woken_alone(
     speer: SocketPeer,
 ) -> None:
@@ -157,96 +118,6 @@ def test_a_sender_waits_for_room_in_the_kernels_queue_where_it_is_woken_alone(
     assert "unix_wait_for_peer" in seen, seen
     messages = speer.wait_for(lambda m: any(isinstance(x, Arm) for x in m))
     assert [m.scope_id for m in messages if isinstance(m, Arm)] == ["a"]
-
-
-@pytest.mark.parametrize("policy", ["warn", "ignore"])
-def test_a_stall_with_warn_or_ignore_keeps_the_arm_and_resends_it(
-    speer: SocketPeer, policy: str
-) -> None:
-    client = FileTimerClient(speer.path, write_timeout=0.1, on_unavailable=policy, labels={})
-    speer.pause()
-    speer.fill()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        client.arm("a", 60)
-    assert [w.category for w in caught] == ([ServerUnavailableWarning] if policy == "warn" else [])
-    assert client.armed == {"a"}
-    speer.take()
-    speer.resume()
-    messages = speer.wait_for(lambda m: (ME, "a") in server_state(m))
-    assert isinstance(messages[0], DisarmAll)
-
-
-# -- restarted, removed, replaced ---------------------------------------------------------
-
-
-def test_restart_is_noticed_by_a_refused_send_and_resyncs(speer: SocketPeer) -> None:
-    client = FileTimerClient(speer.path, labels={})
-    client.arm("a", 60)
-    client.arm("b", 60)
-    client.arm("gone", 60)
-    client.release("gone")
-    speer.wait_count(4)
-    new = restart_socket(speer, speer.path)
-    try:
-        client.arm("c", 60)  # the old connection is refused: reconnect, then resync
-        messages = new.wait_for(lambda m: (ME, "c") in server_state(m))
-        assert messages[0] == DisarmAll(ME, messages[1].start_time)  # type: ignore[union-attr]
-        assert scopes(messages) == {"a", "b", "c"}
-        # The re-sent arms carry the deadlines they were armed with.
-        first = {m.scope_id: m.deadline for m in speer.messages if isinstance(m, Arm)}
-        again = {m.scope_id: m.deadline for m in messages if isinstance(m, Arm)}
-        assert (again["a"], again["b"]) == (first["a"], first["b"])
-    finally:
-        new.close()
-
-
-def test_a_disarm_lost_while_the_server_was_away_is_made_good_unprompted(
-    speer: SocketPeer,
-) -> None:
-    client = FileTimerClient(speer.path, on_unavailable="warn", labels={})
-    with expires(after=60, scope="kept", client=client):
-        client.arm("step", 60)
-        speer.wait_count(2)
-        speer.close()
-        speer.path.unlink()  # removed: ENOENT
-        with pytest.warns(ServerUnavailableWarning, match="no FIFO or socket"):
-            client.release("step")  # lost: no server
-    # A server that restored "step" and "kept" from its state file must not reap this
-    # healthy process later: the client tells it, unprompted, as soon as it is back.
-    new = SocketPeer(speer.path)  # recreated
-    try:
-        messages = new.wait_for(lambda m: any(isinstance(x, DisarmAll) for x in m))
-        restored = [Arm(ME, "step", 1.0, 9), Arm(ME, "kept", 1.0, 9)]
-        assert scopes([*restored, *messages]) == set()
-    finally:
-        new.close()
-
-
-def test_a_socket_replaced_while_the_old_server_is_stopped_is_noticed_when_full(
-    speer: SocketPeer,
-) -> None:
-    # The old server still holds its socket but reads no more; a new one bound a new
-    # socket at the path. Sends queue on the old one until it is full: then the client
-    # compares the path's inode with the one it connected to, reconnects and resyncs.
-    client = FileTimerClient(speer.path, write_timeout=5.0, labels={})
-    client.arm("a", 60)
-    speer.wait_count(1)
-    speer.pause()
-    speer.path.unlink()
-    new = SocketPeer(speer.path)
-    try:
-        start = time.monotonic()
-        for i in range(100):
-            client.arm("b", 60 + i)
-            if new.messages:
-                break
-        assert time.monotonic() - start < 2.5  # no write_timeout spent on the old one
-        messages = new.wait_for(lambda m: (ME, "b") in server_state(m))
-        assert isinstance(messages[0], DisarmAll)
-        assert scopes(messages) == {"a", "b"}
-    finally:
-        new.close()
 
 
 # -- fork ---------------------------------------------------------------------------------

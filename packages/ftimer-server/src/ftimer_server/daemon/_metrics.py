@@ -77,34 +77,31 @@ class _StatsCollector:
             for result, n in sorted(results.items()):
                 requests.add_metric([kind, result], n)
         yield requests
-        refusals = core.CounterMetricFamily(
-            "ftimer_refusals", "Requests refused, by reason.", labels=["reason"]
-        )
-        for reason, n in sorted(s.rejections.items()):
-            refusals.add_metric([reason], n)
-        yield refusals
-        received = core.CounterMetricFamily(
-            "ftimer_received",
-            "Messages, refused datagrams and bad lines received, by transport (fifo, socket).",
-            labels=["transport"],
-        )
-        for transport, n in sorted(s.received.items()):
-            received.add_metric([transport], n)
-        yield received
-        decode = core.CounterMetricFamily(
-            "ftimer_decode_errors",
-            "Lines or datagrams that were not valid messages.",
-            labels=["error"],
-        )
-        for error, n in sorted(s.decode_errors.items()):
-            decode.add_metric([error], n)
-        yield decode
-        reaps = core.CounterMetricFamily(
-            "ftimer_reaps", "Workers reaped, by signal.", labels=["signal"]
-        )
-        for num, n in sorted(s.reaps.items()):
-            reaps.add_metric([signal_label(num)], n)
-        yield reaps
+        for name, doc, label, counts in (
+            ("ftimer_refusals", "Requests refused, by reason.", "reason", s.rejections),
+            (
+                "ftimer_received",
+                "Messages, refused datagrams and bad lines received, by transport (fifo, socket).",
+                "transport",
+                s.received,
+            ),
+            (
+                "ftimer_decode_errors",
+                "Lines or datagrams that were not valid messages.",
+                "error",
+                s.decode_errors,
+            ),
+            (
+                "ftimer_reaps",
+                "Workers reaped, by signal.",
+                "signal",
+                {signal_label(num): n for num, n in s.reaps.items()},
+            ),
+        ):
+            family = core.CounterMetricFamily(name, doc, labels=[label])
+            for key, n in sorted(counts.items()):
+                family.add_metric([key], n)
+            yield family
         for name, doc, value in (
             ("ftimer_reap_failures", "Reaps whose signal could not be delivered.", s.reap_failures),
             ("ftimer_expired_timers", "Timers that expired.", s.expired),

@@ -172,7 +172,8 @@ def write(kind: str, path: str, n: int, how: str) -> None:
     scopes used over and over; "open": pre-encoded lines, one write() each, the FIFO
     opened once per round; "per-message": pre-encoded lines, the FIFO opened and closed
     around each write (torch's way); "batch": pre-encoded lines joined into writes of up
-    to PIPE_BUF bytes.
+    to PIPE_BUF bytes; "datagrams": pre-encoded lines, one datagram each on the socket at
+    ``path``, with "+yes", "+text" or "+json": that kind of ``JUNK`` instead.
     """
     pid = os.getpid()
     scopes = [f"s{i % 8}" for i in range(n // 2)]
@@ -237,11 +238,20 @@ def write(kind: str, path: str, n: int, how: str) -> None:
         pairs = [(line(s, far, 9), line(s, -1, 0)) for s in scopes]
     lines = [x for pair in pairs for x in pair]
     batches = _batches(lines)
+    if method == "datagrams":  # sent by the client's own writer, which waits for room
+        from ftimer_client._socket import SocketWriter
+
+        if options:  # "+yes", "+text", "+json": that kind of junk instead
+            lines = [JUNK[options[0]][1](i) for i in range(n)]
+        sender = SocketWriter(path)
     print("ready", flush=True)
     for cmd in sys.stdin:
         if cmd.strip() != "go":
             break
-        if how == "per-message":
+        if method == "datagrams":
+            for x in lines:
+                sender.write(x, 30.0)
+        elif how == "per-message":
             for x in lines:
                 fd = os.open(path, os.O_WRONLY)
                 os.write(fd, x)
@@ -721,6 +731,78 @@ def _junk_rows(server: Server, holder: int, n: int, reps: int) -> List[Row]:
     ]
 
 
+def _socket_junk_rows(server: Server, n: int, reps: int) -> List[Row]:
+    """ftimer's server reading ``n`` datagrams of each kind of junk over its socket,
+    beside ``n`` valid ones; each kind from a writer process of its own, which stays
+    alive until its datagrams were read (a datagram whose sender is gone is refused)."""
+    assert server.socket_path is not None
+    hows = {"valid": "datagrams", **{kind: f"datagrams+{kind}" for kind in JUNK}}
+    writers = {
+        kind: subprocess.Popen(
+            [sys.executable, str(HERE), "write", "ftimer", server.socket_path, str(n), how],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for kind, how in hows.items()
+    }
+    rates: Dict[str, List[float]] = {kind: [] for kind in hows}
+    try:
+        for w in writers.values():
+            assert w.stdout is not None
+            assert w.stdout.readline().strip() == "ready"
+        seen = int(server.ask("junk 0").split()[1])
+        for _ in range(reps):
+            for kind, w in writers.items():
+                assert w.stdin is not None
+                assert w.stdout is not None
+                start = time.monotonic()
+                w.stdin.write("go\n")
+                w.stdin.flush()
+                if kind == "valid":
+                    end, ok = server.wait_applied(n)
+                    if ok < n:
+                        raise RuntimeError(f"{n - ok} of {n} valid datagrams not applied")
+                else:
+                    seen += n
+                    end, count = map(float, server.ask(f"junk {seen}").split())
+                    if count < seen:
+                        raise RuntimeError(
+                            f"ftimer counted {count - seen + n:.0f} of {n} bad datagrams"
+                        )
+                assert w.stdout.readline().split()[0] == "done"
+                rates[kind].append(n / (end - start))
+    finally:
+        for w in writers.values():
+            assert w.stdin is not None
+            assert w.stdout is not None
+            w.stdin.close()
+            w.wait(30)
+            w.stdout.close()
+    valid_rate = statistics.median(rates["valid"])
+    return [
+        {
+            "group": "server junk",
+            "metric": f"over the socket, {label}, from one writer",
+            "unit": "datagrams/s",
+            "ftimer": statistics.median(rates[kind]),
+            "torch": None,
+            "valid": valid_rate,
+            "better": "higher",
+            "transport": "socket",
+            "note": (
+                f"median of {reps} runs of {n:,} datagrams, one line each, sent by the client's "
+                "writer (waiting for room as the client does); "
+                f"valid datagrams (arm/disarm pairs) from a writer of the same kind in the "
+                f"same run: {valid_rate:,.0f}/s (junk costs "
+                f"{valid_rate / statistics.median(rates[kind]):.2f}x a valid datagram); "
+                "every bad datagram counted"
+            ),
+        }
+        for kind, (label, _) in JUNK.items()
+    ]
+
+
 FLOOD = b"y\n" * (512 * 1024)  # 1 MiB
 
 
@@ -818,6 +900,7 @@ def run(quick: bool) -> List[Row]:
             rows += _junk_rows(
                 servers["ftimer"], holders[0].pid, 100_000 if quick else 400_000, reps
             )
+            rows += _socket_junk_rows(servers["ftimer"], 25_000 if quick else 100_000, reps)
             rows.append(_flood_reap(servers["ftimer"], 3 if quick else 9))
 
             # "socket": ftimer's timers armed over its datagram socket instead of the FIFO.

@@ -152,6 +152,8 @@ class _Receiver:
                     _, ancillary, _, _ = recvmsg(select.PIPE_BUF + 1, space)
                 except BlockingIOError:
                     break
+                except OSError:  # closed by stop()
+                    return
                 for _, kind, data in ancillary:
                     if kind != socket.SCM_CREDENTIALS:  # a pidfd
                         close(int.from_bytes(data[:4], sys.byteorder))

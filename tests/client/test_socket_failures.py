@@ -15,6 +15,7 @@ import pytest
 
 from ftimer_client import (
     FileTimerClient,
+    ServerStalled,
     ServerUnavailable,
     ServerUnavailableWarning,
     expires,
@@ -118,6 +119,18 @@ def test_a_sender_waits_for_room_in_the_kernels_queue_where_it_is_woken_alone(
     assert "unix_wait_for_peer" in seen, seen
     messages = speer.wait_for(lambda m: any(isinstance(x, Arm) for x in m))
     assert [m.scope_id for m in messages if isinstance(m, Arm)] == ["a"]
+
+
+def test_a_write_timeout_under_a_microsecond_fails_at_once(speer: SocketPeer) -> None:
+    # A send timeout of zero (SO_SNDTIMEO) means no timeout at all: the client must not
+    # round a tiny write_timeout down to it.
+    client = FileTimerClient(speer.path, write_timeout=1e-7, labels={})
+    speer.pause()
+    speer.fill()
+    start = time.monotonic()
+    with pytest.raises(ServerStalled):
+        client.arm("a", 60)
+    assert time.monotonic() - start < 0.5
 
 
 # -- fork ---------------------------------------------------------------------------------

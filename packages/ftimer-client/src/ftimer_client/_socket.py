@@ -9,10 +9,10 @@ naming that process even if the pid is reused later.
 
 How the server's end shows here: no file at the path, ENOENT; a file nobody is bound to
 (the server died or is restarting), ECONNREFUSED; a full receive queue (a stopped or
-stalled server), EAGAIN, and a blocking send waits for room. A server that restarted bound a
-new socket: the old connection's next send is refused (ECONNREFUSED, then ENOTCONN), and
-a server that replaced its socket while the old one lives on (stopped) shows as a full
-queue and another inode at the path, checked only then.
+stalled server), EAGAIN, and a blocking send waits for room. A server that restarted
+bound a new socket: the old connection's next send is refused (ECONNREFUSED, then
+ENOTCONN), and a server that replaced its socket while the old one lives on (stopped)
+shows as a full queue and another inode at the path, checked only then.
 """
 
 from __future__ import annotations
@@ -112,11 +112,12 @@ class SocketWriter:
         Raises:
             ConnectionLost, ServerUnavailable: as ``write``.
         """
-        seconds, fraction = divmod(timeout, 1.0)
-        timeval = _TIMEVAL.pack(int(seconds), int(fraction * 1e6))
-        if timeval == _TIMEVAL.pack(0, 0):  # SO_SNDTIMEO's zero waits forever
+        if timeout < 1e-6:  # SO_SNDTIMEO's zero would wait forever
             return False
+        # At most a year: the seconds must fit a timeval, and that is forever here.
+        seconds, fraction = divmod(min(timeout, 365 * 86400.0), 1.0)
         sock = self._sock
+        timeval = _TIMEVAL.pack(int(seconds), int(fraction * 1e6))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         sock.setblocking(True)  # the channel's lock is held: no other thread sends here
         try:

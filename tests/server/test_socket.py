@@ -21,6 +21,7 @@ from tests.conftest import wait_until
 
 from ftimer_protocol import Arm, Disarm, Expire, encode
 from ftimer_server import Armed, Event, FileTimerServer, Reaped, Rejected
+from ftimer_server.server._socket import open_socket
 
 from .conftest import wait_exit
 
@@ -210,6 +211,25 @@ def test_bad_datagrams_are_counted_and_no_descriptor_leaks(served) -> None:  # t
     del events
 
 
+def test_a_run_of_datagrams_with_one_error_is_one_error(fifo_path: pathlib.Path) -> None:
+    # As a run of such lines on the FIFO: a flood costs one error value, one event.
+    receiver = open_socket(str(fifo_path.with_suffix(".socket")))
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(receiver.path)
+            for line in [b"y\n"] * 5 + [arm(os.getpid()), b"junk\n", b"y\n", b"{}\n"]:
+                sock.send(line)
+            received = receiver.receive()
+    finally:
+        receiver.close()
+    assert [(type(r).__name__, getattr(r, "lines", None)) for r in received] == [
+        ("MalformedMessage", 5),
+        ("Arm", None),
+        ("MalformedMessage", 2),  # "junk" and "y": neither is a JSON object
+        ("MalformedMessage", 1),  # no "version": another error
+    ]
+
+
 def test_an_empty_datagram_is_counted_and_the_loop_does_not_spin(served) -> None:  # type: ignore[no-untyped-def]
     # The loop reads the socket when the selector saw it readable or a datagram is
     # queued (FIONREAD), which reads 0 for an empty one: it must still be taken, once.
@@ -223,7 +243,7 @@ def test_an_empty_datagram_is_counted_and_the_loop_does_not_spin(served) -> None
         time.sleep(0.3)  # a window to measure the idle loop's CPU in, not a wait
         assert time.process_time() - cpu < 0.1
         sock.send(b"")
-        sock.send(b"not a message\n")
+        sock.send(b'{"version":2,"op":"bogus","pid":1}\n')  # another error: never one run
         server.sync()
     stats = server.stats()
     assert stats.decode_errors == {"MalformedMessage": 3}

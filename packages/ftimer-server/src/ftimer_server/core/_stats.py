@@ -39,7 +39,8 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
         armed: timers armed now.
         workers: processes bound now.
         received: what was received, by transport ("fifo", "socket"): messages, refused
-            datagrams and bad lines (a run of identical bad lines counting once).
+            datagrams and bad lines (a run of bad lines, or datagrams, with one error
+            counting once).
     """
 
     requests: Dict[str, Dict[str, int]]

@@ -36,6 +36,7 @@ from ftimer_protocol import (
     DisarmAll,
     MalformedMessage,
     Message,
+    RemoteProtocolError,
     Sync,
     decode_value,
 )
@@ -131,10 +132,21 @@ class DatagramSocket:
             if not received:
                 return []
             exited = _exited([d[3] for d in received if d[3] >= 0])
-            return [
-                _judge(data, flags, creds, sender_fd in exited, rights)
-                for data, flags, creds, sender_fd, rights in received
-            ]
+            out: List[Incoming] = []
+            run: Optional[RemoteProtocolError] = None  # the last result, if an error
+            for data, flags, creds, sender_fd, rights in received:
+                result = _judge(data, flags, creds, sender_fd in exited, rights)
+                if isinstance(result, RemoteProtocolError):
+                    # A run of datagrams with the same error is one error, as a run of
+                    # such lines on the FIFO: one event (and log line) for a flood.
+                    if type(result) is type(run) and result.reason == run.reason:
+                        run.lines += 1
+                        continue
+                    run = result
+                else:
+                    run = None
+                out.append(result)
+            return out
         finally:
             for fd in descriptors:
                 try:  # noqa: SIM105 - contextlib.suppress costs a call per descriptor

@@ -17,10 +17,11 @@ from ftimer_protocol import (
     RemoteProtocolError,
     StreamDecoder,
     TimerRequestV1,
+    decode_value,
     encode,
 )
 from ftimer_server import Timer
-from ftimer_server.core._reader import LineReader
+from ftimer_server.core._reader import LineReader, decode_one
 
 
 def as_messages(results: list[DecodeResult]) -> list[DecodeResult]:
@@ -105,6 +106,17 @@ def test_same_results_as_the_stream_decoder(parts: list[bytes], cuts: list[int])
         pos += cut
     got += reader.feed(stream[pos:])
     assert per_line(got) == per_line(expected)
+
+
+@settings(max_examples=300)
+@given(st.one_of(v2_lines, v1_lines, junk))
+def test_one_line_decodes_as_decode_value_does_with_arms_as_timers(line: bytes) -> None:
+    # How the socket decodes a datagram: its arms, as Timers, take the table's batch path.
+    body = line[:-1] if line.endswith(b"\n") else line
+    got = decode_one(body)
+    expected = decode_value(body)
+    assert per_line([got]) == per_line([expected])
+    assert (type(got) is Timer) == isinstance(expected, Arm)
 
 
 def test_a_run_of_one_version_is_decoded_in_one_call() -> None:

@@ -38,9 +38,9 @@ from ftimer_protocol import (
     Message,
     RemoteProtocolError,
     Sync,
-    decode_value,
 )
 from ftimer_server.core._events import Incoming, Refused, RejectReason
+from ftimer_server.core._reader import decode_one
 from ftimer_server.core._records import request_of
 from ftimer_server.incidents._procfs import pidfd_pid
 
@@ -205,7 +205,7 @@ def _judge(
         return MalformedMessage("datagram longer than PIPE_BUF", data[:64])
     if creds is None:
         return MalformedMessage("datagram without credentials", data[:64])
-    message = decode_value(data[:-1] if data.endswith(b"\n") else data)
+    message = decode_one(data[:-1] if data.endswith(b"\n") else data)
     if isinstance(message, Exception):
         return message
     pid, uid, _ = creds

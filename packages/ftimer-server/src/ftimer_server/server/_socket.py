@@ -110,7 +110,8 @@ class DatagramSocket:
         """Read what is queued now (everything sent before the call: the queue holds at
         most ``queue`` + 1 datagrams), and what arrives meanwhile, up to ``batch``
         datagrams; return each datagram's message, with its subject's pid in place of
-        the one it names, or its refusal. Never raises.
+        the one it names, or its refusal (a run of datagrams with one error: one error,
+        counting them). Never raises.
 
         The datagrams are read first, then their senders' pidfds polled for exit at
         once (one system call, not one per datagram), then each judged; every

@@ -306,6 +306,7 @@ class Server:
             text=True,
         )
         self.applied = 0  # requests the server counted so far
+        self.junk = 0  # bad lines (and datagrams) it counted so far
         self.paused = False
         assert self._read() == "ready"
 
@@ -331,6 +332,21 @@ class Server:
         self._ok = int(ok)
         self.applied = int(count)
         return float(when), ok_new
+
+    def wait_read(self, kind: str, n: int) -> float:
+        """Wait until the ``n`` lines (or datagrams) of ``kind`` just sent were read:
+        "valid" ones all applied, junk ones (a kind of ``JUNK``) all counted as bad;
+        return when (monotonic)."""
+        if kind == "valid":
+            end, ok = self.wait_applied(n)
+            if ok < n:
+                raise RuntimeError(f"{self.kind}: {n - ok} of {n} valid messages not applied")
+            return end
+        self.junk += n
+        end, count = map(float, self.ask(f"junk {self.junk}").split())
+        if count != self.junk:
+            raise RuntimeError(f"{self.kind}: {count:.0f} bad lines counted, not {self.junk}")
+        return end
 
     def pause(self, paused: bool) -> None:
         if paused != self.paused:
@@ -699,38 +715,45 @@ def _junk_rows(server: Server, holder: int, n: int, reps: int) -> List[Row]:
     rates: Dict[str, List[float]] = {"valid": [], **{k: [] for k in JUNK}}
     data = {k: _blocks(b"".join(line(i) for i in range(n))) for k, (_, line) in JUNK.items()}
     data["valid"] = _blocks(valid)
-    seen = int(server.ask("junk 0").split()[1])
     for _ in range(reps):
         for kind, blocks in data.items():
             start = _timed_write(server, blocks)
-            if kind == "valid":
-                end, _ = server.wait_applied(n // 2 * 2)
-            else:
-                seen += n
-                end, count = map(float, server.ask(f"junk {seen}").split())
-                if count < seen:
-                    raise RuntimeError(f"ftimer counted {count - seen + n:.0f} of {n} bad lines")
-            rates[kind].append(n / (end - start))
-    valid_rate = statistics.median(rates["valid"])
-    return [
-        {
-            "group": "server junk",
-            "metric": f"{label}, from one writer",
-            "unit": "lines/s",
-            "ftimer": statistics.median(rates[kind]),
-            "torch": None,
-            "valid": valid_rate,
-            "better": "higher",
-            "note": (
-                f"median of {reps} runs of {n:,} lines in {JUNK_BLOCK // 1024} KiB writes; "
-                f"valid lines from the same writer in the same run: {valid_rate:,.0f}/s "
-                f"(junk costs {valid_rate / statistics.median(rates[kind]):.2f}x a valid "
-                "line); every bad line counted; torch has no counter of bad lines (one bad "
-                "line drops what it read with it)"
-            ),
-        }
-        for kind, (label, _) in JUNK.items()
-    ]
+            rates[kind].append(n / (server.wait_read(kind, n // 2 * 2) - start))
+    return _junk_table(
+        rates,
+        "{label}, from one writer",
+        "lines/s",
+        f"median of {reps} runs of {n:,} lines in {JUNK_BLOCK // 1024} KiB writes; valid "
+        "lines from the same writer in the same run: {valid:,.0f}/s (junk costs {cost:.2f}x "
+        "a valid line); every bad line counted; torch has no counter of bad lines (one bad "
+        "line drops what it read with it)",
+    )
+
+
+def _junk_table(
+    rates: Dict[str, List[float]], metric: str, unit: str, note: str, **extra: str
+) -> List[Row]:
+    """A row per kind of ``JUNK`` from ``rates`` (and those of "valid"); ``metric`` and
+    ``note`` are formatted with the kind's ``label``, the ``valid`` rate and the ``cost``
+    of a bad one in valid ones."""
+    valid = statistics.median(rates["valid"])
+    rows: List[Row] = []
+    for kind, (label, _) in JUNK.items():
+        rate = statistics.median(rates[kind])
+        rows.append(
+            {
+                "group": "server junk",
+                "metric": metric.format(label=label),
+                "unit": unit,
+                "ftimer": rate,
+                "torch": None,
+                "valid": valid,
+                "better": "higher",
+                **extra,
+                "note": note.format(valid=valid, cost=valid / rate),
+            }
+        )
+    return rows
 
 
 def _socket_junk_rows(server: Server, n: int, reps: int) -> List[Row]:
@@ -753,7 +776,6 @@ def _socket_junk_rows(server: Server, n: int, reps: int) -> List[Row]:
         for w in writers.values():
             assert w.stdout is not None
             assert w.stdout.readline().strip() == "ready"
-        seen = int(server.ask("junk 0").split()[1])
         for _ in range(reps):
             for kind, w in writers.items():
                 assert w.stdin is not None
@@ -761,17 +783,7 @@ def _socket_junk_rows(server: Server, n: int, reps: int) -> List[Row]:
                 start = time.monotonic()
                 w.stdin.write("go\n")
                 w.stdin.flush()
-                if kind == "valid":
-                    end, ok = server.wait_applied(n)
-                    if ok < n:
-                        raise RuntimeError(f"{n - ok} of {n} valid datagrams not applied")
-                else:
-                    seen += n
-                    end, count = map(float, server.ask(f"junk {seen}").split())
-                    if count < seen:
-                        raise RuntimeError(
-                            f"ftimer counted {count - seen + n:.0f} of {n} bad datagrams"
-                        )
+                end = server.wait_read(kind, n)
                 assert w.stdout.readline().split()[0] == "done"
                 rates[kind].append(n / (end - start))
     finally:
@@ -781,28 +793,16 @@ def _socket_junk_rows(server: Server, n: int, reps: int) -> List[Row]:
             w.stdin.close()
             w.wait(30)
             w.stdout.close()
-    valid_rate = statistics.median(rates["valid"])
-    return [
-        {
-            "group": "server junk",
-            "metric": f"over the socket, {label}, from one writer",
-            "unit": "datagrams/s",
-            "ftimer": statistics.median(rates[kind]),
-            "torch": None,
-            "valid": valid_rate,
-            "better": "higher",
-            "transport": "socket",
-            "note": (
-                f"median of {reps} runs of {n:,} datagrams, one line each, sent by the client's "
-                "writer (waiting for room as the client does); "
-                f"valid datagrams (arm/disarm pairs) from a writer of the same kind in the "
-                f"same run: {valid_rate:,.0f}/s (junk costs "
-                f"{valid_rate / statistics.median(rates[kind]):.2f}x a valid datagram); "
-                "every bad datagram counted"
-            ),
-        }
-        for kind, (label, _) in JUNK.items()
-    ]
+    return _junk_table(
+        rates,
+        "over the socket, {label}, from one writer",
+        "datagrams/s",
+        f"median of {reps} runs of {n:,} datagrams, one line each, sent by the client's "
+        "writer (waiting for room as the client does); valid datagrams (arm/disarm pairs) "
+        "from a writer of the same kind in the same run: {valid:,.0f}/s (junk costs "
+        "{cost:.2f}x a valid datagram); every bad datagram counted",
+        transport="socket",
+    )
 
 
 FLOOD = b"y\n" * (512 * 1024)  # 1 MiB
@@ -818,7 +818,6 @@ def _flood_reap(server: Server, samples: int) -> Row:
         worker = subprocess.Popen(["sleep", "60"])
         pidfd = os.pidfd_open(worker.pid)
         try:
-            seen = int(server.ask("junk 0").split()[1])
             deadline = time.monotonic() + 0.1
             server.send([_arm_line("ftimer", worker.pid, "step", 0.1, _start_time(worker.pid))])
             server.wait_applied(0)
@@ -829,7 +828,7 @@ def _flood_reap(server: Server, samples: int) -> Row:
             if not poller.poll(30_000):
                 raise RuntimeError("ftimer did not reap its worker during the flood")
             died = time.monotonic()
-            end, _ = map(float, server.ask(f"junk {seen + len(FLOOD) // 2}").split())
+            end = server.wait_read("yes", len(FLOOD) // 2)
         finally:
             os.close(pidfd)
             if worker.poll() is None:

@@ -23,10 +23,13 @@ ME = os.getpid()
 
 TORCH_SERVER = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     from torch.distributed.elastic.timer import FileTimerServer
     server = FileTimerServer(sys.argv[1], "run", max_interval=0.1, daemon=True)
     server.start()
+    # start() returns before the server's thread has opened the FIFO; a blocking open
+    # waits for it (the client's non-blocking open would fail with ENXIO until then).
+    os.close(os.open(sys.argv[1], os.O_WRONLY))
     print("ready", flush=True)
     time.sleep(120)
     """

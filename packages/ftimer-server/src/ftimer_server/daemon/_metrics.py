@@ -120,22 +120,16 @@ class _StatsCollector:
                 "Unix time the server's loop last made progress (now while it is healthy).",
                 value=self._last_progress(),
             )
-        if self._incident_writes is not None:
-            writes = core.CounterMetricFamily(
-                "ftimer_incident_writes", "Incidents written, by result.", labels=["result"]
-            )
-            ok, errors = self._incident_writes()
-            writes.add_metric(["ok"], ok)
-            writes.add_metric(["error"], errors)
-            yield writes
-        if self._state_saves is not None:
-            saves = core.CounterMetricFamily(
-                "ftimer_state_saves", "State file writes, by result.", labels=["result"]
-            )
-            ok, errors = self._state_saves()
-            saves.add_metric(["ok"], ok)
-            saves.add_metric(["error"], errors)
-            yield saves
+        for name, doc, outcomes in (
+            ("ftimer_incident_writes", "Incidents written, by result.", self._incident_writes),
+            ("ftimer_state_saves", "State file writes, by result.", self._state_saves),
+        ):
+            if outcomes is not None:
+                family = core.CounterMetricFamily(name, doc, labels=["result"])
+                ok, errors = outcomes()
+                family.add_metric(["ok"], ok)
+                family.add_metric(["error"], errors)
+                yield family
 
 
 class Metrics:

@@ -273,6 +273,42 @@ def write(kind: str, path: str, n: int, how: str) -> None:
         print("done 0", flush=True)
 
 
+class WriterProcess:
+    """A writer process (``write``) driven over its stdin and stdout: ``go()`` starts a
+    round, ``done()`` waits for its end; it exits when ``close()`` closes its input."""
+
+    def __init__(self, kind: str, path: str, n: int, how: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE), "write", kind, path, str(n), how],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self._in, self._out = self.proc.stdin, self.proc.stdout
+
+    def ready(self) -> None:
+        """Wait until it is ready for its first round (started apart, so that writers
+        import in parallel)."""
+        assert self._out.readline().strip() == "ready"
+
+    def go(self) -> None:
+        self._in.write("go\n")
+        self._in.flush()
+
+    def done(self) -> int:
+        """Wait for the round's end; return its writes that were retried."""
+        word, count = self._out.readline().split()
+        assert word == "done"
+        return int(count)
+
+    def close(self) -> None:
+        self._in.close()
+        self.proc.wait(30)
+        self._out.close()
+
+
 def _batches(lines: List[bytes]) -> List[bytes]:
     """Whole lines joined into writes of at most PIPE_BUF bytes (so each is atomic)."""
     out: List[bytes] = []
@@ -537,22 +573,17 @@ def _ingest(
     rates: Dict[str, List[float]] = {s.name: [] for s in series}
     failures = {s.name: 0 for s in series}
     duplicates = {s.name: 0 for s in series}
-    procs: Dict[str, List[subprocess.Popen[str]]] = {}
-    for s in series:
-        per = s.total // writers // 2 * 2
-        procs[s.name] = [
-            subprocess.Popen(
-                [sys.executable, str(HERE), "write", s.kind, s.path, str(per), s.how],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
+    procs = {
+        s.name: [
+            WriterProcess(s.kind, s.path, s.total // writers // 2 * 2, s.how)
             for _ in range(writers)
         ]
-        for p in procs[s.name]:
-            assert p.stdout is not None
-            assert p.stdout.readline().strip() == "ready"
+        for s in series
+    }
     try:
+        for ps in procs.values():
+            for p in ps:
+                p.ready()
         for _ in range(reps):
             for s in series:  # interleaved
                 for other in (*servers.values(), floor):
@@ -560,9 +591,7 @@ def _ingest(
                 n = writers * (s.total // writers // 2 * 2)
                 start = time.monotonic()
                 for p in procs[s.name]:
-                    assert p.stdin is not None
-                    p.stdin.write("go\n")
-                    p.stdin.flush()
+                    p.go()
                 # The writers stay alive until the server read everything: a datagram
                 # whose sender exited before it was read is refused.
                 end, ok = s.server.wait_applied(n)
@@ -572,19 +601,12 @@ def _ingest(
                 # retry sends it twice.
                 duplicates[s.name] += ok - n
                 for p in procs[s.name]:
-                    assert p.stdout is not None
-                    word, count = p.stdout.readline().split()
-                    assert word == "done"
-                    failures[s.name] = max(failures[s.name], int(count))
+                    failures[s.name] = max(failures[s.name], p.done())
                 rates[s.name].append(n / (end - start))
     finally:
         for ps in procs.values():
             for p in ps:
-                assert p.stdin is not None
-                p.stdin.close()
-                p.wait(30)
-                assert p.stdout is not None
-                p.stdout.close()
+                p.close()
     processes = f"{writers} writer process{'es' if writers > 1 else ''}"
     torch_rate = statistics.median(rates["torch"])
     rows = []
@@ -763,36 +785,22 @@ def _socket_junk_rows(server: Server, n: int, reps: int) -> List[Row]:
     assert server.socket_path is not None
     hows = {"valid": "datagrams", **{kind: f"datagrams+{kind}" for kind in JUNK}}
     writers = {
-        kind: subprocess.Popen(
-            [sys.executable, str(HERE), "write", "ftimer", server.socket_path, str(n), how],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for kind, how in hows.items()
+        kind: WriterProcess("ftimer", server.socket_path, n, how) for kind, how in hows.items()
     }
     rates: Dict[str, List[float]] = {kind: [] for kind in hows}
     try:
         for w in writers.values():
-            assert w.stdout is not None
-            assert w.stdout.readline().strip() == "ready"
+            w.ready()
         for _ in range(reps):
             for kind, w in writers.items():
-                assert w.stdin is not None
-                assert w.stdout is not None
                 start = time.monotonic()
-                w.stdin.write("go\n")
-                w.stdin.flush()
+                w.go()
                 end = server.wait_read(kind, n)
-                assert w.stdout.readline().split()[0] == "done"
+                w.done()
                 rates[kind].append(n / (end - start))
     finally:
         for w in writers.values():
-            assert w.stdin is not None
-            assert w.stdout is not None
-            w.stdin.close()
-            w.wait(30)
-            w.stdout.close()
+            w.close()
     return _junk_table(
         rates,
         "over the socket, {label}, from one writer",

@@ -38,7 +38,7 @@ from ftimer_protocol import (
 
 from ._records import Timer
 
-__all__ = ["LineReader", "decode_one"]
+__all__ = ["LineReader", "decode_one", "extends_run"]
 
 # JSON's white space, newline aside (as the stream decoder's blank lines).
 _BLANK = b" \t\r"
@@ -60,6 +60,18 @@ def decode_one(line: bytes) -> DecodeResult:
         except (msgspec.DecodeError, msgspec.ValidationError):
             pass  # decode_value() says why
     return decode_value(line)
+
+
+def extends_run(run: Optional[RemoteProtocolError], result: object) -> bool:
+    """Whether ``result`` is the same error as ``run`` (the last result, if an error):
+    then it is counted in ``run.lines`` instead of reported again, so that a flood of
+    one bad line, or datagram, costs one error value (one event, one log line)."""
+    return (
+        run is not None
+        and isinstance(result, RemoteProtocolError)
+        and type(result) is type(run)
+        and result.reason == run.reason
+    )
 
 
 class LineReader:
@@ -155,14 +167,8 @@ class LineReader:
                 last_line = line
                 results = decode_line(line, max_line)
                 junk = None
-            first = results[0]
-            if (
-                run is not None
-                and isinstance(first, RemoteProtocolError)
-                and type(first) is type(run)
-                and first.reason == run.reason
-            ):
-                run.lines += 1
+            if extends_run(run, results[0]):
+                run.lines += 1  # type: ignore[union-attr]
                 del results[0]
                 if not results:
                     continue

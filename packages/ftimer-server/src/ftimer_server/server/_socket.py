@@ -40,7 +40,7 @@ from ftimer_protocol import (
     Sync,
 )
 from ftimer_server.core._events import Incoming, Refused, RejectReason
-from ftimer_server.core._reader import decode_one
+from ftimer_server.core._reader import decode_one, extends_run
 from ftimer_server.core._records import request_of
 from ftimer_server.incidents._procfs import pidfd_pid
 
@@ -137,16 +137,11 @@ class DatagramSocket:
             run: Optional[RemoteProtocolError] = None  # the last result, if an error
             for data, flags, creds, sender_fd, rights in received:
                 result = _judge(data, flags, creds, sender_fd in exited, rights)
-                if isinstance(result, RemoteProtocolError):
-                    # A run of datagrams with the same error is one error, as a run of
-                    # such lines on the FIFO: one event (and log line) for a flood.
-                    if type(result) is type(run) and result.reason == run.reason:
-                        run.lines += 1
-                        continue
-                    run = result
-                else:
-                    run = None
+                if extends_run(run, result):  # as a run of such lines on the FIFO
+                    run.lines += 1  # type: ignore[union-attr]
+                    continue
                 out.append(result)
+                run = result if isinstance(result, RemoteProtocolError) else None
             return out
         finally:
             for fd in descriptors:

@@ -106,7 +106,23 @@ def test_the_subject_is_the_sender_not_the_pid_it_names(served, senders, childre
     assert bystander.poll() is None
     [reaped] = events.of(Reaped)
     assert reaped.pid == sender.pid  # type: ignore[attr-defined]
-    assert server.stats().received["socket"] == 1
+    stats = server.stats()
+    assert stats.received["socket"] == 1
+    assert stats.pid_overridden == 1  # the pid it named was counted as overridden
+
+
+def test_a_message_naming_its_own_sender_is_not_counted_as_overridden(served) -> None:  # type: ignore[no-untyped-def]
+    server, events, path = served
+    worker = f"""
+from ftimer_client import FileTimerClient
+with FileTimerClient({path!r}, transport="socket") as client:
+    client.arm("own", 60)
+    client.release("own")
+"""
+    subprocess.run([sys.executable, "-c", worker], check=True)
+    wait_until(lambda: server.stats().received.get("socket") == 2)
+    assert len(events.of(Armed)) == 1
+    assert server.stats().pid_overridden == 0
 
 
 def test_a_pidfd_names_the_senders_parent_never_a_stranger(served, senders) -> None:  # type: ignore[no-untyped-def]
@@ -156,6 +172,7 @@ def test_a_sender_in_a_private_pid_namespace_is_known_by_its_host_pid(
     [reaped] = events.of(Reaped)
     host_pid = reaped.pid  # type: ignore[attr-defined]
     assert host_pid not in (1, sender.pid)  # its host pid: unshare's child
+    assert server.stats().pid_overridden == 1
     with open(f"/proc/{sender.pid}/status") as f:  # unshare itself lives on, unsignalled
         assert "State:" in f.read()
     assert sender.wait(10) != 0  # its child was killed, so unshare ends

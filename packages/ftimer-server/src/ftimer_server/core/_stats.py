@@ -41,6 +41,8 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
         received: what was received, by transport ("fifo", "socket"): messages, refused
             datagrams and bad lines (a run of bad lines, or datagrams, with one error
             counting once).
+        pid_overridden: messages over the socket whose ``pid`` member named another
+            pid than their subject's (which the kernel gave): applied to the subject.
     """
 
     requests: Dict[str, Dict[str, int]]
@@ -54,6 +56,7 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
     armed: int
     workers: int
     received: Dict[str, int] = {}
+    pid_overridden: int = 0
 
 
 class Counters:
@@ -78,6 +81,8 @@ class Counters:
         self.workers_gone = 0
         #: Messages (and bad lines or datagrams) received, by transport.
         self.received: Counter[str] = Counter()
+        #: Messages over the socket applied to another pid than the one they named.
+        self.pid_overridden = 0
 
     def count(self, event: Event) -> None:
         """Account for ``event`` (armed and disarmed timers are counted as requests)."""
@@ -121,4 +126,5 @@ class Counters:
             armed=armed,
             workers=workers,
             received=dict(self.received),
+            pid_overridden=self.pid_overridden,
         )

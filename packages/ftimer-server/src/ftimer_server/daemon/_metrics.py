@@ -107,6 +107,12 @@ class _StatsCollector:
             ("ftimer_expired_timers", "Timers that expired.", s.expired),
             ("ftimer_escalations", "Workers that outlived the grace period.", s.escalations),
             ("ftimer_workers_gone", "Bound workers seen to exit.", s.workers_gone),
+            (
+                "ftimer_socket_pid_overridden",
+                "Messages over the socket applied to the sender (or its pidfd's process), "
+                "not to the other pid they named.",
+                s.pid_overridden,
+            ),
         ):
             yield core.CounterMetricFamily(name, doc, value=value)
         yield core.GaugeMetricFamily(

@@ -242,13 +242,15 @@ class Loop:
                 watchdog.counters.received["fifo"] += len(results)
                 tokens += watchdog.apply(results, time.monotonic(), time.time())
             pending -= len(chunk)
-        if self._socket is not None and (socket_ready or self._socket.pending()):
+        sock = self._socket
+        if sock is not None and (socket_ready or sock.pending()):
             # Everything queued now (a sender whose datagram would overflow the queue
             # waits): sent before the horizon, so read before judging it.
-            received = self._socket.receive()
+            received = sock.receive()
             if received:
                 with self._lock:
                     watchdog.counters.received["socket"] += len(received)
+                    watchdog.counters.pid_overridden = sock.overridden
                     tokens += watchdog.apply(received, time.monotonic(), time.time())
         return tokens, horizon
 

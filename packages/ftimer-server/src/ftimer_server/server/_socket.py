@@ -87,6 +87,9 @@ class DatagramSocket:
             sender whose datagram would exceed it waits for room.
         batch: the most datagrams one ``receive()`` reads: all the queue holds, or
             ``READ_BATCH`` if that is more.
+        overridden: messages received whose ``pid`` member was not their subject's
+            pid here, and which went to their subject all the same: a worker in a PID
+            namespace of its own, or a sender naming another process.
     """
 
     def __init__(self, path: str, sock: socket.socket, pidfds: bool, queue: int) -> None:
@@ -96,6 +99,7 @@ class DatagramSocket:
         self.pidfds = pidfds
         self.queue = queue
         self.batch = max(queue + 1, READ_BATCH)
+        self.overridden = 0
         st = os.lstat(path)
         self._identity = (st.st_dev, st.st_ino)
 
@@ -136,7 +140,7 @@ class DatagramSocket:
             out: List[Incoming] = []
             run: Optional[RemoteProtocolError] = None  # the last result, if an error
             for data, flags, creds, sender_fd, rights in received:
-                result = _judge(data, flags, creds, sender_fd in exited, rights)
+                result = self._judge(data, flags, creds, sender_fd in exited, rights)
                 if extends_run(run, result):  # as a run of such lines on the FIFO
                     run.lines += 1  # type: ignore[union-attr]
                     continue
@@ -149,6 +153,45 @@ class DatagramSocket:
                     os.close(fd)
                 except OSError:
                     pass
+
+    def _judge(
+        self,
+        data: bytes,
+        flags: int,
+        creds: Optional[Tuple[int, int, int]],
+        sender_exited: bool,
+        rights: List[int],
+    ) -> Incoming:
+        """One datagram: its message for its subject, or why not. ``sender_exited``: the
+        kernel gave a pidfd of the sender, and it polled as exited."""
+        if flags & _MSG_TRUNC:
+            return MalformedMessage("datagram longer than PIPE_BUF", data[:64])
+        if creds is None:
+            return MalformedMessage("datagram without credentials", data[:64])
+        message = decode_one(data[:-1] if data.endswith(b"\n") else data)
+        if isinstance(message, Exception):
+            return message
+        pid, uid, _ = creds
+        if pid == 0:
+            why = (
+                "the sender is in a PID namespace the server cannot see: run the server in "
+                "the workers' PID namespace or an ancestor of it"
+            )
+            return Refused(RejectReason.SENDER_NOT_VISIBLE, request_of(message), 0, why)
+        # Alive now, the sender still owns the pid the kernel gave (a pid is not reused while
+        # its process lives); reading the pidfd's pid costs ten times this poll.
+        if sender_exited:
+            why = "it exited before its message was read"
+            return Refused(RejectReason.SENDER_GONE, request_of(message), pid, why)
+        subject = pid
+        if rights:
+            reason, subject, why = _subject(message, pid, uid, rights, flags)
+            if reason is not None:
+                return Refused(reason, request_of(message), pid, why)
+        if isinstance(message, Sync) or message.pid == subject:  # a marker names nobody
+            return message
+        self.overridden += 1
+        return msgspec.structs.replace(message, pid=subject)
 
     def close(self) -> None:
         """Close the socket and remove its path, if it is still this socket's."""
@@ -186,44 +229,6 @@ def _parse(
             descriptors += fds
             rights += fds
     return data, flags, creds, sender_fd, rights
-
-
-def _judge(
-    data: bytes,
-    flags: int,
-    creds: Optional[Tuple[int, int, int]],
-    sender_exited: bool,
-    rights: List[int],
-) -> Incoming:
-    """One datagram: its message for its subject, or why not. ``sender_exited``: the
-    kernel gave a pidfd of the sender, and it polled as exited."""
-    if flags & _MSG_TRUNC:
-        return MalformedMessage("datagram longer than PIPE_BUF", data[:64])
-    if creds is None:
-        return MalformedMessage("datagram without credentials", data[:64])
-    message = decode_one(data[:-1] if data.endswith(b"\n") else data)
-    if isinstance(message, Exception):
-        return message
-    pid, uid, _ = creds
-    if pid == 0:
-        why = (
-            "the sender is in a PID namespace the server cannot see: run the server in "
-            "the workers' PID namespace or an ancestor of it"
-        )
-        return Refused(RejectReason.SENDER_NOT_VISIBLE, request_of(message), 0, why)
-    # Alive now, the sender still owns the pid the kernel gave (a pid is not reused while
-    # its process lives); reading the pidfd's pid costs ten times this poll.
-    if sender_exited:
-        why = "it exited before its message was read"
-        return Refused(RejectReason.SENDER_GONE, request_of(message), pid, why)
-    subject = pid
-    if rights:
-        reason, subject, why = _subject(message, pid, uid, rights, flags)
-        if reason is not None:
-            return Refused(reason, request_of(message), pid, why)
-    if isinstance(message, Sync) or message.pid == subject:  # a marker names nobody
-        return message
-    return msgspec.structs.replace(message, pid=subject)
 
 
 def _subject(

@@ -1,4 +1,5 @@
-"""Fork safety: a child speaks with its own pid and never resends its parent's scopes."""
+"""Fork safety: a child speaks with its own pid and never resends its parent's scopes
+(over either transport where the transport matters)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ftimer_client import FileTimerClient, expires
 from ftimer_client._proc import process_start_time
 from ftimer_protocol import Arm, Disarm
 
-from .conftest import FifoPeer, server_state
+from .conftest import FifoPeer, Peer, SocketPeer, server_state
 
 ME = os.getpid()
 
@@ -57,10 +58,10 @@ def from_pid(messages: list, pid: int) -> list:
     return [m for m in messages if getattr(m, "pid", None) == pid]
 
 
-def test_child_speaks_with_its_own_pid_and_not_its_parents_scopes(peer: FifoPeer) -> None:
-    client = FileTimerClient(peer.path, labels={})
+def test_child_speaks_with_its_own_pid_and_not_its_parents_scopes(server: Peer) -> None:
+    client = FileTimerClient(server.path, labels={})
     client.arm("parent", 60)
-    peer.wait_count(1)
+    server.wait_count(1)
 
     def child() -> None:
         assert client.armed == frozenset()
@@ -70,7 +71,7 @@ def test_child_speaks_with_its_own_pid_and_not_its_parents_scopes(peer: FifoPeer
         client.release("child")
 
     pid = in_child(child)
-    messages = peer.wait_count(5)
+    messages = server.wait_count(5)
     mine = from_pid(messages, pid)
     assert [(type(m), m.scope_id) for m in mine] == [
         (Arm, "child"),
@@ -81,10 +82,14 @@ def test_child_speaks_with_its_own_pid_and_not_its_parents_scopes(peer: FifoPeer
     starts = {m.start_time for m in mine}
     assert len(starts) == 1
     assert starts != {process_start_time()}
-    # The parent is unaffected.
+    if isinstance(server, SocketPeer):
+        assert {d.pid for d in server.datagrams} == {ME, pid}  # the kernel agrees
+    # The parent is unaffected: its connection survived the child's exit (which closed
+    # its copy only), with nothing to resend.
     client.arm("parent-2", 60)
-    state = server_state(peer.wait_count(6))
+    state = server_state(server.wait_count(6))
     assert set(state) == {(ME, "parent"), (ME, "parent-2")}
+    assert not client._channel.needs_resync
 
 
 def test_child_of_a_parent_mid_outage_does_not_resync_the_parents_state(

@@ -1,6 +1,6 @@
-"""Over the socket: server absent or stalled, the wait for room, fork. What holds alike on
-both transports (a stall under warn or ignore, restart, removal, a path made again) is in
-test_failures.py, run over each."""
+"""Over the socket: server absent or stalled, the wait for room. What holds alike on
+both transports (a stall under warn or ignore, restart, removal, a path made again, fork) is in
+test_failures.py and test_fork.py, run over each."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from ftimer_client import (
 from ftimer_protocol import Arm, DisarmAll
 
 from .conftest import SocketPeer, server_state
-from .test_fork import from_pid, in_child
 
 ME = os.getpid()
 
@@ -131,30 +130,3 @@ def test_a_write_timeout_under_a_microsecond_fails_at_once(speer: SocketPeer) ->
     with pytest.raises(ServerStalled):
         client.arm("a", 60)
     assert time.monotonic() - start < 0.5
-
-
-# -- fork ---------------------------------------------------------------------------------
-
-
-def test_a_forked_child_speaks_as_itself_and_not_its_parents_scopes(speer: SocketPeer) -> None:
-    client = FileTimerClient(speer.path, labels={})
-    client.arm("parent", 60)
-    speer.wait_count(1)
-
-    def child() -> None:
-        assert client.armed == frozenset()
-        with expires(after=60, scope="block", client=client):
-            pass
-
-    pid = in_child(child)
-    messages = speer.wait_count(3)
-    assert [(type(m).__name__, m.scope_id) for m in from_pid(messages, pid)] == [  # type: ignore[union-attr]
-        ("Arm", "block"),
-        ("Disarm", "block"),
-    ]
-    assert {d.pid for d in speer.datagrams} == {ME, pid}  # the kernel agrees
-    client.arm("parent-2", 60)
-    assert set(server_state(speer.wait_count(4))) == {(ME, "parent"), (ME, "parent-2")}
-    # The parent's connection survived the child's exit (it closed its copy only).
-    assert client._channel.transport == "socket"
-    assert not client._channel.needs_resync

@@ -369,6 +369,10 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if reap_first:
         _, status = os.waitpid(pid, 0)
     try:
+        client.release(scope)
+        # Over the socket the server can name CMD by its pidfd only until CMD is
+        # reaped: without this wait it read the disarm too late and refused it.
+        client._wait_read()
         client.close()
     except ServerUnavailable as e:
         print(f"ftimer: could not disarm: {e}", file=sys.stderr)

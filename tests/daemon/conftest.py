@@ -108,6 +108,8 @@ class DaemonProcess:
         env: Optional[Dict[str, str]] = None,
         command: Optional[List[str]] = None,
         name: str = "d",
+        *,
+        session: bool = False,
     ) -> None:
         self.dir = directory
         self.fifo = directory / "timer.fifo"
@@ -130,7 +132,12 @@ class DaemonProcess:
             *args,
         ]
         self.proc = subprocess.Popen(
-            self.args, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            self.args,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=session,  # a process group of its own, as at a terminal
         )
 
     @property

@@ -12,7 +12,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
-from typing import Callable
+from typing import Callable, List
 
 import pytest
 from tests.conftest import ARMER, wait_until
@@ -354,6 +354,27 @@ def test_sigterm_with_writers_active(spawn: Spawn, short_dir: pathlib.Path) -> N
             w.wait()
             assert w.stdout is not None
             w.stdout.close()
+
+
+def test_ctrl_c_at_the_terminal_stops_the_daemon_and_its_helper_quietly(spawn: Spawn) -> None:
+    # A Ctrl-C signals the terminal's foreground process group: here the daemon's own
+    # group, which the test made. The capture helper, in it, died with a traceback.
+    d = spawn("--capture", "facts", session=True).ready()
+    helper = wait_until(lambda: children(d.pid), what="the capture helper")[0]
+    # Started and reading its jobs (a signal before that would kill it quietly).
+    wait_until(lambda: "pipe_read" in pathlib.Path(f"/proc/{helper}/wchan").read_text())
+    os.killpg(d.pid, signal.SIGINT)
+    assert d.proc.wait(PATIENCE) == 0
+    assert d.proc.stderr is not None
+    assert d.proc.stderr.read() == ""
+    assert not os.path.exists(f"/proc/{helper}")  # ended and reaped by the daemon
+
+
+def children(pid: int) -> List[int]:
+    found: List[int] = []
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        found += map(int, (task / "children").read_text().split())
+    return found
 
 
 def test_readiness_watchdog_and_stopping_on_a_real_socket(spawn: Spawn) -> None:

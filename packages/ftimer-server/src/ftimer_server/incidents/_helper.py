@@ -129,6 +129,10 @@ class Helper:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
+            # Not in the daemon's process group: a Ctrl-C at its terminal is the daemon's
+            # to act on (it ends the helper by closing stdin, after the captures it waits
+            # for), not a KeyboardInterrupt in the helper.
+            start_new_session=True,
         )
         self._reader = threading.Thread(
             target=self._read, args=(self._process,), name="ftimer-helper", daemon=True

@@ -44,6 +44,13 @@ def test_the_socket_is_beside_the_fifo_unless_told_otherwise() -> None:
     assert resolve_config({"socket": ""}, environ={}).socket is None  # --no-socket
 
 
+def test_a_fifo_group_may_write_unless_the_mode_says_otherwise() -> None:
+    assert resolve_config({}, environ={}).fifo_mode == 0o600
+    assert resolve_config({"fifo_group": "0"}, environ={}).fifo_mode == 0o620
+    explicit = resolve_config({"fifo_group": "0", "fifo_mode": "0640"}, environ={})
+    assert explicit.fifo_mode == 0o640  # kept, with a warning at start
+
+
 def test_fifo_from_the_environment_as_the_client_reads_it() -> None:
     config = resolve_config({}, environ={"TORCHELASTIC_TIMER_FILE": "/tmp/te/timer"})
     assert config.fifo == "/tmp/te/timer"

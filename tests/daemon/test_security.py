@@ -101,6 +101,12 @@ def test_startup_warnings_for_each_user_and_mode() -> None:
     assert mode.startswith("--fifo-mode 0622")
     allowed = DaemonConfig(fifo=fifo, fifo_mode=0o620, allow_uids=frozenset({1000}))
     assert startup_warnings(allowed, euid=0) == []
+    shut = DaemonConfig(fifo=fifo, fifo_mode=0o640, fifo_group=4242)
+    (group_left_out,) = startup_warnings(shut, euid=1000)
+    assert group_left_out == (
+        "--fifo-group 4242 is given, but --fifo-mode 0640 does not let the group write the "
+        "FIFO /run/ftimer/timer.fifo: its members cannot send timers; use 0620"
+    )
 
 
 # -- workers of another user: a real second uid and gid ---------------------------------

@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         "--fifo-mode",
         metavar="MODE",
         help="octal permissions of the FIFO, set at every start (a reused FIFO too); "
-        "default 0600: only the daemon's user writes; 0620 with --fifo-group: the group "
+        "default 0600: only the daemon's user writes; with --fifo-group, 0620: the group "
         "writes too. Never let others write (0622, 0666): anyone who can write the FIFO "
         "can have the workers it names signalled",
     )

@@ -125,7 +125,8 @@ class DaemonConfig:
 
     Attributes:
         fifo: the FIFO path (absolute).
-        fifo_mode: permission bits for a FIFO the daemon creates (0o600 by default).
+        fifo_mode: permission bits for a FIFO the daemon creates (0o600 by default,
+            0o620 with a ``fifo_group``).
         fifo_group: gid given to the FIFO, or None to keep the daemon's.
         control_socket: the status socket's path.
         socket: the datagram socket (the kernel-verified transport) beside the FIFO, or
@@ -442,11 +443,16 @@ def resolve_config(
         )
     job_label = check("job_label", parse_job_label)
     state_file = path("state_file")
+    fifo_group = check("fifo_group", parse_group)
+    if merged["fifo_mode"] is not None:
+        fifo_mode = check("fifo_mode", parse_mode)
+    else:  # a group is named so that it may write
+        fifo_mode = 0o600 if fifo_group is None else 0o620
 
     return DaemonConfig(
         fifo=fifo,
-        fifo_mode=0o600 if merged["fifo_mode"] is None else check("fifo_mode", parse_mode),
-        fifo_group=check("fifo_group", parse_group),
+        fifo_mode=fifo_mode,
+        fifo_group=fifo_group,
         control_socket=path("control_socket") or control_socket_for(fifo),
         socket=(
             socket_path_for(fifo)

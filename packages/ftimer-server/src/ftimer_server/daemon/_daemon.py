@@ -443,7 +443,7 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
     Anyone who can write the FIFO can have any process the policy allows signalled, by
     naming its pid. So: a FIFO others may write, and a root daemon (which may signal
     every user's processes) whose FIFO someone besides root may write while nothing
-    restricts the target users.
+    restricts the target users. And a group named for the FIFO that may not write it.
     """
     warnings = []
     others_write = bool(c.fifo_mode & 0o002)
@@ -454,6 +454,11 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
             f"--fifo-mode {mode} lets every local user write the FIFO {c.fifo}, and so have "
             "any process the policy allows signalled; use 0600, or 0620 with --fifo-group "
             "for the workers' group"
+        )
+    if c.fifo_group is not None and not group_write:
+        warnings.append(
+            f"--fifo-group {c.fifo_group} is given, but --fifo-mode {mode} does not let the "
+            f"group write the FIFO {c.fifo}: its members cannot send timers; use 0620"
         )
     if euid == 0 and c.allow_uids is None and (others_write or group_write):
         if others_write:

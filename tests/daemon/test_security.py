@@ -277,5 +277,9 @@ def test_a_worker_the_fifo_mode_leaves_out_gets_a_clear_error(
     let_in(short_dir, 0o711)  # anyone may enter; the FIFO (0600) lets only root write
     d = spawn().ready()
     out = refused_worker([], str(d.fifo))
-    assert "this user may not write the FIFO or enter its directory (permission denied)" in out
+    assert "this user may not write the FIFO, or enter its directory (permission denied)" in out
+    # A directory it may not enter hides what is at the path: either transport would do.
+    let_in(short_dir, 0o700)
+    out = refused_worker([], str(d.fifo.with_suffix(".socket")))
+    assert "this user may not write the FIFO or socket, or enter its directory" in out
     assert d.stop() == 0

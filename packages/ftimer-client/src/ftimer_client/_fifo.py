@@ -128,13 +128,22 @@ def _unavailable(e: OSError, path: str, what: str) -> ServerUnavailable:
     elif e.errno == errno.ENOENT:
         reason = f"no {what} (is the ftimer server running?)" + hidden_system_dir(path)
     elif e.errno == errno.EACCES:
+        if _is_fifo(path):  # else its directory hides what it is
+            what = "FIFO"
         reason = (
-            "this user may not write the FIFO or enter its directory (permission denied): "
-            "the server's --fifo-mode and --fifo-group say who may"
+            f"this user may not write the {what}, or enter its directory (permission "
+            "denied): the server's --fifo-mode and --fifo-group say who may"
         )
     else:
         reason = f"cannot open the FIFO ({e.strerror})"
     return ServerUnavailable(e.errno, reason, path)
+
+
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def hidden_system_dir(path: str) -> str:

@@ -233,7 +233,7 @@ def _unavailable(e: OSError, path: str) -> ServerUnavailable:
         )
     elif e.errno == errno.EACCES:
         reason = (
-            "this user may not write the socket or enter its directory (permission "
+            "this user may not write the socket, or enter its directory (permission "
             "denied): the server's --fifo-mode and --fifo-group say who may"
         )
     elif e.errno == errno.EPROTOTYPE:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pathlib
 import socket
@@ -9,6 +11,7 @@ import stat
 
 import pytest
 
+from ftimer_server.daemon._cli import main
 from ftimer_server.daemon._control import (
     ControlServer,
     ControlSocketBusy,
@@ -78,10 +81,37 @@ def test_peers_of_other_users_are_refused(path: str) -> None:
     server = ControlServer(path, lambda: {"secret": 1}, allowed_uids=frozenset({os.geteuid() + 1}))
     server.start()
     try:
-        with pytest.raises(PermissionError):
+        with pytest.raises(PermissionError, match="only the daemon's user and root may ask"):
             query_status(path)
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to ask as another user")
+def test_a_user_the_socket_keeps_out_is_told_who_may_ask(path: str) -> None:
+    server = ControlServer(path, dict)  # 0600: root's
+    server.start()
+    os.chmod(os.path.dirname(path), 0o755)  # nobody may enter, not connect
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child, as nobody)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                os.setuid(65534)
+                code = main(["status", "--fifo", path[: -len(".sock")]])
+            os.write(w, f"{code} {err.getvalue()}".encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            said = f.read()
+        os.waitpid(pid, 0)
+    finally:
+        server.stop()
+    assert said == (
+        "1 ftimer-server: error: permission denied: only the daemon's user and root may "
+        f"ask {path} for the status\n"
+    )
 
 
 def test_unknown_request_and_a_failing_callback_do_not_stop_the_server(path: str) -> None:

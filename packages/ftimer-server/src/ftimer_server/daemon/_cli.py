@@ -370,7 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _status(path: str, as_json: bool, out: TextIO = sys.stdout) -> int:
     try:
         doc = query_status(path)
-    except DaemonNotRunning as e:
+    except (DaemonNotRunning, PermissionError) as e:
         _error(str(e))
         return EXIT_FAILURE
     except (OSError, ValueError) as e:

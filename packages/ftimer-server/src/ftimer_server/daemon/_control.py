@@ -198,6 +198,9 @@ class ControlServer:
             log.exception("control socket: status failed")
 
 
+_REFUSED = "permission denied: only the daemon's user and root may ask {path} for the status"
+
+
 def query_status(path: str, timeout: float = 5.0) -> Dict[str, Any]:
     """Ask the daemon listening on ``path`` for its status document.
 
@@ -213,6 +216,8 @@ def query_status(path: str, timeout: float = 5.0) -> Dict[str, Any]:
             sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
             raise DaemonNotRunning(f"no ftimer-server is running on {path}") from None
+        except PermissionError:
+            raise PermissionError(_REFUSED.format(path=path)) from None
         sock.sendall(b"status\n")
         chunks = []
         while chunk := sock.recv(65536):
@@ -221,5 +226,5 @@ def query_status(path: str, timeout: float = 5.0) -> Dict[str, Any]:
     if not isinstance(reply, dict):
         raise ValueError("the daemon's reply is not a JSON object")
     if reply.get("error") == "permission denied":
-        raise PermissionError(f"the daemon on {path} refused this user")
+        raise PermissionError(_REFUSED.format(path=path))
     return reply

@@ -455,6 +455,8 @@ def test_workers_without_a_stack_are_grouped_by_why() -> None:
         Capture(pid=4244, method="hook", exited=True),
         Capture(pid=4245, threads=[ThreadStack(tid=4245, state="D", wchan="nfs_wait")]),
         Capture(pid=4246, method="hook"),
+        # As the capture says when every method failed: the summary says it once.
+        Capture(pid=4247, method="none", error="no stacks: py-spy failed (exit 1): boom"),
     ]
     groups = group(captures)
     assert [g.summary for g in groups] == [
@@ -463,6 +465,7 @@ def test_workers_without_a_stack_are_grouped_by_why() -> None:
         "pid 4245 (in uninterruptible I/O (D state, in nfs_wait: py-spy cannot stop it); "
         "no stack: no capture method: /proc facts only)",
         "pid 4246 (no stack: hook gave no frames)",
+        "pid 4247 (no stack: py-spy failed (exit 1): boom)",
         f"2 workers (pids 4242, 4243) (no stack: {eperm})",
     ]
     assert all(g.frames == [] for g in groups[1:])

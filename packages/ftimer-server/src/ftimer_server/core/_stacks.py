@@ -373,8 +373,8 @@ class _Worker:
 def _no_stack(capture: Capture) -> str:
     if capture.exited:
         return "exited during the capture"
-    if capture.error:
-        return capture.error
+    if capture.error:  # said after "no stack: " (see group())
+        return capture.error.removeprefix("no stacks: ")
     if capture.method == "none":
         return "no capture method: /proc facts only"
     return f"{capture.method} gave no frames"

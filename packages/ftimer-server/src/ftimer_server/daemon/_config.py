@@ -279,7 +279,7 @@ def parse_mode(value: Union[int, str]) -> int:
     if not 0 <= value <= 0o777:
         raise ConfigError(f"FIFO mode {value:#o} is not a permission mode (0..0777)")
     if value & 0o600 != 0o600:
-        raise ConfigError(f"FIFO mode {value:#o} must let the owner read and write (0600)")
+        raise ConfigError(f"FIFO mode {value:04o} must let the owner read and write (0600)")
     return value
 
 

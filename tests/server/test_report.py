@@ -135,7 +135,14 @@ def test_render_shows_the_summary_the_tree_and_every_stack_innermost_last() -> N
     stuck = msgspec.structs.replace(
         captures[0],
         facts=ProcessFacts(
-            cmdline=["python", "train.py"], state="S", rss=3 << 30, threads=2, age=4000.0, uid=1000
+            cmdline=["python", "train.py"],
+            state="S",
+            rss=3 << 30,
+            threads=1,
+            age=4000.0,
+            uid=1000,
+            fifos=1,
+            sockets=2,
         ),
         core="/var/lib/ftimer/cores/core.100",
         threads=[
@@ -170,7 +177,7 @@ def test_render_shows_the_summary_the_tree_and_every_stack_innermost_last() -> N
     assert lines[worker_100 + 1 : worker_100 + 17] == [
         "  labels: job=71 rank=0",
         "  command: python train.py",
-        "  process: state S, 3.0 GiB resident, 2 threads, up 1h06m, uid 1000, 0 FIFOs, 0 sockets",
+        "  process: state S, 3.0 GiB resident, 1 thread, up 1h06m, uid 1000, 1 FIFO, 2 sockets",
         "  core: /var/lib/ftimer/cores/core.100",
         '  thread 100 "MainThread" [S]: waiting on a lock',
         '    File "/app/train.py", line 120, in <module>',

@@ -206,15 +206,19 @@ def _facts_text(f: ProcessFacts) -> str:
     if f.rss:
         parts.append(f"{_size(f.rss)} resident")
     if f.threads:
-        parts.append(f"{f.threads} threads")
+        parts.append(_count(f.threads, "thread"))
     if f.age:
         parts.append(f"up {_duration(f.age)}")
     if f.uid is not None:
         parts.append(f"uid {f.uid}")
     if f.children:
         parts.append(f"children {_items(f.children)}")
-    parts.append(f"{f.fifos} FIFOs, {f.sockets} sockets")
+    parts.append(f"{_count(f.fifos, 'FIFO')}, {_count(f.sockets, 'socket')}")
     return ", ".join(parts)
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}" if n == 1 else f"{n} {thing}s"
 
 
 def _thread_lines(thread: ThreadStack) -> List[str]:

@@ -23,10 +23,12 @@ from ftimer_protocol import (
     MessageTooLarge,
     ProtocolError,
     RemoteProtocolError,
+    StreamDecoder,
     Sync,
     TimerRequestV1,
     UnsupportedVersion,
     decode,
+    decode_value,
     encode,
 )
 
@@ -246,3 +248,13 @@ def test_decoder_accepts_every_line_torch_can_write(pad: int) -> None:
     assert len(line) == PIPE_BUF - pad
     message = decode(line + b"\n")
     assert message == TimerRequestV1(pid=42, scope_id=scope, expiration_time=17.5, signal=9)
+
+
+@pytest.mark.parametrize(
+    "opening", [b'{"version":2,"op":"arm","x":', b'{"version": 1, "x": ', b'{"version":']
+)
+def test_json_nested_deeper_than_the_decoder_recurses_is_malformed(opening: bytes) -> None:
+    # msgspec raises RecursionError there: the decoder must return it as a value.
+    line = opening + b"[" * 1000
+    assert isinstance(decode_value(line), MalformedMessage)
+    assert [type(r) for r in StreamDecoder().feed(line + b"\n")] == [MalformedMessage]

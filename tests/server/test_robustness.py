@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from ftimer_protocol import PIPE_BUF, Arm, DisarmAll, Expire, TimerRequestV1, encode
+from ftimer_protocol import PIPE_BUF, Arm, Disarm, DisarmAll, Expire, TimerRequestV1, encode
 from ftimer_server import (
     FileTimerServer,
     Policy,
@@ -116,6 +116,34 @@ def test_over_long_lines_cost_only_themselves(fifo_path: pathlib.Path) -> None:
         stats = server.stats()
     assert stats.requests["arm"] == {"ok": 100}
     assert stats.decode_errors == {"LineTooLong": 100}
+
+
+#: JSON nested deeper than msgspec recurses, after each kind of line opening: the
+#: fast paths' (versions 2 and 1) and the slow path's envelope.
+NESTED = [
+    b'{"version":2,"op":"disarm","pid":2000,"x":' + b"[" * 1000,
+    b'{"version": 1, "pid": 2000, "x": ' + b"[" * 1000,
+    b'{"version":' + b"[" * 1000,
+]
+
+
+def test_deeply_nested_json_is_a_malformed_line_and_costs_no_other(fifo_path: pathlib.Path) -> None:
+    # It raised RecursionError out of the decoder: the read it came in was lost, disarms
+    # and all, and a healthy worker whose disarm shared it was reaped.
+    host = FakeInspector(auto=range(2000, 2010))
+    signaller = RecordingSignaller()
+    with FileTimerServer(fifo_path, inspector=host, signaller=signaller) as server:
+        for i, nested in enumerate(NESTED):
+            send(
+                fifo_path, Arm(pid=2000 + i, scope_id="s", deadline=time.monotonic() + 2, signal=9)
+            )
+            server.sync()
+            send(fifo_path, Disarm(pid=2000 + i, scope_id="s"), raw=nested + b"\n")
+            server.sync()
+            assert server.armed() == []  # the disarm in the same read was applied
+        stats = server.stats()
+    assert stats.decode_errors == {"MalformedMessage": len(NESTED)}
+    assert signaller.sent == []
 
 
 def test_hostile_pids_and_signals_are_refused(fifo_path: pathlib.Path) -> None:

@@ -304,3 +304,24 @@ def test_a_disarm_for_a_process_that_exited_is_not_taken_for_a_foreign_one(serve
         sender.communicate()
     assert refused.reason.value == "no_such_process"  # type: ignore[attr-defined]
     assert "exited before its disarm was read" in refused.detail  # type: ignore[attr-defined]
+
+
+def test_deeply_nested_json_is_a_malformed_datagram(served) -> None:  # type: ignore[no-untyped-def]
+    # It raised RecursionError out of receive(): the batch it came in was lost, uncounted.
+    server, _, path = served
+    worker = f"""
+import socket
+from ftimer_client import FileTimerClient
+with FileTimerClient({path!r}, transport="socket") as client:
+    client.arm("s", 60)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as junk:
+        junk.connect({path!r})
+        junk.send(b'{{"version":2,"op":"arm","pid":1,"x":' + b"[" * 1000)
+    client.release("s")
+"""
+    subprocess.run([sys.executable, "-c", worker], check=True)
+    wait_until(lambda: server.stats().received.get("socket") == 3)
+    stats = server.stats()
+    assert stats.decode_errors == {"MalformedMessage": 1}
+    assert stats.requests["disarm"] == {"ok": 1}
+    assert server.armed() == []

@@ -38,6 +38,9 @@ class _Envelope(msgspec.Struct):
 
 
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
+#: What decoding a line may raise: msgspec's errors, and RecursionError for JSON nested
+#: deeper than it recurses (``{"version":[[[[...``, a 1 KiB line).
+_DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
 #: How every version 2 line this encoder writes begins: a reader may decode a line that
 #: begins so with the version 2 schema at once (a fast path), without reading its version.
 V2_PREFIX = b'{"version":2,'
@@ -134,7 +137,7 @@ def decode_value(line: Buffer) -> Union[Message, RemoteProtocolError]:
     else:
         try:
             version = _envelope_decoder.decode(line).version
-        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        except _DECODE_ERRORS as e:
             return MalformedMessage(str(e), line[:EXCERPT_BYTES])
         if version is msgspec.UNSET:
             return MalformedMessage(NO_VERSION, line[:EXCERPT_BYTES])
@@ -144,5 +147,5 @@ def decode_value(line: Buffer) -> Union[Message, RemoteProtocolError]:
         decoder = slow
     try:
         return decoder(line)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+    except _DECODE_ERRORS as e:
         return MalformedMessage(str(e), line[:EXCERPT_BYTES])

@@ -48,6 +48,8 @@ _V1 = msgspec.json.Decoder(TimerRequestV1)
 # Each version's exact line openings (see ftimer_protocol's codec): a line that starts
 # otherwise may hold another version, so it takes the slow path.
 _FAST: Tuple[Tuple[bytes, Any], ...] = ((V2_PREFIX, _V2), *((p, _V1) for p in V1_PREFIXES))
+# msgspec's, and RecursionError for JSON nested deeper than it recurses.
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
 
 def decode_one(line: bytes) -> DecodeResult:
@@ -57,7 +59,7 @@ def decode_one(line: bytes) -> DecodeResult:
     if line.startswith(V2_PREFIX):
         try:
             return _V2.decode(line)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except _DECODE_ERRORS:
             pass  # decode_value() says why
     return decode_value(line)
 
@@ -126,7 +128,7 @@ class LineReader:
             return None
         try:
             results: List[Any] = decoder.decode_lines(memoryview(chunk)[start:end])
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except _DECODE_ERRORS:
             return None
         # msgspec skips blank lines, takes two values on one line and one value spread
         # over two lines. As many values as lines, and as many lines opening with the

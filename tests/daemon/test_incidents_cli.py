@@ -9,6 +9,7 @@ import subprocess
 import sys
 from typing import List, Optional, Tuple
 
+import msgspec
 import pytest
 
 from ftimer_server.core._incident import Capture, Frame, Incident, ThreadStack
@@ -158,6 +159,40 @@ def test_show_prints_the_text_of_an_id_its_start_or_the_newest(
     assert run(capsys, "incidents", "--dir", str(directory), "show", "20261130T0053")[1] == out
     newest = run(capsys, "incidents", "--dir", str(directory), "show")[1]
     assert newest.startswith("incident 20261130T005420.000Z-300-step on node-a")
+
+
+def test_list_and_show_escape_what_the_worker_sent_and_json_keeps_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    hostile = "0\x1b]0;PWNED\x07\x1b[2J\nFAKE LOG LINE: reaped pid 1"
+    shown = r"0\x1b]0;PWNED\x07\x1b[2J\nFAKE LOG LINE: reaped pid 1"
+    record = incident("node-a", 100, range(2))
+    labels = {"job": "71", "rank": hostile}
+    record = annotate(
+        msgspec.structs.replace(
+            record,
+            labels=labels,
+            captures=[
+                msgspec.structs.replace(record.captures[0], labels=labels),
+                *record.captures[1:],
+            ],
+            groups=[],
+        )
+    )
+    IncidentStore(str(tmp_path / "incidents")).write(record)
+    directory = str(tmp_path / "incidents")
+    code, listed, err = run(capsys, "incidents", "--dir", directory)
+    assert (code, err) == (0, "")
+    assert listed.splitlines()[1].endswith(
+        f"job=71 rank={shown}  2 ranks (1,{shown}) in wait at threading.py:320 (waiting on a lock)"
+    )
+    code, text, err = run(capsys, "incidents", "--dir", directory, "show")
+    assert (code, err) == (0, "")
+    assert f"  labels: job=71 rank={shown}" in text.splitlines()
+    for out in (listed, text):
+        assert [line for line in out.split("\n") if not line.isprintable()] == []
+    code, doc, _ = run(capsys, "incidents", "--dir", directory, "show", "--json")
+    assert json.loads(doc)["labels"]["rank"] == hostile  # the record as the worker sent it
 
 
 def test_show_json_prints_the_record(

@@ -164,6 +164,50 @@ def test_json_formatter_one_object_per_line_with_extra_fields() -> None:
     assert doc["ts"].endswith("+00:00")
 
 
+#: A label value as a worker may send it: escape sequences, and a line of its own.
+HOSTILE = "0\x1b]0;PWNED\x07\x1b[2J\nFAKE LOG LINE: reaped pid 1\r\u2028\x9b"
+HOSTILE_SHOWN = r"0\x1b]0;PWNED\x07\x1b[2J\nFAKE LOG LINE: reaped pid 1\r\u2028\x9b"
+
+
+def test_text_lines_show_what_a_worker_sent_escaped_on_the_line_that_quotes_it() -> None:
+    stream = io.StringIO()
+    setup = LoggingSetup("text", "info", stream=stream)
+    try:
+        log = logging.getLogger("ftimer_server.test")
+        log.warning(
+            "reaped: pid %d (timer %r, %.1f ms late)%s", 42, "s\x1b[2J\n", 1.25, ", rank=" + HOSTILE
+        )
+        log.warning("job %(job)s", {"job": HOSTILE})
+        log.warning(ValueError(HOSTILE))  # an object as the message
+        log.warning("incident %s:\n  %s", "20261202T000000.000Z-42-s", "first")
+        try:  # a traceback keeps its lines (the daemon's own failures have one)
+            raise OSError("\x1b]0;PWNED\x07\u2028")
+        except OSError:
+            log.exception("cannot write %s", "x")
+    finally:
+        setup.close()
+    lines = stream.getvalue().rstrip("\n").split("\n")  # splitlines() would cut at U+2028
+    assert [line for line in lines if not line.isprintable()] == []
+    assert [line for line in lines if line.startswith("FAKE")] == []
+    assert lines[0].endswith(
+        rf"reaped: pid 42 (timer 's\x1b[2J\n', 1.2 ms late), rank={HOSTILE_SHOWN}"
+    )  # the scope's repr as before, not escaped twice
+    assert lines[1].endswith(f"job {HOSTILE_SHOWN}")
+    assert lines[2].endswith(f"ftimer_server.test: {HOSTILE_SHOWN}")
+    assert lines[4] == "  first"  # the daemon's own newline stays
+    assert lines[-1] == r"OSError: \x1b]0;PWNED\x07\u2028"
+
+
+def test_json_lines_escape_control_characters_and_keep_the_value() -> None:
+    rec = record("reaped: pid %d, rank=%s", 42, HOSTILE)
+    rec.labels = {"rank": HOSTILE}
+    line = JsonFormatter().format(rec)
+    assert line.isascii()
+    assert line.isprintable()
+    doc = json.loads(line)
+    assert (doc["msg"], doc["labels"]) == (f"reaped: pid 42, rank={HOSTILE}", {"rank": HOSTILE})
+
+
 def test_logging_setup_floods_are_held_and_summarised() -> None:
     stream = io.StringIO()
     clock = FakeClock()

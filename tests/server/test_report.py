@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import List, Optional
 
 import msgspec
+import pytest
 
 from ftimer_server.core._incident import Capture, Frame, Incident, ProcessFacts, ThreadStack
 from ftimer_server.core._report import (
     annotate,
     merge_captures,
+    printable,
     render,
     render_merged,
     summarize,
@@ -207,6 +209,85 @@ def test_render_of_a_worker_without_threads_shows_the_raw_output_and_the_error()
 
 def test_render_of_an_unannotated_record_still_groups_and_summarizes() -> None:
     assert render(incident(eight_ranks())) == render(annotate(incident(eight_ranks())))
+
+
+# -- what a worker sent --------------------------------------------------------------
+
+#: A terminal's title and screen cleared, then a line of its own that looks like the log's.
+HOSTILE = "\x1b]0;PWNED\x07\x1b[2J\x1b[31m\n2026-12-02 WARNING reaped: pid 1\r\u2028\u202e\x9b"
+HOSTILE_SHOWN = (
+    r"\x1b]0;PWNED\x07\x1b[2J\x1b[31m\n2026-12-02 WARNING reaped: pid 1\r\u2028\u202e\x9b"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("job=71 rank=0 name=ünï 名前 'q' \\x1b", "job=71 rank=0 name=ünï 名前 'q' \\x1b"),
+        ("0\nFAKE LOG LINE", r"0\nFAKE LOG LINE"),
+        (HOSTILE, HOSTILE_SHOWN),
+        (
+            "\t\x00\x7f\x85\u2029\u2066\ufeff\xa0\udcff",
+            r"\t\x00\x7f\x85\u2029\u2066\ufeff\xa0\udcff",
+        ),
+        (repr("scope" + HOSTILE), repr("scope" + HOSTILE)),  # a repr is printable already
+    ],
+)
+def test_printable_escapes_what_is_not_printable_as_repr_does(text: str, shown: str) -> None:
+    assert printable(text) == shown
+    assert shown.isprintable()
+
+
+def hostile_incident() -> Incident:
+    """A worker that put control characters wherever it can: labels, scope, command line,
+    thread names, frames, its output, its errors."""
+    thread = ThreadStack(
+        tid=100,
+        name="thr" + HOSTILE,
+        frames=[Frame("wait" + HOSTILE, "/app/" + HOSTILE + ".py", 3), *REDUCE[::-1]],
+        state="S",
+        wchan="futex" + HOSTILE,
+        kernel_stack=["[<0>] " + HOSTILE],
+    )
+    stuck = Capture(
+        pid=100,
+        labels={"job": "j" + HOSTILE, "rank": "0" + HOSTILE, "k" + HOSTILE: "v"},
+        method="py-spy",
+        facts=ProcessFacts(cmdline=["python", "argv" + HOSTILE], state="S"),
+        error="py-spy: " + HOSTILE,
+        threads=[thread],
+    )
+    silent = Capture(pid=101, role="peer", method="hook", raw="dump" + HOSTILE)
+    return annotate(
+        incident(
+            [stuck, silent],
+            scope_id="scope" + HOSTILE,
+            labels=stuck.labels,
+            job="j" + HOSTILE,
+            errors=["capture: " + HOSTILE],
+        )
+    )
+
+
+def test_render_escapes_what_the_worker_sent_and_the_record_keeps_it_exact() -> None:
+    record = hostile_incident()
+    for text in (render(record), render_merged([record])):
+        lines = text.split("\n")  # splitlines() would cut at U+2028
+        assert [line for line in lines if not line.isprintable()] == []
+        assert not any(line.startswith("2026-12-02") for line in lines)
+        assert f"  labels: job=j{HOSTILE_SHOWN} k{HOSTILE_SHOWN}=v rank=0{HOSTILE_SHOWN}" in lines
+        assert f"  command: python argv{HOSTILE_SHOWN}" in lines
+        # Raw output is lines of its own (py-spy's, a dump's): each kept indented under it.
+        assert r"    dump\x1b]0;PWNED\x07\x1b[2J\x1b[31m" in lines
+    text = render(record)
+    assert (
+        f'  thread 100 "thr{HOSTILE_SHOWN}" [S in futex{HOSTILE_SHOWN}]: waiting on a lock' in text
+    )
+    # Escaped as it is shown, not as it is kept: the record has what the worker sent.
+    assert record.labels == {"job": "j" + HOSTILE, "rank": "0" + HOSTILE, "k" + HOSTILE: "v"}
+    assert record.captures[0].threads[0].name == "thr" + HOSTILE
+    assert HOSTILE in record.summary[0]
+    assert msgspec.json.decode(msgspec.json.encode(record), type=Incident) == record
 
 
 # -- several hosts ---------------------------------------------------------------------

@@ -10,7 +10,12 @@ Pure functions over the incident schema (no I/O, no clock: times are the record'
   ``.txt`` beside each record): the summary, the call-prefix tree, every worker's facts
   and every thread's stack, innermost frame last as in a Python traceback;
 - `merge_captures` / `render_merged`: one report over the incidents of one job taken on
-  several hosts at once (``ftimer-server incidents merge``).
+  several hosts at once (``ftimer-server incidents merge``);
+- `printable`: text a worker controls (labels, scope, command line, thread names, frames,
+  anything from /proc or the wire), fit for a terminal or a text log line.
+
+The record keeps what the worker sent, exactly; its texts are made printable as they are
+rendered (`render`, `render_merged`, ``incidents list``, the daemon's text log).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import msgspec
 from ._incident import Capture, Group, Incident, ProcessFacts, ThreadStack
 from ._stacks import _doing_of, _items, _wchan, call_tree, doing, group
 
-__all__ = ["annotate", "merge_captures", "render", "render_merged", "summarize"]
+__all__ = ["annotate", "merge_captures", "printable", "render", "render_merged", "summarize"]
 
 #: Signals with the same number on every POSIX system (the core imports no ``signal``:
 #: it names what it can without asking the platform; others are shown as numbers).
@@ -37,6 +42,23 @@ _SIGNAL_NAMES = {
     14: "SIGALRM",
     15: "SIGTERM",
 }
+
+
+def printable(text: str) -> str:
+    r"""``text`` with every character that is not printable escaped as ``repr`` escapes it.
+
+    Not printable (``str.isprintable``): newline, carriage return, tab, ESC and the other
+    C0 and C1 controls, DEL, the line and paragraph separators, bidi and other format
+    characters, spaces other than " ", unpaired surrogates. A newline becomes ``\n``
+    (a backslash and an n), ESC ``\x1b``, U+2028 ``\u2028``: the text stays on its
+    line, and no escape sequence reaches a terminal.
+
+    Backslashes are kept: a ``repr`` (a scope as the texts quote it) is printable already
+    and passes unchanged, so whole lines can be made printable, whatever they quote.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # -- the summary -----------------------------------------------------------------------
@@ -154,7 +176,14 @@ def render(incident: Incident) -> str:
         lines += ["", *_worker_lines(capture)]
     if incident.errors:
         lines += ["", "errors:", *(f"  {e}" for e in incident.errors)]
-    return "\n".join(lines) + "\n"
+    return _text(lines)
+
+
+def _text(lines: Sequence[str]) -> str:
+    """``lines`` joined, each made `printable`: what a worker sent (a label, a thread name,
+    a frame, the summary and groups that quote them) neither breaks a line nor reaches
+    the terminal."""
+    return "\n".join(map(printable, lines)) + "\n"
 
 
 def _tree_section(captures: Sequence[Capture], groups: Sequence[Group]) -> List[str]:
@@ -306,4 +335,4 @@ def render_merged(incidents: Sequence[Incident], job: Optional[str] = None) -> s
     errors = [f"  {i.host} {i.id}: {e}" for i in ordered for e in i.errors]
     if errors:
         lines += ["", "errors:", *errors]
-    return "\n".join(lines) + "\n"
+    return _text(lines)

@@ -22,10 +22,10 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import List, Optional, TextIO
+from typing import List, Optional, TextIO, Tuple
 
 from ftimer_server.core._incident import Incident
-from ftimer_server.core._report import render, render_merged
+from ftimer_server.core._report import printable, render, render_merged
 from ftimer_server.incidents._store import (
     IncidentError,
     IncidentStore,
@@ -53,7 +53,8 @@ _log = logging.getLogger("ftimer_server.incidents")
 
 
 def _error(message: str, err: TextIO) -> None:
-    err.write(f"ftimer-server: error: {message}\n")
+    # Messages quote file names and what a record holds: made printable, as every text.
+    err.write(f"ftimer-server: error: {printable(message)}\n")
 
 
 class _Warnings(logging.Handler):
@@ -64,7 +65,7 @@ class _Warnings(logging.Handler):
         self.err = err
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.err.write(f"ftimer-server: warning: {record.getMessage()}\n")
+        self.err.write(f"ftimer-server: warning: {printable(record.getMessage())}\n")
 
 
 def _warnings_to(err: TextIO) -> _Warnings:
@@ -123,19 +124,19 @@ def _summaries(
 
 
 def format_incident_list(summaries: Sequence[IncidentSummary]) -> str:
-    """A table: time (UTC), id, pid, labels, and the first line of what was found."""
-    rows = [("TIME (UTC)", "ID", "PID", "LABELS", "SUMMARY")]
+    """A table: time (UTC), id, pid, labels, and the first line of what was found; the
+    cells made `printable` (labels and summaries quote what the worker sent)."""
+    rows: List[Tuple[str, ...]] = [("TIME (UTC)", "ID", "PID", "LABELS", "SUMMARY")]
     for s in summaries:
         labels = " ".join(f"{k}={v}" for k, v in sorted((s.labels or {}).items()))
-        rows.append(
-            (
-                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.created)),
-                s.id,
-                str(s.pid),
-                labels or "-",
-                _headline(s),
-            )
+        cells = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.created)),
+            s.id,
+            str(s.pid),
+            labels or "-",
+            _headline(s),
         )
+        rows.append(tuple(map(printable, cells)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]).rstrip() for r in rows]
     return "\n".join(lines) + "\n"

@@ -6,6 +6,11 @@ with their count. A kind is a format string, not a rendered line, so junk lines 
 differ (another excerpt each time) or refusals naming another pid each time are held back
 as well as identical ones. The filter takes its clock as an argument so it is tested
 without sleeping.
+
+What a worker sends (labels, scopes, bytes it wrote, its command line) is quoted in log
+lines: the `TextFormatter` shows it with its control characters escaped, so it can start
+no line of its own and send no escape sequence to the terminal. JSON lines need nothing
+more: ``json.dumps`` escapes controls, and everything beyond ASCII, by default.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple
+
+from ftimer_server.core._report import printable
 
 __all__ = [
     "LOG_FORMATS",
@@ -27,6 +35,7 @@ __all__ = [
     "LoggingSetup",
     "ReopenableFileHandler",
     "RepeatFilter",
+    "TextFormatter",
 ]
 
 LOG_FORMATS = ("text", "json")
@@ -60,6 +69,57 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str, separators=(",", ":"))
+
+
+class _Printable:
+    """An argument of a text log line: shown (``%s``, ``%r``) with `printable`."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return printable(str(self.value))
+
+    def __repr__(self) -> str:
+        return printable(repr(self.value))
+
+
+def _printable_arg(value: object) -> object:
+    # %d and %.1f need the number itself; a number shows no control character anyway.
+    return value if isinstance(value, (int, float)) else _Printable(value)
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message``, the message's arguments made `printable`.
+
+    The arguments are what the line quotes (a worker's labels, scope, the bytes it sent):
+    a newline or an escape sequence among them is shown escaped, on the record's line.
+    The format string is the daemon's own and kept as written; a traceback keeps its
+    lines, each made printable.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render a copy of ``record`` whose arguments are made printable."""
+        shown = logging.makeLogRecord(record.__dict__)  # other handlers see the original
+        if isinstance(record.args, Mapping):
+            shown.args = {k: _printable_arg(v) for k, v in record.args.items()}
+        elif record.args:
+            shown.args = tuple(map(_printable_arg, record.args))
+        if not isinstance(record.msg, str):  # an object logged as the message is data too
+            shown.msg = _Printable(record.msg)
+        if record.exc_info:
+            shown.exc_text = None  # formatted here, not as another formatter cached it
+        return super().format(shown)
+
+    def formatException(self, ei: Any) -> str:
+        """The traceback, each of its lines made printable."""
+        # split("\n"), not splitlines(): that would make a U+2028 a line of its own too.
+        return "\n".join(map(printable, super().formatException(ei).split("\n")))
 
 
 class ReopenableFileHandler(logging.FileHandler):
@@ -293,7 +353,7 @@ class LoggingSetup:
 
     def configure(self, fmt: str, level: str) -> None:
         """Switch format and level in place (SIGHUP reload)."""
-        formatter = JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT_FORMAT)
+        formatter = JsonFormatter() if fmt == "json" else TextFormatter()
         self.handler.setFormatter(formatter)
         self._root.setLevel(level.upper())
 

@@ -5,10 +5,12 @@ grouped with the outlier first."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pathlib
 import select
+import signal
 import stat
 import subprocess
 import sys
@@ -20,12 +22,14 @@ from typing import Callable, List, Optional
 import pytest
 from tests.conftest import wait_until
 
-from ftimer_server import FileTimerServer, Reaped
-from ftimer_server.core._incident import Incident
+from ftimer_protocol import Arm, Expire
+from ftimer_server import FileTimerServer, Reaped, RecordingSignaller, Rejected, RejectReason
+from ftimer_server.core._incident import Capture, Incident
 from ftimer_server.incidents._capture import find_py_spy
 from ftimer_server.incidents._diagnostics import IncidentOptions
+from ftimer_server.incidents._helper import MAX_UNSENT, Helper, HelperGone, WriteJob
 
-from .conftest import wait_exit
+from .conftest import send, wait_exit
 
 # A worker of job "j": arms `after` seconds, then hangs in `where` (its stack says so).
 WORKER = """
@@ -272,3 +276,60 @@ def test_a_capture_helper_that_died_is_replaced(
     assert code == -9
     [incident] = got.incidents
     assert incident.captures[0].facts is not None  # captured by a new helper
+
+
+def test_the_capture_helper_is_never_a_timers_process(fifo_path: pathlib.Path) -> None:
+    # A line naming the helper's pid had it signalled (SIGSTOP: every later capture
+    # waited out its budget, and the loop ended up blocked writing it jobs).
+    signaller = RecordingSignaller()
+    rejected: List[Rejected] = []
+    with FileTimerServer(
+        fifo_path,
+        signaller=signaller,
+        on_event=lambda e: rejected.append(e) if isinstance(e, Rejected) else None,
+        incidents=IncidentOptions(method="facts"),
+    ) as srv:
+        helper = srv._diagnostics._helper._process.pid  # type: ignore[union-attr]
+        send(fifo_path, Expire(pid=helper, scope_id="x", signal=signal.SIGSTOP))
+        send(fifo_path, Arm(pid=helper, scope_id="y", deadline=0.0, signal=9))
+        srv.sync()
+    assert [(e.pid, e.reason) for e in rejected] == [(helper, RejectReason.SERVER_PROCESS)] * 2
+    assert signaller.sent == []
+
+
+def test_a_helper_that_stops_reading_never_blocks_the_submitter() -> None:
+    # The loop submits captures: with the helper stopped, its pipe filled up and the
+    # loop blocked for good writing to it.
+    helper = Helper()
+    raw = "x" * 60_000  # a frame as large as a big incident's: the pipe fills fast
+    big = Incident(
+        id="i",
+        host="h",
+        created=0.0,
+        pid=7,
+        scope_id="s",
+        signal=9,
+        deadline=0.0,
+        captures=[Capture(pid=7, raw=raw)],
+    )
+    try:
+        os.kill(helper._process.pid, signal.SIGSTOP)  # our own helper
+        submitted: List[concurrent.futures.Future[bytes]] = []
+
+        def submit_all() -> None:
+            for _ in range(MAX_UNSENT + 10):
+                submitted.append(helper.submit(WriteJob(big, None, True)))
+
+        submitter = threading.Thread(target=submit_all, daemon=True)
+        submitter.start()
+        submitter.join(10)
+        assert not submitter.is_alive()  # every submit returned at once
+        # Beyond MAX_UNSENT jobs it has not read (its pipe held one), more fail at once.
+        refused = [f for f in submitted if f.done()]
+        assert 0 < len(refused) <= 10
+        assert all(isinstance(f.exception(), HelperGone) for f in refused)
+        os.kill(helper._process.pid, signal.SIGCONT)
+        assert all(f.result(30) for f in submitted if f not in refused)  # once it reads
+    finally:
+        os.kill(helper._process.pid, signal.SIGCONT)
+        helper.close()

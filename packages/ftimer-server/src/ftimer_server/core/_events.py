@@ -38,7 +38,7 @@ class RejectReason(str, enum.Enum):
 
     #: pid 0 or 1, or a negative pid (a process group): never a worker.
     RESERVED_PID = "reserved_pid"
-    #: the server's own process.
+    #: the server's own process, or one it runs for itself (its capture helper).
     SERVER_PROCESS = "server_process"
     #: a parent, grandparent, ... of the server.
     SERVER_ANCESTOR = "server_ancestor"

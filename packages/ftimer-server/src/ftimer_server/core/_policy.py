@@ -9,7 +9,7 @@ set allows nothing, and what cannot be verified is refused.
 
 from __future__ import annotations
 
-from typing import AbstractSet, FrozenSet, Optional
+from typing import AbstractSet, Container, FrozenSet, Optional
 
 import msgspec
 
@@ -52,11 +52,14 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
         return frozenset(allowed) | {0}
 
 
-def check_pid(pid: int, server_pid: int, ancestors: AbstractSet[int]) -> Optional[RejectReason]:
-    """Return why ``pid`` may never hold timers, or ``None``. Looks at nothing but numbers."""
+def check_pid(
+    pid: int, server_pid: int, ancestors: AbstractSet[int], own: Container[int] = ()
+) -> Optional[RejectReason]:
+    """Return why ``pid`` may never hold timers, or ``None``. Looks at nothing but numbers:
+    ``own`` holds the processes the server runs for itself (its capture helper)."""
     if pid <= 1:
         return RejectReason.RESERVED_PID
-    if pid == server_pid:
+    if pid == server_pid or pid in own:
         return RejectReason.SERVER_PROCESS
     if pid in ancestors:
         return RejectReason.SERVER_ANCESTOR

@@ -10,7 +10,7 @@ with a fake clock and a fake host.
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Container, Dict, FrozenSet, Iterable, List, Optional, Sequence, Union
 
 from ftimer_protocol import (
     Arm,
@@ -59,6 +59,8 @@ class Watchdog:
         policy: what may be armed and signalled.
         server_pid: the server's process, never signalled.
         ancestors: the server's ancestors, never signalled.
+        own: the processes the server runs for itself (its capture helper, which may be
+            started again with another pid): never signalled.
         emit: receives every event, in order.
         escalate_after: grace period before SIGKILL (``None``: never escalate).
         timer_events: emit ``Armed`` and ``Disarmed`` (one per request: the bulk of all
@@ -83,6 +85,7 @@ class Watchdog:
         policy: Optional[Policy] = None,
         server_pid: int,
         ancestors: FrozenSet[int] = frozenset(),
+        own: Container[int] = (),
         emit: Callable[[Event], None] = _ignore,
         escalate_after: Optional[float] = None,
         timer_events: bool = True,
@@ -100,6 +103,7 @@ class Watchdog:
         self._captures = capture_budget is not None
         self._server_pid = server_pid
         self._ancestors = ancestors
+        self._own = own
         self._signals = policy.signals(host.signals)
         self._emit_to = emit
         self._workers: Dict[int, Worker] = {}
@@ -359,7 +363,7 @@ class Watchdog:
     def _bind(self, pid: int, start_time: Optional[int]) -> Union[Worker, tuple[RejectReason, str]]:
         """Bind ``pid`` to the process holding it now, from the facts the host resolved;
         or say why not."""
-        reason = check_pid(pid, self._server_pid, self._ancestors)
+        reason = check_pid(pid, self._server_pid, self._ancestors, self._own)
         if reason is not None:
             return reason, ""
         old = self._workers.get(pid)

@@ -24,7 +24,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Container, Dict, List, Optional, Tuple
 
 import msgspec
 
@@ -120,6 +120,11 @@ class Diagnostics:
             pending.signalled = True
             pending.delivered = delivered
         self._maybe_write(incident)
+
+    @property
+    def processes(self) -> Container[int]:
+        """The processes capturing runs in (``pid in processes``): the helper."""
+        return self._helper
 
     def close(self) -> None:
         """Stop capturing: the helper is stopped (captures running end with it)."""

@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import queue
 import struct
 import subprocess
 import sys
@@ -43,6 +44,8 @@ logger = logging.getLogger("ftimer_server")
 NICENESS = 10
 #: Captures at once in the helper (each mostly waits on py-spy or a worker's dump).
 THREADS = 16
+#: Jobs handed to a helper that has not read them yet, beyond which more fail at once.
+MAX_UNSENT = 256
 _LENGTH = struct.Struct("!I")
 
 
@@ -110,7 +113,8 @@ def _receive(stream: IO[bytes]) -> Optional[bytes]:
 
 
 class Helper:
-    """The server's side: starts the helper and hands it jobs.
+    """The server's side: starts the helper and hands it jobs. ``pid in helper``: whether
+    ``pid`` is the helper's process (which the server must never signal).
 
     Raises:
         OSError: the helper could not be started.
@@ -118,10 +122,12 @@ class Helper:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
         self._pending: Dict[int, concurrent.futures.Future[bytes]] = {}
         self._numbers = 0
         self._start()
+
+    def __contains__(self, pid: object) -> bool:
+        return pid == self._process.pid
 
     def _start(self) -> None:
         self._process = subprocess.Popen(
@@ -138,10 +144,17 @@ class Helper:
             target=self._read, args=(self._process,), name="ftimer-helper", daemon=True
         )
         self._reader.start()
+        # Jobs are written by a thread of their own: a helper that stops reading (stopped,
+        # wedged) fills its pipe, and the loop, which submits captures, must never wait.
+        self._jobs: queue.SimpleQueue[Optional[Tuple[int, bytes]]] = queue.SimpleQueue()
+        self._unsent = 0
+        threading.Thread(
+            target=self._write, args=(self._process, self._jobs), name="ftimer-jobs", daemon=True
+        ).start()
 
     def submit(self, job: Union[CaptureJob, WriteJob]) -> concurrent.futures.Future[bytes]:
-        """Hand ``job`` to the helper; the future gets its encoded result, or fails with
-        ``RuntimeError`` (the job failed) or ``HelperGone``."""
+        """Hand ``job`` to the helper without waiting; the future gets its encoded result,
+        or fails with ``RuntimeError`` (the job failed) or ``HelperGone``."""
         future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
         lost: Dict[int, concurrent.futures.Future[bytes]] = {}
         with self._lock:
@@ -151,40 +164,54 @@ class Helper:
                     self._process.returncode,
                 )
                 lost, self._pending = self._pending, {}
-                if self._process.stdin is not None:
-                    with contextlib.suppress(OSError):
-                        self._process.stdin.close()
+                self._jobs.put(None)  # its writer ends
                 try:
                     self._start()
                 except OSError as e:
                     future.set_exception(HelperGone(f"cannot start the capture helper: {e}"))
+            elif self._unsent >= MAX_UNSENT:
+                future.set_exception(HelperGone("the capture helper is not taking jobs"))
             if not future.done():
                 self._numbers += 1
-                number = self._numbers
-                self._pending[number] = future
+                self._pending[self._numbers] = future
+                self._unsent += 1
+                self._jobs.put((self._numbers, _encoder.encode(_Frame(self._numbers, job))))
         for gone in lost.values():
             gone.set_exception(HelperGone("the capture helper exited"))
-        if future.done():
-            return future
-        try:
-            assert self._process.stdin is not None
-            _send(self._process.stdin, _Frame(number, job), self._write_lock)
-        except OSError as e:
-            with self._lock:
-                self._pending.pop(number, None)
-            future.set_exception(HelperGone(f"the capture helper is gone: {e}"))
         return future
 
     def close(self) -> None:
         """Stop the helper (its running captures end with it)."""
-        if self._process.stdin is not None:
-            self._process.stdin.close()
+        self._jobs.put(None)  # its writer closes stdin once the jobs before are written
         try:
             self._process.wait(5)
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
         self._reader.join(5)
+
+    def _write(
+        self,
+        process: subprocess.Popen[bytes],
+        jobs: queue.SimpleQueue[Optional[Tuple[int, bytes]]],
+    ) -> None:
+        stdin = process.stdin
+        assert stdin is not None
+        with contextlib.suppress(OSError), stdin:  # closed at the end: the helper ends
+            while (item := jobs.get()) is not None:
+                number, data = item
+                try:
+                    stdin.write(_LENGTH.pack(len(data)) + data)
+                    stdin.flush()
+                except OSError as e:
+                    with self._lock:
+                        future = self._pending.pop(number, None)
+                    if future is not None:
+                        future.set_exception(HelperGone(f"the capture helper is gone: {e}"))
+                finally:
+                    with self._lock:
+                        if jobs is self._jobs:
+                            self._unsent -= 1
 
     def _read(self, process: subprocess.Popen[bytes]) -> None:
         assert process.stdout is not None

@@ -241,6 +241,7 @@ class FileTimerServer:
             policy=policy,
             server_pid=os.getpid(),
             ancestors=ancestors_of(os.getpid(), self._inspector),
+            own=() if self._diagnostics is None else self._diagnostics.processes,
             emit=self._pending.append,
             escalate_after=escalate_after,
             signal_override=signal_override,

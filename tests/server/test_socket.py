@@ -325,3 +325,52 @@ with FileTimerClient({path!r}, transport="socket") as client:
     assert stats.decode_errors == {"MalformedMessage": 1}
     assert stats.requests["disarm"] == {"ok": 1}
     assert server.armed() == []
+
+
+# Pid 1 of a private PID namespace (its pids are its own to hand out): a sender's
+# datagram is read, then the sender dies and a new process is given its pid before the
+# server binds it. Prints how the host resolves that pid.
+REUSED = """
+import os, socket, subprocess, sys, time
+from ftimer_protocol import Arm, encode
+from ftimer_server import RecordingSignaller
+from ftimer_server.server._edge import SystemHost
+from ftimer_server.server._process import SystemInspector
+from ftimer_server.server._socket import open_socket
+
+sock = open_socket(sys.argv[1])
+code = "import socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); "
+code += "s.connect(sys.argv[1]); s.send(sys.argv[2].encode()); sys.stdin.read()"
+line = encode(Arm(pid=1, scope_id="s", deadline=1e9, signal=9)).decode()
+sender = subprocess.Popen([sys.executable, "-c", code, sys.argv[1], line], stdin=subprocess.PIPE)
+while not sock.pending():
+    time.sleep(0.001)
+[message] = sock.receive()
+assert message.pid == sender.pid and sender.pid in sock.vouched
+sender.kill()
+sender.wait()
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(sender.pid - 1))
+impostor = subprocess.Popen(["sleep", "60"])
+assert impostor.pid == sender.pid, (impostor.pid, sender.pid)
+host = SystemHost(SystemInspector(), RecordingSignaller())
+host.vouched = sock.vouched
+print(getattr(host.resolve(sender.pid), "reason", "bound to the impostor"))
+impostor.kill()
+"""
+
+
+def test_a_pid_reused_between_the_read_and_the_bind_is_not_bound(tmp_path: pathlib.Path) -> None:
+    # The kernel named the sender by a pidfd; the host opened a pidfd by number later,
+    # and bound whatever process held that number by then.
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(["unshare", "--pid", "--fork", "true"], check=False).returncode
+    ):
+        pytest.skip("cannot create a PID namespace here")
+    run = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", REUSED]
+    done = subprocess.run(
+        [*run, str(tmp_path / "s.socket")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "RejectReason.NO_SUCH_PROCESS\n"

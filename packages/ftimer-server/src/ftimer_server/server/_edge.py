@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import signal as _signal
-from typing import Callable, FrozenSet, Optional, Sequence, Union
+from typing import Callable, FrozenSet, Mapping, Optional, Sequence, Union
 
 from ftimer_server.core._events import RejectReason
 from ftimer_server.core._host import DELIVERED, CaptureRequest, Delivery, Facts, Host, Unresolved
@@ -82,6 +82,9 @@ class SystemHost(Host):
         self._watch = watch
         self._unwatch = unwatch
         self._capture = capture
+        #: pid -> a pidfd the kernel gave of the process that pid is to be bound to (the
+        #: socket's senders and subjects, see ``DatagramSocket.vouched``).
+        self.vouched: Mapping[int, int] = {}
         self._tree: Optional[Callable[[int, int], object]] = None
         if tree:
             # Imported only by a server that signals descendants: keeps the daemon's RSS
@@ -115,6 +118,11 @@ class SystemHost(Host):
                 pidfd=pidfd,
             )
             if pidfd is not None and not inspector.alive(Worker(pid, facts.start_time, pidfd)):
+                raise ProcessLookupError(errno.ESRCH, f"process {pid} exited")
+            # Alive now, the process the kernel named still holds the pid: the pidfd
+            # opened by number is of that process, not of one that reused its pid.
+            vouch = self.vouched.get(pid, -1)
+            if vouch >= 0 and not inspector.alive(Worker(pid, None, vouch)):
                 raise ProcessLookupError(errno.ESRCH, f"process {pid} exited")
         except Exception as e:
             if pidfd is not None:

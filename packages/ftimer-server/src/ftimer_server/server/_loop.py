@@ -255,6 +255,7 @@ class Loop:
                     watchdog.counters.received["socket"] += len(received)
                     watchdog.counters.pid_overridden = sock.overridden
                     tokens += watchdog.apply(received, time.monotonic(), time.time())
+            sock.release()
         return tokens, horizon
 
 

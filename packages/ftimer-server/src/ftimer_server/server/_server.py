@@ -227,7 +227,7 @@ class FileTimerServer:
             from ftimer_server.incidents._diagnostics import Diagnostics  # noqa: PLC0415
 
             self._diagnostics = Diagnostics(incidents, on_incident)
-        host = SystemHost(
+        self._host = host = SystemHost(
             self._inspector,
             signaller,
             tuple(reap_steps),
@@ -547,6 +547,7 @@ class FileTimerServer:
                     self._socket = open_socket(
                         self._socket_path, mode=self._fifo_mode, group=self._fifo_group
                     )
+                    self._host.vouched = self._socket.vouched
                 except BaseException:
                     fifo.close()
                     raise

@@ -26,7 +26,7 @@ import socket
 import stat
 import struct
 import termios
-from typing import FrozenSet, List, Optional, Tuple, Union
+from typing import Dict, FrozenSet, List, Optional, Tuple, Union
 
 import msgspec
 
@@ -90,6 +90,10 @@ class DatagramSocket:
         overridden: messages received whose ``pid`` member was not their subject's
             pid here, and which went to their subject all the same: a worker in a PID
             namespace of its own, or a sender naming another process.
+        vouched: the pidfd the kernel gave for each subject of the last ``receive()``
+            (the sender's own, or the one its datagram carried), by pid, open until
+            ``release()``: the host binds a pid of it only while that process lives, so
+            a pid reused between the read and the bind is never taken for it.
     """
 
     def __init__(self, path: str, sock: socket.socket, pidfds: bool, queue: int) -> None:
@@ -100,6 +104,7 @@ class DatagramSocket:
         self.queue = queue
         self.batch = max(queue + 1, READ_BATCH)
         self.overridden = 0
+        self.vouched: Dict[int, int] = {}
         st = os.lstat(path)
         self._identity = (st.st_dev, st.st_ino)
 
@@ -121,8 +126,10 @@ class DatagramSocket:
         once (one system call, not one per datagram), then each judged; every
         descriptor received is closed on the way out, whatever happened.
         """
+        self.release()
         received: List[_Datagram] = []
         descriptors: List[int] = []
+        vouched = self.vouched
         recvmsg = self._sock.recvmsg
         try:
             for _ in range(self.batch):
@@ -144,15 +151,30 @@ class DatagramSocket:
                 if extends_run(run, result):  # as a run of such lines on the FIFO
                     run.lines += 1  # type: ignore[union-attr]
                     continue
+                if not isinstance(result, (Exception, Sync)):
+                    # The first one vouches: were a pid's process to exit and its pid be
+                    # reused within the batch, the first one's death refuses the bind.
+                    vouched.setdefault(result.pid, rights[0] if rights else sender_fd)
                 out.append(result)
                 run = result if isinstance(result, RemoteProtocolError) else None
             return out
         finally:
+            kept = set(vouched.values())
             for fd in descriptors:
+                if fd in kept:
+                    continue
                 try:  # noqa: SIM105 - contextlib.suppress costs a call per descriptor
                     os.close(fd)
                 except OSError:
                     pass
+
+    def release(self) -> None:
+        """Close the pidfds ``vouched`` for the last batch (once it is applied)."""
+        for fd in self.vouched.values():
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.vouched.clear()
 
     def _judge(
         self,
@@ -195,6 +217,7 @@ class DatagramSocket:
 
     def close(self) -> None:
         """Close the socket and remove its path, if it is still this socket's."""
+        self.release()
         self._sock.close()
         with contextlib.suppress(OSError):
             st = os.lstat(self.path)

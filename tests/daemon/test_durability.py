@@ -5,6 +5,7 @@ grace, in which the worker's client re-sends it). Real daemon, real workers, rea
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -15,7 +16,15 @@ from typing import Callable
 import pytest
 from tests.conftest import wait_until
 
+from ftimer_protocol import Arm, encode
+from ftimer_server import Timer
+from ftimer_server.daemon._state import encode_state, read_boot_id
+
 from .conftest import PYTHON, DaemonProcess, kill_and_close
+
+Spawn = Callable[..., DaemonProcess]
+#: JSON nested deeper than msgspec recurses (the line the decoders were fixed for).
+NESTED_LINE = b'{"version":' + b"[" * 1000 + b"\n"
 
 # Arms one timer, then releases it when told; writes nothing else (a quiet worker).
 QUIET = """
@@ -107,3 +116,68 @@ def test_a_disarm_written_while_no_daemon_ran_arrives_within_the_grace(
     wait_until(lambda: d.status()["timers"] == [], what="the client's resync")
     assert worker.poll() is None
     assert not [r for r in d.records() if r.get("event") == "reaped"]
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[str]]:
+    """A process of the test's own for the journal's timers to name (report-only ones:
+    nothing here is ever signalled)."""
+    proc = subprocess.Popen(
+        [PYTHON, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, text=True
+    )
+    yield proc
+    kill_and_close(proc)
+    assert proc.stdin is not None
+    proc.stdin.close()
+
+
+def report_only_arm(pid: int, scope: str) -> bytes:
+    return encode(Arm(pid=pid, scope_id=scope, deadline=time.monotonic() + 3600, signal=0))
+
+
+def write_state(path: pathlib.Path, journal: int, timers: tuple[Timer, ...] = ()) -> None:
+    """A state file of this boot that names journal segment ``journal``."""
+    path.write_bytes(encode_state(timers, read_boot_id(), time.monotonic(), journal))
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory", "FIFO"])
+def test_a_journal_segment_that_is_no_regular_file_is_skipped(
+    spawn: Spawn, short_dir: pathlib.Path, sleeper: subprocess.Popen[str], kind: str
+) -> None:
+    state = short_dir / "state.json"
+    write_state(state, journal=1)
+    segment = short_dir / "state.json.journal.1"
+    elsewhere = short_dir / "elsewhere"
+    arm = report_only_arm(sleeper.pid, "from-elsewhere")
+    elsewhere.write_bytes(arm)
+    if kind == "symlink":
+        segment.symlink_to(elsewhere)
+        said = f"journal: {segment} is a symlink: not followed, not replayed"
+    else:
+        if kind == "directory":
+            segment.mkdir()
+        else:
+            os.mkfifo(segment)  # open() would wait for a writer
+        said = f"journal: {segment} is a {kind}, not a regular file: not replayed"
+    d = spawn("--state-file", str(state), "--capture", "none").ready()
+    assert d.wait_for_record(level="error", msg=said)
+    assert d.status()["timers"] == []  # nothing of elsewhere's was armed
+    assert d.stop() == 0
+    assert elsewhere.read_bytes() == arm
+    if kind == "directory":
+        assert segment.is_dir()  # left where it was: not the daemon's to remove
+
+
+def test_a_nested_json_line_in_the_journal_replays_as_one_malformed_line(
+    spawn: Spawn, short_dir: pathlib.Path, sleeper: subprocess.Popen[str]
+) -> None:
+    state = short_dir / "state.json"
+    write_state(state, journal=1)
+    segment = short_dir / "state.json.journal.1"
+    segment.write_bytes(
+        report_only_arm(sleeper.pid, "before") + NESTED_LINE + report_only_arm(sleeper.pid, "after")
+    )
+    d = spawn("--state-file", str(state), "--capture", "none").ready()
+    assert d.armed_scopes() == ["after", "before"]
+    assert d.status()["stats"]["decode_errors"] == {"MalformedMessage": 1}
+    assert d.stop() == 0

@@ -76,3 +76,40 @@ def test_a_journal_that_cannot_be_written_costs_no_byte(
         assert journal.read(r, 100) == b"still read\n"
     assert "lost if the server is killed" in caplog.text
     journal.close()
+
+
+def test_replay_reads_regular_files_only_and_never_follows_a_symlink(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "j.1").mkdir()
+    (tmp_path / "elsewhere").write_bytes(b"not the journal's\n")
+    (tmp_path / "j.2").symlink_to(tmp_path / "elsewhere")
+    os.mkfifo(tmp_path / "j.3")  # opened without O_NONBLOCK, it would wait for a writer
+    (tmp_path / "j.4").write_bytes(b"kept\n")
+    journal = Journal(str(tmp_path / "j"))
+    with caplog.at_level(logging.ERROR, logger="ftimer_server"):
+        assert b"".join(journal.replay(1)) == b"kept\n"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"journal: {tmp_path}/j.1 is a directory, not a regular file: not replayed",
+        f"journal: {tmp_path}/j.2 is a symlink: not followed, not replayed",
+        f"journal: {tmp_path}/j.3 is a FIFO, not a regular file: not replayed",
+    ]
+    journal.close()
+
+
+def test_what_cannot_be_deleted_is_said_once_and_left(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "j.1").mkdir()
+    (tmp_path / "j.1" / "precious").write_bytes(b"precious")
+    (tmp_path / "j.2").write_bytes(b"old\n")
+    journal = Journal(str(tmp_path / "j"))
+    with caplog.at_level(logging.ERROR, logger="ftimer_server"):
+        journal.discard_before(3)  # the start of a daemon whose state file was not used
+        journal.discard_before(3)  # every save after it
+    assert [r.getMessage() for r in caplog.records] == [
+        f"journal: cannot delete {tmp_path}/j.1: Is a directory"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.1", "j.3"]
+    assert (tmp_path / "j.1" / "precious").read_bytes() == b"precious"
+    journal.close()

@@ -13,7 +13,9 @@ deleted, so the journal holds about one save interval of traffic.
 
 Segments are files ``<prefix>.<number>`` (mode 0600) beside the state file. No fsync: a
 process that dies leaves its writes in the page cache; after a power loss the boot id
-changes and the whole state is discarded anyway.
+changes and the whole state is discarded anyway. Only regular files are replayed: a
+symlink is never followed, and a directory, FIFO or device at a segment's name is
+skipped, with an error line.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import errno
 import glob
 import logging
 import os
-from typing import Iterator, List
+import stat
+from typing import Iterator, List, Set
 
-__all__ = ["Journal"]
+__all__ = ["Journal", "file_kind"]
 
 logger = logging.getLogger("ftimer_server")
 
@@ -33,7 +36,23 @@ _SPLICE = getattr(os, "splice", None)
 _SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 _FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _FLAGS |= getattr(os, "O_NOFOLLOW", 0)
+# O_NONBLOCK: opening a FIFO would wait for a writer; O_NOFOLLOW: never read a symlink.
+_REPLAY_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _REPLAY_CHUNK = 256 * 1024
+
+
+def file_kind(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` is, for a message: "a directory", "a FIFO", ..."""
+    kinds = (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
 
 
 class Journal:
@@ -55,6 +74,8 @@ class Journal:
         self._size = 0
         self._failed = False
         self._splice = _SPLICE
+        #: Segments that could not be deleted (a directory at the name, say): said once.
+        self._undeletable: Set[int] = set()
 
     @property
     def size(self) -> int:
@@ -116,26 +137,55 @@ class Journal:
 
     def discard_before(self, seq: int) -> None:
         """Delete the segments numbered below ``seq`` (a saved snapshot no longer needs
-        them)."""
+        them). One that cannot be deleted (a directory at its name, say) is logged, once,
+        and left."""
         for n in self.segments():
             if n >= seq:
                 break
-            with contextlib.suppress(FileNotFoundError):
+            if n in self._undeletable:
+                continue
+            try:
                 os.unlink(f"{self._prefix}.{n}")
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self._undeletable.add(n)
+                logger.error("journal: cannot delete %s.%d: %s", self._prefix, n, e.strerror)
 
     def replay(self, first: int) -> Iterator[bytes]:
         """The bytes of the segments from ``first`` up to (not including) the current
-        one, in order, in chunks."""
+        one, in order, in chunks. A segment that is not a regular file (a symlink is not
+        followed), or cannot be read, is skipped with an error line."""
         for n in self.segments():
             if first <= n < self._seq:
-                with open(f"{self._prefix}.{n}", "rb") as f:
-                    while chunk := f.read(_REPLAY_CHUNK):
-                        yield chunk
+                yield from self._replay_segment(f"{self._prefix}.{n}")
 
     def close(self) -> None:
         """Close the current segment (it stays on disk)."""
         with contextlib.suppress(OSError):
             os.close(self._fd)
+
+    def _replay_segment(self, path: str) -> Iterator[bytes]:
+        try:
+            fd = os.open(path, _REPLAY_FLAGS)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                logger.error("journal: %s is a symlink: not followed, not replayed", path)
+            else:
+                logger.error("journal: cannot read %s: %s; not replayed", path, e.strerror)
+            return
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            kind = file_kind(mode)
+            logger.error("journal: %s is %s, not a regular file: not replayed", path, kind)
+            return
+        with open(fd, "rb") as f:
+            try:
+                while chunk := f.read(_REPLAY_CHUNK):
+                    yield chunk
+            except OSError as e:
+                logger.error("journal: cannot read %s: %s; the rest not replayed", path, e.strerror)
 
     def _create(self, seq: int) -> int:
         return os.open(f"{self._prefix}.{seq}", _FLAGS, 0o600)

@@ -8,6 +8,7 @@ import pathlib
 import stat
 import threading
 import time
+from typing import Callable
 
 import hypothesis.strategies as st
 import pytest
@@ -17,6 +18,7 @@ from ftimer_server import Timer
 from ftimer_server.daemon._state import (
     STATE_VERSION,
     StateFileError,
+    StatePathError,
     StateSaver,
     decode_state,
     encode_state,
@@ -25,6 +27,9 @@ from ftimer_server.daemon._state import (
     write_state,
 )
 
+from .conftest import PATIENCE, DaemonProcess
+
+Spawn = Callable[..., DaemonProcess]
 BOOT = "c0ffee00-0000-4000-8000-000000000000"
 
 timers = st.builds(
@@ -251,3 +256,106 @@ def test_stop_saves_the_final_state(tmp_path: pathlib.Path) -> None:
     saver.changed()
     saver.stop()
     assert [t.scope_id for t in decode_state(path.read_bytes()).timers] == ["last"]
+
+
+DEEP = b"[" * 5000 + b"]" * 5000
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"version": 1, "x": ' + DEEP + b"}",  # deeper than msgspec recurses
+        b'{"version": 1, "boot_id": "b", "saved_at": 1.0, "timers": [' + DEEP + b"]}",
+    ],
+)
+def test_nested_json_is_set_aside_like_any_corrupt_file(
+    tmp_path: pathlib.Path, data: bytes
+) -> None:
+    with pytest.raises(StateFileError, match="nested too deeply"):
+        decode_state(data)
+    path = tmp_path / "state.json"
+    path.write_bytes(data)
+    load = load_state(str(path), BOOT)
+    assert (load.timers, load.ignored) == ([], "not a state file: JSON nested too deeply")
+    assert pathlib.Path(load.set_aside).read_bytes() == data
+
+
+def load_in_a_thread(path: pathlib.Path) -> object:
+    """``load_state(path)``'s result or exception, failing the test (not hanging it) if
+    it blocks."""
+    outcome: list[object] = []
+
+    def load() -> None:
+        try:
+            outcome.append(load_state(str(path), BOOT))
+        except Exception as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(PATIENCE)
+    if thread.is_alive():  # blocked in open(): a writer lets it go, then fail
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(PATIENCE)
+        pytest.fail(f"load_state({path}) blocked")
+    return outcome[0]
+
+
+@pytest.mark.parametrize("kind", ["directory", "FIFO"])
+def test_a_directory_or_fifo_at_the_path_is_refused_never_moved(
+    tmp_path: pathlib.Path, kind: str
+) -> None:
+    path = tmp_path / "state.json"
+    if kind == "directory":
+        path.mkdir()
+        (path / "precious").write_bytes(b"precious")
+    else:
+        os.mkfifo(path)
+    outcome = load_in_a_thread(path)
+    assert isinstance(outcome, StatePathError), outcome
+    assert str(outcome) == (
+        f"the state file {path} is a {kind}, not a file; it is not the daemon's to move or "
+        "remove: give the path of a file (or of none yet)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # nothing set aside
+    if kind == "directory":
+        assert (path / "precious").read_bytes() == b"precious"
+    else:
+        assert stat.S_ISFIFO(path.lstat().st_mode)
+
+
+@pytest.mark.parametrize("kind", ["directory", "FIFO"])
+def test_a_state_file_path_holding_a_directory_or_fifo_refuses_the_start(
+    spawn: Spawn, short_dir: pathlib.Path, kind: str
+) -> None:
+    state = short_dir / "data"
+    if kind == "directory":
+        state.mkdir()
+        (state / "precious").write_bytes(b"precious")
+    else:
+        os.mkfifo(state)  # open() would wait for a writer
+    d = spawn("--state-file", str(state), "--capture", "none")
+    assert d.proc.wait(PATIENCE) == 3
+    refusal = d.wait_for_record(level="error")
+    assert refusal["msg"] == (
+        f"cannot start: the state file {state} is a {kind}, not a file; it is not the "
+        "daemon's to move or remove: give the path of a file (or of none yet)"
+    )
+    # Neither moved nor joined by a journal.
+    assert sorted(p.name for p in short_dir.iterdir() if p.name != "d.notify") == ["d.log", "data"]
+    if kind == "directory":
+        assert (state / "precious").read_bytes() == b"precious"
+
+
+def test_a_state_file_nested_too_deeply_is_set_aside_and_the_daemon_starts(
+    spawn: Spawn, short_dir: pathlib.Path
+) -> None:
+    state = short_dir / "state.json"
+    nested = b'{"version":1,"x":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    state.write_bytes(nested)
+    d = spawn("--state-file", str(state), "--capture", "none").ready()
+    moved = d.wait_for_record(level="error", logger="ftimer_server.state")
+    assert "(not a state file: JSON nested too deeply); moved it to " in moved["msg"]
+    (aside,) = short_dir.glob("state.json.corrupt-*")
+    assert aside.read_bytes() == nested
+    assert d.stop() == 0

@@ -51,7 +51,7 @@ from ._control import ControlServer, ControlSocketBusy
 from ._daemon_log import describe, event_fields
 from ._logging import LoggingSetup
 from ._metrics import Metrics, MetricsUnavailable
-from ._state import StateSaver, load_state, read_boot_id
+from ._state import StatePathError, StateSaver, load_state, read_boot_id
 from ._systemd import SystemdNotifier
 
 __all__ = [
@@ -181,10 +181,12 @@ class Daemon:
             state_dir = os.path.dirname(c.state_file)
             try:
                 os.makedirs(state_dir, mode=0o700, exist_ok=True)
+                loaded = load_state(c.state_file, boot_id)
                 journal = Journal(c.state_file + ".journal")
+            except StatePathError as e:
+                raise StartupError(str(e)) from None
             except OSError as e:
                 raise StartupError(f"cannot use the state directory {state_dir}: {e}") from None
-            loaded = load_state(c.state_file, boot_id)
             if loaded.ignored:
                 log.info("state file %s not used: %s", c.state_file, loaded.ignored)
                 journal.discard_before(journal.seq)  # it follows a state that is gone

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -29,6 +30,7 @@ import msgspec
 
 from ftimer_server.core._records import Timer
 from ftimer_server.incidents._store import write_atomically
+from ftimer_server.server._journal import file_kind
 
 __all__ = [
     "STATE_VERSION",
@@ -36,6 +38,7 @@ __all__ = [
     "StateFile",
     "StateFileError",
     "StateLoad",
+    "StatePathError",
     "StateSaver",
     "decode_state",
     "encode_state",
@@ -80,6 +83,11 @@ class StateFileError(Exception):
     """The state file is corrupt, truncated, of an unknown version or unreadable."""
 
 
+class StatePathError(Exception):
+    """Something other than a file is at the state file's path (a directory, a FIFO, a
+    device): not the daemon's to move, so it refuses to start."""
+
+
 _encoder = msgspec.json.Encoder()
 _header_decoder = msgspec.json.Decoder(_Header)
 _decoder = msgspec.json.Decoder(_LenientStateFile)
@@ -120,6 +128,8 @@ def decode_state(data: bytes) -> StateFile:
         header = _header_decoder.decode(data)
     except msgspec.DecodeError as e:
         raise StateFileError(f"not a state file: {e}") from None
+    except RecursionError:  # msgspec's, for JSON nested deeper than it recurses
+        raise StateFileError("not a state file: JSON nested too deeply") from None
     if header.version != STATE_VERSION:
         raise StateFileError(
             f"state file version {header.version} is not supported (expected {STATE_VERSION})"
@@ -128,11 +138,13 @@ def decode_state(data: bytes) -> StateFile:
         raw = _decoder.decode(data)
     except msgspec.DecodeError as e:
         raise StateFileError(f"invalid state file: {e}") from None
+    except RecursionError:
+        raise StateFileError("invalid state file: JSON nested too deeply") from None
     timers: List[Timer] = []
     for item in raw.timers:
         try:
             timers.append(_timer_decoder.decode(item))
-        except msgspec.DecodeError as e:
+        except (msgspec.DecodeError, RecursionError) as e:
             log.error("state file: dropped an invalid timer (%s): %s", e, bytes(item)[:200])
     return StateFile(
         version=raw.version,
@@ -169,11 +181,11 @@ class StateLoad(msgspec.Struct, frozen=True):
 
 
 def load_state(path: str, boot_id: str, now: Optional[float] = None) -> StateLoad:
-    """Read the state file at ``path``. Never raises: a bad file is reported, not fatal.
+    """Read the state file at ``path``. A bad file is reported, not fatal.
 
     A file from another boot is ignored (its deadlines and pids mean nothing now). An
-    unusable file (corrupt, truncated, unknown version, a symlink) is renamed to
-    ``<path>.corrupt-<unix time>``, kept for inspection and never read again. Whether
+    unusable file (corrupt, truncated, unknown version, unreadable, a symlink) is renamed
+    to ``<path>.corrupt-<unix time>``, kept for inspection and never read again. Whether
     each saved process still exists, and is the same one, is for
     ``FileTimerServer.restore()`` to check.
 
@@ -182,9 +194,18 @@ def load_state(path: str, boot_id: str, now: Optional[float] = None) -> StateLoa
         boot_id: this boot's id (`read_boot_id`).
         now: the monotonic clock, used when there is no boot id (a ``saved_at`` in the
             future then means a reboot happened).
+
+    Raises:
+        StatePathError: a directory, a FIFO, a device or a socket is at ``path``: it is
+            never read (a FIFO would block), moved or removed.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO would wait for a writer; fstat() refuses it instead.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise StatePathError(_not_a_file(path, mode))
         with os.fdopen(fd, "rb") as f:
             data = f.read(MAX_STATE_BYTES + 1)
         if len(data) > MAX_STATE_BYTES:
@@ -194,18 +215,37 @@ def load_state(path: str, boot_id: str, now: Optional[float] = None) -> StateLoa
         return StateLoad([], ignored="no state file")
     except (OSError, StateFileError) as e:
         problem = str(e) if isinstance(e, StateFileError) else f"cannot read it: {e.strerror}"
-        aside = f"{path}.corrupt-{int(time.time())}"
-        try:
-            os.replace(path, aside)
-        except OSError as e2:
-            log.error("state file %s is unusable (%s) and cannot be moved: %s", path, problem, e2)
-            return StateLoad([], ignored=problem)
-        log.error("state file %s is unusable (%s); moved it to %s", path, problem, aside)
-        return StateLoad([], ignored=problem, set_aside=aside)
+        return _set_aside(path, problem)
     now = time.monotonic() if now is None else now
     if state.boot_id != boot_id or (not boot_id and state.saved_at > now):
         return StateLoad([], ignored="saved during another boot")
     return StateLoad(state.timers, state.journal)
+
+
+def _set_aside(path: str, problem: str) -> StateLoad:
+    """Rename the unusable file at ``path`` (a regular file or a symlink, never followed).
+
+    Raises:
+        StatePathError: something else is there (a directory the daemon may not read).
+    """
+    aside = f"{path}.corrupt-{int(time.time())}"
+    try:
+        mode = os.lstat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise StatePathError(_not_a_file(path, mode))
+        os.replace(path, aside)
+    except OSError as e:
+        log.error("state file %s is unusable (%s) and cannot be moved: %s", path, problem, e)
+        return StateLoad([], ignored=problem)
+    log.error("state file %s is unusable (%s); moved it to %s", path, problem, aside)
+    return StateLoad([], ignored=problem, set_aside=aside)
+
+
+def _not_a_file(path: str, mode: int) -> str:
+    return (
+        f"the state file {path} is {file_kind(mode)}, not a file; it is not the daemon's "
+        "to move or remove: give the path of a file (or of none yet)"
+    )
 
 
 class StateSaver:

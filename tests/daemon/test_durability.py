@@ -181,3 +181,43 @@ def test_a_nested_json_line_in_the_journal_replays_as_one_malformed_line(
     assert d.armed_scopes() == ["after", "before"]
     assert d.status()["stats"]["decode_errors"] == {"MalformedMessage": 1}
     assert d.stop() == 0
+
+
+# Replaces FileTimerServer.replay() with one that fails, as a bug in it would: no journal
+# content makes the real one fail any more, and this is the defence for when one does.
+FAILING_REPLAY = """
+import sys
+from ftimer_server.server._server import FileTimerServer
+real_replay = FileTimerServer.replay
+def replay(self, chunks):
+    real_replay(self, [next(iter(chunks))])  # part of the journal is applied ...
+    raise RuntimeError("injected: replay failed")  # ... then something unforeseen
+FileTimerServer.replay = replay
+from ftimer_server.daemon._cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_journal_that_cannot_be_replayed_is_set_aside_and_the_daemon_starts_empty(
+    spawn: Spawn, short_dir: pathlib.Path, sleeper: subprocess.Popen[str]
+) -> None:
+    state = short_dir / "state.json"
+    saved = Timer(sleeper.pid, "saved", time.monotonic() + 3600, 0)
+    write_state(state, journal=1, timers=(saved,))
+    segment = short_dir / "state.json.journal.1"
+    journalled = report_only_arm(sleeper.pid, "journalled")
+    segment.write_bytes(journalled)
+    d = spawn(
+        "--state-file", str(state), "--capture", "none", command=[PYTHON, "-c", FAILING_REPLAY]
+    ).ready()
+    failed = d.wait_for_record(level="error", logger="ftimer_server.daemon")
+    assert failed["msg"].startswith(
+        f"cannot replay the journal from segment 1; set aside as {segment}.corrupt-"
+    )
+    assert failed["msg"].endswith("; starting without the saved timers")
+    assert "RuntimeError: injected: replay failed" in str(failed)
+    assert not segment.exists()
+    (aside,) = short_dir.glob("state.json.journal.1.corrupt-*")
+    assert aside.read_bytes() == journalled
+    assert d.status()["timers"] == []  # half a replay is not kept
+    assert d.stop() == 0

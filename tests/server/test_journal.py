@@ -113,3 +113,16 @@ def test_what_cannot_be_deleted_is_said_once_and_left(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["j.1", "j.3"]
     assert (tmp_path / "j.1" / "precious").read_bytes() == b"precious"
     journal.close()
+
+
+def test_set_aside_moves_regular_segments_only(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "j.1").write_bytes(b"before the snapshot\n")
+    (tmp_path / "j.2").mkdir()
+    (tmp_path / "j.3").write_bytes(b"unreplayable\n")
+    journal = Journal(str(tmp_path / "j"))
+    moved = journal.set_aside(2)
+    assert [pathlib.Path(p).name.split(".corrupt-")[0] for p in moved] == ["j.3"]
+    assert pathlib.Path(moved[0]).read_bytes() == b"unreplayable\n"
+    assert journal.segments() == [1, 2, 4]  # set aside: never replayed again
+    assert b"".join(journal.replay(1)) == b"before the snapshot\n"
+    journal.close()

@@ -193,26 +193,30 @@ class Daemon:
             timers, replay_from = loaded.timers, loaded.journal
 
         tick = self._notifier.watchdog_interval
-        try:
-            server = FileTimerServer(
-                c.fifo,
-                on_event=self._on_event,
-                on_change=self._changed,
-                policy=_policy(c),
-                escalate_after=c.grace,
-                signal_override=c.signal,
-                dry_run=c.dry_run,
-                fifo_mode=c.fifo_mode,
-                fifo_group=c.fifo_group,
-                tick_interval=tick,
-                on_tick=self._keepalive if tick is not None else None,
-                journal=journal,
-                incidents=_incidents(c),
-                socket_path=c.socket,
-                on_incident=self._incident,
-            )
-        except OSError as e:  # the incident directory is unusable or unsafe
-            raise StartupError(f"incident directory {c.incident_dir}: {e}") from None
+
+        def new_server() -> FileTimerServer:
+            try:
+                return FileTimerServer(
+                    c.fifo,
+                    on_event=self._on_event,
+                    on_change=self._changed,
+                    policy=_policy(c),
+                    escalate_after=c.grace,
+                    signal_override=c.signal,
+                    dry_run=c.dry_run,
+                    fifo_mode=c.fifo_mode,
+                    fifo_group=c.fifo_group,
+                    tick_interval=tick,
+                    on_tick=self._keepalive if tick is not None else None,
+                    journal=journal,
+                    incidents=_incidents(c),
+                    socket_path=c.socket,
+                    on_incident=self._incident,
+                )
+            except OSError as e:  # the incident directory is unusable or unsafe
+                raise StartupError(f"incident directory {c.incident_dir}: {e}") from None
+
+        server = new_server()
         if timers:
             self._restoring = True
             try:
@@ -223,13 +227,27 @@ class Daemon:
         if journal is not None and replay_from:
             # What the last server read after its last save (it was killed): applied again
             # in order, so not even a disarm it had read is lost.
-            size = server.replay(journal.replay(replay_from))
-            log.info(
-                "replayed %d byte(s) of the journal from segment %d: %d timer(s) armed now",
-                size,
-                replay_from,
-                len(server.armed()),
-            )
+            try:
+                size = server.replay(journal.replay(replay_from))
+            except Exception:
+                # Half a replay may hold an arm without its disarm: start with no timers
+                # (a new FIFO, to which clients re-send theirs) rather than fail every
+                # restart on the same journal.
+                log.exception(
+                    "cannot replay the journal from segment %d; set aside as %s; starting "
+                    "without the saved timers",
+                    replay_from,
+                    ", ".join(journal.set_aside(replay_from)) or "(nothing could be moved)",
+                )
+                server.stop()
+                server = new_server()
+            else:
+                log.info(
+                    "replayed %d byte(s) of the journal from segment %d: %d timer(s) armed now",
+                    size,
+                    replay_from,
+                    len(server.armed()),
+                )
         # Restored timers were logged; from now on, arms and disarms only at debug level.
         server.set_event_types(self._event_types())
         try:

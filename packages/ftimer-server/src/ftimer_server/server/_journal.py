@@ -26,6 +26,7 @@ import glob
 import logging
 import os
 import stat
+import time
 from typing import Iterator, List, Set
 
 __all__ = ["Journal", "file_kind"]
@@ -159,6 +160,24 @@ class Journal:
         for n in self.segments():
             if first <= n < self._seq:
                 yield from self._replay_segment(f"{self._prefix}.{n}")
+
+    def set_aside(self, first: int) -> List[str]:
+        """Rename the segments from ``first`` up to the current one to
+        ``<segment>.corrupt-<unix time>``, so that no restart replays them again; return
+        the new names. Only regular files are moved; what cannot be moved is logged."""
+        moved = []
+        for n in self.segments():
+            if not first <= n < self._seq:
+                continue
+            path = f"{self._prefix}.{n}"
+            aside = f"{path}.corrupt-{int(time.time())}"
+            try:
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    os.replace(path, aside)
+                    moved.append(aside)
+            except OSError as e:
+                logger.error("journal: cannot set %s aside: %s", path, e.strerror)
+        return moved
 
     def close(self) -> None:
         """Close the current segment (it stays on disk)."""

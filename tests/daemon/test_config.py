@@ -5,7 +5,11 @@ from __future__ import annotations
 import grp
 import os
 import pathlib
+import resource
 import signal
+import subprocess
+import threading
+from typing import Callable
 
 import pytest
 
@@ -13,6 +17,7 @@ from ftimer_server.daemon._config import (
     DEFAULT_GRACE,
     ConfigError,
     DaemonConfig,
+    FileSettings,
     ascii_int,
     load_config_file,
     parse_address,
@@ -21,6 +26,12 @@ from ftimer_server.daemon._config import (
     parse_signal,
     resolve_config,
 )
+
+from .conftest import PATIENCE, PYTHON, DaemonProcess
+
+MIB = 1024 * 1024
+
+Spawn = Callable[..., DaemonProcess]
 
 
 def write(tmp_path: pathlib.Path, text: str) -> str:
@@ -288,3 +299,233 @@ def test_signal_override_and_its_default_grace(tmp_path: pathlib.Path) -> None:
     assert resolve_config({}, environ={}).grace is None
     with pytest.raises(ConfigError, match=r"at `\$.signal`"):
         load_config_file(write(tmp_path, "signal = true\n"))
+
+
+def load_in_a_thread(path: pathlib.Path) -> BaseException | FileSettings:
+    """``load_config_file(path)``, failing the test (not hanging it) if it blocks."""
+    outcome: list[BaseException | FileSettings] = []
+
+    def load() -> None:
+        try:
+            outcome.append(load_config_file(str(path)))
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(PATIENCE)
+    if thread.is_alive():  # blocked in open(): a writer lets it go, then fail
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(PATIENCE)
+        pytest.fail(f"load_config_file({path}) blocked")
+    return outcome[0]
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("fifo", "is a FIFO, not a regular file"),
+        ("directory", "is a directory, not a regular file"),
+        ("/dev/null", "is a character device, not a regular file"),
+        ("huge", f"is larger than {MIB} bytes"),
+    ],
+)
+def test_only_a_regular_file_of_at_most_1_mib_is_read(
+    tmp_path: pathlib.Path, kind: str, message: str
+) -> None:
+    path = tmp_path / "ftimer.toml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "/dev/null":
+        path.symlink_to("/dev/null")  # /dev/zero in a daemon below, under a memory limit
+    else:  # valid TOML, only too much of it
+        path.write_text("# a comment\n" * (MIB // 12 + 1))
+    outcome = load_in_a_thread(path)
+    assert isinstance(outcome, ConfigError), outcome
+    assert str(outcome) == f"config file {path} {message}"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b'log-level = "\xff"\n', "is not UTF-8 text: byte 13 is b'\\xff'"),
+        (b"x = " + b"[" * 5000 + b"]" * 5000 + b"\n", "arrays or tables nested too deeply"),
+        (b"x = " + b"{a=" * 3000 + b"1" + b"}" * 3000 + b"\n", "nested too deeply"),
+    ],
+)
+def test_undecodable_or_too_deep_files_are_config_errors(
+    tmp_path: pathlib.Path, data: bytes, message: str
+) -> None:
+    path = tmp_path / "ftimer.toml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        load_config_file(str(path))
+    assert str(info.value).startswith(f"config file {path} ")
+    assert message in str(info.value)
+
+
+PATH_KEYS = ["fifo", "control-socket", "state-file", "log-file", "incident-dir"]
+
+
+@pytest.mark.parametrize("key", PATH_KEYS)
+def test_an_empty_path_is_an_error_naming_the_key(tmp_path: pathlib.Path, key: str) -> None:
+    # "" is no working directory: a state file there had the whole directory set aside.
+    path = write(tmp_path, f'{key} = ""\n')
+    with pytest.raises(ConfigError) as info:
+        resolve_config({}, load_config_file(path), environ={}, config_file=path)
+    assert str(info.value) == f"config file {path}: {key}: the path is empty"
+    option = f"--{key}"
+    with pytest.raises(ConfigError, match=f"^{option}: the path is empty$"):
+        resolve_config({key.replace("-", "_"): ""}, environ={})
+
+
+def test_an_empty_socket_in_the_file_is_no_socket(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, 'socket = ""\n')
+    config = resolve_config({}, load_config_file(path), environ={}, config_file=path)
+    assert config.socket is None
+
+
+@pytest.mark.parametrize("key", [*PATH_KEYS, "socket"])
+def test_a_nul_byte_in_a_path_is_an_error_naming_the_key(tmp_path: pathlib.Path, key: str) -> None:
+    path = write(tmp_path, f'{key} = "/tmp/a\\u0000b"\n')
+    with pytest.raises(ConfigError) as info:
+        resolve_config({}, load_config_file(path), environ={}, config_file=path)
+    assert (
+        str(info.value) == f"config file {path}: {key}: the path '/tmp/a\\x00b' contains a NUL byte"
+    )
+
+
+def test_a_nul_byte_in_a_group_name_is_an_unknown_group() -> None:
+    with pytest.raises(ConfigError, match="unknown group 'a\\\\x00b'"):
+        resolve_config({"fifo_group": "a\0b"}, environ={})
+
+
+def test_socket_paths_longer_than_af_unix_allows_are_refused() -> None:
+    short = "/srv/ftimer/timer.fifo"
+    long_dir = "/srv/" + "d" * 96  # a FIFO fits; the sockets beside it do not
+    control = long_dir + "/status.sock"  # 113 bytes
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"control_socket": control}, environ={})
+    assert str(info.value) == (
+        f"--control-socket: {control} is 113 bytes long; a socket's path may be at most 107 bytes"
+    )
+    with pytest.raises(ConfigError, match=r"^--socket: .* a socket's path may be at most 107"):
+        resolve_config({"fifo": short, "socket": long_dir + "/timer.socket"}, environ={})
+    fifo = long_dir + "/t.fifo"
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"fifo": fifo, "socket": ""}, environ={})
+    assert str(info.value).startswith(f"the control socket beside the FIFO: {fifo}.sock is ")
+    assert str(info.value).endswith(": give a shorter FIFO path, or --control-socket")
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"fifo": fifo, "control_socket": "/srv/s.sock"}, environ={})
+    assert str(info.value).startswith("the socket beside the FIFO: ")
+    assert str(info.value).endswith(": give a shorter FIFO path, or --socket PATH or --no-socket")
+    # Told where the sockets go, a FIFO there is fine.
+    config = resolve_config(
+        {"fifo": fifo, "control_socket": "/srv/s.sock", "socket": ""}, environ={}
+    )
+    assert (config.fifo, config.control_socket, config.socket) == (fifo, "/srv/s.sock", None)
+    exactly = "/" + "s" * 106  # 107 bytes: the most AF_UNIX takes
+    assert resolve_config({"control_socket": exactly}, environ={}).control_socket == exactly
+
+
+def run_cli(*args: str, cwd: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    """``ftimer-server ARGS`` in ``cwd``; at most 512 MiB of address space, so a config
+    read without bound (/dev/zero) fails fast instead of filling the machine's memory."""
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))
+
+    return subprocess.run(
+        [PYTHON, "-m", "ftimer_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,  # a daemon that blocks or starts is killed, and the test fails
+        cwd=cwd,
+        preexec_fn=limit_memory,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("not UTF-8", "is not UTF-8 text: byte 13 is b'\\xff'"),
+        ("nested", "is not valid TOML: arrays or tables nested too deeply"),
+        ("FIFO", "is a FIFO, not a regular file"),
+        ("/dev/zero", "is a character device, not a regular file"),
+    ],
+)
+def test_a_bad_config_file_at_start_is_one_line_and_exit_2(
+    short_dir: pathlib.Path, kind: str, message: str
+) -> None:
+    config = short_dir / "ftimer.toml"
+    if kind == "not UTF-8":
+        config.write_bytes(b'log-level = "\xff"\n')
+    elif kind == "nested":
+        config.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    elif kind == "FIFO":
+        os.mkfifo(config)  # open() would wait for a writer
+    else:
+        config.symlink_to("/dev/zero")  # read() would never end
+    result = run_cli("run", "-c", str(config), "--fifo", str(short_dir / "t.fifo"), cwd=short_dir)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"ftimer-server: error: config file {config} {message}\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--state-file", ""], "ftimer-server: error: --state-file: the path is empty\n"),
+        (["--control-socket", ""], "ftimer-server: error: --control-socket: the path is empty\n"),
+        (["-c", ""], "argument -c/--config: the path is empty\n"),
+        (
+            ["--socket", ""],
+            "argument --socket: the path is empty (for the FIFO alone, give --no-socket)\n",
+        ),
+    ],
+)
+def test_an_empty_path_is_a_usage_error_and_the_working_directory_is_untouched(
+    short_dir: pathlib.Path, args: list[str], message: str
+) -> None:
+    cwd = short_dir / "work"
+    cwd.mkdir()
+    (cwd / "precious").write_bytes(b"precious")
+    result = run_cli(
+        "run", "--fifo", str(short_dir / "t.fifo"), "--capture", "none", *args, cwd=cwd
+    )
+    assert result.returncode == 2
+    assert result.stderr.endswith(message)
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in short_dir.iterdir()) == ["work"]  # nothing set aside
+    assert sorted(p.name for p in cwd.iterdir()) == ["precious"]
+
+
+def test_no_socket_still_means_the_fifo_alone(spawn: Spawn) -> None:
+    d = spawn("--no-socket", "--capture", "none").ready()
+    assert d.status()["socket"] is None
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize("kind", ["not UTF-8", "nested", "FIFO"])
+def test_sighup_with_a_bad_config_file_is_logged_and_the_daemon_runs_on(
+    spawn: Spawn, short_dir: pathlib.Path, kind: str
+) -> None:
+    config = short_dir / "ftimer.toml"
+    config.write_text('capture = "none"\n')
+    d = spawn("-c", str(config)).ready()
+    config.unlink()
+    if kind == "not UTF-8":
+        config.write_bytes(b'log-level = "\xff"\n')
+    elif kind == "nested":
+        config.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    else:
+        os.mkfifo(config)  # open() would wait for a writer, on the thread that handles SIGTERM
+    d.proc.send_signal(signal.SIGHUP)
+    error = d.wait_for_record(where=lambda r: r["msg"].startswith("config not reloaded: "))
+    assert error["level"] == "error"
+    assert f"config file {config} " in error["msg"]
+    assert d.proc.poll() is None
+    assert d.status()["healthy"]
+    assert d.stop() == 0  # SIGTERM is still heard

@@ -56,6 +56,20 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
 
 
+def _config_file(text: str) -> str:
+    # Not a setting, so not checked with them: "" would silently mean no config file.
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty")
+    return text
+
+
+def _socket_option(text: str) -> str:
+    # "" is how --no-socket reaches the config: said as --socket "", it is a mistake.
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty (for the FIFO alone, give --no-socket)")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftimer-server",
@@ -65,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", metavar="FILE", help="TOML config file")
+    common.add_argument(
+        "-c", "--config", type=_config_file, metavar="FILE", help="TOML config file"
+    )
     common.add_argument(
         "--fifo",
         metavar="PATH",
@@ -87,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     transport = run.add_mutually_exclusive_group()
     transport.add_argument(
         "--socket",
+        type=_socket_option,
         metavar="PATH",
         help="also receive timers as datagrams on an AF_UNIX socket here, whose sender "
         "the kernel names (workers in containers without hostPID use it); default: "
@@ -270,7 +287,12 @@ def _add_incidents_command(sub: Any) -> None:
     # from overwriting the one given before it.
     def where(parser: argparse.ArgumentParser, default: Any) -> None:
         parser.add_argument(
-            "-c", "--config", metavar="FILE", default=default, help="the daemon's config file"
+            "-c",
+            "--config",
+            type=_config_file,
+            metavar="FILE",
+            default=default,
+            help="the daemon's config file",
         )
         parser.add_argument(
             "--dir",

@@ -30,6 +30,7 @@ import grp
 import os
 import re
 import signal as signal_module
+import stat
 import sys
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
@@ -40,6 +41,7 @@ from ftimer_protocol import FIFO_ENV_VARS, default_fifo_path, signal_name, socke
 from ftimer_protocol import parse_signal as _parse_signal
 from ftimer_protocol._limits import LABEL_KEY_PATTERN
 from ftimer_server.incidents._options import CAPTURE_METHODS as INCIDENT_METHODS
+from ftimer_server.server._journal import file_kind
 
 from ._logging import LOG_FORMATS, LOG_LEVELS
 
@@ -52,6 +54,8 @@ else:  # pragma: no cover - exercised on 3.9 / 3.10 only
 __all__ = [
     "CAPTURE_METHODS",
     "DEFAULT_GRACE",
+    "MAX_CONFIG_BYTES",
+    "MAX_SOCKET_PATH",
     "ascii_int",
     "ConfigError",
     "DaemonConfig",
@@ -76,6 +80,11 @@ DEFAULT_GRACE = 10.0
 CAPTURE_METHODS = (*INCIDENT_METHODS, "none")
 _MIB = 1024 * 1024
 _GIB = 1024 * _MIB
+#: A config file larger than this is not one (every setting fits in a few KiB).
+MAX_CONFIG_BYTES = _MIB
+#: The longest path an AF_UNIX socket can be reached at: ``sun_path``'s 108 bytes, less
+#: the terminating NUL.
+MAX_SOCKET_PATH = 107
 
 
 class ConfigError(Exception):
@@ -212,20 +221,53 @@ def default_incident_dir(fifo: str, state_file: Optional[str] = None) -> str:
 def load_config_file(path: str) -> FileSettings:
     """Read and type-check a TOML config file.
 
+    Only a regular file (or a symlink to one) is read, and only up to `MAX_CONFIG_BYTES`:
+    a FIFO would block the daemon in ``open()`` and a device like /dev/zero never ends.
+
     Raises:
-        ConfigError: unreadable, not TOML, an unknown key or a value of the wrong type.
+        ConfigError: unreadable, not a regular file, larger than `MAX_CONFIG_BYTES`, not
+            UTF-8, not TOML (or nested deeper than the parser recurses), an unknown key
+            or a value of the wrong type.
     """
+    data = _read_config_file(path)
     try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text: byte {e.start} is {data[e.start : e.end]!r}"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(
+            f"config file {path} is not valid TOML: arrays or tables nested too deeply"
+        ) from None
     try:
         return msgspec.convert(raw, FileSettings)
     except msgspec.ValidationError as e:
         raise ConfigError(f"config file {path}: {e}") from None
+
+
+def _read_config_file(path: str) -> bytes:
+    try:
+        # O_NONBLOCK: opening a FIFO would wait for a writer; fstat() refuses it instead.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except ValueError:  # a NUL byte: only from code, a command line cannot hold one
+        raise ConfigError(f"config file {path!r}: the path contains a NUL byte") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ConfigError(f"config file {path} is {file_kind(mode)}, not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    return data
 
 
 def ascii_int(text: str) -> Optional[int]:
@@ -301,7 +343,7 @@ def parse_group(value: Union[int, str]) -> int:
     assert isinstance(value, str)
     try:
         return grp.getgrnam(value).gr_gid
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a NUL byte in the name
         raise ConfigError(
             f"unknown group {value!r}: the group must exist before the daemon starts "
             f"(create it, e.g. `groupadd {value}`, and put the workers' users in it), "
@@ -419,11 +461,22 @@ def resolve_config(
             raise ConfigError(f"{origin[name]}: {e}") from None
 
     def path(name: str) -> Optional[str]:
-        return None if merged[name] is None else os.path.abspath(merged[name])
+        value: Optional[str] = check(name, _path)
+        return value
 
     from_env = next((env[name] for name in FIFO_ENV_VARS if env.get(name)), None)
-    fifo = merged["fifo"] or from_env or default_fifo_path(environ=env)
-    fifo = os.path.abspath(fifo)
+    fifo = path("fifo") or os.path.abspath(from_env or default_fifo_path(environ=env))
+    control_socket = check("control_socket", lambda v: _socket_path(_path(v)))
+    if control_socket is None:
+        control_socket = _beside_the_fifo(
+            control_socket_for(fifo), "the control socket", "--control-socket"
+        )
+    if merged["socket"] is None:
+        socket: Optional[str] = _beside_the_fifo(
+            socket_path_for(fifo), "the socket", "--socket PATH or --no-socket"
+        )
+    else:  # "" is --no-socket (the config file's socket = "")
+        socket = check("socket", lambda v: _socket_path(_path(v)) if v else None)
     signal = check("signal", _platform_signal)
     grace = check("grace", lambda v: _within(v, 0, 86400, "seconds"))
     if grace is None and signal is not None and signal != signal_module.SIGKILL:
@@ -453,12 +506,8 @@ def resolve_config(
         fifo=fifo,
         fifo_mode=fifo_mode,
         fifo_group=fifo_group,
-        control_socket=path("control_socket") or control_socket_for(fifo),
-        socket=(
-            socket_path_for(fifo)
-            if merged["socket"] is None
-            else (os.path.abspath(merged["socket"]) if merged["socket"] else None)
-        ),
+        control_socket=control_socket,
+        socket=socket,
         signal=signal,
         grace=grace,
         state_file=state_file,
@@ -489,6 +538,49 @@ def resolve_config(
 
 #: Settings whose command-line option is not the setting's name (repeatable options).
 _OPTION = {"allow_uids": "allow-uid", "allow_signals": "allow-signal"}
+
+
+def _path(value: str) -> str:
+    """A path setting -> its absolute path.
+
+    Raises:
+        ConfigError: empty (``os.path.abspath`` would make it the working directory), or
+            holding a NUL byte (no system call takes one).
+    """
+    if not value:
+        raise ConfigError("the path is empty")
+    if "\0" in value:
+        raise ConfigError(f"the path {value!r} contains a NUL byte")
+    return os.path.abspath(value)
+
+
+def _socket_path(path: str) -> str:
+    """``path``, if an AF_UNIX socket can be reached there.
+
+    Raises:
+        ConfigError: longer than `MAX_SOCKET_PATH` bytes: the daemon could bind it (under
+            a short name, then renamed) but no client could ever connect to it.
+    """
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"{path} is {size} bytes long; a socket's path may be at most {MAX_SOCKET_PATH} bytes"
+        )
+    return path
+
+
+def _beside_the_fifo(path: str, what: str, option: str) -> str:
+    """``path``, a socket's path made from the FIFO's, if a socket can be reached there.
+
+    Raises:
+        ConfigError: the path is too long for a socket; the message says what to give.
+    """
+    try:
+        return _socket_path(path)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{what} beside the FIFO: {e}: give a shorter FIFO path, or {option}"
+        ) from None
 
 
 def _platform_signal(value: Union[int, str]) -> int:

@@ -374,3 +374,46 @@ def test_a_pid_reused_between_the_read_and_the_bind_is_not_bound(tmp_path: pathl
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "RejectReason.NO_SUCH_PROCESS\n"
+
+
+# Connects to the TCP address argv[2:4], makes its close linger 60 s over unsent data,
+# sends that socket to the datagram socket argv[1] with a line, and exits without
+# closing it (an exit never lingers): the receiver's copy is the last one.
+LINGERER = """
+import os, socket, struct, sys
+tcp = socket.create_connection((sys.argv[2], int(sys.argv[3])))
+tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 60))
+tcp.setblocking(False)
+try:
+    while True:
+        tcp.send(b"x" * 65536)
+except BlockingIOError:
+    pass
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.connect(sys.argv[1])
+socket.send_fds(s, [b"junk\\n"], [tcp.fileno()])
+os._exit(0)
+"""
+
+
+def test_a_descriptor_whose_close_blocks_is_not_closed_by_the_reader(
+    tmp_path: pathlib.Path,
+) -> None:
+    # A TCP socket with SO_LINGER and unsent data blocks its last close() for the linger
+    # time: the server closed what senders passed it in its loop, and stalled as long.
+    sock = open_socket(str(tmp_path / "s.socket"))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        host, port = listener.getsockname()
+        subprocess.run([sys.executable, "-c", LINGERER, sock.path, host, str(port)], check=True)
+        peer, _ = listener.accept()  # never reads
+        try:
+            results: List[object] = []
+            reader = threading.Thread(target=lambda: results.extend(sock.receive()))
+            reader.start()
+            reader.join(10)  # the close would take 60 s
+            assert not reader.is_alive()
+            assert [type(r).__name__ for r in results] == ["MalformedMessage"]
+        finally:
+            peer.close()  # the lingering close ends (reset)
+            reader.join(10)
+            sock.close()

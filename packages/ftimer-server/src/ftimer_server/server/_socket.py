@@ -21,12 +21,14 @@ import contextlib
 import fcntl
 import logging
 import os
+import queue
 import select
 import socket
 import stat
 import struct
 import termios
-from typing import Dict, FrozenSet, List, Optional, Tuple, Union
+import threading
+from typing import Dict, FrozenSet, List, Optional, Set, Tuple, Union
 
 import msgspec
 
@@ -129,6 +131,7 @@ class DatagramSocket:
         self.release()
         received: List[_Datagram] = []
         descriptors: List[int] = []
+        others: Set[int] = set()  # descriptors a sender chose: not the kernel's pidfds
         vouched = self.vouched
         recvmsg = self._sock.recvmsg
         try:
@@ -140,7 +143,10 @@ class DatagramSocket:
                 except OSError as e:  # never expected on a bound datagram socket
                     logger.error("receiving from %s: %s", self.path, e)
                     break
-                received.append(_parse(data, ancillary, flags, descriptors))
+                datagram = _parse(data, ancillary, flags, descriptors)
+                if datagram[4]:
+                    others.update(datagram[4])
+                received.append(datagram)
             if not received:
                 return []
             exited = _exited([d[3] for d in received if d[3] >= 0])
@@ -162,6 +168,9 @@ class DatagramSocket:
             kept = set(vouched.values())
             for fd in descriptors:
                 if fd in kept:
+                    continue
+                if fd in others:
+                    _close_later(fd)
                     continue
                 try:  # noqa: SIM105 - contextlib.suppress costs a call per descriptor
                     os.close(fd)
@@ -223,6 +232,28 @@ class DatagramSocket:
             st = os.lstat(self.path)
             if (st.st_dev, st.st_ino) == self._identity:
                 os.unlink(self.path)
+
+
+#: Descriptors senders passed, closed by a thread of their own, off the loop: closing one
+#: can block as long as its sender arranged (a TCP socket with SO_LINGER and unsent data).
+_CLOSER: queue.SimpleQueue[int] = queue.SimpleQueue()
+_closer_lock = threading.Lock()
+_closer: Optional[threading.Thread] = None
+
+
+def _close_later(fd: int) -> None:
+    global _closer  # one thread for the process, started when first needed
+    _CLOSER.put(fd)
+    with _closer_lock:
+        if _closer is None:
+            _closer = threading.Thread(target=_close_forever, name="ftimer-closer", daemon=True)
+            _closer.start()
+
+
+def _close_forever() -> None:
+    while True:
+        with contextlib.suppress(OSError):
+            os.close(_CLOSER.get())
 
 
 #: A datagram as read: its bytes, recvmsg's flags, the sender's (pid, uid, gid) if the

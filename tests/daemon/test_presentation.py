@@ -57,6 +57,12 @@ def test_status_table() -> None:
     ]
 
 
+def test_status_shows_what_workers_sent_escaped() -> None:
+    hostile = {"pid": 42, "scope_id": "s\x1b[2J\nFAKE", "signal": 9, "remaining": 1.0}
+    text = format_status(status_doc(timers=[{**hostile, "labels": {"job": "j\n1"}}]))
+    assert text.splitlines()[-1] == "42   s\\x1b[2J\\nFAKE  1.0s  SIGKILL  job=j\\n1"
+
+
 def test_status_header_flags_dry_run_and_an_unhealthy_reader() -> None:
     text = format_status(status_doc(dry_run=True, healthy=False, timers=[]))
     assert text.splitlines() == [

@@ -6,6 +6,7 @@ character or a line the worker made."""
 from __future__ import annotations
 
 import pathlib
+import re
 import subprocess
 from typing import Callable, List
 
@@ -77,6 +78,8 @@ def test_a_hostile_worker_reaches_the_text_log_and_incidents_escaped(
         assert_printable(text)
         assert rb"rank=0\nFAKE LOG LINE: reaped pid 1" in text
     assert rb"job=j\x1b]0;PWNED\x07\x1b[2J" in log
+    # The daemon's own line breaks stay: the incident's summary, a line each.
+    assert re.search(rb"daemon: incident [^\n]*\):\n  timer 'step[^\n]*\n  captured ", log)
     assert rb"""timer 'step\x1b]0;PWNED\x07\x1b[2J\nFAKE scope'""" in shown
     assert rb"  command: " in shown
     assert rb"argv\x1b]0;PWNED\x07\nFAKE argv" in shown

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any, Dict, List, Optional, TextIO
 
 from ftimer_server._version import __version__
+from ftimer_server.core._report import printable
 
 from ._config import (
     CAPTURE_METHODS,
@@ -439,10 +440,10 @@ def format_status(doc: Dict[str, Any]) -> str:
             rows.append(
                 (
                     str(t["pid"]),
-                    t["scope_id"],
+                    printable(t["scope_id"]),  # what workers sent, shown escaped
                     _duration(t["remaining"]),
                     signal_label(t["signal"]),
-                    labels,
+                    printable(labels),
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

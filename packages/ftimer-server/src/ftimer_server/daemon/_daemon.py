@@ -388,8 +388,11 @@ class Daemon:
         method = stuck.method if stuck is not None else "none"
         if self._metrics is not None:
             self._metrics.incident(method, incident.seconds)
-        lines = "\n  ".join(incident.summary)
-        log.warning("incident %s (%s):\n  %s", incident.id, self.config.incident_dir, lines)
+        # The line breaks in the format: the text log escapes those in its arguments.
+        summary = "\n  %s" * len(incident.summary)
+        log.warning(
+            "incident %s (%s):" + summary, incident.id, self.config.incident_dir, *incident.summary
+        )
 
     def _changed(self) -> None:
         # The server's loop: the armed timers changed in its last iteration.

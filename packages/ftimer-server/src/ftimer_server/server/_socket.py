@@ -7,7 +7,8 @@ translated into the server's PID namespace; and, where the kernel offers it,
 never the pid it names. A datagram may carry one pidfd of another process
 (``SCM_RIGHTS``): then that process is the subject, if it has the sender's uid and is
 the sender's descendant or parent (``ftimer exec``, or a shell's ``ftimer arm``):
-nothing the sender could not already do with ``kill(2)``.
+nothing the sender could not already do with ``kill(2)``, but for a PID namespace's
+first process named by its child (a container's entry shell that runs ``ftimer arm``).
 
 Every refusal here is a value for the core (``Refused``, counted and reported as a
 rejection), or a protocol error (a datagram truncated, or without credentials), and

@@ -84,6 +84,21 @@ def test_a_world_writable_fifo_is_accepted_with_a_warning(
     assert d.stop() == 0
 
 
+def test_a_fifo_in_a_directory_others_may_write_gets_a_warning(tmp_path: pathlib.Path) -> None:
+    # There another user can rename the FIFO away and put their own in its place.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    config = DaemonConfig(fifo=str(shared / "timer.fifo"))
+    for mode in (0o777, 0o775):
+        shared.chmod(mode)
+        (warning,) = startup_warnings(config, euid=1000)
+        assert warning.startswith(f"the FIFO's directory {shared} (mode {mode:04o}) lets users")
+    shared.chmod(0o1777)  # sticky, as /tmp: only the owner renames or removes a file
+    assert startup_warnings(config, euid=1000) == []
+    shared.chmod(0o755)
+    assert startup_warnings(config, euid=1000) == []
+
+
 def test_startup_warnings_for_each_user_and_mode() -> None:
     fifo = "/run/ftimer/timer.fifo"
     plain = DaemonConfig(fifo=fifo)

@@ -22,6 +22,7 @@ import logging
 import os
 import select
 import signal
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -466,9 +467,20 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
     Anyone who can write the FIFO can have any process the policy allows signalled, by
     naming its pid. So: a FIFO others may write, and a root daemon (which may signal
     every user's processes) whose FIFO someone besides root may write while nothing
-    restricts the target users. And a group named for the FIFO that may not write it.
+    restricts the target users. And a group named for the FIFO that may not write it,
+    and a directory in which others could swap the FIFO for theirs.
     """
     warnings = []
+    directory = os.path.dirname(c.fifo) or "."
+    with contextlib.suppress(OSError):  # a directory yet to be made is the daemon's
+        st = os.stat(directory)
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            warnings.append(
+                f"the FIFO's directory {directory} (mode {stat.S_IMODE(st.st_mode):04o}) "
+                "lets users other than its owner rename or replace the FIFO and the socket "
+                "in it, and so read the timers and keep workers unwatched: use a directory "
+                "only the daemon's user may write (such as the default /run/ftimer)"
+            )
     others_write = bool(c.fifo_mode & 0o002)
     group_write = bool(c.fifo_mode & 0o020)
     mode = f"{c.fifo_mode:04o}"

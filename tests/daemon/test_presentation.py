@@ -121,7 +121,7 @@ def reaped(**overrides: object) -> Reaped:
         (
             DecodeFailed("MalformedMessage", "JSON is malformed", b"junk"),
             logging.WARNING,
-            "dropped an invalid line from the FIFO: MalformedMessage: JSON is malformed: b'junk'",
+            "dropped an invalid line: MalformedMessage: JSON is malformed: b'junk'",
         ),
     ],
 )

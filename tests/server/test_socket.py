@@ -134,6 +134,7 @@ def test_a_pidfd_names_the_senders_parent_never_a_stranger(served, senders) -> N
         [refused] = events.of(Rejected)
         assert refused.reason.value == "foreign_subject"  # type: ignore[attr-defined]
         assert "neither a descendant nor the parent" in refused.detail  # type: ignore[attr-defined]
+        assert refused.scope_id == "step"  # type: ignore[attr-defined]
         assert stranger.poll() is None
         assert child.poll() is None
     finally:
@@ -153,6 +154,36 @@ def test_a_pidfd_names_the_senders_parent_never_a_stranger(served, senders) -> N
     finally:
         shell.kill()
         shell.wait()
+    del server
+
+
+def test_a_sender_may_name_itself_by_its_own_pidfd(served) -> None:  # type: ignore[no-untyped-def]
+    # It was refused: its own process is neither its descendant nor its parent.
+    server, events, path = served
+    worker = f"""
+import os, socket
+from ftimer_protocol import Arm, encode
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+    s.connect({path!r})
+    line = encode(Arm(pid=os.getpid(), scope_id="own", deadline=1e9, signal=9))
+    socket.send_fds(s, [line], [os.pidfd_open(os.getpid())])
+    print("sent", flush=True)
+    input()
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", worker], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "sent\n"
+        wait_until(lambda: events.of(Armed) or events.of(Rejected))
+        assert [e.timer.pid for e in events.of(Armed)] == [proc.pid]  # type: ignore[attr-defined]
+    finally:
+        proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
     del server
 
 

@@ -190,7 +190,8 @@ class Rejected(Event, frozen=True, tag="rejected"):
 
 
 class DecodeFailed(Event, frozen=True, tag="decode_failed"):
-    """Lines read from the FIFO were not valid messages; they were dropped and counted.
+    """Lines read from the FIFO, or datagrams, were not valid messages; they were dropped
+    and counted.
 
     Attributes:
         error: the protocol error's class: ``"MalformedMessage"``, ``"LineTooLong"`` or
@@ -216,12 +217,14 @@ class Refused(msgspec.Struct, frozen=True, gc=False):
         request: what the message asked (``request_of``).
         pid: the sender's pid, as the server sees it (0: not visible).
         detail: for people.
+        scope_id: the message's scope, if it names one.
     """
 
     reason: RejectReason
     request: str
     pid: int
     detail: str = ""
+    scope_id: Optional[str] = None
 
 
 #: What the core applies: a decoded message or a decode error, or an edge's refusal.

@@ -166,7 +166,7 @@ class Watchdog:
             self.counters.requests["sync", "ok"] += 1
             tokens.append(m.token)
         elif isinstance(m, Refused):
-            self._reject(m.reason, m.request, m.pid, None, None, m.detail)
+            self._reject(m.reason, m.request, m.pid, m.scope_id, None, m.detail)
         else:
             self._emit(DecodeFailed(type(m).__name__, m.reason, m.excerpt, m.lines))
 

@@ -138,12 +138,12 @@ def describe(
         if event.lines > 1:
             return (
                 logging.WARNING,
-                f"dropped %d invalid lines in a row from the FIFO: {error}: %s: first %r",
+                f"dropped %d invalid lines in a row: {error}: %s: first %r",
                 (event.lines, event.reason, event.excerpt),
             )
         return (
             logging.WARNING,
-            f"dropped an invalid line from the FIFO: {error}: %s: %r",
+            f"dropped an invalid line: {error}: %s: %r",
             (event.reason, event.excerpt),
         )
     return logging.INFO, "%r", (event,)  # pragma: no cover - an event type added later

@@ -209,17 +209,17 @@ class DatagramSocket:
                 "the sender is in a PID namespace the server cannot see: run the server in "
                 "the workers' PID namespace or an ancestor of it"
             )
-            return Refused(RejectReason.SENDER_NOT_VISIBLE, request_of(message), 0, why)
+            return _refused(RejectReason.SENDER_NOT_VISIBLE, message, 0, why)
         # Alive now, the sender still owns the pid the kernel gave (a pid is not reused while
         # its process lives); reading the pidfd's pid costs ten times this poll.
         if sender_exited:
             why = "it exited before its message was read"
-            return Refused(RejectReason.SENDER_GONE, request_of(message), pid, why)
+            return _refused(RejectReason.SENDER_GONE, message, pid, why)
         subject = pid
         if rights:
             reason, subject, why = _subject(message, pid, uid, rights, flags)
             if reason is not None:
-                return Refused(reason, request_of(message), pid, why)
+                return _refused(reason, message, pid, why)
         if isinstance(message, Sync) or message.pid == subject:  # a marker names nobody
             return message
         self.overridden += 1
@@ -286,6 +286,11 @@ def _parse(
     return data, flags, creds, sender_fd, rights
 
 
+def _refused(reason: RejectReason, message: Message, pid: int, why: str) -> Refused:
+    scope = getattr(message, "scope_id", None)
+    return Refused(reason, request_of(message), pid, why, scope)
+
+
 def _subject(
     message: Message, sender: int, uid: int, rights: List[int], flags: int
 ) -> Tuple[Optional[RejectReason], int, str]:
@@ -299,6 +304,8 @@ def _subject(
         return RejectReason.NO_SUCH_PROCESS, sender, why
     if target is None or target <= 0:
         return RejectReason.FOREIGN_SUBJECT, sender, "not a pidfd of a live process"
+    if target == sender:  # its own pidfd: as if it carried none
+        return None, target, ""
     refusal = _may_name(sender, uid, target)
     if refusal is not None:
         return RejectReason.FOREIGN_SUBJECT, sender, refusal

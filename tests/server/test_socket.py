@@ -5,6 +5,7 @@ own children only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -21,6 +22,7 @@ from tests.conftest import wait_until
 
 from ftimer_protocol import Arm, Disarm, Expire, encode
 from ftimer_server import Armed, Event, FileTimerServer, Reaped, Rejected
+from ftimer_server.server import _socket as socket_module
 from ftimer_server.server._socket import open_socket
 
 from .conftest import wait_exit
@@ -449,3 +451,55 @@ def test_a_descriptor_whose_close_blocks_is_not_closed_by_the_reader(
             peer.close()  # the lingering close ends (reset)
             reader.join(10)
             sock.close()
+
+
+def test_a_line_of_descent_is_read_once_a_batch(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sender naming a descendant many generations down had every generation's parent
+    # read from /proc again for each datagram (2.7 ms a datagram at 250 generations).
+    depth = 20
+    script = 'f() { if [ "$1" -gt 0 ]; then f $(($1 - 1)) & wait; else exec sleep 60; fi; }; f "$0"'
+    chain = subprocess.Popen(["bash", "-c", script, str(depth)])
+    try:
+        pid = chain.pid
+        for _ in range(depth):  # down to the sleep at the bottom
+            pid = wait_until(lambda p=pid: _children(p), what="the next generation")[0]
+        wait_until(lambda: pathlib.Path(f"/proc/{pid}/comm").read_text() == "sleep\n")
+        reads: List[int] = []
+        real_parent = socket_module._PROCESSES.parent
+        monkeypatch.setattr(
+            socket_module._PROCESSES, "parent", lambda p: reads.append(p) or real_parent(p)
+        )
+        sock = open_socket(str(tmp_path / "s.socket"))
+        pidfd = os.pidfd_open(pid)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+                sender.connect(sock.path)
+                for i in range(10):
+                    socket.send_fds(sender, [arm(pid, scope=f"s{i}")], [pidfd])
+            results = sock.receive()
+        finally:
+            os.close(pidfd)
+            sock.close()
+        assert [getattr(r, "pid", r) for r in results] == [pid] * 10  # all accepted
+        assert len(reads) <= depth + 2  # once, not once a datagram
+    finally:
+        _kill_tree(chain.pid)
+        chain.wait()
+
+
+def _children(pid: int) -> List[int]:
+    found: List[int] = []
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        found += map(int, (task / "children").read_text().split())
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """Kill ``pid`` (the test's child) and every descendant, bottom up."""
+    with contextlib.suppress(OSError):
+        for child in _children(pid):
+            _kill_tree(child)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 9)

@@ -151,10 +151,13 @@ class DatagramSocket:
             if not received:
                 return []
             exited = _exited([d[3] for d in received if d[3] >= 0])
+            parents: Dict[int, int] = {}
             out: List[Incoming] = []
             run: Optional[RemoteProtocolError] = None  # the last result, if an error
             for data, flags, creds, sender_fd, rights in received:
-                result = self._judge(data, flags, creds, sender_fd in exited, rights)
+                result = self._judge(
+                    data, flags, creds, sender_fd in exited, rights, parents=parents
+                )
                 if extends_run(run, result):  # as a run of such lines on the FIFO
                     run.lines += 1  # type: ignore[union-attr]
                     continue
@@ -193,9 +196,12 @@ class DatagramSocket:
         creds: Optional[Tuple[int, int, int]],
         sender_exited: bool,
         rights: List[int],
+        *,
+        parents: Dict[int, int],
     ) -> Incoming:
         """One datagram: its message for its subject, or why not. ``sender_exited``: the
-        kernel gave a pidfd of the sender, and it polled as exited."""
+        kernel gave a pidfd of the sender, and it polled as exited; ``parents``: the
+        batch's cache of parents (see ``_may_name``)."""
         if flags & _MSG_TRUNC:
             return MalformedMessage("datagram longer than PIPE_BUF", data[:64])
         if creds is None:
@@ -217,7 +223,7 @@ class DatagramSocket:
             return _refused(RejectReason.SENDER_GONE, message, pid, why)
         subject = pid
         if rights:
-            reason, subject, why = _subject(message, pid, uid, rights, flags)
+            reason, subject, why = _subject(message, pid, uid, rights, flags, parents=parents)
             if reason is not None:
                 return _refused(reason, message, pid, why)
         if isinstance(message, Sync) or message.pid == subject:  # a marker names nobody
@@ -292,7 +298,13 @@ def _refused(reason: RejectReason, message: Message, pid: int, why: str) -> Refu
 
 
 def _subject(
-    message: Message, sender: int, uid: int, rights: List[int], flags: int
+    message: Message,
+    sender: int,
+    uid: int,
+    rights: List[int],
+    flags: int,
+    *,
+    parents: Dict[int, int],
 ) -> Tuple[Optional[RejectReason], int, str]:
     """The process a datagram's pidfd names, or why the sender may not name it."""
     if len(rights) > 1 or (flags & _MSG_CTRUNC):
@@ -306,7 +318,7 @@ def _subject(
         return RejectReason.FOREIGN_SUBJECT, sender, "not a pidfd of a live process"
     if target == sender:  # its own pidfd: as if it carried none
         return None, target, ""
-    refusal = _may_name(sender, uid, target)
+    refusal = _may_name(sender, uid, target, parents)
     if refusal is not None:
         return RejectReason.FOREIGN_SUBJECT, sender, refusal
     return None, target, ""
@@ -323,17 +335,26 @@ def _exited(pidfds: List[int]) -> FrozenSet[int]:
     return frozenset(fd for fd, _ in poller.poll(0))
 
 
-def _may_name(sender: int, uid: int, target: int) -> Optional[str]:
+def _may_name(sender: int, uid: int, target: int, parents: Dict[int, int]) -> Optional[str]:
     """Why ``sender`` (of ``uid``) may not arm a timer for ``target``, or None: only a
-    process of its own uid that is its descendant or its parent."""
+    process of its own uid that is its descendant or its parent. ``parents`` caches the
+    parents read for one batch: a sender naming a descendant many generations down, in
+    datagram after datagram, has its line of descent read from /proc once a batch."""
+
+    def parent(pid: int) -> int:
+        found = parents.get(pid)
+        if found is None:
+            found = parents[pid] = _PROCESSES.parent(pid)
+        return found
+
     try:
         if _PROCESSES.uid(target) != uid:
             return f"process {target} is not of the sender's user"
-        if _PROCESSES.parent(sender) == target:
+        if parent(sender) == target:
             return None
         pid = target
         for _ in range(256):
-            pid = _PROCESSES.parent(pid)
+            pid = parent(pid)
             if pid == sender:
                 return None
             if pid <= 1:

@@ -418,4 +418,4 @@ def _queue_length() -> int:
         with open(_QLEN, encoding="ascii") as f:
             return max(1, int(f.read()))
     except (OSError, ValueError):
-        return 512  # Linux's default
+        return 10  # Linux's default

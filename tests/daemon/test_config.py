@@ -8,6 +8,7 @@ import pathlib
 import resource
 import signal
 import subprocess
+import sys
 import threading
 from typing import Callable
 
@@ -186,7 +187,7 @@ def test_parse_address_rejects(value: str) -> None:
         ({"signal": 32}, "not a signal of this platform"),
         ({"allow_uids": [-1]}, "--allow-uid: "),
         ({"fifo_group": "no-such-group-ftimer"}, "--fifo-group: unknown group"),
-        ({"fifo_group": -1}, "not a gid"),
+        ({"fifo_group": -1}, "--fifo-group: gid -1 must be at least 0"),
         ({"metrics_address": "host:70000"}, "port 70000 is out of range 0..65535"),
         ({"metrics_address": "host:http"}, "has no port number"),
     ],
@@ -272,9 +273,92 @@ def test_file_errors_name_the_file_and_the_key_command_line_errors_the_option(
     assert "the group must exist" in str(info.value)
     with pytest.raises(ConfigError) as info:
         resolve_config({"fifo_group": "4242"}, file, environ={}, config_file=path)
-    assert str(info.value) == f"config file {path}: grace: -1.0 must be between 0 and 86400 seconds"
-    with pytest.raises(ConfigError, match=r"^--grace: -2.0 must be between 0 and 86400"):
+    assert (
+        str(info.value)
+        == f"config file {path}: grace: -1.0 must be between 0.001 and 86400 seconds"
+    )
+    with pytest.raises(ConfigError, match=r"^--grace: -2.0 must be between 0.001 and 86400"):
         resolve_config({"grace": -2.0, "fifo_group": "4242"}, file, environ={})
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        # Accepted before, though no setting means anything there.
+        ("grace = 1e-300", "1e-300 must be between 0.001 and 86400 seconds"),
+        ("grace = 0", "0.0 must be between 0.001 and 86400 seconds"),
+        (
+            "max-timers = 9223372036854775807",
+            "9223372036854775807 must be at most 2147483647 timers",
+        ),
+        ("max-timers-per-pid = 2147483648", "2147483648 must be at most 2147483647 timers"),
+        ("incidents-keep = 2147483648", "2147483648 must be at most 2147483647 incidents"),
+        ("allow-uids = [1000, 1099511627776]", "uid 1099511627776 must be at most 4294967294"),
+        ("allow-uids = [4294967295]", "uid 4294967295 must be at most 4294967294"),
+        (
+            'core-max-bytes = "99999999999999999999T"',
+            "99999999999999999999T must be at most 9223372036854775807 bytes",
+        ),
+        (
+            "incidents-max-bytes = 9223372036854775808",
+            "9223372036854775808 must be at most 9223372036854775807 bytes",
+        ),
+        # Refused before, with the same helper's words now.
+        ('fifo-group = "4294967295"', "gid 4294967295 must be at most 4294967294"),
+        ("allow-uids = [-1]", "uid -1 must be at least 0"),
+        ("state-interval = nan", "nan must be between 0.01 and 60 seconds"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_naming_the_key_and_the_range(
+    tmp_path: pathlib.Path, line: str, message: str
+) -> None:
+    path = write(tmp_path, line + "\n")
+    key = line.partition(" = ")[0]
+    with pytest.raises(ConfigError) as info:
+        resolve_config({}, load_config_file(path), environ={}, config_file=path)
+    assert str(info.value) == f"config file {path}: {key}: {message}"
+
+
+def test_numbers_at_the_ends_of_their_ranges_are_accepted(tmp_path: pathlib.Path) -> None:
+    path = write(
+        tmp_path,
+        """
+grace = 0.001
+max-timers = 2147483647
+max-timers-per-pid = 1
+allow-uids = [0, 4294967294]
+fifo-group = 4294967294
+incidents-keep = 2147483647
+incidents-max-bytes = 9223372036854775807
+core-max-bytes = "8388607T"
+""",
+    )
+    config = resolve_config({}, load_config_file(path), environ={}, config_file=path)
+    assert (config.grace, config.max_timers, config.max_timers_per_pid) == (0.001, 2**31 - 1, 1)
+    assert (config.allow_uids, config.fifo_group) == (frozenset({0, 2**32 - 2}), 2**32 - 2)
+    assert (config.incidents_keep, config.incidents_max_bytes) == (2**31 - 1, 2**63 - 1)
+    assert config.core_max_bytes == 8388607 << 40  # 8 EiB less 1 TiB
+
+
+def test_metrics_without_prometheus_client_are_refused_when_the_daemon_is_to_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails
+    advice = (
+        "metrics need prometheus_client (the ftimer-server[metrics] extra): "
+        "pip install prometheus_client"
+    )
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"metrics_address": "9464"}, environ={}, starting=True)
+    assert str(info.value) == f"--metrics-address: {advice}"
+    path = write(tmp_path, 'metrics-address = "9464"\n')
+    file = load_config_file(path)
+    with pytest.raises(ConfigError) as info:
+        resolve_config({}, file, environ={}, config_file=path, starting=True)
+    assert str(info.value) == f"config file {path}: metrics-address: {advice}"
+    # `status` and `incidents` read the same file and serve no metrics.
+    config = resolve_config({}, file, environ={}, config_file=path)
+    assert config.metrics_address == ("127.0.0.1", 9464)
 
 
 def test_a_decimal_fifo_mode_in_toml_is_explained(tmp_path: pathlib.Path) -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import pathlib
 import signal
+import socket
 
 import pytest
 
+from ftimer_protocol import FIFO_ENV_VARS
 from ftimer_server import (
     Armed,
     DecodeFailed,
@@ -20,6 +24,7 @@ from ftimer_server import (
     Timer,
     WorkerGone,
 )
+from ftimer_server.daemon import _cli
 from ftimer_server.daemon._cli import format_status, main
 from ftimer_server.daemon._daemon_log import describe, event_fields
 
@@ -196,3 +201,36 @@ def test_run_help_says_the_fifo_mode_applies_at_every_start(
     text = " ".join(capsys.readouterr().out.split())
     assert "octal permissions of the FIFO, set at every start (a reused FIFO too)" in text
     assert "of a new FIFO" not in text
+
+
+def test_status_at_a_users_own_default_points_to_the_system_daemon(
+    monkeypatch: pytest.MonkeyPatch, short_dir: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    system = short_dir / "run" / "timer.fifo"  # stands for /run/ftimer/timer.fifo
+    system.parent.mkdir()
+    monkeypatch.setattr(_cli, "SYSTEM_FIFO", str(system))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # a user, whose default is their own
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_dir / "user"))
+    for name in FIFO_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    own = short_dir / "user" / "ftimer" / "timer.fifo.sock"
+    not_running = f"ftimer-server: error: no ftimer-server is running on {own}"
+
+    assert main(["status"]) == 1  # no system daemon either: nothing to point to
+    assert capsys.readouterr().err == not_running + "\n"
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+        listening.bind(f"{system}.sock")
+        listening.listen()
+        assert main(["status"]) == 1
+        assert capsys.readouterr().err == (
+            f"{not_running} (this user's default); the system daemon's control socket "
+            f"{system}.sock exists: ask it with --fifo {system} (only root and the "
+            "daemon's user may)\n"
+        )
+        # A path given is the one meant: no advice.
+        other = short_dir / "other.fifo"
+        assert main(["status", "--fifo", str(other)]) == 1
+        assert capsys.readouterr().err == (
+            f"ftimer-server: error: no ftimer-server is running on {other}.sock\n"
+        )

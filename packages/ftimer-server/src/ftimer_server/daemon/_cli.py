@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, Dict, List, Optional, TextIO
 
+from ftimer_protocol import SYSTEM_FIFO_PATH, default_fifo_path
 from ftimer_server._version import __version__
 from ftimer_server.core._report import printable
 
@@ -29,6 +31,7 @@ from ._config import (
     ConfigError,
     FileSettings,
     ascii_int,
+    control_socket_for,
     load_config_file,
     resolve_config,
     signal_label,
@@ -142,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_seconds,
         metavar="SECONDS",
         help="time a worker signalled with anything but SIGKILL has to exit before "
-        "SIGKILL (default: 10 with --signal, else no escalation)",
+        "SIGKILL, 0.001..86400 (default: 10 with --signal, else no escalation)",
     )
     run.add_argument(
         "--state-file", metavar="PATH", help="save armed timers here to survive restarts"
@@ -152,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_seconds,
         metavar="SECONDS",
         help="longest delay between a change and its save, and shortest between two "
-        "saves (default: 0.1)",
+        "saves, 0.01..60 (default: 0.1)",
     )
     run.add_argument(
         "--allow-uid",
@@ -160,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_number,
         action="append",
         metavar="UID",
-        help="only accept timers of processes of this uid (repeatable; default: any user)",
+        help="only accept timers of processes of this uid, 0..4294967294 (repeatable; "
+        "default: any user)",
     )
     run.add_argument(
         "--allow-signal",
@@ -175,9 +179,17 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="only accept timers of processes descended from the daemon",
     )
-    run.add_argument("--max-timers", type=_number, metavar="N", help="cap on armed timers")
     run.add_argument(
-        "--max-timers-per-pid", type=_number, metavar="N", help="cap on one process's timers"
+        "--max-timers",
+        type=_number,
+        metavar="N",
+        help="cap on armed timers, 1..2147483647 (default 1000000)",
+    )
+    run.add_argument(
+        "--max-timers-per-pid",
+        type=_number,
+        metavar="N",
+        help="cap on one process's timers, 1..2147483647 (default 10000)",
     )
     run.add_argument(
         "--dry-run",
@@ -241,7 +253,7 @@ def _add_incident_options(run: argparse.ArgumentParser) -> None:
         "--incidents-keep",
         type=_number,
         metavar="N",
-        help="keep at most N incidents, removing the oldest (default 200)",
+        help="keep at most N incidents, removing the oldest, 1..2147483647 (default 200)",
     )
     group.add_argument(
         "--incidents-max-bytes",
@@ -377,7 +389,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config_file = getattr(args, "config", None)
     try:
         file = load_config_file(config_file) if config_file else FileSettings()
-        config = resolve_config(cli, file, config_file=config_file)
+        starting = args.command == "run"
+        config = resolve_config(cli, file, config_file=config_file, starting=starting)
     except ConfigError as e:
         _error(str(e))
         return EXIT_USAGE
@@ -390,10 +403,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_daemon(config, cli)
 
 
+#: The FIFO of the system daemon (root's default), which `status` points other users to.
+SYSTEM_FIFO = SYSTEM_FIFO_PATH
+
+
 def _status(path: str, as_json: bool, out: TextIO = sys.stdout) -> int:
     try:
         doc = query_status(path)
-    except (DaemonNotRunning, PermissionError) as e:
+    except DaemonNotRunning as e:
+        _error(str(e) + _system_daemon_hint(path))
+        return EXIT_FAILURE
+    except PermissionError as e:
         _error(str(e))
         return EXIT_FAILURE
     except (OSError, ValueError) as e:
@@ -408,6 +428,24 @@ def _status(path: str, as_json: bool, out: TextIO = sys.stdout) -> int:
         _error(f"the daemon on {path} answers, but its FIFO reader does not")
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _system_daemon_hint(path: str) -> str:
+    """Where else to ask, when nothing answers at ``path``: "" unless ``path`` is the
+    user's own default while the system daemon's control socket exists.
+
+    A user's default (``/tmp/ftimer-UID/...``) is not root's (``/run/ftimer/...``), and
+    the client library sends a user's timers to the system daemon's FIFO whenever it
+    exists: that daemon is likely the one meant.
+    """
+    system = control_socket_for(SYSTEM_FIFO)
+    own_default = control_socket_for(default_fifo_path())
+    if path != own_default or path == system or not os.path.exists(system):
+        return ""
+    return (
+        f" (this user's default); the system daemon's control socket {system} exists: "
+        f"ask it with --fifo {SYSTEM_FIFO} (only root and the daemon's user may)"
+    )
 
 
 def _duration(seconds: float) -> str:

@@ -33,7 +33,7 @@ import signal as signal_module
 import stat
 import sys
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, TypeVar, Union
 
 import msgspec
 
@@ -55,6 +55,9 @@ __all__ = [
     "CAPTURE_METHODS",
     "DEFAULT_GRACE",
     "MAX_CONFIG_BYTES",
+    "MAX_COUNT",
+    "MAX_ID",
+    "MAX_SIZE",
     "MAX_SOCKET_PATH",
     "ascii_int",
     "ConfigError",
@@ -85,6 +88,21 @@ MAX_CONFIG_BYTES = _MIB
 #: The longest path an AF_UNIX socket can be reached at: ``sun_path``'s 108 bytes, less
 #: the terminating NUL.
 MAX_SOCKET_PATH = 107
+
+# The ranges of the numeric settings (docs/deploy.md and --help state them). Durations
+# are in seconds: a grace under a millisecond is none (the SIGKILL follows the signal at
+# once: say --signal SIGKILL), and one over a day keeps a hung worker's GPUs for good.
+_GRACE = (0.001, 86400.0)
+_STATE_INTERVAL = (0.01, 60.0)
+_CAPTURE_TIMEOUT = (0.05, 60.0)
+#: The most timers (in all, or of one process) or incidents a limit may allow: a signed
+#: 32-bit count, more timers than any host's memory holds; a larger limit is no limit.
+MAX_COUNT = 2**31 - 1
+#: The largest uid or gid: ids are 32-bit, and (uid_t)-1 means "leave unchanged" to
+#: chown() and setresuid(), so it is no one's id.
+MAX_ID = 2**32 - 2
+#: The largest size in bytes: the largest offset of a file (a signed 64-bit off_t).
+MAX_SIZE = 2**63 - 1
 
 
 class ConfigError(Exception):
@@ -130,28 +148,31 @@ SETTING_NAMES = tuple(f.name for f in msgspec.structs.fields(FileSettings))
 
 @dataclasses.dataclass(frozen=True)
 class DaemonConfig:
-    """The validated settings of one daemon run.
+    """The validated settings of one daemon run (`resolve_config` refuses a number
+    outside the range given here).
 
     Attributes:
         fifo: the FIFO path (absolute).
         fifo_mode: permission bits for a FIFO the daemon creates (0o600 by default,
             0o620 with a ``fifo_group``).
-        fifo_group: gid given to the FIFO, or None to keep the daemon's.
+        fifo_group: gid (0..`MAX_ID`) given to the FIFO, or None to keep the daemon's.
         control_socket: the status socket's path.
         socket: the datagram socket (the kernel-verified transport) beside the FIFO, or
             None: the FIFO alone.
         signal: the signal every reap sends instead of the timer's own (report-only
             timers stay report-only); None: each timer's.
-        grace: seconds a worker signalled with anything but SIGKILL has before SIGKILL;
-            None: no escalation. With a ``signal`` other than SIGKILL it defaults to
-            ``DEFAULT_GRACE``.
+        grace: seconds (0.001..86400) a worker signalled with anything but SIGKILL has
+            before SIGKILL; None: no escalation. With a ``signal`` other than SIGKILL it
+            defaults to ``DEFAULT_GRACE``.
         state_file: where armed timers are saved, or None.
-        state_interval: at most this many seconds pass between a change of the armed
-            timers and its save (and at least this many between two saves).
-        allow_uids: only processes of these uids get timers; None: any user's.
+        state_interval: at most this many seconds (0.01..60) pass between a change of
+            the armed timers and its save (and at least this many between two saves).
+        allow_uids: only processes of these uids (0..`MAX_ID`) get timers; None: any
+            user's.
         allow_signals: signals a timer may ask for (0, report only, always may); None: any.
         descendants_only: only descendants of the daemon get timers.
-        max_timers, max_timers_per_pid: caps on armed timers (None: the server's default).
+        max_timers, max_timers_per_pid: caps on armed timers (1..`MAX_COUNT`; None: the
+            server's default).
         dry_run: log and count expiries instead of signalling.
         log_format, log_level, log_file: logging.
         metrics_address: (host, port) for Prometheus, or None.
@@ -160,13 +181,15 @@ class DaemonConfig:
             `default_incident_dir`: ``incidents`` beside the state file, else beside
             the FIFO.
         incidents_keep, incidents_max_bytes: retention: the oldest incidents go beyond
-            this many, or beyond this many bytes of files (the newest is always kept).
+            this many (1..`MAX_COUNT`), or beyond this many bytes of files (1..`MAX_SIZE`);
+            the newest is always kept.
         capture: how stacks are captured before a reap (one of `CAPTURE_METHODS`).
         capture_timeout: seconds a reap's capture may take (0.05..60); then the signal
             goes anyway.
         py_spy_native: py-spy also shows native (C/C++) frames (``--native``).
         core: take a core file with ``gcore`` before the kill.
-        core_max_bytes: no core of a worker larger than this (bytes of memory).
+        core_max_bytes: no core of a worker larger than this (bytes of memory,
+            1..`MAX_SIZE`).
         reap_tree: after the capture, signal the worker's descendants too.
         job_label: the label whose value names a worker's job, so the other workers of
             the job on this host are captured with it; None: no peers.
@@ -325,21 +348,15 @@ def parse_mode(value: Union[int, str]) -> int:
     return value
 
 
-#: The largest gid: (gid_t)-1 means "leave unchanged" to chown(), so it is not a group.
-_MAX_GID = 2**32 - 2
-
-
 def parse_group(value: Union[int, str]) -> int:
     """A group name or number -> gid.
 
     Raises:
-        ConfigError: no such group name, or a number that is not a gid.
+        ConfigError: no such group name, or a number that is not a gid (0..`MAX_ID`).
     """
     number = value if isinstance(value, int) else ascii_int(value)
     if number is not None:
-        if not 0 <= number <= _MAX_GID:
-            raise ConfigError(f"group {number} is not a gid (0..{_MAX_GID})")
-        return number
+        return _within(number, 0, MAX_ID, shown=f"gid {number}")
     assert isinstance(value, str)
     try:
         return grp.getgrnam(value).gr_gid
@@ -383,19 +400,19 @@ def parse_size(value: Union[int, str]) -> int:
     of bytes, or one with a unit K, M, G or T (powers of 1024, as systemd reads them).
 
     Raises:
-        ConfigError: not a whole number of bytes, or not at least 1.
+        ConfigError: not a whole number of bytes, or not in 1..`MAX_SIZE`.
     """
-    if isinstance(value, str):
-        match = _SIZE.match(value) if value.isascii() else None
-        if match is None:
-            raise ConfigError(
-                f"{value!r} is not a size: give bytes, or a number with K, M, G or T "
-                '(powers of 1024), like "256M" or "4GiB"'
-            )
-        value = int(match[1]) * _UNITS[(match[2] or "").upper()]
-    if value < 1:
-        raise ConfigError(f"{value} must be at least 1 byte")
-    return value
+    if isinstance(value, int):
+        return _within(value, 1, MAX_SIZE, "bytes")
+    match = _SIZE.match(value) if value.isascii() else None
+    if match is None:
+        raise ConfigError(
+            f"{value!r} is not a size: give bytes, or a number with K, M, G or T "
+            '(powers of 1024), like "256M" or "4GiB"'
+        )
+    size = int(match[1]) * _UNITS[(match[2] or "").upper()]
+    # Named as written: "99999999999999999999T", not the 33 digits it makes.
+    return _within(size, 1, MAX_SIZE, "bytes", shown=value.strip())
 
 
 def parse_job_label(value: str) -> Optional[str]:
@@ -424,6 +441,8 @@ def resolve_config(
     file: Optional[FileSettings] = None,
     environ: Optional[Mapping[str, str]] = None,
     config_file: Optional[str] = None,
+    *,
+    starting: bool = False,
 ) -> DaemonConfig:
     """Merge command-line values over file values over defaults, and validate them.
 
@@ -434,10 +453,13 @@ def resolve_config(
             path's ``XDG_RUNTIME_DIR``; ``os.environ`` by default.
         config_file: the file ``file`` was read from: named in errors, recorded in the
             config for reloads.
+        starting: the config is for a daemon about to start (``run``, not ``status``):
+            also check that what its settings need is installed (prometheus_client for
+            ``metrics-address``).
 
     Raises:
-        ConfigError: a value is invalid; the message names the option or the file and
-            key it came from.
+        ConfigError: a value is invalid, or (``starting``) needs what is not installed;
+            the message names the option or the file and key it came from.
     """
     env = os.environ if environ is None else environ
     merged: Dict[str, Any] = {}
@@ -478,17 +500,17 @@ def resolve_config(
     else:  # "" is --no-socket (the config file's socket = "")
         socket = check("socket", lambda v: _socket_path(_path(v)) if v else None)
     signal = check("signal", _platform_signal)
-    grace = check("grace", lambda v: _within(v, 0, 86400, "seconds"))
+    grace = check("grace", lambda v: _within(v, *_GRACE, "seconds"))
     if grace is None and signal is not None and signal != signal_module.SIGKILL:
         grace = DEFAULT_GRACE  # a worker that ignores the signal must not outlive its reap
-    state_interval = check("state_interval", lambda v: _within(v, 0.01, 60, "seconds"))
+    state_interval = check("state_interval", lambda v: _within(v, *_STATE_INTERVAL, "seconds"))
     for name in ("max_timers", "max_timers_per_pid"):
-        check(name, lambda v: _within(v, 1, None, "timers"))
+        check(name, lambda v: _within(v, 1, MAX_COUNT, "timers"))
     log_format = check("log_format", lambda v: _choice(v, LOG_FORMATS, "log format"))
     log_level = check("log_level", lambda v: _choice(v, LOG_LEVELS, "log level"))
-    check("incidents_keep", lambda v: _within(v, 1, None, "incidents"))
+    check("incidents_keep", lambda v: _within(v, 1, MAX_COUNT, "incidents"))
     capture = check("capture", lambda v: _choice(v, CAPTURE_METHODS, "capture method"))
-    capture_timeout = check("capture_timeout", lambda v: _within(v, 0.05, 60, "seconds"))
+    capture_timeout = check("capture_timeout", lambda v: _within(v, *_CAPTURE_TIMEOUT, "seconds"))
     if merged["core"] and capture == "none":
         raise ConfigError(
             f"{origin['core']}: a core file is a capture, and {origin['capture']} says "
@@ -521,7 +543,7 @@ def resolve_config(
         log_format=log_format or "text",
         log_level=log_level or "info",
         log_file=path("log_file"),
-        metrics_address=check("metrics_address", parse_address),
+        metrics_address=check("metrics_address", _served if starting else parse_address),
         config_file=config_file,
         incident_dir=path("incident_dir") or default_incident_dir(fifo, state_file),
         incidents_keep=merged["incidents_keep"] or 200,
@@ -583,6 +605,23 @@ def _beside_the_fifo(path: str, what: str, option: str) -> str:
         ) from None
 
 
+def _served(value: str) -> Tuple[str, int]:
+    """``parse_address(value)``, once prometheus_client is found importable.
+
+    Raises:
+        ConfigError: the address is invalid, or prometheus_client cannot be imported.
+    """
+    address = parse_address(value)
+    # Imported here, not at the top: _metrics imports this module.
+    from ._metrics import MetricsUnavailable, prometheus  # noqa: PLC0415
+
+    try:
+        prometheus()
+    except MetricsUnavailable as e:
+        raise ConfigError(str(e)) from None
+    return address
+
+
 def _platform_signal(value: Union[int, str]) -> int:
     sig = parse_signal(value)
     if sig not in signal_module.valid_signals():
@@ -590,11 +629,32 @@ def _platform_signal(value: Union[int, str]) -> int:
     return sig
 
 
-def _within(value: float, low: float, high: Optional[float], unit: str) -> float:
-    if not low <= value or (high is not None and not value <= high):
-        bounds = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
-        raise ConfigError(f"{value} must be {bounds} {unit}")
-    return value
+_Number = TypeVar("_Number", int, float)
+
+
+def _within(
+    value: _Number, low: _Number, high: _Number, unit: str = "", shown: Optional[str] = None
+) -> _Number:
+    """``value``, if it is in ``low..high`` (the range check of every numeric setting).
+
+    Args:
+        unit: what the numbers count ("seconds"), said after the bounds.
+        shown: how the value is named in the error, if not as the number.
+
+    Raises:
+        ConfigError: out of range (NaN always is). A duration's range is named whole
+            ("between 0.05 and 60 seconds"); a whole number's by the bound it crosses
+            ("at least 1", "at most 4294967294"): its upper bound is the most the
+            setting's type holds rather than a choice.
+    """
+    if low <= value <= high:
+        return value
+    if isinstance(low, float):
+        bounds = f"between {low:g} and {high:g}"
+    else:
+        bounds = f"at least {low}" if value < low else f"at most {high}"
+    text = f"{value if shown is None else shown} must be {bounds}"
+    raise ConfigError(f"{text} {unit}" if unit else text)
 
 
 def _choice(value: str, choices: Tuple[str, ...], what: str) -> str:
@@ -611,9 +671,7 @@ def _uids(values: List[int]) -> FrozenSet[int]:
             "an empty list allows no user's timers: leave it out to allow every user, or "
             "list the uids whose workers may hold timers"
         )
-    if any(u < 0 for u in values):
-        raise ConfigError(f"{values} must be non-negative uids")
-    return frozenset(values)
+    return frozenset(_within(uid, 0, MAX_ID, shown=f"uid {uid}") for uid in values)
 
 
 def _signals(values: List[Union[int, str]]) -> FrozenSet[int]:

@@ -17,7 +17,7 @@ from ftimer_server.core._stats import Stats
 
 from ._config import signal_label
 
-__all__ = ["REAP_LATENCY_BUCKETS", "Metrics", "MetricsUnavailable"]
+__all__ = ["REAP_LATENCY_BUCKETS", "Metrics", "MetricsUnavailable", "prometheus"]
 #: Capture times: py-spy takes tens of milliseconds, a budget a few seconds.
 CAPTURE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -31,7 +31,12 @@ class MetricsUnavailable(Exception):
     """prometheus_client is not installed (install ``ftimer-server[metrics]``)."""
 
 
-def _prometheus() -> Any:
+def prometheus() -> Any:
+    """The prometheus_client module (imported on the first call).
+
+    Raises:
+        MetricsUnavailable: it cannot be imported; the message says how to install it.
+    """
     try:
         return importlib.import_module("prometheus_client")
     except ImportError:
@@ -161,7 +166,7 @@ class Metrics:
         incident_writes: Optional[Callable[[], Tuple[int, int]]] = None,
         last_progress: Optional[Callable[[], float]] = None,
     ) -> None:
-        prom = _prometheus()
+        prom = prometheus()
         self.registry = prom.CollectorRegistry()
         collector = _StatsCollector(
             prom,

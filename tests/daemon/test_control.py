@@ -8,9 +8,15 @@ import os
 import pathlib
 import socket
 import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Callable, List
 
 import pytest
+from tests.conftest import wait_until
 
+from ftimer_server.daemon import _control
 from ftimer_server.daemon._cli import main
 from ftimer_server.daemon._control import (
     ControlServer,
@@ -18,6 +24,8 @@ from ftimer_server.daemon._control import (
     DaemonNotRunning,
     query_status,
 )
+
+from .conftest import PATIENCE, PYTHON, DaemonProcess
 
 
 @pytest.fixture
@@ -132,3 +140,64 @@ def test_unknown_request_and_a_failing_callback_do_not_stop_the_server(path: str
             s.connect(path)  # still serving
     finally:
         server.stop()
+
+
+@pytest.fixture
+def idle() -> Iterator[Callable[[str], socket.socket]]:
+    """Connect to a control socket and say nothing; every connection is closed at the end."""
+    peers: List[socket.socket] = []
+
+    def connect(path: str) -> socket.socket:
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        peers.append(peer)
+        peer.connect(path)
+        return peer
+
+    yield connect
+    for peer in peers:
+        peer.close()
+
+
+def test_status_answers_while_idle_peers_are_connected(
+    spawn: Callable[..., DaemonProcess], idle: Callable[[str], socket.socket]
+) -> None:
+    # Served one at a time, each idle peer held the socket for its 2 s timeout: the
+    # status command (the systemd / Kubernetes health check) timed out behind five.
+    d = spawn("--capture", "none").ready()
+    for _ in range(5):
+        idle(f"{d.fifo}.sock")
+    result = subprocess.run(
+        [PYTHON, "-m", "ftimer_server", "status", "--fifo", str(d.fifo)],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ftimer-server ")
+    assert d.stop() == 0
+
+
+def test_peers_beyond_those_served_at_once_wait_their_turn_and_stop_does_not(
+    path: str, idle: Callable[[str], socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_control, "_MAX_PEERS", 2)
+    monkeypatch.setattr(_control, "_PEER_TIMEOUT", 0.5)
+    server = ControlServer(path, lambda: {"ok": True})
+    server.start()
+    try:
+        idle(path)
+        idle(path)
+        wait_until(lambda: server._serving == 2, what="both idle peers served")
+        # Waits for a slot (an idle peer's 0.5 s), rather than being turned away.
+        assert query_status(path, timeout=PATIENCE) == {"ok": True}
+        wait_until(lambda: server._serving == 0, what="every peer done")
+        monkeypatch.setattr(_control, "_PEER_TIMEOUT", PATIENCE)
+        idle(path)
+        idle(path)
+        wait_until(lambda: server._serving == 2, what="both new idle peers served")
+        idle(path)  # waits for a slot until the idle peers time out, or stop()
+    finally:
+        started = time.monotonic()
+        server.stop()
+    assert time.monotonic() - started < PATIENCE / 2  # not after the idle peers' timeouts
+    assert not os.path.exists(path)

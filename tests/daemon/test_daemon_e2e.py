@@ -311,9 +311,13 @@ def test_fifo_is_replaced_without_state_and_clients_resend_their_timers(
 
 def test_a_second_daemon_on_the_same_fifo_is_refused(spawn: Spawn, worker: StartWorker) -> None:
     a = spawn(name="a").ready()
+    fifo = os.lstat(a.fifo)
     b = spawn(name="b")
     assert b.proc.wait(PATIENCE) == 3
-    assert any("already running" in r["msg"] for r in b.records())
+    assert [r["msg"] for r in b.records() if r["level"] == "error"] == [
+        f"cannot start: another ftimer-server is running on FIFO {b.fifo} (it holds {b.fifo}.lock)"
+    ]
+    assert os.lstat(a.fifo).st_ino == fifo.st_ino  # not replaced by the one refused
     assert worker(a.fifo, "s", 0.2, 60).wait() == -signal.SIGKILL  # the first one still works
     assert a.stop() == 0
 

@@ -4,11 +4,12 @@ The FIFO only carries messages from workers to the daemon, so the daemon also li
 small AF_UNIX stream socket beside it (``<fifo>.sock`` by default). The socket file is
 0600 and every connection's peer is checked with SO_PEERCRED: only the daemon's own user
 and root may ask. The exchange is one request line (``status``) and one JSON document in
-reply, then the daemon closes the connection.
+reply, then the daemon closes the connection. Each connection is served on a thread of
+its own (a few at once), so a peer that says nothing holds up no other.
 
-The socket also guards against two daemons on one FIFO: at start-up, a socket that answers
-means another daemon is running (refused); one that refuses connections is a leftover of a
-daemon that died, and is replaced.
+At start-up, a socket that answers means another daemon is running (refused); one that
+refuses connections is a leftover of a daemon that died, and is replaced. (Two daemons
+starting at once on one FIFO are kept apart by the FIFO's lock file, see ``_daemon``.)
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ log = logging.getLogger("ftimer_server.control")
 
 _MAX_REQUEST = 256
 _PEER_TIMEOUT = 2.0
+#: Connections served at once; more wait to be accepted until one is done (each is done
+#: within its timeouts and one status computation).
+_MAX_PEERS = 8
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
 
@@ -56,12 +60,13 @@ def _peer_uid(conn: socket.socket) -> Optional[int]:
 
 
 class ControlServer:
-    """Answers ``status`` requests on an owner-only AF_UNIX socket, on its own thread.
+    """Answers ``status`` requests on an owner-only AF_UNIX socket, on threads of its own
+    (one accepts; each connection is served on one of its own, up to ``_MAX_PEERS``).
 
     Args:
         path: the socket path.
-        status: returns the status document (JSON-serialisable); called on the control
-            thread for each request.
+        status: returns the status document (JSON-serialisable); called on the
+            connection's thread for each request, so possibly on several at once.
         allowed_uids: peers allowed to ask (default: this process's uid and root).
     """
 
@@ -78,6 +83,9 @@ class ControlServer:
         self._inode: Optional[tuple[int, int]] = None
         self._wake_r, self._wake_w = os.pipe()
         self._thread: Optional[threading.Thread] = None
+        self._peers = threading.Condition()
+        self._serving = 0  # connections being served; guarded by _peers
+        self._stopping = False
 
     def start(self) -> None:
         """Bind the socket (0600, atomically via a temporary name) and start serving.
@@ -140,7 +148,13 @@ class ControlServer:
         raise ControlSocketBusy(f"another ftimer-server is already running on {self.path}")
 
     def stop(self) -> None:
-        """Stop serving and remove the socket file (if it is still ours)."""
+        """Stop accepting and remove the socket file (if it is still ours).
+
+        Connections already accepted are still answered, on their own threads.
+        """
+        with self._peers:
+            self._stopping = True
+            self._peers.notify_all()
         if self._thread is not None:
             os.write(self._wake_w, b"x")
             self._thread.join()
@@ -172,8 +186,33 @@ class ControlServer:
                     conn, _ = self._sock.accept()
                 except OSError:
                     continue
-                with conn:
-                    self._handle(conn)
+                with self._peers:
+                    self._peers.wait_for(lambda: self._serving < _MAX_PEERS or self._stopping)
+                    if self._stopping:
+                        conn.close()
+                        return
+                    self._serving += 1
+                peer = threading.Thread(
+                    target=self._serve_peer, args=(conn,), name="ftimer-control-peer", daemon=True
+                )
+                try:
+                    peer.start()
+                except RuntimeError as e:  # no thread to be had (TasksMax): drop this one
+                    log.warning("control socket: %s", e)
+                    conn.close()
+                    self._done()
+
+    def _serve_peer(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self._handle(conn)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self._peers:
+            self._serving -= 1
+            self._peers.notify()
 
     def _handle(self, conn: socket.socket) -> None:
         try:

@@ -1,10 +1,12 @@
 """``ftimer-server run``: the server core plus what a host daemon needs around it.
 
-Start-up, in order: refuse if another daemon answers on the control socket; load the state
-file; create the server and restore the saved timers (so a timer that expired while the
-daemon was down fires at once); open the FIFO (a new one in place of the old if nothing
-was restored, so clients holding the old one re-send their timers) and start; bind the
-control socket; start the state saver and the metrics endpoint; tell systemd READY=1.
+Start-up, in order: lock the FIFO's lock file (``<fifo>.lock``, held until exit: another
+daemon on the FIFO is refused before it touches anything); refuse if another daemon
+answers on the control socket; load the state file; create the server and restore the
+saved timers (so a timer that expired while the daemon was down fires at once); open the
+FIFO (a new one in place of the old if nothing was restored, so clients holding the old
+one re-send their timers) and start; bind the control socket; start the state saver and
+the metrics endpoint; tell systemd READY=1.
 
 The main thread then only waits for signals. Handlers do nothing but wake it (the signal
 number arrives on a wake-up pipe); the loop acts: SIGTERM / SIGINT shut down cleanly
@@ -16,7 +18,9 @@ WATCHDOG=1, so a wedged server loop is noticed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import faulthandler
+import fcntl
 import gc
 import logging
 import os
@@ -37,8 +41,8 @@ from ftimer_server.core._policy import Policy
 from ftimer_server.core._records import Timer
 from ftimer_server.core._stats import Stats
 from ftimer_server.incidents._options import IncidentOptions
-from ftimer_server.server._fifo import FifoError, unreachable_by_writers
-from ftimer_server.server._journal import Journal
+from ftimer_server.server._fifo import FifoError, manages_parent, unreachable_by_writers
+from ftimer_server.server._journal import Journal, file_kind
 from ftimer_server.server._server import FileTimerServer
 
 from ._config import (
@@ -109,6 +113,7 @@ class Daemon:
         self._control: Optional[ControlServer] = None
         self._saver: Optional[StateSaver] = None
         self._metrics: Optional[Metrics] = None
+        self._lock_fd: Optional[int] = None
         self._restoring = False
         self._started = time.monotonic()
 
@@ -168,6 +173,11 @@ class Daemon:
         unreachable = unreachable_by_writers(c.fifo, c.fifo_mode, c.fifo_group)
         if unreachable is not None:
             raise StartupError(f"FIFO {c.fifo}: {unreachable}")
+        # Before anything is created, replaced or removed: the control socket is bound
+        # only after the FIFO and the journal are opened, so checking it is no guard
+        # against a daemon starting at the same moment (the loser replaced the winner's
+        # FIFO and removed its journal segment before it saw the socket taken).
+        self._lock_fd = _lock_fifo(c.fifo)
         control = ControlServer(c.control_socket, self._status)
         try:
             control.check_free()
@@ -334,6 +344,10 @@ class Daemon:
         if self._server is not None:
             log.info("stopped")
         self._notifier.close()
+        if self._lock_fd is not None:
+            # Last, after the final save: the next daemon reads a complete state file.
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _reload(self) -> None:
         self._notifier.reloading()
@@ -514,6 +528,62 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
             "if only root writes timers"
         )
     return warnings
+
+
+def _lock_fifo(fifo: str) -> int:
+    """Lock ``<fifo>.lock`` (flock, exclusive) and return its descriptor: closing
+    it, or the daemon's exit, releases the lock. The file is never removed: a daemon
+    could otherwise lock a file that a later one has already unlinked and made anew.
+
+    Raises:
+        StartupError: another daemon holds the lock, or the lock file cannot be made or
+            is not this user's regular file (a symlink is never followed).
+    """
+    # Beside the FIFO and named after it, because the FIFO is what two daemons must not
+    # share (the control socket and the state file can be given other paths, or none).
+    # The daemon writes that directory anyway, to replace the FIFO and bind its sockets.
+    # The default path's directory may not exist yet: it is made here as open_fifo makes
+    # it (0700), but its owner, mode and group are checked and set by open_fifo, under
+    # the lock, so that a daemon that loses never changes them.
+    path = fifo + ".lock"
+    directory = os.path.dirname(fifo) or "."
+    if manages_parent(fifo):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StartupError(
+                f"FIFO {directory}: cannot create the directory: {e.strerror}"
+            ) from None
+    # Non-blocking and no controlling terminal: a FIFO or a tty put there is refused,
+    # not waited on or adopted.
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    refused = f"FIFO {fifo}: refusing the lock file {path}: it is {{}}"
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        why = f"FIFO {fifo}: cannot open the lock file {path}: {e.strerror}"
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):  # a symlink, dir, socket
+            with contextlib.suppress(OSError):
+                why = refused.format(file_kind(os.lstat(path).st_mode))
+        raise StartupError(why) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StartupError(refused.format(file_kind(st.st_mode)))
+        if st.st_uid != os.geteuid():
+            raise StartupError(refused.format(f"owned by uid {st.st_uid}, not us"))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartupError(
+                f"another ftimer-server is running on FIFO {fifo} (it holds {path})"
+            ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _incidents(c: DaemonConfig) -> Optional[IncidentOptions]:

@@ -19,6 +19,7 @@ from ._records import Timer
 __all__ = [
     "EVENT_TYPES",
     "Incoming",
+    "Moot",
     "Refused",
     "Armed",
     "DecodeFailed",
@@ -227,8 +228,22 @@ class Refused(msgspec.Struct, frozen=True, gc=False):
     scope_id: Optional[str] = None
 
 
-#: What the core applies: a decoded message or a decode error, or an edge's refusal.
-Incoming = Union[DecodeResult, Refused]
+class Moot(msgspec.Struct, frozen=True, gc=False):
+    """A request the edge found to be about a process that has exited (a disarm over the
+    socket whose pidfd's process was reaped before it was read: ``ftimer exec``'s, once
+    its command ended): its timers went with it, so there is nothing to do. Counted as a
+    request of no timer (``unknown``), not as a rejection.
+
+    Attributes:
+        request: what the message asked (``request_of``).
+    """
+
+    request: str
+
+
+#: What the core applies: a decoded message or a decode error, or an edge's refusal, or
+#: a request the edge found moot.
+Incoming = Union[DecodeResult, Refused, Moot]
 
 
 #: Every event class.

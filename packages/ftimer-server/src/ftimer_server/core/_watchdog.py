@@ -29,6 +29,7 @@ from ._events import (
     Event,
     Expired,
     Incoming,
+    Moot,
     Reaped,
     Refused,
     Rejected,
@@ -167,6 +168,8 @@ class Watchdog:
             tokens.append(m.token)
         elif isinstance(m, Refused):
             self._reject(m.reason, m.request, m.pid, m.scope_id, None, m.detail)
+        elif isinstance(m, Moot):
+            self.counters.requests[m.request, "unknown"] += 1
         else:
             self._emit(DecodeFailed(type(m).__name__, m.reason, m.excerpt, m.lines))
 

@@ -42,7 +42,7 @@ from ftimer_protocol import (
     RemoteProtocolError,
     Sync,
 )
-from ftimer_server.core._events import Incoming, Refused, RejectReason
+from ftimer_server.core._events import Incoming, Moot, Refused, RejectReason
 from ftimer_server.core._reader import decode_one, extends_run
 from ftimer_server.core._records import request_of
 from ftimer_server.incidents._procfs import pidfd_pid
@@ -154,14 +154,14 @@ class DatagramSocket:
             parents: Dict[int, int] = {}
             out: List[Incoming] = []
             run: Optional[RemoteProtocolError] = None  # the last result, if an error
-            for data, flags, creds, sender_fd, rights in received:
+            for data, flags, creds, sender_fd, rights, named in received:
                 result = self._judge(
-                    data, flags, creds, sender_fd in exited, rights, parents=parents
+                    data, flags, creds, sender_fd in exited, rights, named=named, parents=parents
                 )
                 if extends_run(run, result):  # as a run of such lines on the FIFO
                     run.lines += 1  # type: ignore[union-attr]
                     continue
-                if not isinstance(result, (Exception, Sync)):
+                if not isinstance(result, (Exception, Sync, Refused, Moot)):  # a message
                     # The first one vouches: were a pid's process to exit and its pid be
                     # reused within the batch, the first one's death refuses the bind.
                     vouched.setdefault(result.pid, rights[0] if rights else sender_fd)
@@ -197,6 +197,7 @@ class DatagramSocket:
         sender_exited: bool,
         rights: List[int],
         *,
+        named: Optional[int],
         parents: Dict[int, int],
     ) -> Incoming:
         """One datagram: its message for its subject, or why not. ``sender_exited``: the
@@ -223,7 +224,13 @@ class DatagramSocket:
             return _refused(RejectReason.SENDER_GONE, message, pid, why)
         subject = pid
         if rights:
-            reason, subject, why = _subject(message, pid, uid, rights, flags, parents=parents)
+            reason, subject, why = _subject(
+                message, pid, uid, rights, flags, named=named, parents=parents
+            )
+            if reason is RejectReason.NO_SUCH_PROCESS and isinstance(message, (Disarm, DisarmAll)):
+                # ftimer exec's disarm, read once its command was reaped: the timers went
+                # with it. Nothing to refuse.
+                return Moot(request_of(message))
             if reason is not None:
                 return _refused(reason, message, pid, why)
         if isinstance(message, Sync) or message.pid == subject:  # a marker names nobody
@@ -264,15 +271,17 @@ def _close_forever() -> None:
 
 
 #: A datagram as read: its bytes, recvmsg's flags, the sender's (pid, uid, gid) if the
-#: kernel gave them, the sender's pidfd (-1: none) and the descriptors it carried.
-_Datagram = Tuple[bytes, int, Optional[Tuple[int, int, int]], int, List[int]]
+#: kernel gave them, the sender's pidfd (-1: none), the descriptors it carried and the pid
+#: the one it carried names (see ``_parse``).
+_Datagram = Tuple[bytes, int, Optional[Tuple[int, int, int]], int, List[int], Optional[int]]
 
 
 def _parse(
     data: bytes, ancillary: List[Tuple[int, int, bytes]], flags: int, descriptors: List[int]
 ) -> _Datagram:
     """Sort a datagram's ancillary data; every descriptor in it goes into
-    ``descriptors`` (the caller closes them) before anything else can fail."""
+    ``descriptors`` (the caller closes them) before anything else can fail. With one
+    descriptor, also the pid it names (``pidfd_pid``)."""
     creds: Optional[Tuple[int, int, int]] = None
     sender_fd = -1
     rights: List[int] = []
@@ -289,7 +298,10 @@ def _parse(
             fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
             descriptors += fds
             rights += fds
-    return data, flags, creds, sender_fd, rights
+    # Which process a carried pidfd names, read at once: ftimer exec reaps its command
+    # as soon as its datagram is read, and a reaped process's pidfd names none.
+    named = pidfd_pid(rights[0]) if len(rights) == 1 else None
+    return data, flags, creds, sender_fd, rights, named
 
 
 def _refused(reason: RejectReason, message: Message, pid: int, why: str) -> Refused:
@@ -304,21 +316,24 @@ def _subject(
     rights: List[int],
     flags: int,
     *,
+    named: Optional[int],
     parents: Dict[int, int],
 ) -> Tuple[Optional[RejectReason], int, str]:
-    """The process a datagram's pidfd names, or why the sender may not name it."""
+    """The process a datagram's pidfd names (``named``, as read with it), or why the
+    sender may not name it."""
     if len(rights) > 1 or (flags & _MSG_CTRUNC):
         return RejectReason.FOREIGN_SUBJECT, sender, "more than one descriptor"
-    target = pidfd_pid(rights[0])
-    if target == -1 and isinstance(message, (Disarm, DisarmAll)):
-        # ftimer exec's disarm, read after its command exited: the timers go with it.
-        why = "the process it is about exited before its disarm was read"
-        return RejectReason.NO_SUCH_PROCESS, sender, why
+    target = named
+    if target == -1:
+        return RejectReason.NO_SUCH_PROCESS, sender, "the process it names has exited"
     if target is None or target <= 0:
         return RejectReason.FOREIGN_SUBJECT, sender, "not a pidfd of a live process"
     if target == sender:  # its own pidfd: as if it carried none
         return None, target, ""
-    refusal = _may_name(sender, uid, target, parents)
+    try:
+        refusal = _may_name(sender, uid, target, parents)
+    except (ProcessLookupError, FileNotFoundError):  # reaped while it was examined
+        return RejectReason.NO_SUCH_PROCESS, sender, "the process it names has exited"
     if refusal is not None:
         return RejectReason.FOREIGN_SUBJECT, sender, refusal
     return None, target, ""
@@ -337,7 +352,8 @@ def _exited(pidfds: List[int]) -> FrozenSet[int]:
 
 def _may_name(sender: int, uid: int, target: int, parents: Dict[int, int]) -> Optional[str]:
     """Why ``sender`` (of ``uid``) may not arm a timer for ``target``, or None: only a
-    process of its own uid that is its descendant or its parent. ``parents`` caches the
+    process of its own uid that is its descendant or its parent. Raises
+    ``ProcessLookupError`` or ``FileNotFoundError`` if ``target`` is gone. ``parents`` caches the
     parents read for one batch: a sender naming a descendant many generations down, in
     datagram after datagram, has its line of descent read from /proc once a batch."""
 
@@ -348,7 +364,7 @@ def _may_name(sender: int, uid: int, target: int, parents: Dict[int, int]) -> Op
         return found
 
     try:
-        if _PROCESSES.uid(target) != uid:
+        if _PROCESSES.uid(target) != uid:  # ProcessLookupError: target is gone
             return f"process {target} is not of the sender's user"
         if parent(sender) == target:
             return None
@@ -359,6 +375,10 @@ def _may_name(sender: int, uid: int, target: int, parents: Dict[int, int]) -> Op
                 return None
             if pid <= 1:
                 break
+    except (ProcessLookupError, FileNotFoundError):
+        if not os.path.exists(f"/proc/{target}"):
+            raise  # the target itself is gone, not only an ancestor between
+        return f"process {target} is neither a descendant nor the parent of the sender"
     except OSError as e:
         return f"cannot examine process {target}: {e.strerror}"
     return f"process {target} is neither a descendant nor the parent of the sender"

@@ -8,7 +8,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from types import ModuleType
-from typing import Callable, Optional, TypeVar
+from typing import Callable, List, Optional, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -40,6 +40,15 @@ def fifo_path() -> Iterator[pathlib.Path]:
 
 
 T = TypeVar("T")
+
+
+def children_of(pid: int) -> List[int]:
+    """The pids of ``pid``'s children (every thread's), as this process sees them."""
+    found: List[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(p) for p in f.read().split()]
+    return found
 
 
 def wait_until(condition: Callable[[], Optional[T]], timeout: float = 15.0, what: str = "") -> T:

@@ -12,10 +12,10 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
-from typing import Callable, List
+from typing import Callable
 
 import pytest
-from tests.conftest import ARMER, wait_until
+from tests.conftest import ARMER, children_of, wait_until
 
 from ftimer_protocol import Arm, Disarm, encode
 from ftimer_server.daemon._state import decode_state
@@ -364,7 +364,7 @@ def test_ctrl_c_at_the_terminal_stops_the_daemon_and_its_helper_quietly(spawn: S
     # A Ctrl-C signals the terminal's foreground process group: here the daemon's own
     # group, which the test made. The capture helper, in it, died with a traceback.
     d = spawn("--capture", "facts", session=True).ready()
-    helper = wait_until(lambda: children(d.pid), what="the capture helper")[0]
+    helper = wait_until(lambda: children_of(d.pid), what="the capture helper")[0]
     # Started and reading its jobs (a signal before that would kill it quietly).
     wait_until(lambda: "pipe_read" in pathlib.Path(f"/proc/{helper}/wchan").read_text())
     os.killpg(d.pid, signal.SIGINT)
@@ -372,13 +372,6 @@ def test_ctrl_c_at_the_terminal_stops_the_daemon_and_its_helper_quietly(spawn: S
     assert d.proc.stderr is not None
     assert d.proc.stderr.read() == ""
     assert not os.path.exists(f"/proc/{helper}")  # ended and reaped by the daemon
-
-
-def children(pid: int) -> List[int]:
-    found: List[int] = []
-    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
-        found += map(int, (task / "children").read_text().split())
-    return found
 
 
 def test_readiness_watchdog_and_stopping_on_a_real_socket(spawn: Spawn) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any, Callable, Dict, List, Optional
 
 import pytest
-from tests.conftest import wait_until
+from tests.conftest import children_of, wait_until
 
 from ftimer_protocol import socket_path_for
 
@@ -111,15 +111,6 @@ def fenced(spawn: Spawn, short_dir: pathlib.Path) -> Callable[..., DaemonProcess
     return start
 
 
-def children(pid: int) -> List[int]:
-    """The pids of ``pid``'s children (every thread's), in the host's namespace."""
-    found: List[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            found += [int(p) for p in f.read().split()]
-    return found
-
-
 def comm(pid: int) -> str:
     with open(f"/proc/{pid}/comm") as f:
         return f.read().strip()
@@ -165,10 +156,10 @@ class Contained:
         """The host pids of the namespace's processes, from its init down the first
         child of each (the chains these tests build are lines)."""
         chain: List[int] = []
-        below = children(self.proc.pid)
+        below = children_of(self.proc.pid)
         while below:
             chain.append(below[0])
-            below = children(below[0])
+            below = children_of(below[0])
         return chain
 
     @staticmethod

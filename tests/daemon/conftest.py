@@ -18,9 +18,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
 
 import pytest
 from tests.conftest import wait_until
@@ -96,6 +97,30 @@ class Notifications:
 
     def close(self) -> None:
         self.sock.close()
+
+
+T = TypeVar("T")
+
+
+def unblocked(call: Callable[[], T], path: pathlib.Path) -> Union[T, BaseException]:
+    """``call()``'s result, or what it raised, run in a thread: if it blocks in opening
+    ``path`` (a FIFO), a writer lets it go and the test fails instead of hanging."""
+    outcome: List[Union[T, BaseException]] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(PATIENCE)
+    if thread.is_alive():  # blocked in open(): a writer lets it go, then fail
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(PATIENCE)
+        pytest.fail(f"reading {path} blocked")
+    return outcome[0]
 
 
 class DaemonProcess:

@@ -9,7 +9,6 @@ import resource
 import signal
 import subprocess
 import sys
-import threading
 from typing import Callable
 
 import pytest
@@ -18,7 +17,6 @@ from ftimer_server.daemon._config import (
     DEFAULT_GRACE,
     ConfigError,
     DaemonConfig,
-    FileSettings,
     ascii_int,
     load_config_file,
     parse_address,
@@ -28,7 +26,7 @@ from ftimer_server.daemon._config import (
     resolve_config,
 )
 
-from .conftest import PATIENCE, PYTHON, DaemonProcess
+from .conftest import PATIENCE, PYTHON, DaemonProcess, unblocked
 
 MIB = 1024 * 1024
 
@@ -385,26 +383,6 @@ def test_signal_override_and_its_default_grace(tmp_path: pathlib.Path) -> None:
         load_config_file(write(tmp_path, "signal = true\n"))
 
 
-def load_in_a_thread(path: pathlib.Path) -> BaseException | FileSettings:
-    """``load_config_file(path)``, failing the test (not hanging it) if it blocks."""
-    outcome: list[BaseException | FileSettings] = []
-
-    def load() -> None:
-        try:
-            outcome.append(load_config_file(str(path)))
-        except BaseException as e:
-            outcome.append(e)
-
-    thread = threading.Thread(target=load, daemon=True)
-    thread.start()
-    thread.join(PATIENCE)
-    if thread.is_alive():  # blocked in open(): a writer lets it go, then fail
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-        thread.join(PATIENCE)
-        pytest.fail(f"load_config_file({path}) blocked")
-    return outcome[0]
-
-
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
@@ -426,7 +404,7 @@ def test_only_a_regular_file_of_at_most_1_mib_is_read(
         path.symlink_to("/dev/null")  # /dev/zero in a daemon below, under a memory limit
     else:  # valid TOML, only too much of it
         path.write_text("# a comment\n" * (MIB // 12 + 1))
-    outcome = load_in_a_thread(path)
+    outcome = unblocked(lambda: load_config_file(str(path)), path)
     assert isinstance(outcome, ConfigError), outcome
     assert str(outcome) == f"config file {path} {message}"
 

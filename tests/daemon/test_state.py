@@ -27,7 +27,7 @@ from ftimer_server.daemon._state import (
     write_state,
 )
 
-from .conftest import PATIENCE, DaemonProcess
+from .conftest import PATIENCE, DaemonProcess, unblocked
 
 Spawn = Callable[..., DaemonProcess]
 BOOT = "c0ffee00-0000-4000-8000-000000000000"
@@ -280,27 +280,6 @@ def test_nested_json_is_set_aside_like_any_corrupt_file(
     assert pathlib.Path(load.set_aside).read_bytes() == data
 
 
-def load_in_a_thread(path: pathlib.Path) -> object:
-    """``load_state(path)``'s result or exception, failing the test (not hanging it) if
-    it blocks."""
-    outcome: list[object] = []
-
-    def load() -> None:
-        try:
-            outcome.append(load_state(str(path), BOOT))
-        except Exception as e:
-            outcome.append(e)
-
-    thread = threading.Thread(target=load, daemon=True)
-    thread.start()
-    thread.join(PATIENCE)
-    if thread.is_alive():  # blocked in open(): a writer lets it go, then fail
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-        thread.join(PATIENCE)
-        pytest.fail(f"load_state({path}) blocked")
-    return outcome[0]
-
-
 @pytest.mark.parametrize("kind", ["directory", "FIFO"])
 def test_a_directory_or_fifo_at_the_path_is_refused_never_moved(
     tmp_path: pathlib.Path, kind: str
@@ -311,7 +290,7 @@ def test_a_directory_or_fifo_at_the_path_is_refused_never_moved(
         (path / "precious").write_bytes(b"precious")
     else:
         os.mkfifo(path)
-    outcome = load_in_a_thread(path)
+    outcome = unblocked(lambda: load_state(str(path), BOOT), path)
     assert isinstance(outcome, StatePathError), outcome
     assert str(outcome) == (
         f"the state file {path} is a {kind}, not a file; it is not the daemon's to move or "

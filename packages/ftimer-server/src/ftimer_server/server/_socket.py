@@ -12,7 +12,8 @@ first process named by its child (a container's entry shell that runs ``ftimer a
 
 Every refusal here is a value for the core (``Refused``, counted and reported as a
 rejection), or a protocol error (a datagram truncated, or without credentials), and
-every descriptor received is closed once read.
+every descriptor received is closed: those a sender chose once read, by a thread of
+their own; the kernel's pidfds that vouch for a subject once the batch is applied.
 """
 
 from __future__ import annotations
@@ -126,8 +127,10 @@ class DatagramSocket:
         counting them). Never raises.
 
         The datagrams are read first, then their senders' pidfds polled for exit at
-        once (one system call, not one per datagram), then each judged; every
-        descriptor received is closed on the way out, whatever happened.
+        once (one system call, not one per datagram), then each judged. Every
+        descriptor received is closed on the way out, whatever happened, but those in
+        ``vouched`` (closed by ``release()``); those a sender chose are closed off the
+        caller's thread (closing one can block).
         """
         self.release()
         received: List[_Datagram] = []
@@ -352,10 +355,13 @@ def _exited(pidfds: List[int]) -> FrozenSet[int]:
 
 def _may_name(sender: int, uid: int, target: int, parents: Dict[int, int]) -> Optional[str]:
     """Why ``sender`` (of ``uid``) may not arm a timer for ``target``, or None: only a
-    process of its own uid that is its descendant or its parent. Raises
-    ``ProcessLookupError`` or ``FileNotFoundError`` if ``target`` is gone. ``parents`` caches the
+    process of its own uid that is its descendant or its parent. ``parents`` caches the
     parents read for one batch: a sender naming a descendant many generations down, in
-    datagram after datagram, has its line of descent read from /proc once a batch."""
+    datagram after datagram, has its line of descent read from /proc once a batch.
+
+    Raises:
+        ProcessLookupError, FileNotFoundError: ``target`` is gone.
+    """
 
     def parent(pid: int) -> int:
         found = parents.get(pid)

@@ -20,7 +20,7 @@ from typing import Callable, List, Sequence
 import pytest
 from tests.conftest import children_of, wait_until
 
-from ftimer_protocol import Arm, Disarm, Expire, encode
+from ftimer_protocol import PIPE_BUF, Arm, Disarm, Expire, encode
 from ftimer_server import Armed, Event, FileTimerServer, Reaped, Rejected
 from ftimer_server.server import _socket as socket_module
 from ftimer_server.server._socket import open_socket
@@ -254,7 +254,7 @@ def test_bad_datagrams_are_counted_and_no_descriptor_leaks(served) -> None:  # t
     finally:
         os.close(pidfd)
         sock.close()
-    assert stats.decode_errors == {"MalformedMessage": 2}
+    assert stats.decode_errors == {"LineTooLong": 1, "MalformedMessage": 1}
     assert stats.rejections == {"foreign_subject": 50}
     assert stats.received["socket"] == 52
     # Closed by the server's closer thread, off the loop: soon, not necessarily yet.
@@ -495,3 +495,20 @@ def _kill_tree(pid: int) -> None:
             _kill_tree(child)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, 9)
+
+
+def test_a_datagram_is_too_long_as_a_line_of_the_fifo_is(tmp_path: pathlib.Path) -> None:
+    # PIPE_BUF bytes and a newline at most; 4097 bytes with no newline passed before.
+    sock = open_socket(str(tmp_path / "s.socket"))
+    body = encode(Disarm(pid=os.getpid(), scope_id="s"))[:-1]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.connect(sock.path)
+            padded = body[:-1] + b" " * (PIPE_BUF - len(body)) + b"}"  # PIPE_BUF bytes
+            for datagram in (padded + b"\n", padded, padded + b" ", padded + b" \n"):
+                sender.send(datagram)
+        results = sock.receive()
+    finally:
+        sock.close()
+    assert [type(r).__name__ for r in results] == ["Disarm", "Disarm", "LineTooLong"]
+    assert results[2].lines == 2  # type: ignore[union-attr]

@@ -38,6 +38,7 @@ from ftimer_protocol import (
     PIPE_BUF,
     Disarm,
     DisarmAll,
+    LineTooLong,
     MalformedMessage,
     Message,
     RemoteProtocolError,
@@ -206,11 +207,12 @@ class DatagramSocket:
         """One datagram: its message for its subject, or why not. ``sender_exited``: the
         kernel gave a pidfd of the sender, and it polled as exited; ``parents``: the
         batch's cache of parents (see ``_may_name``)."""
-        if flags & _MSG_TRUNC:
-            return MalformedMessage("datagram longer than PIPE_BUF", data[:64])
+        line = data[:-1] if data.endswith(b"\n") else data
+        if flags & _MSG_TRUNC or len(line) > PIPE_BUF:  # as an over-long line on the FIFO
+            return LineTooLong(f"datagram longer than {PIPE_BUF} bytes", data[:64])
         if creds is None:
             return MalformedMessage("datagram without credentials", data[:64])
-        message = decode_one(data[:-1] if data.endswith(b"\n") else data)
+        message = decode_one(line)
         if isinstance(message, Exception):
             return message
         pid, uid, _ = creds

@@ -36,17 +36,20 @@ import msgspec
 
 from ftimer_protocol import (
     PIPE_BUF,
+    Arm,
     Disarm,
     DisarmAll,
+    Expire,
     LineTooLong,
     MalformedMessage,
     Message,
     RemoteProtocolError,
     Sync,
+    TimerRequestV1,
 )
 from ftimer_server.core._events import Incoming, Moot, Refused, RejectReason
 from ftimer_server.core._reader import decode_one, extends_run
-from ftimer_server.core._records import request_of
+from ftimer_server.core._records import Timer, request_of
 from ftimer_server.incidents._procfs import pidfd_pid
 
 from ._fifo import FifoError, _gid
@@ -74,6 +77,9 @@ _ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4 * _MAX_FDS) + 
 _QLEN = "/proc/sys/net/unix/max_dgram_qlen"
 #: Reads a process's parent and uid, for the kinship of a pidfd's process to its sender.
 _PROCESSES = SystemInspector()
+#: The messages ``_judge`` returns that are about a process (a set of types: isinstance()
+#: costs more per datagram; a type not here only vouches for no pid).
+_ABOUT_A_PROCESS = frozenset((Timer, Arm, Disarm, DisarmAll, Expire, TimerRequestV1))
 #: The fewest datagrams ``receive()`` reads when they keep coming: with the usual queue
 #: of 10, senders refill it while it is read, and each iteration of the loop around the
 #: read costs as much as a few datagrams. 64 datagrams take well under a millisecond to
@@ -110,6 +116,9 @@ class DatagramSocket:
         self.batch = max(queue + 1, READ_BATCH)
         self.overridden = 0
         self.vouched: Dict[int, int] = {}
+        self._pidfds: List[int] = []  # the batch's, closed by release()
+        #: The parents read while judging the current batch (see ``_may_name``).
+        self._parents: Dict[int, int] = {}
         st = os.lstat(path)
         self._identity = (st.st_dev, st.st_ino)
 
@@ -128,16 +137,17 @@ class DatagramSocket:
         counting them). Never raises.
 
         The datagrams are read first, then their senders' pidfds polled for exit at
-        once (one system call, not one per datagram), then each judged. Every
-        descriptor received is closed on the way out, whatever happened, but those in
-        ``vouched`` (closed by ``release()``); those a sender chose are closed off the
-        caller's thread (closing one can block).
+        once (one system call, not one per datagram), then each judged. The kernel's
+        pidfds (the senders') stay open until ``release()``: some vouch for a subject
+        until the batch is applied. The descriptors senders chose are closed on the way
+        out, whatever happened, off the caller's thread (closing one can block), but a
+        pidfd that vouches.
         """
         self.release()
         received: List[_Datagram] = []
-        descriptors: List[int] = []
-        others: Set[int] = set()  # descriptors a sender chose: not the kernel's pidfds
-        vouched = self.vouched
+        chosen: List[int] = []  # what senders passed (SCM_RIGHTS)
+        kept: Set[int] = set()  # of those, the pidfds that vouch
+        vouched, pidfds = self.vouched, self._pidfds
         recvmsg = self._sock.recvmsg
         try:
             for _ in range(self.batch):
@@ -148,65 +158,49 @@ class DatagramSocket:
                 except OSError as e:  # never expected on a bound datagram socket
                     logger.error("receiving from %s: %s", self.path, e)
                     break
-                datagram = _parse(data, ancillary, flags, descriptors)
-                if datagram[4]:
-                    others.update(datagram[4])
-                received.append(datagram)
+                received.append(_parse(data, ancillary, flags, pidfds, chosen))
             if not received:
                 return []
             exited = _exited([d[3] for d in received if d[3] >= 0])
-            parents: Dict[int, int] = {}
+            self._parents = {}
             out: List[Incoming] = []
             run: Optional[RemoteProtocolError] = None  # the last result, if an error
-            for data, flags, creds, sender_fd, rights, named in received:
-                result = self._judge(
-                    data, flags, creds, sender_fd in exited, rights, named=named, parents=parents
-                )
+            for datagram in received:
+                sender_fd, rights = datagram[3], datagram[4]
+                result = self._judge(datagram, sender_fd in exited)
                 if extends_run(run, result):  # as a run of such lines on the FIFO
                     run.lines += 1  # type: ignore[union-attr]
                     continue
-                if not isinstance(result, (Exception, Sync, Refused, Moot)):  # a message
+                if type(result) in _ABOUT_A_PROCESS:
                     # The first one vouches: were a pid's process to exit and its pid be
                     # reused within the batch, the first one's death refuses the bind.
-                    vouched.setdefault(result.pid, rights[0] if rights else sender_fd)
+                    fd = rights[0] if rights else sender_fd
+                    if vouched.setdefault(result.pid, fd) == fd and rights:  # type: ignore[union-attr]
+                        kept.add(fd)
+                        pidfds.append(fd)
                 out.append(result)
                 run = result if isinstance(result, RemoteProtocolError) else None
             return out
         finally:
-            kept = set(vouched.values())
-            for fd in descriptors:
-                if fd in kept:
-                    continue
-                if fd in others:
+            for fd in chosen:
+                if fd not in kept:
                     _close_later(fd)
-                    continue
-                try:  # noqa: SIM105 - contextlib.suppress costs a call per descriptor
-                    os.close(fd)
-                except OSError:
-                    pass
 
     def release(self) -> None:
-        """Close the pidfds ``vouched`` for the last batch (once it is applied)."""
-        for fd in self.vouched.values():
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        """Close the batch's pidfds: the senders', and those ``vouched`` (once the batch
+        is applied)."""
+        for fd in self._pidfds:
+            try:  # noqa: SIM105 - contextlib.suppress costs a call per descriptor
+                os.close(fd)
+            except OSError:
+                pass
+        self._pidfds.clear()
         self.vouched.clear()
 
-    def _judge(
-        self,
-        data: bytes,
-        flags: int,
-        creds: Optional[Tuple[int, int, int]],
-        sender_exited: bool,
-        rights: List[int],
-        *,
-        named: Optional[int],
-        parents: Dict[int, int],
-    ) -> Incoming:
+    def _judge(self, datagram: _Datagram, sender_exited: bool) -> Incoming:
         """One datagram: its message for its subject, or why not. ``sender_exited``: the
-        kernel gave a pidfd of the sender, and it polled as exited; ``parents``: the
-        batch's cache of parents (see ``_may_name``)."""
+        kernel gave a pidfd of the sender, and it polled as exited."""
+        data, flags, creds, _, rights, named = datagram
         line = data[:-1] if data.endswith(b"\n") else data
         if flags & _MSG_TRUNC or len(line) > PIPE_BUF:  # as an over-long line on the FIFO
             return LineTooLong(f"datagram longer than {PIPE_BUF} bytes", data[:64])
@@ -230,7 +224,7 @@ class DatagramSocket:
         subject = pid
         if rights:
             reason, subject, why = _subject(
-                message, pid, uid, rights, flags, named=named, parents=parents
+                message, pid, uid, rights, flags, named=named, parents=self._parents
             )
             if reason is RejectReason.NO_SUCH_PROCESS and isinstance(message, (Disarm, DisarmAll)):
                 # ftimer exec's disarm, read once its command was reaped: the timers went
@@ -282,11 +276,16 @@ _Datagram = Tuple[bytes, int, Optional[Tuple[int, int, int]], int, List[int], Op
 
 
 def _parse(
-    data: bytes, ancillary: List[Tuple[int, int, bytes]], flags: int, descriptors: List[int]
+    data: bytes,
+    ancillary: List[Tuple[int, int, bytes]],
+    flags: int,
+    pidfds: List[int],
+    chosen: List[int],
 ) -> _Datagram:
-    """Sort a datagram's ancillary data; every descriptor in it goes into
-    ``descriptors`` (the caller closes them) before anything else can fail. With one
-    descriptor, also the pid it names (``pidfd_pid``)."""
+    """Sort a datagram's ancillary data; every descriptor in it goes into ``pidfds``
+    (the kernel's pidfd of the sender) or ``chosen`` (what the sender passed), for the
+    caller to close, before anything else can fail. With one passed, also the pid it
+    names (``pidfd_pid``)."""
     creds: Optional[Tuple[int, int, int]] = None
     sender_fd = -1
     rights: List[int] = []
@@ -297,11 +296,11 @@ def _parse(
             creds = _UCRED.unpack_from(cdata)
         elif kind == _SCM_PIDFD and len(cdata) >= 4:
             sender_fd = _FD.unpack_from(cdata)[0]
-            descriptors.append(sender_fd)
+            pidfds.append(sender_fd)
         elif kind == _SCM_RIGHTS:
             fds = array.array("i")
             fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-            descriptors += fds
+            chosen += fds
             rights += fds
     # Which process a carried pidfd names, read at once: ftimer exec reaps its command
     # as soon as its datagram is read, and a reaped process's pidfd names none.

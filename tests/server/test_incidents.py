@@ -333,3 +333,29 @@ def test_a_helper_that_stops_reading_never_blocks_the_submitter() -> None:
     finally:
         os.kill(helper._process.pid, signal.SIGCONT)
         helper.close()
+
+
+def test_a_server_stopped_before_it_started_stops_its_capture_helper(
+    fifo_path: pathlib.Path,
+) -> None:
+    # The daemon builds a second server when a journal cannot be replayed, and stops the
+    # first without starting it: its helper ran on for the daemon's whole life.
+    srv = FileTimerServer(fifo_path, incidents=IncidentOptions(method="facts"))
+    helper = srv._diagnostics._helper._process  # type: ignore[union-attr]
+    srv.stop()
+    assert helper.wait(10) == 0
+
+
+def test_a_stopped_helper_takes_no_more_jobs() -> None:
+    # A job submitted after close() started a new helper that nobody stopped.
+    helper = Helper()
+    first = helper._process
+    helper.close()
+    job = WriteJob(
+        Incident(id="i", host="h", created=0.0, pid=7, scope_id="s", signal=9, deadline=0.0),
+        None,
+        True,
+    )
+    assert isinstance(helper.submit(job).exception(10), HelperGone)
+    assert helper._process is first
+    assert first.poll() is not None  # and it is not running again

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Callable, List, Sequence
 
@@ -21,7 +22,8 @@ import pytest
 from tests.conftest import children_of, wait_until
 
 from ftimer_protocol import PIPE_BUF, Arm, Disarm, Expire, encode
-from ftimer_server import Armed, Event, FileTimerServer, Reaped, Rejected
+from ftimer_server import Armed, Event, FileTimerServer, Reaped, Rejected, RejectReason
+from ftimer_server.core._events import Refused
 from ftimer_server.server import _socket as socket_module
 from ftimer_server.server._socket import open_socket
 
@@ -512,3 +514,66 @@ def test_a_datagram_is_too_long_as_a_line_of_the_fifo_is(tmp_path: pathlib.Path)
         sock.close()
     assert [type(r).__name__ for r in results] == ["Disarm", "Disarm", "LineTooLong"]
     assert results[2].lines == 2  # type: ignore[union-attr]
+
+
+def test_a_sender_the_kernel_gives_no_pidfd_for_is_refused_as_gone(tmp_path: pathlib.Path) -> None:
+    # Before Linux 6.17 a sender already reaped comes with -errno in SCM_PIDFD, not a
+    # pidfd: it was accepted, with nothing to vouch that its pid was still its own.
+    sock = open_socket(str(tmp_path / "s.socket"))
+    try:
+        if not sock.pidfds:
+            pytest.skip("this kernel gives no pidfd of a sender (SO_PASSPIDFD, Linux 6.5)")
+        line = arm(os.getpid())
+        result = sock._judge((line, 0, (os.getpid(), 0, 0), -22, [], None), False)
+    finally:
+        sock.close()
+    assert isinstance(result, Refused)
+    assert result.reason is RejectReason.SENDER_GONE
+
+
+def test_the_closer_thread_is_made_again_in_a_forked_child(tmp_path: pathlib.Path) -> None:
+    # The child had the parent's variable saying a closer thread runs, and no thread:
+    # every descriptor a sender passed leaked there.
+    r, w = os.pipe()
+    socket_module._close_later(r)  # the parent's closer thread runs from now on
+    wait_until(lambda: _closed(r), what="the parent's descriptor closed")
+    os.close(w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        r2, _ = os.pipe()
+        socket_module._close_later(r2)
+        deadline = time.monotonic() + 10
+        while not _closed(r2) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        os._exit(0 if _closed(r2) else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def _closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+def test_a_batch_that_fails_to_apply_still_releases_its_pidfds(
+    served, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # A bug in applying a batch (the loop logs it and goes on) left its pidfds open, and
+    # vouching for their pids in later binds.
+    server, _, path = served
+    failed = threading.Event()
+
+    def fail(*_: object) -> List[str]:
+        failed.set()
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server._watchdog, "apply", fail)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+        sender.connect(path)
+        sender.send(arm(os.getpid(), scope="x"))
+    assert failed.wait(10)
+    wait_until(lambda: server.socket.vouched == {}, what="the batch's pidfds released")

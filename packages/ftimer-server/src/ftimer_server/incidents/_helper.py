@@ -124,6 +124,7 @@ class Helper:
         self._lock = threading.Lock()
         self._pending: Dict[int, concurrent.futures.Future[bytes]] = {}
         self._numbers = 0
+        self._closed = False
         self._start()
 
     def __contains__(self, pid: object) -> bool:
@@ -158,7 +159,9 @@ class Helper:
         future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
         lost: Dict[int, concurrent.futures.Future[bytes]] = {}
         with self._lock:
-            if self._process.poll() is not None:  # it died (killed, out of memory): anew
+            if self._closed:
+                future.set_exception(HelperGone("the capture helper was stopped"))
+            elif self._process.poll() is not None:  # it died (killed, out of memory): anew
                 logger.error(
                     "the capture helper exited (status %s); starting another",
                     self._process.returncode,
@@ -181,7 +184,10 @@ class Helper:
         return future
 
     def close(self) -> None:
-        """Stop the helper (its running captures end with it)."""
+        """Stop the helper (its running captures end with it); jobs submitted later
+        fail with ``HelperGone``."""
+        with self._lock:
+            self._closed = True
         self._jobs.put(None)  # its writer closes stdin once the jobs before are written
         try:
             self._process.wait(5)

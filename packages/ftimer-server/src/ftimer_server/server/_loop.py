@@ -249,13 +249,15 @@ class Loop:
         if sock is not None and (socket_ready or sock.pending()):
             # Everything queued now (a sender whose datagram would overflow the queue
             # waits): sent before the horizon, so read before judging it.
-            received = sock.receive()
-            if received:
-                with self._lock:
-                    watchdog.counters.received["socket"] += len(received)
-                    watchdog.counters.pid_overridden = sock.overridden
-                    tokens += watchdog.apply(received, time.monotonic(), time.time())
-            sock.release()
+            try:
+                received = sock.receive()
+                if received:
+                    with self._lock:
+                        watchdog.counters.received["socket"] += len(received)
+                        watchdog.counters.pid_overridden = sock.overridden
+                        tokens += watchdog.apply(received, time.monotonic(), time.time())
+            finally:
+                sock.release()  # the batch's pidfds vouch for nothing after it
         return tokens, horizon
 
 

@@ -299,6 +299,8 @@ class FileTimerServer:
         with self._lock:
             if self._state is Lifecycle.NEW:  # never started: release what restore() bound
                 self._watchdog.close()
+                if self._diagnostics is not None:
+                    self._diagnostics.close()  # its capture helper runs from construction
                 self._state = Lifecycle.STOPPED
             if self._state is not Lifecycle.RUNNING:
                 return

@@ -217,8 +217,10 @@ class DatagramSocket:
             )
             return _refused(RejectReason.SENDER_NOT_VISIBLE, message, 0, why)
         # Alive now, the sender still owns the pid the kernel gave (a pid is not reused while
-        # its process lives); reading the pidfd's pid costs ten times this poll.
-        if sender_exited:
+        # its process lives); reading the pidfd's pid costs ten times this poll. With no
+        # pidfd where the kernel gives one (before 6.17 it gives an error for a sender
+        # already reaped), nothing shows that the pid is still the sender's.
+        if sender_exited or (self.pidfds and datagram[3] < 0):
             why = "it exited before its message was read"
             return _refused(RejectReason.SENDER_GONE, message, pid, why)
         subject = pid
@@ -263,6 +265,15 @@ def _close_later(fd: int) -> None:
             _closer.start()
 
 
+def _no_closer_yet() -> None:
+    global _closer, _closer_lock  # a forked child has the variables, not the thread
+    _closer, _closer_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_no_closer_yet)
+
+
 def _close_forever() -> None:
     while True:
         with contextlib.suppress(OSError):
@@ -295,8 +306,9 @@ def _parse(
         if kind == _SCM_CREDENTIALS and len(cdata) >= _UCRED.size:
             creds = _UCRED.unpack_from(cdata)
         elif kind == _SCM_PIDFD and len(cdata) >= 4:
-            sender_fd = _FD.unpack_from(cdata)[0]
-            pidfds.append(sender_fd)
+            sender_fd = _FD.unpack_from(cdata)[0]  # before Linux 6.17: -errno if it is gone
+            if sender_fd >= 0:
+                pidfds.append(sender_fd)
         elif kind == _SCM_RIGHTS:
             fds = array.array("i")
             fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])

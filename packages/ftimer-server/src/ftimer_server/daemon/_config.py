@@ -30,7 +30,6 @@ import grp
 import os
 import re
 import signal as signal_module
-import stat
 import sys
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, TypeVar, Union
@@ -41,7 +40,7 @@ from ftimer_protocol import FIFO_ENV_VARS, default_fifo_path, signal_name, socke
 from ftimer_protocol import parse_signal as _parse_signal
 from ftimer_protocol._limits import LABEL_KEY_PATTERN
 from ftimer_server.incidents._options import CAPTURE_METHODS as INCIDENT_METHODS
-from ftimer_server.server._journal import file_kind
+from ftimer_server.server._files import NotARegularFile, open_regular
 
 from ._logging import LOG_FORMATS, LOG_LEVELS
 
@@ -273,16 +272,13 @@ def load_config_file(path: str) -> FileSettings:
 
 def _read_config_file(path: str) -> bytes:
     try:
-        # O_NONBLOCK: opening a FIFO would wait for a writer; fstat() refuses it instead.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd, _ = open_regular(path, follow=True)
+    except NotARegularFile as e:
+        raise ConfigError(f"config file {path} is {e.kind}, not a regular file") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     except ValueError:  # a NUL byte: only from code, a command line cannot hold one
         raise ConfigError(f"config file {path!r}: the path contains a NUL byte") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise ConfigError(f"config file {path} is {file_kind(mode)}, not a regular file")
     with os.fdopen(fd, "rb") as f:
         try:
             data = f.read(MAX_CONFIG_BYTES + 1)

@@ -42,7 +42,8 @@ from ftimer_server.core._records import Timer
 from ftimer_server.core._stats import Stats
 from ftimer_server.incidents._options import IncidentOptions
 from ftimer_server.server._fifo import FifoError, manages_parent, unreachable_by_writers
-from ftimer_server.server._journal import Journal, file_kind
+from ftimer_server.server._files import NotARegularFile, file_kind, open_regular
+from ftimer_server.server._journal import Journal
 from ftimer_server.server._server import FileTimerServer
 
 from ._config import (
@@ -556,12 +557,12 @@ def _lock_fifo(fifo: str) -> int:
             raise StartupError(
                 f"FIFO {directory}: cannot create the directory: {e.strerror}"
             ) from None
-    # Non-blocking and no controlling terminal: a FIFO or a tty put there is refused,
-    # not waited on or adopted.
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     refused = f"FIFO {fifo}: refusing the lock file {path}: it is {{}}"
     try:
-        fd = os.open(path, flags, 0o600)
+        # No controlling terminal: a tty put there is refused, not adopted.
+        fd, st = open_regular(path, os.O_RDWR | os.O_CREAT | os.O_NOCTTY)
+    except NotARegularFile as e:
+        raise StartupError(refused.format(e.kind)) from None
     except OSError as e:
         why = f"FIFO {fifo}: cannot open the lock file {path}: {e.strerror}"
         if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):  # a symlink, dir, socket
@@ -569,9 +570,6 @@ def _lock_fifo(fifo: str) -> int:
                 why = refused.format(file_kind(os.lstat(path).st_mode))
         raise StartupError(why) from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise StartupError(refused.format(file_kind(st.st_mode)))
         if st.st_uid != os.geteuid():
             raise StartupError(refused.format(f"owned by uid {st.st_uid}, not us"))
         try:

@@ -30,7 +30,7 @@ import msgspec
 
 from ftimer_server.core._records import Timer
 from ftimer_server.incidents._store import write_atomically
-from ftimer_server.server._journal import file_kind
+from ftimer_server.server._files import NotARegularFile, file_kind, open_regular
 
 __all__ = [
     "STATE_VERSION",
@@ -200,17 +200,14 @@ def load_state(path: str, boot_id: str, now: Optional[float] = None) -> StateLoa
             never read (a FIFO would block), moved or removed.
     """
     try:
-        # O_NONBLOCK: opening a FIFO would wait for a writer; fstat() refuses it instead.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(fd)
-            raise StatePathError(_not_a_file(path, mode))
+        fd, _ = open_regular(path)
         with os.fdopen(fd, "rb") as f:
             data = f.read(MAX_STATE_BYTES + 1)
         if len(data) > MAX_STATE_BYTES:
             raise StateFileError(f"larger than {MAX_STATE_BYTES} bytes")
         state = decode_state(data)
+    except NotARegularFile as e:
+        raise StatePathError(_not_a_file(path, e.kind)) from None
     except FileNotFoundError:
         return StateLoad([], ignored="no state file")
     except (OSError, StateFileError) as e:
@@ -232,7 +229,7 @@ def _set_aside(path: str, problem: str) -> StateLoad:
     try:
         mode = os.lstat(path).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-            raise StatePathError(_not_a_file(path, mode))
+            raise StatePathError(_not_a_file(path, file_kind(mode)))
         os.replace(path, aside)
     except OSError as e:
         log.error("state file %s is unusable (%s) and cannot be moved: %s", path, problem, e)
@@ -241,9 +238,9 @@ def _set_aside(path: str, problem: str) -> StateLoad:
     return StateLoad([], ignored=problem, set_aside=aside)
 
 
-def _not_a_file(path: str, mode: int) -> str:
+def _not_a_file(path: str, kind: str) -> str:
     return (
-        f"the state file {path} is {file_kind(mode)}, not a file; it is not the daemon's "
+        f"the state file {path} is {kind}, not a file; it is not the daemon's "
         "to move or remove: give the path of a file (or of none yet)"
     )
 

@@ -29,7 +29,9 @@ import stat
 import time
 from typing import Iterator, List, Set
 
-__all__ = ["Journal", "file_kind"]
+__all__ = ["Journal"]
+
+from ._files import NotARegularFile, open_regular
 
 logger = logging.getLogger("ftimer_server")
 
@@ -37,23 +39,7 @@ _SPLICE = getattr(os, "splice", None)
 _SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 _FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _FLAGS |= getattr(os, "O_NOFOLLOW", 0)
-# O_NONBLOCK: opening a FIFO would wait for a writer; O_NOFOLLOW: never read a symlink.
-_REPLAY_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _REPLAY_CHUNK = 256 * 1024
-
-
-def file_kind(mode: int) -> str:
-    """What a file of ``st_mode`` ``mode`` is, for a message: "a directory", "a FIFO", ..."""
-    kinds = (
-        (stat.S_ISREG, "a regular file"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISLNK, "a symlink"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    )
-    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
 
 
 class Journal:
@@ -186,18 +172,15 @@ class Journal:
 
     def _replay_segment(self, path: str) -> Iterator[bytes]:
         try:
-            fd = os.open(path, _REPLAY_FLAGS)
+            fd, _ = open_regular(path)
+        except NotARegularFile as e:
+            logger.error("journal: %s is %s, not a regular file: not replayed", path, e.kind)
+            return
         except OSError as e:
             if e.errno == errno.ELOOP:
                 logger.error("journal: %s is a symlink: not followed, not replayed", path)
             else:
                 logger.error("journal: cannot read %s: %s; not replayed", path, e.strerror)
-            return
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(fd)
-            kind = file_kind(mode)
-            logger.error("journal: %s is %s, not a regular file: not replayed", path, kind)
             return
         with open(fd, "rb") as f:
             try:

@@ -206,11 +206,12 @@ class Loop:
             now = time.monotonic()
             while self._exits and self._exits[0][0] <= now:
                 watchdog.worker_gone(self._exits.pop(0)[1])
-            exiting = {worker.pid for _, worker in self._exits}
-            while self._captured:
-                pid = self._captured.popleft()
-                if pid not in exiting:  # else its exit, after the hold, ends the reap
-                    watchdog.captured(pid, now)
+            if self._captured:
+                exiting = {worker.pid for _, worker in self._exits}
+                while self._captured:
+                    pid = self._captured.popleft()
+                    if pid not in exiting:  # else its exit, after the hold, ends the reap
+                        watchdog.captured(pid, now)
             watchdog.tick(now, horizon)
         self._after(tokens)
         return now

@@ -577,3 +577,34 @@ def test_a_batch_that_fails_to_apply_still_releases_its_pidfds(
         sender.send(arm(os.getpid(), scope="x"))
     assert failed.wait(10)
     wait_until(lambda: server.socket.vouched == {}, what="the batch's pidfds released")
+
+
+def test_a_batch_s_pidfds_are_released_under_the_server_s_lock(
+    served, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # The host reads a vouching pidfd under the lock, for a register_timers() call on
+    # another thread too: closed outside it, that pidfd could be polled as it closed (or
+    # after its number was reused).
+    server, _, path = served
+    sock = server.socket
+    taken_elsewhere: List[bool] = []
+    released = threading.Event()
+
+    def release() -> None:
+        if sock.vouched:  # a batch's, not the empty release at the start of a receive
+            other = threading.Thread(
+                target=lambda: taken_elsewhere.append(server._lock.acquire(blocking=False))
+            )
+            other.start()
+            other.join()
+            if taken_elsewhere[-1]:
+                server._lock.release()
+            released.set()
+        type(sock).release(sock)
+
+    monkeypatch.setattr(sock, "release", release)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+        sender.connect(path)
+        sender.send(arm(os.getpid(), scope="x"))
+    assert released.wait(10)
+    assert taken_elsewhere == [False]

@@ -250,15 +250,17 @@ class Loop:
         if sock is not None and (socket_ready or sock.pending()):
             # Everything queued now (a sender whose datagram would overflow the queue
             # waits): sent before the horizon, so read before judging it.
-            try:
-                received = sock.receive()
-                if received:
-                    with self._lock:
+            received = sock.receive()
+            with self._lock:
+                # Released under the lock: the host reads a vouching pidfd under it too
+                # (register_timers() from another thread), never one being closed.
+                try:
+                    if received:
                         watchdog.counters.received["socket"] += len(received)
                         watchdog.counters.pid_overridden = sock.overridden
                         tokens += watchdog.apply(received, time.monotonic(), time.time())
-            finally:
-                sock.release()  # the batch's pidfds vouch for nothing after it
+                finally:
+                    sock.release()  # the batch's pidfds vouch for nothing after it
         return tokens, horizon
 
 

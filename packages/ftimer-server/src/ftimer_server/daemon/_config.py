@@ -71,8 +71,6 @@ __all__ = [
     "signal_label",
 ]
 
-#: Environment variables naming the FIFO, in the client's order (torch's agent sets the
-#: second one for its workers).
 #: Seconds before SIGKILL when ``signal`` is set to something else and ``grace`` is not.
 DEFAULT_GRACE = 10.0
 #: How a reaped worker's stacks are captured: ``auto`` takes py-spy if it is found, else
@@ -478,12 +476,8 @@ def resolve_config(
         except ConfigError as e:
             raise ConfigError(f"{origin[name]}: {e}") from None
 
-    def path(name: str) -> Optional[str]:
-        value: Optional[str] = check(name, _path)
-        return value
-
     from_env = next((env[name] for name in FIFO_ENV_VARS if env.get(name)), None)
-    fifo = path("fifo") or os.path.abspath(from_env or default_fifo_path(environ=env))
+    fifo = check("fifo", _path) or os.path.abspath(from_env or default_fifo_path(environ=env))
     control_socket = check("control_socket", lambda v: _socket_path(_path(v)))
     if control_socket is None:
         control_socket = _beside_the_fifo(
@@ -499,58 +493,54 @@ def resolve_config(
     grace = check("grace", lambda v: _within(v, *_GRACE, "seconds"))
     if grace is None and signal is not None and signal != signal_module.SIGKILL:
         grace = DEFAULT_GRACE  # a worker that ignores the signal must not outlive its reap
-    state_interval = check("state_interval", lambda v: _within(v, *_STATE_INTERVAL, "seconds"))
-    for name in ("max_timers", "max_timers_per_pid"):
-        check(name, lambda v: _within(v, 1, MAX_COUNT, "timers"))
-    log_format = check("log_format", lambda v: _choice(v, LOG_FORMATS, "log format"))
-    log_level = check("log_level", lambda v: _choice(v, LOG_LEVELS, "log level"))
-    check("incidents_keep", lambda v: _within(v, 1, MAX_COUNT, "incidents"))
     capture = check("capture", lambda v: _choice(v, CAPTURE_METHODS, "capture method"))
-    capture_timeout = check("capture_timeout", lambda v: _within(v, *_CAPTURE_TIMEOUT, "seconds"))
     if merged["core"] and capture == "none":
         raise ConfigError(
             f"{origin['core']}: a core file is a capture, and {origin['capture']} says "
             '"none": set capture to "auto" (or a method), or leave core off'
         )
-    job_label = check("job_label", parse_job_label)
-    state_file = path("state_file")
     fifo_group = check("fifo_group", parse_group)
-    if merged["fifo_mode"] is not None:
-        fifo_mode = check("fifo_mode", parse_mode)
-    else:  # a group is named so that it may write
-        fifo_mode = 0o600 if fifo_group is None else 0o620
-
+    parsers: Dict[str, Callable[[Any], Any]] = {
+        "state_file": _path,
+        "state_interval": lambda v: _within(v, *_STATE_INTERVAL, "seconds"),
+        "allow_uids": _uids,
+        "allow_signals": _signals,
+        "descendants_only": bool,
+        "max_timers": lambda v: _within(v, 1, MAX_COUNT, "timers"),
+        "max_timers_per_pid": lambda v: _within(v, 1, MAX_COUNT, "timers"),
+        "dry_run": bool,
+        "log_format": lambda v: _choice(v, LOG_FORMATS, "log format"),
+        "log_level": lambda v: _choice(v, LOG_LEVELS, "log level"),
+        "log_file": _path,
+        "metrics_address": _served if starting else parse_address,
+        "incident_dir": _path,
+        "incidents_keep": lambda v: _within(v, 1, MAX_COUNT, "incidents"),
+        "incidents_max_bytes": parse_size,
+        "capture_timeout": lambda v: _within(v, *_CAPTURE_TIMEOUT, "seconds"),
+        "py_spy_native": bool,
+        "core": bool,
+        "core_max_bytes": parse_size,
+        "reap_tree": bool,
+        "job_label": parse_job_label,  # "" is None: no peers
+        "fifo_mode": parse_mode,
+    }
+    # What was given, parsed; DaemonConfig's defaults stand for the rest.
+    given = {
+        name: check(name, parse) for name, parse in parsers.items() if merged[name] is not None
+    }
+    if "fifo_mode" not in given and fifo_group is not None:
+        given["fifo_mode"] = 0o620  # a group is named so that it may write
+    if capture is not None:
+        given["capture"] = capture
     return DaemonConfig(
         fifo=fifo,
-        fifo_mode=fifo_mode,
         fifo_group=fifo_group,
         control_socket=control_socket,
         socket=socket,
         signal=signal,
         grace=grace,
-        state_file=state_file,
-        state_interval=0.1 if state_interval is None else state_interval,
-        allow_uids=check("allow_uids", _uids),
-        allow_signals=check("allow_signals", _signals),
-        descendants_only=bool(merged["descendants_only"]),
-        max_timers=merged["max_timers"],
-        max_timers_per_pid=merged["max_timers_per_pid"],
-        dry_run=bool(merged["dry_run"]),
-        log_format=log_format or "text",
-        log_level=log_level or "info",
-        log_file=path("log_file"),
-        metrics_address=check("metrics_address", _served if starting else parse_address),
         config_file=config_file,
-        incident_dir=path("incident_dir") or default_incident_dir(fifo, state_file),
-        incidents_keep=merged["incidents_keep"] or 200,
-        incidents_max_bytes=check("incidents_max_bytes", parse_size) or 256 * _MIB,
-        capture=capture or "auto",
-        capture_timeout=3.0 if capture_timeout is None else capture_timeout,
-        py_spy_native=bool(merged["py_spy_native"]),
-        core=bool(merged["core"]),
-        core_max_bytes=check("core_max_bytes", parse_size) or 4 * _GIB,
-        reap_tree=bool(merged["reap_tree"]),
-        job_label="job" if merged["job_label"] is None else job_label,
+        **given,
     )
 
 

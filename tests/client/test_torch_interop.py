@@ -111,3 +111,12 @@ def test_constructor_and_methods_accept_torchs_arguments(torch_timer: ModuleType
         assert list(
             inspect.signature(getattr(torch_timer.FileTimerClient, method)).parameters
         ) == list(inspect.signature(getattr(FileTimerClient, method)).parameters)
+
+
+def test_a_scope_too_long_raises_what_torchs_client_raises(
+    peer: FifoPeer, torch_timer: ModuleType
+) -> None:
+    # A program written for torch's API catches RuntimeError; ftimer's error is one too.
+    for client in (torch_timer.FileTimerClient(str(peer.path)), FileTimerClient(str(peer.path))):
+        with pytest.raises(RuntimeError, match="4096"):
+            client.acquire("x" * 5000, 1.7e9)

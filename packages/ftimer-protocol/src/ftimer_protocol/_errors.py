@@ -31,8 +31,12 @@ class LocalProtocolError(ProtocolError, ValueError):
     """We tried to encode a message that breaks the schema."""
 
 
-class MessageTooLarge(LocalProtocolError):
-    """The framed message (newline included) is larger than the atomic-write limit."""
+class MessageTooLarge(LocalProtocolError, RuntimeError):
+    """The framed message (newline included) is larger than the atomic-write limit.
+
+    Also a ``RuntimeError``: what torch's client raises for the same message, so that a
+    program written for torch's API catches it unchanged.
+    """
 
     def __init__(self, size: int, limit: int) -> None:
         super().__init__(f"framed message is {size} bytes, over the {limit}-byte PIPE_BUF limit")

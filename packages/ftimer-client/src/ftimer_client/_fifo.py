@@ -4,6 +4,16 @@ A write of at most PIPE_BUF bytes with O_NONBLOCK is atomic: all of it, or EAGAI
 reader leaving shows as EPIPE; a server that recreated its FIFO while something still
 holds the old one open shows only as the old pipe filling up, so the path's inode is
 compared with the descriptor's then (never per message).
+
+A write to a pipe nobody reads also raises SIGPIPE in the writing thread, which kills a
+process whose SIGPIPE is not ignored (Python ignores it at startup; a CLI tool that puts
+back the default, or a host embedding Python, may not), and a FIFO write has no
+MSG_NOSIGNAL. So when SIGPIPE is not ignored at connection, every write goes through
+``write()``, which blocks SIGPIPE in the calling thread around it and takes back the
+SIGPIPE the write raised (never one that was already pending): the reader leaving is
+then EPIPE, as with SIGPIPE ignored. Blocking and unblocking costs two system calls per
+message, so a process that ignores SIGPIPE (every Python program by default) keeps its
+one ``os.write()`` per message on ``hot_fd``.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import errno
 import math
 import os
 import select
+import signal
 import stat
 import time
 from typing import Callable
@@ -52,8 +63,14 @@ class FifoWriter:
         if not stat.S_ISFIFO(st.st_mode):
             os.close(fd)
             raise ServerUnavailable(errno.EINVAL, "not a FIFO", path)
-        self.hot_fd = fd
+        self._fd = fd
         self._inode = (st.st_dev, st.st_ino)
+        # SIGPIPE not ignored: each write blocks it, so none may go to the hot path. A
+        # descriptor kept open looks at the kernel's disposition (a host embedding
+        # Python may have changed it behind Python's back); one opened per message,
+        # only at Python's (a read of /proc per message would cost more than the write).
+        self._guard = not sigpipe_ignored(thorough=check_replaced)
+        self.hot_fd = -1 if self._guard else fd
 
     def write(self, line: bytes, timeout: float) -> None:
         """Write ``line`` (at most PIPE_BUF bytes) in one ``write()``, waiting up to
@@ -64,18 +81,49 @@ class FifoWriter:
             ServerStalled: the pipe stayed full for ``timeout`` seconds.
             ServerUnavailable: another error.
         """
+        if not self._guard:
+            try:
+                self._write(line, timeout)
+            except _ReaderGone:
+                raise ConnectionLost from None
+            return
+        # SIGPIPE blocked in this thread while it writes: an EPIPE's SIGPIPE stays
+        # pending, and is taken back unless one was pending already (blocked before:
+        # not this write's to take).
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGPIPE)
         try:
-            os.write(self.hot_fd, line)
+            was_blocked = signal.SIGPIPE in old
+            pending = was_blocked and signal.SIGPIPE in signal.sigpending()
+            try:
+                self._write(line, timeout)
+            except _ReaderGone:
+                if not pending:
+                    signal.sigtimedwait(_SIGPIPE, 0)
+                raise ConnectionLost from None
+        finally:
+            if not was_blocked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGPIPE)
+
+    def _write(self, line: bytes, timeout: float) -> None:
+        """``write``, SIGPIPE taken care of by the caller.
+
+        Raises:
+            _ReaderGone: EPIPE (not ConnectionLost: the caller takes its SIGPIPE first).
+            ConnectionLost: the path names another FIFO now.
+            ServerStalled, ServerUnavailable: as ``write``.
+        """
+        try:
+            os.write(self._fd, line)
             return
         except BlockingIOError:
             pass
         except BrokenPipeError:
-            raise ConnectionLost from None
+            raise _ReaderGone from None
         except OSError as e:
             raise ServerUnavailable(e.errno, f"cannot write ({e.strerror})", self.path) from e
         if self._check_replaced and self._replaced():
             raise ConnectionLost
-        if not _wait_for_room(self.hot_fd, timeout, lambda: self._attempt(line)):
+        if not _wait_for_room(self._fd, timeout, lambda: self._attempt(line)):
             raise ServerStalled(
                 errno.EAGAIN,
                 f"the ftimer server has not drained the FIFO in {timeout} s",
@@ -83,13 +131,14 @@ class FifoWriter:
             )
 
     def _attempt(self, line: bytes) -> bool:
+        """Raises _ReaderGone (EPIPE), ServerUnavailable."""
         try:
-            os.write(self.hot_fd, line)
+            os.write(self._fd, line)
             return True
         except BlockingIOError:
             return False
         except BrokenPipeError:
-            raise ConnectionLost from None
+            raise _ReaderGone from None
         except OSError as e:
             raise ServerUnavailable(e.errno, f"cannot write ({e.strerror})", self.path) from e
 
@@ -107,13 +156,44 @@ class FifoWriter:
 
     def close(self) -> None:
         """Close the descriptor (idempotent)."""
-        if self.hot_fd >= 0:
-            fd, self.hot_fd = self.hot_fd, -1
+        self.hot_fd = -1
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
             os.close(fd)
 
     def __del__(self) -> None:
-        if getattr(self, "hot_fd", -1) >= 0:
-            os.close(self.hot_fd)
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+
+
+_SIGPIPE = frozenset((signal.SIGPIPE,))
+
+
+class _ReaderGone(Exception):
+    """A write failed with EPIPE (not a BrokenPipeError: ``ServerUnavailable`` is one)."""
+
+
+def sigpipe_ignored(*, thorough: bool = True) -> bool:
+    """Whether SIGPIPE is ignored in this process, so a write to a pipe nobody reads is
+    only EPIPE.
+
+    Python's view first (``signal.getsignal``: what Python found at startup or set
+    since); when that says ignored and ``thorough``, the kernel's (``SigIgn`` of
+    /proc/self/status), which C code of a host embedding Python may have changed
+    behind Python's back. Unreadable /proc: Python's view.
+    """
+    if signal.getsignal(signal.SIGPIPE) is not signal.SIG_IGN:
+        return False
+    if not thorough:
+        return True
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for row in f:
+                if row.startswith(b"SigIgn:"):
+                    return bool(int(row[7:], 16) >> (signal.SIGPIPE - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return True
 
 
 def _unavailable(e: OSError, path: str, what: str) -> ServerUnavailable:

@@ -21,6 +21,7 @@ import array
 import errno
 import fcntl
 import os
+import signal
 import socket
 import struct
 import termios
@@ -40,6 +41,18 @@ _LOST = frozenset(
 #: Times a sender yields the CPU, retrying, before it waits for room in a full queue.
 _YIELDS = 2
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_SNDTIMEO
+#: Blocked while a send waits for room: every signal but those that cannot be blocked and
+#: those a fault raises (a synchronous one blocked would kill the process).
+_INTERRUPTING = frozenset(signal.valid_signals()) - {
+    signal.SIGKILL,
+    signal.SIGSTOP,
+    signal.SIGSEGV,
+    signal.SIGBUS,
+    signal.SIGFPE,
+    signal.SIGILL,
+    signal.SIGTRAP,
+    signal.SIGSYS,
+}
 
 
 class SocketWriter:
@@ -121,11 +134,20 @@ class SocketWriter:
         sock = self._sock
         timeval = _TIMEVAL.pack(int(seconds), int(fraction * 1e6))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        sock.setblocking(True)  # the channel's lock is held: no other thread sends here
+        # Python restarts a send a signal interrupted (PEP 475), with the whole of
+        # SO_SNDTIMEO again: signals arriving faster than the timeout would keep it
+        # waiting for good. So the signals that can interrupt it are blocked in this
+        # thread while it waits, and delivered (their handlers run) once it returns: the
+        # wait is SO_SNDTIMEO's, at most ``timeout``.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTING)
         try:
-            return self._attempt(line)  # EAGAIN: the time ran out
+            sock.setblocking(True)  # the channel's lock is held: no other thread sends here
+            try:
+                return self._attempt(line)  # EAGAIN: the time ran out
+            finally:
+                sock.setblocking(False)
         finally:
-            sock.setblocking(False)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def wait_read(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until the server has read every datagram sent

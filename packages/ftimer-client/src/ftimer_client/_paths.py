@@ -5,6 +5,10 @@ A server reads a FIFO and may bind a datagram socket beside it
 sender the kernel vouches for, and falls back to the FIFO; a client given a path uses
 what is there. torch's protocol 1 is spoken over a FIFO only (torch's server has no
 socket).
+
+A relative path (given, or in the environment) is made absolute against the working
+directory when the route is made, once: a process that changes directory later still
+reconnects (after a server restart) to the server it started with.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ TRANSPORTS = ("auto", "fifo", "socket")
 class Route(NamedTuple):
     """Where a channel sends, decided at each (re)connection by what is on disk then."""
 
-    #: The path: a FIFO, a socket, or (``"auto"``) whichever is there.
+    #: The path (absolute unless empty): a FIFO, a socket, or (``"auto"``) whichever is
+    #: there.
     path: str
     #: ``"auto"``, ``"fifo"`` or ``"socket"``.
     transport: str
@@ -52,7 +57,8 @@ def resolve_fifo_path(
     The first of: ``file_path``; ``$FTIMER_FIFO``; ``$TORCHELASTIC_TIMER_FILE``; the
     system daemon's ``/run/ftimer/timer.fifo`` for root, and for another user when that
     path exists (a worker next to a root daemon); else the per-user default of
-    ``ftimer_protocol.default_fifo_path()``.
+    ``ftimer_protocol.default_fifo_path()``. A relative path is made absolute against
+    the working directory.
 
     Args:
         file_path: an explicit path; wins when given.
@@ -103,13 +109,13 @@ def resolve_route(
             )
         transport = "fifo"
     if file_path is not None:
-        return Route(os.fspath(file_path), transport)
+        return Route(_absolute(os.fspath(file_path)), transport)
     env = os.environ if environ is None else environ
     if transport == "fifo":
         return Route(_fifo(None, env, uid, exists, (SYSTEM_FIFO_PATH,)), "fifo")
     socket = env.get(ENV_SOCKET)
     if socket:
-        return Route(socket, transport)
+        return Route(_absolute(socket), transport)
     fifo = _fifo(None, env, uid, exists, (SYSTEM_FIFO_PATH, SYSTEM_SOCKET_PATH))
     if transport == "socket":
         return Route(socket_path_for(fifo), "socket")
@@ -124,13 +130,27 @@ def _fifo(
     system: tuple[str, ...],
 ) -> str:
     if file_path is not None:
-        return os.fspath(file_path)
+        return _absolute(os.fspath(file_path))
     env = os.environ if environ is None else environ
     for var in FIFO_ENV_VARS:
         value = env.get(var)
         if value:
-            return value
+            return _absolute(value)
     uid = os.geteuid() if uid is None else uid
     if uid == 0 or any(exists(path) for path in system):
         return SYSTEM_FIFO_PATH
-    return default_fifo_path(uid, env)
+    return _absolute(default_fifo_path(uid, env))
+
+
+def _absolute(path: str) -> str:
+    """``path`` against the working directory of now, unless it is absolute or empty.
+
+    Joined, not normalised (``os.path.abspath`` would fold ``link/..`` into ``.``, where
+    the kernel follows the link): the same file as ``path`` names now.
+    """
+    if not path or os.path.isabs(path):
+        return path
+    try:
+        return os.path.join(os.getcwd(), path)
+    except OSError:  # the working directory was removed: the path names nothing now
+        return path

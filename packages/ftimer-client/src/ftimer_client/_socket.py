@@ -41,6 +41,8 @@ _LOST = frozenset(
 #: Times a sender yields the CPU, retrying, before it waits for room in a full queue.
 _YIELDS = 2
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_SNDTIMEO
+#: The longest path an AF_UNIX address holds (sun_path, Linux: not NUL-terminated).
+_SUN_PATH = 108
 #: Blocked while a send waits for room: every signal but those that cannot be blocked and
 #: those a fault raises (a synchronous one blocked would kill the process).
 _INTERRUPTING = frozenset(signal.valid_signals()) - {
@@ -78,10 +80,13 @@ class SocketWriter:
             sock.setblocking(False)
             # The inode first: a socket replaced after this is noticed, never the reverse.
             self._inode = _inode(path)
-            sock.connect(path)
+            _connect(sock, path)
         except OSError as e:
             sock.close()
             raise _unavailable(e, path) from e
+        except ServerUnavailable:
+            sock.close()
+            raise
         self._sock = sock
         # write() on a connected datagram socket sends one datagram, as send() does, at
         # the cost of os.write: the hot path is the FIFO's. Not with a pidfd to attach.
@@ -229,6 +234,38 @@ def open_pidfd(pid: int) -> int:
             )
         raise ServerUnavailable(e.errno, reason, f"/proc/{pid}") from e
     return fd
+
+
+def _connect(sock: socket.socket, path: str) -> None:
+    """Connect ``sock`` to the socket at ``path``, however long the path.
+
+    An AF_UNIX address holds at most ``_SUN_PATH`` bytes of path: a longer one (a
+    server's directory mounted deep inside a container) is reached through a descriptor
+    of its directory, as ``/proc/self/fd/N/NAME``.
+
+    Raises:
+        OSError: as connect().
+        ServerUnavailable: the path is too long even so (ENAMETOOLONG).
+    """
+    if len(os.fsencode(path)) <= _SUN_PATH:
+        sock.connect(path)
+        return
+    directory, name = os.path.split(path)
+    short = f"/proc/self/fd/{{}}/{name}"
+    if len(os.fsencode(short.format(2**31 - 1))) <= _SUN_PATH and os.path.isdir("/proc/self/fd"):
+        dirfd = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            sock.connect(short.format(dirfd))
+        finally:
+            os.close(dirfd)
+        return
+    raise ServerUnavailable(
+        errno.ENAMETOOLONG,
+        f"the socket's path is {len(os.fsencode(path))} bytes, longer than an AF_UNIX "
+        f"address holds ({_SUN_PATH}), and cannot be reached through its directory: "
+        "give the server a socket at a shorter path",
+        path,
+    )
 
 
 def _unread(fd: int) -> int:

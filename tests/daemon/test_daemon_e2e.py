@@ -586,3 +586,41 @@ def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.startswith("ftimer-server ")
+
+
+#: The daemon, with a Python that cannot be run for its capture helper.
+NO_HELPER = """
+import sys
+sys.executable = "/nonexistent/python"
+from ftimer_server.daemon._cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_capture_helper_that_cannot_start_is_named_not_the_incident_directory(
+    spawn: Spawn, short_dir: pathlib.Path
+) -> None:
+    # Before: "incident directory ...: [Errno 2] No such file or directory: ..." for a
+    # directory that was fine.
+    incidents = short_dir / "incidents"
+    d = spawn("--incident-dir", str(incidents), command=[PYTHON, "-c", NO_HELPER])
+    assert d.proc.wait(PATIENCE) == 3
+    errors = [r["msg"] for r in d.records() if r["level"] == "error"]
+    assert errors == [
+        "cannot start: cannot start the incident capture helper: No such file or "
+        "directory: /nonexistent/python"
+    ]
+    assert stat.S_IMODE(os.stat(incidents).st_mode) == 0o700  # made, and fine
+
+
+def test_an_unsafe_incident_directory_is_named_once(spawn: Spawn, short_dir: pathlib.Path) -> None:
+    incidents = short_dir / "incidents"
+    incidents.mkdir(mode=0o777)
+    incidents.chmod(0o777)
+    d = spawn("--incident-dir", str(incidents))
+    assert d.proc.wait(PATIENCE) == 3
+    errors = [r["msg"] for r in d.records() if r["level"] == "error"]
+    assert errors == [
+        f"cannot start: incident directory {incidents}: writable by others (mode 0777); "
+        "make it 0700 (chmod go-w)"
+    ]

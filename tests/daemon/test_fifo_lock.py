@@ -177,3 +177,38 @@ def test_the_lock_is_made_in_the_default_fifos_directory_before_the_fifo(
         os.close(fd)
     os.close(_daemon._lock_fifo(fifo))  # released with its descriptor; the file stays
     assert os.listdir(short_dir / "ftimer") == ["timer.fifo.lock"]
+
+
+def test_an_embedded_server_refuses_the_fifo_a_daemon_serves(
+    spawn: Spawn, worker: StartWorker
+) -> None:
+    # Before: FileTimerServer.start() on the daemon's path replaced its FIFO; the daemon
+    # read a deleted FIFO while the clients talked to the embedded server.
+    from ftimer_server import FifoError, FileTimerServer
+
+    d = spawn("--capture", "none").ready()
+    served = os.stat(d.fifo).st_ino
+    embedded = FileTimerServer(d.fifo, dry_run=True)
+    with pytest.raises(FifoError) as refusal:
+        embedded.start()
+    assert str(refusal.value) == (
+        f"{d.fifo}: another ftimer server is serving this FIFO (it holds the lock file "
+        f"{d.fifo}.lock)"
+    )
+    assert os.stat(d.fifo).st_ino == served
+    assert d.status()["healthy"]  # a sync through the FIFO at the path
+    stuck = worker(d.fifo, "stuck", 0.2, 60)
+    assert stuck.wait() == -signal.SIGKILL
+    d.wait_for_record(event="reaped", pid=stuck.pid)
+    assert d.stop() == 0
+    # The daemon gone, the same server starts (and a daemon is refused meanwhile).
+    with embedded:
+        result = subprocess.run(
+            [PYTHON, "-m", "ftimer_server", "run", "--fifo", str(d.fifo), "--capture", "none"],
+            capture_output=True,
+            text=True,
+            timeout=PATIENCE,
+        )
+        assert result.returncode == 3, result.stderr
+        assert refused(d.fifo) in result.stderr
+        embedded.sync()

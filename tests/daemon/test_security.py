@@ -8,6 +8,7 @@ import pathlib
 import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from typing import Callable
 
@@ -298,3 +299,46 @@ def test_a_worker_the_fifo_mode_leaves_out_gets_a_clear_error(
     out = refused_worker([], str(d.fifo.with_suffix(".socket")))
     assert "this user may not write the FIFO or socket, or enter its directory" in out
     assert d.stop() == 0
+
+
+@pytest.fixture
+def worker_dir(second_uid: None) -> Iterator[pathlib.Path]:
+    """A private directory of the second uid."""
+    d = pathlib.Path(tempfile.mkdtemp(prefix="ftw-"))
+    os.chown(d, WORKER_UID, WORKER_GID)
+    os.chmod(d, 0o700)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_an_unprivileged_daemon_given_a_group_it_may_not_give_says_so_in_one_line(
+    worker_dir: pathlib.Path,
+) -> None:
+    # Before: a PermissionError traceback from fchown, exit 1, and the FIFO left behind.
+    fifo = worker_dir / "timer.fifo"
+    result = subprocess.run(
+        as_worker(
+            PYTHON,
+            "-m",
+            "ftimer_server",
+            "run",
+            "--fifo",
+            str(fifo),
+            "--capture",
+            "none",
+            "--fifo-group",
+            "0",
+            "--fifo-mode",
+            "0600",  # group 0 may not write: nothing to reach, nothing refused before
+        ),
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+    )
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.endswith(
+        f"cannot start: FIFO {fifo}: cannot give the FIFO group 0: Operation not permitted"
+    )
+    assert os.listdir(worker_dir) == ["timer.fifo.lock"]  # the lock file stays, as always

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Callable, Dict, List, Optional
@@ -156,3 +158,43 @@ def ready_child(argv: List[str]) -> Iterator[subprocess.Popen[bytes]]:
         child.wait()
         assert child.stdout is not None
         child.stdout.close()
+
+
+#: An unprivileged uid and gid (nobody), for what only root may do (give a file a group
+#: the user is not in).
+NOBODY = 65534
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[pathlib.Path]:
+    """A private directory of uid ``NOBODY`` (short: socket paths are limited); skips
+    unless this is root with ``setpriv`` and that uid can run this Python."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run a server as an unprivileged user")
+    probe = run_as_nobody("import ftimer_server")
+    if probe.returncode != 0:
+        pytest.skip(f"uid {NOBODY} cannot run {sys.executable}: {probe.stderr.strip()}")
+    d = pathlib.Path(tempfile.mkdtemp(prefix="ftu-"))
+    os.chown(d, NOBODY, NOBODY)
+    os.chmod(d, 0o700)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def run_as_nobody(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in this Python as uid and gid ``NOBODY``, no supplementary groups."""
+    return subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            script,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -10,6 +10,8 @@ import pytest
 
 from ftimer_server import FifoError, open_fifo
 
+from .conftest import NOBODY, run_as_nobody
+
 ROOT = os.geteuid() == 0
 OTHER_UID = 65534  # nobody
 
@@ -300,3 +302,47 @@ def test_replace_falls_back_to_reuse_when_no_fifo_can_be_made_beside_it(
         assert "reusing it" in caplog.text
     finally:
         fifo.close()
+
+
+#: Opens the FIFO (argv[1]) with group 0, which uid nobody may not give: prints the
+#: error's type and text, then what is left in the directory.
+FIFO_WITH_GROUP_0 = """
+import os, sys
+from ftimer_server import FifoError, open_fifo
+try:
+    open_fifo(sys.argv[1], group=0).close()
+    print("opened")
+except Exception as e:
+    print(type(e).__name__, e)
+print(sorted(os.listdir(os.path.dirname(sys.argv[1]))))
+"""
+
+
+def test_a_group_the_user_may_not_give_is_a_fifo_error_and_no_fifo_is_left(
+    nobody_dir: pathlib.Path,
+) -> None:
+    # Before: a raw PermissionError from fchown, and the FIFO just made left behind.
+    fifo = nobody_dir / "timer.fifo"
+    result = run_as_nobody(FIFO_WITH_GROUP_0, str(fifo))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"FifoError {fifo}: cannot give the FIFO group 0: Operation not permitted",
+        "[]",
+    ]
+
+
+def test_a_group_the_user_may_not_give_leaves_a_reused_fifo_in_place(
+    nobody_dir: pathlib.Path,
+) -> None:
+    fifo = nobody_dir / "timer.fifo"
+    os.mkfifo(fifo, 0o600)
+    os.chown(fifo, NOBODY, NOBODY)
+    inode = fifo.lstat().st_ino
+    # Reused (not replaced): open_fifo's default. Not this call's FIFO: not removed.
+    result = run_as_nobody(FIFO_WITH_GROUP_0, str(fifo))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"FifoError {fifo}: cannot give the FIFO group 0: Operation not permitted",
+        "['timer.fifo']",
+    ]
+    assert fifo.lstat().st_ino == inode

@@ -625,3 +625,49 @@ def test_on_change_once_per_iteration_that_changed_the_timers(
         child.wait()
         wait_until(lambda: len(changes) > before)  # its timers were dropped
         assert server.armed() == []
+
+
+def test_stop_returns_while_log_event_blocks_and_the_events_still_arrive(
+    fifo_path: pathlib.Path, children, caplog: pytest.LogCaptureFixture
+) -> None:
+    # torch's stop() returns within its max_interval; this one used to wait for as long
+    # as a callback blocked.
+    entered, release = threading.Event(), threading.Event()
+    logged: List[str] = []
+
+    def log_event(name: str, request: Optional[FileTimerRequest]) -> None:
+        logged.append(name)
+        if name == "timer expired":
+            entered.set()
+            release.wait()  # until the test has seen stop() return
+
+    server = FileTimerServer(fifo_path, log_event=log_event, dry_run=True)
+    server.stop_timeout = 0.2
+    server.start()
+    stopper = threading.Thread(target=server.stop)
+    try:
+        child = children()
+        send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
+        assert entered.wait(10)
+        with caplog.at_level("WARNING", logger="ftimer_server"):
+            stopper.start()
+            stopper.join(10)
+            assert not stopper.is_alive(), "stop() waited for the blocked callback"
+        assert server.state is Lifecycle.STOPPING
+        (warning,) = [r.getMessage() for r in caplog.records if "stop()" in r.getMessage()]
+        assert f"it is in its log_event callback, {log_event!r}" in warning
+        assert str(fifo_path) in warning
+    finally:
+        release.set()
+        stopper.join(10)
+    # Released: the loop delivers what was pending, closes the FIFO and ends.
+    wait_until(lambda: server.state is Lifecycle.STOPPED)
+    assert logged == [
+        "watchdog started",
+        "timer expired",
+        "kill worker process",
+        "watchdog stopped",
+    ]
+    assert child.poll() is None  # dry run
+    with FileTimerServer(fifo_path) as next_one:  # its lock is released too
+        next_one.sync()

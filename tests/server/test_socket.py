@@ -27,7 +27,7 @@ from ftimer_server.core._events import Refused
 from ftimer_server.server import _socket as socket_module
 from ftimer_server.server._socket import open_socket
 
-from .conftest import wait_exit
+from .conftest import run_as_nobody, wait_exit
 
 # Sends one line to the socket argv[1]: argv[2] is the line; with argv[3], also a pidfd
 # of that pid (SCM_RIGHTS). Then waits for its stdin to close (it is the sender).
@@ -608,3 +608,28 @@ def test_a_batch_s_pidfds_are_released_under_the_server_s_lock(
         sender.send(arm(os.getpid(), scope="x"))
     assert released.wait(10)
     assert taken_elsewhere == [False]
+
+
+def test_a_group_the_user_may_not_give_is_a_fifo_error_and_no_socket_is_left(
+    nobody_dir: pathlib.Path,
+) -> None:
+    # Before: "cannot bind the socket: Operation not permitted" (it was bound), and the
+    # socket left at the path.
+    path = nobody_dir / "timer.socket"
+    script = """
+import os, sys
+from ftimer_server import FifoError
+from ftimer_server.server._socket import open_socket
+try:
+    open_socket(sys.argv[1], group=0).close()
+    print("bound")
+except FifoError as e:
+    print(e)
+print(os.listdir(os.path.dirname(sys.argv[1])))
+"""
+    result = run_as_nobody(script, str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{path}: cannot give the socket group 0: Operation not permitted",
+        "[]",
+    ]

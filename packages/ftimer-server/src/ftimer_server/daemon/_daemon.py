@@ -18,9 +18,7 @@ WATCHDOG=1, so a wedged server loop is noticed.
 from __future__ import annotations
 
 import contextlib
-import errno
 import faulthandler
-import fcntl
 import gc
 import logging
 import os
@@ -41,8 +39,13 @@ from ftimer_server.core._policy import Policy
 from ftimer_server.core._records import Timer
 from ftimer_server.core._stats import Stats
 from ftimer_server.incidents._options import IncidentOptions
-from ftimer_server.server._fifo import FifoError, manages_parent, unreachable_by_writers
-from ftimer_server.server._files import NotARegularFile, file_kind, open_regular
+from ftimer_server.server._fifo import (
+    FifoBusy,
+    FifoError,
+    lock_fifo,
+    manages_parent,
+    unreachable_by_writers,
+)
 from ftimer_server.server._journal import Journal
 from ftimer_server.server._server import FileTimerServer
 
@@ -205,10 +208,13 @@ class Daemon:
             timers, replay_from = loaded.timers, loaded.journal
 
         tick = self._notifier.watchdog_interval
+        incidents = _incidents(c)
 
         def new_server() -> FileTimerServer:
+            if incidents is not None and incidents.directory is not None:
+                _check_incident_dir(incidents)
             try:
-                return FileTimerServer(
+                server = FileTimerServer(
                     c.fifo,
                     on_event=self._on_event,
                     on_change=self._changed,
@@ -221,12 +227,19 @@ class Daemon:
                     tick_interval=tick,
                     on_tick=self._keepalive if tick is not None else None,
                     journal=journal,
-                    incidents=_incidents(c),
+                    incidents=incidents,
                     socket_path=c.socket,
                     on_incident=self._incident,
+                    lock_fifo=False,  # the daemon holds it, from before the server
                 )
-            except OSError as e:  # the incident directory is unusable or unsafe
-                raise StartupError(f"incident directory {c.incident_dir}: {e}") from None
+            except OSError as e:
+                # The incident directory was checked just above: what remains that can
+                # fail is starting the capture helper (a process), with the server's
+                # first look at /proc.
+                what = "the incident capture helper" if incidents is not None else "the server"
+                raise StartupError(f"cannot start {what}: {_os_error(e)}") from None
+            server.stop_timeout = None  # its callbacks are the daemon's: armed() final
+            return server
 
         server = new_server()
         if timers:
@@ -532,56 +545,44 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
 
 
 def _lock_fifo(fifo: str) -> int:
-    """Lock ``<fifo>.lock`` (flock, exclusive) and return its descriptor: closing
-    it, or the daemon's exit, releases the lock. The file is never removed: a daemon
-    could otherwise lock a file that a later one has already unlinked and made anew.
+    """Lock ``<fifo>.lock`` (``lock_fifo``: the lock every ftimer server takes) and
+    return its descriptor: closing it, or the daemon's exit, releases the lock. The
+    daemon never removes the file.
 
     Raises:
-        StartupError: another daemon holds the lock, or the lock file cannot be made or
+        StartupError: another server holds the lock, or the lock file cannot be made or
             is not this user's regular file (a symlink is never followed).
     """
-    # Beside the FIFO and named after it, because the FIFO is what two daemons must not
-    # share (the control socket and the state file can be given other paths, or none).
-    # The daemon writes that directory anyway, to replace the FIFO and bind its sockets.
-    # The default path's directory may not exist yet: it is made here as open_fifo makes
-    # it (0700), but its owner, mode and group are checked and set by open_fifo, under
-    # the lock, so that a daemon that loses never changes them.
-    path = fifo + ".lock"
-    directory = os.path.dirname(fifo) or "."
-    if manages_parent(fifo):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise StartupError(
-                f"FIFO {directory}: cannot create the directory: {e.strerror}"
-            ) from None
-    refused = f"FIFO {fifo}: refusing the lock file {path}: it is {{}}"
     try:
-        # No controlling terminal: a tty put there is refused, not adopted.
-        fd, st = open_regular(path, os.O_RDWR | os.O_CREAT | os.O_NOCTTY)
-    except NotARegularFile as e:
-        raise StartupError(refused.format(e.kind)) from None
-    except OSError as e:
-        why = f"FIFO {fifo}: cannot open the lock file {path}: {e.strerror}"
-        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):  # a symlink, dir, socket
-            with contextlib.suppress(OSError):
-                why = refused.format(file_kind(os.lstat(path).st_mode))
-        raise StartupError(why) from None
+        return lock_fifo(fifo, managed=manages_parent(fifo))
+    except FifoBusy as e:
+        raise StartupError(
+            f"another ftimer-server is running on FIFO {fifo} (it holds {e.lock_path})"
+        ) from None
+    except FifoError as e:
+        raise StartupError(f"FIFO {e.path}: {e.reason}") from None
+
+
+def _check_incident_dir(options: IncidentOptions) -> None:
+    """Create the incident directory (0700) if missing, and check it is private.
+
+    Raises:
+        StartupError: it cannot be created or opened, or it is unsafe (the message
+            names it and says why).
+    """
+    from ftimer_server.incidents._store import IncidentStore  # noqa: PLC0415 (RSS)
+
+    assert options.directory is not None
     try:
-        if st.st_uid != os.geteuid():
-            raise StartupError(refused.format(f"owned by uid {st.st_uid}, not us"))
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StartupError(
-                f"another ftimer-server is running on FIFO {fifo} (it holds {path})"
-            ) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        IncidentStore(options.directory, keep=options.keep, max_bytes=options.max_bytes)
+    except OSError as e:  # its messages name the directory
+        raise StartupError(e.strerror or f"incident directory {options.directory}: {e}") from None
+
+
+def _os_error(e: OSError) -> str:
+    """An ``OSError`` in a line: its message, and the file it is about, if any."""
+    what = e.strerror or str(e)
+    return f"{what}: {e.filename}" if e.filename is not None else what
 
 
 def _incidents(c: DaemonConfig) -> Optional[IncidentOptions]:

@@ -35,12 +35,17 @@ from typing import Optional, Tuple, Union
 
 from ftimer_protocol import default_fifo_path
 
+from ._files import NotARegularFile, file_kind, open_regular
+
 __all__ = [
     "Fifo",
+    "FifoBusy",
     "FifoError",
+    "lock_fifo",
     "manages_parent",
     "open_fifo",
     "parent_mode",
+    "unlock_fifo",
     "unreachable_by_writers",
 ]
 
@@ -68,6 +73,21 @@ class FifoError(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class FifoBusy(FifoError):
+    """Another ftimer server (the daemon, or an embedded ``FileTimerServer``) serves the
+    FIFO: it holds the FIFO's lock file.
+
+    Attributes:
+        lock_path: the lock file (``<fifo>.lock``).
+    """
+
+    def __init__(self, path: str, lock_path: str) -> None:
+        super().__init__(
+            path, f"another ftimer server is serving this FIFO (it holds the lock file {lock_path})"
+        )
+        self.lock_path = lock_path
 
 
 class Fifo:
@@ -161,12 +181,104 @@ def open_fifo(
     read_fd, created, replaced = _open_read_end(path, mode, gid, replace)
     try:
         write_fd = _open_write_end(path, read_fd)
-    except BaseException:
+    except BaseException as e:
+        if created:
+            _unlink_if_same(path, os.fstat(read_fd))
         os.close(read_fd)
+        if isinstance(e, OSError):
+            raise FifoError(path, f"cannot open the FIFO for writing: {e.strerror}") from None
         raise
     fifo = Fifo(path, read_fd, write_fd, created, replaced)
     fifo.pipe_size = _enlarge_pipe(read_fd, pipe_size)
     return fifo
+
+
+def _unlink_if_same(path: str, st: os.stat_result) -> None:
+    """Remove ``path`` if it is still the file ``st`` describes (never another's)."""
+    with contextlib.suppress(OSError):
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(path)
+
+
+def lock_fifo(fifo: str, *, managed: Optional[bool] = None) -> int:
+    """Lock ``<fifo>.lock`` (flock, exclusive, not waiting) and return its descriptor:
+    `unlock_fifo`, closing it, or the process's exit releases the lock. Every ftimer
+    server takes it before it touches the FIFO (the daemon before anything else), so two
+    servers never serve one path: the second would replace the FIFO, and the first read a
+    FIFO nobody can reach any more.
+
+    The file is made 0600 if missing and kept: only a server that removes its FIFO on
+    stop removes it, under the lock. A lock is kept only if the file locked is still the
+    one at the path (else it was removed meanwhile, and the lock is taken again).
+
+    Args:
+        fifo: the FIFO's path.
+        managed: whether the FIFO's directory is the server's (`manages_parent`, the
+            default): made 0700 here if missing, as `open_fifo` makes it.
+
+    Raises:
+        FifoBusy: another server holds the lock.
+        FifoError: the lock file cannot be made or opened, or is not this user's
+            regular file (a symlink is never followed).
+    """
+    # Beside the FIFO and named after it, because the FIFO is what two servers must not
+    # share (the sockets and the state file can be given other paths, or none). The
+    # server writes that directory anyway, to replace the FIFO and bind its sockets. The
+    # default path's directory may not exist yet: it is made here as open_fifo makes it
+    # (0700), but its owner, mode and group are checked and set by open_fifo, under the
+    # lock, so that a server that loses never changes them.
+    path = fifo + ".lock"
+    directory = os.path.dirname(fifo) or "."
+    if managed is None:
+        managed = manages_parent(fifo)
+    if managed:
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise FifoError(directory, f"cannot create the directory: {e.strerror}") from None
+    refused = f"refusing the lock file {path}: it is {{}}"
+    for _ in range(3):  # removed by the server that held it, between open and lock
+        try:
+            # No controlling terminal: a tty put there is refused, not adopted.
+            fd, st = open_regular(path, os.O_RDWR | os.O_CREAT | os.O_NOCTTY)
+        except NotARegularFile as e:
+            raise FifoError(fifo, refused.format(e.kind)) from None
+        except OSError as e:
+            why = f"cannot open the lock file {path}: {e.strerror}"
+            if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):  # a symlink, dir, socket
+                with contextlib.suppress(OSError):
+                    why = refused.format(file_kind(os.lstat(path).st_mode))
+            raise FifoError(fifo, why) from None
+        try:
+            if st.st_uid != os.geteuid():
+                raise FifoError(fifo, refused.format(f"owned by uid {st.st_uid}, not us"))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FifoBusy(fifo, path) from None
+            with contextlib.suppress(FileNotFoundError):
+                now = os.lstat(path)
+                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                    return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise FifoError(fifo, f"the lock file {path} keeps being removed")
+
+
+def unlock_fifo(fifo: str, fd: int, *, remove: bool = False) -> None:
+    """Release the lock `lock_fifo` took (its descriptor ``fd``); with ``remove``, also
+    remove the lock file first, if it is still the one locked."""
+    if remove:
+        with contextlib.suppress(OSError):
+            st, now = os.fstat(fd), os.lstat(fifo + ".lock")
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(fifo + ".lock")
+    os.close(fd)
 
 
 def _gid(group: Optional[Union[int, str]]) -> Optional[int]:
@@ -346,11 +458,19 @@ def _open_read_end(
                 raise FifoError(path, f"refusing {_describe(st.st_mode)} (expected a FIFO)")
             if st.st_uid != os.geteuid():
                 raise FifoError(path, f"refusing a FIFO owned by uid {st.st_uid}, not us")
-            if gid is not None and st.st_gid != gid:
-                os.fchown(fd, -1, gid)
-            if stat.S_IMODE(st.st_mode) != mode:
-                os.fchmod(fd, mode)
+            what = ""
+            try:
+                if gid is not None and st.st_gid != gid:
+                    what = f"give the FIFO group {gid}"
+                    os.fchown(fd, -1, gid)
+                if stat.S_IMODE(st.st_mode) != mode:
+                    what = f"make the FIFO mode {mode:04o}"
+                    os.fchmod(fd, mode)
+            except OSError as e:
+                raise FifoError(path, f"cannot {what}: {e.strerror}") from None
         except BaseException:
+            if created:  # ours, made by this call: not left behind
+                _unlink_if_same(path, os.fstat(fd))
             os.close(fd)
             raise
         return fd, created, False

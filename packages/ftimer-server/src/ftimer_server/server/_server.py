@@ -48,7 +48,7 @@ from ftimer_server.core._watchdog import Watchdog
 from ftimer_server.incidents._options import IncidentOptions
 
 from ._edge import ReapStep, SystemHost, ancestors_of
-from ._fifo import Fifo, open_fifo
+from ._fifo import Fifo, lock_fifo, open_fifo, unlock_fifo
 from ._journal import Journal
 from ._loop import Loop
 from ._process import ProcessInspector, SystemInspector, raise_fd_limit
@@ -66,6 +66,9 @@ logger = logging.getLogger("ftimer_server")
 _sync_ids = itertools.count()
 #: Bytes in the journal's current segment past which ``on_change`` asks for a save.
 JOURNAL_TRIM = 16 * 1024 * 1024
+#: Seconds ``stop()`` waits for the loop's thread by default (torch's default
+#: ``max_interval``, within which torch's ``stop()`` returns).
+STOP_TIMEOUT = 10.0
 
 
 class Lifecycle(enum.Enum):
@@ -120,8 +123,15 @@ class FileTimerServer:
         inspector: how processes are looked at; defaults to ``SystemInspector``.
         fifo_mode: permissions of the FIFO (0600: only this user may write).
         fifo_group: group name or gid to give the FIFO.
-        remove_fifo: unlink the FIFO on ``stop()`` if this server created it. Off by
-            default, so a restarted server is found at the same path by its writers.
+        remove_fifo: unlink the FIFO on ``stop()`` if this server created it (and the
+            lock file ``<fifo>.lock``). Off by default, so a restarted server is found
+            at the same path by its writers.
+        lock_fifo: hold the lock file ``<fifo>.lock`` (the daemon's, see
+            ``ftimer-server run``) from ``start()`` until the loop ends: ``start()``
+            refuses with ``FifoBusy`` while another server (the daemon, or another
+            embedded server) serves the path, instead of replacing its FIFO under it.
+            False: the caller holds the lock (the daemon does, from before it starts
+            until after its final save).
         kill_self_on_reap: after reaping a worker, signal this process with the same
             signal (what torch 2.13 always does). Off by default.
         tick_interval: call ``on_tick()`` from the loop at least every this many
@@ -180,6 +190,7 @@ class FileTimerServer:
         socket_path: Optional[Union[str, os.PathLike[str]]] = None,
         journal: Optional[Journal] = None,
         restore_grace: float = 1.5,
+        lock_fifo: bool = True,
     ) -> None:
         if file_path is None:
             file_path = os.environ.get(ENV_TORCH_FIFO) or default_fifo_path()
@@ -208,6 +219,13 @@ class FileTimerServer:
         self._fifo_mode = fifo_mode
         self._fifo_group = fifo_group
         self._remove_fifo = remove_fifo
+        self._lock_fifo = lock_fifo
+        self._lock_fd = -1
+        #: Seconds ``stop()`` waits for the loop's thread; ``None``: until it ends.
+        self.stop_timeout: Optional[float] = STOP_TIMEOUT
+        #: The callback the loop's thread is in now ("log_event", ...: the argument's
+        #: name), if any: ``stop()`` names it when it waits in vain.
+        self._calling: Optional[str] = None
         self._kill_self_on_reap = kill_self_on_reap
         self._tick_interval = tick_interval
         self._on_tick = on_tick
@@ -264,9 +282,11 @@ class FileTimerServer:
         return self._state
 
     def start(self) -> None:
-        """Open the FIFO and start the loop in a thread.
+        """Lock the FIFO's lock file, open the FIFO and start the loop in a thread.
 
         Raises:
+            FifoBusy: another ftimer server (the daemon, or another embedded server)
+                serves the FIFO: it holds ``<fifo>.lock``. Nothing was changed.
             FifoError: the FIFO path is unsafe or unusable.
             RuntimeError: the server was already started.
         """
@@ -283,6 +303,7 @@ class FileTimerServer:
         ``run()`` returns once the FIFO is closed.
 
         Raises:
+            FifoBusy: another ftimer server serves the FIFO (see ``start()``).
             FifoError: the FIFO path is unsafe or unusable.
             RuntimeError: the server was already started.
         """
@@ -295,6 +316,13 @@ class FileTimerServer:
         pipe-full: writers that keep writing do not delay the stop). Armed timers stay
         readable with ``armed()``. A stopped server cannot be started again: create
         another and ``restore()``.
+
+        Waits for the loop's thread at most ``stop_timeout`` seconds (10 by default;
+        ``None``: until it ends): a callback (``log_event``, ``on_event``, ...) that
+        blocks would otherwise block the caller too. Past it, a warning names the
+        callback and ``stop()`` returns with the server still ``STOPPING``: the loop
+        delivers the remaining events, closes the FIFO and releases its lock once the
+        callback returns.
         """
         with self._lock:
             if self._state is Lifecycle.NEW:  # never started: release what restore() bound
@@ -308,8 +336,22 @@ class FileTimerServer:
             assert self._loop is not None
             self._loop.request_stop()
         thread = self._thread
-        if thread is not None and thread.ident != threading.get_ident():
-            thread.join()
+        if thread is None or thread.ident == threading.get_ident():
+            return
+        timeout = self.stop_timeout
+        thread.join(timeout)
+        if thread.is_alive():
+            calling = self._calling
+            logger.warning(
+                "stop(): the server's thread has not ended within %g s: %s; returning "
+                "without it (it closes the FIFO %s and delivers the remaining events "
+                "once that returns)",
+                timeout,
+                f"it is in its {calling} callback, {getattr(self, '_' + calling)!r}"
+                if calling
+                else "it is busy",
+                self.file_path,
+            )
 
     def __enter__(self) -> FileTimerServer:
         self.start()
@@ -534,16 +576,22 @@ class FileTimerServer:
             if self._state is not Lifecycle.NEW:
                 raise RuntimeError(f"the server is {self._state.value}; create a new one")
             raise_fd_limit()
-            # A server that restored nothing replaces its old FIFO: clients that still
-            # hold the old one then fail their next write and re-send their timers.
-            # One that restored timers reuses it: its writers lose nothing.
-            fifo = open_fifo(
-                self.file_path,
-                mode=self._fifo_mode,
-                group=self._fifo_group,
-                pipe_size=self._pipe_size,
-                replace=len(self._watchdog.table) == 0,
-            )
+            if self._lock_fifo:  # before the FIFO is touched: never another server's
+                self._lock_fd = lock_fifo(self.file_path)
+            try:
+                # A server that restored nothing replaces its old FIFO: clients that
+                # still hold the old one then fail their next write and re-send their
+                # timers. One that restored timers reuses it: its writers lose nothing.
+                fifo = open_fifo(
+                    self.file_path,
+                    mode=self._fifo_mode,
+                    group=self._fifo_group,
+                    pipe_size=self._pipe_size,
+                    replace=len(self._watchdog.table) == 0,
+                )
+            except BaseException:
+                self._unlock()
+                raise
             if self._socket_path is not None:
                 try:
                     self._socket = open_socket(
@@ -551,7 +599,8 @@ class FileTimerServer:
                     )
                     self._host.vouched = self._socket.vouched
                 except BaseException:
-                    fifo.close()
+                    fifo.close(remove=True)  # made by this start: not left behind
+                    self._unlock()
                     raise
             if fifo.replaced:
                 logger.info(
@@ -580,6 +629,12 @@ class FileTimerServer:
             self._log_event("watchdog started", None)
         return loop
 
+    def _unlock(self) -> None:
+        """Release the FIFO's lock file, if this server holds it (under ``_lock``)."""
+        if self._lock_fd >= 0:
+            unlock_fifo(self.file_path, self._lock_fd, remove=self._remove_fifo)
+            self._lock_fd = -1
+
     def _serve(self, loop: Loop) -> None:
         try:
             loop.run()
@@ -596,12 +651,15 @@ class FileTimerServer:
                 self._fifo.close(remove=self._remove_fifo)
             if self._socket is not None:
                 self._socket.close()
+            self._unlock()  # last: the FIFO is closed (and removed if asked)
             self._state = Lifecycle.STOPPED
             for done in self._syncs.values():
                 done.set()  # wake sync() callers: their tokens were not reached
         self._flush()
         if self._log_event is not None:
+            self._calling = "log_event"
             self._log_event("watchdog stopped", None)
+            self._calling = None
 
     def _loop_or_flush(self) -> None:
         """After a change made from another thread: the loop sees new deadlines and
@@ -655,11 +713,14 @@ class FileTimerServer:
                     self._self_signal = event.signal
             try:
                 if on_event is not None and (types is None or type(event) in types):
+                    self._calling = "on_event"
                     on_event(event)
                 if log_event is not None:
+                    self._calling = "log_event"
                     torch_log_event(log_event, event)
             except Exception:
                 logger.exception("event callback failed on %r", event)
+        self._calling = None
 
     def _debug_info(self, events: List[Event]) -> None:
         expired: Dict[int, List[str]] = {}
@@ -669,10 +730,12 @@ class FileTimerServer:
                 expired.setdefault(timer.pid, []).append(request_of(timer).to_json())
         if expired:
             assert self._log_debug_info is not None
+            self._calling = "log_debug_info"
             try:
                 self._log_debug_info(self.run_id, expired)
             except Exception:
                 logger.exception("log_debug_info callback failed")
+            self._calling = None
 
     def _changed(self) -> None:
         """Call ``on_change`` if the armed timers changed since it was last called, or
@@ -682,10 +745,12 @@ class FileTimerServer:
         grown = self._journal is not None and self._journal.size > JOURNAL_TRIM
         if self._on_change is not None and (changes != self._changes or grown):
             self._changes = changes
+            self._calling = "on_change"
             try:
                 self._on_change()
             except Exception:
                 logger.exception("on_change callback failed")
+            self._calling = None
 
     def _wants_timer_events(self) -> bool:
         types = self._event_types

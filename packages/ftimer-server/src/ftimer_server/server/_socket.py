@@ -441,15 +441,28 @@ def open_socket(
             sock.bind(path)
         finally:
             os.umask(old)
-        gid = _gid(group)
-        os.chmod(path, mode)
-        if gid is not None:
-            os.chown(path, -1, gid)
-        sock.setblocking(False)
     except OSError as e:
         sock.close()
         raise FifoError(path, f"cannot bind the socket: {e.strerror or e}") from None
-    return DatagramSocket(path, sock, pidfds, _queue_length())
+    bound = os.lstat(path)
+    what = f"make the socket mode {mode:04o}"
+    try:
+        gid = _gid(group)
+        os.chmod(path, mode)
+        if gid is not None:
+            what = f"give the socket group {gid}"
+            os.chown(path, -1, gid)
+        sock.setblocking(False)
+        return DatagramSocket(path, sock, pidfds, _queue_length())
+    except BaseException as e:
+        sock.close()
+        with contextlib.suppress(OSError):  # what this call bound, not left behind
+            now = os.lstat(path)
+            if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
+                os.unlink(path)
+        if isinstance(e, OSError):
+            raise FifoError(path, f"cannot {what}: {e.strerror or e}") from None
+        raise
 
 
 def _queue_length() -> int:

@@ -234,8 +234,7 @@ class Daemon:
                 )
             except OSError as e:
                 # The incident directory was checked just above: what remains that can
-                # fail is starting the capture helper (a process), with the server's
-                # first look at /proc.
+                # fail is starting the capture helper (a process of its own).
                 what = "the incident capture helper" if incidents is not None else "the server"
                 raise StartupError(f"cannot start {what}: {_os_error(e)}") from None
             server.stop_timeout = None  # its callbacks are the daemon's: armed() final

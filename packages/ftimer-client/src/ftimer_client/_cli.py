@@ -26,10 +26,11 @@ import math
 import os
 import signal
 import sys
+import time
 import warnings
 from typing import Dict, List, Optional, Sequence, TextIO, Type, Union
 
-from ftimer_protocol import MAX_PID, parse_signal
+from ftimer_protocol import MAX_PID, MAX_TIME, parse_signal
 
 from ._client import POLICIES, FileTimerClient
 from ._errors import ServerStalled, ServerUnavailable, ServerUnavailableWarning
@@ -78,6 +79,29 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _after(text: str) -> float:
+    value = _seconds(text)
+    # The deadline is the monotonic clock plus this, and must stay within MAX_TIME.
+    limit = MAX_TIME - time.monotonic()
+    if value > limit:
+        raise argparse.ArgumentTypeError(f"at most {limit:.0f} seconds, not {text!r}")
+    return value
+
+
+def _shown(text: str) -> str:
+    """``text`` (from the command line) as it can be printed: bytes that are not UTF-8
+    as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not UTF-8 text: '{_shown(text)}'") from None
+    return text
+
+
 def _signal(text: str) -> int:
     number = _ascii_int(text[1:]) if text.startswith("-") else None
     if number is not None:
@@ -103,7 +127,7 @@ def _protocol(text: str) -> int:
 
 
 def _label(text: str) -> tuple[str, str]:
-    key, eq, value = text.partition("=")
+    key, eq, value = _utf8(text).partition("=")
     if not eq:
         raise argparse.ArgumentTypeError(f"a label is KEY=VALUE, not {text!r}")
     return key, value
@@ -149,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--label", type=_label, action="append", default=None, metavar="KEY=VALUE")
     scope = argparse.ArgumentParser(add_help=False)
-    scope.add_argument("--scope", required=True)
+    scope.add_argument("--scope", type=_utf8, required=True)
     pid = argparse.ArgumentParser(add_help=False)
     pid.add_argument(
         "--pid",
@@ -159,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "shell, which an expired timer kills (SIGKILL unless --signal)",
     )
     after = argparse.ArgumentParser(add_help=False)
-    after.add_argument("--after", type=_seconds, required=True, metavar="SECONDS")
+    after.add_argument("--after", type=_after, required=True, metavar="SECONDS")
     sig = argparse.ArgumentParser(add_help=False)
     sig.add_argument("--signal", type=_signal, default=None, help="name or number (default: KILL)")
 
@@ -188,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage="ftimer exec --after SECONDS [--scope S] [--signal SIG] -- CMD [ARGS...]",
         epilog=NO_DUMP_EXEC,
     )
-    run.add_argument("--scope", default=None)
+    run.add_argument("--scope", type=_utf8, default=None)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
     run.set_defaults(subparser=run)
     return parser
@@ -278,7 +302,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             client.expire(args.scope)
         if not client._wait_read():
-            _stalled(args)
+            _stalled(args, _connected_path(client))
         # Exit without close(): an arm must outlive this command.
     except ServerUnavailable as e:
         print(f"ftimer: {e}", file=sys.stderr)
@@ -291,7 +315,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stalled(args: argparse.Namespace) -> None:
+def _connected_path(client: FileTimerClient) -> str:
+    """The path of the server's end the client is connected to (its socket, found beside
+    the FIFO by default), else its path."""
+    writer = getattr(client._channel, "_writer", None)
+    path = getattr(writer, "path", None)
+    return path if isinstance(path, str) else client.file_path
+
+
+def _stalled(args: argparse.Namespace, path: str) -> None:
     """The server has not read this command's datagram: once the command has exited, it
     will refuse it (it can no longer check the sender's kin), so say so now.
 
@@ -302,7 +334,7 @@ def _stalled(args: argparse.Namespace) -> None:
         errno.EAGAIN,
         f"the ftimer server has not read the message in {args.write_timeout} s, and "
         "refuses it once this command has exited (is the server stopped?)",
-        args.socket or args.fifo or "the server's socket",
+        path,
     )
     if args.on_unavailable == "raise":
         raise stalled
@@ -335,7 +367,8 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             os._exit(code)
     os.close(gate_r)
     os.close(err_w)
-    scope = args.scope or f"exec:{os.path.basename(cmd[0])}"
+    # A command named by bytes that are not UTF-8 still gets a scope the wire can carry.
+    scope = args.scope or f"exec:{_shown(os.path.basename(cmd[0]))}"
     try:
         client = _client(args, pid)
         client.arm(scope, args.after)
@@ -380,7 +413,7 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         _, status = os.waitpid(pid, 0)
     if failure:
         exit_code, _, message = failure.partition(" ")
-        print(f"ftimer: {cmd[0]}: {message}", file=sys.stderr)
+        print(f"ftimer: {_shown(cmd[0])}: {message}", file=sys.stderr)
         return int(exit_code)
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code

@@ -23,6 +23,7 @@ import fcntl
 import os
 import signal
 import socket
+import stat
 import struct
 import termios
 import time
@@ -280,11 +281,29 @@ def _inode(path: str) -> Tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def _what_is(path: str) -> str:
+    """What is at ``path``, in words: "a FIFO", "a directory", "a regular file"..."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "nothing that can be looked at"
+    for test, words in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return words
+    return "another kind of file"
+
+
 def _unavailable(e: OSError, path: str) -> ServerUnavailable:
     if e.errno == errno.ENOENT:
         reason = "no socket (is the ftimer server running?)" + hidden_system_dir(path)
     elif e.errno == errno.ECONNREFUSED and not is_socket(path):
-        reason = "not a socket (a FIFO? this client was told to use a socket)"
+        reason = f"not a socket but {_what_is(path)} (this client was told to use a socket)"
     elif e.errno == errno.ECONNREFUSED:
         reason = (
             "no ftimer server is bound to the socket (it stopped, or is restarting: it "

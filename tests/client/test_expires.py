@@ -239,3 +239,39 @@ def test_asyncio_tasks_at_one_line_hold_distinct_timers(peer: FifoPeer) -> None:
     assert seen[0] != seen[1]
     assert "@task-" in seen[0]
     assert server_state(peer.wait_count(4)) == {}
+
+
+def test_one_object_in_two_threads_is_refused_not_leaked() -> None:
+    # The second thread to enter is refused while the first is still arming; were both
+    # let in, one's exit would release the other's scope and leave its own armed.
+    arming, go = threading.Event(), threading.Event()
+    armed: list = []
+    released: list = []
+
+    class Slow:
+        def acquire(self, scope_id: str, expiration_time: float) -> None:
+            armed.append(scope_id)
+            if len(armed) == 1:
+                arming.set()
+                go.wait(10)
+
+        def release(self, scope_id: str) -> None:
+            released.append(scope_id)
+
+    guard = expires(after=60, client=Slow())
+
+    def block() -> None:
+        with guard:
+            pass
+
+    first = threading.Thread(target=block)
+    first.start()
+    assert arming.wait(10)
+    try:
+        with pytest.raises(RuntimeError, match="already in use"), guard:
+            pass
+    finally:
+        go.set()
+        first.join(10)
+    assert len(armed) == 1
+    assert released == armed

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 import traceback
@@ -132,3 +133,43 @@ def test_fork_while_another_thread_holds_the_client_lock(peer: FifoPeer) -> None
         release.set()
         holder.join(10)
     assert [m.scope_id for m in from_pid(peer.wait_count(2), pid)] == ["child"]
+
+
+SIGNAL_IN_CHILD = """
+    import os, signal, sys
+    from ftimer_client import FileTimerClient
+
+    client = FileTimerClient(sys.argv[1], dump_signal="USR2", labels={})
+    client.arm("parent", 60)
+    pid = os.fork()
+    if pid == 0:
+        client.signal = signal.SIGTERM  # torch code assigns it
+        client.arm("child", 60)
+        sys.stdin.read()
+        os._exit(0)
+    sys.stdin.read()
+    os.waitpid(pid, 0)
+"""
+
+
+def test_a_signal_assigned_in_a_child_announces_the_childs_own_dump_file(peer: FifoPeer) -> None:
+    from .test_dump import worker  # its workers run in a process of their own
+
+    with worker(SIGNAL_IN_CHILD, str(peer.path)) as w:
+        messages = peer.wait_count(2)
+        (parent,) = from_pid(messages, w.pid)
+        (child,) = [m for m in messages if m.pid != w.pid]
+        assert isinstance(parent, Arm)
+        assert isinstance(child, Arm)
+        assert child.signal == 15
+        assert parent.dump is not None
+        assert child.dump is not None
+        parent_file = os.stat(f"/proc/{w.pid}/fd/{parent.dump.fd}")
+        child_file = os.stat(f"/proc/{child.pid}/fd/{child.dump.fd}")
+        # The child's own dump file: not its parent's, nor whatever took that number in
+        # the child (its own FIFO, say).
+        assert stat.S_ISREG(child_file.st_mode)
+        assert parent_file.st_ino != child_file.st_ino
+        assert w.proc.stdin is not None
+        w.proc.stdin.close()  # both read it: both exit
+        assert w.proc.wait(30) == 0, w.stderr()

@@ -1,8 +1,9 @@
 """One process's connection to one server: a lock, the resync state, a writer, fork.
 
 The server keys timers by pid, so every client of this process that sends to the same
-server with the same protocol shares one Channel: a resynchronisation ("disarm everything
-of this pid, then re-arm what it has armed") must see every scope the process armed.
+server with the same protocol and transport shares one Channel: a resynchronisation
+("disarm everything of this pid, then re-arm what it has armed") must see every scope
+the process armed.
 What to send is ``Resync``'s (sans-I/O); how, the writers' (``_fifo``, ``_socket``).
 
 Version 2 keeps its connection open. Version 1 (torch's server, FIFO only) opens, writes
@@ -23,7 +24,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ftimer_protocol import DumpHook
 
@@ -77,6 +78,8 @@ class Channel:
         self._pidfd = -1  # of ``pid``, for the socket; opened once, at the first need
         self._clients = 0
         self._retry: Optional[threading.Thread] = None
+        self._sending = False  # a delivery is writing (see _deliver)
+        self._budget = 0.0  # that delivery's timeout, for its messages
         _channels.add(self)
 
     @property
@@ -113,6 +116,11 @@ class Channel:
         return built
 
     # -- operations -------------------------------------------------------------------
+    #
+    # Any other exception out of a delivery (a signal handler's, KeyboardInterrupt)
+    # leaves the server's view unknown: it may hold the line or not, and a resync may
+    # have stopped half-way. The registry then says what the caller was told (an arm
+    # that raised did not happen), and the resync makes the server agree.
 
     def arm(self, scope_id: str, line: bytes, owner: object, timeout: float, keep: bool) -> None:
         """Arm ``scope_id`` with ``line``.
@@ -123,21 +131,27 @@ class Channel:
 
         Raises:
             ServerUnavailable: not delivered (``ServerStalled``: no room in time).
+            Whatever interrupted the delivery (the scope is then left as it was).
         """
         with self.lock:
             previous = self.state.arm(scope_id, line, owner)
-            if self._fd >= 0:
-                try:
-                    os.write(self._fd, line)  # at most PIPE_BUF: all of it, or nothing
-                    return
-                except OSError:
-                    pass  # a full queue or a gone server: _deliver() sorts it out
             try:
-                self._deliver(line, timeout)
+                if self._fd >= 0:
+                    try:
+                        os.write(self._fd, line)  # at most PIPE_BUF: all of it, or nothing
+                        return
+                    except OSError:
+                        pass  # a full queue or a gone server: _deliver() sorts it out
+                self._deliver([line], timeout)
             except ServerUnavailable as e:
                 if not keep:
                     self.state.unarm(scope_id, previous)
                 self._failed(e)
+                raise
+            except BaseException:
+                self.state.unarm(scope_id, previous)
+                self.state.lost_disarms((scope_id,))  # it may have reached the server
+                self._failed(None)
                 raise
 
     def disarm(self, scope_id: str, line: bytes, timeout: float) -> None:
@@ -145,20 +159,21 @@ class Channel:
 
         Raises:
             ServerUnavailable: not delivered.
+            Whatever interrupted the delivery.
         """
         with self.lock:
             self.state.disarm(scope_id)
-            if self._fd >= 0:  # as in arm()
-                try:
-                    os.write(self._fd, line)
-                    return
-                except OSError:
-                    pass
             try:
-                self._deliver(line, timeout)
-            except ServerUnavailable as e:
+                if self._fd >= 0:  # as in arm()
+                    try:
+                        os.write(self._fd, line)
+                        return
+                    except OSError:
+                        pass
+                self._deliver([line], timeout, (scope_id,))
+            except BaseException as e:
                 self.state.lost_disarms((scope_id,))
-                self._failed(e)
+                self._failed(e if isinstance(e, ServerUnavailable) else None)
                 raise
 
     def disarm_all(self, timeout: float, owner: Optional[object] = None) -> None:
@@ -166,15 +181,15 @@ class Channel:
 
         Raises:
             ServerUnavailable: not delivered.
+            Whatever interrupted the delivery.
         """
         with self.lock:
             lines, scopes = self.state.disarm_all(owner)
             try:
-                for line in lines:
-                    self._deliver(line, timeout)
-            except ServerUnavailable as e:
+                self._deliver(lines, timeout, scopes)
+            except BaseException as e:
                 self.state.lost_disarms(scopes)
-                self._failed(e)
+                self._failed(e if isinstance(e, ServerUnavailable) else None)
                 raise
 
     def send(self, line: bytes, timeout: float, forget: Optional[str] = None) -> None:
@@ -182,14 +197,15 @@ class Channel:
 
         Raises:
             ServerUnavailable: not delivered.
+            Whatever interrupted the delivery.
         """
         with self.lock:
             if forget is not None:
                 self.state.disarm(forget)
             try:
-                self._deliver(line, timeout)
-            except ServerUnavailable as e:
-                self._failed(e)
+                self._deliver([line], timeout)
+            except BaseException as e:
+                self._failed(e if isinstance(e, ServerUnavailable) else None)
                 raise
 
     def wait_read(self, timeout: float) -> bool:
@@ -204,63 +220,98 @@ class Channel:
             self._clients += 1
 
     def detach(self) -> None:
-        """Count one client less; the last one closes the connection."""
+        """Count one client less; the last one closes the connection, once nothing is owed
+        to the server (a disarm lost in an outage is still delivered by the retries)."""
         with self.lock:
             self._clients -= 1
-            if self._clients <= 0:
-                self._disconnect()
-                if self._pidfd >= 0:
-                    fd, self._pidfd = self._pidfd, -1
-                    os.close(fd)
-                self._retry = None
+            if self._retry is None:
+                self._let_go()
+
+    def _let_go(self) -> None:
+        """Close the connection and the pidfd if no client uses them (lock held)."""
+        if self._clients <= 0:
+            self._disconnect()
+            if self._pidfd >= 0:
+                fd, self._pidfd = self._pidfd, -1
+                os.close(fd)
 
     # -- delivery (lock held) -----------------------------------------------------------
 
-    def _deliver(self, line: Optional[bytes], timeout: float) -> None:
-        """Send the backlog, then ``line`` (None: only the backlog), reconnecting and
-        resynchronising as needed.
+    def _deliver(
+        self, lines: List[bytes], timeout: float, disarmed: Optional[Sequence[str]] = None
+    ) -> None:
+        """Send the backlog, then ``lines``, reconnecting and resynchronising as needed;
+        all of it within ``timeout`` seconds.
+
+        Called again while delivering (from a signal handler of this thread), it only
+        defers ``lines`` (``disarmed``: the scopes they disarm, as ``Resync.defer``):
+        the delivery in progress sends them after its own.
 
         Raises:
             ServerUnavailable: the server is absent, or stalled past ``timeout``.
         """
         state = self.state
-        timeout = state.timeout(timeout)
-        lines = state.backlog()
-        if line is not None:
-            lines.append(line)
+        if self._sending:
+            state.defer(lines, disarmed)
+            return
+        self._fd = -1  # no hot path for a signal handler's call until this is done
+        self._budget = state.timeout(timeout)
+        end = time.monotonic() + self._budget
+        backlog = state.backlog()
+        while backlog or lines:
+            self._sending = True
+            try:
+                self._send(backlog, lines, end)
+            finally:
+                self._sending = False
+            # A handler's call after this point finds no delivery in progress: it sends
+            # its lines itself (after these), and the deferred ones before them.
+            backlog, lines = [], state.take_deferred()
+        state.delivered()
+        if self._writer is not None:
+            self._fd = self._writer.hot_fd
+
+    def _send(self, backlog: List[bytes], lines: List[bytes], end: float) -> None:
+        """Send ``backlog`` then ``lines`` before ``end`` (``time.monotonic()``); after
+        reconnecting, the resync then ``lines``.
+
+        Raises:
+            ServerUnavailable: as ``_deliver``.
+        """
         if not self.keep_open:
             once = self._open()
             try:
-                self._write_all(once, lines, timeout)
+                self._write_all(once, backlog + lines, end)
             finally:
                 once.close()
-            state.delivered()
             return
         writer: Optional[Writer] = self._writer
         for reconnecting in (False, True):
             if writer is None:
                 writer = self._writer = self._open()
             try:
-                self._write_all(writer, lines, timeout)
-                break
+                self._write_all(writer, backlog + lines, end)
+                return
             except ConnectionLost:
                 self._disconnect()
                 writer = None
                 if reconnecting:
                     raise self._lost() from None
                 # The server left or restarted: its view is unknown, make it ours.
-                lines = state.resync_lines()
-                if line is not None:
-                    lines.append(line)
-        state.delivered()
-        assert writer is not None
-        self._fd = writer.hot_fd
+                backlog = self.state.resync_lines()
 
-    def _write_all(self, writer: Writer, lines: list[bytes], timeout: float) -> None:
+    def _write_all(self, writer: Writer, lines: List[bytes], end: float) -> None:
         """Raises ConnectionLost (version 2), ServerUnavailable."""
         try:
             for line in lines:
-                writer.write(line, timeout)
+                # The call's time, not each line's: a resync waits no longer than a line.
+                remaining = max(0.0, end - time.monotonic())
+                try:
+                    writer.write(line, remaining)
+                except ServerStalled as e:
+                    # The writer's message names what was left; the user set the whole.
+                    said = (e.strerror or "").replace(f"in {remaining} s", f"in {self._budget} s")
+                    raise ServerStalled(e.errno, said, e.filename) from None
         except ConnectionLost:
             if self.keep_open:
                 raise
@@ -294,7 +345,8 @@ class Channel:
             writer, self._writer = self._writer, None
             writer.close()
 
-    def _failed(self, error: ServerUnavailable) -> None:
+    def _failed(self, error: Optional[ServerUnavailable]) -> None:
+        """A delivery failed with ``error``, or was interrupted (None)."""
         self._fd = -1  # out of sync: every line goes through _deliver() until resynced
         state = self.state
         state.failed(time.monotonic(), stalled=isinstance(error, ServerStalled))
@@ -313,14 +365,16 @@ class Channel:
                 wait = self.state.next_retry(time.monotonic())
                 if wait is None:
                     self._retry = None
+                    self._let_go()  # the last client may have closed meanwhile
                     return
                 if wait <= 0:
                     try:
-                        self._deliver(None, 0.0)
+                        self._deliver([], 0.0)
                     except ServerUnavailable:
                         self.state.retry_failed(time.monotonic())
                         continue
                     self._retry = None
+                    self._let_go()
                     return
             time.sleep(wait)
 
@@ -333,6 +387,7 @@ class Channel:
         self._disconnect()
         self.state.reset()
         self._retry = None
+        self._sending = False
         if self.follows_process:
             self.pid = os.getpid()
             self.start_time = process_start_time(self.pid)
@@ -352,19 +407,33 @@ _shared_lock = threading.Lock()
 
 def channel_for(route: Route, protocol: int, pid: Optional[int] = None) -> Channel:
     """Return the channel of this process for (``route``, ``protocol``), shared by every
-    client that does not name a ``pid``; a client naming one gets a channel of its own.
+    client that does not name a ``pid`` and reaches the same FIFO or socket (whatever the
+    symlinks on the way), with the same transport; a client naming a ``pid`` gets a
+    channel of its own.
+
+    A client given no path also reaches the socket it prefers beside its FIFO: it shares
+    with clients given either path. Their channel then prefers that socket too (the same
+    server, over the transport the kernel vouches for).
 
     Raises:
         ValueError: the pid breaks the schema.
     """
     if pid is not None:
         return Channel(route, protocol, pid)
-    prefer = None if route.prefer is None else os.path.abspath(route.prefer)
-    key = (os.path.abspath(route.path), prefer, route.transport, protocol)
+    # Two channels to one server would each resync with a disarm_all of this process,
+    # wiping the timers armed through the other.
+    keys = [(os.path.realpath(route.path), route.transport, protocol)]
+    if route.prefer is not None:
+        keys.append((os.path.realpath(route.prefer), route.transport, protocol))
     with _shared_lock:
-        channel = _shared.get(key)
+        channel = next((c for c in map(_shared.get, keys) if c is not None), None)
         if channel is None:
-            channel = _shared[key] = Channel(route, protocol)
+            channel = Channel(route, protocol)
+        elif route.prefer is not None and channel.route.prefer is None:
+            with channel.lock:
+                channel.route = route  # used from its next connection
+        for key in keys:
+            _shared.setdefault(key, channel)
         return channel
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import signal as _signal
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -37,6 +38,8 @@ POLICIES = ("raise", "warn", "ignore")
 _monotonic = time.monotonic
 # The protocol's pattern (its schema's own), for a refusal in the user's words.
 _LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
+# Frames of this package: a warning names the first line outside it.
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class FileTimerClient:
@@ -116,9 +119,9 @@ class FileTimerClient:
         self._labels: Dict[str, str] = default_labels() if labels is None else _labels(labels)
         if pid is not None:
             _check_pid(pid, self._route.transport)
-        self._hook = _dump_hook(dump_signal, protocol, pid)
+        hook = _dump_hook(dump_signal, protocol, pid)
         self._channel = channel_for(self._route, protocol, pid)
-        self._lines = self._channel.lines(self._signal, self._labels or None, self._hook)
+        self._lines = self._channel.lines(self._signal, self._labels or None, hook)
         self._v2 = self._lines if isinstance(self._lines, V2Lines) else None
         # ``expires`` writes straight to the channel unless a subclass overrides torch's
         # methods (for logging, metrics, tracing): then it calls them, as torch's does.
@@ -143,7 +146,11 @@ class FileTimerClient:
             ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
             ValueError: the scope or time breaks the schema, or the time is negative
                 (torch's wire format reads that as a release: call ``release()``).
+            TypeError: the time is a bool.
+            RuntimeError: the client is closed.
         """
+        if type(expiration_time) is bool:  # True would arm until 1970
+            raise TypeError("expiration time must be a number of seconds, not a bool")
         if not expiration_time >= 0.0:
             raise ValueError(f"expiration time must be >= 0, not {expiration_time!r}")
         if self._v2 is not None:
@@ -159,7 +166,10 @@ class FileTimerClient:
                 still counts the scope as released and makes the server agree when it
                 is back.
             ValueError: the scope breaks the schema.
+            RuntimeError: the client is closed.
         """
+        if self._closed:
+            raise _closed()
         line = self._lines.disarm(scope_id)
         try:
             self._channel.disarm(scope_id, line, self._timeout)
@@ -178,7 +188,13 @@ class FileTimerClient:
             ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
             ValueError: ``after`` is not finite or too large, or the scope breaks the
                 schema (longer than ``MAX_SCOPE``, or its message over ``PIPE_BUF``).
+            TypeError: ``after`` is a bool.
+            RuntimeError: the client is closed.
         """
+        if self._closed:
+            raise _closed()
+        if type(after) is bool:  # True would be a 1 s timer
+            raise TypeError("after must be a number of seconds, not a bool")
         v2 = self._v2
         if v2 is None:
             sig = None if signal is None else check_signal(signal)
@@ -204,6 +220,8 @@ class FileTimerClient:
         return self._lines.arm(scope_id, expiration_time, signal)
 
     def _arm(self, scope_id: str, line: bytes) -> None:
+        if self._closed:
+            raise _closed()
         try:
             self._channel.arm(scope_id, line, self, self._timeout, self._keep)
         except ServerUnavailable as e:
@@ -215,7 +233,11 @@ class FileTimerClient:
         Raises:
             KeyError: this process has not armed ``scope_id`` (or has released it).
             ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
+            TypeError: ``after`` is a bool.
+            RuntimeError: the client is closed.
         """
+        if self._closed:
+            raise _closed()
         if scope_id not in self._channel.armed:
             raise KeyError(scope_id)
         self.arm(scope_id, after)
@@ -227,7 +249,10 @@ class FileTimerClient:
         Raises:
             ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
             ValueError: the scope breaks the schema.
+            RuntimeError: the client is closed.
         """
+        if self._closed:
+            raise _closed()
         sig = self._signal if signal is None else check_signal(signal)
         if self._v2 is None:
             # Version 1 has no expire: arm with the present as the expiration time.
@@ -244,7 +269,10 @@ class FileTimerClient:
 
         Raises:
             ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
+            RuntimeError: the client is closed.
         """
+        if self._closed:
+            raise _closed()
         try:
             self._channel.disarm_all(self._timeout)
         except ServerUnavailable as e:
@@ -252,12 +280,14 @@ class FileTimerClient:
 
     def close(self) -> None:
         """Disarm the timers this client armed and let go of the connection (once no
-        client of the process uses it). Idempotent; the client must not be used
-        afterwards.
+        client of the process uses it, and nothing is owed to the server: disarms lost in
+        an outage are still delivered when it is back). Idempotent; afterwards the other
+        methods raise ``RuntimeError``.
 
         Raises:
             ServerUnavailable: the disarms were not delivered, with
-                ``on_unavailable="raise"`` (the client is closed all the same).
+                ``on_unavailable="raise"`` (the client is closed all the same, and
+                delivers them when the server is back).
         """
         if self._closed:
             return
@@ -307,7 +337,9 @@ class FileTimerClient:
     @signal.setter
     def signal(self, value: int) -> None:
         self._signal = check_signal(value)
-        self._lines = self._channel.lines(self._signal, self._labels or None, self._hook)
+        # The hook the lines announce now (a forked child's own), not the constructor's.
+        hook = self.dump_hook
+        self._lines = self._channel.lines(self._signal, self._labels or None, hook)
         self._v2 = self._lines if isinstance(self._lines, V2Lines) else None
 
     @property
@@ -355,11 +387,20 @@ class FileTimerClient:
             raise e
         if self._policy == "warn" and self._warned != self._channel.outages:
             self._warned = self._channel.outages
+            # Name the caller's line: the first frame outside this package (arm(),
+            # release(), an expires block, a subclass's override...).
+            level, frame = 2, sys._getframe(1)
+            while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+                level, frame = level + 1, frame.f_back
             warnings.warn(
                 f"{e}; carrying on without a watchdog until the server is back",
                 ServerUnavailableWarning,
-                stacklevel=4,
+                stacklevel=level,
             )
+
+
+def _closed() -> RuntimeError:
+    return RuntimeError("this FileTimerClient is closed: make a new one to arm timers")
 
 
 def _dump_hook(

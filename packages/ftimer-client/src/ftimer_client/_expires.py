@@ -35,11 +35,17 @@ class TimerClient(Protocol):
 
 _configured: Optional[TimerClient] = None
 _main_thread = threading.main_thread().ident
+# Makes "is this expires object free? then it is mine" one step for threads sharing one.
+# Reentrant: a signal handler may enter another block while this thread holds it.
+_claim = threading.RLock()
+# What ``_active`` holds while the block's timer is being armed: taken, no scope yet.
+_ARMING: Tuple[Any, Optional[str]] = (None, None)
 
 
 def _after_fork_in_child() -> None:
-    global _main_thread
+    global _main_thread, _claim
     _main_thread = threading.get_ident()  # the thread that forked is the child's main
+    _claim = threading.RLock()  # another thread of the parent may have held it
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -89,7 +95,7 @@ class expires:
 
     Raises (on entering):
         RuntimeError: no client given and none configured; or this object is already
-            in a ``with``.
+            in a ``with`` (in this thread or another: one object is one block at a time).
         ServerUnavailable: the arm was not delivered and the client's policy is "raise".
         ValueError: ``after`` or the scope breaks the protocol's schema.
     """
@@ -102,7 +108,7 @@ class expires:
         self._after = after
         self._scope = scope
         self._client = client
-        self._active: Optional[Tuple[TimerClient, str]] = None
+        self._active: Optional[Tuple[Any, Optional[str]]] = None
         if scope is None:
             frame = sys._getframe(1)
             self._site = f"{frame.f_code.co_filename}#{frame.f_lineno}"
@@ -113,18 +119,24 @@ class expires:
         return None if self._active is None else self._active[1]
 
     def __enter__(self) -> expires:
-        if self._active is not None:
-            raise RuntimeError("this expires object is already in use")
-        client = self._client if self._client is not None else _configured
-        if client is None:
-            raise RuntimeError("Configure timer client before using countdown timers.")
-        scope = self._scope
-        if scope is None:
-            scope = self._site + default_scope_suffix()
-        if isinstance(client, FileTimerClient) and client._plain:
-            client.arm(scope, self._after)
-        else:
-            client.acquire(scope, time.time() + self._after)
+        with _claim:
+            if self._active is not None:
+                raise RuntimeError("this expires object is already in use")
+            self._active = _ARMING
+        try:
+            client = self._client if self._client is not None else _configured
+            if client is None:
+                raise RuntimeError("Configure timer client before using countdown timers.")
+            scope = self._scope
+            if scope is None:
+                scope = self._site + default_scope_suffix()
+            if isinstance(client, FileTimerClient) and client._plain:
+                client.arm(scope, self._after)
+            else:
+                client.acquire(scope, time.time() + self._after)
+        except BaseException:
+            self._active = None
+            raise
         self._active = (client, scope)
         return self
 
@@ -135,10 +147,11 @@ class expires:
         tb: Optional[TracebackType],
     ) -> None:
         active = self._active
-        if active is None:
+        if active is None or active is _ARMING:
             return
         self._active = None
         client, scope = active
+        assert scope is not None
         if exc_type is None:
             client.release(scope)
             return
@@ -155,9 +168,11 @@ class expires:
             RuntimeError: not inside the block.
             ServerUnavailable: not delivered, with the client's policy "raise".
         """
-        if self._active is None:
+        active = self._active
+        if active is None or active is _ARMING:
             raise RuntimeError("beat() outside the expires block")
-        client, scope = self._active
+        client, scope = active
+        assert scope is not None
         after = self._after if after is None else after
         if isinstance(client, FileTimerClient) and client._plain:
             client.arm(scope, after)

@@ -11,6 +11,10 @@ armed scope again with its original deadline; version 1 (torch's, which has no
 is re-sent, and a lost disarm cannot later get a healthy process reaped by a server that
 restored the timer from its state file. Until that delivery succeeds, a retry is due
 from time to time (backing off) while something is armed or a disarm was lost.
+
+A call made while a delivery is in progress (from a signal handler, in the thread that
+delivers) is deferred: its lines go after the lines of that delivery, which may contradict
+them (the re-arm of a scope the handler disarms).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Resync:
 
     __slots__ = (
         "_base",
+        "_deferred",
         "_delay",
         "_lost",
         "_retry_at",
@@ -70,6 +75,7 @@ class Resync:
         self.needs_resync = False
         self.stalled = False
         self._lost: Dict[str, bytes] = {}  # version 1: releases not delivered
+        self._deferred: List[bytes] = []  # lines to send after the delivery in progress
         self._stale = False  # version 2: a disarm may not have been delivered
         self._retry_at: Optional[float] = None
         self._delay = RETRY_FIRST
@@ -121,8 +127,24 @@ class Resync:
         return [*self._lost.values(), *arms]
 
     def backlog(self) -> List[bytes]:
-        """The lines to send before the next one: the resync when it is needed, else none."""
-        return self.resync_lines() if self.needs_resync else []
+        """The lines to send before the next one: the resync when it is needed, then the
+        deferred lines (``take_deferred``)."""
+        lines = self.resync_lines() if self.needs_resync else []
+        lines += self.take_deferred()
+        return lines
+
+    def defer(self, lines: Iterable[bytes], disarmed: Optional[Iterable[str]] = None) -> None:
+        """Send ``lines`` after those of the delivery in progress (a call made from a
+        signal handler while it writes). Until they are delivered, the disarms in them
+        (``disarmed``, as for ``lost_disarms``; None: none) count as lost."""
+        self._deferred.extend(lines)
+        if disarmed is not None:
+            self.lost_disarms(disarmed)
+
+    def take_deferred(self) -> List[bytes]:
+        """Return the deferred lines, in order, and forget them."""
+        deferred, self._deferred = self._deferred, []
+        return deferred
 
     def timeout(self, timeout: float) -> float:
         """How long the next delivery may wait for room: ``timeout``, or 0 while stalled."""
@@ -147,7 +169,11 @@ class Resync:
             self._lost[scope_id] = self._base.disarm(scope_id)
 
     def failed(self, now: float, *, stalled: bool = False) -> None:
-        """A delivery failed at ``now`` (``stalled``: after waiting for room in vain)."""
+        """A delivery failed at ``now`` (``stalled``: after waiting for room in vain), or
+        was interrupted: what reached the server is unknown."""
+        # The resync makes the deferred lines good (their scopes are in the registry or
+        # lost); sent after it they could only undo a later re-arm.
+        self._deferred.clear()
         if not self.needs_resync:
             self.needs_resync = True
             self.outages += 1

@@ -1,9 +1,7 @@
 """transport="auto" with a stale socket beside the FIFO (a server that died, restarted
 with --no-socket): the client falls back to the FIFO a server reads.
 
-The choice is ``_transport.open_writer``'s, outside this change's files: the fix is
-proposed there, and this test is marked xfail (strict) until it lands; remove the mark
-then.
+The choice is ``_transport.open_writer``'s.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.xfail(strict=True, reason="needs the fallback in _transport.open_writer")
 def test_a_stale_socket_beside_a_served_fifo_falls_back_to_the_fifo(
     fifo_path: pathlib.Path, socket_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,14 +1,17 @@
 """Which writer a route gets: decided at each connection by what is on disk then.
 
 ``"fifo"`` and ``"socket"`` are what they say. ``"auto"`` takes the preferred socket when
-one is there (the socket beside a FIFO found by the default resolution), else what is at
-the path: a socket, or else a FIFO (whose opening reports anything else).
+one is there (the socket beside a FIFO found by the default resolution) and a server is
+bound to it, else what is at the path: a socket, or else a FIFO (whose opening reports
+anything else).
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Callable
 
+from ._errors import ServerUnavailable
 from ._fifo import FifoWriter
 from ._paths import Route
 from ._socket import SocketWriter
@@ -30,9 +33,20 @@ def open_writer(route: Route, *, keep_open: bool, pidfd: Callable[[], int]) -> W
         ServerUnavailable: nothing can be connected to (see the writers).
     """
     if route.transport == "auto":
-        for path in (route.prefer, route.path):
-            if path is not None and is_socket(path):
-                return SocketWriter(path, pidfd())
+        if route.prefer is not None and is_socket(route.prefer):
+            try:
+                return SocketWriter(route.prefer, pidfd())
+            except ServerUnavailable as refused:
+                # Bound to nobody (a server restarted with --no-socket leaves the file):
+                # the FIFO beside it, if a server reads that; else the socket's refusal.
+                if refused.errno != errno.ECONNREFUSED:
+                    raise
+                try:
+                    return FifoWriter(route.path, check_replaced=keep_open, or_socket=True)
+                except ServerUnavailable:
+                    raise refused from None
+        if is_socket(route.path):
+            return SocketWriter(route.path, pidfd())
         return FifoWriter(route.path, check_replaced=keep_open, or_socket=True)
     if route.transport == "socket":
         return SocketWriter(route.path, pidfd())

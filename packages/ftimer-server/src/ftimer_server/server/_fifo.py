@@ -193,11 +193,19 @@ def open_fifo(
     return fifo
 
 
+def _is_same(path: str, st: os.stat_result) -> bool:
+    """Whether ``path`` is still the file ``st`` describes (False if it is gone)."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
 def _unlink_if_same(path: str, st: os.stat_result) -> None:
     """Remove ``path`` if it is still the file ``st`` describes (never another's)."""
     with contextlib.suppress(OSError):
-        now = os.lstat(path)
-        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+        if _is_same(path, st):
             os.unlink(path)
 
 
@@ -259,10 +267,8 @@ def lock_fifo(fifo: str, *, managed: Optional[bool] = None) -> int:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise FifoBusy(fifo, path) from None
-            with contextlib.suppress(FileNotFoundError):
-                now = os.lstat(path)
-                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-                    return fd
+            if _is_same(path, st):
+                return fd
         except BaseException:
             os.close(fd)
             raise
@@ -274,10 +280,7 @@ def unlock_fifo(fifo: str, fd: int, *, remove: bool = False) -> None:
     """Release the lock `lock_fifo` took (its descriptor ``fd``); with ``remove``, also
     remove the lock file first, if it is still the one locked."""
     if remove:
-        with contextlib.suppress(OSError):
-            st, now = os.fstat(fd), os.lstat(fifo + ".lock")
-            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-                os.unlink(fifo + ".lock")
+        _unlink_if_same(fifo + ".lock", os.fstat(fd))
     os.close(fd)
 
 

@@ -318,3 +318,15 @@ def test_arm_help_warns_that_the_default_pid_is_the_calling_shell(
     assert (
         "at an interactive terminal, that is your own shell, which an expired timer kills" in text
     )
+
+
+def test_at_the_fifo_torchs_agent_serves_itself_torchs_protocol_is_spoken(
+    peer: FifoPeer,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTIMER_")}
+    env.update(TORCHELASTIC_ENABLE_FILE_TIMER="1", TORCHELASTIC_TIMER_FILE=str(peer.path))
+    argv = [*FTIMER, "arm", "--scope", "s", "--after", "30", "--signal", "0"]
+    assert subprocess.run(argv, env=env, timeout=30).returncode == 0
+    (request,) = peer.wait_count(1)
+    assert isinstance(request, TimerRequestV1)  # the only lines torch's server reads
+    assert (request.pid, request.scope_id) == (ME, "s")

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from ftimer_client import FileTimerClient, resolve_fifo_path
-from ftimer_client._paths import Route, resolve_route
+from ftimer_client._paths import Route, resolve_route, torch_serves
 from ftimer_protocol import SYSTEM_FIFO_PATH, SYSTEM_SOCKET_PATH
 
 
@@ -116,3 +116,49 @@ def test_the_client_reports_its_route(monkeypatch: pytest.MonkeyPatch) -> None:
     assert FileTimerClient().file_path == "/from/ftimer.socket"
     with pytest.raises(ValueError, match="transport"):
         FileTimerClient(transport="udp")
+
+
+TORCH_AGENT = {"TORCHELASTIC_ENABLE_FILE_TIMER": "1", "TORCHELASTIC_TIMER_FILE": "/t/w.fifo"}
+
+
+def test_torch_serves_the_fifo_its_agent_gives_when_it_runs_its_own_timer() -> None:
+    def route(path: str | None = None, **env: str) -> Route:
+        return resolve_route(path, environ={**TORCH_AGENT, **env}, exists=no)
+
+    assert torch_serves(route(), TORCH_AGENT)
+    assert torch_serves(route("/t/w.fifo"), TORCH_AGENT)  # torch's docs pass it explicitly
+    # Another path, FTIMER_FIFO or FTIMER_SOCKET first, or a socket: not torch's server.
+    assert not torch_serves(route("/elsewhere.fifo"), TORCH_AGENT)
+    assert not torch_serves(route(FTIMER_FIFO="/d/timer.fifo"), TORCH_AGENT)
+    assert not torch_serves(route(FTIMER_SOCKET="/d/timer.socket"), TORCH_AGENT)
+    assert not torch_serves(Route("/t/w.fifo", "socket"), TORCH_AGENT)
+    # The agent runs no server of its own (ftimer's daemon or embedded server serves it).
+    for enabled in ("", "0"):
+        env = {**TORCH_AGENT, "TORCHELASTIC_ENABLE_FILE_TIMER": enabled}
+        assert not torch_serves(route(), env)
+    assert not torch_serves(Route("/t/w.fifo", "auto"), {"TORCHELASTIC_TIMER_FILE": "/t/w.fifo"})
+
+
+def test_torch_serves_a_fifo_reached_by_another_name(tmp_path: os.PathLike[str]) -> None:
+    fifo = os.path.join(tmp_path, "w.fifo")
+    os.mkfifo(fifo)
+    os.symlink(fifo, os.path.join(tmp_path, "link"))
+    env = {**TORCH_AGENT, "TORCHELASTIC_TIMER_FILE": fifo}
+    assert torch_serves(Route(os.path.join(tmp_path, "link"), "auto"), env)
+
+
+def test_a_client_at_torchs_own_server_speaks_protocol_1(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]
+) -> None:
+    fifo = os.path.join(tmp_path, "w.fifo")
+    for name in ("FTIMER_FIFO", "FTIMER_SOCKET", "FTIMER_DUMP_SIGNAL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCHELASTIC_ENABLE_FILE_TIMER", "1")
+    monkeypatch.setenv("TORCHELASTIC_TIMER_FILE", fifo)
+    assert FileTimerClient().protocol == 1
+    assert FileTimerClient(protocol=2).protocol == 2  # asked for: ftimer's server there
+    assert FileTimerClient(os.path.join(tmp_path, "other.fifo")).protocol == 2
+    # A hook torch's format cannot announce: off, with a warning, not a failed start.
+    with pytest.warns(RuntimeWarning, match="torch's own server"):
+        client = FileTimerClient(dump_signal="SIGUSR2")
+    assert (client.protocol, client.dump_hook) == (1, None)

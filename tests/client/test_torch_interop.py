@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import pathlib
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from types import ModuleType
+from typing import Iterator
 
 import pytest
 
@@ -51,23 +53,57 @@ WORKER = textwrap.dedent(
 )
 
 
-def test_protocol_1_client_against_torchs_server(
-    tmp_path: pathlib.Path, torch_timer: ModuleType
-) -> None:
-    fifo = str(tmp_path / "torch.fifo")
-    # torch's server runs in a process of our own: after a reap, 2.13 signals itself too.
+@contextlib.contextmanager
+def torchs_server(fifo: str) -> Iterator[None]:
+    """torch's server, serving ``fifo``, in a process of our own: after a reap, 2.13
+    signals itself too."""
     with subprocess.Popen(
         [sys.executable, "-c", TORCH_SERVER, fifo], stdout=subprocess.PIPE, text=True
     ) as server:
         try:
             assert server.stdout is not None
             assert server.stdout.readline().strip() == "ready"
-            healthy = subprocess.run([sys.executable, "-c", WORKER, fifo, "healthy"], timeout=60)
-            assert healthy.returncode == 0  # released in time, many times: never reaped
-            stuck = subprocess.run([sys.executable, "-c", WORKER, fifo, "stuck"], timeout=60)
-            assert stuck.returncode == -signal.SIGKILL  # reaped by torch's server
+            yield
         finally:
             server.kill()
+
+
+def test_protocol_1_client_against_torchs_server(
+    tmp_path: pathlib.Path, torch_timer: ModuleType
+) -> None:
+    fifo = str(tmp_path / "torch.fifo")
+    with torchs_server(fifo):
+        healthy = subprocess.run([sys.executable, "-c", WORKER, fifo, "healthy"], timeout=60)
+        assert healthy.returncode == 0  # released in time, many times: never reaped
+        stuck = subprocess.run([sys.executable, "-c", WORKER, fifo, "stuck"], timeout=60)
+        assert stuck.returncode == -signal.SIGKILL  # reaped by torch's server
+
+
+def test_a_worker_of_torchs_agent_speaks_torchs_protocol_unasked(
+    tmp_path: pathlib.Path, torch_timer: ModuleType
+) -> None:
+    # The environment torch's agent gives its workers when it runs its own server
+    # (TORCHELASTIC_ENABLE_FILE_TIMER=1): ftimer's default protocol 2 would never be
+    # kept by that server, so a stuck worker would never be reaped.
+    fifo = str(tmp_path / "torch.fifo")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTIMER_")}
+    env.update(TORCHELASTIC_ENABLE_FILE_TIMER="1", TORCHELASTIC_TIMER_FILE=fifo)
+    worker = textwrap.dedent(
+        """
+        import time
+        from ftimer_client import FileTimerClient, expires
+        client = FileTimerClient()
+        print(client.protocol, flush=True)
+        with expires(after=0.3, client=client):
+            time.sleep(60)
+        """
+    )
+    with torchs_server(fifo):
+        stuck = subprocess.run(
+            [sys.executable, "-c", worker], env=env, stdout=subprocess.PIPE, text=True, timeout=60
+        )
+    assert stuck.stdout == "1\n"
+    assert stuck.returncode == -signal.SIGKILL  # reaped by torch's server
 
 
 def test_torchs_client_against_an_ftimer_reader(peer: FifoPeer, torch_timer: ModuleType) -> None:

@@ -153,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--protocol",
         type=_protocol,
-        default=2,
+        default=None,
         metavar="1|2",
-        help="2: ftimer's (default); 1: torch's, for torch's FileTimerServer",
+        help="2: ftimer's; 1: torch's, for torch's FileTimerServer (default: 1 at the FIFO "
+        "torch's agent serves itself, TORCHELASTIC_ENABLE_FILE_TIMER=1, else 2)",
     )
     common.add_argument(
         "--on-unavailable",

@@ -26,7 +26,7 @@ from ftimer_protocol import (
 from . import _dump
 from ._channel import channel_for
 from ._errors import ServerUnavailable, ServerUnavailableWarning
-from ._paths import resolve_route
+from ._paths import resolve_route, torch_serves
 from ._proc import default_labels
 from ._wire import V1Lines, V2Lines, check_signal, fix_deadline
 
@@ -62,8 +62,11 @@ class FileTimerClient:
             path, each FIFO preferring the socket beside it when there is one (see
             ``docs/client.md``).
         signal: what the server sends when a timer expires; 0 or negative: report only.
-        protocol: 2 (ftimer's, the default) or 1 (torch's, to talk to torch's own
+        protocol: 2 (ftimer's) or 1 (torch's, to talk to torch's own
             ``FileTimerServer``: the FIFO is then opened and closed per message).
+            Default: 1 when the FIFO is the one torch's agent serves itself
+            (``$TORCHELASTIC_ENABLE_FILE_TIMER`` is "1" and the path is
+            ``$TORCHELASTIC_TIMER_FILE``), since that server reads nothing else; else 2.
         on_unavailable: when a message cannot be delivered (no server, or the pipe or
             the socket's queue still full after ``write_timeout``): ``"raise"``
             ``ServerUnavailable``, ``"warn"`` once per outage and carry on, or
@@ -97,7 +100,7 @@ class FileTimerClient:
         file_path: Union[str, os.PathLike[str], None] = None,
         signal: int = _signal.SIGKILL,
         *,
-        protocol: int = 2,
+        protocol: Optional[int] = None,
         on_unavailable: str = "raise",
         write_timeout: float = 1.0,
         labels: Optional[Mapping[str, str]] = None,
@@ -105,13 +108,27 @@ class FileTimerClient:
         dump_signal: Union[int, str, None] = None,
         transport: str = "auto",
     ) -> None:
-        if protocol not in (1, 2):
+        if protocol not in (None, 1, 2):
             raise ValueError(f"protocol must be 1 or 2, not {protocol!r}")
         if on_unavailable not in POLICIES:
             raise ValueError(f"on_unavailable must be one of {POLICIES}, not {on_unavailable!r}")
         if not (isinstance(write_timeout, (int, float)) and 0 <= write_timeout < math.inf):
             raise ValueError(f"write_timeout must be finite and >= 0, not {write_timeout!r}")
-        self._route = resolve_route(file_path, transport=transport, protocol=protocol)
+        self._route = resolve_route(file_path, transport=transport, protocol=protocol or 2)
+        if protocol is None and torch_serves(self._route):
+            # torch's agent serves this FIFO itself: a protocol 2 line fails its read, and
+            # a stuck worker would never be reaped.
+            protocol = 1
+            self._route = resolve_route(file_path, transport=transport, protocol=1)
+            if dump_signal not in (None, 0):
+                warnings.warn(
+                    "dump_signal is ignored: the FIFO is served by torch's own server "
+                    "(TORCHELASTIC_ENABLE_FILE_TIMER=1), which reads torch's protocol 1",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                dump_signal = 0
+        protocol = protocol or 2
         self._signal = check_signal(signal)
         self._policy = on_unavailable
         self._keep = on_unavailable != "raise"

@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple, Optional, Union
 
 from ftimer_protocol import (
     ENV_SOCKET,
+    ENV_TORCH_FIFO,
     FIFO_ENV_VARS,
     SYSTEM_FIFO_PATH,
     SYSTEM_SOCKET_PATH,
@@ -26,7 +27,11 @@ from ftimer_protocol import (
     socket_path_for,
 )
 
-__all__ = ["TRANSPORTS", "Route", "resolve_fifo_path", "resolve_route"]
+__all__ = ["TRANSPORTS", "Route", "resolve_fifo_path", "resolve_route", "torch_serves"]
+
+#: "1" in torch's agent (and so in its workers, who inherit it): the agent runs torch's
+#: own FileTimerServer at ``$TORCHELASTIC_TIMER_FILE``.
+ENV_TORCH_TIMER = "TORCHELASTIC_ENABLE_FILE_TIMER"
 
 #: Values of ``transport``: by what is at the path, or always a FIFO, or always a socket.
 TRANSPORTS = ("auto", "fifo", "socket")
@@ -120,6 +125,31 @@ def resolve_route(
     if transport == "socket":
         return Route(socket_path_for(fifo), "socket")
     return Route(fifo, "auto", socket_path_for(fifo))
+
+
+def torch_serves(route: Route, environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether ``route`` reaches torch's own server: its agent runs one
+    (``$TORCHELASTIC_ENABLE_FILE_TIMER`` is "1") at ``$TORCHELASTIC_TIMER_FILE``, and the
+    route's FIFO is that one.
+
+    That server reads torch's protocol 1 only: a protocol 2 line fails its read, and the
+    timer is never kept.
+    """
+    env = os.environ if environ is None else environ
+    torch_fifo = env.get(ENV_TORCH_FIFO)
+    if env.get(ENV_TORCH_TIMER) != "1" or not torch_fifo or route.transport == "socket":
+        return False
+    return _same_file(route.path, torch_fifo)
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (the same string, or a file both reach)."""
+    if _absolute(a) == _absolute(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is missing
+        return False
 
 
 def _fifo(

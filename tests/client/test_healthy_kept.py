@@ -265,7 +265,7 @@ def test_write_timeout_bounds_a_whole_resync(speer: SocketPeer) -> None:
         dripping = threading.Thread(target=drip, daemon=True)
         dripping.start()
         start = time.monotonic()
-        with pytest.raises(ServerStalled, match=r"in 0\.5 s"):
+        with pytest.raises(ServerStalled, match="within the write timeout"):
             client.arm("step", 60)
         assert time.monotonic() - start < 0.5 + 0.4
     finally:

@@ -79,7 +79,6 @@ class Channel:
         self._clients = 0
         self._retry: Optional[threading.Thread] = None
         self._sending = False  # a delivery is writing (see _deliver)
-        self._budget = 0.0  # that delivery's timeout, for its messages
         _channels.add(self)
 
     @property
@@ -255,8 +254,7 @@ class Channel:
             state.defer(lines, disarmed)
             return
         self._fd = -1  # no hot path for a signal handler's call until this is done
-        self._budget = state.timeout(timeout)
-        end = time.monotonic() + self._budget
+        end = time.monotonic() + state.timeout(timeout)
         backlog = state.backlog()
         while backlog or lines:
             self._sending = True
@@ -305,13 +303,7 @@ class Channel:
         try:
             for line in lines:
                 # The call's time, not each line's: a resync waits no longer than a line.
-                remaining = max(0.0, end - time.monotonic())
-                try:
-                    writer.write(line, remaining)
-                except ServerStalled as e:
-                    # The writer's message names what was left; the user set the whole.
-                    said = (e.strerror or "").replace(f"in {remaining} s", f"in {self._budget} s")
-                    raise ServerStalled(e.errno, said, e.filename) from None
+                writer.write(line, max(0.0, end - time.monotonic()))
         except ConnectionLost:
             if self.keep_open:
                 raise

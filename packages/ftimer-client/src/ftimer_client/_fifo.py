@@ -126,7 +126,7 @@ class FifoWriter:
         if not _wait_for_room(self._fd, timeout, lambda: self._attempt(line)):
             raise ServerStalled(
                 errno.EAGAIN,
-                f"the ftimer server has not drained the FIFO in {timeout} s",
+                "the ftimer server has not drained the FIFO within the write timeout",
                 self.path,
             )
 

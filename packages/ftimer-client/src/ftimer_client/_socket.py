@@ -117,7 +117,7 @@ class SocketWriter:
         if not self._send_waiting(line, timeout):
             raise ServerStalled(
                 errno.EAGAIN,
-                f"the ftimer server has not drained its socket in {timeout} s",
+                "the ftimer server has not drained its socket within the write timeout",
                 self.path,
             )
 

@@ -32,6 +32,10 @@ from ftimer_protocol import SYSTEM_FIFO_PATH
 from ._errors import ServerStalled, ServerUnavailable
 from ._writer import ConnectionLost, is_socket
 
+# The raw handler (CPython's _signal): signal.getsignal() makes an enum of it, about 1 us
+# at every protocol 1 message.
+_getsignal = getattr(signal, "_signal", signal).getsignal
+
 __all__ = ["FifoWriter"]
 
 
@@ -182,7 +186,7 @@ def sigpipe_ignored(*, thorough: bool = True) -> bool:
     /proc/self/status), which C code of a host embedding Python may have changed
     behind Python's back. Unreadable /proc: Python's view.
     """
-    if signal.getsignal(signal.SIGPIPE) is not signal.SIG_IGN:
+    if _getsignal(signal.SIGPIPE) != signal.SIG_IGN:
         return False
     if not thorough:
         return True

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from ftimer_client import FileTimerClient, configure, expires
+from ftimer_client import FileTimerClient, TimerClient, configure, expires
 from ftimer_protocol import Arm, Disarm
 
 from .conftest import FifoPeer, server_state
@@ -275,3 +275,14 @@ def test_one_object_in_two_threads_is_refused_not_leaked() -> None:
         first.join(10)
     assert len(armed) == 1
     assert released == armed
+
+
+def test_timer_client_is_checkable_at_runtime() -> None:
+    class Recorder:
+        def acquire(self, scope_id: str, expiration_time: float) -> None: ...
+
+        def release(self, scope_id: str) -> None: ...
+
+    assert isinstance(Recorder(), TimerClient)
+    assert isinstance(FileTimerClient("/nonexistent/timer.fifo"), TimerClient)
+    assert not isinstance(object(), TimerClient)

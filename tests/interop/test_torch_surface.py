@@ -87,6 +87,19 @@ def test_register_get_expired_and_clear(kinds: Tuple[Any, Any], tmp_path, sleepe
     assert b.poll() is None
 
 
+def test_ftimers_server_takes_torchs_own_requests(  # type: ignore[no-untyped-def]
+    torch_timer: types.ModuleType, tmp_path, sleepers
+) -> None:
+    server = ftimer_server.FileTimerServer(str(tmp_path / "timer.fifo"), "run-1")
+    a = sleepers()
+    now = time.time()
+    server.register_timers([torch_timer.FileTimerRequest(a.pid, "s1", now - 1, 9)])
+    assert scopes(server.get_expired_timers(now)) == {a.pid: [("s1", 9)]}
+    server.register_timers([torch_timer.FileTimerRequest(a.pid, "s1", -1, 0)])
+    assert server.get_expired_timers(now) == {}
+    assert a.poll() is None
+
+
 def test_is_process_running(kinds: Tuple[Any, Any], sleepers) -> None:  # type: ignore[no-untyped-def]
     Server, _ = kinds
     child = sleepers()

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from types import TracebackType
-from typing import Any, Callable, Optional, Protocol, Tuple, Type, TypeVar
+from typing import Any, Callable, Optional, Protocol, Tuple, Type, TypeVar, runtime_checkable
 
 from ._client import FileTimerClient
 
@@ -25,8 +25,10 @@ __all__ = ["TimerClient", "configure", "default_scope_suffix", "expires"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@runtime_checkable
 class TimerClient(Protocol):
-    """Anything with torch's ``TimerClient`` methods: ``expires`` accepts torch's clients."""
+    """Anything with torch's ``TimerClient`` methods: ``expires`` accepts torch's clients
+    (and ``isinstance(client, TimerClient)`` tells, as with torch's abstract class)."""
 
     def acquire(self, scope_id: str, expiration_time: float) -> None: ...
 

@@ -34,6 +34,7 @@ from ftimer_protocol import (
     DisarmAll,
     FileTimerRequest,
     Sync,
+    TimerRequestV1,
     default_fifo_path,
     encode,
 )
@@ -494,9 +495,13 @@ class FileTimerServer:
         self.stop()
 
     def register_timers(self, timer_requests: Iterable[FileTimerRequest]) -> None:
-        """Apply torch's requests as if read from the FIFO, through the same policy and
-        identity checks (a negative ``expiration_time`` releases)."""
-        messages = [r.to_message() for r in timer_requests]
+        """Apply torch's requests (ftimer's ``FileTimerRequest`` or torch's own) as if
+        read from the FIFO, through the same policy and identity checks (a negative
+        ``expiration_time`` releases)."""
+        messages = [
+            TimerRequestV1(r.worker_pid, r.scope_id, r.expiration_time, r.signal)
+            for r in timer_requests
+        ]
         with self._lock:
             self._watchdog.apply(messages, time.monotonic(), time.time())
         self._loop_or_flush()

@@ -29,8 +29,8 @@ from typing import Callable, List, Optional, Tuple
 import msgspec
 
 from ftimer_server.core._records import Timer
+from ftimer_server.incidents._files import NotARegularFile, file_kind, open_regular
 from ftimer_server.incidents._store import write_atomically
-from ftimer_server.server._files import NotARegularFile, file_kind, open_regular
 
 __all__ = [
     "STATE_VERSION",

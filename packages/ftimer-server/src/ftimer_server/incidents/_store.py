@@ -41,6 +41,8 @@ import msgspec
 from ftimer_server.core._incident import INCIDENT_VERSION, Incident
 from ftimer_server.core._report import render
 
+from ._files import O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW
+
 __all__ = [
     "IncidentError",
     "IncidentStore",
@@ -52,9 +54,6 @@ __all__ = [
 
 log = logging.getLogger("ftimer_server.incidents")
 
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 #: What a scope keeps in an incident id (and so in a file name), and how much of it.
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _MAX_SCOPE = 40
@@ -318,7 +317,7 @@ def _text(incident: Incident) -> str:
 def _locked(directory: str) -> Iterator[None]:
     """Hold the directory's lock: writers in other processes (the server's capture
     processes) do not prune one another's half-written files."""
-    fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    fd = os.open(directory, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -361,7 +360,7 @@ def _ensure_private_dir(directory: str) -> None:
             e.errno, f"incident directory {directory}: cannot create it: {e.strerror}"
         ) from None
     try:
-        fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
+        fd = os.open(directory, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
             what = "a symlink" if os.path.islink(directory) else "not a directory"

@@ -34,8 +34,14 @@ import termios
 from typing import Optional, Tuple, Union
 
 from ftimer_protocol import default_fifo_path
-
-from ._files import NotARegularFile, file_kind, open_regular
+from ftimer_server.incidents._files import (
+    O_CLOEXEC,
+    O_DIRECTORY,
+    O_NOFOLLOW,
+    NotARegularFile,
+    file_kind,
+    open_regular,
+)
 
 __all__ = [
     "Fifo",
@@ -53,10 +59,7 @@ __all__ = [
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032 if sys.platform.startswith("linux") else None)
 _PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC
 
 logger = logging.getLogger("ftimer_server")
 
@@ -318,7 +321,7 @@ def _ensure_private_dir(directory: str, gid: Optional[int], mode: int) -> None:
     except OSError as e:
         raise FifoError(directory, f"cannot create the directory: {e.strerror}") from None
     try:
-        fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
+        fd = os.open(directory, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
             st = os.lstat(directory)
@@ -407,18 +410,6 @@ def _has_acl(directory: str) -> bool:
         return False
 
 
-def _describe(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symlink"
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a FIFO"
-
-
 def _open_read_end(
     path: str, mode: int, gid: Optional[int], replace: bool
 ) -> Tuple[int, bool, bool]:
@@ -435,7 +426,7 @@ def _open_read_end(
                 continue
             if not stat.S_ISFIFO(st.st_mode):
                 raise FifoError(
-                    path, f"refusing {_describe(st.st_mode)} (expected a FIFO)"
+                    path, f"refusing {file_kind(st.st_mode)} (expected a FIFO)"
                 ) from None
             if replace:
                 if st.st_uid != os.geteuid():
@@ -458,7 +449,7 @@ def _open_read_end(
         try:
             st = os.fstat(fd)
             if not stat.S_ISFIFO(st.st_mode):
-                raise FifoError(path, f"refusing {_describe(st.st_mode)} (expected a FIFO)")
+                raise FifoError(path, f"refusing {file_kind(st.st_mode)} (expected a FIFO)")
             if st.st_uid != os.geteuid():
                 raise FifoError(path, f"refusing a FIFO owned by uid {st.st_uid}, not us")
             what = ""
@@ -533,11 +524,11 @@ def _replace(path: str, old: os.stat_result, mode: int, gid: Optional[int]) -> O
 def _open_write_end(path: str, read_fd: int) -> int:
     # Reopen the very FIFO we hold through /proc, not the path, which might have been
     # replaced in between. Non-blocking: it never blocks, since we are a reader.
-    flags = os.O_WRONLY | os.O_NONBLOCK | _O_CLOEXEC
+    flags = os.O_WRONLY | os.O_NONBLOCK | O_CLOEXEC
     proc_path = f"/proc/self/fd/{read_fd}"
     if os.path.exists(proc_path):
         return os.open(proc_path, flags)
-    fd = os.open(path, flags | _O_NOFOLLOW)
+    fd = os.open(path, flags | O_NOFOLLOW)
     a, b = os.fstat(fd), os.fstat(read_fd)
     if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
         os.close(fd)

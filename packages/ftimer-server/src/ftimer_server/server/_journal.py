@@ -31,14 +31,13 @@ from typing import Iterator, List, Set
 
 __all__ = ["Journal"]
 
-from ._files import NotARegularFile, open_regular
+from ftimer_server.incidents._files import O_CLOEXEC, O_NOFOLLOW, NotARegularFile, open_regular
 
 logger = logging.getLogger("ftimer_server")
 
 _SPLICE = getattr(os, "splice", None)
 _SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
-_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-_FLAGS |= getattr(os, "O_NOFOLLOW", 0)
+_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | O_CLOEXEC | O_NOFOLLOW
 _REPLAY_CHUNK = 256 * 1024
 
 

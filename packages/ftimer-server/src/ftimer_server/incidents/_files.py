@@ -8,7 +8,19 @@ import os
 import stat
 from typing import Tuple
 
-__all__ = ["NotARegularFile", "file_kind", "open_regular"]
+__all__ = [
+    "O_CLOEXEC",
+    "O_DIRECTORY",
+    "O_NOFOLLOW",
+    "NotARegularFile",
+    "file_kind",
+    "open_regular",
+]
+
+#: Open flags, 0 where the platform has none.
+O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
+O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+O_DIRECTORY: int = getattr(os, "O_DIRECTORY", 0)
 
 
 class NotARegularFile(Exception):

@@ -1,19 +1,23 @@
 """Opening a file the daemon is only willing to read or lock if it is a regular file:
 never waiting on a FIFO put at its path, never following a symlink unless told to, and
-saying what is there instead."""
+saying what is there instead; and a directory only if it is this user's and nobody
+else may write it (the FIFO's, the incidents')."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
-from typing import Tuple
+from typing import Optional, Tuple
 
 __all__ = [
     "O_CLOEXEC",
     "O_DIRECTORY",
     "O_NOFOLLOW",
+    "NotAPrivateDirectory",
     "NotARegularFile",
     "file_kind",
+    "open_private_dir",
     "open_regular",
 ]
 
@@ -33,6 +37,56 @@ class NotARegularFile(Exception):
     def __init__(self, kind: str) -> None:
         super().__init__(kind)
         self.kind = kind
+
+
+class NotAPrivateDirectory(Exception):
+    """A path is not a directory of this user's that nobody else may write.
+
+    Attributes:
+        kind: what is there instead of a directory ("a symlink", "not a directory"), or
+            "" where a directory is.
+        owner: the uid of the directory's owner if that is not this user, else None.
+        mode: the directory's permission bits (0 where ``kind`` is given).
+        errno: the open's (``ELOOP``, ``ENOTDIR``) where ``kind`` is given, else ``EPERM``.
+    """
+
+    def __init__(
+        self, kind: str = "", owner: Optional[int] = None, mode: int = 0, error: int = errno.EPERM
+    ) -> None:
+        what = "another user's" if owner is not None else f"writable by others ({mode:04o})"
+        super().__init__(kind or what)
+        self.kind = kind
+        self.owner = owner
+        self.mode = mode
+        self.errno = error
+
+
+def open_private_dir(path: str) -> Tuple[int, os.stat_result]:
+    """Open the directory ``path``, never through a symlink, and return its descriptor
+    and ``fstat()``, if this user owns it and nobody else may write it. It is judged on
+    the descriptor, so the directory judged is the one opened.
+
+    Raises:
+        NotAPrivateDirectory: it is not a directory, or another user's, or writable by
+            its group or by others.
+        OSError: it cannot be opened.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            kind = "a symlink" if os.path.islink(path) else "not a directory"
+            raise NotAPrivateDirectory(kind, error=e.errno) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        owner = st.st_uid if st.st_uid != os.geteuid() else None
+        if owner is not None or st.st_mode & 0o022:
+            raise NotAPrivateDirectory(owner=owner, mode=stat.S_IMODE(st.st_mode))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
 
 
 def file_kind(mode: int) -> str:

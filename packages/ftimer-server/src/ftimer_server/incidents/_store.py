@@ -24,7 +24,6 @@ permissions are left as the operator set them (a group of people may be let in).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -41,7 +40,12 @@ import msgspec
 from ftimer_server.core._incident import INCIDENT_VERSION, Incident
 from ftimer_server.core._report import render
 
-from ._files import O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW
+from ._files import (
+    O_CLOEXEC,
+    O_DIRECTORY,
+    NotAPrivateDirectory,
+    open_private_dir,
+)
 
 __all__ = [
     "IncidentError",
@@ -360,30 +364,20 @@ def _ensure_private_dir(directory: str) -> None:
             e.errno, f"incident directory {directory}: cannot create it: {e.strerror}"
         ) from None
     try:
-        fd = os.open(directory, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        fd, _ = open_private_dir(directory)
+    except NotAPrivateDirectory as e:
+        if e.kind:
+            why = f"it is {e.kind}"
+        elif e.owner is not None:
+            why = f"owned by uid {e.owner}, not by this server's user ({os.geteuid()})"
+        else:
+            why = f"writable by others (mode {e.mode:04o}); make it 0700 (chmod go-w)"
+        raise OSError(e.errno, f"incident directory {directory}: {why}") from None
     except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            what = "a symlink" if os.path.islink(directory) else "not a directory"
-            raise OSError(e.errno, f"incident directory {directory}: it is {what}") from None
         raise OSError(
             e.errno, f"incident directory {directory}: cannot open it: {e.strerror}"
         ) from None
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid():
-            raise OSError(
-                errno.EPERM,
-                f"incident directory {directory}: owned by uid {st.st_uid}, not by this "
-                f"server's user ({os.geteuid()})",
-            )
-        if st.st_mode & 0o022:
-            raise OSError(
-                errno.EPERM,
-                f"incident directory {directory}: writable by others (mode "
-                f"{stat.S_IMODE(st.st_mode):04o}); make it 0700 (chmod go-w)",
-            )
-    finally:
-        os.close(fd)
+    os.close(fd)
 
 
 def read_incident(path: str) -> Incident:

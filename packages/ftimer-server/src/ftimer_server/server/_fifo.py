@@ -36,10 +36,11 @@ from typing import Optional, Tuple, Union
 from ftimer_protocol import default_fifo_path
 from ftimer_server.incidents._files import (
     O_CLOEXEC,
-    O_DIRECTORY,
     O_NOFOLLOW,
+    NotAPrivateDirectory,
     NotARegularFile,
     file_kind,
+    open_private_dir,
     open_regular,
 )
 
@@ -321,19 +322,18 @@ def _ensure_private_dir(directory: str, gid: Optional[int], mode: int) -> None:
     except OSError as e:
         raise FifoError(directory, f"cannot create the directory: {e.strerror}") from None
     try:
-        fd = os.open(directory, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        fd, st = open_private_dir(directory)
+    except NotAPrivateDirectory as e:
+        if e.kind:
+            why = e.kind
+        elif e.owner is not None:
+            why = f"owned by uid {e.owner}, not us"
+        else:
+            why = "writable by others"
+        raise FifoError(directory, f"the directory is {why}") from None
     except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            st = os.lstat(directory)
-            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-            raise FifoError(directory, f"the directory is {what}") from None
         raise FifoError(directory, f"cannot open the directory: {e.strerror}") from None
     try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid():
-            raise FifoError(directory, f"the directory is owned by uid {st.st_uid}, not us")
-        if st.st_mode & 0o022:
-            raise FifoError(directory, "the directory is writable by others")
         if gid is not None and st.st_gid != gid:
             try:
                 os.fchown(fd, -1, gid)

@@ -30,7 +30,7 @@ from typing import Callable
 from ftimer_protocol import SYSTEM_FIFO_PATH
 
 from ._errors import ServerStalled, ServerUnavailable
-from ._writer import ConnectionLost, is_socket
+from ._writer import ConnectionLost, is_socket, sigmask
 
 # The raw handler (CPython's _signal): signal.getsignal() makes an enum of it, about 1 us
 # at every protocol 1 message.
@@ -93,10 +93,13 @@ class FifoWriter:
             return
         # SIGPIPE blocked in this thread while it writes: an EPIPE's SIGPIPE stays
         # pending, and is taken back unless one was pending already (blocked before:
-        # not this write's to take).
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGPIPE)
+        # not this write's to take). The mask is read apart, before the try that puts it
+        # back: the call that blocks SIGPIPE runs pending handlers once it has, and one
+        # that raised would leave SIGPIPE blocked (see ``sigmask``).
+        was_blocked = signal.SIGPIPE in sigmask(signal.SIG_BLOCK, ())
         try:
-            was_blocked = signal.SIGPIPE in old
+            if not was_blocked:
+                sigmask(signal.SIG_BLOCK, _SIGPIPE)
             pending = was_blocked and signal.SIGPIPE in signal.sigpending()
             try:
                 self._write(line, timeout)
@@ -106,7 +109,7 @@ class FifoWriter:
                 raise ConnectionLost from None
         finally:
             if not was_blocked:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGPIPE)
+                sigmask(signal.SIG_UNBLOCK, _SIGPIPE)
 
     def _write(self, line: bytes, timeout: float) -> None:
         """``write``, SIGPIPE taken care of by the caller.

@@ -31,7 +31,7 @@ from typing import Tuple
 
 from ._errors import ServerStalled, ServerUnavailable
 from ._fifo import hidden_system_dir
-from ._writer import ConnectionLost, is_socket
+from ._writer import ConnectionLost, is_socket, sigmask
 
 __all__ = ["SocketWriter", "open_pidfd"]
 
@@ -144,16 +144,19 @@ class SocketWriter:
         # SO_SNDTIMEO again: signals arriving faster than the timeout would keep it
         # waiting for good. So the signals that can interrupt it are blocked in this
         # thread while it waits, and delivered (their handlers run) once it returns: the
-        # wait is SO_SNDTIMEO's, at most ``timeout``.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTING)
+        # wait is SO_SNDTIMEO's, at most ``timeout``. The mask is read apart, before the
+        # try that puts it back: the call that blocks them runs pending handlers once it
+        # has, and one that raised would leave them blocked for good (see ``sigmask``).
+        old_mask = sigmask(signal.SIG_BLOCK, ())
         try:
+            sigmask(signal.SIG_BLOCK, _INTERRUPTING)
             sock.setblocking(True)  # the channel's lock is held: no other thread sends here
             try:
                 return self._attempt(line)  # EAGAIN: the time ran out
             finally:
                 sock.setblocking(False)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            sigmask(signal.SIG_SETMASK, old_mask)
 
     def wait_read(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until the server has read every datagram sent

@@ -10,10 +10,18 @@ FIFO or socket (reconnect and resynchronise), ``ServerUnavailable`` otherwise.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 from typing import Protocol
 
-__all__ = ["ConnectionLost", "Writer", "is_socket"]
+__all__ = ["ConnectionLost", "Writer", "is_socket", "sigmask"]
+
+#: ``pthread_sigmask()`` of CPython's ``_signal``, returning a set of ints. Not the
+#: ``signal`` module's: that one wraps it in a Python function, and a signal handler may
+#: run (and raise) as any Python function is entered, so a ``finally`` putting the mask
+#: back through it could leave signals blocked in the thread for good. The C function
+#: runs pending handlers only once it has changed the mask.
+sigmask = getattr(signal, "_signal", signal).pthread_sigmask
 
 
 class ConnectionLost(Exception):

@@ -1,0 +1,106 @@
+"""A writer that blocks signals around a write puts the thread's mask back however a
+signal handler interrupts it.
+
+The FIFO writer blocks SIGPIPE around each write when SIGPIPE is not ignored, the socket
+writer blocks nearly every signal while a send waits for room. A handler that raises
+(the ``signal.alarm()`` timeout idiom) could run between blocking them and the ``try``
+that puts them back, or at the entry of the ``signal`` module's Python wrapper that puts
+them back: the thread then kept SIGPIPE, or SIGINT, SIGTERM and every other signal,
+blocked for good. The worker is a child process of the test's own, with its own
+interval timer, FIFO reader and socket; it stops at the first mask left changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+WORKER = r"""
+import json, os, signal, socket, sys, threading, time
+from ftimer_client import FileTimerClient
+
+path, transport, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+if transport == "fifo":
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    def drain():
+        while True:
+            try:
+                os.read(reader, 1 << 16)
+            except BlockingIOError:
+                time.sleep(0.001)
+    threading.Thread(target=drain, daemon=True).start()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # each write blocks SIGPIPE
+    timeout, interval = 1.0, 0.001
+else:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)  # never read: every send waits for room, signals blocked
+    timeout, interval = 0.0005, 0.00005  # signals in every wait
+client = FileTimerClient(path, transport=transport, labels={}, signal=0,
+                         on_unavailable="ignore", write_timeout=timeout)
+client.arm("warm", 60)
+if transport == "socket":
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.connect(path)
+    filler.setblocking(False)
+    try:
+        while True:
+            filler.send(b"x" * 64)
+    except BlockingIOError:
+        pass
+
+class Tick(Exception):
+    pass
+
+armed = False
+def tick(signum, frame):
+    if armed:
+        raise Tick
+
+# Another thread, as most workers have: it takes the timer's signals while the writer
+# blocks them, and the handler then runs at the writer's next step, wherever that is.
+threading.Thread(target=threading.Event().wait, daemon=True).start()
+before = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+signal.signal(signal.SIGALRM, tick)
+signal.setitimer(signal.ITIMER_REAL, interval, interval)
+end = time.monotonic() + seconds
+ticks = arms = 0
+left = set()
+while time.monotonic() < end and not left:
+    try:
+        try:
+            armed = True
+            client.arm("step", 60)
+            arms += 1
+        finally:
+            armed = False
+            left = signal.pthread_sigmask(signal.SIG_BLOCK, ()) - before
+    except Exception:  # Tick, or threading's own state broken by it
+        ticks += 1
+signal.setitimer(signal.ITIMER_REAL, 0)
+print(json.dumps({"left": sorted(int(s) for s in left), "ticks": ticks, "arms": arms}))
+"""
+
+
+@pytest.mark.parametrize("transport", ["fifo", "socket"])
+def test_an_interrupting_handler_never_leaves_signals_blocked(
+    fifo_path: pathlib.Path, transport: str
+) -> None:
+    if transport == "socket" and not hasattr(os, "pidfd_open"):
+        pytest.skip("the socket transport is Linux's (pidfds)")
+    # Left changed within half a second when it could be; never, in 3 s, now.
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, str(fifo_path), transport, "3"],
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    report = json.loads(out)
+    assert report["left"] == [], report
+    assert report["ticks"] >= 50, report  # the handler did interrupt the writes

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Dict, List, Optional
 
 from ftimer_protocol import SYSTEM_FIFO_PATH, default_fifo_path
 from ftimer_server._version import __version__
@@ -407,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 SYSTEM_FIFO = SYSTEM_FIFO_PATH
 
 
-def _status(path: str, as_json: bool, out: TextIO = sys.stdout) -> int:
+def _status(path: str, as_json: bool) -> int:
     try:
         doc = query_status(path)
     except DaemonNotRunning as e:
@@ -420,10 +420,10 @@ def _status(path: str, as_json: bool, out: TextIO = sys.stdout) -> int:
         _error(f"cannot get the status from {path}: {e}")
         return EXIT_FAILURE
     if as_json:
-        json.dump(doc, out, indent=2)
-        out.write("\n")
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
     else:
-        out.write(format_status(doc))
+        sys.stdout.write(format_status(doc))
     if not doc.get("healthy", False):
         _error(f"the daemon on {path} answers, but its FIFO reader does not")
         return EXIT_FAILURE

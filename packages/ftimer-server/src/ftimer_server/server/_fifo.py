@@ -355,27 +355,23 @@ def _ensure_private_dir(directory: str, gid: Optional[int], mode: int) -> None:
         os.close(fd)
 
 
-def unreachable_by_writers(
-    path: str, mode: int, gid: Optional[int], managed: Optional[bool] = None
-) -> Optional[str]:
+def unreachable_by_writers(path: str, mode: int, gid: Optional[int]) -> Optional[str]:
     """Say why the users the FIFO's ``mode`` and group ``gid`` let write ``path`` could not
     reach it, or return None.
 
     A directory on the way must give them search permission: others through its
     "others" bits, members of ``gid`` through its group bits (when it belongs to
-    ``gid``) or its "others" bits. The directory the server manages (``managed``, by
-    default `manages_parent`) is left out: `open_fifo` gives it the right mode.
+    ``gid``) or its "others" bits. The directory the server manages (`manages_parent`)
+    is left out: `open_fifo` gives it the right mode.
     Directories with an access control list are not judged (their mode bits do not say
     who may enter). Nothing is changed.
     """
-    if managed is None:
-        managed = manages_parent(path)
     others = bool(mode & 0o002)
     group = gid is not None and bool(mode & 0o020)
     if not (others or group):
         return None
     directory = os.path.dirname(os.path.abspath(path))
-    if managed:
+    if manages_parent(path):
         directory = os.path.dirname(directory)
     while True:
         try:

@@ -327,9 +327,7 @@ class FileTimerServer:
         """
         with self._lock:
             if self._state is Lifecycle.NEW:  # never started: release what restore() bound
-                self._watchdog.close()
-                if self._diagnostics is not None:
-                    self._diagnostics.close()  # its capture helper runs from construction
+                self._release()
                 self._state = Lifecycle.STOPPED
             if self._state is not Lifecycle.RUNNING:
                 return
@@ -401,11 +399,7 @@ class FileTimerServer:
             self._watchdog.restore(timers)
             if timers:
                 self._watchdog.hold(time.monotonic() + self._restore_grace)
-            loop = self._loop
-            if loop is not None:
-                loop.wake()  # the loop delivers the events and sees the new deadlines
-        if loop is None:
-            self._flush()
+        self._loop_or_flush()
 
     def replay(self, chunks: Iterable[bytes]) -> int:
         """Apply bytes as if read from the FIFO before it was opened: a journal's
@@ -648,9 +642,7 @@ class FileTimerServer:
 
     def _close(self, loop: Loop) -> None:
         with self._lock:
-            self._watchdog.close()
-            if self._diagnostics is not None:
-                self._diagnostics.close()
+            self._release()
             loop.close()
             if self._fifo is not None:
                 self._fifo.close(remove=self._remove_fifo)
@@ -665,6 +657,13 @@ class FileTimerServer:
             self._calling = "log_event"
             self._log_event("watchdog stopped", None)
             self._calling = None
+
+    def _release(self) -> None:
+        """Close the core and the capture helper (it runs from construction), under
+        ``_lock``: what a server holds before it is started."""
+        self._watchdog.close()
+        if self._diagnostics is not None:
+            self._diagnostics.close()
 
     def _loop_or_flush(self) -> None:
         """After a change made from another thread: the loop sees new deadlines and

@@ -28,7 +28,7 @@ import stat
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any, Dict, FrozenSet, List, Optional, Type
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Type
 
 import msgspec
 
@@ -160,6 +160,26 @@ class Daemon:
             os.close(wake_w)
 
     def _start(self) -> None:
+        """Start up, in the order the module's docstring tells (``_ready`` then tells
+        systemd).
+
+        Raises:
+            StartupError: something cannot be used (exit code 3).
+            ConfigError: the settings ask for what cannot be had (exit code 2).
+        """
+        self._make_metrics()
+        control = self._claim_fifo()
+        boot_id = read_boot_id()
+        timers, journal, replay_from = self._load_state(boot_id)
+        server = self._restored_server(timers, journal, replay_from)
+        self._serve(server, control, boot_id, journal)
+
+    def _make_metrics(self) -> None:
+        """Make the metrics (served last, by ``_serve``), if an address is set.
+
+        Raises:
+            ConfigError: the metrics need a package that is not installed.
+        """
         c = self.config
         if c.metrics_address is not None:
             try:
@@ -172,6 +192,16 @@ class Daemon:
                 )
             except MetricsUnavailable as e:
                 raise ConfigError(f"--metrics-address: {e}") from None
+
+    def _claim_fifo(self) -> ControlServer:
+        """Refuse a FIFO its writers cannot reach, lock the FIFO's lock file and check
+        that no daemon answers on the control socket; return the control server (bound
+        by ``_serve``).
+
+        Raises:
+            StartupError: any of those.
+        """
+        c = self.config
         # A FIFO its workers may write but cannot reach fails them all with EACCES, or
         # sends them to their per-user default path: refuse to start instead.
         unreachable = unreachable_by_writers(c.fifo, c.fifo_mode, c.fifo_group)
@@ -187,60 +217,43 @@ class Daemon:
             control.check_free()
         except (ControlSocketBusy, OSError) as e:
             raise StartupError(str(e)) from None
+        return control
 
-        boot_id = read_boot_id()
-        timers: List[Timer] = []
-        journal: Optional[Journal] = None
-        replay_from = 0
-        if c.state_file is not None:
-            state_dir = os.path.dirname(c.state_file)
-            try:
-                os.makedirs(state_dir, mode=0o700, exist_ok=True)
-                loaded = load_state(c.state_file, boot_id)
-                journal = Journal(c.state_file + ".journal")
-            except StatePathError as e:
-                raise StartupError(str(e)) from None
-            except OSError as e:
-                raise StartupError(f"cannot use the state directory {state_dir}: {e}") from None
-            if loaded.ignored:
-                log.info("state file %s not used: %s", c.state_file, loaded.ignored)
-                journal.discard_before(journal.seq)  # it follows a state that is gone
-            timers, replay_from = loaded.timers, loaded.journal
+    def _load_state(self, boot_id: str) -> Tuple[List[Timer], Optional[Journal], int]:
+        """The saved timers, the journal and the journal segment to replay from (none,
+        no journal and 0 without a state file).
 
-        tick = self._notifier.watchdog_interval
-        incidents = _incidents(c)
+        Raises:
+            StartupError: the state file or its directory cannot be used.
+        """
+        c = self.config
+        if c.state_file is None:
+            return [], None, 0
+        state_dir = os.path.dirname(c.state_file)
+        try:
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            loaded = load_state(c.state_file, boot_id)
+            journal = Journal(c.state_file + ".journal")
+        except StatePathError as e:
+            raise StartupError(str(e)) from None
+        except OSError as e:
+            raise StartupError(f"cannot use the state directory {state_dir}: {e}") from None
+        if loaded.ignored:
+            log.info("state file %s not used: %s", c.state_file, loaded.ignored)
+            journal.discard_before(journal.seq)  # it follows a state that is gone
+        return loaded.timers, journal, loaded.journal
 
-        def new_server() -> FileTimerServer:
-            if incidents is not None and incidents.directory is not None:
-                _check_incident_dir(incidents)
-            try:
-                server = FileTimerServer(
-                    c.fifo,
-                    on_event=self._on_event,
-                    on_change=self._changed,
-                    policy=_policy(c),
-                    escalate_after=c.grace,
-                    signal_override=c.signal,
-                    dry_run=c.dry_run,
-                    fifo_mode=c.fifo_mode,
-                    fifo_group=c.fifo_group,
-                    tick_interval=tick,
-                    on_tick=self._keepalive if tick is not None else None,
-                    journal=journal,
-                    incidents=incidents,
-                    socket_path=c.socket,
-                    on_incident=self._incident,
-                    lock_fifo=False,  # the daemon holds it, from before the server
-                )
-            except OSError as e:
-                # The incident directory was checked just above: what remains that can
-                # fail is starting the capture helper (a process of its own).
-                what = "the incident capture helper" if incidents is not None else "the server"
-                raise StartupError(f"cannot start {what}: {_os_error(e)}") from None
-            server.stop_timeout = None  # its callbacks are the daemon's: armed() final
-            return server
+    def _restored_server(
+        self, timers: List[Timer], journal: Optional[Journal], replay_from: int
+    ) -> FileTimerServer:
+        """A new server (not started) holding the saved ``timers`` and what ``journal``
+        holds from segment ``replay_from``; one with no timers if the replay fails.
 
-        server = new_server()
+        Raises:
+            StartupError: the incident directory is unsafe, or the server cannot be made.
+        """
+        incidents = _incidents(self.config)
+        server = self._new_server(journal, incidents)
         if timers:
             self._restoring = True
             try:
@@ -264,7 +277,7 @@ class Daemon:
                     ", ".join(journal.set_aside(replay_from)) or "(nothing could be moved)",
                 )
                 server.stop()
-                server = new_server()
+                server = self._new_server(journal, incidents)
             else:
                 log.info(
                     "replayed %d byte(s) of the journal from segment %d: %d timer(s) armed now",
@@ -274,6 +287,64 @@ class Daemon:
                 )
         # Restored timers were logged; from now on, arms and disarms only at debug level.
         server.set_event_types(self._event_types())
+        return server
+
+    def _new_server(
+        self, journal: Optional[Journal], incidents: Optional[IncidentOptions]
+    ) -> FileTimerServer:
+        """A new server (not started) with the daemon's settings and callbacks, after
+        checking the incident directory.
+
+        Raises:
+            StartupError: the incident directory is unsafe, or the server (its capture
+                helper) cannot be started.
+        """
+        c = self.config
+        tick = self._notifier.watchdog_interval
+        if incidents is not None and incidents.directory is not None:
+            _check_incident_dir(incidents)
+        try:
+            server = FileTimerServer(
+                c.fifo,
+                on_event=self._on_event,
+                on_change=self._changed,
+                policy=_policy(c),
+                escalate_after=c.grace,
+                signal_override=c.signal,
+                dry_run=c.dry_run,
+                fifo_mode=c.fifo_mode,
+                fifo_group=c.fifo_group,
+                tick_interval=tick,
+                on_tick=self._keepalive if tick is not None else None,
+                journal=journal,
+                incidents=incidents,
+                socket_path=c.socket,
+                on_incident=self._incident,
+                lock_fifo=False,  # the daemon holds it, from before the server
+            )
+        except OSError as e:
+            # The incident directory was checked just above: what remains that can
+            # fail is starting the capture helper (a process of its own).
+            what = "the incident capture helper" if incidents is not None else "the server"
+            raise StartupError(f"cannot start {what}: {_os_error(e)}") from None
+        server.stop_timeout = None  # its callbacks are the daemon's: armed() final
+        return server
+
+    def _serve(
+        self,
+        server: FileTimerServer,
+        control: ControlServer,
+        boot_id: str,
+        journal: Optional[Journal],
+    ) -> None:
+        """Start the server, then bind the control socket and start the state saver and
+        the metrics endpoint.
+
+        Raises:
+            StartupError: the FIFO, the control socket or the metrics address cannot be
+                used.
+        """
+        c = self.config
         try:
             server.start()
         except FifoError as e:

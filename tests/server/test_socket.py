@@ -226,7 +226,7 @@ def test_a_sender_that_exits_before_it_is_read_is_refused(fifo_path: pathlib.Pat
 
     path = str(fifo_path.with_suffix(".socket"))
     with FileTimerServer(fifo_path, on_event=hold, socket_path=path) as server:
-        if not server.socket.pidfds:  # type: ignore[union-attr]
+        if not server.socket.passes_pidfds:  # type: ignore[union-attr]
             pytest.skip("the kernel gives no pidfd of a sender (SO_PASSPIDFD, Linux 6.5)")
         first = senders(path, arm(1))
         assert held.wait(10)  # the loop is held; the next datagram waits in the queue
@@ -521,7 +521,7 @@ def test_a_sender_the_kernel_gives_no_pidfd_for_is_refused_as_gone(tmp_path: pat
     # pidfd: it was accepted, with nothing to vouch that its pid was still its own.
     sock = open_socket(str(tmp_path / "s.socket"))
     try:
-        if not sock.pidfds:
+        if not sock.passes_pidfds:
             pytest.skip("this kernel gives no pidfd of a sender (SO_PASSPIDFD, Linux 6.5)")
         line = arm(os.getpid())
         result = sock._judge((line, 0, (os.getpid(), 0, 0), -22, [], None), False)

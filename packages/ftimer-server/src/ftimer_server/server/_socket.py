@@ -93,11 +93,11 @@ class DatagramSocket:
     Attributes:
         path: where it is bound.
         fd: its descriptor (non-blocking), for the loop's selector.
-        pidfds: whether the kernel gives a pidfd of each sender (``SO_PASSPIDFD``).
-        queue: the most datagrams its queue holds (``net.unix.max_dgram_qlen``): a
-            sender whose datagram would exceed it waits for room.
-        batch: the most datagrams one ``receive()`` reads: all the queue holds, or
-            ``READ_BATCH`` if that is more.
+        passes_pidfds: whether the kernel gives a pidfd of each sender
+            (``SO_PASSPIDFD``).
+        batch: the most datagrams one ``receive()`` reads: all its queue holds
+            (``net.unix.max_dgram_qlen`` + 1: a sender whose datagram would exceed it
+            waits for room), or ``READ_BATCH`` if that is more.
         overridden: messages received whose ``pid`` member was not their subject's
             pid here, and which went to their subject all the same: a worker in a PID
             namespace of its own, or a sender naming another process.
@@ -107,16 +107,17 @@ class DatagramSocket:
             a pid reused between the read and the bind is never taken for it.
     """
 
-    def __init__(self, path: str, sock: socket.socket, pidfds: bool, queue: int) -> None:
+    def __init__(
+        self, path: str, sock: socket.socket, passes_pidfds: bool, queue_length: int
+    ) -> None:
         self.path = path
         self._sock = sock
         self.fd = sock.fileno()
-        self.pidfds = pidfds
-        self.queue = queue
-        self.batch = max(queue + 1, READ_BATCH)
+        self.passes_pidfds = passes_pidfds
+        self.batch = max(queue_length + 1, READ_BATCH)
         self.overridden = 0
         self.vouched: Dict[int, int] = {}
-        self._pidfds: List[int] = []  # the batch's, closed by release()
+        self._open_pidfds: List[int] = []  # the batch's, closed by release()
         #: The parents read while judging the current batch (see ``_may_name``).
         self._parents: Dict[int, int] = {}
         st = os.lstat(path)
@@ -131,7 +132,7 @@ class DatagramSocket:
 
     def receive(self) -> List[Incoming]:
         """Read what is queued now (everything sent before the call: the queue holds at
-        most ``queue`` + 1 datagrams), and what arrives meanwhile, up to ``batch``
+        ``batch`` datagrams at the most), and what arrives meanwhile, up to ``batch``
         datagrams; return each datagram's message, with its subject's pid in place of
         the one it names, or its refusal (a run of datagrams with one error: one error,
         counting them). Never raises.
@@ -147,7 +148,7 @@ class DatagramSocket:
         received: List[_Datagram] = []
         chosen: List[int] = []  # what senders passed (SCM_RIGHTS)
         kept: Set[int] = set()  # of those, the pidfds that vouch
-        vouched, pidfds = self.vouched, self._pidfds
+        vouched, open_pidfds = self.vouched, self._open_pidfds
         recvmsg = self._sock.recvmsg
         try:
             for _ in range(self.batch):
@@ -158,15 +159,15 @@ class DatagramSocket:
                 except OSError as e:  # never expected on a bound datagram socket
                     logger.error("receiving from %s: %s", self.path, e)
                     break
-                received.append(_parse(data, ancillary, flags, pidfds, chosen))
+                received.append(_parse(data, ancillary, flags, open_pidfds, chosen))
             if not received:
                 return []
-            exited = _exited([d[3] for d in received if d[3] >= 0])
+            exited = _exited([fd for _, _, _, fd, _, _ in received if fd >= 0])
             self._parents = {}
             out: List[Incoming] = []
             run: Optional[RemoteProtocolError] = None  # the last result, if an error
             for datagram in received:
-                sender_fd, rights = datagram[3], datagram[4]
+                _, _, _, sender_fd, rights, _ = datagram
                 result = self._judge(datagram, sender_fd in exited)
                 if extends_run(run, result):  # as a run of such lines on the FIFO
                     run.lines += 1  # type: ignore[union-attr]
@@ -177,7 +178,7 @@ class DatagramSocket:
                     fd = rights[0] if rights else sender_fd
                     if vouched.setdefault(result.pid, fd) == fd and rights:  # type: ignore[union-attr]
                         kept.add(fd)
-                        pidfds.append(fd)
+                        open_pidfds.append(fd)
                 out.append(result)
                 run = result if isinstance(result, RemoteProtocolError) else None
             return out
@@ -189,18 +190,18 @@ class DatagramSocket:
     def release(self) -> None:
         """Close the batch's pidfds: the senders', and those ``vouched`` (once the batch
         is applied)."""
-        for fd in self._pidfds:
+        for fd in self._open_pidfds:
             try:  # noqa: SIM105 - contextlib.suppress costs a call per descriptor
                 os.close(fd)
             except OSError:
                 pass
-        self._pidfds.clear()
+        self._open_pidfds.clear()
         self.vouched.clear()
 
     def _judge(self, datagram: _Datagram, sender_exited: bool) -> Incoming:
         """One datagram: its message for its subject, or why not. ``sender_exited``: the
         kernel gave a pidfd of the sender, and it polled as exited."""
-        data, flags, creds, _, rights, named = datagram
+        data, flags, creds, sender_fd, rights, named = datagram
         line = data[:-1] if data.endswith(b"\n") else data
         if flags & _MSG_TRUNC or len(line) > PIPE_BUF:  # as an over-long line on the FIFO
             return LineTooLong(f"datagram longer than {PIPE_BUF} bytes", data[:64])
@@ -220,7 +221,7 @@ class DatagramSocket:
         # its process lives); reading the pidfd's pid costs ten times this poll. With no
         # pidfd where the kernel gives one (before 6.17 it gives an error for a sender
         # already reaped), nothing shows that the pid is still the sender's.
-        if sender_exited or (self.pidfds and datagram[3] < 0):
+        if sender_exited or (self.passes_pidfds and sender_fd < 0):
             why = "it exited before its message was read"
             return _refused(RejectReason.SENDER_GONE, message, pid, why)
         subject = pid
@@ -290,10 +291,10 @@ def _parse(
     data: bytes,
     ancillary: List[Tuple[int, int, bytes]],
     flags: int,
-    pidfds: List[int],
+    sender_fds: List[int],
     chosen: List[int],
 ) -> _Datagram:
-    """Sort a datagram's ancillary data; every descriptor in it goes into ``pidfds``
+    """Sort a datagram's ancillary data; every descriptor in it goes into ``sender_fds``
     (the kernel's pidfd of the sender) or ``chosen`` (what the sender passed), for the
     caller to close, before anything else can fail. With one passed, also the pid it
     names (``pidfd_pid``)."""
@@ -308,7 +309,7 @@ def _parse(
         elif kind == _SCM_PIDFD and len(cdata) >= 4:
             sender_fd = _FD.unpack_from(cdata)[0]  # before Linux 6.17: -errno if it is gone
             if sender_fd >= 0:
-                pidfds.append(sender_fd)
+                sender_fds.append(sender_fd)
         elif kind == _SCM_RIGHTS:
             fds = array.array("i")
             fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
@@ -431,11 +432,11 @@ def open_socket(
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
         sock.setsockopt(socket.SOL_SOCKET, _SO_PASSCRED, 1)
-        pidfds = True
+        passes_pidfds = True
         try:
             sock.setsockopt(socket.SOL_SOCKET, _SO_PASSPIDFD, 1)
         except OSError:  # before Linux 6.5: pid and start time, as over the FIFO
-            pidfds = False
+            passes_pidfds = False
         old = os.umask(0o177)  # no moment at which others may connect
         try:
             sock.bind(path)
@@ -453,7 +454,7 @@ def open_socket(
             what = f"give the socket group {gid}"
             os.chown(path, -1, gid)
         sock.setblocking(False)
-        return DatagramSocket(path, sock, pidfds, _queue_length())
+        return DatagramSocket(path, sock, passes_pidfds, _queue_length())
     except BaseException as e:
         sock.close()
         with contextlib.suppress(OSError):  # what this call bound, not left behind

@@ -19,7 +19,14 @@ from typing import Callable
 import pytest
 from tests.conftest import wait_until
 
-from ftimer_client import FileTimerClient, ServerStalled, ServerUnavailableWarning, expires
+from ftimer_client import (
+    FileTimerClient,
+    ServerStalled,
+    ServerUnavailableWarning,
+    _channel,
+    expires,
+)
+from ftimer_client._resync import Resync
 from ftimer_protocol import Arm, DisarmAll
 
 from .conftest import FifoPeer, Peer, SocketPeer, restart, server_state
@@ -145,6 +152,85 @@ def test_a_handlers_disarm_during_a_resync_is_not_undone(
         assert scopes(messages) == {"kept", "step", "sync"} == client.armed
     finally:
         new.close()
+
+
+def test_a_handlers_call_just_after_the_resync_is_read_is_not_undone(
+    server: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The window before the first write: a handler that runs just after the delivery has
+    # read its resync (simulated by running its body from there) is deferred behind it,
+    # not sent first and then undone by the resync's stale re-arm.
+    client = FileTimerClient(server.path, write_timeout=10.0, labels={}, on_unavailable="ignore")
+    client.arm("released-by-handler", 60)
+    client.arm("kept", 60)
+    server.wait_count(2)
+    channel = client._channel
+    read = Resync.backlog
+    handled = []
+
+    def read_then_handler(state: Resync) -> list:
+        lines = read(state)
+        if state is channel.state and not handled:
+            handled.append(1)
+            client.release("released-by-handler")
+        return lines
+
+    with channel.lock:  # no retry meanwhile: the next call's delivery carries the resync
+        server.close()
+        client.arm("lost", 60)  # not delivered: a resync is needed
+        new = restart(server)
+        monkeypatch.setattr(Resync, "backlog", read_then_handler)
+        client.arm("step", 60)
+    try:
+        assert handled
+        client.arm("sync", 60)
+        messages = new.wait_for(lambda m: (ME, "sync") in server_state(m))
+        assert scopes(messages) == {"kept", "lost", "step", "sync"} == client.armed
+    finally:
+        new.close()
+
+
+def test_a_retry_whose_start_was_interrupted_is_started_again(
+    server: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A handler's exception can interrupt Thread.start() before the thread runs: that
+    # retry never runs, and must not stand in the way of the next one.
+    client = FileTimerClient(server.path, labels={}, on_unavailable="ignore")
+    client.arm("a", 60)
+    server.wait_count(1)
+    start = threading.Thread.start
+
+    def interrupted(thread: threading.Thread) -> None:
+        monkeypatch.setattr(threading.Thread, "start", start)  # once
+        raise KeyboardInterrupt
+
+    server.close()
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        client.release("a")  # not delivered; its retry's start interrupted
+    client.arm("b", 60)  # not delivered either: a retry must run now
+    new = restart(server)
+    try:
+        # The lost disarm is made good with no further call from the worker.
+        messages = new.wait_for(lambda m: (ME, "b") in server_state(m))
+        assert scopes(messages) == {"b"}
+    finally:
+        new.close()
+
+
+def test_a_client_made_while_its_thread_is_in_channel_for_does_not_deadlock(
+    server: Peer,
+) -> None:
+    # As a signal handler that makes a client, run while its thread makes another.
+    made = threading.Event()
+
+    def handler_in_channel_for() -> None:
+        with _channel._shared_lock:
+            FileTimerClient(server.path, labels={})
+        made.set()
+
+    threading.Thread(target=handler_in_channel_for, daemon=True).start()
+    assert made.wait(10)
 
 
 def test_an_exception_out_of_an_arm_leaves_nothing_armed(

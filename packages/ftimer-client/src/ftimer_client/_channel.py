@@ -223,8 +223,13 @@ class Channel:
         to the server (a disarm lost in an outage is still delivered by the retries)."""
         with self.lock:
             self._clients -= 1
-            if self._retry is None:
+            if not self._retrying():
                 self._let_go()
+
+    def _retrying(self) -> bool:
+        """Whether the retry thread runs (lock held). A start a signal handler's exception
+        interrupted may have left one that never ran: that is no retry."""
+        return self._retry is not None and self._retry.is_alive()
 
     def _let_go(self) -> None:
         """Close the connection and the pidfd if no client uses them (lock held)."""
@@ -254,17 +259,21 @@ class Channel:
             state.defer(lines, disarmed)
             return
         self._fd = -1  # no hot path for a signal handler's call until this is done
-        end = time.monotonic() + state.timeout(timeout)
-        backlog = state.backlog()
-        while backlog or lines:
-            self._sending = True
-            try:
+        self._sending = True  # before the state is read: a handler's lines come after
+        try:
+            end = time.monotonic() + state.timeout(timeout)
+            backlog = state.backlog()
+            while backlog or lines:
                 self._send(backlog, lines, end)
-            finally:
-                self._sending = False
-            # A handler's call after this point finds no delivery in progress: it sends
-            # its lines itself (after these), and the deferred ones before them.
-            backlog, lines = [], state.take_deferred()
+                backlog, lines = [], state.take_deferred()
+        finally:
+            self._sending = False
+        # Deferred after the last take, before _sending was cleared: sent now, in order
+        # (a handler's call from here on sends its lines itself).
+        late = state.take_deferred()
+        if late:
+            self._deliver(late, timeout)
+            return
         state.delivered()
         if self._writer is not None:
             self._fd = self._writer.hot_fd
@@ -342,7 +351,7 @@ class Channel:
         self._fd = -1  # out of sync: every line goes through _deliver() until resynced
         state = self.state
         state.failed(time.monotonic(), stalled=isinstance(error, ServerStalled))
-        if self._retry is None and state.retry_wanted:
+        if not self._retrying() and state.retry_wanted:
             self._retry = threading.Thread(
                 target=self._retry_loop, name="ftimer-client-resync", daemon=True
             )
@@ -394,7 +403,8 @@ class Channel:
 
 _channels: weakref.WeakSet[Channel] = weakref.WeakSet()
 _shared: weakref.WeakValueDictionary[Tuple[object, ...], Channel] = weakref.WeakValueDictionary()
-_shared_lock = threading.Lock()
+# Reentrant: a signal handler may make a client while its thread is in channel_for().
+_shared_lock = threading.RLock()
 
 
 def channel_for(route: Route, protocol: int, pid: Optional[int] = None) -> Channel:
@@ -422,8 +432,9 @@ def channel_for(route: Route, protocol: int, pid: Optional[int] = None) -> Chann
         if channel is None:
             channel = Channel(route, protocol)
         elif route.prefer is not None and channel.route.prefer is None:
-            with channel.lock:
-                channel.route = route  # used from its next connection
+            # One reference, read only when a connection opens: no lock needed (taking
+            # the channel's here could wait on a delivery whose signal handler is here).
+            channel.route = route
         for key in keys:
             _shared.setdefault(key, channel)
         return channel
@@ -431,7 +442,7 @@ def channel_for(route: Route, protocol: int, pid: Optional[int] = None) -> Chann
 
 def _after_fork_in_child() -> None:
     global _shared_lock
-    _shared_lock = threading.Lock()
+    _shared_lock = threading.RLock()
     # First the child's own dump file, which the rebuilt lines announce.
     _dump.after_fork_in_child()
     for channel in list(_channels):

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import msgspec
 
 from ._incident import Capture, Group, Incident, ProcessFacts, ThreadStack
-from ._stacks import _doing_of, _items, _wchan, call_tree, doing, group
+from ._stacks import abridged, call_tree, doing, doing_of, group, wait_channel
 
 __all__ = ["annotate", "merge_captures", "printable", "render", "render_merged", "summarize"]
 
@@ -241,7 +241,7 @@ def _facts_text(f: ProcessFacts) -> str:
     if f.uid is not None:
         parts.append(f"uid {f.uid}")
     if f.children:
-        parts.append(f"children {_items(f.children)}")
+        parts.append(f"children {abridged(f.children)}")
     parts.append(f"{_count(f.fifos, 'FIFO')}, {_count(f.sockets, 'socket')}")
     return ", ".join(parts)
 
@@ -253,13 +253,13 @@ def _count(n: int, thing: str) -> str:
 def _thread_lines(thread: ThreadStack) -> List[str]:
     flags = []
     if thread.state:
-        flags.append(thread.state + (f" in {_wchan(thread)}" if _wchan(thread) else ""))
+        flags.append(thread.state + (f" in {wait_channel(thread)}" if wait_channel(thread) else ""))
     if thread.active is not None:
         flags.append("active" if thread.active else "idle")
     if thread.gil:
         flags.append("holds the GIL")
     name = f' "{thread.name}"' if thread.name else ""
-    what = _doing_of(thread)
+    what = doing_of(thread)
     head = f"  thread {thread.tid}{name}" + (f" [{'; '.join(flags)}]" if flags else "")
     lines = [head + (f": {what}" if what else "")]
     for frame in reversed(thread.frames):

@@ -28,7 +28,7 @@ from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from ._incident import Capture, Frame, Group, ThreadStack
 
-__all__ = ["call_tree", "doing", "focus", "group"]
+__all__ = ["abridged", "call_tree", "doing", "doing_of", "focus", "group", "wait_channel"]
 
 # -- what a thread is doing ------------------------------------------------------------
 
@@ -214,7 +214,7 @@ def doing(thread: ThreadStack) -> str:
         "" when nothing can be said (no state, frames nor flags).
     """
     state = _state(thread)
-    wchan = _wchan(thread)
+    wchan = wait_channel(thread)
     if state == "D":
         where = f", in {wchan}" if wchan else ""
         return f"{UNINTERRUPTIBLE} (D state{where}: py-spy cannot stop it)"
@@ -255,7 +255,8 @@ def _state(thread: ThreadStack) -> str:
     return (thread.state or "").strip()[:1]
 
 
-def _wchan(thread: ThreadStack) -> str:
+def wait_channel(thread: ThreadStack) -> str:
+    """The kernel wait channel ``thread`` sleeps in, or "" where none is known."""
     wchan = (thread.wchan or "").strip()
     return "" if wchan == "0" else wchan
 
@@ -339,7 +340,8 @@ def focus(capture: Capture) -> Optional[ThreadStack]:
     return None
 
 
-def _doing_of(thread: ThreadStack) -> str:
+def doing_of(thread: ThreadStack) -> str:
+    """What ``thread`` is doing: as captured with it, else as `doing` says."""
     return thread.doing or doing(thread)
 
 
@@ -358,7 +360,7 @@ class _Worker:
         self.rank = (capture.labels or {}).get("rank")
         thread = focus(capture)
         self.frames: Tuple[Frame, ...] = tuple(thread.frames) if thread is not None else ()
-        self.what = _doing_of(thread) if thread is not None else ""
+        self.what = doing_of(thread) if thread is not None else ""
         self.reason = "" if self.frames else _no_stack(capture)
 
     @property
@@ -479,7 +481,7 @@ def _who(workers: Sequence[_Worker]) -> str:
     on = f" on {len(hosts)} hosts" if len(hosts) > 1 else f" on {hosts[0]}" if hosts else ""
     if not pids:
         return f"{len(workers)} ranks ({_ranges(ranks)}){on}"
-    listed = ([f"ranks {_ranges(ranks)}"] if ranks else []) + [f"pids {_items(pids)}"]
+    listed = ([f"ranks {_ranges(ranks)}"] if ranks else []) + [f"pids {abridged(pids)}"]
     return f"{len(workers)} workers ({'; '.join(listed)}){on}"
 
 
@@ -496,10 +498,11 @@ def _ranges(ranks: Sequence[str], most: int = 8) -> str:
     for run in runs:
         spans += [f"{run[0]}-{run[-1]}"] if len(run) > 2 else [str(n) for n in run]
     spans += sorted({r for r in ranks if _rank_number(r) is None})
-    return _items(spans, most, sep=",")
+    return abridged(spans, most, sep=",")
 
 
-def _items(items: Iterable[object], most: int = 8, sep: str = ", ") -> str:
+def abridged(items: Iterable[object], most: int = 8, sep: str = ", ") -> str:
+    """``items`` joined with ``sep``, the first ``most`` of them, and how many more."""
     shown = [str(i) for i in items]
     more = len(shown) - most
     return sep.join(shown[:most]) + (f"{sep}... {more} more" if more > 0 else "")

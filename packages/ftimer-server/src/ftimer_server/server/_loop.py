@@ -100,7 +100,8 @@ class Loop:
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
-        self._exits: List[Tuple[float, Worker]] = []  # (when to apply, worker), in order
+        # (when to apply, worker), in order
+        self._exits: Deque[Tuple[float, Worker]] = collections.deque()
         self._captured: Deque[int] = collections.deque()  # pids whose capture is done
         self._selector = selectors.DefaultSelector()
         self._selector.register(fifo.read_fd, selectors.EVENT_READ, _FIFO)
@@ -205,7 +206,7 @@ class Loop:
         with self._lock:
             now = time.monotonic()
             while self._exits and self._exits[0][0] <= now:
-                watchdog.worker_gone(self._exits.pop(0)[1])
+                watchdog.worker_gone(self._exits.popleft()[1])
             if self._captured:
                 exiting = {worker.pid for _, worker in self._exits}
                 while self._captured:

@@ -30,11 +30,7 @@ from typing import Callable
 from ftimer_protocol import SYSTEM_FIFO_PATH
 
 from ._errors import ServerStalled, ServerUnavailable
-from ._writer import ConnectionLost, is_socket, sigmask
-
-# The raw handler (CPython's _signal): signal.getsignal() makes an enum of it, about 1 us
-# at every protocol 1 message.
-_getsignal = getattr(signal, "_signal", signal).getsignal
+from ._writer import ConnectionLost, getsignal, is_socket, sigmask
 
 __all__ = ["FifoWriter"]
 
@@ -189,7 +185,7 @@ def sigpipe_ignored(*, thorough: bool = True) -> bool:
     /proc/self/status), which C code of a host embedding Python may have changed
     behind Python's back. Unreadable /proc: Python's view.
     """
-    if _getsignal(signal.SIGPIPE) != signal.SIG_IGN:
+    if getsignal(signal.SIGPIPE) != signal.SIG_IGN:
         return False
     if not thorough:
         return True

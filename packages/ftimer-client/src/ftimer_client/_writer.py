@@ -14,7 +14,7 @@ import signal
 import stat
 from typing import Protocol
 
-__all__ = ["ConnectionLost", "Writer", "is_socket", "sigmask"]
+__all__ = ["ConnectionLost", "Writer", "getsignal", "is_socket", "sigmask"]
 
 #: ``pthread_sigmask()`` of CPython's ``_signal``, returning a set of ints. Not the
 #: ``signal`` module's: that one wraps it in a Python function, and a signal handler may
@@ -22,6 +22,9 @@ __all__ = ["ConnectionLost", "Writer", "is_socket", "sigmask"]
 #: back through it could leave signals blocked in the thread for good. The C function
 #: runs pending handlers only once it has changed the mask.
 sigmask = getattr(signal, "_signal", signal).pthread_sigmask
+#: ``getsignal()`` of CPython's ``_signal``: the raw handler, where the ``signal``
+#: module's makes an enum of it (about 1 us, at every protocol 1 message).
+getsignal = getattr(signal, "_signal", signal).getsignal
 
 
 class ConnectionLost(Exception):

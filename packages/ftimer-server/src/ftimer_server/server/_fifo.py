@@ -245,12 +245,7 @@ def lock_fifo(fifo: str, *, managed: Optional[bool] = None) -> int:
     if managed is None:
         managed = manages_parent(fifo)
     if managed:
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise FifoError(directory, f"cannot create the directory: {e.strerror}") from None
+        _make_dir(directory)
     refused = f"refusing the lock file {path}: it is {{}}"
     for _ in range(3):  # removed by the server that held it, between open and lock
         try:
@@ -309,18 +304,27 @@ def parent_mode(mode: int) -> int:
     return 0o700 | (0o010 if mode & 0o020 else 0) | (0o001 if mode & 0o002 else 0)
 
 
-def _ensure_private_dir(directory: str, gid: Optional[int], mode: int) -> None:
-    # Owner, type and safety are checked on an open descriptor, and the group and mode
-    # set through it, so the directory checked is the one changed. The mode is set at
-    # every start: a directory made 0700 by an earlier run without a group would keep
-    # the group's workers out of a FIFO they may write (EACCES, or a silent fall-back
-    # of their default path to a per-user FIFO nobody reads).
+def _make_dir(directory: str) -> None:
+    """Make ``directory`` 0700 unless it exists.
+
+    Raises:
+        FifoError: it cannot be made.
+    """
     try:
         os.mkdir(directory, 0o700)
     except FileExistsError:
         pass
     except OSError as e:
         raise FifoError(directory, f"cannot create the directory: {e.strerror}") from None
+
+
+def _ensure_private_dir(directory: str, gid: Optional[int], mode: int) -> None:
+    # Owner, type and safety are checked on an open descriptor, and the group and mode
+    # set through it, so the directory checked is the one changed. The mode is set at
+    # every start: a directory made 0700 by an earlier run without a group would keep
+    # the group's workers out of a FIFO they may write (EACCES, or a silent fall-back
+    # of their default path to a per-user FIFO nobody reads).
+    _make_dir(directory)
     try:
         fd, st = open_private_dir(directory)
     except NotAPrivateDirectory as e:

@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections.abc import Iterator
 from typing import Dict, List, Optional
 
@@ -288,6 +289,12 @@ def test_the_environment_is_not_read_for_another_process_or_torchs_protocol(
     with pytest.warns(RuntimeWarning, match="ignored with protocol 1"):
         v1 = FileTimerClient(fifo_path, protocol=1)  # type: ignore[arg-type]
     assert v1.dump_hook is None
+    # Set to off: nothing to ignore, nothing to warn about (a torch agent's workers
+    # speak protocol 1 unasked).
+    monkeypatch.setenv("FTIMER_DUMP_SIGNAL", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert FileTimerClient(fifo_path, protocol=1).dump_hook is None  # type: ignore[arg-type]
 
 
 # -- refusals -----------------------------------------------------------------------------

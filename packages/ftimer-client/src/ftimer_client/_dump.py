@@ -154,7 +154,7 @@ def from_environment(
     """
     env = os.environ if environ is None else environ
     text = env.get(ENV_VAR, "")
-    if pid is not None or not text.strip():
+    if pid is not None or text.strip() in ("", "0"):  # unset, or set to off
         return None
     if protocol == 1:
         _warn(

@@ -5,6 +5,7 @@ Property tests over scope names and durations at the schema's limits.
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import time
@@ -106,18 +107,25 @@ def test_what_makes_a_scope_invalid_is_refused_as_the_encoder_does() -> None:
     for bad in ("\ud800", "a\udfffb"):
         with pytest.raises(LocalProtocolError):
             lines.entry(bad)
-    with pytest.raises(LocalProtocolError):
-        lines.entry(None)  # type: ignore[arg-type]
-    with pytest.raises(LocalProtocolError):
-        lines.entry(b"bytes")  # type: ignore[arg-type]
+    for not_str in (None, b"bytes", 5):
+        with pytest.raises(LocalProtocolError, match=r"^a scope is a str, not "):
+            lines.entry(not_str)  # type: ignore[arg-type]
+        with pytest.raises(LocalProtocolError, match=r"^a scope is a str, not "):
+            V1Lines(PID, 9).arm(not_str, 1.0)  # type: ignore[arg-type]
 
-    class Name(str):
-        pass
 
-    with pytest.raises(LocalProtocolError):  # as msgspec: only a str is a string
-        lines.entry(Name("sub"))
-    with pytest.raises(LocalProtocolError):
-        encode(Arm(PID, Name("sub"), 0.0, 9, START))
+def test_a_str_subclass_is_a_scope_as_for_torch() -> None:
+    class Phase(str, enum.Enum):  # the encoder takes only str itself; torch's any str
+        STEP = "step"
+
+        def __str__(self) -> str:
+            return "Phase.STEP"
+
+    lines = V2Lines(PID, START, 9, None)
+    assert lines.entry(Phase.STEP) == lines.entry("step")
+    assert lines.arm(Phase.STEP, 1.0, 9) == lines.arm("step", 1.0, 9)
+    assert lines.expire(Phase.STEP, 9) == lines.expire("step", 9)
+    assert V1Lines(PID, 9).arm(Phase.STEP, 1.0) == V1Lines(PID, 9).arm("step", 1.0)
 
 
 def test_scope_length_limits() -> None:

@@ -189,7 +189,8 @@ class V2Lines:
         cached = self._cache.get(scope_id)
         if cached is not None:
             return cached
-        if type(scope_id) is not str or len(scope_id) > MAX_SCOPE:
+        scope_id = _plain(scope_id)
+        if len(scope_id) > MAX_SCOPE:
             return self._validated(scope_id)
         try:
             quoted = encode_basestring(scope_id).encode()
@@ -228,7 +229,15 @@ class V2Lines:
             MessageTooLarge: the line exceeds PIPE_BUF.
         """
         return encode(
-            Arm(self._pid, scope_id, deadline, signal, self._start_time, self._labels, self._dump)
+            Arm(
+                self._pid,
+                _plain(scope_id),
+                deadline,
+                signal,
+                self._start_time,
+                self._labels,
+                self._dump,
+            )
         )
 
     def disarm(self, scope_id: str) -> bytes:
@@ -249,8 +258,22 @@ class V2Lines:
             MessageTooLarge: the line exceeds PIPE_BUF.
         """
         return encode(
-            Expire(self._pid, scope_id, signal, self._start_time, self._labels, self._dump)
+            Expire(self._pid, _plain(scope_id), signal, self._start_time, self._labels, self._dump)
         )
+
+
+def _plain(scope_id: object) -> str:
+    """``scope_id`` as a plain ``str`` (a subclass of ``str`` is a scope too; the encoder
+    takes only ``str`` itself).
+
+    Raises:
+        ValueError: (``LocalProtocolError``) not a ``str``.
+    """
+    if type(scope_id) is str:
+        return scope_id
+    if isinstance(scope_id, str):
+        return str.__str__(scope_id)
+    raise LocalProtocolError(f"a scope is a str, not {type(scope_id).__name__} ({scope_id!r:.80})")
 
 
 class V1Lines:
@@ -287,7 +310,7 @@ class V1Lines:
         if not expiration_time >= 0.0:
             raise ValueError(f"expiration time must be >= 0, not {expiration_time!r}")
         sig = self._signal if signal is None else signal
-        return encode(TimerRequestV1(self._pid, scope_id, float(expiration_time), sig))
+        return encode(TimerRequestV1(self._pid, _plain(scope_id), float(expiration_time), sig))
 
     def disarm(self, scope_id: str) -> bytes:
         """Return the release line of ``scope_id``."""
@@ -295,4 +318,4 @@ class V1Lines:
 
     def release(self, scope_id: str) -> bytes:
         """Return the line releasing ``scope_id`` (a negative expiration time, as torch)."""
-        return encode(TimerRequestV1(self._pid, scope_id, -1.0, 0))
+        return encode(TimerRequestV1(self._pid, _plain(scope_id), -1.0, 0))

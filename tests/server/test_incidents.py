@@ -110,9 +110,11 @@ def test_the_stuck_rank_and_its_peers_outlier_first(
     got = Collector()
     directory = tmp_path / "incidents"
     with server(fifo_path, got, directory=str(directory), timeout=5.0) as srv:
-        stuck = workers(fifo_path, 0, 0.5, "collective")
+        # The peers first: each start takes a Python's start-up, which on a loaded
+        # machine could outlast the stuck rank's timer.
         workers(fifo_path, 1, 3600, "collective")
         workers(fifo_path, 2, 3600, "load_batch")
+        stuck = workers(fifo_path, 0, 0.5, "collective")
         srv.sync()
         code, _ = wait_exit(stuck)
         assert got.done.wait(15)

@@ -353,9 +353,12 @@ with FileTimerClient({path!r}, transport="socket") as client:
         junk.connect({path!r})
         junk.send(b'{{"version":2,"op":"arm","pid":1,"x":' + b"[" * 1000)
     client.release("s")
+    input()  # alive until read: a sender gone before that is refused as gone
 """
-    subprocess.run([sys.executable, "-c", worker], check=True)
-    wait_until(lambda: server.stats().received.get("socket") == 3)
+    with subprocess.Popen([sys.executable, "-c", worker], stdin=subprocess.PIPE) as sender:
+        wait_until(lambda: server.stats().received.get("socket") == 3)
+        sender.communicate(b"\n")
+    assert sender.returncode == 0
     stats = server.stats()
     assert stats.decode_errors == {"MalformedMessage": 1}
     assert stats.requests["disarm"] == {"ok": 1}

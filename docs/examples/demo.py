@@ -9,7 +9,7 @@ a punctual one alone.
    rank 2 hangs in ``load_batch`` under a 1 s timer. The daemon captures the stacks of
    rank 2 and of its peers, then reaps rank 2; ``ftimer-server incidents show`` prints
    the incident: rank 2, the outlier, first;
-3. starts worker 2, which arms a 5 s timer around a 1 s step, and asks the daemon what it
+3. starts worker 2, which arms a 5 s timer around a 2 s step, and asks the daemon what it
    has armed (``ftimer-server status``) while it runs: worker 2 is left alone;
 4. stops the daemon with SIGTERM and sums up. Everything is removed afterwards.
 
@@ -179,8 +179,9 @@ def main() -> int:
             assert peer.stdout is not None
             peer.stdout.close()
 
-        print("\n== 3. worker 2: a 1 s step, under a 5 s timer")
-        status = run_worker(fifo, "worker 2", 5, 1, while_running=True)
+        # 2 s: long enough for `ftimer-server status` to start and ask, on a loaded machine.
+        print("\n== 3. worker 2: a 2 s step, under a 5 s timer")
+        status = run_worker(fifo, "worker 2", 5, 2, while_running=True)
         ok &= status == 0
         summary.append(f"worker 2: finished in time -> left alone, {describe(status)}")
 

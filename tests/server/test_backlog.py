@@ -133,7 +133,7 @@ def test_a_wrappers_disarm_after_the_exit_is_applied_first(
         send(fifo_path, Arm(pid=child.pid, scope_id="exec", deadline=1e9, signal=9))
         server.sync()
         wait_exit(child)
-        time.sleep(EXIT_HOLD / 2)  # the wrapper's own wake-up: not instant
+        time.sleep(EXIT_HOLD / 10)  # the wrapper's own wake-up: not instant
         send(fifo_path, Disarm(pid=child.pid, scope_id="exec"))
         wait_until(lambda: any(isinstance(e, WorkerGone) for e in events))
     [gone] = [e for e in events if isinstance(e, WorkerGone)]

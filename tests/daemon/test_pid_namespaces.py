@@ -314,7 +314,8 @@ def test_ftimer_exec_in_a_private_pid_namespace_of_a_command_that_finishes_in_ti
     fenced: Callable[..., DaemonProcess], contained: Callable[..., Contained]
 ) -> None:
     d = fenced()
-    exec_ = [*FTIMER, "exec", "--socket", socket_of(d), "--after", "30"]
+    # A write timeout for a loaded machine: exec waits that long for its disarm's read.
+    exec_ = [*FTIMER, "exec", "--socket", socket_of(d), "--after", "30", "--write-timeout", "10"]
     c = contained(*SHELL_INIT, *AS_WORKER, *exec_, "--", "true")
     assert c.line() == "exit 0"
     assert c.proc.wait(PATIENCE) == 0

@@ -16,7 +16,7 @@ import pathlib
 import signal
 import subprocess
 import sys
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
 import pytest
 
@@ -94,33 +94,26 @@ def run_worker(peer: Any, transport: str, mode: str) -> Dict[str, Any]:
     return result
 
 
-@pytest.fixture
-def fifo_peer(fifo_path: pathlib.Path) -> Iterator[FifoPeer]:
-    p = FifoPeer(fifo_path)
-    yield p
-    p.close()
-
-
 @pytest.mark.parametrize("mode", ["default", "thread", "handler"])
 def test_a_worker_with_sigpipe_not_ignored_survives_a_write_after_the_server_left(
-    fifo_peer: FifoPeer, mode: str
+    peer: FifoPeer, mode: str
 ) -> None:
-    result = run_worker(fifo_peer, "fifo", mode)
+    result = run_worker(peer, "fifo", mode)
     # The write found no reader (EPIPE), the reconnection no reader either: unavailable.
     assert result == {"error": 6, "pending": False, "blocked": False, "handled": []}
 
 
 def test_a_sigpipe_blocked_by_the_worker_is_still_blocked_and_none_left_pending(
-    fifo_peer: FifoPeer,
+    peer: FifoPeer,
 ) -> None:
-    result = run_worker(fifo_peer, "fifo", "blocked")
+    result = run_worker(peer, "fifo", "blocked")
     assert result == {"error": 6, "pending": False, "blocked": True, "handled": []}
 
 
 def test_a_sigpipe_the_worker_already_had_pending_is_left_pending(
-    fifo_peer: FifoPeer,
+    peer: FifoPeer,
 ) -> None:
-    result = run_worker(fifo_peer, "fifo", "blocked-pending")
+    result = run_worker(peer, "fifo", "blocked-pending")
     assert result == {"error": 6, "pending": True, "blocked": True, "handled": []}
 
 
@@ -135,11 +128,11 @@ def test_the_socket_never_raised_sigpipe_either(socket_path: pathlib.Path) -> No
     assert result["pending"] is False
 
 
-def test_the_hot_path_is_kept_where_sigpipe_is_ignored(fifo_peer: FifoPeer) -> None:
+def test_the_hot_path_is_kept_where_sigpipe_is_ignored(peer: FifoPeer) -> None:
     # Python's default: one os.write() per message on the descriptor, no signal mask.
     assert signal.getsignal(signal.SIGPIPE) is signal.SIG_IGN
     assert sigpipe_ignored()
-    writer = FifoWriter(str(fifo_peer.path))
+    writer = FifoWriter(str(peer.path))
     try:
         assert writer.hot_fd >= 0
     finally:
@@ -147,7 +140,7 @@ def test_the_hot_path_is_kept_where_sigpipe_is_ignored(fifo_peer: FifoPeer) -> N
     previous = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         assert not sigpipe_ignored()
-        writer = FifoWriter(str(fifo_peer.path))
+        writer = FifoWriter(str(peer.path))
         try:
             assert writer.hot_fd == -1  # every write goes through write()
             writer.write(b'{"op":"sync","token":"t"}\n', 1.0)
@@ -157,31 +150,31 @@ def test_the_hot_path_is_kept_where_sigpipe_is_ignored(fifo_peer: FifoPeer) -> N
         signal.signal(signal.SIGPIPE, previous)
 
 
-def test_a_client_of_a_worker_with_sigpipe_default_still_delivers(fifo_peer: FifoPeer) -> None:
+def test_a_client_of_a_worker_with_sigpipe_default_still_delivers(peer: FifoPeer) -> None:
     previous = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
-        client = FileTimerClient(fifo_peer.path, labels={}, signal=0)
+        client = FileTimerClient(peer.path, labels={}, signal=0)
         client.arm("s", 60)
         client.release("s")
-        fifo_peer.wait_count(2)
+        peer.wait_count(2)
         client.close()
     finally:
         signal.signal(signal.SIGPIPE, previous)
 
 
-def test_a_full_pipe_is_still_a_stall_with_sigpipe_not_ignored(fifo_peer: FifoPeer) -> None:
+def test_a_full_pipe_is_still_a_stall_with_sigpipe_not_ignored(peer: FifoPeer) -> None:
     # ServerStalled is a BrokenPipeError too: it must not pass for the reader leaving.
     previous = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
-        client = FileTimerClient(fifo_peer.path, labels={}, signal=0, write_timeout=0.2)
+        client = FileTimerClient(peer.path, labels={}, signal=0, write_timeout=0.2)
         client.arm("a", 60)
-        fifo_peer.wait_count(1)
-        fifo_peer.pause()
-        fifo_peer.fill()
+        peer.wait_count(1)
+        peer.pause()
+        peer.fill()
         with pytest.raises(ServerStalled, match="has not drained"):
             client.arm("b", 60)
-        fifo_peer.resume()
-        fifo_peer.wait_drained()
+        peer.resume()
+        peer.wait_drained()
         client.close()
     finally:
         signal.signal(signal.SIGPIPE, previous)

@@ -43,7 +43,6 @@ from ftimer_server.server._fifo import (
     FifoBusy,
     FifoError,
     lock_fifo,
-    manages_parent,
     unreachable_by_writers,
 )
 from ftimer_server.server._journal import Journal
@@ -624,7 +623,7 @@ def _lock_fifo(fifo: str) -> int:
             is not this user's regular file (a symlink is never followed).
     """
     try:
-        return lock_fifo(fifo, managed=manages_parent(fifo))
+        return lock_fifo(fifo)
     except FifoBusy as e:
         raise StartupError(
             f"another ftimer-server is running on FIFO {fifo} (it holds {e.lock_path})"

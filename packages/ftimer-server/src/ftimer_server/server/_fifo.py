@@ -213,7 +213,7 @@ def _unlink_if_same(path: str, st: os.stat_result) -> None:
             os.unlink(path)
 
 
-def lock_fifo(fifo: str, *, managed: Optional[bool] = None) -> int:
+def lock_fifo(fifo: str) -> int:
     """Lock ``<fifo>.lock`` (flock, exclusive, not waiting) and return its descriptor:
     `unlock_fifo`, closing it, or the process's exit releases the lock. Every ftimer
     server takes it before it touches the FIFO (the daemon before anything else), so two
@@ -224,10 +224,8 @@ def lock_fifo(fifo: str, *, managed: Optional[bool] = None) -> int:
     stop removes it, under the lock. A lock is kept only if the file locked is still the
     one at the path (else it was removed meanwhile, and the lock is taken again).
 
-    Args:
-        fifo: the FIFO's path.
-        managed: whether the FIFO's directory is the server's (`manages_parent`, the
-            default): made 0700 here if missing, as `open_fifo` makes it.
+    The FIFO's directory, if the server's (`manages_parent`), is made 0700 here if
+    missing, as `open_fifo` makes it.
 
     Raises:
         FifoBusy: another server holds the lock.
@@ -242,9 +240,7 @@ def lock_fifo(fifo: str, *, managed: Optional[bool] = None) -> int:
     # lock, so that a server that loses never changes them.
     path = fifo + ".lock"
     directory = os.path.dirname(fifo) or "."
-    if managed is None:
-        managed = manages_parent(fifo)
-    if managed:
+    if manages_parent(fifo):
         _make_dir(directory)
     refused = f"refusing the lock file {path}: it is {{}}"
     for _ in range(3):  # removed by the server that held it, between open and lock

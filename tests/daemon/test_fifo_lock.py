@@ -21,6 +21,7 @@ from tests.conftest import wait_until
 
 from ftimer_server.daemon import _daemon
 from ftimer_server.daemon._daemon import StartupError
+from ftimer_server.server import _fifo
 
 from .conftest import PATIENCE, PYTHON, DaemonProcess, Worker
 
@@ -163,7 +164,7 @@ def test_the_lock_is_made_in_the_default_fifos_directory_before_the_fifo(
     # The default path's directory is made by the server when it opens the FIFO, which
     # comes after the lock: the lock makes it first (the tests cannot use /run/ftimer).
     fifo = str(short_dir / "ftimer" / "timer.fifo")
-    monkeypatch.setattr(_daemon, "manages_parent", lambda path: path == fifo)
+    monkeypatch.setattr(_fifo, "manages_parent", lambda path: path == fifo)
     fd = _daemon._lock_fifo(fifo)
     try:
         assert stat.S_IMODE(os.stat(short_dir / "ftimer").st_mode) == 0o700

@@ -636,3 +636,89 @@ print(os.listdir(os.path.dirname(sys.argv[1])))
         f"{path}: cannot give the socket group 0: Operation not permitted",
         "[]",
     ]
+
+
+def test_a_datagram_with_several_descriptors_is_refused_for_them_not_as_gone(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Three or more descriptors leave no room for the kernel's pidfd of the sender, which
+    # comes after them: a live sender was refused as one that had exited.
+    sock = open_socket(str(tmp_path / "s.socket"))
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.connect(sock.path)
+            for count in (2, 3, 8, 20):
+                socket.send_fds(sender, [arm(os.getpid(), scope=str(count))], [pidfd] * count)
+        results = sock.receive()
+    finally:
+        os.close(pidfd)
+        sock.close()
+    assert [(r.reason, r.detail) for r in results] == [  # type: ignore[union-attr]
+        (RejectReason.FOREIGN_SUBJECT, "more than one descriptor")
+    ] * 4
+
+
+def test_descriptors_lost_in_the_control_data_never_leave_the_sender_the_subject(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Out of descriptors, the kernel gives none of those a datagram carried and says
+    # MSG_CTRUNC: its message went to the sender, as if it had carried none (a shell's
+    # `ftimer disarm` then disarmed the ftimer process, and the shell was reaped).
+    sock = open_socket(str(tmp_path / "s.socket"))
+    sock.passes_pidfds = False  # a kernel before 6.5: credentials alone
+    try:
+        line = encode(Disarm(pid=os.getppid(), scope_id="s"))
+        datagram = (line, socket.MSG_CTRUNC, (os.getpid(), os.getuid(), 0), -1, [], None)
+        result = sock._judge(datagram, False)
+    finally:
+        sock.close()
+    assert isinstance(result, Refused)
+    assert result.reason is RejectReason.UNVERIFIABLE
+
+
+# Binds a socket, has a child send it an arm naming the child's parent (this process) by
+# a pidfd, and receives it with no descriptor free. Prints how it was judged.
+NO_DESCRIPTORS = """
+import os, resource, socket, subprocess, sys
+from ftimer_protocol import Arm, encode
+from ftimer_server.server._socket import open_socket
+
+sock = open_socket(sys.argv[1])
+code = "import os, socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); "
+code += "s.connect(sys.argv[1]); socket.send_fds(s, [sys.argv[2].encode()], "
+code += "[os.pidfd_open(os.getppid())]); print('sent', flush=True); sys.stdin.read()"
+line = encode(Arm(pid=os.getpid(), scope_id="s", deadline=1e9, signal=9)).decode()
+sender = subprocess.Popen(
+    [sys.executable, "-c", code, sys.argv[1], line], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+)
+assert sender.stdout.readline() == b"sent\\n"
+used = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
+resource.setrlimit(resource.RLIMIT_NOFILE, (used, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+filler = []
+try:
+    while True:
+        filler.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+[result] = sock.receive()
+for fd in filler:
+    os.close(fd)
+sender.communicate()
+print(result.reason.value, result.detail, sep=": ")
+"""
+
+
+def test_a_server_out_of_descriptors_refuses_a_datagram_as_unverifiable(
+    tmp_path: pathlib.Path,
+) -> None:
+    # The kernel could make neither the carried pidfd nor the sender's (EMFILE): the live
+    # sender was refused as one that had exited, and the log line said so.
+    done = subprocess.run(
+        [sys.executable, "-c", NO_DESCRIPTORS, str(tmp_path / "s.socket")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("unverifiable: "), done.stdout

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -74,6 +75,8 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 #: Descriptors a datagram may carry: one pidfd; the kernel closes any beyond room.
 _MAX_FDS = 1
 _ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4 * _MAX_FDS) + socket.CMSG_SPACE(4)
+#: What the kernel puts in ``SCM_PIDFD`` (before Linux 6.17) for a sender already reaped.
+_GONE = frozenset((errno.EINVAL, errno.ESRCH))
 _QLEN = "/proc/sys/net/unix/max_dgram_qlen"
 #: Reads a process's parent and uid, for the kinship of a pidfd's process to its sender.
 _PROCESSES = SystemInspector()
@@ -217,6 +220,17 @@ class DatagramSocket:
                 "the workers' PID namespace or an ancestor of it"
             )
             return _refused(RejectReason.SENDER_NOT_VISIBLE, message, 0, why)
+        # Descriptors first: the kernel puts the sender's pidfd after those it carried, so
+        # too many leave no room for it, and none left in the server give neither.
+        if len(rights) > 1:
+            why = "more than one descriptor"
+            return _refused(RejectReason.FOREIGN_SUBJECT, message, pid, why)
+        if flags & _MSG_CTRUNC:  # what it carried was lost: never take the sender for it
+            why = "the descriptors it carried could not be received (none left?)"
+            return _refused(RejectReason.UNVERIFIABLE, message, pid, why)
+        if sender_fd < -1 and -sender_fd not in _GONE:  # the kernel's error: EMFILE, ...
+            why = f"no pidfd of the sender: {os.strerror(-sender_fd)}"
+            return _refused(RejectReason.UNVERIFIABLE, message, pid, why)
         # Alive now, the sender still owns the pid the kernel gave (a pid is not reused while
         # its process lives); reading the pidfd's pid costs ten times this poll. With no
         # pidfd where the kernel gives one (before 6.17 it gives an error for a sender
@@ -226,9 +240,7 @@ class DatagramSocket:
             return _refused(RejectReason.SENDER_GONE, message, pid, why)
         subject = pid
         if rights:
-            reason, subject, why = _subject(
-                message, pid, uid, rights, flags, named=named, parents=self._parents
-            )
+            reason, subject, why = _subject(pid, uid, named=named, parents=self._parents)
             if reason is RejectReason.NO_SUCH_PROCESS and isinstance(message, (Disarm, DisarmAll)):
                 # ftimer exec's disarm, read once its command was reaped: the timers went
                 # with it. Nothing to refuse.
@@ -307,7 +319,7 @@ def _parse(
         if kind == _SCM_CREDENTIALS and len(cdata) >= _UCRED.size:
             creds = _UCRED.unpack_from(cdata)
         elif kind == _SCM_PIDFD and len(cdata) >= 4:
-            sender_fd = _FD.unpack_from(cdata)[0]  # before Linux 6.17: -errno if it is gone
+            sender_fd = _FD.unpack_from(cdata)[0]  # -errno if none could be made
             if sender_fd >= 0:
                 sender_fds.append(sender_fd)
         elif kind == _SCM_RIGHTS:
@@ -327,19 +339,10 @@ def _refused(reason: RejectReason, message: Message, pid: int, why: str) -> Refu
 
 
 def _subject(
-    message: Message,
-    sender: int,
-    uid: int,
-    rights: List[int],
-    flags: int,
-    *,
-    named: Optional[int],
-    parents: Dict[int, int],
+    sender: int, uid: int, *, named: Optional[int], parents: Dict[int, int]
 ) -> Tuple[Optional[RejectReason], int, str]:
-    """The process a datagram's pidfd names (``named``, as read with it), or why the
+    """The process a datagram's one pidfd names (``named``, as read with it), or why the
     sender may not name it."""
-    if len(rights) > 1 or (flags & _MSG_CTRUNC):
-        return RejectReason.FOREIGN_SUBJECT, sender, "more than one descriptor"
     target = named
     if target == -1:
         return RejectReason.NO_SUCH_PROCESS, sender, "the process it names has exited"

@@ -19,6 +19,12 @@ import pytest
 from ftimer_protocol import Message, encode
 from ftimer_server import Event, ProcessInspector, Worker
 
+#: The first pid of pretend workers served by a real server: above Linux's highest pid_max
+#: (PID_MAX_LIMIT, 2**22), so never a real process. A real server refuses its own pid and
+#: its helper's, so pretend pids that could be real (2000 on a freshly booted machine) met
+#: the test process's now and then, and an arm was refused.
+FAKE_PID = 2**22 + 1
+
 
 class FakeProcess:
     def __init__(self, start_time: int, parent: int = 1, uid: int = 1000) -> None:

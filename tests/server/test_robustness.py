@@ -22,11 +22,11 @@ from ftimer_server import (
     WorkerGone,
 )
 
-from .conftest import FakeInspector, Recorder, send
+from .conftest import FAKE_PID, FakeInspector, Recorder, send
 
 WORKERS_PER_WRITER = 500
 WRITERS = 8
-BASE_PID = 100_000
+BASE_PID = FAKE_PID
 
 
 # Run as a separate program (python -c) by each writer: it poses as WORKERS_PER_WRITER
@@ -101,15 +101,16 @@ def test_many_writers_bad_lines_and_thousands_of_workers(fifo_path: pathlib.Path
 
 
 def test_over_long_lines_cost_only_themselves(fifo_path: pathlib.Path) -> None:
-    host = FakeInspector(auto=range(2000, 3000))
+    host = FakeInspector(auto=range(FAKE_PID, FAKE_PID + 100))
     with FileTimerServer(fifo_path, inspector=host, signaller=RecordingSignaller()) as server:
         fd = os.open(fifo_path, os.O_WRONLY)
         try:
             for i in range(50):
+                pids = (FAKE_PID + i, FAKE_PID + 50 + i)
                 os.write(fd, b"x" * (3 * PIPE_BUF) + b"\n")  # over-long, then valid
-                os.write(fd, encode(Arm(pid=2000 + i, scope_id="s", deadline=1e6, signal=9)))
+                os.write(fd, encode(Arm(pid=pids[0], scope_id="s", deadline=1e6, signal=9)))
                 os.write(fd, b"y" * (2 * PIPE_BUF))  # over-long with no newline yet...
-                os.write(fd, encode(Arm(pid=2500 + i, scope_id="s", deadline=1e6, signal=9)))
+                os.write(fd, encode(Arm(pid=pids[1], scope_id="s", deadline=1e6, signal=9)))
         finally:
             os.close(fd)
         server.sync()
@@ -130,15 +131,16 @@ NESTED = [
 def test_deeply_nested_json_is_a_malformed_line_and_costs_no_other(fifo_path: pathlib.Path) -> None:
     # It raised RecursionError out of the decoder: the read it came in was lost, disarms
     # and all, and a healthy worker whose disarm shared it was reaped.
-    host = FakeInspector(auto=range(2000, 2010))
+    host = FakeInspector(auto=range(FAKE_PID, FAKE_PID + len(NESTED)))
     signaller = RecordingSignaller()
     with FileTimerServer(fifo_path, inspector=host, signaller=signaller) as server:
         for i, nested in enumerate(NESTED):
             send(
-                fifo_path, Arm(pid=2000 + i, scope_id="s", deadline=time.monotonic() + 2, signal=9)
+                fifo_path,
+                Arm(pid=FAKE_PID + i, scope_id="s", deadline=time.monotonic() + 2, signal=9),
             )
             server.sync()
-            send(fifo_path, Disarm(pid=2000 + i, scope_id="s"), raw=nested + b"\n")
+            send(fifo_path, Disarm(pid=FAKE_PID + i, scope_id="s"), raw=nested + b"\n")
             server.sync()
             assert server.armed() == []  # the disarm in the same read was applied
         stats = server.stats()
@@ -181,17 +183,18 @@ def test_hostile_pids_and_signals_are_refused(fifo_path: pathlib.Path) -> None:
 
 def test_reused_pid_through_the_fifo_is_never_signalled(fifo_path: pathlib.Path) -> None:
     host = FakeInspector()
-    host.spawn(4242, start_time=100)
+    pid = FAKE_PID
+    host.spawn(pid, start_time=100)
     signaller = RecordingSignaller()
     events = Recorder()
     with FileTimerServer(fifo_path, inspector=host, signaller=signaller, on_event=events) as server:
         deadline = time.monotonic() + 0.2
-        send(fifo_path, Arm(pid=4242, scope_id="s", deadline=deadline, signal=9))
+        send(fifo_path, Arm(pid=pid, scope_id="s", deadline=deadline, signal=9))
         server.sync()
-        host.exit(4242)
-        host.spawn(4242, start_time=999)  # another process took the pid
+        host.exit(pid)
+        host.spawn(pid, start_time=999)  # another process took the pid
         # Even a message naming the old process only adds to the old process's timers.
-        send(fifo_path, Arm(pid=4242, scope_id="late", deadline=0.0, signal=9, start_time=100))
+        send(fifo_path, Arm(pid=pid, scope_id="late", deadline=0.0, signal=9, start_time=100))
         time.sleep(max(0.0, deadline - time.monotonic()))  # let the deadline pass
         server.sync()
     assert signaller.sent == []
@@ -202,12 +205,13 @@ def test_reused_pid_through_the_fifo_is_never_signalled(fifo_path: pathlib.Path)
 
 @pytest.mark.parametrize("cap", [Policy(max_timers=100)])
 def test_caps_hold_under_a_flood(fifo_path: pathlib.Path, cap: Policy) -> None:
-    host = FakeInspector(auto=range(3_000_000, 3_001_000))
+    pids = range(FAKE_PID, FAKE_PID + 1000)
+    host = FakeInspector(auto=pids)
     with FileTimerServer(
         fifo_path, inspector=host, signaller=RecordingSignaller(), policy=cap
     ) as server:
         fd = os.open(fifo_path, os.O_WRONLY)
-        for pid in range(3_000_000, 3_001_000):
+        for pid in pids:
             os.write(fd, encode(Arm(pid=pid, scope_id="s", deadline=1e6, signal=9)))
         os.close(fd)
         server.sync()

@@ -722,3 +722,61 @@ def test_a_server_out_of_descriptors_refuses_a_datagram_as_unverifiable(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("unverifiable: "), done.stdout
+
+
+def test_a_close_that_blocks_holds_no_other_descriptor_open(tmp_path: pathlib.Path) -> None:
+    # One thread closed what senders passed, in turn: a lingering socket held every
+    # descriptor passed after it open (8 a datagram) until its close returned, and a
+    # close that never returns ran the server out of descriptors.
+    sock = open_socket(str(tmp_path / "s.socket"))
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        host, port = listener.getsockname()
+        subprocess.run([sys.executable, "-c", LINGERER, sock.path, host, str(port)], check=True)
+        peer, _ = listener.accept()  # never reads: the close lingers 60 s
+        try:
+            assert [type(x).__name__ for x in sock.receive()] == ["MalformedMessage"]
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+                sender.connect(sock.path)
+                socket.send_fds(sender, [b"junk\n"], [w])
+            os.close(w)
+            assert [type(x).__name__ for x in sock.receive()] == ["MalformedMessage"]
+            wait_until(lambda: _eof(r), what="the pipe's write end closed")
+        finally:
+            peer.close()  # the lingering close ends (reset)
+            os.close(r)
+            sock.close()
+
+
+def _eof(fd: int) -> bool:
+    try:
+        return os.read(fd, 1) == b""
+    except BlockingIOError:
+        return False
+
+
+def test_pidfds_senders_pass_are_closed_at_once(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pidfd's close never blocks: it is not handed to a closer thread, so legitimate
+    # traffic never waits behind a sender's descriptor whose close blocks.
+    handed: List[int] = []
+    monkeypatch.setattr(socket_module, "_close_later", handed.append)
+    sock = open_socket(str(tmp_path / "s.socket"))
+    before = len(os.listdir("/proc/self/fd"))
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.connect(sock.path)
+            for scope in ("a", "b", "c"):  # the first vouches; the others are closed
+                socket.send_fds(sender, [arm(os.getpid(), scope=scope)], [pidfd])
+            socket.send_fds(sender, [b"junk\n"], [pidfd])
+        results = sock.receive()
+        sock.release()
+    finally:
+        os.close(pidfd)
+    assert len(results) == 4
+    assert handed == []
+    assert len(os.listdir("/proc/self/fd")) == before
+    sock.close()

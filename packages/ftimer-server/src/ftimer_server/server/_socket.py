@@ -12,26 +12,27 @@ first process named by its child (a container's entry shell that runs ``ftimer a
 
 Every refusal here is a value for the core (``Refused``, counted and reported as a
 rejection), or a protocol error (a datagram truncated, or without credentials), and
-every descriptor received is closed: those a sender chose once read, by a thread of
-their own; the kernel's pidfds that vouch for a subject once the batch is applied.
+every descriptor received is closed: those a sender chose once read (a pidfd at once,
+anything else by a thread of its own); the kernel's pidfds that vouch for a subject once
+the batch is applied.
 """
 
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
 import errno
 import fcntl
 import logging
 import os
-import queue
 import select
 import socket
 import stat
 import struct
 import termios
 import threading
-from typing import Dict, FrozenSet, List, Optional, Set, Tuple, Union
+from typing import Deque, Dict, FrozenSet, List, Optional, Set, Tuple, Union
 
 import msgspec
 
@@ -151,6 +152,7 @@ class DatagramSocket:
         received: List[_Datagram] = []
         chosen: List[int] = []  # what senders passed (SCM_RIGHTS)
         kept: Set[int] = set()  # of those, the pidfds that vouch
+        pidfds: Set[int] = set()  # of those, the ones known to be pidfds
         vouched, open_pidfds = self.vouched, self._open_pidfds
         recvmsg = self._sock.recvmsg
         try:
@@ -162,7 +164,11 @@ class DatagramSocket:
                 except OSError as e:  # never expected on a bound datagram socket
                     logger.error("receiving from %s: %s", self.path, e)
                     break
-                received.append(_parse(data, ancillary, flags, open_pidfds, chosen))
+                datagram = _parse(data, ancillary, flags, open_pidfds, chosen)
+                received.append(datagram)
+                _, _, _, _, rights, named = datagram
+                if named is not None:  # one pidfd: closing it never blocks
+                    pidfds.add(rights[0])
             if not received:
                 return []
             exited = _exited([fd for _, _, _, fd, _, _ in received if fd >= 0])
@@ -187,7 +193,12 @@ class DatagramSocket:
             return out
         finally:
             for fd in chosen:
-                if fd not in kept:
+                if fd in kept:
+                    continue
+                if fd in pidfds:  # the usual case, closed at once: no thread is woken
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                else:
                     _close_later(fd)
 
     def release(self) -> None:
@@ -262,25 +273,42 @@ class DatagramSocket:
                 os.unlink(self.path)
 
 
-#: Descriptors senders passed, closed by a thread of their own, off the loop: closing one
-#: can block as long as its sender arranged (a TCP socket with SO_LINGER and unsent data).
-_CLOSER: queue.SimpleQueue[int] = queue.SimpleQueue()
-_closer_lock = threading.Lock()
-_closer: Optional[threading.Thread] = None
+#: Descriptors senders passed that may not be pidfds, closed by threads of their own, off
+#: the loop: closing one can block as long as its sender arranged (a TCP socket with
+#: SO_LINGER and unsent data, a file of a FUSE mount that never answers). Each goes to a
+#: thread that is free, or to a new one: a close that never returns holds no other
+#: descriptor open, unless ``_MAX_CLOSERS`` such closes block at once.
+_MAX_CLOSERS = 8
+_closing: Deque[int] = collections.deque()
+_closer_cond = threading.Condition()
+_closers = 0  # threads started
+_waiting = 0  # of those, waiting for a descriptor and not yet given one
+_warned = False
 
 
 def _close_later(fd: int) -> None:
-    global _closer  # one thread for the process, started when first needed
-    _CLOSER.put(fd)
-    with _closer_lock:
-        if _closer is None:
-            _closer = threading.Thread(target=_close_forever, name="ftimer-closer", daemon=True)
-            _closer.start()
+    global _closers, _waiting, _warned  # threads for the process, started when needed
+    with _closer_cond:
+        _closing.append(fd)
+        if _waiting:
+            _waiting -= 1  # given this one: the next descriptor wakes another
+            _closer_cond.notify()
+        elif _closers < _MAX_CLOSERS:
+            _closers += 1
+            threading.Thread(target=_close_forever, name="ftimer-closer", daemon=True).start()
+        elif not _warned:
+            _warned = True
+            logger.warning(
+                "all %d threads that close the descriptors senders pass to the socket are "
+                "busy (a close may block for as long as its sender arranged); the others "
+                "wait for one of them",
+                _MAX_CLOSERS,
+            )
 
 
 def _no_closer_yet() -> None:
-    global _closer, _closer_lock  # a forked child has the variables, not the thread
-    _closer, _closer_lock = None, threading.Lock()
+    global _closer_cond, _closers, _waiting  # a forked child has the variables, not the threads
+    _closer_cond, _closers, _waiting = threading.Condition(), 0, 0
 
 
 if hasattr(os, "register_at_fork"):
@@ -288,9 +316,15 @@ if hasattr(os, "register_at_fork"):
 
 
 def _close_forever() -> None:
+    global _waiting
     while True:
+        with _closer_cond:
+            while not _closing:
+                _waiting += 1
+                _closer_cond.wait()
+            fd = _closing.popleft()
         with contextlib.suppress(OSError):
-            os.close(_CLOSER.get())
+            os.close(fd)
 
 
 #: A datagram as read: its bytes, recvmsg's flags, the sender's (pid, uid, gid) if the

@@ -6,6 +6,7 @@ own children only."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pathlib
 import shutil
@@ -780,3 +781,29 @@ def test_pidfds_senders_pass_are_closed_at_once(
     assert handed == []
     assert len(os.listdir("/proc/self/fd")) == before
     sock.close()
+
+
+def test_descriptors_senders_pass_arrive_close_on_exec(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Until it is closed, a passed descriptor must not reach a program a thread of the
+    # server's process (an agent embedding it) runs meanwhile.
+    handed: List[int] = []
+    monkeypatch.setattr(socket_module, "_close_later", handed.append)
+    sock = open_socket(str(tmp_path / "s.socket"))
+    read_end, write_end = os.pipe()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.connect(sock.path)
+            socket.send_fds(sender, [arm(os.getpid())], [read_end])
+        [refused] = sock.receive()
+        assert isinstance(refused, Refused)
+        [passed] = handed
+        try:
+            assert fcntl.fcntl(passed, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        finally:
+            os.close(passed)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        sock.close()

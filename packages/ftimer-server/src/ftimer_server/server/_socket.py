@@ -73,6 +73,9 @@ _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
+#: Descriptors a sender passes arrive close-on-exec: a process the server's host forks
+#: and execs (an embedding agent's) never inherits one while it waits to be closed.
+_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000))
 #: Descriptors a datagram may carry: one pidfd; the kernel closes any beyond room.
 _MAX_FDS = 1
 _ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4 * _MAX_FDS) + socket.CMSG_SPACE(4)
@@ -158,7 +161,7 @@ class DatagramSocket:
         try:
             for _ in range(self.batch):
                 try:
-                    data, ancillary, flags, _ = recvmsg(PIPE_BUF + 1, _ANCILLARY)
+                    data, ancillary, flags, _ = recvmsg(PIPE_BUF + 1, _ANCILLARY, _CLOEXEC)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as e:  # never expected on a bound datagram socket

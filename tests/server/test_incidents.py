@@ -220,6 +220,23 @@ def test_a_worker_that_exits_during_the_capture(
     assert gone.incident == incident.id  # type: ignore[union-attr]
 
 
+def test_a_dry_run_s_incident_says_nothing_was_signalled(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, workers
+) -> None:  # type: ignore[no-untyped-def]
+    # It said "reaped with SIGKILL" while the worker lived on, unsignalled.
+    got = Collector()
+    options = IncidentOptions(directory=str(tmp_path / "i"), method="facts", timeout=2.0)
+    with FileTimerServer(fifo_path, dry_run=True, incidents=options, on_incident=got.incident):
+        stuck = workers(fifo_path, 0, 0.2, "collective")
+        assert got.done.wait(15)
+        assert stuck.poll() is None
+    [incident] = got.incidents
+    assert incident.dry_run
+    assert incident.summary[0].endswith("; not signalled (dry run): would have reaped with SIGKILL")
+    [written] = (tmp_path / "i").glob("*.json")
+    assert json.loads(written.read_text())["dry_run"] is True
+
+
 CHILDREN = """
 import subprocess, sys, time
 from ftimer_client import FileTimerClient

@@ -174,8 +174,10 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
         seconds: from the start of the capture to its end (or to the budget).
         timed_out: the budget ran out before every capture was complete; the signal was
             sent then.
-        delivered: whether the reap's signal was delivered (``None``: dry run, or not
-            known when the record was written).
+        delivered: whether the reap's signal was delivered (``None``: not known when the
+            record was written, as for a worker that exited during its capture).
+        dry_run: the server signals nothing (``--dry-run``): ``signal`` is what the reap
+            would have sent.
         errors: what went wrong while capturing or writing, for people.
     """
 
@@ -197,4 +199,5 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     seconds: float = 0.0
     timed_out: bool = False
     delivered: Optional[bool] = None
+    dry_run: bool = False
     errors: List[str] = []

@@ -73,7 +73,7 @@ def summarize(incident: Incident) -> List[str]:
     lines = [
         f"timer {incident.scope_id!r} of pid {incident.pid}"
         + (f" ({labels})" if labels else "")
-        + f" expired {late} after its deadline; {_signal_text(incident.signal, incident.delivered)}"
+        + f" expired {late} after its deadline; {_signal_text(incident)}"
     ]
     captures = incident.captures
     if captures:
@@ -118,13 +118,13 @@ def _methods(captures: Sequence[Capture]) -> str:
     return ", ".join(f"{method} {n}" for method, n in counts.items())
 
 
-def _signal_text(signal: int, delivered: Optional[bool]) -> str:
-    if signal == 0:
+def _signal_text(incident: Incident) -> str:
+    if incident.signal == 0:
         return "report only (no signal)"
-    name = _signal_name(signal)
-    if delivered is None:
-        return f"reaped with {name}"
-    return f"reaped with {name}" + ("" if delivered else " (NOT delivered)")
+    name = _signal_name(incident.signal)
+    if incident.dry_run:
+        return f"not signalled (dry run): would have reaped with {name}"
+    return f"reaped with {name}" + (" (NOT delivered)" if incident.delivered is False else "")
 
 
 def _signal_name(signal: int) -> str:

@@ -55,16 +55,22 @@ class Diagnostics:
     Args:
         options: what to capture and where to write.
         on_incident: called with each incident once written (from a capture thread).
+        dry_run: the server signals nothing: each incident says so.
 
     Raises:
         OSError: the incident directory cannot be made or is unsafe.
     """
 
     def __init__(
-        self, options: IncidentOptions, on_incident: Optional[Callable[[Incident], None]] = None
+        self,
+        options: IncidentOptions,
+        on_incident: Optional[Callable[[Incident], None]] = None,
+        *,
+        dry_run: bool = False,
     ) -> None:
         self.options = options
         self._on_incident = on_incident
+        self._dry_run = dry_run
         self._store = (
             None
             if options.directory is None
@@ -186,7 +192,7 @@ class Diagnostics:
         incident = pending.id
         store = self._store
         where = None if store is None else (store.directory, store.keep, store.max_bytes)
-        record = pending.incident()
+        record = pending.incident(self._dry_run)
         want = self._on_incident is not None
         error = None
         try:
@@ -224,7 +230,7 @@ class _Pending:
         self.signalled = False
         self.delivered: Optional[bool] = None
 
-    def incident(self) -> Incident:
+    def incident(self, dry_run: bool) -> Incident:
         request, timer = self.request, self.request.timer
         captures: List[Capture] = []
         errors: List[str] = []
@@ -255,5 +261,6 @@ class _Pending:
             seconds=seconds,
             timed_out=timed_out,
             delivered=self.delivered,
+            dry_run=dry_run,
             errors=errors,
         )

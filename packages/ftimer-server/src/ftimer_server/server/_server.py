@@ -245,7 +245,7 @@ class FileTimerServer:
             # Imported only by a server that captures: keeps the daemon's RSS down.
             from ftimer_server.incidents._diagnostics import Diagnostics  # noqa: PLC0415
 
-            self._diagnostics = Diagnostics(incidents, on_incident)
+            self._diagnostics = Diagnostics(incidents, on_incident, dry_run=dry_run)
         self._host = host = SystemHost(
             self._inspector,
             signaller,

@@ -147,7 +147,7 @@ def test_sizes_refused(value: Any) -> None:
     [
         ({"capture_timeout": 0.01}, r"--capture-timeout: 0.01 must be between 0.05 and 60 seconds"),
         ({"capture_timeout": 61.0}, r"--capture-timeout: 61.0 must be between 0.05 and 60"),
-        ({"incidents_keep": 0}, r"--incidents-keep: 0 must be at least 1 incidents"),
+        ({"incidents_keep": 0}, r"--incidents-keep: 0 must be at least 1 incident$"),
         ({"incidents_max_bytes": "lots"}, r"--incidents-max-bytes: 'lots' is not a size"),
         ({"core_max_bytes": "0"}, r"--core-max-bytes: 0 must be at least 1 byte"),
         ({"capture": "gdb"}, r"--capture: capture method 'gdb' is not one of auto, py-spy"),

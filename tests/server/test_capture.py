@@ -311,7 +311,7 @@ def test_fifty_threads(method: str, request: pytest.FixtureRequest) -> None:
 
 def test_facts() -> None:
     with stuck("facts") as worker:
-        c = run(worker, CaptureOptions(hook=False))
+        c = run(worker, CaptureOptions(hook=False, wants_py_spy=False))  # method "facts"
         facts = c.facts
         assert facts is not None
         assert facts.cmdline[1:] == [str(WORKER), "facts"]
@@ -326,8 +326,8 @@ def test_facts() -> None:
         assert c.start_time == read_stat(worker.pid).start_time
         assert c.role == "stuck"
         assert c.labels == {"rank": "0"}
-        assert "py-spy: not installed or not enabled" in (c.error or "")
-        assert "dump hook: not enabled" in (c.error or "")
+        # Not "not installed": py-spy may well be (it was said so, whatever the method).
+        assert "py-spy: not enabled; dump hook: not enabled" in (c.error or "")
 
 
 def test_peer_without_a_hook() -> None:

@@ -639,6 +639,8 @@ def _within(
         bounds = f"between {low:g} and {high:g}"
     else:
         bounds = f"at least {low}" if value < low else f"at most {high}"
+        if value < low == 1:
+            unit = unit.removesuffix("s")  # "at least 1 timer"
     text = f"{value if shown is None else shown} must be {bounds}"
     raise ConfigError(f"{text} {unit}" if unit else text)
 

@@ -59,12 +59,15 @@ class CaptureOptions:
 
     Attributes:
         py_spy: the path of py-spy; ``None``: do not use it (pass ``find_py_spy()``).
+        wants_py_spy: the capture method asks for py-spy, so a ``py_spy`` of ``None``
+            means it is not installed (said so in the capture's error).
         native: ``py-spy --native``: C/C++ frames too (about 4x slower).
         hook: use the worker's dump hook where py-spy is not used or fails.
         kernel_stacks: read ``/proc/PID/task/TID/stack`` where readable (root).
     """
 
     py_spy: Optional[str] = None
+    wants_py_spy: bool = True
     native: bool = False
     hook: bool = True
     kernel_stacks: bool = True
@@ -185,7 +188,11 @@ def _capture(
             if result.threads is not None:
                 method = "py-spy"
         else:
-            py_spy_why = "py-spy: not installed or not enabled (ftimer-server[pyspy])"
+            py_spy_why = (
+                "py-spy: not installed (ftimer-server[pyspy])"
+                if options.wants_py_spy
+                else "py-spy: not enabled"
+            )
         if (
             result.threads is None
             and hook_file is not None

@@ -77,8 +77,10 @@ class Diagnostics:
             else IncidentStore(options.directory, keep=options.keep, max_bytes=options.max_bytes)
         )
         py_spy = options.py_spy or find_py_spy()
+        wants_py_spy = options.method in ("auto", "py-spy")
         self._capture_options = CaptureOptions(
-            py_spy=py_spy if options.method in ("auto", "py-spy") else None,
+            py_spy=py_spy if wants_py_spy else None,
+            wants_py_spy=wants_py_spy,
             native=options.native,
             hook=options.method in ("auto", "hook"),
         )

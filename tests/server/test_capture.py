@@ -607,6 +607,43 @@ def test_core_dump_size_guard(tmp_path: pathlib.Path) -> None:
         assert worker.proc.poll() is None
 
 
+# A worker small in resident memory whose writable mappings are large: 512 MiB reserved,
+# never touched. gdb writes them whole (zeros), so its core is far larger than its RSS.
+BIG_MAPPING = """
+import mmap, sys
+m = mmap.mmap(-1, 512 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/gcore"), reason="gcore (gdb) is not installed")
+def test_core_dump_never_exceeds_its_limit(tmp_path: pathlib.Path) -> None:
+    limit = 64 << 20
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BIG_MAPPING], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        assert read_stat(proc.pid).rss_pages * os.sysconf("SC_PAGE_SIZE") < limit
+        path, error = core_dump(
+            proc.pid, None, str(tmp_path), max_bytes=limit, deadline=time.monotonic() + 60
+        )
+        assert path is None, os.path.getsize(path)
+        assert error is not None
+        assert f"reached the limit ({limit} bytes)" in error
+        assert list(tmp_path.iterdir()) == []  # the part written is removed
+        assert proc.poll() is None
+        assert read_stat(proc.pid).state not in "Tt"  # left running
+    finally:
+        proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            assert stream is not None
+            stream.close()
+
+
 # Descendants -----------------------------------------------------------------------
 
 

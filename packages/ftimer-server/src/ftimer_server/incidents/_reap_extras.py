@@ -45,7 +45,8 @@ def core_dump(
         pid, pidfd: the process, and a pidfd for it if the caller holds one.
         directory: where the core goes.
         max_bytes: refuse a process whose resident memory exceeds this (the core is at
-            least that large).
+            least that large), and a core that grows to this size (gcore cannot write
+            more; the part written is removed).
         deadline: ``time.monotonic()`` by which gcore is killed (and its partial file
             removed).
 
@@ -90,12 +91,25 @@ def _core_dump(
             process,
             deadline,
             resume=st.state not in ("T", "t"),  # left stopped if it was found so
+            # The resident memory checked above is not the core's size: gdb writes every
+            # writable mapping, untouched pages too (a worker's mmap of a terabyte with
+            # MAP_NORESERVE is a terabyte of core). Capped here, whatever the worker maps.
+            max_file_bytes=max_bytes,
         )
     except OSError as e:
         return None, f"core dump: gcore could not be started: {e}"
     if run.returncode is None:
         _remove(path)
         return None, f"core dump: gcore did not finish within {run.seconds:.1f}s: killed"
+    with contextlib.suppress(OSError):
+        # gdb carries on past EFBIG and says it saved the core: a core at the cap is cut
+        # short, and of no use.
+        if os.stat(path).st_size >= max_bytes:
+            _remove(path)
+            return None, (
+                f"core dump refused: the core reached the limit ({max_bytes} bytes) before "
+                "it was complete: removed"
+            )
     if run.returncode != 0 or not os.path.isfile(path):
         _remove(path)
         text = " ".join((run.out + run.err).decode(errors="replace").split())[-400:]

@@ -13,6 +13,7 @@ import os
 import re
 import signal as _signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +26,13 @@ __all__ = ["PTRACE_ADVICE", "ToolRun", "py_spy_dump", "run_tool"]
 
 #: How long a killed tool is waited for before a thread is left to reap it.
 _KILL_WAIT = 0.025
+#: Runs a command with a cap on the size of the files it writes (``RLIMIT_FSIZE``, set
+#: before the exec: inherited by whatever the command starts, gcore's gdb say). Python,
+#: not ``preexec_fn``, which may deadlock in a process with threads.
+_LIMITED = (
+    "import os, resource, sys; n = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); os.execvp(sys.argv[2], sys.argv[2:])"
+)
 _PTRACE_REFUSED = re.compile(
     r"permission denied|operation not permitted|os error (1|13)\)|SYS_PTRACE", re.IGNORECASE
 )
@@ -60,14 +68,19 @@ def run_tool(
     *,
     resume: bool,
     env: Optional[Dict[str, str]] = None,
+    max_file_bytes: Optional[int] = None,
 ) -> ToolRun:
     """Run ``command`` against ``process`` until it exits or ``deadline`` comes (then its
-    process group is killed); SIGCONT ``process`` after if ``resume``.
+    process group is killed); SIGCONT ``process`` after if ``resume``. With
+    ``max_file_bytes``, no file it writes grows past that many bytes (a write beyond
+    fails with ``EFBIG``, or ``SIGXFSZ`` kills it).
 
     Raises:
         OSError: the tool could not be started.
     """
     started = time.monotonic()
+    if max_file_bytes is not None:
+        command = [sys.executable, "-I", "-S", "-c", _LIMITED, str(max_file_bytes), *command]
     child = subprocess.Popen(
         list(command),
         stdin=subprocess.DEVNULL,

@@ -153,6 +153,65 @@ def test_the_workers_own_hook_without_py_spy(
     assert "collective" in frames
 
 
+NOBODY = 65534
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv"),
+    reason="starts a worker of another user (root, setpriv)",
+)
+def test_another_users_worker_that_names_the_job_is_not_captured(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, workers
+) -> None:  # type: ignore[no-untyped-def]
+    # A job label is the client's to choose: a worker of another user labelled "j" is no
+    # peer of this user's job "j" (else any user could have another's workers captured,
+    # their stacks and command lines in its incidents, as often as its timers expire).
+    fifo_path.parent.chmod(0o755)  # the other user's worker reaches the FIFO
+    got = Collector()
+    with server(fifo_path, got, method="facts", timeout=5.0) as srv:
+        fifo_path.chmod(0o666)
+        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        stranger = subprocess.Popen(
+            [
+                *as_nobody,
+                sys.executable,
+                "-c",
+                WORKER,
+                str(fifo_path),
+                "9",
+                "3600",
+                "collective",
+                "",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert stranger.stdout is not None
+            assert stranger.stdout.readline() == "armed\n"
+            workers(fifo_path, 1, 3600, "collective")  # a peer of this user's: captured
+            stuck = workers(fifo_path, 0, 0.3, "collective")
+            srv.sync()
+            code, _ = wait_exit(stuck)
+            assert got.done.wait(15)
+            assert stranger.poll() is None  # never signalled either
+        finally:
+            stranger.kill()
+            stranger.wait()
+            assert stranger.stdout is not None
+            stranger.stdout.close()
+    assert code == -9
+    [incident] = got.incidents
+    assert [(c.role, (c.labels or {}).get("rank")) for c in incident.captures] == [
+        ("stuck", "0"),
+        ("peer", "1"),
+    ]
+    assert incident.errors == [
+        f"pid {stranger.pid}: not captured: another user's process (uid {NOBODY}; the stuck "
+        "worker's is uid 0)"
+    ]
+
+
 def test_a_capture_that_hangs_never_delays_the_kill_past_the_budget(
     fifo_path: pathlib.Path, tmp_path: pathlib.Path, workers
 ) -> None:  # type: ignore[no-untyped-def]

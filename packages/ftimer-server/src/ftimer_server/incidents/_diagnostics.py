@@ -37,6 +37,7 @@ from ftimer_server.core._report import annotate
 from ._capture import CaptureOptions, find_py_spy
 from ._helper import CaptureJob, Helper, HelperGone, WriteJob
 from ._options import CAPTURE_METHODS, IncidentOptions
+from ._procfs import read_stat, read_status
 from ._store import IncidentStore, incident_id
 
 __all__ = ["CAPTURE_METHODS", "Diagnostics", "IncidentOptions"]
@@ -88,7 +89,9 @@ class Diagnostics:
             logger.warning("capture method py-spy: no py-spy found (install ftimer-server[pyspy])")
         self._helper = Helper()
         self._lock = threading.Lock()
-        self._shared: Dict[int, Tuple[float, concurrent.futures.Future[bytes]]] = {}
+        self._shared: Dict[
+            Tuple[int, Optional[int]], Tuple[float, concurrent.futures.Future[bytes]]
+        ] = {}
         self._incidents: Dict[str, _Pending] = {}
         #: Incidents written, and failures to write one.
         self.written = 0
@@ -101,9 +104,17 @@ class Diagnostics:
         created = time.time()
         incident = incident_id(created, worker.pid, timer.scope_id)
         deadline = request.now + request.budget
-        futures = [self._capture(worker, timer.labels, request.dump, deadline, stuck=incident)]
+        # Peers are captured only if they are of the stuck worker's user: a job label is
+        # any worker's to choose (see ``_helper._check_user``).
+        user = _user_of(worker) if request.peers else None
+        futures = [
+            self._capture(worker, timer.labels, request.dump, deadline, user=user, stuck=incident)
+        ]
         futures += [
-            self._capture(peer.worker, peer.labels, None, deadline) for peer in request.peers
+            self._capture(peer.worker, peer.labels, None, deadline, user=user)
+            if user is not None
+            else _failed("not captured: the stuck worker's user could not be read")
+            for peer in request.peers
         ]
         pending = _Pending(request, incident, created, futures)
         with self._lock:
@@ -146,10 +157,13 @@ class Diagnostics:
         labels: Optional[Dict[str, str]],
         hook: Optional[DumpHook],
         deadline: float,
+        *,
+        user: Optional[int],
         stuck: Optional[str] = None,
     ) -> concurrent.futures.Future[bytes]:
-        """A capture of ``worker`` (``stuck``: the id of its own incident), shared with
-        the incidents that need one within ``SHARE_WINDOW``."""
+        """A capture of ``worker`` (``stuck``: the id of its own incident, whose user is
+        ``user``; else a peer, captured only if of real uid ``user``), shared with the
+        incidents that need one of the same user within ``SHARE_WINDOW``."""
         now = time.monotonic()
         core = None
         store = self._store
@@ -158,8 +172,12 @@ class Diagnostics:
         # A capture of a peer serves a stuck worker too, unless it needs what a peer's
         # lacks: a core, or its hook where py-spy is not there to replace it.
         needs_own = core is not None or (hook is not None and self._capture_options.py_spy is None)
+        # A peer's capture refused as another user's must not stand for that user's
+        # own: the uid a capture is checked against is in its key. A stuck worker is of
+        # ``user``, so its capture serves the peer requests of that user.
+        key = (worker.pid, user)
         with self._lock:
-            shared = self._shared.get(worker.pid)
+            shared = self._shared.get(key)
             if shared is not None and now - shared[0] < SHARE_WINDOW and not needs_own:
                 return shared[1]
             job = CaptureJob(
@@ -171,11 +189,12 @@ class Diagnostics:
                 options=self._capture_options,
                 deadline=deadline,
                 core=core,
+                user=user if stuck is None else None,
             )
             future = self._helper.submit(job)
-            self._shared[worker.pid] = (now, future)
-            for pid in [p for p, (t, _) in self._shared.items() if now - t >= SHARE_WINDOW]:
-                del self._shared[pid]
+            self._shared[key] = (now, future)
+            for stale in [k for k, (t, _) in self._shared.items() if now - t >= SHARE_WINDOW]:
+                del self._shared[stale]
         return future
 
     def _maybe_write(self, incident: str) -> None:
@@ -214,6 +233,24 @@ class Diagnostics:
                 logger.exception("on_incident callback failed on %s", incident)
 
 
+def _user_of(worker: Worker) -> Optional[int]:
+    """The real uid of ``worker``, or ``None`` if it cannot be read or its pid is now
+    another process's."""
+    try:
+        uid = int(read_status(worker.pid).get("Uid", "").split()[0])
+        if worker.start_time is not None and read_stat(worker.pid).start_time != worker.start_time:
+            return None
+    except (OSError, ValueError, IndexError):
+        return None
+    return uid
+
+
+def _failed(message: str) -> concurrent.futures.Future[bytes]:
+    future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+    future.set_exception(RuntimeError(message))
+    return future
+
+
 class _Pending:
     """An incident being captured: complete once captured and signalled."""
 
@@ -237,13 +274,15 @@ class _Pending:
         captures: List[Capture] = []
         errors: List[str] = []
         for i, future in enumerate(self.futures):
-            if future.done() and not future.cancelled() and future.exception() is None:
+            who = request.worker if i == 0 else request.peers[i - 1].worker
+            if not future.done() or future.cancelled():
+                errors.append(f"pid {who.pid}: no capture within the budget")
+            elif future.exception() is not None:  # refused, or the helper failed
+                errors.append(f"pid {who.pid}: {future.exception()}")
+            else:
                 capture = _CAPTURE.decode(future.result())
                 role = "stuck" if i == 0 else "peer"
                 captures.append(msgspec.structs.replace(capture, role=role))
-            else:
-                who = request.worker if i == 0 else request.peers[i - 1].worker
-                errors.append(f"pid {who.pid}: no capture within the budget")
         timed_out = any(not f.done() for f in self.futures)
         assert self.captured is not None
         seconds = self.captured - request.now

@@ -32,6 +32,8 @@ from ftimer_server.core._incident import Incident
 from ftimer_server.core._report import annotate
 
 from ._capture import CaptureOptions, capture
+from ._pinned import Process, ProcessRefused
+from ._procfs import read_status
 from ._reap_extras import core_dump
 from ._store import IncidentStore
 
@@ -51,7 +53,8 @@ _LENGTH = struct.Struct("!I")
 
 class CaptureJob(msgspec.Struct, frozen=True, tag=True):
     """Capture ``pid`` (of start time ``start_time``); with ``core`` = (directory, max
-    bytes, file name), take its core there too."""
+    bytes, file name), take its core there too; with ``user``, only if the process's
+    real uid is that one (a peer: the stuck worker's)."""
 
     pid: int
     start_time: Optional[int]
@@ -61,6 +64,7 @@ class CaptureJob(msgspec.Struct, frozen=True, tag=True):
     options: CaptureOptions
     deadline: float
     core: Optional[Tuple[str, int, str]] = None
+    user: Optional[int] = None
 
 
 class WriteJob(msgspec.Struct, frozen=True, tag=True):
@@ -247,10 +251,17 @@ class Helper:
 
 
 def run_capture(job: CaptureJob) -> bytes:
-    """Capture ``job.pid`` (and its core); return the ``Capture`` encoded."""
+    """Capture ``job.pid`` (and its core); return the ``Capture`` encoded.
+
+    Raises:
+        ProcessRefused: ``job.user`` is set and the process is another user's.
+    """
+    start_time = job.start_time
+    if job.user is not None:
+        start_time = _check_user(job.pid, start_time, job.user)
     result = capture(
         job.pid,
-        job.start_time,
+        start_time,
         None,
         role=job.role,
         labels=job.labels,
@@ -270,6 +281,35 @@ def run_capture(job: CaptureJob) -> bytes:
         errors = "; ".join(e for e in (result.error, error) if e) or None
         result = msgspec.structs.replace(result, core=path, error=errors)
     return _encoder.encode(result)
+
+
+def _check_user(pid: int, start_time: Optional[int], user: int) -> Optional[int]:
+    """The start time of process ``pid``, checked to be of real uid ``user``: the capture
+    that follows pins that very process. A process gone or unreadable is left to the
+    capture to say so.
+
+    Raises:
+        ProcessRefused: it is another user's.
+    """
+    # A job label is any worker's to choose: one of another user's could name that
+    # user's job and have its workers paused by py-spy, and their stacks and command
+    # lines put in its own incident, as often as its timers expire.
+    try:
+        process = Process.open(pid, start_time, None)
+    except ProcessRefused:
+        return start_time
+    try:
+        uid = int(read_status(pid).get("Uid", "").split()[0])
+        if process.alive() and uid != user:
+            raise ProcessRefused(
+                f"not captured: another user's process (uid {uid}; the stuck worker's is "
+                f"uid {user})"
+            )
+        return process.start_time
+    except (OSError, ValueError, IndexError):
+        return start_time
+    finally:
+        process.close()
 
 
 def run_write(job: WriteJob) -> bytes:
@@ -296,6 +336,8 @@ def main() -> None:
             job = frame.job
             result = run_capture(job) if isinstance(job, CaptureJob) else run_write(job)
             answer = Done(frame.number, result)
+        except ProcessRefused as e:  # said as it is: "not captured: ..."
+            answer = Done(frame.number, error=str(e))
         except Exception as e:  # answered as a failure; the helper goes on
             answer = Done(frame.number, error=f"{type(e).__name__}: {e}")
         _send(sys.stdout.buffer, answer, out_lock)

@@ -9,10 +9,6 @@
   cached one, on each transport;
 - the floor of a block: its two lines, pre-encoded, one ``write()`` each (on each
   transport);
-- what the kernel alone charges a sender on each transport: one line written with room
-  for it and no reader to wake, a datagram to a socket bound as a server's against a
-  pipe write; with it, the least a socket block can cost given the FIFO block's Python
-  work (the hot path is the same ``os.write()`` on both);
 - failures in back-to-back blocks against a real server: ftimer's (1,000,000 blocks,
   100,000 quick) and torch's own ``FileTimerServer`` (5,000), and against the drainer;
 - ``python -X importtime`` of ``import ftimer_client`` and of torch's timer module.
@@ -159,60 +155,6 @@ def _us_per_block(block: Callable[[], None], n: int) -> Tuple[float, int]:
     return (time.perf_counter() - start) / n * 1e6, failures
 
 
-def _kernel_us(tmp: str, line: bytes, rounds: int, reps: int) -> Tuple[float, float]:
-    """Microseconds one non-blocking ``write()`` of ``line`` costs the sender, with room
-    for it and no reader waiting to be woken: to a datagram socket bound as a server's
-    (``SO_PASSCRED``, ``SO_PASSPIDFD``), and to a FIFO; medians of ``reps``, interleaved.
-    Only the writes are timed, in runs that fit the socket's queue
-    (``net.unix.max_dgram_qlen`` + 1 datagrams); the reads that make room again are not."""
-    path = os.path.join(tmp, "kernel.socket")
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(path)
-    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    with contextlib.suppress(OSError):  # before Linux 6.5
-        receiver.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_PASSPIDFD", 76), 1)
-    receiver.setblocking(False)
-    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sender.connect(path)
-    sender.setblocking(False)
-    with open("/proc/sys/net/unix/max_dgram_qlen", encoding="ascii") as f:
-        run = int(f.read()) + 1
-    fifo = os.path.join(tmp, "kernel.fifo")
-    os.mkfifo(fifo, 0o600)
-    read_end = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    write_end = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    clock, write = time.perf_counter, os.write
-
-    def per_write(fd: int, drain: Callable[[], None]) -> float:
-        spent = 0.0
-        for _ in range(rounds):
-            start = clock()
-            for _ in range(run):
-                write(fd, line)
-            spent += clock() - start
-            drain()
-        return spent / (rounds * run) * 1e6
-
-    def drain_socket() -> None:  # recv() without room for ancillary data: no pidfd made
-        for _ in range(run):
-            receiver.recv(8192)
-
-    def drain_fifo() -> None:
-        os.read(read_end, 1 << 20)
-
-    try:
-        sends, writes = [], []
-        for _ in range(reps):
-            sends.append(per_write(sender.fileno(), drain_socket))
-            writes.append(per_write(write_end, drain_fifo))
-        return statistics.median(sends), statistics.median(writes)
-    finally:
-        for sock in (sender, receiver):
-            sock.close()
-        os.close(read_end)
-        os.close(write_end)
-
-
 def _import_ms(module: str) -> float:
     """Import time of ``module`` and all it imports, in ms (``python -X importtime``):
     the cumulative times of the outermost imports of its package. Bytecode is written
@@ -346,7 +288,6 @@ def run(quick: bool) -> List[Row]:
             over_socket.close()
             os.close(floor_fd)
             floor_socket.close()
-            send_us, write_us = _kernel_us(tmp, floor_lines[0], n_fast // 10, reps)
             # torch against the drainer: does its client fail when the reader keeps up?
             torch_drained = _worker(drained, "torch", 5_000) if torch_timer else None
             ftimer_drained = _worker(drained, "v2", 5_000)
@@ -384,41 +325,6 @@ def run(quick: bool) -> List[Row]:
                 f"{med['socket explicit'] / med['v2 explicit']:.2f}x the FIFO block of the "
                 f"same run; the socket's floor is {med['socket floor']:.2f} us, the FIFO's "
                 f"{med['floor']:.2f} us; blocks that raised: {failed['socket explicit']}",
-            }
-        )
-        # The client's work is the same on both transports (one os.write() per line on a
-        # descriptor kept open), so a socket block costs at least the FIFO block plus what
-        # the kernel charges two sends beyond two pipe writes.
-        least = med["v2 explicit"] + 2 * (send_us - write_us)
-        rows.append(
-            {
-                "group": "client",
-                "metric": "us per line written, with room and no reader to wake: one datagram "
-                "(socket), beside one pipe write (FIFO, in the note)",
-                "unit": "us",
-                "ftimer": send_us,
-                "torch": None,
-                "better": "lower",
-                "note": f"the kernel's cost to the sender alone: a pipe write costs "
-                f"{write_us:.2f} us, so a datagram costs {send_us / write_us:.1f}x it; "
-                "os.write() of a v2 arm line, non-blocking, to a socket bound as a "
-                "server's (SO_PASSCRED, SO_PASSPIDFD) and to a FIFO; runs of "
-                "max_dgram_qlen + 1 writes timed, the reads between them not",
-            }
-        )
-        rows.append(
-            {
-                "group": "client",
-                "metric": "us per expires block, explicit scope, the least a block over the "
-                "socket can cost: the FIFO block plus two datagrams' extra kernel cost",
-                "unit": "us",
-                "ftimer": least,
-                "torch": med.get("torch explicit"),
-                "better": "lower",
-                "note": f"{med['v2 explicit']:.2f} + 2 x ({send_us:.2f} - {write_us:.2f}) us: "
-                f"{least / med['v2 explicit']:.2f}x the FIFO block, the bound on the socket "
-                "block's ratio to it for the client's own work as it is (less work "
-                "raises this ratio); the torch column is the explicit-scope block's",
             }
         )
         for transport_name, fresh_case, cached_case in (

@@ -430,20 +430,25 @@ except BlockingIOError:
     pass
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 s.connect(sys.argv[1])
-socket.send_fds(s, [b"junk\\n"], [tcp.fileno()])
+before = [os.open("/dev/null", os.O_RDONLY) for _ in range(int(sys.argv[4]))]
+socket.send_fds(s, [b"junk\\n"], before + [tcp.fileno()])
 os._exit(0)
 """
 
 
+@pytest.mark.parametrize("before", [0, 8])
 def test_a_descriptor_whose_close_blocks_is_not_closed_by_the_reader(
-    tmp_path: pathlib.Path,
+    tmp_path: pathlib.Path, before: int
 ) -> None:
     # A TCP socket with SO_LINGER and unsent data blocks its last close() for the linger
     # time: the server closed what senders passed it in its loop, and stalled as long.
+    # After 8 other descriptors it found no room in the control data, and the kernel
+    # closed it inside recvmsg(), in the loop's thread all the same.
     sock = open_socket(str(tmp_path / "s.socket"))
     with socket.create_server(("127.0.0.1", 0)) as listener:
         host, port = listener.getsockname()
-        subprocess.run([sys.executable, "-c", LINGERER, sock.path, host, str(port)], check=True)
+        lingerer = [LINGERER, sock.path, host, str(port), str(before)]
+        subprocess.run([sys.executable, "-c", *lingerer], check=True)
         peer, _ = listener.accept()  # never reads
         try:
             results: List[object] = []
@@ -539,7 +544,7 @@ def test_the_closer_thread_is_made_again_in_a_forked_child(tmp_path: pathlib.Pat
     # The child had the parent's variable saying a closer thread runs, and no thread:
     # every descriptor a sender passed leaked there.
     r, w = os.pipe()
-    socket_module._close_later(r)  # the parent's closer thread runs from now on
+    socket_module._CLOSER.close(r)  # the parent's closer thread runs from now on
     wait_until(lambda: _closed(r), what="the parent's descriptor closed")
     os.close(w)
     with warnings.catch_warnings():
@@ -547,7 +552,7 @@ def test_the_closer_thread_is_made_again_in_a_forked_child(tmp_path: pathlib.Pat
         pid = os.fork()
     if pid == 0:  # pragma: no cover (the child)
         r2, _ = os.pipe()
-        socket_module._close_later(r2)
+        socket_module._CLOSER.close(r2)
         deadline = time.monotonic() + 10
         while not _closed(r2) and time.monotonic() < deadline:
             time.sleep(0.001)
@@ -678,8 +683,9 @@ def test_descriptors_lost_in_the_control_data_never_leave_the_sender_the_subject
     assert result.reason is RejectReason.UNVERIFIABLE
 
 
-# Binds a socket, has a child send it an arm naming the child's parent (this process) by
-# a pidfd, and receives it with no descriptor free. Prints how it was judged.
+# Binds a socket, has a child send it an arm (naming the child's parent, this process, by
+# a pidfd if argv[2] is "carry"), and receives it with no descriptor free. Prints how it
+# was judged.
 NO_DESCRIPTORS = """
 import os, resource, socket, subprocess, sys
 from ftimer_protocol import Arm, encode
@@ -687,11 +693,14 @@ from ftimer_server.server._socket import open_socket
 
 sock = open_socket(sys.argv[1])
 code = "import os, socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); "
-code += "s.connect(sys.argv[1]); socket.send_fds(s, [sys.argv[2].encode()], "
-code += "[os.pidfd_open(os.getppid())]); print('sent', flush=True); sys.stdin.read()"
+code += "s.connect(sys.argv[1]); carried = [os.pidfd_open(os.getppid())] if sys.argv[3] else []; "
+code += "socket.send_fds(s, [sys.argv[2].encode()], carried); print('sent', flush=True); "
+code += "sys.stdin.read()"
 line = encode(Arm(pid=os.getpid(), scope_id="s", deadline=1e9, signal=9)).decode()
 sender = subprocess.Popen(
-    [sys.executable, "-c", code, sys.argv[1], line], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    [sys.executable, "-c", code, sys.argv[1], line, "x" if sys.argv[2] == "carry" else ""],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
 )
 assert sender.stdout.readline() == b"sent\\n"
 used = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
@@ -706,23 +715,34 @@ except OSError:
 for fd in filler:
     os.close(fd)
 sender.communicate()
-print(result.reason.value, result.detail, sep=": ")
+if hasattr(result, "reason"):
+    print(result.reason.value, result.detail, sep=": ")
+else:
+    print(type(result).__name__, "of the sender" if result.pid == sender.pid else result.pid)
 """
 
 
-def test_a_server_out_of_descriptors_refuses_a_datagram_as_unverifiable(
-    tmp_path: pathlib.Path,
-) -> None:
-    # The kernel could make neither the carried pidfd nor the sender's (EMFILE): the live
-    # sender was refused as one that had exited, and the log line said so.
+@pytest.mark.parametrize(
+    ("carried", "judged"),
+    [
+        # The pidfd it carried was lost: its subject cannot be known, and is never taken
+        # to be the sender.
+        ("carry", "unverifiable: the descriptors it carried could not be received"),
+        # Only the kernel's pidfd of the sender could not be made: its pid binds it, as
+        # on a kernel without pidfds. It was refused as a sender that had exited (a
+        # disarm so refused leaves a healthy worker to be reaped).
+        ("none", "Timer of the sender"),
+    ],
+)
+def test_a_server_out_of_descriptors(tmp_path: pathlib.Path, carried: str, judged: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-c", NO_DESCRIPTORS, str(tmp_path / "s.socket")],
+        [sys.executable, "-c", NO_DESCRIPTORS, str(tmp_path / "s.socket"), carried],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("unverifiable: "), done.stdout
+    assert done.stdout.startswith(judged), done.stdout
 
 
 def test_a_close_that_blocks_holds_no_other_descriptor_open(tmp_path: pathlib.Path) -> None:
@@ -734,7 +754,8 @@ def test_a_close_that_blocks_holds_no_other_descriptor_open(tmp_path: pathlib.Pa
     os.set_blocking(r, False)
     with socket.create_server(("127.0.0.1", 0)) as listener:
         host, port = listener.getsockname()
-        subprocess.run([sys.executable, "-c", LINGERER, sock.path, host, str(port)], check=True)
+        lingerer = [LINGERER, sock.path, host, str(port), "0"]
+        subprocess.run([sys.executable, "-c", *lingerer], check=True)
         peer, _ = listener.accept()  # never reads: the close lingers 60 s
         try:
             assert [type(x).__name__ for x in sock.receive()] == ["MalformedMessage"]
@@ -763,9 +784,8 @@ def test_pidfds_senders_pass_are_closed_at_once(
     # A pidfd's close never blocks: it is not handed to a closer thread, so legitimate
     # traffic never waits behind a sender's descriptor whose close blocks.
     handed: List[int] = []
-    monkeypatch.setattr(socket_module, "_close_later", handed.append)
+    monkeypatch.setattr(socket_module._CLOSER, "close", handed.append)
     sock = open_socket(str(tmp_path / "s.socket"))
-    before = len(os.listdir("/proc/self/fd"))
     pidfd = os.pidfd_open(os.getpid())
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
@@ -773,14 +793,35 @@ def test_pidfds_senders_pass_are_closed_at_once(
             for scope in ("a", "b", "c"):  # the first vouches; the others are closed
                 socket.send_fds(sender, [arm(os.getpid(), scope=scope)], [pidfd])
             socket.send_fds(sender, [b"junk\n"], [pidfd])
+        received = _received_descriptors(monkeypatch)
         results = sock.receive()
         sock.release()
     finally:
         os.close(pidfd)
     assert len(results) == 4
     assert handed == []
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert len(received) == 4
+    assert not [fd for fd in received if _is_open(fd)]
     sock.close()
+
+
+def _received_descriptors(monkeypatch: pytest.MonkeyPatch) -> List[int]:
+    """The descriptors senders pass, as the socket receives them (from now on)."""
+    received: List[int] = []
+    parse = socket_module._parse
+
+    def recording(data, ancillary, flags, sender_fds, chosen):  # type: ignore[no-untyped-def]
+        before = len(chosen)
+        datagram = parse(data, ancillary, flags, sender_fds, chosen)
+        received.extend(chosen[before:])
+        return datagram
+
+    monkeypatch.setattr(socket_module, "_parse", recording)
+    return received
+
+
+def _is_open(fd: int) -> bool:
+    return os.path.exists(f"/proc/self/fd/{fd}")
 
 
 def test_descriptors_senders_pass_arrive_close_on_exec(
@@ -789,7 +830,7 @@ def test_descriptors_senders_pass_arrive_close_on_exec(
     # Until it is closed, a passed descriptor must not reach a program a thread of the
     # server's process (an agent embedding it) runs meanwhile.
     handed: List[int] = []
-    monkeypatch.setattr(socket_module, "_close_later", handed.append)
+    monkeypatch.setattr(socket_module._CLOSER, "close", handed.append)
     sock = open_socket(str(tmp_path / "s.socket"))
     read_end, write_end = os.pipe()
     try:

@@ -20,19 +20,21 @@ the batch is applied.
 from __future__ import annotations
 
 import array
-import collections
 import contextlib
 import errno
 import fcntl
 import logging
+import math
 import os
+import queue
 import select
 import socket
 import stat
 import struct
 import termios
 import threading
-from typing import Deque, Dict, FrozenSet, List, Optional, Set, Tuple, Union
+import time
+from typing import Dict, FrozenSet, List, Optional, Set, Tuple, Union
 
 import msgspec
 
@@ -76,8 +78,10 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 #: Descriptors a sender passes arrive close-on-exec: a process the server's host forks
 #: and execs (an embedding agent's) never inherits one while it waits to be closed.
 _CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000))
-#: Descriptors a datagram may carry: one pidfd; the kernel closes any beyond room.
-_MAX_FDS = 1
+#: Room for every descriptor a datagram can carry (the kernel's SCM_MAX_FD), though one
+#: pidfd is all a sender may pass: those beyond room the kernel closes inside recvmsg(),
+#: in the loop's thread, where a close that blocks (a lingering socket) stalls the loop.
+_MAX_FDS = 253
 _ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4 * _MAX_FDS) + socket.CMSG_SPACE(4)
 #: What the kernel puts in ``SCM_PIDFD`` (before Linux 6.17) for a sender already reaped.
 _GONE = frozenset((errno.EINVAL, errno.ESRCH))
@@ -148,8 +152,8 @@ class DatagramSocket:
         once (one system call, not one per datagram), then each judged. The kernel's
         pidfds (the senders') stay open until ``release()``: some vouch for a subject
         until the batch is applied. The descriptors senders chose are closed on the way
-        out, whatever happened, off the caller's thread (closing one can block), but a
-        pidfd that vouches.
+        out, whatever happened, but a pidfd that vouches: a pidfd at once, anything else
+        off the caller's thread (closing it can block).
         """
         self.release()
         received: List[_Datagram] = []
@@ -202,7 +206,7 @@ class DatagramSocket:
                     with contextlib.suppress(OSError):
                         os.close(fd)
                 else:
-                    _close_later(fd)
+                    _CLOSER.close(fd)
 
     def release(self) -> None:
         """Close the batch's pidfds: the senders', and those ``vouched`` (once the batch
@@ -242,14 +246,14 @@ class DatagramSocket:
         if flags & _MSG_CTRUNC:  # what it carried was lost: never take the sender for it
             why = "the descriptors it carried could not be received (none left?)"
             return _refused(RejectReason.UNVERIFIABLE, message, pid, why)
-        if sender_fd < -1 and -sender_fd not in _GONE:  # the kernel's error: EMFILE, ...
-            why = f"no pidfd of the sender: {os.strerror(-sender_fd)}"
-            return _refused(RejectReason.UNVERIFIABLE, message, pid, why)
         # Alive now, the sender still owns the pid the kernel gave (a pid is not reused while
         # its process lives); reading the pidfd's pid costs ten times this poll. With no
         # pidfd where the kernel gives one (before 6.17 it gives an error for a sender
-        # already reaped), nothing shows that the pid is still the sender's.
-        if sender_exited or (self.passes_pidfds and sender_fd < 0):
+        # already reaped), nothing shows that the pid is still the sender's. Another
+        # error in its place (EMFILE: the server out of descriptors) says nothing of the
+        # sender: its pid binds it as on a kernel without pidfds (a disarm refused here
+        # would leave a healthy worker to be reaped).
+        if sender_exited or (self.passes_pidfds and (sender_fd == -1 or -sender_fd in _GONE)):
             why = "it exited before its message was read"
             return _refused(RejectReason.SENDER_GONE, message, pid, why)
         subject = pid
@@ -276,58 +280,72 @@ class DatagramSocket:
                 os.unlink(self.path)
 
 
-#: Descriptors senders passed that may not be pidfds, closed by threads of their own, off
-#: the loop: closing one can block as long as its sender arranged (a TCP socket with
-#: SO_LINGER and unsent data, a file of a FUSE mount that never answers). Each goes to a
-#: thread that is free, or to a new one: a close that never returns holds no other
-#: descriptor open, unless ``_MAX_CLOSERS`` such closes block at once.
-_MAX_CLOSERS = 8
-_closing: Deque[int] = collections.deque()
-_closer_cond = threading.Condition()
-_closers = 0  # threads started
-_waiting = 0  # of those, waiting for a descriptor and not yet given one
-_warned = False
+class _Closer:
+    """Closes the descriptors senders passed that may not be pidfds, off the loop: closing
+    one can block as long as its sender arranged (a TCP socket with SO_LINGER and unsent
+    data, a file of a FUSE mount that never answers). Each goes to a thread that is free,
+    or to a new one, up to ``MAX_THREADS``: a close that never returns holds no other
+    descriptor open, unless that many block at once (one datagram can carry that many).
+    Daemon threads, so a close that never returns never holds up the process's exit."""
+
+    MAX_THREADS = 8
+    #: A close taking this long is logged (at most once a minute).
+    SLOW = 1.0
+
+    def __init__(self) -> None:
+        self._fds: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)  # threads done with a close, waiting for more
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._warned = -math.inf
+
+    def close(self, fd: int) -> None:
+        """Close ``fd`` in a closer thread (never raises; the thread is started if needed,
+        and if none can be, ``fd`` waits for one that can)."""
+        self._fds.put(fd)
+        if self._idle.acquire(blocking=False):
+            return
+        with self._lock:
+            if self._threads >= self.MAX_THREADS:
+                return
+            try:
+                thread = threading.Thread(target=self._run, name="ftimer-closer", daemon=True)
+                thread.start()
+            except RuntimeError as e:  # no thread to be had (a limit, interpreter exit)
+                logger.error("cannot start a thread to close a descriptor a sender passed: %s", e)
+                return
+            self._threads += 1
+
+    def _run(self) -> None:
+        while True:
+            fd = self._fds.get()
+            started = time.monotonic()
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            took = time.monotonic() - started
+            if took >= self.SLOW and started - self._warned >= 60:
+                self._warned = started
+                logger.warning(
+                    "closing a descriptor a sender passed to the socket took %.1f s: a sender "
+                    "may be passing descriptors whose close blocks (at most %d such closes "
+                    "run at once; the others wait)",
+                    took,
+                    self.MAX_THREADS,
+                )
+            self._idle.release()
 
 
-def _close_later(fd: int) -> None:
-    global _closers, _waiting, _warned  # threads for the process, started when needed
-    with _closer_cond:
-        _closing.append(fd)
-        if _waiting:
-            _waiting -= 1  # given this one: the next descriptor wakes another
-            _closer_cond.notify()
-        elif _closers < _MAX_CLOSERS:
-            _closers += 1
-            threading.Thread(target=_close_forever, name="ftimer-closer", daemon=True).start()
-        elif not _warned:
-            _warned = True
-            logger.warning(
-                "all %d threads that close the descriptors senders pass to the socket are "
-                "busy (a close may block for as long as its sender arranged); the others "
-                "wait for one of them",
-                _MAX_CLOSERS,
-            )
+#: One for the process; a forked child has the object, not its threads, so it gets its own.
+_CLOSER = _Closer()
 
 
-def _no_closer_yet() -> None:
-    global _closer_cond, _closers, _waiting  # a forked child has the variables, not the threads
-    _closer_cond, _closers, _waiting = threading.Condition(), 0, 0
+def _new_closer() -> None:
+    global _CLOSER
+    _CLOSER = _Closer()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_no_closer_yet)
-
-
-def _close_forever() -> None:
-    global _waiting
-    while True:
-        with _closer_cond:
-            while not _closing:
-                _waiting += 1
-                _closer_cond.wait()
-            fd = _closing.popleft()
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    os.register_at_fork(after_in_child=_new_closer)
 
 
 #: A datagram as read: its bytes, recvmsg's flags, the sender's (pid, uid, gid) if the

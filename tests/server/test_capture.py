@@ -33,6 +33,7 @@ from ftimer_server.incidents._capture import (
     find_py_spy,
     signal_tree,
 )
+from ftimer_server.incidents._diagnostics import Diagnostics, IncidentOptions
 from ftimer_server.incidents._procfs import ThreadFacts, read_stat
 from ftimer_server.incidents._stack_formats import (
     match_faulthandler_threads,
@@ -307,6 +308,17 @@ def test_fifty_threads(method: str, request: pytest.FixtureRequest) -> None:
             assert {t.name for t in parked} == {f"parked-{i}" for i in range(50)}
         if method == "hook":
             assert all(t.tid for t in c.threads)  # every blocked thread paired
+
+
+@pytest.mark.parametrize(
+    ("method", "wanted"), [("auto", True), ("py-spy", True), ("hook", False), ("facts", False)]
+)
+def test_only_the_methods_that_use_py_spy_call_it_missing(method: str, wanted: bool) -> None:
+    diagnostics = Diagnostics(IncidentOptions(method=method))
+    try:
+        assert diagnostics._capture_options.wants_py_spy is wanted
+    finally:
+        diagnostics.close()
 
 
 def test_facts() -> None:

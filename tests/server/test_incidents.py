@@ -274,6 +274,10 @@ def test_a_worker_that_exits_during_the_capture(
         assert got.done.wait(15)
     [incident] = got.incidents
     assert incident.delivered is None
+    assert (
+        "; not signalled: the worker exited during the capture (SIGKILL was due)"
+        in (incident.summary[0])
+    )
     assert not [e for e in events if isinstance(e, Reaped)]
     gone: Optional[object] = next(e for e in events if type(e).__name__ == "WorkerGone")
     assert gone.incident == incident.id  # type: ignore[union-attr]
@@ -290,7 +294,7 @@ def test_a_dry_run_s_incident_says_nothing_was_signalled(
         assert got.done.wait(15)
         assert stuck.poll() is None
     [incident] = got.incidents
-    assert incident.dry_run
+    assert (incident.dry_run, incident.delivered) == (True, None)
     assert incident.summary[0].endswith("; not signalled (dry run): would have reaped with SIGKILL")
     [written] = (tmp_path / "i").glob("*.json")
     assert json.loads(written.read_text())["dry_run"] is True

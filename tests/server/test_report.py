@@ -60,6 +60,7 @@ def incident(
         "job": "71",
         "captures": captures,
         "seconds": 0.41,
+        "delivered": True,
     }
     fields.update(kw)
     return Incident(**fields)  # type: ignore[arg-type]

@@ -174,8 +174,8 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
         seconds: from the start of the capture to its end (or to the budget).
         timed_out: the budget ran out before every capture was complete; the signal was
             sent then.
-        delivered: whether the reap's signal was delivered (``None``: not known when the
-            record was written, as for a worker that exited during its capture).
+        delivered: whether the reap's signal was delivered (``None``: none was sent: the
+            worker exited during its capture, or the server runs dry).
         dry_run: the server signals nothing (``--dry-run``): ``signal`` is what the reap
             would have sent.
         errors: what went wrong while capturing or writing, for people.

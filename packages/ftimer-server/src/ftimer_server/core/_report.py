@@ -88,7 +88,8 @@ def summarize(incident: Incident) -> List[str]:
     if incident.timed_out:
         lines.append(
             f"the capture ran out of its budget after {_duration(incident.seconds)}: the "
-            "signal was sent then, and what was not captured by then is missing"
+            f"signal was {'due' if incident.dry_run else 'sent'} then, and what was not "
+            "captured by then is missing"
         )
     lines += [f"error: {e}" for e in incident.errors]
     return lines
@@ -124,7 +125,9 @@ def _signal_text(incident: Incident) -> str:
     name = _signal_name(incident.signal)
     if incident.dry_run:
         return f"not signalled (dry run): would have reaped with {name}"
-    return f"reaped with {name}" + (" (NOT delivered)" if incident.delivered is False else "")
+    if incident.delivered is None:
+        return f"not signalled: the worker exited during the capture ({name} was due)"
+    return f"reaped with {name}" + ("" if incident.delivered else " (NOT delivered)")
 
 
 def _signal_name(signal: int) -> str:

@@ -67,7 +67,7 @@ class CaptureOptions:
     """
 
     py_spy: Optional[str] = None
-    wants_py_spy: bool = True
+    wants_py_spy: bool = False
     native: bool = False
     hook: bool = True
     kernel_stacks: bool = True

@@ -301,7 +301,7 @@ class _Pending:
             captures=captures,
             seconds=seconds,
             timed_out=timed_out,
-            delivered=self.delivered,
+            delivered=None if dry_run else self.delivered,  # nothing was sent
             dry_run=dry_run,
             errors=errors,
         )

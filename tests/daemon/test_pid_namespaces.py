@@ -172,8 +172,21 @@ class Contained:
             return False
 
     def cleanup(self) -> None:
-        # unshare --kill-child: its death takes the namespace's init, and with it every
-        # process of the namespace, with it.
+        # The namespace's init takes every process of the namespace with it. unshare
+        # --kill-child has it killed when unshare dies, but an init that changed its
+        # credentials (setpriv) lost that, and lived on: it is killed first, through a
+        # pidfd taken while it is unshare's child (never a pid reused meanwhile). Once
+        # unshare has ended (it waits for its child), the namespace is gone.
+        for pid in children_of(self.proc.pid) if self.proc.poll() is None else []:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            try:
+                if pid in children_of(self.proc.pid):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            finally:
+                os.close(pidfd)
         kill_and_close(self.proc)
         if self.proc.stdin is not None:
             self.proc.stdin.close()
@@ -192,6 +205,24 @@ def contained(unshare: List[str]) -> Iterator[Callable[..., Contained]]:
     yield start
     for c in started:
         c.cleanup()
+    # Nothing of the workers' uid (these tests' alone) outlives its test.
+    wait_until(lambda: not processes_of(WORKER_UID), what="the workers' processes gone")
+
+
+def processes_of(uid: int) -> List[int]:
+    """The live processes (not zombies) whose real uid is ``uid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
+            found.append(int(entry))
+    return found
 
 
 def records_of(d: DaemonProcess, event: str) -> List[Dict[str, Any]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import pathlib
 import shutil
@@ -683,12 +684,12 @@ def test_descriptors_lost_in_the_control_data_never_leave_the_sender_the_subject
     assert result.reason is RejectReason.UNVERIFIABLE
 
 
-# Binds a socket, has a child send it an arm (naming the child's parent, this process, by
-# a pidfd if argv[2] is "carry"), and receives it with no descriptor free. Prints how it
-# was judged.
+# Binds a socket, has a child send it argv[3], an arm or a disarm (naming the child's
+# parent, this process, by a pidfd if argv[2] is "carry"), and receives it with no
+# descriptor free. Prints how it was judged.
 NO_DESCRIPTORS = """
 import os, resource, socket, subprocess, sys
-from ftimer_protocol import Arm, encode
+from ftimer_protocol import Arm, Disarm, encode
 from ftimer_server.server._socket import open_socket
 
 sock = open_socket(sys.argv[1])
@@ -696,7 +697,10 @@ code = "import os, socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_DG
 code += "s.connect(sys.argv[1]); carried = [os.pidfd_open(os.getppid())] if sys.argv[3] else []; "
 code += "socket.send_fds(s, [sys.argv[2].encode()], carried); print('sent', flush=True); "
 code += "sys.stdin.read()"
-line = encode(Arm(pid=os.getpid(), scope_id="s", deadline=1e9, signal=9)).decode()
+if sys.argv[3] == "arm":
+    line = encode(Arm(pid=os.getpid(), scope_id="s", deadline=1e9, signal=9)).decode()
+else:
+    line = encode(Disarm(pid=os.getpid(), scope_id="s")).decode()
 sender = subprocess.Popen(
     [sys.executable, "-c", code, sys.argv[1], line, "x" if sys.argv[2] == "carry" else ""],
     stdin=subprocess.PIPE,
@@ -723,20 +727,25 @@ else:
 
 
 @pytest.mark.parametrize(
-    ("carried", "judged"),
+    ("carried", "message", "judged"),
     [
         # The pidfd it carried was lost: its subject cannot be known, and is never taken
         # to be the sender.
-        ("carry", "unverifiable: the descriptors it carried could not be received"),
-        # Only the kernel's pidfd of the sender could not be made: its pid binds it, as
-        # on a kernel without pidfds. It was refused as a sender that had exited (a
-        # disarm so refused leaves a healthy worker to be reaped).
-        ("none", "Timer of the sender"),
+        ("carry", "arm", "unverifiable: the descriptors it carried could not be received"),
+        # Only the kernel's pidfd of the sender could not be made, which says nothing of
+        # whether it lives (since 6.17 the kernel makes one for a sender reaped too): an
+        # arm is refused, a disarm, which signals nobody, is the sender's. Both were
+        # refused as a sender that had exited (a disarm so refused leaves a healthy
+        # worker to be reaped).
+        ("none", "arm", "unverifiable: no pidfd of the sender: Too many open files"),
+        ("none", "disarm", "Disarm of the sender"),
     ],
 )
-def test_a_server_out_of_descriptors(tmp_path: pathlib.Path, carried: str, judged: str) -> None:
+def test_a_server_out_of_descriptors(
+    tmp_path: pathlib.Path, carried: str, message: str, judged: str
+) -> None:
     done = subprocess.run(
-        [sys.executable, "-c", NO_DESCRIPTORS, str(tmp_path / "s.socket"), carried],
+        [sys.executable, "-c", NO_DESCRIPTORS, str(tmp_path / "s.socket"), carried, message],
         capture_output=True,
         text=True,
         timeout=60,
@@ -848,3 +857,89 @@ def test_descriptors_senders_pass_arrive_close_on_exec(
         os.close(read_end)
         os.close(write_end)
         sock.close()
+
+
+class BlockingClose:
+    """A close for ``_Closer`` that blocks on the descriptors in ``stuck`` until
+    ``release()``, and records what it closed."""
+
+    def __init__(self, *stuck: int) -> None:
+        self.stuck = set(stuck)
+        self.closed: List[int] = []
+        self._free = threading.Event()
+
+    def __call__(self, fd: int) -> None:
+        if fd in self.stuck:
+            self._free.wait(30)
+        self.closed.append(fd)
+
+    def release(self) -> None:
+        self._free.set()
+
+
+def test_a_close_that_blocks_holds_back_no_other_while_a_thread_can_be_had() -> None:
+    # Its idle threads were counted by a semaphore that every finished close raised:
+    # after a thread that could not be started, it counted one idle that was not, and a
+    # descriptor waited behind a blocked close though more threads were allowed.
+    close = BlockingClose(100)
+    closer = socket_module._Closer(close)
+    start = threading.Thread.start
+    failed: List[bool] = []
+
+    def fails_once(thread: threading.Thread) -> None:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(threading.Thread, "start", fails_once)
+            closer.close(1)  # no thread: it waits, and nothing is raised
+            closer.close(2)  # a thread, which closes both
+        wait_until(lambda: sorted(close.closed) == [1, 2], what="1 and 2 closed")
+        closer.close(100)  # blocks its thread
+        closer.close(3)
+        wait_until(lambda: 3 in close.closed, what="3 closed beside the blocked close")
+    finally:
+        close.release()
+    wait_until(lambda: 100 in close.closed, what="the blocked close done")
+
+
+def test_every_closer_thread_blocked_is_said_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stuck = range(100, 100 + socket_module._Closer.MAX_THREADS)
+    close = BlockingClose(*stuck)
+    closer = socket_module._Closer(close)
+    closer.SLOW = 0.0  # type: ignore[misc]
+    try:
+        for fd in stuck:
+            closer.close(fd)
+        wait_until(lambda: len(closer._closing) == closer.MAX_THREADS, what="all busy")
+        with caplog.at_level(logging.WARNING, logger="ftimer_server"):
+            closer.close(1)
+            closer.close(2)
+        assert [r.getMessage() for r in caplog.records if "is busy" in r.getMessage()] == [
+            "every thread that closes descriptors senders passed to the socket is busy, one "
+            f"for {time.monotonic() - min(b for _, b in closer._closing.values()):.1f} s (a "
+            "sender may be passing descriptors whose close blocks); 1 descriptors wait"
+        ]
+    finally:
+        close.release()
+    wait_until(lambda: sorted(close.closed) == [1, 2, *stuck], what="all closed")
+
+
+def test_a_forked_child_s_closer_closes_what_the_parent_had_not() -> None:
+    close = BlockingClose(100)
+    closer = socket_module._Closer(close)
+    try:
+        closer.close(100)  # being closed when the process forked
+        wait_until(lambda: closer._closing, what="100 being closed")
+        closer.MAX_THREADS = 1  # type: ignore[misc]
+        closer.close(1)  # waiting then
+        child = closer.for_child()
+    finally:
+        close.release()
+    wait_until(lambda: sorted(close.closed) == [1, 1, 100, 100], what="both closed by both")
+    del child

@@ -20,13 +20,13 @@ the batch is applied.
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
 import errno
 import fcntl
 import logging
 import math
 import os
-import queue
 import select
 import socket
 import stat
@@ -34,7 +34,7 @@ import struct
 import termios
 import threading
 import time
-from typing import Dict, FrozenSet, List, Optional, Set, Tuple, Union
+from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Set, Tuple, Union
 
 import msgspec
 
@@ -91,6 +91,8 @@ _PROCESSES = SystemInspector()
 #: The messages ``_judge`` returns that are about a process (a set of types: isinstance()
 #: costs more per datagram; a type not here only vouches for no pid).
 _ABOUT_A_PROCESS = frozenset((Timer, Arm, Disarm, DisarmAll, Expire, TimerRequestV1))
+#: Messages that can get nobody signalled: a sender may be taken on its pid for them.
+_NEVER_SIGNALS = (Disarm, DisarmAll, Sync)
 #: The fewest datagrams ``receive()`` reads when they keep coming: with the usual queue
 #: of 10, senders refill it while it is read, and each iteration of the loop around the
 #: read costs as much as a few datagrams. 64 datagrams take well under a millisecond to
@@ -176,6 +178,10 @@ class DatagramSocket:
                 _, _, _, _, rights, named = datagram
                 if named is not None:  # one pidfd: closing it never blocks
                     pidfds.add(rights[0])
+                elif len(rights) > 1:  # refused for them: let go at once, not at the end
+                    for fd in rights:
+                        _CLOSER.close(fd)
+                    del chosen[len(chosen) - len(rights) :]
             if not received:
                 return []
             exited = _exited([fd for _, _, _, fd, _, _ in received if fd >= 0])
@@ -249,13 +255,16 @@ class DatagramSocket:
         # Alive now, the sender still owns the pid the kernel gave (a pid is not reused while
         # its process lives); reading the pidfd's pid costs ten times this poll. With no
         # pidfd where the kernel gives one (before 6.17 it gives an error for a sender
-        # already reaped), nothing shows that the pid is still the sender's. Another
-        # error in its place (EMFILE: the server out of descriptors) says nothing of the
-        # sender: its pid binds it as on a kernel without pidfds (a disarm refused here
-        # would leave a healthy worker to be reaped).
+        # already reaped), nothing shows that the pid is still the sender's.
         if sender_exited or (self.passes_pidfds and (sender_fd == -1 or -sender_fd in _GONE)):
             why = "it exited before its message was read"
             return _refused(RejectReason.SENDER_GONE, message, pid, why)
+        if self.passes_pidfds and sender_fd < 0 and not isinstance(message, _NEVER_SIGNALS):
+            # Another error (EMFILE: the server out of descriptors) says nothing of the
+            # sender, alive or not: only what can signal nobody is taken on its pid alone
+            # (a disarm refused would leave a healthy worker to be reaped).
+            why = f"no pidfd of the sender: {os.strerror(-sender_fd)}"
+            return _refused(RejectReason.UNVERIFIABLE, message, pid, why)
         subject = pid
         if rights:
             reason, subject, why = _subject(pid, uid, named=named, parents=self._parents)
@@ -283,69 +292,99 @@ class DatagramSocket:
 class _Closer:
     """Closes the descriptors senders passed that may not be pidfds, off the loop: closing
     one can block as long as its sender arranged (a TCP socket with SO_LINGER and unsent
-    data, a file of a FUSE mount that never answers). Each goes to a thread that is free,
+    data, a file of a FUSE mount that never answers). Each goes to a thread that is idle,
     or to a new one, up to ``MAX_THREADS``: a close that never returns holds no other
-    descriptor open, unless that many block at once (one datagram can carry that many).
-    Daemon threads, so a close that never returns never holds up the process's exit."""
+    descriptor open, unless that many block at once (one datagram can carry that many),
+    which is logged. Daemon threads, so a close that never returns never holds up the
+    process's exit.
+
+    Args:
+        close: closes a descriptor (``os.close``; tests pass one that blocks).
+    """
 
     MAX_THREADS = 8
-    #: A close taking this long is logged (at most once a minute).
+    #: Every thread busy with a close this old: logged (at most once a minute).
     SLOW = 1.0
 
-    def __init__(self) -> None:
-        self._fds: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)  # threads done with a close, waiting for more
-        self._lock = threading.Lock()
+    def __init__(self, close: Callable[[int], None] = os.close) -> None:
+        self._close = close
+        self._cond = threading.Condition()
+        self._pending: Deque[int] = collections.deque()
+        #: Each busy thread's descriptor and when its close began, by thread.
+        self._closing: Dict[int, Tuple[int, float]] = {}
         self._threads = 0
-        self._warned = -math.inf
+        self._said = -math.inf
 
     def close(self, fd: int) -> None:
-        """Close ``fd`` in a closer thread (never raises; the thread is started if needed,
-        and if none can be, ``fd`` waits for one that can)."""
-        self._fds.put(fd)
-        if self._idle.acquire(blocking=False):
+        """Close ``fd`` in a closer thread. Never raises: if no thread can be started,
+        ``fd`` waits for one."""
+        with self._cond:
+            self._pending.append(fd)
+            idle = self._threads - len(self._closing)
+            if idle >= len(self._pending):
+                self._cond.notify()
+            elif self._threads < self.MAX_THREADS:
+                self._start()
+            else:
+                oldest = min((began for _, began in self._closing.values()), default=math.inf)
+                self._say(
+                    "every thread that closes descriptors senders passed to the socket is "
+                    "busy, one for %.1f s (a sender may be passing descriptors whose close "
+                    "blocks); %d descriptors wait",
+                    time.monotonic() - oldest,
+                    len(self._pending),
+                    when=time.monotonic() - oldest >= self.SLOW,
+                )
+
+    def for_child(self) -> _Closer:
+        """The closer of a forked child: the parent's threads are not there, the
+        descriptors they had yet to close (or were closing) are, and are its to close."""
+        child = _Closer(self._close)
+        child._pending.extend(fd for fd, _ in self._closing.values())
+        child._pending.extend(self._pending)
+        if child._pending:
+            child._start()
+        return child
+
+    def _start(self) -> None:
+        try:
+            threading.Thread(target=self._run, name="ftimer-closer", daemon=True).start()
+        except RuntimeError as e:  # no thread to be had (a limit, interpreter exit)
+            self._say("cannot start a thread to close a descriptor a sender passed: %s", e)
             return
-        with self._lock:
-            if self._threads >= self.MAX_THREADS:
-                return
-            try:
-                thread = threading.Thread(target=self._run, name="ftimer-closer", daemon=True)
-                thread.start()
-            except RuntimeError as e:  # no thread to be had (a limit, interpreter exit)
-                logger.error("cannot start a thread to close a descriptor a sender passed: %s", e)
-                return
-            self._threads += 1
+        self._threads += 1
+
+    def _say(self, message: str, *args: object, when: bool = True) -> None:
+        now = time.monotonic()
+        if when and now - self._said >= 60:
+            self._said = now
+            logger.warning(message, *args)
 
     def _run(self) -> None:
+        cond, closing, me = self._cond, self._closing, threading.get_ident()
         while True:
-            fd = self._fds.get()
-            started = time.monotonic()
+            with cond:
+                while not self._pending:
+                    cond.wait()
+                fd = self._pending.popleft()
+                closing[me] = (fd, time.monotonic())
             with contextlib.suppress(OSError):
-                os.close(fd)
-            took = time.monotonic() - started
-            if took >= self.SLOW and started - self._warned >= 60:
-                self._warned = started
-                logger.warning(
-                    "closing a descriptor a sender passed to the socket took %.1f s: a sender "
-                    "may be passing descriptors whose close blocks (at most %d such closes "
-                    "run at once; the others wait)",
-                    took,
-                    self.MAX_THREADS,
-                )
-            self._idle.release()
+                self._close(fd)
+            with cond:
+                del closing[me]
 
 
-#: One for the process; a forked child has the object, not its threads, so it gets its own.
+#: One for the process; a forked child gets its own (see ``_Closer.for_child``).
 _CLOSER = _Closer()
 
 
-def _new_closer() -> None:
+def _closer_for_child() -> None:
     global _CLOSER
-    _CLOSER = _Closer()
+    _CLOSER = _CLOSER.for_child()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_closer)
+    os.register_at_fork(after_in_child=_closer_for_child)
 
 
 #: A datagram as read: its bytes, recvmsg's flags, the sender's (pid, uid, gid) if the

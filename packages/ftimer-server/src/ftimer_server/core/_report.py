@@ -88,8 +88,8 @@ def summarize(incident: Incident) -> List[str]:
     if incident.timed_out:
         lines.append(
             f"the capture ran out of its budget after {_duration(incident.seconds)}: the "
-            f"signal was {'due' if incident.dry_run else 'sent'} then, and what was not "
-            "captured by then is missing"
+            f"signal was {'due' if incident.delivered is None else 'sent'} then, and what "
+            "was not captured by then is missing"
         )
     lines += [f"error: {e}" for e in incident.errors]
     return lines

@@ -14,8 +14,10 @@ refused) or someone else: every daemon that reads such a line also runs with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import select
 import shutil
 import signal
 import subprocess
@@ -55,8 +57,16 @@ _SCRIPT = pathlib.Path(PYTHON).parent / "ftimer"
 FTIMER = [str(_SCRIPT)] if _SCRIPT.exists() else [PYTHON, "-m", "ftimer_client"]
 
 #: The workers' uid and group (no other test uses them), and how a command runs as them.
+#: The new uid clears the signal a namespace's init gets when unshare dies (--kill-child),
+#: so setpriv sets it again: an init of the workers' uid lived on after its test.
 WORKER_UID, WORKER_GID = 4263, 4262
-AS_WORKER = ["setpriv", f"--reuid={WORKER_UID}", f"--regid={WORKER_GID}", "--clear-groups"]
+AS_WORKER = [
+    "setpriv",
+    f"--reuid={WORKER_UID}",
+    f"--regid={WORKER_GID}",
+    "--clear-groups",
+    "--pdeathsig=KILL",
+]
 
 #: The daemon's settings: the group writes the FIFO and the socket; only the workers'
 #: uid may hold timers (the Kubernetes example's, and the fence of these tests).
@@ -172,24 +182,22 @@ class Contained:
             return False
 
     def cleanup(self) -> None:
-        # The namespace's init takes every process of the namespace with it. unshare
-        # --kill-child has it killed when unshare dies, but an init that changed its
-        # credentials (setpriv) lost that, and lived on: it is killed first, through a
-        # pidfd taken while it is unshare's child (never a pid reused meanwhile). Once
-        # unshare has ended (it waits for its child), the namespace is gone.
-        for pid in children_of(self.proc.pid) if self.proc.poll() is None else []:
-            try:
-                pidfd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                continue
-            try:
-                if pid in children_of(self.proc.pid):
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            finally:
-                os.close(pidfd)
+        # unshare --kill-child: its death takes the namespace's init, and with it every
+        # process of the namespace. Each is watched through a pidfd until it is gone.
+        watched = []
+        if self.proc.poll() is None:  # once unshare has ended, so has its namespace
+            for pid in self.host_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    watched.append(os.pidfd_open(pid))
         kill_and_close(self.proc)
         if self.proc.stdin is not None:
             self.proc.stdin.close()
+        try:  # a pidfd polls readable once its process has ended
+            ended = lambda: len(select.select(watched, [], [], 0)[0]) == len(watched)  # noqa: E731
+            wait_until(ended, what="the namespace's processes gone")
+        finally:
+            for pidfd in watched:
+                os.close(pidfd)
 
 
 @pytest.fixture
@@ -205,24 +213,6 @@ def contained(unshare: List[str]) -> Iterator[Callable[..., Contained]]:
     yield start
     for c in started:
         c.cleanup()
-    # Nothing of the workers' uid (these tests' alone) outlives its test.
-    wait_until(lambda: not processes_of(WORKER_UID), what="the workers' processes gone")
-
-
-def processes_of(uid: int) -> List[int]:
-    """The live processes (not zombies) whose real uid is ``uid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
-            found.append(int(entry))
-    return found
 
 
 def records_of(d: DaemonProcess, event: str) -> List[Dict[str, Any]]:

@@ -197,8 +197,8 @@ class DatagramSocket:
                 if type(result) in _ABOUT_A_PROCESS:
                     # The first one vouches: were a pid's process to exit and its pid be
                     # reused within the batch, the first one's death refuses the bind.
-                    fd = rights[0] if rights else sender_fd
-                    if vouched.setdefault(result.pid, fd) == fd and rights:  # type: ignore[union-attr]
+                    fd = rights[0] if rights else sender_fd  # < 0: none (the kernel's error)
+                    if fd >= 0 and vouched.setdefault(result.pid, fd) == fd and rights:  # type: ignore[union-attr]
                         kept.add(fd)
                         open_pidfds.append(fd)
                 out.append(result)

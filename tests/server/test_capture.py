@@ -25,7 +25,7 @@ import pytest
 
 from ftimer_protocol import DumpHook
 from ftimer_server.core._incident import Capture, ThreadStack
-from ftimer_server.incidents import _pinned
+from ftimer_server.incidents import _pinned, _tools
 from ftimer_server.incidents._capture import (
     CaptureOptions,
     capture,
@@ -458,6 +458,21 @@ def test_hanging_py_spy_is_killed_by_the_deadline(tmp_path: pathlib.Path, hook: 
         if hook:
             assert thread_in(c, "stuck_in_sleep")
     # The stand-in's whole process group was killed with it.
+    assert not list(_pids_running(fake))
+
+
+def test_a_py_spy_that_writes_without_end_is_killed_at_its_limit(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its output was read whole until it exited or the deadline came: a worker's stacks
+    # are as large as it makes them, and 300 MB of them took the helper to 900 MB.
+    monkeypatch.setattr(_tools, "MAX_OUTPUT", 1 << 20)
+    fake = fake_py_spy(tmp_path, "head -c 8388608 /dev/zero\nexec sleep 600\n")
+    with stuck("sleep") as worker:
+        c = run(worker, CaptureOptions(py_spy=fake), budget=5)
+    assert c.error is not None
+    assert "py-spy wrote more than 1048576 bytes" in c.error
+    assert c.raw is None or len(c.raw) <= 1 << 20
     assert not list(_pids_running(fake))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import selectors
 import signal as _signal
 import subprocess
 import sys
@@ -26,6 +27,10 @@ __all__ = ["PTRACE_ADVICE", "ToolRun", "py_spy_dump", "run_tool"]
 
 #: How long a killed tool is waited for before a thread is left to reap it.
 _KILL_WAIT = 0.025
+#: The most of a tool's output that is read (stdout and stderr together); a tool that
+#: writes more is killed. py-spy's dump is as large as the worker makes its stacks (deep
+#: recursion, many threads, long names), and the helper holds it whole.
+MAX_OUTPUT = 64 << 20
 #: Runs a command with a cap on the size of the files it writes (``RLIMIT_FSIZE``, set
 #: before the exec: inherited by whatever the command starts, gcore's gdb say). Python,
 #: not ``preexec_fn``, which may deadlock in a process with threads.
@@ -50,15 +55,18 @@ class ToolRun:
     """How a tool's run ended.
 
     Attributes:
-        returncode: its exit status; ``None`` if it was killed at the deadline.
+        returncode: its exit status; ``None`` if it was killed (at the deadline, or for
+            writing more than ``MAX_OUTPUT`` bytes).
         out, err: what it wrote (what it had written, if killed).
         seconds: how long it ran.
+        too_long: it was killed for writing more than ``MAX_OUTPUT`` bytes.
     """
 
     returncode: Optional[int]
     out: bytes
     err: bytes
     seconds: float
+    too_long: bool = False
 
 
 def run_tool(
@@ -70,10 +78,11 @@ def run_tool(
     env: Optional[Dict[str, str]] = None,
     max_file_bytes: Optional[int] = None,
 ) -> ToolRun:
-    """Run ``command`` against ``process`` until it exits or ``deadline`` comes (then its
-    process group is killed); SIGCONT ``process`` after if ``resume``. With
-    ``max_file_bytes``, no file it writes grows past that many bytes (a write beyond
-    fails with ``EFBIG``, or ``SIGXFSZ`` kills it).
+    """Run ``command`` against ``process`` until it exits, or until ``deadline`` comes or
+    it has written more than ``MAX_OUTPUT`` bytes (then its process group is killed);
+    SIGCONT ``process`` after if ``resume``. With ``max_file_bytes``, no file it writes
+    grows past that many bytes (a write beyond fails with ``EFBIG``, or ``SIGXFSZ`` kills
+    it).
 
     Raises:
         OSError: the tool could not be started.
@@ -91,27 +100,58 @@ def run_tool(
     )
     returncode: Optional[int] = None
     try:
-        out, err = child.communicate(timeout=max(0.0, deadline - time.monotonic()))
-        returncode = child.returncode
-    except subprocess.TimeoutExpired:
-        out, err = _kill(child)
+        out, err, ended = _read(child, deadline)
+        too_long = len(out) + len(err) > MAX_OUTPUT
+        if ended and not too_long:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                returncode = child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        if returncode is None:
+            _kill(child)
     finally:
         if resume:
             process.resume()
-    return ToolRun(returncode, out, err, time.monotonic() - started)
+    return ToolRun(returncode, out, err, time.monotonic() - started, too_long)
 
 
-def _kill(child: subprocess.Popen[bytes]) -> Tuple[bytes, bytes]:
-    """Kill ``child``'s process group (not reaped yet: the group's id is still ours) and
-    collect what it wrote. One that does not die at once (stuck in the kernel itself) is
-    left to a thread that reaps it whenever it does."""
+def _read(child: subprocess.Popen[bytes], deadline: float) -> Tuple[bytes, bytes, bool]:
+    """What ``child`` writes to its stdout and stderr (closed after), until it closes
+    both (True), or until ``deadline`` comes or it has written more than ``MAX_OUTPUT``
+    bytes (False)."""
+    streams = [child.stdout, child.stderr]
+    parts: Dict[int, List[bytes]] = {stream.fileno(): [] for stream in streams if stream}
+    total = 0
+    with selectors.DefaultSelector() as selector:
+        for fd in parts:
+            selector.register(fd, selectors.EVENT_READ)
+        while selector.get_map() and total <= MAX_OUTPUT:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for key, _ in selector.select(remaining):
+                data = os.read(key.fd, 1 << 16)
+                if data:
+                    parts[key.fd].append(data)
+                    total += len(data)
+                else:
+                    selector.unregister(key.fd)
+        ended = not selector.get_map()
+    for stream in streams:
+        if stream is not None:
+            stream.close()
+    out, err = (b"".join(chunks) for chunks in parts.values())
+    return out, err, ended
+
+
+def _kill(child: subprocess.Popen[bytes]) -> None:
+    """Kill ``child``'s process group (not reaped yet: the group's id is still ours),
+    and reap it. One that does not die at once (stuck in the kernel itself) is left to a
+    thread that reaps it whenever it does."""
     with contextlib.suppress(OSError):
         os.killpg(child.pid, _signal.SIGKILL)
     try:
-        return child.communicate(timeout=_KILL_WAIT)
+        child.wait(timeout=_KILL_WAIT)
     except subprocess.TimeoutExpired:
-        threading.Thread(target=child.communicate, name="ftimer-reap", daemon=True).start()
-        return b"", b""
+        threading.Thread(target=child.wait, name="ftimer-reap", daemon=True).start()
 
 
 def py_spy_dump(
@@ -148,6 +188,11 @@ def py_spy_dump(
         run = run_tool(command, process, deadline, resume=resume, env=env)
     except OSError as e:
         return MethodResult(error=f"py-spy could not be started ({py_spy}): {e}")
+    if run.too_long:
+        return MethodResult(
+            error=f"py-spy wrote more than {MAX_OUTPUT} bytes (the worker's stacks are as "
+            "large as it makes them) and was killed"
+        )
     text = run.out.decode(errors="replace")
     if run.returncode is None:
         stuck = ", ".join(map(str, uninterruptible))

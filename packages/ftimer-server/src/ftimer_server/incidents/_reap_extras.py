@@ -98,6 +98,9 @@ def _core_dump(
         )
     except OSError as e:
         return None, f"core dump: gcore could not be started: {e}"
+    if run.too_long:
+        _remove(path)
+        return None, "core dump: gcore wrote more than a tool's output may be: killed"
     if run.returncode is None:
         _remove(path)
         return None, f"core dump: gcore did not finish within {run.seconds:.1f}s: killed"

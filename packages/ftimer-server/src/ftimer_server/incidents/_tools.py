@@ -101,15 +101,15 @@ def run_tool(
     returncode: Optional[int] = None
     try:
         out, err, ended = _read(child, deadline)
-        too_long = len(out) + len(err) > MAX_OUTPUT
-        if ended and not too_long:
+        if ended:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 returncode = child.wait(timeout=max(0.0, deadline - time.monotonic()))
-        if returncode is None:
-            _kill(child)
     finally:
+        if returncode is None:  # the deadline, the limit, or an error (a MemoryError, say):
+            _kill(child)  # never left attached to the worker
         if resume:
             process.resume()
+    too_long = len(out) + len(err) > MAX_OUTPUT
     return ToolRun(returncode, out, err, time.monotonic() - started, too_long)
 
 
@@ -120,24 +120,26 @@ def _read(child: subprocess.Popen[bytes], deadline: float) -> Tuple[bytes, bytes
     streams = [child.stdout, child.stderr]
     parts: Dict[int, List[bytes]] = {stream.fileno(): [] for stream in streams if stream}
     total = 0
-    with selectors.DefaultSelector() as selector:
-        for fd in parts:
-            selector.register(fd, selectors.EVENT_READ)
-        while selector.get_map() and total <= MAX_OUTPUT:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            for key, _ in selector.select(remaining):
-                data = os.read(key.fd, 1 << 16)
-                if data:
-                    parts[key.fd].append(data)
-                    total += len(data)
-                else:
-                    selector.unregister(key.fd)
-        ended = not selector.get_map()
-    for stream in streams:
-        if stream is not None:
-            stream.close()
+    try:
+        with selectors.DefaultSelector() as selector:
+            for fd in parts:
+                selector.register(fd, selectors.EVENT_READ)
+            while selector.get_map() and total <= MAX_OUTPUT:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                for key, _ in selector.select(remaining):
+                    data = os.read(key.fd, 1 << 16)
+                    if data:
+                        parts[key.fd].append(data)
+                        total += len(data)
+                    else:
+                        selector.unregister(key.fd)
+            ended = not selector.get_map()
+    finally:
+        for stream in streams:
+            if stream is not None:
+                stream.close()
     out, err = (b"".join(chunks) for chunks in parts.values())
     return out, err, ended
 

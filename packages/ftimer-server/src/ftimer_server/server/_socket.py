@@ -330,7 +330,7 @@ class _Closer:
                 self._say(
                     "every thread that closes descriptors senders passed to the socket is "
                     "busy, one for %.1f s (a sender may be passing descriptors whose close "
-                    "blocks); %d descriptors wait",
+                    "blocks); descriptors waiting: %d",
                     time.monotonic() - oldest,
                     len(self._pending),
                     when=time.monotonic() - oldest >= self.SLOW,

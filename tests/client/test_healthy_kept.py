@@ -30,6 +30,7 @@ from ftimer_client._resync import Resync
 from ftimer_protocol import Arm, DisarmAll
 
 from .conftest import FifoPeer, Peer, SocketPeer, restart, server_state
+from .test_client_fifo import fifo_descriptors
 
 ME = os.getpid()
 
@@ -120,6 +121,44 @@ def test_a_closed_client_refuses_to_be_used(peer: FifoPeer) -> None:
             call()
     client.close()  # still idempotent
     assert peer.messages == []  # nothing reconnected
+
+
+def test_an_arm_racing_close_is_not_left_armed(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, labels={})
+
+    class Closing(float):
+        """A duration whose use closes the client: as another thread's close() would,
+        between the arm's check that the client is open and its delivery."""
+
+        def __radd__(self, other: float) -> float:
+            client.close()
+            return other + float(self)
+
+    # Left armed, release() would refuse the closed client and the timer would reap
+    # this healthy process.
+    with pytest.raises(RuntimeError, match="closed"):
+        client.arm("step", Closing(60))
+    assert scopes(peer.wait_for(lambda m: scopes(m) == set() and len(m) >= 2)) == set()
+    assert client.armed == frozenset()
+    assert fifo_descriptors(peer.path) == 2  # the peer's two: the client let go
+
+
+def test_a_release_racing_close_lets_go_of_the_fifo(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, labels={})
+    client.arm("step", 60)
+
+    class Closing(str):
+        """A scope whose use closes the client, as another thread's close() would."""
+
+        __slots__ = ()
+
+        def __hash__(self) -> int:
+            client.close()
+            return str.__hash__(self)
+
+    client.release(Closing("step"))
+    peer.wait_count(3)  # arm, close()'s disarm, the release's
+    assert fifo_descriptors(peer.path) == 2  # not the connection the release opened
 
 
 # -- a signal handler's call during a delivery --------------------------------------------

@@ -275,7 +275,11 @@ class Channel:
             self._deliver(late, timeout)
             return
         state.delivered()
-        if self._writer is not None:
+        if self._clients <= 0 and not self._retrying():
+            # A call that raced the last client's close() (or a retry's last delivery):
+            # no client is left to let go of the connection it opened.
+            self._let_go()
+        elif self._writer is not None:
             self._fd = self._writer.hot_fd
 
     def _send(self, backlog: List[bytes], lines: List[bytes], end: float) -> None:

@@ -231,6 +231,7 @@ class FileTimerClient:
             self._channel.arm(scope_id, line, self, self._timeout, self._keep)
         except ServerUnavailable as e:
             self._unavailable(e)
+        self._check_still_open()
 
     def _v1_line(self, scope_id: str, expiration_time: float, signal: Optional[int]) -> bytes:
         assert isinstance(self._lines, V1Lines)
@@ -243,6 +244,26 @@ class FileTimerClient:
             self._channel.arm(scope_id, line, self, self._timeout, self._keep)
         except ServerUnavailable as e:
             self._unavailable(e)
+        self._check_still_open()
+
+    def _check_still_open(self) -> None:
+        """After an arm: whether another thread closed this client meanwhile (after the
+        check that it was open). close()'s disarms may then have gone before the arm,
+        which nothing would ever release (release() refuses a closed client): disarm
+        what is left, as close() does.
+
+        Raises:
+            RuntimeError: the client was closed (once the disarms are sent).
+            ServerUnavailable: they were not, with ``on_unavailable="raise"`` (the
+                client delivers them when the server is back).
+        """
+        if not self._closed:
+            return
+        try:
+            self._channel.disarm_all(self._timeout, owner=self)
+        except ServerUnavailable as e:
+            self._unavailable(e)
+        raise _closed()
 
     def heartbeat(self, scope_id: str, after: float) -> None:
         """Extend armed timer ``scope_id``: it now expires ``after`` seconds from now.

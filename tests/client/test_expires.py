@@ -64,6 +64,21 @@ def test_exceptions_propagate_unchanged_and_the_timer_is_released(peer: FifoPeer
     assert server_state(peer.wait_count(2)) == {}
 
 
+
+def test_a_client_closed_in_the_block_never_replaces_the_block_s_exception(
+    peer: FifoPeer,
+) -> None:
+    # The exit's release of a closed client raised RuntimeError in place of the block's
+    # own exception. close() disarmed the timer already: nothing is left armed either.
+    client = FileTimerClient(peer.path, labels={})
+    error = KeyError("mine")
+    with pytest.raises(KeyError) as info, expires(after=60, scope="s", client=client):
+        client.close()
+        raise error
+    assert info.value is error
+    assert server_state(peer.wait_count(2)) == {}
+
+
 def test_recursion_at_one_call_site_rearms_the_same_timer(peer: FifoPeer) -> None:
     configure(FileTimerClient(peer.path, labels={}))
 

@@ -155,8 +155,9 @@ class expires:
             client.release(scope)
             return
         # The block's own exception matters more than a disarm that did not get
-        # through; the client makes the server agree (a resync) when it is back.
-        with contextlib.suppress(BrokenPipeError):
+        # through (the client makes the server agree, a resync, when it is back), or
+        # than a client closed in the block (its close() disarmed the timer).
+        with contextlib.suppress(BrokenPipeError, RuntimeError):
             client.release(scope)
 
     def beat(self, after: Optional[float] = None) -> None:

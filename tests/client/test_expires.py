@@ -64,7 +64,6 @@ def test_exceptions_propagate_unchanged_and_the_timer_is_released(peer: FifoPeer
     assert server_state(peer.wait_count(2)) == {}
 
 
-
 def test_a_client_closed_in_the_block_never_replaces_the_block_s_exception(
     peer: FifoPeer,
 ) -> None:
@@ -72,9 +71,14 @@ def test_a_client_closed_in_the_block_never_replaces_the_block_s_exception(
     # own exception. close() disarmed the timer already: nothing is left armed either.
     client = FileTimerClient(peer.path, labels={})
     error = KeyError("mine")
-    with pytest.raises(KeyError) as info, expires(after=60, scope="s", client=client):
-        client.close()
-        raise error
+
+    def block() -> None:
+        with expires(after=60, scope="s", client=client):
+            client.close()
+            raise error
+
+    with pytest.raises(KeyError) as info:
+        block()
     assert info.value is error
     assert server_state(peer.wait_count(2)) == {}
 

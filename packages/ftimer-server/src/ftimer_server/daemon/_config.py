@@ -639,7 +639,7 @@ def _within(
         bounds = f"between {low:g} and {high:g}"
     else:
         bounds = f"at least {low}" if value < low else f"at most {high}"
-        if value < low == 1:
+        if low == 1 and value < low:
             unit = unit.removesuffix("s")  # "at least 1 timer"
     text = f"{value if shown is None else shown} must be {bounds}"
     raise ConfigError(f"{text} {unit}" if unit else text)

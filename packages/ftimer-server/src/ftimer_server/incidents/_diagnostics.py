@@ -37,7 +37,7 @@ from ftimer_server.core._report import annotate
 from ._capture import CaptureOptions, find_py_spy
 from ._helper import CaptureJob, Helper, HelperGone, WriteJob
 from ._options import CAPTURE_METHODS, IncidentOptions
-from ._procfs import read_stat, read_status
+from ._procfs import read_stat, read_uid
 from ._store import IncidentStore, incident_id
 
 __all__ = ["CAPTURE_METHODS", "Diagnostics", "IncidentOptions"]
@@ -237,7 +237,7 @@ def _user_of(worker: Worker) -> Optional[int]:
     """The real uid of ``worker``, or ``None`` if it cannot be read or its pid is now
     another process's."""
     try:
-        uid = int(read_status(worker.pid).get("Uid", "").split()[0])
+        uid = read_uid(worker.pid)
         if worker.start_time is not None and read_stat(worker.pid).start_time != worker.start_time:
             return None
     except (OSError, ValueError, IndexError):

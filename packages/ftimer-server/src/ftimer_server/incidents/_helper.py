@@ -33,7 +33,7 @@ from ftimer_server.core._report import annotate
 
 from ._capture import CaptureOptions, capture
 from ._pinned import Process, ProcessRefused
-from ._procfs import read_status
+from ._procfs import read_uid
 from ._reap_extras import core_dump
 from ._store import IncidentStore
 
@@ -299,7 +299,7 @@ def _check_user(pid: int, start_time: Optional[int], user: int) -> Optional[int]
     except ProcessRefused:
         return start_time
     try:
-        uid = int(read_status(pid).get("Uid", "").split()[0])
+        uid = read_uid(pid)
         if process.alive() and uid != user:
             raise ProcessRefused(
                 f"not captured: another user's process (uid {uid}; the stuck worker's is "

@@ -32,6 +32,7 @@ __all__ = [
     "strerror",
     "read_stat",
     "read_status",
+    "read_uid",
     "read_threads",
     "signal_mask",
     "thread_stack_mappings",
@@ -85,6 +86,17 @@ def read_status(pid: int, tid: Optional[int] = None) -> Dict[str, str]:
         key, _, value = line.partition(":")
         status[key] = value.strip()
     return status
+
+
+def read_uid(pid: int) -> int:
+    """The real uid of process ``pid`` (``/proc/PID/status``).
+
+    Raises:
+        ProcessLookupError: no such process.
+        OSError: another error reading it.
+        ValueError, IndexError: no readable ``Uid`` line.
+    """
+    return int(read_status(pid).get("Uid", "").split()[0])
 
 
 def signal_mask(value: str, signal: int) -> bool:
@@ -335,7 +347,7 @@ def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
         notes.append(f"/proc/{pid}/stat unreadable: {strerror(e)}")
     uid = None
     with contextlib.suppress(OSError, ValueError, IndexError):
-        uid = int(read_status(pid).get("Uid", "").split()[0])
+        uid = read_uid(pid)
     kids: List[int] = []
     try:
         kids = children(pid)

@@ -104,6 +104,17 @@ def test_summary_says_when_the_budget_ran_out_and_lists_errors() -> None:
     ]
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_capture_out_of_its_budget_with_no_signal_sent_says_it_was_due(dry_run: bool) -> None:
+    # It said "the signal was sent then" of a worker that exited during the capture, or
+    # of a dry run, neither of which was signalled.
+    lines = summarize(incident([], timed_out=True, seconds=3.0, delivered=None, dry_run=dry_run))
+    assert lines[-1] == (
+        "the capture ran out of its budget after 3.0 s: the signal was due then, and what "
+        "was not captured by then is missing"
+    )
+
+
 def test_summary_of_a_report_only_timer_without_captures() -> None:
     lines = summarize(incident([], signal=0, labels=None, job=None, late=2.5))
     assert lines == [

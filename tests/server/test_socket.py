@@ -6,6 +6,7 @@ own children only."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -947,3 +948,35 @@ def test_a_forked_child_s_closer_closes_what_the_parent_had_not() -> None:
         close.release()
     wait_until(lambda: sorted(close.closed) == [1, 1, 100, 100], what="both closed by both")
     del child
+
+
+def test_only_a_descriptor_vouches_for_a_pid(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A kernel error in place of the sender's pidfd (EMFILE) was kept as the pid's vouch,
+    # barring the real pidfd of a later datagram of the batch from vouching.
+    parse = socket_module._parse
+    calls: List[int] = []
+
+    def first_without_pidfd(data, ancillary, flags, sender_fds, chosen):  # type: ignore[no-untyped-def]
+        datagram = parse(data, ancillary, flags, sender_fds, chosen)
+        calls.append(1)
+        if len(calls) == 1:  # as if the kernel could not make it: -EMFILE in its place
+            return (datagram[0], datagram[1], datagram[2], -errno.EMFILE, *datagram[4:])
+        return datagram
+
+    monkeypatch.setattr(socket_module, "_parse", first_without_pidfd)
+    sock = open_socket(str(tmp_path / "s.socket"))
+    if not sock.passes_pidfds:
+        sock.close()
+        pytest.skip("the kernel gives no pidfd of a sender (SO_PASSPIDFD, Linux 6.5)")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.connect(sock.path)
+            sender.send(encode(Disarm(pid=os.getpid(), scope_id="a")))  # taken on its pid
+            sender.send(encode(Arm(pid=os.getpid(), scope_id="b", deadline=1e9, signal=9)))
+        results = sock.receive()
+        assert [type(r).__name__ for r in results] == ["Disarm", "Timer"]
+        assert sock.vouched[os.getpid()] >= 0
+    finally:
+        sock.close()

@@ -343,6 +343,49 @@ def test_reap_tree_and_a_core_before_the_kill(
     assert os.path.getsize(core) > 0  # taken while it lived, before the kill
 
 
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry run", "recording signaller"])
+def test_a_signaller_that_signals_nothing_reaps_no_descendant(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, dry_run: bool
+) -> None:
+    # With reap_tree on, a dry run's (or a test's) signaller reached the worker's real
+    # children all the same: SIGSTOP, then the reap's SIGKILL.
+    got = Collector()
+    recording = RecordingSignaller()
+    worker = subprocess.Popen(
+        [sys.executable, "-c", CHILDREN, str(fifo_path)], stdout=subprocess.PIPE, text=True
+    )
+    child_fd = -1
+    try:
+        with FileTimerServer(
+            fifo_path,
+            on_event=got.event,
+            on_incident=got.incident,
+            incidents=IncidentOptions(
+                directory=str(tmp_path / "i"), method="facts", reap_tree=True, timeout=2.0
+            ),
+            **({"dry_run": True} if dry_run else {"signaller": recording}),  # type: ignore[arg-type]
+        ):
+            assert worker.stdout is not None
+            child = int(worker.stdout.readline())
+            child_fd = os.pidfd_open(child)
+            assert got.done.wait(15)
+        assert worker.poll() is None
+        with open(f"/proc/{child}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] == "S"  # neither stopped nor dead
+    finally:
+        if child_fd >= 0:
+            signal.pidfd_send_signal(child_fd, signal.SIGKILL)
+            os.close(child_fd)
+        worker.kill()
+        worker.wait()
+        assert worker.stdout is not None
+        worker.stdout.close()
+    [incident] = got.incidents
+    assert incident.delivered is (None if dry_run else True)
+    if not dry_run:
+        assert recording.trees == [(worker.pid, signal.SIGKILL)]
+
+
 def test_a_capture_helper_that_died_is_replaced(
     fifo_path: pathlib.Path, tmp_path: pathlib.Path, workers
 ) -> None:  # type: ignore[no-untyped-def]

@@ -60,8 +60,8 @@ class SystemHost(Host):
             loop can wait for the pidfd (readable: the worker exited).
         capture: starts a capture off the loop and returns its incident's id (the
             server's diagnostics); ``None``: this host captures nothing.
-        tree: a reap signals the worker's descendants too (frozen first, so none escapes
-            by forking), then the worker.
+        tree: a reap signals the worker's descendants too (``Signaller.send_tree``), then
+            the worker.
     """
 
     def __init__(
@@ -85,13 +85,7 @@ class SystemHost(Host):
         #: pid -> a pidfd the kernel gave of the process that pid is to be bound to (the
         #: socket's senders and subjects, see ``DatagramSocket.vouched``).
         self.vouched: Mapping[int, int] = {}
-        self._tree: Optional[Callable[[int, int], object]] = None
-        if tree:
-            # Imported only by a server that signals descendants: keeps the daemon's RSS
-            # down (and the import's time off the first reap).
-            from ftimer_server.incidents._reap_extras import signal_tree  # noqa: PLC0415
-
-            self._tree = signal_tree
+        self._tree = tree
 
     def resolve(self, pid: int, *, ancestry: bool = False) -> Union[Facts, Unresolved]:
         inspector = self._inspector
@@ -171,9 +165,9 @@ class SystemHost(Host):
                 step(worker, expiry, now)
             except Exception:
                 logger.exception("reap step %r failed for process %d", step, worker.pid)
-        if self._tree is not None:
+        if self._tree:
             try:
-                self._tree(worker.pid, signal)
+                self._signaller.send_tree(worker, signal)
             except Exception:  # the worker itself is reaped regardless
                 logger.exception("signalling the descendants of process %d failed", worker.pid)
         return self.signal(worker, signal)

@@ -36,6 +36,19 @@ class Signaller(abc.ABC):
                 ``PermissionError``); the server reports it in the ``Reaped`` event.
         """
 
+    def send_tree(self, worker: Worker, signal: int) -> List[int]:
+        """Deliver ``signal`` to the descendants of ``worker`` (not to ``worker``
+        itself), for a server that reaps trees. Never raises.
+
+        The base class signals nobody: only a signaller that acts on real processes
+        overrides it, so a test's or a dry run's signaller never reaches a real process
+        through a worker's children.
+
+        Returns:
+            The pids ``signal`` was delivered to.
+        """
+        return []
+
 
 class OsSignaller(Signaller):
     """Signals real processes: through the worker's pidfd when it has one.
@@ -65,9 +78,17 @@ class OsSignaller(Signaller):
             return False
         return True
 
+    def send_tree(self, worker: Worker, signal: int) -> List[int]:
+        # Imported only by a server that signals descendants: keeps the daemon's RSS
+        # down (and the import's time off the first reap).
+        from ftimer_server.incidents._reap_extras import signal_tree  # noqa: PLC0415
+
+        return signal_tree(worker.pid, signal)
+
 
 class RecordingSignaller(Signaller):
-    """Signals nothing: records each request in ``sent`` as (pid, signal).
+    """Signals nothing: records each request in ``sent`` as (pid, signal), and each
+    request for a worker's descendants in ``trees`` as (pid of the worker, signal).
 
     For tests and dry runs.
 
@@ -78,9 +99,15 @@ class RecordingSignaller(Signaller):
     def __init__(self, delivered: bool = True) -> None:
         self.delivered = delivered
         self.sent: List[Tuple[int, int]] = []
+        self.trees: List[Tuple[int, int]] = []
         self._lock = threading.Lock()
 
     def send(self, worker: Worker, signal: int) -> bool:
         with self._lock:
             self.sent.append((worker.pid, signal))
         return self.delivered
+
+    def send_tree(self, worker: Worker, signal: int) -> List[int]:
+        with self._lock:
+            self.trees.append((worker.pid, signal))
+        return []

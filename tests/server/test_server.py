@@ -26,6 +26,7 @@ from ftimer_server import (
     FileTimerServer,
     Lifecycle,
     Reaped,
+    RecordingSignaller,
     SystemInspector,
     Timer,
     Worker,
@@ -671,3 +672,25 @@ def test_stop_returns_while_log_event_blocks_and_the_events_still_arrive(
     assert child.poll() is None  # dry run
     with FileTimerServer(fifo_path) as next_one:  # its lock is released too
         next_one.sync()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("expiration_time", float("nan")), ("expiration_time", float("inf")), ("scope_id", 7)],
+)
+def test_register_timers_refuses_what_the_fifo_would(
+    fifo_path: pathlib.Path, children, field: str, value: object
+) -> None:  # type: ignore[no-untyped-def]
+    # A NaN expiration_time compares as never due in torch's server; here it armed a
+    # timer due at once, and the worker was killed.
+    signaller = RecordingSignaller()
+    child = children()
+    with FileTimerServer(fifo_path, signaller=signaller) as server:
+        good = FileTimerRequest(child.pid, "ok", time.time() + 60, 9)
+        bad = FileTimerRequest(child.pid, "bad", time.time() + 60, 9)
+        setattr(bad, field, value)
+        with pytest.raises(ValueError, match=f"not a valid request: .*{field}"):
+            server.register_timers([good, bad])
+        server.sync()
+        assert server.armed() == []  # none of them applied
+    assert signaller.sent == []

@@ -37,6 +37,7 @@ from ftimer_server import (
     Worker,
     WorkerGone,
 )
+from ftimer_server.core._reader import LineReader
 from ftimer_server.core._watchdog import Watchdog
 from ftimer_server.daemon._state import decode_state, encode_state
 from ftimer_server.server._edge import SystemHost
@@ -179,6 +180,22 @@ def test_a_v1_expiry_long_past_is_due_now_and_can_be_saved(rig: Rig) -> None:
     assert decode_state(encode_state(rig.wd.armed(), "boot", 3.0)).timers == [t]
     rig.at(3.0)
     assert rig.signaller.sent == [(1000, 9)]
+
+
+def test_a_v1_negative_signal_is_report_only(rig: Rig) -> None:
+    # torch's client: "a negative or zero signal will not kill the process". Such a line
+    # was refused as malformed, so the re-arm it carried was lost: the timer armed before
+    # it expired on time, with its old signal, and the worker was killed.
+    rig.apply(TimerRequestV1(pid=1000, scope_id="t", expiration_time=WALL + 1.0, signal=9))
+    line = b'{"version": 1, "pid": 1000, "scope_id": "t", "expiration_time": %f, "signal": -1}\n'
+    [request] = LineReader().feed(line % (WALL + 100.0))  # as the server reads it
+    rig.apply(request)
+    [t] = rig.wd.armed()
+    assert (t.deadline, t.signal) == (pytest.approx(100.0), 0)
+    rig.at(101.0)
+    assert rig.signaller.sent == []
+    [expired] = rig.events.of(Expired)
+    assert isinstance(expired, Expired)
 
 
 def test_nothing_expires_while_held(rig: Rig) -> None:

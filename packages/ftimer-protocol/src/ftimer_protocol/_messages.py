@@ -56,13 +56,16 @@ class TimerRequestV1(msgspec.Struct, frozen=True, gc=False, tag_field="version",
     """Version 1: torch's ``FileTimerRequest``, field for field.
 
     A negative ``expiration_time`` means "release ``scope_id``"; otherwise the scope is
-    armed until ``expiration_time`` (wall-clock epoch seconds, ``time.time()``).
+    armed until ``expiration_time`` (wall-clock epoch seconds, ``time.time()``). A
+    negative ``signal`` means report only, as 0 does: torch's client documents it ("a
+    negative or zero signal will not kill the process") and its server reaps only on a
+    signal above 0.
     """
 
     pid: Pid
     scope_id: ScopeId
     expiration_time: Annotated[float, Meta(ge=-MAX_TIME, le=MAX_TIME)]
-    signal: Signal
+    signal: Annotated[int, Meta(ge=-(2**63), le=MAX_SIGNAL)]
 
     @property
     def is_release(self) -> bool:

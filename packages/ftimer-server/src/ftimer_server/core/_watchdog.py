@@ -158,7 +158,8 @@ class Watchdog:
                 # A wall-clock time long past would make a negative monotonic deadline,
                 # outside the schema of what is saved: it is simply due now.
                 deadline = max(0.0, now + (m.expiration_time - wall))
-                self._arm("arm", m.pid, m.scope_id, deadline, m.signal, None, None)
+                signal = max(m.signal, 0)  # torch's "will not kill" is negative
+                self._arm("arm", m.pid, m.scope_id, deadline, signal, None, None)
         elif isinstance(m, DisarmAll):
             self._disarm("disarm_all", m.pid, None, m.start_time)
         elif isinstance(m, Expire):

@@ -29,6 +29,8 @@ from typing import (
     Union,
 )
 
+import msgspec
+
 from ftimer_protocol import (
     ENV_TORCH_FIFO,
     DisarmAll,
@@ -490,12 +492,27 @@ class FileTimerServer:
 
     def register_timers(self, timer_requests: Iterable[FileTimerRequest]) -> None:
         """Apply torch's requests (ftimer's ``FileTimerRequest`` or torch's own) as if
-        read from the FIFO, through the same policy and identity checks (a negative
-        ``expiration_time`` releases)."""
-        messages = [
-            TimerRequestV1(r.worker_pid, r.scope_id, r.expiration_time, r.signal)
-            for r in timer_requests
-        ]
+        read from the FIFO, through the same schema, policy and identity checks (a
+        negative ``expiration_time`` releases).
+
+        Raises:
+            ValueError: a request the FIFO would refuse as malformed (a NaN or infinite
+                ``expiration_time``, a ``scope_id`` that is not a string, a pid or signal
+                out of range); none of the requests is applied.
+        """
+        messages = []
+        for r in timer_requests:
+            fields = {
+                "pid": r.worker_pid,
+                "scope_id": r.scope_id,
+                "expiration_time": r.expiration_time,
+                "signal": r.signal,
+            }
+            try:
+                messages.append(msgspec.convert(fields, TimerRequestV1))
+            except msgspec.ValidationError as e:
+                # A NaN time compared as never due in torch, but armed a timer due now.
+                raise ValueError(f"register_timers: {fields} is not a valid request: {e}") from None
         with self._lock:
             self._watchdog.apply(messages, time.monotonic(), time.time())
         self._loop_or_flush()

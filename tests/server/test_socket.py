@@ -12,6 +12,7 @@ import logging
 import os
 import pathlib
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -26,7 +27,7 @@ import pytest
 from tests.conftest import children_of, wait_until
 
 from ftimer_protocol import PIPE_BUF, Arm, Disarm, Expire, encode
-from ftimer_server import Armed, Event, FileTimerServer, Reaped, Rejected, RejectReason
+from ftimer_server import Armed, Event, FifoError, FileTimerServer, Reaped, Rejected, RejectReason
 from ftimer_server.core._events import Refused
 from ftimer_server.server import _socket as socket_module
 from ftimer_server.server._socket import open_socket
@@ -978,5 +979,32 @@ def test_only_a_descriptor_vouches_for_a_pid(
         results = sock.receive()
         assert [type(r).__name__ for r in results] == ["Disarm", "Timer"]
         assert sock.vouched[os.getpid()] >= 0
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    "kind", [socket.SOCK_DGRAM, socket.SOCK_STREAM], ids=["datagram", "stream"]
+)
+def test_a_socket_another_process_is_bound_to_is_never_replaced(
+    tmp_path: pathlib.Path, kind: int
+) -> None:
+    # Another server's socket (or its control socket) given as --socket was removed and
+    # bound anew: that server's workers reached the new one, and it reaped them.
+    path = str(tmp_path / "taken.socket")
+    with socket.socket(socket.AF_UNIX, kind) as other:
+        other.bind(path)
+        if kind == socket.SOCK_STREAM:
+            other.listen()
+        before = os.stat(path).st_ino
+        with pytest.raises(FifoError, match="a process is bound to the socket there"):
+            open_socket(path)
+        assert os.stat(path).st_ino == before
+    # Nobody holds it now (the server that bound it died): it is replaced.
+    sock = open_socket(path)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"x", path)
+        assert select.select([sock.fd], [], [], 10)[0]
     finally:
         sock.close()

@@ -525,6 +525,8 @@ def open_socket(
             raise FifoError(path, "something other than a socket is there; not removing it")
         if st.st_uid != os.geteuid():
             raise FifoError(path, f"a socket of uid {st.st_uid} is there; not removing it")
+        if _answers(path):
+            raise FifoError(path, "a process is bound to the socket there; not removing it")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
@@ -561,6 +563,23 @@ def open_socket(
         if isinstance(e, OSError):
             raise FifoError(path, f"cannot {what}: {e.strerror or e}") from None
         raise
+
+
+def _answers(path: str) -> bool:
+    """Whether a process is bound to the socket at ``path`` (another server's, or its
+    control socket): only a socket nobody holds is left over from a server that died."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC) as probe:
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:
+                return False  # nobody bound to it
+            except OSError as e:
+                if e.errno == errno.EPROTOTYPE:
+                    continue  # a socket of the other type: ask it as that
+                return False
+            return True
+    return False
 
 
 def _queue_length() -> int:

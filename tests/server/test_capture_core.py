@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from ftimer_protocol import Arm
-from ftimer_server import Expired, Reaped, RecordingSignaller, WorkerGone
+from ftimer_server import Escalated, Expired, Reaped, RecordingSignaller, WorkerGone
 from ftimer_server.core._host import CaptureRequest
 from ftimer_server.core._watchdog import Watchdog
 from ftimer_server.server._edge import SystemHost
@@ -142,3 +142,24 @@ def test_ranks_that_expire_together_are_each_others_peers() -> None:
         [1000, 1002],
         [1000, 1001],
     ]
+
+
+def test_a_stop_signals_at_once_what_was_pending() -> None:
+    # A server stopped during a capture, or during a grace period, left the stuck worker
+    # running: the signal, or the SIGKILL that follows it, was in the stopped server's
+    # memory only.
+    rig = Rig(budget=2.0, escalate_after=10.0)
+    rig.arm(1000, 5.0, signal=15)  # signalled at the budget's end: in its grace at the stop
+    rig.arm(1001, 7.0, signal=15)  # still capturing at the stop
+    rig.wd.tick(5.0)
+    rig.wd.tick(7.0)
+    assert rig.signaller.sent == [(1000, 15)]
+    assert rig.wd.finish(7.5) == 2
+    assert rig.signaller.sent == [(1000, 15), (1001, 15), (1000, 9), (1001, 9)]
+    escalated = rig.events.of(Escalated)
+    assert [(e.pid, e.after) for e in escalated] == [(1000, 0.5), (1001, 0.0)]  # type: ignore[attr-defined]
+    [_, late] = rig.events.of(Reaped)
+    assert late.incident == "incident-2"  # type: ignore[attr-defined]
+    assert rig.wd.next_wakeup() is None
+    assert rig.wd.finish(8.0) == 0  # nothing twice
+    assert len(rig.signaller.sent) == 4

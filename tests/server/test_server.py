@@ -169,6 +169,24 @@ def test_escalation_kills_a_worker_that_ignores_sigterm(fifo_path: pathlib.Path,
         assert (esc.pid, esc.signal, esc.delivered) == (child.pid, signal.SIGKILL, True)
 
 
+def test_a_stop_during_the_grace_period_escalates_at_once(fifo_path: pathlib.Path) -> None:
+    # The SIGKILL due after the grace lived in the stopped server's memory only: a worker
+    # ignoring SIGTERM ran on, stuck, for good.
+    events = Recorder()
+    server = FileTimerServer(fifo_path, on_event=events, escalate_after=3600)
+    with ready_child(STUBBORN) as child:
+        with server:
+            send(fifo_path, Expire(pid=child.pid, scope_id="stuck", signal=signal.SIGTERM))
+            wait_until(lambda: events.of(Reaped))
+            assert child.poll() is None  # it ignores SIGTERM
+        code, _ = wait_exit(child)
+        assert code == -signal.SIGKILL
+    [esc] = events.of(Escalated)
+    assert isinstance(esc, Escalated)
+    assert (esc.pid, esc.delivered) == (child.pid, True)
+    assert esc.after < 3600
+
+
 def test_signal_override_lets_a_worker_clean_up(fifo_path: pathlib.Path) -> None:
     events = Recorder()
     server = FileTimerServer(

@@ -179,14 +179,31 @@ class Reaper:
             heapq.heappop(heap)
         return None
 
-    def escalate(self, now: float) -> List[Tuple[Worker, Optional[Escalated]]]:
-        """SIGKILL the reaped workers whose grace period ended at or before ``now``.
+    def finish(self, now: float) -> Tuple[List[Reaped], List[Tuple[Worker, Optional[Escalated]]]]:
+        """Do now what is pending, for a server that stops (it could not do it later: a
+        stuck worker would live on). Reaps waiting for their capture are signalled, and
+        reaped workers still in their grace period are sent SIGKILL.
+
+        Returns:
+            The reaps, and the escalations as ``escalate()`` returns them.
+        """
+        captures = sorted(self._capturing.values(), key=lambda c: c.due)
+        self._capturing.clear()
+        self._capture_heap.clear()
+        reaped = [self._signal(c.worker, c.expiry, c.signal, now, c.incident) for c in captures]
+        return reaped, self.escalate(now, early=True)
+
+    def escalate(
+        self, now: float, *, early: bool = False
+    ) -> List[Tuple[Worker, Optional[Escalated]]]:
+        """SIGKILL the reaped workers whose grace period ended at or before ``now``
+        (``early``: all of them, see ``finish()``).
 
         Returns (worker, event) pairs; the event is ``None`` for a worker found dead.
         """
         out: List[Tuple[Worker, Optional[Escalated]]] = []
         heap = self._heap
-        while heap and heap[0][0] <= now:
+        while heap and (early or heap[0][0] <= now):
             due, _, pid = heapq.heappop(heap)
             entry = self._pending.get(pid)
             if entry is None or entry[0] != due:
@@ -201,7 +218,7 @@ class Reaper:
                 pid=pid,
                 start_time=worker.start_time,
                 signal=KILL,
-                after=self._escalate_after or 0.0,
+                after=(self._escalate_after or 0.0) - max(0.0, due - now),
                 delivered=delivery.delivered,
                 labels=labels,
                 error=delivery.error,

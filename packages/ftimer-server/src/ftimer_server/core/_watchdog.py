@@ -10,7 +10,18 @@ with a fake clock and a fake host.
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Container, Dict, FrozenSet, Iterable, List, Optional, Sequence, Union
+from typing import (
+    Callable,
+    Container,
+    Dict,
+    FrozenSet,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 from ftimer_protocol import (
     Arm,
@@ -26,6 +37,7 @@ from ._events import (
     Armed,
     DecodeFailed,
     Disarmed,
+    Escalated,
     Event,
     Expired,
     Incoming,
@@ -244,16 +256,30 @@ class Watchdog:
             together = [t for e in expiries for t in e.cleared] if len(expiries) > 1 else []
             for expiry in expiries:
                 self._expired(expiry, now, together)
-        for reaped in self._reaper.due(now):  # captures whose budget ran out: signal now
-            self._emit(reaped)
-            worker = self._workers.get(reaped.pid)
+        # Captures whose budget ran out: signal now.
+        self._signalled(self._reaper.due(now), self._reaper.escalate(now))
+
+    def finish(self, now: float) -> int:
+        """The server stops: signal now the reaps waiting for their capture, and SIGKILL
+        the reaped workers still in their grace period (``Reaper.finish()``); return how
+        many workers that concerned."""
+        reaped, escalated = self._reaper.finish(now)
+        self._signalled(reaped, escalated)
+        return len({r.pid for r in reaped} | {w.pid for w, event in escalated if event})
+
+    def _signalled(
+        self, reaped: Sequence[Reaped], escalated: Sequence[Tuple[Worker, Optional[Escalated]]]
+    ) -> None:
+        for event in reaped:
+            self._emit(event)
+            worker = self._workers.get(event.pid)
             if worker is not None:
                 self._release_if_idle(worker)
-        for worker, event in self._reaper.escalate(now):
-            if event is None:
+        for worker, escalation in escalated:
+            if escalation is None:
                 self.worker_gone(worker)
             else:
-                self._emit(event)
+                self._emit(escalation)
                 self._release_if_idle(worker)
 
     # -- views -------------------------------------------------------------------------

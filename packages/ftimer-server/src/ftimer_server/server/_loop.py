@@ -176,6 +176,14 @@ class Loop:
         except Exception:
             logger.exception("ftimer server: reading the FIFO on stop failed")
             tokens = []
+        with self._lock:
+            finished = watchdog.finish(time.monotonic())
+        if finished:
+            logger.warning(
+                "ftimer server stopping: %d reaped workers signalled now, not after their "
+                "capture or grace period (a stopped server could not signal them later)",
+                finished,
+            )
         self._after(tokens)
 
     def close(self) -> None:

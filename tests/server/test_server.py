@@ -4,6 +4,7 @@ children only)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -712,3 +713,14 @@ def test_register_timers_refuses_what_the_fifo_would(
         server.sync()
         assert server.armed() == []  # none of them applied
     assert signaller.sent == []
+
+
+def test_its_log_says_when_it_starts_and_stops(
+    fifo_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # docs/torchelastic.md says so; only the start was logged.
+    with caplog.at_level(logging.INFO, logger="ftimer_server"), FileTimerServer(fifo_path):
+        pass
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0].startswith(f"ftimer server listening on {fifo_path}")
+    assert said[-1] == f"ftimer server on {fifo_path} stopped"

@@ -669,6 +669,7 @@ class FileTimerServer:
             self._state = Lifecycle.STOPPED
             for done in self._syncs.values():
                 done.set()  # wake sync() callers: their tokens were not reached
+        logger.info("ftimer server on %s stopped", self.file_path)
         self._flush()
         if self._log_event is not None:
             self._calling = "log_event"

@@ -12,7 +12,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Dict, FrozenSet, Optional, Type, Union
+from typing import Any, Dict, FrozenSet, Optional, Tuple, Type, Union
 
 from ftimer_protocol import (
     LABEL_KEY_PATTERN,
@@ -108,6 +108,19 @@ class FileTimerClient:
         dump_signal: Union[int, str, None] = None,
         transport: str = "auto",
     ) -> None:
+        #: What a pickled copy is made from (see ``__reduce__``).
+        self._made_with = (
+            file_path,
+            {
+                "protocol": protocol,
+                "on_unavailable": on_unavailable,
+                "write_timeout": write_timeout,
+                "labels": labels,
+                "pid": pid,
+                "dump_signal": dump_signal,
+                "transport": transport,
+            },
+        )
         if protocol not in (None, 1, 2):
             raise ValueError(f"protocol must be 1 or 2, not {protocol!r}")
         if on_unavailable not in POLICIES:
@@ -407,6 +420,14 @@ class FileTimerClient:
         with self._channel.lock:
             return self._channel.state.armed_by(self)
 
+    def __reduce__(self) -> Tuple[Any, ...]:
+        """Pickled, as torch's client is (a ``multiprocessing`` child's argument, say), it
+        is made anew in the process that unpickles it, from the same arguments and the
+        current ``signal``: a client of that process, with nothing armed (timers belong
+        to the process that armed them)."""
+        file_path, options = self._made_with
+        return (_remake, (type(self), file_path, self._signal, options))
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self._route.path!r}, signal={self._signal}, "
@@ -435,6 +456,12 @@ class FileTimerClient:
                 ServerUnavailableWarning,
                 stacklevel=level,
             )
+
+
+def _remake(
+    cls: Type[FileTimerClient], file_path: object, signal: int, options: Dict[str, Any]
+) -> FileTimerClient:
+    return cls(file_path, signal, **options)  # type: ignore[arg-type]
 
 
 def _closed() -> RuntimeError:

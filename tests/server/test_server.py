@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from typing import List, Optional
 
 import pytest
@@ -724,3 +725,23 @@ def test_its_log_says_when_it_starts_and_stops(
     said = [r.getMessage() for r in caplog.records]
     assert said[0].startswith(f"ftimer server listening on {fifo_path}")
     assert said[-1] == f"ftimer server on {fifo_path} stopped"
+
+
+def test_a_subclass_overriding_torchs_hook_points_is_warned() -> None:
+    # torch's loop calls _reap_worker; ftimer's never does: a subclass meant to log
+    # instead of kill would kill for real, silently.
+    with pytest.warns(RuntimeWarning, match=r"DryRun overrides _reap_worker, clear_timers: "):
+
+        class DryRun(FileTimerServer):
+            def _reap_worker(self, worker_pid: int, signal: int) -> bool:
+                return True
+
+            def clear_timers(self, worker_pids) -> None:  # type: ignore[no-untyped-def]
+                pass
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+
+        class Plain(FileTimerServer):  # overriding nothing of torch's: no warning
+            def stats(self):  # type: ignore[no-untyped-def]
+                return super().stats()

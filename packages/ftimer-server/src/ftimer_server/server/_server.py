@@ -15,6 +15,7 @@ import os
 import select
 import threading
 import time
+import warnings
 from types import TracebackType
 from typing import (
     TYPE_CHECKING,
@@ -72,6 +73,16 @@ JOURNAL_TRIM = 16 * 1024 * 1024
 #: Seconds ``stop()`` waits for the loop's thread by default (torch's default
 #: ``max_interval``, within which torch's ``stop()`` returns).
 STOP_TIMEOUT = 10.0
+#: torch's server's hook points that its polling loop calls and ftimer's loop does not:
+#: overridden in a subclass, they change nothing the server does with what it reads.
+TORCH_HOOKS = (
+    "_reap_worker",
+    "_run_watchdog",
+    "_get_requests",
+    "register_timers",
+    "get_expired_timers",
+    "clear_timers",
+)
 
 
 class Lifecycle(enum.Enum):
@@ -161,6 +172,21 @@ class FileTimerServer:
     Raises:
         ValueError: an option is out of range, or options conflict.
     """
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # A torch subclass that overrides _reap_worker to log instead of kill would kill
+        # for real here, silently.
+        overridden = [name for name in TORCH_HOOKS if name in vars(cls)]
+        if overridden:
+            warnings.warn(
+                f"{cls.__qualname__} overrides {', '.join(overridden)}: ftimer's server "
+                "loop never calls these (torch's polling loop does); use the constructor's "
+                "signaller=, reap_steps=, on_event= or dry_run= instead "
+                "(see docs/torchelastic.md)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def __init__(
         self,

@@ -19,7 +19,9 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Dict, List, Optional
+from typing import Annotated, Any, Dict, List, Optional
+
+import msgspec
 
 from ftimer_protocol import SYSTEM_FIFO_PATH, default_fifo_path
 from ftimer_server._version import __version__
@@ -419,12 +421,18 @@ def _status(path: str, as_json: bool) -> int:
     except (OSError, ValueError) as e:
         _error(f"cannot get the status from {path}: {e}")
         return EXIT_FAILURE
+    try:
+        # Before anything is printed, --json too: a reply that is no status is an error.
+        status = _read_status(doc)
+    except ValueError as e:
+        _error(f"the server's reply could not be read: {printable(str(e))}")
+        return EXIT_FAILURE
     if as_json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(format_status(doc))
-    if not doc.get("healthy", False):
+        sys.stdout.write(_format(status))
+    if not status.healthy:
         _error(f"the daemon on {path} answers, but its FIFO reader does not")
         return EXIT_FAILURE
     return EXIT_OK
@@ -457,30 +465,80 @@ def _duration(seconds: float) -> str:
     return ("-" if seconds < 0 else "") + text
 
 
+#: Seconds as the status document gives them: finite (``json`` reads ``1e999`` as inf
+#: and ``NaN`` as nan, which no duration can show), and at most about 30 million years.
+_Seconds = Annotated[float, msgspec.Meta(ge=-1e15, le=1e15)]
+
+
+class _StatusTimer(msgspec.Struct):
+    """One armed timer of the status document: what the table shows of it."""
+
+    pid: int
+    scope_id: str
+    remaining: _Seconds
+    signal: int
+    labels: Optional[Dict[str, str]] = None
+
+
+class _Status(msgspec.Struct):
+    """What `format_status` shows of the daemon's status document (other fields, a newer
+    daemon's too, are ignored)."""
+
+    version: str
+    pid: int
+    healthy: bool
+    fifo: str
+    uptime: _Seconds
+    timers: List[_StatusTimer]
+    socket: Optional[str] = None
+    dry_run: bool = False
+    signal: Optional[int] = None
+
+
+def _read_status(doc: Dict[str, Any]) -> _Status:
+    """The status document ``doc`` (as `query_status` returns it), typed.
+
+    Raises:
+        ValueError: a field is missing or of the wrong type; the message names it.
+    """
+    try:
+        return msgspec.convert(doc, _Status)
+    except msgspec.ValidationError as e:
+        raise ValueError(str(e)) from None
+
+
 def format_status(doc: Dict[str, Any]) -> str:
-    """Render the daemon's status document as a header and a table of armed timers."""
-    timers: List[Dict[str, Any]] = sorted(doc.get("timers", []), key=lambda t: t["remaining"])
-    mode = "DRY RUN (expiries are logged, not signalled)" if doc.get("dry_run") else "enforcing"
-    if doc.get("signal"):
-        mode += f", reaps with {signal_label(doc['signal'])}"
-    health = "" if doc.get("healthy") else ", NOT READING ITS FIFO"
+    """Render the daemon's status document as a header and a table of armed timers.
+
+    Raises:
+        ValueError: ``doc`` is not a status document (see `_read_status`).
+    """
+    return _format(_read_status(doc))
+
+
+def _format(status: _Status) -> str:
+    timers = sorted(status.timers, key=lambda t: t.remaining)
+    mode = "DRY RUN (expiries are logged, not signalled)" if status.dry_run else "enforcing"
+    if status.signal:
+        mode += f", reaps with {signal_label(status.signal)}"
+    health = "" if status.healthy else ", NOT READING ITS FIFO"
     lines = [
-        f"ftimer-server {doc.get('version', '?')} (pid {doc.get('pid', '?')}), {mode}{health}",
-        f"FIFO {doc.get('fifo', '?')}"
-        + (f", socket {doc['socket']}" if doc.get("socket") else "")
-        + f", up {_duration(doc.get('uptime', 0.0))}",
+        f"ftimer-server {status.version} (pid {status.pid}), {mode}{health}",
+        f"FIFO {status.fifo}"
+        + (f", socket {status.socket}" if status.socket else "")
+        + f", up {_duration(status.uptime)}",
         f"{len(timers)} timer{'s' if len(timers) != 1 else ''} armed",
     ]
     if timers:
         rows = [("PID", "SCOPE", "LEFT", "SIGNAL", "LABELS")]
         for t in timers:
-            labels = ",".join(f"{k}={v}" for k, v in sorted((t.get("labels") or {}).items()))
+            labels = ",".join(f"{k}={v}" for k, v in sorted((t.labels or {}).items()))
             rows.append(
                 (
-                    str(t["pid"]),
-                    printable(t["scope_id"]),  # what workers sent, shown escaped
-                    _duration(t["remaining"]),
-                    signal_label(t["signal"]),
+                    str(t.pid),
+                    printable(t.scope_id),  # what workers sent, shown escaped
+                    _duration(t.remaining),
+                    signal_label(t.signal),
                     printable(labels),
                 )
             )

@@ -532,6 +532,18 @@ def resolve_config(
         given["fifo_mode"] = 0o620  # a group is named so that it may write
     if capture is not None:
         given["capture"] = capture
+    # Each file the daemon makes, replaces or appends to needs a path of its own.
+    files = [
+        (_label("--fifo", origin, merged, "fifo"), fifo),
+        ("the FIFO's lock file (the FIFO + .lock)", fifo + ".lock"),
+        (_label("--control-socket", origin, merged, "control_socket"), control_socket),
+        (_label("--socket", origin, merged, "socket"), socket),
+        (origin["state_file"], given.get("state_file")),
+        (origin["log_file"], given.get("log_file")),
+    ]
+    _check_distinct(
+        [(what, path) for what, path in files if path is not None], given.get("state_file")
+    )
     return DaemonConfig(
         fifo=fifo,
         fifo_group=fifo_group,
@@ -542,6 +554,44 @@ def resolve_config(
         config_file=config_file,
         **given,
     )
+
+
+def _label(option: str, origin: Mapping[str, str], merged: Mapping[str, Any], name: str) -> str:
+    """Where a path setting came from, for an error: its option or file key, or (not
+    given) its default."""
+    return origin[name] if merged[name] is not None else f"the default {option}"
+
+
+def _check_distinct(files: List[Tuple[str, str]], state_file: Optional[str]) -> None:
+    """Check that the daemon's files (what each is, its absolute path) are all different
+    paths, and that none is a segment of the state file's journal (``<state>.journal.N``).
+
+    Two at one path would clobber each other: the state file saved over the FIFO, the
+    log appended to the state file, a socket bound where the lock file is.
+
+    Raises:
+        ConfigError: two are one path; the message names both.
+    """
+    seen: Dict[str, str] = {}
+    journal = None if state_file is None else _normalized(state_file) + ".journal."
+    for what, path in files:
+        key = _normalized(path)
+        if key in seen:
+            raise ConfigError(f"{seen[key]} and {what} are the same path {path}: give each its own")
+        seen[key] = what
+        number = key[len(journal) :] if journal and key.startswith(journal) else ""
+        # The journal's own test for a segment's name (``Journal.segments``).
+        if number.isascii() and number.isdecimal():
+            raise ConfigError(
+                f"{what} {path} is a segment of the state file's journal ({journal}N): "
+                "give it another path"
+            )
+
+
+def _normalized(path: str) -> str:
+    """The absolute ``path`` with its directory's symlinks resolved (/var/run is /run)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(directory), name)
 
 
 #: Settings whose command-line option is not the setting's name (repeatable options).

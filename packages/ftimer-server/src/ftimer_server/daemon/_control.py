@@ -8,8 +8,10 @@ reply, then the daemon closes the connection. Each connection is served on a thr
 its own (a few at once), so a peer that says nothing holds up no other.
 
 At start-up, a socket that answers means another daemon is running (refused); one that
-refuses connections is a leftover of a daemon that died, and is replaced. (Two daemons
-starting at once on one FIFO are kept apart by the FIFO's lock file, see ``_daemon``.)
+refuses connections is a leftover of a daemon that died, and is replaced if it is this
+user's (another user's is refused, as the FIFO's and the datagram socket's are). (Two
+daemons starting at once on one FIFO are kept apart by the FIFO's lock file, see
+``_daemon``.)
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class ControlServer:
 
         Raises:
             ControlSocketBusy: a daemon already answers at ``path``, or ``path`` is
-                something other than a socket.
+                something other than a socket, or another user's socket.
             OSError: the directory is not writable, the path is too long, ...
         """
         self.check_free()
@@ -119,10 +121,13 @@ class ControlServer:
         self._thread.start()
 
     def check_free(self) -> None:
-        """Make sure no daemon answers at ``path``; remove a dead daemon's socket.
+        """Make sure no daemon answers at ``path``; remove a dead daemon's socket, if it
+        is this user's (as the FIFO and the datagram socket are, another user's is never
+        removed).
 
         Raises:
-            ControlSocketBusy: a daemon answers there, or the path is not a socket.
+            ControlSocketBusy: a daemon answers there, or the path is not a socket, or
+                another user's.
         """
         try:
             st = os.lstat(self.path)
@@ -131,6 +136,11 @@ class ControlServer:
         if not stat.S_ISSOCK(st.st_mode):
             raise ControlSocketBusy(
                 f"{self.path} exists and is not a socket; refusing to replace it"
+            )
+        if st.st_uid != os.geteuid():
+            raise ControlSocketBusy(
+                f"{self.path} is a socket of uid {st.st_uid}, not this user's; refusing to "
+                "replace it"
             )
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(1.0)

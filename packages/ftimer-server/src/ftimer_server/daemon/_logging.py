@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
+import io
 import json
 import logging
 import os
@@ -27,15 +29,18 @@ from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple
 
 from ftimer_server.core._report import printable
+from ftimer_server.incidents._files import NotARegularFile, file_kind, open_regular
 
 __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "JsonFormatter",
+    "LogFileError",
     "LoggingSetup",
     "ReopenableFileHandler",
     "RepeatFilter",
     "TextFormatter",
+    "open_log_file",
 ]
 
 LOG_FORMATS = ("text", "json")
@@ -122,24 +127,69 @@ class TextFormatter(logging.Formatter):
         return "\n".join(map(printable, super().formatException(ei).split("\n")))
 
 
+class LogFileError(OSError):
+    """The log file's path holds something other than a regular file (or a symlink)."""
+
+
+def open_log_file(
+    path: str, encoding: Optional[str] = None, errors: Optional[str] = None
+) -> io.TextIOWrapper:
+    """Open ``path`` to append text (creating it), if it is a regular file.
+
+    It is opened non-blocking and never through a symlink: a FIFO there would block
+    ``open()`` until a reader came (the daemon wedged before READY, or on SIGHUP).
+
+    Raises:
+        LogFileError: a FIFO, socket, device, directory or symlink is there.
+        OSError: it cannot be opened.
+    """
+    try:
+        # 0o666 (less the umask), as logging.FileHandler creates it.
+        fd, _ = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode=0o666)
+    except NotARegularFile as e:
+        raise LogFileError(f"{path} is {e.kind}, not a regular file") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP and os.path.islink(path):
+            raise LogFileError(f"{path} is a symlink: give the file's own path") from None
+        if e.errno != errno.ENXIO:  # ENXIO: a FIFO nobody reads, or a socket
+            raise
+        try:
+            kind = file_kind(os.lstat(path).st_mode)
+        except OSError:
+            kind = "not a regular file"
+        raise LogFileError(f"{path} is {kind}, not a regular file") from None
+    os.set_blocking(fd, True)  # meaningless for a regular file: cleared, as open() leaves it
+    return open(fd, "a", encoding=encoding, errors=errors)
+
+
 class ReopenableFileHandler(logging.FileHandler):
-    """A file handler that `reopen()` points at a fresh file after logrotate moved it."""
+    """A file handler that `reopen()` points at a fresh file after logrotate moved it.
+
+    Only a regular file is opened (see `open_log_file`).
+
+    Raises:
+        LogFileError: something other than a regular file is at the path.
+        OSError: the file cannot be opened.
+    """
+
+    def _open(self) -> io.TextIOWrapper:
+        return open_log_file(self.baseFilename, self.encoding, self.errors)
 
     def reopen(self) -> None:
-        """Close the current stream and open the path again (append).
+        """Open the path again (append), switch to it and close the old file.
+
+        The file is opened before the handler's lock is taken: a thread logging
+        meanwhile writes to the old file instead of waiting on the open.
 
         Raises:
-            OSError: the file cannot be opened; the handler then has no stream and
-                reopens lazily on the next record.
+            LogFileError: something other than a regular file is at the path now.
+            OSError: the file cannot be opened.
+            Either way the handler keeps writing to the old file.
         """
-        self.acquire()
-        try:
-            if self.stream is not None:
-                self.stream.close()
-                self.stream = None
-            self.stream = self._open()
-        finally:
-            self.release()
+        stream = self._open()
+        old = self.setStream(stream)  # flushes the old stream, under the lock
+        if old is not None:
+            old.close()
 
 
 #: A kind of log line: logger name, level, and the format string (``record.msg``).
@@ -308,6 +358,7 @@ class LoggingSetup:
             ``sink`` are set here.
 
     Raises:
+        LogFileError: something other than a regular file is at ``log_file``.
         OSError: the log file cannot be opened.
     """
 
@@ -361,7 +412,9 @@ class LoggingSetup:
         """Reopen the log file, if logging to one (SIGHUP after logrotate).
 
         Raises:
+            LogFileError: something other than a regular file is at its path now.
             OSError: the file cannot be opened.
+            Either way, logging goes on to the file open before.
         """
         if isinstance(self.handler, ReopenableFileHandler):
             self.handler.reopen()

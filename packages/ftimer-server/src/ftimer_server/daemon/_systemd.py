@@ -16,9 +16,15 @@ import time
 from collections.abc import Mapping
 from typing import Optional
 
-__all__ = ["SystemdNotifier"]
+__all__ = ["MIN_WATCHDOG_INTERVAL", "SystemdNotifier"]
 
 log = logging.getLogger("ftimer_server.systemd")
+
+#: The shortest time between two ``WATCHDOG=1`` pings, in seconds. The pings come from
+#: the server's loop, which wakes for each: ``WATCHDOG_USEC=1`` would have it spin (tens of
+#: thousands of pings a second). 10 ms is far below any useful ``WatchdogSec=`` (seconds)
+#: and as short as ``--state-interval`` may be.
+MIN_WATCHDOG_INTERVAL = 0.01
 
 
 class SystemdNotifier:
@@ -47,7 +53,9 @@ class SystemdNotifier:
 
         The watchdog is enabled only when ``WATCHDOG_USEC`` is a positive integer and
         ``WATCHDOG_PID``, if set, is this process (``pid``, default ``os.getpid()``).
-        Unsupported addresses (``vsock:``) are logged and ignored.
+        Unsupported addresses (``vsock:``) are logged and ignored, and so is a timeout
+        so short that its pings would come more often than `MIN_WATCHDOG_INTERVAL`
+        (they come that often instead).
         """
         env = os.environ if environ is None else environ
         address: Optional[str] = env.get("NOTIFY_SOCKET") or None
@@ -62,6 +70,14 @@ class SystemdNotifier:
         is_number = raw.isascii() and raw.isdecimal()
         if is_number and int(raw) > 0 and (not watchdog_pid or watchdog_pid == str(me)):
             usec = int(raw)
+            if address is not None and usec / 2e6 < MIN_WATCHDOG_INTERVAL:
+                log.warning(
+                    "WATCHDOG_USEC=%d asks for a keep-alive every %g s; sending one every "
+                    "%g s instead (systemd may stop the daemon: set WatchdogSec= to seconds)",
+                    usec,
+                    usec / 2e6,
+                    MIN_WATCHDOG_INTERVAL,
+                )
         return cls(address, usec)
 
     @property
@@ -71,10 +87,11 @@ class SystemdNotifier:
 
     @property
     def watchdog_interval(self) -> Optional[float]:
-        """Seconds between ``WATCHDOG=1`` pings (half systemd's timeout), or None."""
+        """Seconds between ``WATCHDOG=1`` pings (half systemd's timeout, at least
+        `MIN_WATCHDOG_INTERVAL`), or None."""
         if self._address is None or self.watchdog_usec is None:
             return None
-        return self.watchdog_usec / 2e6
+        return max(self.watchdog_usec / 2e6, MIN_WATCHDOG_INTERVAL)
 
     def notify(self, *lines: str) -> bool:
         """Send ``lines`` as one notification; True if it was sent.

@@ -59,7 +59,15 @@ from ._control import ControlServer, ControlSocketBusy
 from ._daemon_log import describe, event_fields
 from ._logging import LoggingSetup
 from ._metrics import Metrics, MetricsUnavailable
-from ._state import StatePathError, StateSaver, load_state, read_boot_id
+from ._state import (
+    StateBusy,
+    StatePathError,
+    StateSaver,
+    load_state,
+    lock_state,
+    read_boot_id,
+    state_dir_warning,
+)
 from ._systemd import SystemdNotifier
 
 __all__ = [
@@ -117,6 +125,7 @@ class Daemon:
         self._saver: Optional[StateSaver] = None
         self._metrics: Optional[Metrics] = None
         self._lock_fd: Optional[int] = None
+        self._state_lock_fd: Optional[int] = None
         self._restoring = False
         self._started = time.monotonic()
 
@@ -220,10 +229,12 @@ class Daemon:
 
     def _load_state(self, boot_id: str) -> Tuple[List[Timer], Optional[Journal], int]:
         """The saved timers, the journal and the journal segment to replay from (none,
-        no journal and 0 without a state file).
+        no journal and 0 without a state file). The state file's lock is taken first and
+        held until exit: no other daemon reads, saves or journals beside it meanwhile.
 
         Raises:
-            StartupError: the state file or its directory cannot be used.
+            StartupError: the state file, its lock or its directory cannot be used, or
+                another daemon holds the lock.
         """
         c = self.config
         if c.state_file is None:
@@ -231,8 +242,14 @@ class Daemon:
         state_dir = os.path.dirname(c.state_file)
         try:
             os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            self._state_lock_fd = lock_state(c.state_file)
             loaded = load_state(c.state_file, boot_id)
             journal = Journal(c.state_file + ".journal")
+        except StateBusy as e:
+            raise StartupError(
+                f"another ftimer-server is using the state file {c.state_file} "
+                f"(it holds {e.lock_path})"
+            ) from None
         except StatePathError as e:
             raise StartupError(str(e)) from None
         except OSError as e:
@@ -427,6 +444,9 @@ class Daemon:
         if self._server is not None:
             log.info("stopped")
         self._notifier.close()
+        if self._state_lock_fd is not None:  # after the final save, as the FIFO's below
+            os.close(self._state_lock_fd)
+            self._state_lock_fd = None
         if self._lock_fd is not None:
             # Last, after the final save: the next daemon reads a complete state file.
             os.close(self._lock_fd)
@@ -565,9 +585,12 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
     naming its pid. So: a FIFO others may write, and a root daemon (which may signal
     every user's processes) whose FIFO someone besides root may write while nothing
     restricts the target users. And a group named for the FIFO that may not write it,
-    and a directory in which others could swap the FIFO for theirs.
+    and a directory in which others could swap the FIFO for theirs, or take the state
+    file's names.
     """
     warnings = []
+    if c.state_file is not None and (unsafe := state_dir_warning(c.state_file)) is not None:
+        warnings.append(unsafe)
     directory = os.path.dirname(c.fifo) or "."
     with contextlib.suppress(OSError):  # a directory yet to be made is the daemon's
         st = os.stat(directory)

@@ -14,10 +14,17 @@ a reader sees the old or the new state, never half of one.
 
 `StateSaver` batches: the first change after a quiet period is written at once, later
 ones at most every ``interval`` seconds, and nothing is written while nothing changes.
+
+The file is trusted only if the daemon's user owns it (another user's is set aside), and
+only one daemon uses it at a time: each holds the lock file ``<path>.lock`` (`lock_state`)
+from before it reads the file until it exits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
 import os
 import stat
@@ -35,6 +42,7 @@ from ftimer_server.incidents._store import write_atomically
 __all__ = [
     "STATE_VERSION",
     "BOOT_ID_PATH",
+    "StateBusy",
     "StateFile",
     "StateFileError",
     "StateLoad",
@@ -43,7 +51,9 @@ __all__ = [
     "decode_state",
     "encode_state",
     "load_state",
+    "lock_state",
     "read_boot_id",
+    "state_dir_warning",
     "write_state",
 ]
 
@@ -86,6 +96,18 @@ class StateFileError(Exception):
 class StatePathError(Exception):
     """Something other than a file is at the state file's path (a directory, a FIFO, a
     device): not the daemon's to move, so it refuses to start."""
+
+
+class StateBusy(Exception):
+    """Another process (another daemon) holds the state file's lock.
+
+    Attributes:
+        lock_path: the lock file (``<state file>.lock``).
+    """
+
+    def __init__(self, lock_path: str) -> None:
+        super().__init__(f"another process holds the lock file {lock_path}")
+        self.lock_path = lock_path
 
 
 _encoder = msgspec.json.Encoder()
@@ -180,11 +202,88 @@ class StateLoad(msgspec.Struct, frozen=True):
     set_aside: str = ""
 
 
+def lock_state(path: str) -> int:
+    """Lock ``<path>.lock`` (flock, exclusive, not waiting) and return its descriptor:
+    closing it, or the process's exit, releases the lock. A daemon takes it before it
+    reads the state file and holds it until it exits, so two daemons never restore, save
+    and journal into one state file. The file is made 0600 if missing and never removed
+    (the state file itself cannot be locked: every save replaces it). Nothing is made
+    beside a state file path that holds no file (see `load_state`).
+
+    Raises:
+        StateBusy: another process holds the lock.
+        StatePathError: a directory, a FIFO, a device or a socket is at ``path``; or the
+            lock file is not this user's regular file (a symlink is never followed), or
+            it keeps being replaced while it is locked.
+        OSError: it cannot be made or opened.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise StatePathError(_not_a_file(path, file_kind(mode)))
+    lock_path = path + ".lock"
+    refused = f"refusing the state file's lock file {lock_path}: it is {{}}"
+    for _ in range(3):  # replaced between open and lock: lock the new one
+        try:
+            # No controlling terminal: a tty put there is refused, not adopted.
+            fd, st = open_regular(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOCTTY)
+        except NotARegularFile as e:
+            raise StatePathError(refused.format(e.kind)) from None
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):  # a symlink, dir, socket
+                with contextlib.suppress(OSError):
+                    kind = file_kind(os.lstat(lock_path).st_mode)
+                    raise StatePathError(refused.format(kind)) from None
+            raise
+        try:
+            if st.st_uid != os.geteuid():
+                raise StatePathError(refused.format(f"owned by uid {st.st_uid}, not us"))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StateBusy(lock_path) from None
+            with contextlib.suppress(FileNotFoundError):
+                now = os.lstat(lock_path)
+                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                    return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise StatePathError(f"the state file's lock file {lock_path} keeps being replaced")
+
+
+def state_dir_warning(path: str) -> Optional[str]:
+    """Why the directory of the state file ``path`` is unsafe, in a sentence, or None.
+
+    Users who may write it can take the names the daemon writes (the state file, its
+    lock, its journal segments: files it then refuses to use, or to start with), and
+    without the sticky bit remove or replace the daemon's own. A directory yet to be
+    made is the daemon's (it makes it 0700): None.
+    """
+    directory = os.path.dirname(path) or "."
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    if not st.st_mode & 0o022:
+        return None
+    can = "create" if st.st_mode & stat.S_ISVTX else "create, remove and rename"
+    return (
+        f"the state file's directory {directory} (mode {stat.S_IMODE(st.st_mode):04o}) lets "
+        f"users other than its owner {can} files in it, and so make the daemon refuse to "
+        "start or lose its saved timers (another user's state file or journal segment is "
+        "never restored, but set aside): use a directory only the daemon's user may write "
+        "(such as /run/ftimer)"
+    )
+
+
 def load_state(path: str, boot_id: str, now: Optional[float] = None) -> StateLoad:
     """Read the state file at ``path``. A bad file is reported, not fatal.
 
     A file from another boot is ignored (its deadlines and pids mean nothing now). An
-    unusable file (corrupt, truncated, unknown version, unreadable, a symlink) is renamed
+    unusable file (corrupt, truncated, unknown version, unreadable, a symlink, or owned
+    by a user other than the daemon's: its timers name processes to signal) is renamed
     to ``<path>.corrupt-<unix time>``, kept for inspection and never read again. Whether
     each saved process still exists, and is the same one, is for
     ``FileTimerServer.restore()`` to check.
@@ -200,8 +299,12 @@ def load_state(path: str, boot_id: str, now: Optional[float] = None) -> StateLoa
             never read (a FIFO would block), moved or removed.
     """
     try:
-        fd, _ = open_regular(path)
+        fd, st = open_regular(path)
         with os.fdopen(fd, "rb") as f:
+            if st.st_uid != os.geteuid():
+                raise StateFileError(
+                    f"owned by uid {st.st_uid}, not by the daemon's user (uid {os.geteuid()})"
+                )
             data = f.read(MAX_STATE_BYTES + 1)
         if len(data) > MAX_STATE_BYTES:
             raise StateFileError(f"larger than {MAX_STATE_BYTES} bytes")

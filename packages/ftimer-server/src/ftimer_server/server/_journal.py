@@ -13,9 +13,12 @@ deleted, so the journal holds about one save interval of traffic.
 
 Segments are files ``<prefix>.<number>`` (mode 0600) beside the state file. No fsync: a
 process that dies leaves its writes in the page cache; after a power loss the boot id
-changes and the whole state is discarded anyway. Only regular files are replayed: a
-symlink is never followed, and a directory, FIFO or device at a segment's name is
-skipped, with an error line.
+changes and the whole state is discarded anyway. Only regular files of the server's
+user are replayed: a symlink is never followed, a directory, FIFO or device at a
+segment's name is skipped, and another user's file is set aside, each with an error line.
+A name already taken when a segment is created never stops the journal: a file of the
+server's user is set aside and the name reused, anything else is left and the next free
+number taken.
 """
 
 from __future__ import annotations
@@ -27,11 +30,17 @@ import logging
 import os
 import stat
 import time
-from typing import Iterator, List, Set
+from typing import Iterator, List, Set, Tuple
 
 __all__ = ["Journal"]
 
-from ftimer_server.incidents._files import O_CLOEXEC, O_NOFOLLOW, NotARegularFile, open_regular
+from ftimer_server.incidents._files import (
+    O_CLOEXEC,
+    O_NOFOLLOW,
+    NotARegularFile,
+    file_kind,
+    open_regular,
+)
 
 logger = logging.getLogger("ftimer_server")
 
@@ -39,6 +48,8 @@ _SPLICE = getattr(os, "splice", None)
 _SPLICE_F_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 _FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | O_CLOEXEC | O_NOFOLLOW
 _REPLAY_CHUNK = 256 * 1024
+#: Names tried when creating a segment, if those before are taken meanwhile.
+_CREATE_ATTEMPTS = 5
 
 
 class Journal:
@@ -55,8 +66,7 @@ class Journal:
     def __init__(self, prefix: str) -> None:
         self._prefix = prefix
         found = self.segments()
-        self._seq = (found[-1] if found else 0) + 1
-        self._fd = self._create(self._seq)
+        self._fd, self._seq = self._create((found[-1] if found else 0) + 1)
         self._size = 0
         self._failed = False
         self._splice = _SPLICE
@@ -113,11 +123,11 @@ class Journal:
             OSError: the new segment cannot be created (the journal keeps the old one).
         """
         carry = os.pread(self._fd, keep, self._size - keep) if keep else b""
-        fd = self._create(self._seq + 1)
+        fd, seq = self._create(self._seq + 1)
         if carry:
             os.write(fd, carry)
         os.close(self._fd)
-        self._fd, self._size, self._seq = fd, len(carry), self._seq + 1
+        self._fd, self._size, self._seq = fd, len(carry), seq
         self._failed = False
         return self._seq
 
@@ -155,11 +165,9 @@ class Journal:
             if not first <= n < self._seq:
                 continue
             path = f"{self._prefix}.{n}"
-            aside = f"{path}.corrupt-{int(time.time())}"
             try:
                 if stat.S_ISREG(os.lstat(path).st_mode):
-                    os.replace(path, aside)
-                    moved.append(aside)
+                    moved.append(_move_aside(path))
             except OSError as e:
                 logger.error("journal: cannot set %s aside: %s", path, e.strerror)
         return moved
@@ -171,7 +179,7 @@ class Journal:
 
     def _replay_segment(self, path: str) -> Iterator[bytes]:
         try:
-            fd, _ = open_regular(path)
+            fd, st = open_regular(path)
         except NotARegularFile as e:
             logger.error("journal: %s is %s, not a regular file: not replayed", path, e.kind)
             return
@@ -181,6 +189,22 @@ class Journal:
             else:
                 logger.error("journal: cannot read %s: %s; not replayed", path, e.strerror)
             return
+        if st.st_uid != os.geteuid():
+            # Not written by this server: what it holds would have processes signalled.
+            os.close(fd)
+            why = f"owned by uid {st.st_uid}, not by the server's user (uid {os.geteuid()})"
+            try:
+                aside = _move_aside(path)
+            except OSError as e:
+                logger.error(
+                    "journal: %s is %s: not replayed (cannot set it aside: %s)",
+                    path,
+                    why,
+                    e.strerror,
+                )
+            else:
+                logger.error("journal: %s is %s: not replayed; moved it to %s", path, why, aside)
+            return
         with open(fd, "rb") as f:
             try:
                 while chunk := f.read(_REPLAY_CHUNK):
@@ -188,8 +212,58 @@ class Journal:
             except OSError as e:
                 logger.error("journal: cannot read %s: %s; the rest not replayed", path, e.strerror)
 
-    def _create(self, seq: int) -> int:
-        return os.open(f"{self._prefix}.{seq}", _FLAGS, 0o600)
+    def _create(self, seq: int) -> Tuple[int, int]:
+        """Create segment ``seq`` (never opening a file already there) and return its
+        descriptor and number. A name already taken does not stop the journal: a regular
+        file of this user's there is set aside (``.corrupt-<unix time>``) and the name
+        reused; anything else (another user's file, a symlink, a directory) is left, and
+        the number after every segment on disk is taken instead; each with an error line.
+
+        Raises:
+            OSError: the segment cannot be created (the names keep being taken, say).
+        """
+        for _ in range(_CREATE_ATTEMPTS - 1):
+            path = f"{self._prefix}.{seq}"
+            try:
+                return os.open(path, _FLAGS, 0o600), seq
+            except FileExistsError:
+                seq = self._squatted(path, seq)
+        return os.open(f"{self._prefix}.{seq}", _FLAGS, 0o600), seq
+
+    def _squatted(self, path: str, seq: int) -> int:
+        """Deal with the file found at ``path``, the name of new segment ``seq``, and
+        return the number to try next (see `_create`)."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return seq  # gone meanwhile
+        except OSError as e:
+            what = f"cannot be examined: {e.strerror}"
+        else:
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                try:
+                    aside = _move_aside(path)
+                except OSError as e:
+                    what = f"cannot be set aside: {e.strerror}"
+                else:
+                    logger.error(
+                        "journal: %s was already there (not made by this journal); moved it to %s",
+                        path,
+                        aside,
+                    )
+                    return seq
+            elif st.st_uid != os.geteuid():
+                what = f"owned by uid {st.st_uid}, not by the server's user"
+            else:
+                what = file_kind(st.st_mode)
+        skip = max([seq, *self.segments()]) + 1
+        logger.error(
+            "journal: %s was already there (%s): left there; segment %d used instead",
+            path,
+            what,
+            skip,
+        )
+        return skip
 
     def _journal(self, fd: int, size: int) -> bytes:
         start = self._size
@@ -209,3 +283,15 @@ class Journal:
                 view = view[os.write(self._fd, view) :]
         self._size = start + len(data)
         return data
+
+
+def _move_aside(path: str) -> str:
+    """Rename ``path`` to ``<path>.corrupt-<unix time>`` (never replayed again, kept for
+    inspection) and return the new name.
+
+    Raises:
+        OSError: it cannot be renamed.
+    """
+    aside = f"{path}.corrupt-{int(time.time())}"
+    os.replace(path, aside)
+    return aside

@@ -120,3 +120,4 @@ def test_a_fifo_put_in_place_of_the_log_file_leaves_the_daemon_working(
     assert error["level"] == "error"
     assert error["msg"].endswith(f"{d.log} is a FIFO, not a regular file")
     assert records[-1]["msg"] == "stopped"  # still logging to the old file
+    assert "log file reopened" not in [r["msg"] for r in records]  # it said so, after that

@@ -7,13 +7,13 @@ import os
 import pathlib
 import stat
 import subprocess
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import pytest
 
 from ftimer_server.daemon._config import ConfigError, FileSettings, resolve_config
 
-from .conftest import PATIENCE, PYTHON
+from .conftest import PATIENCE, PYTHON, DaemonProcess
 
 FIFO = "/srv/t/timer.fifo"
 
@@ -112,3 +112,17 @@ def test_the_daemon_exits_2_before_touching_the_fifo(tmp_path: pathlib.Path) -> 
     )
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # not saved over
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.fifo"]
+
+
+def test_a_socket_path_that_cannot_be_used_is_called_a_socket(
+    spawn: Callable[..., DaemonProcess], short_dir: pathlib.Path
+) -> None:
+    # It read "cannot start: FIFO <the socket's path>: ...".
+    path = short_dir / "timer.socket"
+    path.write_text("")
+    d = spawn("--capture", "none")
+    assert d.proc.wait(PATIENCE) == 3
+    (record,) = [r for r in d.records() if r["level"] == "error"]
+    assert record["msg"] == (
+        f"cannot start: socket {path}: something other than a socket is there; not removing it"
+    )

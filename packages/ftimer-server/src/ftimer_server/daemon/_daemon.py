@@ -364,7 +364,8 @@ class Daemon:
         try:
             server.start()
         except FifoError as e:
-            raise StartupError(f"FIFO {e.path}: {e.reason}") from None
+            what = "socket" if e.path == c.socket else "FIFO"
+            raise StartupError(f"{what} {e.path}: {e.reason}") from None
         self._server = server
         try:
             control.start()
@@ -454,10 +455,12 @@ class Daemon:
 
     def _reload(self) -> None:
         self._notifier.reloading()
+        reopened = True
         try:
             self._logging.reopen()
         except OSError as e:
             log.error("cannot reopen the log file: %s", e)
+            reopened = False
         path = self.config.config_file
         if path is not None:
             try:
@@ -479,7 +482,7 @@ class Daemon:
                 if self._server is not None:
                     self._server.set_event_types(self._event_types())
                 log.info("config reloaded from %s", path)
-        else:
+        elif reopened:
             log.info("log file reopened")
         self._notifier.ready()
 

@@ -8,6 +8,8 @@ import pathlib
 
 import pytest
 
+from ftimer_protocol import Disarm, TimerRequestV1, encode
+from ftimer_server.core._reader import LineReader
 from ftimer_server.server._journal import Journal
 
 
@@ -126,3 +128,29 @@ def test_set_aside_moves_regular_segments_only(tmp_path: pathlib.Path) -> None:
     assert journal.segments() == [1, 2, 4]  # set aside: never replayed again
     assert b"".join(journal.replay(1)) == b"before the snapshot\n"
     journal.close()
+
+
+def test_the_sockets_messages_are_kept_beside_and_replayed_on_lines_of_their_own(
+    tmp_path: pathlib.Path,
+    pipe,  # type: ignore[no-untyped-def]
+) -> None:
+    r, w = pipe
+    journal = Journal(str(tmp_path / "j"))
+    os.write(w, b"whole\ncut short by a ki")
+    journal.read(r, 100)
+    disarm = Disarm(pid=42, scope_id="step", start_time=7)
+    v1 = TimerRequestV1(pid=43, scope_id="a.py#1", expiration_time=-1, signal=0)
+    journal.keep([disarm, v1])
+    journal.keep([])  # nothing to keep: no file made for it
+    journal.checkpoint()
+    assert b"".join(journal.replay(1)) == (
+        b"whole\ncut short by a ki\n" + encode(disarm) + encode(v1)
+    )
+    replayed = LineReader().feed(b"".join(journal.replay(1)))
+    assert [m for m in replayed if not isinstance(m, Exception)] == [disarm, v1]
+    journal.keep([disarm])  # into segment 2's companion
+    journal.checkpoint()
+    journal.discard_before(2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.2", "j.2.socket", "j.3"]
+    moved = journal.set_aside(2)
+    assert sorted(os.path.basename(m).split(".corrupt-")[0] for m in moved) == ["j.2", "j.2.socket"]

@@ -8,6 +8,7 @@ import signal
 from typing import Optional
 
 import hypothesis.strategies as st
+import msgspec
 import pytest
 from hypothesis import given, settings
 
@@ -196,6 +197,20 @@ def test_a_v1_negative_signal_is_report_only(rig: Rig) -> None:
     assert rig.signaller.sent == []
     [expired] = rig.events.of(Expired)
     assert isinstance(expired, Expired)
+
+
+def test_what_a_journal_keeps_names_the_process_bound_to_the_pid(rig: Rig) -> None:
+    # The socket's messages name no start time (the kernel vouches for the sender); kept
+    # so, a restart would bind them to whatever process held the pid by then.
+    arm_ = Arm(pid=1000, scope_id="s", deadline=5.0, signal=9)
+    disarm = Disarm(pid=1000, scope_id="other")
+    rig.apply(arm_, disarm)
+    junk = MalformedMessage("not JSON", b"x")
+    kept = rig.wd.as_bound([arm_, disarm, Sync(token="t"), junk])
+    assert kept == [
+        msgspec.structs.replace(arm_, start_time=100),
+        msgspec.structs.replace(disarm, start_time=100),
+    ]
 
 
 def test_nothing_expires_while_held(rig: Rig) -> None:

@@ -25,7 +25,7 @@ from ftimer_protocol import (
     TimerRequestV1,
 )
 
-__all__ = ["Timer", "Worker", "request_of"]
+__all__ = ["ABOUT_A_PROCESS", "Timer", "Worker", "request_of"]
 
 
 class Timer(Arm, frozen=True, tag="arm"):
@@ -62,6 +62,10 @@ class Worker(msgspec.Struct, frozen=True, gc=False):
     start_time: Optional[int] = None
     pidfd: Optional[int] = None
 
+
+#: The types of the messages that are about a process (a set: ``type(m) in`` costs less
+#: than ``isinstance()``, per message of a batch).
+ABOUT_A_PROCESS = frozenset((Timer, Arm, Disarm, DisarmAll, Expire, TimerRequestV1))
 
 _REQUESTS = {Arm: "arm", Disarm: "disarm", DisarmAll: "disarm_all", Expire: "expire", Sync: "sync"}
 

@@ -21,7 +21,10 @@ from typing import (
     Sequence,
     Tuple,
     Union,
+    cast,
 )
+
+import msgspec
 
 from ftimer_protocol import (
     Arm,
@@ -29,6 +32,7 @@ from ftimer_protocol import (
     DisarmAll,
     DumpHook,
     Expire,
+    Message,
     Sync,
     TimerRequestV1,
 )
@@ -51,7 +55,7 @@ from ._events import (
 from ._host import Facts, Host, Peer
 from ._policy import Policy, check_pid, judge
 from ._reaper import Reaper
-from ._records import Timer, Worker
+from ._records import ABOUT_A_PROCESS, Timer, Worker
 from ._stats import Counters, Stats
 from ._table import Expiry, TimerTable
 
@@ -287,6 +291,23 @@ class Watchdog:
     def armed(self) -> List[Timer]:
         """A snapshot of the armed timers."""
         return list(self.table)
+
+    def as_bound(self, results: Sequence[Incoming]) -> List[Message]:
+        """The messages among ``results`` that are about a process (no marker, error or
+        refusal), each with the start time of the process its pid is bound to now when it
+        named none: what a journal keeps, so that a restart applies them to that process
+        only (a pid reused meanwhile is refused)."""
+        out: List[Message] = []
+        for result in results:
+            if type(result) not in ABOUT_A_PROCESS:
+                continue
+            message = cast(Union[Arm, Disarm, DisarmAll, Expire, TimerRequestV1], result)
+            if type(message) is not TimerRequestV1 and message.start_time is None:  # type: ignore[union-attr]
+                worker = self._workers.get(message.pid)
+                if worker is not None and worker.start_time is not None:
+                    message = msgspec.structs.replace(message, start_time=worker.start_time)
+            out.append(message)
+        return out
 
     def workers(self) -> List[Worker]:
         """The processes bound now."""

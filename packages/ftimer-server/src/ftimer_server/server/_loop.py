@@ -268,6 +268,8 @@ class Loop:
                         watchdog.counters.received["socket"] += len(received)
                         watchdog.counters.pid_overridden = sock.overridden
                         tokens += watchdog.apply(received, time.monotonic(), time.time())
+                        if self._journal is not None:  # under the lock, as a checkpoint
+                            self._journal.keep(watchdog.as_bound(received))
                 finally:
                     sock.release()  # the batch's pidfds vouch for nothing after it
         return tokens, horizon

@@ -40,20 +40,17 @@ import msgspec
 
 from ftimer_protocol import (
     PIPE_BUF,
-    Arm,
     Disarm,
     DisarmAll,
-    Expire,
     LineTooLong,
     MalformedMessage,
     Message,
     RemoteProtocolError,
     Sync,
-    TimerRequestV1,
 )
 from ftimer_server.core._events import Incoming, Moot, Refused, RejectReason
 from ftimer_server.core._reader import decode_one, extends_run
-from ftimer_server.core._records import Timer, request_of
+from ftimer_server.core._records import ABOUT_A_PROCESS, request_of
 from ftimer_server.incidents._procfs import pidfd_pid
 
 from ._fifo import FifoError, _gid
@@ -88,9 +85,6 @@ _GONE = frozenset((errno.EINVAL, errno.ESRCH))
 _QLEN = "/proc/sys/net/unix/max_dgram_qlen"
 #: Reads a process's parent and uid, for the kinship of a pidfd's process to its sender.
 _PROCESSES = SystemInspector()
-#: The messages ``_judge`` returns that are about a process (a set of types: isinstance()
-#: costs more per datagram; a type not here only vouches for no pid).
-_ABOUT_A_PROCESS = frozenset((Timer, Arm, Disarm, DisarmAll, Expire, TimerRequestV1))
 #: Messages that can get nobody signalled: a sender may be taken on its pid for them.
 _NEVER_SIGNALS = (Disarm, DisarmAll, Sync)
 #: The fewest datagrams ``receive()`` reads when they keep coming: with the usual queue
@@ -194,7 +188,7 @@ class DatagramSocket:
                 if extends_run(run, result):  # as a run of such lines on the FIFO
                     run.lines += 1  # type: ignore[union-attr]
                     continue
-                if type(result) in _ABOUT_A_PROCESS:
+                if type(result) in ABOUT_A_PROCESS:  # only these vouch for a pid
                     # The first one vouches: were a pid's process to exit and its pid be
                     # reused within the batch, the first one's death refuses the bind.
                     fd = rights[0] if rights else sender_fd  # < 0: none (the kernel's error)

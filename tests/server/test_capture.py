@@ -26,15 +26,10 @@ import pytest
 from ftimer_protocol import DumpHook
 from ftimer_server.core._incident import Capture, ThreadStack
 from ftimer_server.incidents import _pinned, _tools
-from ftimer_server.incidents._capture import (
-    CaptureOptions,
-    capture,
-    core_dump,
-    find_py_spy,
-    signal_tree,
-)
+from ftimer_server.incidents._capture import CaptureOptions, capture, find_py_spy
 from ftimer_server.incidents._diagnostics import Diagnostics, IncidentOptions
 from ftimer_server.incidents._procfs import ThreadFacts, read_stat
+from ftimer_server.incidents._reap_extras import core_dump, signal_tree
 from ftimer_server.incidents._stack_formats import (
     match_faulthandler_threads,
     parse_faulthandler,

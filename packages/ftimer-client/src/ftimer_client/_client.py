@@ -381,7 +381,8 @@ class FileTimerClient:
         (``client.signal = signal.SIGTERM``): timers armed from then on carry the new one.
 
         Raises (on assignment):
-            ValueError: not a signal number of this platform, nor 0.
+            ValueError: not an integer, or above the highest signal number (64); a
+                negative one becomes 0, as torch's client reads it ("will not kill").
         """
         return self._signal
 

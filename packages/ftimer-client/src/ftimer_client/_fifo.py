@@ -115,15 +115,8 @@ class FifoWriter:
             ConnectionLost: the path names another FIFO now.
             ServerStalled, ServerUnavailable: as ``write``.
         """
-        try:
-            os.write(self._fd, line)
+        if self._attempt(line):
             return
-        except BlockingIOError:
-            pass
-        except BrokenPipeError:
-            raise _ReaderGone from None
-        except OSError as e:
-            raise ServerUnavailable(e.errno, f"cannot write ({e.strerror})", self.path) from e
         if self._check_replaced and self._replaced():
             raise ConnectionLost
         if not _wait_for_room(self._fd, timeout, lambda: self._attempt(line)):

@@ -1,4 +1,5 @@
-"""Where a client sends when it is not told: a pure function of its inputs.
+"""Where a client sends when it is not told: a function of its inputs, the environment
+and what is at the paths (its only I/O: the working directory and a look at each path).
 
 A server reads a FIFO and may bind a datagram socket beside it
 (``ftimer_protocol.socket_path_for``). A client given no path prefers that socket, whose

@@ -1,7 +1,8 @@
 """One log line per server event: its level, its words, and its fields for JSON logs.
 
 Armed and disarmed timers are routine (debug); expiries, reaps, escalations, refusals and
-bad input are what an operator must see (warning). Pure: `describe` only formats.
+bad input are what an operator must see (warning). `describe` only formats (it reads
+the clock when not given ``now``).
 """
 
 from __future__ import annotations

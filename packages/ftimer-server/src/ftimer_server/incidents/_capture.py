@@ -11,9 +11,6 @@ Only the worker itself is ever signalled (its hook signal, SIGCONT), only while 
 process the caller named (``_pinned``), never a thread. ``capture()`` never raises and
 returns by its deadline: each step that could block (py-spy, the hook's wait, a ``/proc``
 read under the worker's memory lock) is bounded by it.
-
-This module also gives the reap's optional steps (``core_dump``, ``signal_tree``) so that
-the server imports every OS-facing diagnostic from one place.
 """
 
 from __future__ import annotations
@@ -36,11 +33,10 @@ from ftimer_server.core._incident import Capture
 from ._dump_hook import HookFile, prepare_hook, run_hook
 from ._pinned import Process, ProcessRefused
 from ._procfs import read_facts, read_threads
-from ._reap_extras import core_dump, signal_tree
 from ._stack_formats import MethodResult, merge_threads
 from ._tools import py_spy_dump
 
-__all__ = ["CaptureOptions", "capture", "core_dump", "find_py_spy", "signal_tree"]
+__all__ = ["CaptureOptions", "capture", "find_py_spy"]
 
 logger = logging.getLogger("ftimer_server")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+import threading
 from typing import Optional
 
 import hypothesis.strategies as st
@@ -34,12 +35,13 @@ from ftimer_server import (
     RecordingSignaller,
     Rejected,
     RejectReason,
+    SystemInspector,
     Timer,
     Worker,
     WorkerGone,
 )
 from ftimer_server.core._reader import LineReader
-from ftimer_server.core._watchdog import Watchdog
+from ftimer_server.core._watchdog import REFUSAL_TTL, Watchdog
 from ftimer_server.daemon._state import decode_state, encode_state
 from ftimer_server.server._edge import SystemHost
 
@@ -211,6 +213,76 @@ def test_what_a_journal_keeps_names_the_process_bound_to_the_pid(rig: Rig) -> No
         msgspec.structs.replace(arm_, start_time=100),
         msgspec.structs.replace(disarm, start_time=100),
     ]
+
+
+class OpenCounting(CountingInspector):
+    """Counts the pidfds opened: one per look at a process by pid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opens = 0
+
+    def open(self, pid: int) -> Optional[int]:
+        self.opens += 1
+        return super().open(pid)
+
+    def alive(self, worker: Worker) -> bool:  # as a pidfd would tell: that very process
+        process = self.processes.get(worker.pid)
+        return process is not None and process.start_time == worker.start_time
+
+
+@pytest.mark.parametrize(
+    ("policy", "reason", "allowed"),
+    [
+        (Policy(allowed_uids=frozenset({0})), RejectReason.UID_NOT_ALLOWED, {"uid": 0}),
+        (Policy(descendants_only=True), RejectReason.NOT_DESCENDANT, {"parent": SERVER}),
+    ],
+)
+def test_a_refused_process_is_looked_at_once_in_a_while_not_per_line(
+    policy: Policy, reason: RejectReason, allowed: dict
+) -> None:
+    # A flood of lines for a process the policy refuses had each look at /proc (ms each
+    # with a deep ancestry): the pipe stayed full, a healthy worker's heartbeat timed out
+    # waiting to be written, and the worker was reaped.
+    host = OpenCounting()
+    host.spawn(1000, start_time=100)
+    wd = Watchdog(host=SystemHost(host, RecordingSignaller()), policy=policy, server_pid=SERVER)
+    wd.apply([arm(scope=f"s{i}") for i in range(100)], 0.0, WALL)
+    assert (host.opens, wd.stats().rejections) == (1, {reason.value: 100})
+    wd.apply([arm(start_time=99)], 0.5, WALL)  # names another process: said so
+    assert wd.stats().rejections[RejectReason.IDENTITY_MISMATCH.value] == 1
+    wd.apply([arm()], REFUSAL_TTL + 0.1, WALL)  # remembered a while only
+    assert host.opens == 2
+    host.exit(1000)  # and only while that process holds the pid
+    host.spawn(1000, start_time=200, **allowed)
+    wd.apply([arm(deadline=30.0)], REFUSAL_TTL + 0.2, WALL)
+    assert host.opens == 3
+    [timer] = wd.armed()
+    assert timer.start_time == 200
+
+
+def test_a_threads_id_is_refused_once_in_a_while_not_per_line() -> None:
+    class Counting(SystemInspector):
+        opens = 0
+
+        def open(self, pid: int) -> Optional[int]:
+            self.opens += 1
+            return super().open(pid)
+
+    host = Counting()
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert thread.native_id is not None
+        tid = thread.native_id
+        wd = Watchdog(host=SystemHost(host, RecordingSignaller()), server_pid=SERVER)
+        wd.apply([arm(pid=tid, scope=f"s{i}") for i in range(50)], 0.0, WALL)
+    finally:
+        stop.set()
+        thread.join()
+    assert wd.stats().rejections == {RejectReason.NOT_A_PROCESS.value: 50}
+    assert host.opens == 1
 
 
 def test_nothing_expires_while_held(rig: Rig) -> None:

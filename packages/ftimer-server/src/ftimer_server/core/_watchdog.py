@@ -61,6 +61,18 @@ from ._table import Expiry, TimerTable
 
 __all__ = ["Watchdog"]
 
+#: How long a refusal of a live process for what it is (a thread, of a user not allowed,
+#: not the server's descendant) is remembered, and for how many pids at most: a flood of
+#: lines for such a pid then costs a lookup each, not a look at /proc each (up to ms
+#: with a deep ancestry), which kept the pipe full and the healthy waiting to write.
+#: Short, so that a process whose user or parent changes is judged again soon.
+REFUSAL_TTL = 1.0
+MAX_REFUSALS = 1024
+#: Refusals that are facts about the process holding the pid, not about one message.
+_LASTING = frozenset(
+    (RejectReason.NOT_A_PROCESS, RejectReason.UID_NOT_ALLOWED, RejectReason.NOT_DESCENDANT)
+)
+
 Labels = Optional[Dict[str, str]]
 
 
@@ -124,6 +136,10 @@ class Watchdog:
         self._signals = policy.signals(host.signals)
         self._emit_to = emit
         self._workers: Dict[int, Worker] = {}
+        #: pid -> (why, until when, the process refused: None for a thread, which no pidfd
+        #: holds); see ``REFUSAL_TTL``.
+        self._refused: Dict[int, Tuple[RejectReason, str, float, Optional[Worker]]] = {}
+        self._now = 0.0
         self._hold_until = 0.0
         self.timer_events = timer_events
 
@@ -141,6 +157,7 @@ class Watchdog:
             The tokens of the ``Sync`` messages among them.
         """
         tokens: List[str] = []
+        self._now = now
         table, workers, signals, counters = self.table, self._workers, self._signals, self.counters
         emit = self._emit_to if self.timer_events else None
         i, n = 0, len(results)
@@ -322,6 +339,8 @@ class Watchdog:
         for worker in list(self._workers.values()):
             self._release(worker)
         self._workers.clear()
+        while self._refused:
+            self._forget_refusal(next(iter(self._refused)))
 
     # -- internals ---------------------------------------------------------------------
 
@@ -423,17 +442,43 @@ class Watchdog:
             if self._host.alive(old):
                 return RejectReason.IDENTITY_MISMATCH, ""
             self._gone(old)
+        refused = self._refused.get(pid)
+        if refused is not None:
+            why, detail, until, process = refused
+            if until > self._now and (process is None or self._host.alive(process)):
+                known = None if process is None else process.start_time
+                if start_time is not None and known not in (None, start_time):
+                    return RejectReason.IDENTITY_MISMATCH, ""  # as judge() would say first
+                return why, detail
+            self._forget_refusal(pid)
         facts = self._host.resolve(pid, ancestry=self.policy.descendants_only)
         if not isinstance(facts, Facts):
+            if facts.reason is RejectReason.NOT_A_PROCESS:
+                self._remember_refusal(pid, facts.reason, facts.detail, None)
             return facts.reason, facts.detail
         worker = Worker(pid, facts.start_time, facts.pidfd)
         reason = judge(facts, start_time, self.policy, self._server_pid)
         if reason is not None:
-            self._host.release(worker)
+            if reason in _LASTING:
+                self._remember_refusal(pid, reason, "", worker)
+            else:
+                self._host.release(worker)
             return reason, ""
         self._workers[pid] = worker
         self._host.bound(worker)
         return worker
+
+    def _remember_refusal(
+        self, pid: int, why: RejectReason, detail: str, process: Optional[Worker]
+    ) -> None:
+        if len(self._refused) >= MAX_REFUSALS:
+            self._forget_refusal(next(iter(self._refused)))  # the oldest
+        self._refused[pid] = (why, detail, self._now + REFUSAL_TTL, process)
+
+    def _forget_refusal(self, pid: int) -> None:
+        _, _, _, process = self._refused.pop(pid)
+        if process is not None:
+            self._host.release(process)
 
     def _release(self, worker: Worker) -> None:
         self._host.release(worker)

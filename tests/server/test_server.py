@@ -745,3 +745,26 @@ def test_a_subclass_overriding_torchs_hook_points_is_warned() -> None:
         class Plain(FileTimerServer):  # overriding nothing of torch's: no warning
             def stats(self):  # type: ignore[no-untyped-def]
                 return super().stats()
+
+
+def test_a_sync_token_cannot_be_guessed(
+    fifo_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was "ftimer-server-<pid>-<counter>": a writer of the FIFO or the socket could
+    # send the next one ahead of a backlog and release sync() before the backlog was read.
+    from ftimer_server.server import _server
+
+    tokens: List[str] = []
+    encode_sync = _server.encode
+
+    def record(message):  # type: ignore[no-untyped-def]
+        tokens.append(message.token)
+        return encode_sync(message)
+
+    monkeypatch.setattr(_server, "encode", record)
+    with FileTimerServer(fifo_path) as server:
+        server.sync()
+        server.sync()
+    first, second = (t.rsplit("-", 1)[1] for t in tokens)
+    assert len(first) == len(second) == 32  # 128 random bits each
+    assert int(first, 16) != int(second, 16)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import itertools
 import logging
 import os
+import secrets
 import select
 import threading
 import time
@@ -67,7 +67,6 @@ __all__ = ["FileTimerServer", "Lifecycle"]
 
 logger = logging.getLogger("ftimer_server")
 
-_sync_ids = itertools.count()
 #: Bytes in the journal's current segment past which ``on_change`` asks for a save.
 JOURNAL_TRIM = 16 * 1024 * 1024
 #: Seconds ``stop()`` waits for the loop's thread by default (torch's default
@@ -477,7 +476,9 @@ class FileTimerServer:
                 the loop's own thread.
         """
         deadline = time.monotonic() + timeout
-        token = f"ftimer-server-{os.getpid()}-{next(_sync_ids)}"
+        # Unguessable: anyone who may write the FIFO or the socket could otherwise send
+        # the next token ahead of a backlog and release the caller early.
+        token = f"ftimer-server-{secrets.token_hex(16)}"
         done = threading.Event()
         line = encode(Sync(token))
         with self._lock:

@@ -125,6 +125,20 @@ def test_over_long_junk_then_a_message_on_the_same_line() -> None:
     assert results[1:] == [ARM]
 
 
+def test_a_longest_message_after_junk_does_not_depend_on_where_the_reads_end() -> None:
+    # Junk, then a message of exactly max_line bytes whose newline came in a read of its
+    # own: only the message was kept of the line, and it was lost with the junk.
+    v1 = TimerRequestV1(pid=10, scope_id="s", expiration_time=5.0, signal=9)
+    line = _encoded(v1)
+    message = line.replace(b'"s"', b'"' + b"s" * (PIPE_BUF - len(line) + 1) + b'"')
+    assert len(message) == PIPE_BUF
+    whole = StreamDecoder().feed(b"j" + message + b"\n")
+    decoder = StreamDecoder()
+    split = decoder.feed(b"j") + decoder.feed(message) + decoder.feed(b"\n")
+    assert [type(r) for r in split] == [type(r) for r in whole] == [LineTooLong, TimerRequestV1]
+    assert split[1] == whole[1]
+
+
 def test_blank_lines_are_ignored_and_close_flushes_the_last_line() -> None:
     decoder = StreamDecoder()
     assert decoder.feed(b"\n\n \t\r\n\r\n") == []

@@ -56,18 +56,21 @@ def decode_line(
     else:
         excerpt = line[:EXCERPT_BYTES] if overlong_excerpt is None else overlong_excerpt
         out = [LineTooLong(f"line longer than {max_line} bytes", excerpt)]
-    message = _resync(line, max_line)
+    # A line whose start was dropped (``overlong_excerpt``) was never decoded whole: a
+    # message may start where what is left of it starts.
+    message = _resync(line, max_line, first=0 if overlong_excerpt is not None else 1)
     if message is not None:
         out.append(message)
     return out
 
 
-def _resync(line: bytes, max_line: int) -> Optional[DecodeResult]:
-    """The message the bad ``line`` ends with, if any (see the module's docstring)."""
+def _resync(line: bytes, max_line: int, first: int = 1) -> Optional[DecodeResult]:
+    """The message the bad ``line`` ends with, if any (see the module's docstring),
+    starting at ``first`` or later (at 0, it is the whole line, already decoded)."""
     end = len(line)
     for _ in range(2):
         start = line.rfind(MESSAGE_START, 0, end)
-        if start <= 0 or len(line) - start > max_line:
+        if start < first or len(line) - start > max_line:
             return None
         result = decode_value(line[start:])
         if not isinstance(result, RemoteProtocolError):

@@ -11,11 +11,15 @@ import time
 from typing import Callable
 
 import hypothesis.strategies as st
+import msgspec
 import pytest
 from hypothesis import given, settings
 
+from ftimer_protocol import PIPE_BUF, Arm, encode
 from ftimer_server import Timer
+from ftimer_server.daemon import _state as state_module
 from ftimer_server.daemon._state import (
+    STATE_BYTES_PER_TIMER,
     STATE_VERSION,
     StateFileError,
     StatePathError,
@@ -23,6 +27,7 @@ from ftimer_server.daemon._state import (
     decode_state,
     encode_state,
     load_state,
+    max_state_bytes,
     read_boot_id,
     write_state,
 )
@@ -339,3 +344,23 @@ def test_a_state_file_nested_too_deeply_is_set_aside_and_the_daemon_starts(
     (aside,) = short_dir.glob("state.json.corrupt-*")
     assert aside.read_bytes() == nested
     assert d.stop() == 0
+
+
+def test_the_largest_state_the_limits_allow_loads_back(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Timers with the longest scopes the protocol allows made a state file larger than
+    # the loader took (408 MB against 256 MiB): the restart set it aside, and every timer,
+    # a torch worker's too, was lost.
+    arm = Arm(pid=4242, scope_id="", deadline=1e9 + 0.123456789, signal=9)
+    room = PIPE_BUF - len(encode(arm))
+    arm = msgspec.structs.replace(arm, scope_id="\u2028" * (room // 3))  # 3 bytes each
+    assert len(encode(arm)) > PIPE_BUF - 3
+    n = 64
+    timers = [Timer(4242 + i, arm.scope_id, arm.deadline, 9, 2**63 - 1) for i in range(n)]
+    data = encode_state(timers, BOOT, 1.0, journal=2**31)
+    assert len(data) <= n * STATE_BYTES_PER_TIMER
+    monkeypatch.setattr(state_module, "MAX_STATE_BYTES", len(data) // 2)
+    path = tmp_path / "state.json"
+    path.write_bytes(data)
+    assert load_state(str(path), BOOT, max_bytes=max_state_bytes(n)).timers == timers

@@ -65,6 +65,7 @@ from ._state import (
     StateSaver,
     load_state,
     lock_state,
+    max_state_bytes,
     read_boot_id,
     state_dir_warning,
 )
@@ -243,7 +244,8 @@ class Daemon:
         try:
             os.makedirs(state_dir, mode=0o700, exist_ok=True)
             self._state_lock_fd = lock_state(c.state_file)
-            loaded = load_state(c.state_file, boot_id)
+            limit = max_state_bytes(c.max_timers or Policy().max_timers)
+            loaded = load_state(c.state_file, boot_id, max_bytes=limit)
             journal = Journal(c.state_file + ".journal")
         except StateBusy as e:
             raise StartupError(

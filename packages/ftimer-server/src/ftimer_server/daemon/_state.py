@@ -35,11 +35,13 @@ from typing import Callable, List, Optional, Tuple
 
 import msgspec
 
+from ftimer_protocol import PIPE_BUF
 from ftimer_server.core._records import Timer
 from ftimer_server.incidents._files import NotARegularFile, file_kind, open_regular
 from ftimer_server.incidents._store import write_atomically
 
 __all__ = [
+    "STATE_BYTES_PER_TIMER",
     "STATE_VERSION",
     "BOOT_ID_PATH",
     "StateBusy",
@@ -51,6 +53,7 @@ __all__ = [
     "decode_state",
     "encode_state",
     "load_state",
+    "max_state_bytes",
     "lock_state",
     "read_boot_id",
     "state_dir_warning",
@@ -61,8 +64,19 @@ log = logging.getLogger("ftimer_server.state")
 
 STATE_VERSION = 1
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
-#: A state file larger than this is not a state file (100k timers take about 15 MB).
+#: A state file larger than this is not a state file (100k timers take about 15 MB),
+#: unless the limit on timers lets the daemon write a larger one (`max_state_bytes`).
 MAX_STATE_BYTES = 256 * 1024 * 1024
+#: The most one saved timer takes: the line that armed it (at most ``PIPE_BUF`` bytes),
+#: with the start time and the separators a saved timer may add.
+STATE_BYTES_PER_TIMER = PIPE_BUF + 512
+
+
+def max_state_bytes(max_timers: int) -> int:
+    """The largest state file a daemon holding at most ``max_timers`` timers can write:
+    what it reads back (a worker arming timers with the longest scopes the protocol
+    allows made a state file the restart refused, and every timer was lost)."""
+    return max(MAX_STATE_BYTES, max_timers * STATE_BYTES_PER_TIMER)
 
 
 class StateFile(msgspec.Struct, frozen=True, kw_only=True):
@@ -278,7 +292,9 @@ def state_dir_warning(path: str) -> Optional[str]:
     )
 
 
-def load_state(path: str, boot_id: str, now: Optional[float] = None) -> StateLoad:
+def load_state(
+    path: str, boot_id: str, now: Optional[float] = None, *, max_bytes: int = MAX_STATE_BYTES
+) -> StateLoad:
     """Read the state file at ``path``. A bad file is reported, not fatal.
 
     A file from another boot is ignored (its deadlines and pids mean nothing now). An
@@ -293,6 +309,7 @@ def load_state(path: str, boot_id: str, now: Optional[float] = None) -> StateLoa
         boot_id: this boot's id (`read_boot_id`).
         now: the monotonic clock, used when there is no boot id (a ``saved_at`` in the
             future then means a reboot happened).
+        max_bytes: a larger file is set aside as not a state file (`max_state_bytes`).
 
     Raises:
         StatePathError: a directory, a FIFO, a device or a socket is at ``path``: it is
@@ -305,9 +322,9 @@ def load_state(path: str, boot_id: str, now: Optional[float] = None) -> StateLoa
                 raise StateFileError(
                     f"owned by uid {st.st_uid}, not by the daemon's user (uid {os.geteuid()})"
                 )
-            data = f.read(MAX_STATE_BYTES + 1)
-        if len(data) > MAX_STATE_BYTES:
-            raise StateFileError(f"larger than {MAX_STATE_BYTES} bytes")
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise StateFileError(f"larger than {max_bytes} bytes")
         state = decode_state(data)
     except NotARegularFile as e:
         raise StatePathError(_not_a_file(path, e.kind)) from None

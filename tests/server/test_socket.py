@@ -27,7 +27,16 @@ import pytest
 from tests.conftest import children_of, wait_until
 
 from ftimer_protocol import PIPE_BUF, Arm, Disarm, Expire, encode
-from ftimer_server import Armed, Event, FifoError, FileTimerServer, Reaped, Rejected, RejectReason
+from ftimer_server import (
+    Armed,
+    Event,
+    FifoError,
+    FileTimerServer,
+    Reaped,
+    Rejected,
+    RejectReason,
+    SystemInspector,
+)
 from ftimer_server.core._events import Refused
 from ftimer_server.server import _socket as socket_module
 from ftimer_server.server._socket import open_socket
@@ -467,9 +476,7 @@ def test_a_descriptor_whose_close_blocks_is_not_closed_by_the_reader(
             sock.close()
 
 
-def test_a_line_of_descent_is_read_once_a_batch(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_line_of_descent_is_read_once_a_batch(tmp_path: pathlib.Path) -> None:
     # A sender naming a descendant many generations down had every generation's parent
     # read from /proc again for each datagram (2.7 ms a datagram at 250 generations).
     depth = 20
@@ -481,11 +488,13 @@ def test_a_line_of_descent_is_read_once_a_batch(
             pid = wait_until(lambda p=pid: children_of(p), what="the next generation")[0]
         wait_until(lambda: pathlib.Path(f"/proc/{pid}/comm").read_text() == "sleep\n")
         reads: List[int] = []
-        real_parent = socket_module._PROCESSES.parent
-        monkeypatch.setattr(
-            socket_module._PROCESSES, "parent", lambda p: reads.append(p) or real_parent(p)
-        )
-        sock = open_socket(str(tmp_path / "s.socket"))
+
+        class Counting(SystemInspector):
+            def parent(self, pid: int) -> int:
+                reads.append(pid)
+                return super().parent(pid)
+
+        sock = open_socket(str(tmp_path / "s.socket"), processes=Counting())
         pidfd = os.pidfd_open(pid)
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:

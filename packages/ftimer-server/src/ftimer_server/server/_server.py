@@ -638,7 +638,10 @@ class FileTimerServer:
             if self._socket_path is not None:
                 try:
                     self._socket = open_socket(
-                        self._socket_path, mode=self._fifo_mode, group=self._fifo_group
+                        self._socket_path,
+                        mode=self._fifo_mode,
+                        group=self._fifo_group,
+                        processes=self._inspector,
                     )
                     self._host.vouched = self._socket.vouched
                 except BaseException:

@@ -54,7 +54,7 @@ from ftimer_server.core._records import ABOUT_A_PROCESS, request_of
 from ftimer_server.incidents._procfs import pidfd_pid
 
 from ._fifo import FifoError, _gid
-from ._process import SystemInspector
+from ._process import ProcessInspector, SystemInspector
 
 __all__ = ["DatagramSocket", "open_socket"]
 
@@ -83,8 +83,6 @@ _ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4 * _MAX_FDS) + 
 #: What the kernel puts in ``SCM_PIDFD`` (before Linux 6.17) for a sender already reaped.
 _GONE = frozenset((errno.EINVAL, errno.ESRCH))
 _QLEN = "/proc/sys/net/unix/max_dgram_qlen"
-#: Reads a process's parent and uid, for the kinship of a pidfd's process to its sender.
-_PROCESSES = SystemInspector()
 #: Messages that can get nobody signalled: a sender may be taken on its pid for them.
 _NEVER_SIGNALS = (Disarm, DisarmAll, Sync)
 #: The fewest datagrams ``receive()`` reads when they keep coming: with the usual queue
@@ -115,9 +113,17 @@ class DatagramSocket:
     """
 
     def __init__(
-        self, path: str, sock: socket.socket, passes_pidfds: bool, queue_length: int
+        self,
+        path: str,
+        sock: socket.socket,
+        passes_pidfds: bool,
+        queue_length: int,
+        processes: Optional[ProcessInspector] = None,
     ) -> None:
         self.path = path
+        #: Reads a process's parent and uid, for the kinship of a pidfd's process to its
+        #: sender (the server's inspector).
+        self._processes = processes or SystemInspector()
         self._sock = sock
         self.fd = sock.fileno()
         self.passes_pidfds = passes_pidfds
@@ -261,7 +267,9 @@ class DatagramSocket:
             return _refused(RejectReason.UNVERIFIABLE, message, pid, why)
         subject = pid
         if rights:
-            reason, subject, why = _subject(pid, uid, named=named, parents=self._parents)
+            reason, subject, why = _subject(
+                pid, uid, named=named, parents=self._parents, processes=self._processes
+            )
             if reason is RejectReason.NO_SUCH_PROCESS and isinstance(message, (Disarm, DisarmAll)):
                 # ftimer exec's disarm, read once its command was reaped: the timers went
                 # with it. Nothing to refuse.
@@ -427,7 +435,12 @@ def _refused(reason: RejectReason, message: Message, pid: int, why: str) -> Refu
 
 
 def _subject(
-    sender: int, uid: int, *, named: Optional[int], parents: Dict[int, int]
+    sender: int,
+    uid: int,
+    *,
+    named: Optional[int],
+    parents: Dict[int, int],
+    processes: ProcessInspector,
 ) -> Tuple[Optional[RejectReason], int, str]:
     """The process a datagram's one pidfd names (``named``, as read with it), or why the
     sender may not name it."""
@@ -439,7 +452,7 @@ def _subject(
     if target == sender:  # its own pidfd: as if it carried none
         return None, target, ""
     try:
-        refusal = _may_name(sender, uid, target, parents)
+        refusal = _may_name(sender, uid, target, parents, processes)
     except (ProcessLookupError, FileNotFoundError):  # reaped while it was examined
         return RejectReason.NO_SUCH_PROCESS, sender, "the process it names has exited"
     if refusal is not None:
@@ -458,7 +471,9 @@ def _exited(pidfds: List[int]) -> FrozenSet[int]:
     return frozenset(fd for fd, _ in poller.poll(0))
 
 
-def _may_name(sender: int, uid: int, target: int, parents: Dict[int, int]) -> Optional[str]:
+def _may_name(
+    sender: int, uid: int, target: int, parents: Dict[int, int], processes: ProcessInspector
+) -> Optional[str]:
     """Why ``sender`` (of ``uid``) may not arm a timer for ``target``, or None: only a
     process of its own uid that is its descendant or its parent. ``parents`` caches the
     parents read for one batch: a sender naming a descendant many generations down, in
@@ -471,11 +486,11 @@ def _may_name(sender: int, uid: int, target: int, parents: Dict[int, int]) -> Op
     def parent(pid: int) -> int:
         found = parents.get(pid)
         if found is None:
-            found = parents[pid] = _PROCESSES.parent(pid)
+            found = parents[pid] = processes.parent(pid)
         return found
 
     try:
-        if _PROCESSES.uid(target) != uid:  # ProcessLookupError: target is gone
+        if processes.uid(target) != uid:  # ProcessLookupError: target is gone
             return f"process {target} is not of the sender's user"
         if parent(sender) == target:
             return None
@@ -487,8 +502,8 @@ def _may_name(sender: int, uid: int, target: int, parents: Dict[int, int]) -> Op
             if pid <= 1:
                 break
     except (ProcessLookupError, FileNotFoundError):
-        if not os.path.exists(f"/proc/{target}"):
-            raise  # the target itself is gone, not only an ancestor between
+        processes.start_time(target)  # raises if the target itself is gone, not only
+        # an ancestor between it and the sender
         return f"process {target} is neither a descendant nor the parent of the sender"
     except OSError as e:
         return f"cannot examine process {target}: {e.strerror}"
@@ -496,10 +511,15 @@ def _may_name(sender: int, uid: int, target: int, parents: Dict[int, int]) -> Op
 
 
 def open_socket(
-    path: str, *, mode: int = 0o600, group: Optional[Union[int, str]] = None
+    path: str,
+    *,
+    mode: int = 0o600,
+    group: Optional[Union[int, str]] = None,
+    processes: Optional[ProcessInspector] = None,
 ) -> DatagramSocket:
     """Bind the datagram socket at ``path`` (its directory is the FIFO's, already made
-    safe), with the FIFO's ``mode`` and ``group``.
+    safe), with the FIFO's ``mode`` and ``group``; ``processes`` (default: the system's)
+    tells the parent and uid of a process a datagram names.
 
     A socket left at the path by this user (a server that died) is replaced; anything
     else there is refused, never removed.
@@ -547,7 +567,7 @@ def open_socket(
             what = f"give the socket group {gid}"
             os.chown(path, -1, gid)
         sock.setblocking(False)
-        return DatagramSocket(path, sock, passes_pidfds, _queue_length())
+        return DatagramSocket(path, sock, passes_pidfds, _queue_length(), processes)
     except BaseException as e:
         sock.close()
         with contextlib.suppress(OSError):  # what this call bound, not left behind

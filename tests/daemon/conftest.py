@@ -102,9 +102,12 @@ class Notifications:
 T = TypeVar("T")
 
 
-def unblocked(call: Callable[[], T], path: pathlib.Path) -> Union[T, BaseException]:
+def unblocked(
+    call: Callable[[], T], path: pathlib.Path, *, writing: bool = False
+) -> Union[T, BaseException]:
     """``call()``'s result, or what it raised, run in a thread: if it blocks in opening
-    ``path`` (a FIFO), a writer lets it go and the test fails instead of hanging."""
+    ``path`` (a FIFO) to read (to write, with ``writing``), a peer opening the other end
+    lets it go and the test fails instead of hanging."""
     outcome: List[Union[T, BaseException]] = []
 
     def run() -> None:
@@ -116,10 +119,11 @@ def unblocked(call: Callable[[], T], path: pathlib.Path) -> Union[T, BaseExcepti
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(PATIENCE)
-    if thread.is_alive():  # blocked in open(): a writer lets it go, then fail
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    if thread.is_alive():  # blocked in open(): the other end lets it go, then fail
+        peer = os.open(path, (os.O_RDONLY if writing else os.O_WRONLY) | os.O_NONBLOCK)
         thread.join(PATIENCE)
-        pytest.fail(f"reading {path} blocked")
+        os.close(peer)
+        pytest.fail(f"opening {path} blocked")
     return outcome[0]
 
 

@@ -8,44 +8,19 @@ import logging
 import os
 import pathlib
 import signal
-import threading
-from typing import Callable, List, TypeVar, Union
+from typing import Callable
 
 import pytest
 
 from ftimer_server.daemon._logging import LogFileError, LoggingSetup, ReopenableFileHandler
 
-from .conftest import PATIENCE, DaemonProcess
-
-T = TypeVar("T")
-
-
-def without_blocking(call: Callable[[], T], fifo: pathlib.Path) -> Union[T, BaseException]:
-    """``call()``'s result, or what it raised, run in a thread: if it blocks opening the
-    FIFO ``fifo`` to write, a reader lets it go and the test fails instead of hanging."""
-    outcome: List[Union[T, BaseException]] = []
-
-    def run() -> None:
-        try:
-            outcome.append(call())
-        except BaseException as e:
-            outcome.append(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(PATIENCE)
-    if thread.is_alive():  # blocked in open(): a reader lets it go, then fail
-        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-        thread.join(PATIENCE)
-        os.close(reader)
-        pytest.fail(f"opening {fifo} blocked")
-    return outcome[0]
+from .conftest import PATIENCE, DaemonProcess, unblocked
 
 
 def test_a_fifo_log_file_is_refused(tmp_path: pathlib.Path) -> None:
     fifo = tmp_path / "log.fifo"
     os.mkfifo(fifo)
-    error = without_blocking(lambda: ReopenableFileHandler(str(fifo)), fifo)
+    error = unblocked(lambda: ReopenableFileHandler(str(fifo)), fifo, writing=True)
     assert isinstance(error, LogFileError)
     assert str(error) == f"{fifo} is a FIFO, not a regular file"
 
@@ -56,7 +31,7 @@ def test_a_read_fifo_log_file_is_refused_too(tmp_path: pathlib.Path) -> None:
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        error = without_blocking(lambda: ReopenableFileHandler(str(fifo)), fifo)
+        error = unblocked(lambda: ReopenableFileHandler(str(fifo)), fifo, writing=True)
     finally:
         os.close(reader)
     assert isinstance(error, LogFileError)
@@ -79,7 +54,7 @@ def test_reopen_onto_a_fifo_keeps_the_old_file(tmp_path: pathlib.Path) -> None:
         log.info("before rotation")
         path.rename(tmp_path / "ftimer.log.1")
         os.mkfifo(path)
-        error = without_blocking(setup.reopen, path)
+        error = unblocked(setup.reopen, path, writing=True)
         assert isinstance(error, LogFileError)
         log.info("after the failed reopen")
     finally:

@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from ftimer_protocol import Disarm, TimerRequestV1, encode
+from ftimer_protocol import Arm, Disarm, TimerRequestV1, encode
 from ftimer_server.core._reader import LineReader
 from ftimer_server.server._journal import Journal
 
@@ -130,27 +130,29 @@ def test_set_aside_moves_regular_segments_only(tmp_path: pathlib.Path) -> None:
     journal.close()
 
 
-def test_the_sockets_messages_are_kept_beside_and_replayed_on_lines_of_their_own(
+def test_the_sockets_messages_are_kept_where_they_were_applied_among_the_fifos(
     tmp_path: pathlib.Path,
     pipe,  # type: ignore[no-untyped-def]
 ) -> None:
+    # They went to a file of their own, replayed after all the FIFO's bytes: a socket arm
+    # then a FIFO disarm of the same timer came back as disarm then arm, and the worker
+    # was reaped after the restart.
     r, w = pipe
     journal = Journal(str(tmp_path / "j"))
-    os.write(w, b"whole\ncut short by a ki")
+    arm = Arm(pid=42, scope_id="step", deadline=5.0, signal=9, start_time=7)
+    disarm = encode(Disarm(pid=42, scope_id="step", start_time=7))
+    os.write(w, b"first\n" + disarm[:10])  # a FIFO line read in part, then the socket's
     journal.read(r, 100)
-    disarm = Disarm(pid=42, scope_id="step", start_time=7)
     v1 = TimerRequestV1(pid=43, scope_id="a.py#1", expiration_time=-1, signal=0)
-    journal.keep([disarm, v1])
-    journal.keep([])  # nothing to keep: no file made for it
+    journal.keep([arm, v1], pending=10)
+    journal.keep([], pending=10)  # nothing: nothing written
+    os.write(w, disarm[10:])
+    journal.read(r, 100)
     journal.checkpoint()
-    assert b"".join(journal.replay(1)) == (
-        b"whole\ncut short by a ki\n" + encode(disarm) + encode(v1)
-    )
+    assert b"".join(journal.replay(1)) == b"first\n" + encode(arm) + encode(v1) + disarm
     replayed = LineReader().feed(b"".join(journal.replay(1)))
-    assert [m for m in replayed if not isinstance(m, Exception)] == [disarm, v1]
-    journal.keep([disarm])  # into segment 2's companion
-    journal.checkpoint()
-    journal.discard_before(2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.2", "j.2.socket", "j.3"]
-    moved = journal.set_aside(2)
-    assert sorted(os.path.basename(m).split(".corrupt-")[0] for m in moved) == ["j.2", "j.2.socket"]
+    assert [m for m in replayed if not isinstance(m, Exception)] == [
+        arm,
+        v1,
+        Disarm(pid=42, scope_id="step", start_time=7),
+    ]

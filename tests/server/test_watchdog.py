@@ -206,12 +206,17 @@ def test_what_a_journal_keeps_names_the_process_bound_to_the_pid(rig: Rig) -> No
     # so, a restart would bind them to whatever process held the pid by then.
     arm_ = Arm(pid=1000, scope_id="s", deadline=5.0, signal=9)
     disarm = Disarm(pid=1000, scope_id="other")
-    rig.apply(arm_, disarm)
+    v1 = TimerRequestV1(pid=1000, scope_id="t", expiration_time=WALL + 8.0, signal=-1)
+    refused = Arm(pid=1, scope_id="s", deadline=5.0, signal=9)  # never bound
+    stranger = Disarm(pid=4321, scope_id="s")  # nobody's: kept, it can signal nobody
     junk = MalformedMessage("not JSON", b"x")
-    kept = rig.wd.as_bound([arm_, disarm, Sync(token="t"), junk])
-    assert kept == [
+    batch = [arm_, disarm, v1, refused, stranger, Sync(token="t"), junk]
+    rig.apply(*batch)
+    assert rig.wd.as_bound(batch, 0.0, WALL) == [
         msgspec.structs.replace(arm_, start_time=100),
         msgspec.structs.replace(disarm, start_time=100),
+        Arm(pid=1000, scope_id="t", deadline=8.0, signal=0, start_time=100),
+        stranger,
     ]
 
 
@@ -259,6 +264,26 @@ def test_a_refused_process_is_looked_at_once_in_a_while_not_per_line(
     assert host.opens == 3
     [timer] = wd.armed()
     assert timer.start_time == 200
+
+
+def test_a_refusal_past_its_time_lets_go_of_its_pidfd() -> None:
+    # Dropped only when the pid came again: a refused process's pidfd stayed open for
+    # good, after the process was gone too.
+    closed: list[int] = []
+
+    class Closing(OpenCounting):
+        def close(self, worker: Worker) -> None:
+            closed.append(worker.pid)
+
+    host = Closing()
+    host.spawn(1000, start_time=100)
+    policy = Policy(allowed_uids=frozenset({0}))
+    wd = Watchdog(host=SystemHost(host, RecordingSignaller()), policy=policy, server_pid=SERVER)
+    wd.apply([arm()], 0.0, WALL)
+    wd.tick(REFUSAL_TTL - 0.01)
+    assert closed == []
+    wd.tick(REFUSAL_TTL)
+    assert closed == [1000]
 
 
 def test_a_threads_id_is_refused_once_in_a_while_not_per_line() -> None:

@@ -65,7 +65,9 @@ __all__ = ["Watchdog"]
 #: not the server's descendant) is remembered, and for how many pids at most: a flood of
 #: lines for such a pid then costs a lookup each, not a look at /proc each (up to ms
 #: with a deep ancestry), which kept the pipe full and the healthy waiting to write.
-#: Short, so that a process whose user or parent changes is judged again soon.
+#: Short, so that a process whose user or parent changes is judged again soon. A thread
+#: (no pidfd holds one) is remembered by its id alone: were the thread to end and a new
+#: process get its id within that time, that process's arms would be refused until then.
 REFUSAL_TTL = 1.0
 MAX_REFUSALS = 1024
 #: Refusals that are facts about the process holding the pid, not about one message.
@@ -74,6 +76,13 @@ _LASTING = frozenset(
 )
 
 Labels = Optional[Dict[str, str]]
+
+
+def _v1_deadline(request: TimerRequestV1, now: float, wall: float) -> float:
+    """The monotonic deadline of torch's wall-clock ``expiration_time``, at ``now``
+    (``wall``). A time long past would make a negative deadline, outside the schema of
+    what is saved: it is simply due now."""
+    return max(0.0, now + (request.expiration_time - wall))
 
 
 def _ignore(_: object) -> None:
@@ -188,11 +197,8 @@ class Watchdog:
             if m.expiration_time < 0:
                 self._disarm("disarm", m.pid, m.scope_id, None)
             else:
-                # A wall-clock time long past would make a negative monotonic deadline,
-                # outside the schema of what is saved: it is simply due now.
-                deadline = max(0.0, now + (m.expiration_time - wall))
                 signal = max(m.signal, 0)  # torch's "will not kill" is negative
-                self._arm("arm", m.pid, m.scope_id, deadline, signal, None, None)
+                self._arm("arm", m.pid, m.scope_id, _v1_deadline(m, now, wall), signal, None, None)
         elif isinstance(m, DisarmAll):
             self._disarm("disarm_all", m.pid, None, m.start_time)
         elif isinstance(m, Expire):
@@ -279,6 +285,9 @@ class Watchdog:
                 self._expired(expiry, now, together)
         # Captures whose budget ran out: signal now.
         self._signalled(self._reaper.due(now), self._reaper.escalate(now))
+        refused = self._refused  # in the order they end: let go of the pidfds of those past
+        while refused and next(iter(refused.values()))[2] <= now:
+            self._forget_refusal(next(iter(refused)))
 
     def finish(self, now: float) -> int:
         """The server stops: signal now the reaps waiting for their capture, and SIGKILL
@@ -309,21 +318,35 @@ class Watchdog:
         """A snapshot of the armed timers."""
         return list(self.table)
 
-    def as_bound(self, results: Sequence[Incoming]) -> List[Message]:
-        """The messages among ``results`` that are about a process (no marker, error or
-        refusal), each with the start time of the process its pid is bound to now when it
-        named none: what a journal keeps, so that a restart applies them to that process
-        only (a pid reused meanwhile is refused)."""
+    def as_bound(self, results: Sequence[Incoming], now: float, wall: float) -> List[Message]:
+        """What a journal keeps of ``results``, just applied at ``now`` (``wall``): their
+        messages about a process, each naming the start time of the process its pid is
+        bound to (a restart applies them to that process only), a version 1 request as
+        the arm or disarm it was. An arm or expire whose pid is bound to nobody now (it
+        was refused) is left out: at a restart it could bind a process that took the pid.
+        """
         out: List[Message] = []
         for result in results:
-            if type(result) not in ABOUT_A_PROCESS:
+            kind = type(result)
+            if kind not in ABOUT_A_PROCESS:
                 continue
-            message = cast(Union[Arm, Disarm, DisarmAll, Expire, TimerRequestV1], result)
-            if type(message) is not TimerRequestV1 and message.start_time is None:  # type: ignore[union-attr]
-                worker = self._workers.get(message.pid)
-                if worker is not None and worker.start_time is not None:
-                    message = msgspec.structs.replace(message, start_time=worker.start_time)
-            out.append(message)
+            m = cast(Union[Arm, Disarm, DisarmAll, Expire, TimerRequestV1], result)
+            worker = self._workers.get(m.pid)
+            start_time = None if worker is None else worker.start_time
+            if isinstance(m, TimerRequestV1):
+                if m.is_release:
+                    m = Disarm(m.pid, m.scope_id, start_time)
+                elif worker is not None:
+                    deadline = _v1_deadline(m, now, wall)
+                    m = Arm(m.pid, m.scope_id, deadline, max(m.signal, 0), start_time)
+                else:
+                    continue
+            elif worker is None:
+                if not isinstance(m, (Disarm, DisarmAll)):
+                    continue
+            elif m.start_time is None and start_time is not None:
+                m = msgspec.structs.replace(m, start_time=start_time)
+            out.append(m)
         return out
 
     def workers(self) -> List[Worker]:

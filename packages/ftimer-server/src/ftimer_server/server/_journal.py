@@ -12,10 +12,11 @@ the segments from the one it names. Segments older than the last saved snapshot 
 deleted, so the journal holds about one save interval of traffic.
 
 A datagram of the socket is no line the FIFO's bytes could hold: its subject is whom the
-kernel vouched for, not the pid it names. So the socket's messages are kept as applied
-(with their subject's pid, and the start time of the process bound to it) in each
-segment's companion file ``<prefix>.<number>.socket``, which a restart replays after the
-FIFO's bytes.
+kernel vouched for, not the pid it names. So the socket's messages are kept as they were
+applied (with their subject's pid, and the start time of the process bound to it), as
+lines of the segment, where they were applied among the FIFO's: after the last whole
+line read from the FIFO (the unfinished one moves after them), so a replay applies
+everything in the order the server did.
 
 Segments are files ``<prefix>.<number>`` (mode 0600) beside the state file. No fsync: a
 process that dies leaves its writes in the page cache; after a power loss the boot id
@@ -80,8 +81,6 @@ class Journal:
         self._fd, self._seq = self._create((found[-1] if found else 0) + 1)
         self._size = 0
         self._failed = False
-        self._socket_fd = -1  # the segment's companion, made at its first message
-        self._socket_failed = False
         self._splice = _SPLICE
         #: Segments that could not be deleted (a directory at the name, say): said once.
         self._undeletable: Set[int] = set()
@@ -117,40 +116,28 @@ class Journal:
             except BlockingIOError:
                 raise
             except OSError as e:  # disk full, ...: keep serving, without the journal
-                self._failed = True
-                logger.error(
-                    "journal %s.%d: %s; from now on, what was read since the last save is "
-                    "lost if the server is killed",
-                    self._prefix,
-                    self._seq,
-                    e,
-                )
+                self._fail(e)
         return os.read(fd, size)
 
-    def keep(self, messages: Iterable[Message]) -> None:
-        """Keep ``messages`` of the socket, as they were applied, in the current segment's
-        companion (``<prefix>.<n>.socket``). Never raises: on an error (disk full, ...),
-        logged, the socket's messages go unkept until the next checkpoint."""
-        if self._socket_failed:
-            return
+    def keep(self, messages: Iterable[Message], pending: int) -> None:
+        """Keep ``messages`` of the socket, as they were applied, before the last
+        ``pending`` bytes of the segment (the FIFO's unfinished line: it moves after
+        them). Never raises: on an error (disk full, ...), logged, the journal stops until
+        the next checkpoint, as it does for the FIFO's bytes."""
         lines = b"".join(map(_line, messages))
-        if not lines:
+        if self._failed or not lines:
             return
+        pending = min(pending, self._size)
+        at = self._size - pending
         try:
-            if self._socket_fd < 0:
-                self._socket_fd = os.open(f"{self._prefix}.{self._seq}.socket", _FLAGS, 0o600)
-            view = memoryview(lines)
-            while view:
-                view = view[os.write(self._socket_fd, view) :]
+            data = lines + os.pread(self._fd, pending, at) if pending else lines
+            while data:
+                written = os.pwrite(self._fd, data, at)
+                data, at = data[written:], at + written
+            self._size += len(lines)
+            os.lseek(self._fd, self._size, os.SEEK_SET)  # where the FIFO's bytes go on
         except OSError as e:
-            self._socket_failed = True
-            logger.error(
-                "journal %s.%d.socket: %s; until the next save, what the socket received is "
-                "lost if the server is killed",
-                self._prefix,
-                self._seq,
-                e,
-            )
+            self._fail(e)
 
     def checkpoint(self, keep: int = 0) -> int:
         """Start a new segment with the last ``keep`` bytes of the current one (an
@@ -167,7 +154,6 @@ class Journal:
         os.close(self._fd)
         self._fd, self._size, self._seq = fd, len(carry), seq
         self._failed = False
-        self._close_socket()
         return self._seq
 
     def discard_before(self, seq: int) -> None:
@@ -179,32 +165,21 @@ class Journal:
                 break
             if n in self._undeletable:
                 continue
-            for path in self._files(n):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    self._undeletable.add(n)
-                    logger.error("journal: cannot delete %s: %s", path, e.strerror)
+            try:
+                os.unlink(f"{self._prefix}.{n}")
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self._undeletable.add(n)
+                logger.error("journal: cannot delete %s.%d: %s", self._prefix, n, e.strerror)
 
     def replay(self, first: int) -> Iterator[bytes]:
         """The bytes of the segments from ``first`` up to (not including) the current
-        one, in order, in chunks; then, from a line of their own, the socket's messages
-        kept beside them. A file that is not a regular file (a symlink is not followed),
-        or cannot be read, is skipped with an error line."""
-        numbers = [n for n in self.segments() if first <= n < self._seq]
-        last = b"\n"
-        for n in numbers:
-            for chunk in self._replay_segment(f"{self._prefix}.{n}"):
-                last = chunk
-                yield chunk
-        if not last.endswith(b"\n"):
-            yield b"\n"  # a line the kill cut short ends here, not in the socket's first
-        for n in numbers:
-            path = f"{self._prefix}.{n}.socket"
-            if os.path.lexists(path):
-                yield from self._replay_segment(path)
+        one, in order, in chunks. A segment that is not a regular file (a symlink is not
+        followed), or cannot be read, is skipped with an error line."""
+        for n in self.segments():
+            if first <= n < self._seq:
+                yield from self._replay_segment(f"{self._prefix}.{n}")
 
     def set_aside(self, first: int) -> List[str]:
         """Rename the segments from ``first`` up to the current one to
@@ -214,31 +189,28 @@ class Journal:
         for n in self.segments():
             if not first <= n < self._seq:
                 continue
-            for path in self._files(n):
-                try:
-                    if stat.S_ISREG(os.lstat(path).st_mode):
-                        moved.append(_move_aside(path))
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    logger.error("journal: cannot set %s aside: %s", path, e.strerror)
+            path = f"{self._prefix}.{n}"
+            try:
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    moved.append(_move_aside(path))
+            except OSError as e:
+                logger.error("journal: cannot set %s aside: %s", path, e.strerror)
         return moved
 
     def close(self) -> None:
         """Close the current segment (it stays on disk)."""
         with contextlib.suppress(OSError):
             os.close(self._fd)
-        self._close_socket()
 
-    def _files(self, n: int) -> Tuple[str, str]:
-        """Segment ``n``'s file and its companion for the socket's messages."""
-        return f"{self._prefix}.{n}", f"{self._prefix}.{n}.socket"
-
-    def _close_socket(self) -> None:
-        if self._socket_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._socket_fd)
-        self._socket_fd, self._socket_failed = -1, False
+    def _fail(self, e: OSError) -> None:
+        self._failed = True
+        logger.error(
+            "journal %s.%d: %s; from now on, what was read since the last save is lost if "
+            "the server is killed",
+            self._prefix,
+            self._seq,
+            e,
+        )
 
     def _replay_segment(self, path: str) -> Iterator[bytes]:
         try:

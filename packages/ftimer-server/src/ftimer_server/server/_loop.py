@@ -267,9 +267,11 @@ class Loop:
                     if received:
                         watchdog.counters.received["socket"] += len(received)
                         watchdog.counters.pid_overridden = sock.overridden
-                        tokens += watchdog.apply(received, time.monotonic(), time.time())
+                        now, wall = time.monotonic(), time.time()
+                        tokens += watchdog.apply(received, now, wall)
                         if self._journal is not None:  # under the lock, as a checkpoint
-                            self._journal.keep(watchdog.as_bound(received))
+                            kept = watchdog.as_bound(received, now, wall)
+                            self._journal.keep(kept, self.reader.buffered)
                 finally:
                     sock.release()  # the batch's pidfds vouch for nothing after it
         return tokens, horizon

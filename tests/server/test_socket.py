@@ -1017,3 +1017,67 @@ def test_a_socket_another_process_is_bound_to_is_never_replaced(
         assert select.select([sock.fd], [], [], 10)[0]
     finally:
         sock.close()
+
+
+def test_an_inspector_that_fails_refuses_the_datagram_and_the_batch_goes_on(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Its error escaped receive() ("never raises"): the loop logged it, and every
+    # datagram of the batch, disarms too, was lost.
+    class Broken(SystemInspector):
+        def parent(self, pid: int) -> int:
+            raise NotImplementedError("no parents on this platform")
+
+    child = subprocess.Popen(["sleep", "60"])
+    sock = open_socket(str(tmp_path / "s.socket"), processes=Broken())
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.connect(sock.path)
+            socket.send_fds(sender, [arm(child.pid)], [pidfd])
+            sender.send(arm(os.getpid(), scope="mine"))
+        named, mine = sock.receive()
+    finally:
+        os.close(pidfd)
+        sock.close()
+        child.kill()
+        child.wait()
+    assert isinstance(named, Refused)
+    assert named.reason is RejectReason.UNVERIFIABLE
+    assert "no parents on this platform" in named.detail
+    assert (mine.pid, mine.scope_id) == (os.getpid(), "mine")  # type: ignore[union-attr]
+
+
+def test_a_socket_whose_listener_never_accepts_is_not_waited_for_nor_replaced(
+    tmp_path: pathlib.Path,
+) -> None:
+    # The probe's connect() had no timeout: a server whose backlog was full held the
+    # start for good; and any error but "refused" took the socket for a dead one's.
+    path = str(tmp_path / "busy.socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as busy:
+        busy.bind(path)
+        busy.listen(0)
+        queued = []
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(8):  # fill the backlog
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                client.setblocking(False)
+                queued.append(client)
+                client.connect(path)
+        outcome: List[object] = []
+        thread = threading.Thread(target=lambda: outcome.append(_open_or_error(path)))
+        thread.start()
+        thread.join(30)
+        for client in queued:
+            client.close()
+    assert not thread.is_alive()
+    [error] = outcome
+    assert isinstance(error, FifoError)
+    assert "a process is bound to the socket there" in str(error)
+
+
+def _open_or_error(path: str) -> object:
+    try:
+        return open_socket(path)
+    except FifoError as e:
+        return e

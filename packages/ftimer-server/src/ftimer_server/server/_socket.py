@@ -455,6 +455,8 @@ def _subject(
         refusal = _may_name(sender, uid, target, parents, processes)
     except (ProcessLookupError, FileNotFoundError):  # reaped while it was examined
         return RejectReason.NO_SUCH_PROCESS, sender, "the process it names has exited"
+    except Exception as e:  # an inspector's (NotImplementedError, say): refuse, never raise
+        return RejectReason.UNVERIFIABLE, sender, f"cannot examine process {target}: {e!r}"
     if refusal is not None:
         return RejectReason.FOREIGN_SUBJECT, sender, refusal
     return None, target, ""
@@ -502,8 +504,13 @@ def _may_name(
             if pid <= 1:
                 break
     except (ProcessLookupError, FileNotFoundError):
-        processes.start_time(target)  # raises if the target itself is gone, not only
-        # an ancestor between it and the sender
+        # The target itself gone, or only an ancestor between it and the sender?
+        try:
+            processes.start_time(target)
+        except (ProcessLookupError, FileNotFoundError):
+            raise
+        except Exception as e:
+            return f"cannot examine process {target}: {e}"
         return f"process {target} is neither a descendant nor the parent of the sender"
     except OSError as e:
         return f"cannot examine process {target}: {e.strerror}"
@@ -580,20 +587,22 @@ def open_socket(
 
 
 def _answers(path: str) -> bool:
-    """Whether a process is bound to the socket at ``path`` (another server's, or its
-    control socket): only a socket nobody holds is left over from a server that died."""
+    """Whether a process may be bound to the socket at ``path`` (another server's, or its
+    control socket): only a socket that refuses connections is left over from a server
+    that died; one that cannot be asked (a timeout, no permission) counts as held."""
     for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
         with socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC) as probe:
+            probe.settimeout(1.0)  # a listener whose backlog is full never accepts
             try:
                 probe.connect(path)
-            except ConnectionRefusedError:
-                return False  # nobody bound to it
+            except (ConnectionRefusedError, FileNotFoundError):
+                return False  # nobody bound to it (or gone meanwhile)
             except OSError as e:
                 if e.errno == errno.EPROTOTYPE:
                     continue  # a socket of the other type: ask it as that
-                return False
+                return True
             return True
-    return False
+    return True
 
 
 def _queue_length() -> int:

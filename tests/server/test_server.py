@@ -21,6 +21,7 @@ from tests.conftest import wait_until
 from ftimer_protocol import Arm, Disarm, Expire, TimerRequestV1, encode
 from ftimer_server import (
     Armed,
+    DecodeFailed,
     Disarmed,
     Escalated,
     Expired,
@@ -698,21 +699,24 @@ def test_stop_returns_while_log_event_blocks_and_the_events_still_arrive(
     ("field", "value"),
     [("expiration_time", float("nan")), ("expiration_time", float("inf")), ("scope_id", 7)],
 )
-def test_register_timers_refuses_what_the_fifo_would(
+def test_register_timers_drops_what_the_fifo_would_and_applies_the_rest(
     fifo_path: pathlib.Path, children, field: str, value: object
 ) -> None:  # type: ignore[no-untyped-def]
     # A NaN expiration_time compares as never due in torch's server; here it armed a
     # timer due at once, and the worker was killed.
     signaller = RecordingSignaller()
+    events = Recorder()
     child = children()
-    with FileTimerServer(fifo_path, signaller=signaller) as server:
+    with FileTimerServer(fifo_path, signaller=signaller, on_event=events) as server:
         good = FileTimerRequest(child.pid, "ok", time.time() + 60, 9)
         bad = FileTimerRequest(child.pid, "bad", time.time() + 60, 9)
         setattr(bad, field, value)
-        with pytest.raises(ValueError, match=f"not a valid request: .*{field}"):
-            server.register_timers([good, bad])
+        server.register_timers([bad, good])
         server.sync()
-        assert server.armed() == []  # none of them applied
+        assert [t.scope_id for t in server.armed()] == ["ok"]
+        assert server.stats().decode_errors == {"MalformedMessage": 1}
+    [dropped] = events.of(DecodeFailed)
+    assert field in dropped.reason  # type: ignore[attr-defined]
     assert signaller.sent == []
 
 

@@ -36,6 +36,7 @@ from ftimer_protocol import (
     ENV_TORCH_FIFO,
     DisarmAll,
     FileTimerRequest,
+    MalformedMessage,
     Sync,
     TimerRequestV1,
     default_fifo_path,
@@ -520,14 +521,12 @@ class FileTimerServer:
     def register_timers(self, timer_requests: Iterable[FileTimerRequest]) -> None:
         """Apply torch's requests (ftimer's ``FileTimerRequest`` or torch's own) as if
         read from the FIFO, through the same schema, policy and identity checks (a
-        negative ``expiration_time`` releases).
-
-        Raises:
-            ValueError: a request the FIFO would refuse as malformed (a NaN or infinite
-                ``expiration_time``, a ``scope_id`` that is not a string, a pid or signal
-                out of range); none of the requests is applied.
+        negative ``expiration_time`` releases). A request the FIFO would drop as
+        malformed (a NaN or infinite ``expiration_time``, a ``scope_id`` that is not a
+        string, a pid out of range) is dropped and counted as the FIFO's are (a
+        ``DecodeFailed`` event); the others are applied.
         """
-        messages = []
+        messages: List[Union[TimerRequestV1, MalformedMessage]] = []
         for r in timer_requests:
             fields = {
                 "pid": r.worker_pid,
@@ -539,7 +538,8 @@ class FileTimerServer:
                 messages.append(msgspec.convert(fields, TimerRequestV1))
             except msgspec.ValidationError as e:
                 # A NaN time compared as never due in torch, but armed a timer due now.
-                raise ValueError(f"register_timers: {fields} is not a valid request: {e}") from None
+                excerpt = repr(fields).encode()[:64]
+                messages.append(MalformedMessage(f"register_timers: {e}", excerpt))
         with self._lock:
             self._watchdog.apply(messages, time.monotonic(), time.time())
         self._loop_or_flush()

@@ -59,6 +59,11 @@ FIFO = "/srv/t/timer.fifo"
             f"--fifo and --log-file are the same path {FIFO}",
         ),
         (
+            {"state_file": "/srv/state.json", "log_file": "/srv/state.json.lock"},
+            "the state file's lock file (the state file + .lock) and --log-file are the same "
+            "path /srv/state.json.lock",
+        ),
+        (
             {"state_file": "/srv/state.json", "log_file": "/srv/state.json.journal.7"},
             "--log-file /srv/state.json.journal.7 is a segment of the state file's journal "
             "(/srv/state.json.journal.N)",

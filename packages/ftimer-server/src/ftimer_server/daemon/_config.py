@@ -539,6 +539,10 @@ def resolve_config(
         (_label("--control-socket", origin, merged, "control_socket"), control_socket),
         (_label("--socket", origin, merged, "socket"), socket),
         (origin["state_file"], given.get("state_file")),
+        (
+            "the state file's lock file (the state file + .lock)",
+            _plus(given, "state_file", ".lock"),
+        ),
         (origin["log_file"], given.get("log_file")),
     ]
     _check_distinct(
@@ -554,6 +558,11 @@ def resolve_config(
         config_file=config_file,
         **given,
     )
+
+
+def _plus(given: Mapping[str, Any], name: str, suffix: str) -> Optional[str]:
+    path = given.get(name)
+    return None if path is None else path + suffix
 
 
 def _label(option: str, origin: Mapping[str, str], merged: Mapping[str, Any], name: str) -> str:

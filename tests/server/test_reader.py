@@ -176,6 +176,17 @@ def test_a_json_object_over_two_lines_is_not_a_message() -> None:
     assert [type(r) for r in LineReader().feed(stream)] == [MalformedMessage, MalformedMessage]
 
 
+def test_an_object_spread_over_lines_that_each_open_as_a_message_is_no_message() -> None:
+    # Each line opens with the prefix and there are as many values as lines, so the fast
+    # path took it: the first line's object, closed on the second line, was an arm.
+    stream = (
+        b'{"version":2,"op":"arm","pid":4242,"scope_id":"a","deadline":1,"signal":9,"x":[\n'
+        b'{"version":2,"op":"disarm"}]}{"version":2,"op":"sync","token":"t"}\n'
+    )
+    assert per_line(LineReader().feed(stream)) == per_line(StreamDecoder().feed(stream))
+    assert not any(isinstance(r, Arm) for r in LineReader().feed(stream))
+
+
 def test_a_label_named_version_does_not_cost_the_message() -> None:
     arm = Arm(pid=9, scope_id="s", deadline=1.0, signal=9, labels={"version": "x"})
     line = encode(arm)

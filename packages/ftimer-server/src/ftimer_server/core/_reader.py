@@ -47,6 +47,7 @@ _V2 = msgspec.json.Decoder(Union[Timer, Disarm, DisarmAll, Expire, Sync])
 _V1 = msgspec.json.Decoder(TimerRequestV1)
 # Each version's exact line openings (see ftimer_protocol's codec): a line that starts
 # otherwise may hold another version, so it takes the slow path.
+_CLOSE = ord("}")
 _FAST: Tuple[Tuple[bytes, Any], ...] = ((V2_PREFIX, _V2), *((p, _V1) for p in V1_PREFIXES))
 # msgspec's, and RecursionError for JSON nested deeper than it recurses.
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
@@ -131,11 +132,14 @@ class LineReader:
         except _DECODE_ERRORS:
             return None
         # msgspec skips blank lines, takes two values on one line and one value spread
-        # over two lines. As many values as lines, and as many lines opening with the
-        # prefix, means one message per line, all of this version.
-        if chunk.count(b"\n", start, end) != len(results):
+        # over two lines. As many values as lines, every line opening with the prefix
+        # and closing with "}" means one message per line, all of this version: inside
+        # a value, JSON puts no "{" after a "}" (only "," or a closing bracket), so each
+        # newline between "}" and "{" is between two values.
+        lines = chunk.count(b"\n", start, end)
+        if lines != len(results) or chunk[end - 2] != _CLOSE:
             return None
-        if chunk.count(b"\n" + prefix, start, end) != len(results) - 1:
+        if chunk.count(b"}\n" + prefix, start, end) != lines - 1:
             return None
         return results
 

@@ -364,3 +364,13 @@ def test_the_largest_state_the_limits_allow_loads_back(
     path = tmp_path / "state.json"
     path.write_bytes(data)
     assert load_state(str(path), BOOT, max_bytes=max_state_bytes(n)).timers == timers
+
+
+def test_files_set_aside_in_the_same_second_are_all_kept(tmp_path: pathlib.Path) -> None:
+    # Named by the second alone: the second replaced the first, evidence and all.
+    path = tmp_path / "state.json"
+    for garbage in (b"first", b"second", b"third"):
+        path.write_bytes(garbage)
+        load_state(str(path), BOOT)
+    kept = sorted(p.read_bytes() for p in tmp_path.glob("state.json.corrupt-*"))
+    assert kept == [b"first", b"second", b"third"]

@@ -37,7 +37,7 @@ import msgspec
 
 from ftimer_protocol import PIPE_BUF
 from ftimer_server.core._records import Timer
-from ftimer_server.incidents._files import NotARegularFile, file_kind, open_regular
+from ftimer_server.incidents._files import NotARegularFile, aside_path, file_kind, open_regular
 from ftimer_server.incidents._store import write_atomically
 
 __all__ = [
@@ -345,7 +345,7 @@ def _set_aside(path: str, problem: str) -> StateLoad:
     Raises:
         StatePathError: something else is there (a directory the daemon may not read).
     """
-    aside = f"{path}.corrupt-{int(time.time())}"
+    aside = aside_path(path)
     try:
         mode = os.lstat(path).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from typing import Optional, Tuple
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "O_NOFOLLOW",
     "NotAPrivateDirectory",
     "NotARegularFile",
+    "aside_path",
     "file_kind",
     "open_private_dir",
     "open_regular",
@@ -127,3 +129,14 @@ def open_regular(
         os.close(fd)
         raise
     return fd, st
+
+
+def aside_path(path: str) -> str:
+    """Where to set an unusable ``path`` aside: ``<path>.corrupt-<unix time>``, with
+    ``.<n>`` after it if that is taken (one set aside in the same second is kept too)."""
+    aside = base = f"{path}.corrupt-{int(time.time())}"
+    n = 0
+    while os.path.lexists(aside):
+        n += 1
+        aside = f"{base}.{n}"
+    return aside

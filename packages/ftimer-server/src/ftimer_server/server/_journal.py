@@ -36,7 +36,6 @@ import glob
 import logging
 import os
 import stat
-import time
 from typing import Iterable, Iterator, List, Set, Tuple
 
 import msgspec
@@ -49,6 +48,7 @@ from ftimer_server.incidents._files import (
     O_CLOEXEC,
     O_NOFOLLOW,
     NotARegularFile,
+    aside_path,
     file_kind,
     open_regular,
 )
@@ -336,6 +336,6 @@ def _move_aside(path: str) -> str:
     Raises:
         OSError: it cannot be renamed.
     """
-    aside = f"{path}.corrupt-{int(time.time())}"
+    aside = aside_path(path)
     os.replace(path, aside)
     return aside

@@ -59,7 +59,7 @@ from ._loop import Loop
 from ._process import ProcessInspector, SystemInspector, raise_fd_limit
 from ._signaller import OsSignaller, RecordingSignaller, Signaller
 from ._socket import DatagramSocket, open_socket
-from ._torch import LogEvent, request_of, torch_log_event
+from ._torch import LogEvent, torch_log_event, torch_request
 
 if TYPE_CHECKING:
     from ftimer_server.incidents._diagnostics import Diagnostics
@@ -559,7 +559,7 @@ class FileTimerServer:
         expired: Dict[int, List[FileTimerRequest]] = {}
         for timer in self.armed():
             if timer.deadline <= due:
-                expired.setdefault(timer.pid, []).append(request_of(timer))
+                expired.setdefault(timer.pid, []).append(torch_request(timer))
         return expired
 
     @staticmethod
@@ -779,7 +779,7 @@ class FileTimerServer:
         for event in events:
             if isinstance(event, Expired):
                 timer = event.timer
-                expired.setdefault(timer.pid, []).append(request_of(timer).to_json())
+                expired.setdefault(timer.pid, []).append(torch_request(timer).to_json())
         if expired:
             assert self._log_debug_info is not None
             self._calling = "log_debug_info"

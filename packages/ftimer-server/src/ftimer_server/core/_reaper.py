@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+import math
+from typing import Dict, Generic, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from ._events import Escalated, Reaped
 from ._host import KILL, CaptureRequest, Host, Peer
@@ -18,6 +19,8 @@ from ._records import Worker
 from ._table import Expiry
 
 __all__ = ["Reaper"]
+
+T = TypeVar("T")
 
 
 class Reaper:
@@ -54,14 +57,11 @@ class Reaper:
         self._host = host
         self._escalate_after = escalate_after
         self._override = signal_override
-        # pid -> (due time, worker, labels); the heap orders due times, lazily deleted.
-        self._pending: Dict[int, Tuple[float, Worker, Optional[Dict[str, str]]]] = {}
-        self._heap: List[Tuple[float, int, int]] = []
-        self._seq = itertools.count()
         self._capture_budget = capture_budget
-        # pid -> the reap waiting for its capture; the heap orders their budgets' ends.
-        self._capturing: Dict[int, _Capture] = {}
-        self._capture_heap: List[Tuple[float, int, int]] = []
+        #: The reaps waiting for their capture, due at their budget's end.
+        self._capturing: _Schedule[_Capture] = _Schedule()
+        #: The reaped workers in their grace period, due for SIGKILL at its end.
+        self._pending: _Schedule[Tuple[Worker, Optional[Dict[str, str]]]] = _Schedule()
 
     def reap(
         self,
@@ -95,33 +95,24 @@ class Reaper:
             )
             incident = self._host.capture(request)
             if incident is not None:
-                due = now + self._capture_budget
-                self._capturing[worker.pid] = _Capture(due, worker, expiry, signal, incident)
-                heapq.heappush(self._capture_heap, (due, next(self._seq), worker.pid))
+                capture = _Capture(worker, expiry, signal, incident)
+                self._capturing.put(worker.pid, now + self._capture_budget, capture)
                 return incident
         return self._signal(worker, expiry, signal, now, None)
 
     def captured(self, pid: int, now: float) -> Optional[Reaped]:
         """The host finished capturing ``pid``: signal it now (``None`` if it was not
         waiting: its budget ran out first, or it exited)."""
-        pending = self._capturing.pop(pid, None)
-        if pending is None:
-            return None
-        return self._signal(pending.worker, pending.expiry, pending.signal, now, pending.incident)
+        capture = self._capturing.pop(pid)
+        return None if capture is None else self._signal_captured(capture, now)
 
     def due(self, now: float) -> List[Reaped]:
         """Signal the workers whose capture budget ended at or before ``now``."""
-        out: List[Reaped] = []
-        heap = self._capture_heap
-        while heap and heap[0][0] <= now:
-            due, _, pid = heapq.heappop(heap)
-            pending = self._capturing.get(pid)
-            if pending is None or pending.due != due:
-                continue
-            del self._capturing[pid]
-            p = pending
-            out.append(self._signal(p.worker, p.expiry, p.signal, now, p.incident))
-        return out
+        return [self._signal_captured(c, now) for _, c in self._capturing.pop_due(now)]
+
+    def _signal_captured(self, capture: _Capture, now: float) -> Reaped:
+        c = capture
+        return self._signal(c.worker, c.expiry, c.signal, now, c.incident)
 
     def _signal(
         self, worker: Worker, expiry: Expiry, signal: int, now: float, incident: Optional[str]
@@ -130,9 +121,7 @@ class Reaper:
         assert decider is not None
         delivery = self._host.reap(worker, signal, expiry, now)
         if delivery.delivered and self._escalate_after is not None and signal != KILL:
-            due = now + self._escalate_after
-            self._pending[worker.pid] = (due, worker, decider.labels)
-            heapq.heappush(self._heap, (due, next(self._seq), worker.pid))
+            self._pending.put(worker.pid, now + self._escalate_after, (worker, decider.labels))
         return Reaped(
             pid=worker.pid,
             start_time=worker.start_time,
@@ -153,31 +142,14 @@ class Reaper:
     def forget(self, pid: int) -> Optional[str]:
         """Cancel what is pending for ``pid`` (it exited); return the id of the incident
         whose capture it exited during, if any."""
-        self._pending.pop(pid, None)
-        pending = self._capturing.pop(pid, None)
-        return None if pending is None else pending.incident
+        self._pending.pop(pid)
+        capture = self._capturing.pop(pid)
+        return None if capture is None else capture.incident
 
     def next_deadline(self) -> Optional[float]:
         """When the next capture budget ends or escalation is due, or ``None``."""
-        ends = self._capture_heap
-        while ends and (
-            ends[0][2] not in self._capturing or self._capturing[ends[0][2]].due != ends[0][0]
-        ):
-            heapq.heappop(ends)
-        escalation = self._next_escalation()
-        if not ends:
-            return escalation
-        return ends[0][0] if escalation is None else min(ends[0][0], escalation)
-
-    def _next_escalation(self) -> Optional[float]:
-        heap = self._heap
-        while heap:
-            due, _, pid = heap[0]
-            entry = self._pending.get(pid)
-            if entry is not None and entry[0] == due:
-                return due
-            heapq.heappop(heap)
-        return None
+        ends = [t for t in (self._capturing.next_due(), self._pending.next_due()) if t is not None]
+        return min(ends, default=None)
 
     def finish(self, now: float) -> Tuple[List[Reaped], List[Tuple[Worker, Optional[Escalated]]]]:
         """Do now what is pending, for a server that stops (it could not do it later: a
@@ -187,10 +159,7 @@ class Reaper:
         Returns:
             The reaps, and the escalations as ``escalate()`` returns them.
         """
-        captures = sorted(self._capturing.values(), key=lambda c: c.due)
-        self._capturing.clear()
-        self._capture_heap.clear()
-        reaped = [self._signal(c.worker, c.expiry, c.signal, now, c.incident) for c in captures]
+        reaped = [self._signal_captured(c, now) for _, c in self._capturing.pop_due(math.inf)]
         return reaped, self.escalate(now, early=True)
 
     def escalate(
@@ -202,20 +171,13 @@ class Reaper:
         Returns (worker, event) pairs; the event is ``None`` for a worker found dead.
         """
         out: List[Tuple[Worker, Optional[Escalated]]] = []
-        heap = self._heap
-        while heap and (early or heap[0][0] <= now):
-            due, _, pid = heapq.heappop(heap)
-            entry = self._pending.get(pid)
-            if entry is None or entry[0] != due:
-                continue
-            del self._pending[pid]
-            _, worker, labels = entry
+        for due, (worker, labels) in self._pending.pop_due(math.inf if early else now):
             if not self._host.alive(worker):
                 out.append((worker, None))
                 continue
             delivery = self._host.signal(worker, KILL)
             event = Escalated(
-                pid=pid,
+                pid=worker.pid,
                 start_time=worker.start_time,
                 signal=KILL,
                 after=(self._escalate_after or 0.0) - max(0.0, due - now),
@@ -228,15 +190,55 @@ class Reaper:
 
 
 class _Capture:
-    """A reap waiting for its capture: signalled at ``due`` at the latest."""
+    """A reap waiting for its capture."""
 
-    __slots__ = ("due", "expiry", "incident", "signal", "worker")
+    __slots__ = ("expiry", "incident", "signal", "worker")
 
-    def __init__(
-        self, due: float, worker: Worker, expiry: Expiry, signal: int, incident: str
-    ) -> None:
-        self.due = due
+    def __init__(self, worker: Worker, expiry: Expiry, signal: int, incident: str) -> None:
         self.worker = worker
         self.expiry = expiry
         self.signal = signal
         self.incident = incident
+
+
+class _Schedule(Generic[T]):
+    """Items by pid, each due at a time: a dict, and a heap of due times whose entries
+    for items replaced or removed meanwhile are skipped when met."""
+
+    def __init__(self) -> None:
+        self._items: Dict[int, Tuple[float, T]] = {}
+        self._heap: List[Tuple[float, int, int]] = []
+        self._seq = itertools.count()  # ties in due time: first put, first due
+
+    def __contains__(self, pid: int) -> bool:
+        return pid in self._items
+
+    def put(self, pid: int, due: float, item: T) -> None:
+        """Schedule ``item`` of ``pid`` at ``due``, replacing the one it had."""
+        self._items[pid] = (due, item)
+        heapq.heappush(self._heap, (due, next(self._seq), pid))
+
+    def pop(self, pid: int) -> Optional[T]:
+        """Remove and return the item of ``pid``, if any."""
+        entry = self._items.pop(pid, None)
+        return None if entry is None else entry[1]
+
+    def next_due(self) -> Optional[float]:
+        """The earliest due time, or ``None``."""
+        heap = self._heap
+        while heap and not self._current(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def pop_due(self, now: float) -> Iterator[Tuple[float, T]]:
+        """Remove the items due at or before ``now`` and yield them, as (due, item),
+        earliest first."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if self._current(entry):
+                yield self._items.pop(entry[2])
+
+    def _current(self, entry: Tuple[float, int, int]) -> bool:
+        item = self._items.get(entry[2])
+        return item is not None and item[0] == entry[0]

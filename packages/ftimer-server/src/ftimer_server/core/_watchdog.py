@@ -240,10 +240,7 @@ class Watchdog:
         (unless its budget ran out first, or it exited)."""
         reaped = self._reaper.captured(pid, now)
         if reaped is not None:
-            self._emit(reaped)
-            worker = self._workers.get(pid)
-            if worker is not None:
-                self._release_if_idle(worker)
+            self._signalled([reaped], [])
 
     # -- time --------------------------------------------------------------------------
 

@@ -36,10 +36,10 @@ from ._config import (
     control_socket_for,
     load_config_file,
     resolve_config,
-    signal_label,
 )
 from ._control import DaemonNotRunning, query_status
 from ._daemon import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_daemon
+from ._daemon_log import signal_label
 from ._incidents import DEFAULT_WINDOW, list_incidents, merge_incidents, show_incident
 from ._logging import LOG_FORMATS, LOG_LEVELS
 

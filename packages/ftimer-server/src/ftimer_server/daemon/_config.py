@@ -36,13 +36,14 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, TypeVa
 
 import msgspec
 
-from ftimer_protocol import FIFO_ENV_VARS, default_fifo_path, signal_name, socket_path_for
+from ftimer_protocol import FIFO_ENV_VARS, default_fifo_path, socket_path_for
 from ftimer_protocol import parse_signal as _parse_signal
 from ftimer_protocol._limits import LABEL_KEY_PATTERN
 from ftimer_server.incidents._files import NotARegularFile, open_regular
 from ftimer_server.incidents._options import CAPTURE_METHODS as INCIDENT_METHODS
 
 from ._logging import LOG_FORMATS, LOG_LEVELS
+from ._metrics import MetricsUnavailable, prometheus
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,7 +69,6 @@ __all__ = [
     "parse_signal",
     "parse_size",
     "resolve_config",
-    "signal_label",
 ]
 
 #: Seconds before SIGKILL when ``signal`` is set to something else and ``grace`` is not.
@@ -310,11 +310,6 @@ def parse_signal(value: Union[int, str]) -> int:
         return _parse_signal(value)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-def signal_label(num: int) -> str:
-    """``9`` -> ``"SIGKILL"``, ``0`` -> ``"report-only"``; an unnamed number stays a number."""
-    return "report-only" if num == 0 else signal_name(num)
 
 
 def parse_mode(value: Union[int, str]) -> int:
@@ -657,9 +652,6 @@ def _served(value: str) -> Tuple[str, int]:
         ConfigError: the address is invalid, or prometheus_client cannot be imported.
     """
     address = parse_address(value)
-    # Imported here, not at the top: _metrics imports this module.
-    from ._metrics import MetricsUnavailable, prometheus  # noqa: PLC0415
-
     try:
         prometheus()
     except MetricsUnavailable as e:

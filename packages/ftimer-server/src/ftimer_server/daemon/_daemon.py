@@ -53,10 +53,9 @@ from ._config import (
     DaemonConfig,
     load_config_file,
     resolve_config,
-    signal_label,
 )
 from ._control import ControlServer, ControlSocketBusy
-from ._daemon_log import describe, event_fields
+from ._daemon_log import describe, event_fields, signal_label
 from ._logging import LoggingSetup
 from ._metrics import Metrics, MetricsUnavailable
 from ._state import (

@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import msgspec
 
+from ftimer_protocol import signal_name
 from ftimer_server.core._events import (
     Armed,
     DecodeFailed,
@@ -26,11 +27,15 @@ from ftimer_server.core._events import (
     WorkerGone,
 )
 
-from ._config import signal_label
-
-__all__ = ["describe", "event_fields"]
+__all__ = ["describe", "event_fields", "signal_label"]
 
 Line = Tuple[int, str, Tuple[Any, ...]]
+
+
+def signal_label(num: int) -> str:
+    """``9`` -> ``"SIGKILL"``, ``0`` -> ``"report-only"``; an unnamed number stays a number."""
+    return "report-only" if num == 0 else signal_name(num)
+
 
 # Refusals of a saved timer whose worker died while the daemon was down are expected.
 _ROUTINE_RESTORE = (RejectReason.NO_SUCH_PROCESS, RejectReason.IDENTITY_MISMATCH)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Tuple
 
 from ftimer_server.core._stats import Stats
 
-from ._config import signal_label
+from ._daemon_log import signal_label
 
 __all__ = ["REAP_LATENCY_BUCKETS", "Metrics", "MetricsUnavailable", "prometheus"]
 #: Capture times: py-spy takes tens of milliseconds, a budget a few seconds.

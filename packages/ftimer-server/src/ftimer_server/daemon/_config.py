@@ -39,7 +39,7 @@ import msgspec
 from ftimer_protocol import FIFO_ENV_VARS, default_fifo_path, socket_path_for
 from ftimer_protocol import parse_signal as _parse_signal
 from ftimer_protocol._limits import LABEL_KEY_PATTERN
-from ftimer_server.incidents._files import NotARegularFile, open_regular
+from ftimer_server._files import NotARegularFile, open_regular
 from ftimer_server.incidents._options import CAPTURE_METHODS as INCIDENT_METHODS
 
 from ._logging import LOG_FORMATS, LOG_LEVELS

@@ -28,8 +28,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple
 
+from ftimer_server._files import NotARegularFile, file_kind, open_regular
 from ftimer_server.core._report import printable
-from ftimer_server.incidents._files import NotARegularFile, file_kind, open_regular
 
 __all__ = [
     "LOG_FORMATS",

@@ -36,9 +36,14 @@ from typing import Callable, List, Optional, Tuple
 import msgspec
 
 from ftimer_protocol import PIPE_BUF
+from ftimer_server._files import (
+    NotARegularFile,
+    aside_path,
+    file_kind,
+    open_regular,
+    write_atomically,
+)
 from ftimer_server.core._records import Timer
-from ftimer_server.incidents._files import NotARegularFile, aside_path, file_kind, open_regular
-from ftimer_server.incidents._store import write_atomically
 
 __all__ = [
     "STATE_BYTES_PER_TIMER",

@@ -2,8 +2,7 @@
 
 Capture methods (py-spy, the worker's own faulthandler hook, /proc facts, gcore), the
 signal to a worker's descendants, the incident directory, and ``Diagnostics``, which runs
-the captures the core asks for off the loop and writes one incident per reap; and, in
-``_files``, the safe opening of files and directories, which the server and the daemon
-use too. Below the server (it uses the core's types only); the record, the grouping and
-the report are pure and live in the core. See docs/incidents.md.
+the captures the core asks for off the loop and writes one incident per reap. Below the
+server (it uses the core's types only); the record, the grouping and the report are pure
+and live in the core. See docs/incidents.md.
 """

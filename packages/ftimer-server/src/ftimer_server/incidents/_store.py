@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -37,15 +36,15 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import msgspec
 
-from ftimer_server.core._incident import INCIDENT_VERSION, Incident
-from ftimer_server.core._report import render
-
-from ._files import (
+from ftimer_server._files import (
     O_CLOEXEC,
     O_DIRECTORY,
     NotAPrivateDirectory,
     open_private_dir,
+    write_atomically,
 )
+from ftimer_server.core._incident import INCIDENT_VERSION, Incident
+from ftimer_server.core._report import render
 
 __all__ = [
     "IncidentError",
@@ -327,26 +326,6 @@ def _locked(directory: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data``: a 0600 temporary file beside it, fsync, rename.
-
-    Raises:
-        OSError: from any step; the temporary file is removed.
-    """
-    directory, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _ensure_private_dir(directory: str) -> None:

@@ -34,7 +34,7 @@ import termios
 from typing import Optional, Tuple, Union
 
 from ftimer_protocol import default_fifo_path
-from ftimer_server.incidents._files import (
+from ftimer_server._files import (
     O_CLOEXEC,
     O_NOFOLLOW,
     NotAPrivateDirectory,

@@ -44,7 +44,7 @@ from ftimer_protocol import V2_PREFIX, Message, TimerRequestV1
 
 __all__ = ["Journal"]
 
-from ftimer_server.incidents._files import (
+from ftimer_server._files import (
     O_CLOEXEC,
     O_NOFOLLOW,
     NotARegularFile,

@@ -1,13 +1,16 @@
-"""Opening a file the daemon is only willing to read or lock if it is a regular file:
-never waiting on a FIFO put at its path, never following a symlink unless told to, and
-saying what is there instead; and a directory only if it is this user's and nobody
-else may write it (the FIFO's, the incidents')."""
+"""Files the server, the daemon and the incidents share the care of: opening a file it
+is only willing to read or lock if it is a regular file (never waiting on a FIFO put at
+its path, never following a symlink unless told to, and saying what is there instead);
+a directory only if it is this user's and nobody else may write it (the FIFO's, the
+incidents'); replacing a file atomically; setting an unusable one aside."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import tempfile
 import time
 from typing import Optional, Tuple
 
@@ -21,6 +24,7 @@ __all__ = [
     "file_kind",
     "open_private_dir",
     "open_regular",
+    "write_atomically",
 ]
 
 #: Open flags, 0 where the platform has none.
@@ -140,3 +144,23 @@ def aside_path(path: str) -> str:
         n += 1
         aside = f"{base}.{n}"
     return aside
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data``: a 0600 temporary file beside it, fsync, rename.
+
+    Raises:
+        OSError: from any step; the temporary file is removed.
+    """
+    directory, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

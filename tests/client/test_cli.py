@@ -111,6 +111,15 @@ def test_exec_command_runs_with_default_sigpipe(peer: FifoPeer) -> None:
     assert done.returncode == 128 + signal.SIGPIPE
 
 
+def test_exec_command_runs_with_default_sigxfsz(peer: FifoPeer) -> None:
+    # Python ignores SIGXFSZ too: CMD inherited it ignored (a file over its size limit
+    # then failed with EFBIG instead of killing CMD, as it would from a shell).
+    done = ftimer(
+        "exec", "--fifo", str(peer.path), "--after", "60", "--", "sh", "-c", "kill -XFSZ $$"
+    )
+    assert done.returncode == 128 + signal.SIGXFSZ
+
+
 def test_exec_passes_sigterm_on_to_the_command(peer: FifoPeer) -> None:
     script = 'trap "exit 42" TERM; echo ready; while :; do sleep 0.05; done'
     with subprocess.Popen(
@@ -189,6 +198,14 @@ def test_exec_command_not_found(peer: FifoPeer) -> None:
     done = ftimer("exec", "--fifo", str(peer.path), "--after", "5", "--", "/nonexistent/x")
     assert done.returncode == 127
     assert "/nonexistent/x" in done.stderr
+    assert server_state(peer.wait_count(2)) == {}
+
+
+def test_exec_of_an_empty_name_is_not_found_and_says_so(peer: FifoPeer) -> None:
+    # It exited 126 without a word (execvp raised ValueError, not OSError).
+    done = ftimer("exec", "--fifo", str(peer.path), "--after", "5", "--", "")
+    assert done.returncode == 127
+    assert "command not found" in done.stderr
     assert server_state(peer.wait_count(2)) == {}
 
 
@@ -330,3 +347,44 @@ def test_at_the_fifo_torchs_agent_serves_itself_torchs_protocol_is_spoken(
     (request,) = peer.wait_count(1)
     assert isinstance(request, TimerRequestV1)  # the only lines torch's server reads
     assert (request.pid, request.scope_id) == (ME, "s")
+
+
+def test_with_stderr_closed_nothing_goes_into_stdout(tmp_path: pathlib.Path) -> None:
+    # print(file=sys.stderr) with stderr closed writes to stdout: the warning went into
+    # the output of the caller (or of CMD).
+    done = subprocess.run(
+        [*FTIMER, "exec", "--fifo", str(tmp_path / "none"), "--after", "5",
+         "--on-unavailable", "warn", "--", "echo", "CMDOUT"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=30,
+        preexec_fn=lambda: os.close(2),
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, "CMDOUT\n")
+
+
+def test_a_parent_that_adopted_the_command_is_never_armed(peer: FifoPeer) -> None:
+    # `ftimer arm ... &` whose shell exited first: its parent was whoever adopted it (an
+    # init or a subreaper), which the timer then reaped. Here the shell is started in a
+    # session of its own, and exits at once; ftimer's parent becomes this test process,
+    # in another session.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER: orphans come here
+    try:
+        shell = subprocess.Popen(
+            ["setsid", "sh", "-c",
+             'exec 3>&1; (sleep 0.3; exec "$@" >&3 2>&3) & echo $!; exit 0', "sh",
+             *FTIMER, "arm", "--fifo", str(peer.path), "--scope", "s", "--after", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        assert shell.stdout is not None
+        orphan = int(shell.stdout.readline())
+        assert shell.wait(10) == 0
+        _, status = os.waitpid(orphan, 0)  # adopted: this process reaps it
+        said = shell.stdout.read()
+        shell.stdout.close()
+    finally:
+        libc.prctl(36, 0, 0, 0, 0)
+    assert os.waitstatus_to_exitcode(status) == EXIT_USAGE
+    assert "the shell that ran this command has exited" in said
+    assert peer.messages == []  # nothing sent

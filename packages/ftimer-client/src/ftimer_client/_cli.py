@@ -239,6 +239,10 @@ def _client(args: argparse.Namespace, pid: int) -> FileTimerClient:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``ftimer`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    if sys.stderr is None:
+        # Started with stderr closed: print(file=None) writes to stdout, which is CMD's
+        # or the caller's output. Say nothing instead.
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -269,6 +273,12 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "exec":
             return _exec(command, args)
         pid = os.getppid() if args.pid is None else args.pid
+        if args.pid is None and _adopted(pid):
+            command.error(
+                f"the shell that ran this command has exited: process {pid}, not that "
+                "shell, is its parent now (`ftimer arm ... &` at the end of a script?); "
+                "give --pid $$ in the shell"
+            )
         if pid == 1:
             # The calling shell is the init of its PID namespace (a container's): the
             # server refuses pid 1 from the FIFO, and tells it from the host's over the
@@ -316,6 +326,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adopted(parent: int) -> bool:
+    """Whether ``parent`` cannot be the shell that ran this command: the commands a shell
+    runs share its session, so a parent in another session adopted this command after
+    that shell exited (an init or a subreaper, whose reap would hit what it serves)."""
+    try:
+        return os.getsid(parent) != os.getsid(0)
+    except OSError:  # gone too: the server will find no such process
+        return False
+
+
 def _connected_path(client: FileTimerClient) -> str:
     """The path of the server's end the client is connected to (its socket, found beside
     the FIFO by default), else its path."""
@@ -358,12 +378,17 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             os.close(gate_w)
             os.close(err_r)
             if os.read(gate_r, 1) == b"1":
-                # Python ignores SIGPIPE; CMD gets the default back, as with subprocess.
-                signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+                # Python ignores SIGPIPE and SIGXFSZ; CMD gets the defaults back, as with
+                # subprocess.
+                for ignored in (signal.SIGPIPE, signal.SIGXFSZ):
+                    signal.signal(ignored, signal.SIG_DFL)
                 os.execvp(cmd[0], cmd)
         except OSError as e:
             code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_RUN
             os.write(err_w, f"{code} {e}".encode())
+        except ValueError:  # an empty name, or a NUL in it
+            code = EXIT_NOT_FOUND
+            os.write(err_w, f"{code} command not found".encode())
         finally:
             os._exit(code)
     os.close(gate_r)

@@ -156,7 +156,44 @@ def test_an_unreadable_record_is_skipped_with_a_warning(
     (tmp_path / "a.json").mkdir()  # a name that cannot be read as a file
     with caplog.at_level(logging.WARNING, logger="ftimer_server.incidents"):
         assert store.list() == []
-    assert "cannot read incident file" in caplog.text
+    assert "a.json is a directory, not an incident record" in caplog.text
+
+
+def test_a_fifo_among_the_records_is_skipped_not_waited_on(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # open() of a FIFO nobody writes waits for a writer: the listing hung for good.
+    store = IncidentStore(str(tmp_path))
+    store.write(make(1))
+    os.mkfifo(tmp_path / "x.json")
+    with caplog.at_level(logging.WARNING, logger="ftimer_server.incidents"):
+        outcome: list = []
+        thread = threading.Thread(target=lambda: outcome.append(store.list()), daemon=True)
+        thread.start()
+        thread.join(30)
+        if thread.is_alive():  # let it go, then fail
+            os.close(os.open(tmp_path / "x.json", os.O_WRONLY | os.O_NONBLOCK))
+            pytest.fail("listing the incidents waited on a FIFO")
+    [summary] = outcome[0]
+    assert summary.id == make(1).id
+    assert "x.json is a FIFO, not an incident record" in caplog.text
+
+
+@pytest.mark.parametrize("created", [3e11, -1.0, 1e300])
+def test_a_record_from_beyond_the_calendar_is_skipped(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, created: float
+) -> None:
+    # Its date could not be shown: the listing (and show, and merge) ended in a traceback
+    # and showed nothing, not even the good records.
+    store = IncidentStore(str(tmp_path))
+    store.write(make(1))
+    bad = msgspec.structs.replace(make(2), created=0.0)
+    doc = msgspec.json.decode(msgspec.json.encode(bad))
+    doc["created"] = created
+    (tmp_path / f"{bad.id}.json").write_bytes(msgspec.json.encode(doc))
+    with caplog.at_level(logging.WARNING, logger="ftimer_server.incidents"):
+        assert [s.id for s in store.list()] == [make(1).id]
+    assert "is not an incident record" in caplog.text
 
 
 # -- retention -------------------------------------------------------------------------

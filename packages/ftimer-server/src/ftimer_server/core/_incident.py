@@ -11,7 +11,7 @@ a new ``version``.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Annotated, Dict, List, Optional
 
 import msgspec
 
@@ -26,6 +26,9 @@ __all__ = [
 ]
 
 INCIDENT_VERSION = 1
+#: A record's wall-clock time, bounded so that every record read can be shown as a date
+#: (a year past 9999 cannot be).
+Created = Annotated[float, msgspec.Meta(ge=0, le=1e11)]
 
 
 class Frame(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
@@ -184,7 +187,7 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     version: int = INCIDENT_VERSION
     id: str
     host: str
-    created: float
+    created: Created
     pid: int
     start_time: Optional[int] = None
     scope_id: str

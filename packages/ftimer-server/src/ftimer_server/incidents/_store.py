@@ -40,10 +40,12 @@ from ftimer_server._files import (
     O_CLOEXEC,
     O_DIRECTORY,
     NotAPrivateDirectory,
+    NotARegularFile,
     open_private_dir,
+    open_regular,
     write_atomically,
 )
-from ftimer_server.core._incident import INCIDENT_VERSION, Incident
+from ftimer_server.core._incident import INCIDENT_VERSION, Created, Incident
 from ftimer_server.core._report import render
 
 __all__ = [
@@ -83,7 +85,7 @@ class IncidentSummary(msgspec.Struct, frozen=True, kw_only=True):
     version: int
     id: str
     host: str
-    created: float
+    created: Created
     pid: int
     scope_id: str
     signal: int
@@ -383,6 +385,10 @@ def _read_summary(path: str) -> IncidentSummary:
     return msgspec.structs.replace(summary, path=path)
 
 
+#: The largest record read: every capture's output is bounded (each tool's at 64 MiB).
+MAX_RECORD_BYTES = 1 << 30
+
+
 def _versioned(path: str) -> bytes:
     """The bytes of a record whose version this server reads.
 
@@ -390,12 +396,18 @@ def _versioned(path: str) -> bytes:
         IncidentError: missing, unreadable, not JSON with a version, another version.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        # Never waiting on a FIFO put among the records, nor reading /dev/zero to the end.
+        fd, _ = open_regular(path, follow=True)
+        with open(fd, "rb") as f:
+            data = f.read(MAX_RECORD_BYTES + 1)
     except FileNotFoundError:
         raise IncidentError(f"no incident file {path}") from None
+    except NotARegularFile as e:
+        raise IncidentError(f"{path} is {e.kind}, not an incident record") from None
     except OSError as e:
         raise IncidentError(f"cannot read incident file {path}: {e.strerror or e}") from None
+    if len(data) > MAX_RECORD_BYTES:
+        raise IncidentError(f"{path} is larger than an incident record may be")
     try:
         version = _version_decoder.decode(data).version
     except (msgspec.DecodeError, msgspec.ValidationError) as e:

@@ -164,8 +164,8 @@ def test_show_prints_the_text_of_an_id_its_start_or_the_newest(
 def test_list_and_show_escape_what_the_worker_sent_and_json_keeps_it(
     capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ) -> None:
-    hostile = "0\x1b]0;PWNED\x07\x1b[2J\nFAKE LOG LINE: reaped pid 1"
-    shown = r"0\x1b]0;PWNED\x07\x1b[2J\nFAKE LOG LINE: reaped pid 1"
+    hostile = "0\x1b]0;PWNED\x07\x1b[2J\nFAKE LOG LINE: reaped pid 1\u009b31m\u202e"
+    shown = r"0\x1b]0;PWNED\x07\x1b[2J\nFAKE LOG LINE: reaped pid 1\x9b31m\u202e"
     record = incident("node-a", 100, range(2))
     labels = {"job": "71", "rank": hostile}
     record = annotate(
@@ -193,6 +193,9 @@ def test_list_and_show_escape_what_the_worker_sent_and_json_keeps_it(
         assert [line for line in out.split("\n") if not line.isprintable()] == []
     code, doc, _ = run(capsys, "incidents", "--dir", directory, "show", "--json")
     assert json.loads(doc)["labels"]["rank"] == hostile  # the record as the worker sent it
+    # ... in JSON's escapes: an 8-bit CSI or a bidi override went to the terminal raw.
+    assert doc.isascii()
+    assert "\x1b" not in doc
 
 
 def test_show_json_prints_the_record(

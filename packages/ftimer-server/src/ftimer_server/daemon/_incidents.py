@@ -17,6 +17,7 @@ unreadable record); 2 bad options (including incidents of several jobs to merge 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -176,11 +177,14 @@ def show_incident(
         return EXIT_FAILURE
     if as_json:
         try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                out.write(f.read())
-        except OSError as e:  # removed by the daemon's retention since it was read
-            _error(f"cannot read {path}: {e.strerror or e}", err)
+            with open(path, "rb") as f:
+                doc = json.loads(f.read())
+        except (OSError, ValueError) as e:  # removed (or replaced) by the retention since
+            _error(f"cannot read {path}: {getattr(e, 'strerror', None) or e}", err)
             return EXIT_FAILURE
+        # The same record, every character past ASCII escaped (\u009b, \u202e): what a
+        # worker wrote never reaches the terminal as a control or a reordering.
+        out.write(json.dumps(doc, ensure_ascii=True, separators=(",", ":")) + "\n")
     else:
         out.write(render(incident))
     return EXIT_OK

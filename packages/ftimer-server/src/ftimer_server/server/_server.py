@@ -11,7 +11,6 @@ import contextlib
 import enum
 import logging
 import os
-import secrets
 import select
 import threading
 import time
@@ -479,7 +478,9 @@ class FileTimerServer:
         deadline = time.monotonic() + timeout
         # Unguessable: anyone who may write the FIFO or the socket could otherwise send
         # the next token ahead of a backlog and release the caller early.
-        token = f"ftimer-server-{secrets.token_hex(16)}"
+        # (os.urandom, what secrets uses: importing secrets loads hashlib's OpenSSL, 4 MB
+        # of the server's resident memory.)
+        token = f"ftimer-server-{os.urandom(16).hex()}"
         done = threading.Event()
         line = encode(Sync(token))
         with self._lock:

@@ -280,7 +280,7 @@ class Watchdog:
             together = [t for e in expiries for t in e.cleared] if len(expiries) > 1 else []
             for expiry in expiries:
                 self._expired(expiry, now, together)
-        # Captures whose budget ran out: signal now.
+        # Captures whose budget ran out, and grace periods that ended: signal now.
         self._signalled(self._reaper.due(now), self._reaper.escalate(now))
         refused = self._refused  # in the order they end: let go of the pidfds of those past
         while refused and next(iter(refused.values()))[2] <= now:

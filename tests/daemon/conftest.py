@@ -303,3 +303,25 @@ def worker() -> Iterator[Callable[..., Worker]]:
     yield start
     for w in started:
         w.cleanup()
+
+
+def plant_lock(lock: pathlib.Path, kind: str) -> str:
+    """Put at ``lock`` what a lock file must not be (``kind``: "symlink", to the file
+    ``target`` it makes beside it, "FIFO", "directory", "another user's file"); return
+    how the refusal names it. ``target`` holds "precious", whatever the kind."""
+    target = lock.with_name("target")
+    target.write_text("precious")
+    if kind == "symlink":
+        lock.symlink_to(target)
+        return "a symlink"
+    if kind == "FIFO":
+        os.mkfifo(lock, 0o600)
+        return "a FIFO"
+    if kind == "directory":
+        lock.mkdir()
+        return "a directory"
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a file owned by another user")
+    lock.write_bytes(b"")
+    os.chown(lock, 65534, 65534)
+    return "owned by uid 65534, not us"

@@ -23,7 +23,7 @@ from ftimer_server.daemon import _daemon
 from ftimer_server.daemon._daemon import StartupError
 from ftimer_server.server import _fifo
 
-from .conftest import PATIENCE, PYTHON, DaemonProcess, Worker
+from .conftest import PATIENCE, PYTHON, DaemonProcess, Worker, plant_lock
 
 Spawn = Callable[..., DaemonProcess]
 StartWorker = Callable[..., Worker]
@@ -122,23 +122,7 @@ def test_a_lock_file_that_is_not_the_daemons_regular_file_is_refused(
 ) -> None:
     fifo = short_dir / "timer.fifo"
     lock = short_dir / "timer.fifo.lock"
-    target = short_dir / "target"
-    target.write_text("precious")
-    if kind == "symlink":
-        lock.symlink_to(target)
-        what = "a symlink"
-    elif kind == "FIFO":
-        os.mkfifo(lock, 0o600)
-        what = "a FIFO"
-    elif kind == "directory":
-        lock.mkdir()
-        what = "a directory"
-    else:
-        if os.geteuid() != 0:
-            pytest.skip("needs root to make a file owned by another user")
-        lock.write_bytes(b"")
-        os.chown(lock, 65534, 65534)
-        what = "owned by uid 65534, not us"
+    what = plant_lock(lock, kind)
     before = os.lstat(lock)
     result = subprocess.run(
         [PYTHON, "-m", "ftimer_server", "run", "--fifo", str(fifo), "--capture", "none"],
@@ -154,7 +138,7 @@ def test_a_lock_file_that_is_not_the_daemons_regular_file_is_refused(
         before.st_mode,
         before.st_uid,
     )
-    assert target.read_text() == "precious"
+    assert (short_dir / "target").read_text() == "precious"
     assert sorted(p.name for p in short_dir.iterdir()) == ["target", "timer.fifo.lock"]
 
 

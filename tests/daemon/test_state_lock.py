@@ -21,7 +21,7 @@ from tests.conftest import wait_until
 
 from ftimer_server.daemon._state import StateBusy, StatePathError, lock_state
 
-from .conftest import PATIENCE, DaemonProcess, Worker
+from .conftest import PATIENCE, DaemonProcess, Worker, plant_lock
 
 StartWorker = Callable[..., Worker]
 
@@ -108,24 +108,11 @@ def test_a_lock_file_that_is_not_the_daemons_regular_file_is_refused(
 ) -> None:
     state = tmp_path / "state.json"
     lock = tmp_path / "state.json.lock"
-    target = tmp_path / "target"
-    target.write_text("precious")
-    if kind == "symlink":
-        lock.symlink_to(target)
-        what = "a symlink"
-    elif kind == "directory":
-        lock.mkdir()
-        what = "a directory"
-    else:
-        if os.geteuid() != 0:
-            pytest.skip("needs root to make a file owned by another user")
-        lock.write_bytes(b"")
-        os.chown(lock, 65534, 65534)
-        what = "owned by uid 65534, not us"
+    what = plant_lock(lock, kind)
     with pytest.raises(StatePathError) as refusal:
         lock_state(str(state))
     assert str(refusal.value) == f"refusing the state file's lock file {lock}: it is {what}"
-    assert target.read_text() == "precious"
+    assert (tmp_path / "target").read_text() == "precious"
 
 
 def test_a_killed_daemon_leaves_the_lock_free(

@@ -313,3 +313,14 @@ def test_the_command_exits_with_the_documented_codes(directory: pathlib.Path) ->
     usage = subprocess.run([*command, "merge"], capture_output=True)
     assert (ok.returncode, missing.returncode, usage.returncode) == (0, 1, 2)
     assert b"the following arguments are required: FILE_OR_DIR" in usage.stderr
+
+
+@pytest.mark.parametrize("window", ["nan", "-5", "inf"])
+def test_a_window_that_is_no_time_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], directory: pathlib.Path, window: str
+) -> None:
+    # NaN, negative and infinite windows were taken, and meant "every incident".
+    with pytest.raises(SystemExit) as exit_:
+        main(["incidents", "merge", str(directory), "--window", window])
+    assert exit_.value.code == 2
+    assert f"not 0 or a finite number of seconds: '{window}'" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -60,6 +61,13 @@ def _seconds(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+
+
+def _window(text: str) -> float:
+    seconds = _seconds(text)
+    if not 0 <= seconds < math.inf:  # NaN too
+        raise argparse.ArgumentTypeError(f"not 0 or a finite number of seconds: {text!r}")
+    return seconds
 
 
 def _config_file(text: str) -> str:
@@ -369,7 +377,7 @@ def _add_incidents_command(sub: Any) -> None:
     )
     merge.add_argument(
         "--window",
-        type=_seconds,
+        type=_window,
         metavar="SECONDS",
         default=DEFAULT_WINDOW,
         help=f"take the job's incidents created up to this long before its newest "

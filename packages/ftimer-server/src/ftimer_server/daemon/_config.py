@@ -528,21 +528,20 @@ def resolve_config(
     if capture is not None:
         given["capture"] = capture
     # Each file the daemon makes, replaces or appends to needs a path of its own.
+    state_file = given.get("state_file")
     files = [
         (_label("--fifo", origin, merged, "fifo"), fifo),
         ("the FIFO's lock file (the FIFO + .lock)", fifo + ".lock"),
         (_label("--control-socket", origin, merged, "control_socket"), control_socket),
         (_label("--socket", origin, merged, "socket"), socket),
-        (origin["state_file"], given.get("state_file")),
+        (origin["state_file"], state_file),
         (
             "the state file's lock file (the state file + .lock)",
-            _plus(given, "state_file", ".lock"),
+            None if state_file is None else state_file + ".lock",
         ),
         (origin["log_file"], given.get("log_file")),
     ]
-    _check_distinct(
-        [(what, path) for what, path in files if path is not None], given.get("state_file")
-    )
+    _check_distinct([(what, path) for what, path in files if path is not None], state_file)
     return DaemonConfig(
         fifo=fifo,
         fifo_group=fifo_group,
@@ -553,11 +552,6 @@ def resolve_config(
         config_file=config_file,
         **given,
     )
-
-
-def _plus(given: Mapping[str, Any], name: str, suffix: str) -> Optional[str]:
-    path = given.get(name)
-    return None if path is None else path + suffix
 
 
 def _label(option: str, origin: Mapping[str, str], merged: Mapping[str, Any], name: str) -> str:

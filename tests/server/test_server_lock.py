@@ -11,8 +11,7 @@ import pathlib
 import pytest
 
 from ftimer_protocol import Arm
-from ftimer_server import FifoError, FileTimerServer, Lifecycle, Reaped
-from ftimer_server.server._fifo import FifoBusy
+from ftimer_server import FifoBusy, FifoError, FileTimerServer, Lifecycle, Reaped
 
 from .conftest import Recorder, send, wait_exit
 

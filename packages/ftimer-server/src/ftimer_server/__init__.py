@@ -24,7 +24,7 @@ from .core._policy import Policy
 from .core._records import Timer, Worker
 from .core._stats import Stats
 from .incidents._options import IncidentOptions
-from .server._fifo import Fifo, FifoError, open_fifo
+from .server._fifo import Fifo, FifoBusy, FifoError, open_fifo
 from .server._process import ProcessInspector, SystemInspector
 from .server._server import FileTimerServer, Lifecycle
 from .server._signaller import OsSignaller, RecordingSignaller, Signaller
@@ -65,6 +65,7 @@ __all__ = [
     # the FIFO
     "Fifo",
     "FifoError",
+    "FifoBusy",
     "open_fifo",
     # torch compatibility
     "FileTimerRequest",

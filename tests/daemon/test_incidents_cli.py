@@ -4,6 +4,7 @@ through ``main`` (and once through the installed command, for its exit codes).""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -324,3 +325,23 @@ def test_a_window_that_is_no_time_is_a_usage_error(
         main(["incidents", "merge", str(directory), "--window", window])
     assert exit_.value.code == 2
     assert f"not 0 or a finite number of seconds: '{window}'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("action", [["list"], ["show"], ["show", "--json"]])
+def test_output_that_cannot_be_written_is_an_error_line_not_a_traceback(
+    directory: pathlib.Path, action: List[str]
+) -> None:
+    command = [sys.executable, "-m", "ftimer_server", "incidents", "--dir", str(directory)]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([*command, *action], stdout=full, stderr=subprocess.PIPE)
+    assert (result.returncode, result.stderr) == (
+        1,
+        b"ftimer-server: error: cannot write the output: No space left on device\n",
+    )
+    # A reader that left (`| head`) ends it quietly, with status 1.
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "w") as gone:
+        result = subprocess.run([*command, *action], stdout=gone, stderr=subprocess.PIPE)
+    assert (result.returncode, result.stderr) == (1, b"")

@@ -15,12 +15,13 @@ Exit codes (also in docs/deploy.md):
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Annotated, Any, Dict, List, Optional
+from typing import Annotated, Any, Dict, List, Optional, TextIO
 
 import msgspec
 
@@ -392,9 +393,38 @@ def _error(message: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _command(args, sys.stdout)
+    # The other commands print a report, written once it is complete: one that cannot be
+    # written (a full disk, a reader gone from the pipe) ends with an error line and
+    # status 1, not a traceback.
+    report = io.StringIO()
+    code = _command(args, report)
+    try:
+        sys.stdout.write(report.getvalue())
+        sys.stdout.flush()
+    except OSError as e:
+        _stdout_to_devnull()  # spares the interpreter's own flush at exit the same error
+        if not isinstance(e, BrokenPipeError):  # `| head` leaving is no error to report
+            _error(f"cannot write the output: {e.strerror or e}")
+        return EXIT_FAILURE
+    return code
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _command(args: argparse.Namespace, out: TextIO) -> int:
     action = getattr(args, "action", None)
     if args.command == "incidents" and action == "merge":
-        return merge_incidents(args.paths, job=args.job, window=args.window)
+        return merge_incidents(args.paths, job=args.job, window=args.window, out=out)
     cli: Dict[str, Any] = {k: v for k, v in vars(args).items() if k in SETTING_NAMES}
     config_file = getattr(args, "config", None)
     try:
@@ -405,11 +435,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _error(str(e))
         return EXIT_USAGE
     if args.command == "status":
-        return _status(config.control_socket, as_json=args.json)
+        return _status(config.control_socket, as_json=args.json, out=out)
     if args.command == "incidents":
         if action == "show":
-            return show_incident(config.incident_dir, args.id, as_json=args.json)
-        return list_incidents(config.incident_dir)
+            return show_incident(config.incident_dir, args.id, as_json=args.json, out=out)
+        return list_incidents(config.incident_dir, out=out)
     return run_daemon(config, cli)
 
 
@@ -417,7 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 SYSTEM_FIFO = SYSTEM_FIFO_PATH
 
 
-def _status(path: str, as_json: bool) -> int:
+def _status(path: str, as_json: bool, out: TextIO) -> int:
     try:
         doc = query_status(path)
     except DaemonNotRunning as e:
@@ -436,10 +466,10 @@ def _status(path: str, as_json: bool) -> int:
         _error(f"the server's reply could not be read: {printable(str(e))}")
         return EXIT_FAILURE
     if as_json:
-        json.dump(doc, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        json.dump(doc, out, indent=2)
+        out.write("\n")
     else:
-        sys.stdout.write(_format(status))
+        out.write(_format(status))
     if not status.healthy:
         _error(f"the daemon on {path} answers, but its FIFO reader does not")
         return EXIT_FAILURE

@@ -64,6 +64,8 @@ def test_signatures_match_torch() -> None:
         ({"pid": 1}, "1 is init"),
         ({"pid": -5}, "negative ids name process groups"),
         ({"pid": True}, "^pid must be"),
+        # Torch's format has no labels: they were dropped without a word.
+        ({"protocol": 1, "labels": {"job": "x"}}, "^labels need protocol 2"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(

@@ -162,3 +162,7 @@ def test_a_client_at_torchs_own_server_speaks_protocol_1(
     with pytest.warns(RuntimeWarning, match="torch's own server"):
         client = FileTimerClient(dump_signal="SIGUSR2")
     assert (client.protocol, client.dump_hook) == (1, None)
+    # Labels too (they were dropped without a word).
+    with pytest.warns(RuntimeWarning, match="^labels and dump_signal are ignored: the FIFO"):
+        client = FileTimerClient(labels={"job": "x"}, dump_signal="SIGUSR2")
+    assert (client.protocol, client.dump_hook) == (1, None)

@@ -88,7 +88,8 @@ class FileTimerClient:
 
     Raises:
         ValueError: an argument is out of range or breaks the protocol's schema;
-            ``transport`` is unknown, or ``"socket"`` with protocol 1;
+            ``transport`` is unknown, or ``"socket"`` with protocol 1; ``labels`` are
+            given with protocol 1;
             ``dump_signal`` is not SIGUSR1, SIGUSR2 or a real-time signal, is handled
             by something else in this process, differs from the hook this process
             already has, or is given with ``pid`` or protocol 1.
@@ -133,14 +134,22 @@ class FileTimerClient:
             # a stuck worker would never be reaped.
             protocol = 1
             self._route = resolve_route(file_path, transport=transport, protocol=1)
-            if dump_signal not in (None, 0):
+            ignored = [
+                name
+                for name, given in (("labels", labels), ("dump_signal", dump_signal))
+                if given  # None, 0 and {} ask for nothing
+            ]
+            if ignored:
                 warnings.warn(
-                    "dump_signal is ignored: the FIFO is served by torch's own server "
+                    f"{' and '.join(ignored)} {'are' if len(ignored) > 1 else 'is'} ignored: "
+                    "the FIFO is served by torch's own server "
                     "(TORCHELASTIC_ENABLE_FILE_TIMER=1), which reads torch's protocol 1",
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                dump_signal = 0
+                labels, dump_signal = None, 0
+        elif protocol == 1 and labels:
+            raise ValueError("labels need protocol 2: torch's format cannot carry them")
         protocol = protocol or 2
         self._signal = check_signal(signal)
         self._policy = on_unavailable

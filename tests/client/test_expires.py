@@ -305,3 +305,52 @@ def test_timer_client_is_checkable_at_runtime() -> None:
     assert isinstance(Recorder(), TimerClient)
     assert isinstance(FileTimerClient("/nonexistent/timer.fifo"), TimerClient)
     assert not isinstance(object(), TimerClient)
+
+
+class Interrupted(FileTimerClient):
+    """A client whose arm is interrupted once it went out, as by a signal handler that
+    raises KeyboardInterrupt at the arm's last step."""
+
+    def _check_still_open(self) -> None:
+        super()._check_still_open()
+        raise KeyboardInterrupt
+
+
+class InterruptedTorchClient:
+    """torch's interface: the acquire is sent, then the interrupt lands."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def acquire(self, scope_id: str, expiration_time: float) -> None:
+        self.calls.append(("acquire", scope_id))
+        raise KeyboardInterrupt
+
+    def release(self, scope_id: str) -> None:
+        self.calls.append(("release", scope_id))
+
+
+def test_an_interrupt_after_the_arm_went_out_disarms_the_block(peer: FifoPeer) -> None:
+    # No __exit__ follows a failed __enter__: the timer stayed armed, and a program that
+    # caught the interrupt and carried on was reaped when it expired.
+    client = Interrupted(peer.path, labels={})
+    with pytest.raises(KeyboardInterrupt), expires(after=60, scope="s", client=client):
+        pass
+    arm, disarm = peer.wait_count(2)
+    assert (type(arm), disarm) == (Arm, Disarm(ME, "s", arm.start_time))
+    assert client.armed == frozenset()
+    other = InterruptedTorchClient()
+    with pytest.raises(KeyboardInterrupt), expires(after=60, scope="t", client=other):
+        pass
+    assert other.calls == [("acquire", "t"), ("release", "t")]
+
+
+def test_an_arm_refused_sends_no_disarm(peer: FifoPeer) -> None:
+    client = FileTimerClient(peer.path, labels={})
+    client.arm("s", 60)  # an outer block's timer of the same scope
+    with pytest.raises(ValueError, match="duration"), expires(float("nan"), "s", client):
+        pass
+    assert client.armed == frozenset({"s"})  # the outer timer is left alone
+    client.arm("end", 60)  # the FIFO keeps order: whatever was sent comes before it
+    sent = peer.wait_for(lambda m: bool(m) and m[-1].scope_id == "end")
+    assert [(type(m), m.scope_id) for m in sent] == [(Arm, "s"), (Arm, "end")]

@@ -75,12 +75,18 @@ def default_scope_suffix() -> str:
     return suffix
 
 
+#: What an arm raises when it sent nothing (a refused argument, a closed client) or
+#: nothing that was kept (``ServerUnavailable`` and torch's ``BrokenPipeError``).
+_NOT_ARMED = (ValueError, TypeError, RuntimeError, BrokenPipeError)
+
+
 class expires:
     """Arm a timer for a block (``with``) or for each call of a function (decorator).
 
     ``with expires(after=60): step()`` arms timer ``scope`` to expire in 60 s and
     disarms it when the block exits, however it exits: an exception in the block
-    propagates unchanged, and a failure to disarm does not replace it.
+    propagates unchanged, and a failure to disarm does not replace it. An interrupt
+    (``KeyboardInterrupt``) while entering disarms it too.
 
     Args:
         after: seconds until the timer expires.
@@ -122,19 +128,25 @@ class expires:
             self._free.pop()
         except IndexError:
             raise RuntimeError("this expires object is already in use") from None
+        client = self._client if self._client is not None else _configured
+        scope = self._scope
         try:
-            client = self._client if self._client is not None else _configured
             if client is None:
                 raise RuntimeError("Configure timer client before using countdown timers.")
-            scope = self._scope
             if scope is None:
                 scope = self._site + default_scope_suffix()
             if isinstance(client, FileTimerClient) and client._plain:
                 client.arm(scope, self._after)
             else:
                 client.acquire(scope, time.time() + self._after)
-        except BaseException:
+        except BaseException as e:
             self._free.append(True)
+            if client is not None and scope is not None and not isinstance(e, _NOT_ARMED):
+                # Something else (a signal handler's KeyboardInterrupt, say) may have
+                # landed after the arm went out: no __exit__ follows a failed __enter__,
+                # so disarm here, or a program that carries on is reaped for this block.
+                with contextlib.suppress(Exception):
+                    client.release(scope)
             raise
         self._active = (client, scope)
         return self

@@ -135,6 +135,23 @@ def open_regular(
     return fd, st
 
 
+def is_same_file(path: str, st: os.stat_result) -> bool:
+    """Whether ``path`` is still the file ``st`` describes (False if it is gone)."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def unlink_if_same(path: str, st: os.stat_result) -> None:
+    """Remove ``path`` if it is still the file ``st`` describes: never what another
+    process put in its place. Errors are ignored (it is cleanup)."""
+    with contextlib.suppress(OSError):
+        if is_same_file(path, st):
+            os.unlink(path)
+
+
 def aside_path(path: str) -> str:
     """Where to set an unusable ``path`` aside: ``<path>.corrupt-<unix time>``, with
     ``.<n>`` after it if that is taken (one set aside in the same second is kept too)."""

@@ -27,6 +27,8 @@ import struct
 import threading
 from typing import Any, Callable, Dict, FrozenSet, Optional
 
+from ftimer_server._files import unlink_if_same
+
 __all__ = [
     "ControlServer",
     "ControlSocketBusy",
@@ -82,7 +84,7 @@ class ControlServer:
         self._status = status
         self._allowed = allowed_uids or frozenset({os.geteuid(), 0})
         self._sock: Optional[socket.socket] = None
-        self._inode: Optional[tuple[int, int]] = None
+        self._bound: Optional[os.stat_result] = None  # the socket start() made
         self._wake_r, self._wake_w = os.pipe()
         self._thread: Optional[threading.Thread] = None
         self._peers = threading.Condition()
@@ -114,8 +116,7 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        st = os.lstat(self.path)
-        self._inode = (st.st_dev, st.st_ino)
+        self._bound = os.lstat(self.path)
         self._sock = sock
         self._thread = threading.Thread(target=self._serve, name="ftimer-control", daemon=True)
         self._thread.start()
@@ -172,12 +173,9 @@ class ControlServer:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-            try:
-                st = os.lstat(self.path)
-                if (st.st_dev, st.st_ino) == self._inode:
-                    os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        if self._bound is not None:
+            unlink_if_same(self.path, self._bound)
+            self._bound = None
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -40,6 +40,7 @@ from ftimer_server._files import (
     NotARegularFile,
     aside_path,
     file_kind,
+    is_same_file,
     open_regular,
     write_atomically,
 )
@@ -261,10 +262,8 @@ def lock_state(path: str) -> int:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise StateBusy(lock_path) from None
-            with contextlib.suppress(FileNotFoundError):
-                now = os.lstat(lock_path)
-                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-                    return fd
+            if is_same_file(lock_path, st):
+                return fd
         except BaseException:
             os.close(fd)
             raise

@@ -40,8 +40,10 @@ from ftimer_server._files import (
     NotAPrivateDirectory,
     NotARegularFile,
     file_kind,
+    is_same_file,
     open_private_dir,
     open_regular,
+    unlink_if_same,
 )
 
 __all__ = [
@@ -114,8 +116,7 @@ class Fifo:
         self.write_fd = write_fd
         self.created = created
         self.replaced = replaced
-        st = os.fstat(read_fd)
-        self._identity = (st.st_dev, st.st_ino)
+        self._made = os.fstat(read_fd)
         self.pipe_size = 0
 
     def pending(self) -> int:
@@ -136,10 +137,7 @@ class Fifo:
                 os.close(fd)
         self.read_fd = self.write_fd = -1
         if remove and self.created:
-            with contextlib.suppress(OSError):
-                st = os.lstat(self.path)
-                if (st.st_dev, st.st_ino) == self._identity:
-                    os.unlink(self.path)
+            unlink_if_same(self.path, self._made)
 
 
 def open_fifo(
@@ -187,7 +185,7 @@ def open_fifo(
         write_fd = _open_write_end(path, read_fd)
     except BaseException as e:
         if created:
-            _unlink_if_same(path, os.fstat(read_fd))
+            unlink_if_same(path, os.fstat(read_fd))
         os.close(read_fd)
         if isinstance(e, OSError):
             raise FifoError(path, f"cannot open the FIFO for writing: {e.strerror}") from None
@@ -195,22 +193,6 @@ def open_fifo(
     fifo = Fifo(path, read_fd, write_fd, created, replaced)
     fifo.pipe_size = _enlarge_pipe(read_fd, pipe_size)
     return fifo
-
-
-def _is_same(path: str, st: os.stat_result) -> bool:
-    """Whether ``path`` is still the file ``st`` describes (False if it is gone)."""
-    try:
-        now = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
-
-
-def _unlink_if_same(path: str, st: os.stat_result) -> None:
-    """Remove ``path`` if it is still the file ``st`` describes (never another's)."""
-    with contextlib.suppress(OSError):
-        if _is_same(path, st):
-            os.unlink(path)
 
 
 def lock_fifo(fifo: str) -> int:
@@ -262,7 +244,7 @@ def lock_fifo(fifo: str) -> int:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise FifoBusy(fifo, path) from None
-            if _is_same(path, st):
+            if is_same_file(path, st):
                 return fd
         except BaseException:
             os.close(fd)
@@ -275,7 +257,7 @@ def unlock_fifo(fifo: str, fd: int, *, remove: bool = False) -> None:
     """Release the lock `lock_fifo` took (its descriptor ``fd``); with ``remove``, also
     remove the lock file first, if it is still the one locked."""
     if remove:
-        _unlink_if_same(fifo + ".lock", os.fstat(fd))
+        unlink_if_same(fifo + ".lock", os.fstat(fd))
     os.close(fd)
 
 
@@ -460,7 +442,7 @@ def _open_read_end(
                 raise FifoError(path, f"cannot {what}: {e.strerror}") from None
         except BaseException:
             if created:  # ours, made by this call: not left behind
-                _unlink_if_same(path, os.fstat(fd))
+                unlink_if_same(path, os.fstat(fd))
             os.close(fd)
             raise
         return fd, created, False

@@ -48,6 +48,7 @@ from ftimer_protocol import (
     RemoteProtocolError,
     Sync,
 )
+from ftimer_server._files import unlink_if_same
 from ftimer_server.core._events import Incoming, Moot, Refused, RejectReason
 from ftimer_server.core._reader import decode_one, extends_run
 from ftimer_server.core._records import ABOUT_A_PROCESS, request_of
@@ -133,8 +134,7 @@ class DatagramSocket:
         self._open_pidfds: List[int] = []  # the batch's, closed by release()
         #: The parents read while judging the current batch (see ``_may_name``).
         self._parents: Dict[int, int] = {}
-        st = os.lstat(path)
-        self._identity = (st.st_dev, st.st_ino)
+        self._bound = os.lstat(path)
 
     def pending(self) -> int:
         """Bytes of the next datagram queued: 0 when none is, or when it is empty (which
@@ -285,10 +285,7 @@ class DatagramSocket:
         """Close the socket and remove its path, if it is still this socket's."""
         self.release()
         self._sock.close()
-        with contextlib.suppress(OSError):
-            st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == self._identity:
-                os.unlink(self.path)
+        unlink_if_same(self.path, self._bound)
 
 
 class _Closer:
@@ -577,10 +574,7 @@ def open_socket(
         return DatagramSocket(path, sock, passes_pidfds, _queue_length(), processes)
     except BaseException as e:
         sock.close()
-        with contextlib.suppress(OSError):  # what this call bound, not left behind
-            now = os.lstat(path)
-            if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
-                os.unlink(path)
+        unlink_if_same(path, bound)  # what this call bound, not left behind
         if isinstance(e, OSError):
             raise FifoError(path, f"cannot {what}: {e.strerror or e}") from None
         raise

@@ -131,6 +131,30 @@ def test_an_unreadable_process_is_refused_and_costs_nothing_else(
         assert "inspecting process 1001 failed" in caplog.text
 
 
+def test_an_inspector_whose_close_raises_costs_no_other_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A bug in a custom inspector's close() ended the batch: the disarm after the refused
+    # arm was lost, and the healthy worker was reaped at its deadline.
+    rig = Rig()
+    rig.inspector.spawn(1000)
+    rig.inspector.spawn(1001)
+    rig.apply(arm(1000))
+    closing = rig.inspector.close
+
+    def close(worker: Worker) -> None:
+        closing(worker)
+        raise KeyError(worker.pid)
+
+    rig.inspector.close = close  # type: ignore[method-assign]
+    stale = Arm(pid=1001, scope_id="s", deadline=10.0, signal=9, start_time=1)  # refused
+    with caplog.at_level(logging.ERROR, logger="ftimer_server"):
+        rig.apply(stale, Disarm(pid=1000, scope_id="s"))
+    assert rig.watchdog.armed() == []
+    assert [(r, p) for r, p, _ in rig.rejections()] == [(RejectReason.IDENTITY_MISMATCH, 1001)]
+    assert "closing the pidfd of process 1001 failed" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("error", "reason"),
     [

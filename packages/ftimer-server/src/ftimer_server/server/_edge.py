@@ -130,15 +130,21 @@ class SystemHost(Host):
 
     def bound(self, worker: Worker) -> None:
         if worker.pidfd is not None:
-            self._watch(worker)
+            try:
+                self._watch(worker)
+            except Exception:  # its exit is then seen at its expiry, not at once
+                logger.exception("cannot wait for the pidfd of process %d", worker.pid)
 
     def release(self, worker: Worker) -> None:
         if worker.pidfd is not None:
             self._unwatch(worker)
         try:
             self._inspector.close(worker)
-        except OSError as e:
-            logger.error("closing the pidfd of process %d failed: %s", worker.pid, e)
+        except Exception as e:  # a custom inspector's bug costs no other message
+            if isinstance(e, OSError):
+                logger.error("closing the pidfd of process %d failed: %s", worker.pid, e)
+            else:
+                logger.exception("closing the pidfd of process %d failed", worker.pid)
 
     def alive(self, worker: Worker) -> bool:
         try:

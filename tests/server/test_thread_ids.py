@@ -43,7 +43,10 @@ from ftimer_server import FileTimerServer, SystemInspector
 class NoPidfds(SystemInspector):
     def open(self, pid):
         return None  # a kernel without pidfds: identity by /proc alone
-inspector = NoPidfds() if sys.argv[2] == "no-pidfd" else SystemInspector()
+class Unaware(NoPidfds):
+    def tgid(self, pid):
+        return pid  # a custom inspector that knows no threads (ProcessInspector's default)
+inspector = {"pidfd": SystemInspector, "no-pidfd": NoPidfds, "unaware": Unaware}[sys.argv[2]]()
 server = FileTimerServer(sys.argv[1], inspector=inspector)
 server.start()
 threading.Thread(target=threading.Event().wait, daemon=True).start()  # one more
@@ -114,7 +117,7 @@ def in_private_pid_namespace(*argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("mode", ["pidfd", "no-pidfd"])
+@pytest.mark.parametrize("mode", ["pidfd", "no-pidfd", "unaware"])
 def test_no_thread_id_is_ever_signalled(mode: str) -> None:
     done = in_private_pid_namespace(sys.executable, "-c", HARNESS, mode)
     assert done.returncode == 0, done.stderr
@@ -124,9 +127,13 @@ def test_no_thread_id_is_ever_signalled(mode: str) -> None:
     assert result["victim"] == -9  # the last line was applied, as a real reap
     assert result["server"] == 0  # the server never signalled itself
     assert result["canary_alive"]  # nor the canary, any of its threads
-    assert result["stats"]["rejections"] == {
-        "not_a_process": 3 * tids,  # expire, arm and v1 arm of each thread
-        "reserved_pid": 1,
-        "server_process": 1,
-    }
-    assert result["stats"]["reaps"] == {"9": 1}
+    refused = {"reserved_pid": 1, "server_process": 1}
+    if mode == "unaware":
+        # The inspector let the threads through; the signaller refused each one's kill().
+        assert result["stats"]["rejections"] == refused
+        assert result["stats"]["reaps"] == {"9": tids + 1}
+        assert result["stats"]["reap_failures"] == tids
+    else:
+        # Expire, arm and v1 arm of each thread.
+        assert result["stats"]["rejections"] == {**refused, "not_a_process": 3 * tids}
+        assert result["stats"]["reaps"] == {"9": 1}

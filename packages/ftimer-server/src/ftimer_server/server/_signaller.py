@@ -55,7 +55,8 @@ class OsSignaller(Signaller):
 
     Without a pidfd (macOS, or out of descriptors), the start time of the process holding
     the pid is checked first, then ``kill()`` is used: a narrow window remains in which
-    the pid could be reused between the two; a pidfd closes it.
+    the pid could be reused between the two; a pidfd closes it. A thread's id is refused
+    there whatever the inspector says (``kill()`` of a thread's id signals its process).
 
     Args:
         inspector: reads start times for the check without a pidfd.
@@ -63,6 +64,7 @@ class OsSignaller(Signaller):
 
     def __init__(self, inspector: Optional[ProcessInspector] = None) -> None:
         self._inspector = inspector or SystemInspector()
+        self._system = SystemInspector()  # the thread check, whatever the inspector
 
     def send(self, worker: Worker, signal: int) -> bool:
         try:
@@ -71,6 +73,11 @@ class OsSignaller(Signaller):
                 return True
             if worker.pid <= 1:  # never a process group or every process
                 raise PermissionError(f"refusing to signal pid {worker.pid}")
+            tgid = self._system.tgid(worker.pid)
+            if tgid != worker.pid:
+                raise PermissionError(
+                    f"refusing to signal pid {worker.pid}: a thread of process {tgid}"
+                )
             if not self._inspector.alive(worker):
                 return False
             os.kill(worker.pid, signal)

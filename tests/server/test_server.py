@@ -15,6 +15,7 @@ import time
 import warnings
 from typing import List, Optional
 
+import msgspec
 import pytest
 from tests.conftest import wait_until
 
@@ -237,6 +238,32 @@ def test_restore_before_start(fifo_path: pathlib.Path, events: Recorder, childre
     server = FileTimerServer(fifo_path, on_event=events)
     server.restore(saved)
     assert [t.pid for t in server.armed()] == [child.pid]
+    with server:
+        assert wait_exit(child)[0] == -9
+    assert other.poll() is None
+
+
+def test_restore_drops_malformed_timers(
+    fifo_path: pathlib.Path, events: Recorder, children
+) -> None:
+    # A NaN deadline was armed as it was: it never expired, nor did any timer behind it
+    # in the table, and the loop spun at 100% CPU on a NaN wait.
+    child, other = children(), children()
+    saved = [
+        Timer(other.pid, "nan", float("nan"), 9, proc_start_time(other.pid)),
+        Timer(other.pid, "pid", 0.0, 9, proc_start_time(other.pid)),
+        Timer(child.pid, "a", time.monotonic() + 0.1, 9, proc_start_time(child.pid)),
+    ]
+    saved[1] = msgspec.structs.replace(saved[1], pid="7")  # type: ignore[arg-type]
+    server = FileTimerServer(fifo_path, on_event=events, restore_grace=0)
+    server.restore(saved)
+    assert [(t.pid, t.scope_id) for t in server.armed()] == [(child.pid, "a")]
+    failed = events.of(DecodeFailed)
+    assert [e.reason.split(" - ")[0] for e in failed] == [  # type: ignore[attr-defined]
+        "restore: Expected `float` >= 0.0",
+        "restore: Expected `int`, got `str`",
+    ]
+    assert server.stats().decode_errors == {"MalformedMessage": 2}  # as register_timers()
     with server:
         assert wait_exit(child)[0] == -9
     assert other.poll() is None

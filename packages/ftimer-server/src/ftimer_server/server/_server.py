@@ -413,18 +413,29 @@ class FileTimerServer:
 
         Deadlines are monotonic seconds of this boot. A timer whose process is gone or
         is now another process (start time) is dropped with a ``Rejected`` event
-        (request ``"restore"``). For ``restore_grace`` seconds nothing expires. Call it
-        before ``start()`` or while running.
+        (request ``"restore"``); one the FIFO would drop as malformed (a NaN deadline,
+        say) is dropped and counted as the FIFO's are (a ``DecodeFailed`` event). For
+        ``restore_grace`` seconds nothing expires. Call it before ``start()`` or while
+        running.
 
         Raises:
             RuntimeError: the server was stopped.
         """
+        checked: List[Timer] = []
+        malformed: List[MalformedMessage] = []
+        for timer in timers:
+            # Timer() checks nothing: a NaN deadline would never expire, nor would any
+            # timer after it in the table.
+            try:
+                checked.append(msgspec.convert(msgspec.to_builtins(timer), Timer))
+            except (msgspec.ValidationError, TypeError) as e:
+                malformed.append(MalformedMessage(f"restore: {e}", repr(timer).encode()[:64]))
         with self._lock:
             if self._state in (Lifecycle.STOPPING, Lifecycle.STOPPED):
                 raise RuntimeError("the server is stopped; restore into a new one")
-            timers = list(timers)
-            self._watchdog.restore(timers)
-            if timers:
+            self._watchdog.apply(malformed, time.monotonic(), time.time())
+            self._watchdog.restore(checked)
+            if checked:
                 self._watchdog.hold(time.monotonic() + self._restore_grace)
         self._loop_or_flush()
 

@@ -435,27 +435,59 @@ def test_callback_errors_do_not_stop_the_loop(
 def test_server_kills_itself_only_when_asked(fifo_path: pathlib.Path) -> None:
     # In a subprocess: the embedding process is the one that dies.
     script = f"""
-import subprocess, sys, time
+import subprocess, sys, threading
 from ftimer_protocol import Arm, encode
-from ftimer_server import FileTimerServer
+from ftimer_server import FileTimerServer, Reaped
 import os
-kill_self = sys.argv[1] == "1"
-server = FileTimerServer({str(fifo_path)!r}, kill_self_on_reap=kill_self)
+mode = sys.argv[1]
+reaped = threading.Event()
+server = FileTimerServer(
+    {str(fifo_path)!r},
+    kill_self_on_reap=mode != "keep",
+    dry_run=mode == "dry",
+    on_event=lambda e: reaped.set() if isinstance(e, Reaped) else None,
+)
 server.start()
 child = subprocess.Popen(["sleep", "60"])
 fd = os.open({str(fifo_path)!r}, os.O_WRONLY)
 os.write(fd, encode(Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=15)))
-child.wait()
-server.sync()
+reaped.wait(30)
+server.sync()  # the server's own signal follows the reap's events in the same iteration
 print("survived", flush=True)
+child.kill()
 server.stop()
 """
-    kept = subprocess.run([sys.executable, "-c", script, "0"], capture_output=True, timeout=60)
-    assert kept.returncode == 0, kept.stderr
-    assert kept.stdout == b"survived\n"
-    killed = subprocess.run([sys.executable, "-c", script, "1"], capture_output=True, timeout=60)
+    for mode in ("keep", "dry"):  # a dry run signalled the server itself
+        kept = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, timeout=60)
+        assert (kept.returncode, kept.stdout) == (0, b"survived\n"), kept.stderr
+    killed = subprocess.run([sys.executable, "-c", script, "kill"], capture_output=True, timeout=60)
     assert killed.returncode == -signal.SIGTERM
     assert b"survived" not in killed.stdout
+
+
+def test_a_server_made_before_a_fork_is_not_started_in_the_child(fifo_path: pathlib.Path) -> None:
+    # The child would have protected its parent's pid, not its own: a line naming the
+    # child had the server signal itself.
+    script = f"""
+import os
+from ftimer_server import FileTimerServer, RecordingSignaller
+server = FileTimerServer({str(fifo_path)!r}, signaller=RecordingSignaller())
+parent = os.getpid()
+pid = os.fork()
+if pid == 0:
+    try:
+        server.start()
+        print("started", flush=True)
+        server.stop()
+    except RuntimeError as e:
+        print(str(e).replace(str(parent), "PARENT"), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert done.stdout.decode().startswith(
+        "this server was made in process PARENT, not in this one: a forked process makes its own"
+    ), done.stderr
 
 
 def test_dry_run_signals_nothing(fifo_path: pathlib.Path, events: Recorder, children) -> None:

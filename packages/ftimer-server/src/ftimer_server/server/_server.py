@@ -146,7 +146,8 @@ class FileTimerServer:
             False: the caller holds the lock (the daemon does, from before it starts
             until after its final save).
         kill_self_on_reap: after reaping a worker, signal this process with the same
-            signal (what torch 2.13 always does). Off by default.
+            signal (what torch 2.13 always does). Off by default; never with a
+            ``RecordingSignaller`` (or ``dry_run``), which signals nobody.
         tick_interval: call ``on_tick()`` from the loop at least every this many
             seconds (a systemd watchdog keep-alive). The only periodic wake-up the
             server ever does, and only when asked.
@@ -170,6 +171,9 @@ class FileTimerServer:
 
     Raises:
         ValueError: an option is out of range, or options conflict.
+
+    ``start()`` and ``run()`` must be called in the process that made the server: a
+    forked child makes its own.
     """
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -263,6 +267,11 @@ class FileTimerServer:
             raise ValueError("dry_run replaces the signaller: give one or the other")
         if signaller is None:
             signaller = RecordingSignaller() if dry_run else OsSignaller(self._inspector)
+        # A recorded reap "delivered" nothing: kill_self_on_reap follows real ones only.
+        self._signals_for_real = not isinstance(signaller, RecordingSignaller)
+        #: The process this server protects (itself, its ancestors): a forked child
+        #: must make its own server.
+        self._pid = os.getpid()
         self._lock = threading.RLock()
         # Events wait here while the lock is held; they go to the callbacks after it is
         # released, so a slow callback never blocks armed(), stats() or sync() callers.
@@ -316,7 +325,8 @@ class FileTimerServer:
             FifoBusy: another ftimer server (the daemon, or another embedded server)
                 serves the FIFO: it holds ``<fifo>.lock``. Nothing was changed.
             FifoError: the FIFO path is unsafe or unusable.
-            RuntimeError: the server was already started.
+            RuntimeError: the server was already started, or was made in another
+                process (this one's parent, before a fork).
         """
         loop = self._open()
         self._thread = threading.Thread(
@@ -333,7 +343,7 @@ class FileTimerServer:
         Raises:
             FifoBusy: another ftimer server serves the FIFO (see ``start()``).
             FifoError: the FIFO path is unsafe or unusable.
-            RuntimeError: the server was already started.
+            RuntimeError: the server was already started, or made in another process.
         """
         self._serve(self._open())
 
@@ -630,6 +640,12 @@ class FileTimerServer:
         with self._lock:
             if self._state is not Lifecycle.NEW:
                 raise RuntimeError(f"the server is {self._state.value}; create a new one")
+            if os.getpid() != self._pid:
+                raise RuntimeError(
+                    f"this server was made in process {self._pid}, not in this one: a "
+                    "forked process makes its own (a server never signals its own process "
+                    "or its ancestors, which it learns when it is made)"
+                )
             raise_fd_limit()
             if self._lock_fifo:  # before the FIFO is touched: never another server's
                 self._lock_fd = lock_fifo(self.file_path)
@@ -771,7 +787,7 @@ class FileTimerServer:
             ):
                 delivered = event.delivered if isinstance(event, Reaped) else None
                 diagnostics.signalled(event.incident, delivered)
-            if type(event) is Reaped and self._kill_self_on_reap:
+            if type(event) is Reaped and self._kill_self_on_reap and self._signals_for_real:
                 assert isinstance(event, Reaped)
                 if event.delivered:
                     self._self_signal = event.signal

@@ -418,18 +418,26 @@ def test_torch_constructor_and_log_event(fifo_path: pathlib.Path, children) -> N
     assert json.loads(request.to_json())["version"] == 1
 
 
+@pytest.mark.parametrize("error", [ValueError("callback bug"), SystemExit(3)])
 def test_callback_errors_do_not_stop_the_loop(
-    fifo_path: pathlib.Path, children, caplog: pytest.LogCaptureFixture
+    fifo_path: pathlib.Path, children, caplog: pytest.LogCaptureFixture, error: BaseException
 ) -> None:
+    # sys.exit() in a callback ended the loop's thread: the watchdog stopped, unsaid.
     def broken(event: object) -> None:
-        raise ValueError("callback bug")
+        raise error
 
-    with FileTimerServer(fifo_path, on_event=broken) as server:
+    def torch_style(name: str, request: Optional[FileTimerRequest]) -> None:
+        request.worker_pid  # type: ignore[union-attr] # noqa: B018 - None when started
+        # (which left the server running with no loop, its FIFO locked for good)
+
+    with FileTimerServer(fifo_path, on_event=broken, log_event=torch_style) as server:
         child = children()
         send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
         assert wait_exit(child)[0] == -9
         server.sync()
-    assert "callback bug" in caplog.text
+    assert server.state is Lifecycle.STOPPED
+    assert "on_event callback failed" in caplog.text
+    assert "log_event callback failed" in caplog.text
 
 
 def test_server_kills_itself_only_when_asked(fifo_path: pathlib.Path) -> None:

@@ -229,7 +229,7 @@ class Diagnostics:
         if self._on_incident is not None:
             try:
                 self._on_incident(record)
-            except Exception:
+            except (Exception, SystemExit):
                 logger.exception("on_incident callback failed on %s", incident)
 
 

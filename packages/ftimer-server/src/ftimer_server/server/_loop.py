@@ -164,9 +164,10 @@ class Loop:
                     assert tick_interval is not None
                     next_tick = now + tick_interval
                     self._on_tick()
-            except Exception:
-                # A bug, not a worker's doing (bad input never raises): keep serving, but
-                # never spin on a failure that repeats.
+            except (Exception, SystemExit):
+                # A bug, not a worker's doing (bad input never raises), or an on_tick()
+                # that called sys.exit(): keep serving, but never spin on a failure that
+                # repeats.
                 logger.exception("ftimer server loop iteration failed; continuing")
                 time.sleep(0.01)
             finally:

@@ -700,7 +700,7 @@ class FileTimerServer:
             "ftimer server listening on %s (pipe buffer %d bytes)", fifo.path, fifo.pipe_size
         )
         if self._log_event is not None:
-            self._log_event("watchdog started", None)
+            self._call("log_event", self._log_event, "watchdog started", None)
         return loop
 
     def _unlock(self) -> None:
@@ -712,6 +712,14 @@ class FileTimerServer:
     def _serve(self, loop: Loop) -> None:
         try:
             loop.run()
+        except KeyboardInterrupt:  # run() in the main thread: Ctrl-C ends it
+            raise
+        except BaseException:
+            logger.critical(
+                "the ftimer server's loop ended without stop(): no timer is enforced now",
+                exc_info=True,
+            )
+            raise
         finally:
             self._close(loop)
 
@@ -730,9 +738,7 @@ class FileTimerServer:
         logger.info("ftimer server on %s stopped", self.file_path)
         self._flush()
         if self._log_event is not None:
-            self._calling = "log_event"
-            self._log_event("watchdog stopped", None)
-            self._calling = None
+            self._call("log_event", self._log_event, "watchdog stopped", None)
 
     def _release(self) -> None:
         """Close the core and the capture helper (it runs from construction), under
@@ -791,16 +797,10 @@ class FileTimerServer:
                 assert isinstance(event, Reaped)
                 if event.delivered:
                     self._self_signal = event.signal
-            try:
-                if on_event is not None and (types is None or type(event) in types):
-                    self._calling = "on_event"
-                    on_event(event)
-                if log_event is not None:
-                    self._calling = "log_event"
-                    torch_log_event(log_event, event)
-            except Exception:
-                logger.exception("event callback failed on %r", event)
-        self._calling = None
+            if on_event is not None and (types is None or type(event) in types):
+                self._call("on_event", on_event, event)
+            if log_event is not None:
+                self._call("log_event", torch_log_event, log_event, event)
 
     def _debug_info(self, events: List[Event]) -> None:
         expired: Dict[int, List[str]] = {}
@@ -810,12 +810,7 @@ class FileTimerServer:
                 expired.setdefault(timer.pid, []).append(torch_request(timer).to_json())
         if expired:
             assert self._log_debug_info is not None
-            self._calling = "log_debug_info"
-            try:
-                self._log_debug_info(self.run_id, expired)
-            except Exception:
-                logger.exception("log_debug_info callback failed")
-            self._calling = None
+            self._call("log_debug_info", self._log_debug_info, self.run_id, expired)
 
     def _changed(self) -> None:
         """Call ``on_change`` if the armed timers changed since it was last called, or
@@ -825,11 +820,18 @@ class FileTimerServer:
         grown = self._journal is not None and self._journal.size > JOURNAL_TRIM
         if self._on_change is not None and (changes != self._changes or grown):
             self._changes = changes
-            self._calling = "on_change"
-            try:
-                self._on_change()
-            except Exception:
-                logger.exception("on_change callback failed")
+            self._call("on_change", self._on_change)
+
+    def _call(self, name: str, callback: Callable[..., object], *args: object) -> None:
+        """Call the user's ``callback`` (the argument ``name``); whatever it raises is
+        logged and ignored: SystemExit too, which would end the loop's thread, and with
+        it the watchdog, without a word."""
+        self._calling = name
+        try:
+            callback(*args)
+        except (Exception, SystemExit):
+            logger.exception("%s callback failed", name)
+        finally:
             self._calling = None
 
     def _wants_timer_events(self) -> bool:

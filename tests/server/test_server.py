@@ -41,6 +41,7 @@ from .conftest import (
     GRACEFUL,
     STUBBORN,
     Recorder,
+    in_private_pid_namespace,
     proc_start_time,
     ready_child,
     send,
@@ -496,6 +497,27 @@ os.waitpid(pid, 0)
     assert done.stdout.decode().startswith(
         "this server was made in process PARENT, not in this one: a forked process makes its own"
     ), done.stderr
+
+
+AGENT_AS_PID_1 = """
+import os, subprocess, sys, tempfile
+from ftimer_protocol import Arm, encode
+from ftimer_server import FileTimerServer, Policy
+assert os.getpid() == 1
+fifo = os.path.join(tempfile.mkdtemp(), "timer.fifo")
+with FileTimerServer(fifo, policy=Policy(descendants_only=True)) as server:
+    worker = subprocess.Popen(["sleep", "60"])
+    fd = os.open(fifo, os.O_WRONLY)
+    os.write(fd, encode(Arm(pid=worker.pid, scope_id="s", deadline=0.0, signal=9)))
+    print(worker.wait(timeout=30), server.stats().rejections, flush=True)
+"""
+
+
+def test_an_agent_that_is_pid_1_reaps_its_own_workers_with_descendants_only() -> None:
+    # A container's entrypoint is pid 1 of its namespace: its children's chain of
+    # parents ends at it, and descendants_only refused every one (not_descendant).
+    done = in_private_pid_namespace(sys.executable, "-c", AGENT_AS_PID_1)
+    assert (done.returncode, done.stdout) == (0, "-9 {}\n"), done.stderr
 
 
 def test_dry_run_signals_nothing(fifo_path: pathlib.Path, events: Recorder, children) -> None:

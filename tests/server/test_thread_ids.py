@@ -13,12 +13,12 @@ worker reaped after the hostile lines proves they were all read.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import sys
 from typing import Any, Dict
 
 import pytest
+
+from .conftest import in_private_pid_namespace
 
 # Run as pid 1 of a private PID namespace (with its own /proc).
 HARNESS = r"""
@@ -98,23 +98,6 @@ print(json.dumps({
 }), flush=True)
 canary.kill()
 """
-
-
-def in_private_pid_namespace(*argv: str) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` as pid 1 of a new PID namespace, or skip where that is not allowed."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("needs unshare(1) from util-linux")
-    probe = subprocess.run([unshare, "--pid", "--fork", "--mount-proc", "true"], check=False)
-    if probe.returncode != 0:
-        pytest.skip("cannot create a PID namespace here (needs root or user namespaces)")
-    return subprocess.run(
-        [unshare, "--pid", "--fork", "--mount-proc", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @pytest.mark.parametrize("mode", ["pidfd", "no-pidfd", "unaware"])

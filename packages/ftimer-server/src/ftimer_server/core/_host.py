@@ -37,7 +37,7 @@ class Facts(msgspec.Struct, frozen=True, gc=False):
             (Linux gives threads ids from the same space as processes).
         start_time: start time in clock ticks since boot; ``None`` where unknown.
         uid: real user id; ``None`` where the platform does not tell.
-        ancestors: parent, grandparent, ... up to (not including) pid 1, when asked for;
+        ancestors: parent, grandparent, ... up to pid 1 (included), when asked for;
             ``None`` when not asked for or not known.
         pidfd: a pidfd for exactly this process, now owned by the core, or ``None``.
     """

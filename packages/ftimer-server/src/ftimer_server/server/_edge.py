@@ -198,17 +198,20 @@ class SystemHost(Host):
 
 
 def ancestors_of(pid: int, inspector: ProcessInspector) -> FrozenSet[int]:
-    """The parent, grandparent, ... of ``pid`` (pid 1 and 0 excluded), as far as they can
-    be read."""
+    """The parent, grandparent, ... of ``pid``, up to pid 1 of the server's PID
+    namespace (included: a server that is pid 1 there is every process's ancestor), as
+    far as they can be read. Parent 0 (outside the namespace) ends the chain."""
     found = set()
     for _ in range(_MAX_DEPTH):
         try:
             pid = inspector.parent(pid)
         except (OSError, NotImplementedError):
             break
-        if pid <= 1:
+        if pid <= 0:
             break
         found.add(pid)
+        if pid == 1:
+            break
     return frozenset(found)
 
 

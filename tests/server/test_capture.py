@@ -165,7 +165,7 @@ def py_spy() -> str:
     return path
 
 
-@pytest.fixture(params=["py-spy", "hook", "none"])
+@pytest.fixture(params=["py-spy", "hook", "facts"])
 def method(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -185,7 +185,7 @@ def capture_stuck(
     assert c.facts is not None
     assert c.facts.threads == len(os.listdir(f"/proc/{worker.pid}/task"))
     assert {t.tid for t in c.threads} >= set(map(int, os.listdir(f"/proc/{worker.pid}/task")))
-    if method == "none":
+    if method == "facts":
         assert c.error is not None
         assert c.error.startswith("no stacks")
         assert all(not t.frames for t in c.threads)
@@ -206,7 +206,7 @@ def test_sleep(method: str, request: pytest.FixtureRequest) -> None:
         if ROOT:
             assert main.kernel_stack
             assert any("nanosleep" in f for f in main.kernel_stack)
-        if method != "none":
+        if method != "facts":
             assert thread_in(c, "stuck_in_sleep").tid == worker.pid
             assert c.threads[0].frames[0].function == "stuck_in_sleep"  # innermost first
         if method == "py-spy":
@@ -219,7 +219,7 @@ def test_c_call_holding_the_gil(method: str, request: pytest.FixtureRequest) -> 
         c = capture_stuck(worker, method, request)
         main = next(t for t in c.threads if t.tid == worker.pid)
         assert main.state == "S"
-        if method != "none":
+        if method != "facts":
             frame = thread_in(c, "stuck_in_c").frames[0]
             assert frame.file.endswith("stuck_worker.py")
             assert frame.line > 0
@@ -284,7 +284,7 @@ def test_busy_loop(method: str, request: pytest.FixtureRequest) -> None:
         c = capture_stuck(worker, method, request)
         main = next(t for t in c.threads if t.tid == worker.pid)
         assert main.state == "R"
-        if method != "none":
+        if method != "facts":
             assert thread_in(c, "spin").frames[0].function == "spin"
         if method == "py-spy":
             assert main.active is True
@@ -295,7 +295,7 @@ def test_fifty_threads(method: str, request: pytest.FixtureRequest) -> None:
     with stuck("threads50", hook=True) as worker:
         c = capture_stuck(worker, method, request)
         assert len(c.threads) == 51
-        if method != "none":
+        if method != "facts":
             parked = [t for t in c.threads if any(f.function == "park" for f in t.frames)]
             assert len(parked) == 50
             assert thread_in(c, "stuck_in_sleep")
@@ -350,7 +350,7 @@ def test_peer_without_a_hook() -> None:
             deadline=time.monotonic() + 2,
         )
         assert c.role == "peer"
-        assert c.method == "none"
+        assert c.method == "facts"
         assert c.error is not None
         assert c.error.endswith("dump hook: none given for this peer")
 
@@ -373,7 +373,7 @@ def test_pidfd_of_another_process_is_refused() -> None:
             c = run(worker, CaptureOptions(), hook=worker.hook, pidfd=pidfd)
         finally:
             os.close(pidfd)
-        assert c.method == "none"
+        assert c.method == "facts"
         assert c.facts is None
         assert c.error == f"the pidfd given for process {worker.pid} refers to process {other.pid}"
         assert worker.dump_text() == ""
@@ -419,7 +419,7 @@ def test_ptrace_refused_without_a_hook(tmp_path: pathlib.Path) -> None:
     fake = fake_py_spy(tmp_path, f"echo '{PTRACE_REFUSALS[0]}' >&2\nexit 1\n")
     with stuck("sleep") as worker:
         c = run(worker, CaptureOptions(py_spy=fake))
-        assert c.method == "none"
+        assert c.method == "facts"
         assert c.facts is not None
         assert c.facts.state == "S"
         assert c.error is not None
@@ -449,7 +449,7 @@ def test_hanging_py_spy_is_killed_by_the_deadline(tmp_path: pathlib.Path, hook: 
         assert c.error is not None
         assert "py-spy did not finish" in c.error
         # The hook keeps a share of the budget, so a hung py-spy still leaves it time.
-        assert c.method == ("hook" if hook else "none")
+        assert c.method == ("hook" if hook else "facts")
         if hook:
             assert thread_in(c, "stuck_in_sleep")
     # The stand-in's whole process group was killed with it.
@@ -505,7 +505,7 @@ def test_worker_killed_while_py_spy_runs(tmp_path: pathlib.Path) -> None:
     with stuck("sleep", hook=True) as worker:
         c = run(worker, CaptureOptions(py_spy=fake), hook=worker.hook)
         assert c.exited
-        assert c.method == "none"
+        assert c.method == "facts"
         assert c.error is not None
         assert "exited" in c.error
         assert c.facts is not None
@@ -515,7 +515,7 @@ def test_worker_killed_while_py_spy_runs(tmp_path: pathlib.Path) -> None:
 def test_hook_signal_not_caught_is_not_sent() -> None:
     with stuck("sleep", hook=True) as worker:
         c = run(worker, CaptureOptions(), hook=DumpHook(signal.SIGUSR1, worker.info["fd"]))
-        assert c.method == "none"
+        assert c.method == "facts"
         assert c.error is not None
         assert "does not catch SIGUSR1" in c.error
         assert worker.proc.poll() is None  # SIGUSR1 would have killed it
@@ -525,7 +525,7 @@ def test_hook_signal_not_caught_is_not_sent() -> None:
 def test_hook_fd_must_be_a_regular_file() -> None:
     with stuck("sleep", hook=True) as worker:
         c = run(worker, CaptureOptions(), hook=DumpHook(HOOK, 1))  # its stdout: our pipe
-        assert c.method == "none"
+        assert c.method == "facts"
         assert c.error is not None
         assert "not a regular file" in c.error
         assert worker.dump_text() == ""  # the signal was not sent either
@@ -544,7 +544,7 @@ def test_thread_id_is_refused() -> None:
             options=CaptureOptions(),
             deadline=time.monotonic() + 2,
         )
-        assert c.method == "none"
+        assert c.method == "facts"
         assert not c.exited
         assert c.facts is None
         assert c.error is not None
@@ -557,7 +557,7 @@ def test_other_start_time_is_not_touched() -> None:
         other = read_stat(worker.pid).start_time + 1
         c = run(worker, CaptureOptions(), hook=worker.hook, start_time=other)
         assert c.exited
-        assert c.method == "none"
+        assert c.method == "facts"
         assert c.facts is None
         assert c.error is not None
         assert "gone" in c.error
@@ -569,7 +569,7 @@ def test_deadline_already_passed(py_spy: str) -> None:
         started = time.monotonic()
         c = run(worker, CaptureOptions(py_spy=py_spy), hook=worker.hook, budget=0)
         assert time.monotonic() - started < MARGIN
-        assert c.method == "none"
+        assert c.method == "facts"
         assert c.error is not None
         assert "no time left" in c.error
 

@@ -110,7 +110,7 @@ class Capture(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
             captured for comparison and left alone).
         labels: the labels of its timer (job, rank, ...).
         method: "py-spy", "hook" (the faulthandler hook its client installed) or
-            "none" (the facts alone).
+            "facts" (the facts alone; older records say "none").
         seconds: how long the capture took.
         exited: the worker exited during the capture.
         error: why the method failed or was not used, for people ("py-spy: ptrace not
@@ -127,7 +127,7 @@ class Capture(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     start_time: Optional[int] = None
     role: str = "stuck"
     labels: Optional[Dict[str, str]] = None
-    method: str = "none"
+    method: str = "facts"
     seconds: float = 0.0
     exited: bool = False
     error: Optional[str] = None

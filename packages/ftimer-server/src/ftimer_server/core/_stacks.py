@@ -377,7 +377,7 @@ def _no_stack(capture: Capture) -> str:
         return "exited during the capture"
     if capture.error:  # said after "no stack: " (see group())
         return capture.error.removeprefix("no stacks: ")
-    if capture.method == "none":
+    if capture.method in ("facts", "none"):  # "none" in older records
         return "no capture method: /proc facts only"
     return f"{capture.method} gave no frames"
 

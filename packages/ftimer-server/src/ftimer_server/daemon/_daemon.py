@@ -507,7 +507,7 @@ class Daemon:
     def _incident(self, incident: Incident) -> None:
         # A capture thread: the incident is written (or could not be: logged there).
         stuck = incident.captures[0] if incident.captures else None
-        method = stuck.method if stuck is not None else "none"
+        method = stuck.method if stuck is not None else "facts"
         if self._metrics is not None:
             self._metrics.incident(method, incident.seconds)
         # The line breaks in the format: the text log escapes those in its arguments.

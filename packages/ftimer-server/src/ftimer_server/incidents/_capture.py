@@ -105,7 +105,7 @@ def capture(
         deadline: when the capture must be over.
 
     Returns:
-        The capture: ``method`` names the method that gave the stacks ("none": the facts
+        The capture: ``method`` names the method that gave the stacks ("facts": the facts
         alone), ``error`` why a better one failed or was not used, ``exited`` whether the
         worker was gone by the end (or before the start: then nothing else is filled).
     """
@@ -160,7 +160,7 @@ def _capture(
             else:
                 hook_file = plan
         result = MethodResult()
-        method = "none"
+        method = "facts"
         if options.py_spy:
             left = deadline - time.monotonic()
             share = min(_HOOK_SHARE_MAX, _HOOK_SHARE * left) if hook_file else 0.0
@@ -205,7 +205,7 @@ def _capture(
         errors: List[str] = []
         if method == "hook" and options.py_spy and py_spy_why:
             errors.append(py_spy_why)  # why the better method failed
-        elif method == "none":
+        elif method == "facts":
             errors.append("no stacks: " + "; ".join(w for w in (py_spy_why, hook_why) if w))
         if exited:
             errors.insert(0, "the worker exited during the capture")

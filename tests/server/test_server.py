@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Set
 
 import msgspec
 import pytest
@@ -26,9 +26,12 @@ from ftimer_server import (
     Disarmed,
     Escalated,
     Expired,
+    FifoBusy,
     FileTimerRequest,
     FileTimerServer,
+    IncidentOptions,
     Lifecycle,
+    Policy,
     Reaped,
     RecordingSignaller,
     SystemInspector,
@@ -228,6 +231,55 @@ def test_signal_override_escalates_when_sigterm_is_ignored(fifo_path: pathlib.Pa
         assert isinstance(esc, Escalated)
         assert reaped.signal == signal.SIGTERM
         assert (esc.pid, esc.signal, esc.after) == (child.pid, signal.SIGKILL, 0.2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        # NaN spun the loop at 100% CPU (and on_tick, a systemd keep-alive, never ran).
+        ({"tick_interval": float("nan"), "on_tick": lambda: None}, "^tick_interval must be"),
+        ({"tick_interval": float("inf"), "on_tick": lambda: None}, "^tick_interval must be"),
+        # NaN turned escalation off, the SIGKILL at stop() too.
+        ({"escalate_after": float("nan")}, "^escalate_after must be a finite"),
+        ({"fifo_mode": -1}, "^the FIFO's mode must be permission bits"),  # was 0o7777
+        ({"fifo_mode": 0o1620}, "^the FIFO's mode must be permission bits"),
+    ],
+)
+def test_arguments_out_of_range_are_refused(
+    fifo_path: pathlib.Path, kwargs: dict, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        FileTimerServer(fifo_path, **kwargs)
+    assert not os.path.exists(fifo_path)
+
+
+def test_policy_limits_are_whole_numbers() -> None:
+    for bad in (float("nan"), 0, True, 2.5):
+        with pytest.raises(ValueError, match=r"^max_timers must be a whole number >= 1"):
+            Policy(max_timers=bad)  # type: ignore[arg-type]
+
+
+def my_children() -> Set[int]:
+    def parent(pid: str) -> int:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return int(f.read().rsplit(b")", 1)[1].split()[1])
+        except OSError:
+            return 0
+
+    return {int(p) for p in os.listdir("/proc") if p.isdigit() and parent(p) == os.getpid()}
+
+
+def test_a_bad_argument_leaves_no_capture_helper_behind(fifo_path: pathlib.Path) -> None:
+    before = my_children()
+    with pytest.raises(ValueError, match="escalate_after"):
+        FileTimerServer(fifo_path, incidents=IncidentOptions(), escalate_after=-1)
+    # Its helper (python -m ftimer_server.incidents) was started, then left running.
+    assert my_children() <= before
+    with FileTimerServer(fifo_path):  # ... nor does a `with` whose start() fails
+        with pytest.raises(FifoBusy), FileTimerServer(fifo_path, incidents=IncidentOptions()):
+            pass
+        assert my_children() <= before
 
 
 def test_restore_before_start(fifo_path: pathlib.Path, events: Recorder, children) -> None:

@@ -242,5 +242,5 @@ test_table_against_model = TableMachine.TestCase
 def test_limits_must_be_positive() -> None:
     from ftimer_server import Policy
 
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="must be a whole number >= 1"):
         Policy(max_timers=0)

@@ -43,8 +43,10 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
     max_timers: int = 1_000_000
 
     def __post_init__(self) -> None:
-        if self.max_timers_per_pid < 1 or self.max_timers < 1:
-            raise ValueError("timer limits must be at least 1")
+        for name in ("max_timers_per_pid", "max_timers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, not {value!r}")
 
     def signals(self, platform: AbstractSet[int]) -> FrozenSet[int]:
         """The signals a timer may carry on a platform with signals ``platform``."""

@@ -37,8 +37,8 @@ class Reaper:
             ``None``: the host is never asked to capture.
 
     Raises:
-        ValueError: ``escalate_after`` is negative, or ``signal_override`` is not a
-            signal of this platform.
+        ValueError: ``escalate_after`` or ``capture_budget`` is not a finite number >= 0,
+            or ``signal_override`` is not a signal of this platform.
     """
 
     def __init__(
@@ -48,10 +48,9 @@ class Reaper:
         signal_override: Optional[int] = None,
         capture_budget: Optional[float] = None,
     ) -> None:
-        if escalate_after is not None and escalate_after < 0:
-            raise ValueError("escalate_after must be >= 0")
-        if capture_budget is not None and capture_budget < 0:
-            raise ValueError("capture_budget must be >= 0")
+        for name, value in (("escalate_after", escalate_after), ("capture_budget", capture_budget)):
+            if value is not None and not 0 <= value < math.inf:  # NaN too: never due
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
         if signal_override is not None and signal_override not in host.signals:
             raise ValueError(f"signal_override {signal_override} is not a signal here")
         self._host = host

@@ -50,6 +50,7 @@ __all__ = [
     "Fifo",
     "FifoBusy",
     "FifoError",
+    "check_mode",
     "lock_fifo",
     "manages_parent",
     "open_fifo",
@@ -173,7 +174,9 @@ def open_fifo(
         FifoError: the path is a symlink, not a FIFO, or a FIFO owned by another user;
             its parent is unsafe or missing, or (managed) cannot be given its group or
             mode; or it cannot be created or opened.
+        ValueError: ``mode`` is not permission bits (see ``check_mode``).
     """
+    check_mode(mode)
     path = os.fspath(path) if path is not None else default_fifo_path()
     gid = _gid(group)
     if private_parent is None:
@@ -193,6 +196,17 @@ def open_fifo(
     fifo = Fifo(path, read_fd, write_fd, created, replaced)
     fifo.pipe_size = _enlarge_pipe(read_fd, pipe_size)
     return fifo
+
+
+def check_mode(mode: int) -> None:
+    """Refuse a FIFO ``mode`` that is no set of permission bits (0 to 0o777).
+
+    Raises:
+        ValueError: it is not a whole number in that range (-1 made a setuid FIFO
+            everyone may write).
+    """
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise ValueError(f"the FIFO's mode must be permission bits, 0 to 0o777, not {mode!r}")
 
 
 def lock_fifo(fifo: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import math
 import os
 import select
 import threading
@@ -52,7 +53,7 @@ from ftimer_server.core._watchdog import Watchdog
 from ftimer_server.incidents._options import IncidentOptions
 
 from ._edge import ReapStep, SystemHost, ancestors_of
-from ._fifo import Fifo, lock_fifo, open_fifo, unlock_fifo
+from ._fifo import Fifo, check_mode, lock_fifo, open_fifo, unlock_fifo
 from ._journal import Journal
 from ._loop import Loop
 from ._process import ProcessInspector, SystemInspector, raise_fd_limit
@@ -228,8 +229,11 @@ class FileTimerServer:
             file_path = os.environ.get(ENV_TORCH_FIFO) or default_fifo_path()
         if (tick_interval is None) != (on_tick is None):
             raise ValueError("tick_interval and on_tick go together")
-        if tick_interval is not None and tick_interval <= 0:
-            raise ValueError("tick_interval must be > 0")
+        if tick_interval is not None and not 0 < tick_interval < math.inf:
+            raise ValueError(
+                f"tick_interval must be a finite number of seconds > 0, not {tick_interval!r}"
+            )
+        check_mode(fifo_mode)
         if not 0 <= restore_grace <= 3600:
             raise ValueError("restore_grace must be between 0 and 3600 seconds")
         self._journal = journal
@@ -282,28 +286,33 @@ class FileTimerServer:
             from ftimer_server.incidents._diagnostics import Diagnostics  # noqa: PLC0415
 
             self._diagnostics = Diagnostics(incidents, on_incident, dry_run=dry_run)
-        self._host = host = SystemHost(
-            self._inspector,
-            signaller,
-            tuple(reap_steps),
-            watch=self._watch,
-            unwatch=self._unwatch,
-            capture=None if self._diagnostics is None else self._capture,
-            tree=incidents is not None and incidents.reap_tree,
-        )
-        self._watchdog = Watchdog(
-            host=host,
-            policy=policy,
-            server_pid=os.getpid(),
-            ancestors=ancestors_of(os.getpid(), self._inspector),
-            own=() if self._diagnostics is None else self._diagnostics.processes,
-            emit=self._pending.append,
-            escalate_after=escalate_after,
-            signal_override=signal_override,
-            timer_events=self._wants_timer_events(),
-            capture_budget=None if incidents is None else incidents.timeout,
-            job_label=None if incidents is None else incidents.job_label,
-        )
+        try:  # the capture helper runs from here: not left behind by a bad argument
+            self._host = host = SystemHost(
+                self._inspector,
+                signaller,
+                tuple(reap_steps),
+                watch=self._watch,
+                unwatch=self._unwatch,
+                capture=None if self._diagnostics is None else self._capture,
+                tree=incidents is not None and incidents.reap_tree,
+            )
+            self._watchdog = Watchdog(
+                host=host,
+                policy=policy,
+                server_pid=os.getpid(),
+                ancestors=ancestors_of(os.getpid(), self._inspector),
+                own=() if self._diagnostics is None else self._diagnostics.processes,
+                emit=self._pending.append,
+                escalate_after=escalate_after,
+                signal_override=signal_override,
+                timer_events=self._wants_timer_events(),
+                capture_budget=None if incidents is None else incidents.timeout,
+                job_label=None if incidents is None else incidents.job_label,
+            )
+        except BaseException:
+            if self._diagnostics is not None:
+                self._diagnostics.close()
+            raise
         self._state = Lifecycle.NEW
         self._fifo: Optional[Fifo] = None
         self._loop: Optional[Loop] = None
@@ -390,7 +399,12 @@ class FileTimerServer:
             )
 
     def __enter__(self) -> FileTimerServer:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            if self._state is Lifecycle.NEW:  # no __exit__ follows: release it here
+                self.stop()
+            raise
         return self
 
     def __exit__(

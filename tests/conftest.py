@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -80,3 +82,20 @@ for line in sys.stdin:
     client.arm(line.strip(), 3600)
     print("armed", flush=True)
 """
+
+
+def in_private_pid_namespace(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as pid 1 of a new PID namespace, or skip where that is not allowed."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("needs unshare(1) from util-linux")
+    probe = subprocess.run([unshare, "--pid", "--fork", "--mount-proc", "true"], check=False)
+    if probe.returncode != 0:
+        pytest.skip("cannot create a PID namespace here (needs root or user namespaces)")
+    return subprocess.run(
+        [unshare, "--pid", "--fork", "--mount-proc", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -204,20 +204,3 @@ def run_as_nobody(script: str, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
-
-
-def in_private_pid_namespace(*argv: str) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` as pid 1 of a new PID namespace, or skip where that is not allowed."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("needs unshare(1) from util-linux")
-    probe = subprocess.run([unshare, "--pid", "--fork", "--mount-proc", "true"], check=False)
-    if probe.returncode != 0:
-        pytest.skip("cannot create a PID namespace here (needs root or user namespaces)")
-    return subprocess.run(
-        [unshare, "--pid", "--fork", "--mount-proc", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )

@@ -17,7 +17,7 @@ from typing import List, Optional, Set
 
 import msgspec
 import pytest
-from tests.conftest import wait_until
+from tests.conftest import in_private_pid_namespace, wait_until
 
 from ftimer_protocol import Arm, Disarm, Expire, TimerRequestV1, encode
 from ftimer_server import (
@@ -44,7 +44,6 @@ from .conftest import (
     GRACEFUL,
     STUBBORN,
     Recorder,
-    in_private_pid_namespace,
     proc_start_time,
     ready_child,
     send,

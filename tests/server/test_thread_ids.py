@@ -17,8 +17,7 @@ import sys
 from typing import Any, Dict
 
 import pytest
-
-from .conftest import in_private_pid_namespace
+from tests.conftest import in_private_pid_namespace
 
 # Run as pid 1 of a private PID namespace (with its own /proc).
 HARNESS = r"""

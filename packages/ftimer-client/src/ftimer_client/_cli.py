@@ -25,12 +25,13 @@ import errno
 import math
 import os
 import signal
+import stat
 import sys
 import time
 import warnings
 from typing import Dict, List, Optional, Sequence, TextIO, Type, Union
 
-from ftimer_protocol import MAX_PID, MAX_TIME, parse_signal
+from ftimer_protocol import MAX_PID, MAX_TIME, parse_signal, socket_path_for
 
 from ._client import POLICIES, FileTimerClient
 from ._errors import ServerStalled, ServerUnavailable, ServerUnavailableWarning
@@ -219,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _client(args: argparse.Namespace, pid: int) -> FileTimerClient:
     labels: Optional[Dict[str, str]] = None if args.label is None else dict(args.label)
     sig = signal.SIGKILL if args.signal is None else args.signal
@@ -289,6 +297,8 @@ def _run(args: argparse.Namespace) -> int:
                     "the server refuses from the FIFO: use the socket (--socket PATH)"
                 )
             args.transport = args.transport or "socket"
+            if args.fifo is not None and _is_fifo(args.fifo):
+                args.socket, args.fifo = socket_path_for(args.fifo), None  # the FIFO's
         elif pid not in (os.getppid(), os.getpid()):
             # The server takes from a socket only the sender, its parent or descendants,
             # and this command has no descendants: another process goes over the FIFO.

@@ -1,0 +1,35 @@
+"""``ftimer arm --fifo FIFO`` from a shell that is pid 1 of its PID namespace (a
+container's first process): the server refuses pid 1 from the FIFO, so the command arms
+over the socket beside that FIFO, naming the shell by its pidfd."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+from tests.conftest import in_private_pid_namespace
+
+from ftimer_protocol import Arm, socket_path_for
+
+from .conftest import SocketPeer
+
+
+def test_a_pid_1_shell_naming_the_fifo_arms_over_the_socket_beside_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    # It failed with "not a socket but a FIFO (this client was told to use a socket)".
+    fifo = tmp_path / "timer.fifo"
+    os.mkfifo(fifo, 0o600)
+    peer = SocketPeer(pathlib.Path(socket_path_for(str(fifo))))
+    try:
+        # `; echo` keeps the shell from exec'ing the command: the shell stays pid 1.
+        arm = f"{sys.executable} -m ftimer_client arm --fifo {fifo} --scope s --after 30"
+        done = in_private_pid_namespace("sh", "-c", f"{arm}; echo $?")
+        assert (done.stdout, done.stderr) == ("0\n", "")
+        [message] = peer.wait_count(1)
+        assert isinstance(message, Arm)
+        assert (message.pid, message.scope_id) == (1, "s")  # the shell, as it knows itself
+        assert len(peer.datagrams[0].pidfds) == 1  # and by its pidfd, for the server
+    finally:
+        peer.close()

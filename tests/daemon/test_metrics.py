@@ -136,3 +136,40 @@ def test_last_progress_stops_while_the_loop_is_stuck(tmp_path) -> None:
         after = sample(m, "ftimer_last_progress_timestamp_seconds")
         assert after is not None
         assert after > since
+
+
+def test_a_scrape_never_waits_out_a_loop_stalled_holding_the_table(tmp_path) -> None:
+    """A reap step runs under the loop's lock: a scrape then waited for the stall to end
+    (a Prometheus timeout: the daemon looked down, not stalled) and reported progress
+    "now". It serves the last counters and the stall's start instead."""
+    from ftimer_protocol import Expire, encode
+    from ftimer_server import FileTimerServer, RecordingSignaller
+
+    gate, entered = threading.Event(), threading.Event()
+
+    def stuck(worker: object, expiry: object, now: float) -> None:
+        entered.set()
+        gate.wait(30)
+
+    fifo = tmp_path / "timer.fifo"
+    server = FileTimerServer(fifo, signaller=RecordingSignaller(), reap_steps=[stuck])
+    with server:
+        m = Metrics(lambda: server.stats(timeout=0.1), last_progress=server.get_last_progress_time)
+        assert sample(m, "ftimer_armed_timers") == 0
+        child = subprocess.Popen(["sleep", "60"])
+        try:
+            fd = os.open(fifo, os.O_WRONLY)
+            os.write(fd, encode(Expire(pid=child.pid, scope_id="s", signal=9)))
+            os.close(fd)
+            assert entered.wait(10)
+            began = time.monotonic()
+            stalled = sample(m, "ftimer_last_progress_timestamp_seconds")
+            assert time.monotonic() - began < 5  # not the stall's 30 s
+            assert stalled is not None
+            assert sample(m, "ftimer_armed_timers") == 0  # the last snapshot's
+            time.sleep(0.5)  # the gauge must not follow the clock while the loop is stuck
+            assert sample(m, "ftimer_last_progress_timestamp_seconds") == stalled
+        finally:
+            gate.set()
+            child.kill()
+            child.wait()

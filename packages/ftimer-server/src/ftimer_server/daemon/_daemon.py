@@ -91,6 +91,8 @@ EXIT_STARTUP = 3
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 #: Seconds the status request waits for the server loop to answer a sync.
 _HEALTH_TIMEOUT = 2.0
+#: Seconds a metrics scrape waits for a busy loop's counters before serving the last.
+SCRAPE_WAIT = 1.0
 #: Settings a SIGHUP applies in place; any other change needs a restart.
 _RELOADABLE = ("log_format", "log_level", "config_file")
 
@@ -530,7 +532,9 @@ class Daemon:
 
     def _stats(self) -> Stats:
         assert self._server is not None
-        return self._server.stats()
+        # A scrape never waits out a stalled loop (Prometheus would call the daemon
+        # down, not stalled): the metrics serve the last snapshot instead.
+        return self._server.stats(timeout=SCRAPE_WAIT)
 
     def _incident_writes(self) -> tuple[int, int]:
         return (0, 0) if self._server is None else self._server.incident_writes

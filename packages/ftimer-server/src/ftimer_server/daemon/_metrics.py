@@ -65,10 +65,39 @@ class _StatsCollector:
         self._incident_writes = incident_writes
         self._last_progress = last_progress
         self._dry_run = dry_run
+        self._last: Optional[Stats] = None  # what the last scrape read
 
     def collect(self) -> Iterator[Any]:
         core = self._prom.metrics_core
-        s = self._stats()
+        if self._last_progress is not None:
+            # Read first: a stalled loop's gauge must not wait for the stall to end. Now
+            # while the loop is healthy, else the start of the iteration it is stuck in:
+            # time() minus this is how long the reader has not been reading.
+            yield core.GaugeMetricFamily(
+                "ftimer_last_progress_timestamp_seconds",
+                "Unix time the server's loop last made progress (now while it is healthy).",
+                value=self._last_progress(),
+            )
+        yield core.GaugeMetricFamily(
+            "ftimer_dry_run", "1 if expiries are logged instead of signalled.", value=self._dry_run
+        )
+        for name, doc, outcomes in (
+            ("ftimer_incident_writes", "Incidents written, by result.", self._incident_writes),
+            ("ftimer_state_saves", "State file writes, by result.", self._state_saves),
+        ):
+            if outcomes is not None:
+                family = core.CounterMetricFamily(name, doc, labels=["result"])
+                ok, errors = outcomes()
+                family.add_metric(["ok"], ok)
+                family.add_metric(["error"], errors)
+                yield family
+        try:
+            self._last = self._stats()
+        except TimeoutError:  # the loop holds the table: its last counts, still true
+            pass
+        s = self._last
+        if s is None:
+            return
         yield core.GaugeMetricFamily("ftimer_armed_timers", "Timers armed now.", value=s.armed)
         yield core.GaugeMetricFamily(
             "ftimer_workers", "Worker processes with timers bound now.", value=s.workers
@@ -120,34 +149,14 @@ class _StatsCollector:
             ),
         ):
             yield core.CounterMetricFamily(name, doc, value=value)
-        yield core.GaugeMetricFamily(
-            "ftimer_dry_run", "1 if expiries are logged instead of signalled.", value=self._dry_run
-        )
-        if self._last_progress is not None:
-            # Now while the loop is healthy, else the start of the iteration it is stuck
-            # in: time() minus this is how long the reader has not been reading.
-            yield core.GaugeMetricFamily(
-                "ftimer_last_progress_timestamp_seconds",
-                "Unix time the server's loop last made progress (now while it is healthy).",
-                value=self._last_progress(),
-            )
-        for name, doc, outcomes in (
-            ("ftimer_incident_writes", "Incidents written, by result.", self._incident_writes),
-            ("ftimer_state_saves", "State file writes, by result.", self._state_saves),
-        ):
-            if outcomes is not None:
-                family = core.CounterMetricFamily(name, doc, labels=["result"])
-                ok, errors = outcomes()
-                family.add_metric(["ok"], ok)
-                family.add_metric(["error"], errors)
-                yield family
 
 
 class Metrics:
     """The daemon's metrics.
 
     Args:
-        stats: the server's counters (``FileTimerServer.stats``), read at scrape time.
+        stats: the server's counters (``FileTimerServer.stats``), read at scrape time;
+            when it raises ``TimeoutError`` (a stalled loop), the last ones are served.
         state_saves: (successful, failed) state file writes, read at scrape time.
         incident_writes: (successful, failed) incident writes, read at scrape time.
         last_progress: when the server's loop last made progress

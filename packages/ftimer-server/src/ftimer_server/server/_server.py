@@ -427,10 +427,22 @@ class FileTimerServer:
         with self._lock:
             return self._watchdog.workers()
 
-    def stats(self) -> Stats:
-        """A snapshot of the counters."""
-        with self._lock:
+    def stats(self, timeout: Optional[float] = None) -> Stats:
+        """A snapshot of the counters.
+
+        Args:
+            timeout: seconds to wait for the loop to let go of the table (it holds it
+                while it applies a batch or reaps); ``None``: as long as it takes.
+
+        Raises:
+            TimeoutError: the loop held it longer than ``timeout``.
+        """
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"the server's loop has been busy for over {timeout:g} s")
+        try:
             return self._watchdog.stats()
+        finally:
+            self._lock.release()
 
     def restore(self, timers: Iterable[Timer]) -> None:
         """Arm saved timers (``armed()`` of a previous server), checking each process.

@@ -345,6 +345,47 @@ def test_an_interrupt_after_the_arm_went_out_disarms_the_block(peer: FifoPeer) -
     assert other.calls == [("acquire", "t"), ("release", "t")]
 
 
+class ReleaseInterrupted(FileTimerClient):
+    """A client into whose release a signal handler's exception lands once, before it
+    sent anything."""
+
+    interrupts = 1
+
+    def release(self, scope_id: str) -> None:
+        if self.interrupts:
+            self.interrupts = 0
+            raise KeyboardInterrupt
+        super().release(scope_id)
+
+
+class ReleaseInterruptedTorchClient(InterruptedTorchClient):
+    def acquire(self, scope_id: str, expiration_time: float) -> None:
+        self.calls.append(("acquire", scope_id))
+
+    def release(self, scope_id: str) -> None:
+        self.calls.append(("release", scope_id))
+        if len(self.calls) == 2:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupt_in_the_exits_release_disarms_the_block_all_the_same(
+    peer: FifoPeer,
+) -> None:
+    # The exit let the interrupt through with the disarm never sent: a program that
+    # caught it and carried on was reaped when the block's timer expired.
+    client = ReleaseInterrupted(peer.path, labels={})
+    with pytest.raises(KeyboardInterrupt), expires(after=60, scope="s", client=client):
+        pass
+    assert client.armed == frozenset()
+    client.arm("end", 60)
+    sent = peer.wait_for(lambda m: bool(m) and m[-1].scope_id == "end")
+    assert set(server_state(sent)) == {(ME, "end")}
+    other = ReleaseInterruptedTorchClient()
+    with pytest.raises(KeyboardInterrupt), expires(after=60, scope="t", client=other):
+        pass
+    assert other.calls == [("acquire", "t"), ("release", "t"), ("release", "t")]
+
+
 def test_an_arm_refused_sends_no_disarm(peer: FifoPeer) -> None:
     client = FileTimerClient(peer.path, labels={})
     client.arm("s", 60)  # an outer block's timer of the same scope

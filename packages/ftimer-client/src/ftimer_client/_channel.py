@@ -133,8 +133,12 @@ class Channel:
             Whatever interrupted the delivery (the scope is then left as it was).
         """
         with self.lock:
-            previous = self.state.arm(scope_id, line, owner)
+            armed = self.armed
+            previous = armed.get(scope_id)
             try:
+                # Resync.arm(), inlined (every expires block comes here), and inside the
+                # try: an interrupt that lands once the scope is recorded undoes it below.
+                armed[scope_id] = (line, owner)
                 if self._fd >= 0:
                     try:
                         os.write(self._fd, line)  # at most PIPE_BUF: all of it, or nothing
@@ -161,8 +165,12 @@ class Channel:
             Whatever interrupted the delivery.
         """
         with self.lock:
-            self.state.disarm(scope_id)
+            forgotten = False
             try:
+                # Inside the try: an interrupt that lands once the scope is forgotten (or
+                # before) still counts it released, and its disarm lost.
+                self.state.disarm(scope_id)
+                forgotten = True
                 if self._fd >= 0:  # as in arm()
                     try:
                         os.write(self._fd, line)
@@ -171,6 +179,8 @@ class Channel:
                         pass
                 self._deliver([line], timeout, (scope_id,))
             except BaseException as e:
+                if not forgotten:
+                    self.state.disarm(scope_id)
                 self.state.lost_disarms((scope_id,))
                 self._failed(e if isinstance(e, ServerUnavailable) else None)
                 raise

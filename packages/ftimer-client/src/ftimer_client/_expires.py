@@ -76,7 +76,9 @@ def default_scope_suffix() -> str:
 
 
 #: What an arm raises when it sent nothing (a refused argument, a closed client) or
-#: nothing that was kept (``ServerUnavailable`` and torch's ``BrokenPipeError``).
+#: nothing that was kept (``ServerUnavailable`` and torch's ``BrokenPipeError``); what a
+#: release raises when trying again would change nothing (the client counts a disarm
+#: it could not deliver as lost, and makes it good itself).
 _NOT_ARMED = (ValueError, TypeError, RuntimeError, BrokenPipeError)
 
 
@@ -86,7 +88,8 @@ class expires:
     ``with expires(after=60): step()`` arms timer ``scope`` to expire in 60 s and
     disarms it when the block exits, however it exits: an exception in the block
     propagates unchanged, and a failure to disarm does not replace it. An interrupt
-    (``KeyboardInterrupt``) while entering disarms it too.
+    (``KeyboardInterrupt``) while entering disarms it too, and one that lands in the
+    disarm while leaving is followed by the disarm again before it propagates.
 
     Args:
         after: seconds until the timer expires.
@@ -160,17 +163,24 @@ class expires:
         active = self._active
         if active is None:
             return
-        self._active = None
-        self._free.append(True)
         client, scope = active
-        if exc_type is None:
+        try:
+            self._active = None
+            self._free.append(True)
             client.release(scope)
-            return
-        # The block's own exception matters more than a disarm that did not get
-        # through (the client makes the server agree, a resync, when it is back), or
-        # than a client closed in the block (its close() disarmed the timer).
-        with contextlib.suppress(BrokenPipeError, RuntimeError):
-            client.release(scope)
+        except _NOT_ARMED:
+            # The block's own exception matters more than a disarm that did not get
+            # through (the client makes the server agree, a resync, when it is back), or
+            # than a client closed in the block (its close() disarmed the timer).
+            if exc_type is None:
+                raise
+        except BaseException:
+            # Something else (a signal handler's KeyboardInterrupt, say) landed in the
+            # release: the disarm may not have gone out, and a program that carries on
+            # would be reaped for this block. Releasing is idempotent: once more.
+            with contextlib.suppress(Exception):
+                client.release(scope)
+            raise
 
     def beat(self, after: Optional[float] = None) -> None:
         """Heartbeat: push the block's deadline to ``after`` (default: the block's own

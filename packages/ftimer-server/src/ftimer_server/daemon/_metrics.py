@@ -9,6 +9,7 @@ default), so two daemons in one process (tests, embedding) do not clash.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Iterator
 from typing import Any, Callable, Optional, Tuple
@@ -91,10 +92,8 @@ class _StatsCollector:
                 family.add_metric(["ok"], ok)
                 family.add_metric(["error"], errors)
                 yield family
-        try:
+        with contextlib.suppress(TimeoutError):  # a stalled loop: its last counts hold
             self._last = self._stats()
-        except TimeoutError:  # the loop holds the table: its last counts, still true
-            pass
         s = self._last
         if s is None:
             return

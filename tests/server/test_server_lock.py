@@ -113,3 +113,34 @@ def test_a_lock_taken_on_a_lock_file_removed_meanwhile_is_taken_again(
         assert os.fstat(fd).st_ino == os.stat(f"{fifo_path}.lock").st_ino
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["file", "directory", "empty"])
+def test_no_lock_file_is_made_beside_what_is_no_fifo(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    # The lock was taken first: /dev/null.lock (as root), `.lock` in the working
+    # directory for "", isdir/.lock.
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "target"
+    if kind == "file":
+        target.write_bytes(b"")
+    elif kind == "directory":
+        target.mkdir()
+    path = "" if kind == "empty" else str(target)
+    with pytest.raises(FifoError, match=r"refusing an? .*expected a FIFO"):
+        FileTimerServer(path).start()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if kind == "empty" else ["target"])
+
+
+def test_a_relative_path_is_removed_on_stop_after_a_chdir(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    server = FileTimerServer("timer.fifo", remove_fifo=True)
+    assert server.file_path == str(tmp_path / "run" / "timer.fifo")
+    server.start()
+    monkeypatch.chdir(tmp_path)  # the agent moved on
+    server.stop()
+    assert list((tmp_path / "run").iterdir()) == []  # neither the FIFO nor its lock left

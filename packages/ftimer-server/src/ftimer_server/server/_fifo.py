@@ -225,8 +225,9 @@ def lock_fifo(fifo: str) -> int:
 
     Raises:
         FifoBusy: another server holds the lock.
-        FifoError: the lock file cannot be made or opened, or is not this user's
-            regular file (a symlink is never followed).
+        FifoError: ``fifo`` is empty or holds something other than a FIFO; the lock file
+            cannot be made or opened, or is not this user's regular file (a symlink is
+            never followed).
     """
     # Beside the FIFO and named after it, because the FIFO is what two servers must not
     # share (the sockets and the state file can be given other paths, or none). The
@@ -234,6 +235,7 @@ def lock_fifo(fifo: str) -> int:
     # default path's directory may not exist yet: it is made here as open_fifo makes it
     # (0700), but its owner, mode and group are checked and set by open_fifo, under the
     # lock, so that a server that loses never changes them.
+    _refuse_no_fifo(fifo)  # no lock file beside what is no FIFO (/dev/null.lock, say)
     path = fifo + ".lock"
     directory = os.path.dirname(fifo) or "."
     if manages_parent(fifo):
@@ -402,6 +404,24 @@ def _has_acl(directory: str) -> bool:
         return False
 
 
+def _refuse_no_fifo(path: str, st: Optional[os.stat_result] = None) -> None:
+    """Refuse an empty path, or one that holds something other than a FIFO (``st``: its
+    ``lstat()``, if read already).
+
+    Raises:
+        FifoError: it does.
+    """
+    if not path:
+        raise FifoError(path, "refusing an empty path (expected a FIFO)")
+    if st is None:
+        try:
+            st = os.lstat(path)
+        except OSError:  # nothing there (yet), or it cannot be told: open_fifo says
+            return
+    if not stat.S_ISFIFO(st.st_mode):
+        raise FifoError(path, f"refusing {file_kind(st.st_mode)} (expected a FIFO)")
+
+
 def _open_read_end(
     path: str, mode: int, gid: Optional[int], replace: bool
 ) -> Tuple[int, bool, bool]:
@@ -416,10 +436,7 @@ def _open_read_end(
                 st = os.lstat(path)
             except FileNotFoundError:
                 continue
-            if not stat.S_ISFIFO(st.st_mode):
-                raise FifoError(
-                    path, f"refusing {file_kind(st.st_mode)} (expected a FIFO)"
-                ) from None
+            _refuse_no_fifo(path, st)
             if replace:
                 if st.st_uid != os.geteuid():
                     raise FifoError(

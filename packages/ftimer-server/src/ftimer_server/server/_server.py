@@ -240,7 +240,8 @@ class FileTimerServer:
         self._restore_grace = restore_grace
         self._socket_path = None if socket_path is None else os.fspath(socket_path)
         self._socket: Optional[DatagramSocket] = None
-        self.file_path = os.fspath(file_path)
+        # Absolute: the FIFO and its lock are found again after a chdir (remove_fifo).
+        self.file_path = os.path.abspath(file_path) if os.fspath(file_path) else ""
         self.run_id = run_id
         self.max_interval = max_interval
         self._daemon = daemon

@@ -5,15 +5,20 @@ method returns, or at a loop's backward jump), deterministically."""
 
 from __future__ import annotations
 
+import contextlib
+import dis
 import os
-from typing import Any, Callable, List
+import sys
+from types import FrameType, ModuleType
+from typing import Any, Callable, Iterator, List, Tuple
 
 import pytest
 
-from ftimer_client import FileTimerClient
+from ftimer_client import FileTimerClient, _resync
+from ftimer_client._channel import Channel
 from ftimer_client._resync import Resync
 
-from .conftest import FifoPeer, server_state
+from .conftest import FifoPeer, restart, server_state
 
 ME = os.getpid()
 
@@ -102,3 +107,132 @@ def test_an_interrupted_rearm_leaves_the_first_arm(peer: FifoPeer) -> None:
     messages = wait_for_scope(peer, "t")
     state = server_state(messages)
     assert state == {(ME, "s"): messages[0].deadline, (ME, "t"): messages[-1].deadline}
+
+
+@contextlib.contextmanager
+def handler_in_a_loop_of(module: ModuleType, handler: Callable[[], None]) -> Iterator[None]:
+    """While in the block, run ``handler`` once, where a signal handler runs in a loop of
+    ``module``'s code: at its first backward jump (the next round of the loop), in the
+    thread of the block."""
+    path = module.__file__
+    done: List[bool] = []
+
+    def in_frame(frame: FrameType, event: str, arg: Any) -> Any:
+        code = frame.f_code.co_code
+        if event == "opcode" and not done and dis.opname[code[frame.f_lasti]] in BACKWARD_JUMPS:
+            done.append(True)
+            handler()  # not traced: a trace function runs untraced
+        return in_frame
+
+    def on_call(frame: FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename != path:
+            return None
+        frame.f_trace_opcodes = True
+        return in_frame
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+    assert done, "no loop ran"
+
+
+BACKWARD_JUMPS = {"JUMP_BACKWARD", "JUMP_ABSOLUTE"}  # 3.11+, 3.9 and 3.10
+
+
+@pytest.fixture
+def two_clients(peer: FifoPeer) -> Iterator[Tuple[FileTimerClient, FileTimerClient]]:
+    """A client with ten scopes armed, and another of the same channel (a library's own,
+    used by its signal handler)."""
+    client = FileTimerClient(peer.path, labels={})
+    other = FileTimerClient(peer.path, labels={})
+    assert other._channel is client._channel
+    for i in range(10):
+        client.arm(f"k{i}", 600)
+    yield client, other
+    other.close()
+    client.close()
+
+
+def test_a_handler_arming_while_close_goes_through_the_registry(
+    peer: FifoPeer, two_clients: Tuple[FileTimerClient, FileTimerClient]
+) -> None:
+    # close() raised "dictionary changed size during iteration" and left every scope of
+    # the closed client armed, for ever.
+    client, other = two_clients
+    with handler_in_a_loop_of(_resync, lambda: other.arm("handler's", 600)):
+        client.close()
+    assert client._channel.armed.keys() == {"handler's"}
+    other.arm("end", 60)
+    assert set(server_state(wait_for_scope(peer, "end"))) == {(ME, "handler's"), (ME, "end")}
+
+
+def test_a_handler_arming_while_armed_goes_through_the_registry(
+    two_clients: Tuple[FileTimerClient, FileTimerClient],
+) -> None:
+    client, other = two_clients
+    with handler_in_a_loop_of(_resync, lambda: other.arm("handler's", 600)):
+        armed = client.armed
+    assert armed == {f"k{i}" for i in range(10)}
+
+
+def test_a_handler_arming_while_a_resync_goes_through_the_registry(
+    peer: FifoPeer, two_clients: Tuple[FileTimerClient, FileTimerClient]
+) -> None:
+    client, other = two_clients
+    new = restart(peer)  # the next write fails: the client reconnects and resyncs
+    try:
+        with handler_in_a_loop_of(_resync, lambda: other.arm("handler's", 600)):
+            client.arm("end", 60)
+        expected = {(ME, f"k{i}") for i in range(10)} | {(ME, "end"), (ME, "handler's")}
+        assert set(server_state(new.wait_for(lambda m: len(m) >= 13))) == expected
+        other.close()
+        client.close()
+    finally:
+        new.close()
+
+
+def test_an_interrupt_before_close_forgot_anything_still_disarms_it_all(
+    peer: FifoPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A closed client's scopes stayed armed for ever: no method of it would disarm them.
+    client = FileTimerClient(peer.path, labels={})
+    client.arm("a", 600)
+    client.arm("b", 600)
+    original = Channel.disarm_all
+    calls: List[Any] = []
+
+    def interrupted(self: Channel, timeout: float, owner: object = None) -> None:
+        calls.append(owner)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # a handler's, landing as it begins
+        original(self, timeout, owner)
+
+    monkeypatch.setattr(Channel, "disarm_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        client.close()
+    assert client._channel.armed == {}
+    other = FileTimerClient(peer.path, labels={})
+    other.arm("end", 60)
+    assert set(server_state(wait_for_scope(peer, "end"))) == {(ME, "end")}
+    other.close()
+
+
+@pytest.mark.parametrize("protocol", [1, 2])
+def test_an_interrupt_once_close_forgot_the_scopes_still_disarms_them(
+    peer: FifoPeer, monkeypatch: pytest.MonkeyPatch, protocol: int
+) -> None:
+    # They were forgotten before the channel's try: neither sent nor counted lost.
+    client = FileTimerClient(peer.path, labels={}, protocol=protocol)
+    client.arm("a", 600)
+    client.arm("b", 600)
+    interrupt_once_after(monkeypatch, Resync, "disarm_all")
+    with pytest.raises(KeyboardInterrupt):
+        client.close()
+    assert client._channel.armed == {}
+    other = FileTimerClient(peer.path, labels={}, protocol=protocol)
+    other.arm("end", 60)
+    assert set(server_state(wait_for_scope(peer, "end"))) == {(ME, "end")}
+    other.close()

@@ -193,11 +193,20 @@ class Channel:
             Whatever interrupted the delivery.
         """
         with self.lock:
-            lines, scopes = self.state.disarm_all(owner)
+            state = self.state
+            # Which scopes, before any is forgotten: an interrupt that lands while they
+            # are forgotten or sent still counts every one of them disarmed, and lost.
+            scopes = state.scopes_of(owner)
+            forgotten = False
             try:
+                lines, _ = state.disarm_all(owner, scopes)
+                forgotten = True
                 self._deliver(lines, timeout, scopes)
             except BaseException as e:
-                self.state.lost_disarms(scopes)
+                if not forgotten:
+                    for scope_id in scopes:
+                        state.disarm(scope_id)
+                state.lost_disarms(scopes)
                 self._failed(e if isinstance(e, ServerUnavailable) else None)
                 raise
 

@@ -3,6 +3,7 @@ or its socket."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -356,6 +357,13 @@ class FileTimerClient:
             self._channel.disarm_all(self._timeout, owner=self)
         except ServerUnavailable as e:
             self._unavailable(e)
+        except BaseException:
+            # An interrupt (a signal handler's exception) may have landed before any of
+            # this client's scopes was forgotten, and no method of a closed client would
+            # ever disarm them: once more (idempotent), then let it go on.
+            with contextlib.suppress(Exception):
+                self._channel.disarm_all(self._timeout, owner=self)
+            raise
         finally:
             self._channel.detach()
 

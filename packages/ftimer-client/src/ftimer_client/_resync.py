@@ -101,26 +101,43 @@ class Resync:
         """Forget ``scope_id`` (disarmed or expired); unknown scopes are ignored."""
         self.armed.pop(scope_id, None)
 
-    def disarm_all(self, owner: Optional[object] = None) -> Tuple[List[bytes], List[str]]:
+    # A signal handler may arm or disarm (through any client of the channel) between two
+    # rounds of a Python loop: every loop over the registry goes over a copy of it, made
+    # in one C call (list(), tuple()), never over the dict itself ("dictionary changed
+    # size during iteration").
+
+    def scopes_of(self, owner: Optional[object] = None) -> List[str]:
+        """The scopes ``owner`` armed (None: every scope)."""
+        return [s for s, (_, o) in list(self.armed.items()) if owner is None or o is owner]
+
+    def disarm_all(
+        self, owner: Optional[object] = None, scopes: Optional[List[str]] = None
+    ) -> Tuple[List[bytes], List[str]]:
         """Forget every scope (``owner``: only those it armed); return the lines that
-        disarm them on the server, and the scopes forgotten."""
+        disarm them on the server, and the scopes forgotten.
+
+        Args:
+            scopes: ``scopes_of(owner)``, when the caller has it already.
+        """
         if owner is None and isinstance(self._base, V2Lines):
             self.armed.clear()
             return [self._base.disarm_all], []
-        scopes = [s for s, (_, o) in self.armed.items() if owner is None or o is owner]
+        if scopes is None:
+            scopes = self.scopes_of(owner)
+        armed = self.armed
         for scope_id in scopes:
-            del self.armed[scope_id]
+            armed.pop(scope_id, None)  # a handler may have disarmed it meanwhile
         return [self._base.disarm(s) for s in scopes], scopes
 
     def armed_by(self, owner: object) -> FrozenSet[str]:
         """The scopes ``owner`` armed and that are still armed."""
-        return frozenset(s for s, (_, o) in self.armed.items() if o is owner)
+        return frozenset(s for s, (_, o) in list(self.armed.items()) if o is owner)
 
     # -- what to send ---------------------------------------------------------------------
 
     def resync_lines(self) -> List[bytes]:
         """The lines that make the server's view of this process this registry."""
-        arms = [line for line, _ in self.armed.values()]
+        arms = [line for line, _ in tuple(self.armed.values())]
         base = self._base
         if isinstance(base, V2Lines):
             return [base.disarm_all, *arms]

@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 import threading
+from typing import AsyncIterator, Iterator
 
 import pytest
 
@@ -128,6 +129,20 @@ def test_decorator_on_a_coroutine_function(peer: FifoPeer) -> None:
 
     assert asyncio.run(step()) == "done"
     assert armed_scopes(peer.wait_count(2)) == ["async-step"]
+
+
+def test_decorating_a_generator_function_is_refused() -> None:
+    # A call only makes the generator: the block armed and disarmed around that, and
+    # the steps ran with no timer at all.
+    def batches() -> Iterator[int]:
+        yield 1
+
+    async def async_batches() -> AsyncIterator[int]:
+        yield 1
+
+    for func in (batches, async_batches):
+        with pytest.raises(TypeError, match=r"generator function .*with expires"):
+            expires(after=60, scope="s")(func)
 
 
 def test_the_configured_client_is_looked_up_when_the_block_is_entered(peer: FifoPeer) -> None:

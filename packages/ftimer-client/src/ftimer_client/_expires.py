@@ -83,7 +83,9 @@ _NOT_ARMED = (ValueError, TypeError, RuntimeError, BrokenPipeError)
 
 
 class expires:
-    """Arm a timer for a block (``with``) or for each call of a function (decorator).
+    """Arm a timer for a block (``with``) or for each call of a function (decorator;
+    not of a generator function, whose calls only make the generator: put the ``with``
+    inside it).
 
     ``with expires(after=60): step()`` arms timer ``scope`` to expire in 60 s and
     disarms it when the block exits, however it exits: an exception in the block
@@ -201,7 +203,20 @@ class expires:
             client.acquire(scope, time.time() + after)
 
     def __call__(self, func: F) -> F:
-        """Decorate ``func``: each call runs in its own ``expires`` block."""
+        """Decorate ``func``: each call runs in its own ``expires`` block.
+
+        Raises:
+            TypeError: ``func`` is a generator or async generator function. A call of
+                one only makes the generator: the block would end before its first step.
+                Put ``with expires(...)`` inside it, around the steps to watch.
+        """
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            name = getattr(func, "__qualname__", func)
+            raise TypeError(
+                f"expires cannot decorate generator function {name}: a call only makes the "
+                "generator, so the timer would be disarmed before its first step; put "
+                "'with expires(...):' inside the generator instead"
+            )
         after, scope, client = self._after, self._scope, self._client
         site = self._site if scope is None else ""
 

@@ -84,6 +84,17 @@ def test_a_client_closed_in_the_block_never_replaces_the_block_s_exception(
     assert server_state(peer.wait_count(2)) == {}
 
 
+def test_a_client_closed_in_the_block_lets_the_block_end_normally(peer: FifoPeer) -> None:
+    # The exit's release raised "this FileTimerClient is closed" out of a block that
+    # did nothing wrong (another thread's, say): close() had disarmed its timer.
+    client = FileTimerClient(peer.path, labels={})
+    with expires(after=60, scope="s", client=client):
+        client.close()
+    assert server_state(peer.wait_count(2)) == {}
+    with pytest.raises(RuntimeError, match="closed"):
+        client.release("s")  # outside a block, a closed client still says so
+
+
 def test_recursion_at_one_call_site_rearms_the_same_timer(peer: FifoPeer) -> None:
     configure(FileTimerClient(peer.path, labels={}))
 

@@ -172,9 +172,11 @@ class expires:
             client.release(scope)
         except _NOT_ARMED:
             # The block's own exception matters more than a disarm that did not get
-            # through (the client makes the server agree, a resync, when it is back), or
-            # than a client closed in the block (its close() disarmed the timer).
-            if exc_type is None:
+            # through (the client makes the server agree, a resync, when it is back).
+            # A client closed while in the block (by this thread or another) disarmed
+            # the timer itself: nothing failed, whichever way the block ends.
+            closed = isinstance(client, FileTimerClient) and client._closed
+            if exc_type is None and not closed:
                 raise
         except BaseException:
             # Something else (a signal handler's KeyboardInterrupt, say) landed in the

@@ -236,3 +236,36 @@ def test_an_interrupt_once_close_forgot_the_scopes_still_disarms_them(
     other.arm("end", 60)
     assert set(server_state(wait_for_scope(peer, "end"))) == {(ME, "end")}
     other.close()
+
+
+class SendingInterrupted(Channel):
+    """A channel into which a signal handler's exception lands once, right after a
+    delivery began (``_sending`` set)."""
+
+    interrupts = 1
+
+    @property  # type: ignore[override]
+    def _sending(self) -> bool:
+        return bool(self.__dict__["_sending"])
+
+    @_sending.setter
+    def _sending(self, value: bool) -> None:
+        self.__dict__["_sending"] = value
+        if value and self.interrupts:
+            self.interrupts = 0
+            raise KeyboardInterrupt
+
+
+def test_an_interrupt_as_a_delivery_begins_does_not_silence_the_channel(
+    peer: FifoPeer,
+) -> None:
+    # _sending stayed set: every later arm and disarm was put aside, never sent.
+    client = FileTimerClient(peer.path, labels={})
+    client._channel.__class__ = SendingInterrupted
+    with pytest.raises(KeyboardInterrupt):
+        client.arm("s", 60)  # the first message delivers: it connects
+    assert client.armed == frozenset()
+    assert not client._channel._sending
+    client.arm("t", 60)
+    assert set(server_state(wait_for_scope(peer, "t"))) == {(ME, "t")}
+    client.close()

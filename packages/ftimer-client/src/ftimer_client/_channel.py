@@ -278,8 +278,10 @@ class Channel:
             state.defer(lines, disarmed)
             return
         self._fd = -1  # no hot path for a signal handler's call until this is done
-        self._sending = True  # before the state is read: a handler's lines come after
         try:
+            # Before the state is read (a handler's lines come after), and inside the
+            # try: set and left stuck, it would put every later line aside for ever.
+            self._sending = True
             end = time.monotonic() + state.timeout(timeout)
             backlog = state.backlog()
             while backlog or lines:

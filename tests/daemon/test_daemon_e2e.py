@@ -473,13 +473,13 @@ def test_bad_options_exit_2(args: list[str], message: str) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('fifo = "/x"\nfifo-mod = "0600"\n', "unknown field `fifo-mod`"),
+        ('fifo = "/x"\nfifo-mod = "0600"\n', "there is no setting 'fifo-mod'"),
         ('signal = "SIGNOPE"\n', "unknown signal: 'SIGNOPE'"),
         ("signal = 99\n", "is not a signal number"),
         ('signal = "\u00b2"\n', "signal: unknown signal"),
         ('fifo-group = "\u00b2"\n', "fifo-group: unknown group"),
         ('metrics-address = "\u00b2"\n', "metrics-address: metrics address"),
-        ('max-timers = "\u00b2"\n', "at `$.max-timers`"),
+        ('max-timers = "\u00b2"\n', "max-timers is a string; it takes a whole number"),
         ("allow-uids = []\n", "allow-uids: an empty list allows no user's timers"),
         ("allow-signals = []\n", "allow-signals: an empty list allows no signal"),
     ],

@@ -26,6 +26,7 @@ option names without the leading dashes; the repeatable ``--allow-uid`` and
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import grp
 import os
 import re
@@ -265,7 +266,33 @@ def load_config_file(path: str) -> FileSettings:
     try:
         return msgspec.convert(raw, FileSettings)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"config file {path}: {e}") from None
+        raise ConfigError(f"config file {path}: {_in_plain_words(str(e))}") from None
+
+
+#: What the schema's types are called in a config file.
+_KINDS = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false"}
+_GOT = {**_KINDS, "bool": "a boolean", "array": "a list", "object": "a table"}
+
+
+def _in_plain_words(error: str) -> str:
+    """msgspec's message about a config file, in the file's terms ("Expected `int | null`,
+    got `str` - at `$.max-timers`": "max-timers is a string; it takes a whole number")."""
+    unknown = re.fullmatch(r"Object contains unknown field `(.*)`", error)
+    if unknown:
+        key = unknown.group(1)
+        names = [f.encode_name for f in msgspec.structs.fields(FileSettings)]
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = (
+            f" (did you mean {close[0]!r}?)" if close else " (ftimer-server run --help lists them)"
+        )
+        return f"there is no setting {key!r}{hint}"
+    wrong = re.fullmatch(r"Expected `(.*)`, got `(.*)` - at `\$\.([^`]*)`", error)
+    if wrong:
+        wanted = [t for t in wrong.group(1).split(" | ") if t != "null"]
+        takes = " or ".join(_KINDS.get(t, t) for t in wanted)
+        got = _GOT.get(wrong.group(2), f"a {wrong.group(2)}")
+        return f"{wrong.group(3)} is {got}; it takes {takes}"
+    return error
 
 
 def _read_config_file(path: str) -> bytes:

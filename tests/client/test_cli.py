@@ -388,3 +388,10 @@ def test_a_parent_that_adopted_the_command_is_never_armed(peer: FifoPeer) -> Non
     assert os.waitstatus_to_exitcode(status) == EXIT_USAGE
     assert "the shell that ran this command has exited" in said
     assert peer.messages == []  # nothing sent
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from ftimer_client import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"ftimer {__version__}\n"

@@ -36,6 +36,7 @@ from ftimer_protocol import MAX_PID, MAX_TIME, parse_signal, socket_path_for
 from ._client import POLICIES, FileTimerClient
 from ._errors import ServerStalled, ServerUnavailable, ServerUnavailableWarning
 from ._paths import TRANSPORTS
+from ._version import __version__
 
 __all__ = ["EXIT_UNAVAILABLE", "EXIT_USAGE", "main"]
 
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 done, 2 bad arguments, 3 server unavailable; "
         "exec: the command's status (128+N if killed by signal N).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, parents, text in (
         ("arm", [common, scope, after, pid, sig], "arm (or re-arm) a timer"),

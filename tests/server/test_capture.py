@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -798,3 +799,45 @@ def test_match_faulthandler_threads() -> None:
     # A running thread (no stack pointer) leaves two idents unpaired: no guess.
     running = [threads[0], ThreadFacts(tid=101), threads[2]]
     assert match_faulthandler_threads(idents, running, maps, 100) == {"0x3ff0": 102}
+
+
+FACTS_WITHOUT_PTRACE = """
+import json, sys, time
+from ftimer_server.incidents._procfs import read_facts
+facts, notes = read_facts(int(sys.argv[1]), time.monotonic() + 10)
+print(json.dumps([facts.fifos, facts.sockets, notes]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to drop capabilities with setpriv")
+def test_open_files_that_cannot_be_looked_at_are_said_so_not_counted_as_none() -> None:
+    # A root server without CAP_SYS_PTRACE (the systemd unit's bounding set) lists a root
+    # worker's descriptors but may not read where they lead: the incident said
+    # "0 FIFOs, 0 sockets" as if it had looked.
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv(1) from util-linux")
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "import socket, time; s = socket.socket(); time.sleep(60)"]
+    )
+    try:
+        done = subprocess.run(
+            [
+                "setpriv",
+                "--bounding-set",
+                "-all,+kill,+chown",
+                sys.executable,
+                "-c",
+                FACTS_WITHOUT_PTRACE,
+                str(worker.pid),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    finally:
+        worker.kill()
+        worker.wait()
+    fifos, sockets, notes = json.loads(done.stdout)
+    assert (fifos, sockets) == (0, 0)
+    assert "open files unreadable: EACCES (Permission denied)" in notes

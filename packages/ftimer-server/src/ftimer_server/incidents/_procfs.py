@@ -360,12 +360,16 @@ def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
     except OSError as e:
         names = []
         notes.append(f"open files unreadable: {strerror(e)}")
+    unreadable: Optional[OSError] = None
     for name in names:
         path = f"/proc/{pid}/fd/{name}"
         try:
             target = os.readlink(path)
-        except OSError:
+        except FileNotFoundError:
             continue  # closed meanwhile
+        except OSError as e:  # EACCES: no right to look (listing them needs less)
+            unreadable = e
+            continue
         # An anonymous pipe is a FIFO too; a path may be a named FIFO: stat() tells, in
         # the helper thread, since it reaches the file's own file system.
         if target.startswith("socket:"):
@@ -374,6 +378,8 @@ def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
             fifos += 1
         elif target.startswith("/"):
             paths.append(path)
+    if unreadable is not None:
+        notes.append(f"open files unreadable: {strerror(unreadable)}")
     done, slow = bounded(lambda: _read_slow(pid, paths), deadline)
     if not done or slow is None:
         notes.append(

@@ -63,6 +63,62 @@ def test_expires_raises_before_the_block_runs(fifo_path: pathlib.Path) -> None:
     assert ran == []
 
 
+@pytest.mark.parametrize("protocol", [1, 2])
+def test_a_client_whose_arm_raised_closes_without_raising(
+    fifo_path: pathlib.Path, protocol: int
+) -> None:
+    # close() delivered the resync the failed arm left due, and raised its
+    # ServerUnavailable though the client had nothing armed (an arm that raised did not
+    # happen); leaving its with block did too.
+    client = FileTimerClient(fifo_path, protocol=protocol, labels={})
+    with pytest.raises(ServerUnavailable):
+        client.arm("s", 5)
+    assert client.armed == frozenset()
+    client.close()
+    with pytest.raises(ServerUnavailable), FileTimerClient(fifo_path, labels={}) as other:
+        other.arm("s", 5)
+
+
+@pytest.mark.parametrize("protocol", [1, 2])
+def test_a_disarm_lost_before_close_is_still_delivered(peer: FifoPeer, protocol: int) -> None:
+    # close() owes nothing of its own (and does not raise), but the lost disarm is not
+    # dropped: it reaches the server when it is back.
+    client = FileTimerClient(peer.path, protocol=protocol, labels={})
+    client.arm("s", 60)
+    peer.wait_count(1)
+    peer.close()
+    with pytest.raises(ServerUnavailable):
+        client.release("s")
+    client.close()
+    new = FifoPeer(peer.path, create=False)  # back on the same FIFO
+    try:
+        restored = peer.messages  # as from a state file
+        messages = new.wait_for(lambda m: scopes(server_state([*restored, *m])) == set())
+        assert messages
+    finally:
+        new.close()
+
+
+def test_leaving_a_clients_with_block_never_replaces_its_exception(peer: FifoPeer) -> None:
+    error = KeyError("mine")
+
+    def block() -> None:
+        with FileTimerClient(peer.path, labels={}) as client:
+            client.arm("s", 60)
+            peer.wait_count(1)
+            peer.close()  # the server goes: close() cannot deliver the disarm
+            raise error
+
+    with pytest.raises(KeyError) as info:
+        block()
+    assert info.value is error
+    new = FifoPeer(peer.path, create=False)  # the disarm is delivered when it is back
+    try:
+        new.wait_for(lambda m: any(isinstance(x, DisarmAll) for x in m))
+    finally:
+        new.close()
+
+
 def test_warn_once_per_outage_and_carry_on(fifo_path: pathlib.Path) -> None:
     client = FileTimerClient(fifo_path, on_unavailable="warn", labels={})
     ran = 0

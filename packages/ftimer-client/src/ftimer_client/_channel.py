@@ -186,7 +186,8 @@ class Channel:
                 raise
 
     def disarm_all(self, timeout: float, owner: Optional[object] = None) -> None:
-        """Disarm every scope of the process, or only those ``owner`` armed.
+        """Disarm every scope of the process, or only those ``owner`` armed (sending
+        nothing when it armed none).
 
         Raises:
             ServerUnavailable: not delivered.
@@ -201,7 +202,10 @@ class Channel:
             try:
                 lines, _ = state.disarm_all(owner, scopes)
                 forgotten = True
-                self._deliver(lines, timeout, scopes)
+                if lines or owner is None:
+                    # (An owner that armed nothing owes the server nothing: a resync due
+                    # for another reason is the next delivery's, or the retries'.)
+                    self._deliver(lines, timeout, scopes)
             except BaseException as e:
                 if not forgotten:
                     for scope_id in scopes:

@@ -348,7 +348,9 @@ class FileTimerClient:
         Raises:
             ServerUnavailable: the disarms were not delivered, with
                 ``on_unavailable="raise"`` (the client is closed all the same, and
-                delivers them when the server is back).
+                delivers them when the server is back). A client with nothing armed
+                sends nothing, and never raises it. Leaving a ``with`` block of the
+                client on an exception never replaces that exception with this one.
         """
         if self._closed:
             return
@@ -376,7 +378,13 @@ class FileTimerClient:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
-        self.close()
+        if exc_type is None:
+            self.close()
+            return
+        # The block's own exception matters more than disarms that did not get through
+        # (the client delivers them when the server is back), as in an expires block.
+        with contextlib.suppress(ServerUnavailable):
+            self.close()
 
     # -- introspection ------------------------------------------------------------------
 

@@ -116,6 +116,28 @@ def test_torchs_client_against_an_ftimer_reader(peer: FifoPeer, torch_timer: Mod
     ]
 
 
+def test_protocol_1_lines_are_torchs_client_s_byte_for_byte(
+    tmp_path: pathlib.Path, torch_timer: ModuleType
+) -> None:
+    # Non-ASCII scopes went out as UTF-8, which torch's server, reading in the locale's
+    # encoding, cannot decode under an ASCII locale: its whole batch failed.
+    fifo = tmp_path / "raw.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        for client in (
+            torch_timer.FileTimerClient(str(fifo), signal=signal.SIGTERM),
+            FileTimerClient(fifo, signal=signal.SIGTERM, protocol=1),
+        ):
+            client.acquire("schritt-\u00fc \U0001f600", 1.7e9 + 0.25)
+            client.release("schritt-\u00fc \U0001f600")
+        theirs_arm, theirs_release, arm, release = os.read(reader, 65536).splitlines()
+    finally:
+        os.close(reader)
+    assert (arm, release) == (theirs_arm, theirs_release)
+    assert arm.isascii()
+
+
 def test_torchs_expires_drives_ftimers_client(peer: FifoPeer, torch_timer: ModuleType) -> None:
     torch_timer.configure(FileTimerClient(str(peer.path), labels={}))
     try:

@@ -26,6 +26,7 @@ from ftimer_protocol import (
     Disarm,
     DisarmAll,
     DumpHook,
+    FileTimerRequest,
     LocalProtocolError,
     MessageTooLarge,
     TimerRequestV1,
@@ -150,6 +151,31 @@ def test_disarm_all_and_v1_lines() -> None:
         v1.arm("s", -5.0)
     with pytest.raises(ValueError, match=">= 0"):
         v1.arm("s", math.nan)
+
+
+@pytest.mark.parametrize("scope", ["s", "schritt-\u00fc", "\u6b65", "emoji-\U0001f600", 'tab\t"q"'])
+def test_v1_lines_are_torchs_byte_for_byte(scope: str) -> None:
+    # They were msgspec's compact UTF-8: torch's server reads its FIFO in the locale's
+    # encoding, and under an ASCII locale a UTF-8 byte failed its whole batch (other
+    # workers' releases included). torch's client writes json.dumps(): ASCII escapes.
+    v1 = V1Lines(PID, 9)
+    arm, release = v1.arm(scope, 1.7e9 + 0.25), v1.release(scope)
+    assert arm == (FileTimerRequest(PID, scope, 1.7e9 + 0.25, 9).to_json() + "\n").encode()
+    assert release == (FileTimerRequest(PID, scope, -1, 0).to_json() + "\n").encode()
+    assert arm.isascii()
+    assert decode(arm) == TimerRequestV1(PID, scope, 1.7e9 + 0.25, 9)
+    assert decode(release) == TimerRequestV1(PID, scope, -1.0, 0)
+
+
+def test_a_v1_line_must_fit_pipe_buf_with_its_escapes() -> None:
+    v1 = V1Lines(PID, 9)
+    scope = "\u00fc" * 1000  # 2000 bytes in UTF-8, 6000 escaped
+    with pytest.raises(MessageTooLarge):
+        v1.arm(scope, 1.7e9)
+    with pytest.raises(MessageTooLarge):
+        v1.release(scope)
+    with pytest.raises(LocalProtocolError):
+        v1.arm("\ud800", 1.7e9)  # json.dumps escapes it; UTF-8 cannot carry it
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, MAX_TIME * 1.0001, 1e300])

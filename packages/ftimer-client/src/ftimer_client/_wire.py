@@ -16,6 +16,7 @@ here; the validating encoder words any refusal.
 
 from __future__ import annotations
 
+import json
 import math
 from json.encoder import encode_basestring
 from typing import Dict, Optional, Tuple
@@ -277,7 +278,11 @@ def _plain(scope_id: object) -> str:
 
 
 class V1Lines:
-    """Version 1 (torch's format) lines of one process for one signal.
+    """Version 1 (torch's format) lines of one process for one signal, byte for byte
+    those of torch's client: its ``json.dumps()`` (ASCII only: any other character of a
+    scope is a ``\\uXXXX`` escape; torch's server decodes its FIFO with the locale's
+    encoding, and a UTF-8 byte under an ASCII locale fails its whole batch), then a
+    newline.
 
     Raises:
         ValueError: (``LocalProtocolError``) the pid breaks the schema.
@@ -310,12 +315,37 @@ class V1Lines:
         if not expiration_time >= 0.0:
             raise ValueError(f"expiration time must be >= 0, not {expiration_time!r}")
         sig = self._signal if signal is None else signal
-        return encode(TimerRequestV1(self._pid, _plain(scope_id), float(expiration_time), sig))
+        return self._line(_plain(scope_id), float(expiration_time), sig)
 
     def disarm(self, scope_id: str) -> bytes:
         """Return the release line of ``scope_id``."""
         return self.release(scope_id)
 
     def release(self, scope_id: str) -> bytes:
-        """Return the line releasing ``scope_id`` (a negative expiration time, as torch)."""
-        return encode(TimerRequestV1(self._pid, _plain(scope_id), -1.0, 0))
+        """Return the line releasing ``scope_id`` (expiration time -1, as torch).
+
+        Raises:
+            ValueError: the scope breaks the schema.
+            MessageTooLarge: the line exceeds PIPE_BUF.
+        """
+        return self._line(_plain(scope_id), -1, 0)
+
+    def _line(self, scope_id: str, expiration_time: float, signal: int) -> bytes:
+        """Raises ValueError (``LocalProtocolError``), ``MessageTooLarge``."""
+        # torch's FileTimerRequest.to_json(): the same members in the same order.
+        text = json.dumps(
+            {
+                "version": 1,
+                "pid": self._pid,
+                "scope_id": scope_id,
+                "expiration_time": expiration_time,
+                "signal": signal,
+            }
+        )
+        line = text.encode("ascii") + b"\n"
+        if len(line) > PIPE_BUF:  # the escapes count: what is written is what must fit
+            raise MessageTooLarge(len(line), PIPE_BUF)
+        # The schema (and a lone surrogate, which json.dumps escapes and UTF-8 cannot
+        # carry), in the validating encoder's words; its own line is no larger.
+        encode(TimerRequestV1(self._pid, scope_id, float(expiration_time), signal))
+        return line

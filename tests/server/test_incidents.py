@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Callable, List, Optional
 
@@ -24,11 +25,11 @@ from tests.conftest import wait_until
 from ftimer_protocol import Arm, Expire
 from ftimer_server import FileTimerServer, Reaped, RecordingSignaller, Rejected, RejectReason
 from ftimer_server.core._incident import Capture, Incident
-from ftimer_server.incidents._capture import find_py_spy
+from ftimer_server.incidents._capture import CaptureOptions, find_py_spy
 from ftimer_server.incidents._diagnostics import IncidentOptions
-from ftimer_server.incidents._helper import MAX_UNSENT, Helper, HelperGone, WriteJob
+from ftimer_server.incidents._helper import MAX_UNSENT, CaptureJob, Helper, HelperGone, WriteJob
 
-from .conftest import send, wait_exit
+from .conftest import proc_start_time, send, wait_exit
 
 # A worker of job "j": arms `after` seconds, then hangs in `where` (its stack says so).
 WORKER = """
@@ -230,6 +231,79 @@ def test_a_capture_that_hangs_never_delays_the_kill_past_the_budget(
     # From the timer's own (monotonic) deadline, not from before the worker started.
     assert died - incident.deadline < budget + 0.3  # margin for a loaded 2-core machine
     assert incident.captures[0].error  # says the capture could not finish
+
+
+def test_a_stop_during_a_capture_writes_the_incident_and_leaves_no_tool_behind(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, children
+) -> None:  # type: ignore[no-untyped-def]
+    # The stop closed the helper under the server's lock: stats() waited for it, the
+    # incident was lost ("the capture helper was stopped"), and the hung tool's process
+    # group outlived it.
+    started = tmp_path / "tool.pids"
+    hanging = tmp_path / "py-spy"  # a py-spy that never answers, with a child of its own
+    hanging.write_text(f"#!/bin/sh\nsleep 3600 &\necho $$ $! > {started}\nexec sleep 3600\n")
+    hanging.chmod(0o755)
+    options = IncidentOptions(directory=str(tmp_path / "i"), py_spy=str(hanging), timeout=2.0)
+    srv = FileTimerServer(fifo_path, signaller=RecordingSignaller(), incidents=options)
+    srv.start()
+    worker = children()
+    send(fifo_path, Expire(pid=worker.pid, scope_id="s", signal=9))
+    tool_pids = wait_until(lambda: started.exists() and started.read_text().split())
+    stopping = threading.Thread(target=srv.stop)
+    stopping.start()
+    wait_until(lambda: srv.state.value == "stopped" or None)
+    srv.stats()  # not held up by the capture still running
+    assert stopping.is_alive()  # the stop is still finishing the incident
+    stopping.join(30)
+    [written] = (tmp_path / "i").glob("*.json")
+    assert json.loads(written.read_text())["pid"] == worker.pid
+    for pid in map(int, tool_pids):  # killed with their group, reaped by their parents
+        wait_until(lambda pid=pid: not _alive(pid) or None, what=f"tool process {pid} to end")
+
+
+def test_a_helper_made_to_end_kills_its_tools_and_resumes_the_worker(
+    tmp_path: pathlib.Path, children
+) -> None:  # type: ignore[no-untyped-def]
+    # A helper still capturing when stopped was SIGKILLed: its tool, in a session of its
+    # own, lived on (attached to the worker, which py-spy leaves stopped).
+    started = tmp_path / "tool.pids"
+    hanging = tmp_path / "py-spy"  # stops the worker as py-spy does, then never answers
+    hanging.write_text(
+        "#!/bin/sh\n"
+        'while [ $# -gt 0 ]; do [ "$1" = --pid ] && pid=$2; shift; done\n'
+        f"kill -STOP $pid\nsleep 3600 &\necho $$ $! > {started}\nexec sleep 3600\n"
+    )
+    hanging.chmod(0o755)
+    worker = children()
+    helper = Helper()
+    options = CaptureOptions(py_spy=str(hanging), wants_py_spy=True, hook=False)
+    job = CaptureJob(
+        worker.pid,
+        proc_start_time(worker.pid),
+        "stuck",
+        None,
+        None,
+        options,
+        time.monotonic() + 600,
+    )
+    helper.submit(job)
+    tool_pids = wait_until(lambda: started.exists() and started.read_text().split())
+    helper.close(timeout=0.1)
+    for pid in map(int, tool_pids):
+        wait_until(lambda pid=pid: not _alive(pid) or None, what=f"tool process {pid} to end")
+    assert _state(worker.pid) != "T"  # resumed
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()[0].decode()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return _state(pid) != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_an_unwritable_directory_costs_no_kill(

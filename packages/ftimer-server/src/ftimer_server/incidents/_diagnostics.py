@@ -46,6 +46,8 @@ logger = logging.getLogger("ftimer_server")
 
 #: Captures of one pid started this close together serve every incident that needs one.
 SHARE_WINDOW = 1.0
+#: Seconds past a capture's budget that ``close()`` waits for its incident to be written.
+_WRITE_WAIT = 1.0
 _CAPTURE = msgspec.msgpack.Decoder(Capture)
 _INCIDENT = msgspec.msgpack.Decoder(Incident)
 
@@ -89,6 +91,9 @@ class Diagnostics:
             logger.warning("capture method py-spy: no py-spy found (install ftimer-server[pyspy])")
         self._helper = Helper()
         self._lock = threading.Lock()
+        #: Told when an incident is no longer in progress (see ``close()``).
+        self._settled = threading.Condition(self._lock)
+        self._writing = 0  # incidents being written; guarded by _lock
         self._shared: Dict[
             Tuple[int, Optional[int]], Tuple[float, concurrent.futures.Future[bytes]]
         ] = {}
@@ -146,8 +151,23 @@ class Diagnostics:
         return self._helper
 
     def close(self) -> None:
-        """Stop capturing: the helper is stopped (captures running end with it)."""
-        self._helper.close()
+        """Stop capturing: the incidents in progress are finished and written first
+        (their workers are signalled at a server's stop, so their captures end soon),
+        waiting no longer than one capture's budget; then the helper is stopped, with
+        the capture tools still running (their process groups are killed, the
+        processes they had stopped resumed)."""
+        deadline = time.monotonic() + self.options.timeout + _WRITE_WAIT
+        with self._settled:
+            while self._incidents or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    logger.warning(
+                        "stopping the capture helper with %d incident(s) unfinished",
+                        len(self._incidents) + self._writing,
+                    )
+                    break
+                self._settled.wait(left)
+        self._helper.close(timeout=_WRITE_WAIT)  # what still runs has outlived its budget
 
     # -- internals ---------------------------------------------------------------------
 
@@ -205,11 +225,21 @@ class Diagnostics:
             if pending is None or not pending.signalled or pending.captured is None:
                 return
             del self._incidents[incident]
+            self._writing += 1
         threading.Thread(
             target=self._write, args=(pending,), name="ftimer-incident-write", daemon=True
         ).start()
 
     def _write(self, pending: _Pending) -> None:
+        """Write ``pending``'s incident (a thread of its own), then tell ``close()``."""
+        try:
+            self._write_one(pending)
+        finally:
+            with self._settled:
+                self._writing -= 1
+                self._settled.notify_all()
+
+    def _write_one(self, pending: _Pending) -> None:
         incident = pending.id
         store = self._store
         where = None if store is None else (store.directory, store.keep, store.max_bytes)

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import queue
+import signal
 import struct
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from ._pinned import Process, ProcessRefused
 from ._procfs import read_uid
 from ._reap_extras import core_dump
 from ._store import IncidentStore
+from ._tools import stop_tools
 
 __all__ = ["CaptureJob", "Helper", "HelperGone", "WriteJob"]
 
@@ -187,17 +189,23 @@ class Helper:
             gone.set_exception(HelperGone("the capture helper exited"))
         return future
 
-    def close(self) -> None:
-        """Stop the helper (its running captures end with it); jobs submitted later
-        fail with ``HelperGone``."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the helper: it ends once its running jobs are done, or ``timeout``
+        seconds later, when it kills the capture tools still running; jobs submitted
+        later fail with ``HelperGone``."""
         with self._lock:
             self._closed = True
         self._jobs.put(None)  # its writer closes stdin once the jobs before are written
         try:
-            self._process.wait(5)
+            self._process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+            # SIGTERM first: it kills the tools it runs and resumes what they stopped.
+            self._process.terminate()
+            try:
+                self._process.wait(1)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
         self._reader.join(5)
 
     def _write(
@@ -326,8 +334,10 @@ def run_write(job: WriteJob) -> bytes:
 
 
 def main() -> None:
-    """Serve the jobs that arrive on stdin until it closes."""
+    """Serve the jobs that arrive on stdin until it closes, or until SIGTERM (then the
+    tools running are killed first)."""
     os.nice(NICENESS)
+    signal.signal(signal.SIGTERM, _end)
     out_lock = threading.Lock()
     pool = concurrent.futures.ThreadPoolExecutor(THREADS, "ftimer-capture")
 
@@ -345,3 +355,8 @@ def main() -> None:
     while (data := _receive(sys.stdin.buffer)) is not None:
         pool.submit(work, _frames.decode(data))
     pool.shutdown(wait=True)
+
+
+def _end(signum: int, frame: object) -> None:
+    stop_tools()
+    os._exit(128 + signum)

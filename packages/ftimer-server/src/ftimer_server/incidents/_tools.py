@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ._pinned import Process
 from ._stack_formats import MethodResult, parse_py_spy
 
-__all__ = ["PTRACE_ADVICE", "ToolRun", "py_spy_dump", "run_tool"]
+__all__ = ["PTRACE_ADVICE", "ToolRun", "py_spy_dump", "run_tool", "stop_tools"]
 
 #: How long a killed tool is waited for before a thread is left to reap it.
 _KILL_WAIT = 0.025
@@ -98,6 +98,8 @@ def run_tool(
         start_new_session=True,
         env=env,
     )
+    with _running_lock:
+        _running[child.pid] = process if resume else None
     returncode: Optional[int] = None
     try:
         out, err, ended = _read(child, deadline)
@@ -109,8 +111,29 @@ def run_tool(
             _kill(child)  # never left attached to the worker
         if resume:
             process.resume()
+        with _running_lock:
+            del _running[child.pid]
     too_long = len(out) + len(err) > MAX_OUTPUT
     return ToolRun(returncode, out, err, time.monotonic() - started, too_long)
+
+
+#: The tools running now, by process (and group) id, with the process each must leave
+#: running (None: it was stopped before, or is not to be resumed).
+_running: Dict[int, Optional[Process]] = {}
+_running_lock = threading.Lock()
+
+
+def stop_tools() -> None:
+    """Kill the process group of every tool running and resume the processes they
+    were looking at: what the capture helper does before it is made to end, so that no
+    tool outlives it attached to a worker, nor leaves one stopped."""
+    with _running_lock:
+        running = list(_running.items())
+    for pgid, process in running:
+        with contextlib.suppress(OSError):
+            os.killpg(pgid, _signal.SIGKILL)
+        if process is not None:
+            process.resume()
 
 
 def _read(child: subprocess.Popen[bytes], deadline: float) -> Tuple[bytes, bytes, bool]:

@@ -752,7 +752,7 @@ class FileTimerServer:
 
     def _close(self, loop: Loop) -> None:
         with self._lock:
-            self._release()
+            self._watchdog.close()
             loop.close()
             if self._fifo is not None:
                 self._fifo.close(remove=self._remove_fifo)
@@ -762,6 +762,9 @@ class FileTimerServer:
             self._state = Lifecycle.STOPPED
             for done in self._syncs.values():
                 done.set()  # wake sync() callers: their tokens were not reached
+        if self._diagnostics is not None:
+            # Outside the lock: it finishes the incidents in progress first (seconds).
+            self._diagnostics.close()
         logger.info("ftimer server on %s stopped", self.file_path)
         self._flush()
         if self._log_event is not None:
@@ -769,7 +772,7 @@ class FileTimerServer:
 
     def _release(self) -> None:
         """Close the core and the capture helper (it runs from construction), under
-        ``_lock``: what a server holds before it is started."""
+        ``_lock``: what a server that was never started holds."""
         self._watchdog.close()
         if self._diagnostics is not None:
             self._diagnostics.close()

@@ -25,6 +25,7 @@ from ftimer_server import (
     DecodeFailed,
     Disarmed,
     Escalated,
+    Event,
     Expired,
     FifoBusy,
     FileTimerRequest,
@@ -763,6 +764,20 @@ def test_event_types_are_checked(fifo_path: pathlib.Path) -> None:
         FileTimerServer(fifo_path, on_event=print, event_types=[Timer])
     with pytest.raises(ValueError, match="needs on_event"):
         FileTimerServer(fifo_path).set_event_types([Reaped])
+    # Both were taken without a word, and did nothing.
+    with pytest.raises(ValueError, match=r"^on_incident needs incidents"):
+        FileTimerServer(fifo_path, on_incident=print)
+
+
+def test_an_event_class_stands_for_its_subclasses(
+    fifo_path: pathlib.Path, events: Recorder, children
+) -> None:
+    with FileTimerServer(fifo_path, on_event=events, event_types=[Event]) as server:
+        child = children()
+        send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
+        assert wait_exit(child)[0] == -9
+        server.sync()
+    assert [type(e) for e in events.events][:3] == [Armed, Expired, Reaped]
 
 
 def test_on_change_once_per_iteration_that_changed_the_timers(

@@ -25,6 +25,7 @@ from typing import (
     Iterable,
     List,
     Optional,
+    Set,
     Tuple,
     Type,
     Union,
@@ -253,6 +254,8 @@ class FileTimerServer:
         self._event_types = _event_types(event_types)
         if on_event is None and event_types is not None:
             raise ValueError("event_types needs on_event")
+        if on_incident is not None and incidents is None:
+            raise ValueError("on_incident needs incidents (IncidentOptions)")
         self._fifo_mode = fifo_mode
         self._fifo_group = fifo_group
         self._remove_fifo = remove_fifo
@@ -889,11 +892,20 @@ class FileTimerServer:
 def _event_types(types: Optional[Iterable[Type[Event]]]) -> Optional[FrozenSet[type]]:
     if types is None:
         return None
-    out = frozenset(types)
-    for t in out:
+    given = frozenset(types)
+    for t in given:
         if not (isinstance(t, type) and issubclass(t, Event)):
             raise TypeError(f"{t!r} is not an Event class")
-    return out
+    # A class stands for its subclasses too (Event: all); the loop checks exact types.
+    return frozenset(c for t in given for c in _with_subclasses(t))
+
+
+def _with_subclasses(cls: type) -> Set[type]:
+    found = {cls}
+    subclasses: List[type] = type.__subclasses__(cls)
+    for sub in subclasses:
+        found |= _with_subclasses(sub)
+    return found
 
 
 def _write_all(fd: int, line: bytes, deadline: float) -> None:

@@ -167,6 +167,23 @@ def test_v1_lines_are_torchs_byte_for_byte(scope: str) -> None:
     assert decode(release) == TimerRequestV1(PID, scope, -1.0, 0)
 
 
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(scope=scopes, time=deadlines, signal=st.sampled_from([0, 9, 64]))
+def test_any_v1_line_is_torchs_json_dumps(scope: str, time: float, signal: int) -> None:
+    v1 = V1Lines(PID, signal)
+    for line, request in (
+        (lambda: v1.arm(scope, time), FileTimerRequest(PID, scope, time, signal)),
+        (lambda: v1.release(scope), FileTimerRequest(PID, scope, -1, 0)),
+    ):
+        expected = (request.to_json() + "\n").encode()
+        if len(expected) > PIPE_BUF:
+            with pytest.raises(MessageTooLarge):
+                line()
+        else:
+            assert line() == expected
+            assert decode(expected) == request.to_message()
+
+
 def test_a_v1_line_must_fit_pipe_buf_with_its_escapes() -> None:
     v1 = V1Lines(PID, 9)
     scope = "\u00fc" * 1000  # 2000 bytes in UTF-8, 6000 escaped
@@ -176,6 +193,12 @@ def test_a_v1_line_must_fit_pipe_buf_with_its_escapes() -> None:
         v1.release(scope)
     with pytest.raises(LocalProtocolError):
         v1.arm("\ud800", 1.7e9)  # json.dumps escapes it; UTF-8 cannot carry it
+    with pytest.raises(LocalProtocolError):
+        v1.arm("x", MAX_TIME * 2)
+    with pytest.raises(LocalProtocolError):
+        v1.arm("x", 1.0, -(2**64))
+    with pytest.raises(LocalProtocolError):
+        V1Lines(0, 9)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, MAX_TIME * 1.0001, 1e300])

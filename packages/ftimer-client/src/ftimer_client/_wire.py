@@ -16,9 +16,8 @@ here; the validating encoder words any refusal.
 
 from __future__ import annotations
 
-import json
 import math
-from json.encoder import encode_basestring
+from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Dict, Optional, Tuple
 
 from ftimer_protocol import (
@@ -277,12 +276,19 @@ def _plain(scope_id: object) -> str:
     raise LocalProtocolError(f"a scope is a str, not {type(scope_id).__name__} ({scope_id!r:.80})")
 
 
+#: torch's client writes ``json.dumps()`` of its request: these members in this order,
+#: its separators, ASCII escapes (``encode_basestring_ascii``, its own), floats as repr.
+_V1_LINE = b'{"version": 1, "pid": %d, "scope_id": %b, "expiration_time": %b, "signal": %d}\n'
+
+
 class V1Lines:
     """Version 1 (torch's format) lines of one process for one signal, byte for byte
     those of torch's client: its ``json.dumps()`` (ASCII only: any other character of a
     scope is a ``\\uXXXX`` escape; torch's server decodes its FIFO with the locale's
     encoding, and a UTF-8 byte under an ASCII locale fails its whole batch), then a
-    newline.
+    newline. Built without the validating encoder's round trip, as version 2's: what
+    can be wrong (the scope's length and encoding, the time, the signal) is checked, and
+    the encoder words a refusal.
 
     Raises:
         ValueError: (``LocalProtocolError``) the pid breaks the schema.
@@ -301,8 +307,8 @@ class V1Lines:
         Raises:
             ValueError: (``LocalProtocolError``) the pid breaks the schema.
         """
+        encode(TimerRequestV1(pid, "", -1.0, 0))  # the validating encoder checks it once
         self._pid = pid
-        self.release("")
 
     def arm(self, scope_id: str, expiration_time: float, signal: Optional[int] = None) -> bytes:
         """Return the line arming ``scope_id`` until ``expiration_time`` (epoch seconds).
@@ -332,20 +338,32 @@ class V1Lines:
 
     def _line(self, scope_id: str, expiration_time: float, signal: int) -> bytes:
         """Raises ValueError (``LocalProtocolError``), ``MessageTooLarge``."""
-        # torch's FileTimerRequest.to_json(): the same members in the same order.
-        text = json.dumps(
-            {
-                "version": 1,
-                "pid": self._pid,
-                "scope_id": scope_id,
-                "expiration_time": expiration_time,
-                "signal": signal,
-            }
+        if (
+            len(scope_id) > MAX_SCOPE
+            or not (scope_id.isascii() or _encodable(scope_id))
+            or not -MAX_TIME <= expiration_time <= MAX_TIME
+            or type(signal) is not int
+            or not -(2**63) <= signal <= MAX_SIGNAL
+        ):
+            # Raises, in the validating encoder's words.
+            encode(TimerRequestV1(self._pid, scope_id, float(expiration_time), signal))
+            raise LocalProtocolError(f"invalid version 1 request for scope {scope_id!r:.80}")
+        line = _V1_LINE % (
+            self._pid,
+            encode_basestring_ascii(scope_id).encode(),
+            repr(expiration_time).encode(),  # json.dumps's float (and int) format
+            signal,
         )
-        line = text.encode("ascii") + b"\n"
         if len(line) > PIPE_BUF:  # the escapes count: what is written is what must fit
             raise MessageTooLarge(len(line), PIPE_BUF)
-        # The schema (and a lone surrogate, which json.dumps escapes and UTF-8 cannot
-        # carry), in the validating encoder's words; its own line is no larger.
-        encode(TimerRequestV1(self._pid, scope_id, float(expiration_time), signal))
         return line
+
+
+def _encodable(text: str) -> bool:
+    """Whether UTF-8 can carry ``text`` (no lone surrogate, which json.dumps would
+    escape, but which no reader's UTF-8 could hold)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

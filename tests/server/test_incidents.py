@@ -244,15 +244,21 @@ def test_a_stop_during_a_capture_writes_the_incident_and_leaves_no_tool_behind(
     hanging.write_text(f"#!/bin/sh\nsleep 3600 &\necho $$ $! > {started}\nexec sleep 3600\n")
     hanging.chmod(0o755)
     options = IncidentOptions(directory=str(tmp_path / "i"), py_spy=str(hanging), timeout=2.0)
-    srv = FileTimerServer(fifo_path, signaller=RecordingSignaller(), incidents=options)
+    reaped = threading.Event()
+    srv = FileTimerServer(
+        fifo_path,
+        signaller=RecordingSignaller(),
+        incidents=options,
+        on_event=lambda e: reaped.set() if isinstance(e, Reaped) else None,
+    )
     srv.start()
     worker = children()
     send(fifo_path, Expire(pid=worker.pid, scope_id="s", signal=9))
     tool_pids = wait_until(lambda: started.exists() and started.read_text().split())
     stopping = threading.Thread(target=srv.stop)
     stopping.start()
-    wait_until(lambda: srv.state.value == "stopped" or None)
-    srv.stats()  # not held up by the capture still running
+    assert reaped.wait(15)  # the stop's reap, at once: the loop has ended
+    srv.stats(timeout=1.0)  # not held up by the capture still running (TimeoutError)
     assert stopping.is_alive()  # the stop is still finishing the incident
     stopping.join(30)
     [written] = (tmp_path / "i").glob("*.json")

@@ -91,3 +91,32 @@ def test_fd_limit_is_raised_to_the_hard_limit() -> None:
     assert soft == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     assert hard in (soft, resource.RLIM_INFINITY)
+
+
+class Unaware(SystemInspector):
+    """A custom inspector that knows no threads (``ProcessInspector``'s default)."""
+
+    def tgid(self, pid: int) -> int:
+        return pid
+
+
+def test_a_custom_inspector_s_kill_is_refused_where_proc_hides_the_process(
+    children, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /proc that does not show a live process (hidepid, another namespace's): whether
+    # the id is a thread's cannot be told, and the kill is refused, said so; a process
+    # that is gone is still just gone.
+    child = children()
+    worker = Worker(child.pid, inspector.start_time(child.pid))
+    signaller = OsSignaller(Unaware())
+
+    def hidden(self: SystemInspector, pid: int) -> int:
+        raise ProcessLookupError(2, "No such file or directory")
+
+    monkeypatch.setattr(SystemInspector, "tgid", hidden)
+    with pytest.raises(PermissionError, match="/proc cannot tell whether it is a thread's id"):
+        signaller.send(worker, signal.SIGKILL)
+    assert child.poll() is None
+    child.kill()
+    child.wait()
+    assert not signaller.send(worker, signal.SIGKILL)  # gone

@@ -169,7 +169,7 @@ class SystemHost(Host):
         for step in self._steps:
             try:
                 step(worker, expiry, now)
-            except (Exception, SystemExit):
+            except Exception:
                 logger.exception("reap step %r failed for process %d", step, worker.pid)
         if self._tree:
             try:

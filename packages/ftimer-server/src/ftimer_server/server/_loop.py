@@ -164,10 +164,9 @@ class Loop:
                     assert tick_interval is not None
                     next_tick = now + tick_interval
                     self._on_tick()
-            except (Exception, SystemExit):
-                # A bug, not a worker's doing (bad input never raises), or an on_tick()
-                # that called sys.exit(): keep serving, but never spin on a failure that
-                # repeats.
+            except Exception:
+                # A bug, not a worker's doing (bad input never raises): keep serving, but
+                # never spin on a failure that repeats.
                 logger.exception("ftimer server loop iteration failed; continuing")
                 time.sleep(0.01)
             finally:
@@ -190,7 +189,8 @@ class Loop:
     def close(self) -> None:
         """Release the selector and the wake-up pipe (after ``run()`` returned)."""
         self._selector.close()
-        for fd in (self._wake_r, self._wake_w):
+        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:  # wake() now writes to -1 (EBADF), never to a reused number
             with contextlib.suppress(OSError):
                 os.close(fd)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import math
 import os
@@ -254,8 +255,6 @@ class FileTimerServer:
         self._event_types = _event_types(event_types)
         if on_event is None and event_types is not None:
             raise ValueError("event_types needs on_event")
-        if on_incident is not None and incidents is None:
-            raise ValueError("on_incident needs incidents (IncidentOptions)")
         self._fifo_mode = fifo_mode
         self._fifo_group = fifo_group
         self._remove_fifo = remove_fifo
@@ -294,7 +293,7 @@ class FileTimerServer:
             self._host = host = SystemHost(
                 self._inspector,
                 signaller,
-                tuple(reap_steps),
+                tuple(functools.partial(self._call, "reap step", step) for step in reap_steps),
                 watch=self._watch,
                 unwatch=self._unwatch,
                 capture=None if self._diagnostics is None else self._capture,
@@ -718,7 +717,7 @@ class FileTimerServer:
                 self._lock,
                 self._after,
                 tick_interval=self._tick_interval,
-                on_tick=self._on_tick,
+                on_tick=None if self._on_tick is None else self._tick,
                 journal=self._journal,
                 socket=self._socket,
             )
@@ -742,8 +741,8 @@ class FileTimerServer:
     def _serve(self, loop: Loop) -> None:
         try:
             loop.run()
-        except KeyboardInterrupt:  # run() in the main thread: Ctrl-C ends it
-            raise
+        except (KeyboardInterrupt, SystemExit):  # run() in the main thread: Ctrl-C, or a
+            raise  # signal handler's sys.exit(), ends it
         except BaseException:
             logger.critical(
                 "the ftimer server's loop ended without stop(): no timer is enforced now",
@@ -754,6 +753,10 @@ class FileTimerServer:
             self._close(loop)
 
     def _close(self, loop: Loop) -> None:
+        if self._diagnostics is not None:
+            # First, outside the lock: it finishes the incidents in progress (seconds),
+            # whose captures still tell the loop when they are done.
+            self._diagnostics.close()
         with self._lock:
             self._watchdog.close()
             loop.close()
@@ -765,9 +768,6 @@ class FileTimerServer:
             self._state = Lifecycle.STOPPED
             for done in self._syncs.values():
                 done.set()  # wake sync() callers: their tokens were not reached
-        if self._diagnostics is not None:
-            # Outside the lock: it finishes the incidents in progress first (seconds).
-            self._diagnostics.close()
         logger.info("ftimer server on %s stopped", self.file_path)
         self._flush()
         if self._log_event is not None:
@@ -857,15 +857,22 @@ class FileTimerServer:
 
     def _call(self, name: str, callback: Callable[..., object], *args: object) -> None:
         """Call the user's ``callback`` (the argument ``name``); whatever it raises is
-        logged and ignored: SystemExit too, which would end the loop's thread, and with
-        it the watchdog, without a word."""
+        logged and ignored, SystemExit too off the main thread, where it would end the
+        loop's thread, and with it the watchdog, without a word. (In the main thread,
+        ``run()``'s, it is how a signal handler ends the program.)"""
         self._calling = name
         try:
             callback(*args)
-        except (Exception, SystemExit):
+        except (Exception, SystemExit) as e:
+            if isinstance(e, SystemExit) and threading.current_thread() is threading.main_thread():
+                raise
             logger.exception("%s callback failed", name)
         finally:
             self._calling = None
+
+    def _tick(self) -> None:
+        assert self._on_tick is not None
+        self._call("on_tick", self._on_tick)
 
     def _wants_timer_events(self) -> bool:
         types = self._event_types

@@ -63,8 +63,11 @@ class OsSignaller(Signaller):
     """
 
     def __init__(self, inspector: Optional[ProcessInspector] = None) -> None:
-        self._inspector = inspector or SystemInspector()
-        self._system = SystemInspector()  # the thread check, whatever the inspector
+        self._inspector = inspector = inspector or SystemInspector()
+        # alive() asks the inspector's tgid(): the system's own check stands in for a
+        # custom one (ProcessInspector's default takes every id for a process's).
+        knows_threads = type(inspector).tgid is SystemInspector.tgid
+        self._system = None if knows_threads else SystemInspector()
 
     def send(self, worker: Worker, signal: int) -> bool:
         try:
@@ -73,17 +76,28 @@ class OsSignaller(Signaller):
                 return True
             if worker.pid <= 1:  # never a process group or every process
                 raise PermissionError(f"refusing to signal pid {worker.pid}")
-            tgid = self._system.tgid(worker.pid)
-            if tgid != worker.pid:
-                raise PermissionError(
-                    f"refusing to signal pid {worker.pid}: a thread of process {tgid}"
-                )
+            if self._system is not None:
+                self._refuse_a_thread(worker.pid, self._system)
             if not self._inspector.alive(worker):
                 return False
             os.kill(worker.pid, signal)
         except ProcessLookupError:
             return False
         return True
+
+    @staticmethod
+    def _refuse_a_thread(pid: int, system: SystemInspector) -> None:
+        try:
+            tgid = system.tgid(pid)
+        except OSError as e:  # gone; or hidden (hidepid), or another namespace's /proc
+            if isinstance(e, ProcessLookupError):
+                os.kill(pid, 0)  # ProcessLookupError again if it is gone indeed
+            raise PermissionError(
+                f"refusing to signal pid {pid}: /proc cannot tell whether it is a thread's "
+                f"id ({e.strerror or e})"
+            ) from None
+        if tgid != pid:
+            raise PermissionError(f"refusing to signal pid {pid}: a thread of process {tgid}")
 
     def send_tree(self, worker: Worker, signal: int) -> List[int]:
         # Imported only by a server that signals descendants: keeps the daemon's RSS

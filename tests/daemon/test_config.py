@@ -109,7 +109,7 @@ dry-run = true
         # In the file's terms, not the schema library's ("Object contains unknown field").
         ('fifo-mod = "0600"', "there is no setting 'fifo-mod' (did you mean 'fifo-mode'?)"),
         ("grace = 'soon'", "grace is a string; it takes a number"),
-        ("allow-uids = 5", "allow-uids is a whole number; it takes"),
+        ("allow-uids = 5", "allow-uids is a whole number; it takes a list"),
         ("fifo = ", "not valid TOML"),
     ],
 )

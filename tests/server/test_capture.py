@@ -374,7 +374,7 @@ def test_pidfd_of_another_process_is_refused() -> None:
             c = run(worker, CaptureOptions(), hook=worker.hook, pidfd=pidfd)
         finally:
             os.close(pidfd)
-        assert c.method == "facts"
+        assert c.method == "none"  # nothing captured
         assert c.facts is None
         assert c.error == f"the pidfd given for process {worker.pid} refers to process {other.pid}"
         assert worker.dump_text() == ""
@@ -545,7 +545,7 @@ def test_thread_id_is_refused() -> None:
             options=CaptureOptions(),
             deadline=time.monotonic() + 2,
         )
-        assert c.method == "facts"
+        assert c.method == "none"  # nothing captured
         assert not c.exited
         assert c.facts is None
         assert c.error is not None
@@ -558,7 +558,7 @@ def test_other_start_time_is_not_touched() -> None:
         other = read_stat(worker.pid).start_time + 1
         c = run(worker, CaptureOptions(), hook=worker.hook, start_time=other)
         assert c.exited
-        assert c.method == "facts"
+        assert c.method == "none"  # nothing captured
         assert c.facts is None
         assert c.error is not None
         assert "gone" in c.error

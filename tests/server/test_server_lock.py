@@ -138,9 +138,9 @@ def test_a_relative_path_is_removed_on_stop_after_a_chdir(
 ) -> None:
     (tmp_path / "run").mkdir()
     monkeypatch.chdir(tmp_path / "run")
-    server = FileTimerServer("timer.fifo", remove_fifo=True)
+    server = FileTimerServer("timer.fifo", remove_fifo=True, socket_path="timer.sock")
     assert server.file_path == str(tmp_path / "run" / "timer.fifo")
     server.start()
     monkeypatch.chdir(tmp_path)  # the agent moved on
     server.stop()
-    assert list((tmp_path / "run").iterdir()) == []  # neither the FIFO nor its lock left
+    assert list((tmp_path / "run").iterdir()) == []  # nor the FIFO, its lock, the socket

@@ -109,8 +109,9 @@ class Capture(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
         role: "stuck" (its timer expired) or "peer" (another worker of the same job,
             captured for comparison and left alone).
         labels: the labels of its timer (job, rank, ...).
-        method: "py-spy", "hook" (the faulthandler hook its client installed) or
-            "facts" (the facts alone; older records say "none").
+        method: "py-spy", "hook" (the faulthandler hook its client installed),
+            "facts" (the facts alone; "none" in records written before that name) or
+            "none" (nothing was captured: refused, failed, or never started).
         seconds: how long the capture took.
         exited: the worker exited during the capture.
         error: why the method failed or was not used, for people ("py-spy: ptrace not
@@ -127,7 +128,7 @@ class Capture(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     start_time: Optional[int] = None
     role: str = "stuck"
     labels: Optional[Dict[str, str]] = None
-    method: str = "facts"
+    method: str = "none"
     seconds: float = 0.0
     exited: bool = False
     error: Optional[str] = None

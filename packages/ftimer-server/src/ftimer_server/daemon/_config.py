@@ -270,8 +270,14 @@ def load_config_file(path: str) -> FileSettings:
 
 
 #: What the schema's types are called in a config file.
-_KINDS = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false"}
-_GOT = {**_KINDS, "bool": "a boolean", "array": "a list", "object": "a table"}
+_KINDS = {
+    "int": "a whole number",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "array": "a list",
+}
+_GOT = {**_KINDS, "bool": "a boolean", "object": "a table"}
 
 
 def _in_plain_words(error: str) -> str:

@@ -509,7 +509,7 @@ class Daemon:
     def _incident(self, incident: Incident) -> None:
         # A capture thread: the incident is written (or could not be: logged there).
         stuck = incident.captures[0] if incident.captures else None
-        method = stuck.method if stuck is not None else "facts"
+        method = stuck.method if stuck is not None else "none"
         if self._metrics is not None:
             self._metrics.incident(method, incident.seconds)
         # The line breaks in the format: the text log escapes those in its arguments.
@@ -650,8 +650,9 @@ def _lock_fifo(fifo: str) -> int:
     daemon never removes the file.
 
     Raises:
-        StartupError: another server holds the lock, or the lock file cannot be made or
-            is not this user's regular file (a symlink is never followed).
+        StartupError: another server holds the lock; the FIFO's path holds something
+            other than a FIFO; or the lock file cannot be made or is not this user's
+            regular file (a symlink is never followed).
     """
     try:
         return lock_fifo(fifo)

@@ -99,7 +99,7 @@ def run_tool(
         env=env,
     )
     with _running_lock:
-        _running[child.pid] = process if resume else None
+        _running[child.pid] = (child, process if resume else None)
     returncode: Optional[int] = None
     try:
         out, err, ended = _read(child, deadline)
@@ -119,7 +119,7 @@ def run_tool(
 
 #: The tools running now, by process (and group) id, with the process each must leave
 #: running (None: it was stopped before, or is not to be resumed).
-_running: Dict[int, Optional[Process]] = {}
+_running: Dict[int, Tuple[subprocess.Popen[bytes], Optional[Process]]] = {}
 _running_lock = threading.Lock()
 
 
@@ -128,10 +128,11 @@ def stop_tools() -> None:
     were looking at: what the capture helper does before it is made to end, so that no
     tool outlives it attached to a worker, nor leaves one stopped."""
     with _running_lock:
-        running = list(_running.items())
-    for pgid, process in running:
-        with contextlib.suppress(OSError):
-            os.killpg(pgid, _signal.SIGKILL)
+        running = list(_running.values())
+    for child, process in running:
+        if child.returncode is None:  # not reaped: its group id is still its own
+            with contextlib.suppress(OSError):
+                os.killpg(child.pid, _signal.SIGKILL)
         if process is not None:
             process.resume()
 

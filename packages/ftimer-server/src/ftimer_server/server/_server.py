@@ -240,7 +240,7 @@ class FileTimerServer:
             raise ValueError("restore_grace must be between 0 and 3600 seconds")
         self._journal = journal
         self._restore_grace = restore_grace
-        self._socket_path = None if socket_path is None else os.fspath(socket_path)
+        self._socket_path = None if socket_path is None else os.path.abspath(socket_path)
         self._socket: Optional[DatagramSocket] = None
         # Absolute: the FIFO and its lock are found again after a chdir (remove_fifo).
         self.file_path = os.path.abspath(file_path) if os.fspath(file_path) else ""

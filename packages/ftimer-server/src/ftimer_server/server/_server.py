@@ -302,8 +302,8 @@ class FileTimerServer:
             self._watchdog = Watchdog(
                 host=host,
                 policy=policy,
-                server_pid=os.getpid(),
-                ancestors=ancestors_of(os.getpid(), self._inspector),
+                server_pid=self._pid,
+                ancestors=ancestors_of(self._pid, self._inspector),
                 own=() if self._diagnostics is None else self._diagnostics.processes,
                 emit=self._pending.append,
                 escalate_after=escalate_after,
@@ -472,7 +472,8 @@ class FileTimerServer:
         with self._lock:
             if self._state in (Lifecycle.STOPPING, Lifecycle.STOPPED):
                 raise RuntimeError("the server is stopped; restore into a new one")
-            self._watchdog.apply(malformed, time.monotonic(), time.time())
+            if malformed:
+                self._watchdog.apply(malformed, time.monotonic(), time.time())
             self._watchdog.restore(checked)
             if checked:
                 self._watchdog.hold(time.monotonic() + self._restore_grace)

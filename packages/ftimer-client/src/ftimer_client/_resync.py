@@ -131,7 +131,7 @@ class Resync:
 
     def armed_by(self, owner: object) -> FrozenSet[str]:
         """The scopes ``owner`` armed and that are still armed."""
-        return frozenset(s for s, (_, o) in list(self.armed.items()) if o is owner)
+        return frozenset(self.scopes_of(owner))
 
     # -- what to send ---------------------------------------------------------------------
 

@@ -122,6 +122,54 @@ def test_a_disarm_written_while_no_daemon_ran_arrives_within_the_grace(
 
 
 @pytest.fixture
+def small_disk(short_dir: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A 64 KiB tmpfs: a state directory whose disk fills up."""
+    small = short_dir / "small"
+    small.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(small)]
+    if subprocess.run(mount, capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield small
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def fill(disk: pathlib.Path) -> pathlib.Path:
+    """Fill ``disk`` up; return the file that holds the space."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OSError, match="No space left on device"):  # noqa: PT012
+            while True:
+                os.write(fd, b"x" * 4096)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_journal_that_fails_never_lets_a_restart_reap_a_worker_that_disarmed(
+    spawn: Callable[..., DaemonProcess], small_disk: pathlib.Path, quiet
+) -> None:
+    # The disarm could not be journalled (disk full); the state file still held the arm,
+    # and the next daemon restored it and reaped the worker that had disarmed.
+    state = small_disk / "state.json"
+    d = spawn("--state-file", str(state), name="first").ready()
+    worker = quiet(d.fifo, 30.0)
+    wait_until(lambda: saved_scopes(state) == ["step"], what="the arm saved")
+    filler = fill(small_disk)
+    release(worker)
+    assert d.status()["timers"] == []  # read and applied, not journalled
+    d.wait_for_record(where=lambda r: r["msg"].startswith(f"journal: removed {state}"))
+    assert not state.exists()
+    d.stop(signal.SIGKILL)
+    filler.unlink()  # the operator makes room, and restarts it
+    d = spawn("--state-file", str(state), name="second").ready()
+    assert d.status()["timers"] == []  # nothing stale restored: the worker lives on
+    assert worker.poll() is None
+
+
+@pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[str]]:
     """A process of the test's own for the journal's timers to name (report-only ones:
     nothing here is ever signalled)."""
@@ -192,8 +240,8 @@ FAILING_REPLAY = """
 import sys
 from ftimer_server.server._server import FileTimerServer
 real_replay = FileTimerServer.replay
-def replay(self, chunks):
-    real_replay(self, [next(iter(chunks))])  # part of the journal is applied ...
+def replay(self, chunks, written_by=None):
+    real_replay(self, [next(iter(chunks))], written_by)  # part of the journal is applied ...
     raise RuntimeError("injected: replay failed")  # ... then something unforeseen
 FileTimerServer.replay = replay
 from ftimer_server.daemon._cli import main

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import time
 
 import pytest
 
 from ftimer_protocol import Arm, Disarm, TimerRequestV1, encode
+from ftimer_server import FileTimerServer, RecordingSignaller, Rejected, RejectReason
 from ftimer_server.core._reader import LineReader
 from ftimer_server.server._journal import Journal
 
@@ -156,3 +158,21 @@ def test_the_sockets_messages_are_kept_where_they_were_applied_among_the_fifos(
         v1,
         Disarm(pid=42, scope_id="step", start_time=7),
     ]
+
+
+def test_a_replayed_torch_line_is_never_bound_to_a_process_born_after_it(
+    fifo_path: pathlib.Path, children
+) -> None:
+    # A torch line carries no start time: replayed after a crash, it bound whichever
+    # process held the pid by then, and a stranger that reused it was reaped.
+    stranger = children()
+    line = encode(TimerRequestV1(pid=stranger.pid, scope_id="s", expiration_time=0.0, signal=9))
+    events: list = []
+    server = FileTimerServer(fifo_path, signaller=RecordingSignaller(), on_event=events.append)
+    server.replay([line], written_by=time.time() - 5)  # written before it started
+    assert server.armed() == []
+    [refused] = [e for e in events if isinstance(e, Rejected)]
+    assert (refused.pid, refused.reason) == (stranger.pid, RejectReason.IDENTITY_MISMATCH)
+    server.replay([line], written_by=time.time())  # its own, written while it lived
+    assert [t.pid for t in server.armed()] == [stranger.pid]
+    server.stop()

@@ -151,6 +151,10 @@ class Watchdog:
         self._now = 0.0
         self._hold_until = 0.0
         self.timer_events = timer_events
+        #: While set (a replay of a journal written by then, in clock ticks since boot),
+        #: a process that started later cannot have written a line naming it without a
+        #: start time (torch's): it holds a reused pid, and is refused.
+        self.written_by: Optional[int] = None
 
     # -- input -------------------------------------------------------------------------
 
@@ -478,6 +482,9 @@ class Watchdog:
             return facts.reason, facts.detail
         worker = Worker(pid, facts.start_time, facts.pidfd)
         reason = judge(facts, start_time, self.policy, self._server_pid)
+        later = self.written_by is not None and (facts.start_time or 0) > self.written_by
+        if reason is None and start_time is None and later:
+            reason = RejectReason.IDENTITY_MISMATCH
         if reason is not None:
             if reason in _LASTING:
                 self._remember_refusal(pid, reason, "", worker)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import functools
 import gc
 import logging
 import os
@@ -247,7 +248,7 @@ class Daemon:
             self._state_lock_fd = lock_state(c.state_file)
             limit = max_state_bytes(c.max_timers or Policy().max_timers)
             loaded = load_state(c.state_file, boot_id, max_bytes=limit)
-            journal = Journal(c.state_file + ".journal")
+            journal = Journal(c.state_file + ".journal", snapshot=c.state_file)
         except StateBusy as e:
             raise StartupError(
                 f"another ftimer-server is using the state file {c.state_file} "
@@ -284,7 +285,8 @@ class Daemon:
             # What the last server read after its last save (it was killed): applied again
             # in order, so not even a disarm it had read is lost.
             try:
-                size = server.replay(journal.replay(replay_from))
+                written_by = journal.written_by(replay_from)
+                size = server.replay(journal.replay(replay_from), written_by)
             except Exception:
                 # Half a replay may hold an arm without its disarm: start with no timers
                 # (a new FIFO, to which clients re-send theirs) rather than fail every
@@ -381,7 +383,7 @@ class Daemon:
                 server.checkpoint,
                 boot_id,
                 c.state_interval,
-                saved=journal.discard_before if journal is not None else lambda _: None,
+                saved=functools.partial(_saved, journal) if journal is not None else _nothing,
             )
             self._saver.start()
         if self._metrics is not None and c.metrics_address is not None:
@@ -439,8 +441,14 @@ class Daemon:
         if self._server is not None:
             self._server.stop()  # the loop is done: armed() is final
         if self._saver is not None:
-            self._saver.stop(final_save=True)
-            log.info("saved %d armed timer(s) to %s", len(self._armed()), self._saver.path)
+            if self._saver.stop(final_save=True):
+                log.info("saved %d armed timer(s) to %s", len(self._armed()), self._saver.path)
+            else:
+                log.error(
+                    "the final save failed: the next start restores what %s held before, "
+                    "with the journal after it",
+                    self._saver.path,
+                )
             self._saver = None
         if self._metrics is not None:
             self._metrics.close()
@@ -642,6 +650,20 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
             "if only root writes timers"
         )
     return warnings
+
+
+def _saved(journal: Journal, seq: int) -> None:
+    """After a save that names journal segment ``seq``: older segments can go, unless
+    the journal failed meanwhile (in the segment the save names), which makes the state
+    just written incomplete too."""
+    if journal.failed:
+        journal.invalidate()
+    else:
+        journal.discard_before(seq)
+
+
+def _nothing(seq: int) -> None:
+    pass
 
 
 def _lock_fifo(fifo: str) -> int:

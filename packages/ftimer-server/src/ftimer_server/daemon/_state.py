@@ -440,15 +440,15 @@ class StateSaver:
             self._saved(journal)
             return True
 
-    def stop(self, final_save: bool = True) -> None:
-        """Stop the thread; with ``final_save``, write the state one last time."""
+    def stop(self, final_save: bool = True) -> bool:
+        """Stop the thread; with ``final_save``, write the state one last time. Return
+        False if that write failed."""
         self._stopping.set()
         self._dirty.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if final_save:
-            self.save()
+        return self.save() if final_save else True
 
     def _run(self) -> None:
         while True:

@@ -36,7 +36,7 @@ import glob
 import logging
 import os
 import stat
-from typing import Iterable, Iterator, List, Set, Tuple
+from typing import Iterable, Iterator, List, Optional, Set, Tuple
 
 import msgspec
 
@@ -70,13 +70,20 @@ class Journal:
 
     Args:
         prefix: path prefix of the segment files (the state file's path, say).
+        snapshot: the file whose timers these segments complete (the state file): a
+            journal that fails (disk full, ...) removes it, since a restart would
+            restore it without what was read since, disarms included, and reap workers
+            that had disarmed. A restart then starts with no timers and a new FIFO, to
+            which the clients re-send theirs. The next save after a checkpoint makes it
+            again.
 
     Raises:
         OSError: the first segment cannot be created.
     """
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, snapshot: Optional[str] = None) -> None:
         self._prefix = prefix
+        self._snapshot = snapshot
         found = self.segments()
         self._fd, self._seq = self._create((found[-1] if found else 0) + 1)
         self._size = 0
@@ -84,6 +91,12 @@ class Journal:
         self._splice = _SPLICE
         #: Segments that could not be deleted (a directory at the name, say): said once.
         self._undeletable: Set[int] = set()
+
+    @property
+    def failed(self) -> bool:
+        """Whether a write failed since the last checkpoint: what the segment holds
+        since is incomplete."""
+        return self._failed
 
     @property
     def size(self) -> int:
@@ -181,6 +194,16 @@ class Journal:
             if first <= n < self._seq:
                 yield from self._replay_segment(f"{self._prefix}.{n}")
 
+    def written_by(self, first: int) -> Optional[float]:
+        """When the segments from ``first`` (up to the current one) were last written
+        (``time.time()``), or None if none of them can be looked at."""
+        times = []
+        for n in self.segments():
+            if first <= n < self._seq:
+                with contextlib.suppress(OSError):
+                    times.append(os.lstat(f"{self._prefix}.{n}").st_mtime)
+        return max(times, default=None)
+
     def set_aside(self, first: int) -> List[str]:
         """Rename the segments from ``first`` up to the current one to
         ``<segment>.corrupt-<unix time>``, so that no restart replays them again; return
@@ -210,6 +233,26 @@ class Journal:
             self._prefix,
             self._seq,
             e,
+        )
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Remove the snapshot these segments complete (see ``snapshot``), said in a
+        line; nothing when there is none."""
+        if self._snapshot is None:
+            return
+        try:
+            os.unlink(self._snapshot)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            logger.error("journal: cannot remove %s: %s", self._snapshot, e.strerror)
+            return
+        logger.error(
+            "journal: removed %s, which a restart would restore without what was read "
+            "since (disarms included); a restart now starts with no timers, and clients "
+            "re-send theirs",
+            self._snapshot,
         )
 
     def _replay_segment(self, path: str) -> Iterator[bytes]:

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 from ftimer_protocol import parse_proc_stat
 from ftimer_server.core._records import Worker
 
-__all__ = ["ProcessInspector", "SystemInspector", "raise_fd_limit"]
+__all__ = ["ProcessInspector", "SystemInspector", "raise_fd_limit", "ticks_since_boot"]
 
 logger = logging.getLogger("ftimer_server")
 
@@ -200,6 +200,18 @@ def _probe(pid: int) -> None:
     # PermissionError: it exists; it is not ours to signal, which policy decides elsewhere.
     with contextlib.suppress(PermissionError):
         os.kill(pid, 0)
+
+
+def ticks_since_boot(wall: float) -> Optional[int]:
+    """The wall-clock time ``wall`` in clock ticks since boot (the unit of a process's
+    start time), rounded up by a second (the boot time is known to the second); None
+    where ``/proc/stat`` does not tell."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return int((wall - btime + 1) * os.sysconf("SC_CLK_TCK"))
 
 
 def raise_fd_limit() -> int:

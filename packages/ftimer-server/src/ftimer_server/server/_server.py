@@ -58,7 +58,7 @@ from ._edge import ReapStep, SystemHost, ancestors_of
 from ._fifo import Fifo, check_mode, lock_fifo, open_fifo, unlock_fifo
 from ._journal import Journal
 from ._loop import Loop
-from ._process import ProcessInspector, SystemInspector, raise_fd_limit
+from ._process import ProcessInspector, SystemInspector, raise_fd_limit, ticks_since_boot
 from ._signaller import OsSignaller, RecordingSignaller, Signaller
 from ._socket import DatagramSocket, open_socket
 from ._torch import LogEvent, torch_log_event, torch_request
@@ -479,11 +479,16 @@ class FileTimerServer:
                 self._watchdog.hold(time.monotonic() + self._restore_grace)
         self._loop_or_flush()
 
-    def replay(self, chunks: Iterable[bytes]) -> int:
+    def replay(self, chunks: Iterable[bytes], written_by: Optional[float] = None) -> int:
         """Apply bytes as if read from the FIFO before it was opened: a journal's
         segments, after ``restore()`` of the snapshot they follow. Markers of ``sync()``
         in them are ignored. For ``restore_grace`` seconds nothing expires. Call it
         before ``start()``.
+
+        Args:
+            written_by: when the bytes were last written (``time.time()``): a process
+                that started later holds a reused pid, and a line naming that pid
+                without a start time (torch's) is refused for it.
 
         Returns:
             The number of bytes replayed.
@@ -495,9 +500,14 @@ class FileTimerServer:
         with self._lock:
             if self._state is not Lifecycle.NEW:
                 raise RuntimeError("replay() comes before start()")
-            for chunk in chunks:
-                self._watchdog.apply(reader.feed(chunk), time.monotonic(), time.time())
-                size += len(chunk)
+            watchdog = self._watchdog
+            watchdog.written_by = None if written_by is None else ticks_since_boot(written_by)
+            try:
+                for chunk in chunks:
+                    watchdog.apply(reader.feed(chunk), time.monotonic(), time.time())
+                    size += len(chunk)
+            finally:
+                watchdog.written_by = None
             if size:
                 self._watchdog.hold(time.monotonic() + self._restore_grace)
         self._flush()

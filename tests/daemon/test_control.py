@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import pathlib
@@ -201,3 +202,30 @@ def test_peers_beyond_those_served_at_once_wait_their_turn_and_stop_does_not(
         server.stop()
     assert time.monotonic() - started < PATIENCE / 2  # not after the idle peers' timeouts
     assert not os.path.exists(path)
+
+
+def test_status_out_of_descriptors_says_unhealthy_instead_of_failing(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The status's round trip through the FIFO needs a descriptor: out of them (EMFILE),
+    # the reply was no reply, and `ftimer-server status` failed decoding nothing.
+    from ftimer_server import FileTimerServer
+    from ftimer_server.daemon._config import DaemonConfig
+    from ftimer_server.daemon._daemon import Daemon
+    from ftimer_server.daemon._logging import LoggingSetup
+    from ftimer_server.server import _server
+
+    fifo = tmp_path / "timer.fifo"
+    daemon = Daemon(DaemonConfig(fifo=str(fifo)), LoggingSetup("text", "info"), environ={})
+    with FileTimerServer(fifo) as server:
+        daemon._server = server
+
+        def out_of_descriptors(fd: int) -> int:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(_server.os, "dup", out_of_descriptors)
+        status = daemon._status()
+        monkeypatch.undo()
+        assert status["healthy"] is False
+        server.sync()  # no token left behind: the next sync still completes
+        assert daemon._status()["healthy"] is True

@@ -562,7 +562,7 @@ class Daemon:
         try:
             server.sync(timeout=_HEALTH_TIMEOUT)
             healthy = True
-        except (TimeoutError, RuntimeError):
+        except (OSError, RuntimeError):  # TimeoutError; EMFILE: out of descriptors
             healthy = False
         now = time.monotonic()
         return {

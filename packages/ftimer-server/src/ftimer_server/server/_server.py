@@ -535,6 +535,7 @@ class FileTimerServer:
             TimeoutError: that took longer than ``timeout`` seconds.
             RuntimeError: the server is not running (or stopped meanwhile), or this is
                 the loop's own thread.
+            OSError: no descriptor to write with (``EMFILE``).
         """
         deadline = time.monotonic() + timeout
         # Unguessable: anyone who may write the FIFO or the socket could otherwise send
@@ -549,10 +550,10 @@ class FileTimerServer:
                 raise RuntimeError("the server is not running")
             if self._loop is not None and threading.get_ident() == self._loop.ident:
                 raise RuntimeError("sync() from the server's own thread would deadlock")
-            self._syncs[token] = done
             # A descriptor of our own: the FIFO's may be closed (and its number reused
             # by another file) by a concurrent stop() while we wait for room to write.
             fd = os.dup(self._fifo.write_fd)
+            self._syncs[token] = done
         try:
             try:
                 _write_all(fd, line, deadline)

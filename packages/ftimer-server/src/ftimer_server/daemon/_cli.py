@@ -169,6 +169,13 @@ def _parser() -> argparse.ArgumentParser:
         "saves, 0.01..60 (default: 0.1)",
     )
     run.add_argument(
+        "--restore-grace",
+        type=_seconds,
+        metavar="SECONDS",
+        help="after a start that restored timers, nothing expires for this long, so that "
+        "clients re-send what they wrote while no daemon ran, 0..3600 (default: 1.5)",
+    )
+    run.add_argument(
         "--allow-uid",
         dest="allow_uids",
         type=_number,

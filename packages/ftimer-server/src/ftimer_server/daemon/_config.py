@@ -92,6 +92,7 @@ MAX_SOCKET_PATH = 107
 # once: say --signal SIGKILL), and one over a day keeps a hung worker's GPUs for good.
 _GRACE = (0.001, 86400.0)
 _STATE_INTERVAL = (0.01, 60.0)
+_RESTORE_GRACE = (0.0, 3600.0)
 _CAPTURE_TIMEOUT = (0.05, 60.0)
 #: The most timers (in all, or of one process) or incidents a limit may allow: a signed
 #: 32-bit count, more timers than any host's memory holds; a larger limit is no limit.
@@ -119,6 +120,7 @@ class FileSettings(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", k
     grace: Optional[float] = None
     state_file: Optional[str] = None
     state_interval: Optional[float] = None
+    restore_grace: Optional[float] = None
     allow_uids: Optional[List[int]] = None
     allow_signals: Optional[List[Union[int, str]]] = None
     descendants_only: Optional[bool] = None
@@ -165,6 +167,8 @@ class DaemonConfig:
         state_file: where armed timers are saved, or None.
         state_interval: at most this many seconds (0.01..60) pass between a change of
             the armed timers and its save (and at least this many between two saves).
+        restore_grace: after a start that restored timers, seconds (0..3600) in which
+            nothing expires, for clients to re-send what they wrote while no daemon ran.
         allow_uids: only processes of these uids (0..`MAX_ID`) get timers; None: any
             user's.
         allow_signals: signals a timer may ask for (0, report only, always may); None: any.
@@ -202,6 +206,7 @@ class DaemonConfig:
     grace: Optional[float] = None
     state_file: Optional[str] = None
     state_interval: float = 0.1
+    restore_grace: float = 1.5
     allow_uids: Optional[FrozenSet[int]] = None
     allow_signals: Optional[FrozenSet[int]] = None
     descendants_only: bool = False
@@ -531,6 +536,7 @@ def resolve_config(
     parsers: Dict[str, Callable[[Any], Any]] = {
         "state_file": _path,
         "state_interval": lambda v: _within(v, *_STATE_INTERVAL, "seconds"),
+        "restore_grace": lambda v: _within(v, *_RESTORE_GRACE, "seconds"),
         "allow_uids": _uids,
         "allow_signals": _signals,
         "descendants_only": bool,

@@ -338,6 +338,7 @@ class Daemon:
                 tick_interval=tick,
                 on_tick=self._keepalive if tick is not None else None,
                 journal=journal,
+                restore_grace=c.restore_grace,
                 incidents=incidents,
                 socket_path=c.socket,
                 on_incident=self._incident,

@@ -112,8 +112,8 @@ class Watchdog:
             stuck one's job are its peers, captured too. ``None``: no peers.
 
     Raises:
-        ValueError: ``escalate_after`` or ``capture_budget`` is negative, or
-            ``signal_override`` is not a signal of this platform.
+        ValueError: ``escalate_after`` or ``capture_budget`` is not a finite number >= 0,
+            or ``signal_override`` is not a signal of this platform.
     """
 
     def __init__(

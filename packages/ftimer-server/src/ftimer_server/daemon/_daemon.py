@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
-import functools
 import gc
 import logging
 import os
@@ -384,7 +383,7 @@ class Daemon:
                 server.checkpoint,
                 boot_id,
                 c.state_interval,
-                saved=functools.partial(_saved, journal) if journal is not None else _nothing,
+                saved=journal.saved if journal is not None else lambda _: None,
             )
             self._saver.start()
         if self._metrics is not None and c.metrics_address is not None:
@@ -651,20 +650,6 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
             "if only root writes timers"
         )
     return warnings
-
-
-def _saved(journal: Journal, seq: int) -> None:
-    """After a save that names journal segment ``seq``: older segments can go, unless
-    the journal failed meanwhile (in the segment the save names), which makes the state
-    just written incomplete too."""
-    if journal.failed:
-        journal.invalidate()
-    else:
-        journal.discard_before(seq)
-
-
-def _nothing(seq: int) -> None:
-    pass
 
 
 def _lock_fifo(fifo: str) -> int:

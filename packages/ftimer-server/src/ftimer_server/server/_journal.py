@@ -169,6 +169,15 @@ class Journal:
         self._failed = False
         return self._seq
 
+    def saved(self, seq: int) -> None:
+        """A snapshot naming segment ``seq`` was saved: the segments before it can go;
+        unless a write failed since the checkpoint that made ``seq``, which leaves that
+        snapshot incomplete too (see ``snapshot``)."""
+        if self._failed:
+            self.invalidate()
+        else:
+            self.discard_before(seq)
+
     def discard_before(self, seq: int) -> None:
         """Delete the segments numbered below ``seq`` (a saved snapshot no longer needs
         them). One that cannot be deleted (a directory at its name, say) is logged, once,

@@ -723,13 +723,16 @@ class FileTimerServer:
                     "holding the old one reconnect and re-send their timers",
                     self.file_path,
                 )
+            on_tick = self._on_tick
+            if on_tick is not None:  # through _call, as every callback
+                on_tick = functools.partial(self._call, "on_tick", on_tick)
             loop = Loop(
                 fifo,
                 self._watchdog,
                 self._lock,
                 self._after,
                 tick_interval=self._tick_interval,
-                on_tick=None if self._on_tick is None else self._tick,
+                on_tick=on_tick,
                 journal=self._journal,
                 socket=self._socket,
             )
@@ -881,10 +884,6 @@ class FileTimerServer:
             logger.exception("%s callback failed", name)
         finally:
             self._calling = None
-
-    def _tick(self) -> None:
-        assert self._on_tick is not None
-        self._call("on_tick", self._on_tick)
 
     def _wants_timer_events(self) -> bool:
         types = self._event_types

@@ -229,3 +229,53 @@ def test_status_out_of_descriptors_says_unhealthy_instead_of_failing(
         assert status["healthy"] is False
         server.sync()  # no token left behind: the next sync still completes
         assert daemon._status()["healthy"] is True
+
+
+def test_status_of_a_loop_stalled_holding_the_table_answers_and_says_so(
+    tmp_path: pathlib.Path,
+) -> None:
+    # A reap step (or a blocked log) runs under the loop's lock: the status's sync timed
+    # out, then waited for the lock without end to take its token back, and then for
+    # the timers: `ftimer-server status` said "timed out" and the control thread hung.
+    import threading
+
+    from ftimer_protocol import Expire, encode
+    from ftimer_server import FileTimerServer, RecordingSignaller
+    from ftimer_server.daemon._cli import format_status
+    from ftimer_server.daemon._config import DaemonConfig
+    from ftimer_server.daemon._daemon import Daemon
+    from ftimer_server.daemon._logging import LoggingSetup
+
+    gate, entered = threading.Event(), threading.Event()
+
+    def stuck(worker: object, expiry: object, now: float) -> None:
+        entered.set()
+        gate.wait(PATIENCE)
+
+    fifo = tmp_path / "timer.fifo"
+    daemon = Daemon(DaemonConfig(fifo=str(fifo)), LoggingSetup("text", "info"), environ={})
+    server = FileTimerServer(fifo, signaller=RecordingSignaller(), reap_steps=[stuck])
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        with server:
+            daemon._server = server
+            assert daemon._status()["timers"] == []
+            fd = os.open(fifo, os.O_WRONLY)
+            os.write(fd, encode(Expire(pid=child.pid, scope_id="s", signal=9)))
+            os.close(fd)
+            assert entered.wait(PATIENCE)
+            began = time.monotonic()
+            status = daemon._status()
+            assert time.monotonic() - began < PATIENCE / 2  # not the stall's
+            assert (status["healthy"], status["timers"], status["stats"]) == (False, None, None)
+            assert status["last_progress"] <= time.time()
+            assert "armed timers unknown: the server's loop is busy" in format_status(status)
+            gate.set()
+            server.sync()  # the timed-out token was taken back: the next sync completes
+            status = daemon._status()
+            assert status["healthy"] is True
+            assert status["stats"]["reaps"] == {"9": 1}
+    finally:
+        gate.set()
+        child.kill()
+        child.wait()

@@ -45,7 +45,7 @@ NAN = float("nan")
         ({"timers": [{}]}, "Object missing required field `pid` - at `$.timers[0]`"),
         ({"uptime": "x"}, "Expected `float`, got `str` - at `$.uptime`"),
         ({"uptime": NAN}, "Expected `float` >= -1000000000000000.0 - at `$.uptime`"),
-        ({"timers": "x"}, "Expected `array`, got `str` - at `$.timers`"),
+        ({"timers": "x"}, "Expected `array | null`, got `str` - at `$.timers`"),
         (
             {"timers": [{"pid": 1, "scope_id": "s", "signal": 9, "remaining": float("inf")}]},
             "Expected `float` <= 1000000000000000.0 - at `$.timers[0].remaining`",

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Annotated, Any, Dict, List, Optional, TextIO
 
@@ -534,10 +535,11 @@ class _Status(msgspec.Struct):
     healthy: bool
     fifo: str
     uptime: _Seconds
-    timers: List[_StatusTimer]
+    timers: Optional[List[_StatusTimer]]  # None: the loop held its table (stalled)
     socket: Optional[str] = None
     dry_run: bool = False
     signal: Optional[int] = None
+    last_progress: Optional[_Seconds] = None
 
 
 def _read_status(doc: Dict[str, Any]) -> _Status:
@@ -562,17 +564,22 @@ def format_status(doc: Dict[str, Any]) -> str:
 
 
 def _format(status: _Status) -> str:
-    timers = sorted(status.timers, key=lambda t: t.remaining)
+    timers = sorted(status.timers or [], key=lambda t: t.remaining)
     mode = "DRY RUN (expiries are logged, not signalled)" if status.dry_run else "enforcing"
     if status.signal:
         mode += f", reaps with {signal_label(status.signal)}"
     health = "" if status.healthy else ", NOT READING ITS FIFO"
+    armed = f"{len(timers)} timer{'s' if len(timers) != 1 else ''} armed"
+    if status.timers is None:
+        armed = "armed timers unknown: the server's loop is busy"
+        if status.last_progress is not None:
+            armed += f" (no progress for {_duration(time.time() - status.last_progress)})"
     lines = [
         f"ftimer-server {status.version} (pid {status.pid}), {mode}{health}",
         f"FIFO {status.fifo}"
         + (f", socket {status.socket}" if status.socket else "")
         + f", up {_duration(status.uptime)}",
-        f"{len(timers)} timer{'s' if len(timers) != 1 else ''} armed",
+        armed,
     ]
     if timers:
         rows = [("PID", "SCOPE", "LEFT", "SIGNAL", "LABELS")]

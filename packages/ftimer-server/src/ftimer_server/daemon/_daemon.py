@@ -91,6 +91,8 @@ EXIT_STARTUP = 3
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 #: Seconds the status request waits for the server loop to answer a sync.
 _HEALTH_TIMEOUT = 2.0
+#: Seconds the status waits for the loop to let go of the table, after the round trip.
+_TABLE_WAIT = 0.5
 #: Seconds a metrics scrape waits for a busy loop's counters before serving the last.
 SCRAPE_WAIT = 1.0
 #: Settings a SIGHUP applies in place; any other change needs a restart.
@@ -564,6 +566,13 @@ class Daemon:
             healthy = True
         except (OSError, RuntimeError):  # TimeoutError; EMFILE: out of descriptors
             healthy = False
+        try:
+            # Wait no longer for a loop stalled holding the table (a reap step, a
+            # blocked log): the status says so instead of timing out.
+            timers: Optional[List[Timer]] = server.armed(timeout=_TABLE_WAIT)
+            stats: Optional[Stats] = server.stats(timeout=_TABLE_WAIT)
+        except TimeoutError:
+            timers = stats = None
         now = time.monotonic()
         return {
             "version": __version__,
@@ -578,7 +587,11 @@ class Daemon:
             "grace": c.grace,
             "uptime": now - self._started,
             "monotonic": now,
-            "timers": [
+            "last_progress": server.get_last_progress_time(),
+            # null: unknown, the loop held the table
+            "timers": None
+            if timers is None
+            else [
                 {
                     "pid": t.pid,
                     "scope_id": t.scope_id,
@@ -588,9 +601,9 @@ class Daemon:
                     "start_time": t.start_time,
                     "labels": t.labels,
                 }
-                for t in server.armed()
+                for t in timers
             ],
-            "stats": msgspec.to_builtins(server.stats(), str_keys=True),
+            "stats": msgspec.to_builtins(stats, str_keys=True),
         }
 
 

@@ -24,6 +24,7 @@ from typing import (
     Dict,
     FrozenSet,
     Iterable,
+    Iterator,
     List,
     Optional,
     Set,
@@ -321,6 +322,9 @@ class FileTimerServer:
         self._loop: Optional[Loop] = None
         self._thread: Optional[threading.Thread] = None
         self._syncs: Dict[str, threading.Event] = {}
+        # Its own lock: a sync() that timed out waiting for a stalled loop (which holds
+        # the table's) must still take its token back.
+        self._syncs_lock = threading.Lock()
         self._self_signal = 0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -420,9 +424,17 @@ class FileTimerServer:
 
     # -- queries and commands ----------------------------------------------------------
 
-    def armed(self) -> List[Timer]:
-        """A snapshot of the armed timers (deadlines in monotonic seconds)."""
-        with self._lock:
+    def armed(self, timeout: Optional[float] = None) -> List[Timer]:
+        """A snapshot of the armed timers (deadlines in monotonic seconds).
+
+        Args:
+            timeout: seconds to wait for the loop to let go of the table (it holds it
+                while it applies a batch or reaps); ``None``: as long as it takes.
+
+        Raises:
+            TimeoutError: the loop held it longer than ``timeout``.
+        """
+        with self._table(timeout):
             return self._watchdog.armed()
 
     def workers(self) -> List[Worker]:
@@ -440,12 +452,8 @@ class FileTimerServer:
         Raises:
             TimeoutError: the loop held it longer than ``timeout``.
         """
-        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
-            raise TimeoutError(f"the server's loop has been busy for over {timeout:g} s")
-        try:
+        with self._table(timeout):
             return self._watchdog.stats()
-        finally:
-            self._lock.release()
 
     def restore(self, timers: Iterable[Timer]) -> None:
         """Arm saved timers (``armed()`` of a previous server), checking each process.
@@ -545,7 +553,7 @@ class FileTimerServer:
         token = f"ftimer-server-{os.urandom(16).hex()}"
         done = threading.Event()
         line = encode(Sync(token))
-        with self._lock:
+        with self._table(timeout):
             if self._state is not Lifecycle.RUNNING or self._fifo is None:
                 raise RuntimeError("the server is not running")
             if self._loop is not None and threading.get_ident() == self._loop.ident:
@@ -553,7 +561,8 @@ class FileTimerServer:
             # A descriptor of our own: the FIFO's may be closed (and its number reused
             # by another file) by a concurrent stop() while we wait for room to write.
             fd = os.dup(self._fifo.write_fd)
-            self._syncs[token] = done
+            with self._syncs_lock:
+                self._syncs[token] = done
         try:
             try:
                 _write_all(fd, line, deadline)
@@ -561,12 +570,12 @@ class FileTimerServer:
                 raise RuntimeError("the server stopped before the sync completed") from None
             if not done.wait(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"sync() did not complete within {timeout} s")
-            with self._lock:
+            with self._syncs_lock:
                 if token in self._syncs:  # the loop removes the tokens it reached
                     raise RuntimeError("the server stopped before the sync completed")
         finally:
             os.close(fd)
-            with self._lock:
+            with self._syncs_lock:
                 self._syncs.pop(token, None)
 
     # -- torch's public methods ----------------------------------------------------------
@@ -781,8 +790,9 @@ class FileTimerServer:
                 self._socket.close()
             self._unlock()  # last: the FIFO is closed (and removed if asked)
             self._state = Lifecycle.STOPPED
-            for done in self._syncs.values():
-                done.set()  # wake sync() callers: their tokens were not reached
+            with self._syncs_lock:
+                for done in self._syncs.values():
+                    done.set()  # wake sync() callers: their tokens were not reached
         logger.info("ftimer server on %s stopped", self.file_path)
         self._flush()
         if self._log_event is not None:
@@ -810,7 +820,7 @@ class FileTimerServer:
         self._flush()
         self._changed()
         if tokens:
-            with self._lock:
+            with self._syncs_lock:
                 for token in tokens:
                     done = self._syncs.pop(token, None)
                     if done is not None:
@@ -821,6 +831,21 @@ class FileTimerServer:
             os.kill(os.getpid(), sig)
 
     # -- helpers -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _table(self, timeout: Optional[float]) -> Iterator[None]:
+        """Hold the table's lock, waiting at most ``timeout`` seconds (``None``: as long
+        as it takes) for the loop to let go of it.
+
+        Raises:
+            TimeoutError: the loop held it longer.
+        """
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"the server's loop has been busy for over {timeout:g} s")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _flush(self) -> None:
         """Deliver the pending events to the callbacks, outside the lock."""

@@ -621,6 +621,6 @@ def test_an_unsafe_incident_directory_is_named_once(spawn: Spawn, short_dir: pat
     assert d.proc.wait(PATIENCE) == 3
     errors = [r["msg"] for r in d.records() if r["level"] == "error"]
     assert errors == [
-        f"cannot start: incident directory {incidents}: writable by others (mode 0777); "
+        f"cannot start: incident directory {incidents}: it is writable by others (mode 0777); "
         "make it 0700 (chmod go-w)"
     ]

@@ -59,8 +59,13 @@ class NotAPrivateDirectory(Exception):
     def __init__(
         self, kind: str = "", owner: Optional[int] = None, mode: int = 0, error: int = errno.EPERM
     ) -> None:
-        what = "another user's" if owner is not None else f"writable by others ({mode:04o})"
-        super().__init__(kind or what)
+        if kind:
+            why = f"is {kind}"
+        elif owner is not None:
+            why = f"is owned by uid {owner}, not by this server's user ({os.geteuid()})"
+        else:
+            why = f"is writable by others (mode {mode:04o}); make it 0700 (chmod go-w)"
+        super().__init__(why)  # what the path is, as a predicate: "is a symlink"
         self.kind = kind
         self.owner = owner
         self.mode = mode

@@ -347,13 +347,7 @@ def _ensure_private_dir(directory: str) -> None:
     try:
         fd, _ = open_private_dir(directory)
     except NotAPrivateDirectory as e:
-        if e.kind:
-            why = f"it is {e.kind}"
-        elif e.owner is not None:
-            why = f"owned by uid {e.owner}, not by this server's user ({os.geteuid()})"
-        else:
-            why = f"writable by others (mode {e.mode:04o}); make it 0700 (chmod go-w)"
-        raise OSError(e.errno, f"incident directory {directory}: {why}") from None
+        raise OSError(e.errno, f"incident directory {directory}: it {e}") from None
     except OSError as e:
         raise OSError(
             e.errno, f"incident directory {directory}: cannot open it: {e.strerror}"

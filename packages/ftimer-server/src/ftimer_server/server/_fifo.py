@@ -322,13 +322,7 @@ def _ensure_private_dir(directory: str, gid: Optional[int], mode: int) -> None:
     try:
         fd, st = open_private_dir(directory)
     except NotAPrivateDirectory as e:
-        if e.kind:
-            why = e.kind
-        elif e.owner is not None:
-            why = f"owned by uid {e.owner}, not us"
-        else:
-            why = "writable by others"
-        raise FifoError(directory, f"the directory is {why}") from None
+        raise FifoError(directory, f"the directory {e}") from None
     except OSError as e:
         raise FifoError(directory, f"cannot open the directory: {e.strerror}") from None
     try:

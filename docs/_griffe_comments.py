@@ -1,11 +1,16 @@
-"""A griffe extension (mkdocs.yml): ``#:`` comments document the attribute below them,
-and every enum member is listed.
+"""griffe extensions (mkdocs.yml): ``#:`` comments document the attribute below them,
+every enum member is listed, and signatures show what a reader of the API needs.
 
 The packages document constants and enum members the way Sphinx reads them, with ``#:``
 comment lines just above the assignment (``RejectReason.RESERVED_PID``, ``PIPE_BUF``).
 griffe reads only docstrings, so without this the API reference would show such a name
 with no text, or (for an enum member) not at all. An enum member with no comment is
 documented by its value, so that every member of an enum is listed.
+
+``Signatures``: griffe renders a number from its value, so a mode the code and the docs
+write ``0o600`` would show as ``384``; it shows the source text instead. And an attribute
+set in ``__init__`` would show the expression that sets it (``run_id = run_id``, a
+private constant's name): it shows the attribute's name and type only.
 """
 
 from __future__ import annotations
@@ -46,3 +51,28 @@ def _in_enum(attr: griffe.Attribute) -> bool:
     if not isinstance(parent, griffe.Class):
         return False
     return any(str(base).split(".")[-1].endswith("Enum") for base in parent.bases)
+
+
+class Signatures(griffe.Extension):
+    """Numbers as written in defaults; no value for an attribute set in ``__init__``."""
+
+    def on_attribute_instance(self, *, attr: griffe.Attribute, **kwargs: Any) -> None:
+        if "instance-attribute" in attr.labels and "class-attribute" not in attr.labels:
+            attr.value = None
+
+    def on_function_instance(
+        self, *, node: Any, func: griffe.Function, agent: Any, **kwargs: Any
+    ) -> None:
+        code = getattr(agent, "code", None)
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not code:
+            return
+        args = node.args
+        positional = [*args.posonlyargs, *args.args]
+        defaults = list(zip(positional[len(positional) - len(args.defaults) :], args.defaults))
+        defaults += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+        for arg, default in defaults:
+            if not isinstance(default, ast.Constant) or type(default.value) is not int:
+                continue
+            written = ast.get_source_segment(code, default)
+            if written and written != str(default.value) and arg.arg in func.parameters:
+                func.parameters[arg.arg].default = written

@@ -7,7 +7,9 @@ skipped, since the docs session runs them. The changelog tests need nothing.
 What they hold: every name of each package's ``__all__`` is an object of that package's
 API reference page (with its anchor, and in the search index), nothing private is, the
 navigation is in the order a newcomer reads, the README is the home page with its links
-working, and the changelog has each distribution's current version.
+working, and the changelog has each distribution's current version; documented attributes
+and docstring sections render, and signatures show numbers as written and no expression
+that sets an attribute in ``__init__``.
 """
 
 from __future__ import annotations
@@ -186,6 +188,31 @@ def test_nothing_private_is_rendered(site: pathlib.Path) -> None:
         text = "".join(page(site, f"api/{dist}").text)
         leaked = re.findall(r"\bftimer_\w+(?:\.\w+)*\._[a-z]\w*", text)
         assert not leaked, f"api/{dist}/ shows private paths: {sorted(set(leaked))}"
+
+
+def test_the_servers_attributes_are_in_the_reference(site: pathlib.Path) -> None:
+    # An agent reads file_path (docs/torchelastic.md); an attribute with no docstring is
+    # not rendered at all.
+    objects = {name for name, _, _ in rendered(site)}
+    for attr in ("file_path", "run_id", "max_interval", "stop_timeout"):
+        assert f"ftimer_server.FileTimerServer.{attr}" in objects, attr
+
+
+def test_docstring_sections_are_recognised(site: pathlib.Path) -> None:
+    # "Raises (on entering):" is no section griffe knows: it rendered as plain text.
+    for dist in PACKAGES:
+        text = "".join(page(site, f"api/{dist}").text)
+        unknown = re.findall(r"\b(?:Args|Raises|Returns|Yields|Attributes) \([^)]*\):", text)
+        assert not unknown, f"api/{dist}/ shows section headings as text: {unknown}"
+
+
+def test_signatures_show_numbers_as_written_and_no_init_expressions(site: pathlib.Path) -> None:
+    text = " ".join("".join(page(site, "api/ftimer-server").text).split())
+    assert "fifo_mode: int = 0o600" in text
+    assert "fifo_mode: int = 384" not in text
+    # An attribute set in __init__: its type, not what sets it (a private constant).
+    assert "run_id: str torch's job id" in text
+    assert "STOP_TIMEOUT" not in text
 
 
 def test_the_navigation_is_in_the_order_a_newcomer_reads() -> None:

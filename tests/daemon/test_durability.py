@@ -20,7 +20,7 @@ from ftimer_protocol import Arm, encode
 from ftimer_server import Timer
 from ftimer_server.daemon._state import encode_state, read_boot_id
 
-from .conftest import PYTHON, DaemonProcess, kill_and_close
+from .conftest import PATIENCE, PYTHON, DaemonProcess, kill_and_close
 
 Spawn = Callable[..., DaemonProcess]
 #: JSON nested deeper than msgspec recurses (the line the decoders were fixed for).
@@ -66,6 +66,13 @@ def quiet() -> Iterator[Callable[[pathlib.Path, float], subprocess.Popen[str]]]:
 def saved_scopes(state: pathlib.Path) -> list[str]:
     try:
         return [t["scope_id"] for t in json.loads(state.read_text())["timers"]]
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+def saved_signals(state: pathlib.Path) -> list[int]:
+    try:
+        return [t["signal"] for t in json.loads(state.read_text())["timers"]]
     except (FileNotFoundError, ValueError):
         return []
 
@@ -119,6 +126,47 @@ def test_a_disarm_written_while_no_daemon_ran_arrives_within_the_grace(
     wait_until(lambda: d.status()["timers"] == [], what="the client's resync")
     assert worker.poll() is None
     assert not [r for r in d.records() if r.get("event") == "reaped"]
+
+
+# Ignores SIGTERM (a worker stuck in a C call whose Python handler never runs), arms a
+# timer that SIGTERMs it, and hangs.
+STUBBORN = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+from ftimer_client import FileTimerClient
+client = FileTimerClient(sys.argv[1], signal=signal.SIGTERM)
+client.arm("step", 0.3)
+print("armed", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_sigkill_still_due_when_the_daemon_is_killed_is_sent_by_the_next(
+    spawn: Callable[..., DaemonProcess], short_dir: pathlib.Path
+) -> None:
+    # The expiry cleared the worker's timers; the SIGKILL due after the grace period
+    # lived in the first daemon's memory only: the next one never sent it, and the
+    # stuck worker lived on.
+    state = short_dir / "state.json"
+    args = ["--state-file", str(state), "--grace", "3"]
+    d = spawn(*args, name="first").ready()
+    worker = subprocess.Popen(
+        [PYTHON, "-c", STUBBORN, str(d.fifo)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline() == "armed\n"
+        reaped = d.wait_for_record(where=lambda r: r.get("event") == "reaped")
+        assert reaped["signal"] == signal.SIGTERM
+        wait_until(lambda: saved_signals(state) == [signal.SIGKILL], what="the SIGKILL due, saved")
+        d.stop(signal.SIGKILL)
+        assert worker.poll() is None  # SIGTERM ignored, SIGKILL not sent yet
+        d = spawn(*args, name="second").ready()
+        assert worker.wait(PATIENCE) == -signal.SIGKILL
+        reaped = d.wait_for_record(where=lambda r: r.get("event") == "reaped")
+        assert (reaped["pid"], reaped["signal"]) == (worker.pid, signal.SIGKILL)
+    finally:
+        kill_and_close(worker)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ reaped. The same holds for everything written before ``stop()``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import threading
@@ -78,6 +79,59 @@ def test_disarms_behind_a_flood_save_the_healthy(fifo_path: pathlib.Path, childr
     assert [e.pid for e in gate.events if isinstance(e, Reaped)] == [hung.pid]
     assert stats.decode_errors == {"MalformedMessage": READ_CHUNK // 2}
     assert stats.requests["disarm"] == {"ok": HEALTHY}
+
+
+def test_disarms_waiting_for_room_in_a_full_pipe_save_the_healthy(
+    fifo_path: pathlib.Path, children
+) -> None:
+    # The pipe is full when the loop comes back: the healthy workers' disarms, begun
+    # before the deadline, wait for room (torch's client blocks in write(); ftimer's
+    # polls for up to write_timeout), and go in only once the loop has read.
+    gate = Gate()
+    healthy = [children() for _ in range(3)]
+    hung = children()
+    with FileTimerServer(fifo_path, on_event=gate) as server:
+        deadline = time.monotonic() + 0.5
+        send(
+            fifo_path,
+            *(Arm(pid=c.pid, scope_id="step", deadline=deadline, signal=9) for c in healthy),
+            Arm(pid=hung.pid, scope_id="step", deadline=deadline, signal=9),
+        )
+        assert gate.held.wait(10)
+        fd = os.open(fifo_path, os.O_WRONLY | os.O_NONBLOCK)
+        filled = 0
+        try:
+            for junk in (b"y\n" * 2048, b"y\n"):  # other writers' traffic, to the last byte
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        filled += os.write(fd, junk)
+        finally:
+            os.close(fd)
+        began: list[float] = []
+
+        def disarm(pid: int) -> None:
+            with open(fifo_path, "wb", buffering=0) as f:  # blocking, as torch's client
+                began.append(time.monotonic())
+                f.write(encode(Disarm(pid=pid, scope_id="step")))
+
+        writers = [threading.Thread(target=disarm, args=(c.pid,)) for c in healthy]
+        for w in writers:
+            w.start()
+        wait_until(lambda: len(began) == len(healthy))
+        assert max(began) < deadline
+        time.sleep(max(0.0, deadline - time.monotonic()) + 0.1)  # the deadline passes
+        assert all(w.is_alive() for w in writers)  # still waiting for room
+        gate.open.set()
+        code, _ = wait_exit(hung)
+        for w in writers:
+            w.join(10)
+        server.sync()
+        stats = server.stats()
+    assert code == -9
+    assert [c.poll() for c in healthy] == [None] * len(healthy)
+    assert [e.pid for e in gate.events if isinstance(e, Reaped)] == [hung.pid]
+    assert stats.requests["disarm"] == {"ok": len(healthy)}
+    assert stats.decode_errors == {"MalformedMessage": filled // 2}
 
 
 def test_stop_applies_everything_written_before_it(fifo_path: pathlib.Path, children) -> None:

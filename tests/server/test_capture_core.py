@@ -163,3 +163,35 @@ def test_a_stop_signals_at_once_what_was_pending() -> None:
     assert rig.wd.next_wakeup() is None
     assert rig.wd.finish(8.0) == 0  # nothing twice
     assert len(rig.signaller.sent) == 4
+
+
+def test_a_reap_not_finished_is_saved_and_a_restarted_server_finishes_it() -> None:
+    # A daemon killed (kill -9, out of memory) between an expiry and its signal, or its
+    # SIGKILL after the grace period: the expiry had cleared the worker's timers, and
+    # what was still due lived in memory only. The restarted daemon never reaped it.
+    rig = Rig(budget=2.0, escalate_after=3.0)
+    rig.arm(1000, 5.0, signal=15)
+    rig.arm(1001, 5.0, signal=15, job="j2")
+    changes = rig.wd.changes
+    rig.wd.tick(5.0)  # both capturing
+    assert rig.wd.changes != changes  # a cue to save
+    rig.wd.captured(1001, 5.5)  # 1001: SIGTERM now, SIGKILL due at 8.5
+    assert rig.signaller.sent == [(1001, 15)]
+    saved = rig.wd.saved()
+    assert rig.wd.armed() == []
+    assert sorted((t.pid, t.signal, t.deadline) for t in saved) == [(1000, 15, 5.0), (1001, 9, 8.5)]
+
+    again = Rig(budget=None, escalate_after=3.0)  # the restarted server
+    again.wd.restore(saved)
+    again.wd.tick(6.0)  # 1000's reap, at once
+    assert again.signaller.sent == [(1000, 15)]
+    again.wd.tick(8.4)
+    assert again.signaller.sent == [(1000, 15)]
+    again.wd.tick(8.5)  # 1001's SIGKILL, when it was due
+    assert again.signaller.sent == [(1000, 15), (1001, 9)]
+
+    changes = rig.wd.changes
+    rig.wd.tick(8.5)  # the first server's own: done, nothing left to save
+    assert rig.signaller.sent == [(1001, 15), (1000, 15), (1001, 9)]
+    assert rig.wd.changes != changes
+    assert sorted((t.pid, t.signal) for t in rig.wd.saved()) == [(1000, 9)]  # 1000's SIGKILL

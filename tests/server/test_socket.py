@@ -1081,3 +1081,101 @@ def _open_or_error(path: str) -> object:
         return open_socket(path)
     except FifoError as e:
         return e
+
+
+# Arms "step" over the socket argv[1] for argv[2] seconds, says when it is due; then, at
+# each line on its stdin, says it is releasing, releases it, and says so.
+SOCKET_WORKER = """
+import sys, time
+from ftimer_client import FileTimerClient
+client = FileTimerClient(sys.argv[1], transport="socket", write_timeout=10.0)
+after = float(sys.argv[2])
+due = time.monotonic() + after
+client.arm("step", after)
+print(due, flush=True)
+sys.stdin.readline()
+print("releasing", flush=True)
+client.release("step")
+print("released", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_full_queue_holds_judgement_back_for_the_senders_waiting_for_room(
+    fifo_path: pathlib.Path,
+) -> None:
+    # net.unix.max_dgram_qlen is 10 by default: a queue the loop finds full has senders
+    # waiting for room, a disarm begun before its deadline among them. They get in only
+    # as the loop reads, after it noted the time: the deadlines they answer are judged
+    # BLOCKED_WRITE behind until the queue has been seen with room that long.
+    from ftimer_server.core._horizon import BLOCKED_WRITE
+
+    held, resume = threading.Event(), threading.Event()
+    events = Events()
+
+    def gate(event: Event) -> None:
+        events(event)
+        if isinstance(event, Armed) and not held.is_set():
+            held.set()
+            resume.wait(30)
+
+    path = str(fifo_path.with_suffix(".socket"))
+    workers: List[subprocess.Popen[str]] = []
+    fillers: List[threading.Thread] = []
+    try:
+        with FileTimerServer(fifo_path, on_event=gate, socket_path=path) as server:
+            for _ in range(2):
+                workers.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", SOCKET_WORKER, path, "1.5"],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
+                )
+            healthy, hung = workers
+            due = max(float(w.stdout.readline()) for w in workers)  # type: ignore[union-attr]
+            assert held.wait(10)
+
+            sent: List[int] = []
+
+            def fill() -> None:
+                # (refused once the server is gone: a failing test's)
+                with (
+                    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s,
+                    contextlib.suppress(ConnectionRefusedError),
+                ):
+                    s.connect(path)
+                    for _ in range(3):
+                        s.send(b"junk\n")  # blocks while the queue is full
+                        sent.append(1)
+
+            fillers += [threading.Thread(target=fill) for _ in range(40)]
+            for f in fillers:
+                f.start()
+            wait_until(lambda: len(sent) >= socket_module._queue_length() - 1)  # the arm's
+            assert len(sent) < 120  # full: the rest wait
+            healthy.stdin.write("go\n")  # type: ignore[union-attr]
+            healthy.stdin.flush()  # type: ignore[union-attr]
+            assert healthy.stdout.readline() == "releasing\n"  # type: ignore[union-attr]
+            assert time.monotonic() < due
+            time.sleep(max(0.0, due - time.monotonic()) + 0.1)  # the deadline passes
+            resumed = time.monotonic()
+            resume.set()
+            code, died = wait_exit(hung)
+            assert healthy.stdout.readline() == "released\n"  # type: ignore[union-attr]
+            server.sync()
+            assert code == -9
+            assert died - resumed >= BLOCKED_WRITE / 2  # judged behind, not at once
+            assert healthy.poll() is None
+            assert [e.pid for e in events.of(Reaped)] == [hung.pid]  # type: ignore[attr-defined]
+    finally:
+        resume.set()
+        for f in fillers:
+            f.join(10)
+        for w in workers:
+            w.kill()
+            w.wait()
+            for stream in (w.stdin, w.stdout):
+                if stream is not None:
+                    stream.close()

@@ -40,6 +40,7 @@ from ftimer_server import (
     Worker,
     WorkerGone,
 )
+from ftimer_server.core._horizon import BLOCKED_WRITE
 from ftimer_server.core._reader import LineReader
 from ftimer_server.core._watchdog import REFUSAL_TTL, Watchdog
 from ftimer_server.daemon._state import decode_state, encode_state
@@ -319,6 +320,24 @@ def test_nothing_expires_while_held(rig: Rig) -> None:
     assert rig.signaller.sent == []
     rig.at(12.0)
     assert rig.signaller.sent == [(1000, 9)]
+
+
+def test_after_a_full_queue_deadlines_are_judged_a_blocked_write_behind(rig: Rig) -> None:
+    # A writer that found the pipe full waits for room with a disarm it began before
+    # its deadline: the reader's horizon no longer covers it, for BLOCKED_WRITE.
+    rig.apply(arm(scope="a", deadline=5.0), arm(scope="b", deadline=5.8))
+    rig.wd.horizon.full(5.5)
+    assert rig.wd.next_wakeup() == 5.0 + BLOCKED_WRITE  # not 5.0: no busy loop meanwhile
+    rig.at(5.9)
+    assert rig.signaller.sent == []
+    rig.apply(Disarm(pid=1000, scope_id="a"))  # the waiting writer got in
+    rig.at(6.0)
+    assert rig.signaller.sent == []
+    # Clear since 5.5 for BLOCKED_WRITE: judged at the time again.
+    assert rig.wd.next_wakeup() == 5.5 + BLOCKED_WRITE
+    rig.at(5.5 + BLOCKED_WRITE)
+    assert rig.signaller.sent == [(1000, 9)]
+    assert [e.timer.scope_id for e in rig.events.of(Expired)] == ["b"]  # type: ignore[attr-defined]
 
 
 def test_report_only_timers_are_reported_not_signalled(rig: Rig) -> None:

@@ -405,9 +405,10 @@ class FileTimerClient:
         """The signal of this client's timers (0: report only). torch code assigns it
         (``client.signal = signal.SIGTERM``): timers armed from then on carry the new one.
 
-        Raises (on assignment):
-            ValueError: not an integer, or above the highest signal number (64); a
-                negative one becomes 0, as torch's client reads it ("will not kill").
+        Raises:
+            ValueError: on assignment, a value that is not an integer, or above the
+                highest signal number (64); a negative one becomes 0, as torch's client
+                reads it ("will not kill").
         """
         return self._signal
 

@@ -100,11 +100,13 @@ class expires:
         client: the client to use; default: the one given to ``configure()``, looked up
             when the block is entered.
 
-    Raises (on entering):
-        RuntimeError: no client given and none configured; or this object is already
-            in a ``with`` (in this thread or another: one object is one block at a time).
-        ServerUnavailable: the arm was not delivered and the client's policy is "raise".
-        ValueError: ``after`` or the scope breaks the protocol's schema.
+    Raises:
+        RuntimeError: on entering, no client given and none configured; or this object
+            is already in a ``with`` (in this thread or another: one object is one
+            block at a time).
+        ServerUnavailable: on entering, the arm was not delivered and the client's
+            policy is "raise".
+        ValueError: on entering, ``after`` or the scope breaks the protocol's schema.
     """
 
     __slots__ = ("_active", "_after", "_client", "_free", "_scope", "_site")

@@ -13,9 +13,11 @@ import itertools
 import math
 from typing import Dict, Generic, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
+import msgspec
+
 from ._events import Escalated, Reaped
 from ._host import KILL, CaptureRequest, Host, Peer
-from ._records import Worker
+from ._records import Timer, Worker
 from ._table import Expiry
 
 __all__ = ["Reaper"]
@@ -59,8 +61,9 @@ class Reaper:
         self._capture_budget = capture_budget
         #: The reaps waiting for their capture, due at their budget's end.
         self._capturing: _Schedule[_Capture] = _Schedule()
-        #: The reaped workers in their grace period, due for SIGKILL at its end.
-        self._pending: _Schedule[Tuple[Worker, Optional[Dict[str, str]]]] = _Schedule()
+        #: The reaped workers in their grace period (and the timers that decided their
+        #: reaps), due for SIGKILL at its end.
+        self._pending: _Schedule[Tuple[Worker, Timer]] = _Schedule()
 
     def reap(
         self,
@@ -120,7 +123,7 @@ class Reaper:
         assert decider is not None
         delivery = self._host.reap(worker, signal, expiry, now)
         if delivery.delivered and self._escalate_after is not None and signal != KILL:
-            self._pending.put(worker.pid, now + self._escalate_after, (worker, decider.labels))
+            self._pending.put(worker.pid, now + self._escalate_after, (worker, decider))
         return Reaped(
             pid=worker.pid,
             start_time=worker.start_time,
@@ -170,7 +173,7 @@ class Reaper:
         Returns (worker, event) pairs; the event is ``None`` for a worker found dead.
         """
         out: List[Tuple[Worker, Optional[Escalated]]] = []
-        for due, (worker, labels) in self._pending.pop_due(math.inf if early else now):
+        for due, (worker, decider) in self._pending.pop_due(math.inf if early else now):
             if not self._host.alive(worker):
                 out.append((worker, None))
                 continue
@@ -181,21 +184,42 @@ class Reaper:
                 signal=KILL,
                 after=(self._escalate_after or 0.0) - max(0.0, due - now),
                 delivered=delivery.delivered,
-                labels=labels,
+                labels=decider.labels,
                 error=delivery.error,
             )
             out.append((worker, event))
         return out
 
+    @property
+    def changes(self) -> int:
+        """Counts the changes to what ``unfinished()`` returns."""
+        return self._capturing.changes + self._pending.changes
+
+    def unfinished(self) -> List[Timer]:
+        """What is pending, as timers a restarted server can be given (``restore()``): a
+        server that dies (``kill -9``, out of memory) between a reap's expiry and its
+        signal, or its SIGKILL, must not leave the stuck worker to live on.
+
+        A reap waiting for its capture is its deciding timer (past its deadline) with the
+        signal the reap sends; a SIGKILL due after a grace period is that timer with
+        SIGKILL, due at the grace period's end.
+        """
+        replace = msgspec.structs.replace
+        timers = [replace(c.decider, signal=c.signal) for _, c in self._capturing.items()]
+        timers += [replace(t, deadline=due, signal=KILL) for due, (_, t) in self._pending.items()]
+        return timers
+
 
 class _Capture:
     """A reap waiting for its capture."""
 
-    __slots__ = ("expiry", "incident", "signal", "worker")
+    __slots__ = ("decider", "expiry", "incident", "signal", "worker")
 
     def __init__(self, worker: Worker, expiry: Expiry, signal: int, incident: str) -> None:
         self.worker = worker
         self.expiry = expiry
+        assert expiry.decider is not None, "a report-only expiry is not reaped"
+        self.decider = expiry.decider
         self.signal = signal
         self.incident = incident
 
@@ -206,6 +230,8 @@ class _Schedule(Generic[T]):
 
     def __init__(self) -> None:
         self._items: Dict[int, Tuple[float, T]] = {}
+        #: Counts the items put and removed: what a saved state holds changed.
+        self.changes = 0
         self._heap: List[Tuple[float, int, int]] = []
         self._seq = itertools.count()  # ties in due time: first put, first due
 
@@ -215,12 +241,20 @@ class _Schedule(Generic[T]):
     def put(self, pid: int, due: float, item: T) -> None:
         """Schedule ``item`` of ``pid`` at ``due``, replacing the one it had."""
         self._items[pid] = (due, item)
+        self.changes += 1
         heapq.heappush(self._heap, (due, next(self._seq), pid))
+
+    def items(self) -> List[Tuple[float, T]]:
+        """The items, as (due, item), in no order."""
+        return list(self._items.values())
 
     def pop(self, pid: int) -> Optional[T]:
         """Remove and return the item of ``pid``, if any."""
         entry = self._items.pop(pid, None)
-        return None if entry is None else entry[1]
+        if entry is None:
+            return None
+        self.changes += 1
+        return entry[1]
 
     def next_due(self) -> Optional[float]:
         """The earliest due time, or ``None``."""
@@ -236,6 +270,7 @@ class _Schedule(Generic[T]):
         while heap and heap[0][0] <= now:
             entry = heapq.heappop(heap)
             if self._current(entry):
+                self.changes += 1
                 yield self._items.pop(entry[2])
 
     def _current(self, entry: Tuple[float, int, int]) -> bool:

@@ -52,6 +52,7 @@ from ._events import (
     RejectReason,
     WorkerGone,
 )
+from ._horizon import Horizon
 from ._host import Facts, Host, Peer
 from ._policy import Policy, check_pid, judge
 from ._reaper import Reaper
@@ -150,6 +151,9 @@ class Watchdog:
         self._refused: Dict[int, Tuple[RejectReason, str, float, Optional[Worker]]] = {}
         self._now = 0.0
         self._hold_until = 0.0
+        #: Moves judgement back while a queue was found full lately (the I/O loop tells
+        #: it so): a writer may be waiting for room with a disarm.
+        self.horizon = Horizon()
         self.timer_events = timer_events
         #: While set (a replay of a journal written by then, in clock ticks since boot),
         #: a process that started later cannot have written a line naming it without a
@@ -257,7 +261,7 @@ class Watchdog:
 
     def next_wakeup(self) -> Optional[float]:
         """The next time ``tick()`` has something to do, or ``None`` (nothing armed)."""
-        deadline = self.table.next_deadline()
+        deadline = self.horizon.wakeup(self.table.next_deadline())
         if deadline is not None and deadline < self._hold_until:
             deadline = self._hold_until
         escalation = self._reaper.next_deadline()
@@ -273,12 +277,15 @@ class Watchdog:
         Args:
             now: the time.
             horizon: expire only timers whose deadline is at or before it (``now`` by
-                default). The I/O loop passes the last moment before which it has read
-                everything written to it, so that no timer expires while a disarm
-                written before its deadline still waits to be read.
+                default), or, while a queue was found full lately, ``BLOCKED_WRITE``
+                before it (see ``Horizon``). The I/O loop passes the last moment
+                before which it has read everything written to it, so that no timer
+                expires while a disarm written before its deadline still waits to be
+                read.
         """
         if now >= self._hold_until:
-            expiries = self.table.expire(now if horizon is None else min(horizon, now))
+            judged = self.horizon.judged(now if horizon is None else min(horizon, now))
+            expiries = self.table.expire(judged)
             # Ranks that hang together expire together: each is the others' peer, though
             # their timers just left the table.
             together = [t for e in expiries for t in e.cleared] if len(expiries) > 1 else []
@@ -318,6 +325,17 @@ class Watchdog:
     def armed(self) -> List[Timer]:
         """A snapshot of the armed timers."""
         return list(self.table)
+
+    @property
+    def changes(self) -> int:
+        """Counts the changes to what ``saved()`` returns (the table's and the reaps')."""
+        return self.table.changes + self._reaper.changes
+
+    def saved(self) -> List[Timer]:
+        """What a restart must restore: the armed timers, then the reaps not finished
+        (``Reaper.unfinished()``: a capture or a SIGKILL still due), which win over an
+        armed timer of the same key."""
+        return list(self.table) + self._reaper.unfinished()
 
     def as_bound(self, results: Sequence[Incoming], now: float, wall: float) -> List[Message]:
         """What a journal keeps of ``results``, just applied at ``now`` (``wall``): their

@@ -28,6 +28,7 @@ import fcntl
 import grp
 import logging
 import os
+import select
 import stat
 import sys
 import termios
@@ -63,6 +64,9 @@ __all__ = [
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032 if sys.platform.startswith("linux") else None)
 _PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
+#: The pipe's unit of room (``Fifo.full``), and its size where it cannot be asked.
+_PAGE = 4096
+_DEFAULT_PIPE_SIZE = 1 << 16
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC
 
 logger = logging.getLogger("ftimer_server")
@@ -118,6 +122,8 @@ class Fifo:
         self.created = created
         self.replaced = replaced
         self._made = os.fstat(read_fd)
+        self._room = select.poll()
+        self._room.register(write_fd, select.POLLOUT)
         self.pipe_size = 0
 
     def pending(self) -> int:
@@ -129,6 +135,17 @@ class Fifo:
         except OSError:
             return self.pipe_size or 1 << 20
         return buf[0]
+
+    def full(self, pending: int) -> bool:
+        """Whether the pipe, holding ``pending`` bytes, makes a writer wait for room.
+
+        A pipe is full when its pages are, not its bytes: a line that does not fit in
+        the rest of the last page takes a page of its own, so lines of a little over
+        half a page fill a pipe at about half its size. Below that nothing is asked.
+        """
+        if pending < (self.pipe_size or _DEFAULT_PIPE_SIZE) // 2 - _PAGE:
+            return False
+        return not self._room.poll(0)  # the server's own write end: POLLOUT if a page is free
 
     def close(self, remove: bool = False) -> None:
         """Close both ends; with ``remove``, also unlink the FIFO if this server created it

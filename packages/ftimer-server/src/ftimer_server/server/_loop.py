@@ -12,10 +12,13 @@ and reads at least that many before expiring anything, and only timers whose dea
 at or before the noted time (the horizon) expire. Every message is one atomic write, so
 the bytes the pipe held then end at a message boundary and hold every message written
 before that moment: a disarm written before its deadline is always applied before the
-deadline is judged, however much junk or backlog is in front of it. What one iteration
-reads is bounded by the pipe's size, so a flood delays reaps by at most the time it takes
-to read one pipe-full; it never makes a healthy worker look hung. On stop, the same read
-applies everything written before the stop.
+deadline is judged, however much junk or backlog is in front of it. A pipe (or socket
+queue) found full is the exception: a writer may then be waiting for room with a line it
+began before that moment, so deadlines are judged a second behind for a while (see
+``core._horizon``). What one iteration reads is bounded by the pipe's size, so a flood
+delays reaps by at most the time it takes to read one pipe-full, and a second; it never
+makes a healthy worker look hung. On stop, the same read applies everything written
+before the stop.
 """
 
 from __future__ import annotations
@@ -242,6 +245,8 @@ class Loop:
         tokens: List[str] = []
         horizon = time.monotonic()
         pending = fifo.pending()
+        if fifo.full(pending):
+            watchdog.horizon.full(horizon)
         while pending > 0:
             # Read and apply under one lock: a checkpoint (snapshot plus journal position)
             # never falls between the two.
@@ -261,6 +266,8 @@ class Loop:
             # Everything queued now (a sender whose datagram would overflow the queue
             # waits): sent before the horizon, so read before judging it.
             received = sock.receive()
+            if sock.full:
+                watchdog.horizon.full(horizon)
             with self._lock:
                 # Released under the lock: the host reads a vouching pidfd under it too
                 # (register_timers() from another thread), never one being closed.

@@ -36,7 +36,7 @@ from typing import (
 import msgspec
 
 from ftimer_protocol import (
-    ENV_TORCH_FIFO,
+    FIFO_ENV_VARS,
     DisarmAll,
     FileTimerRequest,
     MalformedMessage,
@@ -106,17 +106,20 @@ class FileTimerServer:
     between ``start()`` and ``stop()``, or is used as a context manager.
 
     Args:
-        file_path: the FIFO; defaults to ``$TORCHELASTIC_TIMER_FILE``, else
-            ``ftimer_protocol.default_fifo_path()``. Created if missing (see
-            ``fifo_mode``). An existing FIFO of this user is reused if timers were
-            restored before ``start()``, else replaced by a new one, so that clients
-            holding the old one notice the restart and re-send their timers.
-        run_id: torch's job id, kept for ``log_event`` users; not used otherwise.
+        file_path: the FIFO; defaults to ``$FTIMER_FIFO``, else
+            ``$TORCHELASTIC_TIMER_FILE``, else ``ftimer_protocol.default_fifo_path()``:
+            the daemon's order, which a client given no path follows too, so it finds
+            this server. Created if missing (see ``fifo_mode``). An existing FIFO of
+            this user is reused if timers were restored before ``start()``, else
+            replaced by a new one, so that clients holding the old one notice the
+            restart and re-send their timers.
+        run_id: torch's job id, passed to ``log_debug_info``; not used otherwise.
         max_interval: torch's polling interval; ignored.
         daemon: run the loop in a daemon thread.
-        log_event: torch's callback, ``log_event(name, request)``, called with torch's
-            names: "watchdog started", "timer expired", "kill worker process",
-            "watchdog stopped".
+        log_event: torch's callback, ``log_event(name, request)`` (``request``: the
+            ``FileTimerRequest`` concerned, or ``None``), called with torch's names:
+            "watchdog started", "timer expired", "kill worker process", "watchdog
+            stopped".
         log_debug_info: torch's debug hook point, called as torch 2.13 calls
             ``log_debug_info_for_expired_timers(run_id, {pid: [request.to_json(), ...]})``
             whenever timers expire (pass torch's function to get its log line).
@@ -126,9 +129,10 @@ class FileTimerServer:
             ``Armed`` and ``Disarmed``, one per request, are not even built when not
             wanted. ``set_event_types()`` changes it later.
         on_change: called from the loop, once per iteration, when the armed timers
-            changed in it (armed, re-armed, disarmed, expired, dropped), or the journal
-            holds more than 16 MiB: a cheap cue to save them (``checkpoint()``), instead
-            of watching every event.
+            changed in it (armed, re-armed, disarmed, expired, dropped) or a reap's
+            capture or SIGKILL became due or was done, or the journal holds more than 16
+            MiB: a cheap cue to save them (``checkpoint()``), instead of watching every
+            event.
         policy: which processes and signals are allowed, and the timer limits.
         escalate_after: seconds after a signal other than SIGKILL before a surviving
             worker gets SIGKILL; ``None`` (default, torch's behaviour) never escalates.
@@ -138,7 +142,7 @@ class FileTimerServer:
         dry_run: signal nothing (a ``RecordingSignaller`` that reports delivery); the
             events are the same.
         inspector: how processes are looked at; defaults to ``SystemInspector``.
-        fifo_mode: permissions of the FIFO (0600: only this user may write).
+        fifo_mode: permissions of the FIFO; 0o600 (only this user may write) by default.
         fifo_group: group name or gid to give the FIFO.
         remove_fifo: unlink the FIFO on ``stop()`` if this server created it (and the
             lock file ``<fifo>.lock``). Off by default, so a restarted server is found
@@ -157,7 +161,10 @@ class FileTimerServer:
             server ever does, and only when asked.
         on_tick: what the loop calls every ``tick_interval`` seconds.
         pipe_size: the pipe buffer size to request; defaults to the system maximum.
-        reap_steps: callables run between an expiry and its signal.
+        reap_steps: callables ``step(worker, expiry, now)`` run between an expiry and
+            its signal: the ``Worker``; what expired (an internal record, not a stable
+            API: ``expired``, the worker's expired timers, earliest first, and
+            ``decider``, the one whose signal is sent); the loop's ``time.monotonic()``.
         incidents: capture why a worker hangs before each reap (its stacks and its
             peers', off the loop, within ``incidents.timeout``), and write an incident
             (see docs/incidents.md); ``None`` (default): reap at once, capture nothing.
@@ -166,8 +173,10 @@ class FileTimerServer:
             there (mode and group as the FIFO's): the sender's pid and uid come from
             the kernel, not the message (see docs/protocol.md); ``None`` (default): the
             FIFO alone. ``ftimer_protocol.socket_path_for(file_path)`` is the usual place.
-        journal: keeps every byte read before it is applied, for ``checkpoint()`` and a
-            restart's ``replay()`` (the daemon's state file); ``None``: no journal.
+        journal: the daemon's state-file machinery, not a stable API (its type,
+            ``Journal``, is internal to ``ftimer_server``): keeps every byte read before
+            it is applied, for ``checkpoint()`` and a restart's ``replay()``; ``None``
+            (default): no journal.
         restore_grace: after ``restore()`` or ``replay()``, no timer expires for this
             many seconds: clients that could not write while no server ran (a disarm
             during the outage) re-send within their retry interval (1 s at most for
@@ -229,7 +238,10 @@ class FileTimerServer:
         lock_fifo: bool = True,
     ) -> None:
         if file_path is None:
-            file_path = os.environ.get(ENV_TORCH_FIFO) or default_fifo_path()
+            # The daemon's and the client's order: an embedded server listens where its
+            # workers' clients look when given no path.
+            from_env = next((os.environ[v] for v in FIFO_ENV_VARS if os.environ.get(v)), "")
+            file_path = from_env or default_fifo_path()
         if (tick_interval is None) != (on_tick is None):
             raise ValueError("tick_interval and on_tick go together")
         if tick_interval is not None and not 0 < tick_interval < math.inf:
@@ -244,9 +256,13 @@ class FileTimerServer:
         self._socket_path = None if socket_path is None else os.path.abspath(socket_path)
         self._socket: Optional[DatagramSocket] = None
         # Absolute: the FIFO and its lock are found again after a chdir (remove_fifo).
-        self.file_path = os.path.abspath(file_path) if os.fspath(file_path) else ""
-        self.run_id = run_id
-        self.max_interval = max_interval
+        #: The FIFO's absolute path: the argument, or the default it resolved to. An agent
+        #: passes it to its workers (``TORCHELASTIC_TIMER_FILE``), as torch's does.
+        self.file_path: str = os.path.abspath(file_path) if os.fspath(file_path) else ""
+        #: torch's job id, as given; ftimer passes it to ``log_debug_info`` only.
+        self.run_id: str = run_id
+        #: torch's polling interval, as given; ftimer's server does not poll.
+        self.max_interval: float = max_interval
         self._daemon = daemon
         self._log_event = log_event
         self._log_debug_info = log_debug_info
@@ -261,7 +277,8 @@ class FileTimerServer:
         self._remove_fifo = remove_fifo
         self._lock_fifo = lock_fifo
         self._lock_fd = -1
-        #: Seconds ``stop()`` waits for the loop's thread; ``None``: until it ends.
+        #: Seconds ``stop()`` waits for the loop's thread: 10 by default (torch's default
+        #: ``max_interval``); ``None``: until it ends.
         self.stop_timeout: Optional[float] = STOP_TIMEOUT
         #: The callback the loop's thread is in now ("log_event", ...: the argument's
         #: name), if any: ``stop()`` names it when it waits in vain.
@@ -493,7 +510,11 @@ class FileTimerServer:
         in them are ignored. For ``restore_grace`` seconds nothing expires. Call it
         before ``start()``.
 
+        The daemon's state-file machinery (with ``journal=`` and ``checkpoint()``), not
+        a stable API: it may change in any release.
+
         Args:
+            chunks: the bytes, in the order they were read (lines may span chunks).
             written_by: when the bytes were last written (``time.time()``): a process
                 that started later holds a reused pid, and a line naming that pid
                 without a start time (torch's) is refused for it.
@@ -522,14 +543,18 @@ class FileTimerServer:
         return size
 
     def checkpoint(self) -> Tuple[List[Timer], int]:
-        """A snapshot of the armed timers and, atomically with it, the journal segment
-        from which a restart that restores the snapshot must ``replay()`` (0: no journal).
+        """A snapshot of the armed timers (and of the reaps not finished: a capture or a
+        SIGKILL still due, as timers) and, atomically with it, the journal segment from
+        which a restart that restores the snapshot must ``replay()`` (0: no journal).
+
+        The daemon's state-file machinery (with ``journal=`` and ``replay()``), not a
+        stable API: it may change in any release.
 
         Raises:
             OSError: the journal could not start a new segment.
         """
         with self._lock:
-            timers = self._watchdog.armed()
+            timers = self._watchdog.saved()
             if self._journal is None:
                 return timers, 0
             keep = 0 if self._loop is None else self._loop.reader.buffered
@@ -676,7 +701,12 @@ class FileTimerServer:
 
     @property
     def socket(self) -> Optional[DatagramSocket]:
-        """The bound datagram socket while running, if the server has one."""
+        """The datagram socket bound at ``socket_path`` while running, else ``None``.
+
+        Its type is internal to ``ftimer_server``, not a stable API; its ``path`` is
+        where it is bound, ``fd`` its descriptor, and ``passes_pidfds`` whether the kernel
+        gives the server a pidfd of each sender (``SO_PASSPIDFD``).
+        """
         return self._socket
 
     @property
@@ -886,10 +916,10 @@ class FileTimerServer:
             self._call("log_debug_info", self._log_debug_info, self.run_id, expired)
 
     def _changed(self) -> None:
-        """Call ``on_change`` if the armed timers changed since it was last called, or
-        the journal has grown enough that a checkpoint should trim it (a junk flood
-        changes no timer, but fills the journal)."""
-        changes = self._watchdog.table.changes
+        """Call ``on_change`` if the armed timers (or the reaps not finished) changed since
+        it was last called, or the journal has grown enough that a checkpoint should trim
+        it (a junk flood changes no timer, but fills the journal)."""
+        changes = self._watchdog.changes
         grown = self._journal is not None and self._journal.size > JOURNAL_TRIM
         if self._on_change is not None and (changes != self._changes or grown):
             self._changes = changes

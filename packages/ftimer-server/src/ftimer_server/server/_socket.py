@@ -104,6 +104,8 @@ class DatagramSocket:
         batch: the most datagrams one ``receive()`` reads: all its queue holds
             (``net.unix.max_dgram_qlen`` + 1: a sender whose datagram would exceed it
             waits for room), or ``READ_BATCH`` if that is more.
+        full: the last ``receive()`` read a queue-full or more: senders may have waited
+            for room.
         overridden: messages received whose ``pid`` member was not their subject's
             pid here, and which went to their subject all the same: a worker in a PID
             namespace of its own, or a sender naming another process.
@@ -129,6 +131,8 @@ class DatagramSocket:
         self.fd = sock.fileno()
         self.passes_pidfds = passes_pidfds
         self.batch = max(queue_length + 1, READ_BATCH)
+        self._queue_length = queue_length
+        self.full = False
         self.overridden = 0
         self.vouched: Dict[int, int] = {}
         self._open_pidfds: List[int] = []  # the batch's, closed by release()
@@ -182,6 +186,7 @@ class DatagramSocket:
                     for fd in rights:
                         _CLOSER.close(fd)
                     del chosen[len(chosen) - len(rights) :]
+            self.full = len(received) >= self._queue_length
             if not received:
                 return []
             exited = _exited([fd for _, _, _, fd, _, _ in received if fd >= 0])

@@ -27,7 +27,7 @@ from ftimer_client import (
     expires,
 )
 from ftimer_client._resync import Resync
-from ftimer_protocol import Arm, DisarmAll
+from ftimer_protocol import Arm
 
 from .conftest import FifoPeer, Peer, SocketPeer, restart, server_state
 from .test_client_fifo import fifo_descriptors
@@ -98,8 +98,7 @@ def test_a_disarm_owed_at_close_is_still_delivered(server: Peer, policy: str) ->
     # process: the closed client still tells it, once it is back.
     new = type(server)(server.path)
     try:
-        messages = new.wait_for(lambda m: any(isinstance(x, DisarmAll) for x in m))
-        assert scopes([Arm(ME, "step", 1.0, 9), *messages]) == set()
+        new.wait_for(lambda m: scopes([Arm(ME, "step", 1.0, 9), *m]) == set())
         channel = client._channel
         wait_until(lambda: channel._retry is None and channel.transport is None)
     finally:
@@ -303,8 +302,7 @@ def test_an_exception_out_of_an_arm_leaves_nothing_armed(
     assert ran == []
     assert client.armed == frozenset()  # the arm raised: it did not happen
     # Whether or not the line got out, the server comes to agree, unprompted.
-    messages = server.wait_for(lambda m: any(isinstance(x, DisarmAll) for x in m))
-    assert scopes([Arm(ME, "step", 1.0, 9), *messages]) == set()
+    server.wait_for(lambda m: scopes([Arm(ME, "step", 1.0, 9), *m]) == set())
     client.arm("other", 60)
     messages = server.wait_for(lambda m: (ME, "other") in server_state(m))
     assert scopes([Arm(ME, "step", 1.0, 9), *messages]) == {"other"}

@@ -35,17 +35,20 @@ def test_in_sync_there_is_no_backlog() -> None:
     assert state.next_retry(0.0) is None
 
 
-def test_a_resync_is_disarm_all_then_every_armed_scope_with_its_line() -> None:
+def test_a_resync_is_the_lost_disarms_then_every_armed_scope_with_its_line() -> None:
     state, lines = v2()
     state.arm("a", arm_line(lines, "a", 10.0), owner=1)
     state.arm("b", arm_line(lines, "b", 20.0), owner=2)
     state.arm("a", arm_line(lines, "a", 30.0), owner=1)  # re-armed: the last line counts
+    state.arm("c", arm_line(lines, "c", 40.0), owner=1)
+    state.disarm("c")
+    state.lost_disarms(["c"])
     state.failed(5.0)
     assert state.needs_resync
     assert state.outages == 1
     sent = [decode(line) for line in state.backlog()]
     assert sent == [
-        DisarmAll(PID, START),
+        Disarm(PID, "c", START),
         Arm(PID, "a", 30.0, 9, START),
         Arm(PID, "b", 20.0, 9, START),
     ]
@@ -75,6 +78,7 @@ def test_disarm_all_of_everyone_is_one_line_of_one_owner_one_per_scope() -> None
     assert set(state.armed) == {"b"}
     sent, forgotten = state.disarm_all()
     assert [decode(line) for line in sent] == [DisarmAll(PID, START)]
+    assert forgotten == ["b"]  # what a resync disarms, should the line be lost
     assert state.armed == {}
 
 
@@ -144,7 +148,25 @@ def test_a_lost_disarm_alone_is_worth_a_retry() -> None:
     state.lost_disarms(["a"])
     state.failed(0.0)
     assert state.retry_wanted
-    assert [decode(line) for line in state.backlog()] == [DisarmAll(PID, START)]
+    assert [decode(line) for line in state.backlog()] == [Disarm(PID, "a", START)]
+
+
+def test_a_resync_leaves_what_other_channels_armed_for_the_pid() -> None:
+    # `ftimer exec` arms for its command's pid through a channel of its own, and writes
+    # nothing more until the command ends; the command's own client resynchronised after
+    # a server restart with a disarm_all of its pid, which wiped the outer timer: the
+    # command, hung outside any step of its own, was never reaped.
+    outer, lines = v2()  # exec's channel, naming the command's pid
+    own, _ = v2()  # the command's own channel
+    server = [arm_line(lines, "exec:train", 100.0)]
+    outer.arm("exec:train", server[0], owner=1)
+    own.arm("step", arm_line(lines, "step", 50.0), owner=2)
+    own.disarm("step")
+    own.lost_disarms(["step"])  # the server restarted (state restored) meanwhile
+    own.failed(1.0)
+    server += [arm_line(lines, "step", 50.0), *own.backlog()]
+    own.delivered()
+    assert server_state([decode(line) for line in server]) == {(PID, "exec:train"): 100.0}
 
 
 def test_reset_forgets_everything_but_the_outage_count() -> None:

@@ -5,12 +5,14 @@ channel asks it which lines to send and tells it what happened; the writers do t
 
 The server keys timers by pid. Whenever a line may not have reached it (no server, a
 full queue, a reconnection after a restart), its view of this process is unknown, and
-the next delivery first resynchronises it: version 2 sends ``disarm_all`` then every
-armed scope again with its original deadline; version 1 (torch's, which has no
-``disarm_all``) the releases that were lost, then the arms. So an arm lost in an outage
-is re-sent, and a lost disarm cannot later get a healthy process reaped by a server that
-restored the timer from its state file. Until that delivery succeeds, a retry is due
-from time to time (backing off) while something is armed or a disarm was lost.
+the next delivery first resynchronises it: the disarms that may have been lost (and the
+arms that may have gone out though they raised), then every armed scope again with its
+original deadline. So an arm lost in an outage is re-sent, and a lost disarm cannot
+later get a healthy process reaped by a server that restored the timer from its state
+file. Never a ``disarm_all``: other channels arm for this pid too (``ftimer exec``'s
+timer for its command, a client of the other protocol or transport), and a resync must
+not wipe theirs. Until that delivery succeeds, a retry is due from time to time (backing
+off) while something is armed or a disarm was lost.
 
 A call made while a delivery is in progress (from a signal handler, in the thread that
 delivers) is deferred: its lines go after the lines of that delivery, which may contradict
@@ -56,7 +58,6 @@ class Resync:
         "_delay",
         "_lost",
         "_retry_at",
-        "_stale",
         "armed",
         "needs_resync",
         "outages",
@@ -74,9 +75,8 @@ class Resync:
         self.armed.clear()
         self.needs_resync = False
         self.stalled = False
-        self._lost: Dict[str, bytes] = {}  # version 1: releases not delivered
+        self._lost: Dict[str, bytes] = {}  # scope -> its disarm, maybe not delivered
         self._deferred: List[bytes] = []  # lines to send after the delivery in progress
-        self._stale = False  # version 2: a disarm may not have been delivered
         self._retry_at: Optional[float] = None
         self._delay = RETRY_FIRST
 
@@ -114,16 +114,17 @@ class Resync:
         self, owner: Optional[object] = None, scopes: Optional[List[str]] = None
     ) -> Tuple[List[bytes], List[str]]:
         """Forget every scope (``owner``: only those it armed); return the lines that
-        disarm them on the server, and the scopes forgotten.
+        disarm them on the server (every scope of the process: one ``disarm_all``, in
+        version 2), and the scopes forgotten.
 
         Args:
             scopes: ``scopes_of(owner)``, when the caller has it already.
         """
-        if owner is None and isinstance(self._base, V2Lines):
-            self.armed.clear()
-            return [self._base.disarm_all], []
         if scopes is None:
             scopes = self.scopes_of(owner)
+        if owner is None and isinstance(self._base, V2Lines):
+            self.armed.clear()
+            return [self._base.disarm_all], scopes
         armed = self.armed
         for scope_id in scopes:
             armed.pop(scope_id, None)  # a handler may have disarmed it meanwhile
@@ -138,10 +139,7 @@ class Resync:
     def resync_lines(self) -> List[bytes]:
         """The lines that make the server's view of this process this registry."""
         arms = [line for line, _ in tuple(self.armed.values())]
-        base = self._base
-        if isinstance(base, V2Lines):
-            return [base.disarm_all, *arms]
-        return [*self._lost.values(), *arms]
+        return [*tuple(self._lost.values()), *arms]
 
     def backlog(self) -> List[bytes]:
         """The lines to send before the next one: the resync when it is needed, then the
@@ -171,17 +169,15 @@ class Resync:
 
     def delivered(self) -> None:
         """Everything asked for went through, resync included: the server agrees."""
-        self.needs_resync = self._stale = self.stalled = False
+        self.needs_resync = self.stalled = False
         self._lost.clear()
         self._retry_at = None
         self._delay = RETRY_FIRST
 
     def lost_disarms(self, scopes: Iterable[str]) -> None:
-        """The disarms of ``scopes`` (or a ``disarm_all``) were not delivered: the resync
-        must make them good."""
-        if isinstance(self._base, V2Lines):
-            self._stale = True
-            return
+        """The disarms of ``scopes`` (or the ``disarm_all`` of them) may not have been
+        delivered, or the arms of ``scopes`` that raised may have: the resync must make
+        them good."""
         for scope_id in scopes:
             self._lost[scope_id] = self._base.disarm(scope_id)
 
@@ -205,7 +201,7 @@ class Resync:
     def retry_wanted(self) -> bool:
         """Whether the server must be brought up to date without waiting for the next
         message: it is out of date, and something is armed or a disarm was lost."""
-        return self.needs_resync and bool(self.armed or self._lost or self._stale)
+        return self.needs_resync and bool(self.armed or self._lost)
 
     def next_retry(self, now: float) -> Optional[float]:
         """Seconds from ``now`` until a retry is due (0: now); None when none is wanted."""

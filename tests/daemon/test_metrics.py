@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+from tests.conftest import wait_until
 
 from ftimer_server import Stats
 from ftimer_server.daemon._metrics import Metrics, MetricsUnavailable
@@ -89,6 +90,39 @@ def test_served_over_loopback() -> None:
         assert 'ftimer_reaps_total{signal="SIGKILL"} 2.0' in body
         assert "ftimer_armed_timers 7.0" in body
     finally:
+        m.close()
+
+
+def test_idle_connections_are_bounded_and_time_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    # prometheus_client's own server kept every connection that said nothing, each with
+    # a descriptor and a thread: any local user could use up the daemon's descriptors,
+    # and workers then went unwatched (pidfd_open: EMFILE).
+    import socket
+
+    from ftimer_server.daemon import _metrics
+
+    monkeypatch.setattr(_metrics, "SCRAPE_TIMEOUT", 0.5, raising=False)
+    m = Metrics(stats)
+    _, port = m.serve(("127.0.0.1", 0))
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(30)]
+    try:
+
+        def closed(conn: socket.socket) -> bool:
+            conn.settimeout(0.05)
+            try:
+                return conn.recv(1) == b""
+            except TimeoutError:
+                return False
+
+        # Beyond MAX_SCRAPERS, closed at once; the others after SCRAPE_TIMEOUT.
+        at_once = getattr(_metrics, "MAX_SCRAPERS", 8)
+        wait_until(lambda: sum(map(closed, idle)) >= 30 - at_once)
+        wait_until(lambda: all(map(closed, idle)))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            assert "ftimer_armed_timers 7.0" in r.read().decode()
+    finally:
+        for conn in idle:
+            conn.close()
         m.close()
 
 

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import socket
+import socketserver
+import threading
 from collections.abc import Iterator
 from typing import Any, Callable, Optional, Tuple
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ftimer_server.core._stats import Stats
 
@@ -26,6 +30,15 @@ CAPTURE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 REAP_LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )  # fmt: skip
+
+
+#: Scrapes served at once; a connection beyond them is closed at once. Each holds a
+#: descriptor and a thread: idle connections must not use up the descriptors the loop
+#: needs to bind workers (pidfd_open).
+MAX_SCRAPERS = 8
+#: Seconds a scraper has for each step of its request (sending it, reading the reply):
+#: a connection that says nothing is closed after that.
+SCRAPE_TIMEOUT = 5.0
 
 
 class MetricsUnavailable(Exception):
@@ -224,9 +237,14 @@ class Metrics:
             OSError: the address is in use or cannot be bound.
         """
         host, port = address
-        self._server, self._thread = self._prom.start_http_server(
-            port, addr=host, registry=self.registry
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        server_class = type("_Server", (_BoundedServer,), {"address_family": family[0][0]})
+        app = self._prom.make_wsgi_app(self.registry)
+        self._server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="ftimer-metrics", daemon=True
         )
+        self._thread.start()
         bound = self._server.server_address
         return str(bound[0]), int(bound[1])
 
@@ -237,3 +255,40 @@ class Metrics:
             self._server.server_close()
             self._thread.join()
             self._server = self._thread = None
+
+
+class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
+    """prometheus_client's server (a thread per scrape) with bounds: ``MAX_SCRAPERS`` at
+    once, ``SCRAPE_TIMEOUT`` for each, and a backlog that does not make scrapers wait."""
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 64
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPERS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # closes it: the scraper may try again
+            return
+        request.settimeout(SCRAPE_TIMEOUT)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread to be had: the slot is free again
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No line on stderr per scrape."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

@@ -7,9 +7,11 @@ import errno
 import io
 import os
 import pathlib
+import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Callable, List
@@ -279,3 +281,52 @@ def test_status_of_a_loop_stalled_holding_the_table_answers_and_says_so(
         gate.set()
         child.kill()
         child.wait()
+
+
+# Answers one status request on argv[1] with a forged document, as whoever runs it.
+FORGER = """
+import json, os, socket, sys
+with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+    s.bind(sys.argv[1])
+    s.listen(1)
+    print("ready", flush=True)
+    conn, _ = s.accept()
+    with conn:
+        conn.recv(64)
+        conn.sendall(json.dumps({"version": "9", "pid": 1, "healthy": True}).encode() + b"\\n")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to answer as another user")
+def test_status_refuses_an_answer_from_another_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A user's default control socket is in /tmp/ftimer-UID, which another user may make
+    # first: whatever answered there was shown, "healthy", with exit 0.
+    python = next((p for p in (PYTHON, "/usr/bin/python3") if _runs_as_nobody(p)), None)
+    if python is None:
+        pytest.skip("no Python that uid 65534 may run")
+    squatted = pathlib.Path(tempfile.mkdtemp(prefix="ftq-", dir="/tmp"))  # as /tmp/ftimer-UID
+    os.chown(squatted, 65534, 65534)
+    path = str(squatted / "timer.fifo.sock")
+    forger = subprocess.Popen(
+        [python, "-c", FORGER, path], user=65534, group=65534, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert forger.stdout is not None
+        assert forger.stdout.readline() == "ready\n"
+        monkeypatch.setattr(_control.os, "geteuid", lambda: 4242)  # asks as uid 4242
+        with pytest.raises(PermissionError, match="runs as uid 65534, not as this user"):
+            query_status(path)
+    finally:
+        forger.kill()
+        forger.wait()
+        if forger.stdout is not None:
+            forger.stdout.close()
+        shutil.rmtree(squatted, ignore_errors=True)
+
+
+def _runs_as_nobody(python: str) -> bool:
+    try:
+        probe = subprocess.run([python, "-c", "pass"], user=65534, group=65534, check=False)
+    except OSError:
+        return False
+    return probe.returncode == 0

@@ -253,7 +253,8 @@ def query_status(path: str, timeout: float = 5.0) -> Dict[str, Any]:
 
     Raises:
         DaemonNotRunning: nothing listens at ``path``.
-        PermissionError: the socket or the daemon refused this user.
+        PermissionError: the socket or the daemon refused this user, or what answers
+            runs as another user than this one or root (this user's path was taken).
         OSError: the connection failed otherwise, or timed out.
         ValueError: the reply is not a JSON object.
     """
@@ -265,6 +266,15 @@ def query_status(path: str, timeout: float = 5.0) -> Dict[str, Any]:
             raise DaemonNotRunning(f"no ftimer-server is running on {path}") from None
         except PermissionError:
             raise PermissionError(_REFUSED.format(path=path)) from None
+        # A path in a directory others may make first (/tmp/ftimer-UID): whoever holds it
+        # could answer anything. A user's own daemon runs as that user, the system's as
+        # root (root itself may ask a daemon of any user).
+        euid, peer = os.geteuid(), _peer_uid(sock)
+        if euid != 0 and peer not in (None, euid, 0):
+            raise PermissionError(
+                f"the process answering on {path} runs as uid {peer}, not as this user "
+                f"({euid}) nor root: not an ftimer-server of yours, its status is not shown"
+            )
         sock.sendall(b"status\n")
         chunks = []
         while chunk := sock.recv(65536):

@@ -159,6 +159,23 @@ def test_text_lines_name_the_labels_of_the_timer() -> None:
     assert (fmt % args).endswith("1.2 ms late)")
 
 
+def test_a_long_scope_and_labels_are_cut_in_text_lines_kept_whole_in_fields() -> None:
+    # Flood control counts lines: a worker's 4 KiB scopes made a 4 KiB line each, about
+    # 1.3 GB of log a day from one writer cycling through kinds of refusal.
+    scope, label = "s" * 4000, "v" * 4000
+    events: list[Event] = [
+        Expired(Timer(42, scope, 110.0, 9, 1234, {"rank": label}), 0.002),
+        Rejected(RejectReason.NO_SUCH_PROCESS, "arm", 42, scope, labels={"rank": label}),
+        reaped(scope_id=scope),
+    ]
+    for event in events:
+        _, fmt, args = describe(event)
+        line = fmt % args
+        assert len(line) < 600, line
+        assert "... (4000 chars)" in line
+        assert event_fields(event)["scope_id"] == scope
+
+
 def test_the_format_string_is_the_kind_of_line_for_flood_control() -> None:
     # Refusals for one reason naming other pids are one kind; another reason is another.
     kinds = {

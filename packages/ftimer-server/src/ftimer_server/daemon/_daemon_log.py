@@ -65,26 +65,26 @@ def describe(
             return (
                 logging.INFO,
                 "restored timer: pid %d scope %r, %s in %.3f s%s",
-                (t.pid, t.scope_id, signal_label(t.signal), left, labels),
+                (t.pid, _shown(t.scope_id), signal_label(t.signal), left, labels),
             )
         verb = "re-armed" if event.rearmed else "armed"
         return (
             logging.DEBUG,
             "%s: pid %d scope %r, %s in %.3f s%s",
-            (verb, t.pid, t.scope_id, signal_label(t.signal), left, labels),
+            (verb, t.pid, _shown(t.scope_id), signal_label(t.signal), left, labels),
         )
     if isinstance(event, Disarmed):
         t = event.timer
-        return logging.DEBUG, "disarmed: pid %d scope %r%s", (t.pid, t.scope_id, labels)
+        return logging.DEBUG, "disarmed: pid %d scope %r%s", (t.pid, _shown(t.scope_id), labels)
     if isinstance(event, Expired):
         t = event.timer
         return (
             logging.WARNING,
             "expired: pid %d scope %r (%s), %.1f ms after its deadline%s",
-            (t.pid, t.scope_id, signal_label(t.signal), event.late * 1e3, labels),
+            (t.pid, _shown(t.scope_id), signal_label(t.signal), event.late * 1e3, labels),
         )
     if isinstance(event, Reaped):
-        args = (event.pid, signal_label(event.signal), event.scope_id, event.late * 1e3)
+        args = (event.pid, signal_label(event.signal), _shown(event.scope_id), event.late * 1e3)
         if dry_run:
             return (
                 logging.WARNING,
@@ -132,12 +132,12 @@ def describe(
             return (
                 level,
                 f"saved timer not restored: pid %d scope %r: {reason}%s%s",
-                (event.pid, event.scope_id, detail, labels),
+                (event.pid, _shown(event.scope_id), detail, labels),
             )
         return (
             logging.WARNING,
             f"refused %s: pid %d scope %r: {reason}%s%s",
-            (event.request, event.pid, event.scope_id, detail, labels),
+            (event.request, event.pid, _shown(event.scope_id), detail, labels),
         )
     if isinstance(event, DecodeFailed):
         error = _literal(event.error)
@@ -159,7 +159,31 @@ def _labels(labels: Optional[Dict[str, str]]) -> str:
     """``{"rank": "1"}`` -> ``", rank=1"``: the end of a line; empty without labels."""
     if not labels:
         return ""
-    return ", " + " ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    text = " ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    return ", " + (text if len(text) <= SHOWN else f"{text[:SHOWN]}... ({len(text)} chars)")
+
+
+#: Characters of a scope (or of the labels) a text log line shows: a worker may send 4 KiB
+#: of either, and flood control counts lines, not bytes. The JSON lines' fields, the
+#: status and the incidents keep them whole.
+SHOWN = 200
+
+
+class _Cut:
+    """A long scope as ``%r`` shows it in a line: its start, and how long it is."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"{self.text[:SHOWN]!r}... ({len(self.text)} chars)"
+
+
+def _shown(scope: Optional[str]) -> object:
+    """``scope`` for a ``%r`` of a log line: whole, or cut after ``SHOWN`` characters."""
+    return scope if scope is None or len(scope) <= SHOWN else _Cut(scope)
 
 
 def _literal(text: str) -> str:

@@ -330,3 +330,31 @@ def _runs_as_nobody(python: str) -> bool:
     except OSError:
         return False
     return probe.returncode == 0
+
+
+def test_the_socket_is_made_0600_in_a_directory_of_its_own(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # chmod follows a symlink: made under a fixed name in the FIFO's directory, the
+    # socket could be swapped for a link to any file, by another user who may write
+    # there, between the bind and the chmod, and a root daemon made that file 0600.
+    seen: List[tuple[str, int, int]] = []
+    chmod = os.chmod
+
+    def watched(target: str, mode: int) -> None:
+        st = os.stat(os.path.dirname(target))
+        seen.append((target, stat.S_IMODE(st.st_mode), st.st_uid))
+        chmod(target, mode)
+
+    monkeypatch.setattr(_control.os, "chmod", watched)
+    server = ControlServer(path, dict)
+    server.start()
+    try:
+        [(target, mode, owner)] = seen
+        assert os.path.dirname(target) != os.path.dirname(path)
+        assert (mode, owner) == (0o700, os.geteuid())
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]  # none left
+        assert query_status(path) == {}
+    finally:
+        server.stop()

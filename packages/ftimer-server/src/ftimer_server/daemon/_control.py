@@ -24,6 +24,7 @@ import selectors
 import socket
 import stat
 import struct
+import tempfile
 import threading
 from typing import Any, Callable, Dict, FrozenSet, Optional
 
@@ -101,13 +102,15 @@ class ControlServer:
         """
         self.check_free()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Short, so that it fits AF_UNIX's ~107-byte limit wherever the final path does.
-        tmp = os.path.join(os.path.dirname(self.path), f".ctl{os.getpid()}")
+        # Bind, chmod, then rename: the socket is never reachable with a wider mode. In a
+        # directory of its own (0700, an unguessable name), as chmod follows a symlink:
+        # in the FIFO's directory, another user who may write there could swap the
+        # socket for a link to any file between the bind and the chmod. Short names, so
+        # that it fits AF_UNIX's ~107-byte limit wherever the final path does.
+        private = tempfile.mkdtemp(prefix=".c", dir=os.path.dirname(self.path))
+        tmp = os.path.join(private, "s")
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
             sock.bind(tmp)
-            # Bind, chmod, then rename: the socket is never reachable with a wider mode.
             os.chmod(tmp, 0o600)
             os.rename(tmp, self.path)
             sock.listen(8)
@@ -116,6 +119,9 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.rmdir(private)
         self._bound = os.lstat(self.path)
         self._sock = sock
         self._thread = threading.Thread(target=self._serve, name="ftimer-control", daemon=True)

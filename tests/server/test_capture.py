@@ -29,6 +29,7 @@ from ftimer_server.core._incident import Capture, ThreadStack
 from ftimer_server.incidents import _pinned, _tools
 from ftimer_server.incidents._capture import CaptureOptions, capture, find_py_spy
 from ftimer_server.incidents._diagnostics import Diagnostics, IncidentOptions
+from ftimer_server.incidents._pinned import Process
 from ftimer_server.incidents._procfs import ThreadFacts, read_stat
 from ftimer_server.incidents._reap_extras import core_dump, signal_tree
 from ftimer_server.incidents._stack_formats import (
@@ -600,12 +601,22 @@ def small_process() -> Iterator[subprocess.Popen[bytes]]:
         proc.wait()
 
 
+@contextlib.contextmanager
+def pinned(pid: int) -> Iterator[Process]:
+    process = Process.open(pid, None, None)
+    try:
+        yield process
+    finally:
+        process.close()
+
+
 @pytest.mark.skipif(not os.path.exists("/usr/bin/gcore"), reason="gcore (gdb) is not installed")
 def test_core_dump(tmp_path: pathlib.Path, small_process: subprocess.Popen[bytes]) -> None:
     directory = tmp_path / "cores"
-    path, error = core_dump(
-        small_process.pid, None, str(directory), max_bytes=1 << 30, deadline=time.monotonic() + 60
-    )
+    with pinned(small_process.pid) as process:
+        path, error = core_dump(
+            process, str(directory), max_bytes=1 << 30, deadline=time.monotonic() + 60
+        )
     assert error is None
     assert path is not None
     assert path.startswith(str(directory) + "/core.")
@@ -620,9 +631,10 @@ def test_core_dump_size_guard(tmp_path: pathlib.Path) -> None:
     # A Python worker (over 1 MiB resident once settled), not a process just exec'd
     # whose resident set is still a few pages.
     with stuck("sleep") as worker:
-        path, error = core_dump(
-            worker.pid, None, str(tmp_path), max_bytes=1 << 20, deadline=time.monotonic() + 60
-        )
+        with pinned(worker.pid) as process:
+            path, error = core_dump(
+                process, str(tmp_path), max_bytes=1 << 20, deadline=time.monotonic() + 60
+            )
         assert path is None
         assert error is not None
         assert "resident memory" in error
@@ -651,9 +663,10 @@ def test_core_dump_never_exceeds_its_limit(tmp_path: pathlib.Path) -> None:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"ready\n"
         assert read_stat(proc.pid).rss_pages * os.sysconf("SC_PAGE_SIZE") < limit
-        path, error = core_dump(
-            proc.pid, None, str(tmp_path), max_bytes=limit, deadline=time.monotonic() + 60
-        )
+        with pinned(proc.pid) as process:
+            path, error = core_dump(
+                process, str(tmp_path), max_bytes=limit, deadline=time.monotonic() + 60
+            )
         assert path is None, os.path.getsize(path)
         assert error is not None
         assert f"reached the limit ({limit} bytes)" in error

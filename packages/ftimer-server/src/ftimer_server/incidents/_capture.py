@@ -32,7 +32,7 @@ from ftimer_server.core._incident import Capture
 
 from ._dump_hook import HookFile, prepare_hook, run_hook
 from ._pinned import Process, ProcessRefused
-from ._procfs import read_facts, read_threads
+from ._procfs import live_thread, read_facts, read_threads, tracer_pid
 from ._stack_formats import MethodResult, merge_threads
 from ._tools import py_spy_dump
 
@@ -144,6 +144,12 @@ def _capture(
             notes.append(f"threads unreadable: {e}")
         # Stopped before we came (job control, a debugger): left as it was found.
         was_stopped = facts.state in ("T", "t")
+        # Traced by a debugger: not ours to stop or resume (py-spy could not attach anyway).
+        tracer = tracer_pid(pid)
+        # Its main thread has exited and other threads live: py-spy reads it through one.
+        through = live_thread(pid) if facts.state in ("Z", "X") else None
+        if through is not None:
+            notes.append(f"its main thread has exited; thread {through} and others live")
         hook_why: Optional[str] = None
         if not options.hook:
             hook_why = "dump hook: not enabled"
@@ -161,7 +167,13 @@ def _capture(
                 hook_file = plan
         result = MethodResult()
         method = "facts"
-        if options.py_spy:
+        py_spy_why: Optional[str]
+        if options.py_spy and tracer:
+            py_spy_why = (
+                f"py-spy: not used: process {pid} is already traced by pid {tracer} "
+                "(a debugger), which is left undisturbed"
+            )
+        elif options.py_spy:
             left = deadline - time.monotonic()
             share = min(_HOOK_SHARE_MAX, _HOOK_SHARE * left) if hook_file else 0.0
             spy = functools.partial(
@@ -169,8 +181,9 @@ def _capture(
                 options.py_spy,
                 process,
                 deadline - share - _RESERVE,
-                resume=not was_stopped,
+                resume=not was_stopped and through is None,
                 uninterruptible=[t.tid for t in threads if t.state == "D"],
+                thread=through,
             )
             result = spy(native=options.native)
             if result.threads is None and options.native and result.retryable:

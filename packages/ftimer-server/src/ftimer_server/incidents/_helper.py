@@ -6,7 +6,8 @@ work runs in a helper process, started once with the server (``python -m
 ftimer_server.incidents``: nothing of the embedding program, which may be a
 user's script, is imported again, as multiprocessing's start methods would), at a lower
 priority, with the threads it needs. It finds each worker again by pid and start time (a
-pidfd does not cross processes), so a reused pid is still never touched.
+pidfd does not cross processes) and pins it for the whole job, capture and core dump, so
+a reused pid is still never touched.
 
 The two talk over the helper's stdin and stdout in frames: a 4-byte length, then a
 msgpack message (``Job`` in, ``Done`` out), matched by a number.
@@ -34,7 +35,7 @@ from ftimer_server.core._report import annotate
 
 from ._capture import CaptureOptions, capture
 from ._pinned import Process, ProcessRefused
-from ._procfs import read_uid
+from ._procfs import live_thread, read_stat, read_uid, tracer_pid
 from ._reap_extras import core_dump
 from ._store import IncidentStore
 from ._tools import stop_tools
@@ -259,42 +260,76 @@ class Helper:
 
 
 def run_capture(job: CaptureJob) -> bytes:
-    """Capture ``job.pid`` (and its core); return the ``Capture`` encoded.
+    """Capture ``job.pid`` (and its core); return the ``Capture`` encoded. The process is
+    pinned once, by its start time, for the capture and the core dump both.
 
     Raises:
         ProcessRefused: ``job.user`` is set and the process is another user's.
     """
-    start_time = job.start_time
-    if job.user is not None:
-        start_time = _check_user(job.pid, start_time, job.user)
-    result = capture(
-        job.pid,
-        start_time,
-        None,
-        role=job.role,
-        labels=job.labels,
-        hook=job.hook,
-        options=job.options,
-        deadline=job.deadline,
-    )
-    if job.core is not None and not result.exited:
-        directory, max_bytes, name = job.core
-        path, error = core_dump(
-            job.pid, None, directory, max_bytes=max_bytes, deadline=job.deadline
+    try:
+        process: Optional[Process] = Process.open(job.pid, job.start_time, None)
+    except ProcessRefused:
+        process = None  # gone or unreadable: the capture says so
+    try:
+        if job.user is not None and process is not None:
+            _check_user(process, job.user)
+        result = capture(
+            job.pid,
+            process.start_time if process is not None else job.start_time,
+            process.pidfd if process is not None else None,
+            role=job.role,
+            labels=job.labels,
+            hook=job.hook,
+            options=job.options,
+            deadline=job.deadline,
         )
-        if path is not None:  # named after its incident: pruned with it
-            named = os.path.join(directory, name)
-            os.replace(path, named)
-            path = named
-        errors = "; ".join(e for e in (result.error, error) if e) or None
-        result = msgspec.structs.replace(result, core=path, error=errors)
-    return _encoder.encode(result)
+        if job.core is not None and process is not None and not result.exited:
+            path, error = _core(process, job.core, job.deadline)
+            errors = "; ".join(e for e in (result.error, error) if e) or None
+            result = msgspec.structs.replace(result, core=path, error=errors)
+        return _encoder.encode(result)
+    finally:
+        if process is not None:
+            process.close()
 
 
-def _check_user(pid: int, start_time: Optional[int], user: int) -> Optional[int]:
-    """The start time of process ``pid``, checked to be of real uid ``user``: the capture
-    that follows pins that very process. A process gone or unreadable is left to the
-    capture to say so.
+def _core(
+    process: Process, core: Tuple[str, int, str], deadline: float
+) -> Tuple[Optional[str], Optional[str]]:
+    """The core of the pinned ``process`` as ``core`` = (directory, max bytes, file name)
+    asks: (its path, None), or (None, why not)."""
+    directory, max_bytes, name = core
+    pid = process.pid
+    tracer = tracer_pid(pid)
+    if tracer:
+        return None, f"core dump: not taken: process {pid} is already traced by pid {tracer}"
+    try:
+        leader_exited = read_stat(pid).state in "ZXx" and live_thread(pid) is not None
+    except (OSError, ValueError, IndexError):
+        leader_exited = False
+    if leader_exited:
+        return None, "core dump: not taken: its main thread has exited (gcore cannot attach)"
+    path, error = core_dump(process, directory, max_bytes=max_bytes, deadline=deadline)
+    if not process.alive():
+        # gcore was given a pid number: once the worker is gone it may have dumped the
+        # process that took its pid. Never kept as this worker's.
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return None, (
+            "core dump: not kept: the worker exited before or while gcore ran (its pid "
+            "may then have been another process's)"
+        )
+    if path is not None:  # named after its incident: pruned with it
+        named = os.path.join(directory, name)
+        os.replace(path, named)
+        path = named
+    return path, error
+
+
+def _check_user(process: Process, user: int) -> None:
+    """Check the pinned ``process`` is of real uid ``user``. A process gone or unreadable
+    is left to the capture to say so.
 
     Raises:
         ProcessRefused: it is another user's.
@@ -303,21 +338,13 @@ def _check_user(pid: int, start_time: Optional[int], user: int) -> Optional[int]
     # user's job and have its workers paused by py-spy, and their stacks and command
     # lines put in its own incident, as often as its timers expire.
     try:
-        process = Process.open(pid, start_time, None)
-    except ProcessRefused:
-        return start_time
-    try:
-        uid = read_uid(pid)
-        if process.alive() and uid != user:
-            raise ProcessRefused(
-                f"not captured: another user's process (uid {uid}; the stuck worker's is "
-                f"uid {user})"
-            )
-        return process.start_time
+        uid = read_uid(process.pid)
     except (OSError, ValueError, IndexError):
-        return start_time
-    finally:
-        process.close()
+        return
+    if process.alive() and uid != user:
+        raise ProcessRefused(
+            f"not captured: another user's process (uid {uid}; the stuck worker's is uid {user})"
+        )
 
 
 def run_write(job: WriteJob) -> bytes:

@@ -13,7 +13,7 @@ import select
 import signal as _signal
 from typing import Optional
 
-from ._procfs import pidfd_pid, read_stat, read_status, strerror
+from ._procfs import live_thread, pidfd_pid, read_stat, read_status, strerror
 
 __all__ = ["Process", "ProcessRefused"]
 
@@ -92,7 +92,8 @@ class Process:
                 raise ProcessRefused(
                     f"process {pid} is gone (its pid now belongs to another process)", gone=True
                 )
-            if st.state in "ZXx":
+            if st.state in "ZXx" and live_thread(pid) is None:
+                # A zombie main thread whose other threads live is a live process still.
                 raise ProcessRefused(f"process {pid} has exited", gone=True)
             process = cls(pid, st.start_time, pidfd, owned)
             if not process.alive():
@@ -104,7 +105,8 @@ class Process:
             raise
 
     def alive(self) -> bool:
-        """True while the pinned process runs (not exited, not a zombie)."""
+        """True while the pinned process runs (not exited, not a zombie; a process whose
+        main thread has exited runs while another of its threads does)."""
         if self.pidfd is not None:
             try:
                 return not select.select([self.pidfd], [], [], 0)[0]
@@ -114,7 +116,9 @@ class Process:
             st = read_stat(self.pid)
         except (OSError, ValueError, IndexError):
             return False
-        return st.start_time == self.start_time and st.state not in "ZXx"
+        return st.start_time == self.start_time and (
+            st.state not in "ZXx" or live_thread(self.pid) is not None
+        )
 
     def send(self, signal: int) -> None:
         """Deliver ``signal`` to exactly the pinned process.

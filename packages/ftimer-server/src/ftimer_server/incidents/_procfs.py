@@ -28,6 +28,7 @@ __all__ = [
     "ThreadFacts",
     "bounded",
     "children",
+    "live_thread",
     "read_facts",
     "strerror",
     "read_stat",
@@ -36,6 +37,7 @@ __all__ = [
     "read_threads",
     "signal_mask",
     "thread_stack_mappings",
+    "tracer_pid",
 ]
 
 _T = TypeVar("_T")
@@ -97,6 +99,32 @@ def read_uid(pid: int) -> int:
         ValueError, IndexError: no readable ``Uid`` line.
     """
     return int(read_status(pid).get("Uid", "").split()[0])
+
+
+def tracer_pid(pid: int) -> int:
+    """The pid of the process tracing process ``pid`` (a debugger, strace: ``TracerPid``
+    of ``/proc/PID/status``); 0 if none, or if it cannot be read."""
+    try:
+        return int(read_status(pid).get("TracerPid", "0") or "0")
+    except (OSError, ValueError):
+        return 0
+
+
+def live_thread(pid: int) -> Optional[int]:
+    """A live thread of process ``pid`` other than its main thread (the thread-group
+    leader, whose id is ``pid``), or ``None``: what keeps a process whose main thread has
+    exited (a zombie leader) alive."""
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if t != str(pid))
+    except (OSError, ValueError):
+        return None
+    for tid in tids[:MAX_THREADS]:
+        try:
+            if read_stat(pid, tid).state not in "ZXx":
+                return tid
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
 
 
 def signal_mask(value: str, signal: int) -> bool:

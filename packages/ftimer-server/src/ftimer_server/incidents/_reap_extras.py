@@ -6,7 +6,9 @@ The descendants are signalled race-free against forks: each is pinned by a pidfd
 reused meanwhile is never signalled) and frozen with SIGSTOP, top-down, and the walk is
 repeated until it finds no new child (a frozen process forks no more); only then does
 the signal go, to every frozen process, followed by SIGCONT (a stopped process acts on
-SIGTERM only once continued). Nothing here signals a pid <= 1 or a thread.
+SIGTERM only once continued). The worker itself is pinned too (its pidfd, else its start
+time): the children of another process that took its pid are never walked, let alone
+signalled. Nothing here signals a pid <= 1 or a thread.
 """
 
 from __future__ import annotations
@@ -31,18 +33,27 @@ logger = logging.getLogger("ftimer_server")
 #: take to be seen (a stop is delivered asynchronously).
 _MAX_PASSES = 64
 _MAX_TREE = 10000
-_FREEZE_WAIT = 2.0
+# The walk runs on the server's loop thread, in the middle of a reap: every other
+# worker's reap waits for it. A process that can stop is seen stopped within a few
+# milliseconds; one that cannot (uninterruptible sleep, D: a vfork parent, a hung NFS
+# read) would hold the loop for the whole wait, at every reap. So the wait is short:
+# past it the walk goes on without waiting (a descendant still stopping may then finish
+# a fork it had begun, and its child escape the tree: escaping, never an innocent hit).
+_FREEZE_WAIT = 0.05
 
 
 def core_dump(
-    pid: int, pidfd: Optional[int], directory: str, *, max_bytes: int, deadline: float
+    process: Process, directory: str, *, max_bytes: int, deadline: float
 ) -> Tuple[Optional[str], Optional[str]]:
-    """Dump the core of process ``pid`` with ``gcore`` into ``directory`` (created 0700 if
-    missing) as ``core.<UTC time>.<pid>``; the process goes on running (it is sent
+    """Dump the core of the pinned ``process`` with ``gcore`` into ``directory`` (created
+    0700 if missing) as ``core.<UTC time>.<pid>``; the process goes on running (it is sent
     SIGCONT after, in case the dump left it stopped). Never raises.
 
+    gcore is given a pid number: the caller checks ``process`` is still alive once it is
+    done, and drops the core if not (it may be the core of another process by then).
+
     Args:
-        pid, pidfd: the process, and a pidfd for it if the caller holds one.
+        process: the process, pinned.
         directory: where the core goes.
         max_bytes: refuse a process whose resident memory exceeds this (the core is at
             least that large), and a core that grows to this size (gcore cannot write
@@ -54,15 +65,9 @@ def core_dump(
         (path of the core, None), or (None, why not, for people).
     """
     try:
-        process = Process.open(pid, None, pidfd)
-    except ProcessRefused as e:
-        return None, f"core dump: {e}"
-    try:
         return _core_dump(process, directory, max_bytes, deadline)
     except OSError as e:
         return None, f"core dump: {e}"
-    finally:
-        process.close()
 
 
 def _core_dump(
@@ -127,27 +132,47 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def signal_tree(pid: int, signal: int) -> List[int]:
+def signal_tree(
+    pid: int, signal: int, start_time: Optional[int] = None, pidfd: Optional[int] = None
+) -> List[int]:
     """Signal every descendant of process ``pid`` (not ``pid`` itself), race-free
     against forks; never raises.
 
-    Each descendant is pinned (pidfd, else start time), checked to be a process (not a
-    thread) and still the child of the parent it was found under, then frozen with
-    SIGSTOP, top-down; the walk of ``/proc/*/task/*/children`` is repeated until it finds
-    nobody new. Then ``signal`` goes to each, and unless it was SIGKILL, SIGCONT to those
-    still alive. A descendant whose parent dies during the walk is re-parented away from
-    the tree and escapes it; so does a child ``pid`` itself forks after the last walk
-    (``pid`` is never stopped here). Signal 0 (report only) touches nobody.
+    ``pid`` is pinned first, as the process started at ``start_time`` and the one
+    ``pidfd`` refers to (each if given; neither: whoever holds ``pid`` now): if it is
+    gone, or its pid now belongs to another process, nobody is signalled. Each
+    descendant is pinned (pidfd, else start time), checked to be a process (not a
+    thread) and still the child of the parent it was found under while that parent is
+    still alive (so not a child of a process that took a dead parent's pid), then frozen
+    with SIGSTOP, top-down; the walk of ``/proc/*/task/*/children`` is repeated until it
+    finds nobody new. ``pid`` is checked again after the walk: gone by then, nobody is
+    signalled and the frozen are continued. Then ``signal`` goes to each, and unless it
+    was SIGKILL, SIGCONT to those still alive. A descendant whose parent dies during the
+    walk is re-parented away from the tree and escapes it; so does a child ``pid``
+    itself forks after the last walk (``pid`` is never stopped here). Signal 0 (report
+    only) touches nobody.
 
     Returns:
         The pids ``signal`` was delivered to.
     """
     if pid <= 1 or signal == 0:
         return []
+    try:
+        root = Process.open(pid, start_time, pidfd)
+    except ProcessRefused as e:  # gone, reused, a thread: not the worker's tree
+        logger.info("descendants of process %d not signalled: %s", pid, e)
+        return []
     frozen: Dict[int, Process] = {}
     signalled: List[int] = []
     try:
-        _freeze(pid, frozen)
+        _freeze(root, frozen)
+        if not root.alive():
+            # Exited during the walk (its pid may be another's by now): its tree is not
+            # reaped, as it is not; whoever was frozen goes on.
+            logger.info("process %d exited during the walk of its descendants", pid)
+            for process in frozen.values():
+                process.resume()
+            return []
         for child, process in frozen.items():
             try:
                 process.send(signal)
@@ -165,15 +190,16 @@ def signal_tree(pid: int, signal: int) -> List[int]:
     finally:
         for process in frozen.values():
             process.close()
+        root.close()
     return signalled
 
 
-def _freeze(root: int, frozen: Dict[int, Process]) -> None:
+def _freeze(root: Process, frozen: Dict[int, Process]) -> None:
     # A stop is delivered asynchronously: a process may finish a fork after SIGSTOP was
     # sent. So each walk is followed by a wait until every frozen process is seen
     # stopped, and only a walk that finds nobody new after that wait ends the freeze. A
     # process that does not stop (in uninterruptible sleep, D) is waited for once, within
-    # one overall bound.
+    # one overall bound (short: see _FREEZE_WAIT).
     waited_until = time.monotonic() + _FREEZE_WAIT
     for _ in range(_MAX_PASSES):
         found = _walk(root, frozen)
@@ -182,20 +208,26 @@ def _freeze(root: int, frozen: Dict[int, Process]) -> None:
             return
 
 
-def _walk(root: int, frozen: Dict[int, Process]) -> bool:
+def _walk(root: Process, frozen: Dict[int, Process]) -> bool:
     """One walk of the tree, parents before children, freezing whoever is new."""
     found = False
     queue = [root]
     while queue and len(frozen) < _MAX_TREE:
         parent = queue.pop(0)
         try:
-            kids = children(parent)
+            kids = children(parent.pid)
         except (OSError, ValueError):
             continue
         for kid in kids:
-            if kid <= 1 or kid == root:
+            if kid <= 1 or kid == root.pid:
                 continue
-            if kid not in frozen:
+            process = frozen.get(kid)
+            if process is not None and not process.alive():
+                # Exited since it was frozen: its pid may be a new child's now.
+                del frozen[kid]
+                process.close()
+                process = None
+            if process is None:
                 process = _pin(kid, parent)
                 if process is None:
                     continue
@@ -206,19 +238,20 @@ def _walk(root: int, frozen: Dict[int, Process]) -> bool:
                     continue
                 frozen[kid] = process
                 found = True
-            queue.append(kid)
+            queue.append(process)
     return found
 
 
-def _pin(pid: int, parent: int) -> Optional[Process]:
+def _pin(pid: int, parent: Process) -> Optional[Process]:
     try:
         process = Process.open(pid, None, None)
     except ProcessRefused:
         return None
     try:
         # Pinned first, then checked: still the child it was found as (not a new process
-        # that took the pid of one that exited).
-        if read_stat(pid).ppid == parent and process.alive():
+        # that took the pid of one that exited), of the parent it was found under (alive
+        # after the check: its pid was not another process's when it was read).
+        if read_stat(pid).ppid == parent.pid and process.alive() and parent.alive():
             return process
     except (OSError, ValueError, IndexError):
         pass

@@ -3,7 +3,11 @@
 Each runs in a process group of its own, so that at the deadline the whole of it (gcore
 is a script around gdb) is killed at once; a tool killed while attached can leave the
 worker stopped (the SIGSTOP of ptrace's attach still pending), so the worker is resumed
-after, unless it was stopped before the tool came.
+after, unless it was stopped before the tool came, or is traced by another (a debugger).
+
+A tool is given a pid number, which the pinned process does not keep from being reused:
+the process is checked alive right before the tool starts and after it ends, and what a
+tool wrote is discarded if it was not (it may have been another process's).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._pinned import Process
+from ._procfs import tracer_pid
 from ._stack_formats import MethodResult, parse_py_spy
 
 __all__ = ["PTRACE_ADVICE", "ToolRun", "py_spy_dump", "run_tool", "stop_tools"]
@@ -56,10 +61,13 @@ class ToolRun:
 
     Attributes:
         returncode: its exit status; ``None`` if it was killed (at the deadline, or for
-            writing more than ``MAX_OUTPUT`` bytes).
-        out, err: what it wrote (what it had written, if killed).
+            writing more than ``MAX_OUTPUT`` bytes), or ``gone``.
+        out, err: what it wrote (what it had written, if killed; nothing if ``gone``).
         seconds: how long it ran.
         too_long: it was killed for writing more than ``MAX_OUTPUT`` bytes.
+        gone: the process was gone before the tool started (then it was not started) or
+            by the time it ended: its pid may have been another process's meanwhile, so
+            what it wrote is discarded.
     """
 
     returncode: Optional[int]
@@ -67,6 +75,7 @@ class ToolRun:
     err: bytes
     seconds: float
     too_long: bool = False
+    gone: bool = False
 
 
 def run_tool(
@@ -77,17 +86,24 @@ def run_tool(
     resume: bool,
     env: Optional[Dict[str, str]] = None,
     max_file_bytes: Optional[int] = None,
+    thread: Optional[int] = None,
 ) -> ToolRun:
     """Run ``command`` against ``process`` until it exits, or until ``deadline`` comes or
     it has written more than ``MAX_OUTPUT`` bytes (then its process group is killed);
     SIGCONT ``process`` after if ``resume``. With ``max_file_bytes``, no file it writes
     grows past that many bytes (a write beyond fails with ``EFBIG``, or ``SIGXFSZ`` kills
-    it).
+    it). With ``thread``, the command names that thread of ``process`` (its main thread
+    has exited), which must live too.
 
     Raises:
         OSError: the tool could not be started.
     """
     started = time.monotonic()
+    if not _present(process, thread):
+        return ToolRun(None, b"", b"", 0.0, gone=True)
+    # A process another tracer holds is that debugger's to resume, not ours: a SIGCONT
+    # would reach it as a signal-delivery stop.
+    resume = resume and not tracer_pid(process.pid)
     if max_file_bytes is not None:
         command = [sys.executable, "-I", "-S", "-c", _LIMITED, str(max_file_bytes), *command]
     child = subprocess.Popen(
@@ -101,6 +117,7 @@ def run_tool(
     with _running_lock:
         _running[child.pid] = (child, process if resume else None)
     returncode: Optional[int] = None
+    gone = False
     try:
         out, err, ended = _read(child, deadline)
         if ended:
@@ -109,12 +126,23 @@ def run_tool(
     finally:
         if returncode is None:  # the deadline, the limit, or an error (a MemoryError, say):
             _kill(child)  # never left attached to the worker
+        # Still there now, so its pid was never another process's while the tool ran.
+        gone = not _present(process, thread)
         if resume:
             process.resume()
         with _running_lock:
             del _running[child.pid]
     too_long = len(out) + len(err) > MAX_OUTPUT
+    if gone:
+        return ToolRun(None, b"", b"", time.monotonic() - started, gone=True)
     return ToolRun(returncode, out, err, time.monotonic() - started, too_long)
+
+
+def _present(process: Process, thread: Optional[int]) -> bool:
+    """Whether ``process`` (and its thread ``thread``, if given) is still there."""
+    return process.alive() and (
+        thread is None or os.path.isdir(f"/proc/{process.pid}/task/{thread}")
+    )
 
 
 #: The tools running now, by process (and group) id, with the process each must leave
@@ -188,6 +216,7 @@ def py_spy_dump(
     native: bool,
     resume: bool,
     uninterruptible: Sequence[int] = (),
+    thread: Optional[int] = None,
 ) -> MethodResult:
     """``py-spy dump --json`` of ``process`` (``--native`` too, if asked), parsed.
 
@@ -198,26 +227,36 @@ def py_spy_dump(
         native: C/C++ frames too.
         resume: SIGCONT the worker after.
         uninterruptible: its threads in state D, named if py-spy hangs.
+        thread: a live thread to read the worker through, its main thread having
+            exited (py-spy cannot open it by its pid then, nor stop it): read without
+            stopping it (``--nonblocking``).
 
     Returns:
         The threads, or why there are none: ptrace refused (in the user's terms), the
         deadline, the worker gone, or py-spy's own error.
     """
-    command = [py_spy, "dump", "--pid", str(process.pid), "--json"]
+    command = [py_spy, "dump", "--pid", str(thread or process.pid), "--json"]
     if native:
         command.append("--native")
+    if thread is not None:
+        command.append("--nonblocking")
     if deadline <= time.monotonic():
         return MethodResult(error="py-spy: no time left before the deadline")
     # Its errors without a Rust backtrace, whatever the server's environment says.
     env = dict(os.environ, RUST_BACKTRACE="0", RUST_LIB_BACKTRACE="0")
     try:
-        run = run_tool(command, process, deadline, resume=resume, env=env)
+        run = run_tool(command, process, deadline, resume=resume, env=env, thread=thread)
     except OSError as e:
         return MethodResult(error=f"py-spy could not be started ({py_spy}): {e}")
     if run.too_long:
         return MethodResult(
             error=f"py-spy wrote more than {MAX_OUTPUT} bytes (the worker's stacks are as "
             "large as it makes them) and was killed"
+        )
+    if run.gone:
+        return MethodResult(
+            error="py-spy: the worker exited before it could be read, or while it was "
+            "(its pid may then have been another process's): what py-spy read is discarded"
         )
     text = run.out.decode(errors="replace")
     if run.returncode is None:
@@ -235,6 +274,12 @@ def py_spy_dump(
         message = _message(run.err.decode(errors="replace"))
         if not process.alive():
             return MethodResult(error=f"py-spy failed: the worker exited ({message})")
+        tracer = tracer_pid(process.pid)
+        if tracer and _PTRACE_REFUSED.search(message):
+            return MethodResult(
+                error=f"py-spy cannot attach: process {process.pid} is already traced by "
+                f"pid {tracer} (py-spy said: {message})"
+            )
         if _PTRACE_REFUSED.search(message):
             return MethodResult(error=f"{PTRACE_ADVICE} (py-spy said: {message})")
         return MethodResult(

@@ -172,6 +172,11 @@ class SystemHost(Host):
             except Exception:
                 logger.exception("reap step %r failed for process %d", step, worker.pid)
         if self._tree:
+            # The tree first (once the worker is signalled, its children may be
+            # re-parented away from it), and only while the worker is still the process
+            # bound: send_tree pins it by its pidfd or start time, as signal() does, and
+            # checks it again after the walk. Its walk waits at most a few tens of
+            # milliseconds for a descendant to stop: it runs on the loop's thread.
             try:
                 self._signaller.send_tree(worker, signal)
             except Exception:  # the worker itself is reaped regardless

@@ -40,6 +40,9 @@ class Signaller(abc.ABC):
         """Deliver ``signal`` to the descendants of ``worker`` (not to ``worker``
         itself), for a server that reaps trees. Never raises.
 
+        Only while ``worker`` is the process it was bound to, as ``send()`` checks: the
+        descendants of a process that took its pid are never signalled.
+
         The base class signals nobody: only a signaller that acts on real processes
         overrides it, so a test's or a dry run's signaller never reaches a real process
         through a worker's children.
@@ -104,7 +107,9 @@ class OsSignaller(Signaller):
         # down (and the import's time off the first reap).
         from ftimer_server.incidents._reap_extras import signal_tree  # noqa: PLC0415
 
-        return signal_tree(worker.pid, signal)
+        # The worker's own pidfd and start time pin the root: a pid now held by another
+        # process (the worker exited) has none of the worker's descendants to signal.
+        return signal_tree(worker.pid, signal, worker.start_time, worker.pidfd)
 
 
 class RecordingSignaller(Signaller):

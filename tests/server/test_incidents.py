@@ -380,6 +380,27 @@ def test_a_dry_run_s_incident_says_nothing_was_signalled(
     assert json.loads(written.read_text())["dry_run"] is True
 
 
+def test_an_incident_that_cannot_be_handed_on_loses_no_event(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, workers, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Out of threads (systemd's TasksMax), the incident's writer could not start: that
+    # raised in the middle of delivering the iteration's events, and the rest of them,
+    # the sync callers' release and on_change with them, were lost.
+    from ftimer_server.incidents import _diagnostics
+
+    def no_thread(self: object, incident: str, delivered: Optional[bool]) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(_diagnostics.Diagnostics, "signalled", no_thread)
+    events: list[object] = []
+    options = IncidentOptions(directory=str(tmp_path / "i"), method="facts", timeout=2.0)
+    with FileTimerServer(fifo_path, dry_run=True, incidents=options, on_event=events.append) as s:
+        stuck = workers(fifo_path, 0, 0.2, "collective")
+        wait_until(lambda: any(isinstance(e, Reaped) for e in events))
+        s.sync()
+        assert stuck.poll() is None  # a dry run
+
+
 CHILDREN = """
 import subprocess, sys, time
 from ftimer_client import FileTimerClient

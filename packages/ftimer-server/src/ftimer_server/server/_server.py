@@ -895,7 +895,10 @@ class FileTimerServer:
                 and event.incident is not None  # its signal went, or its worker exited
             ):
                 delivered = event.delivered if isinstance(event, Reaped) else None
-                diagnostics.signalled(event.incident, delivered)
+                try:
+                    diagnostics.signalled(event.incident, delivered)
+                except Exception:  # no thread to write it (TasksMax): the events go on
+                    logger.exception("incident %s could not be written", event.incident)
             if type(event) is Reaped and self._kill_self_on_reap and self._signals_for_real:
                 assert isinstance(event, Reaped)
                 if event.delivered:

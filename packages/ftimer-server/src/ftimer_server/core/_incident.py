@@ -63,6 +63,8 @@ class ThreadStack(msgspec.Struct, frozen=True, omit_defaults=True):
         kernel_stack: ``/proc/PID/task/TID/stack``, where readable (root).
         doing: what it is doing, in words ("waiting on a lock", "holding the GIL in a C
             call", "in uninterruptible I/O", ...).
+        frames_cut: how many of its frames (the outermost) were left out, a capture's
+            size being bounded (``incidents/_stack_formats.bound_threads``).
     """
 
     tid: int
@@ -74,6 +76,7 @@ class ThreadStack(msgspec.Struct, frozen=True, omit_defaults=True):
     gil: Optional[bool] = None
     kernel_stack: Optional[List[str]] = None
     doing: str = ""
+    frames_cut: int = 0
 
 
 class ProcessFacts(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -117,11 +120,14 @@ class Capture(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
         error: why the method failed or was not used, for people ("py-spy: ptrace not
             permitted (EPERM): run the server as root or grant CAP_SYS_PTRACE").
         facts: what ``/proc`` told.
-        threads: every thread's stack.
-        raw: the method's own output, as it came.
+        threads: every thread's stack, as many as a capture keeps (``error`` says what
+            was cut: threads, frames, long names).
+        raw: the start of the method's own output, as it came.
         core: the path of a core file taken with ``gcore``, if asked for.
         host: the host it ran on, where that is not the incident's own: set when the
             incidents of several hosts are merged into one report.
+        threads_cut: how many of its threads were left out, a capture's size being
+            bounded.
     """
 
     pid: int
@@ -137,6 +143,7 @@ class Capture(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     raw: str = ""
     core: Optional[str] = None
     host: str = ""
+    threads_cut: int = 0
 
 
 class Group(msgspec.Struct, frozen=True, omit_defaults=True):

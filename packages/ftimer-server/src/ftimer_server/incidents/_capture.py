@@ -28,12 +28,19 @@ from typing import Dict, List, Optional
 import msgspec
 
 from ftimer_protocol import DumpHook
-from ftimer_server.core._incident import Capture
+from ftimer_server.core._incident import Capture, ProcessFacts
 
 from ._dump_hook import HookFile, prepare_hook, run_hook
 from ._pinned import Process, ProcessRefused
 from ._procfs import live_thread, read_facts, read_threads, tracer_pid
-from ._stack_formats import MethodResult, merge_threads
+from ._stack_formats import (
+    MAX_ARGS,
+    MAX_TEXT,
+    MethodResult,
+    bound_threads,
+    excerpt,
+    merge_threads,
+)
 from ._tools import py_spy_dump
 
 __all__ = ["CaptureOptions", "capture", "find_py_spy"]
@@ -215,6 +222,11 @@ def _capture(
                 hook_why = by_hook.error
                 result.raw = result.raw or by_hook.raw
         exited = not process.alive()
+        notes += result.notes or []
+        # Bounded whatever the worker makes of its stacks: the capture goes to the
+        # server and into an incident with its peers' (``bound_threads``).
+        kept, threads_cut, cut = bound_threads(merge_threads(result.threads or [], threads), pid)
+        notes += cut
         errors: List[str] = []
         if method == "hook" and options.py_spy and py_spy_why:
             errors.append(py_spy_why)  # why the better method failed
@@ -228,11 +240,24 @@ def _capture(
             method=method,
             exited=exited,
             error="; ".join(errors + notes) or None,
-            facts=facts,
-            threads=merge_threads(result.threads or [], threads),
-            raw=result.raw,
+            facts=_bound_facts(facts),
+            threads=kept,
+            threads_cut=threads_cut,
+            raw=excerpt(result.raw),
         )
     finally:
         if hook_file is not None:
             hook_file.close()
         process.close()
+
+
+def _bound_facts(facts: ProcessFacts) -> ProcessFacts:
+    """``facts`` with a command line of at most ``MAX_ARGS`` arguments of ``MAX_TEXT``
+    characters (a worker's is as long as it likes: megabytes)."""
+    args = facts.cmdline[:MAX_ARGS]
+    cmdline = [a if len(a) <= MAX_TEXT else a[: MAX_TEXT - 3] + "..." for a in args]
+    if len(facts.cmdline) > MAX_ARGS:
+        cmdline.append(f"[... {len(facts.cmdline) - MAX_ARGS} more arguments]")
+    if cmdline == facts.cmdline:
+        return facts
+    return msgspec.structs.replace(facts, cmdline=cmdline)

@@ -6,19 +6,31 @@ handler runs even while a thread holds the GIL in C.
 The signal is sent only if the worker catches it (an uncaught SIGUSR1 would kill it:
 ``/proc/PID/status`` SigCgt tells) and some thread does not block it; the file is read
 only if it is a regular file of the worker's own (never a FIFO or a device, whose open or
-read could block or act; never another user's file the worker holds open). A signal
-handler interrupts the system call its thread is in, and some (``nanosleep``) are not
-restarted: C code that does not retry returns early, as it would for any signal.
+read could block or act; never another user's file the worker holds open) on a local
+file system (``SAFE_FILE_SYSTEMS``): a FUSE server the worker runs, or a hung NFS
+``$TMPDIR``, could leave a read, a ``stat`` or the flush of a ``close`` waiting forever,
+and with them the capture helper and every tool it starts after (a descriptor it holds is
+flushed again in each child that closes it at its exec). Which file system holds the file
+is read from ``/proc`` (``fdinfo``'s ``mnt_id`` and ``mountinfo``), never asked of the
+file system itself; the file is then opened as a path (``O_PATH``: no open, no flush),
+checked, and only then re-opened for reading, so the file checked is the file read. Every
+system call on it is bounded by the capture's deadline all the same, and it is open
+only while the dump is read (``run_hook``), never while the capture starts a tool.
+
+A signal handler interrupts the system call its thread is in, and some (``nanosleep``)
+are not restarted: C code that does not retry returns early, as it would for any signal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal as _signal
 import stat
+import threading
 import time
-from typing import List, Optional, Set, Tuple, Union
+from typing import Callable, List, Optional, Set, Tuple, TypeVar, Union
 
 from ftimer_protocol import DumpHook
 from ftimer_server.core._incident import ThreadStack
@@ -27,69 +39,207 @@ from ._pinned import Process
 from ._procfs import ThreadFacts, bounded, read_status, signal_mask, thread_stack_mappings
 from ._stack_formats import MethodResult, match_faulthandler_threads, parse_faulthandler
 
-__all__ = ["HookFile", "prepare_hook", "run_hook"]
+__all__ = ["SAFE_FILE_SYSTEMS", "HookFile", "prepare_hook", "run_hook"]
+
+_T = TypeVar("_T")
 
 #: A dump is complete once it has stopped growing for this long.
 _QUIET = 0.05
 #: How often the file is looked at meanwhile (no event tells that a file grew).
 _POLL = 0.005
+#: What the wait for the dump leaves of the deadline for reading it.
+_READ_TIME = 0.02
+#: How long a close of the dump file is waited for (it never blocks on a local file
+#: system; if it did, it would go on in a thread of its own, the descriptor gone).
+_CLOSE_WAIT = 0.05
 #: At most this much of a dump is read.
 MAX_DUMP = 4 << 20
+#: The file systems (``/proc/PID/mountinfo``'s type) a dump file is read on: local
+#: ones, whose reads, ``stat`` and ``close`` never wait on another process or a network.
+#: FUSE (``fuse``, ``fuse.*``), NFS, CIFS/SMB, 9p, virtiofs, ceph and the rest are
+#: refused: the hook is not used.
+SAFE_FILE_SYSTEMS = frozenset(
+    {"tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs", "btrfs", "overlay", "f2fs", "bcachefs"}
+)
+#: At most this much of a ``mountinfo`` is read (a process may have many mounts).
+_MAX_MOUNTINFO = 8 << 20
 
 
 class HookFile:
-    """The worker's dump file, opened here through ``/proc/PID/fd/FD``; ``close()`` it.
+    """The worker's dump file, checked by ``prepare_hook``; open (``fd``) only while
+    ``run_hook`` reads the dump; ``close()`` it.
 
     Attributes:
         hook: the hook it belongs to.
-        fd: our descriptor of the file.
+        fd: our descriptor of the file, while open; else ``None``.
         start: where the worker's next write lands (its descriptor's offset).
+        identity: (``st_dev``, ``st_ino``) of the file checked: the file opened later
+            must be it. ``None``: not checked.
+        uids: the worker's uids, one of which must own the file (empty: not checked).
     """
 
-    def __init__(self, hook: DumpHook, fd: int, start: int) -> None:
+    def __init__(
+        self,
+        hook: DumpHook,
+        fd: Optional[int],
+        start: int,
+        identity: Optional[Tuple[int, int]] = None,
+        uids: Optional[Set[int]] = None,
+    ) -> None:
         self.hook = hook
         self.fd = fd
         self.start = start
+        self.identity = identity
+        self.uids: Set[int] = uids or set()
 
-    def position(self, pid: int) -> int:
+    def open(self, pid: int, deadline: float) -> Optional[str]:
+        """Open the file for reading (checked again), by ``deadline``; return why not.
+        Already open: nothing is done."""
+        if self.fd is not None:
+            return None
+        path = f"/proc/{pid}/fd/{self.hook.fd}"
+        try:
+            opened = _bounded_open(
+                lambda: _open_dump_file(pid, self.hook.fd, self.uids, read=True), deadline
+            )
+        except OSError as e:
+            return f"dump hook: {path}: {e.strerror or e}"
+        if opened is None:
+            return f"dump hook: {path} could not be opened by the deadline"
+        if isinstance(opened, str):
+            return opened
+        fd, st = opened
+        assert fd is not None  # opened to read
+        if self.identity is not None and (st.st_dev, st.st_ino) != self.identity:
+            _close(fd)
+            return f"dump hook: {path} is another file than the one checked: not read"
+        self.fd = fd
+        return None
+
+    def size(self, deadline: float) -> int:
+        """The file's size.
+
+        Raises:
+            OSError: it cannot be examined (not open, or no answer by ``deadline``).
+        """
+        fd = self.fd
+        if fd is None:
+            raise OSError("the dump file is not open")
+        done, st = bounded(lambda: os.fstat(fd), deadline)
+        if not done or st is None:
+            raise TimeoutError("the dump file's size could not be read by the deadline")
+        return st.st_size
+
+    def position(self, pid: int, deadline: float) -> int:
         """How far the worker has written: its descriptor's offset while it lives, the
         file's size after.
 
         Raises:
-            OSError: our descriptor cannot be examined.
+            OSError: our descriptor cannot be examined by ``deadline``.
         """
         offset = _fd_offset(pid, self.hook.fd)
-        return offset if offset is not None else os.fstat(self.fd).st_size
+        return offset if offset is not None else self.size(deadline)
 
     def close(self) -> None:
-        """Close our descriptor."""
-        os.close(self.fd)
+        """Close our descriptor, if open: at once (the descriptor is gone when this
+        returns), a close that waited going on in a thread of its own."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            _close(fd)
 
 
-def _fd_offset(pid: int, fd: int) -> Optional[int]:
+def _close(fd: int) -> None:
+    # A thread's close() takes the descriptor out of the table first, then flushes: once
+    # the thread has begun, no fork inherits the descriptor, whatever the flush does.
+    begun = threading.Event()
+
+    def close() -> None:
+        begun.set()
+        os.close(fd)
+
+    with contextlib.suppress(OSError):
+        bounded(close, time.monotonic() + _CLOSE_WAIT)
+    begun.wait()
+
+
+def _fdinfo(path: str, key: bytes) -> Optional[int]:
+    """A number from an ``fdinfo`` file (``pos:``, ``mnt_id:``); ``None`` if unreadable."""
     try:
-        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+        with open(path, "rb") as f:
             for line in f:
-                if line.startswith(b"pos:"):
+                if line.startswith(key):
                     return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return None
 
 
+def _fd_offset(pid: int, fd: int) -> Optional[int]:
+    return _fdinfo(f"/proc/{pid}/fdinfo/{fd}", b"pos:")
+
+
+def _file_system(fdinfo: str, pid: int) -> Optional[str]:
+    """The type of the file system of the descriptor whose ``fdinfo`` this is (from
+    ``mountinfo``, ours or the worker's: mount ids are the same in every namespace);
+    ``None`` if it cannot be told. Nothing asks the file system itself."""
+    mount = _fdinfo(fdinfo, b"mnt_id:")
+    if mount is None:
+        return None
+    prefix = f"{mount} ".encode()
+    for where in ("/proc/self/mountinfo", f"/proc/{pid}/mountinfo"):
+        try:
+            with open(where, "rb") as f:
+                data = f.read(_MAX_MOUNTINFO)
+        except OSError:
+            continue
+        for line in data.splitlines():
+            if line.startswith(prefix):
+                # "ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - TYPE SOURCE ..."
+                # (spaces in names are escaped as \040).
+                _, sep, rest = line.partition(b" - ")
+                if sep:
+                    return rest.split(b" ", 1)[0].decode(errors="replace")
+    return None
+
+
+def _unsafe(kind: Optional[str], path: str, pid: int) -> Optional[str]:
+    """Why a file on a file system of type ``kind`` is not read; ``None``: it is read."""
+    if kind in SAFE_FILE_SYSTEMS:
+        return None
+    if kind is None:
+        return (
+            f"dump hook: {path}: its file system is not in /proc/{pid}/mountinfo: not "
+            "read, signal not sent"
+        )
+    return (
+        f"dump hook: {path} is on a {kind} file system, whose reads and closes may never "
+        "return (only local ones are read): not read, signal not sent"
+    )
+
+
+def _names_a_path(link: str) -> bool:
+    # A pipe's or a socket's link reads "pipe:[N]", "socket:[N]": not a path. Reading a
+    # /proc link asks no file system.
+    try:
+        return os.readlink(link).startswith("/")
+    except OSError:
+        return True
+
+
 def prepare_hook(
     process: Process, hook: DumpHook, threads: List[ThreadFacts], deadline: float
 ) -> Union[HookFile, str]:
-    """Check that the worker's hook may be used and open its file, by ``deadline``.
+    """Check that the worker's hook may be used and its file read, by ``deadline``. The
+    file is not kept open: ``run_hook`` opens it.
 
     Args:
         process: the worker.
         hook: the hook it announced.
         threads: its threads, with their blocked-signal masks.
-        deadline: ``time.monotonic()`` by which the file must be open.
+        deadline: ``time.monotonic()`` by which the file must be checked.
 
     Returns:
-        The open file, or why the hook is not used (for people).
+        The file checked, or why the hook is not used (for people).
     """
     pid = process.pid
     name = signal_name(hook.signal)
@@ -110,53 +260,120 @@ def prepare_hook(
     uids = {int(u) for u in status.get("Uid", "").split() if u.isdigit()}
     path = f"/proc/{pid}/fd/{hook.fd}"
     try:
-        done, opened = bounded(lambda: _open_dump_file(path, uids), deadline)
+        opened = _bounded_open(lambda: _open_dump_file(pid, hook.fd, uids, read=False), deadline)
     except OSError as e:
         return f"dump hook: {path}: {e.strerror or e}"
-    if not done or opened is None:
+    if opened is None:
         return f"dump hook: {path} could not be opened by the deadline"
     if isinstance(opened, str):
         return opened
-    fd, size = opened
+    _, st = opened
     offset = _fd_offset(pid, hook.fd)
-    return HookFile(hook, fd, offset if offset is not None else size)
+    return HookFile(
+        hook,
+        None,
+        offset if offset is not None else st.st_size,
+        identity=(st.st_dev, st.st_ino),
+        uids=uids,
+    )
 
 
-def _open_dump_file(path: str, uids: Set[int]) -> Union[Tuple[int, int], str]:
-    """Open the worker's dump file read-only; return (fd, size) or why not.
+_Opened = Union[Tuple[Optional[int], os.stat_result], str]
+
+
+def _bounded_open(open_: Callable[[], _Opened], deadline: float) -> Optional[_Opened]:
+    """``open_()`` by ``deadline`` (``bounded``); ``None`` if it had not returned by
+    then, when the descriptor it opens later is closed, never left open."""
+    lock = threading.Lock()
+    late: List[bool] = []
+    result: List[_Opened] = []
+
+    def call() -> _Opened:
+        opened = open_()
+        with lock:
+            if not late:
+                result.append(opened)
+            elif not isinstance(opened, str) and opened[0] is not None:
+                _close(opened[0])
+        return opened
+
+    done, _ = bounded(call, deadline)
+    with lock:
+        if done and result:
+            return result[0]
+        late.append(True)
+        for opened in result:  # returned just after the deadline
+            if not isinstance(opened, str) and opened[0] is not None:
+                _close(opened[0])
+    return None
+
+
+def _open_dump_file(pid: int, number: int, uids: Set[int], *, read: bool) -> _Opened:
+    """Check the worker's dump file (descriptor ``number``); with ``read``, open it
+    read-only. Return (our descriptor or ``None``, its stat) or why not.
 
     Raises:
-        OSError: the file vanished between its open and its check.
+        OSError: the file could not be examined.
     """
-    try:
-        before = os.stat(path)
-    except OSError as e:
-        return f"dump hook: {path}: {e.strerror or e}"
-    if not stat.S_ISREG(before.st_mode):
+    path = f"/proc/{pid}/fd/{number}"
+    # Its file system first, from /proc alone: a file on a FUSE or NFS mount is never
+    # touched, not even by the walk to it.
+    kind = _file_system(f"/proc/{pid}/fdinfo/{number}", pid)
+    if kind is None and not _names_a_path(path):  # a pipe, a socket: in no mount
         return f"dump hook: {path} is not a regular file: not read, signal not sent"
-    if uids and before.st_uid not in uids:
-        return f"dump hook: {path} belongs to uid {before.st_uid}, not to the worker: not read"
+    why = _unsafe(kind, path, pid)
+    if why is not None:
+        return why
+    # As a path: no open of the file system's own, and no flush at its close. Checked
+    # again on this descriptor: the worker may have put another file under its number.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as e:
         return f"dump hook: {path}: {e.strerror or e}"
-    after = os.fstat(fd)
-    if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino) or not stat.S_ISREG(
-        after.st_mode
-    ):
-        os.close(fd)
-        return f"dump hook: {path} changed while it was opened: not read"
-    return fd, after.st_size
+    try:
+        why = _unsafe(_file_system(f"/proc/self/fdinfo/{handle}", pid), path, pid)
+        if why is not None:
+            return why
+        st = os.fstat(handle)
+        if not stat.S_ISREG(st.st_mode):
+            return f"dump hook: {path} is not a regular file: not read, signal not sent"
+        if uids and st.st_uid not in uids:
+            return f"dump hook: {path} belongs to uid {st.st_uid}, not to the worker: not read"
+        if not read:
+            return None, st
+        # The very file checked: the one our path descriptor holds.
+        fd = os.open(
+            f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        )
+        return fd, st
+    finally:
+        os.close(handle)  # a path's close flushes nothing
 
 
 def run_hook(
     process: Process, hook_file: HookFile, threads: List[ThreadFacts], deadline: float
 ) -> MethodResult:
-    """Send the hook's signal and read the dump until it stops growing, the worker exits
-    or ``deadline`` comes; parse it. Threads are paired with their kernel ids where their
-    stacks tell (``match_faulthandler_threads``); the others get tid 0."""
+    """Open the dump file, send the hook's signal and read the dump until it stops
+    growing, the worker exits or ``deadline`` comes; parse it; close the file. Threads
+    are paired with their kernel ids where their stacks tell
+    (``match_faulthandler_threads``); the others get tid 0. Every system call on the
+    file is bounded by ``deadline``."""
+    try:
+        return _run_hook(process, hook_file, threads, deadline)
+    finally:
+        hook_file.close()
+
+
+def _run_hook(
+    process: Process, hook_file: HookFile, threads: List[ThreadFacts], deadline: float
+) -> MethodResult:
     pid = process.pid
     name = signal_name(hook_file.hook.signal)
+    why = hook_file.open(pid, deadline)
+    if why is not None:
+        return MethodResult(error=f"{why}: {name} not sent")
+    fd = hook_file.fd
+    assert fd is not None
     # The stacks' mappings are read before the signal: the handler moves one thread.
     mapped: Optional[List[Tuple[int, int]]] = None
     if any(t.sp is not None for t in threads):
@@ -170,22 +387,31 @@ def run_hook(
         return MethodResult(error=f"dump hook: {name} could not be sent: {e}")
     last = hook_file.start
     grew = time.monotonic()
+    stop = deadline - _READ_TIME  # what is left is for reading the dump
     while True:
         now = time.monotonic()
         try:
-            end = hook_file.position(pid)
+            end = hook_file.position(pid, deadline)
             if not process.alive():  # it wrote all it will
-                last = max(last, os.fstat(hook_file.fd).st_size)
+                last = max(last, hook_file.size(deadline))
                 break
         except OSError:
             break
         if end > last:
             last, grew = end, now
-        if (last > hook_file.start and now - grew >= _QUIET) or now >= deadline:
+        if (last > hook_file.start and now - grew >= _QUIET) or now >= stop:
             break
-        _wait_exit(process, min(_POLL, max(0.0, deadline - now)))
+        _wait_exit(process, min(_POLL, max(0.0, stop - now)))
     length = min(last - hook_file.start, MAX_DUMP)
-    data = os.pread(hook_file.fd, length, hook_file.start) if length > 0 else b""
+    data = b""
+    if length > 0:
+        try:
+            done, read = bounded(lambda: os.pread(fd, length, hook_file.start), deadline)
+        except OSError as e:
+            return MethodResult(error=f"dump hook: the dump could not be read: {e}")
+        if not done or read is None:
+            return MethodResult(error="dump hook: the dump could not be read by the deadline")
+        data = read
     text = data.decode(errors="replace")
     parsed = parse_faulthandler(text)
     if not parsed:

@@ -30,7 +30,7 @@ from typing import IO, Dict, Optional, Tuple, Union
 import msgspec
 
 from ftimer_protocol import DumpHook
-from ftimer_server.core._incident import Incident
+from ftimer_server.core._incident import Capture, Incident
 from ftimer_server.core._report import annotate
 
 from ._capture import CaptureOptions, capture
@@ -51,6 +51,10 @@ NICENESS = 10
 THREADS = 16
 #: Jobs handed to a helper that has not read them yet, beyond which more fail at once.
 MAX_UNSENT = 256
+#: The most an incident's record may take, whatever the store's ``max_bytes`` (its text
+#: takes about as much again): eight captures of ``_stack_formats``' bounds fit in it
+#: with room; more peers than that have their stacks cut.
+MAX_INCIDENT_BYTES = 16 << 20
 _LENGTH = struct.Struct("!I")
 
 
@@ -98,6 +102,7 @@ class HelperGone(Exception):
 
 
 _encoder = msgspec.msgpack.Encoder()
+_json = msgspec.json.Encoder()
 _frames = msgspec.msgpack.Decoder(_Frame)
 _dones = msgspec.msgpack.Decoder(Done)
 
@@ -353,11 +358,63 @@ def run_write(job: WriteJob) -> bytes:
     Raises:
         OSError: it could not be written.
     """
-    incident = annotate(job.incident)
+    budget = MAX_INCIDENT_BYTES
+    if job.where is not None:  # the record and its text both within the store's budget
+        budget = max(1, min(budget, job.where[2] // 2))
+    incident = fit(job.incident, budget)
     if job.where is not None:
         directory, keep, max_bytes = job.where
         IncidentStore(directory, keep=keep, max_bytes=max_bytes).write(incident)
     return _encoder.encode(incident) if job.want else b""
+
+
+def fit(incident: Incident, budget: int) -> Incident:
+    """``incident`` annotated, its captures' stacks cut (the outermost frames of every
+    thread in proportion, then all of them, then the raw outputs) until its record takes
+    at most ``budget`` bytes, or nothing is left to cut; what was cut is said in its
+    errors."""
+    annotated = annotate(incident)
+    size = len(_json.encode(annotated))
+    if size <= budget:
+        return annotated
+    whole = size
+    captures = incident.captures
+    for share in (0.8 * budget / size, 0.0, -1.0):
+        captures = [_cut_capture(c, share) for c in captures]
+        cut = msgspec.structs.replace(incident, captures=captures)
+        annotated = annotate(cut)
+        size = len(_json.encode(annotated))
+        if size <= budget:
+            break
+    said = (
+        f"the record ({whole} bytes) was more than the {budget} an incident may take: "
+        + (
+            "its stacks were cut to their innermost frames"
+            if share > 0
+            else "its stacks were left out"
+            if share == 0
+            else "its stacks and raw outputs were left out"
+        )
+        + ("" if size <= budget else f"; still {size} bytes")
+    )
+    return msgspec.structs.replace(annotated, errors=[*annotated.errors, said])
+
+
+def _cut_capture(capture: Capture, share: float) -> Capture:
+    """``capture`` with the innermost ``share`` of each thread's frames (none at 0; and
+    no raw output nor kernel stacks below 0)."""
+    threads = []
+    for t in capture.threads:
+        n = max(1, int(len(t.frames) * share)) if share > 0 and t.frames else 0
+        threads.append(
+            msgspec.structs.replace(
+                t,
+                frames=t.frames[:n],
+                frames_cut=t.frames_cut + len(t.frames) - n,
+                kernel_stack=t.kernel_stack if share >= 0 else None,
+            )
+        )
+    return msgspec.structs.replace(capture, threads=threads, raw=capture.raw if share >= 0 else "")
 
 
 def main() -> None:

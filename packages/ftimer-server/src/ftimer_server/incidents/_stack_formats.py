@@ -11,8 +11,9 @@ thread states too wherever that pairing is certain.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import msgspec
 
@@ -21,13 +22,50 @@ from ftimer_server.core._incident import Frame, ThreadStack
 from ._procfs import ThreadFacts
 
 __all__ = [
+    "MAX_CAPTURE_TEXT",
+    "MAX_FRAMES",
+    "MAX_RAW",
+    "MAX_TEXT",
+    "MAX_THREADS",
     "FaulthandlerThread",
     "MethodResult",
+    "bound_threads",
+    "excerpt",
     "match_faulthandler_threads",
     "merge_threads",
     "parse_faulthandler",
     "parse_py_spy",
+    "salvage_py_spy",
 ]
+
+# What one capture may hold, whatever the worker makes of its stacks (threads by the
+# thousand, recursion by the ten thousand, names of megabytes): eight of them, a host's
+# ranks, go through the helper and the server at once and into one incident, and the
+# DaemonSet of docs/deploy.md gives the two processes 256 MiB together.
+
+#: Threads kept per capture (the main thread and those running first): a PyTorch rank has
+#: a few dozen, OpenMP and NCCL add some more; beyond this they are counted, not shown.
+MAX_THREADS = 256
+#: Frames kept per thread, the innermost (where it waits): a stack deeper than this is a
+#: recursion whose repeated frames say nothing more. faulthandler itself stops at 100.
+MAX_FRAMES = 200
+#: Characters kept of a function or file name, a thread's name, a wait channel, a
+#: kernel stack line or an argument of the command line: real ones are well under this.
+MAX_TEXT = 256
+#: Characters of names (functions and files) a capture's stacks may hold in all: about
+#: 4,000 frames of real names, ~2 MiB of incident per capture at most, JSON and text.
+MAX_CAPTURE_TEXT = 512 << 10
+#: Characters kept of a method's own output (``raw``): its start, for when parsing it
+#: failed; the stacks themselves are in ``threads``.
+MAX_RAW = 64 << 10
+#: Arguments of the command line kept.
+MAX_ARGS = 256
+#: A frame's cost besides its names, in ``MAX_CAPTURE_TEXT``'s characters (line,
+#: native, the JSON and text around it).
+_FRAME_COST = 32
+#: Parsing py-spy's output takes a few times its size for a moment: at most this many
+#: captures parse at once, whatever the number capturing.
+_parsing = threading.BoundedSemaphore(2)
 
 
 @dataclass
@@ -36,16 +74,33 @@ class MethodResult:
 
     Attributes:
         threads: the stacks; ``None`` if the method failed.
-        raw: its output, as it came.
+        raw: the start of its output, as it came (``MAX_RAW``).
         error: why it failed, for people.
         retryable: it failed for a reason of its own (not ptrace refused, not the
             deadline, not the worker gone): another way of running it may succeed.
+        notes: what was left out of its output, for people.
     """
 
     threads: Optional[List[ThreadStack]] = None
     raw: str = ""
     error: Optional[str] = None
     retryable: bool = False
+    notes: Optional[List[str]] = None
+
+
+def excerpt(data: Union[str, bytes], limit: int = MAX_RAW) -> str:
+    """The start of a tool's output as text, at most ``limit`` characters, saying so if
+    there was more."""
+    more = len(data) - limit
+    text = data[:limit] if more > 0 else data
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return text + f"\n[... {more} more bytes not kept]" if more > 0 else text
+
+
+def _cut(text: str, limit: int = MAX_TEXT) -> str:
+    """``text``, at most ``limit`` characters of it (and "..." if cut)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _PySpyFrame(msgspec.Struct):
@@ -67,39 +122,129 @@ class _PySpyThread(msgspec.Struct):
 
 
 _PY_SPY = msgspec.json.Decoder(List[_PySpyThread])
+#: Where a thread of py-spy's pretty-printed JSON begins, and where it ends (a line of
+#: its own at that indent: JSON strings hold no newline).
+_THREAD_START = b"\n  {\n"
+_THREAD_END = b"\n  }"
 
 
-def parse_py_spy(text: str) -> List[ThreadStack]:
+def parse_py_spy(text: Union[str, bytes]) -> List[ThreadStack]:
     """Parse the output of ``py-spy dump --json`` (with or without ``--native``).
 
     Frames stay innermost first, as py-spy gives them; a native frame is one py-spy names
-    a module (shared object) for.
+    a module (shared object) for. Each thread keeps its innermost ``MAX_FRAMES`` frames
+    (``frames_cut`` counts the rest) and names their first ``MAX_TEXT`` characters.
 
     Raises:
         ValueError: it is not py-spy's JSON.
     """
-    try:
-        threads = _PY_SPY.decode(text.encode())
-    except msgspec.MsgspecError as e:
-        raise ValueError(f"py-spy's output is not the JSON expected: {e}") from None
-    return [
-        ThreadStack(
-            tid=t.os_thread_id or 0,
-            name=t.thread_name or (f"{t.thread_id:#x}" if t.thread_id else ""),
-            frames=[
-                Frame(
-                    function=f.name,
-                    file=f.filename or f.short_filename,
-                    line=max(0, f.line),
-                    native=f.module is not None,
-                )
-                for f in t.frames
-            ],
-            active=t.active,
-            gil=t.owns_gil,
+    data = text.encode() if isinstance(text, str) else text
+    with _parsing:
+        try:
+            threads = _PY_SPY.decode(data)
+        except msgspec.MsgspecError as e:
+            raise ValueError(f"py-spy's output is not the JSON expected: {e}") from None
+        return [_thread(t) for t in threads]
+
+
+def salvage_py_spy(head: bytes, tail: bytes) -> List[ThreadStack]:
+    """The threads whole in the start (``head``) and the end (``tail``) of py-spy's
+    pretty-printed JSON whose middle was not kept: py-spy lists the newest threads first,
+    so the end holds the main thread.
+
+    Raises:
+        ValueError: what was kept holds no thread whole, or is not py-spy's JSON.
+    """
+    parts: List[bytes] = []
+    end = head.rfind(_THREAD_END)
+    if end >= 0 and head.lstrip().startswith(b"["):
+        parts.append(head[: end + len(_THREAD_END)] + b"\n]")
+    start = tail.find(_THREAD_START)
+    if start >= 0 and tail.rstrip().endswith(b"]"):
+        parts.append(b"[" + tail[start:])
+    if not parts:
+        raise ValueError("py-spy's output was cut and no thread of it was kept whole")
+    return [thread for part in parts for thread in parse_py_spy(part)]
+
+
+def _thread(t: _PySpyThread) -> ThreadStack:
+    frames = t.frames[:MAX_FRAMES]
+    return ThreadStack(
+        tid=t.os_thread_id or 0,
+        name=_cut(t.thread_name or (f"{t.thread_id:#x}" if t.thread_id else "")),
+        frames=[
+            Frame(
+                function=_cut(f.name),
+                file=_cut(f.filename or f.short_filename),
+                line=max(0, f.line),
+                native=f.module is not None,
+            )
+            for f in frames
+        ],
+        active=t.active,
+        gil=t.owns_gil,
+        frames_cut=len(t.frames) - len(frames),
+    )
+
+
+def bound_threads(
+    threads: Sequence[ThreadStack], main: int
+) -> Tuple[List[ThreadStack], int, List[str]]:
+    """``threads`` as a capture keeps them: at most ``MAX_THREADS`` threads (the main
+    thread ``main`` first, then those with stacks, those running or holding the GIL
+    first), ``MAX_FRAMES`` frames each, names of ``MAX_TEXT`` characters, and names of
+    ``MAX_CAPTURE_TEXT`` characters in all (the threads kept first get their stacks
+    first); in their order.
+
+    Returns:
+        The threads kept, how many were left out, and what was cut, for people.
+    """
+
+    def rank(n: int) -> Tuple[bool, bool, bool, int]:
+        t = threads[n]
+        return (t.tid != main, not t.frames, not (t.active or t.gil), n)
+
+    order = sorted(range(len(threads)), key=rank)
+    kept = sorted(order[:MAX_THREADS])
+    dropped = len(threads) - len(kept)
+    budget = MAX_CAPTURE_TEXT
+    bounded: Dict[int, ThreadStack] = {}
+    deep = starved = 0
+    for n in sorted(kept, key=rank):
+        t = threads[n]
+        frames: List[Frame] = []
+        for f in t.frames[:MAX_FRAMES]:
+            frame = Frame(_cut(f.function), _cut(f.file), f.line, f.native)
+            cost = len(frame.function) + len(frame.file) + _FRAME_COST
+            if cost > budget:
+                break
+            budget -= cost
+            frames.append(frame)
+        cut = t.frames_cut + len(t.frames) - len(frames)
+        if len(frames) < min(len(t.frames), MAX_FRAMES):
+            starved += 1
+        elif cut:
+            deep += 1
+        kernel = t.kernel_stack
+        bounded[n] = msgspec.structs.replace(
+            t,
+            name=_cut(t.name),
+            frames=frames,
+            wchan=None if t.wchan is None else _cut(t.wchan),
+            kernel_stack=None if kernel is None else [_cut(k) for k in kernel[:MAX_FRAMES]],
+            frames_cut=cut,
         )
-        for t in threads
-    ]
+    notes = []
+    if dropped:
+        notes.append(f"{dropped} threads not shown (a capture keeps {MAX_THREADS})")
+    if deep:
+        notes.append(f"frames cut to the innermost {MAX_FRAMES} in {deep} threads")
+    if starved:
+        notes.append(
+            f"stacks of {starved} threads cut short or not shown (a capture keeps "
+            f"{MAX_CAPTURE_TEXT} characters of names)"
+        )
+    return [bounded[n] for n in kept], dropped, notes
 
 
 class FaulthandlerThread(msgspec.Struct, frozen=True):

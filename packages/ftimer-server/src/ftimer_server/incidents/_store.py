@@ -13,7 +13,12 @@ Retention: after each write the oldest incidents go until at most ``keep`` remai
 their files take at most ``max_bytes`` (the newest is always kept, however large). Every
 file whose name is an incident's id followed by a dot (its record, its text, and
 anything the server puts beside them, a core file say) belongs to that incident: it is
-counted, and removed with it. The directory belongs to one daemon.
+counted, and removed with it. A core is renamed ``<id>.core`` before its incident's
+record is written: an incident whose record cannot be written (a full disk) takes its
+core with it, and a file named as an incident's with no record (its helper killed
+between the two) is counted, and removed once older than any capture can be
+(``ORPHAN_AGE``). A core gcore is still writing (``core.<time>.<pid>``) is counted too.
+The directory belongs to one daemon.
 
 The directory is created 0700. One that exists must be a directory, not a symlink, owned
 by the server's user and writable by nobody else: incidents hold command lines and
@@ -66,6 +71,14 @@ _MAX_SCOPE = 40
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}$")
 RECORD = ".json"
 TEXT = ".txt"
+#: A file named as an incident's (``<id>.core``): an orphan if its record is missing.
+_INCIDENT_FILE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[0-9]+-[A-Za-z0-9_.-]*\.")
+#: A core gcore is writing (``_reap_extras.core_dump``), before its rename.
+_CORE_BEING_WRITTEN = re.compile(r"^core\.[0-9]{8}T[0-9]{6}\.[0-9]{3}Z\.[0-9]+$")
+#: Seconds after which a file of an incident with no record, or a core still named as
+#: gcore writes it, is a leftover: a capture lasts at most an hour (``IncidentOptions``),
+#: and its record is written as it ends.
+ORPHAN_AGE = 3600.0 + 300.0
 
 
 class IncidentError(Exception):
@@ -175,12 +188,13 @@ class IncidentStore:
         text = _text(incident).encode("utf-8", "replace")
         base = os.path.join(self.directory, incident.id)
         with self._lock, _locked(self.directory):
-            write_atomically(base + TEXT, text)
             try:
+                write_atomically(base + TEXT, text)
                 write_atomically(base + RECORD, record)
             except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(base + TEXT)
+                # Its text, and its core (renamed ``<id>.core`` before this write): with
+                # no record, nothing would ever count or prune them.
+                self._remove_files_of(incident.id)
                 raise
             self._prune()
         return base + RECORD
@@ -244,13 +258,48 @@ class IncidentStore:
             "of the id"
         )
 
+    def _remove_files_of(self, incident: str) -> None:
+        """Remove every file of ``incident`` (never one of another incident whose id it
+        begins); failures are logged."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError as e:
+            log.warning("cannot list %s: %s", self.directory, e.strerror or e)
+            return
+        ids = {n[: -len(RECORD)] for n in names if _is_record(n)} | {incident}
+        for name in names:
+            if _owner(name, ids) != incident:
+                continue
+            try:
+                os.unlink(os.path.join(self.directory, name))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("cannot remove %s: %s", name, e.strerror or e)
+
     def _prune(self) -> None:
         try:
-            incidents = self._incidents()
+            incidents, others = self._incidents()
         except OSError as e:
             log.warning("cannot prune incidents in %s: %s", self.directory, e)
             return
         total = sum(size for _, files in incidents for _, size in files)
+        total += sum(size for _, size, _ in others)
+        now = time.time()
+        for path, size, mtime in others:
+            # A leftover (its incident's record never written, a gcore killed with its
+            # helper) once older than any capture in progress can be.
+            if now - mtime < ORPHAN_AGE:
+                continue
+            try:
+                os.unlink(path)
+                log.warning("removed %s: a file of an incident with no record", path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("cannot remove %s: %s", path, e.strerror or e)
+                continue
+            total -= size
         excess = max(len(incidents) - self.keep, 0)
         for n, (_, files) in enumerate(incidents[:-1]):
             if n >= excess and total <= self.max_bytes:
@@ -266,10 +315,15 @@ class IncidentStore:
                     continue
                 total -= size
 
-    def _incidents(self) -> List[Tuple[str, List[Tuple[str, int]]]]:
-        """Every incident (oldest first) with its files and their sizes; leftover
+    def _incidents(
+        self,
+    ) -> Tuple[List[Tuple[str, List[Tuple[str, int]]]], List[Tuple[str, int, float]]]:
+        """Every incident (oldest first) with its files and their sizes; and the files
+        of no incident that take space all the same (path, size, mtime): files named as
+        an incident's whose record is missing, cores gcore is writing. Leftover
         temporary files of this store (a write cut short by a crash) are removed."""
         files: Dict[str, List[Tuple[str, int]]] = {}
+        others: List[Tuple[str, int, float]] = []
         names = sorted(os.listdir(self.directory))
         ids = {n[: -len(RECORD)] for n in names if _is_record(n)}
         for name in names:
@@ -287,7 +341,9 @@ class IncidentStore:
             owner = _owner(name, ids)
             if owner is not None:
                 files.setdefault(owner, []).append((path, st.st_size))
-        return sorted(files.items())
+            elif _INCIDENT_FILE.match(name) or _CORE_BEING_WRITTEN.match(name):
+                others.append((path, st.st_size, st.st_mtime))
+        return sorted(files.items()), others
 
 
 def _encode(incident: Incident) -> bytes:

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._pinned import Process
 from ._procfs import tracer_pid
-from ._stack_formats import MethodResult, parse_py_spy
+from ._stack_formats import MethodResult, excerpt, parse_py_spy, salvage_py_spy
 
 __all__ = ["PTRACE_ADVICE", "ToolRun", "py_spy_dump", "run_tool", "stop_tools"]
 
@@ -34,8 +34,16 @@ __all__ = ["PTRACE_ADVICE", "ToolRun", "py_spy_dump", "run_tool", "stop_tools"]
 _KILL_WAIT = 0.025
 #: The most of a tool's output that is read (stdout and stderr together); a tool that
 #: writes more is killed. py-spy's dump is as large as the worker makes its stacks (deep
-#: recursion, many threads, long names), and the helper holds it whole.
+#: recursion, many threads, long names): this bounds the time spent reading it, and
+#: ``PY_SPY_KEPT`` what is held of it.
 MAX_OUTPUT = 64 << 20
+#: The most of py-spy's output held (its start and its end, half each; the middle is
+#: read and dropped): its JSON takes ~350 bytes a frame, so 4 MiB is ~12,000 frames, 60
+#: threads 200 deep, several times a real worker's; parsed, each thread keeps its
+#: innermost frames only (``_stack_formats``). Eight captures at once hold 32 MiB.
+PY_SPY_KEPT = 4 << 20
+#: The most of a tool's stderr held: its error message, in a line.
+_ERR_KEPT = 64 << 10
 #: Runs a command with a cap on the size of the files it writes (``RLIMIT_FSIZE``, set
 #: before the exec: inherited by whatever the command starts, gcore's gdb say). Python,
 #: not ``preexec_fn``, which may deadlock in a process with threads.
@@ -62,7 +70,8 @@ class ToolRun:
     Attributes:
         returncode: its exit status; ``None`` if it was killed (at the deadline, or for
             writing more than ``MAX_OUTPUT`` bytes), or ``gone``.
-        out, err: what it wrote (what it had written, if killed; nothing if ``gone``).
+        out, err: what it wrote (what it had written, if killed; nothing if ``gone``);
+            with ``keep``, the start of its stdout.
         seconds: how long it ran.
         too_long: it was killed for writing more than ``MAX_OUTPUT`` bytes.
         gone: the process was gone before the tool started (then it was not started) or
@@ -76,6 +85,8 @@ class ToolRun:
     seconds: float
     too_long: bool = False
     gone: bool = False
+    tail: bytes = b""
+    dropped: int = 0
 
 
 def run_tool(
@@ -87,13 +98,16 @@ def run_tool(
     env: Optional[Dict[str, str]] = None,
     max_file_bytes: Optional[int] = None,
     thread: Optional[int] = None,
+    keep: Optional[int] = None,
 ) -> ToolRun:
     """Run ``command`` against ``process`` until it exits, or until ``deadline`` comes or
     it has written more than ``MAX_OUTPUT`` bytes (then its process group is killed);
     SIGCONT ``process`` after if ``resume``. With ``max_file_bytes``, no file it writes
     grows past that many bytes (a write beyond fails with ``EFBIG``, or ``SIGXFSZ`` kills
     it). With ``thread``, the command names that thread of ``process`` (its main thread
-    has exited), which must live too.
+    has exited), which must live too. With ``keep``, only the first and the last
+    ``keep // 2`` bytes of its stdout are held (``out`` and ``tail``; ``dropped`` counts
+    the bytes between).
 
     Raises:
         OSError: the tool could not be started.
@@ -119,7 +133,7 @@ def run_tool(
     returncode: Optional[int] = None
     gone = False
     try:
-        out, err, ended = _read(child, deadline)
+        out, tail, dropped, err, ended, total = _read(child, deadline, keep)
         if ended:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 returncode = child.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -132,10 +146,12 @@ def run_tool(
             process.resume()
         with _running_lock:
             del _running[child.pid]
-    too_long = len(out) + len(err) > MAX_OUTPUT
+    too_long = total > MAX_OUTPUT
     if gone:
         return ToolRun(None, b"", b"", time.monotonic() - started, gone=True)
-    return ToolRun(returncode, out, err, time.monotonic() - started, too_long)
+    return ToolRun(
+        returncode, out, err, time.monotonic() - started, too_long, tail=tail, dropped=dropped
+    )
 
 
 def _present(process: Process, thread: Optional[int]) -> bool:
@@ -165,16 +181,50 @@ def stop_tools() -> None:
             process.resume()
 
 
-def _read(child: subprocess.Popen[bytes], deadline: float) -> Tuple[bytes, bytes, bool]:
+class _Kept:
+    """What is held of one output stream: all of it, or (with ``keep``) its first and
+    last ``keep // 2`` bytes."""
+
+    def __init__(self, keep: Optional[int]) -> None:
+        self.half = None if keep is None else keep // 2
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        if self.half is None:
+            self.head += data
+            return
+        room = self.half - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        self.tail += data
+        over = len(self.tail) - self.half
+        if over > 0:
+            del self.tail[:over]
+            self.dropped += over
+
+
+def _read(
+    child: subprocess.Popen[bytes], deadline: float, keep: Optional[int] = None
+) -> Tuple[bytes, bytes, int, bytes, bool, int]:
     """What ``child`` writes to its stdout and stderr (closed after), until it closes
     both (True), or until ``deadline`` comes or it has written more than ``MAX_OUTPUT``
-    bytes (False)."""
+    bytes (False): (the start of its stdout, its end, the bytes dropped between, its
+    stderr, whether it closed both, the bytes written). Without ``keep``, all its stdout
+    is the start; with it, ``keep`` bytes at most. Its stderr is kept to ``_ERR_KEPT``
+    bytes if ``keep`` is given."""
     streams = [child.stdout, child.stderr]
-    parts: Dict[int, List[bytes]] = {stream.fileno(): [] for stream in streams if stream}
+    out = _Kept(keep)
+    err = _Kept(None)
+    kept = {child.stdout.fileno(): out} if child.stdout else {}
+    if child.stderr:
+        kept[child.stderr.fileno()] = err
     total = 0
     try:
         with selectors.DefaultSelector() as selector:
-            for fd in parts:
+            for fd in kept:
                 selector.register(fd, selectors.EVENT_READ)
             while selector.get_map() and total <= MAX_OUTPUT:
                 remaining = deadline - time.monotonic()
@@ -183,7 +233,9 @@ def _read(child: subprocess.Popen[bytes], deadline: float) -> Tuple[bytes, bytes
                 for key, _ in selector.select(remaining):
                     data = os.read(key.fd, 1 << 16)
                     if data:
-                        parts[key.fd].append(data)
+                        sink = kept[key.fd]
+                        if keep is None or sink is out or len(err.head) < _ERR_KEPT:
+                            sink.add(data)
                         total += len(data)
                     else:
                         selector.unregister(key.fd)
@@ -192,8 +244,7 @@ def _read(child: subprocess.Popen[bytes], deadline: float) -> Tuple[bytes, bytes
         for stream in streams:
             if stream is not None:
                 stream.close()
-    out, err = (b"".join(chunks) for chunks in parts.values())
-    return out, err, ended
+    return bytes(out.head), bytes(out.tail), out.dropped, bytes(err.head), ended, total
 
 
 def _kill(child: subprocess.Popen[bytes]) -> None:
@@ -245,20 +296,32 @@ def py_spy_dump(
     # Its errors without a Rust backtrace, whatever the server's environment says.
     env = dict(os.environ, RUST_BACKTRACE="0", RUST_LIB_BACKTRACE="0")
     try:
-        run = run_tool(command, process, deadline, resume=resume, env=env, thread=thread)
+        run = run_tool(
+            command, process, deadline, resume=resume, env=env, thread=thread, keep=PY_SPY_KEPT
+        )
     except OSError as e:
         return MethodResult(error=f"py-spy could not be started ({py_spy}): {e}")
     if run.too_long:
-        return MethodResult(
-            error=f"py-spy wrote more than {MAX_OUTPUT} bytes (the worker's stacks are as "
+        too_long = (
+            f"py-spy wrote more than {MAX_OUTPUT} bytes (the worker's stacks are as "
             "large as it makes them) and was killed"
+        )
+        try:  # the threads whole in its start are still worth it
+            threads = salvage_py_spy(run.out, b"")
+        except ValueError:
+            threads = None
+        if not threads:
+            return MethodResult(raw=excerpt(run.out), error=too_long)
+        return MethodResult(
+            threads=threads,
+            raw=excerpt(run.out),
+            notes=[f"{too_long}: the {len(threads)} threads whole in its start are shown"],
         )
     if run.gone:
         return MethodResult(
             error="py-spy: the worker exited before it could be read, or while it was "
             "(its pid may then have been another process's): what py-spy read is discarded"
         )
-    text = run.out.decode(errors="replace")
     if run.returncode is None:
         stuck = ", ".join(map(str, uninterruptible))
         why = (
@@ -267,7 +330,7 @@ def py_spy_dump(
             else "it did not finish"
         )
         return MethodResult(
-            raw=text,
+            raw=excerpt(run.out),
             error=f"py-spy did not finish within {run.seconds:.2f}s and was killed: {why}",
         )
     if run.returncode != 0:
@@ -285,10 +348,22 @@ def py_spy_dump(
         return MethodResult(
             error=f"py-spy failed (exit {run.returncode}): {message}", retryable=True
         )
+    raw = excerpt(run.out)
     try:
-        return MethodResult(threads=parse_py_spy(text), raw=text)
+        if not run.dropped:
+            return MethodResult(threads=parse_py_spy(run.out + run.tail), raw=raw)
+        threads = salvage_py_spy(run.out, run.tail)
     except ValueError as e:
-        return MethodResult(raw=text, error=str(e))
+        return MethodResult(raw=raw, error=str(e))
+    return MethodResult(
+        threads=threads,
+        raw=raw,
+        notes=[
+            f"py-spy's output ({len(run.out) + run.dropped + len(run.tail)} bytes) was "
+            f"more than the {PY_SPY_KEPT} kept: {run.dropped} bytes of its middle, and "
+            "the threads in them, not shown"
+        ],
+    )
 
 
 def _message(stderr: str) -> str:

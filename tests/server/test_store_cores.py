@@ -1,0 +1,147 @@
+"""Cores in the incident directory: a core whose incident's record cannot be written (a
+full disk) goes with it; files of incidents with no record are counted and pruned once
+old; cores gcore is still writing are counted; a core never fills the disk its record
+needs. Full disks are small tmpfs mounts of the test's own, unmounted at the end.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import List
+
+import pytest
+
+from ftimer_server.core._incident import Capture, Frame, Incident, ThreadStack
+from ftimer_server.incidents import _store
+from ftimer_server.incidents._diagnostics import _room_for_core
+from ftimer_server.incidents._pinned import Process
+from ftimer_server.incidents._reap_extras import core_dump
+from ftimer_server.incidents._store import IncidentStore, incident_id
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux")
+
+T0 = time.time() - 1000
+
+
+def make(n: int, raw: str = "") -> Incident:
+    created = T0 + n
+    stuck = Capture(
+        pid=4242,
+        method="py-spy",
+        threads=[ThreadStack(tid=4242, name="MainThread", frames=[Frame("step", "/t.py", 9)])],
+        raw=raw,
+    )
+    return Incident(
+        id=incident_id(created, 4242, "step"),
+        host="node-a",
+        created=created,
+        pid=4242,
+        scope_id="step",
+        signal=9,
+        deadline=100.0 + n,
+        captures=[stuck],
+    )
+
+
+def names(directory: pathlib.Path) -> List[str]:
+    return sorted(os.listdir(directory))
+
+
+@pytest.fixture
+def small_disk(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A 1 MiB tmpfs."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(small)]
+    if subprocess.run(mount, capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield small
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True, check=False)
+
+
+def test_core_of_an_unwritten_record_is_removed(small_disk: pathlib.Path) -> None:
+    directory = small_disk / "incidents"
+    store = IncidentStore(str(directory))
+    incident = make(1, raw="x" * (600 << 10))  # its record alone: ~600 KiB
+    core = directory / f"{incident.id}.core"  # renamed so by the capture, record to come
+    core.write_bytes(b"c" * (500 << 10))
+    with pytest.raises(OSError, match="No space left") as raised:
+        store.write(incident)
+    assert raised.value.errno == errno.ENOSPC
+    assert names(directory) == []  # no core left that nothing would count or prune
+    store.write(make(2))  # the space is there for the next
+    assert len(names(directory)) == 2
+
+
+def test_old_files_of_incidents_with_no_record_are_pruned(tmp_path: pathlib.Path) -> None:
+    store = IncidentStore(str(tmp_path))
+    store.write(make(1))
+    old = tmp_path / f"{make(2).id}.core"  # its helper killed before the record
+    old.write_bytes(b"c" * 1000)
+    long_ago = time.time() - _store.ORPHAN_AGE - 60
+    os.utime(old, (long_ago, long_ago))
+    fresh = tmp_path / f"{make(3).id}.core"  # its record is being written
+    fresh.write_bytes(b"c" * 1000)
+    unrelated = tmp_path / "notes.core"  # not named as an incident's: not ours to judge
+    unrelated.write_bytes(b"n")
+    store.write(make(4))
+    assert not old.exists()
+    assert fresh.exists()
+    assert unrelated.exists()
+
+
+def test_files_with_no_record_and_cores_being_written_are_counted(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = IncidentStore(str(tmp_path), max_bytes=100 << 10)
+    first = make(1)
+    store.write(first)
+    # gcore writing a core for an incident to come; and a fresh core of no record yet.
+    writing = tmp_path / "core.20260101T000000.000Z.4242"
+    writing.write_bytes(b"c" * (60 << 10))
+    fresh = tmp_path / f"{make(3).id}.core"
+    fresh.write_bytes(b"c" * (60 << 10))
+    store.write(make(2))
+    # Together over the budget: the oldest incident goes; the cores stay (in use).
+    assert not (tmp_path / f"{first.id}.json").exists()
+    assert (tmp_path / f"{make(2).id}.json").exists()
+    assert writing.exists()
+    assert fresh.exists()
+
+
+def test_a_core_never_fills_the_disk(small_disk: pathlib.Path) -> None:
+    # On a disk too small for it, gdb's core is cut short by ENOSPC and gcore says it
+    # saved it: capped below the free space, it stops at the cap and is refused.
+    if os.geteuid() != 0 or shutil.which("gcore") is None:
+        pytest.skip("needs root and gcore")
+    directory = small_disk / "incidents"
+    IncidentStore(str(directory))
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        time.sleep(0.3)  # up and asleep
+        room = _room_for_core(str(directory), max_bytes=256 << 10)
+        assert room < 1 << 20
+        process = Process.open(proc.pid, None, None)
+        try:
+            path, error = core_dump(
+                process, str(directory), max_bytes=room, deadline=time.monotonic() + 30
+            )
+        finally:
+            process.close()
+        assert path is None, "a core cut short by a full disk was kept"
+        assert error is not None
+        assert names(directory) == []
+        st = os.statvfs(directory)
+        assert st.f_bavail * st.f_frsize >= 256 << 10  # room left for the record
+    finally:
+        proc.kill()
+        proc.wait()

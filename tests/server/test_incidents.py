@@ -401,6 +401,34 @@ def test_an_incident_that_cannot_be_handed_on_loses_no_event(
         assert stuck.poll() is None  # a dry run
 
 
+def test_an_incident_with_no_thread_to_write_it_is_counted_and_not_awaited(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, workers, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Its writer could not start (TasksMax): it stayed counted as being written, and
+    # stop() waited for it until its time ran out.
+    import types
+
+    from ftimer_server.incidents import _diagnostics
+
+    class Thread(threading.Thread):
+        def start(self) -> None:
+            if self.name == "ftimer-incident-write":
+                raise RuntimeError("can't start new thread")  # what start() raises then
+            super().start()
+
+    fake = types.SimpleNamespace(**{**vars(threading), "Thread": Thread})
+    monkeypatch.setattr(_diagnostics, "threading", fake)
+    events: list[object] = []
+    options = IncidentOptions(directory=str(tmp_path / "i"), method="facts", timeout=5.0)
+    server = FileTimerServer(fifo_path, dry_run=True, incidents=options, on_event=events.append)
+    with server:
+        workers(fifo_path, 0, 0.2, "collective")
+        wait_until(lambda: server.incident_writes == (0, 1))
+        began = time.monotonic()
+    assert time.monotonic() - began < 3  # not the capture's 5 s and more
+    assert any(isinstance(e, Reaped) for e in events)
+
+
 CHILDREN = """
 import subprocess, sys, time
 from ftimer_client import FileTimerClient
@@ -520,6 +548,32 @@ def test_the_capture_helper_is_never_a_timers_process(fifo_path: pathlib.Path) -
         srv.sync()
     assert [(e.pid, e.reason) for e in rejected] == [(helper, RejectReason.SERVER_PROCESS)] * 2
     assert signaller.sent == []
+
+
+def test_closing_a_helper_that_does_not_die_is_bounded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A helper in a wait the kernel does not interrupt (a file system that never
+    # answers) outlives even SIGKILL until that wait ends: the server's stop waited for
+    # it without end.
+    from ftimer_server.incidents import _helper
+
+    monkeypatch.setattr(_helper, "_KILL_WAIT", 0.2)
+    helper = Helper()
+    process = helper._process
+    os.kill(process.pid, signal.SIGSTOP)  # our own helper: it reads no more jobs
+    wait = process.wait
+
+    def never_dies(timeout: Optional[float] = None) -> int:
+        raise subprocess.TimeoutExpired(process.args, timeout or 0.0)
+
+    monkeypatch.setattr(process, "wait", never_dies)
+    began = time.monotonic()
+    helper.close(timeout=0.1)
+    assert time.monotonic() - began < 5
+    assert "has not died 0.2 s after SIGKILL" in caplog.text
+    monkeypatch.setattr(process, "wait", wait)
+    assert process.wait(10) == -signal.SIGKILL
 
 
 def test_a_helper_that_stops_reading_never_blocks_the_submitter() -> None:

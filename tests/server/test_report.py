@@ -209,6 +209,16 @@ def test_render_shows_the_summary_the_tree_and_every_stack_innermost_last() -> N
     assert lines[-2:] == ["errors:", "  gcore: not installed"]
 
 
+def test_render_says_how_many_outer_frames_a_capture_left_out() -> None:
+    stuck = worker(100, 0, REDUCE)
+    [main] = stuck.threads
+    cut = msgspec.structs.replace(main, frames_cut=37)
+    text = render(annotate(incident([msgspec.structs.replace(stuck, threads=[cut])])))
+    lines = text.splitlines()
+    at = lines.index("    ... 37 outer frames not shown")
+    assert lines[at + 1] == '    File "/app/train.py", line 120, in <module>'  # then the rest
+
+
 def test_render_of_a_worker_without_threads_shows_the_raw_output_and_the_error() -> None:
     failed = Capture(
         pid=100, method="hook", error="hook: no dump within the budget", raw="Fatal Python\n..."

@@ -265,6 +265,8 @@ def _thread_lines(thread: ThreadStack) -> List[str]:
     what = doing_of(thread)
     head = f"  thread {thread.tid}{name}" + (f" [{'; '.join(flags)}]" if flags else "")
     lines = [head + (f": {what}" if what else "")]
+    if thread.frames_cut:  # the outermost: a traceback's top
+        lines.append(f"    ... {thread.frames_cut} outer frames not shown")
     for frame in reversed(thread.frames):
         if frame.native:
             where = f" in {frame.file}" if frame.file else ""

@@ -231,9 +231,17 @@ class Diagnostics:
                 return
             del self._incidents[incident]
             self._writing += 1
-        threading.Thread(
+        writer = threading.Thread(
             target=self._write, args=(pending,), name="ftimer-incident-write", daemon=True
-        ).start()
+        )
+        try:
+            writer.start()
+        except RuntimeError as e:  # no thread to be had (TasksMax): counted, not awaited
+            with self._settled:
+                self._writing -= 1
+                self._settled.notify_all()
+            self.write_errors += 1
+            logger.error("cannot write incident %s: %s", incident, e)
 
     def _write(self, pending: _Pending) -> None:
         """Write ``pending``'s incident (a thread of its own), then tell ``close()``."""

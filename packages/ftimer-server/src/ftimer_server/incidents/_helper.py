@@ -55,6 +55,8 @@ MAX_UNSENT = 256
 #: takes about as much again): eight captures of ``_stack_formats``' bounds fit in it
 #: with room; more peers than that have their stacks cut.
 MAX_INCIDENT_BYTES = 16 << 20
+#: Seconds the helper is waited for after SIGKILL.
+_KILL_WAIT = 5.0
 _LENGTH = struct.Struct("!I")
 
 
@@ -211,7 +213,16 @@ class Helper:
                 self._process.wait(1)
             except subprocess.TimeoutExpired:
                 self._process.kill()
-                self._process.wait()
+                try:
+                    # Bounded too: a process in a wait the kernel does not interrupt (a
+                    # file system that never answers) dies only when that wait ends.
+                    self._process.wait(_KILL_WAIT)
+                except subprocess.TimeoutExpired:
+                    logger.error(
+                        "the capture helper (pid %d) has not died %g s after SIGKILL: left",
+                        self._process.pid,
+                        _KILL_WAIT,
+                    )
         self._reader.join(5)
 
     def _write(

@@ -435,8 +435,8 @@ def _read_summary(path: str) -> IncidentSummary:
     return msgspec.structs.replace(summary, path=path)
 
 
-#: The largest record read: every capture's output is bounded (each tool's at 64 MiB).
-MAX_RECORD_BYTES = 1 << 30
+#: The largest record read: a server writes none over 16 MiB (``_helper.MAX_INCIDENT_BYTES``).
+MAX_RECORD_BYTES = 64 << 20
 
 
 def _versioned(path: str) -> bytes:

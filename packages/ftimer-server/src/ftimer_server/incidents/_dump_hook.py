@@ -97,22 +97,17 @@ class HookFile:
         Already open: nothing is done."""
         if self.fd is not None:
             return None
-        path = f"/proc/{pid}/fd/{self.hook.fd}"
-        try:
-            opened = _bounded_open(
-                lambda: _open_dump_file(pid, self.hook.fd, self.uids, read=True), deadline
-            )
-        except OSError as e:
-            return f"dump hook: {path}: {e.strerror or e}"
-        if opened is None:
-            return f"dump hook: {path} could not be opened by the deadline"
+        opened = _checked(pid, self.hook.fd, self.uids, deadline, read=True)
         if isinstance(opened, str):
             return opened
         fd, st = opened
         assert fd is not None  # opened to read
         if self.identity is not None and (st.st_dev, st.st_ino) != self.identity:
             _close(fd)
-            return f"dump hook: {path} is another file than the one checked: not read"
+            return (
+                f"dump hook: /proc/{pid}/fd/{self.hook.fd} is another file than the one "
+                "checked: not read"
+            )
         self.fd = fd
         return None
 
@@ -258,13 +253,7 @@ def prepare_hook(
     if status.get("State", " ")[0] in "Tt":
         return f"dump hook: the worker is stopped (state T) and runs no handler: {name} not sent"
     uids = {int(u) for u in status.get("Uid", "").split() if u.isdigit()}
-    path = f"/proc/{pid}/fd/{hook.fd}"
-    try:
-        opened = _bounded_open(lambda: _open_dump_file(pid, hook.fd, uids, read=False), deadline)
-    except OSError as e:
-        return f"dump hook: {path}: {e.strerror or e}"
-    if opened is None:
-        return f"dump hook: {path} could not be opened by the deadline"
+    opened = _checked(pid, hook.fd, uids, deadline, read=False)
     if isinstance(opened, str):
         return opened
     _, st = opened
@@ -279,6 +268,19 @@ def prepare_hook(
 
 
 _Opened = Union[Tuple[Optional[int], os.stat_result], str]
+
+
+def _checked(pid: int, number: int, uids: Set[int], deadline: float, *, read: bool) -> _Opened:
+    """``_open_dump_file`` by ``deadline``: (our descriptor or ``None``, its stat), or why
+    not (for people)."""
+    path = f"/proc/{pid}/fd/{number}"
+    try:
+        opened = _bounded_open(lambda: _open_dump_file(pid, number, uids, read=read), deadline)
+    except OSError as e:
+        return f"dump hook: {path}: {e.strerror or e}"
+    if opened is None:
+        return f"dump hook: {path} could not be opened by the deadline"
+    return opened
 
 
 def _bounded_open(open_: Callable[[], _Opened], deadline: float) -> Optional[_Opened]:

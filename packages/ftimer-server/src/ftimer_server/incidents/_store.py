@@ -268,14 +268,8 @@ class IncidentStore:
             return
         ids = {n[: -len(RECORD)] for n in names if _is_record(n)} | {incident}
         for name in names:
-            if _owner(name, ids) != incident:
-                continue
-            try:
-                os.unlink(os.path.join(self.directory, name))
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.warning("cannot remove %s: %s", name, e.strerror or e)
+            if _owner(name, ids) == incident:
+                _remove(os.path.join(self.directory, name))
 
     def _prune(self) -> None:
         try:
@@ -289,31 +283,17 @@ class IncidentStore:
         for path, size, mtime in others:
             # A leftover (its incident's record never written, a gcore killed with its
             # helper) once older than any capture in progress can be.
-            if now - mtime < ORPHAN_AGE:
-                continue
-            try:
-                os.unlink(path)
+            if now - mtime >= ORPHAN_AGE and _remove(path):
                 log.warning("removed %s: a file of an incident with no record", path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.warning("cannot remove %s: %s", path, e.strerror or e)
-                continue
-            total -= size
+                total -= size
         excess = max(len(incidents) - self.keep, 0)
         for n, (_, files) in enumerate(incidents[:-1]):
             if n >= excess and total <= self.max_bytes:
                 break
             # The record first: from then on, nobody lists a half-removed incident.
             for path, size in sorted(files, key=lambda f: not f[0].endswith(RECORD)):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    log.warning("cannot remove %s: %s", path, e.strerror or e)
-                    continue
-                total -= size
+                if _remove(path):
+                    total -= size
 
     def _incidents(
         self,
@@ -499,3 +479,15 @@ def load_incidents(paths: Sequence[str]) -> List[Incident]:
             raise IncidentError(f"no such file or directory: {path}")
     found.sort(key=lambda i: (i.created, i.host, i.id))
     return found
+
+
+def _remove(path: str) -> bool:
+    """Remove ``path``; False if it could not be (said in the log). Gone already: True."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("cannot remove %s: %s", path, e.strerror or e)
+        return False
+    return True

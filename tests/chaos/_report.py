@@ -24,7 +24,7 @@ LATE_LIMIT = 1.5
 class Interval:
     """A stretch of time in which the daemon could not be expected to reap on time: it
     was down (restart), stopped (SIGSTOP, full pipe) and reading its backlog, or reading
-    a junk flood (and, after a full pipe, judging deadlines a second behind)."""
+    a junk flood (and, after a full pipe, the woken writers' turn)."""
 
     kind: str
     start: float

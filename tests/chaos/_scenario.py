@@ -36,7 +36,7 @@ from _fleet import Fleet
 from _procs import DeathWatch, thread_ids
 from _report import Flood, Interval, Tally, failures, render, rows
 
-from ftimer_server.core._horizon import BLOCKED_WRITE
+from ftimer_server.core._horizon import SETTLE
 
 __all__ = ["FULL", "QUICK", "Chaos", "Plan"]
 
@@ -288,8 +288,8 @@ class Chaos:
         finally:
             writer.close()
         caught_up = self.daemon.wait_healthy(30.0)
-        # Deadlines are then judged BLOCKED_WRITE behind, for the writers that waited.
-        self.tally.excused.append(Interval("full pipe", stopped, caught_up + BLOCKED_WRITE))
+        # Judgement waits for the writers the read woke (SETTLE), after the backlog.
+        self.tally.excused.append(Interval("full pipe", stopped, caught_up + SETTLE))
         self.tally.full_pipes.append((size, resumed - stopped))
 
     def junk_floods(self, during: Callable[[], None]) -> None:
@@ -322,8 +322,8 @@ class Chaos:
             raise RuntimeError(f"flood writer {argv} failed: status {writer.status}")
         caught_up = self.daemon.wait_healthy(60.0)
         counted = decode_errors(self.daemon.status()["stats"]) - decode_errors(before)
-        # A flood fills the pipe: deadlines are then judged BLOCKED_WRITE behind.
-        self.tally.excused.append(Interval("flood", start, caught_up + BLOCKED_WRITE))
+        # A flood fills the pipe: judgement waits for the writers it held (SETTLE).
+        self.tally.excused.append(Interval("flood", start, caught_up + SETTLE))
         flood = Flood(kind, size, lines, caught_up - start)
         self.tally.floods.append(flood)
         self.tally.junk_sent += lines

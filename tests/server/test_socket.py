@@ -1107,9 +1107,7 @@ def test_a_full_queue_holds_judgement_back_for_the_senders_waiting_for_room(
     # net.unix.max_dgram_qlen is 10 by default: a queue the loop finds full has senders
     # waiting for room, a disarm begun before its deadline among them. They get in only
     # as the loop reads, after it noted the time: the deadlines they answer are judged
-    # BLOCKED_WRITE behind until the queue has been seen with room that long.
-    from ftimer_server.core._horizon import BLOCKED_WRITE
-
+    # once the read that made room, and their turn after it, are over.
     held, resume = threading.Event(), threading.Event()
     events = Events()
 
@@ -1166,7 +1164,7 @@ def test_a_full_queue_holds_judgement_back_for_the_senders_waiting_for_room(
             assert healthy.stdout.readline() == "released\n"  # type: ignore[union-attr]
             server.sync()
             assert code == -9
-            assert died - resumed >= BLOCKED_WRITE / 2  # judged behind, not at once
+            assert died - resumed < 5  # not held back for long either
             assert healthy.poll() is None
             assert [e.pid for e in events.of(Reaped)] == [hung.pid]  # type: ignore[attr-defined]
     finally:

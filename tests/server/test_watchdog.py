@@ -40,7 +40,7 @@ from ftimer_server import (
     Worker,
     WorkerGone,
 )
-from ftimer_server.core._horizon import BLOCKED_WRITE
+from ftimer_server.core._horizon import SETTLE
 from ftimer_server.core._reader import LineReader
 from ftimer_server.core._watchdog import REFUSAL_TTL, Watchdog
 from ftimer_server.daemon._state import decode_state, encode_state
@@ -322,22 +322,40 @@ def test_nothing_expires_while_held(rig: Rig) -> None:
     assert rig.signaller.sent == [(1000, 9)]
 
 
-def test_after_a_full_queue_deadlines_are_judged_a_blocked_write_behind(rig: Rig) -> None:
-    # A writer that found the pipe full waits for room with a disarm it began before
-    # its deadline: the reader's horizon no longer covers it, for BLOCKED_WRITE.
-    rig.apply(arm(scope="a", deadline=5.0), arm(scope="b", deadline=5.8))
-    rig.wd.horizon.full(5.5)
-    assert rig.wd.next_wakeup() == 5.0 + BLOCKED_WRITE  # not 5.0: no busy loop meanwhile
-    rig.at(5.9)
+def test_after_a_full_queue_judgement_waits_for_the_writers_it_held() -> None:
+    # A writer that found the pipe full waits for room with a disarm it began before its
+    # deadline: it goes in only after the read that made room. Until then, judgement
+    # stays at the last moment known safe.
+    rig = Rig()
+    rig.host.spawn(1000, start_time=100, parent=SERVER)
+    rig.apply(arm(scope="a", deadline=5.0), arm(scope="b", deadline=5.2))
+    rig.wd.horizon.read(4.9, False, 4.9)  # all read: safe up to 4.9
+    rig.wd.horizon.read(5.5, True, 5.6)  # found full at 5.5, read until 5.6
+    assert rig.wd.next_wakeup() == 5.6 + SETTLE  # not 5.0: no busy loop meanwhile
+    rig.wd.tick(5.6, 5.5)
     assert rig.signaller.sent == []
     rig.apply(Disarm(pid=1000, scope_id="a"))  # the waiting writer got in
-    rig.at(6.0)
-    assert rig.signaller.sent == []
-    # Clear since 5.5 for BLOCKED_WRITE: judged at the time again.
-    assert rig.wd.next_wakeup() == 5.5 + BLOCKED_WRITE
-    rig.at(5.5 + BLOCKED_WRITE)
+    rig.wd.horizon.read(5.7, False, 5.7)  # room, and the woken writers' turn is over
+    rig.wd.tick(5.7, 5.7)
     assert rig.signaller.sent == [(1000, 9)]
     assert [e.timer.scope_id for e in rig.events.of(Expired)] == ["b"]  # type: ignore[attr-defined]
+
+
+def test_a_queue_kept_full_holds_judgement_back_a_blocked_write_at_most() -> None:
+    # A flood that never ends must not stop every reap: a writer of ftimer's client gives
+    # up after its write_timeout (BLOCKED_WRITE by default), and its policy applies.
+    rig = Rig()
+    rig.host.spawn(1000, start_time=100, parent=SERVER)
+    rig.apply(arm(deadline=5.0))
+    rig.wd.horizon.read(4.0, False, 4.0)
+    for at in (5.0, 5.5, 5.9):
+        rig.wd.horizon.read(at, True, at + 0.05)
+        rig.wd.tick(at + 0.05, at)
+    assert rig.signaller.sent == []
+    assert rig.wd.next_wakeup() == pytest.approx(5.95 + SETTLE)  # should room be found
+    rig.wd.horizon.read(6.0, True, 6.05)
+    rig.wd.tick(6.05, 6.0)
+    assert rig.signaller.sent == [(1000, 9)]
 
 
 def test_report_only_timers_are_reported_not_signalled(rig: Rig) -> None:

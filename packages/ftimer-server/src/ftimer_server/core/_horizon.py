@@ -4,10 +4,13 @@ The reading rule (see ``ftimer_server.server._loop``) holds for lines that are i
 pipe or the socket's queue: what it holds when the loop notes the time holds every
 message written before. A queue found full breaks it: a writer then waits for room with
 a line it began to write before that moment (a disarm, before its deadline), and the
-line goes in only once the loop has read. For as long as a queue was found full lately,
-deadlines are judged ``BLOCKED_WRITE`` seconds behind: by then a waiting writer has
-written, or given up (the client's ``write_timeout``, 1 s by default, after which its
-failure policy applies).
+line goes in only once the loop has read, made room and woken it. So after a queue is
+found full, deadlines are judged no later than the last moment the queues were known to
+hold everything (``trusted``) until the read that made room has ended and ``SETTLE``
+more has passed (the woken writers' turn), and the queues are found with room again.
+Never more than ``BLOCKED_WRITE`` behind, though: a queue kept full for good (a flood)
+must not stop every reap, and a writer of ftimer's client waits no longer than that for
+room (its ``write_timeout``, 1 s by default) before its failure policy applies.
 """
 
 from __future__ import annotations
@@ -15,37 +18,46 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-__all__ = ["BLOCKED_WRITE", "Horizon"]
+__all__ = ["BLOCKED_WRITE", "SETTLE", "Horizon"]
 
-#: Seconds a writer that found the queue full may take to get its line in: the client's
-#: default ``write_timeout``.
+#: Seconds a writer that found the queue full may wait for room: the client's default
+#: ``write_timeout``. Judgement never lags further behind.
 BLOCKED_WRITE = 1.0
+#: Seconds the writers woken by a read are given to write, once it has ended (a woken
+#: thread runs within milliseconds, on a loaded host too).
+SETTLE = 0.01
 
 
 class Horizon:
-    """Remembers when a queue was last found full, and moves the horizon back for a while
-    after. Sans-I/O: times are passed in (monotonic seconds)."""
+    """Tracks whether the queues may hold back a writer. Sans-I/O: times are passed in
+    (monotonic seconds)."""
 
-    def __init__(self, blocked_write: float = BLOCKED_WRITE) -> None:
-        self._blocked_write = blocked_write
-        self._full_at = -math.inf
+    def __init__(self) -> None:
+        #: The last moment everything written before it was known read.
+        self.trusted = -math.inf
+        #: When the writers woken by the last read of a full queue have had their turn.
+        self.settled_at = -math.inf
+        self._full = False  # at the last read
 
-    def full(self, at: float) -> None:
-        """A queue was found full (or nearly) at ``at``: writers may be waiting for room."""
-        self._full_at = max(self._full_at, at)
+    def read(self, at: float, full: bool, ended: float) -> None:
+        """The loop noted the time ``at`` and read, until ``ended``, what the queues held
+        then; one of them was ``full`` (writers may be waiting for room)."""
+        self._full = full
+        if full:
+            self.settled_at = ended + SETTLE
+        elif at >= self.settled_at:
+            self.trusted = at
 
     def judged(self, read_at: float) -> float:
-        """The latest deadline that may be judged, all that was queued at ``read_at``
-        having been read: ``read_at`` itself, or ``BLOCKED_WRITE`` before it for a while
-        after a queue was found full."""
-        if read_at - self._full_at >= self._blocked_write:
+        """The latest deadline that may be judged now that everything queued at
+        ``read_at`` has been read."""
+        if not self._full and read_at >= self.settled_at:
             return read_at
-        return read_at - self._blocked_write
+        return max(self.trusted, read_at - BLOCKED_WRITE)
 
     def wakeup(self, deadline: Optional[float]) -> Optional[float]:
         """When a timer due at ``deadline`` can be judged (``None``: nothing due)."""
-        if deadline is None:
-            return None
-        # Either the queues stay clear until BLOCKED_WRITE after the last full one, or
-        # the deadline falls BLOCKED_WRITE behind, whichever comes first.
-        return max(deadline, min(deadline, self._full_at) + self._blocked_write)
+        if deadline is None or deadline <= self.trusted:
+            return deadline
+        # Once the queues have settled, or once the deadline lags BLOCKED_WRITE behind.
+        return max(deadline, min(self.settled_at, deadline + BLOCKED_WRITE))

@@ -151,8 +151,8 @@ class Watchdog:
         self._refused: Dict[int, Tuple[RejectReason, str, float, Optional[Worker]]] = {}
         self._now = 0.0
         self._hold_until = 0.0
-        #: Moves judgement back while a queue was found full lately (the I/O loop tells
-        #: it so): a writer may be waiting for room with a disarm.
+        #: Holds judgement back after a queue was found full (the I/O loop tells it what
+        #: it read): a writer may be waiting for room with a disarm.
         self.horizon = Horizon()
         self.timer_events = timer_events
         #: While set (a replay of a journal written by then, in clock ticks since boot),
@@ -277,11 +277,11 @@ class Watchdog:
         Args:
             now: the time.
             horizon: expire only timers whose deadline is at or before it (``now`` by
-                default), or, while a queue was found full lately, ``BLOCKED_WRITE``
-                before it (see ``Horizon``). The I/O loop passes the last moment
-                before which it has read everything written to it, so that no timer
-                expires while a disarm written before its deadline still waits to be
-                read.
+                default), or, after a queue was found full, at or before the last
+                moment known safe (see ``Horizon``). The I/O loop passes the last
+                moment before which it has read everything written to it, so that no
+                timer expires while a disarm written before its deadline still waits to
+                be read.
         """
         if now >= self._hold_until:
             judged = self.horizon.judged(now if horizon is None else min(horizon, now))

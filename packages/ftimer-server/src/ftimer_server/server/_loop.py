@@ -14,11 +14,12 @@ the bytes the pipe held then end at a message boundary and hold every message wr
 before that moment: a disarm written before its deadline is always applied before the
 deadline is judged, however much junk or backlog is in front of it. A pipe (or socket
 queue) found full is the exception: a writer may then be waiting for room with a line it
-began before that moment, so deadlines are judged a second behind for a while (see
-``core._horizon``). What one iteration reads is bounded by the pipe's size, so a flood
-delays reaps by at most the time it takes to read one pipe-full, and a second; it never
-makes a healthy worker look hung. On stop, the same read applies everything written
-before the stop.
+began before that moment, so judgement stays at the last moment known safe until the
+read that made room, and the woken writers' turn after it, are over (``core._horizon``;
+never more than a second behind). What one iteration reads is bounded by the pipe's
+size, so a flood delays reaps by at most the time it takes to read one pipe-full (and
+those few milliseconds); it never makes a healthy worker look hung. On stop, the same
+read applies everything written before the stop.
 """
 
 from __future__ import annotations
@@ -245,8 +246,7 @@ class Loop:
         tokens: List[str] = []
         horizon = time.monotonic()
         pending = fifo.pending()
-        if fifo.full(pending):
-            watchdog.horizon.full(horizon)
+        full = fifo.full(pending)
         while pending > 0:
             # Read and apply under one lock: a checkpoint (snapshot plus journal position)
             # never falls between the two.
@@ -266,8 +266,7 @@ class Loop:
             # Everything queued now (a sender whose datagram would overflow the queue
             # waits): sent before the horizon, so read before judging it.
             received = sock.receive()
-            if sock.full:
-                watchdog.horizon.full(horizon)
+            full = full or sock.full
             with self._lock:
                 # Released under the lock: the host reads a vouching pidfd under it too
                 # (register_timers() from another thread), never one being closed.
@@ -282,6 +281,7 @@ class Loop:
                             self._journal.keep(kept, self.reader.buffered)
                 finally:
                     sock.release()  # the batch's pidfds vouch for nothing after it
+        watchdog.horizon.read(horizon, full, time.monotonic() if full else horizon)
         return tokens, horizon
 
 

@@ -148,7 +148,7 @@ def test_a_sigkill_still_due_when_the_daemon_is_killed_is_sent_by_the_next(
     # lived in the first daemon's memory only: the next one never sent it, and the
     # stuck worker lived on.
     state = short_dir / "state.json"
-    args = ["--state-file", str(state), "--grace", "3"]
+    args = ["--state-file", str(state), "--grace", "2"]
     d = spawn(*args, name="first").ready()
     worker = subprocess.Popen(
         [PYTHON, "-c", STUBBORN, str(d.fifo)], stdout=subprocess.PIPE, text=True
@@ -156,15 +156,19 @@ def test_a_sigkill_still_due_when_the_daemon_is_killed_is_sent_by_the_next(
     try:
         assert worker.stdout is not None
         assert worker.stdout.readline() == "armed\n"
+        wait_until(lambda: saved_scopes(state) == ["step"], what="the arm saved")
+        armed_saved = state.stat().st_mtime_ns
         reaped = d.wait_for_record(where=lambda r: r.get("event") == "reaped")
         assert reaped["signal"] == signal.SIGTERM
-        wait_until(lambda: saved_signals(state) == [signal.SIGKILL], what="the SIGKILL due, saved")
+        # Saved again after the reap: the timer that decided it, as the worker armed it.
+        wait_until(lambda: state.stat().st_mtime_ns != armed_saved, what="the save after")
+        assert saved_signals(state) == [signal.SIGTERM]
         d.stop(signal.SIGKILL)
         assert worker.poll() is None  # SIGTERM ignored, SIGKILL not sent yet
         d = spawn(*args, name="second").ready()
-        assert worker.wait(PATIENCE) == -signal.SIGKILL
-        reaped = d.wait_for_record(where=lambda r: r.get("event") == "reaped")
-        assert (reaped["pid"], reaped["signal"]) == (worker.pid, signal.SIGKILL)
+        assert worker.wait(PATIENCE) == -signal.SIGKILL  # reaped again, then escalated
+        escalated = d.wait_for_record(where=lambda r: r.get("event") == "escalated")
+        assert (escalated["pid"], escalated["signal"]) == (worker.pid, signal.SIGKILL)
     finally:
         kill_and_close(worker)
 

@@ -7,7 +7,15 @@ from __future__ import annotations
 from typing import List, Optional
 
 from ftimer_protocol import Arm
-from ftimer_server import Escalated, Expired, Reaped, RecordingSignaller, WorkerGone
+from ftimer_server import (
+    Escalated,
+    Expired,
+    Policy,
+    Reaped,
+    RecordingSignaller,
+    Rejected,
+    WorkerGone,
+)
 from ftimer_server.core._host import CaptureRequest
 from ftimer_server.core._watchdog import Watchdog
 from ftimer_server.server._edge import SystemHost
@@ -30,7 +38,12 @@ class CapturingHost(SystemHost):
 
 
 class Rig:
-    def __init__(self, budget: Optional[float] = 2.0, escalate_after: Optional[float] = None):
+    def __init__(
+        self,
+        budget: Optional[float] = 2.0,
+        escalate_after: Optional[float] = None,
+        policy: Optional[Policy] = None,
+    ):
         self.inspector = FakeInspector()
         self.signaller = RecordingSignaller()
         self.host = CapturingHost(self.inspector, self.signaller)
@@ -38,6 +51,7 @@ class Rig:
         self.wd = Watchdog(
             host=self.host,
             server_pid=SERVER,
+            policy=policy,
             emit=self.events,
             capture_budget=budget,
             escalate_after=escalate_after,
@@ -179,19 +193,24 @@ def test_a_reap_not_finished_is_saved_and_a_restarted_server_finishes_it() -> No
     assert rig.signaller.sent == [(1001, 15)]
     saved = rig.wd.saved()
     assert rig.wd.armed() == []
-    assert sorted((t.pid, t.signal, t.deadline) for t in saved) == [(1000, 15, 5.0), (1001, 9, 8.5)]
+    # The timers that decided the reaps, as armed: a restart reaps again.
+    assert sorted((t.pid, t.signal, t.deadline) for t in saved) == [
+        (1000, 15, 5.0),
+        (1001, 15, 5.0),
+    ]
 
-    again = Rig(budget=None, escalate_after=3.0)  # the restarted server
+    # The restarted server, whose policy allows the workers SIGTERM alone: its own
+    # escalation is no worker's request, and is not refused.
+    again = Rig(budget=None, escalate_after=3.0, policy=Policy(allowed_signals=frozenset({15})))
     again.wd.restore(saved)
-    again.wd.tick(6.0)  # 1000's reap, at once
-    assert again.signaller.sent == [(1000, 15)]
-    again.wd.tick(8.4)
-    assert again.signaller.sent == [(1000, 15)]
-    again.wd.tick(8.5)  # 1001's SIGKILL, when it was due
-    assert again.signaller.sent == [(1000, 15), (1001, 9)]
+    again.wd.tick(6.0)  # reaped again, at once
+    assert again.signaller.sent == [(1000, 15), (1001, 15)]
+    assert again.events.of(Rejected) == []
+    again.wd.tick(9.0)  # the grace period's end: SIGKILL for those still alive
+    assert again.signaller.sent == [(1000, 15), (1001, 15), (1000, 9), (1001, 9)]
 
     changes = rig.wd.changes
-    rig.wd.tick(8.5)  # the first server's own: done, nothing left to save
+    rig.wd.tick(8.5)  # the first server's own: done, nothing left to save of 1001
     assert rig.signaller.sent == [(1001, 15), (1000, 15), (1001, 9)]
     assert rig.wd.changes != changes
-    assert sorted((t.pid, t.signal) for t in rig.wd.saved()) == [(1000, 9)]  # 1000's SIGKILL
+    assert [(t.pid, t.signal) for t in rig.wd.saved()] == [(1000, 15)]  # its SIGKILL due

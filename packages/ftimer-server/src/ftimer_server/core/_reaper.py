@@ -13,8 +13,6 @@ import itertools
 import math
 from typing import Dict, Generic, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
-import msgspec
-
 from ._events import Escalated, Reaped
 from ._host import KILL, CaptureRequest, Host, Peer
 from ._records import Timer, Worker
@@ -200,14 +198,13 @@ class Reaper:
         server that dies (``kill -9``, out of memory) between a reap's expiry and its
         signal, or its SIGKILL, must not leave the stuck worker to live on.
 
-        A reap waiting for its capture is its deciding timer (past its deadline) with the
-        signal the reap sends; a SIGKILL due after a grace period is that timer with
-        SIGKILL, due at the grace period's end.
+        Each is the timer that decided the reap, as the worker armed it (past its
+        deadline): a restarted server reaps again, and escalates after the grace period.
+        Not a SIGKILL timer of its own making: restored as a worker's request, it would
+        be refused where the policy allows the workers SIGTERM alone.
         """
-        replace = msgspec.structs.replace
-        timers = [replace(c.decider, signal=c.signal) for _, c in self._capturing.items()]
-        timers += [replace(t, deadline=due, signal=KILL) for due, (_, t) in self._pending.items()]
-        return timers
+        timers = [c.decider for _, c in self._capturing.items()]
+        return timers + [decider for _, (_, decider) in self._pending.items()]
 
 
 class _Capture:

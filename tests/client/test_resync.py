@@ -169,6 +169,24 @@ def test_a_resync_leaves_what_other_channels_armed_for_the_pid() -> None:
     assert server_state([decode(line) for line in server]) == {(PID, "exec:train"): 100.0}
 
 
+def test_the_last_disarms_delivered_are_sent_again_after_a_failure() -> None:
+    # A server killed before it read them (a socket's queue dies with it) restores their
+    # timers from its state file: the resync's disarm_all used to wipe them, and a resync
+    # without one must disarm them again, or the healthy worker is reaped.
+    state, lines = v2()
+    for scope in ("a", "b", "c"):
+        state.arm(scope, arm_line(lines, scope), owner=1)
+    state.disarm("a")  # delivered, as far as the client knows
+    state.disarm_all(owner=1, scopes=["b"])
+    state.failed(1.0)  # the server went away: the next delivery resynchronises
+    restored = [arm_line(lines, s) for s in ("a", "b", "c")]  # its state file
+    server = [decode(line) for line in [*restored, *state.backlog()]]
+    assert server_state(server) == {(PID, "c"): 100.0}
+    state.delivered()
+    state.failed(2.0)  # a later failure: the resync delivered them; not sent again
+    assert [decode(line) for line in state.backlog()] == [Arm(PID, "c", 100.0, 9, START)]
+
+
 def test_reset_forgets_everything_but_the_outage_count() -> None:
     state, lines = v2()
     state.arm("a", arm_line(lines, "a"), owner=1)

@@ -41,16 +41,22 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ne
 
 @contextlib.contextmanager
 def sleeper(*args: str) -> Iterator[int]:
-    """A sleeping Python (with ``args``), in a session of its own; its pid."""
+    """A sleeping Python (with ``args``), in a session of its own; its pid, once it runs
+    (before its exec, /proc shows no command line of its own)."""
+    script = "import time; print('ready', flush=True); time.sleep(60)"
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)", *args], start_new_session=True
+        [sys.executable, "-c", script, *args], start_new_session=True, stdout=subprocess.PIPE
     )
     try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
         yield proc.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # its own session: ours alone
         proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def fake_py_spy(tmp_path: pathlib.Path, threads: List[dict]) -> str:

@@ -573,7 +573,8 @@ def test_closing_a_helper_that_does_not_die_is_bounded(
     assert time.monotonic() - began < 5
     assert "has not died 0.2 s after SIGKILL" in caplog.text
     monkeypatch.setattr(process, "wait", wait)
-    assert process.wait(10) == -signal.SIGKILL
+    # (SIGTERM, sent before, may be dequeued first by the stopped helper)
+    assert process.wait(10) in (-signal.SIGTERM, -signal.SIGKILL)
 
 
 def test_a_helper_that_stops_reading_never_blocks_the_submitter() -> None:

@@ -11,8 +11,10 @@ original deadline. So an arm lost in an outage is re-sent, and a lost disarm can
 later get a healthy process reaped by a server that restored the timer from its state
 file. Never a ``disarm_all``: other channels arm for this pid too (``ftimer exec``'s
 timer for its command, a client of the other protocol or transport), and a resync must
-not wipe theirs. Until that delivery succeeds, a retry is due from time to time (backing
-off) while something is armed or a disarm was lost.
+not wipe theirs. The last disarms delivered count as lost too: a server that died may not
+have read them (a socket's queue dies with it) and restore their timers from its state
+file. Until that delivery succeeds, a retry is due from time to time (backing off) while
+something is armed or a disarm was lost.
 
 A call made while a delivery is in progress (from a signal handler, in the thread that
 delivers) is deferred: its lines go after the lines of that delivery, which may contradict
@@ -21,7 +23,8 @@ them (the re-arm of a scope the handler disarms).
 
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple, Union
+import collections
+from typing import Deque, Dict, FrozenSet, Iterable, List, Optional, Tuple, Union
 
 from ._wire import V1Lines, V2Lines
 
@@ -34,6 +37,10 @@ Armed = Tuple[bytes, object]
 # Backoff of the retries while the server is away: the first, then the cap (seconds).
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
+#: The last disarms delivered that a resync sends again: as many as a server may not
+#: have read when it died (a datagram socket's queue holds ``net.unix.max_dgram_qlen``,
+#: 10 by default and 512 at most on common systems; a pipe's unread lines survive in it).
+RECENT = 512
 
 
 class Resync:
@@ -57,6 +64,7 @@ class Resync:
         "_deferred",
         "_delay",
         "_lost",
+        "_recent",
         "_retry_at",
         "armed",
         "needs_resync",
@@ -76,6 +84,7 @@ class Resync:
         self.needs_resync = False
         self.stalled = False
         self._lost: Dict[str, bytes] = {}  # scope -> its disarm, maybe not delivered
+        self._recent: Deque[str] = collections.deque(maxlen=RECENT)  # scopes disarmed
         self._deferred: List[bytes] = []  # lines to send after the delivery in progress
         self._retry_at: Optional[float] = None
         self._delay = RETRY_FIRST
@@ -100,6 +109,7 @@ class Resync:
     def disarm(self, scope_id: str) -> None:
         """Forget ``scope_id`` (disarmed or expired); unknown scopes are ignored."""
         self.armed.pop(scope_id, None)
+        self._recent.append(scope_id)
 
     # A signal handler may arm or disarm (through any client of the channel) between two
     # rounds of a Python loop: every loop over the registry goes over a copy of it, made
@@ -124,10 +134,12 @@ class Resync:
             scopes = self.scopes_of(owner)
         if owner is None and isinstance(self._base, V2Lines):
             self.armed.clear()
+            self._recent.extend(scopes)
             return [self._base.disarm_all], scopes
         armed = self.armed
         for scope_id in scopes:
             armed.pop(scope_id, None)  # a handler may have disarmed it meanwhile
+        self._recent.extend(scopes)
         return [self._base.disarm(s) for s in scopes], scopes
 
     def armed_by(self, owner: object) -> FrozenSet[str]:
@@ -187,6 +199,10 @@ class Resync:
         # The resync makes the deferred lines good (their scopes are in the registry or
         # lost); sent after it they could only undo a later re-arm.
         self._deferred.clear()
+        # The last disarms delivered may not have been read (see RECENT): sent again.
+        armed = self.armed
+        self.lost_disarms([s for s in tuple(self._recent) if s not in armed])
+        self._recent.clear()
         if not self.needs_resync:
             self.needs_resync = True
             self.outages += 1

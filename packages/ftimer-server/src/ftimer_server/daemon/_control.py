@@ -101,24 +101,26 @@ class ControlServer:
             OSError: the directory is not writable, the path is too long, ...
         """
         self.check_free()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Bind, chmod, then rename: the socket is never reachable with a wider mode. In a
         # directory of its own (0700, an unguessable name), as chmod follows a symlink:
         # in the FIFO's directory, another user who may write there could swap the
-        # socket for a link to any file between the bind and the chmod. Short names, so
-        # that it fits AF_UNIX's ~107-byte limit wherever the final path does.
+        # socket for a link to any file between the bind and the chmod. Short names (the
+        # directory and 13 characters), yet a final path of a shorter name within a few
+        # bytes of AF_UNIX's 107 may not fit here: the bind then fails and says so.
         private = tempfile.mkdtemp(prefix=".c", dir=os.path.dirname(self.path))
         tmp = os.path.join(private, "s")
         try:
-            sock.bind(tmp)
-            os.chmod(tmp, 0o600)
-            os.rename(tmp, self.path)
-            sock.listen(8)
-        except BaseException:
-            sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(tmp)
+                os.chmod(tmp, 0o600)
+                os.rename(tmp, self.path)
+                sock.listen(8)
+            except BaseException:
+                sock.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         finally:
             with contextlib.suppress(OSError):
                 os.rmdir(private)

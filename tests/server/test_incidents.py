@@ -440,8 +440,12 @@ time.sleep(3600)
 
 
 def test_reap_tree_and_a_core_before_the_kill(
-    fifo_path: pathlib.Path, tmp_path: pathlib.Path
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The core's free space is read in the helper: on the server's loop, an incident
+    # directory on a hung file system would have held every reap.
+    on_the_server: List[object] = []
+    monkeypatch.setattr(os, "statvfs", on_the_server.append)
     got = Collector()
     directory = tmp_path / "i"
     options = {"directory": str(directory), "core": True, "reap_tree": True, "timeout": 10.0}
@@ -470,6 +474,7 @@ def test_reap_tree_and_a_core_before_the_kill(
     core = incident.captures[0].core
     assert core == str(directory / f"{incident.id}.core")
     assert os.path.getsize(core) > 0  # taken while it lived, before the kill
+    assert on_the_server == []
 
 
 @pytest.mark.parametrize("dry_run", [True, False], ids=["dry run", "recording signaller"])

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import os
 import socket
 import threading
 import time
@@ -49,9 +48,6 @@ logger = logging.getLogger("ftimer_server")
 SHARE_WINDOW = 1.0
 #: Seconds past a capture's budget that ``close()`` waits for its incident to be written.
 _WRITE_WAIT = 1.0
-#: The space a core leaves free on its file system for its incident's record (at most
-#: the store's ``max_bytes``).
-_RECORD_ROOM = 64 << 20
 _CAPTURE = msgspec.msgpack.Decoder(Capture)
 _INCIDENT = msgspec.msgpack.Decoder(Incident)
 
@@ -192,8 +188,7 @@ class Diagnostics:
         core = None
         store = self._store
         if stuck is not None and self.options.core and store is not None:
-            room = _room_for_core(store.directory, store.max_bytes)
-            core = (store.directory, min(self.options.core_max_bytes, room), f"{stuck}.core")
+            core = (store.directory, self.options.core_max_bytes, f"{stuck}.core")
         # A capture of a peer serves a stuck worker too, unless it needs what a peer's
         # lacks: a core, or its hook where py-spy is not there to replace it.
         needs_own = core is not None or (hook is not None and self._capture_options.py_spy is None)
@@ -274,19 +269,6 @@ class Diagnostics:
                 self._on_incident(record)
             except (Exception, SystemExit):
                 logger.exception("on_incident callback failed on %s", incident)
-
-
-def _room_for_core(directory: str, max_bytes: int) -> int:
-    """How large a core in ``directory`` may grow: the space free on its file system,
-    less room for the incident's record. A core that fills the disk is cut short (gdb
-    says it saved it all the same) and leaves its record no room: capped below that, it
-    stops at the cap instead, where ``core_dump`` knows it incomplete and removes it."""
-    try:
-        st = os.statvfs(directory)
-    except OSError:
-        return 1 << 62  # no cap of ours: the core's own limit decides
-    free = st.f_bavail * st.f_frsize
-    return max(1, free - min(max_bytes, _RECORD_ROOM))
 
 
 def _user_of(worker: Worker) -> Optional[int]:

@@ -40,6 +40,9 @@ _MAX_TREE = 10000
 # past it the walk goes on without waiting (a descendant still stopping may then finish
 # a fork it had begun, and its child escape the tree: escaping, never an innocent hit).
 _FREEZE_WAIT = 0.05
+#: The space a core leaves free on its file system for its incident: its record (16 MiB at
+#: most, ``_helper.MAX_INCIDENT_BYTES``) and its text, about as large.
+RECORD_ROOM = 32 << 20
 
 
 def core_dump(
@@ -84,6 +87,14 @@ def _core_dump(
             f"limit ({max_bytes} bytes)"
         )
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    # Here, in the helper, not on the server's loop: a hung file system waits here only.
+    room = _room_for_core(directory)
+    if rss > room:
+        return None, (
+            f"core dump refused: {room} bytes may be written on the file system of "
+            f"{directory} (its free space, less {RECORD_ROOM} for the incident's record)"
+        )
+    max_bytes = min(max_bytes, room)
     now = time.time()
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
     prefix = os.path.join(directory, f"core.{stamp}")
@@ -125,6 +136,18 @@ def _core_dump(
             text = f"ptrace not permitted (root or CAP_SYS_PTRACE needed): {text}"
         return None, f"core dump: gcore failed (exit {run.returncode}): {text}"
     return path, None
+
+
+def _room_for_core(directory: str) -> int:
+    """How large a core in ``directory`` may grow: the space free on its file system,
+    less ``RECORD_ROOM``. A core that fills the disk is cut short (gdb says it saved it
+    all the same) and leaves its record no room: capped below that, it stops at the cap
+    instead, where it is known incomplete and removed."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return 1 << 62  # no cap of ours: the core's own limit decides
+    return max(0, st.f_bavail * st.f_frsize - RECORD_ROOM)
 
 
 def _remove(path: str) -> None:

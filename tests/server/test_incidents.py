@@ -644,3 +644,24 @@ def test_a_stopped_helper_takes_no_more_jobs() -> None:
     assert isinstance(helper.submit(job).exception(10), HelperGone)
     assert helper._process is first
     assert first.poll() is not None  # and it is not running again
+
+
+def test_a_capture_is_shared_by_the_same_process_only() -> None:
+    # Shared within SHARE_WINDOW by pid and user: a pid reused meanwhile, another
+    # process, got the stacks of the one before it in its incident.
+    from ftimer_server import Worker
+    from ftimer_server.incidents._diagnostics import Diagnostics
+
+    diagnostics = Diagnostics(IncidentOptions(method="facts", timeout=2.0))
+    try:
+        before, after = Worker(2**22 + 5, 100), Worker(2**22 + 5, 200)  # no such processes
+        deadline = time.monotonic() + 5
+        first = diagnostics._capture(before, None, None, deadline, user=0)
+        again = diagnostics._capture(before, None, None, deadline, user=0)
+        other = diagnostics._capture(after, None, None, deadline, user=0)
+        assert again is first
+        assert other is not first
+        for future in (first, other):
+            future.result(10)
+    finally:
+        diagnostics.close()

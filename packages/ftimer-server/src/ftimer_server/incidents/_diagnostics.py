@@ -94,8 +94,9 @@ class Diagnostics:
         #: Told when an incident is no longer in progress (see ``close()``).
         self._settled = threading.Condition(self._lock)
         self._writing = 0  # incidents being written; guarded by _lock
+        #: (pid, start time, user) -> (when, the capture): see ``_capture``.
         self._shared: Dict[
-            Tuple[int, Optional[int]], Tuple[float, concurrent.futures.Future[bytes]]
+            Tuple[int, Optional[int], Optional[int]], Tuple[float, concurrent.futures.Future[bytes]]
         ] = {}
         self._incidents: Dict[str, _Pending] = {}
         #: Incidents written, and failures to write one.
@@ -194,8 +195,9 @@ class Diagnostics:
         needs_own = core is not None or (hook is not None and self._capture_options.py_spy is None)
         # A peer's capture refused as another user's must not stand for that user's
         # own: the uid a capture is checked against is in its key. A stuck worker is of
-        # ``user``, so its capture serves the peer requests of that user.
-        key = (worker.pid, user)
+        # ``user``, so its capture serves the peer requests of that user. The start time
+        # too: a pid reused within the window is another process, with stacks of its own.
+        key = (worker.pid, worker.start_time, user)
         with self._lock:
             shared = self._shared.get(key)
             if shared is not None and now - shared[0] < SHARE_WINDOW and not needs_own:

@@ -126,6 +126,41 @@ def test_idle_connections_are_bounded_and_time_out(monkeypatch: pytest.MonkeyPat
         m.close()
 
 
+def test_a_scraper_that_trickles_its_request_is_closed_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The socket's timeout bounds each call: a byte every so often held a slot for good,
+    # and eight such scrapers kept Prometheus out.
+    import socket
+
+    from ftimer_server.daemon import _metrics
+
+    monkeypatch.setattr(_metrics, "SCRAPE_TIMEOUT", 0.6)
+    m = Metrics(stats)
+    _, port = m.serve(("127.0.0.1", 0))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            began = time.monotonic()
+            closed = False
+            for byte in b"GET /metrics HTTP/1.1\r\n" * 10:  # a byte every 0.2 s
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:  # reset: closed
+                    closed = True
+                    break
+                conn.settimeout(0.2)
+                try:
+                    if conn.recv(1) == b"":
+                        closed = True
+                        break
+                except TimeoutError:
+                    pass
+            assert closed
+            assert time.monotonic() - began < 3
+    finally:
+        m.close()
+
+
 def test_without_prometheus_client_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
     with pytest.raises(MetricsUnavailable, match=r"ftimer-server\[metrics\]"):

@@ -36,8 +36,8 @@ REAP_LATENCY_BUCKETS = (
 #: descriptor and a thread: idle connections must not use up the descriptors the loop
 #: needs to bind workers (pidfd_open).
 MAX_SCRAPERS = 8
-#: Seconds a scraper has for each step of its request (sending it, reading the reply):
-#: a connection that says nothing is closed after that.
+#: Seconds a scraper has for its request and the reply, in all: a connection that says
+#: nothing, or trickles its request a byte at a time, is closed after that.
 SCRAPE_TIMEOUT = 5.0
 
 
@@ -259,7 +259,8 @@ class Metrics:
 
 class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
     """prometheus_client's server (a thread per scrape) with bounds: ``MAX_SCRAPERS`` at
-    once, ``SCRAPE_TIMEOUT`` for each, and a backlog that does not make scrapers wait."""
+    once, ``SCRAPE_TIMEOUT`` for each in all, and a backlog that does not make scrapers
+    wait."""
 
     daemon_threads = True
     block_on_close = False
@@ -281,10 +282,21 @@ class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # The socket's timeout bounds each call; this, the whole: a shutdown ends the
+        # handler's read or write, whatever it waits for.
+        deadline = threading.Timer(SCRAPE_TIMEOUT, _shut, args=(request,))
+        deadline.daemon = True
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            deadline.cancel()
             self._slots.release()
+
+
+def _shut(request: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        request.shutdown(socket.SHUT_RDWR)
 
 
 class _QuietHandler(WSGIRequestHandler):

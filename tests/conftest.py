@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -82,6 +83,20 @@ for line in sys.stdin:
     client.arm(line.strip(), 3600)
     print("armed", flush=True)
 """
+
+
+@contextlib.contextmanager
+def tmpfs(path: pathlib.Path, size: str) -> Iterator[pathlib.Path]:
+    """A tmpfs of ``size`` (``64k``, ``1m``) mounted 0700 at ``path``, made here, for a
+    disk that fills up; unmounted after. Skips where it cannot be mounted."""
+    path.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)]
+    if subprocess.run(mount, capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 def in_private_pid_namespace(*argv: str) -> subprocess.CompletedProcess[str]:

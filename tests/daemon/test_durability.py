@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Callable
 
 import pytest
-from tests.conftest import wait_until
+from tests.conftest import tmpfs, wait_until
 
 from ftimer_protocol import Arm, encode
 from ftimer_server import Timer
@@ -176,15 +176,8 @@ def test_a_sigkill_still_due_when_the_daemon_is_killed_is_sent_by_the_next(
 @pytest.fixture
 def small_disk(short_dir: pathlib.Path) -> Iterator[pathlib.Path]:
     """A 64 KiB tmpfs: a state directory whose disk fills up."""
-    small = short_dir / "small"
-    small.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(small)]
-    if subprocess.run(mount, capture_output=True, check=False).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs(short_dir / "small", "64k") as small:
         yield small
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def fill(disk: pathlib.Path) -> pathlib.Path:

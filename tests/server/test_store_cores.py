@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import List
 
 import pytest
+from tests.conftest import tmpfs
 
 from ftimer_server.core._incident import Capture, Frame, Incident, ThreadStack
 from ftimer_server.incidents import _store
@@ -56,15 +57,8 @@ def names(directory: pathlib.Path) -> List[str]:
 @pytest.fixture
 def small_disk(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
     """A 1 MiB tmpfs."""
-    small = tmp_path / "small"
-    small.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(small)]
-    if subprocess.run(mount, capture_output=True, check=False).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "small", "1m") as small:
         yield small
-    finally:
-        subprocess.run(["umount", "-l", str(small)], capture_output=True, check=False)
 
 
 def test_core_of_an_unwritten_record_is_removed(small_disk: pathlib.Path) -> None:

@@ -210,15 +210,20 @@ class Reaper:
 class _Capture:
     """A reap waiting for its capture."""
 
-    __slots__ = ("decider", "expiry", "incident", "signal", "worker")
+    __slots__ = ("expiry", "incident", "signal", "worker")
 
     def __init__(self, worker: Worker, expiry: Expiry, signal: int, incident: str) -> None:
         self.worker = worker
         self.expiry = expiry
-        assert expiry.decider is not None, "a report-only expiry is not reaped"
-        self.decider = expiry.decider
         self.signal = signal
         self.incident = incident
+
+    @property
+    def decider(self) -> Timer:
+        """The timer that decided the reap."""
+        decider = self.expiry.decider
+        assert decider is not None, "a report-only expiry is not reaped"
+        return decider
 
 
 class _Schedule(Generic[T]):

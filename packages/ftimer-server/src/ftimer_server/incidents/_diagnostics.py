@@ -234,9 +234,7 @@ class Diagnostics:
         try:
             writer.start()
         except RuntimeError as e:  # no thread to be had (TasksMax): counted, not awaited
-            with self._settled:
-                self._writing -= 1
-                self._settled.notify_all()
+            self._settle()
             self.write_errors += 1
             logger.error("cannot write incident %s: %s", incident, e)
 
@@ -245,9 +243,13 @@ class Diagnostics:
         try:
             self._write_one(pending)
         finally:
-            with self._settled:
-                self._writing -= 1
-                self._settled.notify_all()
+            self._settle()
+
+    def _settle(self) -> None:
+        """One incident fewer being written: tell ``close()``."""
+        with self._settled:
+            self._writing -= 1
+            self._settled.notify_all()
 
     def _write_one(self, pending: _Pending) -> None:
         incident = pending.id

@@ -64,8 +64,13 @@ def read_stat(pid: int, tid: Optional[int] = None) -> ProcStat:
 
 def pidfd_pid(pidfd: int) -> Optional[int]:
     """The pid a pidfd refers to, from its fdinfo (Linux 5.4+): -1 once its process has
-    exited; ``None`` where unknown (not a pidfd, no fdinfo)."""
+    exited; ``None`` where unknown (not a pidfd, no fdinfo).
+
+    Only a pidfd's fdinfo is read: another descriptor's can take milliseconds (an epoll
+    descriptor's lists every file it watches), and a sender may pass any descriptor."""
     try:
+        if os.readlink(f"/proc/self/fd/{pidfd}") != "anon_inode:[pidfd]":
+            return None
         with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
             for line in f:
                 if line.startswith(b"Pid:"):

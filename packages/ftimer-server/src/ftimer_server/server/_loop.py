@@ -262,7 +262,7 @@ class Loop:
                 tokens += watchdog.apply(results, time.monotonic(), time.time())
             pending -= len(chunk)
         sock = self._socket
-        if sock is not None and (socket_ready or sock.pending()):
+        if sock is not None and (socket_ready or sock.queued()):
             # Everything queued now (a sender whose datagram would overflow the queue
             # waits): sent before the horizon, so read before judging it.
             received = sock.receive()

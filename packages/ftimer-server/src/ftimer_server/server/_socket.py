@@ -14,7 +14,10 @@ Every refusal here is a value for the core (``Refused``, counted and reported as
 rejection), or a protocol error (a datagram truncated, or without credentials), and
 every descriptor received is closed: those a sender chose once read (a pidfd at once,
 anything else by a thread of its own); the kernel's pidfds that vouch for a subject once
-the batch is applied.
+the batch is applied. A sender may pass descriptors whose close blocks (a file of a FUSE
+mount it serves): while such closes hold every closing thread and descriptors pile up,
+the socket refuses descriptors at the senders (Linux 6.16's ``SO_PASSRIGHTS``), so the
+server never runs out of them.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import array
 import collections
 import contextlib
 import errno
-import fcntl
 import logging
 import math
 import os
@@ -31,7 +33,6 @@ import select
 import socket
 import stat
 import struct
-import termios
 import threading
 import time
 from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Set, Tuple, Union
@@ -66,6 +67,8 @@ _SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
 _SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)
 _SO_PASSPIDFD = getattr(socket, "SO_PASSPIDFD", 76)  # Linux 6.5
 _SCM_PIDFD = getattr(socket, "SCM_PIDFD", 4)
+_SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)  # Linux 6.16
+_SO_LINGER_NONE = struct.pack("ii", 1, 0)  # close at once, resetting the connection
 _UCRED = struct.Struct("iII")  # pid, uid, gid
 _FD = struct.Struct("i")
 # Plain ints: the enum members' & and == cost a call each, per datagram.
@@ -139,13 +142,14 @@ class DatagramSocket:
         #: The parents read while judging the current batch (see ``_may_name``).
         self._parents: Dict[int, int] = {}
         self._bound = os.lstat(path)
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN)
+        _CLOSER.watch(sock)
 
-    def pending(self) -> int:
-        """Bytes of the next datagram queued: 0 when none is, or when it is empty (which
-        the selector reports as readable all the same)."""
-        size = array.array("i", [0])
-        fcntl.ioctl(self.fd, termios.FIONREAD, size)
-        return size[0]
+    def queued(self) -> bool:
+        """Whether a datagram is queued (FIONREAD would say 0 for an empty one at the
+        head, and hide what is queued behind it)."""
+        return bool(self._poll.poll(0))
 
     def receive(self) -> List[Incoming]:
         """Read what is queued now (everything sent before the call: the queue holds at
@@ -289,24 +293,32 @@ class DatagramSocket:
     def close(self) -> None:
         """Close the socket and remove its path, if it is still this socket's."""
         self.release()
+        _CLOSER.unwatch(self._sock)
         self._sock.close()
         unlink_if_same(self.path, self._bound)
 
 
 class _Closer:
     """Closes the descriptors senders passed that may not be pidfds, off the loop: closing
-    one can block as long as its sender arranged (a TCP socket with SO_LINGER and unsent
-    data, a file of a FUSE mount that never answers). Each goes to a thread that is idle,
-    or to a new one, up to ``MAX_THREADS``: a close that never returns holds no other
-    descriptor open, unless that many block at once (one datagram can carry that many),
-    which is logged. Daemon threads, so a close that never returns never holds up the
-    process's exit.
+    one can block as long as its sender arranged (a file of a FUSE mount that never
+    answers, a TCP socket with SO_LINGER and unsent data: a socket's linger is cleared
+    first, so its close never waits). Each goes to a thread that is idle, or to a new one,
+    up to ``MAX_THREADS``. Daemon threads, so a close that never returns never holds up
+    the process's exit.
+
+    While more than ``BACKLOG`` descriptors wait (every thread held by a close that
+    blocks), the sockets it ``watch``es refuse descriptors at their senders
+    (``SO_PASSRIGHTS``: their ``sendmsg()`` fails with EPERM), until none waits: what
+    senders pass then can no longer pile up in the server until it runs out of
+    descriptors, and every other datagram still comes through.
 
     Args:
         close: closes a descriptor (``os.close``; tests pass one that blocks).
     """
 
     MAX_THREADS = 8
+    #: Descriptors waiting for a thread before the sockets refuse more.
+    BACKLOG = 1024
     #: Every thread busy with a close this old: logged (at most once a minute).
     SLOW = 1.0
 
@@ -318,10 +330,24 @@ class _Closer:
         self._closing: Dict[int, Tuple[int, float]] = {}
         self._threads = 0
         self._said = -math.inf
+        self._sockets: Set[socket.socket] = set()
+        self.refusing = False
+
+    def watch(self, sock: socket.socket) -> None:
+        """Have ``sock`` refuse descriptors while the backlog is over ``BACKLOG``."""
+        with self._cond:
+            self._sockets.add(sock)
+            if self.refusing:
+                _pass_rights(sock, False)
+
+    def unwatch(self, sock: socket.socket) -> None:
+        with self._cond:
+            self._sockets.discard(sock)
 
     def close(self, fd: int) -> None:
         """Close ``fd`` in a closer thread. Never raises: if no thread can be started,
         ``fd`` waits for one."""
+        _no_linger(fd)
         with self._cond:
             self._pending.append(fd)
             idle = self._threads - len(self._closing)
@@ -339,16 +365,34 @@ class _Closer:
                     len(self._pending),
                     when=time.monotonic() - oldest >= self.SLOW,
                 )
+                if len(self._pending) > self.BACKLOG and not self.refusing:
+                    self._refuse(True)
 
     def for_child(self) -> _Closer:
         """The closer of a forked child: the parent's threads are not there, the
-        descriptors they had yet to close (or were closing) are, and are its to close."""
+        descriptors they had yet to close (or were closing) are, and are its to close.
+        The parent's sockets are the parent's to watch."""
         child = _Closer(self._close)
         child._pending.extend(fd for fd, _ in self._closing.values())
         child._pending.extend(self._pending)
         if child._pending:
             child._start()
         return child
+
+    def _refuse(self, refuse: bool) -> None:
+        self.refusing = refuse
+        for sock in self._sockets:
+            _pass_rights(sock, not refuse)
+        if refuse:
+            logger.error(
+                "%d descriptors senders passed are waiting to be closed: the socket "
+                "refuses descriptors until they are (a sender may be passing descriptors "
+                "whose close blocks; ftimer exec and ftimer arm for another process fail "
+                "meanwhile)",
+                len(self._pending),
+            )
+        else:
+            logger.warning("the socket accepts descriptors again")
 
     def _start(self) -> None:
         try:
@@ -369,6 +413,8 @@ class _Closer:
         while True:
             with cond:
                 while not self._pending:
+                    if self.refusing:
+                        self._refuse(False)
                     cond.wait()
                 fd = self._pending.popleft()
                 closing[me] = (fd, time.monotonic())
@@ -376,6 +422,30 @@ class _Closer:
                 self._close(fd)
             with cond:
                 del closing[me]
+
+
+def _no_linger(fd: int) -> None:
+    """Have a socket's close return at once (its connection reset), never wait for its
+    unsent data; anything else is left as it is. Never raises."""
+    try:
+        if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+            return
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _SO_LINGER_NONE)
+    except OSError:  # a socket without linger (a datagram socket's close never waits)
+        pass
+    finally:
+        sock.detach()
+
+
+def _pass_rights(sock: socket.socket, on: bool) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_PASSRIGHTS, int(on))
+    except OSError as e:  # before Linux 6.16 (ENOPROTOOPT): descriptors keep coming
+        logger.error("cannot have the socket %s descriptors: %s", "accept" if on else "refuse", e)
 
 
 #: One for the process; a forked child gets its own (see ``_Closer.for_child``).

@@ -191,8 +191,13 @@ def test_a_full_queue_waits_a_bounded_time_then_fails_fast(server: Peer) -> None
     server.wait_drained()
     client.arm("c", 60)
     messages = server.wait_for(lambda m: any(getattr(x, "scope_id", "") == "c" for x in m))
-    # The resync first: the release of "a" that stalled, then the registry's arms.
-    assert (type(messages[0]), messages[0].scope_id) == (Disarm, "a")  # type: ignore[union-attr]
+    # The resync first: the disarms owed (of "b", whose arm raised: had its line gone
+    # out all the same, nothing else would disarm it; the release of "a" that stalled),
+    # then the registry's arms.
+    assert [(type(m), m.scope_id) for m in messages[:2]] == [  # type: ignore[union-attr]
+        (Disarm, "b"),
+        (Disarm, "a"),
+    ]
     assert scopes(server_state(messages)) == {"c"}  # "b" was refused, "a" released
 
 

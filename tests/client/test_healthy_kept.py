@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 from tests.conftest import wait_until
@@ -206,8 +206,8 @@ def test_a_handlers_call_just_after_the_resync_is_read_is_not_undone(
     read = Resync.backlog
     handled = []
 
-    def read_then_handler(state: Resync) -> list:
-        lines = read(state)
+    def read_then_handler(state: Resync, *args: Any) -> list:
+        lines = read(state, *args)
         if state is channel.state and not handled:
             handled.append(1)
             client.release("released-by-handler")
@@ -322,7 +322,7 @@ def test_clients_reaching_one_fifo_through_a_symlink_share_its_state(peer: FifoP
     peer.wait_count(2)
     new = restart(peer)
     try:
-        through_link.arm("step", 60)  # resyncs: disarm_all, then every scope armed
+        through_link.arm("step", 60)  # resyncs: every scope armed
         messages = new.wait_for(lambda m: (ME, "step") in server_state(m))
         assert scopes(messages) == {"direct", "linked", "step"}
     finally:

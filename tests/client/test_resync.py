@@ -3,7 +3,7 @@ make good, and when a retry is due (the clock passed in)."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 from hypothesis import given
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ftimer_client._resync import RETRY_FIRST, RETRY_MAX, Resync
 from ftimer_client._wire import V1Lines, V2Lines
-from ftimer_protocol import Arm, Disarm, DisarmAll, TimerRequestV1, decode
+from ftimer_protocol import Arm, Disarm, TimerRequestV1, decode
 
 from .conftest import server_state
 
@@ -67,7 +67,7 @@ def test_a_refused_arm_is_undone() -> None:
     assert set(state.armed) == {"a"}
 
 
-def test_disarm_all_of_everyone_is_one_line_of_one_owner_one_per_scope() -> None:
+def test_disarm_all_is_one_line_per_scope_of_one_owner_or_of_everyone() -> None:
     state, lines = v2()
     for scope, owner in (("a", 1), ("b", 2), ("c", 1)):
         state.arm(scope, arm_line(lines, scope), owner)
@@ -76,10 +76,30 @@ def test_disarm_all_of_everyone_is_one_line_of_one_owner_one_per_scope() -> None
     assert [decode(line) for line in sent] == [Disarm(PID, "a", START), Disarm(PID, "c", START)]
     assert forgotten == ["a", "c"]
     assert set(state.armed) == {"b"}
+    state.arm("d", arm_line(lines, "d"), owner=2)
     sent, forgotten = state.disarm_all()
-    assert [decode(line) for line in sent] == [DisarmAll(PID, START)]
-    assert forgotten == ["b"]  # what a resync disarms, should the line be lost
+    # Never a disarm_all: other channels arm for the pid too (ftimer exec's timer).
+    assert [decode(line) for line in sent] == [Disarm(PID, "b", START), Disarm(PID, "d", START)]
+    assert forgotten == ["b", "d"]  # what a resync disarms, should the lines be lost
     assert state.armed == {}
+
+
+def test_the_resync_sent_before_an_arm_carries_the_scopes_previous_line() -> None:
+    # The arm's own line goes after the resync: were a copy of it in the resync, it could
+    # reach the server while the arm's own line failed, and the arm raised ("did not
+    # happen") with its timer armed on the server.
+    state, lines = v2()
+    state.arm("old", arm_line(lines, "old", 10.0), owner=1)
+    state.failed(1.0)
+    previous = state.arm("old", arm_line(lines, "old", 20.0), owner=1)  # re-armed
+    assert [decode(line) for line in state.backlog(("old", previous))] == [
+        Arm(PID, "old", 10.0, 9, START)
+    ]
+    previous = state.arm("new", arm_line(lines, "new", 30.0), owner=1)
+    assert [decode(line) for line in state.resync_lines(("new", previous))] == [
+        Arm(PID, "old", 20.0, 9, START)
+    ]
+    assert len(state.resync_lines()) == 2  # for a reconnection once the arm went out
 
 
 def test_version_1_resends_the_releases_it_lost_then_the_arms() -> None:
@@ -205,6 +225,7 @@ OPS = st.lists(
         st.sampled_from(["a", "b", "c"]),
         st.sampled_from([1, 2]),
         st.booleans(),  # delivered?
+        st.integers(0, 8),  # if not: how many of its lines went through first
     ),
     max_size=40,
 )
@@ -212,27 +233,30 @@ OPS = st.lists(
 
 @given(OPS, st.booleans())
 def test_after_a_resync_the_server_holds_exactly_the_registry(
-    ops: List[Tuple[str, str, int, bool]], version_2: bool
+    ops: List[Tuple[str, str, int, bool, int]], version_2: bool
 ) -> None:
-    # A model of the channel's use of the machine: each line is delivered or lost; a
-    # restart loses the server's state or (a state file) keeps a stale copy. Whatever
-    # happened, once a delivery goes through after the backlog the server agrees.
+    # A model of the channel's use of the machine: each delivery goes through, or stops
+    # after some of its lines; a restart loses the server's state or (a state file) keeps
+    # a stale copy. Whatever happened, once a delivery goes through after the backlog
+    # the server agrees; and an arm that failed never reached it.
     lines: object = V2Lines(PID, START, 9, None) if version_2 else V1Lines(PID, 9)
     state = Resync(lines)  # type: ignore[arg-type]
     server: List[bytes] = []  # what the server applied, in order
     now = 0.0
 
-    def deliver(new: List[bytes], ok: bool) -> None:
+    def deliver(new: List[bytes], ok: bool, cut: int = 0, arming: Any = None) -> None:
         nonlocal now
         now += 0.01
+        lines = state.backlog(arming) + new
         if ok:
-            server.extend(state.backlog() + new)
+            server.extend(lines)
             state.delivered()
         else:
+            server.extend(lines[: min(cut, len(lines) - 1)])  # not the last one, at least
             state.failed(now)
 
     deadline = 0.0
-    for op, scope, owner, ok in ops:
+    for op, scope, owner, ok, cut in ops:
         deadline += 1.0
         if op == "arm":
             line = (
@@ -241,18 +265,21 @@ def test_after_a_resync_the_server_holds_exactly_the_registry(
                 else lines.arm(scope, deadline)  # type: ignore[attr-defined]
             )
             previous = state.arm(scope, line, owner)
-            deliver([line], ok)
+            deliver([line], ok, cut, (scope, previous))
             if not ok and owner == 1:  # owner 1 stands for on_unavailable="raise"
+                assert line not in server  # the arm raised: it did not happen
                 state.unarm(scope, previous)
+                if previous is None:
+                    state.lost_disarms([scope])  # as the channel does
         elif op == "disarm":
             state.disarm(scope)
             disarm = lines.disarm(scope)  # type: ignore[attr-defined]
-            deliver([disarm], ok)
+            deliver([disarm], ok, cut)
             if not ok:
                 state.lost_disarms([scope])
         elif op in ("disarm_all", "disarm_mine"):
             sent, scopes = state.disarm_all(owner if op == "disarm_mine" else None)
-            deliver(sent, ok)
+            deliver(sent, ok, cut)
             if not ok:
                 state.lost_disarms(scopes)
         elif ok:  # a restart that kept a state file: a stale copy survives

@@ -190,7 +190,9 @@ def test_the_default_path_prefers_the_socket_beside_the_fifo(
         try:
             fifo.close()
             alone.arm("b", 60)
-            messages = sock.wait_for(lambda m: len(m) >= 3)  # the resync's 2 arms, then b
+            # The resync (a; not b, whose own line goes last), then b.
+            messages = sock.wait_for(lambda m: len(m) >= 2)
+            assert [m.scope_id for m in messages] == ["a", "b"]  # type: ignore[union-attr]
             assert set(server_state(messages)) == {(ME, "a"), (ME, "b")}
             assert alone._channel.transport == "socket"
         finally:

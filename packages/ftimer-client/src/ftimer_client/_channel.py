@@ -20,6 +20,7 @@ thread retries with backoff while something is armed or a disarm was lost.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import threading
 import time
@@ -32,7 +33,7 @@ from . import _dump
 from ._errors import ServerStalled, ServerUnavailable
 from ._paths import Route
 from ._proc import process_start_time
-from ._resync import Armed, Resync
+from ._resync import RETRY_BUDGET, RETRY_LINE_WAIT, Armed, Arming, Resync
 from ._socket import open_pidfd
 from ._transport import open_writer
 from ._wire import V1Lines, V2Lines
@@ -145,10 +146,17 @@ class Channel:
                         return
                     except OSError:
                         pass  # a full queue or a gone server: _deliver() sorts it out
-                self._deliver([line], timeout)
+                # A resync sent first carries the scope's previous line, not this one:
+                # this one goes last, so that an arm that raised did not reach the server.
+                self._deliver([line], timeout, arming=(scope_id, previous))
             except ServerUnavailable as e:
                 if not keep:
                     self.state.unarm(scope_id, previous)
+                    if previous is None:
+                        # Its line may have gone out all the same (a signal handler's
+                        # lines, sent after it, are what failed): the resync disarms it.
+                        # (Had it a previous line, the resync re-arms that one.)
+                        self.state.lost_disarms((scope_id,))
                 self._failed(e)
                 raise
             except BaseException:
@@ -186,8 +194,10 @@ class Channel:
                 raise
 
     def disarm_all(self, timeout: float, owner: Optional[object] = None) -> None:
-        """Disarm every scope of the process, or only those ``owner`` armed (sending
-        nothing when it armed none).
+        """Disarm every scope of the registry (one disarm each, never a ``disarm_all``
+        of the pid: other channels arm for it too), or only those ``owner`` armed
+        (sending nothing when it armed none; with no owner, the backlog is delivered
+        all the same).
 
         Raises:
             ServerUnavailable: not delivered.
@@ -265,14 +275,26 @@ class Channel:
     # -- delivery (lock held) -----------------------------------------------------------
 
     def _deliver(
-        self, lines: List[bytes], timeout: float, disarmed: Optional[Sequence[str]] = None
+        self,
+        lines: List[bytes],
+        timeout: float,
+        disarmed: Optional[Sequence[str]] = None,
+        *,
+        arming: Optional[Arming] = None,
+        retry: bool = False,
     ) -> None:
         """Send the backlog, then ``lines``, reconnecting and resynchronising as needed;
-        all of it within ``timeout`` seconds.
+        all of it within ``timeout`` seconds (no wait at all after a stall).
 
         Called again while delivering (from a signal handler of this thread), it only
         defers ``lines`` (``disarmed``: the scopes they disarm, as ``Resync.defer``):
         the delivery in progress sends them after its own.
+
+        Args:
+            arming: (scope, what it had before): ``lines`` arm that scope, and a resync
+                sent first carries what it had before (``Resync.resync_lines``).
+            retry: the retry thread's: each line waits up to ``RETRY_LINE_WAIT`` for room,
+                all of them ``RETRY_BUDGET``, stalled or not (``timeout`` is unused).
 
         Raises:
             ServerUnavailable: the server is absent, or stalled past ``timeout``.
@@ -286,18 +308,22 @@ class Channel:
             # Before the state is read (a handler's lines come after), and inside the
             # try: set and left stuck, it would put every later line aside for ever.
             self._sending = True
-            end = time.monotonic() + state.timeout(timeout)
-            backlog = state.backlog()
+            if retry:
+                end, wait = time.monotonic() + RETRY_BUDGET, RETRY_LINE_WAIT
+            else:
+                end, wait = time.monotonic() + state.timeout(timeout), math.inf
+            backlog = state.backlog(arming)
             while backlog or lines:
-                self._send(backlog, lines, end)
-                backlog, lines = [], state.take_deferred()
+                self._send(backlog, lines, end, wait, arming)
+                # A reconnection from now on resyncs with the arm's line: it went out.
+                backlog, lines, arming = [], state.take_deferred(), None
         finally:
             self._sending = False
         # Deferred after the last take, before _sending was cleared: sent now, in order
         # (a handler's call from here on sends its lines itself).
         late = state.take_deferred()
         if late:
-            self._deliver(late, timeout)
+            self._deliver(late, timeout, retry=retry)
             return
         state.delivered()
         if self._clients <= 0 and not self._retrying():
@@ -307,9 +333,17 @@ class Channel:
         elif self._writer is not None:
             self._fd = self._writer.hot_fd
 
-    def _send(self, backlog: List[bytes], lines: List[bytes], end: float) -> None:
-        """Send ``backlog`` then ``lines`` before ``end`` (``time.monotonic()``); after
-        reconnecting, the resync then ``lines``.
+    def _send(
+        self,
+        backlog: List[bytes],
+        lines: List[bytes],
+        end: float,
+        wait: float,
+        arming: Optional[Arming] = None,
+    ) -> None:
+        """Send ``backlog`` then ``lines`` before ``end`` (``time.monotonic()``), each
+        waiting ``wait`` seconds at most; after reconnecting, the resync (``arming``: as
+        ``_deliver``) then ``lines``.
 
         Raises:
             ServerUnavailable: as ``_deliver``.
@@ -317,7 +351,7 @@ class Channel:
         if not self.keep_open:
             once = self._open()
             try:
-                self._write_all(once, backlog + lines, end)
+                self._write_all(once, backlog + lines, end, wait)
             finally:
                 once.close()
             return
@@ -326,7 +360,7 @@ class Channel:
             if writer is None:
                 writer = self._writer = self._open()
             try:
-                self._write_all(writer, backlog + lines, end)
+                self._write_all(writer, backlog + lines, end, wait)
                 return
             except ConnectionLost:
                 self._disconnect()
@@ -334,14 +368,15 @@ class Channel:
                 if reconnecting:
                     raise self._lost() from None
                 # The server left or restarted: its view is unknown, make it ours.
-                backlog = self.state.resync_lines()
+                backlog = self.state.resync_lines(arming)
 
-    def _write_all(self, writer: Writer, lines: List[bytes], end: float) -> None:
+    def _write_all(self, writer: Writer, lines: List[bytes], end: float, wait: float) -> None:
         """Raises ConnectionLost (version 2), ServerUnavailable."""
         try:
             for line in lines:
-                # The call's time, not each line's: a resync waits no longer than a line.
-                writer.write(line, max(0.0, end - time.monotonic()))
+                # The call's time, not each line's: a resync waits no longer than a line
+                # (and a retry's line no longer than ``wait``).
+                writer.write(line, min(wait, max(0.0, end - time.monotonic())))
         except ConnectionLost:
             if self.keep_open:
                 raise
@@ -399,7 +434,7 @@ class Channel:
                     return
                 if wait <= 0:
                     try:
-                        self._deliver([], 0.0)
+                        self._deliver([], 0.0, retry=True)
                     except ServerUnavailable:
                         self.state.retry_failed(time.monotonic())
                         continue

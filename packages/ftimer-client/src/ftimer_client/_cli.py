@@ -55,7 +55,12 @@ NO_DUMP = (
     "process (FileTimerClient(dump_signal=...) or FTIMER_DUMP_SIGNAL); ftimer cannot "
     "install one in another process, so it has no --dump-signal."
 )
-NO_DUMP_EXEC = (
+# exec's: what it reaps, and why there is no --dump-signal.
+EXEC_EPILOG = (
+    "Only CMD's own process is reaped when its timer expires: children it started (sh -c "
+    "'...', a wrapper script) keep running unless the server runs with --reap-tree "
+    "(which acts after an incident's capture: not with --capture none). A shell CMD can "
+    "exec its last command so that the command is CMD's process. "
     "Stack dumps: the hook would have to be inside CMD's own process, which a wrapper "
     "cannot install, so exec has no --dump-signal. A Python CMD can turn it on itself: it "
     "inherits FTIMER_DUMP_SIGNAL, and its own ftimer_client timers then announce the hook "
@@ -214,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a command under a timer",
         description="run a command under a timer armed for the command's own process",
         usage="ftimer exec --after SECONDS [--scope S] [--signal SIG] -- CMD [ARGS...]",
-        epilog=NO_DUMP_EXEC,
+        epilog=EXEC_EPILOG,
     )
     run.add_argument("--scope", type=_utf8, default=None)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")

@@ -110,19 +110,16 @@ class FileTimerClient:
         dump_signal: Union[int, str, None] = None,
         transport: str = "auto",
     ) -> None:
-        #: What a pickled copy is made from (see ``__reduce__``).
-        self._made_with = (
-            file_path,
-            {
-                "protocol": protocol,
-                "on_unavailable": on_unavailable,
-                "write_timeout": write_timeout,
-                "labels": labels,
-                "pid": pid,
-                "dump_signal": dump_signal,
-                "transport": transport,
-            },
-        )
+        # The arguments as given, for a pickled copy (see ``__reduce__``).
+        options = {
+            "protocol": protocol,
+            "on_unavailable": on_unavailable,
+            "write_timeout": write_timeout,
+            "labels": labels,
+            "pid": pid,
+            "dump_signal": dump_signal,
+            "transport": transport,
+        }
         if protocol not in (None, 1, 2):
             raise ValueError(f"protocol must be 1 or 2, not {protocol!r}")
         if on_unavailable not in POLICIES:
@@ -130,6 +127,10 @@ class FileTimerClient:
         if not (isinstance(write_timeout, (int, float)) and 0 <= write_timeout < math.inf):
             raise ValueError(f"write_timeout must be finite and >= 0, not {write_timeout!r}")
         self._route = resolve_route(file_path, transport=transport, protocol=protocol or 2)
+        #: What a pickled copy is made from (see ``__reduce__``): a path given made
+        #: absolute, as the route's, so that a copy unpickled in another working
+        #: directory reaches the same server (None still means the default resolution).
+        self._made_with = (None if file_path is None else self._route.path, options)
         if protocol is None and torch_serves(self._route):
             # torch's agent serves this FIFO itself: a protocol 2 line fails its read, and
             # a stuck worker would never be reaped.
@@ -326,7 +327,10 @@ class FileTimerClient:
             self._unavailable(e)
 
     def release_all(self) -> None:
-        """Disarm every timer of this process on this server, armed through any client.
+        """Disarm every timer this process armed on this server through any of its
+        clients of the same transport and protocol (one disarm each, and the disarms an
+        outage left owed): what to do before ``exec()``. Timers armed for this process
+        from elsewhere (``ftimer exec``'s timer of its command) are left alone.
 
         Raises:
             ServerUnavailable: not delivered, with ``on_unavailable="raise"``.

@@ -16,6 +16,10 @@ have read them (a socket's queue dies with it) and restore their timers from its
 file. Until that delivery succeeds, a retry is due from time to time (backing off) while
 something is armed or a disarm was lost.
 
+An arm that is not sent on the hot path goes last, after any resync, and the resync of
+that delivery carries the scope's previous line in its place (``arming``): if its own line
+does not get through, the arm did not happen, and no copy of it went out ahead of it.
+
 A call made while a delivery is in progress (from a signal handler, in the thread that
 delivers) is deferred: its lines go after the lines of that delivery, which may contradict
 them (the re-arm of a scope the handler disarms).
@@ -28,15 +32,32 @@ from typing import Deque, Dict, FrozenSet, Iterable, List, Optional, Tuple, Unio
 
 from ._wire import V1Lines, V2Lines
 
-__all__ = ["RETRY_FIRST", "RETRY_MAX", "Armed", "Resync"]
+__all__ = [
+    "RETRY_BUDGET",
+    "RETRY_FIRST",
+    "RETRY_LINE_WAIT",
+    "RETRY_MAX",
+    "Armed",
+    "Arming",
+    "Resync",
+]
 
 Lines = Union[V1Lines, V2Lines]
 #: A scope's arm line, and the client that armed it.
 Armed = Tuple[bytes, object]
+#: A scope whose arm is being delivered, and what the registry held for it before.
+Arming = Tuple[str, Optional[Armed]]
 
 # Backoff of the retries while the server is away: the first, then the cap (seconds).
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
+#: How long a retry's delivery (the background thread's, never a caller's) may wait for
+#: room: each line, and the whole delivery (seconds). Stalled or not: a caller's delivery
+#: waits no more once a stall was seen, and a resync longer than the queue would then only
+#: go through if the server drained it while the sender yields the CPU twice a line.
+#: Callers of the channel wait for its lock meanwhile, so both are short.
+RETRY_LINE_WAIT = 0.05
+RETRY_BUDGET = 1.0
 #: The last disarms delivered that a resync sends again: as many as a server may not
 #: have read when it died (a datagram socket's queue holds ``net.unix.max_dgram_qlen``,
 #: 10 by default and 512 at most on common systems; a pipe's unread lines survive in it).
@@ -47,8 +68,8 @@ class Resync:
     """The armed registry of one channel and its resynchronisation state.
 
     Args:
-        base: line builder of the channel's process (its disarm and disarm_all lines);
-            rebound in place after a fork, so this keeps it.
+        base: line builder of the channel's process (its disarm lines); rebound in place
+            after a fork, so this keeps it.
 
     Attributes:
         armed: scope -> (its arm line, the client that armed it).
@@ -124,18 +145,16 @@ class Resync:
         self, owner: Optional[object] = None, scopes: Optional[List[str]] = None
     ) -> Tuple[List[bytes], List[str]]:
         """Forget every scope (``owner``: only those it armed); return the lines that
-        disarm them on the server (every scope of the process: one ``disarm_all``, in
-        version 2), and the scopes forgotten.
+        disarm them on the server, one per scope, and the scopes forgotten.
+
+        Never a ``disarm_all``, even for every scope: it would wipe what other channels
+        armed for this pid (``ftimer exec``'s timer of the command that calls this).
 
         Args:
             scopes: ``scopes_of(owner)``, when the caller has it already.
         """
         if scopes is None:
             scopes = self.scopes_of(owner)
-        if owner is None and isinstance(self._base, V2Lines):
-            self.armed.clear()
-            self._recent.extend(scopes)
-            return [self._base.disarm_all], scopes
         armed = self.armed
         for scope_id in scopes:
             armed.pop(scope_id, None)  # a handler may have disarmed it meanwhile
@@ -148,15 +167,27 @@ class Resync:
 
     # -- what to send ---------------------------------------------------------------------
 
-    def resync_lines(self) -> List[bytes]:
-        """The lines that make the server's view of this process this registry."""
-        arms = [line for line, _ in tuple(self.armed.values())]
+    def resync_lines(self, arming: Optional[Arming] = None) -> List[bytes]:
+        """The lines that make the server's view of this process this registry.
+
+        Args:
+            arming: (scope, what the registry held for it before) of an arm whose line is
+                sent after these: the scope's previous line instead of the one just
+                recorded (nothing, when it had none).
+        """
+        if arming is None:
+            arms = [line for line, _ in tuple(self.armed.values())]
+        else:
+            scope_id, previous = arming
+            arms = [line for s, (line, _) in tuple(self.armed.items()) if s != scope_id]
+            if previous is not None:
+                arms.append(previous[0])
         return [*tuple(self._lost.values()), *arms]
 
-    def backlog(self) -> List[bytes]:
-        """The lines to send before the next one: the resync when it is needed, then the
-        deferred lines (``take_deferred``)."""
-        lines = self.resync_lines() if self.needs_resync else []
+    def backlog(self, arming: Optional[Arming] = None) -> List[bytes]:
+        """The lines to send before the next one: the resync when it is needed (with
+        ``arming``, as ``resync_lines``), then the deferred lines (``take_deferred``)."""
+        lines = self.resync_lines(arming) if self.needs_resync else []
         lines += self.take_deferred()
         return lines
 

@@ -317,3 +317,71 @@ def test_a_journal_that_cannot_be_replayed_is_set_aside_and_the_daemon_starts_em
     assert aside.read_bytes() == journalled
     assert d.status()["timers"] == []  # half a replay is not kept
     assert d.stop() == 0
+
+
+# As FAILING_REPLAY, and the daemon then dies before its first save (kill -9, a power
+# cut of its container...).
+FAILING_REPLAY_THEN_DYING = FAILING_REPLAY.replace(
+    "from ftimer_server.daemon._cli import main",
+    """import os
+from ftimer_server.daemon._state import StateSaver
+def start(self):
+    os._exit(9)  # killed before its first save
+StateSaver.start = start
+from ftimer_server.daemon._cli import main""",
+)
+
+
+def test_a_state_file_whose_journal_could_not_be_replayed_is_never_restored_without_it(
+    spawn: Spawn, short_dir: pathlib.Path, sleeper: subprocess.Popen[str]
+) -> None:
+    # The segments were set aside but the state file that names them was kept: a daemon
+    # that died before its first save left it for the next start, which restored it
+    # without the disarms the segments held.
+    state = short_dir / "state.json"
+    saved = Timer(sleeper.pid, "saved", time.monotonic() + 3600, 0)
+    write_state(state, journal=1, timers=(saved,))
+    snapshot = state.read_bytes()
+    (short_dir / "state.json.journal.1").write_bytes(report_only_arm(sleeper.pid, "journalled"))
+    d = spawn(
+        "--state-file",
+        str(state),
+        "--capture",
+        "none",
+        command=[PYTHON, "-c", FAILING_REPLAY_THEN_DYING],
+    )
+    assert d.proc.wait(PATIENCE) == 9
+    assert not state.exists()
+    (aside,) = short_dir.glob("state.json.corrupt-*")
+    assert aside.read_bytes() == snapshot
+    set_aside = d.wait_for_record(level="error", logger="ftimer_server.state")
+    assert set_aside["msg"] == (
+        f"state file {state} is unusable (its journal cannot be replayed); moved it to {aside}"
+    )
+    again = spawn("--state-file", str(state), "--capture", "none", name="again").ready()
+    assert again.status()["timers"] == []  # nothing of the old snapshot
+    assert again.stop() == 0
+
+
+def test_a_timer_saved_without_a_start_time_is_not_restored_for_a_process_born_later(
+    spawn: Spawn, short_dir: pathlib.Path, sleeper: subprocess.Popen[str]
+) -> None:
+    # A saved timer without a start time (saved where none could be read, or written by
+    # hand) was bound to whichever process held its pid at the restart.
+    state = short_dir / "state.json"
+    saved = Timer(sleeper.pid, "saved", time.monotonic() + 3600, 0)  # no start time
+    write_state(state, journal=0, timers=(saved,))
+    an_hour_ago = time.time() - 3600  # saved before the sleeper was born
+    os.utime(state, (an_hour_ago, an_hour_ago))
+    d = spawn("--state-file", str(state), "--capture", "none").ready()
+    assert d.status()["timers"] == []
+    refused = d.wait_for_record(where=lambda r: "not restored" in r["msg"])
+    assert refused["msg"].startswith(
+        f"saved timer not restored: pid {sleeper.pid} scope 'saved': identity_mismatch"
+    )
+    assert d.stop() == 0
+    # Saved while the sleeper lived: its own timer, restored.
+    write_state(state, journal=0, timers=(saved,))
+    d = spawn("--state-file", str(state), "--capture", "none", name="again").ready()
+    assert d.armed_scopes() == ["saved"]
+    assert d.stop() == 0

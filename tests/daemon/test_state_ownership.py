@@ -1,9 +1,10 @@
 """Only the daemon's own state file and journal segments are trusted.
 
-Their timers name processes to signal: in a directory others may write (sticky and
-world-writable, as /tmp), a user could plant a state file or journal segments for a root
-daemon to restore. Another user's file is set aside, with an error line, and never
-restored; a segment name taken by someone else no longer makes every save fail.
+Their timers name processes to signal. The daemon refuses a state directory others
+could change (tests/daemon/test_state_dir.py); should another user's file be there all
+the same (made by root, or before the directory was private), it is set aside, with an
+error line, and never restored; a segment name taken by someone else no longer makes
+every save fail.
 
 Files of another user are made with os.chown (root only). The planted timers are
 report-only (signal 0) and name a process of the test's own: nothing is ever signalled.
@@ -25,8 +26,6 @@ from tests.conftest import wait_until
 
 from ftimer_protocol import Arm, encode
 from ftimer_server import Timer
-from ftimer_server.daemon._config import DaemonConfig
-from ftimer_server.daemon._daemon import startup_warnings
 from ftimer_server.daemon._state import encode_state, load_state, read_boot_id
 from ftimer_server.server._journal import Journal
 
@@ -53,11 +52,10 @@ def sleeper() -> Iterator[subprocess.Popen[str]]:
 
 
 @pytest.fixture
-def shared(short_dir: pathlib.Path) -> pathlib.Path:
-    """A directory like /tmp: everybody may create files in it, sticky."""
-    d = short_dir / "shared"
-    d.mkdir()
-    d.chmod(0o1777)
+def private(short_dir: pathlib.Path) -> pathlib.Path:
+    """The state file's directory: the daemon's user's, 0700 (root plants in it)."""
+    d = short_dir / "state"
+    d.mkdir(mode=0o700)
     return d
 
 
@@ -101,9 +99,9 @@ def test_another_users_state_file_is_set_aside_not_restored(
 
 
 def test_a_root_daemon_restores_no_timer_from_a_state_file_planted_by_another_user(
-    spawn: Spawn, shared: pathlib.Path, sleeper: subprocess.Popen[str]
+    spawn: Spawn, private: pathlib.Path, sleeper: subprocess.Popen[str]
 ) -> None:
-    state = planted(shared / "state.json", state_naming(sleeper.pid))
+    state = planted(private / "state.json", state_naming(sleeper.pid))
     d = spawn("--state-file", str(state), "--capture", "none").ready()
     assert d.armed_scopes() == []
     refused = d.wait_for_record(level="error", logger="ftimer_server.state")
@@ -111,8 +109,6 @@ def test_a_root_daemon_restores_no_timer_from_a_state_file_planted_by_another_us
         f"(owned by uid {NOBODY}, not by the daemon's user (uid 0)); moved it to"
         in (refused["msg"])
     )
-    warned = d.wait_for_record(level="warning", where=lambda r: "state file's dir" in r["msg"])
-    assert warned["msg"].startswith(f"the state file's directory {shared} (mode 1777) lets users")
     assert d.stop() == 0
     assert json.loads(state.read_text())["timers"] == []  # the daemon's own, saved at stop
     assert state.stat().st_uid == 0
@@ -139,11 +135,11 @@ def test_another_users_journal_segment_is_set_aside_not_replayed(
 
 
 def test_a_root_daemon_replays_no_journal_segment_planted_by_another_user(
-    spawn: Spawn, shared: pathlib.Path, sleeper: subprocess.Popen[str]
+    spawn: Spawn, private: pathlib.Path, sleeper: subprocess.Popen[str]
 ) -> None:
-    state = shared / "state.json"
+    state = private / "state.json"
     state.write_bytes(encode_state([], BOOT, time.monotonic(), journal=1))
-    segment = planted(shared / "state.json.journal.1", arm_line(sleeper.pid))
+    segment = planted(private / "state.json.journal.1", arm_line(sleeper.pid))
     d = spawn("--state-file", str(state), "--capture", "none").ready()
     assert d.armed_scopes() == []
     d.wait_for_record(level="error", where=lambda r: r["msg"].startswith(f"journal: {segment} is"))
@@ -203,14 +199,14 @@ def current_journal(state: pathlib.Path) -> int:
 
 
 def test_segments_planted_ahead_of_a_running_daemon_do_not_stop_its_saves(
-    spawn: Spawn, worker: StartWorker, shared: pathlib.Path, sleeper: subprocess.Popen[str]
+    spawn: Spawn, worker: StartWorker, private: pathlib.Path, sleeper: subprocess.Popen[str]
 ) -> None:
-    state = shared / "state.json"
+    state = private / "state.json"
     d = spawn("--state-file", str(state), "--capture", "none").ready()
     first = wait_until(lambda: current_journal(state), what="the first save")
     # The names of the daemon's next two segments, taken by another user.
     for n in (first + 1, first + 2):
-        planted(shared / f"state.json.journal.{n}", arm_line(sleeper.pid))
+        planted(private / f"state.json.journal.{n}", arm_line(sleeper.pid))
     w = worker(d.fifo, "step", 60, 60)
     wait_until(lambda: "step" in d.armed_scopes(), what="the arm")
     # Saved, into a segment after the planted ones; they are left, never replayed.
@@ -219,31 +215,10 @@ def test_segments_planted_ahead_of_a_running_daemon_do_not_stop_its_saves(
     assert d.stop() == 0
     errors = [r["msg"] for r in d.records() if r["level"] == "error"]
     assert errors == [  # and no failed save
-        f"journal: {shared}/state.json.journal.{first + 1} was already there (owned by uid "
+        f"journal: {private}/state.json.journal.{first + 1} was already there (owned by uid "
         f"{NOBODY}, not by the server's user): left there; segment {first + 3} used instead"
     ]
     d = spawn("--state-file", str(state), "--capture", "none", name="again").ready()
     assert d.armed_scopes() == ["step"]
     assert d.stop() == 0
     assert w.proc.poll() is None
-
-
-# -- the state file's directory ------------------------------------------------------------
-
-
-def test_a_state_directory_others_may_write_is_warned_about(short_dir: pathlib.Path) -> None:
-    fifo = str(short_dir / "timer.fifo")  # private: no warning of its own
-    state_dir = short_dir / "state"
-    state_dir.mkdir()
-    config = DaemonConfig(fifo=fifo, state_file=str(state_dir / "state.json"))
-    for mode in (0o1777, 0o777, 0o770):
-        state_dir.chmod(mode)
-        (warning,) = startup_warnings(config, euid=0)
-        assert warning.startswith(
-            f"the state file's directory {state_dir} (mode {mode:04o}) lets users other than "
-            "its owner "
-        )
-    state_dir.chmod(0o755)
-    assert startup_warnings(config, euid=0) == []
-    missing = DaemonConfig(fifo=fifo, state_file=str(short_dir / "new" / "state.json"))
-    assert startup_warnings(missing, euid=0) == []  # made 0700 by the daemon

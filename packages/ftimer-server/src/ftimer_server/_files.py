@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import tempfile
 import time
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 __all__ = [
     "O_CLOEXEC",
@@ -24,6 +25,7 @@ __all__ = [
     "file_kind",
     "open_private_dir",
     "open_regular",
+    "remove_leftovers",
     "write_atomically",
 ]
 
@@ -168,14 +170,21 @@ def aside_path(path: str) -> str:
     return aside
 
 
+#: How the temporary file of `write_atomically` ends.
+_TMP_SUFFIX = ".tmp"
+
+
 def write_atomically(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data``: a 0600 temporary file beside it, fsync, rename.
+
+    The temporary file is ``.<name>.<random>.tmp``; one a process killed during the
+    write leaves behind is for `remove_leftovers` to remove.
 
     Raises:
         OSError: from any step; the temporary file is removed.
     """
     directory, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_TMP_SUFFIX, dir=directory)
     try:
         with open(fd, "wb") as f:
             f.write(data)
@@ -186,3 +195,28 @@ def write_atomically(path: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def remove_leftovers(path: str) -> List[str]:
+    """Remove the temporary files `write_atomically` left beside ``path`` (a process
+    killed during a write leaves its ``.<name>.<random>.tmp``); return their paths.
+
+    Only regular files of this user's named exactly so are removed (the random part is
+    ``tempfile``'s: letters, digits and ``_``, so no other file's temporary name
+    matches). Call it only where no write to ``path`` can be in progress (under the lock
+    of the file's one writer), in a directory nobody else may write. Errors are ignored
+    (it is cleanup).
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(f".{name}.") + r"[a-z0-9_]+" + re.escape(_TMP_SUFFIX))
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            if not pattern.fullmatch(entry.name):
+                continue
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                    os.unlink(entry.path)
+                    removed.append(entry.path)
+    return removed

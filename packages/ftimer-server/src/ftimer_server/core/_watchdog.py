@@ -221,22 +221,39 @@ class Watchdog:
         else:
             self._emit(DecodeFailed(type(m).__name__, m.reason, m.excerpt, m.lines))
 
-    def restore(self, timers: Iterable[Timer]) -> None:
+    def restore(self, timers: Iterable[Timer], written_by: Optional[int] = None) -> None:
         """Arm saved timers again (a restarted daemon's state), checking each process.
 
         A timer whose pid is now another process (another start time), no process, or
         one the policy refuses, is dropped with a ``Rejected`` event (request
         ``"restore"``); the others are armed with an ``Armed`` event.
+
+        Args:
+            timers: the saved timers.
+            written_by: when they were saved, in clock ticks since boot: a timer saved
+                without a start time is refused for a process that started later (it
+                holds a reused pid), as a journal's line is in a replay.
         """
         by_pid: Dict[int, List[Timer]] = {}
         for timer in timers:
             by_pid.setdefault(timer.pid, []).append(timer)
-        for pid, group in by_pid.items():
-            start_time = next((t.start_time for t in group if t.start_time is not None), None)
-            for t in group:
-                self._arm(
-                    "restore", pid, t.scope_id, t.deadline, t.signal, start_time, t.labels, t.dump
-                )
+        self.written_by = written_by
+        try:
+            for pid, group in by_pid.items():
+                start_time = next((t.start_time for t in group if t.start_time is not None), None)
+                for t in group:
+                    self._arm(
+                        "restore",
+                        pid,
+                        t.scope_id,
+                        t.deadline,
+                        t.signal,
+                        start_time,
+                        t.labels,
+                        t.dump,
+                    )
+        finally:
+            self.written_by = None
 
     def worker_gone(self, worker: Worker) -> None:
         """The I/O loop saw ``worker`` exit (its pidfd became readable): drop its timers."""

@@ -2,11 +2,12 @@
 
 Start-up, in order: lock the FIFO's lock file (``<fifo>.lock``, held until exit: another
 daemon on the FIFO is refused before it touches anything); refuse if another daemon
-answers on the control socket; load the state file; create the server and restore the
-saved timers (so a timer that expired while the daemon was down fires at once); open the
-FIFO (a new one in place of the old if nothing was restored, so clients holding the old
-one re-send their timers) and start; bind the control socket; start the state saver and
-the metrics endpoint; tell systemd READY=1.
+answers on the control socket; check the state file's directory (the daemon's alone),
+then load the state file; create the server and restore the saved timers (a timer that
+expired while the daemon was down fires when the restore grace ends); open the FIFO (a
+new one in place of the old if nothing was restored, so clients holding the old one
+re-send their timers) and start; bind the control socket; start the state saver and the
+metrics endpoint; tell systemd READY=1.
 
 The main thread then only waits for signals. Handlers do nothing but wake it (the signal
 number arrives on a wake-up pipe); the loop acts: SIGTERM / SIGINT shut down cleanly
@@ -32,6 +33,7 @@ from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Type
 
 import msgspec
 
+from ftimer_server._files import remove_leftovers
 from ftimer_server._version import __version__
 from ftimer_server.core._events import EVENT_TYPES, Armed, Disarmed, Event, Reaped
 from ftimer_server.core._incident import Incident
@@ -60,13 +62,15 @@ from ._logging import LoggingSetup
 from ._metrics import Metrics, MetricsUnavailable
 from ._state import (
     StateBusy,
+    StateLoad,
     StatePathError,
     StateSaver,
+    check_state_dir,
     load_state,
     lock_state,
     max_state_bytes,
     read_boot_id,
-    state_dir_warning,
+    set_aside_state,
 )
 from ._systemd import SystemdNotifier
 
@@ -182,8 +186,8 @@ class Daemon:
         self._make_metrics()
         control = self._claim_fifo()
         boot_id = read_boot_id()
-        timers, journal, replay_from = self._load_state(boot_id)
-        server = self._restored_server(timers, journal, replay_from)
+        saved, journal = self._load_state(boot_id)
+        server = self._restored_server(saved, journal)
         self._serve(server, control, boot_id, journal)
 
     def _make_metrics(self) -> None:
@@ -231,10 +235,11 @@ class Daemon:
             raise StartupError(str(e)) from None
         return control
 
-    def _load_state(self, boot_id: str) -> Tuple[List[Timer], Optional[Journal], int]:
-        """The saved timers, the journal and the journal segment to replay from (none,
-        no journal and 0 without a state file). The state file's lock is taken first and
-        held until exit: no other daemon reads, saves or journals beside it meanwhile.
+    def _load_state(self, boot_id: str) -> Tuple[StateLoad, Optional[Journal]]:
+        """What the state file holds (the saved timers, the journal segment to replay
+        from) and the journal (no timers and no journal without a state file). The
+        state file's directory is checked first, then its lock taken and held until
+        exit: no other daemon reads, saves or journals beside it meanwhile.
 
         Raises:
             StartupError: the state file, its lock or its directory cannot be used, or
@@ -242,11 +247,21 @@ class Daemon:
         """
         c = self.config
         if c.state_file is None:
-            return [], None, 0
+            return StateLoad([]), None
         state_dir = os.path.dirname(c.state_file)
         try:
-            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            check_state_dir(c.state_file)
+        except StatePathError as e:
+            # Named as both spellings: the command line's and the config file's.
+            raise StartupError(f"--state-file (state-file) {c.state_file}: {e}") from None
+        except OSError as e:
+            raise StartupError(f"cannot use the state directory {state_dir}: {e}") from None
+        try:
             self._state_lock_fd = lock_state(c.state_file)
+            # Under the lock: no save of another daemon's is under way. The directory
+            # is private: what matches the pattern is a save of the daemon's user's.
+            for leftover in remove_leftovers(c.state_file):
+                log.info("removed %s, left by a save that was interrupted", leftover)
             limit = max_state_bytes(c.max_timers or Policy().max_timers)
             loaded = load_state(c.state_file, boot_id, max_bytes=limit)
             journal = Journal(c.state_file + ".journal", snapshot=c.state_file)
@@ -262,23 +277,22 @@ class Daemon:
         if loaded.ignored:
             log.info("state file %s not used: %s", c.state_file, loaded.ignored)
             journal.discard_before(journal.seq)  # it follows a state that is gone
-        return loaded.timers, journal, loaded.journal
+        return loaded, journal
 
-    def _restored_server(
-        self, timers: List[Timer], journal: Optional[Journal], replay_from: int
-    ) -> FileTimerServer:
-        """A new server (not started) holding the saved ``timers`` and what ``journal``
-        holds from segment ``replay_from``; one with no timers if the replay fails.
+    def _restored_server(self, saved: StateLoad, journal: Optional[Journal]) -> FileTimerServer:
+        """A new server (not started) holding the ``saved`` timers and what ``journal``
+        holds from the segment ``saved`` names; one with no timers if the replay fails.
 
         Raises:
             StartupError: the incident directory is unsafe, or the server cannot be made.
         """
         incidents = _incidents(self.config)
         server = self._new_server(journal, incidents)
+        timers, replay_from = saved.timers, saved.journal
         if timers:
             self._restoring = True
             try:
-                server.restore(timers)
+                server.restore(timers, saved.written_at)
             finally:
                 self._restoring = False
             log.info("restored %d of %d saved timers", len(server.armed()), len(timers))
@@ -291,7 +305,11 @@ class Daemon:
             except Exception:
                 # Half a replay may hold an arm without its disarm: start with no timers
                 # (a new FIFO, to which clients re-send theirs) rather than fail every
-                # restart on the same journal.
+                # restart on the same journal. The state file goes aside first, then the
+                # segments that complete it: a state file kept without them would be
+                # restored, without their disarms, by a restart before the first save.
+                assert self.config.state_file is not None  # a journal is the state file's
+                set_aside_state(self.config.state_file, "its journal cannot be replayed")
                 log.exception(
                     "cannot replay the journal from segment %d; set aside as %s; starting "
                     "without the saved timers",
@@ -386,6 +404,7 @@ class Daemon:
                 boot_id,
                 c.state_interval,
                 saved=journal.saved if journal is not None else lambda _: None,
+                overdue=(lambda: journal.full) if journal is not None else lambda: False,
             )
             self._saver.start()
         if self._metrics is not None and c.metrics_address is not None:
@@ -614,12 +633,10 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
     naming its pid. So: a FIFO others may write, and a root daemon (which may signal
     every user's processes) whose FIFO someone besides root may write while nothing
     restricts the target users. And a group named for the FIFO that may not write it,
-    and a directory in which others could swap the FIFO for theirs, or take the state
-    file's names.
+    and a directory in which others could swap the FIFO for theirs. (A state file's
+    directory others could change is refused at start, not warned about.)
     """
     warnings = []
-    if c.state_file is not None and (unsafe := state_dir_warning(c.state_file)) is not None:
-        warnings.append(unsafe)
     directory = os.path.dirname(c.fifo) or "."
     with contextlib.suppress(OSError):  # a directory yet to be made is the daemon's
         st = os.stat(directory)

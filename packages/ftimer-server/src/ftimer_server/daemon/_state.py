@@ -13,11 +13,13 @@ file from another boot is discarded. Writes are atomic (temporary file, fsync, r
 a reader sees the old or the new state, never half of one.
 
 `StateSaver` batches: the first change after a quiet period is written at once, later
-ones at most every ``interval`` seconds, and nothing is written while nothing changes.
+ones at most every ``interval`` seconds, and nothing is written while nothing changes;
+but a journal that holds a trim's worth (a flood) is saved, and so trimmed, at once.
 
-The file is trusted only if the daemon's user owns it (another user's is set aside), and
-only one daemon uses it at a time: each holds the lock file ``<path>.lock`` (`lock_state`)
-from before it reads the file until it exits.
+The file is trusted only if the daemon's user owns it (another user's is set aside) and
+lies in a directory nobody else may change (`check_state_dir`: the daemon refuses any
+other), and only one daemon uses it at a time: each holds the lock file ``<path>.lock``
+(`lock_state`) from before it reads the file until it exits.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ import msgspec
 
 from ftimer_protocol import PIPE_BUF
 from ftimer_server._files import (
+    NotAPrivateDirectory,
     NotARegularFile,
     aside_path,
     file_kind,
     is_same_file,
+    open_private_dir,
     open_regular,
     write_atomically,
 )
@@ -56,13 +60,14 @@ __all__ = [
     "StateLoad",
     "StatePathError",
     "StateSaver",
+    "check_state_dir",
     "decode_state",
     "encode_state",
     "load_state",
     "max_state_bytes",
     "lock_state",
     "read_boot_id",
-    "state_dir_warning",
+    "set_aside_state",
     "write_state",
 ]
 
@@ -220,6 +225,9 @@ class StateLoad(msgspec.Struct, frozen=True):
     ignored: str = ""
     #: Where an unusable file was moved to, or "".
     set_aside: str = ""
+    #: When the file was written (its mtime, ``time.time()``), or None (none used): a
+    #: process that started later cannot be one whose timer it saved.
+    written_at: Optional[float] = None
 
 
 def lock_state(path: str) -> int:
@@ -271,29 +279,60 @@ def lock_state(path: str) -> int:
     raise StatePathError(f"the state file's lock file {lock_path} keeps being replaced")
 
 
-def state_dir_warning(path: str) -> Optional[str]:
-    """Why the directory of the state file ``path`` is unsafe, in a sentence, or None.
+def check_state_dir(path: str) -> None:
+    """Make the directory of the state file ``path`` (0700) if missing, and check that
+    nobody but the daemon's user can change what is in it.
 
-    Users who may write it can take the names the daemon writes (the state file, its
-    lock, its journal segments: files it then refuses to use, or to start with), and
-    without the sticky bit remove or replace the daemon's own. A directory yet to be
-    made is the daemon's (it makes it 0700): None.
+    Its files are what a restart restores: a user who may rename in it (another owner;
+    group or others with write permission, sticky or not, since they could take the
+    names of the daemon's files) could keep an old snapshot and put it back before the
+    next start, and have a worker that had disarmed reaped. So it must be a directory
+    (not a symlink) the daemon's user owns and nobody else may write, as the FIFO's and
+    the incidents' are; and each directory above it must let nobody else rename it away
+    and back: owned by root or the daemon's user, and writable by nobody else, or
+    sticky (as /tmp: only an entry's owner renames it).
+
+    Raises:
+        StatePathError: it is unsafe; the message says why and what to do.
+        OSError: it cannot be made or opened.
     """
-    directory = os.path.dirname(path) or "."
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fix = "use a directory only the daemon's user may write (such as /run/ftimer)"
     try:
-        st = os.stat(directory)
-    except OSError:
-        return None
-    if not st.st_mode & 0o022:
-        return None
-    can = "create" if st.st_mode & stat.S_ISVTX else "create, remove and rename"
-    return (
-        f"the state file's directory {directory} (mode {stat.S_IMODE(st.st_mode):04o}) lets "
-        f"users other than its owner {can} files in it, and so make the daemon refuse to "
-        "start or lose its saved timers (another user's state file or journal segment is "
-        "never restored, but set aside): use a directory only the daemon's user may write "
-        "(such as /run/ftimer)"
-    )
+        fd, _ = open_private_dir(directory)
+    except NotAPrivateDirectory as e:
+        raise StatePathError(f"the state file's directory {directory} {e}; {fix}") from None
+    os.close(fd)
+    for parent in _ancestors(directory):
+        try:
+            st = os.stat(parent)
+        except OSError:
+            continue  # cannot be looked at: the directory below it was just opened
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid not in (0, os.geteuid()):
+            why = f"is owned by uid {st.st_uid}, who may rename"
+        elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            why = f"(mode {mode:04o}) lets users other than its owner rename"
+        else:
+            continue
+        raise StatePathError(
+            f"the state file's directory {directory} is unsafe: {parent} {why} what is in "
+            f"it, and so put an old state file back before a restart; {fix}"
+        )
+
+
+def _ancestors(directory: str) -> List[str]:
+    """The directories above ``directory``, as written and as resolved (a symlink on
+    the way is judged where it lies and where it leads)."""
+    out: List[str] = []
+    for start in (directory, os.path.realpath(directory)):
+        current = start
+        while (parent := os.path.dirname(current)) != current:
+            if parent not in out:
+                out.append(parent)
+            current = parent
+    return out
 
 
 def load_state(
@@ -336,15 +375,16 @@ def load_state(
         return StateLoad([], ignored="no state file")
     except (OSError, StateFileError) as e:
         problem = str(e) if isinstance(e, StateFileError) else f"cannot read it: {e.strerror}"
-        return _set_aside(path, problem)
+        return set_aside_state(path, problem)
     now = time.monotonic() if now is None else now
     if state.boot_id != boot_id or (not boot_id and state.saved_at > now):
         return StateLoad([], ignored="saved during another boot")
-    return StateLoad(state.timers, state.journal)
+    return StateLoad(state.timers, state.journal, written_at=st.st_mtime)
 
 
-def _set_aside(path: str, problem: str) -> StateLoad:
-    """Rename the unusable file at ``path`` (a regular file or a symlink, never followed).
+def set_aside_state(path: str, problem: str) -> StateLoad:
+    """Rename the unusable file at ``path`` (a regular file or a symlink, never followed)
+    to ``<path>.corrupt-<unix time>``, with an error line saying ``problem``.
 
     Raises:
         StatePathError: something else is there (a directory the daemon may not read).
@@ -386,6 +426,10 @@ class StateSaver:
         clock: monotonic seconds, written as ``saved_at``.
         saved: called after each successful write with the journal segment it names
             (older segments can go).
+        overdue: whether a save is due now, whatever ``interval`` says (the journal
+            is `Journal.full`): consulted at each `changed()`, and once woken, again
+            (a save that took the snapshot meanwhile has made it false), so a flood
+            makes one save per trim's worth of journal, not a storm.
     """
 
     def __init__(
@@ -397,15 +441,19 @@ class StateSaver:
         clock: Callable[[], float] = time.monotonic,
         *,
         saved: Callable[[int], None] = lambda journal: None,
+        overdue: Callable[[], bool] = lambda: False,
     ) -> None:
         self.path = path
         self._saved = saved
+        self._overdue = overdue
         self.interval = interval
         self._snapshot = snapshot
         self._boot_id = boot_id
         self._clock = clock
         self._dirty = threading.Event()
         self._stopping = threading.Event()
+        #: Cuts the wait between two saves short: a save is overdue, or the saver stops.
+        self._hurry = threading.Event()
         self._write_lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         #: Successful and failed writes since start.
@@ -419,11 +467,14 @@ class StateSaver:
         self._thread.start()
 
     def changed(self) -> None:
-        """Note that the armed set changed; it will be saved within ``interval``."""
+        """Note that the armed set changed; it will be saved within ``interval``, or
+        at once if ``overdue()``."""
         # Called per event on the server's thread: skip the Event's lock when already set.
         # Safe: the saver clears the flag before it takes its snapshot.
         if not self._dirty.is_set():
             self._dirty.set()
+        if not self._hurry.is_set() and self._overdue():
+            self._hurry.set()
 
     def save(self) -> bool:
         """Write the current snapshot now (on the caller's thread); True on success."""
@@ -445,6 +496,7 @@ class StateSaver:
         False if that write failed."""
         self._stopping.set()
         self._dirty.set()
+        self._hurry.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -456,8 +508,18 @@ class StateSaver:
             if self._stopping.is_set():
                 return
             self._dirty.clear()
+            self._hurry.clear()  # before the snapshot: what is overdue after it hurries
             if not self.save():
                 self._dirty.set()  # retry, but not in a tight loop
                 self._stopping.wait(max(self.interval, 1.0))
             else:
-                self._stopping.wait(self.interval)
+                self._pause()
+
+    def _pause(self) -> None:
+        """Wait ``interval`` after a save; less if a save becomes overdue, or at stop."""
+        end = time.monotonic() + self.interval
+        while not self._stopping.is_set():
+            left = end - time.monotonic()
+            if left <= 0 or (self._hurry.wait(left) and self._overdue()):
+                return
+            self._hurry.clear()  # woken for a save the last one already made

@@ -9,7 +9,9 @@ first (``splice(2)`` moves them without a window in which they are in neither pl
 ``read`` and ``write`` where there is no ``splice``), then to the decoder. Each snapshot
 starts a new journal segment and names it; a restart restores the snapshot and replays
 the segments from the one it names. Segments older than the last saved snapshot are
-deleted, so the journal holds about one save interval of traffic.
+deleted, so the journal holds about one save interval of traffic; and a segment that
+grows past ``JOURNAL_TRIM`` bytes (a flood of junk, which changes no timer) asks for a
+save at once, whatever the interval, so that a restart never replays much more.
 
 A datagram of the socket is no line the FIFO's bytes could hold: its subject is whom the
 kernel vouched for, not the pid it names. So the socket's messages are kept as they were
@@ -42,7 +44,7 @@ import msgspec
 
 from ftimer_protocol import V2_PREFIX, Message, TimerRequestV1
 
-__all__ = ["Journal"]
+__all__ = ["JOURNAL_TRIM", "Journal"]
 
 from ftimer_server._files import (
     O_CLOEXEC,
@@ -61,6 +63,8 @@ _FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | O_CLOEXEC | O_NOFOLLOW
 _REPLAY_CHUNK = 256 * 1024
 #: Names tried when creating a segment, if those before are taken meanwhile.
 _CREATE_ATTEMPTS = 5
+#: Bytes in the segment being written past which it is `Journal.full`: a save is due.
+JOURNAL_TRIM = 16 * 1024 * 1024
 _encoder = msgspec.json.Encoder()
 
 
@@ -76,14 +80,19 @@ class Journal:
             that had disarmed. A restart then starts with no timers and a new FIFO, to
             which the clients re-send theirs. The next save after a checkpoint makes it
             again.
+        trim: the bytes past which the segment being written is `full`
+            (``JOURNAL_TRIM`` by default).
 
     Raises:
         OSError: the first segment cannot be created.
     """
 
-    def __init__(self, prefix: str, snapshot: Optional[str] = None) -> None:
+    def __init__(
+        self, prefix: str, snapshot: Optional[str] = None, *, trim: Optional[int] = None
+    ) -> None:
         self._prefix = prefix
         self._snapshot = snapshot
+        self.trim = JOURNAL_TRIM if trim is None else trim
         found = self.segments()
         self._fd, self._seq = self._create((found[-1] if found else 0) + 1)
         self._size = 0
@@ -102,6 +111,13 @@ class Journal:
     def size(self) -> int:
         """Bytes in the segment being written."""
         return self._size
+
+    @property
+    def full(self) -> bool:
+        """Whether the segment being written holds more than ``trim`` bytes: a save
+        (``checkpoint()``, then ``saved()``) is due now, so that a restart's replay stays
+        short."""
+        return self._size > self.trim
 
     @property
     def seq(self) -> int:

@@ -71,8 +71,6 @@ __all__ = ["FileTimerServer", "Lifecycle"]
 
 logger = logging.getLogger("ftimer_server")
 
-#: Bytes in the journal's current segment past which ``on_change`` asks for a save.
-JOURNAL_TRIM = 16 * 1024 * 1024
 #: Seconds ``stop()`` waits for the loop's thread by default (torch's default
 #: ``max_interval``, within which torch's ``stop()`` returns).
 STOP_TIMEOUT = 10.0
@@ -472,7 +470,7 @@ class FileTimerServer:
         with self._table(timeout):
             return self._watchdog.stats()
 
-    def restore(self, timers: Iterable[Timer]) -> None:
+    def restore(self, timers: Iterable[Timer], written_by: Optional[float] = None) -> None:
         """Arm saved timers (``armed()`` of a previous server), checking each process.
 
         Deadlines are monotonic seconds of this boot. A timer whose process is gone or
@@ -481,6 +479,12 @@ class FileTimerServer:
         say) is dropped and counted as the FIFO's are (a ``DecodeFailed`` event). For
         ``restore_grace`` seconds nothing expires. Call it before ``start()`` or while
         running.
+
+        Args:
+            timers: the saved timers.
+            written_by: when they were saved (``time.time()``): a process that started
+                later holds a reused pid, and a timer naming that pid without a start
+                time is refused for it (as ``replay()`` refuses a line).
 
         Raises:
             RuntimeError: the server was stopped.
@@ -499,7 +503,8 @@ class FileTimerServer:
                 raise RuntimeError("the server is stopped; restore into a new one")
             if malformed:
                 self._watchdog.apply(malformed, time.monotonic(), time.time())
-            self._watchdog.restore(checked)
+            ticks = None if written_by is None else ticks_since_boot(written_by)
+            self._watchdog.restore(checked, ticks)
             if checked:
                 self._watchdog.hold(time.monotonic() + self._restore_grace)
         self._loop_or_flush()
@@ -923,7 +928,7 @@ class FileTimerServer:
         it was last called, or the journal has grown enough that a checkpoint should trim
         it (a junk flood changes no timer, but fills the journal)."""
         changes = self._watchdog.changes
-        grown = self._journal is not None and self._journal.size > JOURNAL_TRIM
+        grown = self._journal is not None and self._journal.full
         if self._on_change is not None and (changes != self._changes or grown):
             self._changes = changes
             self._call("on_change", self._on_change)

@@ -1,0 +1,34 @@
+"""A saved timer without a start time is never restored for a process born after the save.
+
+``restore()`` bound such a timer to whichever process held its pid at the restart, where
+``replay()`` already refused one born after the journal was written: a stranger that
+reused the pid of a worker gone while the daemon was down was reaped. Report-only timers
+(signal 0) and a recording signaller: nothing is ever signalled.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+from ftimer_server import FileTimerServer, RecordingSignaller, Rejected, RejectReason, Timer
+
+
+def test_a_timer_saved_without_a_start_time_is_refused_for_a_process_born_later(
+    fifo_path: pathlib.Path, children
+) -> None:
+    stranger = children()
+    saved = Timer(pid=stranger.pid, scope_id="s", deadline=time.monotonic() + 3600, signal=0)
+    events: list = []
+    server = FileTimerServer(fifo_path, signaller=RecordingSignaller(), on_event=events.append)
+    server.restore([saved], written_by=time.time() - 5)  # saved before it started
+    assert server.armed() == []
+    [refused] = [e for e in events if isinstance(e, Rejected)]
+    assert (refused.pid, refused.reason, refused.request) == (
+        stranger.pid,
+        RejectReason.IDENTITY_MISMATCH,
+        "restore",
+    )
+    server.restore([saved], written_by=time.time())  # saved while it lived: its own
+    assert [t.pid for t in server.armed()] == [stranger.pid]
+    server.stop()

@@ -145,7 +145,7 @@ class DaemonProcess:
         self.log = directory / f"{name}.log"
         self.notify = Notifications(str(directory / f"{name}.notify"))
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_")}
-        full_env.update(NOTIFY_SOCKET=self.notify.path, **(env or {}))
+        full_env.update({"NOTIFY_SOCKET": self.notify.path, **(env or {})})
         command = command or [PYTHON, "-m", "ftimer_server"]
         self.args = [
             *command,

@@ -72,7 +72,7 @@ from ._state import (
     read_boot_id,
     set_aside_state,
 )
-from ._systemd import SystemdNotifier
+from ._systemd import SystemdNotifier, stored_fds
 
 __all__ = [
     "EXIT_FAILURE",
@@ -392,6 +392,7 @@ class Daemon:
             what = "socket" if e.path == c.socket else "FIFO"
             raise StartupError(f"{what} {e.path}: {e.reason}") from None
         self._server = server
+        self._keep_fifo()
         try:
             control.start()
         except (ControlSocketBusy, OSError) as e:
@@ -414,6 +415,31 @@ class Daemon:
                 host, port = c.metrics_address
                 raise StartupError(f"cannot serve metrics on {host}:{port}: {e}") from None
             log.info("metrics on http://%s:%d/metrics", host, port)
+
+    def _keep_fifo(self) -> None:
+        """Have systemd hold the FIFO open from now until the next daemon opens it (its
+        file descriptor store), then let go of what it gave this one back.
+
+        A pipe's unread lines die with its last descriptor, and torch's clients (ftimer's
+        with protocol 1, the ``ftimer`` command) hold none between lines: a disarm
+        written while the daemon stalled, then was killed, would be lost, and the next
+        daemon would restore the timer and reap the worker that had disarmed.
+        """
+        if self._notifier.enabled:
+            try:
+                fd = os.open(self.config.fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as e:  # the server reads it: not expected
+                log.warning("cannot give systemd the FIFO to hold: %s", _os_error(e))
+            else:
+                try:
+                    self._notifier.store("fifo", fd)
+                finally:
+                    os.close(fd)
+        for fd, name in stored_fds():
+            # The last daemon's FIFO: this one has it open now (or made a new one).
+            with contextlib.suppress(OSError):
+                if name == "fifo" and stat.S_ISFIFO(os.fstat(fd).st_mode):
+                    os.close(fd)
 
     def _ready(self) -> None:
         c = self.config

@@ -1,22 +1,26 @@
-"""sd_notify without libsystemd: readiness, stopping and watchdog keep-alives.
+"""sd_notify without libsystemd: readiness, stopping, watchdog keep-alives and the file
+descriptor store.
 
 The protocol is one datagram per notification, newline-separated ``KEY=VALUE`` lines, sent
 to the AF_UNIX socket named by ``$NOTIFY_SOCKET`` (a path, or ``@name`` for the abstract
 namespace). ``$WATCHDOG_USEC`` asks for ``WATCHDOG=1`` at least that often; systemd's
-advice is every half interval. See sd_notify(3) and sd_watchdog_enabled(3).
+advice is every half interval. Descriptors given to the store (``FDSTORE=1``) come back
+to the service's next process (``$LISTEN_FDS`` from descriptor 3 on, named by
+``$LISTEN_FDNAMES``). See sd_notify(3), sd_watchdog_enabled(3) and sd_listen_fds(3).
 """
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Mapping
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
-__all__ = ["MIN_WATCHDOG_INTERVAL", "SystemdNotifier"]
+__all__ = ["MIN_WATCHDOG_INTERVAL", "SystemdNotifier", "stored_fds"]
 
 log = logging.getLogger("ftimer_server.systemd")
 
@@ -93,8 +97,9 @@ class SystemdNotifier:
             return None
         return max(self.watchdog_usec / 2e6, MIN_WATCHDOG_INTERVAL)
 
-    def notify(self, *lines: str) -> bool:
-        """Send ``lines`` as one notification; True if it was sent.
+    def notify(self, *lines: str, fds: Sequence[int] = ()) -> bool:
+        """Send ``lines`` as one notification, with descriptors ``fds``; True if it was
+        sent.
 
         Failures (socket gone, permission) are logged once and otherwise ignored: systemd
         being unreachable must not stop the watchdog from working.
@@ -106,7 +111,11 @@ class SystemdNotifier:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self._sock.sendto(payload, self._address)
+                if fds:
+                    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    self._sock.sendmsg([payload], rights, 0, self._address)
+                else:
+                    self._sock.sendto(payload, self._address)
             except OSError as e:
                 if not self._warned:
                     log.warning("cannot notify systemd at %r: %s", self._address, e)
@@ -131,6 +140,14 @@ class SystemdNotifier:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         return self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
+    def store(self, name: str, fd: int) -> bool:
+        """Have systemd hold ``fd`` under ``name``, in place of what it held under that
+        name, until the service is stopped: the unit needs ``FileDescriptorStoreMax=``.
+        Never polled (``FDPOLL=0``): systemd drops a descriptor that polls as an error,
+        which the write end of a pipe does while nobody reads it."""
+        self.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+        return self.notify("FDSTORE=1", "FDPOLL=0", f"FDNAME={name}", fds=[fd])
+
     def watchdog(self) -> bool:
         """``WATCHDOG=1``: the service is alive (send only when it really is)."""
         return self.notify("WATCHDOG=1")
@@ -141,3 +158,17 @@ class SystemdNotifier:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
+
+
+def stored_fds(
+    environ: Optional[Mapping[str, str]] = None, pid: Optional[int] = None
+) -> List[Tuple[int, str]]:
+    """The descriptors systemd passed this process (``pid``, default ``os.getpid()``),
+    from its store, with their names: none where ``$LISTEN_PID`` names another process."""
+    env = os.environ if environ is None else environ
+    me = os.getpid() if pid is None else pid
+    count = env.get("LISTEN_FDS", "")
+    if env.get("LISTEN_PID") != str(me) or not (count.isascii() and count.isdecimal()):
+        return []
+    names = env.get("LISTEN_FDNAMES", "").split(":")
+    return [(3 + i, names[i] if i < len(names) else "") for i in range(int(count))]

@@ -1,0 +1,148 @@
+"""systemd's file descriptor store holds the FIFO open from one daemon to the next: a line
+a worker wrote while the daemon was stalled, then killed, is read by the next daemon.
+torch's clients, and ftimer's with protocol 1, hold the FIFO open only while they write
+a line, and a pipe's unread lines die with its last descriptor."""
+
+from __future__ import annotations
+
+import array
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from typing import Callable, Dict, List
+
+import pytest
+from tests.conftest import wait_until
+
+from ftimer_server.daemon._systemd import stored_fds
+
+from .conftest import PATIENCE, PYTHON, DaemonProcess, kill_and_close
+from .test_durability import saved_scopes
+
+# Arms one timer in torch's protocol (a descriptor per line), releases it when told.
+TORCH_STYLE = """
+import sys, time
+from ftimer_client import FileTimerClient
+client = FileTimerClient(sys.argv[1], protocol=1)
+client.acquire("step", time.time() + float(sys.argv[2]))
+print("armed", flush=True)
+sys.stdin.readline()
+client.release("step")
+print("released", flush=True)
+sys.stdin.readline()
+"""
+
+
+class FdStore:
+    """A NOTIFY_SOCKET that keeps the descriptors given to it by name, as systemd's
+    file descriptor store does (``FDSTORE=1``, ``FDSTOREREMOVE=1``, ``FDNAME=``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.1)
+        self.held: Dict[str, List[int]] = {}
+        self.received: List[Dict[str, str]] = []
+
+    def receive(self) -> None:
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(4 * 16))
+        except socket.timeout:
+            return
+        fds = array.array("i")
+        for level, kind, cdata in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+        fields = dict(line.partition("=")[::2] for line in data.decode().split("\n"))
+        self.received.append(fields)
+        name = fields.get("FDNAME", "")
+        if fields.get("FDSTOREREMOVE") == "1":
+            for fd in self.held.pop(name, []):
+                os.close(fd)
+        if fields.get("FDSTORE") == "1":
+            assert fields.get("FDPOLL") == "0"  # systemd would drop it while none reads
+            self.held.setdefault(name, []).extend(fds)
+        else:
+            for fd in fds:
+                os.close(fd)
+
+    def wait_for(self, key: str, proc: subprocess.Popen[str]) -> None:
+        def seen() -> bool:
+            self.receive()
+            assert proc.poll() is None, "the daemon exited"
+            return any(key in fields for fields in self.received)
+
+        wait_until(seen, PATIENCE, what=f"{key} notified")
+
+    def close(self) -> None:
+        for fds in self.held.values():
+            for fd in fds:
+                os.close(fd)
+        self.sock.close()
+
+
+@pytest.fixture
+def store(short_dir: pathlib.Path) -> Iterator[FdStore]:
+    s = FdStore(str(short_dir / "systemd.notify"))
+    yield s
+    s.close()
+
+
+def test_a_line_left_unread_by_a_killed_daemon_is_read_by_the_next(
+    spawn: Callable[..., DaemonProcess], short_dir: pathlib.Path, store: FdStore
+) -> None:
+    # The daemon stalled (stopped here) while a torch-style worker released its timer,
+    # and was then killed, as systemd's watchdog kills a wedged daemon: the pipe went
+    # with its last descriptor, the release with it, and the next daemon restored the
+    # timer and reaped the worker that had released it.
+    state = short_dir / "state.json"
+    args = ["--state-file", str(state)]
+    env = {"NOTIFY_SOCKET": store.path}
+    first = spawn(*args, name="first", env=env)
+    store.wait_for("READY", first.proc)
+    [held] = store.held["fifo"]
+    assert os.fstat(held).st_ino == first.fifo.stat().st_ino
+    worker = subprocess.Popen(
+        [PYTHON, "-c", TORCH_STYLE, str(first.fifo), "3"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdin is not None
+        assert worker.stdout.readline() == "armed\n"
+        wait_until(lambda: saved_scopes(state) == ["step"], what="the arm saved")
+        os.kill(first.pid, signal.SIGSTOP)
+        _, status = os.waitpid(first.pid, os.WUNTRACED)  # until it has stopped
+        assert os.WIFSTOPPED(status)
+        worker.stdin.write("\n")
+        worker.stdin.flush()
+        assert worker.stdout.readline() == "released\n"  # written, never read
+        first.stop(signal.SIGKILL)
+        store.received.clear()
+        second = spawn(*args, name="second", env=env)
+        store.wait_for("READY", second.proc)
+        released = second.wait_for_record(where=lambda r: r.get("event") == "disarmed")
+        assert (released["pid"], released["scope_id"]) == (worker.pid, "step")
+        assert second.status()["timers"] == []
+        assert worker.poll() is None
+        # The store holds the FIFO the second daemon reads, once.
+        [held] = store.held["fifo"]
+        assert os.fstat(held).st_ino == second.fifo.stat().st_ino
+    finally:
+        kill_and_close(worker)
+        assert worker.stdin is not None
+        worker.stdin.close()
+
+
+def test_only_descriptors_passed_to_this_process_are_taken() -> None:
+    env = {"LISTEN_PID": "42", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "fifo:other"}
+    assert stored_fds(env, pid=42) == [(3, "fifo"), (4, "other")]
+    assert stored_fds(env, pid=43) == []  # inherited from a parent that was passed them
+    assert stored_fds({**env, "LISTEN_FDS": "x"}, pid=42) == []
+    assert stored_fds({"LISTEN_PID": "42", "LISTEN_FDS": "1"}, pid=42) == [(3, "")]

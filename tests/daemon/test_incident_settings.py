@@ -158,6 +158,12 @@ def test_sizes_refused(value: Any) -> None:
             {"core": True, "capture": "none"},
             r'--core: a core file is a capture, and --capture says "none"',
         ),
+        # The tree is signalled by an incident's reap: it was silently not signalled.
+        (
+            {"reap_tree": True, "capture": "none"},
+            r"--reap-tree: the worker's descendants are signalled after an incident's "
+            r'capture, and --capture says "none": set capture to "facts"',
+        ),
     ],
 )
 def test_invalid_values_name_the_option(cli: Dict[str, Any], message: str) -> None:
@@ -175,6 +181,11 @@ def test_invalid_values_name_the_option(cli: Dict[str, Any], message: str) -> No
         ("core = 1", r"ftimer.toml: core is a whole number; it takes true or false"),
         ("incident-directory = '/x'", r"ftimer.toml: there is no setting 'incident-directory' \("),
         ("job-label = 'rank id'", r"ftimer.toml: job-label: 'rank id' is not a label name"),
+        (
+            'reap-tree = true\ncapture = "none"',
+            r"ftimer.toml: reap-tree: the worker's descendants are signalled after an "
+            r"incident's capture, and config file .*ftimer.toml: capture says \"none\"",
+        ),
         (
             'core = true\ncapture = "none"',
             r"ftimer.toml: core: a core file is a capture, and config file .*ftimer.toml: "

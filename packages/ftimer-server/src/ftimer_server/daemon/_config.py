@@ -532,6 +532,14 @@ def resolve_config(
             f"{origin['core']}: a core file is a capture, and {origin['capture']} says "
             '"none": set capture to "auto" (or a method), or leave core off'
         )
+    if merged["reap_tree"] and capture == "none":
+        # The tree is signalled by an incident's reap: with none, it would silently not be.
+        raise ConfigError(
+            f"{origin['reap_tree']}: the worker's descendants are signalled after an "
+            f'incident\'s capture, and {origin["capture"]} says "none": set capture to '
+            '"facts" (the /proc facts alone, the cheapest) or another method, or leave '
+            "reap-tree off"
+        )
     fifo_group = check("fifo_group", parse_group)
     parsers: Dict[str, Callable[[Any], Any]] = {
         "state_file": _path,

@@ -5,6 +5,7 @@ recording signaller: nothing real is ever signalled here."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -217,3 +218,26 @@ def test_caps_hold_under_a_flood(fifo_path: pathlib.Path, cap: Policy) -> None:
         server.sync()
         assert len(server.armed()) == 100
         assert server.stats().rejections == {"timer_limit": 900}
+
+
+def test_an_embedded_server_says_why_it_refuses_its_own_process(
+    fifo_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # torch's server enforces a timer of the process that runs it (its own tests arm
+    # one), or of that process's parent: code written for torch's lost its watchdog
+    # here with nothing said, as the refusals went only to an on_event it had not given.
+    signaller = RecordingSignaller()
+    me, parent = os.getpid(), os.getppid()
+    caplog.set_level(logging.WARNING, logger="ftimer_server")
+    with FileTimerServer(fifo_path, signaller=signaller) as server:
+        send(fifo_path, Arm(pid=me, scope_id="step", deadline=0.0, signal=9))
+        server.sync()
+        send(fifo_path, Arm(pid=parent, scope_id="step", deadline=0.0, signal=9))
+        server.sync()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert said == [  # once a minute: the parent's refusal is counted, not said again
+        f"refused arm of scope 'step' for pid {me}, this server's own process: a server "
+        "never signals the process it runs in, or those above it; run it beside or above "
+        "the processes it watches (in the agent, or the host's daemon)"
+    ]
+    assert signaller.sent == []

@@ -45,7 +45,16 @@ from ftimer_protocol import (
     default_fifo_path,
     encode,
 )
-from ftimer_server.core._events import Armed, Disarmed, Event, Expired, Reaped, WorkerGone
+from ftimer_server.core._events import (
+    Armed,
+    Disarmed,
+    Event,
+    Expired,
+    Reaped,
+    Rejected,
+    RejectReason,
+    WorkerGone,
+)
 from ftimer_server.core._host import CaptureRequest
 from ftimer_server.core._incident import Incident
 from ftimer_server.core._policy import Policy
@@ -74,6 +83,11 @@ logger = logging.getLogger("ftimer_server")
 #: Seconds ``stop()`` waits for the loop's thread by default (torch's default
 #: ``max_interval``, within which torch's ``stop()`` returns).
 STOP_TIMEOUT = 10.0
+#: Refusals an embedded server with no ``on_event`` logs (at most once a minute): a timer
+#: of the process that runs it, or of one above: torch's server enforces it, so code
+#: written for torch's loses its watchdog here without them.
+_OWN = frozenset((RejectReason.SERVER_PROCESS, RejectReason.SERVER_ANCESTOR))
+_OWN_SAID_EVERY = 60.0
 #: torch's server's hook points that its polling loop calls and ftimer's loop does not:
 #: overridden in a subclass, they change nothing the server does with what it reads.
 TORCH_HOOKS = (
@@ -282,6 +296,7 @@ class FileTimerServer:
         #: name), if any: ``stop()`` names it when it waits in vain.
         self._calling: Optional[str] = None
         self._kill_self_on_reap = kill_self_on_reap
+        self._own_said = -math.inf
         self._tick_interval = tick_interval
         self._on_tick = on_tick
         self._pipe_size = pipe_size
@@ -910,8 +925,27 @@ class FileTimerServer:
                     self._self_signal = event.signal
             if on_event is not None and (types is None or type(event) in types):
                 self._call("on_event", on_event, event)
+            elif isinstance(event, Rejected) and event.reason in _OWN:
+                self._say_own(event)
             if log_event is not None:
                 self._call("log_event", torch_log_event, log_event, event)
+
+    def _say_own(self, event: Rejected) -> None:
+        now = time.monotonic()
+        if now - self._own_said < _OWN_SAID_EVERY:
+            return
+        self._own_said = now
+        own = event.reason is RejectReason.SERVER_PROCESS
+        whose = "this server's own" if own else "an ancestor's"
+        logger.warning(
+            "refused %s of scope %r for pid %d, %s process: a server never signals the "
+            "process it runs in, or those above it; run it beside or above the processes "
+            "it watches (in the agent, or the host's daemon)",
+            event.request,
+            event.scope_id,
+            event.pid,
+            whose,
+        )
 
     def _debug_info(self, events: List[Event]) -> None:
         expired: Dict[int, List[str]] = {}

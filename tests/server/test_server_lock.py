@@ -144,3 +144,33 @@ def test_a_relative_path_is_removed_on_stop_after_a_chdir(
     monkeypatch.chdir(tmp_path)  # the agent moved on
     server.stop()
     assert list((tmp_path / "run").iterdir()) == []  # nor the FIFO, its lock, the socket
+
+
+def test_a_forked_child_holds_no_lock_once_its_server_stopped(fifo_path: pathlib.Path) -> None:
+    # An agent that embeds the server and forks its workers (multiprocessing's "fork"):
+    # a worker, or a child of one that outlived it, kept the lock after the server
+    # stopped, and the agent's next server on the path refused to start.
+    first = FileTimerServer(fifo_path)
+    first.start()
+    ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # a forked worker: lives on while the agent starts its next server
+        try:
+            os.close(hold_w)
+            os.write(ready_w, b"x")
+            os.read(hold_r, 1)  # until the parent closes its end
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(hold_r)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        first.stop()
+        second = FileTimerServer(fifo_path)
+        second.start()
+        second.stop()
+    finally:
+        os.close(hold_w)  # the child ends
+        os.waitpid(child, 0)
+        os.close(ready_r)

@@ -32,7 +32,7 @@ import select
 import stat
 import sys
 import termios
-from typing import Optional, Tuple, Union
+from typing import Optional, Set, Tuple, Union
 
 from ftimer_protocol import default_fifo_path
 from ftimer_server._files import (
@@ -226,6 +226,24 @@ def check_mode(mode: int) -> None:
         raise ValueError(f"the FIFO's mode must be permission bits, 0 to 0o777, not {mode!r}")
 
 
+#: The descriptors of the locks this process holds (`lock_fifo`). A forked child closes
+#: its copies: a worker an agent forks (multiprocessing's "fork"), or a child of it that
+#: outlives it, would otherwise hold the lock after the server stopped, and the agent's
+#: next server on the path would find it busy.
+_LOCKS: Set[int] = set()
+
+
+def _drop_locks_in_child() -> None:
+    for fd in _LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
 def lock_fifo(fifo: str) -> int:
     """Lock ``<fifo>.lock`` (flock, exclusive, not waiting) and return its descriptor:
     `unlock_fifo`, closing it, or the process's exit releases the lock. Every ftimer
@@ -278,6 +296,7 @@ def lock_fifo(fifo: str) -> int:
             except BlockingIOError:
                 raise FifoBusy(fifo, path) from None
             if is_same_file(path, st):
+                _LOCKS.add(fd)
                 return fd
         except BaseException:
             os.close(fd)
@@ -288,7 +307,11 @@ def lock_fifo(fifo: str) -> int:
 
 def unlock_fifo(fifo: str, fd: int, *, remove: bool = False) -> None:
     """Release the lock `lock_fifo` took (its descriptor ``fd``); with ``remove``, also
-    remove the lock file first, if it is still the one locked."""
+    remove the lock file first, if it is still the one locked. In a forked child, whose
+    copy was closed at the fork (and ``fd`` may be another file's now), it does nothing."""
+    if fd not in _LOCKS:
+        return
+    _LOCKS.discard(fd)
     if remove:
         unlink_if_same(fifo + ".lock", os.fstat(fd))
     os.close(fd)

@@ -201,9 +201,9 @@ def test_a_v1_line_must_fit_pipe_buf_with_its_escapes() -> None:
         V1Lines(0, 9)
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, MAX_TIME * 1.0001, 1e300])
-def test_fix_deadline_refuses_what_cannot_be_sent(bad: float) -> None:
-    with pytest.raises(ValueError, match="out of range"):
+@pytest.mark.parametrize("bad", [math.nan, -math.inf])
+def test_fix_deadline_refuses_what_is_not_a_time(bad: float) -> None:
+    with pytest.raises(ValueError, match="must be a number of seconds"):
         fix_deadline(bad)
 
 
@@ -211,11 +211,19 @@ def test_fix_deadline_clamps_the_past() -> None:
     assert fix_deadline(-1e9) == 0.0
 
 
+@pytest.mark.parametrize("far", [math.inf, MAX_TIME * 1.0001, 1e300])
+def test_fix_deadline_clamps_beyond_max_time_to_a_timer_that_never_fires(far: float) -> None:
+    assert fix_deadline(far) == MAX_TIME
+
+
 @given(after=st.floats(allow_nan=True, allow_infinity=True))
 @settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @example(after=0.0)
 @example(after=-1e300)
 @example(after=MAX_TIME)
+@example(after=math.inf)
+@example(after=-math.inf)
+@example(after=math.nan)
 @example(after=1e-9)
 def test_any_duration_arms_or_is_refused(after: float, peer: FifoPeer) -> None:
     client = FileTimerClient(peer.path, labels={})
@@ -224,16 +232,17 @@ def test_any_duration_arms_or_is_refused(after: float, peer: FifoPeer) -> None:
         client.arm("s", after)
         after_call = time.monotonic()
     except ValueError:
-        assert not math.isfinite(after) or time.monotonic() + after > MAX_TIME
+        assert math.isnan(after) or after == -math.inf
         assert client.armed == frozenset()
         return
     finally:
         client.close()
-    assert math.isfinite(after)
     (arm, _) = peer.wait_count(2)
     peer.take()
     assert isinstance(arm, Arm)
-    assert max(0.0, before + after) - 1e-6 <= arm.deadline <= max(0.0, after_call + after) + 1e-6
+    low = min(MAX_TIME, max(0.0, before + after))
+    high = min(MAX_TIME, max(0.0, after_call + after))
+    assert low - 1e-6 <= arm.deadline <= high + 1e-6
 
 
 def test_check_signal() -> None:

@@ -164,12 +164,6 @@ class FileTimerClient:
         self._channel = channel_for(self._route, protocol, pid)
         self._lines = self._channel.lines(self._signal, self._labels or None, hook)
         self._v2 = self._lines if isinstance(self._lines, V2Lines) else None
-        # ``expires`` writes straight to the channel unless a subclass overrides torch's
-        # methods (for logging, metrics, tracing): then it calls them, as torch's does.
-        cls = type(self)
-        self._plain = (
-            cls.acquire is FileTimerClient.acquire and cls.release is FileTimerClient.release
-        )
         self._warned = 0  # the outage last warned about (channel.outages counts them)
         self._closed = False
         self._channel.attach()
@@ -181,12 +175,15 @@ class FileTimerClient:
         torch's client); re-arming an armed scope moves its deadline.
 
         Protocol 2 converts the time to a monotonic deadline, so a later wall-clock step
-        does not move it.
+        does not move it. ``math.inf`` (or a time beyond the protocol's ``MAX_TIME``)
+        arms the scope at the furthest deadline the protocol carries, about 31 million
+        years away: a timer that never fires, as torch's, until released.
 
         Raises:
             ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
-            ValueError: the scope or time breaks the schema, or the time is negative
-                (torch's wire format reads that as a release: call ``release()``).
+            ValueError: the scope breaks the schema, or the time is NaN or negative
+                (torch's wire format reads a negative time as a release: call
+                ``release()``).
             TypeError: the time is a bool.
             RuntimeError: the client is closed.
         """
@@ -197,6 +194,7 @@ class FileTimerClient:
         if self._v2 is not None:
             self.arm(scope_id, expiration_time - time.time())
         else:
+            expiration_time = min(expiration_time, MAX_TIME)  # inf: never fires
             self._arm(scope_id, self._v1_line(scope_id, expiration_time, None))
 
     def release(self, scope_id: str) -> None:
@@ -222,12 +220,17 @@ class FileTimerClient:
     def arm(self, scope_id: str, after: float, *, signal: Optional[int] = None) -> None:
         """Arm (or re-arm) timer ``scope_id`` to expire ``after`` seconds from now.
 
+        A negative ``after`` arms a timer already expired. ``math.inf`` (or a deadline
+        beyond the protocol's ``MAX_TIME``) arms it at the furthest deadline the
+        protocol carries, about 31 million years away: a timer that never fires (torch
+        arms ``math.inf`` so), until released.
+
         Args:
             signal: this timer's signal instead of the client's.
 
         Raises:
             ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
-            ValueError: ``after`` is not finite or too large, or the scope breaks the
+            ValueError: ``after`` is NaN or minus infinity, or the scope breaks the
                 schema (longer than ``MAX_SCOPE``, or its message over ``PIPE_BUF``).
             TypeError: ``after`` is a bool.
             RuntimeError: the client is closed.
@@ -239,9 +242,11 @@ class FileTimerClient:
         v2 = self._v2
         if v2 is None:
             sig = None if signal is None else check_signal(signal)
-            # A time long past arms an expired timer, as a v2 deadline does (NaN stays
-            # NaN, and is refused).
-            expiration_time = max(time.time() + after, 0.0)
+            # As a v2 deadline: a time long past arms an expired timer, one beyond
+            # MAX_TIME (inf) one that never fires; NaN and -inf are refused.
+            expiration_time = time.time() + after
+            if not 0.0 <= expiration_time <= MAX_TIME:
+                expiration_time = fix_deadline(expiration_time)
             line = self._v1_line(scope_id, expiration_time, sig)
         else:
             deadline = _monotonic() + after

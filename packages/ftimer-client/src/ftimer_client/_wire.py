@@ -74,13 +74,22 @@ def check_signal(signal: int) -> int:
 
 
 def fix_deadline(deadline: float) -> float:
-    """Return a deadline outside [0, MAX_TIME] made valid: negative (already past) becomes 0.
+    """Return a deadline (or a version 1 expiration time) outside [0, MAX_TIME] made
+    valid: negative (already past) becomes 0, and beyond MAX_TIME (infinite included:
+    torch arms ``math.inf``, a timer that never fires) becomes MAX_TIME, about 31 million
+    years away, the furthest the protocol carries.
 
     Raises:
-        ValueError: NaN, infinite, or beyond MAX_TIME seconds.
+        ValueError: NaN, or minus infinity (neither is a time: torch's server reads the
+            one as a timer that never fires and the other as a release).
     """
-    if not math.isfinite(deadline) or deadline > MAX_TIME:
-        raise ValueError(f"timer duration out of range: deadline {deadline!r}")
+    if deadline > MAX_TIME:
+        return MAX_TIME
+    if not deadline > -math.inf:  # NaN or -inf
+        raise ValueError(
+            f"timer duration must be a number of seconds (math.inf: a timer that never "
+            f"fires), not {deadline!r}"
+        )
     return 0.0 if deadline < 0.0 else float(deadline)
 
 

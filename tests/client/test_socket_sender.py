@@ -6,17 +6,25 @@ command, which exits right after it sends, waits until the server has taken its 
 
 from __future__ import annotations
 
+import errno
 import os
+import pathlib
+import socket
 import subprocess
 
 import pytest
 from tests.conftest import wait_until
 
+from ftimer_client import ServerUnavailable
 from ftimer_client._cli import EXIT_UNAVAILABLE
+from ftimer_client._socket import SocketWriter
 from ftimer_protocol import Arm
 
 from .conftest import SocketPeer
 from .test_cli import FTIMER
+
+#: Linux 6.16's, which Python's socket module may not name yet.
+SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "pidfd_open"), reason="the socket transport is Linux's (pidfds)"
@@ -75,3 +83,27 @@ def test_ftimer_arm_with_on_unavailable_warn_warns_and_succeeds(speer: SocketPee
     assert result.returncode == 0
     assert result.stderr.startswith("ftimer: warning: ")
     assert "has not read" in result.stderr
+
+
+def test_a_server_refusing_descriptors_is_said_so(tmp_path: pathlib.Path) -> None:
+    # A server whose closing threads are held refuses descriptors (SO_PASSRIGHTS): the
+    # sender of a timer for another process was told "cannot send (Operation not
+    # permitted)", which says nothing of why.
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(tmp_path / "s.socket"))
+    try:
+        server.setsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS, 0)
+    except OSError:
+        server.close()
+        pytest.skip("SO_PASSRIGHTS needs Linux 6.16")
+    pidfd = os.pidfd_open(os.getpid())
+    writer = SocketWriter(str(tmp_path / "s.socket"), pidfd)
+    try:
+        with pytest.raises(ServerUnavailable) as refused:
+            writer.write(b"line\n", 0.0)
+        assert refused.value.errno == errno.EPERM
+        assert "the server refuses descriptors for now" in str(refused.value)
+    finally:
+        writer.close()
+        os.close(pidfd)
+        server.close()

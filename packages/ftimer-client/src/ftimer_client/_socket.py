@@ -194,7 +194,14 @@ class SocketWriter:
         except OSError as e:
             if e.errno in _LOST:
                 raise ConnectionLost from None
-            raise ServerUnavailable(e.errno, f"cannot send ({e.strerror})", self.path) from e
+            reason = f"cannot send ({e.strerror})"
+            if e.errno == errno.EPERM and self._pidfd >= 0:
+                reason = (
+                    "the server refuses descriptors for now (too many that senders passed "
+                    "it wait to be closed: see its log), so no timer of another process "
+                    "can be sent over its socket meanwhile"
+                )
+            raise ServerUnavailable(e.errno, reason, self.path) from e
 
     def _replaced(self) -> bool:
         try:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import pathlib
 
 import pytest
 
-from ftimer_client import FileTimerClient, resolve_fifo_path
-from ftimer_client._paths import Route, resolve_route, torch_serves
+from ftimer_client import FileTimerClient, ServerUnavailable, resolve_fifo_path
+from ftimer_client._paths import TRANSPORTS, Route, resolve_route, torch_serves
+from ftimer_client._transport import open_writer
 from ftimer_protocol import SYSTEM_FIFO_PATH, SYSTEM_SOCKET_PATH
 
 
@@ -98,7 +101,9 @@ def test_a_non_root_worker_next_to_a_root_daemon_finds_its_socket(present: str) 
     route = resolve_route(uid=1000, environ={}, exists=lambda path: path == present)
     assert route == Route(SYSTEM_FIFO_PATH, "auto", SYSTEM_SOCKET_PATH)
     alone = resolve_route(uid=1000, environ={}, exists=no)
-    assert alone == Route("/tmp/ftimer-1000/timer.fifo", "auto", "/tmp/ftimer-1000/timer.socket")
+    assert alone == Route(
+        "/tmp/ftimer-1000/timer.fifo", "auto", "/tmp/ftimer-1000/timer.socket", owner=1000
+    )
     # The FIFO's own resolution is unchanged: only a system FIFO counts there.
     assert resolve_fifo_path(uid=1000, environ={}, exists=lambda p: p == SYSTEM_SOCKET_PATH) == (
         "/tmp/ftimer-1000/timer.fifo"
@@ -166,3 +171,37 @@ def test_a_client_at_torchs_own_server_speaks_protocol_1(
     with pytest.warns(RuntimeWarning, match="^labels and dump_signal are ignored: the FIFO"):
         client = FileTimerClient(labels={"job": "x"}, dump_signal="SIGUSR2")
     assert (client.protocol, client.dump_hook) == (1, None)
+
+
+def test_another_users_directory_at_the_per_user_default_is_refused(
+    tmp_path: pathlib.Path,
+) -> None:
+    # /tmp/ftimer-UID is a guessable name in a directory everyone may write: another
+    # user who made it first, with a FIFO read by their own process, received every
+    # timer of this user's workers (their scopes and pids), and the workers went
+    # unwatched without a word.
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    runtime = tmp_path / "run"
+    planted = runtime / "ftimer"
+    planted.mkdir(parents=True)
+    os.mkfifo(planted / "timer.fifo")
+    them, me = 65534, 65533  # the directory's user, and the user resolving the default
+    os.chown(planted, them, -1)
+    reader = os.open(planted / "timer.fifo", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        env = {"XDG_RUNTIME_DIR": str(runtime)}
+        for transport in TRANSPORTS:
+            route = resolve_route(uid=me, environ=env, transport=transport, exists=no)
+            with pytest.raises(ServerUnavailable) as refused:
+                open_writer(route, keep_open=True, pidfd=lambda: -1)
+            assert refused.value.errno == errno.EPERM
+            assert f"its directory {planted} is uid {them}'s, not this user's ({me})" in str(
+                refused.value
+            )
+        # Their own default is theirs: it opens.
+        route = resolve_route(uid=them, environ=env, transport="fifo", exists=no)
+        open_writer(route, keep_open=True, pidfd=lambda: -1).close()
+        assert os.read(reader, 1) == b""  # nothing was written
+    finally:
+        os.close(reader)

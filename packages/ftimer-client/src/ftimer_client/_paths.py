@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 from ftimer_protocol import (
     ENV_SOCKET,
@@ -49,6 +49,10 @@ class Route(NamedTuple):
     #: ``"auto"`` only: a socket path used instead of ``path`` whenever a socket is there
     #: (the socket beside a FIFO found by the default resolution); None: none.
     prefer: Optional[str] = None
+    #: The per-user default's user: its directory must be that user's, or another user
+    #: who made it first would read this user's timers (``open_writer`` refuses it);
+    #: None: a path given, or the system daemon's.
+    owner: Optional[int] = None
 
 
 def resolve_fifo_path(
@@ -72,7 +76,7 @@ def resolve_fifo_path(
         uid: the effective user id; defaults to this process's.
         exists: tells whether a path exists (injected for tests).
     """
-    return _fifo(file_path, environ, uid, exists, (SYSTEM_FIFO_PATH,))
+    return _fifo(file_path, environ, uid, exists, (SYSTEM_FIFO_PATH,))[0]
 
 
 def resolve_route(
@@ -118,14 +122,15 @@ def resolve_route(
         return Route(_absolute(os.fspath(file_path)), transport)
     env = os.environ if environ is None else environ
     if transport == "fifo":
-        return Route(_fifo(None, env, uid, exists, (SYSTEM_FIFO_PATH,)), "fifo")
+        fifo, owner = _fifo(None, env, uid, exists, (SYSTEM_FIFO_PATH,))
+        return Route(fifo, "fifo", owner=owner)
     socket = env.get(ENV_SOCKET)
     if socket:
         return Route(_absolute(socket), transport)
-    fifo = _fifo(None, env, uid, exists, (SYSTEM_FIFO_PATH, SYSTEM_SOCKET_PATH))
+    fifo, owner = _fifo(None, env, uid, exists, (SYSTEM_FIFO_PATH, SYSTEM_SOCKET_PATH))
     if transport == "socket":
-        return Route(socket_path_for(fifo), "socket")
-    return Route(fifo, "auto", socket_path_for(fifo))
+        return Route(socket_path_for(fifo), "socket", owner=owner)
+    return Route(fifo, "auto", socket_path_for(fifo), owner)
 
 
 def torch_serves(route: Route, environ: Optional[Mapping[str, str]] = None) -> bool:
@@ -159,18 +164,19 @@ def _fifo(
     uid: Optional[int],
     exists: Callable[[str], bool],
     system: tuple[str, ...],
-) -> str:
+) -> Tuple[str, Optional[int]]:
+    """The FIFO's path, and the user whose per-user default it is (else None)."""
     if file_path is not None:
-        return _absolute(os.fspath(file_path))
+        return _absolute(os.fspath(file_path)), None
     env = os.environ if environ is None else environ
     for var in FIFO_ENV_VARS:
         value = env.get(var)
         if value:
-            return _absolute(value)
+            return _absolute(value), None
     uid = os.geteuid() if uid is None else uid
     if uid == 0 or any(exists(path) for path in system):
-        return SYSTEM_FIFO_PATH
-    return _absolute(default_fifo_path(uid, env))
+        return SYSTEM_FIFO_PATH, None
+    return _absolute(default_fifo_path(uid, env)), uid
 
 
 def _absolute(path: str) -> str:

@@ -9,6 +9,7 @@ anything else).
 from __future__ import annotations
 
 import errno
+import os
 from typing import Callable
 
 from ._errors import ServerUnavailable
@@ -30,8 +31,11 @@ def open_writer(route: Route, *, keep_open: bool, pidfd: Callable[[], int]) -> W
             called only for a socket.
 
     Raises:
-        ServerUnavailable: nothing can be connected to (see the writers).
+        ServerUnavailable: nothing can be connected to (see the writers), or the
+            per-user default's directory is another user's.
     """
+    if route.owner is not None:
+        _check_owner(route.path, route.owner)
     if route.transport == "auto":
         if route.prefer is not None and is_socket(route.prefer):
             try:
@@ -51,3 +55,26 @@ def open_writer(route: Route, *, keep_open: bool, pidfd: Callable[[], int]) -> W
     if route.transport == "socket":
         return SocketWriter(route.path, pidfd())
     return FifoWriter(route.path, check_replaced=keep_open)
+
+
+def _check_owner(path: str, owner: int) -> None:
+    """Refuse the per-user default ``path`` if its directory is not ``owner``'s: another
+    user who made it first (``/tmp/ftimer-UID`` is a guessable name in a directory all
+    may write) would read every timer sent there, and the worker would go unwatched.
+
+    Raises:
+        ServerUnavailable: (EPERM) the directory is another user's.
+    """
+    directory = os.path.dirname(path)
+    try:
+        uid = os.lstat(directory).st_uid
+    except OSError:  # nothing there: opening the path says so
+        return
+    if uid != owner:
+        raise ServerUnavailable(
+            errno.EPERM,
+            f"its directory {directory} is uid {uid}'s, not this user's ({owner}): another "
+            "user made it, and would read these timers; remove it, or give the server's "
+            "path ($FTIMER_FIFO)",
+            path,
+        )

@@ -64,12 +64,32 @@ def test_another_users_state_directory_is_refused(short_dir: pathlib.Path) -> No
     )
 
 
-def test_a_symlink_for_the_state_directory_is_refused(short_dir: pathlib.Path) -> None:
-    real = short_dir / "real"
-    real.mkdir(mode=0o700)
+def test_a_symlink_for_the_state_directory_is_judged_where_it_leads(
+    short_dir: pathlib.Path,
+) -> None:
+    # systemd's StateDirectory= with DynamicUser= is a symlink (/var/lib/x to
+    # private/x): it was refused as a symlink.
+    real = short_dir / "private" / "real"
+    real.mkdir(mode=0o700, parents=True)
     (short_dir / "link").symlink_to(real)
-    with pytest.raises(StatePathError, match=r"directory .*/link is a symlink; "):
+    check_state_dir(str(short_dir / "link" / "state.json"))
+    real.chmod(0o777)
+    with pytest.raises(StatePathError, match=r"directory .*/link is writable by others"):
         check_state_dir(str(short_dir / "link" / "state.json"))
+
+
+def test_the_directories_it_makes_are_private_whatever_the_umask(
+    short_dir: pathlib.Path,
+) -> None:
+    # os.makedirs made those above the last with the umask's mode (0775 under 002),
+    # which the check then refused, at every start.
+    old = os.umask(0o002)
+    try:
+        check_state_dir(str(short_dir / "a" / "b" / "state.json"))
+    finally:
+        os.umask(old)
+    assert (short_dir / "a").stat().st_mode & 0o777 == 0o700
+    assert (short_dir / "a" / "b").stat().st_mode & 0o777 == 0o700
 
 
 def test_a_parent_others_may_rename_in_is_refused_a_sticky_one_is_not(

@@ -12,6 +12,7 @@ import pytest
 
 from ftimer_protocol import Arm
 from ftimer_server import FifoBusy, FifoError, FileTimerServer, Lifecycle, Reaped
+from ftimer_server.server import _fifo
 
 from .conftest import Recorder, send, wait_exit
 
@@ -96,7 +97,6 @@ def test_a_lock_taken_on_a_lock_file_removed_meanwhile_is_taken_again(
 ) -> None:
     # A server with remove_fifo removes the lock file under its lock; a server that had
     # opened that file before must not keep a lock on a file no longer at the path.
-    from ftimer_server.server import _fifo
 
     real_flock = fcntl.flock
     removed = []
@@ -174,3 +174,30 @@ def test_a_forked_child_holds_no_lock_once_its_server_stopped(fifo_path: pathlib
         os.close(hold_w)  # the child ends
         os.waitpid(child, 0)
         os.close(ready_r)
+
+
+def test_a_forked_child_closes_no_descriptor_that_reused_a_lock_s_number(
+    fifo_path: pathlib.Path,
+) -> None:
+    # A lock closed without unlock_fifo() (the daemon did so at exit) left its number on
+    # the list: a later fork closed, in the child, whatever file had taken the number.
+    fd = _fifo.lock_fifo(str(fifo_path))
+    os.close(fd)
+    r, w = os.pipe()
+    reused = r if r == fd else w if w == fd else None
+    try:
+        if reused is None:
+            pytest.skip("the lock's number was not reused")
+        child = os.fork()
+        if child == 0:
+            try:
+                os.fstat(reused)
+                os._exit(0)
+            except OSError:
+                os._exit(1)
+        _, status = os.waitpid(child, 0)
+        assert os.WEXITSTATUS(status) == 0, "the child lost a descriptor it inherited"
+    finally:
+        _fifo._LOCKS.pop(fd, None)
+        os.close(r)
+        os.close(w)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import logging
 import os
 import pathlib
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Callable, List, Sequence
 
@@ -1249,6 +1251,8 @@ def test_descriptors_piling_up_are_refused_at_the_senders(
     close = BlockingClose(*stuck)
     closer = socket_module._Closer(close)
     monkeypatch.setattr(socket_module, "_CLOSER", closer)
+    # The numbers closed here are made up: their linger is none of this test's business.
+    monkeypatch.setattr(socket_module, "_no_linger", lambda fd: None)
     sock = open_socket(str(tmp_path / "s.socket"))
     try:
         for fd in stuck:
@@ -1272,3 +1276,31 @@ def test_descriptors_piling_up_are_refused_at_the_senders(
     wait_until(lambda: len(close.closed) == len(fake) + 2, what="what the senders passed")
     for fd in set(close.closed) - fake:  # the stub closed nothing
         os.close(fd)
+
+
+def test_descriptors_piling_up_for_want_of_threads_are_refused_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Refusal came only once every closing thread was busy: with none to be had (a
+    # thread limit), descriptors piled up without end and the socket never refused.
+    def no_thread(thread: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    monkeypatch.setattr(socket_module, "_no_linger", lambda fd: None)
+    closer = socket_module._Closer(lambda fd: None)
+    for fd in range(1000, 1001 + closer.BACKLOG):  # made up: the close is a stub
+        closer.close(fd)
+    assert closer.refusing
+
+
+def test_a_socket_dropped_without_close_is_not_kept_by_the_closer(
+    tmp_path: pathlib.Path,
+) -> None:
+    sock = open_socket(str(tmp_path / "s.socket"))
+    watched = weakref.ref(sock._sock)
+    sock.release()
+    with pytest.warns(ResourceWarning, match="unclosed"):  # noqa: PT031 - as any socket left so
+        del sock
+        gc.collect()
+    assert watched() is None

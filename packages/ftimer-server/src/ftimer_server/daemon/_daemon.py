@@ -45,6 +45,7 @@ from ftimer_server.server._fifo import (
     FifoBusy,
     FifoError,
     lock_fifo,
+    unlock_fifo,
     unreachable_by_writers,
 )
 from ftimer_server.server._journal import Journal
@@ -440,6 +441,8 @@ class Daemon:
             with contextlib.suppress(OSError):
                 if name == "fifo" and stat.S_ISFIFO(os.fstat(fd).st_mode):
                     os.close(fd)
+        for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # not for children
+            os.environ.pop(var, None)
 
     def _ready(self) -> None:
         c = self.config
@@ -508,7 +511,7 @@ class Daemon:
             self._state_lock_fd = None
         if self._lock_fd is not None:
             # Last, after the final save: the next daemon reads a complete state file.
-            os.close(self._lock_fd)
+            unlock_fifo(self.config.fifo, self._lock_fd)
             self._lock_fd = None
 
     def _reload(self) -> None:

@@ -287,20 +287,21 @@ def check_state_dir(path: str) -> None:
     group or others with write permission, sticky or not, since they could take the
     names of the daemon's files) could keep an old snapshot and put it back before the
     next start, and have a worker that had disarmed reaped. So it must be a directory
-    (not a symlink) the daemon's user owns and nobody else may write, as the FIFO's and
-    the incidents' are; and each directory above it must let nobody else rename it away
-    and back: owned by root or the daemon's user, and writable by nobody else, or
-    sticky (as /tmp: only an entry's owner renames it).
+    the daemon's user owns and nobody else may write, as the FIFO's and the incidents'
+    are (a symlink is judged where it leads: systemd's ``StateDirectory=`` with
+    ``DynamicUser=`` is one); and each directory above it, and above where it leads,
+    must let nobody else rename it away and back: owned by root or the daemon's user,
+    and writable by nobody else, or sticky (as /tmp: only an entry's owner renames it).
 
     Raises:
         StatePathError: it is unsafe; the message says why and what to do.
         OSError: it cannot be made or opened.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    _make_dirs(directory)
     fix = "use a directory only the daemon's user may write (such as /run/ftimer)"
     try:
-        fd, _ = open_private_dir(directory)
+        fd, _ = open_private_dir(os.path.realpath(directory))
     except NotAPrivateDirectory as e:
         raise StatePathError(f"the state file's directory {directory} {e}; {fix}") from None
     os.close(fd)
@@ -320,6 +321,18 @@ def check_state_dir(path: str) -> None:
             f"the state file's directory {directory} is unsafe: {parent} {why} what is in "
             f"it, and so put an old state file back before a restart; {fix}"
         )
+
+
+def _make_dirs(directory: str) -> None:
+    """Make ``directory`` and those missing above it, each 0700 (``os.makedirs`` gives
+    those above the umask's mode: with 002, a 0775 directory the daemon then refused)."""
+    missing = []
+    while not os.path.lexists(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o700)
 
 
 def _ancestors(directory: str) -> List[str]:
@@ -520,6 +533,11 @@ class StateSaver:
         end = time.monotonic() + self.interval
         while not self._stopping.is_set():
             left = end - time.monotonic()
-            if left <= 0 or (self._hurry.wait(left) and self._overdue()):
+            if left <= 0:
                 return
-            self._hurry.clear()  # woken for a save the last one already made
+            if self._hurry.wait(left):
+                # Cleared before asking: a changed() from now on sets it again, where one
+                # after the question and before a clear would be lost.
+                self._hurry.clear()
+                if self._overdue():
+                    return

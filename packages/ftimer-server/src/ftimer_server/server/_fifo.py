@@ -32,7 +32,7 @@ import select
 import stat
 import sys
 import termios
-from typing import Optional, Set, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 from ftimer_protocol import default_fifo_path
 from ftimer_server._files import (
@@ -230,13 +230,16 @@ def check_mode(mode: int) -> None:
 #: its copies: a worker an agent forks (multiprocessing's "fork"), or a child of it that
 #: outlives it, would otherwise hold the lock after the server stopped, and the agent's
 #: next server on the path would find it busy.
-_LOCKS: Set[int] = set()
+#: Each descriptor's file (device, inode): a number is closed only while it still is.
+_LOCKS: Dict[int, Tuple[int, int]] = {}
 
 
 def _drop_locks_in_child() -> None:
-    for fd in _LOCKS:
+    for fd, file in _LOCKS.items():
         with contextlib.suppress(OSError):
-            os.close(fd)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == file:
+                os.close(fd)
     _LOCKS.clear()
 
 
@@ -296,7 +299,7 @@ def lock_fifo(fifo: str) -> int:
             except BlockingIOError:
                 raise FifoBusy(fifo, path) from None
             if is_same_file(path, st):
-                _LOCKS.add(fd)
+                _LOCKS[fd] = (st.st_dev, st.st_ino)
                 return fd
         except BaseException:
             os.close(fd)
@@ -309,9 +312,8 @@ def unlock_fifo(fifo: str, fd: int, *, remove: bool = False) -> None:
     """Release the lock `lock_fifo` took (its descriptor ``fd``); with ``remove``, also
     remove the lock file first, if it is still the one locked. In a forked child, whose
     copy was closed at the fork (and ``fd`` may be another file's now), it does nothing."""
-    if fd not in _LOCKS:
+    if _LOCKS.pop(fd, None) is None:
         return
-    _LOCKS.discard(fd)
     if remove:
         unlink_if_same(fifo + ".lock", os.fstat(fd))
     os.close(fd)

@@ -925,7 +925,7 @@ class FileTimerServer:
                     self._self_signal = event.signal
             if on_event is not None and (types is None or type(event) in types):
                 self._call("on_event", on_event, event)
-            elif isinstance(event, Rejected) and event.reason in _OWN:
+            elif on_event is None and isinstance(event, Rejected) and event.reason in _OWN:
                 self._say_own(event)
             if log_event is not None:
                 self._call("log_event", torch_log_event, log_event, event)

@@ -35,6 +35,7 @@ import stat
 import struct
 import threading
 import time
+import weakref
 from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Set, Tuple, Union
 
 import msgspec
@@ -330,7 +331,8 @@ class _Closer:
         self._closing: Dict[int, Tuple[int, float]] = {}
         self._threads = 0
         self._said = -math.inf
-        self._sockets: Set[socket.socket] = set()
+        #: Weakly: a socket dropped without close() is not kept open by its watch.
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         self.refusing = False
 
     def watch(self, sock: socket.socket) -> None:
@@ -365,8 +367,9 @@ class _Closer:
                     len(self._pending),
                     when=time.monotonic() - oldest >= self.SLOW,
                 )
-                if len(self._pending) > self.BACKLOG and not self.refusing:
-                    self._refuse(True)
+            # Whatever holds them back: closes that block, or no thread to be had.
+            if len(self._pending) > self.BACKLOG and not self.refusing:
+                self._refuse(True)
 
     def for_child(self) -> _Closer:
         """The closer of a forked child: the parent's threads are not there, the
@@ -387,8 +390,8 @@ class _Closer:
             logger.error(
                 "%d descriptors senders passed are waiting to be closed: the socket "
                 "refuses descriptors until they are (a sender may be passing descriptors "
-                "whose close blocks; ftimer exec and ftimer arm for another process fail "
-                "meanwhile)",
+                "whose close blocks; meanwhile no timer of another process can be armed "
+                "or disarmed over the socket: ftimer exec, ftimer arm and disarm fail)",
                 len(self._pending),
             )
         else:

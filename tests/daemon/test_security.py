@@ -16,7 +16,7 @@ import pytest
 
 from ftimer_protocol import SYSTEM_FIFO_PATH
 from ftimer_server.daemon._config import DaemonConfig
-from ftimer_server.daemon._daemon import startup_warnings
+from ftimer_server.daemon._daemon import _members, startup_warnings
 
 from .conftest import PATIENCE, PYTHON, DaemonProcess, kill_and_close
 
@@ -79,9 +79,9 @@ def test_a_world_writable_fifo_is_accepted_with_a_warning(
     spawn: Spawn, short_dir: pathlib.Path
 ) -> None:
     let_in(short_dir, 0o711)
-    d = spawn("--fifo-mode", "0666", "--allow-uid", "4243").ready()
+    d = spawn("--fifo-mode", "0622", "--allow-uid", "4243").ready()
     (warning,) = warnings_of(d)
-    assert warning.startswith("--fifo-mode 0666 " + WORLD_WRITABLE)
+    assert warning.startswith("--fifo-mode 0622 " + WORLD_WRITABLE)
     assert d.stop() == 0
 
 
@@ -117,12 +117,48 @@ def test_startup_warnings_for_each_user_and_mode() -> None:
     assert mode.startswith("--fifo-mode 0622")
     allowed = DaemonConfig(fifo=fifo, fifo_mode=0o620, allow_uids=frozenset({1000}))
     assert startup_warnings(allowed, euid=0) == []
-    shut = DaemonConfig(fifo=fifo, fifo_mode=0o640, fifo_group=4242)
-    (group_left_out,) = startup_warnings(shut, euid=1000)
+    shut = DaemonConfig(fifo=fifo, fifo_mode=0o600 | 0o040, fifo_group=4242)
+    readable, group_left_out = startup_warnings(shut, euid=1000)
+    assert readable.startswith("--fifo-mode 0640 lets its group read the FIFO")
     assert group_left_out == (
         "--fifo-group 4242 is given, but --fifo-mode 0640 does not let the group write the "
         "FIFO /run/ftimer/timer.fifo: its members cannot send timers; use 0620"
     )
+
+
+def test_a_fifo_others_may_read_is_warned_about() -> None:
+    # A user outside the group, who could not write the FIFO, read it (mode 0664, as
+    # the daemon took without a word): the disarm they took got a healthy worker reaped.
+    config = DaemonConfig(fifo="/srv/ftimer/timer.fifo", fifo_mode=0o664, fifo_group=4242)
+    (readable,) = startup_warnings(config, euid=1000)
+    assert readable == (
+        "--fifo-mode 0664 lets any local user read the FIFO /srv/ftimer/timer.fifo: a "
+        "process that reads it takes lines the daemon never sees (a worker's disarm "
+        "taken: the worker is reaped; its arm taken: it runs unwatched). Only the daemon "
+        "reads its FIFO: use 0600, or 0620 with --fifo-group"
+    )
+
+
+def test_members_of_the_fifo_group_left_out_of_allow_uid_are_named() -> None:
+    # A user added to the group, and not to --allow-uid: their workers' timers were
+    # refused, they were not told, and the daemon said nothing at start. Group 0 is
+    # root's own group on any Linux: root is a member of it.
+    config = DaemonConfig(
+        fifo="/run/ftimer/timer.fifo",
+        fifo_mode=0o620,
+        fifo_group=0,
+        allow_uids=frozenset({4243}),
+    )
+    (left_out,) = startup_warnings(config, euid=0)
+    assert left_out.startswith("members of --fifo-group 0 not in --allow-uid: root (0)")
+    assert left_out.endswith("their workers are not told, and run unwatched")
+    allowed = DaemonConfig(
+        fifo="/run/ftimer/timer.fifo",
+        fifo_mode=0o620,
+        fifo_group=0,
+        allow_uids=frozenset(_members(0)),
+    )
+    assert startup_warnings(allowed, euid=0) == []
 
 
 # -- workers of another user: a real second uid and gid ---------------------------------

@@ -8,7 +8,7 @@ option names without the leading dashes; the repeatable ``--allow-uid`` and
 ``--allow-signal`` become the lists ``allow-uids`` and ``allow-signals``::
 
     fifo = "/run/ftimer/timer.fifo"
-    fifo-mode = 0o660          # or "0660"
+    fifo-mode = 0o620          # or "0620"
     fifo-group = "ftimer"
     signal = "SIGTERM"
     grace = 10.0
@@ -360,7 +360,7 @@ def parse_mode(value: Union[int, str]) -> int:
         text = value.strip().lower()
         text = text[2:] if text.startswith("0o") else text
         if not text or any(c not in "01234567" for c in text):
-            raise ConfigError(f"FIFO mode {value!r} is not an octal mode like 0660")
+            raise ConfigError(f"FIFO mode {value!r} is not an octal mode like 0620")
         value = int(text, 8)
     elif value > 0o777 and set(str(value)) <= set("01234567") and int(str(value), 8) <= 0o777:
         # TOML reads `fifo-mode = 660` as the decimal number 660 (0o1224).

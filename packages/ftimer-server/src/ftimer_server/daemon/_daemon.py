@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import gc
+import grp
 import logging
 import os
+import pwd
 import select
 import signal
 import stat
@@ -685,11 +687,29 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
             "any process the policy allows signalled; use 0600, or 0620 with --fifo-group "
             "for the workers' group"
         )
+    if c.fifo_mode & 0o044:
+        readers = "any local user" if c.fifo_mode & 0o004 else "its group"
+        warnings.append(
+            f"--fifo-mode {mode} lets {readers} read the FIFO {c.fifo}: a process that "
+            "reads it takes lines the daemon never sees (a worker's disarm taken: the "
+            "worker is reaped; its arm taken: it runs unwatched). Only the daemon reads "
+            "its FIFO: use 0600, or 0620 with --fifo-group"
+        )
     if c.fifo_group is not None and not group_write:
         warnings.append(
             f"--fifo-group {c.fifo_group} is given, but --fifo-mode {mode} does not let the "
             f"group write the FIFO {c.fifo}: its members cannot send timers; use 0620"
         )
+    if c.fifo_group is not None and group_write and c.allow_uids is not None:
+        members = _members(c.fifo_group).items()
+        refused = sorted((uid, name) for uid, name in members if uid not in c.allow_uids)
+        if refused:
+            who = ", ".join(f"{name} ({uid})" for uid, name in refused)
+            warnings.append(
+                f"members of --fifo-group {c.fifo_group} not in --allow-uid: {who}. They "
+                "may write the FIFO and the socket, but their timers are refused (logged "
+                "here): their workers are not told, and run unwatched"
+            )
     if euid == 0 and c.allow_uids is None and (others_write or group_write):
         if others_write:
             writers = "any local user"
@@ -709,6 +729,21 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
             "if only root writes timers"
         )
     return warnings
+
+
+def _members(gid: int) -> Dict[int, str]:
+    """The users of group ``gid``, by uid: those it lists, and those whose own group it
+    is (as the system's user database tells; none if it cannot)."""
+    members: Dict[int, str] = {}
+    with contextlib.suppress(KeyError, OSError):
+        for name in grp.getgrgid(gid).gr_mem:
+            with contextlib.suppress(KeyError):
+                members[pwd.getpwnam(name).pw_uid] = name
+    with contextlib.suppress(OSError):
+        for user in pwd.getpwall():
+            if user.pw_gid == gid:
+                members[user.pw_uid] = user.pw_name
+    return members
 
 
 def _lock_fifo(fifo: str) -> int:

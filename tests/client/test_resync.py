@@ -23,6 +23,11 @@ def v2() -> Tuple[Resync, V2Lines]:
     return Resync(lines), lines
 
 
+def lines_of(items: List[Tuple[Any, bytes]]) -> List[bytes]:
+    """The lines of (scope, line) pairs."""
+    return [line for _, line in items]
+
+
 def arm_line(lines: V2Lines, scope: str, deadline: float = 100.0) -> bytes:
     return lines.entry(scope)[0] % deadline
 
@@ -30,7 +35,7 @@ def arm_line(lines: V2Lines, scope: str, deadline: float = 100.0) -> bytes:
 def test_in_sync_there_is_no_backlog() -> None:
     state, lines = v2()
     state.arm("a", arm_line(lines, "a"), owner=1)
-    assert state.backlog() == []
+    assert lines_of(state.backlog()) == []
     assert not state.needs_resync
     assert state.next_retry(0.0) is None
 
@@ -46,14 +51,14 @@ def test_a_resync_is_the_lost_disarms_then_every_armed_scope_with_its_line() -> 
     state.failed(5.0)
     assert state.needs_resync
     assert state.outages == 1
-    sent = [decode(line) for line in state.backlog()]
+    sent = [decode(line) for line in lines_of(state.backlog())]
     assert sent == [
         Disarm(PID, "c", START),
         Arm(PID, "a", 30.0, 9, START),
         Arm(PID, "b", 20.0, 9, START),
     ]
     state.delivered()
-    assert state.backlog() == []
+    assert lines_of(state.backlog()) == []
 
 
 def test_a_refused_arm_is_undone() -> None:
@@ -92,14 +97,14 @@ def test_the_resync_sent_before_an_arm_carries_the_scopes_previous_line() -> Non
     state.arm("old", arm_line(lines, "old", 10.0), owner=1)
     state.failed(1.0)
     previous = state.arm("old", arm_line(lines, "old", 20.0), owner=1)  # re-armed
-    assert [decode(line) for line in state.backlog(("old", previous))] == [
+    assert [decode(line) for line in lines_of(state.backlog(("old", previous)))] == [
         Arm(PID, "old", 10.0, 9, START)
     ]
     previous = state.arm("new", arm_line(lines, "new", 30.0), owner=1)
-    assert [decode(line) for line in state.resync_lines(("new", previous))] == [
+    assert [decode(line) for line in lines_of(state.resync(("new", previous)))] == [
         Arm(PID, "old", 20.0, 9, START)
     ]
-    assert len(state.resync_lines()) == 2  # for a reconnection once the arm went out
+    assert len(lines_of(state.resync())) == 2  # for a reconnection once the arm went out
 
 
 def test_version_1_resends_the_releases_it_lost_then_the_arms() -> None:
@@ -110,10 +115,10 @@ def test_version_1_resends_the_releases_it_lost_then_the_arms() -> None:
     state.disarm("b")
     state.lost_disarms(["b"])
     state.failed(0.0)
-    sent = [decode(line) for line in state.backlog()]
+    sent = [decode(line) for line in lines_of(state.backlog())]
     assert sent == [TimerRequestV1(PID, "b", -1.0, 0), TimerRequestV1(PID, "a", 1000.0, 9)]
     state.delivered()
-    assert state.resync_lines() == [lines.arm("a", 1000.0)]
+    assert lines_of(state.resync()) == [lines.arm("a", 1000.0)]
 
 
 def test_a_stall_is_waited_for_once() -> None:
@@ -168,7 +173,7 @@ def test_a_lost_disarm_alone_is_worth_a_retry() -> None:
     state.lost_disarms(["a"])
     state.failed(0.0)
     assert state.retry_wanted
-    assert [decode(line) for line in state.backlog()] == [Disarm(PID, "a", START)]
+    assert [decode(line) for line in lines_of(state.backlog())] == [Disarm(PID, "a", START)]
 
 
 def test_a_resync_leaves_what_other_channels_armed_for_the_pid() -> None:
@@ -184,7 +189,7 @@ def test_a_resync_leaves_what_other_channels_armed_for_the_pid() -> None:
     own.disarm("step")
     own.lost_disarms(["step"])  # the server restarted (state restored) meanwhile
     own.failed(1.0)
-    server += [arm_line(lines, "step", 50.0), *own.backlog()]
+    server += [arm_line(lines, "step", 50.0), *lines_of(own.backlog())]
     own.delivered()
     assert server_state([decode(line) for line in server]) == {(PID, "exec:train"): 100.0}
 
@@ -200,11 +205,11 @@ def test_the_last_disarms_delivered_are_sent_again_after_a_failure() -> None:
     state.disarm_all(owner=1, scopes=["b"])
     state.failed(1.0)  # the server went away: the next delivery resynchronises
     restored = [arm_line(lines, s) for s in ("a", "b", "c")]  # its state file
-    server = [decode(line) for line in [*restored, *state.backlog()]]
+    server = [decode(line) for line in [*restored, *lines_of(state.backlog())]]
     assert server_state(server) == {(PID, "c"): 100.0}
     state.delivered()
     state.failed(2.0)  # a later failure: the resync delivered them; not sent again
-    assert [decode(line) for line in state.backlog()] == [Arm(PID, "c", 100.0, 9, START)]
+    assert [decode(line) for line in lines_of(state.backlog())] == [Arm(PID, "c", 100.0, 9, START)]
 
 
 def test_reset_forgets_everything_but_the_outage_count() -> None:
@@ -247,7 +252,7 @@ def test_after_a_resync_the_server_holds_exactly_the_registry(
     def deliver(new: List[bytes], ok: bool, cut: int = 0, arming: Any = None) -> None:
         nonlocal now
         now += 0.01
-        lines = state.backlog(arming) + new
+        lines = lines_of(state.backlog(arming)) + new
         if ok:
             server.extend(lines)
             state.delivered()

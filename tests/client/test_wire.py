@@ -24,7 +24,6 @@ from ftimer_protocol import (
     PIPE_BUF,
     Arm,
     Disarm,
-    DisarmAll,
     DumpHook,
     FileTimerRequest,
     LocalProtocolError,
@@ -142,8 +141,7 @@ def test_scope_length_limits() -> None:
         lines.entry(42)  # type: ignore[arg-type]
 
 
-def test_disarm_all_and_v1_lines() -> None:
-    assert decode(V2Lines(PID, None, 9, None).disarm_all) == DisarmAll(PID)
+def test_v1_lines() -> None:
     v1 = V1Lines(PID, 15)
     assert decode(v1.arm("s", 1.7e9)) == TimerRequestV1(PID, "s", 1.7e9, 15)
     assert decode(v1.release("s")) == TimerRequestV1(PID, "s", -1.0, 0)

@@ -14,13 +14,13 @@ The hot path is one ``os.write()`` on the connection's descriptor (a FIFO, or a 
 datagram socket), under the lock, while the server is in sync. Anything else goes through
 ``_deliver``: a lost connection (the server left or restarted) reconnects and
 resynchronises on the spot; a failure marks the channel for resync, and a background
-thread retries with backoff while something is armed or a disarm was lost.
+thread retries with backoff while something is armed or a disarm was lost
+(``_retry_loop``: a few lines at a time, letting go of the lock in between).
 """
 
 from __future__ import annotations
 
 import errno
-import math
 import os
 import threading
 import time
@@ -33,7 +33,15 @@ from . import _dump
 from ._errors import ServerStalled, ServerUnavailable
 from ._paths import Route
 from ._proc import process_start_time
-from ._resync import RETRY_BUDGET, RETRY_LINE_WAIT, Armed, Arming, Resync
+from ._resync import (
+    RETRY_CHUNK,
+    RETRY_LINE_WAIT,
+    RETRY_PAUSE,
+    Armed,
+    Arming,
+    Line,
+    Resync,
+)
 from ._socket import open_pidfd
 from ._transport import open_writer
 from ._wire import V1Lines, V2Lines
@@ -148,7 +156,7 @@ class Channel:
                         pass  # a full queue or a gone server: _deliver() sorts it out
                 # A resync sent first carries the scope's previous line, not this one:
                 # this one goes last, so that an arm that raised did not reach the server.
-                self._deliver([line], timeout, arming=(scope_id, previous))
+                self._deliver([(scope_id, line)], timeout, arming=(scope_id, previous))
             except ServerUnavailable as e:
                 if not keep:
                     self.state.unarm(scope_id, previous)
@@ -185,7 +193,7 @@ class Channel:
                         return
                     except OSError:
                         pass
-                self._deliver([line], timeout, (scope_id,))
+                self._deliver([(scope_id, line)], timeout, (scope_id,))
             except BaseException as e:
                 if not forgotten:
                     self.state.disarm(scope_id)
@@ -215,7 +223,7 @@ class Channel:
                 if lines or owner is None:
                     # (An owner that armed nothing owes the server nothing: a resync due
                     # for another reason is the next delivery's, or the retries'.)
-                    self._deliver(lines, timeout, scopes)
+                    self._deliver(list(zip(scopes, lines)), timeout, scopes)
             except BaseException as e:
                 if not forgotten:
                     for scope_id in scopes:
@@ -235,7 +243,7 @@ class Channel:
             if forget is not None:
                 self.state.disarm(forget)
             try:
-                self._deliver([line], timeout)
+                self._deliver([(forget, line)], timeout)
             except BaseException as e:
                 self._failed(e if isinstance(e, ServerUnavailable) else None)
                 raise
@@ -276,15 +284,15 @@ class Channel:
 
     def _deliver(
         self,
-        lines: List[bytes],
+        lines: List[Line],
         timeout: float,
         disarmed: Optional[Sequence[str]] = None,
         *,
         arming: Optional[Arming] = None,
-        retry: bool = False,
     ) -> None:
-        """Send the backlog, then ``lines``, reconnecting and resynchronising as needed;
-        all of it within ``timeout`` seconds (no wait at all after a stall).
+        """Send the backlog, then ``lines`` (each with its scope), reconnecting and
+        resynchronising as needed; all of it within ``timeout`` seconds (no wait at all
+        after a stall). What the resync already delivered is not sent again.
 
         Called again while delivering (from a signal handler of this thread), it only
         defers ``lines`` (``disarmed``: the scopes they disarm, as ``Resync.defer``):
@@ -292,9 +300,7 @@ class Channel:
 
         Args:
             arming: (scope, what it had before): ``lines`` arm that scope, and a resync
-                sent first carries what it had before (``Resync.resync_lines``).
-            retry: the retry thread's: each line waits up to ``RETRY_LINE_WAIT`` for room,
-                all of them ``RETRY_BUDGET``, stalled or not (``timeout`` is unused).
+                sent first carries what it had before (``Resync.resync``).
 
         Raises:
             ServerUnavailable: the server is absent, or stalled past ``timeout``.
@@ -308,13 +314,10 @@ class Channel:
             # Before the state is read (a handler's lines come after), and inside the
             # try: set and left stuck, it would put every later line aside for ever.
             self._sending = True
-            if retry:
-                end, wait = time.monotonic() + RETRY_BUDGET, RETRY_LINE_WAIT
-            else:
-                end, wait = time.monotonic() + state.timeout(timeout), math.inf
+            end = time.monotonic() + state.timeout(timeout)
             backlog = state.backlog(arming)
             while backlog or lines:
-                self._send(backlog, lines, end, wait, arming)
+                self._send(backlog, lines, end, arming)
                 # A reconnection from now on resyncs with the arm's line: it went out.
                 backlog, lines, arming = [], state.take_deferred(), None
         finally:
@@ -323,9 +326,14 @@ class Channel:
         # (a handler's call from here on sends its lines itself).
         late = state.take_deferred()
         if late:
-            self._deliver(late, timeout, retry=retry)
+            self._deliver(late, timeout)
             return
-        state.delivered()
+        self._in_sync()
+
+    def _in_sync(self) -> None:
+        """Everything owed went through (lock held): the server agrees, the hot path is
+        open again (or the connection let go of, when no client is left)."""
+        self.state.delivered()
         if self._clients <= 0 and not self._retrying():
             # A call that raced the last client's close() (or a retry's last delivery):
             # no client is left to let go of the connection it opened.
@@ -335,23 +343,21 @@ class Channel:
 
     def _send(
         self,
-        backlog: List[bytes],
-        lines: List[bytes],
+        backlog: List[Line],
+        lines: List[Line],
         end: float,
-        wait: float,
         arming: Optional[Arming] = None,
     ) -> None:
-        """Send ``backlog`` then ``lines`` before ``end`` (``time.monotonic()``), each
-        waiting ``wait`` seconds at most; after reconnecting, the resync (``arming``: as
-        ``_deliver``) then ``lines``.
+        """Send ``backlog`` then ``lines`` before ``end`` (``time.monotonic()``); after
+        reconnecting, the resync (``arming``: as ``_deliver``) then ``lines``.
 
         Raises:
             ServerUnavailable: as ``_deliver``.
         """
         if not self.keep_open:
-            once = self._open()
+            once = self._open_once()
             try:
-                self._write_all(once, backlog + lines, end, wait)
+                self._write_all(once, backlog + lines, end)
             finally:
                 once.close()
             return
@@ -360,27 +366,49 @@ class Channel:
             if writer is None:
                 writer = self._writer = self._open()
             try:
-                self._write_all(writer, backlog + lines, end, wait)
+                self._write_all(writer, backlog + lines, end)
                 return
             except ConnectionLost:
-                self._disconnect()
+                self._disconnect()  # (which forgets the resync's progress)
                 writer = None
                 if reconnecting:
                     raise self._lost() from None
                 # The server left or restarted: its view is unknown, make it ours.
-                backlog = self.state.resync_lines(arming)
+                backlog = self.state.resync(arming)
 
-    def _write_all(self, writer: Writer, lines: List[bytes], end: float, wait: float) -> None:
-        """Raises ConnectionLost (version 2), ServerUnavailable."""
+    def _write_all(self, writer: Writer, lines: List[Line], end: float) -> None:
+        """Write ``lines``, each waiting for room until ``end`` at most, and record each
+        one the connection accepted (``Resync.accepted``).
+
+        Raises ConnectionLost (version 2), ServerUnavailable."""
+        state = self.state
+        scope_id: Optional[str] = None
         try:
-            for line in lines:
-                # The call's time, not each line's: a resync waits no longer than a line
-                # (and a retry's line no longer than ``wait``).
-                writer.write(line, min(wait, max(0.0, end - time.monotonic())))
-        except ConnectionLost:
-            if self.keep_open:
-                raise
-            raise self._lost() from None
+            for scope_id, line in lines:
+                # The call's time, not each line's: a resync waits no longer than a line.
+                writer.write(line, max(0.0, end - time.monotonic()))
+                state.accepted(scope_id, line)
+        except BaseException as e:
+            # A refusal, or an exception (a signal handler's) as the line went out: what
+            # the server holds for its scope is unknown (forgetting more is harmless).
+            state.unsure(scope_id)
+            if isinstance(e, ConnectionLost) and not self.keep_open:
+                state.forget_progress()  # the reader left: the pipe may have gone too
+                raise self._lost() from None
+            raise
+
+    def _open_once(self) -> Writer:
+        """Protocol 1's writer of one message (open, write, close).
+
+        Raises:
+            ServerUnavailable: and then no reader may hold the pipe what the resync
+                delivered went to: its progress is forgotten.
+        """
+        try:
+            return self._open()
+        except ServerUnavailable:
+            self.state.forget_progress()
+            raise
 
     def _lost(self) -> ServerUnavailable:
         what = "FIFO" if self.route.transport == "fifo" else "FIFO or socket"
@@ -405,7 +433,10 @@ class Channel:
         return self._pidfd
 
     def _disconnect(self) -> None:
+        """Close the connection (lock held): what the resync delivered on it may be lost
+        with it, so its progress is forgotten."""
         self._fd = -1
+        self.state.forget_progress()
         if self._writer is not None:
             writer, self._writer = self._writer, None
             writer.close()
@@ -422,26 +453,143 @@ class Channel:
             self._retry.start()
 
     def _retry_loop(self) -> None:
+        """The retry thread: deliver what the resync owes, with backoff, until the server
+        agrees (or nothing is owed any more), never holding the lock while it waits.
+
+        It sends ``RETRY_CHUNK`` lines at most per hold of the lock (``_retry_step``),
+        each without waiting; when the server's queue or pipe is full, it waits for room
+        (up to ``RETRY_LINE_WAIT``) with the lock let go of, and a wait in vain is a
+        failed retry (backing off). Progress is kept: the next step goes on where this
+        one stopped (``Resync.next_owed``). So a caller, or a signal handler, waits for
+        the lock a step at most (microseconds), whatever the resync's length.
+
+        Ordering, when callers interleave with a resync partly sent (the server keeps,
+        per scope, the last line it read; the connection delivers lines in the order it
+        accepted them):
+
+        - Every line, the retry's or a caller's, is chosen under the lock from the
+          registry as it is then (``Resync.owed``), never from a list made earlier, and
+          recorded under the same hold once accepted (``Resync.accepted``). So no line
+          is stale when it goes out: once a caller released ``s``, the retry owes ``s``
+          its disarm (when the caller's was lost) or nothing, never the arm it owed a
+          step before.
+        - A caller's own line goes after everything the resync still owes
+          (``Resync.backlog``), and a delivery that got it through has completed the
+          resync (``Resync.delivered``) before the lock is let go of: no retry line
+          can follow it from the resync it overtook. One that failed before its own
+          line leaves its scope owed (an arm that raised is undone, a disarm counted
+          lost), and what it got through is the resync's progress.
+        - An exception as a line goes out leaves its scope's fate unknown: it is owed
+          again (``Resync.unsure``). A lost or replaced connection forgets all progress
+          (``Resync.forget_progress``): what it held may never be read.
+
+        So whatever the interleaving, when nothing is owed the server holds, for every
+        scope armed or whose disarm was lost, the registry's line; a released scope is
+        never left armed behind a re-arm of the resync.
+        """
         me = threading.current_thread()
+        full: Optional[Writer] = None  # the writer that found no room: waited on unlocked
         while True:
+            room = True
+            if full is not None:
+                room = full.wait_room(RETRY_LINE_WAIT)
+                if not self.keep_open:
+                    full.close()  # protocol 1's own, for the wait
             with self.lock:
                 if self._retry is not me:
                     return  # closed, or superseded after a fork
-                wait = self.state.next_retry(time.monotonic())
+                state = self.state
+                # No room in time: a failed retry, unless the connection changed meanwhile
+                # (a caller reconnected: the next step tries the new one).
+                if not room and state.needs_resync and (not self.keep_open or full is self._writer):
+                    state.retry_failed(time.monotonic())
+                full = None
+                wait = state.next_retry(time.monotonic())
                 if wait is None:
                     self._retry = None
                     self._let_go()  # the last client may have closed meanwhile
                     return
                 if wait <= 0:
                     try:
-                        self._deliver([], 0.0, retry=True)
+                        step = self._retry_step()
                     except ServerUnavailable:
-                        self.state.retry_failed(time.monotonic())
+                        state.retry_failed(time.monotonic())
                         continue
-                    self._retry = None
-                    self._let_go()
-                    return
+                    if step is True:
+                        self._retry = None
+                        self._let_go()
+                        return
+                    if step is False:
+                        wait = RETRY_PAUSE  # more to send: let a caller have the lock
+                    else:
+                        full = step
+                        continue
             time.sleep(wait)
+
+    def _retry_step(self) -> Union[bool, Writer]:
+        """Send the next ``RETRY_CHUNK`` lines at most of what the resync owes, none of
+        them waiting for room (lock held); reconnect once if the connection was lost.
+
+        Returns:
+            True: the server agrees (back in sync). False: more is owed. A writer: it
+            found no room, to be waited on without the lock (protocol 1's: open, and the
+            caller's to close).
+
+        Raises:
+            ServerUnavailable: the server is absent (or left twice).
+        """
+        if self.state.next_owed() is None:
+            self._in_sync()  # callers delivered the rest: no need to connect for it
+            return True
+        for reconnecting in (False, True):
+            if not self.keep_open:
+                writer = self._open_once()
+            elif self._writer is None:
+                writer = self._writer = self._open()
+            else:
+                writer = self._writer
+            keep = False
+            try:
+                outcome = self._retry_lines(writer)
+                keep = not isinstance(outcome, bool)
+                return outcome
+            except ConnectionLost:
+                if not self.keep_open:
+                    self.state.forget_progress()
+                    raise self._lost() from None
+                self._disconnect()
+                if reconnecting:
+                    raise self._lost() from None
+            finally:
+                if not self.keep_open and not keep:
+                    writer.close()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _retry_lines(self, writer: Writer) -> Union[bool, Writer]:
+        """``_retry_step`` on ``writer``.
+
+        Raises:
+            ConnectionLost, ServerUnavailable: as ``Writer.write``.
+        """
+        state = self.state
+        sent = 0
+        try:
+            while sent < RETRY_CHUNK:
+                owed = state.next_owed()
+                if owed is None:
+                    self._in_sync()
+                    return True
+                scope_id, line = owed
+                try:
+                    writer.write(line, 0.0)
+                except ServerStalled:
+                    return writer
+                state.accepted(scope_id, line)
+                sent += 1
+            return False
+        finally:
+            if sent:
+                state.retry_progressed()
 
     # -- fork ---------------------------------------------------------------------------
 

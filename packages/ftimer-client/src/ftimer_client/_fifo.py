@@ -30,7 +30,7 @@ from typing import Callable
 from ftimer_protocol import SYSTEM_FIFO_PATH
 
 from ._errors import ServerStalled, ServerUnavailable
-from ._writer import ConnectionLost, getsignal, is_socket, sigmask
+from ._writer import ConnectionLost, getsignal, is_socket, poll_room, sigmask
 
 __all__ = ["FifoWriter"]
 
@@ -144,6 +144,10 @@ class FifoWriter:
         except OSError:
             return True
         return (st.st_dev, st.st_ino) != self._inode
+
+    def wait_room(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for room in the pipe (see ``Writer``)."""
+        return poll_room(self._fd, timeout)
 
     def wait_read(self, timeout: float) -> bool:
         """True: a FIFO's line names its subject by pid, whoever wrote it and whether or

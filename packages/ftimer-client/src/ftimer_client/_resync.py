@@ -23,6 +23,17 @@ does not get through, the arm did not happen, and no copy of it went out ahead o
 A call made while a delivery is in progress (from a signal handler, in the thread that
 delivers) is deferred: its lines go after the lines of that delivery, which may contradict
 them (the re-arm of a scope the handler disarms).
+
+A resync keeps its progress. Every line the connection accepted while the server's view
+is unknown is recorded against its scope (``accepted``): a datagram accepted is queued,
+a FIFO write accepted is in the pipe, and the server applies them in the order they were
+accepted. So the server's view of a scope is the last line recorded for it, and the
+resync owes, for each scope armed or whose disarm was lost, its line now (``owed``)
+unless that is what was last recorded: what a resync still has to say is derived from
+the registry at the moment it is said, never a list made earlier, and a caller's arm or
+disarm meanwhile changes it in place (its line recorded when it went through). Only a
+connection lost or replaced forgets that progress (``forget_progress``): the lines it
+held may have died with it.
 """
 
 from __future__ import annotations
@@ -33,12 +44,14 @@ from typing import Deque, Dict, FrozenSet, Iterable, List, Optional, Tuple, Unio
 from ._wire import V1Lines, V2Lines
 
 __all__ = [
-    "RETRY_BUDGET",
+    "RETRY_CHUNK",
     "RETRY_FIRST",
     "RETRY_LINE_WAIT",
     "RETRY_MAX",
+    "RETRY_PAUSE",
     "Armed",
     "Arming",
+    "Line",
     "Resync",
 ]
 
@@ -47,17 +60,23 @@ Lines = Union[V1Lines, V2Lines]
 Armed = Tuple[bytes, object]
 #: A scope whose arm is being delivered, and what the registry held for it before.
 Arming = Tuple[str, Optional[Armed]]
+#: A line to send, and the scope it is about (None: no scope the resync keeps track of).
+Line = Tuple[Optional[str], bytes]
 
 # Backoff of the retries while the server is away: the first, then the cap (seconds).
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
-#: How long a retry's delivery (the background thread's, never a caller's) may wait for
-#: room: each line, and the whole delivery (seconds). Stalled or not: a caller's delivery
-#: waits no more once a stall was seen, and a resync longer than the queue would then only
-#: go through if the server drained it while the sender yields the CPU twice a line.
-#: Callers of the channel wait for its lock meanwhile, so both are short.
+#: How long the retry thread (never a caller) waits for room for one line, without the
+#: channel's lock (seconds); a retry fails only when a line found none in that time, and
+#: the next one goes on from there. Stalled or not: a caller's delivery waits no more
+#: once a stall was seen, and a resync longer than the queue would then only go through
+#: if the server drained it while the sender yields the CPU twice a line.
 RETRY_LINE_WAIT = 0.05
-RETRY_BUDGET = 1.0
+#: The lines the retry thread sends per hold of the channel's lock, and the pause between
+#: two holds (seconds): Python's lock is not fair, and one released and taken again at
+#: once would rarely pass to a caller waiting for it.
+RETRY_CHUNK = 64
+RETRY_PAUSE = 0.0002
 #: The last disarms delivered that a resync sends again: as many as a server may not
 #: have read when it died (a datagram socket's queue holds ``net.unix.max_dgram_qlen``,
 #: 10 by default and 512 at most on common systems; a pipe's unread lines survive in it).
@@ -82,11 +101,14 @@ class Resync:
 
     __slots__ = (
         "_base",
+        "_cursor",
         "_deferred",
         "_delay",
         "_lost",
+        "_plan",
         "_recent",
         "_retry_at",
+        "_synced",
         "armed",
         "needs_resync",
         "outages",
@@ -106,9 +128,15 @@ class Resync:
         self.stalled = False
         self._lost: Dict[str, bytes] = {}  # scope -> its disarm, maybe not delivered
         self._recent: Deque[str] = collections.deque(maxlen=RECENT)  # scopes disarmed
-        self._deferred: List[bytes] = []  # lines to send after the delivery in progress
+        self._deferred: List[Line] = []  # lines to send after the delivery in progress
         self._retry_at: Optional[float] = None
         self._delay = RETRY_FIRST
+        # The resync's progress: scope -> the last line about it the connection accepted
+        # while the server's view is unknown; and the retry thread's way through the
+        # scopes (``next_owed``): their order, and how far it went.
+        self._synced: Dict[str, bytes] = {}
+        self._plan: List[str] = []
+        self._cursor = 0
 
     # -- the registry -------------------------------------------------------------------
 
@@ -167,31 +195,72 @@ class Resync:
 
     # -- what to send ---------------------------------------------------------------------
 
-    def resync_lines(self, arming: Optional[Arming] = None) -> List[bytes]:
-        """The lines that make the server's view of this process this registry.
+    def owed(self, scope_id: str, arming: Optional[Arming] = None) -> Optional[bytes]:
+        """The line that makes the server's view of ``scope_id`` this registry's: its arm,
+        else its lost disarm, else None (nothing owed: the server is taken not to hold it).
+
+        Args:
+            arming: as ``resync``: for that scope, what it held before.
+        """
+        if arming is not None and arming[0] == scope_id:
+            previous = arming[1]
+            if previous is not None:
+                return previous[0]
+        else:
+            entry = self.armed.get(scope_id)
+            if entry is not None:
+                return entry[0]
+        return self._lost.get(scope_id)
+
+    def resync(self, arming: Optional[Arming] = None) -> List[Line]:
+        """What the resync still owes the server, that it makes its view of this process
+        this registry: the lost disarms, then the arms, one line per scope, without those
+        already delivered since its view became unknown (none after ``forget_progress``).
 
         Args:
             arming: (scope, what the registry held for it before) of an arm whose line is
                 sent after these: the scope's previous line instead of the one just
                 recorded (nothing, when it had none).
         """
-        if arming is None:
-            arms = [line for line, _ in tuple(self.armed.values())]
-        else:
-            scope_id, previous = arming
-            arms = [line for s, (line, _) in tuple(self.armed.items()) if s != scope_id]
-            if previous is not None:
-                arms.append(previous[0])
-        return [*tuple(self._lost.values()), *arms]
+        synced, lost, owed = self._synced, self._lost, self.owed
+        lines: List[Line] = []
+        for scope_id in (*tuple(lost), *[s for s in tuple(self.armed) if s not in lost]):
+            line = owed(scope_id, arming)
+            if line is not None and synced.get(scope_id) != line:
+                lines.append((scope_id, line))
+        return lines
 
-    def backlog(self, arming: Optional[Arming] = None) -> List[bytes]:
+    def backlog(self, arming: Optional[Arming] = None) -> List[Line]:
         """The lines to send before the next one: the resync when it is needed (with
-        ``arming``, as ``resync_lines``), then the deferred lines (``take_deferred``)."""
-        lines = self.resync_lines(arming) if self.needs_resync else []
+        ``arming``, as ``resync``), then the deferred lines (``take_deferred``)."""
+        lines = self.resync(arming) if self.needs_resync else []
         lines += self.take_deferred()
         return lines
 
-    def defer(self, lines: Iterable[bytes], disarmed: Optional[Iterable[str]] = None) -> None:
+    def next_owed(self) -> Optional[Line]:
+        """The next line the resync owes (the retry thread's, one at a time: ``accepted``
+        moves on), or None once it owes nothing.
+
+        It goes through the scopes in the order of a ``resync`` made when it started,
+        each with what it owes now (skipping those it owes nothing any more), then makes
+        another for what changed meanwhile, until one is empty: each scope looked at
+        once per round, however often this is called.
+        """
+        synced, owed = self._synced, self.owed
+        while True:
+            plan, cursor = self._plan, self._cursor
+            while cursor < len(plan):
+                scope_id = plan[cursor]
+                line = owed(scope_id)
+                if line is not None and synced.get(scope_id) != line:
+                    self._cursor = cursor
+                    return scope_id, line
+                cursor += 1
+            self._plan, self._cursor = [s for s, _ in self.resync() if s is not None], 0
+            if not self._plan:
+                return None
+
+    def defer(self, lines: Iterable[Line], disarmed: Optional[Iterable[str]] = None) -> None:
         """Send ``lines`` after those of the delivery in progress (a call made from a
         signal handler while it writes). Until they are delivered, the disarms in them
         (``disarmed``, as for ``lost_disarms``; None: none) count as lost."""
@@ -199,7 +268,7 @@ class Resync:
         if disarmed is not None:
             self.lost_disarms(disarmed)
 
-    def take_deferred(self) -> List[bytes]:
+    def take_deferred(self) -> List[Line]:
         """Return the deferred lines, in order, and forget them."""
         deferred, self._deferred = self._deferred, []
         return deferred
@@ -214,13 +283,33 @@ class Resync:
         """Everything asked for went through, resync included: the server agrees."""
         self.needs_resync = self.stalled = False
         self._lost.clear()
+        self.forget_progress()
         self._retry_at = None
         self._delay = RETRY_FIRST
 
+    def accepted(self, scope_id: Optional[str], line: bytes) -> None:
+        """The connection accepted ``line``, about ``scope_id``: while the server's view is
+        unknown, the resync counts it delivered (the server reads it before any line sent
+        after it), until ``forget_progress``."""
+        if self.needs_resync and scope_id is not None:
+            self._synced[scope_id] = line
+
+    def unsure(self, scope_id: Optional[str]) -> None:
+        """Whether the line about ``scope_id`` went out is unknown (an exception came as it
+        was written): the resync sends what that scope owes again."""
+        if scope_id is not None:
+            self._synced.pop(scope_id, None)
+
+    def forget_progress(self) -> None:
+        """The connection the resync's lines went to is lost or replaced: they may have
+        died with it, and the next resync starts from the beginning."""
+        self._synced.clear()
+        self._plan = []
+        self._cursor = 0
+
     def lost_disarms(self, scopes: Iterable[str]) -> None:
-        """The disarms of ``scopes`` (or the ``disarm_all`` of them) may not have been
-        delivered, or the arms of ``scopes`` that raised may have: the resync must make
-        them good."""
+        """The disarms of ``scopes`` may not have been delivered, or the arms of
+        ``scopes`` that raised may have: the resync must make them good."""
         for scope_id in scopes:
             self._lost[scope_id] = self._base.disarm(scope_id)
 
@@ -237,6 +326,7 @@ class Resync:
         if not self.needs_resync:
             self.needs_resync = True
             self.outages += 1
+            self.forget_progress()  # (nothing recorded while in sync)
         if stalled:
             self.stalled = True
         if self._retry_at is None:
@@ -257,6 +347,11 @@ class Resync:
         if self._retry_at is None:
             self._retry_at = now + self._delay
         return max(0.0, self._retry_at - now)
+
+    def retry_progressed(self) -> None:
+        """A retry delivered lines: the server drains, a retry that then fails starts
+        backing off from the first delay again."""
+        self._delay = RETRY_FIRST
 
     def retry_failed(self, now: float) -> None:
         """A retry at ``now`` failed: the next is due after twice the delay, at most

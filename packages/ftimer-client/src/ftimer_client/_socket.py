@@ -31,7 +31,7 @@ from typing import Tuple
 
 from ._errors import ServerStalled, ServerUnavailable
 from ._fifo import hidden_system_dir
-from ._writer import ConnectionLost, is_socket, sigmask
+from ._writer import ConnectionLost, is_socket, poll_room, sigmask
 
 __all__ = ["SocketWriter", "open_pidfd"]
 
@@ -158,6 +158,11 @@ class SocketWriter:
         finally:
             sigmask(signal.SIG_SETMASK, old_mask)
 
+    def wait_room(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for room in the server's queue (see ``Writer``):
+        a connected datagram socket polls writable once the peer's queue has room."""
+        return poll_room(self._sock.fileno(), timeout)
+
     def wait_read(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until the server has read every datagram sent
         here; return whether it has.
@@ -197,9 +202,10 @@ class SocketWriter:
             reason = f"cannot send ({e.strerror})"
             if e.errno == errno.EPERM and self._pidfd >= 0:
                 reason = (
-                    "the server refuses descriptors for now (too many that senders passed "
-                    "it wait to be closed: see its log), so no timer of another process "
-                    "can be sent over its socket meanwhile"
+                    "the server probably refuses descriptors for now (too many that senders "
+                    "passed it wait to be closed: see its log; a security module may also "
+                    "deny passing them), so no timer of another process can be sent over "
+                    "its socket meanwhile"
                 )
             raise ServerUnavailable(e.errno, reason, self.path) from e
 

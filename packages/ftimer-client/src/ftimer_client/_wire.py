@@ -28,7 +28,6 @@ from ftimer_protocol import (
     PIPE_BUF,
     Arm,
     Disarm,
-    DisarmAll,
     DumpHook,
     Expire,
     LocalProtocolError,
@@ -123,7 +122,6 @@ class V2Lines:
         "_pid",
         "_signal",
         "_start_time",
-        "disarm_all",
     )
 
     def __init__(
@@ -158,7 +156,6 @@ class V2Lines:
         self._pid, self._start_time = pid, start_time
         self._dump = dump if self._announces else None
         self._cache.clear()
-        self.disarm_all = encode(DisarmAll(pid, start_time))
         # The validating encoder checks pid, signal, labels and hook once, here.
         arm = encode(Arm(pid, "", 0.0, self._signal, start_time, self._labels, self._dump))
         head, found, tail = arm.partition(_EMPTY_SCOPE)

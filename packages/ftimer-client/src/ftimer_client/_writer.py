@@ -9,12 +9,14 @@ FIFO or socket (reconnect and resynchronise), ``ServerUnavailable`` otherwise.
 
 from __future__ import annotations
 
+import math
 import os
+import select
 import signal
 import stat
 from typing import Protocol
 
-__all__ = ["ConnectionLost", "Writer", "getsignal", "is_socket", "sigmask"]
+__all__ = ["ConnectionLost", "Writer", "getsignal", "is_socket", "poll_room", "sigmask"]
 
 #: ``pthread_sigmask()`` of CPython's ``_signal``, returning a set of ints. Not the
 #: ``signal`` module's: that one wraps it in a Python function, and a signal handler may
@@ -50,6 +52,12 @@ class Writer(Protocol):
             ServerUnavailable: not delivered (``ServerStalled``: no room in time).
         """
 
+    def wait_room(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until a line may find room; return whether it
+        may (True at once once closed). Sends nothing, and may be called without the
+        channel's lock (the retry thread's wait): a writer closed meanwhile by another
+        thread only ends the wait early, or lets it run to ``timeout``."""
+
     def wait_read(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until the server has read every line this
         writer delivered; return whether it has (True at once where that does not
@@ -65,3 +73,13 @@ def is_socket(path: str) -> bool:
         return stat.S_ISSOCK(os.stat(path).st_mode)
     except OSError:
         return False
+
+
+def poll_room(fd: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds until ``fd`` polls writable (or in error, or
+    closed: the next write says what happened); return whether it did. -1: True."""
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(max(0, math.ceil(timeout * 1000))))

@@ -162,7 +162,15 @@ class Peer:
 
 
 class FifoPeer(Peer):
-    """Reads ``path`` (created when ``create``) and keeps every decoded message."""
+    """Reads ``path`` (created when ``create``) and keeps every decoded message.
+
+    Attributes:
+        read_size: the most bytes one read takes.
+        delay: seconds it waits after each read (pacing a busy server; 0: none).
+    """
+
+    read_size = 65536
+    delay = 0.0
 
     def __init__(self, path: pathlib.Path, *, create: bool = True) -> None:
         if create:
@@ -177,7 +185,7 @@ class FifoPeer(Peer):
 
     def _read(self) -> None:
         try:
-            data = os.read(self.rfd, 65536)
+            data = os.read(self.rfd, self.read_size)
         except BlockingIOError:
             return
         results = self._decoder.feed(data)
@@ -185,6 +193,8 @@ class FifoPeer(Peer):
             for r in results:
                 self._keep(r)
             self._cond.notify_all()
+        if self.delay:
+            time.sleep(self.delay)  # pacing, not synchronisation
 
     def fill(self) -> int:
         """Fill the pipe with no-op lines until a write would block; return the bytes."""

@@ -71,11 +71,14 @@ def stalled_slow_server(
     """A client with SCOPES scopes armed on a slow server that stalled once (its arm
     of "stalled" raised) and reads again: the retry thread has SCOPES lines to send."""
     peer = SlowPeer(socket_path)
-    client = FileTimerClient(peer.path, write_timeout=0.01, labels={})
+    # Armed with time to spare (a loaded machine may be slow to read them); the stall
+    # and what follows with the write_timeout of an expires block.
+    client = FileTimerClient(peer.path, write_timeout=10.0, labels={})
     try:
         for i in range(SCOPES):
             client.arm(f"s{i}", 600)
         peer.wait_count(SCOPES, timeout=30)
+        client._timeout = 0.01
         peer.pause()
         peer.fill()
         with pytest.raises(ServerStalled):
@@ -231,37 +234,19 @@ def test_callers_interleaved_with_a_partial_resync_leave_the_server_holding_the_
 # -- the same over a FIFO, in both protocols ----------------------------------------------
 
 
-class SlowFifoPeer(FifoPeer):
-    """A busy server reading a FIFO, once ``slow``: 512 bytes every 4 ms (128 kB/s)."""
-
-    slow = False
-
-    def _read(self) -> None:
-        try:
-            data = os.read(self.rfd, 512 if self.slow else 65536)
-        except BlockingIOError:
-            return
-        results = self._decoder.feed(data)
-        with self._cond:
-            for r in results:
-                self._keep(r)
-            self._cond.notify_all()
-        if self.slow:
-            time.sleep(0.004)  # pacing, not synchronisation
-
-
 @pytest.mark.parametrize("protocol", [1, 2])
 def test_a_retry_over_a_fifo_keeps_its_progress(fifo_path: pathlib.Path, protocol: int) -> None:
     # About 250 kB of resync: two seconds of this server's reading, which no retry of
     # 1 s in all ever got through.
-    peer = SlowFifoPeer(fifo_path)
+    peer = FifoPeer(fifo_path)
     try:
-        client = FileTimerClient(peer.path, write_timeout=0.01, labels={}, protocol=protocol)
+        client = FileTimerClient(peer.path, write_timeout=10.0, labels={}, protocol=protocol)
         scopes = [f"f{i}-{'x' * 200}" for i in range(800)]
         for scope in scopes:
             client.arm(scope, 600)
         peer.wait_count(len(scopes), timeout=CONVERGED_WITHIN)
-        peer.slow = True
+        client._timeout = 0.01  # from the stall on, an expires block's
+        peer.read_size, peer.delay = 512, 0.004  # a busy server: 128 kB/s
         peer.pause()
         peer.fill()
         with pytest.raises(ServerStalled):
@@ -271,7 +256,7 @@ def test_a_retry_over_a_fifo_keeps_its_progress(fifo_path: pathlib.Path, protoco
         expected = registry_view(client)
         assert len(expected) == len(scopes) - 1
         peer.wait_for(lambda m: mine(m) == expected, timeout=CONVERGED_WITHIN)
-        peer.slow = False
+        peer.read_size, peer.delay = FifoPeer.read_size, 0.0
         client.close()
     finally:
         peer.close()

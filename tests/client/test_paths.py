@@ -5,9 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
-import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -197,53 +194,14 @@ def test_another_users_directory_at_the_per_user_default_is_refused(
         for transport in TRANSPORTS:
             route = resolve_route(uid=me, environ=env, transport=transport, exists=no)
             with pytest.raises(ServerUnavailable) as refused:
-                open_writer(route, keep_open=True, pidfd=lambda: -1, exists=no)
+                open_writer(route, keep_open=True, pidfd=lambda: -1)
             assert refused.value.errno == errno.EPERM
             assert f"its directory {planted} is uid {them}'s, not this user's ({me})" in str(
                 refused.value
             )
         # Their own default is theirs: it opens.
         route = resolve_route(uid=them, environ=env, transport="fifo", exists=no)
-        open_writer(route, keep_open=True, pidfd=lambda: -1, exists=no).close()
+        open_writer(route, keep_open=True, pidfd=lambda: -1).close()
         assert os.read(reader, 1) == b""  # nothing was written
     finally:
         os.close(reader)
-
-
-# In a mount namespace of its own, with a /run of its own: makes the system daemon's FIFO
-# after the route was resolved, then connects the way a client's next message does.
-LATE_DAEMON = """
-import os, sys
-from ftimer_client._paths import Route, resolve_route
-from ftimer_client._transport import open_writer
-from ftimer_protocol import SYSTEM_FIFO_PATH
-route = resolve_route(uid=1000, environ={}, transport="fifo")
-assert route.owner == 1000, route  # no system daemon yet: the per-user default
-os.makedirs(os.path.dirname(SYSTEM_FIFO_PATH))
-os.mkfifo(SYSTEM_FIFO_PATH, 0o620)
-reader = os.open(SYSTEM_FIFO_PATH, os.O_RDONLY | os.O_NONBLOCK)
-writer = open_writer(route, keep_open=True, pidfd=lambda: -1)
-writer.write(b"line\\n", 1.0)
-print(writer.path, os.read(reader, 100))
-"""
-
-
-def test_a_worker_started_before_the_system_daemon_finds_it_at_its_next_connection() -> None:
-    # The route was resolved once, when the client was made: a worker of another user
-    # than root started before the daemon made /run/ftimer (at boot) sent to its
-    # per-user default for its whole life, unwatched, though the daemon ran.
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("needs unshare(1) from util-linux")
-    script = f"mount -t tmpfs tmpfs /run && exec {sys.executable} -c '{LATE_DAEMON}'"
-    done = subprocess.run(
-        [unshare, "--mount", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if done.returncode != 0 and "mount" in done.stderr and "Traceback" not in done.stderr:
-        pytest.skip(f"cannot mount a private /run here: {done.stderr.strip()}")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == f"{SYSTEM_FIFO_PATH} b'line\\n'\n"

@@ -34,8 +34,6 @@ __all__ = ["TRANSPORTS", "Route", "resolve_fifo_path", "resolve_route", "torch_s
 #: own FileTimerServer at ``$TORCHELASTIC_TIMER_FILE``.
 ENV_TORCH_TIMER = "TORCHELASTIC_ENABLE_FILE_TIMER"
 
-#: What shows the system daemon is there, to a user other than root.
-_SYSTEM = (SYSTEM_FIFO_PATH, SYSTEM_SOCKET_PATH)
 #: Values of ``transport``: by what is at the path, or always a FIFO, or always a socket.
 TRANSPORTS = ("auto", "fifo", "socket")
 
@@ -129,26 +127,10 @@ def resolve_route(
     socket = env.get(ENV_SOCKET)
     if socket:
         return Route(_absolute(socket), transport)
-    fifo, owner = _fifo(None, env, uid, exists, _SYSTEM)
+    fifo, owner = _fifo(None, env, uid, exists, (SYSTEM_FIFO_PATH, SYSTEM_SOCKET_PATH))
     if transport == "socket":
         return Route(socket_path_for(fifo), "socket", owner=owner)
     return Route(fifo, "auto", socket_path_for(fifo), owner)
-
-
-def now_system(route: Route, exists: Callable[[str], bool] = os.path.exists) -> Route:
-    """``route``, or the system daemon's route if ``route`` is a per-user default and the
-    system daemon's FIFO or socket exists by now: as resolved when it is made, but at
-    each connection, so that a worker started before the daemon (at boot) finds it."""
-    if route.owner is None:
-        return route
-    system = (SYSTEM_FIFO_PATH,) if route.transport == "fifo" else _SYSTEM
-    if not any(exists(path) for path in system):
-        return route
-    if route.transport == "fifo":
-        return Route(SYSTEM_FIFO_PATH, "fifo")
-    if route.transport == "socket":
-        return Route(SYSTEM_SOCKET_PATH, "socket")
-    return Route(SYSTEM_FIFO_PATH, "auto", SYSTEM_SOCKET_PATH)
 
 
 def torch_serves(route: Route, environ: Optional[Mapping[str, str]] = None) -> bool:

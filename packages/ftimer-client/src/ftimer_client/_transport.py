@@ -14,20 +14,14 @@ from typing import Callable
 
 from ._errors import ServerUnavailable
 from ._fifo import FifoWriter
-from ._paths import Route, now_system
+from ._paths import Route
 from ._socket import SocketWriter
 from ._writer import Writer, is_socket
 
 __all__ = ["open_writer"]
 
 
-def open_writer(
-    route: Route,
-    *,
-    keep_open: bool,
-    pidfd: Callable[[], int],
-    exists: Callable[[str], bool] = os.path.exists,
-) -> Writer:
+def open_writer(route: Route, *, keep_open: bool, pidfd: Callable[[], int]) -> Writer:
     """Connect to the server ``route`` names.
 
     Args:
@@ -35,14 +29,11 @@ def open_writer(
             then watches for a replaced FIFO.
         pidfd: returns the pidfd the socket sends with every datagram, or -1 for none;
             called only for a socket.
-        exists: tells whether a path exists (the system daemon's: a per-user default
-            route takes it once it is there; injected for tests).
 
     Raises:
         ServerUnavailable: nothing can be connected to (see the writers), or the
             per-user default's directory is another user's.
     """
-    route = now_system(route, exists)
     if route.owner is not None:
         _check_owner(route.path, route.owner)
     if route.transport == "auto":

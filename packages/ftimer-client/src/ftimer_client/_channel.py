@@ -369,11 +369,13 @@ class Channel:
                 self._write_all(writer, backlog + lines, end)
                 return
             except ConnectionLost:
-                self._disconnect()  # (which forgets the resync's progress)
+                self._disconnect()
                 writer = None
                 if reconnecting:
                     raise self._lost() from None
-                # The server left or restarted: its view is unknown, make it ours.
+                # The server left or restarted: its view is unknown, make it ours (the
+                # last disarms delivered too: they may have died unread with the old).
+                self.state.reconnected()
                 backlog = self.state.resync(arming)
 
     def _write_all(self, writer: Writer, lines: List[Line], end: float) -> None:
@@ -560,6 +562,7 @@ class Channel:
                 self._disconnect()
                 if reconnecting:
                     raise self._lost() from None
+                self.state.reconnected()  # as in _send
             finally:
                 if not self.keep_open and not keep:
                     writer.close()

@@ -319,10 +319,7 @@ class Resync:
         # The resync makes the deferred lines good (their scopes are in the registry or
         # lost); sent after it they could only undo a later re-arm.
         self._deferred.clear()
-        # The last disarms delivered may not have been read (see RECENT): sent again.
-        armed = self.armed
-        self.lost_disarms([s for s in tuple(self._recent) if s not in armed])
-        self._recent.clear()
+        self._owe_recent()
         if not self.needs_resync:
             self.needs_resync = True
             self.outages += 1
@@ -331,6 +328,18 @@ class Resync:
             self.stalled = True
         if self._retry_at is None:
             self._retry_at = now + self._delay
+
+    def reconnected(self) -> None:
+        """The connection was lost (the server left or restarted) and is being made
+        again: what it held may never be read, the last disarms delivered included."""
+        self._owe_recent()
+        self.forget_progress()
+
+    def _owe_recent(self) -> None:
+        # The last disarms delivered may not have been read (see RECENT): sent again.
+        armed = self.armed
+        self.lost_disarms([s for s in tuple(self._recent) if s not in armed])
+        self._recent.clear()
 
     # -- retries --------------------------------------------------------------------------
 

@@ -173,3 +173,31 @@ def test_a_signal_assigned_in_a_child_announces_the_childs_own_dump_file(peer: F
         assert w.proc.stdin is not None
         w.proc.stdin.close()  # both read it: both exit
         assert w.proc.wait(30) == 0, w.stderr()
+
+
+def test_a_child_keeps_no_fifo_open_that_another_thread_held_for_one_message(
+    peer: FifoPeer,
+) -> None:
+    # Protocol 1 opens the FIFO for each message (torch's way); one open in another
+    # thread at the fork (writing, or the retry waiting for room) stayed open in the
+    # child for good, and torch's server expires nothing while a writer holds its FIFO.
+    client = FileTimerClient(peer.path, protocol=1)
+    channel = client._channel
+    with channel.lock:
+        held = channel._open_once()  # as another thread's, between its open and close
+    fifo = os.stat(peer.path).st_ino
+    ours = {peer.rfd, peer.wfd}
+
+    def no_write_end() -> None:
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                st = os.stat(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            assert not (st.st_ino == fifo and int(fd) not in ours), "the FIFO is held open"
+
+    try:
+        in_child(no_write_end)
+    finally:
+        channel._close_once(held)
+        client.close()

@@ -25,7 +25,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from ftimer_protocol import DumpHook
 
@@ -81,6 +81,8 @@ class Channel:
         #: The registry (``state.armed``, the same dict): scope -> (arm line, client).
         self.armed: Dict[str, Armed] = self.state.armed
         self._writer: Optional[Writer] = None  # version 2's connection
+        #: Version 1's writers of one message open now (closed in a forked child).
+        self._once: Set[Writer] = set()
         # The hot path's descriptor: >= 0 only while connected, in sync, and the writer
         # delivers a line with one os.write() on it.
         self._fd = -1
@@ -359,7 +361,7 @@ class Channel:
             try:
                 self._write_all(once, backlog + lines, end)
             finally:
-                once.close()
+                self._close_once(once)
             return
         writer: Optional[Writer] = self._writer
         for reconnecting in (False, True):
@@ -407,10 +409,17 @@ class Channel:
                 delivered went to: its progress is forgotten.
         """
         try:
-            return self._open()
+            writer = self._open()
         except ServerUnavailable:
             self.state.forget_progress()
             raise
+        self._once.add(writer)
+        return writer
+
+    def _close_once(self, writer: Writer) -> None:
+        """Close a writer of ``_open_once``."""
+        self._once.discard(writer)
+        writer.close()
 
     def _lost(self) -> ServerUnavailable:
         what = "FIFO" if self.route.transport == "fifo" else "FIFO or socket"
@@ -496,7 +505,7 @@ class Channel:
             if full is not None:
                 room = full.wait_room(RETRY_LINE_WAIT)
                 if not self.keep_open:
-                    full.close()  # protocol 1's own, for the wait
+                    self._close_once(full)  # protocol 1's own, for the wait
             with self.lock:
                 if self._retry is not me:
                     return  # closed, or superseded after a fork
@@ -565,7 +574,7 @@ class Channel:
                 self.state.reconnected()  # as in _send
             finally:
                 if not self.keep_open and not keep:
-                    writer.close()
+                    self._close_once(writer)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _retry_lines(self, writer: Writer) -> Union[bool, Writer]:
@@ -601,6 +610,12 @@ class Channel:
         # It never resends the parent's scopes, and speaks with its own pid.
         self.lock = threading.RLock()
         self._disconnect()
+        # Protocol 1's writers of one message that other threads held open (a write, the
+        # retry's wait for room): the child's copies would keep the FIFO open for good,
+        # and torch's server expires nothing while a writer holds it.
+        for writer in list(self._once):
+            writer.close()
+        self._once.clear()
         self.state.reset()
         self._retry = None
         self._sending = False

@@ -176,11 +176,12 @@ def test_callers_interleaved_with_a_partial_resync_leave_the_server_holding_the_
     rng = random.Random(seed)
     peer = SocketPeer(socket_path)
     try:
-        client = FileTimerClient(peer.path, write_timeout=0.05, labels={})
+        client = FileTimerClient(peer.path, write_timeout=10.0, labels={})  # time to spare
         scopes = [f"k{i}" for i in range(40)]
         for scope in scopes:
             client.arm(scope, 600)
         applied = peer.wait_count(len(scopes))
+        client._timeout = 0.05
         peer.pause()
         peer.fill()
         drain(peer.sock, 1000, [])
@@ -226,6 +227,7 @@ def test_callers_interleaved_with_a_partial_resync_leave_the_server_holding_the_
                 time.sleep(0.001)
         assert mine(applied) == expected
         peer.resume()
+        client._timeout = 10.0
         client.close()
     finally:
         peer.close()
@@ -257,6 +259,7 @@ def test_a_retry_over_a_fifo_keeps_its_progress(fifo_path: pathlib.Path, protoco
         assert len(expected) == len(scopes) - 1
         peer.wait_for(lambda m: mine(m) == expected, timeout=CONVERGED_WITHIN)
         peer.read_size, peer.delay = FifoPeer.read_size, 0.0
+        client._timeout = 10.0  # 799 disarms at close, with time to spare (as the arms)
         client.close()
     finally:
         peer.close()

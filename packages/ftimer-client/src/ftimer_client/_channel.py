@@ -31,7 +31,7 @@ from ftimer_protocol import DumpHook
 
 from . import _dump
 from ._errors import ServerStalled, ServerUnavailable
-from ._paths import Route
+from ._paths import Route, system_route
 from ._proc import process_start_time
 from ._resync import (
     RETRY_CHUNK,
@@ -70,6 +70,9 @@ class Channel:
 
     def __init__(self, route: Route, protocol: int, pid: Optional[int] = None) -> None:
         self.route = route
+        #: A per-user default that has never connected: it moves to the system daemon's
+        #: route once that is there (a worker started before the daemon, at boot).
+        self.may_move = route.owner is not None
         self.protocol = protocol
         self.keep_open = protocol != 1
         self.follows_process = pid is None
@@ -429,7 +432,14 @@ class Channel:
 
     def _open(self) -> Writer:
         """Raises ServerUnavailable."""
-        return open_writer(self.route, keep_open=self.keep_open, pidfd=self._subject)
+        if self.may_move:
+            # Never once connected: no server holds anything of this channel's yet.
+            moved = system_route(self.route)
+            if moved is not None:
+                self.route, self.may_move = moved, False
+        writer = open_writer(self.route, keep_open=self.keep_open, pidfd=self._subject)
+        self.may_move = False  # a per-user server took it: it stays with that one
+        return writer
 
     def _subject(self) -> int:
         """A pidfd of the process the timers are for, or -1 when that is the sender.
@@ -645,7 +655,9 @@ def channel_for(route: Route, protocol: int, pid: Optional[int] = None) -> Chann
 
     A client given no path also reaches the socket it prefers beside its FIFO: it shares
     with clients given either path. Their channel then prefers that socket too (the same
-    server, over the transport the kernel vouches for).
+    server, over the transport the kernel vouches for). A per-user default channel that
+    has never connected reaches the system daemon too, the route it moves to once that
+    is there: it shares with clients made after the daemon appeared.
 
     Raises:
         ValueError: the pid breaks the schema.
@@ -654,20 +666,35 @@ def channel_for(route: Route, protocol: int, pid: Optional[int] = None) -> Chann
         return Channel(route, protocol, pid)
     # Two channels to one server would each resync with a disarm_all of this process,
     # wiping the timers armed through the other.
-    keys = [(os.path.realpath(route.path), route.transport, protocol)]
-    if route.prefer is not None:
-        keys.append((os.path.realpath(route.prefer), route.transport, protocol))
+    keys = _keys(route, protocol)
     with _shared_lock:
-        channel = next((c for c in map(_shared.get, keys) if c is not None), None)
+        found = (c for c in map(_shared.get, keys) if c is not None and _reaches(c, route))
+        channel = next(found, None)
         if channel is None:
             channel = Channel(route, protocol)
         elif route.prefer is not None and channel.route.prefer is None:
             # One reference, read only when a connection opens: no lock needed (taking
             # the channel's here could wait on a delivery whose signal handler is here).
             channel.route = route
-        for key in keys:
-            _shared.setdefault(key, channel)
+        moves_to = system_route(route, exists=None)
+        for key in keys + ([] if moves_to is None else _keys(moves_to, protocol)):
+            other = _shared.get(key)
+            if other is None or not _reaches(other, route):
+                _shared[key] = channel
         return channel
+
+
+def _keys(route: Route, protocol: int) -> List[Tuple[object, ...]]:
+    """What ``route`` reaches, as keys of ``_shared``."""
+    paths = [route.path] if route.prefer is None else [route.path, route.prefer]
+    return [(os.path.realpath(path), route.transport, protocol) for path in paths]
+
+
+def _reaches(channel: Channel, route: Route) -> bool:
+    """Whether ``channel``, found under a key of ``route``'s, sends where ``route`` does:
+    not if it is a per-user default that stays with a per-user server while ``route`` is
+    the system daemon's."""
+    return route.owner is not None or channel.route.owner is None or channel.may_move
 
 
 def _after_fork_in_child() -> None:

@@ -400,8 +400,11 @@ class FileTimerClient:
     @property
     def file_path(self) -> str:
         """The path this client sends to: a FIFO or a socket (with the default path, the
-        FIFO, unless a socket is there beside it when the client connects)."""
-        return self._route.path
+        FIFO, unless a socket is there beside it when the client connects; the per-user
+        default: the system daemon's FIFO once its channel moved there)."""
+        if self._route.owner is None:
+            return self._route.path
+        return self._channel.route.path
 
     @property
     def transport(self) -> str:

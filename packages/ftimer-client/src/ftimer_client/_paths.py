@@ -28,12 +28,21 @@ from ftimer_protocol import (
     socket_path_for,
 )
 
-__all__ = ["TRANSPORTS", "Route", "resolve_fifo_path", "resolve_route", "torch_serves"]
+__all__ = [
+    "TRANSPORTS",
+    "Route",
+    "resolve_fifo_path",
+    "resolve_route",
+    "system_route",
+    "torch_serves",
+]
 
 #: "1" in torch's agent (and so in its workers, who inherit it): the agent runs torch's
 #: own FileTimerServer at ``$TORCHELASTIC_TIMER_FILE``.
 ENV_TORCH_TIMER = "TORCHELASTIC_ENABLE_FILE_TIMER"
 
+#: What shows the system daemon is there, to a user other than root.
+_SYSTEM = (SYSTEM_FIFO_PATH, SYSTEM_SOCKET_PATH)
 #: Values of ``transport``: by what is at the path, or always a FIFO, or always a socket.
 TRANSPORTS = ("auto", "fifo", "socket")
 
@@ -127,10 +136,34 @@ def resolve_route(
     socket = env.get(ENV_SOCKET)
     if socket:
         return Route(_absolute(socket), transport)
-    fifo, owner = _fifo(None, env, uid, exists, (SYSTEM_FIFO_PATH, SYSTEM_SOCKET_PATH))
+    fifo, owner = _fifo(None, env, uid, exists, _SYSTEM)
     if transport == "socket":
         return Route(socket_path_for(fifo), "socket", owner=owner)
     return Route(fifo, "auto", socket_path_for(fifo), owner)
+
+
+def system_route(
+    route: Route, exists: Optional[Callable[[str], bool]] = os.path.exists
+) -> Optional[Route]:
+    """The system daemon's route, with ``route``'s transport, in place of the per-user
+    default ``route`` once the daemon's FIFO or socket exists (``resolve_route()`` as it
+    would be now, for a worker started before the daemon made ``/run/ftimer``); None
+    while neither exists, or if ``route`` is not a per-user default.
+
+    Args:
+        exists: tells whether a path exists (injected for tests); None: take the
+            daemon's as there.
+    """
+    if route.owner is None:
+        return None
+    system = (SYSTEM_FIFO_PATH,) if route.transport == "fifo" else _SYSTEM
+    if exists is not None and not any(exists(path) for path in system):
+        return None
+    if route.transport == "fifo":
+        return Route(SYSTEM_FIFO_PATH, "fifo")
+    if route.transport == "socket":
+        return Route(SYSTEM_SOCKET_PATH, "socket")
+    return Route(SYSTEM_FIFO_PATH, "auto", SYSTEM_SOCKET_PATH)
 
 
 def torch_serves(route: Route, environ: Optional[Mapping[str, str]] = None) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from ftimer_protocol import Arm
+from ftimer_protocol import Arm, Expire
 from ftimer_server import (
     Escalated,
     Expired,
@@ -214,3 +214,35 @@ def test_a_reap_not_finished_is_saved_and_a_restarted_server_finishes_it() -> No
     assert rig.signaller.sent == [(1001, 15), (1000, 15), (1001, 9)]
     assert rig.wd.changes != changes
     assert [(t.pid, t.signal) for t in rig.wd.saved()] == [(1000, 15)]  # its SIGKILL due
+
+
+def test_another_expiry_during_the_capture_joins_the_reap_underway() -> None:
+    # It started a second capture, whose budget replaced the first's: one expiry sooner
+    # than every budget put the signal off for ever, and the first incident was never
+    # signalled (so never written).
+    rig = Rig(budget=5.0)
+    expire = Expire(pid=1000, scope_id="a", signal=15)
+    rig.wd.apply([expire], 0.0, 0.0)
+    rig.wd.tick(0.0)
+    rig.wd.apply([expire], 4.0, 4.0)
+    rig.wd.tick(4.0)
+    assert [r.now for r in rig.host.requests] == [0.0]  # one capture
+    assert [e.incident for e in rig.events.of(Expired)] == ["incident-1"] * 2  # type: ignore[attr-defined]
+    rig.wd.tick(5.0)  # the first budget's end
+    assert rig.signaller.sent == [(1000, 15)]
+    [reaped] = rig.events.of(Reaped)
+    assert reaped.incident == "incident-1"  # type: ignore[attr-defined]
+
+
+def test_a_worker_reaped_again_in_its_grace_is_not_captured_again() -> None:
+    rig = Rig(budget=1.0, escalate_after=5.0)
+    expire = Expire(pid=1000, scope_id="a", signal=15)
+    rig.wd.apply([expire], 0.0, 0.0)
+    rig.wd.tick(0.0)
+    rig.wd.captured(1000, 0.5)
+    rig.wd.apply([expire], 2.0, 2.0)
+    rig.wd.tick(2.0)
+    assert len(rig.host.requests) == 1
+    assert rig.signaller.sent == [(1000, 15), (1000, 15)]  # signalled again, at once
+    rig.wd.tick(5.5)  # the grace, from the first signal
+    assert rig.signaller.sent[-1] == (1000, 9)

@@ -542,6 +542,24 @@ def test_escalation_sends_sigkill_after_the_grace_period() -> None:
     assert rig.wd.next_wakeup() is None
 
 
+def test_reaps_again_in_the_grace_period_do_not_put_off_the_sigkill() -> None:
+    # Each reap restarted the grace: a worker that ignores SIGTERM and expires again
+    # sooner than the grace (its monitor thread's expire(), a short timer re-armed) was
+    # never sent SIGKILL.
+    rig = Rig(escalate_after=5.0)
+    rig.host.spawn(1000)
+    for tick in range(13):  # every half second for 6 s, an expiry every 3 s
+        rig.now = tick / 2
+        if tick % 6 == 0:
+            rig.apply(Expire(pid=1000, scope_id="hang", signal=15))
+        rig.at(tick / 2)
+        if tick == 9:
+            assert rig.signaller.sent == [(1000, 15), (1000, 15)]
+    assert rig.signaller.sent[:3] == [(1000, 15), (1000, 15), (1000, 9)]
+    [esc, *_] = rig.events.of(Escalated)
+    assert esc.after == 5.0  # type: ignore[attr-defined]
+
+
 def test_no_escalation_when_the_worker_died_or_got_sigkill() -> None:
     rig = Rig(escalate_after=2.0)
     rig.host.spawn(1000)

@@ -74,6 +74,11 @@ class Reaper:
         """Reap ``worker`` as ``expiry`` decides (its ``decider`` must be set), with its
         signal or the override.
 
+        Another expiry of a worker whose reap is underway joins it: during its capture,
+        the capture's signal follows as planned; in its grace period, the signal goes
+        again but the SIGKILL stays due when it was (expiries that recur faster than a
+        capture's budget, or the grace, would put them off for ever).
+
         Returns:
             The id of the incident the host is capturing (the signal then follows
             ``captured()`` or the budget's end, see ``due()``), or the ``Reaped`` event
@@ -81,8 +86,12 @@ class Reaper:
         """
         decider = expiry.decider
         assert decider is not None, "a report-only expiry is not reaped"
+        underway = self._capturing.get(worker.pid)
+        if underway is not None:
+            return underway[1].incident
         signal = decider.signal if self._override is None else self._override
-        if self._capture_budget is not None:
+        # In its grace period the worker was captured (or not) when first reaped.
+        if self._capture_budget is not None and worker.pid not in self._pending:
             request = CaptureRequest(
                 worker=worker,
                 timer=decider,
@@ -120,8 +129,11 @@ class Reaper:
         decider = expiry.decider
         assert decider is not None
         delivery = self._host.reap(worker, signal, expiry, now)
-        if delivery.delivered and self._escalate_after is not None and signal != KILL:
-            self._pending.put(worker.pid, now + self._escalate_after, (worker, decider))
+        grace = self._escalate_after
+        # Reaped again in its grace period: the grace runs on from the first signal.
+        if delivery.delivered and grace is not None and signal != KILL:
+            if worker.pid not in self._pending:
+                self._pending.put(worker.pid, now + grace, (worker, decider))
         return Reaped(
             pid=worker.pid,
             start_time=worker.start_time,
@@ -245,6 +257,10 @@ class _Schedule(Generic[T]):
         self._items[pid] = (due, item)
         self.changes += 1
         heapq.heappush(self._heap, (due, next(self._seq), pid))
+
+    def get(self, pid: int) -> Optional[Tuple[float, T]]:
+        """The item of ``pid`` and when it is due, as (due, item), if any."""
+        return self._items.get(pid)
 
     def items(self) -> List[Tuple[float, T]]:
         """The items, as (due, item), in no order."""

@@ -18,7 +18,7 @@ from tests.conftest import tmpfs, wait_until
 
 from ftimer_protocol import Arm, encode
 from ftimer_server import Timer
-from ftimer_server.daemon._state import encode_state, read_boot_id
+from ftimer_server.daemon._state import boot_clock, encode_state, read_boot_id
 
 from .conftest import PATIENCE, PYTHON, DaemonProcess, kill_and_close
 
@@ -384,4 +384,35 @@ def test_a_timer_saved_without_a_start_time_is_not_restored_for_a_process_born_l
     write_state(state, journal=0, timers=(saved,))
     d = spawn("--state-file", str(state), "--capture", "none", name="again").ready()
     assert d.armed_scopes() == ["saved"]
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize("born", ["after the snapshot", "before it, the wall clock stepped"])
+def test_a_kept_line_without_a_start_time_binds_only_a_process_born_before_the_snapshot(
+    spawn: Spawn, short_dir: pathlib.Path, sleeper: subprocess.Popen[str], born: str
+) -> None:
+    # The replay judged such a line (torch's) by the segments' last write, on the wall
+    # clock: a process that took the pid of a worker which armed after the snapshot and
+    # died got that worker's timer, and was reaped; and a step of the wall clock while
+    # no daemon ran refused the lines of the workers that wrote them.
+    state = short_dir / "state.json"
+    now = boot_clock()
+    assert now is not None
+    snapshot = now - 3600 if born == "after the snapshot" else now
+    state.write_bytes(encode_state((), read_boot_id(), time.monotonic(), 1, boot_clock=snapshot))
+    segment = short_dir / "state.json.journal.1"
+    line = {"version": 1, "pid": sleeper.pid, "scope_id": "kept", "signal": 9}
+    segment.write_bytes(
+        json.dumps({**line, "expiration_time": time.time() + 3600}).encode() + b"\n"
+    )
+    if born != "after the snapshot":
+        an_hour_ago = time.time() - 3600  # the files' wall-clock times, before the step
+        for path in (state, segment):
+            os.utime(path, (an_hour_ago, an_hour_ago))
+    d = spawn("--state-file", str(state), "--capture", "none").ready()
+    if born == "after the snapshot":
+        assert d.wait_for_record(where=lambda r: "identity_mismatch" in r["msg"])
+        assert d.status()["timers"] == []
+    else:
+        assert d.armed_scopes() == ["kept"]
     assert d.stop() == 0

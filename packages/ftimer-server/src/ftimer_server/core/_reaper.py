@@ -131,9 +131,9 @@ class Reaper:
         delivery = self._host.reap(worker, signal, expiry, now)
         grace = self._escalate_after
         # Reaped again in its grace period: the grace runs on from the first signal.
-        if delivery.delivered and grace is not None and signal != KILL:
-            if worker.pid not in self._pending:
-                self._pending.put(worker.pid, now + grace, (worker, decider))
+        again = worker.pid in self._pending
+        if delivery.delivered and grace is not None and signal != KILL and not again:
+            self._pending.put(worker.pid, now + grace, (worker, decider))
         return Reaped(
             pid=worker.pid,
             start_time=worker.start_time,

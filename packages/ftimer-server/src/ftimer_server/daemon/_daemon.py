@@ -303,8 +303,10 @@ class Daemon:
             # What the last server read after its last save (it was killed): applied again
             # in order, so not even a disarm it had read is lost.
             try:
-                written_by = journal.written_by(replay_from)
-                size = server.replay(journal.replay(replay_from), written_by)
+                # Judged by the snapshot's time, not the segments' last write: a pid
+                # taken by a process that started after an arm of a dead worker was kept
+                # (torch's lines name no start time) would get that worker's timer.
+                size = server.replay(journal.replay(replay_from), saved.written_at)
             except Exception:
                 # Half a replay may hold an arm without its disarm: start with no timers
                 # (a new FIFO, to which clients re-send theirs) rather than fail every

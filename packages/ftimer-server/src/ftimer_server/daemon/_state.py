@@ -92,13 +92,16 @@ def max_state_bytes(max_timers: int) -> int:
 
 class StateFile(msgspec.Struct, frozen=True, kw_only=True):
     """The whole file. ``saved_at`` is the monotonic time of the write; ``journal`` the
-    first journal segment to replay after restoring ``timers`` (0: none)."""
+    first journal segment to replay after restoring ``timers`` (0: none); ``boot_clock``
+    the boot clock (``CLOCK_BOOTTIME``, the clock of processes' start times) just before
+    the snapshot, or None where there is none (and in files of older daemons)."""
 
     version: int
     boot_id: str
     saved_at: float
     timers: List[Timer]
     journal: int = 0
+    boot_clock: Optional[float] = None
 
 
 class _LenientStateFile(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,6 +111,7 @@ class _LenientStateFile(msgspec.Struct, frozen=True, kw_only=True):
     saved_at: float
     timers: List[msgspec.Raw]
     journal: int = 0
+    boot_clock: Optional[float] = None
 
 
 class _Header(msgspec.Struct):
@@ -151,7 +155,13 @@ def read_boot_id(path: str = BOOT_ID_PATH) -> str:
         return ""
 
 
-def encode_state(timers: Iterable[Timer], boot_id: str, saved_at: float, journal: int = 0) -> bytes:
+def encode_state(
+    timers: Iterable[Timer],
+    boot_id: str,
+    saved_at: float,
+    journal: int = 0,
+    boot_clock: Optional[float] = None,
+) -> bytes:
     """Serialise a state file."""
     doc = StateFile(
         version=STATE_VERSION,
@@ -159,6 +169,7 @@ def encode_state(timers: Iterable[Timer], boot_id: str, saved_at: float, journal
         saved_at=saved_at,
         timers=list(timers),
         journal=journal,
+        boot_clock=boot_clock,
     )
     return _encoder.encode(doc) + b"\n"
 
@@ -199,6 +210,7 @@ def decode_state(data: bytes) -> StateFile:
         saved_at=raw.saved_at,
         timers=timers,
         journal=raw.journal,
+        boot_clock=raw.boot_clock,
     )
 
 
@@ -225,8 +237,10 @@ class StateLoad(msgspec.Struct, frozen=True):
     ignored: str = ""
     #: Where an unusable file was moved to, or "".
     set_aside: str = ""
-    #: When the file was written (its mtime, ``time.time()``), or None (none used): a
-    #: process that started later cannot be one whose timer it saved.
+    #: When the snapshot was taken, as a ``time.time()`` of now, or None (none used):
+    #: a process that started later cannot be one whose timer it saved, nor one that
+    #: wrote what the journal kept after it. From the file's boot clock, so a step of
+    #: the wall clock since moves it along (else the file's mtime).
     written_at: Optional[float] = None
 
 
@@ -392,7 +406,16 @@ def load_state(
     now = time.monotonic() if now is None else now
     if state.boot_id != boot_id or (not boot_id and state.saved_at > now):
         return StateLoad([], ignored="saved during another boot")
-    return StateLoad(state.timers, state.journal, written_at=st.st_mtime)
+    written_at = st.st_mtime
+    if state.boot_clock is not None and (boot_now := boot_clock()) is not None:
+        written_at = time.time() - (boot_now - state.boot_clock)
+    return StateLoad(state.timers, state.journal, written_at=written_at)
+
+
+def boot_clock() -> Optional[float]:
+    """The boot clock (``CLOCK_BOOTTIME``) in seconds, or None where there is none."""
+    clock = getattr(time, "CLOCK_BOOTTIME", None)
+    return None if clock is None else time.clock_gettime(clock)
 
 
 def set_aside_state(path: str, problem: str) -> StateLoad:
@@ -493,8 +516,10 @@ class StateSaver:
         """Write the current snapshot now (on the caller's thread); True on success."""
         with self._write_lock:
             try:
+                # Before the snapshot: no process that started later wrote what it holds.
+                boot = boot_clock()
                 timers, journal = self._snapshot()
-                state = encode_state(timers, self._boot_id, self._clock(), journal)
+                state = encode_state(timers, self._boot_id, self._clock(), journal, boot)
                 write_state(self.path, state)
             except OSError as e:
                 self.errors += 1

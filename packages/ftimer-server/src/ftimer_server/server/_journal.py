@@ -219,16 +219,6 @@ class Journal:
             if first <= n < self._seq:
                 yield from self._replay_segment(f"{self._prefix}.{n}")
 
-    def written_by(self, first: int) -> Optional[float]:
-        """When the segments from ``first`` (up to the current one) were last written
-        (``time.time()``), or None if none of them can be looked at."""
-        times = []
-        for n in self.segments():
-            if first <= n < self._seq:
-                with contextlib.suppress(OSError):
-                    times.append(os.lstat(f"{self._prefix}.{n}").st_mtime)
-        return max(times, default=None)
-
     def set_aside(self, first: int) -> List[str]:
         """Rename the segments from ``first`` up to the current one to
         ``<segment>.corrupt-<unix time>``, so that no restart replays them again; return

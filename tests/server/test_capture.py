@@ -26,7 +26,7 @@ import pytest
 
 from ftimer_protocol import DumpHook
 from ftimer_server.core._incident import Capture, ThreadStack
-from ftimer_server.incidents import _pinned, _tools
+from ftimer_server.incidents import _pinned, _reap_extras, _tools
 from ftimer_server.incidents._capture import CaptureOptions, capture, find_py_spy
 from ftimer_server.incidents._diagnostics import Diagnostics, IncidentOptions
 from ftimer_server.incidents._pinned import Process
@@ -106,7 +106,7 @@ def stuck(kind: str, hook: bool = False) -> Iterator[Worker]:
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, start_new_session=True)
     try:
         worker = Worker(proc, json.loads(_read_line(proc.stdout, 20)))
-        if kind != "tree":  # the tree's processes come and go
+        if kind not in ("tree", "forker"):  # their processes come and go
             worker.settle(kind)
         yield worker
     finally:
@@ -712,6 +712,22 @@ def test_signal_tree(sig: int) -> None:
         wait_for(lambda: _session_members(worker.pid) == [worker.pid])
         assert worker.proc.poll() is None
         assert worker.state() not in "Tt"
+
+
+def test_the_walk_of_a_worker_that_keeps_forking_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The worker itself was never stopped: each pass of the walk found its new children
+    # (64 passes), and with thousands of descendants it held the server's loop, and every
+    # other reap, for seconds.
+    passes: List[int] = []
+    walk = _reap_extras._walk
+    monkeypatch.setattr(_reap_extras, "_walk", lambda *a: passes.append(1) or walk(*a))
+    with stuck("forker") as worker:
+        wait_for(lambda: len(_session_members(worker.pid)) > 20)
+        signalled = signal_tree(worker.pid, signal.SIGKILL)
+        assert len(signalled) >= 10
+        assert len(passes) <= 3, passes
+        assert worker.proc.poll() is None
+        assert worker.state() not in "Tt"  # continued: its own signal follows
 
 
 def test_signal_tree_report_only_touches_nobody() -> None:

@@ -46,6 +46,14 @@ print("reaped", flush=True)
 sys.stdin.readline()
 '''
 
+AUTOREAP = '''
+import signal, subprocess, sys
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+child = subprocess.Popen(["sleep", "1000"])
+print(child.pid, flush=True)
+sys.stdin.readline()
+'''
+
 def start_time(pid):
     with open(f"/proc/{pid}/stat", "rb") as f:
         return parse_proc_stat(f.read()).start_time
@@ -95,16 +103,21 @@ if mode in ("reused-root-pidfd", "reused-root-start-time"):
     result["child"] = state(child)
 elif mode == "reused-parent":
     # The worker's child dies while the walk is under it, and an unrelated process with
-    # a child takes its pid before its children are read.
-    root, mid = parent_of_a_child()
+    # a child takes its pid before its children are read. The worker is stopped for the
+    # walk: its children are reaped by the kernel (SIGCHLD ignored), which frees the pid.
+    root = subprocess.Popen([sys.executable, "-c", AUTOREAP], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    mid = int(root.stdout.readline())
     real_children = _reap_extras.children
     taken = {}
     def children(pid):
         if pid == mid and not taken:
             fd = os.pidfd_open(mid)
             signal.pidfd_send_signal(fd, signal.SIGKILL)
-            assert root.stdout.readline() == "reaped\n"  # by its parent: the pid is free
+            select.select([fd], [], [])  # it exited
             os.close(fd)
+            while os.path.exists(f"/proc/{mid}"):  # no event tells of the release
+                time.sleep(0.001)
             taken["intruder"], taken["child"] = take_pid(mid)
         return real_children(pid)
     _reap_extras.children = children

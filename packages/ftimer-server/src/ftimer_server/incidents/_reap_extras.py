@@ -171,8 +171,9 @@ def signal_tree(
     finds nobody new. ``pid`` is checked again after the walk: gone by then, nobody is
     signalled and the frozen are continued. Then ``signal`` goes to each, and unless it
     was SIGKILL, SIGCONT to those still alive. A descendant whose parent dies during the
-    walk is re-parented away from the tree and escapes it; so does a child ``pid``
-    itself forks after the last walk (``pid`` is never stopped here). Signal 0 (report
+    walk is re-parented away from the tree and escapes it. ``pid`` itself is stopped
+    for the walk (unless it was already) and continued at its end: its own signal
+    follows, and a child it forks in between escapes. Signal 0 (report
     only) touches nobody.
 
     Returns:
@@ -187,6 +188,7 @@ def signal_tree(
         return []
     frozen: Dict[int, Process] = {}
     signalled: List[int] = []
+    stopped = _stop(root)
     try:
         _freeze(root, frozen)
         if not root.alive():
@@ -213,8 +215,23 @@ def signal_tree(
     finally:
         for process in frozen.values():
             process.close()
+        if stopped:
+            root.resume()  # its own signal follows
         root.close()
     return signalled
+
+
+def _stop(root: Process) -> bool:
+    """Stop ``root`` for the walk, unless it is stopped already; return whether it was
+    stopped here. A worker that keeps forking would give every pass of the walk someone
+    new: 64 passes over thousands of descendants held the server's loop for seconds."""
+    try:
+        if read_stat(root.pid).state in "Tt":
+            return False
+        root.send(_signal.SIGSTOP)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
 
 
 def _freeze(root: Process, frozen: Dict[int, Process]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pathlib
@@ -47,7 +48,7 @@ def test_a_checkpoint_starts_a_segment_with_the_unfinished_line(
     journal = Journal(str(tmp_path / "j"))
     os.write(w, b"done\nhalf a li")
     journal.read(r, 100)
-    assert journal.checkpoint(keep=len(b"half a li")) == 2
+    assert journal.checkpoint(b"half a li") == 2
     os.write(w, b"ne\n")
     journal.read(r, 100)
     assert (tmp_path / "j.2").read_bytes() == b"half a line\n"
@@ -55,6 +56,52 @@ def test_a_checkpoint_starts_a_segment_with_the_unfinished_line(
     assert b"".join(journal.replay(2)) == b"half a line\n"
     journal.discard_before(3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["j.3"]
+
+
+def test_after_a_failed_write_a_checkpoint_starts_with_the_readers_line(
+    tmp_path: pathlib.Path,
+    pipe,  # type: ignore[no-untyped-def]
+) -> None:
+    # It carried the segment's last bytes: after a write failed (a full disk, for a
+    # moment), those were older ones, an arm the worker had disarmed since, which a
+    # restart after kill -9 replayed, and the worker was reaped.
+    r, w = pipe
+    journal = Journal(str(tmp_path / "j"))
+    os.write(w, b"arm X\n")
+    journal.read(r, 100)
+    segment = journal._fd
+    journal._fd = os.open(os.devnull, os.O_RDONLY)  # as a full disk: every write fails
+    os.write(w, b"disarm X\nhalf a li")
+    assert journal.read(r, 100) == b"disarm X\nhalf a li"  # read, not journalled
+    os.close(journal._fd)
+    journal._fd = segment
+    assert journal.checkpoint(b"half a li") == 2
+    os.write(w, b"ne\n")
+    journal.read(r, 100)
+    journal.checkpoint()
+    assert b"".join(journal.replay(2)) == b"half a line\n"
+    journal.close()
+
+
+def test_a_checkpoint_that_cannot_write_its_carry_leaves_nothing_behind(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each failed save left a descriptor open and the new segment on disk, which the
+    # next checkpoint found in its way.
+    journal = Journal(str(tmp_path / "j"))
+    fds = len(os.listdir("/proc/self/fd"))
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError, match="No space left"):
+        journal.checkpoint(b"half a line")
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.1"]
+    assert journal.checkpoint(b"half") == 2  # the next one, as if nothing happened
+    journal.close()
 
 
 def test_numbering_goes_on_after_what_is_there(tmp_path: pathlib.Path) -> None:

@@ -1304,3 +1304,51 @@ def test_a_socket_dropped_without_close_is_not_kept_by_the_closer(
         del sock
         gc.collect()
     assert watched() is None
+
+
+# In a network namespace of its own (net.unix.max_dgram_qlen is the namespace's): one
+# sender sends datagrams of argv[2] bytes until it would wait; then one receive().
+SEND_BUFFER_FULL = """
+import socket, sys
+with open("/proc/sys/net/unix/max_dgram_qlen", "w") as f:
+    f.write("512")  # as server.md advises for many workers
+from ftimer_server.server._socket import open_socket
+receiver = open_socket(sys.argv[1])
+sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sender.connect(sys.argv[1])
+sender.setblocking(False)
+sent = 0
+try:
+    while True:
+        sender.send(b"x" * int(sys.argv[2]) + b"\\n")
+        sent += 1
+except BlockingIOError:
+    pass
+receiver.receive()
+print(sent, receiver.full)
+"""
+
+
+@pytest.mark.parametrize("size", [100, 3000])
+def test_a_sender_waiting_for_its_send_buffer_counts_as_a_full_queue(
+    tmp_path: pathlib.Path, size: int
+) -> None:
+    # Only a queue-full counted: with the queue raised to 512, a sender of 3 KB
+    # datagrams waits for room after 49 of them, and a disarm it was sending when the
+    # server resumed from a stop was judged late, and its worker reaped.
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("needs unshare(1) from util-linux")
+    done = subprocess.run(
+        [unshare, "--net", sys.executable, "-c", SEND_BUFFER_FULL, str(tmp_path / "s"), str(size)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0 and "Traceback" not in done.stderr:
+        pytest.skip(f"no network namespace of its own here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    sent, full = done.stdout.split()
+    assert int(sent) < 512  # the send buffer, not the queue, made it wait
+    assert full == "True"

@@ -104,6 +104,12 @@ class StreamDecoder:
         """Bytes held of a line whose newline has not arrived yet."""
         return len(self._buf)
 
+    @property
+    def unfinished(self) -> bytes:
+        """The bytes held of a line whose newline has not arrived yet (its last
+        ``max_line`` bytes, once it is longer)."""
+        return self._buf
+
     def feed(self, data: Buffer) -> List[DecodeResult]:
         """Consume ``data`` and return the results of every line it completes, in order.
 

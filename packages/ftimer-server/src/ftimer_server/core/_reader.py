@@ -94,6 +94,11 @@ class LineReader:
         """Bytes held of a line whose newline has not arrived yet."""
         return self._slow.buffered
 
+    @property
+    def unfinished(self) -> bytes:
+        """The bytes held of a line whose newline has not arrived yet."""
+        return self._slow.unfinished
+
     def feed(self, chunk: bytes) -> List[DecodeResult]:
         """Consume ``chunk``; return the results of the lines it completes. Never raises."""
         # Offsets into ``chunk`` and memoryviews of it, rather than slices: no copy of a

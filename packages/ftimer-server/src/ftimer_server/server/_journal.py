@@ -168,18 +168,28 @@ class Journal:
         except OSError as e:
             self._fail(e)
 
-    def checkpoint(self, keep: int = 0) -> int:
-        """Start a new segment with the last ``keep`` bytes of the current one (an
-        unfinished line) and return its number: a snapshot of the timers taken now
-        needs the segments from that one on. Call it with the snapshot, atomically.
+    def checkpoint(self, carry: bytes = b"") -> int:
+        """Start a new segment with ``carry`` (the reader's unfinished line) and return
+        its number: a snapshot of the timers taken now needs the segments from that one
+        on. Call it with the snapshot, atomically.
+
+        The carry is the reader's, not the current segment's last bytes: after a write
+        failed, those are older bytes, which a replay would apply as the line.
 
         Raises:
-            OSError: the new segment cannot be created (the journal keeps the old one).
+            OSError: the new segment cannot be created or written (the journal keeps the
+                old one).
         """
-        carry = os.pread(self._fd, keep, self._size - keep) if keep else b""
         fd, seq = self._create(self._seq + 1)
-        if carry:
-            os.write(fd, carry)
+        try:
+            data = carry
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(f"{self._prefix}.{seq}")
+            raise
         os.close(self._fd)
         self._fd, self._size, self._seq = fd, len(carry), seq
         self._failed = False

@@ -577,8 +577,8 @@ class FileTimerServer:
             timers = self._watchdog.saved()
             if self._journal is None:
                 return timers, 0
-            keep = 0 if self._loop is None else self._loop.reader.buffered
-            return timers, self._journal.checkpoint(keep)
+            carry = b"" if self._loop is None else self._loop.reader.unfinished
+            return timers, self._journal.checkpoint(carry)
 
     def sync(self, timeout: float = 10.0) -> None:
         """Return once everything written to the FIFO before this call has been applied

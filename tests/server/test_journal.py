@@ -9,6 +9,7 @@ import pathlib
 import time
 
 import pytest
+from tests.conftest import wait_until
 
 from ftimer_protocol import Arm, Disarm, TimerRequestV1, encode
 from ftimer_server import FileTimerServer, RecordingSignaller, Rejected, RejectReason
@@ -223,3 +224,24 @@ def test_a_replayed_torch_line_is_never_bound_to_a_process_born_after_it(
     server.replay([line], written_by=time.time())  # its own, written while it lived
     assert [t.pid for t in server.armed()] == [stranger.pid]
     server.stop()
+
+
+def test_a_servers_checkpoint_carries_the_line_its_reader_holds(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    journal = Journal(str(tmp_path / "j"))
+    with FileTimerServer(fifo_path, signaller=RecordingSignaller(), journal=journal) as server:
+        writer = os.open(fifo_path, os.O_WRONLY)
+        try:
+            os.write(writer, b"junk\nhalf a li")
+            loop = server._loop
+            assert loop is not None
+            wait_until(lambda: loop.reader.buffered == len(b"half a li"))
+            _, seq = server.checkpoint()
+            os.write(writer, b"ne\n")
+            wait_until(lambda: loop.reader.buffered == 0)
+            server.checkpoint()
+        finally:
+            os.close(writer)
+    assert b"".join(journal.replay(seq)) == b"half a line\n"
+    journal.close()

@@ -33,6 +33,7 @@ from ftimer_client._wire import V2Lines
 from ftimer_protocol import (
     MAX_LABEL_VALUE,
     MAX_LABELS,
+    MAX_PID,
     MAX_TIME,
     PIPE_BUF,
     Arm,
@@ -381,8 +382,8 @@ REFUSALS = """
 
 
 def test_the_applications_own_handlers_are_never_taken(fifo_path: object) -> None:
-    # 20 bytes to spare here leave fewer than the hook's member needs in the worker, whose
-    # pid and start time take at most 7 more digits than PID and START.
+    # 20 bytes to spare here leave fewer than the hook's member needs in the worker too
+    # (a line's size is reckoned with the widest pid and start time).
     big = labels_filling(20)
     with worker(REFUSALS, str(fifo_path), json.dumps(big)) as w:
         report = json.loads(w.line())
@@ -467,7 +468,8 @@ def test_a_forked_child_dumps_into_a_file_of_its_own(peer: FifoPeer) -> None:
 
 # -- lines --------------------------------------------------------------------------------
 
-PID, START = 4242, 123456
+# The widest pid and start time (with room for +1): nothing reserved for a child's.
+PID, START = MAX_PID - 1, 2**63 - 2
 WIDEST = DumpHook(64, MAX_FD)
 DUMP_MEMBER = b',"dump":{"signal":64,"fd":2147483647}'
 LONGEST_LABELS = {f"k{i:02d}" + "x" * 29: "v" * MAX_LABEL_VALUE for i in range(MAX_LABELS)}

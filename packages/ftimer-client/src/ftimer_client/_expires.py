@@ -19,6 +19,8 @@ import types
 from types import TracebackType
 from typing import Any, Callable, Optional, Protocol, Tuple, Type, TypeVar, runtime_checkable
 
+from ftimer_protocol import surrogates_as_text
+
 from ._client import FileTimerClient
 
 __all__ = ["TimerClient", "configure", "default_scope_suffix", "expires"]
@@ -74,6 +76,18 @@ def default_scope_suffix() -> str:
         if task is not None:
             suffix += f"@task-{id(task):x}"
     return suffix
+
+
+@functools.lru_cache(maxsize=256)  # a lookup (~60 ns) a block, not an encode or a search
+def _text(filename: str) -> str:
+    """``filename`` as valid text (UTF-8 cannot carry a lone surrogate, which stands for
+    a byte of a path that is not UTF-8): the scope ftimer's server reads for torch's line
+    naming the same file (docs/protocol.md, "Lone surrogates")."""
+    try:
+        filename.encode()
+    except UnicodeEncodeError:
+        return surrogates_as_text(filename)
+    return filename
 
 
 #: What an arm raises when it sent nothing (a refused argument, a closed client) or
@@ -152,7 +166,10 @@ class expires:
         self._free = [True]
         if scope is None:
             frame = sys._getframe(1)
-            self._site = f"{frame.f_code.co_filename}#{frame.f_lineno}"
+            filename = frame.f_code.co_filename
+            if not filename.isascii():  # O(1): a flag of the str
+                filename = _text(filename)
+            self._site = f"{filename}#{frame.f_lineno}"
 
     @property
     def scope(self) -> Optional[str]:

@@ -22,6 +22,7 @@ from typing import Dict, Optional, Tuple
 
 from ftimer_protocol import (
     MAX_FD,
+    MAX_PID,
     MAX_SCOPE,
     MAX_SIGNAL,
     MAX_TIME,
@@ -42,9 +43,11 @@ __all__ = ["CACHE_SIZE", "DEADLINE_FORMAT", "V1Lines", "V2Lines", "check_signal"
 DEADLINE_FORMAT = b"%.6f"
 # The longest a deadline in [0, MAX_TIME] is once formatted ("1000000000000000.000000").
 _DEADLINE_WIDTH = len(DEADLINE_FORMAT % MAX_TIME)
-# The widest descriptor number of a dump hook (the schema's bound for DumpHook.fd): a
-# forked child's hook has another descriptor, and a scope that fits in the parent must
-# fit in the child.
+# The widest pid, start time and descriptor number of a dump hook (the schema's bounds):
+# a forked child has another pid, start time and hook descriptor, and a scope that fits
+# in the parent must fit in the child.
+_PID_WIDTH = len(str(MAX_PID))
+_START_TIME_WIDTH = len(str(2**63 - 1))  # ftimer_protocol has no name for this bound
 _FD_WIDTH = len(str(MAX_FD))
 # What msgspec writes for an empty scope, a part of every line with a scope: the pieces
 # of a line are what is around it. The scope comes before labels in every message, so
@@ -170,11 +173,15 @@ class V2Lines:
             rest.replace(b"%", b"%%"),
         )
         # The longest arm line of an empty scope (quotes included): any deadline in
-        # bounds, and room kept for the widest descriptor number (see _FD_WIDTH). A
-        # disarm line is shorter than its arm line: it has a subset of its members, and
-        # "disarm" is 3 bytes longer than "arm" where the arm has ~20 more for its
-        # deadline and signal.
-        slack = 0 if self._dump is None else _FD_WIDTH - len(str(self._dump.fd))
+        # bounds, and room kept for the widest pid, start time and descriptor number
+        # (see _PID_WIDTH). A disarm line is shorter than its arm line: it has a subset of
+        # its members, and "disarm" is 3 bytes longer than "arm" where the arm has ~20
+        # more for its deadline and signal.
+        slack = _PID_WIDTH - len(str(pid))
+        if start_time is not None:
+            slack += _START_TIME_WIDTH - len(str(start_time))
+        if self._dump is not None:
+            slack += _FD_WIDTH - len(str(self._dump.fd))
         self._arm_size = len(arm) - len(b"0.0") + _DEADLINE_WIDTH + slack
         if self._arm_size > PIPE_BUF:
             raise MessageTooLarge(self._arm_size, PIPE_BUF)

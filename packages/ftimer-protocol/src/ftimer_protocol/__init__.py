@@ -5,7 +5,15 @@ the schema and the codec: where a server listens (the FIFO and the socket beside
 the pure helpers both sides share (``/proc/PID/stat`` parsing, signal names).
 """
 
-from ._codec import SUPPORTED_VERSIONS, V1_PREFIXES, V2_PREFIX, decode, decode_value, encode
+from ._codec import (
+    SUPPORTED_VERSIONS,
+    V1_PREFIXES,
+    V2_PREFIX,
+    decode,
+    decode_value,
+    encode,
+    surrogates_as_text,
+)
 from ._errors import (
     LineTooLong,
     LocalProtocolError,
@@ -64,6 +72,7 @@ __all__ = [
     "encode",
     "decode",
     "decode_value",
+    "surrogates_as_text",
     "decode_line",
     "StreamDecoder",
     "DecodeResult",

@@ -3,10 +3,16 @@
 Dispatch is by the "version" member. A message written by ftimer starts with
 ``{"version":N,``; lines with that exact prefix take a single-parse fast path, anything
 else is first parsed for its version alone.
+
+A line that fails only for its lone surrogate escapes (``"\\udce9"``: what torch's client
+writes for a scope naming a path that is not UTF-8) is read with each of them as text,
+``\\xe9`` (docs/protocol.md, "Lone surrogates"); looked at only once a line failed.
 """
 
 from __future__ import annotations
 
+import re
+from json.encoder import encode_basestring_ascii
 from typing import Any, Callable, Dict, Union
 
 import msgspec
@@ -22,7 +28,15 @@ from ._errors import (
 from ._limits import PIPE_BUF
 from ._messages import Message, MessageV2, TimerRequestV1
 
-__all__ = ["SUPPORTED_VERSIONS", "V1_PREFIXES", "V2_PREFIX", "decode", "decode_value", "encode"]
+__all__ = [
+    "SUPPORTED_VERSIONS",
+    "V1_PREFIXES",
+    "V2_PREFIX",
+    "decode",
+    "decode_value",
+    "encode",
+    "surrogates_as_text",
+]
 
 SUPPORTED_VERSIONS = (1, 2)
 
@@ -57,6 +71,10 @@ _by_version: Dict[Any, Callable[[bytes], Message]] = {
     1: _v1_decoder.decode,
     2: _v2_decoder.decode,
 }
+# A run of JSON escapes of UTF-16 surrogates, or any other escape: matched from the left,
+# so that an escaped backslash followed by "u" (the text ``\udce9``) is never taken for one.
+_ESCAPES = re.compile(rb"(?:\\u[dD][89a-fA-F][0-9a-fA-F]{2})+|\\.", re.DOTALL)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def encode(message: Message, *, limit: int = PIPE_BUF) -> bytes:
@@ -122,7 +140,8 @@ def decode_value(line: Buffer) -> Union[Message, RemoteProtocolError]:
     The error is never raised, so it holds no traceback (no frames kept alive). A line
     that cannot be a message is refused without parsing: one that holds no JSON object
     (``yes`` output, binary junk), or no ``"version"`` member name (which every message
-    spells out as it is).
+    spells out as it is). A line that fails only for lone surrogate escapes is read with
+    each of them as text (see ``_refused``).
     """
     if type(line) is not bytes:
         line = bytes(line)
@@ -138,7 +157,7 @@ def decode_value(line: Buffer) -> Union[Message, RemoteProtocolError]:
         try:
             version = _envelope_decoder.decode(line).version
         except _DECODE_ERRORS as e:
-            return MalformedMessage(str(e), line[:EXCERPT_BYTES])
+            return _refused(line, e)
         if version is msgspec.UNSET:
             return MalformedMessage(NO_VERSION, line[:EXCERPT_BYTES])
         slow = _by_version.get(version) if type(version) is int else None
@@ -148,4 +167,47 @@ def decode_value(line: Buffer) -> Union[Message, RemoteProtocolError]:
     try:
         return decoder(line)
     except _DECODE_ERRORS as e:
-        return MalformedMessage(str(e), line[:EXCERPT_BYTES])
+        return _refused(line, e)
+
+
+def _refused(line: bytes, error: Exception) -> Union[Message, RemoteProtocolError]:
+    """The ``MalformedMessage`` of ``line``, which failed to decode with ``error``; or its
+    message, if it decodes once each lone surrogate escape in it is read as text (see
+    ``surrogates_as_text``). msgspec refuses those escapes, which JSON allows and torch's
+    client writes (``json.dumps`` of a scope naming a path that is not UTF-8)."""
+    if b"\\ud" in line or b"\\uD" in line:
+        fixed = _ESCAPES.sub(_escapes_as_text, line)
+        if fixed != line:
+            result = decode_value(fixed)  # it holds none: no further retry
+            if not isinstance(result, RemoteProtocolError):
+                return result
+    return MalformedMessage(str(error), line[:EXCERPT_BYTES])
+
+
+def _escapes_as_text(match: re.Match[bytes]) -> bytes:
+    """A run of surrogate escapes with each lone surrogate in it as text; any other
+    escape unchanged."""
+    escapes = match.group()
+    if len(escapes) < 6:  # another escape
+        return escapes
+    # JSON reads a high surrogate's escape followed by a low one's as one character.
+    text = (
+        escapes.decode("unicode_escape")
+        .encode("utf-16-le", "surrogatepass")
+        .decode("utf-16-le", "surrogatepass")
+    )
+    return encode_basestring_ascii(surrogates_as_text(text))[1:-1].encode()
+
+
+def surrogates_as_text(text: str) -> str:
+    """``text`` with each lone surrogate in it (which UTF-8 cannot carry) written as
+    text: for U+DC80..U+DCFF, which is how Python holds byte NN of a path that is not
+    UTF-8 (``os.fsdecode``), ``\\xNN``, as ``backslashreplace`` writes that byte; for
+    any other, ``\\uXXXX``. What a decoder reads for torch's escape of one, and what
+    ftimer's client writes for a default scope (a file name): both name one scope."""
+    return _SURROGATE.sub(_surrogate_text, text)
+
+
+def _surrogate_text(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"

@@ -5,10 +5,12 @@ most PIPE_BUF bytes), but a writer that dies or misbehaves can leave bytes with 
 newline in front of the next writer's message. The resynchronisation rule: a message
 starts with ``{"version"``, and inside a message that sequence can only start its
 ``labels`` object (a label named ``version``, whose value is a string and so never
-decodes as a message): a JSON string cannot contain an unescaped quote. So when a line
-does not decode, the only message it can still hold starts at its last or second-to-last
-``{"version"``, tried in that order. Everything before it costs one error, never the
-message.
+decodes as a message): a JSON string cannot contain an unescaped quote, and members added
+later hold no object that starts with ``"version"`` (docs/protocol.md, evolution rule 7).
+So when a line does not decode, the only message it can still hold starts at its last or
+second-to-last ``{"version"``, tried in that order. Everything before it costs one error,
+never the message. (An unknown member that breaks rule 7 is still read on a line of its
+own; behind junk, its message may be lost with the junk.)
 """
 
 from __future__ import annotations

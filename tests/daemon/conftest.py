@@ -8,7 +8,6 @@ hears from the test's own workers.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
@@ -21,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
 import pytest
 from tests.conftest import wait_until
@@ -74,11 +73,29 @@ class Notifications:
     def has(self, line: str) -> bool:
         return any(line in n.split("\n") for n in self.received)
 
-    def receive(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for one notification."""
-        self.sock.settimeout(max(timeout, 0.001))
-        with contextlib.suppress(socket.timeout):
-            self.received.append(self.sock.recv(4096).decode())
+    def receive(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for one notification (0: none); return whether one
+        came. Descriptors given with it (for systemd's store, ``FDSTORE=1``) are closed,
+        as they are for a service without a store."""
+        self.sock.settimeout(timeout if timeout > 0 else None)
+        if timeout <= 0:
+            self.sock.setblocking(False)
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(4 * 16))
+        except (socket.timeout, BlockingIOError):
+            return False
+        for level, kind, fds in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                for i in range(0, len(fds) - len(fds) % 4, 4):
+                    os.close(int.from_bytes(fds[i : i + 4], sys.byteorder))
+        self.received.append(data.decode())
+        return True
+
+    def drain(self) -> None:
+        """Receive what was sent and not received yet (as systemd does at once): the
+        descriptors in flight in it would keep a daemon's socket bound after its exit."""
+        while self.receive(0):
+            pass
 
     def wait_for(
         self, line: str, timeout: float = PATIENCE, alive: Callable[[], bool] = lambda: True
@@ -139,6 +156,7 @@ class DaemonProcess:
         name: str = "d",
         *,
         session: bool = False,
+        pass_fds: Tuple[int, ...] = (),
     ) -> None:
         self.dir = directory
         self.fifo = directory / "timer.fifo"
@@ -167,6 +185,7 @@ class DaemonProcess:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=session,  # a process group of its own, as at a terminal
+            pass_fds=pass_fds,
         )
 
     @property
@@ -281,6 +300,8 @@ def spawn(short_dir: pathlib.Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: List[DaemonProcess] = []
 
     def start(*args: str, **kwargs: Any) -> DaemonProcess:
+        for earlier in started:
+            earlier.notify.drain()
         d = DaemonProcess(short_dir, list(args), **kwargs)
         started.append(d)
         return d
@@ -325,3 +346,51 @@ def plant_lock(lock: pathlib.Path, kind: str) -> str:
     lock.write_bytes(b"")
     os.chown(lock, 65534, 65534)
     return "owned by uid 65534, not us"
+
+
+# Arms one timer, then releases it when told; writes nothing else (a quiet worker).
+QUIET = """
+import sys
+from ftimer_client import FileTimerClient
+client = FileTimerClient(sys.argv[1], on_unavailable="warn")
+client.arm("step", float(sys.argv[2]))
+print("armed", flush=True)
+for line in sys.stdin:
+    client.release("step")
+    print("released", flush=True)
+"""
+
+
+@pytest.fixture
+def quiet() -> Iterator[Callable[[pathlib.Path, float], subprocess.Popen[str]]]:
+    """Start quiet workers on a FIFO or socket path, armed for the seconds given; every
+    one still running at the end is killed."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(fifo: pathlib.Path, after: float) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [PYTHON, "-c", QUIET, str(fifo), str(after)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "armed\n"
+        return proc
+
+    yield start
+    for proc in started:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        kill_and_close(proc)
+
+
+def release(proc: subprocess.Popen[str]) -> None:
+    """Have a quiet worker release its timer, and wait until it did."""
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.write("release\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == "released\n"

@@ -20,47 +20,11 @@ from ftimer_protocol import Arm, encode
 from ftimer_server import Timer
 from ftimer_server.daemon._state import boot_clock, encode_state, read_boot_id
 
-from .conftest import PATIENCE, PYTHON, DaemonProcess, kill_and_close
+from .conftest import PATIENCE, PYTHON, DaemonProcess, kill_and_close, release
 
 Spawn = Callable[..., DaemonProcess]
 #: JSON nested deeper than msgspec recurses (the line the decoders were fixed for).
 NESTED_LINE = b'{"version":' + b"[" * 1000 + b"\n"
-
-# Arms one timer, then releases it when told; writes nothing else (a quiet worker).
-QUIET = """
-import sys
-from ftimer_client import FileTimerClient
-client = FileTimerClient(sys.argv[1], on_unavailable="warn")
-client.arm("step", float(sys.argv[2]))
-print("armed", flush=True)
-for line in sys.stdin:
-    client.release("step")
-    print("released", flush=True)
-"""
-
-
-@pytest.fixture
-def quiet() -> Iterator[Callable[[pathlib.Path, float], subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-
-    def start(fifo: pathlib.Path, after: float) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [PYTHON, "-c", QUIET, str(fifo), str(after)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        started.append(proc)
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == "armed\n"
-        return proc
-
-    yield start
-    for proc in started:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        kill_and_close(proc)
 
 
 def saved_scopes(state: pathlib.Path) -> list[str]:
@@ -75,14 +39,6 @@ def saved_signals(state: pathlib.Path) -> list[int]:
         return [t["signal"] for t in json.loads(state.read_text())["timers"]]
     except (FileNotFoundError, ValueError):
         return []
-
-
-def release(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    proc.stdin.write("release\n")
-    proc.stdin.flush()
-    assert proc.stdout.readline() == "released\n"
 
 
 @pytest.mark.parametrize("transport", ["fifo", "socket"])

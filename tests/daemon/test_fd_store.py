@@ -1,7 +1,8 @@
-"""systemd's file descriptor store holds the FIFO open from one daemon to the next: a line
-a worker wrote while the daemon was stalled, then killed, is read by the next daemon.
-torch's clients, and ftimer's with protocol 1, hold the FIFO open only while they write
-a line, and a pipe's unread lines die with its last descriptor."""
+"""systemd's file descriptor store holds the FIFO and the socket open from one daemon to
+the next: a line or a datagram a worker wrote while the daemon was stalled, then killed,
+is read by the next daemon. torch's clients, and ftimer's with protocol 1, hold the FIFO
+open only while they write a line, and a pipe's unread lines die with its last
+descriptor; a socket's queued datagrams die with it."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ import signal
 import socket
 import subprocess
 from collections.abc import Iterator
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 from tests.conftest import wait_until
 
 from ftimer_server.daemon._systemd import stored_fds
 
-from .conftest import PATIENCE, PYTHON, DaemonProcess, kill_and_close
+from .conftest import PATIENCE, PYTHON, DaemonProcess, kill_and_close, release
 from .test_durability import saved_scopes
 
 # Arms one timer in torch's protocol (a descriptor per line), releases it when told.
@@ -33,6 +34,20 @@ sys.stdin.readline()
 client.release("step")
 print("released", flush=True)
 sys.stdin.readline()
+"""
+
+
+# As systemd starts a service with the descriptors of its store: argv[1] is "name=fd,..."
+# (each moved to 3 on, $LISTEN_* saying so), the rest the daemon's arguments.
+WITH_STORED = """
+import fcntl, os, sys
+names, fds = zip(*(item.split("=") for item in sys.argv[1].split(",")))
+moved = [fcntl.fcntl(int(fd), fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]  # out of the way
+for n, fd in enumerate(moved):
+    os.dup2(fd, 3 + n)  # inheritable: kept across the exec
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)),
+                  LISTEN_FDNAMES=":".join(names))
+os.execv(sys.executable, [sys.executable, "-m", "ftimer_server", *sys.argv[2:]])
 """
 
 
@@ -77,6 +92,14 @@ class FdStore:
             return any(key in fields for fields in self.received)
 
         wait_until(seen, PATIENCE, what=f"{key} notified")
+
+    def passed(self) -> Dict[str, Any]:
+        """What ``spawn`` needs to start a daemon with what the store holds, as systemd
+        starts the service's next process."""
+        held = [(name, fd) for name, fds in self.held.items() for fd in fds]
+        spec = ",".join(f"{name}={fd}" for name, fd in held)
+        command = [PYTHON, "-c", WITH_STORED, spec]
+        return {"command": command, "pass_fds": tuple(fd for _, fd in held)}
 
     def close(self) -> None:
         for fds in self.held.values():
@@ -125,7 +148,7 @@ def test_a_line_left_unread_by_a_killed_daemon_is_read_by_the_next(
         assert worker.stdout.readline() == "released\n"  # written, never read
         first.stop(signal.SIGKILL)
         store.received.clear()
-        second = spawn(*args, name="second", env=env)
+        second = spawn(*args, name="second", env=env, **store.passed())
         store.wait_for("READY", second.proc)
         released = second.wait_for_record(where=lambda r: r.get("event") == "disarmed")
         assert (released["pid"], released["scope_id"]) == (worker.pid, "step")
@@ -138,6 +161,41 @@ def test_a_line_left_unread_by_a_killed_daemon_is_read_by_the_next(
         kill_and_close(worker)
         assert worker.stdin is not None
         worker.stdin.close()
+
+
+def test_a_datagram_left_unread_by_a_killed_daemon_is_read_by_the_next(
+    spawn: Callable[..., DaemonProcess],
+    short_dir: pathlib.Path,
+    store: FdStore,
+    quiet: Callable[[pathlib.Path, float], subprocess.Popen[str]],
+) -> None:
+    # As for the FIFO: a socket worker's release queued while the daemon stalled died
+    # with the socket when the daemon was killed; the next daemon restored the timer,
+    # and a worker quiet since was reaped.
+    state = short_dir / "state.json"
+    args = ["--state-file", str(state)]
+    env = {"NOTIFY_SOCKET": store.path}
+    first = spawn(*args, name="first", env=env)
+    store.wait_for("READY", first.proc)
+
+    [held] = store.held["socket"]
+    path = first.fifo.with_suffix(".socket")
+    worker = quiet(path, 600.0)  # the release is what counts
+    wait_until(lambda: saved_scopes(state) == ["step"], what="the arm saved")
+    os.kill(first.pid, signal.SIGSTOP)
+    _, status = os.waitpid(first.pid, os.WUNTRACED)  # until it has stopped
+    assert os.WIFSTOPPED(status)
+    release(worker)  # queued, never read
+    first.stop(signal.SIGKILL)
+    store.received.clear()
+    second = spawn(*args, name="second", env=env, **store.passed())
+    store.wait_for("READY", second.proc)
+    released = second.wait_for_record(where=lambda r: r.get("event") == "disarmed")
+    assert (released["pid"], released["scope_id"]) == (worker.pid, "step")
+    assert second.status()["timers"] == []
+    assert worker.poll() is None
+    [again] = store.held["socket"]  # the same socket, given to the store again
+    assert os.fstat(again).st_ino == os.fstat(held).st_ino
 
 
 def test_only_descriptors_passed_to_this_process_are_taken() -> None:

@@ -27,6 +27,7 @@ import os
 import pwd
 import select
 import signal
+import socket
 import stat
 import sys
 import time
@@ -132,6 +133,8 @@ class Daemon:
         self._cli = dict(cli or {})
         self._notifier = SystemdNotifier.from_environ(environ)
         self._server: Optional[FileTimerServer] = None
+        #: The last daemon's socket, which systemd kept open (``_stored_socket``).
+        self._socket_fd: Optional[int] = None
         self._control: Optional[ControlServer] = None
         self._saver: Optional[StateSaver] = None
         self._metrics: Optional[Metrics] = None
@@ -190,6 +193,7 @@ class Daemon:
         control = self._claim_fifo()
         boot_id = read_boot_id()
         saved, journal = self._load_state(boot_id)
+        self._socket_fd = self._stored_socket()
         server = self._restored_server(saved, journal)
         self._serve(server, control, boot_id, journal)
 
@@ -365,6 +369,7 @@ class Daemon:
                 restore_grace=c.restore_grace,
                 incidents=incidents,
                 socket_path=c.socket,
+                socket_fd=self._socket_fd,
                 on_incident=self._incident,
                 lock_fifo=False,  # the daemon holds it, from before the server
             )
@@ -397,7 +402,7 @@ class Daemon:
             what = "socket" if e.path == c.socket else "FIFO"
             raise StartupError(f"{what} {e.path}: {e.reason}") from None
         self._server = server
-        self._keep_fifo()
+        self._keep_for_next()
         try:
             control.start()
         except (ControlSocketBusy, OSError) as e:
@@ -421,14 +426,32 @@ class Daemon:
                 raise StartupError(f"cannot serve metrics on {host}:{port}: {e}") from None
             log.info("metrics on http://%s:%d/metrics", host, port)
 
-    def _keep_fifo(self) -> None:
-        """Have systemd hold the FIFO open from now until the next daemon opens it (its
-        file descriptor store), then let go of what it gave this one back.
+    def _stored_socket(self) -> Optional[int]:
+        """The last daemon's socket, if systemd kept it open (``_keep_for_next``) and it
+        is bound at this daemon's socket path: the server takes it over, with what is
+        queued on it. Any other socket systemd kept is closed."""
+        path = self.config.socket
+        taken: Optional[int] = None
+        for fd, name in stored_fds():
+            if name != "socket":
+                continue
+            if taken is None and path is not None and _bound_at(fd, os.path.abspath(path)):
+                taken = fd
+            else:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        return taken
+
+    def _keep_for_next(self) -> None:
+        """Have systemd hold the FIFO and the socket open from now until the next daemon
+        opens them (its file descriptor store), then let go of the FIFO it gave this one
+        back.
 
         A pipe's unread lines die with its last descriptor, and torch's clients (ftimer's
-        with protocol 1, the ``ftimer`` command) hold none between lines: a disarm
-        written while the daemon stalled, then was killed, would be lost, and the next
-        daemon would restore the timer and reap the worker that had disarmed.
+        with protocol 1, the ``ftimer`` command) hold none between lines; a socket's
+        queued datagrams die with it, whoever sent them: a disarm written while the
+        daemon stalled, then was killed, would be lost, and the next daemon would
+        restore the timer and reap the worker that had disarmed.
         """
         if self._notifier.enabled:
             try:
@@ -440,6 +463,9 @@ class Daemon:
                     self._notifier.store("fifo", fd)
                 finally:
                     os.close(fd)
+            sock = self._server.socket if self._server is not None else None
+            if sock is not None:
+                self._notifier.store("socket", sock.fd)
         for fd, name in stored_fds():
             # The last daemon's FIFO: this one has it open now (or made a new one).
             with contextlib.suppress(OSError):
@@ -782,6 +808,20 @@ def _check_incident_dir(options: IncidentOptions) -> None:
         IncidentStore(options.directory, keep=options.keep, max_bytes=options.max_bytes)
     except OSError as e:  # its messages name the directory
         raise StartupError(e.strerror or f"incident directory {options.directory}: {e}") from None
+
+
+def _bound_at(fd: int, path: str) -> bool:
+    """Whether ``fd`` is an AF_UNIX datagram socket bound at ``path``."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        return sock.type == socket.SOCK_DGRAM and sock.getsockname() == path
+    except OSError:
+        return False
+    finally:
+        sock.detach()
 
 
 def _os_error(e: OSError) -> str:

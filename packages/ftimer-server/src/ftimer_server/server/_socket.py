@@ -607,18 +607,23 @@ def open_socket(
     mode: int = 0o600,
     group: Optional[Union[int, str]] = None,
     processes: Optional[ProcessInspector] = None,
+    adopt: Optional[int] = None,
 ) -> DatagramSocket:
     """Bind the datagram socket at ``path`` (its directory is the FIFO's, already made
     safe), with the FIFO's ``mode`` and ``group``; ``processes`` (default: the system's)
     tells the parent and uid of a process a datagram names.
 
     A socket left at the path by this user (a server that died) is replaced; anything
-    else there is refused, never removed.
+    else there is refused, never removed. ``adopt``: a descriptor of a datagram socket
+    bound at ``path`` already (the last server's, kept open by systemd), used instead,
+    with what is queued on it.
 
     Raises:
         FifoError: the path holds something else, or another user's socket, or the
-            socket cannot be bound.
+            socket cannot be bound, or ``adopt`` is not a datagram socket bound there.
     """
+    if adopt is not None:
+        return _adopt(path, adopt, mode, group, processes)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -664,6 +669,43 @@ def open_socket(
         unlink_if_same(path, bound)  # what this call bound, not left behind
         if isinstance(e, OSError):
             raise FifoError(path, f"cannot {what}: {e.strerror or e}") from None
+        raise
+
+
+def _adopt(
+    path: str,
+    fd: int,
+    mode: int,
+    group: Optional[Union[int, str]],
+    processes: Optional[ProcessInspector],
+) -> DatagramSocket:
+    """``open_socket()`` of a socket bound already (see there)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise FifoError(path, f"cannot take over the socket given: {e.strerror}") from None
+    try:
+        if (sock.family, sock.type) != (socket.AF_UNIX, socket.SOCK_DGRAM):
+            raise FifoError(path, "the socket given is not an AF_UNIX datagram socket")
+        if sock.getsockname() != path or not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise FifoError(path, "the socket given is not bound there")
+        sock.setsockopt(socket.SOL_SOCKET, _SO_PASSCRED, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_PASSPIDFD, 1)
+            passes_pidfds = True
+        except OSError:
+            passes_pidfds = False
+        gid = _gid(group)
+        os.chmod(path, mode)
+        if gid is not None:
+            os.chown(path, -1, gid)
+        sock.setblocking(False)
+        return DatagramSocket(path, sock, passes_pidfds, _queue_length(), processes)
+    except OSError as e:
+        sock.detach()  # the caller's descriptor, left for it to close
+        raise FifoError(path, f"cannot take over the socket given: {e.strerror or e}") from None
+    except BaseException:
+        sock.detach()
         raise
 
 

@@ -177,7 +177,6 @@ def test_a_datagram_left_unread_by_a_killed_daemon_is_read_by_the_next(
     env = {"NOTIFY_SOCKET": store.path}
     first = spawn(*args, name="first", env=env)
     store.wait_for("READY", first.proc)
-
     [held] = store.held["socket"]
     path = first.fifo.with_suffix(".socket")
     worker = quiet(path, 600.0)  # the release is what counts

@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import wait_until
 
 from ftimer_server.daemon._systemd import stored_fds
+from ftimer_server.server import _socket as socket_module
 
 from .conftest import PATIENCE, PYTHON, DaemonProcess, kill_and_close, release
 from .test_durability import saved_scopes
@@ -43,12 +44,19 @@ WITH_STORED = """
 import fcntl, os, sys
 names, fds = zip(*(item.split("=") for item in sys.argv[1].split(",")))
 moved = [fcntl.fcntl(int(fd), fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]  # out of the way
+for fd in fds:
+    os.close(int(fd))
 for n, fd in enumerate(moved):
     os.dup2(fd, 3 + n)  # inheritable: kept across the exec
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)),
                   LISTEN_FDNAMES=":".join(names))
 os.execv(sys.executable, [sys.executable, "-m", "ftimer_server", *sys.argv[2:]])
 """
+
+
+#: The name the daemon gives systemd its socket under: with the queue length it was made
+#: with (net.unix.max_dgram_qlen then, 10 unless raised).
+SOCKET = f"socket-q{socket_module._queue_length()}"
 
 
 class FdStore:
@@ -63,11 +71,12 @@ class FdStore:
         self.held: Dict[str, List[int]] = {}
         self.received: List[Dict[str, str]] = []
 
-    def receive(self) -> None:
+    def receive(self) -> bool:
+        """Take one notification (waiting 0.1 s at most); return whether one came."""
         try:
             data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(4 * 16))
         except socket.timeout:
-            return
+            return False
         fds = array.array("i")
         for level, kind, cdata in ancillary:
             if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
@@ -84,6 +93,12 @@ class FdStore:
         else:
             for fd in fds:
                 os.close(fd)
+        return True
+
+    def drain(self) -> None:
+        """Take what was notified and is not taken yet (a daemon that has exited)."""
+        while self.receive():
+            pass
 
     def wait_for(self, key: str, proc: subprocess.Popen[str]) -> None:
         def seen() -> bool:
@@ -177,7 +192,7 @@ def test_a_datagram_left_unread_by_a_killed_daemon_is_read_by_the_next(
     env = {"NOTIFY_SOCKET": store.path}
     first = spawn(*args, name="first", env=env)
     store.wait_for("READY", first.proc)
-    [held] = store.held["socket"]
+    [held] = store.held[SOCKET]
     path = first.fifo.with_suffix(".socket")
     worker = quiet(path, 600.0)  # the release is what counts
     wait_until(lambda: saved_scopes(state) == ["step"], what="the arm saved")
@@ -193,8 +208,61 @@ def test_a_datagram_left_unread_by_a_killed_daemon_is_read_by_the_next(
     assert (released["pid"], released["scope_id"]) == (worker.pid, "step")
     assert second.status()["timers"] == []
     assert worker.poll() is None
-    [again] = store.held["socket"]  # the same socket, given to the store again
+    [again] = store.held[SOCKET]  # the same socket, given to the store again
     assert os.fstat(again).st_ino == os.fstat(held).st_ino
+
+
+def test_a_daemon_stopped_takes_its_socket_with_it(
+    spawn: Callable[..., DaemonProcess], short_dir: pathlib.Path, store: FdStore
+) -> None:
+    # The store kept it after a clean stop, which unlinked its path: the next daemon
+    # took it over and failed to start (the path gone), and so did every restart.
+    env = {"NOTIFY_SOCKET": store.path}
+    first = spawn(name="first", env=env)
+    store.wait_for("READY", first.proc)
+    assert first.stop() == 0
+    store.drain()
+    assert SOCKET not in store.held
+    store.received.clear()
+    second = spawn(name="second", env=env, **store.passed())
+    store.wait_for("READY", second.proc)
+    assert second.status()["socket"] == str(first.fifo.with_suffix(".socket"))
+
+
+def test_a_socket_not_taken_over_is_let_go(
+    spawn: Callable[..., DaemonProcess], short_dir: pathlib.Path, store: FdStore
+) -> None:
+    # Restarted with --no-socket, the daemon left the store holding the last one's
+    # socket, bound: clients sent into it, unread, instead of falling back to the FIFO.
+    env = {"NOTIFY_SOCKET": store.path}
+    first = spawn(name="first", env=env)
+    store.wait_for("READY", first.proc)
+    first.stop(signal.SIGKILL)
+    store.received.clear()
+    second = spawn("--no-socket", name="second", env=env, **store.passed())
+    store.wait_for("READY", second.proc)
+    assert not [name for name in store.held if name.startswith("socket")]
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s,
+        pytest.raises(ConnectionRefusedError),
+    ):
+        s.connect(str(first.fifo.with_suffix(".socket")))
+
+
+def test_a_socket_taken_over_keeps_the_queue_length_it_was_made_with(
+    spawn: Callable[..., DaemonProcess], short_dir: pathlib.Path, store: FdStore
+) -> None:
+    # The kernel keeps a socket's queue length from when it was made; the daemon took
+    # net.unix.max_dgram_qlen of now, and a full queue could pass for one with room.
+    env = {"NOTIFY_SOCKET": store.path}
+    first = spawn(name="first", env=env)
+    store.wait_for("READY", first.proc)
+    first.stop(signal.SIGKILL)
+    store.received.clear()
+    store.held["socket-q7"] = store.held.pop(SOCKET)  # made when the sysctl said 7
+    second = spawn(name="second", env=env, **store.passed())
+    store.wait_for("READY", second.proc)
+    assert list(store.held) == ["fifo", "socket-q7"]  # stored again as it is
 
 
 def test_only_descriptors_passed_to_this_process_are_taken() -> None:

@@ -133,8 +133,11 @@ class Daemon:
         self._cli = dict(cli or {})
         self._notifier = SystemdNotifier.from_environ(environ)
         self._server: Optional[FileTimerServer] = None
-        #: The last daemon's socket, which systemd kept open (``_stored_socket``).
-        self._socket_fd: Optional[int] = None
+        #: The last daemon's socket, which systemd kept open, and the queue length it
+        #: was made with (``_stored_socket``).
+        self._adopt_socket: Optional[Tuple[int, int]] = None
+        #: The name systemd holds this daemon's socket under (``_keep_for_next``).
+        self._stored_as: Optional[str] = None
         self._control: Optional[ControlServer] = None
         self._saver: Optional[StateSaver] = None
         self._metrics: Optional[Metrics] = None
@@ -193,7 +196,7 @@ class Daemon:
         control = self._claim_fifo()
         boot_id = read_boot_id()
         saved, journal = self._load_state(boot_id)
-        self._socket_fd = self._stored_socket()
+        self._adopt_socket = self._stored_socket()
         server = self._restored_server(saved, journal)
         self._serve(server, control, boot_id, journal)
 
@@ -369,7 +372,7 @@ class Daemon:
                 restore_grace=c.restore_grace,
                 incidents=incidents,
                 socket_path=c.socket,
-                socket_fd=self._socket_fd,
+                adopt_socket=self._adopt_socket,
                 on_incident=self._incident,
                 lock_fifo=False,  # the daemon holds it, from before the server
             )
@@ -426,17 +429,20 @@ class Daemon:
                 raise StartupError(f"cannot serve metrics on {host}:{port}: {e}") from None
             log.info("metrics on http://%s:%d/metrics", host, port)
 
-    def _stored_socket(self) -> Optional[int]:
-        """The last daemon's socket, if systemd kept it open (``_keep_for_next``) and it
-        is bound at this daemon's socket path: the server takes it over, with what is
-        queued on it. Any other socket systemd kept is closed."""
-        path = self.config.socket
-        taken: Optional[int] = None
+    def _stored_socket(self) -> Optional[Tuple[int, int]]:
+        """The last daemon's socket and its queue length, if systemd kept it open
+        (``_keep_for_next``: a daemon killed, not stopped) and it is bound at this
+        daemon's socket path, which still names a socket: the server takes it over,
+        with what is queued on it. Any other socket systemd kept is closed here, and
+        by systemd at ``_keep_for_next``."""
+        path = None if self.config.socket is None else os.path.abspath(self.config.socket)
+        taken: Optional[Tuple[int, int]] = None
         for fd, name in stored_fds():
-            if name != "socket":
+            queue = _stored_queue(name)
+            if queue is None:
                 continue
-            if taken is None and path is not None and _bound_at(fd, os.path.abspath(path)):
-                taken = fd
+            if taken is None and path is not None and _bound_at(fd, path):
+                taken = fd, queue
             else:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -463,9 +469,14 @@ class Daemon:
                     self._notifier.store("fifo", fd)
                 finally:
                     os.close(fd)
+            for _, name in stored_fds():  # the last daemon's socket, unless taken over
+                if _stored_queue(name) is not None:
+                    self._notifier.unstore(name)
             sock = self._server.socket if self._server is not None else None
             if sock is not None:
-                self._notifier.store("socket", sock.fd)
+                # Named with its queue length, which the kernel keeps with the socket.
+                self._stored_as = f"{_SOCKET_NAME}{sock.queue_length}"
+                self._notifier.store(self._stored_as, sock.fd)
         for fd, name in stored_fds():
             # The last daemon's FIFO: this one has it open now (or made a new one).
             with contextlib.suppress(OSError):
@@ -518,6 +529,10 @@ class Daemon:
         if self._control is not None:
             self._control.stop()
             self._control = None
+        if self._stored_as is not None:
+            # Stopped, not killed: its socket goes with it (and the path, which the next
+            # daemon binds anew, with the queue length of then).
+            self._notifier.unstore(self._stored_as)
         if self._server is not None:
             self._server.stop()  # the loop is done: armed() is final
         if self._saver is not None:
@@ -810,14 +825,29 @@ def _check_incident_dir(options: IncidentOptions) -> None:
         raise StartupError(e.strerror or f"incident directory {options.directory}: {e}") from None
 
 
+#: What systemd holds the daemon's socket under: this, then its queue length.
+_SOCKET_NAME = "socket-q"
+
+
+def _stored_queue(name: str) -> Optional[int]:
+    """The queue length in the name of a socket systemd held for the daemon, or None
+    for another name."""
+    rest = name[len(_SOCKET_NAME) :]
+    if not name.startswith(_SOCKET_NAME) or not (rest.isascii() and rest.isdecimal()):
+        return None
+    return int(rest)
+
+
 def _bound_at(fd: int, path: str) -> bool:
-    """Whether ``fd`` is an AF_UNIX datagram socket bound at ``path``."""
+    """Whether ``fd`` is an AF_UNIX datagram socket bound at ``path``, which still
+    names a socket (one stopped cleanly unlinked it)."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
         return False
     try:
-        return sock.type == socket.SOCK_DGRAM and sock.getsockname() == path
+        named = stat.S_ISSOCK(os.lstat(path).st_mode)
+        return named and sock.type == socket.SOCK_DGRAM and sock.getsockname() == path
     except OSError:
         return False
     finally:

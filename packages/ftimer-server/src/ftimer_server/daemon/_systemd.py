@@ -145,8 +145,12 @@ class SystemdNotifier:
         name, until the service is stopped: the unit needs ``FileDescriptorStoreMax=``.
         Never polled (``FDPOLL=0``): systemd drops a descriptor that polls as an error,
         which the write end of a pipe does while nobody reads it."""
-        self.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+        self.unstore(name)
         return self.notify("FDSTORE=1", "FDPOLL=0", f"FDNAME={name}", fds=[fd])
+
+    def unstore(self, name: str) -> bool:
+        """Have systemd close what it holds under ``name`` (``FDSTOREREMOVE=1``)."""
+        return self.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
 
     def watchdog(self) -> bool:
         """``WATCHDOG=1``: the service is alive (send only when it really is)."""

@@ -189,10 +189,10 @@ class FileTimerServer:
             ``Journal``, is internal to ``ftimer_server``): keeps every byte read before
             it is applied, for ``checkpoint()`` and a restart's ``replay()``; ``None``
             (default): no journal.
-        socket_fd: the daemon's too, not a stable API: a descriptor of a datagram
-            socket bound at ``socket_path`` already (the last daemon's, which systemd
-            kept open), used instead of binding one, with the datagrams queued on it;
-            the server owns it from ``start()`` on.
+        adopt_socket: the daemon's too, not a stable API: (a descriptor of a datagram
+            socket bound at ``socket_path`` already, the queue length it was made with):
+            the last daemon's, which systemd kept open, used instead of binding one,
+            with the datagrams queued on it; the server owns it from ``start()`` on.
         restore_grace: after ``restore()`` or ``replay()``, no timer expires for this
             many seconds: clients that could not write while no server ran (a disarm
             during the outage) re-send within their retry interval (1 s at most for
@@ -252,7 +252,7 @@ class FileTimerServer:
         journal: Optional[Journal] = None,
         restore_grace: float = 1.5,
         lock_fifo: bool = True,
-        socket_fd: Optional[int] = None,
+        adopt_socket: Optional[Tuple[int, int]] = None,
     ) -> None:
         if file_path is None:
             # The daemon's and the client's order: an embedded server listens where its
@@ -270,11 +270,11 @@ class FileTimerServer:
             raise ValueError("restore_grace must be between 0 and 3600 seconds")
         self._journal = journal
         self._restore_grace = restore_grace
-        if socket_fd is not None and socket_path is None:
-            raise ValueError("socket_fd is a socket bound at socket_path: give socket_path")
+        if adopt_socket is not None and socket_path is None:
+            raise ValueError("adopt_socket is a socket bound at socket_path: give socket_path")
         self._socket_path = None if socket_path is None else os.path.abspath(socket_path)
         self._socket: Optional[DatagramSocket] = None
-        self._socket_fd = socket_fd
+        self._adopt_socket = adopt_socket
         # Absolute: the FIFO and its lock are found again after a chdir (remove_fifo).
         #: The FIFO's absolute path: the argument, or the default it resolved to. An agent
         #: passes it to its workers (``TORCHELASTIC_TIMER_FILE``), as torch's does.
@@ -778,7 +778,7 @@ class FileTimerServer:
                         mode=self._fifo_mode,
                         group=self._fifo_group,
                         processes=self._inspector,
-                        adopt=self._socket_fd,
+                        adopt=self._adopt_socket,
                     )
                     self._host.vouched = self._socket.vouched
                 except BaseException:

@@ -112,6 +112,8 @@ class DatagramSocket:
         batch: the most datagrams one ``receive()`` reads: all its queue holds
             (``net.unix.max_dgram_qlen`` + 1: a sender whose datagram would exceed it
             waits for room), or ``READ_BATCH`` if that is more.
+        queue_length: the datagrams its queue holds (``net.unix.max_dgram_qlen`` when
+            it was made: the kernel keeps that).
         full: the last ``receive()`` read a queue-full or more, or what may have
             filled a sender's send buffer: senders may have waited for room.
         overridden: messages received whose ``pid`` member was not their subject's
@@ -139,7 +141,7 @@ class DatagramSocket:
         self.fd = sock.fileno()
         self.passes_pidfds = passes_pidfds
         self.batch = max(queue_length + 1, READ_BATCH)
-        self._queue_length = queue_length
+        self.queue_length = queue_length
         self._send_buffer = _read_int(_WMEM, 212992)
         self.full = False
         self.overridden = 0
@@ -200,7 +202,7 @@ class DatagramSocket:
                     del chosen[len(chosen) - len(rights) :]
             # With a long queue (net.unix.max_dgram_qlen raised), a sender of large
             # datagrams waits for its send buffer long before the queue is full.
-            self.full = len(received) >= self._queue_length or charged >= self._send_buffer
+            self.full = len(received) >= self.queue_length or charged >= self._send_buffer
             if not received:
                 return []
             exited = _exited([fd for _, _, _, fd, _, _ in received if fd >= 0])
@@ -607,7 +609,7 @@ def open_socket(
     mode: int = 0o600,
     group: Optional[Union[int, str]] = None,
     processes: Optional[ProcessInspector] = None,
-    adopt: Optional[int] = None,
+    adopt: Optional[Tuple[int, int]] = None,
 ) -> DatagramSocket:
     """Bind the datagram socket at ``path`` (its directory is the FIFO's, already made
     safe), with the FIFO's ``mode`` and ``group``; ``processes`` (default: the system's)
@@ -615,8 +617,8 @@ def open_socket(
 
     A socket left at the path by this user (a server that died) is replaced; anything
     else there is refused, never removed. ``adopt``: a descriptor of a datagram socket
-    bound at ``path`` already (the last server's, kept open by systemd), used instead,
-    with what is queued on it.
+    bound at ``path`` already (the last server's, kept open by systemd) and the queue
+    length it was made with, used instead, with what is queued on it.
 
     Raises:
         FifoError: the path holds something else, or another user's socket, or the
@@ -674,12 +676,13 @@ def open_socket(
 
 def _adopt(
     path: str,
-    fd: int,
+    adopt: Tuple[int, int],
     mode: int,
     group: Optional[Union[int, str]],
     processes: Optional[ProcessInspector],
 ) -> DatagramSocket:
     """``open_socket()`` of a socket bound already (see there)."""
+    fd, queue_length = adopt
     try:
         sock = socket.socket(fileno=fd)
     except OSError as e:
@@ -700,7 +703,7 @@ def _adopt(
         if gid is not None:
             os.chown(path, -1, gid)
         sock.setblocking(False)
-        return DatagramSocket(path, sock, passes_pidfds, _queue_length(), processes)
+        return DatagramSocket(path, sock, passes_pidfds, queue_length, processes)
     except OSError as e:
         sock.detach()  # the caller's descriptor, left for it to close
         raise FifoError(path, f"cannot take over the socket given: {e.strerror or e}") from None

@@ -43,7 +43,7 @@ from ftimer_server.core._incident import Incident
 from ftimer_server.core._policy import Policy
 from ftimer_server.core._records import Timer
 from ftimer_server.core._stats import Stats
-from ftimer_server.incidents._options import IncidentOptions
+from ftimer_server.incidents._options import NOT_WRITTEN, IncidentOptions
 from ftimer_server.server._fifo import (
     FifoBusy,
     FifoError,
@@ -617,6 +617,15 @@ class Daemon:
             self._metrics.incident(method, incident.seconds)
         # The line breaks in the format: the text log escapes those in its arguments.
         summary = "\n  %s" * len(incident.summary)
+        if any(e.startswith(NOT_WRITTEN) for e in incident.errors):
+            # Its summary is all that is left of it: logged, never as if it were stored.
+            log.warning(
+                "incident %s, not kept (it could not be written to %s):" + summary,
+                incident.id,
+                self.config.incident_dir,
+                *incident.summary,
+            )
+            return
         log.warning(
             "incident %s (%s):" + summary, incident.id, self.config.incident_dir, *incident.summary
         )

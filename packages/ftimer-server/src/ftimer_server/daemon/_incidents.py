@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import sys
 import time
 from collections.abc import Sequence
 from typing import List, Optional, TextIO, Tuple
 
+from ftimer_server._files import file_kind
 from ftimer_server.core._incident import Incident
 from ftimer_server.core._report import printable, render, render_merged
 from ftimer_server.incidents._store import (
@@ -82,14 +84,24 @@ def _done(handler: _Warnings) -> None:
 
 
 def _missing(directory: str, err: TextIO) -> bool:
-    if os.path.isdir(directory):
-        return False
-    _error(
-        f"no incident directory {directory}: the daemon makes it at its first incident "
-        "(is this the daemon's config, -c FILE, or its --incident-dir? give --dir)",
-        err,
-    )
-    return True
+    """Whether ``directory`` is not a directory this user can reach, said on ``err``:
+    missing, something else, or kept from this user (a parent it may not search)."""
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        _error(
+            f"no incident directory {directory}: the daemon makes it at its first incident "
+            "(is this the daemon's config, -c FILE, or its --incident-dir? give --dir)",
+            err,
+        )
+        return True
+    except OSError as e:  # EACCES: run as the daemon's user, or one its directories let in
+        _error(f"cannot reach the incident directory {directory}: {e.strerror or e}", err)
+        return True
+    if not stat.S_ISDIR(st.st_mode):
+        _error(f"the incident directory {directory} is {file_kind(st.st_mode)}", err)
+        return True
+    return False
 
 
 def list_incidents(

@@ -7,10 +7,11 @@ signal it announced: ``_dump_hook``); else the ``/proc`` facts alone. The facts 
 first, before anything stops the worker, so thread states are the worker's own, never
 py-spy's tracing stop.
 
-Only the worker itself is ever signalled (its hook signal, SIGCONT), only while it is the
-process the caller named (``_pinned``), never a thread. ``capture()`` never raises and
-returns by its deadline: each step that could block (py-spy, the hook's wait, a ``/proc``
-read under the worker's memory lock) is bounded by it.
+Only the worker itself is ever signalled (its hook signal, never in a dry run; SIGCONT),
+only while it is the process the caller named (``_pinned``), never a thread.
+``capture()`` never raises and returns by its deadline: each step that could block
+(py-spy, the hook's wait, a ``/proc`` read under the worker's memory lock) is bounded by
+it.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class CaptureOptions:
         native: ``py-spy --native``: C/C++ frames too (about 4x slower).
         hook: use the worker's dump hook where py-spy is not used or fails.
         kernel_stacks: read ``/proc/PID/task/TID/stack`` where readable (root).
+        dry_run: the server signals nothing: the hook is not used (its signal would
+            interrupt the worker's system calls), and the capture says so.
     """
 
     py_spy: Optional[str] = None
@@ -74,6 +77,7 @@ class CaptureOptions:
     native: bool = False
     hook: bool = True
     kernel_stacks: bool = True
+    dry_run: bool = False
 
 
 def find_py_spy() -> Optional[str]:
@@ -140,7 +144,7 @@ def _capture(
         return msgspec.structs.replace(base, exited=e.gone, error=str(e))
     hook_file: Optional[HookFile] = None
     try:
-        use_hook = options.hook and hook is not None
+        use_hook = options.hook and not options.dry_run and hook is not None
         facts, notes = read_facts(pid, deadline - _RESERVE)
         try:
             threads = read_threads(
@@ -164,6 +168,12 @@ def _capture(
             hook_why = "dump hook: none given for this peer"
         elif hook is None:
             hook_why = "dump hook: the worker announced none (ftimer-client's dump hook option)"
+        elif options.dry_run:
+            # A worker a dry run leaves running would carry on with a C call cut short.
+            hook_why = (
+                "dump hook: not used in a dry run (its signal would interrupt the worker's "
+                "system calls)"
+            )
         elif time.monotonic() >= deadline - _RESERVE:
             hook_why = "dump hook: no time left before the deadline"
         else:

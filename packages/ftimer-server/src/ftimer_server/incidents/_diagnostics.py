@@ -36,7 +36,7 @@ from ftimer_server.core._report import annotate
 
 from ._capture import CaptureOptions, find_py_spy
 from ._helper import CaptureJob, Helper, HelperGone, WriteJob
-from ._options import CAPTURE_METHODS, IncidentOptions
+from ._options import CAPTURE_METHODS, NOT_WRITTEN, IncidentOptions
 from ._procfs import read_stat, read_uid
 from ._store import IncidentStore, incident_id
 
@@ -48,6 +48,9 @@ logger = logging.getLogger("ftimer_server")
 SHARE_WINDOW = 1.0
 #: Seconds past a capture's budget that ``close()`` waits for its incident to be written.
 _WRITE_WAIT = 1.0
+#: Seconds an incident's write may take from its hand-over to the helper, the writes
+#: before it included (one at a time): past that it is given up, and said so.
+WRITE_TIMEOUT = 10.0
 _CAPTURE = msgspec.msgpack.Decoder(Capture)
 _INCIDENT = msgspec.msgpack.Decoder(Incident)
 
@@ -57,8 +60,10 @@ class Diagnostics:
 
     Args:
         options: what to capture and where to write.
-        on_incident: called with each incident once written (from a capture thread).
-        dry_run: the server signals nothing: each incident says so.
+        on_incident: called with each incident once written (from a capture thread); one
+            that could not be written says so in its errors (``NOT_WRITTEN``).
+        dry_run: the server signals nothing, not even a worker's dump hook: each
+            incident says so.
 
     Raises:
         OSError: the incident directory cannot be made or is unsafe.
@@ -86,6 +91,7 @@ class Diagnostics:
             wants_py_spy=wants_py_spy,
             native=options.native,
             hook=options.method in ("auto", "hook"),
+            dry_run=dry_run,
         )
         if options.method == "py-spy" and py_spy is None:
             logger.warning("capture method py-spy: no py-spy found (install ftimer-server[pyspy])")
@@ -191,32 +197,60 @@ class Diagnostics:
         if stuck is not None and self.options.core and store is not None:
             core = (store.directory, self.options.core_max_bytes, f"{stuck}.core")
         # A capture of a peer serves a stuck worker too, unless it needs what a peer's
-        # lacks: a core, or its hook where py-spy is not there to replace it.
-        needs_own = core is not None or (hook is not None and self._capture_options.py_spy is None)
+        # lacks: a core, or its hook where py-spy is not there to replace it. Where
+        # py-spy is, but failed (refused by ptrace), the hook is tried after all.
+        options = self._capture_options
+        wants_hook = hook is not None and options.hook and not options.dry_run
+        needs_own = core is not None or (wants_hook and options.py_spy is None)
         # A peer's capture refused as another user's must not stand for that user's
         # own: the uid a capture is checked against is in its key. A stuck worker is of
         # ``user``, so its capture serves the peer requests of that user. The start time
         # too: a pid reused within the window is another process, with stacks of its own.
         key = (worker.pid, worker.start_time, user)
+        job = CaptureJob(
+            pid=worker.pid,
+            start_time=worker.start_time,
+            role="peer" if stuck is None else "stuck",
+            labels=labels,
+            hook=hook,
+            options=options,
+            deadline=deadline,
+            core=core,
+            user=user if stuck is None else None,
+        )
         with self._lock:
             shared = self._shared.get(key)
             if shared is not None and now - shared[0] < SHARE_WINDOW and not needs_own:
-                return shared[1]
-            job = CaptureJob(
-                pid=worker.pid,
-                start_time=worker.start_time,
-                role="peer" if stuck is None else "stuck",
-                labels=labels,
-                hook=hook,
-                options=self._capture_options,
-                deadline=deadline,
-                core=core,
-                user=user if stuck is None else None,
-            )
+                return self._unless_stackless(shared[1], job) if wants_hook else shared[1]
             future = self._helper.submit(job)
             self._shared[key] = (now, future)
             for stale in [k for k, (t, _) in self._shared.items() if now - t >= SHARE_WINDOW]:
                 del self._shared[stale]
+        return future
+
+    def _unless_stackless(
+        self, shared: concurrent.futures.Future[bytes], job: CaptureJob
+    ) -> concurrent.futures.Future[bytes]:
+        """The stuck worker's capture: ``shared`` (taken as a peer's, which never sends
+        a hook's signal), or, if that got no stacks (py-spy failed), its own by ``job``,
+        its hook then tried."""
+        future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+
+        def shared_done(done: concurrent.futures.Future[bytes]) -> None:
+            # On the thread that ended ``shared``, or at once in ``_capture``, which
+            # holds ``_lock``: nothing here takes it.
+            try:
+                if done.exception() is None:
+                    capture = _CAPTURE.decode(done.result())
+                    if capture.method == "facts" and not capture.exited:
+                        own = self._helper.submit(job)
+                        own.add_done_callback(lambda own: _relay(own, future))
+                        return
+                _relay(done, future)
+            except Exception as e:  # never an incident waiting out its budget for it
+                future.set_exception(e)
+
+        shared.add_done_callback(shared_done)
         return future
 
     def _maybe_write(self, incident: str) -> None:
@@ -258,14 +292,25 @@ class Diagnostics:
         record = pending.incident(self._dry_run)
         want = self._on_incident is not None
         error = None
+        job = WriteJob(record, where, want, time.monotonic() + WRITE_TIMEOUT)
         try:
-            data = self._helper.submit(WriteJob(record, where, want)).result()
+            data = self._helper.submit(job).result(WRITE_TIMEOUT + _WRITE_WAIT)
             record = _INCIDENT.decode(data) if want else record
         except (RuntimeError, HelperGone) as e:  # not written; annotated here for others
             record, error = annotate(record), str(e)
+        except concurrent.futures.TimeoutError:
+            waited = WRITE_TIMEOUT + _WRITE_WAIT
+            record = annotate(record)
+            error = (
+                f"no answer within {waited:g} s: given up (the incident directory's file "
+                "system is slow or hung)"
+            )
         if error is not None:
             self.write_errors += 1
             logger.error("cannot write incident %s: %s", incident, error)
+            if store is not None:
+                errors = [*record.errors, NOT_WRITTEN + error]
+                record = msgspec.structs.replace(record, errors=errors)
         elif store is not None:
             self.written += 1
         if self._on_incident is not None:
@@ -285,6 +330,15 @@ def _user_of(worker: Worker) -> Optional[int]:
     except (OSError, ValueError, IndexError):
         return None
     return uid
+
+
+def _relay(source: concurrent.futures.Future[bytes], to: concurrent.futures.Future[bytes]) -> None:
+    """Give ``to`` the result or the exception of ``source`` (done)."""
+    error = source.exception()
+    if error is not None:
+        to.set_exception(error)
+    else:
+        to.set_result(source.result())
 
 
 def _failed(message: str) -> concurrent.futures.Future[bytes]:

@@ -25,6 +25,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from typing import IO, Dict, Optional, Tuple, Union
 
 import msgspec
@@ -48,6 +49,7 @@ logger = logging.getLogger("ftimer_server")
 #: it): on a busy host the loop keeps the CPU it needs while a capture runs.
 NICENESS = 10
 #: Captures at once in the helper (each mostly waits on py-spy or a worker's dump).
+#: Writes have a thread of their own.
 THREADS = 16
 #: Jobs handed to a helper that has not read them yet, beyond which more fail at once.
 MAX_UNSENT = 256
@@ -77,12 +79,14 @@ class CaptureJob(msgspec.Struct, frozen=True, tag=True):
 
 
 class WriteJob(msgspec.Struct, frozen=True, tag=True):
-    """Annotate ``incident`` and write it to ``where`` = (directory, keep, max bytes);
-    send it back annotated if ``want``."""
+    """Annotate ``incident`` and write it to ``where`` = (directory, keep, max bytes),
+    given up if not begun by ``deadline`` (``time.monotonic()``, the directory's lock
+    had by then); send it back annotated if ``want``."""
 
     incident: Incident
     where: Optional[Tuple[str, int, int]]
     want: bool
+    deadline: Optional[float] = None
 
 
 class _Frame(msgspec.Struct, frozen=True):
@@ -338,7 +342,15 @@ def _core(
         )
     if path is not None:  # named after its incident: pruned with it
         named = os.path.join(directory, name)
-        os.replace(path, named)
+        try:
+            # The worker's memory (its keys, its data): never for the directory's
+            # readers (a group, say), whatever mode gcore gave it.
+            os.chmod(path, 0o600)
+            os.replace(path, named)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return None, f"core dump: not kept: {e.strerror or e}"
         path = named
     return path, error
 
@@ -367,15 +379,21 @@ def run_write(job: WriteJob) -> bytes:
     """Annotate and write ``job.incident``; return it encoded (if wanted).
 
     Raises:
-        OSError: it could not be written.
+        OSError: it could not be written; ``TimeoutError``: not by its deadline (the
+            writes before it, or the directory's lock, took that long).
     """
+    if job.where is not None and job.deadline is not None and time.monotonic() >= job.deadline:
+        raise TimeoutError(
+            "the writes before it ran past its deadline (a slow or hung incident directory)"
+        )
     budget = MAX_INCIDENT_BYTES
     if job.where is not None:  # the record and its text both within the store's budget
         budget = max(1, min(budget, job.where[2] // 2))
     incident = fit(job.incident, budget)
     if job.where is not None:
         directory, keep, max_bytes = job.where
-        IncidentStore(directory, keep=keep, max_bytes=max_bytes).write(incident)
+        store = IncidentStore(directory, keep=keep, max_bytes=max_bytes)
+        store.write(incident, deadline=job.deadline)
     return _encoder.encode(incident) if job.want else b""
 
 
@@ -432,9 +450,16 @@ def main() -> None:
     """Serve the jobs that arrive on stdin until it closes, or until SIGTERM (then the
     tools running are killed first)."""
     os.nice(NICENESS)
+    # What the helper and its tools create is the server's user's alone: a core, while
+    # gcore writes it, is the worker's memory, in a directory a group may read.
+    os.umask(0o077)
     signal.signal(signal.SIGTERM, _end)
     out_lock = threading.Lock()
-    pool = concurrent.futures.ThreadPoolExecutor(THREADS, "ftimer-capture")
+    captures = concurrent.futures.ThreadPoolExecutor(THREADS, "ftimer-capture")
+    # Writes one at a time on a thread of their own: a slow or hung write (a full disk,
+    # a file system that stalls) never takes a capture's thread, and the writes behind
+    # it give up at their deadlines.
+    writes = concurrent.futures.ThreadPoolExecutor(1, "ftimer-write")
 
     def work(frame: _Frame) -> None:
         try:
@@ -448,8 +473,10 @@ def main() -> None:
         _send(sys.stdout.buffer, answer, out_lock)
 
     while (data := _receive(sys.stdin.buffer)) is not None:
-        pool.submit(work, _frames.decode(data))
-    pool.shutdown(wait=True)
+        frame = _frames.decode(data)
+        (captures if isinstance(frame.job, CaptureJob) else writes).submit(work, frame)
+    captures.shutdown(wait=True)
+    writes.shutdown(wait=True)
 
 
 def _end(signum: int, frame: object) -> None:

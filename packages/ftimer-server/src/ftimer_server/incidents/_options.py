@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-__all__ = ["CAPTURE_METHODS", "IncidentOptions"]
+__all__ = ["CAPTURE_METHODS", "NOT_WRITTEN", "IncidentOptions"]
 
 #: How to capture stacks: the best available, one method only, or the /proc facts alone.
 CAPTURE_METHODS = ("auto", "py-spy", "hook", "facts")
+#: How the error begins that an incident which could not be written to its directory
+#: carries when it is handed on (``on_incident``): the daemon then says it was not kept.
+NOT_WRITTEN = "not written: "
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,11 @@ Each file is written under a temporary name in the directory, fsynced and rename
 place: a reader sees a whole file or none. The text is written before the record, so a
 record that exists has its text beside it.
 
+Writes take the directory's lock, one at a time: a file of its own (``.lock``, 0600,
+there only while a write holds it), which only the server's user can open, so nobody
+else can hold it (anyone who may read the directory could lock the directory itself).
+A write waits for it at most until its deadline, then gives up and says so.
+
 Retention: after each write the oldest incidents go until at most ``keep`` remain and
 their files take at most ``max_bytes`` (the newest is always kept, however large). Every
 file whose name is an incident's id followed by a dot (its record, its text, and
@@ -42,10 +47,9 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 import msgspec
 
 from ftimer_server._files import (
-    O_CLOEXEC,
-    O_DIRECTORY,
     NotAPrivateDirectory,
     NotARegularFile,
+    is_same_file,
     open_private_dir,
     open_regular,
     write_atomically,
@@ -71,6 +75,12 @@ _MAX_SCOPE = 40
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}$")
 RECORD = ".json"
 TEXT = ".txt"
+#: The directory's lock: the server's user's alone (see ``_locked``).
+LOCK = ".lock"
+#: Seconds a write waits for the directory's lock when it is given no deadline.
+LOCK_WAIT = 10.0
+#: Seconds between two tries of a lock held by another.
+_LOCK_POLL = 0.05
 #: A file named as an incident's (``<id>.core``): an orphan if its record is missing.
 _INCIDENT_FILE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[0-9]+-[A-Za-z0-9_.-]*\.")
 #: A core gcore is writing (``_reap_extras.core_dump``), before its rename.
@@ -170,16 +180,22 @@ class IncidentStore:
         if create:
             _ensure_private_dir(self.directory)
 
-    def write(self, incident: Incident) -> str:
+    def write(self, incident: Incident, *, deadline: Optional[float] = None) -> str:
         """Write ``incident`` as ``<id>.json`` and ``<id>.txt``, then prune.
+
+        Args:
+            incident: the incident.
+            deadline: ``time.monotonic()`` by which the directory's lock must be had
+                (``None``: ``LOCK_WAIT`` seconds from now).
 
         Returns:
             the record's path.
 
         Raises:
             OSError: a file could not be written (a full disk, a directory that became
-                unwritable, ...): nothing of this incident is left behind. A failure
-                to prune older incidents is logged, not raised.
+                unwritable, ...), or the lock was still held by another process at the
+                deadline (``TimeoutError``): nothing of this incident is left behind. A
+                failure to prune older incidents is logged, not raised.
             ValueError: the incident's id is not a safe file name.
         """
         if not _SAFE_ID.match(incident.id):
@@ -187,7 +203,9 @@ class IncidentStore:
         record = _encode(incident)
         text = _text(incident).encode("utf-8", "replace")
         base = os.path.join(self.directory, incident.id)
-        with self._lock, _locked(self.directory):
+        if deadline is None:
+            deadline = time.monotonic() + LOCK_WAIT
+        with self._lock, _locked(self.directory, deadline):
             try:
                 write_atomically(base + TEXT, text)
                 write_atomically(base + RECORD, record)
@@ -355,15 +373,62 @@ def _text(incident: Incident) -> str:
 
 
 @contextlib.contextmanager
-def _locked(directory: str) -> Iterator[None]:
+def _locked(directory: str, deadline: float) -> Iterator[None]:
     """Hold the directory's lock: writers in other processes (the server's capture
-    processes) do not prune one another's half-written files."""
-    fd = os.open(directory, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+    processes) do not prune one another's half-written files.
+
+    The lock is ``<directory>/.lock``, never the directory: whoever may read the
+    directory could lock that, and hold every later write. The file is made 0600 (and
+    opened without following a symlink) in a directory only the server's user may
+    write: only that user can hold it. Its holder removes it as it ends (a listing of
+    the directory is its incidents), so a lock is held only on the file still there.
+
+    Raises:
+        TimeoutError: another process still held it at ``deadline``.
+        OSError: it cannot be opened or is not a regular file of the server's user.
+    """
+    path = os.path.join(directory, LOCK)
+    while True:
+        try:
+            fd, st = open_regular(path, os.O_RDWR | os.O_CREAT)
+        except NotARegularFile as e:
+            raise OSError(f"the incident directory's lock {path} is {e.kind}") from None
+        try:
+            if st.st_uid != os.geteuid():
+                raise OSError(f"the incident directory's lock {path} is another user's")
+            _flock(fd, path, deadline)
+        except BaseException:
+            os.close(fd)
+            raise
+        if is_same_file(path, st):
+            break
+        os.close(fd)  # removed by the holder before us: the lock is the file there now
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # still locked: whoever waits on it tries the next one
         os.close(fd)  # releases the lock
+
+
+def _flock(fd: int, path: str, deadline: float) -> None:
+    """Lock ``fd`` (the lock ``path``), waiting until ``deadline`` at most.
+
+    Raises:
+        TimeoutError: another process still held it at ``deadline``.
+    """
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"the incident directory's lock {path} is held by another process: "
+                    "not written (given up at its deadline)"
+                ) from None
+            time.sleep(min(_LOCK_POLL, left))
 
 
 def _ensure_private_dir(directory: str) -> None:

@@ -1,0 +1,89 @@
+"""The daemon's words about incidents, as a hostile review found them wrong: a directory
+that cannot be reached, or is a file, was "no incident directory"; an incident that
+could not be written was announced as stored."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+from typing import Callable, List
+
+import pytest
+
+from ftimer_server.daemon._cli import main
+
+from .conftest import PATIENCE, PYTHON, DaemonProcess, Worker
+
+NOBODY = 65534
+
+
+def test_an_incident_directory_that_is_a_file_is_said_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    directory = tmp_path / "incidents"
+    directory.write_text("")
+    for argv in (
+        ["incidents", "--dir", str(directory)],
+        ["incidents", "show", "--dir", str(directory)],
+    ):
+        assert main(argv) == 1
+        _, err = capsys.readouterr()
+        assert (
+            err == f"ftimer-server: error: the incident directory {directory} is a regular file\n"
+        )
+
+
+def test_an_incident_directory_that_cannot_be_reached_is_said_so(short_dir: pathlib.Path) -> None:
+    # There, kept from this user by its parent: not "the daemon makes it at its first
+    # incident".
+    parent = short_dir / "private"
+    directory = parent / "incidents"
+    directory.mkdir(parents=True)
+    short_dir.chmod(0o755)
+    command = [PYTHON, "-m", "ftimer_server", "incidents", "--dir", str(directory)]
+    if os.geteuid() == 0:  # root reaches everything: asked by another user
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv (util-linux) to run as another user")
+        parent.chmod(0o700)
+        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        command = [*as_nobody, *command]
+    else:
+        parent.chmod(0o000)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=PATIENCE)
+    finally:
+        parent.chmod(0o700)
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"ftimer-server: error: cannot reach the incident directory {directory}: "
+        "Permission denied\n"
+    )
+
+
+def test_an_incident_not_written_is_not_announced_as_stored(
+    spawn: Callable[..., DaemonProcess],
+    worker: Callable[..., Worker],
+    short_dir: pathlib.Path,
+) -> None:
+    # After "cannot write incident X: ... No space left on device", the daemon logged
+    # "incident X (DIR):", as if it were there to read.
+    incidents = short_dir / "incidents"
+    d = spawn("--capture", "facts", "--incident-dir", str(incidents)).ready()
+    incidents.rmdir()  # a file in its place: nothing can be written there
+    incidents.write_text("")
+    w = worker(d.fifo, "step", 0.2, 60)
+    assert w.wait() == -9
+    said = d.wait_for_record(where=lambda r: ", not kept " in r["msg"])
+    ident = re.match(
+        r"incident (\S+), not kept \(it could not be written to (.*)\):\n", said["msg"]
+    )
+    assert ident is not None, said["msg"]
+    assert ident.group(2) == str(incidents)
+    assert "\n  timer 'step' of pid" in said["msg"]  # its summary: all that is left of it
+    messages: List[str] = [r["msg"] for r in d.records()]
+    assert [m for m in messages if m.startswith(f"cannot write incident {ident.group(1)}: ")]
+    assert [m for m in messages if m.startswith(f"incident {ident.group(1)} (")] == []
+    assert d.stop() == 0

@@ -1,0 +1,403 @@
+"""Incidents, as a hostile review found them: a stuck worker's hook lost when py-spy is
+refused, cores readable by the directory's readers, a lock anyone could hold stopping
+every write and then every capture, a dry run that sent the hook's signal, and an
+incident not written announced as stored.
+
+Every process signalled here is one these tests started (``stuck_worker.py`` in a
+session of its own, ``sleep`` children, the capture helper of a server started here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pathlib
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Callable, List
+
+import msgspec
+import pytest
+from tests.conftest import wait_until
+
+from ftimer_protocol import Expire
+from ftimer_server import FileTimerServer, RecordingSignaller, Worker
+from ftimer_server.core._incident import Capture, Incident
+from ftimer_server.incidents import _diagnostics, _helper
+from ftimer_server.incidents._capture import CaptureOptions, find_py_spy
+from ftimer_server.incidents._diagnostics import Diagnostics, IncidentOptions
+from ftimer_server.incidents._options import NOT_WRITTEN
+from ftimer_server.incidents._procfs import read_stat
+from ftimer_server.incidents._store import LOCK, IncidentStore
+
+from .conftest import send
+from .test_capture import stuck
+from .test_incident_store import make, names
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
+
+_capture = msgspec.msgpack.Decoder(Capture)
+#: A py-spy that ptrace refuses, in its own words (a server without CAP_SYS_PTRACE).
+REFUSED = (
+    "#!/bin/sh\n"
+    'echo "Error: Failed to attach to process: Permission denied (os error 13)" >&2\n'
+    "exit 1\n"
+)
+
+
+def executable(path: pathlib.Path, text: str) -> str:
+    path.write_text(text)
+    path.chmod(0o755)
+    return str(path)
+
+
+def as_worker(pid: int) -> Worker:
+    return Worker(pid, read_stat(pid).start_time)
+
+
+@contextlib.contextmanager
+def diagnostics_of(options: IncidentOptions, *, dry_run: bool = False) -> Iterator[Diagnostics]:
+    diagnostics = Diagnostics(options, dry_run=dry_run)
+    try:
+        yield diagnostics
+    finally:
+        diagnostics.close()
+
+
+# A stuck worker captured first as another's peer -------------------------------------
+
+
+def test_a_stuck_worker_captured_first_as_a_peer_still_gets_its_hook(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Three ranks of a collective expire together; rank 0's incident captures rank 1 as
+    # its peer (never by its hook), py-spy refused. Rank 1's own incident then took that
+    # capture as its own: no stacks, though rank 1 had announced a hook.
+    refused = executable(tmp_path / "py-spy", REFUSED)
+    options = IncidentOptions(py_spy=refused, timeout=5.0)
+    with diagnostics_of(options) as diagnostics, stuck("sleep", hook=True) as rank1:
+        me, uid = as_worker(rank1.pid), os.getuid()
+        deadline = time.monotonic() + 10
+        as_peer = diagnostics._capture(me, None, None, deadline, user=uid)
+        assert _capture.decode(as_peer.result(10)).method == "facts"
+        assert rank1.dump_text() == ""  # a peer is never sent its hook's signal
+        own = diagnostics._capture(me, None, rank1.hook, deadline, user=uid, stuck="i1")
+        capture = _capture.decode(own.result(10))
+    assert capture.method == "hook", capture.error
+    assert "stuck_in_sleep" in [f.function for t in capture.threads for f in t.frames]
+    assert capture.error is not None
+    assert "py-spy cannot attach" in capture.error
+
+
+@pytest.mark.skipif(find_py_spy() is None, reason="py-spy is not installed")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: py-spy attaches")
+def test_a_peers_capture_with_stacks_serves_the_stuck_worker_without_its_hook() -> None:
+    # Shared still, where it has the stacks: one py-spy per worker, no hook's signal.
+    options = IncidentOptions(timeout=5.0)
+    with diagnostics_of(options) as diagnostics, stuck("sleep", hook=True) as rank1:
+        me, uid = as_worker(rank1.pid), os.getuid()
+        deadline = time.monotonic() + 10
+        as_peer = diagnostics._capture(me, None, None, deadline, user=uid)
+        shared = as_peer.result(10)
+        own = diagnostics._capture(me, None, rank1.hook, deadline, user=uid, stuck="i1")
+        assert own.result(10) == shared
+        assert _capture.decode(shared).method == "py-spy"
+        assert rank1.dump_text() == ""
+
+
+# Cores ---------------------------------------------------------------------------------
+
+#: A gcore that writes a small core, and records the mode it was created with.
+FAKE_GCORE = """#!/bin/sh
+# gcore -o PREFIX PID: the core is PREFIX.PID
+echo core > "$2.$3"
+stat -c %a "$2.$3" > {record}
+"""
+
+
+@pytest.fixture
+def fake_gcore(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """A gcore first on PATH (for this process and the helpers it starts); the file it
+    names receives the mode of each core as gcore created it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "created-mode"
+    executable(bin_dir / "gcore", FAKE_GCORE.format(record=record))
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return record
+
+
+def test_a_core_kept_is_its_users_alone(
+    tmp_path: pathlib.Path,
+    fake_gcore: pathlib.Path,
+    children: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    # It was left as the umask made it (0644): a worker's memory, readable by whoever
+    # the directory lets in (0750: a group).
+    directory = tmp_path / "incidents"
+    directory.mkdir(0o750)
+    worker = children()
+    job = _helper.CaptureJob(
+        pid=worker.pid,
+        start_time=read_stat(worker.pid).start_time,
+        role="stuck",
+        labels=None,
+        hook=None,
+        options=CaptureOptions(py_spy=None, hook=False),
+        deadline=time.monotonic() + 20,
+        core=(str(directory), 1 << 30, "incident.core"),
+    )
+    umask = os.umask(0o022)
+    try:
+        capture = _capture.decode(_helper.run_capture(job))
+    finally:
+        os.umask(umask)
+    assert fake_gcore.read_text().strip() == "644"  # as gcore made it here
+    assert capture.core == str(directory / "incident.core"), capture.error
+    assert stat.S_IMODE(os.stat(capture.core).st_mode) == 0o600
+
+
+def test_a_core_is_private_while_gcore_writes_it(
+    tmp_path: pathlib.Path,
+    fake_gcore: pathlib.Path,
+    children: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    # Before its rename too: a reader who opens it then keeps it.
+    directory = tmp_path / "incidents"
+    options = IncidentOptions(directory=str(directory), method="facts", core=True, timeout=10)
+    umask = os.umask(0o022)  # the server's, which the helper inherits
+    try:
+        with diagnostics_of(options) as diagnostics:
+            worker = as_worker(children().pid)
+            capture = diagnostics._capture(
+                worker, None, None, time.monotonic() + 10, user=None, stuck="i1"
+            )
+            core = _capture.decode(capture.result(10)).core
+    finally:
+        os.umask(umask)
+    assert core == str(directory / "i1.core")
+    assert fake_gcore.read_text().strip() == "600"
+
+
+# The directory's lock ------------------------------------------------------------------
+
+#: Holds an exclusive flock on argv[1] until its stdin closes: a directory opened
+#: read-only, or a file it opens (made 0600 if missing, as a writer of the store would).
+LOCKER = """
+import fcntl, os, sys
+path = sys.argv[1]
+fd = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def locked_by_another(path: pathlib.Path) -> Iterator[None]:
+    """``path`` flocked by another process (as ``flock PATH sleep`` would) meanwhile."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "locked\n"
+        yield
+    finally:
+        assert holder.stdin is not None
+        assert holder.stdout is not None
+        holder.stdin.close()  # it ends: the lock goes with it
+        holder.wait(10)
+        holder.stdout.close()
+
+
+def test_a_lock_on_the_directory_holds_no_write(tmp_path: pathlib.Path) -> None:
+    # Anyone who may read the directory (0750: its group) can flock it: every write
+    # waited for it, without end.
+    directory = tmp_path / "incidents"
+    store = IncidentStore(str(directory))
+    directory.chmod(0o750)
+    written: List[str] = []
+    with locked_by_another(directory):
+        writer = threading.Thread(target=lambda: written.append(store.write(make())), daemon=True)
+        writer.start()
+        writer.join(10)
+        assert written == [str(directory / f"{make().id}.json")]
+    assert names(directory) == [f"{make().id}.json", f"{make().id}.txt"]  # its lock gone
+
+
+def test_a_held_lock_gives_a_write_up_at_its_deadline(tmp_path: pathlib.Path) -> None:
+    # Held by another writer of the server's user (a second server on the directory,
+    # one on a hung file system): a write waits for it until its deadline, no longer.
+    store = IncidentStore(str(tmp_path))
+    store.write(make(0))
+    with locked_by_another(tmp_path / LOCK):
+        began = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"lock .*\.lock is held by another process"):
+            store.write(make(1), deadline=began + 0.3)
+        assert time.monotonic() - began < 5
+    assert names(tmp_path) == [LOCK, f"{make(0).id}.json", f"{make(0).id}.txt"]  # none of it
+    store.write(make(1))  # released (its file left behind, as by a writer killed): taken
+    assert LOCK not in names(tmp_path)
+
+
+def test_a_lock_file_that_is_a_symlink_is_not_followed(tmp_path: pathlib.Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("precious")
+    directory = tmp_path / "incidents"
+    store = IncidentStore(str(directory))
+    (directory / LOCK).symlink_to(target)
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        store.write(make())
+    assert target.read_text() == "precious"
+    assert [p.name for p in directory.iterdir()] == [LOCK]
+
+
+def test_writes_waiting_for_the_lock_never_hold_a_capture(
+    tmp_path: pathlib.Path, children: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    # Writes and captures shared the helper's threads: once THREADS writes waited for
+    # the lock (or a slow disk), no capture ran at all.
+    worker = children()
+    helper = _helper.Helper()
+    try:
+        with locked_by_another(tmp_path / LOCK):
+            writes = [
+                helper.submit(
+                    _helper.WriteJob(
+                        make(n), (str(tmp_path), 100, 1 << 30), False, time.monotonic() + 60
+                    )
+                )
+                for n in range(1, _helper.THREADS + 2)
+            ]
+            job = _helper.CaptureJob(
+                pid=worker.pid,
+                start_time=read_stat(worker.pid).start_time,
+                role="stuck",
+                labels=None,
+                hook=None,
+                options=CaptureOptions(py_spy=None, hook=False),
+                deadline=time.monotonic() + 5,
+            )
+            capture = _capture.decode(helper.submit(job).result(5))
+            assert capture.facts is not None
+            assert not any(w.done() for w in writes)
+        for write in writes:  # the lock released: every one written
+            write.result(20)
+    finally:
+        helper.close()
+    assert len([n for n in names(tmp_path) if n.endswith(".json")]) == _helper.THREADS + 1
+
+
+def test_a_write_with_no_answer_is_given_up_and_said_not_written(
+    fifo_path: pathlib.Path,
+    tmp_path: pathlib.Path,
+    children: Callable[..., subprocess.Popen[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The incident's writer waited for the helper's answer without end (a hung file
+    # system): a thread, and the incident, held per reap, and nothing said.
+    monkeypatch.setattr(_diagnostics, "WRITE_TIMEOUT", 0.2)
+    monkeypatch.setattr(_diagnostics, "_WRITE_WAIT", 0.3)
+    got: List[Incident] = []
+    handed_on = threading.Event()
+
+    def on_incident(incident: Incident) -> None:
+        got.append(incident)
+        handed_on.set()
+
+    options = IncidentOptions(directory=str(tmp_path / "i"), method="facts", timeout=0.3)
+    server = FileTimerServer(
+        fifo_path, signaller=RecordingSignaller(), incidents=options, on_incident=on_incident
+    )
+    with server:
+        helper = server._diagnostics._helper._process  # type: ignore[union-attr]
+        os.kill(helper.pid, signal.SIGSTOP)  # it answers nothing, as if its disk hung
+        try:
+            worker = children()
+            send(fifo_path, Expire(pid=worker.pid, scope_id="s", signal=9))
+            assert handed_on.wait(10)
+        finally:
+            os.kill(helper.pid, signal.SIGCONT)
+        assert server.incident_writes == (0, 1)
+    [incident] = got
+    [said] = [e for e in incident.errors if e.startswith(NOT_WRITTEN)]
+    assert "no answer within 0.5 s: given up" in said
+    assert f"cannot write incident {incident.id}: no answer" in caplog.text
+
+
+def test_an_incident_not_written_says_so_to_on_incident(
+    fifo_path: pathlib.Path,
+    tmp_path: pathlib.Path,
+    children: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    got: List[Incident] = []
+    handed_on = threading.Event()
+
+    def on_incident(incident: Incident) -> None:
+        got.append(incident)
+        handed_on.set()
+
+    directory = tmp_path / "i"
+    options = IncidentOptions(directory=str(directory), method="facts", timeout=2.0)
+    with FileTimerServer(
+        fifo_path, signaller=RecordingSignaller(), incidents=options, on_incident=on_incident
+    ):
+        directory.rmdir()  # a file in its place: nothing can be written there
+        directory.write_text("")
+        worker = children()
+        send(fifo_path, Expire(pid=worker.pid, scope_id="s", signal=9))
+        assert handed_on.wait(10)
+    [incident] = got
+    assert [e for e in incident.errors if e.startswith(NOT_WRITTEN)] != []
+
+
+# Dry run -------------------------------------------------------------------------------
+
+
+def test_a_dry_run_never_sends_the_hook_signal(caplog: pytest.LogCaptureFixture) -> None:
+    # The worker a dry run leaves running had a C call cut short by the hook's signal.
+    caplog.set_level(logging.WARNING)
+    options = IncidentOptions(method="hook", timeout=5.0)
+    with diagnostics_of(options, dry_run=True) as diagnostics, stuck("sleep", hook=True) as w:
+        future = diagnostics._capture(
+            as_worker(w.pid), None, w.hook, time.monotonic() + 10, user=None, stuck="i1"
+        )
+        capture = _capture.decode(future.result(10))
+        assert w.dump_text() == ""  # faulthandler never ran: no signal came
+    assert capture.method == "facts"
+    assert capture.error is not None
+    assert "dump hook: not used in a dry run" in capture.error
+
+
+def test_a_lock_holder_never_stops_a_real_server_s_incidents(
+    fifo_path: pathlib.Path,
+    tmp_path: pathlib.Path,
+    children: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    # End to end: the directory flocked by another process, reaps go on being captured
+    # and written.
+    directory = tmp_path / "i"
+    got: List[Incident] = []
+    options = IncidentOptions(directory=str(directory), method="facts", timeout=2.0)
+    with (
+        FileTimerServer(
+            fifo_path, signaller=RecordingSignaller(), incidents=options, on_incident=got.append
+        ) as server,
+        locked_by_another(directory),
+    ):
+        for _ in range(3):
+            send(fifo_path, Expire(pid=children().pid, scope_id="s", signal=9))
+        wait_until(lambda: server.incident_writes == (3, 0), 15)
+    assert len(got) == 3
+    assert all(not any(e.startswith(NOT_WRITTEN) for e in i.errors) for i in got)

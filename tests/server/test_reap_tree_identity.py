@@ -72,12 +72,17 @@ def parent_of_a_child():
     return proc, int(proc.stdout.readline())
 
 def take_pid(pid):
-    # The next process started takes ``pid`` (free: its owner exited and was reaped).
-    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-        f.write(str(pid - 1))
-    proc, child = parent_of_a_child()
-    assert proc.pid == pid, (proc.pid, pid)
-    return proc, child
+    # The next process started takes ``pid`` once it is free: its owner exited and was
+    # reaped, and the kernel frees it a moment later (no event says when: tried again).
+    for _ in range(1000):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        proc, child = parent_of_a_child()
+        if proc.pid == pid:
+            return proc, child
+        proc.kill()
+        proc.wait()
+    raise AssertionError(f"pid {pid} never came free")
 
 def later_tick(than):
     # Start times count clock ticks since boot: a process started from now on has a
@@ -116,8 +121,6 @@ elif mode == "reused-parent":
             signal.pidfd_send_signal(fd, signal.SIGKILL)
             select.select([fd], [], [])  # it exited
             os.close(fd)
-            while os.path.exists(f"/proc/{mid}"):  # no event tells of the release
-                time.sleep(0.001)
             taken["intruder"], taken["child"] = take_pid(mid)
         return real_children(pid)
     _reap_extras.children = children

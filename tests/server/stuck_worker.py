@@ -142,12 +142,12 @@ def main(argv: List[str]) -> None:
             children.append(child)
         ready(hook_fd, children=children)
         stuck_in_sleep()
-    elif kind == "forker":  # keeps forking children that live a moment (a busy pool)
+    elif kind == "forker":  # keeps forking children that live a second (a busy pool)
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
         ready(hook_fd)
         while True:
             if os.fork() == 0:
-                time.sleep(0.2)
+                time.sleep(1.0)
                 os._exit(0)
     elif kind == "facts":
         child = os.fork()

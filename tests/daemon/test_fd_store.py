@@ -229,6 +229,57 @@ def test_a_daemon_stopped_takes_its_socket_with_it(
     assert second.status()["socket"] == str(first.fifo.with_suffix(".socket"))
 
 
+# The daemon, with its loop wedged (as by a callback that blocks) while argv[1] exists.
+WEDGED = """
+import os, sys, time
+from ftimer_server.server import _loop
+iterate = _loop.Loop._iterate
+def wedged(self, *args):
+    while os.path.exists(sys.argv[1]):
+        time.sleep(0.01)
+    return iterate(self, *args)
+_loop.Loop._iterate = wedged
+from ftimer_server.daemon._cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_stop_that_never_ends_leaves_the_socket_to_the_next_daemon(
+    spawn: Callable[..., DaemonProcess],
+    short_dir: pathlib.Path,
+    store: FdStore,
+    quiet: Callable[[pathlib.Path, float], subprocess.Popen[str]],
+) -> None:
+    # A wedged daemon told to stop (systemctl stop or restart) had systemd let its
+    # socket go before its stop, which never ended: killed at TimeoutStopSec, its socket
+    # died with what was queued, a worker's release, and the next daemon reaped it.
+    state = short_dir / "state.json"
+    wedge = short_dir / "wedge"
+    args = ["--state-file", str(state)]
+    env = {"NOTIFY_SOCKET": store.path}
+    command = [PYTHON, "-c", WEDGED, str(wedge)]
+    first = spawn(*args, name="first", env=env, command=command)
+    store.wait_for("READY", first.proc)
+    worker = quiet(first.fifo.with_suffix(".socket"), 600.0)
+    wait_until(lambda: saved_scopes(state) == ["step"], what="the arm saved")
+    wedge.touch()  # at the loop's next wake-up
+    release(worker)  # queued, never read
+    first.proc.send_signal(signal.SIGTERM)
+    store.wait_for("STOPPING", first.proc)
+    for _ in range(5):  # what the daemon says next, if anything (each waits 0.1 s)
+        store.receive()
+    first.stop(signal.SIGKILL)
+    store.drain()
+    assert SOCKET in store.held
+    wedge.unlink()
+    store.received.clear()
+    second = spawn(*args, name="second", env=env, **store.passed())
+    store.wait_for("READY", second.proc)
+    released = second.wait_for_record(where=lambda r: r.get("event") == "disarmed")
+    assert (released["pid"], released["scope_id"]) == (worker.pid, "step")
+    assert second.status()["timers"] == []
+
+
 def test_a_socket_not_taken_over_is_let_go(
     spawn: Callable[..., DaemonProcess], short_dir: pathlib.Path, store: FdStore
 ) -> None:

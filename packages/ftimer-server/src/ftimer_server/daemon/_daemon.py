@@ -529,12 +529,14 @@ class Daemon:
         if self._control is not None:
             self._control.stop()
             self._control = None
-        if self._stored_as is not None:
-            # Stopped, not killed: its socket goes with it (and the path, which the next
-            # daemon binds anew, with the queue length of then).
-            self._notifier.unstore(self._stored_as)
         if self._server is not None:
             self._server.stop()  # the loop is done: armed() is final
+        if self._stored_as is not None:
+            # Stopped, not killed: its socket is gone with it (read to its end, its path
+            # unlinked; the next daemon binds anew, with the queue length of then). Only
+            # now: a stop that never gets here (a wedged loop, then SIGKILL) leaves the
+            # socket, and what is queued on it, to the next daemon.
+            self._notifier.unstore(self._stored_as)
         if self._saver is not None:
             if self._saver.stop(final_save=True):
                 log.info("saved %d armed timer(s) to %s", len(self._armed()), self._saver.path)

@@ -110,11 +110,23 @@ class FdStore:
 
     def passed(self) -> Dict[str, Any]:
         """What ``spawn`` needs to start a daemon with what the store holds, as systemd
-        starts the service's next process."""
+        starts the service's next process (nothing when it holds nothing)."""
         held = [(name, fd) for name, fds in self.held.items() for fd in fds]
+        if not held:
+            return {}
         spec = ",".join(f"{name}={fd}" for name, fd in held)
         command = [PYTHON, "-c", WITH_STORED, spec]
         return {"command": command, "pass_fds": tuple(fd for _, fd in held)}
+
+    def start(
+        self, spawn: Callable[..., DaemonProcess], *args: str, **kwargs: Any
+    ) -> DaemonProcess:
+        """Start a daemon that notifies this store, with what it holds, and wait until
+        it is ready."""
+        self.received.clear()
+        d = spawn(*args, env={"NOTIFY_SOCKET": self.path}, **self.passed(), **kwargs)
+        self.wait_for("READY", d.proc)
+        return d
 
     def close(self) -> None:
         for fds in self.held.values():
@@ -139,9 +151,7 @@ def test_a_line_left_unread_by_a_killed_daemon_is_read_by_the_next(
     # timer and reaped the worker that had released it.
     state = short_dir / "state.json"
     args = ["--state-file", str(state)]
-    env = {"NOTIFY_SOCKET": store.path}
-    first = spawn(*args, name="first", env=env)
-    store.wait_for("READY", first.proc)
+    first = store.start(spawn, *args, name="first")
     [held] = store.held["fifo"]
     assert os.fstat(held).st_ino == first.fifo.stat().st_ino
     worker = subprocess.Popen(
@@ -162,9 +172,7 @@ def test_a_line_left_unread_by_a_killed_daemon_is_read_by_the_next(
         worker.stdin.flush()
         assert worker.stdout.readline() == "released\n"  # written, never read
         first.stop(signal.SIGKILL)
-        store.received.clear()
-        second = spawn(*args, name="second", env=env, **store.passed())
-        store.wait_for("READY", second.proc)
+        second = store.start(spawn, *args, name="second")
         released = second.wait_for_record(where=lambda r: r.get("event") == "disarmed")
         assert (released["pid"], released["scope_id"]) == (worker.pid, "step")
         assert second.status()["timers"] == []
@@ -178,6 +186,24 @@ def test_a_line_left_unread_by_a_killed_daemon_is_read_by_the_next(
         worker.stdin.close()
 
 
+def quiet_on_the_socket(
+    daemon: DaemonProcess, quiet: Callable[[pathlib.Path, float], subprocess.Popen[str]]
+) -> subprocess.Popen[str]:
+    """A quiet worker armed over ``daemon``'s socket (for long: its release is what
+    counts), once the daemon saved its arm."""
+    worker = quiet(daemon.fifo.with_suffix(".socket"), 600.0)
+    state = daemon.dir / "state.json"
+    wait_until(lambda: saved_scopes(state) == ["step"], what="the arm saved")
+    return worker
+
+
+def assert_released(daemon: DaemonProcess, worker: subprocess.Popen[str]) -> None:
+    """``daemon`` read ``worker``'s release: no timer is left."""
+    released = daemon.wait_for_record(where=lambda r: r.get("event") == "disarmed")
+    assert (released["pid"], released["scope_id"]) == (worker.pid, "step")
+    assert daemon.status()["timers"] == []
+
+
 def test_a_datagram_left_unread_by_a_killed_daemon_is_read_by_the_next(
     spawn: Callable[..., DaemonProcess],
     short_dir: pathlib.Path,
@@ -187,45 +213,32 @@ def test_a_datagram_left_unread_by_a_killed_daemon_is_read_by_the_next(
     # As for the FIFO: a socket worker's release queued while the daemon stalled died
     # with the socket when the daemon was killed; the next daemon restored the timer,
     # and a worker quiet since was reaped.
-    state = short_dir / "state.json"
-    args = ["--state-file", str(state)]
-    env = {"NOTIFY_SOCKET": store.path}
-    first = spawn(*args, name="first", env=env)
-    store.wait_for("READY", first.proc)
+    args = ["--state-file", str(short_dir / "state.json")]
+    first = store.start(spawn, *args, name="first")
     [held] = store.held[SOCKET]
-    path = first.fifo.with_suffix(".socket")
-    worker = quiet(path, 600.0)  # the release is what counts
-    wait_until(lambda: saved_scopes(state) == ["step"], what="the arm saved")
+    worker = quiet_on_the_socket(first, quiet)
     os.kill(first.pid, signal.SIGSTOP)
     _, status = os.waitpid(first.pid, os.WUNTRACED)  # until it has stopped
     assert os.WIFSTOPPED(status)
     release(worker)  # queued, never read
     first.stop(signal.SIGKILL)
-    store.received.clear()
-    second = spawn(*args, name="second", env=env, **store.passed())
-    store.wait_for("READY", second.proc)
-    released = second.wait_for_record(where=lambda r: r.get("event") == "disarmed")
-    assert (released["pid"], released["scope_id"]) == (worker.pid, "step")
-    assert second.status()["timers"] == []
+    second = store.start(spawn, *args, name="second")
+    assert_released(second, worker)
     assert worker.poll() is None
     [again] = store.held[SOCKET]  # the same socket, given to the store again
     assert os.fstat(again).st_ino == os.fstat(held).st_ino
 
 
 def test_a_daemon_stopped_takes_its_socket_with_it(
-    spawn: Callable[..., DaemonProcess], short_dir: pathlib.Path, store: FdStore
+    spawn: Callable[..., DaemonProcess], store: FdStore
 ) -> None:
     # The store kept it after a clean stop, which unlinked its path: the next daemon
     # took it over and failed to start (the path gone), and so did every restart.
-    env = {"NOTIFY_SOCKET": store.path}
-    first = spawn(name="first", env=env)
-    store.wait_for("READY", first.proc)
+    first = store.start(spawn, name="first")
     assert first.stop() == 0
     store.drain()
     assert SOCKET not in store.held
-    store.received.clear()
-    second = spawn(name="second", env=env, **store.passed())
-    store.wait_for("READY", second.proc)
+    second = store.start(spawn, name="second")
     assert second.status()["socket"] == str(first.fifo.with_suffix(".socket"))
 
 
@@ -253,15 +266,10 @@ def test_a_stop_that_never_ends_leaves_the_socket_to_the_next_daemon(
     # A wedged daemon told to stop (systemctl stop or restart) had systemd let its
     # socket go before its stop, which never ended: killed at TimeoutStopSec, its socket
     # died with what was queued, a worker's release, and the next daemon reaped it.
-    state = short_dir / "state.json"
     wedge = short_dir / "wedge"
-    args = ["--state-file", str(state)]
-    env = {"NOTIFY_SOCKET": store.path}
-    command = [PYTHON, "-c", WEDGED, str(wedge)]
-    first = spawn(*args, name="first", env=env, command=command)
-    store.wait_for("READY", first.proc)
-    worker = quiet(first.fifo.with_suffix(".socket"), 600.0)
-    wait_until(lambda: saved_scopes(state) == ["step"], what="the arm saved")
+    args = ["--state-file", str(short_dir / "state.json")]
+    first = store.start(spawn, *args, name="first", command=[PYTHON, "-c", WEDGED, str(wedge)])
+    worker = quiet_on_the_socket(first, quiet)
     wedge.touch()  # at the loop's next wake-up
     release(worker)  # queued, never read
     first.proc.send_signal(signal.SIGTERM)
@@ -272,26 +280,17 @@ def test_a_stop_that_never_ends_leaves_the_socket_to_the_next_daemon(
     store.drain()
     assert SOCKET in store.held
     wedge.unlink()
-    store.received.clear()
-    second = spawn(*args, name="second", env=env, **store.passed())
-    store.wait_for("READY", second.proc)
-    released = second.wait_for_record(where=lambda r: r.get("event") == "disarmed")
-    assert (released["pid"], released["scope_id"]) == (worker.pid, "step")
-    assert second.status()["timers"] == []
+    assert_released(store.start(spawn, *args, name="second"), worker)
 
 
 def test_a_socket_not_taken_over_is_let_go(
-    spawn: Callable[..., DaemonProcess], short_dir: pathlib.Path, store: FdStore
+    spawn: Callable[..., DaemonProcess], store: FdStore
 ) -> None:
     # Restarted with --no-socket, the daemon left the store holding the last one's
     # socket, bound: clients sent into it, unread, instead of falling back to the FIFO.
-    env = {"NOTIFY_SOCKET": store.path}
-    first = spawn(name="first", env=env)
-    store.wait_for("READY", first.proc)
+    first = store.start(spawn, name="first")
     first.stop(signal.SIGKILL)
-    store.received.clear()
-    second = spawn("--no-socket", name="second", env=env, **store.passed())
-    store.wait_for("READY", second.proc)
+    store.start(spawn, "--no-socket", name="second")
     assert not [name for name in store.held if name.startswith("socket")]
     with (
         socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s,
@@ -301,18 +300,13 @@ def test_a_socket_not_taken_over_is_let_go(
 
 
 def test_a_socket_taken_over_keeps_the_queue_length_it_was_made_with(
-    spawn: Callable[..., DaemonProcess], short_dir: pathlib.Path, store: FdStore
+    spawn: Callable[..., DaemonProcess], store: FdStore
 ) -> None:
     # The kernel keeps a socket's queue length from when it was made; the daemon took
     # net.unix.max_dgram_qlen of now, and a full queue could pass for one with room.
-    env = {"NOTIFY_SOCKET": store.path}
-    first = spawn(name="first", env=env)
-    store.wait_for("READY", first.proc)
-    first.stop(signal.SIGKILL)
-    store.received.clear()
+    store.start(spawn, name="first").stop(signal.SIGKILL)
     store.held["socket-q7"] = store.held.pop(SOCKET)  # made when the sysctl said 7
-    second = spawn(name="second", env=env, **store.passed())
-    store.wait_for("READY", second.proc)
+    store.start(spawn, name="second")
     assert list(store.held) == ["fifo", "socket-q7"]  # stored again as it is
 
 

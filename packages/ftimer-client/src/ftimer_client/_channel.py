@@ -434,11 +434,9 @@ class Channel:
         """Raises ServerUnavailable."""
         if self.may_move:
             # Never once connected: no server holds anything of this channel's yet.
-            moved = system_route(self.route)
-            if moved is not None:
-                self.route, self.may_move = moved, False
+            self.route = system_route(self.route) or self.route
         writer = open_writer(self.route, keep_open=self.keep_open, pidfd=self._subject)
-        self.may_move = False  # a per-user server took it: it stays with that one
+        self.may_move = False  # connected: it stays with that server
         return writer
 
     def _subject(self) -> int:
@@ -676,7 +674,7 @@ def channel_for(route: Route, protocol: int, pid: Optional[int] = None) -> Chann
             # One reference, read only when a connection opens: no lock needed (taking
             # the channel's here could wait on a delivery whose signal handler is here).
             channel.route = route
-        moves_to = system_route(route, exists=None)
+        moves_to = system_route(route, exists=lambda path: True)
         for key in keys + ([] if moves_to is None else _keys(moves_to, protocol)):
             other = _shared.get(key)
             if other is None or not _reaches(other, route):

@@ -142,22 +142,20 @@ def resolve_route(
     return Route(fifo, "auto", socket_path_for(fifo), owner)
 
 
-def system_route(
-    route: Route, exists: Optional[Callable[[str], bool]] = os.path.exists
-) -> Optional[Route]:
+def system_route(route: Route, exists: Callable[[str], bool] = os.path.exists) -> Optional[Route]:
     """The system daemon's route, with ``route``'s transport, in place of the per-user
     default ``route`` once the daemon's FIFO or socket exists (``resolve_route()`` as it
     would be now, for a worker started before the daemon made ``/run/ftimer``); None
     while neither exists, or if ``route`` is not a per-user default.
 
     Args:
-        exists: tells whether a path exists (injected for tests); None: take the
-            daemon's as there.
+        exists: tells whether a path exists (the channel's keys take the daemon's as
+            there).
     """
     if route.owner is None:
         return None
     system = (SYSTEM_FIFO_PATH,) if route.transport == "fifo" else _SYSTEM
-    if exists is not None and not any(exists(path) for path in system):
+    if not any(exists(path) for path in system):
         return None
     if route.transport == "fifo":
         return Route(SYSTEM_FIFO_PATH, "fifo")

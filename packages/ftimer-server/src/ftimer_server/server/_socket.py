@@ -642,12 +642,7 @@ def open_socket(
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_PASSCRED, 1)
-        passes_pidfds = True
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_PASSPIDFD, 1)
-        except OSError:  # before Linux 6.5: pid and start time, as over the FIFO
-            passes_pidfds = False
+        passes_pidfds = _pass_credentials(sock)
         old = os.umask(0o177)  # no moment at which others may connect
         try:
             sock.bind(path)
@@ -674,6 +669,21 @@ def open_socket(
         raise
 
 
+def _pass_credentials(sock: socket.socket) -> bool:
+    """Have the kernel give each datagram's sender (``SO_PASSCRED``), and a pidfd of it
+    where it can (``SO_PASSPIDFD``, Linux 6.5); return whether it can.
+
+    Raises:
+        OSError: credentials cannot be asked for.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, _SO_PASSCRED, 1)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_PASSPIDFD, 1)
+    except OSError:  # before Linux 6.5: pid and start time, as over the FIFO
+        return False
+    return True
+
+
 def _adopt(
     path: str,
     adopt: Tuple[int, int],
@@ -692,12 +702,7 @@ def _adopt(
             raise FifoError(path, "the socket given is not an AF_UNIX datagram socket")
         if sock.getsockname() != path or not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise FifoError(path, "the socket given is not bound there")
-        sock.setsockopt(socket.SOL_SOCKET, _SO_PASSCRED, 1)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_PASSPIDFD, 1)
-            passes_pidfds = True
-        except OSError:
-            passes_pidfds = False
+        passes_pidfds = _pass_credentials(sock)
         gid = _gid(group)
         os.chmod(path, mode)
         if gid is not None:

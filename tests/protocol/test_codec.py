@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from ftimer_protocol import (
     MAX_SCOPE,
+    MAX_TIME,
     PIPE_BUF,
     Arm,
     Disarm,
@@ -30,6 +31,7 @@ from ftimer_protocol import (
     decode,
     decode_value,
     encode,
+    torch_request,
 )
 
 from .strategies import messages
@@ -258,3 +260,48 @@ def test_json_nested_deeper_than_the_decoder_recurses_is_malformed(opening: byte
     line = opening + b"[" * 1000
     assert isinstance(decode_value(line), MalformedMessage)
     assert [type(r) for r in StreamDecoder().feed(line + b"\n")] == [MalformedMessage]
+
+
+def torch_line(expiration_time: float) -> bytes:
+    """What torch's client writes (``json.dumps``) for an arm at ``expiration_time``."""
+    body = {"version": 1, "pid": 42, "scope_id": "train.py#9", "expiration_time": expiration_time}
+    return (json.dumps({**body, "signal": 9}) + "\n").encode()
+
+
+@pytest.mark.parametrize(
+    ("expiration_time", "read_as"),
+    [
+        # Timers torch's server never expires: "no limit" (time.time() + sys.maxsize).
+        (math.inf, MAX_TIME),
+        (math.nan, MAX_TIME),
+        (1e300, MAX_TIME),
+        (float(2**63), MAX_TIME),
+        (1e15 + 1, MAX_TIME),
+        # Releases, as any negative time.
+        (-math.inf, -1.0),
+        (-1e300, -1.0),
+        # Within the bounds: unchanged.
+        (MAX_TIME, MAX_TIME),
+        (1764000000.5, 1764000000.5),
+    ],
+)
+def test_torch_times_beyond_the_bounds_are_read_as_torchs_server_reads_them(
+    expiration_time: float, read_as: float
+) -> None:
+    line = torch_line(expiration_time)
+    expected = TimerRequestV1(pid=42, scope_id="train.py#9", expiration_time=read_as, signal=9)
+    assert decode(line) == expected
+    # Also with a lone surrogate escape in the scope, the other retry of a failed line.
+    surrogate = line.replace(b"#9", b"\\udce9")
+    assert decode(surrogate) == msgspec.structs.replace(expected, scope_id="train.py\\xe9")
+
+
+def test_only_the_time_of_a_version_1_line_is_forgiven() -> None:
+    # Another field wrong as well, or a version 2 line: refused as before.
+    wrong_scope = torch_line(math.inf).replace(b'"train.py#9"', b"5")
+    assert isinstance(decode_value(wrong_scope), MalformedMessage)
+    v2 = b'{"version":2,"op":"arm","pid":42,"scope_id":"s","deadline":Infinity,"signal":9}'
+    assert isinstance(decode_value(v2), MalformedMessage)
+    assert isinstance(decode_value(b'{"version": true, "expiration_time": NaN}'), MalformedMessage)
+    with pytest.raises(MalformedMessage, match="scope_id"):
+        torch_request({"pid": 42, "scope_id": 5, "expiration_time": 1.0, "signal": 9})

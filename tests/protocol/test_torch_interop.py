@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
+import sys
 import time
 from types import ModuleType
 
@@ -11,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ftimer_protocol import TimerRequestV1, decode, encode
+from ftimer_protocol import MAX_TIME, TimerRequestV1, decode, encode
 
 from .strategies import pids, signals
 
@@ -34,6 +36,18 @@ def test_torch_request_lines_decode(
     assert message == TimerRequestV1(
         pid=pid, scope_id=scope, expiration_time=expiration, signal=signal
     )
+
+
+@pytest.mark.parametrize(
+    ("expiration", "read_as"),
+    [(math.inf, MAX_TIME), (math.nan, MAX_TIME), (float(sys.maxsize), MAX_TIME), (-math.inf, -1.0)],
+)
+def test_torch_times_it_never_expires_decode_as_never_firing(
+    torch_timer: ModuleType, expiration: float, read_as: float
+) -> None:
+    # torch's server never expires these (nor reads -inf as anything but a release).
+    line = torch_timer.FileTimerRequest(7, "s", expiration, 9).to_json().encode()
+    assert decode(line) == TimerRequestV1(pid=7, scope_id="s", expiration_time=read_as, signal=9)
 
 
 def _wait_for(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pathlib
 import signal
@@ -19,7 +20,7 @@ import msgspec
 import pytest
 from tests.conftest import in_private_pid_namespace, wait_until
 
-from ftimer_protocol import Arm, Disarm, Expire, TimerRequestV1, encode
+from ftimer_protocol import MAX_TIME, Arm, Disarm, Expire, TimerRequestV1, encode
 from ftimer_server import (
     Armed,
     DecodeFailed,
@@ -109,6 +110,27 @@ def test_torch_v1_lines_open_write_close(
     assert [t.pid for t in server.armed()] == [doomed.pid]
     assert wait_exit(doomed)[0] == -signal.SIGTERM
     assert spared.poll() is None
+
+
+def test_torch_no_limit_times_arm_a_timer_that_never_fires(
+    server: FileTimerServer, fifo_path: pathlib.Path, children
+) -> None:
+    # torch's `with expires(after=1): with expires(after=sys.maxsize):` re-arms the
+    # scope beyond any bound (or at Infinity, or NaN), and torch's server never expires
+    # it: the outer deadline must not stay armed and kill the healthy worker.
+    times = {"inf": math.inf, "nan": math.nan, "maxsize": time.time() + sys.maxsize}
+    worker = children()
+    for scope, far in times.items():
+        line = {"version": 1, "pid": worker.pid, "scope_id": scope, "expiration_time": 0.0}
+        send(fifo_path, raw=(json.dumps({**line, "signal": 9}) + "\n").encode())
+        line["expiration_time"] = far
+        send(fifo_path, raw=(json.dumps({**line, "signal": 9}) + "\n").encode())
+    server.sync()
+    # Armed at the protocol's furthest wall-clock time, MAX_TIME: millions of years away.
+    armed = {t.scope_id: t.deadline for t in server.armed()}
+    assert sorted(armed) == sorted(times)
+    assert min(armed.values()) > time.monotonic() + MAX_TIME - time.time() - 60
+    assert worker.poll() is None
 
 
 def test_disarmed_and_report_only_timers_do_not_kill(

@@ -13,6 +13,7 @@ from ._codec import (
     decode_value,
     encode,
     surrogates_as_text,
+    torch_request,
 )
 from ._errors import (
     LineTooLong,
@@ -73,6 +74,7 @@ __all__ = [
     "decode",
     "decode_value",
     "surrogates_as_text",
+    "torch_request",
     "decode_line",
     "StreamDecoder",
     "DecodeResult",

@@ -6,14 +6,18 @@ else is first parsed for its version alone.
 
 A line that fails only for its lone surrogate escapes (``"\\udce9"``: what torch's client
 writes for a scope naming a path that is not UTF-8) is read with each of them as text,
-``\\xe9`` (docs/protocol.md, "Lone surrogates"); looked at only once a line failed.
+``\\xe9`` (docs/protocol.md, "Lone surrogates"); a version 1 line that fails only for its
+``expiration_time`` (``Infinity``, ``NaN``, beyond the bound) is read as torch's server
+reads it. Both looked at only once a line failed.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from json.encoder import encode_basestring_ascii
-from typing import Any, Callable, Dict, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import msgspec
 
@@ -25,7 +29,7 @@ from ._errors import (
     RemoteProtocolError,
     UnsupportedVersion,
 )
-from ._limits import PIPE_BUF
+from ._limits import MAX_TIME, PIPE_BUF
 from ._messages import Message, MessageV2, TimerRequestV1
 
 __all__ = [
@@ -36,6 +40,7 @@ __all__ = [
     "decode_value",
     "encode",
     "surrogates_as_text",
+    "torch_request",
 ]
 
 SUPPORTED_VERSIONS = (1, 2)
@@ -178,10 +183,53 @@ def _refused(line: bytes, error: Exception) -> Union[Message, RemoteProtocolErro
     if b"\\ud" in line or b"\\uD" in line:
         fixed = _ESCAPES.sub(_escapes_as_text, line)
         if fixed != line:
-            result = decode_value(fixed)  # it holds none: no further retry
+            result = decode_value(fixed)  # it holds none: only the time's retry is left
             if not isinstance(result, RemoteProtocolError):
                 return result
+            return MalformedMessage(str(error), line[:EXCERPT_BYTES])
+    if str(error).endswith("`$.expiration_time`") or b"Infinity" in line or b"NaN" in line:
+        request = _with_torch_time(line)
+        if request is not None:
+            return request
     return MalformedMessage(str(error), line[:EXCERPT_BYTES])
+
+
+def _with_torch_time(line: bytes) -> Optional[TimerRequestV1]:
+    """The version 1 request of ``line``, which msgspec refused, if only its
+    ``expiration_time`` was at fault: ``Infinity``, ``-Infinity`` and ``NaN``, which
+    torch's client writes (``json.dumps``) and JSON lacks, or a number beyond the
+    protocol's bound (``time.time() + sys.maxsize``). None otherwise."""
+    try:
+        fields = json.loads(line, parse_constant=float)
+    except (ValueError, RecursionError):
+        return None
+    version = fields.get("version") if type(fields) is dict else None
+    if type(version) is not int or version != 1:
+        return None
+    try:
+        return torch_request(fields)
+    except MalformedMessage:
+        return None
+
+
+def torch_request(fields: Mapping[str, Any]) -> TimerRequestV1:
+    """The version 1 request of torch's ``fields`` (``pid``, ``scope_id``,
+    ``expiration_time``, ``signal``; others are ignored), with the time read as torch's
+    server reads it: one it never expires (infinite, NaN, or beyond the protocol's
+    ``MAX_TIME``) arms at ``MAX_TIME``, and one below ``-MAX_TIME`` releases.
+
+    Raises:
+        MalformedMessage: a field is missing, of the wrong type or out of bounds.
+    """
+    fields = dict(fields, version=1)
+    time = fields.get("expiration_time")
+    if type(time) in (int, float) and not -MAX_TIME <= time <= MAX_TIME:
+        # NaN compares false: torch's server never finds it due, nor below zero.
+        fields["expiration_time"] = -1.0 if time < -MAX_TIME else MAX_TIME
+    try:
+        return msgspec.convert(fields, TimerRequestV1)
+    except msgspec.ValidationError as e:
+        raise MalformedMessage(str(e), repr(fields).encode()[:EXCERPT_BYTES]) from None
 
 
 def _escapes_as_text(match: re.Match[bytes]) -> bytes:

@@ -246,6 +246,7 @@ class SocketPeer(Peer):
         self.sock.bind(str(path))
         self.sock.setblocking(False)
         self.datagrams: List[Datagram] = []
+        self.receipts = 0  # sync datagrams (the ``ftimer`` command's wait), not kept
         super().__init__(path)
 
     def _fd(self) -> int:
@@ -275,6 +276,9 @@ class SocketPeer(Peer):
                         pidfds.append(named)
         result = decode_value(data)
         with self._cond:
+            if isinstance(result, Sync):  # a sender's receipt, given: its pipe is closed
+                self.receipts += 1
+                return
             self.datagrams.append(Datagram(data, pid, uid, tuple(pidfds), others))
             self._keep(result)
             self._cond.notify_all()

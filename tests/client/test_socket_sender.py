@@ -68,7 +68,7 @@ def test_ftimer_arm_fails_when_the_server_does_not_read_in_time(speer: SocketPee
         finally:
             proc.kill()
     assert proc.returncode == EXIT_UNAVAILABLE
-    assert "has not read" in err
+    assert "has not confirmed" in err
 
 
 def test_ftimer_arm_with_on_unavailable_warn_warns_and_succeeds(speer: SocketPeer) -> None:
@@ -82,7 +82,7 @@ def test_ftimer_arm_with_on_unavailable_warn_warns_and_succeeds(speer: SocketPee
     )
     assert result.returncode == 0
     assert result.stderr.startswith("ftimer: warning: ")
-    assert "has not read" in result.stderr
+    assert "has not confirmed" in result.stderr
 
 
 def test_a_server_refusing_descriptors_is_said_so(tmp_path: pathlib.Path) -> None:

@@ -103,6 +103,7 @@ def test_a_stalled_socket_found_by_default_is_named_by_its_path(
         peer.close()
     assert done.returncode == EXIT_UNAVAILABLE
     assert done.stderr.splitlines() == [
-        "ftimer: [Errno 11] the ftimer server has not read the message in 0.2 s, and "
-        f"refuses it once this command has exited (is the server stopped?): '{socket_path}'"
+        "ftimer: [Errno 11] the ftimer server has not confirmed the message in 0.2 s (is "
+        "it stopped?): it refuses it if it reads it once this command has exited, and "
+        f"takes it only if it read it just before: '{socket_path}'"
     ]

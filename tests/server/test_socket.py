@@ -1352,3 +1352,58 @@ def test_a_sender_waiting_for_its_send_buffer_counts_as_a_full_queue(
     sent, full = done.stdout.split()
     assert int(sent) < 512  # the send buffer, not the queue, made it wait
     assert full == "True"
+
+
+# Arms a timer of its parent (the test) over the socket argv[1], then waits for the
+# server's receipt, as the `ftimer` command does before it exits; prints what it got.
+RECEIPT_SENDER = """
+import os, sys
+from ftimer_client._socket import SocketWriter
+from ftimer_protocol import Arm, encode
+parent = os.getppid()
+writer = SocketWriter(sys.argv[1], os.pidfd_open(parent))
+writer.write(encode(Arm(pid=parent, scope_id="shell", deadline=1e6, signal=9)), 5.0)
+print("sent", flush=True)
+print(writer.wait_read(10.0), flush=True)
+"""
+
+
+def test_a_sender_waits_for_its_datagrams_to_be_judged_not_only_read(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A datagram naming another process is refused if its sender has exited by the time
+    # it is judged. The `ftimer` command waited only until its datagram was read and then
+    # exited; a reader held between the read and the judgement (another thread holding
+    # the GIL) then refused the shell's disarm, and the shell was reaped.
+    sock = open_socket(str(tmp_path / "s.socket"))
+    try:
+        if not sock.passes_pidfds:
+            pytest.skip("the kernel gives no pidfd of a sender (SO_PASSPIDFD, Linux 6.5)")
+        with subprocess.Popen(
+            [sys.executable, "-c", RECEIPT_SENDER, sock.path], stdout=subprocess.PIPE, text=True
+        ) as sender:
+            assert sender.stdout is not None
+            assert sender.stdout.readline() == "sent\n"
+            exited = socket_module._exited
+
+            def held(fds: List[int]) -> object:
+                # The reader is held after its read: a sender that took the read for a
+                # receipt exits meanwhile.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    sender.wait(timeout=1.0)
+                return exited(fds)
+
+            monkeypatch.setattr(socket_module, "_exited", held)
+            [armed, *results] = sock.receive()
+            assert isinstance(armed, Arm), armed
+            assert (armed.pid, armed.scope_id) == (os.getpid(), "shell")
+            monkeypatch.setattr(socket_module, "_exited", exited)
+            sock.release()
+            while sender.poll() is None:  # the receipt, if it was not in the same batch
+                select.select([sock.fd], [], [], 0.1)
+                results += sock.receive()
+            assert sender.stdout.read() == "True\n"
+        # The receipt (a sync carrying a pipe) is taken as such, never refused.
+        assert [type(r).__name__ for r in results] == ["Sync"]
+    finally:
+        sock.close()

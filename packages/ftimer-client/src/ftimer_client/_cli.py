@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         metavar="SECONDS",
         help="how long to wait for room in the server's queue, and over the socket for "
-        "the server to read the message (default: 1)",
+        "the server to confirm it has judged the message (default: 1)",
     )
     common.add_argument("--label", type=_label, action="append", default=None, metavar="KEY=VALUE")
     scope = argparse.ArgumentParser(add_help=False)
@@ -362,16 +362,18 @@ def _connected_path(client: FileTimerClient) -> str:
 
 
 def _stalled(args: argparse.Namespace, path: str) -> None:
-    """The server has not read this command's datagram: once the command has exited, it
-    will refuse it (it can no longer check the sender's kin), so say so now.
+    """The server has not confirmed that it judged this command's datagram: once the
+    command has exited, it refuses it (it can no longer check the sender's kin), so say
+    so now.
 
     Raises:
         ServerStalled: with ``--on-unavailable raise``.
     """
     stalled = ServerStalled(
         errno.EAGAIN,
-        f"the ftimer server has not read the message in {args.write_timeout} s, and "
-        "refuses it once this command has exited (is the server stopped?)",
+        f"the ftimer server has not confirmed the message in {args.write_timeout} s (is "
+        "it stopped?): it refuses it if it reads it once this command has exited, and "
+        "takes it only if it read it just before",
         path,
     )
     if args.on_unavailable == "raise":

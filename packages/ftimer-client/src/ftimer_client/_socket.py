@@ -17,17 +17,17 @@ shows as a full queue and another inode at the path, checked only then.
 
 from __future__ import annotations
 
-import array
 import errno
-import fcntl
 import os
+import select
 import signal
 import socket
 import stat
 import struct
-import termios
 import time
 from typing import Tuple
+
+from ftimer_protocol import Sync, encode
 
 from ._errors import ServerStalled, ServerUnavailable
 from ._fifo import hidden_system_dir
@@ -42,6 +42,9 @@ _LOST = frozenset(
 #: Times a sender yields the CPU, retrying, before it waits for room in a full queue.
 _YIELDS = 2
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_SNDTIMEO
+#: The datagram whose descriptor (a pipe's write end) the server closes once it has
+#: judged every datagram before it: a sender's receipt (see ``SocketWriter.wait_read``).
+_RECEIPT = encode(Sync(token="ftimer-receipt"))
 #: The longest path an AF_UNIX address holds (sun_path, Linux: not NUL-terminated).
 _SUN_PATH = 108
 #: Blocked while a send waits for room: every signal but those that cannot be blocked and
@@ -102,7 +105,11 @@ class SocketWriter:
             ServerStalled: the server's queue stayed full for ``timeout`` seconds.
             ServerUnavailable: another error.
         """
-        if self._attempt(line):
+        self._send(line, timeout, self._pidfd)
+
+    def _send(self, line: bytes, timeout: float, fd: int) -> None:
+        """``write``, with descriptor ``fd`` attached to the datagram (-1: none)."""
+        if self._attempt(line, fd):
             return
         if self._replaced():
             raise ConnectionLost
@@ -112,16 +119,16 @@ class SocketWriter:
         # datagrams/s read, 139k without).
         for _ in range(_YIELDS):
             os.sched_yield()
-            if self._attempt(line):
+            if self._attempt(line, fd):
                 return
-        if not self._send_waiting(line, timeout):
+        if not self._send_waiting(line, timeout, fd):
             raise ServerStalled(
                 errno.EAGAIN,
                 "the ftimer server has not drained its socket within the write timeout",
                 self.path,
             )
 
-    def _send_waiting(self, line: bytes, timeout: float) -> bool:
+    def _send_waiting(self, line: bytes, timeout: float, fd: int) -> bool:
         """Send ``line``, blocking up to ``timeout`` seconds for room; False if none came.
 
         A blocking send waits in the kernel's queue of senders to the server's socket,
@@ -152,7 +159,7 @@ class SocketWriter:
             sigmask(signal.SIG_BLOCK, _INTERRUPTING)
             sock.setblocking(True)  # the channel's lock is held: no other thread sends here
             try:
-                return self._attempt(line)  # EAGAIN: the time ran out
+                return self._attempt(line, fd)  # EAGAIN: the time ran out
             finally:
                 sock.setblocking(False)
         finally:
@@ -164,35 +171,48 @@ class SocketWriter:
         return poll_room(self._sock.fileno(), timeout)
 
     def wait_read(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds until the server has read every datagram sent
-        here; return whether it has.
+        """Wait up to ``timeout`` seconds until the server has read and judged every
+        datagram sent here; return whether it has.
 
-        The kernel charges a datagram to its sender's socket until the receiver reads
-        it (SIOCOUTQ), and says nothing when that happens: this polls, from 1 ms up to
-        every 50 ms. Only a sender about to exit needs it (the ``ftimer`` command): the
-        server refuses a datagram naming another process whose sender is gone.
+        Only a sender about to exit needs it (the ``ftimer`` command): the server refuses
+        a datagram naming another process if its sender has exited by the time it judges
+        it (it can no longer check their kinship), a moment after reading it. So a sync
+        datagram follows, carrying a pipe's write end, which the server closes once it
+        has judged every datagram before it (docs/protocol.md, "Socket binding"): the
+        read end's end-of-file is the receipt.
+
+        Raises:
+            ServerUnavailable: as ``write`` (not when the time runs out, nor when the
+                server has gone: False).
         """
         end = time.monotonic() + timeout
-        pause = 0.001
-        while _unread(self._sock.fileno()):
-            remaining = end - time.monotonic()
-            if remaining <= 0:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            try:
+                self._send(_RECEIPT, timeout, write_end)
+            except (ConnectionLost, ServerStalled):  # what came before went with it
                 return False
-            time.sleep(min(pause, remaining))
-            pause = min(2 * pause, 0.05)
-        return True
+            finally:
+                os.close(write_end)
+            poller = select.poll()
+            poller.register(read_end, select.POLLIN)
+            remaining = max(0.0, end - time.monotonic())
+            return bool(poller.poll(min(remaining * 1000, 2**31 - 1)))
+        finally:
+            os.close(read_end)
 
-    def _attempt(self, line: bytes) -> bool:
-        """Send ``line``; False when the queue is full.
+    def _attempt(self, line: bytes, fd: int) -> bool:
+        """Send ``line``, with descriptor ``fd`` unless it is -1; False when the queue is
+        full.
 
         Raises:
             ConnectionLost, ServerUnavailable: as ``write``.
         """
         try:
-            if self._pidfd < 0:
+            if fd < 0:
                 self._sock.send(line)
             else:
-                socket.send_fds(self._sock, [line], [self._pidfd])
+                socket.send_fds(self._sock, [line], [fd])
             return True
         except BlockingIOError:
             return False
@@ -200,7 +220,7 @@ class SocketWriter:
             if e.errno in _LOST:
                 raise ConnectionLost from None
             reason = f"cannot send ({e.strerror})"
-            if e.errno == errno.EPERM and self._pidfd >= 0:
+            if e.errno == errno.EPERM and fd >= 0:
                 reason = (
                     "the server probably refuses descriptors for now (too many that senders "
                     "passed it wait to be closed: see its log; a security module may also "
@@ -283,13 +303,6 @@ def _connect(sock: socket.socket, path: str) -> None:
         "give the server a socket at a shorter path",
         path,
     )
-
-
-def _unread(fd: int) -> int:
-    """Bytes the socket ``fd`` sent that its receiver has not read (SIOCOUTQ)."""
-    count = array.array("i", [0])
-    fcntl.ioctl(fd, termios.TIOCOUTQ, count)
-    return count[0]
 
 
 def _inode(path: str) -> Tuple[int, int]:

@@ -223,7 +223,7 @@ def torch_request(fields: Mapping[str, Any]) -> TimerRequestV1:
     """
     fields = dict(fields, version=1)
     time = fields.get("expiration_time")
-    if type(time) in (int, float) and not -MAX_TIME <= time <= MAX_TIME:
+    if isinstance(time, (int, float)) and not -MAX_TIME <= time <= MAX_TIME:
         # NaN compares false: torch's server never finds it due, nor below zero.
         fields["expiration_time"] = -1.0 if time < -MAX_TIME else MAX_TIME
     try:

@@ -93,7 +93,7 @@ _QLEN = "/proc/sys/net/unix/max_dgram_qlen"
 #: the queue.
 _WMEM = "/proc/sys/net/core/wmem_default"
 #: Messages that can get nobody signalled: a sender may be taken on its pid for them.
-_NEVER_SIGNALS = (Disarm, DisarmAll, Sync)
+_NEVER_SIGNALS = (Disarm, DisarmAll)
 #: The fewest datagrams ``receive()`` reads when they keep coming: with the usual queue
 #: of 10, senders refill it while it is read, and each iteration of the loop around the
 #: read costs as much as a few datagrams. 64 datagrams take well under a millisecond to
@@ -258,6 +258,8 @@ class DatagramSocket:
         message = decode_one(line)
         if isinstance(message, Exception):
             return message
+        if isinstance(message, Sync):  # it names nobody: what it carries is no subject
+            return message  # (a sender's receipt: closed once the batch is judged)
         pid, uid, _ = creds
         if pid == 0:
             why = (
@@ -297,7 +299,7 @@ class DatagramSocket:
                 return Moot(request_of(message))
             if reason is not None:
                 return _refused(reason, message, pid, why)
-        if isinstance(message, Sync) or message.pid == subject:  # a marker names nobody
+        if message.pid == subject:
             return message
         self.overridden += 1
         return msgspec.structs.replace(message, pid=subject)

@@ -870,3 +870,42 @@ def test_open_files_that_cannot_be_looked_at_are_said_so_not_counted_as_none() -
     fifos, sockets, notes = json.loads(done.stdout)
     assert (fifos, sockets) == (0, 0)
     assert "open files unreadable: EACCES (Permission denied)" in notes
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv"
+)
+def test_ptrace_advice_fits_a_root_server_without_the_capability() -> None:
+    # A root daemon confined as the example unit confines it (CAP_KILL CAP_CHOWN) was told
+    # to "run the server as root", and of Yama where there was none.
+    code = "from ftimer_server.incidents._tools import _ptrace_advice; print(_ptrace_advice())"
+    confined = subprocess.run(
+        ["setpriv", "--bounding-set=-sys_ptrace", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "runs as root but without CAP_SYS_PTRACE" in confined
+    assert "CapabilityBoundingSet=" in confined
+    whole = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "though this server has CAP_SYS_PTRACE" in whole
+
+
+@pytest.mark.parametrize(
+    ("root", "capable", "yama", "says"),
+    [
+        (False, False, None, "run the server as root or with CAP_SYS_PTRACE"),
+        (False, False, 1, "ptrace_scope 1 lets only CAP_SYS_PTRACE"),
+        (True, True, 3, "ptrace_scope is 3, which refuses it to everyone, root included"),
+        (True, True, 1, "hostPID"),
+    ],
+)
+def test_ptrace_advice_says_what_applies(
+    root: bool, capable: bool, yama: Optional[int], says: str
+) -> None:
+    advice = _tools.ptrace_advice(root, capable, yama)
+    assert advice.startswith("py-spy cannot attach (ptrace not permitted)")
+    assert says in advice
+    assert ("ptrace_scope" in advice) == (yama in (1, 3) and not (capable and yama == 1))

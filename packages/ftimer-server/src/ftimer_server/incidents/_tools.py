@@ -28,7 +28,7 @@ from ._pinned import Process
 from ._procfs import tracer_pid
 from ._stack_formats import MethodResult, excerpt, parse_py_spy, salvage_py_spy
 
-__all__ = ["PTRACE_ADVICE", "ToolRun", "py_spy_dump", "run_tool", "stop_tools"]
+__all__ = ["ToolRun", "py_spy_dump", "run_tool", "stop_tools"]
 
 #: How long a killed tool is waited for before a thread is left to reap it.
 _KILL_WAIT = 0.025
@@ -54,13 +54,53 @@ _LIMITED = (
 _PTRACE_REFUSED = re.compile(
     r"permission denied|operation not permitted|os error (1|13)\)|SYS_PTRACE", re.IGNORECASE
 )
-PTRACE_ADVICE = (
-    "py-spy cannot attach (ptrace not permitted): run the server as root or with "
-    "CAP_SYS_PTRACE; in a container, add the SYS_PTRACE capability (docker run "
-    "--cap-add SYS_PTRACE; Kubernetes: securityContext.capabilities.add: [SYS_PTRACE]) "
-    "and share the workers' PID namespace (hostPID); kernel.yama.ptrace_scope 3 "
-    "refuses even root"
+#: CAP_SYS_PTRACE's bit in the capability sets of ``/proc/PID/status``.
+_CAP_SYS_PTRACE = 19
+_CONTAINER = (
+    "Kubernetes: securityContext.capabilities.add: [SYS_PTRACE]; docker run --cap-add SYS_PTRACE"
 )
+
+
+def ptrace_advice(root: bool, capable: bool, yama: Optional[int]) -> str:
+    """What to do about py-spy refused ptrace, for a server that runs as ``root`` or not,
+    has CAP_SYS_PTRACE (``capable``) or not, on a kernel whose Yama
+    ``kernel.yama.ptrace_scope`` is ``yama`` (None: no Yama)."""
+    refused = "py-spy cannot attach (ptrace not permitted)"
+    if yama == 3:
+        return (
+            f"{refused}: kernel.yama.ptrace_scope is 3, which refuses it to everyone, "
+            "root included, until a reboot"
+        )
+    if capable:
+        return (
+            f"{refused} though this server has CAP_SYS_PTRACE: the worker may be in a "
+            "container whose PID namespace the server does not share (Kubernetes: "
+            "hostPID), or a security module (AppArmor, SELinux) refuses it"
+        )
+    if root:
+        return (
+            f"{refused}: this server runs as root but without CAP_SYS_PTRACE: give it "
+            f"that capability (a systemd unit's CapabilityBoundingSet=; {_CONTAINER})"
+        )
+    yama_rule = (
+        f"; kernel.yama.ptrace_scope {yama} lets only CAP_SYS_PTRACE trace another's process"
+        if yama in (1, 2)
+        else ""
+    )
+    return f"{refused}: run the server as root or with CAP_SYS_PTRACE ({_CONTAINER}){yama_rule}"
+
+
+def _ptrace_advice() -> str:
+    """``ptrace_advice`` for this process, from ``/proc``."""
+    capable = False
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                capable = bool(int(line.split()[1], 16) >> _CAP_SYS_PTRACE & 1)
+    yama = None
+    with contextlib.suppress(OSError, ValueError), open("/proc/sys/kernel/yama/ptrace_scope") as f:
+        yama = int(f.read())
+    return ptrace_advice(os.geteuid() == 0, capable, yama)
 
 
 @dataclass
@@ -344,7 +384,7 @@ def py_spy_dump(
                 f"pid {tracer} (py-spy said: {message})"
             )
         if _PTRACE_REFUSED.search(message):
-            return MethodResult(error=f"{PTRACE_ADVICE} (py-spy said: {message})")
+            return MethodResult(error=f"{_ptrace_advice()} (py-spy said: {message})")
         return MethodResult(
             error=f"py-spy failed (exit {run.returncode}): {message}", retryable=True
         )

@@ -31,7 +31,7 @@ from ._paths import resolve_route, torch_serves
 from ._proc import default_labels
 from ._wire import V1Lines, V2Lines, check_signal, fix_deadline
 
-__all__ = ["POLICIES", "FileTimerClient"]
+__all__ = ["POLICIES", "FileTimerClient", "beyond_float"]
 
 #: Values of ``on_unavailable``.
 POLICIES = ("raise", "warn", "ignore")
@@ -192,7 +192,11 @@ class FileTimerClient:
         if not expiration_time >= 0.0:
             raise ValueError(f"expiration time must be >= 0, not {expiration_time!r}")
         if self._v2 is not None:
-            self.arm(scope_id, expiration_time - time.time())
+            try:
+                after = expiration_time - time.time()
+            except OverflowError:  # an int beyond any float: beyond MAX_TIME
+                after = math.inf
+            self.arm(scope_id, after)
         else:
             expiration_time = min(expiration_time, MAX_TIME)  # inf: never fires
             self._arm(scope_id, self._v1_line(scope_id, expiration_time, None))
@@ -221,17 +225,18 @@ class FileTimerClient:
         """Arm (or re-arm) timer ``scope_id`` to expire ``after`` seconds from now.
 
         A negative ``after`` arms a timer already expired. ``math.inf`` (or a deadline
-        beyond the protocol's ``MAX_TIME``) arms it at the furthest deadline the
-        protocol carries, about 31 million years away: a timer that never fires (torch
-        arms ``math.inf`` so), until released.
+        beyond the protocol's ``MAX_TIME``, an int too large for a float included) arms
+        it at the furthest deadline the protocol carries, about 31 million years away: a
+        timer that never fires (torch arms ``math.inf`` so), until released.
 
         Args:
             signal: this timer's signal instead of the client's.
 
         Raises:
             ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
-            ValueError: ``after`` is NaN or minus infinity, or the scope breaks the
-                schema (longer than ``MAX_SCOPE``, or its message over ``PIPE_BUF``).
+            ValueError: ``after`` is NaN, minus infinity or an int below any float, or
+                the scope breaks the schema (longer than ``MAX_SCOPE``, or its message
+                over ``PIPE_BUF``).
             TypeError: ``after`` is a bool.
             RuntimeError: the client is closed.
         """
@@ -244,12 +249,18 @@ class FileTimerClient:
             sig = None if signal is None else check_signal(signal)
             # As a v2 deadline: a time long past arms an expired timer, one beyond
             # MAX_TIME (inf) one that never fires; NaN and -inf are refused.
-            expiration_time = time.time() + after
+            try:
+                expiration_time = time.time() + after
+            except OverflowError:  # an int beyond any float
+                expiration_time = beyond_float(after)
             if not 0.0 <= expiration_time <= MAX_TIME:
                 expiration_time = fix_deadline(expiration_time)
             line = self._v1_line(scope_id, expiration_time, sig)
         else:
-            deadline = _monotonic() + after
+            try:
+                deadline = _monotonic() + after
+            except OverflowError:  # an int beyond any float
+                deadline = beyond_float(after)
             if not 0.0 <= deadline <= MAX_TIME:
                 deadline = fix_deadline(deadline)
             if signal is None:
@@ -495,6 +506,21 @@ class FileTimerClient:
                 ServerUnavailableWarning,
                 stacklevel=level,
             )
+
+
+def beyond_float(after: float) -> float:
+    """Return what ``after``, an int too large for a float (beyond about 1.8e308 s),
+    stands for: ``math.inf`` when positive (``arm()`` makes it ``MAX_TIME``).
+
+    Raises:
+        ValueError: it is negative: refused, as ``-math.inf`` is.
+    """
+    if after > 0:
+        return math.inf
+    raise ValueError(
+        "timer duration must be a number of seconds (math.inf: a timer that never fires), "
+        "not an integer below any float (refused as -math.inf is)"
+    )
 
 
 def _remake(

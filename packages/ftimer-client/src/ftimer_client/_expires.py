@@ -1,7 +1,8 @@
 """``configure()`` and ``expires``: torch's module-level API, plus a decorator form.
 
-The default scope names the line that called ``expires(...)`` (torch's ``file#line``),
-read with ``sys._getframe`` rather than torch's ``inspect.stack()`` (0.1 to over 1 ms).
+The default scope names the line that called ``expires(...)``, or applied it as a
+decorator (torch's ``file#line``), read with ``sys._getframe`` rather than torch's
+``inspect.stack()`` (0.1 to over 1 ms).
 Outside the main thread it ends in ``@tid-<native thread id>`` and inside an asyncio task
 in ``@task-<id>``, so two threads or tasks running the same line hold distinct timers.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import os
 import sys
 import threading
@@ -21,7 +23,7 @@ from typing import Any, Callable, Optional, Protocol, Tuple, Type, TypeVar, runt
 
 from ftimer_protocol import surrogates_as_text
 
-from ._client import FileTimerClient
+from ._client import FileTimerClient, beyond_float
 
 __all__ = ["TimerClient", "configure", "default_scope_suffix", "expires"]
 
@@ -90,6 +92,36 @@ def _text(filename: str) -> str:
     return filename
 
 
+def _site(frame: types.FrameType) -> str:
+    """The default scope's ``<file>#<line>`` of the line ``frame`` runs."""
+    filename = frame.f_code.co_filename
+    if not filename.isascii():  # O(1): a flag of the str
+        filename = _text(filename)
+    return f"{filename}#{frame.f_lineno}"
+
+
+def _expiration_time(after: float) -> float:
+    """Return ``time.time() + after``, the expiration time of torch's ``acquire``, for
+    a client whose ``acquire`` is not ftimer's own (an int too large for a float: as
+    ``math.inf``).
+
+    Raises:
+        ValueError: ``after`` is NaN or minus infinity (or an int below any float), as
+            ``arm()`` refuses them: none is a time, and torch's server reads NaN as a
+            timer that never fires and minus infinity as a release.
+    """
+    try:
+        when = time.time() + after
+    except OverflowError:  # an int beyond any float
+        when = beyond_float(after)
+    if not when > -math.inf:  # NaN or -inf
+        raise ValueError(
+            f"timer duration must be a number of seconds (math.inf: a timer that never "
+            f"fires), not {after!r}"
+        )
+    return when
+
+
 #: What an arm raises when it sent nothing (a refused argument, a closed client) or
 #: nothing that was kept (``ServerUnavailable`` and torch's ``BrokenPipeError``); what a
 #: release raises when trying again would change nothing (the client counts a disarm
@@ -138,7 +170,9 @@ class expires:
         after: seconds until the timer expires; negative: already expired;
             ``math.inf``: never (as with torch, a timer armed that never fires).
         scope: the timer's name; default: the call site of ``expires(...)`` (for a
-            decorator, the decorator's line), per thread and asyncio task.
+            decorator, the line that applies it to the function, so that one object
+            decorating two functions arms a timer for each), per thread and asyncio
+            task.
         client: the client to use; default: the one given to ``configure()``, looked up
             when the block is entered.
 
@@ -165,6 +199,7 @@ class expires:
         # so of threads sharing this object one gets in (a lock costs ~0.3 us a block).
         self._free = [True]
         if scope is None:
+            # _site(sys._getframe(1)), inlined: a block's hot path.
             frame = sys._getframe(1)
             filename = frame.f_code.co_filename
             if not filename.isascii():  # O(1): a flag of the str
@@ -193,7 +228,7 @@ class expires:
             if type(method) is _Method and method.__func__ is _ACQUIRE:
                 client.arm(scope, self._after)  # type: ignore[attr-defined]
             else:
-                client.acquire(scope, time.time() + self._after)
+                client.acquire(scope, _expiration_time(self._after))
         except BaseException as e:
             self._free.append(True)
             if client is not None and scope is not None and not isinstance(e, _NOT_ARMED):
@@ -243,6 +278,7 @@ class expires:
         Raises:
             RuntimeError: not inside the block.
             ServerUnavailable: not delivered, with the client's policy "raise".
+            ValueError: ``after`` is NaN or minus infinity.
         """
         active = self._active
         if active is None:
@@ -252,7 +288,7 @@ class expires:
         if _plain(client):
             client.arm(scope, after)  # type: ignore[attr-defined]
         else:
-            client.acquire(scope, time.time() + after)
+            client.acquire(scope, _expiration_time(after))
 
     def __call__(self, func: F) -> F:
         """Decorate ``func``: each call runs in its own ``expires`` block.
@@ -270,7 +306,9 @@ class expires:
                 "'with expires(...):' inside the generator instead"
             )
         after, scope, client = self._after, self._scope, self._client
-        site = self._site if scope is None else ""
+        # The line that applies the decorator, not the one that made this object: one
+        # object decorating two functions must arm a timer for each.
+        site = _site(sys._getframe(1)) if scope is None else ""
 
         def block() -> expires:
             new = expires.__new__(expires)

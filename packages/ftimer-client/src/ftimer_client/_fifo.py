@@ -19,7 +19,6 @@ one ``os.write()`` per message on ``hot_fd``.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import select
 import signal
@@ -30,7 +29,7 @@ from typing import Callable
 from ftimer_protocol import SYSTEM_FIFO_PATH
 
 from ._errors import ServerStalled, ServerUnavailable
-from ._writer import ConnectionLost, getsignal, is_socket, poll_room, sigmask
+from ._writer import ConnectionLost, getsignal, is_socket, poll_ms, poll_room, sigmask
 
 __all__ = ["FifoWriter"]
 
@@ -258,7 +257,7 @@ def _wait_for_room(fd: int, timeout: float, attempt: Callable[[], bool]) -> bool
     end = time.monotonic() + timeout
     remaining = timeout
     while remaining > 0:
-        poller.poll(math.ceil(remaining * 1000))
+        poller.poll(poll_ms(remaining))
         if attempt():
             return True
         remaining = end - time.monotonic()

@@ -16,7 +16,15 @@ import signal
 import stat
 from typing import Protocol
 
-__all__ = ["ConnectionLost", "Writer", "getsignal", "is_socket", "poll_room", "sigmask"]
+__all__ = [
+    "ConnectionLost",
+    "Writer",
+    "getsignal",
+    "is_socket",
+    "poll_ms",
+    "poll_room",
+    "sigmask",
+]
 
 #: ``pthread_sigmask()`` of CPython's ``_signal``, returning a set of ints. Not the
 #: ``signal`` module's: that one wraps it in a Python function, and a signal handler may
@@ -75,11 +83,23 @@ def is_socket(path: str) -> bool:
         return False
 
 
+#: The most milliseconds ``poll()`` takes (a C int, about 24.8 days): more raises
+#: OverflowError, and ``write_timeout`` may be longer.
+_MAX_POLL_MS = 2**31 - 1
+
+
+def poll_ms(timeout: float) -> int:
+    """Return ``timeout`` seconds as ``poll()``'s milliseconds: rounded up, and within
+    0 to ``_MAX_POLL_MS`` (a caller that must wait longer polls again)."""
+    return max(0, math.ceil(min(timeout * 1000, _MAX_POLL_MS)))
+
+
 def poll_room(fd: int, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds until ``fd`` polls writable (or in error, or
-    closed: the next write says what happened); return whether it did. -1: True."""
+    """Wait up to ``timeout`` seconds (at most about 24.8 days, see ``poll_ms``) until
+    ``fd`` polls writable (or in error, or closed: the next write says what happened);
+    return whether it did. -1: True."""
     if fd < 0:
         return True
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
-    return bool(poller.poll(max(0, math.ceil(timeout * 1000))))
+    return bool(poller.poll(poll_ms(timeout)))

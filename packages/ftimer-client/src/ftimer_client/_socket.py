@@ -31,7 +31,7 @@ from ftimer_protocol import Sync, encode
 
 from ._errors import ServerStalled, ServerUnavailable
 from ._fifo import hidden_system_dir
-from ._writer import ConnectionLost, is_socket, poll_room, sigmask
+from ._writer import ConnectionLost, is_socket, poll_ms, poll_room, sigmask
 
 __all__ = ["SocketWriter", "open_pidfd"]
 
@@ -196,8 +196,7 @@ class SocketWriter:
                 os.close(write_end)
             poller = select.poll()
             poller.register(read_end, select.POLLIN)
-            remaining = max(0.0, end - time.monotonic())
-            return bool(poller.poll(min(remaining * 1000, 2**31 - 1)))
+            return bool(poller.poll(poll_ms(end - time.monotonic())))
         finally:
             os.close(read_end)
 

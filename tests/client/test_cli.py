@@ -225,6 +225,8 @@ BAD = [
     ["arm", "--scope", "s", "--after", "-1"],
     ["arm", "--scope", "s", "--after", "1", "--signal", "NOPE"],
     ["arm", "--scope", "s", "--after", "1", "--signal", "99"],
+    # kill(1)'s spelling was read as "report only": a timer that never kills.
+    ["arm", "--scope", "s", "--after", "1", "--signal", "-9"],
     ["arm", "--scope", "s", "--after", "1", "--pid", "1"],
     ["arm", "--scope", "s", "--after", "1", "--pid", "0"],
     ["arm", "--scope", "s", "--after", "1", "--pid", str(2**31 - 2)],  # no such process

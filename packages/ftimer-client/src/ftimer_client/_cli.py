@@ -110,9 +110,12 @@ def _utf8(text: str) -> str:
 
 
 def _signal(text: str) -> int:
-    number = _ascii_int(text[1:]) if text.startswith("-") else None
-    if number is not None:
-        return -number  # negative: report only, as the Python client takes it
+    if text.startswith("-") and _ascii_int(text[1:]) is not None:
+        # kill(1)'s spelling of a signal; the Python client's "report only" (torch's)
+        # would turn `--signal -9` into a timer that never kills.
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give the signal without a dash ({text[1:]} or its name; 0: report only)"
+        )
     try:
         return parse_signal(text, allow_zero=True)
     except ValueError as e:

@@ -121,7 +121,8 @@ def test_torch_no_limit_times_arm_a_timer_that_never_fires(
     times = {"inf": math.inf, "nan": math.nan, "maxsize": time.time() + sys.maxsize}
     worker = children()
     for scope, far in times.items():
-        line = {"version": 1, "pid": worker.pid, "scope_id": scope, "expiration_time": 0.0}
+        outer = time.time() + 60  # the outer block's deadline, then the inner one's
+        line = {"version": 1, "pid": worker.pid, "scope_id": scope, "expiration_time": outer}
         send(fifo_path, raw=(json.dumps({**line, "signal": 9}) + "\n").encode())
         line["expiration_time"] = far
         send(fifo_path, raw=(json.dumps({**line, "signal": 9}) + "\n").encode())

@@ -72,18 +72,25 @@ _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC
 logger = logging.getLogger("ftimer_server")
 
 
-class FifoError(Exception):
+class FifoError(OSError):
     """The FIFO path cannot be used safely (or at all); nothing was changed there.
+
+    An ``OSError``, as torch's server raises for a path it cannot use: ``errno`` is the
+    failed system call's (``ENOENT`` for a missing directory), or None for a refusal;
+    ``filename`` is ``path`` and ``strerror`` is ``reason``.
 
     Attributes:
         path: the offending path (the FIFO or its directory).
         reason: what is wrong with it.
     """
 
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
+    def __init__(self, path: str, reason: str, errno: Optional[int] = None) -> None:
+        super().__init__(errno, reason, path)
         self.path = path
         self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
 
 
 class FifoBusy(FifoError):
@@ -207,8 +214,10 @@ def open_fifo(
         if created:
             unlink_if_same(path, os.fstat(read_fd))
         os.close(read_fd)
-        if isinstance(e, OSError):
-            raise FifoError(path, f"cannot open the FIFO for writing: {e.strerror}") from None
+        if isinstance(e, OSError) and not isinstance(e, FifoError):
+            raise FifoError(
+                path, f"cannot open the FIFO for writing: {e.strerror}", e.errno
+            ) from None
         raise
     fifo = Fifo(path, read_fd, write_fd, created, replaced)
     fifo.pipe_size = _enlarge_pipe(read_fd, pipe_size)
@@ -286,11 +295,15 @@ def lock_fifo(fifo: str) -> int:
         except NotARegularFile as e:
             raise FifoError(fifo, refused.format(e.kind)) from None
         except OSError as e:
+            if e.errno == errno.ENOENT:  # made if missing: its directory is
+                raise FifoError(
+                    fifo, f"the directory {directory} does not exist", e.errno
+                ) from None
             why = f"cannot open the lock file {path}: {e.strerror}"
             if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):  # a symlink, dir, socket
                 with contextlib.suppress(OSError):
                     why = refused.format(file_kind(os.lstat(path).st_mode))
-            raise FifoError(fifo, why) from None
+            raise FifoError(fifo, why, e.errno) from None
         try:
             if st.st_uid != os.geteuid():
                 raise FifoError(fifo, refused.format(f"owned by uid {st.st_uid}, not us"))
@@ -351,7 +364,7 @@ def _make_dir(directory: str) -> None:
     except FileExistsError:
         pass
     except OSError as e:
-        raise FifoError(directory, f"cannot create the directory: {e.strerror}") from None
+        raise FifoError(directory, f"cannot create the directory: {e.strerror}", e.errno) from None
 
 
 def _ensure_private_dir(directory: str, gid: Optional[int], mode: int) -> None:
@@ -364,9 +377,9 @@ def _ensure_private_dir(directory: str, gid: Optional[int], mode: int) -> None:
     try:
         fd, st = open_private_dir(directory)
     except NotAPrivateDirectory as e:
-        raise FifoError(directory, f"the directory {e}") from None
+        raise FifoError(directory, f"the directory {e}", e.errno) from None
     except OSError as e:
-        raise FifoError(directory, f"cannot open the directory: {e.strerror}") from None
+        raise FifoError(directory, f"cannot open the directory: {e.strerror}", e.errno) from None
     try:
         if gid is not None and st.st_gid != gid:
             try:
@@ -376,6 +389,7 @@ def _ensure_private_dir(directory: str, gid: Optional[int], mode: int) -> None:
                     directory,
                     f"cannot give the directory group {gid} ({e.strerror}); the FIFO's "
                     "group could not reach the FIFO",
+                    e.errno,
                 ) from None
         wanted = parent_mode(mode)
         if stat.S_IMODE(st.st_mode) != wanted:
@@ -383,7 +397,7 @@ def _ensure_private_dir(directory: str, gid: Optional[int], mode: int) -> None:
                 os.fchmod(fd, wanted)
             except OSError as e:
                 raise FifoError(
-                    directory, f"cannot make the directory mode {wanted:04o}: {e.strerror}"
+                    directory, f"cannot make the directory mode {wanted:04o}: {e.strerror}", e.errno
                 ) from None
     finally:
         os.close(fd)
@@ -482,15 +496,18 @@ def _open_read_end(
                 if new_fd is not None:
                     return new_fd, True, True
         except OSError as e:
-            raise FifoError(path, f"cannot create the FIFO: {e.strerror}") from None
+            why = e.strerror
+            if e.errno == errno.ENOENT:
+                why = f"the directory {os.path.dirname(path) or '.'} does not exist"
+            raise FifoError(path, f"cannot create the FIFO: {why}", e.errno) from None
         try:
             fd = os.open(path, _READ_FLAGS)
         except FileNotFoundError:
             continue
         except OSError as e:
             if e.errno == errno.ELOOP:
-                raise FifoError(path, "refusing a symlink (expected a FIFO)") from None
-            raise FifoError(path, f"cannot open the FIFO: {e.strerror}") from None
+                raise FifoError(path, "refusing a symlink (expected a FIFO)", e.errno) from None
+            raise FifoError(path, f"cannot open the FIFO: {e.strerror}", e.errno) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISFIFO(st.st_mode):
@@ -506,7 +523,7 @@ def _open_read_end(
                     what = f"make the FIFO mode {mode:04o}"
                     os.fchmod(fd, mode)
             except OSError as e:
-                raise FifoError(path, f"cannot {what}: {e.strerror}") from None
+                raise FifoError(path, f"cannot {what}: {e.strerror}", e.errno) from None
         except BaseException:
             if created:  # ours, made by this call: not left behind
                 unlink_if_same(path, os.fstat(fd))
@@ -548,7 +565,9 @@ def _replace(path: str, old: os.stat_result, mode: int, gid: Optional[int]) -> O
                 os.fchown(fd, -1, target_gid)
             except PermissionError as e:
                 if gid is not None:
-                    raise FifoError(path, f"cannot give it group {gid}: {e.strerror}") from None
+                    raise FifoError(
+                        path, f"cannot give it group {gid}: {e.strerror}", e.errno
+                    ) from None
                 # Not in the old FIFO's group: it gets ours, as a new FIFO would.
         os.fchmod(fd, mode)
         now = os.lstat(path)  # what was checked is what gets replaced
@@ -560,8 +579,8 @@ def _replace(path: str, old: os.stat_result, mode: int, gid: Optional[int]) -> O
             os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise FifoError(path, f"cannot replace the FIFO: {e.strerror}") from None
+        if isinstance(e, OSError) and not isinstance(e, FifoError):
+            raise FifoError(path, f"cannot replace the FIFO: {e.strerror}", e.errno) from None
         raise
     return fd
 

@@ -144,8 +144,28 @@ class Loop:
     # -- the loop's own thread -----------------------------------------------------------
 
     def run(self) -> None:
-        """Iterate until ``request_stop()``; then read and apply what the FIFO holds."""
+        """Iterate until ``request_stop()``; then read and apply what the FIFO holds, and
+        signal the reaps not done (``Watchdog.finish()``).
+
+        What ends the iterations otherwise (Ctrl-C's ``KeyboardInterrupt``, a signal
+        handler's ``SystemExit``: no ``Exception``, which an iteration logs) is raised
+        again after that same read and those same signals.
+        """
         self.ident = threading.get_ident()
+        try:
+            self._iterate_until_stopped()
+        except BaseException:
+            # A stuck worker whose reap waits for its capture, or for its SIGKILL after
+            # its grace, would escape: nothing signals it once the loop is gone.
+            try:
+                self._finish()
+            except BaseException:  # a second Ctrl-C, say: the first one is what ends run()
+                logger.exception("ftimer server: stopping after an interruption failed")
+            raise
+        self._finish()
+
+    def _iterate_until_stopped(self) -> None:
+        """The iterations, until ``request_stop()``."""
         watchdog, tick_interval = self._watchdog, self._tick_interval
         next_tick = None if tick_interval is None else time.monotonic() + tick_interval
         while not self._stopping:
@@ -175,13 +195,17 @@ class Loop:
                 time.sleep(0.01)
             finally:
                 self.busy_since = None
+
+    def _finish(self) -> None:
+        """Read and apply what the FIFO holds, signal the reaps not done, and hand the
+        results to the façade."""
         try:
             tokens, _ = self._ingest()
         except Exception:
             logger.exception("ftimer server: reading the FIFO on stop failed")
             tokens = []
         with self._lock:
-            finished = watchdog.finish(time.monotonic())
+            finished = self._watchdog.finish(time.monotonic())
         if finished:
             logger.warning(
                 "ftimer server stopping: %d reaped workers signalled now, not after their "

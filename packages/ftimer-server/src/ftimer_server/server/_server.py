@@ -208,17 +208,14 @@ class FileTimerServer:
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         # A torch subclass that overrides _reap_worker to log instead of kill would kill
-        # for real here, silently.
-        overridden = [name for name in TORCH_HOOKS if name in vars(cls)]
+        # for real here, silently. Through the MRO: a mixin's override counts too.
+        overridden = [
+            name
+            for name in TORCH_HOOKS
+            if getattr(cls, name, None) is not getattr(FileTimerServer, name, None)
+        ]
         if overridden:
-            warnings.warn(
-                f"{cls.__qualname__} overrides {', '.join(overridden)}: ftimer's server "
-                "loop never calls these (torch's polling loop does); use the constructor's "
-                "signaller=, reap_steps=, on_event= or dry_run= instead "
-                "(see docs/torchelastic.md)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            _warn_hooks(cls.__qualname__, overridden, stacklevel=3)
 
     def __init__(
         self,
@@ -378,7 +375,8 @@ class FileTimerServer:
         Raises:
             FifoBusy: another ftimer server (the daemon, or another embedded server)
                 serves the FIFO: it holds ``<fifo>.lock``. Nothing was changed.
-            FifoError: the FIFO path is unsafe or unusable.
+            FifoError: the FIFO path is unsafe or unusable (an ``OSError``: its
+                directory is missing, say).
             RuntimeError: the server was already started, or was made in another
                 process (this one's parent, before a fork).
         """
@@ -392,11 +390,13 @@ class FileTimerServer:
         """Open the FIFO and run the loop in the calling thread until ``stop()``.
 
         ``stop()`` may be called from another thread, a signal handler or a callback;
-        ``run()`` returns once the FIFO is closed.
+        ``run()`` returns once the FIFO is closed. Ctrl-C (``KeyboardInterrupt``) or a
+        signal handler's ``sys.exit()`` ends it as ``stop()`` would (the reaps still
+        pending are signalled at once), and is raised again once the FIFO is closed.
 
         Raises:
             FifoBusy: another ftimer server serves the FIFO (see ``start()``).
-            FifoError: the FIFO path is unsafe or unusable.
+            FifoError: the FIFO path is unsafe or unusable (an ``OSError``).
             RuntimeError: the server was already started, or made in another process.
         """
         self._serve(self._open())
@@ -745,6 +745,10 @@ class FileTimerServer:
     # -- the loop ----------------------------------------------------------------------
 
     def _open(self) -> Loop:
+        # Set on the instance (server._reap_worker = ...): never called either.
+        overridden = [name for name in TORCH_HOOKS if name in vars(self)]
+        if overridden:
+            _warn_hooks(f"{type(self).__qualname__} instance", overridden, stacklevel=4)
         with self._lock:
             if self._state is not Lifecycle.NEW:
                 raise RuntimeError(f"the server is {self._state.value}; create a new one")
@@ -1011,6 +1015,18 @@ class FileTimerServer:
     def _unwatch(self, worker: Worker) -> None:
         if self._loop is not None:
             self._loop.unwatch(worker)
+
+
+def _warn_hooks(who: str, overridden: List[str], stacklevel: int) -> None:
+    """Warn that ``who`` overrides torch's hook points ``overridden``, which are never
+    called (``stacklevel``: ``warnings.warn``'s, counted from here)."""
+    warnings.warn(
+        f"{who} overrides {', '.join(overridden)}: ftimer's server loop never calls these "
+        "(torch's polling loop does); use the constructor's signaller=, reap_steps=, "
+        "on_event= or dry_run= instead (see docs/torchelastic.md)",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def _event_types(types: Optional[Iterable[Type[Event]]]) -> Optional[FrozenSet[type]]:

@@ -896,28 +896,39 @@ def test_stop_returns_while_log_event_blocks_and_the_events_still_arrive(
         next_one.sync()
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [("expiration_time", float("nan")), ("expiration_time", float("inf")), ("scope_id", 7)],
-)
 def test_register_timers_drops_what_the_fifo_would_and_applies_the_rest(
-    fifo_path: pathlib.Path, children, field: str, value: object
+    fifo_path: pathlib.Path, children
 ) -> None:  # type: ignore[no-untyped-def]
-    # A NaN expiration_time compares as never due in torch's server; here it armed a
-    # timer due at once, and the worker was killed.
     signaller = RecordingSignaller()
     events = Recorder()
     child = children()
     with FileTimerServer(fifo_path, signaller=signaller, on_event=events) as server:
         good = FileTimerRequest(child.pid, "ok", time.time() + 60, 9)
         bad = FileTimerRequest(child.pid, "bad", time.time() + 60, 9)
-        setattr(bad, field, value)
+        bad.scope_id = 7  # type: ignore[assignment]
         server.register_timers([bad, good])
         server.sync()
         assert [t.scope_id for t in server.armed()] == ["ok"]
         assert server.stats().decode_errors == {"MalformedMessage": 1}
     [dropped] = events.of(DecodeFailed)
-    assert field in dropped.reason  # type: ignore[attr-defined]
+    assert "scope_id" in dropped.reason  # type: ignore[attr-defined]
+    assert signaller.sent == []
+
+
+@pytest.mark.parametrize("never", [math.nan, math.inf, float(sys.maxsize)])
+def test_register_timers_arms_torchs_times_that_never_come_as_torch_does(
+    fifo_path: pathlib.Path, children, never: float
+) -> None:  # type: ignore[no-untyped-def]
+    # torch's server never expires them; dropped here, they left an earlier deadline of
+    # the scope armed (and a NaN was once armed due at once): a healthy worker killed.
+    signaller = RecordingSignaller()
+    child = children()
+    with FileTimerServer(fifo_path, signaller=signaller) as server:
+        soon = FileTimerRequest(child.pid, "step", time.time() + 60, 9)
+        server.register_timers([soon, FileTimerRequest(child.pid, "step", never, 9)])
+        server.sync()
+        [timer] = server.armed()
+        assert timer.deadline > time.monotonic() + MAX_TIME - time.time() - 60
     assert signaller.sent == []
 
 

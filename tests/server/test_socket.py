@@ -1407,3 +1407,49 @@ def test_a_sender_waits_for_its_datagrams_to_be_judged_not_only_read(
         assert [type(r).__name__ for r in results] == ["Sync"]
     finally:
         sock.close()
+
+
+def test_a_socket_s_own_refusals_are_not_wrapped_again(tmp_path: pathlib.Path) -> None:
+    # FifoError became an OSError: the socket's handlers of OSErrors wrapped the one its
+    # group lookup raises, and said "cannot make the socket mode 0600: no such group".
+    path = str(tmp_path / "s.socket")
+    with pytest.raises(FifoError) as refused:
+        open_socket(path, group="ftimer-no-such-group")
+    assert str(refused.value) == "ftimer-no-such-group: no such group"
+    assert not os.path.exists(path)  # what it bound is not left behind
+    elsewhere = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    elsewhere.bind(str(tmp_path / "other.socket"))
+    try:
+        with pytest.raises(FifoError) as refused:
+            open_socket(path, adopt=(elsewhere.fileno(), 10))
+        assert str(refused.value) == f"{path}: the socket given is not bound there"
+        elsewhere.getsockname()  # the caller's descriptor, still open
+    finally:
+        elsewhere.close()
+
+
+def test_a_socket_error_keeps_its_errno(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(OSError) as missing:  # as torch's server's
+        open_socket(str(tmp_path / "missing" / "s.socket"))
+    assert isinstance(missing.value, FifoError)
+    assert missing.value.errno == errno.ENOENT
+
+
+def test_each_bad_line_or_datagram_of_a_run_is_counted_received(served, fifo_path) -> None:  # type: ignore[no-untyped-def]
+    # A run of them is one error value: ftimer_received_total counted it once, where
+    # ftimer_decode_errors_total counted every line (1 against 1000 for `yes`).
+    server, _, path = served
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(path)
+        for _ in range(5):
+            sock.send(b"y\n")
+    fd = os.open(fifo_path, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(fd, b"y\n" * 1000)
+    finally:
+        os.close(fd)
+    server.sync()
+    stats = server.stats()
+    assert stats.decode_errors == {"MalformedMessage": 1005}
+    assert stats.received["socket"] == 5
+    assert stats.received["fifo"] == 1000 + 1  # and the marker sync() wrote

@@ -81,6 +81,9 @@ class Counters:
         self.workers_gone = 0
         #: Messages (and bad lines or datagrams) received, by transport.
         self.received: Counter[str] = Counter()
+        #: Bad lines (or datagrams) counted in the ``lines`` of an error for a run of
+        #: them, beyond its first: what a transport's count of results leaves out.
+        self.folded = 0
         #: Messages over the socket applied to another pid than the one they named.
         self.pid_overridden = 0
 
@@ -99,6 +102,7 @@ class Counters:
         elif t is DecodeFailed:
             assert isinstance(event, DecodeFailed)
             self.decode_errors[event.error] += event.lines
+            self.folded += event.lines - 1
         elif t is WorkerGone:
             self.workers_gone += 1
         elif t is Escalated:

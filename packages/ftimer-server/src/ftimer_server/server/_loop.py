@@ -31,8 +31,9 @@ import os
 import selectors
 import threading
 import time
-from typing import Callable, Deque, List, Optional, Tuple
+from typing import Callable, Deque, List, Optional, Sequence, Tuple
 
+from ftimer_server.core._events import Incoming
 from ftimer_server.core._reader import LineReader
 from ftimer_server.core._records import Worker
 from ftimer_server.core._watchdog import Watchdog
@@ -282,8 +283,7 @@ class Loop:
                 if not chunk:
                     break
                 results = feed(chunk)
-                watchdog.counters.received["fifo"] += len(results)
-                tokens += watchdog.apply(results, time.monotonic(), time.time())
+                tokens += self._apply("fifo", results, time.monotonic(), time.time())
             pending -= len(chunk)
         sock = self._socket
         if sock is not None and (socket_ready or sock.queued()):
@@ -296,10 +296,9 @@ class Loop:
                 # (register_timers() from another thread), never one being closed.
                 try:
                     if received:
-                        watchdog.counters.received["socket"] += len(received)
                         watchdog.counters.pid_overridden = sock.overridden
                         now, wall = time.monotonic(), time.time()
-                        tokens += watchdog.apply(received, now, wall)
+                        tokens += self._apply("socket", received, now, wall)
                         if self._journal is not None:  # under the lock, as a checkpoint
                             kept = watchdog.as_bound(received, now, wall)
                             self._journal.keep(kept, self.reader.buffered)
@@ -307,6 +306,17 @@ class Loop:
                     sock.release()  # the batch's pidfds vouch for nothing after it
         watchdog.horizon.read(horizon, full, time.monotonic() if full else horizon)
         return tokens, horizon
+
+    def _apply(
+        self, transport: str, results: Sequence[Incoming], now: float, wall: float
+    ) -> List[str]:
+        """``Watchdog.apply()`` what ``transport`` gave, counting each line or datagram
+        received (a run of bad ones is one result). Under ``_lock``."""
+        counters = self._watchdog.counters
+        folded = counters.folded
+        tokens = self._watchdog.apply(results, now, wall)
+        counters.received[transport] += len(results) + counters.folded - folded
+        return tokens
 
 
 def _drain(fd: int) -> None:

@@ -44,6 +44,7 @@ from ftimer_protocol import (
     TimerRequestV1,
     default_fifo_path,
     encode,
+    torch_request,
 )
 from ftimer_server.core._events import (
     Armed,
@@ -71,7 +72,7 @@ from ._loop import Loop
 from ._process import ProcessInspector, SystemInspector, raise_fd_limit, ticks_since_boot
 from ._signaller import OsSignaller, RecordingSignaller, Signaller
 from ._socket import DatagramSocket, open_socket
-from ._torch import LogEvent, torch_log_event, torch_request
+from ._torch import LogEvent, request_of_timer, torch_log_event
 
 if TYPE_CHECKING:
     from ftimer_server.incidents._diagnostics import Diagnostics
@@ -646,10 +647,11 @@ class FileTimerServer:
     def register_timers(self, timer_requests: Iterable[FileTimerRequest]) -> None:
         """Apply torch's requests (ftimer's ``FileTimerRequest`` or torch's own) as if
         read from the FIFO, through the same schema, policy and identity checks (a
-        negative ``expiration_time`` releases). A request the FIFO would drop as
-        malformed (a NaN or infinite ``expiration_time``, a ``scope_id`` that is not a
-        string, a pid out of range) is dropped and counted as the FIFO's are (a
-        ``DecodeFailed`` event); the others are applied.
+        negative ``expiration_time`` releases; one torch's server never expires, infinite,
+        NaN or beyond ``MAX_TIME``, arms a timer that never fires, as from the FIFO). A
+        request the FIFO would drop as malformed (a ``scope_id`` that is not a string, a
+        pid out of range) is dropped and counted as the FIFO's are (a ``DecodeFailed``
+        event); the others are applied.
         """
         messages: List[Union[TimerRequestV1, MalformedMessage]] = []
         for r in timer_requests:
@@ -660,11 +662,9 @@ class FileTimerServer:
                 "signal": r.signal,
             }
             try:
-                messages.append(msgspec.convert(fields, TimerRequestV1))
-            except msgspec.ValidationError as e:
-                # A NaN time compared as never due in torch, but armed a timer due now.
-                excerpt = repr(fields).encode()[:64]
-                messages.append(MalformedMessage(f"register_timers: {e}", excerpt))
+                messages.append(torch_request(fields))
+            except MalformedMessage as e:
+                messages.append(MalformedMessage(f"register_timers: {e.reason}", e.excerpt))
         with self._lock:
             self._watchdog.apply(messages, time.monotonic(), time.time())
         self._loop_or_flush()
@@ -684,7 +684,7 @@ class FileTimerServer:
         expired: Dict[int, List[FileTimerRequest]] = {}
         for timer in self.armed():
             if timer.deadline <= due:
-                expired.setdefault(timer.pid, []).append(torch_request(timer))
+                expired.setdefault(timer.pid, []).append(request_of_timer(timer))
         return expired
 
     @staticmethod
@@ -965,7 +965,7 @@ class FileTimerServer:
         for event in events:
             if isinstance(event, Expired):
                 timer = event.timer
-                expired.setdefault(timer.pid, []).append(torch_request(timer).to_json())
+                expired.setdefault(timer.pid, []).append(request_of_timer(timer).to_json())
         if expired:
             assert self._log_debug_info is not None
             self._call("log_debug_info", self._log_debug_info, self.run_id, expired)

@@ -633,7 +633,7 @@ def open_socket(
     except FileNotFoundError:
         pass
     except OSError as e:
-        raise FifoError(path, f"cannot examine it: {e.strerror}") from None
+        raise FifoError(path, f"cannot examine it: {e.strerror}", e.errno) from None
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise FifoError(path, "something other than a socket is there; not removing it")
@@ -652,7 +652,7 @@ def open_socket(
             os.umask(old)
     except OSError as e:
         sock.close()
-        raise FifoError(path, f"cannot bind the socket: {e.strerror or e}") from None
+        raise FifoError(path, f"cannot bind the socket: {e.strerror or e}", e.errno) from None
     bound = os.lstat(path)
     what = f"make the socket mode {mode:04o}"
     try:
@@ -666,8 +666,8 @@ def open_socket(
     except BaseException as e:
         sock.close()
         unlink_if_same(path, bound)  # what this call bound, not left behind
-        if isinstance(e, OSError):
-            raise FifoError(path, f"cannot {what}: {e.strerror or e}") from None
+        if isinstance(e, OSError) and not isinstance(e, FifoError):  # _gid's says why
+            raise FifoError(path, f"cannot {what}: {e.strerror or e}", e.errno) from None
         raise
 
 
@@ -698,7 +698,7 @@ def _adopt(
     try:
         sock = socket.socket(fileno=fd)
     except OSError as e:
-        raise FifoError(path, f"cannot take over the socket given: {e.strerror}") from None
+        raise FifoError(path, f"cannot take over the socket given: {e.strerror}", e.errno) from None
     try:
         if (sock.family, sock.type) != (socket.AF_UNIX, socket.SOCK_DGRAM):
             raise FifoError(path, "the socket given is not an AF_UNIX datagram socket")
@@ -711,11 +711,11 @@ def _adopt(
             os.chown(path, -1, gid)
         sock.setblocking(False)
         return DatagramSocket(path, sock, passes_pidfds, queue_length, processes)
-    except OSError as e:
+    except BaseException as e:
         sock.detach()  # the caller's descriptor, left for it to close
-        raise FifoError(path, f"cannot take over the socket given: {e.strerror or e}") from None
-    except BaseException:
-        sock.detach()
+        if isinstance(e, OSError) and not isinstance(e, FifoError):
+            why = f"cannot take over the socket given: {e.strerror or e}"
+            raise FifoError(path, why, e.errno) from None
         raise
 
 

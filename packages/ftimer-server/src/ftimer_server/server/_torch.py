@@ -15,10 +15,10 @@ from ftimer_protocol import FileTimerRequest
 from ftimer_server.core._events import Event, Expired, Reaped
 from ftimer_server.core._records import Timer
 
-__all__ = ["LogEvent", "torch_request", "torch_log_event"]
+__all__ = ["LogEvent", "request_of_timer", "torch_log_event"]
 
 
-def torch_request(timer: Timer) -> FileTimerRequest:
+def request_of_timer(timer: Timer) -> FileTimerRequest:
     """torch's request for ``timer``: its monotonic deadline back on the wall clock."""
     wall = time.time() - (time.monotonic() - timer.deadline)
     return FileTimerRequest(timer.pid, timer.scope_id, wall, timer.signal)
@@ -31,7 +31,7 @@ def torch_log_event(log_event: LogEvent, event: Event) -> None:
     """Give ``event`` to torch's callback under torch's name, if torch reports it."""
     if type(event) is Expired:
         assert isinstance(event, Expired)
-        log_event("timer expired", torch_request(event.timer))
+        log_event("timer expired", request_of_timer(event.timer))
     elif type(event) is Reaped:
         assert isinstance(event, Reaped)
         if event.delivered:

@@ -39,17 +39,17 @@ def path(tmp_path: pathlib.Path) -> str:
 def test_status_round_trip_and_cleanup(path: str) -> None:
     calls = []
 
-    def status() -> dict[str, object]:
-        calls.append(1)
-        return {"pid": os.getpid(), "timers": [{"scope_id": "s"}]}
+    def status(timers: bool) -> dict[str, object]:
+        calls.append(timers)
+        return {"pid": os.getpid(), **({"timers": [{"scope_id": "s"}]} if timers else {})}
 
     server = ControlServer(path, status)
     server.start()
     try:
         assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
         assert query_status(path) == {"pid": os.getpid(), "timers": [{"scope_id": "s"}]}
-        assert query_status(path)["pid"] == os.getpid()
-        assert len(calls) == 2
+        assert query_status(path, health=True) == {"pid": os.getpid()}
+        assert calls == [True, False]
     finally:
         server.stop()
     assert not os.path.exists(path)
@@ -59,11 +59,11 @@ def test_status_round_trip_and_cleanup(path: str) -> None:
 
 
 def test_a_second_daemon_on_the_same_socket_is_refused(path: str) -> None:
-    first = ControlServer(path, dict)
+    first = ControlServer(path, lambda _: {})
     first.start()
     try:
         with pytest.raises(ControlSocketBusy, match="already running"):
-            ControlServer(path, dict).start()
+            ControlServer(path, lambda _: {}).start()
         assert query_status(path) == {}  # the first one still answers
     finally:
         first.stop()
@@ -73,7 +73,7 @@ def test_a_stale_socket_is_replaced(path: str) -> None:
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(path)  # bound, never listening: what a killed daemon leaves behind
     dead.close()
-    server = ControlServer(path, lambda: {"ok": True})
+    server = ControlServer(path, lambda _: {"ok": True})
     server.start()
     try:
         assert query_status(path) == {"ok": True}
@@ -84,12 +84,14 @@ def test_a_stale_socket_is_replaced(path: str) -> None:
 def test_a_regular_file_at_the_path_is_not_replaced(path: str) -> None:
     pathlib.Path(path).write_text("precious")
     with pytest.raises(ControlSocketBusy, match="not a socket"):
-        ControlServer(path, dict).start()
+        ControlServer(path, lambda _: {}).start()
     assert pathlib.Path(path).read_text() == "precious"
 
 
 def test_peers_of_other_users_are_refused(path: str) -> None:
-    server = ControlServer(path, lambda: {"secret": 1}, allowed_uids=frozenset({os.geteuid() + 1}))
+    server = ControlServer(
+        path, lambda _: {"secret": 1}, allowed_uids=frozenset({os.geteuid() + 1})
+    )
     server.start()
     try:
         with pytest.raises(PermissionError, match="only the daemon's user and root may ask"):
@@ -100,7 +102,7 @@ def test_peers_of_other_users_are_refused(path: str) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to ask as another user")
 def test_a_user_the_socket_keeps_out_is_told_who_may_ask(path: str) -> None:
-    server = ControlServer(path, dict)  # 0600: root's
+    server = ControlServer(path, lambda _: {})  # 0600: root's
     server.start()
     os.chmod(os.path.dirname(path), 0o755)  # nobody may enter, not connect
     r, w = os.pipe()
@@ -126,7 +128,7 @@ def test_a_user_the_socket_keeps_out_is_told_who_may_ask(path: str) -> None:
 
 
 def test_unknown_request_and_a_failing_callback_do_not_stop_the_server(path: str) -> None:
-    def broken() -> dict[str, object]:
+    def broken(timers: bool) -> dict[str, object]:
         raise RuntimeError("bug")
 
     server = ControlServer(path, broken)
@@ -185,7 +187,7 @@ def test_peers_beyond_those_served_at_once_wait_their_turn_and_stop_does_not(
 ) -> None:
     monkeypatch.setattr(_control, "_MAX_PEERS", 2)
     monkeypatch.setattr(_control, "_PEER_TIMEOUT", 0.5)
-    server = ControlServer(path, lambda: {"ok": True})
+    server = ControlServer(path, lambda _: {"ok": True})
     server.start()
     try:
         idle(path)
@@ -226,11 +228,11 @@ def test_status_out_of_descriptors_says_unhealthy_instead_of_failing(
             raise OSError(errno.EMFILE, "Too many open files")
 
         monkeypatch.setattr(_server.os, "dup", out_of_descriptors)
-        status = daemon._status()
+        status = daemon._status(True)
         monkeypatch.undo()
         assert status["healthy"] is False
         server.sync()  # no token left behind: the next sync still completes
-        assert daemon._status()["healthy"] is True
+        assert daemon._status(True)["healthy"] is True
 
 
 def test_status_of_a_loop_stalled_holding_the_table_answers_and_says_so(
@@ -261,20 +263,21 @@ def test_status_of_a_loop_stalled_holding_the_table_answers_and_says_so(
     try:
         with server:
             daemon._server = server
-            assert daemon._status()["timers"] == []
+            assert daemon._status(True)["timers"] == []
             fd = os.open(fifo, os.O_WRONLY)
             os.write(fd, encode(Expire(pid=child.pid, scope_id="s", signal=9)))
             os.close(fd)
             assert entered.wait(PATIENCE)
             began = time.monotonic()
-            status = daemon._status()
+            status = daemon._status(True)
             assert time.monotonic() - began < PATIENCE / 2  # not the stall's
             assert (status["healthy"], status["timers"], status["stats"]) == (False, None, None)
+            assert status["armed"] is None
             assert status["last_progress"] <= time.time()
             assert "armed timers unknown: the server's loop is busy" in format_status(status)
             gate.set()
             server.sync()  # the timed-out token was taken back: the next sync completes
-            status = daemon._status()
+            status = daemon._status(True)
             assert status["healthy"] is True
             assert status["stats"]["reaps"] == {"9": 1}
     finally:
@@ -347,7 +350,7 @@ def test_the_socket_is_made_0600_in_a_directory_of_its_own(
         chmod(target, mode)
 
     monkeypatch.setattr(_control.os, "chmod", watched)
-    server = ControlServer(path, dict)
+    server = ControlServer(path, lambda _: {})
     server.start()
     try:
         [(target, mode, owner)] = seen

@@ -30,7 +30,7 @@ def test_another_users_stale_socket_is_refused(tmp_path: pathlib.Path) -> None:
     stale_socket(path)
     os.chown(path, NOBODY, NOBODY)
     with pytest.raises(ControlSocketBusy) as raised:
-        ControlServer(str(path), dict).check_free()
+        ControlServer(str(path), lambda _: {}).check_free()
     assert str(raised.value) == (
         f"{path} is a socket of uid {NOBODY}, not this user's; refusing to replace it"
     )
@@ -47,14 +47,14 @@ def test_a_socket_of_another_uid_is_refused(
     me = os.geteuid()
     monkeypatch.setattr(os, "geteuid", lambda: me + 1)
     with pytest.raises(ControlSocketBusy, match=f"is a socket of uid {me}, not this user's"):
-        ControlServer(str(path), dict).check_free()
+        ControlServer(str(path), lambda _: {}).check_free()
     assert path.is_socket()
 
 
 def test_this_users_stale_socket_is_still_replaced(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "timer.fifo.sock"
     stale_socket(path)
-    ControlServer(str(path), dict).check_free()
+    ControlServer(str(path), lambda _: {}).check_free()
     assert not path.exists()
 
 

@@ -82,7 +82,8 @@ def test_two_instances_do_not_clash() -> None:
 
 def test_served_over_loopback() -> None:
     m = Metrics(stats)
-    host, port = m.serve(("127.0.0.1", 0))
+    host, port = m.bind(("127.0.0.1", 0))
+    m.serve()
     try:
         assert host == "127.0.0.1"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
@@ -103,7 +104,8 @@ def test_idle_connections_are_bounded_and_time_out(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(_metrics, "SCRAPE_TIMEOUT", 0.5, raising=False)
     m = Metrics(stats)
-    _, port = m.serve(("127.0.0.1", 0))
+    _, port = m.bind(("127.0.0.1", 0))
+    m.serve()
     idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(30)]
     try:
 
@@ -114,7 +116,8 @@ def test_idle_connections_are_bounded_and_time_out(monkeypatch: pytest.MonkeyPat
             except TimeoutError:
                 return False
 
-        # Beyond MAX_SCRAPERS, closed at once; the others after SCRAPE_TIMEOUT.
+        # Beyond MAX_SCRAPERS, the oldest are closed at once; the others after
+        # SCRAPE_TIMEOUT.
         at_once = getattr(_metrics, "MAX_SCRAPERS", 8)
         wait_until(lambda: sum(map(closed, idle)) >= 30 - at_once)
         wait_until(lambda: all(map(closed, idle)))
@@ -137,7 +140,8 @@ def test_a_scraper_that_trickles_its_request_is_closed_in_time(
 
     monkeypatch.setattr(_metrics, "SCRAPE_TIMEOUT", 0.6)
     m = Metrics(stats)
-    _, port = m.serve(("127.0.0.1", 0))
+    _, port = m.bind(("127.0.0.1", 0))
+    m.serve()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
             began = time.monotonic()

@@ -26,7 +26,7 @@ def serve(tmp_path: pathlib.Path) -> Iterator[Serve]:
 
     def start(doc: Dict[str, Any]) -> str:
         path = str(tmp_path / f"{len(servers)}.sock")
-        server = ControlServer(path, lambda: doc)
+        server = ControlServer(path, lambda _: doc)
         server.start()
         servers.append(server)
         return path

@@ -1429,7 +1429,7 @@ def test_a_socket_s_own_refusals_are_not_wrapped_again(tmp_path: pathlib.Path) -
 
 
 def test_a_socket_error_keeps_its_errno(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(OSError) as missing:  # as torch's server's
+    with pytest.raises(OSError, match="cannot") as missing:  # as torch's server's
         open_socket(str(tmp_path / "missing" / "s.socket"))
     assert isinstance(missing.value, FifoError)
     assert missing.value.errno == errno.ENOENT

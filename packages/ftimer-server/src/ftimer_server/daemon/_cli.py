@@ -58,7 +58,8 @@ def _number(text: str) -> int:
 
 def _seconds(text: str) -> float:
     try:
-        if not text.isascii():
+        # float() takes "1_0" as 10, where ascii_int() refuses "4_2" (and int() "٤٢").
+        if not text.isascii() or "_" in text:
             raise ValueError(text)
         return float(text)
     except ValueError:
@@ -221,8 +222,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--metrics-address",
         metavar="[HOST:]PORT",
-        help="serve Prometheus metrics here (host defaults to 127.0.0.1; needs the "
-        "ftimer-server[metrics] extra)",
+        help="serve Prometheus metrics here (host defaults to 127.0.0.1; an IPv6 address "
+        "in brackets: [::1]:9464; needs the ftimer-server[metrics] extra)",
     )
     _add_incident_options(run)
 
@@ -233,6 +234,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Ask the running daemon (through its control socket) what it has armed.",
     )
     status.add_argument("--json", action="store_true", help="print the daemon's JSON document")
+    status.add_argument(
+        "--health",
+        action="store_true",
+        help="ask for the health and the number of armed timers alone, not the timers: "
+        "as quick however many are armed (for liveness probes)",
+    )
     _add_incidents_command(sub)
     return parser
 
@@ -443,7 +450,7 @@ def _command(args: argparse.Namespace, out: TextIO) -> int:
         _error(str(e))
         return EXIT_USAGE
     if args.command == "status":
-        return _status(config.control_socket, as_json=args.json, out=out)
+        return _status(config.control_socket, as_json=args.json, health=args.health, out=out)
     if args.command == "incidents":
         if action == "show":
             return show_incident(config.incident_dir, args.id, as_json=args.json, out=out)
@@ -455,9 +462,9 @@ def _command(args: argparse.Namespace, out: TextIO) -> int:
 SYSTEM_FIFO = SYSTEM_FIFO_PATH
 
 
-def _status(path: str, as_json: bool, out: TextIO) -> int:
+def _status(path: str, as_json: bool, health: bool, out: TextIO) -> int:
     try:
-        doc = query_status(path)
+        doc = query_status(path, health=health)
     except DaemonNotRunning as e:
         _error(str(e) + _system_daemon_hint(path))
         return EXIT_FAILURE
@@ -535,7 +542,11 @@ class _Status(msgspec.Struct):
     healthy: bool
     fifo: str
     uptime: _Seconds
-    timers: Optional[List[_StatusTimer]]  # None: the loop held its table (stalled)
+    # The soonest armed timers; absent from a health document. None as well when the
+    # loop held its table (stalled), as ``armed`` then (a daemon before it: the count
+    # is how many timers it lists).
+    timers: Optional[List[_StatusTimer]] = None
+    armed: Optional[Annotated[int, msgspec.Meta(ge=0)]] = None
     socket: Optional[str] = None
     dry_run: bool = False
     signal: Optional[int] = None
@@ -569,8 +580,11 @@ def _format(status: _Status) -> str:
     if status.signal:
         mode += f", reaps with {signal_label(status.signal)}"
     health = "" if status.healthy else ", NOT READING ITS FIFO"
-    armed = f"{len(timers)} timer{'s' if len(timers) != 1 else ''} armed"
-    if status.timers is None:
+    count = status.armed if status.armed is not None else len(timers)
+    armed = f"{count} timer{'s' if count != 1 else ''} armed"
+    if status.timers is not None and len(timers) < count:
+        armed += f" (the {len(timers)} soonest shown)"
+    if status.armed is None and status.timers is None:
         armed = "armed timers unknown: the server's loop is busy"
         if status.last_progress is not None:
             armed += f" (no progress for {_duration(time.time() - status.last_progress)})"

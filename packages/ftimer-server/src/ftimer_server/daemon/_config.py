@@ -43,6 +43,7 @@ from ftimer_protocol._limits import LABEL_KEY_PATTERN
 from ftimer_server._files import NotARegularFile, open_regular
 from ftimer_server.incidents._options import CAPTURE_METHODS as INCIDENT_METHODS
 
+from ._control import bound_first
 from ._logging import LOG_FORMATS, LOG_LEVELS
 from ._metrics import MetricsUnavailable, prometheus
 
@@ -399,15 +400,28 @@ def parse_address(value: str) -> Tuple[str, int]:
     """``"9464"``, ``":9464"``, ``"0.0.0.0:9464"``, ``"[::1]:9464"`` -> (host, port).
 
     The host defaults to loopback (127.0.0.1): metrics are exposed to the network only
-    when asked for explicitly.
+    when asked for explicitly. An IPv6 address is written in brackets, as in a URL.
 
     Raises:
-        ConfigError: no port number, or one out of range.
+        ConfigError: no port number, or one out of range; an IPv6 address without its
+            brackets.
     """
-    host, sep, port_text = value.strip().rpartition(":")
-    if not sep:
-        host, port_text = "", value.strip()
-    host = host.strip("[]") or "127.0.0.1"
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep or not host:
+            raise ConfigError(
+                f"metrics address {value!r}: give an IPv6 address in brackets and a port, "
+                "like [::1]:9464"
+            )
+    elif text.count(":") > 1:
+        raise ConfigError(
+            f"metrics address {value!r}: write an IPv6 address in brackets, with the port "
+            "after them, like [::1]:9464"
+        )
+    else:
+        host, _, port_text = text.rpartition(":")
+        host = host or "127.0.0.1"
     port = ascii_int(port_text)
     if port is None:
         raise ConfigError(
@@ -511,10 +525,10 @@ def resolve_config(
 
     from_env = next((env[name] for name in FIFO_ENV_VARS if env.get(name)), None)
     fifo = check("fifo", _path) or os.path.abspath(from_env or default_fifo_path(environ=env))
-    control_socket = check("control_socket", lambda v: _socket_path(_path(v)))
+    control_socket = check("control_socket", lambda v: _control_socket_path(_path(v)))
     if control_socket is None:
         control_socket = _beside_the_fifo(
-            control_socket_for(fifo), "the control socket", "--control-socket"
+            control_socket_for(fifo), "the control socket", "--control-socket", _control_socket_path
         )
     if merged["socket"] is None:
         socket: Optional[str] = _beside_the_fifo(
@@ -672,14 +686,35 @@ def _socket_path(path: str) -> str:
     return path
 
 
-def _beside_the_fifo(path: str, what: str, option: str) -> str:
-    """``path``, a socket's path made from the FIFO's, if a socket can be reached there.
+def _control_socket_path(path: str) -> str:
+    """``path``, if the control socket can be bound and reached there: it is bound first
+    in a private directory beside it (`bound_first`), then renamed to ``path``.
+
+    Raises:
+        ConfigError: that path or ``path`` is longer than `MAX_SOCKET_PATH` bytes.
+    """
+    first = bound_first(_socket_path(path))
+    size = len(os.fsencode(first))
+    if size > MAX_SOCKET_PATH:
+        most = MAX_SOCKET_PATH - (size - len(os.fsencode(os.path.dirname(path))))
+        raise ConfigError(
+            f"{path} is bound first at {first}, {size} bytes long; a socket's path may be "
+            f"at most {MAX_SOCKET_PATH} bytes, so the directory at most {most}"
+        )
+    return path
+
+
+def _beside_the_fifo(
+    path: str, what: str, option: str, check: Callable[[str], str] = _socket_path
+) -> str:
+    """``path``, a socket's path made from the FIFO's, if ``check`` finds a socket can be
+    reached there.
 
     Raises:
         ConfigError: the path is too long for a socket; the message says what to give.
     """
     try:
-        return _socket_path(path)
+        return check(path)
     except ConfigError as e:
         raise ConfigError(
             f"{what} beside the FIFO: {e}: give a shorter FIFO path, or {option}"

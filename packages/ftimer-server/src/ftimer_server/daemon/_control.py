@@ -3,9 +3,12 @@
 The FIFO only carries messages from workers to the daemon, so the daemon also listens on a
 small AF_UNIX stream socket beside it (``<fifo>.sock`` by default). The socket file is
 0600 and every connection's peer is checked with SO_PEERCRED: only the daemon's own user
-and root may ask. The exchange is one request line (``status``) and one JSON document in
-reply, then the daemon closes the connection. Each connection is served on a thread of
-its own (a few at once), so a peer that says nothing holds up no other.
+and root may ask. The exchange is one request line and one JSON document in reply, then
+the daemon closes the connection: ``status`` is answered with the status document, the
+soonest armed timers included; ``health`` with the same document without them (what a
+liveness probe needs, as quick however many timers are armed). Each connection is
+served on a thread of its own (a few at once), so a peer that says nothing holds up no
+other.
 
 At start-up, a socket that answers means another daemon is running (refused); one that
 refuses connections is a leftover of a daemon that died, and is replaced if it is this
@@ -34,6 +37,7 @@ __all__ = [
     "ControlServer",
     "ControlSocketBusy",
     "DaemonNotRunning",
+    "bound_first",
     "query_status",
 ]
 
@@ -45,6 +49,16 @@ _PEER_TIMEOUT = 2.0
 #: within its timeouts and one status computation).
 _MAX_PEERS = 8
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+
+
+#: The private directory's prefix, before mkdtemp's 8 random characters.
+_PRIVATE = ".c"
+
+
+def bound_first(path: str) -> str:
+    """What the path ``ControlServer.start`` binds the socket at before renaming it to
+    ``path`` looks like: ``DIR/.cXXXXXXXX/s``, as long as the real one."""
+    return os.path.join(os.path.dirname(path), _PRIVATE + "X" * 8, "s")
 
 
 class ControlSocketBusy(Exception):
@@ -65,20 +79,23 @@ def _peer_uid(conn: socket.socket) -> Optional[int]:
 
 
 class ControlServer:
-    """Answers ``status`` requests on an owner-only AF_UNIX socket, on threads of its own
-    (one accepts; each connection is served on one of its own, up to ``_MAX_PEERS``).
+    """Answers ``status`` and ``health`` requests on an owner-only AF_UNIX socket, on
+    threads of its own (one accepts; each connection is served on one of its own, up to
+    ``_MAX_PEERS``).
 
     Args:
         path: the socket path.
-        status: returns the status document (JSON-serialisable); called on the
-            connection's thread for each request, so possibly on several at once.
+        status: returns the status document (JSON-serialisable), listing the armed
+            timers if called with True (``status``), not if with False (``health``);
+            called on the connection's thread for each request, so possibly on several
+            at once.
         allowed_uids: peers allowed to ask (default: this process's uid and root).
     """
 
     def __init__(
         self,
         path: str,
-        status: Callable[[], Dict[str, Any]],
+        status: Callable[[bool], Dict[str, Any]],
         allowed_uids: Optional[FrozenSet[int]] = None,
     ) -> None:
         self.path = path
@@ -104,10 +121,9 @@ class ControlServer:
         # Bind, chmod, then rename: the socket is never reachable with a wider mode. In a
         # directory of its own (0700, an unguessable name), as chmod follows a symlink:
         # in the FIFO's directory, another user who may write there could swap the
-        # socket for a link to any file between the bind and the chmod. Short names (the
-        # directory and 13 characters), yet a final path of a shorter name within a few
-        # bytes of AF_UNIX's 107 may not fit here: the bind then fails and says so.
-        private = tempfile.mkdtemp(prefix=".c", dir=os.path.dirname(self.path))
+        # socket for a link to any file between the bind and the chmod. A longer path
+        # than ``path`` if its name is short: the config checks it (``bound_first``).
+        private = tempfile.mkdtemp(prefix=_PRIVATE, dir=os.path.dirname(self.path))
         tmp = os.path.join(private, "s")
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -241,8 +257,8 @@ class ControlServer:
             if uid is not None and uid not in self._allowed:
                 log.warning("control socket: refused a request from uid %d", uid)
                 reply = {"error": "permission denied"}
-            elif request == b"status":
-                reply = self._status()
+            elif request in _REQUESTS:
+                reply = self._status(request == b"status")
             else:
                 reply = {"error": f"unknown request {request[:64]!r}"}
             conn.sendall(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
@@ -253,11 +269,15 @@ class ControlServer:
             log.exception("control socket: status failed")
 
 
+#: The requests answered: the status with its timers, and without them.
+_REQUESTS = (b"status", b"health")
+
 _REFUSED = "permission denied: only the daemon's user and root may ask {path} for the status"
 
 
-def query_status(path: str, timeout: float = 5.0) -> Dict[str, Any]:
-    """Ask the daemon listening on ``path`` for its status document.
+def query_status(path: str, timeout: float = 5.0, *, health: bool = False) -> Dict[str, Any]:
+    """Ask the daemon listening on ``path`` for its status document (``health``: without
+    the armed timers).
 
     Raises:
         DaemonNotRunning: nothing listens at ``path``.
@@ -283,7 +303,7 @@ def query_status(path: str, timeout: float = 5.0) -> Dict[str, Any]:
                 f"the process answering on {path} runs as uid {peer}, not as this user "
                 f"({euid}) nor root: not an ftimer-server of yours, its status is not shown"
             )
-        sock.sendall(b"status\n")
+        sock.sendall(b"health\n" if health else b"status\n")
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)

@@ -2,12 +2,13 @@
 
 Start-up, in order: lock the FIFO's lock file (``<fifo>.lock``, held until exit: another
 daemon on the FIFO is refused before it touches anything); refuse if another daemon
-answers on the control socket; check the state file's directory (the daemon's alone),
+answers on the control socket; bind the metrics address (a port taken fails a start
+that changed nothing); check the state file's directory (the daemon's alone),
 then load the state file; create the server and restore the saved timers (a timer that
 expired while the daemon was down fires when the restore grace ends); open the FIFO (a
 new one in place of the old if nothing was restored, so clients holding the old one
-re-send their timers) and start; bind the control socket; start the state saver and the
-metrics endpoint; tell systemd READY=1.
+re-send their timers) and start; bind the control socket; start the state saver and
+serve the metrics; tell systemd READY=1.
 
 The main thread then only waits for signals. Handlers do nothing but wake it (the signal
 number arrives on a wake-up pipe); the loop acts: SIGTERM / SIGINT shut down cleanly
@@ -22,7 +23,9 @@ import contextlib
 import faulthandler
 import gc
 import grp
+import heapq
 import logging
+import operator
 import os
 import pwd
 import select
@@ -99,8 +102,12 @@ EXIT_STARTUP = 3
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 #: Seconds the status request waits for the server loop to answer a sync.
 _HEALTH_TIMEOUT = 2.0
-#: Seconds the status waits for the loop to let go of the table, after the round trip.
+#: Seconds the status waits for the loop to let go of the table, each time it reads it.
 _TABLE_WAIT = 0.5
+#: The armed timers a status lists at most, the soonest deadlines first: all of them
+#: (hundreds of thousands, as the limits allow) would take seconds and hundreds of MB
+#: to build and send, and a liveness probe's timeout and memory limit with them.
+STATUS_TIMERS = 1000
 #: Seconds a metrics scrape waits for a busy loop's counters before serving the last.
 SCRAPE_WAIT = 1.0
 #: Settings a SIGHUP applies in place; any other change needs a restart.
@@ -141,6 +148,7 @@ class Daemon:
         self._control: Optional[ControlServer] = None
         self._saver: Optional[StateSaver] = None
         self._metrics: Optional[Metrics] = None
+        self._metrics_address: Optional[Tuple[str, int]] = None  # bound
         self._lock_fd: Optional[int] = None
         self._state_lock_fd: Optional[int] = None
         self._restoring = False
@@ -194,6 +202,7 @@ class Daemon:
         """
         self._make_metrics()
         control = self._claim_fifo()
+        self._bind_metrics()
         boot_id = read_boot_id()
         saved, journal = self._load_state(boot_id)
         self._adopt_socket = self._stored_socket()
@@ -201,7 +210,8 @@ class Daemon:
         self._serve(server, control, boot_id, journal)
 
     def _make_metrics(self) -> None:
-        """Make the metrics (served last, by ``_serve``), if an address is set.
+        """Make the metrics (bound by ``_bind_metrics``, served by ``_serve``), if an
+        address is set.
 
         Raises:
             ConfigError: the metrics need a package that is not installed.
@@ -244,6 +254,21 @@ class Daemon:
         except (ControlSocketBusy, OSError) as e:
             raise StartupError(str(e)) from None
         return control
+
+    def _bind_metrics(self) -> None:
+        """Bind the metrics address, if one is set: before the state is loaded and the
+        FIFO opened, so that a taken port fails every restart before it replaced the
+        FIFO (its writers' timers lost each time).
+
+        Raises:
+            StartupError: it cannot be bound (in use, or not an address of this host).
+        """
+        address = self.config.metrics_address
+        if self._metrics is not None and address is not None:
+            try:
+                self._metrics_address = self._metrics.bind(address)
+            except OSError as e:
+                raise StartupError(f"cannot serve metrics on {_host_port(*address)}: {e}") from None
 
     def _load_state(self, boot_id: str) -> Tuple[StateLoad, Optional[Journal]]:
         """What the state file holds (the saved timers, the journal segment to replay
@@ -392,11 +417,10 @@ class Daemon:
         journal: Optional[Journal],
     ) -> None:
         """Start the server, then bind the control socket and start the state saver and
-        the metrics endpoint.
+        serve the metrics.
 
         Raises:
-            StartupError: the FIFO, the control socket or the metrics address cannot be
-                used.
+            StartupError: the FIFO or the control socket cannot be used.
         """
         c = self.config
         try:
@@ -421,13 +445,9 @@ class Daemon:
                 overdue=(lambda: journal.full) if journal is not None else lambda: False,
             )
             self._saver.start()
-        if self._metrics is not None and c.metrics_address is not None:
-            try:
-                host, port = self._metrics.serve(c.metrics_address)
-            except OSError as e:
-                host, port = c.metrics_address
-                raise StartupError(f"cannot serve metrics on {host}:{port}: {e}") from None
-            log.info("metrics on http://%s:%d/metrics", host, port)
+        if self._metrics is not None and self._metrics_address is not None:
+            self._metrics.serve()
+            log.info("metrics on http://%s/metrics", _host_port(*self._metrics_address))
 
     def _stored_socket(self) -> Optional[Tuple[int, int]]:
         """The last daemon's socket and its queue length, if systemd kept it open
@@ -608,7 +628,17 @@ class Daemon:
             assert isinstance(event, Reaped)
             self._metrics.reaped(event.late)
         level, msg, args = describe(event, self.config.dry_run, self._restoring)
-        if events_log.isEnabledFor(level):
+        if not events_log.isEnabledFor(level):
+            return
+
+        def make() -> logging.LogRecord:
+            # Only for the line a flood's summary quotes: the rest are counted, not made.
+            fields = event_fields(event)
+            return events_log.makeRecord(
+                events_log.name, level, __file__, 0, msg, args, None, extra=fields
+            )
+
+        if not self._logging.filter.hold(events_log.name, level, msg, make):
             events_log.log(level, msg, *args, extra=event_fields(event))
 
     def _incident(self, incident: Incident) -> None:
@@ -660,25 +690,24 @@ class Daemon:
         saver = self._saver
         return (0, 0) if saver is None else (saver.saves, saver.errors)
 
-    def _status(self) -> Dict[str, Any]:
+    def _status(self, timers: bool) -> Dict[str, Any]:
+        # The control socket's threads: ``timers`` for ``status``, not for ``health``.
         server = self._server
         assert server is not None
         c = self.config
-        # A round trip through the FIFO: proves the server loop reads and applies.
-        try:
-            server.sync(timeout=_HEALTH_TIMEOUT)
-            healthy = True
-        except (OSError, RuntimeError):  # TimeoutError; EMFILE: out of descriptors
-            healthy = False
+        healthy = _reading(server)
         try:
             # Wait no longer for a loop stalled holding the table (a reap step, a
             # blocked log): the status says so instead of timing out.
-            timers: Optional[List[Timer]] = server.armed(timeout=_TABLE_WAIT)
             stats: Optional[Stats] = server.stats(timeout=_TABLE_WAIT)
+            table = server.armed(timeout=_TABLE_WAIT) if timers else None
         except TimeoutError:
-            timers = stats = None
+            stats = table = None
+        armed = None  # null: unknown, the loop held the table
+        if stats is not None:
+            armed = stats.armed if table is None else len(table)
         now = time.monotonic()
-        return {
+        doc: Dict[str, Any] = {
             "version": __version__,
             "pid": os.getpid(),
             "healthy": healthy,
@@ -692,23 +721,56 @@ class Daemon:
             "uptime": now - self._started,
             "monotonic": now,
             "last_progress": server.get_last_progress_time(),
-            # null: unknown, the loop held the table
-            "timers": None
-            if timers is None
-            else [
-                {
-                    "pid": t.pid,
-                    "scope_id": t.scope_id,
-                    "signal": t.signal,
-                    "deadline": t.deadline,
-                    "remaining": t.deadline - now,
-                    "start_time": t.start_time,
-                    "labels": t.labels,
-                }
-                for t in timers
-            ],
+            "armed": armed,
             "stats": msgspec.to_builtins(stats, str_keys=True),
         }
+        if timers:  # null: unknown, as the count
+            doc["timers"] = None if table is None else _soonest(table, now)
+        return doc
+
+
+def _soonest(table: List[Timer], now: float) -> List[Dict[str, Any]]:
+    """The first ``STATUS_TIMERS`` timers of ``table`` to expire, soonest first, as the
+    status document lists them at monotonic time ``now``."""
+    return [
+        {
+            "pid": t.pid,
+            "scope_id": t.scope_id,
+            "signal": t.signal,
+            "deadline": t.deadline,
+            "remaining": t.deadline - now,
+            "start_time": t.start_time,
+            "labels": t.labels,
+        }
+        for t in heapq.nsmallest(STATUS_TIMERS, table, key=operator.attrgetter("deadline"))
+    ]
+
+
+def _reading(server: FileTimerServer) -> bool:
+    """Whether the server's loop reads its FIFO: a ``Sync`` marker written to it is
+    applied within ``_HEALTH_TIMEOUT``, or the loop read lines meanwhile."""
+    before = _fifo_lines(server)
+    try:
+        server.sync(timeout=_HEALTH_TIMEOUT)
+    except TimeoutError:
+        # Behind a flood (anyone who may write the FIFO can make one) the marker waits
+        # its turn: a loop reading lines meanwhile is busy, not wedged.
+        if before is None:  # the loop held its table then too
+            return False
+        after = _fifo_lines(server)
+        return after is not None and after > before
+    except (OSError, RuntimeError):  # EMFILE: out of descriptors; stopped meanwhile
+        return False
+    return True
+
+
+def _fifo_lines(server: FileTimerServer) -> Optional[int]:
+    """The lines the server has read from its FIFO so far; None if its loop holds the
+    table longer than ``_TABLE_WAIT``."""
+    try:
+        return server.stats(timeout=_TABLE_WAIT).received.get("fifo", 0)
+    except TimeoutError:
+        return None
 
 
 def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
@@ -863,6 +925,11 @@ def _bound_at(fd: int, path: str) -> bool:
         return False
     finally:
         sock.detach()
+
+
+def _host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _os_error(e: OSError) -> str:

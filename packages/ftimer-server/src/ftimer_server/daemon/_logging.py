@@ -200,15 +200,17 @@ _FRESH_ATTRS = ("created", "msecs", "relativeCreated", "asctime", "message")
 
 
 class _Window:
-    """One kind's current window: when it started, what it saw, the last line held."""
+    """One kind's current window: when it started, what it saw, the last line held (or
+    what makes it: `RepeatFilter.hold`)."""
 
-    __slots__ = ("held", "last", "seen", "start")
+    __slots__ = ("held", "last", "make", "seen", "start")
 
     def __init__(self, start: float) -> None:
         self.start = start
         self.seen = 1
         self.held = 0
         self.last: Optional[logging.LogRecord] = None
+        self.make: Optional[Callable[[], logging.LogRecord]] = None
 
 
 class RepeatFilter(logging.Filter):
@@ -218,6 +220,9 @@ class RepeatFilter(logging.Filter):
     before its arguments are filled in) are the same. Records beyond the burst are held
     back and counted; when their window ends, one summary record quotes the last line held
     back followed by ``[N more like this in T s]`` (field ``suppressed`` in JSON).
+
+    A caller whose records cost to make asks `hold()` first: a record of a kind already
+    holding records back is then counted without being made.
 
     Summaries are written as soon as they are due: by `flush()`, which the daemon's loop
     calls at `next_flush()` (``on_hold`` wakes that loop whenever a kind starts holding
@@ -283,7 +288,7 @@ class RepeatFilter(logging.Filter):
                 passed = window.seen <= self.burst
                 if not passed:
                     window.held += 1
-                    window.last = record
+                    window.last, window.make = record, None
                     first_held = window.held == 1
                     self.suppressed_total += 1
             ready: List[logging.LogRecord] = []
@@ -295,6 +300,27 @@ class RepeatFilter(logging.Filter):
         if first_held and self.on_hold is not None:
             self.on_hold()
         return passed
+
+    def hold(self, name: str, level: int, msg: str, make: Callable[[], logging.LogRecord]) -> bool:
+        """Hold a record of logger ``name``, ``level`` and format ``msg`` back without it
+        being made, if its kind's window holds records back already: True if so (the
+        caller then logs nothing), False if the record is to be logged.
+
+        A flood's records cost more to make than what they report did to read: only the
+        last held back is made, by ``make``, and only if a summary quotes it.
+        """
+        if level < self.min_level:
+            return False
+        now = self._clock()
+        with self._lock:
+            window = self._windows.get((name, level, msg))
+            if window is None or not window.held or now - window.start >= self.window:
+                return False  # filter() decides, and writes a summary that is due
+            window.seen += 1
+            window.held += 1
+            window.make = make
+            self.suppressed_total += 1
+        return True
 
     def next_flush(self) -> Optional[float]:
         """The clock time at which `flush()` has a summary to write, or None."""
@@ -327,7 +353,7 @@ class RepeatFilter(logging.Filter):
         self._summarise(kind, self._windows.pop(kind), now)
 
     def _summarise(self, kind: _Kind, window: _Window, now: float) -> None:
-        last = window.last
+        last = window.last if window.make is None else window.make()
         if not window.held or last is None:
             return
         fields = {k: v for k, v in last.__dict__.items() if k not in _FRESH_ATTRS}

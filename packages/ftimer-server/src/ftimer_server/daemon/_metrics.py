@@ -15,7 +15,7 @@ import socket
 import socketserver
 import threading
 from collections.abc import Iterator
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ftimer_server.core._stats import Stats
@@ -32,10 +32,12 @@ REAP_LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
-#: Scrapes served at once; a connection beyond them is closed at once. Each holds a
-#: descriptor and a thread: idle connections must not use up the descriptors the loop
-#: needs to bind workers (pidfd_open).
+#: Scrapes served at once. Each holds a descriptor and a thread: idle connections must
+#: not use up the descriptors the loop needs to bind workers (pidfd_open). Beyond them, a
+#: new connection takes the place of the oldest that has not sent its request yet.
 MAX_SCRAPERS = 8
+#: Seconds a new connection waits for the slot of the connection it closed.
+_SLOT_WAIT = 1.0
 #: Seconds a scraper has for its request and the reply, in all: a connection that says
 #: nothing, or trickles its request a byte at a time, is closed after that.
 SCRAPE_TIMEOUT = 5.0
@@ -230,8 +232,9 @@ class Metrics:
         self._incidents.labels(method).inc()
         self._capture.labels(method).observe(max(seconds, 0.0))
 
-    def serve(self, address: Tuple[str, int]) -> Tuple[str, int]:
-        """Serve ``/metrics`` over HTTP on ``address``; returns the bound (host, port).
+    def bind(self, address: Tuple[str, int]) -> Tuple[str, int]:
+        """Bind ``address`` and listen: scrapers' connections wait there until `serve`;
+        returns the bound (host, port).
 
         Raises:
             OSError: the address is in use or cannot be bound.
@@ -241,26 +244,38 @@ class Metrics:
         server_class = type("_Server", (_BoundedServer,), {"address_family": family[0][0]})
         app = self._prom.make_wsgi_app(self.registry)
         self._server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        bound = self._server.server_address
+        return str(bound[0]), int(bound[1])
+
+    def serve(self) -> None:
+        """Serve ``/metrics`` over HTTP on the address `bind` bound, on a thread of its own."""
+        assert self._server is not None, "bind() first"
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="ftimer-metrics", daemon=True
         )
         self._thread.start()
-        bound = self._server.server_address
-        return str(bound[0]), int(bound[1])
 
     def close(self) -> None:
-        """Stop the HTTP server, if serving."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        """Stop the HTTP server, if serving, and release its address, if bound."""
+        if self._thread is not None:
+            self._server.shutdown()  # waits for serve_forever(): only once it runs
             self._thread.join()
-            self._server = self._thread = None
+            self._thread = None
+        if self._server is not None:
+            self._server.server_close()
+            self._server = None
 
 
 class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
     """prometheus_client's server (a thread per scrape) with bounds: ``MAX_SCRAPERS`` at
     once, ``SCRAPE_TIMEOUT`` for each in all, and a backlog that does not make scrapers
-    wait."""
+    wait.
+
+    With every slot taken, a new connection closes the oldest that has not sent its
+    request yet and takes its slot: connections that say nothing (anyone who can connect
+    can open them, and open them again) never keep a scraper out, which sends its
+    request at once. Only when every slot is answering a request is it closed at once.
+    """
 
     daemon_threads = True
     block_on_close = False
@@ -268,18 +283,41 @@ class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(MAX_SCRAPERS)
+        self._lock = threading.Lock()
+        #: Connections served that have not sent their request yet, oldest first.
+        self._waiting: Dict[socket.socket, None] = {}
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+        if not self._slots.acquire(blocking=False) and not self._took_a_waiting_slot():
             self.shutdown_request(request)  # closes it: the scraper may try again
             return
         request.settimeout(SCRAPE_TIMEOUT)
+        with self._lock:
+            self._waiting[request] = None
         try:
             super().process_request(request, client_address)
         except BaseException:  # no thread to be had: the slot is free again
+            self.requested(request)
             self._slots.release()
             raise
+
+    def requested(self, request: socket.socket) -> None:
+        """``request`` has sent its request (or is done): it keeps its slot."""
+        with self._lock:
+            self._waiting.pop(request, None)
+
+    def _took_a_waiting_slot(self) -> bool:
+        """Shut the oldest connection that has not sent its request down, and take its
+        slot once its thread is done; False if there is none, or it is not done in
+        ``_SLOT_WAIT``."""
+        with self._lock:
+            oldest = next(iter(self._waiting), None)
+            if oldest is None:
+                return False
+            del self._waiting[oldest]
+        _shut(oldest)  # its read ends: its thread ends and frees its slot
+        return self._slots.acquire(timeout=_SLOT_WAIT)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         # The socket's timeout bounds each call; this, the whole: a shutdown ends the
@@ -291,6 +329,7 @@ class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
             super().process_request_thread(request, client_address)
         finally:
             deadline.cancel()
+            self.requested(request)
             self._slots.release()
 
 
@@ -300,7 +339,15 @@ def _shut(request: socket.socket) -> None:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    """No line on stderr per scrape."""
+    """No line on stderr per scrape; tells the server once the request is read."""
+
+    server: _BoundedServer
+
+    def parse_request(self) -> bool:
+        # Called with the request line read, and reads the headers: a complete request.
+        parsed = super().parse_request()
+        self.server.requested(self.request)
+        return parsed
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

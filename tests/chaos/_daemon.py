@@ -3,8 +3,8 @@ killed, stopped and restarted by the harness.
 
 Readiness is what systemd would see: the harness owns the ``NOTIFY_SOCKET`` and waits for
 the daemon's ``READY=1``. Counters come from the control socket (what ``ftimer-server
-status --json`` prints); each request there also proves the daemon's reader loop is alive,
-because the daemon answers only after a sync marker went through its FIFO.
+status --json`` prints); one whose ``caught_up`` is true proves the daemon's reader loop
+has read everything written before, because a sync marker went through its FIFO.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class Daemon:
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.status()["healthy"]:
+            if self.status()["caught_up"]:
                 return time.monotonic()
         raise DaemonDied(f"the daemon's reader did not catch up in {timeout} s")
 

@@ -88,6 +88,7 @@ def test_the_status_lists_the_soonest_timers_and_counts_them_all(
     assert health["armed"] == 5
     assert "timers" not in health
     assert health["healthy"] is True
+    assert health["caught_up"] is True
     assert format_status(health).splitlines()[2:] == ["5 timers armed"]
 
 
@@ -171,6 +172,7 @@ def test_a_reader_behind_a_flood_is_healthy_and_a_wedged_one_is_not(
         finally:
             gate.finish()
     assert health["healthy"] is reads
+    assert health["caught_up"] is False  # the marker is still behind the flood
     assert health["stats"]["received"]["fifo"] > (100 if reads else 0)
 
 

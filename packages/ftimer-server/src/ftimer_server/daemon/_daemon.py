@@ -695,7 +695,7 @@ class Daemon:
         server = self._server
         assert server is not None
         c = self.config
-        healthy = _reading(server)
+        caught_up, healthy = _reading(server)
         try:
             # Wait no longer for a loop stalled holding the table (a reap step, a
             # blocked log): the status says so instead of timing out.
@@ -711,6 +711,7 @@ class Daemon:
             "version": __version__,
             "pid": os.getpid(),
             "healthy": healthy,
+            "caught_up": caught_up,
             "fifo": c.fifo,
             "socket": c.socket,
             "control_socket": c.control_socket,
@@ -746,9 +747,10 @@ def _soonest(table: List[Timer], now: float) -> List[Dict[str, Any]]:
     ]
 
 
-def _reading(server: FileTimerServer) -> bool:
-    """Whether the server's loop reads its FIFO: a ``Sync`` marker written to it is
-    applied within ``_HEALTH_TIMEOUT``, or the loop read lines meanwhile."""
+def _reading(server: FileTimerServer) -> Tuple[bool, bool]:
+    """Whether the server's loop has caught up with its FIFO (a ``Sync`` marker written to
+    it is applied within ``_HEALTH_TIMEOUT``), and whether it reads it (caught up, or it
+    read lines meanwhile)."""
     before = _fifo_lines(server)
     try:
         server.sync(timeout=_HEALTH_TIMEOUT)
@@ -756,12 +758,12 @@ def _reading(server: FileTimerServer) -> bool:
         # Behind a flood (anyone who may write the FIFO can make one) the marker waits
         # its turn: a loop reading lines meanwhile is busy, not wedged.
         if before is None:  # the loop held its table then too
-            return False
+            return False, False
         after = _fifo_lines(server)
-        return after is not None and after > before
+        return False, after is not None and after > before
     except (OSError, RuntimeError):  # EMFILE: out of descriptors; stopped meanwhile
-        return False
-    return True
+        return False, False
+    return True, True
 
 
 def _fifo_lines(server: FileTimerServer) -> Optional[int]:

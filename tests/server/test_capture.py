@@ -730,6 +730,52 @@ def test_the_walk_of_a_worker_that_keeps_forking_ends(monkeypatch: pytest.Monkey
         assert worker.state() not in "Tt"  # continued: its own signal follows
 
 
+# A worker with a child of its own user, and one of another user (uid nobody: what a
+# root command started with sudo is to a user's worker) with a child of its own; it prints
+# the three pids, then waits.
+OTHER_USERS_CHILD = """
+import os, signal, sys, time
+def child(uid):
+    pid = os.fork()
+    if pid == 0:
+        if uid is not None:
+            os.setresuid(uid, uid, uid)
+            if os.fork() == 0:  # below another user's process
+                time.sleep(60)
+                os._exit(0)
+        time.sleep(60)
+        os._exit(0)
+    return pid
+own, other = child(None), child(65534)
+print(own, other, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a child another uid")
+def test_signal_tree_spares_another_users_descendants_and_what_is_below() -> None:
+    # --reap-tree SIGKILLed a root process under a user's worker (and SIGSTOPped it for
+    # the walk): what neither the worker's kill(2) nor --allow-uid would allow.
+    with subprocess.Popen(
+        [sys.executable, "-c", OTHER_USERS_CHILD],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its session: the worker and its descendants
+    ) as worker:
+        try:
+            assert worker.stdout is not None
+            own, other = map(int, worker.stdout.readline().split())
+            wait_for(lambda: len(_session_members(worker.pid)) == 4)
+            [below] = set(_session_members(worker.pid)) - {worker.pid, own, other}
+            assert signal_tree(worker.pid, signal.SIGKILL) == [own]
+            for pid in (other, below):
+                assert read_stat(pid).state not in "TtZX"  # never stopped, alive
+        finally:
+            for pid in _session_members(worker.pid):  # the test's own descendants
+                os.kill(pid, signal.SIGKILL)
+            worker.wait()
+
+
 def test_signal_tree_report_only_touches_nobody() -> None:
     with stuck("tree") as worker:
         wait_for(lambda: len(_session_members(worker.pid)) > 3)

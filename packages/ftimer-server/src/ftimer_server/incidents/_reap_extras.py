@@ -8,7 +8,9 @@ repeated until it finds no new child (a frozen process forks no more); only then
 the signal go, to every frozen process, followed by SIGCONT (a stopped process acts on
 SIGTERM only once continued). The worker itself is pinned too (its pidfd, else its start
 time): the children of another process that took its pid are never walked, let alone
-signalled. Nothing here signals a pid <= 1 or a thread.
+signalled. Nothing here signals a pid <= 1 or a thread, nor a descendant the worker
+could not signal itself by its uids (another user's: a root command its user started
+with sudo), nor anything below one.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import os
 import shutil
 import signal as _signal
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import AbstractSet, Dict, FrozenSet, List, Optional, Tuple
 
 from ._pinned import Process, ProcessRefused
-from ._procfs import PAGE_SIZE, children, read_stat
+from ._procfs import PAGE_SIZE, children, read_stat, read_status
 from ._tools import run_tool
 
 __all__ = ["core_dump", "signal_tree"]
@@ -174,7 +176,10 @@ def signal_tree(
     walk is re-parented away from the tree and escapes it. ``pid`` itself is stopped
     for the walk (unless it was already) and continued at its end: its own signal
     follows, and a child it forks in between escapes. Signal 0 (report
-    only) touches nobody.
+    only) touches nobody. A descendant whose real and saved uids are neither the real
+    nor the effective uid of ``pid`` (what ``kill(2)`` from ``pid`` could not signal,
+    ``CAP_KILL`` aside: a root command started with sudo) is neither stopped nor
+    signalled, and the tree below it is not walked.
 
     Returns:
         The pids ``signal`` was delivered to.
@@ -186,11 +191,16 @@ def signal_tree(
     except ProcessRefused as e:  # gone, reused, a thread: not the worker's tree
         logger.info("descendants of process %d not signalled: %s", pid, e)
         return []
+    try:
+        real, effective, _ = _uids(pid)
+    except (OSError, ValueError, IndexError):  # gone: nobody to walk
+        root.close()
+        return []
     frozen: Dict[int, Process] = {}
     signalled: List[int] = []
     stopped = _stop(root)
     try:
-        _freeze(root, frozen)
+        _freeze(root, frozen, frozenset((real, effective)))
         if not root.alive():
             # Exited during the walk (its pid may be another's by now): its tree is not
             # reaped, as it is not; whoever was frozen goes on.
@@ -234,7 +244,7 @@ def _stop(root: Process) -> bool:
     return True
 
 
-def _freeze(root: Process, frozen: Dict[int, Process]) -> None:
+def _freeze(root: Process, frozen: Dict[int, Process], uids: FrozenSet[int]) -> None:
     # A stop is delivered asynchronously: a process may finish a fork after SIGSTOP was
     # sent. So each walk is followed by a wait until every frozen process is seen
     # stopped, and only a walk that finds nobody new after that wait ends the freeze. A
@@ -242,14 +252,15 @@ def _freeze(root: Process, frozen: Dict[int, Process]) -> None:
     # one overall bound (short: see _FREEZE_WAIT).
     waited_until = time.monotonic() + _FREEZE_WAIT
     for _ in range(_MAX_PASSES):
-        found = _walk(root, frozen)
+        found = _walk(root, frozen, uids)
         _wait_stopped(frozen, waited_until)
         if not found or len(frozen) >= _MAX_TREE:
             return
 
 
-def _walk(root: Process, frozen: Dict[int, Process]) -> bool:
-    """One walk of the tree, parents before children, freezing whoever is new."""
+def _walk(root: Process, frozen: Dict[int, Process], uids: AbstractSet[int]) -> bool:
+    """One walk of the tree, parents before children, freezing whoever is new and may be
+    signalled by ``uids`` (the worker's real and effective uids)."""
     found = False
     queue = [root]
     while queue and len(frozen) < _MAX_TREE:
@@ -268,7 +279,7 @@ def _walk(root: Process, frozen: Dict[int, Process]) -> bool:
                 process.close()
                 process = None
             if process is None:
-                process = _pin(kid, parent)
+                process = _pin(kid, parent, uids)
                 if process is None:
                     continue
                 try:
@@ -282,7 +293,7 @@ def _walk(root: Process, frozen: Dict[int, Process]) -> bool:
     return found
 
 
-def _pin(pid: int, parent: Process) -> Optional[Process]:
+def _pin(pid: int, parent: Process, uids: AbstractSet[int]) -> Optional[Process]:
     try:
         process = Process.open(pid, None, None)
     except ProcessRefused:
@@ -292,11 +303,30 @@ def _pin(pid: int, parent: Process) -> Optional[Process]:
         # that took the pid of one that exited), of the parent it was found under (alive
         # after the check: its pid was not another process's when it was read).
         if read_stat(pid).ppid == parent.pid and process.alive() and parent.alive():
-            return process
+            real, _, saved = _uids(pid)
+            if real in uids or saved in uids:  # kill(2)'s rule, from the worker
+                return process
+            logger.info(
+                "process %d (uid %d) under process %d not signalled: the worker could not "
+                "signal it itself (another user's)",
+                pid,
+                real,
+                parent.pid,
+            )
     except (OSError, ValueError, IndexError):
         pass
     process.close()
     return None
+
+
+def _uids(pid: int) -> Tuple[int, int, int]:
+    """The real, effective and saved uids of process ``pid``.
+
+    Raises:
+        OSError, ValueError, IndexError: it is gone, or its status unreadable.
+    """
+    real, effective, saved = read_status(pid).get("Uid", "").split()[:3]
+    return int(real), int(effective), int(saved)
 
 
 def _wait_stopped(frozen: Dict[int, Process], deadline: float) -> None:

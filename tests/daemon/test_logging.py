@@ -9,6 +9,7 @@ import os
 import pathlib
 import select
 import signal
+import stat
 import threading
 import time
 
@@ -302,3 +303,16 @@ def test_the_daemon_loop_writes_a_summary_when_due_without_another_wake_up() -> 
         os.close(signals_w)
         setup.close()
     assert result == [0]
+
+
+def test_the_log_file_is_made_owner_only(tmp_path: pathlib.Path) -> None:
+    # It was 0644 under the usual umask: any user could read every other user's scopes,
+    # labels and incident summaries (stacks), kept 0600 in the incident directory.
+    path = tmp_path / "ftimer.log"
+    old_umask = os.umask(0o022)
+    try:
+        setup = LoggingSetup("text", "info", log_file=str(path))
+        setup.close()
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -144,8 +144,10 @@ def open_log_file(
         OSError: it cannot be opened.
     """
     try:
-        # 0o666 (less the umask), as logging.FileHandler creates it.
-        fd, _ = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode=0o666)
+        # Owner-only, whatever the umask: it tells of every user's workers (scopes,
+        # labels, incidents' stacks), which a user outside the daemon's group must not
+        # read. A file that exists keeps the mode the operator gave it.
+        fd, _ = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode=0o600)
     except NotARegularFile as e:
         raise LogFileError(f"{path} is {e.kind}, not a regular file") from None
     except OSError as e:

@@ -13,7 +13,7 @@ import re
 import stat
 import tempfile
 import time
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple, Union
 
 __all__ = [
     "O_CLOEXEC",
@@ -174,8 +174,9 @@ def aside_path(path: str) -> str:
 _TMP_SUFFIX = ".tmp"
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data``: a 0600 temporary file beside it, fsync, rename.
+def write_atomically(path: str, data: Union[bytes, Iterable[Union[bytes, memoryview]]]) -> None:
+    """Replace ``path`` with ``data`` (bytes, or pieces written as they come): a 0600
+    temporary file beside it, fsync, rename.
 
     The temporary file is ``.<name>.<random>.tmp``; one a process killed during the
     write leaves behind is for `remove_leftovers` to remove.
@@ -187,7 +188,9 @@ def write_atomically(path: str, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_TMP_SUFFIX, dir=directory)
     try:
         with open(fd, "wb") as f:
-            f.write(data)
+            # Each write releases the GIL: a piece made lazily lets other threads run.
+            for piece in (data,) if isinstance(data, bytes) else data:
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

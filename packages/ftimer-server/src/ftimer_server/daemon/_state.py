@@ -10,7 +10,9 @@ written as the ``Arm`` message it is, without the members it leaves at their def
 Deadlines are CLOCK_MONOTONIC seconds, which every process of one boot shares, so they stay
 valid across a daemon restart; the boot id says which boot they belong to, and a state
 file from another boot is discarded. Writes are atomic (temporary file, fsync, rename), so
-a reader sees the old or the new state, never half of one.
+a reader sees the old or the new state, never half of one. A save encodes and writes the
+timers ``STATE_CHUNK_TIMERS`` at a time (`state_pieces`): each encoding holds the GIL,
+which the server's loop needs to reap on time.
 
 `StateSaver` batches: the first change after a quiet period is written at once, later
 ones at most every ``interval`` seconds, and nothing is written while nothing changes;
@@ -32,8 +34,8 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from typing import Callable, List, Optional, Tuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Callable, List, Optional, Tuple, Union
 
 import msgspec
 
@@ -52,6 +54,7 @@ from ftimer_server.core._records import Timer
 
 __all__ = [
     "STATE_BYTES_PER_TIMER",
+    "STATE_CHUNK_TIMERS",
     "STATE_VERSION",
     "BOOT_ID_PATH",
     "StateBusy",
@@ -68,6 +71,7 @@ __all__ = [
     "lock_state",
     "read_boot_id",
     "set_aside_state",
+    "state_pieces",
     "write_state",
 ]
 
@@ -81,6 +85,10 @@ MAX_STATE_BYTES = 256 * 1024 * 1024
 #: The most one saved timer takes: the line that armed it (at most ``PIPE_BUF`` bytes),
 #: with the start time and the separators a saved timer may add.
 STATE_BYTES_PER_TIMER = PIPE_BUF + 512
+#: Timers encoded by one msgspec call when saving: at most about 1.2 MB, a millisecond
+#: of the GIL. The whole snapshot in one call (400 MB for 100k timers of long scopes)
+#: held it, and so every reap of every user, for two seconds.
+STATE_CHUNK_TIMERS = 256
 
 
 def max_state_bytes(max_timers: int) -> int:
@@ -163,15 +171,35 @@ def encode_state(
     boot_clock: Optional[float] = None,
 ) -> bytes:
     """Serialise a state file."""
-    doc = StateFile(
+    return b"".join(state_pieces(list(timers), boot_id, saved_at, journal, boot_clock))
+
+
+def state_pieces(
+    timers: Sequence[Timer],
+    boot_id: str,
+    saved_at: float,
+    journal: int = 0,
+    boot_clock: Optional[float] = None,
+) -> Iterator[Union[bytes, memoryview]]:
+    """A state file in pieces, each encoded when asked for and holding at most
+    ``STATE_CHUNK_TIMERS`` timers: joined, the bytes of ``StateFile`` encoded whole."""
+    empty = StateFile(
         version=STATE_VERSION,
         boot_id=boot_id,
         saved_at=saved_at,
-        timers=list(timers),
+        timers=[],
         journal=journal,
         boot_clock=boot_clock,
     )
-    return _encoder.encode(doc) + b"\n"
+    # The last match is the member's: only numbers and null follow it.
+    head, tail = _encoder.encode(empty).rsplit(b'"timers":[]', 1)
+    yield head + b'"timers":['
+    for start in range(0, len(timers), STATE_CHUNK_TIMERS):
+        if start:
+            yield b","
+        # Without the list's brackets: the pieces make one list.
+        yield memoryview(_encoder.encode(timers[start : start + STATE_CHUNK_TIMERS]))[1:-1]
+    yield b"]" + tail + b"\n"
 
 
 def decode_state(data: bytes) -> StateFile:
@@ -214,15 +242,17 @@ def decode_state(data: bytes) -> StateFile:
     )
 
 
-def write_state(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically: temporary file, fsync, rename.
+def write_state(path: str, data: Union[bytes, Iterable[Union[bytes, memoryview]]]) -> None:
+    """Replace ``path`` with ``data`` (bytes, or pieces written as they come, as
+    `state_pieces` makes them) atomically: temporary file, fsync, rename.
 
     The file is created 0600 in ``path``'s directory. The directory itself is not fsynced:
     the only crash that would need it is a power loss, after which the boot id changes and
     the state is discarded anyway.
 
     Raises:
-        OSError: the directory is not writable, the disk is full, ...
+        OSError: the directory is not writable, the disk is full, ...; the temporary file
+            is removed.
     """
     write_atomically(os.path.abspath(path), data)
 
@@ -519,8 +549,8 @@ class StateSaver:
                 # Before the snapshot: no process that started later wrote what it holds.
                 boot = boot_clock()
                 timers, journal = self._snapshot()
-                state = encode_state(timers, self._boot_id, self._clock(), journal, boot)
-                write_state(self.path, state)
+                pieces = state_pieces(timers, self._boot_id, self._clock(), journal, boot)
+                write_state(self.path, pieces)
             except OSError as e:
                 self.errors += 1
                 log.error("cannot save state to %s: %s", self.path, e)

@@ -14,16 +14,20 @@ there only while a write holds it), which only the server's user can open, so no
 else can hold it (anyone who may read the directory could lock the directory itself).
 A write waits for it at most until its deadline, then gives up and says so.
 
-Retention: after each write the oldest incidents go until at most ``keep`` remain and
-their files take at most ``max_bytes`` (the newest is always kept, however large). Every
-file whose name is an incident's id followed by a dot (its record, its text, and
-anything the server puts beside them, a core file say) belongs to that incident: it is
-counted, and removed with it. A core is renamed ``<id>.core`` before its incident's
-record is written: an incident whose record cannot be written (a full disk) takes its
-core with it, and a file named as an incident's with no record (its helper killed
-between the two) is counted, and removed once older than any capture can be
-(``ORPHAN_AGE``). A core gcore is still writing (``core.<time>.<pid>``) is counted too.
-The directory belongs to one daemon.
+Retention: after each write incidents go until at most ``keep`` remain and their files
+take at most ``max_bytes`` (the newest is always kept, however large). Each goes from
+the user holding the most (incidents while over ``keep``, then bytes), its oldest first:
+one user whose workers are reaped over and over (any user can have its own reaped)
+pushes out its own incidents, not another's within a fair share. An incident's user is
+its stuck worker's real uid, as its capture recorded it; one whose uid could not be read
+counts as one more user. Every file whose name is an incident's id followed by a dot
+(its record, its text, and anything the server puts beside them, a core file say)
+belongs to that incident: it is counted, and removed with it. A core is renamed
+``<id>.core`` before its incident's record is written: an incident whose record cannot
+be written (a full disk) takes its core with it, and a file named as an incident's with
+no record (its helper killed between the two) is counted, and removed once older than
+any capture can be (``ORPHAN_AGE``). A core gcore is still writing
+(``core.<time>.<pid>``) is counted too. The directory belongs to one daemon.
 
 The directory is created 0700. One that exists must be a directory, not a symlink, owned
 by the server's user and writable by nobody else: incidents hold command lines and
@@ -42,7 +46,7 @@ import stat
 import threading
 import time
 from collections.abc import Sequence
-from typing import Dict, Iterator, List, Optional, Set, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 import msgspec
 
@@ -124,10 +128,37 @@ class _Version(msgspec.Struct):
     version: Optional[int] = None
 
 
+class _UserFacts(msgspec.Struct):
+    uid: Optional[int] = None
+
+
+class _UserCapture(msgspec.Struct):
+    role: str = "stuck"
+    facts: Optional[_UserFacts] = None
+
+
+class _UserRecord(msgspec.Struct):
+    # Of a record, what says whose the incident is (msgspec skips the rest).
+    captures: List[_UserCapture] = []
+
+
+class _Held(NamedTuple):
+    """An incident in the directory: its id, its files (path, size), and its record's
+    inode and mtime (which tell a record replaced from the one read before)."""
+
+    id: str
+    files: List[Tuple[str, int]]
+    record: Tuple[int, int]
+
+
 _encoder = msgspec.json.Encoder()
 _version_decoder = msgspec.json.Decoder(_Version)
 _incident_decoder = msgspec.json.Decoder(Incident)
 _summary_decoder = msgspec.json.Decoder(IncidentSummary)
+_user_decoder = msgspec.json.Decoder(_UserRecord)
+#: directory -> record path -> (inode, mtime, the incident's user): each record is read
+#: once (by the helper, which lives as long as the server), not at every prune.
+_read_users: Dict[str, Dict[str, Tuple[int, int, Optional[int]]]] = {}
 
 
 def incident_id(created: float, pid: int, scope_id: str) -> str:
@@ -295,7 +326,7 @@ class IncidentStore:
         except OSError as e:
             log.warning("cannot prune incidents in %s: %s", self.directory, e)
             return
-        total = sum(size for _, files in incidents for _, size in files)
+        total = sum(size for held in incidents for _, size in held.files)
         total += sum(size for _, size, _ in others)
         now = time.time()
         for path, size, mtime in others:
@@ -304,23 +335,55 @@ class IncidentStore:
             if now - mtime >= ORPHAN_AGE and _remove(path):
                 log.warning("removed %s: a file of an incident with no record", path)
                 total -= size
-        excess = max(len(incidents) - self.keep, 0)
-        for n, (_, files) in enumerate(incidents[:-1]):
-            if n >= excess and total <= self.max_bytes:
-                break
+        left = len(incidents)
+        if left <= self.keep and total <= self.max_bytes:
+            return
+        users = self._users(incidents)
+        count: Dict[Optional[int], int] = {}
+        taken: Dict[Optional[int], int] = {}  # bytes
+        removable: Dict[Optional[int], List[int]] = {}  # oldest first, the newest never
+        for n, (held, user) in enumerate(zip(incidents, users)):
+            count[user] = count.get(user, 0) + 1
+            taken[user] = taken.get(user, 0) + sum(s for _, s in held.files)
+            if n < len(incidents) - 1:
+                removable.setdefault(user, []).append(n)
+        while (left > self.keep or total > self.max_bytes) and removable:
+            most = count if left > self.keep else taken
+            # The user holding the most; between equals, the older incident first.
+            user = max(removable, key=lambda u: (most[u], -removable[u][0]))
+            n = removable[user].pop(0)
+            if not removable[user]:
+                del removable[user]
+            left -= 1
+            count[user] -= 1
             # The record first: from then on, nobody lists a half-removed incident.
-            for path, size in sorted(files, key=lambda f: not f[0].endswith(RECORD)):
+            for path, size in sorted(incidents[n].files, key=lambda f: not f[0].endswith(RECORD)):
+                taken[user] -= size
                 if _remove(path):
                     total -= size
 
-    def _incidents(
-        self,
-    ) -> Tuple[List[Tuple[str, List[Tuple[str, int]]]], List[Tuple[str, int, float]]]:
+    def _users(self, incidents: List[_Held]) -> List[Optional[int]]:
+        """The user of each incident: its stuck worker's real uid, or None where its
+        record does not say (the worker gone before its capture) or cannot be read."""
+        known = _read_users.get(self.directory, {})
+        found: Dict[str, Tuple[int, int, Optional[int]]] = {}
+        for held in incidents:
+            path = os.path.join(self.directory, held.id + RECORD)
+            cached = known.get(path)
+            if cached is not None and cached[:2] == held.record:
+                found[path] = cached
+            else:
+                found[path] = (*held.record, _read_user(path))
+        _read_users[self.directory] = found  # only what is there: the cache stays bounded
+        return [found[os.path.join(self.directory, held.id + RECORD)][2] for held in incidents]
+
+    def _incidents(self) -> Tuple[List[_Held], List[Tuple[str, int, float]]]:
         """Every incident (oldest first) with its files and their sizes; and the files
         of no incident that take space all the same (path, size, mtime): files named as
         an incident's whose record is missing, cores gcore is writing. Leftover
         temporary files of this store (a write cut short by a crash) are removed."""
         files: Dict[str, List[Tuple[str, int]]] = {}
+        records: Dict[str, Tuple[int, int]] = {}
         others: List[Tuple[str, int, float]] = []
         names = sorted(os.listdir(self.directory))
         ids = {n[: -len(RECORD)] for n in names if _is_record(n)}
@@ -339,9 +402,12 @@ class IncidentStore:
             owner = _owner(name, ids)
             if owner is not None:
                 files.setdefault(owner, []).append((path, st.st_size))
+                if name == owner + RECORD:
+                    records[owner] = (st.st_ino, st.st_mtime_ns)
             elif _INCIDENT_FILE.match(name) or _CORE_BEING_WRITTEN.match(name):
                 others.append((path, st.st_size, st.st_mtime))
-        return sorted(files.items()), others
+        held = [_Held(i, f, records.get(i, (0, 0))) for i, f in sorted(files.items())]
+        return held, others
 
 
 def _encode(incident: Incident) -> bytes:
@@ -350,6 +416,21 @@ def _encode(incident: Incident) -> bytes:
     # (whose default is a later version) would misread it. The file always says.
     doc = {"version": incident.version, **msgspec.to_builtins(incident)}
     return _encoder.encode(doc) + b"\n"
+
+
+def _read_user(path: str) -> Optional[int]:
+    """The real uid of the stuck worker of the incident recorded at ``path``, or None
+    where the record does not say or cannot be read."""
+    try:
+        fd, _ = open_regular(path)
+        with open(fd, "rb") as f:
+            data = f.read(MAX_RECORD_BYTES + 1)
+        captures = _user_decoder.decode(data).captures
+    except (OSError, NotARegularFile, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if not captures or captures[0].role != "stuck" or captures[0].facts is None:
+        return None
+    return captures[0].facts.uid
 
 
 def _owner(name: str, ids: Set[str]) -> Optional[str]:

@@ -7,11 +7,12 @@ peer: nothing is ever signalled."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 
@@ -47,7 +48,7 @@ def test_one_object_decorating_two_functions_arms_a_timer_for_each(peer: FifoPee
     # Both had the scope of the line that made the object: load_batch's exit disarmed
     # train_step's timer while train_step still ran.
     watchdog = expires(after=60, client=FileTimerClient(peer.path, labels={}))
-    load_line = sys._getframe().f_lineno + 2  # Python 3.9 and 3.10: the def line
+    load_line = sys._getframe().f_lineno + 2
 
     @watchdog
     def load_batch() -> None:
@@ -60,8 +61,6 @@ def test_one_object_decorating_two_functions_arms_a_timer_for_each(peer: FifoPee
         load_batch()
         return server_state(peer.wait_count(3))  # arm, arm, disarm
 
-    if sys.version_info < (3, 11):  # a decorator is applied on the line of def there
-        load_line, step_line = load_line + 1, step_line + 1
     assert list(train_step()) == [(ME, f"{HERE}#{step_line}")]
     messages = peer.wait_count(4)
     assert [m.scope_id for m in messages if isinstance(m, Arm)] == [
@@ -69,6 +68,35 @@ def test_one_object_decorating_two_functions_arms_a_timer_for_each(peer: FifoPee
         f"{HERE}#{load_line}",
     ]
     assert server_state(messages) == {}
+
+
+def test_one_object_applied_by_a_helper_arms_a_timer_for_each_function(peer: FifoPeer) -> None:
+    # The scope was the line that called the decorator: applied inside a helper (or a
+    # framework's registration), every function got the helper's line, one timer.
+    watchdog = expires(after=60, client=FileTimerClient(peer.path, labels={}))
+
+    def watched(func: Callable[[], None]) -> Callable[[], None]:
+        @functools.wraps(func)  # and under another decorator: the function's own line
+        def wrapper() -> None:
+            func()
+
+        return watchdog(wrapper)
+
+    first = sys._getframe().f_lineno + 2
+
+    @watched
+    def load_batch() -> None:
+        pass
+
+    second = sys._getframe().f_lineno + 2
+
+    @watched
+    def train_step() -> None:
+        load_batch()
+
+    train_step()
+    arms = [m.scope_id for m in peer.wait_count(4) if isinstance(m, Arm)]
+    assert arms == [f"{HERE}#{second}", f"{HERE}#{first}"]
 
 
 # -- 2: a write_timeout longer than poll() takes, an int beyond any float -------------------

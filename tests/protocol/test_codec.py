@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import List
 
 import msgspec
 import pytest
@@ -305,3 +306,29 @@ def test_only_the_time_of_a_version_1_line_is_forgiven() -> None:
     assert isinstance(decode_value(b'{"version": true, "expiration_time": NaN}'), MalformedMessage)
     with pytest.raises(MalformedMessage, match="scope_id"):
         torch_request({"pid": 42, "scope_id": 5, "expiration_time": 1.0, "signal": 9})
+
+
+def test_only_torchs_lines_refused_for_their_time_are_parsed_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Any failed line holding "NaN" or "Infinity" anywhere was parsed again by json.loads
+    # (up to three times with the stream decoder's retries): 4 KiB of such junk cost ~80
+    # valid lines each. And a version 2 line naming version 1 again was taken as one.
+    from ftimer_protocol import _codec
+
+    parsed: List[bytes] = []
+    loads = json.loads
+    monkeypatch.setattr(
+        _codec.json, "loads", lambda line, **kw: parsed.append(line) or loads(line, **kw)
+    )
+    junk = [
+        b'{"version":2,"op":"bogus","NaN":"Infinity"}',
+        b'{"version": 1, "pid": 42, "scope_id": "NaN", "expiration_time": 1, "signal": "x"}',
+        b'{"version":2,"op":"arm","version":1,"pid":5,"scope_id":"s","expiration_time":NaN,'
+        b'"signal":9}',
+    ]
+    for line in junk:
+        assert isinstance(decode_value(line), MalformedMessage)
+    assert parsed == []
+    assert decode(torch_line(math.nan)).expiration_time == MAX_TIME  # type: ignore[union-attr]
+    assert len(parsed) == 1

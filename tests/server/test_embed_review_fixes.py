@@ -9,9 +9,11 @@ its child that ignores SIGTERM, the capture tool of a server started here).
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import pathlib
+import pickle
 import signal
 import subprocess
 import sys
@@ -258,3 +260,20 @@ def test_a_fifo_error_opening_the_write_end_is_not_wrapped_again(
     assert str(refusal.value) == f"{fifo_path}: the FIFO was replaced while it was being opened"
     assert refusal.value.errno is None
     assert not fifo_path.exists()  # made by this call: removed
+
+
+def test_a_fifo_error_survives_a_copy_and_a_pickle() -> None:
+    # Made again from OSError's (errno, strerror), its fields came back swapped, and a
+    # FifoBusy could not be made again at all.
+    error = FifoError("/run/x.fifo", "the directory /run does not exist", errno.ENOENT)
+    busy = FifoBusy("/run/x.fifo", "/run/x.fifo.lock")
+    for original in (error, busy):
+        for again in (copy.copy(original), pickle.loads(pickle.dumps(original))):
+            assert type(again) is type(original)
+            assert (again.path, again.reason, again.errno, str(again)) == (
+                original.path,
+                original.reason,
+                original.errno,
+                str(original),
+            )
+    assert pickle.loads(pickle.dumps(busy)).lock_path == "/run/x.fifo.lock"

@@ -28,7 +28,7 @@ from typing import Callable, List, Sequence
 import pytest
 from tests.conftest import children_of, wait_until
 
-from ftimer_protocol import PIPE_BUF, Arm, Disarm, Expire, encode
+from ftimer_protocol import PIPE_BUF, Arm, Disarm, Expire, Sync, encode
 from ftimer_server import (
     Armed,
     Event,
@@ -1453,3 +1453,44 @@ def test_each_bad_line_or_datagram_of_a_run_is_counted_received(served, fifo_pat
     assert stats.decode_errors == {"MalformedMessage": 1005}
     assert stats.received["socket"] == 5
     assert stats.received["fifo"] == 1000 + 1  # and the marker sync() wrote
+
+
+class HeldClose:
+    """A close for ``_Closer`` that holds every descriptor until ``release()``, then
+    closes it."""
+
+    def __init__(self) -> None:
+        self.free = threading.Event()
+
+    def __call__(self, fd: int) -> None:
+        self.free.wait(30)
+        os.close(fd)
+
+
+def test_a_receipt_is_given_while_every_closer_thread_is_held(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A receipt's pipe went to the closer threads: 8 descriptors whose close blocks (a
+    # file of a FUSE mount that never answers), sent by anyone, held them all, and every
+    # `ftimer arm` then failed for want of its receipt.
+    close = HeldClose()
+    monkeypatch.setattr(socket_module, "_CLOSER", socket_module._Closer(close))
+    sock = open_socket(str(tmp_path / "s.socket"))
+    read_end, write_end = os.pipe()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.connect(sock.path)
+            sync = encode(Sync(token="t"))
+            for _ in range(socket_module._Closer.MAX_THREADS):
+                with open("/dev/null", "rb") as held:  # a file: only a thread closes it
+                    socket.send_fds(sender, [sync], [held.fileno()])
+            socket.send_fds(sender, [sync], [write_end])
+        os.close(write_end)
+        results = sock.receive()
+        assert [type(r).__name__ for r in results] == ["Refused"] * 8 + ["Sync"]
+        assert select.select([read_end], [], [], 0)[0] == [read_end]  # end of file: given
+        assert os.read(read_end, 1) == b""
+    finally:
+        close.free.set()
+        os.close(read_end)
+        sock.close()

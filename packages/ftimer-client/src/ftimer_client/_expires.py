@@ -1,8 +1,8 @@
 """``configure()`` and ``expires``: torch's module-level API, plus a decorator form.
 
-The default scope names the line that called ``expires(...)``, or applied it as a
-decorator (torch's ``file#line``), read with ``sys._getframe`` rather than torch's
-``inspect.stack()`` (0.1 to over 1 ms).
+The default scope names the line that called ``expires(...)``, or the first decorator
+line of the function it decorates (torch's ``file#line``), read with ``sys._getframe``
+rather than torch's ``inspect.stack()`` (0.1 to over 1 ms).
 Outside the main thread it ends in ``@tid-<native thread id>`` and inside an asyncio task
 in ``@task-<id>``, so two threads or tasks running the same line hold distinct timers.
 """
@@ -92,12 +92,22 @@ def _text(filename: str) -> str:
     return filename
 
 
-def _site(frame: types.FrameType) -> str:
-    """The default scope's ``<file>#<line>`` of the line ``frame`` runs."""
-    filename = frame.f_code.co_filename
+def _site(filename: str, line: int) -> str:
+    """The default scope's ``<file>#<line>``."""
     if not filename.isascii():  # O(1): a flag of the str
         filename = _text(filename)
-    return f"{filename}#{frame.f_lineno}"
+    return f"{filename}#{line}"
+
+
+def _decorated_site(func: Callable[..., Any]) -> str:
+    """The default scope of a function ``expires`` decorates: where the function is
+    defined, its first decorator's line (whoever applies the decorator, a helper
+    included), else the caller's line (a callable without code of its own)."""
+    code = getattr(inspect.unwrap(func), "__code__", None)
+    if isinstance(code, types.CodeType):
+        return _site(code.co_filename, code.co_firstlineno)
+    frame = sys._getframe(2)
+    return _site(frame.f_code.co_filename, frame.f_lineno)
 
 
 def _expiration_time(after: float) -> float:
@@ -170,9 +180,9 @@ class expires:
         after: seconds until the timer expires; negative: already expired;
             ``math.inf``: never (as with torch, a timer armed that never fires).
         scope: the timer's name; default: the call site of ``expires(...)`` (for a
-            decorator, the line that applies it to the function, so that one object
-            decorating two functions arms a timer for each), per thread and asyncio
-            task.
+            decorator, the decorated function's first decorator line, so that one
+            object decorating two functions arms a timer for each), per thread and
+            asyncio task.
         client: the client to use; default: the one given to ``configure()``, looked up
             when the block is entered.
 
@@ -199,7 +209,7 @@ class expires:
         # so of threads sharing this object one gets in (a lock costs ~0.3 us a block).
         self._free = [True]
         if scope is None:
-            # _site(sys._getframe(1)), inlined: a block's hot path.
+            # _site() of the caller's line, inlined: a block's hot path.
             frame = sys._getframe(1)
             filename = frame.f_code.co_filename
             if not filename.isascii():  # O(1): a flag of the str
@@ -306,9 +316,9 @@ class expires:
                 "'with expires(...):' inside the generator instead"
             )
         after, scope, client = self._after, self._scope, self._client
-        # The line that applies the decorator, not the one that made this object: one
-        # object decorating two functions must arm a timer for each.
-        site = _site(sys._getframe(1)) if scope is None else ""
+        # The function's, not the line that made this object: one object decorating two
+        # functions must arm a timer for each.
+        site = _decorated_site(func) if scope is None else ""
 
         def block() -> expires:
             new = expires.__new__(expires)

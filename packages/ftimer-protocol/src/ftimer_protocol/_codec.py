@@ -80,6 +80,8 @@ _by_version: Dict[Any, Callable[[bytes], Message]] = {
 # so that an escaped backslash followed by "u" (the text ``\udce9``) is never taken for one.
 _ESCAPES = re.compile(rb"(?:\\u[dD][89a-fA-F][0-9a-fA-F]{2})+|\\.", re.DOTALL)
 _SURROGATE = re.compile("[\ud800-\udfff]")
+#: What torch's client writes for an infinite or NaN time (``json.dumps``), not JSON.
+_NOT_A_NUMBER = re.compile(rb'"expiration_time": ?(?:-?Infinity|NaN)[,}]')
 
 
 def encode(message: Message, *, limit: int = PIPE_BUF) -> bytes:
@@ -187,7 +189,10 @@ def _refused(line: bytes, error: Exception) -> Union[Message, RemoteProtocolErro
             if not isinstance(result, RemoteProtocolError):
                 return result
             return MalformedMessage(str(error), line[:EXCERPT_BYTES])
-    if str(error).endswith("`$.expiration_time`") or b"Infinity" in line or b"NaN" in line:
+    # torch's own lines only, refused for their time: other junk costs no second parse.
+    if line.startswith(V1_PREFIXES) and (
+        str(error).endswith("`$.expiration_time`") or _NOT_A_NUMBER.search(line)
+    ):
         request = _with_torch_time(line)
         if request is not None:
             return request

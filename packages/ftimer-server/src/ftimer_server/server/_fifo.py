@@ -32,7 +32,7 @@ import select
 import stat
 import sys
 import termios
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 from ftimer_protocol import default_fifo_path
 from ftimer_server._files import (
@@ -92,6 +92,10 @@ class FifoError(OSError):
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
 
+    def __reduce__(self) -> Tuple[Any, ...]:
+        # OSError's would make it again from (errno, strerror): fields in wrong places.
+        return type(self), (self.path, self.reason, self.errno)
+
 
 class FifoBusy(FifoError):
     """Another ftimer server (the daemon, or an embedded ``FileTimerServer``) serves the
@@ -106,6 +110,9 @@ class FifoBusy(FifoError):
             path, f"another ftimer server is serving this FIFO (it holds the lock file {lock_path})"
         )
         self.lock_path = lock_path
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return type(self), (self.path, self.lock_path)
 
 
 class Fifo:

@@ -177,7 +177,7 @@ class DatagramSocket:
         received: List[_Datagram] = []
         chosen: List[int] = []  # what senders passed (SCM_RIGHTS)
         kept: Set[int] = set()  # of those, the pidfds that vouch
-        pidfds: Set[int] = set()  # of those, the ones known to be pidfds
+        pidfds: Set[int] = set()  # of those, the ones known to be pidfds (or receipts)
         vouched, open_pidfds = self.vouched, self._open_pidfds
         recvmsg = self._sock.recvmsg
         charged = 0  # to the senders' send buffers (all of it: a single sender's, at worst)
@@ -212,6 +212,8 @@ class DatagramSocket:
             for datagram in received:
                 _, _, _, sender_fd, rights, _ = datagram
                 result = self._judge(datagram, sender_fd in exited)
+                if rights and type(result) is Sync:  # a receipt
+                    pidfds.add(rights[0])  # closed at once, as a pidfd
                 if extends_run(run, result):  # as a run of such lines on the FIFO
                     run.lines += 1  # type: ignore[union-attr]
                     continue
@@ -258,9 +260,15 @@ class DatagramSocket:
         message = decode_one(line)
         if isinstance(message, Exception):
             return message
-        if isinstance(message, Sync):  # it names nobody: what it carries is no subject
-            return message  # (a sender's receipt: closed once the batch is judged)
         pid, uid, _ = creds
+        if isinstance(message, Sync):  # it names nobody
+            # What it may carry is a receipt: a pipe, closed once the batch is judged,
+            # at once (a pipe's close never blocks; what the closer threads close may,
+            # and a receipt waiting behind them would fail its sender). Or a pidfd.
+            if len(rights) > 1 or (rights and named is None and not _receipt(rights)):
+                why = "a descriptor that is neither a receipt's pipe nor a pidfd"
+                return _refused(RejectReason.FOREIGN_SUBJECT, message, pid, why)
+            return message
         if pid == 0:
             why = (
                 "the sender is in a PID namespace the server cannot see: run the server in "
@@ -515,6 +523,16 @@ def _parse(
     # as soon as its datagram is read, and a reaped process's pidfd names none.
     named = pidfd_pid(rights[0]) if len(rights) == 1 else None
     return data, flags, creds, sender_fd, rights, named
+
+
+def _receipt(rights: List[int]) -> bool:
+    """Whether the descriptors a sync datagram carried are a receipt: one anonymous pipe
+    (told by its name in /proc, which asks nothing of the file: a file of a FUSE mount
+    that never answers would block ``fstat``)."""
+    try:
+        return len(rights) == 1 and os.readlink(f"/proc/self/fd/{rights[0]}").startswith("pipe:")
+    except OSError:
+        return False
 
 
 def _refused(reason: RejectReason, message: Message, pid: int, why: str) -> Refused:

@@ -149,10 +149,11 @@ class Channel:
         with self.lock:
             armed = self.armed
             previous = armed.get(scope_id)
+            entry = (line, owner)
             try:
                 # Resync.arm(), inlined (every expires block comes here), and inside the
                 # try: an interrupt that lands once the scope is recorded undoes it below.
-                armed[scope_id] = (line, owner)
+                armed[scope_id] = entry
                 if self._fd >= 0:
                     try:
                         os.write(self._fd, line)  # at most PIPE_BUF: all of it, or nothing
@@ -164,7 +165,10 @@ class Channel:
                 self._deliver([(scope_id, line)], timeout, arming=(scope_id, previous))
             except ServerUnavailable as e:
                 if not keep:
-                    self.state.unarm(scope_id, previous)
+                    # Unless a signal handler armed or released the scope meanwhile: its
+                    # call, made later, stands.
+                    if armed.get(scope_id) is entry:
+                        self.state.unarm(scope_id, previous)
                     if previous is None:
                         # Its line may have gone out all the same (a signal handler's
                         # lines, sent after it, are what failed): the resync disarms it.
@@ -173,7 +177,8 @@ class Channel:
                 self._failed(e)
                 raise
             except BaseException:
-                self.state.unarm(scope_id, previous)
+                if armed.get(scope_id) is entry:  # as above
+                    self.state.unarm(scope_id, previous)
                 self.state.lost_disarms((scope_id,))  # it may have reached the server
                 self._failed(None)
                 raise
@@ -245,11 +250,16 @@ class Channel:
             Whatever interrupted the delivery.
         """
         with self.lock:
+            previous = None if forget is None else self.state.armed.get(forget)
             if forget is not None:
                 self.state.disarm(forget)
             try:
                 self._deliver([(forget, line)], timeout)
             except BaseException as e:
+                if forget is not None and previous is not None and forget not in self.armed:
+                    # The expire may not have reached the server: the timer it replaced
+                    # stands (the resync re-arms it), or the stuck worker is never reaped.
+                    self.state.unarm(forget, previous)
                 self._failed(e if isinstance(e, ServerUnavailable) else None)
                 raise
 

@@ -282,6 +282,10 @@ class Resync:
     def delivered(self) -> None:
         """Everything asked for went through, resync included: the server agrees."""
         self.needs_resync = self.stalled = False
+        # The lost disarms the resync delivered are among the last disarms delivered: a
+        # restart before the server read them owes them again (see RECENT).
+        armed = self.armed
+        self._recent.extend(s for s in tuple(self._lost) if s not in armed)
         self._lost.clear()
         self.forget_progress()
         self._retry_at = None

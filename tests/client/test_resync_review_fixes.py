@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import wait_until
 
 from ftimer_client import FileTimerClient, ServerStalled
+from ftimer_client._resync import RECENT, Resync
+from ftimer_client._wire import V2Lines
 from ftimer_protocol import Arm, Expire
 
 from .conftest import FifoPeer, Peer, SocketPeer, restart, server_state
@@ -154,3 +156,48 @@ def test_a_failed_re_arm_does_not_undo_a_signal_handlers_release(tmp_path: pathl
         signal.signal(signal.SIGALRM, old)
         client.close()
         peer.close()
+
+
+@pytest.mark.parametrize(("kind", "name"), TRANSPORTS)
+def test_a_failed_expire_does_not_undo_a_signal_handlers_release(
+    tmp_path: pathlib.Path, kind: Type[Peer], name: str
+) -> None:
+    # The expire's failure put back the timer it replaced, over the release a handler
+    # made while it waited for room: the resync re-armed a released scope.
+    peer: Any = kind(tmp_path / name)
+    client = FileTimerClient(str(peer.path), write_timeout=0.3, labels={})
+    released = []
+
+    def handler(signum: int, frame: object) -> None:
+        client.release("s")
+        released.append(True)
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        client.arm("s", 600)
+        peer.wait_count(1)
+        peer.pause()
+        peer.fill()
+        signal.setitimer(signal.ITIMER_REAL, 0.05)  # lands while the expire waits
+        with pytest.raises(ServerStalled):
+            client.expire("s")
+        assert released
+        assert "s" not in client._channel.armed
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        client.close()
+        peer.close()
+
+
+def test_the_disarms_a_resync_delivered_make_room_before_later_ones() -> None:
+    # They went out before the caller's disarm, yet were recorded after it: with 512 of
+    # them, the caller's was pushed out of the last disarms delivered, and not sent again
+    # after a restart that restored its timer.
+    state = Resync(V2Lines(1234, 1, 15, {}, None))
+    state.needs_resync = True
+    state.lost_disarms([f"old{i}" for i in range(RECENT)])
+    state.disarm("x")  # its line goes after the resync's
+    state.delivered()
+    state.failed(0.0)  # a restart before the server read them
+    assert state.owed("x") == V2Lines(1234, 1, 15, {}, None).disarm("x")  # owed again

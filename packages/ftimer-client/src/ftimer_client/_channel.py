@@ -93,6 +93,8 @@ class Channel:
         self._clients = 0
         self._retry: Optional[threading.Thread] = None
         self._sending = False  # a delivery is writing (see _deliver)
+        #: Calls a delivery deferred (a signal handler's, made while it wrote).
+        self._deferrals = 0
         _channels.add(self)
 
     @property
@@ -253,12 +255,15 @@ class Channel:
             previous = None if forget is None else self.state.armed.get(forget)
             if forget is not None:
                 self.state.disarm(forget)
+            deferrals = self._deferrals
             try:
                 self._deliver([(forget, line)], timeout)
             except BaseException as e:
-                if forget is not None and previous is not None and forget not in self.armed:
-                    # The expire may not have reached the server: the timer it replaced
-                    # stands (the resync re-arms it), or the stuck worker is never reaped.
+                # The expire may not have reached the server: the timer it replaced stands
+                # (the resync re-arms it), or the stuck worker is never reaped. Unless a
+                # signal handler's call came meanwhile: a release of the scope, say, which
+                # stands (and an expire that failed then is not made good).
+                if forget is not None and previous is not None and deferrals == self._deferrals:
                     self.state.unarm(forget, previous)
                 self._failed(e if isinstance(e, ServerUnavailable) else None)
                 raise
@@ -323,6 +328,7 @@ class Channel:
         state = self.state
         if self._sending:
             state.defer(lines, disarmed)
+            self._deferrals += 1
             return
         self._fd = -1  # no hot path for a signal handler's call until this is done
         try:

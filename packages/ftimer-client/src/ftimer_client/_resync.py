@@ -283,9 +283,11 @@ class Resync:
         """Everything asked for went through, resync included: the server agrees."""
         self.needs_resync = self.stalled = False
         # The lost disarms the resync delivered are among the last disarms delivered: a
-        # restart before the server read them owes them again (see RECENT).
+        # restart before the server read them owes them again (see RECENT). They went
+        # before the disarms recorded since: older, the first to make room.
         armed = self.armed
-        self._recent.extend(s for s in tuple(self._lost) if s not in armed)
+        delivered = [s for s in tuple(self._lost) if s not in armed]
+        self._recent = collections.deque([*delivered, *self._recent], maxlen=RECENT)
         self._lost.clear()
         self.forget_progress()
         self._retry_at = None

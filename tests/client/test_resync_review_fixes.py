@@ -9,7 +9,7 @@ import os
 import pathlib
 import signal
 import warnings
-from typing import Any, Type
+from typing import Any, Callable, Type
 
 import pytest
 from tests.conftest import wait_until
@@ -41,6 +41,17 @@ def drain(peer: Any) -> None:
             return
 
 
+def stalled(policy: str, call: Callable[[], object]) -> None:
+    """Make ``call`` against a full queue: it fails as ``policy`` says (``ServerStalled``
+    with "raise", a warning with "warn")."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            call()
+        except ServerStalled:
+            assert policy == "raise"
+
+
 @pytest.mark.parametrize(("kind", "name"), TRANSPORTS)
 @pytest.mark.parametrize("policy", ["raise", "warn"])
 def test_a_disarm_the_retries_delivered_is_owed_again_after_a_restart(
@@ -56,12 +67,7 @@ def test_a_disarm_the_retries_delivered_is_owed_again_after_a_restart(
         saved = peer.wait_count(2)  # what the server's state file holds
         peer.pause()
         peer.fill()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                client.release("released")  # stalls: the retry thread owes its disarm
-            except ServerStalled:
-                assert policy == "raise"
+        stalled(policy, lambda: client.release("released"))  # the retries owe its disarm
         channel = client._channel
         drain(peer)  # room again: the retries deliver the disarm, which stays unread
         wait_until(lambda: not channel.needs_resync, what="the retries done")
@@ -112,12 +118,7 @@ def test_an_expire_that_failed_leaves_the_timer_it_replaced(
         saved = peer.wait_count(1)
         peer.pause()
         peer.fill()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                client.expire("stuck")
-            except ServerStalled:
-                assert policy == "raise"
+        stalled(policy, lambda: client.expire("stuck"))
         peer.take()
         peer.resume()
         wait_until(lambda: not client._channel.needs_resync, what="the retries done")
@@ -129,47 +130,20 @@ def test_an_expire_that_failed_leaves_the_timer_it_replaced(
         peer.close()
 
 
-def test_a_failed_re_arm_does_not_undo_a_signal_handlers_release(tmp_path: pathlib.Path) -> None:
-    # The re-arm's undo put the scope's previous arm back over the release a signal
-    # handler made while it waited for room: the resync re-armed it on the server.
-    peer = FifoPeer(tmp_path / "timer.fifo")
-    client = FileTimerClient(str(peer.path), write_timeout=0.3, labels={})
-    released = []
-
-    def handler(signum: int, frame: object) -> None:
-        client.release("s")  # deferred while the re-arm delivers; returns normally
-        released.append(True)
-
-    old = signal.signal(signal.SIGALRM, handler)
-    try:
-        client.arm("s", 600)
-        peer.wait_count(1)
-        peer.pause()
-        peer.fill()
-        signal.setitimer(signal.ITIMER_REAL, 0.05)  # lands while the re-arm waits
-        with pytest.raises(ServerStalled):
-            client.arm("s", 900)
-        assert released
-        assert "s" not in client._channel.armed
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        client.close()
-        peer.close()
-
-
 @pytest.mark.parametrize(("kind", "name"), TRANSPORTS)
-def test_a_failed_expire_does_not_undo_a_signal_handlers_release(
-    tmp_path: pathlib.Path, kind: Type[Peer], name: str
+@pytest.mark.parametrize("call", ["re-arm", "expire"])
+def test_a_failed_call_does_not_undo_a_signal_handlers_release(
+    tmp_path: pathlib.Path, kind: Type[Peer], name: str, call: str
 ) -> None:
-    # The expire's failure put back the timer it replaced, over the release a handler
-    # made while it waited for room: the resync re-armed a released scope.
+    # A failed re-arm put the scope's previous arm back, and a failed expire the timer it
+    # replaced, over the release a signal handler made while they waited for room: the
+    # resync re-armed a released scope on the server.
     peer: Any = kind(tmp_path / name)
     client = FileTimerClient(str(peer.path), write_timeout=0.3, labels={})
     released = []
 
     def handler(signum: int, frame: object) -> None:
-        client.release("s")
+        client.release("s")  # deferred while the call delivers; returns normally
         released.append(True)
 
     old = signal.signal(signal.SIGALRM, handler)
@@ -178,9 +152,10 @@ def test_a_failed_expire_does_not_undo_a_signal_handlers_release(
         peer.wait_count(1)
         peer.pause()
         peer.fill()
-        signal.setitimer(signal.ITIMER_REAL, 0.05)  # lands while the expire waits
+        signal.setitimer(signal.ITIMER_REAL, 0.05)  # lands while the call waits
+        failing = (lambda: client.arm("s", 900)) if call == "re-arm" else lambda: client.expire("s")
         with pytest.raises(ServerStalled):
-            client.expire("s")
+            failing()
         assert released
         assert "s" not in client._channel.armed
     finally:

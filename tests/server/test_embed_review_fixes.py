@@ -26,10 +26,12 @@ import pytest
 
 from ftimer_server import (
     Escalated,
+    Expired,
     FifoBusy,
     FifoError,
     FileTimerRequest,
     FileTimerServer,
+    IncidentOptions,
     Lifecycle,
     Reaped,
     open_fifo,
@@ -103,7 +105,37 @@ def test_run_ended_by_ctrl_c_or_sys_exit_signals_the_pending_reaps(
         finally:
             run.kill()
     assert out.splitlines() == [f"{ended} stopped", "-9"], err
-    assert "reaped workers signalled now" in err
+    assert "reaps finished now" in err
+
+
+def test_a_dry_run_stop_does_not_claim_to_signal(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its stop finishes the reap waiting for a capture: as a dry run, which signals nobody.
+    py_spy = tmp_path / "py-spy"  # never answers
+    py_spy.write_text("#!/bin/sh\nexec sleep 3600\n")
+    py_spy.chmod(0o755)
+    expired = threading.Event()
+    server = FileTimerServer(
+        str(fifo_path),
+        dry_run=True,
+        incidents=IncidentOptions(
+            directory=str(tmp_path / "incidents"), method="py-spy", py_spy=str(py_spy)
+        ),
+        on_event=lambda event: isinstance(event, Expired) and expired.set(),
+    )
+    with ready_child(STUBBORN) as worker:
+        server.register_timers([FileTimerRequest(worker.pid, "step", time.time(), signal.SIGKILL)])
+        server.start()
+        try:
+            assert expired.wait(10)
+        finally:
+            with caplog.at_level("WARNING", logger="ftimer_server"):
+                server.stop()
+        assert worker.poll() is None
+    (stopping,) = [r.getMessage() for r in caplog.records if "stopping" in r.getMessage()]
+    assert "1 reaps finished now" in stopping
+    assert "signalled" not in stopping
 
 
 def test_a_second_interruption_while_stopping_does_not_hide_the_first(

@@ -112,9 +112,12 @@ def test_no_thread_id_is_ever_signalled(mode: str) -> None:
     refused = {"reserved_pid": 1, "server_process": 1}
     if mode == "unaware":
         # The inspector let the threads through; the signaller refused each one's kill().
+        # A thread's three lines make one reap, or more when its failed reap ended before
+        # the next of its lines was read (reads and reaps interleave as they will).
         assert result["stats"]["rejections"] == refused
-        assert result["stats"]["reaps"] == {"9": tids + 1}
-        assert result["stats"]["reap_failures"] == tids
+        failed = result["stats"]["reap_failures"]
+        assert tids <= failed <= 3 * tids
+        assert result["stats"]["reaps"] == {"9": failed + 1}  # the victim's alone worked
     else:
         # Expire, arm and v1 arm of each thread.
         assert result["stats"]["rejections"] == {**refused, "not_a_process": 3 * tids}

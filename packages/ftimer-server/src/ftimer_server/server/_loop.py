@@ -209,8 +209,8 @@ class Loop:
             finished = self._watchdog.finish(time.monotonic())
         if finished:
             logger.warning(
-                "ftimer server stopping: %d reaped workers signalled now, not after their "
-                "capture or grace period (a stopped server could not signal them later)",
+                "ftimer server stopping: %d reaps finished now, not after their capture "
+                "or grace period (a stopped server could not finish them later)",
                 finished,
             )
         self._after(tokens)

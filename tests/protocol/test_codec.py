@@ -19,6 +19,7 @@ from ftimer_protocol import (
     Disarm,
     DisarmAll,
     Expire,
+    LineTooLong,
     LocalProtocolError,
     MalformedMessage,
     Message,
@@ -332,3 +333,31 @@ def test_only_torchs_lines_refused_for_their_time_are_parsed_again(
     assert parsed == []
     assert decode(torch_line(math.nan)).expiration_time == MAX_TIME  # type: ignore[union-attr]
     assert len(parsed) == 1
+
+
+# -- what a third party's review of protocol.md found ------------------------------------
+
+
+def _padded(length: int) -> bytes:
+    """A valid sync line of exactly ``length`` bytes (newline excluded)."""
+    head, tail = b'{"version":2,"op":"sync","token":"x","pad":"', b'"}'
+    return head + b"a" * (length - len(head) - len(tail)) + tail
+
+
+def test_decode_refuses_a_line_longer_than_pipe_buf_as_the_stream_decoder_does() -> None:
+    # decode() returned the message: a reader built on it took what no writer may send.
+    for line in (_padded(PIPE_BUF + 1), _padded(PIPE_BUF + 1) + b"\n"):
+        with pytest.raises(LineTooLong, match=f"longer than {PIPE_BUF} bytes"):
+            decode(line)
+        assert isinstance(decode_value(line), LineTooLong)
+        assert isinstance(StreamDecoder().feed(line + b"\n")[0], LineTooLong)
+    for line in (_padded(PIPE_BUF), _padded(PIPE_BUF) + b"\n"):  # the longest there is
+        assert isinstance(decode(line), Sync)
+
+
+def test_every_bound_of_the_schema_is_exported() -> None:
+    # MAX_TOKEN was left out, though protocol.md lists "the other MAX_*".
+    import ftimer_protocol
+    from ftimer_protocol import _limits
+
+    assert set(_limits.__all__) <= set(ftimer_protocol.__all__)

@@ -33,6 +33,7 @@ from ._limits import (
     MAX_SCOPE,
     MAX_SIGNAL,
     MAX_TIME,
+    MAX_TOKEN,
     PIPE_BUF,
 )
 from ._messages import (
@@ -110,6 +111,7 @@ __all__ = [
     "MAX_SIGNAL",
     "MAX_SCOPE",
     "MAX_TIME",
+    "MAX_TOKEN",
     "MAX_LABELS",
     "MAX_LABEL_VALUE",
     "LABEL_KEY_PATTERN",

@@ -23,6 +23,7 @@ import msgspec
 
 from ._errors import (
     EXCERPT_BYTES,
+    LineTooLong,
     LocalProtocolError,
     MalformedMessage,
     MessageTooLarge,
@@ -130,6 +131,8 @@ def decode(line: Buffer) -> Message:
     Unknown members are ignored, so an older reader accepts a newer writer's additions.
 
     Raises:
+        LineTooLong: the line, newline excluded, is longer than ``PIPE_BUF`` bytes (no
+            writer may send it).
         UnsupportedVersion: the line is a JSON object whose "version" this reader does not
             speak.
         MalformedMessage: anything else wrong: not JSON, not an object, no version, a
@@ -152,6 +155,8 @@ def decode_value(line: Buffer) -> Union[Message, RemoteProtocolError]:
     """
     if type(line) is not bytes:
         line = bytes(line)
+    if len(line) > PIPE_BUF and len(line) - line.endswith(b"\n") > PIPE_BUF:
+        return LineTooLong(f"line longer than {PIPE_BUF} bytes", line[:EXCERPT_BYTES])
     if line.startswith(V2_PREFIX):
         decoder: Callable[[bytes], Message] = _v2_decoder.decode
     elif line.startswith(V1_PREFIXES):

@@ -559,7 +559,7 @@ def test_the_closer_thread_is_made_again_in_a_forked_child(tmp_path: pathlib.Pat
     # The child had the parent's variable saying a closer thread runs, and no thread:
     # every descriptor a sender passed leaked there.
     r, w = os.pipe()
-    socket_module._CLOSER.close(r)  # the parent's closer thread runs from now on
+    socket_module._CLOSER.close([r])  # the parent's closer thread runs from now on
     wait_until(lambda: _closed(r), what="the parent's descriptor closed")
     os.close(w)
     with warnings.catch_warnings():
@@ -567,7 +567,7 @@ def test_the_closer_thread_is_made_again_in_a_forked_child(tmp_path: pathlib.Pat
         pid = os.fork()
     if pid == 0:  # pragma: no cover (the child)
         r2, _ = os.pipe()
-        socket_module._CLOSER.close(r2)
+        socket_module._CLOSER.close([r2])
         deadline = time.monotonic() + 10
         while not _closed(r2) and time.monotonic() < deadline:
             time.sleep(0.001)
@@ -851,7 +851,7 @@ def test_descriptors_senders_pass_arrive_close_on_exec(
     # Until it is closed, a passed descriptor must not reach a program a thread of the
     # server's process (an agent embedding it) runs meanwhile.
     handed: List[int] = []
-    monkeypatch.setattr(socket_module._CLOSER, "close", handed.append)
+    monkeypatch.setattr(socket_module._CLOSER, "close", handed.extend)
     sock = open_socket(str(tmp_path / "s.socket"))
     read_end, write_end = os.pipe()
     try:
@@ -907,11 +907,11 @@ def test_a_close_that_blocks_holds_back_no_other_while_a_thread_can_be_had() -> 
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(threading.Thread, "start", fails_once)
-            closer.close(1)  # no thread: it waits, and nothing is raised
-            closer.close(2)  # a thread, which closes both
+            closer.close([1])  # no thread: it waits, and nothing is raised
+            closer.close([2])  # a thread, which closes both
         wait_until(lambda: sorted(close.closed) == [1, 2], what="1 and 2 closed")
-        closer.close(100)  # blocks its thread
-        closer.close(3)
+        closer.close([100])  # blocks its thread
+        closer.close([3])
         wait_until(lambda: 3 in close.closed, what="3 closed beside the blocked close")
     finally:
         close.release()
@@ -927,11 +927,11 @@ def test_every_closer_thread_blocked_is_said_once_a_minute(
     closer.SLOW = 0.0  # type: ignore[misc]
     try:
         for fd in stuck:
-            closer.close(fd)
+            closer.close([fd])
         wait_until(lambda: len(closer._closing) == closer.MAX_THREADS, what="all busy")
         with caplog.at_level(logging.WARNING, logger="ftimer_server"):
-            closer.close(1)
-            closer.close(2)
+            closer.close([1])
+            closer.close([2])
         said = [r.getMessage() for r in caplog.records if "is busy" in r.getMessage()]
         assert len(said) == 1  # once a minute: not again for the second descriptor
         assert re.fullmatch(
@@ -949,10 +949,10 @@ def test_a_forked_child_s_closer_closes_what_the_parent_had_not() -> None:
     close = BlockingClose(100)
     closer = socket_module._Closer(close)
     try:
-        closer.close(100)  # being closed when the process forked
+        closer.close([100])  # being closed when the process forked
         wait_until(lambda: closer._closing, what="100 being closed")
         closer.MAX_THREADS = 1  # type: ignore[misc]
-        closer.close(1)  # waiting then
+        closer.close([1])  # waiting then
         child = closer.for_child()
     finally:
         close.release()
@@ -1251,18 +1251,16 @@ def test_descriptors_piling_up_are_refused_at_the_senders(
     close = BlockingClose(*stuck)
     closer = socket_module._Closer(close)
     monkeypatch.setattr(socket_module, "_CLOSER", closer)
-    # The numbers closed here are made up: their linger is none of this test's business.
-    monkeypatch.setattr(socket_module, "_no_linger", lambda fd: None)
     sock = open_socket(str(tmp_path / "s.socket"))
     try:
         for fd in stuck:
-            closer.close(fd)
+            closer.close([fd])
         wait_until(lambda: len(closer._closing) == closer.MAX_THREADS, what="all busy")
         for fd in range(1000, 1000 + closer.BACKLOG):  # not closed: the close is a stub
-            closer.close(fd)
+            closer.close([fd])
         assert not _refuses_rights(sock.path)
         with caplog.at_level(logging.ERROR, logger="ftimer_server"):
-            closer.close(1000 + closer.BACKLOG)
+            closer.close([1000 + closer.BACKLOG])
         assert _refuses_rights(sock.path)
         assert "the socket refuses descriptors until they are" in caplog.text
     finally:
@@ -1287,10 +1285,9 @@ def test_descriptors_piling_up_for_want_of_threads_are_refused_too(
         raise RuntimeError("can't start new thread")
 
     monkeypatch.setattr(threading.Thread, "start", no_thread)
-    monkeypatch.setattr(socket_module, "_no_linger", lambda fd: None)
     closer = socket_module._Closer(lambda fd: None)
     for fd in range(1000, 1001 + closer.BACKLOG):  # made up: the close is a stub
-        closer.close(fd)
+        closer.close([fd])
     assert closer.refusing
 
 

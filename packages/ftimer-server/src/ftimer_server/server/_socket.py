@@ -36,7 +36,18 @@ import struct
 import threading
 import time
 import weakref
-from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Set, Tuple, Union
+from typing import (
+    Callable,
+    Deque,
+    Dict,
+    FrozenSet,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 
 import msgspec
 
@@ -197,8 +208,7 @@ class DatagramSocket:
                 if named is not None:  # one pidfd: closing it never blocks
                     pidfds.add(rights[0])
                 elif len(rights) > 1:  # refused for them: let go at once, not at the end
-                    for fd in rights:
-                        _CLOSER.close(fd)
+                    _CLOSER.close(rights)
                     del chosen[len(chosen) - len(rights) :]
             # With a long queue (net.unix.max_dgram_qlen raised), a sender of large
             # datagrams waits for its send buffer long before the queue is full.
@@ -228,6 +238,7 @@ class DatagramSocket:
                 run = result if isinstance(result, RemoteProtocolError) else None
             return out
         finally:
+            others = []
             for fd in chosen:
                 if fd in kept:
                     continue
@@ -235,7 +246,9 @@ class DatagramSocket:
                     with contextlib.suppress(OSError):
                         os.close(fd)
                 else:
-                    _CLOSER.close(fd)
+                    others.append(fd)
+            if others:
+                _CLOSER.close(others)
 
     def release(self) -> None:
         """Close the batch's pidfds: the senders', and those ``vouched`` (once the batch
@@ -320,6 +333,29 @@ class DatagramSocket:
         unlink_if_same(self.path, self._bound)
 
 
+def _no_linger(fd: int) -> None:
+    """Have a socket's close return at once (its connection reset), never wait for its
+    unsent data; anything else is left as it is. Never raises."""
+    try:
+        if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+            return
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _SO_LINGER_NONE)
+    except OSError:  # a socket without linger (a datagram socket's close never waits)
+        pass
+    finally:
+        sock.detach()
+
+
+def _close_without_linger(fd: int) -> None:
+    """The closing threads' close (a socket's linger cleared first, off the loop)."""
+    _no_linger(fd)
+    os.close(fd)
+
+
 class _Closer:
     """Closes the descriptors senders passed that may not be pidfds, off the loop: closing
     one can block as long as its sender arranged (a file of a FUSE mount that never
@@ -335,7 +371,7 @@ class _Closer:
     descriptors, and every other datagram still comes through.
 
     Args:
-        close: closes a descriptor (``os.close``; tests pass one that blocks).
+        close: closes a descriptor (tests pass one that blocks).
     """
 
     MAX_THREADS = 8
@@ -344,7 +380,7 @@ class _Closer:
     #: Every thread busy with a close this old: logged (at most once a minute).
     SLOW = 1.0
 
-    def __init__(self, close: Callable[[int], None] = os.close) -> None:
+    def __init__(self, close: Callable[[int], None] = _close_without_linger) -> None:
         self._close = close
         self._cond = threading.Condition()
         self._pending: Deque[int] = collections.deque()
@@ -367,18 +403,17 @@ class _Closer:
         with self._cond:
             self._sockets.discard(sock)
 
-    def close(self, fd: int) -> None:
-        """Close ``fd`` in a closer thread. Never raises: if no thread can be started,
-        ``fd`` waits for one."""
-        _no_linger(fd)
+    def close(self, fds: Sequence[int]) -> None:
+        """Close ``fds`` in a closer thread. Never raises: if no thread can be started,
+        they wait for one."""
         with self._cond:
-            self._pending.append(fd)
+            self._pending.extend(fds)
             idle = self._threads - len(self._closing)
-            if idle >= len(self._pending):
-                self._cond.notify()
-            elif self._threads < self.MAX_THREADS:
+            self._cond.notify(min(idle, len(self._pending)))
+            short = idle < len(self._pending)  # of threads to take them all at once
+            if short and self._threads < self.MAX_THREADS:
                 self._start()
-            else:
+            elif short:
                 oldest = min((began for _, began in self._closing.values()), default=math.inf)
                 self._say(
                     "every thread that closes descriptors senders passed to the socket is "
@@ -446,23 +481,6 @@ class _Closer:
                 self._close(fd)
             with cond:
                 del closing[me]
-
-
-def _no_linger(fd: int) -> None:
-    """Have a socket's close return at once (its connection reset), never wait for its
-    unsent data; anything else is left as it is. Never raises."""
-    try:
-        if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-            return
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        return
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _SO_LINGER_NONE)
-    except OSError:  # a socket without linger (a datagram socket's close never waits)
-        pass
-    finally:
-        sock.detach()
 
 
 def _pass_rights(sock: socket.socket, on: bool) -> None:

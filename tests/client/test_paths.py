@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
+import time
 
 import pytest
 
@@ -75,7 +76,7 @@ def test_an_explicit_path_is_used_with_the_transport_asked_for() -> None:
 
 def test_the_default_prefers_ftimer_socket_then_the_socket_beside_the_fifo() -> None:
     env = {"FTIMER_SOCKET": "/s", "FTIMER_FIFO": "/run/a.fifo"}
-    assert resolve_route(environ=env, exists=no) == Route("/s", "auto")
+    assert resolve_route(environ=env, exists=no) == Route("/s", "socket")
     assert resolve_route(transport="socket", environ=env, exists=no) == Route("/s", "socket")
     del env["FTIMER_SOCKET"]
     assert resolve_route(environ=env, exists=no) == Route("/run/a.fifo", "auto", "/run/a.socket")
@@ -84,6 +85,22 @@ def test_the_default_prefers_ftimer_socket_then_the_socket_beside_the_fifo() -> 
     )
     torch = {"TORCHELASTIC_TIMER_FILE": "/tmp/t"}
     assert resolve_route(environ=torch, exists=no) == Route("/tmp/t", "auto", "/tmp/t.socket")
+
+
+@pytest.mark.parametrize("kind", ["a regular file", "a directory", "a FIFO"])
+def test_ftimer_socket_naming_something_else_says_it_is_not_a_socket(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    # The library took what was there for a FIFO: "not a FIFO" for a file, "cannot open
+    # the FIFO" for a directory, and a FIFO there was written to as one (where `ftimer`
+    # said "not a socket").
+    path = tmp_path / "timer.socket"
+    {"a regular file": path.touch, "a directory": path.mkdir, "a FIFO": lambda: os.mkfifo(path)}[
+        kind
+    ]()
+    monkeypatch.setenv("FTIMER_SOCKET", str(path))
+    with pytest.raises(ServerUnavailable, match=f"not a socket but {kind}"):
+        FileTimerClient().acquire("step", time.time() + 60)
 
 
 def test_fifo_and_protocol_1_never_look_for_a_socket() -> None:

@@ -134,8 +134,8 @@ def resolve_route(
         fifo, owner = _fifo(None, env, uid, exists, (SYSTEM_FIFO_PATH,))
         return Route(fifo, "fifo", owner=owner)
     socket = env.get(ENV_SOCKET)
-    if socket:
-        return Route(_absolute(socket), transport)
+    if socket:  # a socket, said so: what else is there is refused as not one
+        return Route(_absolute(socket), "socket")
     fifo, owner = _fifo(None, env, uid, exists, _SYSTEM)
     if transport == "socket":
         return Route(socket_path_for(fifo), "socket", owner=owner)

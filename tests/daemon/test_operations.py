@@ -43,6 +43,8 @@ GRAFANA_VARIABLES = {
     "$__rate_interval": "5m",
     "$__interval": "1m",
     "$__range": "6h",
+    "$__range_s": "21600",
+    "$__interval_ms": "60000",
     "$job": "ftimer",
     "$instance": ".*",
 }
@@ -398,4 +400,61 @@ def test_promtool_parses_every_dashboard_query(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "dashboard-queries.yml"
     path.write_text("\n".join(lines) + "\n")
     result = run(exe, "check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_dashboard_counts_the_reaps_a_restart_hides(tmp_path: pathlib.Path) -> None:
+    # A daemon up for hours restarts and reaps (an overdue restored timer) before its first
+    # scrape, which shows the count it had before: increase() sees no reset and no reap.
+    # The "Reaps in range" stat and the "Reaps" annotation count it from the start time.
+    exe = promtool()
+    queries = {q.where: q.expr for q in dashboard_queries()}
+
+    def query(where: str) -> str:
+        expr = queries[where]
+        for variable in sorted(GRAFANA_VARIABLES, key=len, reverse=True):
+            expr = expr.replace(variable, GRAFANA_VARIABLES[variable])
+        return expr
+
+    host = 'job="ftimer", instance="host-a:9464"'
+    restart = 399 * 60 + 35  # more than $__range (6h) after the first start, at 0
+    test = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": f"process_start_time_seconds{{{host}}}",
+                        "values": f"0x399 {restart}x20",
+                    },
+                    {"series": f"ftimer_reap_latency_seconds_count{{{host}}}", "values": "1x420"},
+                ],
+                "promql_expr_test": [
+                    # Up for 6h 30m with no reap in the range: none counted, none marked.
+                    {
+                        "expr": query("panel 'Reaps in range'"),
+                        "eval_time": "390m",
+                        "exp_samples": [{"labels": "{}", "value": 0}],
+                    },
+                    {"expr": query("annotation 'Reaps'"), "eval_time": "390m", "exp_samples": []},
+                    # 85 s after the restart: its reap is counted and marked.
+                    {
+                        "expr": query("panel 'Reaps in range'"),
+                        "eval_time": "401m",
+                        "exp_samples": [{"labels": "{}", "value": 1}],
+                    },
+                    {
+                        "expr": query("annotation 'Reaps'"),
+                        "eval_time": "401m",
+                        "exp_samples": [{"labels": '{instance="host-a:9464"}', "value": 1}],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "dashboard.test.yml"
+    path.write_text(json.dumps(test))
+    result = run(exe, "test", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr

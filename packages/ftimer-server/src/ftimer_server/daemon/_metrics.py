@@ -3,8 +3,9 @@
 prometheus_client is imported only when metrics are asked for, so the daemon runs without
 it. The counters are the server's own (``FileTimerServer.stats()``), read at scrape time,
 so nothing is counted twice and the hot path does no metrics work; only the reap latency
-histogram is fed per reap. Metrics live in a registry of their own (not the process-global
-default), so two daemons in one process (tests, embedding) do not clash.
+histogram is fed per reap. prometheus_client's process metrics (``process_start_time_seconds``,
+...) come with them. Metrics live in a registry of their own (not the process-global default),
+so two daemons in one process (tests, embedding) do not clash.
 """
 
 from __future__ import annotations
@@ -200,6 +201,9 @@ class Metrics:
             dry_run=dry_run,
         )
         self.registry.register(collector)
+        # process_start_time_seconds: increase() misses the reaps a restarted daemon made
+        # before its first scrape, so the alert rules count a young daemon's from its start.
+        prom.ProcessCollector(registry=self.registry)
         self._latency = prom.Histogram(
             "ftimer_reap_latency_seconds",
             "Seconds from a timer's deadline to its worker's signal.",

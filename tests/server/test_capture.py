@@ -955,3 +955,29 @@ def test_ptrace_advice_says_what_applies(
     assert advice.startswith("py-spy cannot attach (ptrace not permitted)")
     assert says in advice
     assert ("ptrace_scope" in advice) == (yama in (1, 3) and not (capable and yama == 1))
+
+
+def test_a_peer_is_read_without_being_stopped(py_spy: str, tmp_path: pathlib.Path) -> None:
+    # py-spy stopped each peer while it read it: seconds for a large worker, while the
+    # peer's own timers ran on, and a healthy peer was reaped (3 of 3 runs of a review's
+    # job: 300 threads 250 frames deep, 0.8 s timers). The stuck worker is still stopped,
+    # for a consistent dump.
+    calls = tmp_path / "calls"
+    fake = fake_py_spy(tmp_path, f'echo "$@" >> {calls}\nexec {py_spy} "$@"\n')
+    with stuck("sleep") as worker:
+        for role in ("peer", "stuck"):
+            c = capture(
+                worker.pid,
+                None,
+                None,
+                role=role,
+                labels={"job": "j"},
+                hook=None,
+                options=CaptureOptions(py_spy=fake),
+                deadline=time.monotonic() + 5,
+            )
+            assert c.method == "py-spy", c.error
+            assert thread_in(c, "stuck_in_sleep")
+    peer, stuck_ = calls.read_text().splitlines()
+    assert "--nonblocking" in peer.split()
+    assert "--nonblocking" not in stuck_.split()

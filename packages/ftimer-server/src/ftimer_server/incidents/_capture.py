@@ -193,14 +193,19 @@ def _capture(
         elif options.py_spy:
             left = deadline - time.monotonic()
             share = min(_HOOK_SHARE_MAX, _HOOK_SHARE * left) if hook_file else 0.0
+            # A peer is read without being stopped: it is healthy, its own timers run on
+            # meanwhile, and a pause as long as a large worker's dump (seconds) got a
+            # peer reaped for the server's own doing.
+            peer = base.role == "peer"
             spy = functools.partial(
                 py_spy_dump,
                 options.py_spy,
                 process,
                 deadline - share - _RESERVE,
-                resume=not was_stopped and through is None,
+                resume=not was_stopped and through is None and not peer,
                 uninterruptible=[t.tid for t in threads if t.state == "D"],
                 thread=through,
+                nonblocking=peer,
             )
             result = spy(native=options.native)
             if result.threads is None and options.native and result.retryable:

@@ -308,6 +308,7 @@ def py_spy_dump(
     resume: bool,
     uninterruptible: Sequence[int] = (),
     thread: Optional[int] = None,
+    nonblocking: bool = False,
 ) -> MethodResult:
     """``py-spy dump --json`` of ``process`` (``--native`` too, if asked), parsed.
 
@@ -321,6 +322,8 @@ def py_spy_dump(
         thread: a live thread to read the worker through, its main thread having
             exited (py-spy cannot open it by its pid then, nor stop it): read without
             stopping it (``--nonblocking``).
+        nonblocking: read without stopping it (``--nonblocking``: its stacks may be
+            torn, it runs on).
 
     Returns:
         The threads, or why there are none: ptrace refused (in the user's terms), the
@@ -329,7 +332,7 @@ def py_spy_dump(
     command = [py_spy, "dump", "--pid", str(thread or process.pid), "--json"]
     if native:
         command.append("--native")
-    if thread is not None:
+    if thread is not None or nonblocking:
         command.append("--nonblocking")
     if deadline <= time.monotonic():
         return MethodResult(error="py-spy: no time left before the deadline")

@@ -120,10 +120,11 @@ def main(argv: List[str]) -> None:
         barrier.wait()
         ready(hook_fd)
         stuck_in_sleep()
-    elif kind == "threads50":
+    elif kind.startswith("threads"):  # "threads50": 50 threads more, parked
+        count = int(kind[len("threads") :])
         event = threading.Event()
-        barrier = threading.Barrier(51)
-        for i in range(50):
+        barrier = threading.Barrier(count + 1)
+        for i in range(count):
             threading.Thread(target=park, args=(event, barrier), name=f"parked-{i}").start()
         barrier.wait()
         ready(hook_fd)

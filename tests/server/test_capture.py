@@ -981,3 +981,18 @@ def test_a_peer_is_read_without_being_stopped(py_spy: str, tmp_path: pathlib.Pat
     peer, stuck_ = calls.read_text().splitlines()
     assert "--nonblocking" in peer.split()
     assert "--nonblocking" not in stuck_.split()
+
+
+def test_a_hook_dump_of_over_100_threads_says_the_oldest_have_no_stack() -> None:
+    # faulthandler writes the 100 newest: the stuck main thread was left out, and the
+    # incident said only "no stack: hook gave no frames"; the last thread written was
+    # taken for one whose frames were cut.
+    with stuck("threads120", hook=True) as worker:
+        c = run(worker, CaptureOptions(py_spy=None), hook=worker.hook)
+    assert c.method == "hook"
+    assert c.error is not None
+    assert (
+        "dump hook: faulthandler writes at most 100 threads, the newest first: the 21 "
+        "oldest, the main thread among them, have no stack (py-spy reads them all)"
+    ) in c.error
+    assert all(f.function != "stuck_in_sleep" for t in c.threads for f in t.frames)

@@ -37,7 +37,12 @@ from ftimer_server.core._incident import ThreadStack
 
 from ._pinned import Process
 from ._procfs import ThreadFacts, bounded, read_status, signal_mask, thread_stack_mappings
-from ._stack_formats import MethodResult, match_faulthandler_threads, parse_faulthandler
+from ._stack_formats import (
+    MethodResult,
+    faulthandler_cut_threads,
+    match_faulthandler_threads,
+    parse_faulthandler,
+)
 
 __all__ = ["SAFE_FILE_SYSTEMS", "HookFile", "prepare_hook", "run_hook"]
 
@@ -422,11 +427,21 @@ def _run_hook(
             raw=text, error=f"dump hook: the worker {why} after {name} by the deadline"
         )
     pairs = match_faulthandler_threads([t.ident for t in parsed], threads, mapped or [], pid)
+    cut = (
+        [
+            f"dump hook: faulthandler writes at most 100 threads, the newest first: the "
+            f"{len(threads) - len(parsed)} oldest, the main thread among them, have no "
+            "stack (py-spy reads them all)"
+        ]
+        if faulthandler_cut_threads(text)
+        else None
+    )
     return MethodResult(
         threads=[
             ThreadStack(tid=pairs.get(t.ident, 0), name=t.ident, frames=t.frames) for t in parsed
         ],
         raw=text,
+        notes=cut,
     )
 
 

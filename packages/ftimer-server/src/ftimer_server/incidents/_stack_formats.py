@@ -307,10 +307,17 @@ def parse_faulthandler(text: str) -> List[FaulthandlerThread]:
                     line=int(number) if number.isdigit() else 0,
                 )
             )
-        elif line.strip() == "...":
+        elif line == "  ...":  # frames left out (unindented, it is threads: see below)
             truncated = True
     close()
     return threads
+
+
+def faulthandler_cut_threads(text: str) -> bool:
+    """Whether faulthandler left threads out of ``text``: it writes at most 100, the
+    newest first, then an unindented "..." line; the oldest, the main thread among them,
+    are the ones left out."""
+    return "\n...\n" in text + "\n"  # frames left out are "  ...", indented
 
 
 def match_faulthandler_threads(

@@ -361,3 +361,21 @@ def test_every_bound_of_the_schema_is_exported() -> None:
     from ftimer_protocol import _limits
 
     assert set(_limits.__all__) <= set(ftimer_protocol.__all__)
+
+
+def test_a_line_of_pipe_buf_bytes_with_a_high_surrogate_escape_still_decodes() -> None:
+    # Read as text, "\ud800" (6 bytes) becomes 3 bytes of UTF-8 and a backslash escape of
+    # more: the line retried was longer than PIPE_BUF, and refused, though the line sent
+    # was not.
+    def line(pad: int) -> bytes:
+        scope = "\ud800" + "a" * pad
+        return json.dumps(
+            {"version": 1, "pid": 5, "scope_id": scope, "expiration_time": 1.0, "signal": 9}
+        ).encode()
+
+    short = line(0)
+    exact = line(PIPE_BUF - len(short))
+    assert len(exact) == PIPE_BUF
+    for decoded in (decode(exact), StreamDecoder().feed(exact + b"\n")[0]):
+        assert isinstance(decoded, TimerRequestV1)
+        assert decoded.scope_id.startswith("\\ud800")  # as text (protocol.md)

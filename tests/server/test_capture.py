@@ -973,14 +973,15 @@ def test_a_peer_is_read_without_being_stopped(py_spy: str, tmp_path: pathlib.Pat
                 role=role,
                 labels={"job": "j"},
                 hook=None,
-                options=CaptureOptions(py_spy=fake),
+                options=CaptureOptions(py_spy=fake, native=True),
                 deadline=time.monotonic() + 5,
             )
             assert c.method == "py-spy", c.error
+            assert c.error is None  # a peer's --native is not tried (py-spy refuses it)
             assert thread_in(c, "stuck_in_sleep")
-    peer, stuck_ = calls.read_text().splitlines()
-    assert "--nonblocking" in peer.split()
-    assert "--nonblocking" not in stuck_.split()
+    peer, stuck_ = (call.split() for call in calls.read_text().splitlines())
+    assert "--nonblocking" in peer and "--native" not in peer
+    assert "--nonblocking" not in stuck_ and "--native" in stuck_
 
 
 def test_a_hook_dump_of_over_100_threads_says_the_oldest_have_no_stack() -> None:
@@ -992,7 +993,7 @@ def test_a_hook_dump_of_over_100_threads_says_the_oldest_have_no_stack() -> None
     assert c.method == "hook"
     assert c.error is not None
     assert (
-        "dump hook: faulthandler writes at most 100 threads, the newest first: the 21 "
-        "oldest, the main thread among them, have no stack (py-spy reads them all)"
+        "dump hook: faulthandler writes at most 100 threads, the newest first: the "
+        "older ones, the main thread among them, have no stack (py-spy reads them all)"
     ) in c.error
     assert all(f.function != "stuck_in_sleep" for t in c.threads for f in t.frames)

@@ -893,7 +893,7 @@ def test_a_close_that_blocks_holds_back_no_other_while_a_thread_can_be_had() -> 
     # Its idle threads were counted by a semaphore that every finished close raised:
     # after a thread that could not be started, it counted one idle that was not, and a
     # descriptor waited behind a blocked close though more threads were allowed.
-    close = BlockingClose(100)
+    close = BlockingClose(100, 101)
     closer = socket_module._Closer(close)
     start = threading.Thread.start
     failed: List[bool] = []
@@ -913,9 +913,12 @@ def test_a_close_that_blocks_holds_back_no_other_while_a_thread_can_be_had() -> 
         closer.close([100])  # blocks its thread
         closer.close([3])
         wait_until(lambda: 3 in close.closed, what="3 closed beside the blocked close")
+        # Nor in one hand-off (a datagram's descriptors): one thread was started for all.
+        closer.close([101, 4, 5])
+        wait_until(lambda: {4, 5} <= set(close.closed), what="4 and 5 beside 101")
     finally:
         close.release()
-    wait_until(lambda: 100 in close.closed, what="the blocked close done")
+    wait_until(lambda: {100, 101} <= set(close.closed), what="the blocked closes done")
 
 
 def test_every_closer_thread_blocked_is_said_once_a_minute(

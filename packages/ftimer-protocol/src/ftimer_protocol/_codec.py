@@ -157,6 +157,11 @@ def decode_value(line: Buffer) -> Union[Message, RemoteProtocolError]:
         line = bytes(line)
     if len(line) > PIPE_BUF and len(line) - line.endswith(b"\n") > PIPE_BUF:
         return LineTooLong(f"line longer than {PIPE_BUF} bytes", line[:EXCERPT_BYTES])
+    return _decoded(line)
+
+
+def _decoded(line: bytes) -> Union[Message, RemoteProtocolError]:
+    """``decode_value()`` of a line of any length."""
     if line.startswith(V2_PREFIX):
         decoder: Callable[[bytes], Message] = _v2_decoder.decode
     elif line.startswith(V1_PREFIXES):
@@ -190,7 +195,9 @@ def _refused(line: bytes, error: Exception) -> Union[Message, RemoteProtocolErro
     if b"\\ud" in line or b"\\uD" in line:
         fixed = _ESCAPES.sub(_escapes_as_text, line)
         if fixed != line:
-            result = decode_value(fixed)  # it holds none: only the time's retry is left
+            # It holds none now: only the time's retry is left. Its length is the line's
+            # as sent (a high surrogate's text is longer than its escape).
+            result = _decoded(fixed)
             if not isinstance(result, RemoteProtocolError):
                 return result
             return MalformedMessage(str(error), line[:EXCERPT_BYTES])

@@ -195,8 +195,10 @@ def _capture(
             share = min(_HOOK_SHARE_MAX, _HOOK_SHARE * left) if hook_file else 0.0
             # A peer is read without being stopped: it is healthy, its own timers run on
             # meanwhile, and a pause as long as a large worker's dump (seconds) got a
-            # peer reaped for the server's own doing.
+            # peer reaped for the server's own doing. Its native frames cannot be read
+            # so (py-spy refuses --native with --nonblocking).
             peer = base.role == "peer"
+            native = options.native and not peer
             spy = functools.partial(
                 py_spy_dump,
                 options.py_spy,
@@ -207,8 +209,8 @@ def _capture(
                 thread=through,
                 nonblocking=peer,
             )
-            result = spy(native=options.native)
-            if result.threads is None and options.native and result.retryable:
+            result = spy(native=native)
+            if result.threads is None and native and result.retryable:
                 # --native unwinds C stacks, which fails where py-spy cannot read them
                 # (some builds, some architectures): the Python frames are still worth it.
                 failed = result.error

@@ -427,11 +427,10 @@ def _run_hook(
             raw=text, error=f"dump hook: the worker {why} after {name} by the deadline"
         )
     pairs = match_faulthandler_threads([t.ident for t in parsed], threads, mapped or [], pid)
-    cut = (
+    cut = (  # not counted: /proc's threads include those Python does not know
         [
-            f"dump hook: faulthandler writes at most 100 threads, the newest first: the "
-            f"{len(threads) - len(parsed)} oldest, the main thread among them, have no "
-            "stack (py-spy reads them all)"
+            "dump hook: faulthandler writes at most 100 threads, the newest first: the "
+            "older ones, the main thread among them, have no stack (py-spy reads them all)"
         ]
         if faulthandler_cut_threads(text)
         else None

@@ -404,25 +404,11 @@ class _Closer:
             self._sockets.discard(sock)
 
     def close(self, fds: Sequence[int]) -> None:
-        """Close ``fds`` in a closer thread. Never raises: if no thread can be started,
+        """Close ``fds`` in closer threads. Never raises: if no thread can be started,
         they wait for one."""
         with self._cond:
             self._pending.extend(fds)
-            idle = self._threads - len(self._closing)
-            self._cond.notify(min(idle, len(self._pending)))
-            short = idle < len(self._pending)  # of threads to take them all at once
-            if short and self._threads < self.MAX_THREADS:
-                self._start()
-            elif short:
-                oldest = min((began for _, began in self._closing.values()), default=math.inf)
-                self._say(
-                    "every thread that closes descriptors senders passed to the socket is "
-                    "busy, one for %.1f s (a sender may be passing descriptors whose close "
-                    "blocks); descriptors waiting: %d",
-                    time.monotonic() - oldest,
-                    len(self._pending),
-                    when=time.monotonic() - oldest >= self.SLOW,
-                )
+            self._dispatch()
             # Whatever holds them back: closes that block, or no thread to be had.
             if len(self._pending) > self.BACKLOG and not self.refusing:
                 self._refuse(True)
@@ -434,9 +420,30 @@ class _Closer:
         child = _Closer(self._close)
         child._pending.extend(fd for fd, _ in self._closing.values())
         child._pending.extend(self._pending)
-        if child._pending:
-            child._start()
+        with child._cond:
+            child._dispatch()
         return child
+
+    def _dispatch(self) -> None:
+        """Wake an idle thread for each descriptor waiting, and start threads for those
+        left (up to ``MAX_THREADS``): none waits behind a close that blocks while a
+        thread can be had. Said (at most once a minute) when every thread is held by a
+        slow close. Called with ``_cond`` held."""
+        idle = self._threads - len(self._closing)
+        self._cond.notify(min(idle, len(self._pending)))
+        short = len(self._pending) - idle
+        while short > 0 and self._threads < self.MAX_THREADS and self._start():
+            short -= 1
+        if short > 0 and self._threads == self.MAX_THREADS:
+            oldest = min((began for _, began in self._closing.values()), default=math.inf)
+            self._say(
+                "every thread that closes descriptors senders passed to the socket is "
+                "busy, one for %.1f s (a sender may be passing descriptors whose close "
+                "blocks); descriptors waiting: %d",
+                time.monotonic() - oldest,
+                len(self._pending),
+                when=time.monotonic() - oldest >= self.SLOW,
+            )
 
     def _refuse(self, refuse: bool) -> None:
         self.refusing = refuse
@@ -453,13 +460,14 @@ class _Closer:
         else:
             logger.warning("the socket accepts descriptors again")
 
-    def _start(self) -> None:
+    def _start(self) -> bool:
         try:
             threading.Thread(target=self._run, name="ftimer-closer", daemon=True).start()
         except RuntimeError as e:  # no thread to be had (a limit, interpreter exit)
             self._say("cannot start a thread to close a descriptor a sender passed: %s", e)
-            return
+            return False
         self._threads += 1
+        return True
 
     def _say(self, message: str, *args: object, when: bool = True) -> None:
         now = time.monotonic()

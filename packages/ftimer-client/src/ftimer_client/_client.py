@@ -88,6 +88,7 @@ class FileTimerClient:
             ``"fifo"`` or ``"socket"``. Protocol 1 is FIFO-only.
 
     Raises:
+        TypeError: ``labels`` is not a mapping (a list of pairs, a ``"job=x"`` string).
         ValueError: an argument is out of range or breaks the protocol's schema;
             ``transport`` is unknown, or ``"socket"`` with protocol 1; ``labels`` are
             given with protocol 1;
@@ -126,6 +127,11 @@ class FileTimerClient:
             raise ValueError(f"on_unavailable must be one of {POLICIES}, not {on_unavailable!r}")
         if not (isinstance(write_timeout, (int, float)) and 0 <= write_timeout < math.inf):
             raise ValueError(f"write_timeout must be finite and >= 0, not {write_timeout!r}")
+        if labels is not None and not isinstance(labels, Mapping):
+            raise TypeError(
+                f"labels must be a mapping of str to str, such as {{'job': 'x'}}, "
+                f"not {type(labels).__name__} {labels!r:.60}"
+            )
         self._route = resolve_route(file_path, transport=transport, protocol=protocol or 2)
         #: What a pickled copy is made from (see ``__reduce__``): a path given made
         #: absolute, as the route's, so that a copy unpickled in another working

@@ -6,7 +6,7 @@ import json
 
 import hypothesis.strategies as st
 import msgspec
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 
 from ftimer_protocol import (
     PIPE_BUF,
@@ -113,6 +113,7 @@ def test_same_results_as_the_stream_decoder(parts: list[bytes], cuts: list[int])
 def test_one_line_decodes_as_decode_value_does_with_arms_as_timers(line: bytes) -> None:
     # How the socket decodes a datagram: its arms, as Timers, take the table's batch path.
     body = line[:-1] if line.endswith(b"\n") else line
+    assume(len(body) <= PIPE_BUF)  # the socket refuses a longer one before decoding it
     got = decode_one(body)
     expected = decode_value(body)
     assert per_line([got]) == per_line([expected])

@@ -381,9 +381,13 @@ class Journal:
             data = os.pread(self._fd, moved, start)
         else:
             data = os.read(fd, size)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError as e:  # out of the pipe already: the caller's all the same
+                self._fail(e)
+                return data
         self._size = start + len(data)
         return data
 

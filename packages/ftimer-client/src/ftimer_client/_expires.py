@@ -330,7 +330,7 @@ class expires:
         client, scope = active
         if after is None:
             after = self._after
-        else:
+        elif type(after) is not float and type(after) is not int:
             _check_after(after)
         if _plain(client):
             client.arm(scope, after)  # type: ignore[attr-defined]

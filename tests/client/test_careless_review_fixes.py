@@ -11,10 +11,13 @@ has both, so that it has read everything sent before them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import decimal
 import fractions
 import functools
+import gc
 import itertools
+import warnings
 from typing import Any, AsyncIterator, Callable, Iterator, List, Set
 
 import pytest
@@ -85,6 +88,65 @@ def test_a_future_returned_by_a_sync_function_is_returned_as_it_is(peer: FifoPee
 
     asyncio.run(main())
     assert held(client, peer) == set()
+
+
+def test_an_awaitable_that_is_more_than_that_is_returned_as_it_is(peer: FifoPeer) -> None:
+    # Anything with __await__ came back as a bare coroutine: `async with` of a request
+    # (aiohttp's session.get), a Deferred's callbacks, failed. Only a coroutine is run
+    # in a block of its own.
+    client = FileTimerClient(peer.path, labels={})
+
+    class Request:
+        def __await__(self):  # type: ignore[no-untyped-def]
+            return iter(())
+
+        async def __aenter__(self) -> str:
+            return "entered"
+
+        async def __aexit__(self, *_: object) -> None:
+            pass
+
+    @expires(after=60, scope="get", client=client)
+    def get() -> Request:
+        return Request()
+
+    async def main() -> str:
+        assert type(get()) is Request
+        async with get() as entered:
+            return entered
+
+    assert asyncio.run(main()) == "entered"
+
+
+def test_a_coroutine_run_in_a_block_is_named_and_warned_of_as_the_user_s(
+    peer: FifoPeer,
+) -> None:
+    # The coroutine run in a block took the wrapper's name ("_awaited_in") in a task's
+    # repr and in Python's "never awaited" warning; a task cancelled before its first
+    # step left the user's coroutine unawaited, with a warning of its own.
+    client = FileTimerClient(peer.path, labels={})
+
+    @expires(after=60, scope="job", client=client)
+    @logged
+    async def job() -> int:
+        return 1
+
+    async def cancelled_first() -> str:
+        task = asyncio.get_running_loop().create_task(job())
+        name = repr(task)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return name
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert "<locals>.job() running" in asyncio.run(cancelled_first())
+        job()  # never awaited
+        gc.collect()
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(said) == 1
+    assert said[0].endswith("<locals>.job' was never awaited")
 
 
 def test_an_object_with_an_async_call_runs_in_a_block(peer: FifoPeer) -> None:

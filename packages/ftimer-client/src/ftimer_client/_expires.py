@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Awaitable
+import weakref
 from types import TracebackType
 from typing import Any, Callable, Optional, Protocol, Tuple, Type, TypeVar, runtime_checkable
 
@@ -398,12 +398,11 @@ class expires:
                 result = func(*args, **kwargs)
             if hides_generators and isinstance(result, _GENERATORS):
                 raise TypeError(_generator_refused(func))
-            # Not a coroutine function, yet the call made what runs when awaited (a sync
-            # wrapper of an ``async def``): its block just ended, so it runs in one of
-            # its own. An asyncio Future or Task (asyncio.isfuture's test) runs on its
-            # own, and its caller may want it as it is (to cancel it, say). hasattr, not
-            # isinstance(Awaitable): 30 ns a call, not 300-600.
-            if hasattr(result, "__await__") and not hasattr(result, "_asyncio_future_blocking"):
+            # Not a coroutine function, yet the call made a coroutine (a sync wrapper of
+            # an ``async def``): its block just ended, so it runs in one of its own. Any
+            # other awaitable (a Future, an object that is more than that) is returned
+            # as it is: its caller may use it otherwise (cancel it, ``async with`` it).
+            if type(result) is types.CoroutineType:
                 return _awaited_in(block(), result)
             return result
 
@@ -417,10 +416,20 @@ def _makes_generators(func: Callable[..., Any]) -> bool:
     return inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)
 
 
-async def _awaited_in(block: expires, awaitable: Awaitable[Any]) -> Any:
-    """Await ``awaitable`` in ``block``, entered when awaited (in the awaiting task)."""
+def _awaited_in(block: expires, coroutine: types.CoroutineType[Any, Any, Any]) -> Any:
+    """A coroutine that runs ``coroutine`` in ``block``, entered when awaited (in the
+    awaiting task), under ``coroutine``'s name (in warnings, in a task's repr). Never
+    started (a task cancelled first, a call never awaited), it closes ``coroutine``
+    with it: Python's "never awaited" warning is said once, of the outer one."""
+    outer: Any = _await_in(block, coroutine)  # an async def's: a CoroutineType
+    outer.__name__, outer.__qualname__ = coroutine.__name__, coroutine.__qualname__
+    weakref.finalize(outer, coroutine.close)
+    return outer
+
+
+async def _await_in(block: expires, coroutine: types.CoroutineType[Any, Any, Any]) -> Any:
     with block:
-        return await awaitable
+        return await coroutine
 
 
 def _runs(func: Callable[..., Any]) -> Callable[..., Any]:

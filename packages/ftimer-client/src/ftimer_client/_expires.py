@@ -343,10 +343,10 @@ class expires:
         An ``async def`` (or an object whose ``__call__`` is one) gets an ``async def``
         whose block covers the coroutine's run. ``staticmethod`` and ``classmethod``
         objects give the same kind of descriptor around the decorated function. A call
-        of anything else that returns an awaitable (an ``async def`` behind an ordinary
+        of anything else that returns a coroutine (an ``async def`` behind an ordinary
         decorator, say) returns one that runs it in a block of its own, when it is
-        awaited: the timer covers the coroutine's run, not only its making. An asyncio
-        Future or Task, which runs on its own, is returned as it is.
+        awaited: the timer covers the coroutine's run, not only its making. Any other
+        awaitable (an asyncio Future, which runs on its own) is returned as it is.
 
         Raises:
             TypeError: ``func`` is a generator or async generator function. A call of

@@ -204,7 +204,7 @@ def _capture(
                 options.py_spy,
                 process,
                 deadline - share - _RESERVE,
-                resume=not was_stopped and through is None and not peer,
+                resume=not was_stopped,
                 uninterruptible=[t.tid for t in threads if t.state == "D"],
                 thread=through,
                 nonblocking=peer,

@@ -427,21 +427,20 @@ def _run_hook(
             raw=text, error=f"dump hook: the worker {why} after {name} by the deadline"
         )
     pairs = match_faulthandler_threads([t.ident for t in parsed], threads, mapped or [], pid)
-    cut = (  # not counted: /proc's threads include those Python does not know
-        [
-            "dump hook: faulthandler writes at most 100 threads, the newest first: the "
-            "older ones, the main thread among them, have no stack (py-spy reads them all)"
-        ]
-        if faulthandler_cut_threads(text)
-        else None
-    )
     return MethodResult(
         threads=[
             ThreadStack(tid=pairs.get(t.ident, 0), name=t.ident, frames=t.frames) for t in parsed
         ],
         raw=text,
-        notes=cut,
+        notes=[_THREADS_CUT] if faulthandler_cut_threads(text) else None,
     )
+
+
+#: How many were left out is not said: /proc's threads include those Python knows not.
+_THREADS_CUT = (
+    "dump hook: faulthandler writes at most 100 threads, the newest first: the older ones, "
+    "the main thread among them, have no stack (py-spy reads them all)"
+)
 
 
 def _wait_exit(process: Process, timeout: float) -> None:

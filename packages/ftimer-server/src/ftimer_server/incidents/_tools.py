@@ -317,7 +317,8 @@ def py_spy_dump(
         process: the worker.
         deadline: when py-spy is killed.
         native: C/C++ frames too.
-        resume: SIGCONT the worker after.
+        resume: SIGCONT the worker after, if py-spy stopped it (not with ``thread`` or
+            ``nonblocking``).
         uninterruptible: its threads in state D, named if py-spy hangs.
         thread: a live thread to read the worker through, its main thread having
             exited (py-spy cannot open it by its pid then, nor stop it): read without
@@ -334,6 +335,7 @@ def py_spy_dump(
         command.append("--native")
     if thread is not None or nonblocking:
         command.append("--nonblocking")
+        resume = False  # never stopped
     if deadline <= time.monotonic():
         return MethodResult(error="py-spy: no time left before the deadline")
     # Its errors without a Rust backtrace, whatever the server's environment says.

@@ -128,14 +128,19 @@ def handler_in_a_loop_of(module: ModuleType, handler: Callable[[], None]) -> Ite
         if frame.f_code.co_filename != path:
             return None
         frame.f_trace_opcodes = True
+        frame.f_trace = in_frame  # 3.13 sends opcode events only to a frame's own f_trace
         return in_frame
 
     previous = sys.gettrace()
+    # 3.12 sends opcode events only if some frame asked for them before settrace().
+    here = sys._getframe()
+    here.f_trace_opcodes = True
     sys.settrace(on_call)
     try:
         yield
     finally:
         sys.settrace(previous)
+        here.f_trace_opcodes = False
     assert done, "no loop ran"
 
 

@@ -16,13 +16,13 @@ import pytest
 
 from ftimer_server import FileTimerServer
 
-# Sends `sync` datagrams carrying 253 copies of one eventfd (the most a datagram can
+# Sends `sync` datagrams carrying 253 copies of one pipe's end (the most a datagram can
 # carry) from argv[2] threads to the socket argv[1], until its stdin closes.
 FLOODER = """
 import array, os, resource, socket, sys, threading
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the kernel's in-flight bound
-rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [os.eventfd(0)] * 253))]
+rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [os.pipe()[0]] * 253))]
 done = threading.Event()
 def flood():
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

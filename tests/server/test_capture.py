@@ -9,6 +9,7 @@ session of its own, killed whole at the end of each test) or a child of one.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import pathlib
@@ -33,7 +34,7 @@ from ftimer_server.incidents._pinned import Process
 from ftimer_server.incidents._procfs import ThreadFacts, read_stat
 from ftimer_server.incidents._reap_extras import core_dump, signal_tree
 from ftimer_server.incidents._stack_formats import (
-    match_faulthandler_threads,
+    match_thread_idents,
     parse_faulthandler,
     parse_py_spy,
 )
@@ -71,7 +72,7 @@ class Worker:
             wait_for(lambda: _cpu_ticks(self.pid) >= start + 2)
             return
         # Every thread asleep, the main one in time.sleep or libc's sleep.
-        wait_for(lambda: _all_asleep(self.pid) and "nanosleep" in _wchan(self.pid, self.pid))
+        wait_for(lambda: _all_asleep(self.pid) and _sleeps(_wchan(self.pid, self.pid)))
 
     def dump_text(self) -> str:
         """What its hook has written so far."""
@@ -82,6 +83,12 @@ def _cpu_ticks(pid: int) -> int:
     data = pathlib.Path(f"/proc/{pid}/stat").read_bytes()
     fields = data[data.rindex(b")") + 2 :].split()
     return int(fields[11]) + int(fields[12])
+
+
+def _sleeps(kernel_function: str) -> bool:
+    """Whether a wait channel or kernel frame is time.sleep's: nanosleep, or on Python
+    3.9 the select() it sleeps in."""
+    return "nanosleep" in kernel_function or "poll_schedule_timeout" in kernel_function
 
 
 def _wchan(pid: int, tid: int) -> str:
@@ -100,9 +107,9 @@ def _read_line(stream: Any, timeout: float) -> bytes:
 
 
 @contextlib.contextmanager
-def stuck(kind: str, hook: bool = False) -> Iterator[Worker]:
+def stuck(kind: str, hook: bool = False, python: str = sys.executable) -> Iterator[Worker]:
     """Start a stuck worker in its own session; kill the whole session at the end."""
-    args = [sys.executable, str(WORKER), kind, *(["--hook"] if hook else [])]
+    args = [python, str(WORKER), kind, *(["--hook"] if hook else [])]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, start_new_session=True)
     try:
         worker = Worker(proc, json.loads(_read_line(proc.stdout, 20)))
@@ -167,6 +174,22 @@ def py_spy() -> str:
     return path
 
 
+@pytest.fixture(scope="module")
+def python_before_3_11() -> str:
+    """A Python 3.9 or 3.10 on this machine: this one, one on PATH, or pyenv's."""
+    found = [sys.executable, shutil.which("python3.10"), shutil.which("python3.9")]
+    found += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3")))
+    for python in filter(None, found):
+        run = subprocess.run(
+            [python, "-c", "import sys; print(sys.version_info[:2] in ((3, 9), (3, 10)))"],
+            capture_output=True,
+            text=True,
+        )
+        if run.stdout.strip() == "True":
+            return python
+    pytest.skip("no Python 3.9 or 3.10 here (python3.10, python3.9, pyenv's)")
+
+
 @pytest.fixture(params=["py-spy", "hook", "facts"])
 def method(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -207,7 +230,7 @@ def test_sleep(method: str, request: pytest.FixtureRequest) -> None:
         assert main.state == "S"
         if ROOT:
             assert main.kernel_stack
-            assert any("nanosleep" in f for f in main.kernel_stack)
+            assert any(_sleeps(f) for f in main.kernel_stack)
         if method != "facts":
             assert thread_in(c, "stuck_in_sleep").tid == worker.pid
             assert c.threads[0].frames[0].function == "stuck_in_sleep"  # innermost first
@@ -842,13 +865,13 @@ def test_parse_faulthandler() -> None:
 def test_parse_py_spy_refuses_other_output() -> None:
     with pytest.raises(ValueError, match="not the JSON expected"):
         parse_py_spy("Error: something")
-    (thread,) = parse_py_spy(
+    (thread,), idents = parse_py_spy(
         '[{"os_thread_id": 7, "thread_name": "w", "active": true, "owns_gil": false,'
         ' "frames": [{"name": "f", "filename": "/a.py", "short_filename": "a.py", "line": 3,'
         ' "module": null}, {"name": "clock_nanosleep", "filename": "/libc.so.6",'
         ' "module": "/libc.so.6", "line": 0}], "unknown": 1}]'
     )
-    assert thread.tid == 7
+    assert (thread.tid, idents) == (7, None)  # every kernel id told: nothing to pair
     assert thread.active is True
     assert thread.gil is False
     assert [(f.function, f.native) for f in thread.frames] == [
@@ -857,7 +880,16 @@ def test_parse_py_spy_refuses_other_output() -> None:
     ]
 
 
-def test_match_faulthandler_threads() -> None:
+def test_parse_py_spy_keeps_the_idents_of_threads_without_a_kernel_id() -> None:
+    threads, idents = parse_py_spy(
+        '[{"os_thread_id": null, "thread_id": 139, "thread_name": "w", "frames": []},'
+        ' {"thread_id": 255, "frames": []}]'
+    )
+    assert [(t.tid, t.name) for t in threads] == [(0, "w"), (0, "0xff")]
+    assert idents == ["0x8b", "0xff"]
+
+
+def test_match_thread_idents() -> None:
     maps = [(0x1000, 0x2000), (0x3000, 0x4000), (0x9000, 0xA000)]
     threads = [
         ThreadFacts(tid=100, sp=0x8000),  # the main thread: its stack is elsewhere
@@ -866,14 +898,14 @@ def test_match_faulthandler_threads() -> None:
         ThreadFacts(tid=103, sp=0x5000),  # a native thread: no ident in its mapping
     ]
     idents = ["0x1ff0", "0x3ff0", "0x9100"]
-    assert match_faulthandler_threads(idents, threads, maps, 100) == {
+    assert match_thread_idents(idents, threads, maps, 100) == {
         "0x1ff0": 101,
         "0x3ff0": 102,
         "0x9100": 100,  # the one left over
     }
     # A running thread (no stack pointer) leaves two idents unpaired: no guess.
     running = [threads[0], ThreadFacts(tid=101), threads[2]]
-    assert match_faulthandler_threads(idents, running, maps, 100) == {"0x3ff0": 102}
+    assert match_thread_idents(idents, running, maps, 100) == {"0x3ff0": 102}
 
 
 FACTS_WITHOUT_PTRACE = """
@@ -984,6 +1016,34 @@ def test_a_peer_is_read_without_being_stopped(py_spy: str, tmp_path: pathlib.Pat
     assert "--native" not in peer
     assert "--nonblocking" not in stuck_
     assert "--native" in stuck_
+
+
+def test_a_peer_on_a_python_before_3_11_has_its_threads_paired(
+    py_spy: str, python_before_3_11: str
+) -> None:
+    # py-spy tells no kernel thread id of a worker on Python 3.9 or 3.10 that it does not
+    # stop: a peer's stacks all had tid 0, apart from their threads' states, and ranks
+    # waiting in the same place were not grouped (each "running a C call"). They are
+    # paired as a hook's dump is, through the blocked threads' stack mappings.
+    with stuck("deadlock", python=python_before_3_11) as worker:
+        left, right = worker.tids["left"], worker.tids["right"]
+        wait_for(lambda: all("futex" in _wchan(worker.pid, t) for t in (left, right)))
+        c = capture(
+            worker.pid,
+            None,
+            None,
+            role="peer",
+            labels={"job": "j"},
+            hook=None,
+            options=CaptureOptions(py_spy=py_spy),
+            deadline=time.monotonic() + 5,
+        )
+    assert c.method == "py-spy", c.error
+    assert thread_in(c, "take_a_then_b").tid == left
+    assert thread_in(c, "take_b_then_a").tid == right
+    main = thread_in(c, "stuck_in_sleep")
+    assert (main.tid, main.state) == (worker.pid, "S")
+    assert len(c.threads) == 3  # no thread twice, once with its stack and once without
 
 
 def test_a_hook_dump_of_over_100_threads_says_the_oldest_have_no_stack() -> None:

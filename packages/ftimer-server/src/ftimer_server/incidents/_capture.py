@@ -29,17 +29,25 @@ from typing import Dict, List, Optional
 import msgspec
 
 from ftimer_protocol import DumpHook
-from ftimer_server.core._incident import Capture, ProcessFacts
+from ftimer_server.core._incident import Capture, ProcessFacts, ThreadStack
 
 from ._dump_hook import HookFile, prepare_hook, run_hook
 from ._pinned import Process, ProcessRefused
-from ._procfs import live_thread, read_facts, read_threads, tracer_pid
+from ._procfs import (
+    bounded,
+    live_thread,
+    read_facts,
+    read_threads,
+    thread_stack_mappings,
+    tracer_pid,
+)
 from ._stack_formats import (
     MAX_ARGS,
     MAX_TEXT,
     MethodResult,
     bound_threads,
     excerpt,
+    match_thread_idents,
     merge_threads,
 )
 from ._tools import py_spy_dump
@@ -238,11 +246,14 @@ def _capture(
             else:
                 hook_why = by_hook.error
                 result.raw = result.raw or by_hook.raw
+        stacks = result.threads or []
+        if result.idents:
+            stacks = _paired(pid, stacks, result.idents, deadline - _RESERVE)
         exited = not process.alive()
         notes += result.notes or []
         # Bounded whatever the worker makes of its stacks: the capture goes to the
         # server and into an incident with its peers' (``bound_threads``).
-        kept, threads_cut, cut = bound_threads(merge_threads(result.threads or [], threads), pid)
+        kept, threads_cut, cut = bound_threads(merge_threads(stacks, threads), pid)
         notes += cut
         errors: List[str] = []
         if method == "hook" and options.py_spy and py_spy_why:
@@ -266,6 +277,23 @@ def _capture(
         if hook_file is not None:
             hook_file.close()
         process.close()
+
+
+def _paired(
+    pid: int, stacks: List[ThreadStack], idents: List[str], deadline: float
+) -> List[ThreadStack]:
+    """``stacks`` with the kernel ids of those named by ``pthread_t`` alone (py-spy's of a
+    peer on Python before 3.11, read without stopping it), where the pairing is certain
+    (``match_thread_idents``); the others keep tid 0."""
+    try:
+        threads = read_threads(pid, kernel_stacks=False, stack_pointers=True)
+        _, mapped = bounded(lambda: thread_stack_mappings(pid), deadline)
+    except OSError:
+        return stacks
+    pairs = match_thread_idents([i for i in idents if i], threads, mapped or [], pid)
+    return [
+        msgspec.structs.replace(s, tid=pairs.get(i, 0)) if i else s for s, i in zip(stacks, idents)
+    ]
 
 
 def _bound_facts(facts: ProcessFacts) -> ProcessFacts:

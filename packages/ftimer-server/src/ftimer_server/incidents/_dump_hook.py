@@ -40,7 +40,7 @@ from ._procfs import ThreadFacts, bounded, read_status, signal_mask, thread_stac
 from ._stack_formats import (
     MethodResult,
     faulthandler_cut_threads,
-    match_faulthandler_threads,
+    match_thread_idents,
     parse_faulthandler,
 )
 
@@ -363,7 +363,7 @@ def run_hook(
     """Open the dump file, send the hook's signal and read the dump until it stops
     growing, the worker exits or ``deadline`` comes; parse it; close the file. Threads
     are paired with their kernel ids where their stacks tell
-    (``match_faulthandler_threads``); the others get tid 0. Every system call on the
+    (``match_thread_idents``); the others get tid 0. Every system call on the
     file is bounded by ``deadline``."""
     try:
         return _run_hook(process, hook_file, threads, deadline)
@@ -426,7 +426,7 @@ def _run_hook(
         return MethodResult(
             raw=text, error=f"dump hook: the worker {why} after {name} by the deadline"
         )
-    pairs = match_faulthandler_threads([t.ident for t in parsed], threads, mapped or [], pid)
+    pairs = match_thread_idents([t.ident for t in parsed], threads, mapped or [], pid)
     return MethodResult(
         threads=[
             ThreadStack(tid=pairs.get(t.ident, 0), name=t.ident, frames=t.frames) for t in parsed

@@ -1,11 +1,12 @@
 """The two stack formats a capture reads, turned into ``ThreadStack`` records; no I/O.
 
 ``py-spy dump --json`` names each thread by its kernel id, so its threads merge with what
-``/proc`` tells of them by tid. Python's ``faulthandler`` names a thread only by its
-``pthread_t`` (the address of glibc's thread descriptor, which sits at the top of the
-thread's own stack mapping); ``match_faulthandler_threads`` pairs those addresses with
-kernel ids through the stack pointer of each blocked thread, so a hook's dump can carry
-thread states too wherever that pairing is certain.
+``/proc`` tells of them by tid, except a worker's on Python before 3.11 read without
+stopping it (a peer's). Python's ``faulthandler``, and py-spy then, name a thread only by
+its ``pthread_t`` (the address of glibc's thread descriptor, which sits at the top of the
+thread's own stack mapping); ``match_thread_idents`` pairs those addresses with kernel ids
+through the stack pointer of each blocked thread, so such a dump can carry thread states
+too wherever that pairing is certain.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ __all__ = [
     "MethodResult",
     "bound_threads",
     "excerpt",
-    "match_faulthandler_threads",
+    "match_thread_idents",
     "merge_threads",
     "parse_faulthandler",
     "parse_py_spy",
@@ -79,6 +80,9 @@ class MethodResult:
         retryable: it failed for a reason of its own (not ptrace refused, not the
             deadline, not the worker gone): another way of running it may succeed.
         notes: what was left out of its output, for people.
+        idents: for each of ``threads`` whose kernel id the method could not tell (tid
+            0), its ``pthread_t`` in hex, as faulthandler writes it ("" for the others):
+            the capture pairs them with kernel ids (``match_thread_idents``).
     """
 
     threads: Optional[List[ThreadStack]] = None
@@ -86,6 +90,7 @@ class MethodResult:
     error: Optional[str] = None
     retryable: bool = False
     notes: Optional[List[str]] = None
+    idents: Optional[List[str]] = None
 
 
 def excerpt(data: Union[str, bytes], limit: int = MAX_RAW) -> str:
@@ -128,29 +133,27 @@ _THREAD_START = b"\n  {\n"
 _THREAD_END = b"\n  }"
 
 
-def parse_py_spy(text: Union[str, bytes]) -> List[ThreadStack]:
+def parse_py_spy(text: Union[str, bytes]) -> Tuple[List[ThreadStack], Optional[List[str]]]:
     """Parse the output of ``py-spy dump --json`` (with or without ``--native``).
 
     Frames stay innermost first, as py-spy gives them; a native frame is one py-spy names
     a module (shared object) for. Each thread keeps its innermost ``MAX_FRAMES`` frames
     (``frames_cut`` counts the rest) and names their first ``MAX_TEXT`` characters.
 
+    Returns:
+        The threads, and ``MethodResult.idents`` for them: None when py-spy told every
+        thread's kernel id (it cannot without stopping a worker before Python 3.11).
+
     Raises:
         ValueError: it is not py-spy's JSON.
     """
-    data = text.encode() if isinstance(text, str) else text
-    with _parsing:
-        try:
-            threads = _PY_SPY.decode(data)
-        except msgspec.MsgspecError as e:
-            raise ValueError(f"py-spy's output is not the JSON expected: {e}") from None
-        return [_thread(t) for t in threads]
+    return _parse_py_spy([text.encode() if isinstance(text, str) else text])
 
 
-def salvage_py_spy(head: bytes, tail: bytes) -> List[ThreadStack]:
+def salvage_py_spy(head: bytes, tail: bytes) -> Tuple[List[ThreadStack], Optional[List[str]]]:
     """The threads whole in the start (``head``) and the end (``tail``) of py-spy's
-    pretty-printed JSON whose middle was not kept: py-spy lists the newest threads first,
-    so the end holds the main thread.
+    pretty-printed JSON whose middle was not kept (py-spy lists the newest threads first,
+    so the end holds the main thread), as ``parse_py_spy`` returns them.
 
     Raises:
         ValueError: what was kept holds no thread whole, or is not py-spy's JSON.
@@ -164,7 +167,22 @@ def salvage_py_spy(head: bytes, tail: bytes) -> List[ThreadStack]:
         parts.append(b"[" + tail[start:])
     if not parts:
         raise ValueError("py-spy's output was cut and no thread of it was kept whole")
-    return [thread for part in parts for thread in parse_py_spy(part)]
+    return _parse_py_spy(parts)
+
+
+def _parse_py_spy(parts: List[bytes]) -> Tuple[List[ThreadStack], Optional[List[str]]]:
+    with _parsing:
+        try:
+            threads = [t for part in parts for t in _PY_SPY.decode(part)]
+        except msgspec.MsgspecError as e:
+            raise ValueError(f"py-spy's output is not the JSON expected: {e}") from None
+        return [_thread(t) for t in threads], _idents(threads)
+
+
+def _idents(threads: List[_PySpyThread]) -> Optional[List[str]]:
+    if all(t.os_thread_id for t in threads):
+        return None
+    return ["" if t.os_thread_id or not t.thread_id else f"{t.thread_id:#x}" for t in threads]
 
 
 def _thread(t: _PySpyThread) -> ThreadStack:
@@ -320,13 +338,13 @@ def faulthandler_cut_threads(text: str) -> bool:
     return "\n...\n" in text + "\n"  # frames left out are "  ...", indented
 
 
-def match_faulthandler_threads(
+def match_thread_idents(
     idents: Sequence[str],
     threads: Sequence[ThreadFacts],
     mappings: Sequence[Tuple[int, int]],
     main: int,
 ) -> Dict[str, int]:
-    """Pair faulthandler's thread idents with kernel thread ids, where it is certain.
+    """Pair thread idents (``pthread_t``) with kernel thread ids, where it is certain.
 
     A thread created by glibc has its descriptor (its ``pthread_t``) in the same mapping
     as its stack, so a thread blocked in a system call (whose stack pointer
@@ -335,7 +353,7 @@ def match_faulthandler_threads(
     every other ident has been paired.
 
     Args:
-        idents: faulthandler's idents ("0x00007f...").
+        idents: the idents, as faulthandler writes them ("0x00007f...").
         threads: the threads of the process, with their stack pointers where read.
         mappings: the process's writable anonymous mappings (start, end).
         main: the main thread's id (the pid).

@@ -352,13 +352,14 @@ def py_spy_dump(
             "large as it makes them) and was killed"
         )
         try:  # the threads whole in its start are still worth it
-            threads = salvage_py_spy(run.out, b"")
+            threads, idents = salvage_py_spy(run.out, b"")
         except ValueError:
-            threads = None
+            threads, idents = [], None
         if not threads:
             return MethodResult(raw=excerpt(run.out), error=too_long)
         return MethodResult(
             threads=threads,
+            idents=idents,
             raw=excerpt(run.out),
             notes=[f"{too_long}: the {len(threads)} threads whole in its start are shown"],
         )
@@ -396,12 +397,14 @@ def py_spy_dump(
     raw = excerpt(run.out)
     try:
         if not run.dropped:
-            return MethodResult(threads=parse_py_spy(run.out + run.tail), raw=raw)
-        threads = salvage_py_spy(run.out, run.tail)
+            threads, idents = parse_py_spy(run.out + run.tail)
+            return MethodResult(threads=threads, idents=idents, raw=raw)
+        threads, idents = salvage_py_spy(run.out, run.tail)
     except ValueError as e:
         return MethodResult(raw=raw, error=str(e))
     return MethodResult(
         threads=threads,
+        idents=idents,
         raw=raw,
         notes=[
             f"py-spy's output ({len(run.out) + run.dropped + len(run.tail)} bytes) was "

@@ -145,6 +145,28 @@ def test_list_skips_an_invalid_record_with_a_warning(
     )
 
 
+def test_a_directory_none_of_whose_records_can_be_read_is_an_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    # Records of another user's, or all damaged: it printed "no incidents" and exited 0,
+    # as if the job had never hung.
+    directory = tmp_path / "incidents"
+    directory.mkdir()
+    for name in ("20261130T005000.000Z-1-x.json", "20261130T005001.000Z-2-x.json"):
+        (directory / name).write_text('{"version": 1')
+    said = (
+        f"ftimer-server: error: none of the incident records in {directory} could be read "
+        "(2 skipped, above)\n"
+    )
+    for argv in (["incidents"], ["incidents", "show"], ["incidents", "merge", str(directory)]):
+        if argv[-1] != str(directory):
+            argv += ["--dir", str(directory)]
+        code, out, err = run(capsys, *argv)
+        assert (code, out) == (1, ""), argv
+        assert err.count("ftimer-server: warning: skipping") == 2
+        assert err.endswith(said), err
+
+
 def test_show_prints_the_text_of_an_id_its_start_or_the_newest(
     capsys: pytest.CaptureFixture[str], directory: pathlib.Path
 ) -> None:

@@ -66,8 +66,10 @@ class _Warnings(logging.Handler):
     def __init__(self, err: TextIO) -> None:
         super().__init__(logging.WARNING)
         self.err = err
+        self.count = 0
 
     def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
         self.err.write(f"ftimer-server: warning: {printable(record.getMessage())}\n")
 
 
@@ -81,6 +83,10 @@ def _warnings_to(err: TextIO) -> _Warnings:
 def _done(handler: _Warnings) -> None:
     _log.removeHandler(handler)
     _log.propagate = True
+
+
+def _none_read(where: str, skipped: int) -> str:
+    return f"none of the incident records in {where} could be read ({skipped} skipped, above)"
 
 
 def _missing(directory: str, err: TextIO) -> bool:
@@ -123,17 +129,22 @@ def _summaries(
     store: IncidentStore, directory: str, err: TextIO
 ) -> Optional[List[IncidentSummary]]:
     """The store's incidents, oldest first, its warnings written to ``err``; None, said
-    on ``err``, when the directory is missing or cannot be listed."""
+    on ``err``, when the directory is missing or cannot be listed, or it holds records
+    and none could be read (another user's, say): not "no incidents"."""
     if _missing(directory, err):
         return None
     handler = _warnings_to(err)
     try:
-        return store.list()
+        found = store.list()
     except OSError as e:
         _error(f"cannot list {directory}: {e.strerror or e}", err)
         return None
     finally:
         _done(handler)
+    if not found and handler.count:
+        _error(_none_read(directory, handler.count), err)
+        return None
+    return found
 
 
 def format_incident_list(summaries: Sequence[IncidentSummary]) -> str:
@@ -248,7 +259,13 @@ def merge_incidents(
     finally:
         _done(handler)
     if not found:
-        _error(f"no incident records in {', '.join(paths)}", err)
+        where = ", ".join(paths)
+        _error(
+            _none_read(where, handler.count)
+            if handler.count
+            else f"no incident records in {where}",
+            err,
+        )
         return EXIT_FAILURE
     try:
         chosen = select_job(found, job, window)

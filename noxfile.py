@@ -104,9 +104,20 @@ def _promtool(session: nox.Session) -> Optional[pathlib.Path]:
     return bin_dir
 
 
+def need_torch(session: nox.Session) -> None:
+    """Stop, saying why, on a Python torch 2.13 has no release for (pip would only say
+    that no version matches)."""
+    if sys.version_info < (3, 10):
+        session.error(
+            f"torch 2.13 needs Python 3.10 or newer; this nox runs on {sys.version.split()[0]} "
+            "(ftimer's packages run on 3.9: the other sessions do)"
+        )
+
+
 @nox.session
 def interop(session: nox.Session) -> None:
     """Tests against the real torch 2.13 (fails, never skips, if torch cannot be installed)."""
+    need_torch(session)
     install(session, *TEST_DEPS, *EDITABLE, *SERVER_EXTRAS, *TORCH)
     session.run("pytest", "-m", "interop", *session.posargs, env={"FTIMER_REQUIRE_TORCH": "1"})
 
@@ -171,6 +182,7 @@ def build(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks side by side with torch 2.13. `nox -s bench -- --quick` for a short run."""
+    need_torch(session)
     install(session, *EDITABLE, "-e", "packages/ftimer-server[pyspy]", *TORCH, "matplotlib")
     session.run("python", "tests/benchmarks/run.py", *session.posargs)
 

@@ -87,6 +87,12 @@ print(json.dumps({"left": sorted(int(s) for s in left), "ticks": ticks, "arms": 
 """
 
 
+@pytest.mark.xfail(
+    sys.version_info < (3, 10),
+    reason="Python 3.9 runs a handler between almost any two bytecodes, inside the window "
+    "docs/client.md names for it",
+    strict=False,
+)
 @pytest.mark.parametrize("transport", ["fifo", "socket"])
 def test_an_interrupting_handler_never_leaves_signals_blocked(
     fifo_path: pathlib.Path, transport: str

@@ -5,6 +5,8 @@ names the command itself as the sender."""
 from __future__ import annotations
 
 import os
+import pathlib
+import socket
 import subprocess
 
 import pytest
@@ -99,6 +101,28 @@ def test_no_server_on_the_socket_fails_with_status_3_and_exec_does_not_run(
     assert "no socket" in capsys.readouterr().err
     # The policies as on the FIFO.
     assert main(["arm", *args, "--scope", "s", "--pid", str(ME), "--on-unavailable", "ignore"]) == 0
+
+
+def test_exec_runs_its_command_once_the_server_has_judged_its_arm(
+    socket_path: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    # CMD ran as soon as its arm was sent: an arm judged after a quick CMD had exited was
+    # refused (its subject gone), and a stopped server was never noticed.
+    stopped = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stopped.bind(str(socket_path))  # a server that reads nothing: no receipt comes
+    marker = tmp_path / "ran"
+    try:
+        args = ["exec", "--socket", str(socket_path), "--after", "5", "--write-timeout", "0.2"]
+        done = ftimer(*args, "--on-unavailable", "raise", "--", "touch", str(marker))
+        assert done.returncode == EXIT_UNAVAILABLE
+        assert "has not confirmed the message in 0.2 s" in done.stderr
+        assert not marker.exists()
+        # As the policy says: run it without a watchdog.
+        done = ftimer(*args, "--on-unavailable", "ignore", "--", "touch", str(marker))
+        assert done.returncode == 0
+        assert marker.exists()
+    finally:
+        stopped.close()
 
 
 def test_transport_options(

@@ -364,10 +364,15 @@ def _connected_path(client: FileTimerClient) -> str:
     return path if isinstance(path, str) else client.file_path
 
 
-def _stalled(args: argparse.Namespace, path: str) -> None:
+def _stalled(
+    args: argparse.Namespace,
+    path: str,
+    then: str = "it refuses it if it reads it once this command has exited, and takes it "
+    "only if it read it just before",
+) -> None:
     """The server has not confirmed that it judged this command's datagram: once the
     command has exited, it refuses it (it can no longer check the sender's kin), so say
-    so now.
+    so now, and what happens ``then``.
 
     Raises:
         ServerStalled: with ``--on-unavailable raise``.
@@ -375,8 +380,7 @@ def _stalled(args: argparse.Namespace, path: str) -> None:
     stalled = ServerStalled(
         errno.EAGAIN,
         f"the ftimer server has not confirmed the message in {args.write_timeout} s (is "
-        "it stopped?): it refuses it if it reads it once this command has exited, and "
-        "takes it only if it read it just before",
+        f"it stopped?): {then}",
         path,
     )
     if args.on_unavailable == "raise":
@@ -420,6 +424,14 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         client = _client(args, pid)
         client.arm(scope, args.after)
+        # Judged while CMD waits at the gate: over the socket, an arm judged after CMD
+        # had exited (a quick CMD) was refused, the subject gone.
+        if not client._wait_read():
+            _stalled(
+                args,
+                _connected_path(client),
+                "the command runs, watched only if the server judges its arm while it lives",
+            )
     except (ServerUnavailable, ValueError) as e:
         os.close(gate_w)  # CMD never runs
         os.close(err_r)

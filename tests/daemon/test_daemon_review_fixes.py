@@ -380,9 +380,11 @@ def test_refusals_held_back_are_counted_without_being_made(
     daemon = Daemon(DaemonConfig(fifo=fifo), setup, environ={})
     try:
         refused = [Arm(pid=1, scope_id=f"s{i}", deadline=1.0, signal=9) for i in range(200)]
-        with FileTimerServer(fifo, on_event=daemon._on_event) as server:
+        signaller = RecordingSignaller()  # pid 1: never signalled, whatever the checks do
+        with FileTimerServer(fifo, on_event=daemon._on_event, signaller=signaller) as server:
             write(fifo, b"".join(map(encode, refused)))
             server.sync()
+        assert signaller.sent == []
         assert len(made) == 11  # the burst of ten, and the first held back
         setup.flush_repeats(everything=True)
     finally:

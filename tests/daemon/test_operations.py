@@ -225,11 +225,13 @@ def exported(
     url = d.wait_for_record(where=lambda r: r["msg"].startswith("metrics on"))["msg"].split()[-1]
     stuck = worker(d.fifo, "stuck", 0.2, 60)
     assert stuck.wait() == -signal.SIGKILL
+    # SIGTERM while only SIGKILL is allowed: refused before any process is looked at. For
+    # the test's own child, whatever the checks do.
+    bystander = subprocess.Popen(["sleep", "600"])
     fd = os.open(d.fifo, os.O_WRONLY | os.O_NONBLOCK)
     try:
         os.write(fd, b"not a message\n")
-        # SIGTERM while only SIGKILL is allowed: refused before any process is looked at.
-        os.write(fd, encode(Arm(pid=os.getpid(), scope_id="refused", deadline=1e6, signal=15)))
+        os.write(fd, encode(Arm(pid=bystander.pid, scope_id="refused", deadline=1, signal=15)))
     finally:
         os.close(fd)
 
@@ -237,8 +239,13 @@ def exported(
         samples = scrape(url)
         return samples if all(samples.get(name) for name in LABELLED) else {}
 
-    yield wait_until(complete, what=f"samples of {LABELLED} on {url}")
-    assert d.stop() == 0
+    try:
+        yield wait_until(complete, what=f"samples of {LABELLED} on {url}")
+        assert d.stop() == 0
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def allowed_labels(parsed: Parsed, exported: Dict[str, Dict[str, Set[str]]]) -> Set[str]:

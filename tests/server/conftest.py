@@ -12,18 +12,53 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 
-from ftimer_protocol import Message, encode
-from ftimer_server import Event, ProcessInspector, Worker
+from ftimer_protocol import Message, encode, parse_proc_stat
+from ftimer_server import Event, OsSignaller, ProcessInspector, Worker
 
 #: The first pid of pretend workers served by a real server: above Linux's highest pid_max
 #: (PID_MAX_LIMIT, 2**22), so never a real process. A real server refuses its own pid and
 #: its helper's, so pretend pids that could be real (2000 on a freshly booted machine) met
 #: the test process's now and then, and an arm was refused.
 FAKE_PID = 2**22 + 1
+
+
+class OwnChildrenSignaller(OsSignaller):
+    """Signals real processes, but only descendants of the test's own process (the
+    server's too, when it is embedded): any other request is kept in ``refused`` and
+    fails as a signal not permitted. For a server that reaps the test's workers and is
+    sent hostile pids as well: were its checks to let one through, nothing else is
+    signalled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: List[Tuple[int, int]] = []
+
+    def send(self, worker: Worker, signal: int) -> bool:
+        self._own(worker, signal)
+        return super().send(worker, signal)
+
+    def send_tree(self, worker: Worker, signal: int) -> List[int]:
+        try:
+            self._own(worker, signal)
+        except PermissionError:
+            return []
+        return super().send_tree(worker, signal)
+
+    def _own(self, worker: Worker, signal: int) -> None:
+        pid = worker.pid
+        while pid > 1 and pid != os.getpid():
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    pid = parse_proc_stat(f.read()).ppid
+            except (OSError, ValueError):
+                break
+        if pid != os.getpid() or worker.pid == pid:
+            self.refused.append((worker.pid, signal))
+            raise PermissionError(f"a test signals only its descendants, not pid {worker.pid}")
 
 
 class FakeProcess:

@@ -43,7 +43,7 @@ from ftimer_server.core._events import Refused
 from ftimer_server.server import _socket as socket_module
 from ftimer_server.server._socket import open_socket
 
-from .conftest import run_as_nobody, wait_exit
+from .conftest import OwnChildrenSignaller, run_as_nobody, wait_exit
 
 # Sends one line to the socket argv[1]: argv[2] is the line; with argv[3], also a pidfd
 # of that pid (SCM_RIGHTS). Then waits for its stdin to close (it is the sender).
@@ -74,10 +74,16 @@ class Events:
 
 @pytest.fixture
 def served(fifo_path: pathlib.Path) -> Iterator[tuple[FileTimerServer, Events, str]]:
+    """A server on the socket that reaps the test's children, and only them (its tests
+    send pid 1 too)."""
     events = Events()
     path = str(fifo_path.with_suffix(".socket"))
-    with FileTimerServer(fifo_path, on_event=events, socket_path=path) as server:
+    signaller = OwnChildrenSignaller()
+    with FileTimerServer(
+        fifo_path, on_event=events, socket_path=path, signaller=signaller
+    ) as server:
         yield server, events, path
+    assert signaller.refused == []
 
 
 @pytest.fixture

@@ -153,8 +153,7 @@ def hostile(tmp_path: pathlib.Path, mode: str) -> Iterator[Tuple[Fuse, int, int]
             start_new_session=True,
         )
         assert worker.stdout is not None
-        fd = int(worker.stdout.readline())
-        time.sleep(0.1)  # its handler installed (it printed after)
+        fd = int(worker.stdout.readline())  # its handler installed (it printed after)
         yield Fuse(mount, log), worker.pid, fd
     finally:
         if worker is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import select
 import socket
 import subprocess
 
@@ -15,7 +16,7 @@ from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, main
 from ftimer_protocol import Arm, Disarm
 
 from .conftest import FifoPeer, SocketPeer, server_state
-from .test_cli import ftimer
+from .test_cli import FTIMER, ftimer
 
 ME = os.getpid()
 
@@ -115,7 +116,9 @@ def test_exec_runs_its_command_once_the_server_has_judged_its_arm(
         args = ["exec", "--socket", str(socket_path), "--after", "5", "--write-timeout", "0.2"]
         done = ftimer(*args, "--on-unavailable", "raise", "--", "touch", str(marker))
         assert done.returncode == EXIT_UNAVAILABLE
-        assert "has not confirmed the message in 0.2 s" in done.stderr
+        assert "has not confirmed the message in 0.2 s (is it stopped?): the command was " in (
+            done.stderr
+        )
         assert not marker.exists()
         # As the policy says: run it without a watchdog.
         done = ftimer(*args, "--on-unavailable", "ignore", "--", "touch", str(marker))
@@ -123,6 +126,38 @@ def test_exec_runs_its_command_once_the_server_has_judged_its_arm(
         assert marker.exists()
     finally:
         stopped.close()
+
+
+def test_a_server_gone_with_the_receipt_unread_gives_no_receipt(
+    socket_path: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    # Its socket closed, the kernel closes the descriptors still queued on it, the
+    # receipt's pipe among them: that end of file was taken for the receipt, and CMD ran
+    # unwatched with status 0 under --on-unavailable raise.
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(socket_path))
+    marker = tmp_path / "ran"
+    command = [*FTIMER, "exec", "--socket", str(socket_path), "--after", "5"]
+    command += ["--write-timeout", "30", "--on-unavailable", "raise", "--", "touch", str(marker)]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        poller = select.poll()
+        poller.register(server, select.POLLIN)
+        assert poller.poll(30_000), "no arm came"
+        _, fds, _, _ = socket.recv_fds(server, 4096, 4)  # the arm, CMD's pidfd with it
+        for fd in fds:
+            os.close(fd)
+        assert poller.poll(30_000), "no receipt was asked for"
+        server.close()  # dies with the receipt's datagram unread
+        _, err = proc.communicate(timeout=60)
+    finally:
+        server.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == EXIT_UNAVAILABLE, err
+    assert "the command was not run" in err
+    assert not marker.exists()
 
 
 def test_transport_options(

@@ -430,7 +430,9 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             _stalled(
                 args,
                 _connected_path(client),
-                "the command runs, watched only if the server judges its arm while it lives",
+                "the command was not run"
+                if args.on_unavailable == "raise"
+                else "the command runs, watched only if the server judges its arm while it lives",
             )
     except (ServerUnavailable, ValueError) as e:
         os.close(gate_w)  # CMD never runs

@@ -179,7 +179,7 @@ class SocketWriter:
         it (it can no longer check their kinship), a moment after reading it. So a sync
         datagram follows, carrying a pipe's write end, which the server closes once it
         has judged every datagram before it (docs/protocol.md, "Socket binding"): the
-        read end's end-of-file is the receipt.
+        read end's end-of-file is the receipt, while the server still reads the socket.
 
         Raises:
             ServerUnavailable: as ``write`` (not when the time runs out, nor when the
@@ -196,9 +196,26 @@ class SocketWriter:
                 os.close(write_end)
             poller = select.poll()
             poller.register(read_end, select.POLLIN)
-            return bool(poller.poll(poll_ms(end - time.monotonic())))
+            if not poller.poll(poll_ms(end - time.monotonic())):
+                return False
+            # A server gone with the datagrams unread closes the pipe too (the kernel drops
+            # what its socket held): the end of file is a receipt only from a live one.
+            return self._bound()
         finally:
             os.close(read_end)
+
+    def _bound(self) -> bool:
+        """Whether a server still reads the socket this writer sends to."""
+        if self._replaced():
+            return False
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            probe.connect(self.path)
+        except OSError:  # ECONNREFUSED: nobody reads it any more
+            return False
+        finally:
+            probe.close()
+        return True
 
     def _attempt(self, line: bytes, fd: int) -> bool:
         """Send ``line``, with descriptor ``fd`` unless it is -1; False when the queue is

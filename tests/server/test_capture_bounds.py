@@ -24,6 +24,7 @@ import msgspec
 import pytest
 
 from ftimer_server.core._incident import Capture, Frame, Incident, ThreadStack
+from ftimer_server.incidents import _tools
 from ftimer_server.incidents._capture import CaptureOptions, capture
 from ftimer_server.incidents._helper import WriteJob, run_write
 from ftimer_server.incidents._stack_formats import (
@@ -153,6 +154,27 @@ def test_py_spy_output_is_held_in_part(tmp_path: pathlib.Path) -> None:
     assert f"py-spy's output ({size} bytes) was more than the {PY_SPY_KEPT} kept" in c.error
     assert "stacks of" in c.error
     assert "cut short or not shown" in c.error
+
+
+def test_a_cut_dump_gives_its_lone_thread_to_no_one_by_elimination(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # py-spy without kernel thread ids (a peer on Python 3.9 or 3.10), its output over the
+    # limit: the one thread whole in its start, the newest, was taken for the main thread
+    # (the one ident left over), and its stack shown as the main thread's.
+    monkeypatch.setattr(_tools, "MAX_OUTPUT", 1 << 20, raising=False)
+    with sleeper() as pid:
+        threads = [dict(thread(0, 5000, name=f"t{n}"), os_thread_id=None) for n in range(3)]
+        for n, t in enumerate(threads):
+            t["thread_id"] = 0x7F0000000000 + (n << 24)  # no stack mapping of the sleeper's
+        c = run(pid, fake_py_spy(tmp_path, threads))
+    assert c.method == "py-spy", c.error
+    assert c.error is not None
+    assert "py-spy wrote more than 1048576 bytes" in c.error
+    [kept] = [t for t in c.threads if t.frames]
+    assert kept.frames[0].function == "t0"
+    assert kept.tid == 0
+    assert not next(t for t in c.threads if t.tid == pid).frames
 
 
 def test_command_line_is_capped() -> None:

@@ -34,6 +34,7 @@ from ftimer_server.core._incident import Capture, ProcessFacts, ThreadStack
 from ._dump_hook import HookFile, prepare_hook, run_hook
 from ._pinned import Process, ProcessRefused
 from ._procfs import (
+    ThreadFacts,
     bounded,
     live_thread,
     read_facts,
@@ -248,7 +249,7 @@ def _capture(
                 result.raw = result.raw or by_hook.raw
         stacks = result.threads or []
         if result.idents:
-            stacks = _paired(pid, stacks, result.idents, deadline - _RESERVE)
+            stacks = _paired(pid, stacks, result, threads, deadline - _RESERVE)
         exited = not process.alive()
         notes += result.notes or []
         # Bounded whatever the worker makes of its stacks: the capture goes to the
@@ -280,19 +281,35 @@ def _capture(
 
 
 def _paired(
-    pid: int, stacks: List[ThreadStack], idents: List[str], deadline: float
+    pid: int,
+    stacks: List[ThreadStack],
+    result: MethodResult,
+    before: List[ThreadFacts],
+    deadline: float,
 ) -> List[ThreadStack]:
     """``stacks`` with the kernel ids of those named by ``pthread_t`` alone (py-spy's of a
     peer on Python before 3.11, read without stopping it), where the pairing is certain
-    (``match_thread_idents``); the others keep tid 0."""
+    (``match_thread_idents``); the others keep tid 0. Only a thread that lived from
+    before the read (``before``) to after it is paired: glibc gives a new thread the
+    stack, and so the ``pthread_t``, of one that ended."""
+    assert result.idents is not None
+    lived = {t.tid for t in before}
+    if time.monotonic() >= deadline:
+        return stacks
     try:
-        threads = read_threads(pid, kernel_stacks=False, stack_pointers=True)
+        # Bounded: a worker in uninterruptible sleep holding its memory lock blocks both.
+        _, now = bounded(
+            lambda: read_threads(pid, kernel_stacks=False, stack_pointers=True), deadline
+        )
         _, mapped = bounded(lambda: thread_stack_mappings(pid), deadline)
     except OSError:
         return stacks
-    pairs = match_thread_idents([i for i in idents if i], threads, mapped or [], pid)
+    threads = [t for t in now or [] if t.tid in lived]
+    idents = [i for i in result.idents if i]
+    pairs = match_thread_idents(idents, threads, mapped or [], pid, not result.partial)
     return [
-        msgspec.structs.replace(s, tid=pairs.get(i, 0)) if i else s for s, i in zip(stacks, idents)
+        msgspec.structs.replace(s, tid=pairs.get(i, 0)) if i else s
+        for s, i in zip(stacks, result.idents)
     ]
 
 

@@ -426,13 +426,25 @@ def _run_hook(
         return MethodResult(
             raw=text, error=f"dump hook: the worker {why} after {name} by the deadline"
         )
-    pairs = match_thread_idents([t.ident for t in parsed], threads, mapped or [], pid)
+    cut = faulthandler_cut_threads(text)
+    pairs = match_thread_idents([t.ident for t in parsed], threads, mapped or [], pid, not cut)
+    # Only a thread that lived through the dump keeps its pair: glibc gives a new thread
+    # the stack, and so the ident, of one that ended.
+    try:
+        lived = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+    except OSError:
+        lived = set()
     return MethodResult(
         threads=[
-            ThreadStack(tid=pairs.get(t.ident, 0), name=t.ident, frames=t.frames) for t in parsed
+            ThreadStack(
+                tid=pairs[t.ident] if pairs.get(t.ident) in lived else 0,
+                name=t.ident,
+                frames=t.frames,
+            )
+            for t in parsed
         ],
         raw=text,
-        notes=[_THREADS_CUT] if faulthandler_cut_threads(text) else None,
+        notes=[_THREADS_CUT] if cut else None,
     )
 
 

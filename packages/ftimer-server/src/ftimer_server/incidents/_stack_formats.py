@@ -83,6 +83,7 @@ class MethodResult:
         idents: for each of ``threads`` whose kernel id the method could not tell (tid
             0), its ``pthread_t`` in hex, as faulthandler writes it ("" for the others):
             the capture pairs them with kernel ids (``match_thread_idents``).
+        partial: ``threads`` are only some of the worker's (its output was cut short).
     """
 
     threads: Optional[List[ThreadStack]] = None
@@ -91,6 +92,7 @@ class MethodResult:
     retryable: bool = False
     notes: Optional[List[str]] = None
     idents: Optional[List[str]] = None
+    partial: bool = False
 
 
 def excerpt(data: Union[str, bytes], limit: int = MAX_RAW) -> str:
@@ -343,6 +345,7 @@ def match_thread_idents(
     threads: Sequence[ThreadFacts],
     mappings: Sequence[Tuple[int, int]],
     main: int,
+    complete: bool = True,
 ) -> Dict[str, int]:
     """Pair thread idents (``pthread_t``) with kernel thread ids, where it is certain.
 
@@ -357,6 +360,8 @@ def match_thread_idents(
         threads: the threads of the process, with their stack pointers where read.
         mappings: the process's writable anonymous mappings (start, end).
         main: the main thread's id (the pid).
+        complete: ``idents`` are all the threads Python knows (no dump cut short): only
+            then is the one left over the main thread.
 
     Returns:
         ident -> tid for each pairing that is certain (one ident and one thread in the
@@ -386,7 +391,7 @@ def match_thread_idents(
         if len(found) == 1 and len(tids) == 1:
             pairs[found[0]] = tids[0]
     left = [i for i in idents if i not in pairs]
-    if len(left) == 1 and len(idents) > 0 and any(t.tid == main for t in threads):
+    if complete and len(left) == 1 and any(t.tid == main for t in threads):
         # Every other thread was paired by its stack: the one left is the main thread,
         # unless it sits in a thread stack that we could not pair (a running thread).
         s = span(int(left[0], 16))

@@ -194,6 +194,17 @@ def test_exec_without_a_server_does_not_run_the_command(tmp_path: pathlib.Path) 
     assert marker.exists()
 
 
+def test_exec_in_process_puts_the_callers_signal_handlers_back(peer: FifoPeer) -> None:
+    # main() left SIGINT and SIGQUIT ignored, and the forwarded signals at their defaults,
+    # in the process that called it: its Ctrl-C did nothing any more, nor that of every
+    # Python it started afterwards (an ignored SIGINT is inherited, and kept).
+    signums = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1)
+    before = {s: signal.getsignal(s) for s in signums}
+    assert before[signal.SIGINT] is signal.default_int_handler
+    assert main(["exec", "--fifo", str(peer.path), "--after", "60", "--", "true"]) == 0
+    assert {s: signal.getsignal(s) for s in signums} == before
+
+
 def test_exec_command_not_found(peer: FifoPeer) -> None:
     done = ftimer("exec", "--fifo", str(peer.path), "--after", "5", "--", "/nonexistent/x")
     assert done.returncode == 127

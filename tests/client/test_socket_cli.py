@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pathlib
 import select
+import signal
 import socket
 import subprocess
 
@@ -157,6 +158,34 @@ def test_a_server_gone_with_the_receipt_unread_gives_no_receipt(
             proc.wait()
     assert proc.returncode == EXIT_UNAVAILABLE, err
     assert "the command was not run" in err
+    assert not marker.exists()
+
+
+def test_ctrl_c_while_exec_waits_for_its_receipt_runs_nothing_and_says_no_traceback(
+    socket_path: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    stopped = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stopped.bind(str(socket_path))  # reads nothing: exec waits for its receipt
+    marker = tmp_path / "ran"
+    command = [*FTIMER, "exec", "--socket", str(socket_path), "--after", "5"]
+    command += ["--write-timeout", "30", "--", "touch", str(marker)]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        poller = select.poll()
+        poller.register(stopped, select.POLLIN)
+        assert poller.poll(30_000), "no arm came"
+        _, fds, _, _ = socket.recv_fds(stopped, 4096, 4)
+        for fd in fds:
+            os.close(fd)
+        assert poller.poll(30_000), "no receipt was asked for"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        stopped.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, err) == (128 + signal.SIGINT, "")
     assert not marker.exists()
 
 

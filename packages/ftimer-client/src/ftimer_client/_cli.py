@@ -29,7 +29,7 @@ import stat
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence, TextIO, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Type, Union
 
 from ftimer_protocol import MAX_PID, MAX_TIME, parse_signal, socket_path_for
 
@@ -270,7 +270,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # A warning (``--on-unavailable warn``) is one line for a person, not Python's
         # "file:line: Category: ..." with the source line of the console script.
         warnings.showwarning = _show_warning
-        return _run(args)
+        try:
+            return _run(args)
+        except KeyboardInterrupt:  # Ctrl-C while it waits (for room, or a receipt)
+            return 128 + signal.SIGINT
 
 
 def _show_warning(  # noqa: PLR0917 - warnings.showwarning's signature
@@ -389,6 +392,12 @@ def _stalled(
         warnings.warn(str(stalled), ServerUnavailableWarning, stacklevel=2)
 
 
+def _restore(previous: Dict[int, Any], signums: Sequence[int]) -> None:
+    for signum in signums:
+        # None: a handler set outside Python, which cannot be put back from it.
+        signal.signal(signum, signal.SIG_DFL if previous[signum] is None else previous[signum])
+
+
 def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     cmd: List[str] = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
@@ -434,10 +443,12 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 if args.on_unavailable == "raise"
                 else "the command runs, watched only if the server judges its arm while it lives",
             )
-    except (ServerUnavailable, ValueError) as e:
+    except (ServerUnavailable, ValueError, KeyboardInterrupt) as e:
         os.close(gate_w)  # CMD never runs
         os.close(err_r)
         os.waitpid(pid, 0)
+        if isinstance(e, KeyboardInterrupt):
+            raise
         print(f"ftimer: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE if isinstance(e, ServerUnavailable) else EXIT_USAGE
 
@@ -445,6 +456,8 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
+    # Put back when CMD is done: main() may be called in a process that goes on.
+    previous: Dict[int, Any] = {s: signal.getsignal(s) for s in (*FORWARDED, *IGNORED)}
     for signum in FORWARDED:
         signal.signal(signum, forward)
     for signum in IGNORED:
@@ -459,8 +472,7 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         # Wait without reaping: the pid stays CMD's until the forwarding stops and the
         # disarm is sent (a pidfd of CMD names it until it is reaped).
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-    for signum in FORWARDED:
-        signal.signal(signum, signal.SIG_DFL)
+    _restore(previous, FORWARDED)
     if reap_first:
         _, status = os.waitpid(pid, 0)
     try:
@@ -473,6 +485,7 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"ftimer: could not disarm: {e}", file=sys.stderr)
     if not reap_first:
         _, status = os.waitpid(pid, 0)
+    _restore(previous, IGNORED)
     if failure:
         exit_code, _, message = failure.partition(" ")
         print(f"ftimer: {_shown(cmd[0])}: {message}", file=sys.stderr)

@@ -4,12 +4,15 @@ names the command itself as the sender."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import select
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator
+from typing import Tuple
 
 import pytest
 
@@ -129,18 +132,18 @@ def test_exec_runs_its_command_once_the_server_has_judged_its_arm(
         stopped.close()
 
 
-def test_a_server_gone_with_the_receipt_unread_gives_no_receipt(
-    socket_path: pathlib.Path, tmp_path: pathlib.Path
-) -> None:
-    # Its socket closed, the kernel closes the descriptors still queued on it, the
-    # receipt's pipe among them: that end of file was taken for the receipt, and CMD ran
-    # unwatched with status 0 under --on-unavailable raise.
+@contextlib.contextmanager
+def exec_awaiting_its_receipt(
+    socket_path: pathlib.Path, *args: str
+) -> Iterator[Tuple[subprocess.Popen[str], socket.socket]]:
+    """``ftimer exec ARGS`` over a socket that no server reads, once its arm has been taken
+    off the queue and its receipt's datagram waits there; and that socket."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(str(socket_path))
-    marker = tmp_path / "ran"
     command = [*FTIMER, "exec", "--socket", str(socket_path), "--after", "5"]
-    command += ["--write-timeout", "30", "--on-unavailable", "raise", "--", "touch", str(marker)]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*command, "--write-timeout", "30", *args], stderr=subprocess.PIPE, text=True
+    )
     try:
         poller = select.poll()
         poller.register(server, select.POLLIN)
@@ -149,13 +152,25 @@ def test_a_server_gone_with_the_receipt_unread_gives_no_receipt(
         for fd in fds:
             os.close(fd)
         assert poller.poll(30_000), "no receipt was asked for"
-        server.close()  # dies with the receipt's datagram unread
-        _, err = proc.communicate(timeout=60)
+        yield proc, server
     finally:
         server.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_server_gone_with_the_receipt_unread_gives_no_receipt(
+    socket_path: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    # Its socket closed, the kernel closes the descriptors still queued on it, the
+    # receipt's pipe among them: that end of file was taken for the receipt, and CMD ran
+    # unwatched with status 0 under --on-unavailable raise.
+    marker = tmp_path / "ran"
+    raising = ("--on-unavailable", "raise", "--", "touch", str(marker))
+    with exec_awaiting_its_receipt(socket_path, *raising) as (proc, server):
+        server.close()  # dies with the receipt's datagram unread
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_UNAVAILABLE, err
     assert "the command was not run" in err
     assert not marker.exists()
@@ -164,27 +179,10 @@ def test_a_server_gone_with_the_receipt_unread_gives_no_receipt(
 def test_ctrl_c_while_exec_waits_for_its_receipt_runs_nothing_and_says_no_traceback(
     socket_path: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
-    stopped = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    stopped.bind(str(socket_path))  # reads nothing: exec waits for its receipt
     marker = tmp_path / "ran"
-    command = [*FTIMER, "exec", "--socket", str(socket_path), "--after", "5"]
-    command += ["--write-timeout", "30", "--", "touch", str(marker)]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    try:
-        poller = select.poll()
-        poller.register(stopped, select.POLLIN)
-        assert poller.poll(30_000), "no arm came"
-        _, fds, _, _ = socket.recv_fds(stopped, 4096, 4)
-        for fd in fds:
-            os.close(fd)
-        assert poller.poll(30_000), "no receipt was asked for"
+    with exec_awaiting_its_receipt(socket_path, "--", "touch", str(marker)) as (proc, _):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-    finally:
-        stopped.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert (proc.returncode, err) == (128 + signal.SIGINT, "")
     assert not marker.exists()
 

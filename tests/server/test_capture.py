@@ -155,6 +155,20 @@ def run(
     )
 
 
+def capture_peer(pid: int, py_spy: str) -> Capture:
+    """Capture ``pid`` as a peer of job "j" is (read by py-spy without being stopped)."""
+    return capture(
+        pid,
+        None,
+        None,
+        role="peer",
+        labels={"job": "j"},
+        hook=None,
+        options=CaptureOptions(py_spy=py_spy),
+        deadline=time.monotonic() + 5,
+    )
+
+
 def thread_in(c: Capture, function: str) -> ThreadStack:
     """The one thread whose stack passes through ``function`` of the worker script."""
     found = [
@@ -1034,16 +1048,7 @@ def test_a_peer_on_a_python_before_3_11_has_its_threads_paired(
     with stuck("deadlock", python=python_before_3_11) as worker:
         left, right = worker.tids["left"], worker.tids["right"]
         wait_for(lambda: all("futex" in _wchan(worker.pid, t) for t in (left, right)))
-        c = capture(
-            worker.pid,
-            None,
-            None,
-            role="peer",
-            labels={"job": "j"},
-            hook=None,
-            options=CaptureOptions(py_spy=py_spy),
-            deadline=time.monotonic() + 5,
-        )
+        c = capture_peer(worker.pid, py_spy)
     assert c.method == "py-spy", c.error
     assert thread_in(c, "take_a_then_b").tid == left
     assert thread_in(c, "take_b_then_a").tid == right
@@ -1092,16 +1097,7 @@ def test_a_stack_of_a_thread_that_ended_during_the_read_goes_to_no_other(
         assert _read_line(worker.stdout, 20) == b"ready\n"
         wrong, paired = [], 0
         for _ in range(40):
-            c = capture(
-                worker.pid,
-                None,
-                None,
-                role="peer",
-                labels={"job": "j"},
-                hook=None,
-                options=CaptureOptions(py_spy=py_spy),
-                deadline=time.monotonic() + 5,
-            )
+            c = capture_peer(worker.pid, py_spy)
             lines = [line for line in log.read_text().splitlines() if line.endswith("]")]
             tids = {"MainThread": worker.pid, **dict(map(json.loads, lines))}
             for t in c.threads:
@@ -1148,32 +1144,27 @@ def test_a_hook_dump_pairs_no_stack_with_a_thread_that_ended_before_it(
     # The threads' stack pointers are read before the dump: a thread that ended in
     # between left its stack, and so its ident, to a new one, whose stack the dump then
     # gave to the thread that had ended (its state and kernel stack with it).
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SWAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    try:
-        worker = Worker(proc, json.loads(_read_line(proc.stdout, 20)))
-        first = worker.tids["first"]
-        wait_for(lambda: read_stat(worker.pid, first).state == "S")
-        second: List[int] = []
-        mappings = _dump_hook.thread_stack_mappings
+    command = [sys.executable, "-c", SWAP]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        try:
+            worker = Worker(proc, json.loads(_read_line(proc.stdout, 20)))
+            first = worker.tids["first"]
+            wait_for(lambda: read_stat(worker.pid, first).state == "S")
+            second: List[int] = []
+            mappings = _dump_hook.thread_stack_mappings
 
-        def then_swap(pid: int) -> List[Tuple[int, int]]:
-            read = mappings(pid)
-            assert proc.stdin is not None
-            proc.stdin.write(b"\n")  # the first thread ends, the second starts
-            proc.stdin.flush()
-            second.append(json.loads(_read_line(proc.stdout, 20))["second"])
-            return read
+            def then_swap(pid: int) -> List[Tuple[int, int]]:
+                read = mappings(pid)
+                assert proc.stdin is not None
+                proc.stdin.write(b"\n")  # the first thread ends, the second starts
+                proc.stdin.flush()
+                second.append(json.loads(_read_line(proc.stdout, 20))["second"])
+                return read
 
-        monkeypatch.setattr(_dump_hook, "thread_stack_mappings", then_swap)
-        c = run(worker, CaptureOptions(py_spy=None), hook=worker.hook)
-    finally:
-        proc.kill()
-        proc.wait()
-        for stream in (proc.stdin, proc.stdout):
-            assert stream is not None
-            stream.close()
+            monkeypatch.setattr(_dump_hook, "thread_stack_mappings", then_swap)
+            c = run(worker, CaptureOptions(py_spy=None), hook=worker.hook)
+        finally:
+            proc.kill()  # then closed and waited for, as it leaves the with
     assert c.method == "hook", c.error
     assert len(second) == 1
     assert second[0] != first

@@ -283,6 +283,75 @@ def test_a_stop_that_never_ends_leaves_the_socket_to_the_next_daemon(
     assert_released(store.start(spawn, *args, name="second"), worker)
 
 
+# The daemon, held in its stop after its last read (before the socket is closed) while
+# argv[1] exists; argv[1] + ".held" says it is there.
+HELD_AT_STOP = """
+import os, sys, time
+from ftimer_server.core import _watchdog
+finish = _watchdog.Watchdog.finish
+def held(self, now):
+    open(sys.argv[1] + ".held", "w").close()
+    while os.path.exists(sys.argv[1]):
+        time.sleep(0.01)
+    return finish(self, now)
+_watchdog.Watchdog.finish = held
+from ftimer_server.daemon._cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_release_sent_as_the_daemon_stops_reaches_the_next_daemon(
+    spawn: Callable[..., DaemonProcess],
+    short_dir: pathlib.Path,
+    quiet: Callable[[pathlib.Path, float], subprocess.Popen[str]],
+) -> None:
+    # Sent over the socket after a stopping daemon's last read, a release was taken by
+    # the kernel, then dropped with the socket: the state file kept the timer, and the
+    # next daemon reaped the worker (11 of 40 quiet workers in each of a review's runs of
+    # a SIGTERM restart). The send fails now, and the client sends it to the next daemon.
+    hold = short_dir / "hold"
+    hold.touch()
+    args = ["--state-file", str(short_dir / "state.json")]
+    command = [PYTHON, "-c", HELD_AT_STOP, str(hold)]
+    first = spawn(*args, name="first", command=command).ready()
+    worker = quiet_on_the_socket(first, quiet)
+    first.proc.send_signal(signal.SIGTERM)
+    wait_until((short_dir / "hold.held").exists, what="the stop past its last read")
+    release(worker)
+    hold.unlink()
+    assert first.proc.wait(PATIENCE) == 0
+    assert saved_scopes(short_dir / "state.json") == ["step"]  # not read, so still armed
+    assert_released(spawn(*args, name="second").ready(), worker)
+    assert worker.poll() is None
+
+
+def test_a_socket_shut_by_a_daemon_killed_as_it_stopped_is_not_taken_over(
+    spawn: Callable[..., DaemonProcess],
+    short_dir: pathlib.Path,
+    store: FdStore,
+    quiet: Callable[[pathlib.Path, float], subprocess.Popen[str]],
+) -> None:
+    # Past its last read, the stopping daemon's socket takes no datagram (sends fail);
+    # killed there, it left that socket to the store: the next daemon would serve a
+    # socket every send to which fails, for good.
+    hold = short_dir / "hold"
+    hold.touch()
+    args = ["--state-file", str(short_dir / "state.json")]
+    command = [PYTHON, "-c", HELD_AT_STOP, str(hold)]
+    first = store.start(spawn, *args, name="first", command=command)
+    worker = quiet_on_the_socket(first, quiet)
+    first.proc.send_signal(signal.SIGTERM)
+    wait_until((short_dir / "hold.held").exists, what="the stop past its last read")
+    first.stop(signal.SIGKILL)
+    store.drain()
+    assert SOCKET in store.held
+    release(worker)  # refused: the client sends it again once a server reads the socket
+    second = store.start(spawn, *args, name="second")
+    assert_released(second, worker)
+    [now] = store.held[SOCKET]
+    assert not socket_module.shut_for_reading(now)
+
+
 def test_a_socket_not_taken_over_is_let_go(
     spawn: Callable[..., DaemonProcess], store: FdStore
 ) -> None:

@@ -56,6 +56,7 @@ from ftimer_server.server._fifo import (
 )
 from ftimer_server.server._journal import Journal
 from ftimer_server.server._server import FileTimerServer
+from ftimer_server.server._socket import shut_for_reading
 
 from ._config import (
     ConfigError,
@@ -462,10 +463,15 @@ class Daemon:
             if queue is None:
                 continue
             if taken is None and path is not None and _bound_at(fd, path):
-                taken = fd, queue
-            else:
+                if not shut_for_reading(fd):
+                    taken = fd, queue
+                    continue
+                # The last daemon was killed as it stopped, past its last read: sends to
+                # its socket fail. Its path is freed for a new one.
                 with contextlib.suppress(OSError):
-                    os.close(fd)
+                    os.unlink(path)
+            with contextlib.suppress(OSError):
+                os.close(fd)
         return taken
 
     def _keep_for_next(self) -> None:

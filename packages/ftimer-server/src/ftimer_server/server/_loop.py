@@ -198,8 +198,13 @@ class Loop:
                 self.busy_since = None
 
     def _finish(self) -> None:
-        """Read and apply what the FIFO holds, signal the reaps not done, and hand the
-        results to the façade."""
+        """Read and apply what the FIFO and the socket hold, signal the reaps not done,
+        and hand the results to the façade."""
+        if self._socket is not None:
+            # Sends fail from now on, and their senders resync with the next server: a
+            # datagram sent after this read was taken, then dropped with the socket (a
+            # disarm lost, the timer saved, and the worker reaped after a restart).
+            self._socket.stop_receiving()
         try:
             tokens, _ = self._ingest()
         except Exception:

@@ -170,6 +170,13 @@ class DatagramSocket:
         head, and hide what is queued behind it)."""
         return bool(self._poll.poll(0))
 
+    def stop_receiving(self) -> None:
+        """Have every send from now on fail (``EPIPE``: the sender resyncs with the next
+        server), where a send to a socket about to be closed succeeds and its datagram
+        is dropped with it, a disarm among them; what is queued can still be read."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RD)
+
     def receive(self) -> List[Incoming]:
         """Read what is queued now (everything sent before the call: the queue holds at
         ``batch`` datagrams at the most), and what arrives meanwhile, up to ``batch``
@@ -200,6 +207,8 @@ class DatagramSocket:
                     break
                 except OSError as e:  # never expected on a bound datagram socket
                     logger.error("receiving from %s: %s", self.path, e)
+                    break
+                if not data and not ancillary:  # the end: stop_receiving(), all read
                     break
                 charged += _charge(len(data))
                 datagram = _parse(data, ancillary, flags, open_pidfds, chosen)
@@ -761,6 +770,14 @@ def _adopt(
             why = f"cannot take over the socket given: {e.strerror or e}"
             raise FifoError(path, why, e.errno) from None
         raise
+
+
+def shut_for_reading(fd: int) -> bool:
+    """Whether the socket ``fd`` was shut for reading (``stop_receiving()``: a server
+    killed as it stopped): sends to it fail, so it is no socket to serve."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return any(events & select.POLLRDHUP for _, events in poller.poll(0))
 
 
 def _answers(path: str) -> bool:

@@ -7,13 +7,14 @@ descriptor; a socket's queued datagrams die with it."""
 from __future__ import annotations
 
 import array
+import functools
 import os
 import pathlib
 import signal
 import socket
 import subprocess
 from collections.abc import Iterator
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 from tests.conftest import wait_until
@@ -300,6 +301,23 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+def held_past_its_last_read(
+    start: Callable[..., DaemonProcess],
+    short_dir: pathlib.Path,
+    quiet: Callable[[pathlib.Path, float], subprocess.Popen[str]],
+) -> Tuple[DaemonProcess, subprocess.Popen[str], pathlib.Path]:
+    """A daemon (``start(name=, command=)``, ready) with a quiet worker armed over its
+    socket, told to stop and held in its stop past its last read until the file it
+    returns is removed; and the worker."""
+    hold = short_dir / "hold"
+    hold.touch()
+    daemon = start(name="first", command=[PYTHON, "-c", HELD_AT_STOP, str(hold)])
+    worker = quiet_on_the_socket(daemon, quiet)
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_until((short_dir / "hold.held").exists, what="the stop past its last read")
+    return daemon, worker, hold
+
+
 def test_a_release_sent_as_the_daemon_stops_reaches_the_next_daemon(
     spawn: Callable[..., DaemonProcess],
     short_dir: pathlib.Path,
@@ -309,14 +327,12 @@ def test_a_release_sent_as_the_daemon_stops_reaches_the_next_daemon(
     # the kernel, then dropped with the socket: the state file kept the timer, and the
     # next daemon reaped the worker (11 of 40 quiet workers in each of a review's runs of
     # a SIGTERM restart). The send fails now, and the client sends it to the next daemon.
-    hold = short_dir / "hold"
-    hold.touch()
     args = ["--state-file", str(short_dir / "state.json")]
-    command = [PYTHON, "-c", HELD_AT_STOP, str(hold)]
-    first = spawn(*args, name="first", command=command).ready()
-    worker = quiet_on_the_socket(first, quiet)
-    first.proc.send_signal(signal.SIGTERM)
-    wait_until((short_dir / "hold.held").exists, what="the stop past its last read")
+
+    def start(**kwargs: Any) -> DaemonProcess:
+        return spawn(*args, **kwargs).ready()
+
+    first, worker, hold = held_past_its_last_read(start, short_dir, quiet)
     release(worker)
     hold.unlink()
     assert first.proc.wait(PATIENCE) == 0
@@ -334,14 +350,9 @@ def test_a_socket_shut_by_a_daemon_killed_as_it_stopped_is_not_taken_over(
     # Past its last read, the stopping daemon's socket takes no datagram (sends fail);
     # killed there, it left that socket to the store: the next daemon would serve a
     # socket every send to which fails, for good.
-    hold = short_dir / "hold"
-    hold.touch()
     args = ["--state-file", str(short_dir / "state.json")]
-    command = [PYTHON, "-c", HELD_AT_STOP, str(hold)]
-    first = store.start(spawn, *args, name="first", command=command)
-    worker = quiet_on_the_socket(first, quiet)
-    first.proc.send_signal(signal.SIGTERM)
-    wait_until((short_dir / "hold.held").exists, what="the stop past its last read")
+    start = functools.partial(store.start, spawn, *args)
+    first, worker, _ = held_past_its_last_read(start, short_dir, quiet)
     first.stop(signal.SIGKILL)
     store.drain()
     assert SOCKET in store.held

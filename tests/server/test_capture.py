@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import pytest
 
@@ -1081,6 +1081,19 @@ time.sleep(600)
 """
 
 
+def _threads_it_may_be(stack: ThreadStack, tids: Dict[str, int]) -> Set[int]:
+    """The kernel ids a stack of the CHURN worker may have: its thread's, by the name
+    py-spy read; without one (py-spy reads no name of a thread that Python's threading
+    has not listed yet, or no more), any of the threads that run its function."""
+    if stack.name in tids:
+        return {tids[stack.name]}
+    functions = {f.function for f in stack.frames}
+    kind = "gen-" if "short_life" in functions else "churner-" if "churn" in functions else ""
+    if not kind:
+        return {tids["MainThread"]}
+    return {tid for name, tid in tids.items() if name.startswith(kind)}
+
+
 def test_a_stack_of_a_thread_that_ended_during_the_read_goes_to_no_other(
     py_spy: str, python_before_3_11: str, tmp_path: pathlib.Path
 ) -> None:
@@ -1103,8 +1116,8 @@ def test_a_stack_of_a_thread_that_ended_during_the_read_goes_to_no_other(
             for t in c.threads:
                 if t.frames and t.tid:
                     paired += 1
-                    if tids.get(t.name) != t.tid:
-                        wrong.append((t.name, t.tid, tids.get(t.name)))
+                    if t.tid not in _threads_it_may_be(t, tids):
+                        wrong.append((t.name, t.tid, [f.function for f in t.frames]))
         assert wrong == []
         assert paired >= 40  # the main thread at least, each time
     finally:

@@ -62,10 +62,13 @@ class OwnChildrenSignaller(OsSignaller):
 
 
 class FakeProcess:
-    def __init__(self, start_time: int, parent: int = 1, uid: int = 1000) -> None:
+    def __init__(
+        self, start_time: int, parent: int = 1, uid: int = 1000, clocks: Tuple[int, int] = (0, 0)
+    ) -> None:
         self.start_time = start_time
         self.parent = parent
         self.uid = uid
+        self.clocks = clocks
 
 
 class FakeInspector(ProcessInspector):
@@ -76,8 +79,15 @@ class FakeInspector(ProcessInspector):
         self.processes: Dict[int, FakeProcess] = {}
         self.auto = auto
 
-    def spawn(self, pid: int, start_time: int = 100, parent: int = 1, uid: int = 1000) -> None:
-        self.processes[pid] = FakeProcess(start_time, parent, uid)
+    def spawn(
+        self,
+        pid: int,
+        start_time: int = 100,
+        parent: int = 1,
+        uid: int = 1000,
+        clocks: Tuple[int, int] = (0, 0),
+    ) -> None:
+        self.processes[pid] = FakeProcess(start_time, parent, uid, clocks)
 
     def exit(self, pid: int) -> None:
         del self.processes[pid]
@@ -98,6 +108,9 @@ class FakeInspector(ProcessInspector):
 
     def uid(self, pid: int) -> int:
         return self._get(pid).uid
+
+    def clock_offsets(self, pid: int) -> Tuple[int, int]:
+        return self._get(pid).clocks
 
 
 class Recorder:

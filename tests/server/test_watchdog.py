@@ -513,6 +513,32 @@ def test_a_live_process_cannot_be_impersonated(rig: Rig) -> None:
     ] * 2
 
 
+@pytest.mark.parametrize(
+    ("clocks", "detail"),
+    [
+        ((-5_000 * 10**9, 0), "CLOCK_MONOTONIC -5000 s from the server's"),
+        ((0, 7 * 10**9), "CLOCK_BOOTTIME +7 s from the server's"),
+    ],
+)
+def test_a_process_on_other_clocks_is_refused_never_reaped(
+    clocks: tuple[int, int], detail: str
+) -> None:
+    # A time namespace with other offsets: the deadline it means is 5,000 s later than
+    # the number says, or its start time reads 7 s (700 ticks) later than the server's.
+    rig = Rig()
+    rig.host.spawn(1000, start_time=100, parent=SERVER, clocks=clocks)
+    claimed = 100 + 700 * (clocks[1] > 0)
+    v1 = TimerRequestV1(pid=1000, scope_id="t", expiration_time=WALL + 10.0, signal=9)
+    rig.apply(arm(deadline=1.0, start_time=claimed), arm(scope="again", start_time=claimed), v1)
+    rig.at(100.0)
+    assert rig.signaller.sent == []
+    assert rig.wd.armed() == []
+    assert rig.wd.workers() == []
+    rejected = rig.events.of(Rejected)
+    assert [e.reason for e in rejected] == [RejectReason.OTHER_CLOCK] * 3  # type: ignore[attr-defined]
+    assert all(detail in e.detail for e in rejected)  # type: ignore[attr-defined]
+
+
 def test_worker_that_exits_loses_its_timers(rig: Rig) -> None:
     rig.apply(arm(scope="a"), arm(scope="b"))
     [worker] = rig.wd.workers()

@@ -40,6 +40,8 @@ class Facts(msgspec.Struct, frozen=True, gc=False):
         ancestors: parent, grandparent, ... up to pid 1 (included), when asked for;
             ``None`` when not asked for or not known.
         pidfd: a pidfd for exactly this process, now owned by the core, or ``None``.
+        clock_offsets: how far its CLOCK_MONOTONIC and CLOCK_BOOTTIME are ahead of the
+            server's, in nanoseconds (another time namespace); ``(0, 0)``: the same clocks.
     """
 
     pid: int
@@ -48,6 +50,7 @@ class Facts(msgspec.Struct, frozen=True, gc=False):
     uid: Optional[int] = None
     ancestors: Optional[Tuple[int, ...]] = None
     pidfd: Optional[int] = None
+    clock_offsets: Tuple[int, int] = (0, 0)
 
 
 class Unresolved(msgspec.Struct, frozen=True):

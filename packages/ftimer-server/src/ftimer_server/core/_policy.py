@@ -81,6 +81,8 @@ def judge(
     """
     if facts.tgid != facts.pid:
         return RejectReason.NOT_A_PROCESS
+    if facts.clock_offsets != (0, 0):  # first: its start time reads otherwise too
+        return RejectReason.OTHER_CLOCK
     if start_time is not None and facts.start_time is not None and facts.start_time != start_time:
         return RejectReason.IDENTITY_MISMATCH
     # Unknown facts (None) never pass a check that needs them.

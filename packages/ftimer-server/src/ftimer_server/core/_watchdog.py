@@ -73,7 +73,12 @@ REFUSAL_TTL = 1.0
 MAX_REFUSALS = 1024
 #: Refusals that are facts about the process holding the pid, not about one message.
 _LASTING = frozenset(
-    (RejectReason.NOT_A_PROCESS, RejectReason.UID_NOT_ALLOWED, RejectReason.NOT_DESCENDANT)
+    (
+        RejectReason.NOT_A_PROCESS,
+        RejectReason.OTHER_CLOCK,
+        RejectReason.UID_NOT_ALLOWED,
+        RejectReason.NOT_DESCENDANT,
+    )
 )
 
 Labels = Optional[Dict[str, str]]
@@ -84,6 +89,16 @@ def _v1_deadline(request: TimerRequestV1, now: float, wall: float) -> float:
     (``wall``). A time long past would make a negative deadline, outside the schema of
     what is saved: it is simply due now."""
     return max(0.0, now + (request.expiration_time - wall))
+
+
+def _clocks_apart(offsets: Tuple[int, int]) -> str:
+    """Say how the clocks of a process in another time namespace differ from the server's."""
+    apart = [
+        f"{name} {ns / 1e9:+g} s"
+        for name, ns in zip(("CLOCK_MONOTONIC", "CLOCK_BOOTTIME"), offsets)
+        if ns
+    ]
+    return f"{', '.join(apart)} from the server's: another time namespace"
 
 
 def _ignore(_: object) -> None:
@@ -506,7 +521,8 @@ class Watchdog:
             why, detail, until, process = refused
             if until > self._now and (process is None or self._host.alive(process)):
                 known = None if process is None else process.start_time
-                if start_time is not None and known not in (None, start_time):
+                other_clock = why is RejectReason.OTHER_CLOCK  # its start times read otherwise
+                if start_time is not None and known not in (None, start_time) and not other_clock:
                     return RejectReason.IDENTITY_MISMATCH, ""  # as judge() would say first
                 return why, detail
             self._forget_refusal(pid)
@@ -521,11 +537,14 @@ class Watchdog:
         if reason is None and start_time is None and later:
             reason = RejectReason.IDENTITY_MISMATCH
         if reason is not None:
+            detail = ""
+            if reason is RejectReason.OTHER_CLOCK:
+                detail = _clocks_apart(facts.clock_offsets)
             if reason in _LASTING:
-                self._remember_refusal(pid, reason, "", worker)
+                self._remember_refusal(pid, reason, detail, worker)
             else:
                 self._host.release(worker)
-            return reason, ""
+            return reason, detail
         self._workers[pid] = worker
         self._host.bound(worker)
         return worker

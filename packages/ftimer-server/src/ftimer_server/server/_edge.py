@@ -110,6 +110,7 @@ class SystemHost(Host):
                 uid=_optional(inspector.uid, pid),
                 ancestors=tuple(ancestors_of(pid, inspector)) if ancestry else None,
                 pidfd=pidfd,
+                clock_offsets=inspector.clock_offsets(pid),
             )
             if pidfd is not None and not inspector.alive(Worker(pid, facts.start_time, pidfd)):
                 raise ProcessLookupError(errno.ESRCH, f"process {pid} exited")

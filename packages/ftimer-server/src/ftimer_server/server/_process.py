@@ -1,4 +1,5 @@
-"""How the server reads processes: start time, thread group, parent, uid, pidfd, liveness.
+"""How the server reads processes: start time, thread group, parent, uid, clocks, pidfd,
+liveness.
 
 The server only ever looks at processes through a ``ProcessInspector``, so tests can
 replace the operating system with a fake one (a pid that gets reused, ten thousand
@@ -74,6 +75,19 @@ class ProcessInspector(abc.ABC):
             NotImplementedError: the platform does not tell.
         """
 
+    def clock_offsets(self, pid: int) -> Tuple[int, int]:
+        """Return how far the CLOCK_MONOTONIC and CLOCK_BOOTTIME that process ``pid``
+        reads are ahead of the server's, in nanoseconds: ``(0, 0)`` when they are the same.
+
+        They differ in a time namespace with other offsets (``unshare --time``, a
+        container restored by CRIU), whose deadlines and start times are on other clocks.
+        This default is for platforms (and fakes) without time namespaces.
+
+        Raises:
+            ProcessLookupError: no process has that pid.
+        """
+        return (0, 0)
+
     def open(self, pid: int) -> Optional[int]:
         """Return a pidfd for process ``pid``, or ``None`` where pidfds are unavailable.
 
@@ -119,6 +133,7 @@ class SystemInspector(ProcessInspector):
     def __init__(self) -> None:
         self._pidfds = _LINUX and hasattr(os, "pidfd_open")
         self._warned = False
+        self._clocks = _timens_offsets("self") if _LINUX else (0, 0)
 
     def start_time(self, pid: int) -> Optional[int]:
         if not _LINUX:
@@ -145,6 +160,12 @@ class SystemInspector(ProcessInspector):
         if not _LINUX:
             return pid  # thread ids are not process ids there
         return int(_status(pid, b"Tgid:"))
+
+    def clock_offsets(self, pid: int) -> Tuple[int, int]:
+        if not _LINUX:
+            return (0, 0)
+        monotonic, boottime = _timens_offsets(str(pid))
+        return monotonic - self._clocks[0], boottime - self._clocks[1]
 
     def open(self, pid: int) -> Optional[int]:
         if not self._pidfds or pid <= 0:
@@ -194,6 +215,21 @@ def _status(pid: int, field: bytes) -> bytes:
     except (FileNotFoundError, ProcessLookupError):
         pass
     raise ProcessLookupError(errno.ESRCH, f"no process {pid}")
+
+
+def _timens_offsets(pid: str) -> Tuple[int, int]:
+    """The offsets (ns) of CLOCK_MONOTONIC and CLOCK_BOOTTIME from the host's, in the time
+    namespace ``pid``'s children get: its own, but in a process that called
+    ``unshare(CLONE_NEWTIME)`` (which stays in its old one; the file cannot tell)."""
+    offsets = {b"monotonic": 0, b"boottime": 0}
+    try:
+        with open(f"/proc/{pid}/timens_offsets", "rb") as f:
+            for line in f:
+                name, seconds, nanoseconds = line.split()
+                offsets[name] = int(seconds) * 1_000_000_000 + int(nanoseconds)
+    except FileNotFoundError:
+        pass  # no time namespaces on this kernel (before 5.6); a pid gone fails elsewhere
+    return offsets[b"monotonic"], offsets[b"boottime"]
 
 
 def _probe(pid: int) -> None:

@@ -28,12 +28,13 @@ import pytest
 from ftimer_protocol import DumpHook
 from ftimer_server.core._incident import Capture, ThreadStack
 from ftimer_server.incidents import _dump_hook, _pinned, _reap_extras, _tools
-from ftimer_server.incidents._capture import CaptureOptions, capture, find_py_spy
+from ftimer_server.incidents._capture import CaptureOptions, _paired, capture, find_py_spy
 from ftimer_server.incidents._diagnostics import Diagnostics, IncidentOptions
 from ftimer_server.incidents._pinned import Process
-from ftimer_server.incidents._procfs import ThreadFacts, read_stat
+from ftimer_server.incidents._procfs import ThreadFacts, read_stat, read_threads
 from ftimer_server.incidents._reap_extras import core_dump, signal_tree
 from ftimer_server.incidents._stack_formats import (
+    MethodResult,
     match_thread_idents,
     parse_faulthandler,
     parse_py_spy,
@@ -1055,6 +1056,47 @@ def test_a_peer_on_a_python_before_3_11_has_its_threads_paired(
     main = thread_in(c, "stuck_in_sleep")
     assert (main.tid, main.state) == (worker.pid, "S")
     assert len(c.threads) == 3  # no thread twice, once with its stack and once without
+
+
+# Prints its main thread's pthread_t; then, on a line of input, starts a thread named
+# "late" and prints that one's.
+LATE_THREAD = r"""
+import sys, threading
+print(hex(threading.main_thread().ident), flush=True)
+sys.stdin.readline()
+late = threading.Thread(target=threading.Event().wait, name="late", daemon=True)
+late.start()
+print(hex(late.ident), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_peer_s_main_thread_is_known_by_its_name_never_by_elimination() -> None:
+    # py-spy reads a peer without stopping it, and can miss a thread (the main one among
+    # them) without knowing it: the one pthread_t left over was taken for the main
+    # thread's, and a short-lived thread's stack shown as the main thread's (a CI run).
+    with subprocess.Popen(
+        [sys.executable, "-c", LATE_THREAD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as peer:
+        assert peer.stdin is not None
+        assert peer.stdout is not None
+        main = peer.stdout.readline().strip()
+        before = read_threads(peer.pid, kernel_stacks=False)
+        peer.stdin.write("\n")
+        peer.stdin.flush()
+        late = peer.stdout.readline().strip()  # a thread born during the read
+
+        def paired(*named: Tuple[str, str]) -> List[int]:
+            stacks = [ThreadStack(0, name) for name, _ in named]
+            result = MethodResult(stacks, idents=[ident for _, ident in named])
+            return [s.tid for s in _paired(peer.pid, stacks, result, before, time.monotonic() + 5)]
+
+        assert paired(("late", late)) == [0]  # the main thread missed: no pairing
+        assert paired(("late", late), ("MainThread", main)) == [0, peer.pid]
+        peer.stdin.write("\n")
 
 
 # Threads that live a few milliseconds, one after another, in two lines: glibc gives

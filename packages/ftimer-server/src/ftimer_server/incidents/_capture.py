@@ -291,7 +291,10 @@ def _paired(
     peer on Python before 3.11, read without stopping it), where the pairing is certain
     (``match_thread_idents``); the others keep tid 0. Only a thread that lived from
     before the read (``before``) to after it is paired: glibc gives a new thread the
-    stack, and so the ``pthread_t``, of one that ended."""
+    stack, and so the ``pthread_t``, of one that ended. The main thread, whose
+    ``pthread_t`` is in no thread's stack, is known by its name: a read that does not
+    stop the peer can miss a thread and not know it, so the one ``pthread_t`` left over
+    is not the main thread's for that."""
     assert result.idents is not None
     lived = {t.tid for t in before}
     if time.monotonic() >= deadline:
@@ -306,7 +309,10 @@ def _paired(
         return stacks
     threads = [t for t in now or [] if t.tid in lived]
     idents = [i for i in result.idents if i]
-    pairs = match_thread_idents(idents, threads, mapped or [], pid, not result.partial)
+    pairs = match_thread_idents(idents, threads, mapped or [], pid, complete=False)
+    mains = [i for s, i in zip(stacks, result.idents) if s.name == "MainThread" and i]
+    if len(mains) == 1 and mains[0] not in pairs and any(t.tid == pid for t in threads):
+        pairs[mains[0]] = pid
     return [
         msgspec.structs.replace(s, tid=pairs.get(i, 0)) if i else s
         for s, i in zip(stacks, result.idents)

@@ -63,7 +63,11 @@ class OwnChildrenSignaller(OsSignaller):
 
 class FakeProcess:
     def __init__(
-        self, start_time: int, parent: int = 1, uid: int = 1000, clocks: Tuple[int, int] = (0, 0)
+        self,
+        start_time: int,
+        parent: int = 1,
+        uid: int = 1000,
+        clocks: Optional[Tuple[int, int]] = (0, 0),
     ) -> None:
         self.start_time = start_time
         self.parent = parent
@@ -85,7 +89,7 @@ class FakeInspector(ProcessInspector):
         start_time: int = 100,
         parent: int = 1,
         uid: int = 1000,
-        clocks: Tuple[int, int] = (0, 0),
+        clocks: Optional[Tuple[int, int]] = (0, 0),
     ) -> None:
         self.processes[pid] = FakeProcess(start_time, parent, uid, clocks)
 
@@ -109,7 +113,7 @@ class FakeInspector(ProcessInspector):
     def uid(self, pid: int) -> int:
         return self._get(pid).uid
 
-    def clock_offsets(self, pid: int) -> Tuple[int, int]:
+    def clock_offsets(self, pid: int) -> Optional[Tuple[int, int]]:
         return self._get(pid).clocks
 
 

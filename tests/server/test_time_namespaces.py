@@ -4,12 +4,15 @@ than reaped at a deadline it never meant. Only the test's own children are signa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import shlex
 import shutil
 import subprocess
 import sys
-from typing import List, Tuple
+from collections.abc import Iterator
+from typing import List, Optional, Tuple
 
 import pytest
 from tests.conftest import wait_until
@@ -30,6 +33,29 @@ with expires(after=float(sys.argv[2])):
 """
 
 
+# torch's client in a time namespace: a deadline on the wall clock, no start time.
+TORCH_WORKER = """
+import os, sys, time
+from ftimer_protocol import TimerRequestV1, encode
+fd = os.open(sys.argv[1], os.O_WRONLY)
+deadline = time.time() + float(sys.argv[2])
+os.write(fd, encode(TimerRequestV1(os.getpid(), "hung", deadline, signal=9)))
+print("armed", os.getpid(), flush=True)
+sys.stdin.readline()
+"""
+
+# Unshares a time namespace for its children alone (it stays in its own), with the
+# offsets argv[1] gives them.
+LEFT_BEHIND = """
+import ctypes, os, sys
+assert ctypes.CDLL(None, use_errno=True).unshare(0x80) == 0  # CLONE_NEWTIME
+with open("/proc/self/timens_offsets", "w") as f:
+    f.write(sys.argv[1])
+print("ready", os.getpid(), flush=True)
+sys.stdin.readline()
+"""
+
+
 def _time_namespaces() -> str:
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         return "needs root and unshare(1)"
@@ -42,10 +68,12 @@ def _time_namespaces() -> str:
 pytestmark = pytest.mark.skipif(bool(_time_namespaces()), reason=_time_namespaces())
 
 
-def _worker(path: str, offsets: List[str], after: float) -> Tuple[subprocess.Popen[str], int]:
+def _worker(
+    path: str, offsets: List[str], after: float, script: str = WORKER
+) -> Tuple[subprocess.Popen[str], int]:
     """Start a worker in a new time namespace; return unshare's process and the worker's
     pid, once it has armed."""
-    argv = [sys.executable, "-c", WORKER, path, str(after)]
+    argv = [sys.executable, "-c", script, path, str(after)]
     child = subprocess.Popen(
         ["unshare", "--time", *offsets, "--fork", "--kill-child", *argv],
         stdin=subprocess.PIPE,
@@ -106,16 +134,88 @@ def test_a_time_namespace_with_the_servers_offsets_is_one_clock(
     assert events.of(Rejected) == []
 
 
+def test_torch_s_wall_clock_deadline_is_kept_in_a_time_namespace(
+    fifo_path: pathlib.Path,
+) -> None:
+    events = Recorder()
+    with FileTimerServer(fifo_path, on_event=events, signaller=OwnChildrenSignaller()):
+        offsets = ["--monotonic", "-5000", "--boottime", "7"]
+        unshare, pid = _worker(str(fifo_path), offsets, 0.2, TORCH_WORKER)
+        with unshare:
+            [reaped] = wait_until(lambda: events.of(Reaped), what="the reap")
+    assert isinstance(reaped, Reaped)
+    assert (reaped.pid, reaped.delivered) == (pid, True)
+    assert events.of(Rejected) == []
+
+
+@pytest.mark.skipif(shutil.which("nsenter") is None, reason="needs nsenter(1)")
+def test_a_sender_on_other_clocks_cannot_arm_for_its_parent(fifo_path: pathlib.Path) -> None:
+    # A shell's `ftimer arm` names the shell (its parent) by a pidfd: the deadline is
+    # the sender's reading, 5,000 s behind the server's clock, while the shell is not.
+    events = Recorder()
+    socket_path = str(fifo_path.with_suffix(".socket"))
+    arm = [sys.executable, "-m", "ftimer_client", "arm", "--socket", socket_path]
+    with (
+        FileTimerServer(
+            fifo_path, on_event=events, signaller=OwnChildrenSignaller(), socket_path=socket_path
+        ),
+        _in_time_namespace(["--monotonic", "-5000"]) as holder,
+    ):
+        nsenter = ["nsenter", "-t", str(holder), "--time", *arm, "--scope", "s", "--after", "60"]
+        script = f'{shlex.join(nsenter)}; echo "armed $?"; read'
+        with subprocess.Popen(
+            ["bash", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        ) as shell:
+            assert shell.stdout is not None
+            assert shell.stdout.readline() == "armed 0\n"  # judged: the receipt came
+            assert events.of(Reaped) == []
+            assert shell.poll() is None
+            assert shell.communicate("\n", timeout=10)[0] == ""
+        assert shell.returncode == 0
+    [rejected] = events.of(Rejected)
+    assert isinstance(rejected, Rejected)
+    assert rejected.reason is RejectReason.OTHER_CLOCK
+    assert rejected.detail.startswith("the sender's CLOCK_MONOTONIC -5000 s from the server's")
+
+
+@pytest.mark.parametrize(
+    ("namespace", "children", "expected"),
+    [
+        ([], "monotonic -100 0", (0, 0)),  # its own clocks are the server's
+        (["unshare", "--time", "--monotonic", "-5000", "--fork"], "monotonic 0 0", None),
+    ],
+)
+def test_a_process_that_unshared_for_its_children_is_judged_by_its_own_clocks(
+    namespace: List[str], children: str, expected: Optional[Tuple[int, int]]
+) -> None:
+    # /proc/PID/timens_offsets shows the namespace its children get, not its own.
+    with subprocess.Popen(
+        [*namespace, sys.executable, "-c", LEFT_BEHIND, children],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stdout is not None
+        pid = int(process.stdout.readline().split()[1])
+        assert SystemInspector().clock_offsets(pid) == expected
+        process.communicate("\n", timeout=10)
+
+
 def test_the_inspector_reads_a_process_s_clock_offsets() -> None:
-    offsets = ["--monotonic", "-5000", "--boottime", "7"]
+    with _in_time_namespace(["--monotonic", "-5000", "--boottime", "7"]) as sleeper:
+        assert SystemInspector().clock_offsets(sleeper) == (-5_000 * 10**9, 7 * 10**9)
+    assert SystemInspector().clock_offsets(os.getpid()) == (0, 0)
+
+
+@contextlib.contextmanager
+def _in_time_namespace(offsets: List[str]) -> Iterator[int]:
+    """A process sleeping in a new time namespace with ``offsets``: its pid."""
     child = subprocess.Popen(
         ["unshare", "--time", *offsets, "--fork", "--kill-child", "sleep", "60"]
     )
     try:
         # unshare forks its command into the namespace: wait until it has.
-        sleeper = wait_until(lambda: _children(child.pid), what="the command forked")[0]
-        assert SystemInspector().clock_offsets(sleeper) == (-5_000 * 10**9, 7 * 10**9)
-        assert SystemInspector().clock_offsets(os.getpid()) == (0, 0)
+        yield wait_until(lambda: _children(child.pid), what="the command forked")[0]
     finally:
         child.kill()
         child.wait()

@@ -41,6 +41,7 @@ from ftimer_server import (
     WorkerGone,
 )
 from ftimer_server.core._horizon import SETTLE
+from ftimer_server.core._policy import clocks_apart
 from ftimer_server.core._reader import LineReader
 from ftimer_server.core._watchdog import REFUSAL_TTL, Watchdog
 from ftimer_server.daemon._state import decode_state, encode_state
@@ -518,25 +519,51 @@ def test_a_live_process_cannot_be_impersonated(rig: Rig) -> None:
     [
         ((-5_000 * 10**9, 0), "CLOCK_MONOTONIC -5000 s from the server's"),
         ((0, 7 * 10**9), "CLOCK_BOOTTIME +7 s from the server's"),
+        (None, "its own time namespace cannot be read"),
     ],
 )
 def test_a_process_on_other_clocks_is_refused_never_reaped(
-    clocks: tuple[int, int], detail: str
+    clocks: Optional[tuple[int, int]], detail: str
 ) -> None:
     # A time namespace with other offsets: the deadline it means is 5,000 s later than
     # the number says, or its start time reads 7 s (700 ticks) later than the server's.
     rig = Rig()
     rig.host.spawn(1000, start_time=100, parent=SERVER, clocks=clocks)
-    claimed = 100 + 700 * (clocks[1] > 0)
-    v1 = TimerRequestV1(pid=1000, scope_id="t", expiration_time=WALL + 10.0, signal=9)
-    rig.apply(arm(deadline=1.0, start_time=claimed), arm(scope="again", start_time=claimed), v1)
+    claimed = 100 + 700 * (clocks is not None and clocks[1] > 0)
+    rig.apply(arm(deadline=1.0, start_time=claimed), arm(scope="again", start_time=claimed))
     rig.at(100.0)
     assert rig.signaller.sent == []
     assert rig.wd.armed() == []
     assert rig.wd.workers() == []
     rejected = rig.events.of(Rejected)
-    assert [e.reason for e in rejected] == [RejectReason.OTHER_CLOCK] * 3  # type: ignore[attr-defined]
+    assert [e.reason for e in rejected] == [RejectReason.OTHER_CLOCK] * 2  # type: ignore[attr-defined]
     assert all(detail in e.detail for e in rejected)  # type: ignore[attr-defined]
+    # torch's deadline is on the wall clock, which no time namespace offsets: armed (the
+    # refusal just remembered notwithstanding), and reaped when due.
+    rig.apply(TimerRequestV1(pid=1000, scope_id="t", expiration_time=WALL + 110.0, signal=9))
+    rig.at(110.0)
+    assert rig.signaller.sent == [(1000, 9)]
+
+
+def test_a_timer_saved_on_the_servers_clocks_is_restored_whatever_the_process_s() -> None:
+    rig = Rig()
+    rig.host.spawn(1000, start_time=100, parent=SERVER, clocks=(-5_000 * 10**9, 0))
+    rig.wd.restore([Timer(pid=1000, scope_id="s", deadline=10.0, signal=9, start_time=100)])
+    assert [t.scope_id for t in rig.wd.armed()] == ["s"]
+    rig.at(10.0)
+    assert rig.signaller.sent == [(1000, 9)]
+
+
+@pytest.mark.parametrize(
+    ("offsets", "said"),
+    [
+        ((1_000, 0), "CLOCK_MONOTONIC +0.000001 s"),
+        ((-1_234_567_000_000, 0), "CLOCK_MONOTONIC -1234.567 s"),
+        ((31_536_000 * 10**9,) * 2, "CLOCK_MONOTONIC +31536000 s, CLOCK_BOOTTIME +31536000 s"),
+    ],
+)
+def test_the_clocks_apart_are_said_in_plain_seconds(offsets: tuple[int, int], said: str) -> None:
+    assert clocks_apart(offsets) == f"{said} from the server's: another time namespace"
 
 
 def test_worker_that_exits_loses_its_timers(rig: Rig) -> None:

@@ -41,7 +41,8 @@ class Facts(msgspec.Struct, frozen=True, gc=False):
             ``None`` when not asked for or not known.
         pidfd: a pidfd for exactly this process, now owned by the core, or ``None``.
         clock_offsets: how far its CLOCK_MONOTONIC and CLOCK_BOOTTIME are ahead of the
-            server's, in nanoseconds (another time namespace); ``(0, 0)``: the same clocks.
+            server's, in nanoseconds (another time namespace); ``(0, 0)``: the same clocks;
+            ``None``: they cannot be told.
     """
 
     pid: int
@@ -50,7 +51,7 @@ class Facts(msgspec.Struct, frozen=True, gc=False):
     uid: Optional[int] = None
     ancestors: Optional[Tuple[int, ...]] = None
     pidfd: Optional[int] = None
-    clock_offsets: Tuple[int, int] = (0, 0)
+    clock_offsets: Optional[Tuple[int, int]] = (0, 0)
 
 
 class Unresolved(msgspec.Struct, frozen=True):

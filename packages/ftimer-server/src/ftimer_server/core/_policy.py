@@ -9,14 +9,14 @@ set allows nothing, and what cannot be verified is refused.
 
 from __future__ import annotations
 
-from typing import AbstractSet, Container, FrozenSet, Optional
+from typing import AbstractSet, Container, FrozenSet, Optional, Tuple
 
 import msgspec
 
 from ._events import RejectReason
 from ._host import Facts
 
-__all__ = ["Policy", "check_pid", "judge"]
+__all__ = ["Policy", "check_pid", "clocks_apart", "judge"]
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,7 +69,11 @@ def check_pid(
 
 
 def judge(
-    facts: Facts, start_time: Optional[int], policy: Policy, server_pid: int
+    facts: Facts,
+    start_time: Optional[int],
+    policy: Policy,
+    server_pid: int,
+    its_clocks: bool = True,
 ) -> Optional[RejectReason]:
     """Return why the process ``facts`` describe may not hold timers, or ``None``.
 
@@ -78,10 +82,13 @@ def judge(
         start_time: the start time the message names, if any.
         policy: the policy.
         server_pid: the server's process, for ``descendants_only``.
+        its_clocks: the message's deadline and start time are on the process's clocks,
+            which must then be the server's (not so of torch's wall-clock deadlines
+            without a start time, or of a timer the server saved).
     """
     if facts.tgid != facts.pid:
         return RejectReason.NOT_A_PROCESS
-    if facts.clock_offsets != (0, 0):  # first: its start time reads otherwise too
+    if its_clocks and facts.clock_offsets != (0, 0):  # first: its start time reads otherwise
         return RejectReason.OTHER_CLOCK
     if start_time is not None and facts.start_time is not None and facts.start_time != start_time:
         return RejectReason.IDENTITY_MISMATCH
@@ -91,3 +98,21 @@ def judge(
     if policy.descendants_only and server_pid not in (facts.ancestors or ()):
         return RejectReason.NOT_DESCENDANT
     return None
+
+
+def clocks_apart(offsets: Optional[Tuple[int, int]]) -> str:
+    """Say how the clocks of a process in another time namespace differ from the
+    server's (``Facts.clock_offsets``)."""
+    if offsets is None:
+        return "its own time namespace cannot be read: it left it for its children's"
+    apart = [
+        f"{name} {'+' if ns > 0 else '-'}{_seconds(abs(ns))} s"
+        for name, ns in zip(("CLOCK_MONOTONIC", "CLOCK_BOOTTIME"), offsets)
+        if ns
+    ]
+    return f"{', '.join(apart)} from the server's: another time namespace"
+
+
+def _seconds(ns: int) -> str:
+    whole, fraction = divmod(ns, 1_000_000_000)
+    return f"{whole}.{fraction:09d}".rstrip("0").rstrip(".")

@@ -54,7 +54,7 @@ from ._events import (
 )
 from ._horizon import Horizon
 from ._host import Facts, Host, Peer
-from ._policy import Policy, check_pid, judge
+from ._policy import Policy, check_pid, clocks_apart, judge
 from ._reaper import Reaper
 from ._records import ABOUT_A_PROCESS, Timer, Worker
 from ._stats import Counters, Stats
@@ -89,16 +89,6 @@ def _v1_deadline(request: TimerRequestV1, now: float, wall: float) -> float:
     (``wall``). A time long past would make a negative deadline, outside the schema of
     what is saved: it is simply due now."""
     return max(0.0, now + (request.expiration_time - wall))
-
-
-def _clocks_apart(offsets: Tuple[int, int]) -> str:
-    """Say how the clocks of a process in another time namespace differ from the server's."""
-    apart = [
-        f"{name} {ns / 1e9:+g} s"
-        for name, ns in zip(("CLOCK_MONOTONIC", "CLOCK_BOOTTIME"), offsets)
-        if ns
-    ]
-    return f"{', '.join(apart)} from the server's: another time namespace"
 
 
 def _ignore(_: object) -> None:
@@ -221,7 +211,8 @@ class Watchdog:
                 self._disarm("disarm", m.pid, m.scope_id, None)
             else:
                 signal = max(m.signal, 0)  # torch's "will not kill" is negative
-                self._arm("arm", m.pid, m.scope_id, _v1_deadline(m, now, wall), signal, None, None)
+                deadline = _v1_deadline(m, now, wall)  # the wall clock: no time namespace's
+                self._arm("arm", m.pid, m.scope_id, deadline, signal, None, None, its_clocks=False)
         elif isinstance(m, DisarmAll):
             self._disarm("disarm_all", m.pid, None, m.start_time)
         elif isinstance(m, Expire):
@@ -266,6 +257,7 @@ class Watchdog:
                         start_time,
                         t.labels,
                         t.dump,
+                        its_clocks=False,  # saved on the server's clocks
                     )
         finally:
             self.written_by = None
@@ -444,6 +436,8 @@ class Watchdog:
         start_time: Optional[int],
         labels: Labels,
         dump: Optional[DumpHook] = None,
+        *,
+        its_clocks: bool = True,
     ) -> None:
         if signal not in self._signals:
             reason = RejectReason.SIGNAL_NOT_ALLOWED
@@ -455,7 +449,7 @@ class Watchdog:
             and worker.start_time is not None
             and worker.start_time != start_time
         ):
-            bound = self._bind(pid, start_time)
+            bound = self._bind(pid, start_time, its_clocks)
             if not isinstance(bound, Worker):
                 reason, detail = bound
                 self._reject(reason, request, pid, scope_id, labels, detail)
@@ -504,9 +498,11 @@ class Watchdog:
         if worker.pidfd is None:
             self._release_if_idle(worker)
 
-    def _bind(self, pid: int, start_time: Optional[int]) -> Union[Worker, tuple[RejectReason, str]]:
+    def _bind(
+        self, pid: int, start_time: Optional[int], its_clocks: bool = True
+    ) -> Union[Worker, tuple[RejectReason, str]]:
         """Bind ``pid`` to the process holding it now, from the facts the host resolved;
-        or say why not."""
+        or say why not. ``its_clocks``: as ``judge()`` takes it."""
         reason = check_pid(pid, self._server_pid, self._ancestors, self._own)
         if reason is not None:
             return reason, ""
@@ -519,6 +515,8 @@ class Watchdog:
         refused = self._refused.get(pid)
         if refused is not None:
             why, detail, until, process = refused
+            if why is RejectReason.OTHER_CLOCK and not its_clocks:
+                until = 0.0  # refused for what this request does not carry: look again
             if until > self._now and (process is None or self._host.alive(process)):
                 known = None if process is None else process.start_time
                 other_clock = why is RejectReason.OTHER_CLOCK  # its start times read otherwise
@@ -532,14 +530,14 @@ class Watchdog:
                 self._remember_refusal(pid, facts.reason, facts.detail, None)
             return facts.reason, facts.detail
         worker = Worker(pid, facts.start_time, facts.pidfd)
-        reason = judge(facts, start_time, self.policy, self._server_pid)
+        reason = judge(facts, start_time, self.policy, self._server_pid, its_clocks)
         later = self.written_by is not None and (facts.start_time or 0) > self.written_by
         if reason is None and start_time is None and later:
             reason = RejectReason.IDENTITY_MISMATCH
         if reason is not None:
             detail = ""
             if reason is RejectReason.OTHER_CLOCK:
-                detail = _clocks_apart(facts.clock_offsets)
+                detail = clocks_apart(facts.clock_offsets)
             if reason in _LASTING:
                 self._remember_refusal(pid, reason, detail, worker)
             else:

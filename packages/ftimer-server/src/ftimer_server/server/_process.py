@@ -17,7 +17,7 @@ import os
 import resource
 import select
 import sys
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from ftimer_protocol import parse_proc_stat
 from ftimer_server.core._records import Worker
@@ -75,9 +75,10 @@ class ProcessInspector(abc.ABC):
             NotImplementedError: the platform does not tell.
         """
 
-    def clock_offsets(self, pid: int) -> Tuple[int, int]:
+    def clock_offsets(self, pid: int) -> Optional[Tuple[int, int]]:
         """Return how far the CLOCK_MONOTONIC and CLOCK_BOOTTIME that process ``pid``
-        reads are ahead of the server's, in nanoseconds: ``(0, 0)`` when they are the same.
+        reads are ahead of the server's, in nanoseconds: ``(0, 0)`` when they are the same,
+        ``None`` when they cannot be told.
 
         They differ in a time namespace with other offsets (``unshare --time``, a
         container restored by CRIU), whose deadlines and start times are on other clocks.
@@ -134,6 +135,7 @@ class SystemInspector(ProcessInspector):
         self._pidfds = _LINUX and hasattr(os, "pidfd_open")
         self._warned = False
         self._clocks = _timens_offsets("self") if _LINUX else (0, 0)
+        self._time_namespace = _time_namespaces("self")[0] if _LINUX else None
 
     def start_time(self, pid: int) -> Optional[int]:
         if not _LINUX:
@@ -161,9 +163,16 @@ class SystemInspector(ProcessInspector):
             return pid  # thread ids are not process ids there
         return int(_status(pid, b"Tgid:"))
 
-    def clock_offsets(self, pid: int) -> Tuple[int, int]:
+    def clock_offsets(self, pid: int) -> Optional[Tuple[int, int]]:
         if not _LINUX:
             return (0, 0)
+        own, for_children = _time_namespaces(str(pid))
+        if own is not None and own == self._time_namespace:
+            return (0, 0)
+        if own != for_children:
+            # It called unshare(CLONE_NEWTIME) and stayed behind: the offsets /proc shows
+            # are its children's, not its own.
+            return None
         monotonic, boottime = _timens_offsets(str(pid))
         return monotonic - self._clocks[0], boottime - self._clocks[1]
 
@@ -215,6 +224,20 @@ def _status(pid: int, field: bytes) -> bytes:
     except (FileNotFoundError, ProcessLookupError):
         pass
     raise ProcessLookupError(errno.ESRCH, f"no process {pid}")
+
+
+def _time_namespaces(pid: str) -> Tuple[Optional[str], Optional[str]]:
+    """The time namespaces of ``pid`` and of its children (``"time:[N]"``), each ``None``
+    where it cannot be read: another user's process to a server that is not root, or a
+    kernel without time namespaces (before 5.6). Reading a pid that is gone gives
+    ``None`` too: the reads of its other facts tell."""
+    links: List[Optional[str]] = []
+    for name in ("time", "time_for_children"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/ns/{name}"))
+        except OSError:
+            links.append(None)
+    return links[0], links[1]
 
 
 def _timens_offsets(pid: str) -> Tuple[int, int]:

@@ -60,9 +60,11 @@ from ftimer_protocol import (
     Message,
     RemoteProtocolError,
     Sync,
+    TimerRequestV1,
 )
 from ftimer_server._files import unlink_if_same
 from ftimer_server.core._events import Incoming, Moot, Refused, RejectReason
+from ftimer_server.core._policy import clocks_apart
 from ftimer_server.core._reader import decode_one, extends_run
 from ftimer_server.core._records import ABOUT_A_PROCESS, request_of
 from ftimer_server.incidents._procfs import pidfd_pid
@@ -105,6 +107,8 @@ _QLEN = "/proc/sys/net/unix/max_dgram_qlen"
 _WMEM = "/proc/sys/net/core/wmem_default"
 #: Messages that can get nobody signalled: a sender may be taken on its pid for them.
 _NEVER_SIGNALS = (Disarm, DisarmAll)
+#: Messages that carry no reading of their sender's CLOCK_MONOTONIC or CLOCK_BOOTTIME.
+_NOT_ON_ITS_CLOCKS = (Disarm, DisarmAll, TimerRequestV1)
 #: The fewest datagrams ``receive()`` reads when they keep coming: with the usual queue
 #: of 10, senders refill it while it is read, and each iteration of the loop around the
 #: read costs as much as a few datagrams. 64 datagrams take well under a millisecond to
@@ -329,10 +333,28 @@ class DatagramSocket:
                 return Moot(request_of(message))
             if reason is not None:
                 return _refused(reason, message, pid, why)
+            if subject != pid and not isinstance(message, _NOT_ON_ITS_CLOCKS):
+                # The deadline and start time are the sender's readings, of its clocks.
+                reason, why = self._sender_s_clocks(pid)
+                if reason is not None:
+                    return _refused(reason, message, pid, why)
         if message.pid == subject:
             return message
         self.overridden += 1
         return msgspec.structs.replace(message, pid=subject)
+
+    def _sender_s_clocks(self, sender: int) -> Tuple[Optional[RejectReason], str]:
+        """Why a message ``sender`` wrote for another process is refused for its clocks
+        (another time namespace's), or ``(None, "")``."""
+        try:
+            offsets = self._processes.clock_offsets(sender)
+        except ProcessLookupError:
+            return RejectReason.SENDER_GONE, "it exited before its message was read"
+        except Exception as e:  # an inspector's: refuse, never raise
+            return RejectReason.UNVERIFIABLE, f"cannot read the sender's clocks: {e!r}"
+        if offsets == (0, 0):
+            return None, ""
+        return RejectReason.OTHER_CLOCK, f"the sender's {clocks_apart(offsets)}"
 
     def close(self) -> None:
         """Close the socket and remove its path, if it is still this socket's."""

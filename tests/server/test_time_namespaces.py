@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import select
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -42,6 +44,39 @@ deadline = time.time() + float(sys.argv[2])
 os.write(fd, encode(TimerRequestV1(os.getpid(), "hung", deadline, signal=9)))
 print("armed", os.getpid(), flush=True)
 sys.stdin.readline()
+"""
+
+# torch's client holds a timer (600 s), then ftimer's arms one on its clocks.
+TORCH_THEN_FTIMER = """
+import os, sys, time
+from ftimer_client import FileTimerClient, configure, expires
+from ftimer_protocol import TimerRequestV1, encode
+fd = os.open(sys.argv[1], os.O_WRONLY)
+os.write(fd, encode(TimerRequestV1(os.getpid(), "torch", time.time() + 600, signal=9)))
+configure(FileTimerClient(sys.argv[1]))
+with expires(after=float(sys.argv[2])):
+    print("armed", os.getpid(), flush=True)
+    sys.stdin.readline()
+"""
+
+# Forks a child that unshares a time namespace for its own children, then unshares
+# another for its own: the child's namespace is then its children's to no process.
+ORPHANED = """
+import ctypes, os, sys
+unshare = ctypes.CDLL(None, use_errno=True).unshare
+ready, done = os.pipe(), os.pipe()
+child = os.fork()
+if child == 0:
+    assert unshare(0x80) == 0  # CLONE_NEWTIME
+    os.write(ready[1], b"x")
+    os.read(done[0], 1)
+    os._exit(0)
+os.read(ready[0], 1)
+assert unshare(0x80) == 0
+print("ready", child, flush=True)
+sys.stdin.readline()
+os.write(done[1], b"x")
+os.waitpid(child, 0)
 """
 
 # Unshares a time namespace for its children alone (it stays in its own), with the
@@ -148,6 +183,22 @@ def test_torch_s_wall_clock_deadline_is_kept_in_a_time_namespace(
     assert events.of(Rejected) == []
 
 
+def test_a_worker_bound_for_torch_s_timers_cannot_arm_on_its_clocks(
+    fifo_path: pathlib.Path,
+) -> None:
+    events = Recorder()
+    with FileTimerServer(fifo_path, on_event=events, signaller=OwnChildrenSignaller()) as server:
+        worker, _ = _worker(str(fifo_path), ["--monotonic", "-5000"], 60, TORCH_THEN_FTIMER)
+        server.sync()
+        assert events.of(Reaped) == []
+        assert [t.scope_id for t in server.armed()] == ["torch"]
+        [rejected] = events.of(Rejected)
+        assert isinstance(rejected, Rejected)
+        assert rejected.reason is RejectReason.OTHER_CLOCK
+        assert worker.communicate("\n", timeout=10) == ("", None)
+    assert worker.returncode == 0
+
+
 @pytest.mark.skipif(shutil.which("nsenter") is None, reason="needs nsenter(1)")
 def test_a_sender_on_other_clocks_cannot_arm_for_its_parent(fifo_path: pathlib.Path) -> None:
     # A shell's `ftimer arm` names the shell (its parent) by a pidfd: the deadline is
@@ -178,11 +229,64 @@ def test_a_sender_on_other_clocks_cannot_arm_for_its_parent(fifo_path: pathlib.P
     assert rejected.detail.startswith("the sender's CLOCK_MONOTONIC -5000 s from the server's")
 
 
+class _SenderExitsAsItsClocksAreRead(SystemInspector):
+    """Kills a child of ``shell`` as its clocks are read (the shell's ``ftimer arm``,
+    over the socket), and reads it as if its files were gone: on the server's clocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shell = -1
+
+    def clock_offsets(self, pid: int) -> Optional[Tuple[int, int]]:
+        if self.parent(pid) != self.shell:
+            return super().clock_offsets(pid)
+        pidfd = os.pidfd_open(pid)
+        try:
+            os.kill(pid, signal.SIGKILL)  # a process this test started
+            select.select([pidfd], [], [])
+        finally:
+            os.close(pidfd)
+        return (0, 0)
+
+
+def test_a_sender_that_exits_as_its_clocks_are_read_is_gone(fifo_path: pathlib.Path) -> None:
+    events = Recorder()
+    inspector = _SenderExitsAsItsClocksAreRead()
+    socket_path = str(fifo_path.with_suffix(".socket"))
+    arm = [sys.executable, "-m", "ftimer_client", "arm", "--socket", socket_path]
+    script = f'read; {shlex.join([*arm, "--scope", "s", "--after", "60"])}; echo "armed $?"; read'
+    with (
+        FileTimerServer(
+            fifo_path, on_event=events, inspector=inspector, socket_path=socket_path
+        ) as server,
+        subprocess.Popen(
+            ["bash", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        ) as shell,
+    ):
+        inspector.shell = shell.pid
+        assert shell.stdin is not None
+        assert shell.stdout is not None
+        shell.stdin.write("\n")  # now: arm
+        shell.stdin.flush()
+        assert shell.stdout.readline() == "armed 137\n"  # killed as its clocks were read
+        wait_until(lambda: events.of(Rejected), what="the refusal")
+        assert server.armed() == []
+        shell.communicate("\n", timeout=10)
+    [rejected] = events.of(Rejected)
+    assert isinstance(rejected, Rejected)
+    assert rejected.reason is RejectReason.SENDER_GONE
+
+
 @pytest.mark.parametrize(
     ("namespace", "children", "expected"),
     [
         ([], "monotonic -100 0", (0, 0)),  # its own clocks are the server's
-        (["unshare", "--time", "--monotonic", "-5000", "--fork"], "monotonic 0 0", None),
+        # Its own offsets, as /proc shows them for its parent's children (unshare's).
+        (
+            ["unshare", "--time", "--monotonic", "-5000", "--fork"],
+            "monotonic 0 0",
+            (-5_000 * 10**9, 0),
+        ),
     ],
 )
 def test_a_process_that_unshared_for_its_children_is_judged_by_its_own_clocks(
@@ -199,6 +303,18 @@ def test_a_process_that_unshared_for_its_children_is_judged_by_its_own_clocks(
         pid = int(process.stdout.readline().split()[1])
         assert SystemInspector().clock_offsets(pid) == expected
         process.communicate("\n", timeout=10)
+
+
+def test_a_process_whose_own_clocks_no_file_shows_is_on_unknown_clocks() -> None:
+    argv = ["unshare", "--time", "--monotonic", "-5000", "--fork", sys.executable]
+    with subprocess.Popen(
+        [*argv, "-c", ORPHANED], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdout is not None
+        pid = int(process.stdout.readline().split()[1])
+        assert SystemInspector().clock_offsets(pid) is None
+        process.communicate("\n", timeout=10)
+    assert process.returncode == 0
 
 
 def test_the_inspector_reads_a_process_s_clock_offsets() -> None:

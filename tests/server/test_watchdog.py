@@ -519,7 +519,7 @@ def test_a_live_process_cannot_be_impersonated(rig: Rig) -> None:
     [
         ((-5_000 * 10**9, 0), "CLOCK_MONOTONIC -5000 s from the server's"),
         ((0, 7 * 10**9), "CLOCK_BOOTTIME +7 s from the server's"),
-        (None, "its own time namespace cannot be read"),
+        (None, "its own time namespace's offsets cannot be read"),
     ],
 )
 def test_a_process_on_other_clocks_is_refused_never_reaped(
@@ -539,8 +539,16 @@ def test_a_process_on_other_clocks_is_refused_never_reaped(
     assert [e.reason for e in rejected] == [RejectReason.OTHER_CLOCK] * 2  # type: ignore[attr-defined]
     assert all(detail in e.detail for e in rejected)  # type: ignore[attr-defined]
     # torch's deadline is on the wall clock, which no time namespace offsets: armed (the
-    # refusal just remembered notwithstanding), and reaped when due.
+    # refusal just remembered notwithstanding), and reaped when due; an arm on the
+    # process's clocks is still refused once it is bound, the server reader's too
+    # (a Timer, which the table applies itself for workers on the server's clocks).
     rig.apply(TimerRequestV1(pid=1000, scope_id="t", expiration_time=WALL + 110.0, signal=9))
+    rig.apply(Timer(pid=1000, scope_id="v2", deadline=101.0, signal=9, start_time=100))
+    rig.apply(Expire(pid=1000, scope_id="now", signal=9, start_time=100))
+    assert [t.scope_id for t in rig.wd.armed()] == ["t"]
+    assert [e.reason for e in rig.events.of(Rejected)][2:] == [RejectReason.OTHER_CLOCK] * 2  # type: ignore[attr-defined]
+    rig.at(109.9)
+    assert rig.signaller.sent == []
     rig.at(110.0)
     assert rig.signaller.sent == [(1000, 9)]
 

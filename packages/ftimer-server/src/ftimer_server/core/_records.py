@@ -56,11 +56,15 @@ class Worker(msgspec.Struct, frozen=True, gc=False):
         pidfd: a Linux pidfd referring to exactly this process, or ``None`` (no pidfd
             support, out of file descriptors, or a fake process in tests). Owned by the
             server: signal through it, never close it.
+        other_clocks: its time namespace has other offsets than the server's, or ones
+            that cannot be told: it was bound for timers not on its clocks (torch's, on
+            the wall clock; saved ones), and an arm on its clocks is refused.
     """
 
     pid: int
     start_time: Optional[int] = None
     pidfd: Optional[int] = None
+    other_clocks: bool = False
 
 
 #: The types of the messages that are about a process (a set: ``type(m) in`` costs less

@@ -244,10 +244,11 @@ class TimerTable:
         """Apply ``messages[start:]`` up to the first that needs more than the table.
 
         Applied here: a ``Timer`` (an arm the server's reader decoded) of a bound worker
-        with its start time and an allowed signal, and a ``Disarm`` of a worker bound with
-        a pidfd (its start time, if given, matching); each is counted in ``counters`` and,
-        with ``emit``, reported as ``Armed`` or ``Disarmed``. Anything else (an unbound
-        worker, a limit reached, another message type) is left to the caller.
+        on the server's clocks with its start time and an allowed signal, and a
+        ``Disarm`` of a worker bound with a pidfd (its start time, if given, matching);
+        each is counted in ``counters`` and, with ``emit``, reported as ``Armed`` or
+        ``Disarmed``. Anything else (an unbound worker, a limit reached, another message
+        type) is left to the caller.
 
         Returns:
             The index of the first message not applied (``len(messages)`` if none).
@@ -269,7 +270,7 @@ class TimerTable:
                 t = type(m)
                 if t is Timer:
                     worker = workers_get(m.pid)
-                    if worker is None or m.start_time != worker.start_time:
+                    if worker is None or m.start_time != worker.start_time or worker.other_clocks:
                         break
                     scopes = by_pid_get(m.pid)
                     if scopes is None or m.signal not in signals:

@@ -444,6 +444,10 @@ class Watchdog:
             self._reject(reason, request, pid, scope_id, labels, f"signal {signal}")
             return
         worker = self._workers.get(pid)
+        if worker is not None and its_clocks and worker.other_clocks:
+            detail = "its time namespace's offsets are not the server's (bound for torch's timers)"
+            self._reject(RejectReason.OTHER_CLOCK, request, pid, scope_id, labels, detail)
+            return
         if worker is None or (
             start_time is not None
             and worker.start_time is not None
@@ -529,7 +533,8 @@ class Watchdog:
             if facts.reason is RejectReason.NOT_A_PROCESS:
                 self._remember_refusal(pid, facts.reason, facts.detail, None)
             return facts.reason, facts.detail
-        worker = Worker(pid, facts.start_time, facts.pidfd)
+        other_clocks = facts.clock_offsets != (0, 0)
+        worker = Worker(pid, facts.start_time, facts.pidfd, other_clocks)
         reason = judge(facts, start_time, self.policy, self._server_pid, its_clocks)
         later = self.written_by is not None and (facts.start_time or 0) > self.written_by
         if reason is None and start_time is None and later:

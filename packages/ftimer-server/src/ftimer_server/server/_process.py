@@ -169,11 +169,15 @@ class SystemInspector(ProcessInspector):
         own, for_children = _time_namespaces(str(pid))
         if own is not None and own == self._time_namespace:
             return (0, 0)
+        shows = pid
         if own != for_children:
-            # It called unshare(CLONE_NEWTIME) and stayed behind: the offsets /proc shows
-            # are its children's, not its own.
-            return None
-        monotonic, boottime = _timens_offsets(str(pid))
+            # It called unshare(CLONE_NEWTIME) and stayed behind: /proc shows the offsets
+            # of its own namespace only for a process whose children get it, its parent
+            # if any (unshare(1) --fork).
+            shows = self.parent(pid)
+            if _time_namespaces(str(shows))[1] != own:
+                return None
+        monotonic, boottime = _timens_offsets(str(shows))
         return monotonic - self._clocks[0], boottime - self._clocks[1]
 
     def open(self, pid: int) -> Optional[int]:
@@ -228,8 +232,9 @@ def _status(pid: int, field: bytes) -> bytes:
 
 def _time_namespaces(pid: str) -> Tuple[Optional[str], Optional[str]]:
     """The time namespaces of ``pid`` and of its children (``"time:[N]"``), each ``None``
-    where it cannot be read: another user's process to a server that is not root, or a
-    kernel without time namespaces (before 5.6). Reading a pid that is gone gives
+    where it cannot be read: a process the server may not ptrace (another user's, or
+    root's to a server without CAP_SYS_PTRACE), or a kernel without time namespaces
+    (before 5.6); both are then taken to be the same. Reading a pid that is gone gives
     ``None`` too: the reads of its other facts tell."""
     links: List[Optional[str]] = []
     for name in ("time", "time_for_children"):

@@ -335,7 +335,7 @@ class DatagramSocket:
                 return _refused(reason, message, pid, why)
             if subject != pid and not isinstance(message, _NOT_ON_ITS_CLOCKS):
                 # The deadline and start time are the sender's readings, of its clocks.
-                reason, why = self._sender_s_clocks(pid)
+                reason, why = self._sender_s_clocks(pid, sender_fd)
                 if reason is not None:
                     return _refused(reason, message, pid, why)
         if message.pid == subject:
@@ -343,15 +343,18 @@ class DatagramSocket:
         self.overridden += 1
         return msgspec.structs.replace(message, pid=subject)
 
-    def _sender_s_clocks(self, sender: int) -> Tuple[Optional[RejectReason], str]:
-        """Why a message ``sender`` wrote for another process is refused for its clocks
-        (another time namespace's), or ``(None, "")``."""
+    def _sender_s_clocks(self, sender: int, pidfd: int) -> Tuple[Optional[RejectReason], str]:
+        """Why a message ``sender`` (``pidfd``: the kernel's of it, if >= 0) wrote for
+        another process is refused for its clocks (another time namespace's), or
+        ``(None, "")``."""
         try:
             offsets = self._processes.clock_offsets(sender)
         except ProcessLookupError:
-            return RejectReason.SENDER_GONE, "it exited before its message was read"
+            offsets = (0, 0)  # its files gone: the poll below tells
         except Exception as e:  # an inspector's: refuse, never raise
             return RejectReason.UNVERIFIABLE, f"cannot read the sender's clocks: {e!r}"
+        if pidfd >= 0 and _exited([pidfd]):  # what was read may be a dead process's
+            return RejectReason.SENDER_GONE, "it exited before its message was read"
         if offsets == (0, 0):
             return None, ""
         return RejectReason.OTHER_CLOCK, f"the sender's {clocks_apart(offsets)}"

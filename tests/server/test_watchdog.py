@@ -543,14 +543,30 @@ def test_a_process_on_other_clocks_is_refused_never_reaped(
     # process's clocks is still refused once it is bound, the server reader's too
     # (a Timer, which the table applies itself for workers on the server's clocks).
     rig.apply(TimerRequestV1(pid=1000, scope_id="t", expiration_time=WALL + 110.0, signal=9))
-    rig.apply(Timer(pid=1000, scope_id="v2", deadline=101.0, signal=9, start_time=100))
-    rig.apply(Expire(pid=1000, scope_id="now", signal=9, start_time=100))
+    rig.apply(Timer(pid=1000, scope_id="v2", deadline=101.0, signal=9, start_time=claimed))
+    rig.apply(Expire(pid=1000, scope_id="now", signal=9, start_time=claimed))
     assert [t.scope_id for t in rig.wd.armed()] == ["t"]
     assert [e.reason for e in rig.events.of(Rejected)][2:] == [RejectReason.OTHER_CLOCK] * 2  # type: ignore[attr-defined]
     rig.at(109.9)
     assert rig.signaller.sent == []
     rig.at(110.0)
     assert rig.signaller.sent == [(1000, 9)]
+
+
+def test_a_pid_reused_after_a_process_on_other_clocks_is_bound_afresh() -> None:
+    # Bound for torch's timers on other clocks, it exits; before its exit is seen, a
+    # process on the server's clocks takes the pid and arms: refused, it ran unwatched.
+    rig = Rig()
+    rig.host.spawn(1000, start_time=100, parent=SERVER, clocks=(-5_000 * 10**9, 0))
+    rig.apply(TimerRequestV1(pid=1000, scope_id="t", expiration_time=WALL + 50.0, signal=9))
+    rig.host.exit(1000)
+    rig.host.spawn(1000, start_time=777, parent=SERVER)
+    rig.apply(arm(deadline=1.0, start_time=777))
+    assert rig.events.of(Rejected) == []
+    rig.at(1.0)
+    assert rig.signaller.sent == [(1000, 9)]
+    [reaped] = rig.events.of(Reaped)
+    assert reaped.start_time == 777  # type: ignore[attr-defined]
 
 
 def test_a_timer_saved_on_the_servers_clocks_is_restored_whatever_the_process_s() -> None:

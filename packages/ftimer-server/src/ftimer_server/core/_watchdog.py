@@ -81,6 +81,11 @@ _LASTING = frozenset(
     )
 )
 
+#: Why an arm on its clocks is refused for a worker bound for timers not on them.
+_BOUND_ON_OTHER_CLOCKS = (
+    "its time namespace's offsets are not the server's (bound for torch's timers)"
+)
+
 Labels = Optional[Dict[str, str]]
 
 
@@ -444,10 +449,6 @@ class Watchdog:
             self._reject(reason, request, pid, scope_id, labels, f"signal {signal}")
             return
         worker = self._workers.get(pid)
-        if worker is not None and its_clocks and worker.other_clocks:
-            detail = "its time namespace's offsets are not the server's (bound for torch's timers)"
-            self._reject(RejectReason.OTHER_CLOCK, request, pid, scope_id, labels, detail)
-            return
         if worker is None or (
             start_time is not None
             and worker.start_time is not None
@@ -459,6 +460,10 @@ class Watchdog:
                 self._reject(reason, request, pid, scope_id, labels, detail)
                 return
             worker = bound
+        elif its_clocks and worker.other_clocks:
+            reason, detail = RejectReason.OTHER_CLOCK, _BOUND_ON_OTHER_CLOCKS
+            self._reject(reason, request, pid, scope_id, labels, detail)
+            return
         # The worker's pid and start time objects are shared by all its timers.
         timer = Timer(worker.pid, scope_id, deadline, signal, worker.start_time, labels, dump)
         previous, limit = self.table.arm(timer)
@@ -514,6 +519,8 @@ class Watchdog:
         if old is not None:
             # The message names another process than the one bound to this pid.
             if self._host.alive(old):
+                if its_clocks and old.other_clocks:  # its start times read otherwise
+                    return RejectReason.OTHER_CLOCK, _BOUND_ON_OTHER_CLOCKS
                 return RejectReason.IDENTITY_MISMATCH, ""
             self._gone(old)
         refused = self._refused.get(pid)

@@ -350,10 +350,10 @@ class DatagramSocket:
         try:
             offsets = self._processes.clock_offsets(sender)
         except ProcessLookupError:
-            offsets = (0, 0)  # its files gone: the poll below tells
+            return RejectReason.SENDER_GONE, "it exited before its message was read"
         except Exception as e:  # an inspector's: refuse, never raise
             return RejectReason.UNVERIFIABLE, f"cannot read the sender's clocks: {e!r}"
-        if pidfd >= 0 and _exited([pidfd]):  # what was read may be a dead process's
+        if pidfd >= 0 and _exited([pidfd]):  # what was read may be a dead one's: (0, 0)
             return RejectReason.SENDER_GONE, "it exited before its message was read"
         if offsets == (0, 0):
             return None, ""

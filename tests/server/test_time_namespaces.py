@@ -59,8 +59,9 @@ with expires(after=float(sys.argv[2])):
     sys.stdin.readline()
 """
 
-# Forks a child that unshares a time namespace for its own children, then unshares
-# another for its own: the child's namespace is then its children's to no process.
+# Forks a child that unshares a time namespace for its children (it stays in this one);
+# then unshares another for its own children: the children of no process get the
+# child's namespace any more, and /proc shows its offsets nowhere.
 ORPHANED = """
 import ctypes, os, sys
 unshare = ctypes.CDLL(None, use_errno=True).unshare
@@ -91,7 +92,7 @@ sys.stdin.readline()
 """
 
 
-def _time_namespaces() -> str:
+def _why_no_time_namespaces() -> str:
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         return "needs root and unshare(1)"
     probe = subprocess.run(
@@ -100,7 +101,8 @@ def _time_namespaces() -> str:
     return "" if probe.returncode == 0 else f"no time namespaces here: {probe.stderr!r}"
 
 
-pytestmark = pytest.mark.skipif(bool(_time_namespaces()), reason=_time_namespaces())
+_WHY_NOT = _why_no_time_namespaces()
+pytestmark = pytest.mark.skipif(bool(_WHY_NOT), reason=_WHY_NOT)
 
 
 def _worker(
@@ -257,7 +259,11 @@ def test_a_sender_that_exits_as_its_clocks_are_read_is_gone(fifo_path: pathlib.P
     script = f'read; {shlex.join([*arm, "--scope", "s", "--after", "60"])}; echo "armed $?"; read'
     with (
         FileTimerServer(
-            fifo_path, on_event=events, inspector=inspector, socket_path=socket_path
+            fifo_path,
+            on_event=events,
+            inspector=inspector,
+            signaller=OwnChildrenSignaller(),
+            socket_path=socket_path,
         ) as server,
         subprocess.Popen(
             ["bash", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True

@@ -519,7 +519,7 @@ def test_a_live_process_cannot_be_impersonated(rig: Rig) -> None:
     [
         ((-5_000 * 10**9, 0), "CLOCK_MONOTONIC -5000 s from the server's"),
         ((0, 7 * 10**9), "CLOCK_BOOTTIME +7 s from the server's"),
-        (None, "its own time namespace's offsets cannot be read"),
+        (None, "offsets of its own time namespace cannot be read"),
     ],
 )
 def test_a_process_on_other_clocks_is_refused_never_reaped(
@@ -551,6 +551,16 @@ def test_a_process_on_other_clocks_is_refused_never_reaped(
     assert rig.signaller.sent == []
     rig.at(110.0)
     assert rig.signaller.sent == [(1000, 9)]
+
+
+def test_an_expire_without_a_start_time_reaps_a_process_on_other_clocks() -> None:
+    # Its deadline is the server's "now": nothing in it is read on the process's clocks.
+    rig = Rig()
+    rig.host.spawn(1000, start_time=100, parent=SERVER, clocks=(-5_000 * 10**9, 0))
+    rig.apply(Expire(pid=1000, scope_id="stuck", signal=9))
+    rig.at(0.0)
+    assert rig.signaller.sent == [(1000, 9)]
+    assert rig.events.of(Rejected) == []
 
 
 def test_a_pid_reused_after_a_process_on_other_clocks_is_bound_afresh() -> None:

@@ -66,8 +66,9 @@ class RejectReason(str, enum.Enum):
     #: the message's start time is not that of the process holding the pid (a reused
     #: pid, or a stale saved timer).
     IDENTITY_MISMATCH = "identity_mismatch"
-    #: the process reads CLOCK_MONOTONIC or CLOCK_BOOTTIME with other offsets than the
-    #: server (another time namespace): its deadlines and start time mean other times.
+    #: the process (or over the socket, the sender naming it) reads CLOCK_MONOTONIC or
+    #: CLOCK_BOOTTIME with other offsets than the server, or ones that cannot be told
+    #: (another time namespace): its deadlines and start times mean other times.
     OTHER_CLOCK = "other_clock"
     #: the process already holds ``Policy.max_timers_per_pid`` timers.
     PID_TIMER_LIMIT = "pid_timer_limit"

@@ -102,9 +102,13 @@ def judge(
 
 def clocks_apart(offsets: Optional[Tuple[int, int]]) -> str:
     """Say how the clocks of a process in another time namespace differ from the
-    server's (``Facts.clock_offsets``)."""
+    server's.
+
+    Args:
+        offsets: ``Facts.clock_offsets`` of the process, other than ``(0, 0)``.
+    """
     if offsets is None:
-        return "its own time namespace's offsets cannot be read (it unshared one for its children)"
+        return "offsets of its own time namespace cannot be read (it unshared one for its children)"
     apart = [
         f"{name} {'+' if ns > 0 else '-'}{_seconds(abs(ns))} s"
         for name, ns in zip(("CLOCK_MONOTONIC", "CLOCK_BOOTTIME"), offsets)

@@ -83,7 +83,8 @@ _LASTING = frozenset(
 
 #: Why an arm on its clocks is refused for a worker bound for timers not on them.
 _BOUND_ON_OTHER_CLOCKS = (
-    "its time namespace's offsets are not the server's (bound for torch's timers)"
+    "its time namespace's offsets are not the server's (bound for timers on other clocks: "
+    "torch's, or saved ones)"
 )
 
 Labels = Optional[Dict[str, str]]
@@ -221,7 +222,9 @@ class Watchdog:
         elif isinstance(m, DisarmAll):
             self._disarm("disarm_all", m.pid, None, m.start_time)
         elif isinstance(m, Expire):
-            self._arm("expire", m.pid, m.scope_id, now, m.signal, m.start_time, m.labels, m.dump)
+            # Its deadline is the server's "now": only a start time is the process's reading.
+            args = (m.pid, m.scope_id, now, m.signal, m.start_time, m.labels, m.dump)
+            self._arm("expire", *args, its_clocks=m.start_time is not None)
         elif isinstance(m, Sync):
             self.counters.requests["sync", "ok"] += 1
             tokens.append(m.token)
@@ -524,14 +527,18 @@ class Watchdog:
                 return RejectReason.IDENTITY_MISMATCH, ""
             self._gone(old)
         refused = self._refused.get(pid)
+        if refused is not None and refused[0] is RejectReason.OTHER_CLOCK and not its_clocks:
+            self._forget_refusal(pid)  # refused for what this request does not carry
+            refused = None
         if refused is not None:
             why, detail, until, process = refused
-            if why is RejectReason.OTHER_CLOCK and not its_clocks:
-                until = 0.0  # refused for what this request does not carry: look again
             if until > self._now and (process is None or self._host.alive(process)):
                 known = None if process is None else process.start_time
-                other_clock = why is RejectReason.OTHER_CLOCK  # its start times read otherwise
-                if start_time is not None and known not in (None, start_time) and not other_clock:
+                if (
+                    start_time is not None
+                    and known not in (None, start_time)
+                    and why is not RejectReason.OTHER_CLOCK  # its start times read otherwise
+                ):
                     return RejectReason.IDENTITY_MISMATCH, ""  # as judge() would say first
                 return why, detail
             self._forget_refusal(pid)

@@ -309,10 +309,9 @@ def _paired(
         return stacks
     threads = [t for t in now or [] if t.tid in lived]
     idents = [i for i in result.idents if i]
-    pairs = match_thread_idents(idents, threads, mapped or [], pid, complete=False)
-    mains = [i for s, i in zip(stacks, result.idents) if s.name == "MainThread" and i]
-    if len(mains) == 1 and mains[0] not in pairs and any(t.tid == pid for t in threads):
-        pairs[mains[0]] = pid
+    named = [i for s, i in zip(stacks, result.idents) if s.name == "MainThread" and i]
+    main = named[0] if len(named) == 1 else None
+    pairs = match_thread_idents(idents, threads, mapped or [], pid, complete=False, main_ident=main)
     return [
         msgspec.structs.replace(s, tid=pairs.get(i, 0)) if i else s
         for s, i in zip(stacks, result.idents)

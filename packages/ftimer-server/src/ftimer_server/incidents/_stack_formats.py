@@ -346,14 +346,16 @@ def match_thread_idents(
     mappings: Sequence[Tuple[int, int]],
     main: int,
     complete: bool = True,
+    *,
+    main_ident: Optional[str] = None,
 ) -> Dict[str, int]:
     """Pair thread idents (``pthread_t``) with kernel thread ids, where it is certain.
 
     A thread created by glibc has its descriptor (its ``pthread_t``) in the same mapping
     as its stack, so a thread blocked in a system call (whose stack pointer
     ``/proc/PID/task/TID/syscall`` tells) pairs with the ident in its stack's mapping.
-    The main thread's descriptor lives elsewhere: it takes the one ident left over when
-    every other ident has been paired.
+    The main thread's descriptor lives elsewhere: it takes ``main_ident`` where that is
+    given, else the one ident left over when every other ident has been paired.
 
     Args:
         idents: the idents, as faulthandler writes them ("0x00007f...").
@@ -362,6 +364,9 @@ def match_thread_idents(
         main: the main thread's id (the pid).
         complete: ``idents`` are all the threads Python knows (no dump cut short): only
             then is the one left over the main thread.
+        main_ident: the main thread's ident, where known otherwise (by its name, from a
+            read that may have missed threads): paired with ``main`` unless it lies in a
+            thread's stack.
 
     Returns:
         ident -> tid for each pairing that is certain (one ident and one thread in the
@@ -390,8 +395,14 @@ def match_thread_idents(
         found = by_span_idents.get(s, [])
         if len(found) == 1 and len(tids) == 1:
             pairs[found[0]] = tids[0]
+    main_alive = any(t.tid == main for t in threads)
+    if main_ident is not None and main_ident not in pairs and main_alive:
+        s = span(int(main_ident, 16))
+        if s is None or s not in by_span_tids:
+            pairs[main_ident] = main
+        return pairs
     left = [i for i in idents if i not in pairs]
-    if complete and len(left) == 1 and any(t.tid == main for t in threads):
+    if complete and len(left) == 1 and main_alive:
         # Every other thread was paired by its stack: the one left is the main thread,
         # unless it sits in a thread stack that we could not pair (a running thread).
         s = span(int(left[0], 16))

@@ -82,7 +82,8 @@ class ProcessInspector(abc.ABC):
 
         They differ in a time namespace with other offsets (``unshare --time``, a
         container restored by CRIU), whose deadlines and start times are on other clocks.
-        This default is for platforms (and fakes) without time namespaces.
+        This default (the same clocks) is for platforms (and fakes) without time
+        namespaces: an inspector for Linux overrides it, or the check is skipped.
 
         Raises:
             ProcessLookupError: no process has that pid.
@@ -134,7 +135,9 @@ class SystemInspector(ProcessInspector):
     def __init__(self) -> None:
         self._pidfds = _LINUX and hasattr(os, "pidfd_open")
         self._warned = False
-        self._clocks = _timens_offsets("self") if _LINUX else (0, 0)
+        self._clocks: Optional[Tuple[int, int]] = None  # None: no time namespaces here
+        with contextlib.suppress(FileNotFoundError):
+            self._clocks = _timens_offsets("self") if _LINUX else None
         self._time_namespace = _time_namespaces("self")[0] if _LINUX else None
 
     def start_time(self, pid: int) -> Optional[int]:
@@ -164,7 +167,7 @@ class SystemInspector(ProcessInspector):
         return int(_status(pid, b"Tgid:"))
 
     def clock_offsets(self, pid: int) -> Optional[Tuple[int, int]]:
-        if not _LINUX:
+        if self._clocks is None:  # no time namespaces on this kernel (before 5.6), or not Linux
             return (0, 0)
         own, for_children = _time_namespaces(str(pid))
         if own is not None and own == self._time_namespace:
@@ -177,7 +180,10 @@ class SystemInspector(ProcessInspector):
             shows = self.parent(pid)
             if _time_namespaces(str(shows))[1] != own:
                 return None
-        monotonic, boottime = _timens_offsets(str(shows))
+        try:
+            monotonic, boottime = _timens_offsets(str(shows))
+        except FileNotFoundError:
+            raise ProcessLookupError(errno.ESRCH, f"no process {shows}") from None
         return monotonic - self._clocks[0], boottime - self._clocks[1]
 
     def open(self, pid: int) -> Optional[int]:
@@ -248,15 +254,16 @@ def _time_namespaces(pid: str) -> Tuple[Optional[str], Optional[str]]:
 def _timens_offsets(pid: str) -> Tuple[int, int]:
     """The offsets (ns) of CLOCK_MONOTONIC and CLOCK_BOOTTIME from the host's, in the time
     namespace ``pid``'s children get: its own, but in a process that called
-    ``unshare(CLONE_NEWTIME)`` (which stays in its old one; the file cannot tell)."""
+    ``unshare(CLONE_NEWTIME)`` (which stays in its old one; the file cannot tell).
+
+    Raises:
+        FileNotFoundError: no such process, or no time namespaces on this kernel.
+    """
     offsets = {b"monotonic": 0, b"boottime": 0}
-    try:
-        with open(f"/proc/{pid}/timens_offsets", "rb") as f:
-            for line in f:
-                name, seconds, nanoseconds = line.split()
-                offsets[name] = int(seconds) * 1_000_000_000 + int(nanoseconds)
-    except FileNotFoundError:
-        pass  # no time namespaces on this kernel (before 5.6); a pid gone fails elsewhere
+    with open(f"/proc/{pid}/timens_offsets", "rb") as f:
+        for line in f:
+            name, seconds, nanoseconds = line.split()
+            offsets[name] = int(seconds) * 1_000_000_000 + int(nanoseconds)
     return offsets[b"monotonic"], offsets[b"boottime"]
 
 

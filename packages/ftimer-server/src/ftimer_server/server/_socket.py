@@ -107,8 +107,9 @@ _QLEN = "/proc/sys/net/unix/max_dgram_qlen"
 _WMEM = "/proc/sys/net/core/wmem_default"
 #: Messages that can get nobody signalled: a sender may be taken on its pid for them.
 _NEVER_SIGNALS = (Disarm, DisarmAll)
-#: Messages that carry no reading of their sender's CLOCK_MONOTONIC or CLOCK_BOOTTIME.
-_NOT_ON_ITS_CLOCKS = (Disarm, DisarmAll, TimerRequestV1)
+#: Messages not refused for their sender's clocks: torch's, on the wall clock; a disarm,
+#: which can only spare a worker (a start time read otherwise is refused later).
+_CLOCKS_UNCHECKED = (Disarm, DisarmAll, TimerRequestV1)
 #: The fewest datagrams ``receive()`` reads when they keep coming: with the usual queue
 #: of 10, senders refill it while it is read, and each iteration of the loop around the
 #: read costs as much as a few datagrams. 64 datagrams take well under a millisecond to
@@ -333,7 +334,7 @@ class DatagramSocket:
                 return Moot(request_of(message))
             if reason is not None:
                 return _refused(reason, message, pid, why)
-            if subject != pid and not isinstance(message, _NOT_ON_ITS_CLOCKS):
+            if subject != pid and not isinstance(message, _CLOCKS_UNCHECKED):
                 # The deadline and start time are the sender's readings, of its clocks.
                 reason, why = self._sender_s_clocks(pid, sender_fd)
                 if reason is not None:
@@ -357,7 +358,7 @@ class DatagramSocket:
             return RejectReason.SENDER_GONE, "it exited before its message was read"
         if offsets == (0, 0):
             return None, ""
-        return RejectReason.OTHER_CLOCK, f"the sender's {clocks_apart(offsets)}"
+        return RejectReason.OTHER_CLOCK, f"the sender's clocks: {clocks_apart(offsets)}"
 
     def close(self) -> None:
         """Close the socket and remove its path, if it is still this socket's."""

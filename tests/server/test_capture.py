@@ -1074,7 +1074,8 @@ sys.stdin.readline()
 def test_a_peer_s_main_thread_is_known_by_its_name_never_by_elimination() -> None:
     # py-spy reads a peer without stopping it, and can miss a thread (the main one among
     # them) without knowing it: the one pthread_t left over was taken for the main
-    # thread's, and a short-lived thread's stack shown as the main thread's (a CI run).
+    # thread's, and a short-lived thread's stack shown as the main thread's (a full run
+    # of the suite).
     with subprocess.Popen(
         [sys.executable, "-c", LATE_THREAD],
         stdin=subprocess.PIPE,

@@ -83,7 +83,6 @@ class MethodResult:
         idents: for each of ``threads`` whose kernel id the method could not tell (tid
             0), its ``pthread_t`` in hex, as faulthandler writes it ("" for the others):
             the capture pairs them with kernel ids (``match_thread_idents``).
-        partial: ``threads`` are only some of the worker's (its output was cut short).
     """
 
     threads: Optional[List[ThreadStack]] = None
@@ -92,7 +91,6 @@ class MethodResult:
     retryable: bool = False
     notes: Optional[List[str]] = None
     idents: Optional[List[str]] = None
-    partial: bool = False
 
 
 def excerpt(data: Union[str, bytes], limit: int = MAX_RAW) -> str:

@@ -360,7 +360,6 @@ def py_spy_dump(
         return MethodResult(
             threads=threads,
             idents=idents,
-            partial=True,
             raw=excerpt(run.out),
             notes=[f"{too_long}: the {len(threads)} threads whole in its start are shown"],
         )
@@ -406,7 +405,6 @@ def py_spy_dump(
     return MethodResult(
         threads=threads,
         idents=idents,
-        partial=True,
         raw=raw,
         notes=[
             f"py-spy's output ({len(run.out) + run.dropped + len(run.tail)} bytes) was "

@@ -111,6 +111,24 @@ def reaped(**overrides: object) -> Reaped:
             logging.WARNING,
             "escalated: pid 42 still alive 10.0 s after its signal, sent SIGKILL",
         ),
+        (
+            reaped(descendants=(43, 44)),
+            logging.WARNING,
+            "reaped: pid 42 with SIGKILL (timer 'step', 1.2 ms late); the signal went to 2 "
+            "descendants (pids 43, 44) too",
+        ),
+        (
+            Escalated(42, 1234, 9, 10.0, True, descendants=(43,)),
+            logging.WARNING,
+            "escalated: pid 42 still alive 10.0 s after its signal, sent SIGKILL; the signal "
+            "went to 1 descendant (pid 43) too",
+        ),
+        (
+            Escalated(42, 1234, 9, 10.0, False, error="exited", descendants=(43,)),
+            logging.WARNING,
+            "escalated: pid 42 exited within its grace period, but 1 descendant (pid 43) "
+            "outlived it: sent SIGKILL 10.0 s after its signal",
+        ),
         (WorkerGone(42, 1234, (T,)), logging.INFO, "worker exited: pid 42, 1 timer(s) dropped"),
         (WorkerGone(42, 1234), logging.DEBUG, "worker exited: pid 42, 0 timer(s) dropped"),
         (

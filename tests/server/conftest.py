@@ -41,7 +41,7 @@ class OwnChildrenSignaller(OsSignaller):
         self._own(worker, signal)
         return super().send(worker, signal)
 
-    def send_tree(self, worker: Worker, signal: int) -> List[int]:
+    def send_tree(self, worker: Worker, signal: int) -> List[Worker]:
         try:
             self._own(worker, signal)
         except PermissionError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import os
 import pathlib
 import select
@@ -742,7 +743,7 @@ def test_signal_tree(sig: int) -> None:
     with stuck("tree") as worker:
         # Wait until the tree is at its depth: grandchildren's children being forked.
         wait_for(lambda: len(_session_members(worker.pid)) > 10)
-        signalled = signal_tree(worker.pid, sig)
+        signalled = [w.pid for w in signal_tree(worker.pid, sig)]
         assert worker.pid not in signalled
         assert set(worker.info["children"]) <= set(signalled)
         assert len(signalled) > len(worker.info["children"])  # grandchildren too
@@ -768,34 +769,40 @@ def test_the_walk_of_a_worker_that_keeps_forking_ends(monkeypatch: pytest.Monkey
         assert worker.state() not in "Tt"  # continued: its own signal follows
 
 
-# A worker with a child of its own user, and one of another user (uid nobody: what a
-# root command started with sudo is to a user's worker) with a child of its own; it prints
-# the three pids, then waits.
+# A worker with a child of its own user, and one of another user with a child of its
+# own; it prints the two children's pids, then waits. As "user": the worker drops root
+# (and its capabilities) after forking the other, a root command started with sudo is to
+# a user's worker. As "root": the worker stays root, the other child is uid nobody's.
 OTHER_USERS_CHILD = """
-import os, signal, sys, time
-def child(uid):
+import os, sys, time
+def child(uid=None):
     pid = os.fork()
     if pid == 0:
         if uid is not None:
             os.setresuid(uid, uid, uid)
-            if os.fork() == 0:  # below another user's process
-                time.sleep(60)
-                os._exit(0)
+        if os.fork() == 0:  # below it
+            time.sleep(60)
+            os._exit(0)
         time.sleep(60)
         os._exit(0)
     return pid
-own, other = child(None), child(65534)
+if sys.argv[1] == "user":
+    other = child()
+    os.setresuid(65534, 65534, 65534)
+else:
+    other = child(65534)
+own = child()
 print(own, other, flush=True)
 time.sleep(60)
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a child another uid")
-def test_signal_tree_spares_another_users_descendants_and_what_is_below() -> None:
-    # --reap-tree SIGKILLed a root process under a user's worker (and SIGSTOPped it for
-    # the walk): what neither the worker's kill(2) nor --allow-uid would allow.
+@contextlib.contextmanager
+def other_users_child(worker_is: str) -> Iterator[Tuple[int, int, int, int, int]]:
+    """The worker of ``OTHER_USERS_CHILD``: (worker, own child, the one below it, the
+    other user's child, the one below that)."""
     with subprocess.Popen(
-        [sys.executable, "-c", OTHER_USERS_CHILD],
+        [sys.executable, "-c", OTHER_USERS_CHILD, worker_is],
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its session: the worker and its descendants
@@ -803,15 +810,44 @@ def test_signal_tree_spares_another_users_descendants_and_what_is_below() -> Non
         try:
             assert worker.stdout is not None
             own, other = map(int, worker.stdout.readline().split())
-            wait_for(lambda: len(_session_members(worker.pid)) == 4)
-            [below] = set(_session_members(worker.pid)) - {worker.pid, own, other}
-            assert signal_tree(worker.pid, signal.SIGKILL) == [own]
-            for pid in (other, below):
-                assert read_stat(pid).state not in "TtZX"  # never stopped, alive
+            wait_for(lambda: len(_session_members(worker.pid)) == 5)
+            below = {c: int(_read_children(c)[0]) for c in (own, other)}
+            yield worker.pid, own, below[own], other, below[other]
         finally:
             for pid in _session_members(worker.pid):  # the test's own descendants
                 os.kill(pid, signal.SIGKILL)
             worker.wait()
+
+
+def _read_children(pid: int) -> List[str]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return f.read().split()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a child another uid")
+def test_signal_tree_spares_another_users_descendants_and_what_is_below(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # --reap-tree SIGKILLed a root process under a user's worker (and SIGSTOPped it for
+    # the walk): what neither the worker's kill(2) nor --allow-uid would allow.
+    with other_users_child("user") as (worker, own, own_child, other, below):
+        caplog.set_level(logging.INFO, "ftimer_server")
+        signalled = signal_tree(worker, signal.SIGKILL)
+        assert sorted(w.pid for w in signalled) == sorted((own, own_child))
+        for pid in (other, below):
+            assert read_stat(pid).state not in "TtZX"  # never stopped, alive
+        # Said once, though the walk passes it more than once.
+        spared = [r for r in caplog.records if f"process {other} " in r.getMessage()]
+        assert len(spared) == 1, [r.getMessage() for r in spared]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a child another uid")
+def test_signal_tree_of_a_root_worker_reaches_other_users_descendants() -> None:
+    # A root worker could signal its uid-nobody child itself (CAP_KILL), which the walk
+    # left running all the same, saying the worker could not.
+    with other_users_child("root") as (worker, own, own_child, other, below):
+        signalled = signal_tree(worker, signal.SIGKILL)
+        assert sorted(w.pid for w in signalled) == sorted((own, own_child, other, below))
 
 
 def test_signal_tree_report_only_touches_nobody() -> None:

@@ -103,7 +103,7 @@ if mode in ("reused-root-pidfd", "reused-root-start-time"):
     intruder, child = take_pid(pid)
     bound = Worker(pid=pid, start_time=start, pidfd=pidfd)
     signaller = OsSignaller()
-    result["tree"] = signaller.send_tree(bound, signal.SIGKILL)
+    result["tree"] = [w.pid for w in signaller.send_tree(bound, signal.SIGKILL)]
     result["worker"] = signaller.send(bound, signal.SIGKILL)
     result["child"] = state(child)
 elif mode == "reused-parent":
@@ -125,7 +125,7 @@ elif mode == "reused-parent":
         return real_children(pid)
     _reap_extras.children = children
     bound = Worker(pid=root.pid, start_time=start_time(root.pid), pidfd=os.pidfd_open(root.pid))
-    result["tree"] = OsSignaller().send_tree(bound, signal.SIGKILL)
+    result["tree"] = [w.pid for w in OsSignaller().send_tree(bound, signal.SIGKILL)]
     result["reused"] = bool(taken)
     result["child"] = state(taken["child"])
 elif mode == "root-exits":
@@ -139,7 +139,7 @@ elif mode == "root-exits":
             root.wait()
         return real_children(pid)
     _reap_extras.children = children
-    result["tree"] = OsSignaller().send_tree(bound, signal.SIGKILL)
+    result["tree"] = [w.pid for w in OsSignaller().send_tree(bound, signal.SIGKILL)]
     result["child"] = state(child)
 print(json.dumps(result), flush=True)
 """
@@ -227,7 +227,7 @@ def test_a_descendant_that_never_stops_holds_the_walk_briefly(
 
     monkeypatch.setattr(_reap_extras, "read_stat", in_d_state)
     start = time.monotonic()
-    signalled = _reap_extras.signal_tree(worker_with_child.pid, signal.SIGKILL)
+    signalled = [w.pid for w in _reap_extras.signal_tree(worker_with_child.pid, signal.SIGKILL)]
     elapsed = time.monotonic() - start
     assert signalled == [child]
     assert elapsed < 0.5, f"the walk held its caller {elapsed:.2f} s"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import signal
 import threading
-from typing import Optional
+from typing import List, Optional
 
 import hypothesis.strategies as st
 import msgspec
@@ -657,6 +657,60 @@ def test_no_escalation_when_the_worker_died_or_got_sigkill() -> None:
     rig.at(5.0)
     assert sorted(rig.signaller.sent) == [(1000, 15), (1001, 9)]
     assert rig.events.of(Escalated) == []
+
+
+class TreeSignaller(RecordingSignaller):
+    """Records, and answers a reap's request for a worker's tree with ``tree`` (once: the
+    escalation's walk finds none left, as when they left the tree)."""
+
+    def __init__(self, tree: List[Worker]) -> None:
+        super().__init__()
+        self.tree = tree
+
+    def send_tree(self, worker: Worker, signal: int) -> List[Worker]:
+        super().send_tree(worker, signal)
+        tree, self.tree = self.tree, []
+        return tree
+
+
+@pytest.mark.parametrize("exits", [False, True], ids=["lives", "exits in its grace"])
+def test_the_descendants_a_reap_signalled_get_the_escalation_too(exits: bool) -> None:
+    # With --reap-tree, the escalation's SIGKILL went to the worker alone: its
+    # descendants that ignored SIGTERM lived on, for good once it had died of it.
+    rig = Rig(escalate_after=2.0)
+    child = Worker(2000, start_time=300)
+    rig.signaller = TreeSignaller([child])
+    rig.wd = Watchdog(
+        host=SystemHost(rig.host, rig.signaller, tree=True),
+        server_pid=SERVER,
+        ancestors=frozenset({PARENT}),
+        emit=rig.events,
+        escalate_after=2.0,
+    )
+    rig.host.spawn(1000)
+    rig.apply(arm(signal=15, deadline=1.0))
+    rig.at(1.0)
+    [reaped] = rig.events.of(Reaped)
+    assert reaped.descendants == (2000,)  # type: ignore[attr-defined]
+    if exits:
+        [worker] = rig.wd.workers()
+        rig.host.exit(1000)
+        rig.wd.worker_gone(worker)
+    assert rig.wd.next_wakeup() == 3.0
+    rig.at(2.9)
+    assert rig.signaller.sent == [(1000, 15)]
+    rig.at(3.0)
+    [esc] = rig.events.of(Escalated)
+    assert esc.descendants == (2000,)  # type: ignore[attr-defined]
+    if exits:  # its own pid is never signalled again: it may be another's by now
+        assert rig.signaller.sent == [(1000, 15), (2000, 9)]
+        assert rig.signaller.trees == [(1000, 15)]
+        assert not esc.delivered  # type: ignore[attr-defined]
+    else:
+        assert rig.signaller.sent == [(1000, 15), (2000, 9), (1000, 9)]
+        assert rig.signaller.trees == [(1000, 15), (1000, 9)]
+        assert esc.delivered  # type: ignore[attr-defined]
+    assert rig.wd.next_wakeup() is None
 
 
 def test_signal_override_replaces_the_timers_signal_and_escalates() -> None:

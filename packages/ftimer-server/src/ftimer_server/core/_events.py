@@ -134,6 +134,7 @@ class Reaped(Event, frozen=True, tag="reaped"):
         error: why the signal was not delivered.
         incident: the id of the incident captured before the signal, if any (``late``
             then includes the capture).
+        descendants: the worker's descendants the signal went to as well (``--reap-tree``).
     """
 
     pid: int
@@ -146,10 +147,14 @@ class Reaped(Event, frozen=True, tag="reaped"):
     labels: Optional[Dict[str, str]] = None
     error: Optional[str] = None
     incident: Optional[str] = None
+    descendants: Tuple[int, ...] = ()
 
 
 class Escalated(Event, frozen=True, tag="escalated"):
-    """A reaped worker outlived the grace period (``after`` seconds) and got ``signal``."""
+    """A reaped worker outlived the grace period (``after`` seconds) and got ``signal``;
+    ``descendants``: its descendants that got it too (``--reap-tree``: those its reap
+    signalled that outlived the grace, and those it has then). A worker that exited
+    within its grace, leaving such descendants, has one too: ``delivered`` False."""
 
     pid: int
     start_time: Optional[int]
@@ -158,6 +163,7 @@ class Escalated(Event, frozen=True, tag="escalated"):
     delivered: bool
     labels: Optional[Dict[str, str]] = None
     error: Optional[str] = None
+    descendants: Tuple[int, ...] = ()
 
 
 class WorkerGone(Event, frozen=True, tag="worker_gone"):

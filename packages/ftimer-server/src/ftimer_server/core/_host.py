@@ -67,10 +67,13 @@ class Unresolved(msgspec.Struct, frozen=True):
 
 
 class Delivery(msgspec.Struct, frozen=True):
-    """The outcome of a signal: ``delivered``, or not and ``error`` says why."""
+    """The outcome of a signal: ``delivered``, or not and ``error`` says why;
+    ``descendants``: the worker's descendants the signal went to as well (a host that
+    reaps trees), each as its pid and start time."""
 
     delivered: bool
     error: Optional[str] = None
+    descendants: Tuple[Worker, ...] = ()
 
 
 DELIVERED = Delivery(True)
@@ -144,6 +147,15 @@ class Host(abc.ABC):
         """Reap ``worker`` for ``expiry``: whatever comes before the signal (diagnostics),
         then ``signal``. Only the signal, unless the host has more to do."""
         return self.signal(worker, signal)
+
+    def kill_descendants(
+        self, worker: Optional[Worker], signalled: Tuple[Worker, ...]
+    ) -> Tuple[Worker, ...]:
+        """The grace period of a reaped worker ended: SIGKILL those of ``signalled`` (its
+        descendants its reap signalled, ``Delivery.descendants``) still alive, and, unless
+        ``worker`` is ``None`` (it exited), its descendants now; return whom it reached.
+        Nothing, unless the host reaps trees."""
+        return ()
 
     def capture(self, request: CaptureRequest) -> Optional[str]:
         """Start capturing why ``request.worker`` hangs, off the loop; return the id of

@@ -187,6 +187,8 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
             sent then.
         delivered: whether the reap's signal was delivered (``None``: none was sent: the
             worker exited during its capture, or the server runs dry).
+        descendants: the pids of the worker's descendants the signal went to as well
+            (``--reap-tree``).
         dry_run: the server signals nothing (``--dry-run``): ``signal`` is what the reap
             would have sent.
         errors: what went wrong while capturing or writing, for people.
@@ -210,5 +212,6 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     seconds: float = 0.0
     timed_out: bool = False
     delivered: Optional[bool] = None
+    descendants: List[int] = []
     dry_run: bool = False
     errors: List[str] = []

@@ -14,7 +14,7 @@ import math
 from typing import Dict, Generic, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from ._events import Escalated, Reaped
-from ._host import KILL, CaptureRequest, Host, Peer
+from ._host import KILL, CaptureRequest, Delivery, Host, Peer
 from ._records import Timer, Worker
 from ._table import Expiry
 
@@ -59,9 +59,13 @@ class Reaper:
         self._capture_budget = capture_budget
         #: The reaps waiting for their capture, due at their budget's end.
         self._capturing: _Schedule[_Capture] = _Schedule()
-        #: The reaped workers in their grace period (and the timers that decided their
-        #: reaps), due for SIGKILL at its end.
-        self._pending: _Schedule[Tuple[Worker, Timer]] = _Schedule()
+        #: The reaped workers in their grace period (the timers that decided their reaps,
+        #: the descendants those signalled), due for SIGKILL at its end.
+        self._pending: _Schedule[_Grace] = _Schedule()
+        #: The same, of workers that exited within it leaving descendants it signalled:
+        #: (due, seq, grace), a heap. Kept by no pid: the pid may be bound anew meanwhile.
+        self._orphans: List[Tuple[float, int, _Grace]] = []
+        self._seq = itertools.count()
 
     def reap(
         self,
@@ -133,7 +137,7 @@ class Reaper:
         # Reaped again in its grace period: the grace runs on from the first signal.
         again = worker.pid in self._pending
         if delivery.delivered and grace is not None and signal != KILL and not again:
-            self._pending.put(worker.pid, now + grace, (worker, decider))
+            self._pending.put(worker.pid, now + grace, (worker, decider, delivery.descendants))
         return Reaped(
             pid=worker.pid,
             start_time=worker.start_time,
@@ -145,6 +149,7 @@ class Reaper:
             labels=decider.labels,
             error=delivery.error,
             incident=incident,
+            descendants=tuple(d.pid for d in delivery.descendants),
         )
 
     def pending(self, pid: int) -> bool:
@@ -153,15 +158,20 @@ class Reaper:
 
     def forget(self, pid: int) -> Optional[str]:
         """Cancel what is pending for ``pid`` (it exited); return the id of the incident
-        whose capture it exited during, if any."""
+        whose capture it exited during, if any. The descendants its reap signalled get
+        SIGKILL at the end of its grace all the same (see ``escalate()``)."""
+        pending = self._pending.get(pid)
         self._pending.pop(pid)
+        if pending is not None and pending[1][2]:
+            heapq.heappush(self._orphans, (pending[0], next(self._seq), pending[1]))
         capture = self._capturing.pop(pid)
         return None if capture is None else capture.incident
 
     def next_deadline(self) -> Optional[float]:
         """When the next capture budget ends or escalation is due, or ``None``."""
-        ends = [t for t in (self._capturing.next_due(), self._pending.next_due()) if t is not None]
-        return min(ends, default=None)
+        orphan = self._orphans[0][0] if self._orphans else None
+        ends = (self._capturing.next_due(), self._pending.next_due(), orphan)
+        return min((t for t in ends if t is not None), default=None)
 
     def finish(self, now: float) -> Tuple[List[Reaped], List[Tuple[Worker, Optional[Escalated]]]]:
         """Do now what is pending, for a server that stops (it could not do it later: a
@@ -178,27 +188,57 @@ class Reaper:
         self, now: float, *, early: bool = False
     ) -> List[Tuple[Worker, Optional[Escalated]]]:
         """SIGKILL the reaped workers whose grace period ended at or before ``now``
-        (``early``: all of them, see ``finish()``).
+        (``early``: all of them, see ``finish()``), and the descendants their reaps
+        signalled that outlived it (``Host.kill_descendants``), the workers' descendants
+        first: once a worker is killed, its children are re-parented away from it.
 
-        Returns (worker, event) pairs; the event is ``None`` for a worker found dead.
+        Returns (worker, event) pairs; the event is ``None`` for a worker found dead,
+        and ``delivered`` False for one that exited leaving descendants killed now.
         """
+        until = math.inf if early else now
         out: List[Tuple[Worker, Optional[Escalated]]] = []
-        for due, (worker, decider) in self._pending.pop_due(math.inf if early else now):
-            if not self._host.alive(worker):
+        host = self._host
+        for due, (worker, decider, signalled) in self._pending.pop_due(until):
+            alive = host.alive(worker)
+            killed = host.kill_descendants(worker if alive else None, signalled)
+            if not alive:
                 out.append((worker, None))
+                if killed:
+                    out.append((worker, self._escalated(worker, decider, due, now, killed)))
                 continue
-            delivery = self._host.signal(worker, KILL)
-            event = Escalated(
-                pid=worker.pid,
-                start_time=worker.start_time,
-                signal=KILL,
-                after=(self._escalate_after or 0.0) - max(0.0, due - now),
-                delivered=delivery.delivered,
-                labels=decider.labels,
-                error=delivery.error,
-            )
+            delivery = host.signal(worker, KILL)
+            event = self._escalated(worker, decider, due, now, killed, delivery=delivery)
             out.append((worker, event))
+        orphans = self._orphans
+        while orphans and orphans[0][0] <= until:
+            due, _, (worker, decider, signalled) = heapq.heappop(orphans)
+            killed = host.kill_descendants(None, signalled)
+            if killed:
+                out.append((worker, self._escalated(worker, decider, due, now, killed)))
         return out
+
+    def _escalated(
+        self,
+        worker: Worker,
+        decider: Timer,
+        due: float,
+        now: float,
+        descendants: Tuple[Worker, ...],
+        *,
+        delivery: Optional[Delivery] = None,
+    ) -> Escalated:
+        """The event of an escalation; ``delivery``: the worker's SIGKILL (None: it had
+        exited, and only ``descendants`` got one)."""
+        return Escalated(
+            pid=worker.pid,
+            start_time=worker.start_time,
+            signal=KILL,
+            after=(self._escalate_after or 0.0) - max(0.0, due - now),
+            delivered=delivery is not None and delivery.delivered,
+            labels=decider.labels,
+            error="it exited within its grace period" if delivery is None else delivery.error,
+            descendants=tuple(d.pid for d in descendants),
+        )
 
     @property
     def changes(self) -> int:
@@ -216,7 +256,12 @@ class Reaper:
         be refused where the policy allows the workers SIGTERM alone.
         """
         timers = [c.decider for _, c in self._capturing.items()]
-        return timers + [decider for _, (_, decider) in self._pending.items()]
+        return timers + [decider for _, (_, decider, _) in self._pending.items()]
+
+
+#: A reaped worker's grace period: the worker, the timer that decided its reap, and the
+#: descendants that reap signalled.
+_Grace = Tuple[Worker, Timer, Tuple[Worker, ...]]
 
 
 class _Capture:

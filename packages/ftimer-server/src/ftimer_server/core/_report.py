@@ -127,7 +127,13 @@ def _signal_text(incident: Incident) -> str:
         return f"not signalled (dry run): would have reaped with {name}"
     if incident.delivered is None:
         return f"not signalled: the worker exited during the capture ({name} was due)"
-    return f"reaped with {name}" + ("" if incident.delivered else " (NOT delivered)")
+    text = f"reaped with {name}" + ("" if incident.delivered else " (NOT delivered)")
+    n = len(incident.descendants)
+    if n:
+        pids = ", ".join(map(str, incident.descendants[:20])) + (", ..." if n > 20 else "")
+        who = f"were {n} of its descendants (pids" if n > 1 else "was a descendant of it (pid"
+        text += f", as {who} {pids})"
+    return text
 
 
 def _signal_name(signal: int) -> str:

@@ -85,6 +85,7 @@ def describe(
         )
     if isinstance(event, Reaped):
         args = (event.pid, signal_label(event.signal), _shown(event.scope_id), event.late * 1e3)
+        labels = _too(event.descendants) + labels
         if dry_run:
             return (
                 logging.WARNING,
@@ -114,7 +115,15 @@ def describe(
                 "its reap%s",
                 (sig, event.pid, event.after, labels),
             )
+        if not event.delivered and event.descendants:  # it exited, they did not
+            return (
+                logging.WARNING,
+                "escalated: pid %d exited within its grace period, but %s outlived it: "
+                "sent %s %.1f s after its signal%s",
+                (event.pid, _descendants(event.descendants), sig, event.after, labels),
+            )
         outcome = "" if event.delivered else f" (not delivered: {event.error or 'gone'})"
+        outcome += _too(event.descendants)
         return (
             logging.WARNING,
             "escalated: pid %d still alive %.1f s after its signal, sent %s%s%s",
@@ -167,6 +176,8 @@ def _labels(labels: Optional[Dict[str, str]]) -> str:
 #: of either, and flood control counts lines, not bytes. The JSON lines' fields, the
 #: status and the incidents keep them whole.
 SHOWN = 200
+#: The pids of a worker's descendants a line names, at most.
+_PIDS_SHOWN = 20
 
 
 class _Cut:
@@ -179,6 +190,19 @@ class _Cut:
 
     def __repr__(self) -> str:
         return f"{self.text[:SHOWN]!r}... ({len(self.text)} chars)"
+
+
+def _descendants(pids: Tuple[int, ...]) -> str:
+    """A worker's descendants ``pids``, for a log line: "2 descendants (pids 9, 10)"."""
+    shown = ", ".join(map(str, pids[:_PIDS_SHOWN])) + (", ..." if len(pids) > _PIDS_SHOWN else "")
+    if len(pids) == 1:
+        return f"1 descendant (pid {shown})"
+    return f"{len(pids)} descendants (pids {shown})"
+
+
+def _too(pids: Tuple[int, ...]) -> str:
+    """The end of a reap's line that names the descendants its signal went to, if any."""
+    return f"; the signal went to {_descendants(pids)} too" if pids else ""
 
 
 def _shown(scope: Optional[str]) -> object:

@@ -24,7 +24,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Callable, Container, Dict, List, Optional, Tuple
+from typing import Callable, Container, Dict, List, Optional, Sequence, Tuple
 
 import msgspec
 
@@ -141,15 +141,19 @@ class Diagnostics:
         threading.Thread(target=collect, name="ftimer-incident", daemon=True).start()
         return incident
 
-    def signalled(self, incident: str, delivered: Optional[bool]) -> None:
-        """The reap of ``incident`` signalled its worker (``delivered``), or the worker
-        exited during the capture (``None``): the incident can be written."""
+    def signalled(
+        self, incident: str, delivered: Optional[bool], descendants: Sequence[int] = ()
+    ) -> None:
+        """The reap of ``incident`` signalled its worker (``delivered``) and
+        ``descendants``, or the worker exited during the capture (``None``): the incident
+        can be written."""
         with self._lock:
             pending = self._incidents.get(incident)
             if pending is None:
                 return
             pending.signalled = True
             pending.delivered = delivered
+            pending.descendants = list(descendants)
         self._maybe_write(incident)
 
     @property
@@ -364,6 +368,7 @@ class _Pending:
         self.captured: Optional[float] = None
         self.signalled = False
         self.delivered: Optional[bool] = None
+        self.descendants: List[int] = []
 
     def incident(self, dry_run: bool) -> Incident:
         request, timer = self.request, self.request.timer
@@ -398,6 +403,7 @@ class _Pending:
             seconds=seconds,
             timed_out=timed_out,
             delivered=None if dry_run else self.delivered,  # nothing was sent
+            descendants=self.descendants,
             dry_run=dry_run,
             errors=errors,
         )

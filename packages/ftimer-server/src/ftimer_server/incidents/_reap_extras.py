@@ -9,8 +9,8 @@ the signal go, to every frozen process, followed by SIGCONT (a stopped process a
 SIGTERM only once continued). The worker itself is pinned too (its pidfd, else its start
 time): the children of another process that took its pid are never walked, let alone
 signalled. Nothing here signals a pid <= 1 or a thread, nor a descendant the worker
-could not signal itself by its uids (another user's: a root command its user started
-with sudo), nor anything below one.
+could not signal itself (another user's: a root command its user started with sudo),
+nor anything below one.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import os
 import shutil
 import signal as _signal
 import time
-from typing import AbstractSet, Dict, FrozenSet, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
+
+from ftimer_server.core._records import Worker
 
 from ._pinned import Process, ProcessRefused
 from ._procfs import PAGE_SIZE, children, read_stat, read_status
@@ -42,6 +44,8 @@ _MAX_TREE = 10000
 # past it the walk goes on without waiting (a descendant still stopping may then finish
 # a fork it had begun, and its child escape the tree: escaping, never an innocent hit).
 _FREEZE_WAIT = 0.05
+#: CAP_KILL's bit in /proc/PID/status's CapEff.
+_CAP_KILL = 1 << 5
 #: The space a core leaves free on its file system for its incident: its record (16 MiB at
 #: most, ``_helper.MAX_INCIDENT_BYTES``) and its text, about as large.
 RECORD_ROOM = 32 << 20
@@ -159,7 +163,7 @@ def _remove(path: str) -> None:
 
 def signal_tree(
     pid: int, signal: int, start_time: Optional[int] = None, pidfd: Optional[int] = None
-) -> List[int]:
+) -> List[Worker]:
     """Signal every descendant of process ``pid`` (not ``pid`` itself), race-free
     against forks; never raises.
 
@@ -176,13 +180,14 @@ def signal_tree(
     walk is re-parented away from the tree and escapes it. ``pid`` itself is stopped
     for the walk (unless it was already) and continued at its end: its own signal
     follows, and a child it forks in between escapes. Signal 0 (report
-    only) touches nobody. A descendant whose real and saved uids are neither the real
-    nor the effective uid of ``pid`` (what ``kill(2)`` from ``pid`` could not signal,
-    ``CAP_KILL`` aside: a root command started with sudo) is neither stopped nor
-    signalled, and the tree below it is not walked.
+    only) touches nobody. A descendant ``pid`` could not signal itself (``kill(2)``'s
+    rule: its real and saved uids are neither the real nor the effective uid of ``pid``,
+    and ``pid`` lacks ``CAP_KILL`` in its user namespace: a root command a user's worker
+    started with sudo) is neither stopped nor signalled, and the tree below it is not
+    walked.
 
     Returns:
-        The pids ``signal`` was delivered to.
+        The processes ``signal`` was delivered to (their pids and start times).
     """
     if pid <= 1 or signal == 0:
         return []
@@ -192,15 +197,15 @@ def signal_tree(
         logger.info("descendants of process %d not signalled: %s", pid, e)
         return []
     try:
-        real, effective, _ = _uids(pid)
+        may = _May(pid)
     except (OSError, ValueError, IndexError):  # gone: nobody to walk
         root.close()
         return []
     frozen: Dict[int, Process] = {}
-    signalled: List[int] = []
+    signalled: List[Worker] = []
     stopped = _stop(root)
     try:
-        _freeze(root, frozen, frozenset((real, effective)))
+        _freeze(root, frozen, may)
         if not root.alive():
             # Exited during the walk (its pid may be another's by now): its tree is not
             # reaped, as it is not; whoever was frozen goes on.
@@ -211,7 +216,7 @@ def signal_tree(
         for child, process in frozen.items():
             try:
                 process.send(signal)
-                signalled.append(child)
+                signalled.append(Worker(child, process.start_time))
             except OSError:
                 continue  # exited meanwhile
         if signal != _signal.SIGKILL:
@@ -244,7 +249,58 @@ def _stop(root: Process) -> bool:
     return True
 
 
-def _freeze(root: Process, frozen: Dict[int, Process], uids: FrozenSet[int]) -> None:
+class _May:
+    """Whom the worker ``pid`` could signal itself (``kill(2)``'s rule), and the pids
+    under it it could not, each logged once.
+
+    Raises:
+        OSError, ValueError, IndexError: it is gone, or its status unreadable.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        status = read_status(pid)
+        real, effective = status.get("Uid", "").split()[:2]
+        self._uids = {int(real), int(effective)}
+        # With CAP_KILL, every process of its user namespace (the one it is seen in).
+        self._userns: Optional[str] = None
+        if int(status.get("CapEff", "0"), 16) & _CAP_KILL:
+            self._userns = _userns(pid)
+        #: The pids it could not signal, as found: never walked again.
+        self.spared: Set[int] = set()
+
+    def signal(self, pid: int, parent: int) -> bool:
+        """Whether the worker could signal ``pid`` (found under ``parent``).
+
+        Raises:
+            OSError, ValueError, IndexError: it is gone, or its status unreadable.
+        """
+        real, _, saved = _uids(pid)
+        if real in self._uids or saved in self._uids:
+            return True
+        if self._userns is not None and _userns(pid) == self._userns:
+            return True
+        self.spared.add(pid)
+        logger.info(
+            "process %d (uid %d) under process %d not signalled: worker %d could not "
+            "signal it itself (another user's, and the worker lacks CAP_KILL over it)",
+            pid,
+            real,
+            parent,
+            self.pid,
+        )
+        return False
+
+
+def _userns(pid: int) -> Optional[str]:
+    """The user namespace of process ``pid`` (its ``/proc`` link), or None if unreadable."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/user")
+    except OSError:
+        return None
+
+
+def _freeze(root: Process, frozen: Dict[int, Process], may: _May) -> None:
     # A stop is delivered asynchronously: a process may finish a fork after SIGSTOP was
     # sent. So each walk is followed by a wait until every frozen process is seen
     # stopped, and only a walk that finds nobody new after that wait ends the freeze. A
@@ -252,15 +308,15 @@ def _freeze(root: Process, frozen: Dict[int, Process], uids: FrozenSet[int]) -> 
     # one overall bound (short: see _FREEZE_WAIT).
     waited_until = time.monotonic() + _FREEZE_WAIT
     for _ in range(_MAX_PASSES):
-        found = _walk(root, frozen, uids)
+        found = _walk(root, frozen, may)
         _wait_stopped(frozen, waited_until)
         if not found or len(frozen) >= _MAX_TREE:
             return
 
 
-def _walk(root: Process, frozen: Dict[int, Process], uids: AbstractSet[int]) -> bool:
-    """One walk of the tree, parents before children, freezing whoever is new and may be
-    signalled by ``uids`` (the worker's real and effective uids)."""
+def _walk(root: Process, frozen: Dict[int, Process], may: _May) -> bool:
+    """One walk of the tree, parents before children, freezing whoever is new and ``may``
+    be signalled."""
     found = False
     queue = [root]
     while queue and len(frozen) < _MAX_TREE:
@@ -270,7 +326,7 @@ def _walk(root: Process, frozen: Dict[int, Process], uids: AbstractSet[int]) -> 
         except (OSError, ValueError):
             continue
         for kid in kids:
-            if kid <= 1 or kid == root.pid:
+            if kid <= 1 or kid == root.pid or kid in may.spared:
                 continue
             process = frozen.get(kid)
             if process is not None and not process.alive():
@@ -279,7 +335,7 @@ def _walk(root: Process, frozen: Dict[int, Process], uids: AbstractSet[int]) -> 
                 process.close()
                 process = None
             if process is None:
-                process = _pin(kid, parent, uids)
+                process = _pin(kid, parent, may)
                 if process is None:
                     continue
                 try:
@@ -293,7 +349,7 @@ def _walk(root: Process, frozen: Dict[int, Process], uids: AbstractSet[int]) -> 
     return found
 
 
-def _pin(pid: int, parent: Process, uids: AbstractSet[int]) -> Optional[Process]:
+def _pin(pid: int, parent: Process, may: _May) -> Optional[Process]:
     try:
         process = Process.open(pid, None, None)
     except ProcessRefused:
@@ -302,17 +358,13 @@ def _pin(pid: int, parent: Process, uids: AbstractSet[int]) -> Optional[Process]
         # Pinned first, then checked: still the child it was found as (not a new process
         # that took the pid of one that exited), of the parent it was found under (alive
         # after the check: its pid was not another process's when it was read).
-        if read_stat(pid).ppid == parent.pid and process.alive() and parent.alive():
-            real, _, saved = _uids(pid)
-            if real in uids or saved in uids:  # kill(2)'s rule, from the worker
-                return process
-            logger.info(
-                "process %d (uid %d) under process %d not signalled: the worker could not "
-                "signal it itself (another user's)",
-                pid,
-                real,
-                parent.pid,
-            )
+        if (
+            read_stat(pid).ppid == parent.pid
+            and process.alive()
+            and parent.alive()
+            and may.signal(pid, parent.pid)
+        ):
+            return process
     except (OSError, ValueError, IndexError):
         pass
     process.close()

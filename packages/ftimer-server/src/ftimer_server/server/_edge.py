@@ -18,10 +18,18 @@ from __future__ import annotations
 import errno
 import logging
 import signal as _signal
-from typing import Callable, FrozenSet, Mapping, Optional, Sequence, Union
+from typing import Callable, FrozenSet, Mapping, Optional, Sequence, Tuple, Union
 
 from ftimer_server.core._events import RejectReason
-from ftimer_server.core._host import DELIVERED, CaptureRequest, Delivery, Facts, Host, Unresolved
+from ftimer_server.core._host import (
+    DELIVERED,
+    KILL,
+    CaptureRequest,
+    Delivery,
+    Facts,
+    Host,
+    Unresolved,
+)
 from ftimer_server.core._records import Worker
 from ftimer_server.core._table import Expiry
 
@@ -61,7 +69,8 @@ class SystemHost(Host):
         capture: starts a capture off the loop and returns its incident's id (the
             server's diagnostics); ``None``: this host captures nothing.
         tree: a reap signals the worker's descendants too (``Signaller.send_tree``), then
-            the worker.
+            the worker; so does its escalation, and to the descendants the reap signalled
+            that outlived the grace period too.
     """
 
     def __init__(
@@ -178,11 +187,30 @@ class SystemHost(Host):
             # bound: send_tree pins it by its pidfd or start time, as signal() does, and
             # checks it again after the walk. Its walk waits at most a few tens of
             # milliseconds for a descendant to stop: it runs on the loop's thread.
-            try:
-                self._signaller.send_tree(worker, signal)
-            except Exception:  # the worker itself is reaped regardless
-                logger.exception("signalling the descendants of process %d failed", worker.pid)
+            descendants = self._send_tree(worker, signal)
+            delivery = self.signal(worker, signal)
+            return Delivery(delivery.delivered, delivery.error, descendants)
         return self.signal(worker, signal)
+
+    def kill_descendants(
+        self, worker: Optional[Worker], signalled: Tuple[Worker, ...]
+    ) -> Tuple[Worker, ...]:
+        if not self._tree:
+            return ()
+        # The tree first, as at the reap; then those of the reap's that left it (their
+        # parent died): each pinned by its start time, never a process that took its pid.
+        killed = {d.pid: d for d in self._send_tree(worker, KILL)} if worker else {}
+        for process in signalled:
+            if process.pid not in killed and self.signal(process, KILL).delivered:
+                killed[process.pid] = process
+        return tuple(killed.values())
+
+    def _send_tree(self, worker: Worker, signal: int) -> Tuple[Worker, ...]:
+        try:
+            return tuple(self._signaller.send_tree(worker, signal))
+        except Exception:  # the worker itself is reaped regardless
+            logger.exception("signalling the descendants of process %d failed", worker.pid)
+            return ()
 
     def capture(self, request: CaptureRequest) -> Optional[str]:
         if self._capture is None:

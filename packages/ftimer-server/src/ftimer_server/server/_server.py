@@ -927,9 +927,12 @@ class FileTimerServer:
                 and isinstance(event, (Reaped, WorkerGone))
                 and event.incident is not None  # its signal went, or its worker exited
             ):
-                delivered = event.delivered if isinstance(event, Reaped) else None
+                delivered: Optional[bool] = None
+                descendants: Tuple[int, ...] = ()
+                if isinstance(event, Reaped):
+                    delivered, descendants = event.delivered, event.descendants
                 try:
-                    diagnostics.signalled(event.incident, delivered)
+                    diagnostics.signalled(event.incident, delivered, descendants)
                 except Exception:  # no thread to write it (TasksMax): the events go on
                     logger.exception("incident %s could not be written", event.incident)
             if type(event) is Reaped and self._kill_self_on_reap and self._signals_for_real:

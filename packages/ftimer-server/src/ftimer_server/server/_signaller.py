@@ -8,6 +8,7 @@ run with ``--dry-run`` does the same.
 from __future__ import annotations
 
 import abc
+import errno
 import os
 import signal as _signal
 import threading
@@ -36,7 +37,7 @@ class Signaller(abc.ABC):
                 ``PermissionError``); the server reports it in the ``Reaped`` event.
         """
 
-    def send_tree(self, worker: Worker, signal: int) -> List[int]:
+    def send_tree(self, worker: Worker, signal: int) -> List[Worker]:
         """Deliver ``signal`` to the descendants of ``worker`` (not to ``worker``
         itself), for a server that reaps trees. Never raises.
 
@@ -48,7 +49,8 @@ class Signaller(abc.ABC):
         through a worker's children.
 
         Returns:
-            The pids ``signal`` was delivered to.
+            The processes ``signal`` was delivered to (pid and start time: ``send()``
+            reaches exactly those later, never a process that took a pid of theirs).
         """
         return []
 
@@ -56,10 +58,12 @@ class Signaller(abc.ABC):
 class OsSignaller(Signaller):
     """Signals real processes: through the worker's pidfd when it has one.
 
-    Without a pidfd (macOS, or out of descriptors), the start time of the process holding
-    the pid is checked first, then ``kill()`` is used: a narrow window remains in which
-    the pid could be reused between the two; a pidfd closes it. A thread's id is refused
-    there whatever the inspector says (``kill()`` of a thread's id signals its process).
+    Without one, a pidfd is opened for the signal, then the start time of the process
+    holding the pid checked: the pidfd is of the worker's process if that still holds the
+    pid. Where none can be opened (macOS, out of descriptors), ``kill()`` follows the
+    check: a narrow window remains in which the pid could be reused between the two. A
+    thread's id is refused there whatever the inspector says (``kill()`` of a thread's id
+    signals its process).
 
     Args:
         inspector: reads start times for the check without a pidfd.
@@ -81,12 +85,34 @@ class OsSignaller(Signaller):
                 raise PermissionError(f"refusing to signal pid {worker.pid}")
             if self._system is not None:
                 self._refuse_a_thread(worker.pid, self._system)
-            if not self._inspector.alive(worker):
-                return False
-            os.kill(worker.pid, signal)
+            pidfd = self._pin(worker.pid)
+            try:
+                if not self._inspector.alive(Worker(worker.pid, worker.start_time)):
+                    return False
+                if pidfd is None:
+                    os.kill(worker.pid, signal)
+                else:
+                    _signal.pidfd_send_signal(pidfd, signal)
+            finally:
+                if pidfd is not None:
+                    os.close(pidfd)
         except ProcessLookupError:
             return False
         return True
+
+    def _pin(self, pid: int) -> Optional[int]:
+        """A pidfd of whoever holds ``pid`` now, or None where none can be had.
+
+        Raises:
+            ProcessLookupError: nobody holds it.
+            OSError: not a process (a thread's id), or not to be examined.
+        """
+        try:
+            return self._inspector.open(pid)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                return None  # the start time's check alone, as without pidfds
+            raise
 
     @staticmethod
     def _refuse_a_thread(pid: int, system: SystemInspector) -> None:
@@ -102,7 +128,7 @@ class OsSignaller(Signaller):
         if tgid != pid:
             raise PermissionError(f"refusing to signal pid {pid}: a thread of process {tgid}")
 
-    def send_tree(self, worker: Worker, signal: int) -> List[int]:
+    def send_tree(self, worker: Worker, signal: int) -> List[Worker]:
         # Imported only by a server that signals descendants: keeps the daemon's RSS
         # down (and the import's time off the first reap).
         from ftimer_server.incidents._reap_extras import signal_tree  # noqa: PLC0415
@@ -133,7 +159,7 @@ class RecordingSignaller(Signaller):
             self.sent.append((worker.pid, signal))
         return self.delivered
 
-    def send_tree(self, worker: Worker, signal: int) -> List[int]:
+    def send_tree(self, worker: Worker, signal: int) -> List[Worker]:
         with self._lock:
             self.trees.append((worker.pid, signal))
         return []

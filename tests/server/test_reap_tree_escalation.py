@@ -1,0 +1,138 @@
+"""``--reap-tree`` with a grace period: the escalation's SIGKILL reaches the worker's
+descendants too, those its reap signalled that outlived the grace (a worker that died of
+the reap's SIGTERM too: its children left its tree) and those it forked meanwhile; and
+the events name every descendant signalled.
+
+Real processes, all started here: the worker and children that ignore SIGTERM. A
+descendant is signalled by its pid and start time, so nothing that took a pid of theirs
+could be.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import select
+import signal
+import subprocess
+import sys
+import threading
+from typing import List, Tuple
+
+import pytest
+
+from ftimer_server import Escalated, Event, FileTimerServer, Reaped
+from ftimer_server.core._incident import Incident
+from ftimer_server.incidents._diagnostics import IncidentOptions
+
+# A worker with a child that ignores SIGTERM, which prints the child's pid and arms a
+# short timer. "survives": it ignores SIGTERM too, and forks a second such child when it
+# gets it (in its grace period). "dies": it dies of SIGTERM, leaving its child behind.
+WORKER = """
+import os, signal, sys, time
+from ftimer_client import FileTimerClient
+
+def child():
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            time.sleep(60)
+    return pid
+
+def on_term(*_):
+    print(child(), flush=True)
+
+print(child(), flush=True)
+if sys.argv[2] == "survives":
+    signal.signal(signal.SIGTERM, on_term)
+client = FileTimerClient(sys.argv[1])
+client.arm("step", 0.3)
+while True:
+    time.sleep(60)
+"""
+GRACE = 0.5
+
+
+def _reap(
+    fifo: pathlib.Path, tmp: pathlib.Path, mode: str
+) -> Tuple[List[Event], Incident, List[int]]:
+    """Run a ``WORKER`` under a server that reaps trees with SIGTERM, then SIGKILL after
+    ``GRACE``; return the server's events, the incident and the pids of the children,
+    once every one of them and the worker have died (each waited for through a pidfd)."""
+    events: List[Event] = []
+    incidents: List[Incident] = []
+    escalated = threading.Event()
+
+    def on_event(event: Event) -> None:
+        events.append(event)
+        if isinstance(event, Escalated):
+            escalated.set()
+
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(fifo), mode],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    pidfds: List[int] = []
+    try:
+        with FileTimerServer(
+            fifo,
+            on_event=on_event,
+            on_incident=incidents.append,
+            incidents=IncidentOptions(directory=str(tmp / "i"), method="facts", reap_tree=True),
+            signal_override=signal.SIGTERM,
+            escalate_after=GRACE,
+        ):
+            assert worker.stdout is not None
+            children = [int(worker.stdout.readline())]
+            if mode == "survives":  # forked on the reap's SIGTERM
+                children.append(int(worker.stdout.readline()))
+            pidfds = [os.pidfd_open(pid) for pid in children]
+            assert worker.wait(30) in (-signal.SIGTERM, -signal.SIGKILL)
+            assert escalated.wait(30)
+            for fd in pidfds:  # every child has died
+                assert select.select([fd], [], [], 10)[0]
+        [incident] = incidents  # written when the reap's signal went
+        return events, incident, children
+    finally:
+        for fd in pidfds:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)  # ours: a no-op once dead
+            os.close(fd)
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        assert worker.stdout is not None
+        worker.stdout.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfds (Linux 5.3, Python 3.9)")
+def test_the_escalation_kills_the_tree_of_a_worker_that_survives(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    # The SIGKILL went to the worker alone: its child that ignored SIGTERM, and the one
+    # it forked in its grace period, ran on.
+    events, incident, (first, forked) = _reap(fifo_path, tmp_path, "survives")
+    [reaped] = [e for e in events if isinstance(e, Reaped)]
+    [escalation] = [e for e in events if isinstance(e, Escalated)]
+    assert reaped.descendants == (first,)
+    assert incident.descendants == [first]
+    assert f"as was a descendant of it (pid {first})" in incident.summary[0]
+    assert escalation.delivered
+    assert sorted(escalation.descendants) == sorted((first, forked))
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfds (Linux 5.3, Python 3.9)")
+def test_the_escalation_kills_the_descendants_of_a_worker_that_died(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    # The worker died of SIGTERM; its child, which ignored it, left the tree (re-parented)
+    # and ran on for good, though the reap had signalled it.
+    events, _, (child,) = _reap(fifo_path, tmp_path, "dies")
+    [reaped] = [e for e in events if isinstance(e, Reaped)]
+    [escalation] = [e for e in events if isinstance(e, Escalated)]
+    assert reaped.descendants == (child,)
+    assert (escalation.pid, escalation.delivered) == (reaped.pid, False)
+    assert escalation.descendants == (child,)
+    assert escalation.after == pytest.approx(GRACE, abs=0.2)

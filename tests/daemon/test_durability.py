@@ -19,6 +19,7 @@ from tests.conftest import tmpfs, wait_until
 from ftimer_protocol import Arm, encode
 from ftimer_server import Timer
 from ftimer_server.daemon._state import boot_clock, encode_state, read_boot_id
+from ftimer_server.server._process import SystemInspector, ticks_since_boot
 
 from .conftest import PATIENCE, PYTHON, DaemonProcess, kill_and_close, release
 
@@ -177,6 +178,10 @@ def sleeper() -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(
         [PYTHON, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, text=True
     )
+    # Older than a state file written from now on: a process born in the tick of a save
+    # could have taken a dead worker's pid after it, and is refused its timers.
+    born = SystemInspector().start_time(proc.pid)
+    wait_until(lambda: (ticks_since_boot(time.time()) or 0) >= born, what="a tick to pass")
     yield proc
     kill_and_close(proc)
     assert proc.stdin is not None
@@ -192,32 +197,46 @@ def write_state(path: pathlib.Path, journal: int, timers: tuple[Timer, ...] = ()
     path.write_bytes(encode_state(timers, read_boot_id(), time.monotonic(), journal))
 
 
-@pytest.mark.parametrize("kind", ["symlink", "directory", "FIFO"])
-def test_a_journal_segment_that_is_no_regular_file_is_skipped(
+@pytest.mark.parametrize("kind", ["symlink", "directory", "FIFO", "missing"])
+def test_a_journal_that_misses_a_segment_sets_the_state_aside(
     spawn: Spawn, short_dir: pathlib.Path, sleeper: subprocess.Popen[str], kind: str
 ) -> None:
+    # Such a segment was skipped (a missing one without a word), and the state file
+    # restored without it: a timer whose disarm the segment held was armed again, and
+    # the worker that had disarmed was reaped at its deadline.
     state = short_dir / "state.json"
-    write_state(state, journal=1)
+    write_state(state, journal=1, timers=(saved_timer(sleeper.pid, "disarmed-since"),))
     segment = short_dir / "state.json.journal.1"
     elsewhere = short_dir / "elsewhere"
     arm = report_only_arm(sleeper.pid, "from-elsewhere")
     elsewhere.write_bytes(arm)
     if kind == "symlink":
         segment.symlink_to(elsewhere)
-        said = f"journal: {segment} is a symlink: not followed, not replayed"
+        said = f"journal: {segment} is a symlink: not followed"
+    elif kind == "missing":
+        said = f"journal: {segment} is missing"
     else:
         if kind == "directory":
             segment.mkdir()
         else:
             os.mkfifo(segment)  # open() would wait for a writer
-        said = f"journal: {segment} is a {kind}, not a regular file: not replayed"
+        said = f"journal: {segment} is a {kind}, not a regular file"
     d = spawn("--state-file", str(state), "--capture", "none").ready()
-    assert d.wait_for_record(level="error", msg=said)
-    assert d.status()["timers"] == []  # nothing of elsewhere's was armed
+    d.wait_for_record(
+        level="error",
+        where=lambda r: r["msg"].startswith(f"cannot replay the journal from segment 1: {said}"),
+    )
+    assert d.status()["timers"] == []  # neither the saved timer nor elsewhere's arm
+    assert list(short_dir.glob("state.json.corrupt-*"))  # set aside: never restored
     assert d.stop() == 0
     assert elsewhere.read_bytes() == arm
     if kind == "directory":
         assert segment.is_dir()  # left where it was: not the daemon's to remove
+
+
+def saved_timer(pid: int, scope: str) -> Timer:
+    """A report-only timer of ``pid``'s as a state file holds it."""
+    return Timer(pid=pid, scope_id=scope, deadline=time.monotonic() + 3600, signal=0)
 
 
 def test_a_nested_json_line_in_the_journal_replays_as_one_malformed_line(

@@ -27,7 +27,7 @@ from tests.conftest import wait_until
 from ftimer_protocol import Arm, encode
 from ftimer_server import Timer
 from ftimer_server.daemon._state import encode_state, load_state, read_boot_id
-from ftimer_server.server._journal import Journal
+from ftimer_server.server._journal import Journal, JournalIncomplete
 
 from .conftest import PYTHON, DaemonProcess, Worker, kill_and_close
 
@@ -123,13 +123,14 @@ def test_another_users_journal_segment_is_set_aside_not_replayed(
     (tmp_path / "j.1").write_bytes(b"ours\n")
     theirs = planted(tmp_path / "j.2", b"theirs\n")
     journal = Journal(str(tmp_path / "j"))
-    with caplog.at_level(logging.ERROR, logger="ftimer_server"):
-        assert b"".join(journal.replay(1)) == b"ours\n"
+    chunks = journal.replay(1)
+    assert next(chunks) == b"ours\n"
+    with pytest.raises(JournalIncomplete) as failed:
+        next(chunks)
     (aside,) = tmp_path.glob("j.2.corrupt-*")
-    assert messages(caplog) == [
-        f"journal: {theirs} is owned by uid {NOBODY}, not by the server's user (uid 0): "
-        f"not replayed; moved it to {aside}"
-    ]
+    assert str(failed.value) == (
+        f"journal: {theirs} is owned by uid {NOBODY}, not by the server's user: moved it to {aside}"
+    )
     assert aside.read_bytes() == b"theirs\n"
     journal.close()
 
@@ -142,7 +143,7 @@ def test_a_root_daemon_replays_no_journal_segment_planted_by_another_user(
     segment = planted(private / "state.json.journal.1", arm_line(sleeper.pid))
     d = spawn("--state-file", str(state), "--capture", "none").ready()
     assert d.armed_scopes() == []
-    d.wait_for_record(level="error", where=lambda r: r["msg"].startswith(f"journal: {segment} is"))
+    d.wait_for_record(level="error", where=lambda r: f"journal: {segment} is owned" in r["msg"])
     assert d.stop() == 0
 
 

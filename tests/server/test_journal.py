@@ -14,7 +14,7 @@ from tests.conftest import wait_until
 from ftimer_protocol import Arm, Disarm, TimerRequestV1, encode
 from ftimer_server import FileTimerServer, RecordingSignaller, Rejected, RejectReason
 from ftimer_server.core._reader import LineReader
-from ftimer_server.server._journal import Journal
+from ftimer_server.server._journal import Journal, JournalIncomplete
 
 
 @pytest.fixture
@@ -127,7 +127,9 @@ def test_numbering_goes_on_after_what_is_there(tmp_path: pathlib.Path) -> None:
     journal = Journal(str(tmp_path / "j"))
     assert journal.seq == 13
     assert journal.segments() == [4, 12, 13]
-    assert b"".join(journal.replay(5)) == b"j.12\n"  # from 5 up to the current one
+    assert b"".join(journal.replay(12)) == b"j.12\n"  # from 12 up to the current one
+    with pytest.raises(JournalIncomplete, match="j.5 is missing"):  # from 5: 5 to 11 are
+        b"".join(journal.replay(5))
 
 
 @MOVES
@@ -148,22 +150,49 @@ def test_a_journal_that_cannot_be_written_costs_no_byte(
     journal.close()
 
 
+@pytest.mark.parametrize("kind", ["directory", "symlink", "FIFO"])
 def test_replay_reads_regular_files_only_and_never_follows_a_symlink(
-    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+    tmp_path: pathlib.Path, kind: str
 ) -> None:
-    (tmp_path / "j.1").mkdir()
+    # Such a segment was skipped, and the replay went on: the snapshot was restored
+    # without what it held (a disarm), and a worker that had disarmed was reaped.
+    (tmp_path / "j.1").write_bytes(b"kept\n")
+    segment = tmp_path / "j.2"
     (tmp_path / "elsewhere").write_bytes(b"not the journal's\n")
-    (tmp_path / "j.2").symlink_to(tmp_path / "elsewhere")
-    os.mkfifo(tmp_path / "j.3")  # opened without O_NONBLOCK, it would wait for a writer
-    (tmp_path / "j.4").write_bytes(b"kept\n")
+    if kind == "directory":
+        segment.mkdir()
+        said = f"journal: {segment} is a directory, not a regular file"
+    elif kind == "symlink":
+        segment.symlink_to(tmp_path / "elsewhere")
+        said = f"journal: {segment} is a symlink: not followed"
+    else:
+        os.mkfifo(segment)  # opened without O_NONBLOCK, it would wait for a writer
+        said = f"journal: {segment} is a FIFO, not a regular file"
+    (tmp_path / "j.3").write_bytes(b"never reached\n")
     journal = Journal(str(tmp_path / "j"))
-    with caplog.at_level(logging.ERROR, logger="ftimer_server"):
-        assert b"".join(journal.replay(1)) == b"kept\n"
-    assert [r.getMessage() for r in caplog.records] == [
-        f"journal: {tmp_path}/j.1 is a directory, not a regular file: not replayed",
-        f"journal: {tmp_path}/j.2 is a symlink: not followed, not replayed",
-        f"journal: {tmp_path}/j.3 is a FIFO, not a regular file: not replayed",
-    ]
+    chunks = journal.replay(1)
+    assert next(chunks) == b"kept\n"
+    with pytest.raises(JournalIncomplete) as failed:
+        next(chunks)
+    assert str(failed.value) == said
+    journal.close()
+
+
+@pytest.mark.parametrize(
+    ("on_disk", "first", "missing"),
+    [((2, 3), 1, 1), ((1, 3), 1, 2), ((), 5, 5)],
+    ids=["the first", "one between", "all"],
+)
+def test_a_replay_missing_a_segment_fails(
+    tmp_path: pathlib.Path, on_disk: tuple[int, ...], first: int, missing: int
+) -> None:
+    # A segment deleted (the one the state file names, or one after it) was not missed:
+    # the snapshot was restored without the disarms it held.
+    for n in on_disk:
+        (tmp_path / f"j.{n}").write_bytes(b"a line\n")
+    journal = Journal(str(tmp_path / "j"))
+    with pytest.raises(JournalIncomplete, match=f"^journal: {tmp_path}/j.{missing} is missing$"):
+        b"".join(journal.replay(first))
     journal.close()
 
 
@@ -194,7 +223,8 @@ def test_set_aside_moves_regular_segments_only(tmp_path: pathlib.Path) -> None:
     assert [pathlib.Path(p).name.split(".corrupt-")[0] for p in moved] == ["j.3"]
     assert pathlib.Path(moved[0]).read_bytes() == b"unreplayable\n"
     assert journal.segments() == [1, 2, 4]  # set aside: never replayed again
-    assert b"".join(journal.replay(1)) == b"before the snapshot\n"
+    with pytest.raises(JournalIncomplete, match="j.2 is a directory"):
+        b"".join(journal.replay(1))
     journal.close()
 
 
@@ -239,8 +269,27 @@ def test_a_replayed_torch_line_is_never_bound_to_a_process_born_after_it(
     assert server.armed() == []
     [refused] = [e for e in events if isinstance(e, Rejected)]
     assert (refused.pid, refused.reason) == (stranger.pid, RejectReason.IDENTITY_MISMATCH)
-    server.replay([line], written_by=time.time())  # its own, written while it lived
+    # Its own: written while it lived, a tick after its birth at least (a process born
+    # in the tick of the write could be a stranger).
+    server.replay([line], written_by=time.time() + 0.1)
     assert [t.pid for t in server.armed()] == [stranger.pid]
+    server.stop()
+
+
+def test_a_replayed_torch_line_is_refused_for_a_process_born_a_moment_after_it(
+    fifo_path: pathlib.Path, children
+) -> None:
+    # Within a second or two of the journal's time, a stranger that took the pid read as
+    # older (the time was rounded up to /proc/stat's boot time, known to the second).
+    written_at = time.time()
+    stranger = children()  # born after it
+    line = encode(TimerRequestV1(pid=stranger.pid, scope_id="s", expiration_time=0.0, signal=9))
+    events: list = []
+    server = FileTimerServer(fifo_path, signaller=RecordingSignaller(), on_event=events.append)
+    server.replay([line], written_by=written_at)
+    assert server.armed() == []
+    [refused] = [e for e in events if isinstance(e, Rejected)]
+    assert (refused.pid, refused.reason) == (stranger.pid, RejectReason.IDENTITY_MISMATCH)
     server.stop()
 
 

@@ -29,6 +29,26 @@ def test_a_timer_saved_without_a_start_time_is_refused_for_a_process_born_later(
         RejectReason.IDENTITY_MISMATCH,
         "restore",
     )
-    server.restore([saved], written_by=time.time())  # saved while it lived: its own
+    # Saved while it lived, a tick after its birth at least (a process born in the tick
+    # of the save could be a stranger): its own.
+    server.restore([saved], written_by=time.time() + 0.1)
     assert [t.pid for t in server.armed()] == [stranger.pid]
+    server.stop()
+
+
+def test_a_process_born_a_moment_after_the_save_is_refused_too(
+    fifo_path: pathlib.Path, children
+) -> None:
+    # The save's time was read in ticks since boot through /proc/stat's boot time (to
+    # the second) and rounded up: a process that took the pid within a second or two of
+    # the save read as older, and got the dead worker's timer (reaped at its deadline).
+    saved_at = time.time()
+    stranger = children()  # born after it
+    saved = Timer(pid=stranger.pid, scope_id="s", deadline=time.monotonic() + 3600, signal=0)
+    events: list = []
+    server = FileTimerServer(fifo_path, signaller=RecordingSignaller(), on_event=events.append)
+    server.restore([saved], written_by=saved_at)
+    assert server.armed() == []
+    [refused] = [e for e in events if isinstance(e, Rejected)]
+    assert (refused.pid, refused.reason) == (stranger.pid, RejectReason.IDENTITY_MISMATCH)
     server.stop()

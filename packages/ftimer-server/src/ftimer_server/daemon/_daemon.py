@@ -54,7 +54,7 @@ from ftimer_server.server._fifo import (
     unlock_fifo,
     unreachable_by_writers,
 )
-from ftimer_server.server._journal import Journal
+from ftimer_server.server._journal import Journal, JournalIncomplete
 from ftimer_server.server._server import FileTimerServer
 from ftimer_server.server._socket import shut_for_reading
 
@@ -340,19 +340,22 @@ class Daemon:
                 # taken by a process that started after an arm of a dead worker was kept
                 # (torch's lines name no start time) would get that worker's timer.
                 size = server.replay(journal.replay(replay_from), saved.written_at)
-            except Exception:
+            except Exception as e:
                 # Half a replay may hold an arm without its disarm: start with no timers
                 # (a new FIFO, to which clients re-send theirs) rather than fail every
                 # restart on the same journal. The state file goes aside first, then the
                 # segments that complete it: a state file kept without them would be
                 # restored, without their disarms, by a restart before the first save.
                 assert self.config.state_file is not None  # a journal is the state file's
-                set_aside_state(self.config.state_file, "its journal cannot be replayed")
-                log.exception(
-                    "cannot replay the journal from segment %d; set aside as %s; starting "
+                why = f": {e}" if isinstance(e, JournalIncomplete) else ""
+                set_aside_state(self.config.state_file, f"its journal cannot be replayed{why}")
+                log.error(
+                    "cannot replay the journal from segment %d%s; set aside as %s; starting "
                     "without the saved timers",
                     replay_from,
+                    why,
                     ", ".join(journal.set_aside(replay_from)) or "(nothing could be moved)",
+                    exc_info=not why,  # a bug's traceback; a missing segment is said
                 )
                 server.stop()
                 server = self._new_server(journal, incidents)

@@ -23,8 +23,10 @@ everything in the order the server did.
 Segments are files ``<prefix>.<number>`` (mode 0600) beside the state file. No fsync: a
 process that dies leaves its writes in the page cache; after a power loss the boot id
 changes and the whole state is discarded anyway. Only regular files of the server's
-user are replayed: a symlink is never followed, a directory, FIFO or device at a
-segment's name is skipped, and another user's file is set aside, each with an error line.
+user are replayed: a symlink is never followed, and another user's file is set aside. A
+replay that cannot have every segment from the one named (one missing, a symlink, a
+directory, another user's file, one that cannot be read) fails: the snapshot restored
+without what it held (disarms) would have workers reaped that had disarmed.
 A name already taken when a segment is created never stops the journal: a file of the
 server's user is set aside and the name reused, anything else is left and the next free
 number taken.
@@ -44,7 +46,7 @@ import msgspec
 
 from ftimer_protocol import V2_PREFIX, Message, TimerRequestV1
 
-__all__ = ["JOURNAL_TRIM", "Journal"]
+__all__ = ["JOURNAL_TRIM", "Journal", "JournalIncomplete"]
 
 from ftimer_server._files import (
     O_CLOEXEC,
@@ -66,6 +68,10 @@ _CREATE_ATTEMPTS = 5
 #: Bytes in the segment being written past which it is `Journal.full`: a save is due.
 JOURNAL_TRIM = 16 * 1024 * 1024
 _encoder = msgspec.json.Encoder()
+
+
+class JournalIncomplete(Exception):
+    """A replay cannot have every segment it must: what the message says is missing."""
 
 
 class Journal:
@@ -223,11 +229,24 @@ class Journal:
 
     def replay(self, first: int) -> Iterator[bytes]:
         """The bytes of the segments from ``first`` up to (not including) the current
-        one, in order, in chunks. A segment that is not a regular file (a symlink is not
-        followed), or cannot be read, is skipped with an error line."""
+        one, in order, in chunks.
+
+        Raises:
+            JournalIncomplete: segment ``first`` or one after it is missing (a number
+                skipped), or is not a regular file of the server's user (a symlink is not
+                followed; another user's file is set aside), or cannot be read. Only the
+                last ones' removal goes unseen: the journal's numbers go on from those left.
+        """
+        expected = first
         for n in self.segments():
-            if first <= n < self._seq:
-                yield from self._replay_segment(f"{self._prefix}.{n}")
+            if not first <= n < self._seq:
+                continue
+            if n != expected:
+                raise JournalIncomplete(f"journal: {self._prefix}.{expected} is missing")
+            yield from self._replay_segment(f"{self._prefix}.{n}")
+            expected = n + 1
+        if expected == first:
+            raise JournalIncomplete(f"journal: {self._prefix}.{first} is missing")
 
     def set_aside(self, first: int) -> List[str]:
         """Rename the segments from ``first`` up to the current one to
@@ -281,39 +300,34 @@ class Journal:
         )
 
     def _replay_segment(self, path: str) -> Iterator[bytes]:
+        """The bytes of segment ``path``, in chunks.
+
+        Raises:
+            JournalIncomplete: as ``replay()`` says.
+        """
         try:
             fd, st = open_regular(path)
         except NotARegularFile as e:
-            logger.error("journal: %s is %s, not a regular file: not replayed", path, e.kind)
-            return
+            raise JournalIncomplete(f"journal: {path} is {e.kind}, not a regular file") from None
         except OSError as e:
             if e.errno == errno.ELOOP:
-                logger.error("journal: %s is a symlink: not followed, not replayed", path)
-            else:
-                logger.error("journal: cannot read %s: %s; not replayed", path, e.strerror)
-            return
+                raise JournalIncomplete(f"journal: {path} is a symlink: not followed") from None
+            raise JournalIncomplete(f"journal: cannot read {path}: {e.strerror}") from None
         if st.st_uid != os.geteuid():
             # Not written by this server: what it holds would have processes signalled.
             os.close(fd)
-            why = f"owned by uid {st.st_uid}, not by the server's user (uid {os.geteuid()})"
+            why = f"journal: {path} is owned by uid {st.st_uid}, not by the server's user"
             try:
                 aside = _move_aside(path)
             except OSError as e:
-                logger.error(
-                    "journal: %s is %s: not replayed (cannot set it aside: %s)",
-                    path,
-                    why,
-                    e.strerror,
-                )
-            else:
-                logger.error("journal: %s is %s: not replayed; moved it to %s", path, why, aside)
-            return
+                raise JournalIncomplete(f"{why} (cannot set it aside: {e.strerror})") from None
+            raise JournalIncomplete(f"{why}: moved it to {aside}")
         with open(fd, "rb") as f:
             try:
                 while chunk := f.read(_REPLAY_CHUNK):
                     yield chunk
             except OSError as e:
-                logger.error("journal: cannot read %s: %s; the rest not replayed", path, e.strerror)
+                raise JournalIncomplete(f"journal: cannot read {path}: {e.strerror}") from None
 
     def _create(self, seq: int) -> Tuple[int, int]:
         """Create segment ``seq`` (never opening a file already there) and return its

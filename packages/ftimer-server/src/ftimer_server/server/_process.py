@@ -13,10 +13,12 @@ import abc
 import contextlib
 import errno
 import logging
+import math
 import os
 import resource
 import select
 import sys
+import time
 from typing import List, Optional, Tuple
 
 from ftimer_protocol import parse_proc_stat
@@ -274,15 +276,19 @@ def _probe(pid: int) -> None:
 
 
 def ticks_since_boot(wall: float) -> Optional[int]:
-    """The wall-clock time ``wall`` in clock ticks since boot (the unit of a process's
-    start time), rounded up by a second (the boot time is known to the second); None
-    where ``/proc/stat`` does not tell."""
-    try:
-        with open("/proc/stat", "rb") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-    except (OSError, StopIteration, ValueError, IndexError):
+    """The last clock tick since boot (the unit of a process's start time) before the
+    wall-clock time ``wall``: a process whose start time is above it started after
+    ``wall``, or in the tick of ``wall`` (its pid may have been taken since, if ``wall``
+    is when a worker's was written down: when in doubt, a process is the younger).
+    Read against ``CLOCK_BOOTTIME`` and the wall clock now, to the microsecond (not
+    ``/proc/stat``'s boot time, known to the second only: a process that took a pid a
+    second after ``wall`` read as older). None where there is no such clock.
+    """
+    clock = getattr(time, "CLOCK_BOOTTIME", None)
+    if clock is None:
         return None
-    return int((wall - btime + 1) * os.sysconf("SC_CLK_TCK"))
+    boot = time.clock_gettime(clock) - (time.time() - wall)
+    return math.floor(boot * os.sysconf("SC_CLK_TCK")) - 1
 
 
 def raise_fd_limit() -> int:

@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import pathlib
+import re
 import time
 
 import pytest
@@ -128,7 +129,7 @@ def test_numbering_goes_on_after_what_is_there(tmp_path: pathlib.Path) -> None:
     assert journal.seq == 13
     assert journal.segments() == [4, 12, 13]
     assert b"".join(journal.replay(12)) == b"j.12\n"  # from 12 up to the current one
-    with pytest.raises(JournalIncomplete, match="j.5 is missing"):  # from 5: 5 to 11 are
+    with pytest.raises(JournalIncomplete, match=r"j\.5 is missing"):  # from 5: 5 to 11 are
         b"".join(journal.replay(5))
 
 
@@ -191,7 +192,8 @@ def test_a_replay_missing_a_segment_fails(
     for n in on_disk:
         (tmp_path / f"j.{n}").write_bytes(b"a line\n")
     journal = Journal(str(tmp_path / "j"))
-    with pytest.raises(JournalIncomplete, match=f"^journal: {tmp_path}/j.{missing} is missing$"):
+    said = f"journal: {tmp_path}/j.{missing} is missing"
+    with pytest.raises(JournalIncomplete, match=f"^{re.escape(said)}$"):
         b"".join(journal.replay(first))
     journal.close()
 
@@ -223,7 +225,7 @@ def test_set_aside_moves_regular_segments_only(tmp_path: pathlib.Path) -> None:
     assert [pathlib.Path(p).name.split(".corrupt-")[0] for p in moved] == ["j.3"]
     assert pathlib.Path(moved[0]).read_bytes() == b"unreplayable\n"
     assert journal.segments() == [1, 2, 4]  # set aside: never replayed again
-    with pytest.raises(JournalIncomplete, match="j.2 is a directory"):
+    with pytest.raises(JournalIncomplete, match=r"j\.2 is a directory"):
         b"".join(journal.replay(1))
     journal.close()
 

@@ -220,6 +220,32 @@ def test_caps_hold_under_a_flood(fifo_path: pathlib.Path, cap: Policy) -> None:
         assert server.stats().rejections == {"timer_limit": 900}
 
 
+def test_an_embedded_server_says_it_drops_a_line_it_cannot_read(
+    fifo_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given no on_event (as torch's agent makes it), it said nothing of a request it
+    # dropped (torch's client sends a step number as the scope as readily as a string):
+    # the worker ran unwatched, and only stats() knew.
+    caplog.set_level(logging.WARNING, logger="ftimer_server")
+    line = b'{"version": 1, "pid": 4242, "scope_id": 7, "expiration_time": 0.0, "signal": 9}\n'
+    with FileTimerServer(fifo_path, signaller=RecordingSignaller()) as server:
+        for _ in range(2):
+            fd = os.open(fifo_path, os.O_WRONLY)
+            os.write(fd, line)
+            os.close(fd)
+            server.sync()
+        assert server.stats().decode_errors == {"MalformedMessage": 2}
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropped")]
+    assert (
+        said
+        == [  # once a minute: the second is counted, not said again
+            "dropped 1 invalid line(s): MalformedMessage: Expected `str`, got `int` - at "
+            f"`$.scope_id`: {line[:64]!r}; a worker whose requests are dropped is not watched "
+            "(said once a minute at most; stats().decode_errors counts all)"
+        ]
+    )
+
+
 def test_an_embedded_server_says_why_it_refuses_its_own_process(
     fifo_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:

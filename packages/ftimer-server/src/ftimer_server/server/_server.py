@@ -48,6 +48,7 @@ from ftimer_protocol import (
 )
 from ftimer_server.core._events import (
     Armed,
+    DecodeFailed,
     Disarmed,
     Event,
     Expired,
@@ -303,6 +304,7 @@ class FileTimerServer:
         self._calling: Optional[str] = None
         self._kill_self_on_reap = kill_self_on_reap
         self._own_said = -math.inf
+        self._dropped_said = -math.inf
         self._tick_interval = tick_interval
         self._on_tick = on_tick
         self._pipe_size = pipe_size
@@ -943,6 +945,8 @@ class FileTimerServer:
                 self._call("on_event", on_event, event)
             elif on_event is None and isinstance(event, Rejected) and event.reason in _OWN:
                 self._say_own(event)
+            elif on_event is None and isinstance(event, DecodeFailed):
+                self._say_dropped(event)
             if log_event is not None:
                 self._call("log_event", torch_log_event, log_event, event)
 
@@ -961,6 +965,22 @@ class FileTimerServer:
             event.scope_id,
             event.pid,
             whose,
+        )
+
+    def _say_dropped(self, event: DecodeFailed) -> None:
+        # Once a minute at most: a server given no on_event (torch's agent) said nothing
+        # of a request it could not read, and its worker ran unwatched.
+        now = time.monotonic()
+        if now - self._dropped_said < _OWN_SAID_EVERY:
+            return
+        self._dropped_said = now
+        logger.warning(
+            "dropped %d invalid line(s): %s: %s: %r; a worker whose requests are dropped "
+            "is not watched (said once a minute at most; stats().decode_errors counts all)",
+            event.lines,
+            event.error,
+            event.reason,
+            event.excerpt or b"",
         )
 
     def _debug_info(self, events: List[Event]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import time
@@ -14,12 +15,12 @@ from collections.abc import Iterator
 from typing import Callable
 
 import pytest
-from tests.conftest import tmpfs, wait_until
+from tests.conftest import children_of, tmpfs, wait_until
 
 from ftimer_protocol import Arm, encode
 from ftimer_server import Timer
 from ftimer_server.daemon._state import boot_clock, encode_state, read_boot_id
-from ftimer_server.server._process import SystemInspector, ticks_since_boot
+from ftimer_server.server._process import SystemInspector, own_clock_offsets, ticks_since_boot
 
 from .conftest import PATIENCE, PYTHON, DaemonProcess, kill_and_close, release
 
@@ -391,3 +392,44 @@ def test_a_kept_line_without_a_start_time_binds_only_a_process_born_before_the_s
     else:
         assert d.armed_scopes() == ["kept"]
     assert d.stop() == 0
+
+
+def _no_time_namespaces() -> str:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return "needs root and unshare(1)"
+    probe = subprocess.run(["unshare", "--time", "--fork", "true"], capture_output=True)
+    return "" if probe.returncode == 0 else f"no time namespaces here: {probe.stderr!r}"
+
+
+@pytest.mark.skipif(bool(_no_time_namespaces()), reason=_no_time_namespaces() or "-")
+def test_a_state_saved_on_other_clocks_is_not_used(
+    spawn: Spawn, short_dir: pathlib.Path, sleeper: subprocess.Popen[str]
+) -> None:
+    # A daemon restarted in a time namespace 1,000 s ahead on CLOCK_MONOTONIC (restored by
+    # CRIU, say) read the saved deadlines on its own clock: a timer with an hour left
+    # fired at once, and a healthy worker was reaped.
+    state = short_dir / "state.json"
+    now, boot = time.monotonic(), boot_clock()
+    saved = (saved_timer(sleeper.pid, "an-hour-left"),)
+    clocks = own_clock_offsets()
+    state.write_bytes(encode_state(saved, read_boot_id(), now, 0, boot, clocks=clocks))
+    ahead = ["unshare", "--time", "--monotonic", "1000", "--fork", "--kill-child"]
+    d = spawn("--state-file", str(state), command=[*ahead, PYTHON, "-m", "ftimer_server"])
+    d.ready()
+    assert d.wait_for_record(
+        where=lambda r: (
+            r["msg"]
+            == f"state file {state} not used: saved on other clocks, CLOCK_MONOTONIC -1000 s from "
+            "the server's: another time namespace"
+        )
+    )
+    assert d.status()["timers"] == []
+    [daemon] = children_of(d.pid)
+    os.kill(daemon, signal.SIGTERM)  # unshare passes no signal on; it exits with the daemon
+    assert d.proc.wait(PATIENCE) == 0
+    # In the namespace it was saved in, the same file is restored.
+    state.write_bytes(encode_state(saved, read_boot_id(), now, 0, boot, clocks=clocks))
+    d = spawn("--state-file", str(state), "--capture", "none", name="again").ready()
+    assert d.armed_scopes() == ["an-hour-left"]
+    assert d.stop() == 0
+    assert json.loads(state.read_bytes())["clocks"] == list(clocks or ())  # what it saved on

@@ -61,7 +61,7 @@ def test_round_trip(ts: list[Timer], saved_at: float) -> None:
 
 def test_format_is_readable_json_with_a_version() -> None:
     t = Timer(pid=42, scope_id="step", deadline=12.5, signal=9, start_time=7)
-    doc = json.loads(encode_state([t], BOOT, 10.0, boot_clock=9.5))
+    doc = json.loads(encode_state([t], BOOT, 10.0, boot_clock=9.5, clocks=(0, 2)))
     assert doc == {
         "version": 1,
         "boot_id": BOOT,
@@ -78,6 +78,7 @@ def test_format_is_readable_json_with_a_version() -> None:
         ],
         "journal": 0,
         "boot_clock": 9.5,
+        "clocks": [0, 2],
     }
 
 

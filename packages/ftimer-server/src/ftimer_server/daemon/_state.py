@@ -50,7 +50,9 @@ from ftimer_server._files import (
     open_regular,
     write_atomically,
 )
+from ftimer_server.core._policy import clocks_apart
 from ftimer_server.core._records import Timer
+from ftimer_server.server._process import own_clock_offsets
 
 __all__ = [
     "STATE_BYTES_PER_TIMER",
@@ -102,7 +104,10 @@ class StateFile(msgspec.Struct, frozen=True, kw_only=True):
     """The whole file. ``saved_at`` is the monotonic time of the write; ``journal`` the
     first journal segment to replay after restoring ``timers`` (0: none); ``boot_clock``
     the boot clock (``CLOCK_BOOTTIME``, the clock of processes' start times) just before
-    the snapshot, or None where there is none (and in files of older daemons)."""
+    the snapshot, or None where there is none (and in files of older daemons);
+    ``clocks`` the saver's offsets (ns) of CLOCK_MONOTONIC and CLOCK_BOOTTIME (its time
+    namespace's: the deadlines and start times are on those clocks), or None where there
+    are no time namespaces (and in files of older daemons)."""
 
     version: int
     boot_id: str
@@ -110,6 +115,7 @@ class StateFile(msgspec.Struct, frozen=True, kw_only=True):
     timers: List[Timer]
     journal: int = 0
     boot_clock: Optional[float] = None
+    clocks: Optional[Tuple[int, int]] = None
 
 
 class _LenientStateFile(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,6 +126,7 @@ class _LenientStateFile(msgspec.Struct, frozen=True, kw_only=True):
     timers: List[msgspec.Raw]
     journal: int = 0
     boot_clock: Optional[float] = None
+    clocks: Optional[Tuple[int, int]] = None
 
 
 class _Header(msgspec.Struct):
@@ -169,9 +176,12 @@ def encode_state(
     saved_at: float,
     journal: int = 0,
     boot_clock: Optional[float] = None,
+    *,
+    clocks: Optional[Tuple[int, int]] = None,
 ) -> bytes:
     """Serialise a state file."""
-    return b"".join(state_pieces(list(timers), boot_id, saved_at, journal, boot_clock))
+    pieces = state_pieces(list(timers), boot_id, saved_at, journal, boot_clock, clocks=clocks)
+    return b"".join(pieces)
 
 
 def state_pieces(
@@ -180,6 +190,8 @@ def state_pieces(
     saved_at: float,
     journal: int = 0,
     boot_clock: Optional[float] = None,
+    *,
+    clocks: Optional[Tuple[int, int]] = None,
 ) -> Iterator[Union[bytes, memoryview]]:
     """A state file in pieces, each encoded when asked for and holding at most
     ``STATE_CHUNK_TIMERS`` timers: joined, the bytes of ``StateFile`` encoded whole."""
@@ -190,6 +202,7 @@ def state_pieces(
         timers=[],
         journal=journal,
         boot_clock=boot_clock,
+        clocks=clocks,
     )
     # The last match is the member's: only numbers and null follow it.
     head, tail = _encoder.encode(empty).rsplit(b'"timers":[]', 1)
@@ -239,6 +252,7 @@ def decode_state(data: bytes) -> StateFile:
         timers=timers,
         journal=raw.journal,
         boot_clock=raw.boot_clock,
+        clocks=raw.clocks,
     )
 
 
@@ -436,6 +450,11 @@ def load_state(
     now = time.monotonic() if now is None else now
     if state.boot_id != boot_id or (not boot_id and state.saved_at > now):
         return StateLoad([], ignored="saved during another boot")
+    own = own_clock_offsets()
+    if state.clocks is not None and own is not None and tuple(state.clocks) != own:
+        # Its deadlines would be read on this daemon's clocks: early, or never.
+        apart = clocks_apart((state.clocks[0] - own[0], state.clocks[1] - own[1]))
+        return StateLoad([], ignored=f"saved on other clocks, {apart}")
     written_at = st.st_mtime
     if state.boot_clock is not None and (boot_now := boot_clock()) is not None:
         written_at = time.time() - (boot_now - state.boot_clock)
@@ -516,6 +535,7 @@ class StateSaver:
         self._snapshot = snapshot
         self._boot_id = boot_id
         self._clock = clock
+        self._clocks = own_clock_offsets()
         self._dirty = threading.Event()
         self._stopping = threading.Event()
         #: Cuts the wait between two saves short: a save is overdue, or the saver stops.
@@ -549,7 +569,8 @@ class StateSaver:
                 # Before the snapshot: no process that started later wrote what it holds.
                 boot = boot_clock()
                 timers, journal = self._snapshot()
-                pieces = state_pieces(timers, self._boot_id, self._clock(), journal, boot)
+                clock, clocks = self._clock(), self._clocks
+                pieces = state_pieces(timers, self._boot_id, clock, journal, boot, clocks=clocks)
                 write_state(self.path, pieces)
             except OSError as e:
                 self.errors += 1

@@ -24,7 +24,13 @@ from typing import List, Optional, Tuple
 from ftimer_protocol import parse_proc_stat
 from ftimer_server.core._records import Worker
 
-__all__ = ["ProcessInspector", "SystemInspector", "raise_fd_limit", "ticks_since_boot"]
+__all__ = [
+    "ProcessInspector",
+    "SystemInspector",
+    "own_clock_offsets",
+    "raise_fd_limit",
+    "ticks_since_boot",
+]
 
 logger = logging.getLogger("ftimer_server")
 
@@ -137,9 +143,7 @@ class SystemInspector(ProcessInspector):
     def __init__(self) -> None:
         self._pidfds = _LINUX and hasattr(os, "pidfd_open")
         self._warned = False
-        self._clocks: Optional[Tuple[int, int]] = None  # None: no time namespaces here
-        with contextlib.suppress(FileNotFoundError):
-            self._clocks = _timens_offsets("self") if _LINUX else None
+        self._clocks = own_clock_offsets()
         self._time_namespace = _time_namespaces("self")[0] if _LINUX else None
 
     def start_time(self, pid: int) -> Optional[int]:
@@ -267,6 +271,17 @@ def _timens_offsets(pid: str) -> Tuple[int, int]:
             name, seconds, nanoseconds = line.split()
             offsets[name] = int(seconds) * 1_000_000_000 + int(nanoseconds)
     return offsets[b"monotonic"], offsets[b"boottime"]
+
+
+def own_clock_offsets() -> Optional[Tuple[int, int]]:
+    """The offsets (ns) of this process's CLOCK_MONOTONIC and CLOCK_BOOTTIME from the
+    host's (its time namespace's), or None where there are no time namespaces."""
+    if not _LINUX:
+        return None
+    try:
+        return _timens_offsets("self")
+    except FileNotFoundError:  # a kernel before 5.6
+        return None
 
 
 def _probe(pid: int) -> None:

@@ -87,6 +87,23 @@ def test_register_get_expired_and_clear(kinds: Tuple[Any, Any], tmp_path, sleepe
     assert b.poll() is None
 
 
+def test_clear_timers_drops_those_of_processes_gone_too(
+    kinds: Tuple[Any, Any], tmp_path, sleepers
+) -> None:  # type: ignore[no-untyped-def]
+    # torch's drops them at every clear_timers(); ftimer's only once its loop saw the
+    # exit, so a server not started (as torch's own tests use one) kept them.
+    Server, Request = kinds
+    server = Server(str(tmp_path / "timer.fifo"), "run-1", max_interval=0.05)
+    a, b = sleepers(), sleepers()
+    now = time.time()
+    server.register_timers([Request(a.pid, "s", now + 100, 9), Request(b.pid, "s", now + 100, 9)])
+    b.kill()
+    b.wait()
+    server.clear_timers(set())
+    assert scopes(server.get_expired_timers(now + 1000)) == {a.pid: [("s", 9)]}
+    assert a.poll() is None
+
+
 def test_ftimers_server_takes_torchs_own_requests(  # type: ignore[no-untyped-def]
     torch_timer: types.ModuleType, tmp_path, sleepers
 ) -> None:

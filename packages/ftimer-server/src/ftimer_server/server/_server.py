@@ -672,10 +672,15 @@ class FileTimerServer:
         self._loop_or_flush()
 
     def clear_timers(self, worker_pids: Iterable[int]) -> None:
-        """Drop every timer of ``worker_pids``, unsignalled (torch also drops those of
-        processes that are gone; ftimer drops them as soon as they exit)."""
+        """Drop every timer of ``worker_pids``, and those of processes that have exited
+        (as torch's does), unsignalled. A running server drops the latter as soon as
+        they exit; one not started has no loop to see it."""
         with self._lock:
-            self._watchdog.apply([DisarmAll(pid) for pid in set(worker_pids)], 0.0, 0.0)
+            watchdog = self._watchdog
+            watchdog.apply([DisarmAll(pid) for pid in set(worker_pids)], 0.0, 0.0)
+            for worker in watchdog.workers():
+                if not self._host.alive(worker):
+                    watchdog.worker_gone(worker)
         self._loop_or_flush()
 
     def get_expired_timers(self, deadline: float) -> Dict[int, List[FileTimerRequest]]:

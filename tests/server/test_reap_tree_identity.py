@@ -34,6 +34,7 @@ import json, os, select, signal, subprocess, sys, time
 from ftimer_protocol import parse_proc_stat
 from ftimer_server.core._records import Worker
 from ftimer_server.incidents import _reap_extras
+from ftimer_server.server._process import SystemInspector
 from ftimer_server.server._signaller import OsSignaller
 
 mode = sys.argv[1]
@@ -141,6 +142,25 @@ elif mode == "root-exits":
     _reap_extras.children = children
     result["tree"] = [w.pid for w in OsSignaller().send_tree(bound, signal.SIGKILL)]
     result["child"] = state(child)
+elif mode == "reused-after-the-check":
+    # The worker exits, and a process takes its pid, between the check of its start time
+    # and the signal: a process signalled by pid and start time (no pidfd held for it),
+    # as the escalation signals the descendants a reap signalled.
+    worker, _ = parent_of_a_child()
+    pid, start = worker.pid, start_time(worker.pid)
+    taken = {}
+    class Racing(SystemInspector):
+        def alive(self, process):
+            answer = super().alive(process)
+            if not taken:
+                worker.kill()
+                worker.wait()
+                later_tick(start)
+                taken["intruder"], _ = take_pid(pid)
+            return answer
+    signaller = OsSignaller(Racing())
+    result["worker"] = signaller.send(Worker(pid=pid, start_time=start), signal.SIGKILL)
+    result["intruder"] = state(pid)
 print(json.dumps(result), flush=True)
 """
 
@@ -162,6 +182,15 @@ def test_the_tree_of_a_process_that_took_the_workers_pid_is_untouched(mode: str)
     result = _run(mode)
     assert (result["tree"], result["worker"]) == ([], False)
     assert result["child"] in _RUNNING  # neither killed nor left stopped
+
+
+@needs_root
+def test_a_process_that_takes_the_pid_after_the_check_is_not_signalled() -> None:
+    # Without a pidfd, the start time was checked, then kill(pid): a process that took
+    # the pid in between was killed. A pidfd opened before the check pins the process.
+    result = _run("reused-after-the-check")
+    assert result == {"worker": False, "intruder": result["intruder"]}
+    assert result["intruder"] in _RUNNING
 
 
 @needs_root

@@ -124,10 +124,16 @@ def reaped(**overrides: object) -> Reaped:
             "went to 1 descendant (pid 43) too",
         ),
         (
-            Escalated(42, 1234, 9, 10.0, False, error="exited", descendants=(43,)),
+            Escalated(42, 1234, 9, 10.0, False, descendants=(43,), exited=True),
             logging.WARNING,
             "escalated: pid 42 exited within its grace period, but 1 descendant (pid 43) "
             "outlived it: sent SIGKILL 10.0 s after its signal",
+        ),
+        (
+            Escalated(42, 1234, 9, 10.0, False, error="EPERM", descendants=(43,)),
+            logging.WARNING,
+            "escalated: pid 42 still alive 10.0 s after its signal, sent SIGKILL (not "
+            "delivered: EPERM); the signal went to 1 descendant (pid 43) too",
         ),
         (WorkerGone(42, 1234, (T,)), logging.INFO, "worker exited: pid 42, 1 timer(s) dropped"),
         (WorkerGone(42, 1234), logging.DEBUG, "worker exited: pid 42, 0 timer(s) dropped"),

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import pytest
 
 from ftimer_protocol import Message, encode, parse_proc_stat
-from ftimer_server import Event, OsSignaller, ProcessInspector, Worker
+from ftimer_server import Descendant, Event, OsSignaller, ProcessInspector, Worker
 
 #: The first pid of pretend workers served by a real server: above Linux's highest pid_max
 #: (PID_MAX_LIMIT, 2**22), so never a real process. A real server refuses its own pid and
@@ -41,7 +41,7 @@ class OwnChildrenSignaller(OsSignaller):
         self._own(worker, signal)
         return super().send(worker, signal)
 
-    def send_tree(self, worker: Worker, signal: int) -> List[Worker]:
+    def send_tree(self, worker: Worker, signal: int) -> List[Descendant]:
         try:
             self._own(worker, signal)
         except PermissionError:

@@ -27,13 +27,14 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import pytest
 
 from ftimer_protocol import DumpHook
+from ftimer_server import Descendant
 from ftimer_server.core._incident import Capture, ThreadStack
 from ftimer_server.incidents import _dump_hook, _pinned, _reap_extras, _tools
 from ftimer_server.incidents._capture import CaptureOptions, _paired, capture, find_py_spy
 from ftimer_server.incidents._diagnostics import Diagnostics, IncidentOptions
 from ftimer_server.incidents._pinned import Process
 from ftimer_server.incidents._procfs import ThreadFacts, read_stat, read_threads
-from ftimer_server.incidents._reap_extras import core_dump, signal_tree
+from ftimer_server.incidents._reap_extras import core_dump, signal_again, signal_tree
 from ftimer_server.incidents._stack_formats import (
     MethodResult,
     match_thread_idents,
@@ -848,6 +849,23 @@ def test_signal_tree_of_a_root_worker_reaches_other_users_descendants() -> None:
     with other_users_child("root") as (worker, own, own_child, other, below):
         signalled = signal_tree(worker, signal.SIGKILL)
         assert sorted(w.pid for w in signalled) == sorted((own, own_child, other, below))
+
+
+def test_signal_again_spares_a_descendant_that_became_another_users() -> None:
+    # The escalation SIGKILLed a descendant by its pid and start time alone, though it had
+    # become another user's since the reap (a setuid program): what the walk refuses.
+    uid = os.getuid()
+    with subprocess.Popen(["sleep", "60"]) as own, subprocess.Popen(["sleep", "60"]) as other:
+        try:
+            ours = Descendant(own.pid, read_stat(own.pid).start_time, frozenset({uid}))
+            # Signalled as another user's process, this one is the test's user's now.
+            theirs = Descendant(other.pid, read_stat(other.pid).start_time, frozenset({uid + 1}))
+            reused = Descendant(other.pid, theirs.start_time - 1)  # its pid, another process
+            assert signal_again([reused, theirs, ours], signal.SIGKILL) == [ours]
+            assert own.wait(10) == -signal.SIGKILL
+            assert other.poll() is None
+        finally:
+            other.kill()
 
 
 def test_signal_tree_report_only_touches_nobody() -> None:

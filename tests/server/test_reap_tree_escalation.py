@@ -133,6 +133,6 @@ def test_the_escalation_kills_the_descendants_of_a_worker_that_died(
     [reaped] = [e for e in events if isinstance(e, Reaped)]
     [escalation] = [e for e in events if isinstance(e, Escalated)]
     assert reaped.descendants == (child,)
-    assert (escalation.pid, escalation.delivered) == (reaped.pid, False)
+    assert (escalation.pid, escalation.exited, escalation.delivered) == (reaped.pid, True, False)
     assert escalation.descendants == (child,)
     assert escalation.after == pytest.approx(GRACE, abs=0.2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import signal
 import threading
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import hypothesis.strategies as st
 import msgspec
@@ -43,6 +43,7 @@ from ftimer_server import (
 from ftimer_server.core._horizon import SETTLE
 from ftimer_server.core._policy import clocks_apart
 from ftimer_server.core._reader import LineReader
+from ftimer_server.core._records import Descendant
 from ftimer_server.core._watchdog import REFUSAL_TTL, Watchdog
 from ftimer_server.daemon._state import decode_state, encode_state
 from ftimer_server.server._edge import SystemHost
@@ -660,34 +661,42 @@ def test_no_escalation_when_the_worker_died_or_got_sigkill() -> None:
 
 
 class TreeSignaller(RecordingSignaller):
-    """Records, and answers a reap's request for a worker's tree with ``tree`` (once: the
-    escalation's walk finds none left, as when they left the tree)."""
+    """Records, and answers each reap's request for a worker's tree with the next of
+    ``trees`` (then none: the escalation's walk finds those left the tree)."""
 
-    def __init__(self, tree: List[Worker]) -> None:
+    def __init__(self, *trees: List[Descendant]) -> None:
         super().__init__()
-        self.tree = tree
+        self.tree = list(trees)
 
-    def send_tree(self, worker: Worker, signal: int) -> List[Worker]:
+    def send_tree(self, worker: Worker, signal: int) -> List[Descendant]:
         super().send_tree(worker, signal)
-        tree, self.tree = self.tree, []
-        return tree
+        return self.tree.pop(0) if self.tree else []
+
+    def send_again(self, descendants: Sequence[Descendant], signal: int) -> List[Descendant]:
+        super().send_again(descendants, signal)
+        return list(descendants)  # as if all of them had outlived the grace
 
 
-@pytest.mark.parametrize("exits", [False, True], ids=["lives", "exits in its grace"])
-def test_the_descendants_a_reap_signalled_get_the_escalation_too(exits: bool) -> None:
-    # With --reap-tree, the escalation's SIGKILL went to the worker alone: its
-    # descendants that ignored SIGTERM lived on, for good once it had died of it.
+def tree_rig(signaller: TreeSignaller, delivered: bool = True) -> Rig:
     rig = Rig(escalate_after=2.0)
-    child = Worker(2000, start_time=300)
-    rig.signaller = TreeSignaller([child])
+    rig.signaller = signaller
+    signaller.delivered = delivered
     rig.wd = Watchdog(
-        host=SystemHost(rig.host, rig.signaller, tree=True),
+        host=SystemHost(rig.host, signaller, tree=True),
         server_pid=SERVER,
         ancestors=frozenset({PARENT}),
         emit=rig.events,
         escalate_after=2.0,
     )
     rig.host.spawn(1000)
+    return rig
+
+
+@pytest.mark.parametrize("exits", [False, True], ids=["lives", "exits in its grace"])
+def test_the_descendants_a_reap_signalled_get_the_escalation_too(exits: bool) -> None:
+    # With --reap-tree, the escalation's SIGKILL went to the worker alone: its
+    # descendants that ignored SIGTERM lived on, for good once it had died of it.
+    rig = tree_rig(TreeSignaller([Descendant(2000, 300)]))
     rig.apply(arm(signal=15, deadline=1.0))
     rig.at(1.0)
     [reaped] = rig.events.of(Reaped)
@@ -698,19 +707,46 @@ def test_the_descendants_a_reap_signalled_get_the_escalation_too(exits: bool) ->
         rig.wd.worker_gone(worker)
     assert rig.wd.next_wakeup() == 3.0
     rig.at(2.9)
-    assert rig.signaller.sent == [(1000, 15)]
+    assert rig.signaller.again == []
     rig.at(3.0)
     [esc] = rig.events.of(Escalated)
     assert esc.descendants == (2000,)  # type: ignore[attr-defined]
+    assert rig.signaller.again == [(2000, 9)]
     if exits:  # its own pid is never signalled again: it may be another's by now
-        assert rig.signaller.sent == [(1000, 15), (2000, 9)]
+        assert rig.signaller.sent == [(1000, 15)]
         assert rig.signaller.trees == [(1000, 15)]
-        assert not esc.delivered  # type: ignore[attr-defined]
+        assert (esc.exited, esc.delivered) == (True, False)  # type: ignore[attr-defined]
     else:
-        assert rig.signaller.sent == [(1000, 15), (2000, 9), (1000, 9)]
+        assert rig.signaller.sent == [(1000, 15), (1000, 9)]
         assert rig.signaller.trees == [(1000, 15), (1000, 9)]
-        assert esc.delivered  # type: ignore[attr-defined]
+        assert (esc.exited, esc.delivered) == (False, True)  # type: ignore[attr-defined]
     assert rig.wd.next_wakeup() is None
+
+
+def test_the_descendants_of_every_reap_in_the_grace_get_the_escalation() -> None:
+    # Reaped again in its grace (another timer expired), a worker's tree held children
+    # forked meanwhile: those were forgotten, and lived on once it died.
+    rig = tree_rig(TreeSignaller([Descendant(2000, 300)], [Descendant(2001, 301)]))
+    rig.apply(arm(scope="a", signal=15, deadline=1.0), arm(scope="b", signal=15, deadline=50))
+    rig.at(1.0)
+    rig.apply(arm(scope="b", signal=15, deadline=2.0))
+    rig.at(2.0)
+    [worker] = rig.wd.workers()
+    rig.host.exit(1000)
+    rig.wd.worker_gone(worker)
+    rig.at(3.0)
+    assert rig.signaller.again == [(2000, 9), (2001, 9)]
+
+
+def test_the_descendants_of_a_worker_gone_at_its_signal_get_the_escalation() -> None:
+    # The worker exited between the walk of its tree and its own signal: no grace
+    # began, and its descendants that ignored SIGTERM lived on.
+    rig = tree_rig(TreeSignaller([Descendant(2000, 300)]), delivered=False)
+    rig.apply(arm(signal=15, deadline=1.0))
+    rig.at(1.0)
+    assert rig.wd.next_wakeup() == 3.0
+    rig.at(3.0)
+    assert rig.signaller.again == [(2000, 9)]
 
 
 def test_signal_override_replaces_the_timers_signal_and_escalates() -> None:

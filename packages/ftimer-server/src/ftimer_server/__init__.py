@@ -21,7 +21,7 @@ from .core._events import (
 )
 from .core._incident import Capture, Frame, Group, Incident, ProcessFacts, ThreadStack
 from .core._policy import Policy
-from .core._records import Timer, Worker
+from .core._records import Descendant, Timer, Worker
 from .core._stats import Stats
 from .incidents._options import IncidentOptions
 from .server._fifo import Fifo, FifoBusy, FifoError, open_fifo
@@ -58,6 +58,7 @@ __all__ = [
     "DecodeFailed",
     # processes and signals
     "Signaller",
+    "Descendant",
     "OsSignaller",
     "RecordingSignaller",
     "ProcessInspector",

@@ -153,8 +153,8 @@ class Reaped(Event, frozen=True, tag="reaped"):
 class Escalated(Event, frozen=True, tag="escalated"):
     """A reaped worker outlived the grace period (``after`` seconds) and got ``signal``;
     ``descendants``: its descendants that got it too (``--reap-tree``: those its reap
-    signalled that outlived the grace, and those it has then). A worker that exited
-    within its grace, leaving such descendants, has one too: ``delivered`` False."""
+    signalled that outlived the grace, and those it has then). ``exited``: the worker
+    itself had exited within its grace, and only such descendants got it."""
 
     pid: int
     start_time: Optional[int]
@@ -164,6 +164,7 @@ class Escalated(Event, frozen=True, tag="escalated"):
     labels: Optional[Dict[str, str]] = None
     error: Optional[str] = None
     descendants: Tuple[int, ...] = ()
+    exited: bool = False
 
 
 class WorkerGone(Event, frozen=True, tag="worker_gone"):

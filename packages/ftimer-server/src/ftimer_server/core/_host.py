@@ -19,7 +19,7 @@ import msgspec
 from ftimer_protocol import DumpHook
 
 from ._events import RejectReason
-from ._records import Timer, Worker
+from ._records import Descendant, Timer, Worker
 from ._table import Expiry
 
 __all__ = ["KILL", "CaptureRequest", "Delivery", "Facts", "Host", "Peer", "Unresolved"]
@@ -69,11 +69,11 @@ class Unresolved(msgspec.Struct, frozen=True):
 class Delivery(msgspec.Struct, frozen=True):
     """The outcome of a signal: ``delivered``, or not and ``error`` says why;
     ``descendants``: the worker's descendants the signal went to as well (a host that
-    reaps trees), each as its pid and start time."""
+    reaps trees)."""
 
     delivered: bool
     error: Optional[str] = None
-    descendants: Tuple[Worker, ...] = ()
+    descendants: Tuple[Descendant, ...] = ()
 
 
 DELIVERED = Delivery(True)
@@ -149,8 +149,8 @@ class Host(abc.ABC):
         return self.signal(worker, signal)
 
     def kill_descendants(
-        self, worker: Optional[Worker], signalled: Tuple[Worker, ...]
-    ) -> Tuple[Worker, ...]:
+        self, worker: Optional[Worker], signalled: Tuple[Descendant, ...]
+    ) -> Tuple[Descendant, ...]:
         """The grace period of a reaped worker ended: SIGKILL those of ``signalled`` (its
         descendants its reap signalled, ``Delivery.descendants``) still alive, and, unless
         ``worker`` is ``None`` (it exited), its descendants now; return whom it reached.

@@ -15,7 +15,7 @@ from typing import Dict, Generic, Iterator, List, Optional, Sequence, Tuple, Typ
 
 from ._events import Escalated, Reaped
 from ._host import KILL, CaptureRequest, Delivery, Host, Peer
-from ._records import Timer, Worker
+from ._records import Descendant, Timer, Worker
 from ._table import Expiry
 
 __all__ = ["Reaper"]
@@ -134,10 +134,8 @@ class Reaper:
         assert decider is not None
         delivery = self._host.reap(worker, signal, expiry, now)
         grace = self._escalate_after
-        # Reaped again in its grace period: the grace runs on from the first signal.
-        again = worker.pid in self._pending
-        if delivery.delivered and grace is not None and signal != KILL and not again:
-            self._pending.put(worker.pid, now + grace, (worker, decider, delivery.descendants))
+        if grace is not None and signal != KILL:
+            self._grace(worker, decider, delivery, now + grace)
         return Reaped(
             pid=worker.pid,
             start_time=worker.start_time,
@@ -151,6 +149,23 @@ class Reaper:
             incident=incident,
             descendants=tuple(d.pid for d in delivery.descendants),
         )
+
+    def _grace(self, worker: Worker, decider: Timer, delivery: Delivery, due: float) -> None:
+        """Start the grace period of a reap (its SIGKILL due at ``due``), or, in one
+        underway (reaped again), add the descendants this reap signalled: the grace runs
+        on from the first signal. A worker gone (its signal not delivered) leaves the
+        descendants its reap signalled to theirs."""
+        underway = self._pending.get(worker.pid)
+        if underway is not None:
+            due, (bound, first, known) = underway
+            new = tuple(d for d in delivery.descendants if d not in known)
+            if new:
+                self._pending.put(worker.pid, due, (bound, first, known + new))
+        elif delivery.delivered:
+            self._pending.put(worker.pid, due, (worker, decider, delivery.descendants))
+        elif delivery.descendants:
+            grace = (worker, decider, delivery.descendants)
+            heapq.heappush(self._orphans, (due, next(self._seq), grace))
 
     def pending(self, pid: int) -> bool:
         """True while a capture or an escalation of ``pid`` is pending."""
@@ -193,28 +208,25 @@ class Reaper:
         first: once a worker is killed, its children are re-parented away from it.
 
         Returns (worker, event) pairs; the event is ``None`` for a worker found dead,
-        and ``delivered`` False for one that exited leaving descendants killed now.
+        unless descendants were killed (``exited`` then).
         """
         until = math.inf if early else now
         out: List[Tuple[Worker, Optional[Escalated]]] = []
         host = self._host
-        for due, (worker, decider, signalled) in self._pending.pop_due(until):
-            alive = host.alive(worker)
+        # (due, grace, whether the worker may be alive): an orphan's is gone, and its pid
+        # may be another's by now.
+        ended = [(due, grace, True) for due, grace in self._pending.pop_due(until)]
+        while self._orphans and self._orphans[0][0] <= until:
+            due, _, grace = heapq.heappop(self._orphans)
+            ended.append((due, grace, False))
+        for due, (worker, decider, signalled), bound in ended:
+            alive = bound and host.alive(worker)
             killed = host.kill_descendants(worker if alive else None, signalled)
-            if not alive:
-                out.append((worker, None))
-                if killed:
-                    out.append((worker, self._escalated(worker, decider, due, now, killed)))
-                continue
-            delivery = host.signal(worker, KILL)
-            event = self._escalated(worker, decider, due, now, killed, delivery=delivery)
+            delivery = host.signal(worker, KILL) if alive else None
+            event = None
+            if alive or killed:
+                event = self._escalated(worker, decider, due, now, killed, delivery=delivery)
             out.append((worker, event))
-        orphans = self._orphans
-        while orphans and orphans[0][0] <= until:
-            due, _, (worker, decider, signalled) = heapq.heappop(orphans)
-            killed = host.kill_descendants(None, signalled)
-            if killed:
-                out.append((worker, self._escalated(worker, decider, due, now, killed)))
         return out
 
     def _escalated(
@@ -223,9 +235,9 @@ class Reaper:
         decider: Timer,
         due: float,
         now: float,
-        descendants: Tuple[Worker, ...],
+        descendants: Tuple[Descendant, ...],
         *,
-        delivery: Optional[Delivery] = None,
+        delivery: Optional[Delivery],
     ) -> Escalated:
         """The event of an escalation; ``delivery``: the worker's SIGKILL (None: it had
         exited, and only ``descendants`` got one)."""
@@ -236,8 +248,9 @@ class Reaper:
             after=(self._escalate_after or 0.0) - max(0.0, due - now),
             delivered=delivery is not None and delivery.delivered,
             labels=decider.labels,
-            error="it exited within its grace period" if delivery is None else delivery.error,
+            error=None if delivery is None else delivery.error,
             descendants=tuple(d.pid for d in descendants),
+            exited=delivery is None,
         )
 
     @property
@@ -260,8 +273,8 @@ class Reaper:
 
 
 #: A reaped worker's grace period: the worker, the timer that decided its reap, and the
-#: descendants that reap signalled.
-_Grace = Tuple[Worker, Timer, Tuple[Worker, ...]]
+#: descendants its reaps signalled.
+_Grace = Tuple[Worker, Timer, Tuple[Descendant, ...]]
 
 
 class _Capture:

@@ -11,7 +11,7 @@ a burst of arms costs no copy.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import FrozenSet, Optional
 
 import msgspec
 
@@ -25,7 +25,7 @@ from ftimer_protocol import (
     TimerRequestV1,
 )
 
-__all__ = ["ABOUT_A_PROCESS", "Timer", "Worker", "request_of"]
+__all__ = ["ABOUT_A_PROCESS", "Descendant", "Timer", "Worker", "request_of"]
 
 
 class Timer(Arm, frozen=True, tag="arm"):
@@ -65,6 +65,22 @@ class Worker(msgspec.Struct, frozen=True, gc=False):
     start_time: Optional[int] = None
     pidfd: Optional[int] = None
     other_clocks: bool = False
+
+
+class Descendant(msgspec.Struct, frozen=True, gc=False):
+    """A descendant of a worker that its reap signalled (``--reap-tree``): what the
+    escalation signals again if it outlives the grace period.
+
+    Attributes:
+        pid, start_time: the process (never another that took its pid).
+        users: the uids the worker could signal it as (``kill(2)``'s rule: its real or
+            saved uid must still be one of them), or ``None``: any (the worker had
+            ``CAP_KILL`` over it).
+    """
+
+    pid: int
+    start_time: int
+    users: Optional[FrozenSet[int]] = None
 
 
 #: The types of the messages that are about a process (a set: ``type(m) in`` costs less

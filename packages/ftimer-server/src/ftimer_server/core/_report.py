@@ -29,7 +29,15 @@ import msgspec
 from ._incident import Capture, Group, Incident, ProcessFacts, ThreadStack
 from ._stacks import abridged, call_tree, doing, doing_of, group, wait_channel
 
-__all__ = ["annotate", "merge_captures", "printable", "render", "render_merged", "summarize"]
+__all__ = [
+    "annotate",
+    "merge_captures",
+    "printable",
+    "render",
+    "render_merged",
+    "some_pids",
+    "summarize",
+]
 
 #: Signals with the same number on every POSIX system (the core imports no ``signal``:
 #: it names what it can without asking the platform; others are shown as numbers).
@@ -130,10 +138,14 @@ def _signal_text(incident: Incident) -> str:
     text = f"reaped with {name}" + ("" if incident.delivered else " (NOT delivered)")
     n = len(incident.descendants)
     if n:
-        pids = ", ".join(map(str, incident.descendants[:20])) + (", ..." if n > 20 else "")
         who = f"were {n} of its descendants (pids" if n > 1 else "was a descendant of it (pid"
-        text += f", as {who} {pids})"
+        text += f", as {who} {some_pids(incident.descendants)})"
     return text
+
+
+def some_pids(pids: Sequence[int], most: int = 20) -> str:
+    """``pids`` for people: "9, 10, 11", the first ``most`` of them and "..." after."""
+    return ", ".join(map(str, pids[:most])) + (", ..." if len(pids) > most else "")
 
 
 def _signal_name(signal: int) -> str:

@@ -346,9 +346,9 @@ class Watchdog:
             if worker is not None:
                 self._release_if_idle(worker)
         for worker, escalation in escalated:
-            if escalation is None:
-                self.worker_gone(worker)
-            else:
+            if escalation is None or escalation.exited:
+                self.worker_gone(worker)  # nothing if it was seen gone before
+            if escalation is not None:
                 self._emit(escalation)
                 self._release_if_idle(worker)
 

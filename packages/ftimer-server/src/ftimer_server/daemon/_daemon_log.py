@@ -26,6 +26,7 @@ from ftimer_server.core._events import (
     RejectReason,
     WorkerGone,
 )
+from ftimer_server.core._report import some_pids
 
 __all__ = ["describe", "event_fields", "signal_label"]
 
@@ -115,7 +116,7 @@ def describe(
                 "its reap%s",
                 (sig, event.pid, event.after, labels),
             )
-        if not event.delivered and event.descendants:  # it exited, they did not
+        if event.exited:  # it did not outlive its grace, they did
             return (
                 logging.WARNING,
                 "escalated: pid %d exited within its grace period, but %s outlived it: "
@@ -176,8 +177,6 @@ def _labels(labels: Optional[Dict[str, str]]) -> str:
 #: of either, and flood control counts lines, not bytes. The JSON lines' fields, the
 #: status and the incidents keep them whole.
 SHOWN = 200
-#: The pids of a worker's descendants a line names, at most.
-_PIDS_SHOWN = 20
 
 
 class _Cut:
@@ -194,10 +193,9 @@ class _Cut:
 
 def _descendants(pids: Tuple[int, ...]) -> str:
     """A worker's descendants ``pids``, for a log line: "2 descendants (pids 9, 10)"."""
-    shown = ", ".join(map(str, pids[:_PIDS_SHOWN])) + (", ..." if len(pids) > _PIDS_SHOWN else "")
     if len(pids) == 1:
-        return f"1 descendant (pid {shown})"
-    return f"{len(pids)} descendants (pids {shown})"
+        return f"1 descendant (pid {pids[0]})"
+    return f"{len(pids)} descendants (pids {some_pids(pids)})"
 
 
 def _too(pids: Tuple[int, ...]) -> str:

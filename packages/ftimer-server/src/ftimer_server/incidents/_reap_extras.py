@@ -21,15 +21,15 @@ import os
 import shutil
 import signal as _signal
 import time
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
-from ftimer_server.core._records import Worker
+from ftimer_server.core._records import Descendant
 
 from ._pinned import Process, ProcessRefused
 from ._procfs import PAGE_SIZE, children, read_stat, read_status
 from ._tools import run_tool
 
-__all__ = ["core_dump", "signal_tree"]
+__all__ = ["core_dump", "signal_again", "signal_tree"]
 
 logger = logging.getLogger("ftimer_server")
 
@@ -163,7 +163,7 @@ def _remove(path: str) -> None:
 
 def signal_tree(
     pid: int, signal: int, start_time: Optional[int] = None, pidfd: Optional[int] = None
-) -> List[Worker]:
+) -> List[Descendant]:
     """Signal every descendant of process ``pid`` (not ``pid`` itself), race-free
     against forks; never raises.
 
@@ -187,7 +187,8 @@ def signal_tree(
     walked.
 
     Returns:
-        The processes ``signal`` was delivered to (their pids and start times).
+        The processes ``signal`` was delivered to, each with the users the worker could
+        signal it as (``signal_again``).
     """
     if pid <= 1 or signal == 0:
         return []
@@ -202,7 +203,7 @@ def signal_tree(
         root.close()
         return []
     frozen: Dict[int, Process] = {}
-    signalled: List[Worker] = []
+    signalled: List[Descendant] = []
     stopped = _stop(root)
     try:
         _freeze(root, frozen, may)
@@ -216,7 +217,7 @@ def signal_tree(
         for child, process in frozen.items():
             try:
                 process.send(signal)
-                signalled.append(Worker(child, process.start_time))
+                signalled.append(Descendant(child, process.start_time, may.users(child)))
             except OSError:
                 continue  # exited meanwhile
         if signal != _signal.SIGKILL:
@@ -234,6 +235,39 @@ def signal_tree(
             root.resume()  # its own signal follows
         root.close()
     return signalled
+
+
+def signal_again(descendants: Sequence[Descendant], signal: int) -> List[Descendant]:
+    """Deliver ``signal`` to those of ``descendants`` (as ``signal_tree`` returned them)
+    still alive: each pinned (its pidfd, checked against its start time: never a process
+    that took its pid), and only while its real or saved uid is still one of its
+    ``users`` (a process that became another user's since, through a setuid program, is
+    spared). Never raises.
+
+    Returns:
+        Those it was delivered to.
+    """
+    delivered = []
+    for descendant in descendants:
+        try:
+            process = Process.open(descendant.pid, descendant.start_time, None)
+        except ProcessRefused:  # gone: its pid may be another's
+            continue
+        try:
+            users = descendant.users
+            if users is not None and not users.intersection(_uids(process.pid)[::2]):
+                logger.info(
+                    "process %d not signalled again: another user's since it was signalled",
+                    process.pid,
+                )
+                continue
+            process.send(signal)
+            delivered.append(descendant)
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+        finally:
+            process.close()
+    return delivered
 
 
 def _stop(root: Process) -> bool:
@@ -261,11 +295,13 @@ class _May:
         self.pid = pid
         status = read_status(pid)
         real, effective = status.get("Uid", "").split()[:2]
-        self._uids = {int(real), int(effective)}
+        self._uids = frozenset((int(real), int(effective)))
         # With CAP_KILL, every process of its user namespace (the one it is seen in).
         self._userns: Optional[str] = None
         if int(status.get("CapEff", "0"), 16) & _CAP_KILL:
             self._userns = _userns(pid)
+        #: The pids it may signal through CAP_KILL alone.
+        self._by_capability: Set[int] = set()
         #: The pids it could not signal, as found: never walked again.
         self.spared: Set[int] = set()
 
@@ -279,6 +315,7 @@ class _May:
         if real in self._uids or saved in self._uids:
             return True
         if self._userns is not None and _userns(pid) == self._userns:
+            self._by_capability.add(pid)
             return True
         self.spared.add(pid)
         logger.info(
@@ -290,6 +327,11 @@ class _May:
             self.pid,
         )
         return False
+
+    def users(self, pid: int) -> Optional[FrozenSet[int]]:
+        """The uids the worker may signal ``pid`` as (one it was found it may signal):
+        None for any, through CAP_KILL."""
+        return None if pid in self._by_capability else self._uids
 
 
 def _userns(pid: int) -> Optional[str]:

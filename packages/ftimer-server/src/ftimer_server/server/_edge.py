@@ -30,7 +30,7 @@ from ftimer_server.core._host import (
     Host,
     Unresolved,
 )
-from ftimer_server.core._records import Worker
+from ftimer_server.core._records import Descendant, Worker
 from ftimer_server.core._table import Expiry
 
 from ._process import ProcessInspector
@@ -193,19 +193,23 @@ class SystemHost(Host):
         return self.signal(worker, signal)
 
     def kill_descendants(
-        self, worker: Optional[Worker], signalled: Tuple[Worker, ...]
-    ) -> Tuple[Worker, ...]:
+        self, worker: Optional[Worker], signalled: Tuple[Descendant, ...]
+    ) -> Tuple[Descendant, ...]:
         if not self._tree:
             return ()
         # The tree first, as at the reap; then those of the reap's that left it (their
-        # parent died): each pinned by its start time, never a process that took its pid.
+        # parent died), each the process it was (never one that took its pid), of a user
+        # the worker could signal.
         killed = {d.pid: d for d in self._send_tree(worker, KILL)} if worker else {}
-        for process in signalled:
-            if process.pid not in killed and self.signal(process, KILL).delivered:
-                killed[process.pid] = process
+        rest = [d for d in signalled if d.pid not in killed]
+        if rest:
+            try:
+                killed.update((d.pid, d) for d in self._signaller.send_again(rest, KILL))
+            except Exception:  # a custom signaller's bug: the worker is escalated regardless
+                logger.exception("signalling the descendants of process %d failed", rest[0].pid)
         return tuple(killed.values())
 
-    def _send_tree(self, worker: Worker, signal: int) -> Tuple[Worker, ...]:
+    def _send_tree(self, worker: Worker, signal: int) -> Tuple[Descendant, ...]:
         try:
             return tuple(self._signaller.send_tree(worker, signal))
         except Exception:  # the worker itself is reaped regardless

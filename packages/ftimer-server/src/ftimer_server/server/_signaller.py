@@ -12,9 +12,9 @@ import errno
 import os
 import signal as _signal
 import threading
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-from ftimer_server.core._records import Worker
+from ftimer_server.core._records import Descendant, Worker
 
 from ._process import ProcessInspector, SystemInspector
 
@@ -37,7 +37,7 @@ class Signaller(abc.ABC):
                 ``PermissionError``); the server reports it in the ``Reaped`` event.
         """
 
-    def send_tree(self, worker: Worker, signal: int) -> List[Worker]:
+    def send_tree(self, worker: Worker, signal: int) -> List[Descendant]:
         """Deliver ``signal`` to the descendants of ``worker`` (not to ``worker``
         itself), for a server that reaps trees. Never raises.
 
@@ -49,8 +49,19 @@ class Signaller(abc.ABC):
         through a worker's children.
 
         Returns:
-            The processes ``signal`` was delivered to (pid and start time: ``send()``
-            reaches exactly those later, never a process that took a pid of theirs).
+            The processes ``signal`` was delivered to (``send_again()`` reaches exactly
+            those later, never a process that took a pid of theirs).
+        """
+        return []
+
+    def send_again(self, descendants: Sequence[Descendant], signal: int) -> List[Descendant]:
+        """Deliver ``signal`` to those of ``descendants`` (as ``send_tree()`` returned
+        them) that are still the processes they were, of a user the worker could signal
+        (one that became another user's since, through a setuid program, is spared): an
+        escalation. Never raises. The base class signals nobody, as ``send_tree()``.
+
+        Returns:
+            Those it was delivered to.
         """
         return []
 
@@ -87,7 +98,7 @@ class OsSignaller(Signaller):
                 self._refuse_a_thread(worker.pid, self._system)
             pidfd = self._pin(worker.pid)
             try:
-                if not self._inspector.alive(Worker(worker.pid, worker.start_time)):
+                if not self._inspector.alive(worker):
                     return False
                 if pidfd is None:
                     os.kill(worker.pid, signal)
@@ -128,7 +139,7 @@ class OsSignaller(Signaller):
         if tgid != pid:
             raise PermissionError(f"refusing to signal pid {pid}: a thread of process {tgid}")
 
-    def send_tree(self, worker: Worker, signal: int) -> List[Worker]:
+    def send_tree(self, worker: Worker, signal: int) -> List[Descendant]:
         # Imported only by a server that signals descendants: keeps the daemon's RSS
         # down (and the import's time off the first reap).
         from ftimer_server.incidents._reap_extras import signal_tree  # noqa: PLC0415
@@ -137,10 +148,16 @@ class OsSignaller(Signaller):
         # process (the worker exited) has none of the worker's descendants to signal.
         return signal_tree(worker.pid, signal, worker.start_time, worker.pidfd)
 
+    def send_again(self, descendants: Sequence[Descendant], signal: int) -> List[Descendant]:
+        from ftimer_server.incidents._reap_extras import signal_again  # noqa: PLC0415
+
+        return signal_again(descendants, signal)
+
 
 class RecordingSignaller(Signaller):
-    """Signals nothing: records each request in ``sent`` as (pid, signal), and each
-    request for a worker's descendants in ``trees`` as (pid of the worker, signal).
+    """Signals nothing: records each request in ``sent`` as (pid, signal), each request
+    for a worker's descendants in ``trees`` as (pid of the worker, signal), and each
+    descendant ``send_again()`` is asked to signal in ``again`` as (pid, signal).
 
     For tests and dry runs.
 
@@ -152,6 +169,7 @@ class RecordingSignaller(Signaller):
         self.delivered = delivered
         self.sent: List[Tuple[int, int]] = []
         self.trees: List[Tuple[int, int]] = []
+        self.again: List[Tuple[int, int]] = []
         self._lock = threading.Lock()
 
     def send(self, worker: Worker, signal: int) -> bool:
@@ -159,7 +177,12 @@ class RecordingSignaller(Signaller):
             self.sent.append((worker.pid, signal))
         return self.delivered
 
-    def send_tree(self, worker: Worker, signal: int) -> List[Worker]:
+    def send_tree(self, worker: Worker, signal: int) -> List[Descendant]:
         with self._lock:
             self.trees.append((worker.pid, signal))
+        return []
+
+    def send_again(self, descendants: Sequence[Descendant], signal: int) -> List[Descendant]:
+        with self._lock:
+            self.again += [(d.pid, signal) for d in descendants]
         return []

@@ -7,7 +7,9 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
+from typing import List
 
 import pytest
 
@@ -401,6 +403,43 @@ def test_a_parent_that_adopted_the_command_is_never_armed(peer: FifoPeer) -> Non
     assert os.waitstatus_to_exitcode(status) == EXIT_USAGE
     assert "the shell that ran this command has exited" in said
     assert peer.messages == []  # nothing sent
+
+
+def test_disarming_a_process_that_has_exited_succeeds(peer: FifoPeer) -> None:
+    # A script's `ftimer disarm --pid $W` after `wait $W` was a usage error (status 2):
+    # under `set -e` the script died, its work done. Its timers went with it.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    done = ftimer("disarm", "--fifo", str(peer.path), "--pid", str(gone.pid), "--scope", "s")
+    assert (done.returncode, done.stderr) == (0, "")
+    # Arming one is still an error.
+    done = ftimer(
+        "arm", "--fifo", str(peer.path), "--pid", str(gone.pid), "--scope", "s", "--after", "5"
+    )
+    assert done.returncode == EXIT_USAGE
+    assert f"no process {gone.pid} (--pid)" in done.stderr
+    assert peer.messages == []
+
+
+def test_a_threads_id_is_refused_as_no_process(peer: FifoPeer) -> None:
+    # kill(tid, 0) succeeds: the arm was sent, the server refused it, and the command
+    # exited 0 with nothing armed.
+    started, done_with = threading.Event(), threading.Event()
+    tids: List[int] = []
+    thread = threading.Thread(
+        target=lambda: (tids.append(threading.get_native_id()), started.set(), done_with.wait())
+    )
+    thread.start()
+    try:
+        assert started.wait(10)
+        where = ("--fifo", str(peer.path), "--pid", str(tids[0]))
+        done = ftimer("arm", *where, "--scope", "s", "--after", "5")
+    finally:
+        done_with.set()
+        thread.join()
+    assert done.returncode == EXIT_USAGE
+    assert f"{tids[0]} is a thread of process {os.getpid()}, not a process (--pid)" in done.stderr
+    assert peer.messages == []
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

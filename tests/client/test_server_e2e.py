@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import signal
 import subprocess
@@ -160,3 +161,31 @@ def test_ftimer_arm_over_the_socket_is_for_the_calling_shell(
     arm_it = " ".join([*FTIMER, "arm", "--socket", str(path), "--scope", "s", "--after", "0.3"])
     shell = subprocess.run(["sh", "-c", f"{arm_it} && exec sleep 60"], timeout=30)
     assert shell.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("transport", ["fifo", "socket"])
+def test_a_server_restarted_without_its_state_gets_the_timer_of_ftimer_exec(
+    fifo_path: pathlib.Path, transport: str
+) -> None:
+    # ftimer exec sends nothing while its command runs: a server that died and came back
+    # without its state never had the command's timer again, and a hung command ran on.
+    path = pathlib.Path(socket_path_for(str(fifo_path)))
+    where = ["--fifo", str(fifo_path)] if transport == "fifo" else ["--socket", str(path)]
+    signaller = server_module.RecordingSignaller()  # the command is the test's to end
+    command = [*FTIMER, "exec", *where, "--after", "600", "--", "sleep", "60"]
+    first = server_module.FileTimerServer(fifo_path, socket_path=path, signaller=signaller)
+    with first, subprocess.Popen(command) as wrapper:
+        try:
+            [timer] = wait_until(first.armed)
+            first.stop()  # as if it died: its FIFO and socket read by nobody
+            second = server_module.FileTimerServer(fifo_path, socket_path=path, signaller=signaller)
+            with second:
+                again = wait_until(second.armed, what="the command's timer sent again")
+                assert [(t.pid, t.scope_id, t.deadline) for t in again] == [
+                    (timer.pid, "exec:sleep", timer.deadline)
+                ]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(timer.pid, signal.SIGKILL)  # the command: the wrapper's child
+            wrapper.wait(30)
+    assert signaller.sent == []

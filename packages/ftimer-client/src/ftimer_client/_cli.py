@@ -24,6 +24,7 @@ import contextlib
 import errno
 import math
 import os
+import select
 import signal
 import stat
 import sys
@@ -36,6 +37,7 @@ from ftimer_protocol import MAX_PID, MAX_TIME, parse_signal, socket_path_for
 from ._client import POLICIES, FileTimerClient
 from ._errors import ServerStalled, ServerUnavailable, ServerUnavailableWarning
 from ._paths import TRANSPORTS
+from ._proc import process_of_thread
 from ._version import __version__
 
 __all__ = ["EXIT_UNAVAILABLE", "EXIT_USAGE", "main"]
@@ -47,6 +49,10 @@ EXIT_CANNOT_RUN = 126
 # Sent to this process for CMD (by a supervisor): passed on. SIGINT and SIGQUIT from a
 # terminal reach CMD directly (same process group); the wrapper ignores them, as system().
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+#: Seconds between the lines ``exec`` sends while its command runs (see
+#: ``_keep_until_exit``): how soon a server that restarted without its state has the
+#: command's timer again.
+KEEP_EVERY = 1.0
 IGNORED = (signal.SIGINT, signal.SIGQUIT)
 # Why there is no --dump-signal: the hook is faulthandler inside the worker's own Python
 # process, and the process a timer of this command is for is never ftimer's own.
@@ -237,6 +243,25 @@ def _is_fifo(path: str) -> bool:
         return False
 
 
+def _keep_until_exit(client: FileTimerClient, pid: int) -> None:
+    """Wait until process ``pid`` (CMD) exits, keeping its timer with the server
+    meanwhile: every ``KEEP_EVERY`` seconds, a line the server ignores, which finds the
+    connection lost if the server restarted without its state, and so sends it the timer
+    again. Without pidfds, only the wait."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # Python 3.8, Linux before 5.3
+        return
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        while not poller.poll(KEEP_EVERY * 1000):
+            with contextlib.suppress(ServerUnavailable):  # retried in the background
+                client._keep_in_sync()
+    finally:
+        os.close(pidfd)
+
+
 def _client(args: argparse.Namespace, pid: int) -> FileTimerClient:
     labels: Optional[Dict[str, str]] = None if args.label is None else dict(args.label)
     sig = signal.SIGKILL if args.signal is None else args.signal
@@ -325,9 +350,14 @@ def _run(args: argparse.Namespace) -> int:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
+            if args.command == "disarm":
+                return 0  # its timers went with it
             command.error(f"no process {pid} (--pid)")
         except PermissionError:
             pass  # it exists; the server decides whether it may signal it
+        owner = process_of_thread(pid)
+        if owner is not None:  # kill(tid, 0) succeeds; the server refuses a thread's id
+            command.error(f"{pid} is a thread of process {owner}, not a process (--pid)")
         client = _client(args, pid)
         if args.command in ("arm", "beat"):
             client.arm(args.scope, args.after)
@@ -471,6 +501,7 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not reap_first:
         # Wait without reaping: the pid stays CMD's until the forwarding stops and the
         # disarm is sent (a pidfd of CMD names it until it is reaped).
+        _keep_until_exit(client, pid)
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
     _restore(previous, FORWARDED)
     if reap_first:

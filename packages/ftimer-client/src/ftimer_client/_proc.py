@@ -8,7 +8,7 @@ from typing import Dict, Optional, Union
 
 from ftimer_protocol import MAX_LABEL_VALUE, parse_start_time
 
-__all__ = ["default_labels", "process_start_time"]
+__all__ = ["default_labels", "process_of_thread", "process_start_time"]
 
 # Environment variables torchrun sets in every worker, and the label each one becomes.
 _RANK_LABELS = (("RANK", "rank"), ("LOCAL_RANK", "local_rank"))
@@ -26,6 +26,18 @@ def process_start_time(pid: Union[int, str] = "self") -> Optional[int]:
             return parse_start_time(f.read())
     except OSError:
         return None
+
+
+def process_of_thread(pid: int) -> Optional[int]:
+    """The process whose thread ``pid`` is, if it is a thread's id other than its
+    process's (``/proc/PID/status``); None for a process, or where ``/proc`` cannot
+    tell."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            tgid = next((int(line.split()[1]) for line in f if line.startswith(b"Tgid:")), pid)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if tgid == pid else tgid
 
 
 def default_labels(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
 import sys
 
 from tests.conftest import in_private_pid_namespace
@@ -31,5 +32,29 @@ def test_a_pid_1_shell_naming_the_fifo_arms_over_the_socket_beside_it(
         assert isinstance(message, Arm)
         assert (message.pid, message.scope_id) == (1, "s")  # the shell, as it knows itself
         assert len(peer.datagrams[0].pidfds) == 1  # and by its pidfd, for the server
+    finally:
+        peer.close()
+
+
+def test_the_fifo_named_with_transport_socket_means_the_socket_beside_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    # It failed (status 3) with "not a socket but a FIFO", though --fifo names "the
+    # server's FIFO, or its socket".
+    fifo = tmp_path / "timer.fifo"
+    os.mkfifo(fifo, 0o600)
+    peer = SocketPeer(pathlib.Path(socket_path_for(str(fifo))))
+    try:
+        arm = ["arm", "--fifo", str(fifo), "--transport", "socket", "--scope", "s"]
+        done = subprocess.run(
+            [sys.executable, "-m", "ftimer_client", *arm, "--after", "30", "--signal", "0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (done.returncode, done.stderr) == (0, "")
+        [message] = peer.wait_count(1)
+        assert isinstance(message, Arm)
+        assert (message.pid, message.scope_id) == (os.getpid(), "s")
     finally:
         peer.close()

@@ -268,8 +268,11 @@ def _client(args: argparse.Namespace, pid: int) -> FileTimerClient:
     if args.socket is not None and args.transport not in (None, "socket"):
         raise ValueError(f"--socket names a socket: --transport {args.transport} contradicts it")
     transport = args.transport or ("socket" if args.socket is not None else "auto")
+    path = args.socket if args.socket is not None else args.fifo
+    if transport == "socket" and path is not None and _is_fifo(path):
+        path = socket_path_for(path)  # the server's FIFO names its socket beside it
     return FileTimerClient(
-        args.socket if args.socket is not None else args.fifo,
+        path,
         sig,
         transport=transport,
         protocol=args.protocol,
@@ -334,9 +337,7 @@ def _run(args: argparse.Namespace) -> int:
                     "the calling shell is pid 1 (a container's first process), which "
                     "the server refuses from the FIFO: use the socket (--socket PATH)"
                 )
-            args.transport = args.transport or "socket"
-            if args.fifo is not None and _is_fifo(args.fifo):
-                args.socket, args.fifo = socket_path_for(args.fifo), None  # the FIFO's
+            args.transport = args.transport or "socket"  # a FIFO named: its socket
         elif pid not in (os.getppid(), os.getpid()):
             # The server takes from a socket only the sender, its parent or descendants,
             # and this command has no descendants: another process goes over the FIFO.

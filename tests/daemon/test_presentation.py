@@ -275,3 +275,34 @@ def test_status_at_a_users_own_default_points_to_the_system_daemon(
         assert capsys.readouterr().err == (
             f"ftimer-server: error: no ftimer-server is running on {other}.sock\n"
         )
+
+
+def test_incidents_at_a_users_own_default_point_to_the_system_daemon(
+    monkeypatch: pytest.MonkeyPatch, short_dir: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A worker's user of the system daemon was told only that their own default held no
+    # incident directory (or shown an old incident of their own daemon, as if current).
+    system = short_dir / "run" / "timer.fifo"  # stands for /run/ftimer/timer.fifo
+    system.parent.mkdir()
+    monkeypatch.setattr(_cli, "SYSTEM_FIFO", str(system))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # a user, whose default is their own
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_dir / "user"))
+    for name in FIFO_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    own = short_dir / "user" / "ftimer" / "incidents"
+    missing = f"ftimer-server: error: no incident directory {own}:"
+
+    assert main(["incidents", "list"]) == 1  # no system daemon: nothing to point to
+    assert capsys.readouterr().err.startswith(missing)
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+        listening.bind(f"{system}.sock")
+        listening.listen()
+        assert main(["incidents", "list"]) == 1
+        note, error = capsys.readouterr().err.splitlines()
+        assert note == (
+            f"note: the incidents in {own} (this user's default); the system daemon's control "
+            f"socket {system}.sock exists: ask it with --fifo {system} (only root and the "
+            "daemon's user may)"
+        )
+        assert error.startswith(missing)

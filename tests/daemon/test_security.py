@@ -106,7 +106,7 @@ def test_startup_warnings_for_each_user_and_mode() -> None:
     assert startup_warnings(plain, euid=0) == []
     group = DaemonConfig(fifo=fifo, fifo_mode=0o620)
     (root,) = startup_warnings(group, euid=0)
-    assert "any member of the daemon's group" in root
+    assert f"({os.getegid()}), the FIFO's (they can write" in root
     assert startup_warnings(group, euid=1000) == []  # it can signal only its own user's
     world = DaemonConfig(fifo=fifo, fifo_mode=0o622, descendants_only=True)
     mode, root = startup_warnings(world, euid=0)
@@ -124,6 +124,19 @@ def test_startup_warnings_for_each_user_and_mode() -> None:
         "--fifo-group 4242 is given, but --fifo-mode 0640 does not let the group write the "
         "FIFO /run/ftimer/timer.fifo: its members cannot send timers; use 0620"
     )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the FIFO another group")
+def test_the_warning_names_the_group_a_replaced_fifo_keeps(tmp_path: pathlib.Path) -> None:
+    # Started with --fifo-group 4242, then without: the FIFO replaced kept group 4242
+    # (as documented), whose members could still write it, and the warning named "the
+    # daemon's group" instead.
+    fifo = tmp_path / "timer.fifo"
+    os.mkfifo(fifo, 0o620)
+    os.chown(fifo, -1, 4242)
+    config = DaemonConfig(fifo=str(fifo), fifo_mode=0o620, allow_uids=None)
+    (root,) = startup_warnings(config, euid=0)
+    assert "any member of group 4242, the FIFO's (they can write" in root
 
 
 def test_a_fifo_others_may_read_is_warned_about() -> None:
@@ -150,7 +163,7 @@ def test_members_of_the_fifo_group_left_out_of_allow_uid_are_named() -> None:
         allow_uids=frozenset({4243}),
     )
     (left_out,) = startup_warnings(config, euid=0)
-    assert left_out.startswith("members of --fifo-group 0 not in --allow-uid: root (0)")
+    assert left_out.startswith("members of group root (0) not in --allow-uid: root (0)")
     assert left_out.endswith("their workers are not told, and run unwatched")
     allowed = DaemonConfig(
         fifo="/run/ftimer/timer.fifo",

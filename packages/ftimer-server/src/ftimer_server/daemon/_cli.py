@@ -452,6 +452,9 @@ def _command(args: argparse.Namespace, out: TextIO) -> int:
     if args.command == "status":
         return _status(config.control_socket, as_json=args.json, health=args.health, out=out)
     if args.command == "incidents":
+        hint = _system_daemon_hint(config.control_socket)
+        if hint:  # a worker's user of the system daemon reads its own, maybe old, ones
+            print(f"note: the incidents in {config.incident_dir}{hint}", file=sys.stderr)
         if action == "show":
             return show_incident(config.incident_dir, args.id, as_json=args.json, out=out)
         return list_incidents(config.incident_dir, out=out)

@@ -827,23 +827,24 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
             f"--fifo-group {c.fifo_group} is given, but --fifo-mode {mode} does not let the "
             f"group write the FIFO {c.fifo}: its members cannot send timers; use 0620"
         )
-    if c.fifo_group is not None and group_write and c.allow_uids is not None:
-        members = _members(c.fifo_group).items()
+    gid = _fifo_gid(c)
+    group = f"group {_group_name(gid)}" + ("" if c.fifo_group is not None else ", the FIFO's")
+    if (
+        group_write
+        and c.allow_uids is not None
+        and (c.fifo_group is not None or gid != os.getegid())
+    ):
+        members = _members(gid).items()
         refused = sorted((uid, name) for uid, name in members if uid not in c.allow_uids)
         if refused:
             who = ", ".join(f"{name} ({uid})" for uid, name in refused)
             warnings.append(
-                f"members of --fifo-group {c.fifo_group} not in --allow-uid: {who}. They "
-                "may write the FIFO and the socket, but their timers are refused (logged "
-                "here): their workers are not told, and run unwatched"
+                f"members of {group} not in --allow-uid: {who}. They may write the FIFO "
+                "and the socket, but their timers are refused (logged here): their "
+                "workers are not told, and run unwatched"
             )
     if euid == 0 and c.allow_uids is None and (others_write or group_write):
-        if others_write:
-            writers = "any local user"
-        elif c.fifo_group is not None:
-            writers = f"any member of group {c.fifo_group}"
-        else:
-            writers = "any member of the daemon's group"
+        writers = "any local user" if others_write else f"any member of {group}"
         targets = (
             "any descendant of the daemon, whatever its user,"
             if c.descendants_only
@@ -856,6 +857,26 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
             "if only root writes timers"
         )
     return warnings
+
+
+def _fifo_gid(c: DaemonConfig) -> int:
+    """The group the FIFO has once made: ``--fifo-group``, else the group of the FIFO at
+    the path (a FIFO replaced keeps its group), else the daemon's."""
+    if c.fifo_group is not None:
+        return c.fifo_group
+    with contextlib.suppress(OSError):
+        st = os.lstat(c.fifo)
+        if stat.S_ISFIFO(st.st_mode):
+            return st.st_gid
+    return os.getegid()
+
+
+def _group_name(gid: int) -> str:
+    """``gid`` for people: "name (gid)", or the number alone."""
+    try:
+        return f"{grp.getgrgid(gid).gr_name} ({gid})"
+    except (KeyError, OverflowError):
+        return str(gid)
 
 
 def _members(gid: int) -> Dict[int, str]:

@@ -244,16 +244,24 @@ def test_run_help_says_the_fifo_mode_applies_at_every_start(
     assert "of a new FIFO" not in text
 
 
-def test_status_at_a_users_own_default_points_to_the_system_daemon(
-    monkeypatch: pytest.MonkeyPatch, short_dir: pathlib.Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    system = short_dir / "run" / "timer.fifo"  # stands for /run/ftimer/timer.fifo
+@pytest.fixture
+def system_fifo(monkeypatch: pytest.MonkeyPatch, short_dir: pathlib.Path) -> pathlib.Path:
+    """Where the system daemon's FIFO stands (for /run/ftimer/timer.fifo), for a user
+    whose default is their own, under ``short_dir / "user"``."""
+    system = short_dir / "run" / "timer.fifo"
     system.parent.mkdir()
     monkeypatch.setattr(_cli, "SYSTEM_FIFO", str(system))
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # a user, whose default is their own
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_dir / "user"))
     for name in FIFO_ENV_VARS:
         monkeypatch.delenv(name, raising=False)
+    return system
+
+
+def test_status_at_a_users_own_default_points_to_the_system_daemon(
+    system_fifo: pathlib.Path, short_dir: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    system = system_fifo
     own = short_dir / "user" / "ftimer" / "timer.fifo.sock"
     not_running = f"ftimer-server: error: no ftimer-server is running on {own}"
 
@@ -278,17 +286,11 @@ def test_status_at_a_users_own_default_points_to_the_system_daemon(
 
 
 def test_incidents_at_a_users_own_default_point_to_the_system_daemon(
-    monkeypatch: pytest.MonkeyPatch, short_dir: pathlib.Path, capsys: pytest.CaptureFixture[str]
+    system_fifo: pathlib.Path, short_dir: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A worker's user of the system daemon was told only that their own default held no
     # incident directory (or shown an old incident of their own daemon, as if current).
-    system = short_dir / "run" / "timer.fifo"  # stands for /run/ftimer/timer.fifo
-    system.parent.mkdir()
-    monkeypatch.setattr(_cli, "SYSTEM_FIFO", str(system))
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # a user, whose default is their own
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_dir / "user"))
-    for name in FIFO_ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
+    system = system_fifo
     own = short_dir / "user" / "ftimer" / "incidents"
     missing = f"ftimer-server: error: no incident directory {own}:"
 

@@ -83,6 +83,18 @@ def test_exec_names_the_command_by_its_pidfd(speer: SocketPeer) -> None:
     assert [d.pidfds for d in speer.datagrams] in ([(child,), (child,)], [(child,), (-1,)])
 
 
+def test_exec_sends_nothing_more_to_a_server_still_there_while_its_command_runs(
+    speer: SocketPeer,
+) -> None:
+    # It sent a line a second to keep its timer with a server that restarted: while
+    # the server paused (stopped, swapped out), a few of them filled its queue, and a
+    # healthy worker's arm failed. The connection is checked without sending now.
+    done = ftimer("exec", "--socket", str(speer.path), "--after", "60", "--", "sleep", "2.5")
+    assert done.returncode == 0, done.stderr
+    assert len(speer.wait_count(2)) == 2  # the arm and the disarm
+    assert speer.receipts == 2  # theirs, and no other sync
+
+
 def test_exec_in_process_passes_the_pidfd_of_its_child(speer: SocketPeer) -> None:
     # main() here: the sender is this process, the subject its child (a descendant).
     code = main(["exec", "--socket", str(speer.path), "--after", "60", "--", "true"])

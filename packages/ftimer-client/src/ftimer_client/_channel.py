@@ -268,6 +268,12 @@ class Channel:
                 self._failed(e if isinstance(e, ServerUnavailable) else None)
                 raise
 
+    def lost(self) -> bool:
+        """Whether the connection's server end is gone (``Writer.lost``): the next line
+        delivered reconnects and resyncs. False when nothing is connected."""
+        with self.lock:
+            return self._writer is not None and self._writer.lost()
+
     def wait_read(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until the server has read what this channel
         delivered; return whether it has (True when nothing is connected)."""

@@ -49,9 +49,9 @@ EXIT_CANNOT_RUN = 126
 # Sent to this process for CMD (by a supervisor): passed on. SIGINT and SIGQUIT from a
 # terminal reach CMD directly (same process group); the wrapper ignores them, as system().
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-#: Seconds between the lines ``exec`` sends while its command runs (see
-#: ``_keep_until_exit``): how soon a server that restarted without its state has the
-#: command's timer again.
+#: Seconds between the checks ``exec`` makes of its connection while its command runs
+#: (see ``_keep_until_exit``): how soon a server that restarted without its state has
+#: the command's timer again.
 KEEP_EVERY = 1.0
 IGNORED = (signal.SIGINT, signal.SIGQUIT)
 # Why there is no --dump-signal: the hook is faulthandler inside the worker's own Python
@@ -245,9 +245,9 @@ def _is_fifo(path: str) -> bool:
 
 def _keep_until_exit(client: FileTimerClient, pid: int) -> None:
     """Wait until process ``pid`` (CMD) exits, keeping its timer with the server
-    meanwhile: every ``KEEP_EVERY`` seconds, a line the server ignores, which finds the
-    connection lost if the server restarted without its state, and so sends it the timer
-    again. Without pidfds, only the wait."""
+    meanwhile: every ``KEEP_EVERY`` seconds the connection is checked, and if the server
+    restarted (without its state), the timer is sent again. Without pidfds, only the
+    wait."""
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):  # Python 3.8, Linux before 5.3

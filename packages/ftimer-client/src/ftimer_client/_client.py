@@ -496,16 +496,17 @@ class FileTimerClient:
         )
 
     def _keep_in_sync(self) -> None:
-        """Send a line the server ignores, so that a server that restarted without its
-        state (a new FIFO or socket) is sent this client's timers again: the channel
-        finds its connection lost, and resyncs. For the ``ftimer`` command, which sends
-        nothing else while its command runs. Nothing in protocol 1 (torch's server
-        knows no such line).
+        """If the server's end of the connection is gone (it restarted, without its
+        state: a new FIFO or socket), send a line it ignores: the channel finds the
+        connection lost, reconnects, and sends the timers again. For the ``ftimer``
+        command, which sends nothing else while its command runs. Nothing is sent to a
+        server still there, however slow (its queue is its workers'); nothing in
+        protocol 1 (torch's server knows no such line).
 
         Raises:
             ServerUnavailable: not delivered (the channel retries in the background).
         """
-        if self.protocol == 2:
+        if self.protocol == 2 and self._channel.lost():
             self._channel.send(_KEEP, self._timeout)
 
     def _wait_read(self) -> bool:

@@ -153,6 +153,13 @@ class FifoWriter:
         not the writer still lives when the server reads it."""
         return True
 
+    def lost(self) -> bool:
+        """Whether the FIFO has no reader any more (it polls in error), or the path
+        names another one (see ``Writer``)."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0)) or self._replaced()
+
     def close(self) -> None:
         """Close the descriptor (idempotent)."""
         self.hot_fd = -1

@@ -204,6 +204,11 @@ class SocketWriter:
         finally:
             os.close(read_end)
 
+    def lost(self) -> bool:
+        """Whether no server reads the socket this writer sends to any more, or the path
+        names another socket (see ``Writer``): a probe connects, and sends nothing."""
+        return not self._bound()
+
     def _bound(self) -> bool:
         """Whether a server still reads the socket this writer sends to."""
         if self._replaced():

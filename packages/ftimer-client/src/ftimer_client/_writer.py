@@ -71,6 +71,11 @@ class Writer(Protocol):
         writer delivered; return whether it has (True at once where that does not
         matter: a FIFO's line names its subject by pid)."""
 
+    def lost(self) -> bool:
+        """Whether the server's end is gone (its reader exited, or the path names
+        another FIFO or socket now): the next write would say so. Sends nothing, so it
+        takes no room from the lines of a server that is only slow."""
+
     def close(self) -> None:
         """Let go of the connection (idempotent)."""
 

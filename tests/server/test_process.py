@@ -6,11 +6,13 @@ import os
 import pathlib
 import signal
 import subprocess
+from typing import Tuple
 
 import pytest
 from tests.conftest import wait_until
 
 from ftimer_server import OsSignaller, SystemInspector, Worker
+from ftimer_server.server import _process
 from ftimer_server.server._process import raise_fd_limit
 
 from .conftest import proc_start_time
@@ -120,3 +122,18 @@ def test_a_custom_inspector_s_kill_is_refused_where_proc_hides_the_process(
     child.kill()
     child.wait()
     assert not signaller.send(worker, signal.SIGKILL)  # gone
+
+
+@pytest.mark.parametrize("fault", [PermissionError(13, "denied"), ValueError("a format")])
+def test_clock_offsets_that_cannot_be_read_start_no_crash(
+    monkeypatch: pytest.MonkeyPatch, fault: Exception
+) -> None:
+    # Only a missing file was caught: a security module's denial, or a format not
+    # known, raised out of the inspector's constructor and the state file's load,
+    # and no server started.
+    def unreadable(pid: str) -> Tuple[int, int]:
+        raise fault
+
+    monkeypatch.setattr(_process, "_timens_offsets", unreadable)
+    assert _process.own_clock_offsets() is None
+    SystemInspector()  # makes no exception

@@ -275,12 +275,14 @@ def _timens_offsets(pid: str) -> Tuple[int, int]:
 
 def own_clock_offsets() -> Optional[Tuple[int, int]]:
     """The offsets (ns) of this process's CLOCK_MONOTONIC and CLOCK_BOOTTIME from the
-    host's (its time namespace's), or None where there are no time namespaces."""
+    host's (its time namespace's), or None where there are no time namespaces, or they
+    cannot be read (a security module's denial, an unknown format: as on a kernel
+    without them, rather than no server at all)."""
     if not _LINUX:
         return None
     try:
         return _timens_offsets("self")
-    except FileNotFoundError:  # a kernel before 5.6
+    except (OSError, ValueError):  # FileNotFoundError: a kernel before 5.6
         return None
 
 

@@ -49,11 +49,11 @@ EXIT_CANNOT_RUN = 126
 # Sent to this process for CMD (by a supervisor): passed on. SIGINT and SIGQUIT from a
 # terminal reach CMD directly (same process group); the wrapper ignores them, as system().
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+IGNORED = (signal.SIGINT, signal.SIGQUIT)
 #: Seconds between the checks ``exec`` makes of its connection while its command runs
 #: (see ``_keep_until_exit``): how soon a server that restarted without its state has
 #: the command's timer again.
 KEEP_EVERY = 1.0
-IGNORED = (signal.SIGINT, signal.SIGQUIT)
 # Why there is no --dump-signal: the hook is faulthandler inside the worker's own Python
 # process, and the process a timer of this command is for is never ftimer's own.
 NO_DUMP = (

@@ -667,6 +667,33 @@ def test_core_dump(tmp_path: pathlib.Path, small_process: subprocess.Popen[bytes
     assert read_stat(small_process.pid).state not in "Tt"  # left running
 
 
+# gcore -o PREFIX PID, as far as a test needs: its "core" says the state PID was in when
+# it started.
+FAKE_GCORE = """#!/bin/sh
+awk '{print $3}' /proc/$3/stat > "$2.$3"
+"""
+
+
+def test_core_dump_stops_the_worker_before_gcore_starts(
+    tmp_path: pathlib.Path, small_process: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # gdb attaches by pid number, ~80 ms after gcore starts: a worker that exited
+    # meanwhile left its pid to a new process, which gdb stopped and dumped (forced
+    # through ns_last_pid). Stopped first, the worker keeps its pid until it is done.
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "gcore").write_text(FAKE_GCORE)
+    (tools / "gcore").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    with pinned(small_process.pid) as process:
+        path, error = core_dump(
+            process, str(tmp_path / "cores"), max_bytes=1 << 30, deadline=time.monotonic() + 60
+        )
+    assert (error, path is not None) == (None, True)
+    assert pathlib.Path(str(path)).read_text().strip() == "T"  # stopped as gcore started
+    assert read_stat(small_process.pid).state not in "Tt"  # and continued after
+
+
 def test_core_dump_size_guard(tmp_path: pathlib.Path) -> None:
     # A Python worker (over 1 MiB resident once settled), not a process just exec'd
     # whose resident set is still a few pages.

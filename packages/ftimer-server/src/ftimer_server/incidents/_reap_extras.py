@@ -26,7 +26,7 @@ from typing import Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 from ftimer_server.core._records import Descendant
 
 from ._pinned import Process, ProcessRefused
-from ._procfs import PAGE_SIZE, children, read_stat, read_status
+from ._procfs import PAGE_SIZE, children, read_stat, read_status, tracer_pid
 from ._tools import run_tool
 
 __all__ = ["core_dump", "signal_again", "signal_tree"]
@@ -107,18 +107,29 @@ def _core_dump(
     path = f"{prefix}.{process.pid}"  # gcore appends the pid
     if deadline <= time.monotonic():
         return None, "core dump: no time left before the deadline"
+    # Not one another tracer holds (a debugger's to resume, see run_tool).
+    running = st.state not in ("T", "t") and not tracer_pid(process.pid)
+    if running:
+        # Stopped through its pin first: gdb attaches by pid number, ~80 ms after it
+        # starts, and a stopped process exits only by another's SIGKILL, so its pid is not
+        # another process's by then (run_tool checks it is there, and continues it after).
+        with contextlib.suppress(OSError):
+            process.send(_signal.SIGSTOP)
+            _wait_stopped({process.pid: process}, time.monotonic() + _FREEZE_WAIT)
     try:
         run = run_tool(
             [gcore, "-o", prefix, str(process.pid)],
             process,
             deadline,
-            resume=st.state not in ("T", "t"),  # left stopped if it was found so
+            resume=running,  # left stopped if it was found so
             # The resident memory checked above is not the core's size: gdb writes every
             # writable mapping, untouched pages too (a worker's mmap of a terabyte with
             # MAP_NORESERVE is a terabyte of core). Capped here, whatever the worker maps.
             max_file_bytes=max_bytes,
         )
     except OSError as e:
+        if running:
+            process.resume()
         return None, f"core dump: gcore could not be started: {e}"
     if run.too_long:
         _remove(path)

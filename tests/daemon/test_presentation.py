@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
 import signal
 import socket
+from collections.abc import Iterator
 
 import pytest
 
@@ -258,6 +260,19 @@ def system_fifo(monkeypatch: pytest.MonkeyPatch, short_dir: pathlib.Path) -> pat
     return system
 
 
+@contextlib.contextmanager
+def system_daemon_up(system: pathlib.Path) -> Iterator[str]:
+    """A control socket at the system daemon's (listening, answering nothing); yields the
+    advice that points a user there."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+        listening.bind(f"{system}.sock")
+        listening.listen()
+        yield (
+            f" (this user's default); the system daemon's control socket {system}.sock "
+            f"exists: ask it with --fifo {system} (only root and the daemon's user may)"
+        )
+
+
 def test_status_at_a_users_own_default_points_to_the_system_daemon(
     system_fifo: pathlib.Path, short_dir: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -268,15 +283,9 @@ def test_status_at_a_users_own_default_points_to_the_system_daemon(
     assert main(["status"]) == 1  # no system daemon either: nothing to point to
     assert capsys.readouterr().err == not_running + "\n"
 
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
-        listening.bind(f"{system}.sock")
-        listening.listen()
+    with system_daemon_up(system) as advice:
         assert main(["status"]) == 1
-        assert capsys.readouterr().err == (
-            f"{not_running} (this user's default); the system daemon's control socket "
-            f"{system}.sock exists: ask it with --fifo {system} (only root and the "
-            "daemon's user may)\n"
-        )
+        assert capsys.readouterr().err == f"{not_running}{advice}\n"
         # A path given is the one meant: no advice.
         other = short_dir / "other.fifo"
         assert main(["status", "--fifo", str(other)]) == 1
@@ -297,14 +306,8 @@ def test_incidents_at_a_users_own_default_point_to_the_system_daemon(
     assert main(["incidents", "list"]) == 1  # no system daemon: nothing to point to
     assert capsys.readouterr().err.startswith(missing)
 
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
-        listening.bind(f"{system}.sock")
-        listening.listen()
+    with system_daemon_up(system) as advice:
         assert main(["incidents", "list"]) == 1
         note, error = capsys.readouterr().err.splitlines()
-        assert note == (
-            f"note: the incidents in {own} (this user's default); the system daemon's control "
-            f"socket {system}.sock exists: ask it with --fifo {system} (only root and the "
-            "daemon's user may)"
-        )
+        assert note == f"note: the incidents in {own}{advice}"
         assert error.startswith(missing)

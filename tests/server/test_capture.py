@@ -628,6 +628,36 @@ def test_capture_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
         assert c.error == "capture failed: RuntimeError: boom"
 
 
+def test_a_program_that_is_not_python_is_said_so_and_read_once(
+    py_spy: str, tmp_path: pathlib.Path
+) -> None:
+    calls = tmp_path / "calls"
+    counting = fake_py_spy(tmp_path, f'echo "$@" >> {calls}\nexec {py_spy} "$@"\n')
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        c = capture(
+            sleeper.pid,
+            None,
+            None,
+            role="stuck",
+            labels={},
+            hook=None,
+            options=CaptureOptions(py_spy=counting, native=True),
+            deadline=time.monotonic() + 5,
+        )
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert c.method == "facts"
+    assert c.error is not None
+    assert c.error.startswith(
+        f"no stacks: py-spy: process {sleeper.pid} runs no Python interpreter it can read "
+        "(not a Python program?) (py-spy said: Error: Failed to find python version"
+    ), c.error
+    # Not tried again without --native: no frames of either kind to find.
+    assert len(calls.read_text().splitlines()) == 1
+
+
 # Core dumps ------------------------------------------------------------------------
 
 

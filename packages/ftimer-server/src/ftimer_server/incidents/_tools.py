@@ -54,6 +54,9 @@ _LIMITED = (
 _PTRACE_REFUSED = re.compile(
     r"permission denied|operation not permitted|os error (1|13)\)|SYS_PTRACE", re.IGNORECASE
 )
+#: py-spy's words for a process with no interpreter it knows (a program that is not
+#: Python): no use trying again without --native, and worth saying plainly.
+_NO_PYTHON = "failed to find python version"
 #: CAP_SYS_PTRACE's bit in the capability sets of ``/proc/PID/status``.
 _CAP_SYS_PTRACE = 19
 _CONTAINER = (
@@ -391,6 +394,11 @@ def py_spy_dump(
             )
         if _PTRACE_REFUSED.search(message):
             return MethodResult(error=f"{_ptrace_advice()} (py-spy said: {message})")
+        if _NO_PYTHON in message.lower():
+            return MethodResult(
+                error=f"py-spy: process {process.pid} runs no Python interpreter it can read "
+                f"(not a Python program?) (py-spy said: {message})"
+            )
         return MethodResult(
             error=f"py-spy failed (exit {run.returncode}): {message}", retryable=True
         )

@@ -1,10 +1,13 @@
 """The pure helpers clients and servers share: where a server listens, the environment
-variables that say so, ``/proc/PID/stat`` parsing, signal names, the fast-path prefixes."""
+variables that say so, ``/proc/PID/stat`` and ``status`` parsing, signal names, the fast-path
+prefixes."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
+from typing import List, Tuple
 
 import pytest
 from hypothesis import given
@@ -33,8 +36,10 @@ from ftimer_protocol import (
     default_socket_path,
     encode,
     parse_proc_stat,
+    parse_proc_status,
     parse_signal,
     parse_start_time,
+    proc_status_field,
     signal_name,
     socket_path_for,
 )
@@ -54,7 +59,9 @@ def test_the_helpers_are_public() -> None:
         "FIFO_ENV_VARS",
         "ProcStat",
         "parse_proc_stat",
+        "parse_proc_status",
         "parse_start_time",
+        "proc_status_field",
         "parse_signal",
         "signal_name",
         "LABEL_KEY_PATTERN",
@@ -162,6 +169,85 @@ def test_proc_stat_parsing_never_fails_otherwise(data: bytes) -> None:
         assert stat.start_time == parse_start_time(data)
     start = parse_start_time(data)
     assert start is None or start >= 0
+
+
+# -- /proc/PID/status ------------------------------------------------------------------------
+
+# The start of a real file (proc(5)): a command name with a space and bytes that are not
+# UTF-8, as the kernel shows them.
+_STATUS = (
+    b"Name:\tmy \xff prog\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t4242\n"
+    b"Ngid:\t0\nPid:\t4243\nPPid:\t1\nTracerPid:\t0\nUid:\t1000\t0\t0\t0\n"
+    b"Gid:\t100\t100\t100\t100\nSigBlk:\t0000000000000000\n"
+)
+
+
+def test_proc_status_fields() -> None:
+    status = parse_proc_status(_STATUS)
+    assert status["Name"] == "my \ufffd prog"
+    assert status["Tgid"] == "4242"
+    assert status["Uid"] == "1000\t0\t0\t0"
+    assert status["State"] == "S (sleeping)"
+    assert proc_status_field(_STATUS, "Tgid") == "4242"
+    assert proc_status_field(_STATUS, "Pid") == "4243"  # not Tgid's, nor PPid's
+    assert proc_status_field(_STATUS, "Uid") == "1000"  # the real uid
+    assert proc_status_field(_STATUS, "Name") == "my"
+    assert proc_status_field(_STATUS, "Gid") == "100"
+    for missing in ("Seccomp", "gid", "id", "Tgi"):
+        assert proc_status_field(_STATUS, missing) is None
+    assert proc_status_field(b"", "Tgid") is None
+    assert proc_status_field(b"Tgid:\n", "Tgid") is None  # no value
+    assert parse_proc_status(b"no colon\n") == {}
+
+
+def test_proc_status_of_this_process_and_a_thread() -> None:
+    pid = os.getpid()
+    with open("/proc/self/status", "rb") as f:
+        data = f.read()
+    status = parse_proc_status(data)
+    assert status["Tgid"] == status["Pid"] == str(pid)
+    assert int(status["Uid"].split()[0]) == os.getuid()
+    for name, value in status.items():
+        first = value.split()
+        assert proc_status_field(data, name) == (first[0] if first else None)
+    ready, done = threading.Event(), threading.Event()
+    thread = threading.Thread(target=lambda: (ready.set(), done.wait()))
+    thread.start()
+    try:
+        ready.wait()
+        assert thread.native_id is not None
+        with open(f"/proc/{thread.native_id}/status", "rb") as f:
+            data = f.read()
+    finally:
+        done.set()
+        thread.join()
+    assert proc_status_field(data, "Tgid") == str(pid)
+    assert proc_status_field(data, "Pid") == str(thread.native_id)
+
+
+_FIELDS = ["Name", "Tgid", "Pid", "PPid", "TracerPid", "Uid"]
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(_FIELDS), st.text(alphabet=" \t0123456789ab:", max_size=12)),
+        max_size=8,
+    ),
+    st.binary(max_size=200),
+)
+def test_proc_status_field_reads_the_first_as_the_whole_parse(
+    lines: List[Tuple[str, str]], junk: bytes
+) -> None:
+    data = "".join(f"{key}:{value}\n" for key, value in lines).encode()
+    status = parse_proc_status(data)
+    for name in _FIELDS:
+        values = [value for key, value in lines if key == name]
+        words = values[0].split() if values else []
+        assert proc_status_field(data, name) == (words[0] if words else None)
+        if values:
+            assert status[name] == values[-1].strip()
+    assert isinstance(parse_proc_status(junk), dict)  # never fails
+    proc_status_field(junk, "Tgid")
 
 
 # -- signal names ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Dict, Optional, Union
 
-from ftimer_protocol import MAX_LABEL_VALUE, parse_start_time
+from ftimer_protocol import MAX_LABEL_VALUE, parse_start_time, proc_status_field
 
 __all__ = ["default_labels", "process_of_thread", "process_start_time"]
 
@@ -34,8 +34,8 @@ def process_of_thread(pid: int) -> Optional[int]:
     tell."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
-            tgid = next((int(line.split()[1]) for line in f if line.startswith(b"Tgid:")), pid)
-    except (OSError, ValueError, IndexError):
+            tgid = int(proc_status_field(f.read(), "Tgid") or pid)
+    except (OSError, ValueError):
         return None
     return None if tgid == pid else tgid
 

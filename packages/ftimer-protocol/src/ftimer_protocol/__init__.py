@@ -58,7 +58,13 @@ from ._paths import (
     default_socket_path,
     socket_path_for,
 )
-from ._procstat import ProcStat, parse_proc_stat, parse_start_time
+from ._procstat import (
+    ProcStat,
+    parse_proc_stat,
+    parse_proc_status,
+    parse_start_time,
+    proc_status_field,
+)
 from ._signals import parse_signal, signal_name
 from ._stream import MESSAGE_START, DecodeResult, StreamDecoder, decode_line
 from ._torch import FileTimerRequest
@@ -103,7 +109,9 @@ __all__ = [
     # helpers clients and servers share (pure: the caller does the I/O)
     "ProcStat",
     "parse_proc_stat",
+    "parse_proc_status",
     "parse_start_time",
+    "proc_status_field",
     "parse_signal",
     "signal_name",
     # limits

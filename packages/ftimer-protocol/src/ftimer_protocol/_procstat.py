@@ -1,16 +1,23 @@
-"""The fields of a ``/proc/PID/stat`` file that clients and servers use, from its bytes.
+"""The fields of ``/proc/PID/stat`` and ``/proc/PID/status`` files that clients and
+servers use, from their bytes.
 
-Sans-I/O: the caller reads the file (``/proc/PID/stat`` or ``/proc/PID/task/TID/stat``)
-and passes its contents. A process's start time is what tells it from a later process
+Sans-I/O: the caller reads the file (``/proc/PID/stat``, ``/proc/PID/task/TID/status``,
+...) and passes its contents. A process's start time is what tells it from a later process
 that reuses its pid, so the ``start_time`` a client sends and the one a server checks must
 be parsed the same way: here.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
-__all__ = ["ProcStat", "parse_proc_stat", "parse_start_time"]
+__all__ = [
+    "ProcStat",
+    "parse_proc_stat",
+    "parse_proc_status",
+    "parse_start_time",
+    "proc_status_field",
+]
 
 # The fields after the command name, counted from field 3 (state): field N is at N - 3.
 _STATE, _PPID, _NUM_THREADS, _START_TIME, _RSS = 0, 1, 17, 19, 21
@@ -74,3 +81,43 @@ def parse_start_time(data: bytes) -> Optional[int]:
     if not paren or len(fields) <= _START_TIME or not fields[_START_TIME].isdigit():
         return None
     return int(fields[_START_TIME])
+
+
+def parse_proc_status(data: bytes) -> Dict[str, str]:
+    """Return the fields of a ``/proc/PID/status`` file: ``"Tgid"`` -> ``"4242"``,
+    ``"Uid"`` -> ``"0\t0\t0\t0"``, ... (values stripped; bytes that are not UTF-8, as a
+    command name may hold, replaced). Lines without a ``:`` are left out.
+
+    Args:
+        data: the file's contents.
+    """
+    fields: Dict[str, str] = {}
+    for line in data.decode(errors="replace").splitlines():
+        key, colon, value = line.partition(":")
+        if colon:
+            fields[key] = value.strip()
+    return fields
+
+
+def proc_status_field(data: bytes, name: str) -> Optional[str]:
+    """Return the first word of field ``name``'s value (``"Tgid"``; ``"Uid"``: the real
+    uid) in the contents of a ``/proc/PID/status`` file, or None when it has no such field.
+
+    As `parse_proc_status` reads it, for one field without reading the others (a server
+    asks it of each process it binds).
+
+    Args:
+        data: the file's contents.
+        name: the field's name, without its ``:``.
+    """
+    key = name.encode("ascii") + b":"
+    if data.startswith(key):
+        start = len(key)
+    else:
+        start = data.find(b"\n" + key)
+        if start < 0:
+            return None
+        start += 1 + len(key)
+    end = data.find(b"\n", start)
+    values = data[start : None if end < 0 else end].split()
+    return values[0].decode("ascii", "replace") if values else None

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple, TypeVar
 
-from ftimer_protocol import ProcStat, parse_proc_stat
+from ftimer_protocol import ProcStat, parse_proc_stat, parse_proc_status
 from ftimer_server.core._incident import ProcessFacts
 
 __all__ = [
@@ -88,11 +88,7 @@ def read_status(pid: int, tid: Optional[int] = None) -> Dict[str, str]:
         OSError: another error reading it.
     """
     path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
-    status: Dict[str, str] = {}
-    for line in _read(path).decode(errors="replace").splitlines():
-        key, _, value = line.partition(":")
-        status[key] = value.strip()
-    return status
+    return parse_proc_status(_read(path))
 
 
 def read_uid(pid: int) -> int:

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
-from ftimer_protocol import parse_proc_stat
+from ftimer_protocol import parse_proc_stat, proc_status_field
 from ftimer_server.core._records import Worker
 
 __all__ = [
@@ -165,12 +165,12 @@ class SystemInspector(ProcessInspector):
     def uid(self, pid: int) -> int:
         if not _LINUX:
             raise NotImplementedError("uid of another process: no /proc here")
-        return int(_status(pid, b"Uid:"))
+        return int(_status(pid, "Uid"))
 
     def tgid(self, pid: int) -> int:
         if not _LINUX:
             return pid  # thread ids are not process ids there
-        return int(_status(pid, b"Tgid:"))
+        return int(_status(pid, "Tgid"))
 
     def clock_offsets(self, pid: int) -> Optional[Tuple[int, int]]:
         if self._clocks is None:  # no time namespaces on this kernel (before 5.6), or not Linux
@@ -225,8 +225,8 @@ def _stat(pid: int) -> Tuple[str, int, int]:
     return stat.state, stat.ppid, stat.start_time
 
 
-def _status(pid: int, field: bytes) -> bytes:
-    """The first value of ``field`` (``b"Uid:"``, ...) in ``/proc/PID/status``.
+def _status(pid: int, field: str) -> str:
+    """The first value of ``field`` (``"Uid"``, ...) in ``/proc/PID/status``.
 
     Raises:
         ProcessLookupError: no process or thread has that id.
@@ -234,12 +234,12 @@ def _status(pid: int, field: bytes) -> bytes:
     """
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(field):
-                    return line.split()[1]
+            value = proc_status_field(f.read(), field)
     except (FileNotFoundError, ProcessLookupError):
-        pass
-    raise ProcessLookupError(errno.ESRCH, f"no process {pid}")
+        value = None
+    if value is None:
+        raise ProcessLookupError(errno.ESRCH, f"no process {pid}")
+    return value
 
 
 def _time_namespaces(pid: str) -> Tuple[Optional[str], Optional[str]]:

@@ -403,3 +403,50 @@ def armed_sender(d: DaemonProcess, subject: int) -> int:
 def assert_nothing_refused(d: DaemonProcess) -> None:
     assert records_of(d, "rejected") == []
     assert d.status()["stats"]["rejections"] == {}
+
+
+# -- a /proc of another namespace -----------------------------------------------------------
+
+# Starts an embedded server (recording, never signalling) and prints what came of it.
+EMBEDDED = """
+import sys
+from ftimer_server import FileTimerServer, RecordingSignaller
+server = FileTimerServer(sys.argv[1], signaller=RecordingSignaller())
+try:
+    server.start()
+except RuntimeError as e:
+    print(e)
+else:
+    print("started")
+    server.stop()
+"""
+
+
+def test_a_server_in_a_pid_namespace_with_the_hosts_proc_refuses_to_start(
+    unshare: List[str], short_dir: pathlib.Path
+) -> None:
+    # /proc then shows the host's processes under the numbers of the server's namespace:
+    # a timer bound through it (the pid of a pidfd a worker sent, read in fdinfo) was a
+    # bystander's, and the reap SIGKILLed the bystander.
+    without_proc = [arg for arg in unshare if arg != "--mount-proc"]
+    embedded = subprocess.run(
+        [*without_proc, PYTHON, "-c", EMBEDDED, str(short_dir / "e.fifo")],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+    )
+    assert embedded.stdout.startswith(
+        "cannot serve: /proc is not of this process's PID namespace: it shows this process "
+        "as "
+    ), embedded
+    assert "not 1; mount the namespace's own /proc" in embedded.stdout
+    daemon = subprocess.run(  # --dry-run: were it to start, it would signal nobody
+        [*without_proc, PYTHON, "-m", "ftimer_server", "run", "--dry-run"]
+        + ["--fifo", str(short_dir / "d.fifo")],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+    )
+    assert daemon.returncode == 3, daemon
+    assert "cannot start: /proc is not of this process's PID namespace" in daemon.stderr
+    assert not (short_dir / "d.fifo").exists()  # refused before anything was made

@@ -55,6 +55,7 @@ from ftimer_server.server._fifo import (
     unreachable_by_writers,
 )
 from ftimer_server.server._journal import Journal, JournalIncomplete
+from ftimer_server.server._process import proc_problem
 from ftimer_server.server._server import FileTimerServer
 from ftimer_server.server._socket import shut_for_reading
 
@@ -231,14 +232,17 @@ class Daemon:
                 raise ConfigError(f"--metrics-address: {e}") from None
 
     def _claim_fifo(self) -> ControlServer:
-        """Refuse a FIFO its writers cannot reach, lock the FIFO's lock file and check
-        that no daemon answers on the control socket; return the control server (bound
-        by ``_serve``).
+        """Refuse a ``/proc`` of another PID namespace (``proc_problem``) and a FIFO its
+        writers cannot reach, lock the FIFO's lock file and check that no daemon answers
+        on the control socket; return the control server (bound by ``_serve``).
 
         Raises:
             StartupError: any of those.
         """
         c = self.config
+        problem = proc_problem()
+        if problem is not None:
+            raise StartupError(problem)
         # A FIFO its workers may write but cannot reach fails them all with EACCES, or
         # sends them to their per-user default path: refuse to start instead.
         unreachable = unreachable_by_writers(c.fifo, c.fifo_mode, c.fifo_group)

@@ -28,6 +28,7 @@ __all__ = [
     "ProcessInspector",
     "SystemInspector",
     "own_clock_offsets",
+    "proc_problem",
     "raise_fd_limit",
     "ticks_since_boot",
 ]
@@ -306,6 +307,31 @@ def ticks_since_boot(wall: float) -> Optional[int]:
         return None
     boot = time.clock_gettime(clock) - (time.time() - wall)
     return math.floor(boot * os.sysconf("SC_CLK_TCK")) - 1
+
+
+def proc_problem() -> Optional[str]:
+    """Why ``/proc`` does not describe this process's PID namespace, or None when it does
+    (or there is no ``/proc`` to describe it: not Linux).
+
+    The server takes pids in its own namespace (its clients', the kernel's) and reads
+    their start time, parent and uid in ``/proc``: one mounted for another namespace
+    (``unshare --pid --fork`` without ``--mount-proc``, a container given the host's
+    ``/proc``) shows other processes under the same numbers, and a reap bound through it
+    signalled one of them.
+    """
+    if not _LINUX:
+        return None
+    try:
+        seen = os.readlink("/proc/self")
+    except OSError as e:  # ENOENT: this process is not in that /proc's namespace
+        seen = f"nothing ({e.strerror})"
+    if seen == str(os.getpid()):
+        return None
+    return (
+        f"/proc is not of this process's PID namespace: it shows this process as {seen}, "
+        f"not {os.getpid()}; mount the namespace's own /proc (unshare --mount-proc, or the "
+        "container's own)"
+    )
 
 
 def raise_fd_limit() -> int:

@@ -70,7 +70,13 @@ from ._edge import ReapStep, SystemHost, ancestors_of
 from ._fifo import Fifo, check_mode, lock_fifo, open_fifo, unlock_fifo
 from ._journal import Journal
 from ._loop import Loop
-from ._process import ProcessInspector, SystemInspector, raise_fd_limit, ticks_since_boot
+from ._process import (
+    ProcessInspector,
+    SystemInspector,
+    proc_problem,
+    raise_fd_limit,
+    ticks_since_boot,
+)
 from ._signaller import OsSignaller, RecordingSignaller, Signaller
 from ._socket import DatagramSocket, open_socket
 from ._torch import LogEvent, request_of_timer, torch_log_event
@@ -381,7 +387,8 @@ class FileTimerServer:
             FifoError: the FIFO path is unsafe or unusable (an ``OSError``: its
                 directory is missing, say).
             RuntimeError: the server was already started, or was made in another
-                process (this one's parent, before a fork).
+                process (this one's parent, before a fork); or ``/proc`` is another PID
+                namespace's (its processes would be taken for this one's).
         """
         loop = self._open()
         self._thread = threading.Thread(
@@ -400,7 +407,7 @@ class FileTimerServer:
         Raises:
             FifoBusy: another ftimer server serves the FIFO (see ``start()``).
             FifoError: the FIFO path is unsafe or unusable (an ``OSError``).
-            RuntimeError: the server was already started, or made in another process.
+            RuntimeError: as ``start()``.
         """
         self._serve(self._open())
 
@@ -765,6 +772,9 @@ class FileTimerServer:
                     "forked process makes its own (a server never signals its own process "
                     "or its ancestors, which it learns when it is made)"
                 )
+            problem = proc_problem()
+            if problem is not None:
+                raise RuntimeError(f"cannot serve: {problem}")
             raise_fd_limit()
             if self._lock_fifo:  # before the FIFO is touched: never another server's
                 self._lock_fd = lock_fifo(self.file_path)

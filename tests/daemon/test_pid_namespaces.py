@@ -436,13 +436,12 @@ def test_a_server_in_a_pid_namespace_with_the_hosts_proc_refuses_to_start(
         timeout=PATIENCE,
     )
     assert embedded.stdout.startswith(
-        "cannot serve: /proc is not of this process's PID namespace: it shows this process "
-        "as "
+        "cannot serve: /proc is not of this process's PID namespace: it shows this process as "
     ), embedded
     assert "not 1; mount the namespace's own /proc" in embedded.stdout
-    daemon = subprocess.run(  # --dry-run: were it to start, it would signal nobody
-        [*without_proc, PYTHON, "-m", "ftimer_server", "run", "--dry-run"]
-        + ["--fifo", str(short_dir / "d.fifo")],
+    run = ["run", "--dry-run", "--fifo", str(short_dir / "d.fifo")]  # signals nobody
+    daemon = subprocess.run(
+        [*without_proc, PYTHON, "-m", "ftimer_server", *run],
         capture_output=True,
         text=True,
         timeout=PATIENCE,

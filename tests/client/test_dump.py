@@ -192,16 +192,17 @@ def test_a_worker_stuck_in_c_with_the_gil_dumps_every_thread(peer: FifoPeer, nam
         wait_until(lambda: in_sleep(w.pid, tid), what="the thread to sleep in C")
         os.kill(w.pid, sig)
 
-        def three_threads() -> str:
+        def four_threads() -> str:  # the worker's three, and the client's watch
             text = dump_of(w.pid, fd)
-            return text if len(thread_headers(text)) == 3 else ""
+            return text if len(thread_headers(text)) == 4 else ""
 
-        dump = wait_until(three_threads, what="a dump of three threads")
+        dump = wait_until(four_threads, what="a dump of four threads")
         # Still asleep: the dump was written while that thread held the GIL.
         assert in_sleep(w.pid, tid)
         assert f"line {w.line_of('PyDLL(None).sleep')} in stuck_in_c" in dump
         assert "in waiting_in_python" in dump
         assert "in <module>" in dump
+        assert "in _watch" in dump
         assert w.proc.poll() is None  # a dump does not end the worker
 
 

@@ -189,3 +189,25 @@ def test_a_server_restarted_without_its_state_gets_the_timer_of_ftimer_exec(
                 os.kill(timer.pid, signal.SIGKILL)  # the command: the wrapper's child
             wrapper.wait(30)
     assert signaller.sent == []
+
+
+@pytest.mark.parametrize("transport", ["fifo", "socket"])
+def test_a_server_restarted_without_its_state_gets_the_timer_of_a_worker_that_sends_nothing(
+    fifo_path: pathlib.Path, transport: str
+) -> None:
+    # A worker stuck in its block sends nothing more: the library's watch of its
+    # connection finds the server's end gone and resyncs, or the hang ran on unreaped.
+    path = pathlib.Path(socket_path_for(str(fifo_path)))
+    signaller = server_module.RecordingSignaller()
+    first = server_module.FileTimerServer(fifo_path, socket_path=path, signaller=signaller)
+    with first, worker(fifo_path if transport == "fifo" else path, "scripted") as proc:
+        arm(proc, "x")  # then it waits on its stdin: no line more
+        [timer] = wait_until(first.armed)
+        first.stop()  # as if it died: its FIFO and socket read by nobody
+        second = server_module.FileTimerServer(fifo_path, socket_path=path, signaller=signaller)
+        with second:
+            again = wait_until(second.armed, what="the worker's timer sent again")
+            assert [(t.pid, t.scope_id, t.deadline) for t in again] == [
+                (proc.pid, "x", timer.deadline)
+            ]
+    assert signaller.sent == []

@@ -15,7 +15,10 @@ datagram socket), under the lock, while the server is in sync. Anything else goe
 ``_deliver``: a lost connection (the server left or restarted) reconnects and
 resynchronises on the spot; a failure marks the channel for resync, and a background
 thread retries with backoff while something is armed or a disarm was lost
-(``_retry_loop``: a few lines at a time, letting go of the lock in between).
+(``_retry_loop``: a few lines at a time, letting go of the lock in between). Another
+watches a kept connection while something is armed (``_watch``): a worker stuck in a
+block sends nothing more, and a server that restarted without its state would never
+learn its timer.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ from ._writer import ConnectionLost, Writer
 __all__ = ["Channel", "channel_for"]
 
 Lines = Union[V1Lines, V2Lines]
+
+#: Seconds between two checks of a kept connection while something is armed: how soon
+#: a server that restarted without its state has this process's timers again.
+WATCH_EVERY = 1.0
 
 
 class Channel:
@@ -92,6 +99,7 @@ class Channel:
         self._pidfd = -1  # of ``pid``, for the socket; opened once, at the first need
         self._clients = 0
         self._retry: Optional[threading.Thread] = None
+        self._watching: Optional[threading.Event] = None  # set: the connection's watch ends
         self._sending = False  # a delivery is writing (see _deliver)
         #: Calls a delivery deferred (a signal handler's, made while it wrote).
         self._deferrals = 0
@@ -268,12 +276,6 @@ class Channel:
                 self._failed(e if isinstance(e, ServerUnavailable) else None)
                 raise
 
-    def lost(self) -> bool:
-        """Whether the connection's server end is gone (``Writer.lost``): the next line
-        delivered reconnects and resyncs. False when nothing is connected."""
-        with self.lock:
-            return self._writer is not None and self._writer.lost()
-
     def wait_read(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until the server has read what this channel
         delivered; return whether it has (True when nothing is connected)."""
@@ -391,7 +393,7 @@ class Channel:
         writer: Optional[Writer] = self._writer
         for reconnecting in (False, True):
             if writer is None:
-                writer = self._writer = self._open()
+                writer = self._connect()
             try:
                 self._write_all(writer, backlog + lines, end)
                 return
@@ -461,6 +463,38 @@ class Channel:
         self.may_move = False  # connected: it stays with that server
         return writer
 
+    def _connect(self) -> Writer:
+        """Open version 2's connection, and start its watch (lock held).
+
+        Raises:
+            ServerUnavailable: as ``_open``.
+        """
+        writer = self._writer = self._open()
+        self._watching = threading.Event()
+        threading.Thread(
+            target=self._watch,
+            args=(writer, self._watching),
+            name="ftimer-client-watch",
+            daemon=True,
+        ).start()
+        return writer
+
+    def _watch(self, writer: Writer, ended: threading.Event) -> None:
+        """The watch of connection ``writer``, until it is let go of (``ended``): every
+        ``WATCH_EVERY`` seconds while something is armed and the server in sync, whether
+        the server's end is gone (``Writer.lost``, which sends nothing). Gone, the
+        connection is dropped and the retry thread reconnects and resyncs, as a caller's
+        next line would have."""
+        while not ended.wait(WATCH_EVERY):
+            with self.lock:
+                if self._writer is not writer:
+                    return
+                if self.armed and not self.state.needs_resync and writer.lost():
+                    self._disconnect()
+                    self.state.reconnected()
+                    self._failed(None)
+                    return
+
     def _subject(self) -> int:
         """A pidfd of the process the timers are for, or -1 when that is the sender.
 
@@ -478,6 +512,9 @@ class Channel:
         with it, so its progress is forgotten."""
         self._fd = -1
         self.state.forget_progress()
+        if self._watching is not None:
+            self._watching.set()
+            self._watching = None
         if self._writer is not None:
             writer, self._writer = self._writer, None
             writer.close()
@@ -586,7 +623,7 @@ class Channel:
             if not self.keep_open:
                 writer = self._open_once()
             elif self._writer is None:
-                writer = self._writer = self._open()
+                writer = self._connect()
             else:
                 writer = self._writer
             keep = False
@@ -639,6 +676,7 @@ class Channel:
         # The child shares the parent's open file description: drop it without a write.
         # It never resends the parent's scopes, and speaks with its own pid.
         self.lock = threading.RLock()
+        self._watching = None  # the parent's: no watch runs here
         self._disconnect()
         # Protocol 1's writers of one message that other threads held open (a write, the
         # retry's wait for room): the child's copies would keep the FIFO open for good,

@@ -24,7 +24,6 @@ import contextlib
 import errno
 import math
 import os
-import select
 import signal
 import stat
 import sys
@@ -50,10 +49,6 @@ EXIT_CANNOT_RUN = 126
 # terminal reach CMD directly (same process group); the wrapper ignores them, as system().
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 IGNORED = (signal.SIGINT, signal.SIGQUIT)
-#: Seconds between the checks ``exec`` makes of its connection while its command runs
-#: (see ``_keep_until_exit``): how soon a server that restarted without its state has
-#: the command's timer again.
-KEEP_EVERY = 1.0
 # Why there is no --dump-signal: the hook is faulthandler inside the worker's own Python
 # process, and the process a timer of this command is for is never ftimer's own.
 NO_DUMP = (
@@ -241,25 +236,6 @@ def _is_fifo(path: str) -> bool:
         return stat.S_ISFIFO(os.stat(path).st_mode)
     except OSError:
         return False
-
-
-def _keep_until_exit(client: FileTimerClient, pid: int) -> None:
-    """Wait until process ``pid`` (CMD) exits, keeping its timer with the server
-    meanwhile: every ``KEEP_EVERY`` seconds the connection is checked, and if the server
-    restarted (without its state), the timer is sent again. Without pidfds, only the
-    wait."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):  # Python 3.8, Linux before 5.3
-        return
-    try:
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        while not poller.poll(KEEP_EVERY * 1000):
-            with contextlib.suppress(ServerUnavailable):  # retried in the background
-                client._keep_in_sync()
-    finally:
-        os.close(pidfd)
 
 
 def _client(args: argparse.Namespace, pid: int) -> FileTimerClient:
@@ -501,8 +477,8 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     reap_first = not hasattr(os, "waitid")
     if not reap_first:
         # Wait without reaping: the pid stays CMD's until the forwarding stops and the
-        # disarm is sent (a pidfd of CMD names it until it is reaped).
-        _keep_until_exit(client, pid)
+        # disarm is sent (a pidfd of CMD names it until it is reaped). The client keeps
+        # CMD's timer with a server that restarts meanwhile (its channel's watch).
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
     _restore(previous, FORWARDED)
     if reap_first:

@@ -22,8 +22,6 @@ from ftimer_protocol import (
     MAX_PID,
     MAX_TIME,
     DumpHook,
-    Sync,
-    encode,
 )
 
 from . import _dump
@@ -37,8 +35,6 @@ __all__ = ["POLICIES", "FileTimerClient", "beyond_float"]
 
 #: Values of ``on_unavailable``.
 POLICIES = ("raise", "warn", "ignore")
-#: A line the server reads and ignores (see ``FileTimerClient._keep_in_sync``).
-_KEEP = encode(Sync(token="ftimer-keep"))
 
 _monotonic = time.monotonic
 # The protocol's pattern (its schema's own), for a refusal in the user's words.
@@ -494,20 +490,6 @@ class FileTimerClient:
             f"protocol={self.protocol}, transport={self.transport!r}, "
             f"on_unavailable={self._policy!r})"
         )
-
-    def _keep_in_sync(self) -> None:
-        """If the server's end of the connection is gone (it restarted, without its
-        state: a new FIFO or socket), send a line it ignores: the channel finds the
-        connection lost, reconnects, and sends the timers again. For the ``ftimer``
-        command, which sends nothing else while its command runs. Nothing is sent to a
-        server still there, however slow (its queue is its workers'); nothing in
-        protocol 1 (torch's server knows no such line).
-
-        Raises:
-            ServerUnavailable: not delivered (the channel retries in the background).
-        """
-        if self.protocol == 2 and self._channel.lost():
-            self._channel.send(_KEEP, self._timeout)
 
     def _wait_read(self) -> bool:
         """Whether the server has read what this client sent, waiting up to

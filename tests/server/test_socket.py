@@ -704,9 +704,9 @@ def test_descriptors_lost_in_the_control_data_never_leave_the_sender_the_subject
     assert result.reason is RejectReason.UNVERIFIABLE
 
 
-# Binds a socket, has a child send it argv[3], an arm or a disarm (naming the child's
-# parent, this process, by a pidfd if argv[2] is "carry"), and receives it with no
-# descriptor free. Prints how it was judged.
+# Binds a socket, has a child send it argv[3], an arm, one with the child's start time
+# or a disarm (naming the child's parent, this process, by a pidfd if argv[2] is
+# "carry"), and receives it with no descriptor free. Prints how it was judged.
 NO_DESCRIPTORS = """
 import os, resource, socket, subprocess, sys
 from ftimer_protocol import Arm, Disarm, encode
@@ -715,10 +715,15 @@ from ftimer_server.server._socket import open_socket
 sock = open_socket(sys.argv[1])
 code = "import os, socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); "
 code += "s.connect(sys.argv[1]); carried = [os.pidfd_open(os.getppid())] if sys.argv[3] else []; "
-code += "socket.send_fds(s, [sys.argv[2].encode()], carried); print('sent', flush=True); "
+code += "start = open('/proc/self/stat').read().rsplit(')', 1)[1].split()[19]; "
+code += "line = sys.argv[2].replace('START', start).encode(); "
+code += "socket.send_fds(s, [line], carried); print('sent', flush=True); "
 code += "sys.stdin.read()"
 if sys.argv[3] == "arm":
     line = encode(Arm(pid=os.getpid(), scope_id="s", deadline=1e9, signal=9)).decode()
+elif sys.argv[3] == "arm with its start time":  # the sender's, put in by the sender
+    arm = Arm(pid=os.getpid(), scope_id="s", deadline=1e9, signal=9, start_time=123456789)
+    line = encode(arm).decode().replace("123456789", "START")
 else:
     line = encode(Disarm(pid=os.getpid(), scope_id="s")).decode()
 sender = subprocess.Popen(
@@ -759,6 +764,11 @@ else:
         # worker to be reaped).
         ("none", "arm", "unverifiable: no pidfd of the sender: Too many open files"),
         ("none", "disarm", "Disarm of the sender"),
+        # An arm naming the sender's start time is taken as on a kernel without pidfds:
+        # the start time is checked at binding (a process that took the pid of a sender
+        # that exited has another). Refused, a healthy worker's heartbeats left its last
+        # deadline standing, and it was reaped.
+        ("none", "arm with its start time", "Timer of the sender"),
     ],
 )
 def test_a_server_out_of_descriptors(

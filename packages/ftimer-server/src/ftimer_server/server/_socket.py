@@ -317,10 +317,17 @@ class DatagramSocket:
         if sender_exited or (self.passes_pidfds and (sender_fd == -1 or -sender_fd in _GONE)):
             why = "it exited before its message was read"
             return _refused(RejectReason.SENDER_GONE, message, pid, why)
-        if self.passes_pidfds and sender_fd < 0 and not isinstance(message, _NEVER_SIGNALS):
+        if (
+            self.passes_pidfds
+            and sender_fd < 0
+            and not isinstance(message, _NEVER_SIGNALS)
+            and getattr(message, "start_time", None) is None
+        ):
             # Another error (EMFILE: the server out of descriptors) says nothing of the
-            # sender, alive or not: only what can signal nobody is taken on its pid alone
-            # (a disarm refused would leave a healthy worker to be reaped).
+            # sender, alive or not. Taken on its pid: what signals nobody (a disarm
+            # refused would leave a healthy worker to be reaped), and what names the
+            # sender's start time, checked at binding as on a kernel without pidfds (a
+            # heartbeat refused left its worker's last deadline to reap it).
             why = f"no pidfd of the sender: {os.strerror(-sender_fd)}"
             return _refused(RejectReason.UNVERIFIABLE, message, pid, why)
         subject = pid

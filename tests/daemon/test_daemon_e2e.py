@@ -117,6 +117,37 @@ def test_status_as_a_table_and_as_json(spawn: Spawn, worker: StartWorker) -> Non
     assert "no ftimer-server is running" in gone.stderr
 
 
+def test_a_fifo_and_socket_removed_under_the_daemon_are_said_and_unhealthy(
+    spawn: Spawn, short_dir: pathlib.Path
+) -> None:
+    # A cleaner of /tmp or a mistaken rm: the daemon read on, said nothing, and its
+    # status stayed healthy while no worker started since could reach it.
+    d = spawn().ready()
+    sock = d.status()["socket"]
+    assert os.path.exists(sock)
+    os.unlink(d.fifo)
+    os.unlink(sock)
+    os.mkfifo(d.fifo)  # another FIFO in its place is no better
+    for path, what in ((str(d.fifo), "FIFO"), (sock, "socket")):
+        d.wait_for_record(
+            level="error",
+            where=lambda r, path=path, what=what: r["msg"].startswith(
+                f"{path} no longer names the daemon's {what} (removed, or replaced"
+            ),
+        )
+    health = run_cli("status", "--health", "--fifo", str(d.fifo))
+    assert health.returncode == 1
+    assert health.stderr.rstrip().endswith(
+        f"answers, but {d.fifo} and {sock} no longer name its FIFO and socket"
+    ), health.stderr
+    table = run_cli("status", "--fifo", str(d.fifo))
+    assert table.stdout.splitlines()[0].endswith(
+        f", PATHS LOST: {d.fifo} and {sock} no longer name its FIFO and socket"
+    )
+    assert d.status()["lost_paths"] == [str(d.fifo), sock]
+    assert d.stop() == 0
+
+
 def test_kill_9_and_restart_keeps_armed_timers(
     spawn: Spawn, worker: StartWorker, short_dir: pathlib.Path
 ) -> None:

@@ -489,9 +489,16 @@ def _status(path: str, as_json: bool, health: bool, out: TextIO) -> int:
     else:
         out.write(_format(status))
     if not status.healthy:
-        _error(f"the daemon on {path} answers, but its FIFO reader does not")
+        why = _lost(status) if status.lost_paths else "its FIFO reader does not"
+        _error(f"the daemon on {path} answers, but {why}")
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _lost(status: _Status) -> str:
+    """What a status says of the FIFO's or socket's paths that no longer name them."""
+    what = "its FIFO or socket" if len(status.lost_paths) == 1 else "its FIFO and socket"
+    return " and ".join(status.lost_paths) + " no longer name " + what
 
 
 def _system_daemon_hint(path: str) -> str:
@@ -554,6 +561,8 @@ class _Status(msgspec.Struct):
     dry_run: bool = False
     signal: Optional[int] = None
     last_progress: Optional[_Seconds] = None
+    # The FIFO's or socket's paths that no longer name them (removed, replaced).
+    lost_paths: List[str] = []
 
 
 def _read_status(doc: Dict[str, Any]) -> _Status:
@@ -583,6 +592,8 @@ def _format(status: _Status) -> str:
     if status.signal:
         mode += f", reaps with {signal_label(status.signal)}"
     health = "" if status.healthy else ", NOT READING ITS FIFO"
+    if status.lost_paths:
+        health = f", PATHS LOST: {_lost(status)}"
     count = status.armed if status.armed is not None else len(timers)
     armed = f"{count} timer{'s' if count != 1 else ''} armed"
     if status.timers is not None and len(timers) < count:

@@ -25,6 +25,7 @@ import gc
 import grp
 import heapq
 import logging
+import math
 import operator
 import os
 import pwd
@@ -112,6 +113,8 @@ _TABLE_WAIT = 0.5
 STATUS_TIMERS = 1000
 #: Seconds a metrics scrape waits for a busy loop's counters before serving the last.
 SCRAPE_WAIT = 1.0
+#: Seconds between two looks whether the FIFO's and the socket's paths still name them.
+_PATHS_EVERY = 1.0
 #: Settings a SIGHUP applies in place; any other change needs a restart.
 _RELOADABLE = ("log_format", "log_level", "config_file")
 
@@ -155,6 +158,8 @@ class Daemon:
         self._state_lock_fd: Optional[int] = None
         self._restoring = False
         self._started = time.monotonic()
+        #: The paths found no longer naming the FIFO or the socket (``_check_paths``).
+        self._lost: List[str] = []
 
     # -- the run -----------------------------------------------------------------------
 
@@ -544,17 +549,39 @@ class Daemon:
         cover.
         """
         log_fd = self._logging.wake_fd
+        check_at = time.monotonic()
         while True:
-            due = self._logging.filter.next_flush()
-            timeout = None if due is None else max(0.0, due - time.monotonic())
-            select.select([wake_fd, log_fd], [], [], timeout)
+            due = min(check_at, self._logging.filter.next_flush() or math.inf)
+            select.select([wake_fd, log_fd], [], [], max(0.0, due - time.monotonic()))
             self._logging.flush_repeats()
+            if time.monotonic() >= check_at:
+                self._check_paths()
+                check_at = time.monotonic() + _PATHS_EVERY
             for signum in _read_signals(wake_fd):
                 if signum in _STOP_SIGNALS:
                     log.info("%s: shutting down", signal.Signals(signum).name)
                     return EXIT_OK
                 if signum == signal.SIGHUP:
                     self._reload()
+
+    def _check_paths(self) -> None:
+        """Say (an error line) when the FIFO's or the socket's path stops naming them, and
+        when it names them again; ``status`` reports the daemon unhealthy meanwhile."""
+        assert self._server is not None
+        lost = self._server.lost_paths()
+        for path in lost:
+            if path not in self._lost:
+                log.error(
+                    "%s no longer names the daemon's %s (removed, or replaced by another "
+                    "file): workers that open it now cannot reach the daemon, those that "
+                    "hold it open still do; restart the daemon to make it anew",
+                    path,
+                    "FIFO" if path == self._server.file_path else "socket",
+                )
+        for path in self._lost:
+            if path not in lost:
+                log.info("%s names the daemon's own again", path)
+        self._lost = lost
 
     def _shutdown(self) -> None:
         if self._server is not None:
@@ -709,6 +736,7 @@ class Daemon:
         assert server is not None
         c = self.config
         caught_up, healthy = _reading(server)
+        lost = self._lost
         try:
             # Wait no longer for a loop stalled holding the table (a reap step, a
             # blocked log): the status says so instead of timing out.
@@ -723,7 +751,8 @@ class Daemon:
         doc: Dict[str, Any] = {
             "version": __version__,
             "pid": os.getpid(),
-            "healthy": healthy,
+            "healthy": healthy and not lost,
+            "lost_paths": lost,
             "caught_up": caught_up,
             "fifo": c.fifo,
             "socket": c.socket,

@@ -161,6 +161,11 @@ class Fifo:
             return False
         return not self._room.poll(0)  # the server's own write end: POLLOUT if a page is free
 
+    def at_path(self) -> bool:
+        """Whether ``path`` still names this FIFO (not if it was removed, or replaced by
+        another file: writers that open the path then do not reach this server)."""
+        return is_same_file(self.path, self._made)
+
     def close(self, remove: bool = False) -> None:
         """Close both ends; with ``remove``, also unlink the FIFO if this server created it
         and it is still the same file."""

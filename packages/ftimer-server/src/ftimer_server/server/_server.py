@@ -485,6 +485,17 @@ class FileTimerServer:
         with self._table(timeout):
             return self._watchdog.armed()
 
+    def lost_paths(self) -> List[str]:
+        """The paths this running server was opened on, its FIFO's then its socket's,
+        that no longer name them: removed (a cleaner of ``/tmp``, a mistaken ``rm``) or
+        replaced by another file. Workers that open such a path do not reach this server
+        (those that hold it open still do). ``[]`` when it is not running."""
+        # Without the lock, which the loop holds through a reap: a daemon asks every second.
+        if self._state is not Lifecycle.RUNNING:
+            return []
+        ends = [end for end in (self._fifo, self._socket) if end is not None]
+        return [end.path for end in ends if not end.at_path()]
+
     def workers(self) -> List[Worker]:
         """A snapshot of the processes timers are bound to."""
         with self._lock:

@@ -62,7 +62,7 @@ from ftimer_protocol import (
     Sync,
     TimerRequestV1,
 )
-from ftimer_server._files import unlink_if_same
+from ftimer_server._files import is_same_file, unlink_if_same
 from ftimer_server.core._events import Incoming, Moot, Refused, RejectReason
 from ftimer_server.core._policy import clocks_apart
 from ftimer_server.core._reader import decode_one, extends_run
@@ -169,6 +169,10 @@ class DatagramSocket:
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN)
         _CLOSER.watch(sock)
+
+    def at_path(self) -> bool:
+        """Whether ``path`` still names this socket (as ``Fifo.at_path``)."""
+        return is_same_file(self.path, self._bound)
 
     def queued(self) -> bool:
         """Whether a datagram is queued (FIONREAD would say 0 for an empty one at the

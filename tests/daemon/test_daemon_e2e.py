@@ -17,7 +17,7 @@ from typing import Callable
 import pytest
 from tests.conftest import ARMER, children_of, wait_until
 
-from ftimer_protocol import Arm, Disarm, encode
+from ftimer_protocol import Arm, Disarm, encode, parse_start_time
 from ftimer_server.daemon._state import decode_state
 
 from .conftest import PATIENCE, PYTHON, DaemonProcess, Worker
@@ -146,6 +146,34 @@ def test_a_fifo_and_socket_removed_under_the_daemon_are_said_and_unhealthy(
     )
     assert d.status()["lost_paths"] == [str(d.fifo), sock]
     assert d.stop() == 0
+
+
+def test_a_log_file_that_takes_no_more_is_said_once_and_a_stop_is_clean(
+    spawn: Spawn, short_dir: pathlib.Path
+) -> None:
+    # A full disk under --log-file (here a file size limit: EFBIG): logging's traceback
+    # for every line on stderr, and one out of the last flush made SIGTERM exit 1.
+    limited = ["prlimit", "--fsize=16384", PYTHON, "-m", "ftimer_server"]
+    d = spawn(command=limited).ready()
+    with subprocess.Popen(["sleep", "60"]) as sleeper:
+        try:
+            with open(f"/proc/{sleeper.pid}/stat", "rb") as f:
+                start = parse_start_time(f.read())
+            deadline = time.monotonic() + 3600
+            with open(d.fifo, "wb", buffering=0) as fifo:
+                for i in range(200):  # a debug line each, some 300 bytes
+                    arm = Arm(sleeper.pid, f"s{i}", deadline, 9, start_time=start)
+                    fifo.write(encode(arm))
+            wait_until(lambda: d.status()["armed"] == 200, what="the 200 timers armed")
+            assert d.log.stat().st_size <= 16384
+            assert d.stop() == 0
+        finally:
+            sleeper.kill()
+    assert d.proc.stderr is not None
+    said = d.proc.stderr.read()
+    assert "Traceback" not in said
+    assert said.count(f"ftimer-server: cannot write the log file {d.log}: ") == 1, said
+    assert "line(s) lost so far" in said
 
 
 def test_kill_9_and_restart_keeps_armed_timers(

@@ -174,8 +174,37 @@ class ReopenableFileHandler(logging.FileHandler):
         OSError: the file cannot be opened.
     """
 
+    #: Seconds between two lines on stderr about lines the file did not take.
+    SAY_EVERY = 60.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Lines the file did not take (a full disk, a file size limit).
+        self.lost = 0
+        self._said = -self.SAY_EVERY
+
     def _open(self) -> io.TextIOWrapper:
         return open_log_file(self.baseFilename, self.encoding, self.errors)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A line the file did not take: said on stderr once a minute at most, with the
+        count lost so far, instead of logging's traceback for every line."""
+        self.lost += 1
+        now = time.monotonic()
+        if now - self._said >= self.SAY_EVERY:
+            self._said = now
+            with contextlib.suppress(OSError, ValueError):  # stderr closed or gone too
+                sys.stderr.write(
+                    f"ftimer-server: cannot write the log file {self.baseFilename}: "
+                    f"{sys.exc_info()[1]} ({self.lost} line(s) lost so far)\n"
+                )
+
+    def close(self) -> None:
+        """Close the file; what it did not take at the last flush is counted lost."""
+        try:
+            super().close()
+        except OSError:
+            self.handleError(logging.makeLogRecord({}))
 
     def reopen(self) -> None:
         """Open the path again (append), switch to it and close the old file.

@@ -100,6 +100,43 @@ def test_a_fifo_in_a_directory_others_may_write_gets_a_warning(tmp_path: pathlib
     assert startup_warnings(config, euid=1000) == []
 
 
+@needs_root
+def test_a_fifo_in_a_directory_of_another_user_gets_a_warning(tmp_path: pathlib.Path) -> None:
+    # Its owner can rename the FIFO away and put their own in its place, as in a
+    # directory others may write: a root daemon said nothing, and a worker's arm went to
+    # that user's reader while the daemon counted none.
+    theirs = tmp_path / "theirs"
+    below = theirs / "ftimer"
+    below.mkdir(parents=True)
+    os.chown(theirs, 4263, -1)
+    (warning,) = startup_warnings(DaemonConfig(fifo=str(theirs / "timer.fifo")), euid=0)
+    assert warning.startswith(
+        f"the FIFO's directory {theirs} belongs to uid 4263, who may rename or replace the "
+        "FIFO and the socket in it"
+    )
+    (warning,) = startup_warnings(DaemonConfig(fifo=str(below / "timer.fifo")), euid=0)
+    assert warning.startswith(
+        f"the FIFO's directory {below}, through {theirs} above it, belongs to uid 4263"
+    )
+    assert startup_warnings(DaemonConfig(fifo=str(below / "timer.fifo")), euid=4263) == []
+
+
+def test_users_allowed_timers_who_may_not_write_the_fifo_get_a_warning() -> None:
+    # --allow-uid with the default mode 0600: their workers could reach neither the FIFO
+    # nor the socket, and the daemon said nothing.
+    fifo = "/run/ftimer/timer.fifo"
+    config = DaemonConfig(fifo=fifo, allow_uids=frozenset({0, 4243, 4244}))
+    (warning,) = startup_warnings(config, euid=0)
+    assert warning == (
+        "--allow-uid 4243, 4244: with --fifo-mode 0600 only uid 0 may write the FIFO "
+        f"{fifo} and the socket, so their workers cannot reach the daemon (and run "
+        "unwatched); use 0620 with --fifo-group for their group"
+    )
+    assert startup_warnings(DaemonConfig(fifo=fifo, allow_uids=frozenset({0})), euid=0) == []
+    reached = DaemonConfig(fifo=fifo, fifo_mode=0o620, allow_uids=frozenset({4243}))
+    assert startup_warnings(reached, euid=0) == []
+
+
 def test_startup_warnings_for_each_user_and_mode() -> None:
     fifo = "/run/ftimer/timer.fifo"
     plain = DaemonConfig(fifo=fifo)

@@ -824,8 +824,9 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
     naming its pid. So: a FIFO others may write, and a root daemon (which may signal
     every user's processes) whose FIFO someone besides root may write while nothing
     restricts the target users. And a group named for the FIFO that may not write it,
-    and a directory in which others could swap the FIFO for theirs. (A state file's
-    directory others could change is refused at start, not warned about.)
+    users allowed timers who may write neither the FIFO nor the socket, and a directory
+    in which others could swap the FIFO for theirs. (A state file's directory others
+    could change is refused at start, not warned about.)
     """
     warnings = []
     directory = os.path.dirname(c.fifo) or "."
@@ -838,6 +839,16 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
                 "in it, and so read the timers and keep workers unwatched: use a directory "
                 "only the daemon's user may write (such as the default /run/ftimer)"
             )
+    owned = _owned_by_another(directory, euid)
+    if owned is not None:
+        path, uid = owned
+        where = "" if path == directory else f", through {path} above it,"
+        warnings.append(
+            f"the FIFO's directory {directory}{where} belongs to uid {uid}, who may rename "
+            "or replace the FIFO and the socket in it, and so read the timers and keep "
+            "workers unwatched: use a directory of the daemon's user or root's (such as "
+            "the default /run/ftimer)"
+        )
     others_write = bool(c.fifo_mode & 0o002)
     group_write = bool(c.fifo_mode & 0o020)
     mode = f"{c.fifo_mode:04o}"
@@ -854,6 +865,14 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
             "reads it takes lines the daemon never sees (a worker's disarm taken: the "
             "worker is reaped; its arm taken: it runs unwatched). Only the daemon reads "
             "its FIFO: use 0600, or 0620 with --fifo-group"
+        )
+    shut_out = sorted(set(c.allow_uids or ()) - {euid, 0})
+    if shut_out and not c.fifo_mode & 0o022:
+        warnings.append(
+            f"--allow-uid {', '.join(map(str, shut_out))}: with --fifo-mode {mode} only "
+            f"uid {euid} may write the FIFO {c.fifo} and the socket, so their workers "
+            "cannot reach the daemon (and run unwatched); use 0620 with --fifo-group for "
+            "their group"
         )
     if c.fifo_group is not None and not group_write:
         warnings.append(
@@ -902,6 +921,22 @@ def _fifo_gid(c: DaemonConfig) -> int:
         if stat.S_ISFIFO(st.st_mode):
             return st.st_gid
     return os.getegid()
+
+
+def _owned_by_another(directory: str, euid: int) -> Optional[Tuple[str, int]]:
+    """The first of ``directory`` and the directories above it owned by neither root nor
+    ``euid``, and its owner: one who may rename what is in it. None if there is none (or
+    it cannot be looked at: one yet to be made is the daemon's)."""
+    path = os.path.abspath(directory)
+    while True:
+        with contextlib.suppress(OSError):
+            owner = os.stat(path).st_uid
+            if owner not in (0, euid):
+                return path, owner
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
 
 
 def _group_name(gid: int) -> str:

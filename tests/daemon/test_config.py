@@ -103,6 +103,37 @@ dry-run = true
     assert config.config_file == path
 
 
+def test_relative_paths_in_a_config_file_are_the_files(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # They were the working directory's: `status -c FILE` run from elsewhere looked for
+    # another control socket than the daemon's, and found no daemon.
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    path = write(
+        etc,
+        """
+fifo = "../run/t.fifo"
+socket = "t.socket"
+state-file = "state/s.json"
+log-file = "/var/log/ftimer.log"
+incident-dir = "./incidents"
+""",
+    )
+    monkeypatch.chdir("/")
+    config = resolve_config({}, load_config_file(path), config_file=path)
+    assert config.fifo == str(tmp_path / "run" / "t.fifo")
+    assert config.control_socket == str(tmp_path / "run" / "t.fifo.sock")
+    assert config.socket == str(etc / "t.socket")
+    assert config.state_file == str(etc / "state" / "s.json")
+    assert config.log_file == "/var/log/ftimer.log"  # absolute: as it is
+    assert config.incident_dir == str(etc / "incidents")
+    # The command line's are the working directory's, as any command's.
+    monkeypatch.chdir(tmp_path)
+    given = resolve_config({"fifo": "x.fifo"}, load_config_file(path), config_file=path)
+    assert given.fifo == str(tmp_path / "x.fifo")
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

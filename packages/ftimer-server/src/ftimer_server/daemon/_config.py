@@ -512,6 +512,9 @@ def resolve_config(
         if value is None and file is not None:
             value = getattr(file, name)
             origin[name] = f"config file {config_file or '(unnamed)'}: {key}"
+            if name in _PATHS and value and config_file is not None:
+                # Relative to the file, not to wherever the daemon (or `status -c`) runs.
+                value = os.path.join(os.path.dirname(os.path.abspath(config_file)), value)
         merged[name] = value
 
     def check(name: str, parse: Callable[[Any], Any]) -> Any:
@@ -655,6 +658,10 @@ def _normalized(path: str) -> str:
 
 #: Settings whose command-line option is not the setting's name (repeatable options).
 _OPTION = {"allow_uids": "allow-uid", "allow_signals": "allow-signal"}
+
+
+#: The settings that are paths: in a config file, relative to its directory.
+_PATHS = frozenset(("fifo", "control_socket", "socket", "state_file", "log_file", "incident_dir"))
 
 
 def _path(value: str) -> str:

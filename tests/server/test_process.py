@@ -6,12 +6,14 @@ import os
 import pathlib
 import signal
 import subprocess
+import sys
 from typing import Tuple
 
 import pytest
 from tests.conftest import wait_until
 
-from ftimer_server import OsSignaller, SystemInspector, Worker
+from ftimer_protocol import socket_path_for
+from ftimer_server import FileTimerServer, OsSignaller, RecordingSignaller, SystemInspector, Worker
 from ftimer_server.server import _process
 from ftimer_server.server._process import raise_fd_limit
 
@@ -50,6 +52,53 @@ def test_missing_and_zombie_processes(children) -> None:
     for probe in (inspector.start_time, inspector.parent, inspector.uid, inspector.open):
         with pytest.raises(ProcessLookupError):
             probe(child.pid)
+
+
+# Its main thread exits (pthread_exit) while another lives on, arming a timer over
+# argv[1] ("fifo" or "socket", at argv[2]); it says so and waits.
+MAIN_THREAD_GONE = """
+import ctypes, sys, threading, time
+from ftimer_client import FileTimerClient
+
+def arm():
+    # No join: the main thread's exit is not Python's. /proc shows the leader's state.
+    while open("/proc/self/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.001)
+    FileTimerClient(sys.argv[2], transport=sys.argv[1]).arm("s", 600)
+    print("armed", flush=True)
+    sys.stdin.read()
+
+threading.Thread(target=arm).start()
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+@pytest.mark.parametrize("transport", ["fifo", "socket"])
+def test_a_process_whose_main_thread_exited_is_alive(
+    tmp_path: pathlib.Path, transport: str
+) -> None:
+    # Its /proc/PID/stat says Z (the leader's state), and its arms were refused as
+    # no_such_process while its other threads ran on, unwatched.
+    fifo = tmp_path / "t.fifo"
+    sock = socket_path_for(str(fifo))
+    server = FileTimerServer(fifo, socket_path=sock, signaller=RecordingSignaller())
+    path = str(fifo) if transport == "fifo" else sock
+    with (
+        server,
+        subprocess.Popen(
+            [sys.executable, "-c", MAIN_THREAD_GONE, transport, path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        ) as worker,
+    ):
+        try:
+            assert worker.stdout is not None
+            assert worker.stdout.readline() == b"armed\n"
+            assert inspector.start_time(worker.pid) == proc_start_time(worker.pid)
+            server.sync()
+            assert [(t.pid, t.scope_id) for t in server.armed()] == [(worker.pid, "s")]
+        finally:
+            worker.kill()
 
 
 def test_pidfd_liveness_and_signals(children) -> None:

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
-from ftimer_protocol import parse_proc_stat, proc_status_field
+from ftimer_protocol import ProcStat, parse_proc_stat, proc_status_field
 from ftimer_server.core._records import Worker
 
 __all__ = [
@@ -151,17 +151,19 @@ class SystemInspector(ProcessInspector):
         if not _LINUX:
             _probe(pid)
             return None
-        state, _, start_time = _stat(pid)
-        if state in "ZXx":
+        stat = _stat(pid)
+        # Z with threads left is a process whose main thread exited (pthread_exit) while
+        # others live on: alive, as its pidfd says (one thread left: the zombie itself).
+        if stat.state in "Xx" or (stat.state == "Z" and stat.num_threads <= 1):
             raise ProcessLookupError(errno.ESRCH, f"process {pid} is a zombie")
-        return start_time
+        return stat.start_time
 
     def parent(self, pid: int) -> int:
         if not _LINUX:
             if pid == os.getpid():
                 return os.getppid()
             raise NotImplementedError("parent of another process: no /proc here")
-        return _stat(pid)[1]
+        return _stat(pid).ppid
 
     def uid(self, pid: int) -> int:
         if not _LINUX:
@@ -211,8 +213,8 @@ class SystemInspector(ProcessInspector):
             return None
 
 
-def _stat(pid: int) -> Tuple[str, int, int]:
-    """Return (state, ppid, start time) from ``/proc/PID/stat``.
+def _stat(pid: int) -> ProcStat:
+    """Return the fields of ``/proc/PID/stat``.
 
     Raises:
         ProcessLookupError: no process has that pid.
@@ -222,8 +224,7 @@ def _stat(pid: int) -> Tuple[str, int, int]:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         raise ProcessLookupError(errno.ESRCH, f"no process {pid}") from None
-    stat = parse_proc_stat(data)
-    return stat.state, stat.ppid, stat.start_time
+    return parse_proc_stat(data)
 
 
 def _status(pid: int, field: str) -> str:

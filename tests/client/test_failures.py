@@ -12,6 +12,7 @@ import time
 import warnings
 
 import pytest
+from tests.conftest import wait_until
 
 from ftimer_client import (
     FileTimerClient,
@@ -97,6 +98,21 @@ def test_a_disarm_lost_before_close_is_still_delivered(peer: FifoPeer, protocol:
         assert messages
     finally:
         new.close()
+
+
+@pytest.mark.parametrize("policy", ["warn", "ignore"])
+def test_a_client_that_never_reached_a_server_leaves_no_retry_behind(
+    fifo_path: pathlib.Path, policy: str
+) -> None:
+    # Its arms never went out, so no server holds them and no disarm is owed: each such
+    # client (one per path) left a thread retrying once a second, for good.
+    client = FileTimerClient(fifo_path, on_unavailable=policy, labels={})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ServerUnavailableWarning)
+        with expires(after=5, scope="s", client=client):
+            pass
+    client.close()
+    wait_until(lambda: not client._channel._retrying(), what="the retry thread to end")
 
 
 def test_leaving_a_clients_with_block_never_replaces_its_exception(peer: FifoPeer) -> None:

@@ -98,6 +98,8 @@ class Channel:
         self._fd = -1
         self._pidfd = -1  # of ``pid``, for the socket; opened once, at the first need
         self._clients = 0
+        #: A connection was ever opened (since a fork): a server may hold its lines.
+        self._reached = False
         self._retry: Optional[threading.Thread] = None
         self._watching: Optional[threading.Event] = None  # set: the connection's watch ends
         self._sending = False  # a delivery is writing (see _deliver)
@@ -461,6 +463,7 @@ class Channel:
             self.route = system_route(self.route) or self.route
         writer = open_writer(self.route, keep_open=self.keep_open, pidfd=self._subject)
         self.may_move = False  # connected: it stays with that server
+        self._reached = True
         return writer
 
     def _connect(self) -> Writer:
@@ -524,6 +527,8 @@ class Channel:
         self._fd = -1  # out of sync: every line goes through _deliver() until resynced
         state = self.state
         state.failed(time.monotonic(), stalled=isinstance(error, ServerStalled))
+        if not self._reached:
+            state.owe_no_disarms()
         if not self._retrying() and state.retry_wanted:
             self._retry = threading.Thread(
                 target=self._retry_loop, name="ftimer-client-resync", daemon=True
@@ -685,6 +690,7 @@ class Channel:
             writer.close()
         self._once.clear()
         self.state.reset()
+        self._reached = False  # no server has taken a line with the child's pid
         self._retry = None
         self._sending = False
         if self.follows_process:

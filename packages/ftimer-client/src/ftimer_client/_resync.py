@@ -319,6 +319,12 @@ class Resync:
         for scope_id in scopes:
             self._lost[scope_id] = self._base.disarm(scope_id)
 
+    def owe_no_disarms(self) -> None:
+        """No server has ever taken a line of this channel: none holds an arm of it, so
+        no disarm is owed (a retry for one would go on for good where none ever runs)."""
+        self._lost.clear()
+        self._recent.clear()
+
     def failed(self, now: float, *, stalled: bool = False) -> None:
         """A delivery failed at ``now`` (``stalled``: after waiting for room in vain), or
         was interrupted: what reached the server is unknown."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import re
 import signal
+from decimal import Decimal
+from typing import Callable
 
 import pytest
 
@@ -88,3 +91,40 @@ def test_construction_does_no_io(fifo_path: object) -> None:
     assert "FileTimerClient(" in repr(client)
     client.close()
     client.close()
+
+
+@pytest.mark.parametrize("protocol", [1, 2])
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        # Python's own words before ("unsupported operand type(s) for +: 'float' and
+        # 'str'"), where expires() and beat() named the argument.
+        (lambda c: c.arm("s", "5"), "after must be a number of seconds"),
+        (lambda c: c.arm("s", None), "not NoneType None"),
+        (lambda c: c.arm("s", Decimal(1)), "not Decimal Decimal('1')"),
+        (lambda c: c.arm("s", 1j), "after must be a number of seconds"),
+        (lambda c: c.acquire("s", "5"), "expiration time must be a number of"),
+    ],
+)
+def test_a_time_that_is_no_number_is_named(
+    fifo_path: object,
+    protocol: int,
+    call: Callable[[FileTimerClient], None],
+    message: str,
+) -> None:
+    client = FileTimerClient(fifo_path, protocol=protocol, on_unavailable="ignore")
+    with pytest.raises(TypeError, match=re.escape(message)):
+        call(client)
+
+
+def test_a_scope_that_cannot_be_sent_is_named_alone(fifo_path: object) -> None:
+    # A release named an arm with a made-up deadline ("cannot encode Arm(pid=...,
+    # deadline=0.0, ...)"), and a scope one character too long had its message's size
+    # counted as that of another message.
+    client = FileTimerClient(fifo_path, on_unavailable="ignore")
+    with pytest.raises(ValueError, match=r"^scope '\\udc80' holds a lone surrogate \(at 0\)"):
+        client.release("\udc80")
+    with pytest.raises(ValueError, match=r"^a scope is at most 4096 characters, not 4097 "):
+        client.release("x" * 4097)
+    with pytest.raises(ValueError, match=r"^a scope is at most 4096 characters, not 4097 "):
+        client.arm("x" * 4097, 1)

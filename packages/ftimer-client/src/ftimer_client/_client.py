@@ -31,7 +31,7 @@ from ._paths import resolve_route, torch_serves
 from ._proc import default_labels
 from ._wire import V1Lines, V2Lines, check_signal, fix_deadline
 
-__all__ = ["POLICIES", "FileTimerClient", "beyond_float"]
+__all__ = ["POLICIES", "FileTimerClient", "beyond_float", "not_seconds"]
 
 #: Values of ``on_unavailable``.
 POLICIES = ("raise", "warn", "ignore")
@@ -190,12 +190,16 @@ class FileTimerClient:
             ValueError: the scope breaks the schema, or the time is NaN or negative
                 (torch's wire format reads a negative time as a release: call
                 ``release()``).
-            TypeError: the time is a bool.
+            TypeError: the time is not a number (or is a bool).
             RuntimeError: the client is closed.
         """
         if type(expiration_time) is bool:  # True would arm until 1970
             raise TypeError("expiration time must be a number of seconds, not a bool")
-        if not expiration_time >= 0.0:
+        try:
+            negative = not expiration_time >= 0.0
+        except TypeError:
+            raise not_seconds("expiration time", expiration_time) from None
+        if negative:
             raise ValueError(f"expiration time must be >= 0, not {expiration_time!r}")
         if self._v2 is not None:
             try:
@@ -243,7 +247,7 @@ class FileTimerClient:
             ValueError: ``after`` is NaN, minus infinity or an int below any float, or
                 the scope breaks the schema (longer than ``MAX_SCOPE``, or its message
                 over ``PIPE_BUF``).
-            TypeError: ``after`` is a bool.
+            TypeError: ``after`` is not a number (or is a bool).
             RuntimeError: the client is closed.
         """
         if self._closed:
@@ -257,18 +261,22 @@ class FileTimerClient:
             # MAX_TIME (inf) one that never fires; NaN and -inf are refused.
             try:
                 expiration_time = time.time() + after
+                if not 0.0 <= expiration_time <= MAX_TIME:
+                    expiration_time = fix_deadline(expiration_time)
             except OverflowError:  # an int beyond any float
-                expiration_time = beyond_float(after)
-            if not 0.0 <= expiration_time <= MAX_TIME:
-                expiration_time = fix_deadline(expiration_time)
+                expiration_time = fix_deadline(beyond_float(after))
+            except TypeError:  # a str, None, a Decimal, a complex: no number of seconds
+                raise not_seconds("after", after) from None
             line = self._v1_line(scope_id, expiration_time, sig)
         else:
-            try:
+            try:  # free on the hot path: no check of the type before the sum
                 deadline = _monotonic() + after
+                if not 0.0 <= deadline <= MAX_TIME:
+                    deadline = fix_deadline(deadline)
             except OverflowError:  # an int beyond any float
-                deadline = beyond_float(after)
-            if not 0.0 <= deadline <= MAX_TIME:
-                deadline = fix_deadline(deadline)
+                deadline = fix_deadline(beyond_float(after))
+            except TypeError:
+                raise not_seconds("after", after) from None
             if signal is None:
                 line = v2.entry(scope_id)[0] % deadline
             else:
@@ -512,6 +520,14 @@ class FileTimerClient:
                 ServerUnavailableWarning,
                 stacklevel=level,
             )
+
+
+def not_seconds(what: str, value: object) -> TypeError:
+    """The error for ``value``, given as ``what``, that is no number of seconds."""
+    return TypeError(
+        f"{what} must be a number of seconds (int or float), not {type(value).__name__} "
+        f"{value!r:.80}"
+    )
 
 
 def beyond_float(after: float) -> float:

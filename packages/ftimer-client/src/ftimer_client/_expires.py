@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Protocol, Tuple, Type, TypeVar, runt
 
 from ftimer_protocol import surrogates_as_text
 
-from ._client import FileTimerClient, beyond_float
+from ._client import FileTimerClient, beyond_float, not_seconds
 
 __all__ = ["TimerClient", "configure", "default_scope_suffix", "expires"]
 
@@ -133,10 +133,7 @@ def _check_after(after: Any) -> None:
         TypeError: ``after`` is not a real number (``numbers.Real``), or is a bool.
     """
     if type(after) is bool or not isinstance(after, numbers.Real):
-        raise TypeError(
-            f"after must be a number of seconds (int or float), "
-            f"not {type(after).__name__} {after!r}"
-        )
+        raise not_seconds("after", after)
 
 
 def _expiration_time(after: float) -> float:

@@ -223,15 +223,25 @@ class V2Lines:
         return entry
 
     def _validated(self, scope_id: str) -> Tuple[bytes, bytes]:
-        """Raise what the validating encoder says is wrong with ``scope_id``.
+        """Raise why ``scope_id`` (a ``str``) cannot be sent, in terms of the scope alone:
+        ``release()`` names no arm.
 
         Raises:
             ValueError: (``LocalProtocolError``) always.
         """
-        self.arm(scope_id, 0.0, self._signal)  # raises, in the encoder's words
-        raise LocalProtocolError(
-            f"a scope is a str of at most {MAX_SCOPE} characters, not {scope_id!r:.80}"
-        )
+        if len(scope_id) > MAX_SCOPE:
+            raise LocalProtocolError(
+                f"a scope is at most {MAX_SCOPE} characters, not {len(scope_id)} "
+                f"({scope_id!r:.80})"
+            )
+        try:
+            scope_id.encode()
+        except UnicodeEncodeError as e:
+            raise LocalProtocolError(
+                f"scope {scope_id!r:.80} holds a lone surrogate (at {e.start}), which UTF-8 "
+                "cannot carry"
+            ) from None
+        raise LocalProtocolError(f"scope {scope_id!r:.80} cannot be sent")
 
     def arm(self, scope_id: str, deadline: float, signal: int) -> bytes:
         """Return the arm line for a monotonic deadline in [0, MAX_TIME] and a checked

@@ -227,13 +227,13 @@ class V2Lines:
         ``release()`` names no arm.
 
         Raises:
-            ValueError: (``LocalProtocolError``) always.
+            MessageTooLarge: longer than ``MAX_SCOPE``: its arm line is over ``PIPE_BUF``
+                (as the size ``entry`` counts).
+            ValueError: (``LocalProtocolError``) otherwise.
         """
-        if len(scope_id) > MAX_SCOPE:
-            raise LocalProtocolError(
-                f"a scope is at most {MAX_SCOPE} characters, not {len(scope_id)} "
-                f"({scope_id!r:.80})"
-            )
+        if len(scope_id) > MAX_SCOPE:  # its arm is over PIPE_BUF: what torch's client raises
+            quoted = encode_basestring(scope_id).encode(errors="surrogatepass")
+            raise MessageTooLarge(self._arm_size - 2 + len(quoted), PIPE_BUF)
         try:
             scope_id.encode()
         except UnicodeEncodeError as e:

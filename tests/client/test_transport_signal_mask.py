@@ -15,10 +15,17 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import select
+import signal
 import subprocess
 import sys
 
 import pytest
+from tests.conftest import wait_until
+
+from ftimer_protocol import parse_proc_stat, proc_status_field
+
+from .conftest import FifoPeer
 
 WORKER = r"""
 import json, os, signal, socket, sys, threading, time
@@ -110,3 +117,54 @@ def test_an_interrupting_handler_never_leaves_signals_blocked(
     report = json.loads(out)
     assert report["left"] == [], report
     assert report["ticks"] >= 50, report  # the handler did interrupt the writes
+
+
+# A worker whose main thread waits in time.sleep() with a SIGTERM handler, connected to
+# its server (argv[1]): the client's watch thread runs beside it.
+SLEEPER = """
+import signal, sys, time
+from ftimer_client import FileTimerClient
+
+signal.signal(signal.SIGTERM, lambda *_: print("term", flush=True))
+FileTimerClient(sys.argv[1], labels={}).arm("s", 600)
+print("ready", flush=True)
+while True:
+    time.sleep(60)
+"""
+
+#: SIGTERM's bit in a mask of /proc/PID/task/TID/status.
+_SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
+
+
+def test_the_clients_threads_take_no_signal_of_the_program(peer: FifoPeer) -> None:
+    # A SIGTERM the kernel gave the watch thread (as it may to any thread of a process
+    # that was stopped when it came: a reap of a tree stops it) left the main thread in
+    # its sleep: the program's handler ran a minute late, and the worker was killed at
+    # the end of its grace instead.
+    with subprocess.Popen(
+        [sys.executable, "-c", SLEEPER, str(peer.path)], stdout=subprocess.PIPE, text=True
+    ) as worker:
+        try:
+            assert worker.stdout is not None
+            assert worker.stdout.readline() == "ready\n"
+            helpers = [t for t in os.listdir(f"/proc/{worker.pid}/task") if int(t) != worker.pid]
+            assert helpers  # the watch
+            for tid in helpers:
+                with open(f"/proc/{worker.pid}/task/{tid}/status", "rb") as f:
+                    blocked = int(proc_status_field(f.read(), "SigBlk") or "0", 16)
+                assert blocked & _SIGTERM_BIT, f"thread {tid} may take SIGTERM"
+            for _ in range(20):
+                worker.send_signal(signal.SIGSTOP)
+                wait_until(lambda: _state(worker.pid) == "T", what="the worker stopped")
+                worker.send_signal(signal.SIGTERM)
+                worker.send_signal(signal.SIGCONT)
+                ready, _, _ = select.select([worker.stdout], [], [], 2.0)
+                assert ready, "the SIGTERM handler did not run within 2 s"
+                assert worker.stdout.readline() == "term\n"
+        finally:
+            worker.kill()
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return parse_proc_stat(f.read()).state

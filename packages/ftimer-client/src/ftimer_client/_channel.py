@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import threading
 import time
 import weakref
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from ftimer_protocol import DumpHook
 
@@ -48,7 +49,7 @@ from ._resync import (
 from ._socket import open_pidfd
 from ._transport import open_writer
 from ._wire import V1Lines, V2Lines
-from ._writer import ConnectionLost, Writer
+from ._writer import ConnectionLost, Writer, sigmask
 
 __all__ = ["Channel", "channel_for"]
 
@@ -474,12 +475,7 @@ class Channel:
         """
         writer = self._writer = self._open()
         self._watching = threading.Event()
-        threading.Thread(
-            target=self._watch,
-            args=(writer, self._watching),
-            name="ftimer-client-watch",
-            daemon=True,
-        ).start()
+        _start_helper(self._watch, (writer, self._watching), "ftimer-client-watch")
         return writer
 
     def _watch(self, writer: Writer, ended: threading.Event) -> None:
@@ -530,10 +526,7 @@ class Channel:
         if not self._reached:
             state.owe_no_disarms()
         if not self._retrying() and state.retry_wanted:
-            self._retry = threading.Thread(
-                target=self._retry_loop, name="ftimer-client-resync", daemon=True
-            )
-            self._retry.start()
+            self._retry = _start_helper(self._retry_loop, (), "ftimer-client-resync")
 
     def _retry_loop(self) -> None:
         """The retry thread: deliver what the resync owes, with backoff, until the server
@@ -704,6 +697,31 @@ class Channel:
         if getattr(self, "_pidfd", -1) >= 0:
             os.close(self._pidfd)
 
+
+def _start_helper(
+    target: Callable[..., None], args: Tuple[Any, ...], name: str
+) -> threading.Thread:
+    """Start a daemon thread that blocks every signal (started with them blocked: it
+    never takes one, even before its first line).
+
+    The program's signals then go to its own threads: a Python handler runs in the main
+    thread only, and a SIGTERM the kernel gave a helper left the main thread in its
+    blocking call (a ``time.sleep(60)``), its handler late by as much.
+    """
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    # Read apart, before the try: the call that blocks them runs pending handlers once
+    # it has, and one that raised there would leave them blocked (see ``sigmask``).
+    old = sigmask(signal.SIG_BLOCK, ())
+    try:
+        sigmask(signal.SIG_BLOCK, _EVERY_SIGNAL)
+        thread.start()
+    finally:
+        sigmask(signal.SIG_SETMASK, old)
+    return thread
+
+
+#: What a helper thread blocks: every signal that can be (SIGKILL and SIGSTOP cannot).
+_EVERY_SIGNAL = signal.valid_signals()
 
 _channels: weakref.WeakSet[Channel] = weakref.WeakSet()
 _shared: weakref.WeakValueDictionary[Tuple[object, ...], Channel] = weakref.WeakValueDictionary()

@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import ARMER, children_of, wait_until
 
 from ftimer_protocol import Arm, Disarm, encode, parse_start_time
+from ftimer_server.daemon._control import query_status
 from ftimer_server.daemon._state import decode_state
 
 from .conftest import PATIENCE, PYTHON, DaemonProcess, Worker
@@ -148,6 +149,24 @@ def test_a_fifo_and_socket_removed_under_the_daemon_are_said_and_unhealthy(
     assert d.stop() == 0
 
 
+def test_a_fifo_directory_replaced_by_a_file_is_said_and_the_daemon_serves_on(
+    spawn: Spawn, short_dir: pathlib.Path
+) -> None:
+    # The look at the path raised ENOTDIR (or ENOTCONN, on a dead network mount) in the
+    # daemon's main loop: it exited with a traceback, dropping every timer.
+    sub = short_dir / "sub"
+    sub.mkdir()
+    fifo = sub / "timer.fifo"
+    control = short_dir / "ctl.sock"
+    d = spawn("--fifo", str(fifo), "--control-socket", str(control), "--no-socket").ready()
+    sub.rename(short_dir / "away")
+    sub.write_text("")  # a file where the FIFO's directory was
+    d.wait_for_record(level="error", where=lambda r: r["msg"].startswith(f"{fifo} no longer"))
+    assert query_status(str(control))["lost_paths"] == [str(fifo)]
+    assert d.proc.poll() is None
+    assert d.stop() == 0
+
+
 def test_a_log_file_that_takes_no_more_is_said_once_and_a_stop_is_clean(
     spawn: Spawn, short_dir: pathlib.Path
 ) -> None:
@@ -172,7 +191,9 @@ def test_a_log_file_that_takes_no_more_is_said_once_and_a_stop_is_clean(
     assert d.proc.stderr is not None
     said = d.proc.stderr.read()
     assert "Traceback" not in said
-    assert said.count(f"ftimer-server: cannot write the log file {d.log}: ") == 1, said
+    assert (
+        said.count(f"ftimer-server: a line could not be written to the log file {d.log}: ") == 1
+    ), said
     assert "line(s) lost so far" in said
 
 

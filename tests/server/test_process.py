@@ -15,7 +15,7 @@ from tests.conftest import wait_until
 from ftimer_protocol import socket_path_for
 from ftimer_server import FileTimerServer, OsSignaller, RecordingSignaller, SystemInspector, Worker
 from ftimer_server.server import _process
-from ftimer_server.server._process import raise_fd_limit
+from ftimer_server.server._process import proc_problem, raise_fd_limit
 
 from .conftest import proc_start_time
 
@@ -186,3 +186,17 @@ def test_clock_offsets_that_cannot_be_read_start_no_crash(
     monkeypatch.setattr(_process, "_timens_offsets", unreadable)
     assert _process.own_clock_offsets() is None
     SystemInspector()  # makes no exception
+
+
+def test_no_proc_at_all_is_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    # It read "shows this process as nothing": another namespace's /proc, which it is not.
+    assert proc_problem() is None  # this process's own /proc
+
+    def no_proc(path: str) -> str:
+        raise FileNotFoundError(2, "No such file or directory", path)
+
+    monkeypatch.setattr(_process.os, "readlink", no_proc)
+    monkeypatch.setattr(_process.os.path, "isdir", lambda path: False)
+    assert proc_problem() == (
+        "no /proc is mounted: the server reads its processes there; mount one"
+    )

@@ -25,7 +25,6 @@ import gc
 import grp
 import heapq
 import logging
-import math
 import operator
 import os
 import pwd
@@ -34,6 +33,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Type
@@ -158,8 +158,9 @@ class Daemon:
         self._state_lock_fd: Optional[int] = None
         self._restoring = False
         self._started = time.monotonic()
-        #: The paths found no longer naming the FIFO or the socket (``_check_paths``).
+        #: The paths found no longer naming the FIFO or the socket (``_watch_paths``).
         self._lost: List[str] = []
+        self._paths_done = threading.Event()
 
     # -- the run -----------------------------------------------------------------------
 
@@ -442,6 +443,9 @@ class Daemon:
             what = "socket" if e.path == c.socket else "FIFO"
             raise StartupError(f"{what} {e.path}: {e.reason}") from None
         self._server = server
+        threading.Thread(
+            target=self._watch_paths, args=(server,), name="ftimer-paths", daemon=True
+        ).start()
         self._keep_for_next()
         try:
             control.start()
@@ -549,14 +553,11 @@ class Daemon:
         cover.
         """
         log_fd = self._logging.wake_fd
-        check_at = time.monotonic()
         while True:
-            due = min(check_at, self._logging.filter.next_flush() or math.inf)
-            select.select([wake_fd, log_fd], [], [], max(0.0, due - time.monotonic()))
+            due = self._logging.filter.next_flush()
+            timeout = None if due is None else max(0.0, due - time.monotonic())
+            select.select([wake_fd, log_fd], [], [], timeout)
             self._logging.flush_repeats()
-            if time.monotonic() >= check_at:
-                self._check_paths()
-                check_at = time.monotonic() + _PATHS_EVERY
             for signum in _read_signals(wake_fd):
                 if signum in _STOP_SIGNALS:
                     log.info("%s: shutting down", signal.Signals(signum).name)
@@ -564,11 +565,19 @@ class Daemon:
                 if signum == signal.SIGHUP:
                     self._reload()
 
-    def _check_paths(self) -> None:
-        """Say (an error line) when the FIFO's or the socket's path stops naming them, and
-        when it names them again; ``status`` reports the daemon unhealthy meanwhile."""
-        assert self._server is not None
-        lost = self._server.lost_paths()
+    def _watch_paths(self, server: FileTimerServer) -> None:
+        """A thread of its own: every ``_PATHS_EVERY`` seconds, say (an error line) when
+        the FIFO's or the socket's path stops naming them, and when it names them again;
+        ``status`` reports the daemon unhealthy meanwhile. Not the main loop's: a path
+        on a mount that hangs holds its ``lstat`` for as long, and signals wait on none."""
+        while not self._paths_done.wait(_PATHS_EVERY):
+            try:
+                self._check_paths(server)
+            except Exception:  # a bug here must never cost the watch
+                log.exception("checking the FIFO's and the socket's paths failed")
+
+    def _check_paths(self, server: FileTimerServer) -> None:
+        lost = server.lost_paths()
         for path in lost:
             if path not in self._lost:
                 log.error(
@@ -576,7 +585,7 @@ class Daemon:
                     "file): workers that open it now cannot reach the daemon, those that "
                     "hold it open still do; restart the daemon to make it anew",
                     path,
-                    "FIFO" if path == self._server.file_path else "socket",
+                    "FIFO" if path == server.file_path else "socket",
                 )
         for path in self._lost:
             if path not in lost:
@@ -584,6 +593,7 @@ class Daemon:
         self._lost = lost
 
     def _shutdown(self) -> None:
+        self._paths_done.set()  # not joined: it may be held by a mount that hangs
         if self._server is not None:
             self._notifier.stopping()
         if self._control is not None:

@@ -195,8 +195,9 @@ class ReopenableFileHandler(logging.FileHandler):
             self._said = now
             with contextlib.suppress(OSError, ValueError):  # stderr closed or gone too
                 sys.stderr.write(
-                    f"ftimer-server: cannot write the log file {self.baseFilename}: "
-                    f"{sys.exc_info()[1]} ({self.lost} line(s) lost so far)\n"
+                    f"ftimer-server: a line could not be written to the log file "
+                    f"{self.baseFilename}: {sys.exc_info()[1]} ({self.lost} line(s) lost "
+                    "so far)\n"
                 )
 
     def close(self) -> None:

@@ -163,8 +163,12 @@ class Fifo:
 
     def at_path(self) -> bool:
         """Whether ``path`` still names this FIFO (not if it was removed, or replaced by
-        another file: writers that open the path then do not reach this server)."""
-        return is_same_file(self.path, self._made)
+        another file, its directory too, or cannot be looked up: writers that open the
+        path then do not reach this server)."""
+        try:
+            return is_same_file(self.path, self._made)
+        except OSError:  # ENOTDIR, EACCES, ELOOP, a dead network mount
+            return False
 
     def close(self, remove: bool = False) -> None:
         """Close both ends; with ``remove``, also unlink the FIFO if this server created it

@@ -325,6 +325,8 @@ def proc_problem() -> Optional[str]:
     try:
         seen = os.readlink("/proc/self")
     except OSError as e:  # ENOENT: this process is not in that /proc's namespace
+        if not os.path.isdir("/proc/sys"):
+            return "no /proc is mounted: the server reads its processes there; mount one"
         seen = f"nothing ({e.strerror})"
     if seen == str(os.getpid()):
         return None

@@ -172,7 +172,10 @@ class DatagramSocket:
 
     def at_path(self) -> bool:
         """Whether ``path`` still names this socket (as ``Fifo.at_path``)."""
-        return is_same_file(self.path, self._bound)
+        try:
+            return is_same_file(self.path, self._bound)
+        except OSError:
+            return False
 
     def queued(self) -> bool:
         """Whether a datagram is queued (FIONREAD would say 0 for an empty one at the

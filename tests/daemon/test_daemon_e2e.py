@@ -224,6 +224,53 @@ def test_kill_9_and_restart_keeps_armed_timers(
     assert decode_state(state_file.read_bytes()).timers == []
 
 
+# Arms "s" over the socket at argv[1], then, at "release" on stdin, releases it, and
+# sends nothing more.
+IDLE = """
+import sys
+from ftimer_client import FileTimerClient
+client = FileTimerClient(sys.argv[1], transport="socket", labels={})
+client.arm("s", 600)
+print("armed", flush=True)
+assert sys.stdin.readline() == "release\\n"
+client.release("s")
+print("released", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_disarm_that_died_unread_with_the_daemon_is_sent_again_by_an_idle_worker(
+    spawn: Spawn, short_dir: pathlib.Path
+) -> None:
+    # The datagram was queued when the daemon was killed: the next one restored the
+    # timer from its state file, and the worker, which sent nothing more, was reaped.
+    # The client sends its last disarms again when it reconnects, but it looked for a
+    # lost server only while something was armed.
+    state_file = short_dir / "state.json"
+    a = spawn("--state-file", str(state_file), name="a").ready()
+    sock = a.status()["socket"]
+    with subprocess.Popen(
+        [PYTHON, "-c", IDLE, sock], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as idle:
+        try:
+            assert idle.stdin is not None
+            assert idle.stdout is not None
+            assert idle.stdout.readline() == "armed\n"
+            wait_until(lambda: _saved(state_file) == ["s"], what="the timer saved")
+            a.proc.send_signal(signal.SIGSTOP)  # reads nothing more
+            idle.stdin.write("release\n")
+            idle.stdin.flush()
+            assert idle.stdout.readline() == "released\n"
+            a.stop(signal.SIGKILL)
+            b = spawn("--state-file", str(state_file), name="b").ready()
+            assert [r for r in b.records() if r["msg"].startswith("restored timer")]
+            wait_until(lambda: b.status()["armed"] == 0, what="the restored timer disarmed")
+            assert idle.poll() is None
+            assert b.stop() == 0
+        finally:
+            idle.kill()
+
+
 def test_at_info_level_arms_are_not_logged_but_still_saved(
     spawn: Spawn, worker: StartWorker, short_dir: pathlib.Path
 ) -> None:

@@ -16,9 +16,9 @@ datagram socket), under the lock, while the server is in sync. Anything else goe
 resynchronises on the spot; a failure marks the channel for resync, and a background
 thread retries with backoff while something is armed or a disarm was lost
 (``_retry_loop``: a few lines at a time, letting go of the lock in between). Another
-watches a kept connection while something is armed (``_watch``): a worker stuck in a
-block sends nothing more, and a server that restarted without its state would never
-learn its timer.
+watches a kept connection while something is armed or was disarmed of late
+(``_watch``): a worker stuck in a block sends nothing more, and a server that restarted
+without its state would never learn its timer.
 """
 
 from __future__ import annotations
@@ -474,25 +474,22 @@ class Channel:
             ServerUnavailable: as ``_open``.
         """
         writer = self._writer = self._open()
-        self._watching = threading.Event()
-        _start_helper(self._watch, (writer, self._watching), "ftimer-client-watch")
+        ended = threading.Event()
+        try:
+            _start_helper(_watch, (weakref.ref(self), writer, ended), "ftimer-client-watch")
+        except RuntimeError:  # no thread to be had (a pids limit): it serves, unwatched
+            return writer
+        self._watching = ended
         return writer
 
-    def _watch(self, writer: Writer, ended: threading.Event) -> None:
-        """The watch of connection ``writer``, until it is let go of (``ended``): every
-        ``WATCH_EVERY`` seconds while something is armed and the server in sync, whether
-        the server's end is gone (``Writer.lost``, which sends nothing). Gone, the
-        connection is dropped and the retry thread reconnects and resyncs, as a caller's
-        next line would have."""
-        while not ended.wait(WATCH_EVERY):
-            with self.lock:
-                if self._writer is not writer:
-                    return
-                if self.armed and not self.state.needs_resync and writer.lost():
-                    self._disconnect()
-                    self.state.reconnected()
-                    self._failed(None)
-                    return
+    def _found_lost(self, writer: Writer) -> None:
+        """``writer``'s server end was found gone while the server was taken to be in sync
+        (lock held): drop it, and have the retry thread reconnect and resync, as a
+        caller's next line would have."""
+        if self._writer is writer and not self.state.needs_resync:
+            self._disconnect()
+            self.state.reconnected()
+            self._failed(None)
 
     def _subject(self) -> int:
         """A pidfd of the process the timers are for, or -1 when that is the sender.
@@ -683,7 +680,8 @@ class Channel:
             writer.close()
         self._once.clear()
         self.state.reset()
-        self._reached = False  # no server has taken a line with the child's pid
+        if self.follows_process:  # no server has taken a line with the child's pid
+            self._reached = False
         self._retry = None
         self._sending = False
         if self.follows_process:
@@ -696,6 +694,40 @@ class Channel:
     def __del__(self) -> None:
         if getattr(self, "_pidfd", -1) >= 0:
             os.close(self._pidfd)
+
+
+def _watch(channel: weakref.ref[Channel], writer: Writer, ended: threading.Event) -> None:
+    """The watch of ``channel``'s connection ``writer``, until it is let go of (``ended``)
+    or the channel is dropped: every ``WATCH_EVERY`` seconds, while the server is taken to
+    be in sync and holds something of this channel's (an armed timer, or one disarmed of
+    late, which a server that restarted from its state file would reap if the disarm
+    died unread with the old one), whether the server's end is gone (``Writer.lost``,
+    which sends nothing). A stuck worker sends nothing more: without this, a server that
+    restarted without its state never learned its timer.
+
+    The look is made without the channel's lock (it stats and connects on the path,
+    which a hung mount can hold), and without a reference to the channel in between:
+    a client dropped without ``close()`` lets its channel and connection go.
+    """
+    while not ended.wait(WATCH_EVERY):
+        held = channel()
+        if held is None or held._writer is not writer:
+            return
+        due = (held.armed or held.state.recent) and not held.state.needs_resync
+        lock, held = held.lock, None
+        if not due:
+            continue
+        try:
+            if not writer.lost():
+                continue
+        except OSError:  # cannot tell now: the next look may
+            continue
+        held = channel()
+        if held is None:
+            return
+        with lock:
+            held._found_lost(writer)
+        return
 
 
 def _start_helper(

@@ -319,6 +319,13 @@ class Resync:
         for scope_id in scopes:
             self._lost[scope_id] = self._base.disarm(scope_id)
 
+    @property
+    def recent(self) -> bool:
+        """Whether disarms were delivered of late (the last ``RECENT``): a server that
+        died before it read them may restore their timers from its state file, so a
+        reconnection sends them again."""
+        return bool(self._recent)
+
     def owe_no_disarms(self) -> None:
         """No server has ever taken a line of this channel: none holds an arm of it, so
         no disarm is owed (a retry for one would go on for good where none ever runs)."""

@@ -210,14 +210,20 @@ class SocketWriter:
         return not self._bound()
 
     def _bound(self) -> bool:
-        """Whether a server still reads the socket this writer sends to."""
+        """Whether a server still reads the socket this writer sends to: yes, too, where
+        the probe cannot tell (no descriptor left for it, say)."""
         if self._replaced():
             return False
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            probe.connect(self.path)
-        except OSError:  # ECONNREFUSED: nobody reads it any more
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        except OSError:  # EMFILE, ENOBUFS
+            return True
+        try:
+            _connect(probe, self.path)  # through its directory, as the writer's own
+        except (ConnectionRefusedError, FileNotFoundError):  # nobody reads it any more
             return False
+        except OSError:  # ServerUnavailable (a path too long even so) too
+            return True
         finally:
             probe.close()
         return True
@@ -326,9 +332,12 @@ def _connect(sock: socket.socket, path: str) -> None:
     )
 
 
-def _inode(path: str) -> Tuple[int, int]:
+def _inode(path: str) -> Tuple[int, int, int]:
+    """What tells the socket file at ``path`` from one bound there later: its inode, and
+    when it was made (its change time), since a file system may give a new socket the
+    number of the one unlinked before it (a server restarted, ext4)."""
     st = os.stat(path)
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
 def _what_is(path: str) -> str:

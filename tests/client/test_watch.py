@@ -1,0 +1,113 @@
+"""The client's watch of its connection (the thread that finds a server gone while the
+worker sends nothing), and what a channel that never reached a server owes: with real
+FIFOs, sockets and forked children."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import pathlib
+import socket
+import threading
+import warnings
+
+import pytest
+from tests.conftest import wait_until
+
+from ftimer_client import FileTimerClient, ServerUnavailableWarning, _channel, _socket
+from ftimer_protocol import Disarm
+
+from .conftest import FifoPeer, SocketPeer
+from .test_fork import in_child
+
+ME = os.getpid()
+
+
+def watches() -> int:
+    return sum(t.name == "ftimer-client-watch" for t in threading.enumerate())
+
+
+def test_a_disarm_in_a_forked_child_of_a_client_for_a_pid_is_still_owed(peer: FifoPeer) -> None:
+    # The child's channel counted as never having reached a server, so its failed
+    # disarm was dropped: the server, restored from its state file, reaped the worker.
+    client = FileTimerClient(peer.path, pid=ME, on_unavailable="warn", labels={})
+    client.arm("w", 60)
+    peer.wait_count(1)
+    peer.close()  # the server goes, as for a restart
+
+    def child() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ServerUnavailableWarning)
+            client.release("w")
+        back = FifoPeer(peer.path, create=False)
+        try:  # the child's retries deliver it to the server once it is back
+            back.wait_for(lambda m: any(isinstance(x, Disarm) and x.pid == ME for x in m))
+        finally:
+            back.close()
+
+    in_child(child)
+
+
+def test_clients_dropped_without_close_let_their_watch_and_connection_go(
+    peer: FifoPeer,
+) -> None:
+    # The watch held its channel: each dropped client left a thread and a descriptor.
+    before = watches()
+    for _ in range(20):
+        client = FileTimerClient(peer.path, pid=ME, labels={})  # a channel of its own
+        client.arm("s", 60)
+        client.release("s")
+    assert watches() >= before + 20
+    del client
+    gc.collect()
+    wait_until(lambda: watches() <= before, what="the dropped clients' watches gone")
+
+
+def test_a_long_socket_path_is_not_taken_for_a_lost_server(
+    speer: SocketPeer, tmp_path: pathlib.Path
+) -> None:
+    # The probe connected to the path itself, which an AF_UNIX address cannot hold:
+    # the watch found the server gone every second, and resynced each time.
+    deep = tmp_path / ("d" * 60) / ("e" * 60)  # the server's directory, further away
+    deep.parent.mkdir()
+    deep.symlink_to(speer.path.parent)
+    client = FileTimerClient(deep / speer.path.name, transport="socket", labels={})
+    client.arm("s", 60)
+    writer = client._channel._writer
+    assert writer is not None
+    assert not writer.lost()
+    speer.close()  # nobody reads it now
+    assert writer.lost()
+
+
+def test_a_probe_with_no_descriptor_left_cannot_tell(
+    speer: SocketPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The probe's socket() raised EMFILE out of the watch, which ended for good: a
+    # stuck worker then lost its timer at the next restart.
+    client = FileTimerClient(speer.path, transport="socket", labels={})
+    client.arm("s", 60)
+    writer = client._channel._writer
+    assert writer is not None
+
+    def no_descriptor(*_: object) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(_socket.socket, "socket", no_descriptor)
+    assert not writer.lost()
+
+
+def test_a_connection_without_a_thread_for_its_watch_still_serves(
+    peer: FifoPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At a pids limit no thread can start: the first arm raised RuntimeError, though
+    # its line had gone out.
+    def no_thread(*_: object) -> threading.Thread:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(_channel, "_start_helper", no_thread)
+    client = FileTimerClient(peer.path, labels={})
+    client.arm("s", 60)
+    client.release("s")
+    assert len(peer.wait_count(2)) == 2

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from typing import Iterator, Set, Tuple
+from typing import Any, Iterator, List, Set, Tuple
 
 import pytest
 from tests.conftest import wait_until
@@ -175,15 +175,10 @@ def test_a_server_restarted_without_its_state_gets_the_timer_of_ftimer_exec(
     command = [*FTIMER, "exec", *where, "--after", "600", "--", "sleep", "60"]
     first = server_module.FileTimerServer(fifo_path, socket_path=path, signaller=signaller)
     with first, subprocess.Popen(command) as wrapper:
+        [timer] = wait_until(first.armed)
         try:
-            [timer] = wait_until(first.armed)
-            first.stop()  # as if it died: its FIFO and socket read by nobody
-            second = server_module.FileTimerServer(fifo_path, socket_path=path, signaller=signaller)
-            with second:
-                again = wait_until(second.armed, what="the command's timer sent again")
-                assert [(t.pid, t.scope_id, t.deadline) for t in again] == [
-                    (timer.pid, "exec:sleep", timer.deadline)
-                ]
+            again = restarted_without_state(first, path, signaller)
+            assert again == [(timer.pid, "exec:sleep", timer.deadline)]
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(timer.pid, signal.SIGKILL)  # the command: the wrapper's child
@@ -203,11 +198,21 @@ def test_a_server_restarted_without_its_state_gets_the_timer_of_a_worker_that_se
     with first, worker(fifo_path if transport == "fifo" else path, "scripted") as proc:
         arm(proc, "x")  # then it waits on its stdin: no line more
         [timer] = wait_until(first.armed)
-        first.stop()  # as if it died: its FIFO and socket read by nobody
-        second = server_module.FileTimerServer(fifo_path, socket_path=path, signaller=signaller)
-        with second:
-            again = wait_until(second.armed, what="the worker's timer sent again")
-            assert [(t.pid, t.scope_id, t.deadline) for t in again] == [
-                (proc.pid, "x", timer.deadline)
-            ]
+        again = restarted_without_state(first, path, signaller)
+        assert again == [(proc.pid, "x", timer.deadline)]
     assert signaller.sent == []
+
+
+def restarted_without_state(
+    first: Any, socket_path: pathlib.Path, signaller: Any
+) -> List[Tuple[int, str, float]]:
+    """Stop ``first`` as if it died (its FIFO and socket then read by nobody), start a
+    server without its state on the same paths, and return the timers it is sent again
+    (pid, scope, deadline), once it has some."""
+    first.stop()
+    second = server_module.FileTimerServer(
+        first.file_path, socket_path=socket_path, signaller=signaller
+    )
+    with second:
+        again = wait_until(second.armed, what="the timers sent again")
+    return [(t.pid, t.scope_id, t.deadline) for t in again]

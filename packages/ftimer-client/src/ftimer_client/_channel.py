@@ -733,27 +733,35 @@ def _watch(channel: weakref.ref[Channel], writer: Writer, ended: threading.Event
 def _start_helper(
     target: Callable[..., None], args: Tuple[Any, ...], name: str
 ) -> threading.Thread:
-    """Start a daemon thread that blocks every signal (started with them blocked: it
-    never takes one, even before its first line).
+    """Start a daemon thread running ``target(*args)`` with the program's signals
+    blocked (its first act).
 
     The program's signals then go to its own threads: a Python handler runs in the main
     thread only, and a SIGTERM the kernel gave a helper left the main thread in its
-    blocking call (a ``time.sleep(60)``), its handler late by as much.
+    blocking call (a ``time.sleep(60)``), its handler late by as much. Blocked in the
+    thread, not around its start: ``Thread.start()`` waits in Python code, where a
+    handler may run, and one that started a process then gave it every signal blocked.
     """
-    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-    # Read apart, before the try: the call that blocks them runs pending handlers once
-    # it has, and one that raised there would leave them blocked (see ``sigmask``).
-    old = sigmask(signal.SIG_BLOCK, ())
-    try:
-        sigmask(signal.SIG_BLOCK, _EVERY_SIGNAL)
-        thread.start()
-    finally:
-        sigmask(signal.SIG_SETMASK, old)
+    thread = threading.Thread(target=_blocking, args=(target, *args), name=name, daemon=True)
+    thread.start()
     return thread
 
 
-#: What a helper thread blocks: every signal that can be (SIGKILL and SIGSTOP cannot).
-_EVERY_SIGNAL = signal.valid_signals()
+def _blocking(target: Callable[..., None], *args: Any) -> None:
+    sigmask(signal.SIG_BLOCK, _PROGRAMS_SIGNALS)
+    target(*args)
+
+
+#: What a helper thread blocks: every signal but those a fault of its own raises (a
+#: blocked SIGSEGV would kill the process without faulthandler's traceback).
+_PROGRAMS_SIGNALS = signal.valid_signals() - {
+    signal.SIGSEGV,
+    signal.SIGBUS,
+    signal.SIGFPE,
+    signal.SIGILL,
+    signal.SIGTRAP,
+    signal.SIGSYS,
+}
 
 _channels: weakref.WeakSet[Channel] = weakref.WeakSet()
 _shared: weakref.WeakValueDictionary[Tuple[object, ...], Channel] = weakref.WeakValueDictionary()

@@ -111,3 +111,24 @@ def test_a_connection_without_a_thread_for_its_watch_still_serves(
     client.arm("s", 60)
     client.release("s")
     assert len(peer.wait_count(2)) == 2
+
+
+def test_a_socket_file_chmodded_or_touched_is_not_taken_for_a_new_server(
+    speer: SocketPeer,
+) -> None:
+    # Its change time was compared too (against a new socket given the old one's inode
+    # number): a mode re-applied by config management made every client resync.
+    client = FileTimerClient(speer.path, transport="socket", labels={})
+    client.arm("s", 60)
+    writer = client._channel._writer
+    assert writer is not None
+    os.chmod(speer.path, 0o600)
+    os.utime(speer.path)
+    assert not writer.lost()
+    speer.close()
+    speer.path.unlink()
+    again = SocketPeer(speer.path)  # a new server, bound anew at the path
+    try:
+        assert writer.lost()
+    finally:
+        again.close()

@@ -79,17 +79,22 @@ class SocketWriter:
     def __init__(self, path: str, pidfd: int = -1) -> None:
         self.path = path
         self._pidfd = pidfd
+        self._file = -1
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
             sock.setblocking(False)
             # The inode first: a socket replaced after this is noticed, never the reverse.
-            self._inode = _inode(path)
+            # Held (O_PATH) while connected: a file system may give a socket bound anew
+            # the number of one unlinked (ext4), and the new one would pass for the old.
+            self._file, self._inode = _pin(path)
             _connect(sock, path)
         except OSError as e:
             sock.close()
+            self._unpin()
             raise _unavailable(e, path) from e
         except ServerUnavailable:
             sock.close()
+            self._unpin()
             raise
         self._sock = sock
         # write() on a connected datagram socket sends one datagram, as send() does, at
@@ -262,10 +267,16 @@ class SocketWriter:
         except OSError:
             return True
 
+    def _unpin(self) -> None:
+        if self._file >= 0:
+            fd, self._file = self._file, -1
+            os.close(fd)
+
     def close(self) -> None:
         """Close the socket (idempotent); a pidfd given to it is not its to close."""
         self.hot_fd = -1
         self._sock.close()
+        self._unpin()
 
     def __del__(self) -> None:
         # A client dropped without close() lets go of its connection quietly, as the
@@ -273,6 +284,8 @@ class SocketWriter:
         sock = getattr(self, "_sock", None)
         if sock is not None:
             sock.close()
+        if getattr(self, "_file", -1) >= 0:
+            self._unpin()
 
 
 def open_pidfd(pid: int) -> int:
@@ -332,12 +345,23 @@ def _connect(sock: socket.socket, path: str) -> None:
     )
 
 
-def _inode(path: str) -> Tuple[int, int, int]:
-    """What tells the socket file at ``path`` from one bound there later: its inode, and
-    when it was made (its change time), since a file system may give a new socket the
-    number of the one unlinked before it (a server restarted, ext4)."""
+def _inode(path: str) -> Tuple[int, int]:
     st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_ctime_ns
+    return st.st_dev, st.st_ino
+
+
+def _pin(path: str) -> Tuple[int, Tuple[int, int]]:
+    """Open the socket file at ``path`` to hold its inode (``O_PATH``: no I/O, any file
+    type; -1 where there is none), and return the descriptor and the inode.
+
+    Raises:
+        OSError: as stat().
+    """
+    if not hasattr(os, "O_PATH"):
+        return -1, _inode(path)
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    return fd, (st.st_dev, st.st_ino)
 
 
 def _what_is(path: str) -> str:

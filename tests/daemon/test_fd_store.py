@@ -230,6 +230,28 @@ def test_a_datagram_left_unread_by_a_killed_daemon_is_read_by_the_next(
     assert os.fstat(again).st_ino == os.fstat(held).st_ino
 
 
+def test_a_daemon_that_restored_nothing_binds_a_new_socket_and_its_clients_resend(
+    spawn: Callable[..., DaemonProcess],
+    store: FdStore,
+    quiet: Callable[[pathlib.Path, float], subprocess.Popen[str]],
+) -> None:
+    # Taken over though no timer was restored (no state file): its clients, connected
+    # to it still, never learned that the new daemon knew none of their timers, and a
+    # stuck worker ran on unreaped. As the FIFO, it is replaced then.
+    first = store.start(spawn, name="first")
+    [held] = store.held[SOCKET]
+    worker = quiet(first.fifo.with_suffix(".socket"), 600.0)
+    wait_until(lambda: first.armed_scopes() == ["step"], what="the arm read")
+    old = os.fstat(held).st_ino
+    first.stop(signal.SIGKILL)
+    second = store.start(spawn, name="second")
+    wait_until(lambda: second.armed_scopes() == ["step"], what="the timer sent again")
+    assert [t["pid"] for t in second.status()["timers"]] == [worker.pid]
+    [now] = store.held[SOCKET]
+    assert os.fstat(now).st_ino != old  # a socket of its own
+    assert second.stop() == 0
+
+
 def test_a_daemon_stopped_takes_its_socket_with_it(
     spawn: Callable[..., DaemonProcess], store: FdStore
 ) -> None:
@@ -380,13 +402,19 @@ def test_a_socket_not_taken_over_is_let_go(
 
 
 def test_a_socket_taken_over_keeps_the_queue_length_it_was_made_with(
-    spawn: Callable[..., DaemonProcess], store: FdStore
+    spawn: Callable[..., DaemonProcess],
+    short_dir: pathlib.Path,
+    store: FdStore,
+    quiet: Callable[[pathlib.Path, float], subprocess.Popen[str]],
 ) -> None:
     # The kernel keeps a socket's queue length from when it was made; the daemon took
     # net.unix.max_dgram_qlen of now, and a full queue could pass for one with room.
-    store.start(spawn, name="first").stop(signal.SIGKILL)
+    args = ["--state-file", str(short_dir / "state.json")]
+    first = store.start(spawn, *args, name="first")
+    quiet_on_the_socket(first, quiet)  # a timer restored: the socket is taken over
+    first.stop(signal.SIGKILL)
     store.held["socket-q7"] = store.held.pop(SOCKET)  # made when the sysctl said 7
-    store.start(spawn, name="second")
+    store.start(spawn, *args, name="second")
     assert list(store.held) == ["fifo", "socket-q7"]  # stored again as it is
 
 

@@ -78,7 +78,7 @@ from ._process import (
     ticks_since_boot,
 )
 from ._signaller import OsSignaller, RecordingSignaller, Signaller
-from ._socket import DatagramSocket, open_socket
+from ._socket import DatagramSocket, forgo_socket, open_socket
 from ._torch import LogEvent, request_of_timer, torch_log_event
 
 if TYPE_CHECKING:
@@ -200,7 +200,10 @@ class FileTimerServer:
         adopt_socket: the daemon's too, not a stable API: (a descriptor of a datagram
             socket bound at ``socket_path`` already, the queue length it was made with):
             the last daemon's, which systemd kept open, used instead of binding one,
-            with the datagrams queued on it; the server owns it from ``start()`` on.
+            with the datagrams queued on it, when timers were restored (as the FIFO is
+            reused then); else closed, and a new one bound (as the FIFO is replaced),
+            so that its clients re-send their timers. The server owns it from
+            ``start()`` on.
         restore_grace: after ``restore()`` or ``replay()``, no timer expires for this
             many seconds: clients that could not write while no server ran (a disarm
             during the outage) re-send within their retry interval (1 s at most for
@@ -793,16 +796,29 @@ class FileTimerServer:
                 # A server that restored nothing replaces its old FIFO: clients that
                 # still hold the old one then fail their next write and re-send their
                 # timers. One that restored timers reuses it: its writers lose nothing.
+                restored = len(self._watchdog.table) > 0
                 fifo = open_fifo(
                     self.file_path,
                     mode=self._fifo_mode,
                     group=self._fifo_group,
                     pipe_size=self._pipe_size,
-                    replace=len(self._watchdog.table) == 0,
+                    replace=not restored,
                 )
             except BaseException:
                 self._unlock()
                 raise
+            adopt = self._adopt_socket
+            if adopt is not None and not restored and self._socket_path is not None:
+                # As the FIFO: clients still connected to the last server's socket would
+                # never learn that this one knows none of their timers. One bound anew
+                # has them reconnect and re-send (what was queued on the old is theirs).
+                forgo_socket(self._socket_path, adopt[0])
+                logger.info(
+                    "bound a new socket at %s (no timers restored), not the last server's "
+                    "kept open: its clients reconnect and re-send their timers",
+                    self._socket_path,
+                )
+                adopt = None
             if self._socket_path is not None:
                 try:
                     self._socket = open_socket(
@@ -810,7 +826,7 @@ class FileTimerServer:
                         mode=self._fifo_mode,
                         group=self._fifo_group,
                         processes=self._inspector,
-                        adopt=self._adopt_socket,
+                        adopt=adopt,
                     )
                     self._host.vouched = self._socket.vouched
                 except BaseException:

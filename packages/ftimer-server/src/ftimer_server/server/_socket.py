@@ -812,6 +812,21 @@ def _adopt(
         raise
 
 
+def forgo_socket(path: str, fd: int) -> None:
+    """Close ``fd``, a socket given to be taken over (``open_socket``'s ``adopt``), and
+    remove ``path`` if it is bound there: a new one may be bound in its place. Never
+    raises (what cannot be done is left: the bind that follows says why)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:  # not a socket
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        return
+    with sock, contextlib.suppress(OSError):
+        if sock.getsockname() == path and stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+
+
 def shut_for_reading(fd: int) -> bool:
     """Whether the socket ``fd`` was shut for reading (``stop_receiving()``: a server
     killed as it stopped): sends to it fail, so it is no socket to serve."""

@@ -9,6 +9,8 @@ import gc
 import os
 import pathlib
 import socket
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -132,3 +134,32 @@ def test_a_socket_file_chmodded_or_touched_is_not_taken_for_a_new_server(
         assert writer.lost()
     finally:
         again.close()
+
+
+# With one descriptor left (argv[1]: a socket to connect to), a writer is made.
+ONE_LEFT = """
+import os, resource, sys
+from ftimer_client._socket import SocketWriter
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+os.close(held.pop())
+SocketWriter(sys.argv[1]).write(b"x\\n", 1.0)
+print("sent")
+"""
+
+
+def test_a_writer_with_one_descriptor_left_connects_as_a_socket_does(speer: SocketPeer) -> None:
+    # Its hold on the socket file (a second descriptor) failed with EMFILE, reported as
+    # a failed connect, where a plain connect worked: the inode is then only read.
+    done = subprocess.run(
+        [sys.executable, "-c", ONE_LEFT, str(speer.path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout == "sent\n", done.stderr

@@ -32,6 +32,7 @@ from ftimer_protocol import PIPE_BUF, Arm, Disarm, Expire, Sync, encode
 from ftimer_server import (
     Armed,
     Event,
+    FifoBusy,
     FifoError,
     FileTimerServer,
     Reaped,
@@ -1510,3 +1511,49 @@ def test_a_receipt_is_given_while_every_closer_thread_is_held(
         close.free.set()
         os.close(read_end)
         sock.close()
+
+
+# -- a socket given to be taken over, when nothing was restored ------------------------
+
+
+def _kept(path: pathlib.Path) -> int:
+    """A datagram socket bound at ``path`` (as the last server's, kept by systemd): its
+    descriptor, the caller's to give."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    return sock.detach()
+
+
+def test_a_start_tried_again_keeps_its_lock(tmp_path: pathlib.Path) -> None:
+    # The kept socket was closed at the first start, which then failed; the second
+    # closed its number again, by then the FIFO's lock file's: a second server started
+    # on the same FIFO, and the first's stop failed closing the lock (EBADF).
+    path = tmp_path / "s.socket"
+    fd = _kept(path)
+    path.unlink()
+    path.mkdir()  # something other than a socket there: the start fails
+    server = FileTimerServer(tmp_path / "t.fifo", socket_path=path, adopt_socket=(fd, 10))
+    with pytest.raises(FifoError, match="something other than a socket"):
+        server.start()
+    path.rmdir()
+    with server, pytest.raises(FifoBusy):
+        FileTimerServer(tmp_path / "t.fifo").start()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a socket of another user")
+def test_a_socket_of_another_user_at_the_path_is_not_removed(tmp_path: pathlib.Path) -> None:
+    # The kept socket's path named another socket by then (its own removed, another
+    # bound there): it was unlinked all the same, where a start refuses to.
+    path = tmp_path / "s.socket"
+    fd = _kept(path)
+    path.unlink()
+    theirs = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    theirs.bind(str(path))
+    os.chown(path, 4263, 4263)
+    try:
+        server = FileTimerServer(tmp_path / "t.fifo", socket_path=path, adopt_socket=(fd, 10))
+        with pytest.raises(FifoError, match="a socket of uid 4263 is there"):
+            server.start()
+        assert path.exists()
+    finally:
+        theirs.close()

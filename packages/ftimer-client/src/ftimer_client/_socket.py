@@ -352,14 +352,16 @@ def _inode(path: str) -> Tuple[int, int]:
 
 def _pin(path: str) -> Tuple[int, Tuple[int, int]]:
     """Open the socket file at ``path`` to hold its inode (``O_PATH``: no I/O, any file
-    type; -1 where there is none), and return the descriptor and the inode.
+    type; -1 where there is none, or no descriptor left for it: the inode is then only
+    read), and return the descriptor and the inode.
 
     Raises:
         OSError: as stat().
     """
-    if not hasattr(os, "O_PATH"):
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except (AttributeError, OSError):  # no O_PATH (macOS); no descriptor left (EMFILE)
         return -1, _inode(path)
-    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     st = os.fstat(fd)
     return fd, (st.st_dev, st.st_ino)
 

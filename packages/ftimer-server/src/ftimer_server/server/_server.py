@@ -813,6 +813,7 @@ class FileTimerServer:
                 # never learn that this one knows none of their timers. One bound anew
                 # has them reconnect and re-send (what was queued on the old is theirs).
                 forgo_socket(self._socket_path, adopt[0])
+                self._adopt_socket = None  # closed: a start tried again binds anew
                 logger.info(
                     "bound a new socket at %s (no timers restored), not the last server's "
                     "kept open: its clients reconnect and re-send their timers",

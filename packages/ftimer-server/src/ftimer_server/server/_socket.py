@@ -814,8 +814,10 @@ def _adopt(
 
 def forgo_socket(path: str, fd: int) -> None:
     """Close ``fd``, a socket given to be taken over (``open_socket``'s ``adopt``), and
-    remove ``path`` if it is bound there: a new one may be bound in its place. Never
-    raises (what cannot be done is left: the bind that follows says why)."""
+    remove ``path`` if it is bound there and a socket of this user's is there (as
+    ``open_socket`` replaces one left by a server that died): a new one may be bound in
+    its place. Never raises (what cannot be done is left: the bind that follows says
+    why)."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError:  # not a socket
@@ -823,7 +825,8 @@ def forgo_socket(path: str, fd: int) -> None:
             os.close(fd)
         return
     with sock, contextlib.suppress(OSError):
-        if sock.getsockname() == path and stat.S_ISSOCK(os.lstat(path).st_mode):
+        st = os.lstat(path)
+        if sock.getsockname() == path and stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid():
             os.unlink(path)
 
 

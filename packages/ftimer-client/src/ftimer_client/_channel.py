@@ -49,7 +49,7 @@ from ._resync import (
 from ._socket import open_pidfd
 from ._transport import open_writer
 from ._wire import V1Lines, V2Lines
-from ._writer import ConnectionLost, Writer, sigmask
+from ._writer import BLOCKABLE, ConnectionLost, Writer, sigmask
 
 __all__ = ["Channel", "channel_for"]
 
@@ -748,20 +748,9 @@ def _start_helper(
 
 
 def _blocking(target: Callable[..., None], *args: Any) -> None:
-    sigmask(signal.SIG_BLOCK, _PROGRAMS_SIGNALS)
+    sigmask(signal.SIG_BLOCK, BLOCKABLE)
     target(*args)
 
-
-#: What a helper thread blocks: every signal but those a fault of its own raises (a
-#: blocked SIGSEGV would kill the process without faulthandler's traceback).
-_PROGRAMS_SIGNALS = signal.valid_signals() - {
-    signal.SIGSEGV,
-    signal.SIGBUS,
-    signal.SIGFPE,
-    signal.SIGILL,
-    signal.SIGTRAP,
-    signal.SIGSYS,
-}
 
 _channels: weakref.WeakSet[Channel] = weakref.WeakSet()
 _shared: weakref.WeakValueDictionary[Tuple[object, ...], Channel] = weakref.WeakValueDictionary()

@@ -31,7 +31,7 @@ from ftimer_protocol import Sync, encode
 
 from ._errors import ServerStalled, ServerUnavailable
 from ._fifo import hidden_system_dir
-from ._writer import ConnectionLost, is_socket, poll_ms, poll_room, sigmask
+from ._writer import BLOCKABLE, ConnectionLost, is_socket, poll_ms, poll_room, sigmask
 
 __all__ = ["SocketWriter", "open_pidfd"]
 
@@ -47,18 +47,6 @@ _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_SNDTIMEO
 _RECEIPT = encode(Sync(token="ftimer-receipt"))
 #: The longest path an AF_UNIX address holds (sun_path, Linux: not NUL-terminated).
 _SUN_PATH = 108
-#: Blocked while a send waits for room: every signal but those that cannot be blocked and
-#: those a fault raises (a synchronous one blocked would kill the process).
-_INTERRUPTING = frozenset(signal.valid_signals()) - {
-    signal.SIGKILL,
-    signal.SIGSTOP,
-    signal.SIGSEGV,
-    signal.SIGBUS,
-    signal.SIGFPE,
-    signal.SIGILL,
-    signal.SIGTRAP,
-    signal.SIGSYS,
-}
 
 
 class SocketWriter:
@@ -161,7 +149,7 @@ class SocketWriter:
         # has, and one that raised would leave them blocked for good (see ``sigmask``).
         old_mask = sigmask(signal.SIG_BLOCK, ())
         try:
-            sigmask(signal.SIG_BLOCK, _INTERRUPTING)
+            sigmask(signal.SIG_BLOCK, BLOCKABLE)  # while the send waits for room
             sock.setblocking(True)  # the channel's lock is held: no other thread sends here
             try:
                 return self._attempt(line, fd)  # EAGAIN: the time ran out

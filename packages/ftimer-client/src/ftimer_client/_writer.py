@@ -17,6 +17,7 @@ import stat
 from typing import Protocol
 
 __all__ = [
+    "BLOCKABLE",
     "ConnectionLost",
     "Writer",
     "getsignal",
@@ -32,6 +33,19 @@ __all__ = [
 #: back through it could leave signals blocked in the thread for good. The C function
 #: runs pending handlers only once it has changed the mask.
 sigmask = getattr(signal, "_signal", signal).pthread_sigmask
+#: The signals a thread blocks to keep them off itself: every one but those that cannot
+#: be blocked and those a fault raises (one of those blocked kills the process at the
+#: fault, without faulthandler's traceback).
+BLOCKABLE = frozenset(signal.valid_signals()) - {
+    signal.SIGKILL,
+    signal.SIGSTOP,
+    signal.SIGSEGV,
+    signal.SIGBUS,
+    signal.SIGFPE,
+    signal.SIGILL,
+    signal.SIGTRAP,
+    signal.SIGSYS,
+}
 #: ``getsignal()`` of CPython's ``_signal``: the raw handler, where the ``signal``
 #: module's makes an enum of it (about 1 us, at every protocol 1 message).
 getsignal = getattr(signal, "_signal", signal).getsignal

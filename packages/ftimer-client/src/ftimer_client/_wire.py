@@ -234,14 +234,9 @@ class V2Lines:
         if len(scope_id) > MAX_SCOPE:  # its arm is over PIPE_BUF: what torch's client raises
             quoted = encode_basestring(scope_id).encode(errors="surrogatepass")
             raise MessageTooLarge(self._arm_size - 2 + len(quoted), PIPE_BUF)
-        try:
-            scope_id.encode()
-        except UnicodeEncodeError as e:
-            raise LocalProtocolError(
-                f"scope {scope_id!r:.80} holds a lone surrogate (at {e.start}), which UTF-8 "
-                "cannot carry"
-            ) from None
-        raise LocalProtocolError(f"scope {scope_id!r:.80} cannot be sent")
+        raise _surrogate_error(scope_id) or LocalProtocolError(
+            f"scope {scope_id!r:.80} cannot be sent"
+        )
 
     def arm(self, scope_id: str, deadline: float, signal: int) -> bytes:
         """Return the arm line for a monotonic deadline in [0, MAX_TIME] and a checked
@@ -361,9 +356,11 @@ class V1Lines:
 
     def _line(self, scope_id: str, expiration_time: float, signal: int) -> bytes:
         """Raises ValueError (``LocalProtocolError``), ``MessageTooLarge``."""
+        surrogate = None if scope_id.isascii() else _surrogate_error(scope_id)
+        if surrogate is not None:  # in terms of the scope alone: release() names no time
+            raise surrogate
         if (
             len(scope_id) > MAX_SCOPE
-            or not (scope_id.isascii() or _encodable(scope_id))
             or not -MAX_TIME <= expiration_time <= MAX_TIME
             or type(signal) is not int
             or not -(2**63) <= signal <= MAX_SIGNAL
@@ -382,11 +379,14 @@ class V1Lines:
         return line
 
 
-def _encodable(text: str) -> bool:
-    """Whether UTF-8 can carry ``text`` (no lone surrogate, which json.dumps would
-    escape, but which no reader's UTF-8 could hold)."""
+def _surrogate_error(scope_id: str) -> Optional[LocalProtocolError]:
+    """The error for ``scope_id`` if it holds a lone surrogate, which UTF-8 cannot carry
+    (json.dumps would escape it, but no reader's UTF-8 could hold it); None if not."""
     try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
+        scope_id.encode()
+    except UnicodeEncodeError as e:
+        return LocalProtocolError(
+            f"scope {scope_id!r:.80} holds a lone surrogate (at {e.start}), which UTF-8 "
+            "cannot carry"
+        )
+    return None

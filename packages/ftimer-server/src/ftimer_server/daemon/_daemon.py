@@ -76,6 +76,7 @@ from ._state import (
     StatePathError,
     StateSaver,
     check_state_dir,
+    directories_above,
     load_state,
     lock_state,
     max_state_bytes,
@@ -934,19 +935,17 @@ def _fifo_gid(c: DaemonConfig) -> int:
 
 
 def _owned_by_another(directory: str, euid: int) -> Optional[Tuple[str, int]]:
-    """The first of ``directory`` and the directories above it owned by neither root nor
-    ``euid``, and its owner: one who may rename what is in it. None if there is none (or
-    it cannot be looked at: one yet to be made is the daemon's)."""
+    """The first of ``directory`` and the directories above it (as the state file's are
+    judged: as written and as resolved) owned by neither root nor ``euid``, and its
+    owner: one who may rename what is in it. None if there is none (or it cannot be
+    looked at: one yet to be made is the daemon's)."""
     path = os.path.abspath(directory)
-    while True:
+    for each in [path, *directories_above(path)]:
         with contextlib.suppress(OSError):
-            owner = os.stat(path).st_uid
+            owner = os.stat(each).st_uid
             if owner not in (0, euid):
-                return path, owner
-        parent = os.path.dirname(path)
-        if parent == path:
-            return None
-        path = parent
+                return each, owner
+    return None
 
 
 def _group_name(gid: int) -> str:

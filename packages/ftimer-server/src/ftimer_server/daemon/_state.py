@@ -67,6 +67,7 @@ __all__ = [
     "StateSaver",
     "check_state_dir",
     "decode_state",
+    "directories_above",
     "encode_state",
     "load_state",
     "max_state_bytes",
@@ -363,7 +364,7 @@ def check_state_dir(path: str) -> None:
     except NotAPrivateDirectory as e:
         raise StatePathError(f"the state file's directory {directory} {e}; {fix}") from None
     os.close(fd)
-    for parent in _ancestors(directory):
+    for parent in directories_above(directory):
         try:
             st = os.stat(parent)
         except OSError:
@@ -393,7 +394,7 @@ def _make_dirs(directory: str) -> None:
             os.mkdir(d, 0o700)
 
 
-def _ancestors(directory: str) -> List[str]:
+def directories_above(directory: str) -> List[str]:
     """The directories above ``directory``, as written and as resolved (a symlink on
     the way is judged where it lies and where it leads)."""
     out: List[str] = []

@@ -896,6 +896,42 @@ def test_stop_returns_while_log_event_blocks_and_the_events_still_arrive(
         next_one.sync()
 
 
+def test_stop_returns_while_a_reap_step_blocks(
+    fifo_path: pathlib.Path, children, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The loop holds the table's lock through a reap: stop() used to wait for the lock,
+    # without a timeout, for as long as a reap step ran.
+    entered, release = threading.Event(), threading.Event()
+
+    def step(worker: object, expiry: object, now: float) -> None:
+        entered.set()
+        release.wait()  # until the test has seen stop() return
+
+    server = FileTimerServer(fifo_path, reap_steps=[step], dry_run=True)
+    server.stop_timeout = 0.2
+    server.start()
+    stopper = threading.Thread(target=server.stop)
+    try:
+        child = children()
+        send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
+        assert entered.wait(10)
+        with caplog.at_level("WARNING", logger="ftimer_server"):
+            stopper.start()
+            stopper.join(10)
+            assert not stopper.is_alive(), "stop() waited for the blocked reap step"
+        assert server.state is not Lifecycle.STOPPED
+        (warning,) = [r.getMessage() for r in caplog.records if "stop()" in r.getMessage()]
+        assert f"it is in its reap step callback, {step!r}" in warning
+    finally:
+        release.set()
+        stopper.join(10)
+    # Released: the loop goes on to the stop it was asked for.
+    wait_until(lambda: server.state is Lifecycle.STOPPED)
+    assert child.poll() is None  # dry run
+    with FileTimerServer(fifo_path) as next_one:  # its lock is released too
+        next_one.sync()
+
+
 def test_register_timers_drops_what_the_fifo_would_and_applies_the_rest(
     fifo_path: pathlib.Path, children
 ) -> None:  # type: ignore[no-untyped-def]

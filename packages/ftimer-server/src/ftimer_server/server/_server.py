@@ -308,9 +308,9 @@ class FileTimerServer:
         #: Seconds ``stop()`` waits for the loop's thread: 10 by default (torch's default
         #: ``max_interval``); ``None``: until it ends.
         self.stop_timeout: Optional[float] = STOP_TIMEOUT
-        #: The callback the loop's thread is in now ("log_event", ...: the argument's
-        #: name), if any: ``stop()`` names it when it waits in vain.
-        self._calling: Optional[str] = None
+        #: The callback the loop's thread is in now (the argument's name, "log_event",
+        #: ..., and the callback), if any: ``stop()`` names it when it waits in vain.
+        self._calling: Optional[Tuple[str, Callable[..., object]]] = None
         self._kill_self_on_reap = kill_self_on_reap
         self._own_said = -math.inf
         self._dropped_said = -math.inf
@@ -422,14 +422,23 @@ class FileTimerServer:
         readable with ``armed()``. A stopped server cannot be started again: create
         another and ``restore()``.
 
-        Waits for the loop's thread at most ``stop_timeout`` seconds (10 by default;
-        ``None``: until it ends): a callback (``log_event``, ``on_event``, ...) that
-        blocks would otherwise block the caller too. Past it, a warning names the
-        callback and ``stop()`` returns with the server still ``STOPPING``: the loop
-        delivers the remaining events, closes the FIFO and releases its lock once the
-        callback returns.
+        Waits for the loop at most ``stop_timeout`` seconds (10 by default; ``None``: until
+        it ends): a callback (``log_event``, ``on_event``, a reap step, ...) that blocks
+        would otherwise block the caller too. Past it, a warning names the callback and
+        ``stop()`` returns with the server not yet ``STOPPED``: the loop delivers the
+        remaining events, closes the FIFO and releases its lock once the callback returns.
         """
-        with self._lock:
+        timeout = self.stop_timeout
+        end = None if timeout is None else time.monotonic() + timeout
+        # The loop holds the lock through a reap (its steps included): waited for no
+        # longer than its thread is.
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            loop = self._loop
+            if loop is not None:
+                loop.request_stop()  # a flag and a wake-up: no lock needed
+            self._busy(timeout)
+            return
+        try:
             if self._state is Lifecycle.NEW:  # never started: release what restore() bound
                 self._release()
                 self._state = Lifecycle.STOPPED
@@ -438,23 +447,27 @@ class FileTimerServer:
             self._state = Lifecycle.STOPPING
             assert self._loop is not None
             self._loop.request_stop()
+        finally:
+            self._lock.release()
         thread = self._thread
         if thread is None or thread.ident == threading.get_ident():
             return
-        timeout = self.stop_timeout
-        thread.join(timeout)
+        thread.join(None if end is None else max(0.0, end - time.monotonic()))
         if thread.is_alive():
-            calling = self._calling
-            logger.warning(
-                "stop(): the server's thread has not ended within %g s: %s; returning "
-                "without it (it closes the FIFO %s and delivers the remaining events "
-                "once that returns)",
-                timeout,
-                f"it is in its {calling} callback, {getattr(self, '_' + calling)!r}"
-                if calling
-                else "it is busy",
-                self.file_path,
-            )
+            self._busy(timeout)
+
+    def _busy(self, timeout: Optional[float]) -> None:
+        """Warn that the loop did not stop within ``timeout`` seconds, naming the callback
+        it is in."""
+        calling = self._calling
+        logger.warning(
+            "stop(): the server's thread has not ended within %g s: %s; returning "
+            "without it (it closes the FIFO %s and delivers the remaining events "
+            "once that returns)",
+            timeout,
+            f"it is in its {calling[0]} callback, {calling[1]!r}" if calling else "it is busy",
+            self.file_path,
+        )
 
     def __enter__(self) -> FileTimerServer:
         try:
@@ -991,7 +1004,7 @@ class FileTimerServer:
             elif on_event is None and isinstance(event, DecodeFailed):
                 self._say_dropped(event)
             if log_event is not None:
-                self._call("log_event", torch_log_event, log_event, event)
+                self._call("log_event", torch_log_event, log_event, event, shown=log_event)
 
     def _say_own(self, event: Rejected) -> None:
         now = time.monotonic()
@@ -1046,12 +1059,19 @@ class FileTimerServer:
             self._changes = changes
             self._call("on_change", self._on_change)
 
-    def _call(self, name: str, callback: Callable[..., object], *args: object) -> None:
-        """Call the user's ``callback`` (the argument ``name``); whatever it raises is
-        logged and ignored, SystemExit too off the main thread, where it would end the
-        loop's thread, and with it the watchdog, without a word. (In the main thread,
-        ``run()``'s, it is how a signal handler ends the program.)"""
-        self._calling = name
+    def _call(
+        self,
+        name: str,
+        callback: Callable[..., object],
+        *args: object,
+        shown: Optional[Callable[..., object]] = None,
+    ) -> None:
+        """Call the user's ``callback`` (the argument ``name``; ``shown``: what the user
+        gave, when ``callback`` wraps it); whatever it raises is logged and ignored,
+        SystemExit too off the main thread, where it would end the loop's thread, and
+        with it the watchdog, without a word. (In the main thread, ``run()``'s, it is how
+        a signal handler ends the program.)"""
+        self._calling = (name, callback if shown is None else shown)
         try:
             callback(*args)
         except (Exception, SystemExit) as e:

@@ -122,6 +122,36 @@ def test_heartbeat_extends_an_armed_scope_only(peer: FifoPeer) -> None:
         client.heartbeat("s", 100)
 
 
+@pytest.mark.parametrize("protocol", [1, 2])
+def test_heartbeat_keeps_the_timer_as_it_was_armed(peer: FifoPeer, protocol: int) -> None:
+    # A heartbeat used to re-arm with the client's own signal (a SIGTERM timer became a
+    # SIGKILL one), and through another client took the timer from the one that armed
+    # it: that one's close() then left it armed.
+    labels = (lambda job: {"job": job}) if protocol == 2 else (lambda job: None)
+    a = FileTimerClient(peer.path, signal.SIGKILL, labels=labels("a"), protocol=protocol)
+    b = FileTimerClient(peer.path, signal.SIGKILL, labels=labels("b"), protocol=protocol)
+    a.arm("s", 1, signal=signal.SIGTERM)
+    a.heartbeat("s", 100)
+    b.heartbeat("s", 100)
+    assert (a.armed, b.armed) == ({"s"}, set())
+    a.close()
+    messages = peer.wait_count(4)
+    if protocol == 1:
+        assert [m.signal for m in messages[:3]] == [signal.SIGTERM] * 3  # type: ignore[union-attr]
+        assert isinstance(messages[3], TimerRequestV1)
+        assert messages[3].expiration_time < 0  # torch's release
+    else:
+        arms = messages[:3]
+        assert all(isinstance(m, Arm) for m in arms)
+        assert [(m.signal, m.labels) for m in arms] == [  # type: ignore[union-attr]
+            (signal.SIGTERM, {"job": "a"})
+        ] * 3
+        assert isinstance(messages[3], Disarm)
+    with pytest.raises(KeyError):
+        b.heartbeat("s", 100)
+    b.close()
+
+
 def test_expire_now_and_per_timer_signal(peer: FifoPeer) -> None:
     client = FileTimerClient(peer.path, labels={"job": "j"})
     client.arm("s", 60, signal=signal.SIGABRT)

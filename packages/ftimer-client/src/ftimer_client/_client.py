@@ -21,7 +21,10 @@ from ftimer_protocol import (
     MAX_LABELS,
     MAX_PID,
     MAX_TIME,
+    Arm,
     DumpHook,
+    TimerRequestV1,
+    decode,
 )
 
 from . import _dump
@@ -320,7 +323,10 @@ class FileTimerClient:
         raise _closed()
 
     def heartbeat(self, scope_id: str, after: float) -> None:
-        """Extend armed timer ``scope_id``: it now expires ``after`` seconds from now.
+        """Extend armed timer ``scope_id``: it now expires ``after`` seconds from now, as
+        it was armed otherwise (its signal, its labels). Made through another client of
+        this process, it stays the timer of the client that armed it: re-armed by that
+        one (with that one's failure policy), and disarmed by that one's ``close()``.
 
         Raises:
             KeyError: this process has not armed ``scope_id`` (or has released it).
@@ -330,9 +336,15 @@ class FileTimerClient:
         """
         if self._closed:
             raise _closed()
-        if scope_id not in self._channel.armed:
+        armed = self._channel.armed.get(scope_id)
+        if armed is None:
             raise KeyError(scope_id)
-        self.arm(scope_id, after)
+        line, owner = armed
+        if not isinstance(owner, FileTimerClient) or owner._closed:
+            owner = self
+        request = decode(line)
+        assert isinstance(request, (Arm, TimerRequestV1))  # the registry holds arms
+        owner.arm(scope_id, after, signal=request.signal)
 
     def expire(self, scope_id: str, *, signal: Optional[int] = None) -> None:
         """Expire timer ``scope_id`` now: ask the server to reap this process at once

@@ -23,7 +23,7 @@ from tests.conftest import wait_until
 
 from ftimer_protocol import Arm, encode
 from ftimer_server import Event, FileTimerServer, RecordingSignaller, Rejected
-from ftimer_server.daemon import _daemon
+from ftimer_server.daemon import _daemon, _status
 from ftimer_server.daemon._cli import _parser, format_status, main
 from ftimer_server.daemon._config import ConfigError, DaemonConfig, parse_address, resolve_config
 from ftimer_server.daemon._control import ControlServer, query_status
@@ -71,7 +71,7 @@ def test_the_status_lists_the_soonest_timers_and_counts_them_all(
 ) -> None:
     # Every armed timer was listed: 100k of them took 2 s and 60 MB of the daemon's
     # memory per status, which the Kubernetes example's probes asked for every 30 s.
-    monkeypatch.setattr(_daemon, "STATUS_TIMERS", 3)
+    monkeypatch.setattr(_status, "STATUS_TIMERS", 3)
     fifo = daemon.config.fifo
     now = time.monotonic()
     order = random.sample(range(5), 5)
@@ -153,7 +153,7 @@ def test_a_reader_behind_a_flood_is_healthy_and_a_wedged_one_is_not(
     # The marker waits behind the lines written before it: a reader working through a
     # flood of junk (anyone who may write the FIFO can send one) was reported as "NOT
     # READING ITS FIFO", and the Kubernetes probe restarted the daemon.
-    monkeypatch.setattr(_daemon, "_HEALTH_TIMEOUT", 0.5)
+    monkeypatch.setattr(_status, "_HEALTH_TIMEOUT", 0.5)
     gate = GatedEvents()
     fifo = daemon.config.fifo
 

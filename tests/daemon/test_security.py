@@ -16,7 +16,7 @@ import pytest
 
 from ftimer_protocol import SYSTEM_FIFO_PATH
 from ftimer_server.daemon._config import DaemonConfig
-from ftimer_server.daemon._daemon import _members, startup_warnings
+from ftimer_server.daemon._warnings import _members, startup_warnings
 
 from .conftest import PATIENCE, PYTHON, DaemonProcess, kill_and_close
 

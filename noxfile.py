@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from typing import Dict, Optional
 
 import nox
@@ -154,13 +155,18 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def build(session: nox.Session) -> None:
     """Build every wheel and sdist and check their metadata with twine (the README renders
-    as the long description); check the client wheel pulls in nothing but its protocol."""
+    as the long description) and that each wheel carries the license's text; check the
+    client wheel pulls in nothing but its protocol."""
     install(session, *BUILD)
     dist = ROOT / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     for pkg in PACKAGES:
         session.run("python", "-m", "build", "--outdir", str(dist), pkg)
     session.run("twine", "check", "--strict", *sorted(str(p) for p in dist.iterdir()))
+    for wheel in dist.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as zf:
+            if not any(name.endswith(".dist-info/licenses/LICENSE") for name in zf.namelist()):
+                session.error(f"{wheel.name} does not carry the license's text")
     with tempfile.TemporaryDirectory() as tmp:
         venv = pathlib.Path(tmp) / "venv"
         session.run(sys.executable, "-m", "venv", str(venv), external=True)

@@ -23,7 +23,7 @@ from ftimer_client import (
     FileTimerClient,
     ServerStalled,
     ServerUnavailableWarning,
-    _channel,
+    _shared,
     expires,
 )
 from ftimer_client._resync import Resync
@@ -263,7 +263,7 @@ def test_a_client_made_while_its_thread_is_in_channel_for_does_not_deadlock(
     made = threading.Event()
 
     def handler_in_channel_for() -> None:
-        with _channel._shared_lock:
+        with _shared._shared_lock:
             FileTimerClient(server.path, labels={})
         made.set()
 

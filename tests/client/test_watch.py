@@ -108,7 +108,7 @@ def test_a_connection_without_a_thread_for_its_watch_still_serves(
     def no_thread(*_: object) -> threading.Thread:
         raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(_channel, "_start_helper", no_thread)
+    monkeypatch.setattr(_channel, "start_helper", no_thread)
     client = FileTimerClient(peer.path, labels={})
     client.arm("s", 60)
     client.release("s")

@@ -1,9 +1,9 @@
 """One process's connection to one server: a lock, the resync state, a writer, fork.
 
 The server keys timers by pid, so every client of this process that sends to the same
-server with the same protocol and transport shares one Channel: a resynchronisation
-("disarm everything of this pid, then re-arm what it has armed") must see every scope
-the process armed.
+server with the same protocol and transport shares one Channel (``_shared.channel_for``
+finds it): a resynchronisation ("disarm everything of this pid, then re-arm what it has
+armed") must see every scope the process armed.
 What to send is ``Resync``'s (sans-I/O); how, the writers' (``_fifo``, ``_socket``).
 
 Version 2 keeps its connection open. Version 1 (torch's server, FIFO only) opens, writes
@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Union
 
 from ftimer_protocol import DumpHook
 
@@ -46,12 +45,13 @@ from ._resync import (
     Line,
     Resync,
 )
+from ._signals import start_helper
 from ._socket import open_pidfd
 from ._transport import open_writer
 from ._wire import V1Lines, V2Lines
-from ._writer import BLOCKABLE, ConnectionLost, Writer, sigmask
+from ._writer import ConnectionLost, Writer
 
-__all__ = ["Channel", "channel_for"]
+__all__ = ["Channel"]
 
 Lines = Union[V1Lines, V2Lines]
 
@@ -476,7 +476,7 @@ class Channel:
         writer = self._writer = self._open()
         ended = threading.Event()
         try:
-            _start_helper(_watch, (weakref.ref(self), writer, ended), "ftimer-client-watch")
+            start_helper(_watch, (weakref.ref(self), writer, ended), "ftimer-client-watch")
         except RuntimeError:  # no thread to be had (a pids limit): it serves, unwatched
             return writer
         self._watching = ended
@@ -523,7 +523,7 @@ class Channel:
         if not self._reached:
             state.owe_no_disarms()
         if not self._retrying() and state.retry_wanted:
-            self._retry = _start_helper(self._retry_loop, (), "ftimer-client-resync")
+            self._retry = start_helper(self._retry_loop, (), "ftimer-client-resync")
 
     def _retry_loop(self) -> None:
         """The retry thread: deliver what the resync owes, with backoff, until the server
@@ -730,87 +730,10 @@ def _watch(channel: weakref.ref[Channel], writer: Writer, ended: threading.Event
         return
 
 
-def _start_helper(
-    target: Callable[..., None], args: Tuple[Any, ...], name: str
-) -> threading.Thread:
-    """Start a daemon thread running ``target(*args)`` with the program's signals
-    blocked (its first act).
-
-    The program's signals then go to its own threads: a Python handler runs in the main
-    thread only, and a SIGTERM the kernel gave a helper left the main thread in its
-    blocking call (a ``time.sleep(60)``), its handler late by as much. Blocked in the
-    thread, not around its start: ``Thread.start()`` waits in Python code, where a
-    handler may run, and one that started a process then gave it every signal blocked.
-    """
-    thread = threading.Thread(target=_blocking, args=(target, *args), name=name, daemon=True)
-    thread.start()
-    return thread
-
-
-def _blocking(target: Callable[..., None], *args: Any) -> None:
-    sigmask(signal.SIG_BLOCK, BLOCKABLE)
-    target(*args)
-
-
 _channels: weakref.WeakSet[Channel] = weakref.WeakSet()
-_shared: weakref.WeakValueDictionary[Tuple[object, ...], Channel] = weakref.WeakValueDictionary()
-# Reentrant: a signal handler may make a client while its thread is in channel_for().
-_shared_lock = threading.RLock()
-
-
-def channel_for(route: Route, protocol: int, pid: Optional[int] = None) -> Channel:
-    """Return the channel of this process for (``route``, ``protocol``), shared by every
-    client that does not name a ``pid`` and reaches the same FIFO or socket (whatever the
-    symlinks on the way), with the same transport; a client naming a ``pid`` gets a
-    channel of its own.
-
-    A client given no path also reaches the socket it prefers beside its FIFO: it shares
-    with clients given either path. Their channel then prefers that socket too (the same
-    server, over the transport the kernel vouches for). A per-user default channel that
-    has never connected reaches the system daemon too, the route it moves to once that
-    is there: it shares with clients made after the daemon appeared.
-
-    Raises:
-        ValueError: the pid breaks the schema.
-    """
-    if pid is not None:
-        return Channel(route, protocol, pid)
-    # Two channels to one server would each resync with a disarm_all of this process,
-    # wiping the timers armed through the other.
-    keys = _keys(route, protocol)
-    with _shared_lock:
-        found = (c for c in map(_shared.get, keys) if c is not None and _reaches(c, route))
-        channel = next(found, None)
-        if channel is None:
-            channel = Channel(route, protocol)
-        elif route.prefer is not None and channel.route.prefer is None:
-            # One reference, read only when a connection opens: no lock needed (taking
-            # the channel's here could wait on a delivery whose signal handler is here).
-            channel.route = route
-        moves_to = system_route(route, exists=lambda path: True)
-        for key in keys + ([] if moves_to is None else _keys(moves_to, protocol)):
-            other = _shared.get(key)
-            if other is None or not _reaches(other, route):
-                _shared[key] = channel
-        return channel
-
-
-def _keys(route: Route, protocol: int) -> List[Tuple[object, ...]]:
-    """What ``route`` reaches, as keys of ``_shared``."""
-    paths = [route.path] if route.prefer is None else [route.path, route.prefer]
-    return [(os.path.realpath(path), route.transport, protocol) for path in paths]
-
-
-def _reaches(channel: Channel, route: Route) -> bool:
-    """Whether ``channel``, found under a key of ``route``'s, sends where ``route`` does:
-    not if it is a per-user default that stays with a per-user server while ``route`` is
-    the system daemon's."""
-    return route.owner is not None or channel.route.owner is None or channel.may_move
 
 
 def _after_fork_in_child() -> None:
-    global _shared_lock
-    _shared_lock = threading.RLock()
     # First the child's own dump file, which the rebuilt lines announce.
     _dump.after_fork_in_child()
     for channel in list(_channels):

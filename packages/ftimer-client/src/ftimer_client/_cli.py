@@ -25,7 +25,6 @@ import errno
 import math
 import os
 import signal
-import stat
 import sys
 import time
 import warnings
@@ -38,6 +37,7 @@ from ._errors import ServerStalled, ServerUnavailable, ServerUnavailableWarning
 from ._paths import TRANSPORTS
 from ._proc import process_of_thread
 from ._version import __version__
+from ._writer import is_fifo
 
 __all__ = ["EXIT_UNAVAILABLE", "EXIT_USAGE", "main"]
 
@@ -231,13 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_fifo(path: str) -> bool:
-    try:
-        return stat.S_ISFIFO(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
 def _client(args: argparse.Namespace, pid: int) -> FileTimerClient:
     labels: Optional[Dict[str, str]] = None if args.label is None else dict(args.label)
     sig = signal.SIGKILL if args.signal is None else args.signal
@@ -245,7 +238,7 @@ def _client(args: argparse.Namespace, pid: int) -> FileTimerClient:
         raise ValueError(f"--socket names a socket: --transport {args.transport} contradicts it")
     transport = args.transport or ("socket" if args.socket is not None else "auto")
     path = args.socket if args.socket is not None else args.fifo
-    if transport == "socket" and path is not None and _is_fifo(path):
+    if transport == "socket" and path is not None and is_fifo(path):
         path = socket_path_for(path)  # the server's FIFO names its socket beside it
     return FileTimerClient(
         path,

@@ -28,10 +28,10 @@ from ftimer_protocol import (
 )
 
 from . import _dump
-from ._channel import channel_for
 from ._errors import ServerUnavailable, ServerUnavailableWarning
 from ._paths import resolve_route, torch_serves
 from ._proc import default_labels
+from ._shared import channel_for
 from ._wire import V1Lines, V2Lines, check_signal, fix_deadline
 
 __all__ = ["POLICIES", "FileTimerClient", "beyond_float", "not_seconds"]

@@ -164,12 +164,12 @@ def _expiration_time(after: float) -> float:
 #: it could not deliver as lost, and makes it good itself).
 _NOT_ARMED = (ValueError, TypeError, RuntimeError, BrokenPipeError)
 
-# What ``_plain`` compares with: the method ``expires`` may skip.
+# What ``_own_acquire`` compares with: the method ``expires`` may skip.
 _ACQUIRE = FileTimerClient.acquire
 _Method = types.MethodType
 
 
-def _plain(client: TimerClient) -> bool:
+def _own_acquire(client: TimerClient) -> bool:
     """Whether ``client.acquire`` is ``FileTimerClient.acquire`` bound to ``client``, so
     that a block may arm through ``arm()`` instead (the same message, without a
     wall-clock round trip). Looked at on every use, as torch's ``expires`` calls
@@ -263,7 +263,7 @@ class expires:
                 raise RuntimeError("Configure timer client before using countdown timers.")
             if scope is None:
                 scope = self._site + default_scope_suffix()
-            # _plain(client), inlined: torch's acquire() unless it is ftimer's own.
+            # _own_acquire(client), inlined: torch's acquire() unless it is ftimer's own.
             method = client.acquire
             if type(method) is _Method and method.__func__ is _ACQUIRE:
                 client.arm(scope, self._after)  # type: ignore[attr-defined]
@@ -329,7 +329,7 @@ class expires:
             after = self._after
         elif type(after) is not float and type(after) is not int:
             _check_after(after)
-        if _plain(client):
+        if _own_acquire(client):
             client.arm(scope, after)  # type: ignore[attr-defined]
         else:
             client.acquire(scope, _expiration_time(after))

@@ -26,10 +26,10 @@ import stat
 import time
 from typing import Callable
 
-from ftimer_protocol import SYSTEM_FIFO_PATH
-
 from ._errors import ServerStalled, ServerUnavailable
-from ._writer import ConnectionLost, getsignal, is_socket, poll_ms, poll_room, sigmask
+from ._paths import hidden_system_dir
+from ._signals import getsignal, sigmask
+from ._writer import ConnectionLost, is_fifo, is_socket, poll_ms, poll_room
 
 __all__ = ["FifoWriter"]
 
@@ -214,7 +214,7 @@ def _unavailable(e: OSError, path: str, what: str) -> ServerUnavailable:
     elif e.errno == errno.ENOENT:
         reason = f"no {what} (is the ftimer server running?)" + hidden_system_dir(path)
     elif e.errno == errno.EACCES:
-        if _is_fifo(path):  # else its directory hides what it is
+        if is_fifo(path):  # else its directory hides what it is
             what = "FIFO"
         reason = (
             f"this user may not write the {what}, or enter its directory (permission "
@@ -223,34 +223,6 @@ def _unavailable(e: OSError, path: str, what: str) -> ServerUnavailable:
     else:
         reason = f"cannot open the FIFO ({e.strerror})"
     return ServerUnavailable(e.errno, reason, path)
-
-
-def _is_fifo(path: str) -> bool:
-    try:
-        return stat.S_ISFIFO(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
-def hidden_system_dir(path: str) -> str:
-    """A hint when the system daemon's FIFO may exist where this user cannot see it.
-
-    A non-root client defaults to the system FIFO only when it can see it; a directory
-    that does not let it in sends it to its per-user FIFO instead, which no server reads.
-    """
-    directory = os.path.dirname(SYSTEM_FIFO_PATH)
-    if os.path.dirname(path) == directory:
-        return ""
-    try:
-        os.stat(SYSTEM_FIFO_PATH)
-    except PermissionError:
-        return (
-            f"; {directory} exists but does not let this user in, so a server's FIFO there "
-            f"cannot be used: run the workers in the server's --fifo-group"
-        )
-    except OSError:
-        pass
-    return ""
 
 
 def _wait_for_room(fd: int, timeout: float, attempt: Callable[[], bool]) -> bool:

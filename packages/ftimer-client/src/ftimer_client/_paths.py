@@ -10,6 +10,9 @@ socket).
 A relative path (given, or in the environment) is made absolute against the working
 directory when the route is made, once: a process that changes directory later still
 reconnects (after a server restart) to the server it started with.
+
+A writer that finds nothing at its path asks here whether the system daemon's directory
+hides it from this user (``hidden_system_dir``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ftimer_protocol import (
 __all__ = [
     "TRANSPORTS",
     "Route",
+    "hidden_system_dir",
     "resolve_fifo_path",
     "resolve_route",
     "system_route",
@@ -177,6 +181,27 @@ def torch_serves(route: Route, environ: Optional[Mapping[str, str]] = None) -> b
     if env.get(ENV_TORCH_TIMER) != "1" or not torch_fifo or route.transport == "socket":
         return False
     return _same_file(route.path, torch_fifo)
+
+
+def hidden_system_dir(path: str) -> str:
+    """A hint when the system daemon's FIFO may exist where this user cannot see it.
+
+    A non-root client defaults to the system FIFO only when it can see it; a directory
+    that does not let it in sends it to its per-user FIFO instead, which no server reads.
+    """
+    directory = os.path.dirname(SYSTEM_FIFO_PATH)
+    if os.path.dirname(path) == directory:
+        return ""
+    try:
+        os.stat(SYSTEM_FIFO_PATH)
+    except PermissionError:
+        return (
+            f"; {directory} exists but does not let this user in, so a server's FIFO there "
+            f"cannot be used: run the workers in the server's --fifo-group"
+        )
+    except OSError:
+        pass
+    return ""
 
 
 def _same_file(a: str, b: str) -> bool:

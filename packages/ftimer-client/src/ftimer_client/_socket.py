@@ -30,8 +30,9 @@ from typing import Tuple
 from ftimer_protocol import Sync, encode
 
 from ._errors import ServerStalled, ServerUnavailable
-from ._fifo import hidden_system_dir
-from ._writer import BLOCKABLE, ConnectionLost, is_socket, poll_ms, poll_room, sigmask
+from ._paths import hidden_system_dir
+from ._signals import BLOCKABLE, sigmask
+from ._writer import ConnectionLost, is_socket, poll_ms, poll_room
 
 __all__ = ["SocketWriter", "open_pidfd"]
 

@@ -12,43 +12,10 @@ from __future__ import annotations
 import math
 import os
 import select
-import signal
 import stat
 from typing import Protocol
 
-__all__ = [
-    "BLOCKABLE",
-    "ConnectionLost",
-    "Writer",
-    "getsignal",
-    "is_socket",
-    "poll_ms",
-    "poll_room",
-    "sigmask",
-]
-
-#: ``pthread_sigmask()`` of CPython's ``_signal``, returning a set of ints. Not the
-#: ``signal`` module's: that one wraps it in a Python function, and a signal handler may
-#: run (and raise) as any Python function is entered, so a ``finally`` putting the mask
-#: back through it could leave signals blocked in the thread for good. The C function
-#: runs pending handlers only once it has changed the mask.
-sigmask = getattr(signal, "_signal", signal).pthread_sigmask
-#: The signals a thread blocks to keep them off itself: every one but those that cannot
-#: be blocked and those a fault raises (one of those blocked kills the process at the
-#: fault, without faulthandler's traceback).
-BLOCKABLE = frozenset(signal.valid_signals()) - {
-    signal.SIGKILL,
-    signal.SIGSTOP,
-    signal.SIGSEGV,
-    signal.SIGBUS,
-    signal.SIGFPE,
-    signal.SIGILL,
-    signal.SIGTRAP,
-    signal.SIGSYS,
-}
-#: ``getsignal()`` of CPython's ``_signal``: the raw handler, where the ``signal``
-#: module's makes an enum of it (about 1 us, at every protocol 1 message).
-getsignal = getattr(signal, "_signal", signal).getsignal
+__all__ = ["ConnectionLost", "Writer", "is_fifo", "is_socket", "poll_ms", "poll_room"]
 
 
 class ConnectionLost(Exception):
@@ -98,6 +65,14 @@ def is_socket(path: str) -> bool:
     """Whether a socket is at ``path`` (following symlinks); False if nothing is."""
     try:
         return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def is_fifo(path: str) -> bool:
+    """Whether a FIFO is at ``path`` (following symlinks); False if nothing is."""
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
     except OSError:
         return False
 

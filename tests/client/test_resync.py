@@ -77,12 +77,14 @@ def test_disarm_all_is_one_line_per_scope_of_one_owner_or_of_everyone() -> None:
     for scope, owner in (("a", 1), ("b", 2), ("c", 1)):
         state.arm(scope, arm_line(lines, scope), owner)
     assert state.armed_by(1) == {"a", "c"}
-    sent, forgotten = state.disarm_all(owner=1)
+    forgotten = state.scopes_of(1)
+    sent = state.disarm_all(forgotten)
     assert [decode(line) for line in sent] == [Disarm(PID, "a", START), Disarm(PID, "c", START)]
     assert forgotten == ["a", "c"]
     assert set(state.armed) == {"b"}
     state.arm("d", arm_line(lines, "d"), owner=2)
-    sent, forgotten = state.disarm_all()
+    forgotten = state.scopes_of(None)
+    sent = state.disarm_all(forgotten)
     # Never a disarm_all: other channels arm for the pid too (ftimer exec's timer).
     assert [decode(line) for line in sent] == [Disarm(PID, "b", START), Disarm(PID, "d", START)]
     assert forgotten == ["b", "d"]  # what a resync disarms, should the lines be lost
@@ -202,7 +204,7 @@ def test_the_last_disarms_delivered_are_sent_again_after_a_failure() -> None:
     for scope in ("a", "b", "c"):
         state.arm(scope, arm_line(lines, scope), owner=1)
     state.disarm("a")  # delivered, as far as the client knows
-    state.disarm_all(owner=1, scopes=["b"])
+    state.disarm_all(["b"])
     state.failed(1.0)  # the server went away: the next delivery resynchronises
     restored = [arm_line(lines, s) for s in ("a", "b", "c")]  # its state file
     server = [decode(line) for line in [*restored, *lines_of(state.backlog())]]
@@ -289,7 +291,8 @@ def test_after_a_resync_the_server_holds_exactly_the_registry(
             if not ok:
                 state.lost_disarms([scope])
         elif op in ("disarm_all", "disarm_mine"):
-            sent, scopes = state.disarm_all(owner if op == "disarm_mine" else None)
+            scopes = state.scopes_of(owner if op == "disarm_mine" else None)
+            sent = state.disarm_all(scopes)
             deliver(sent, ok, cut)
             if not ok:
                 state.lost_disarms(scopes)

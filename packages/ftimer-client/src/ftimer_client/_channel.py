@@ -241,7 +241,7 @@ class Channel:
             scopes = state.scopes_of(owner)
             forgotten = False
             try:
-                lines, _ = state.disarm_all(owner, scopes)
+                lines = state.disarm_all(scopes)
                 forgotten = True
                 if lines or owner is None:
                     # (An owner that armed nothing owes the server nothing: a resync due

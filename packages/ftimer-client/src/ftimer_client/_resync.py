@@ -169,25 +169,18 @@ class Resync:
         """The scopes ``owner`` armed (None: every scope)."""
         return [s for s, (_, o) in list(self.armed.items()) if owner is None or o is owner]
 
-    def disarm_all(
-        self, owner: Optional[object] = None, scopes: Optional[List[str]] = None
-    ) -> Tuple[List[bytes], List[str]]:
-        """Forget every scope (``owner``: only those it armed); return the lines that
-        disarm them on the server, one per scope, and the scopes forgotten.
+    def disarm_all(self, scopes: List[str]) -> List[bytes]:
+        """Forget ``scopes`` (``scopes_of(owner)``: those an owner armed, or all); return
+        the lines that disarm them on the server, one per scope.
 
         Never a ``disarm_all``, even for every scope: it would wipe what other channels
         armed for this pid (``ftimer exec``'s timer of the command that calls this).
-
-        Args:
-            scopes: ``scopes_of(owner)``, when the caller has it already.
         """
-        if scopes is None:
-            scopes = self.scopes_of(owner)
         armed = self.armed
         for scope_id in scopes:
             armed.pop(scope_id, None)  # a handler may have disarmed it meanwhile
         self._recent.extend(scopes)
-        return [self._base.disarm(s) for s in scopes], scopes
+        return [self._base.disarm(s) for s in scopes]
 
     def armed_by(self, owner: object) -> FrozenSet[str]:
         """The scopes ``owner`` armed and that are still armed."""

@@ -41,6 +41,7 @@ from ftimer_server import (
     SystemInspector,
 )
 from ftimer_server.core._events import Refused
+from ftimer_server.server import _closer as closer_module
 from ftimer_server.server import _socket as socket_module
 from ftimer_server.server._socket import open_socket
 
@@ -566,7 +567,7 @@ def test_the_closer_thread_is_made_again_in_a_forked_child(tmp_path: pathlib.Pat
     # The child had the parent's variable saying a closer thread runs, and no thread:
     # every descriptor a sender passed leaked there.
     r, w = os.pipe()
-    socket_module._CLOSER.close([r])  # the parent's closer thread runs from now on
+    closer_module.CLOSER.close([r])  # the parent's closer thread runs from now on
     wait_until(lambda: _closed(r), what="the parent's descriptor closed")
     os.close(w)
     with warnings.catch_warnings():
@@ -574,7 +575,7 @@ def test_the_closer_thread_is_made_again_in_a_forked_child(tmp_path: pathlib.Pat
         pid = os.fork()
     if pid == 0:  # pragma: no cover (the child)
         r2, _ = os.pipe()
-        socket_module._CLOSER.close([r2])
+        closer_module.CLOSER.close([r2])
         deadline = time.monotonic() + 10
         while not _closed(r2) and time.monotonic() < deadline:
             time.sleep(0.001)
@@ -822,7 +823,7 @@ def test_pidfds_senders_pass_are_closed_at_once(
     # A pidfd's close never blocks: it is not handed to a closer thread, so legitimate
     # traffic never waits behind a sender's descriptor whose close blocks.
     handed: List[int] = []
-    monkeypatch.setattr(socket_module._CLOSER, "close", handed.append)
+    monkeypatch.setattr(closer_module.CLOSER, "close", handed.append)
     sock = open_socket(str(tmp_path / "s.socket"))
     pidfd = os.pidfd_open(os.getpid())
     try:
@@ -868,7 +869,7 @@ def test_descriptors_senders_pass_arrive_close_on_exec(
     # Until it is closed, a passed descriptor must not reach a program a thread of the
     # server's process (an agent embedding it) runs meanwhile.
     handed: List[int] = []
-    monkeypatch.setattr(socket_module._CLOSER, "close", handed.extend)
+    monkeypatch.setattr(closer_module.CLOSER, "close", handed.extend)
     sock = open_socket(str(tmp_path / "s.socket"))
     read_end, write_end = os.pipe()
     try:
@@ -889,7 +890,7 @@ def test_descriptors_senders_pass_arrive_close_on_exec(
 
 
 class BlockingClose:
-    """A close for ``_Closer`` that blocks on the descriptors in ``stuck`` until
+    """A close for ``Closer`` that blocks on the descriptors in ``stuck`` until
     ``release()``, and records what it closed."""
 
     def __init__(self, *stuck: int) -> None:
@@ -911,7 +912,7 @@ def test_a_close_that_blocks_holds_back_no_other_while_a_thread_can_be_had() -> 
     # after a thread that could not be started, it counted one idle that was not, and a
     # descriptor waited behind a blocked close though more threads were allowed.
     close = BlockingClose(100, 101)
-    closer = socket_module._Closer(close)
+    closer = closer_module.Closer(close)
     start = threading.Thread.start
     failed: List[bool] = []
 
@@ -941,9 +942,9 @@ def test_a_close_that_blocks_holds_back_no_other_while_a_thread_can_be_had() -> 
 def test_every_closer_thread_blocked_is_said_once_a_minute(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    stuck = range(100, 100 + socket_module._Closer.MAX_THREADS)
+    stuck = range(100, 100 + closer_module.Closer.MAX_THREADS)
     close = BlockingClose(*stuck)
-    closer = socket_module._Closer(close)
+    closer = closer_module.Closer(close)
     closer.SLOW = 0.0  # type: ignore[misc]
     try:
         for fd in stuck:
@@ -967,7 +968,7 @@ def test_every_closer_thread_blocked_is_said_once_a_minute(
 
 def test_a_forked_child_s_closer_closes_what_the_parent_had_not() -> None:
     close = BlockingClose(100)
-    closer = socket_module._Closer(close)
+    closer = closer_module.Closer(close)
     try:
         closer.close([100])  # being closed when the process forked
         wait_until(lambda: closer._closing, what="100 being closed")
@@ -1264,13 +1265,13 @@ def test_descriptors_piling_up_are_refused_at_the_senders(
     # healthy workers' arms were refused.
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
         try:
-            probe.setsockopt(socket.SOL_SOCKET, socket_module._SO_PASSRIGHTS, 1)
+            probe.setsockopt(socket.SOL_SOCKET, closer_module._SO_PASSRIGHTS, 1)
         except OSError:
             pytest.skip("SO_PASSRIGHTS needs Linux 6.16")
-    stuck = range(100, 100 + socket_module._Closer.MAX_THREADS)
+    stuck = range(100, 100 + closer_module.Closer.MAX_THREADS)
     close = BlockingClose(*stuck)
-    closer = socket_module._Closer(close)
-    monkeypatch.setattr(socket_module, "_CLOSER", closer)
+    closer = closer_module.Closer(close)
+    monkeypatch.setattr(closer_module, "CLOSER", closer)
     sock = open_socket(str(tmp_path / "s.socket"))
     try:
         for fd in stuck:
@@ -1305,7 +1306,7 @@ def test_descriptors_piling_up_for_want_of_threads_are_refused_too(
         raise RuntimeError("can't start new thread")
 
     monkeypatch.setattr(threading.Thread, "start", no_thread)
-    closer = socket_module._Closer(lambda fd: None)
+    closer = closer_module.Closer(lambda fd: None)
     for fd in range(1000, 1001 + closer.BACKLOG):  # made up: the close is a stub
         closer.close([fd])
     assert closer.refusing
@@ -1473,7 +1474,7 @@ def test_each_bad_line_or_datagram_of_a_run_is_counted_received(served, fifo_pat
 
 
 class HeldClose:
-    """A close for ``_Closer`` that holds every descriptor until ``release()``, then
+    """A close for ``Closer`` that holds every descriptor until ``release()``, then
     closes it."""
 
     def __init__(self) -> None:
@@ -1491,14 +1492,14 @@ def test_a_receipt_is_given_while_every_closer_thread_is_held(
     # file of a FUSE mount that never answers), sent by anyone, held them all, and every
     # `ftimer arm` then failed for want of its receipt.
     close = HeldClose()
-    monkeypatch.setattr(socket_module, "_CLOSER", socket_module._Closer(close))
+    monkeypatch.setattr(closer_module, "CLOSER", closer_module.Closer(close))
     sock = open_socket(str(tmp_path / "s.socket"))
     read_end, write_end = os.pipe()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
             sender.connect(sock.path)
             sync = encode(Sync(token="t"))
-            for _ in range(socket_module._Closer.MAX_THREADS):
+            for _ in range(closer_module.Closer.MAX_THREADS):
                 with open("/dev/null", "rb") as held:  # a file: only a thread closes it
                     socket.send_fds(sender, [sync], [held.fileno()])
             socket.send_fds(sender, [sync], [write_end])

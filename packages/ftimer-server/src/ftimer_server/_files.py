@@ -2,7 +2,8 @@
 is only willing to read or lock if it is a regular file (never waiting on a FIFO put at
 its path, never following a symlink unless told to, and saying what is there instead);
 a directory only if it is this user's and nobody else may write it (the FIFO's, the
-incidents'); replacing a file atomically; setting an unusable one aside."""
+incidents'); telling whether a path still names a file; replacing a file atomically;
+setting an unusable one aside; reading a kernel tunable (``/proc/sys``)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ __all__ = [
     "file_kind",
     "open_private_dir",
     "open_regular",
+    "read_sysctl",
     "remove_leftovers",
+    "still_at",
     "write_atomically",
 ]
 
@@ -151,6 +154,16 @@ def is_same_file(path: str, st: os.stat_result) -> bool:
     return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
+def still_at(path: str, st: os.stat_result) -> bool:
+    """Whether ``path`` still names the file ``st`` describes: False if it was removed, or
+    replaced by another file, its directory too, or cannot be looked up (``ENOTDIR``,
+    ``EACCES``, ``ELOOP``, a dead network mount). Never raises."""
+    try:
+        return is_same_file(path, st)
+    except OSError:
+        return False
+
+
 def unlink_if_same(path: str, st: os.stat_result) -> None:
     """Remove ``path`` if it is still the file ``st`` describes: never what another
     process put in its place. Errors are ignored (it is cleanup)."""
@@ -223,3 +236,14 @@ def remove_leftovers(path: str) -> List[str]:
                     os.unlink(entry.path)
                     removed.append(entry.path)
     return removed
+
+
+def read_sysctl(path: str, default: int) -> int:
+    """The number in the file at ``path`` (a sysctl: the pipe's largest size, a socket's
+    queue length), or ``default`` where it cannot be read (not Linux, no /proc) or holds
+    no number. Never raises."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return default

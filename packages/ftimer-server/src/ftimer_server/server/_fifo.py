@@ -44,6 +44,8 @@ from ftimer_server._files import (
     is_same_file,
     open_private_dir,
     open_regular,
+    read_sysctl,
+    still_at,
     unlink_if_same,
 )
 
@@ -56,6 +58,7 @@ __all__ = [
     "manages_parent",
     "open_fifo",
     "parent_mode",
+    "resolve_group",
     "unlock_fifo",
     "unreachable_by_writers",
 ]
@@ -165,10 +168,7 @@ class Fifo:
         """Whether ``path`` still names this FIFO (not if it was removed, or replaced by
         another file, its directory too, or cannot be looked up: writers that open the
         path then do not reach this server)."""
-        try:
-            return is_same_file(self.path, self._made)
-        except OSError:  # ENOTDIR, EACCES, ELOOP, a dead network mount
-            return False
+        return still_at(self.path, self._made)
 
     def close(self, remove: bool = False) -> None:
         """Close both ends; with ``remove``, also unlink the FIFO if this server created it
@@ -218,7 +218,7 @@ def open_fifo(
     """
     check_mode(mode)
     path = os.fspath(path) if path is not None else default_fifo_path()
-    gid = _gid(group)
+    gid = resolve_group(group)
     if private_parent is None:
         private_parent = manages_parent(path)
     if private_parent:
@@ -348,7 +348,12 @@ def unlock_fifo(fifo: str, fd: int, *, remove: bool = False) -> None:
     os.close(fd)
 
 
-def _gid(group: Optional[Union[int, str]]) -> Optional[int]:
+def resolve_group(group: Optional[Union[int, str]]) -> Optional[int]:
+    """The gid of ``group`` (a name, or a gid given as is), or None for None.
+
+    Raises:
+        FifoError: no group has that name.
+    """
     if group is None or isinstance(group, int):
         return group
     try:
@@ -620,11 +625,7 @@ def _enlarge_pipe(fd: int, wanted: Optional[int]) -> int:
     if F_SETPIPE_SZ is None or F_GETPIPE_SZ is None:
         return 0
     if wanted is None:
-        try:
-            with open(_PIPE_MAX_SIZE) as f:
-                wanted = int(f.read())
-        except (OSError, ValueError):
-            wanted = 1 << 20
+        wanted = read_sysctl(_PIPE_MAX_SIZE, 1 << 20)
     current: int = fcntl.fcntl(fd, F_GETPIPE_SZ)
     # Unprivileged users may be held below pipe-max-size by pipe-user-pages-soft: halve.
     while wanted > current:

@@ -23,27 +23,19 @@ server never runs out of them.
 from __future__ import annotations
 
 import array
-import collections
 import contextlib
 import errno
 import logging
-import math
 import os
 import select
 import socket
 import stat
 import struct
-import threading
-import time
-import weakref
 from typing import (
-    Callable,
-    Deque,
     Dict,
     FrozenSet,
     List,
     Optional,
-    Sequence,
     Set,
     Tuple,
     Union,
@@ -62,14 +54,15 @@ from ftimer_protocol import (
     Sync,
     TimerRequestV1,
 )
-from ftimer_server._files import is_same_file, unlink_if_same
+from ftimer_server._files import read_sysctl, still_at, unlink_if_same
 from ftimer_server.core._events import Incoming, Moot, Refused, RejectReason
 from ftimer_server.core._policy import clocks_apart
 from ftimer_server.core._reader import decode_one, extends_run
 from ftimer_server.core._records import ABOUT_A_PROCESS, request_of
 from ftimer_server.incidents._procfs import pidfd_pid
 
-from ._fifo import FifoError, _gid
+from . import _closer, _kinship
+from ._fifo import FifoError, resolve_group
 from ._process import ProcessInspector, SystemInspector
 
 __all__ = ["DatagramSocket", "open_socket"]
@@ -81,8 +74,6 @@ _SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
 _SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", 2)
 _SO_PASSPIDFD = getattr(socket, "SO_PASSPIDFD", 76)  # Linux 6.5
 _SCM_PIDFD = getattr(socket, "SCM_PIDFD", 4)
-_SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)  # Linux 6.16
-_SO_LINGER_NONE = struct.pack("ii", 1, 0)  # close at once, resetting the connection
 _UCRED = struct.Struct("iII")  # pid, uid, gid
 _FD = struct.Struct("i")
 # Plain ints: the enum members' & and == cost a call each, per datagram.
@@ -158,24 +149,21 @@ class DatagramSocket:
         self.passes_pidfds = passes_pidfds
         self.batch = max(queue_length + 1, READ_BATCH)
         self.queue_length = queue_length
-        self._send_buffer = _read_int(_WMEM, 212992)
+        self._send_buffer = read_sysctl(_WMEM, 212992)
         self.full = False
         self.overridden = 0
         self.vouched: Dict[int, int] = {}
         self._open_pidfds: List[int] = []  # the batch's, closed by release()
-        #: The parents read while judging the current batch (see ``_may_name``).
+        #: The parents read while judging the current batch (see ``_kinship.may_name``).
         self._parents: Dict[int, int] = {}
         self._bound = os.lstat(path)
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN)
-        _CLOSER.watch(sock)
+        _closer.CLOSER.watch(sock)
 
     def at_path(self) -> bool:
         """Whether ``path`` still names this socket (as ``Fifo.at_path``)."""
-        try:
-            return is_same_file(self.path, self._bound)
-        except OSError:
-            return False
+        return still_at(self.path, self._bound)
 
     def queued(self) -> bool:
         """Whether a datagram is queued (FIONREAD would say 0 for an empty one at the
@@ -229,7 +217,7 @@ class DatagramSocket:
                 if named is not None:  # one pidfd: closing it never blocks
                     pidfds.add(rights[0])
                 elif len(rights) > 1:  # refused for them: let go at once, not at the end
-                    _CLOSER.close(rights)
+                    _closer.CLOSER.close(rights)
                     del chosen[len(chosen) - len(rights) :]
             # With a long queue (net.unix.max_dgram_qlen raised), a sender of large
             # datagrams waits for its send buffer long before the queue is full.
@@ -269,7 +257,7 @@ class DatagramSocket:
                 else:
                     others.append(fd)
             if others:
-                _CLOSER.close(others)
+                _closer.CLOSER.close(others)
 
     def release(self) -> None:
         """Close the batch's pidfds: the senders', and those ``vouched`` (once the batch
@@ -339,7 +327,7 @@ class DatagramSocket:
             return _refused(RejectReason.UNVERIFIABLE, message, pid, why)
         subject = pid
         if rights:
-            reason, subject, why = _subject(
+            reason, subject, why = _kinship.subject(
                 pid, uid, named=named, parents=self._parents, processes=self._processes
             )
             if reason is RejectReason.NO_SUCH_PROCESS and isinstance(message, (Disarm, DisarmAll)):
@@ -377,187 +365,9 @@ class DatagramSocket:
     def close(self) -> None:
         """Close the socket and remove its path, if it is still this socket's."""
         self.release()
-        _CLOSER.unwatch(self._sock)
+        _closer.CLOSER.unwatch(self._sock)
         self._sock.close()
         unlink_if_same(self.path, self._bound)
-
-
-def _no_linger(fd: int) -> None:
-    """Have a socket's close return at once (its connection reset), never wait for its
-    unsent data; anything else is left as it is. Never raises."""
-    try:
-        if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-            return
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        return
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _SO_LINGER_NONE)
-    except OSError:  # a socket without linger (a datagram socket's close never waits)
-        pass
-    finally:
-        sock.detach()
-
-
-def _close_without_linger(fd: int) -> None:
-    """The closing threads' close (a socket's linger cleared first, off the loop)."""
-    _no_linger(fd)
-    os.close(fd)
-
-
-class _Closer:
-    """Closes the descriptors senders passed that may not be pidfds, off the loop: closing
-    one can block as long as its sender arranged (a file of a FUSE mount that never
-    answers, a TCP socket with SO_LINGER and unsent data: a socket's linger is cleared
-    first, so its close never waits). Each goes to a thread that is idle, or to a new one,
-    up to ``MAX_THREADS``. Daemon threads, so a close that never returns never holds up
-    the process's exit.
-
-    While more than ``BACKLOG`` descriptors wait (every thread held by a close that
-    blocks), the sockets it ``watch``es refuse descriptors at their senders
-    (``SO_PASSRIGHTS``: their ``sendmsg()`` fails with EPERM), until none waits: what
-    senders pass then can no longer pile up in the server until it runs out of
-    descriptors, and every other datagram still comes through.
-
-    Args:
-        close: closes a descriptor (tests pass one that blocks).
-    """
-
-    MAX_THREADS = 8
-    #: Descriptors waiting for a thread before the sockets refuse more.
-    BACKLOG = 1024
-    #: Every thread busy with a close this old: logged (at most once a minute).
-    SLOW = 1.0
-
-    def __init__(self, close: Callable[[int], None] = _close_without_linger) -> None:
-        self._close = close
-        self._cond = threading.Condition()
-        self._pending: Deque[int] = collections.deque()
-        #: Each busy thread's descriptor and when its close began, by thread.
-        self._closing: Dict[int, Tuple[int, float]] = {}
-        self._threads = 0
-        self._said = -math.inf
-        #: Weakly: a socket dropped without close() is not kept open by its watch.
-        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
-        self.refusing = False
-
-    def watch(self, sock: socket.socket) -> None:
-        """Have ``sock`` refuse descriptors while the backlog is over ``BACKLOG``."""
-        with self._cond:
-            self._sockets.add(sock)
-            if self.refusing:
-                _pass_rights(sock, False)
-
-    def unwatch(self, sock: socket.socket) -> None:
-        with self._cond:
-            self._sockets.discard(sock)
-
-    def close(self, fds: Sequence[int]) -> None:
-        """Close ``fds`` in closer threads. Never raises: if no thread can be started,
-        they wait for one."""
-        with self._cond:
-            self._pending.extend(fds)
-            self._dispatch()
-            # Whatever holds them back: closes that block, or no thread to be had.
-            if len(self._pending) > self.BACKLOG and not self.refusing:
-                self._refuse(True)
-
-    def for_child(self) -> _Closer:
-        """The closer of a forked child: the parent's threads are not there, the
-        descriptors they had yet to close (or were closing) are, and are its to close.
-        The parent's sockets are the parent's to watch."""
-        child = _Closer(self._close)
-        child._pending.extend(fd for fd, _ in self._closing.values())
-        child._pending.extend(self._pending)
-        with child._cond:
-            child._dispatch()
-        return child
-
-    def _dispatch(self) -> None:
-        """Wake an idle thread for each descriptor waiting, and start threads for those
-        left (up to ``MAX_THREADS``): none waits behind a close that blocks while a
-        thread can be had. Said (at most once a minute) when every thread is held by a
-        slow close. Called with ``_cond`` held."""
-        idle = self._threads - len(self._closing)
-        self._cond.notify(min(idle, len(self._pending)))
-        short = len(self._pending) - idle
-        while short > 0 and self._threads < self.MAX_THREADS and self._start():
-            short -= 1
-        if short > 0 and self._threads == self.MAX_THREADS:
-            oldest = min((began for _, began in self._closing.values()), default=math.inf)
-            self._say(
-                "every thread that closes descriptors senders passed to the socket is "
-                "busy, one for %.1f s (a sender may be passing descriptors whose close "
-                "blocks); descriptors waiting: %d",
-                time.monotonic() - oldest,
-                len(self._pending),
-                when=time.monotonic() - oldest >= self.SLOW,
-            )
-
-    def _refuse(self, refuse: bool) -> None:
-        self.refusing = refuse
-        for sock in self._sockets:
-            _pass_rights(sock, not refuse)
-        if refuse:
-            logger.error(
-                "%d descriptors senders passed are waiting to be closed: the socket "
-                "refuses descriptors until they are (a sender may be passing descriptors "
-                "whose close blocks; meanwhile no timer of another process can be armed "
-                "or disarmed over the socket: ftimer exec, ftimer arm and disarm fail)",
-                len(self._pending),
-            )
-        else:
-            logger.warning("the socket accepts descriptors again")
-
-    def _start(self) -> bool:
-        try:
-            threading.Thread(target=self._run, name="ftimer-closer", daemon=True).start()
-        except RuntimeError as e:  # no thread to be had (a limit, interpreter exit)
-            self._say("cannot start a thread to close a descriptor a sender passed: %s", e)
-            return False
-        self._threads += 1
-        return True
-
-    def _say(self, message: str, *args: object, when: bool = True) -> None:
-        now = time.monotonic()
-        if when and now - self._said >= 60:
-            self._said = now
-            logger.warning(message, *args)
-
-    def _run(self) -> None:
-        cond, closing, me = self._cond, self._closing, threading.get_ident()
-        while True:
-            with cond:
-                while not self._pending:
-                    if self.refusing:
-                        self._refuse(False)
-                    cond.wait()
-                fd = self._pending.popleft()
-                closing[me] = (fd, time.monotonic())
-            with contextlib.suppress(OSError):
-                self._close(fd)
-            with cond:
-                del closing[me]
-
-
-def _pass_rights(sock: socket.socket, on: bool) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_PASSRIGHTS, int(on))
-    except OSError as e:  # before Linux 6.16 (ENOPROTOOPT): descriptors keep coming
-        logger.error("cannot have the socket %s descriptors: %s", "accept" if on else "refuse", e)
-
-
-#: One for the process; a forked child gets its own (see ``_Closer.for_child``).
-_CLOSER = _Closer()
-
-
-def _closer_for_child() -> None:
-    global _CLOSER
-    _CLOSER = _CLOSER.for_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_closer_for_child)
 
 
 #: A datagram as read: its bytes, recvmsg's flags, the sender's (pid, uid, gid) if the
@@ -615,34 +425,6 @@ def _refused(reason: RejectReason, message: Message, pid: int, why: str) -> Refu
     return Refused(reason, request_of(message), pid, why, scope)
 
 
-def _subject(
-    sender: int,
-    uid: int,
-    *,
-    named: Optional[int],
-    parents: Dict[int, int],
-    processes: ProcessInspector,
-) -> Tuple[Optional[RejectReason], int, str]:
-    """The process a datagram's one pidfd names (``named``, as read with it), or why the
-    sender may not name it."""
-    target = named
-    if target == -1:
-        return RejectReason.NO_SUCH_PROCESS, sender, "the process it names has exited"
-    if target is None or target <= 0:
-        return RejectReason.FOREIGN_SUBJECT, sender, "not a pidfd of a live process"
-    if target == sender:  # its own pidfd: as if it carried none
-        return None, target, ""
-    try:
-        refusal = _may_name(sender, uid, target, parents, processes)
-    except (ProcessLookupError, FileNotFoundError):  # reaped while it was examined
-        return RejectReason.NO_SUCH_PROCESS, sender, "the process it names has exited"
-    except Exception as e:  # an inspector's (NotImplementedError, say): refuse, never raise
-        return RejectReason.UNVERIFIABLE, sender, f"cannot examine process {target}: {e!r}"
-    if refusal is not None:
-        return RejectReason.FOREIGN_SUBJECT, sender, refusal
-    return None, target, ""
-
-
 def _exited(pidfds: List[int]) -> FrozenSet[int]:
     """Those of ``pidfds`` (distinct open pidfds) whose process has exited: a pidfd
     polls readable from then."""
@@ -652,50 +434,6 @@ def _exited(pidfds: List[int]) -> FrozenSet[int]:
     for fd in pidfds:
         poller.register(fd, select.POLLIN)
     return frozenset(fd for fd, _ in poller.poll(0))
-
-
-def _may_name(
-    sender: int, uid: int, target: int, parents: Dict[int, int], processes: ProcessInspector
-) -> Optional[str]:
-    """Why ``sender`` (of ``uid``) may not arm a timer for ``target``, or None: only a
-    process of its own uid that is its descendant or its parent. ``parents`` caches the
-    parents read for one batch: a sender naming a descendant many generations down, in
-    datagram after datagram, has its line of descent read from /proc once a batch.
-
-    Raises:
-        ProcessLookupError, FileNotFoundError: ``target`` is gone.
-    """
-
-    def parent(pid: int) -> int:
-        found = parents.get(pid)
-        if found is None:
-            found = parents[pid] = processes.parent(pid)
-        return found
-
-    try:
-        if processes.uid(target) != uid:  # ProcessLookupError: target is gone
-            return f"process {target} is not of the sender's user"
-        if parent(sender) == target:
-            return None
-        pid = target
-        for _ in range(256):
-            pid = parent(pid)
-            if pid == sender:
-                return None
-            if pid <= 1:
-                break
-    except (ProcessLookupError, FileNotFoundError):
-        # The target itself gone, or only an ancestor between it and the sender?
-        try:
-            processes.start_time(target)
-        except (ProcessLookupError, FileNotFoundError):
-            raise
-        except Exception as e:
-            return f"cannot examine process {target}: {e}"
-        return f"process {target} is neither a descendant nor the parent of the sender"
-    except OSError as e:
-        return f"cannot examine process {target}: {e.strerror}"
-    return f"process {target} is neither a descendant nor the parent of the sender"
 
 
 def open_socket(
@@ -749,7 +487,7 @@ def open_socket(
     bound = os.lstat(path)
     what = f"make the socket mode {mode:04o}"
     try:
-        gid = _gid(group)
+        gid = resolve_group(group)
         os.chmod(path, mode)
         if gid is not None:
             what = f"give the socket group {gid}"
@@ -759,7 +497,7 @@ def open_socket(
     except BaseException as e:
         sock.close()
         unlink_if_same(path, bound)  # what this call bound, not left behind
-        if isinstance(e, OSError) and not isinstance(e, FifoError):  # _gid's says why
+        if isinstance(e, OSError) and not isinstance(e, FifoError):  # resolve_group's says why
             raise FifoError(path, f"cannot {what}: {e.strerror or e}", e.errno) from None
         raise
 
@@ -798,7 +536,7 @@ def _adopt(
         if sock.getsockname() != path or not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise FifoError(path, "the socket given is not bound there")
         passes_pidfds = _pass_credentials(sock)
-        gid = _gid(group)
+        gid = resolve_group(group)
         os.chmod(path, mode)
         if gid is not None:
             os.chown(path, -1, gid)
@@ -858,16 +596,7 @@ def _answers(path: str) -> bool:
 
 
 def _queue_length() -> int:
-    return max(1, _read_int(_QLEN, 10))  # Linux's default
-
-
-def _read_int(path: str, default: int) -> int:
-    """The number in the file at ``path`` (a sysctl), or ``default``."""
-    try:
-        with open(path, encoding="ascii") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return default
+    return max(1, read_sysctl(_QLEN, 10))  # Linux's default
 
 
 def _charge(size: int) -> int:

@@ -22,12 +22,10 @@ from typing import (
     TYPE_CHECKING,
     Callable,
     Dict,
-    FrozenSet,
     Iterable,
     Iterator,
     List,
     Optional,
-    Set,
     Tuple,
     Type,
     Union,
@@ -47,14 +45,8 @@ from ftimer_protocol import (
     torch_request,
 )
 from ftimer_server.core._events import (
-    Armed,
-    DecodeFailed,
-    Disarmed,
     Event,
-    Expired,
     Reaped,
-    Rejected,
-    RejectReason,
     WorkerGone,
 )
 from ftimer_server.core._host import CaptureRequest
@@ -66,6 +58,8 @@ from ftimer_server.core._stats import Stats
 from ftimer_server.core._watchdog import Watchdog
 from ftimer_server.incidents._options import IncidentOptions
 
+from ._callbacks import Callbacks
+from ._callbacks import event_types as resolve_event_types
 from ._edge import ReapStep, SystemHost, ancestors_of
 from ._fifo import Fifo, check_mode, lock_fifo, open_fifo, unlock_fifo
 from ._journal import Journal
@@ -79,7 +73,7 @@ from ._process import (
 )
 from ._signaller import OsSignaller, RecordingSignaller, Signaller
 from ._socket import DatagramSocket, forgo_socket, open_socket
-from ._torch import LogEvent, request_of_timer, torch_log_event
+from ._torch import LogEvent, request_of_timer
 
 if TYPE_CHECKING:
     from ftimer_server.incidents._diagnostics import Diagnostics
@@ -91,11 +85,6 @@ logger = logging.getLogger("ftimer_server")
 #: Seconds ``stop()`` waits for the loop's thread by default (torch's default
 #: ``max_interval``, within which torch's ``stop()`` returns).
 STOP_TIMEOUT = 10.0
-#: Refusals an embedded server with no ``on_event`` logs (at most once a minute): a timer
-#: of the process that runs it, or of one above: torch's server enforces it, so code
-#: written for torch's loses its watchdog here without them.
-_OWN = frozenset((RejectReason.SERVER_PROCESS, RejectReason.SERVER_ANCESTOR))
-_OWN_SAID_EVERY = 60.0
 #: torch's server's hook points that its polling loop calls and ftimer's loop does not:
 #: overridden in a subclass, they change nothing the server does with what it reads.
 TORCH_HOOKS = (
@@ -292,14 +281,13 @@ class FileTimerServer:
         #: torch's polling interval, as given; ftimer's server does not poll.
         self.max_interval: float = max_interval
         self._daemon = daemon
-        self._log_event = log_event
-        self._log_debug_info = log_debug_info
-        self._on_event = on_event
-        self._on_change = on_change
-        self._changes = 0  # the table's change count when on_change was last called
-        self._event_types = _event_types(event_types)
-        if on_event is None and event_types is not None:
-            raise ValueError("event_types needs on_event")
+        self._callbacks = callbacks = Callbacks(
+            log_event=log_event,
+            log_debug_info=log_debug_info,
+            on_event=on_event,
+            types=resolve_event_types(event_types),
+            on_change=on_change,
+        )
         self._fifo_mode = fifo_mode
         self._fifo_group = fifo_group
         self._remove_fifo = remove_fifo
@@ -308,12 +296,7 @@ class FileTimerServer:
         #: Seconds ``stop()`` waits for the loop's thread: 10 by default (torch's default
         #: ``max_interval``); ``None``: until it ends.
         self.stop_timeout: Optional[float] = STOP_TIMEOUT
-        #: The callback the loop's thread is in now (the argument's name, "log_event",
-        #: ..., and the callback), if any: ``stop()`` names it when it waits in vain.
-        self._calling: Optional[Tuple[str, Callable[..., object]]] = None
         self._kill_self_on_reap = kill_self_on_reap
-        self._own_said = -math.inf
-        self._dropped_said = -math.inf
         self._tick_interval = tick_interval
         self._on_tick = on_tick
         self._pipe_size = pipe_size
@@ -341,7 +324,7 @@ class FileTimerServer:
             self._host = host = SystemHost(
                 self._inspector,
                 signaller,
-                tuple(functools.partial(self._call, "reap step", step) for step in reap_steps),
+                tuple(functools.partial(callbacks.call, "reap step", step) for step in reap_steps),
                 watch=self._watch,
                 unwatch=self._unwatch,
                 capture=None if self._diagnostics is None else self._capture,
@@ -356,7 +339,7 @@ class FileTimerServer:
                 emit=self._pending.append,
                 escalate_after=escalate_after,
                 signal_override=signal_override,
-                timer_events=self._wants_timer_events(),
+                timer_events=callbacks.wants_timer_events,
                 capture_budget=None if incidents is None else incidents.timeout,
                 job_label=None if incidents is None else incidents.job_label,
             )
@@ -459,7 +442,7 @@ class FileTimerServer:
     def _busy(self, timeout: Optional[float]) -> None:
         """Warn that the loop did not stop within ``timeout`` seconds, naming the callback
         it is in."""
-        calling = self._calling
+        calling = self._callbacks.calling
         logger.warning(
             "stop(): the server's thread has not ended within %g s: %s; returning "
             "without it (it closes the FIFO %s and delivers the remaining events "
@@ -755,12 +738,10 @@ class FileTimerServer:
             TypeError: one of them is not an ``Event`` class.
             ValueError: the server has no ``on_event``.
         """
-        types = _event_types(event_types)
-        if self._on_event is None:
-            raise ValueError("event_types needs on_event")
+        types = resolve_event_types(event_types)
         with self._lock:
-            self._event_types = types
-            self._watchdog.timer_events = self._wants_timer_events()
+            self._callbacks.set_types(types)
+            self._watchdog.timer_events = self._callbacks.wants_timer_events
 
     @property
     def incident_writes(self) -> Tuple[int, int]:
@@ -855,7 +836,7 @@ class FileTimerServer:
                 )
             on_tick = self._on_tick
             if on_tick is not None:  # through _call, as every callback
-                on_tick = functools.partial(self._call, "on_tick", on_tick)
+                on_tick = functools.partial(self._callbacks.call, "on_tick", on_tick)
             loop = Loop(
                 fifo,
                 self._watchdog,
@@ -873,8 +854,9 @@ class FileTimerServer:
         logger.info(
             "ftimer server listening on %s (pipe buffer %d bytes)", fifo.path, fifo.pipe_size
         )
-        if self._log_event is not None:
-            self._call("log_event", self._log_event, "watchdog started", None)
+        log_event = self._callbacks.log_event
+        if log_event is not None:
+            self._callbacks.call("log_event", log_event, "watchdog started", None)
         return loop
 
     def _unlock(self) -> None:
@@ -916,8 +898,9 @@ class FileTimerServer:
                     done.set()  # wake sync() callers: their tokens were not reached
         logger.info("ftimer server on %s stopped", self.file_path)
         self._flush()
-        if self._log_event is not None:
-            self._call("log_event", self._log_event, "watchdog stopped", None)
+        log_event = self._callbacks.log_event
+        if log_event is not None:
+            self._callbacks.call("log_event", log_event, "watchdog stopped", None)
 
     def _release(self) -> None:
         """Close the core and the capture helper (it runs from construction), under
@@ -975,9 +958,8 @@ class FileTimerServer:
                 return
             events = self._pending[:]
             self._pending.clear()
-        on_event, log_event, types = self._on_event, self._log_event, self._event_types
-        if self._log_debug_info is not None:
-            self._debug_info(events)
+        callbacks = self._callbacks
+        callbacks.debug_info(events, self.run_id)
         diagnostics = self._diagnostics
         for event in events:
             if (
@@ -997,93 +979,14 @@ class FileTimerServer:
                 assert isinstance(event, Reaped)
                 if event.delivered:
                     self._self_signal = event.signal
-            if on_event is not None and (types is None or type(event) in types):
-                self._call("on_event", on_event, event)
-            elif on_event is None and isinstance(event, Rejected) and event.reason in _OWN:
-                self._say_own(event)
-            elif on_event is None and isinstance(event, DecodeFailed):
-                self._say_dropped(event)
-            if log_event is not None:
-                self._call("log_event", torch_log_event, log_event, event, shown=log_event)
-
-    def _say_own(self, event: Rejected) -> None:
-        now = time.monotonic()
-        if now - self._own_said < _OWN_SAID_EVERY:
-            return
-        self._own_said = now
-        own = event.reason is RejectReason.SERVER_PROCESS
-        whose = "this server's own" if own else "an ancestor's"
-        logger.warning(
-            "refused %s of scope %r for pid %d, %s process: a server never signals the "
-            "process it runs in, or those above it; run it beside or above the processes "
-            "it watches (in the agent, or the host's daemon)",
-            event.request,
-            event.scope_id,
-            event.pid,
-            whose,
-        )
-
-    def _say_dropped(self, event: DecodeFailed) -> None:
-        # Once a minute at most: a server given no on_event (torch's agent) said nothing
-        # of a request it could not read, and its worker ran unwatched.
-        now = time.monotonic()
-        if now - self._dropped_said < _OWN_SAID_EVERY:
-            return
-        self._dropped_said = now
-        logger.warning(
-            "dropped %d invalid line(s): %s: %s: %r; a worker whose requests are dropped "
-            "is not watched (said once a minute at most; stats().decode_errors counts all)",
-            event.lines,
-            event.error,
-            event.reason,
-            event.excerpt or b"",
-        )
-
-    def _debug_info(self, events: List[Event]) -> None:
-        expired: Dict[int, List[str]] = {}
-        for event in events:
-            if isinstance(event, Expired):
-                timer = event.timer
-                expired.setdefault(timer.pid, []).append(request_of_timer(timer).to_json())
-        if expired:
-            assert self._log_debug_info is not None
-            self._call("log_debug_info", self._log_debug_info, self.run_id, expired)
+            callbacks.event(event)
 
     def _changed(self) -> None:
         """Call ``on_change`` if the armed timers (or the reaps not finished) changed since
         it was last called, or the journal has grown enough that a checkpoint should trim
         it (a junk flood changes no timer, but fills the journal)."""
-        changes = self._watchdog.changes
         grown = self._journal is not None and self._journal.full
-        if self._on_change is not None and (changes != self._changes or grown):
-            self._changes = changes
-            self._call("on_change", self._on_change)
-
-    def _call(
-        self,
-        name: str,
-        callback: Callable[..., object],
-        *args: object,
-        shown: Optional[Callable[..., object]] = None,
-    ) -> None:
-        """Call the user's ``callback`` (the argument ``name``; ``shown``: what the user
-        gave, when ``callback`` wraps it); whatever it raises is logged and ignored,
-        SystemExit too off the main thread, where it would end the loop's thread, and
-        with it the watchdog, without a word. (In the main thread, ``run()``'s, it is how
-        a signal handler ends the program.)"""
-        self._calling = (name, callback if shown is None else shown)
-        try:
-            callback(*args)
-        except (Exception, SystemExit) as e:
-            if isinstance(e, SystemExit) and threading.current_thread() is threading.main_thread():
-                raise
-            logger.exception("%s callback failed", name)
-        finally:
-            self._calling = None
-
-    def _wants_timer_events(self) -> bool:
-        types = self._event_types
-        return self._on_event is not None and (types is None or Armed in types or Disarmed in types)
+        self._callbacks.changed(self._watchdog.changes, grown)
 
     def _capture(self, request: CaptureRequest) -> str:
         assert self._diagnostics is not None
@@ -1113,25 +1016,6 @@ def _warn_hooks(who: str, overridden: List[str], stacklevel: int) -> None:
         RuntimeWarning,
         stacklevel=stacklevel,
     )
-
-
-def _event_types(types: Optional[Iterable[Type[Event]]]) -> Optional[FrozenSet[type]]:
-    if types is None:
-        return None
-    given = frozenset(types)
-    for t in given:
-        if not (isinstance(t, type) and issubclass(t, Event)):
-            raise TypeError(f"{t!r} is not an Event class")
-    # A class stands for its subclasses too (Event: all); the loop checks exact types.
-    return frozenset(c for t in given for c in _with_subclasses(t))
-
-
-def _with_subclasses(cls: type) -> Set[type]:
-    found = {cls}
-    subclasses: List[type] = type.__subclasses__(cls)
-    for sub in subclasses:
-        found |= _with_subclasses(sub)
-    return found
 
 
 def _write_all(fd: int, line: bytes, deadline: float) -> None:

@@ -108,6 +108,12 @@ def reaped(**overrides: object) -> Reaped:
             logging.ERROR,
             "could not reap pid 42 with SIGKILL (timer 'step', 1.2 ms late): EPERM",
         ),
+        (  # it exited while it was captured: no error, nothing was left to reap
+            reaped(delivered=False, gone=True, error="the process had exited", incident="i-1"),
+            logging.WARNING,
+            "not reaped: pid 42 exited before its SIGKILL (timer 'step', 1.2 ms late), "
+            "incident i-1",
+        ),
         (
             Escalated(42, 1234, 9, 10.0, True),
             logging.WARNING,

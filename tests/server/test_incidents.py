@@ -23,7 +23,15 @@ import pytest
 from tests.conftest import wait_until
 
 from ftimer_protocol import Arm, Expire
-from ftimer_server import FileTimerServer, Reaped, RecordingSignaller, Rejected, RejectReason
+from ftimer_server import (
+    FileTimerServer,
+    Reaped,
+    RecordingSignaller,
+    Rejected,
+    RejectReason,
+    Signaller,
+    Worker,
+)
 from ftimer_server.core._incident import Capture, Incident
 from ftimer_server.incidents._capture import CaptureOptions, find_py_spy
 from ftimer_server.incidents._diagnostics import IncidentOptions
@@ -361,6 +369,41 @@ def test_a_worker_that_exits_during_the_capture(
     assert not [e for e in events if isinstance(e, Reaped)]
     gone: Optional[object] = next(e for e in events if type(e).__name__ == "WorkerGone")
     assert gone.incident == incident.id  # type: ignore[union-attr]
+
+
+class ExitedSignaller(Signaller):
+    """Answers every signal as a signaller does for a worker that exited after its
+    capture, before its signal (it signals nobody)."""
+
+    def send(self, worker: Worker, signal: int) -> bool:
+        return False
+
+
+def test_a_worker_that_exits_after_its_capture_is_not_a_failed_reap(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, workers
+) -> None:  # type: ignore[no-untyped-def]
+    # Its reap was counted a failure (the "reap failed" alert: a hung worker may still
+    # run), logged as an error and its incident said "reaped with SIGKILL (NOT delivered)".
+    got = Collector()
+    options = IncidentOptions(directory=str(tmp_path / "i"), method="facts", timeout=2.0)
+    with FileTimerServer(
+        fifo_path,
+        signaller=ExitedSignaller(),
+        on_event=got.event,
+        incidents=options,
+        on_incident=got.incident,
+    ) as running:
+        workers(fifo_path, 0, 0.2, "collective")
+        assert got.done.wait(15)
+        stats = running.stats()
+    [reaped] = got.reaped
+    assert (reaped.delivered, reaped.gone) == (False, True)
+    assert stats.reap_failures == 0
+    [incident] = got.incidents
+    assert incident.delivered is None
+    assert incident.summary[0].endswith(
+        "; not signalled: the worker exited during the capture (SIGKILL was due)"
+    )
 
 
 def test_a_dry_run_s_incident_says_nothing_was_signalled(

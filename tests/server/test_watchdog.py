@@ -791,17 +791,43 @@ def test_signal_override_must_be_a_signal(bad: int) -> None:
         Rig(signal_override=bad)
 
 
+class RefusingSignaller(RecordingSignaller):
+    def send(self, worker: Worker, signal: int) -> bool:
+        super().send(worker, signal)
+        raise PermissionError(1, "Operation not permitted")
+
+
 def test_undeliverable_signals_are_reported() -> None:
     rig = Rig()
-    rig.signaller.delivered = False
+    rig.signaller = signaller = RefusingSignaller()
+    rig.wd = Watchdog(
+        host=SystemHost(rig.host, signaller),
+        server_pid=SERVER,
+        ancestors=frozenset({PARENT}),
+        emit=rig.events,
+    )
     rig.host.spawn(1000)
     rig.apply(arm(deadline=1.0))
     rig.at(1.0)
     [reaped] = rig.events.of(Reaped)
     assert isinstance(reaped, Reaped)
-    assert not reaped.delivered
-    assert reaped.error
+    assert (reaped.delivered, reaped.gone) == (False, False)
+    assert "not permitted" in (reaped.error or "")
     assert rig.wd.stats().reap_failures == 1
+
+
+def test_a_worker_gone_at_its_signal_is_not_a_reap_failure() -> None:
+    # It exited between its expiry (or its capture) and its signal: it was counted a
+    # reap failure, logged as an error and alerted on as a hung worker left running.
+    rig = Rig()
+    rig.signaller.delivered = False  # the signaller's "that process is gone"
+    rig.host.spawn(1000)
+    rig.apply(arm(deadline=1.0))
+    rig.at(1.0)
+    [reaped] = rig.events.of(Reaped)
+    assert isinstance(reaped, Reaped)
+    assert (reaped.delivered, reaped.gone) == (False, True)
+    assert rig.wd.stats().reap_failures == 0
 
 
 def test_decode_errors_are_counted_by_kind(rig: Rig) -> None:

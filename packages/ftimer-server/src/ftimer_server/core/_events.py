@@ -129,6 +129,8 @@ class Reaped(Event, frozen=True, tag="reaped"):
         scope_id: that timer's scope.
         late: seconds from that timer's deadline to the signal (the reap latency).
         delivered: False when the signal could not be delivered (``error`` says why).
+        gone: not delivered because the worker had exited (while it was captured, say):
+            nothing was left to reap, and it is not a reap failure.
         timers: every timer of the worker, all cleared by the reap.
         labels: the labels of the deciding timer.
         error: why the signal was not delivered.
@@ -148,6 +150,7 @@ class Reaped(Event, frozen=True, tag="reaped"):
     error: Optional[str] = None
     incident: Optional[str] = None
     descendants: Tuple[int, ...] = ()
+    gone: bool = False
 
 
 class Escalated(Event, frozen=True, tag="escalated"):

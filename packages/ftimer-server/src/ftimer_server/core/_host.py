@@ -67,13 +67,15 @@ class Unresolved(msgspec.Struct, frozen=True):
 
 
 class Delivery(msgspec.Struct, frozen=True):
-    """The outcome of a signal: ``delivered``, or not and ``error`` says why;
+    """The outcome of a signal: ``delivered``, or not and ``error`` says why (``gone``:
+    because the process had exited, or its pid was taken: nothing was left to signal);
     ``descendants``: the worker's descendants the signal went to as well (a host that
     reaps trees)."""
 
     delivered: bool
     error: Optional[str] = None
     descendants: Tuple[Descendant, ...] = ()
+    gone: bool = False
 
 
 DELIVERED = Delivery(True)

@@ -148,6 +148,7 @@ class Reaper:
             error=delivery.error,
             incident=incident,
             descendants=tuple(d.pid for d in delivery.descendants),
+            gone=delivery.gone,
         )
 
     def _grace(self, worker: Worker, decider: Timer, delivery: Delivery, due: float) -> None:

@@ -32,7 +32,8 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
         decode_errors: error class (``MalformedMessage``, ``LineTooLong``,
             ``UnsupportedVersion``) -> count of lines dropped.
         reaps: signal number -> workers signalled with it (delivered or not).
-        reap_failures: reaps whose signal could not be delivered.
+        reap_failures: reaps whose signal could not be delivered to a worker still there
+            (not those whose worker had exited: ``Reaped.gone``).
         expired: timers that expired (with or without a signal).
         escalations: workers that outlived the grace period and got SIGKILL.
         workers_gone: bound workers seen to exit.
@@ -95,7 +96,7 @@ class Counters:
         elif t is Reaped:
             assert isinstance(event, Reaped)
             self.reaps[event.signal] += 1
-            self.reap_failures += not event.delivered
+            self.reap_failures += not event.delivered and not event.gone
         elif t is Rejected:
             assert isinstance(event, Rejected)
             self.rejections[event.reason.value] += 1

@@ -94,19 +94,24 @@ def describe(
                 "(timer %r, %.1f ms late)%s",
                 (*args, labels),
             )
+        incident = "" if event.incident is None else f", incident {event.incident}"
+        if event.gone:  # not a failure: nothing was left to reap
+            return (
+                logging.WARNING,
+                "not reaped: pid %d exited before its %s (timer %r, %.1f ms late)%s%s",
+                (*args, incident, labels),
+            )
         if not event.delivered:
             return (
                 logging.ERROR,
-                "could not reap pid %d with %s (timer %r, %.1f ms late): %s%s",
-                (*args, event.error or "the process is gone", labels),
+                "could not reap pid %d with %s (timer %r, %.1f ms late): %s%s%s",
+                (*args, event.error or "the process is gone", incident, labels),
             )
-        if event.incident is not None:
-            return (
-                logging.WARNING,
-                "reaped: pid %d with %s (timer %r, %.1f ms late), incident %s%s",
-                (*args, event.incident, labels),
-            )
-        return logging.WARNING, "reaped: pid %d with %s (timer %r, %.1f ms late)%s", (*args, labels)
+        return (
+            logging.WARNING,
+            "reaped: pid %d with %s (timer %r, %.1f ms late)%s%s",
+            (*args, incident, labels),
+        )
     if isinstance(event, Escalated):
         sig = signal_label(event.signal)
         if dry_run:  # nothing was sent, neither the reap's signal nor this one

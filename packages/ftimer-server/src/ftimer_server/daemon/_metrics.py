@@ -152,7 +152,11 @@ class _StatsCollector:
                 family.add_metric([key], n)
             yield family
         for name, doc, value in (
-            ("ftimer_reap_failures", "Reaps whose signal could not be delivered.", s.reap_failures),
+            (
+                "ftimer_reap_failures",
+                "Reaps whose signal could not be delivered to a worker still there.",
+                s.reap_failures,
+            ),
             ("ftimer_expired_timers", "Timers that expired.", s.expired),
             ("ftimer_escalations", "Workers that outlived the grace period.", s.escalations),
             ("ftimer_workers_gone", "Bound workers seen to exit.", s.workers_gone),

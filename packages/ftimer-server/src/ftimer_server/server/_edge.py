@@ -169,7 +169,7 @@ class SystemHost(Host):
         try:
             if self._signaller.send(worker, signal):
                 return DELIVERED
-            return Delivery(False, "the process is gone")
+            return Delivery(False, "the process had exited", gone=True)
         except Exception as e:
             if not isinstance(e, OSError):
                 logger.exception("signalling process %d failed", worker.pid)
@@ -189,7 +189,7 @@ class SystemHost(Host):
             # milliseconds for a descendant to stop: it runs on the loop's thread.
             descendants = self._send_tree(worker, signal)
             delivery = self.signal(worker, signal)
-            return Delivery(delivery.delivered, delivery.error, descendants)
+            return Delivery(delivery.delivered, delivery.error, descendants, delivery.gone)
         return self.signal(worker, signal)
 
     def kill_descendants(

@@ -970,7 +970,9 @@ class FileTimerServer:
                 delivered: Optional[bool] = None
                 descendants: Tuple[int, ...] = ()
                 if isinstance(event, Reaped):
-                    delivered, descendants = event.delivered, event.descendants
+                    # One that had exited was not signalled, as one gone in its capture.
+                    delivered = None if event.gone else event.delivered
+                    descendants = event.descendants
                 try:
                     diagnostics.signalled(event.incident, delivered, descendants)
                 except Exception:  # no thread to write it (TasksMax): the events go on

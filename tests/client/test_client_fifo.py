@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import threading
 import time
 
 import pytest
@@ -223,3 +224,27 @@ def test_a_signal_handler_may_use_the_client_while_it_is_busy(peer: FifoPeer) ->
     arm, disarm = peer.wait_count(2)
     assert isinstance(arm, Arm)
     assert disarm == Disarm(ME, "s", arm.start_time)
+
+
+def test_a_heartbeat_racing_the_arming_clients_close_never_says_the_caller_is_closed(
+    peer: FifoPeer,
+) -> None:
+    # The heartbeat checked that the arming client was open, then armed through it: a
+    # close() in between raised "this FileTimerClient is closed" out of the open caller.
+    beating = FileTimerClient(peer.path, labels={})
+    outcomes = set()
+    for _ in range(2000):
+        arming = FileTimerClient(peer.path, labels={})
+        arming.arm("s", 100)
+        go = threading.Event()
+        closer = threading.Thread(target=lambda c=arming, g=go: (g.wait(), c.close()))
+        closer.start()
+        go.set()
+        try:
+            beating.heartbeat("s", 100)
+            outcomes.add("extended")  # before the close: which then disarmed it
+        except KeyError:
+            outcomes.add("released")  # after it
+        closer.join()
+        assert "s" not in beating._channel.armed  # the close disarmed it, either way
+    assert outcomes <= {"extended", "released"}

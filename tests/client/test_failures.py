@@ -340,3 +340,21 @@ def test_resync_after_restart_in_protocol_1(peer: FifoPeer) -> None:
         assert Disarm not in {type(m) for m in messages}
     finally:
         new.close()
+
+
+@pytest.mark.parametrize(("arming", "beating"), [("raise", "ignore"), ("ignore", "raise")])
+def test_a_heartbeat_through_another_client_follows_the_callers_policy(
+    peer: FifoPeer, arming: str, beating: str
+) -> None:
+    # A heartbeat of a scope another client armed followed that client's policy: a
+    # caller that chose "ignore" got ServerUnavailable, one that chose "raise" nothing.
+    a = FileTimerClient(peer.path, on_unavailable=arming)
+    b = FileTimerClient(peer.path, on_unavailable=beating)
+    a.arm("s", 60)
+    peer.close()  # the server left
+    if beating == "raise":
+        with pytest.raises(ServerUnavailable):
+            b.heartbeat("s", 60)
+    else:
+        b.heartbeat("s", 60)
+    assert (a.armed, b.armed) == ({"s"}, frozenset())  # still the timer of a

@@ -896,8 +896,9 @@ def test_stop_returns_while_log_event_blocks_and_the_events_still_arrive(
         next_one.sync()
 
 
+@pytest.mark.parametrize("stop_timeout", [0.2, 0.0, -0.5])
 def test_stop_returns_while_a_reap_step_blocks(
-    fifo_path: pathlib.Path, children, caplog: pytest.LogCaptureFixture
+    fifo_path: pathlib.Path, children, caplog: pytest.LogCaptureFixture, stop_timeout: float
 ) -> None:
     # The loop holds the table's lock through a reap: stop() used to wait for the lock,
     # without a timeout, for as long as a reap step ran.
@@ -908,7 +909,7 @@ def test_stop_returns_while_a_reap_step_blocks(
         release.wait()  # until the test has seen stop() return
 
     server = FileTimerServer(fifo_path, reap_steps=[step], dry_run=True)
-    server.stop_timeout = 0.2
+    server.stop_timeout = stop_timeout  # a negative one is none: it raised ValueError
     server.start()
     stopper = threading.Thread(target=server.stop)
     try:
@@ -930,6 +931,32 @@ def test_stop_returns_while_a_reap_step_blocks(
     assert child.poll() is None  # dry run
     with FileTimerServer(fifo_path) as next_one:  # its lock is released too
         next_one.sync()
+
+
+def test_a_stop_that_gives_up_during_start_still_stops_the_server(
+    fifo_path: pathlib.Path,
+) -> None:
+    # A stop() that timed out while start() held the lock found no loop to stop yet:
+    # the server started and ran on after stop() had returned.
+    server = FileTimerServer(fifo_path)
+    server.stop_timeout = 0.1
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with server._lock:  # as start() holds it while it opens the FIFO
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    starter = threading.Thread(target=server.start)
+    starter.start()
+    server.stop()  # gives up waiting for the lock
+    release.set()
+    holder.join(10)
+    starter.join(10)
+    wait_until(lambda: server.state is Lifecycle.STOPPED)
 
 
 def test_register_timers_drops_what_the_fifo_would_and_applies_the_rest(

@@ -258,20 +258,9 @@ class FileTimerClient:
         if type(after) is bool:  # True would be a 1 s timer
             raise TypeError("after must be a number of seconds, not a bool")
         v2 = self._v2
-        if v2 is None:
-            sig = None if signal is None else check_signal(signal)
-            # As a v2 deadline: a time long past arms an expired timer, one beyond
-            # MAX_TIME (inf) one that never fires; NaN and -inf are refused.
-            try:
-                expiration_time = time.time() + after
-                if not 0.0 <= expiration_time <= MAX_TIME:
-                    expiration_time = fix_deadline(expiration_time)
-            except OverflowError:  # an int beyond any float
-                expiration_time = fix_deadline(beyond_float(after))
-            except TypeError:  # a str, None, a Decimal, a complex: no number of seconds
-                raise not_seconds("after", after) from None
-            line = self._v1_line(scope_id, expiration_time, sig)
-        else:
+        if v2 is None or signal is not None:
+            line = self._line(scope_id, after, signal)
+        else:  # self._line(), inlined: every block of expires() comes here
             try:  # free on the hot path: no check of the type before the sum
                 deadline = _monotonic() + after
                 if not 0.0 <= deadline <= MAX_TIME:
@@ -280,25 +269,49 @@ class FileTimerClient:
                 deadline = fix_deadline(beyond_float(after))
             except TypeError:
                 raise not_seconds("after", after) from None
-            if signal is None:
-                line = v2.entry(scope_id)[0] % deadline
-            else:
-                line = v2.arm(scope_id, deadline, check_signal(signal))
+            line = v2.entry(scope_id)[0] % deadline
         try:  # self._arm(), inlined: every block of expires() comes here
             self._channel.arm(scope_id, line, self, self._timeout, self._keep)
         except ServerUnavailable as e:
             self._unavailable(e)
         self._check_still_open()
 
+    def _line(self, scope_id: str, after: float, signal: Optional[int]) -> bytes:
+        """The line arming ``scope_id`` ``after`` seconds from now, with ``signal`` (None:
+        the client's). As a version 2 deadline, a time long past arms an expired timer,
+        one beyond ``MAX_TIME`` (inf) one that never fires.
+
+        Raises:
+            ValueError: as ``arm()``: NaN, minus infinity, the scope or the signal.
+            TypeError: ``after`` is not a number.
+        """
+        v2 = self._v2
+        try:
+            deadline = (time.time() if v2 is None else _monotonic()) + after
+            if not 0.0 <= deadline <= MAX_TIME:
+                deadline = fix_deadline(deadline)
+        except OverflowError:  # an int beyond any float
+            deadline = fix_deadline(beyond_float(after))
+        except TypeError:  # a str, None, a Decimal, a complex: no number of seconds
+            raise not_seconds("after", after) from None
+        sig = None if signal is None else check_signal(signal)
+        if v2 is None:
+            return self._v1_line(scope_id, deadline, sig)
+        return v2.entry(scope_id)[0] % deadline if sig is None else v2.arm(scope_id, deadline, sig)
+
     def _v1_line(self, scope_id: str, expiration_time: float, signal: Optional[int]) -> bytes:
         assert isinstance(self._lines, V1Lines)
         return self._lines.arm(scope_id, expiration_time, signal)
 
-    def _arm(self, scope_id: str, line: bytes) -> None:
+    def _arm(self, scope_id: str, line: bytes, owner: Optional[FileTimerClient] = None) -> None:
+        """Arm ``scope_id`` with ``line``, as the timer of ``owner`` (default: this
+        client), under this client's failure policy."""
         if self._closed:
             raise _closed()
         try:
-            self._channel.arm(scope_id, line, self, self._timeout, self._keep)
+            self._channel.arm(
+                scope_id, line, self if owner is None else owner, self._timeout, self._keep
+            )
         except ServerUnavailable as e:
             self._unavailable(e)
         self._check_still_open()
@@ -325,26 +338,32 @@ class FileTimerClient:
     def heartbeat(self, scope_id: str, after: float) -> None:
         """Extend armed timer ``scope_id``: it now expires ``after`` seconds from now, as
         it was armed otherwise (its signal, its labels). Made through another client of
-        this process, it stays the timer of the client that armed it: re-armed by that
-        one (with that one's failure policy), and disarmed by that one's ``close()``.
+        this process, it stays the timer of the client that armed it (disarmed by that
+        one's ``close()``); this client's failure policy applies.
 
         Raises:
             KeyError: this process has not armed ``scope_id`` (or has released it).
             ServerUnavailable: not delivered, with ``on_unavailable="raise"``.
-            TypeError: ``after`` is a bool.
+            TypeError: ``after`` is not a number (or is a bool).
+            ValueError: ``after`` is NaN or minus infinity.
             RuntimeError: the client is closed.
         """
         if self._closed:
             raise _closed()
-        armed = self._channel.armed.get(scope_id)
-        if armed is None:
-            raise KeyError(scope_id)
-        line, owner = armed
-        if not isinstance(owner, FileTimerClient) or owner._closed:
-            owner = self
-        request = decode(line)
-        assert isinstance(request, (Arm, TimerRequestV1))  # the registry holds arms
-        owner.arm(scope_id, after, signal=request.signal)
+        if type(after) is bool:
+            raise TypeError("after must be a number of seconds, not a bool")
+        channel = self._channel
+        # Under the channel's lock: the arming client's close(), which disarms its scopes
+        # under it, comes wholly before this (KeyError) or after (and disarms it too).
+        with channel.lock:
+            armed = channel.armed.get(scope_id)
+            if armed is None:
+                raise KeyError(scope_id)
+            line, owner = armed
+            maker = owner if isinstance(owner, FileTimerClient) else self
+            request = decode(line)
+            assert isinstance(request, (Arm, TimerRequestV1))  # the registry holds arms
+            self._arm(scope_id, maker._line(scope_id, after, request.signal), maker)
 
     def expire(self, scope_id: str, *, signal: Optional[int] = None) -> None:
         """Expire timer ``scope_id`` now: ask the server to reap this process at once

@@ -356,6 +356,7 @@ class FileTimerServer:
         # the table's) must still take its token back.
         self._syncs_lock = threading.Lock()
         self._self_signal = 0
+        self._stop_asked = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -412,10 +413,12 @@ class FileTimerServer:
         remaining events, closes the FIFO and releases its lock once the callback returns.
         """
         timeout = self.stop_timeout
-        end = None if timeout is None else time.monotonic() + timeout
+        wait = -1.0 if timeout is None else max(0.0, timeout)
+        end = time.monotonic() + wait
         # The loop holds the lock through a reap (its steps included): waited for no
         # longer than its thread is.
-        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+        if not self._lock.acquire(timeout=wait):
+            self._stop_asked = True  # a start() holding the lock stops at its end
             loop = self._loop
             if loop is not None:
                 loop.request_stop()  # a flag and a wake-up: no lock needed
@@ -435,7 +438,7 @@ class FileTimerServer:
         thread = self._thread
         if thread is None or thread.ident == threading.get_ident():
             return
-        thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        thread.join(None if timeout is None else max(0.0, end - time.monotonic()))
         if thread.is_alive():
             self._busy(timeout)
 
@@ -851,6 +854,9 @@ class FileTimerServer:
                 loop.watch(worker)
             self._fifo, self._loop = fifo, loop
             self._state = Lifecycle.RUNNING
+            if self._stop_asked:  # by a stop() that gave up waiting for this start
+                self._state = Lifecycle.STOPPING
+                loop.request_stop()
         logger.info(
             "ftimer server listening on %s (pipe buffer %d bytes)", fifo.path, fifo.pipe_size
         )

@@ -26,8 +26,6 @@ import logging
 import os
 import select
 import signal
-import socket
-import stat
 import sys
 import threading
 import time
@@ -52,7 +50,6 @@ from ftimer_server.server._fifo import (
 from ftimer_server.server._journal import Journal, JournalIncomplete
 from ftimer_server.server._process import proc_problem
 from ftimer_server.server._server import FileTimerServer
-from ftimer_server.server._socket import shut_for_reading
 
 from ._config import (
     ConfigError,
@@ -62,6 +59,7 @@ from ._config import (
 )
 from ._control import ControlServer, ControlSocketBusy
 from ._daemon_log import describe, event_fields, signal_label
+from ._handover import keep_for_next, take_stored_socket
 from ._logging import LoggingSetup
 from ._metrics import Metrics, MetricsUnavailable
 from ._state import (
@@ -77,7 +75,7 @@ from ._state import (
     set_aside_state,
 )
 from ._status import status_document
-from ._systemd import SystemdNotifier, stored_fds
+from ._systemd import SystemdNotifier
 from ._warnings import startup_warnings
 
 __all__ = [
@@ -133,9 +131,9 @@ class Daemon:
         self._notifier = SystemdNotifier.from_environ(environ)
         self._server: Optional[FileTimerServer] = None
         #: The last daemon's socket, which systemd kept open, and the queue length it
-        #: was made with (``_stored_socket``).
+        #: was made with (``take_stored_socket``).
         self._adopt_socket: Optional[Tuple[int, int]] = None
-        #: The name systemd holds this daemon's socket under (``_keep_for_next``).
+        #: The name systemd holds this daemon's socket under (``keep_for_next``).
         self._stored_as: Optional[str] = None
         self._control: Optional[ControlServer] = None
         self._saver: Optional[StateSaver] = None
@@ -200,7 +198,8 @@ class Daemon:
         self._bind_metrics()
         boot_id = read_boot_id()
         saved, journal = self._load_state(boot_id)
-        self._adopt_socket = self._stored_socket()
+        socket_path = None if self.config.socket is None else os.path.abspath(self.config.socket)
+        self._adopt_socket = take_stored_socket(socket_path)
         server = self._restored_server(saved, journal)
         self._serve(server, control, boot_id, journal)
 
@@ -433,7 +432,7 @@ class Daemon:
         threading.Thread(
             target=self._watch_paths, args=(server,), name="ftimer-paths", daemon=True
         ).start()
-        self._keep_for_next()
+        self._stored_as = keep_for_next(self._notifier, c.fifo, server.socket)
         try:
             control.start()
         except (ControlSocketBusy, OSError) as e:
@@ -452,67 +451,6 @@ class Daemon:
         if self._metrics is not None and self._metrics_address is not None:
             self._metrics.serve()
             log.info("metrics on http://%s/metrics", _host_port(*self._metrics_address))
-
-    def _stored_socket(self) -> Optional[Tuple[int, int]]:
-        """The last daemon's socket and its queue length, if systemd kept it open
-        (``_keep_for_next``: a daemon killed, not stopped) and it is bound at this
-        daemon's socket path, which still names a socket: the server takes it over,
-        with what is queued on it. Any other socket systemd kept is closed here, and
-        by systemd at ``_keep_for_next``."""
-        path = None if self.config.socket is None else os.path.abspath(self.config.socket)
-        taken: Optional[Tuple[int, int]] = None
-        for fd, name in stored_fds():
-            queue = _stored_queue(name)
-            if queue is None:
-                continue
-            if taken is None and path is not None and _bound_at(fd, path):
-                if not shut_for_reading(fd):
-                    taken = fd, queue
-                    continue
-                # The last daemon was killed as it stopped, past its last read: sends to
-                # its socket fail. Its path is freed for a new one.
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        return taken
-
-    def _keep_for_next(self) -> None:
-        """Have systemd hold the FIFO and the socket open from now until the next daemon
-        opens them (its file descriptor store), then let go of the FIFO it gave this one
-        back.
-
-        A pipe's unread lines die with its last descriptor, and torch's clients (ftimer's
-        with protocol 1, the ``ftimer`` command) hold none between lines; a socket's
-        queued datagrams die with it, whoever sent them: a disarm written while the
-        daemon stalled, then was killed, would be lost, and the next daemon would
-        restore the timer and reap the worker that had disarmed.
-        """
-        if self._notifier.enabled:
-            try:
-                fd = os.open(self.config.fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as e:  # the server reads it: not expected
-                log.warning("cannot give systemd the FIFO to hold: %s", _os_error(e))
-            else:
-                try:
-                    self._notifier.store("fifo", fd)
-                finally:
-                    os.close(fd)
-            for _, name in stored_fds():  # the last daemon's socket, unless taken over
-                if _stored_queue(name) is not None:
-                    self._notifier.unstore(name)
-            sock = self._server.socket if self._server is not None else None
-            if sock is not None:
-                # Named with its queue length, which the kernel keeps with the socket.
-                self._stored_as = f"{_SOCKET_NAME}{sock.queue_length}"
-                self._notifier.store(self._stored_as, sock.fd)
-        for fd, name in stored_fds():
-            # The last daemon's FIFO: this one has it open now (or made a new one).
-            with contextlib.suppress(OSError):
-                if name == "fifo" and stat.S_ISFIFO(os.fstat(fd).st_mode):
-                    os.close(fd)
-        for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # not for children
-            os.environ.pop(var, None)
 
     def _ready(self) -> None:
         c = self.config
@@ -770,34 +708,6 @@ def _check_incident_dir(options: IncidentOptions) -> None:
 
 
 #: What systemd holds the daemon's socket under: this, then its queue length.
-_SOCKET_NAME = "socket-q"
-
-
-def _stored_queue(name: str) -> Optional[int]:
-    """The queue length in the name of a socket systemd held for the daemon, or None
-    for another name."""
-    rest = name[len(_SOCKET_NAME) :]
-    if not name.startswith(_SOCKET_NAME) or not (rest.isascii() and rest.isdecimal()):
-        return None
-    return int(rest)
-
-
-def _bound_at(fd: int, path: str) -> bool:
-    """Whether ``fd`` is an AF_UNIX datagram socket bound at ``path``, which still
-    names a socket (one stopped cleanly unlinked it)."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        return False
-    try:
-        named = stat.S_ISSOCK(os.lstat(path).st_mode)
-        return named and sock.type == socket.SOCK_DGRAM and sock.getsockname() == path
-    except OSError:
-        return False
-    finally:
-        sock.detach()
-
-
 def _host_port(host: str, port: int) -> str:
     """``host:port`` as a URL writes it: an IPv6 address in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -248,3 +248,32 @@ def test_a_heartbeat_racing_the_arming_clients_close_never_says_the_caller_is_cl
         closer.join()
         assert "s" not in beating._channel.armed  # the close disarmed it, either way
     assert outcomes <= {"extended", "released"}
+
+
+def test_a_heartbeat_during_which_a_handler_closes_the_arming_client_leaves_nothing_armed(
+    peer: FifoPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A signal handler of the same thread (the channel's lock is reentrant) closing the
+    # arming client inside the heartbeat: its close() disarmed first, then the heartbeat
+    # re-armed the scope as that closed client's, which nothing could disarm.
+    from ftimer_client import _client
+
+    arming = FileTimerClient(peer.path, labels={})
+    beating = FileTimerClient(peer.path, labels={})
+    arming.arm("s", 100)
+    decode = _client.decode
+
+    def closing(line: bytes):  # type: ignore[no-untyped-def]
+        arming.close()  # as the handler would, at this point of the heartbeat
+        return decode(line)
+
+    monkeypatch.setattr(_client, "decode", closing)
+    beating.heartbeat("s", 100)
+    assert "s" not in beating._channel.armed
+    assert isinstance(peer.wait_count(4)[-1], Disarm)  # arm, disarm, re-arm, disarm
+
+
+def test_a_protocol_1_arm_checks_its_signal_first() -> None:
+    client = FileTimerClient("/nonexistent/fifo", protocol=1)
+    with pytest.raises(ValueError, match="signal"):
+        client.arm("s", "5", signal=65)  # type: ignore[arg-type]

@@ -715,14 +715,14 @@ def test_a_sync_racing_stop_never_writes_into_another_file(
     from ftimer_server.server import _server
 
     entered, proceed = threading.Event(), threading.Event()
-    write_all = _server._write_all
+    write_all = _server.write_all
 
     def held(fd: int, line: bytes, deadline: float) -> None:
         entered.set()
         assert proceed.wait(10)
         write_all(fd, line, deadline)
 
-    monkeypatch.setattr(_server, "_write_all", held)
+    monkeypatch.setattr(_server, "write_all", held)
     server = FileTimerServer(fifo_path)
     server.start()
     errors: List[BaseException] = []
@@ -920,7 +920,7 @@ def test_stop_returns_while_a_reap_step_blocks(
             stopper.start()
             stopper.join(10)
             assert not stopper.is_alive(), "stop() waited for the blocked reap step"
-        assert server.state is not Lifecycle.STOPPED
+        assert server.state is Lifecycle.STOPPING  # asked, if not yet taken
         (warning,) = [r.getMessage() for r in caplog.records if "stop()" in r.getMessage()]
         assert f"it is in its reap step callback, {step!r}" in warning
     finally:
@@ -957,6 +957,46 @@ def test_a_stop_that_gives_up_during_start_still_stops_the_server(
     holder.join(10)
     starter.join(10)
     wait_until(lambda: server.state is Lifecycle.STOPPED)
+
+
+@pytest.mark.parametrize("stop_timeout", [math.inf, 1e12])
+def test_an_endless_stop_timeout_waits_until_the_loop_ends(
+    fifo_path: pathlib.Path, stop_timeout: float
+) -> None:
+    # The lock's wait raised OverflowError before the loop was asked to stop: the
+    # with block's exit raised, and the server ran on.
+    with FileTimerServer(fifo_path) as server:
+        server.stop_timeout = stop_timeout
+    assert server.state is Lifecycle.STOPPED
+
+
+def test_a_signal_handlers_stop_during_run_s_start_ends_the_run(
+    fifo_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # run() in the main thread, a SIGTERM handler calling stop() while run() opened the
+    # FIFO: the stop took the server for never started (released its core, STOPPED),
+    # then the start went on and served for good on the released core.
+    from ftimer_server.server import _server
+
+    server = FileTimerServer(fifo_path)
+    raise_fd_limit = _server.raise_fd_limit
+
+    def stopped_meanwhile() -> None:  # in run()'s thread, as the handler would be
+        server.stop()
+        raise_fd_limit()
+
+    monkeypatch.setattr(_server, "raise_fd_limit", stopped_meanwhile)
+    runner = threading.Thread(target=server.run)
+    runner.start()
+    runner.join(10)
+    if runner.is_alive():  # not ended: end it, then fail
+        monkeypatch.undo()
+        server.stop()
+        runner.join(10)
+        pytest.fail("run() went on serving after the stop")
+    assert server.state is Lifecycle.STOPPED
+    with FileTimerServer(fifo_path) as next_one:  # its lock is released
+        next_one.sync()
 
 
 def test_register_timers_drops_what_the_fifo_would_and_applies_the_rest(
@@ -1031,16 +1071,16 @@ def test_a_sync_token_cannot_be_guessed(
 ) -> None:
     # It was "ftimer-server-<pid>-<counter>": a writer of the FIFO or the socket could
     # send the next one ahead of a backlog and release sync() before the backlog was read.
-    from ftimer_server.server import _server
+    from ftimer_server.server import _sync
 
     tokens: List[str] = []
-    encode_sync = _server.encode
+    encode_sync = _sync.encode
 
     def record(message):  # type: ignore[no-untyped-def]
         tokens.append(message.token)
         return encode_sync(message)
 
-    monkeypatch.setattr(_server, "encode", record)
+    monkeypatch.setattr(_sync, "encode", record)
     with FileTimerServer(fifo_path) as server:
         server.sync()
         server.sync()

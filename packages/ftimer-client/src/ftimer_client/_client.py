@@ -286,6 +286,7 @@ class FileTimerClient:
             TypeError: ``after`` is not a number.
         """
         v2 = self._v2
+        sig = None if signal is None else check_signal(signal)
         try:
             deadline = (time.time() if v2 is None else _monotonic()) + after
             if not 0.0 <= deadline <= MAX_TIME:
@@ -294,7 +295,6 @@ class FileTimerClient:
             deadline = fix_deadline(beyond_float(after))
         except TypeError:  # a str, None, a Decimal, a complex: no number of seconds
             raise not_seconds("after", after) from None
-        sig = None if signal is None else check_signal(signal)
         if v2 is None:
             return self._v1_line(scope_id, deadline, sig)
         return v2.entry(scope_id)[0] % deadline if sig is None else v2.arm(scope_id, deadline, sig)
@@ -364,6 +364,14 @@ class FileTimerClient:
             request = decode(line)
             assert isinstance(request, (Arm, TimerRequestV1))  # the registry holds arms
             self._arm(scope_id, maker._line(scope_id, after, request.signal), maker)
+            if maker is not self and maker._closed:
+                # Closed meanwhile by a signal handler of this thread (the lock is
+                # reentrant): its close() may have gone before this arm, which nothing
+                # would release. (This client's own close: _arm() sees to it.)
+                try:
+                    channel.disarm_all(self._timeout, owner=maker)
+                except ServerUnavailable as e:
+                    self._unavailable(e)
 
     def expire(self, scope_id: str, *, signal: Optional[int] = None) -> None:
         """Expire timer ``scope_id`` now: ask the server to reap this process at once

@@ -13,7 +13,6 @@ import functools
 import logging
 import math
 import os
-import select
 import threading
 import time
 import warnings
@@ -38,10 +37,8 @@ from ftimer_protocol import (
     DisarmAll,
     FileTimerRequest,
     MalformedMessage,
-    Sync,
     TimerRequestV1,
     default_fifo_path,
-    encode,
     torch_request,
 )
 from ftimer_server.core._events import (
@@ -73,6 +70,7 @@ from ._process import (
 )
 from ._signaller import OsSignaller, RecordingSignaller, Signaller
 from ._socket import DatagramSocket, forgo_socket, open_socket
+from ._sync import Syncs, write_all
 from ._torch import LogEvent, request_of_timer
 
 if TYPE_CHECKING:
@@ -351,19 +349,19 @@ class FileTimerServer:
         self._fifo: Optional[Fifo] = None
         self._loop: Optional[Loop] = None
         self._thread: Optional[threading.Thread] = None
-        self._syncs: Dict[str, threading.Event] = {}
-        # Its own lock: a sync() that timed out waiting for a stalled loop (which holds
-        # the table's) must still take its token back.
-        self._syncs_lock = threading.Lock()
+        self._syncs = Syncs()
         self._self_signal = 0
         self._stop_asked = False
+        self._opening = False  # _open() runs (a signal handler's stop() may land in it)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     @property
     def state(self) -> Lifecycle:
         """Where the server is in its life."""
-        return self._state
+        state = self._state
+        # A stop() that gave up waiting for the loop has asked it to stop all the same.
+        return Lifecycle.STOPPING if state is Lifecycle.RUNNING and self._stop_asked else state
 
     def start(self) -> None:
         """Lock the FIFO's lock file, open the FIFO and start the loop in a thread.
@@ -406,27 +404,29 @@ class FileTimerServer:
         readable with ``armed()``. A stopped server cannot be started again: create
         another and ``restore()``.
 
-        Waits for the loop at most ``stop_timeout`` seconds (10 by default; ``None``: until
-        it ends): a callback (``log_event``, ``on_event``, a reap step, ...) that blocks
-        would otherwise block the caller too. Past it, a warning names the callback and
-        ``stop()`` returns with the server not yet ``STOPPED``: the loop delivers the
-        remaining events, closes the FIFO and releases its lock once the callback returns.
+        Waits for the loop at most ``stop_timeout`` seconds (10 by default; ``None`` or
+        ``math.inf``: until it ends; a negative one: not at all): a callback
+        (``log_event``, ``on_event``, a reap step, ...) that blocks would otherwise block
+        the caller too. Past it, a warning names the callback and ``stop()`` returns with
+        the server ``STOPPING``: the loop delivers the remaining events, closes the FIFO
+        and releases its lock once the callback returns.
         """
         timeout = self.stop_timeout
-        wait = -1.0 if timeout is None else max(0.0, timeout)
+        wait = -1.0 if timeout is None or timeout >= threading.TIMEOUT_MAX else max(0.0, timeout)
         end = time.monotonic() + wait
-        # The loop holds the lock through a reap (its steps included): waited for no
-        # longer than its thread is.
+        # Asked before any wait, without the lock: a loop busy in a reap (which it holds
+        # the lock through), or a start() under way (another thread's, or this thread's
+        # when a signal handler stops it), stops as soon as it can.
+        self._stop_asked = True
+        loop = self._loop
+        if loop is not None:
+            loop.request_stop()  # a flag and a wake-up
         if not self._lock.acquire(timeout=wait):
-            self._stop_asked = True  # a start() holding the lock stops at its end
-            loop = self._loop
-            if loop is not None:
-                loop.request_stop()  # a flag and a wake-up: no lock needed
-            self._busy(timeout)
+            self._busy(wait)
             return
         try:
-            if self._state is Lifecycle.NEW:  # never started: release what restore() bound
-                self._release()
+            if self._state is Lifecycle.NEW and not self._opening:
+                self._release()  # never started: release what restore() bound
                 self._state = Lifecycle.STOPPED
             if self._state is not Lifecycle.RUNNING:
                 return
@@ -438,11 +438,11 @@ class FileTimerServer:
         thread = self._thread
         if thread is None or thread.ident == threading.get_ident():
             return
-        thread.join(None if timeout is None else max(0.0, end - time.monotonic()))
+        thread.join(None if wait < 0 else max(0.0, end - time.monotonic()))
         if thread.is_alive():
-            self._busy(timeout)
+            self._busy(wait)
 
-    def _busy(self, timeout: Optional[float]) -> None:
+    def _busy(self, timeout: float) -> None:
         """Warn that the loop did not stop within ``timeout`` seconds, naming the callback
         it is in."""
         calling = self._callbacks.calling
@@ -622,13 +622,6 @@ class FileTimerServer:
             OSError: no descriptor to write with (``EMFILE``).
         """
         deadline = time.monotonic() + timeout
-        # Unguessable: anyone who may write the FIFO or the socket could otherwise send
-        # the next token ahead of a backlog and release the caller early.
-        # (os.urandom, what secrets uses: importing secrets loads hashlib's OpenSSL, 4 MB
-        # of the server's resident memory.)
-        token = f"ftimer-server-{os.urandom(16).hex()}"
-        done = threading.Event()
-        line = encode(Sync(token))
         with self._table(timeout):
             if self._state is not Lifecycle.RUNNING or self._fifo is None:
                 raise RuntimeError("the server is not running")
@@ -637,22 +630,19 @@ class FileTimerServer:
             # A descriptor of our own: the FIFO's may be closed (and its number reused
             # by another file) by a concurrent stop() while we wait for room to write.
             fd = os.dup(self._fifo.write_fd)
-            with self._syncs_lock:
-                self._syncs[token] = done
+            token, line, done = self._syncs.add()
         try:
             try:
-                _write_all(fd, line, deadline)
+                write_all(fd, line, deadline)
             except BrokenPipeError:  # the server closed its end: it stopped meanwhile
                 raise RuntimeError("the server stopped before the sync completed") from None
             if not done.wait(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"sync() did not complete within {timeout} s")
-            with self._syncs_lock:
-                if token in self._syncs:  # the loop removes the tokens it reached
-                    raise RuntimeError("the server stopped before the sync completed")
+            if self._syncs.waiting(token):  # set by the stop, not reached
+                raise RuntimeError("the server stopped before the sync completed")
         finally:
             os.close(fd)
-            with self._syncs_lock:
-                self._syncs.pop(token, None)
+            self._syncs.forget(token)
 
     # -- torch's public methods ----------------------------------------------------------
 
@@ -777,92 +767,107 @@ class FileTimerServer:
         with self._lock:
             if self._state is not Lifecycle.NEW:
                 raise RuntimeError(f"the server is {self._state.value}; create a new one")
-            if os.getpid() != self._pid:
-                raise RuntimeError(
-                    f"this server was made in process {self._pid}, not in this one: a "
-                    "forked process makes its own (a server never signals its own process "
-                    "or its ancestors, which it learns when it is made)"
-                )
-            problem = proc_problem()
-            if problem is not None:
-                raise RuntimeError(f"cannot serve: {problem}")
-            raise_fd_limit()
-            if self._lock_fifo:  # before the FIFO is touched: never another server's
-                self._lock_fd = lock_fifo(self.file_path)
+            self._opening = True  # a signal handler's stop() may land in it
             try:
-                # A server that restored nothing replaces its old FIFO: clients that
-                # still hold the old one then fail their next write and re-send their
-                # timers. One that restored timers reuses it: its writers lose nothing.
-                restored = len(self._watchdog.table) > 0
-                fifo = open_fifo(
-                    self.file_path,
-                    mode=self._fifo_mode,
-                    group=self._fifo_group,
-                    pipe_size=self._pipe_size,
-                    replace=not restored,
-                )
-            except BaseException:
-                self._unlock()
-                raise
-            adopt = self._adopt_socket
-            if adopt is not None and not restored and self._socket_path is not None:
-                # As the FIFO: clients still connected to the last server's socket would
-                # never learn that this one knows none of their timers. One bound anew
-                # has them reconnect and re-send (what was queued on the old is theirs).
-                forgo_socket(self._socket_path, adopt[0])
-                self._adopt_socket = None  # closed: a start tried again binds anew
-                logger.info(
-                    "bound a new socket at %s (no timers restored), not the last server's "
-                    "kept open: its clients reconnect and re-send their timers",
-                    self._socket_path,
-                )
-                adopt = None
-            if self._socket_path is not None:
-                try:
-                    self._socket = open_socket(
-                        self._socket_path,
-                        mode=self._fifo_mode,
-                        group=self._fifo_group,
-                        processes=self._inspector,
-                        adopt=adopt,
-                    )
-                    self._host.vouched = self._socket.vouched
-                except BaseException:
-                    fifo.close(remove=True)  # made by this start: not left behind
-                    self._unlock()
-                    raise
-            if fifo.replaced:
-                logger.info(
-                    "replaced the FIFO %s with a new one (no timers restored): writers "
-                    "holding the old one reconnect and re-send their timers",
-                    self.file_path,
-                )
-            on_tick = self._on_tick
-            if on_tick is not None:  # through _call, as every callback
-                on_tick = functools.partial(self._callbacks.call, "on_tick", on_tick)
-            loop = Loop(
-                fifo,
-                self._watchdog,
-                self._lock,
-                self._after,
-                tick_interval=self._tick_interval,
-                on_tick=on_tick,
-                journal=self._journal,
-                socket=self._socket,
-            )
-            for worker in self._watchdog.workers():  # bound by restore() before start
-                loop.watch(worker)
-            self._fifo, self._loop = fifo, loop
-            self._state = Lifecycle.RUNNING
-            if self._stop_asked:  # by a stop() that gave up waiting for this start
-                self._state = Lifecycle.STOPPING
-                loop.request_stop()
+                loop = self._open_locked()
+            finally:
+                self._opening = False
+        fifo = self._fifo
+        assert fifo is not None
         logger.info(
             "ftimer server listening on %s (pipe buffer %d bytes)", fifo.path, fifo.pipe_size
         )
         log_event = self._callbacks.log_event
         if log_event is not None:
             self._callbacks.call("log_event", log_event, "watchdog started", None)
+        return loop
+
+    def _open_locked(self) -> Loop:
+        """``_open()``'s work, under the lock.
+
+        Raises:
+            As ``start()``.
+        """
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                f"this server was made in process {self._pid}, not in this one: a "
+                "forked process makes its own (a server never signals its own process "
+                "or its ancestors, which it learns when it is made)"
+            )
+        problem = proc_problem()
+        if problem is not None:
+            raise RuntimeError(f"cannot serve: {problem}")
+        raise_fd_limit()
+        if self._lock_fifo:  # before the FIFO is touched: never another server's
+            self._lock_fd = lock_fifo(self.file_path)
+        try:
+            # A server that restored nothing replaces its old FIFO: clients that
+            # still hold the old one then fail their next write and re-send their
+            # timers. One that restored timers reuses it: its writers lose nothing.
+            restored = len(self._watchdog.table) > 0
+            fifo = open_fifo(
+                self.file_path,
+                mode=self._fifo_mode,
+                group=self._fifo_group,
+                pipe_size=self._pipe_size,
+                replace=not restored,
+            )
+        except BaseException:
+            self._unlock()
+            raise
+        adopt = self._adopt_socket
+        if adopt is not None and not restored and self._socket_path is not None:
+            # As the FIFO: clients still connected to the last server's socket would
+            # never learn that this one knows none of their timers. One bound anew
+            # has them reconnect and re-send (what was queued on the old is theirs).
+            forgo_socket(self._socket_path, adopt[0])
+            self._adopt_socket = None  # closed: a start tried again binds anew
+            logger.info(
+                "bound a new socket at %s (no timers restored), not the last server's "
+                "kept open: its clients reconnect and re-send their timers",
+                self._socket_path,
+            )
+            adopt = None
+        if self._socket_path is not None:
+            try:
+                self._socket = open_socket(
+                    self._socket_path,
+                    mode=self._fifo_mode,
+                    group=self._fifo_group,
+                    processes=self._inspector,
+                    adopt=adopt,
+                )
+                self._host.vouched = self._socket.vouched
+            except BaseException:
+                fifo.close(remove=True)  # made by this start: not left behind
+                self._unlock()
+                raise
+        if fifo.replaced:
+            logger.info(
+                "replaced the FIFO %s with a new one (no timers restored): writers "
+                "holding the old one reconnect and re-send their timers",
+                self.file_path,
+            )
+        on_tick = self._on_tick
+        if on_tick is not None:  # through _call, as every callback
+            on_tick = functools.partial(self._callbacks.call, "on_tick", on_tick)
+        loop = Loop(
+            fifo,
+            self._watchdog,
+            self._lock,
+            self._after,
+            tick_interval=self._tick_interval,
+            on_tick=on_tick,
+            journal=self._journal,
+            socket=self._socket,
+        )
+        for worker in self._watchdog.workers():  # bound by restore() before start
+            loop.watch(worker)
+        self._fifo, self._loop = fifo, loop
+        self._state = Lifecycle.RUNNING
+        if self._stop_asked:  # by a stop() while this start was under way
+            self._state = Lifecycle.STOPPING
+            loop.request_stop()
         return loop
 
     def _unlock(self) -> None:
@@ -899,9 +904,7 @@ class FileTimerServer:
                 self._socket.close()
             self._unlock()  # last: the FIFO is closed (and removed if asked)
             self._state = Lifecycle.STOPPED
-            with self._syncs_lock:
-                for done in self._syncs.values():
-                    done.set()  # wake sync() callers: their tokens were not reached
+            self._syncs.stopped()
         logger.info("ftimer server on %s stopped", self.file_path)
         self._flush()
         log_event = self._callbacks.log_event
@@ -930,11 +933,7 @@ class FileTimerServer:
         self._flush()
         self._changed()
         if tokens:
-            with self._syncs_lock:
-                for token in tokens:
-                    done = self._syncs.pop(token, None)
-                    if done is not None:
-                        done.set()
+            self._syncs.reached(tokens)
         if self._self_signal:
             sig, self._self_signal = self._self_signal, 0
             logger.warning("signalling the server itself (kill_self_on_reap)")
@@ -1024,18 +1023,3 @@ def _warn_hooks(who: str, overridden: List[str], stacklevel: int) -> None:
         RuntimeWarning,
         stacklevel=stacklevel,
     )
-
-
-def _write_all(fd: int, line: bytes, deadline: float) -> None:
-    """Write ``line`` (at most PIPE_BUF: atomic) to a non-blocking pipe by ``deadline``."""
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    while True:
-        try:
-            os.write(fd, line)
-            return
-        except BlockingIOError:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("the FIFO stayed full") from None
-            poller.poll(remaining * 1000)

@@ -850,6 +850,44 @@ def test_on_change_once_per_iteration_that_changed_the_timers(
         assert server.armed() == []
 
 
+def stop_while_blocked(
+    server: FileTimerServer,
+    fifo_path: pathlib.Path,
+    children,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture,
+    *,
+    entered: threading.Event,
+    release: threading.Event,
+    calling: str,
+) -> None:
+    """Start ``server``, have a child's timer expire, and once the loop is blocked in its
+    callback (``entered``: ``calling``, as the warning names it), stop it from another
+    thread: stop() returns in time, the server is STOPPING and the warning names the
+    callback. Then ``release`` it: the server stops and lets go of the FIFO's lock."""
+    server.start()
+    stopper = threading.Thread(target=server.stop)
+    try:
+        child = children()
+        send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
+        assert entered.wait(10)
+        with caplog.at_level("WARNING", logger="ftimer_server"):
+            stopper.start()
+            stopper.join(10)
+            assert not stopper.is_alive(), "stop() waited for the blocked callback"
+        assert server.state is Lifecycle.STOPPING  # asked, if not yet taken
+        (warning,) = [r.getMessage() for r in caplog.records if "stop()" in r.getMessage()]
+        assert f"it is in its {calling}" in warning
+        assert str(fifo_path) in warning
+    finally:
+        release.set()
+        stopper.join(10)
+    # Released: the loop delivers what was pending, closes the FIFO and ends.
+    wait_until(lambda: server.state is Lifecycle.STOPPED)
+    assert child.poll() is None  # dry run
+    with FileTimerServer(fifo_path) as next_one:  # its lock is released too
+        next_one.sync()
+
+
 def test_stop_returns_while_log_event_blocks_and_the_events_still_arrive(
     fifo_path: pathlib.Path, children, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -866,34 +904,16 @@ def test_stop_returns_while_log_event_blocks_and_the_events_still_arrive(
 
     server = FileTimerServer(fifo_path, log_event=log_event, dry_run=True)
     server.stop_timeout = 0.2
-    server.start()
-    stopper = threading.Thread(target=server.stop)
-    try:
-        child = children()
-        send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
-        assert entered.wait(10)
-        with caplog.at_level("WARNING", logger="ftimer_server"):
-            stopper.start()
-            stopper.join(10)
-            assert not stopper.is_alive(), "stop() waited for the blocked callback"
-        assert server.state is Lifecycle.STOPPING
-        (warning,) = [r.getMessage() for r in caplog.records if "stop()" in r.getMessage()]
-        assert f"it is in its log_event callback, {log_event!r}" in warning
-        assert str(fifo_path) in warning
-    finally:
-        release.set()
-        stopper.join(10)
-    # Released: the loop delivers what was pending, closes the FIFO and ends.
-    wait_until(lambda: server.state is Lifecycle.STOPPED)
+    calling = f"log_event callback, {log_event!r}"
+    stop_while_blocked(
+        server, fifo_path, children, caplog, entered=entered, release=release, calling=calling
+    )
     assert logged == [
         "watchdog started",
         "timer expired",
         "kill worker process",
         "watchdog stopped",
     ]
-    assert child.poll() is None  # dry run
-    with FileTimerServer(fifo_path) as next_one:  # its lock is released too
-        next_one.sync()
 
 
 @pytest.mark.parametrize("stop_timeout", [0.2, 0.0, -0.5])
@@ -910,53 +930,10 @@ def test_stop_returns_while_a_reap_step_blocks(
 
     server = FileTimerServer(fifo_path, reap_steps=[step], dry_run=True)
     server.stop_timeout = stop_timeout  # a negative one is none: it raised ValueError
-    server.start()
-    stopper = threading.Thread(target=server.stop)
-    try:
-        child = children()
-        send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
-        assert entered.wait(10)
-        with caplog.at_level("WARNING", logger="ftimer_server"):
-            stopper.start()
-            stopper.join(10)
-            assert not stopper.is_alive(), "stop() waited for the blocked reap step"
-        assert server.state is Lifecycle.STOPPING  # asked, if not yet taken
-        (warning,) = [r.getMessage() for r in caplog.records if "stop()" in r.getMessage()]
-        assert f"it is in its reap step callback, {step!r}" in warning
-    finally:
-        release.set()
-        stopper.join(10)
-    # Released: the loop goes on to the stop it was asked for.
-    wait_until(lambda: server.state is Lifecycle.STOPPED)
-    assert child.poll() is None  # dry run
-    with FileTimerServer(fifo_path) as next_one:  # its lock is released too
-        next_one.sync()
-
-
-def test_a_stop_that_gives_up_during_start_still_stops_the_server(
-    fifo_path: pathlib.Path,
-) -> None:
-    # A stop() that timed out while start() held the lock found no loop to stop yet:
-    # the server started and ran on after stop() had returned.
-    server = FileTimerServer(fifo_path)
-    server.stop_timeout = 0.1
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with server._lock:  # as start() holds it while it opens the FIFO
-            held.set()
-            release.wait()
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert held.wait(10)
-    starter = threading.Thread(target=server.start)
-    starter.start()
-    server.stop()  # gives up waiting for the lock
-    release.set()
-    holder.join(10)
-    starter.join(10)
-    wait_until(lambda: server.state is Lifecycle.STOPPED)
+    calling = f"reap step callback, {step!r}"
+    stop_while_blocked(
+        server, fifo_path, children, caplog, entered=entered, release=release, calling=calling
+    )
 
 
 @pytest.mark.parametrize("stop_timeout", [math.inf, 1e12])

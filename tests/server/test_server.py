@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import List, Optional, Set
+from typing import Any, List, Optional, Set
 
 import msgspec
 import pytest
@@ -973,6 +973,93 @@ def test_a_signal_handlers_stop_during_run_s_start_ends_the_run(
         pytest.fail("run() went on serving after the stop")
     assert server.state is Lifecycle.STOPPED
     with FileTimerServer(fifo_path) as next_one:  # its lock is released
+        next_one.sync()
+
+
+def test_a_stop_without_a_limit_waits_for_the_end_another_stop_asked_for(
+    fifo_path: pathlib.Path, children
+) -> None:
+    # A second stop() (stop_timeout None: until it ends) found the server STOPPING and
+    # returned at once, the loop still in its callback and the FIFO's lock held.
+    entered, release = threading.Event(), threading.Event()
+
+    def log_event(name: str, request: Optional[FileTimerRequest]) -> None:
+        if name == "timer expired":
+            entered.set()
+            release.wait()
+
+    server = FileTimerServer(fifo_path, log_event=log_event, dry_run=True)
+    server.stop_timeout = 0.1
+    server.start()
+    child = children()
+    send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
+    assert entered.wait(10)
+    server.stop()  # gives up
+    server.stop_timeout = None
+    second = threading.Thread(target=server.stop)
+    second.start()
+    second.join(0.5)
+    assert second.is_alive(), "stop() returned before the server stopped"
+    release.set()
+    second.join(10)
+    assert server.state is Lifecycle.STOPPED
+    with FileTimerServer(fifo_path) as next_one:  # its lock is released
+        next_one.sync()
+
+
+def test_a_stop_without_a_limit_racing_start_returns_once_stopped(
+    fifo_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It found the server STOPPING (start() had seen the stop asked) before start() had
+    # made its thread, and returned with the FIFO's lock held.
+    from ftimer_server.server import _server
+
+    opening, proceed = threading.Event(), threading.Event()
+    open_fifo = _server.open_fifo
+
+    def slow_open(*args: Any, **kwargs: Any) -> Any:
+        opening.set()
+        assert proceed.wait(10)
+        return open_fifo(*args, **kwargs)
+
+    monkeypatch.setattr(_server, "open_fifo", slow_open)
+    server = FileTimerServer(fifo_path)
+    server.stop_timeout = None
+    starter = threading.Thread(target=server.start)
+    starter.start()
+    assert opening.wait(10)  # start() holds the lock
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    wait_until(lambda: server._stop_asked)
+    proceed.set()
+    stopper.join(10)
+    assert server.state is Lifecycle.STOPPED
+    starter.join(10)
+    monkeypatch.undo()
+    with FileTimerServer(fifo_path) as next_one:
+        next_one.sync()
+
+
+def test_a_start_interrupted_after_the_lock_leaves_nothing_behind(
+    fifo_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A signal handler's sys.exit() landing while run() made its loop: the FIFO's lock
+    # stayed held and the FIFO made by the start stayed, whatever stop() said after.
+    from ftimer_server.server import _server
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise SystemExit(143)  # as the handler would, at this point of the start
+
+    monkeypatch.setattr(_server, "Loop", interrupted)
+    server = FileTimerServer(fifo_path, remove_fifo=True)
+    with pytest.raises(SystemExit):
+        server.run()
+    assert server.state is Lifecycle.NEW
+    assert not fifo_path.exists()  # made by this start: not left behind
+    server.stop()
+    assert server.state is Lifecycle.STOPPED
+    monkeypatch.undo()
+    with FileTimerServer(fifo_path) as next_one:  # the lock was released
         next_one.sync()
 
 

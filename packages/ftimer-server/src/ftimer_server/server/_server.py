@@ -352,6 +352,10 @@ class FileTimerServer:
         self._syncs = Syncs()
         self._self_signal = 0
         self._stop_asked = False
+        #: Set once the server stopped (closed its FIFO, delivered its last events).
+        self._ended = threading.Event()
+        #: The thread in start(), or the one in run(): a stop() from it never waits.
+        self._opener: Optional[int] = None
         self._opening = False  # _open() runs (a signal handler's stop() may land in it)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -375,11 +379,19 @@ class FileTimerServer:
                 process (this one's parent, before a fork); or ``/proc`` is another PID
                 namespace's (its processes would be taken for this one's).
         """
-        loop = self._open()
-        self._thread = threading.Thread(
-            target=self._serve, args=(loop,), name="ftimer-server", daemon=self._daemon
-        )
-        self._thread.start()
+        self._opener = threading.get_ident()
+        try:
+            loop = self._open()
+            self._thread = threading.Thread(
+                target=self._serve, args=(loop,), name="ftimer-server", daemon=self._daemon
+            )
+            try:
+                self._thread.start()
+            except BaseException:  # no thread to be had: nothing is left running
+                self._close(loop)
+                raise
+        finally:
+            self._opener = None
 
     def run(self) -> None:
         """Open the FIFO and run the loop in the calling thread until ``stop()``.
@@ -394,6 +406,7 @@ class FileTimerServer:
             FifoError: the FIFO path is unsafe or unusable (an ``OSError``).
             RuntimeError: as ``start()``.
         """
+        self._opener = threading.get_ident()  # and the loop's thread from here on
         self._serve(self._open())
 
     def stop(self) -> None:
@@ -428,18 +441,20 @@ class FileTimerServer:
             if self._state is Lifecycle.NEW and not self._opening:
                 self._release()  # never started: release what restore() bound
                 self._state = Lifecycle.STOPPED
-            if self._state is not Lifecycle.RUNNING:
-                return
-            self._state = Lifecycle.STOPPING
-            assert self._loop is not None
-            self._loop.request_stop()
+                self._ended.set()
+            if self._state is Lifecycle.RUNNING:
+                self._state = Lifecycle.STOPPING
+            loop = self._loop
+            if loop is not None:
+                loop.request_stop()
         finally:
             self._lock.release()
-        thread = self._thread
-        if thread is None or thread.ident == threading.get_ident():
-            return
-        thread.join(None if wait < 0 else max(0.0, end - time.monotonic()))
-        if thread.is_alive():
+        me = threading.get_ident()
+        if me == self._opener or (loop is not None and loop.ident == me):
+            return  # called by what starts or runs the loop: it stops once this returns
+        # The end, not a thread's: another stop() may be waiting too, or a start()
+        # may not have made its thread yet.
+        if not self._ended.wait(None if wait < 0 else max(0.0, end - time.monotonic())):
             self._busy(wait)
 
     def _busy(self, timeout: float) -> None:
@@ -801,20 +816,36 @@ class FileTimerServer:
         if self._lock_fifo:  # before the FIFO is touched: never another server's
             self._lock_fd = lock_fifo(self.file_path)
         try:
-            # A server that restored nothing replaces its old FIFO: clients that
-            # still hold the old one then fail their next write and re-send their
-            # timers. One that restored timers reuses it: its writers lose nothing.
-            restored = len(self._watchdog.table) > 0
-            fifo = open_fifo(
-                self.file_path,
-                mode=self._fifo_mode,
-                group=self._fifo_group,
-                pipe_size=self._pipe_size,
-                replace=not restored,
-            )
+            return self._open_ends()
         except BaseException:
+            # Failed, or interrupted (a signal handler's exception): nothing is left
+            # open or locked, and the server is as new (a stop() releases it).
+            loop, fifo, sock = self._loop, self._fifo, self._socket
+            self._loop = self._fifo = self._socket = None
+            self._state = Lifecycle.NEW
+            if loop is not None:
+                loop.close()
+            if sock is not None:
+                sock.close()
+            if fifo is not None:
+                fifo.close(remove=True)  # made by this start: not left behind
             self._unlock()
             raise
+
+    def _open_ends(self) -> Loop:
+        """Open the FIFO and the socket and make the loop (under the lock; the caller
+        closes what was opened if it raises)."""
+        # A server that restored nothing replaces its old FIFO: clients that still hold
+        # the old one then fail their next write and re-send their timers. One that
+        # restored timers reuses it: its writers lose nothing.
+        restored = len(self._watchdog.table) > 0
+        fifo = self._fifo = open_fifo(
+            self.file_path,
+            mode=self._fifo_mode,
+            group=self._fifo_group,
+            pipe_size=self._pipe_size,
+            replace=not restored,
+        )
         adopt = self._adopt_socket
         if adopt is not None and not restored and self._socket_path is not None:
             # As the FIFO: clients still connected to the last server's socket would
@@ -829,19 +860,14 @@ class FileTimerServer:
             )
             adopt = None
         if self._socket_path is not None:
-            try:
-                self._socket = open_socket(
-                    self._socket_path,
-                    mode=self._fifo_mode,
-                    group=self._fifo_group,
-                    processes=self._inspector,
-                    adopt=adopt,
-                )
-                self._host.vouched = self._socket.vouched
-            except BaseException:
-                fifo.close(remove=True)  # made by this start: not left behind
-                self._unlock()
-                raise
+            self._socket = open_socket(
+                self._socket_path,
+                mode=self._fifo_mode,
+                group=self._fifo_group,
+                processes=self._inspector,
+                adopt=adopt,
+            )
+            self._host.vouched = self._socket.vouched
         if fifo.replaced:
             logger.info(
                 "replaced the FIFO %s with a new one (no timers restored): writers "
@@ -863,7 +889,7 @@ class FileTimerServer:
         )
         for worker in self._watchdog.workers():  # bound by restore() before start
             loop.watch(worker)
-        self._fifo, self._loop = fifo, loop
+        self._loop = loop
         self._state = Lifecycle.RUNNING
         if self._stop_asked:  # by a stop() while this start was under way
             self._state = Lifecycle.STOPPING
@@ -906,10 +932,13 @@ class FileTimerServer:
             self._state = Lifecycle.STOPPED
             self._syncs.stopped()
         logger.info("ftimer server on %s stopped", self.file_path)
-        self._flush()
-        log_event = self._callbacks.log_event
-        if log_event is not None:
-            self._callbacks.call("log_event", log_event, "watchdog stopped", None)
+        try:
+            self._flush()
+            log_event = self._callbacks.log_event
+            if log_event is not None:
+                self._callbacks.call("log_event", log_event, "watchdog stopped", None)
+        finally:
+            self._ended.set()
 
     def _release(self) -> None:
         """Close the core and the capture helper (it runs from construction), under

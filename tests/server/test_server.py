@@ -1063,6 +1063,113 @@ def test_a_start_interrupted_after_the_lock_leaves_nothing_behind(
         next_one.sync()
 
 
+def test_a_start_interrupted_in_its_started_callback_ends_as_a_stop(
+    fifo_path: pathlib.Path,
+) -> None:
+    # Ctrl-C (or a handler's sys.exit()) in "watchdog started", once the lock was let go
+    # of and before the loop ran: the server stayed RUNNING with no loop, its FIFO and
+    # lock held, and a stop() without a limit never returned.
+    def log_event(name: str, request: Optional[FileTimerRequest]) -> None:
+        if name == "watchdog started":
+            raise KeyboardInterrupt
+
+    server = FileTimerServer(fifo_path, log_event=log_event, remove_fifo=True)
+    with pytest.raises(KeyboardInterrupt):
+        server.start()
+    assert server.state is Lifecycle.STOPPED
+    server.stop_timeout = None
+    server.stop()  # returns
+    assert not fifo_path.exists()
+    with FileTimerServer(fifo_path) as next_one:  # the lock was released
+        next_one.sync()
+
+
+def test_a_second_ctrl_c_while_run_closes_still_closes_it(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Ctrl-C landing while run()'s end waited for the captures in progress left the
+    # FIFO open and its lock held, and a stop() without a limit never returned.
+    from ftimer_server import IncidentOptions
+
+    options = IncidentOptions(directory=str(tmp_path / "i"), method="facts")
+    server = FileTimerServer(fifo_path, incidents=options)
+    diagnostics = server._diagnostics
+    assert diagnostics is not None
+    close = diagnostics.close
+
+    def interrupted() -> None:
+        monkeypatch.setattr(diagnostics, "close", close)  # the next one closes it
+        raise KeyboardInterrupt  # as the second Ctrl-C would, here
+
+    monkeypatch.setattr(diagnostics, "close", interrupted)
+    stopper = threading.Thread(
+        target=lambda: (wait_until(lambda: server.state is Lifecycle.RUNNING), server.stop())
+    )
+    stopper.start()
+    with pytest.raises(KeyboardInterrupt):
+        server.run()
+    stopper.join(10)
+    assert server.state is Lifecycle.STOPPED
+    server.stop_timeout = None
+    server.stop()  # returns
+    diagnostics.close()
+    with FileTimerServer(fifo_path) as next_one:  # the lock was released
+        next_one.sync()
+
+
+def test_a_stop_from_a_thread_holding_the_servers_lock_does_not_wait_for_itself(
+    fifo_path: pathlib.Path,
+) -> None:
+    # A signal handler's stop() interrupting a call that holds the lock (armed(), say)
+    # waited for the loop, which waited for that lock: for ever without a limit.
+    server = FileTimerServer(fifo_path)
+    server.stop_timeout = None
+    server.start()
+
+    def handler_in_a_locked_call() -> None:
+        with server._lock:  # as armed() holds it
+            server.stop()
+
+    stopper = threading.Thread(target=handler_in_a_locked_call, daemon=True)  # if it hangs
+    stopper.start()
+    stopper.join(10)
+    assert not stopper.is_alive(), "stop() waited for the lock its own thread held"
+    wait_until(lambda: server.state is Lifecycle.STOPPED)
+
+
+def test_a_refused_run_does_not_excuse_its_threads_stop_from_waiting(
+    fifo_path: pathlib.Path, children
+) -> None:
+    # run() called on a running server (refused) marked its thread as the loop's: that
+    # thread's stop() without a limit then returned at once, the loop still running.
+    entered, release = threading.Event(), threading.Event()
+
+    def log_event(name: str, request: Optional[FileTimerRequest]) -> None:
+        if name == "timer expired":
+            entered.set()
+            release.wait()
+
+    server = FileTimerServer(fifo_path, log_event=log_event, dry_run=True)
+    server.stop_timeout = None
+    server.start()
+    child = children()
+    send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
+    assert entered.wait(10)
+
+    def mistaken() -> None:
+        with pytest.raises(RuntimeError, match="running"):
+            server.run()
+        server.stop()
+
+    other = threading.Thread(target=mistaken)
+    other.start()
+    other.join(0.5)
+    assert other.is_alive(), "stop() returned before the server stopped"
+    release.set()
+    other.join(10)
+    assert server.state is Lifecycle.STOPPED
+
+
 def test_register_timers_drops_what_the_fifo_would_and_applies_the_rest(
     fifo_path: pathlib.Path, children
 ) -> None:  # type: ignore[no-untyped-def]

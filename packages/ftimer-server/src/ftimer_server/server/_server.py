@@ -354,7 +354,6 @@ class FileTimerServer:
         self._stop_asked = False
         #: Set once the server stopped (closed its FIFO, delivered its last events).
         self._ended = threading.Event()
-        #: The thread in start(), or the one in run(): a stop() from it never waits.
         self._opener: Optional[int] = None
         self._opening = False  # _open() runs (a signal handler's stop() may land in it)
 
@@ -379,19 +378,18 @@ class FileTimerServer:
                 process (this one's parent, before a fork); or ``/proc`` is another PID
                 namespace's (its processes would be taken for this one's).
         """
-        self._opener = threading.get_ident()
+        loop = self._open()
         try:
-            loop = self._open()
             self._thread = threading.Thread(
                 target=self._serve, args=(loop,), name="ftimer-server", daemon=self._daemon
             )
-            try:
-                self._thread.start()
-            except BaseException:  # no thread to be had: nothing is left running
-                self._close(loop)
-                raise
+            self._thread.start()
+        except BaseException:  # no thread to be had, or a signal handler's exception
+            self._close(loop)
+            raise
         finally:
-            self._opener = None
+            if self._opener == threading.get_ident():
+                self._opener = None
 
     def run(self) -> None:
         """Open the FIFO and run the loop in the calling thread until ``stop()``.
@@ -406,7 +404,6 @@ class FileTimerServer:
             FifoError: the FIFO path is unsafe or unusable (an ``OSError``).
             RuntimeError: as ``start()``.
         """
-        self._opener = threading.get_ident()  # and the loop's thread from here on
         self._serve(self._open())
 
     def stop(self) -> None:
@@ -427,6 +424,9 @@ class FileTimerServer:
         timeout = self.stop_timeout
         wait = -1.0 if timeout is None or timeout >= threading.TIMEOUT_MAX else max(0.0, timeout)
         end = time.monotonic() + wait
+        # A signal handler's stop() that interrupted this thread in a call holding the
+        # lock: the loop cannot end before that call returns, so it is not waited for.
+        holding = bool(self._lock._is_owned())  # type: ignore[attr-defined]  # Condition's test
         # Asked before any wait, without the lock: a loop busy in a reap (which it holds
         # the lock through), or a start() under way (another thread's, or this thread's
         # when a signal handler stops it), stops as soon as it can.
@@ -450,7 +450,7 @@ class FileTimerServer:
         finally:
             self._lock.release()
         me = threading.get_ident()
-        if me == self._opener or (loop is not None and loop.ident == me):
+        if holding or me == self._opener or (loop is not None and loop.ident == me):
             return  # called by what starts or runs the loop: it stops once this returns
         # The end, not a thread's: another stop() may be waiting too, or a start()
         # may not have made its thread yet.
@@ -782,19 +782,26 @@ class FileTimerServer:
         with self._lock:
             if self._state is not Lifecycle.NEW:
                 raise RuntimeError(f"the server is {self._state.value}; create a new one")
+            #: The thread that starts the loop (start()'s, or run()'s, which then runs it):
+            #: a stop() from it (a callback's, a signal handler's) never waits.
+            self._opener = threading.get_ident()
             self._opening = True  # a signal handler's stop() may land in it
             try:
                 loop = self._open_locked()
             finally:
                 self._opening = False
-        fifo = self._fifo
-        assert fifo is not None
-        logger.info(
-            "ftimer server listening on %s (pipe buffer %d bytes)", fifo.path, fifo.pipe_size
-        )
-        log_event = self._callbacks.log_event
-        if log_event is not None:
-            self._callbacks.call("log_event", log_event, "watchdog started", None)
+        try:
+            fifo = self._fifo
+            assert fifo is not None
+            logger.info(
+                "ftimer server listening on %s (pipe buffer %d bytes)", fifo.path, fifo.pipe_size
+            )
+            log_event = self._callbacks.log_event
+            if log_event is not None:
+                self._callbacks.call("log_event", log_event, "watchdog started", None)
+        except BaseException:  # a signal handler's, before the loop ran: ended as a stop
+            self._close(loop)
+            raise
         return loop
 
     def _open_locked(self) -> Loop:
@@ -917,22 +924,26 @@ class FileTimerServer:
             self._close(loop)
 
     def _close(self, loop: Loop) -> None:
-        if self._diagnostics is not None:
-            # First, outside the lock: it finishes the incidents in progress (seconds),
-            # whose captures still tell the loop when they are done.
-            self._diagnostics.close()
-        with self._lock:
-            self._watchdog.close()
-            loop.close()
-            if self._fifo is not None:
-                self._fifo.close(remove=self._remove_fifo)
-            if self._socket is not None:
-                self._socket.close()
-            self._unlock()  # last: the FIFO is closed (and removed if asked)
-            self._state = Lifecycle.STOPPED
-            self._syncs.stopped()
-        logger.info("ftimer server on %s stopped", self.file_path)
+        """Close the ends, release the lock and the core, deliver the last events; set
+        ``_ended``, whatever interrupts it (a second Ctrl-C during a capture's end)."""
         try:
+            try:
+                if self._diagnostics is not None:
+                    # First, outside the lock: it finishes the incidents in progress
+                    # (seconds), whose captures still tell the loop when they are done.
+                    self._diagnostics.close()
+            finally:
+                with self._lock:
+                    self._watchdog.close()
+                    loop.close()
+                    if self._fifo is not None:
+                        self._fifo.close(remove=self._remove_fifo)
+                    if self._socket is not None:
+                        self._socket.close()
+                    self._unlock()  # last: the FIFO is closed (and removed if asked)
+                    self._state = Lifecycle.STOPPED
+                    self._syncs.stopped()
+            logger.info("ftimer server on %s stopped", self.file_path)
             self._flush()
             log_event = self._callbacks.log_event
             if log_event is not None:

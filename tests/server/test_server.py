@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, List, Optional, Set
+from typing import Any, List, Optional, Set, Tuple
 
 import msgspec
 import pytest
@@ -1115,6 +1115,62 @@ def test_a_second_ctrl_c_while_run_closes_still_closes_it(
     diagnostics.close()
     with FileTimerServer(fifo_path) as next_one:  # the lock was released
         next_one.sync()
+
+
+def test_a_ctrl_c_in_the_ends_close_still_releases_the_lock(
+    fifo_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Interrupted as it closed the FIFO, the end kept the FIFO's lock, yet said it ended.
+    from ftimer_server.server._fifo import Fifo
+
+    close = Fifo.close
+
+    def interrupted(self: Fifo, remove: bool = False) -> None:
+        monkeypatch.setattr(Fifo, "close", close)
+        close(self, remove)
+        raise KeyboardInterrupt  # as a second Ctrl-C would, here
+
+    server = FileTimerServer(fifo_path)
+    stopper = threading.Thread(
+        target=lambda: (wait_until(lambda: server.state is Lifecycle.RUNNING), server.stop())
+    )
+    stopper.start()
+    monkeypatch.setattr(Fifo, "close", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        server.run()
+    stopper.join(10)
+    assert server.state is Lifecycle.STOPPED
+    with FileTimerServer(fifo_path) as next_one:  # the lock was released
+        next_one.sync()
+
+
+def test_a_start_interrupted_once_its_thread_runs_lets_the_loop_end_it(
+    fifo_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C in Thread.start()'s wait, the loop's thread already running: start() closed
+    # the server under the running loop, which ran on, on a closed selector.
+    logged: List[Tuple[str, str]] = []
+
+    def log_event(name: str, request: Optional[FileTimerRequest]) -> None:
+        logged.append((name, threading.current_thread().name))
+
+    start = threading.Thread.start
+
+    def interrupted(self: threading.Thread) -> None:
+        start(self)
+        raise KeyboardInterrupt  # once the thread runs, as in start()'s wait
+
+    server = FileTimerServer(fifo_path, log_event=log_event)
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        server.start()
+    monkeypatch.undo()
+    wait_until(lambda: server.state is Lifecycle.STOPPED)
+    thread = server._thread
+    assert thread is not None
+    thread.join(10)
+    assert not thread.is_alive()
+    assert logged == [("watchdog started", "MainThread"), ("watchdog stopped", "ftimer-server")]
 
 
 def test_a_stop_from_a_thread_holding_the_servers_lock_does_not_wait_for_itself(

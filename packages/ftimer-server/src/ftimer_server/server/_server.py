@@ -385,7 +385,11 @@ class FileTimerServer:
             )
             self._thread.start()
         except BaseException:  # no thread to be had, or a signal handler's exception
-            self._close(loop)
+            if self._thread is not None and self._thread.is_alive():
+                self._stop_asked = True  # it runs: it closes itself once asked
+                loop.request_stop()
+            else:
+                self._close(loop)
             raise
         finally:
             if self._opener == threading.get_ident():
@@ -934,15 +938,17 @@ class FileTimerServer:
                     self._diagnostics.close()
             finally:
                 with self._lock:
-                    self._watchdog.close()
-                    loop.close()
-                    if self._fifo is not None:
-                        self._fifo.close(remove=self._remove_fifo)
-                    if self._socket is not None:
-                        self._socket.close()
-                    self._unlock()  # last: the FIFO is closed (and removed if asked)
-                    self._state = Lifecycle.STOPPED
-                    self._syncs.stopped()
+                    try:
+                        self._watchdog.close()
+                        loop.close()
+                        if self._fifo is not None:
+                            self._fifo.close(remove=self._remove_fifo)
+                        if self._socket is not None:
+                            self._socket.close()
+                    finally:
+                        self._unlock()  # last: the FIFO is closed (and removed if asked)
+                        self._state = Lifecycle.STOPPED
+                        self._syncs.stopped()
             logger.info("ftimer server on %s stopped", self.file_path)
             self._flush()
             log_event = self._callbacks.log_event

@@ -976,11 +976,13 @@ def test_a_signal_handlers_stop_during_run_s_start_ends_the_run(
         next_one.sync()
 
 
-def test_a_stop_without_a_limit_waits_for_the_end_another_stop_asked_for(
-    fifo_path: pathlib.Path, children
-) -> None:
-    # A second stop() (stop_timeout None: until it ends) found the server STOPPING and
-    # returned at once, the loop still in its callback and the FIFO's lock held.
+def blocked_in_log_event(
+    fifo_path: pathlib.Path,
+    children,  # type: ignore[no-untyped-def]
+    stop_timeout: Optional[float],
+) -> Tuple[FileTimerServer, threading.Event]:
+    """A started server (dry run) whose loop is blocked in ``log_event`` for a child's
+    expired timer, and the event that releases it."""
     entered, release = threading.Event(), threading.Event()
 
     def log_event(name: str, request: Optional[FileTimerRequest]) -> None:
@@ -989,11 +991,20 @@ def test_a_stop_without_a_limit_waits_for_the_end_another_stop_asked_for(
             release.wait()
 
     server = FileTimerServer(fifo_path, log_event=log_event, dry_run=True)
-    server.stop_timeout = 0.1
+    server.stop_timeout = stop_timeout
     server.start()
     child = children()
     send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
     assert entered.wait(10)
+    return server, release
+
+
+def test_a_stop_without_a_limit_waits_for_the_end_another_stop_asked_for(
+    fifo_path: pathlib.Path, children
+) -> None:
+    # A second stop() (stop_timeout None: until it ends) found the server STOPPING and
+    # returned at once, the loop still in its callback and the FIFO's lock held.
+    server, release = blocked_in_log_event(fifo_path, children, stop_timeout=0.1)
     server.stop()  # gives up
     server.stop_timeout = None
     second = threading.Thread(target=server.stop)
@@ -1198,19 +1209,7 @@ def test_a_refused_run_does_not_excuse_its_threads_stop_from_waiting(
 ) -> None:
     # run() called on a running server (refused) marked its thread as the loop's: that
     # thread's stop() without a limit then returned at once, the loop still running.
-    entered, release = threading.Event(), threading.Event()
-
-    def log_event(name: str, request: Optional[FileTimerRequest]) -> None:
-        if name == "timer expired":
-            entered.set()
-            release.wait()
-
-    server = FileTimerServer(fifo_path, log_event=log_event, dry_run=True)
-    server.stop_timeout = None
-    server.start()
-    child = children()
-    send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=0.0, signal=9))
-    assert entered.wait(10)
+    server, release = blocked_in_log_event(fifo_path, children, stop_timeout=None)
 
     def mistaken() -> None:
         with pytest.raises(RuntimeError, match="running"):

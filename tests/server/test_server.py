@@ -850,6 +850,21 @@ def test_on_change_once_per_iteration_that_changed_the_timers(
         assert server.armed() == []
 
 
+def assert_lock_released(fifo_path: pathlib.Path) -> None:
+    """A new server starts on ``fifo_path`` and serves: the last one let go of its lock."""
+    with FileTimerServer(fifo_path) as next_one:
+        next_one.sync()
+
+
+def stop_once_running(server: FileTimerServer) -> threading.Thread:
+    """A started thread that stops ``server`` once it is running."""
+    stopper = threading.Thread(
+        target=lambda: (wait_until(lambda: server.state is Lifecycle.RUNNING), server.stop())
+    )
+    stopper.start()
+    return stopper
+
+
 def stop_while_blocked(
     server: FileTimerServer,
     fifo_path: pathlib.Path,
@@ -884,8 +899,7 @@ def stop_while_blocked(
     # Released: the loop delivers what was pending, closes the FIFO and ends.
     wait_until(lambda: server.state is Lifecycle.STOPPED)
     assert child.poll() is None  # dry run
-    with FileTimerServer(fifo_path) as next_one:  # its lock is released too
-        next_one.sync()
+    assert_lock_released(fifo_path)
 
 
 def test_stop_returns_while_log_event_blocks_and_the_events_still_arrive(
@@ -972,8 +986,7 @@ def test_a_signal_handlers_stop_during_run_s_start_ends_the_run(
         runner.join(10)
         pytest.fail("run() went on serving after the stop")
     assert server.state is Lifecycle.STOPPED
-    with FileTimerServer(fifo_path) as next_one:  # its lock is released
-        next_one.sync()
+    assert_lock_released(fifo_path)
 
 
 def blocked_in_log_event(
@@ -1014,8 +1027,7 @@ def test_a_stop_without_a_limit_waits_for_the_end_another_stop_asked_for(
     release.set()
     second.join(10)
     assert server.state is Lifecycle.STOPPED
-    with FileTimerServer(fifo_path) as next_one:  # its lock is released
-        next_one.sync()
+    assert_lock_released(fifo_path)
 
 
 def test_a_stop_without_a_limit_racing_start_returns_once_stopped(
@@ -1047,8 +1059,7 @@ def test_a_stop_without_a_limit_racing_start_returns_once_stopped(
     assert server.state is Lifecycle.STOPPED
     starter.join(10)
     monkeypatch.undo()
-    with FileTimerServer(fifo_path) as next_one:
-        next_one.sync()
+    assert_lock_released(fifo_path)
 
 
 def test_a_start_interrupted_after_the_lock_leaves_nothing_behind(
@@ -1070,8 +1081,7 @@ def test_a_start_interrupted_after_the_lock_leaves_nothing_behind(
     server.stop()
     assert server.state is Lifecycle.STOPPED
     monkeypatch.undo()
-    with FileTimerServer(fifo_path) as next_one:  # the lock was released
-        next_one.sync()
+    assert_lock_released(fifo_path)
 
 
 def test_a_start_interrupted_in_its_started_callback_ends_as_a_stop(
@@ -1091,8 +1101,7 @@ def test_a_start_interrupted_in_its_started_callback_ends_as_a_stop(
     server.stop_timeout = None
     server.stop()  # returns
     assert not fifo_path.exists()
-    with FileTimerServer(fifo_path) as next_one:  # the lock was released
-        next_one.sync()
+    assert_lock_released(fifo_path)
 
 
 def test_a_second_ctrl_c_while_run_closes_still_closes_it(
@@ -1113,10 +1122,7 @@ def test_a_second_ctrl_c_while_run_closes_still_closes_it(
         raise KeyboardInterrupt  # as the second Ctrl-C would, here
 
     monkeypatch.setattr(diagnostics, "close", interrupted)
-    stopper = threading.Thread(
-        target=lambda: (wait_until(lambda: server.state is Lifecycle.RUNNING), server.stop())
-    )
-    stopper.start()
+    stopper = stop_once_running(server)
     with pytest.raises(KeyboardInterrupt):
         server.run()
     stopper.join(10)
@@ -1124,8 +1130,7 @@ def test_a_second_ctrl_c_while_run_closes_still_closes_it(
     server.stop_timeout = None
     server.stop()  # returns
     diagnostics.close()
-    with FileTimerServer(fifo_path) as next_one:  # the lock was released
-        next_one.sync()
+    assert_lock_released(fifo_path)
 
 
 def test_a_ctrl_c_in_the_ends_close_still_releases_the_lock(
@@ -1142,17 +1147,13 @@ def test_a_ctrl_c_in_the_ends_close_still_releases_the_lock(
         raise KeyboardInterrupt  # as a second Ctrl-C would, here
 
     server = FileTimerServer(fifo_path)
-    stopper = threading.Thread(
-        target=lambda: (wait_until(lambda: server.state is Lifecycle.RUNNING), server.stop())
-    )
-    stopper.start()
+    stopper = stop_once_running(server)
     monkeypatch.setattr(Fifo, "close", interrupted)
     with pytest.raises(KeyboardInterrupt):
         server.run()
     stopper.join(10)
     assert server.state is Lifecycle.STOPPED
-    with FileTimerServer(fifo_path) as next_one:  # the lock was released
-        next_one.sync()
+    assert_lock_released(fifo_path)
 
 
 def test_a_start_interrupted_once_its_thread_runs_lets_the_loop_end_it(

@@ -61,11 +61,12 @@ class Rig:
         policy: Optional[Policy] = None,
         escalate_after: Optional[float] = None,
         signal_override: Optional[int] = None,
+        signaller: Optional[RecordingSignaller] = None,
     ):
         self.host = FakeInspector()
         self.host.spawn(SERVER, start_time=5, parent=PARENT)
         self.host.spawn(PARENT, start_time=4, parent=1)
-        self.signaller = RecordingSignaller()
+        self.signaller = RecordingSignaller() if signaller is None else signaller
         self.events = Recorder()
         self.wd = Watchdog(
             host=SystemHost(self.host, self.signaller),
@@ -798,14 +799,7 @@ class RefusingSignaller(RecordingSignaller):
 
 
 def test_undeliverable_signals_are_reported() -> None:
-    rig = Rig()
-    rig.signaller = signaller = RefusingSignaller()
-    rig.wd = Watchdog(
-        host=SystemHost(rig.host, signaller),
-        server_pid=SERVER,
-        ancestors=frozenset({PARENT}),
-        emit=rig.events,
-    )
+    rig = Rig(signaller=RefusingSignaller())
     rig.host.spawn(1000)
     rig.apply(arm(deadline=1.0))
     rig.at(1.0)

@@ -23,7 +23,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterator
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import pytest
 from tests.conftest import children_of, wait_until
@@ -1506,12 +1506,73 @@ def test_a_receipt_is_given_while_every_closer_thread_is_held(
         os.close(write_end)
         results = sock.receive()
         assert [type(r).__name__ for r in results] == ["Refused"] * 8 + ["Sync"]
+        assert select.select([read_end], [], [], 0)[0] == []  # given once the batch is applied
+        sock.release()
         assert select.select([read_end], [], [], 0)[0] == [read_end]  # end of file: given
         assert os.read(read_end, 1) == b""
     finally:
         close.free.set()
         os.close(read_end)
         sock.close()
+
+
+class GatedInspector(SystemInspector):
+    """A ``SystemInspector`` whose ``start_time()`` of a gated pid says it was reached,
+    then waits for its gate: the server held while it binds that pid's timer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reached: Dict[int, threading.Event] = {}
+        self.gates: Dict[int, threading.Event] = {}
+
+    def gate(self, pid: int) -> None:
+        self.reached[pid], self.gates[pid] = threading.Event(), threading.Event()
+
+    def start_time(self, pid: int) -> int:
+        if pid in self.gates:
+            self.reached[pid].set()
+            self.gates[pid].wait(30)
+        return super().start_time(pid)
+
+
+def test_a_receipt_is_given_once_the_arms_before_it_are_bound(fifo_path, children) -> None:  # type: ignore[no-untyped-def]
+    # It was given once they were judged, before they were bound: ftimer exec opened its
+    # gate on it, a quick command exited in between, and its arm was refused
+    # (no_such_process): the command ran unwatched.
+    inspector = GatedInspector()
+    path = str(fifo_path.with_suffix(".socket"))
+    first, second = children(), children()
+    inspector.gate(first.pid)
+    inspector.gate(second.pid)
+    events = Events()
+    signaller = OwnChildrenSignaller()
+    server = FileTimerServer(
+        fifo_path, socket_path=path, inspector=inspector, signaller=signaller, on_event=events
+    )
+    read_end, write_end = os.pipe()
+    try:
+        with server, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.connect(path)
+            socket.send_fds(sender, [arm(first.pid)], [os.pidfd_open(first.pid)])
+            assert inspector.reached[first.pid].wait(30)  # the server held: the rest queue
+            socket.send_fds(sender, [arm(second.pid)], [os.pidfd_open(second.pid)])
+            socket.send_fds(sender, [encode(Sync(token="ftimer-receipt"))], [write_end])
+            os.close(write_end)
+            write_end = -1
+            inspector.gates[first.pid].set()
+            # Read in one batch with its receipt, the second arm is being bound.
+            assert inspector.reached[second.pid].wait(30)
+            assert select.select([read_end], [], [], 0)[0] == []
+            inspector.gates[second.pid].set()
+            assert select.select([read_end], [], [], 30)[0] == [read_end]
+            assert [e.timer.pid for e in events.of(Armed)] == [first.pid, second.pid]
+    finally:
+        for gate in inspector.gates.values():
+            gate.set()
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    assert signaller.refused == []
 
 
 # -- a socket given to be taken over, when nothing was restored ------------------------

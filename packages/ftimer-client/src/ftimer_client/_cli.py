@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         metavar="SECONDS",
         help="how long to wait for room in the server's queue, and over the socket for "
-        "the server to confirm it has judged the message (default: 1)",
+        "the server to confirm it has applied the message (default: 1)",
     )
     common.add_argument("--label", type=_label, action="append", default=None, metavar="KEY=VALUE")
     scope = argparse.ArgumentParser(add_help=False)

@@ -44,7 +44,7 @@ _LOST = frozenset(
 _YIELDS = 2
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_SNDTIMEO
 #: The datagram whose descriptor (a pipe's write end) the server closes once it has
-#: judged every datagram before it: a sender's receipt (see ``SocketWriter.wait_read``).
+#: applied every datagram before it: a sender's receipt (see ``SocketWriter.wait_read``).
 _RECEIPT = encode(Sync(token="ftimer-receipt"))
 #: The longest path an AF_UNIX address holds (sun_path, Linux: not NUL-terminated).
 _SUN_PATH = 108
@@ -165,14 +165,14 @@ class SocketWriter:
         return poll_room(self._sock.fileno(), timeout)
 
     def wait_read(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds until the server has read and judged every
+        """Wait up to ``timeout`` seconds until the server has read and applied every
         datagram sent here; return whether it has.
 
         Only a sender about to exit needs it (the ``ftimer`` command): the server refuses
         a datagram naming another process if its sender has exited by the time it judges
         it (it can no longer check their kinship), a moment after reading it. So a sync
         datagram follows, carrying a pipe's write end, which the server closes once it
-        has judged every datagram before it (docs/protocol.md, "Socket binding"): the
+        has applied every datagram before it (docs/protocol.md, "Socket binding"): the
         read end's end-of-file is the receipt, while the server still reads the socket.
 
         Raises:

@@ -153,7 +153,7 @@ class DatagramSocket:
         self.full = False
         self.overridden = 0
         self.vouched: Dict[int, int] = {}
-        self._open_pidfds: List[int] = []  # the batch's, closed by release()
+        self._open_pidfds: List[int] = []  # the batch's pidfds and receipts, closed by release()
         #: The parents read while judging the current batch (see ``_kinship.may_name``).
         self._parents: Dict[int, int] = {}
         self._bound = os.lstat(path)
@@ -188,14 +188,15 @@ class DatagramSocket:
         once (one system call, not one per datagram), then each judged. The kernel's
         pidfds (the senders') stay open until ``release()``: some vouch for a subject
         until the batch is applied. The descriptors senders chose are closed on the way
-        out, whatever happened, but a pidfd that vouches: a pidfd at once, anything else
-        off the caller's thread (closing it can block).
+        out, whatever happened, but a pidfd that vouches and a receipt (closed by
+        ``release()``): a pidfd at once, anything else off the caller's thread (closing
+        it can block).
         """
         self.release()
         received: List[_Datagram] = []
         chosen: List[int] = []  # what senders passed (SCM_RIGHTS)
-        kept: Set[int] = set()  # of those, the pidfds that vouch
-        pidfds: Set[int] = set()  # of those, the ones known to be pidfds (or receipts)
+        kept: Set[int] = set()  # of those, the pidfds that vouch, and the receipts
+        pidfds: Set[int] = set()  # of those, the ones known to be pidfds
         vouched, open_pidfds = self.vouched, self._open_pidfds
         recvmsg = self._sock.recvmsg
         charged = 0  # to the senders' send buffers (all of it: a single sender's, at worst)
@@ -231,8 +232,9 @@ class DatagramSocket:
             for datagram in received:
                 _, _, _, sender_fd, rights, _ = datagram
                 result = self._judge(datagram, sender_fd in exited)
-                if rights and type(result) is Sync:  # a receipt
-                    pidfds.add(rights[0])  # closed at once, as a pidfd
+                if rights and type(result) is Sync:  # a receipt: closed once applied
+                    kept.add(rights[0])
+                    open_pidfds.append(rights[0])
                 if extends_run(run, result):  # as a run of such lines on the FIFO
                     run.lines += 1  # type: ignore[union-attr]
                     continue
@@ -260,8 +262,8 @@ class DatagramSocket:
                 _closer.CLOSER.close(others)
 
     def release(self) -> None:
-        """Close the batch's pidfds: the senders', and those ``vouched`` (once the batch
-        is applied)."""
+        """Close the batch's pidfds (the senders', and those ``vouched``) and its
+        receipts, once the batch is applied."""
         for fd in self._open_pidfds:
             try:  # noqa: SIM105 - contextlib.suppress costs a call per descriptor
                 os.close(fd)
@@ -284,9 +286,11 @@ class DatagramSocket:
             return message
         pid, uid, _ = creds
         if isinstance(message, Sync):  # it names nobody
-            # What it may carry is a receipt: a pipe, closed once the batch is judged,
-            # at once (a pipe's close never blocks; what the closer threads close may,
-            # and a receipt waiting behind them would fail its sender). Or a pidfd.
+            # What it may carry is a receipt: a pipe, closed by release() once the batch
+            # is applied, not judged (ftimer exec opens its gate on it: a command run
+            # before its arm bound it would exit first, and the arm be refused), and on
+            # this thread (a pipe's close never blocks; what the closer threads close
+            # may, and a receipt waiting behind them would fail its sender). Or a pidfd.
             if len(rights) > 1 or (rights and named is None and not _receipt(rights)):
                 why = "a descriptor that is neither a receipt's pipe nor a pidfd"
                 return _refused(RejectReason.FOREIGN_SUBJECT, message, pid, why)

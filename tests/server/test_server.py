@@ -36,6 +36,7 @@ from ftimer_server import (
     Policy,
     Reaped,
     RecordingSignaller,
+    Rejected,
     SystemInspector,
     Timer,
     Worker,
@@ -363,6 +364,30 @@ def test_armed_snapshot(server: FileTimerServer, fifo_path: pathlib.Path, childr
     assert (worker.pid, worker.start_time) == (child.pid, start)
     assert worker.pidfd is not None
     assert server.stats().armed == 2
+
+
+def test_an_arm_for_a_process_that_exited_before_it_was_read_is_not_refused(
+    fifo_path: pathlib.Path, events: Recorder, children
+) -> None:
+    # `ftimer exec -- true` over the FIFO: the command ran and exited (its parent keeps
+    # it a zombie until the disarm is sent) before the server read its arm, which was
+    # refused no_such_process: a warning, and a counted refusal, for a healthy command.
+    child = children("true")
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # a zombie: the pid still its
+    timer = Timer(child.pid, "saved", time.monotonic() + 30, 9, proc_start_time(child.pid))
+    server = FileTimerServer(fifo_path, on_event=events)
+    server.restore([timer])  # a saved timer is dropped as before, with its reason
+    with server:
+        arm = Arm(pid=child.pid, scope_id="exec:true", deadline=time.monotonic() + 30, signal=9)
+        send(fifo_path, arm, Expire(pid=child.pid, scope_id="x", signal=9))
+        server.sync()
+        stats = server.stats()
+    assert stats.requests["arm"] == {"exited": 1}
+    assert stats.requests["expire"] == {"exited": 1}
+    assert stats.rejections == {"no_such_process": 1}
+    [refused] = events.of(Rejected)
+    assert (refused.request, refused.scope_id) == ("restore", "saved")
+    assert server.armed() == []
 
 
 def test_idle_server_never_wakes_up(

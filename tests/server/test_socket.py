@@ -328,8 +328,9 @@ def test_an_empty_datagram_is_counted_and_the_loop_does_not_spin(served) -> None
     del events
 
 
-# Forks a child, opens its pidfd, reaps it, then sends the disarm argv[2] with that pidfd:
-# what `ftimer exec` does when its command has exited. Waits for stdin to close.
+# Forks a child, opens its pidfd, reaps it (argv[3] "reaped") or leaves it a zombie,
+# then sends the message argv[2] with that pidfd: what `ftimer exec` does when its
+# command has exited. Waits for stdin to close.
 EXITED_SUBJECT = """
 import os, socket, sys
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -338,21 +339,35 @@ child = os.fork()
 if child == 0:
     os._exit(0)
 pidfd = os.pidfd_open(child)
-os.waitpid(child, 0)
+if sys.argv[3] == "reaped":
+    os.waitpid(child, 0)
+else:
+    os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)
 socket.send_fds(sock, [sys.argv[2].encode()], [pidfd])
 print("sent", flush=True)
 sys.stdin.read()
 """
 
 
-def test_a_disarm_for_a_process_that_exited_is_moot_not_refused(served) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("state", ["reaped", "zombie"])
+@pytest.mark.parametrize(
+    ("message", "result"),
+    [
+        (Disarm(pid=12345, scope_id="s"), {"disarm": {"unknown": 1}}),
+        (Arm(pid=12345, scope_id="s", deadline=1e9, signal=9), {"arm": {"exited": 1}}),
+    ],
+)
+def test_a_request_for_a_process_that_exited_is_moot_not_refused(  # type: ignore[no-untyped-def]
+    served, state, message, result
+) -> None:
     """`ftimer exec` disarms after its command exited, and reaps it once the datagram is
-    read: the server may find a pidfd of a reaped process. Its timers went with it: a
-    disarm of no timer, neither a refusal (a warning each time) nor a stranger named."""
+    read: the server may find a pidfd of a reaped process; and a quick command may have
+    exited before its arm was read. Its timers went with it: a disarm of no timer, an arm
+    of a process that exited, neither a refusal (a warning each time) nor a stranger
+    named."""
     server, events, path = served
-    disarm = encode(Disarm(pid=12345, scope_id="s"))
     sender = subprocess.Popen(
-        [sys.executable, "-c", EXITED_SUBJECT, path, disarm.decode()],
+        [sys.executable, "-c", EXITED_SUBJECT, path, encode(message).decode(), state],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -362,7 +377,8 @@ def test_a_disarm_for_a_process_that_exited_is_moot_not_refused(served) -> None:
     finally:
         sender.communicate()
     assert events.of(Rejected) == []
-    assert server.stats().requests == {"disarm": {"unknown": 1}}
+    assert server.stats().requests == result
+    assert server.armed() == []
 
 
 def test_deeply_nested_json_is_a_malformed_datagram(served) -> None:  # type: ignore[no-untyped-def]
@@ -1544,11 +1560,8 @@ def test_a_receipt_is_given_once_the_arms_before_it_are_bound(fifo_path, childre
     first, second = children(), children()
     inspector.gate(first.pid)
     inspector.gate(second.pid)
-    events = Events()
     signaller = OwnChildrenSignaller()
-    server = FileTimerServer(
-        fifo_path, socket_path=path, inspector=inspector, signaller=signaller, on_event=events
-    )
+    server = FileTimerServer(fifo_path, socket_path=path, inspector=inspector, signaller=signaller)
     read_end, write_end = os.pipe()
     try:
         with server, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
@@ -1565,7 +1578,7 @@ def test_a_receipt_is_given_once_the_arms_before_it_are_bound(fifo_path, childre
             assert select.select([read_end], [], [], 0)[0] == []
             inspector.gates[second.pid].set()
             assert select.select([read_end], [], [], 30)[0] == [read_end]
-            assert [e.timer.pid for e in events.of(Armed)] == [first.pid, second.pid]
+            assert sorted(t.pid for t in server.armed()) == sorted([first.pid, second.pid])
     finally:
         for gate in inspector.gates.values():
             gate.set()

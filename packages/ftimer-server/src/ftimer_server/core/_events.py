@@ -243,10 +243,11 @@ class Refused(msgspec.Struct, frozen=True, gc=False):
 
 
 class Moot(msgspec.Struct, frozen=True, gc=False):
-    """A request the edge found to be about a process that has exited (a disarm over the
-    socket whose pidfd's process was reaped before it was read: ``ftimer exec``'s, once
-    its command ended): its timers went with it, so there is nothing to do. Counted as a
-    request of no timer (``unknown``), not as a rejection.
+    """A request the edge found to be about a process that has exited (one over the
+    socket whose pidfd's process was reaped before it was read: ``ftimer exec``'s, for a
+    command that ended): its timers went with it, and an arm would have nothing to
+    watch. Counted as a disarm of no timer (``unknown``) or an arm of a process that had
+    exited (``exited``), not as a rejection.
 
     Attributes:
         request: what the message asked (``request_of``).

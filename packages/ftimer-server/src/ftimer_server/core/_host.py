@@ -60,10 +60,13 @@ class Unresolved(msgspec.Struct, frozen=True):
     Attributes:
         reason: the rejection this becomes.
         detail: for people: the errno and what was being read.
+        exited: the pid's process was found, then found to have exited (a zombie, say):
+            a request for it came too late to matter, and is not refused.
     """
 
     reason: RejectReason
     detail: str = ""
+    exited: bool = False
 
 
 class Delivery(msgspec.Struct, frozen=True):

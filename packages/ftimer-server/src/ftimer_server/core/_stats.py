@@ -26,7 +26,8 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         requests: request type (``arm``, ``disarm``, ``disarm_all``, ``expire``,
             ``sync``; version 1 acquires and releases count as ``arm`` and ``disarm``)
-            -> result (``ok``, ``rejected``, ``unknown``: a disarm of no armed timer)
+            -> result (``ok``, ``rejected``, ``unknown``: a disarm of no armed timer,
+            ``exited``: an arm or expire of a process that exited before it was read)
             -> count.
         rejections: rejection reason (``RejectReason`` value) -> count.
         decode_errors: error class (``MalformedMessage``, ``LineTooLong``,

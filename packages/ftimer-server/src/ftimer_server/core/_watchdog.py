@@ -53,7 +53,7 @@ from ._events import (
     WorkerGone,
 )
 from ._horizon import Horizon
-from ._host import Facts, Host, Peer
+from ._host import Facts, Host, Peer, Unresolved
 from ._policy import Policy, check_pid, clocks_apart, judge
 from ._reaper import Reaper
 from ._records import ABOUT_A_PROCESS, Timer, Worker
@@ -80,6 +80,10 @@ _LASTING = frozenset(
         RejectReason.NOT_DESCENDANT,
     )
 )
+
+#: Requests that disarm: about a process that has exited, they are of no timer (its
+#: timers went with it).
+_DISARMS = frozenset(("disarm", "disarm_all"))
 
 #: Why an arm on its clocks is refused for a worker bound for timers not on them.
 _BOUND_ON_OTHER_CLOCKS = (
@@ -231,7 +235,7 @@ class Watchdog:
         elif isinstance(m, Refused):
             self._reject(m.reason, m.request, m.pid, m.scope_id, None, m.detail)
         elif isinstance(m, Moot):
-            self.counters.requests[m.request, "unknown"] += 1
+            self._moot(m.request)
         else:
             self._emit(DecodeFailed(type(m).__name__, m.reason, m.excerpt, m.lines))
 
@@ -459,8 +463,10 @@ class Watchdog:
         ):
             bound = self._bind(pid, start_time, its_clocks)
             if not isinstance(bound, Worker):
-                reason, detail = bound
-                self._reject(reason, request, pid, scope_id, labels, detail)
+                if bound.exited and request != "restore":
+                    self._moot(request)
+                else:
+                    self._reject(bound.reason, request, pid, scope_id, labels, bound.detail)
                 return
             worker = bound
         elif its_clocks and worker.other_clocks:
@@ -479,6 +485,12 @@ class Watchdog:
         self.counters.requests[request, "ok"] += 1
         if self.timer_events:
             self._emit_to(Armed(timer, previous is not None))
+
+    def _moot(self, request: str) -> None:
+        """Count a request about a process that exited before it was read: its timers went
+        with it, and an arm has nothing left to watch (``ftimer exec``'s quick command).
+        Not a refusal: nothing was asked amiss."""
+        self.counters.requests[request, "unknown" if request in _DISARMS else "exited"] += 1
 
     def _disarm(
         self, request: str, pid: int, scope_id: Optional[str], start_time: Optional[int]
@@ -512,19 +524,19 @@ class Watchdog:
 
     def _bind(
         self, pid: int, start_time: Optional[int], its_clocks: bool = True
-    ) -> Union[Worker, tuple[RejectReason, str]]:
+    ) -> Union[Worker, Unresolved]:
         """Bind ``pid`` to the process holding it now, from the facts the host resolved;
         or say why not. ``its_clocks``: as ``judge()`` takes it."""
         reason = check_pid(pid, self._server_pid, self._ancestors, self._own)
         if reason is not None:
-            return reason, ""
+            return Unresolved(reason)
         old = self._workers.get(pid)
         if old is not None:
             # The message names another process than the one bound to this pid.
             if self._host.alive(old):
                 if its_clocks and old.other_clocks:  # its start times read otherwise
-                    return RejectReason.OTHER_CLOCK, _BOUND_ON_OTHER_CLOCKS
-                return RejectReason.IDENTITY_MISMATCH, ""
+                    return Unresolved(RejectReason.OTHER_CLOCK, _BOUND_ON_OTHER_CLOCKS)
+                return Unresolved(RejectReason.IDENTITY_MISMATCH)
             self._gone(old)
         refused = self._refused.get(pid)
         if refused is not None and refused[0] is RejectReason.OTHER_CLOCK and not its_clocks:
@@ -539,14 +551,14 @@ class Watchdog:
                     and known not in (None, start_time)
                     and why is not RejectReason.OTHER_CLOCK  # its start times read otherwise
                 ):
-                    return RejectReason.IDENTITY_MISMATCH, ""  # as judge() would say first
-                return why, detail
+                    return Unresolved(RejectReason.IDENTITY_MISMATCH)  # as judge() would say first
+                return Unresolved(why, detail)
             self._forget_refusal(pid)
         facts = self._host.resolve(pid, ancestry=self.policy.descendants_only)
         if not isinstance(facts, Facts):
             if facts.reason is RejectReason.NOT_A_PROCESS:
                 self._remember_refusal(pid, facts.reason, facts.detail, None)
-            return facts.reason, facts.detail
+            return facts
         other_clocks = facts.clock_offsets != (0, 0)
         worker = Worker(pid, facts.start_time, facts.pidfd, other_clocks)
         reason = judge(facts, start_time, self.policy, self._server_pid, its_clocks)
@@ -561,7 +573,7 @@ class Watchdog:
                 self._remember_refusal(pid, reason, detail, worker)
             else:
                 self._host.release(worker)
-            return reason, detail
+            return Unresolved(reason, detail)
         self._workers[pid] = worker
         self._host.bound(worker)
         return worker

@@ -132,7 +132,9 @@ class SystemHost(Host):
             if pidfd is not None:
                 self.release(Worker(pid, None, pidfd))
             if isinstance(e, ProcessLookupError):
-                return Unresolved(RejectReason.NO_SUCH_PROCESS)
+                # Found by its pidfd, it has exited since (a zombie, or reaped): the
+                # worker done before its request was read (ftimer exec's quick command).
+                return Unresolved(RejectReason.NO_SUCH_PROCESS, exited=pidfd is not None)
             if not isinstance(e, OSError):
                 logger.exception("inspecting process %d failed", pid)
             return Unresolved(RejectReason.UNVERIFIABLE, f"/proc/{pid}: {_describe(e)}")

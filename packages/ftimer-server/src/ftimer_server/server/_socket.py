@@ -334,9 +334,9 @@ class DatagramSocket:
             reason, subject, why = _kinship.subject(
                 pid, uid, named=named, parents=self._parents, processes=self._processes
             )
-            if reason is RejectReason.NO_SUCH_PROCESS and isinstance(message, (Disarm, DisarmAll)):
-                # ftimer exec's disarm, read once its command was reaped: the timers went
-                # with it. Nothing to refuse.
+            if reason is RejectReason.NO_SUCH_PROCESS:
+                # It names a process that exited before it was read (ftimer exec's quick
+                # command, or its disarm once the command was reaped): nothing to refuse.
                 return Moot(request_of(message))
             if reason is not None:
                 return _refused(reason, message, pid, why)

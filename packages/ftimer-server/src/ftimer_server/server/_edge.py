@@ -101,7 +101,9 @@ class SystemHost(Host):
         try:
             pidfd = inspector.open(pid)
         except ProcessLookupError:
-            return Unresolved(RejectReason.NO_SUCH_PROCESS)
+            # A pid the kernel vouched for (a socket's sender or subject) was a process's:
+            # it has exited since, and been reaped.
+            return Unresolved(RejectReason.NO_SUCH_PROCESS, exited=pid in self.vouched)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.EINVAL):  # what pidfd_open says of a thread
                 return self._not_a_process(pid)

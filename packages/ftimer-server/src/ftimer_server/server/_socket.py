@@ -313,7 +313,12 @@ class DatagramSocket:
         # its process lives); reading the pidfd's pid costs ten times this poll. With no
         # pidfd where the kernel gives one (before 6.17 it gives an error for a sender
         # already reaped), nothing shows that the pid is still the sender's.
-        if sender_exited or (self.passes_pidfds and (sender_fd == -1 or -sender_fd in _GONE)):
+        gone = sender_exited or (self.passes_pidfds and -sender_fd in _GONE)
+        if gone and not rights:
+            # About the sender itself, which has exited (a worker that ended right after
+            # its last step): its timers went with it, and an arm has nothing to watch.
+            return Moot(request_of(message))
+        if gone or (self.passes_pidfds and sender_fd == -1):
             why = "it exited before its message was read"
             return _refused(RejectReason.SENDER_GONE, message, pid, why)
         if (

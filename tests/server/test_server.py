@@ -3,12 +3,14 @@ children only)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +39,7 @@ from ftimer_server import (
     Reaped,
     RecordingSignaller,
     Rejected,
+    RejectReason,
     SystemInspector,
     Timer,
     Worker,
@@ -388,6 +391,67 @@ def test_an_arm_for_a_process_that_exited_before_it_was_read_is_not_refused(
     [refused] = events.of(Rejected)
     assert (refused.request, refused.scope_id) == ("restore", "saved")
     assert server.armed() == []
+
+
+class HidingInspector(SystemInspector):
+    """A ``SystemInspector`` to which /proc shows nothing of process ``hidden`` (a /proc
+    mounted ``hidepid=invisible`` for a server of another uid, or a process not
+    dumpable): reading it raises ``ProcessLookupError``, as for no process."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def _hide(self, pid: int) -> None:
+        if pid == self.hidden:
+            raise ProcessLookupError(errno.ESRCH, f"no process {pid}")
+
+    def tgid(self, pid: int) -> int:
+        self._hide(pid)
+        return super().tgid(pid)
+
+    def start_time(self, pid: int) -> Optional[int]:
+        self._hide(pid)
+        return super().start_time(pid)
+
+    def parent(self, pid: int) -> int:
+        self._hide(pid)
+        return super().parent(pid)
+
+    def uid(self, pid: int) -> int:
+        self._hide(pid)
+        return super().uid(pid)
+
+
+def test_a_live_process_hidden_in_proc_is_refused_never_counted_exited(
+    fifo_path: pathlib.Path, events: Recorder, children
+) -> None:
+    # Its pidfd open and polling alive, /proc showing nothing of it: its arm was counted
+    # "exited", with no warning, and the worker left unwatched.
+    child = children()
+    path = str(fifo_path.with_suffix(".socket"))
+    inspector = HidingInspector(child.pid)
+    with (
+        FileTimerServer(
+            fifo_path, on_event=events, inspector=inspector, socket_path=path
+        ) as server,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
+    ):
+        deadline = time.monotonic() + 30
+        send(fifo_path, Arm(pid=child.pid, scope_id="fifo", deadline=deadline, signal=9))
+        sock.connect(path)
+        pidfd = os.pidfd_open(child.pid)  # as ftimer exec names its command
+        try:
+            message = encode(Arm(pid=child.pid, scope_id="socket", deadline=deadline, signal=9))
+            socket.send_fds(sock, [message], [pidfd])
+        finally:
+            os.close(pidfd)
+        wait_until(lambda: len(events.of(Rejected)) == 2, what="both refusals")
+        stats = server.stats()
+    refusals = sorted((e.scope_id, e.reason) for e in events.of(Rejected))  # type: ignore[attr-defined]
+    assert refusals == [("fifo", RejectReason.UNVERIFIABLE), ("socket", RejectReason.UNVERIFIABLE)]
+    assert stats.requests == {"arm": {"rejected": 2}}
+    assert child.poll() is None
 
 
 def test_idle_server_never_wakes_up(

@@ -246,8 +246,8 @@ class Moot(msgspec.Struct, frozen=True, gc=False):
     """A request the edge found to be about a process that has exited (over the socket,
     its sender or the process its pidfd names, gone before it was read: a worker that
     ended right after its last step, ``ftimer exec``'s command): its timers went with it,
-    and an arm would have nothing to watch. Counted as a disarm of no timer (``unknown``) or an arm of a process that had
-    exited (``exited``), not as a rejection.
+    and an arm would have nothing to watch. Counted as a disarm of no timer (``unknown``)
+    or an arm of a process that had exited (``exited``), not as a rejection.
 
     Attributes:
         request: what the message asked (``request_of``).

@@ -98,12 +98,13 @@ class SystemHost(Host):
 
     def resolve(self, pid: int, *, ancestry: bool = False) -> Union[Facts, Unresolved]:
         inspector = self._inspector
+        vouch = self.vouched.get(pid)
         try:
             pidfd = inspector.open(pid)
         except ProcessLookupError:
-            # A pid the kernel vouched for (a socket's sender or subject) was a process's:
-            # it has exited since, and been reaped.
-            return Unresolved(RejectReason.NO_SUCH_PROCESS, exited=pid in self.vouched)
+            # A pid the kernel vouched for (a socket's sender or subject) was a process's,
+            # which has exited since (and been reaped).
+            return Unresolved(RejectReason.NO_SUCH_PROCESS, exited=vouch is not None)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.EINVAL):  # what pidfd_open says of a thread
                 return self._not_a_process(pid)
@@ -111,6 +112,7 @@ class SystemHost(Host):
         except Exception as e:  # a custom inspector's bug: refuse, never crash the loop
             logger.exception("inspecting process %d failed", pid)
             return Unresolved(RejectReason.UNVERIFIABLE, _describe(e))
+        facts: Optional[Facts] = None
         try:
             # The pidfd first: whatever is read next describes its process as long as that
             # process is still alive afterwards (checked last).
@@ -123,24 +125,37 @@ class SystemHost(Host):
                 pidfd=pidfd,
                 clock_offsets=inspector.clock_offsets(pid),
             )
-            if pidfd is not None and not inspector.alive(Worker(pid, facts.start_time, pidfd)):
-                raise ProcessLookupError(errno.ESRCH, f"process {pid} exited")
+        except ProcessLookupError:
+            pass  # exited since, or hidden from the server: its pidfd tells which
+        except Exception as e:
+            return self._unexamined(pid, pidfd, e)
+        try:
             # Alive now, the process the kernel named still holds the pid: the pidfd
             # opened by number is of that process, not of one that reused its pid.
-            vouch = self.vouched.get(pid, -1)
-            if vouch >= 0 and not inspector.alive(Worker(pid, None, vouch)):
-                raise ProcessLookupError(errno.ESRCH, f"process {pid} exited")
+            start_time = None if facts is None else facts.start_time
+            exited = self._exited(pid, pidfd, start_time) or self._exited(pid, vouch)
         except Exception as e:
-            if pidfd is not None:
-                self.release(Worker(pid, None, pidfd))
-            if isinstance(e, ProcessLookupError):
-                # Found by its pidfd, it has exited since (a zombie, or reaped): the
-                # worker done before its request was read (ftimer exec's quick command).
-                return Unresolved(RejectReason.NO_SUCH_PROCESS, exited=pidfd is not None)
-            if not isinstance(e, OSError):
-                logger.exception("inspecting process %d failed", pid)
-            return Unresolved(RejectReason.UNVERIFIABLE, f"/proc/{pid}: {_describe(e)}")
-        return facts
+            return self._unexamined(pid, pidfd, e)
+        if facts is not None and not exited:
+            return facts
+        if pidfd is not None:
+            self.release(Worker(pid, None, pidfd))
+        if exited or pidfd is None:
+            return Unresolved(RejectReason.NO_SUCH_PROCESS, exited=exited)
+        # Alive, as its pidfd says, yet not in /proc: never counted as one that exited.
+        why = f"/proc/{pid} hides it from the server (hidepid, or a process not dumpable?)"
+        return Unresolved(RejectReason.UNVERIFIABLE, why)
+
+    def _exited(self, pid: int, pidfd: Optional[int], start_time: Optional[int] = None) -> bool:
+        """Whether ``pidfd`` (if any) is of a process that has exited: a zombie, or reaped."""
+        return pidfd is not None and not self._inspector.alive(Worker(pid, start_time, pidfd))
+
+    def _unexamined(self, pid: int, pidfd: Optional[int], e: Exception) -> Unresolved:
+        if pidfd is not None:
+            self.release(Worker(pid, None, pidfd))
+        if not isinstance(e, OSError):
+            logger.exception("inspecting process %d failed", pid)
+        return Unresolved(RejectReason.UNVERIFIABLE, f"/proc/{pid}: {_describe(e)}")
 
     def bound(self, worker: Worker) -> None:
         if worker.pidfd is not None:

@@ -340,9 +340,12 @@ class DatagramSocket:
                 pid, uid, named=named, parents=self._parents, processes=self._processes
             )
             if reason is RejectReason.NO_SUCH_PROCESS:
-                # It names a process that exited before it was read (ftimer exec's quick
-                # command, or its disarm once the command was reaped): nothing to refuse.
-                return Moot(request_of(message))
+                if _exited(rights):
+                    # It names a process that exited before it was read (ftimer exec's
+                    # quick command, or its disarm once the command was reaped).
+                    return Moot(request_of(message))
+                # Alive, as its pidfd says, yet not in /proc: never counted as exited.
+                reason, why = RejectReason.UNVERIFIABLE, f"/proc hides process {named}"
             if reason is not None:
                 return _refused(reason, message, pid, why)
             if subject != pid and not isinstance(message, _CLOCKS_UNCHECKED):

@@ -69,6 +69,44 @@ def test_a_disarm_read_but_not_saved_survives_kill_9(
     wait_until(lambda: len(list(short_dir.glob("state.json.journal.*"))) == 1)
 
 
+def test_a_state_file_saved_beside_another_fifo_is_not_restored(
+    spawn: Spawn, short_dir: pathlib.Path, quiet
+) -> None:
+    # A daemon stopped with its state file, another run without one (a new FIFO, to which
+    # the worker re-sent its timer, then disarmed it), then the first one's settings
+    # again: the old file brought the disarmed timer back, and the healthy worker was
+    # reaped at its old deadline.
+    state = short_dir / "state.json"
+    d = spawn("--state-file", str(state), name="first").ready()
+    worker = quiet(d.fifo, 30.0)
+    wait_until(lambda: saved_scopes(state) == ["step"], what="the arm saved")
+    assert d.stop() == 0
+    d = spawn(name="without").ready()
+    wait_until(lambda: d.armed_scopes() == ["step"], what="the timer re-sent")
+    release(worker)
+    assert d.armed_scopes() == []
+    assert d.stop() == 0
+    d = spawn("--state-file", str(state), name="again").ready()
+    assert d.wait_for_record(
+        where=lambda r: (
+            r["msg"]
+            == f"state file {state} not used: saved by a server of another FIFO than the one "
+            f"at {d.fifo} (made since by another)"
+        )
+    )
+    assert d.armed_scopes() == []
+    assert worker.poll() is None
+    # What it saves names the FIFO it reads: a plain restart restores it.
+    later = quiet(d.fifo, 30.0)
+    wait_until(lambda: saved_scopes(state) == ["step"], what="the arm saved")
+    assert d.stop() == 0
+    d = spawn("--state-file", str(state), name="restarted").ready()
+    assert d.wait_for_record(where=lambda r: r["msg"] == "restored 1 of 1 saved timers")
+    assert d.armed_scopes() == ["step"]
+    release(later)
+    assert d.stop() == 0
+
+
 def test_a_disarm_written_while_no_daemon_ran_arrives_within_the_grace(
     spawn: Callable[..., DaemonProcess], short_dir: pathlib.Path, quiet
 ) -> None:

@@ -26,6 +26,7 @@ from ftimer_server.daemon._state import (
     StateSaver,
     decode_state,
     encode_state,
+    fifo_identity,
     load_state,
     max_state_bytes,
     read_boot_id,
@@ -61,7 +62,7 @@ def test_round_trip(ts: list[Timer], saved_at: float) -> None:
 
 def test_format_is_readable_json_with_a_version() -> None:
     t = Timer(pid=42, scope_id="step", deadline=12.5, signal=9, start_time=7)
-    doc = json.loads(encode_state([t], BOOT, 10.0, boot_clock=9.5, clocks=(0, 2)))
+    doc = json.loads(encode_state([t], BOOT, 10.0, boot_clock=9.5, clocks=(0, 2), fifo=(3, 4)))
     assert doc == {
         "version": 1,
         "boot_id": BOOT,
@@ -79,6 +80,7 @@ def test_format_is_readable_json_with_a_version() -> None:
         "journal": 0,
         "boot_clock": 9.5,
         "clocks": [0, 2],
+        "fifo": [3, 4],
     }
 
 
@@ -154,6 +156,34 @@ def test_load_ignores_another_boot(tmp_path: pathlib.Path) -> None:
     load = load_state(str(path), BOOT)
     assert load.timers == []
     assert load.ignored == "saved during another boot"
+
+
+def test_load_ignores_a_state_saved_reading_another_fifo(tmp_path: pathlib.Path) -> None:
+    # Another server made the FIFO at the path since: its clients may have disarmed there
+    # what the file holds. Restored, those timers reaped healthy workers.
+    path, fifo = tmp_path / "state.json", tmp_path / "t.fifo"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        read = fifo_identity(fd)
+    finally:
+        os.close(fd)
+    t = Timer(10, "a", 5.0, 9, 100)
+    path.write_bytes(encode_state([t], BOOT, 1.0, fifo=read))
+    assert load_state(str(path), BOOT, fifo=str(fifo)).timers == [t]  # the FIFO it read
+    # Another server's, made beside it and renamed over the path (as a server does).
+    os.mkfifo(tmp_path / "new.fifo")
+    os.rename(tmp_path / "new.fifo", fifo)
+    load = load_state(str(path), BOOT, fifo=str(fifo))
+    assert load.timers == []
+    assert load.ignored == (
+        f"saved by a server of another FIFO than the one at {fifo} (made since by another)"
+    )
+    path.write_bytes(encode_state([t], BOOT, 1.0))  # an older daemon's: no FIFO named
+    assert load_state(str(path), BOOT, fifo=str(fifo)).timers == [t]
+    path.write_bytes(encode_state([t], BOOT, 1.0, fifo=read))
+    fifo.unlink()
+    assert load_state(str(path), BOOT, fifo=str(fifo)).timers == [t]  # none: no one's clients
 
 
 def test_without_boot_id_a_future_save_time_means_a_reboot(tmp_path: pathlib.Path) -> None:

@@ -68,6 +68,7 @@ from ._state import (
     StatePathError,
     StateSaver,
     check_state_dir,
+    fifo_identity,
     load_state,
     lock_state,
     max_state_bytes,
@@ -295,7 +296,7 @@ class Daemon:
             for leftover in remove_leftovers(c.state_file):
                 log.info("removed %s, left by a save that was interrupted", leftover)
             limit = max_state_bytes(c.max_timers or Policy().max_timers)
-            loaded = load_state(c.state_file, boot_id, max_bytes=limit)
+            loaded = load_state(c.state_file, boot_id, max_bytes=limit, fifo=c.fifo)
             journal = Journal(c.state_file + ".journal", snapshot=c.state_file)
         except StateBusy as e:
             raise StartupError(
@@ -446,6 +447,7 @@ class Daemon:
                 c.state_interval,
                 saved=journal.saved if journal is not None else lambda _: None,
                 overdue=(lambda: journal.full) if journal is not None else lambda: False,
+                fifo=fifo_identity(server.fifo.read_fd) if server.fifo is not None else None,
             )
             self._saver.start()
         if self._metrics is not None and self._metrics_address is not None:

@@ -21,7 +21,9 @@ but a journal that holds a trim's worth (a flood) is saved, and so trimmed, at o
 The file is trusted only if the daemon's user owns it (another user's is set aside) and
 lies in a directory nobody else may change (`check_state_dir`: the daemon refuses any
 other), and only one daemon uses it at a time: each holds the lock file ``<path>.lock``
-(`lock_state`) from before it reads the file until it exits.
+(`lock_state`) from before it reads the file until it exits. A file saved while the
+server read another FIFO than the one at its path now is not used: another server made
+that FIFO since, and its clients may have disarmed there timers the file still holds.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ __all__ = [
     "decode_state",
     "directories_above",
     "encode_state",
+    "fifo_identity",
     "load_state",
     "max_state_bytes",
     "lock_state",
@@ -108,7 +111,8 @@ class StateFile(msgspec.Struct, frozen=True, kw_only=True):
     the snapshot, or None where there is none (and in files of older daemons);
     ``clocks`` the saver's offsets (ns) of CLOCK_MONOTONIC and CLOCK_BOOTTIME (its time
     namespace's: the deadlines and start times are on those clocks), or None where there
-    are no time namespaces (and in files of older daemons)."""
+    are no time namespaces (and in files of older daemons); ``fifo`` the device and inode
+    of the FIFO the saving server read, or None (in files of older daemons)."""
 
     version: int
     boot_id: str
@@ -117,6 +121,7 @@ class StateFile(msgspec.Struct, frozen=True, kw_only=True):
     journal: int = 0
     boot_clock: Optional[float] = None
     clocks: Optional[Tuple[int, int]] = None
+    fifo: Optional[Tuple[int, int]] = None
 
 
 class _LenientStateFile(msgspec.Struct, frozen=True, kw_only=True):
@@ -128,6 +133,7 @@ class _LenientStateFile(msgspec.Struct, frozen=True, kw_only=True):
     journal: int = 0
     boot_clock: Optional[float] = None
     clocks: Optional[Tuple[int, int]] = None
+    fifo: Optional[Tuple[int, int]] = None
 
 
 class _Header(msgspec.Struct):
@@ -179,9 +185,12 @@ def encode_state(
     boot_clock: Optional[float] = None,
     *,
     clocks: Optional[Tuple[int, int]] = None,
+    fifo: Optional[Tuple[int, int]] = None,
 ) -> bytes:
     """Serialise a state file."""
-    pieces = state_pieces(list(timers), boot_id, saved_at, journal, boot_clock, clocks=clocks)
+    pieces = state_pieces(
+        list(timers), boot_id, saved_at, journal, boot_clock, clocks=clocks, fifo=fifo
+    )
     return b"".join(pieces)
 
 
@@ -193,6 +202,7 @@ def state_pieces(
     boot_clock: Optional[float] = None,
     *,
     clocks: Optional[Tuple[int, int]] = None,
+    fifo: Optional[Tuple[int, int]] = None,
 ) -> Iterator[Union[bytes, memoryview]]:
     """A state file in pieces, each encoded when asked for and holding at most
     ``STATE_CHUNK_TIMERS`` timers: joined, the bytes of ``StateFile`` encoded whole."""
@@ -204,6 +214,7 @@ def state_pieces(
         journal=journal,
         boot_clock=boot_clock,
         clocks=clocks,
+        fifo=fifo,
     )
     # The last match is the member's: only numbers and null follow it.
     head, tail = _encoder.encode(empty).rsplit(b'"timers":[]', 1)
@@ -254,6 +265,7 @@ def decode_state(data: bytes) -> StateFile:
         journal=raw.journal,
         boot_clock=raw.boot_clock,
         clocks=raw.clocks,
+        fifo=raw.fifo,
     )
 
 
@@ -408,7 +420,12 @@ def directories_above(directory: str) -> List[str]:
 
 
 def load_state(
-    path: str, boot_id: str, now: Optional[float] = None, *, max_bytes: int = MAX_STATE_BYTES
+    path: str,
+    boot_id: str,
+    now: Optional[float] = None,
+    *,
+    max_bytes: int = MAX_STATE_BYTES,
+    fifo: Optional[str] = None,
 ) -> StateLoad:
     """Read the state file at ``path``. A bad file is reported, not fatal.
 
@@ -425,6 +442,9 @@ def load_state(
         now: the monotonic clock, used when there is no boot id (a ``saved_at`` in the
             future then means a reboot happened).
         max_bytes: a larger file is set aside as not a state file (`max_state_bytes`).
+        fifo: the FIFO the daemon serves: a file saved reading another FIFO than the one
+            there now is ignored (another server made that one since, and its clients
+            may have disarmed there timers the file holds).
 
     Raises:
         StatePathError: a directory, a FIFO, a device or a socket is at ``path``: it is
@@ -456,10 +476,29 @@ def load_state(
         # Its deadlines would be read on this daemon's clocks: early, or never.
         apart = clocks_apart((state.clocks[0] - own[0], state.clocks[1] - own[1]))
         return StateLoad([], ignored=f"saved on other clocks, {apart}")
+    if fifo is not None and state.fifo is not None and _another_fifo(fifo, state.fifo):
+        why = f"saved by a server of another FIFO than the one at {fifo} (made since by another)"
+        return StateLoad([], ignored=why)
     written_at = st.st_mtime
     if state.boot_clock is not None and (boot_now := boot_clock()) is not None:
         written_at = time.time() - (boot_now - state.boot_clock)
     return StateLoad(state.timers, state.journal, written_at=written_at)
+
+
+def fifo_identity(fd: int) -> Tuple[int, int]:
+    """The device and inode of the FIFO open at ``fd``, as a state file names it."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _another_fifo(path: str, saved: Tuple[int, int]) -> bool:
+    """Whether something other than the FIFO ``saved`` names is at ``path`` (nothing
+    there: no other server's clients write to it)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) != tuple(saved)
 
 
 def boot_clock() -> Optional[float]:
@@ -512,6 +551,7 @@ class StateSaver:
         clock: monotonic seconds, written as ``saved_at``.
         saved: called after each successful write with the journal segment it names
             (older segments can go).
+        fifo: the FIFO the server reads (`fifo_identity`), written into the file.
         overdue: whether a save is due now, whatever ``interval`` says (the journal
             is `Journal.full`): consulted at each `changed()`, and once woken, again
             (a save that took the snapshot meanwhile has made it false), so a flood
@@ -528,8 +568,10 @@ class StateSaver:
         *,
         saved: Callable[[int], None] = lambda journal: None,
         overdue: Callable[[], bool] = lambda: False,
+        fifo: Optional[Tuple[int, int]] = None,
     ) -> None:
         self.path = path
+        self._fifo = fifo
         self._saved = saved
         self._overdue = overdue
         self.interval = interval
@@ -571,7 +613,9 @@ class StateSaver:
                 boot = boot_clock()
                 timers, journal = self._snapshot()
                 clock, clocks = self._clock(), self._clocks
-                pieces = state_pieces(timers, self._boot_id, clock, journal, boot, clocks=clocks)
+                pieces = state_pieces(
+                    timers, self._boot_id, clock, journal, boot, clocks=clocks, fifo=self._fifo
+                )
                 write_state(self.path, pieces)
             except OSError as e:
                 self.errors += 1

@@ -14,9 +14,11 @@ Every process traced or signalled here is one the test started.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import resource
 import shutil
 import signal
 import subprocess
@@ -334,3 +336,35 @@ def test_a_worker_whose_main_thread_exited_is_captured(tmp_path: pathlib.Path) -
         worker.wait()
         if worker.stdout is not None:
             worker.stdout.close()
+
+
+@pytest.fixture
+def high_descriptor() -> Iterator[int]:
+    """A descriptor number from 1024 up (select() refuses those), free to ``dup2`` onto:
+    a daemon holding a pidfd per worker reaches them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"needs 2048 descriptors (RLIMIT_NOFILE hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    try:
+        yield 1500
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(1500)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_process_pinned_by_a_pidfd_numbered_from_1024_up_is_alive(
+    sleeper: subprocess.Popen[bytes], high_descriptor: int
+) -> None:
+    # select() raised ValueError for it, taken for "exited": --reap-tree left the stuck
+    # worker's children running once the daemon held 1024 descriptors (a user's 1100
+    # armed processes were enough), and said the worker had exited.
+    pidfd = os.pidfd_open(sleeper.pid)
+    os.dup2(pidfd, high_descriptor)
+    os.close(pidfd)
+    process = Process.open(sleeper.pid, None, high_descriptor)
+    assert process.alive()
+    sleeper.kill()
+    sleeper.wait()
+    assert not process.alive()

@@ -23,6 +23,7 @@ import contextlib
 import faulthandler
 import gc
 import logging
+import math
 import os
 import select
 import signal
@@ -480,10 +481,13 @@ class Daemon:
         cover.
         """
         log_fd = self._logging.wake_fd
+        poller = select.poll()
+        for fd in (wake_fd, log_fd):
+            poller.register(fd, select.POLLIN)
         while True:
             due = self._logging.filter.next_flush()
-            timeout = None if due is None else max(0.0, due - time.monotonic())
-            select.select([wake_fd, log_fd], [], [], timeout)
+            timeout = None if due is None else math.ceil(max(0.0, due - time.monotonic()) * 1000)
+            poller.poll(timeout)
             self._logging.flush_repeats()
             for signum in _read_signals(wake_fd):
                 if signum in _STOP_SIGNALS:

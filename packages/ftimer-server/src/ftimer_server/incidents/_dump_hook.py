@@ -24,6 +24,7 @@ are not restarted: C code that does not retry returns early, as it would for any
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import signal as _signal
@@ -456,9 +457,11 @@ _THREADS_CUT = (
 
 
 def _wait_exit(process: Process, timeout: float) -> None:
-    # On the pidfd: wakes at once if the worker exits.
+    # On the pidfd: wakes at once if the worker exits (poll: any descriptor's number).
     if process.pidfd is not None:
-        select.select([process.pidfd], [], [], timeout)
+        poller = select.poll()
+        poller.register(process.pidfd, select.POLLIN)
+        poller.poll(math.ceil(timeout * 1000))
     else:
         time.sleep(timeout)
 

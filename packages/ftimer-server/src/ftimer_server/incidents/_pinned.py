@@ -108,10 +108,11 @@ class Process:
         """True while the pinned process runs (not exited, not a zombie; a process whose
         main thread has exited runs while another of its threads does)."""
         if self.pidfd is not None:
-            try:
-                return not select.select([self.pidfd], [], [], 0)[0]
-            except (OSError, ValueError):
-                return False
+            # poll, not select: select refuses a descriptor from 1024 up, which a daemon
+            # holding a pidfd per worker reaches (its children were then taken for gone).
+            poller = select.poll()
+            poller.register(self.pidfd, select.POLLIN)
+            return not poller.poll(0)
         try:
             st = read_stat(self.pid)
         except (OSError, ValueError, IndexError):

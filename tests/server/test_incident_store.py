@@ -442,6 +442,22 @@ def test_unsafe_directories_are_refused(tmp_path: pathlib.Path) -> None:
     assert stat.S_IMODE(readable.stat().st_mode) == 0o750
 
 
+def test_a_directory_under_one_others_may_change_is_refused(tmp_path: pathlib.Path) -> None:
+    # Only the directory itself was checked: a worker allowed to write its parent (a
+    # shared collection point for `incidents merge`) swapped it for a symlink, and the
+    # root daemon wrote incidents, and their temporary files, where the link led.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o775)  # a group may rename what is in it
+    (shared / "incidents").mkdir(mode=0o700)
+    with pytest.raises(OSError, match=r"shared \(mode 0775\) lets users other than its owner"):
+        IncidentStore(str(shared / "incidents"))
+    shared.chmod(0o1777)  # sticky, as /tmp: only an entry's owner renames it
+    IncidentStore(str(shared / "incidents"))
+    shared.chmod(0o755)
+    IncidentStore(str(shared / "incidents"))
+
+
 @pytest.mark.skipif(not ROOT, reason="needs root to give a directory to another user")
 def test_a_directory_of_another_user_is_refused(tmp_path: pathlib.Path) -> None:
     theirs = tmp_path / "theirs"

@@ -23,12 +23,14 @@ __all__ = [
     "NotAPrivateDirectory",
     "NotARegularFile",
     "aside_path",
+    "directories_above",
     "file_kind",
     "open_private_dir",
     "open_regular",
     "read_sysctl",
     "remove_leftovers",
     "still_at",
+    "unsafe_above",
     "write_atomically",
 ]
 
@@ -103,6 +105,38 @@ def open_private_dir(path: str) -> Tuple[int, os.stat_result]:
         os.close(fd)
         raise
     return fd, st
+
+
+def directories_above(directory: str) -> List[str]:
+    """The directories above ``directory``, as written and as resolved (a symlink on
+    the way is judged where it lies and where it leads)."""
+    out: List[str] = []
+    for start in (directory, os.path.realpath(directory)):
+        current = start
+        while (parent := os.path.dirname(current)) != current:
+            if parent not in out:
+                out.append(parent)
+            current = parent
+    return out
+
+
+def unsafe_above(directory: str) -> Optional[str]:
+    """Which directory above ``directory`` (as written, or where it leads) lets a user
+    other than root and this one rename what is in it, and so swap ``directory`` for
+    another (a symlink to anywhere), and why: ``"<parent> <why>"``; or None. Safe: owned
+    by root or this user, and writable by nobody else, or sticky (as /tmp: only an
+    entry's owner renames it)."""
+    for parent in directories_above(directory):
+        try:
+            st = os.stat(parent)
+        except OSError:
+            continue  # cannot be looked at: the directory below it was just opened
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid not in (0, os.geteuid()):
+            return f"{parent} is owned by uid {st.st_uid}, who may rename"
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            return f"{parent} (mode {mode:04o}) lets users other than its owner rename"
+    return None
 
 
 def file_kind(mode: int) -> str:

@@ -50,6 +50,7 @@ from ftimer_server._files import (
     is_same_file,
     open_private_dir,
     open_regular,
+    unsafe_above,
     write_atomically,
 )
 from ftimer_server.core._policy import clocks_apart
@@ -69,7 +70,6 @@ __all__ = [
     "StateSaver",
     "check_state_dir",
     "decode_state",
-    "directories_above",
     "encode_state",
     "fifo_identity",
     "load_state",
@@ -376,21 +376,11 @@ def check_state_dir(path: str) -> None:
     except NotAPrivateDirectory as e:
         raise StatePathError(f"the state file's directory {directory} {e}; {fix}") from None
     os.close(fd)
-    for parent in directories_above(directory):
-        try:
-            st = os.stat(parent)
-        except OSError:
-            continue  # cannot be looked at: the directory below it was just opened
-        mode = stat.S_IMODE(st.st_mode)
-        if st.st_uid not in (0, os.geteuid()):
-            why = f"is owned by uid {st.st_uid}, who may rename"
-        elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            why = f"(mode {mode:04o}) lets users other than its owner rename"
-        else:
-            continue
+    why = unsafe_above(directory)
+    if why is not None:
         raise StatePathError(
-            f"the state file's directory {directory} is unsafe: {parent} {why} what is in "
-            f"it, and so put an old state file back before a restart; {fix}"
+            f"the state file's directory {directory} is unsafe: {why} what is in it, and "
+            f"so put an old state file back before a restart; {fix}"
         )
 
 
@@ -404,19 +394,6 @@ def _make_dirs(directory: str) -> None:
     for d in reversed(missing):
         with contextlib.suppress(FileExistsError):
             os.mkdir(d, 0o700)
-
-
-def directories_above(directory: str) -> List[str]:
-    """The directories above ``directory``, as written and as resolved (a symlink on
-    the way is judged where it lies and where it leads)."""
-    out: List[str] = []
-    for start in (directory, os.path.realpath(directory)):
-        current = start
-        while (parent := os.path.dirname(current)) != current:
-            if parent not in out:
-                out.append(parent)
-            current = parent
-    return out
 
 
 def load_state(

@@ -10,8 +10,9 @@ import pwd
 import stat
 from typing import Dict, List, Optional, Tuple
 
+from ftimer_server._files import directories_above
+
 from ._config import DaemonConfig
-from ._state import directories_above
 
 __all__ = ["startup_warnings"]
 

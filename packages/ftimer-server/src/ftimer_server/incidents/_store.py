@@ -38,6 +38,7 @@ permissions are left as the operator set them (a group of people may be let in).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -56,6 +57,7 @@ from ftimer_server._files import (
     is_same_file,
     open_private_dir,
     open_regular,
+    unsafe_above,
     write_atomically,
 )
 from ftimer_server.core._incident import INCIDENT_VERSION, Created, Incident
@@ -535,6 +537,16 @@ def _ensure_private_dir(directory: str) -> None:
             e.errno, f"incident directory {directory}: cannot open it: {e.strerror}"
         ) from None
     os.close(fd)
+    # Its files are written and pruned by path: a directory above that others may change
+    # lets them swap it for a symlink, and the server write (or delete) where they choose.
+    why = unsafe_above(directory)
+    if why is not None:
+        raise OSError(
+            errno.EPERM,
+            f"incident directory {directory}: unsafe: {why} what is in it, and so swap it "
+            "for a link to where the server then writes; use a directory whose parents "
+            "only root or the server's user may change (such as /var/lib/ftimer/incidents)",
+        )
 
 
 def read_incident(path: str) -> Incident:

@@ -368,3 +368,40 @@ def test_a_process_pinned_by_a_pidfd_numbered_from_1024_up_is_alive(
     sleeper.kill()
     sleeper.wait()
     assert not process.alive()
+
+
+#: A worker with 600 MB of memory written: its core takes gcore longer than a short budget.
+LARGE = (
+    "import time\nheld = bytearray(600 << 20)\nfor i in range(0, len(held), 4096):\n"
+    "    held[i] = 1\nprint('ready', flush=True)\ntime.sleep(1000)\n"
+)
+
+
+@needs_gcore
+def test_a_core_that_outlasts_the_budget_costs_only_itself(tmp_path: pathlib.Path) -> None:
+    # gcore was given the capture's whole budget: killed at its end, the answer came
+    # after it, and the incident said "nothing captured" (its stacks lost with the core).
+    with subprocess.Popen([sys.executable, "-c", LARGE], stdout=subprocess.PIPE) as worker:
+        try:
+            assert worker.stdout is not None
+            assert worker.stdout.readline() == b"ready\n"
+            deadline = time.monotonic() + 0.4
+            job = _helper.CaptureJob(
+                pid=worker.pid,
+                start_time=read_stat(worker.pid).start_time,
+                role="stuck",
+                labels=None,
+                hook=None,
+                options=CaptureOptions(py_spy=PY_SPY),
+                deadline=deadline,
+                core=(str(tmp_path), 1 << 31, "incident.core"),
+            )
+            result = msgspec.msgpack.decode(_helper.run_capture(job), type=Capture)
+            answered = time.monotonic()
+        finally:
+            worker.kill()
+    assert answered < deadline, f"answered {answered - deadline:.3f} s after the deadline"
+    assert result.method == "py-spy"
+    assert result.core is None
+    assert "core dump: gcore did not finish within" in (result.error or "")
+    assert list(tmp_path.iterdir()) == []  # its part removed

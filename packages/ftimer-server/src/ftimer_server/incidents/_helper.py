@@ -57,6 +57,10 @@ MAX_UNSENT = 256
 #: takes about as much again): eight captures of ``_stack_formats``' bounds fit in it
 #: with room; more peers than that have their stacks cut.
 MAX_INCIDENT_BYTES = 16 << 20
+#: Seconds a core dump ends before the capture's deadline: killing gcore, removing what
+#: it wrote and answering take that long, and an answer after the deadline loses the
+#: whole capture (a worker's stacks with its core).
+_CORE_RESERVE = 0.1
 #: Seconds the helper is waited for after SIGKILL.
 _KILL_WAIT = 5.0
 _LENGTH = struct.Struct("!I")
@@ -304,7 +308,7 @@ def run_capture(job: CaptureJob) -> bytes:
             deadline=job.deadline,
         )
         if job.core is not None and process is not None and not result.exited:
-            path, error = _core(process, job.core, job.deadline)
+            path, error = _core(process, job.core, job.deadline - _CORE_RESERVE)
             errors = "; ".join(e for e in (result.error, error) if e) or None
             result = msgspec.structs.replace(result, core=path, error=errors)
         return _encoder.encode(result)

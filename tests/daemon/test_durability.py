@@ -19,6 +19,7 @@ from tests.conftest import children_of, tmpfs, wait_until
 
 from ftimer_protocol import Arm, encode
 from ftimer_server import Timer
+from ftimer_server.daemon._cli import format_status
 from ftimer_server.daemon._state import boot_clock, encode_state, read_boot_id
 from ftimer_server.server._process import SystemInspector, own_clock_offsets, ticks_since_boot
 
@@ -208,6 +209,27 @@ def test_a_journal_that_fails_never_lets_a_restart_reap_a_worker_that_disarmed(
     d = spawn("--state-file", str(state), name="second").ready()
     assert d.status()["timers"] == []  # nothing stale restored: the worker lives on
     assert worker.poll() is None
+
+
+def test_status_says_when_the_state_cannot_be_saved(
+    spawn: Callable[..., DaemonProcess], small_disk: pathlib.Path, quiet
+) -> None:
+    # It said "healthy" and nothing else while every save failed (disk full): only a
+    # metric told that a restart would lose the timers armed since.
+    state = small_disk / "state.json"
+    filler = fill(small_disk)
+    d = spawn("--state-file", str(state)).ready()
+    worker = quiet(d.fifo, 30.0)
+    d.wait_for_record(where=lambda r: r["msg"].startswith(f"cannot save state to {state}"))
+    doc = d.status()
+    assert doc["healthy"]  # a restart would not mend it
+    assert doc["state_failing"] == "No space left on device"
+    assert f", STATE NOT SAVED to {state}: No space left on device\n" in format_status(doc)
+    filler.unlink()
+    wait_until(lambda: saved_scopes(state) == ["step"], what="a save once there is room")
+    assert d.status()["state_failing"] is None
+    release(worker)
+    assert d.stop() == 0
 
 
 @pytest.fixture

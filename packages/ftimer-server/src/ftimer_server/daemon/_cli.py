@@ -563,6 +563,9 @@ class _Status(msgspec.Struct):
     last_progress: Optional[_Seconds] = None
     # The FIFO's or socket's paths that no longer name them (removed, replaced).
     lost_paths: List[str] = []
+    state_file: Optional[str] = None
+    # Why the last save of the state file failed, or None.
+    state_failing: Optional[str] = None
 
 
 def _read_status(doc: Dict[str, Any]) -> _Status:
@@ -594,6 +597,9 @@ def _format(status: _Status) -> str:
     health = "" if status.healthy else ", NOT READING ITS FIFO"
     if status.lost_paths:
         health = f", PATHS LOST: {_lost(status)}"
+    if status.state_failing is not None:
+        # What a restart would lose: not a matter of health, but said as loudly.
+        health += f", STATE NOT SAVED to {status.state_file}: {printable(status.state_failing)}"
     count = status.armed if status.armed is not None else len(timers)
     armed = f"{count} timer{'s' if count != 1 else ''} armed"
     if status.timers is not None and len(timers) < count:

@@ -674,7 +674,10 @@ class Daemon:
     def _status(self, timers: bool) -> Dict[str, Any]:
         # The control socket's threads: ``timers`` for ``status``, not for ``health``.
         assert self._server is not None
-        return status_document(self._server, self.config, self._lost, self._started, timers)
+        failing = None if self._saver is None else self._saver.failing
+        return status_document(
+            self._server, self.config, self._lost, self._started, timers, state_failing=failing
+        )
 
 
 def _lock_fifo(fifo: str) -> int:

@@ -565,6 +565,8 @@ class StateSaver:
         #: Successful and failed writes since start.
         self.saves = 0
         self.errors = 0
+        #: Why the last write failed, or None (it succeeded, or none was made yet).
+        self.failing: Optional[str] = None
 
     def start(self) -> None:
         """Start the saver thread; the current state is written at once."""
@@ -596,9 +598,11 @@ class StateSaver:
                 write_state(self.path, pieces)
             except OSError as e:
                 self.errors += 1
+                self.failing = e.strerror or str(e)
                 log.error("cannot save state to %s: %s", self.path, e)
                 return False
             self.saves += 1
+            self.failing = None
             self._saved(journal)
             return True
 

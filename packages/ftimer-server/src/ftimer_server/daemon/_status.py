@@ -31,7 +31,13 @@ STATUS_TIMERS = 1000
 
 
 def status_document(
-    server: FileTimerServer, c: DaemonConfig, lost: List[str], started: float, timers: bool
+    server: FileTimerServer,
+    c: DaemonConfig,
+    lost: List[str],
+    started: float,
+    timers: bool,
+    *,
+    state_failing: Optional[str] = None,
 ) -> Dict[str, Any]:
     """The daemon's status document: its health, its paths and settings, the server's
     counters and, with ``timers``, the soonest timers (``status``; not ``health``).
@@ -39,6 +45,8 @@ def status_document(
     Args:
         lost: the server's paths found no longer to name its FIFO or socket.
         started: when the daemon started (``time.monotonic()``).
+        state_failing: why the last save of the state file failed, or None. Not a
+            matter of health: a restart would not mend it, and a liveness probe would.
     """
     caught_up, healthy = _reading(server)
     try:
@@ -62,6 +70,7 @@ def status_document(
         "socket": c.socket,
         "control_socket": c.control_socket,
         "state_file": c.state_file,
+        "state_failing": state_failing,
         "dry_run": c.dry_run,
         "signal": c.signal,
         "grace": c.grace,

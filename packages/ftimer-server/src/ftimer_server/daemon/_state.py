@@ -528,11 +528,11 @@ class StateSaver:
         clock: monotonic seconds, written as ``saved_at``.
         saved: called after each successful write with the journal segment it names
             (older segments can go).
-        fifo: the FIFO the server reads (`fifo_identity`), written into the file.
         overdue: whether a save is due now, whatever ``interval`` says (the journal
             is `Journal.full`): consulted at each `changed()`, and once woken, again
             (a save that took the snapshot meanwhile has made it false), so a flood
             makes one save per trim's worth of journal, not a storm.
+        fifo: the FIFO the server reads (`fifo_identity`), written into the file.
     """
 
     def __init__(

@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import tmpfs
 
 from ftimer_server.core._incident import Capture, Frame, Incident, ThreadStack
+from ftimer_server.incidents import _reap_extras as reap_extras
 from ftimer_server.incidents import _store
 from ftimer_server.incidents._pinned import Process
 from ftimer_server.incidents._reap_extras import core_dump
@@ -141,6 +142,43 @@ def test_a_core_never_fills_the_disk(small_disk: pathlib.Path) -> None:
         assert names(directory) == []
         after = os.statvfs(directory)
         assert after.f_bavail == before.f_bavail  # nothing left behind
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_a_core_cut_short_by_a_disk_filled_meanwhile_is_removed(
+    small_disk: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cores written at once each saw the free space alone: the disk filled under them,
+    # gdb said it saved each, and the cores were kept cut short as if whole (three
+    # filled a 300 MiB disk). The free space seen is made too large here, as the other
+    # cores' writes make it.
+    if os.geteuid() != 0 or shutil.which("gcore") is None:
+        pytest.skip("needs root and gcore")
+    monkeypatch.setattr(reap_extras, "_room_for_core", lambda directory: 1 << 40)
+    directory = small_disk / "incidents"
+    IncidentStore(str(directory))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        process = Process.open(proc.pid, None, None)
+        try:
+            path, error = core_dump(
+                process, str(directory), max_bytes=1 << 30, deadline=time.monotonic() + 30
+            )
+        finally:
+            process.close()
+        assert path is None, "a core cut short by a full disk was kept"
+        assert error is not None
+        assert "the file system filled up" in error
+        assert names(directory) == []
     finally:
         proc.kill()
         proc.wait()

@@ -16,6 +16,7 @@ nor anything below one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -146,9 +147,18 @@ def _core_dump(
                 f"core dump refused: the core reached the limit ({max_bytes} bytes) before "
                 "it was complete: removed"
             )
+    said = (run.out + run.err).decode(errors="replace")
+    if any(os.strerror(e) in said for e in (errno.ENOSPC, errno.EDQUOT)):
+        # gdb carries on past a full disk too (cores written at once each saw the free
+        # space alone): cut short, and of no use.
+        _remove(path)
+        return None, (
+            "core dump: cut short: the file system filled up while gcore wrote it (other "
+            "cores written meanwhile?): removed"
+        )
     if run.returncode != 0 or not os.path.isfile(path):
         _remove(path)
-        text = " ".join((run.out + run.err).decode(errors="replace").split())[-400:]
+        text = " ".join(said.split())[-400:]
         if "not permitted" in text.lower():
             text = f"ptrace not permitted (root or CAP_SYS_PTRACE needed): {text}"
         return None, f"core dump: gcore failed (exit {run.returncode}): {text}"

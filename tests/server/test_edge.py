@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import time
 from typing import Dict, List, Optional
 
 import pytest
@@ -21,6 +22,7 @@ from ftimer_server import (
     RejectReason,
     Worker,
 )
+from ftimer_server.core._records import Descendant
 from ftimer_server.core._table import Expiry
 from ftimer_server.core._watchdog import Watchdog
 from ftimer_server.server._edge import SystemHost
@@ -250,3 +252,30 @@ def test_empty_policy_sets_allow_nothing() -> None:
     rig.inspector.spawn(1000)
     rig.apply(Arm(pid=1000, scope_id="r", deadline=1.0, signal=0))
     assert rig.rejections() == []  # report-only timers are always allowed
+
+
+class SlowTreeSignaller(RecordingSignaller):
+    """A signaller whose walk of a worker's tree takes ``seconds`` (thousands of
+    descendants take about 0.3 ms each)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def send_tree(self, worker: Worker, signal: int) -> List[Descendant]:
+        time.sleep(self.seconds)  # the walk itself, not a wait for anything
+        return []
+
+
+def test_a_reap_says_how_long_the_tree_s_walk_took_before_the_worker_s_signal() -> None:
+    host = FakeInspector()
+    host.spawn(1000)
+    edge = SystemHost(host, SlowTreeSignaller(0.05), tree=True)
+    expiry = Expiry(1000, (), None, ())
+    delivery = edge.reap(Worker(1000, 100, None), 15, expiry, 1.0)
+    assert delivery.delivered
+    assert 0.05 <= delivery.took < 1.0
+    assert (
+        SystemHost(host, SlowTreeSignaller(0.0)).reap(Worker(1000, 100, None), 15, expiry, 1.0).took
+        == 0.0
+    )  # no tree: nothing before the signal

@@ -41,9 +41,11 @@ from ftimer_server import (
     WorkerGone,
 )
 from ftimer_server.core._horizon import SETTLE
+from ftimer_server.core._host import Delivery
 from ftimer_server.core._policy import clocks_apart
 from ftimer_server.core._reader import LineReader
 from ftimer_server.core._records import Descendant
+from ftimer_server.core._table import Expiry
 from ftimer_server.core._watchdog import REFUSAL_TTL, Watchdog
 from ftimer_server.daemon._state import decode_state, encode_state
 from ftimer_server.server._edge import SystemHost
@@ -691,6 +693,36 @@ def tree_rig(signaller: TreeSignaller, delivered: bool = True) -> Rig:
     )
     rig.host.spawn(1000)
     return rig
+
+
+class SlowHost(SystemHost):
+    """A host whose every reap says it took ``took`` seconds before the worker's own
+    signal (a tree's walk)."""
+
+    took = 0.25
+
+    def reap(self, worker: Worker, signal: int, expiry: Expiry, now: float) -> Delivery:
+        return msgspec.structs.replace(super().reap(worker, signal, expiry, now), took=self.took)
+
+
+def test_a_reap_s_lateness_counts_what_the_host_took_before_the_signal() -> None:
+    # With --reap-tree the walk runs before the worker's own signal: with 3,000
+    # descendants the worker was signalled 0.9 s after the reap was decided, and the
+    # log said "13.6 ms late".
+    rig = Rig(escalate_after=2.0)
+    rig.host.spawn(1000, parent=SERVER)
+    rig.wd = Watchdog(
+        host=SlowHost(rig.host, rig.signaller),
+        server_pid=SERVER,
+        ancestors=frozenset({PARENT}),
+        emit=rig.events,
+        escalate_after=2.0,
+    )
+    rig.apply(arm(signal=15, deadline=1.0))
+    rig.at(1.01)
+    [reaped] = rig.events.of(Reaped)
+    assert reaped.late == pytest.approx(0.26)  # type: ignore[attr-defined]
+    assert rig.wd.next_wakeup() == pytest.approx(3.01)  # the grace runs from the decision
 
 
 @pytest.mark.parametrize("exits", [False, True], ids=["lives", "exits in its grace"])

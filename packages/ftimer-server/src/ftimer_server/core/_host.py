@@ -73,12 +73,14 @@ class Delivery(msgspec.Struct, frozen=True):
     """The outcome of a signal: ``delivered``, or not and ``error`` says why (``gone``:
     because the process had exited, or its pid was taken: nothing was left to signal);
     ``descendants``: the worker's descendants the signal went to as well (a host that
-    reaps trees)."""
+    reaps trees); ``took``: seconds the host spent before the worker's own signal (the
+    walk of its tree, which may take long: a reap's lateness counts them)."""
 
     delivered: bool
     error: Optional[str] = None
     descendants: Tuple[Descendant, ...] = ()
     gone: bool = False
+    took: float = 0.0
 
 
 DELIVERED = Delivery(True)

@@ -141,7 +141,7 @@ class Reaper:
             start_time=worker.start_time,
             signal=signal,
             scope_id=decider.scope_id,
-            late=now - decider.deadline,
+            late=now + delivery.took - decider.deadline,
             delivered=delivery.delivered,
             timers=expiry.cleared,
             labels=decider.labels,

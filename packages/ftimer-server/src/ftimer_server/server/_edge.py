@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import signal as _signal
+import time
 from typing import Callable, FrozenSet, Mapping, Optional, Sequence, Tuple, Union
 
 from ftimer_server.core._events import RejectReason
@@ -195,6 +196,7 @@ class SystemHost(Host):
             return Delivery(False, _describe(e))
 
     def reap(self, worker: Worker, signal: int, expiry: Expiry, now: float) -> Delivery:
+        started = time.monotonic()
         for step in self._steps:
             try:
                 step(worker, expiry, now)
@@ -207,8 +209,9 @@ class SystemHost(Host):
             # checks it again after the walk. Its walk waits at most a few tens of
             # milliseconds for a descendant to stop: it runs on the loop's thread.
             descendants = self._send_tree(worker, signal)
+            took = time.monotonic() - started  # counted in the reap's lateness
             delivery = self.signal(worker, signal)
-            return Delivery(delivery.delivered, delivery.error, descendants, delivery.gone)
+            return Delivery(delivery.delivered, delivery.error, descendants, delivery.gone, took)
         return self.signal(worker, signal)
 
     def kill_descendants(

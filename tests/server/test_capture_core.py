@@ -17,7 +17,7 @@ from ftimer_server import (
     WorkerGone,
 )
 from ftimer_server.core._host import CaptureRequest
-from ftimer_server.core._watchdog import Watchdog
+from ftimer_server.core._watchdog import MAX_PEERS, Watchdog
 from ftimer_server.server._edge import SystemHost
 
 from .conftest import FakeInspector, Recorder
@@ -246,3 +246,20 @@ def test_a_worker_reaped_again_in_its_grace_is_not_captured_again() -> None:
     assert rig.signaller.sent == [(1000, 15), (1000, 15)]  # signalled again, at once
     rig.wd.tick(5.5)  # the grace, from the first signal
     assert rig.signaller.sent[-1] == (1000, 9)
+
+
+def test_an_incident_captures_at_most_max_peers_of_a_large_job() -> None:
+    # Every worker of the job was a peer: 5,000 of one job on one host made each reap
+    # capture them all, from the loop, and reaps came seconds late, then not at all.
+    rig = Rig()
+    workers = range(2000, 2000 + MAX_PEERS + 10)
+    for pid in workers:
+        rig.inspector.spawn(pid)
+        rig.arm(pid, 50.0)
+    rig.arm(1000, 5.0)
+    rig.arm(1001, 5.0)  # expires with the stuck one: a peer first
+    rig.wd.tick(5.0)
+    request = rig.host.requests[0]
+    assert len(request.peers) == MAX_PEERS
+    assert request.peers[0].worker.pid == 1001
+    assert {p.worker.pid for p in request.peers[1:]} <= set(workers)

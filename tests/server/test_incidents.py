@@ -708,3 +708,33 @@ def test_a_capture_is_shared_by_the_same_process_only() -> None:
             future.result(10)
     finally:
         diagnostics.close()
+
+
+def test_captures_older_than_the_share_window_are_let_go_oldest_first() -> None:
+    # Each capture looked at every capture kept, to let go of the stale ones: a reap
+    # with thousands of peers took seconds on the loop. The newest is kept last now, so
+    # only the stale ones at the front are looked at.
+    import concurrent.futures
+
+    from ftimer_server import Worker
+    from ftimer_server.incidents._diagnostics import SHARE_WINDOW, Diagnostics
+
+    diagnostics = Diagnostics(IncidentOptions(method="facts", timeout=2.0))
+    try:
+        kept: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        now = time.monotonic()
+        for pid, age in ((1, 10.0), (2, SHARE_WINDOW + 0.1), (3, SHARE_WINDOW / 2)):
+            diagnostics._shared[(pid, 100, 0)] = (now - age, kept)
+        worker = Worker(2**22 + 5, 100)  # no such process
+        first = diagnostics._capture(worker, None, None, now + 5, user=0)
+        assert [key[0] for key in diagnostics._shared] == [3, worker.pid]
+        diagnostics._shared.clear()
+        diagnostics._shared[(worker.pid, 100, 0)] = (now - 10.0, first)  # stale
+        diagnostics._shared[(3, 100, 0)] = (time.monotonic(), kept)
+        again = diagnostics._capture(worker, None, None, now + 5, user=0)
+        assert again is not first
+        assert [key[0] for key in diagnostics._shared] == [3, worker.pid]  # the newest, last
+        for future in (first, again):
+            future.result(10)
+    finally:
+        diagnostics.close()

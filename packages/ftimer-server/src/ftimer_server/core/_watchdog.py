@@ -71,6 +71,11 @@ __all__ = ["Watchdog"]
 #: process get its id within that time, that process's arms would be refused until then.
 REFUSAL_TTL = 1.0
 MAX_REFUSALS = 1024
+#: The most peers a stuck worker's incident captures (the first found): a job of
+#: thousands of workers on one host made each reap capture them all, from the loop,
+#: and reaps came seconds late, then not at all. An incident holds a few captures'
+#: stacks whole anyway, and a host's ranks of one job are rarely more.
+MAX_PEERS = 15
 #: Refusals that are facts about the process holding the pid, not about one message.
 _LASTING = frozenset(
     (
@@ -645,11 +650,11 @@ class Watchdog:
         self, job: Optional[str], stuck: Worker, together: Sequence[Timer] = ()
     ) -> List[Peer]:
         """The other bound workers with a timer labelled with ``job``, armed or expiring
-        with the stuck one's (``together``); none without a job."""
+        with the stuck one's (``together``), ``MAX_PEERS`` at most; none without a job."""
         if job is None:
             return []
         found: Dict[int, Peer] = {}
-        for timer in itertools.chain(self.table, together):
+        for timer in itertools.chain(together, self.table):
             worker = self._workers.get(timer.pid)
             if (
                 worker is not None
@@ -658,4 +663,6 @@ class Watchdog:
                 and self._job_of(timer) == job
             ):
                 found[timer.pid] = Peer(worker, timer.labels)
+                if len(found) == MAX_PEERS:
+                    break
         return list(found.values())

@@ -227,9 +227,13 @@ class Diagnostics:
             if shared is not None and now - shared[0] < SHARE_WINDOW and not needs_own:
                 return self._unless_stackless(shared[1], job) if wants_hook else shared[1]
             future = self._helper.submit(job)
+            self._shared.pop(key, None)  # the newest last: the stale ones are the first
             self._shared[key] = (now, future)
-            for stale in [k for k, (t, _) in self._shared.items() if now - t >= SHARE_WINDOW]:
-                del self._shared[stale]
+            while self._shared:  # the stale ones only: never a scan of every capture
+                oldest = next(iter(self._shared))
+                if now - self._shared[oldest][0] < SHARE_WINDOW:
+                    break
+                del self._shared[oldest]
         return future
 
     def _unless_stackless(

@@ -93,3 +93,26 @@ def test_a_newer_daemons_extra_fields_are_ignored(
 def test_format_status_raises_value_error() -> None:
     with pytest.raises(ValueError, match=r"at `\$.uptime`"):
         format_status(status_doc(uptime="x"))
+
+
+def test_a_daemon_out_of_descriptors_is_not_said_to_stop_reading(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The health check writes a marker through a descriptor of its own: out of them
+    # (EMFILE), it said "NOT READING ITS FIFO" of a loop that went on reaping on time,
+    # and a liveness probe would have restarted it.
+    import errno
+
+    from ftimer_server import FileTimerServer
+    from ftimer_server.daemon._config import DaemonConfig
+    from ftimer_server.daemon._status import status_document
+
+    def no_descriptor(timeout: float = 10.0) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    fifo = tmp_path / "t.fifo"
+    with FileTimerServer(fifo) as server:
+        monkeypatch.setattr(server, "sync", no_descriptor)
+        doc = status_document(server, DaemonConfig(fifo=str(fifo)), [], 0.0, False)
+    assert doc["healthy"]
+    assert not doc["caught_up"]

@@ -105,7 +105,8 @@ def _soonest(table: List[Timer], now: float) -> List[Dict[str, Any]]:
 def _reading(server: FileTimerServer) -> Tuple[bool, bool]:
     """Whether the server's loop has caught up with its FIFO (a ``Sync`` marker written to
     it is applied within ``_HEALTH_TIMEOUT``), and whether it reads it (caught up, or it
-    read lines meanwhile)."""
+    read lines meanwhile; with no descriptor left to write the marker with, its loop is
+    not stuck in one iteration)."""
     before = _fifo_lines(server)
     try:
         server.sync(timeout=_HEALTH_TIMEOUT)
@@ -116,7 +117,13 @@ def _reading(server: FileTimerServer) -> Tuple[bool, bool]:
             return False, False
         after = _fifo_lines(server)
         return False, after is not None and after > before
-    except (OSError, RuntimeError):  # EMFILE: out of descriptors; stopped meanwhile
+    except OSError:
+        # EMFILE: no descriptor to write the marker with. Judged by the loop's iteration
+        # instead: one that has run this long is stuck; an idle or busy loop reads (out of
+        # descriptors, it went on reaping; only a liveness probe's restart would stop it).
+        stuck_for = time.time() - server.get_last_progress_time()
+        return False, stuck_for < _HEALTH_TIMEOUT + 1  # the progress time is in seconds
+    except RuntimeError:  # stopped meanwhile
         return False, False
     return True, True
 

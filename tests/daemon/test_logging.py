@@ -316,3 +316,45 @@ def test_the_log_file_is_made_owner_only(tmp_path: pathlib.Path) -> None:
     finally:
         os.umask(old_umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+class StalledStream(io.StringIO):
+    """A stream whose reader has stalled (a pipe nobody reads): every write waits until
+    ``flowing`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flowing = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.flowing.wait()
+        return super().write(text)
+
+
+def test_a_stalled_log_costs_lines_never_the_thread_that_logs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # stderr to a pipe nobody read: the loop blocked in its first log line after the
+    # pipe filled, and no stuck worker was reaped again (0 of 20 in 46 s).
+    from ftimer_server.daemon import _logging
+
+    monkeypatch.setattr(_logging, "LOG_QUEUE", 5)
+    stream = StalledStream()
+    setup = LoggingSetup("text", "info", stream=stream, repeat_filter=RepeatFilter(1000, 1))
+    log = logging.getLogger("ftimer_server.test")
+    try:
+        logger_thread = threading.Thread(target=lambda: [log.info("line %d", i) for i in range(20)])
+        logger_thread.start()
+        logger_thread.join(10)
+        assert not logger_thread.is_alive(), "a thread that logs waited for the stalled log"
+        stream.flowing.set()
+        assert setup.drain(10)
+    finally:
+        stream.flowing.set()
+        setup.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith("ftimer_server.test: line 0")
+    written = [line for line in lines if "ftimer_server.test: line" in line]
+    assert 5 <= len(written) < 20
+    said = f"{20 - len(written)} log line(s) lost so far: the log's reader did not keep up"
+    assert next(line for line in lines if "lost so far" in line).endswith(said)

@@ -471,6 +471,7 @@ class Daemon:
             c.control_socket,
             c.state_file or "none",
         )
+        self._logging.drain()  # what the start-up logged is written before it says ready
         self._notifier.ready(f"watching {c.fifo}" + (" (dry run)" if c.dry_run else ""))
 
     def _loop(self, wake_fd: int) -> int:

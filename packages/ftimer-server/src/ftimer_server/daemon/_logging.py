@@ -21,7 +21,9 @@ import errno
 import io
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import sys
 import threading
 import time
@@ -400,8 +402,38 @@ class RepeatFilter(logging.Filter):
         self._summaries.append(summary)
 
 
+#: Records waiting for the log's writer thread at most: beyond, a line is lost (counted,
+#: then said) rather than the logging thread held (the loop's: its reaps with it).
+LOG_QUEUE = 10000
+#: Seconds `LoggingSetup.close()` waits for what is queued to be written.
+_CLOSE_WAIT = 2.0
+
+
+class _Handoff(logging.handlers.QueueHandler):
+    """Hands each record to the writer thread as it is (formatted there, by the handler
+    that writes it); with the queue full (the log's reader stalled: a pipe nobody reads,
+    a hung journald), the line is lost and counted, never waited for."""
+
+    def __init__(self, records: queue.Queue[Any]) -> None:
+        super().__init__(records)
+        self.lost = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.lost += 1
+
+
 class LoggingSetup:
     """Installs the daemon's single handler on the root logger and can change it later.
+
+    Records are written by a thread of their own, so that a log whose reader stalls (a
+    pipe nobody reads) costs lines, never a thread that logs; a line lost so is counted,
+    and said once the writer catches up.
 
     Flood summaries are written by the thread that logs the next line of their kind, or
     by whoever calls `flush_repeats()` once `wake_fd` turns readable (a kind started
@@ -432,7 +464,14 @@ class LoggingSetup:
         self._stream = stream
         self._root = logging.getLogger()
         self._old_level = self._root.level
-        self.handler: logging.Handler = self._make_handler(log_file)
+        #: What writes the lines, on the writer thread.
+        self._sink = self._make_handler(log_file)
+        self._records: queue.Queue[Any] = queue.Queue(LOG_QUEUE)
+        self.handler = _Handoff(self._records)
+        self.handler.addFilter(self.filter)
+        self._said_lost = 0
+        self._writer = threading.Thread(target=self._write, name="ftimer-log", daemon=True)
+        self._writer.start()
         self._log_file = log_file
         # The wake-up pipe is written from any thread that logs; closing it under the
         # lock means no thread writes to a descriptor number that was closed and reused.
@@ -457,13 +496,13 @@ class LoggingSetup:
             handler = ReopenableFileHandler(log_file, encoding="utf-8")
         else:
             handler = logging.StreamHandler(self._stream or sys.stderr)
-        handler.addFilter(self.filter)
         return handler
 
     def configure(self, fmt: str, level: str) -> None:
         """Switch format and level in place (SIGHUP reload)."""
         formatter = JsonFormatter() if fmt == "json" else TextFormatter()
-        self.handler.setFormatter(formatter)
+        self.drain()  # what was logged before is written as it was then
+        self._sink.setFormatter(formatter)
         self._root.setLevel(level.upper())
 
     def reopen(self) -> None:
@@ -474,8 +513,9 @@ class LoggingSetup:
             OSError: the file cannot be opened.
             Either way, logging goes on to the file open before.
         """
-        if isinstance(self.handler, ReopenableFileHandler):
-            self.handler.reopen()
+        if isinstance(self._sink, ReopenableFileHandler):
+            self.drain()  # what was logged before goes to the file before
+            self._sink.reopen()
 
     def flush_repeats(self, everything: bool = False) -> None:
         """Write the filter's due "N more like this" summaries (``everything``: all)."""
@@ -487,16 +527,58 @@ class LoggingSetup:
         for record in self.filter.flush(everything):
             self._write_summary(record)
 
+    def drain(self, timeout: float = _CLOSE_WAIT) -> bool:
+        """Wait up to ``timeout`` seconds until what was logged before is written; return
+        whether it was."""
+        written = threading.Event()
+        try:
+            self._records.put(written, timeout=timeout)
+        except queue.Full:
+            return False
+        return written.wait(timeout)
+
     def close(self) -> None:
-        """Write pending summaries, detach and close the handler, restore the root level."""
+        """Write pending summaries, detach the handler and close the writer (waiting a
+        moment for what is queued: a stalled log's lines are lost), restore the root
+        level."""
         self.flush_repeats(everything=True)
         self._root.removeHandler(self.handler)
-        self.handler.close()
+        self.drain()
+        with contextlib.suppress(queue.Full):
+            self._records.put_nowait(None)  # the writer's end, once it is done
+        self._writer.join(_CLOSE_WAIT)
+        if not self._writer.is_alive():
+            self._sink.close()
         self._root.setLevel(self._old_level)
         with self._wake_lock:
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
             self._wake_r = self._wake_w = -1
+
+    def _write(self) -> None:
+        """The writer thread: writes each record queued, and says how many were lost
+        once it is written again."""
+        while True:
+            record = self._records.get()
+            if record is None:
+                return
+            if isinstance(record, threading.Event):  # a drain() waiting
+                record.set()
+                continue
+            self._sink.handle(record)
+            lost = self.handler.lost
+            if lost != self._said_lost:
+                self._said_lost = lost
+                said = logging.LogRecord(
+                    "ftimer_server.daemon",
+                    logging.WARNING,
+                    __file__,
+                    0,
+                    "%d log line(s) lost so far: the log's reader did not keep up",
+                    (lost,),
+                    None,
+                )
+                self._sink.handle(said)
 
     def _write_summary(self, record: logging.LogRecord) -> None:
         if record.levelno >= self._root.getEffectiveLevel():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -358,3 +359,40 @@ def test_a_stalled_log_costs_lines_never_the_thread_that_logs(
     assert 5 <= len(written) < 20
     said = f"{20 - len(written)} log line(s) lost so far: the log's reader did not keep up"
     assert next(line for line in lines if "lost so far" in line).endswith(said)
+
+
+def test_a_daemon_whose_stderr_nobody_reads_still_stops(tmp_path: pathlib.Path) -> None:
+    # Its log writer blocked on the full pipe holding the handler's lock, and at exit
+    # logging.shutdown() waited for that lock for ever: a SIGTERM never ended it.
+    import fcntl
+    import subprocess
+
+    from .conftest import PATIENCE, PYTHON
+
+    held, stderr = os.pipe()  # ``held`` is never read
+    try:
+        fcntl.fcntl(stderr, fcntl.F_SETPIPE_SZ, 4096)
+        os.set_blocking(stderr, False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(stderr, b"x" * 512)
+        os.set_blocking(stderr, True)
+        fifo = tmp_path / "t.fifo"
+        daemon = subprocess.Popen(
+            [PYTHON, "-m", "ftimer_server", "run", "--fifo", str(fifo), "--log-level", "debug"],
+            stderr=stderr,
+            stdout=subprocess.DEVNULL,
+        )
+        os.close(stderr)
+        stderr = -1
+        try:
+            wait_until(lambda: os.path.exists(f"{fifo}.sock"), what="the control socket")
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(PATIENCE) == 0
+        finally:
+            daemon.kill()
+            daemon.wait()
+    finally:
+        os.close(held)
+        if stderr >= 0:
+            os.close(stderr)

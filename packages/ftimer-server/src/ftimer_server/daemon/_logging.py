@@ -428,6 +428,30 @@ class _Handoff(logging.handlers.QueueHandler):
             self.lost += 1
 
 
+class _StderrHandler(logging.Handler):
+    """Writes each line to stderr's descriptor with write(2), past ``sys.stderr``'s
+    buffer and the handler's lock: a writer blocked on a pipe nobody reads holds neither,
+    so the exit (``logging.shutdown()``, the flush of ``sys.stderr``) never waits for it.
+    Called from the writer thread alone."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if self.filter(record):
+            self.emit(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = memoryview((self.format(record) + "\n").encode("utf-8", "backslashreplace"))
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except Exception:  # logging's way: said on stderr, never raised
+            self.handleError(record)
+
+
 class LoggingSetup:
     """Installs the daemon's single handler on the root logger and can change it later.
 
@@ -494,6 +518,8 @@ class LoggingSetup:
         handler: logging.Handler
         if log_file is not None:
             handler = ReopenableFileHandler(log_file, encoding="utf-8")
+        elif self._stream is None and sys.stderr is not None:
+            handler = _StderrHandler(sys.stderr.fileno())
         else:
             handler = logging.StreamHandler(self._stream or sys.stderr)
         return handler

@@ -371,7 +371,7 @@ def test_a_daemon_whose_stderr_nobody_reads_still_stops(tmp_path: pathlib.Path) 
 
     held, stderr = os.pipe()  # ``held`` is never read
     try:
-        fcntl.fcntl(stderr, fcntl.F_SETPIPE_SZ, 4096)
+        fcntl.fcntl(stderr, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)  # Python 3.10's name
         os.set_blocking(stderr, False)
         with contextlib.suppress(BlockingIOError):
             while True:

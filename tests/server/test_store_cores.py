@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import List
+from typing import List, Optional, Tuple
 
 import pytest
 from tests.conftest import tmpfs
@@ -112,6 +112,30 @@ def test_files_with_no_record_and_cores_being_written_are_counted(
     assert fresh.exists()
 
 
+def core_of_a_sleeper(directory: pathlib.Path) -> Tuple[Optional[str], Optional[str]]:
+    """``core_dump`` of a sleeping process of the test's own into ``directory``, with a
+    1 GiB limit: (its path, or None, and why not)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"  # up and asleep
+        process = Process.open(proc.pid, None, None)
+        try:
+            return core_dump(
+                process, str(directory), max_bytes=1 << 30, deadline=time.monotonic() + 30
+            )
+        finally:
+            process.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def test_a_core_never_fills_the_disk(small_disk: pathlib.Path) -> None:
     # On a disk too small for it, gdb's core is cut short by ENOSPC and gcore says it
     # saved it: capped below the free space (less room for the record), it is refused.
@@ -122,31 +146,13 @@ def test_a_core_never_fills_the_disk(small_disk: pathlib.Path) -> None:
     directory = small_disk / "incidents"
     IncidentStore(str(directory))
     before = os.statvfs(directory)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == b"ready\n"  # up and asleep
-        process = Process.open(proc.pid, None, None)
-        try:
-            path, error = core_dump(
-                process, str(directory), max_bytes=1 << 30, deadline=time.monotonic() + 30
-            )
-        finally:
-            process.close()
-        assert path is None, "a core that would fill the disk was kept"
-        assert error is not None
-        assert "may be written on the file system" in error
-        assert names(directory) == []
-        after = os.statvfs(directory)
-        assert after.f_bavail == before.f_bavail  # nothing left behind
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    path, error = core_of_a_sleeper(directory)
+    assert path is None, "a core that would fill the disk was kept"
+    assert error is not None
+    assert "may be written on the file system" in error
+    assert names(directory) == []
+    after = os.statvfs(directory)
+    assert after.f_bavail == before.f_bavail  # nothing left behind
 
 
 def test_a_core_cut_short_by_a_disk_filled_meanwhile_is_removed(
@@ -161,26 +167,8 @@ def test_a_core_cut_short_by_a_disk_filled_meanwhile_is_removed(
     monkeypatch.setattr(reap_extras, "_room_for_core", lambda directory: 1 << 40)
     directory = small_disk / "incidents"
     IncidentStore(str(directory))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == b"ready\n"
-        process = Process.open(proc.pid, None, None)
-        try:
-            path, error = core_dump(
-                process, str(directory), max_bytes=1 << 30, deadline=time.monotonic() + 30
-            )
-        finally:
-            process.close()
-        assert path is None, "a core cut short by a full disk was kept"
-        assert error is not None
-        assert "the file system filled up" in error
-        assert names(directory) == []
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    path, error = core_of_a_sleeper(directory)
+    assert path is None, "a core cut short by a full disk was kept"
+    assert error is not None
+    assert "the file system filled up" in error
+    assert names(directory) == []

@@ -70,6 +70,36 @@ def test_a_disarm_read_but_not_saved_survives_kill_9(
     wait_until(lambda: len(list(short_dir.glob("state.json.journal.*"))) == 1)
 
 
+def test_timers_of_workers_that_ended_while_no_daemon_ran_are_not_refusals(
+    spawn: Spawn, short_dir: pathlib.Path, quiet
+) -> None:
+    # Each saved timer (and each journal's line) of a worker that ended while no daemon
+    # ran was refused at the restart (no_such_process): a kill -9 restart of a busy host
+    # counted refusals enough to fire FtimerRefusalsClimbing, and warned for each line.
+    state = short_dir / "state.json"
+    args = ["--state-file", str(state), "--state-interval", "3"]
+    d = spawn(*args, name="first").ready()
+    saved = quiet(d.fifo, 3600.0)
+    wait_until(lambda: saved_scopes(state) == ["step"], what="the arm saved")
+    journaled = quiet(d.fifo.with_suffix(".socket"), 3600.0)  # read, not saved
+    assert sorted(t["pid"] for t in d.status()["timers"]) == sorted((saved.pid, journaled.pid))
+    d.stop(signal.SIGKILL)
+    for worker in (saved, journaled):
+        kill_and_close(worker)
+    d = spawn(*args, name="second").ready()
+    gone = d.wait_for_record(where=lambda r: "while no server ran" in r["msg"])
+    assert gone["msg"] == (
+        f"saved timers not restored: pid {saved.pid} exited while no server ran, 1 timer(s) dropped"
+    )
+    assert gone["level"] == "info"
+    stats = d.status()["stats"]
+    assert stats["rejections"] == {}
+    assert stats["requests"]["restore"] == {"exited": 1}
+    assert stats["requests"]["arm"] == {"exited": 1}  # the journal's line
+    assert not [r["msg"] for r in d.records() if r["level"] in ("warning", "error")]
+    assert d.stop() == 0
+
+
 def test_a_state_file_saved_beside_another_fifo_is_not_restored(
     spawn: Spawn, short_dir: pathlib.Path, quiet
 ) -> None:
@@ -411,10 +441,9 @@ def test_a_timer_saved_without_a_start_time_is_not_restored_for_a_process_born_l
     os.utime(state, (an_hour_ago, an_hour_ago))
     d = spawn("--state-file", str(state), "--capture", "none").ready()
     assert d.status()["timers"] == []
-    refused = d.wait_for_record(where=lambda r: "not restored" in r["msg"])
-    assert refused["msg"].startswith(
-        f"saved timer not restored: pid {sleeper.pid} scope 'saved': identity_mismatch"
-    )
+    gone = d.wait_for_record(where=lambda r: "not restored" in r["msg"])
+    assert gone["msg"].startswith(f"saved timers not restored: pid {sleeper.pid} exited")
+    assert d.status()["stats"]["requests"]["restore"] == {"exited": 1}
     assert d.stop() == 0
     # Saved while the sleeper lived: its own timer, restored.
     write_state(state, journal=0, timers=(saved,))
@@ -446,9 +475,9 @@ def test_a_kept_line_without_a_start_time_binds_only_a_process_born_before_the_s
         for path in (state, segment):
             os.utime(path, (an_hour_ago, an_hour_ago))
     d = spawn("--state-file", str(state), "--capture", "none").ready()
-    if born == "after the snapshot":
-        assert d.wait_for_record(where=lambda r: "identity_mismatch" in r["msg"])
+    if born == "after the snapshot":  # the line's writer ended, and the pid is the sleeper's
         assert d.status()["timers"] == []
+        assert d.status()["stats"]["requests"]["arm"] == {"exited": 1}
     else:
         assert d.armed_scopes() == ["kept"]
     assert d.stop() == 0

@@ -151,9 +151,9 @@ def reaped(**overrides: object) -> Reaped:
             "refused arm: pid 1 scope 's': reserved_pid",
         ),
         (
-            Rejected(RejectReason.NO_SUCH_PROCESS, "restore", 42, "s"),
-            logging.INFO,
-            "saved timer not restored: pid 42 scope 's': no_such_process",
+            Rejected(RejectReason.UID_NOT_ALLOWED, "restore", 42, "s"),
+            logging.WARNING,
+            "saved timer not restored: pid 42 scope 's': uid_not_allowed",
         ),
         (
             DecodeFailed("MalformedMessage", "JSON is malformed", b"junk"),
@@ -225,6 +225,11 @@ def test_restored_timers_are_info() -> None:
     level, fmt, args = describe(Armed(T), restoring=True, now=100.0)
     assert level == logging.INFO
     assert fmt % args == "restored timer: pid 42 scope 'step', SIGKILL in 10.000 s, rank=3"
+    level, fmt, args = describe(WorkerGone(42, 1234, (T, T)), restoring=True)
+    assert level == logging.INFO
+    assert fmt % args == (
+        "saved timers not restored: pid 42 exited while no server ran, 2 timer(s) dropped, rank=3"
+    )
 
 
 def test_json_fields_are_flat() -> None:

@@ -379,7 +379,7 @@ def test_an_arm_for_a_process_that_exited_before_it_was_read_is_not_refused(
     os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # a zombie: the pid still its
     timer = Timer(child.pid, "saved", time.monotonic() + 30, 9, proc_start_time(child.pid))
     server = FileTimerServer(fifo_path, on_event=events)
-    server.restore([timer])  # a saved timer is dropped as before, with its reason
+    server.restore([timer])  # its saved timer is dropped: the worker ended
     with server:
         arm = Arm(pid=child.pid, scope_id="exec:true", deadline=time.monotonic() + 30, signal=9)
         send(fifo_path, arm, Expire(pid=child.pid, scope_id="x", signal=9))
@@ -387,9 +387,11 @@ def test_an_arm_for_a_process_that_exited_before_it_was_read_is_not_refused(
         stats = server.stats()
     assert stats.requests["arm"] == {"exited": 1}
     assert stats.requests["expire"] == {"exited": 1}
-    assert stats.rejections == {"no_such_process": 1}
-    [refused] = events.of(Rejected)
-    assert (refused.request, refused.scope_id) == ("restore", "saved")
+    assert stats.requests["restore"] == {"exited": 1}
+    assert stats.rejections == {}
+    assert events.of(Rejected) == []
+    [gone] = events.of(WorkerGone)
+    assert gone.timers == (timer,)  # type: ignore[attr-defined]
     assert server.armed() == []
 
 

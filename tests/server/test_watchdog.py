@@ -876,18 +876,55 @@ def test_sync_returns_its_token(rig: Rig) -> None:
     assert rig.wd.apply([arm()], 0.0, WALL) == []
 
 
-def test_restore_rebinds_and_drops_timers_of_other_processes(rig: Rig) -> None:
+def test_restore_rebinds_and_drops_timers_of_workers_gone_since(rig: Rig) -> None:
+    # Timers of workers that ended while no server ran were refused: a routine restart
+    # counted a refusal for each, enough to fire FtimerRefusalsClimbing.
     rig.host.spawn(1001, start_time=200)
+    rig.host.spawn(1003, start_time=400, uid=0)
     saved = [
         Timer(1000, "a", 10.0, 9, start_time=100, labels={"rank": "0"}),
         Timer(1001, "b", 10.0, 9, start_time=199),  # pid reused since it was saved
         Timer(1002, "c", 10.0, 9, start_time=300),  # process gone
+        Timer(1002, "d", 10.0, 9, start_time=300),
+        Timer(1003, "e", 10.0, 9, start_time=400),  # refused by the policy
     ]
+    rig.wd.policy = Policy(allowed_uids=frozenset({1000}))
     rig.wd.restore(saved)
     assert rig.wd.armed() == [saved[0]]
+    assert [(e.pid, e.timers) for e in rig.events.of(WorkerGone)] == [  # type: ignore[attr-defined]
+        (1001, (saved[1],)),
+        (1002, (saved[2], saved[3])),
+    ]
     assert [(e.pid, e.reason, e.request) for e in rig.events.of(Rejected)] == [  # type: ignore[attr-defined]
-        (1001, RejectReason.IDENTITY_MISMATCH, "restore"),
-        (1002, RejectReason.NO_SUCH_PROCESS, "restore"),
+        (1003, RejectReason.UID_NOT_ALLOWED, "restore"),
+    ]
+    stats = rig.wd.stats()
+    assert stats.requests["restore"] == {"ok": 1, "exited": 3, "rejected": 1}
+    assert stats.rejections == {"uid_not_allowed": 1}
+
+
+def test_a_replayed_line_of_a_worker_gone_since_is_not_a_refusal(rig: Rig) -> None:
+    # A journal's lines of workers that ended while no server ran were refused
+    # (no_such_process) with a warning each, at every restart after a kill -9.
+    rig.host.spawn(1001, start_time=200)
+    lines = [
+        arm(pid=1002, start_time=300),  # process gone
+        Disarm(pid=1002, scope_id="s", start_time=300),
+        arm(pid=1001, start_time=199),  # pid reused since
+        TimerRequestV1(pid=1003, scope_id="s", expiration_time=WALL + 10, signal=9),
+    ]
+    with rig.wd.catching_up(None):
+        rig.apply(*lines)
+    assert rig.events.of(Rejected) == []
+    assert rig.wd.stats().requests == {
+        "arm": {"exited": 3},
+        "disarm": {"unknown": 1},
+    }
+    rig.apply(*lines)  # read live, the same lines are refused
+    assert [e.reason for e in rig.events.of(Rejected)] == [  # type: ignore[attr-defined]
+        RejectReason.NO_SUCH_PROCESS,
+        RejectReason.IDENTITY_MISMATCH,
+        RejectReason.NO_SUCH_PROCESS,
     ]
 
 

@@ -172,7 +172,9 @@ class Escalated(Event, frozen=True, tag="escalated"):
 
 class WorkerGone(Event, frozen=True, tag="worker_gone"):
     """A bound worker exited; ``timers`` are those it still held, dropped unsignalled;
-    ``incident``: the incident it exited during the capture of (it is not signalled)."""
+    ``incident``: the incident it exited during the capture of (it is not signalled).
+    Also given by ``restore()`` for the saved timers of a worker that exited while no
+    server ran."""
 
     pid: int
     start_time: Optional[int]

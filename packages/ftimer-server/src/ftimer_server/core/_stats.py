@@ -37,7 +37,8 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
             (not those whose worker had exited: ``Reaped.gone``).
         expired: timers that expired (with or without a signal).
         escalations: workers that outlived the grace period and got SIGKILL.
-        workers_gone: bound workers seen to exit.
+        workers_gone: bound workers seen to exit (and workers of saved timers found gone
+            by ``restore()``).
         armed: timers armed now.
         workers: processes bound now.
         received: what was received, by transport ("fifo", "socket"): messages, refused

@@ -9,6 +9,7 @@ with a fake clock and a fake host.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import (
     Callable,
@@ -16,6 +17,7 @@ from typing import (
     Dict,
     FrozenSet,
     Iterable,
+    Iterator,
     List,
     Optional,
     Sequence,
@@ -89,6 +91,11 @@ _LASTING = frozenset(
 #: Requests that disarm: about a process that has exited, they are of no timer (its
 #: timers went with it).
 _DISARMS = frozenset(("disarm", "disarm_all"))
+
+#: What a saved timer or a journal's line meets when its worker exited while no server
+#: ran: its pid is free, or another process's (a start time that differs, or born after
+#: the save). Nothing was asked amiss: not a refusal.
+_GONE_SINCE = frozenset((RejectReason.NO_SUCH_PROCESS, RejectReason.IDENTITY_MISMATCH))
 
 #: Why an arm on its clocks is refused for a worker bound for timers not on them.
 _BOUND_ON_OTHER_CLOCKS = (
@@ -175,10 +182,13 @@ class Watchdog:
         #: it read): a writer may be waiting for room with a disarm.
         self.horizon = Horizon()
         self.timer_events = timer_events
-        #: While set (a replay of a journal written by then, in clock ticks since boot),
-        #: a process that started later cannot have written a line naming it without a
-        #: start time (torch's): it holds a reused pid, and is refused.
+        #: While set (a restore, or a replay of a journal, written by then, in clock ticks
+        #: since boot), a process that started later cannot have written a line naming
+        #: it without a start time (torch's): it holds a reused pid, and is refused.
         self.written_by: Optional[int] = None
+        #: A restore or a replay is being applied: requests were read by a server before,
+        #: and a worker found gone exited since (see ``catching_up()``).
+        self._catching_up = False
 
     # -- input -------------------------------------------------------------------------
 
@@ -244,12 +254,29 @@ class Watchdog:
         else:
             self._emit(DecodeFailed(type(m).__name__, m.reason, m.excerpt, m.lines))
 
+    @contextlib.contextmanager
+    def catching_up(self, written_by: Optional[int]) -> Iterator[None]:
+        """Apply, within it, what an earlier server read (its journal's lines; ``restore()``
+        takes it itself): a request whose worker is gone now (its pid free or another
+        process's) counts ``exited``, not a refusal: the worker ended while no server ran.
+
+        Args:
+            written_by: when it was written, in clock ticks since boot (``written_by``).
+        """
+        self.written_by, self._catching_up = written_by, True
+        try:
+            yield
+        finally:
+            self.written_by, self._catching_up = None, False
+
     def restore(self, timers: Iterable[Timer], written_by: Optional[int] = None) -> None:
         """Arm saved timers again (a restarted daemon's state), checking each process.
 
-        A timer whose pid is now another process (another start time), no process, or
-        one the policy refuses, is dropped with a ``Rejected`` event (request
-        ``"restore"``); the others are armed with an ``Armed`` event.
+        The timers of a process that is gone now (no process holds its pid, or another
+        one: another start time) are dropped with a ``WorkerGone`` event and counted
+        ``("restore", "exited")``; a timer the policy refuses is dropped with a
+        ``Rejected`` event (request ``"restore"``); the others are armed with an
+        ``Armed`` event.
 
         Args:
             timers: the saved timers.
@@ -260,10 +287,15 @@ class Watchdog:
         by_pid: Dict[int, List[Timer]] = {}
         for timer in timers:
             by_pid.setdefault(timer.pid, []).append(timer)
-        self.written_by = written_by
-        try:
+        with self.catching_up(written_by):
             for pid, group in by_pid.items():
                 start_time = next((t.start_time for t in group if t.start_time is not None), None)
+                if pid not in self._workers:
+                    bound = self._bind(pid, start_time, its_clocks=False)
+                    if not isinstance(bound, Worker) and self._ended(bound):
+                        self.counters.requests["restore", "exited"] += len(group)
+                        self._emit(WorkerGone(pid, start_time, tuple(group)))
+                        continue
                 for t in group:
                     self._arm(
                         "restore",
@@ -276,8 +308,6 @@ class Watchdog:
                         t.dump,
                         its_clocks=False,  # saved on the server's clocks
                     )
-        finally:
-            self.written_by = None
 
     def worker_gone(self, worker: Worker) -> None:
         """The I/O loop saw ``worker`` exit (its pidfd became readable): drop its timers."""
@@ -468,7 +498,7 @@ class Watchdog:
         ):
             bound = self._bind(pid, start_time, its_clocks)
             if not isinstance(bound, Worker):
-                if bound.exited and request != "restore":
+                if self._ended(bound):
                     self._moot(request)
                 else:
                     self._reject(bound.reason, request, pid, scope_id, labels, bound.detail)
@@ -490,6 +520,11 @@ class Watchdog:
         self.counters.requests[request, "ok"] += 1
         if self.timer_events:
             self._emit_to(Armed(timer, previous is not None))
+
+    def _ended(self, unresolved: Unresolved) -> bool:
+        """Whether the process a request was about has ended: seen exited, or, for what
+        an earlier server read, its pid found free or another process's."""
+        return unresolved.exited or (self._catching_up and unresolved.reason in _GONE_SINCE)
 
     def _moot(self, request: str) -> None:
         """Count a request about a process that exited before it was read: its timers went

@@ -23,7 +23,6 @@ from ftimer_server.core._events import (
     Expired,
     Reaped,
     Rejected,
-    RejectReason,
     WorkerGone,
 )
 from ftimer_server.core._report import some_pids
@@ -36,10 +35,6 @@ Line = Tuple[int, str, Tuple[Any, ...]]
 def signal_label(num: int) -> str:
     """``9`` -> ``"SIGKILL"``, ``0`` -> ``"report-only"``; an unnamed number stays a number."""
     return "report-only" if num == 0 else signal_name(num)
-
-
-# Refusals of a saved timer whose worker died while the daemon was down are expected.
-_ROUTINE_RESTORE = (RejectReason.NO_SUCH_PROCESS, RejectReason.IDENTITY_MISMATCH)
 
 
 def describe(
@@ -137,15 +132,21 @@ def describe(
         )
     if isinstance(event, WorkerGone):
         n = len(event.timers)
+        if restoring:
+            return (
+                logging.INFO,
+                "saved timers not restored: pid %d exited while no server ran, "
+                "%d timer(s) dropped%s",
+                (event.pid, n, labels),
+            )
         level = logging.INFO if n else logging.DEBUG
         return level, "worker exited: pid %d, %d timer(s) dropped%s", (event.pid, n, labels)
     if isinstance(event, Rejected):
         detail = f" ({event.detail})" if event.detail else ""
         reason = _literal(event.reason.value)
         if event.request == "restore":
-            level = logging.INFO if event.reason in _ROUTINE_RESTORE else logging.WARNING
             return (
-                level,
+                logging.WARNING,
                 f"saved timer not restored: pid %d scope %r: {reason}%s%s",
                 (event.pid, _shown(event.scope_id), detail, labels),
             )

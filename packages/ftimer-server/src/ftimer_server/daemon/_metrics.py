@@ -159,7 +159,11 @@ class _StatsCollector:
             ),
             ("ftimer_expired_timers", "Timers that expired.", s.expired),
             ("ftimer_escalations", "Workers that outlived the grace period.", s.escalations),
-            ("ftimer_workers_gone", "Bound workers seen to exit.", s.workers_gone),
+            (
+                "ftimer_workers_gone",
+                "Bound workers seen to exit (and, at a start, saved ones that exited meanwhile).",
+                s.workers_gone,
+            ),
             (
                 "ftimer_socket_pid_overridden",
                 "Messages over the socket applied to the sender (or its pidfd's process), "

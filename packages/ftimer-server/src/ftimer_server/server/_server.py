@@ -538,18 +538,20 @@ class FileTimerServer:
     def restore(self, timers: Iterable[Timer], written_by: Optional[float] = None) -> None:
         """Arm saved timers (``armed()`` of a previous server), checking each process.
 
-        Deadlines are monotonic seconds of this boot. A timer whose process is gone or
-        is now another process (start time) is dropped with a ``Rejected`` event
-        (request ``"restore"``); one the FIFO would drop as malformed (a NaN deadline,
-        say) is dropped and counted as the FIFO's are (a ``DecodeFailed`` event). For
-        ``restore_grace`` seconds nothing expires. Call it before ``start()`` or while
-        running.
+        Deadlines are monotonic seconds of this boot. The timers of a process that is
+        gone, or is now another process (start time), are dropped with a
+        ``WorkerGone`` event (it exited while no server ran: counted as requests
+        ``restore``/``exited``, not refused); a timer the policy refuses, with a
+        ``Rejected`` event (request ``"restore"``); one the FIFO would drop as malformed
+        (a NaN deadline, say) is dropped and counted as the FIFO's are (a
+        ``DecodeFailed`` event). For ``restore_grace`` seconds nothing expires. Call it
+        before ``start()`` or while running.
 
         Args:
             timers: the saved timers.
             written_by: when they were saved (``time.time()``): a process that started
                 later holds a reused pid, and a timer naming that pid without a start
-                time is refused for it (as ``replay()`` refuses a line).
+                time is not its (as in ``replay()``).
 
         Raises:
             RuntimeError: the server was stopped.
@@ -587,7 +589,10 @@ class FileTimerServer:
             chunks: the bytes, in the order they were read (lines may span chunks).
             written_by: when the bytes were last written (``time.time()``): a process
                 that started later holds a reused pid, and a line naming that pid
-                without a start time (torch's) is refused for it.
+                without a start time (torch's) is not its. A line about a process that
+                is gone now (its pid free, or another process's) counts as requests
+                with result ``exited`` (``unknown`` for a disarm), not as a refusal: its
+                worker ended while no server ran.
 
         Returns:
             The number of bytes replayed.
@@ -600,13 +605,10 @@ class FileTimerServer:
             if self._state is not Lifecycle.NEW:
                 raise RuntimeError("replay() comes before start()")
             watchdog = self._watchdog
-            watchdog.written_by = None if written_by is None else ticks_since_boot(written_by)
-            try:
+            with watchdog.catching_up(None if written_by is None else ticks_since_boot(written_by)):
                 for chunk in chunks:
                     watchdog.apply(reader.feed(chunk), time.monotonic(), time.time())
                     size += len(chunk)
-            finally:
-                watchdog.written_by = None
             if size:
                 self._watchdog.hold(time.monotonic() + self._restore_grace)
         self._flush()

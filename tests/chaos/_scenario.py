@@ -36,7 +36,7 @@ from _fleet import Fleet
 from _procs import DeathWatch, thread_ids
 from _report import Flood, Interval, Tally, failures, render, rows
 
-from ftimer_server.core._horizon import SETTLE
+from ftimer_server.core._horizon import BLOCKED_WRITE, SETTLE
 
 __all__ = ["FULL", "QUICK", "Chaos", "Plan"]
 
@@ -270,9 +270,10 @@ class Chaos:
         during()
         time.sleep(max(0.0, stopped + STOP_SECONDS - time.monotonic()))  # the fault's length
         resumed = self.daemon.resume()
-        # The backlog the stop left is read before anything expires: part of the fault.
+        # The backlog the stop left is read before anything expires: part of the fault;
+        # and, found full, a blocked write's time more for the writers that gave up.
         caught_up = self.daemon.wait_healthy(30.0)
-        self.tally.excused.append(Interval("SIGSTOP", stopped, caught_up))
+        self.tally.excused.append(Interval("SIGSTOP", stopped, caught_up + BLOCKED_WRITE))
         self.tally.stops.append(resumed - stopped)
 
     def full_pipe(self, during: Callable[[], None]) -> None:

@@ -18,6 +18,7 @@ from ftimer_client import (
     ServerStalled,
     ServerUnavailable,
     ServerUnavailableWarning,
+    _resync,
     expires,
 )
 from ftimer_protocol import Arm
@@ -129,3 +130,26 @@ def test_a_write_timeout_under_a_microsecond_fails_at_once(speer: SocketPeer) ->
     with pytest.raises(ServerStalled):
         client.arm("a", 60)
     assert time.monotonic() - start < 0.5
+
+
+@pytest.mark.parametrize("transport", ["socket", "fifo"])
+def test_what_a_stalled_server_is_owed_goes_as_soon_as_it_reads_again(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    # The retry slept out its backoff (up to a second) after the server came back, but a
+    # server back from a stop judges the arms it read a moment later: a healthy worker
+    # whose disarm was still owed was reaped.
+    monkeypatch.setattr(_resync, "RETRY_FIRST", 60.0)  # a backoff no test waits out
+    monkeypatch.setattr(_resync, "RETRY_MAX", 60.0)
+    peer = request.getfixturevalue("speer" if transport == "socket" else "peer")
+    client = FileTimerClient(peer.path, on_unavailable="ignore", write_timeout=0.05, labels={})
+    client.arm("warm", 60)  # connected
+    peer.wait_for(lambda m: (ME, "warm") in server_state(m))
+    peer.pause()
+    peer.fill()
+    client.arm("s", 60)  # no room: owed
+    client.release("s")  # owed too, as its disarm
+    client.release("warm")
+    peer.resume()
+    messages = peer.wait_for(lambda m: scopes(m) == set(), timeout=10.0)
+    assert scopes(messages) == set()

@@ -7,6 +7,7 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -269,6 +270,67 @@ def test_a_disarm_that_died_unread_with_the_daemon_is_sent_again_by_an_idle_work
             assert b.stop() == 0
         finally:
             idle.kill()
+
+
+# One block whose disarm finds no room in the socket's queue, and is given up (warned).
+GIVES_UP = """
+import sys, warnings
+from ftimer_client import FileTimerClient
+client = FileTimerClient(sys.argv[1], on_unavailable="warn", write_timeout=0.2)
+client.arm("warm", 60)
+client.release("warm")
+print("ready", flush=True)
+assert sys.stdin.readline() == "go\\n"
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    client.arm("step", 0.3)
+    client.release("step")
+print("disarm given up" if caught else "disarm delivered", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_disarm_given_up_while_the_daemon_was_stopped_gets_no_healthy_worker_reaped(
+    spawn: Spawn,
+) -> None:
+    # The daemon stopped (SIGSTOP: a freeze, swapping) while a healthy worker's arm took
+    # the queue's last place: its disarm found no room, and was given up. Back 1.5 s
+    # later, the daemon read the arm, overdue by more than a blocked write's time, and
+    # reaped the worker at once; the disarm its client re-sent came after.
+    d = spawn("--capture", "none").ready()
+    sock = d.status()["socket"]
+    places = int(pathlib.Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+    with (
+        subprocess.Popen(
+            [PYTHON, "-c", GIVES_UP, sock], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        ) as healthy,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as junk,
+    ):
+        try:
+            assert healthy.stdin is not None
+            assert healthy.stdout is not None
+            assert healthy.stdout.readline() == "ready\n"
+            d.proc.send_signal(signal.SIGSTOP)
+            wait_until(lambda: _state(d.proc.pid) == "T", what="the daemon stopped")
+            junk.connect(sock)
+            for _ in range(places):  # the queue holds one more: the arm's
+                junk.send(b"junk\n", socket.MSG_DONTWAIT)
+            healthy.stdin.write("go\n")
+            healthy.stdin.flush()
+            assert healthy.stdout.readline() == "disarm given up\n"
+            time.sleep(1.5)  # the stop's length: the arm is read 1.2 s overdue
+            d.proc.send_signal(signal.SIGCONT)
+            wait_until(lambda: d.status()["armed"] == 0, what="the disarm re-sent and read")
+            assert d.status()["stats"]["reaps"] == {}
+            assert healthy.poll() is None
+        finally:
+            healthy.kill()
+    assert d.stop() == 0
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (``/proc/PID/stat``'s third field)."""
+    return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def test_at_info_level_arms_are_not_logged_but_still_saved(

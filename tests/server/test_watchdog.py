@@ -40,7 +40,7 @@ from ftimer_server import (
     Worker,
     WorkerGone,
 )
-from ftimer_server.core._horizon import SETTLE
+from ftimer_server.core._horizon import BLOCKED_WRITE, SETTLE
 from ftimer_server.core._host import Delivery
 from ftimer_server.core._policy import clocks_apart
 from ftimer_server.core._reader import LineReader
@@ -361,6 +361,49 @@ def test_a_queue_kept_full_holds_judgement_back_a_blocked_write_at_most() -> Non
     rig.wd.horizon.read(6.0, True, 6.05)
     rig.wd.tick(6.05, 6.0)
     assert rig.signaller.sent == [(1000, 9)]
+
+
+def test_back_from_an_absence_to_a_full_queue_judgement_waits_for_the_writers_that_gave_up() -> (
+    None
+):
+    # The server stopped for 3 s (SIGSTOP) while a healthy worker's arm filled the queue's
+    # last place: its disarm found no room and was given up. The arm, read on the
+    # return, was 2 s overdue and judged at once; the disarm its client re-sent a moment
+    # later came too late, and the healthy worker was reaped.
+    rig = Rig()
+    rig.host.spawn(1000, start_time=100, parent=SERVER)
+    rig.wd.horizon.read(1.0, False, 1.0)  # the last read before the absence
+    rig.apply(arm(scope="healthy", deadline=2.0), arm(scope="stuck", deadline=2.1))
+    rig.wd.horizon.read(4.0, True, 4.01)  # back at 4.0: the queue is full
+    rig.wd.tick(4.01, 4.0)
+    rig.wd.horizon.read(4.02, False, 4.02)  # room, and the woken writers' turn is over
+    rig.wd.tick(4.02, 4.02)
+    assert rig.signaller.sent == []
+    assert rig.wd.next_wakeup() == pytest.approx(4.01 + BLOCKED_WRITE)
+    rig.apply(Disarm(pid=1000, scope_id="healthy"))  # re-sent by its client
+    rig.wd.horizon.read(4.5, False, 4.5)
+    rig.wd.tick(4.5, 4.5)
+    assert rig.signaller.sent == []
+    rig.wd.horizon.read(5.02, False, 5.02)  # a blocked write's time after the return
+    rig.wd.tick(5.02, 5.02)
+    assert [e.timer.scope_id for e in rig.events.of(Expired)] == ["stuck"]  # type: ignore[attr-defined]
+    assert rig.signaller.sent == [(1000, 9)]
+
+
+def test_a_loop_away_at_every_turn_still_reaps_a_blocked_write_behind_its_turns() -> None:
+    # Each return to a full queue holds judgement where it was when the loop left: a
+    # loop that is away at every turn must not hold it for good.
+    rig = Rig()
+    rig.host.spawn(1000, start_time=100, parent=SERVER)
+    rig.apply(arm(deadline=5.0))
+    reaped_at = None
+    for at in (4.0, 5.5, 7.0, 8.5, 10.0):
+        rig.wd.horizon.read(at, True, at + 0.01)
+        rig.wd.tick(at + 0.01, at)
+        if rig.signaller.sent and reaped_at is None:
+            reaped_at = at
+    # At 8.5, judged up to where the last turn left (7.01) less a blocked write's time.
+    assert reaped_at == 8.5
 
 
 def test_report_only_timers_are_reported_not_signalled(rig: Rig) -> None:

@@ -562,6 +562,7 @@ class Channel:
         """
         me = threading.current_thread()
         full: Optional[Writer] = None  # the writer that found no room: waited on unlocked
+        early = False  # a stalled server made room before the retry was due
         while True:
             room = True
             if full is not None:
@@ -582,7 +583,12 @@ class Channel:
                     self._retry = None
                     self._let_go()  # the last client may have closed meanwhile
                     return
-                if wait <= 0:
+                # A stalled server (there, but not reading: stopped, say) is sent what it
+                # is owed as soon as it makes room, not at the backoff's end: back from
+                # its absence, it judges the arms it held soon after (core._horizon).
+                parked = self._writer if state.stalled and self.keep_open else None
+                if wait <= 0 or early:
+                    early = False
                     try:
                         step = self._retry_step()
                     except ServerUnavailable:
@@ -592,12 +598,15 @@ class Channel:
                         self._retry = None
                         self._let_go()
                         return
-                    if step is False:
-                        wait = RETRY_PAUSE  # more to send: let a caller have the lock
+                    if step is False:  # more to send: let a caller have the lock
+                        wait, parked = RETRY_PAUSE, None
                     else:
                         full = step
                         continue
-            time.sleep(wait)
+            if parked is None:
+                time.sleep(wait)
+            else:
+                early = parked.wait_room(wait)
 
     def _retry_step(self) -> Union[bool, Writer]:
         """Send the next ``RETRY_CHUNK`` lines at most of what the resync owes, none of

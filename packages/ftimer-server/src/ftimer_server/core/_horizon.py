@@ -11,6 +11,14 @@ more has passed (the woken writers' turn), and the queues are found with room ag
 Never more than ``BLOCKED_WRITE`` behind, though: a queue kept full for good (a flood)
 must not stop every reap, and a writer of ftimer's client waits no longer than that for
 room (its ``write_timeout``, 1 s by default) before its failure policy applies.
+
+Except when the loop itself was away, reading nothing for longer than that (the server
+stopped, starved of CPU, or busy) and finds a queue full on its return: writers gave up
+waiting for room meanwhile through no fault of theirs, and a line queued before the
+absence (an arm) may be older than ``BLOCKED_WRITE`` while the disarm that followed it is
+still owed. ftimer's client re-sends what it owes as soon as it finds room, so
+judgement then stays where it was when the loop left, for ``BLOCKED_WRITE`` after the
+read that found the queue full.
 """
 
 from __future__ import annotations
@@ -37,20 +45,30 @@ class Horizon:
         self.trusted = -math.inf
         #: When the writers woken by the last read of a full queue have had their turn.
         self.settled_at = -math.inf
+        #: After the loop came back to a full queue: until when judgement stays at
+        #: ``_held_at`` (what it was when the loop left), for the writers that gave up.
+        self.held_until = -math.inf
+        self._held_at = -math.inf
         self._full = False  # at the last read
+        self._ended = -math.inf  # when the last read ended (none yet: away until the first)
 
     def read(self, at: float, full: bool, ended: float) -> None:
         """The loop noted the time ``at`` and read, until ``ended``, what the queues held
         then; one of them was ``full`` (writers may be waiting for room)."""
-        self._full = full
+        if full and at - self._ended > BLOCKED_WRITE:  # back from an absence
+            self._held_at = max(self.trusted, self._ended - BLOCKED_WRITE)
+            self.held_until = ended + BLOCKED_WRITE
+        self._full, self._ended = full, ended
         if full:
             self.settled_at = ended + SETTLE
-        elif at >= self.settled_at:
+        elif at >= self.settled_at and at >= self.held_until:
             self.trusted = at
 
     def judged(self, read_at: float) -> float:
         """The latest deadline that may be judged now that everything queued at
         ``read_at`` has been read."""
+        if read_at < self.held_until:
+            return self._held_at
         if not self._full and read_at >= self.settled_at:
             return read_at
         return max(self.trusted, read_at - BLOCKED_WRITE)
@@ -60,4 +78,5 @@ class Horizon:
         if deadline is None or deadline <= self.trusted:
             return deadline
         # Once the queues have settled, or once the deadline lags BLOCKED_WRITE behind.
-        return max(deadline, min(self.settled_at, deadline + BLOCKED_WRITE))
+        at = max(deadline, min(self.settled_at, deadline + BLOCKED_WRITE))
+        return at if deadline <= self._held_at else max(at, self.held_until)

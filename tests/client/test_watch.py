@@ -20,7 +20,7 @@ from tests.conftest import wait_until
 from ftimer_client import FileTimerClient, ServerUnavailableWarning, _channel, _socket
 from ftimer_protocol import Disarm
 
-from .conftest import FifoPeer, SocketPeer
+from .conftest import FifoPeer, SocketPeer, server_state
 from .test_fork import in_child
 
 ME = os.getpid()
@@ -163,3 +163,50 @@ def test_a_writer_with_one_descriptor_left_connects_as_a_socket_does(speer: Sock
         timeout=60,
     )
     assert done.stdout == "sent\n", done.stderr
+
+
+@pytest.mark.parametrize("transport", ["fifo", "socket"])
+def test_a_connection_closed_under_the_client_is_left_alone_and_made_again(
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path, transport: str
+) -> None:
+    # Code that closed descriptors it did not own (os.closerange(3, ...), as daemonising
+    # code does), then opened a file that got the connection's number: every arm and
+    # disarm went into that file, the server heard nothing (a stuck worker escaped),
+    # and close() closed the file (over the socket, raising EBADF too).
+    peer = request.getfixturevalue("peer" if transport == "fifo" else "speer")
+    client = FileTimerClient(peer.path, transport=transport, labels={})
+    client.arm("first", 60)
+    peer.wait_for(lambda m: (ME, "first") in server_state(m))
+    writer = client._channel._writer
+    fd = writer._fd if transport == "fifo" else writer._sock.fileno()  # type: ignore[union-attr]
+    with open(tmp_path / "theirs", "w+b") as theirs:
+        os.dup2(theirs.fileno(), fd)  # the number names their file now
+    try:
+        wait_until(lambda: client._channel._writer is not writer, what="the connection found lost")
+        client.arm("second", 60)
+        messages = peer.wait_for(lambda m: (ME, "second") in server_state(m))
+        assert {s for p, s in server_state(messages) if p == ME} == {"first", "second"}
+        client.close()
+        os.write(fd, b"theirs\n")  # still open: not the client's to close
+        assert (tmp_path / "theirs").read_bytes() == b"theirs\n"
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("transport", ["fifo", "socket"])
+def test_close_leaves_a_descriptor_closed_under_it_to_its_new_owner(
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path, transport: str
+) -> None:
+    peer = request.getfixturevalue("peer" if transport == "fifo" else "speer")
+    client = FileTimerClient(peer.path, transport=transport, labels={})
+    client.arm("s", 60)
+    writer = client._channel._writer
+    fd = writer._fd if transport == "fifo" else writer._sock.fileno()  # type: ignore[union-attr]
+    with open(tmp_path / "theirs", "w+b") as theirs:
+        os.dup2(theirs.fileno(), fd)
+    try:
+        client.close()  # before the watch looked
+        os.write(fd, b"theirs\n")
+        assert (tmp_path / "theirs").read_bytes() == b"theirs\n"
+    finally:
+        os.close(fd)

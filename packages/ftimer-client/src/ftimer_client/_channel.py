@@ -398,6 +398,8 @@ class Channel:
             if writer is None:
                 writer = self._connect()
             try:
+                if not writer.owned():  # closed under it: lost, its number not ours
+                    raise ConnectionLost
                 self._write_all(writer, backlog + lines, end)
                 return
             except ConnectionLost:
@@ -656,6 +658,8 @@ class Channel:
         """
         state = self.state
         sent = 0
+        if not writer.owned():  # as in _send
+            raise ConnectionLost
         try:
             while sent < RETRY_CHUNK:
                 owed = state.next_owed()

@@ -29,7 +29,7 @@ from typing import Callable
 from ._errors import ServerStalled, ServerUnavailable
 from ._paths import hidden_system_dir
 from ._signals import getsignal, sigmask
-from ._writer import ConnectionLost, is_fifo, is_socket, poll_ms, poll_room
+from ._writer import ConnectionLost, is_fifo, is_socket, owns, poll_ms, poll_room
 
 __all__ = ["FifoWriter"]
 
@@ -153,23 +153,30 @@ class FifoWriter:
         not the writer still lives when the server reads it."""
         return True
 
+    def owned(self) -> bool:
+        """Whether the descriptor is still the FIFO's (see ``Writer``)."""
+        return owns(self._fd, self._inode)
+
     def lost(self) -> bool:
-        """Whether the FIFO has no reader any more (it polls in error), or the path
-        names another one (see ``Writer``)."""
+        """Whether the FIFO has no reader any more (it polls in error), the path names
+        another one, or the descriptor is no longer the FIFO's (see ``Writer``)."""
+        if not self.owned():
+            return True
         poller = select.poll()
         poller.register(self._fd, select.POLLOUT)
         return any(event & select.POLLERR for _, event in poller.poll(0)) or self._replaced()
 
     def close(self) -> None:
-        """Close the descriptor (idempotent)."""
+        """Close the descriptor (idempotent), unless it is not the FIFO's any more: code
+        that did not own it closed it, and the number may be another file's now."""
         self.hot_fd = -1
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
+        fd, self._fd = self._fd, -1
+        if owns(fd, self._inode):
             os.close(fd)
 
     def __del__(self) -> None:
         if getattr(self, "_fd", -1) >= 0:
-            os.close(self._fd)
+            self.close()
 
 
 _SIGPIPE = frozenset((signal.SIGPIPE,))

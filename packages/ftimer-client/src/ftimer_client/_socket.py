@@ -32,7 +32,7 @@ from ftimer_protocol import Sync, encode
 from ._errors import ServerStalled, ServerUnavailable
 from ._paths import hidden_system_dir
 from ._signals import BLOCKABLE, sigmask
-from ._writer import ConnectionLost, is_socket, poll_ms, poll_room
+from ._writer import ConnectionLost, identity, is_socket, owns, poll_ms, poll_room
 
 __all__ = ["SocketWriter", "open_pidfd"]
 
@@ -86,6 +86,7 @@ class SocketWriter:
             self._unpin()
             raise
         self._sock = sock
+        self._identity = identity(sock.fileno())
         # write() on a connected datagram socket sends one datagram, as send() does, at
         # the cost of os.write: the hot path is the FIFO's. Not with a pidfd to attach.
         self.hot_fd = sock.fileno() if pidfd < 0 else -1
@@ -199,9 +200,14 @@ class SocketWriter:
             os.close(read_end)
 
     def lost(self) -> bool:
-        """Whether no server reads the socket this writer sends to any more, or the path
-        names another socket (see ``Writer``): a probe connects, and sends nothing."""
-        return not self._bound()
+        """Whether no server reads the socket this writer sends to any more, the path
+        names another socket, or the descriptor is no longer this writer's socket (see
+        ``Writer``): a probe connects, and sends nothing."""
+        return not self.owned() or not self._bound()
+
+    def owned(self) -> bool:
+        """Whether the descriptor is still this writer's socket (see ``Writer``)."""
+        return owns(self._sock.fileno(), self._identity)
 
     def _bound(self) -> bool:
         """Whether a server still reads the socket this writer sends to: yes, too, where
@@ -257,23 +263,26 @@ class SocketWriter:
             return True
 
     def _unpin(self) -> None:
-        if self._file >= 0:
-            fd, self._file = self._file, -1
+        fd, self._file = self._file, -1
+        if fd >= 0 and owns(fd, self._inode):  # else closed under it: not its own now
             os.close(fd)
 
     def close(self) -> None:
-        """Close the socket (idempotent); a pidfd given to it is not its to close."""
+        """Close the socket (idempotent), unless its descriptor was closed under it (the
+        number may be another file's now); a pidfd given to it is not its to close."""
         self.hot_fd = -1
-        self._sock.close()
+        sock = self._sock
+        if sock.fileno() >= 0 and not self.owned():
+            sock.detach()
+        sock.close()
         self._unpin()
 
     def __del__(self) -> None:
         # A client dropped without close() lets go of its connection quietly, as the
         # FIFO writer does (no ResourceWarning from the socket).
-        sock = getattr(self, "_sock", None)
-        if sock is not None:
-            sock.close()
-        if getattr(self, "_file", -1) >= 0:
+        if getattr(self, "_sock", None) is not None:
+            self.close()
+        elif getattr(self, "_file", -1) >= 0:
             self._unpin()
 
 

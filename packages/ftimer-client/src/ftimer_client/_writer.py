@@ -13,9 +13,18 @@ import math
 import os
 import select
 import stat
-from typing import Protocol
+from typing import Protocol, Tuple
 
-__all__ = ["ConnectionLost", "Writer", "is_fifo", "is_socket", "poll_ms", "poll_room"]
+__all__ = [
+    "ConnectionLost",
+    "Writer",
+    "identity",
+    "is_fifo",
+    "is_socket",
+    "owns",
+    "poll_ms",
+    "poll_room",
+]
 
 
 class ConnectionLost(Exception):
@@ -52,13 +61,40 @@ class Writer(Protocol):
         writer delivered; return whether it has (True at once where that does not
         matter: a FIFO's line names its subject by pid)."""
 
+    def owned(self) -> bool:
+        """Whether the connection's descriptor is still the writer's: not once code that
+        did not own it closed it (``os.closerange()``), and its number may name another
+        file since. One ``fstat()``: the hot path does not ask."""
+
     def lost(self) -> bool:
         """Whether the server's end is gone (its reader exited, or the path names
-        another FIFO or socket now): the next write would say so. Sends nothing, so it
+        another FIFO or socket now), or the descriptor is not the writer's any more
+        (``owned``): the next write would say so, or go astray. Sends nothing, so it
         takes no room from the lines of a server that is only slow."""
 
     def close(self) -> None:
-        """Let go of the connection (idempotent)."""
+        """Let go of the connection (idempotent), closing only the descriptors that are
+        still its own."""
+
+
+def identity(fd: int) -> Tuple[int, int]:
+    """The (device, inode) ``fd`` names, to tell later whether it still does (``owns``).
+
+    Raises:
+        OSError: as fstat().
+    """
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def owns(fd: int, what: Tuple[int, int]) -> bool:
+    """Whether descriptor ``fd`` still names ``what`` (its ``identity`` when opened):
+    not once code that does not own it closed it, or made the number name another file
+    (``os.closerange()``, then an ``open()`` that got the number)."""
+    try:
+        return fd >= 0 and identity(fd) == what
+    except OSError:
+        return False
 
 
 def is_socket(path: str) -> bool:

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Callable
 
@@ -260,6 +261,35 @@ def test_status_says_when_the_state_cannot_be_saved(
     assert d.status()["state_failing"] is None
     release(worker)
     assert d.stop() == 0
+
+
+def test_status_and_metrics_say_when_the_journal_takes_the_state_file_away(
+    spawn: Callable[..., DaemonProcess], small_disk: pathlib.Path, quiet
+) -> None:
+    # A journal write failed (disk full) and the daemon removed its state file; the save
+    # that followed succeeded (the removal made room) and the next failure removed it
+    # again: status said nothing, the saves' error count stayed 0, and the alert could
+    # not fire, while a kill -9 would have lost every timer.
+    pytest.importorskip("prometheus_client")
+    state = small_disk / "state.json"
+    # Saves 3 s apart at most often: none comes between the failure and the looks.
+    args = ["--state-file", str(state), "--state-interval", "3"]
+    d = spawn(*args, "--metrics-address", "127.0.0.1:0").ready()
+    url = d.wait_for_record(where=lambda r: r["msg"].startswith("metrics on"))["msg"].split()[-1]
+    worker = quiet(d.fifo, 30.0)
+    wait_until(lambda: saved_scopes(state) == ["step"], what="the arm saved")
+    filler = fill(small_disk)
+    release(worker)
+    d.wait_for_record(where=lambda r: r["msg"].startswith(f"journal: removed {state}"))
+    doc = d.status()
+    why = "its journal cannot be written (No space left on device): the file is removed"
+    assert doc["state_failing"] == why
+    assert f", STATE NOT SAVED to {state}: {why}\n" in format_status(doc)
+    with urllib.request.urlopen(url, timeout=PATIENCE) as r:
+        assert 'ftimer_state_saves_total{result="error"} 1.0' in r.read().decode()
+    filler.unlink()
+    assert d.stop() == 0  # its final save, with room
+    assert saved_scopes(state) == []
 
 
 @pytest.fixture

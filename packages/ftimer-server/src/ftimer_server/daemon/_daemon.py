@@ -139,6 +139,7 @@ class Daemon:
         self._stored_as: Optional[str] = None
         self._control: Optional[ControlServer] = None
         self._saver: Optional[StateSaver] = None
+        self._journal: Optional[Journal] = None
         self._metrics: Optional[Metrics] = None
         self._metrics_address: Optional[Tuple[str, int]] = None  # bound
         self._lock_fd: Optional[int] = None
@@ -440,6 +441,7 @@ class Daemon:
         except (ControlSocketBusy, OSError) as e:
             raise StartupError(f"control socket {c.control_socket}: {e}") from None
         self._control = control
+        self._journal = journal
         if c.state_file is not None:
             self._saver = StateSaver(
                 c.state_file,
@@ -669,13 +671,20 @@ class Daemon:
         return time.time() if self._server is None else self._server.get_last_progress_time()
 
     def _state_saves(self) -> tuple[int, int]:
-        saver = self._saver
-        return (0, 0) if saver is None else (saver.saves, saver.errors)
+        """(Saves, failures): a failed write of the journal counts, as it takes the
+        state file away until a save succeeds with the journal whole again."""
+        saver, journal = self._saver, self._journal
+        if saver is None:
+            return (0, 0)
+        return saver.saves, saver.errors + (0 if journal is None else journal.errors)
 
     def _status(self, timers: bool) -> Dict[str, Any]:
         # The control socket's threads: ``timers`` for ``status``, not for ``health``.
         assert self._server is not None
-        failing = None if self._saver is None else self._saver.failing
+        saver, journal = self._saver, self._journal
+        failing = None if saver is None else saver.failing
+        if failing is None and saver is not None and journal is not None and journal.failing:
+            failing = f"its journal cannot be written ({journal.failing}): the file is removed"
         return status_document(
             self._server, self.config, self._lost, self._started, timers, state_failing=failing
         )

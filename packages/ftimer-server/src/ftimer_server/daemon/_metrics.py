@@ -100,7 +100,11 @@ class _StatsCollector:
         )
         for name, doc, outcomes in (
             ("ftimer_incident_writes", "Incidents written, by result.", self._incident_writes),
-            ("ftimer_state_saves", "State file writes, by result.", self._state_saves),
+            (
+                "ftimer_state_saves",
+                "State file writes, by result (a failed journal write is an error).",
+                self._state_saves,
+            ),
         ):
             if outcomes is not None:
                 family = core.CounterMetricFamily(name, doc, labels=["result"])

@@ -103,6 +103,10 @@ class Journal:
         self._fd, self._seq = self._create((found[-1] if found else 0) + 1)
         self._size = 0
         self._failed = False
+        #: Failed writes since start, and why the last one failed, until a snapshot is
+        #: saved with its segments whole again (None then).
+        self.errors = 0
+        self.failing: Optional[str] = None
         self._splice = _SPLICE
         #: Segments that could not be deleted (a directory at the name, say): said once.
         self._undeletable: Set[int] = set()
@@ -208,6 +212,7 @@ class Journal:
         if self._failed:
             self.invalidate()
         else:
+            self.failing = None  # the snapshot and its segments are whole again
             self.discard_before(seq)
 
     def discard_before(self, seq: int) -> None:
@@ -271,6 +276,8 @@ class Journal:
 
     def _fail(self, e: OSError) -> None:
         self._failed = True
+        self.errors += 1
+        self.failing = e.strerror or str(e)
         logger.error(
             "journal %s.%d: %s; from now on, what was read since the last save is lost if "
             "the server is killed",

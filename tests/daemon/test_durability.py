@@ -292,6 +292,22 @@ def test_status_and_metrics_say_when_the_journal_takes_the_state_file_away(
     assert saved_scopes(state) == []
 
 
+def test_a_final_save_that_fails_with_no_state_file_left_says_nothing_is_restored(
+    spawn: Callable[..., DaemonProcess], small_disk: pathlib.Path
+) -> None:
+    # It said the next start would restore what the file held before, when the journal
+    # had removed it (or no save ever succeeded).
+    state = small_disk / "state.json"
+    fill(small_disk)
+    d = spawn("--state-file", str(state)).ready()
+    assert d.stop() == 0
+    [failed] = [r["msg"] for r in d.records() if r["msg"].startswith("the final save failed")]
+    assert failed == (
+        f"the final save failed, and {state} is gone: the next start restores no timers "
+        "(clients re-send theirs)"
+    )
+
+
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[str]]:
     """A process of the test's own for the journal's timers to name (report-only ones:

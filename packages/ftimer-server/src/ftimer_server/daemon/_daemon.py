@@ -544,10 +544,16 @@ class Daemon:
         if self._saver is not None:
             if self._saver.stop(final_save=True):
                 log.info("saved %d armed timer(s) to %s", len(self._armed()), self._saver.path)
-            else:
+            elif os.path.exists(self._saver.path):
                 log.error(
                     "the final save failed: the next start restores what %s held before, "
                     "with the journal after it",
+                    self._saver.path,
+                )
+            else:  # the journal removed it (it failed), or it was never written
+                log.error(
+                    "the final save failed, and %s is gone: the next start restores no "
+                    "timers (clients re-send theirs)",
                     self._saver.path,
                 )
             self._saver = None

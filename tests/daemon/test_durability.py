@@ -334,6 +334,33 @@ def write_state(path: pathlib.Path, journal: int, timers: tuple[Timer, ...] = ()
     path.write_bytes(encode_state(timers, read_boot_id(), time.monotonic(), journal))
 
 
+def test_a_restored_timer_overdue_since_before_the_start_is_not_a_late_reap(
+    spawn: Spawn, short_dir: pathlib.Path
+) -> None:
+    # Its lateness counted from its deadline, which fell while no daemon ran: an ordinary
+    # restart with an overdue timer put a reap past the histogram's 1 s bucket, and
+    # FtimerReapsLate blamed captures, the host or a stalled daemon.
+    pytest.importorskip("prometheus_client")
+    stuck = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
+    try:
+        born = SystemInspector().start_time(stuck.pid)
+        wait_until(lambda: (ticks_since_boot(time.time()) or 0) > (born or 0), what="a tick")
+        state = short_dir / "state.json"
+        overdue = Timer(stuck.pid, "step", time.monotonic() - 5, int(signal.SIGKILL), born)
+        write_state(state, journal=0, timers=(overdue,))
+        d = spawn("--state-file", str(state), "--metrics-address", "127.0.0.1:0").ready()
+        url = d.wait_for_record(where=lambda r: r["msg"].startswith("metrics on"))
+        assert stuck.wait(PATIENCE) == -signal.SIGKILL  # at the grace's end
+        reaped = d.wait_for_record(event="reaped", pid=stuck.pid)
+        assert reaped["late"] > 6.0  # said from its deadline
+        with urllib.request.urlopen(url["msg"].split()[-1], timeout=PATIENCE) as r:
+            body = r.read().decode()
+        assert 'ftimer_reap_latency_seconds_bucket{le="1.0"} 1.0' in body
+        assert d.stop() == 0
+    finally:
+        kill_and_close(stuck)
+
+
 @pytest.mark.parametrize("kind", ["symlink", "directory", "FIFO", "missing"])
 def test_a_journal_that_misses_a_segment_sets_the_state_aside(
     spawn: Spawn, short_dir: pathlib.Path, sleeper: subprocess.Popen[str], kind: str

@@ -145,6 +145,8 @@ class Daemon:
         self._lock_fd: Optional[int] = None
         self._state_lock_fd: Optional[int] = None
         self._restoring = False
+        #: Until when the restore grace held the saved timers (monotonic; none: -inf).
+        self._held_until = -math.inf
         self._started = time.monotonic()
         #: The paths found no longer naming the FIFO or the socket (``_watch_paths``).
         self._lost: List[str] = []
@@ -365,6 +367,8 @@ class Daemon:
                     replay_from,
                     len(server.armed()),
                 )
+        if timers or (journal is not None and replay_from):  # held as the server holds them
+            self._held_until = time.monotonic() + self.config.restore_grace
         # Restored timers were logged; from now on, arms and disarms only at debug level.
         server.set_event_types(self._event_types())
         return server
@@ -616,7 +620,7 @@ class Daemon:
     def _on_event(self, event: Event) -> None:
         if type(event) is Reaped and self._metrics is not None:
             assert isinstance(event, Reaped)
-            self._metrics.reaped(event.late)
+            self._metrics.reaped(self._own_lateness(event))
         level, msg, args = describe(event, self.config.dry_run, self._restoring)
         if not events_log.isEnabledFor(level):
             return
@@ -669,6 +673,15 @@ class Daemon:
         # A scrape never waits out a stalled loop (Prometheus would call the daemon
         # down, not stalled): the metrics serve the last snapshot instead.
         return self._server.stats(timeout=SCRAPE_WAIT)
+
+    def _own_lateness(self, reaped: Reaped) -> float:
+        """The part of a reap's lateness the daemon answers for: not the time before its
+        restore grace ended, for a saved timer whose deadline fell while no daemon ran
+        (or in the grace): the reap-latency histogram, and its alert, measure the daemon."""
+        deadline = next((t.deadline for t in reaped.timers if t.scope_id == reaped.scope_id), None)
+        if deadline is None or deadline >= self._held_until:
+            return reaped.late
+        return reaped.late - (self._held_until - deadline)
 
     def _incident_writes(self) -> tuple[int, int]:
         return (0, 0) if self._server is None else self._server.incident_writes

@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import ARMER, children_of, wait_until
 
 from ftimer_protocol import Arm, Disarm, encode, parse_start_time
+from ftimer_server.daemon._cli import format_status
 from ftimer_server.daemon._control import query_status
 from ftimer_server.daemon._state import decode_state
 
@@ -163,7 +164,9 @@ def test_a_fifo_directory_replaced_by_a_file_is_said_and_the_daemon_serves_on(
     sub.rename(short_dir / "away")
     sub.write_text("")  # a file where the FIFO's directory was
     d.wait_for_record(level="error", where=lambda r: r["msg"].startswith(f"{fifo} no longer"))
-    assert query_status(str(control))["lost_paths"] == [str(fifo)]
+    doc = query_status(str(control))
+    assert doc["lost_paths"] == [str(fifo)]
+    assert f", PATHS LOST: {fifo} no longer names its FIFO\n" in format_status(doc)
     assert d.proc.poll() is None
     assert d.stop() == 0
 

@@ -497,8 +497,10 @@ def _status(path: str, as_json: bool, health: bool, out: TextIO) -> int:
 
 def _lost(status: _Status) -> str:
     """What a status says of the FIFO's or socket's paths that no longer name them."""
-    what = "its FIFO or socket" if len(status.lost_paths) == 1 else "its FIFO and socket"
-    return " and ".join(status.lost_paths) + " no longer name " + what
+    if len(status.lost_paths) == 1:
+        [path] = status.lost_paths
+        return f"{path} no longer names its {'FIFO' if path == status.fifo else 'socket'}"
+    return " and ".join(status.lost_paths) + " no longer name its FIFO and socket"
 
 
 def _system_daemon_hint(path: str) -> str:

@@ -119,7 +119,9 @@ class _StatsCollector:
             return
         yield core.GaugeMetricFamily("ftimer_armed_timers", "Timers armed now.", value=s.armed)
         yield core.GaugeMetricFamily(
-            "ftimer_workers", "Worker processes with timers bound now.", value=s.workers
+            "ftimer_workers",
+            "Worker processes bound now (armed once, still running).",
+            value=s.workers,
         )
         requests = core.CounterMetricFamily(
             "ftimer_requests",

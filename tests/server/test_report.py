@@ -219,6 +219,26 @@ def test_render_says_how_many_outer_frames_a_capture_left_out() -> None:
     assert lines[at + 1] == '    File "/app/train.py", line 120, in <module>'  # then the rest
 
 
+def test_render_shows_the_summarized_thread_first_and_the_client_librarys_own_last() -> None:
+    # py-spy lists the client's watch thread first: a reader meant to learn why the
+    # worker hung met ftimer's own idle thread, "waiting on a lock", and its seven frames.
+    watch = ThreadStack(
+        tid=271,
+        name="ftimer-client-watch",
+        frames=[Frame("wait", f"{PY}/threading.py", 331), Frame("_watch", "/x/_channel.py", 9)],
+        state="S",
+        active=False,
+    )
+    other = ThreadStack(tid=272, name="loader", frames=LOADER[::-1], state="S")
+    capture = worker(100, 0, REDUCE, "stuck")
+    capture = msgspec.structs.replace(capture, threads=[watch, other, *capture.threads])
+    text = render(annotate(incident([capture])))
+    heads = [line for line in text.splitlines() if line.startswith("  thread ")]
+    assert [h.split()[1] for h in heads] == ["100", "272", "271"]
+    assert heads[-1] == '  thread 271 "ftimer-client-watch" [S; idle]: ftimer\'s client library'
+    assert "_channel.py" not in text  # its frames are in the record
+
+
 def test_render_of_a_worker_without_threads_shows_the_raw_output_and_the_error() -> None:
     failed = Capture(
         pid=100, method="hook", error="hook: no dump within the budget", raw="Fatal Python\n..."

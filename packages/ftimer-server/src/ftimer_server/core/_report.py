@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import msgspec
 
 from ._incident import Capture, Group, Incident, ProcessFacts, ThreadStack
-from ._stacks import abridged, call_tree, doing, doing_of, group, wait_channel
+from ._stacks import abridged, call_tree, doing, doing_of, focus, group, wait_channel
 
 __all__ = [
     "annotate",
@@ -244,8 +244,15 @@ def _worker_lines(capture: Capture) -> List[str]:
         lines.append(f"  error: {capture.error}")
     if capture.core:
         lines.append(f"  core: {capture.core}")
-    for thread in capture.threads:
+    # The thread the summary speaks of first; the client library's own threads (its
+    # connection's watch, its retries: they wait on the worker, never cause a hang) last,
+    # a line each (their frames are in the record, `--json`).
+    first = focus(capture)
+    own = [t for t in capture.threads if t.name.startswith(_CLIENT) and t is not first]
+    rest = [t for t in capture.threads if t is not first and t not in own]
+    for thread in ([first] if first is not None else []) + rest:
         lines += _thread_lines(thread)
+    lines += [_thread_head(t) + ": ftimer's client library" for t in own]
     if not capture.threads and capture.raw:
         lines += ["  raw output:", *(f"    {line}" for line in capture.raw.splitlines())]
     return lines
@@ -271,7 +278,11 @@ def _count(n: int, thing: str) -> str:
     return f"{n} {thing}" if n == 1 else f"{n} {thing}s"
 
 
-def _thread_lines(thread: ThreadStack) -> List[str]:
+#: The names of the client library's threads (``ftimer-client-watch``, ``-resync``).
+_CLIENT = "ftimer-client-"
+
+
+def _thread_head(thread: ThreadStack) -> str:
     flags = []
     if thread.state:
         flags.append(thread.state + (f" in {wait_channel(thread)}" if wait_channel(thread) else ""))
@@ -280,8 +291,12 @@ def _thread_lines(thread: ThreadStack) -> List[str]:
     if thread.gil:
         flags.append("holds the GIL")
     name = f' "{thread.name}"' if thread.name else ""
+    return f"  thread {thread.tid}{name}" + (f" [{'; '.join(flags)}]" if flags else "")
+
+
+def _thread_lines(thread: ThreadStack) -> List[str]:
     what = doing_of(thread)
-    head = f"  thread {thread.tid}{name}" + (f" [{'; '.join(flags)}]" if flags else "")
+    head = _thread_head(thread)
     lines = [head + (f": {what}" if what else "")]
     if thread.frames_cut:  # the outermost: a traceback's top
         lines.append(f"    ... {thread.frames_cut} outer frames not shown")

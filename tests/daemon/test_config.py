@@ -549,6 +549,12 @@ def run_cli(*args: str, cwd: pathlib.Path) -> subprocess.CompletedProcess[str]:
     [
         ("not UTF-8", "is not UTF-8 text: byte 13 is b'\\xff'"),
         ("nested", "is not valid TOML: arrays or tables nested too deeply"),
+        (
+            "a mode as in chmod",
+            "is not valid TOML: Expected newline or end of document after a statement (at "
+            'line 1, column 14) (TOML has no numbers with a leading zero: write a mode as "0620" '
+            "or 0o620)",
+        ),
         ("FIFO", "is a FIFO, not a regular file"),
         ("/dev/zero", "is a character device, not a regular file"),
     ],
@@ -561,6 +567,8 @@ def test_a_bad_config_file_at_start_is_one_line_and_exit_2(
         config.write_bytes(b'log-level = "\xff"\n')
     elif kind == "nested":
         config.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    elif kind == "a mode as in chmod":
+        config.write_text("fifo-mode = 0620\n")
     elif kind == "FIFO":
         os.mkfifo(config)  # open() would wait for a writer
     else:
@@ -616,6 +624,8 @@ def test_sighup_with_a_bad_config_file_is_logged_and_the_daemon_runs_on(
         config.write_bytes(b'log-level = "\xff"\n')
     elif kind == "nested":
         config.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    elif kind == "a mode as in chmod":
+        config.write_text("fifo-mode = 0620\n")
     else:
         os.mkfifo(config)  # open() would wait for a writer, on the thread that handles SIGTERM
     d.proc.send_signal(signal.SIGHUP)

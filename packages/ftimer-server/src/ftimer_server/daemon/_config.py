@@ -95,6 +95,8 @@ _GRACE = (0.001, 86400.0)
 _STATE_INTERVAL = (0.01, 60.0)
 _RESTORE_GRACE = (0.0, 3600.0)
 _CAPTURE_TIMEOUT = (0.05, 60.0)
+#: A value with a leading zero (``fifo-mode = 0620``): TOML refuses it, with no word of why.
+_LEADING_ZERO = re.compile(r"^\s*[\w-]+\s*=\s*[+-]?0[0-9]", re.MULTILINE)
 #: The most timers (in all, or of one process) or incidents a limit may allow: a signed
 #: 32-bit count, more timers than any host's memory holds; a larger limit is no limit.
 MAX_COUNT = 2**31 - 1
@@ -264,7 +266,10 @@ def load_config_file(path: str) -> FileSettings:
             f"config file {path} is not UTF-8 text: byte {e.start} is {data[e.start : e.end]!r}"
         ) from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        hint = ""
+        if _LEADING_ZERO.search(data.decode("utf-8")):  # a mode written as in chmod
+            hint = ' (TOML has no numbers with a leading zero: write a mode as "0620" or 0o620)'
+        raise ConfigError(f"config file {path} is not valid TOML: {e}{hint}") from None
     except RecursionError:
         raise ConfigError(
             f"config file {path} is not valid TOML: arrays or tables nested too deeply"

@@ -18,7 +18,8 @@ waiting for room meanwhile through no fault of theirs, and a line queued before 
 absence (an arm) may be older than ``BLOCKED_WRITE`` while the disarm that followed it is
 still owed. ftimer's client re-sends what it owes as soon as it finds room, so
 judgement then stays where it was when the loop left, for ``BLOCKED_WRITE`` after the
-read that found the queue full.
+read that found the queue full: behind by the absence and a second, at most two
+absences and a second when they follow one another (it moves on with every read).
 """
 
 from __future__ import annotations

@@ -309,6 +309,56 @@ def test_a_bad_argument_leaves_no_capture_helper_behind(fifo_path: pathlib.Path)
         assert my_children() <= before
 
 
+def test_timers_given_to_a_stopped_server_are_refused_not_kept_unenforced(
+    fifo_path: pathlib.Path, children
+) -> None:
+    # register_timers() after stop() was accepted: armed() listed a timer nothing would
+    # enforce, a pidfd leaked and an error was logged; clear_timers() did nothing.
+    child = children()
+    server = FileTimerServer(fifo_path, signaller=RecordingSignaller())
+    server.start()
+    server.stop()
+    request = FileTimerRequest(child.pid, "late", time.time() + 60, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="the server is stopped"):
+        server.register_timers([request])
+    with pytest.raises(RuntimeError, match="the server is stopped"):
+        server.clear_timers([child.pid])
+    assert server.armed() == []
+
+
+def test_in_a_forked_child_the_parents_server_is_left_alone(
+    fifo_path: pathlib.Path, children
+) -> None:
+    # The child's stop() (or a with block it left) waited 10 s for a loop that runs in
+    # the parent, then warned it was busy; its sync() wrote into the parent's FIFO and
+    # timed out; its register_timers() armed what nothing enforced.
+    child = children()
+    request = FileTimerRequest(child.pid, "s", time.time() + 60, signal.SIGKILL)
+    with FileTimerServer(fifo_path, signaller=RecordingSignaller()) as server:
+        pid = os.fork()
+        if pid == 0:  # the child: every outcome is its exit status, and it never returns
+            status = 0
+            try:
+                for call in (lambda: server.register_timers([request]), lambda: server.sync(5)):
+                    try:
+                        call()
+                        status |= 1
+                    except RuntimeError as e:
+                        status |= 0 if "made in process" in str(e) else 2
+                start = time.monotonic()
+                server.stop()
+                status |= 4 if time.monotonic() - start > 1 else 0
+            except BaseException:
+                status |= 8
+            finally:
+                os._exit(status)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert server.state is Lifecycle.RUNNING
+        server.register_timers([request])
+        server.sync()
+        assert [t.scope_id for t in server.armed()] == ["s"]
+
+
 def test_restore_before_start(fifo_path: pathlib.Path, events: Recorder, children) -> None:
     child, other = children(), children()
     saved = [

@@ -424,7 +424,12 @@ class FileTimerServer:
         the caller too. Past it, a warning names the callback and ``stop()`` returns with
         the server ``STOPPING``: the loop delivers the remaining events, closes the FIFO
         and releases its lock once the callback returns.
+
+        In a process forked from the one that made the server, it does nothing: the
+        server runs in that one (a ``with`` block the child leaves ends there too).
         """
+        if os.getpid() != self._pid:
+            return
         timeout = self.stop_timeout
         wait = -1.0 if timeout is None or timeout >= threading.TIMEOUT_MAX else max(0.0, timeout)
         end = time.monotonic() + wait
@@ -554,7 +559,7 @@ class FileTimerServer:
                 time is not its (as in ``replay()``).
 
         Raises:
-            RuntimeError: the server was stopped.
+            RuntimeError: the server was stopped, or was made in another process.
         """
         checked: List[Timer] = []
         malformed: List[MalformedMessage] = []
@@ -566,8 +571,7 @@ class FileTimerServer:
             except (msgspec.ValidationError, TypeError) as e:
                 malformed.append(MalformedMessage(f"restore: {e}", repr(timer).encode()[:64]))
         with self._lock:
-            if self._state in (Lifecycle.STOPPING, Lifecycle.STOPPED):
-                raise RuntimeError("the server is stopped; restore into a new one")
+            self._check_usable("restore into a new one")
             if malformed:
                 self._watchdog.apply(malformed, time.monotonic(), time.time())
             ticks = None if written_by is None else ticks_since_boot(written_by)
@@ -644,6 +648,7 @@ class FileTimerServer:
         """
         deadline = time.monotonic() + timeout
         with self._table(timeout):
+            self._check_own_process()
             if self._state is not Lifecycle.RUNNING or self._fifo is None:
                 raise RuntimeError("the server is not running")
             if self._loop is not None and threading.get_ident() == self._loop.ident:
@@ -685,6 +690,10 @@ class FileTimerServer:
         request the FIFO would drop as malformed (a ``scope_id`` that is not a string, a
         pid out of range) is dropped and counted as the FIFO's are (a ``DecodeFailed``
         event); the others are applied.
+
+        Raises:
+            RuntimeError: the server was stopped (nothing would enforce them), or was
+                made in another process.
         """
         messages: List[Union[TimerRequestV1, MalformedMessage]] = []
         for r in timer_requests:
@@ -699,14 +708,21 @@ class FileTimerServer:
             except MalformedMessage as e:
                 messages.append(MalformedMessage(f"register_timers: {e.reason}", e.excerpt))
         with self._lock:
+            self._check_usable("register them with a new one")
             self._watchdog.apply(messages, time.monotonic(), time.time())
         self._loop_or_flush()
 
     def clear_timers(self, worker_pids: Iterable[int]) -> None:
         """Drop every timer of ``worker_pids``, and those of processes that have exited
         (as torch's does), unsignalled. A running server drops the latter as soon as
-        they exit; one not started has no loop to see it."""
+        they exit; one not started has no loop to see it.
+
+        Raises:
+            RuntimeError: the server was stopped (``armed()`` still lists its timers, to
+                ``restore()`` into a new one), or was made in another process.
+        """
         with self._lock:
+            self._check_usable("its timers stay as armed() lists them")
             watchdog = self._watchdog
             watchdog.apply([DisarmAll(pid) for pid in set(worker_pids)], 0.0, 0.0)
             for worker in watchdog.workers():
@@ -810,18 +826,30 @@ class FileTimerServer:
             raise
         return loop
 
-    def _open_locked(self) -> Loop:
-        """``_open()``'s work, under the lock.
+    def _check_usable(self, instead: str) -> None:
+        """Raise ``RuntimeError`` unless timers can be changed here (lock held): not in a
+        process forked from the server's, not once it is stopped (``instead``: what to
+        do then)."""
+        self._check_own_process()
+        if self._state in (Lifecycle.STOPPING, Lifecycle.STOPPED):
+            raise RuntimeError(f"the server is stopped; {instead}")
 
-        Raises:
-            As ``start()``.
-        """
+    def _check_own_process(self) -> None:
+        """Raise ``RuntimeError`` in a process forked from the one that made the server."""
         if os.getpid() != self._pid:
             raise RuntimeError(
                 f"this server was made in process {self._pid}, not in this one: a "
                 "forked process makes its own (a server never signals its own process "
                 "or its ancestors, which it learns when it is made)"
             )
+
+    def _open_locked(self) -> Loop:
+        """``_open()``'s work, under the lock.
+
+        Raises:
+            As ``start()``.
+        """
+        self._check_own_process()
         problem = proc_problem()
         if problem is not None:
             raise RuntimeError(f"cannot serve: {problem}")

@@ -405,6 +405,19 @@ def test_a_parent_that_adopted_the_command_is_never_armed(peer: FifoPeer) -> Non
     assert peer.messages == []  # nothing sent
 
 
+def test_a_command_in_a_session_of_its_own_arms_its_live_parent(peer: FifoPeer) -> None:
+    # A worker's subprocess.run(["ftimer", "arm", ...], start_new_session=True): the
+    # parent, alive, was in another session than the command, which was taken for an
+    # adoption ("the shell that ran this command has exited"), status 2.
+    done = subprocess.run(
+        [*FTIMER, "arm", "--fifo", str(peer.path), "--scope", "s", "--after", "60"],
+        start_new_session=True, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (0, "")
+    [armed] = peer.wait_count(1)
+    assert (armed.pid, armed.scope_id) == (os.getpid(), "s")
+
+
 def test_disarming_a_process_that_has_exited_succeeds(peer: FifoPeer) -> None:
     # A script's `ftimer disarm --pid $W` after `wait $W` was a usage error (status 2):
     # under `set -e` the script died, its work done. Its timers went with it.
@@ -447,3 +460,34 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"ftimer {__version__}\n"
+
+
+@pytest.mark.parametrize(
+    "args", [["exec", "--after", "60", "--", "true"], ["arm", "--scope", "s", "--after", "60"]]
+)
+def test_a_message_nobody_can_read_keeps_the_exit_status(
+    tmp_path: pathlib.Path, args: list
+) -> None:
+    # With stderr a pipe whose reader was gone, printing the message raised
+    # BrokenPipeError, and the command exited 1 whatever it meant to say (here: no server).
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        fifo = ["--fifo", str(tmp_path / "no-server.fifo")]
+        command = [*FTIMER, args[0], *fifo, *args[1:]]
+        done = subprocess.run(command, stderr=write_end, timeout=30, check=False)
+    finally:
+        os.close(write_end)
+    assert done.returncode == EXIT_UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    "command", [["arm", "--after", "60"], ["exec", "--after", "60", "--", "true"]]
+)
+def test_a_scope_too_long_is_named(peer: FifoPeer, command: list) -> None:
+    # It said "framed message is 5135 bytes, over the 4096-byte PIPE_BUF limit": of what?
+    scope = ["--scope", "x" * 5000]
+    done = ftimer(command[0], "--fifo", str(peer.path), *scope, *command[1:])
+    assert done.returncode == EXIT_USAGE
+    assert done.stderr.startswith("ftimer: --scope and --label make the message too long: ")
+    assert peer.messages == []

@@ -30,7 +30,7 @@ import time
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, TextIO, Type, Union
 
-from ftimer_protocol import MAX_PID, MAX_TIME, parse_signal, socket_path_for
+from ftimer_protocol import MAX_PID, MAX_TIME, MessageTooLarge, parse_signal, socket_path_for
 
 from ._client import POLICIES, FileTimerClient
 from ._errors import ServerStalled, ServerUnavailable, ServerUnavailableWarning
@@ -258,6 +258,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Started with stderr closed: print(file=None) writes to stdout, which is CMD's
         # or the caller's output. Say nothing instead.
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    else:
+        sys.stderr = _Unbroken(sys.stderr)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -271,6 +273,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run(args)
         except KeyboardInterrupt:  # Ctrl-C while it waits (for room, or a receipt)
             return 128 + signal.SIGINT
+
+
+def _usage_error(e: ValueError) -> str:
+    """What to say of ``e``: a message too large for one write names what made it so."""
+    if isinstance(e, MessageTooLarge):
+        return f"--scope and --label make the message too long: {e}"
+    return str(e)
+
+
+class _Unbroken:
+    """stderr whose failed writes are dropped: a message nobody can read (a pipe whose
+    reader is gone, EPIPE) must not turn the exit status the command promises (CMD's,
+    127, 3) into Python's 1."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _show_warning(  # noqa: PLR0917 - warnings.showwarning's signature
@@ -342,7 +373,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ftimer: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except ValueError as e:
-        print(f"ftimer: {e}", file=sys.stderr)
+        print(f"ftimer: {_usage_error(e)}", file=sys.stderr)
         return EXIT_USAGE
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
@@ -352,9 +383,12 @@ def _run(args: argparse.Namespace) -> int:
 def _adopted(parent: int) -> bool:
     """Whether ``parent`` cannot be the shell that ran this command: the commands a shell
     runs share its session, so a parent in another session adopted this command after
-    that shell exited (an init or a subreaper, whose reap would hit what it serves)."""
+    that shell exited (an init or a subreaper, whose reap would hit what it serves).
+    Unless this command leads a session of its own (started with ``setsid()``, as
+    ``start_new_session=True`` does): its session then says nothing of its parent's."""
     try:
-        return os.getsid(parent) != os.getsid(0)
+        session = os.getsid(0)
+        return session != os.getpid() and os.getsid(parent) != session
     except OSError:  # gone too: the server will find no such process
         return False
 
@@ -449,8 +483,11 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         os.waitpid(pid, 0)
         if isinstance(e, KeyboardInterrupt):
             raise
-        print(f"ftimer: {e}", file=sys.stderr)
-        return EXIT_UNAVAILABLE if isinstance(e, ServerUnavailable) else EXIT_USAGE
+        if isinstance(e, ServerUnavailable):
+            print(f"ftimer: {e}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        print(f"ftimer: {_usage_error(e)}", file=sys.stderr)
+        return EXIT_USAGE
 
     def forward(signum: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -12,6 +12,7 @@ import time
 from typing import List
 
 import pytest
+from tests.conftest import wait_until
 
 from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, main
 from ftimer_client._proc import process_start_time
@@ -491,3 +492,38 @@ def test_a_scope_too_long_is_named(peer: FifoPeer, command: list) -> None:
     assert done.returncode == EXIT_USAGE
     assert done.stderr.startswith("ftimer: --scope and --label make the message too long: ")
     assert peer.messages == []
+
+
+def test_a_signal_once_the_command_is_done_does_not_end_exec_before_its_disarm(
+    peer: FifoPeer,
+) -> None:
+    # The forwarded signals went back to their defaults as soon as CMD exited: a SIGTERM
+    # while the disarm waited for room ended ftimer with 143, CMD's 0 lost.
+    with subprocess.Popen(
+        [*FTIMER, "exec", "--fifo", str(peer.path), "--write-timeout", "30", "--after", "60",
+         "--", "sh", "-c", 'echo $$; read line; exit 0'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    ) as wrapper:  # fmt: skip
+        assert wrapper.stdin is not None
+        assert wrapper.stdout is not None
+        cmd = int(wrapper.stdout.readline())
+        peer.wait_count(1)  # armed
+        peer.pause()
+        peer.fill()  # the disarm will wait for room
+        wrapper.stdin.close()  # CMD ends
+        wait_until(lambda: _state(cmd) == "Z", what="CMD exited, not yet reaped")
+        wait_until(lambda: _waits_in_poll(wrapper.pid), what="the disarm waiting for room")
+        wrapper.send_signal(signal.SIGTERM)
+        peer.resume()
+        assert wrapper.wait(30) == 0
+    assert server_state(peer.wait_count(2)) == {}
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _waits_in_poll(pid: int) -> bool:
+    with open(f"/proc/{pid}/wchan") as f:
+        return "poll" in f.read()

@@ -510,7 +510,10 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         # disarm is sent (a pidfd of CMD names it until it is reaped). The client keeps
         # CMD's timer with a server that restarts meanwhile (its channel's watch).
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-    _restore(previous, FORWARDED)
+    # CMD is done: a signal sent now has nothing to go to (its pid is another's once it
+    # is reaped), and must not end this command before the disarm, with another status.
+    for signum in FORWARDED:
+        signal.signal(signum, signal.SIG_IGN)
     if reap_first:
         _, status = os.waitpid(pid, 0)
     try:
@@ -523,7 +526,7 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"ftimer: could not disarm: {e}", file=sys.stderr)
     if not reap_first:
         _, status = os.waitpid(pid, 0)
-    _restore(previous, IGNORED)
+    _restore(previous, (*FORWARDED, *IGNORED))
     if failure:
         exit_code, _, message = failure.partition(" ")
         print(f"ftimer: {_shown(cmd[0])}: {message}", file=sys.stderr)

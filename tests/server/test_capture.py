@@ -573,6 +573,44 @@ def test_hook_fd_must_be_a_regular_file() -> None:
         assert worker.dump_text() == ""  # the signal was not sent either
 
 
+def test_a_hook_number_another_file_took_is_not_written_into(tmp_path: pathlib.Path) -> None:
+    # The worker closed the hook's descriptor and opened a file of its own, which took the
+    # number: the dump was appended to that file (the worker's data), and an incident
+    # told nothing; a number left closed was said to be on a file system not in mountinfo.
+    theirs = tmp_path / "theirs.log"
+    script = (
+        "import faulthandler, signal, sys, time\n"
+        "f = open(sys.argv[1], 'a')\n"
+        "faulthandler.register(signal.SIGUSR2, file=f)\n"
+        "print(f.fileno(), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(theirs)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        number = int(proc.stdout.readline())
+        for fd, said in ((number, "a file with a name"), (999, "is not open")):
+            c = capture(
+                proc.pid,
+                None,
+                None,
+                role="stuck",
+                labels=None,
+                hook=DumpHook(signal.SIGUSR2, fd),
+                options=CaptureOptions(),
+                deadline=time.monotonic() + 5,
+            )
+            assert c.error is not None
+            assert said in c.error
+        assert theirs.read_text() == ""  # nothing sent, nothing written
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
 def test_thread_id_is_refused() -> None:
     with stuck("deadlock", hook=True) as worker:
         tid = worker.tids["left"]

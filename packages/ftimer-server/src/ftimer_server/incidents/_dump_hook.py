@@ -324,6 +324,8 @@ def _open_dump_file(pid: int, number: int, uids: Set[int], *, read: bool) -> _Op
         OSError: the file could not be examined.
     """
     path = f"/proc/{pid}/fd/{number}"
+    if not os.path.lexists(path):  # a /proc link: no file system is asked
+        return f"dump hook: {path} is not open: the worker closed it; signal not sent"
     # Its file system first, from /proc alone: a file on a FUSE or NFS mount is never
     # touched, not even by the walk to it.
     kind = _file_system(f"/proc/{pid}/fdinfo/{number}", pid)
@@ -347,6 +349,14 @@ def _open_dump_file(pid: int, number: int, uids: Set[int], *, read: bool) -> _Op
             return f"dump hook: {path} is not a regular file: not read, signal not sent"
         if uids and st.st_uid not in uids:
             return f"dump hook: {path} belongs to uid {st.st_uid}, not to the worker: not read"
+        if st.st_nlink:
+            # The client's dump file has no name (unlinked once made): one with a name is
+            # another file put under the number (the worker closed the hook's, and an
+            # open() took it), which the dump would write into.
+            return (
+                f"dump hook: {path} is a file with a name, not the client's dump file (the "
+                "worker closed it, and another file took its number): signal not sent"
+            )
         if not read:
             return None, st
         # The very file checked: the one our path descriptor holds.

@@ -112,6 +112,10 @@ def main(argv: List[str]) -> None:
     elif kind == "busy":
         ready(hook_fd)
         spin()
+    elif kind == "sleep-beside-busy":  # a thread runs Python while the main one sleeps
+        threading.Thread(target=spin, name="spinner", daemon=True).start()
+        ready(hook_fd)
+        stuck_in_sleep()
     elif kind == "deadlock":
         a, b = threading.Lock(), threading.Lock()
         barrier = threading.Barrier(3)

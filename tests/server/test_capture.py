@@ -74,6 +74,9 @@ class Worker:
             start = _cpu_ticks(self.pid)
             wait_for(lambda: _cpu_ticks(self.pid) >= start + 2)
             return
+        if kind == "sleep-beside-busy":  # the spinner never sleeps
+            wait_for(lambda: _sleeps(_wchan(self.pid, self.pid)))
+            return
         # Every thread asleep, the main one in time.sleep or libc's sleep.
         wait_for(lambda: _all_asleep(self.pid) and _sleeps(_wchan(self.pid, self.pid)))
 
@@ -331,6 +334,17 @@ def test_busy_loop(method: str, request: pytest.FixtureRequest) -> None:
         if method == "py-spy":
             assert main.active is True
             assert main.gil is True
+
+
+def test_a_thread_running_beside_the_stuck_main_one_leaves_it_its_stack() -> None:
+    # The dump hook paired its stacks with thread ids only where every thread but the
+    # main one was asleep: one running thread (a loader's, a logger's) left the main
+    # thread without frames, and the summary said the hook gave none.
+    with stuck("sleep-beside-busy", hook=True) as worker:
+        c = run(worker, CaptureOptions(), hook=worker.hook)
+        assert c.method == "hook"
+        main = next(t for t in c.threads if t.tid == worker.pid)
+        assert main.frames[0].function == "stuck_in_sleep"
 
 
 def test_fifty_threads(method: str, request: pytest.FixtureRequest) -> None:

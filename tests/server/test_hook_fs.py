@@ -49,7 +49,8 @@ ATTR = struct.Struct("<QQQQQQIIIIIIIIII")
 def attr(ino):
     if ino == 1:
         return ATTR.pack(1, 0, 0, 0, 0, 0, 0, 0, 0, 0o40755, 2, 0, 0, 0, 4096, 0)
-    return ATTR.pack(2, 1 << 20, 2048, 0, 0, 0, 0, 0, 0, 0o100600, 1, 0, 0, 0, 4096, 0)
+    # No link: as the client's dump file, unlinked once made (the server uses no other).
+    return ATTR.pack(2, 1 << 20, 2048, 0, 0, 0, 0, 0, 0, 0o100600, 0, 0, 0, 0, 4096, 0)
 def reply(unique, payload=b"", error=0):
     os.write(fd, OUT.pack(OUT.size + len(payload), error, unique) + payload)
 def note(what, tid):

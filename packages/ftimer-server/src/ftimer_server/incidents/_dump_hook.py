@@ -31,7 +31,7 @@ import signal as _signal
 import stat
 import threading
 import time
-from typing import Callable, List, Optional, Set, Tuple, TypeVar, Union
+from typing import Callable, List, Optional, Sequence, Set, Tuple, TypeVar, Union
 
 from ftimer_protocol import DumpHook
 from ftimer_server.core._incident import ThreadStack
@@ -39,6 +39,7 @@ from ftimer_server.core._incident import ThreadStack
 from ._pinned import Process
 from ._procfs import ThreadFacts, bounded, read_status, signal_mask, thread_stack_mappings
 from ._stack_formats import (
+    FaulthandlerThread,
     MethodResult,
     faulthandler_cut_threads,
     match_thread_idents,
@@ -368,6 +369,20 @@ def _open_dump_file(pid: int, number: int, uids: Set[int], *, read: bool) -> _Op
         os.close(handle)  # a path's close flushes nothing
 
 
+def _main(
+    parsed: Sequence[FaulthandlerThread], threads: Sequence[ThreadFacts], pid: int, signum: int
+) -> Optional[str]:
+    """The main thread's ident, where the dump tells: the kernel gives a signal sent to a
+    process to its main thread unless that blocks it (or has another one pending), and
+    the thread that ran the handler is faulthandler's "Current thread". So a running
+    thread, whose stack cannot be paired, no longer leaves the main thread unpaired."""
+    main = next((t for t in threads if t.tid == pid), None)
+    current = [t.ident for t in parsed if t.current]
+    if main is None or not main.blocked or len(current) != 1 or signal_mask(main.blocked, signum):
+        return None  # (a mask not read: no telling)
+    return current[0]
+
+
 def run_hook(
     process: Process, hook_file: HookFile, threads: List[ThreadFacts], deadline: float
 ) -> MethodResult:
@@ -438,7 +453,9 @@ def _run_hook(
             raw=text, error=f"dump hook: the worker {why} after {name} by the deadline"
         )
     cut = faulthandler_cut_threads(text)
-    pairs = match_thread_idents([t.ident for t in parsed], threads, mapped or [], pid, not cut)
+    idents = [t.ident for t in parsed]
+    main = _main(parsed, threads, pid, hook_file.hook.signal)
+    pairs = match_thread_idents(idents, threads, mapped or [], pid, not cut, main_ident=main)
     # Only a thread that lived through the dump keeps its pair: glibc gives a new thread
     # the stack, and so the ident, of one that ended.
     try:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from typing import Any, Tuple
 
 import pytest
 from tests.conftest import wait_until
@@ -165,6 +166,23 @@ def test_a_writer_with_one_descriptor_left_connects_as_a_socket_does(speer: Sock
     assert done.stdout == "sent\n", done.stderr
 
 
+def taken_by_a_file(
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path, transport: str
+) -> Tuple[Any, FileTimerClient, object, int]:
+    """A client that armed "first" over ``transport``, whose connection's number a file
+    (``tmp_path / "theirs"``) then took, as code that closed descriptors it did not own
+    and opened one would: (the peer, the client, its writer then, the number)."""
+    peer = request.getfixturevalue("peer" if transport == "fifo" else "speer")
+    client = FileTimerClient(peer.path, transport=transport, labels={})
+    client.arm("first", 60)
+    peer.wait_for(lambda m: (ME, "first") in server_state(m))
+    writer = client._channel._writer
+    fd = writer._fd if transport == "fifo" else writer._sock.fileno()  # type: ignore[union-attr]
+    with open(tmp_path / "theirs", "w+b") as theirs:
+        os.dup2(theirs.fileno(), fd)
+    return peer, client, writer, fd
+
+
 @pytest.mark.parametrize("transport", ["fifo", "socket"])
 def test_a_connection_closed_under_the_client_is_left_alone_and_made_again(
     request: pytest.FixtureRequest, tmp_path: pathlib.Path, transport: str
@@ -173,14 +191,7 @@ def test_a_connection_closed_under_the_client_is_left_alone_and_made_again(
     # code does), then opened a file that got the connection's number: every arm and
     # disarm went into that file, the server heard nothing (a stuck worker escaped),
     # and close() closed the file (over the socket, raising EBADF too).
-    peer = request.getfixturevalue("peer" if transport == "fifo" else "speer")
-    client = FileTimerClient(peer.path, transport=transport, labels={})
-    client.arm("first", 60)
-    peer.wait_for(lambda m: (ME, "first") in server_state(m))
-    writer = client._channel._writer
-    fd = writer._fd if transport == "fifo" else writer._sock.fileno()  # type: ignore[union-attr]
-    with open(tmp_path / "theirs", "w+b") as theirs:
-        os.dup2(theirs.fileno(), fd)  # the number names their file now
+    peer, client, writer, fd = taken_by_a_file(request, tmp_path, transport)
     try:
         wait_until(lambda: client._channel._writer is not writer, what="the connection found lost")
         client.arm("second", 60)
@@ -197,13 +208,7 @@ def test_a_connection_closed_under_the_client_is_left_alone_and_made_again(
 def test_close_leaves_a_descriptor_closed_under_it_to_its_new_owner(
     request: pytest.FixtureRequest, tmp_path: pathlib.Path, transport: str
 ) -> None:
-    peer = request.getfixturevalue("peer" if transport == "fifo" else "speer")
-    client = FileTimerClient(peer.path, transport=transport, labels={})
-    client.arm("s", 60)
-    writer = client._channel._writer
-    fd = writer._fd if transport == "fifo" else writer._sock.fileno()  # type: ignore[union-attr]
-    with open(tmp_path / "theirs", "w+b") as theirs:
-        os.dup2(theirs.fileno(), fd)
+    _, client, _, fd = taken_by_a_file(request, tmp_path, transport)
     try:
         client.close()  # before the watch looked
         os.write(fd, b"theirs\n")

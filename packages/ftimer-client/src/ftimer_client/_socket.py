@@ -77,6 +77,7 @@ class SocketWriter:
             # the number of one unlinked (ext4), and the new one would pass for the old.
             self._file, self._inode = _pin(path)
             _connect(sock, path)
+            self._identity = identity(sock.fileno())  # to tell it is still ours (owned)
         except OSError as e:
             sock.close()
             self._unpin()
@@ -86,7 +87,6 @@ class SocketWriter:
             self._unpin()
             raise
         self._sock = sock
-        self._identity = identity(sock.fileno())
         # write() on a connected datagram socket sends one datagram, as send() does, at
         # the cost of os.write: the hot path is the FIFO's. Not with a pidfd to attach.
         self.hot_fd = sock.fileno() if pidfd < 0 else -1

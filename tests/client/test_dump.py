@@ -452,15 +452,18 @@ def test_a_forked_child_dumps_into_a_file_of_its_own(peer: FifoPeer) -> None:
         assert parent_file.st_ino != child_file.st_ino  # two files, not one shared
         assert catches(child.pid, SIGUSR2)
 
+        # A dump is written a few writes at a time: waited for until its frame is in.
         os.kill(child.pid, SIGUSR2)
-        dump = wait_until(lambda: dump_of(child.pid, child.dump.fd), what="the child's dump")
-        assert "in in_child" in dump
+        wait_until(
+            lambda: "in in_child" in dump_of(child.pid, child.dump.fd), what="the child's dump"
+        )
         assert dump_of(w.pid, parent.dump.fd) == ""  # nothing in the parent's file
 
         os.kill(w.pid, SIGUSR2)
-        dump = wait_until(lambda: dump_of(w.pid, parent.dump.fd), what="the parent's dump")
-        assert "in in_parent" in dump
-        assert "in_child" not in dump
+        wait_until(
+            lambda: "in in_parent" in dump_of(w.pid, parent.dump.fd), what="the parent's dump"
+        )
+        assert "in_child" not in dump_of(w.pid, parent.dump.fd)
         assert dump_of(child.pid, child.dump.fd).count("in in_child") == 1
         assert w.proc.stdin is not None
         w.proc.stdin.close()  # both read it: both exit

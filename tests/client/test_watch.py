@@ -4,6 +4,7 @@ FIFOs, sockets and forked children."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import os
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import threading
 import warnings
-from typing import Any, Tuple
+from typing import Any, Iterator, Tuple
 
 import pytest
 from tests.conftest import wait_until
@@ -166,12 +167,14 @@ def test_a_writer_with_one_descriptor_left_connects_as_a_socket_does(speer: Sock
     assert done.stdout == "sent\n", done.stderr
 
 
+@contextlib.contextmanager
 def taken_by_a_file(
     request: pytest.FixtureRequest, tmp_path: pathlib.Path, transport: str
-) -> Tuple[Any, FileTimerClient, object, int]:
+) -> Iterator[Tuple[Any, FileTimerClient, object]]:
     """A client that armed "first" over ``transport``, whose connection's number a file
     (``tmp_path / "theirs"``) then took, as code that closed descriptors it did not own
-    and opened one would: (the peer, the client, its writer then, the number)."""
+    and opened one would: (the peer, the client, its writer then). At the end, the
+    number is still that file's: the client never closed it."""
     peer = request.getfixturevalue("peer" if transport == "fifo" else "speer")
     client = FileTimerClient(peer.path, transport=transport, labels={})
     client.arm("first", 60)
@@ -180,7 +183,12 @@ def taken_by_a_file(
     fd = writer._fd if transport == "fifo" else writer._sock.fileno()  # type: ignore[union-attr]
     with open(tmp_path / "theirs", "w+b") as theirs:
         os.dup2(theirs.fileno(), fd)
-    return peer, client, writer, fd
+    try:
+        yield peer, client, writer
+        os.write(fd, b"theirs\n")  # still open: not the client's to close
+        assert (tmp_path / "theirs").read_bytes() == b"theirs\n"
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("transport", ["fifo", "socket"])
@@ -191,27 +199,17 @@ def test_a_connection_closed_under_the_client_is_left_alone_and_made_again(
     # code does), then opened a file that got the connection's number: every arm and
     # disarm went into that file, the server heard nothing (a stuck worker escaped),
     # and close() closed the file (over the socket, raising EBADF too).
-    peer, client, writer, fd = taken_by_a_file(request, tmp_path, transport)
-    try:
+    with taken_by_a_file(request, tmp_path, transport) as (peer, client, writer):
         wait_until(lambda: client._channel._writer is not writer, what="the connection found lost")
         client.arm("second", 60)
         messages = peer.wait_for(lambda m: (ME, "second") in server_state(m))
         assert {s for p, s in server_state(messages) if p == ME} == {"first", "second"}
         client.close()
-        os.write(fd, b"theirs\n")  # still open: not the client's to close
-        assert (tmp_path / "theirs").read_bytes() == b"theirs\n"
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("transport", ["fifo", "socket"])
 def test_close_leaves_a_descriptor_closed_under_it_to_its_new_owner(
     request: pytest.FixtureRequest, tmp_path: pathlib.Path, transport: str
 ) -> None:
-    _, client, _, fd = taken_by_a_file(request, tmp_path, transport)
-    try:
+    with taken_by_a_file(request, tmp_path, transport) as (_, client, _):
         client.close()  # before the watch looked
-        os.write(fd, b"theirs\n")
-        assert (tmp_path / "theirs").read_bytes() == b"theirs\n"
-    finally:
-        os.close(fd)

@@ -360,8 +360,7 @@ def _pin(path: str) -> Tuple[int, Tuple[int, int]]:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except (AttributeError, OSError):  # no O_PATH (macOS); no descriptor left (EMFILE)
         return -1, _inode(path)
-    st = os.fstat(fd)
-    return fd, (st.st_dev, st.st_ino)
+    return fd, identity(fd)
 
 
 def _what_is(path: str) -> str:

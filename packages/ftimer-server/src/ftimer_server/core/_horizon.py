@@ -48,7 +48,7 @@ class Horizon:
         self.settled_at = -math.inf
         #: After the loop came back to a full queue: until when judgement stays at
         #: ``_held_at`` (what it was when the loop left), for the writers that gave up.
-        self.held_until = -math.inf
+        self._held_until = -math.inf
         self._held_at = -math.inf
         self._full = False  # at the last read
         self._ended = -math.inf  # when the last read ended (none yet: away until the first)
@@ -58,17 +58,17 @@ class Horizon:
         then; one of them was ``full`` (writers may be waiting for room)."""
         if full and at - self._ended > BLOCKED_WRITE:  # back from an absence
             self._held_at = max(self.trusted, self._ended - BLOCKED_WRITE)
-            self.held_until = ended + BLOCKED_WRITE
+            self._held_until = ended + BLOCKED_WRITE
         self._full, self._ended = full, ended
         if full:
             self.settled_at = ended + SETTLE
-        elif at >= self.settled_at and at >= self.held_until:
+        elif at >= self.settled_at and at >= self._held_until:
             self.trusted = at
 
     def judged(self, read_at: float) -> float:
         """The latest deadline that may be judged now that everything queued at
         ``read_at`` has been read."""
-        if read_at < self.held_until:
+        if read_at < self._held_until:
             return self._held_at
         if not self._full and read_at >= self.settled_at:
             return read_at
@@ -80,4 +80,4 @@ class Horizon:
             return deadline
         # Once the queues have settled, or once the deadline lags BLOCKED_WRITE behind.
         at = max(deadline, min(self.settled_at, deadline + BLOCKED_WRITE))
-        return at if deadline <= self._held_at else max(at, self.held_until)
+        return at if deadline <= self._held_at else max(at, self._held_until)

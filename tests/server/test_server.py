@@ -613,6 +613,55 @@ def test_sync_needs_a_running_server_and_times_out(fifo_path: pathlib.Path) -> N
             child.wait()
 
 
+@pytest.mark.parametrize("timeout", [math.inf, 1e10])
+def test_queries_take_a_timeout_of_infinity_or_longer_than_a_lock_waits(
+    server: FileTimerServer, timeout: float
+) -> None:
+    # Each raised OverflowError (timestamp out of range) from the lock's or poll's wait.
+    assert server.armed(timeout=timeout) == []
+    assert server.stats(timeout=timeout).requests == {}
+    server.sync(timeout=timeout)
+
+
+def test_queries_refuse_a_nan_timeout_and_a_negative_one_does_not_wait(
+    server: FileTimerServer,
+) -> None:
+    for query in (server.armed, server.stats, server.sync):
+        with pytest.raises(ValueError, match="NaN"):
+            query(timeout=math.nan)
+    held, done = threading.Event(), threading.Event()
+
+    def hold_the_table() -> None:
+        with server._lock:  # as the loop holds it through a batch or a reap
+            held.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=hold_the_table, daemon=True)
+    holder.start()
+    try:
+        assert held.wait(10)
+        # -1 was the lock's "no limit": armed(timeout=-1) waited as long as it took.
+        for query in (server.armed, server.stats):
+            with pytest.raises(TimeoutError):
+                query(timeout=-1)
+    finally:
+        done.set()
+        holder.join()
+
+
+def test_run_once_stops_the_server_when_its_sync_times_out(fifo_path: pathlib.Path) -> None:
+    server = FileTimerServer(fifo_path)
+
+    def timed_out(timeout: float = 10.0) -> None:
+        raise TimeoutError("sync() did not complete within 10.0 s")
+
+    server.sync = timed_out  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError):
+        server.run_once()
+    assert server.state is Lifecycle.STOPPED  # was left RUNNING, its FIFO open
+    assert_lock_released(fifo_path)
+
+
 def test_torch_constructor_and_log_event(fifo_path: pathlib.Path, children) -> None:
     logged: List[tuple[str, Optional[FileTimerRequest]]] = []
     server = FileTimerServer(str(fifo_path), "run-1", 0.1, True, lambda n, r: logged.append((n, r)))

@@ -427,11 +427,13 @@ class FileTimerServer:
 
         In a process forked from the one that made the server, it does nothing: the
         server runs in that one (a ``with`` block the child leaves ends there too).
+
+        Raises:
+            ValueError: ``stop_timeout`` is NaN (nothing was stopped).
         """
         if os.getpid() != self._pid:
             return
-        timeout = self.stop_timeout
-        wait = -1.0 if timeout is None or timeout >= threading.TIMEOUT_MAX else max(0.0, timeout)
+        wait = _lock_wait(self.stop_timeout)
         end = time.monotonic() + wait
         # A signal handler's stop() that interrupted this thread in a call holding the
         # lock: the loop cannot end before that call returns, so it is not waited for.
@@ -503,10 +505,12 @@ class FileTimerServer:
 
         Args:
             timeout: seconds to wait for the loop to let go of the table (it holds it
-                while it applies a batch or reaps); ``None``: as long as it takes.
+                while it applies a batch or reaps); ``None`` or infinity: as long as it
+                takes.
 
         Raises:
             TimeoutError: the loop held it longer than ``timeout``.
+            ValueError: ``timeout`` is NaN.
         """
         with self._table(timeout):
             return self._watchdog.armed()
@@ -532,10 +536,12 @@ class FileTimerServer:
 
         Args:
             timeout: seconds to wait for the loop to let go of the table (it holds it
-                while it applies a batch or reaps); ``None``: as long as it takes.
+                while it applies a batch or reaps); ``None`` or infinity: as long as it
+                takes.
 
         Raises:
             TimeoutError: the loop held it longer than ``timeout``.
+            ValueError: ``timeout`` is NaN.
         """
         with self._table(timeout):
             return self._watchdog.stats()
@@ -640,13 +646,18 @@ class FileTimerServer:
         """Return once everything written to the FIFO before this call has been applied
         (and the timers it made due reaped).
 
+        Args:
+            timeout: seconds to wait at most (infinity: as long as it takes).
+
         Raises:
             TimeoutError: that took longer than ``timeout`` seconds.
+            ValueError: ``timeout`` is NaN.
             RuntimeError: the server is not running (or stopped meanwhile), or this is
                 the loop's own thread.
             OSError: no descriptor to write with (``EMFILE``).
         """
-        deadline = time.monotonic() + timeout
+        wait = _lock_wait(timeout)
+        deadline = None if wait < 0 else time.monotonic() + wait
         with self._table(timeout):
             self._check_own_process()
             if self._state is not Lifecycle.RUNNING or self._fifo is None:
@@ -662,7 +673,7 @@ class FileTimerServer:
                 write_all(fd, line, deadline)
             except BrokenPipeError:  # the server closed its end: it stopped meanwhile
                 raise RuntimeError("the server stopped before the sync completed") from None
-            if not done.wait(max(0.0, deadline - time.monotonic())):
+            if not done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"sync() did not complete within {timeout} s")
             if self._syncs.waiting(token):  # set by the stop, not reached
                 raise RuntimeError("the server stopped before the sync completed")
@@ -674,13 +685,21 @@ class FileTimerServer:
 
     def run_once(self) -> None:
         """torch's test and tool entry: apply everything written to the FIFO so far, run
-        one expiry pass, then stop (torch's ``run_once`` ends its watchdog too). Starts
-        the server first if it was not."""
+        one expiry pass, then stop (torch's ``run_once`` ends its watchdog too), whatever
+        happened. Starts the server first if it was not.
+
+        Raises:
+            FifoBusy, FifoError, RuntimeError: as ``start()``.
+            TimeoutError: what was written was not applied within ``sync()``'s 10 s (the
+                server is stopped all the same).
+        """
         if self._state is Lifecycle.NEW:
             self.start()
-        with contextlib.suppress(RuntimeError):  # stopped meanwhile: nothing left to do
-            self.sync()
-        self.stop()
+        try:
+            with contextlib.suppress(RuntimeError):  # stopped meanwhile: nothing left to do
+                self.sync()
+        finally:
+            self.stop()
 
     def register_timers(self, timer_requests: Iterable[FileTimerRequest]) -> None:
         """Apply torch's requests (ftimer's ``FileTimerRequest`` or torch's own) as if
@@ -1024,8 +1043,9 @@ class FileTimerServer:
 
         Raises:
             TimeoutError: the loop held it longer.
+            ValueError: ``timeout`` is NaN.
         """
-        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+        if not self._lock.acquire(timeout=_lock_wait(timeout)):
             raise TimeoutError(f"the server's loop has been busy for over {timeout:g} s")
         try:
             yield
@@ -1087,6 +1107,21 @@ class FileTimerServer:
     def _unwatch(self, worker: Worker) -> None:
         if self._loop is not None:
             self._loop.unwatch(worker)
+
+
+def _lock_wait(timeout: Optional[float]) -> float:
+    """``timeout`` seconds as ``Lock.acquire()`` takes them: -1 (no limit) for ``None`` or
+    more than it can wait (infinity), 0 for less than 0 (``acquire`` takes -1 for no
+    limit, and raises for other negative values and for more than it can wait).
+
+    Raises:
+        ValueError: ``timeout`` is NaN.
+    """
+    if timeout is None or timeout >= threading.TIMEOUT_MAX:
+        return -1.0
+    if math.isnan(timeout):
+        raise ValueError("timeout is NaN")
+    return max(0.0, timeout)
 
 
 def _warn_hooks(who: str, overridden: List[str], stacklevel: int) -> None:

@@ -7,15 +7,20 @@ send the next one ahead of a backlog and release its caller early.
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import threading
 import time
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 from ftimer_protocol import Sync, encode
 
 __all__ = ["Syncs", "write_all"]
+
+#: The most milliseconds ``poll()`` takes (a C int, about 24.8 days); a longer wait
+#: polls again.
+_MAX_POLL_MS = 2**31 - 1
 
 
 class Syncs:
@@ -70,8 +75,9 @@ class Syncs:
                 done.set()
 
 
-def write_all(fd: int, line: bytes, deadline: float) -> None:
-    """Write ``line`` (at most PIPE_BUF: atomic) to a non-blocking pipe by ``deadline``.
+def write_all(fd: int, line: bytes, deadline: Optional[float]) -> None:
+    """Write ``line`` (at most PIPE_BUF: atomic) to a non-blocking pipe by ``deadline``
+    (``time.monotonic()``; ``None``: however long it takes).
 
     Raises:
         TimeoutError: the pipe stayed full.
@@ -84,7 +90,10 @@ def write_all(fd: int, line: bytes, deadline: float) -> None:
             os.write(fd, line)
             return
         except BlockingIOError:
+            if deadline is None:
+                poller.poll()
+                continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("the FIFO stayed full") from None
-            poller.poll(remaining * 1000)
+            poller.poll(min(math.ceil(remaining * 1000), _MAX_POLL_MS))

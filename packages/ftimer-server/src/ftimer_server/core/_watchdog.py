@@ -19,6 +19,7 @@ from typing import (
     Iterable,
     Iterator,
     List,
+    NamedTuple,
     Optional,
     Sequence,
     Tuple,
@@ -117,6 +118,19 @@ def _ignore(_: object) -> None:
     pass
 
 
+class _Refusal(NamedTuple):
+    """A pid refused for a while (``REFUSAL_TTL``): its next requests are answered with
+    the same refusal, unread."""
+
+    why: RejectReason
+    detail: str
+    #: When it ends (the watchdog's clock).
+    until: float
+    #: The process refused, held so that its pid is not taken for another's meanwhile;
+    #: None for a thread, which no pidfd holds.
+    process: Optional[Worker]
+
+
 class Watchdog:
     """Armed timers, bound workers, reaps and counters, driven by the caller.
 
@@ -173,9 +187,8 @@ class Watchdog:
         self._signals = policy.signals(host.signals)
         self._emit_to = emit
         self._workers: Dict[int, Worker] = {}
-        #: pid -> (why, until when, the process refused: None for a thread, which no pidfd
-        #: holds); see ``REFUSAL_TTL``.
-        self._refused: Dict[int, Tuple[RejectReason, str, float, Optional[Worker]]] = {}
+        #: pid -> its refusal, in the order they end.
+        self._refused: Dict[int, _Refusal] = {}
         self._now = 0.0
         self._hold_until = 0.0
         #: Holds judgement back after a queue was found full (the I/O loop tells it what
@@ -186,7 +199,7 @@ class Watchdog:
         #: since boot), a process that started later cannot have written a line naming
         #: it without a start time (torch's): it holds a reused pid, and the line is not
         #: its (an identity mismatch, counted as the writer's exit while catching up).
-        self.written_by: Optional[int] = None
+        self.written_at_tick: Optional[int] = None
         #: A restore or a replay is being applied: requests were read by a server before,
         #: and a worker found gone exited since (see ``catching_up()``).
         self._catching_up = False
@@ -256,21 +269,22 @@ class Watchdog:
             self._emit(DecodeFailed(type(m).__name__, m.reason, m.excerpt, m.lines))
 
     @contextlib.contextmanager
-    def catching_up(self, written_by: Optional[int]) -> Iterator[None]:
+    def catching_up(self, written_at_tick: Optional[int]) -> Iterator[None]:
         """Apply, within it, what an earlier server read (its journal's lines; ``restore()``
         takes it itself): a request whose worker is gone now (its pid free or another
         process's) counts ``exited``, not a refusal: the worker ended while no server ran.
 
         Args:
-            written_by: when it was written, in clock ticks since boot (``written_by``).
+            written_at_tick: when it was written, in clock ticks since boot (``None``:
+                not known).
         """
-        self.written_by, self._catching_up = written_by, True
+        self.written_at_tick, self._catching_up = written_at_tick, True
         try:
             yield
         finally:
-            self.written_by, self._catching_up = None, False
+            self.written_at_tick, self._catching_up = None, False
 
-    def restore(self, timers: Iterable[Timer], written_by: Optional[int] = None) -> None:
+    def restore(self, timers: Iterable[Timer], written_at_tick: Optional[int] = None) -> None:
         """Arm saved timers again (a restarted daemon's state), checking each process.
 
         The timers of a process that is gone now (no process holds its pid, or another
@@ -281,14 +295,14 @@ class Watchdog:
 
         Args:
             timers: the saved timers.
-            written_by: when they were saved, in clock ticks since boot: a timer saved
+            written_at_tick: when they were saved, in clock ticks since boot: a timer saved
                 without a start time is refused for a process that started later (it
                 holds a reused pid), as a journal's line is in a replay.
         """
         by_pid: Dict[int, List[Timer]] = {}
         for timer in timers:
             by_pid.setdefault(timer.pid, []).append(timer)
-        with self.catching_up(written_by):
+        with self.catching_up(written_at_tick):
             for pid, group in by_pid.items():
                 start_time = next((t.start_time for t in group if t.start_time is not None), None)
                 if pid not in self._workers:
@@ -366,7 +380,7 @@ class Watchdog:
         # Captures whose budget ran out, and grace periods that ended: signal now.
         self._signalled(self._reaper.due(now), self._reaper.escalate(now))
         refused = self._refused  # in the order they end: let go of the pidfds of those past
-        while refused and next(iter(refused.values()))[2] <= now:
+        while refused and next(iter(refused.values())).until <= now:
             self._forget_refusal(next(iter(refused)))
 
     def finish(self, now: float) -> int:
@@ -580,7 +594,7 @@ class Watchdog:
                 return Unresolved(RejectReason.IDENTITY_MISMATCH)
             self._gone(old)
         refused = self._refused.get(pid)
-        if refused is not None and refused[0] is RejectReason.OTHER_CLOCK and not its_clocks:
+        if refused is not None and refused.why is RejectReason.OTHER_CLOCK and not its_clocks:
             self._forget_refusal(pid)  # refused for what this request does not carry
             refused = None
         if refused is not None:
@@ -603,7 +617,7 @@ class Watchdog:
         other_clocks = facts.clock_offsets != (0, 0)
         worker = Worker(pid, facts.start_time, facts.pidfd, other_clocks)
         reason = judge(facts, start_time, self.policy, self._server_pid, its_clocks)
-        later = self.written_by is not None and (facts.start_time or 0) > self.written_by
+        later = self.written_at_tick is not None and (facts.start_time or 0) > self.written_at_tick
         if reason is None and start_time is None and later:
             reason = RejectReason.IDENTITY_MISMATCH
         if reason is not None:
@@ -624,10 +638,10 @@ class Watchdog:
     ) -> None:
         if len(self._refused) >= MAX_REFUSALS:
             self._forget_refusal(next(iter(self._refused)))  # the oldest
-        self._refused[pid] = (why, detail, self._now + REFUSAL_TTL, process)
+        self._refused[pid] = _Refusal(why, detail, self._now + REFUSAL_TTL, process)
 
     def _forget_refusal(self, pid: int) -> None:
-        _, _, _, process = self._refused.pop(pid)
+        process = self._refused.pop(pid).process
         if process is not None:
             self._host.release(process)
 

@@ -298,7 +298,7 @@ class RepeatFilter(logging.Filter):
         # Insertion order is window start order: the first key is the oldest window.
         self._windows: Dict[_Kind, _Window] = {}
         self._summaries: List[logging.LogRecord] = []
-        #: Records held back since start (a counter for status and tests).
+        #: Records held back since start (each window's summary line says how many).
         self.suppressed_total = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -496,7 +496,6 @@ class LoggingSetup:
         self._said_lost = 0
         self._writer = threading.Thread(target=self._write, name="ftimer-log", daemon=True)
         self._writer.start()
-        self._log_file = log_file
         # The wake-up pipe is written from any thread that logs; closing it under the
         # lock means no thread writes to a descriptor number that was closed and reused.
         self._wake_lock = threading.Lock()

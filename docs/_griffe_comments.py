@@ -11,12 +11,15 @@ documented by its value, so that every member of an enum is listed.
 write ``0o600`` would show as ``384``; it shows the source text instead. And an attribute
 set in ``__init__`` would show the expression that sets it (``run_id = run_id``, a
 private constant's name): it shows the attribute's name and type only.
+
+``PublicBases``: a class whose base is private (the messages' ``_V2``) shows that base's
+own bases instead, so that no private name is shown as a base.
 """
 
 from __future__ import annotations
 
 import ast
-from typing import Any
+from typing import Any, List, Union
 
 import griffe
 
@@ -76,3 +79,29 @@ class Signatures(griffe.Extension):
             written = ast.get_source_segment(code, default)
             if written and written != str(default.value) and arg.arg in func.parameters:
                 func.parameters[arg.arg].default = written
+
+
+class PublicBases(griffe.Extension):
+    """A private base class is replaced by its own bases (``Arm``: ``Struct``, not ``_V2``)."""
+
+    def on_class_members(self, *, cls: griffe.Class, **kwargs: Any) -> None:
+        cls.bases = _public_bases(cls)
+
+
+def _public_bases(cls: griffe.Class) -> List[Union[str, griffe.Expr]]:
+    bases: List[Union[str, griffe.Expr]] = []
+    for base in cls.bases:
+        path = base.canonical_path if isinstance(base, griffe.Expr) else str(base)
+        name = path.rsplit(".", 1)[-1]
+        if not name.startswith("_") or name.startswith("__"):
+            bases.append(base)
+            continue
+        module = cls.module  # the class's own module is not in the collection yet
+        try:
+            private = module.members[name] if path == f"{module.path}.{name}" else None
+            private = private or cls.modules_collection[path]
+        except (KeyError, griffe.AliasResolutionError):
+            continue  # unknown: shown as no base rather than as a private name
+        if isinstance(private, griffe.Class):
+            bases.extend(_public_bases(private))
+    return bases

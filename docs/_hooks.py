@@ -12,6 +12,10 @@ the file. On the site there is no such page: such a link becomes the file's repo
 path in code (or a link into the repository, once ``repo_url`` is set), so a reader still
 knows where to look. A link to a file that does not exist is left alone, for mkdocs to
 report (a failure under --strict). Links inside code blocks are never touched.
+
+A name in a signature or a type that has no page of its own (a private type alias such
+as ``Buffer``, a parameter's private class) is shown as text with a tooltip of its full
+path, which names a private module: the tooltip goes, the name stays.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ PACKAGES = {
 FENCE = re.compile(r"^(```|~~~)")
 LINK = re.compile(r"(?<!!)\[(?P<text>[^\]\n]*)\]\((?P<target>[^)\s]+)\)")
 API = re.compile(r"^<!-- api: (?P<package>\w+) -->$", re.M)
+#: The tooltip autorefs gives a name it found no page for, when that name's path is private.
+PRIVATE_TOOLTIP = re.compile(r'<span title="[\w.]*\._[A-Za-z][\w.]*">')
 
 
 def on_files(files: Files, config: Any) -> Files:
@@ -55,6 +61,13 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
         return markdown
     markdown = API.sub(lambda m: api_reference(m["package"]), markdown)
     return rewrite_links(markdown, f"{DOCS}/{page.file.src_uri}", config)
+
+
+def on_post_page(output: str, page: Any, config: Any) -> str:
+    """No tooltip naming a private path on an API page."""
+    if not page.file.src_uri.startswith("api/"):
+        return output
+    return PRIVATE_TOOLTIP.sub("<span>", output)
 
 
 def api_reference(package: str) -> str:

@@ -188,6 +188,15 @@ def test_nothing_private_is_rendered(site: pathlib.Path) -> None:
         text = "".join(page(site, f"api/{dist}").text)
         leaked = re.findall(r"\bftimer_\w+(?:\.\w+)*\._[a-z]\w*", text)
         assert not leaked, f"api/{dist}/ shows private paths: {sorted(set(leaked))}"
+        # A private name alone: a base class (``Bases: _V2``), a helper a docstring names
+        # (``_refused``, ``incidents/_stack_formats``).
+        named = re.findall(r"(?<![\w.])_[A-Za-z]\w*", text)
+        assert not named, f"api/{dist}/ names private objects: {sorted(set(named))}"
+        # Nor in a tooltip: a type's full path (``ftimer_protocol._codec.Buffer``).
+        html_text = (site / "api" / dist / "index.html").read_text()
+        titles = re.findall(r'title="([^"]*)"', html_text)
+        hidden = [t for t in titles if re.search(r"(?:^|[./])_[A-Za-z]", t)]
+        assert not hidden, f"api/{dist}/ has tooltips naming private paths: {sorted(set(hidden))}"
 
 
 def test_the_servers_attributes_are_in_the_reference(site: pathlib.Path) -> None:

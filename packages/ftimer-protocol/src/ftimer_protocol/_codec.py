@@ -44,6 +44,7 @@ __all__ = [
     "torch_request",
 ]
 
+#: The protocol versions this package reads and writes.
 SUPPORTED_VERSIONS = (1, 2)
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -151,7 +152,7 @@ def decode_value(line: Buffer) -> Union[Message, RemoteProtocolError]:
     that cannot be a message is refused without parsing: one that holds no JSON object
     (``yes`` output, binary junk), or no ``"version"`` member name (which every message
     spells out as it is). A line that fails only for lone surrogate escapes is read with
-    each of them as text (see ``_refused``).
+    each of them as text (see ``surrogates_as_text``).
     """
     if type(line) is not bytes:
         line = bytes(line)

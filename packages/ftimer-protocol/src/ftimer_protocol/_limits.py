@@ -29,12 +29,15 @@ MAX_SIGNAL = 64
 MAX_SCOPE = 4096
 #: Any time field (seconds) must be finite and within +-MAX_TIME (about 31 million years).
 MAX_TIME = 1e15
+#: Labels one message may carry.
 MAX_LABELS = 16
+#: A label's value length in characters.
 MAX_LABEL_VALUE = 128
 #: Label names follow Prometheus' rule, so servers can export them as metric labels.
 #: ``\Z``, not ``$``: the schema searches with Python's ``re``, whose ``$`` also matches
 #: before a final newline ("job\n" would pass).
 LABEL_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,31}\Z"
+#: A ``Sync`` token's length in characters.
 MAX_TOKEN = 128
 #: A file descriptor number (an ``int`` in C).
 MAX_FD = 2**31 - 1

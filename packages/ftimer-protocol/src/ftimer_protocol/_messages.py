@@ -60,6 +60,13 @@ class TimerRequestV1(msgspec.Struct, frozen=True, gc=False, tag_field="version",
     negative ``signal`` means report only, as 0 does: torch's client documents it ("a
     negative or zero signal will not kill the process") and its server reaps only on a
     signal above 0.
+
+    Attributes:
+        pid: the worker process.
+        scope_id: names the timer within the process; (``pid``, ``scope_id``) is the key.
+        expiration_time: wall-clock epoch seconds (``time.time()``) at which the timer
+            expires; negative: release ``scope_id``.
+        signal: what to deliver on expiry; 0 or negative reports only.
     """
 
     pid: Pid
@@ -79,6 +86,10 @@ class DumpHook(msgspec.Struct, frozen=True, gc=False):
     the dump goes to. A server that captures diagnostics before a reap may send that
     signal (only if the worker really handles it) and read the file through
     ``/proc/PID/fd/FD``: no ptrace needed, and it works while a thread holds the GIL.
+
+    Attributes:
+        signal: the signal the worker registered ``faulthandler`` on.
+        fd: the worker's descriptor of the file the dump goes to.
     """
 
     signal: Annotated[int, Meta(ge=1, le=MAX_SIGNAL)]
@@ -96,6 +107,19 @@ class Arm(_V2, frozen=True, tag="arm"):
     ``deadline`` is in CLOCK_MONOTONIC seconds of the host; when it passes, the server
     delivers ``signal`` (0: report only). Re-arming an armed scope replaces its deadline,
     signal and labels.
+
+    Attributes:
+        pid: the worker process.
+        scope_id: names the timer within the process; (``pid``, ``scope_id``) is the key.
+        deadline: when the timer expires, in CLOCK_MONOTONIC seconds of the host
+            (``time.monotonic()``).
+        signal: what to deliver on expiry; 0 reports only.
+        start_time: the worker's start time in clock ticks since boot (``/proc/PID/stat``
+            field 22), so that a server refuses the message for a process that reused
+            the pid; ``None`` where unknown.
+        labels: short labels (job id, rank) a server attaches to the timer's events,
+            logs and metrics.
+        dump: how the worker has its own stacks dumped, if it has a hook.
     """
 
     pid: Pid
@@ -108,7 +132,14 @@ class Arm(_V2, frozen=True, tag="arm"):
 
 
 class Disarm(_V2, frozen=True, tag="disarm"):
-    """Disarm timer ``scope_id`` of process ``pid``; disarming an unknown scope is a no-op."""
+    """Disarm timer ``scope_id`` of process ``pid``; disarming an unknown scope is a no-op.
+
+    Attributes:
+        pid: the worker process.
+        scope_id: the timer to disarm.
+        start_time: the worker's start time in clock ticks since boot, as in ``Arm``;
+            ``None`` where unknown.
+    """
 
     pid: Pid
     scope_id: ScopeId
@@ -116,14 +147,30 @@ class Disarm(_V2, frozen=True, tag="disarm"):
 
 
 class DisarmAll(_V2, frozen=True, tag="disarm_all"):
-    """Disarm every timer of process ``pid``: a clean exit, or the first step of a resync."""
+    """Disarm every timer of process ``pid``: a clean exit, or the first step of a resync.
+
+    Attributes:
+        pid: the worker process.
+        start_time: the worker's start time in clock ticks since boot, as in ``Arm``;
+            ``None`` where unknown.
+    """
 
     pid: Pid
     start_time: Optional[StartTime] = None
 
 
 class Expire(_V2, frozen=True, tag="expire"):
-    """Expire timer ``scope_id`` of process ``pid`` now: "reap me" (a stuck-state report)."""
+    """Expire timer ``scope_id`` of process ``pid`` now: "reap me" (a stuck-state report).
+
+    Attributes:
+        pid: the worker process.
+        scope_id: the timer that expires.
+        signal: what to deliver; 0 reports only.
+        start_time: the worker's start time in clock ticks since boot, as in ``Arm``;
+            ``None`` where unknown.
+        labels: short labels a server attaches to the expiry's events, logs and metrics.
+        dump: how the worker has its own stacks dumped, if it has a hook.
+    """
 
     pid: Pid
     scope_id: ScopeId
@@ -138,10 +185,15 @@ class Sync(_V2, frozen=True, tag="sync"):
 
     A server writes one into its own FIFO to learn that everything written before it has
     been applied.
+
+    Attributes:
+        token: an opaque marker, at most ``MAX_TOKEN`` characters.
     """
 
     token: Annotated[str, Meta(max_length=MAX_TOKEN)]
 
 
+#: A version 2 message.
 MessageV2 = Union[Arm, Disarm, DisarmAll, Expire, Sync]
+#: A message of either version: what ``decode()`` returns and ``encode()`` takes.
 Message = Union[TimerRequestV1, Arm, Disarm, DisarmAll, Expire, Sync]

@@ -27,6 +27,7 @@ __all__ = ["MESSAGE_START", "DecodeResult", "StreamDecoder", "decode_line"]
 #: Every message begins with these bytes; the decoder resynchronises on them.
 MESSAGE_START = b'{"version"'
 
+#: What decoding a line gives: the message, or the error as a value (never raised).
 DecodeResult = Union[Message, RemoteProtocolError]
 
 # JSON's whitespace, newline aside: a line of only these holds no message, and no junk.

@@ -86,7 +86,12 @@ class Event(msgspec.Struct, frozen=True, tag_field="event"):
 
 
 class Armed(Event, frozen=True, tag="armed"):
-    """A timer was armed, or re-armed (``rearmed``: it replaced an armed one)."""
+    """A timer was armed, or re-armed.
+
+    Attributes:
+        timer: the timer armed.
+        rearmed: it replaced an armed timer of the same key (a heartbeat, an extension).
+    """
 
     timer: Timer
     rearmed: bool = False
@@ -97,7 +102,11 @@ class Armed(Event, frozen=True, tag="armed"):
 
 
 class Disarmed(Event, frozen=True, tag="disarmed"):
-    """An armed timer was disarmed by its worker (disarming an unknown scope is silent)."""
+    """An armed timer was disarmed by its worker (disarming an unknown scope is silent).
+
+    Attributes:
+        timer: the timer disarmed.
+    """
 
     timer: Timer
 
@@ -107,8 +116,13 @@ class Disarmed(Event, frozen=True, tag="disarmed"):
 
 
 class Expired(Event, frozen=True, tag="expired"):
-    """A timer's deadline passed (``late``: seconds between the deadline and noticing;
-    ``incident``: the id of the incident captured about it, if any)."""
+    """A timer's deadline passed.
+
+    Attributes:
+        timer: the timer that expired.
+        late: seconds from its deadline to the server noticing.
+        incident: the id of the incident captured about it, if any.
+    """
 
     timer: Timer
     late: float
@@ -123,7 +137,8 @@ class Reaped(Event, frozen=True, tag="reaped"):
     """A worker was signalled because its timers expired.
 
     Attributes:
-        pid, start_time: the worker.
+        pid: the worker.
+        start_time: the worker's start time (clock ticks since boot), if known.
         signal: the signal sent: that of its earliest expired timer with a signal, or
             the server's ``signal_override``.
         scope_id: that timer's scope.
@@ -154,10 +169,22 @@ class Reaped(Event, frozen=True, tag="reaped"):
 
 
 class Escalated(Event, frozen=True, tag="escalated"):
-    """A reaped worker outlived the grace period (``after`` seconds) and got ``signal``;
-    ``descendants``: its descendants that got it too (``--reap-tree``: those its reap
-    signalled that outlived the grace, and those it has then). ``exited``: the worker
-    itself had exited within its grace, and only such descendants got it."""
+    """A reaped worker outlived the grace period and got ``signal`` (SIGKILL).
+
+    Attributes:
+        pid: the worker.
+        start_time: the worker's start time (clock ticks since boot), if known.
+        signal: the signal sent.
+        after: seconds the worker had since its reap: the grace period (less when the
+            server stopped first).
+        delivered: False when the signal could not be delivered (``error`` says why).
+        labels: the labels of the timer that decided its reap.
+        error: why the signal was not delivered.
+        descendants: its descendants that got the signal too (``--reap-tree``: those its
+            reap signalled that outlived the grace, and those it has then).
+        exited: the worker itself had exited within its grace, and only such
+            descendants got the signal.
+    """
 
     pid: int
     start_time: Optional[int]
@@ -171,10 +198,18 @@ class Escalated(Event, frozen=True, tag="escalated"):
 
 
 class WorkerGone(Event, frozen=True, tag="worker_gone"):
-    """A bound worker exited; ``timers`` are those it still held, dropped unsignalled;
-    ``incident``: the incident it exited during the capture of (it is not signalled).
+    """A bound worker exited; the timers it still held are dropped unsignalled.
+
     Also given by ``restore()`` for the saved timers of a worker that exited while no
-    server ran."""
+    server ran.
+
+    Attributes:
+        pid: the worker.
+        start_time: the worker's start time (clock ticks since boot), if known.
+        timers: the timers it still held.
+        incident: the id of the incident it exited during the capture of (it is not
+            signalled), if any.
+    """
 
     pid: int
     start_time: Optional[int]
@@ -194,7 +229,9 @@ class Rejected(Event, frozen=True, tag="rejected"):
         request: what was asked: ``"arm"``, ``"disarm"``, ``"disarm_all"``, ``"expire"``
             (version 1 acquires and releases count as ``"arm"`` and ``"disarm"``), or
             ``"restore"`` for a saved timer given to ``restore()``.
-        pid, scope_id, labels: from the request.
+        pid: the process the request named.
+        scope_id: the request's scope, if it names one.
+        labels: the request's labels, if it had any.
         detail: a precision for people, possibly empty (the signal, the limit).
     """
 

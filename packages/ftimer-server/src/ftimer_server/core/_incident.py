@@ -64,7 +64,7 @@ class ThreadStack(msgspec.Struct, frozen=True, omit_defaults=True):
         doing: what it is doing, in words ("waiting on a lock", "holding the GIL in a C
             call", "in uninterruptible I/O", ...).
         frames_cut: how many of its frames (the outermost) were left out, a capture's
-            size being bounded (``incidents/_stack_formats.bound_threads``).
+            size being bounded.
     """
 
     tid: int
@@ -89,7 +89,8 @@ class ProcessFacts(msgspec.Struct, frozen=True, omit_defaults=True):
         threads: number of threads.
         children: pids of its children.
         age: seconds since it started.
-        fifos, sockets: open FIFOs and sockets.
+        fifos: how many FIFOs it has open.
+        sockets: how many sockets it has open.
         uid: its real user id.
     """
 
@@ -108,7 +109,8 @@ class Capture(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """What was captured of one worker.
 
     Attributes:
-        pid, start_time: the worker.
+        pid: the worker.
+        start_time: the worker's start time (clock ticks since boot), if known.
         role: "stuck" (its timer expired) or "peer" (another worker of the same job,
             captured for comparison and left alone).
         labels: the labels of its timer (job, rank, ...).
@@ -175,8 +177,12 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
         id: unique on the host, and sorts by time ("20261202T061503.123Z-4242-step").
         host: the host name.
         created: wall-clock time of the expiry (``time.time()``).
-        pid, start_time, scope_id, signal, deadline, labels: the expired timer (its
-            deadline in CLOCK_MONOTONIC seconds) and the signal its reap sends.
+        pid: the worker whose timer expired.
+        start_time: the worker's start time (clock ticks since boot), if known.
+        scope_id: the expired timer's scope.
+        signal: the signal its reap sends.
+        deadline: the expired timer's deadline, in CLOCK_MONOTONIC seconds.
+        labels: the expired timer's labels.
         late: seconds from the deadline to the start of the capture.
         job: the value of the job label the peers were found by, if any.
         captures: the stuck worker's first, then its peers'.

@@ -24,13 +24,14 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         allowed_uids: if set, only processes whose real uid is in it get timers (an
-            empty set: none do).
+            empty set: none do). Default ``None``: any uid.
         descendants_only: only processes descended from the server get timers (an agent
-            that launches its workers itself, as torchrun does).
+            that launches its workers itself, as torchrun does). Default ``False``.
         allowed_signals: signals a timer may carry (0, report only, is always allowed);
             ``None`` means every signal of the platform, an empty set none but 0.
-        max_timers_per_pid: timers one process may hold at once.
-        max_timers: timers the server holds at once, in total.
+            Default ``None``.
+        max_timers_per_pid: timers one process may hold at once. Default 10,000.
+        max_timers: timers the server holds at once, in total. Default 1,000,000.
 
     Raises:
         ValueError: a limit is below 1.

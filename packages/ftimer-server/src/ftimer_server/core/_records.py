@@ -72,7 +72,9 @@ class Descendant(msgspec.Struct, frozen=True, gc=False):
     escalation signals again if it outlives the grace period.
 
     Attributes:
-        pid, start_time: the process (never another that took its pid).
+        pid: the process.
+        start_time: its start time (clock ticks since boot): with ``pid``, it names this
+            process, never another that took its pid.
         users: the uids the worker could signal it as (``kill(2)``'s rule: its real or
             saved uid must still be one of them), or ``None``: any (the worker had
             ``CAP_KILL`` over it).

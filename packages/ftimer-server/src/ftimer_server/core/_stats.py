@@ -25,10 +25,11 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         requests: request type (``arm``, ``disarm``, ``disarm_all``, ``expire``,
-            ``sync``; version 1 acquires and releases count as ``arm`` and ``disarm``)
-            -> result (``ok``, ``rejected``, ``unknown``: a disarm of no armed timer,
-            ``exited``: an arm or expire of a process that exited before it was read)
-            -> count.
+            ``sync``, ``restore``: a saved timer given to ``restore()``; version 1
+            acquires and releases count as ``arm`` and ``disarm``) -> result (``ok``,
+            ``rejected``, ``unknown``: a disarm of no armed timer, ``exited``: an arm or
+            expire of a process that exited before it was read, a saved timer of one that
+            exited while no server ran) -> count.
         rejections: rejection reason (``RejectReason`` value) -> count.
         decode_errors: error class (``MalformedMessage``, ``LineTooLong``,
             ``UnsupportedVersion``) -> count of lines dropped.

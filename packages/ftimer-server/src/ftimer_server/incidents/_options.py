@@ -25,7 +25,9 @@ class IncidentOptions:
     Attributes:
         directory: where incidents are written (mode 0700); ``None``: not written, only
             given to ``on_incident``.
-        keep, max_bytes: retention of the directory, oldest first.
+        keep: how many incidents the directory keeps in all; beyond it, the oldest of
+            the user holding the most go first.
+        max_bytes: how many bytes the directory's incidents may take in all, likewise.
         method: "auto" (py-spy if found, else the worker's hook, else /proc facts),
             "py-spy", "hook", or "facts" (the /proc facts alone).
         timeout: the budget of an incident in seconds: the signal follows the capture
@@ -33,6 +35,8 @@ class IncidentOptions:
         native: py-spy's ``--native`` (C/C++ frames; about four times slower).
         core: take a core dump with ``gcore`` before the kill, of a worker whose RSS is
             at most ``core_max_bytes``.
+        core_max_bytes: the largest core, in bytes: a worker with a larger RSS gets
+            none, and a core that grows to it is removed.
         reap_tree: signal the worker's descendants too (DataLoader and compile workers
             that would keep GPU memory).
         job_label: the label whose value names a worker's job (its peers share it);

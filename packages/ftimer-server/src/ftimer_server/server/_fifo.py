@@ -199,10 +199,11 @@ def open_fifo(
         group: a group name or gid to give the FIFO (and a parent it creates).
         private_parent: manage the parent directory: create it if missing, refuse it if
             owned by another user or writable by others, and give it, at every call,
-            ``group`` and the mode ``parent_mode(mode)`` (0700; 0710 when the FIFO's
-            group may write it), so the FIFO's writers can reach it and nobody can list
-            or change it. Defaults to `manages_parent(path)`: True for the default path,
-            False otherwise (then the parent must exist and is left as it is).
+            ``group`` and the mode 0700 with search (x) for the group, or for others,
+            where the FIFO lets them write (0710 for a FIFO of 0620), so the FIFO's
+            writers can reach it and nobody can list or change it. Defaults to True for
+            the default path, False otherwise (then the parent must exist and is left as
+            it is).
         pipe_size: the pipe buffer size to ask for; defaults to the largest the system
             allows (``/proc/sys/fs/pipe-max-size``). Ignored where unsupported.
         replace: if the path holds this user's FIFO, atomically put a new one in its
@@ -214,7 +215,7 @@ def open_fifo(
         FifoError: the path is a symlink, not a FIFO, or a FIFO owned by another user;
             its parent is unsafe or missing, or (managed) cannot be given its group or
             mode; or it cannot be created or opened.
-        ValueError: ``mode`` is not permission bits (see ``check_mode``).
+        ValueError: ``mode`` is not permission bits (a whole number from 0 to 0o777).
     """
     check_mode(mode)
     path = os.fspath(path) if path is not None else default_fifo_path()

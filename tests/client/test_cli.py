@@ -287,7 +287,7 @@ def test_bad_arguments_exit_2(
         ),
         (
             ["arm", "--scope", "s", "--after", "5", "--pid", "\u00b2"],
-            ["usage: ftimer arm ", "not a process id other than 1: '\u00b2'"],
+            ["usage: ftimer arm ", "not a process id: '\u00b2'"],
         ),
         (
             ["arm", "--scope", "s", "--after", "5", "--signal", "\u00b2"],

@@ -8,13 +8,16 @@ import contextlib
 import os
 import pathlib
 import select
+import shlex
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Tuple
 
 import pytest
+from tests.conftest import in_private_pid_namespace
 
 from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, main
 from ftimer_protocol import Arm, Disarm
@@ -64,6 +67,50 @@ def test_arm_with_pid_of_another_process_never_goes_to_the_socket(
             assert arm.pid == other.pid
         finally:
             other.kill()
+
+
+def test_with_ftimer_socket_set_another_process_s_pid_is_refused_not_sent_to_the_fifo(
+    speer: SocketPeer,
+    peer: FifoPeer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A container's worker: its pids mean nothing to the server over the FIFO. It went
+    # to the default FIFO (exit 0), refused there, and the process ran unwatched.
+    monkeypatch.setenv("FTIMER_SOCKET", str(speer.path))
+    monkeypatch.setenv("FTIMER_FIFO", str(peer.path))
+    with subprocess.Popen(["sleep", "30"]) as other:
+        try:
+            args = ("--scope", "s", "--pid", str(other.pid), "--after", "5")
+            assert main(["arm", *args]) == EXIT_USAGE
+            err = capsys.readouterr().err
+            assert "not this command's parent" in err
+            assert "$FTIMER_SOCKET names it" in err
+            assert "ftimer exec" in err
+            assert ftimer("arm", "--fifo", str(peer.path), *args).returncode == 0  # said so
+            (arm,) = peer.wait_count(1)
+            assert isinstance(arm, Arm)
+            assert arm.pid == other.pid
+            assert speer.datagrams == []
+        finally:
+            other.kill()
+
+
+def test_pid_1_is_refused_unless_it_is_the_calling_shell(
+    speer: SocketPeer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["arm", "--socket", str(speer.path), "--scope", "s", "--after", "5", "--pid", "1"]
+    assert main(args) == EXIT_USAGE
+    assert "--pid 1 names the first process of this PID namespace" in capsys.readouterr().err
+    # A container's shell (`sh -c '...'`) is pid 1: `--pid $$` is 1, and names it. It
+    # was refused as "not a process id other than 1".
+    arm = f"{sys.executable} -m ftimer_client {shlex.join(args)}"
+    done = in_private_pid_namespace("sh", "-c", f"{arm}; echo $?")
+    assert (done.stdout, done.stderr) == ("0\n", "")
+    [message] = speer.wait_count(1)
+    assert isinstance(message, Arm)
+    assert message.pid == 1  # the shell, as it knows itself
+    assert len(speer.datagrams[0].pidfds) == 1  # and by its pidfd, for the server
 
 
 def test_exec_names_the_command_by_its_pidfd(speer: SocketPeer) -> None:

@@ -30,7 +30,14 @@ import time
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, TextIO, Type, Union
 
-from ftimer_protocol import MAX_PID, MAX_TIME, MessageTooLarge, parse_signal, socket_path_for
+from ftimer_protocol import (
+    ENV_SOCKET,
+    MAX_PID,
+    MAX_TIME,
+    MessageTooLarge,
+    parse_signal,
+    socket_path_for,
+)
 
 from ._client import POLICIES, FileTimerClient
 from ._errors import ServerStalled, ServerUnavailable, ServerUnavailableWarning
@@ -125,8 +132,8 @@ def _signal(text: str) -> int:
 
 def _pid(text: str) -> int:
     number = _ascii_int(text)
-    if number is None or not 1 < number <= MAX_PID:
-        raise argparse.ArgumentTypeError(f"not a process id other than 1: {text!r}")
+    if number is None or not 0 < number <= MAX_PID:
+        raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
     return number
 
 
@@ -322,6 +329,11 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "exec":
             return _exec(command, args)
         pid = os.getppid() if args.pid is None else args.pid
+        if pid == 1 and os.getppid() != 1:
+            command.error(
+                "--pid 1 names the first process of this PID namespace, which is not the "
+                "calling shell: not a process a timer may be for"
+            )
         if args.pid is None and _adopted(pid):
             command.error(
                 f"the shell that ran this command has exited: process {pid}, not that "
@@ -341,11 +353,17 @@ def _run(args: argparse.Namespace) -> int:
         elif pid not in (os.getppid(), os.getpid()):
             # The server takes from a socket only the sender, its parent or descendants,
             # and this command has no descendants: another process goes over the FIFO.
-            if args.socket is not None or args.transport == "socket":
+            # $FTIMER_SOCKET says the server is reached there and nowhere else (a
+            # container's worker, whose pids the server reads only over the socket).
+            default = args.fifo is None and args.transport is None and args.protocol != 1
+            by_env = default and args.socket is None and bool(os.environ.get(ENV_SOCKET))
+            if args.socket is not None or args.transport == "socket" or by_env:
                 command.error(
                     f"--pid {pid} is not this command's parent (the calling shell), which "
-                    "is all the server accepts from it over the socket: use the FIFO "
-                    "(--fifo PATH, --transport fifo)"
+                    "is all the server accepts from it over the socket"
+                    f"{f' (${ENV_SOCKET} names it)' if by_env else ''}: start that process "
+                    "with `ftimer exec` instead, or use the FIFO (--fifo PATH), where the "
+                    "server can read this PID namespace's pids"
                 )
             args.transport = args.transport or "fifo"
         try:

@@ -37,9 +37,12 @@ class TimerClient(Protocol):
     """Anything with torch's ``TimerClient`` methods: ``expires`` accepts torch's clients
     (and ``isinstance(client, TimerClient)`` tells, as with torch's abstract class)."""
 
-    def acquire(self, scope_id: str, expiration_time: float) -> None: ...
+    def acquire(self, scope_id: str, expiration_time: float) -> None:
+        """Arm timer ``scope_id`` of this process to expire at ``expiration_time``
+        (wall-clock seconds, ``time.time()``)."""
 
-    def release(self, scope_id: str) -> None: ...
+    def release(self, scope_id: str) -> None:
+        """Disarm timer ``scope_id`` of this process."""
 
 
 _configured: Optional[TimerClient] = None

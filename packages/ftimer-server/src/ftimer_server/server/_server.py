@@ -98,10 +98,13 @@ TORCH_HOOKS = (
 class Lifecycle(enum.Enum):
     """Where a ``FileTimerServer`` is in its life; it only ever moves forward."""
 
+    #: Made, not started: ``restore()`` may arm saved timers before ``start()``.
     NEW = "new"
+    #: Started: its loop reads the FIFO (and the socket) and reaps.
     RUNNING = "running"
     #: ``stop()`` was called; the loop applies what was written before it, then ends.
     STOPPING = "stopping"
+    #: The loop has ended and the FIFO is closed; ``armed()`` still reads the timers.
     STOPPED = "stopped"
 
 

@@ -100,6 +100,24 @@ def test_a_fifo_in_a_directory_others_may_write_gets_a_warning(tmp_path: pathlib
     assert startup_warnings(config, euid=1000) == []
 
 
+def test_a_fifo_under_a_directory_others_may_write_gets_a_warning(tmp_path: pathlib.Path) -> None:
+    # A pod's emptyDir (0777) at /run, the daemon's /run/ftimer made 0710 in it: a worker
+    # renamed /run/ftimer away, made its own with a FIFO, and took the timers unwarned.
+    shared = tmp_path / "run"
+    below = shared / "ftimer"
+    below.mkdir(parents=True)
+    below.chmod(0o710)
+    shared.chmod(0o777)
+    config = DaemonConfig(fifo=str(below / "timer.fifo"))
+    (warning,) = startup_warnings(config, euid=1000)
+    assert warning.startswith(
+        f"the FIFO's directory {below}, through {shared} (mode 0777) above it, lets users "
+        "other than its owner rename or replace the FIFO"
+    )
+    shared.chmod(0o1777)
+    assert startup_warnings(config, euid=1000) == []
+
+
 @needs_root
 def test_a_fifo_in_a_directory_of_another_user_gets_a_warning(tmp_path: pathlib.Path) -> None:
     # Its owner can rename the FIFO away and put their own in its place, as in a

@@ -30,15 +30,20 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
     """
     warnings = []
     directory = os.path.dirname(c.fifo) or "."
-    with contextlib.suppress(OSError):  # a directory yet to be made is the daemon's
-        st = os.stat(directory)
-        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            warnings.append(
-                f"the FIFO's directory {directory} (mode {stat.S_IMODE(st.st_mode):04o}) "
-                "lets users other than its owner rename or replace the FIFO and the socket "
-                "in it, and so read the timers and keep workers unwatched: use a directory "
-                "only the daemon's user may write (such as the default /run/ftimer)"
-            )
+    shared = _shared(directory)
+    if shared is not None:
+        path, mode = shared
+        # Above it, the FIFO's own directory can be renamed away and another put there.
+        where = f"{path} (mode {mode:04o})"
+        if path != directory:
+            where = f"{directory}, through {where} above it,"
+        warnings.append(
+            f"the FIFO's directory {where} lets users other "
+            "than its owner rename or replace the FIFO and the socket in it, and so read "
+            "the timers and keep workers unwatched: use a directory only the daemon's "
+            "user may write (such as the default /run/ftimer), under directories only "
+            "root may write"
+        )
     owned = _owned_by_another(directory, euid)
     if owned is not None:
         path, uid = owned
@@ -121,6 +126,19 @@ def _fifo_gid(c: DaemonConfig) -> int:
         if stat.S_ISFIFO(st.st_mode):
             return st.st_gid
     return os.getegid()
+
+
+def _shared(directory: str) -> Optional[Tuple[str, int]]:
+    """The first of ``directory`` and the directories above it (as written and as
+    resolved) that users other than its owner may write and that is not sticky (as
+    ``/tmp`` is: there only an entry's owner renames it), and its mode; or None (a
+    directory yet to be made is the daemon's)."""
+    for each in [directory, *directories_above(os.path.abspath(directory))]:
+        with contextlib.suppress(OSError):
+            mode = os.stat(each).st_mode
+            if mode & 0o022 and not mode & stat.S_ISVTX:
+                return each, stat.S_IMODE(mode)
+    return None
 
 
 def _owned_by_another(directory: str, euid: int) -> Optional[Tuple[str, int]]:

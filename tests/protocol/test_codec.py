@@ -335,6 +335,58 @@ def test_only_torchs_lines_refused_for_their_time_are_parsed_again(
     assert len(parsed) == 1
 
 
+def _spaced(line: bytes) -> bytes:
+    """``line`` as another writer may space it: no fast path's prefix matches."""
+    assert line.startswith(b"{")
+    return b"{ " + line[1:]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        # More than one "version": the first decides, as a reader reads it first. The
+        # slow path took msgspec's last: a version 1 line read as a version 2 message,
+        # a version 2 one refused as version 3.
+        b'{"version":1,"op":"sync","token":"t","version":2}',
+        b'{"version":2,"op":"sync","token":"t","version":1}',
+        b'{"version":2,"op":"sync","token":"t","version":3}',
+        b'{"version":2,"op":"sync","token":"t","\\u0076ersion":3}',
+        b'{"version":1,"pid":1,"scope_id":"","expiration_time":0.5,"signal":0,"version":3}',
+        # torch's time forgiven with or without torch's spacing.
+        b'{"version":1,"pid":1,"scope_id":"","expiration_time":Infinity,"signal":0}',
+        b'{"version":1,"pid":1,"scope_id":"","expiration_time":1e400,"signal":0}',
+        # ... but nothing else: a member repeated (the first one invalid), or a number
+        # JSON lacks in another member.
+        b'{"version":1,"pid":"x","scope_id":"","expiration_time":NaN,"signal":0,"pid":7}',
+        b'{"version":1,"expiration_time":true,"pid":1,"scope_id":"","expiration_time":0.5,'
+        b'"signal":0}',
+        b'{"version":1,"pid":1,"scope_id":"","expiration_time":NaN,"signal":9,"x":Infinity}',
+        b'{"version":1,"pid":1,"scope_id":"","expiration_time":1e400,"signal":9,"x":NaN}',
+    ],
+)
+def test_a_line_reads_the_same_with_or_without_a_fast_path_s_prefix(line: bytes) -> None:
+    fast, slow = decode_value(line), decode_value(_spaced(line))
+    assert type(fast) is type(slow)
+    if isinstance(fast, MalformedMessage):
+        return  # the same kind of error; its excerpt is of the line as written
+    assert fast == slow
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"version":1,"pid":"x","scope_id":"","expiration_time":NaN,"signal":0,"pid":7}',
+        b'{"version":1,"pid":1,"scope_id":"","expiration_time":NaN,"signal":9,"x":Infinity}',
+    ],
+)
+def test_only_the_time_of_a_version_1_line_is_forgiven_not_a_repeat_or_another_constant(
+    line: bytes,
+) -> None:
+    # json.loads took the last of a repeated member and NaN anywhere: both were accepted.
+    assert isinstance(decode_value(line), MalformedMessage)
+    assert isinstance(decode_value(line.replace(b'":', b'": ')), MalformedMessage)  # torch's
+
+
 # -- what a third party's review of protocol.md found ------------------------------------
 
 

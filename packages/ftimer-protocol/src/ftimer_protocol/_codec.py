@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Mapping
 from json.encoder import encode_basestring_ascii
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import msgspec
 
@@ -176,6 +176,8 @@ def _decoded(line: bytes) -> Union[Message, RemoteProtocolError]:
             version = _envelope_decoder.decode(line).version
         except _DECODE_ERRORS as e:
             return _refused(line, e)
+        if line.count(b'"version"') > 1 or b"\\u" in line:  # maybe more than one
+            version = _first_version(line, version)
         if version is msgspec.UNSET:
             return MalformedMessage(NO_VERSION, line[:EXCERPT_BYTES])
         slow = _by_version.get(version) if type(version) is int else None
@@ -186,6 +188,17 @@ def _decoded(line: bytes) -> Union[Message, RemoteProtocolError]:
         return decoder(line)
     except _DECODE_ERRORS as e:
         return _refused(line, e)
+
+
+def _first_version(line: bytes, last: Any) -> Any:
+    """The first "version" member of the object ``line`` holds (msgspec's envelope gives
+    the ``last``): a reader reads the version first, and the fast paths dispatch on it
+    (their decoders then take a later one as an unknown member, or refuse it)."""
+    try:
+        members = json.loads(line, object_pairs_hook=list)  # every object as its pairs
+    except (ValueError, RecursionError):
+        return last
+    return next((value for name, value in members if name == "version"), last)
 
 
 def _refused(line: bytes, error: Exception) -> Union[Message, RemoteProtocolError]:
@@ -202,8 +215,8 @@ def _refused(line: bytes, error: Exception) -> Union[Message, RemoteProtocolErro
             if not isinstance(result, RemoteProtocolError):
                 return result
             return MalformedMessage(str(error), line[:EXCERPT_BYTES])
-    # torch's own lines only, refused for their time: other junk costs no second parse.
-    if line.startswith(V1_PREFIXES) and (
+    # Version 1 lines only, refused for their time: other junk costs no second parse.
+    if not line.startswith(V2_PREFIX) and (
         str(error).endswith("`$.expiration_time`") or _NOT_A_NUMBER.search(line)
     ):
         request = _with_torch_time(line)
@@ -217,17 +230,37 @@ def _with_torch_time(line: bytes) -> Optional[TimerRequestV1]:
     ``expiration_time`` was at fault: ``Infinity``, ``-Infinity`` and ``NaN``, which
     torch's client writes (``json.dumps``) and JSON lacks, or a number beyond the
     protocol's bound (``time.time() + sys.maxsize``). None otherwise."""
+    constants: List[str] = []
+
+    def constant(name: str) -> float:
+        constants.append(name)
+        return _Constant(name)
+
     try:
-        fields = json.loads(line, parse_constant=float)
-    except (ValueError, RecursionError):
+        fields = json.loads(line, parse_constant=constant, object_pairs_hook=_unrepeated)
+    except (ValueError, RecursionError):  # not JSON, or a member repeated: as msgspec said
         return None
     version = fields.get("version") if type(fields) is dict else None
     if type(version) is not int or version != 1:
         return None
+    if len(constants) > (type(fields.get("expiration_time")) is _Constant):
+        return None  # Infinity or NaN elsewhere too: not JSON, whatever the time
     try:
         return torch_request(fields)
     except MalformedMessage:
         return None
+
+
+class _Constant(float):
+    """A number JSON lacks (``Infinity``, ``NaN``), as read from a line."""
+
+
+def _unrepeated(members: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    """The object of ``members``; refused (ValueError) if one of them is repeated."""
+    fields = dict(members)
+    if len(fields) != len(members):
+        raise ValueError("a member is repeated")
+    return fields
 
 
 def torch_request(fields: Mapping[str, Any]) -> TimerRequestV1:

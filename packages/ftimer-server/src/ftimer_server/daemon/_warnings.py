@@ -32,9 +32,9 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
     directory = os.path.dirname(c.fifo) or "."
     shared = _shared(directory)
     if shared is not None:
-        path, mode = shared
+        path, bits = shared
         # Above it, the FIFO's own directory can be renamed away and another put there.
-        where = f"{path} (mode {mode:04o})"
+        where = f"{path} (mode {bits:04o})"
         if path != directory:
             where = f"{directory}, through {where} above it,"
         warnings.append(

@@ -257,19 +257,18 @@ class FileTimerServer:
             # workers' clients look when given no path.
             from_env = next((os.environ[v] for v in FIFO_ENV_VARS if os.environ.get(v)), "")
             file_path = from_env or default_fifo_path()
-        if (tick_interval is None) != (on_tick is None):
-            raise ValueError("tick_interval and on_tick go together")
-        if tick_interval is not None and not 0 < tick_interval < math.inf:
-            raise ValueError(
-                f"tick_interval must be a finite number of seconds > 0, not {tick_interval!r}"
-            )
-        check_mode(fifo_mode)
-        if not 0 <= restore_grace <= 3600:
-            raise ValueError("restore_grace must be between 0 and 3600 seconds")
+        _check_arguments(
+            tick_interval=tick_interval,
+            on_tick=on_tick,
+            fifo_mode=fifo_mode,
+            restore_grace=restore_grace,
+            socket_path=socket_path,
+            adopt_socket=adopt_socket,
+            signaller=signaller,
+            dry_run=dry_run,
+        )
         self._journal = journal
         self._restore_grace = restore_grace
-        if adopt_socket is not None and socket_path is None:
-            raise ValueError("adopt_socket is a socket bound at socket_path: give socket_path")
         self._socket_path = None if socket_path is None else os.path.abspath(socket_path)
         self._socket: Optional[DatagramSocket] = None
         self._adopt_socket = adopt_socket
@@ -282,7 +281,7 @@ class FileTimerServer:
         #: torch's polling interval, as given; ftimer's server does not poll.
         self.max_interval: float = max_interval
         self._daemon = daemon
-        self._callbacks = callbacks = Callbacks(
+        self._callbacks = Callbacks(
             log_event=log_event,
             log_debug_info=log_debug_info,
             on_event=on_event,
@@ -302,8 +301,6 @@ class FileTimerServer:
         self._on_tick = on_tick
         self._pipe_size = pipe_size
         self._inspector = inspector or SystemInspector()
-        if signaller is not None and dry_run:
-            raise ValueError("dry_run replaces the signaller: give one or the other")
         if signaller is None:
             signaller = RecordingSignaller() if dry_run else OsSignaller(self._inspector)
         # A recorded reap "delivered" nothing: kill_self_on_reap follows real ones only.
@@ -322,27 +319,13 @@ class FileTimerServer:
 
             self._diagnostics = Diagnostics(incidents, on_incident, dry_run=dry_run)
         try:  # the capture helper runs from here: not left behind by a bad argument
-            self._host = host = SystemHost(
-                self._inspector,
+            self._host, self._watchdog = self._make_core(
                 signaller,
-                tuple(functools.partial(callbacks.call, "reap step", step) for step in reap_steps),
-                watch=self._watch,
-                unwatch=self._unwatch,
-                capture=None if self._diagnostics is None else self._capture,
-                tree=incidents is not None and incidents.reap_tree,
-            )
-            self._watchdog = Watchdog(
-                host=host,
+                reap_steps=reap_steps,
+                incidents=incidents,
                 policy=policy,
-                server_pid=self._pid,
-                ancestors=ancestors_of(self._pid, self._inspector),
-                own=() if self._diagnostics is None else self._diagnostics.processes,
-                emit=self._pending.append,
                 escalate_after=escalate_after,
                 signal_override=signal_override,
-                timer_events=callbacks.wants_timer_events,
-                capture_budget=None if incidents is None else incidents.timeout,
-                job_label=None if incidents is None else incidents.job_label,
             )
         except BaseException:
             if self._diagnostics is not None:
@@ -359,6 +342,42 @@ class FileTimerServer:
         self._ended = threading.Event()
         self._opener: Optional[int] = None
         self._opening = False  # _open() runs (a signal handler's stop() may land in it)
+
+    def _make_core(
+        self,
+        signaller: Signaller,
+        *,
+        reap_steps: Iterable[ReapStep],
+        incidents: Optional[IncidentOptions],
+        policy: Optional[Policy],
+        escalate_after: Optional[float],
+        signal_override: Optional[int],
+    ) -> Tuple[SystemHost, Watchdog]:
+        """The host (every OS call the core asks for) and the watchdog over it."""
+        callbacks = self._callbacks
+        host = SystemHost(
+            self._inspector,
+            signaller,
+            tuple(functools.partial(callbacks.call, "reap step", step) for step in reap_steps),
+            watch=self._watch,
+            unwatch=self._unwatch,
+            capture=None if self._diagnostics is None else self._capture,
+            tree=incidents is not None and incidents.reap_tree,
+        )
+        watchdog = Watchdog(
+            host=host,
+            policy=policy,
+            server_pid=self._pid,
+            ancestors=ancestors_of(self._pid, self._inspector),
+            own=() if self._diagnostics is None else self._diagnostics.processes,
+            emit=self._pending.append,
+            escalate_after=escalate_after,
+            signal_override=signal_override,
+            timer_events=callbacks.wants_timer_events,
+            capture_budget=None if incidents is None else incidents.timeout,
+            job_label=None if incidents is None else incidents.job_label,
+        )
+        return host, watchdog
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -1110,6 +1129,38 @@ class FileTimerServer:
     def _unwatch(self, worker: Worker) -> None:
         if self._loop is not None:
             self._loop.unwatch(worker)
+
+
+def _check_arguments(
+    *,
+    tick_interval: Optional[float],
+    on_tick: Optional[Callable[[], None]],
+    fifo_mode: int,
+    restore_grace: float,
+    socket_path: object,
+    adopt_socket: Optional[Tuple[int, int]],
+    signaller: Optional[Signaller],
+    dry_run: bool,
+) -> None:
+    """Refuse ``FileTimerServer`` arguments that contradict each other or are out of
+    range, before anything is made.
+
+    Raises:
+        ValueError: which one, and why.
+    """
+    if (tick_interval is None) != (on_tick is None):
+        raise ValueError("tick_interval and on_tick go together")
+    if tick_interval is not None and not 0 < tick_interval < math.inf:
+        raise ValueError(
+            f"tick_interval must be a finite number of seconds > 0, not {tick_interval!r}"
+        )
+    check_mode(fifo_mode)
+    if not 0 <= restore_grace <= 3600:
+        raise ValueError("restore_grace must be between 0 and 3600 seconds")
+    if adopt_socket is not None and socket_path is None:
+        raise ValueError("adopt_socket is a socket bound at socket_path: give socket_path")
+    if signaller is not None and dry_run:
+        raise ValueError("dry_run replaces the signaller: give one or the other")
 
 
 def _lock_wait(timeout: Optional[float]) -> float:

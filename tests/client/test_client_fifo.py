@@ -277,3 +277,23 @@ def test_a_protocol_1_arm_checks_its_signal_first() -> None:
     client = FileTimerClient("/nonexistent/fifo", protocol=1)
     with pytest.raises(ValueError, match="signal"):
         client.arm("s", "5", signal=65)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("after", [0, 1.5, 60, -1e300, float("inf"), 10**400, 1e308])
+def test_arm_s_inlined_line_is_the_line_arm_would_build(
+    peer: FifoPeer, monkeypatch: pytest.MonkeyPatch, after: float
+) -> None:
+    # arm() builds its line inline (every expires block goes through it): it must stay
+    # byte for byte what _line() builds, for every number of seconds.
+    from ftimer_client import _client
+
+    monkeypatch.setattr(_client, "_monotonic", lambda: 1000.25)
+    with FileTimerClient(str(peer.path), labels={}) as client:
+        client.arm("s", after)
+        assert client._channel.armed["s"][0] == client._line("s", after, None)
+        bad_ones = [(float("nan"), ValueError), (-(10**400), ValueError), ("5", TypeError)]
+        for bad, error in bad_ones:
+            with pytest.raises(error):
+                client.arm("bad", bad)  # type: ignore[arg-type]
+            with pytest.raises(error):
+                client._line("bad", bad, None)  # type: ignore[arg-type]

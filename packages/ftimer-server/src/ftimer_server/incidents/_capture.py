@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import msgspec
 
@@ -146,6 +146,14 @@ def _capture(
     options: CaptureOptions,
     deadline: float,
 ) -> Capture:
+    """``capture()``'s work: pin the worker, read its facts, then its stacks by py-spy,
+    else by its dump hook.
+
+    Returns:
+        ``base`` filled in. What went wrong that is foreseen (the worker refused or gone,
+        a method failed or not used) is in its ``error``, never raised; a bug raises,
+        for ``capture()`` to report.
+    """
     pid = base.pid
     try:
         process = Process.open(pid, base.start_time, pidfd)
@@ -170,114 +178,216 @@ def _capture(
         through = live_thread(pid) if facts.state in ("Z", "X") else None
         if through is not None:
             notes.append(f"its main thread has exited; thread {through} and others live")
-        hook_why: Optional[str] = None
-        if not options.hook:
-            hook_why = "dump hook: not enabled"
-        elif hook is None and base.role == "peer":
-            hook_why = "dump hook: none given for this peer"
-        elif hook is None:
-            hook_why = "dump hook: the worker announced none (ftimer-client's dump hook option)"
-        elif options.dry_run:
-            # A worker a dry run leaves running would carry on with a C call cut short.
-            hook_why = (
-                "dump hook: not used in a dry run (its signal would interrupt the worker's "
-                "system calls)"
-            )
-        elif time.monotonic() >= deadline - _RESERVE:
-            hook_why = "dump hook: no time left before the deadline"
-        else:
-            plan = prepare_hook(process, hook, threads, deadline - _RESERVE)
-            if isinstance(plan, str):
-                hook_why = plan
-            else:
-                hook_file = plan
-        result = MethodResult()
-        method = "facts"
-        py_spy_why: Optional[str]
-        if options.py_spy and tracer:
-            py_spy_why = (
-                f"py-spy: not used: process {pid} is already traced by pid {tracer} "
-                "(a debugger), which is left undisturbed"
-            )
-        elif options.py_spy:
-            left = deadline - time.monotonic()
-            share = min(_HOOK_SHARE_MAX, _HOOK_SHARE * left) if hook_file else 0.0
-            # A peer is read without being stopped: it is healthy, its own timers run on
-            # meanwhile, and a pause as long as a large worker's dump (seconds) got a
-            # peer reaped for the server's own doing. Its native frames cannot be read
-            # so (py-spy refuses --native with --nonblocking).
-            peer = base.role == "peer"
-            native = options.native and not peer
-            spy = functools.partial(
-                py_spy_dump,
-                options.py_spy,
-                process,
-                deadline - share - _RESERVE,
-                resume=not was_stopped,
-                uninterruptible=[t.tid for t in threads if t.state == "D"],
-                thread=through,
-                nonblocking=peer,
-            )
-            result = spy(native=native)
-            if result.threads is None and native and result.retryable:
-                # --native unwinds C stacks, which fails where py-spy cannot read them
-                # (some builds, some architectures): the Python frames are still worth it.
-                failed = result.error
-                result = spy(native=False)
-                if result.threads is not None:
-                    notes.insert(0, f"{failed}; without --native: Python frames only")
-            py_spy_why = result.error
-            if result.threads is not None:
-                method = "py-spy"
-        else:
-            py_spy_why = (
-                "py-spy: not installed (ftimer-server[pyspy])"
-                if options.wants_py_spy
-                else "py-spy: not enabled"
-            )
-        if (
-            result.threads is None
-            and hook_file is not None
-            and time.monotonic() < deadline - _RESERVE
-            and process.alive()
-        ):
-            by_hook = run_hook(process, hook_file, threads, deadline - _RESERVE)
-            if by_hook.threads is not None:
+        hook_file, hook_why = _plan_hook(
+            process, hook, threads, deadline, role=base.role, options=options
+        )
+        result, py_spy_why = _try_py_spy(
+            process,
+            threads,
+            notes,
+            deadline,
+            role=base.role,
+            options=options,
+            hook_after=hook_file is not None,
+            was_stopped=was_stopped,
+            tracer=tracer,
+            through=through,
+        )
+        method = "py-spy" if result.threads is not None else "facts"
+        if result.threads is None and hook_file is not None:
+            by_hook = _try_hook(process, hook_file, threads, deadline)
+            if by_hook is not None and by_hook.threads is not None:
                 method, result = "hook", by_hook
-            else:
+            elif by_hook is not None:
                 hook_why = by_hook.error
                 result.raw = result.raw or by_hook.raw
-        stacks = result.threads or []
-        if result.idents:
-            stacks = _paired(pid, stacks, result, threads, deadline - _RESERVE)
-        exited = not process.alive()
-        notes += result.notes or []
-        # Bounded whatever the worker makes of its stacks: the capture goes to the
-        # server and into an incident with its peers' (``bound_threads``).
-        kept, threads_cut, cut = bound_threads(merge_threads(stacks, threads), pid)
-        notes += cut
-        errors: List[str] = []
-        if method == "hook" and options.py_spy and py_spy_why:
-            errors.append(py_spy_why)  # why the better method failed
-        elif method == "facts":
-            errors.append("no stacks: " + "; ".join(w for w in (py_spy_why, hook_why) if w))
-        if exited:
-            errors.insert(0, "the worker exited during the capture")
-        return msgspec.structs.replace(
+        return _assemble(
             base,
-            start_time=process.start_time,
+            process,
+            result,
             method=method,
-            exited=exited,
-            error="; ".join(errors + notes) or None,
-            facts=_bound_facts(facts),
-            threads=kept,
-            threads_cut=threads_cut,
-            raw=excerpt(result.raw),
+            facts=facts,
+            threads=threads,
+            notes=notes,
+            options=options,
+            deadline=deadline,
+            py_spy_why=py_spy_why,
+            hook_why=hook_why,
         )
     finally:
         if hook_file is not None:
             hook_file.close()
         process.close()
+
+
+def _plan_hook(
+    process: Process,
+    hook: Optional[DumpHook],
+    threads: List[ThreadFacts],
+    deadline: float,
+    *,
+    role: str,
+    options: CaptureOptions,
+) -> Tuple[Optional[HookFile], Optional[str]]:
+    """Whether the worker's dump hook is to be tried (``prepare_hook``), for a worker of
+    ``role`` whose ``threads`` were read.
+
+    Returns:
+        The hook's file, checked (the caller closes it), and ``None``; or ``None`` and
+        why the hook is not used (for people).
+    """
+    if not options.hook:
+        return None, "dump hook: not enabled"
+    if hook is None and role == "peer":
+        return None, "dump hook: none given for this peer"
+    if hook is None:
+        return None, "dump hook: the worker announced none (ftimer-client's dump hook option)"
+    if options.dry_run:
+        # A worker a dry run leaves running would carry on with a C call cut short.
+        return None, (
+            "dump hook: not used in a dry run (its signal would interrupt the worker's "
+            "system calls)"
+        )
+    if time.monotonic() >= deadline - _RESERVE:
+        return None, "dump hook: no time left before the deadline"
+    plan = prepare_hook(process, hook, threads, deadline - _RESERVE)
+    if isinstance(plan, str):
+        return None, plan
+    return plan, None
+
+
+def _try_py_spy(
+    process: Process,
+    threads: List[ThreadFacts],
+    notes: List[str],
+    deadline: float,
+    *,
+    role: str,
+    options: CaptureOptions,
+    hook_after: bool,
+    was_stopped: bool,
+    tracer: int,
+    through: Optional[int],
+) -> Tuple[MethodResult, Optional[str]]:
+    """``py-spy dump`` of the worker if it is installed and enabled and no debugger traces
+    the worker (pid ``tracer``), retried without ``--native`` if that failed for py-spy's
+    own reasons; a retry that gives the stacks is noted at the head of ``notes``.
+
+    Args:
+        hook_after: the dump hook is to be tried if py-spy fails: py-spy ends early enough
+            to leave it its share of the time (``_HOOK_SHARE``).
+        was_stopped: the worker was stopped before the capture: py-spy leaves it so.
+        through: a live thread to read the worker through, its main thread having
+            exited.
+
+    Returns:
+        What py-spy gave (empty if it was not run), and why it gave no stacks or was not
+        run (``None`` if it gave them).
+    """
+    if options.py_spy and tracer:
+        return MethodResult(), (
+            f"py-spy: not used: process {process.pid} is already traced by pid {tracer} "
+            "(a debugger), which is left undisturbed"
+        )
+    if not options.py_spy:
+        return MethodResult(), (
+            "py-spy: not installed (ftimer-server[pyspy])"
+            if options.wants_py_spy
+            else "py-spy: not enabled"
+        )
+    left = deadline - time.monotonic()
+    share = min(_HOOK_SHARE_MAX, _HOOK_SHARE * left) if hook_after else 0.0
+    # A peer is read without being stopped: it is healthy, its own timers run on
+    # meanwhile, and a pause as long as a large worker's dump (seconds) got a
+    # peer reaped for the server's own doing. Its native frames cannot be read
+    # so (py-spy refuses --native with --nonblocking).
+    peer = role == "peer"
+    native = options.native and not peer
+    spy = functools.partial(
+        py_spy_dump,
+        options.py_spy,
+        process,
+        deadline - share - _RESERVE,
+        resume=not was_stopped,
+        uninterruptible=[t.tid for t in threads if t.state == "D"],
+        thread=through,
+        nonblocking=peer,
+    )
+    result = spy(native=native)
+    if result.threads is None and native and result.retryable:
+        # --native unwinds C stacks, which fails where py-spy cannot read them
+        # (some builds, some architectures): the Python frames are still worth it.
+        failed = result.error
+        result = spy(native=False)
+        if result.threads is not None:
+            notes.insert(0, f"{failed}; without --native: Python frames only")
+    return result, result.error
+
+
+def _try_hook(
+    process: Process, hook_file: HookFile, threads: List[ThreadFacts], deadline: float
+) -> Optional[MethodResult]:
+    """The worker's stacks by its dump hook (``run_hook``, which closes ``hook_file``).
+
+    Returns:
+        What the hook gave; ``None`` if it was not tried: no time left before
+        ``deadline`` or the worker gone.
+    """
+    if time.monotonic() >= deadline - _RESERVE or not process.alive():
+        return None
+    return run_hook(process, hook_file, threads, deadline - _RESERVE)
+
+
+def _assemble(
+    base: Capture,
+    process: Process,
+    result: MethodResult,
+    *,
+    method: str,
+    facts: ProcessFacts,
+    threads: List[ThreadFacts],
+    notes: List[str],
+    options: CaptureOptions,
+    deadline: float,
+    py_spy_why: Optional[str],
+    hook_why: Optional[str],
+) -> Capture:
+    """``base`` filled in from what the capture found: the stacks ``method`` gave
+    (``result``) merged with the ``/proc`` ``threads`` and bounded, ``facts``, and
+    whether the worker has exited by now.
+
+    Returns:
+        The capture; its ``error`` says why the methods better than ``method`` failed
+        (``py_spy_why``, ``hook_why``), that the worker exited, and ``notes``.
+    """
+    pid = base.pid
+    stacks = result.threads or []
+    if result.idents:
+        stacks = _paired(pid, stacks, result, threads, deadline - _RESERVE)
+    exited = not process.alive()
+    notes += result.notes or []
+    # Bounded whatever the worker makes of its stacks: the capture goes to the
+    # server and into an incident with its peers' (``bound_threads``).
+    kept, threads_cut, cut = bound_threads(merge_threads(stacks, threads), pid)
+    notes += cut
+    errors: List[str] = []
+    if method == "hook" and options.py_spy and py_spy_why:
+        errors.append(py_spy_why)  # why the better method failed
+    elif method == "facts":
+        errors.append("no stacks: " + "; ".join(w for w in (py_spy_why, hook_why) if w))
+    if exited:
+        errors.insert(0, "the worker exited during the capture")
+    return msgspec.structs.replace(
+        base,
+        start_time=process.start_time,
+        method=method,
+        exited=exited,
+        error="; ".join(errors + notes) or None,
+        facts=_bound_facts(facts),
+        threads=kept,
+        threads_cut=threads_cut,
+        raw=excerpt(result.raw),
+    )
 
 
 def _paired(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import msgspec
 
@@ -54,121 +54,175 @@ def describe(
         now: monotonic time, for "expires in"; defaults to the clock.
     """
     labels = _labels(event.labels)
-    if isinstance(event, Armed):
-        t = event.timer
-        left = t.deadline - (time.monotonic() if now is None else now)
-        if restoring:
-            return (
-                logging.INFO,
-                "restored timer: pid %d scope %r, %s in %.3f s%s",
-                (t.pid, _shown(t.scope_id), signal_label(t.signal), left, labels),
-            )
-        verb = "re-armed" if event.rearmed else "armed"
+    # By the event's class, else its nearest base in the table: a subclass of an event is
+    # worded as that event.
+    for cls in type(event).__mro__:
+        line = _LINES.get(cls)
+        if line is not None:
+            return line(event, labels, dry_run, restoring, now)
+    return logging.INFO, "%r", (event,)  # pragma: no cover - an event type added later
+
+
+def _armed(event: Armed, labels: str, dry_run: bool, restoring: bool, now: Optional[float]) -> Line:
+    """The line of an armed, re-armed or restored timer."""
+    t = event.timer
+    left = t.deadline - (time.monotonic() if now is None else now)
+    if restoring:
         return (
-            logging.DEBUG,
-            "%s: pid %d scope %r, %s in %.3f s%s",
-            (verb, t.pid, _shown(t.scope_id), signal_label(t.signal), left, labels),
+            logging.INFO,
+            "restored timer: pid %d scope %r, %s in %.3f s%s",
+            (t.pid, _shown(t.scope_id), signal_label(t.signal), left, labels),
         )
-    if isinstance(event, Disarmed):
-        t = event.timer
-        return logging.DEBUG, "disarmed: pid %d scope %r%s", (t.pid, _shown(t.scope_id), labels)
-    if isinstance(event, Expired):
-        t = event.timer
+    verb = "re-armed" if event.rearmed else "armed"
+    return (
+        logging.DEBUG,
+        "%s: pid %d scope %r, %s in %.3f s%s",
+        (verb, t.pid, _shown(t.scope_id), signal_label(t.signal), left, labels),
+    )
+
+
+def _disarmed(
+    event: Disarmed, labels: str, dry_run: bool, restoring: bool, now: Optional[float]
+) -> Line:
+    """The line of a disarmed timer."""
+    t = event.timer
+    return logging.DEBUG, "disarmed: pid %d scope %r%s", (t.pid, _shown(t.scope_id), labels)
+
+
+def _expired(
+    event: Expired, labels: str, dry_run: bool, restoring: bool, now: Optional[float]
+) -> Line:
+    """The line of a timer past its deadline."""
+    t = event.timer
+    return (
+        logging.WARNING,
+        "expired: pid %d scope %r (%s), %.1f ms after its deadline%s",
+        (t.pid, _shown(t.scope_id), signal_label(t.signal), event.late * 1e3, labels),
+    )
+
+
+def _reaped(
+    event: Reaped, labels: str, dry_run: bool, restoring: bool, now: Optional[float]
+) -> Line:
+    """The line of a reap: done, failed, moot (the worker had exited) or dry run."""
+    args = (event.pid, signal_label(event.signal), _shown(event.scope_id), event.late * 1e3)
+    labels = _too(event.descendants) + labels
+    if dry_run:
         return (
             logging.WARNING,
-            "expired: pid %d scope %r (%s), %.1f ms after its deadline%s",
-            (t.pid, _shown(t.scope_id), signal_label(t.signal), event.late * 1e3, labels),
+            "DRY RUN, not signalled: would have reaped pid %d with %s (timer %r, %.1f ms late)%s",
+            (*args, labels),
         )
-    if isinstance(event, Reaped):
-        args = (event.pid, signal_label(event.signal), _shown(event.scope_id), event.late * 1e3)
-        labels = _too(event.descendants) + labels
-        if dry_run:
-            return (
-                logging.WARNING,
-                "DRY RUN, not signalled: would have reaped pid %d with %s "
-                "(timer %r, %.1f ms late)%s",
-                (*args, labels),
-            )
-        incident = "" if event.incident is None else f", incident {event.incident}"
-        if event.gone:  # not a failure: nothing was left to reap
-            return (
-                logging.WARNING,
-                "not reaped: pid %d exited before its %s (timer %r, %.1f ms late)%s%s",
-                (*args, incident, labels),
-            )
-        if not event.delivered:
-            return (
-                logging.ERROR,
-                "could not reap pid %d with %s (timer %r, %.1f ms late): %s%s%s",
-                (*args, event.error or "the process is gone", incident, labels),
-            )
+    incident = "" if event.incident is None else f", incident {event.incident}"
+    if event.gone:  # not a failure: nothing was left to reap
         return (
             logging.WARNING,
-            "reaped: pid %d with %s (timer %r, %.1f ms late)%s%s",
+            "not reaped: pid %d exited before its %s (timer %r, %.1f ms late)%s%s",
             (*args, incident, labels),
         )
-    if isinstance(event, Escalated):
-        sig = signal_label(event.signal)
-        if dry_run:  # nothing was sent, neither the reap's signal nor this one
-            return (
-                logging.WARNING,
-                "DRY RUN, not signalled: would have escalated to %s: pid %d, %.1f s after "
-                "its reap%s",
-                (sig, event.pid, event.after, labels),
-            )
-        if event.exited:  # it did not outlive its grace, they did
-            return (
-                logging.WARNING,
-                "escalated: pid %d exited within its grace period, but %s outlived it: "
-                "sent %s %.1f s after its signal%s",
-                (event.pid, _descendants(event.descendants), sig, event.after, labels),
-            )
-        outcome = "" if event.delivered else f" (not delivered: {event.error or 'gone'})"
-        outcome += _too(event.descendants)
+    if not event.delivered:
+        return (
+            logging.ERROR,
+            "could not reap pid %d with %s (timer %r, %.1f ms late): %s%s%s",
+            (*args, event.error or "the process is gone", incident, labels),
+        )
+    return (
+        logging.WARNING,
+        "reaped: pid %d with %s (timer %r, %.1f ms late)%s%s",
+        (*args, incident, labels),
+    )
+
+
+def _escalated(
+    event: Escalated, labels: str, dry_run: bool, restoring: bool, now: Optional[float]
+) -> Line:
+    """The line of a reap's escalation after its grace period."""
+    sig = signal_label(event.signal)
+    if dry_run:  # nothing was sent, neither the reap's signal nor this one
         return (
             logging.WARNING,
-            "escalated: pid %d still alive %.1f s after its signal, sent %s%s%s",
-            (event.pid, event.after, sig, outcome, labels),
+            "DRY RUN, not signalled: would have escalated to %s: pid %d, %.1f s after its reap%s",
+            (sig, event.pid, event.after, labels),
         )
-    if isinstance(event, WorkerGone):
-        n = len(event.timers)
-        if restoring:
-            return (
-                logging.INFO,
-                "saved timers not restored: pid %d exited while no server ran, "
-                "%d timer(s) dropped%s",
-                (event.pid, n, labels),
-            )
-        level = logging.INFO if n else logging.DEBUG
-        return level, "worker exited: pid %d, %d timer(s) dropped%s", (event.pid, n, labels)
-    if isinstance(event, Rejected):
-        detail = f" ({event.detail})" if event.detail else ""
-        reason = _literal(event.reason.value)
-        if event.request == "restore":
-            return (
-                logging.WARNING,
-                f"saved timer not restored: pid %d scope %r: {reason}%s%s",
-                (event.pid, _shown(event.scope_id), detail, labels),
-            )
+    if event.exited:  # it did not outlive its grace, they did
         return (
             logging.WARNING,
-            f"refused %s: pid %d scope %r: {reason}%s%s",
-            (event.request, event.pid, _shown(event.scope_id), detail, labels),
+            "escalated: pid %d exited within its grace period, but %s outlived it: "
+            "sent %s %.1f s after its signal%s",
+            (event.pid, _descendants(event.descendants), sig, event.after, labels),
         )
-    if isinstance(event, DecodeFailed):
-        error = _literal(event.error)
-        if event.lines > 1:
-            return (
-                logging.WARNING,
-                f"dropped %d invalid lines in a row: {error}: %s: first %r",
-                (event.lines, event.reason, event.excerpt),
-            )
+    outcome = "" if event.delivered else f" (not delivered: {event.error or 'gone'})"
+    outcome += _too(event.descendants)
+    return (
+        logging.WARNING,
+        "escalated: pid %d still alive %.1f s after its signal, sent %s%s%s",
+        (event.pid, event.after, sig, outcome, labels),
+    )
+
+
+def _worker_gone(
+    event: WorkerGone, labels: str, dry_run: bool, restoring: bool, now: Optional[float]
+) -> Line:
+    """The line of a worker that exited with (or without) timers, or before a restore."""
+    n = len(event.timers)
+    if restoring:
+        return (
+            logging.INFO,
+            "saved timers not restored: pid %d exited while no server ran, %d timer(s) dropped%s",
+            (event.pid, n, labels),
+        )
+    level = logging.INFO if n else logging.DEBUG
+    return level, "worker exited: pid %d, %d timer(s) dropped%s", (event.pid, n, labels)
+
+
+def _rejected(
+    event: Rejected, labels: str, dry_run: bool, restoring: bool, now: Optional[float]
+) -> Line:
+    """The line of a refused request, or of a saved timer a restore refused."""
+    detail = f" ({event.detail})" if event.detail else ""
+    reason = _literal(event.reason.value)
+    if event.request == "restore":
         return (
             logging.WARNING,
-            f"dropped an invalid line: {error}: %s: %r",
-            (event.reason, event.excerpt),
+            f"saved timer not restored: pid %d scope %r: {reason}%s%s",
+            (event.pid, _shown(event.scope_id), detail, labels),
         )
-    return logging.INFO, "%r", (event,)  # pragma: no cover - an event type added later
+    return (
+        logging.WARNING,
+        f"refused %s: pid %d scope %r: {reason}%s%s",
+        (event.request, event.pid, _shown(event.scope_id), detail, labels),
+    )
+
+
+def _decode_failed(
+    event: DecodeFailed, labels: str, dry_run: bool, restoring: bool, now: Optional[float]
+) -> Line:
+    """The line of one invalid line dropped, or of a run of them."""
+    error = _literal(event.error)
+    if event.lines > 1:
+        return (
+            logging.WARNING,
+            f"dropped %d invalid lines in a row: {error}: %s: first %r",
+            (event.lines, event.reason, event.excerpt),
+        )
+    return (
+        logging.WARNING,
+        f"dropped an invalid line: {error}: %s: %r",
+        (event.reason, event.excerpt),
+    )
+
+
+#: `describe`'s line for each event type: (event, labels, dry_run, restoring, now) -> Line.
+_LINES: Dict[type, Callable[[Any, str, bool, bool, Optional[float]], Line]] = {
+    Armed: _armed,
+    Disarmed: _disarmed,
+    Expired: _expired,
+    Reaped: _reaped,
+    Escalated: _escalated,
+    WorkerGone: _worker_gone,
+    Rejected: _rejected,
+    DecodeFailed: _decode_failed,
+}
 
 
 def _labels(labels: Optional[Dict[str, str]]) -> str:

@@ -11,14 +11,23 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import nox
 
 ROOT = pathlib.Path(__file__).parent
 PACKAGES = ["packages/ftimer-protocol", "packages/ftimer-client", "packages/ftimer-server"]
-EDITABLE = [arg for pkg in PACKAGES for arg in ("-e", pkg)]
-SERVER_EXTRAS = ["-e", "packages/ftimer-server[metrics,pyspy]"]
+
+
+def editable(server_extras: str = "") -> List[str]:
+    """pip's arguments installing the three packages editable, the server with
+    ``server_extras`` (``"metrics,pyspy"``)."""
+    protocol, client, server = PACKAGES
+    extras = f"[{server_extras}]" if server_extras else ""
+    return ["-e", protocol, "-e", client, "-e", server + extras]
+
+
+EDITABLE = editable()
 TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"]
 LINT = ["ruff"]
 TYPECHECK = ["mypy", "prometheus_client>=0.17"]
@@ -41,6 +50,11 @@ def install(session: nox.Session, *args: str) -> None:
     """``pip install`` under the committed constraints, on the Python they were locked
     on; on another, whose wheels their exact versions may lack (msgspec 0.23 has none for
     3.9), the newest releases that Python takes, with a warning."""
+    if sys.version_info < (3, 9):  # noqa: UP036 - nox may run on an older Python than ours
+        session.error(
+            f"ftimer needs Python 3.9 or newer; this nox runs on {sys.version.split()[0]}: "
+            "make the venv with a newer python3"
+        )
     locked = re.search(r"on Python (\d+\.\d+)", CONSTRAINTS.read_text())
     running = f"{sys.version_info[0]}.{sys.version_info[1]}"  # the sessions use nox's Python
     if locked and locked.group(1) == running:
@@ -49,7 +63,7 @@ def install(session: nox.Session, *args: str) -> None:
     session.warn(
         f"{CONSTRAINTS.relative_to(ROOT)} was locked on Python "
         f"{locked.group(1) if locked else '?'}, not {running}: installing the newest "
-        "releases instead (CI runs the locked ones)"
+        "releases that Python takes instead (fine for trying ftimer; CI runs the locked ones)"
     )
     session.install(*args)
 
@@ -72,7 +86,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite except the torch interop tests. Extra args go to pytest."""
-    install(session, *TEST_DEPS, *EDITABLE, *SERVER_EXTRAS)
+    install(session, *TEST_DEPS, *editable("metrics,pyspy"))
     env: Dict[str, str] = {}
     promtool = _promtool(session)
     if promtool is not None:
@@ -119,7 +133,7 @@ def need_torch(session: nox.Session) -> None:
 def interop(session: nox.Session) -> None:
     """Tests against the real torch 2.13 (fails, never skips, if torch cannot be installed)."""
     need_torch(session)
-    install(session, *TEST_DEPS, *EDITABLE, *SERVER_EXTRAS, *TORCH)
+    install(session, *TEST_DEPS, *editable("metrics,pyspy"), *TORCH)
     session.run("pytest", "-m", "interop", *session.posargs, env={"FTIMER_REQUIRE_TORCH": "1"})
 
 
@@ -189,21 +203,21 @@ def build(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks side by side with torch 2.13. `nox -s bench -- --quick` for a short run."""
     need_torch(session)
-    install(session, *EDITABLE, "-e", "packages/ftimer-server[pyspy]", *TORCH, "matplotlib")
+    install(session, *editable("pyspy"), *TORCH, "matplotlib")
     session.run("python", "tests/benchmarks/run.py", *session.posargs)
 
 
 @nox.session
 def demo(session: nox.Session) -> None:
     """The main job: a server reaps a stuck worker and leaves a punctual one alone."""
-    install(session, *EDITABLE, "-e", "packages/ftimer-server[pyspy]")
+    install(session, *editable("pyspy"))
     session.run("python", "docs/examples/demo.py", *session.posargs, env={"PYTHONUNBUFFERED": "1"})
 
 
 @nox.session
 def dev(session: nox.Session) -> None:
     """Print the path of a ready development environment (all packages, test tools, ruff, mypy)."""
-    install(session, *TEST_DEPS, *EDITABLE, *SERVER_EXTRAS, *LINT, *TYPECHECK)
+    install(session, *TEST_DEPS, *editable("metrics,pyspy"), *LINT, *TYPECHECK)
     session.log(f"environment ready: {os.path.dirname(session.bin)}")
 
 
@@ -215,8 +229,7 @@ def lock(session: nox.Session) -> None:
         *LINT,
         *TYPECHECK,
         *TEST_DEPS,
-        *EDITABLE,
-        *SERVER_EXTRAS,
+        *editable("metrics,pyspy"),
         *TORCH,
         *BUILD,
         *DOCS,

@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import in_private_pid_namespace
 
 from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, main
-from ftimer_protocol import Arm, Disarm
+from ftimer_protocol import Arm, Disarm, socket_path_for
 
 from .conftest import FifoPeer, SocketPeer, server_state
 from .test_cli import FTIMER, ftimer
@@ -82,11 +82,12 @@ def test_with_ftimer_socket_set_another_process_s_pid_is_refused_not_sent_to_the
     with subprocess.Popen(["sleep", "30"]) as other:
         try:
             args = ("--scope", "s", "--pid", str(other.pid), "--after", "5")
-            assert main(["arm", *args]) == EXIT_USAGE
-            err = capsys.readouterr().err
-            assert "not this command's parent" in err
-            assert "$FTIMER_SOCKET names it" in err
-            assert "ftimer exec" in err
+            for transport in ((), ("--transport", "auto")):  # auto is the default
+                assert main(["arm", *transport, *args]) == EXIT_USAGE
+                err = capsys.readouterr().err
+                assert "not this command's parent" in err
+                assert "$FTIMER_SOCKET names it" in err
+                assert "ftimer exec" in err
             assert ftimer("arm", "--fifo", str(peer.path), *args).returncode == 0  # said so
             (arm,) = peer.wait_count(1)
             assert isinstance(arm, Arm)
@@ -94,6 +95,34 @@ def test_with_ftimer_socket_set_another_process_s_pid_is_refused_not_sent_to_the
             assert speer.datagrams == []
         finally:
             other.kill()
+
+
+def test_a_disarm_for_a_process_gone_succeeds_whatever_the_transport(
+    speer: SocketPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its timers went with it: with FTIMER_SOCKET set it was a usage error (status 2).
+    monkeypatch.setenv("FTIMER_SOCKET", str(speer.path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert main(["disarm", "--scope", "s", "--pid", str(gone.pid)]) == 0
+    assert speer.datagrams == []
+
+
+def test_another_process_s_pid_with_transport_auto_goes_over_the_fifo(peer: FifoPeer) -> None:
+    # Never the socket beside it, which would refuse it (foreign_subject) unseen.
+    fifo = str(peer.path)
+    beside = SocketPeer(pathlib.Path(socket_path_for(fifo)))
+    with subprocess.Popen(["sleep", "30"]) as other:
+        try:
+            args = ("--fifo", fifo, "--transport", "auto", "--scope", "s", "--after", "5")
+            assert ftimer("arm", *args, "--pid", str(other.pid)).returncode == 0
+            (arm,) = peer.wait_count(1)
+            assert isinstance(arm, Arm)
+            assert arm.pid == other.pid
+            assert beside.datagrams == []
+        finally:
+            other.kill()
+            beside.close()
 
 
 def test_pid_1_is_refused_unless_it_is_the_calling_shell(
@@ -105,9 +134,10 @@ def test_pid_1_is_refused_unless_it_is_the_calling_shell(
     # A container's shell (`sh -c '...'`) is pid 1: `--pid $$` is 1, and names it. It
     # was refused as "not a process id other than 1".
     arm = f"{sys.executable} -m ftimer_client {shlex.join(args)}"
-    done = in_private_pid_namespace("sh", "-c", f"{arm}; echo $?")
+    # --transport auto (the default, said) went on to refuse pid 1 ("other than init").
+    done = in_private_pid_namespace("sh", "-c", f"{arm}; {arm} --transport auto; echo $?")
     assert (done.stdout, done.stderr) == ("0\n", "")
-    [message] = speer.wait_count(1)
+    [message, _] = speer.wait_count(2)
     assert isinstance(message, Arm)
     assert message.pid == 1  # the shell, as it knows itself
     assert len(speer.datagrams[0].pidfds) == 1  # and by its pidfd, for the server

@@ -318,10 +318,8 @@ def test_only_torchs_lines_refused_for_their_time_are_parsed_again(
     from ftimer_protocol import _codec
 
     parsed: List[bytes] = []
-    loads = json.loads
-    monkeypatch.setattr(
-        _codec.json, "loads", lambda line, **kw: parsed.append(line) or loads(line, **kw)
-    )
+    retry = _codec._with_torch_time
+    monkeypatch.setattr(_codec, "_with_torch_time", lambda line: parsed.append(line) or retry(line))
     junk = [
         b'{"version":2,"op":"bogus","NaN":"Infinity"}',
         b'{"version": 1, "pid": 42, "scope_id": "NaN", "expiration_time": 1, "signal": "x"}',
@@ -370,6 +368,32 @@ def test_a_line_reads_the_same_with_or_without_a_fast_path_s_prefix(line: bytes)
     if isinstance(fast, MalformedMessage):
         return  # the same kind of error; its excerpt is of the line as written
     assert fast == slow
+
+
+def test_the_first_version_decides_also_beside_bytes_that_are_not_utf_8() -> None:
+    # msgspec skips an unknown member's string whatever its bytes; json.loads refused
+    # them, and the line was read by its last "version".
+    v1_then_2 = b'{"j":"\xff","version":1,"op":"sync","token":"a","version":2}'
+    assert isinstance(decode_value(v1_then_2), MalformedMessage)
+    v2_then_3 = b'{"j":"\xff","version":2,"op":"sync","token":"a","version":3}'
+    assert decode_value(v2_then_3) == Sync(token="a")
+
+
+@pytest.mark.parametrize(
+    "time",
+    [
+        b'"expiration_time" : Infinity,',
+        b'"expiration_time":  NaN,',
+        b'"expiration_time":\tInfinity ,',
+    ],
+)
+def test_torch_s_constant_time_is_forgiven_however_it_is_spaced(time: bytes) -> None:
+    line = b'{"version": 1, "pid": 42, "scope_id": "s", ' + time + b' "signal": 9}'
+    assert decode_value(line) == TimerRequestV1(
+        pid=42, scope_id="s", expiration_time=MAX_TIME, signal=9
+    )
+    at_the_end = b'{"version": 1, "pid": 42, "scope_id": "s", "signal": 9, ' + time[:-1] + b"}"
+    assert decode_value(at_the_end) == decode_value(line)
 
 
 @pytest.mark.parametrize(

@@ -649,6 +649,18 @@ def test_queries_refuse_a_nan_timeout_and_a_negative_one_does_not_wait(
         holder.join()
 
 
+def test_a_nan_stop_timeout_is_refused_when_set_and_stop_still_stops(
+    fifo_path: pathlib.Path,
+) -> None:
+    # stop() raised ValueError for it, and the server ran on (a with block's exit too).
+    with FileTimerServer(fifo_path) as server:
+        with pytest.raises(ValueError, match="NaN"):
+            server.stop_timeout = math.nan
+        assert server.stop_timeout == 10.0
+        server.stop_timeout = math.inf
+    assert server.state is Lifecycle.STOPPED
+
+
 def test_run_once_stops_the_server_when_its_sync_times_out(fifo_path: pathlib.Path) -> None:
     server = FileTimerServer(fifo_path)
 

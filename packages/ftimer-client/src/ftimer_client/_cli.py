@@ -340,32 +340,6 @@ def _run(args: argparse.Namespace) -> int:
                 "shell, is its parent now (`ftimer arm ... &` at the end of a script?); "
                 "give --pid $$ in the shell"
             )
-        if pid == 1:
-            # The calling shell is the init of its PID namespace (a container's): the
-            # server refuses pid 1 from the FIFO, and tells it from the host's over the
-            # socket, by the pidfd this command sends.
-            if args.transport == "fifo":
-                command.error(
-                    "the calling shell is pid 1 (a container's first process), which "
-                    "the server refuses from the FIFO: use the socket (--socket PATH)"
-                )
-            args.transport = args.transport or "socket"  # a FIFO named: its socket
-        elif pid not in (os.getppid(), os.getpid()):
-            # The server takes from a socket only the sender, its parent or descendants,
-            # and this command has no descendants: another process goes over the FIFO.
-            # $FTIMER_SOCKET says the server is reached there and nowhere else (a
-            # container's worker, whose pids the server reads only over the socket).
-            default = args.fifo is None and args.transport is None and args.protocol != 1
-            by_env = default and args.socket is None and bool(os.environ.get(ENV_SOCKET))
-            if args.socket is not None or args.transport == "socket" or by_env:
-                command.error(
-                    f"--pid {pid} is not this command's parent (the calling shell), which "
-                    "is all the server accepts from it over the socket"
-                    f"{f' (${ENV_SOCKET} names it)' if by_env else ''}: start that process "
-                    "with `ftimer exec` instead, or use the FIFO (--fifo PATH), where the "
-                    "server can read this PID namespace's pids"
-                )
-            args.transport = args.transport or "fifo"
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -377,6 +351,36 @@ def _run(args: argparse.Namespace) -> int:
         owner = process_of_thread(pid)
         if owner is not None:  # kill(tid, 0) succeeds; the server refuses a thread's id
             command.error(f"{pid} is a thread of process {owner}, not a process (--pid)")
+        if pid == 1:
+            # The calling shell is the init of its PID namespace (a container's): the
+            # server refuses pid 1 from the FIFO, and tells it from the host's over the
+            # socket, by the pidfd this command sends.
+            if args.transport == "fifo":
+                command.error(
+                    "the calling shell is pid 1 (a container's first process), which "
+                    "the server refuses from the FIFO: use the socket (--socket PATH)"
+                )
+            args.transport = "socket"  # a FIFO named: its socket
+        elif pid not in (os.getppid(), os.getpid()):
+            # The server takes from a socket only the sender, its parent or descendants,
+            # and this command has no descendants: another process goes over the FIFO.
+            # $FTIMER_SOCKET says the server is reached there and nowhere else (a
+            # container's worker, whose pids the server reads only over the socket).
+            by_env = (
+                args.fifo is None
+                and args.transport != "fifo"
+                and args.protocol != 1
+                and bool(os.environ.get(ENV_SOCKET))
+            )
+            if args.socket is not None or args.transport == "socket" or by_env:
+                command.error(
+                    f"--pid {pid} is not this command's parent (the calling shell), which "
+                    "is all the server accepts from it over the socket"
+                    f"{f' (${ENV_SOCKET} names it)' if by_env else ''}: start that process "
+                    "with `ftimer exec` instead, or use the FIFO (--fifo PATH), where the "
+                    "server can read this PID namespace's pids"
+                )
+            args.transport = "fifo"  # auto would take the socket beside it
         client = _client(args, pid)
         if args.command in ("arm", "beat"):
             client.arm(args.scope, args.after)

@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Mapping
 from json.encoder import encode_basestring_ascii
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import msgspec
 
@@ -82,8 +82,20 @@ _by_version: Dict[Any, Callable[[bytes], Message]] = {
 # so that an escaped backslash followed by "u" (the text ``\udce9``) is never taken for one.
 _ESCAPES = re.compile(rb"(?:\\u[dD][89a-fA-F][0-9a-fA-F]{2})+|\\.", re.DOTALL)
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_TIME_MEMBER = rb'"expiration_time"[ \t\r\n]*:[ \t\r\n]*'
+_VALUE_ENDS = rb"(?=[ \t\r\n]*[,}])"
 #: What torch's client writes for an infinite or NaN time (``json.dumps``), not JSON.
-_NOT_A_NUMBER = re.compile(rb'"expiration_time": ?(?:-?Infinity|NaN)[,}]')
+_NOT_A_NUMBER = re.compile(_TIME_MEMBER + rb"-?(?:Infinity|NaN)" + _VALUE_ENDS)
+#: Where msgspec stopped, in its error: "JSON is malformed: invalid character (byte 60)".
+_AT_BYTE = re.compile(r"\(byte (\d+)\)$")
+#: A version 1 line's time: its member, and its value (a number, or what torch's client
+#: writes for an infinite or NaN one).
+_TORCH_TIME = re.compile(_TIME_MEMBER + rb"(-?(?:Infinity|NaN|[0-9][0-9.eE+-]*))" + _VALUE_ENDS)
+#: How a reader takes a time beyond the bound: torch's server never expires it (a timer
+#: at the bound) or, below it, releases.
+_NEVER, _RELEASE = repr(float(MAX_TIME)).encode(), b"-1.0"
+#: Escapes of the letters of "version" (U+0065 to U+0076): a member name that may spell it.
+_LETTER_ESCAPE = re.compile(rb"\\u00[67]")
 
 
 def encode(message: Message, *, limit: int = PIPE_BUF) -> bytes:
@@ -176,7 +188,7 @@ def _decoded(line: bytes) -> Union[Message, RemoteProtocolError]:
             version = _envelope_decoder.decode(line).version
         except _DECODE_ERRORS as e:
             return _refused(line, e)
-        if line.count(b'"version"') > 1 or b"\\u" in line:  # maybe more than one
+        if line.count(b'"version"') > 1 or _LETTER_ESCAPE.search(line):  # maybe two
             version = _first_version(line, version)
         if version is msgspec.UNSET:
             return MalformedMessage(NO_VERSION, line[:EXCERPT_BYTES])
@@ -194,8 +206,9 @@ def _first_version(line: bytes, last: Any) -> Any:
     """The first "version" member of the object ``line`` holds (msgspec's envelope gives
     the ``last``): a reader reads the version first, and the fast paths dispatch on it
     (their decoders then take a later one as an unknown member, or refuse it)."""
-    try:
-        members = json.loads(line, object_pairs_hook=list)  # every object as its pairs
+    try:  # bytes that are not UTF-8 in a string msgspec skipped: kept, as text
+        text = line.decode("utf-8", "surrogateescape")
+        members = json.loads(text, object_pairs_hook=list)  # every object as its pairs
     except (ValueError, RecursionError):
         return last
     return next((value for name, value in members if name == "version"), last)
@@ -216,51 +229,50 @@ def _refused(line: bytes, error: Exception) -> Union[Message, RemoteProtocolErro
                 return result
             return MalformedMessage(str(error), line[:EXCERPT_BYTES])
     # Version 1 lines only, refused for their time: other junk costs no second parse.
-    if not line.startswith(V2_PREFIX) and (
-        str(error).endswith("`$.expiration_time`") or _NOT_A_NUMBER.search(line)
-    ):
+    if not line.startswith(V2_PREFIX) and _time_at_fault(line, str(error)):
         request = _with_torch_time(line)
         if request is not None:
             return request
     return MalformedMessage(str(error), line[:EXCERPT_BYTES])
 
 
+def _time_at_fault(line: bytes, error: str) -> bool:
+    """Whether msgspec's ``error`` may be about the ``expiration_time`` of ``line``: its
+    value out of bounds, or a constant JSON lacks where it stopped (a look at those bytes
+    alone: junk costs no search through it)."""
+    if error.endswith("`$.expiration_time`"):
+        return True
+    at = _AT_BYTE.search(error)
+    if at is None:
+        return False
+    where = int(at.group(1))
+    return _NOT_A_NUMBER.search(line, max(0, where - 64), where + 64) is not None
+
+
 def _with_torch_time(line: bytes) -> Optional[TimerRequestV1]:
     """The version 1 request of ``line``, which msgspec refused, if only its
     ``expiration_time`` was at fault: ``Infinity``, ``-Infinity`` and ``NaN``, which
     torch's client writes (``json.dumps``) and JSON lacks, or a number beyond the
-    protocol's bound (``time.time() + sys.maxsize``). None otherwise."""
-    constants: List[str] = []
+    protocol's bound (``time.time() + sys.maxsize``). None otherwise.
 
-    def constant(name: str) -> float:
-        constants.append(name)
-        return _Constant(name)
-
+    The time is read as torch's server reads it (``torch_request``), written back in its
+    place, and the line decoded again as any other: all else in it is judged as in a
+    line that needs no retry."""
+    times = _TORCH_TIME.findall(line)
+    if len(times) != 1:  # none, or in objects of unknown members too
+        return None
     try:
-        fields = json.loads(line, parse_constant=constant, object_pairs_hook=_unrepeated)
-    except (ValueError, RecursionError):  # not JSON, or a member repeated: as msgspec said
+        time = float(times[0])  # inf for 1e400, which msgspec refuses
+    except ValueError:  # "1.2.3"
         return None
-    version = fields.get("version") if type(fields) is dict else None
-    if type(version) is not int or version != 1:
-        return None
-    if len(constants) > (type(fields.get("expiration_time")) is _Constant):
-        return None  # Infinity or NaN elsewhere too: not JSON, whatever the time
+    if -MAX_TIME <= time <= MAX_TIME:
+        return None  # within the bound: not what msgspec refused
+    # NaN compares false: torch's server never finds it due, nor below zero.
+    read_as = _RELEASE if time < -MAX_TIME else _NEVER
     try:
-        return torch_request(fields)
-    except MalformedMessage:
+        return _v1_decoder.decode(_TORCH_TIME.sub(rb'"expiration_time":' + read_as, line))
+    except _DECODE_ERRORS:
         return None
-
-
-class _Constant(float):
-    """A number JSON lacks (``Infinity``, ``NaN``), as read from a line."""
-
-
-def _unrepeated(members: List[Tuple[str, Any]]) -> Dict[str, Any]:
-    """The object of ``members``; refused (ValueError) if one of them is repeated."""
-    fields = dict(members)
-    if len(fields) != len(members):
-        raise ValueError("a member is repeated")
-    return fields
 
 
 def torch_request(fields: Mapping[str, Any]) -> TimerRequestV1:

@@ -293,9 +293,8 @@ class FileTimerServer:
         self._remove_fifo = remove_fifo
         self._lock_fifo = lock_fifo
         self._lock_fd = -1
-        #: Seconds ``stop()`` waits for the loop's thread: 10 by default (torch's default
-        #: ``max_interval``); ``None``: until it ends.
-        self.stop_timeout: Optional[float] = STOP_TIMEOUT
+        self._stop_wait = _lock_wait(STOP_TIMEOUT)
+        self._stop_timeout: Optional[float] = STOP_TIMEOUT
         self._kill_self_on_reap = kill_self_on_reap
         self._tick_interval = tick_interval
         self._on_tick = on_tick
@@ -382,6 +381,18 @@ class FileTimerServer:
     # -- lifecycle ---------------------------------------------------------------------
 
     @property
+    def stop_timeout(self) -> Optional[float]:
+        """Seconds ``stop()`` waits for the loop's thread: 10 by default (torch's default
+        ``max_interval``); ``None`` or infinity: until it ends; a negative one: not at
+        all. Setting it to NaN raises ``ValueError``."""
+        return self._stop_timeout
+
+    @stop_timeout.setter
+    def stop_timeout(self, timeout: Optional[float]) -> None:
+        self._stop_wait = _lock_wait(timeout)  # checked here: stop() never raises for it
+        self._stop_timeout = timeout
+
+    @property
     def state(self) -> Lifecycle:
         """Where the server is in its life."""
         state = self._state
@@ -449,13 +460,10 @@ class FileTimerServer:
 
         In a process forked from the one that made the server, it does nothing: the
         server runs in that one (a ``with`` block the child leaves ends there too).
-
-        Raises:
-            ValueError: ``stop_timeout`` is NaN (nothing was stopped).
         """
         if os.getpid() != self._pid:
             return
-        wait = _lock_wait(self.stop_timeout)
+        wait = self._stop_wait
         end = time.monotonic() + wait
         # A signal handler's stop() that interrupted this thread in a call holding the
         # lock: the loop cannot end before that call returns, so it is not waited for.

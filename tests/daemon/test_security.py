@@ -118,6 +118,24 @@ def test_a_fifo_under_a_directory_others_may_write_gets_a_warning(tmp_path: path
     assert startup_warnings(config, euid=1000) == []
 
 
+def test_a_socket_elsewhere_is_judged_by_its_own_directory(tmp_path: pathlib.Path) -> None:
+    # --socket in a directory others may write: its clients' timers could be taken by a
+    # socket put in its place, and nothing was said (only the FIFO's was looked at).
+    safe, shared = tmp_path / "safe", tmp_path / "shared"
+    safe.mkdir(mode=0o755)
+    shared.mkdir()
+    shared.chmod(0o777)
+    config = DaemonConfig(fifo=str(safe / "timer.fifo"), socket=str(shared / "timer.socket"))
+    (warning,) = startup_warnings(config, euid=1000)
+    assert warning.startswith(
+        f"the socket's directory {shared} (mode 0777) lets users other than its owner rename "
+        "or replace the socket in it"
+    )
+    beside = DaemonConfig(fifo=str(shared / "timer.fifo"), socket=str(shared / "timer.socket"))
+    (warning,) = startup_warnings(beside, euid=1000)
+    assert "rename or replace the FIFO and the socket in it" in warning
+
+
 @needs_root
 def test_a_fifo_in_a_directory_of_another_user_gets_a_warning(tmp_path: pathlib.Path) -> None:
     # Its owner can rename the FIFO away and put their own in its place, as in a
@@ -130,7 +148,7 @@ def test_a_fifo_in_a_directory_of_another_user_gets_a_warning(tmp_path: pathlib.
     (warning,) = startup_warnings(DaemonConfig(fifo=str(theirs / "timer.fifo")), euid=0)
     assert warning.startswith(
         f"the FIFO's directory {theirs} belongs to uid 4263, who may rename or replace the "
-        "FIFO and the socket in it"
+        "FIFO in it"
     )
     (warning,) = startup_warnings(DaemonConfig(fifo=str(below / "timer.fifo")), euid=0)
     assert warning.startswith(

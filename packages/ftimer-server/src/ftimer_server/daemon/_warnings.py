@@ -28,32 +28,14 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
     in which others could swap the FIFO for theirs. (A state file's directory others
     could change is refused at start, not warned about.)
     """
-    warnings = []
-    directory = os.path.dirname(c.fifo) or "."
-    shared = _shared(directory)
-    if shared is not None:
-        path, bits = shared
-        # Above it, the FIFO's own directory can be renamed away and another put there.
-        where = f"{path} (mode {bits:04o})"
-        if path != directory:
-            where = f"{directory}, through {where} above it,"
-        warnings.append(
-            f"the FIFO's directory {where} lets users other "
-            "than its owner rename or replace the FIFO and the socket in it, and so read "
-            "the timers and keep workers unwatched: use a directory only the daemon's "
-            "user may write (such as the default /run/ftimer), under directories only "
-            "root may write"
-        )
-    owned = _owned_by_another(directory, euid)
-    if owned is not None:
-        path, uid = owned
-        where = "" if path == directory else f", through {path} above it,"
-        warnings.append(
-            f"the FIFO's directory {directory}{where} belongs to uid {uid}, who may rename "
-            "or replace the FIFO and the socket in it, and so read the timers and keep "
-            "workers unwatched: use a directory of the daemon's user or root's (such as "
-            "the default /run/ftimer)"
-        )
+    fifo_dir = os.path.dirname(c.fifo) or "."
+    socket_dir = None if c.socket is None else os.path.dirname(c.socket) or "."
+    if socket_dir in (None, fifo_dir):
+        holds = "the FIFO" if c.socket is None else "the FIFO and the socket"
+        warnings = _directory_warnings(fifo_dir, "FIFO's", holds, euid)
+    else:  # a socket elsewhere (--socket PATH): swapped, its clients would go unwatched
+        warnings = _directory_warnings(fifo_dir, "FIFO's", "the FIFO", euid)
+        warnings += _directory_warnings(socket_dir, "socket's", "the socket", euid)
     others_write = bool(c.fifo_mode & 0o002)
     group_write = bool(c.fifo_mode & 0o020)
     mode = f"{c.fifo_mode:04o}"
@@ -126,6 +108,37 @@ def _fifo_gid(c: DaemonConfig) -> int:
         if stat.S_ISFIFO(st.st_mode):
             return st.st_gid
     return os.getegid()
+
+
+def _directory_warnings(directory: str, whose: str, holds: str, euid: int) -> List[str]:
+    """What is risky about ``directory``, the ``whose`` ("FIFO's") directory, which
+    ``holds`` ("the FIFO and the socket"): others who may rename or replace what is in
+    it, or in a directory above it."""
+    warnings = []
+    shared = _shared(directory)
+    if shared is not None:
+        path, bits = shared
+        # Above it, the directory itself can be renamed away and another put there.
+        where = f"{path} (mode {bits:04o})"
+        if path != directory:
+            where = f"{directory}, through {where} above it,"
+        warnings.append(
+            f"the {whose} directory {where} lets users other than its owner rename or "
+            f"replace {holds} in it, and so read the timers and keep workers unwatched: "
+            "use a directory only the daemon's user may write (such as the default "
+            "/run/ftimer), under directories only root may write"
+        )
+    owned = _owned_by_another(directory, euid)
+    if owned is not None:
+        path, uid = owned
+        where = "" if path == directory else f", through {path} above it,"
+        warnings.append(
+            f"the {whose} directory {directory}{where} belongs to uid {uid}, who may "
+            f"rename or replace {holds} in it, and so read the timers and keep workers "
+            "unwatched: use a directory of the daemon's user or root's (such as the "
+            "default /run/ftimer)"
+        )
+    return warnings
 
 
 def _shared(directory: str) -> Optional[Tuple[str, int]]:

@@ -333,75 +333,120 @@ def py_spy_dump(
         The threads, or why there are none: ptrace refused (in the user's terms), the
         deadline, the worker gone, or py-spy's own error.
     """
-    command = [py_spy, "dump", "--pid", str(thread or process.pid), "--json"]
-    if native:
-        command.append("--native")
-    if thread is not None or nonblocking:
-        command.append("--nonblocking")
+    unstopped = thread is not None or nonblocking
+    command = _py_spy_command(py_spy, thread or process.pid, native=native, nonblocking=unstopped)
+    if unstopped:
         resume = False  # never stopped
     if deadline <= time.monotonic():
         return MethodResult(error="py-spy: no time left before the deadline")
-    # Its errors without a Rust backtrace, whatever the server's environment says.
-    env = dict(os.environ, RUST_BACKTRACE="0", RUST_LIB_BACKTRACE="0")
     try:
-        run = run_tool(
-            command, process, deadline, resume=resume, env=env, thread=thread, keep=PY_SPY_KEPT
-        )
+        run = _run_py_spy(command, process, deadline, resume=resume, thread=thread)
     except OSError as e:
         return MethodResult(error=f"py-spy could not be started ({py_spy}): {e}")
     if run.too_long:
-        too_long = (
-            f"py-spy wrote more than {MAX_OUTPUT} bytes (the worker's stacks are as "
-            "large as it makes them) and was killed"
-        )
-        try:  # the threads whole in its start are still worth it
-            threads, idents = salvage_py_spy(run.out, b"")
-        except ValueError:
-            threads, idents = [], None
-        if not threads:
-            return MethodResult(raw=excerpt(run.out), error=too_long)
-        return MethodResult(
-            threads=threads,
-            idents=idents,
-            raw=excerpt(run.out),
-            notes=[f"{too_long}: the {len(threads)} threads whole in its start are shown"],
-        )
+        return _py_spy_too_long(run.out)
     if run.gone:
         return MethodResult(
             error="py-spy: the worker exited before it could be read, or while it was "
             "(its pid may then have been another process's): what py-spy read is discarded"
         )
     if run.returncode is None:
-        stuck = ", ".join(map(str, uninterruptible))
-        why = (
-            f"thread {stuck} is in uninterruptible sleep (D state) and cannot be stopped"
-            if stuck
-            else "it did not finish"
-        )
-        return MethodResult(
-            raw=excerpt(run.out),
-            error=f"py-spy did not finish within {run.seconds:.2f}s and was killed: {why}",
-        )
+        return _py_spy_killed(run, uninterruptible)
     if run.returncode != 0:
-        message = _message(run.err.decode(errors="replace"))
-        if not process.alive():
-            return MethodResult(error=f"py-spy failed: the worker exited ({message})")
-        tracer = tracer_pid(process.pid)
-        if tracer and _PTRACE_REFUSED.search(message):
-            return MethodResult(
-                error=f"py-spy cannot attach: process {process.pid} is already traced by "
-                f"pid {tracer} (py-spy said: {message})"
-            )
-        if _PTRACE_REFUSED.search(message):
-            return MethodResult(error=f"{_ptrace_advice()} (py-spy said: {message})")
-        if _NO_PYTHON in message.lower():
-            return MethodResult(
-                error=f"py-spy: process {process.pid} runs no Python interpreter it can read "
-                f"(not a Python program?) (py-spy said: {message})"
-            )
+        return _py_spy_failed(run, process)
+    return _py_spy_threads(run)
+
+
+def _py_spy_command(py_spy: str, pid: int, *, native: bool, nonblocking: bool) -> List[str]:
+    """The ``py-spy dump`` command line for ``pid``."""
+    command = [py_spy, "dump", "--pid", str(pid), "--json"]
+    if native:
+        command.append("--native")
+    if nonblocking:
+        command.append("--nonblocking")
+    return command
+
+
+def _run_py_spy(
+    command: Sequence[str],
+    process: Process,
+    deadline: float,
+    *,
+    resume: bool,
+    thread: Optional[int],
+) -> ToolRun:
+    """``run_tool`` for py-spy: its output kept to ``PY_SPY_KEPT`` bytes.
+
+    Raises:
+        OSError: py-spy could not be started.
+    """
+    # Its errors without a Rust backtrace, whatever the server's environment says.
+    env = dict(os.environ, RUST_BACKTRACE="0", RUST_LIB_BACKTRACE="0")
+    return run_tool(
+        command, process, deadline, resume=resume, env=env, thread=thread, keep=PY_SPY_KEPT
+    )
+
+
+def _py_spy_too_long(out: bytes) -> MethodResult:
+    """What is left of a py-spy killed for writing more than ``MAX_OUTPUT`` bytes: the
+    threads whole in the start of its output (``out``), if any."""
+    too_long = (
+        f"py-spy wrote more than {MAX_OUTPUT} bytes (the worker's stacks are as "
+        "large as it makes them) and was killed"
+    )
+    try:  # the threads whole in its start are still worth it
+        threads, idents = salvage_py_spy(out, b"")
+    except ValueError:
+        threads, idents = [], None
+    if not threads:
+        return MethodResult(raw=excerpt(out), error=too_long)
+    return MethodResult(
+        threads=threads,
+        idents=idents,
+        raw=excerpt(out),
+        notes=[f"{too_long}: the {len(threads)} threads whole in its start are shown"],
+    )
+
+
+def _py_spy_killed(run: ToolRun, uninterruptible: Sequence[int]) -> MethodResult:
+    """A py-spy killed at the deadline: why it may not have finished."""
+    stuck = ", ".join(map(str, uninterruptible))
+    why = (
+        f"thread {stuck} is in uninterruptible sleep (D state) and cannot be stopped"
+        if stuck
+        else "it did not finish"
+    )
+    return MethodResult(
+        raw=excerpt(run.out),
+        error=f"py-spy did not finish within {run.seconds:.2f}s and was killed: {why}",
+    )
+
+
+def _py_spy_failed(run: ToolRun, process: Process) -> MethodResult:
+    """A py-spy that exited with an error: why, in the user's terms where they are
+    known (the worker gone, ptrace refused, no Python); retryable otherwise."""
+    message = _message(run.err.decode(errors="replace"))
+    if not process.alive():
+        return MethodResult(error=f"py-spy failed: the worker exited ({message})")
+    tracer = tracer_pid(process.pid)
+    if tracer and _PTRACE_REFUSED.search(message):
         return MethodResult(
-            error=f"py-spy failed (exit {run.returncode}): {message}", retryable=True
+            error=f"py-spy cannot attach: process {process.pid} is already traced by "
+            f"pid {tracer} (py-spy said: {message})"
         )
+    if _PTRACE_REFUSED.search(message):
+        return MethodResult(error=f"{_ptrace_advice()} (py-spy said: {message})")
+    if _NO_PYTHON in message.lower():
+        return MethodResult(
+            error=f"py-spy: process {process.pid} runs no Python interpreter it can read "
+            f"(not a Python program?) (py-spy said: {message})"
+        )
+    return MethodResult(error=f"py-spy failed (exit {run.returncode}): {message}", retryable=True)
+
+
+def _py_spy_threads(run: ToolRun) -> MethodResult:
+    """The threads of a py-spy that succeeded, parsed from its output: those of its
+    start and end only if its middle was dropped (more than ``PY_SPY_KEPT`` bytes)."""
     raw = excerpt(run.out)
     try:
         if not run.dropped:

@@ -458,6 +458,39 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     cmd: List[str] = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.error("exec needs a command after --")
+    pid, gate_w, err_r = _start_gated(cmd)
+    # A command named by bytes that are not UTF-8 still gets a scope the wire can carry.
+    scope = args.scope or f"exec:{_shown(os.path.basename(cmd[0]))}"
+    try:
+        client = _arm_cmd(args, pid, scope)
+    except (ServerUnavailable, ValueError, KeyboardInterrupt) as e:
+        _abandon(pid, gate_w, err_r)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        if isinstance(e, ServerUnavailable):
+            print(f"ftimer: {e}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        print(f"ftimer: {_usage_error(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    previous = _forward_signals(pid)
+    failure = _open_gate(gate_w, err_r)
+    status = _await_exit(pid)
+    _disarm(client, scope)
+    if status is None:
+        _, status = os.waitpid(pid, 0)
+    _restore(previous, (*FORWARDED, *IGNORED))
+    if failure:
+        exit_code, _, message = failure.partition(" ")
+        print(f"ftimer: {_shown(cmd[0])}: {message}", file=sys.stderr)
+        return int(exit_code)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _start_gated(cmd: List[str]) -> tuple[int, int, int]:
+    """Fork CMD's process, held at a gate before it execs CMD; return its pid, the
+    gate's write end (write ``b"1"`` to open it, close it unwritten to end the process)
+    and the read end of the pipe that brings back exec's error."""
     # CMD's process waits at a gate until its timer is armed, so CMD never runs
     # unwatched (unless the policy says so); exec errors come back through err_r.
     gate_r, gate_w = os.pipe()
@@ -484,32 +517,41 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             os._exit(code)
     os.close(gate_r)
     os.close(err_w)
-    # A command named by bytes that are not UTF-8 still gets a scope the wire can carry.
-    scope = args.scope or f"exec:{_shown(os.path.basename(cmd[0]))}"
-    try:
-        client = _client(args, pid)
-        client.arm(scope, args.after)
-        # Judged while CMD waits at the gate: over the socket, an arm judged after CMD
-        # had exited (a quick CMD) was refused, the subject gone.
-        if not client._wait_read():
-            _stalled(
-                args,
-                _connected_path(client),
-                "the command was not run"
-                if args.on_unavailable == "raise"
-                else "the command runs, watched only if the server judges its arm while it lives",
-            )
-    except (ServerUnavailable, ValueError, KeyboardInterrupt) as e:
-        os.close(gate_w)  # CMD never runs
-        os.close(err_r)
-        os.waitpid(pid, 0)
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        if isinstance(e, ServerUnavailable):
-            print(f"ftimer: {e}", file=sys.stderr)
-            return EXIT_UNAVAILABLE
-        print(f"ftimer: {_usage_error(e)}", file=sys.stderr)
-        return EXIT_USAGE
+    return pid, gate_w, err_r
+
+
+def _arm_cmd(args: argparse.Namespace, pid: int, scope: str) -> FileTimerClient:
+    """Arm CMD's timer while CMD waits at the gate, and wait for the server's receipt.
+
+    Raises:
+        ServerUnavailable: no server took the arm (ServerStalled: none confirmed it).
+        ValueError: a usage error.
+    """
+    client = _client(args, pid)
+    client.arm(scope, args.after)
+    # Judged while CMD waits at the gate: over the socket, an arm judged after CMD
+    # had exited (a quick CMD) was refused, the subject gone.
+    if not client._wait_read():
+        _stalled(
+            args,
+            _connected_path(client),
+            "the command was not run"
+            if args.on_unavailable == "raise"
+            else "the command runs, watched only if the server judges its arm while it lives",
+        )
+    return client
+
+
+def _abandon(pid: int, gate_w: int, err_r: int) -> None:
+    """End CMD's process at the gate, before it runs CMD, and reap it."""
+    os.close(gate_w)  # CMD never runs
+    os.close(err_r)
+    os.waitpid(pid, 0)
+
+
+def _forward_signals(pid: int) -> Dict[int, Any]:
+    """Pass FORWARDED signals on to process ``pid`` and ignore IGNORED ones; return the
+    handlers they had, for ``_restore``."""
 
     def forward(signum: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -521,11 +563,22 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         signal.signal(signum, forward)
     for signum in IGNORED:
         signal.signal(signum, signal.SIG_IGN)
+    return previous
+
+
+def _open_gate(gate_w: int, err_r: int) -> str:
+    """Let CMD's process exec CMD; return exec's error ("STATUS MESSAGE"), or "" once
+    CMD runs."""
     with contextlib.suppress(BrokenPipeError):  # CMD may be reaped at the gate already
         os.write(gate_w, b"1")
     os.close(gate_w)
     with os.fdopen(err_r, "rb") as err:
-        failure = err.read().decode()  # empty once CMD is running (close-on-exec)
+        return err.read().decode()  # empty once CMD is running (close-on-exec)
+
+
+def _await_exit(pid: int) -> Optional[int]:
+    """Wait for CMD to exit, then ignore FORWARDED signals. Return CMD's wait status if
+    it had to be reaped for that (no ``waitid``), else None: CMD is left to reap."""
     reap_first = not hasattr(os, "waitid")
     if not reap_first:
         # Wait without reaping: the pid stays CMD's until the forwarding stops and the
@@ -538,6 +591,13 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         signal.signal(signum, signal.SIG_IGN)
     if reap_first:
         _, status = os.waitpid(pid, 0)
+        return status
+    return None
+
+
+def _disarm(client: FileTimerClient, scope: str) -> None:
+    """Disarm CMD's timer, waiting for the server's receipt, and close the client; a
+    server that is not there is reported, not fatal."""
     try:
         client.release(scope)
         # Over the socket the server can name CMD by its pidfd only until CMD is
@@ -546,12 +606,3 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         client.close()
     except ServerUnavailable as e:
         print(f"ftimer: could not disarm: {e}", file=sys.stderr)
-    if not reap_first:
-        _, status = os.waitpid(pid, 0)
-    _restore(previous, (*FORWARDED, *IGNORED))
-    if failure:
-        exit_code, _, message = failure.partition(" ")
-        print(f"ftimer: {_shown(cmd[0])}: {message}", file=sys.stderr)
-        return int(exit_code)
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code

@@ -508,6 +508,65 @@ def resolve_config(
             the message names the option or the file and key it came from.
     """
     env = os.environ if environ is None else environ
+    merged = _merge(cli, file, config_file)
+    # Section by section, in an order that decides which error a user sees first.
+    fifo, control_socket, socket = _fifo_and_sockets(merged, env)
+    signal, grace = _signal_and_grace(merged)
+    capture = _capture(merged)
+    fifo_group = merged.check("fifo_group", parse_group)
+    # What was given, parsed; DaemonConfig's defaults stand for the rest.
+    given = {
+        **_state_and_admission(merged),
+        **_logging_and_metrics(merged, starting),
+        **_incident_settings(merged),
+        **_fifo_mode(merged, fifo_group),
+    }
+    if capture is not None:
+        given["capture"] = capture
+    _check_own_paths(merged, fifo, control_socket, socket, given)
+    return DaemonConfig(
+        fifo=fifo,
+        fifo_group=fifo_group,
+        control_socket=control_socket,
+        socket=socket,
+        signal=signal,
+        grace=grace,
+        config_file=config_file,
+        **given,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Merged:
+    """Every setting's merged value (None: not given) and where it came from."""
+
+    values: Dict[str, Any]
+    origin: Dict[str, str]
+
+    def check(self, name: str, parse: Callable[[Any], Any]) -> Any:
+        """``parse`` the merged value (None stays None); errors name where it came from."""
+        if self.values[name] is None:
+            return None
+        try:
+            return parse(self.values[name])
+        except ConfigError as e:
+            raise ConfigError(f"{self.origin[name]}: {e}") from None
+
+    def given(self, parsers: Mapping[str, Callable[[Any], Any]]) -> Dict[str, Any]:
+        """The settings of ``parsers`` that were given, each parsed by its own (`check`),
+        in ``parsers``' order."""
+        return {
+            name: self.check(name, parse)
+            for name, parse in parsers.items()
+            if self.values[name] is not None
+        }
+
+
+def _merge(
+    cli: Mapping[str, Any], file: Optional[FileSettings], config_file: Optional[str]
+) -> _Merged:
+    """Each setting from the command line, else from the config file (a relative path
+    made absolute against the file's directory), with the option or key it came from."""
     merged: Dict[str, Any] = {}
     origin: Dict[str, str] = {}
     for name in SETTING_NAMES:
@@ -521,40 +580,53 @@ def resolve_config(
                 # Relative to the file, not to wherever the daemon (or `status -c`) runs.
                 value = os.path.join(os.path.dirname(os.path.abspath(config_file)), value)
         merged[name] = value
+    return _Merged(merged, origin)
 
-    def check(name: str, parse: Callable[[Any], Any]) -> Any:
-        """``parse`` the merged value (None stays None); errors name where it came from."""
-        if merged[name] is None:
-            return None
-        try:
-            return parse(merged[name])
-        except ConfigError as e:
-            raise ConfigError(f"{origin[name]}: {e}") from None
 
+def _fifo_and_sockets(merged: _Merged, env: Mapping[str, str]) -> Tuple[str, str, Optional[str]]:
+    """The FIFO's path (given, else from the environment, else the default), the control
+    socket's and the datagram socket's (given, else beside the FIFO; None: no socket)."""
     from_env = next((env[name] for name in FIFO_ENV_VARS if env.get(name)), None)
-    fifo = check("fifo", _path) or os.path.abspath(from_env or default_fifo_path(environ=env))
-    control_socket = check("control_socket", lambda v: _control_socket_path(_path(v)))
+    fifo = merged.check("fifo", _path) or os.path.abspath(
+        from_env or default_fifo_path(environ=env)
+    )
+    control_socket = merged.check("control_socket", lambda v: _control_socket_path(_path(v)))
     if control_socket is None:
         control_socket = _beside_the_fifo(
             control_socket_for(fifo), "the control socket", "--control-socket", _control_socket_path
         )
-    if merged["socket"] is None:
+    if merged.values["socket"] is None:
         socket: Optional[str] = _beside_the_fifo(
             socket_path_for(fifo), "the socket", "--socket PATH or --no-socket"
         )
     else:  # "" is --no-socket (the config file's socket = "")
-        socket = check("socket", lambda v: _socket_path(_path(v)) if v else None)
-    signal = check("signal", _platform_signal)
-    grace = check("grace", lambda v: _within(v, *_GRACE, "seconds"))
+        socket = merged.check("socket", lambda v: _socket_path(_path(v)) if v else None)
+    return fifo, control_socket, socket
+
+
+def _signal_and_grace(merged: _Merged) -> Tuple[Optional[int], Optional[float]]:
+    """The signal every reap sends (None: each timer's) and the grace before SIGKILL,
+    `DEFAULT_GRACE` for a signal other than SIGKILL if none is given."""
+    signal = merged.check("signal", _platform_signal)
+    grace = merged.check("grace", lambda v: _within(v, *_GRACE, "seconds"))
     if grace is None and signal is not None and signal != signal_module.SIGKILL:
         grace = DEFAULT_GRACE  # a worker that ignores the signal must not outlive its reap
-    capture = check("capture", lambda v: _choice(v, CAPTURE_METHODS, "capture method"))
-    if merged["core"] and capture == "none":
+    return signal, grace
+
+
+def _capture(merged: _Merged) -> Optional[str]:
+    """The capture method (None: not given); "none" is refused with core or reap-tree
+    on, as both need an incident's capture."""
+    capture: Optional[str] = merged.check(
+        "capture", lambda v: _choice(v, CAPTURE_METHODS, "capture method")
+    )
+    origin = merged.origin
+    if merged.values["core"] and capture == "none":
         raise ConfigError(
             f"{origin['core']}: a core file is a capture, and {origin['capture']} says "
             '"none": set capture to "auto" (or a method), or leave core off'
         )
-    if merged["reap_tree"] and capture == "none":
+    if merged.values["reap_tree"] and capture == "none":
         # The tree is signalled by an incident's reap: with none, it would silently not be.
         raise ConfigError(
             f"{origin['reap_tree']}: the worker's descendants are signalled after an "
@@ -562,47 +634,83 @@ def resolve_config(
             '"facts" (the /proc facts alone, the cheapest) or another method, or leave '
             "reap-tree off"
         )
-    fifo_group = check("fifo_group", parse_group)
-    parsers: Dict[str, Callable[[Any], Any]] = {
-        "state_file": _path,
-        "state_interval": lambda v: _within(v, *_STATE_INTERVAL, "seconds"),
-        "restore_grace": lambda v: _within(v, *_RESTORE_GRACE, "seconds"),
-        "allow_uids": _uids,
-        "allow_signals": _signals,
-        "descendants_only": bool,
-        "max_timers": lambda v: _within(v, 1, MAX_COUNT, "timers"),
-        "max_timers_per_pid": lambda v: _within(v, 1, MAX_COUNT, "timers"),
-        "dry_run": bool,
-        "log_format": lambda v: _choice(v, LOG_FORMATS, "log format"),
-        "log_level": lambda v: _choice(v, LOG_LEVELS, "log level"),
-        "log_file": _path,
-        "metrics_address": _served if starting else parse_address,
-        "incident_dir": _path,
-        "incidents_keep": lambda v: _within(v, 1, MAX_COUNT, "incidents"),
-        "incidents_max_bytes": parse_size,
-        "capture_timeout": lambda v: _within(v, *_CAPTURE_TIMEOUT, "seconds"),
-        "py_spy_native": bool,
-        "core": bool,
-        "core_max_bytes": parse_size,
-        "reap_tree": bool,
-        "job_label": parse_job_label,  # "" is None: no peers
-        "fifo_mode": parse_mode,
-    }
-    # What was given, parsed; DaemonConfig's defaults stand for the rest.
-    given = {
-        name: check(name, parse) for name, parse in parsers.items() if merged[name] is not None
-    }
+    return capture
+
+
+def _state_and_admission(merged: _Merged) -> Dict[str, Any]:
+    """The state file's settings, and which timers are accepted (users, signals,
+    descendants, caps, dry run): those given, parsed."""
+    return merged.given(
+        {
+            "state_file": _path,
+            "state_interval": lambda v: _within(v, *_STATE_INTERVAL, "seconds"),
+            "restore_grace": lambda v: _within(v, *_RESTORE_GRACE, "seconds"),
+            "allow_uids": _uids,
+            "allow_signals": _signals,
+            "descendants_only": bool,
+            "max_timers": lambda v: _within(v, 1, MAX_COUNT, "timers"),
+            "max_timers_per_pid": lambda v: _within(v, 1, MAX_COUNT, "timers"),
+            "dry_run": bool,
+        }
+    )
+
+
+def _logging_and_metrics(merged: _Merged, starting: bool) -> Dict[str, Any]:
+    """The logging and metrics settings given, parsed (``starting``: the metrics address
+    also needs prometheus_client)."""
+    return merged.given(
+        {
+            "log_format": lambda v: _choice(v, LOG_FORMATS, "log format"),
+            "log_level": lambda v: _choice(v, LOG_LEVELS, "log level"),
+            "log_file": _path,
+            "metrics_address": _served if starting else parse_address,
+        }
+    )
+
+
+def _incident_settings(merged: _Merged) -> Dict[str, Any]:
+    """The incidents' settings given (where, how many, how captured), parsed; the
+    capture method itself is `_capture`'s."""
+    return merged.given(
+        {
+            "incident_dir": _path,
+            "incidents_keep": lambda v: _within(v, 1, MAX_COUNT, "incidents"),
+            "incidents_max_bytes": parse_size,
+            "capture_timeout": lambda v: _within(v, *_CAPTURE_TIMEOUT, "seconds"),
+            "py_spy_native": bool,
+            "core": bool,
+            "core_max_bytes": parse_size,
+            "reap_tree": bool,
+            "job_label": parse_job_label,  # "" is None: no peers
+        }
+    )
+
+
+def _fifo_mode(merged: _Merged, fifo_group: Optional[int]) -> Dict[str, int]:
+    """The FIFO's mode, if given or implied by its group; else nothing (the default)."""
+    given: Dict[str, int] = merged.given({"fifo_mode": parse_mode})
     if "fifo_mode" not in given and fifo_group is not None:
         given["fifo_mode"] = 0o620  # a group is named so that it may write
-    if capture is not None:
-        given["capture"] = capture
+    return given
+
+
+def _check_own_paths(
+    merged: _Merged,
+    fifo: str,
+    control_socket: str,
+    socket: Optional[str],
+    given: Mapping[str, Any],
+) -> None:
+    """Check the paths of the daemon's own files (`_check_distinct`): the FIFO, the
+    sockets, the state file, the log file and the lock files beside them."""
+    origin, values = merged.origin, merged.values
     # Each file the daemon makes, replaces or appends to needs a path of its own.
     state_file = given.get("state_file")
     files = [
-        (_label("--fifo", origin, merged, "fifo"), fifo),
+        (_label("--fifo", origin, values, "fifo"), fifo),
         ("the FIFO's lock file (the FIFO + .lock)", fifo + ".lock"),
-        (_label("--control-socket", origin, merged, "control_socket"), control_socket),
-        (_label("--socket", origin, merged, "socket"), socket),
+        (_label("--control-socket", origin, values, "control_socket"), control_socket),
+        (_label("--socket", origin, values, "socket"), socket),
         (origin["state_file"], state_file),
         (
             "the state file's lock file (the state file + .lock)",
@@ -611,16 +719,6 @@ def resolve_config(
         (origin["log_file"], given.get("log_file")),
     ]
     _check_distinct([(what, path) for what, path in files if path is not None], state_file)
-    return DaemonConfig(
-        fifo=fifo,
-        fifo_group=fifo_group,
-        control_socket=control_socket,
-        socket=socket,
-        signal=signal,
-        grace=grace,
-        config_file=config_file,
-        **given,
-    )
 
 
 def _label(option: str, origin: Mapping[str, str], merged: Mapping[str, Any], name: str) -> str:

@@ -548,9 +548,12 @@ def test_a_kept_line_without_a_start_time_binds_only_a_process_born_before_the_s
         for path in (state, segment):
             os.utime(path, (an_hour_ago, an_hour_ago))
     d = spawn("--state-file", str(state), "--capture", "none").ready()
-    if born == "after the snapshot":  # the line's writer ended, and the pid is the sleeper's
+    if born == "after the snapshot":  # its own line, or its pid taken from a dead writer
         assert d.status()["timers"] == []
-        assert d.status()["stats"]["requests"]["arm"] == {"exited": 1}
+        assert d.status()["stats"]["requests"]["arm"] == {"rejected": 1}
+        # Said: it was counted exited with no word, and a live worker ran unwatched.
+        refused = d.wait_for_record(where=lambda r: "born after the last saved" in r["msg"])
+        assert refused["level"] == "warning"
     else:
         assert d.armed_scopes() == ["kept"]
     assert d.stop() == 0

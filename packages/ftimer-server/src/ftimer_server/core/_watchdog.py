@@ -98,6 +98,15 @@ _DISARMS = frozenset(("disarm", "disarm_all"))
 #: the save). Nothing was asked amiss: not a refusal.
 _GONE_SINCE = frozenset((RejectReason.NO_SUCH_PROCESS, RejectReason.IDENTITY_MISMATCH))
 
+#: Why a journal's line naming no start time (torch's) is not applied to a process born
+#: after the snapshot the journal follows: the line may be its own, or of a worker that
+#: exited and whose pid it took; neither can be told.
+_BORN_SINCE = (
+    "the process was born after the last saved state, and the line names no start time "
+    "(torch's): it may be its own or an exited worker's whose pid it took; not applied "
+    "(a live worker is unwatched until it arms again)"
+)
+
 #: Why an arm on its clocks is refused for a worker bound for timers not on them.
 _BOUND_ON_OTHER_CLOCKS = (
     "its time namespace's offsets are not the server's (bound for timers on other clocks: "
@@ -203,6 +212,8 @@ class Watchdog:
         #: A restore or a replay is being applied: requests were read by a server before,
         #: and a worker found gone exited since (see ``catching_up()``).
         self._catching_up = False
+        #: What is caught up on was written since ``written_at_tick`` (a journal).
+        self._since = False
 
     # -- input -------------------------------------------------------------------------
 
@@ -269,20 +280,25 @@ class Watchdog:
             self._emit(DecodeFailed(type(m).__name__, m.reason, m.excerpt, m.lines))
 
     @contextlib.contextmanager
-    def catching_up(self, written_at_tick: Optional[int]) -> Iterator[None]:
+    def catching_up(self, written_at_tick: Optional[int], *, since: bool = False) -> Iterator[None]:
         """Apply, within it, what an earlier server read (its journal's lines; ``restore()``
         takes it itself): a request whose worker is gone now (its pid free or another
         process's) counts ``exited``, not a refusal: the worker ended while no server ran.
 
         Args:
             written_at_tick: when it was written, in clock ticks since boot (``None``:
-                not known).
+                not known): a process born later holds a reused pid.
+            since: it was written since ``written_at_tick`` instead (a journal after its
+                snapshot): a process born later may have written a line itself, or hold
+                a pid of a worker that exited. A line naming it without a start time
+                (torch's) is refused, not bound and not counted ``exited``: logged, as
+                its worker may be alive and unwatched.
         """
-        self.written_at_tick, self._catching_up = written_at_tick, True
+        self.written_at_tick, self._catching_up, self._since = written_at_tick, True, since
         try:
             yield
         finally:
-            self.written_at_tick, self._catching_up = None, False
+            self.written_at_tick, self._catching_up, self._since = None, False, False
 
     def restore(self, timers: Iterable[Timer], written_at_tick: Optional[int] = None) -> None:
         """Arm saved timers again (a restarted daemon's state), checking each process.
@@ -539,7 +555,11 @@ class Watchdog:
     def _ended(self, unresolved: Unresolved) -> bool:
         """Whether the process a request was about has ended: seen exited, or, for what
         an earlier server read, its pid found free or another process's."""
-        return unresolved.exited or (self._catching_up and unresolved.reason in _GONE_SINCE)
+        return unresolved.exited or (
+            self._catching_up
+            and unresolved.reason in _GONE_SINCE
+            and unresolved.detail != _BORN_SINCE  # maybe its own line: never said exited
+        )
 
     def _moot(self, request: str) -> None:
         """Count a request about a process that exited before it was read: its timers went
@@ -618,10 +638,11 @@ class Watchdog:
         worker = Worker(pid, facts.start_time, facts.pidfd, other_clocks)
         reason = judge(facts, start_time, self.policy, self._server_pid, its_clocks)
         later = self.written_at_tick is not None and (facts.start_time or 0) > self.written_at_tick
+        detail = ""
         if reason is None and start_time is None and later:
             reason = RejectReason.IDENTITY_MISMATCH
+            detail = _BORN_SINCE if self._since else ""
         if reason is not None:
-            detail = ""
             if reason is RejectReason.OTHER_CLOCK:
                 detail = clocks_apart(facts.clock_offsets)
             if reason in _LASTING:

@@ -627,12 +627,15 @@ class FileTimerServer:
 
         Args:
             chunks: the bytes, in the order they were read (lines may span chunks).
-            written_by: when the bytes were last written (``time.time()``): a process
-                that started later holds a reused pid, and a line naming that pid
-                without a start time (torch's) is not its. A line about a process that
-                is gone now (its pid free, or another process's) counts as requests
-                with result ``exited`` (``unknown`` for a disarm), not as a refusal: its
-                worker ended while no server ran.
+            written_by: when the state the bytes follow was saved (``time.time()``;
+                the bytes were written since): a line naming no start time (torch's)
+                is never applied to a process born later, which may hold the pid of a
+                worker that exited; it is refused (``identity_mismatch``, logged: the
+                line may be that process's own, and it unwatched until it arms again).
+                A line about a process that is gone now (its pid free, or another
+                process's by its start time) counts as requests with result ``exited``
+                (``unknown`` for a disarm), not as a refusal: its worker ended while no
+                server ran.
 
         Returns:
             The number of bytes replayed.
@@ -645,7 +648,8 @@ class FileTimerServer:
             if self._state is not Lifecycle.NEW:
                 raise RuntimeError("replay() comes before start()")
             watchdog = self._watchdog
-            with watchdog.catching_up(None if written_by is None else ticks_since_boot(written_by)):
+            written_at_tick = None if written_by is None else ticks_since_boot(written_by)
+            with watchdog.catching_up(written_at_tick, since=True):
                 for chunk in chunks:
                     watchdog.apply(reader.feed(chunk), time.monotonic(), time.time())
                     size += len(chunk)

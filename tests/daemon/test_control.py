@@ -58,6 +58,20 @@ def test_status_round_trip_and_cleanup(path: str) -> None:
         query_status(path)
 
 
+def test_health_asks_an_older_daemon_for_its_status(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A daemon from before "health" answers it with an error, which `status --health`
+    # read as a reply missing its fields: exit 1, a healthy daemon reported dead.
+    monkeypatch.setattr(_control, "_REQUESTS", (b"status",))
+    server = ControlServer(path, lambda timers: {"pid": os.getpid(), "timers": []})
+    server.start()
+    try:
+        assert query_status(path, health=True) == {"pid": os.getpid(), "timers": []}
+    finally:
+        server.stop()
+
+
 def test_a_second_daemon_on_the_same_socket_is_refused(path: str) -> None:
     first = ControlServer(path, lambda _: {})
     first.start()

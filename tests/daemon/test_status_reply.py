@@ -75,8 +75,9 @@ def test_a_malformed_reply_is_one_line_and_exit_1(
 def test_an_error_reply_is_not_a_status(serve: Serve, capsys: pytest.CaptureFixture[str]) -> None:
     path = serve({"error": "unknown request"})
     assert main(["status", "--control-socket", path]) == 1
-    assert capsys.readouterr().err.startswith(
-        "ftimer-server: error: the server's reply could not be read: Object missing required"
+    # It said "Object missing required field `version`".
+    assert capsys.readouterr().err == (
+        f"ftimer-server: error: the daemon on {path} refused the request: unknown request\n"
     )
 
 

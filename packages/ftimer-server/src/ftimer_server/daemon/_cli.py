@@ -477,6 +477,9 @@ def _status(path: str, as_json: bool, health: bool, out: TextIO) -> int:
     except (OSError, ValueError) as e:
         _error(f"cannot get the status from {path}: {e}")
         return EXIT_FAILURE
+    if "error" in doc and "version" not in doc:
+        _error(f"the daemon on {path} refused the request: {printable(str(doc['error']))}")
+        return EXIT_FAILURE
     try:
         # Before anything is printed, --json too: a reply that is no status is an error.
         status = _read_status(doc)

@@ -312,4 +312,8 @@ def query_status(path: str, timeout: float = 5.0, *, health: bool = False) -> Di
         raise ValueError("the daemon's reply is not a JSON object")
     if reply.get("error") == "permission denied":
         raise PermissionError(_REFUSED.format(path=path))
+    if health and str(reply.get("error", "")).startswith("unknown request"):
+        # A daemon older than this command (before 2026-12-04) knows no "health": its
+        # whole status serves (a probe read it as a daemon that does not answer).
+        return query_status(path, timeout)
     return reply

@@ -205,9 +205,10 @@ class Watchdog:
         self.horizon = Horizon()
         self.timer_events = timer_events
         #: While set (a restore, or a replay of a journal, written by then, in clock ticks
-        #: since boot), a process that started later cannot have written a line naming
-        #: it without a start time (torch's): it holds a reused pid, and the line is not
-        #: its (an identity mismatch, counted as the writer's exit while catching up).
+        #: since boot), a process that started later is not bound for a line naming it
+        #: without a start time (torch's): an identity mismatch, counted as the writer's
+        #: exit for saved timers (it holds a reused pid), refused for a journal's lines
+        #: (see ``catching_up()``).
         self.written_at_tick: Optional[int] = None
         #: A restore or a replay is being applied: requests were read by a server before,
         #: and a worker found gone exited since (see ``catching_up()``).

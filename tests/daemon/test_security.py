@@ -134,6 +134,11 @@ def test_a_socket_elsewhere_is_judged_by_its_own_directory(tmp_path: pathlib.Pat
     beside = DaemonConfig(fifo=str(shared / "timer.fifo"), socket=str(shared / "timer.socket"))
     (warning,) = startup_warnings(beside, euid=1000)
     assert "rename or replace the FIFO and the socket in it" in warning
+    # The same directory through a symlink: said once, as the FIFO's (it was said twice).
+    (tmp_path / "link").symlink_to(shared)
+    linked = DaemonConfig(fifo=str(shared / "timer.fifo"), socket=str(tmp_path / "link" / "s"))
+    (warning,) = startup_warnings(linked, euid=1000)
+    assert "rename or replace the FIFO and the socket in it" in warning
 
 
 @needs_root

@@ -30,7 +30,7 @@ def startup_warnings(c: DaemonConfig, euid: int) -> List[str]:
     """
     fifo_dir = os.path.dirname(c.fifo) or "."
     socket_dir = None if c.socket is None else os.path.dirname(c.socket) or "."
-    if socket_dir in (None, fifo_dir):
+    if socket_dir is None or os.path.realpath(socket_dir) == os.path.realpath(fifo_dir):
         holds = "the FIFO" if c.socket is None else "the FIFO and the socket"
         warnings = _directory_warnings(fifo_dir, "FIFO's", holds, euid)
     else:  # a socket elsewhere (--socket PATH): swapped, its clients would go unwatched

@@ -293,7 +293,6 @@ class FileTimerServer:
         self._remove_fifo = remove_fifo
         self._lock_fifo = lock_fifo
         self._lock_fd = -1
-        self._stop_wait = _lock_wait(STOP_TIMEOUT)
         self._stop_timeout: Optional[float] = STOP_TIMEOUT
         self._kill_self_on_reap = kill_self_on_reap
         self._tick_interval = tick_interval
@@ -389,7 +388,7 @@ class FileTimerServer:
 
     @stop_timeout.setter
     def stop_timeout(self, timeout: Optional[float]) -> None:
-        self._stop_wait = _lock_wait(timeout)  # checked here: stop() never raises for it
+        _lock_wait(timeout)  # checked here: stop() never raises for it
         self._stop_timeout = timeout
 
     @property
@@ -463,7 +462,7 @@ class FileTimerServer:
         """
         if os.getpid() != self._pid:
             return
-        wait = self._stop_wait
+        wait = _lock_wait(self._stop_timeout)  # never NaN: the setter refuses it
         end = time.monotonic() + wait
         # A signal handler's stop() that interrupted this thread in a call holding the
         # lock: the loop cannot end before that call returns, so it is not waited for.

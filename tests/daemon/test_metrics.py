@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from tests.conftest import wait_until
 
-from ftimer_server import Stats
+from ftimer_server import RejectReason, Stats
 from ftimer_server.daemon._metrics import Metrics, MetricsUnavailable
 
 prometheus_client = pytest.importorskip("prometheus_client")
@@ -63,6 +63,16 @@ def test_metrics_are_the_server_counters_read_at_scrape_time() -> None:
     assert sample(m, "ftimer_state_saves_total", result="error") == 1
     current[0] = stats(armed=0)
     assert sample(m, "ftimer_armed_timers") == 0
+
+
+def test_every_refusal_reason_is_exported_from_the_start() -> None:
+    # A reason's series born with its first burst hides that burst from increase().
+    m = Metrics(lambda: stats(rejections={}))
+    for reason in RejectReason:
+        assert sample(m, "ftimer_refusals_total", reason=reason.value) == 0
+    m = Metrics(lambda: stats(rejections={"identity_mismatch": 12}))
+    assert sample(m, "ftimer_refusals_total", reason="identity_mismatch") == 12
+    assert sample(m, "ftimer_refusals_total", reason="reserved_pid") == 0
 
 
 def test_reap_latency_histogram() -> None:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any, Callable, Dict, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from ftimer_server.core._events import RejectReason
 from ftimer_server.core._stats import Stats
 
 from ._daemon_log import signal_label
@@ -32,6 +33,8 @@ REAP_LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )  # fmt: skip
 
+
+_NO_REFUSALS = dict.fromkeys((reason.value for reason in RejectReason), 0)
 
 #: Scrapes served at once. Each holds a descriptor and a thread: idle connections must
 #: not use up the descriptors the loop needs to bind workers (pidfd_open). Beyond them, a
@@ -133,7 +136,14 @@ class _StatsCollector:
                 requests.add_metric([kind, result], n)
         yield requests
         for name, doc, label, counts in (
-            ("ftimer_refusals", "Requests refused, by reason.", "reason", s.rejections),
+            # Every reason from the start, at 0: increase() sees the burst that would
+            # otherwise create a reason's series (a crash replay's identity_mismatch).
+            (
+                "ftimer_refusals",
+                "Requests refused, by reason.",
+                "reason",
+                {**_NO_REFUSALS, **s.rejections},
+            ),
             (
                 "ftimer_received",
                 "Messages, refused datagrams and bad lines received, by transport (fifo, socket).",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import Optional, Sequence
 
 from . import (
     PIPE_BUF,
@@ -18,7 +20,14 @@ from . import (
 )
 
 
-def main() -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the self-check; ``--help`` says what it does (argparse exits 2 on anything else)."""
+    argparse.ArgumentParser(
+        prog="python -m ftimer_protocol",
+        description="Encode one message of each kind, split the stream into 7-byte reads "
+        "after a line of junk, decode it, and check that every message comes back "
+        "(exit status 0) and the junk is reported.",
+    ).parse_args(argv)
     messages: list[Message] = [
         TimerRequestV1(pid=4242, scope_id="train.py#12", expiration_time=1.7e9, signal=9),
         Arm(pid=4242, scope_id="step", deadline=1234.5, signal=15, labels={"rank": "0"}),

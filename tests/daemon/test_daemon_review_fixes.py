@@ -431,3 +431,32 @@ def test_a_start_failing_after_the_metrics_bind_exits(
     d = spawn("--no-socket", "--metrics-address", "127.0.0.1:0", "--state-file", state)
     assert d.proc.wait(PATIENCE) == 3
     assert "writable by others" in d.wait_for_record(level="error")["msg"]
+
+
+@pytest.mark.parametrize("fails_at", ["control socket", "metrics address"])
+def test_a_failed_start_leaves_no_descriptor_behind(fails_at: str, short_dir: pathlib.Path) -> None:
+    # The control server opened its wake-up pipe when it was made, and was stopped only
+    # once started: a start failing between the two (a file at the control socket's
+    # path, a metrics port taken, ...) kept the pipe, in a process that embeds the daemon.
+    fifo, control = str(short_dir / "timer.fifo"), str(short_dir / "control.sock")
+    before = sorted(os.listdir("/proc/self/fd"))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    if fails_at == "control socket":
+        open(control, "w").close()  # not a socket: refused
+        config = DaemonConfig(fifo=fifo, control_socket=control, socket=None)
+    else:
+        pytest.importorskip("prometheus_client")
+        address = taken.getsockname()
+        config = DaemonConfig(
+            fifo=fifo, control_socket=control, socket=None, metrics_address=address
+        )
+    setup = LoggingSetup("text", "info", stream=io.StringIO())
+    try:
+        assert Daemon(config, setup, environ={}).run() == 3
+    finally:
+        setup.close()
+        taken.close()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert os.path.isfile(control) == (fails_at == "control socket")  # never replaced

@@ -90,7 +90,12 @@ class FdStore:
                 os.close(fd)
         if fields.get("FDSTORE") == "1":
             assert fields.get("FDPOLL") == "0"  # systemd would drop it while none reads
-            self.held.setdefault(name, []).extend(fds)
+            held = self.held.setdefault(name, [])
+            for fd in fds:  # one already held is kept once, as systemd keeps it
+                if any(os.path.sameopenfile(fd, old) for old in held):
+                    os.close(fd)
+                else:
+                    held.append(fd)
         else:
             for fd in fds:
                 os.close(fd)
@@ -416,6 +421,8 @@ def test_a_socket_taken_over_keeps_the_queue_length_it_was_made_with(
     store.held["socket-q7"] = store.held.pop(SOCKET)  # made when the sysctl said 7
     store.start(spawn, *args, name="second")
     assert list(store.held) == ["fifo", "socket-q7"]  # stored again as it is
+    # Never taken out of the store meanwhile: a kill then would have lost it.
+    assert not [f for f in store.received if f.get("FDSTOREREMOVE") == "1"]
 
 
 def test_only_descriptors_passed_to_this_process_are_taken() -> None:

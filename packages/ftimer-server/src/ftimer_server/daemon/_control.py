@@ -103,7 +103,7 @@ class ControlServer:
         self._allowed = allowed_uids or frozenset({os.geteuid(), 0})
         self._sock: Optional[socket.socket] = None
         self._bound: Optional[os.stat_result] = None  # the socket start() made
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r = self._wake_w = -1  # made by start(): nothing is held before it
         self._thread: Optional[threading.Thread] = None
         self._peers = threading.Condition()
         self._serving = 0  # connections being served; guarded by _peers
@@ -142,6 +142,7 @@ class ControlServer:
                 os.rmdir(private)
         self._bound = os.lstat(self.path)
         self._sock = sock
+        self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._serve, name="ftimer-control", daemon=True)
         self._thread.start()
 
@@ -201,7 +202,7 @@ class ControlServer:
             unlink_if_same(self.path, self._bound)
             self._bound = None
         for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
+            if fd >= 0:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
 

@@ -199,7 +199,8 @@ class Daemon:
             ConfigError: the settings ask for what cannot be had (exit code 2).
         """
         self._make_metrics()
-        control = self._claim_fifo()
+        # Kept at once: a start that fails later stops it (removes the socket it bound).
+        self._control = control = self._claim_fifo()
         self._bind_metrics()
         boot_id = read_boot_id()
         saved, journal = self._load_state(boot_id)
@@ -444,7 +445,6 @@ class Daemon:
             control.start()
         except (ControlSocketBusy, OSError) as e:
             raise StartupError(f"control socket {c.control_socket}: {e}") from None
-        self._control = control
         self._journal = journal
         if c.state_file is not None:
             self._saver = StateSaver(

@@ -70,14 +70,19 @@ def keep_for_next(
             log.warning("cannot give systemd the FIFO %s to hold: %s", fifo, e.strerror or e)
         else:
             try:
-                notifier.store("fifo", fd)
+                if not _held("fifo", fd):
+                    notifier.store("fifo", fd)
             finally:
                 os.close(fd)
-        for _, name in stored_fds():  # the last daemon's socket, unless taken over
-            if _stored_queue(name) is not None:
-                notifier.unstore(name)
         if sock is not None:
             stored_as = f"{_SOCKET_NAME}{sock.queue_length}"
+        # A socket taken over is held under its name (and queue length) still: taken
+        # out and stored again, a kill in between would lose it, with what is queued.
+        kept = stored_as if sock is not None and sock.taken_over else None
+        for _, name in stored_fds():  # the last daemon's socket, unless taken over
+            if _stored_queue(name) is not None and name != kept:
+                notifier.unstore(name)
+        if sock is not None and stored_as is not None and kept is None:
             notifier.store(stored_as, sock.fd)
     for fd, name in stored_fds():
         # The last daemon's FIFO: this one has it open now (or made a new one).
@@ -87,6 +92,16 @@ def keep_for_next(
     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # not for children
         os.environ.pop(var, None)
     return stored_as
+
+
+def _held(name: str, fd: int) -> bool:
+    """Whether systemd passed this process ``fd``'s file under ``name`` (and the
+    descriptor it passed is open still): it holds it still. Not stored again:
+    ``store()`` takes out what is held under the name first, and a kill in between
+    would lose the file, with what is queued in it."""
+    return any(
+        held_name == name and os.path.sameopenfile(held, fd) for held, held_name in stored_fds()
+    )
 
 
 def _stored_queue(name: str) -> Optional[int]:

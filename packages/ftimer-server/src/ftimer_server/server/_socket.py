@@ -149,6 +149,8 @@ class DatagramSocket:
         self.passes_pidfds = passes_pidfds
         self.batch = max(queue_length + 1, READ_BATCH)
         self.queue_length = queue_length
+        #: Bound by a server before (``open_socket``'s ``adopt``), not by this one.
+        self.taken_over = False
         self._send_buffer = read_sysctl(_WMEM, 212992)
         self.full = False
         self.overridden = 0
@@ -553,7 +555,9 @@ def _adopt(
         if gid is not None:
             os.chown(path, -1, gid)
         sock.setblocking(False)
-        return DatagramSocket(path, sock, passes_pidfds, queue_length, processes)
+        taken = DatagramSocket(path, sock, passes_pidfds, queue_length, processes)
+        taken.taken_over = True
+        return taken
     except BaseException as e:
         sock.detach()  # the caller's descriptor, left for it to close
         if isinstance(e, OSError) and not isinstance(e, FifoError):

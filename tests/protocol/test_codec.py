@@ -221,6 +221,18 @@ def test_guard_counts_multibyte_scopes_in_bytes() -> None:
     assert info.value.size == PIPE_BUF + 2
 
 
+def test_the_error_names_the_limit_that_was_given() -> None:
+    # encode(limit=512) said "over the 512-byte PIPE_BUF limit": PIPE_BUF is another.
+    arm = Arm(pid=1, scope_id="x" * 600, deadline=1.0, signal=9)
+    with pytest.raises(
+        MessageTooLarge, match=r"^framed message is \d+ bytes, over the 512-byte limit$"
+    ):
+        encode(arm, limit=512)
+    big = Arm(pid=1, scope_id="x" * PIPE_BUF, deadline=1.0, signal=9)
+    with pytest.raises(MessageTooLarge, match=f"over the {PIPE_BUF}-byte PIPE_BUF limit$"):
+        encode(big)
+
+
 def test_guard_counts_bytes_and_the_newline() -> None:
     exact = _arm_of_size(PIPE_BUF)
     assert len(encode(exact)) == PIPE_BUF

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ._limits import PIPE_BUF
+
 __all__ = [
     "LineTooLong",
     "LocalProtocolError",
@@ -39,7 +41,8 @@ class MessageTooLarge(LocalProtocolError, RuntimeError):
     """
 
     def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"framed message is {size} bytes, over the {limit}-byte PIPE_BUF limit")
+        what = "PIPE_BUF limit" if limit == PIPE_BUF else "limit"  # encode(limit=) sets another
+        super().__init__(f"framed message is {size} bytes, over the {limit}-byte {what}")
         self.size = size
         self.limit = limit
 

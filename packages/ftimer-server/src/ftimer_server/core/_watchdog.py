@@ -116,11 +116,18 @@ _BOUND_ON_OTHER_CLOCKS = (
 Labels = Optional[Dict[str, str]]
 
 
-def _v1_deadline(request: TimerRequestV1, now: float, wall: float) -> float:
-    """The monotonic deadline of torch's wall-clock ``expiration_time``, at ``now``
-    (``wall``). A time long past would make a negative deadline, outside the schema of
-    what is saved: it is simply due now."""
-    return max(0.0, now + (request.expiration_time - wall))
+def _v1_message(
+    request: TimerRequestV1, now: float, wall: float, start_time: Optional[int] = None
+) -> Union[Arm, Disarm]:
+    """torch's request as the disarm or arm it is, at ``now`` (``wall``): its wall-clock
+    ``expiration_time`` as a monotonic deadline (one long past, which would be negative
+    and outside the schema of what is saved, is simply due now), its negative signal
+    (torch's "will not kill") as 0."""
+    pid, scope_id = request.pid, request.scope_id
+    if request.is_release:
+        return Disarm(pid, scope_id, start_time)
+    deadline = max(0.0, now + (request.expiration_time - wall))
+    return Arm(pid, scope_id, deadline, max(request.signal, 0), start_time)
 
 
 def _ignore(_: object) -> None:
@@ -196,7 +203,8 @@ class Watchdog:
         self._signals = policy.signals(host.signals)
         self._emit_to = emit
         self._workers: Dict[int, Worker] = {}
-        #: pid -> its refusal, in the order they end.
+        #: pid -> its refusal, in the order they end: REFUSAL_TTL after the last ``now``
+        #: given to ``apply()``, which never goes back (before any, a restore's at once).
         self._refused: Dict[int, _Refusal] = {}
         self._now = 0.0
         self._hold_until = 0.0
@@ -258,12 +266,13 @@ class Watchdog:
         elif isinstance(m, Disarm):
             self._disarm("disarm", m.pid, m.scope_id, m.start_time)
         elif isinstance(m, TimerRequestV1):
-            if m.expiration_time < 0:
+            v2 = _v1_message(m, now, wall)
+            if isinstance(v2, Disarm):
                 self._disarm("disarm", m.pid, m.scope_id, None)
-            else:
-                signal = max(m.signal, 0)  # torch's "will not kill" is negative
-                deadline = _v1_deadline(m, now, wall)  # the wall clock: no time namespace's
-                self._arm("arm", m.pid, m.scope_id, deadline, signal, None, None, its_clocks=False)
+            else:  # the wall clock's deadline: no time namespace's
+                self._arm(
+                    "arm", m.pid, m.scope_id, v2.deadline, v2.signal, None, None, its_clocks=False
+                )
         elif isinstance(m, DisarmAll):
             self._disarm("disarm_all", m.pid, None, m.start_time)
         elif isinstance(m, Expire):
@@ -456,12 +465,8 @@ class Watchdog:
             worker = self._workers.get(m.pid)
             start_time = None if worker is None else worker.start_time
             if isinstance(m, TimerRequestV1):
-                if m.is_release:
-                    m = Disarm(m.pid, m.scope_id, start_time)
-                elif worker is not None:
-                    deadline = _v1_deadline(m, now, wall)
-                    m = Arm(m.pid, m.scope_id, deadline, max(m.signal, 0), start_time)
-                else:
+                m = _v1_message(m, now, wall, start_time)
+                if worker is None and isinstance(m, Arm):
                     continue
             elif worker is None:
                 if not isinstance(m, (Disarm, DisarmAll)):

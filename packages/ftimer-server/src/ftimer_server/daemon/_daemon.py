@@ -745,7 +745,6 @@ def _check_incident_dir(options: IncidentOptions) -> None:
         raise StartupError(e.strerror or f"incident directory {options.directory}: {e}") from None
 
 
-#: What systemd holds the daemon's socket under: this, then its queue length.
 def _host_port(host: str, port: int) -> str:
     """``host:port`` as a URL writes it: an IPv6 address in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

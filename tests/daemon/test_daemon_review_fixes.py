@@ -460,3 +460,22 @@ def test_a_failed_start_leaves_no_descriptor_behind(fails_at: str, short_dir: pa
         taken.close()
     assert sorted(os.listdir("/proc/self/fd")) == before
     assert os.path.isfile(control) == (fails_at == "control socket")  # never replaced
+
+
+def test_a_start_refused_is_said_on_stderr_too_when_logging_to_a_file(
+    short_dir: pathlib.Path,
+) -> None:
+    # The reason went to --log-file alone: systemctl status (and journald) showed the
+    # exit code and nothing else.
+    control, log_file = short_dir / "control.sock", short_dir / "daemon.log"
+    control.write_text("")  # not a socket: refused
+    argv = ["run", "--fifo", str(short_dir / "timer.fifo"), "--no-socket"]
+    argv += ["--control-socket", str(control), "--log-file", str(log_file)]
+    result = subprocess.run(
+        [PYTHON, "-m", "ftimer_server", *argv], capture_output=True, text=True, timeout=PATIENCE
+    )
+    assert result.returncode == 3
+    [said] = result.stderr.splitlines()
+    why = f"{control} exists and is not a socket; refusing to replace it"
+    assert said == f"ftimer-server: cannot start: {why}"
+    assert said.removeprefix("ftimer-server: ") in log_file.read_text()

@@ -168,12 +168,12 @@ class Daemon:
         try:
             try:
                 self._start()
-            except StartupError as e:
-                log.error("cannot start: %s", e)
-                return EXIT_STARTUP
-            except ConfigError as e:
-                log.error("%s", e)
-                return EXIT_USAGE
+            except (StartupError, ConfigError) as e:
+                why = f"cannot start: {e}" if isinstance(e, StartupError) else str(e)
+                log.error("%s", why)
+                if self.config.log_file is not None and sys.stderr is not None:  # seen by systemd
+                    print(f"ftimer-server: {why}", file=sys.stderr, flush=True)
+                return EXIT_STARTUP if isinstance(e, StartupError) else EXIT_USAGE
             # Everything loaded so far (modules, restored timers, ...) lives as long as
             # the daemon: keep it out of every later garbage collection.
             gc.collect()

@@ -479,3 +479,29 @@ def test_a_start_refused_is_said_on_stderr_too_when_logging_to_a_file(
     why = f"{control} exists and is not a socket; refusing to replace it"
     assert said == f"ftimer-server: cannot start: {why}"
     assert said.removeprefix("ftimer-server: ") in log_file.read_text()
+
+
+def test_the_status_says_how_many_requests_were_refused_and_why(
+    daemon: Daemon, sleeper: int
+) -> None:
+    # Workers refused (out of descriptors, say) are workers unwatched: the status said
+    # "enforcing, 7 timers armed" and nothing of the 14,950 refusals.
+    fifo = daemon.config.fifo
+    refused = [Arm(pid=1, scope_id=f"s{i}", deadline=1e6, signal=9) for i in range(4)]
+    with FileTimerServer(fifo, signaller=RecordingSignaller()) as server:
+        daemon._server = server
+        assert format_status(daemon._status(True)).splitlines()[3:] == []
+        ok = Arm(pid=sleeper, scope_id="s", deadline=1e6, signal=9)
+        gone = subprocess.Popen(["true"])
+        gone.wait()  # its pid names nothing now (pids are given in turn: not reused yet)
+        bad = Arm(pid=gone.pid, scope_id="t", deadline=1e6, signal=9)
+        write(fifo, b"".join(map(encode, [*refused, ok, bad])))
+        server.sync()
+        lines = format_status(daemon._status(True)).splitlines()
+        health = format_status(daemon._status(False)).splitlines()
+    assert lines[2:4] == [
+        "1 timer armed",
+        "5 requests refused since the start (reserved_pid 4, no_such_process 1): "
+        "the log says why, of each",
+    ]
+    assert health[2:] == lines[2:4]

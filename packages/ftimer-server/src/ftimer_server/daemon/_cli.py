@@ -548,6 +548,12 @@ class _StatusTimer(msgspec.Struct):
     labels: Optional[Dict[str, str]] = None
 
 
+class _StatusStats(msgspec.Struct):
+    """What `format_status` shows of the server's counters."""
+
+    rejections: Dict[str, Annotated[int, msgspec.Meta(ge=0)]] = {}
+
+
 class _Status(msgspec.Struct):
     """What `format_status` shows of the daemon's status document (other fields, a newer
     daemon's too, are ignored)."""
@@ -571,6 +577,8 @@ class _Status(msgspec.Struct):
     state_file: Optional[str] = None
     # Why the last save of the state file failed, or None.
     state_failing: Optional[str] = None
+    # None when the loop held its table (stalled).
+    stats: Optional[_StatusStats] = None
 
 
 def _read_status(doc: Dict[str, Any]) -> _Status:
@@ -620,6 +628,16 @@ def _format(status: _Status) -> str:
         + f", up {_duration(status.uptime)}",
         armed,
     ]
+    refused = status.stats.rejections if status.stats is not None else {}
+    if refused:
+        # Each is a timer not enforced: said here, not left to the log alone.
+        counts = sorted(refused.items(), key=lambda item: (-item[1], item[0]))
+        reasons = ", ".join(f"{printable(reason)} {n}" for reason, n in counts)
+        total = sum(refused.values())
+        lines.append(
+            f"{total} request{'s' if total != 1 else ''} refused since the start "
+            f"({reasons}): the log says why, of each"
+        )
     if timers:
         rows = [("PID", "SCOPE", "LEFT", "SIGNAL", "LABELS")]
         for t in timers:

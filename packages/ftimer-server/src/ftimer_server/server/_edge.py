@@ -34,7 +34,7 @@ from ftimer_server.core._host import (
 from ftimer_server.core._records import Descendant, Worker
 from ftimer_server.core._table import Expiry
 
-from ._process import ProcessInspector
+from ._process import ProcessInspector, out_of_descriptors
 from ._signaller import Signaller
 
 __all__ = ["ReapStep", "SystemHost", "ancestors_of"]
@@ -284,5 +284,6 @@ def _optional(read: Callable[[int], int], pid: int) -> Optional[int]:
 
 def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno is not None:
-        return f"{errno.errorcode.get(e.errno, e.errno)} ({e.strerror})"
+        name = errno.errorcode.get(e.errno, e.errno)
+        return f"{name} ({e.strerror}){out_of_descriptors(e.errno)}"
     return f"{type(e).__name__}: {e}"

@@ -29,6 +29,7 @@ __all__ = [
     "SystemInspector",
     "own_clock_offsets",
     "proc_problem",
+    "out_of_descriptors",
     "raise_fd_limit",
     "ticks_since_boot",
 ]
@@ -38,6 +39,9 @@ logger = logging.getLogger("ftimer_server")
 _LINUX = sys.platform.startswith("linux")
 # How far RLIMIT_NOFILE is raised when its hard limit is "unlimited".
 _FD_LIMIT_CAP = 1 << 20
+# Below it, a start warns: every worker watched holds a descriptor (its pidfd).
+_FD_LIMIT_LOW = 1024
+_RAISE_FD_LIMIT = "raise its RLIMIT_NOFILE (systemd: LimitNOFILE=; docker: --ulimit nofile=)"
 
 
 class ProcessInspector(abc.ABC):
@@ -338,7 +342,8 @@ def proc_problem() -> Optional[str]:
 
 
 def raise_fd_limit() -> int:
-    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return the soft limit.
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return the soft limit,
+    with a warning if it is still low.
 
     Every worker bound with a pidfd costs one descriptor.
     """
@@ -350,4 +355,22 @@ def raise_fd_limit() -> int:
             soft = target
         except (ValueError, OSError):
             pass
+    if soft != resource.RLIM_INFINITY and soft < _FD_LIMIT_LOW:
+        logger.warning(
+            "this process may open %d file descriptors at most (RLIMIT_NOFILE): each "
+            "worker watched holds one, and arms beyond them are refused (unverifiable, "
+            "EMFILE): %s",
+            soft,
+            _RAISE_FD_LIMIT,
+        )
     return soft
+
+
+def out_of_descriptors(err: Optional[int]) -> str:
+    """What to do about ``err`` if it says the server, or the host, has no descriptor
+    left (``EMFILE``, ``ENFILE``), to follow a refusal's reason; else ``""``."""
+    if err == errno.EMFILE:
+        return f": the server is out of file descriptors, {_RAISE_FD_LIMIT}"
+    if err == errno.ENFILE:
+        return ": the host is out of file descriptors (sysctl fs.file-max)"
+    return ""

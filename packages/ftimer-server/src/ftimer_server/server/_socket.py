@@ -63,7 +63,7 @@ from ftimer_server.incidents._procfs import pidfd_pid
 
 from . import _closer, _kinship
 from ._fifo import FifoError, resolve_group
-from ._process import ProcessInspector, SystemInspector
+from ._process import ProcessInspector, SystemInspector, out_of_descriptors
 
 __all__ = ["DatagramSocket", "open_socket"]
 
@@ -335,6 +335,7 @@ class DatagramSocket:
             # sender's start time, checked at binding as on a kernel without pidfds (a
             # heartbeat refused left its worker's last deadline to reap it).
             why = f"no pidfd of the sender: {os.strerror(-sender_fd)}"
+            why += out_of_descriptors(-sender_fd)
             return _refused(RejectReason.UNVERIFIABLE, message, pid, why)
         subject = pid
         if rights:

@@ -1,0 +1,61 @@
+"""A server whose descriptor limit is low: said at its start, and in each refusal of a
+worker it has no descriptor left to watch, with what to do. Real processes (this test's
+own sleepers) and a recording signaller: nothing is signalled."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+# Run with RLIMIT_NOFILE at 64, hard: it cannot be raised. Binds sleepers of its own
+# until pidfd_open fails, and prints what the server refused and why.
+SERVER = """
+import json, logging, os, resource, subprocess, sys, tempfile
+from ftimer_protocol import Arm, encode
+from ftimer_server import FileTimerServer, RecordingSignaller, Rejected
+logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(80)]
+refused = []
+fifo = os.path.join(tempfile.mkdtemp(), "timer.fifo")
+server = FileTimerServer(
+    fifo, signaller=RecordingSignaller(), on_event=refused.append, event_types=[Rejected]
+)
+try:
+    with server:
+        fd = os.open(fifo, os.O_WRONLY)
+        for s in sleepers:
+            os.write(fd, encode(Arm(pid=s.pid, scope_id="step", deadline=1e6, signal=9)))
+        os.close(fd)
+        server.sync()
+        print(json.dumps({"armed": len(server.armed()), "details": [r.detail for r in refused],
+                          "reasons": [r.reason.value for r in refused]}))
+finally:
+    for s in sleepers:
+        s.kill()
+        s.wait()
+"""
+
+
+def test_a_low_descriptor_limit_is_said_at_the_start_and_in_each_refusal() -> None:
+    # At a hard limit of 32, the daemon watched 7 of 50 workers, refused the others
+    # "unverifiable (pidfd_open: EMFILE (Too many open files))", and said nothing else.
+    result = subprocess.run(
+        [sys.executable, "-c", SERVER], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert 0 < out["armed"] < 80
+    assert len(out["details"]) == 80 - out["armed"]
+    assert set(out["reasons"]) == {"unverifiable"}
+    for detail in out["details"]:
+        # pidfd_open's, or a /proc file's read once the pidfd took the last descriptor
+        assert detail.startswith(("pidfd_open: EMFILE ", "/proc/")), detail
+        assert detail.endswith(
+            "EMFILE (Too many open files): "
+            "the server is out of file descriptors, raise its "
+            "RLIMIT_NOFILE (systemd: LimitNOFILE=; docker: --ulimit nofile=)"
+        )
+    [warning] = [line for line in result.stderr.splitlines() if "RLIMIT_NOFILE" in line]
+    assert warning.startswith("this process may open 64 file descriptors at most (RLIMIT_NOFILE)")

@@ -37,7 +37,8 @@ __all__ = [
 class RejectReason(str, enum.Enum):
     """Why a request was refused (the value is the counter and log label)."""
 
-    #: pid 0 or 1, or a negative pid (a process group): never a worker.
+    #: pid 1, never a worker. (pid 0 and negative pids, process groups, would be too; a
+    #: line naming one is outside the protocol's schema: a ``DecodeFailed``, not this.)
     RESERVED_PID = "reserved_pid"
     #: the server's own process, or one it runs for itself (its capture helper).
     SERVER_PROCESS = "server_process"

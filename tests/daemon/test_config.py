@@ -19,6 +19,7 @@ from ftimer_server.daemon._config import (
     DaemonConfig,
     ascii_int,
     load_config_file,
+    overridden,
     parse_address,
     parse_group,
     parse_mode,
@@ -655,3 +656,17 @@ def test_the_restore_grace_is_an_option_the_server_is_given(tmp_path: pathlib.Pa
         assert server._restore_grace == 30.0  # type: ignore[attr-defined]
     finally:
         server.stop()
+
+
+def test_overridden_names_the_options_that_hide_another_value_of_the_file(
+    tmp_path: pathlib.Path,
+) -> None:
+    config = tmp_path / "ftimer.toml"
+    config.write_text('log-level = "debug"\ngrace = 5\nfifo = "timer.fifo"\nmax-timers = 9\n')
+    settings = load_config_file(str(config))
+    cli = {"log_level": "info", "grace": 5.0, "fifo": str(tmp_path / "timer.fifo")}
+    # The same value (a path as the file's directory makes it) hides nothing.
+    assert overridden(cli, settings, str(config)) == ["--log-level"]
+    with_max = overridden({**cli, "max_timers": 10}, settings, str(config))
+    assert sorted(with_max) == ["--log-level", "--max-timers"]
+    assert overridden({}, settings, str(config)) == []

@@ -721,6 +721,24 @@ def test_sighup_reopens_the_log_and_reloads_the_config(
     assert d.stop() == 0
 
 
+def test_sighup_says_which_settings_of_the_file_the_command_line_overrides(
+    spawn: Spawn, short_dir: pathlib.Path
+) -> None:
+    # log-level changed in the file, given on the command line too: "config reloaded",
+    # and the level stayed the command line's, unsaid.
+    config = short_dir / "ftimer.toml"
+    config.write_text('log-level = "info"\n')
+    d = spawn("--config", str(config), "--log-level", "info").ready()
+    config.write_text('log-level = "debug"\nmax-timers = 5\n')
+    d.proc.send_signal(signal.SIGHUP)
+    d.notify.wait_for("RELOADING=1")
+    d.wait_for_record(where=lambda r: r["msg"].startswith("config reloaded"))
+    said = d.wait_for_record(where=lambda r: "the command line gives otherwise" in r["msg"])
+    assert said["level"] == "warning"
+    assert said["msg"].endswith("not applied (now or at a restart): --log-level")
+    assert d.stop() == 0
+
+
 def test_a_flood_of_bad_input_is_logged_a_few_times_with_a_count(spawn: Spawn) -> None:
     # Lines that differ each time (a new excerpt, another pid) are one kind of line: they
     # are held back after a burst like identical ones. Timers ask for SIGKILL while only

@@ -562,6 +562,18 @@ class _Merged:
         }
 
 
+def overridden(cli: Mapping[str, Any], file: FileSettings, config_file: str) -> List[str]:
+    """The options (``--name``) that override another value ``file`` gives (read from
+    ``config_file``): the command line wins, so the file's value is never used."""
+    options = _merge(cli, None, None).origin
+    from_file = _merge({}, file, config_file).values
+    return [
+        options[name]
+        for name, value in from_file.items()
+        if value is not None and cli.get(name) is not None and cli[name] != value
+    ]
+
+
 def _merge(
     cli: Mapping[str, Any], file: Optional[FileSettings], config_file: Optional[str]
 ) -> _Merged:

@@ -56,6 +56,7 @@ from ._config import (
     ConfigError,
     DaemonConfig,
     load_config_file,
+    overridden,
     resolve_config,
 )
 from ._control import ControlServer, ControlSocketBusy
@@ -586,10 +587,19 @@ class Daemon:
         path = self.config.config_file
         if path is not None:
             try:
-                new = resolve_config(self._cli, load_config_file(path), config_file=path)
+                settings = load_config_file(path)
+                new = resolve_config(self._cli, settings, config_file=path)
             except ConfigError as e:
                 log.error("config not reloaded: %s", e)
             else:
+                hidden = overridden(self._cli, settings, path)
+                if hidden:  # else a change to them would seem taken, and was not
+                    log.warning(
+                        "settings of %s that the command line gives otherwise, not applied "
+                        "(now or at a restart): %s",
+                        path,
+                        ", ".join(hidden),
+                    )
                 changed = [
                     name
                     for name in DaemonConfig.__dataclass_fields__

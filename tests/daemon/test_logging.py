@@ -396,3 +396,66 @@ def test_a_daemon_whose_stderr_nobody_reads_still_stops(tmp_path: pathlib.Path) 
         os.close(held)
         if stderr >= 0:
             os.close(stderr)
+
+
+# Logs 50 lines into a log file limited to 2 KiB (RLIMIT_FSIZE: EFBIG, as a full disk's
+# ENOSPC), then, if told, lifts the limit and logs one more; prints what it counted lost.
+FULL_LOG = """
+import logging, resource, sys
+from ftimer_server.daemon._logging import JsonFormatter, ReopenableFileHandler
+path, lift = sys.argv[1], sys.argv[2] == "lift"
+handler = ReopenableFileHandler(path, encoding="utf-8")
+handler.setFormatter(JsonFormatter())
+log = logging.getLogger("t")
+log.addHandler(handler)
+log.propagate = False
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))
+for i in range(50):
+    log.warning("line %d %s", i, "x" * 60)
+print(handler.lost)
+if lift:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    log.warning("after")
+handler.close()
+"""
+
+
+@pytest.mark.parametrize("lift", [True, False])
+def test_a_log_file_that_takes_no_more_loses_whole_lines_and_says_how_many(
+    tmp_path: pathlib.Path, lift: bool
+) -> None:
+    # Lines went through a buffer that the full disk left holding some: 1 line counted
+    # lost where 7 were, a line cut short in the file, and nothing said of it after.
+    import subprocess
+    import sys
+
+    path = tmp_path / "daemon.log"
+    mode = "lift" if lift else "full"
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_LOG, str(path), mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lost = int(result.stdout)
+    records = [json.loads(line) for line in path.read_text().splitlines()]  # whole lines
+    written = [r["msg"] for r in records if r["msg"].startswith("line ")]
+    assert len(written) + lost == 50
+    assert written == [f"line {i} {'x' * 60}" for i in range(len(written))]
+    assert 0 < lost < 50
+    assert result.stderr.count("ftimer-server: a line could not be written") == 1
+    if lift:
+        assert [r["msg"] for r in records[len(written) :]][1:] == ["after"]
+        told = records[len(written)]
+        assert told["level"] == "warning"
+        assert told["msg"].startswith(
+            f"{lost} log line(s) could not be written to this file since "
+        )
+        assert "before it was closed" not in result.stderr
+    else:
+        assert len(records) == len(written)
+        assert result.stderr.endswith(
+            f"ftimer-server: {lost} line(s) could not be written to the log file {path} "
+            "before it was closed\n"
+        )

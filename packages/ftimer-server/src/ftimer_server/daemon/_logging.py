@@ -184,13 +184,65 @@ class ReopenableFileHandler(logging.FileHandler):
         #: Lines the file did not take (a full disk, a file size limit).
         self.lost = 0
         self._said = -self.SAY_EVERY
+        #: How many of ``lost`` the file was told of, and since when lines were lost.
+        self._told = 0
+        self._lost_since = 0.0
 
     def _open(self) -> io.TextIOWrapper:
         return open_log_file(self.baseFilename, self.encoding, self.errors)
 
+    def emit(self, record: logging.LogRecord) -> None:
+        """Append ``record`` as a line, in one ``write()`` of the file's descriptor: not
+        through a buffer, which a full disk leaves holding lines that are then lost
+        uncounted, or written late. A line the disk cut short is taken back, and the
+        first line written after some were lost says how many (as a warning of its own)."""
+        try:
+            line = self.format(record) + self.terminator
+            if self.lost > self._told:
+                line = self._told_of_lost() + line
+            self._append(line.encode(self.encoding or "utf-8", self.errors or "strict"))
+        except Exception:
+            self.handleError(record)
+        else:
+            self._told = self.lost
+
+    def _told_of_lost(self) -> str:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self._lost_since))
+        said = logging.makeLogRecord(
+            {
+                "name": "ftimer_server.daemon",
+                "levelno": logging.WARNING,
+                "levelname": "WARNING",
+                "msg": "%d log line(s) could not be written to this file since %s",
+                "args": (self.lost - self._told, since),
+            }
+        )
+        return self.format(said) + self.terminator
+
+    def _append(self, data: bytes) -> None:
+        """Write ``data`` at the file's end, or none of it.
+
+        Raises:
+            OSError: the file did not take it all (what it took is cut off again).
+        """
+        if self.stream is None:  # closed: opened again, as FileHandler.emit() does
+            self.stream = self._open()
+        fd = self.stream.fileno()
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except OSError:
+            if written:  # O_APPEND: the part written ends the file
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, os.fstat(fd).st_size - written)
+            raise
+
     def handleError(self, record: logging.LogRecord) -> None:
         """A line the file did not take: said on stderr once a minute at most, with the
         count lost so far, instead of logging's traceback for every line."""
+        if self.lost == self._told:
+            self._lost_since = time.time()
         self.lost += 1
         now = time.monotonic()
         if now - self._said >= self.SAY_EVERY:
@@ -203,11 +255,19 @@ class ReopenableFileHandler(logging.FileHandler):
                 )
 
     def close(self) -> None:
-        """Close the file; what it did not take at the last flush is counted lost."""
+        """Close the file; say on stderr how many lines it did not take, if the file was
+        not told (a disk full to the end)."""
         try:
             super().close()
         except OSError:
             self.handleError(logging.makeLogRecord({}))
+        if self.lost > self._told:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(
+                    f"ftimer-server: {self.lost - self._told} line(s) could not be written "
+                    f"to the log file {self.baseFilename} before it was closed\n"
+                )
+            self._told = self.lost
 
     def reopen(self) -> None:
         """Open the path again (append), switch to it and close the old file.

@@ -7,18 +7,19 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
-from typing import Callable
+from typing import Any, Callable, Dict, Optional
 
 import pytest
 from tests.conftest import children_of, tmpfs, wait_until
 
-from ftimer_protocol import Arm, encode
+from ftimer_protocol import Arm, Disarm, encode
 from ftimer_server import Timer
 from ftimer_server.daemon._cli import format_status
 from ftimer_server.daemon._state import boot_clock, encode_state, read_boot_id
@@ -306,6 +307,77 @@ def test_a_final_save_that_fails_with_no_state_file_left_says_nothing_is_restore
         f"the final save failed, and {state} is gone: the next start restores no timers "
         "(clients re-send theirs)"
     )
+
+
+def test_a_disk_that_stays_full_is_said_once_and_room_again_restores_the_timers(
+    spawn: Callable[..., DaemonProcess],
+    small_disk: pathlib.Path,
+    quiet,
+    sleeper: subprocess.Popen[str],
+) -> None:
+    # With room for the state file only, each save started a journal segment that failed
+    # at its first write and removed the state file: two error lines (three where the
+    # save failed too) and a new segment ten times a second, for as long as the disk
+    # stayed full; and not a word once there was room again.
+    pytest.importorskip("prometheus_client")
+    state = small_disk / "state.json"
+    # At level info: the pokes below are no lines.
+    args = ["--state-file", str(state), "--metrics-address", "127.0.0.1:0", "--log-level", "info"]
+    d = spawn(*args).ready()
+    url = d.wait_for_record(where=lambda r: r["msg"].startswith("metrics on"))["msg"].split()[-1]
+    worker = quiet(d.fifo, 3600.0)
+    wait_until(lambda: saved_scopes(state) == ["step"], what="the arm saved")
+    filler = fill(small_disk)
+    fifo = os.open(d.fifo, os.O_WRONLY)
+    pokes = 0
+
+    def poke() -> None:
+        """A change: a line for the journal to keep, and a save due."""
+        nonlocal pokes
+        pokes += 1
+        disarm = encode(Disarm(pid=sleeper.pid, scope_id="poke"))
+        os.write(fifo, report_only_arm(sleeper.pid, "poke") if pokes % 2 else disarm)
+
+    def failed_writes() -> int:
+        poke()
+        with urllib.request.urlopen(url, timeout=PATIENCE) as r:
+            text = r.read().decode()
+        found = re.search(r'ftimer_state_saves_total\{result="error"\} (\S+)', text)
+        return int(float(found.group(1))) if found else 0
+
+    try:
+        # The old journal failed three times in 0.2 s (a save after each), each said;
+        # now the second failure comes with the next save, the third a second later.
+        wait_until(lambda: failed_writes() >= 3, what="three failed writes")
+        d.wait_for_record(where=lambda r: r["msg"].startswith(f"journal: removed {state}"))
+        errors = [r["msg"] for r in d.records() if r["level"] == "error"]
+        assert len([m for m in errors if m.startswith(f"journal {state}.journal.")]) == 1, errors
+        assert len([m for m in errors if m.startswith(f"journal: removed {state}")]) == 1
+        assert len([m for m in errors if m.startswith(f"cannot save state to {state}")]) <= 1
+        assert d.status()["state_failing"] is not None
+        filler.unlink()  # room again: said, and the state file stays
+
+        def back_again() -> Optional[Dict[str, Any]]:
+            poke()
+            return next((r for r in d.records() if "written whole again" in r["msg"]), None)
+
+        back = wait_until(back_again, what="the journal written whole again")
+        assert back["level"] == "info"
+        assert re.fullmatch(
+            rf"journal {re.escape(str(state))}\.journal\.\d+ written whole again, after "
+            r"\d+ failed write\(s\) over \d+\.\d s",
+            back["msg"],
+        ), back["msg"]
+        wait_until(lambda: d.status()["state_failing"] is None, what="status healthy again")
+        wait_until(lambda: "step" in saved_scopes(state), what="the state saved")
+    finally:
+        os.close(fifo)
+    d.stop(signal.SIGKILL)
+    d = spawn("--state-file", str(state), name="second").ready()
+    assert "step" in d.armed_scopes()  # restored: the worker stays watched
+    release(worker)
+    assert "step" not in d.armed_scopes()
+    assert d.stop() == 0
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import pathlib
 import stat
@@ -14,6 +16,7 @@ import hypothesis.strategies as st
 import msgspec
 import pytest
 from hypothesis import given, settings
+from tests.conftest import wait_until
 
 from ftimer_protocol import PIPE_BUF, Arm, encode
 from ftimer_server import Timer
@@ -305,6 +308,83 @@ def test_stop_saves_the_final_state(tmp_path: pathlib.Path) -> None:
     current.append(Timer(5, "last", 3.0, 9))
     saver.changed()
     saver.stop()
+    assert [t.scope_id for t in decode_state(path.read_bytes()).timers] == ["last"]
+
+
+def test_saves_failing_for_one_cause_are_said_once_then_once_a_minute(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A full disk: the same error line every second or so (the saver's retries), for as
+    # long as it stayed full; and nothing when a save succeeded again.
+    path = tmp_path / "state.json"
+    now = 0.0
+    backoff: list[float | None] = [None]  # what the journal asks for after a save
+    saver = StateSaver(
+        str(path), lambda: ([], 1), BOOT, clock=lambda: now, saved=lambda seq: backoff[0]
+    )
+    cause = OSError(errno.ENOSPC, "No space left on device")
+
+    def write_fails(path: str, data: object) -> None:
+        raise cause
+
+    monkeypatch.setattr(state_module, "write_state", write_fails)
+    with caplog.at_level(logging.INFO, logger="ftimer_server.state"):
+        for attempt in range(200):  # a second apart, as the saver retries
+            now = float(attempt)
+            assert not saver.save()
+        cause = OSError(errno.EACCES, "Permission denied")  # another cause: said at once
+        now += 1.0
+        assert not saver.save()
+        assert (saver.errors, saver.failing) == (201, "Permission denied")
+        monkeypatch.undo()
+        now += 1.0
+        backoff[0] = 1.0  # saved, but the journal failed: it will remove the file again
+        assert saver.save()
+        assert saver.failing is None  # as before: status says the journal's failure then
+        backoff[0] = None
+        now += 1.0
+        assert saver.save()  # saved, and it stays
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    failing = f"cannot save state to {path}: [Errno 28] No space left on device"
+    still = f"still cannot save state to {path}: {{}} failed attempt(s) over {{}} s, the last: "
+    assert said == [
+        ("ERROR", failing),
+        ("ERROR", still.format(61, 60) + "[Errno 28] No space left on device"),
+        ("ERROR", still.format(121, 120) + "[Errno 28] No space left on device"),
+        ("ERROR", still.format(181, 180) + "[Errno 28] No space left on device"),
+        ("ERROR", f"cannot save state to {path}: [Errno 13] Permission denied"),
+        ("INFO", f"state saved again to {path} after 201 failed attempt(s) over 202.0 s"),
+    ]
+    assert saver.saves == 2
+    assert decode_state(path.read_bytes()).journal == 1
+
+
+def test_the_saver_waits_what_a_failing_journal_asks_and_still_saves_at_stop(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Each save started a segment that failed at once (a disk with room for the state
+    # file only), and the saver saved again after its interval: ten times a second.
+    path = tmp_path / "state.json"
+    waits: list[float | None] = []
+
+    class Hurry(threading.Event):  # the saver waits on it between saves
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(timeout)
+            return super().wait(timeout)
+
+    current: list[Timer] = []
+    saver = StateSaver(
+        str(path), lambda: (list(current), 1), BOOT, interval=0.01, saved=lambda seq: 3600.0
+    )
+    saver._hurry = Hurry()
+    saver.start()
+    wait_until(lambda: waits, what="the pause after the first save")
+    current.append(Timer(5, "last", 3.0, 9))
+    saver.changed()
+    assert saver.stop()  # the final save is made whatever the journal asked
+    assert waits[0] is not None
+    assert waits[0] > 3000, waits  # not the 0.01 s interval
+    assert saver.saves == 2
     assert [t.scope_id for t in decode_state(path.read_bytes()).timers] == ["last"]
 
 

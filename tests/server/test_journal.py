@@ -317,3 +317,110 @@ def test_a_servers_checkpoint_carries_the_line_its_reader_holds(
             os.close(writer)
     assert b"".join(journal.replay(seq)) == b"half a line\n"
     journal.close()
+
+
+def no_space(*args: object, **kwargs: object) -> int:
+    """A write to a full disk (as the journal's splice, or its write where there is none)."""
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_journal_that_keeps_failing_says_it_once_and_spaces_its_segments_out(
+    tmp_path: pathlib.Path,
+    pipe,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # On a disk with room for the state file only, each save (checkpoint, write, saved)
+    # started a segment that failed at its first write and removed the state file: two
+    # error lines, and a new segment, ten times a second for as long as the disk stayed
+    # full; and nothing was said when there was room again.
+    r, w = pipe
+    state = tmp_path / "state.json"
+    journal = Journal(str(tmp_path / "j"), snapshot=str(state))
+    splice, journal._splice = journal._splice, no_space
+    waits = []
+    with caplog.at_level(logging.INFO, logger="ftimer_server"):
+        for _ in range(6):
+            seq = journal.checkpoint()
+            state.write_bytes(b"{}\n")  # the save: room made by the last removal
+            waits.append(journal.saved(seq))
+            os.write(w, b"a line\n")
+            assert journal.read(r, 100) == b"a line\n"  # read all the same, not journalled
+            assert not state.exists()
+        assert (journal.errors, journal.failing) == (6, "No space left on device")
+        # The first save came at once; each after a failed segment asks for a second's
+        # wait before the next, as a failed save has.
+        assert waits == [None, 1.0, 1.0, 1.0, 1.0, 1.0]
+        said = [(r.levelname, r.getMessage()) for r in caplog.records]
+        assert said == [
+            (
+                "ERROR",
+                f"journal {tmp_path}/j.2: [Errno 28] No space left on device; from now on, what "
+                "was read since the last save is lost if the server is killed",
+            ),
+            (
+                "ERROR",
+                f"journal: removed {state}, which a restart would restore without what was read "
+                "since (disarms included); a restart now starts with no timers, and clients "
+                "re-send theirs",
+            ),
+        ]
+        caplog.clear()
+        journal._splice = splice  # room again
+        seq = journal.checkpoint()
+        state.write_bytes(b"{}\n")
+        assert journal.saved(seq) == 1.0  # not proven yet: an empty segment fits anywhere
+        os.write(w, b"journalled\n")
+        journal.read(r, 100)
+        seq = journal.checkpoint()
+        state.write_bytes(b"{}\n")
+        assert journal.saved(seq) is None
+    assert state.exists()
+    [(level, message)] = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert level == "INFO"
+    assert re.fullmatch(
+        f"journal {re.escape(str(tmp_path))}/j.8 written whole again, after 6 failed "
+        r"write\(s\) over \d+\.\d s",
+        message,
+    ), message
+    assert journal.segments() == [9]
+    journal.close()
+
+
+def test_a_journal_failing_for_long_is_recalled_once_a_minute_with_a_count(
+    tmp_path: pathlib.Path,
+    pipe,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    r, w = pipe
+    now = 1000.0
+    journal = Journal(str(tmp_path / "j"), snapshot=str(tmp_path / "state.json"), clock=lambda: now)
+    journal._splice = no_space
+    with caplog.at_level(logging.ERROR, logger="ftimer_server"):
+        for _ in range(25):  # a failed segment every 10 s
+            journal.saved(journal.checkpoint())
+            os.write(w, b"a line\n")
+            journal.read(r, 100)
+            now += 10.0
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 5, said  # at 0 s, then 60, 120, 180, 240 s
+    assert said[0].endswith("lost if the server is killed")
+    for reminder, (seq, failed, seconds) in zip(said[1:], [(8, 7, 60), (14, 13, 120)]):
+        assert reminder == (
+            f"journal {tmp_path}/j.{seq}: [Errno 28] No space left on device; still failing, "
+            f"{failed} failed write(s) over {seconds} s: what was read since the last save is "
+            "lost if the server is killed"
+        )
+    # Another cause is said at once.
+    caplog.clear()
+
+    def no_quota(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    journal._splice = no_quota
+    journal.saved(journal.checkpoint())
+    os.write(w, b"a line\n")
+    with caplog.at_level(logging.ERROR, logger="ftimer_server"):
+        journal.read(r, 100)
+    [said_now] = [r.getMessage() for r in caplog.records]
+    assert "[Errno 122] Disk quota exceeded; from now on" in said_now
+    journal.close()

@@ -17,6 +17,8 @@ which the server's loop needs to reap on time.
 `StateSaver` batches: the first change after a quiet period is written at once, later
 ones at most every ``interval`` seconds, and nothing is written while nothing changes;
 but a journal that holds a trim's worth (a flood) is saved, and so trimmed, at once.
+Saves that keep failing for one cause are said once, then at most once a minute with
+their count, and the save that succeeds again in a line of its own.
 
 The file is trusted only if the daemon's user owns it (another user's is set aside) and
 lies in a directory nobody else may change (`check_state_dir`: the daemon refuses any
@@ -55,6 +57,7 @@ from ftimer_server._files import (
 )
 from ftimer_server.core._policy import clocks_apart
 from ftimer_server.core._records import Timer
+from ftimer_server.server._journal import Failures
 from ftimer_server.server._process import own_clock_offsets
 
 __all__ = [
@@ -525,9 +528,11 @@ class StateSaver:
         boot_id: written into the file.
         interval: minimum seconds between two writes; also the bound on how stale the
             file may be after a change.
-        clock: monotonic seconds, written as ``saved_at``.
+        clock: monotonic seconds, written as ``saved_at``; times the lines of failing
+            saves too.
         saved: called after each successful write with the journal segment it names
-            (older segments can go).
+            (older segments can go); returns None, or the seconds to wait before the
+            next save (a journal whose new segments keep failing, `Journal.saved`).
         overdue: whether a save is due now, whatever ``interval`` says (the journal
             is `Journal.full`): consulted at each `changed()`, and once woken, again
             (a save that took the snapshot meanwhile has made it false), so a flood
@@ -543,7 +548,7 @@ class StateSaver:
         interval: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
         *,
-        saved: Callable[[int], None] = lambda journal: None,
+        saved: Callable[[int], Optional[float]] = lambda journal: None,
         overdue: Callable[[], bool] = lambda: False,
         fifo: Optional[Tuple[int, int]] = None,
     ) -> None:
@@ -567,6 +572,8 @@ class StateSaver:
         self.errors = 0
         #: Why the last write failed, or None (it succeeded, or none was made yet).
         self.failing: Optional[str] = None
+        self._failures = Failures(clock)
+        self._backoff: Optional[float] = None  # what the last `saved` asked for
 
     def start(self) -> None:
         """Start the saver thread; the current state is written at once."""
@@ -599,11 +606,31 @@ class StateSaver:
             except OSError as e:
                 self.errors += 1
                 self.failing = e.strerror or str(e)
-                log.error("cannot save state to %s: %s", self.path, e)
+                say = self._failures.failed(e)
+                if say == "new":
+                    log.error("cannot save state to %s: %s", self.path, e)
+                elif say == "still":
+                    log.error(
+                        "still cannot save state to %s: %d failed attempt(s) over %.0f s, the "
+                        "last: %s",
+                        self.path,
+                        self._failures.count,
+                        self._failures.seconds(),
+                        e,
+                    )
                 return False
             self.saves += 1
             self.failing = None
-            self._saved(journal)
+            self._backoff = self._saved(journal)
+            # While the journal backs off, its next failure likely removes this file again:
+            # not said to be saved again yet.
+            run = self._failures.ended() if self._backoff is None else None
+            if run is not None:
+                log.info(
+                    "state saved again to %s after %d failed attempt(s) over %.1f s",
+                    self.path,
+                    *run,
+                )
             return True
 
     def stop(self, final_save: bool = True) -> bool:
@@ -628,11 +655,11 @@ class StateSaver:
                 self._dirty.set()  # retry, but not in a tight loop
                 self._stopping.wait(max(self.interval, 1.0))
             else:
-                self._pause()
+                self._pause(max(self.interval, self._backoff or 0.0))
 
-    def _pause(self) -> None:
-        """Wait ``interval`` after a save; less if a save becomes overdue, or at stop."""
-        end = time.monotonic() + self.interval
+    def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` after a save; less if a save becomes overdue, or at stop."""
+        end = time.monotonic() + seconds
         while not self._stopping.is_set():
             left = end - time.monotonic()
             if left <= 0:

@@ -30,6 +30,11 @@ without what it held (disarms) would have workers reaped that had disarmed.
 A name already taken when a segment is created never stops the journal: a file of the
 server's user is set aside and the name reused, anything else is left and the next free
 number taken.
+
+A journal that keeps failing (a full disk) says so once, then at most once a minute, and
+asks for the saves, each of which starts a new segment, a second apart (`Journal.saved`):
+on a disk with room for the state file only, each save, ten a second, started one that
+failed at its first write, each failure said in two error lines.
 """
 
 from __future__ import annotations
@@ -40,13 +45,14 @@ import glob
 import logging
 import os
 import stat
-from typing import Iterable, Iterator, List, Optional, Set, Tuple
+import time
+from typing import Callable, Iterable, Iterator, List, Optional, Set, Tuple
 
 import msgspec
 
 from ftimer_protocol import V2_PREFIX, Message, TimerRequestV1
 
-__all__ = ["JOURNAL_TRIM", "Journal", "JournalIncomplete"]
+__all__ = ["JOURNAL_TRIM", "Failures", "Journal", "JournalIncomplete"]
 
 from ftimer_server._files import (
     O_CLOEXEC,
@@ -67,11 +73,66 @@ _REPLAY_CHUNK = 256 * 1024
 _CREATE_ATTEMPTS = 5
 #: Bytes in the segment being written past which it is `Journal.full`: a save is due.
 JOURNAL_TRIM = 16 * 1024 * 1024
+#: Seconds between two lines saying that writes keep failing for one cause.
+REMIND_EVERY = 60.0
+#: The wait `Journal.saved` asks for between saves while new segments fail: as long as
+#: a failed save waits. Not longer: until the next save there is no state file to restore.
+_RETRY_AFTER = 1.0
 _encoder = msgspec.json.Encoder()
 
 
 class JournalIncomplete(Exception):
     """A replay cannot have every segment it must: what the message says is missing."""
+
+
+class Failures:
+    """A run of failures of a write that is retried, for saying it in few lines (sans
+    I/O: the caller logs). Its first failure, and one of another cause (errno) than the
+    last said, are to be said at once; the others at most every ``remind`` seconds, as a
+    reminder with their count.
+
+    Args:
+        clock: monotonic seconds.
+        remind: seconds between two reminders.
+    """
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, remind: float = REMIND_EVERY
+    ) -> None:
+        self._clock = clock
+        self.remind = remind
+        #: Failures in the run (0: none going on), and when it began.
+        self.count = 0
+        self.since = 0.0
+        self._said: Optional[int] = None  # the errno last said
+        self._said_at = 0.0
+
+    def failed(self, error: OSError) -> Optional[str]:
+        """Count ``error``; return "new" (say it), "still" (say the run goes on) or None
+        (say nothing)."""
+        now = self._clock()
+        if not self.count:
+            self.since = now
+        self.count += 1
+        if self.count == 1 or error.errno != self._said:
+            self._said, self._said_at = error.errno, now
+            return "new"
+        if now - self._said_at >= self.remind:
+            self._said_at = now
+            return "still"
+        return None
+
+    def seconds(self) -> float:
+        """Seconds since the run began (0: none is going on)."""
+        return self._clock() - self.since if self.count else 0.0
+
+    def ended(self) -> Optional[Tuple[int, float]]:
+        """End the run: its failures and seconds, or None if none was going on."""
+        if not self.count:
+            return None
+        run = self.count, self.seconds()
+        self.count, self._said = 0, None
+        return run
 
 
 class Journal:
@@ -88,13 +149,19 @@ class Journal:
             again.
         trim: the bytes past which the segment being written is `full`
             (``JOURNAL_TRIM`` by default).
+        clock: monotonic seconds, timing the reminders of failing writes.
 
     Raises:
         OSError: the first segment cannot be created.
     """
 
     def __init__(
-        self, prefix: str, snapshot: Optional[str] = None, *, trim: Optional[int] = None
+        self,
+        prefix: str,
+        snapshot: Optional[str] = None,
+        *,
+        trim: Optional[int] = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._prefix = prefix
         self._snapshot = snapshot
@@ -102,7 +169,12 @@ class Journal:
         found = self.segments()
         self._fd, self._seq = self._create((found[-1] if found else 0) + 1)
         self._size = 0
+        self._start = 0  # the size after the checkpoint: more is a write that succeeded
         self._failed = False
+        self._failures = Failures(clock)
+        #: Whether the last checkpoint left a failed segment, and none written whole since.
+        self._retrying = False
+        self._said_removed = False  # said in the run of failures going on
         #: Failed writes since start, and why the last one failed, until a snapshot is
         #: saved with its segments whole again (None then).
         self.errors = 0
@@ -200,20 +272,43 @@ class Journal:
             with contextlib.suppress(OSError):
                 os.unlink(f"{self._prefix}.{seq}")
             raise
+        if self._failed:
+            self._retrying = True
+        elif self._size > self._start:
+            # Written to, and whole: an empty segment proves nothing (a full disk still
+            # has room for one).
+            self._retrying = False
+            run = self._failures.ended()
+            if run is not None:
+                self._said_removed = False
+                logger.info(
+                    "journal %s.%d written whole again, after %d failed write(s) over %.1f s",
+                    self._prefix,
+                    self._seq,
+                    *run,
+                )
         os.close(self._fd)
         self._fd, self._size, self._seq = fd, len(carry), seq
+        self._start = self._size
         self._failed = False
         return self._seq
 
-    def saved(self, seq: int) -> None:
+    def saved(self, seq: int) -> Optional[float]:
         """A snapshot naming segment ``seq`` was saved: the segments before it can go;
         unless a write failed since the checkpoint that made ``seq``, which leaves that
-        snapshot incomplete too (see ``snapshot``)."""
+        snapshot incomplete too (see ``snapshot``).
+
+        Returns:
+            None; or, while the segments the last checkpoints started failed, the seconds
+            to wait before the next save (``_RETRY_AFTER``): its new segment would likely
+            fail too, and the state file it saved be removed again.
+        """
         if self._failed:
             self.invalidate()
         else:
             self.failing = None  # the snapshot and its segments are whole again
             self.discard_before(seq)
+        return _RETRY_AFTER if self._retrying else None
 
     def discard_before(self, seq: int) -> None:
         """Delete the segments numbered below ``seq`` (a saved snapshot no longer needs
@@ -278,18 +373,31 @@ class Journal:
         self._failed = True
         self.errors += 1
         self.failing = e.strerror or str(e)
-        logger.error(
-            "journal %s.%d: %s; from now on, what was read since the last save is lost if "
-            "the server is killed",
-            self._prefix,
-            self._seq,
-            e,
-        )
+        say = self._failures.failed(e)
+        if say == "new":
+            logger.error(
+                "journal %s.%d: %s; from now on, what was read since the last save is lost "
+                "if the server is killed",
+                self._prefix,
+                self._seq,
+                e,
+            )
+        elif say == "still":
+            logger.error(
+                "journal %s.%d: %s; still failing, %d failed write(s) over %.0f s: what was "
+                "read since the last save is lost if the server is killed",
+                self._prefix,
+                self._seq,
+                e,
+                self._failures.count,
+                self._failures.seconds(),
+            )
         self.invalidate()
 
     def invalidate(self) -> None:
         """Remove the snapshot these segments complete (see ``snapshot``), said in a
-        line; nothing when there is none."""
+        line (the first time in a run of failing writes only); nothing when there is
+        none."""
         if self._snapshot is None:
             return
         try:
@@ -297,8 +405,13 @@ class Journal:
         except FileNotFoundError:
             return
         except OSError as e:
-            logger.error("journal: cannot remove %s: %s", self._snapshot, e.strerror)
+            if not self._said_removed:
+                self._said_removed = True
+                logger.error("journal: cannot remove %s: %s", self._snapshot, e.strerror)
             return
+        if self._said_removed:
+            return  # each save in the run makes it again, for the next failure to remove
+        self._said_removed = True
         logger.error(
             "journal: removed %s, which a restart would restore without what was read "
             "since (disarms included); a restart now starts with no timers, and clients "

@@ -138,10 +138,14 @@ class FifoWriter:
             raise ServerUnavailable(e.errno, f"cannot write ({e.strerror})", self.path) from e
 
     def _replaced(self) -> bool:
+        """Whether the path names another file now. Not when it names nothing this
+        process can look at: a process that dropped its privileges or chrooted, or a FIFO
+        removed while its server reads on (by a cleaner of ``/tmp``), still reaches the
+        server through the descriptor; a server gone shows as the pipe's error."""
         try:
             st = os.stat(self.path)
         except OSError:
-            return True
+            return False
         return (st.st_dev, st.st_ino) != self._inode
 
     def wait_room(self, timeout: float) -> bool:

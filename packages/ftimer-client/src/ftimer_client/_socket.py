@@ -211,9 +211,13 @@ class SocketWriter:
 
     def _bound(self) -> bool:
         """Whether a server still reads the socket this writer sends to: yes, too, where
-        the probe cannot tell (no descriptor left for it, say)."""
-        if self._replaced():
-            return False
+        the probe cannot tell (no descriptor left for it, say, or a path this process
+        cannot look at: see ``_replaced``)."""
+        try:
+            if _inode(self.path) != self._inode:
+                return False
+        except OSError:
+            return True
         try:
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         except OSError:  # EMFILE, ENOBUFS
@@ -257,10 +261,12 @@ class SocketWriter:
             raise ServerUnavailable(e.errno, reason, self.path) from e
 
     def _replaced(self) -> bool:
+        """Whether the path names another file now (as the FIFO's: not when it names
+        nothing this process can look at)."""
         try:
             return _inode(self.path) != self._inode
         except OSError:
-            return True
+            return False
 
     def _unpin(self) -> None:
         fd, self._file = self._file, -1

@@ -1,0 +1,68 @@
+"""A worker whose connection still reaches the server though the path no longer does
+(it dropped its privileges, or the path was removed while the server reads on): its
+disarms still arrive. A real server (signalling nothing) and real worker processes."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+from typing import List
+
+import pytest
+
+from ftimer_server import Disarmed, Event, FileTimerServer, RecordingSignaller
+
+# Connects, then loses sight of the path, then holds a timer across the client's watch
+# (it looks every second while a timer is armed), and disarms it.
+WORKER = """
+import os, sys, time
+from ftimer_client import FileTimerClient, expires
+path, transport, how = sys.argv[1:4]
+client = FileTimerClient(path, transport=transport)
+with expires(after=60, scope="first", client=client):
+    pass
+if how == "setuid":
+    os.setuid(65534)  # the server's directory is root's, 0700: out of its reach now
+else:
+    os.unlink(path)
+with expires(after=60, scope="step", client=client):
+    time.sleep(1.5)
+"""
+
+
+@pytest.mark.parametrize("transport", ["fifo", "socket"])
+@pytest.mark.parametrize("how", ["setuid", "removed"])
+def test_a_path_out_of_reach_is_no_server_gone(
+    tmp_path: pathlib.Path, transport: str, how: str
+) -> None:
+    # The watch took a path it could not look at for a server replaced: it dropped the
+    # connection, and the block's disarm, sent anew through the path, failed: the
+    # block raised ServerUnavailable (or warned), and the server reaped a healthy worker.
+    if how == "setuid" and os.geteuid() != 0:
+        pytest.skip("dropping privileges needs root")
+    private = tmp_path / "run"
+    private.mkdir(mode=0o700)
+    fifo = private / "timer.fifo"
+    events: List[Event] = []
+    server = FileTimerServer(
+        fifo,
+        socket_path=str(private / "timer.socket"),
+        fifo_mode=0o666,
+        signaller=RecordingSignaller(),
+        on_event=events.append,
+        event_types=[Disarmed],
+    )
+    with server:
+        worker = subprocess.run(
+            [sys.executable, "-c", WORKER, str(private / f"timer.{transport}"), transport, how],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        server.sync()
+    assert worker.returncode == 0, worker.stderr
+    assert worker.stderr == ""
+    disarmed = [e.timer.scope_id for e in events if isinstance(e, Disarmed)]
+    assert disarmed == ["first", "step"]

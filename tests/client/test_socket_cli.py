@@ -265,6 +265,23 @@ def test_a_server_gone_with_the_receipt_unread_gives_no_receipt(
     assert not marker.exists()
 
 
+def test_a_server_gone_with_its_path_and_the_receipt_unread_gives_no_receipt(
+    socket_path: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    # As above, its path removed as it went (a loop ended by an error, a cleaner of /tmp
+    # then a kill): a path not there was taken for one out of reach, the server for
+    # still bound, and the end of file for its receipt.
+    marker = tmp_path / "ran"
+    raising = ("--on-unavailable", "raise", "--", "touch", str(marker))
+    with exec_awaiting_its_receipt(socket_path, *raising) as (proc, server):
+        socket_path.unlink()  # first: the end of file finds no path
+        server.close()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_UNAVAILABLE, err
+    assert "the command was not run" in err
+    assert not marker.exists()
+
+
 def test_ctrl_c_while_exec_waits_for_its_receipt_runs_nothing_and_says_no_traceback(
     socket_path: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:

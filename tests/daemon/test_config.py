@@ -670,3 +670,7 @@ def test_overridden_names_the_options_that_hide_another_value_of_the_file(
     with_max = overridden({**cli, "max_timers": 10}, settings, str(config))
     assert sorted(with_max) == ["--log-level", "--max-timers"]
     assert overridden({}, settings, str(config)) == []
+    # Compared as they apply: another spelling of a value is the same value.
+    config.write_text('log-level = "INFO"\nsignal = "SIGTERM"\nfifo = "timer.fifo"\n')
+    cli = {"log_level": "info", "signal": "TERM", "fifo": str(tmp_path / "timer.fifo")}
+    assert overridden(cli, load_config_file(str(config)), str(config)) == []

@@ -459,3 +459,22 @@ def test_a_log_file_that_takes_no_more_loses_whole_lines_and_says_how_many(
             f"ftimer-server: {lost} line(s) could not be written to the log file {path} "
             "before it was closed\n"
         )
+
+
+def test_a_log_file_handler_given_no_encoding_writes_its_lines(tmp_path: pathlib.Path) -> None:
+    # Its own encoding is "locale" then (Python 3.10+), which is no codec: every line
+    # was counted lost.
+    from ftimer_server.daemon._logging import ReopenableFileHandler
+
+    path = tmp_path / "daemon.log"
+    handler = ReopenableFileHandler(str(path))
+    log = logging.getLogger("ftimer-test-no-encoding")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("written")
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    assert handler.lost == 0
+    assert path.read_text() == "written\n"

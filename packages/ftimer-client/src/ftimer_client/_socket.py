@@ -194,8 +194,9 @@ class SocketWriter:
             if not poller.poll(poll_ms(end - time.monotonic())):
                 return False
             # A server gone with the datagrams unread closes the pipe too (the kernel drops
-            # what its socket held): the end of file is a receipt only from a live one.
-            return self._bound()
+            # what its socket held): the end of file is a receipt only from a live one,
+            # seen bound (its path removed as it went, too, it gave none).
+            return self._bound(strict=True)
         finally:
             os.close(read_end)
 
@@ -209,15 +210,15 @@ class SocketWriter:
         """Whether the descriptor is still this writer's socket (see ``Writer``)."""
         return owns(self._sock.fileno(), self._identity)
 
-    def _bound(self) -> bool:
+    def _bound(self, *, strict: bool = False) -> bool:
         """Whether a server still reads the socket this writer sends to: yes, too, where
-        the probe cannot tell (no descriptor left for it, say, or a path this process
-        cannot look at: see ``_replaced``)."""
+        the probe cannot tell (no descriptor left for it, say), or, unless ``strict``, a
+        path this process cannot look at (see ``_replaced``)."""
         try:
             if _inode(self.path) != self._inode:
                 return False
         except OSError:
-            return True
+            return not strict
         try:
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         except OSError:  # EMFILE, ENOBUFS

@@ -564,14 +564,26 @@ class _Merged:
 
 def overridden(cli: Mapping[str, Any], file: FileSettings, config_file: str) -> List[str]:
     """The options (``--name``) that override another value ``file`` gives (read from
-    ``config_file``): the command line wins, so the file's value is never used."""
+    ``config_file``): the command line wins, so the file's value is never used. Values
+    are compared as they apply (``INFO`` is ``info``, ``TERM`` is ``SIGTERM``, a path
+    is absolute); a file's value that would not apply at all is another one.
+
+    Raises:
+        ConfigError: the settings, as they apply, are invalid (see ``resolve_config``).
+    """
+    applied = resolve_config(cli, file, config_file=config_file)
     options = _merge(cli, None, None).origin
-    from_file = _merge({}, file, config_file).values
-    return [
-        options[name]
-        for name, value in from_file.items()
-        if value is not None and cli.get(name) is not None and cli[name] != value
-    ]
+    hidden = []
+    for name in SETTING_NAMES:
+        if cli.get(name) is None or getattr(file, name) is None:
+            continue
+        try:
+            differs = resolve_config({**cli, name: None}, file, config_file=config_file) != applied
+        except ConfigError:
+            differs = True
+        if differs:
+            hidden.append(options[name])
+    return hidden
 
 
 def _merge(

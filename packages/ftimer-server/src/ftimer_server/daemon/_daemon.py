@@ -589,10 +589,10 @@ class Daemon:
             try:
                 settings = load_config_file(path)
                 new = resolve_config(self._cli, settings, config_file=path)
+                hidden = overridden(self._cli, settings, path)
             except ConfigError as e:
                 log.error("config not reloaded: %s", e)
             else:
-                hidden = overridden(self._cli, settings, path)
                 if hidden:  # else a change to them would seem taken, and was not
                     log.warning(
                         "settings of %s that the command line gives otherwise, not applied "

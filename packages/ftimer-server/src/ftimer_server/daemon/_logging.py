@@ -200,7 +200,7 @@ class ReopenableFileHandler(logging.FileHandler):
             line = self.format(record) + self.terminator
             if self.lost > self._told:
                 line = self._told_of_lost() + line
-            self._append(line.encode(self.encoding or "utf-8", self.errors or "strict"))
+            self._append(line)
         except Exception:
             self.handleError(record)
         else:
@@ -219,14 +219,17 @@ class ReopenableFileHandler(logging.FileHandler):
         )
         return self.format(said) + self.terminator
 
-    def _append(self, data: bytes) -> None:
-        """Write ``data`` at the file's end, or none of it.
+    def _append(self, text: str) -> None:
+        """Write ``text`` at the file's end, in the file's encoding, or none of it.
 
         Raises:
             OSError: the file did not take it all (what it took is cut off again).
+            UnicodeEncodeError: the encoding cannot carry it.
         """
         if self.stream is None:  # closed: opened again, as FileHandler.emit() does
             self.stream = self._open()
+        # The stream's: FileHandler's own may be "locale" (Python 3.10+), no codec's name.
+        data = text.encode(self.stream.encoding, self.stream.errors or "strict")
         fd = self.stream.fileno()
         written = 0
         try:

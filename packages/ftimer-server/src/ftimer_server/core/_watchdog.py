@@ -116,17 +116,23 @@ _BOUND_ON_OTHER_CLOCKS = (
 Labels = Optional[Dict[str, str]]
 
 
+def _v1_deadline(request: TimerRequestV1, now: float, wall: float) -> float:
+    """The monotonic deadline of torch's wall-clock ``expiration_time``, at ``now``
+    (``wall``). A time long past would make a negative deadline, outside the schema of
+    what is saved: it is simply due now."""
+    return max(0.0, now + (request.expiration_time - wall))
+
+
 def _v1_message(
-    request: TimerRequestV1, now: float, wall: float, start_time: Optional[int] = None
+    request: TimerRequestV1, now: float, wall: float, start_time: Optional[int]
 ) -> Union[Arm, Disarm]:
-    """torch's request as the disarm or arm it is, at ``now`` (``wall``): its wall-clock
-    ``expiration_time`` as a monotonic deadline (one long past, which would be negative
-    and outside the schema of what is saved, is simply due now), its negative signal
-    (torch's "will not kill") as 0."""
+    """torch's request as the disarm or arm it is, at ``now`` (``wall``), as
+    ``Watchdog._apply_one`` applies it without making it (on the path of every line
+    torch's clients write): its negative signal (torch's "will not kill") as 0."""
     pid, scope_id = request.pid, request.scope_id
     if request.is_release:
         return Disarm(pid, scope_id, start_time)
-    deadline = max(0.0, now + (request.expiration_time - wall))
+    deadline = _v1_deadline(request, now, wall)
     return Arm(pid, scope_id, deadline, max(request.signal, 0), start_time)
 
 
@@ -265,14 +271,13 @@ class Watchdog:
             )
         elif isinstance(m, Disarm):
             self._disarm("disarm", m.pid, m.scope_id, m.start_time)
-        elif isinstance(m, TimerRequestV1):
-            v2 = _v1_message(m, now, wall)
-            if isinstance(v2, Disarm):
+        elif isinstance(m, TimerRequestV1):  # as _v1_message() makes it
+            if m.is_release:
                 self._disarm("disarm", m.pid, m.scope_id, None)
-            else:  # the wall clock's deadline: no time namespace's
-                self._arm(
-                    "arm", m.pid, m.scope_id, v2.deadline, v2.signal, None, None, its_clocks=False
-                )
+            else:
+                signal = max(m.signal, 0)  # torch's "will not kill" is negative
+                deadline = _v1_deadline(m, now, wall)  # the wall clock: no time namespace's
+                self._arm("arm", m.pid, m.scope_id, deadline, signal, None, None, its_clocks=False)
         elif isinstance(m, DisarmAll):
             self._disarm("disarm_all", m.pid, None, m.start_time)
         elif isinstance(m, Expire):

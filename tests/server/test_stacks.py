@@ -122,7 +122,12 @@ DOING_CASES = [
     (
         "busy Python loop: holds the GIL, running",
         thread(USER, py("spin", "/app/busy.py", 3), state="R", gil=True, active=True),
-        "running Python",
+        "running Python, or a C call that holds the GIL (--py-spy-native tells)",
+    ),
+    (
+        "a C call that keeps the GIL (a regular expression's match), no native frames",
+        thread(USER, py("match", f"{PY}/re/__init__.py", 166), state="R", gil=True),
+        "running Python, or a C call that holds the GIL (--py-spy-native tells)",
     ),
     (
         "busy loop seen inside the interpreter's own native code",
@@ -132,7 +137,7 @@ DOING_CASES = [
     (
         "holds the GIL, a stale wait channel of a running thread does not count",
         thread(USER, state="R", wchan="futex_wait_queue", gil=True, active=True),
-        "running Python",
+        "running Python, or a C call that holds the GIL (--py-spy-native tells)",
     ),
     # Waiting on a lock: Python frames, native frames, the wait channel.
     (
@@ -168,6 +173,20 @@ DOING_CASES = [
             py("_wait_for_tstate_lock", f"{PY}/threading.py", 1139),
         ),
         "waiting for another thread to finish",
+    ),
+    (
+        "Thread.join as py-spy names it on Python 3.11+ (qualified names)",
+        thread(
+            USER,
+            py("Thread.join", f"{PY}/threading.py", 1119),
+            py("Thread._wait_for_tstate_lock", f"{PY}/threading.py", 1139),
+        ),
+        "waiting for another thread to finish",
+    ),
+    (
+        "socket.accept as py-spy names it on Python 3.11+",
+        thread(USER, py("socket.accept", f"{PY}/socket.py", 294)),
+        "waiting for I/O",
     ),
     # Sleeping.
     (

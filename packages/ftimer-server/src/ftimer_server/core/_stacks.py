@@ -44,6 +44,9 @@ SIGNAL = "waiting for a signal"
 COLLECTIVE = "waiting in the collective"
 GPU = "waiting for the GPU in"
 RUNNING_PYTHON = "running Python"
+#: Holding the GIL, running, no native frames read: a busy Python loop and a C call that
+#: keeps the GIL (a regular expression's match) look the same without them.
+RUNNING_PYTHON_OR_C = "running Python, or a C call that holds the GIL (--py-spy-native tells)"
 RUNNING_C = "running a C call (GIL released)"
 RUNNING = "running"
 IDLE = "idle"
@@ -199,7 +202,8 @@ def doing(thread: ThreadStack) -> str:
     3. holding the GIL (py-spy's flag) while blocked, that is in state ``S``, idle, inside
        a native frame that is not the interpreter's, or in a wait its native frames or
        wait channel name: "holding the GIL in a C call" (and what the call waits for);
-       holding it otherwise: "running Python";
+       holding it otherwise: "running Python" (where native frames show the interpreter;
+       without native frames, a C call that keeps the GIL is not told from it);
     4. what it waits for, by its innermost native frames (``py-spy --native``), else its
        innermost Python frame (``threading``'s waits, ``queue``, ``selectors``,
        ``subprocess``, a ``torch.distributed`` collective, ...), else its kernel wait
@@ -233,7 +237,7 @@ def doing(thread: ThreadStack) -> str:
         blocked = native_wait or wchan_wait
         if blocked or in_c or state == "S" or thread.active is False:
             return f"{GIL_HELD} ({blocked})" if blocked else GIL_HELD
-        return RUNNING_PYTHON
+        return RUNNING_PYTHON if native else RUNNING_PYTHON_OR_C
     python_wait = _python_wait(thread.frames)
     kind = native_wait or python_wait or wchan_wait
     if kind:
@@ -298,10 +302,13 @@ def _python_wait(frames: Sequence[Frame]) -> Optional[str]:
     if frame is None:
         return None
     path = "/" + frame.file.replace("\\", "/")
+    # py-spy names a method by its qualified name on Python 3.11+ ("Thread.join"), the
+    # dump hook by its own ("join").
+    function = frame.function.rpartition(".")[2]
     for suffix, functions, kind in _PYTHON_WAITS:
-        if frame.function in functions and path.endswith("/" + suffix.lstrip("/")):
+        if function in functions and path.endswith("/" + suffix.lstrip("/")):
             if kind in (COLLECTIVE, GPU):
-                return f"{kind} {frame.function}"
+                return f"{kind} {function}"
             return kind
     return None
 

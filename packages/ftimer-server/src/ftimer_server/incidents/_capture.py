@@ -299,19 +299,22 @@ def _try_py_spy(
     share = min(_HOOK_SHARE_MAX, _HOOK_SHARE * left) if hook_after else 0.0
     # A peer is read without being stopped: it is healthy, its own timers run on
     # meanwhile, and a pause as long as a large worker's dump (seconds) got a
-    # peer reaped for the server's own doing. Its native frames cannot be read
-    # so (py-spy refuses --native with --nonblocking).
-    peer = role == "peer"
-    native = options.native and not peer
+    # peer reaped for the server's own doing. So is a worker with a thread in
+    # uninterruptible sleep, which cannot be stopped until it leaves the kernel:
+    # stopping it spent the whole budget for no stack (read so, 14 ms). Native
+    # frames cannot be read so (py-spy refuses --native with --nonblocking).
+    uninterruptible = [t.tid for t in threads if t.state == "D"]
+    nonblocking = role == "peer" or bool(uninterruptible)
+    native = options.native and not nonblocking
     spy = functools.partial(
         py_spy_dump,
         options.py_spy,
         process,
         deadline - share - _RESERVE,
         resume=not was_stopped,
-        uninterruptible=[t.tid for t in threads if t.state == "D"],
+        uninterruptible=uninterruptible,
         thread=through,
-        nonblocking=peer,
+        nonblocking=nonblocking,
     )
     result = spy(native=native)
     if result.threads is None and native and result.retryable:

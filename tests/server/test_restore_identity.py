@@ -49,3 +49,25 @@ def test_a_process_born_a_moment_after_the_save_is_not_its_worker_either(
     [gone] = [e for e in events if isinstance(e, WorkerGone)]
     assert gone.pid == stranger.pid
     server.stop()
+
+
+def test_each_saved_start_time_of_a_pid_is_checked(fifo_path: pathlib.Path, children) -> None:
+    # The pid's first start time stood for all its saved timers: one naming another
+    # process (a damaged state file) was restored on the worker holding the pid, or,
+    # first in the file, had the worker's own timers dropped as exited.
+    from ftimer_client._proc import process_start_time
+
+    worker = children()
+    real = process_start_time(worker.pid)
+    far = time.monotonic() + 3600
+    own = Timer(pid=worker.pid, scope_id="own", deadline=far, signal=0, start_time=real)
+    other = Timer(pid=worker.pid, scope_id="other", deadline=far, signal=0, start_time=real - 7)
+    torch = Timer(pid=worker.pid, scope_id="torch", deadline=far, signal=0)
+    for saved in ([other, own, torch], [own, other, torch], [torch, other, own]):
+        events: list = []
+        server = FileTimerServer(fifo_path, signaller=RecordingSignaller(), on_event=events.append)
+        server.restore(saved, written_by=time.time() + 0.1)
+        assert sorted(t.scope_id for t in server.armed()) == ["own", "torch"]
+        [gone] = [e for e in events if isinstance(e, WorkerGone)]
+        assert gone.timers == (other,)
+        server.stop()

@@ -330,13 +330,16 @@ class Watchdog:
                 without a start time is refused for a process that started later (it
                 holds a reused pid), as a journal's line is in a replay.
         """
-        by_pid: Dict[int, List[Timer]] = {}
-        for timer in timers:
-            by_pid.setdefault(timer.pid, []).append(timer)
+        # Each start time of a pid checked on its own (a state file names one a pid, but
+        # a damaged one may name two: only the process holding the pid now is bound);
+        # torch's timers (none) last, with the process bound by then.
+        by_process: Dict[Tuple[int, Optional[int]], List[Timer]] = {}
+        for timer in sorted(timers, key=lambda t: t.start_time is None):
+            by_process.setdefault((timer.pid, timer.start_time), []).append(timer)
         with self.catching_up(written_at_tick):
-            for pid, group in by_pid.items():
-                start_time = next((t.start_time for t in group if t.start_time is not None), None)
-                if pid not in self._workers:
+            for (pid, start_time), group in by_process.items():
+                worker = self._workers.get(pid)
+                if worker is None or start_time not in (None, worker.start_time):
                     bound = self._bind(pid, start_time, its_clocks=False)
                     if not isinstance(bound, Worker) and self._ended(bound):
                         self.counters.requests["restore", "exited"] += len(group)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import zlib
 from collections.abc import Iterator
 from typing import Any, List, Optional
 
@@ -88,8 +89,10 @@ def test_the_pieces_are_the_bytes_of_the_file_encoded_whole(
     whole = StateFile(
         version=1, boot_id=boot_id, saved_at=1.5, timers=timers, journal=7, boot_clock=boot_clock
     )
-    pieces = state_pieces(timers, boot_id, 1.5, 7, boot_clock)
-    assert b"".join(pieces) == msgspec.json.encode(whole) + b"\n"
+    joined = b"".join(state_pieces(timers, boot_id, 1.5, 7, boot_clock))
+    body, _, crc = joined.rpartition(b',"crc32":')
+    assert body + b"}\n" == msgspec.json.encode(whole) + b"\n"
+    assert crc == b"%d}\n" % zlib.crc32(body)
 
 
 def test_a_save_cut_short_leaves_the_old_file_and_no_temporary_file(

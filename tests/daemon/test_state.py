@@ -10,6 +10,7 @@ import pathlib
 import stat
 import threading
 import time
+import zlib
 from typing import Callable
 
 import hypothesis.strategies as st
@@ -65,7 +66,10 @@ def test_round_trip(ts: list[Timer], saved_at: float) -> None:
 
 def test_format_is_readable_json_with_a_version() -> None:
     t = Timer(pid=42, scope_id="step", deadline=12.5, signal=9, start_time=7)
-    doc = json.loads(encode_state([t], BOOT, 10.0, boot_clock=9.5, clocks=(0, 2), fifo=(3, 4)))
+    data = encode_state([t], BOOT, 10.0, boot_clock=9.5, clocks=(0, 2), fifo=(3, 4))
+    doc = json.loads(data)
+    body = data[: data.rindex(b',"crc32":')]
+    assert doc.pop("crc32") == zlib.crc32(body)  # of every byte before it
     assert doc == {
         "version": 1,
         "boot_id": BOOT,
@@ -85,6 +89,27 @@ def test_format_is_readable_json_with_a_version() -> None:
         "clocks": [0, 2],
         "fifo": [3, 4],
     }
+
+
+@pytest.mark.parametrize(
+    ("damage", "after"),
+    [
+        (b'"deadline":12.5', b'"deadline":10.5'),  # a digit: valid JSON still
+        (b'"signal":9', b'"signal":1'),
+        (b'"scope_id":"step"', b'"scope_id":"stop"'),
+    ],
+)
+def test_a_file_changed_since_it_was_saved_is_corrupt(damage: bytes, after: bytes) -> None:
+    # Only the shape was checked: a deadline changed by a digit was restored, and the
+    # healthy worker holding it reaped (by a review's fuzzing of the file).
+    t = Timer(pid=42, scope_id="step", deadline=12.5, signal=9, start_time=7)
+    data = encode_state([t], BOOT, 10.0)
+    assert decode_state(data).timers == [t]
+    with pytest.raises(StateFileError, match="its checksum does not match"):
+        decode_state(data.replace(damage, after))
+    # A daemon's file from before the checksum is read as it was.
+    older = data[: data.rindex(b',"crc32":')] + b"}\n"
+    assert decode_state(older.replace(damage, after)).timers != [t]
 
 
 def test_timers_saved_without_their_tag_still_load() -> None:

@@ -35,9 +35,11 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import stat
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Callable, List, Optional, Tuple, Union
 
@@ -165,6 +167,9 @@ class StateBusy(Exception):
 
 
 _encoder = msgspec.json.Encoder()
+#: The checksum member that ends a state file (`state_pieces`); files of daemons before
+#: it have none, and are read without.
+_CRC32 = re.compile(rb',"crc32":(\d{1,10})}\s*\Z')
 _header_decoder = msgspec.json.Decoder(_Header)
 _decoder = msgspec.json.Decoder(_LenientStateFile)
 _timer_decoder = msgspec.json.Decoder(Timer)
@@ -208,7 +213,9 @@ def state_pieces(
     fifo: Optional[Tuple[int, int]] = None,
 ) -> Iterator[Union[bytes, memoryview]]:
     """A state file in pieces, each encoded when asked for and holding at most
-    ``STATE_CHUNK_TIMERS`` timers: joined, the bytes of ``StateFile`` encoded whole."""
+    ``STATE_CHUNK_TIMERS`` timers: joined, the bytes of ``StateFile`` encoded whole, with
+    a last member ``crc32``, the CRC-32 of every byte before it (`decode_state` checks
+    it; an older daemon ignores it)."""
     empty = StateFile(
         version=STATE_VERSION,
         boot_id=boot_id,
@@ -221,13 +228,19 @@ def state_pieces(
     )
     # The last match is the member's: only numbers and null follow it.
     head, tail = _encoder.encode(empty).rsplit(b'"timers":[]', 1)
-    yield head + b'"timers":['
+    first = head + b'"timers":['
+    crc = zlib.crc32(first)
+    yield first
     for start in range(0, len(timers), STATE_CHUNK_TIMERS):
         if start:
+            crc = zlib.crc32(b",", crc)
             yield b","
         # Without the list's brackets: the pieces make one list.
-        yield memoryview(_encoder.encode(timers[start : start + STATE_CHUNK_TIMERS]))[1:-1]
-    yield b"]" + tail + b"\n"
+        piece = memoryview(_encoder.encode(timers[start : start + STATE_CHUNK_TIMERS]))[1:-1]
+        crc = zlib.crc32(piece, crc)
+        yield piece
+    last = b"]" + tail[:-1]  # the object's closing brace after the checksum
+    yield last + b',"crc32":%d}\n' % zlib.crc32(last, crc)
 
 
 def decode_state(data: bytes) -> StateFile:
@@ -238,6 +251,11 @@ def decode_state(data: bytes) -> StateFile:
         StateFileError: not JSON, truncated, wrong shape, or a version this daemon
             does not know.
     """
+    end = _CRC32.search(data, max(0, len(data) - 64))
+    if end is not None and zlib.crc32(memoryview(data)[: end.start()]) != int(end.group(1)):
+        # Valid JSON still, maybe: a deadline or a pid changed by a bit could reap a
+        # healthy worker, which no check of the shape would see.
+        raise StateFileError("its checksum does not match: changed or damaged since it was saved")
     try:
         header = _header_decoder.decode(data)
     except msgspec.DecodeError as e:

@@ -527,3 +527,20 @@ def _state(pid: int) -> str:
 def _waits_in_poll(pid: int) -> bool:
     with open(f"/proc/{pid}/wchan") as f:
         return "poll" in f.read()
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        # float() took it as 10, where the server's options refuse it.
+        (("--after", "1_0"), "argument --after: not a number of seconds: '1_0'"),
+        (("--write-timeout", "1_0"), "argument --write-timeout: not a number of seconds: '1_0'"),
+        # It said "no FIFO or socket (is the ftimer server running?): ''", status 3.
+        (("--fifo", ""), "argument --fifo: the path is empty"),
+        (("--socket", ""), "argument --socket: the path is empty"),
+    ],
+)
+def test_usage_the_server_refuses_is_refused_as_usage(args: tuple, error: str) -> None:
+    result = ftimer("arm", "--scope", "s", "--after", "5", *args)
+    assert result.returncode == 2
+    assert result.stderr.endswith(f"error: {error}\n")

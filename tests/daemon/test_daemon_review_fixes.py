@@ -505,3 +505,23 @@ def test_the_status_says_how_many_requests_were_refused_and_why(
         "the log says why, of each",
     ]
     assert health[2:] == lines[2:4]
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["run", "--grace", "abc"], "ftimer-server run: error: argument --grace: "),
+        (["run", "--capture", "nope"], "ftimer-server run: error: argument --capture: "),
+        (["incidents", "show", "--nope"], "ftimer-server: error: unrecognized arguments: --nope"),
+        (["nope"], "ftimer-server: error: argument COMMAND: invalid choice: 'nope'"),
+    ],
+)
+def test_a_usage_error_is_one_line(argv: List[str], said: str) -> None:
+    # It came under the command's usage: nineteen lines for `run`, the one that
+    # mattered last, where deploy.md promises one line naming the option.
+    result = subprocess.run(
+        [PYTHON, "-m", "ftimer_server", *argv], capture_output=True, text=True, timeout=PATIENCE
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(said)

@@ -68,6 +68,20 @@ FIFO = "/srv/t/timer.fifo"
             "--log-file /srv/state.json.journal.7 is a segment of the state file's journal "
             "(/srv/state.json.journal.N)",
         ),
+        # The incident directory, made at the start: at the state file's path, the daemon
+        # ran with no save possible; at the FIFO's, it was left and refused every start.
+        (
+            {"state_file": "/srv/state.json", "incident_dir": "/srv/state.json"},
+            "--state-file and --incident-dir are the same path /srv/state.json",
+        ),
+        (
+            {"incident_dir": FIFO},
+            f"--fifo and --incident-dir are the same path {FIFO}",
+        ),
+        (
+            {"incident_dir": "/srv/t/timer.socket"},
+            "the default --socket and --incident-dir are the same path /srv/t/timer.socket",
+        ),
     ],
 )
 def test_two_files_at_one_path_are_refused(cli: Dict[str, Any], message: str) -> None:

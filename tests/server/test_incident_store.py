@@ -493,3 +493,12 @@ def test_the_reader_script_is_honest() -> None:
     with pytest.raises(msgspec.DecodeError):
         msgspec.json.decode(data[: len(data) // 2], type=Incident)
     assert textwrap.dedent(READER).count("bad += 1") == 1
+
+
+def test_a_directory_too_deep_to_make_is_an_os_error(tmp_path: pathlib.Path) -> None:
+    # os.makedirs() recursed once for each parent to make: a RecursionError, and the
+    # daemon's start a traceback.
+    deep = tmp_path.joinpath(*["d"] * 1100)
+    with pytest.raises(OSError, match="too many parents to make") as raised:
+        IncidentStore(str(deep))
+    assert raised.value.errno == errno.ENAMETOOLONG

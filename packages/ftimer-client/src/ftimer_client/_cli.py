@@ -84,7 +84,8 @@ def _ascii_int(text: str) -> Optional[int]:
 
 def _seconds(text: str) -> float:
     try:
-        if not text.isascii():  # float() takes "٢" too
+        # float() takes "٢" and "1_0" (10) too: refused, as the server's options do.
+        if not text.isascii() or "_" in text:
             raise ValueError(text)
         value = float(text)
     except ValueError:
@@ -92,6 +93,12 @@ def _seconds(text: str) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"seconds must be finite and >= 0, not {text!r}")
     return value
+
+
+def _path(text: str) -> str:
+    if not text:  # else "no FIFO or socket (is the ftimer server running?): ''"
+        raise argparse.ArgumentTypeError("the path is empty")
+    return text
 
 
 def _after(text: str) -> float:
@@ -158,10 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--fifo",
         metavar="PATH",
+        type=_path,
         help="the server's FIFO, or its socket: what is there decides (default: as the "
         "Python client, preferring the server's socket)",
     )
-    where.add_argument("--socket", metavar="PATH", help="the server's socket")
+    where.add_argument("--socket", metavar="PATH", type=_path, help="the server's socket")
     common.add_argument(
         "--transport",
         choices=TRANSPORTS,

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any, Dict, List, Optional, TextIO
+from typing import Annotated, Any, Dict, List, NoReturn, Optional, TextIO
 
 import msgspec
 
@@ -87,15 +87,23 @@ def _socket_option(text: str) -> str:
     return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """Says a usage error in one line, not under the command's usage (``run``'s is
+    nineteen lines: the one that matters came last)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ftimer-server",
         description="The ftimer watchdog: reaps workers whose timers expire.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "-c", "--config", type=_config_file, metavar="FILE", help="TOML config file"
     )

@@ -726,7 +726,9 @@ def _check_own_paths(
     given: Mapping[str, Any],
 ) -> None:
     """Check the paths of the daemon's own files (`_check_distinct`): the FIFO, the
-    sockets, the state file, the log file and the lock files beside them."""
+    sockets, the state file, the log file, the lock files beside them and the incident
+    directory (made at the start: at the state file's path, say, it took the file's
+    place, and no save could be made)."""
     origin, values = merged.origin, merged.values
     # Each file the daemon makes, replaces or appends to needs a path of its own.
     state_file = given.get("state_file")
@@ -741,6 +743,7 @@ def _check_own_paths(
             None if state_file is None else state_file + ".lock",
         ),
         (origin["log_file"], given.get("log_file")),
+        (origin["incident_dir"], given.get("incident_dir")),
     ]
     _check_distinct([(what, path) for what, path in files if path is not None], state_file)
 

@@ -528,6 +528,11 @@ def _ensure_private_dir(directory: str) -> None:
         raise OSError(
             e.errno, f"incident directory {directory}: cannot create it: {e.strerror}"
         ) from None
+    except RecursionError:  # os.makedirs() recurses once for each parent it makes
+        raise OSError(
+            errno.ENAMETOOLONG,
+            f"incident directory {directory}: cannot create it: too many parents to make",
+        ) from None
     try:
         fd, _ = open_private_dir(directory)
     except NotAPrivateDirectory as e:

@@ -184,6 +184,27 @@ def test_show_prints_the_text_of_an_id_its_start_or_the_newest(
     assert newest.startswith("incident 20261130T005420.000Z-300-step on node-a")
 
 
+def test_show_of_the_newest_says_the_earlier_incidents_of_its_hang(
+    capsys: pytest.CaptureFixture[str], directory: pathlib.Path
+) -> None:
+    # A job's ranks are reaped one after another, the hung one first: the newest incident
+    # was a rank that waited on it, and said nothing of the one before.
+    code, out, err = run(capsys, "incidents", "--dir", str(directory), "show")
+    assert code == 0
+    assert out.startswith("incident 20261130T005420.000Z-300-step on node-a")
+    assert err == (
+        "ftimer-server: the newest of 2 incidents of job 71 within 600 s; the first, "
+        "20261130T005320.000Z-100-step (pid 100): rank 3 in train at train.py:40 ... "
+        "select at selectors.py:468 (waiting for I/O). All of them: ftimer-server "
+        f"incidents merge --job 71 {directory}\n"
+    )
+    # Not for one asked for by its id, nor for a job's only incident in the window.
+    assert run(capsys, "incidents", "--dir", str(directory), "show", "20261130T0054")[2] == ""
+    store = IncidentStore(str(directory), create=False)
+    store.write(incident("node-a", 500, range(2), created=T0 + 3600))
+    assert run(capsys, "incidents", "--dir", str(directory), "show")[2] == ""
+
+
 def test_list_and_show_escape_what_the_worker_sent_and_json_keeps_it(
     capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ) -> None:
@@ -355,9 +376,16 @@ def test_output_that_cannot_be_written_is_an_error_line_not_a_traceback(
     directory: pathlib.Path, action: List[str]
 ) -> None:
     command = [sys.executable, "-m", "ftimer_server", "incidents", "--dir", str(directory)]
+    # `show` of the newest says first that it is not its job's first incident.
+    note = b"ftimer-server: the newest of 2 incidents" if action[0] == "show" else b""
+
+    def said(stderr: bytes) -> bytes:
+        assert stderr.startswith(note)
+        return stderr.partition(b"\n")[2] if note else stderr
+
     with open("/dev/full", "w") as full:
         result = subprocess.run([*command, *action], stdout=full, stderr=subprocess.PIPE)
-    assert (result.returncode, result.stderr) == (
+    assert (result.returncode, said(result.stderr)) == (
         1,
         b"ftimer-server: error: cannot write the output: No space left on device\n",
     )
@@ -366,4 +394,4 @@ def test_output_that_cannot_be_written_is_an_error_line_not_a_traceback(
     os.close(read)
     with os.fdopen(write, "w") as gone:
         result = subprocess.run([*command, *action], stdout=gone, stderr=subprocess.PIPE)
-    assert (result.returncode, result.stderr) == (1, b"")
+    assert (result.returncode, said(result.stderr)) == (1, b"")

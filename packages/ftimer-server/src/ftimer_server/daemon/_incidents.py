@@ -173,6 +173,30 @@ def _headline(s: IncidentSummary) -> str:
     return headline + (" [capture ran out of its budget]" if s.timed_out else "")
 
 
+def _say_earlier(summaries: Sequence[IncidentSummary], directory: str, err: TextIO) -> None:
+    """Say on ``err`` that the newest of ``summaries`` (oldest first) is not the first
+    of its job's hang: its ranks are reaped one after another, the one that hung first,
+    and the newest incident is a rank that waited on it."""
+    newest = summaries[-1]
+    if newest.job is None:
+        return
+    since = newest.created - DEFAULT_WINDOW
+    earlier = [s for s in summaries[:-1] if s.job == newest.job and s.created >= since]
+    if not earlier:
+        return
+    first = earlier[0]
+    err.write(
+        "ftimer-server: "
+        + printable(
+            f"the newest of {len(earlier) + 1} incidents of job {newest.job} within "
+            f"{DEFAULT_WINDOW:g} s; the first, {first.id} (pid {first.pid}): "
+            f"{_headline(first)}. All of them: ftimer-server incidents merge --job "
+            f"{newest.job} {directory}"
+        )
+        + "\n"
+    )
+
+
 def show_incident(
     directory: str,
     ident: Optional[str],
@@ -192,6 +216,7 @@ def show_incident(
             _error(f"no incidents in {directory}", err)
             return EXIT_FAILURE
         ident = summaries[-1].path
+        _say_earlier(summaries, directory, err)
     try:
         path = store.path_of(ident)
         incident = store.load(path)

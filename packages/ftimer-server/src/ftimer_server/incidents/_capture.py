@@ -239,7 +239,11 @@ def _plan_hook(
     if not options.hook:
         return None, "dump hook: not enabled"
     if hook is None and role == "peer":
-        return None, "dump hook: none given for this peer"
+        # Every rank may announce one: a peer's is not used, not missing.
+        return None, (
+            "dump hook: not used on a peer (it is not reaped: the hook's signal would "
+            "interrupt its system calls)"
+        )
     if hook is None:
         return None, "dump hook: the worker announced none (ftimer-client's dump hook option)"
     if options.dry_run:

@@ -219,6 +219,22 @@ def test_render_says_how_many_outer_frames_a_capture_left_out() -> None:
     assert lines[at + 1] == '    File "/app/train.py", line 120, in <module>'  # then the rest
 
 
+def test_render_counts_a_frame_repeated_in_a_row_as_a_traceback_does() -> None:
+    # A recursion's 200 identical lines pushed the other workers off the page.
+    walk = Frame("walk", "/app/tree.py", 106)
+    frames = [Frame("step", "/app/train.py", 110)] + [walk] * 200  # outermost first
+    stuck = worker(100, 0, frames)
+    lines = render(annotate(incident([stuck]))).splitlines()
+    at = lines.index('    File "/app/train.py", line 110, in step')
+    assert lines[at + 1 : at + 5] == [
+        '    File "/app/tree.py", line 106, in walk',
+        '    File "/app/tree.py", line 106, in walk',
+        '    File "/app/tree.py", line 106, in walk',
+        "    [Previous line repeated 197 more times]",
+    ]
+    assert sum("line 106, in walk" in line for line in lines) == 3
+
+
 def test_render_shows_the_summarized_thread_first_and_the_client_librarys_own_last() -> None:
     # py-spy lists the client's watch thread first: a reader meant to learn why the
     # worker hung met ftimer's own idle thread, "waiting on a lock", and its seven frames.

@@ -294,19 +294,35 @@ def _thread_head(thread: ThreadStack) -> str:
     return f"  thread {thread.tid}{name}" + (f" [{'; '.join(flags)}]" if flags else "")
 
 
+#: The times a frame repeated in a row is shown before the rest is counted (Python's).
+_SHOWN_REPEATS = 3
+
+
 def _thread_lines(thread: ThreadStack) -> List[str]:
     what = doing_of(thread)
     head = _thread_head(thread)
     lines = [head + (f": {what}" if what else "")]
     if thread.frames_cut:  # the outermost: a traceback's top
         lines.append(f"    ... {thread.frames_cut} outer frames not shown")
+    # A run of one frame (a recursion) as a Python traceback shows it: three, then the
+    # count of the rest, where 200 lines of it pushed the other workers off the page.
+    shown, last, repeated = 0, None, 0
     for frame in reversed(thread.frames):
+        if frame == last and shown >= _SHOWN_REPEATS:
+            repeated += 1
+            continue
+        if repeated:
+            lines.append(f"    [Previous line repeated {repeated} more times]")
+        shown, repeated = (shown + 1 if frame == last else 1), 0
+        last = frame
         if frame.native:
             where = f" in {frame.file}" if frame.file else ""
             line = f":{frame.line}" if frame.line and frame.file else ""
             lines.append(f"    [native] {frame.function}{where}{line}")
         else:
             lines.append(f'    File "{frame.file}", line {frame.line}, in {frame.function}')
+    if repeated:
+        lines.append(f"    [Previous line repeated {repeated} more times]")
     if not thread.frames:
         lines.append("    (no frames)")
     if thread.kernel_stack:

@@ -82,12 +82,27 @@ FIFO = "/srv/t/timer.fifo"
             {"incident_dir": "/srv/t/timer.socket"},
             "the default --socket and --incident-dir are the same path /srv/t/timer.socket",
         ),
+        (
+            {"state_file": "/srv/t/incidents"},
+            "--state-file and the default --incident-dir (incidents beside the state file, "
+            "else the FIFO) are the same path /srv/t/incidents",
+        ),
+        (
+            {"socket": "/srv/t/incidents"},
+            "--socket and the default --incident-dir (incidents beside the state file, "
+            "else the FIFO) are the same path /srv/t/incidents",
+        ),
     ],
 )
 def test_two_files_at_one_path_are_refused(cli: Dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as raised:
         resolve_config({"fifo": FIFO, **cli}, environ={})
     assert str(raised.value).startswith(message)
+
+
+def test_no_incident_directory_clashes_without_captures() -> None:
+    config = resolve_config({"fifo": FIFO, "state_file": "/srv/t/incidents", "capture": "none"})
+    assert config.state_file == "/srv/t/incidents"
 
 
 def test_a_clash_names_the_config_file_key() -> None:

@@ -1238,6 +1238,7 @@ def test_a_worker_in_uninterruptible_sleep_is_read_without_being_stopped(
     [call] = (line.split() for line in calls.read_text().splitlines())
     assert "--nonblocking" in call
     assert "--native" not in call
+    assert "read without stopping it: thread" in (c.error or "")  # said, with what it costs
 
 
 def test_a_peer_on_a_python_before_3_11_has_its_threads_paired(

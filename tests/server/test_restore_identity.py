@@ -71,3 +71,11 @@ def test_each_saved_start_time_of_a_pid_is_checked(fifo_path: pathlib.Path, chil
         [gone] = [e for e in events if isinstance(e, WorkerGone)]
         assert gone.timers == (other,)
         server.stop()
+    # Without its own: nothing says the process holding the pid is the torch timer's.
+    events = []
+    server = FileTimerServer(fifo_path, signaller=RecordingSignaller(), on_event=events.append)
+    server.restore([torch, other], written_by=time.time() + 0.1)
+    assert server.armed() == []
+    gone_timers = [t for e in events if isinstance(e, WorkerGone) for t in e.timers]
+    assert sorted(t.scope_id for t in gone_timers) == ["other", "torch"]
+    server.stop()

@@ -125,6 +125,11 @@ DOING_CASES = [
         "running Python, or a C call that holds the GIL (--py-spy-native tells)",
     ),
     (
+        "busy Python loop with native frames read (py-spy puts one outside the Python)",
+        thread(c("0x7fa0"), USER, py("spin", "/app/busy.py", 3), state="R", gil=True, active=True),
+        "running Python",
+    ),
+    (
         "a C call that keeps the GIL (a regular expression's match), no native frames",
         thread(USER, py("match", f"{PY}/re/__init__.py", 166), state="R", gil=True),
         "running Python, or a C call that holds the GIL (--py-spy-native tells)",

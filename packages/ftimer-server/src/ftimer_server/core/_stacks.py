@@ -237,7 +237,9 @@ def doing(thread: ThreadStack) -> str:
         blocked = native_wait or wchan_wait
         if blocked or in_c or state == "S" or thread.active is False:
             return f"{GIL_HELD} ({blocked})" if blocked else GIL_HELD
-        return RUNNING_PYTHON if native else RUNNING_PYTHON_OR_C
+        # Native frames read (outside the Python ones too, as py-spy gives a busy loop's):
+        # a C call holding the GIL would have shown in them.
+        return RUNNING_PYTHON if any(f.native for f in thread.frames) else RUNNING_PYTHON_OR_C
     python_wait = _python_wait(thread.frames)
     kind = native_wait or python_wait or wchan_wait
     if kind:

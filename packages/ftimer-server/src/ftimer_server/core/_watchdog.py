@@ -336,15 +336,23 @@ class Watchdog:
         by_process: Dict[Tuple[int, Optional[int]], List[Timer]] = {}
         for timer in sorted(timers, key=lambda t: t.start_time is None):
             by_process.setdefault((timer.pid, timer.start_time), []).append(timer)
+        confirmed: Dict[int, bool] = {}  # pid -> whether a start time of it was bound
         with self.catching_up(written_at_tick):
             for (pid, start_time), group in by_process.items():
                 worker = self._workers.get(pid)
-                if worker is None or start_time not in (None, worker.start_time):
-                    bound = self._bind(pid, start_time, its_clocks=False)
-                    if not isinstance(bound, Worker) and self._ended(bound):
+                # torch's timers of a pid whose start times all named another process:
+                # nothing says the process holding it is theirs.
+                unconfirmed = start_time is None and confirmed.get(pid) is False
+                if unconfirmed or worker is None or start_time not in (None, worker.start_time):
+                    bound = None if unconfirmed else self._bind(pid, start_time, its_clocks=False)
+                    if bound is None or (not isinstance(bound, Worker) and self._ended(bound)):
                         self.counters.requests["restore", "exited"] += len(group)
                         self._emit(WorkerGone(pid, start_time, tuple(group)))
+                        if start_time is not None:
+                            confirmed.setdefault(pid, False)
                         continue
+                if start_time is not None:
+                    confirmed[pid] = True
                 for t in group:
                     self._arm(
                         "restore",

@@ -743,8 +743,14 @@ def _check_own_paths(
             None if state_file is None else state_file + ".lock",
         ),
         (origin["log_file"], given.get("log_file")),
-        (origin["incident_dir"], given.get("incident_dir")),
     ]
+    if given.get("capture") != "none":  # else no incident is written, nor the directory made
+        incident_dir = given.get("incident_dir")
+        what = origin["incident_dir"]
+        if incident_dir is None:
+            incident_dir = default_incident_dir(fifo, state_file)
+            what = "the default --incident-dir (incidents beside the state file, else the FIFO)"
+        files.append((what, incident_dir))
     _check_distinct([(what, path) for what, path in files if path is not None], state_file)
 
 

@@ -310,6 +310,12 @@ def _try_py_spy(
     uninterruptible = [t.tid for t in threads if t.state == "D"]
     nonblocking = role == "peer" or bool(uninterruptible)
     native = options.native and not nonblocking
+    if uninterruptible and role != "peer":
+        notes.append(
+            f"read without stopping it: thread {', '.join(map(str, uninterruptible))} is in "
+            "uninterruptible sleep (D state), where it cannot be stopped; no native frames, "
+            "and a thread that ran meanwhile may show a torn stack"
+        )
     spy = functools.partial(
         py_spy_dump,
         options.py_spy,

@@ -584,10 +584,14 @@ def test_a_bad_config_file_at_start_is_one_line_and_exit_2(
     [
         (["--state-file", ""], "ftimer-server: error: --state-file: the path is empty\n"),
         (["--control-socket", ""], "ftimer-server: error: --control-socket: the path is empty\n"),
-        (["-c", ""], "argument -c/--config: the path is empty\n"),
+        (
+            ["-c", ""],
+            "argument -c/--config: the path is empty (see ftimer-server run --help)\n",
+        ),
         (
             ["--socket", ""],
-            "argument --socket: the path is empty (for the FIFO alone, give --no-socket)\n",
+            "argument --socket: the path is empty (for the FIFO alone, give --no-socket) "
+            "(see ftimer-server run --help)\n",
         ),
     ],
 )

@@ -416,7 +416,8 @@ def test_underscores_are_refused_in_every_number(
     with pytest.raises(SystemExit) as info:
         _parser().parse_args(["run", option, "1_0"])
     assert info.value.code == 2
-    assert capsys.readouterr().err.endswith(f"error: argument {option}: {error}\n")
+    said = f"error: argument {option}: {error} (see ftimer-server run --help)\n"
+    assert capsys.readouterr().err.endswith(said)
     assert getattr(_parser().parse_args(["run", option, "10"]), option[2:].replace("-", "_")) == 10
 
 
@@ -525,3 +526,4 @@ def test_a_usage_error_is_one_line(argv: List[str], said: str) -> None:
     assert result.returncode == 2
     [line] = result.stderr.splitlines()
     assert line.startswith(said)
+    assert line.endswith(" --help)")  # for what the usage said (the choices, ...)

@@ -89,10 +89,11 @@ def _socket_option(text: str) -> str:
 
 class _Parser(argparse.ArgumentParser):
     """Says a usage error in one line, not under the command's usage (``run``'s is
-    nineteen lines: the one that matters came last)."""
+    nineteen lines: the one that matters came last), pointing to ``--help`` for what
+    the usage said (an option's choices, when its value is missing)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
-from typing import Callable
+from typing import Any, Callable, Dict, List
 
 import pytest
 
@@ -17,6 +17,7 @@ from ftimer_server.daemon._config import (
     DEFAULT_GRACE,
     ConfigError,
     DaemonConfig,
+    FileSettings,
     ascii_int,
     load_config_file,
     overridden,
@@ -668,13 +669,18 @@ def test_overridden_names_the_options_that_hide_another_value_of_the_file(
     config = tmp_path / "ftimer.toml"
     config.write_text('log-level = "debug"\ngrace = 5\nfifo = "timer.fifo"\nmax-timers = 9\n')
     settings = load_config_file(str(config))
+
+    def hidden(cli: Dict[str, Any], settings: FileSettings) -> List[str]:
+        applied = resolve_config(cli, settings, config_file=str(config))
+        return overridden(cli, settings, str(config), applied)
+
     cli = {"log_level": "info", "grace": 5.0, "fifo": str(tmp_path / "timer.fifo")}
     # The same value (a path as the file's directory makes it) hides nothing.
-    assert overridden(cli, settings, str(config)) == ["--log-level"]
-    with_max = overridden({**cli, "max_timers": 10}, settings, str(config))
+    assert hidden(cli, settings) == ["--log-level"]
+    with_max = hidden({**cli, "max_timers": 10}, settings)
     assert sorted(with_max) == ["--log-level", "--max-timers"]
-    assert overridden({}, settings, str(config)) == []
+    assert hidden({}, settings) == []
     # Compared as they apply: another spelling of a value is the same value.
     config.write_text('log-level = "INFO"\nsignal = "SIGTERM"\nfifo = "timer.fifo"\n')
     cli = {"log_level": "info", "signal": "TERM", "fifo": str(tmp_path / "timer.fifo")}
-    assert overridden(cli, load_config_file(str(config)), str(config)) == []
+    assert hidden(cli, load_config_file(str(config))) == []

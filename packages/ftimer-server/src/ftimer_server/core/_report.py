@@ -21,12 +21,13 @@ rendered (`render`, `render_merged`, ``incidents list``, the daemon's text log).
 from __future__ import annotations
 
 import datetime
+import itertools
 from collections.abc import Sequence
 from typing import Dict, List, Optional, Tuple
 
 import msgspec
 
-from ._incident import Capture, Group, Incident, ProcessFacts, ThreadStack
+from ._incident import Capture, Frame, Group, Incident, ProcessFacts, ThreadStack
 from ._stacks import abridged, call_tree, doing, doing_of, focus, group, wait_channel
 
 __all__ = [
@@ -294,6 +295,14 @@ def _thread_head(thread: ThreadStack) -> str:
     return f"  thread {thread.tid}{name}" + (f" [{'; '.join(flags)}]" if flags else "")
 
 
+def _frame_line(frame: Frame) -> str:
+    if frame.native:
+        where = f" in {frame.file}" if frame.file else ""
+        line = f":{frame.line}" if frame.line and frame.file else ""
+        return f"    [native] {frame.function}{where}{line}"
+    return f'    File "{frame.file}", line {frame.line}, in {frame.function}'
+
+
 #: The times a frame repeated in a row is shown before the rest is counted (Python's).
 _SHOWN_REPEATS = 3
 
@@ -306,23 +315,11 @@ def _thread_lines(thread: ThreadStack) -> List[str]:
         lines.append(f"    ... {thread.frames_cut} outer frames not shown")
     # A run of one frame (a recursion) as a Python traceback shows it: three, then the
     # count of the rest, where 200 lines of it pushed the other workers off the page.
-    shown, last, repeated = 0, None, 0
-    for frame in reversed(thread.frames):
-        if frame == last and shown >= _SHOWN_REPEATS:
-            repeated += 1
-            continue
-        if repeated:
-            lines.append(f"    [Previous line repeated {repeated} more times]")
-        shown, repeated = (shown + 1 if frame == last else 1), 0
-        last = frame
-        if frame.native:
-            where = f" in {frame.file}" if frame.file else ""
-            line = f":{frame.line}" if frame.line and frame.file else ""
-            lines.append(f"    [native] {frame.function}{where}{line}")
-        else:
-            lines.append(f'    File "{frame.file}", line {frame.line}, in {frame.function}')
-    if repeated:
-        lines.append(f"    [Previous line repeated {repeated} more times]")
+    for frame, run in itertools.groupby(reversed(thread.frames)):
+        times = sum(1 for _ in run)
+        lines += [_frame_line(frame)] * min(times, _SHOWN_REPEATS)
+        if times > _SHOWN_REPEATS:
+            lines.append(f"    [Previous line repeated {times - _SHOWN_REPEATS} more times]")
     if not thread.frames:
         lines.append("    (no frames)")
     if thread.kernel_stack:

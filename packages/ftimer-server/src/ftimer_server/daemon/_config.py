@@ -562,16 +562,14 @@ class _Merged:
         }
 
 
-def overridden(cli: Mapping[str, Any], file: FileSettings, config_file: str) -> List[str]:
+def overridden(
+    cli: Mapping[str, Any], file: FileSettings, config_file: str, applied: DaemonConfig
+) -> List[str]:
     """The options (``--name``) that override another value ``file`` gives (read from
-    ``config_file``): the command line wins, so the file's value is never used. Values
-    are compared as they apply (``INFO`` is ``info``, ``TERM`` is ``SIGTERM``, a path
-    is absolute); a file's value that would not apply at all is another one.
-
-    Raises:
-        ConfigError: the settings, as they apply, are invalid (see ``resolve_config``).
-    """
-    applied = resolve_config(cli, file, config_file=config_file)
+    ``config_file``; ``applied`` is ``resolve_config`` of both): the command line wins,
+    so the file's value is never used. Values are compared as they apply (``INFO`` is
+    ``info``, ``TERM`` is ``SIGTERM``, a path is absolute); a file's value that would not
+    apply at all is another one."""
     options = _merge(cli, None, None).origin
     hidden = []
     for name in SETTING_NAMES:

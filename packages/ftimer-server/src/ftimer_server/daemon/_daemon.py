@@ -169,12 +169,10 @@ class Daemon:
         try:
             try:
                 self._start()
-            except (StartupError, ConfigError) as e:
-                why = f"cannot start: {e}" if isinstance(e, StartupError) else str(e)
-                log.error("%s", why)
-                if self.config.log_file is not None and sys.stderr is not None:  # seen by systemd
-                    print(f"ftimer-server: {why}", file=sys.stderr, flush=True)
-                return EXIT_STARTUP if isinstance(e, StartupError) else EXIT_USAGE
+            except StartupError as e:
+                return self._refused(f"cannot start: {e}", EXIT_STARTUP)
+            except ConfigError as e:
+                return self._refused(str(e), EXIT_USAGE)
             # Everything loaded so far (modules, restored timers, ...) lives as long as
             # the daemon: keep it out of every later garbage collection.
             gc.collect()
@@ -190,6 +188,14 @@ class Daemon:
                 signal.signal(sig, handler)
             os.close(wake_r)
             os.close(wake_w)
+
+    def _refused(self, why: str, code: int) -> int:
+        """Say why the start was refused, on stderr too when logging to a file (where
+        systemd's journal would show the exit code alone); return ``code``."""
+        log.error("%s", why)
+        if self.config.log_file is not None and sys.stderr is not None:
+            print(f"ftimer-server: {why}", file=sys.stderr, flush=True)
+        return code
 
     def _start(self) -> None:
         """Start up, in the order the module's docstring tells (``_ready`` then tells
@@ -589,7 +595,7 @@ class Daemon:
             try:
                 settings = load_config_file(path)
                 new = resolve_config(self._cli, settings, config_file=path)
-                hidden = overridden(self._cli, settings, path)
+                hidden = overridden(self._cli, settings, path, new)
             except ConfigError as e:
                 log.error("config not reloaded: %s", e)
             else:

@@ -76,14 +76,13 @@ def keep_for_next(
                 os.close(fd)
         if sock is not None:
             stored_as = f"{_SOCKET_NAME}{sock.queue_length}"
-        # A socket taken over is held under its name (and queue length) still: taken
-        # out and stored again, a kill in between would lose it, with what is queued.
-        kept = stored_as if sock is not None and sock.taken_over else None
-        for _, name in stored_fds():  # the last daemon's socket, unless taken over
-            if _stored_queue(name) is not None and name != kept:
+            # One taken over is held under that name still: taken out and stored again,
+            # a kill in between would lose it, with what is queued on it.
+            if not sock.taken_over:
+                notifier.store(stored_as, sock.fd)  # in place of one of that name
+        for _, name in stored_fds():  # the last daemon's socket, unless it is this one
+            if _stored_queue(name) is not None and name != stored_as:
                 notifier.unstore(name)
-        if sock is not None and stored_as is not None and kept is None:
-            notifier.store(stored_as, sock.fd)
     for fd, name in stored_fds():
         # The last daemon's FIFO: this one has it open now (or made a new one).
         with contextlib.suppress(OSError):

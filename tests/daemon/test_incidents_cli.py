@@ -91,7 +91,7 @@ def test_list_prints_one_line_per_incident_oldest_first(
         "2026-11-30 00:53:20  20261130T005320.000Z-100-step  100  job=71 rank=0  "
         "rank 3 in train at train.py:40 ... select at selectors.py:468 (waiting for I/O)",
         "2026-11-30 00:54:20  20261130T005420.000Z-300-step  300  job=71 rank=0  "
-        "2 ranks (0,1) in wait at threading.py:320 (waiting on a lock)",
+        "2 ranks (0,1) in train at train.py:42 ... wait at threading.py:320 (waiting on a lock)",
     ]
     # `list` is the same, and the options may follow the action.
     assert run(capsys, "incidents", "list", "--dir", str(directory))[1] == out
@@ -228,7 +228,8 @@ def test_list_and_show_escape_what_the_worker_sent_and_json_keeps_it(
     code, listed, err = run(capsys, "incidents", "--dir", directory)
     assert (code, err) == (0, "")
     assert listed.splitlines()[1].endswith(
-        f"job=71 rank={shown}  2 ranks (1,{shown}) in wait at threading.py:320 (waiting on a lock)"
+        f"job=71 rank={shown}  2 ranks (1,{shown}) in train at train.py:42 ... "
+        "wait at threading.py:320 (waiting on a lock)"
     )
     code, text, err = run(capsys, "incidents", "--dir", directory, "show")
     assert (code, err) == (0, "")

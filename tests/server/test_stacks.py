@@ -416,7 +416,8 @@ def test_seven_ranks_in_all_reduce_and_the_outlier_in_its_data_loader() -> None:
     assert outlier.frames == stack(*IN_LOADER)
     assert outlier.doing == "waiting for I/O"
     assert outlier.summary == (
-        "rank 3 in train at train.py:40 ... recv_bytes at connection.py:216 (waiting for I/O)"
+        "rank 3 in train at train.py:40 ... __next__ at data.py:17 ... "
+        "recv_bytes at connection.py:216 (waiting for I/O)"
     )
     assert rest.pids == [1000, 1001, 1002, 1004, 1005, 1006, 1007]
     assert rest.ranks == ["0", "1", "2", "4", "5", "6", "7"]
@@ -442,21 +443,49 @@ def test_ranks_that_diverge_deep_in_the_stack_are_told_apart_where_they_diverge(
     ]
 
 
-def test_a_group_alone_is_named_by_its_innermost_python_frame() -> None:
+def test_a_group_alone_is_named_by_its_innermost_python_frame_and_the_users_line() -> None:
     frames = (*IN_ALL_REDUCE, c("ncclKernel", "libnccl.so"))
     [only] = group([rank(r, frames) for r in range(4)])
     assert only.summary == (
-        "4 ranks (0-3) in all_reduce at distributed_c10d.py:2050 "
+        "4 ranks (0-3) in train at train.py:42 ... all_reduce at distributed_c10d.py:2050 "
         "(waiting in the collective all_reduce)"
     )
+
+
+@pytest.mark.parametrize(
+    ("library", "expected"),
+    [
+        (f"{PY}/threading.py", "step at train.py:42 ... wait at threading.py:"),
+        ("/opt/conda/lib/python3.13t/queue.py", "step at train.py:42 ... wait at queue.py:"),
+        ("/usr/lib/python3/dist-packages/zmq/a.py", "step at train.py:42 ... wait at a.py:"),
+        ("<frozen importlib._bootstrap>", "step at train.py:42 ... wait at <frozen importlib."),
+        # The user's own code innermost: named alone, as before.
+        ("/app/helpers.py", "wait at helpers.py:320"),
+    ],
+)
+def test_a_stack_ending_in_a_library_names_the_users_innermost_line_too(
+    library: str, expected: str
+) -> None:
+    # py-spy's path of a worker's frame says whose code it is; a library's innermost
+    # frame says what the worker waits for, the user's line says where in their code.
+    frames = (
+        *OUTER,
+        py("step", "/app/train.py", 42),
+        py("call", f"{TORCH}/nn/module.py", 1500),
+        py("wait", library, 320),
+        c("pthread_cond_wait", "libc.so.6"),
+    )
+    [only] = group([rank(r, frames) for r in range(2)])
+    assert only.summary.startswith(f"2 ranks (0,1) in {expected}")
 
 
 def test_a_stack_that_is_a_prefix_of_another_is_named_by_its_innermost_frame() -> None:
     deeper = (*IN_ALL_REDUCE, py("wait", f"{PY}/threading.py", 320))
     groups = group([rank(0, IN_ALL_REDUCE), rank(1, deeper), rank(2, deeper)])
     assert [g.summary for g in groups] == [
-        "rank 0 in all_reduce at distributed_c10d.py:2050 (waiting in the collective all_reduce)",
-        "2 ranks (1,2) in wait at threading.py:320 (waiting on a lock)",
+        "rank 0 in train at train.py:42 ... all_reduce at distributed_c10d.py:2050 "
+        "(waiting in the collective all_reduce)",
+        "2 ranks (1,2) in train at train.py:42 ... wait at threading.py:320 (waiting on a lock)",
     ]
 
 
@@ -466,8 +495,12 @@ def test_the_same_stack_doing_something_else_is_another_group() -> None:
     captures = [rank(r, frames, state="D" if r == 5 else "S") for r in range(8)]
     outlier, rest = group(captures)
     assert outlier.ranks == ["5"]
-    assert outlier.summary.startswith("rank 5 in readinto at socket.py:707 (in uninterruptible I/O")
-    assert rest.summary == "7 ranks (0-4,6,7) in readinto at socket.py:707 (waiting for I/O)"
+    assert outlier.summary.startswith(
+        "rank 5 in load at data.py:9 ... readinto at socket.py:707 (in uninterruptible I/O"
+    )
+    assert rest.summary == (
+        "7 ranks (0-4,6,7) in load at data.py:9 ... readinto at socket.py:707 (waiting for I/O)"
+    )
 
 
 def test_workers_without_a_stack_are_grouped_by_why() -> None:
@@ -484,7 +517,8 @@ def test_workers_without_a_stack_are_grouped_by_why() -> None:
     ]
     groups = group(captures)
     assert [g.summary for g in groups] == [
-        "rank 0 in all_reduce at distributed_c10d.py:2050 (waiting in the collective all_reduce)",
+        "rank 0 in train at train.py:42 ... all_reduce at distributed_c10d.py:2050 "
+        "(waiting in the collective all_reduce)",
         "pid 4244 (no stack: exited during the capture)",
         "pid 4245 (in uninterruptible I/O (D state, in nfs_wait: py-spy cannot stop it); "
         "no stack: no capture method: /proc facts only)",
@@ -498,7 +532,7 @@ def test_workers_without_a_stack_are_grouped_by_why() -> None:
 def test_workers_without_rank_labels_are_named_by_pid() -> None:
     captures = [rank(r, IN_ALL_REDUCE, labels={}) for r in range(2)] + [rank(2, IN_ALL_REDUCE)]
     [g] = group(captures)
-    assert g.summary.startswith("3 workers (ranks 2; pids 1000, 1001) in all_reduce")
+    assert g.summary.startswith("3 workers (ranks 2; pids 1000, 1001) in train at train.py:42")
     assert g.ranks == ["2"]
 
 
@@ -516,7 +550,7 @@ def test_workers_of_several_hosts_keep_their_host_and_are_told_apart_by_it() -> 
 
 def test_long_rank_lists_are_cut() -> None:
     [g] = group([rank(r, IN_ALL_REDUCE) for r in range(0, 40, 2)])
-    assert g.summary.startswith("20 ranks (0,2,4,6,8,10,12,14,... 12 more) in all_reduce")
+    assert g.summary.startswith("20 ranks (0,2,4,6,8,10,12,14,... 12 more) in train at train.py:42")
 
 
 def test_no_captures_no_groups() -> None:

@@ -23,6 +23,8 @@ first, like a Python traceback, so the innermost frame is always the last line.
 
 from __future__ import annotations
 
+import itertools
+import re
 from collections.abc import Iterable, Sequence
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
@@ -405,10 +407,11 @@ def group(captures: Sequence[Capture]) -> List[Group]:
     A worker is one capture (its ``host`` and pid); each is in exactly one group.
 
     Each group's summary names the frame where its stack leaves the others' (the branch
-    point in the call-prefix tree, as STAT shows it), then its innermost Python frame
-    when that is another one, then what the thread is doing: "7 ranks (0-2,4-7) in
-    train at train.py:42 ... wait at threading.py:324 (waiting on a lock)". A group alone
-    (or whose stack is all shared) is named by its innermost Python frame.
+    point in the call-prefix tree, as STAT shows it), the innermost frame of the user's
+    own code when the innermost Python frame is a library's, and that innermost Python
+    frame (each once), then what the thread is doing: "7 ranks (0-2,4-7) in train at
+    train.py:42 ... wait at threading.py:324 (waiting on a lock)". A group alone (or whose
+    stack is all shared) has no branch point.
 
     Order: the smallest groups (the outliers) first; between groups of one size, the one
     holding the stuck worker (``role == "stuck"``) first; then by rank, host and pid.
@@ -451,16 +454,37 @@ def _common(a: Sequence[Frame], b: Sequence[Frame]) -> int:
 
 
 def _where(frames: Tuple[Frame, ...], paths: Sequence[Tuple[Frame, ...]]) -> str:
-    """Where a stack (innermost first) stands among ``paths`` (outermost first)."""
-    path = frames[::-1]
-    others = [other for other in paths if other != path]
-    shared = max((_common(path, other) for other in others), default=0)
-    innermost = next((f for f in frames if not f.native), frames[0])
-    if not others or shared >= len(path):
-        return _frame_text(innermost)
-    branch = path[shared]
-    text = _frame_text(branch)
-    return text if branch == innermost else f"{text} ... {_frame_text(innermost)}"
+    """Where a stack (innermost first) stands among ``paths`` (outermost first), outermost
+    first: the frame where it leaves the others (if it does); the innermost frame of the
+    user's own code, when the innermost Python frame is a library's; and that innermost
+    Python frame."""
+    others = [other for other in paths if other != frames[::-1]]
+    shared = max((_common(frames[::-1], other) for other in others), default=0)
+    python = [i for i, frame in enumerate(frames) if not frame.native]  # innermost first
+    named = {python[0] if python else 0}
+    if others and shared < len(frames):
+        named.add(len(frames) - 1 - shared)  # the branch point
+    if python and _library(frames[python[0]].file):
+        named.update(itertools.islice((i for i in python if not _library(frames[i].file)), 1))
+    return " ... ".join(_frame_text(frames[i]) for i in sorted(named, reverse=True))
+
+
+def _library(file: str) -> bool:
+    """Whether ``file`` (a frame's, as the capture gave it) is the standard library's or
+    an installed package's, not the user's own code: the frame that names what a worker
+    waits for is often one, the user's line that called it is the one to look at."""
+    path = file.replace("\\", "/")
+    return (
+        file.startswith("<")  # <frozen importlib._bootstrap>, <string>
+        or "/site-packages/" in path
+        or "/dist-packages/" in path
+        or _STDLIB.search(path) is not None
+    )
+
+
+#: A path inside a Python installation's standard library: ``/usr/lib/python3.11/``,
+#: ``/opt/conda/lib/python3.13t/``, ``C:/Python311/Lib/``.
+_STDLIB = re.compile(r"/lib/python\d+(\.\d+)?t?/|/Lib/")
 
 
 def _frame_text(frame: Frame) -> str:

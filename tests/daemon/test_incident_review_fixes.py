@@ -13,7 +13,7 @@ from typing import Callable, List
 
 import pytest
 
-from ftimer_server.daemon._cli import main
+from ftimer_server.daemon._cli import format_status, main
 
 from .conftest import PATIENCE, PYTHON, DaemonProcess, Worker
 
@@ -91,4 +91,14 @@ def test_an_incident_not_written_is_not_announced_as_stored(
     messages: List[str] = [r["msg"] for r in d.records()]
     assert [m for m in messages if m.startswith(f"cannot write incident {ident.group(1)}: ")]
     assert [m for m in messages if m.startswith(f"incident {ident.group(1)} (")] == []
+    # And status says so, as it says a state file not saved: it said "enforcing" alone.
+    why = f"NotADirectoryError: [Errno 20] incident directory {incidents}: it is not a directory"
+    assert d.status()["incidents_failing"] == why
+    assert f", INCIDENTS NOT WRITTEN: {why}\n" in format_status(d.status())
+    incidents.unlink()  # the operator mends it: the next incident is written, and said
+    incidents.mkdir(0o700)
+    assert worker(d.fifo, "step", 0.2, 60).wait() == -9
+    d.wait_for_record(where=lambda r: re.match(r"incident \S+ \(", r["msg"]) is not None)
+    assert d.status()["incidents_failing"] is None
+    assert "INCIDENTS" not in format_status(d.status())
     assert d.stop() == 0

@@ -586,6 +586,8 @@ class _Status(msgspec.Struct):
     state_file: Optional[str] = None
     # Why the last save of the state file failed, or None.
     state_failing: Optional[str] = None
+    # Why the last incident could not be written, or None (none failed, or one was since).
+    incidents_failing: Optional[str] = None
     # None when the loop held its table (stalled).
     stats: Optional[_StatusStats] = None
 
@@ -622,6 +624,9 @@ def _format(status: _Status) -> str:
     if status.state_failing is not None:
         # What a restart would lose: not a matter of health, but said as loudly.
         health += f", STATE NOT SAVED to {status.state_file}: {printable(status.state_failing)}"
+    if status.incidents_failing is not None:
+        # The reaps go on; what the engineer on call would read of them is lost.
+        health += f", INCIDENTS NOT WRITTEN: {printable(status.incidents_failing)}"
     count = status.armed if status.armed is not None else len(timers)
     armed = f"{count} timer{'s' if count != 1 else ''} armed"
     if status.timers is not None and len(timers) < count:

@@ -71,6 +71,7 @@ def status_document(
         "control_socket": c.control_socket,
         "state_file": c.state_file,
         "state_failing": state_failing,
+        "incidents_failing": server.incidents_failing,
         "dry_run": c.dry_run,
         "signal": c.signal,
         "grace": c.grace,

@@ -108,6 +108,8 @@ class Diagnostics:
         #: Incidents written, and failures to write one.
         self.written = 0
         self.write_errors = 0
+        #: Why the last incident could not be written; None once one is (or none failed).
+        self.failing: Optional[str] = None
 
     def start(self, request: CaptureRequest, done: Callable[[int], None]) -> str:
         """Start capturing ``request`` (from the loop); return the incident's id.
@@ -278,6 +280,7 @@ class Diagnostics:
         except RuntimeError as e:  # no thread to be had (TasksMax): counted, not awaited
             self._settle()
             self.write_errors += 1
+            self.failing = str(e)
             logger.error("cannot write incident %s: %s", incident, e)
 
     def _write(self, pending: _Pending) -> None:
@@ -315,12 +318,14 @@ class Diagnostics:
             )
         if error is not None:
             self.write_errors += 1
+            self.failing = error
             logger.error("cannot write incident %s: %s", incident, error)
             if store is not None:
                 errors = [*record.errors, NOT_WRITTEN + error]
                 record = msgspec.structs.replace(record, errors=errors)
         elif store is not None:
             self.written += 1
+            self.failing = None
         if self._on_incident is not None:
             try:
                 self._on_incident(record)

@@ -832,6 +832,13 @@ class FileTimerServer:
         return (0, 0) if d is None else (d.written, d.write_errors)
 
     @property
+    def incidents_failing(self) -> Optional[str]:
+        """Why the last incident could not be written, or None (none failed, or one was
+        written since)."""
+        d = self._diagnostics
+        return None if d is None else d.failing
+
+    @property
     def socket(self) -> Optional[DatagramSocket]:
         """The datagram socket bound at ``socket_path`` while running, else ``None``.
 

@@ -21,7 +21,7 @@ from typing import List, Tuple
 
 import pytest
 
-from ftimer_server import Escalated, Event, FileTimerServer, Reaped
+from ftimer_server import Escalated, Event, FileTimerServer, OsSignaller, Reaped, Worker
 from ftimer_server.core._incident import Incident
 from ftimer_server.incidents._diagnostics import IncidentOptions
 
@@ -136,3 +136,54 @@ def test_the_escalation_kills_the_descendants_of_a_worker_that_died(
     assert (escalation.pid, escalation.exited, escalation.delivered) == (reaped.pid, True, False)
     assert escalation.descendants == (child,)
     assert escalation.after == pytest.approx(GRACE, abs=0.2)
+
+
+_STOP = 1 << (signal.SIGSTOP - 1)  # its bit in /proc/PID/status's masks
+
+
+class _SaysWhetherStopped(OsSignaller):
+    """Signals as ``OsSignaller``, and records, for each signal a worker is sent, whether
+    that worker was stopped then (or its stop still pending)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped: List[Tuple[int, bool]] = []
+
+    def send(self, worker: Worker, signal: int) -> bool:
+        status = pathlib.Path(f"/proc/{worker.pid}/status").read_text()
+        fields = dict(line.split(":\t", 1) for line in status.splitlines())
+        stopping = bool(int(fields["ShdPnd"], 16) & _STOP)
+        self.stopped.append((signal, fields["State"][0] in "Tt" or stopping))
+        return super().send(worker, signal)
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfds (Linux 5.3, Python 3.9)")
+def test_the_worker_is_signalled_before_the_walk_lets_it_run_again(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    # The walk continued the worker, then signalled it: in between, it ran, and could see
+    # its children killed by the reap (a shell's `wait` returned, and it went on to its
+    # next command, or exited) before its SIGTERM came.
+    signaller = _SaysWhetherStopped()
+    options = IncidentOptions(directory=str(tmp_path / "i"), method="facts", reap_tree=True)
+    with FileTimerServer(
+        fifo_path, incidents=options, signal_override=signal.SIGTERM, signaller=signaller
+    ):
+        worker = subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(fifo_path), "dies"],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert worker.stdout is not None
+        child = os.pidfd_open(int(worker.stdout.readline()))
+        try:
+            assert worker.wait(30) == -signal.SIGTERM
+        finally:
+            signal.pidfd_send_signal(child, signal.SIGKILL)  # ours (it ignores SIGTERM)
+            os.close(child)
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+            worker.stdout.close()
+    assert signaller.stopped == [(signal.SIGTERM, True)]

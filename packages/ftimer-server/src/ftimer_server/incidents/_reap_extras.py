@@ -6,7 +6,9 @@ The descendants are signalled race-free against forks: each is pinned by a pidfd
 reused meanwhile is never signalled) and frozen with SIGSTOP, top-down, and the walk is
 repeated until it finds no new child (a frozen process forks no more); only then does
 the signal go, to every frozen process, followed by SIGCONT (a stopped process acts on
-SIGTERM only once continued). The worker itself is pinned too (its pidfd, else its start
+SIGTERM only once continued). The worker is stopped for the walk too, and continued
+once its own signal is pending: continued first, it could see its children die and
+act on it before its signal came. The worker itself is pinned too (its pidfd, else its start
 time): the children of another process that took its pid are never walked, let alone
 signalled. Nothing here signals a pid <= 1 or a thread, nor a descendant the worker
 could not signal itself (another user's: a root command its user started with sudo),
@@ -22,7 +24,7 @@ import os
 import shutil
 import signal as _signal
 import time
-from typing import Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 from ftimer_server.core._records import Descendant
 
@@ -183,7 +185,11 @@ def _remove(path: str) -> None:
 
 
 def signal_tree(
-    pid: int, signal: int, start_time: Optional[int] = None, pidfd: Optional[int] = None
+    pid: int,
+    signal: int,
+    start_time: Optional[int] = None,
+    pidfd: Optional[int] = None,
+    then: Optional[Callable[[], object]] = None,
 ) -> List[Descendant]:
     """Signal every descendant of process ``pid`` (not ``pid`` itself), race-free
     against forks; never raises.
@@ -199,18 +205,40 @@ def signal_tree(
     signalled and the frozen are continued. Then ``signal`` goes to each, and unless it
     was SIGKILL, SIGCONT to those still alive. A descendant whose parent dies during the
     walk is re-parented away from the tree and escapes it. ``pid`` itself is stopped
-    for the walk (unless it was already) and continued at its end: its own signal
-    follows, and a child it forks in between escapes. Signal 0 (report
+    for the walk (unless it was already) and continued at its end, once ``then`` has
+    signalled it. Signal 0 (report
     only) touches nobody. A descendant ``pid`` could not signal itself (``kill(2)``'s
     rule: its real and saved uids are neither the real nor the effective uid of ``pid``,
     and ``pid`` lacks ``CAP_KILL`` in its user namespace: a root command a user's worker
     started with sudo) is neither stopped nor signalled, and the tree below it is not
     walked.
 
+    ``then`` (the worker's own signal) is called exactly once: while ``pid`` is still held
+    stopped, after its descendants' signals, when the walk stopped it; else at the end. A
+    worker continued first could see its children die, and act on it (exit with an error
+    of its own), before its signal came.
+
     Returns:
         The processes ``signal`` was delivered to, each with the users the worker could
         signal it as (``signal_again``).
     """
+    called = False
+
+    def then_once() -> None:
+        nonlocal called
+        if then is not None and not called:
+            called = True
+            then()
+
+    try:
+        return _signal_tree(pid, signal, start_time, pidfd, then_once)
+    finally:
+        then_once()  # unless called while the walk held the worker stopped
+
+
+def _signal_tree(
+    pid: int, signal: int, start_time: Optional[int], pidfd: Optional[int], then: Callable[[], None]
+) -> List[Descendant]:
     if pid <= 1 or signal == 0:
         return []
     try:
@@ -253,7 +281,10 @@ def signal_tree(
         for process in frozen.values():
             process.close()
         if stopped:
-            root.resume()  # its own signal follows
+            try:
+                then()  # its own signal, before it may run again
+            finally:
+                root.resume()
         root.close()
     return signalled
 
@@ -365,14 +396,15 @@ def _userns(pid: int) -> Optional[str]:
 
 def _freeze(root: Process, frozen: Dict[int, Process], may: _May) -> None:
     # A stop is delivered asynchronously: a process may finish a fork after SIGSTOP was
-    # sent. So each walk is followed by a wait until every frozen process is seen
-    # stopped, and only a walk that finds nobody new after that wait ends the freeze. A
+    # sent. So each walk is followed by a wait until every frozen process, and the root,
+    # is seen stopped (the root's own signal is then pending before it can run again),
+    # and only a walk that finds nobody new after that wait ends the freeze. A
     # process that does not stop (in uninterruptible sleep, D) is waited for once, within
     # one overall bound (short: see _FREEZE_WAIT).
     waited_until = time.monotonic() + _FREEZE_WAIT
     for _ in range(_MAX_PASSES):
         found = _walk(root, frozen, may)
-        _wait_stopped(frozen, waited_until)
+        _wait_stopped({root.pid: root, **frozen}, waited_until)
         if not found or len(frozen) >= _MAX_TREE:
             return
 

@@ -19,7 +19,7 @@ import errno
 import logging
 import signal as _signal
 import time
-from typing import Callable, FrozenSet, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ftimer_server.core._events import RejectReason
 from ftimer_server.core._host import (
@@ -207,10 +207,25 @@ class SystemHost(Host):
             # re-parented away from it), and only while the worker is still the process
             # bound: send_tree pins it by its pidfd or start time, as signal() does, and
             # checks it again after the walk. Its walk waits at most a few tens of
-            # milliseconds for a descendant to stop: it runs on the loop's thread.
-            descendants = self._send_tree(worker, signal)
-            took = time.monotonic() - started  # counted in the reap's lateness
-            delivery = self.signal(worker, signal)
+            # milliseconds for a descendant to stop: it runs on the loop's thread. The
+            # worker's own signal comes before the walk lets it run again: continued
+            # first, it could see its children die and end on its own terms.
+            signalled: List[Delivery] = []
+            took = 0.0
+
+            def then() -> None:
+                nonlocal took
+                took = time.monotonic() - started  # counted in the reap's lateness
+                signalled.append(self.signal(worker, signal))
+
+            try:
+                descendants = tuple(self._signaller._send_tree_then(worker, signal, then))
+            except Exception:  # the worker itself is reaped regardless
+                logger.exception("signalling the descendants of process %d failed", worker.pid)
+                descendants = ()
+            if not signalled:
+                then()
+            delivery = signalled[0]
             return Delivery(delivery.delivered, delivery.error, descendants, delivery.gone, took)
         return self.signal(worker, signal)
 

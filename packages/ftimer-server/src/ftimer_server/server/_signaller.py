@@ -12,7 +12,7 @@ import errno
 import os
 import signal as _signal
 import threading
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from ftimer_server.core._records import Descendant, Worker
 
@@ -53,6 +53,20 @@ class Signaller(abc.ABC):
             those later, never a process that took a pid of theirs).
         """
         return []
+
+    def _send_tree_then(
+        self, worker: Worker, signal: int, then: Callable[[], object]
+    ) -> List[Descendant]:
+        """``send_tree()``, then ``then()`` (the worker's own signal), each once; a
+        signaller that holds the worker stopped for its walk calls ``then`` before it lets
+        the worker run again (``OsSignaller``).
+
+        Raises:
+            Exception: as ``send_tree()`` (``then`` is not called then) or ``then``.
+        """
+        descendants = self.send_tree(worker, signal)
+        then()
+        return descendants
 
     def send_again(self, descendants: Sequence[Descendant], signal: int) -> List[Descendant]:
         """Deliver ``signal`` to those of ``descendants`` (as ``send_tree()`` returned
@@ -147,6 +161,16 @@ class OsSignaller(Signaller):
         # The worker's own pidfd and start time pin the root: a pid now held by another
         # process (the worker exited) has none of the worker's descendants to signal.
         return signal_tree(worker.pid, signal, worker.start_time, worker.pidfd)
+
+    def _send_tree_then(
+        self, worker: Worker, signal: int, then: Callable[[], object]
+    ) -> List[Descendant]:
+        if type(self).send_tree is not OsSignaller.send_tree:  # a subclass's walk
+            return super()._send_tree_then(worker, signal, then)
+        from ftimer_server.incidents._reap_extras import signal_tree  # noqa: PLC0415
+
+        # The worker's signal while the walk still holds it stopped.
+        return signal_tree(worker.pid, signal, worker.start_time, worker.pidfd, then)
 
     def send_again(self, descendants: Sequence[Descendant], signal: int) -> List[Descendant]:
         from ftimer_server.incidents._reap_extras import signal_again  # noqa: PLC0415

@@ -405,3 +405,95 @@ def test_a_core_that_outlasts_the_budget_costs_only_itself(tmp_path: pathlib.Pat
     assert result.core is None
     assert "core dump: gcore did not finish within" in (result.error or "")
     assert list(tmp_path.iterdir()) == []  # its part removed
+
+
+# Says the signals it gets: SIGCONT, and SIGWINCH, the marker that ends it. Python runs
+# the handlers of signals pending together by number: a SIGCONT sent before the marker
+# is said before it.
+SAYS_SIGNALS = r"""
+import signal, sys, time
+def said(signum, frame):
+    print(signal.Signals(signum).name, flush=True)
+    if signum == signal.SIGWINCH:
+        sys.exit(0)
+signal.signal(signal.SIGCONT, said)
+signal.signal(signal.SIGWINCH, said)
+def stuck_worker_fn():
+    print("ready", flush=True)
+    while True:
+        time.sleep(1000)
+stuck_worker_fn()
+"""
+
+
+@pytest.fixture
+def says_signals() -> Iterator[subprocess.Popen[str]]:
+    with subprocess.Popen(
+        [sys.executable, "-c", SAYS_SIGNALS], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == "ready\n"
+            yield proc
+        finally:
+            proc.kill()
+
+
+def _signals_said(worker: subprocess.Popen[str]) -> list[str]:
+    os.kill(worker.pid, signal.SIGCONT)  # in case it is stopped: said, after the rest
+    os.kill(worker.pid, signal.SIGWINCH)
+    assert worker.stdout is not None
+    return worker.stdout.read().split()
+
+
+def _capture(pid: int) -> Capture:
+    options = CaptureOptions(py_spy=PY_SPY)
+    return capture(
+        pid,
+        None,
+        None,
+        role="stuck",
+        labels=None,
+        hook=None,
+        options=options,
+        deadline=time.monotonic() + 30,
+    )
+
+
+def test_a_capture_sends_no_sigcont_to_a_worker_it_did_not_leave_stopped(
+    says_signals: subprocess.Popen[str],
+) -> None:
+    # py-spy stopped the worker, read it and let it go on; the capture then sent it a
+    # SIGCONT, in case py-spy had been killed with the worker stopped: it ran the
+    # worker's handler and broke its system call off, for nothing.
+    result = _capture(says_signals.pid)
+    assert result.method == "py-spy", result.error
+    assert _signals_said(says_signals) == ["SIGCONT", "SIGWINCH"]  # ours alone
+
+
+def test_a_tool_that_leaves_the_worker_stopped_has_it_continued(
+    says_signals: subprocess.Popen[str],
+) -> None:
+    process = Process.open(says_signals.pid, None, None)
+    try:
+        stop = f"import os; os.kill({says_signals.pid}, {int(signal.SIGSTOP)})"
+        run = run_tool([sys.executable, "-c", stop], process, time.monotonic() + 10, resume=True)
+    finally:
+        process.close()
+    assert run.returncode == 0
+    assert read_stat(says_signals.pid).state != "T"  # continued by run_tool
+
+
+def test_a_stopped_worker_is_read_without_stopping_it_and_left_stopped(
+    says_signals: subprocess.Popen[str],
+) -> None:
+    # py-spy's own stop failed on it ("Failed to suspend process"): no stack at all.
+    os.kill(says_signals.pid, signal.SIGSTOP)
+    while read_stat(says_signals.pid).state != "T":
+        time.sleep(0.001)
+    result = _capture(says_signals.pid)
+    assert result.method == "py-spy", result.error
+    assert "stuck_worker_fn" in _functions(result)
+    assert "read without stopping it: it is stopped (T state)" in (result.error or "")
+    assert read_stat(says_signals.pid).state == "T"  # as it was found
+    assert _signals_said(says_signals) == ["SIGCONT", "SIGWINCH"]  # ours alone

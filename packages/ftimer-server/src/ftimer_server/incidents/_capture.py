@@ -307,15 +307,20 @@ def _try_py_spy(
     # uninterruptible sleep, which cannot be stopped until it leaves the kernel:
     # stopping it spent the whole budget for no stack (read so, 14 ms). Native
     # frames cannot be read so (py-spy refuses --native with --nonblocking).
+    # And a worker stopped already (T state: SIGSTOP, Ctrl-Z), which py-spy's own stop
+    # fails on ("Failed to suspend process"), and which needs none.
     uninterruptible = [t.tid for t in threads if t.state == "D"]
-    nonblocking = role == "peer" or bool(uninterruptible)
+    nonblocking = role == "peer" or bool(uninterruptible) or was_stopped
     native = options.native and not nonblocking
-    if uninterruptible and role != "peer":
-        notes.append(
-            f"read without stopping it: thread {', '.join(map(str, uninterruptible))} is in "
-            "uninterruptible sleep (D state), where it cannot be stopped; no native frames, "
-            "and a thread that ran meanwhile may show a torn stack"
+    if role != "peer" and (uninterruptible or was_stopped):
+        why = (
+            "it is stopped (T state), and py-spy cannot stop it again; no native frames"
+            if was_stopped
+            else f"thread {', '.join(map(str, uninterruptible))} is in uninterruptible "
+            "sleep (D state), where it cannot be stopped; no native frames, and a thread "
+            "that ran meanwhile may show a torn stack"
         )
+        notes.append(f"read without stopping it: {why}")
     spy = functools.partial(
         py_spy_dump,
         options.py_spy,

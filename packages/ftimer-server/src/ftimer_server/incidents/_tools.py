@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._pinned import Process
-from ._procfs import tracer_pid
+from ._procfs import read_stat, tracer_pid
 from ._stack_formats import MethodResult, excerpt, parse_py_spy, salvage_py_spy
 
 __all__ = ["ToolRun", "py_spy_dump", "run_tool", "stop_tools"]
@@ -145,7 +145,7 @@ def run_tool(
 ) -> ToolRun:
     """Run ``command`` against ``process`` until it exits, or until ``deadline`` comes or
     it has written more than ``MAX_OUTPUT`` bytes (then its process group is killed);
-    SIGCONT ``process`` after if ``resume``. With ``max_file_bytes``, no file it writes
+    SIGCONT ``process`` after if ``resume`` and the tool left it stopped. With ``max_file_bytes``, no file it writes
     grows past that many bytes (a write beyond fails with ``EFBIG``, or ``SIGXFSZ`` kills
     it). With ``thread``, the command names that thread of ``process`` (its main thread
     has exited), which must live too. With ``keep``, only the first and the last
@@ -185,7 +185,7 @@ def run_tool(
             _kill(child)  # never left attached to the worker
         # Still there now, so its pid was never another process's while the tool ran.
         gone = not _present(process, thread)
-        if resume:
+        if resume and not gone and _stopped(process):
             process.resume()
         with _running_lock:
             del _running[child.pid]
@@ -195,6 +195,16 @@ def run_tool(
     return ToolRun(
         returncode, out, err, time.monotonic() - started, too_long, tail=tail, dropped=dropped
     )
+
+
+def _stopped(process: Process) -> bool:
+    """Whether ``process`` is stopped: as a tool killed while attached leaves it. Only
+    then is it continued: a SIGCONT it did not need still runs its handler and breaks
+    its system calls off (``EINTR``)."""
+    try:
+        return read_stat(process.pid).state in "Tt"
+    except (OSError, ValueError, IndexError):  # gone
+        return False
 
 
 def _present(process: Process, thread: Optional[int]) -> bool:

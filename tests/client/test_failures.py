@@ -40,7 +40,7 @@ def test_no_fifo_raises_promptly(fifo_path: pathlib.Path) -> None:
     start = time.monotonic()
     with pytest.raises(ServerUnavailable) as info:
         client.arm("s", 5)
-    assert time.monotonic() - start < 0.5  # torch retries for a second
+    assert time.monotonic() - start < 0.9  # torch retries for a second
     assert info.value.errno == errno.ENOENT
     assert str(fifo_path) in str(info.value)
     assert client.armed == frozenset()  # the arm did not happen
@@ -200,7 +200,7 @@ def test_a_full_queue_waits_a_bounded_time_then_fails_fast(server: Peer) -> None
     start = time.monotonic()
     with pytest.raises(ServerStalled):
         client.release("a")
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 0.9  # not the write timeout's 0.95 s and more again
     # The server drains: the next message brings it up to date first.
     server.take()
     server.resume()

@@ -4,6 +4,7 @@ disarms still arrive. A real server (signalling nothing) and real worker process
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -14,12 +15,28 @@ import pytest
 
 from ftimer_server import Disarmed, Event, FileTimerServer, RecordingSignaller
 
-# Connects, then loses sight of the path, then holds a timer across the client's watch
-# (it looks every second while a timer is armed), and disarms it.
+# Connects, then loses sight of the path, then holds a timer until the client's watch
+# (made to look every 50 ms) has made two looks since, and disarms it. Prints what the
+# looks since said (whether the server's end was taken for gone).
 WORKER = """
-import os, sys, time
-from ftimer_client import FileTimerClient, expires
+import json, os, sys, threading
+from ftimer_client import FileTimerClient, _channel, _fifo, _socket, expires
 path, transport, how = sys.argv[1:4]
+_channel.WATCH_EVERY = 0.05
+looks = []
+looked = threading.Condition()
+
+def counted(lost):
+    def look(self):
+        said = lost(self)
+        with looked:
+            looks.append(said)
+            looked.notify_all()
+        return said
+    return look
+
+for writer in (_fifo.FifoWriter, _socket.SocketWriter):
+    writer.lost = counted(writer.lost)  # the watch's look, and nothing else's
 client = FileTimerClient(path, transport=transport)
 with expires(after=60, scope="first", client=client):
     pass
@@ -28,7 +45,12 @@ if how == "setuid":
 else:
     os.unlink(path)
 with expires(after=60, scope="step", client=client):
-    time.sleep(1.5)
+    with looked:
+        since = len(looks)  # the next look may have begun before: the one after it not
+        # Two looks, or one that took the server for gone (the watch's last).
+        if not looked.wait_for(lambda: len(looks) >= since + 2 or any(looks[since:]), 30):
+            sys.exit(f"the watch made {len(looks) - since} looks in 30 s")
+        print(json.dumps(looks[since:]), flush=True)
 """
 
 
@@ -64,5 +86,6 @@ def test_a_path_out_of_reach_is_no_server_gone(
         server.sync()
     assert worker.returncode == 0, worker.stderr
     assert worker.stderr == ""
+    assert not any(json.loads(worker.stdout))  # no look took the server for gone
     disarmed = [e.timer.scope_id for e in events if isinstance(e, Disarmed)]
     assert disarmed == ["first", "step"]

@@ -44,7 +44,7 @@ def test_no_socket_raises_promptly(socket_path: pathlib.Path) -> None:
     start = time.monotonic()
     with pytest.raises(ServerUnavailable, match="no socket") as info:
         client.arm("s", 5)
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 0.9  # not a second's retries, as torch's client
     assert info.value.errno == errno.ENOENT
     assert str(socket_path) in str(info.value)
     assert client.armed == frozenset()
@@ -129,7 +129,7 @@ def test_a_write_timeout_under_a_microsecond_fails_at_once(speer: SocketPeer) ->
     start = time.monotonic()
     with pytest.raises(ServerStalled):
         client.arm("a", 60)
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 2.0  # the bug waited for good
 
 
 @pytest.mark.parametrize("transport", ["socket", "fifo"])

@@ -488,14 +488,14 @@ def test_the_status_says_how_many_requests_were_refused_and_why(
     # Workers refused (out of descriptors, say) are workers unwatched: the status said
     # "enforcing, 7 timers armed" and nothing of the 14,950 refusals.
     fifo = daemon.config.fifo
-    refused = [Arm(pid=1, scope_id=f"s{i}", deadline=1e6, signal=9) for i in range(4)]
+    refused = [Arm(pid=1, scope_id=f"s{i}", deadline=1e9, signal=9) for i in range(4)]
     with FileTimerServer(fifo, signaller=RecordingSignaller()) as server:
         daemon._server = server
         assert format_status(daemon._status(True)).splitlines()[3:] == []
-        ok = Arm(pid=sleeper, scope_id="s", deadline=1e6, signal=9)
+        ok = Arm(pid=sleeper, scope_id="s", deadline=1e9, signal=9)
         gone = subprocess.Popen(["true"])
         gone.wait()  # its pid names nothing now (pids are given in turn: not reused yet)
-        bad = Arm(pid=gone.pid, scope_id="t", deadline=1e6, signal=9)
+        bad = Arm(pid=gone.pid, scope_id="t", deadline=1e9, signal=9)
         write(fifo, b"".join(map(encode, [*refused, ok, bad])))
         server.sync()
         lines = format_status(daemon._status(True)).splitlines()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
+import subprocess
 import sys
 import time
 from types import ModuleType
@@ -50,27 +52,43 @@ def test_torch_times_it_never_expires_decode_as_never_firing(
     assert decode(line) == TimerRequestV1(pid=7, scope_id="s", expiration_time=read_as, signal=9)
 
 
-def _wait_for(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
+# torch's server in a process of its own (after a reap, torch 2.13 signals its own
+# process too): serves argv[1] until it has read argv[2] requests (10 s at most), then
+# prints how many it read and the timers it holds, as JSON.
+TORCH_SERVER = """
+import json, sys, time
+from torch.distributed.elastic.timer import FileTimerServer
+server = FileTimerServer(sys.argv[1], run_id="interop", max_interval=0.05)
+server.start()
+print("ready", flush=True)
+deadline = time.monotonic() + 10
+while server._request_count < int(sys.argv[2]) and time.monotonic() < deadline:
+    time.sleep(0.01)  # nothing to wait on: torch's server counts and says nothing
+timers = [[*key, r.expiration_time, r.signal] for key, r in server._timers.items()]
+server.stop()
+print(json.dumps({"count": server._request_count, "timers": timers}), flush=True)
+"""
 
 
 def test_torch_server_reads_our_v1_lines(torch_timer: ModuleType, fifo_path: pathlib.Path) -> None:
-    server = torch_timer.FileTimerServer(str(fifo_path), run_id="interop", max_interval=0.05)
-    server.start()
+    # The timers name a child of the test, alive throughout (torch's server drops the
+    # timers of a pid that names nothing), never the test: were one reaped, only the
+    # child and torch's server would go.
+    worker = subprocess.Popen(["sleep", "60"])
+    server = subprocess.Popen(
+        [sys.executable, "-c", TORCH_SERVER, str(fifo_path), "6"], stdout=subprocess.PIPE, text=True
+    )
     try:
-        future = time.time() + 3600  # far away: torch's server must not reap (it kills itself)
+        assert server.stdout is not None
+        assert server.stdout.readline() == "ready\n"
+        future = time.time() + 3600  # far away: torch's server must not reap
         arms = [
             TimerRequestV1(
-                pid=os.getpid(), scope_id=f"scope-{i}-é", expiration_time=future, signal=9
+                pid=worker.pid, scope_id=f"scope-{i}-é", expiration_time=future, signal=9
             )
             for i in range(5)
         ]
-        release = TimerRequestV1(
-            pid=os.getpid(), scope_id="scope-0-é", expiration_time=-1, signal=0
-        )
+        release = TimerRequestV1(pid=worker.pid, scope_id="scope-0-é", expiration_time=-1, signal=0)
         for message in [*arms, release]:
             # Open, write, close per message, as torch's client does. The open blocks until
             # torch's server thread has opened its end: start() returns before it has, and a
@@ -80,8 +98,16 @@ def test_torch_server_reads_our_v1_lines(torch_timer: ModuleType, fifo_path: pat
                 assert os.write(fd, encode(message)) == len(encode(message))
             finally:
                 os.close(fd)
-        _wait_for(lambda: server._request_count == 6)
-        timers = {key: (r.expiration_time, r.signal) for key, r in server._timers.items()}
-        assert timers == {(os.getpid(), f"scope-{i}-é"): (future, 9) for i in range(1, 5)}
+        result = json.loads(server.stdout.readline())
+        assert server.wait(30) == 0
+        assert worker.poll() is None
     finally:
-        server.stop()
+        for child in (server, worker):
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+    assert result["count"] == 6
+    timers = {(pid, scope): (expiration, sig) for pid, scope, expiration, sig in result["timers"]}
+    assert timers == {(worker.pid, f"scope-{i}-é"): (future, 9) for i in range(1, 5)}

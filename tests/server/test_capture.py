@@ -929,8 +929,11 @@ def other_users_child(worker_is: str) -> Iterator[Tuple[int, int, int, int, int]
             below = {c: int(_read_children(c)[0]) for c in (own, other)}
             yield worker.pid, own, below[own], other, below[other]
         finally:
-            for pid in _session_members(worker.pid):  # the test's own descendants
-                os.kill(pid, signal.SIGKILL)
+            # Its session's one group (none of them calls setpgid): ours alone, and its
+            # id held by the worker until reaped below. Never pids read from /proc,
+            # another process's once theirs has been reaped.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
 
 

@@ -26,7 +26,7 @@ try:
     with server:
         fd = os.open(fifo, os.O_WRONLY)
         for s in sleepers:
-            os.write(fd, encode(Arm(pid=s.pid, scope_id="step", deadline=1e6, signal=9)))
+            os.write(fd, encode(Arm(pid=s.pid, scope_id="step", deadline=1e9, signal=9)))
         os.close(fd)
         server.sync()
         print(json.dumps({"armed": len(server.armed()), "details": [r.detail for r in refused],

@@ -7,7 +7,7 @@ import pathlib
 import signal
 import subprocess
 import sys
-from typing import Tuple
+from typing import List, Tuple
 
 import pytest
 from tests.conftest import wait_until
@@ -129,10 +129,28 @@ def test_without_a_pidfd_the_start_time_guards_the_kill(children) -> None:
     assert child.wait(10) == -signal.SIGKILL
 
 
-def test_os_signaller_refuses_process_groups() -> None:
+def test_os_signaller_refuses_process_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    # kill(0), kill(-1) and kill(1) must never reach the host from the test process:
+    # both ways to signal are replaced by recorders, which signal nothing. A probe
+    # (signal 0) is answered "exists"; any other signal fails the test.
+    called: List[Tuple[str, int, int]] = []
+
+    def kill(pid: int, sig: int) -> None:
+        called.append(("kill", pid, sig))
+        if sig != 0:
+            raise AssertionError(f"kill({pid}, {sig}) reached the system")
+
+    def pidfd_send_signal(pidfd: int, sig: int, *args: object) -> None:
+        called.append(("pidfd_send_signal", pidfd, sig))
+        if sig != 0:
+            raise AssertionError(f"pidfd_send_signal({pidfd}, {sig}) reached the system")
+
+    monkeypatch.setattr(os, "kill", kill)  # the signaller's modules, os and signal
+    monkeypatch.setattr(signal, "pidfd_send_signal", pidfd_send_signal)
     for pid in (0, -1, 1):
-        with pytest.raises(PermissionError):
+        with pytest.raises(PermissionError, match=f"refusing to signal pid {pid}$"):
             OsSignaller().send(Worker(pid, None), signal.SIGKILL)
+    assert called == []
 
 
 def test_fd_limit_is_raised_to_the_hard_limit() -> None:

@@ -259,7 +259,7 @@ def test_a_descendant_that_never_stops_holds_the_walk_briefly(
     signalled = [w.pid for w in _reap_extras.signal_tree(worker_with_child.pid, signal.SIGKILL)]
     elapsed = time.monotonic() - start
     assert signalled == [child]
-    assert elapsed < 0.5, f"the walk held its caller {elapsed:.2f} s"
+    assert elapsed < 1.0, f"the walk held its caller {elapsed:.2f} s"  # the bug: 2 s
     wait_until(lambda: _gone_or_zombie(child), what="the child's death")
     assert worker_with_child.poll() is None  # the worker itself is not the tree's
 

@@ -54,12 +54,12 @@ def junk():
         return b"\\x00\\xff\\xfe garbage without a newline"
     return b'{"version":2,"op":"arm","pid":0,"scope_id":"x","deadline":1,"signal":9}\\n'
 
-far = time.monotonic() + 3600
 fd = os.open(path, os.O_WRONLY)
 for i in range(per):
     pid = base + index * per + i
     for line in (
-        encode(Arm(pid=pid, scope_id="a", deadline=far, signal=9, labels={"w": str(index)})),
+        encode(Arm(pid=pid, scope_id="a", deadline=time.monotonic() + 3600, signal=9,
+                   labels={"w": str(index)})),
         encode(TimerRequestV1(pid=pid, scope_id="b", expiration_time=time.time() + 3600,
                               signal=15)),
         encode(Disarm(pid=pid, scope_id="a")),
@@ -109,9 +109,9 @@ def test_over_long_lines_cost_only_themselves(fifo_path: pathlib.Path) -> None:
             for i in range(50):
                 pids = (FAKE_PID + i, FAKE_PID + 50 + i)
                 os.write(fd, b"x" * (3 * PIPE_BUF) + b"\n")  # over-long, then valid
-                os.write(fd, encode(Arm(pid=pids[0], scope_id="s", deadline=1e6, signal=9)))
+                os.write(fd, encode(Arm(pid=pids[0], scope_id="s", deadline=1e9, signal=9)))
                 os.write(fd, b"y" * (2 * PIPE_BUF))  # over-long with no newline yet...
-                os.write(fd, encode(Arm(pid=pids[1], scope_id="s", deadline=1e6, signal=9)))
+                os.write(fd, encode(Arm(pid=pids[1], scope_id="s", deadline=1e9, signal=9)))
         finally:
             os.close(fd)
         server.sync()
@@ -213,7 +213,7 @@ def test_caps_hold_under_a_flood(fifo_path: pathlib.Path, cap: Policy) -> None:
     ) as server:
         fd = os.open(fifo_path, os.O_WRONLY)
         for pid in pids:
-            os.write(fd, encode(Arm(pid=pid, scope_id="s", deadline=1e6, signal=9)))
+            os.write(fd, encode(Arm(pid=pid, scope_id="s", deadline=1e9, signal=9)))
         os.close(fd)
         server.sync()
         assert len(server.armed()) == 100

@@ -15,6 +15,7 @@ import pathlib
 import re
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -121,7 +122,7 @@ def soon() -> float:
     return time.monotonic() + 0.5
 
 
-def arm(pid: int, after: float = 1e6, scope: str = "step") -> bytes:
+def arm(pid: int, after: float = 1e9, scope: str = "step") -> bytes:
     return encode(Arm(pid=pid, scope_id=scope, deadline=after, signal=9))
 
 
@@ -255,7 +256,8 @@ def test_a_sender_that_exits_before_it_is_read_is_never_taken_for_its_pid(
             gate.wait(10)
 
     path = str(fifo_path.with_suffix(".socket"))
-    with FileTimerServer(fifo_path, on_event=hold, socket_path=path) as server:
+    signaller = OwnChildrenSignaller()  # a gone sender's pid may be anyone's now
+    with FileTimerServer(fifo_path, on_event=hold, socket_path=path, signaller=signaller) as server:
         if not server.socket.passes_pidfds:  # type: ignore[union-attr]
             pytest.skip("the kernel gives no pidfd of a sender (SO_PASSPIDFD, Linux 6.5)")
         first = senders(path, arm(1))
@@ -278,6 +280,8 @@ def test_a_sender_that_exits_before_it_is_read_is_never_taken_for_its_pid(
         "arm": {"ok": 1, "exited": 1, "rejected": 1},
         "disarm": {"unknown": 1},
     }
+    assert events.of(Reaped) == []
+    assert signaller.refused == []
 
 
 def test_bad_datagrams_are_counted_and_no_descriptor_leaks(served) -> None:  # type: ignore[no-untyped-def]
@@ -523,7 +527,9 @@ def test_a_line_of_descent_is_read_once_a_batch(tmp_path: pathlib.Path) -> None:
     # read from /proc again for each datagram (2.7 ms a datagram at 250 generations).
     depth = 20
     script = 'f() { if [ "$1" -gt 0 ]; then f $(($1 - 1)) & wait; else exec sleep 60; fi; }; f "$0"'
-    chain = subprocess.Popen(["bash", "-c", script, str(depth)])
+    # A session and group of its own (bash without job control puts its background
+    # jobs in its group): killed at once, by a group id the unreaped chain holds.
+    chain = subprocess.Popen(["bash", "-c", script, str(depth)], start_new_session=True)
     try:
         pid = chain.pid
         for _ in range(depth):  # down to the sleep at the bottom
@@ -550,17 +556,9 @@ def test_a_line_of_descent_is_read_once_a_batch(tmp_path: pathlib.Path) -> None:
         assert [getattr(r, "pid", r) for r in results] == [pid] * 10  # all accepted
         assert len(reads) <= depth + 2  # once, not once a datagram
     finally:
-        _kill_tree(chain.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(chain.pid, signal.SIGKILL)
         chain.wait()
-
-
-def _kill_tree(pid: int) -> None:
-    """Kill ``pid`` (the test's child) and every descendant, bottom up."""
-    with contextlib.suppress(OSError):
-        for child in children_of(pid):
-            _kill_tree(child)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, 9)
 
 
 def test_a_datagram_is_too_long_as_a_line_of_the_fifo_is(tmp_path: pathlib.Path) -> None:
@@ -1423,7 +1421,7 @@ from ftimer_client._socket import SocketWriter
 from ftimer_protocol import Arm, encode
 parent = os.getppid()
 writer = SocketWriter(sys.argv[1], os.pidfd_open(parent))
-writer.write(encode(Arm(pid=parent, scope_id="shell", deadline=1e6, signal=9)), 5.0)
+writer.write(encode(Arm(pid=parent, scope_id="shell", deadline=1e9, signal=9)), 5.0)
 print("sent", flush=True)
 print(writer.wait_read(10.0), flush=True)
 """

@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import signal
 import subprocess
 import sys
-from typing import List
+from typing import List, Optional
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -39,24 +40,48 @@ def children(pid: int) -> List[int]:
     return found
 
 
-def descendants(pid: int) -> List[int]:
-    """Every live descendant of ``pid``, parents before children."""
-    order: List[int] = []
-    stack = children(pid)
-    while stack:
-        child = stack.pop()
-        order.append(child)
-        stack.extend(children(child))
-    return order
+def parent(pid: int) -> int:
+    """The parent of the process holding ``pid`` now, or 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+
+
+def exited(pidfd: int) -> bool:
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+def kill_below(pid: int, pidfd: Optional[int]) -> None:
+    """SIGKILL every live descendant of ``pid`` (this process, or a descendant of it
+    pinned by ``pidfd``), children before parents.
+
+    Never by a pid alone: each child is pinned by a pidfd first, then its parent checked
+    again, ``pid`` still alive (so still the process it was). A pid read from /proc is
+    another process's once its own has been reaped (by its parent, not here): that one
+    is then either gone (the pidfd signals nothing) or not ``pid``'s child (skipped).
+    """
+    for child in children(pid):
+        try:
+            child_fd = os.pidfd_open(child)
+        except OSError:  # gone already
+            continue
+        try:
+            if parent(child) != pid or (pidfd is not None and exited(pidfd)):
+                continue  # not (or no longer known to be) ours: orphans come here later
+            kill_below(child, child_fd)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(child_fd, signal.SIGKILL)
+        finally:
+            os.close(child_fd)
 
 
 def kill_all_descendants() -> None:
     """SIGKILL and reap every descendant; orphans keep arriving here until none is left."""
-    me = os.getpid()
     while True:
-        for pid in descendants(me):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_below(os.getpid(), None)
         try:
             os.waitpid(-1, 0)
         except ChildProcessError:

@@ -145,12 +145,12 @@ def run_tool(
 ) -> ToolRun:
     """Run ``command`` against ``process`` until it exits, or until ``deadline`` comes or
     it has written more than ``MAX_OUTPUT`` bytes (then its process group is killed);
-    SIGCONT ``process`` after if ``resume`` and the tool left it stopped. With ``max_file_bytes``, no file it writes
-    grows past that many bytes (a write beyond fails with ``EFBIG``, or ``SIGXFSZ`` kills
-    it). With ``thread``, the command names that thread of ``process`` (its main thread
-    has exited), which must live too. With ``keep``, only the first and the last
-    ``keep // 2`` bytes of its stdout are held (``out`` and ``tail``; ``dropped`` counts
-    the bytes between).
+    SIGCONT ``process`` after if ``resume`` and the tool left it stopped. With
+    ``max_file_bytes``, no file it writes grows past that many bytes (a write beyond
+    fails with ``EFBIG``, or ``SIGXFSZ`` kills it). With ``thread``, the command names
+    that thread of ``process`` (its main thread has exited), which must live too. With
+    ``keep``, only the first and the last ``keep // 2`` bytes of its stdout are held
+    (``out`` and ``tail``; ``dropped`` counts the bytes between).
 
     Raises:
         OSError: the tool could not be started.

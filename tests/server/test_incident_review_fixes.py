@@ -30,8 +30,8 @@ from ftimer_protocol import Expire
 from ftimer_server import FileTimerServer, RecordingSignaller, Worker
 from ftimer_server.core._incident import Capture, Incident
 from ftimer_server.incidents import _diagnostics, _helper
-from ftimer_server.incidents._capture import CaptureOptions, find_py_spy
-from ftimer_server.incidents._diagnostics import Diagnostics, IncidentOptions
+from ftimer_server.incidents._capture import PEER_HOOK, CaptureOptions, find_py_spy
+from ftimer_server.incidents._diagnostics import Diagnostics, IncidentOptions, _as_stuck
 from ftimer_server.incidents._options import NOT_WRITTEN
 from ftimer_server.incidents._procfs import read_stat
 from ftimer_server.incidents._store import LOCK, IncidentStore
@@ -109,6 +109,35 @@ def test_a_peers_capture_with_stacks_serves_the_stuck_worker_without_its_hook() 
         assert own.result(10) == shared
         assert _capture.decode(shared).method == "py-spy"
         assert rank1.dump_text() == ""
+
+
+@pytest.mark.skipif(find_py_spy() is None, reason="py-spy is not installed")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: py-spy attaches")
+def test_a_peers_capture_from_before_the_deadline_is_not_the_stuck_workers() -> None:
+    # A worker captured as another incident's peer, healthy, hung within the second: its
+    # own incident took that capture, the stacks of a worker not yet stuck.
+    options = IncidentOptions(timeout=5.0)
+    with diagnostics_of(options) as diagnostics, stuck("sleep") as rank1:
+        me, uid = as_worker(rank1.pid), os.getuid()
+        deadline = time.monotonic() + 10
+        as_peer = diagnostics._capture(me, None, None, deadline, user=uid)
+        shared = as_peer.result(10)
+        expired = time.monotonic()  # its timer's deadline: after the peer's capture began
+        own = diagnostics._capture(me, None, None, deadline, user=uid, stuck="i1", since=expired)
+        assert own is not as_peer
+        assert _capture.decode(shared).role == "peer"
+        assert _capture.decode(own.result(10)).role == "stuck"  # a capture of its own
+
+
+def test_a_peers_capture_in_a_stuck_workers_incident_says_what_it_is() -> None:
+    # It said "dump hook: not used on a peer (it is not reaped ...)" of the worker reaped.
+    peer = Capture(pid=7, role="peer", method="py-spy", error=PEER_HOOK)
+    shown = _as_stuck(peer)
+    assert shown.error == (
+        "captured as another incident's peer, after this worker's deadline: read without "
+        "stopping it, no native frames; dump hook: not used (captured as another "
+        "incident's peer, after this worker's deadline: its signal is not sent to a peer)"
+    )
 
 
 # Cores ---------------------------------------------------------------------------------

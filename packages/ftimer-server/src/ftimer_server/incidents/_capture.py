@@ -220,6 +220,13 @@ def _capture(
         process.close()
 
 
+#: Why a peer's capture has no hook's stacks (a stuck worker's may be a peer's, shared).
+PEER_HOOK = (
+    "dump hook: not used on a peer (it is not reaped: the hook's signal would interrupt "
+    "its system calls)"
+)
+
+
 def _plan_hook(
     process: Process,
     hook: Optional[DumpHook],
@@ -240,10 +247,7 @@ def _plan_hook(
         return None, "dump hook: not enabled"
     if hook is None and role == "peer":
         # Every rank may announce one: a peer's is not used, not missing.
-        return None, (
-            "dump hook: not used on a peer (it is not reaped: the hook's signal would "
-            "interrupt its system calls)"
-        )
+        return None, PEER_HOOK
     if hook is None:
         return None, "dump hook: the worker announced none (ftimer-client's dump hook option)"
     if options.dry_run:

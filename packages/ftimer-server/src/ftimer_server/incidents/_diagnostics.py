@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import socket
 import threading
 import time
@@ -34,7 +35,7 @@ from ftimer_server.core._incident import Capture, Incident
 from ftimer_server.core._records import Worker
 from ftimer_server.core._report import annotate
 
-from ._capture import CaptureOptions, find_py_spy
+from ._capture import PEER_HOOK, CaptureOptions, find_py_spy
 from ._helper import CaptureJob, Helper, HelperGone, WriteJob
 from ._options import CAPTURE_METHODS, NOT_WRITTEN, IncidentOptions
 from ._procfs import read_stat, read_uid
@@ -122,7 +123,15 @@ class Diagnostics:
         # any worker's to choose (see ``_helper._check_user``).
         user = _user_of(worker) if request.peers else None
         futures = [
-            self._capture(worker, timer.labels, request.dump, deadline, user=user, stuck=incident)
+            self._capture(
+                worker,
+                timer.labels,
+                request.dump,
+                deadline,
+                user=user,
+                stuck=incident,
+                since=timer.deadline,
+            )
         ]
         futures += [
             self._capture(peer.worker, peer.labels, None, deadline, user=user)
@@ -193,10 +202,13 @@ class Diagnostics:
         *,
         user: Optional[int],
         stuck: Optional[str] = None,
+        since: float = -math.inf,
     ) -> concurrent.futures.Future[bytes]:
         """A capture of ``worker`` (``stuck``: the id of its own incident, whose user is
         ``user``; else a peer, captured only if of real uid ``user``), shared with the
-        incidents that need one of the same user within ``SHARE_WINDOW``."""
+        incidents that need one of the same user within ``SHARE_WINDOW``: a capture
+        started before ``since`` (a stuck worker's deadline) is not this one's, as it
+        may show the worker before it hung."""
         now = time.monotonic()
         core = None
         store = self._store
@@ -226,7 +238,8 @@ class Diagnostics:
         )
         with self._lock:
             shared = self._shared.get(key)
-            if shared is not None and now - shared[0] < SHARE_WINDOW and not needs_own:
+            fresh = shared is not None and since <= shared[0] and now - shared[0] < SHARE_WINDOW
+            if shared is not None and fresh and not needs_own:
                 return self._unless_stackless(shared[1], job) if wants_hook else shared[1]
             future = self._helper.submit(job)
             self._shared.pop(key, None)  # the newest last: the stale ones are the first
@@ -354,6 +367,20 @@ def _relay(source: concurrent.futures.Future[bytes], to: concurrent.futures.Futu
         to.set_result(source.result())
 
 
+def _as_stuck(capture: Capture) -> Capture:
+    """A capture of the worker taken as another incident's peer (after its deadline),
+    as its own incident shows it: why it has no hook's stacks, and how it was read."""
+    shared = "captured as another incident's peer, after this worker's deadline"
+    error = (capture.error or "").replace(
+        PEER_HOOK, f"dump hook: not used ({shared}: its signal is not sent to a peer)"
+    )
+    if capture.method == "py-spy":
+        error = f"{shared}: read without stopping it, no native frames" + (
+            f"; {error}" if error else ""
+        )
+    return msgspec.structs.replace(capture, error=error or None)
+
+
 def _failed(message: str) -> concurrent.futures.Future[bytes]:
     future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
     future.set_exception(RuntimeError(message))
@@ -391,8 +418,11 @@ class _Pending:
                 errors.append(f"pid {who.pid}: {future.exception()}")
             else:
                 capture = _CAPTURE.decode(future.result())
-                role = "stuck" if i == 0 else "peer"
-                captures.append(msgspec.structs.replace(capture, role=role))
+                if i == 0 and capture.role == "peer":  # another incident's, shared
+                    capture = _as_stuck(capture)
+                captures.append(
+                    msgspec.structs.replace(capture, role="stuck" if i == 0 else "peer")
+                )
         timed_out = any(not f.done() for f in self.futures)
         assert self.captured is not None
         seconds = self.captured - request.now

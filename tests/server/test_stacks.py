@@ -63,6 +63,14 @@ DOING_CASES = [
         "in uninterruptible I/O (D state, in rpc_wait_bit_killable: py-spy cannot stop it)",
     ),
     (
+        # Not I/O: subprocess's vfork(), until the child execs (a child that hangs before
+        # it, or is stopped, holds its parent so).
+        "D state, a vfork's parent",
+        thread(USER, state="D", wchan="kernel_clone"),
+        "waiting for a child it vforked to exec or exit (D state, in kernel_clone: py-spy "
+        "cannot stop it)",
+    ),
+    (
         "D state, wait channel unreadable",
         thread(state="D", gil=True, active=True),
         "in uninterruptible I/O (D state: py-spy cannot stop it)",
@@ -367,6 +375,17 @@ def test_focus_prefers_a_thread_with_frames_among_equals() -> None:
 
 def test_focus_of_a_capture_without_threads_is_none() -> None:
     assert focus(Capture(pid=1)) is None
+
+
+def test_focus_passes_over_the_client_librarys_threads_and_exited_ones() -> None:
+    # py-spy saw the client's watch active (it looks every second): the summary named it
+    # as the stuck stack, "_watch at _channel.py:725", the worker's main thread after it.
+    # And a main thread that had exited, while the threads that hang ran on.
+    watch = thread(USER, tid=120, name="ftimer-client-watch", active=True)
+    exited = thread(USER, tid=100, name="MainThread", state="Z")
+    assert focus(capture_of(watch, MAIN)) == MAIN
+    assert focus(capture_of(exited, OTHER)) == OTHER
+    assert focus(capture_of(watch, exited)) == watch  # nothing else: the first rule's
 
 
 # -- groups ----------------------------------------------------------------------------

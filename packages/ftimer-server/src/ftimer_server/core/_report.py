@@ -28,7 +28,16 @@ from typing import Dict, List, Optional, Tuple
 import msgspec
 
 from ._incident import Capture, Frame, Group, Incident, ProcessFacts, ThreadStack
-from ._stacks import abridged, call_tree, doing, doing_of, focus, group, wait_channel
+from ._stacks import (
+    CLIENT_THREADS,
+    abridged,
+    call_tree,
+    doing,
+    doing_of,
+    focus,
+    group,
+    wait_channel,
+)
 
 __all__ = [
     "annotate",
@@ -249,7 +258,7 @@ def _worker_lines(capture: Capture) -> List[str]:
     # connection's watch, its retries: they wait on the worker, never cause a hang) last,
     # a line each (their frames are in the record, `--json`).
     first = focus(capture)
-    own = [t for t in capture.threads if t.name.startswith(_CLIENT) and t is not first]
+    own = [t for t in capture.threads if t.name.startswith(CLIENT_THREADS) and t is not first]
     rest = [t for t in capture.threads if t is not first and t not in own]
     for thread in ([first] if first is not None else []) + rest:
         lines += _thread_lines(thread)
@@ -277,10 +286,6 @@ def _facts_text(f: ProcessFacts) -> str:
 
 def _count(n: int, thing: str) -> str:
     return f"{n} {thing}" if n == 1 else f"{n} {thing}s"
-
-
-#: The names of the client library's threads (``ftimer-client-watch``, ``-resync``).
-_CLIENT = "ftimer-client-"
 
 
 def _thread_head(thread: ThreadStack) -> str:

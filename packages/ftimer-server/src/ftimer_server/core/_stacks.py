@@ -30,11 +30,23 @@ from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from ._incident import Capture, Frame, Group, ThreadStack
 
-__all__ = ["abridged", "call_tree", "doing", "doing_of", "focus", "group", "wait_channel"]
+__all__ = [
+    "CLIENT_THREADS",
+    "abridged",
+    "call_tree",
+    "doing",
+    "doing_of",
+    "focus",
+    "group",
+    "wait_channel",
+]
 
 # -- what a thread is doing ------------------------------------------------------------
 
 UNINTERRUPTIBLE = "in uninterruptible I/O"
+VFORK = "waiting for a child it vforked to exec or exit"
+#: The wait channels of a vfork()'s parent (subprocess uses vfork() where it can).
+_VFORK_WAITS = frozenset({"kernel_clone", "wait_for_vfork_done", "_do_fork", "do_fork"})
 GIL_HELD = "holding the GIL in a C call"
 GIL_WAIT = "waiting for the GIL"
 LOCK = "waiting on a lock"
@@ -199,6 +211,7 @@ def doing(thread: ThreadStack) -> str:
     The rules, first match wins:
 
     1. its state: ``D`` is uninterruptible I/O (nothing, not even py-spy, can stop it),
+       or, in a vfork's wait channel, a wait for the child it vforked to exec or exit;
        ``T``/``t`` stopped, ``Z`` exited;
     2. native frames waiting to take the GIL back: "waiting for the GIL";
     3. holding the GIL (py-spy's flag) while blocked, that is in state ``S``, idle, inside
@@ -223,7 +236,9 @@ def doing(thread: ThreadStack) -> str:
     wchan = wait_channel(thread)
     if state == "D":
         where = f", in {wchan}" if wchan else ""
-        return f"{UNINTERRUPTIBLE} (D state{where}: py-spy cannot stop it)"
+        # vfork(): the parent sleeps uninterruptibly until its child execs or exits.
+        what = VFORK if wchan in _VFORK_WAITS else UNINTERRUPTIBLE
+        return f"{what} (D state{where}: py-spy cannot stop it)"
     if state in ("T", "t"):
         return "stopped (T state: by a signal or a debugger)"
     if state == "Z":
@@ -331,12 +346,15 @@ def focus(capture: Capture) -> Optional[ThreadStack]:
     (``D``: it is stuck in the kernel, whatever Python does), else the one holding the
     GIL (no other thread can run Python), else an active one (py-spy saw it running),
     else the main thread (by name, or the thread whose id is the pid), else the first.
-    Among the threads a rule picks, the first with frames wins, else the first.
+    Among the threads a rule picks, the first with frames wins, else the first. The
+    client library's own threads (``ftimer-client-*``: its watch, active every second)
+    and threads that have exited (a main thread gone while others run on) are looked at
+    only when there is no other.
 
     Returns:
         None when the capture has no threads.
     """
-    threads = capture.threads
+    threads = [t for t in capture.threads if not _aside(t)] or capture.threads
     rules = (
         lambda t: _state(t) == "D",
         lambda t: t.gil is True,
@@ -349,6 +367,16 @@ def focus(capture: Capture) -> Optional[ThreadStack]:
         if chosen:
             return next((t for t in chosen if t.frames), chosen[0])
     return None
+
+
+#: The names of the client library's threads (``ftimer-client-watch``, ``-resync``).
+CLIENT_THREADS = "ftimer-client-"
+
+
+def _aside(thread: ThreadStack) -> bool:
+    """A thread that does not stand for its worker while another can: the client
+    library's, or one that has exited."""
+    return thread.name.startswith(CLIENT_THREADS) or _state(thread) in ("Z", "X")
 
 
 def doing_of(thread: ThreadStack) -> str:

@@ -538,6 +538,10 @@ def _waits_in_poll(pid: int) -> bool:
         # It said "no FIFO or socket (is the ftimer server running?): ''", status 3.
         (("--fifo", ""), "argument --fifo: the path is empty"),
         (("--socket", ""), "argument --socket: the path is empty"),
+        # A prefix of an option was taken for it (`--sig` for `--signal`): a script's
+        # would stop working, or mean another option, once one with it is added.
+        (("--sig", "9"), "unrecognized arguments: --sig 9"),
+        (("--write", "1"), "unrecognized arguments: --write 1"),
     ],
 )
 def test_usage_the_server_refuses_is_refused_as_usage(args: tuple, error: str) -> None:

@@ -515,6 +515,10 @@ def test_the_status_says_how_many_requests_were_refused_and_why(
         (["run", "--capture", "nope"], "ftimer-server run: error: argument --capture: "),
         (["incidents", "show", "--nope"], "ftimer-server: error: unrecognized arguments: --nope"),
         (["nope"], "ftimer-server: error: argument COMMAND: invalid choice: 'nope'"),
+        # A prefix of an option was taken for it: a script's `--dry` would stop working,
+        # or mean another option, once one with the same prefix is added.
+        (["run", "--dry"], "ftimer-server: error: unrecognized arguments: --dry"),
+        (["status", "--heal"], "ftimer-server: error: unrecognized arguments: --heal"),
     ],
 )
 def test_a_usage_error_is_one_line(argv: List[str], said: str) -> None:

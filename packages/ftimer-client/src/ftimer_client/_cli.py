@@ -76,6 +76,11 @@ EXEC_EPILOG = (
 )
 
 
+#: Options by their whole names only: a prefix (``--sig`` for ``--signal``) that works
+#: today would be ambiguous, or another option's, once options are added.
+WHOLE: Dict[str, Any] = {"allow_abbrev": False}
+
+
 def _ascii_int(text: str) -> Optional[int]:
     # str.isdigit() is true for "²", which int() refuses, and int() takes "٢" (Arabic-
     # Indic two): a number on the command line is ASCII digits, nothing else.
@@ -215,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     sig.add_argument("--signal", type=_signal, default=None, help="name or number (default: KILL)")
 
     parser = argparse.ArgumentParser(
+        **WHOLE,
         prog="ftimer",
         description="Arm and disarm ftimer watchdog timers from a shell.",
         epilog="Exit status: 0 done, 2 bad arguments, 3 server unavailable; "
@@ -229,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("expire", [common, scope, pid, sig], "expire a timer now"),
     ):
         sub = commands.add_parser(
-            name, parents=parents, help=text, description=text, epilog=NO_DUMP
+            name, parents=parents, help=text, description=text, epilog=NO_DUMP, **WHOLE
         )
         sub.set_defaults(subparser=sub)  # errors found later show this command's usage
     run = commands.add_parser(
@@ -239,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="run a command under a timer armed for the command's own process",
         usage="ftimer exec --after SECONDS [--scope S] [--signal SIG] -- CMD [ARGS...]",
         epilog=EXEC_EPILOG,
+        **WHOLE,
     )
     run.add_argument("--scope", type=_utf8, default=None)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")

@@ -90,7 +90,13 @@ def _socket_option(text: str) -> str:
 class _Parser(argparse.ArgumentParser):
     """Says a usage error in one line, not under the command's usage (``run``'s is
     nineteen lines: the one that matters came last), pointing to ``--help`` for what
-    the usage said (an option's choices, when its value is missing)."""
+    the usage said (an option's choices, when its value is missing). Options are taken
+    by their whole names only: a prefix (``--dry`` for ``--dry-run``) that works today
+    would be ambiguous, or another option's, once options are added."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

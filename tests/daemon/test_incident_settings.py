@@ -209,6 +209,14 @@ def test_a_bad_capture_method_on_the_command_line_is_a_usage_error(
     assert "invalid choice: 'gdb'" in capsys.readouterr().err
 
 
+def test_choices_are_taken_in_any_case_on_the_command_line_as_in_the_file() -> None:
+    # `log-level = "INFO"` was taken in the config file, `--log-level INFO` refused.
+    args = _parser().parse_args(
+        ["run", "--log-level", "INFO", "--log-format", "Json", "--capture", "Py-Spy"]
+    )
+    assert (args.log_level, args.log_format, args.capture) == ("info", "json", "py-spy")
+
+
 def test_run_help_documents_every_incident_option(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         _parser().parse_args(["run", "--help"])

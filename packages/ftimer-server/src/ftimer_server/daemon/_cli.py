@@ -231,8 +231,11 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="log and count expiries instead of signalling (a safe roll-out)",
     )
-    run.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or JSON lines")
-    run.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
+    # Any case, as the config file takes them.
+    run.add_argument(
+        "--log-format", type=str.lower, choices=LOG_FORMATS, help="text (default) or JSON lines"
+    )
+    run.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, help="default: info")
     run.add_argument("--log-file", metavar="PATH", help="append logs here (default: stderr)")
     run.add_argument(
         "--metrics-address",
@@ -269,6 +272,7 @@ def _add_incident_options(run: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--capture",
+        type=str.lower,
         choices=CAPTURE_METHODS,
         help="how stacks are captured: auto (the default) takes py-spy if it is found "
         "(on PATH or beside this Python: the ftimer-server[pyspy] extra), else the "

@@ -25,13 +25,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Dict
 
 import msgspec
 import pytest
 from tests.conftest import in_private_pid_namespace
 
 from ftimer_server.core._incident import Capture
-from ftimer_server.incidents import _helper
+from ftimer_server.incidents import _helper, _tools
 from ftimer_server.incidents._capture import CaptureOptions, capture, find_py_spy
 from ftimer_server.incidents._pinned import Process
 from ftimer_server.incidents._procfs import read_stat
@@ -497,3 +498,29 @@ def test_a_stopped_worker_is_read_without_stopping_it_and_left_stopped(
     assert "read without stopping it: it is stopped (T state)" in (result.error or "")
     assert read_stat(says_signals.pid).state == "T"  # as it was found
     assert _signals_said(says_signals) == ["SIGCONT", "SIGWINCH"]  # ours alone
+
+
+def test_a_tool_that_leaves_a_stop_pending_has_the_worker_continued(
+    says_signals: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The core dump's own SIGSTOP of a worker in uninterruptible sleep (D) waits until it
+    # leaves it; with no SIGCONT after gcore, it stopped then, after its SIGTERM's
+    # handler, and stayed stopped. Here the stop is pending as /proc says it: only the
+    # pending mask is held (a real D state needs a hung file system).
+    real_status = _tools.read_status
+
+    def stop_pending(pid: int, tid: object = None) -> Dict[str, str]:
+        status = real_status(pid)
+        if pid == says_signals.pid:
+            status["ShdPnd"] = f"{1 << (signal.SIGSTOP - 1):016x}"
+        return status
+
+    monkeypatch.setattr(_tools, "read_status", stop_pending)
+    process = Process.open(says_signals.pid, None, None)
+    try:
+        run_tool(["true"], process, time.monotonic() + 10, resume=True)
+    finally:
+        process.close()
+    assert says_signals.stdout is not None
+    os.kill(says_signals.pid, signal.SIGWINCH)
+    assert says_signals.stdout.read().split() == ["SIGCONT", "SIGWINCH"]  # the tool's

@@ -9,6 +9,7 @@ session of its own, ``sleep`` children, the capture helper of a server started h
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -28,7 +29,9 @@ from tests.conftest import wait_until
 
 from ftimer_protocol import Expire
 from ftimer_server import FileTimerServer, RecordingSignaller, Worker
+from ftimer_server.core._host import CaptureRequest, Peer
 from ftimer_server.core._incident import Capture, Incident
+from ftimer_server.core._records import Timer
 from ftimer_server.incidents import _diagnostics, _helper
 from ftimer_server.incidents._capture import PEER_HOOK, CaptureOptions, find_py_spy
 from ftimer_server.incidents._diagnostics import Diagnostics, IncidentOptions, _as_stuck
@@ -127,6 +130,51 @@ def test_a_peers_capture_from_before_the_deadline_is_not_the_stuck_workers() -> 
         assert own is not as_peer
         assert _capture.decode(shared).role == "peer"
         assert _capture.decode(own.result(10)).role == "stuck"  # a capture of its own
+
+
+@pytest.mark.skipif(find_py_spy() is None, reason="py-spy is not installed")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: py-spy attaches")
+def test_an_incident_takes_no_peers_capture_from_before_its_timers_deadline() -> None:
+    # As the server asks for it: the stuck worker's timer's deadline is what decides.
+    # A job of two: captures are shared between the workers of one user.
+    options = IncidentOptions(timeout=5.0)
+    with diagnostics_of(options) as diagnostics, stuck("sleep") as rank1, stuck("sleep") as rank2:
+        me, uid = as_worker(rank1.pid), os.getuid()
+        as_peer = diagnostics._capture(me, None, None, time.monotonic() + 10, user=uid)
+        expired = Timer(me.pid, "step", time.monotonic(), 9, me.start_time)
+        request = CaptureRequest(
+            worker=me,
+            timer=expired,
+            signal=9,
+            now=time.monotonic(),
+            budget=5.0,
+            peers=(Peer(as_worker(rank2.pid)),),
+        )
+        incident = diagnostics.start(request, lambda pid: None)
+        own, _ = diagnostics._incidents[incident].futures
+        assert own is not as_peer
+        assert _capture.decode(own.result(10)).role == "stuck"
+        diagnostics.signalled(incident, True)
+
+
+@pytest.mark.parametrize("to_a_directory", [False, True])
+def test_an_incident_not_handed_to_a_directory_never_says_the_directory_fails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, to_a_directory: bool
+) -> None:
+    # An embedded server with on_incident and no directory: a failure of the helper set
+    # `incidents_failing`, which no later incident (never written to a directory) cleared.
+    directory = str(tmp_path / "i") if to_a_directory else None
+    with diagnostics_of(IncidentOptions(directory=directory, method="facts")) as diagnostics:
+        failed: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        failed.set_exception(RuntimeError("the helper is gone"))
+        monkeypatch.setattr(diagnostics._helper, "submit", lambda job: failed)
+        timer = Timer(7, "s", 0.0, 9)
+        request = CaptureRequest(worker=Worker(7, None), timer=timer, signal=9, now=0.0, budget=1.0)
+        pending = _diagnostics._Pending(request, "i1", 0.0, [failed])
+        pending.captured = 0.0
+        diagnostics._write_one(pending)
+        assert diagnostics.write_errors == 1
+        assert diagnostics.failing == ("the helper is gone" if to_a_directory else None)
 
 
 def test_a_peers_capture_in_a_stuck_workers_incident_says_what_it_is() -> None:

@@ -187,3 +187,42 @@ def test_the_worker_is_signalled_before_the_walk_lets_it_run_again(
                 worker.wait()
             worker.stdout.close()
     assert signaller.stopped == [(signal.SIGTERM, True)]
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfds (Linux 5.3, Python 3.9)")
+def test_the_escalation_kills_the_worker_before_the_walk_lets_it_run_again(
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    # The escalation's walk SIGKILLed the descendants and continued the worker, then
+    # killed it: in between it ran, and could act on its children's deaths.
+    signaller = _SaysWhetherStopped()
+    options = IncidentOptions(directory=str(tmp_path / "i"), method="facts", reap_tree=True)
+    escalated = threading.Event()
+    with FileTimerServer(
+        fifo_path,
+        incidents=options,
+        signal_override=signal.SIGTERM,
+        escalate_after=GRACE,
+        signaller=signaller,
+        on_event=lambda e: escalated.set() if isinstance(e, Escalated) else None,
+    ):
+        worker = subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(fifo_path), "survives"],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert worker.stdout is not None
+        children = [os.pidfd_open(int(worker.stdout.readline())) for _ in range(2)]
+        try:
+            assert worker.wait(30) == -signal.SIGKILL
+            assert escalated.wait(30)
+        finally:
+            for child in children:
+                signal.pidfd_send_signal(child, signal.SIGKILL)  # ours: a no-op once dead
+                os.close(child)
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+            worker.stdout.close()
+    assert signaller.stopped == [(signal.SIGTERM, True), (signal.SIGKILL, True)]

@@ -16,13 +16,18 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, List
 
 import pytest
 from tests.conftest import in_private_pid_namespace, wait_until
 
+from ftimer_server.core._records import Timer, Worker
+from ftimer_server.core._table import Expiry
 from ftimer_server.incidents import _reap_extras
 from ftimer_server.incidents._procfs import read_stat
+from ftimer_server.server._edge import SystemHost
+from ftimer_server.server._process import SystemInspector
+from ftimer_server.server._signaller import OsSignaller
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root to set ns_last_pid in a private PID namespace"
@@ -269,3 +274,50 @@ def _gone_or_zombie(pid: int) -> bool:
         return read_stat(pid).state in "ZX"
     except ProcessLookupError:
         return True
+
+
+def test_a_root_in_uninterruptible_sleep_is_not_waited_for(
+    worker_with_child: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The walk waited for the worker itself to stop: in D state it cannot, and every
+    # reap of a worker hung in I/O held the loop 50 ms more. Its signal is pending before
+    # it runs again anyway, and it forks nothing there.
+    assert worker_with_child.stdout is not None
+    child = int(worker_with_child.stdout.readline())
+    real_read_stat, real_wait = _reap_extras.read_stat, _reap_extras._wait_stopped
+    waited: List[int] = []
+
+    def in_d_state(pid: int, tid: Any = None) -> Any:
+        stat = real_read_stat(pid, tid)
+        return stat._replace(state="D") if pid == worker_with_child.pid else stat
+
+    def wait_stopped(frozen: Dict[int, Any], deadline: float) -> None:
+        waited.extend(frozen)
+        real_wait(frozen, deadline)
+
+    monkeypatch.setattr(_reap_extras, "read_stat", in_d_state)
+    monkeypatch.setattr(_reap_extras, "_wait_stopped", wait_stopped)
+    signalled = [w.pid for w in _reap_extras.signal_tree(worker_with_child.pid, signal.SIGKILL)]
+    assert signalled == [child]
+    assert worker_with_child.pid not in waited
+    assert child in waited
+
+
+@pytest.mark.parametrize("stop", [signal.SIGSTOP, signal.SIGTSTP])
+def test_a_stop_signal_leaves_the_tree_stopped(
+    worker_with_child: subprocess.Popen[str], stop: int
+) -> None:
+    # A timer's signal may be a stop (to freeze a hung worker for a debugger): the walk's
+    # SIGCONT after it undid it, for the worker and its descendants.
+    assert worker_with_child.stdout is not None
+    child = int(worker_with_child.stdout.readline())
+    said: List[str] = []
+    host = SystemHost(SystemInspector(), OsSignaller(), tree=True)
+    worker = Worker(worker_with_child.pid, read_stat(worker_with_child.pid).start_time)
+    timer = Timer(worker.pid, "s", 0.0, stop)
+    expiry = Expiry(worker.pid, (timer,), timer, (timer,))
+    delivery = host.reap(worker, stop, expiry, time.monotonic())
+    said.append(read_stat(worker.pid).state)
+    said.append(read_stat(child).state)
+    assert delivery.delivered
+    assert said == ["T", "T"]

@@ -12,7 +12,7 @@ process never costs another message.
 from __future__ import annotations
 
 import abc
-from typing import Dict, FrozenSet, Optional, Tuple, Union
+from typing import Callable, Dict, FrozenSet, Optional, Tuple, Union
 
 import msgspec
 
@@ -156,12 +156,18 @@ class Host(abc.ABC):
         return self.signal(worker, signal)
 
     def kill_descendants(
-        self, worker: Optional[Worker], signalled: Tuple[Descendant, ...]
+        self,
+        worker: Optional[Worker],
+        signalled: Tuple[Descendant, ...],
+        then: Callable[[], None],
     ) -> Tuple[Descendant, ...]:
         """The grace period of a reaped worker ended: SIGKILL those of ``signalled`` (its
         descendants its reap signalled, ``Delivery.descendants``) still alive, and, unless
         ``worker`` is ``None`` (it exited), its descendants now; return whom it reached.
-        Nothing, unless the host reaps trees."""
+        ``then`` (the worker's own SIGKILL) is called once: before the worker runs again
+        where the walk of its tree stopped it, else after. Nothing else, unless the host
+        reaps trees."""
+        then()
         return ()
 
     def capture(self, request: CaptureRequest) -> Optional[str]:

@@ -222,8 +222,7 @@ class Reaper:
             ended.append((due, grace, False))
         for due, (worker, decider, signalled), bound in ended:
             alive = bound and host.alive(worker)
-            killed = host.kill_descendants(worker if alive else None, signalled)
-            delivery = host.signal(worker, KILL) if alive else None
+            killed, delivery = _kill(host, worker if alive else None, signalled)
             event = None
             if alive or killed:
                 event = self._escalated(worker, decider, due, now, killed, delivery=delivery)
@@ -353,3 +352,21 @@ class _Schedule(Generic[T]):
     def _current(self, entry: Tuple[float, int, int]) -> bool:
         item = self._items.get(entry[2])
         return item is not None and item[0] == entry[0]
+
+
+def _kill(
+    host: Host, worker: Optional[Worker], signalled: Tuple[Descendant, ...]
+) -> Tuple[Tuple[Descendant, ...], Optional[Delivery]]:
+    """SIGKILL the descendants of a reaped worker (``Host.kill_descendants``), then the
+    worker unless it is ``None`` (it exited), before the walk of its tree lets it run
+    again; return whom the descendants' reached and the worker's delivery (None: none
+    sent)."""
+    deliveries: List[Delivery] = []
+
+    def kill() -> None:
+        if worker is not None and not deliveries:
+            deliveries.append(host.signal(worker, KILL))
+
+    killed = host.kill_descendants(worker, signalled, kill)
+    kill()  # where the host did not
+    return killed, deliveries[0] if deliveries else None

@@ -109,7 +109,8 @@ class Diagnostics:
         #: Incidents written, and failures to write one.
         self.written = 0
         self.write_errors = 0
-        #: Why the last incident could not be written; None once one is (or none failed).
+        #: Why the last incident could not be written to the directory; None once one
+        #: is (or none failed, or there is no directory).
         self.failing: Optional[str] = None
 
     def start(self, request: CaptureRequest, done: Callable[[int], None]) -> str:
@@ -293,7 +294,8 @@ class Diagnostics:
         except RuntimeError as e:  # no thread to be had (TasksMax): counted, not awaited
             self._settle()
             self.write_errors += 1
-            self.failing = str(e)
+            if self._store is not None:
+                self.failing = str(e)
             logger.error("cannot write incident %s: %s", incident, e)
 
     def _write(self, pending: _Pending) -> None:
@@ -331,7 +333,8 @@ class Diagnostics:
             )
         if error is not None:
             self.write_errors += 1
-            self.failing = error
+            if store is not None:
+                self.failing = error
             logger.error("cannot write incident %s: %s", incident, error)
             if store is not None:
                 errors = [*record.errors, NOT_WRITTEN + error]

@@ -47,6 +47,9 @@ _MAX_TREE = 10000
 # past it the walk goes on without waiting (a descendant still stopping may then finish
 # a fork it had begun, and its child escape the tree: escaping, never an innocent hit).
 _FREEZE_WAIT = 0.05
+#: Stop signals: a timer's may be one (to freeze a hung worker for a debugger), which a
+#: SIGCONT after it would undo.
+_STOPS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
 #: CAP_KILL's bit in /proc/PID/status's CapEff.
 _CAP_KILL = 1 << 5
 #: The space a core leaves free on its file system for its incident: its record (16 MiB at
@@ -203,11 +206,12 @@ def signal_tree(
     with SIGSTOP, top-down; the walk of ``/proc/*/task/*/children`` is repeated until it
     finds nobody new. ``pid`` is checked again after the walk: gone by then, nobody is
     signalled and the frozen are continued. Then ``signal`` goes to each, and unless it
-    was SIGKILL, SIGCONT to those still alive. A descendant whose parent dies during the
-    walk is re-parented away from the tree and escapes it. ``pid`` itself is stopped
-    for the walk (unless it was already) and continued at its end, once ``then`` has
-    signalled it. Signal 0 (report
-    only) touches nobody. A descendant ``pid`` could not signal itself (``kill(2)``'s
+    was SIGKILL or a stop signal, SIGCONT to those still alive. A descendant whose
+    parent dies during the walk is re-parented away from the tree and escapes it.
+    ``pid`` itself is stopped for the walk (unless it was already, or is in
+    uninterruptible sleep: not waited for) and continued at its end, once ``then`` has
+    signalled it (unless with SIGKILL or a stop signal). Signal 0 (report only) touches
+    nobody. A descendant ``pid`` could not signal itself (``kill(2)``'s
     rule: its real and saved uids are neither the real nor the effective uid of ``pid``,
     and ``pid`` lacks ``CAP_KILL`` in its user namespace: a root command a user's worker
     started with sudo) is neither stopped nor signalled, and the tree below it is not
@@ -231,13 +235,21 @@ def signal_tree(
             then()
 
     try:
-        return _signal_tree(pid, signal, start_time, pidfd, then_once)
+        return _signal_tree(
+            pid, signal, start_time, pidfd, then=then_once, sends_its_own=then is not None
+        )
     finally:
         then_once()  # unless called while the walk held the worker stopped
 
 
 def _signal_tree(
-    pid: int, signal: int, start_time: Optional[int], pidfd: Optional[int], then: Callable[[], None]
+    pid: int,
+    signal: int,
+    start_time: Optional[int],
+    pidfd: Optional[int],
+    *,
+    then: Callable[[], None],
+    sends_its_own: bool,
 ) -> List[Descendant]:
     if pid <= 1 or signal == 0:
         return []
@@ -269,7 +281,7 @@ def _signal_tree(
                 signalled.append(Descendant(child, process.start_time, may.users(child)))
             except OSError:
                 continue  # exited meanwhile
-        if signal != _signal.SIGKILL:
+        if signal != _signal.SIGKILL and signal not in _STOPS:
             for process in frozen.values():
                 if process.alive():
                     process.resume()
@@ -284,7 +296,8 @@ def _signal_tree(
             try:
                 then()  # its own signal, before it may run again
             finally:
-                root.resume()
+                if not (sends_its_own and signal in _STOPS):
+                    root.resume()
         root.close()
     return signalled
 
@@ -404,7 +417,12 @@ def _freeze(root: Process, frozen: Dict[int, Process], may: _May) -> None:
     waited_until = time.monotonic() + _FREEZE_WAIT
     for _ in range(_MAX_PASSES):
         found = _walk(root, frozen, may)
-        _wait_stopped({root.pid: root, **frozen}, waited_until)
+        # The root too, unless in uninterruptible sleep: it forks nothing there, and its
+        # signal is pending before it runs again; its wait would hold every such reap.
+        waiting = dict(frozen)
+        if not _uninterruptible(root):
+            waiting[root.pid] = root
+        _wait_stopped(waiting, waited_until)
         if not found or len(frozen) >= _MAX_TREE:
             return
 
@@ -474,6 +492,13 @@ def _uids(pid: int) -> Tuple[int, int, int]:
     """
     real, effective, saved = read_status(pid).get("Uid", "").split()[:3]
     return int(real), int(effective), int(saved)
+
+
+def _uninterruptible(process: Process) -> bool:
+    try:
+        return read_stat(process.pid).state == "D"
+    except (OSError, ValueError, IndexError):  # gone
+        return False
 
 
 def _wait_stopped(frozen: Dict[int, Process], deadline: float) -> None:

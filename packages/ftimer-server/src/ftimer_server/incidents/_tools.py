@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._pinned import Process
-from ._procfs import read_stat, tracer_pid
+from ._procfs import read_status, tracer_pid
 from ._stack_formats import MethodResult, excerpt, parse_py_spy, salvage_py_spy
 
 __all__ = ["ToolRun", "py_spy_dump", "run_tool", "stop_tools"]
@@ -198,13 +198,20 @@ def run_tool(
 
 
 def _stopped(process: Process) -> bool:
-    """Whether ``process`` is stopped: as a tool killed while attached leaves it. Only
-    then is it continued: a SIGCONT it did not need still runs its handler and breaks
-    its system calls off (``EINTR``)."""
+    """Whether ``process`` is stopped, or a SIGSTOP waits for it: as a tool killed while
+    attached leaves it, or the core dump's own stop of a worker in uninterruptible sleep
+    (pending until it leaves). Only then is it continued: a SIGCONT it did not need
+    still runs its handler and breaks its system calls off (``EINTR``)."""
     try:
-        return read_stat(process.pid).state in "Tt"
-    except (OSError, ValueError, IndexError):  # gone
+        status = read_status(process.pid)
+        pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+        return status["State"][:1] in ("T", "t") or bool(pending & _STOP_BIT)
+    except (OSError, ValueError, KeyError):  # gone
         return False
+
+
+#: SIGSTOP's bit in ``/proc/PID/status``'s masks of pending signals.
+_STOP_BIT = 1 << (_signal.SIGSTOP - 1)
 
 
 def _present(process: Process, thread: Optional[int]) -> bool:

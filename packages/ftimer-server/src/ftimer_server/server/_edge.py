@@ -218,26 +218,25 @@ class SystemHost(Host):
                 took = time.monotonic() - started  # counted in the reap's lateness
                 signalled.append(self.signal(worker, signal))
 
-            try:
-                descendants = tuple(self._signaller._send_tree_then(worker, signal, then))
-            except Exception:  # the worker itself is reaped regardless
-                logger.exception("signalling the descendants of process %d failed", worker.pid)
-                descendants = ()
-            if not signalled:
-                then()
+            descendants = self._send_tree(worker, signal, then)
             delivery = signalled[0]
             return Delivery(delivery.delivered, delivery.error, descendants, delivery.gone, took)
         return self.signal(worker, signal)
 
     def kill_descendants(
-        self, worker: Optional[Worker], signalled: Tuple[Descendant, ...]
+        self,
+        worker: Optional[Worker],
+        signalled: Tuple[Descendant, ...],
+        then: Callable[[], None],
     ) -> Tuple[Descendant, ...]:
+        if not self._tree or worker is None:
+            then()
         if not self._tree:
             return ()
-        # The tree first, as at the reap; then those of the reap's that left it (their
-        # parent died), each the process it was (never one that took its pid), of a user
-        # the worker could signal.
-        killed = {d.pid: d for d in self._send_tree(worker, KILL)} if worker else {}
+        # The tree first, as at the reap, the worker's SIGKILL before it runs again; then
+        # those of the reap's that left it (their parent died), each the process it was
+        # (never one that took its pid), of a user the worker could signal.
+        killed = {d.pid: d for d in self._send_tree(worker, KILL, then)} if worker else {}
         rest = [d for d in signalled if d.pid not in killed]
         if rest:
             try:
@@ -246,12 +245,26 @@ class SystemHost(Host):
                 logger.exception("signalling the descendants of process %d failed", rest[0].pid)
         return tuple(killed.values())
 
-    def _send_tree(self, worker: Worker, signal: int) -> Tuple[Descendant, ...]:
+    def _send_tree(
+        self, worker: Worker, signal: int, then: Callable[[], None]
+    ) -> Tuple[Descendant, ...]:
+        """``signal`` to the worker's descendants, then ``then()`` (the worker's own
+        signal, before the walk lets it run again): each once, whatever fails."""
+        called = False
+
+        def once() -> None:
+            nonlocal called
+            if not called:
+                called = True
+                then()
+
         try:
-            return tuple(self._signaller.send_tree(worker, signal))
-        except Exception:  # the worker itself is reaped regardless
+            return tuple(self._signaller._send_tree_then(worker, signal, once))
+        except Exception:  # the worker itself is signalled regardless
             logger.exception("signalling the descendants of process %d failed", worker.pid)
             return ()
+        finally:
+            once()
 
     def capture(self, request: CaptureRequest) -> Optional[str]:
         if self._capture is None:

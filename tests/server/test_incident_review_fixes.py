@@ -188,6 +188,39 @@ def test_a_peers_capture_in_a_stuck_workers_incident_says_what_it_is() -> None:
     )
 
 
+# A long budget ------------------------------------------------------------------------
+
+
+def test_a_capture_with_a_long_budget_is_answered_before_its_deadline(
+    tmp_path: pathlib.Path,
+) -> None:
+    # The helper (niced) waited for py-spy's output in one wait to the deadline, which the
+    # kernel let end 0.5% of its length late: past 10 s, later than the capture keeps
+    # back, and the incident had nothing, not even the facts ("no capture within the
+    # budget"). Here py-spy never answers, as one stuck in the kernel would not.
+    hangs = executable(tmp_path / "py-spy", "#!/bin/sh\nexec sleep 1000\n")
+    budget = 11.0
+    with contextlib.closing(_helper.Helper()) as helper, stuck("sleep") as worker:
+        options = CaptureOptions(py_spy=hangs)
+        deadline = time.monotonic() + budget
+        job = _helper.CaptureJob(
+            pid=worker.pid,
+            start_time=None,
+            role="stuck",
+            labels=None,
+            hook=None,
+            options=options,
+            deadline=deadline,
+        )
+        answer = helper.submit(job)
+        concurrent.futures.wait([answer], timeout=deadline - time.monotonic())
+        assert answer.done(), "no answer by the deadline"
+        capture = _capture.decode(answer.result())
+    assert capture.method == "facts"
+    assert capture.facts is not None
+    assert "py-spy did not finish" in (capture.error or "")
+
+
 # Cores ---------------------------------------------------------------------------------
 
 #: A gcore that writes a small core, and records the mode it was created with.

@@ -32,6 +32,11 @@ __all__ = ["ToolRun", "py_spy_dump", "run_tool", "stop_tools"]
 
 #: How long a killed tool is waited for before a thread is left to reap it.
 _KILL_WAIT = 0.025
+#: The longest one wait in the kernel for a tool's output: the kernel lets a wait of a
+#: niced process (the helper) end up to 0.5% of its length late, 100 ms at most. Past
+#: 10 s that was more than a capture keeps back from its deadline, and the capture,
+#: answered after it, was lost whole ("nothing captured", not even the /proc facts).
+_WAIT_SLICE = 1.0
 #: The most of a tool's output that is read (stdout and stderr together); a tool that
 #: writes more is killed. py-spy's dump is as large as the worker makes its stacks (deep
 #: recursion, many threads, long names): this bounds the time spent reading it, and
@@ -290,7 +295,7 @@ def _read(
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                for key, _ in selector.select(remaining):
+                for key, _ in selector.select(min(remaining, _WAIT_SLICE)):
                     data = os.read(key.fd, 1 << 16)
                     if data:
                         sink = kept[key.fd]

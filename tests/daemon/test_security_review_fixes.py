@@ -189,6 +189,19 @@ def test_incidents_whose_user_is_unknown_count_as_one_more_user(tmp_path: pathli
     assert users_kept(store) == [BOB, None, None, None]
 
 
+def test_an_incident_is_its_users_though_its_worker_exited_before_its_capture(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Its capture read no uid (the worker exited during it): it counted as one more
+    # user's, whose half of the directory kept such incidents for hours while the
+    # newest reaps of the one real user went. The uid read as the capture began decides.
+    store = IncidentStore(str(tmp_path), keep=4)
+    for n in range(10):
+        exited = msgspec.structs.replace(incident(n, None), uid=ALICE)
+        store.write(exited if n < 3 else incident(n, ALICE))
+    assert [s.created - T0 for s in store.list()] == [6, 7, 8, 9]
+
+
 def test_a_single_user_loses_its_oldest_first_as_before(tmp_path: pathlib.Path) -> None:
     store = IncidentStore(str(tmp_path), keep=3)
     for n in range(6):

@@ -151,9 +151,13 @@ def test_an_incident_takes_no_peers_capture_from_before_its_timers_deadline() ->
             peers=(Peer(as_worker(rank2.pid)),),
         )
         incident = diagnostics.start(request, lambda pid: None)
-        own, _ = diagnostics._incidents[incident].futures
+        pending = diagnostics._incidents[incident]
+        own, _ = pending.futures
         assert own is not as_peer
         assert _capture.decode(own.result(10)).role == "stuck"
+        # Whose it is, read as its capture began: the record says so, for pruning.
+        wait_until(lambda: pending.captured is not None)
+        assert pending.incident(dry_run=False).uid == uid
         diagnostics.signalled(incident, True)
 
 

@@ -179,6 +179,8 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
         created: wall-clock time of the expiry (``time.time()``).
         pid: the worker whose timer expired.
         start_time: the worker's start time (clock ticks since boot), if known.
+        uid: the worker's real uid, read as its capture began (whose incident it is
+            when the directory is pruned), if it could be read.
         scope_id: the expired timer's scope.
         signal: the signal its reap sends.
         deadline: the expired timer's deadline, in CLOCK_MONOTONIC seconds.
@@ -206,6 +208,7 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     created: Created
     pid: int
     start_time: Optional[int] = None
+    uid: Optional[int] = None
     scope_id: str
     signal: int
     deadline: float

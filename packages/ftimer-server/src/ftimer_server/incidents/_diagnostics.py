@@ -121,8 +121,9 @@ class Diagnostics:
         incident = incident_id(created, worker.pid, timer.scope_id)
         deadline = request.now + request.budget
         # Peers are captured only if they are of the stuck worker's user: a job label is
-        # any worker's to choose (see ``_helper._check_user``).
-        user = _user_of(worker) if request.peers else None
+        # any worker's to choose (see ``_helper._check_user``). Read now, while it lives:
+        # the incident is pruned as its user's (one that exits during its capture too).
+        user = _user_of(worker)
         futures = [
             self._capture(
                 worker,
@@ -140,7 +141,7 @@ class Diagnostics:
             else _failed("not captured: the stuck worker's user could not be read")
             for peer in request.peers
         ]
-        pending = _Pending(request, incident, created, futures)
+        pending = _Pending(request, incident, created, futures, user)
         with self._lock:
             self._incidents[incident] = pending
 
@@ -399,11 +400,13 @@ class _Pending:
         incident: str,
         created: float,
         futures: List[concurrent.futures.Future[bytes]],
+        uid: Optional[int] = None,
     ) -> None:
         self.request = request
         self.id = incident
         self.created = created
         self.futures = futures
+        self.uid = uid
         self.captured: Optional[float] = None
         self.signalled = False
         self.delivered: Optional[bool] = None
@@ -435,6 +438,7 @@ class _Pending:
             created=self.created,
             pid=request.worker.pid,
             start_time=request.worker.start_time,
+            uid=self.uid,
             scope_id=timer.scope_id,
             signal=request.signal,
             deadline=timer.deadline,

@@ -19,8 +19,9 @@ take at most ``max_bytes`` (the newest is always kept, however large). Each goes
 the user holding the most (incidents while over ``keep``, then bytes), its oldest first:
 one user whose workers are reaped over and over (any user can have its own reaped)
 pushes out its own incidents, not another's within a fair share. An incident's user is
-its stuck worker's real uid, as its capture recorded it; one whose uid could not be read
-counts as one more user. Every file whose name is an incident's id followed by a dot
+its stuck worker's real uid, read as its capture began (``Incident.uid``; a record
+written before it had that field: as its capture recorded it); one whose uid could not
+be read counts as one more user. Every file whose name is an incident's id followed by a dot
 (its record, its text, and anything the server puts beside them, a core file say)
 belongs to that incident: it is counted, and removed with it. A core is renamed
 ``<id>.core`` before its incident's record is written: an incident whose record cannot
@@ -141,6 +142,7 @@ class _UserCapture(msgspec.Struct):
 
 class _UserRecord(msgspec.Struct):
     # Of a record, what says whose the incident is (msgspec skips the rest).
+    uid: Optional[int] = None
     captures: List[_UserCapture] = []
 
 
@@ -427,9 +429,12 @@ def _read_user(path: str) -> Optional[int]:
         fd, _ = open_regular(path)
         with open(fd, "rb") as f:
             data = f.read(MAX_RECORD_BYTES + 1)
-        captures = _user_decoder.decode(data).captures
+        record = _user_decoder.decode(data)
     except (OSError, NotARegularFile, msgspec.DecodeError, msgspec.ValidationError):
         return None
+    if record.uid is not None:
+        return record.uid
+    captures = record.captures  # a record of before `uid`
     if not captures or captures[0].role != "stuck" or captures[0].facts is None:
         return None
     return captures[0].facts.uid

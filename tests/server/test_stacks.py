@@ -548,6 +548,23 @@ def test_workers_without_a_stack_are_grouped_by_why() -> None:
     assert all(g.frames == [] for g in groups[1:])
 
 
+def test_workers_whose_captures_failed_alike_are_one_group_whatever_the_durations() -> None:
+    # "py-spy did not finish within 30.04s" and "... 30.03s": two groups of one text.
+    captures = [
+        Capture(
+            pid=4250 + i,
+            labels={"rank": str(i)},
+            method="facts",
+            error=f"no stacks: py-spy did not finish within 30.0{i}s and was killed",
+        )
+        for i in range(3)
+    ]
+    [g] = group(captures)
+    assert g.summary == (
+        "3 ranks (0-2) (no stack: py-spy did not finish within 30.00s and was killed)"
+    )
+
+
 def test_workers_without_rank_labels_are_named_by_pid() -> None:
     captures = [rank(r, IN_ALL_REDUCE, labels={}) for r in range(2)] + [rank(2, IN_ALL_REDUCE)]
     [g] = group(captures)

@@ -387,6 +387,8 @@ def doing_of(thread: ThreadStack) -> str:
 # -- groups ----------------------------------------------------------------------------
 
 _Key = Tuple[Tuple[Frame, ...], str, str]
+#: A duration in a capture's error ("within 30.04s", "after 12 ms").
+_DURATION = re.compile(r"\d+(?:\.\d+)?(?= ?m?s\b)")
 
 
 class _Worker:
@@ -404,7 +406,9 @@ class _Worker:
 
     @property
     def key(self) -> _Key:
-        return (self.frames, self.what, self.reason)
+        # Why there is no stack, its durations aside: "py-spy did not finish within
+        # 30.04s" and "... 30.03s" are one reason, and their workers one group.
+        return (self.frames, self.what, _DURATION.sub("N", self.reason))
 
     def order(self) -> Tuple[int, int, str, str, int]:
         rank = _rank_number(self.rank)
@@ -450,9 +454,10 @@ def group(captures: Sequence[Capture]) -> List[Group]:
         buckets.setdefault(worker.key, []).append(worker)
     paths = [key[0][::-1] for key in buckets if key[0]]
     groups = []
-    for (frames, what, reason), workers in buckets.items():
+    for (frames, what, _), workers in buckets.items():
         workers.sort(key=_Worker.order)
         stuck = any(w.capture.role == "stuck" for w in workers)
+        reason = workers[0].reason
         if frames:
             where = _where(frames, paths)
             text = f"{_who(workers)} in {where}" + (f" ({what})" if what else "")

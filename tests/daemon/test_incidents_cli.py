@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 from typing import List, Optional, Tuple
@@ -328,9 +329,63 @@ def test_merge_without_job_of_several_jobs_is_a_usage_error(
     code, out, err = run(capsys, "incidents", "merge", *map(str, hosts))
     assert (code, out) == (2, "")
     assert err == (
-        "ftimer-server: error: these are incidents of several jobs (71: 3, 72: 1): choose "
-        "one with --job\n"
+        "ftimer-server: error: these are incidents of 2 jobs (71: 3, 72: 1): choose one "
+        "with --job\n"
     )
+
+
+def test_merge_without_job_names_the_newest_jobs_of_hundreds_on_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    # A shared directory holds incidents of hundreds of jobs: the error once named every
+    # one of them, on a line several KB long.
+    store = IncidentStore(str(tmp_path / "shared"), keep=1000)
+    for n in range(150):
+        store.write(incident("node-a", 1000 + n, range(1), created=T0 + n, job=f"J{n}"))
+    store.write(incident("node-a", 2000, range(1), created=T0 + 149.5, job="J147"))
+    code, out, err = run(capsys, "incidents", "merge", str(tmp_path / "shared"))
+    assert (code, out) == (2, "")
+    newest = ", ".join(f"J{n}: 1" for n in range(146, 139, -1))
+    assert err == (
+        "ftimer-server: error: these are incidents of 150 jobs (J147: 2, J149: 1, J148: 1, "
+        f"{newest}, and 140 more): choose one with --job\n"
+    )
+    code, out, err = run(capsys, "incidents", "merge", str(tmp_path / "shared"), "--job", "J")
+    assert (code, out) == (1, "")
+    newest = ", ".join(f"J{n}" for n in range(146, 139, -1))
+    assert err == (
+        f"ftimer-server: error: no incident of job 'J' in {tmp_path}/shared (their jobs: "
+        f"J147, J149, J148, {newest}, and 140 more)\n"
+    )
+
+
+def test_merge_counts_an_incident_found_in_several_paths_once(
+    capsys: pytest.CaptureFixture[str], hosts: Tuple[pathlib.Path, pathlib.Path]
+) -> None:
+    # Collected copies overlap: a host's directory and a copy of it, or one path twice.
+    a, b = hosts
+    copy = a.parent / "node-a-collected"
+    shutil.copytree(a, copy)
+    for paths in ([a, copy, b], [a, b, b]):
+        code, out, err = run(capsys, "incidents", "merge", *map(str, paths), "--job", "71")
+        assert code == 0
+        assert err.startswith("ftimer-server: note: 1 older incident of the job left out")
+        lines = out.splitlines()
+        assert lines[0] == (
+            "2 incidents of job 71 on 2 hosts (node-a, node-b), 2026-11-30 00:53:21 UTC"
+        )
+        assert lines[4] == "16 workers captured, grouped by stack:"
+    code, out, err = run(
+        capsys, "incidents", "merge", str(b), str(b), "--job", "71", "--window", "0"
+    )
+    assert (code, err) == (0, "")
+    assert out.startswith("2 incidents of job 71 on 1 host")
+    # Two hosts' incidents with one id (pids of containers repeat) are two incidents.
+    c = IncidentStore(str(a.parent / "node-c"))
+    c.write(incident("node-c", 100, range(16, 24), created=T0 + 1))
+    code, out, err = run(capsys, "incidents", "merge", str(a), str(a.parent / "node-c"))
+    assert (code, err) == (0, "")
+    assert out.startswith("2 incidents of job 71 on 2 hosts (node-a, node-c)")
 
 
 def test_merge_errors(

@@ -228,6 +228,31 @@ def test_logging_setup_floods_are_held_and_summarised() -> None:
     assert lines[-1].endswith("garbage on the FIFO: 'junk 49' [48 more like this in 1.0 s]")
 
 
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_flood_summary_quotes_the_first_line_of_a_multi_line_message(fmt: str) -> None:
+    # An incident is logged with its summary on the lines after the first: the flood's
+    # summary once quoted all of them on its one line, each break shown as a literal \n.
+    stream = io.StringIO()
+    clock = FakeClock()
+    setup = LoggingSetup(fmt, "info", stream=stream, repeat_filter=RepeatFilter(1, 1, clock))
+    try:
+        log = logging.getLogger("ftimer_server.test")
+        for pid in (900, 901, 902):
+            # The directory is what a line quotes: its newline is escaped, not a line end.
+            log.warning(
+                "incident %s (%s):\n  %s\n  %s", f"T-{pid}-step", "/inc\nX", "timer", "captured"
+            )
+        clock.now += 1
+        setup.flush_repeats()
+    finally:
+        setup.close()
+    lines = stream.getvalue().splitlines()
+    # The first incident (its 3 lines; one JSON line), then the summary on a line alone.
+    assert len(lines) == (4 if fmt == "text" else 2)
+    summary = lines[-1] if fmt == "text" else json.loads(lines[-1])["msg"]
+    assert summary.endswith(r"incident T-902-step (/inc\nX): [2 more like this in 1.0 s]")
+
+
 def test_logging_setup_wake_fd_turns_readable_when_a_line_is_held_back() -> None:
     stream = io.StringIO()
     clock = FakeClock()

@@ -7,7 +7,8 @@
   cut short when its start is unique), or its record with ``--json``.
 - ``incidents merge PATH...``: the incidents of one job taken on several hosts (their
   directories or files, on a shared file system or collected) as one report, the
-  workers of every host grouped by stack.
+  workers of every host grouped by stack; an incident found at several paths (a
+  directory and a copy of it) counts once.
 
 Nothing here writes: a person may run these commands as any user who can read the
 directory. Exit codes: 0 done; 1 nothing to show (no such directory or incident, an
@@ -24,7 +25,7 @@ import stat
 import sys
 import time
 from collections.abc import Sequence
-from typing import List, Optional, TextIO, Tuple
+from typing import Dict, List, Optional, TextIO, Tuple
 
 from ftimer_server._files import file_kind
 from ftimer_server.core._incident import Incident
@@ -238,23 +239,44 @@ def show_incident(
     return EXIT_OK
 
 
+#: Jobs an error message names at most: a shared directory holds incidents of hundreds.
+_JOBS_NAMED = 10
+
+
+def _newest_jobs(incidents: Sequence[Incident], counts: bool) -> str:
+    """The jobs of ``incidents`` ("" for those without a job label), the one with the
+    newest incident first, each with its count of incidents if ``counts``: the first
+    `_JOBS_NAMED`, then how many more, so that the message stays one readable line."""
+    newest: Dict[str, float] = {}
+    count: Dict[str, int] = {}
+    for i in incidents:
+        j = i.job or ""
+        newest[j] = max(newest.get(j, i.created), i.created)
+        count[j] = count.get(j, 0) + 1
+    jobs = sorted(newest, key=lambda j: (-newest[j], j))
+    named = [
+        (j or "(no job label)") + (f": {count[j]}" if counts else "") for j in jobs[:_JOBS_NAMED]
+    ]
+    if len(jobs) > _JOBS_NAMED:
+        named.append(f"and {len(jobs) - _JOBS_NAMED} more")
+    return ", ".join(named)
+
+
 def select_job(incidents: Sequence[Incident], job: Optional[str], window: float) -> List[Incident]:
     """The incidents of ``job`` (all of them if None) created within ``window`` seconds
     before the newest of them (0: all), oldest first.
 
     Raises:
         ValueError: ``job`` is None and the incidents are of several jobs; the message
-            names them.
+            names them (the newest first, `_JOBS_NAMED` of them at most) with their
+            counts of incidents.
     """
     if job is None:
-        jobs = sorted({i.job or "" for i in incidents})
+        jobs = {i.job or "" for i in incidents}
         if len(jobs) > 1:
-            counts = ", ".join(
-                f"{j or '(no job label)'}: {sum(1 for i in incidents if (i.job or '') == j)}"
-                for j in jobs
-            )
             raise ValueError(
-                f"these are incidents of several jobs ({counts}): choose one with --job"
+                f"these are incidents of {len(jobs)} jobs ({_newest_jobs(incidents, True)}): "
+                "choose one with --job"
             )
         chosen = list(incidents)
     else:
@@ -263,6 +285,15 @@ def select_job(incidents: Sequence[Incident], job: Optional[str], window: float)
         newest = max(i.created for i in chosen)
         chosen = [i for i in chosen if i.created >= newest - window]
     return sorted(chosen, key=lambda i: (i.created, i.host, i.id))
+
+
+def _distinct(incidents: Sequence[Incident]) -> List[Incident]:
+    """``incidents`` with each one (its host and id) once, the first found kept, in
+    their order."""
+    seen: Dict[Tuple[str, str], Incident] = {}
+    for i in incidents:
+        seen.setdefault((i.host, i.id), i)  # an id is unique on its host only
+    return list(seen.values())
 
 
 def merge_incidents(
@@ -292,16 +323,23 @@ def merge_incidents(
             err,
         )
         return EXIT_FAILURE
+    # Collected copies overlap (a directory and a copy of it, one path given twice): a
+    # copy is the same record (written once), not another rank, so it goes unsaid.
+    found = _distinct(found)
     try:
         chosen = select_job(found, job, window)
     except ValueError as e:
         _error(str(e), err)
         return EXIT_USAGE
     if not chosen:
-        jobs = sorted({i.job for i in found if i.job is not None})
+        labelled = [i for i in found if i.job is not None]
         _error(
             f"no incident of job {job!r} in {', '.join(paths)}"
-            + (f" (their jobs: {', '.join(jobs)})" if jobs else " (none has a job label)"),
+            + (
+                f" (their jobs: {_newest_jobs(labelled, False)})"
+                if labelled
+                else " (none has a job label)"
+            ),
             err,
         )
         return EXIT_FAILURE

@@ -98,6 +98,13 @@ def _printable_arg(value: object) -> object:
     return value if isinstance(value, (int, float)) else _Printable(value)
 
 
+def _printable_args(args: Any) -> Any:
+    """A record's ``args`` with each argument shown with `printable`."""
+    if isinstance(args, Mapping):
+        return {k: _printable_arg(v) for k, v in args.items()}
+    return tuple(map(_printable_arg, args)) if args else args
+
+
 class TextFormatter(logging.Formatter):
     """``time LEVEL logger: message``, the message's arguments made `printable`.
 
@@ -113,10 +120,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Render a copy of ``record`` whose arguments are made printable."""
         shown = logging.makeLogRecord(record.__dict__)  # other handlers see the original
-        if isinstance(record.args, Mapping):
-            shown.args = {k: _printable_arg(v) for k, v in record.args.items()}
-        elif record.args:
-            shown.args = tuple(map(_printable_arg, record.args))
+        shown.args = _printable_args(record.args)
         if not isinstance(record.msg, str):  # an object logged as the message is data too
             shown.msg = _Printable(record.msg)
         if record.exc_info:
@@ -296,6 +300,18 @@ _Kind = Tuple[str, int, str]
 _FRESH_ATTRS = ("created", "msecs", "relativeCreated", "asctime", "message")
 
 
+def _first_line(record: logging.LogRecord) -> str:
+    """The first line of ``record``'s message, as a flood's summary quotes it: the line
+    breaks of the daemon's own format string end it (an incident's summary follows the
+    first line), those of what it quotes do not (they are escaped, as the text log shows
+    them, so that the summary stays one line in either format)."""
+    if not isinstance(record.msg, str) or "\n" not in record.msg:
+        return record.getMessage()
+    shown = logging.makeLogRecord(record.__dict__)
+    shown.args = _printable_args(record.args)
+    return shown.getMessage().split("\n", 1)[0]
+
+
 class _Window:
     """One kind's current window: when it started, what it saw, the last line held (or
     what makes it: `RepeatFilter.hold`)."""
@@ -316,7 +332,8 @@ class RepeatFilter(logging.Filter):
     Records are of one kind when their logger, level and format string (``record.msg``,
     before its arguments are filled in) are the same. Records beyond the burst are held
     back and counted; when their window ends, one summary record quotes the last line held
-    back followed by ``[N more like this in T s]`` (field ``suppressed`` in JSON).
+    back (its first line, if its format string has several: an incident's summary)
+    followed by ``[N more like this in T s]`` (field ``suppressed`` in JSON).
 
     A caller whose records cost to make asks `hold()` first: a record of a kind already
     holding records back is then counted without being made.
@@ -456,7 +473,7 @@ class RepeatFilter(logging.Filter):
         fields = {k: v for k, v in last.__dict__.items() if k not in _FRESH_ATTRS}
         summary = logging.makeLogRecord(fields)  # stamped now, not when ``last`` was
         summary.msg = "%s [%d more like this in %.1f s]"
-        summary.args = (last.getMessage(), window.held, min(now - window.start, self.window))
+        summary.args = (_first_line(last), window.held, min(now - window.start, self.window))
         summary.exc_info = None
         summary.exc_text = None
         summary.stack_info = None

@@ -548,6 +548,27 @@ def test_workers_without_a_stack_are_grouped_by_why() -> None:
     assert all(g.frames == [] for g in groups[1:])
 
 
+def test_the_same_stack_with_unnamed_native_frames_at_other_addresses_is_one_group() -> None:
+    # py-spy --native names a libc frame it cannot resolve by its address, which ASLR
+    # makes another in each process: every thread but a main one starts with two such
+    # (clone, start_thread), and eight ranks in one place made eight groups.
+    def ranked(r: int, base: int) -> Capture:
+        frames = (
+            c(f"0x{base + 0x71F5:x}", "libc.so.6"),
+            c(f"0x{base + 0x78EC:x}", "libc.so.6"),
+            c("thread_run", "libpython3.11.so.1.0"),
+            py("_bootstrap", f"{PY}/threading.py", 1002),
+            py("loader", "/app/data.py", 30),
+            py("wait", f"{PY}/threading.py", 320),
+        )
+        return Capture(pid=1000 + r, labels={"rank": str(r)}, threads=[thread(*frames, tid=1)])
+
+    captures = [ranked(r, 0x7F5488600000 + r * 0x1000000) for r in range(3)]
+    [g] = group(captures)
+    assert g.pids == [1000, 1001, 1002]
+    assert call_tree(captures)[0] == "3  ?? (libc.so.6)"
+
+
 def test_workers_whose_captures_failed_alike_are_one_group_whatever_the_durations() -> None:
     # "py-spy did not finish within 30.04s" and "... 30.03s": two groups of one text.
     captures = [

@@ -28,6 +28,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
+import msgspec
+
 from ._incident import Capture, Frame, Group, ThreadStack
 
 __all__ = [
@@ -387,6 +389,23 @@ def doing_of(thread: ThreadStack) -> str:
 # -- groups ----------------------------------------------------------------------------
 
 _Key = Tuple[Tuple[Frame, ...], str, str]
+#: A native frame py-spy could not name, named by its address ("0x7f54886a71f5").
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
+
+
+def _comparable(frames: Sequence[Frame]) -> Tuple[Frame, ...]:
+    """``frames`` as workers' stacks are compared: a native frame known by its address
+    alone is "??" in its module. Its address differs in every process (ASLR): the
+    outermost frames of every thread but the main one (libc's ``clone``) are such, and the
+    same stack in eight ranks made eight groups."""
+    return tuple(
+        msgspec.structs.replace(f, function="??")
+        if f.native and _ADDRESS.fullmatch(f.function)
+        else f
+        for f in frames
+    )
+
+
 #: A duration in a capture's error ("within 30.04s", "after 12 ms").
 _DURATION = re.compile(r"\d+(?:\.\d+)?(?= ?m?s\b)")
 
@@ -400,7 +419,7 @@ class _Worker:
         self.capture = capture
         self.rank = (capture.labels or {}).get("rank")
         thread = focus(capture)
-        self.frames: Tuple[Frame, ...] = tuple(thread.frames) if thread is not None else ()
+        self.frames: Tuple[Frame, ...] = _comparable(thread.frames) if thread is not None else ()
         self.what = doing_of(thread) if thread is not None else ""
         self.reason = "" if self.frames else _no_stack(capture)
 
@@ -599,7 +618,7 @@ def call_tree(captures: Sequence[Capture]) -> List[str]:
             continue
         node = root
         node.count += 1
-        for frame in reversed(thread.frames):
+        for frame in reversed(_comparable(thread.frames)):
             node = node.children.setdefault(frame, _Node())
             node.count += 1
     width = len(str(root.count))

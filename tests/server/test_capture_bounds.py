@@ -34,6 +34,7 @@ from ftimer_server.incidents._stack_formats import (
     MAX_RAW,
     MAX_TEXT,
     MAX_THREADS,
+    bound_threads,
 )
 from ftimer_server.incidents._tools import PY_SPY_KEPT
 
@@ -134,6 +135,18 @@ def test_threads_frames_and_names_are_capped_and_said(tmp_path: pathlib.Path) ->
     assert c.error is not None
     assert f"{c.threads_cut} threads not shown" in c.error
     assert f"frames cut to the innermost {MAX_FRAMES} in 1 threads" in c.error
+
+
+def test_threads_beyond_those_read_are_counted_and_the_busy_ones_kept() -> None:
+    # A worker of 15,002 threads, py-spy killed at its deadline: /proc read 4096 of them,
+    # and "3840 threads not shown" was said where 14,746 were. And a thread in
+    # uninterruptible sleep (D) among idle ones was left out as any other.
+    threads = [ThreadStack(tid=1000 + n, state="S") for n in range(600)]
+    threads.append(ThreadStack(tid=9000, state="D"))
+    kept, dropped, notes = bound_threads(threads, 1000, total=15_002)
+    assert dropped == 15_002 - MAX_THREADS
+    assert f"{15_002 - MAX_THREADS} threads not shown" in notes[0]
+    assert {1000, 9000} <= {t.tid for t in kept}
 
 
 def test_py_spy_output_is_held_in_part(tmp_path: pathlib.Path) -> None:

@@ -241,7 +241,10 @@ def test_render_shows_the_summarized_thread_first_and_the_client_librarys_own_la
     watch = ThreadStack(
         tid=271,
         name="ftimer-client-watch",
-        frames=[Frame("wait", f"{PY}/threading.py", 331), Frame("_watch", "/x/_channel.py", 9)],
+        frames=[
+            Frame("wait", f"{PY}/threading.py", 331),
+            Frame("_watch", f"{PY}/site-packages/ftimer_client/_channel.py", 9),
+        ],
         state="S",
         active=False,
     )

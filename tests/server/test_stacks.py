@@ -381,11 +381,15 @@ def test_focus_passes_over_the_client_librarys_threads_and_exited_ones() -> None
     # py-spy saw the client's watch active (it looks every second): the summary named it
     # as the stuck stack, "_watch at _channel.py:725", the worker's main thread after it.
     # And a main thread that had exited, while the threads that hang ran on.
-    watch = thread(USER, tid=120, name="ftimer-client-watch", active=True)
+    client = py("_watch", f"{PY}/site-packages/ftimer_client/_channel.py", 725)
+    watch = thread(client, tid=120, name="ftimer-client-watch", active=True)
     exited = thread(USER, tid=100, name="MainThread", state="Z")
     assert focus(capture_of(watch, MAIN)) == MAIN
     assert focus(capture_of(exited, OTHER)) == OTHER
     assert focus(capture_of(watch, exited)) == watch  # nothing else: the first rule's
+    # The worker's own thread named so is not the library's: it runs the worker's code.
+    named_so = thread(USER, tid=121, name="ftimer-client-watch", active=True)
+    assert focus(capture_of(named_so, MAIN)) == named_so
 
 
 # -- groups ----------------------------------------------------------------------------

@@ -29,9 +29,9 @@ import msgspec
 
 from ._incident import Capture, Frame, Group, Incident, ProcessFacts, ThreadStack
 from ._stacks import (
-    CLIENT_THREADS,
     abridged,
     call_tree,
+    client_thread,
     doing,
     doing_of,
     focus,
@@ -258,7 +258,7 @@ def _worker_lines(capture: Capture) -> List[str]:
     # connection's watch, its retries: they wait on the worker, never cause a hang) last,
     # a line each (their frames are in the record, `--json`).
     first = focus(capture)
-    own = [t for t in capture.threads if t.name.startswith(CLIENT_THREADS) and t is not first]
+    own = [t for t in capture.threads if client_thread(t) and t is not first]
     rest = [t for t in capture.threads if t is not first and t not in own]
     for thread in ([first] if first is not None else []) + rest:
         lines += _thread_lines(thread)

@@ -33,9 +33,9 @@ import msgspec
 from ._incident import Capture, Frame, Group, ThreadStack
 
 __all__ = [
-    "CLIENT_THREADS",
     "abridged",
     "call_tree",
+    "client_thread",
     "doing",
     "doing_of",
     "focus",
@@ -372,13 +372,22 @@ def focus(capture: Capture) -> Optional[ThreadStack]:
 
 
 #: The names of the client library's threads (``ftimer-client-watch``, ``-resync``).
-CLIENT_THREADS = "ftimer-client-"
+_CLIENT_THREADS = "ftimer-client-"
+
+
+def client_thread(thread: ThreadStack) -> bool:
+    """Whether ``thread`` is the client library's own: by its name, and by its frames
+    where it has any (the worker's code may name a thread so, and would hide it)."""
+    return thread.name.startswith(_CLIENT_THREADS) and (
+        not thread.frames
+        or any("/ftimer_client/" in f.file.replace("\\", "/") for f in thread.frames)
+    )
 
 
 def _aside(thread: ThreadStack) -> bool:
     """A thread that does not stand for its worker while another can: the client
     library's, or one that has exited."""
-    return thread.name.startswith(CLIENT_THREADS) or _state(thread) in ("Z", "X")
+    return client_thread(thread) or _state(thread) in ("Z", "X")
 
 
 def doing_of(thread: ThreadStack) -> str:

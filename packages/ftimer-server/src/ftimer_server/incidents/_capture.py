@@ -390,7 +390,7 @@ def _assemble(
     notes += result.notes or []
     # Bounded whatever the worker makes of its stacks: the capture goes to the
     # server and into an incident with its peers' (``bound_threads``).
-    kept, threads_cut, cut = bound_threads(merge_threads(stacks, threads), pid)
+    kept, threads_cut, cut = bound_threads(merge_threads(stacks, threads), pid, facts.threads)
     notes += cut
     errors: List[str] = []
     if method == "hook" and options.py_spy and py_spy_why:

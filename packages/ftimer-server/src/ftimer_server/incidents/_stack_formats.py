@@ -206,13 +206,14 @@ def _thread(t: _PySpyThread) -> ThreadStack:
 
 
 def bound_threads(
-    threads: Sequence[ThreadStack], main: int
+    threads: Sequence[ThreadStack], main: int, total: int = 0
 ) -> Tuple[List[ThreadStack], int, List[str]]:
     """``threads`` as a capture keeps them: at most ``MAX_THREADS`` threads (the main
-    thread ``main`` first, then those with stacks, those running or holding the GIL
-    first), ``MAX_FRAMES`` frames each, names of ``MAX_TEXT`` characters, and names of
-    ``MAX_CAPTURE_TEXT`` characters in all (the threads kept first get their stacks
-    first); in their order.
+    thread ``main`` first, then those with stacks, those running, holding the GIL or in
+    uninterruptible sleep first), ``MAX_FRAMES`` frames each, names of ``MAX_TEXT``
+    characters, and names of ``MAX_CAPTURE_TEXT`` characters in all (the threads kept
+    first get their stacks first); in their order. ``total``: the worker's threads, where
+    more than ``threads`` (read in part: ``_procfs.MAX_THREADS``).
 
     Returns:
         The threads kept, how many were left out, and what was cut, for people.
@@ -220,11 +221,12 @@ def bound_threads(
 
     def rank(n: int) -> Tuple[bool, bool, bool, int]:
         t = threads[n]
-        return (t.tid != main, not t.frames, not (t.active or t.gil), n)
+        busy = t.active or t.gil or (t.state or "")[:1] in ("R", "D")
+        return (t.tid != main, not t.frames, not busy, n)
 
     order = sorted(range(len(threads)), key=rank)
     kept = sorted(order[:MAX_THREADS])
-    dropped = len(threads) - len(kept)
+    dropped = max(len(threads), total) - len(kept)
     budget = MAX_CAPTURE_TEXT
     bounded: Dict[int, ThreadStack] = {}
     deep = starved = 0

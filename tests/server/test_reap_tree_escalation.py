@@ -158,65 +158,39 @@ class _SaysWhetherStopped(OsSignaller):
 
 
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfds (Linux 5.3, Python 3.9)")
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("dies", [(signal.SIGTERM, True)]),
+        ("survives", [(signal.SIGTERM, True), (signal.SIGKILL, True)]),  # escalated
+    ],
+)
 def test_the_worker_is_signalled_before_the_walk_lets_it_run_again(
-    fifo_path: pathlib.Path, tmp_path: pathlib.Path
+    fifo_path: pathlib.Path, tmp_path: pathlib.Path, mode: str, expected: List[Tuple[int, bool]]
 ) -> None:
-    # The walk continued the worker, then signalled it: in between, it ran, and could see
-    # its children killed by the reap (a shell's `wait` returned, and it went on to its
-    # next command, or exited) before its SIGTERM came.
+    # The walk continued the worker, then signalled it, at the reap and at the
+    # escalation: in between it ran, and could act on its children's deaths (a shell's
+    # `wait` returned, and it went on to its next command, or exited) before its signal.
     signaller = _SaysWhetherStopped()
     options = IncidentOptions(directory=str(tmp_path / "i"), method="facts", reap_tree=True)
-    with FileTimerServer(
-        fifo_path, incidents=options, signal_override=signal.SIGTERM, signaller=signaller
-    ):
-        worker = subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(fifo_path), "dies"],
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        assert worker.stdout is not None
-        child = os.pidfd_open(int(worker.stdout.readline()))
-        try:
-            assert worker.wait(30) == -signal.SIGTERM
-        finally:
-            signal.pidfd_send_signal(child, signal.SIGKILL)  # ours (it ignores SIGTERM)
-            os.close(child)
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
-            worker.stdout.close()
-    assert signaller.stopped == [(signal.SIGTERM, True)]
-
-
-@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfds (Linux 5.3, Python 3.9)")
-def test_the_escalation_kills_the_worker_before_the_walk_lets_it_run_again(
-    fifo_path: pathlib.Path, tmp_path: pathlib.Path
-) -> None:
-    # The escalation's walk SIGKILLed the descendants and continued the worker, then
-    # killed it: in between it ran, and could act on its children's deaths.
-    signaller = _SaysWhetherStopped()
-    options = IncidentOptions(directory=str(tmp_path / "i"), method="facts", reap_tree=True)
-    escalated = threading.Event()
     with FileTimerServer(
         fifo_path,
         incidents=options,
         signal_override=signal.SIGTERM,
         escalate_after=GRACE,
         signaller=signaller,
-        on_event=lambda e: escalated.set() if isinstance(e, Escalated) else None,
     ):
         worker = subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(fifo_path), "survives"],
+            [sys.executable, "-c", WORKER, str(fifo_path), mode],
             stdout=subprocess.PIPE,
             text=True,
             start_new_session=True,
         )
         assert worker.stdout is not None
-        children = [os.pidfd_open(int(worker.stdout.readline())) for _ in range(2)]
+        # Its children ignore SIGTERM; a survivor forks another on its own SIGTERM.
+        children = [os.pidfd_open(int(worker.stdout.readline())) for _ in expected]
         try:
-            assert worker.wait(30) == -signal.SIGKILL
-            assert escalated.wait(30)
+            assert worker.wait(30) == -expected[-1][0]
         finally:
             for child in children:
                 signal.pidfd_send_signal(child, signal.SIGKILL)  # ours: a no-op once dead
@@ -225,4 +199,4 @@ def test_the_escalation_kills_the_worker_before_the_walk_lets_it_run_again(
                 worker.kill()
                 worker.wait()
             worker.stdout.close()
-    assert signaller.stopped == [(signal.SIGTERM, True), (signal.SIGKILL, True)]
+    assert signaller.stopped == expected

@@ -386,6 +386,13 @@ def test_merge_counts_an_incident_found_in_several_paths_once(
     code, out, err = run(capsys, "incidents", "merge", str(a), str(a.parent / "node-c"))
     assert (code, err) == (0, "")
     assert out.startswith("2 incidents of job 71 on 2 hosts (node-a, node-c)")
+    # Two records of one host and id that differ (containers sharing their node's host
+    # name) are two incidents: one was dropped, half the job's workers with it.
+    d = IncidentStore(str(a.parent / "node-a-other"))
+    d.write(incident("node-a", 100, range(24, 32), created=T0 + 1))
+    code, out, err = run(capsys, "incidents", "merge", str(a), str(a.parent / "node-a-other"))
+    assert (code, err) == (0, "")
+    assert out.startswith("2 incidents of job 71 on 1 host (node-a)")
 
 
 def test_merge_errors(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import decimal
 import io
 import json
 import logging
@@ -251,6 +252,24 @@ def test_a_flood_summary_quotes_the_first_line_of_a_multi_line_message(fmt: str)
     assert len(lines) == (4 if fmt == "text" else 2)
     summary = lines[-1] if fmt == "text" else json.loads(lines[-1])["msg"]
     assert summary.endswith(r"incident T-902-step (/inc\nX): [2 more like this in 1.0 s]")
+
+
+def test_a_flood_summary_of_a_message_its_printable_arguments_do_not_fit_is_still_said() -> None:
+    # "%d" of an argument printable() turns into a string (a Decimal): the summary's
+    # formatting raised TypeError out of the logging call that held the line back.
+    stream = io.StringIO()
+    clock = FakeClock()
+    setup = LoggingSetup("json", "info", stream=stream, repeat_filter=RepeatFilter(1, 1, clock))
+    try:
+        log = logging.getLogger("ftimer_server.test")
+        for n in range(3):
+            log.warning("%d workers:\n  %s", decimal.Decimal(n), "detail")
+        clock.now += 1
+        setup.flush_repeats()
+    finally:
+        setup.close()
+    summary = json.loads(stream.getvalue().splitlines()[-1])["msg"]
+    assert summary == "%d workers: [2 more like this in 1.0 s]"
 
 
 def test_logging_setup_wake_fd_turns_readable_when_a_line_is_held_back() -> None:

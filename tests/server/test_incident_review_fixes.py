@@ -161,6 +161,23 @@ def test_an_incident_takes_no_peers_capture_from_before_its_timers_deadline() ->
         diagnostics.signalled(incident, True)
 
 
+def test_an_incident_of_a_worker_gone_during_its_capture_is_still_its_users() -> None:
+    # No peers, so the worker's uid was not read as its capture began; its capture found
+    # it gone: the record named no user, and it was pruned as one more user's.
+    with diagnostics_of(IncidentOptions(method="facts", timeout=5.0)) as diagnostics:
+        with stuck("sleep") as worker:
+            me = as_worker(worker.pid)
+            timer = Timer(me.pid, "step", time.monotonic(), 9, me.start_time)
+            request = CaptureRequest(
+                worker=me, timer=timer, signal=9, now=time.monotonic(), budget=5.0
+            )
+            incident = diagnostics.start(request, lambda pid: None)
+        pending = diagnostics._incidents[incident]
+        wait_until(lambda: pending.captured is not None)
+        assert pending.incident(dry_run=False).uid == os.getuid()
+        diagnostics.signalled(incident, None)
+
+
 @pytest.mark.parametrize("to_a_directory", [False, True])
 def test_an_incident_not_handed_to_a_directory_never_says_the_directory_fails(
     monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, to_a_directory: bool

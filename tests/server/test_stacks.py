@@ -571,6 +571,7 @@ def test_the_same_stack_with_unnamed_native_frames_at_other_addresses_is_one_gro
     [g] = group(captures)
     assert g.pids == [1000, 1001, 1002]
     assert call_tree(captures)[0] == "3  ?? (libc.so.6)"
+    assert g.frames[-1].function == "0x7f54886071f5"  # the record keeps rank 0's address
 
 
 def test_workers_whose_captures_failed_alike_are_one_group_whatever_the_durations() -> None:
@@ -580,13 +581,15 @@ def test_workers_whose_captures_failed_alike_are_one_group_whatever_the_duration
             pid=4250 + i,
             labels={"rank": str(i)},
             method="facts",
-            error=f"no stacks: py-spy did not finish within 30.0{i}s and was killed",
+            error=f"no stacks: py-spy did not finish within 30.0{i}s and was killed: thread "
+            f"{4250 + i} is in uninterruptible sleep",
         )
         for i in range(3)
     ]
     [g] = group(captures)
     assert g.summary == (
-        "3 ranks (0-2) (no stack: py-spy did not finish within 30.00s and was killed)"
+        "3 ranks (0-2) (no stack: py-spy did not finish within 30.00s and was killed: thread "
+        "4250 is in uninterruptible sleep)"
     )
 
 

@@ -415,28 +415,29 @@ def _comparable(frames: Sequence[Frame]) -> Tuple[Frame, ...]:
     )
 
 
-#: A duration in a capture's error ("within 30.04s", "after 12 ms").
-_DURATION = re.compile(r"\d+(?:\.\d+)?(?= ?m?s\b)")
+#: A number in a capture's error: a duration, a pid, a thread's id.
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 class _Worker:
     """One captured worker, as grouping sees it."""
 
-    __slots__ = ("capture", "frames", "rank", "reason", "what")
+    __slots__ = ("capture", "focus", "frames", "rank", "reason", "what")
 
     def __init__(self, capture: Capture) -> None:
         self.capture = capture
         self.rank = (capture.labels or {}).get("rank")
-        thread = focus(capture)
+        self.focus = thread = focus(capture)
         self.frames: Tuple[Frame, ...] = _comparable(thread.frames) if thread is not None else ()
         self.what = doing_of(thread) if thread is not None else ""
         self.reason = "" if self.frames else _no_stack(capture)
 
     @property
     def key(self) -> _Key:
-        # Why there is no stack, its durations aside: "py-spy did not finish within
-        # 30.04s" and "... 30.03s" are one reason, and their workers one group.
-        return (self.frames, self.what, _DURATION.sub("N", self.reason))
+        # Why there is no stack, its numbers aside: "py-spy did not finish within 30.04s
+        # ... thread 4242 is in uninterruptible sleep" and "... 30.03s ... thread 4250"
+        # are one reason, and their workers one group.
+        return (self.frames, self.what, _NUMBER.sub("N", self.reason))
 
     def order(self) -> Tuple[int, int, str, str, int]:
         rank = _rank_number(self.rank)
@@ -495,7 +496,7 @@ def group(captures: Sequence[Capture]) -> List[Group]:
         value = Group(
             pids=[w.capture.pid for w in workers],
             ranks=[w.rank for w in workers if w.rank is not None],
-            frames=list(frames),
+            frames=list(workers[0].focus.frames) if workers[0].focus else [],  # as captured
             doing=what,
             summary=text,
             hosts=hosts if any(hosts) else [],

@@ -288,12 +288,17 @@ def select_job(incidents: Sequence[Incident], job: Optional[str], window: float)
 
 
 def _distinct(incidents: Sequence[Incident]) -> List[Incident]:
-    """``incidents`` with each one (its host and id) once, the first found kept, in
-    their order."""
-    seen: Dict[Tuple[str, str], Incident] = {}
+    """``incidents`` with each one found at several paths (a directory and a copy of it:
+    the same record) once, in their order. Records of one host and id that differ are
+    all kept: containers that share their node's host name repeat small pids."""
+    seen: Dict[Tuple[str, str], List[Incident]] = {}
+    distinct = []
     for i in incidents:
-        seen.setdefault((i.host, i.id), i)  # an id is unique on its host only
-    return list(seen.values())
+        same = seen.setdefault((i.host, i.id), [])  # an id is unique on its host only
+        if i not in same:  # records compare by value
+            same.append(i)
+            distinct.append(i)
+    return distinct
 
 
 def merge_incidents(

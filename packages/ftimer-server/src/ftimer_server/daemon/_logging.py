@@ -309,7 +309,10 @@ def _first_line(record: logging.LogRecord) -> str:
         return record.getMessage()
     shown = logging.makeLogRecord(record.__dict__)
     shown.args = _printable_args(record.args)
-    return shown.getMessage().split("\n", 1)[0]
+    try:
+        return shown.getMessage().split("\n", 1)[0]
+    except (TypeError, ValueError):  # "%d" of what printable() made a string: unformatted
+        return record.msg.split("\n", 1)[0]
 
 
 class _Window:

@@ -23,7 +23,6 @@ first, like a Python traceback, so the innermost frame is always the last line.
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections.abc import Iterable, Sequence
 from typing import Dict, FrozenSet, List, Optional, Tuple
@@ -527,7 +526,9 @@ def _where(frames: Tuple[Frame, ...], paths: Sequence[Tuple[Frame, ...]]) -> str
     if others and shared < len(frames):
         named.add(len(frames) - 1 - shared)  # the branch point
     if python and _library(frames[python[0]].file):
-        named.update(itertools.islice((i for i in python if not _library(frames[i].file)), 1))
+        user = next((i for i in python if not _library(frames[i].file)), None)
+        if user is not None:
+            named.add(user)
     return " ... ".join(_frame_text(frames[i]) for i in sorted(named, reverse=True))
 
 

@@ -7,9 +7,9 @@ reused meanwhile is never signalled) and frozen with SIGSTOP, top-down, and the 
 repeated until it finds no new child (a frozen process forks no more); only then does
 the signal go, to every frozen process, followed by SIGCONT (a stopped process acts on
 SIGTERM only once continued). The worker is stopped for the walk too, and continued
-once its own signal is pending: continued first, it could see its children die and
-act on it before its signal came. The worker itself is pinned too (its pidfd, else its start
-time): the children of another process that took its pid are never walked, let alone
+once its own signal is pending: continued first, it could see its children die and act
+on it before its signal came. The worker itself is pinned too (its pidfd, else its
+start time): the children of another process that took its pid are never walked, let alone
 signalled. Nothing here signals a pid <= 1 or a thread, nor a descendant the worker
 could not signal itself (another user's: a root command its user started with sudo),
 nor anything below one.
@@ -210,7 +210,7 @@ def signal_tree(
     parent dies during the walk is re-parented away from the tree and escapes it.
     ``pid`` itself is stopped for the walk (unless it was already, or is in
     uninterruptible sleep: not waited for) and continued at its end, once ``then`` has
-    signalled it (unless with SIGKILL or a stop signal). Signal 0 (report only) touches
+    signalled it (unless with a stop signal). Signal 0 (report only) touches
     nobody. A descendant ``pid`` could not signal itself (``kill(2)``'s
     rule: its real and saved uids are neither the real nor the effective uid of ``pid``,
     and ``pid`` lacks ``CAP_KILL`` in its user namespace: a root command a user's worker

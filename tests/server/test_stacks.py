@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 
 from ftimer_server.core._incident import Capture, Frame, Group, ThreadStack
-from ftimer_server.core._stacks import call_tree, doing, focus, group
+from ftimer_server.core._stacks import _comparable, call_tree, doing, focus, group
 
 PY = "/usr/lib/python3.11"
 TORCH = "/venv/lib/python3.11/site-packages/torch"
@@ -261,11 +261,21 @@ DOING_CASES = [
         "native frames are the most exact",
         thread(
             USER,
-            py("select", f"{PY}/selectors.py", 468),
-            c("pthread_cond_wait"),
+            py("wait", f"{PY}/threading.py", 320),
+            c("__GI___poll"),
             wchan="do_nanosleep",
         ),
-        "waiting on a lock",
+        "waiting for I/O",
+    ),
+    (
+        # A native lock under a join (with --py-spy-native) said less than the join.
+        "but a native lock says less than the Python frame that took it",
+        thread(
+            USER,
+            py("_wait_for_tstate_lock", f"{PY}/threading.py", 1139),
+            c("pthread_cond_wait"),
+        ),
+        "waiting for another thread to finish",
     ),
     (
         "the Python frame beats the wait channel",
@@ -570,8 +580,29 @@ def test_the_same_stack_with_unnamed_native_frames_at_other_addresses_is_one_gro
     captures = [ranked(r, 0x7F5488600000 + r * 0x1000000) for r in range(3)]
     [g] = group(captures)
     assert g.pids == [1000, 1001, 1002]
-    assert call_tree(captures)[0] == "3  ?? (libc.so.6)"
+    assert call_tree(captures)[0] == "3  _bootstrap at threading.py:1002"
     assert g.frames[-1].function == "0x7f54886071f5"  # the record keeps rank 0's address
+
+
+def test_a_stuck_rank_read_with_native_frames_groups_with_its_peers_read_without() -> None:
+    # --py-spy-native: the stuck worker's stack has native frames, its peers' (read
+    # without stopping them) none. They shared no frame: every rank its own group, the
+    # stuck one "in ?? (libc.so.6)", and the call tree split at its root.
+    python = (*OUTER, py("train", "/app/train.py", 42), py("wait", f"{PY}/threading.py", 320))
+    native = (
+        c("0x7f0a10c4524a", "libc.so.6"),
+        *python[:2],
+        c("_PyEval_EvalFrameDefault", "libpython3.11.so.1.0"),
+        *python[2:],
+        c("pthread_cond_wait", "libc.so.6"),
+    )
+    captures = [rank(0, native, "stuck")] + [rank(r, python) for r in (1, 2)]
+    [g] = group(captures)
+    assert g.ranks == ["0", "1", "2"]
+    assert g.summary == (
+        "3 ranks (0-2) in train at train.py:42 ... wait at threading.py:320 (waiting on a lock)"
+    )
+    assert call_tree(captures)[0] == "3  <module> at train.py:120"
 
 
 def test_workers_whose_captures_failed_alike_are_one_group_whatever_the_durations() -> None:
@@ -705,12 +736,12 @@ def test_grouping_properties(workers: List[Capture], rnd: random.Random) -> None
             if any(by_identity[i].role == "stuck" for i in identities(g))
         ]
         assert holding in ([], [0])
-    # The members of a group share the frames of their focus thread, and each group
-    # says something.
+    # The members of a group share the frames of their focus thread as stacks are
+    # compared (Python frames), and each group says something.
     for g in groups:
         for i in identities(g):
             chosen = focus(by_identity[i])
-            assert (chosen.frames if chosen else []) == g.frames
+            assert _comparable(chosen.frames if chosen else []) == _comparable(g.frames)
         assert g.summary
     # The order of the captures does not matter.
     shuffled = list(workers)

@@ -259,6 +259,11 @@ def doing(thread: ThreadStack) -> str:
         # a C call holding the GIL would have shown in them.
         return RUNNING_PYTHON if any(f.native for f in thread.frames) else RUNNING_PYTHON_OR_C
     python_wait = _python_wait(thread.frames)
+    # A native lock's wait says less than the Python frame that took it: a join, a
+    # collective, a queue (``--py-spy-native`` made "waiting for another thread to
+    # finish" into "waiting on a lock").
+    if native_wait == LOCK and python_wait:
+        native_wait = None
     kind = native_wait or python_wait or wchan_wait
     if kind:
         return kind
@@ -402,14 +407,18 @@ _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 
 
 def _comparable(frames: Sequence[Frame]) -> Tuple[Frame, ...]:
-    """``frames`` as workers' stacks are compared: a native frame known by its address
-    alone is "??" in its module. Its address differs in every process (ASLR): the
-    outermost frames of every thread but the main one (libc's ``clone``) are such, and the
-    same stack in eight ranks made eight groups."""
+    """``frames`` as workers' stacks are compared: their Python frames. Native frames
+    (``--py-spy-native``) are read for the stuck worker and not for its peers (read
+    without stopping them, which gives none), and py-spy names some by an address ASLR
+    moves in each process: the stuck rank shared no frame with its peers, and eight
+    ranks stuck in one place made eight groups. What the native frames say of a thread
+    is in what it is doing (``doing``), part of the comparison too. A stack of native
+    frames alone is compared as such, those known by their address alone as "??"."""
+    python = tuple(f for f in frames if not f.native)
+    if python:
+        return python
     return tuple(
-        msgspec.structs.replace(f, function="??")
-        if f.native and _ADDRESS.fullmatch(f.function)
-        else f
+        msgspec.structs.replace(f, function="??") if _ADDRESS.fullmatch(f.function) else f
         for f in frames
     )
 

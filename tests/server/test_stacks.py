@@ -605,6 +605,33 @@ def test_a_stuck_rank_read_with_native_frames_groups_with_its_peers_read_without
     assert call_tree(captures)[0] == "3  <module> at train.py:120"
 
 
+def test_a_thread_that_joins_another_is_said_with_the_threads_it_may_wait_for() -> None:
+    # The summary named the main thread's join, the line that waits: the two threads of a
+    # deadlock, or a prefetcher stuck in a read, were only in the worker's section.
+    joins = thread(
+        USER,
+        py("deadlock", "/app/w.py", 32),
+        py("join", f"{PY}/threading.py", 1112),
+        py("_wait_for_tstate_lock", f"{PY}/threading.py", 1139),
+        tid=100,
+        name="MainThread",
+    )
+    loader = [
+        thread(py("take", "/app/w.py", 24), py("acquire", f"{PY}/threading.py", 50), tid=t, name=n)
+        for t, n in ((101, "loader-A"), (102, "loader-B"))
+    ]
+    idle = thread(py("idle", "/app/w.py", 60), tid=103, name="idle")
+    client = py("_watch", f"{PY}/site-packages/ftimer_client/_channel.py", 725)
+    watch = thread(client, tid=104, name="ftimer-client-watch")
+    capture = Capture(pid=100, labels={"rank": "1"}, threads=[joins, *loader, idle, watch])
+    [g] = group([capture])
+    assert g.summary == (
+        "rank 1 in deadlock at w.py:32 ... _wait_for_tstate_lock at threading.py:1139 "
+        '(waiting for another thread to finish: "loader-A" in take at w.py:24, waiting on a '
+        'lock; "loader-B" in take at w.py:24, waiting on a lock; 1 more thread)'
+    )
+
+
 def test_workers_whose_captures_failed_alike_are_one_group_whatever_the_durations() -> None:
     # "py-spy did not finish within 30.04s" and "... 30.03s": two groups of one text.
     captures = [

@@ -497,7 +497,9 @@ def group(captures: Sequence[Capture]) -> List[Group]:
         reason = workers[0].reason
         if frames:
             where = _where(frames, paths)
-            text = f"{_who(workers)} in {where}" + (f" ({what})" if what else "")
+            waited = _waited_for(workers[0]) if what == JOIN else ""
+            said = f"{what}: {waited}" if waited else what
+            text = f"{_who(workers)} in {where}" + (f" ({said})" if said else "")
         else:
             text = f"{_who(workers)} (" + (f"{what}; " if what else "") + f"no stack: {reason})"
         hosts = [w.capture.host for w in workers]
@@ -512,6 +514,34 @@ def group(captures: Sequence[Capture]) -> List[Group]:
         groups.append(((len(workers), not stuck, workers[0].order()), value))
     groups.sort(key=lambda item: item[0])
     return [value for _, value in groups]
+
+
+#: The threads a joining thread's summary names at most.
+_WAITED_FOR = 2
+
+
+def _waited_for(worker: _Worker) -> str:
+    """What a worker whose thread joins another may wait for: its other threads with
+    frames (not the client library's, nor exited ones), those stuck in the kernel,
+    holding the GIL or running first, ``_WAITED_FOR`` of them, each by its last line of
+    the user's own code: ``"loader" in load at data.py:9, waiting for I/O; 3 more
+    threads``. The joining thread's own line is where
+    it waits, not why: a deadlock's two threads, a hung prefetcher, are the others."""
+    others = [
+        t for t in worker.capture.threads if t is not worker.focus and t.frames and not _aside(t)
+    ]
+    others.sort(key=lambda t: (_state(t) != "D", t.gil is not True, t.active is not True))
+    said = []
+    for t in others[:_WAITED_FOR]:
+        doing_now = doing_of(t)
+        frames = _comparable(t.frames)
+        # Its last line of the user's own code, else its innermost frame: one line each.
+        line = next((f for f in frames if not f.native and not _library(f.file)), frames[0])
+        said.append(
+            f'"{t.name or t.tid}" in {_frame_text(line)}' + (f", {doing_now}" if doing_now else "")
+        )
+    more = len(others) - len(said)
+    return "; ".join(said + ([f"{more} more thread{'s' if more > 1 else ''}"] if more > 0 else []))
 
 
 def _common(a: Sequence[Frame], b: Sequence[Frame]) -> int:

@@ -221,6 +221,8 @@ def test_a_traced_worker_is_left_to_its_debugger(
         assert tracer.stdout is not None
         if tracer.stdout.readline().strip() != "seized":
             pytest.skip("cannot ptrace here (kernel.yama.ptrace_scope?)")
+        # Named by its command too: "traced by pid 17" left the reader to find which.
+        named = f"pid {tracer.pid} ({pathlib.Path(f'/proc/{tracer.pid}/comm').read_text().strip()})"
         job = _helper.CaptureJob(
             pid=sleeper.pid,
             start_time=read_stat(sleeper.pid).start_time,
@@ -244,10 +246,8 @@ def test_a_traced_worker_is_left_to_its_debugger(
             tracer.stdout.close()
     assert stops == [signal.SIGWINCH], "the debugger saw stops the capture caused"
     error = result.error or ""
-    assert f"py-spy: not used: process {sleeper.pid} is already traced by pid {tracer.pid}" in (
-        error
-    )
-    assert f"core dump: not taken: process {sleeper.pid} is already traced by pid" in error
+    assert f"py-spy: not used: process {sleeper.pid} is already traced by {named}, a " in error
+    assert f"core dump: not taken: process {sleeper.pid} is already traced by {named}" in error
     assert "run the server as root" not in error
     assert result.core is None
     assert os.listdir(tmp_path) == []

@@ -645,9 +645,10 @@ def test_workers_whose_captures_failed_alike_are_one_group_whatever_the_duration
         for i in range(3)
     ]
     [g] = group(captures)
+    # Said as the first's, and said to be the first's: its thread is not the others'.
     assert g.summary == (
-        "3 ranks (0-2) (no stack: py-spy did not finish within 30.00s and was killed: thread "
-        "4250 is in uninterruptible sleep)"
+        "3 ranks (0-2) (no stack: as for rank 0: py-spy did not finish within 30.00s and was "
+        "killed: thread 4250 is in uninterruptible sleep)"
     )
 
 

@@ -495,6 +495,8 @@ def group(captures: Sequence[Capture]) -> List[Group]:
         workers.sort(key=_Worker.order)
         stuck = any(w.capture.role == "stuck" for w in workers)
         reason = workers[0].reason
+        if any(w.reason != reason for w in workers):  # alike but for numbers: whose it is
+            reason = f"as for {_who(workers[:1])}: {reason}"
         if frames:
             where = _where(frames, paths)
             waited = _waited_for(workers[0]) if what == JOIN else ""

@@ -40,6 +40,7 @@ from ._procfs import (
     read_facts,
     read_threads,
     thread_stack_mappings,
+    tracer_name,
     tracer_pid,
 )
 from ._stack_formats import (
@@ -294,8 +295,8 @@ def _try_py_spy(
     """
     if options.py_spy and tracer:
         return MethodResult(), (
-            f"py-spy: not used: process {process.pid} is already traced by pid {tracer} "
-            "(a debugger), which is left undisturbed"
+            f"py-spy: not used: process {process.pid} is already traced by "
+            f"{tracer_name(tracer)}, a debugger, which is left undisturbed"
         )
     if not options.py_spy:
         return MethodResult(), (

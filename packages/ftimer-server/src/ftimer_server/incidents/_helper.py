@@ -36,7 +36,7 @@ from ftimer_server.core._report import annotate
 
 from ._capture import CaptureOptions, capture
 from ._pinned import Process, ProcessRefused
-from ._procfs import live_thread, read_stat, read_uid, tracer_pid
+from ._procfs import live_thread, read_stat, read_uid, tracer_name, tracer_pid
 from ._reap_extras import core_dump
 from ._store import IncidentStore
 from ._tools import stop_tools
@@ -326,7 +326,9 @@ def _core(
     pid = process.pid
     tracer = tracer_pid(pid)
     if tracer:
-        return None, f"core dump: not taken: process {pid} is already traced by pid {tracer}"
+        return None, (
+            f"core dump: not taken: process {pid} is already traced by {tracer_name(tracer)}"
+        )
     try:
         leader_exited = read_stat(pid).state in "ZXx" and live_thread(pid) is not None
     except (OSError, ValueError, IndexError):

@@ -37,6 +37,7 @@ __all__ = [
     "read_threads",
     "signal_mask",
     "thread_stack_mappings",
+    "tracer_name",
     "tracer_pid",
 ]
 
@@ -109,6 +110,13 @@ def tracer_pid(pid: int) -> int:
         return int(read_status(pid).get("TracerPid", "0") or "0")
     except (OSError, ValueError):
         return 0
+
+
+def tracer_name(tracer: int) -> str:
+    """A tracer as an incident names it: ``pid 17 (strace)``, its pid alone where its
+    command cannot be read."""
+    command = (_text(f"/proc/{tracer}/comm") or "").strip()
+    return f"pid {tracer} ({command})" if command else f"pid {tracer}"
 
 
 def live_thread(pid: int) -> Optional[int]:

@@ -603,6 +603,19 @@ def test_a_stuck_rank_read_with_native_frames_groups_with_its_peers_read_without
         "3 ranks (0-2) in train at train.py:42 ... wait at threading.py:320 (waiting on a lock)"
     )
     assert call_tree(captures)[0] == "3  <module> at train.py:120"
+    # What they do compared alike too: a collective whose native wait is NCCL's sleeping
+    # loop; a busy loop, "running Python" where native frames tell, a caveat where not.
+    nccl = (*IN_ALL_REDUCE, c("clock_nanosleep", "libc.so.6"))
+    [g] = group([rank(0, nccl, "stuck")] + [rank(r, IN_ALL_REDUCE) for r in (1, 2)])
+    assert g.summary.endswith("(waiting in the collective all_reduce)")
+    evaluating = (*python, c("_PyEval_EvalFrameDefault", "libpython3.11.so.1.0"))
+    busy = {"gil": True, "active": True, "state": "R"}
+    [g] = group([rank(0, evaluating, "stuck", **busy), rank(1, python, **busy)])
+    assert g.summary.endswith("(running Python)")
+    [g] = group([rank(r, python, **busy) for r in (1, 2)])
+    assert g.summary.endswith(
+        "(running Python, or a C call that holds the GIL (--py-spy-native tells))"
+    )
 
 
 def test_a_thread_that_joins_another_is_said_with_the_threads_it_may_wait_for() -> None:
@@ -627,8 +640,27 @@ def test_a_thread_that_joins_another_is_said_with_the_threads_it_may_wait_for() 
     [g] = group([capture])
     assert g.summary == (
         "rank 1 in deadlock at w.py:32 ... _wait_for_tstate_lock at threading.py:1139 "
-        '(waiting for another thread to finish: "loader-A" in take at w.py:24, waiting on a '
-        'lock; "loader-B" in take at w.py:24, waiting on a lock; 1 more thread)'
+        "(waiting for another thread to finish; other threads: 'loader-A' in take at w.py:24, "
+        "waiting on a lock; 'loader-B' in take at w.py:24, waiting on a lock; 1 more)"
+    )
+    # Of a group, one worker's threads, said as its; the likeliest first (its own code
+    # before a pool's idle workers, in the library alone); names cut and quoted.
+    pool = [
+        thread(py("get", f"{PY}/queue.py", 171), tid=200 + n, name=f"ThreadPoolExecutor-0_{n}")
+        for n in range(5)
+    ]
+    forged = 'a", waiting; "b' + "x" * 50  # as if two threads, and long
+    reader = thread(py("load", "/app/w.py", 9), tid=300, name=forged)
+    ranks = [
+        Capture(pid=100 + r, labels={"rank": str(r)}, threads=[joins, *pool, reader])
+        for r in range(2)
+    ]
+    [g] = group(ranks)
+    assert g.summary == (
+        "2 ranks (0,1) in deadlock at w.py:32 ... _wait_for_tstate_lock at threading.py:1139 "
+        "(waiting for another thread to finish; as for rank 0, other threads: "
+        f"{forged[:40] + '...'!r} in load at w.py:9; "
+        "'ThreadPoolExecutor-0_0' in get at queue.py:171, waiting on a lock; 4 more)"
     )
 
 

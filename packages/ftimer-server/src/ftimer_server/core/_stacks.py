@@ -259,10 +259,11 @@ def doing(thread: ThreadStack) -> str:
         # a C call holding the GIL would have shown in them.
         return RUNNING_PYTHON if any(f.native for f in thread.frames) else RUNNING_PYTHON_OR_C
     python_wait = _python_wait(thread.frames)
-    # A native lock's wait says less than the Python frame that took it: a join, a
-    # collective, a queue (``--py-spy-native`` made "waiting for another thread to
-    # finish" into "waiting on a lock").
-    if native_wait == LOCK and python_wait:
+    # A native lock's wait says less than the Python frame that took it (a queue, a
+    # join), and any native wait less than a join or a collective: the stuck worker is
+    # read with native frames, its peers without, and "waiting in the collective
+    # all_reduce" of the peers was "sleeping" of the stuck rank (NCCL's wait loop).
+    if python_wait and (native_wait == LOCK or python_wait == JOIN or _collective(python_wait)):
         native_wait = None
     kind = native_wait or python_wait or wchan_wait
     if kind:
@@ -336,6 +337,10 @@ def _python_wait(frames: Sequence[Frame]) -> Optional[str]:
                 return f"{kind} {function}"
             return kind
     return None
+
+
+def _collective(kind: str) -> bool:
+    return kind.startswith((COLLECTIVE, GPU))
 
 
 def _wchan_wait(wchan: str) -> Optional[str]:
@@ -445,7 +450,9 @@ class _Worker:
         # Why there is no stack, its numbers aside: "py-spy did not finish within 30.04s
         # ... thread 4242 is in uninterruptible sleep" and "... 30.03s ... thread 4250"
         # are one reason, and their workers one group.
-        return (self.frames, self.what, _NUMBER.sub("N", self.reason))
+        # And "running Python" is one with the same said without native frames to tell.
+        what = RUNNING_PYTHON if self.what == RUNNING_PYTHON_OR_C else self.what
+        return (self.frames, what, _NUMBER.sub("N", self.reason))
 
     def order(self) -> Tuple[int, int, str, str, int]:
         rank = _rank_number(self.rank)
@@ -491,8 +498,11 @@ def group(captures: Sequence[Capture]) -> List[Group]:
         buckets.setdefault(worker.key, []).append(worker)
     paths = [key[0][::-1] for key in buckets if key[0]]
     groups = []
-    for (frames, what, _), workers in buckets.items():
+    for (frames, kind, _), workers in buckets.items():
         workers.sort(key=_Worker.order)
+        # "running Python" unless none of them was read with native frames to tell so.
+        caveat = all(w.what == RUNNING_PYTHON_OR_C for w in workers)
+        what = RUNNING_PYTHON_OR_C if kind == RUNNING_PYTHON and caveat else kind
         stuck = any(w.capture.role == "stuck" for w in workers)
         reason = workers[0].reason
         if any(w.reason != reason for w in workers):  # alike but for numbers: whose it is
@@ -500,7 +510,9 @@ def group(captures: Sequence[Capture]) -> List[Group]:
         if frames:
             where = _where(frames, paths)
             waited = _waited_for(workers[0]) if what == JOIN else ""
-            said = f"{what}: {waited}" if waited else what
+            if waited and len(workers) > 1:  # the threads of one of them: say whose
+                waited = f"as for {_who(workers[:1])}, {waited}"
+            said = f"{what}; {waited}" if waited else what
             text = f"{_who(workers)} in {where}" + (f" ({said})" if said else "")
         else:
             text = f"{_who(workers)} (" + (f"{what}; " if what else "") + f"no stack: {reason})"
@@ -518,32 +530,49 @@ def group(captures: Sequence[Capture]) -> List[Group]:
     return [value for _, value in groups]
 
 
-#: The threads a joining thread's summary names at most.
+#: The threads a joining thread's summary names at most, and of each name the
+#: characters shown.
 _WAITED_FOR = 2
+_NAME_SHOWN = 40
 
 
 def _waited_for(worker: _Worker) -> str:
-    """What a worker whose thread joins another may wait for: its other threads with
-    frames (not the client library's, nor exited ones), those stuck in the kernel,
-    holding the GIL or running first, ``_WAITED_FOR`` of them, each by its last line of
-    the user's own code: ``"loader" in load at data.py:9, waiting for I/O; 3 more
-    threads``. The joining thread's own line is where
-    it waits, not why: a deadlock's two threads, a hung prefetcher, are the others."""
+    """The other threads of a worker whose thread joins another: the joining thread's own
+    line is where it waits, not why (a deadlock's two threads, a hung prefetcher are the
+    others). Those with frames, not the client library's nor exited ones, the likeliest
+    first (stuck in the kernel, holding the GIL, running, in the user's own code),
+    ``_WAITED_FOR`` of them, each by its last line of the user's own code: ``other
+    threads: 'loader' in load at data.py:9, waiting for I/O; 3 more``."""
     others = [
         t for t in worker.capture.threads if t is not worker.focus and t.frames and not _aside(t)
     ]
-    others.sort(key=lambda t: (_state(t) != "D", t.gil is not True, t.active is not True))
+
+    def user_line(t: ThreadStack) -> Optional[Frame]:
+        return next((f for f in t.frames if not f.native and not _library(f.file)), None)
+
+    others.sort(
+        key=lambda t: (
+            _state(t) != "D",
+            t.gil is not True,
+            t.active is not True,
+            user_line(t) is None,  # a pool's idle workers, in the library alone
+        )
+    )
     said = []
     for t in others[:_WAITED_FOR]:
         doing_now = doing_of(t)
-        frames = _comparable(t.frames)
-        # Its last line of the user's own code, else its innermost frame: one line each.
-        line = next((f for f in frames if not f.native and not _library(f.file)), frames[0])
+        line = user_line(t) or _comparable(t.frames)[0]
+        # Quoted as Python quotes it, and cut: a thread's name is the worker's to choose.
+        name = repr(t.name[:_NAME_SHOWN] + ("..." if len(t.name) > _NAME_SHOWN else ""))
         said.append(
-            f'"{t.name or t.tid}" in {_frame_text(line)}' + (f", {doing_now}" if doing_now else "")
+            (name if t.name else f"thread {t.tid}")
+            + f" in {_frame_text(line)}"
+            + (f", {doing_now}" if doing_now else "")
         )
     more = len(others) - len(said)
-    return "; ".join(said + ([f"{more} more thread{'s' if more > 1 else ''}"] if more > 0 else []))
+    if not said:
+        return ""
+    return "other threads: " + "; ".join(said + ([f"{more} more"] if more > 0 else []))
 
 
 def _common(a: Sequence[Frame], b: Sequence[Frame]) -> int:

@@ -735,7 +735,14 @@ def test_call_tree_of_nothing_is_empty() -> None:
 
 # -- properties ------------------------------------------------------------------------
 
-ALPHABET = [py(f"f{i}", f"/app/m{i % 2}.py", i) for i in range(4)] + [c("poll")]
+ALPHABET = [
+    *(py(f"f{i}", f"/app/m{i % 2}.py", i) for i in range(4)),
+    py("join", f"{PY}/threading.py", 1112),  # a join: the summary names other threads
+    c("poll"),
+    c("take_gil", "libpython3.11.so.1.0"),
+    c("0x7f5488600000"),  # a native frame py-spy names by its address, another in each
+    c("0x7f1100000000"),
+]
 
 
 @st.composite
@@ -757,8 +764,9 @@ def captures(draw: st.DrawFn) -> List[Capture]:
                 st.builds(
                     ThreadStack,
                     tid=st.integers(1, 40),
+                    name=st.sampled_from(["", "MainThread", "ftimer-client-watch", "a\n\x1b"]),
                     frames=st.lists(st.sampled_from(ALPHABET), max_size=4),
-                    state=st.sampled_from([None, "S", "R", "D"]),
+                    state=st.sampled_from([None, "S", "R", "D", "Z"]),
                     gil=st.sampled_from([None, True, False]),
                     active=st.sampled_from([None, True, False]),
                 ),

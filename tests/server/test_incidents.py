@@ -6,6 +6,7 @@ grouped with the outlier first."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import pathlib
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import pytest
 from tests.conftest import wait_until
@@ -482,6 +483,31 @@ time.sleep(3600)
 """
 
 
+@contextlib.contextmanager
+def children_worker(fifo: pathlib.Path) -> Iterator[Tuple[subprocess.Popen[str], int, int]]:
+    """Run ``CHILDREN`` (started under a running server: an arm made before the FIFO is
+    there fails, and the worker with it); yield it, its child's pid and a pidfd of the
+    child, and kill both after."""
+    worker = subprocess.Popen(
+        [sys.executable, "-c", CHILDREN, str(fifo)], stdout=subprocess.PIPE, text=True
+    )
+    child_fd = -1
+    try:
+        assert worker.stdout is not None
+        child = int(worker.stdout.readline())
+        child_fd = os.pidfd_open(child)
+        yield worker, child, child_fd
+    finally:
+        if child_fd >= 0:
+            with contextlib.suppress(ProcessLookupError):  # gone with its reaped parent
+                signal.pidfd_send_signal(child_fd, signal.SIGKILL)
+            os.close(child_fd)
+        worker.kill()
+        worker.wait()
+        assert worker.stdout is not None
+        worker.stdout.close()
+
+
 def test_reap_tree_and_a_core_before_the_kill(
     fifo_path: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -492,26 +518,12 @@ def test_reap_tree_and_a_core_before_the_kill(
     got = Collector()
     directory = tmp_path / "i"
     options = {"directory": str(directory), "core": True, "reap_tree": True, "timeout": 10.0}
-    worker = subprocess.Popen(
-        [sys.executable, "-c", CHILDREN, str(fifo_path)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        with server(fifo_path, got, **options):
-            assert worker.stdout is not None
-            child = int(worker.stdout.readline())
-            child_fd = os.pidfd_open(child)
-            code, _ = wait_exit(worker)
-            assert got.done.wait(30)
+    with server(fifo_path, got, **options), children_worker(fifo_path) as (worker, _, child_fd):
+        code, _ = wait_exit(worker)
+        assert got.done.wait(30)
         # The worker's own child went with it, though nothing waits for it here: it was
         # signalled (not orphaned to linger), and is gone once reaped by init.
         assert select.select([child_fd], [], [], 10)[0]
-        os.close(child_fd)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-        worker.wait()
-        assert worker.stdout is not None
-        worker.stdout.close()
     assert code == -9
     [incident] = got.incidents
     core = incident.captures[0].core
@@ -528,12 +540,8 @@ def test_a_signaller_that_signals_nothing_reaps_no_descendant(
     # children all the same: SIGSTOP, then the reap's SIGKILL.
     got = Collector()
     recording = RecordingSignaller()
-    worker = subprocess.Popen(
-        [sys.executable, "-c", CHILDREN, str(fifo_path)], stdout=subprocess.PIPE, text=True
-    )
-    child_fd = -1
-    try:
-        with FileTimerServer(
+    with (
+        FileTimerServer(
             fifo_path,
             on_event=got.event,
             on_incident=got.incident,
@@ -541,22 +549,13 @@ def test_a_signaller_that_signals_nothing_reaps_no_descendant(
                 directory=str(tmp_path / "i"), method="facts", reap_tree=True, timeout=2.0
             ),
             **({"dry_run": True} if dry_run else {"signaller": recording}),  # type: ignore[arg-type]
-        ):
-            assert worker.stdout is not None
-            child = int(worker.stdout.readline())
-            child_fd = os.pidfd_open(child)
-            assert got.done.wait(15)
+        ),
+        children_worker(fifo_path) as (worker, child, _),
+    ):
+        assert got.done.wait(15)
         assert worker.poll() is None
         with open(f"/proc/{child}/stat") as f:
             assert f.read().rsplit(")", 1)[1].split()[0] == "S"  # neither stopped nor dead
-    finally:
-        if child_fd >= 0:
-            signal.pidfd_send_signal(child_fd, signal.SIGKILL)
-            os.close(child_fd)
-        worker.kill()
-        worker.wait()
-        assert worker.stdout is not None
-        worker.stdout.close()
     [incident] = got.incidents
     assert incident.delivered is (None if dry_run else True)
     if not dry_run:

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 
@@ -69,13 +69,8 @@ def _reap(
         if isinstance(event, Escalated):
             escalated.set()
 
-    worker = subprocess.Popen(
-        [sys.executable, "-c", WORKER, str(fifo), mode],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
     pidfds: List[int] = []
+    worker: Optional[subprocess.Popen[str]] = None
     try:
         with FileTimerServer(
             fifo,
@@ -85,6 +80,14 @@ def _reap(
             signal_override=signal.SIGTERM,
             escalate_after=GRACE,
         ):
+            # Started under the running server: an arm made before its FIFO is there
+            # fails, and the worker with it.
+            worker = subprocess.Popen(
+                [sys.executable, "-c", WORKER, str(fifo), mode],
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
             assert worker.stdout is not None
             children = [int(worker.stdout.readline())]
             if mode == "survives":  # forked on the reap's SIGTERM
@@ -100,11 +103,12 @@ def _reap(
         for fd in pidfds:
             signal.pidfd_send_signal(fd, signal.SIGKILL)  # ours: a no-op once dead
             os.close(fd)
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
-        assert worker.stdout is not None
-        worker.stdout.close()
+        if worker is not None:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+            assert worker.stdout is not None
+            worker.stdout.close()
 
 
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfds (Linux 5.3, Python 3.9)")

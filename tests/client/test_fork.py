@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import stat
 import threading
 import time
@@ -201,3 +202,30 @@ def test_a_child_keeps_no_fifo_open_that_another_thread_held_for_one_message(
     finally:
         channel._close_once(held)
         client.close()
+
+
+def test_a_client_given_its_own_pid_follows_its_process(server: Peer) -> None:
+    # Given pid=os.getpid(), a client kept that pid in a forked child (a DataLoader
+    # worker's) and in an unpickled copy: the child armed and disarmed as its parent,
+    # and a stuck child got its healthy parent reaped.
+    client = FileTimerClient(server.path, pid=ME, labels={})
+    client.arm("parent", 60)
+    server.wait_count(1)
+    copy = pickle.dumps(client)
+
+    def child() -> None:
+        assert client.armed == frozenset()
+        client.arm("child", 60)
+        client.release("parent")  # the child's own (unknown) scope
+        pickle.loads(copy).arm("copy", 60)
+
+    pid = in_child(child)
+    messages = server.wait_count(4)
+    assert [(type(m), m.pid, m.scope_id) for m in messages[1:]] == [
+        (Arm, pid, "child"),
+        (Disarm, pid, "parent"),
+        (Arm, pid, "copy"),
+    ]
+    if isinstance(server, SocketPeer):  # the child names no other process
+        assert [d.pidfds for d in server.datagrams] == [()] * 4
+    client.close()

@@ -19,6 +19,7 @@ from ftimer_client import FileTimerClient, ServerStalled, _channel
 from ftimer_protocol import PIPE_BUF, Arm, DisarmAll, Message
 
 from .conftest import FifoPeer, SocketPeer, restart, server_state
+from .test_fork import in_child
 from .test_interrupts import handler_in_a_loop_of
 
 ME = os.getpid()
@@ -121,9 +122,8 @@ def test_release_all_leaves_the_timers_other_channels_armed_for_the_pid(peer: Fi
     # ftimer exec arms its command's timer on a channel of its own (one naming a pid): a
     # command that called release_all() before exec(), as advised, wiped it with a
     # disarm_all of its pid, and was never reaped when stuck.
-    wrapper = FileTimerClient(peer.path, pid=ME, labels={})  # stands for ftimer exec's
-    assert wrapper._channel is not FileTimerClient(peer.path)._channel
-    wrapper.arm("exec:cmd", 600)
+    # A child stands for ftimer exec, which arms for the command's process.
+    in_child(lambda: FileTimerClient(peer.path, pid=ME, labels={}).arm("exec:cmd", 600))
     one = FileTimerClient(peer.path, labels={})
     two = FileTimerClient(peer.path, labels={})
     one.arm("a", 600)
@@ -135,7 +135,6 @@ def test_release_all_leaves_the_timers_other_channels_armed_for_the_pid(peer: Fi
     assert not [m for m in messages if isinstance(m, DisarmAll)]
     # None of the process's own timers is left; the wrapper's is.
     assert armed_on(messages) == {"exec:cmd", "end"}
-    wrapper.close()
 
 
 FTIMER = [sys.executable, "-m", "ftimer_client"]  # the `ftimer` command

@@ -200,7 +200,7 @@ def pinger():
         time.sleep(0.00005)
 threading.Thread(target=pinger, daemon=True).start()
 for _ in range(200):
-    client = FileTimerClient(sys.argv[1], pid=os.getpid(), labels={})  # a channel each
+    client = FileTimerClient(sys.argv[1], pid=os.getppid(), labels={})  # a channel each
     client.arm("s", 60)
     client.close()
 done.set()

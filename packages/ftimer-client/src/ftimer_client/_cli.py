@@ -271,6 +271,7 @@ def _client(args: argparse.Namespace, pid: int) -> FileTimerClient:
         write_timeout=args.write_timeout,
         labels=labels,
         pid=pid,
+        dump_signal=0,  # the hook would be this command's, not the process's it arms for
     )
 
 

@@ -81,7 +81,8 @@ class FileTimerClient:
             ``rank`` and ``local_rank`` from torchrun's ``RANK`` and ``LOCAL_RANK`` when
             set, and ``job`` from its ``TORCHELASTIC_RUN_ID``; ``{}`` for none.
         pid: arm timers of another process instead of this one (what the ``ftimer``
-            command does for a shell script).
+            command does for a shell script). This process's own pid is as ``None``: a
+            forked child or a pickled copy arms its own timers.
         dump_signal: turn on the stack-dump hook for the server's incidents (protocol 2):
             register Python's ``faulthandler`` on this signal (a number or a name such as
             ``"SIGUSR2"`` or ``"SIGRTMIN+2"``), once per process, and announce it with
@@ -114,6 +115,10 @@ class FileTimerClient:
         dump_signal: Union[int, str, None] = None,
         transport: str = "auto",
     ) -> None:
+        if pid is not None and pid == os.getpid():
+            # This process's own timers: followed across a fork and into a pickled copy,
+            # as without pid (kept, a child would arm, disarm and be reaped as its parent).
+            pid = None
         # The arguments as given, for a pickled copy (see ``__reduce__``).
         options = {
             "protocol": protocol,

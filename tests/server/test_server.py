@@ -45,6 +45,7 @@ from ftimer_server import (
     Worker,
     WorkerGone,
 )
+from ftimer_server.server import _server
 
 from .conftest import (
     GRACEFUL,
@@ -371,6 +372,35 @@ def test_restore_before_start(fifo_path: pathlib.Path, events: Recorder, childre
     with server:
         assert wait_exit(child)[0] == -9
     assert other.poll() is None
+
+
+def test_the_restore_grace_begins_when_the_fifo_is_open(
+    fifo_path: pathlib.Path,
+    events: Recorder,
+    children,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The grace began at restore(): a start slower than it (a capture helper's, a
+    # socket's, on a loaded host) spent it before any client could write, and an overdue
+    # timer whose worker was about to re-send its disarm was reaped at once.
+    child = children()
+    signaller = RecordingSignaller()
+    server = FileTimerServer(fifo_path, on_event=events, signaller=signaller, restore_grace=2.0)
+    server.restore([Timer(child.pid, "step", 0.0, 9, proc_start_time(child.pid))])
+    opened = _server.open_fifo
+
+    def slow_open(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(2.2)
+        return opened(*args, **kwargs)
+
+    monkeypatch.setattr(_server, "open_fifo", slow_open)
+    with server:
+        server.sync()
+        send(fifo_path, Disarm(pid=child.pid, scope_id="step"))  # the client's re-send
+        server.sync()
+    assert events.of(Expired) == []
+    assert signaller.sent == []
+    assert server.armed() == []
 
 
 def test_restore_drops_malformed_timers(

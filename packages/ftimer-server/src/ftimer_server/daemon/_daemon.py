@@ -146,7 +146,8 @@ class Daemon:
         self._lock_fd: Optional[int] = None
         self._state_lock_fd: Optional[int] = None
         self._restoring = False
-        #: Until when the restore grace held the saved timers (monotonic; none: -inf).
+        #: Until when the restore grace held the saved timers (monotonic; none: -inf;
+        #: inf until the server's start, where the grace begins).
         self._held_until = -math.inf
         self._started = time.monotonic()
         #: The paths found no longer naming the FIFO or the socket (``_watch_paths``).
@@ -376,7 +377,7 @@ class Daemon:
                     len(server.armed()),
                 )
         if timers or (journal is not None and replay_from):  # held as the server holds them
-            self._held_until = time.monotonic() + self.config.restore_grace
+            self._held_until = math.inf
         # Restored timers were logged; from now on, arms and disarms only at debug level.
         server.set_event_types(self._event_types())
         return server
@@ -443,6 +444,8 @@ class Daemon:
         except FifoError as e:
             what = "socket" if e.path == c.socket else "FIFO"
             raise StartupError(f"{what} {e.path}: {e.reason}") from None
+        if self._held_until == math.inf:
+            self._held_until = time.monotonic() + c.restore_grace
         self._server = server
         threading.Thread(
             target=self._watch_paths, args=(server,), name="ftimer-paths", daemon=True

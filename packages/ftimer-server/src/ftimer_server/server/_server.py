@@ -194,10 +194,11 @@ class FileTimerServer:
             reused then); else closed, and a new one bound (as the FIFO is replaced),
             so that its clients re-send their timers. The server owns it from
             ``start()`` on.
-        restore_grace: after ``restore()`` or ``replay()``, no timer expires for this
-            many seconds: clients that could not write while no server ran (a disarm
-            during the outage) re-send within their retry interval (1 s at most for
-            ftimer's client), and a deadline that fell in the outage is judged after.
+        restore_grace: after ``restore()`` or ``replay()`` (made before ``start()``: after
+            the FIFO is open), no timer expires for this many seconds: clients that could
+            not write while no server ran (a disarm during the outage) re-send within
+            their retry interval (1 s at most for ftimer's client), and a deadline that
+            fell in the outage is judged after.
 
     Raises:
         ValueError: an option is out of range, or options conflict.
@@ -269,6 +270,7 @@ class FileTimerServer:
         )
         self._journal = journal
         self._restore_grace = restore_grace
+        self._hold_at_open = False  # restored before start: the grace begins at the open
         self._socket_path = None if socket_path is None else os.path.abspath(socket_path)
         self._socket: Optional[DatagramSocket] = None
         self._adopt_socket = adopt_socket
@@ -612,7 +614,7 @@ class FileTimerServer:
             ticks = None if written_by is None else ticks_since_boot(written_by)
             self._watchdog.restore(checked, ticks)
             if checked:
-                self._watchdog.hold(time.monotonic() + self._restore_grace)
+                self._hold()
         self._loop_or_flush()
 
     def replay(self, chunks: Iterable[bytes], written_by: Optional[float] = None) -> int:
@@ -653,7 +655,7 @@ class FileTimerServer:
                     watchdog.apply(reader.feed(chunk), time.monotonic(), time.time())
                     size += len(chunk)
             if size:
-                self._watchdog.hold(time.monotonic() + self._restore_grace)
+                self._hold()
         self._flush()
         return size
 
@@ -885,6 +887,12 @@ class FileTimerServer:
             raise
         return loop
 
+    def _hold(self) -> None:
+        """Expire nothing for ``restore_grace`` seconds from now, or, before ``start()``,
+        from when the FIFO is open: clients can re-send only then (lock held)."""
+        self._watchdog.hold(time.monotonic() + self._restore_grace)
+        self._hold_at_open = self._state is Lifecycle.NEW
+
     def _check_usable(self, instead: str) -> None:
         """Raise ``RuntimeError`` unless timers can be changed here (lock held): not in a
         process forked from the server's, not once it is stopped (``instead``: what to
@@ -987,6 +995,8 @@ class FileTimerServer:
             journal=self._journal,
             socket=self._socket,
         )
+        if self._hold_at_open:  # a slow start (a helper, a socket) took from the grace
+            self._watchdog.hold(time.monotonic() + self._restore_grace)
         for worker in self._watchdog.workers():  # bound by restore() before start
             loop.watch(worker)
         self._loop = loop

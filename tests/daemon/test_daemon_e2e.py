@@ -428,13 +428,19 @@ def test_unsafe_fifo_paths_are_refused(short_dir: pathlib.Path, kind: str) -> No
 
 
 @pytest.fixture
-def armer(short_dir: pathlib.Path) -> Iterator[Callable[[], subprocess.Popen[str]]]:
-    """Starts an ARMER on the FIFO of ``short_dir`` (call it once a daemon runs)."""
+def armer(short_dir: pathlib.Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Starts an ARMER on the FIFO of ``short_dir`` (call it once a daemon runs); with
+    ``watch=False``, its client does not look for a lost server between its writes."""
     procs: list[subprocess.Popen[str]] = []
 
-    def start() -> subprocess.Popen[str]:
+    def start(watch: bool = True) -> subprocess.Popen[str]:
+        code = (
+            ARMER
+            if watch
+            else "from ftimer_client import _channel\n_channel.WATCH_EVERY = 1e6\n" + ARMER
+        )
         proc = subprocess.Popen(
-            [PYTHON, "-c", ARMER, str(short_dir / "timer.fifo")],
+            [PYTHON, "-c", code, str(short_dir / "timer.fifo")],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -482,11 +488,13 @@ def test_fifo_is_reused_when_timers_were_restored(
 
 
 def test_fifo_is_replaced_without_state_and_clients_resend_their_timers(
-    spawn: Spawn, armer: Callable[[], subprocess.Popen[str]], worker: StartWorker
+    spawn: Spawn, armer: Callable[..., subprocess.Popen[str]], worker: StartWorker
 ) -> None:
     a = spawn("--fifo-mode", "0620", name="a").ready()
     inode = os.lstat(a.fifo).st_ino
-    w = armer()
+    # No watch: a second after its arm it would find the FIFO replaced and resend by
+    # itself, and the new daemon would not be seen to start empty.
+    w = armer(watch=False)
     wait_until(lambda: a.armed_scopes() == ["first"], what="the first timer armed")
     assert a.stop() == 0
     b = spawn("--fifo-mode", "0620", name="b").ready()

@@ -165,11 +165,14 @@ def test_a_worker_that_disarms_then_exits_is_seen_to_disarm_first(
     fifo_path: pathlib.Path, children
 ) -> None:
     gate = Gate()
-    child = children("sleep", "0.3")
+    # Ended here, not by a timer of its own: one that ran out before the server (started
+    # slowly on a loaded machine) applied the arm made the arm a dead process's.
+    child = children("sleep", "60")
     with FileTimerServer(fifo_path, on_event=gate) as server:
         send(fifo_path, Arm(pid=child.pid, scope_id="step", deadline=1e9, signal=9))
         assert gate.held.wait(10)  # held: the disarm and the exit arrive together
         send(fifo_path, Disarm(pid=child.pid, scope_id="step"))
+        child.kill()
         wait_exit(child)
         gate.open.set()
         wait_until(lambda: any(isinstance(e, WorkerGone) for e in gate.events))
@@ -187,10 +190,11 @@ def test_a_wrappers_disarm_after_the_exit_is_applied_first(
     # what it measures.
     monkeypatch.setattr(_loop, "EXIT_HOLD", 1.0)
     events: list[Event] = []
-    child = children("sleep", "0.2")
+    child = children("sleep", "60")  # ended here (see the test above)
     with FileTimerServer(fifo_path, on_event=events.append) as server:
         send(fifo_path, Arm(pid=child.pid, scope_id="exec", deadline=1e9, signal=9))
         server.sync()
+        child.kill()
         wait_exit(child)
         time.sleep(EXIT_HOLD / 10)  # the wrapper's own wake-up: not instant
         send(fifo_path, Disarm(pid=child.pid, scope_id="exec"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import signal
 from decimal import Decimal
@@ -68,6 +69,7 @@ def test_signatures_match_torch() -> None:
         ({"pid": 1}, "1 is init"),
         ({"pid": -5}, "negative ids name process groups"),
         ({"pid": True}, "^pid must be"),
+        ({"pid": float(os.getpid())}, "^pid must be"),  # this process's, but not an int
         # Torch's format has no labels: they were dropped without a word.
         ({"protocol": 1, "labels": {"job": "x"}}, "^labels need protocol 2"),
     ],

@@ -10,6 +10,8 @@ could be.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import pathlib
 import select
@@ -17,7 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -52,6 +54,22 @@ while True:
     time.sleep(60)
 """
 GRACE = 0.5
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@contextlib.contextmanager
+def subreaper() -> Iterator[None]:
+    """This process as a child subreaper: a child of the worker's, orphaned when it
+    dies, stays this process's zombie until waited for, so its pid (read from the
+    worker's output, then opened) names nobody else meanwhile, however slow the test
+    (init would reap it as soon as the escalation killed it, half a second on)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        pytest.skip(f"cannot be a child subreaper: {os.strerror(ctypes.get_errno())}")
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def _reap(
@@ -71,14 +89,18 @@ def _reap(
 
     pidfds: List[int] = []
     worker: Optional[subprocess.Popen[str]] = None
+    children: List[int] = []
     try:
-        with FileTimerServer(
-            fifo,
-            on_event=on_event,
-            on_incident=incidents.append,
-            incidents=IncidentOptions(directory=str(tmp / "i"), method="facts", reap_tree=True),
-            signal_override=signal.SIGTERM,
-            escalate_after=GRACE,
+        with (
+            subreaper(),
+            FileTimerServer(
+                fifo,
+                on_event=on_event,
+                on_incident=incidents.append,
+                incidents=IncidentOptions(directory=str(tmp / "i"), method="facts", reap_tree=True),
+                signal_override=signal.SIGTERM,
+                escalate_after=GRACE,
+            ),
         ):
             # Started under the running server: an arm made before its FIFO is there
             # fails, and the worker with it.
@@ -89,7 +111,7 @@ def _reap(
                 start_new_session=True,
             )
             assert worker.stdout is not None
-            children = [int(worker.stdout.readline())]
+            children.append(int(worker.stdout.readline()))
             if mode == "survives":  # forked on the reap's SIGTERM
                 children.append(int(worker.stdout.readline()))
             pidfds = [os.pidfd_open(pid) for pid in children]
@@ -103,6 +125,9 @@ def _reap(
         for fd in pidfds:
             signal.pidfd_send_signal(fd, signal.SIGKILL)  # ours: a no-op once dead
             os.close(fd)
+        for pid in children:  # orphaned to this process: its zombies until waited for
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
         if worker is not None:
             if worker.poll() is None:
                 worker.kill()

@@ -115,7 +115,7 @@ class FileTimerClient:
         dump_signal: Union[int, str, None] = None,
         transport: str = "auto",
     ) -> None:
-        if pid is not None and pid == os.getpid():
+        if type(pid) is int and pid == os.getpid():  # not a bool or a float: refused below
             # This process's own timers: followed across a fork and into a pickled copy,
             # as without pid (kept, a child would arm, disarm and be reaped as its parent).
             pid = None

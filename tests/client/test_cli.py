@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -548,3 +550,34 @@ def test_usage_the_server_refuses_is_refused_as_usage(args: tuple, error: str) -
     result = ftimer("arm", "--scope", "s", "--after", "5", *args)
     assert result.returncode == 2
     assert result.stderr.endswith(f"error: {error}\n")
+
+
+@pytest.mark.parametrize("wrapper", ["timeout", "xargs"])
+def test_a_wrapper_that_runs_the_command_is_never_armed(peer: FifoPeer, wrapper: str) -> None:
+    # `timeout 5 ftimer disarm ...` (or xargs, flock, sudo, time): the wrapper was the
+    # parent, so the disarm named it, did nothing and said nothing, and the script's own
+    # timer killed it later; an arm was the wrapper's, gone with it at once.
+    if shutil.which(wrapper) is None:
+        pytest.skip(f"no {wrapper} here")
+    line = [*FTIMER, "disarm", "--fifo", str(peer.path), "--scope"]
+    if wrapper == "timeout":
+        done = subprocess.run(["timeout", "30", *line, "job"], capture_output=True, text=True)
+    else:
+        done = subprocess.run(["xargs", *line], input="job\n", capture_output=True, text=True)
+    assert done.returncode == (EXIT_USAGE if wrapper == "timeout" else 123)  # xargs': 1-125
+    assert f"this command was run by `{wrapper}` (process " in done.stderr
+    assert "the disarm would be for that process" in done.stderr
+    # A shell that runs more than the command is its parent, and the timer is its own.
+    shell = subprocess.run(
+        ["sh", "-c", f"{shlex.join(line)} job; echo $$"], capture_output=True, text=True
+    )
+    assert (shell.returncode, shell.stderr) == (0, "")
+    [disarm] = peer.wait_count(1)
+    assert (disarm.pid, disarm.scope_id) == (int(shell.stdout), "job")
+
+
+def test_an_empty_scope_is_refused(peer: FifoPeer) -> None:
+    done = ftimer("arm", "--fifo", str(peer.path), "--scope", "", "--after", "60")
+    assert done.returncode == EXIT_USAGE
+    assert "argument --scope: empty (an unset variable?)" in done.stderr
+    assert peer.messages == []

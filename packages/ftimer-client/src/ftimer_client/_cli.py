@@ -129,6 +129,12 @@ def _utf8(text: str) -> str:
     return text
 
 
+def _scope(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("empty (an unset variable?)")
+    return _utf8(text)
+
+
 def _signal(text: str) -> int:
     if text.startswith("-") and _ascii_int(text[1:]) is not None:
         # kill(1)'s spelling of a signal; the Python client's "report only" (torch's)
@@ -205,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--label", type=_label, action="append", default=None, metavar="KEY=VALUE")
     scope = argparse.ArgumentParser(add_help=False)
-    scope.add_argument("--scope", type=_utf8, required=True)
+    scope.add_argument("--scope", type=_scope, required=True)
     pid = argparse.ArgumentParser(add_help=False)
     pid.add_argument(
         "--pid",
@@ -223,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         **WHOLE,
         prog="ftimer",
         description="Arm and disarm ftimer watchdog timers from a shell.",
-        epilog="Exit status: 0 done, 2 bad arguments, 3 server unavailable; "
-        "exec: the command's status (128+N if killed by signal N).",
+        epilog="Exit status: 0 done, 2 bad arguments, 3 server unavailable, 130 "
+        "interrupted; exec: the command's status (128+N if killed by signal N).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -247,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXEC_EPILOG,
         **WHOLE,
     )
-    run.add_argument("--scope", type=_utf8, default=None)
+    run.add_argument("--scope", type=_scope, default=None)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
     run.set_defaults(subparser=run)
     return parser
@@ -356,6 +362,13 @@ def _run(args: argparse.Namespace) -> int:
                 "shell, is its parent now (`ftimer arm ... &` at the end of a script?); "
                 "give --pid $$ in the shell"
             )
+        wrapper = None if args.pid is not None else _wrapper(pid)
+        if wrapper is not None:
+            command.error(
+                f"this command was run by `{wrapper}` (process {pid}), not by the shell: "
+                f"the {args.command} would be for that process, which ends with this "
+                "command; give --pid $$ in the shell"
+            )
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -416,6 +429,26 @@ def _run(args: argparse.Namespace) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     return 0
+
+
+def _wrapper(parent: int) -> Optional[str]:
+    """The name of ``parent`` if it runs this command as its own and waits for it, as
+    ``timeout 5 ftimer ...``, ``xargs ftimer ...``, ``flock F ftimer ...`` or ``sudo``
+    do (its arguments hold this command's name followed by the start of this command's
+    arguments, its subcommand at least: a path that merely ends in ``ftimer`` is not
+    it); None for a shell, or if its command line cannot be read."""
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            theirs = [os.fsdecode(arg) for arg in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return None
+    names = {"ftimer", "ftimer_client", os.path.basename(sys.argv[0])}
+    ours = sys.argv[1:]
+    for i, arg in enumerate(theirs[1:], 1):
+        rest = theirs[i + 1 :]
+        if rest and os.path.basename(arg) in names and ours[: len(rest)] == rest:
+            return os.path.basename(theirs[0])
+    return None
 
 
 def _adopted(parent: int) -> bool:

@@ -447,7 +447,9 @@ def _wrapper(parent: int) -> Optional[str]:
     for i, arg in enumerate(theirs[1:], 1):
         rest = theirs[i + 1 :]
         if rest and os.path.basename(arg) in names and ours[: len(rest)] == rest:
-            return os.path.basename(theirs[0])
+            # A Python program's name is its script's (`ftimer exec -- ftimer arm`).
+            script = i > 1 and os.path.basename(theirs[0]).startswith("python")
+            return _shown(os.path.basename(theirs[1 if script else 0]))
     return None
 
 

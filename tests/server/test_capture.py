@@ -21,6 +21,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -30,7 +31,7 @@ import pytest
 from ftimer_protocol import DumpHook
 from ftimer_server import Descendant
 from ftimer_server.core._incident import Capture, ThreadStack
-from ftimer_server.incidents import _dump_hook, _pinned, _reap_extras, _tools
+from ftimer_server.incidents import _dump_hook, _pinned, _procfs, _reap_extras, _tools
 from ftimer_server.incidents._capture import CaptureOptions, _paired, capture, find_py_spy
 from ftimer_server.incidents._diagnostics import Diagnostics, IncidentOptions
 from ftimer_server.incidents._pinned import Process
@@ -392,6 +393,36 @@ def test_facts() -> None:
         assert c.labels == {"rank": "0"}
         # Not "not installed": py-spy may well be (it was said so, whatever the method).
         assert "py-spy: not enabled; dump hook: not enabled" in (c.error or "")
+
+
+def test_an_open_file_on_a_hung_file_system_leaves_the_stacks_their_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Where a worker's open files lead is looked at with stat(), which reaches their file
+    # system: one on a hung mount (a frozen FUSE server, an NFS server gone) held the
+    # whole budget, and neither py-spy nor the hook was tried ("no time left"), under a
+    # note blaming the worker's memory lock. Here the named FIFO's stat() hangs.
+    real_stat = os.stat
+    released = threading.Event()
+
+    def hung_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if str(path).startswith("/proc/") and os.readlink(path).endswith("/fifo"):
+            released.wait(30)  # as the kernel would, until the mount answers
+        return real_stat(path, *args, **kwargs)
+
+    with stuck("facts", hook=True) as worker:
+        monkeypatch.setattr(_procfs.os, "stat", hung_stat)
+        try:
+            c = run(worker, CaptureOptions(py_spy=None, hook=True), hook=worker.hook, budget=8)
+        finally:
+            released.set()
+    assert c.method == "hook", c.error
+    assert thread_in(c, "stuck_in_sleep")
+    assert c.facts is not None
+    assert c.facts.cmdline[1:] == [str(WORKER), "facts", "--hook"]
+    [note] = [n for n in (c.error or "").split("; ") if "did not answer stat()" in n]
+    assert note.startswith("open file ")
+    assert note.endswith("/fifo) did not answer stat() in time: its file system may be hung")
 
 
 def test_peer_without_a_hook() -> None:

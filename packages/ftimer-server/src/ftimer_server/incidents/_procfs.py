@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple, TypeVar
 
 from ftimer_protocol import ProcStat, parse_proc_stat, parse_proc_status
 from ftimer_server.core._incident import ProcessFacts
+from ftimer_server.core._report import printable
 
 __all__ = [
     "CLK_TCK",
@@ -49,6 +50,10 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: stays bounded whatever the worker holds.
 MAX_THREADS = 4096
 MAX_FDS = 65536
+#: Of a capture's budget, the most the reads that may block are waited for: a worker's
+#: command line (its memory lock) and where its open files lead (their file systems: a
+#: file on a hung mount held the whole budget, and no stack was read).
+SLOW_FACTS_SHARE = 0.5
 
 
 def read_stat(pid: int, tid: Optional[int] = None) -> ProcStat:
@@ -344,15 +349,16 @@ def thread_stack_mappings(pid: int) -> List[Tuple[int, int]]:
 
 @dataclass
 class _Slow:
-    """What the helper thread of ``read_facts`` reads: results and notes."""
+    """What the helper thread of ``read_facts`` reads: results, notes, and the open file
+    it is looking at (its descriptor's path and target), if any."""
 
     cmdline: Optional[List[str]] = None
     fifos: int = 0
     notes: List[str] = field(default_factory=list)
+    at: Optional[Tuple[str, str]] = None
 
 
-def _read_slow(pid: int, paths: List[str]) -> _Slow:
-    slow = _Slow()
+def _read_slow(pid: int, paths: List[Tuple[str, str]], slow: _Slow) -> None:
     try:
         args = _read(f"/proc/{pid}/cmdline").split(b"\0")
         if args[-1] == b"":  # NUL-terminated, unless the process rewrote its arguments
@@ -360,13 +366,27 @@ def _read_slow(pid: int, paths: List[str]) -> _Slow:
         slow.cmdline = [a.decode(errors="replace") for a in args]
     except OSError as e:
         slow.notes.append(f"cmdline unreadable: {strerror(e)}")
-    for path in paths:
+    for slow.at in paths:
         try:
-            if stat.S_ISFIFO(os.stat(path).st_mode):
+            if stat.S_ISFIFO(os.stat(slow.at[0]).st_mode):
                 slow.fifos += 1
         except OSError:
             continue  # closed meanwhile
-    return slow
+    slow.at = None
+
+
+def _slow_note(pid: int, slow: _Slow) -> str:
+    """Why the reads of ``_read_slow`` did not end within their share of the budget."""
+    if slow.at is None:
+        return (
+            f"/proc/{pid}/cmdline could not be read in time (the worker may be stuck "
+            "holding its memory lock)"
+        )
+    path, target = slow.at
+    return (
+        f"open file {path.rsplit('/', 1)[-1]} ({printable(target[:200])}) did not answer stat() "
+        "in time: its file system may be hung"
+    )
 
 
 def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
@@ -391,7 +411,7 @@ def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
     except (OSError, ValueError) as e:
         notes.append(f"children unknown: {strerror(e)}")
     sockets = fifos = 0
-    paths: List[str] = []
+    paths: List[Tuple[str, str]] = []
     try:
         names = os.listdir(f"/proc/{pid}/fd")[:MAX_FDS]
     except OSError as e:
@@ -414,16 +434,15 @@ def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
         elif target.startswith("pipe:"):
             fifos += 1
         elif target.startswith("/"):
-            paths.append(path)
+            paths.append((path, target))
     if unreadable is not None:
         notes.append(f"open files unreadable: {strerror(unreadable)}")
-    done, slow = bounded(lambda: _read_slow(pid, paths), deadline)
-    if not done or slow is None:
-        notes.append(
-            f"/proc/{pid}/cmdline or its open files could not be read by the deadline "
-            "(the worker may be stuck holding its memory lock)"
-        )
-        slow = _Slow()
+    slow = _Slow()
+    share = min(deadline, time.monotonic() + SLOW_FACTS_SHARE)
+    done, _ = bounded(lambda: _read_slow(pid, paths, slow), share)
+    if not done:
+        notes.append(_slow_note(pid, slow))
+        slow = _Slow(cmdline=slow.cmdline, notes=slow.notes)  # the thread may go on
     notes.extend(slow.notes)
     facts = ProcessFacts(
         cmdline=slow.cmdline or [],

@@ -44,6 +44,8 @@ from ftimer_server.incidents._stack_formats import (
     parse_py_spy,
 )
 
+from .conftest import NOBODY
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
 
 WORKER = pathlib.Path(__file__).with_name("stuck_worker.py")
@@ -783,6 +785,48 @@ def test_core_dump(tmp_path: pathlib.Path, small_process: subprocess.Popen[bytes
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert small_process.poll() is None
     assert read_stat(small_process.pid).state not in "Tt"  # left running
+
+
+NON_DUMPABLE = """
+import ctypes, sys
+assert ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) == 0  # PR_SET_DUMPABLE: off
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run a worker as another user")
+def test_no_core_of_a_worker_that_made_itself_non_dumpable(tmp_path: pathlib.Path) -> None:
+    # gcore, as root, dumped it all the same: a hardened program that keeps its keys out
+    # of cores had its memory written to the incident directory.
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv(1) from util-linux")
+    worker = subprocess.Popen(
+        [
+            *("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"),
+            *(sys.executable, "-c", NON_DUMPABLE),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline() == "ready\n"
+        with pinned(worker.pid) as process:
+            path, error = core_dump(
+                process, str(tmp_path), max_bytes=1 << 30, deadline=time.monotonic() + 60
+            )
+    finally:
+        worker.kill()
+        worker.wait()
+        for stream in (worker.stdin, worker.stdout):
+            assert stream is not None
+            stream.close()
+    assert path is None
+    assert error is not None
+    assert error.startswith("core dump: not taken: the worker made itself non-dumpable")
+    assert os.listdir(tmp_path) == []
 
 
 # gcore -o PREFIX PID, as far as a test needs: its "core" says the state PID was in when

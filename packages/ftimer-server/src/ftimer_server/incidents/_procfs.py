@@ -108,6 +108,21 @@ def read_uid(pid: int) -> int:
     return int(read_status(pid).get("Uid", "").split()[0])
 
 
+def non_dumpable(pid: int) -> bool:
+    """Whether process ``pid`` made itself non-dumpable (``prctl(PR_SET_DUMPABLE, 0)``,
+    or a change of uid, which clears the flag): its ``/proc`` files (not the directory)
+    then belong to root, not to its effective uid. Not to be told of a process whose
+    effective uid is root's (False).
+
+    Raises:
+        ProcessLookupError: no such process.
+        OSError: another error reading it.
+        ValueError, IndexError: no readable ``Uid`` line.
+    """
+    effective = int(read_status(pid).get("Uid", "").split()[1])
+    return os.stat(f"/proc/{pid}/stat").st_uid != effective
+
+
 def tracer_pid(pid: int) -> int:
     """The pid of the process tracing process ``pid`` (a debugger, strace: ``TracerPid``
     of ``/proc/PID/status``); 0 if none, or if it cannot be read."""

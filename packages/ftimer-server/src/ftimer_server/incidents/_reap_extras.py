@@ -29,7 +29,7 @@ from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tup
 from ftimer_server.core._records import Descendant
 
 from ._pinned import Process, ProcessRefused
-from ._procfs import PAGE_SIZE, children, read_stat, read_status, tracer_pid
+from ._procfs import PAGE_SIZE, children, non_dumpable, read_stat, read_status, tracer_pid
 from ._tools import run_tool
 
 __all__ = ["core_dump", "signal_again", "signal_tree"]
@@ -88,6 +88,14 @@ def core_dump(
 def _core_dump(
     process: Process, directory: str, max_bytes: int, deadline: float
 ) -> Tuple[Optional[str], Optional[str]]:
+    with contextlib.suppress(ValueError, IndexError):  # unreadable: as gcore finds it
+        if non_dumpable(process.pid):
+            # Its memory may hold what it chose to keep out of cores (keys, say).
+            return None, (
+                "core dump: not taken: the worker made itself non-dumpable "
+                "(PR_SET_DUMPABLE 0, or a change of uid), which the kernel's own core "
+                "dumps respect"
+            )
     gcore = shutil.which("gcore")
     if gcore is None:
         return None, "core dump: gcore not found (it comes with gdb)"

@@ -455,9 +455,8 @@ def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
     slow = _Slow()
     share = min(deadline, time.monotonic() + SLOW_FACTS_SHARE)
     done, _ = bounded(lambda: _read_slow(pid, paths, slow), share)
-    if not done:
+    if not done:  # the thread goes on: its count of FIFOs is partial
         notes.append(_slow_note(pid, slow))
-        slow = _Slow(cmdline=slow.cmdline, notes=slow.notes)  # the thread may go on
     notes.extend(slow.notes)
     facts = ProcessFacts(
         cmdline=slow.cmdline or [],
@@ -466,7 +465,7 @@ def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
         threads=st.num_threads if st else 0,
         children=kids,
         age=round(max(0.0, _boot_seconds() - st.start_time / CLK_TCK), 3) if st else 0.0,
-        fifos=fifos + slow.fifos,
+        fifos=fifos + (slow.fifos if done else 0),
         sockets=sockets,
         uid=uid,
     )

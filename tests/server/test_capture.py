@@ -35,7 +35,7 @@ from ftimer_server.incidents import _dump_hook, _pinned, _procfs, _reap_extras, 
 from ftimer_server.incidents._capture import CaptureOptions, _paired, capture, find_py_spy
 from ftimer_server.incidents._diagnostics import Diagnostics, IncidentOptions
 from ftimer_server.incidents._pinned import Process
-from ftimer_server.incidents._procfs import ThreadFacts, read_stat, read_threads
+from ftimer_server.incidents._procfs import ThreadFacts, non_dumpable, read_stat, read_threads
 from ftimer_server.incidents._reap_extras import core_dump, signal_again, signal_tree
 from ftimer_server.incidents._stack_formats import (
     MethodResult,
@@ -793,18 +793,25 @@ assert ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) == 0  # PR_SET_DUMPABLE: off
 print("ready", flush=True)
 sys.stdin.read()
 """
+# Dumpable, but its main thread has exited: it has no memory of its own any more, and
+# its /proc files belong to root as a non-dumpable process's do.
+MAIN_THREAD_GONE = """
+import ctypes, sys, threading
+threading.Thread(target=sys.stdin.read).start()
+print("ready", flush=True)
+ctypes.CDLL(None).pthread_exit(None)
+"""
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run a worker as another user")
-def test_no_core_of_a_worker_that_made_itself_non_dumpable(tmp_path: pathlib.Path) -> None:
-    # gcore, as root, dumped it all the same: a hardened program that keeps its keys out
-    # of cores had its memory written to the incident directory.
+@contextlib.contextmanager
+def as_nobody(script: str) -> Iterator[subprocess.Popen[str]]:
+    """Run ``script`` as uid and gid ``NOBODY`` until it says it is ready; kill it after."""
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv(1) from util-linux")
     worker = subprocess.Popen(
         [
             *("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"),
-            *(sys.executable, "-c", NON_DUMPABLE),
+            *(sys.executable, "-c", script),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -813,20 +820,30 @@ def test_no_core_of_a_worker_that_made_itself_non_dumpable(tmp_path: pathlib.Pat
     try:
         assert worker.stdout is not None
         assert worker.stdout.readline() == "ready\n"
-        with pinned(worker.pid) as process:
-            path, error = core_dump(
-                process, str(tmp_path), max_bytes=1 << 30, deadline=time.monotonic() + 60
-            )
+        yield worker
     finally:
         worker.kill()
         worker.wait()
         for stream in (worker.stdin, worker.stdout):
             assert stream is not None
             stream.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run a worker as another user")
+def test_no_core_of_a_worker_that_made_itself_non_dumpable(tmp_path: pathlib.Path) -> None:
+    # gcore, as root, dumped it all the same: a hardened program that keeps its keys out
+    # of cores had its memory written to the incident directory.
+    with as_nobody(NON_DUMPABLE) as worker, pinned(worker.pid) as process:
+        path, error = core_dump(
+            process, str(tmp_path), max_bytes=1 << 30, deadline=time.monotonic() + 60
+        )
     assert path is None
     assert error is not None
-    assert error.startswith("core dump: not taken: the worker made itself non-dumpable")
+    assert error.startswith("core dump: not taken: the worker is not dumpable")
     assert os.listdir(tmp_path) == []
+    with as_nobody(MAIN_THREAD_GONE) as worker:
+        wait_for(lambda: read_stat(worker.pid).state == "Z")
+        assert not non_dumpable(worker.pid)  # its live thread's files tell
 
 
 # gcore -o PREFIX PID, as far as a test needs: its "core" says the state PID was in when
@@ -1285,17 +1302,22 @@ def test_a_peer_is_read_without_being_stopped(py_spy: str, tmp_path: pathlib.Pat
     assert "--native" in stuck_
 
 
+@pytest.mark.parametrize(
+    "waiting", [{"state": "D"}, {"state": "S", "wchan": "request_wait_answer"}], ids=["D", "fuse"]
+)
 def test_a_worker_in_uninterruptible_sleep_is_read_without_being_stopped(
-    py_spy: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    py_spy: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, waiting: Dict[str, str]
 ) -> None:
     # py-spy stopped it, which waits until the thread leaves the kernel: a worker stuck
     # in a FUSE read spent the whole capture budget (3 s) for no stack, where reading it
-    # without stopping it gave the frame that named the file, in 14 ms.
+    # without stopping it gave the frame that named the file, in 14 ms. A FUSE request
+    # shows as S until a signal comes, which makes its wait uninterruptible: py-spy's
+    # stop did (the thread read as S, the worker was stopped, and py-spy hung).
     from ftimer_server.incidents import _capture
 
     def in_d_state(pid: int, **kwargs: Any) -> List[ThreadFacts]:
         threads = read_threads(pid, **kwargs)
-        return [dataclasses.replace(threads[0], state="D"), *threads[1:]]
+        return [dataclasses.replace(threads[0], **waiting), *threads[1:]]
 
     monkeypatch.setattr(_capture, "read_threads", in_d_state)
     calls = tmp_path / "calls"

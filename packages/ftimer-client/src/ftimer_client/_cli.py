@@ -24,11 +24,12 @@ import contextlib
 import errno
 import math
 import os
+import shlex
 import signal
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, TextIO, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, TextIO, Type, Union
 
 from ftimer_protocol import (
     ENV_SOCKET,
@@ -365,9 +366,9 @@ def _run(args: argparse.Namespace) -> int:
         wrapper = None if args.pid is not None else _wrapper(pid)
         if wrapper is not None:
             command.error(
-                f"this command was run by `{wrapper}` (process {pid}), not by the shell: "
-                f"the {args.command} would be for that process, which ends with this "
-                "command; give --pid $$ in the shell"
+                f"process {pid} (`{wrapper}`) runs this command as its last, and ends with "
+                f"it: the {args.command} would be for that process; give --pid $$ in the "
+                "shell"
             )
         try:
             os.kill(pid, 0)
@@ -432,11 +433,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _wrapper(parent: int) -> Optional[str]:
-    """The name of ``parent`` if it runs this command as its own and waits for it, as
-    ``timeout 5 ftimer ...``, ``xargs ftimer ...``, ``flock F ftimer ...`` or ``sudo``
-    do (its arguments hold this command's name followed by the start of this command's
+    """The name of ``parent`` if it runs this command as its own and ends with it:
+    ``timeout 5 ftimer ...``, ``xargs ftimer ...``, ``flock F ftimer ...``, ``sudo``
+    (its arguments hold this command's name followed by the start of this command's
     arguments, its subcommand at least: a path that merely ends in ``ftimer`` is not
-    it); None for a shell, or if its command line cannot be read."""
+    it), or ``timeout 5 sh -c 'ftimer ...'`` and ``sh -c 'cd x && ftimer ...'`` (one of
+    its arguments a shell command that ends with this command). None for a shell that
+    runs more, or if its command line cannot be read."""
     try:
         with open(f"/proc/{parent}/cmdline", "rb") as f:
             theirs = [os.fsdecode(arg) for arg in f.read().split(b"\0")[:-1]]
@@ -444,13 +447,29 @@ def _wrapper(parent: int) -> Optional[str]:
         return None
     names = {"ftimer", "ftimer_client", os.path.basename(sys.argv[0])}
     ours = sys.argv[1:]
-    for i, arg in enumerate(theirs[1:], 1):
+    for i in range(1, len(theirs)):
         rest = theirs[i + 1 :]
-        if rest and os.path.basename(arg) in names and ours[: len(rest)] == rest:
-            # A Python program's name is its script's (`ftimer exec -- ftimer arm`).
-            script = i > 1 and os.path.basename(theirs[0]).startswith("python")
-            return _shown(os.path.basename(theirs[1 if script else 0]))
-    return None
+        if os.path.basename(theirs[i]) in names and rest and ours[: len(rest)] == rest:
+            break
+        if " " in theirs[i] and _ends_with(theirs[i], names, ours):
+            break
+    else:
+        return None
+    name = os.path.basename(theirs[0])
+    if name.startswith(("python", "pypy")):  # a program named by its script or module
+        name = next((a for a in theirs[1:i] if not a.startswith("-")), name)
+    return _shown(os.path.basename(name))
+
+
+def _ends_with(command: str, names: Set[str], ours: List[str]) -> bool:
+    """Whether the shell command ``command`` ends with this one: one of ``names``, then
+    ``ours`` (all of it)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # not a shell's words
+        return False
+    cut = len(words) - len(ours) - 1
+    return cut >= 0 and os.path.basename(words[cut]) in names and words[cut + 1 :] == ours
 
 
 def _adopted(parent: int) -> bool:

@@ -65,6 +65,9 @@ _RESERVE = 0.05
 #: still leaves the hook time to answer.
 _HOOK_SHARE = 0.4
 _HOOK_SHARE_MAX = 0.5
+#: Kernel waits a stop signal makes uninterruptible: a FUSE request's (shown as S until
+#: a signal comes), whose server hangs; py-spy's stop then waited for it all its time.
+_STOP_BLOCKS = frozenset({"request_wait_answer"})
 
 
 @dataclass(frozen=True)
@@ -314,16 +317,16 @@ def _try_py_spy(
     # frames cannot be read so (py-spy refuses --native with --nonblocking).
     # And a worker stopped already (T state: SIGSTOP, Ctrl-Z), which py-spy's own stop
     # fails on ("Failed to suspend process"), and which needs none.
-    uninterruptible = [t.tid for t in threads if t.state == "D"]
+    uninterruptible = [t.tid for t in threads if t.state == "D" or t.wchan in _STOP_BLOCKS]
     nonblocking = role == "peer" or bool(uninterruptible) or was_stopped
     native = options.native and not nonblocking
     if role != "peer" and (uninterruptible or was_stopped):
         why = (
             "it is stopped (T state), and py-spy cannot stop it again; no native frames"
             if was_stopped
-            else f"thread {', '.join(map(str, uninterruptible))} is in uninterruptible "
-            "sleep (D state), where it cannot be stopped; no native frames, and a thread "
-            "that ran meanwhile may show a torn stack"
+            else f"thread {', '.join(map(str, uninterruptible))} cannot be stopped (in "
+            "uninterruptible sleep, D state, or waiting for a FUSE server); no native "
+            "frames, and a thread that ran meanwhile may show a torn stack"
         )
         notes.append(f"read without stopping it: {why}")
     spy = functools.partial(

@@ -109,10 +109,11 @@ def read_uid(pid: int) -> int:
 
 
 def non_dumpable(pid: int) -> bool:
-    """Whether process ``pid`` made itself non-dumpable (``prctl(PR_SET_DUMPABLE, 0)``,
-    or a change of uid, which clears the flag): its ``/proc`` files (not the directory)
-    then belong to root, not to its effective uid. Not to be told of a process whose
-    effective uid is root's (False).
+    """Whether process ``pid`` is not dumpable (``prctl(PR_SET_DUMPABLE, 0)``, or a change
+    of uid, which clears the flag): its ``/proc`` files (not the directory) then belong to
+    root (its user namespace's), not to its effective uid. Not to be told of a process
+    whose effective uid is that root's (False). Those of a thread that has no memory any
+    more (an exited main thread's) belong to root too: a live thread's are looked at.
 
     Raises:
         ProcessLookupError: no such process.
@@ -120,7 +121,13 @@ def non_dumpable(pid: int) -> bool:
         ValueError, IndexError: no readable ``Uid`` line.
     """
     effective = int(read_status(pid).get("Uid", "").split()[1])
-    return os.stat(f"/proc/{pid}/stat").st_uid != effective
+    task = f"/proc/{pid}"
+    if read_stat(pid).state in "ZXx":
+        tid = live_thread(pid)
+        if tid is None:  # exiting: no core to be had anyway
+            return False
+        task = f"/proc/{pid}/task/{tid}"
+    return os.stat(f"{task}/stat").st_uid != effective
 
 
 def tracer_pid(pid: int) -> int:
@@ -178,7 +185,8 @@ def bounded(fn: Callable[[], _T], deadline: float) -> Tuple[bool, Optional[_T]]:
     Returns:
         (True, its result), or (False, None) if it had not returned by then: the thread
         is left behind (a daemon thread, blocked in the kernel until the worker is
-        killed), and whatever it returns later is dropped.
+        killed, or until a hung file system answers), and whatever it returns later is
+        dropped.
 
     Raises:
         Exception: what ``fn`` raised, if it raised by the deadline.
@@ -364,13 +372,15 @@ def thread_stack_mappings(pid: int) -> List[Tuple[int, int]]:
 
 @dataclass
 class _Slow:
-    """What the helper thread of ``read_facts`` reads: results, notes, and the open file
-    it is looking at (its descriptor's path and target), if any."""
+    """What the helper thread of ``read_facts`` reads: results, notes, the open file it
+    looks at (its descriptor's path and target; None before the first), and whether it
+    is done (set last: what it reads is whole once it is)."""
 
     cmdline: Optional[List[str]] = None
     fifos: int = 0
     notes: List[str] = field(default_factory=list)
     at: Optional[Tuple[str, str]] = None
+    done: bool = False
 
 
 def _read_slow(pid: int, paths: List[Tuple[str, str]], slow: _Slow) -> None:
@@ -387,7 +397,7 @@ def _read_slow(pid: int, paths: List[Tuple[str, str]], slow: _Slow) -> None:
                 slow.fifos += 1
         except OSError:
             continue  # closed meanwhile
-    slow.at = None
+    slow.done = True
 
 
 def _slow_note(pid: int, slow: _Slow) -> str:
@@ -454,8 +464,9 @@ def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
         notes.append(f"open files unreadable: {strerror(unreadable)}")
     slow = _Slow()
     share = min(deadline, time.monotonic() + SLOW_FACTS_SHARE)
-    done, _ = bounded(lambda: _read_slow(pid, paths, slow), share)
-    if not done:  # the thread goes on: its count of FIFOs is partial
+    bounded(lambda: _read_slow(pid, paths, slow), share)
+    done = slow.done  # not otherwise: the thread goes on, its count of FIFOs partial
+    if not done:
         notes.append(_slow_note(pid, slow))
     notes.extend(slow.notes)
     facts = ProcessFacts(

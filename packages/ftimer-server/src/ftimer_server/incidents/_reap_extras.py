@@ -92,9 +92,9 @@ def _core_dump(
         if non_dumpable(process.pid):
             # Its memory may hold what it chose to keep out of cores (keys, say).
             return None, (
-                "core dump: not taken: the worker made itself non-dumpable "
-                "(PR_SET_DUMPABLE 0, or a change of uid), which the kernel's own core "
-                "dumps respect"
+                "core dump: not taken: the worker is not dumpable (it set "
+                "PR_SET_DUMPABLE to 0, or changed its uid): what it keeps out of core "
+                "dumps is kept out of this one"
             )
     gcore = shutil.which("gcore")
     if gcore is None:

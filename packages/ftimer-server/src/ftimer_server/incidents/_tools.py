@@ -344,7 +344,7 @@ def py_spy_dump(
         native: C/C++ frames too.
         resume: SIGCONT the worker after, if py-spy stopped it (not with ``thread`` or
             ``nonblocking``).
-        uninterruptible: its threads in state D, named if py-spy hangs.
+        uninterruptible: its threads that cannot be stopped, named if py-spy hangs.
         thread: a live thread to read the worker through, its main thread having
             exited (py-spy cannot open it by its pid then, nor stop it): read without
             stopping it (``--nonblocking``).
@@ -434,9 +434,11 @@ def _py_spy_killed(run: ToolRun, uninterruptible: Sequence[int]) -> MethodResult
     """A py-spy killed at the deadline: why it may not have finished."""
     stuck = ", ".join(map(str, uninterruptible))
     why = (
-        f"thread {stuck} is in uninterruptible sleep (D state) and cannot be stopped"
+        f"thread {stuck} cannot be stopped (in uninterruptible sleep, D state, or waiting "
+        "for a FUSE server)"
         if stuck
-        else "it did not finish"
+        else "a thread of the worker may not stop (a wait on a hung file system?), or a "
+        "file py-spy reads does not answer"
     )
     return MethodResult(
         raw=excerpt(run.out),

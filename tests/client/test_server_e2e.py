@@ -172,7 +172,19 @@ def test_a_server_restarted_without_its_state_gets_the_timer_of_ftimer_exec(
     path = pathlib.Path(socket_path_for(str(fifo_path)))
     where = ["--fifo", str(fifo_path)] if transport == "fifo" else ["--socket", str(path)]
     signaller = server_module.RecordingSignaller()  # the command is the test's to end
-    command = [*FTIMER, "exec", *where, "--after", "600", "--", "sleep", "60"]
+    # A receipt a loaded machine delays past the default second fails the command.
+    command = [
+        *FTIMER,
+        "exec",
+        *where,
+        "--after",
+        "600",
+        "--write-timeout",
+        "30",
+        "--",
+        "sleep",
+        "60",
+    ]
     first = server_module.FileTimerServer(fifo_path, socket_path=path, signaller=signaller)
     with first, subprocess.Popen(command) as wrapper:
         [timer] = wait_until(first.armed)

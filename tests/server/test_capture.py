@@ -44,7 +44,7 @@ from ftimer_server.incidents._stack_formats import (
     parse_py_spy,
 )
 
-from .conftest import NOBODY
+from .conftest import NOBODY, run_as_nobody
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
 
@@ -808,6 +808,9 @@ def as_nobody(script: str) -> Iterator[subprocess.Popen[str]]:
     """Run ``script`` as uid and gid ``NOBODY`` until it says it is ready; kill it after."""
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv(1) from util-linux")
+    probe = run_as_nobody("pass")
+    if probe.returncode != 0:
+        pytest.skip(f"uid {NOBODY} cannot run {sys.executable}: {probe.stderr.strip()}")
     worker = subprocess.Popen(
         [
             *("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"),

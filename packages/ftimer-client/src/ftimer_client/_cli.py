@@ -295,6 +295,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    # This command's, as its parent's command line may hold it: this process's, or as a
+    # caller of main() gave it.
+    args.argv = list(sys.argv) if argv is None else ["ftimer", *argv]
     with warnings.catch_warnings():
         # A warning (``--on-unavailable warn``) is one line for a person, not Python's
         # "file:line: Category: ..." with the source line of the console script.
@@ -363,7 +366,7 @@ def _run(args: argparse.Namespace) -> int:
                 "shell, is its parent now (`ftimer arm ... &` at the end of a script?); "
                 "give --pid $$ in the shell"
             )
-        wrapper = None if args.pid is not None else _wrapper(pid)
+        wrapper = None if args.pid is not None else _wrapper(pid, args.argv)
         if wrapper is not None:
             command.error(
                 f"process {pid} (`{wrapper}`) runs this command as its last, and ends with "
@@ -432,21 +435,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wrapper(parent: int) -> Optional[str]:
+def _wrapper(parent: int, argv: List[str]) -> Optional[str]:
     """The name of ``parent`` if it runs this command as its own and ends with it:
     ``timeout 5 ftimer ...``, ``xargs ftimer ...``, ``flock F ftimer ...``, ``sudo``
     (its arguments hold this command's name followed by the start of this command's
     arguments, its subcommand at least: a path that merely ends in ``ftimer`` is not
     it), or ``timeout 5 sh -c 'ftimer ...'`` and ``sh -c 'cd x && ftimer ...'`` (one of
     its arguments a shell command that ends with this command). None for a shell that
-    runs more, or if its command line cannot be read."""
+    runs more, or if its command line cannot be read. ``argv``: this command's."""
     try:
         with open(f"/proc/{parent}/cmdline", "rb") as f:
             theirs = [os.fsdecode(arg) for arg in f.read().split(b"\0")[:-1]]
     except OSError:
         return None
-    names = {"ftimer", "ftimer_client", os.path.basename(sys.argv[0])}
-    ours = sys.argv[1:]
+    names = {"ftimer", "ftimer_client", os.path.basename(argv[0])}
+    ours = argv[1:]
     for i in range(1, len(theirs)):
         rest = theirs[i + 1 :]
         if os.path.basename(theirs[i]) in names and rest and ours[: len(rest)] == rest:

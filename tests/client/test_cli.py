@@ -552,8 +552,20 @@ def test_usage_the_server_refuses_is_refused_as_usage(args: tuple, error: str) -
     assert result.stderr.endswith(f"error: {error}\n")
 
 
-@pytest.mark.parametrize("wrapper", ["timeout", "xargs", "timeout sh -c"])
-def test_a_wrapper_that_runs_the_command_is_never_armed(peer: FifoPeer, wrapper: str) -> None:
+WRAPPED = {
+    "timeout": (["timeout", "30", "{line}", "job"], None),
+    "xargs": (["xargs", "{line}"], "job\n"),  # xargs appends the rest
+    "xargs -I": (["xargs", "-I{}", "{line}", "{}"], "job\n"),
+    # A shell command whose last command it is (run in the shell's place, or last).
+    "timeout sh -c": (["timeout", "30", "sh", "-c", "{line} job"], None),
+    "sh -c, then": (["sh", "-c", 'cd / && {line} "$1"', "sh", "job"], None),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPED))
+def test_a_wrapper_that_runs_the_command_is_refused_as_its_default_parent(
+    peer: FifoPeer, wrapper: str
+) -> None:
     # `timeout 5 ftimer disarm ...` (or xargs, flock, sudo, time): the wrapper was the
     # parent, so the disarm named it, did nothing and said nothing, and the script's own
     # timer killed it later; an arm was the wrapper's, gone with it at once.
@@ -561,18 +573,18 @@ def test_a_wrapper_that_runs_the_command_is_never_armed(peer: FifoPeer, wrapper:
     if shutil.which(program) is None:
         pytest.skip(f"no {program} here")
     line = [*FTIMER, "disarm", "--fifo", str(peer.path), "--scope"]
-    if wrapper == "timeout":
-        done = subprocess.run(["timeout", "30", *line, "job"], capture_output=True, text=True)
-    elif wrapper == "xargs":
-        done = subprocess.run(["xargs", *line], input="job\n", capture_output=True, text=True)
-    else:  # one command whole, which the shell runs in its place, or last
-        shell = ["timeout", "30", "sh", "-c", shlex.join([*line, "job"])]
-        done = subprocess.run(shell, capture_output=True, text=True)
-    assert done.returncode == (123 if wrapper == "xargs" else EXIT_USAGE)  # xargs': 1-125
+    template, stdin = WRAPPED[wrapper]
+    if template[0] in ("timeout", "sh") and "-c" in template:
+        argv = [shlex.join(line).join(a.split("{line}")) for a in template]
+    else:
+        argv = [w for a in template for w in (line if a == "{line}" else [a])]
+    done = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+    assert done.returncode == (123 if program == "xargs" else EXIT_USAGE)  # xargs': 1-125
     assert ") runs this command as its last, and ends with it: the disarm would" in done.stderr
+    assert peer.messages == []
     # A shell that runs more than the command is its parent, and the timer is its own.
     shell = subprocess.run(
-        ["sh", "-c", f"{shlex.join(line)} job; echo $$"], capture_output=True, text=True
+        ["sh", "-c", f"{shlex.join(line)} job\necho $$"], capture_output=True, text=True
     )
     assert (shell.returncode, shell.stderr) == (0, "")
     [disarm] = peer.wait_count(1)

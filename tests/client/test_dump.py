@@ -284,9 +284,11 @@ def test_the_environment_is_not_read_for_another_process_or_torchs_protocol(
     fifo_path: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FTIMER_DUMP_SIGNAL", "USR2")
-    # A client given a pid (of the parent, here: no server reads the FIFO) arms timers of
-    # a process it does not follow; the hook would be its own, so it is silently not read.
-    other = FileTimerClient(fifo_path, labels={}, pid=os.getppid())  # type: ignore[arg-type]
+    # A client given a pid (of a child of the test's) arms timers of a process it does not
+    # follow; the hook would be its own, so it is silently not read.
+    with subprocess.Popen(["sleep", "600"]) as child:
+        child.kill()  # the pid is only looked at, and stays the child's until waited for
+        other = FileTimerClient(fifo_path, labels={}, pid=child.pid)  # type: ignore[arg-type]
     assert other.dump_hook is None
     with pytest.warns(RuntimeWarning, match="ignored with protocol 1"):
         v1 = FileTimerClient(fifo_path, protocol=1)  # type: ignore[arg-type]
@@ -327,8 +329,10 @@ def test_a_signal_the_hook_cannot_take_is_refused(
 
 
 def test_the_hook_is_refused_where_it_cannot_be_announced(fifo_path: object) -> None:
-    with pytest.raises(ValueError, match="cannot be used with pid: the hook has to be"):
-        FileTimerClient(fifo_path, pid=os.getppid(), dump_signal="USR2")  # type: ignore[arg-type]
+    with subprocess.Popen(["sleep", "600"]) as child:  # another process
+        child.kill()  # the pid is only looked at, and stays the child's until waited for
+        with pytest.raises(ValueError, match="cannot be used with pid: the hook has to be"):
+            FileTimerClient(fifo_path, pid=child.pid, dump_signal="USR2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="needs protocol 2"):
         FileTimerClient(fifo_path, protocol=1, dump_signal="USR2")  # type: ignore[arg-type]
 

@@ -26,19 +26,29 @@ from .conftest import FifoPeer, SocketPeer, server_state
 from .test_fork import in_child
 
 ME = os.getpid()
-#: The process a client given ``pid=`` arms for: this one's parent (the servers here
-#: only record).
-OTHER = os.getppid()
+
+
+@pytest.fixture
+def other() -> Iterator[int]:
+    """The pid of a process of this test's own, for a client given ``pid=`` (the servers
+    here only record)."""
+    with subprocess.Popen(["sleep", "600"]) as proc:
+        try:
+            yield proc.pid
+        finally:
+            proc.kill()
 
 
 def watches() -> int:
     return sum(t.name == "ftimer-client-watch" for t in threading.enumerate())
 
 
-def test_a_disarm_in_a_forked_child_of_a_client_for_a_pid_is_still_owed(peer: FifoPeer) -> None:
+def test_a_disarm_in_a_forked_child_of_a_client_for_a_pid_is_still_owed(
+    peer: FifoPeer, other: int
+) -> None:
     # The child's channel counted as never having reached a server, so its failed
     # disarm was dropped: the server, restored from its state file, reaped the worker.
-    client = FileTimerClient(peer.path, pid=OTHER, on_unavailable="warn", labels={})
+    client = FileTimerClient(peer.path, pid=other, on_unavailable="warn", labels={})
     client.arm("w", 60)
     peer.wait_count(1)
     peer.close()  # the server goes, as for a restart
@@ -49,7 +59,7 @@ def test_a_disarm_in_a_forked_child_of_a_client_for_a_pid_is_still_owed(peer: Fi
             client.release("w")
         back = FifoPeer(peer.path, create=False)
         try:  # the child's retries deliver it to the server once it is back
-            back.wait_for(lambda m: any(isinstance(x, Disarm) and x.pid == OTHER for x in m))
+            back.wait_for(lambda m: any(isinstance(x, Disarm) and x.pid == other for x in m))
         finally:
             back.close()
 
@@ -57,12 +67,12 @@ def test_a_disarm_in_a_forked_child_of_a_client_for_a_pid_is_still_owed(peer: Fi
 
 
 def test_clients_dropped_without_close_let_their_watch_and_connection_go(
-    peer: FifoPeer,
+    peer: FifoPeer, other: int
 ) -> None:
     # The watch held its channel: each dropped client left a thread and a descriptor.
     before = watches()
     for _ in range(20):
-        client = FileTimerClient(peer.path, pid=OTHER, labels={})  # a channel of its own
+        client = FileTimerClient(peer.path, pid=other, labels={})  # a channel of its own
         client.arm("s", 60)
         client.release("s")
     assert watches() >= before + 20

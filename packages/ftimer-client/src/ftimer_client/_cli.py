@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Set, TextIO, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Type, Union
 
 from ftimer_protocol import (
     ENV_SOCKET,
@@ -295,9 +295,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    # This command's, as its parent's command line may hold it: this process's, or as a
-    # caller of main() gave it.
-    args.argv = list(sys.argv) if argv is None else ["ftimer", *argv]
+    # This command's name, as its parent's command line may hold it (a caller of main()
+    # is not started by a command line).
+    args.program = sys.argv[0] if argv is None else "ftimer"
     with warnings.catch_warnings():
         # A warning (``--on-unavailable warn``) is one line for a person, not Python's
         # "file:line: Category: ..." with the source line of the console script.
@@ -366,7 +366,7 @@ def _run(args: argparse.Namespace) -> int:
                 "shell, is its parent now (`ftimer arm ... &` at the end of a script?); "
                 "give --pid $$ in the shell"
             )
-        wrapper = None if args.pid is not None else _wrapper(pid, args.argv)
+        wrapper = None if args.pid is not None else _wrapper(pid, args.program, args.command)
         if wrapper is not None:
             command.error(
                 f"process {pid} (`{wrapper}`) runs this command as its last, and ends with "
@@ -435,44 +435,72 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wrapper(parent: int, argv: List[str]) -> Optional[str]:
+def _wrapper(parent: int, program: str, command: str) -> Optional[str]:
     """The name of ``parent`` if it runs this command as its own and ends with it:
-    ``timeout 5 ftimer ...``, ``xargs ftimer ...``, ``flock F ftimer ...``, ``sudo``
-    (its arguments hold this command's name followed by the start of this command's
-    arguments, its subcommand at least: a path that merely ends in ``ftimer`` is not
-    it), or ``timeout 5 sh -c 'ftimer ...'`` and ``sh -c 'cd x && ftimer ...'`` (one of
-    its arguments a shell command that ends with this command). None for a shell that
-    runs more, or if its command line cannot be read. ``argv``: this command's."""
+    ``timeout 5 ftimer ...``, ``xargs [-I{}] ftimer ...``, ``find -exec ftimer ...``,
+    ``flock F ftimer ...``, ``sudo`` (its arguments hold this command's name followed by
+    its subcommand: a path that merely ends in ``ftimer`` is not it), or ``timeout 5 sh
+    -c 'ftimer ...'`` and ``sh -c 'cd x && ftimer ...'`` (one of its arguments a shell
+    command whose last command is this one). None for a shell that runs more, or if its
+    command line cannot be read. ``program``: this command's name; ``command``: its
+    subcommand (arm, beat, disarm, expire)."""
     try:
         with open(f"/proc/{parent}/cmdline", "rb") as f:
             theirs = [os.fsdecode(arg) for arg in f.read().split(b"\0")[:-1]]
     except OSError:
         return None
-    names = {"ftimer", "ftimer_client", os.path.basename(argv[0])}
-    ours = argv[1:]
+    names = {"ftimer", "ftimer_client", os.path.basename(program)}
+
+    def named(words: List[str], at: int) -> bool:  # this command's name, then subcommand
+        return os.path.basename(words[at]) in names and words[at + 1 : at + 2] == [command]
+
     for i in range(1, len(theirs)):
-        rest = theirs[i + 1 :]
-        if os.path.basename(theirs[i]) in names and rest and ours[: len(rest)] == rest:
+        if named(theirs, i):
             break
-        if " " in theirs[i] and _ends_with(theirs[i], names, ours):
-            break
+        if " " in theirs[i]:
+            last = _last_command(theirs[i])  # perhaps an interpreter's: `python -m ...`
+            if any(named(last, j) for j in range(len(last))):
+                break
     else:
         return None
-    name = os.path.basename(theirs[0])
-    if name.startswith(("python", "pypy")):  # a program named by its script or module
-        name = next((a for a in theirs[1:i] if not a.startswith("-")), name)
-    return _shown(os.path.basename(name))
+    return _shown(os.path.basename(_program(theirs[:i])))
 
 
-def _ends_with(command: str, names: Set[str], ours: List[str]) -> bool:
-    """Whether the shell command ``command`` ends with this one: one of ``names``, then
-    ``ours`` (all of it)."""
+def _last_command(script: str) -> List[str]:
+    """The words of the last command of the shell ``script`` (after its last newline,
+    ``;``, ``&&``, ``||``, ``|``, ``&`` or parenthesis); none if it cannot be split as a
+    shell would."""
+    operators = "();|&\n"
+    lexer = shlex.shlex(script, posix=True, punctuation_chars=operators + "<>")
+    lexer.whitespace = " \t\r"
+    last: List[str] = []
+    words: List[str] = []
     try:
-        words = shlex.split(command)
-    except ValueError:  # not a shell's words
-        return False
-    cut = len(words) - len(ours) - 1
-    return cut >= 0 and os.path.basename(words[cut]) in names and words[cut + 1 :] == ours
+        for word in lexer:
+            # Runs of operators come as one word ("&&\n"); a redirection's (">&") is not
+            # one that ends a command.
+            if word[0] in operators and not word.strip(operators):
+                last, words = words or last, []  # a trailing newline ends nothing more
+            else:
+                words.append(word)
+    except ValueError:  # an unclosed quote
+        return []
+    return words or last
+
+
+def _program(argv: List[str]) -> str:
+    """What ``argv`` runs: its first word, or an interpreter's script or module."""
+    if not os.path.basename(argv[0]).startswith(("python", "pypy")):
+        return argv[0]
+    words = iter(argv[1:])
+    for word in words:
+        if word in ("-m", "-X", "-W", "-Q"):  # each takes a value: -m's is the program
+            value = next(words, argv[0])
+            if word == "-m":
+                return value
+        elif not word.startswith("-"):
+            return word
+    return argv[0]
 
 
 def _adopted(parent: int) -> bool:

@@ -67,7 +67,7 @@ _HOOK_SHARE = 0.4
 _HOOK_SHARE_MAX = 0.5
 #: Kernel waits a stop signal makes uninterruptible: a FUSE request's (shown as S until
 #: a signal comes), whose server hangs; py-spy's stop then waited for it all its time.
-_STOP_BLOCKS = frozenset({"request_wait_answer"})
+_STOP_BLOCKS = frozenset({"request_wait_answer", "__fuse_request_send", "fuse_simple_request"})
 
 
 @dataclass(frozen=True)
@@ -335,7 +335,6 @@ def _try_py_spy(
         process,
         deadline - share - _RESERVE,
         resume=not was_stopped,
-        uninterruptible=uninterruptible,
         thread=through,
         nonblocking=nonblocking,
     )

@@ -50,10 +50,10 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: stays bounded whatever the worker holds.
 MAX_THREADS = 4096
 MAX_FDS = 65536
-#: Of a capture's budget, the most the reads that may block are waited for: a worker's
+#: Of a capture's budget, the seconds the reads that may block are waited for: a worker's
 #: command line (its memory lock) and where its open files lead (their file systems: a
 #: file on a hung mount held the whole budget, and no stack was read).
-SLOW_FACTS_SHARE = 0.5
+SLOW_FACTS_WAIT = 0.5
 
 
 def read_stat(pid: int, tid: Optional[int] = None) -> ProcStat:
@@ -391,9 +391,10 @@ def _read_slow(pid: int, paths: List[Tuple[str, str]], slow: _Slow) -> None:
         slow.cmdline = [a.decode(errors="replace") for a in args]
     except OSError as e:
         slow.notes.append(f"cmdline unreadable: {strerror(e)}")
-    for slow.at in paths:
+    for at in paths:
+        slow.at = at
         try:
-            if stat.S_ISFIFO(os.stat(slow.at[0]).st_mode):
+            if stat.S_ISFIFO(os.stat(at[0]).st_mode):
                 slow.fifos += 1
         except OSError:
             continue  # closed meanwhile
@@ -409,8 +410,8 @@ def _slow_note(pid: int, slow: _Slow) -> str:
         )
     path, target = slow.at
     return (
-        f"open file {path.rsplit('/', 1)[-1]} ({printable(target[:200])}) did not answer stat() "
-        "in time: its file system may be hung"
+        f"open file (fd {path.rsplit('/', 1)[-1]}: {printable(target[:200])}) did not answer "
+        "stat() in time: its file system may be hung"
     )
 
 
@@ -463,7 +464,7 @@ def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
     if unreadable is not None:
         notes.append(f"open files unreadable: {strerror(unreadable)}")
     slow = _Slow()
-    share = min(deadline, time.monotonic() + SLOW_FACTS_SHARE)
+    share = min(deadline, time.monotonic() + SLOW_FACTS_WAIT)
     bounded(lambda: _read_slow(pid, paths, slow), share)
     done = slow.done  # not otherwise: the thread goes on, its count of FIFOs partial
     if not done:

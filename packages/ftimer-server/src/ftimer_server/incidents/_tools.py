@@ -331,7 +331,6 @@ def py_spy_dump(
     *,
     native: bool,
     resume: bool,
-    uninterruptible: Sequence[int] = (),
     thread: Optional[int] = None,
     nonblocking: bool = False,
 ) -> MethodResult:
@@ -344,7 +343,6 @@ def py_spy_dump(
         native: C/C++ frames too.
         resume: SIGCONT the worker after, if py-spy stopped it (not with ``thread`` or
             ``nonblocking``).
-        uninterruptible: its threads that cannot be stopped, named if py-spy hangs.
         thread: a live thread to read the worker through, its main thread having
             exited (py-spy cannot open it by its pid then, nor stop it): read without
             stopping it (``--nonblocking``).
@@ -373,7 +371,7 @@ def py_spy_dump(
             "(its pid may then have been another process's): what py-spy read is discarded"
         )
     if run.returncode is None:
-        return _py_spy_killed(run, uninterruptible)
+        return _py_spy_killed(run, unstopped)
     if run.returncode != 0:
         return _py_spy_failed(run, process)
     return _py_spy_threads(run)
@@ -430,15 +428,14 @@ def _py_spy_too_long(out: bytes) -> MethodResult:
     )
 
 
-def _py_spy_killed(run: ToolRun, uninterruptible: Sequence[int]) -> MethodResult:
-    """A py-spy killed at the deadline: why it may not have finished."""
-    stuck = ", ".join(map(str, uninterruptible))
+def _py_spy_killed(run: ToolRun, unstopped: bool) -> MethodResult:
+    """A py-spy killed at the deadline: why it may not have finished (``unstopped``: it
+    read the worker without stopping it)."""
     why = (
-        f"thread {stuck} cannot be stopped (in uninterruptible sleep, D state, or waiting "
-        "for a FUSE server)"
-        if stuck
+        "a file it reads (the worker's program, a library) may not answer: a hung file system?"
+        if unstopped
         else "a thread of the worker may not stop (a wait on a hung file system?), or a "
-        "file py-spy reads does not answer"
+        "file it reads does not answer"
     )
     return MethodResult(
         raw=excerpt(run.out),

@@ -24,7 +24,6 @@ import contextlib
 import errno
 import math
 import os
-import shlex
 import signal
 import sys
 import time
@@ -369,9 +368,8 @@ def _run(args: argparse.Namespace) -> int:
         wrapper = None if args.pid is not None else _wrapper(pid, args.program, args.command)
         if wrapper is not None:
             command.error(
-                f"process {pid} (`{wrapper}`) runs this command as its last, and ends with "
-                f"it: the {args.command} would be for that process; give --pid $$ in the "
-                "shell"
+                f"process {pid} (`{wrapper}`) runs this command and ends with it: the "
+                f"{args.command} would be for that process; give --pid $$ in the shell"
             )
         try:
             os.kill(pid, 0)
@@ -438,54 +436,20 @@ def _run(args: argparse.Namespace) -> int:
 def _wrapper(parent: int, program: str, command: str) -> Optional[str]:
     """The name of ``parent`` if it runs this command as its own and ends with it:
     ``timeout 5 ftimer ...``, ``xargs [-I{}] ftimer ...``, ``find -exec ftimer ...``,
-    ``flock F ftimer ...``, ``sudo`` (its arguments hold this command's name followed by
-    its subcommand: a path that merely ends in ``ftimer`` is not it), or ``timeout 5 sh
-    -c 'ftimer ...'`` and ``sh -c 'cd x && ftimer ...'`` (one of its arguments a shell
-    command whose last command is this one). None for a shell that runs more, or if its
-    command line cannot be read. ``program``: this command's name; ``command``: its
-    subcommand (arm, beat, disarm, expire)."""
+    ``flock F ftimer ...``, ``sudo``: its arguments hold this command's name
+    (``program``'s, or ``ftimer``) followed by its subcommand (``command``), each a word
+    of its own. None for a shell (which gives a command as one string), or if its
+    command line cannot be read."""
     try:
         with open(f"/proc/{parent}/cmdline", "rb") as f:
             theirs = [os.fsdecode(arg) for arg in f.read().split(b"\0")[:-1]]
     except OSError:
         return None
     names = {"ftimer", "ftimer_client", os.path.basename(program)}
-
-    def named(words: List[str], at: int) -> bool:  # this command's name, then subcommand
-        return os.path.basename(words[at]) in names and words[at + 1 : at + 2] == [command]
-
-    for i in range(1, len(theirs)):
-        if named(theirs, i):
-            break
-        if " " in theirs[i]:
-            last = _last_command(theirs[i])  # perhaps an interpreter's: `python -m ...`
-            if any(named(last, j) for j in range(len(last))):
-                break
-    else:
-        return None
-    return _shown(os.path.basename(_program(theirs[:i])))
-
-
-def _last_command(script: str) -> List[str]:
-    """The words of the last command of the shell ``script`` (after its last newline,
-    ``;``, ``&&``, ``||``, ``|``, ``&`` or parenthesis); none if it cannot be split as a
-    shell would."""
-    operators = "();|&\n"
-    lexer = shlex.shlex(script, posix=True, punctuation_chars=operators + "<>")
-    lexer.whitespace = " \t\r"
-    last: List[str] = []
-    words: List[str] = []
-    try:
-        for word in lexer:
-            # Runs of operators come as one word ("&&\n"); a redirection's (">&") is not
-            # one that ends a command.
-            if word[0] in operators and not word.strip(operators):
-                last, words = words or last, []  # a trailing newline ends nothing more
-            else:
-                words.append(word)
-    except ValueError:  # an unclosed quote
-        return []
-    return words or last
+    for i in range(1, len(theirs) - 1):
+        if os.path.basename(theirs[i]) in names and theirs[i + 1] == command:
+            return _shown(os.path.basename(_program(theirs[:i])))
+    return None
 
 
 def _program(argv: List[str]) -> str:

@@ -458,7 +458,7 @@ def _program(argv: List[str]) -> str:
         return argv[0]
     words = iter(argv[1:])
     for word in words:
-        if word in ("-m", "-X", "-W", "-Q"):  # each takes a value: -m's is the program
+        if word in ("-m", "-X", "-W"):  # each takes a value: -m's is the program
             value = next(words, argv[0])
             if word == "-m":
                 return value

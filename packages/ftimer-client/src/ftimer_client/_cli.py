@@ -369,7 +369,8 @@ def _run(args: argparse.Namespace) -> int:
         if wrapper is not None:
             command.error(
                 f"process {pid} (`{wrapper}`) runs this command and ends with it: the "
-                f"{args.command} would be for that process; give --pid $$ in the shell"
+                f"{args.command} would be for that process; give --pid $$ in the shell, "
+                "or run the step under `ftimer exec`"
             )
         try:
             os.kill(pid, 0)

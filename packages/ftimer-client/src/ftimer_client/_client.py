@@ -81,8 +81,8 @@ class FileTimerClient:
             ``rank`` and ``local_rank`` from torchrun's ``RANK`` and ``LOCAL_RANK`` when
             set, and ``job`` from its ``TORCHELASTIC_RUN_ID``; ``{}`` for none.
         pid: arm timers of another process instead of this one (what the ``ftimer``
-            command does for a shell script). This process's own pid is as ``None``: a
-            forked child or a pickled copy arms its own timers.
+            command does for a shell script). This process's own pid is treated as
+            ``None``: a forked child or a pickled copy arms its own timers.
         dump_signal: turn on the stack-dump hook for the server's incidents (protocol 2):
             register Python's ``faulthandler`` on this signal (a number or a name such as
             ``"SIGUSR2"`` or ``"SIGRTMIN+2"``), once per process, and announce it with

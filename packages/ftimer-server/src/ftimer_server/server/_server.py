@@ -194,11 +194,11 @@ class FileTimerServer:
             reused then); else closed, and a new one bound (as the FIFO is replaced),
             so that its clients re-send their timers. The server owns it from
             ``start()`` on.
-        restore_grace: after ``restore()`` or ``replay()`` (made before ``start()``: after
-            the FIFO is open), no timer expires for this many seconds: clients that could
-            not write while no server ran (a disarm during the outage) re-send within
-            their retry interval (1 s at most for ftimer's client), and a deadline that
-            fell in the outage is judged after.
+        restore_grace: after ``restore()`` or ``replay()`` (counted from the call, or, for
+            one before ``start()``, from when it has opened the FIFO), no timer expires for
+            this many seconds: clients that could not write while no server ran (a
+            disarm during the outage) re-send within their retry interval (1 s at most
+            for ftimer's client), and a deadline that fell in the outage is judged after.
 
     Raises:
         ValueError: an option is out of range, or options conflict.

@@ -16,7 +16,7 @@ from typing import List
 import pytest
 from tests.conftest import wait_until
 
-from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, main
+from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, _program, main
 from ftimer_client._proc import process_start_time
 from ftimer_protocol import Arm, Disarm, Expire, TimerRequestV1
 
@@ -593,3 +593,17 @@ def test_an_empty_scope_is_refused(peer: FifoPeer) -> None:
     assert done.returncode == EXIT_USAGE
     assert "argument --scope: empty (an unset variable?)" in done.stderr
     assert peer.messages == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["timeout", "30"], "timeout"),
+        (["/usr/bin/python3", "-X", "dev", "/venv/bin/ftimer", "exec"], "/venv/bin/ftimer"),
+        (["python3", "-W", "error", "-m", "ftimer_client", "exec"], "ftimer_client"),
+        (["pypy3", "-u", "tool.py"], "tool.py"),
+    ],
+)
+def test_a_wrapper_is_named_by_its_program(argv: List[str], named: str) -> None:
+    # An interpreter's option value was taken for its program: "`dev` runs this command".
+    assert _program(argv) == named

@@ -223,15 +223,25 @@ def ready_child(argv: List[str]) -> Iterator[subprocess.Popen[bytes]]:
 NOBODY = 65534
 
 
+#: A command's prefix that runs it as uid and gid ``NOBODY``, no supplementary groups.
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+def need_nobody() -> None:
+    """Skip unless this is root with ``setpriv`` and uid ``NOBODY`` can run this Python
+    (pyenv's, under root's home, it may not)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run a process as an unprivileged user")
+    probe = run_as_nobody("import ftimer_server")
+    if probe.returncode != 0:
+        pytest.skip(f"uid {NOBODY} cannot run {sys.executable}: {probe.stderr.strip()}")
+
+
 @pytest.fixture
 def nobody_dir() -> Iterator[pathlib.Path]:
     """A private directory of uid ``NOBODY`` (short: socket paths are limited); skips
     unless this is root with ``setpriv`` and that uid can run this Python."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to run a server as an unprivileged user")
-    probe = run_as_nobody("import ftimer_server")
-    if probe.returncode != 0:
-        pytest.skip(f"uid {NOBODY} cannot run {sys.executable}: {probe.stderr.strip()}")
+    need_nobody()
     d = pathlib.Path(tempfile.mkdtemp(prefix="ftu-"))
     os.chown(d, NOBODY, NOBODY)
     os.chmod(d, 0o700)
@@ -242,16 +252,7 @@ def nobody_dir() -> Iterator[pathlib.Path]:
 def run_as_nobody(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``script`` in this Python as uid and gid ``NOBODY``, no supplementary groups."""
     return subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            script,
-            *args,
-        ],
+        [*AS_NOBODY, sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         timeout=60,

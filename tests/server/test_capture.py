@@ -44,7 +44,7 @@ from ftimer_server.incidents._stack_formats import (
     parse_py_spy,
 )
 
-from .conftest import NOBODY, run_as_nobody
+from .conftest import AS_NOBODY, need_nobody
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
 
@@ -810,16 +810,9 @@ ctypes.CDLL(None).pthread_exit(None)
 @contextlib.contextmanager
 def as_nobody(script: str) -> Iterator[subprocess.Popen[str]]:
     """Run ``script`` as uid and gid ``NOBODY`` until it says it is ready; kill it after."""
-    if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv(1) from util-linux")
-    probe = run_as_nobody("pass")
-    if probe.returncode != 0:
-        pytest.skip(f"uid {NOBODY} cannot run {sys.executable}: {probe.stderr.strip()}")
+    need_nobody()
     worker = subprocess.Popen(
-        [
-            *("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"),
-            *(sys.executable, "-c", script),
-        ],
+        [*AS_NOBODY, sys.executable, "-c", script],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

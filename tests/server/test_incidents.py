@@ -38,7 +38,7 @@ from ftimer_server.incidents._capture import CaptureOptions, find_py_spy
 from ftimer_server.incidents._diagnostics import IncidentOptions
 from ftimer_server.incidents._helper import MAX_UNSENT, CaptureJob, Helper, HelperGone, WriteJob
 
-from .conftest import NOBODY, proc_start_time, run_as_nobody, send, wait_exit
+from .conftest import AS_NOBODY, NOBODY, need_nobody, proc_start_time, send, wait_exit
 
 # A worker of job "j": arms `after` seconds, then hangs in `where` (its stack says so).
 WORKER = """
@@ -163,27 +163,20 @@ def test_the_workers_own_hook_without_py_spy(
     assert "collective" in frames
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv"),
-    reason="starts a worker of another user (root, setpriv)",
-)
 def test_another_users_worker_that_names_the_job_is_not_captured(
     fifo_path: pathlib.Path, tmp_path: pathlib.Path, workers
 ) -> None:  # type: ignore[no-untyped-def]
     # A job label is the client's to choose: a worker of another user labelled "j" is no
     # peer of this user's job "j" (else any user could have another's workers captured,
     # their stacks and command lines in its incidents, as often as its timers expire).
-    probe = run_as_nobody("import ftimer_client")
-    if probe.returncode != 0:  # a Python in root's home (pyenv's), say
-        pytest.skip(f"uid {NOBODY} cannot run {sys.executable}: {probe.stderr.strip()}")
+    need_nobody()
     fifo_path.parent.chmod(0o755)  # the other user's worker reaches the FIFO
     got = Collector()
     with server(fifo_path, got, method="facts", timeout=5.0) as srv:
         fifo_path.chmod(0o666)
-        as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
         stranger = subprocess.Popen(
             [
-                *as_nobody,
+                *AS_NOBODY,
                 sys.executable,
                 "-c",
                 WORKER,

@@ -313,6 +313,12 @@ def test_a_disarm_given_up_while_the_daemon_was_stopped_gets_no_healthy_worker_r
             assert healthy.stdin is not None
             assert healthy.stdout is not None
             assert healthy.stdout.readline() == "ready\n"
+            # The warm-up's arm and disarm read first: left in the queue, they would take
+            # two of the places the junk below counts on.
+            wait_until(
+                lambda: d.status()["stats"]["received"].get("socket", 0) == 2,
+                what="the warm-up read",
+            )
             d.proc.send_signal(signal.SIGSTOP)
             wait_until(lambda: _state(d.proc.pid) == "T", what="the daemon stopped")
             junk.connect(sock)

@@ -12,12 +12,14 @@ import sys
 from typing import List
 
 import pytest
+from tests.conftest import wait_until
 
 from ftimer_server import Disarmed, Event, FileTimerServer, RecordingSignaller
 
 # Connects, then loses sight of the path, then holds a timer until the client's watch
 # (made to look every 50 ms) has made two looks since, and disarms it. Prints what the
-# looks since said (whether the server's end was taken for gone).
+# looks since said (whether the server's end was taken for gone), then stays until its
+# stdin closes: a datagram whose sender exited before the server read it is moot.
 WORKER = """
 import json, os, sys, threading
 from ftimer_client import FileTimerClient, _channel, _fifo, _socket, expires
@@ -51,6 +53,7 @@ with expires(after=60, scope="step", client=client):
         if not looked.wait_for(lambda: len(looks) >= since + 2 or any(looks[since:]), 30):
             sys.exit(f"the watch made {len(looks) - since} looks in 30 s")
         print(json.dumps(looks[since:]), flush=True)
+sys.stdin.read()
 """
 
 
@@ -76,16 +79,24 @@ def test_a_path_out_of_reach_is_no_server_gone(
         on_event=events.append,
         event_types=[Disarmed],
     )
+
+    def disarmed() -> List[str]:
+        return [e.timer.scope_id for e in events if isinstance(e, Disarmed)]
+
+    argv = [sys.executable, "-c", WORKER, str(private / f"timer.{transport}"), transport, how]
     with server:
-        worker = subprocess.run(
-            [sys.executable, "-c", WORKER, str(private / f"timer.{transport}"), transport, how],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        with subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as worker:
+            assert worker.stdout is not None
+            said = worker.stdout.readline()
+            if said:  # else it failed: its stderr says why
+                # The worker lives on until the server has applied its disarm.
+                wait_until(lambda: "step" in disarmed(), what='the disarm of "step"')
+            rest, err = worker.communicate(timeout=60)  # closes its stdin
         server.sync()
-    assert worker.returncode == 0, worker.stderr
-    assert worker.stderr == ""
-    assert not any(json.loads(worker.stdout))  # no look took the server for gone
-    disarmed = [e.timer.scope_id for e in events if isinstance(e, Disarmed)]
-    assert disarmed == ["first", "step"]
+    assert worker.returncode == 0, err
+    assert err == ""
+    assert rest == ""
+    assert not any(json.loads(said))  # no look took the server for gone
+    assert disarmed() == ["first", "step"]

@@ -98,7 +98,7 @@ def test_expired_worker_is_killed_within_milliseconds(
 
 
 def test_torch_v1_lines_open_write_close(
-    server: FileTimerServer, fifo_path: pathlib.Path, children
+    server: FileTimerServer, fifo_path: pathlib.Path, events: Recorder, children
 ) -> None:
     # Exactly what torch's FileTimerClient writes: json.dumps, one open/write/close each.
     doomed, spared = children(), children()
@@ -109,11 +109,17 @@ def test_torch_v1_lines_open_write_close(
 
     now = time.time()
     send(fifo_path, raw=torch_line(doomed.pid, "train.py#12", now + 0.1, 15))
-    send(fifo_path, raw=torch_line(spared.pid, "train.py#12", now + 0.1, 9))
+    # Far off: a near deadline could pass before its release is read, and kill it.
+    send(fifo_path, raw=torch_line(spared.pid, "train.py#12", now + 3600, 9))
     send(fifo_path, raw=torch_line(spared.pid, "train.py#12", -1, 0))
     server.sync()
-    assert [t.pid for t in server.armed()] == [doomed.pid]
+    # The events, not armed(): the doomed timer may have expired by now.
+    armed = [(e.timer.pid, e.timer.scope_id, e.timer.signal) for e in events.of(Armed)]
+    assert armed == [(doomed.pid, "train.py#12", 15), (spared.pid, "train.py#12", 9)]
+    assert [e.timer.pid for e in events.of(Disarmed)] == [spared.pid]
     assert wait_exit(doomed)[0] == -signal.SIGTERM
+    server.sync()
+    assert [e.pid for e in events.of(Reaped)] == [doomed.pid]
     assert spared.poll() is None
 
 
@@ -184,10 +190,16 @@ def test_without_pidfds_a_dead_worker_is_noticed_at_its_deadline(
 
     with FileTimerServer(fifo_path, on_event=events, inspector=NoPidfd()) as server:
         child = children()
-        send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=time.monotonic() + 0.2, signal=9))
+        far = time.monotonic() + 3600
+        send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=far, signal=9))
         server.sync()
         child.kill()
         child.wait()
+        server.sync()
+        assert events.of(WorkerGone) == []  # no pidfd: nothing tells of its exit
+        # Due now, judged against a worker certainly dead (a near deadline in the first
+        # arm could pass while it still lived, and have it reaped).
+        send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=time.monotonic(), signal=9))
         wait_until(lambda: events.of(WorkerGone))
         assert events.of(Reaped) == []
 

@@ -191,7 +191,7 @@ def test_an_incident_not_handed_to_a_directory_never_says_the_directory_fails(
         monkeypatch.setattr(diagnostics._helper, "submit", lambda job: failed)
         timer = Timer(7, "s", 0.0, 9)
         request = CaptureRequest(worker=Worker(7, None), timer=timer, signal=9, now=0.0, budget=1.0)
-        pending = _diagnostics._Pending(request, "i1", 0.0, [failed])
+        pending = _diagnostics._Pending(request, "i1", 0.0, [failed], uid=None, done=print)
         pending.captured = 0.0
         diagnostics._write_one(pending)
         assert diagnostics.write_errors == 1

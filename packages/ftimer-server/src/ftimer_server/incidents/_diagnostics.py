@@ -8,6 +8,11 @@ When every capture is done the loop is told and signals the worker; when the bud
 runs out first, the core signals anyway. The incident is written once both the captures
 and the signal's outcome are known: one JSON document (and its text rendering) per reap.
 
+Two threads of its own, started with it, end the captures and write the incidents: the
+loop hands them work without starting a thread (a thread's start waits for the new
+thread to run, which took 10-30 ms each on a host busy with sixteen ranks' captures: an
+expiry after them was noticed that much later).
+
 Captures and writes run in a helper process (``_helper``), not in the server's threads:
 parsing stacks and reading /proc for eight workers would otherwise hold the server's GIL
 for tens of milliseconds, and the loop must stay on time for everyone else meanwhile.
@@ -20,12 +25,14 @@ it, so eight incidents cost eight captures, not sixty-four.
 from __future__ import annotations
 
 import concurrent.futures
+import heapq
 import logging
 import math
+import queue
 import socket
 import threading
 import time
-from typing import Callable, Container, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Container, Dict, List, Optional, Sequence, Tuple, Union
 
 import msgspec
 
@@ -67,7 +74,8 @@ class Diagnostics:
             incident says so.
 
     Raises:
-        OSError: the incident directory cannot be made or is unsafe.
+        OSError: the incident directory cannot be made or is unsafe, or the helper or
+            the threads cannot be started.
     """
 
     def __init__(
@@ -112,6 +120,23 @@ class Diagnostics:
         #: Why the last incident could not be written to the directory; None once one
         #: is (or none failed, or there is no directory).
         self.failing: Optional[str] = None
+        #: To the collector: an incident started (its budget's end, its id), an incident
+        #: one of whose captures ended (its id), or None (stop).
+        self._collecting: queue.SimpleQueue[Union[Tuple[float, str], str, None]] = (
+            queue.SimpleQueue()
+        )
+        #: To the writer: a complete incident, or None (stop).
+        self._writes: queue.SimpleQueue[Optional[_Pending]] = queue.SimpleQueue()
+        try:
+            for target, name in (
+                (self._collect, "ftimer-incidents"),
+                (self._write_all, "ftimer-incident-write"),
+            ):
+                threading.Thread(target=target, name=name, daemon=True).start()
+        except RuntimeError as e:  # no thread to be had (TasksMax)
+            self._stop_threads()
+            self._helper.close(timeout=0)
+            raise OSError(f"cannot start the incidents' threads: {e}") from e
 
     def start(self, request: CaptureRequest, done: Callable[[int], None]) -> str:
         """Start capturing ``request`` (from the loop); return the incident's id.
@@ -141,17 +166,12 @@ class Diagnostics:
             else _failed("not captured: the stuck worker's user could not be read")
             for peer in request.peers
         ]
-        pending = _Pending(request, incident, created, futures, user)
+        pending = _Pending(request, incident, created, futures, uid=user, done=done)
         with self._lock:
             self._incidents[incident] = pending
-
-        def collect() -> None:
-            concurrent.futures.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
-            pending.captured = time.monotonic()
-            done(worker.pid)
-            self._maybe_write(incident)
-
-        threading.Thread(target=collect, name="ftimer-incident", daemon=True).start()
+        self._collecting.put((deadline, incident))
+        for future in futures:  # one done already calls at once
+            future.add_done_callback(lambda _: self._collecting.put(incident))
         return incident
 
     def signalled(
@@ -191,7 +211,12 @@ class Diagnostics:
                     )
                     break
                 self._settled.wait(left)
+        self._stop_threads()
         self._helper.close(timeout=_WRITE_WAIT)  # what still runs has outlived its budget
+
+    def _stop_threads(self) -> None:
+        self._collecting.put(None)
+        self._writes.put(None)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -278,39 +303,69 @@ class Diagnostics:
         shared.add_done_callback(shared_done)
         return future
 
+    def _collect(self) -> None:
+        """The collector's thread: ends an incident's captures when all of them are done,
+        or when its budget ends (the core signals the worker then anyway)."""
+        budgets: List[Tuple[float, str]] = []  # (end, incident), a heap
+        while True:
+            wait = max(0.0, budgets[0][0] - time.monotonic()) if budgets else None
+            try:
+                item = self._collecting.get(timeout=wait)
+            except queue.Empty:
+                item = ""
+            if item is None:
+                return
+            if isinstance(item, tuple):
+                heapq.heappush(budgets, item)
+                item = item[1]
+            now = time.monotonic()
+            try:
+                if item:
+                    self._captured(item, over=False)
+                while budgets and budgets[0][0] <= now:
+                    self._captured(heapq.heappop(budgets)[1], over=True)
+            except Exception:  # the next ones are collected all the same
+                logger.exception("cannot end the captures of incident %s", item)
+
+    def _captured(self, incident: str, *, over: bool) -> None:
+        """Tell the loop that ``incident``'s captures ended if all of them did, or ``over``
+        (its budget ended), unless it was told already; then write it if signalled."""
+        with self._lock:
+            pending = self._incidents.get(incident)
+            if pending is None or pending.captured is not None:
+                return
+            if not over and not all(f.done() for f in pending.futures):
+                return
+            pending.captured = time.monotonic()
+        pending.done(pending.request.worker.pid)
+        self._maybe_write(incident)
+
     def _maybe_write(self, incident: str) -> None:
-        """Write ``incident`` if it is complete: in a thread of its own, since the loop
-        calls here (``signalled``) and must not wait for it."""
+        """Hand ``incident`` to the writer if it is complete (the loop calls here, from
+        ``signalled``, and must not wait for a write)."""
         with self._lock:
             pending = self._incidents.get(incident)
             if pending is None or not pending.signalled or pending.captured is None:
                 return
             del self._incidents[incident]
             self._writing += 1
-        writer = threading.Thread(
-            target=self._write, args=(pending,), name="ftimer-incident-write", daemon=True
-        )
-        try:
-            writer.start()
-        except RuntimeError as e:  # no thread to be had (TasksMax): counted, not awaited
-            self._settle()
-            self.write_errors += 1
-            if self._store is not None:
-                self.failing = str(e)
-            logger.error("cannot write incident %s: %s", incident, e)
+        self._writes.put(pending)
 
-    def _write(self, pending: _Pending) -> None:
-        """Write ``pending``'s incident (a thread of its own), then tell ``close()``."""
-        try:
-            self._write_one(pending)
-        finally:
-            self._settle()
-
-    def _settle(self) -> None:
-        """One incident fewer being written: tell ``close()``."""
-        with self._settled:
-            self._writing -= 1
-            self._settled.notify_all()
+    def _write_all(self) -> None:
+        """The writer's thread: writes the incidents one at a time (as the helper does),
+        telling ``close()`` after each."""
+        while True:
+            pending = self._writes.get()
+            if pending is None:
+                return
+            try:
+                self._write_one(pending)
+            except Exception:  # the next ones are written all the same
+                logger.exception("cannot write incident %s", pending.id)
+            finally:
+                with self._settled:
+                    self._writing -= 1
+                    self._settled.notify_all()
 
     def _write_one(self, pending: _Pending) -> None:
         incident = pending.id
@@ -400,9 +455,12 @@ class _Pending:
         incident: str,
         created: float,
         futures: List[concurrent.futures.Future[bytes]],
-        uid: Optional[int] = None,
+        *,
+        uid: Optional[int],
+        done: Callable[[int], None],
     ) -> None:
         self.request = request
+        self.done = done
         self.id = incident
         self.created = created
         self.futures = futures

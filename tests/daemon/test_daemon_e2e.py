@@ -795,6 +795,39 @@ def test_a_flood_of_bad_input_is_logged_a_few_times_with_a_count(spawn: Spawn) -
         assert summary["ts"] >= lines_of_kind[9]["ts"]
 
 
+def test_sixteen_ranks_reaped_at_once_are_each_named_in_the_log(spawn: Spawn) -> None:
+    # Reap lines were folded after ten like any flood: of sixteen ranks reaped together,
+    # six were one "[N more like this]" line quoting the last, the others unnamed. The
+    # daemon runs dry: nothing is signalled.
+    d = spawn("--dry-run", "--capture", "none").ready()
+    ranks = [subprocess.Popen(["sleep", "60"]) for _ in range(16)]
+    try:
+        now = time.monotonic()
+        lines = [
+            encode(
+                Arm(pid=p.pid, scope_id="step", deadline=now, signal=15, labels={"rank": str(i)})
+            )
+            for i, p in enumerate(ranks)
+        ]
+        fd = os.open(d.fifo, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(fd, b"".join(lines))
+        finally:
+            os.close(fd)
+        wait_until(lambda: len(d.status()["stats"]["reaps"]) > 0, what="the reaps")
+        wait_until(lambda: sum(d.status()["stats"]["reaps"].values()) == 16, what="sixteen reaps")
+        assert d.stop() == 0
+    finally:
+        for p in ranks:
+            p.kill()
+            p.wait()
+    records = d.records()
+    for event in ("expired", "reaped"):
+        named = [r["pid"] for r in records if r.get("event") == event]
+        assert sorted(named) == sorted(p.pid for p in ranks)
+    assert not any("more like this" in r["msg"] for r in records)
+
+
 def test_sigabrt_prints_every_threads_stack_to_stderr(spawn: Spawn) -> None:
     # What systemd's WatchdogSignal=SIGABRT does to a wedged daemon: the journal (stderr,
     # even with --log-file) gets the Python stack of each thread, the reader loop's too.

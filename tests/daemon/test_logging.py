@@ -55,6 +55,19 @@ def test_repeat_filter_lets_a_burst_through_then_counts() -> None:
     assert f.filter(record("bad line from %s", "fifo"))
 
 
+def test_a_record_with_a_burst_of_its_own_is_held_back_beyond_it() -> None:
+    # The daemon's lines that each name one reaped worker (WORKER_BURST).
+    f = RepeatFilter(burst=3, window=10.0, clock=FakeClock())
+
+    def reaped() -> logging.LogRecord:
+        line = record("reaped: pid %d", 7)
+        line._burst = 5  # type: ignore[attr-defined]
+        return line
+
+    assert [f.filter(reaped()) for _ in range(7)] == [True] * 5 + [False] * 2
+    assert [f.filter(record("bad line from %s", "fifo")) for _ in range(4)] == [True] * 3 + [False]
+
+
 def test_repeat_filter_holds_back_distinct_lines_of_one_kind() -> None:
     # A worker writing junk that differs on every line (another excerpt), or refused
     # requests naming another pid each time: one format string, many messages.

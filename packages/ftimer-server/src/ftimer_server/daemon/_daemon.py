@@ -35,7 +35,15 @@ from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Type
 
 from ftimer_server._files import remove_leftovers
 from ftimer_server._version import __version__
-from ftimer_server.core._events import EVENT_TYPES, Armed, Disarmed, Event, Reaped
+from ftimer_server.core._events import (
+    EVENT_TYPES,
+    Armed,
+    Disarmed,
+    Escalated,
+    Event,
+    Expired,
+    Reaped,
+)
 from ftimer_server.core._incident import Incident
 from ftimer_server.core._policy import Policy
 from ftimer_server.core._records import Timer
@@ -62,7 +70,7 @@ from ._config import (
 from ._control import ControlServer, ControlSocketBusy
 from ._daemon_log import describe, event_fields, signal_label
 from ._handover import keep_for_next, take_stored_socket
-from ._logging import LoggingSetup
+from ._logging import WORKER_BURST, LoggingSetup
 from ._metrics import Metrics, MetricsUnavailable
 from ._state import (
     StateBusy,
@@ -99,6 +107,8 @@ EXIT_USAGE = 2
 EXIT_STARTUP = 3
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Events whose lines each name one reaped worker: folded later than others.
+_OF_A_REAP = (Expired, Reaped, Escalated)
 #: Seconds a metrics scrape waits for a busy loop's counters before serving the last.
 SCRAPE_WAIT = 1.0
 #: Seconds between two looks whether the FIFO's and the socket's paths still name them.
@@ -644,15 +654,20 @@ class Daemon:
         if not events_log.isEnabledFor(level):
             return
 
+        def fields() -> Dict[str, Any]:
+            extra = event_fields(event)
+            if isinstance(event, _OF_A_REAP):
+                extra["_burst"] = WORKER_BURST
+            return extra
+
         def make() -> logging.LogRecord:
             # Only for the line a flood's summary quotes: the rest are counted, not made.
-            fields = event_fields(event)
             return events_log.makeRecord(
-                events_log.name, level, __file__, 0, msg, args, None, extra=fields
+                events_log.name, level, __file__, 0, msg, args, None, extra=fields()
             )
 
         if not self._logging.filter.hold(events_log.name, level, msg, make):
-            events_log.log(level, msg, *args, extra=event_fields(event))
+            events_log.log(level, msg, *args, extra=fields())
 
     def _incident(self, incident: Incident) -> None:
         # A capture thread: the incident is written (or could not be: logged there).
@@ -669,10 +684,15 @@ class Daemon:
                 incident.id,
                 self.config.incident_dir,
                 *incident.summary,
+                extra={"_burst": WORKER_BURST},
             )
             return
         log.warning(
-            "incident %s (%s):" + summary, incident.id, self.config.incident_dir, *incident.summary
+            "incident %s (%s):" + summary,
+            incident.id,
+            self.config.incident_dir,
+            *incident.summary,
+            extra={"_burst": WORKER_BURST},
         )
 
     def _changed(self) -> None:

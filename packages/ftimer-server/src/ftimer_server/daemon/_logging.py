@@ -329,6 +329,12 @@ class _Window:
         self.make: Optional[Callable[[], logging.LogRecord]] = None
 
 
+#: Lines of one kind let through per window where each names one reaped worker (its
+#: expiry, reap, escalation, incident): every rank of several 8-GPU jobs reaped at once
+#: is named on a line of its own, and a fork storm's reaps still fold beyond.
+WORKER_BURST = 64
+
+
 class RepeatFilter(logging.Filter):
     """Lets at most ``burst`` records of one kind through per ``window`` seconds.
 
@@ -337,6 +343,9 @@ class RepeatFilter(logging.Filter):
     back and counted; when their window ends, one summary record quotes the last line held
     back (its first line, if its format string has several: an incident's summary)
     followed by ``[N more like this in T s]`` (field ``suppressed`` in JSON).
+
+    A record with a ``_burst`` attribute has that burst instead: the daemon's lines that
+    each name one reaped worker (``WORKER_BURST``).
 
     A caller whose records cost to make asks `hold()` first: a record of a kind already
     holding records back is then counted without being made.
@@ -402,7 +411,7 @@ class RepeatFilter(logging.Filter):
                 passed = True
             else:
                 window.seen += 1
-                passed = window.seen <= self.burst
+                passed = window.seen <= getattr(record, "_burst", self.burst)
                 if not passed:
                     window.held += 1
                     window.last, window.make = record, None

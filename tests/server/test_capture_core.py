@@ -158,6 +158,27 @@ def test_ranks_that_expire_together_are_each_others_peers() -> None:
     ]
 
 
+def test_ranks_that_expire_a_scan_apart_are_each_others_peers_while_captured() -> None:
+    # Ranks hung in one collective expire within milliseconds, not always in one scan: a
+    # rank whose capture was underway was no peer of the next, whose incident then
+    # showed fewer and fewer of the job (8, 6, 6, 4, 3, 2 ranks of eight).
+    rig = Rig(budget=2.0)
+    rig.arm(1000, 5.0)
+    rig.arm(1001, 5.001)
+    rig.arm(1002, 5.002)
+    rig.arm(1003, 50.0, job="another")
+    rig.wd.tick(5.0)
+    rig.wd.tick(5.001)
+    rig.wd.captured(1000, 5.0015)  # signalled: no longer a peer
+    rig.wd.tick(5.002)
+    assert [sorted(p.worker.pid for p in r.peers) for r in rig.host.requests] == [
+        [1001, 1002],
+        [1000, 1002],
+        [1001],
+    ]
+    assert [pid for pid, _ in rig.signaller.sent] == [1000]  # peers are never signalled
+
+
 def test_a_stop_signals_at_once_what_was_pending() -> None:
     # A server stopped during a capture, or during a grace period, left the stuck worker
     # running: the signal, or the SIGKILL that follows it, was in the stopped server's

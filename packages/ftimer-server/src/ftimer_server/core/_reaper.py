@@ -172,6 +172,11 @@ class Reaper:
         """True while a capture or an escalation of ``pid`` is pending."""
         return pid in self._pending or pid in self._capturing
 
+    def capturing(self) -> List[Tuple[Worker, Timer]]:
+        """The workers whose capture is underway, each with the timer that decided its
+        reap."""
+        return [(c.worker, c.decider) for _, c in self._capturing.items()]
+
     def forget(self, pid: int) -> Optional[str]:
         """Cancel what is pending for ``pid`` (it exited); return the id of the incident
         whose capture it exited during, if any. The descendants its reap signalled get

@@ -742,20 +742,27 @@ class Watchdog:
     def _peers(
         self, job: Optional[str], stuck: Worker, together: Sequence[Timer] = ()
     ) -> List[Peer]:
-        """The other bound workers with a timer labelled with ``job``, armed or expiring
-        with the stuck one's (``together``), ``MAX_PEERS`` at most; none without a job."""
+        """The other bound workers with a timer labelled with ``job``: expiring with the
+        stuck one's (``together``), expired before it and still being captured (ranks
+        that hung together, their expiries a scan apart), or armed; ``MAX_PEERS`` at most,
+        in that order; none without a job."""
         if job is None:
             return []
         found: Dict[int, Peer] = {}
-        for timer in itertools.chain(together, self.table):
-            worker = self._workers.get(timer.pid)
+        workers = self._workers
+
+        def bound(timers: Iterable[Timer]) -> Iterator[Tuple[Optional[Worker], Timer]]:
+            return ((workers.get(t.pid), t) for t in timers)
+
+        capturing = self._reaper.capturing()
+        for worker, timer in itertools.chain(bound(together), capturing, bound(self.table)):
             if (
                 worker is not None
-                and worker is not stuck
-                and timer.pid not in found
+                and worker.pid != stuck.pid
+                and worker.pid not in found
                 and self._job_of(timer) == job
             ):
-                found[timer.pid] = Peer(worker, timer.labels)
+                found[worker.pid] = Peer(worker, timer.labels)
                 if len(found) == MAX_PEERS:
                     break
         return list(found.values())

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import pytest
+from tests.conftest import wait_until
 
 from ftimer_protocol import DumpHook
 from ftimer_server import Descendant
@@ -378,6 +379,11 @@ def test_only_the_methods_that_use_py_spy_call_it_missing(method: str, wanted: b
 
 def test_facts() -> None:
     with stuck("facts") as worker:
+        kid = worker.info["child"]
+        wait_until(
+            lambda: read_stat(kid).state == "S" and _comm(kid) == "data-worker",
+            what="the child asleep",
+        )
         c = run(worker, CaptureOptions(hook=False, wants_py_spy=False))  # method "facts"
         facts = c.facts
         assert facts is not None
@@ -385,7 +391,10 @@ def test_facts() -> None:
         assert facts.state == "S"
         assert facts.threads == 1
         assert facts.uid == os.getuid()
-        assert facts.children == [worker.info["child"]]
+        assert facts.children == [kid]
+        [state] = facts.child_states
+        assert (state.pid, state.name, state.state) == (kid, "data-worker", "S")
+        assert state.wchan  # where it sleeps: the kernel's name, which varies
         assert facts.rss > 1 << 20
         assert 0 < facts.age < 60
         assert facts.sockets == 2
@@ -395,6 +404,11 @@ def test_facts() -> None:
         assert c.labels == {"rank": "0"}
         # Not "not installed": py-spy may well be (it was said so, whatever the method).
         assert "py-spy: not enabled; dump hook: not enabled" in (c.error or "")
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
 
 
 def test_an_open_file_on_a_hung_file_system_leaves_the_stacks_their_time(

@@ -8,7 +8,14 @@ from typing import List, Optional
 import msgspec
 import pytest
 
-from ftimer_server.core._incident import Capture, Frame, Incident, ProcessFacts, ThreadStack
+from ftimer_server.core._incident import (
+    Capture,
+    ChildState,
+    Frame,
+    Incident,
+    ProcessFacts,
+    ThreadStack,
+)
 from ftimer_server.core._report import (
     annotate,
     merge_captures,
@@ -142,6 +149,19 @@ def test_annotate_fills_doing_groups_and_summary_and_keeps_what_the_capture_said
     # A record that was annotated says the same when decoded again.
     again = msgspec.json.decode(msgspec.json.encode(done), type=Incident)
     assert again == done
+
+
+def test_render_says_where_each_child_waits() -> None:
+    # A worker waiting on its data loader's workers: where they wait is why it hangs.
+    loader = ChildState(pid=29, name="pt_data_worker", state="D", wchan="nfs_wait_bit_killable")
+    states = [loader, ChildState(pid=30, state="S"), ChildState(pid=32, name="x\x1b[2J")]
+    facts = ProcessFacts(state="S", children=[29, 30, 31, 32], child_states=states)
+    stuck = msgspec.structs.replace(eight_ranks()[0], facts=facts)
+    text = render(annotate(incident([stuck])))
+    assert (
+        "  process: state S, children 29 (pt_data_worker: D in nfs_wait_bit_killable), "
+        "30 (S), 31, 32, 0 FIFOs, 0 sockets"
+    ) in text.splitlines()
 
 
 def test_render_shows_the_summary_the_tree_and_every_stack_innermost_last() -> None:

@@ -19,7 +19,15 @@ from .core._events import (
     RejectReason,
     WorkerGone,
 )
-from .core._incident import Capture, Frame, Group, Incident, ProcessFacts, ThreadStack
+from .core._incident import (
+    Capture,
+    ChildState,
+    Frame,
+    Group,
+    Incident,
+    ProcessFacts,
+    ThreadStack,
+)
 from .core._policy import Policy
 from .core._records import Descendant, Timer, Worker
 from .core._stats import Stats
@@ -45,6 +53,7 @@ __all__ = [
     "Frame",
     "Group",
     "ProcessFacts",
+    "ChildState",
     # events
     "Event",
     "Armed",

@@ -18,6 +18,7 @@ import msgspec
 __all__ = [
     "INCIDENT_VERSION",
     "Capture",
+    "ChildState",
     "Frame",
     "Group",
     "Incident",
@@ -79,6 +80,23 @@ class ThreadStack(msgspec.Struct, frozen=True, omit_defaults=True):
     frames_cut: int = 0
 
 
+class ChildState(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A child of a captured worker (a data loader's worker, say), as ``/proc`` shows
+    its main thread: where a worker waiting on its children is held up.
+
+    Attributes:
+        pid: the child.
+        name: its command name (``/proc/PID/comm``: "pt_data_worker", "python").
+        state: its state letter (D: uninterruptible, usually I/O).
+        wchan: the kernel function it waits in, where readable.
+    """
+
+    pid: int
+    name: str = ""
+    state: str = ""
+    wchan: Optional[str] = None
+
+
 class ProcessFacts(msgspec.Struct, frozen=True, omit_defaults=True):
     """What ``/proc`` tells about a worker, whatever else could be captured.
 
@@ -88,6 +106,7 @@ class ProcessFacts(msgspec.Struct, frozen=True, omit_defaults=True):
         rss: resident memory in bytes.
         threads: number of threads.
         children: pids of its children.
+        child_states: the state of each of its first children (``MAX_CHILD_STATES``).
         age: seconds since it started.
         fifos: how many FIFOs it has open.
         sockets: how many sockets it has open.
@@ -99,6 +118,7 @@ class ProcessFacts(msgspec.Struct, frozen=True, omit_defaults=True):
     rss: int = 0
     threads: int = 0
     children: List[int] = []
+    child_states: List[ChildState] = []
     age: float = 0.0
     fifos: int = 0
     sockets: int = 0

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 
 import msgspec
 
-from ._incident import Capture, Frame, Group, Incident, ProcessFacts, ThreadStack
+from ._incident import Capture, ChildState, Frame, Group, Incident, ProcessFacts, ThreadStack
 from ._stacks import (
     abridged,
     call_tree,
@@ -279,9 +279,19 @@ def _facts_text(f: ProcessFacts) -> str:
     if f.uid is not None:
         parts.append(f"uid {f.uid}")
     if f.children:
-        parts.append(f"children {abridged(f.children)}")
+        states = {c.pid: c for c in f.child_states}
+        parts.append(f"children {abridged(_child(pid, states.get(pid)) for pid in f.children)}")
     parts.append(f"{_count(f.fifos, 'FIFO')}, {_count(f.sockets, 'socket')}")
     return ", ".join(parts)
+
+
+def _child(pid: int, state: Optional[ChildState]) -> str:
+    """A child as the facts show it: "29 (pt_data_worker: D in nfs_wait_bit)"."""
+    if state is None or not state.state:
+        return str(pid)
+    name = f"{printable(state.name)}: " if state.name else ""
+    wchan = f" in {printable(state.wchan)}" if state.wchan else ""
+    return f"{pid} ({name}{state.state}{wchan})"
 
 
 def _count(n: int, thing: str) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple, TypeVar
 
 from ftimer_protocol import ProcStat, parse_proc_stat, parse_proc_status
-from ftimer_server.core._incident import ProcessFacts
+from ftimer_server.core._incident import ChildState, ProcessFacts
 from ftimer_server.core._report import printable
 
 __all__ = [
@@ -50,6 +50,8 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: stays bounded whatever the worker holds.
 MAX_THREADS = 4096
 MAX_FDS = 65536
+#: Children whose state a worker's facts give (the rest by pid alone).
+MAX_CHILD_STATES = 16
 #: Of a capture's budget, the seconds the reads that may block are waited for: a worker's
 #: command line (its memory lock) and where its open files lead (their file systems: a
 #: file on a hung mount held the whole budget, and no stack was read).
@@ -401,6 +403,27 @@ def _read_slow(pid: int, paths: List[Tuple[str, str]], slow: _Slow) -> None:
     slow.done = True
 
 
+def child_states(kids: List[int]) -> List[ChildState]:
+    """The state of each of the first ``MAX_CHILD_STATES`` of ``kids`` (none for one
+    that exited meanwhile). Never raises; none of these reads can block."""
+    states = []
+    for kid in kids[:MAX_CHILD_STATES]:
+        try:
+            state = read_stat(kid).state
+        except (OSError, ValueError, IndexError):
+            continue
+        wchan = (_text(f"/proc/{kid}/wchan") or "").strip()
+        states.append(
+            ChildState(
+                pid=kid,
+                name=(_text(f"/proc/{kid}/comm") or "").strip(),
+                state=state,
+                wchan=wchan if wchan and wchan != "0" else None,
+            )
+        )
+    return states
+
+
 def _slow_note(pid: int, slow: _Slow) -> str:
     """Why the reads of ``_read_slow`` did not end within their share of the budget."""
     if slow.at is None:
@@ -476,6 +499,7 @@ def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
         rss=st.rss_pages * PAGE_SIZE if st else 0,
         threads=st.num_threads if st else 0,
         children=kids,
+        child_states=child_states(kids),
         age=round(max(0.0, _boot_seconds() - st.start_time / CLK_TCK), 3) if st else 0.0,
         fifos=fifos + (slow.fifos if done else 0),
         sockets=sockets,

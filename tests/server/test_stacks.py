@@ -11,7 +11,14 @@ import pytest
 from hypothesis import given, settings
 
 from ftimer_server.core._incident import Capture, Frame, Group, ThreadStack
-from ftimer_server.core._stacks import _comparable, call_tree, doing, focus, group
+from ftimer_server.core._stacks import (
+    _comparable,
+    call_tree,
+    client_thread,
+    doing,
+    focus,
+    group,
+)
 
 PY = "/usr/lib/python3.11"
 TORCH = "/venv/lib/python3.11/site-packages/torch"
@@ -400,6 +407,22 @@ def test_focus_passes_over_the_client_librarys_threads_and_exited_ones() -> None
     # The worker's own thread named so is not the library's: it runs the worker's code.
     named_so = thread(USER, tid=121, name="ftimer-client-watch", active=True)
     assert focus(capture_of(named_so, MAIN)) == named_so
+
+
+def test_the_client_librarys_thread_read_by_the_hook_is_known_by_what_it_runs() -> None:
+    # The hook (faulthandler) knows no thread names: the client's watch, named by its
+    # ident, was shown in full as if it were the worker's.
+    start = (py("_bootstrap", f"{PY}/threading.py", 1002), py("run", f"{PY}/threading.py", 982))
+    client = py("_blocking", f"{PY}/site-packages/ftimer_client/_signals.py", 57)
+    wait = py("wait", f"{PY}/threading.py", 331)
+    watch = thread(*start, client, wait, tid=120, name="0x00007f01226616c0")
+    assert client_thread(watch)
+    assert focus(capture_of(watch, MAIN)) == MAIN
+    # A thread of the worker's that calls the library runs the worker's code.
+    user = py("step", "/app/train.py", 7)
+    calls = thread(*start, user, client, tid=121, name="0x00007f01226616c1")
+    assert not client_thread(calls)
+    assert not client_thread(thread(*start, tid=122, name="0x00007f01226616c2"))
 
 
 # -- groups ----------------------------------------------------------------------------

@@ -386,11 +386,22 @@ _CLIENT_THREADS = "ftimer-client-"
 
 def client_thread(thread: ThreadStack) -> bool:
     """Whether ``thread`` is the client library's own: by its name, and by its frames
-    where it has any (the worker's code may name a thread so, and would hide it)."""
-    return thread.name.startswith(_CLIENT_THREADS) and (
-        not thread.frames
-        or any("/ftimer_client/" in f.file.replace("\\", "/") for f in thread.frames)
-    )
+    where it has any (the worker's code may name a thread so, and would hide it); or,
+    unnamed (the hook knows no names), by what it runs: the first frame below
+    threading's is the library's."""
+    if thread.name.startswith(_CLIENT_THREADS):
+        return not thread.frames or any(_of_client(f) for f in thread.frames)
+    runs = (f for f in reversed(thread.frames) if not _of_threading(f))
+    target = next(runs, None)
+    return target is not None and _of_client(target)
+
+
+def _of_client(frame: Frame) -> bool:
+    return "/ftimer_client/" in frame.file.replace("\\", "/")
+
+
+def _of_threading(frame: Frame) -> bool:
+    return frame.file.replace("\\", "/").endswith("/threading.py")
 
 
 def _aside(thread: ThreadStack) -> bool:

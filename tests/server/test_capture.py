@@ -1558,3 +1558,14 @@ def test_a_hook_dump_of_over_100_threads_says_the_oldest_have_no_stack() -> None
         "older ones, the main thread among them, have no stack (py-spy reads them all)"
     ) in c.error
     assert all(f.function != "stuck_in_sleep" for t in c.threads for f in t.frames)
+
+
+def test_a_child_state_is_of_the_workers_child_only() -> None:
+    # A pid read among the children, then another's: its name and wait were shown.
+    with subprocess.Popen(["sleep", "60"]) as child:
+        try:
+            me, parent = os.getpid(), os.getppid()
+            wait_until(lambda: _comm(child.pid) == "sleep", what="the child's exec")
+            assert [c.pid for c in _procfs.child_states(me, [child.pid, parent])] == [child.pid]
+        finally:
+            child.kill()

@@ -532,3 +532,114 @@ def test_a_lock_holder_never_stops_a_real_server_s_incidents(
         wait_until(lambda: server.incident_writes == (3, 0), 15)
     assert len(got) == 3
     assert all(not any(e.startswith(NOT_WRITTEN) for e in i.errors) for i in got)
+
+
+# The incidents' threads (started with the server, not by the loop) --------------------
+
+
+def _request(pid: int, budget: float, peers: tuple = ()) -> CaptureRequest:  # type: ignore[type-arg]
+    timer = Timer(pid, "s", time.monotonic(), 9)
+    return CaptureRequest(
+        worker=Worker(pid, None),
+        timer=timer,
+        signal=9,
+        now=time.monotonic(),
+        budget=budget,
+        peers=tuple(Peer(Worker(p, None)) for p in peers),
+    )
+
+
+def test_incidents_behind_a_hung_directory_are_given_up_together(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One writer writes them in turn: each write's time was counted from its turn, so
+    # sixteen incidents behind a hung mount were given up 11 s apart, the last after
+    # three minutes. It counts from the hand-over, the writes before it included.
+    options = IncidentOptions(directory=str(tmp_path / "i"), method="facts", timeout=0.5)
+    with diagnostics_of(options) as diagnostics:
+        writes: List[_helper.WriteJob] = []
+        real = diagnostics._helper.submit
+
+        def submit(job: object) -> concurrent.futures.Future[bytes]:
+            if isinstance(job, _helper.WriteJob):
+                writes.append(job)
+                return concurrent.futures.Future()  # a hung file system: no answer
+            return real(job)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(diagnostics._helper, "submit", submit)
+        monkeypatch.setattr(_diagnostics, "WRITE_TIMEOUT", 0.5)
+        ids = [diagnostics.start(_request(2**22 + i, 0.2), lambda pid: None) for i in range(3)]
+        for incident in ids:
+            diagnostics.signalled(incident, True)
+        wait_until(lambda: diagnostics.write_errors == 3, what="three writes given up")
+    assert len(writes) == 3
+    # Their deadlines come from their hand-overs, made together: not 1.5 s apart.
+    assert max(w.deadline for w in writes) - min(w.deadline for w in writes) < 0.5  # type: ignore[operator]
+
+
+def test_an_incident_is_written_though_telling_the_loop_failed() -> None:
+    # Its worker exited during the capture (signalled first), then telling the loop the
+    # capture ended raised: the write that follows was skipped, the incident lost.
+    got: List[Incident] = []
+
+    def done(pid: int) -> None:
+        raise RuntimeError("the loop is gone")
+
+    with diagnostics_of(IncidentOptions(method="facts", timeout=0.5)) as diagnostics:
+        diagnostics._on_incident = got.append
+        incident = diagnostics.start(_request(2**22, 0.2), done)
+        diagnostics.signalled(incident, None)
+        wait_until(lambda: got, what="the incident written")
+    assert [i.id for i in got] == [incident]
+
+
+def test_a_capture_still_running_is_shared_past_the_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A rank still being captured is a peer of the ranks expiring after it: where its
+    # capture outlasted the window, each of them started another of it.
+    with diagnostics_of(IncidentOptions(method="facts", timeout=5.0)) as diagnostics:
+        jobs: List[_helper.CaptureJob] = []
+        running: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+
+        def submit(job: _helper.CaptureJob) -> concurrent.futures.Future[bytes]:
+            jobs.append(job)
+            return running  # never ends: a slow capture
+
+        monkeypatch.setattr(diagnostics._helper, "submit", submit)
+        monkeypatch.setattr(_diagnostics, "SHARE_WINDOW", 0.0)  # every capture is old
+        rank = Worker(2**22, None)
+        deadline = time.monotonic() + 5
+        first = diagnostics._capture(rank, None, None, deadline, user=0)
+        assert diagnostics._capture(rank, None, None, deadline, user=0) is first
+        assert len(jobs) == 1
+        running.set_result(b"")  # done: a later request is captured anew
+        diagnostics._capture(rank, None, None, deadline, user=0)
+        assert len(jobs) == 2
+
+
+def test_a_helper_without_threads_to_be_had_is_not_left_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Out of threads (TasksMax): its threads' start raised, its process lived on.
+    import types
+
+    started: List[subprocess.Popen[bytes]] = []
+    popen = subprocess.Popen
+
+    def remember(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        process = popen(*args, **kwargs)  # type: ignore[call-overload]
+        started.append(process)
+        return process  # type: ignore[no-any-return]
+
+    class Thread(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    fake = types.SimpleNamespace(**{**vars(threading), "Thread": Thread})
+    monkeypatch.setattr(_helper, "threading", fake)
+    monkeypatch.setattr(_helper.subprocess, "Popen", remember)
+    with pytest.raises(OSError, match="capture helper's threads: can't start new thread"):
+        _helper.Helper()
+    [process] = started
+    assert process.returncode is not None  # killed and waited for

@@ -670,7 +670,7 @@ class Daemon:
             events_log.log(level, msg, *args, extra=fields())
 
     def _incident(self, incident: Incident) -> None:
-        # A capture thread: the incident is written (or could not be: logged there).
+        # The incidents' writer thread: the incident is written (or could not be: logged there).
         stuck = incident.captures[0] if incident.captures else None
         method = stuck.method if stuck is not None else "none"
         if self._metrics is not None:

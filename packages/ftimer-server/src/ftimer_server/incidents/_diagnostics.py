@@ -68,8 +68,9 @@ class Diagnostics:
 
     Args:
         options: what to capture and where to write.
-        on_incident: called with each incident once written (from a capture thread); one
-            that could not be written says so in its errors (``NOT_WRITTEN``).
+        on_incident: called with each incident once written (from the incidents' writer
+            thread: the incidents after it wait for it); one that could not be written
+            says so in its errors (``NOT_WRITTEN``).
         dry_run: the server signals nothing, not even a worker's dump hook: each
             incident says so.
 
@@ -265,7 +266,13 @@ class Diagnostics:
         )
         with self._lock:
             shared = self._shared.get(key)
-            fresh = shared is not None and since <= shared[0] and now - shared[0] < SHARE_WINDOW
+            # One still running is shared whatever its age: ranks that hung together,
+            # expiring further apart than the window while captures are slow.
+            fresh = (
+                shared is not None
+                and since <= shared[0]
+                and (now - shared[0] < SHARE_WINDOW or not shared[1].done())
+            )
             if shared is not None and fresh and not needs_own:
                 return self._unless_stackless(shared[1], job) if wants_hook else shared[1]
             future = self._helper.submit(job)
@@ -273,7 +280,8 @@ class Diagnostics:
             self._shared[key] = (now, future)
             while self._shared:  # the stale ones only: never a scan of every capture
                 oldest = next(iter(self._shared))
-                if now - self._shared[oldest][0] < SHARE_WINDOW:
+                began, running = self._shared[oldest]
+                if now - began < SHARE_WINDOW or not running.done():
                     break
                 del self._shared[oldest]
         return future
@@ -337,8 +345,10 @@ class Diagnostics:
             if not over and not all(f.done() for f in pending.futures):
                 return
             pending.captured = time.monotonic()
-        pending.done(pending.request.worker.pid)
-        self._maybe_write(incident)
+        try:
+            pending.done(pending.request.worker.pid)
+        finally:  # written all the same, if signalled already
+            self._maybe_write(incident)
 
     def _maybe_write(self, incident: str) -> None:
         """Hand ``incident`` to the writer if it is complete (the loop calls here, from
@@ -349,6 +359,7 @@ class Diagnostics:
                 return
             del self._incidents[incident]
             self._writing += 1
+        pending.handed = time.monotonic()
         self._writes.put(pending)
 
     def _write_all(self) -> None:
@@ -374,9 +385,13 @@ class Diagnostics:
         record = pending.incident(self._dry_run)
         want = self._on_incident is not None
         error = None
-        job = WriteJob(record, where, want, time.monotonic() + WRITE_TIMEOUT)
+        # Counted from its hand-over, not from its turn: behind a hung directory, the
+        # incidents queued are given up together, not one after another.
+        deadline = pending.handed + WRITE_TIMEOUT
+        job = WriteJob(record, where, want, deadline)
         try:
-            data = self._helper.submit(job).result(WRITE_TIMEOUT + _WRITE_WAIT)
+            wait = max(0.0, deadline + _WRITE_WAIT - time.monotonic())
+            data = self._helper.submit(job).result(wait)
             record = _INCIDENT.decode(data) if want else record
         except (RuntimeError, HelperGone) as e:  # not written; annotated here for others
             record, error = annotate(record), str(e)
@@ -466,6 +481,8 @@ class _Pending:
         self.futures = futures
         self.uid = uid
         self.captured: Optional[float] = None
+        #: When it was handed to the writer.
+        self.handed = 0.0
         self.signalled = False
         self.delivered: Optional[bool] = None
         self.descendants: List[int] = []

@@ -166,14 +166,21 @@ class Helper:
         self._reader = threading.Thread(
             target=self._read, args=(self._process,), name="ftimer-helper", daemon=True
         )
-        self._reader.start()
         # Jobs are written by a thread of their own: a helper that stops reading (stopped,
         # wedged) fills its pipe, and the loop, which submits captures, must never wait.
         self._jobs: queue.SimpleQueue[Optional[Tuple[int, bytes]]] = queue.SimpleQueue()
         self._unsent = 0
-        threading.Thread(
+        writer = threading.Thread(
             target=self._write, args=(self._process, self._jobs), name="ftimer-jobs", daemon=True
-        ).start()
+        )
+        try:
+            self._reader.start()
+            writer.start()
+        except RuntimeError as e:  # no thread to be had (TasksMax): no helper either
+            self._jobs.put(None)
+            with self._process:  # its pipes closed, and waited for
+                self._process.kill()
+            raise OSError(f"cannot start the capture helper's threads: {e}") from e
 
     def submit(self, job: Union[CaptureJob, WriteJob]) -> concurrent.futures.Future[bytes]:
         """Hand ``job`` to the helper without waiting; the future gets its encoded result,

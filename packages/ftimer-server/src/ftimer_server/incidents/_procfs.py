@@ -403,21 +403,24 @@ def _read_slow(pid: int, paths: List[Tuple[str, str]], slow: _Slow) -> None:
     slow.done = True
 
 
-def child_states(kids: List[int]) -> List[ChildState]:
-    """The state of each of the first ``MAX_CHILD_STATES`` of ``kids`` (none for one
-    that exited meanwhile). Never raises; none of these reads can block."""
+def child_states(pid: int, kids: List[int]) -> List[ChildState]:
+    """The state of each of the first ``MAX_CHILD_STATES`` of ``kids``, children of
+    ``pid`` (none for one that exited meanwhile, its pid perhaps another's by now).
+    Never raises; none of these reads can block."""
     states = []
     for kid in kids[:MAX_CHILD_STATES]:
         try:
-            state = read_stat(kid).state
+            st = read_stat(kid)
         except (OSError, ValueError, IndexError):
+            continue
+        if st.ppid != pid:
             continue
         wchan = (_text(f"/proc/{kid}/wchan") or "").strip()
         states.append(
             ChildState(
                 pid=kid,
                 name=(_text(f"/proc/{kid}/comm") or "").strip(),
-                state=state,
+                state=st.state,
                 wchan=wchan if wchan and wchan != "0" else None,
             )
         )
@@ -499,7 +502,7 @@ def read_facts(pid: int, deadline: float) -> Tuple[ProcessFacts, List[str]]:
         rss=st.rss_pages * PAGE_SIZE if st else 0,
         threads=st.num_threads if st else 0,
         children=kids,
-        child_states=child_states(kids),
+        child_states=child_states(pid, kids),
         age=round(max(0.0, _boot_seconds() - st.start_time / CLK_TCK), 3) if st else 0.0,
         fifos=fifos + (slow.fifos if done else 0),
         sockets=sockets,

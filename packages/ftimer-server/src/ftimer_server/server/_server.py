@@ -178,7 +178,8 @@ class FileTimerServer:
         incidents: capture why a worker hangs before each reap (its stacks and its
             peers', off the loop, within ``incidents.timeout``), and write an incident
             (see docs/incidents.md); ``None`` (default): reap at once, capture nothing.
-        on_incident: called with each incident once complete (from a capture thread).
+        on_incident: called with each incident once complete (from the incidents' writer
+            thread: keep it short, the incidents after it wait for it).
         socket_path: also receive timer requests as datagrams on an AF_UNIX socket bound
             there (mode and group as the FIFO's): the sender's pid and uid come from
             the kernel, not the message (see docs/protocol.md); ``None`` (default): the

@@ -179,6 +179,19 @@ def test_ranks_that_expire_a_scan_apart_are_each_others_peers_while_captured() -
     assert [pid for pid, _ in rig.signaller.sent] == [1000]  # peers are never signalled
 
 
+def test_a_peer_whose_timer_runs_is_told_from_one_that_expired() -> None:
+    # The outlier of a job hung in a collective was shown first with no word that its
+    # own timer still ran: the rank the others wait for, or one about to disarm.
+    rig = Rig(budget=2.0)
+    rig.arm(1000, 5.0)
+    rig.arm(1001, 5.001)
+    rig.arm(1002, 50.0)
+    rig.wd.tick(5.0)
+    rig.wd.tick(5.001)
+    running = [{p.worker.pid: p.timer_running for p in r.peers} for r in rig.host.requests]
+    assert running == [{1001: True, 1002: True}, {1000: False, 1002: True}]
+
+
 def test_a_stop_signals_at_once_what_was_pending() -> None:
     # A server stopped during a capture, or during a grace period, left the stuck worker
     # running: the signal, or the SIGKILL that follows it, was in the stopped server's

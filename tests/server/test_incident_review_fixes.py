@@ -643,3 +643,25 @@ def test_a_helper_without_threads_to_be_had_is_not_left_running(
         _helper.Helper()
     [process] = started
     assert process.returncode is not None  # killed and waited for
+
+
+def test_an_incident_says_which_peers_timers_were_running() -> None:
+    def captured(pid: int) -> concurrent.futures.Future[bytes]:
+        future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        future.set_result(msgspec.msgpack.encode(Capture(pid=pid, role="peer")))
+        return future
+
+    request = msgspec.structs.replace(
+        _request(7, 1.0),
+        peers=(Peer(Worker(8, None)), Peer(Worker(9, None), timer_running=True)),
+    )
+    pending = _diagnostics._Pending(
+        request, "i1", 0.0, [captured(p) for p in (7, 8, 9)], uid=None, done=print
+    )
+    pending.captured = 0.5
+    record = pending.incident(dry_run=False)
+    assert [(c.pid, c.role, c.timer_running) for c in record.captures] == [
+        (7, "stuck", False),
+        (8, "peer", False),
+        (9, "peer", True),
+    ]

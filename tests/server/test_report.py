@@ -151,6 +151,18 @@ def test_annotate_fills_doing_groups_and_summary_and_keeps_what_the_capture_said
     assert again == done
 
 
+def test_a_peer_whose_timer_ran_is_said_so() -> None:
+    captures = eight_ranks()
+    captures[3] = msgspec.structs.replace(captures[3], timer_running=True)
+    done = annotate(incident(captures))
+    assert done.summary[2] == (
+        "  rank 3 (its timer running) in train at train.py:40 ... select at selectors.py:468 "
+        "(waiting for I/O)"
+    )
+    assert "pid 103, rank 3: peer (its timer running), py-spy, 200 ms" in render(done)
+    assert "rank 0: stuck, py-spy" in render(done)
+
+
 def test_render_says_where_each_child_waits() -> None:
     # A worker waiting on its data loader's workers: where they wait is why it hangs.
     loader = ChildState(pid=29, name="pt_data_worker", state="D", wchan="nfs_wait_bit_killable")

@@ -87,10 +87,12 @@ DELIVERED = Delivery(True)
 
 
 class Peer(msgspec.Struct, frozen=True):
-    """Another live worker of the stuck worker's job: captured too, never signalled."""
+    """Another live worker of the stuck worker's job: captured too, never signalled.
+    ``timer_running``: its timer had not reached its deadline (it may be on its way)."""
 
     worker: Worker
     labels: Optional[Dict[str, str]] = None
+    timer_running: bool = False
 
 
 class CaptureRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -150,6 +150,8 @@ class Capture(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
             incidents of several hosts are merged into one report.
         threads_cut: how many of its threads were left out, a capture's size being
             bounded.
+        timer_running: a peer whose timer had not reached its deadline (it may have been
+            on its way, where the others wait for it).
     """
 
     pid: int
@@ -166,6 +168,7 @@ class Capture(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     core: Optional[str] = None
     host: str = ""
     threads_cut: int = 0
+    timer_running: bool = False
 
 
 class Group(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -239,7 +239,8 @@ def _worker_lines(capture: Capture) -> List[str]:
         head += f" on {capture.host}"
     if "rank" in labels:
         head += f", rank {labels['rank']}"
-    head += f": {capture.role}, {capture.method}, {_duration(capture.seconds)}"
+    role = capture.role + (" (its timer running)" if capture.timer_running else "")
+    head += f": {role}, {capture.method}, {_duration(capture.seconds)}"
     if capture.exited:
         head += ", exited during the capture"
     lines = [head]

@@ -652,7 +652,8 @@ def _who(workers: Sequence[_Worker]) -> str:
     if len(workers) == 1:
         w = workers[0]
         name = f"rank {w.rank}" if w.rank is not None else f"pid {w.capture.pid}"
-        return f"{name} on {w.capture.host}" if w.capture.host else name
+        name += f" on {w.capture.host}" if w.capture.host else ""
+        return name + (" (its timer running)" if w.capture.timer_running else "")
     ranks = [w.rank for w in workers if w.rank is not None]
     pids = [w.capture.pid for w in workers if w.rank is None]
     on = f" on {len(hosts)} hosts" if len(hosts) > 1 else f" on {hosts[0]}" if hosts else ""

@@ -720,7 +720,7 @@ class Watchdog:
         if worker is not None and expiry.decider is not None and self._host.alive(worker):
             # Peers matter only to a capture (and finding them scans every timer).
             job = self._job_of(expiry.decider) if self._captures else None
-            peers = self._peers(job, worker, together)
+            peers = self._peers(job, worker, now, together)
             outcome = self._reaper.reap(worker, expiry, now, peers, job)
         incident = outcome if isinstance(outcome, str) else None
         for timer in expiry.expired:
@@ -740,7 +740,7 @@ class Watchdog:
         return timer.labels.get(self._job_label)
 
     def _peers(
-        self, job: Optional[str], stuck: Worker, together: Sequence[Timer] = ()
+        self, job: Optional[str], stuck: Worker, now: float, together: Sequence[Timer] = ()
     ) -> List[Peer]:
         """The other bound workers with a timer labelled with ``job``: expiring with the
         stuck one's (``together``), expired before it and still being captured (ranks
@@ -762,7 +762,7 @@ class Watchdog:
                 and worker.pid not in found
                 and self._job_of(timer) == job
             ):
-                found[worker.pid] = Peer(worker, timer.labels)
+                found[worker.pid] = Peer(worker, timer.labels, timer.deadline > now)
                 if len(found) == MAX_PEERS:
                     break
         return list(found.values())

@@ -501,9 +501,9 @@ class _Pending:
                 capture = _CAPTURE.decode(future.result())
                 if i == 0 and capture.role == "peer":  # another incident's, shared
                     capture = _as_stuck(capture)
-                captures.append(
-                    msgspec.structs.replace(capture, role="stuck" if i == 0 else "peer")
-                )
+                running = i > 0 and request.peers[i - 1].timer_running
+                role = "stuck" if i == 0 else "peer"
+                captures.append(msgspec.structs.replace(capture, role=role, timer_running=running))
         timed_out = any(not f.done() for f in self.futures)
         assert self.captured is not None
         seconds = self.captured - request.now

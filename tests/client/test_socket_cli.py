@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Tuple
 
 import pytest
-from tests.conftest import in_private_pid_namespace
+from tests.conftest import in_private_pid_namespace, parent_not_init
 
 from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, main
 from ftimer_protocol import Arm, Disarm, socket_path_for
@@ -125,6 +125,7 @@ def test_another_process_s_pid_with_transport_auto_goes_over_the_fifo(peer: Fifo
             beside.close()
 
 
+@parent_not_init
 def test_pid_1_is_refused_unless_it_is_the_calling_shell(
     speer: SocketPeer, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -202,12 +202,16 @@ def test_the_worker_is_signalled_before_the_walk_lets_it_run_again(
     # `wait` returned, and it went on to its next command, or exited) before its signal.
     signaller = _SaysWhetherStopped()
     options = IncidentOptions(directory=str(tmp_path / "i"), method="facts", reap_tree=True)
-    with FileTimerServer(
-        fifo_path,
-        incidents=options,
-        signal_override=signal.SIGTERM,
-        escalate_after=GRACE,
-        signaller=signaller,
+    pids: List[int] = []
+    with (
+        subreaper(),
+        FileTimerServer(
+            fifo_path,
+            incidents=options,
+            signal_override=signal.SIGTERM,
+            escalate_after=GRACE,
+            signaller=signaller,
+        ),
     ):
         worker = subprocess.Popen(
             [sys.executable, "-c", WORKER, str(fifo_path), mode],
@@ -217,13 +221,19 @@ def test_the_worker_is_signalled_before_the_walk_lets_it_run_again(
         )
         assert worker.stdout is not None
         # Its children ignore SIGTERM; a survivor forks another on its own SIGTERM.
-        children = [os.pidfd_open(int(worker.stdout.readline())) for _ in expected]
+        # Orphaned to this process (a subreaper): its zombies until waited for, so the
+        # pids read stay theirs however slow the test, and a signal to one is a no-op.
+        pids = [int(worker.stdout.readline()) for _ in expected]
+        children = [os.pidfd_open(pid) for pid in pids]
         try:
             assert worker.wait(30) == -expected[-1][0]
         finally:
             for child in children:
                 signal.pidfd_send_signal(child, signal.SIGKILL)  # ours: a no-op once dead
                 os.close(child)
+            for pid in pids:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
             if worker.poll() is None:
                 worker.kill()
                 worker.wait()

@@ -15,6 +15,7 @@ from typing import Iterator, List
 import pytest
 
 from ftimer_server import FileTimerServer
+from ftimer_server.server import _closer
 
 # Sends `sync` datagrams carrying 253 copies of one pipe's end (the most a datagram can
 # carry) from argv[2] threads to the socket argv[1], until its stdin closes.
@@ -86,13 +87,23 @@ def flooders(request: pytest.FixtureRequest) -> Iterator[List[subprocess.Popen[s
 
 
 def test_a_flood_of_descriptor_laden_datagrams_leaves_room_for_workers(
-    fifo_path: pathlib.Path, flooders: List[subprocess.Popen[str]]
+    fifo_path: pathlib.Path,
+    flooders: List[subprocess.Popen[str]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Each of the flood's descriptors was handed to a closing thread in a call of its
     # own, on the loop's thread (a /proc readlink, a lock, a wake-up; the loop then
     # competed with up to 8 closing threads for the interpreter): 12 ms a datagram, and a
     # healthy worker's arms timed out (8 of 8 heartbeats lost in a review's run).
     path = str(fifo_path.with_suffix(".socket"))
+    handoffs: List[int] = []  # the size of each hand-off to the closing threads
+    close = _closer.CLOSER.close
+
+    def counted(fds):  # type: ignore[no-untyped-def]
+        handoffs.append(len(fds))
+        close(fds)
+
+    monkeypatch.setattr(_closer.CLOSER, "close", counted)
     with FileTimerServer(fifo_path, socket_path=path, dry_run=True) as server:
         for _ in range(4):
             flooder = subprocess.Popen(
@@ -111,4 +122,9 @@ def test_a_flood_of_descriptor_laden_datagrams_leaves_room_for_workers(
         stalled, sent = map(int, worker.stdout.split())
         refused = server.stats().rejections.get("foreign_subject", 0)
     assert refused > 0  # the flood reached the server
-    assert stalled == 0, f"{stalled} of {sent} messages timed out"
+    # The regression itself, whatever the machine's load: a refused datagram's 253
+    # descriptors go to the closing threads in one hand-off, not one call each.
+    assert max(handoffs, default=0) >= 253, sorted(set(handoffs))[-5:]
+    # The worker's share of a 2-core machine against 200 flooding threads is the
+    # scheduler's to give: the bug lost every message (21 of 21); load loses a few.
+    assert stalled <= sent // 2, f"{stalled} of {sent} messages timed out"

@@ -286,6 +286,19 @@ class Worker:
 
 
 @pytest.fixture
+def text_log() -> Iterator[Any]:
+    """The daemon's text log handler, installed for one test and removed after it (left
+    installed, it wrote every later test's lines to stderr)."""
+    from ftimer_server.daemon._logging import LoggingSetup
+
+    setup = LoggingSetup("text", "info")
+    try:
+        yield setup
+    finally:
+        setup.close()
+
+
+@pytest.fixture
 def short_dir() -> Iterator[pathlib.Path]:
     """A private temporary directory with a short path (AF_UNIX paths are limited)."""
     d = tempfile.mkdtemp(prefix="ftd-")

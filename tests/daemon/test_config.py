@@ -643,19 +643,20 @@ def test_sighup_with_a_bad_config_file_is_logged_and_the_daemon_runs_on(
     assert d.stop() == 0  # SIGTERM is still heard
 
 
-def test_the_restore_grace_is_an_option_the_server_is_given(tmp_path: pathlib.Path) -> None:
+def test_the_restore_grace_is_an_option_the_server_is_given(
+    tmp_path: pathlib.Path, text_log: Any
+) -> None:
     # A worker whose client cannot re-send within 1.5 s (a long C call holding the GIL as
     # the daemon comes back) was reaped for a disarm it wrote during the outage, and the
     # grace could not be raised.
     from ftimer_server.daemon._daemon import Daemon
-    from ftimer_server.daemon._logging import LoggingSetup
 
     assert resolve_config({}, environ={}).restore_grace == 1.5
     path = write(tmp_path, "restore-grace = 10\n")
     config = resolve_config({}, load_config_file(path), environ={}, config_file=path)
     assert config.restore_grace == 10.0
     config = resolve_config({"restore_grace": 30.0}, environ={})
-    daemon = Daemon(config, LoggingSetup("text", "info"), environ={})
+    daemon = Daemon(config, text_log, environ={})
     server = daemon._new_server(None, None)
     try:
         assert server._restore_grace == 30.0  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Callable, List
+from typing import Any, Callable, List
 
 import pytest
 from tests.conftest import wait_until
@@ -223,7 +223,7 @@ def test_peers_beyond_those_served_at_once_wait_their_turn_and_stop_does_not(
 
 
 def test_status_out_of_descriptors_answers_instead_of_failing(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, text_log: Any
 ) -> None:
     # The status's round trip through the FIFO needs a descriptor: out of them (EMFILE),
     # the reply was no reply, and `ftimer-server status` failed decoding nothing. An
@@ -231,11 +231,10 @@ def test_status_out_of_descriptors_answers_instead_of_failing(
     from ftimer_server import FileTimerServer
     from ftimer_server.daemon._config import DaemonConfig
     from ftimer_server.daemon._daemon import Daemon
-    from ftimer_server.daemon._logging import LoggingSetup
     from ftimer_server.server import _server
 
     fifo = tmp_path / "timer.fifo"
-    daemon = Daemon(DaemonConfig(fifo=str(fifo)), LoggingSetup("text", "info"), environ={})
+    daemon = Daemon(DaemonConfig(fifo=str(fifo)), text_log, environ={})
     with FileTimerServer(fifo) as server:
         daemon._server = server
 
@@ -251,7 +250,7 @@ def test_status_out_of_descriptors_answers_instead_of_failing(
 
 
 def test_status_of_a_loop_stalled_holding_the_table_answers_and_says_so(
-    tmp_path: pathlib.Path,
+    tmp_path: pathlib.Path, text_log: Any
 ) -> None:
     # A reap step (or a blocked log) runs under the loop's lock: the status's sync timed
     # out, then waited for the lock without end to take its token back, and then for
@@ -263,7 +262,6 @@ def test_status_of_a_loop_stalled_holding_the_table_answers_and_says_so(
     from ftimer_server.daemon._cli import format_status
     from ftimer_server.daemon._config import DaemonConfig
     from ftimer_server.daemon._daemon import Daemon
-    from ftimer_server.daemon._logging import LoggingSetup
 
     gate, entered = threading.Event(), threading.Event()
 
@@ -272,7 +270,7 @@ def test_status_of_a_loop_stalled_holding_the_table_answers_and_says_so(
         gate.wait(PATIENCE)
 
     fifo = tmp_path / "timer.fifo"
-    daemon = Daemon(DaemonConfig(fifo=str(fifo)), LoggingSetup("text", "info"), environ={})
+    daemon = Daemon(DaemonConfig(fifo=str(fifo)), text_log, environ={})
     server = FileTimerServer(fifo, signaller=RecordingSignaller(), reap_steps=[stuck])
     child = subprocess.Popen(["sleep", "60"])
     try:

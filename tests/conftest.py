@@ -73,12 +73,6 @@ def wait_until(condition: Callable[[], Optional[T]], timeout: float = 15.0, what
 
 #: A worker script (``python -c ARMER FIFO``): arms "first", prints "armed", then arms the
 #: scope named on each line of stdin, printing "armed" each time; keeps the FIFO open.
-#: For tests of ``--pid 1`` refused: run with pid 1 as this process's parent (pytest
-#: straight under a container's init), ``--pid 1`` names the calling process, as allowed.
-parent_not_init = pytest.mark.skipif(
-    os.getppid() == 1, reason="pid 1 is this process's parent: `--pid 1` names the caller here"
-)
-
 ARMER = """
 import sys
 from ftimer_client import FileTimerClient
@@ -89,6 +83,13 @@ for line in sys.stdin:
     client.arm(line.strip(), 3600)
     print("armed", flush=True)
 """
+
+
+#: For tests of ``--pid 1`` refused: run with pid 1 as this process's parent (pytest
+#: straight under a container's init), ``--pid 1`` names the calling process, as allowed.
+parent_not_init = pytest.mark.skipif(
+    os.getppid() == 1, reason="pid 1 is this process's parent: `--pid 1` names the caller here"
+)
 
 
 @contextlib.contextmanager

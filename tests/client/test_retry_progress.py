@@ -116,7 +116,7 @@ def test_callers_are_held_no_longer_than_their_write_timeout_during_a_retry(
     # The retry thread held the channel's lock for its whole delivery (up to 1 s): an
     # arm with write_timeout=0.01 (an expires block, a signal handler) waited for it.
     # Told by what the retry does with the lock held, not by a call's time (a loaded
-    # machine makes any call slow): it never waits for room then. Meanwhile the caller
+    # machine makes any call slow): it never waits for room, nor sleeps, then. Meanwhile the caller
     # releases and re-arms scopes the resync is re-arming: the server must end with
     # exactly the registry (no released scope left armed).
     client, peer = stalled_slow_server
@@ -136,8 +136,15 @@ def test_callers_are_held_no_longer_than_their_write_timeout_during_a_retry(
         retry("wait_room", timeout)
         return wait_room(self, timeout)
 
+    sleep = time.sleep
+
+    def sleeping(seconds: float) -> None:
+        retry("sleep", seconds)
+        sleep(seconds)
+
     monkeypatch.setattr(_socket.SocketWriter, "write", writing)
     monkeypatch.setattr(_socket.SocketWriter, "wait_room", waiting)
+    monkeypatch.setattr(time, "sleep", sleeping)
     rng = random.Random(7)
     calls = 0
     end = time.monotonic() + CONVERGED_WITHIN

@@ -161,6 +161,14 @@ def test_a_peer_whose_timer_ran_is_said_so() -> None:
     )
     assert "pid 103, rank 3: peer (its timer running), py-spy, 200 ms" in render(done)
     assert "rank 0: stuck, py-spy" in render(done)
+    # Of a group of several, which: rank 5 in the loader too.
+    captures[5] = msgspec.structs.replace(
+        captures[5], timer_running=True, threads=captures[3].threads
+    )
+    assert annotate(incident(captures)).summary[2] == (
+        "  2 ranks (3,5; timers running: 3,5) in train at train.py:40 ... select at "
+        "selectors.py:468 (waiting for I/O)"
+    )
 
 
 def test_render_says_where_each_child_waits() -> None:

@@ -7,6 +7,7 @@ import random
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import hypothesis.strategies as st
+import msgspec
 import pytest
 from hypothesis import given, settings
 
@@ -423,6 +424,14 @@ def test_the_client_librarys_thread_read_by_the_hook_is_known_by_what_it_runs() 
     calls = thread(*start, user, client, tid=121, name="0x00007f01226616c1")
     assert not client_thread(calls)
     assert not client_thread(thread(*start, tid=122, name="0x00007f01226616c2"))
+    # So does one whose target is an @expires function (the library's wrapper first).
+    decorated = py("run", f"{PY}/site-packages/ftimer_client/_expires.py", 396)
+    hung = thread(*start, decorated, user, name="Thread-1 (load)", state="D")
+    assert not client_thread(hung)
+    assert focus(capture_of(MAIN, hung)) == hung
+    # And one whose outer frames were cut: what is kept does not say what it runs.
+    cut = msgspec.structs.replace(thread(client, wait, tid=123), frames_cut=40)
+    assert not client_thread(cut)
 
 
 # -- groups ----------------------------------------------------------------------------

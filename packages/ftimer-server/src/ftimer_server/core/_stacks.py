@@ -382,26 +382,33 @@ def focus(capture: Capture) -> Optional[ThreadStack]:
 
 #: The names of the client library's threads (``ftimer-client-watch``, ``-resync``).
 _CLIENT_THREADS = "ftimer-client-"
+#: What each of them runs first (``ftimer_client._signals.start_helper``): not merely a
+#: frame of the library, as a worker's thread whose target is an ``@expires`` function
+#: starts in the library too, and runs the worker's code.
+_CLIENT_START = ("_blocking", "/ftimer_client/_signals.py")
 
 
 def client_thread(thread: ThreadStack) -> bool:
     """Whether ``thread`` is the client library's own: by its name, and by its frames
     where it has any (the worker's code may name a thread so, and would hide it); or,
-    unnamed (the hook knows no names), by what it runs: the first frame below
-    threading's is the library's."""
+    without the name (the hook knows none), by what it runs: the library's start of its
+    threads (``_CLIENT_START``) first below threading's, its stack whole."""
     if thread.name.startswith(_CLIENT_THREADS):
         return not thread.frames or any(_of_client(f) for f in thread.frames)
-    runs = (f for f in reversed(thread.frames) if not _of_threading(f))
+    if thread.frames_cut:  # its outermost frames are not those kept
+        return False
+    runs = (f for f in reversed(thread.frames) if not _path(f).endswith("/threading.py"))
     target = next(runs, None)
-    return target is not None and _of_client(target)
+    function, file = _CLIENT_START
+    return target is not None and target.function == function and _path(target).endswith(file)
 
 
 def _of_client(frame: Frame) -> bool:
-    return "/ftimer_client/" in frame.file.replace("\\", "/")
+    return "/ftimer_client/" in _path(frame)
 
 
-def _of_threading(frame: Frame) -> bool:
-    return frame.file.replace("\\", "/").endswith("/threading.py")
+def _path(frame: Frame) -> str:
+    return frame.file.replace("\\", "/")
 
 
 def _aside(thread: ThreadStack) -> bool:
@@ -656,11 +663,22 @@ def _who(workers: Sequence[_Worker]) -> str:
         return name + (" (its timer running)" if w.capture.timer_running else "")
     ranks = [w.rank for w in workers if w.rank is not None]
     pids = [w.capture.pid for w in workers if w.rank is None]
+    running = [w for w in workers if w.capture.timer_running]
     on = f" on {len(hosts)} hosts" if len(hosts) > 1 else f" on {hosts[0]}" if hosts else ""
+    said = f"; timers running: {_who_briefly(running)}" if running else ""
     if not pids:
-        return f"{len(workers)} ranks ({_ranges(ranks)}){on}"
+        return f"{len(workers)} ranks ({_ranges(ranks)}{said}){on}"
     listed = ([f"ranks {_ranges(ranks)}"] if ranks else []) + [f"pids {abridged(pids)}"]
-    return f"{len(workers)} workers ({'; '.join(listed)}){on}"
+    return f"{len(workers)} workers ({'; '.join(listed)}{said}){on}"
+
+
+def _who_briefly(workers: Sequence[_Worker]) -> str:
+    """Their ranks ("3,5"), and the pids of those without one."""
+    ranks = [w.rank for w in workers if w.rank is not None]
+    pids = [w.capture.pid for w in workers if w.rank is None]
+    return ", ".join(
+        ([_ranges(ranks)] if ranks else []) + ([f"pids {abridged(pids)}"] if pids else [])
+    )
 
 
 def _ranges(ranks: Sequence[str], most: int = 8) -> str:

@@ -10,8 +10,8 @@ and the signal's outcome are known: one JSON document (and its text rendering) p
 
 Two threads of its own, started with it, end the captures and write the incidents: the
 loop hands them work without starting a thread (a thread's start waits for the new
-thread to run, which took 10-30 ms each on a host busy with sixteen ranks' captures: an
-expiry after them was noticed that much later).
+thread to run: up to 33 ms each beside 20 busy processes, and with sixteen ranks
+captured at once their expiries were noticed up to 164 ms late).
 
 Captures and writes run in a helper process (``_helper``), not in the server's threads:
 parsing stacks and reading /proc for eight workers would otherwise hold the server's GIL

@@ -68,7 +68,16 @@ def waiting_in_fuse():
                 return True
     return False
 
-until("the daemon", lambda: os.path.exists(f"{top}/ctl.sock"))
+def said(text):
+    try:
+        with open(f"{top}/d.log") as f:
+            return text in f.read()
+    except FileNotFoundError:
+        return False
+
+# Ready, not merely listening: a mount made during the start holds the start (the main
+# thread looks at the FIFO's directory then), and its signals with it.
+until("the daemon", lambda: said(" ready: FIFO "))
 hung = subprocess.Popen([python, "-c", fuse, f"{top}/dir"], stdin=subprocess.PIPE)
 until("the mount", lambda: f" {top}/dir " in open("/proc/self/mountinfo").read())
 until("a look at the FIFO held by the mount", waiting_in_fuse)

@@ -188,8 +188,6 @@ class Daemon:
             # the daemon: keep it out of every later garbage collection.
             gc.collect()
             gc.freeze()
-            for warning in startup_warnings(self.config, os.geteuid()):
-                log.warning("%s", warning)
             self._ready()
             return self._loop(wake_r)
         finally:
@@ -457,6 +455,10 @@ class Daemon:
         if self._held_until == math.inf:
             self._held_until = time.monotonic() + c.restore_grace
         self._server = server
+        # Before the control socket is there: from then on the main thread walks no path
+        # (a mount that hangs over the FIFO's directory would hold every signal with it).
+        for warning in startup_warnings(c, os.geteuid()):
+            log.warning("%s", warning)
         threading.Thread(
             target=self._watch_paths, args=(server,), name="ftimer-paths", daemon=True
         ).start()

@@ -10,9 +10,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import types
 from collections.abc import Iterator
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -257,3 +259,18 @@ def run_as_nobody(script: str, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
+
+
+def on_thread_start(
+    monkeypatch: pytest.MonkeyPatch, module: Any, before: Callable[[threading.Thread], None]
+) -> None:
+    """Make the threads ``module`` starts call ``before(thread)`` first: to see them, or
+    to raise as ``start()`` does with no thread to be had (systemd's TasksMax)."""
+
+    class Thread(threading.Thread):
+        def start(self) -> None:
+            before(self)
+            super().start()
+
+    fake = types.SimpleNamespace(**{**vars(threading), "Thread": Thread})
+    monkeypatch.setattr(module, "threading", fake)

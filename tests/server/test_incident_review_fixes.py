@@ -39,7 +39,7 @@ from ftimer_server.incidents._options import NOT_WRITTEN
 from ftimer_server.incidents._procfs import read_stat
 from ftimer_server.incidents._store import LOCK, IncidentStore
 
-from .conftest import send
+from .conftest import on_thread_start, send
 from .test_capture import stuck
 from .test_incident_store import make, names
 
@@ -622,7 +622,6 @@ def test_a_helper_without_threads_to_be_had_is_not_left_running(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Out of threads (TasksMax): its threads' start raised, its process lived on.
-    import types
 
     started: List[subprocess.Popen[bytes]] = []
     popen = subprocess.Popen
@@ -632,12 +631,10 @@ def test_a_helper_without_threads_to_be_had_is_not_left_running(
         started.append(process)
         return process  # type: ignore[no-any-return]
 
-    class Thread(threading.Thread):
-        def start(self) -> None:
-            raise RuntimeError("can't start new thread")
+    def refuse(thread: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
 
-    fake = types.SimpleNamespace(**{**vars(threading), "Thread": Thread})
-    monkeypatch.setattr(_helper, "threading", fake)
+    on_thread_start(monkeypatch, _helper, refuse)
     monkeypatch.setattr(_helper.subprocess, "Popen", remember)
     with pytest.raises(OSError, match="capture helper's threads: can't start new thread"):
         _helper.Helper()

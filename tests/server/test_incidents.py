@@ -38,7 +38,15 @@ from ftimer_server.incidents._capture import CaptureOptions, find_py_spy
 from ftimer_server.incidents._diagnostics import IncidentOptions
 from ftimer_server.incidents._helper import MAX_UNSENT, CaptureJob, Helper, HelperGone, WriteJob
 
-from .conftest import AS_NOBODY, NOBODY, need_nobody, proc_start_time, send, wait_exit
+from .conftest import (
+    AS_NOBODY,
+    NOBODY,
+    need_nobody,
+    on_thread_start,
+    proc_start_time,
+    send,
+    wait_exit,
+)
 
 # A worker of job "j": arms `after` seconds, then hangs in `where` (its stack says so).
 WORKER = """
@@ -443,7 +451,6 @@ def test_incidents_with_no_thread_to_be_had_fail_the_start_plainly(
 ) -> None:
     # Out of threads (systemd's TasksMax): the incidents' two threads start with the
     # server, which then fails to start, saying why, with no capture helper left behind.
-    import types
 
     from ftimer_server.incidents import _diagnostics, _helper
 
@@ -454,14 +461,11 @@ def test_incidents_with_no_thread_to_be_had_fail_the_start_plainly(
             super().__init__()
             helpers.append(self)
 
-    class Thread(threading.Thread):
-        def start(self) -> None:
-            if self.name == "ftimer-incident-write":
-                raise RuntimeError("can't start new thread")  # what start() raises then
-            super().start()
+    def refuse(thread: threading.Thread) -> None:
+        if thread.name == "ftimer-incident-write":
+            raise RuntimeError("can't start new thread")  # what start() raises then
 
-    fake = types.SimpleNamespace(**{**vars(threading), "Thread": Thread})
-    monkeypatch.setattr(_diagnostics, "threading", fake)
+    on_thread_start(monkeypatch, _diagnostics, refuse)
     monkeypatch.setattr(_diagnostics, "Helper", Helper)
     options = IncidentOptions(directory=str(tmp_path / "i"), method="facts")
     with pytest.raises(OSError, match="cannot start the incidents' threads: can't start new"):
@@ -481,16 +485,7 @@ def test_the_loop_starts_no_thread_for_an_incident(
 
     started: list[str] = []
 
-    class Thread(threading.Thread):
-        def start(self) -> None:
-            started.append(self.name)
-            super().start()
-
-    import types
-
-    monkeypatch.setattr(
-        _diagnostics, "threading", types.SimpleNamespace(**{**vars(threading), "Thread": Thread})
-    )
+    on_thread_start(monkeypatch, _diagnostics, lambda thread: started.append(thread.name))
     got = Collector()
     options = IncidentOptions(directory=str(tmp_path / "i"), method="facts", timeout=2.0)
     with FileTimerServer(fifo_path, dry_run=True, incidents=options, on_incident=got.incident):

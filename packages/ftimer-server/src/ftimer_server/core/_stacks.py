@@ -661,8 +661,7 @@ def _who(workers: Sequence[_Worker]) -> str:
         name = f"rank {w.rank}" if w.rank is not None else f"pid {w.capture.pid}"
         name += f" on {w.capture.host}" if w.capture.host else ""
         return name + (" (its timer running)" if w.capture.timer_running else "")
-    ranks = [w.rank for w in workers if w.rank is not None]
-    pids = [w.capture.pid for w in workers if w.rank is None]
+    ranks, pids = _ranks_and_pids(workers)
     running = [w for w in workers if w.capture.timer_running]
     on = f" on {len(hosts)} hosts" if len(hosts) > 1 else f" on {hosts[0]}" if hosts else ""
     said = f"; timers running: {_who_briefly(running)}" if running else ""
@@ -674,11 +673,16 @@ def _who(workers: Sequence[_Worker]) -> str:
 
 def _who_briefly(workers: Sequence[_Worker]) -> str:
     """Their ranks ("3,5"), and the pids of those without one."""
-    ranks = [w.rank for w in workers if w.rank is not None]
-    pids = [w.capture.pid for w in workers if w.rank is None]
+    ranks, pids = _ranks_and_pids(workers)
     return ", ".join(
         ([_ranges(ranks)] if ranks else []) + ([f"pids {abridged(pids)}"] if pids else [])
     )
+
+
+def _ranks_and_pids(workers: Sequence[_Worker]) -> Tuple[List[str], List[int]]:
+    """The ranks of ``workers``, and the pids of those without one."""
+    ranks = [w.rank for w in workers if w.rank is not None]
+    return ranks, [w.capture.pid for w in workers if w.rank is None]
 
 
 def _ranges(ranks: Sequence[str], most: int = 8) -> str:

@@ -191,7 +191,7 @@ def test_an_incident_not_handed_to_a_directory_never_says_the_directory_fails(
         monkeypatch.setattr(diagnostics._helper, "submit", lambda job: failed)
         timer = Timer(7, "s", 0.0, 9)
         request = CaptureRequest(worker=Worker(7, None), timer=timer, signal=9, now=0.0, budget=1.0)
-        pending = _diagnostics._Pending(request, "i1", 0.0, [failed], uid=None, done=print)
+        pending = _diagnostics._Pending(request, "i1", 0.0, [failed], None, print)
         pending.captured = 0.0
         diagnostics._write_one(pending)
         assert diagnostics.write_errors == 1
@@ -653,7 +653,7 @@ def test_an_incident_says_which_peers_timers_were_running() -> None:
         peers=(Peer(Worker(8, None)), Peer(Worker(9, None), timer_running=True)),
     )
     pending = _diagnostics._Pending(
-        request, "i1", 0.0, [captured(p) for p in (7, 8, 9)], uid=None, done=print
+        request, "i1", 0.0, [captured(p) for p in (7, 8, 9)], None, print
     )
     pending.captured = 0.5
     record = pending.incident(dry_run=False)
@@ -662,3 +662,95 @@ def test_an_incident_says_which_peers_timers_were_running() -> None:
         (8, "peer", False),
         (9, "peer", True),
     ]
+
+
+# From a read of the incidents' code ----------------------------------------------------
+
+
+def _small_incident() -> Incident:
+    return Incident(id="i", host="h", created=0.0, pid=7, scope_id="s", signal=9, deadline=0.0)
+
+
+def test_a_helper_whose_interpreter_prints_at_start_up_still_answers(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sitecustomize (or a .pth file, a conda hook) that prints a line: the helper's
+    # answers came on its stdout, so "site" was read as a frame of 1.9 GB, and every
+    # capture and write after it waited out its budget, unsaid, for the daemon's life.
+    (tmp_path / "sitecustomize.py").write_text("print('site hook says hello')\n")
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    )
+    helper = _helper.Helper()
+    try:
+        answer = helper.submit(_helper.WriteJob(_small_incident(), None, True)).result(10)
+        assert Incident is type(msgspec.msgpack.decode(answer, type=Incident))
+    finally:
+        helper.close()
+
+
+def test_a_helper_whose_answer_cannot_be_read_is_stopped_and_replaced(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The thread reading the answers died with the exception: the jobs it had were never
+    # ended, and the helper, alive, was never replaced.
+    class Unreadable:
+        def decode(self, data: bytes) -> object:
+            raise msgspec.DecodeError("not an answer")
+
+    helper = _helper.Helper()
+    first = helper._process
+    try:
+        monkeypatch.setattr(_helper, "_dones", Unreadable())
+        lost = helper.submit(_helper.WriteJob(_small_incident(), None, True))
+        assert isinstance(lost.exception(10), _helper.HelperGone)
+        assert first.wait(10) == -signal.SIGKILL  # ours: stopped, to be started anew
+        assert "cannot read the capture helper's answers" in caplog.text
+        monkeypatch.undo()
+        assert helper.submit(_helper.WriteJob(_small_incident(), None, True)).result(10)
+        assert helper._process is not first
+    finally:
+        helper.close()
+
+
+def test_close_writes_every_complete_incident_before_it_returns() -> None:
+    # close() gave the captures and the writes one budget and a second: behind a slow
+    # on_incident, the incidents queued were dropped as "the capture helper was
+    # stopped", and delivered to on_incident after close() had returned.
+    got: List[Incident] = []
+    closed = threading.Event()
+    after_close: List[str] = []
+
+    def slow(incident: Incident) -> None:
+        if closed.is_set():
+            after_close.append(incident.id)
+        got.append(incident)
+        if len(got) == 1:
+            time.sleep(1.5)  # a sink that is slow, past the captures' budget and a second
+
+    diagnostics = Diagnostics(IncidentOptions(method="facts", timeout=0.2), slow)
+    ids = [diagnostics.start(_request(2**22 + i, 0.2), lambda pid: None) for i in range(3)]
+    for incident in ids:
+        diagnostics.signalled(incident, True)
+    diagnostics.close()
+    closed.set()
+    assert sorted(i.id for i in got) == sorted(ids)
+    assert after_close == []
+    assert not [e for i in got for e in i.errors if "helper" in e]
+
+
+def test_a_capture_that_ends_while_its_record_is_made_is_late_or_in_not_both() -> None:
+    # The record asked each capture twice whether it was done: one that ended between
+    # the two was listed as "no capture within the budget" in an incident not timed out.
+    class EndsWhenAsked(concurrent.futures.Future):  # type: ignore[type-arg]
+        def done(self) -> bool:
+            was = super().done()
+            if not was:
+                self.set_result(msgspec.msgpack.encode(Capture(pid=7)))
+            return was
+
+    pending = _diagnostics._Pending(_request(7, 1.0), "i1", 0.0, [EndsWhenAsked()], None, print)
+    pending.captured = 1.0
+    record = pending.incident(dry_run=False)
+    assert record.timed_out
+    assert record.errors == ["pid 7: no capture within the budget"]

@@ -675,22 +675,19 @@ class Daemon:
         # The incidents' writer thread: the incident is written (or could not be: logged there).
         stuck = incident.captures[0] if incident.captures else None
         method = stuck.method if stuck is not None else "none"
-        if self._metrics is not None:
-            self._metrics.incident(method, incident.seconds)
+        metrics = self._metrics  # read once: a stop may be taking it away
+        if metrics is not None:
+            metrics.incident(method, incident.seconds)
+        # Its summary is all that is left of one not written: never logged as if stored.
+        kept = not any(e.startswith(NOT_WRITTEN) for e in incident.errors)
+        head = (
+            "incident %s (%s):"
+            if kept
+            else "incident %s, not kept (it could not be written to %s):"
+        )
         # The line breaks in the format: the text log escapes those in its arguments.
-        summary = "\n  %s" * len(incident.summary)
-        if any(e.startswith(NOT_WRITTEN) for e in incident.errors):
-            # Its summary is all that is left of it: logged, never as if it were stored.
-            log.warning(
-                "incident %s, not kept (it could not be written to %s):" + summary,
-                incident.id,
-                self.config.incident_dir,
-                *incident.summary,
-                extra={"_burst": WORKER_BURST},
-            )
-            return
         log.warning(
-            "incident %s (%s):" + summary,
+            head + "\n  %s" * len(incident.summary),
             incident.id,
             self.config.incident_dir,
             *incident.summary,

@@ -479,8 +479,23 @@ class RepeatFilter(logging.Filter):
         self._summarise(kind, self._windows.pop(kind), now)
 
     def _summarise(self, kind: _Kind, window: _Window, now: float) -> None:
-        last = window.last if window.make is None else window.make()
-        if not window.held or last is None:
+        if not window.held:
+            return
+        last = window.last
+        if window.make is not None:
+            try:
+                last = window.make()
+            except Exception:  # never raised through a log() call: said by its format
+                name, level, msg = kind
+                last = logging.makeLogRecord(
+                    {
+                        "name": name,
+                        "levelno": level,
+                        "levelname": logging.getLevelName(level),
+                        "msg": msg,
+                    }
+                )
+        if last is None:
             return
         fields = {k: v for k, v in last.__dict__.items() if k not in _FRESH_ATTRS}
         summary = logging.makeLogRecord(fields)  # stamped now, not when ``last`` was

@@ -80,7 +80,6 @@ class CaptureOptions:
             means it is not installed (said so in the capture's error).
         native: ``py-spy --native``: C/C++ frames too (about 4x slower).
         hook: use the worker's dump hook where py-spy is not used or fails.
-        kernel_stacks: read ``/proc/PID/task/TID/stack`` where readable (root).
         dry_run: the server signals nothing: the hook is not used (its signal would
             interrupt the worker's system calls), and the capture says so.
     """
@@ -89,7 +88,6 @@ class CaptureOptions:
     wants_py_spy: bool = False
     native: bool = False
     hook: bool = True
-    kernel_stacks: bool = True
     dry_run: bool = False
 
 
@@ -168,9 +166,7 @@ def _capture(
         use_hook = options.hook and not options.dry_run and hook is not None
         facts, notes = read_facts(pid, deadline - _RESERVE)
         try:
-            threads = read_threads(
-                pid, kernel_stacks=options.kernel_stacks, masks=use_hook, stack_pointers=use_hook
-            )
+            threads = read_threads(pid, kernel_stacks=True, masks=use_hook, stack_pointers=use_hook)
         except OSError as e:
             threads = []
             notes.append(f"threads unreadable: {e}")

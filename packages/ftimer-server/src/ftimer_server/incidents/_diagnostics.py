@@ -25,6 +25,7 @@ it, so eight incidents cost eight captures, not sixty-four.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import heapq
 import logging
 import math
@@ -54,7 +55,8 @@ logger = logging.getLogger("ftimer_server")
 
 #: Captures of one pid started this close together serve every incident that needs one.
 SHARE_WINDOW = 1.0
-#: Seconds past a capture's budget that ``close()`` waits for its incident to be written.
+#: Seconds past a capture's budget that ``close()`` waits for its worker to be signalled;
+#: past a write's ``WRITE_TIMEOUT``, for the helper's word that it gave up.
 _WRITE_WAIT = 1.0
 #: Seconds an incident's write may take from its hand-over to the helper, the writes
 #: before it included (one at a time): past that it is given up, and said so.
@@ -107,9 +109,8 @@ class Diagnostics:
             logger.warning("capture method py-spy: no py-spy found (install ftimer-server[pyspy])")
         self._helper = Helper()
         self._lock = threading.Lock()
-        #: Told when an incident is no longer in progress (see ``close()``).
+        #: Told when an incident is handed to the writer (see ``close()``).
         self._settled = threading.Condition(self._lock)
-        self._writing = 0  # incidents being written; guarded by _lock
         #: (pid, start time, user) -> (when, the capture): see ``_capture``.
         self._shared: Dict[
             Tuple[int, Optional[int], Optional[int]], Tuple[float, concurrent.futures.Future[bytes]]
@@ -128,20 +129,21 @@ class Diagnostics:
         )
         #: To the writer: a complete incident, or None (stop).
         self._writes: queue.SimpleQueue[Optional[_Pending]] = queue.SimpleQueue()
+        self._writer = threading.Thread(
+            target=self._write_all, name="ftimer-incident-write", daemon=True
+        )
         try:
-            for target, name in (
-                (self._collect, "ftimer-incidents"),
-                (self._write_all, "ftimer-incident-write"),
-            ):
-                threading.Thread(target=target, name=name, daemon=True).start()
+            threading.Thread(target=self._collect, name="ftimer-incidents", daemon=True).start()
+            self._writer.start()
         except RuntimeError as e:  # no thread to be had (TasksMax)
             self._stop_threads()
             self._helper.close(timeout=0)
             raise OSError(f"cannot start the incidents' threads: {e}") from e
 
-    def start(self, request: CaptureRequest, done: Callable[[int], None]) -> str:
+    def start(self, request: CaptureRequest, on_captured: Callable[[int], None]) -> str:
         """Start capturing ``request`` (from the loop); return the incident's id.
-        ``done(pid)`` is called, from another thread, once every capture has ended."""
+        ``on_captured(pid)`` is called, from another thread, once every capture has
+        ended or the budget has."""
         timer, worker = request.timer, request.worker
         created = time.time()
         incident = incident_id(created, worker.pid, timer.scope_id)
@@ -167,7 +169,7 @@ class Diagnostics:
             else _failed("not captured: the stuck worker's user could not be read")
             for peer in request.peers
         ]
-        pending = _Pending(request, incident, created, futures, uid=user, done=done)
+        pending = _Pending(request, incident, created, futures, user, on_captured)
         with self._lock:
             self._incidents[incident] = pending
         self._collecting.put((deadline, incident))
@@ -198,21 +200,27 @@ class Diagnostics:
     def close(self) -> None:
         """Stop capturing: the incidents in progress are finished and written first
         (their workers are signalled at a server's stop, so their captures end soon),
-        waiting no longer than one capture's budget; then the helper is stopped, with
-        the capture tools still running (their process groups are killed, the
-        processes they had stopped resumed)."""
+        waiting for their captures no longer than one capture's budget and for each
+        write no longer than its ``WRITE_TIMEOUT``; ``on_incident`` is not called once
+        this returns. Then the helper is stopped, with the capture tools still running
+        (their process groups are killed, the processes they had stopped resumed)."""
         deadline = time.monotonic() + self.options.timeout + _WRITE_WAIT
         with self._settled:
-            while self._incidents or self._writing:
+            while self._incidents:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     logger.warning(
                         "stopping the capture helper with %d incident(s) unfinished",
-                        len(self._incidents) + self._writing,
+                        len(self._incidents),
                     )
                     break
                 self._settled.wait(left)
         self._stop_threads()
+        # Every write handed over gives up by its own deadline: the writer ends by then,
+        # unless an ``on_incident`` callback blocks it.
+        self._writer.join(WRITE_TIMEOUT + 2 * _WRITE_WAIT)
+        if self._writer.is_alive():
+            logger.warning("stopping the capture helper with an incident's on_incident running")
         self._helper.close(timeout=_WRITE_WAIT)  # what still runs has outlived its budget
 
     def _stop_threads(self) -> None:
@@ -320,24 +328,27 @@ class Diagnostics:
             try:
                 item = self._collecting.get(timeout=wait)
             except queue.Empty:
-                item = ""
+                item = ""  # a budget ended, and nothing else
             if item is None:
                 return
             if isinstance(item, tuple):
                 heapq.heappush(budgets, item)
                 item = item[1]
+            if item:
+                self._captured(item, over=False)
             now = time.monotonic()
-            try:
-                if item:
-                    self._captured(item, over=False)
-                while budgets and budgets[0][0] <= now:
-                    self._captured(heapq.heappop(budgets)[1], over=True)
-            except Exception:  # the next ones are collected all the same
-                logger.exception("cannot end the captures of incident %s", item)
+            while budgets and budgets[0][0] <= now:
+                self._captured(heapq.heappop(budgets)[1], over=True)
 
     def _captured(self, incident: str, *, over: bool) -> None:
         """Tell the loop that ``incident``'s captures ended if all of them did, or ``over``
         (its budget ended), unless it was told already; then write it if signalled."""
+        try:
+            self._end_captures(incident, over=over)
+        except Exception:  # the collector goes on with the next ones
+            logger.exception("cannot end the captures of incident %s", incident)
+
+    def _end_captures(self, incident: str, *, over: bool) -> None:
         with self._lock:
             pending = self._incidents.get(incident)
             if pending is None or pending.captured is not None:
@@ -346,7 +357,7 @@ class Diagnostics:
                 return
             pending.captured = time.monotonic()
         try:
-            pending.done(pending.request.worker.pid)
+            pending.on_captured(pending.request.worker.pid)
         finally:  # written all the same, if signalled already
             self._maybe_write(incident)
 
@@ -358,25 +369,17 @@ class Diagnostics:
             if pending is None or not pending.signalled or pending.captured is None:
                 return
             del self._incidents[incident]
-            self._writing += 1
-        pending.handed = time.monotonic()
-        self._writes.put(pending)
+            self._settled.notify_all()
+            pending.handed = time.monotonic()
+            self._writes.put(pending)
 
     def _write_all(self) -> None:
-        """The writer's thread: writes the incidents one at a time (as the helper does),
-        telling ``close()`` after each."""
-        while True:
-            pending = self._writes.get()
-            if pending is None:
-                return
+        """The writer's thread: writes the incidents one at a time (as the helper does)."""
+        while (pending := self._writes.get()) is not None:
             try:
                 self._write_one(pending)
             except Exception:  # the next ones are written all the same
                 logger.exception("cannot write incident %s", pending.id)
-            finally:
-                with self._settled:
-                    self._writing -= 1
-                    self._settled.notify_all()
 
     def _write_one(self, pending: _Pending) -> None:
         incident = pending.id
@@ -396,18 +399,21 @@ class Diagnostics:
         except (RuntimeError, HelperGone) as e:  # not written; annotated here for others
             record, error = annotate(record), str(e)
         except concurrent.futures.TimeoutError:
-            waited = WRITE_TIMEOUT + _WRITE_WAIT
             record = annotate(record)
             error = (
-                f"no answer within {waited:g} s: given up (the incident directory's file "
-                "system is slow or hung)"
+                f"no answer within {WRITE_TIMEOUT + _WRITE_WAIT:g} s: given up ("
+                + (
+                    "the capture helper is busy or stopped"
+                    if store is None
+                    else "the incident directory's file system is slow or hung"
+                )
+                + ")"
             )
         if error is not None:
             self.write_errors += 1
-            if store is not None:
-                self.failing = error
             logger.error("cannot write incident %s: %s", incident, error)
             if store is not None:
+                self.failing = error
                 errors = [*record.errors, NOT_WRITTEN + error]
                 record = msgspec.structs.replace(record, errors=errors)
         elif store is not None:
@@ -461,39 +467,34 @@ def _failed(message: str) -> concurrent.futures.Future[bytes]:
     return future
 
 
+@dataclasses.dataclass
 class _Pending:
     """An incident being captured: complete once captured and signalled."""
 
-    def __init__(
-        self,
-        request: CaptureRequest,
-        incident: str,
-        created: float,
-        futures: List[concurrent.futures.Future[bytes]],
-        *,
-        uid: Optional[int],
-        done: Callable[[int], None],
-    ) -> None:
-        self.request = request
-        self.done = done
-        self.id = incident
-        self.created = created
-        self.futures = futures
-        self.uid = uid
-        self.captured: Optional[float] = None
-        #: When it was handed to the writer.
-        self.handed = 0.0
-        self.signalled = False
-        self.delivered: Optional[bool] = None
-        self.descendants: List[int] = []
+    request: CaptureRequest
+    id: str
+    created: float
+    futures: List[concurrent.futures.Future[bytes]]
+    #: The stuck worker's real uid, if it could be read.
+    uid: Optional[int]
+    on_captured: Callable[[int], None]
+    #: When its captures ended (``time.monotonic()``).
+    captured: Optional[float] = None
+    #: When it was handed to the writer.
+    handed: float = 0.0
+    signalled: bool = False
+    delivered: Optional[bool] = None
+    descendants: List[int] = dataclasses.field(default_factory=list)
 
     def incident(self, dry_run: bool) -> Incident:
         request, timer = self.request, self.request.timer
         captures: List[Capture] = []
         errors: List[str] = []
+        # Read once: a capture that ends meanwhile must not be both late and in.
+        ended = [future.done() for future in self.futures]
         for i, future in enumerate(self.futures):
             who = request.worker if i == 0 else request.peers[i - 1].worker
-            if not future.done() or future.cancelled():
+            if not ended[i] or future.cancelled():
                 errors.append(f"pid {who.pid}: no capture within the budget")
             elif future.exception() is not None:  # refused, or the helper failed
                 errors.append(f"pid {who.pid}: {future.exception()}")
@@ -504,7 +505,7 @@ class _Pending:
                 running = i > 0 and request.peers[i - 1].timer_running
                 role = "stuck" if i == 0 else "peer"
                 captures.append(msgspec.structs.replace(capture, role=role, timer_running=running))
-        timed_out = any(not f.done() for f in self.futures)
+        timed_out = not all(ended)
         assert self.captured is not None
         seconds = self.captured - request.now
         return Incident(

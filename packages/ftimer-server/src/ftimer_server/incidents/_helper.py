@@ -9,8 +9,10 @@ priority, with the threads it needs. It finds each worker again by pid and start
 pidfd does not cross processes) and pins it for the whole job, capture and core dump, so
 a reused pid is still never touched.
 
-The two talk over the helper's stdin and stdout in frames: a 4-byte length, then a
-msgpack message (``Job`` in, ``Done`` out), matched by a number.
+The two talk in frames, a 4-byte length then a msgpack message (``Job`` in, ``Done``
+out) matched by a number: jobs on the helper's stdin, answers on a pipe of their own,
+since its stdout is anybody's that runs in its interpreter (a ``sitecustomize`` or a
+``.pth`` file that prints a line at start-up would otherwise be read as a frame).
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ _CORE_RESERVE = 0.1
 #: Seconds the helper is waited for after SIGKILL.
 _KILL_WAIT = 5.0
 _LENGTH = struct.Struct("!I")
+#: The longest frame either side reads: an incident (with its text) and its envelope. A
+#: longer length is not a frame (the stream is not ours, or is damaged).
+_MAX_FRAME = 4 * MAX_INCIDENT_BYTES
 
 
 class CaptureJob(msgspec.Struct, frozen=True, tag=True):
@@ -125,11 +130,17 @@ def _send(stream: IO[bytes], message: object, lock: threading.Lock) -> None:
 
 
 def _receive(stream: IO[bytes]) -> Optional[bytes]:
-    """One frame's payload, or None at the end of the stream."""
+    """One frame's payload, or None at the end of the stream.
+
+    Raises:
+        ValueError: the length read is not a frame's.
+    """
     head = stream.read(_LENGTH.size)
     if len(head) < _LENGTH.size:
         return None
     (size,) = _LENGTH.unpack(head)
+    if size > _MAX_FRAME:
+        raise ValueError(f"a frame of {size} bytes, over the {_MAX_FRAME} a frame may take")
     data = stream.read(size)
     return data if len(data) == size else None
 
@@ -153,18 +164,26 @@ class Helper:
         return pid == self._process.pid
 
     def _start(self) -> None:
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "ftimer_server.incidents"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            close_fds=True,
-            # Not in the daemon's process group: a Ctrl-C at its terminal is the daemon's
-            # to act on (it ends the helper by closing stdin, after the captures it waits
-            # for), not a KeyboardInterrupt in the helper.
-            start_new_session=True,
-        )
+        answers, theirs = os.pipe()
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "ftimer_server.incidents", str(theirs)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                pass_fds=(theirs,),
+                # Not in the daemon's process group: a Ctrl-C at its terminal is the
+                # daemon's to act on (it ends the helper by closing stdin, after the
+                # captures it waits for), not a KeyboardInterrupt in the helper.
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(answers)
+            raise
+        finally:
+            os.close(theirs)  # the helper's end: the stream ends when the helper does
+        stream = os.fdopen(answers, "rb")
         self._reader = threading.Thread(
-            target=self._read, args=(self._process,), name="ftimer-helper", daemon=True
+            target=self._read, args=(self._process, stream), name="ftimer-helper", daemon=True
         )
         # Jobs are written by a thread of their own: a helper that stops reading (stopped,
         # wedged) fills its pipe, and the loop, which submits captures, must never wait.
@@ -177,6 +196,8 @@ class Helper:
             self._reader.start()
             writer.start()
         except RuntimeError as e:  # no thread to be had (TasksMax): no helper either
+            if not self._reader.is_alive():
+                stream.close()
             self._jobs.put(None)
             with self._process:  # its pipes closed, and waited for
                 self._process.kill()
@@ -263,10 +284,13 @@ class Helper:
                         if jobs is self._jobs:
                             self._unsent -= 1
 
-    def _read(self, process: subprocess.Popen[bytes]) -> None:
-        assert process.stdout is not None
-        with process.stdout:  # closed once the helper is gone
-            self._answer(process.stdout)
+    def _read(self, process: subprocess.Popen[bytes], answers: IO[bytes]) -> None:
+        try:
+            with answers:  # closed once the helper is gone
+                self._answer(answers)
+        except Exception:  # a helper it cannot understand is one it cannot use
+            logger.exception("cannot read the capture helper's answers: stopping it")
+            process.kill()  # started anew at the next job (see submit)
         with self._lock:  # the helper exited: whatever it had is lost
             if process is not self._process:
                 return  # a new one took over already
@@ -461,7 +485,9 @@ def _cut_capture(capture: Capture, share: float) -> Capture:
 
 def main() -> None:
     """Serve the jobs that arrive on stdin until it closes, or until SIGTERM (then the
-    tools running are killed first)."""
+    tools running are killed first); answer on the descriptor named by the argument."""
+    out = os.fdopen(int(sys.argv[1]), "wb")
+    os.set_inheritable(out.fileno(), False)  # not the capture tools'
     os.nice(NICENESS)
     # What the helper and its tools create is the server's user's alone: a core, while
     # gcore writes it, is the worker's memory, in a directory a group may read.
@@ -483,7 +509,7 @@ def main() -> None:
             answer = Done(frame.number, error=str(e))
         except Exception as e:  # answered as a failure; the helper goes on
             answer = Done(frame.number, error=f"{type(e).__name__}: {e}")
-        _send(sys.stdout.buffer, answer, out_lock)
+        _send(out, answer, out_lock)
 
     while (data := _receive(sys.stdin.buffer)) is not None:
         frame = _frames.decode(data)

@@ -535,3 +535,22 @@ def test_a_log_file_handler_given_no_encoding_writes_its_lines(tmp_path: pathlib
         handler.close()
     assert handler.lost == 0
     assert path.read_text() == "written\n"
+
+
+def test_a_held_line_that_cannot_be_made_is_summarised_by_its_format() -> None:
+    # Only the last line held back is made, when its summary is written: a failure to
+    # make it raised through the log() call that closed its window (the loop's).
+    clock = FakeClock()
+    f = RepeatFilter(burst=1, window=5.0, clock=clock)
+    assert f.filter(record("reaped: pid %s"))
+    assert f.filter(record("reaped: pid %s")) is False  # the window holds lines back now
+
+    def broken() -> logging.LogRecord:
+        raise ValueError("an event the daemon cannot render")
+
+    assert f.hold("ftimer_server.test", logging.WARNING, "reaped: pid %s", broken)
+    clock.now = 105.0
+    assert f.filter(record("reaped: pid %s"))  # a new window: the summary is made here
+    (summary,) = f.flush()
+    assert summary.getMessage() == "reaped: pid %s [2 more like this in 5.0 s]"
+    assert summary.levelno == logging.WARNING

@@ -129,6 +129,35 @@ def test_without_a_pidfd_the_start_time_guards_the_kill(children) -> None:
     assert child.wait(10) == -signal.SIGKILL
 
 
+@pytest.mark.parametrize("pinned", [True, False], ids=["by its pidfd", "by its start time"])
+def test_a_stopped_worker_is_continued_to_act_on_its_signal(children, pinned: bool) -> None:
+    # Stopped (Ctrl-Z, SIGSTOP) when its timer expired, a worker reaped with SIGTERM kept
+    # it pending for whoever would continue it: without a grace, its reap never took
+    # effect. It is continued after the signal, as systemd and a shell's kill do.
+    child = children()
+    os.kill(child.pid, signal.SIGSTOP)  # our own child
+    assert os.WIFSTOPPED(os.waitpid(child.pid, os.WUNTRACED)[1])
+    pidfd = inspector.open(child.pid) if pinned else None
+    worker = Worker(child.pid, inspector.start_time(child.pid), pidfd)
+    try:
+        assert OsSignaller().send(worker, signal.SIGTERM)
+        assert child.wait(10) == -signal.SIGTERM
+    finally:
+        inspector.close(worker)
+
+
+def test_a_stop_signal_as_the_reap_leaves_the_worker_stopped(children) -> None:
+    # A reap that asks to stop the worker (to be looked at) is not undone by a SIGCONT.
+    child = children()
+    worker = Worker(child.pid, inspector.start_time(child.pid), inspector.open(child.pid))
+    try:
+        assert OsSignaller().send(worker, signal.SIGTSTP)
+        assert os.WIFSTOPPED(os.waitpid(child.pid, os.WUNTRACED)[1])
+        assert os.waitpid(child.pid, os.WCONTINUED | os.WNOHANG) == (0, 0)  # not continued
+    finally:
+        inspector.close(worker)
+
+
 def test_os_signaller_refuses_process_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     # kill(0), kill(-1) and kill(1) must never reach the host from the test process:
     # both ways to signal are replaced by recorders, which signal nothing. A probe

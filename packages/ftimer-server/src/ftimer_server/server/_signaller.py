@@ -20,6 +20,13 @@ from ._process import ProcessInspector, SystemInspector
 
 __all__ = ["OsSignaller", "RecordingSignaller", "Signaller"]
 
+#: Signals a stopped process is not continued after: they kill it, stop it, continue it
+#: already, or are a probe (0).
+_NOT_CONTINUED = frozenset(
+    {0, _signal.SIGKILL, _signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU}
+    | {_signal.SIGCONT}
+)
+
 
 class Signaller(abc.ABC):
     """Delivers a signal to a bound worker process."""
@@ -102,9 +109,14 @@ class OsSignaller(Signaller):
         self._system = None if knows_threads else SystemInspector()
 
     def send(self, worker: Worker, signal: int) -> bool:
+        """As ``Signaller.send()``; a signal the process could catch is followed by
+        ``SIGCONT``, as systemd and a shell's ``kill`` do: a stopped process (Ctrl-Z,
+        ``SIGSTOP``) acts on no signal but ``SIGKILL`` until it runs again, and its
+        reap would wait for whoever continues it."""
         try:
-            if worker.pidfd is not None:
-                _signal.pidfd_send_signal(worker.pidfd, signal)
+            own = worker.pidfd
+            if own is not None:
+                _deliver(lambda s: _signal.pidfd_send_signal(own, s), signal)
                 return True
             if worker.pid <= 1:  # never a process group or every process
                 raise PermissionError(f"refusing to signal pid {worker.pid}")
@@ -115,9 +127,9 @@ class OsSignaller(Signaller):
                 if not self._inspector.alive(worker):
                     return False
                 if pidfd is None:
-                    os.kill(worker.pid, signal)
+                    _deliver(lambda s: os.kill(worker.pid, s), signal)
                 else:
-                    _signal.pidfd_send_signal(pidfd, signal)
+                    _deliver(lambda s: _signal.pidfd_send_signal(pidfd, s), signal)
             finally:
                 if pidfd is not None:
                     os.close(pidfd)
@@ -176,6 +188,12 @@ class OsSignaller(Signaller):
         from ftimer_server.incidents._reap_extras import signal_again  # noqa: PLC0415
 
         return signal_again(descendants, signal)
+
+
+def _deliver(send: Callable[[int], object], signal: int) -> None:
+    send(signal)
+    if signal not in _NOT_CONTINUED:
+        send(_signal.SIGCONT)
 
 
 class RecordingSignaller(Signaller):

@@ -27,7 +27,7 @@ import msgspec
 import pytest
 from tests.conftest import wait_until
 
-from ftimer_protocol import Expire
+from ftimer_protocol import DumpHook, Expire
 from ftimer_server import FileTimerServer, RecordingSignaller, Worker
 from ftimer_server.core._host import CaptureRequest, Peer
 from ftimer_server.core._incident import Capture, Incident
@@ -662,6 +662,42 @@ def test_an_incident_says_which_peers_timers_were_running() -> None:
         (8, "peer", False),
         (9, "peer", True),
     ]
+
+
+@pytest.mark.parametrize("waits_for", ["hook", "core"])
+def test_a_peer_never_waits_for_another_incidents_hook_or_core(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, waits_for: str
+) -> None:
+    # Rank 0's own capture waits for its hook (or its core) on a hung file system; rank
+    # 1, expiring meanwhile, took that capture as its peer's and waited with it: its kill
+    # came up to its whole budget late (2 s in a review's run).
+    options = IncidentOptions(
+        directory=str(tmp_path / "i"), method="hook", timeout=5.0, core=waits_for == "core"
+    )
+    with diagnostics_of(options) as diagnostics:
+        jobs: List[_helper.CaptureJob] = []
+        running: List[concurrent.futures.Future[bytes]] = []
+
+        def submit(job: _helper.CaptureJob) -> concurrent.futures.Future[bytes]:
+            jobs.append(job)
+            running.append(concurrent.futures.Future())  # never ends: a hung worker
+            return running[-1]
+
+        monkeypatch.setattr(diagnostics._helper, "submit", submit)
+        rank0 = Worker(2**22, 100)
+        deadline = time.monotonic() + 5
+        hook = DumpHook(signal.SIGUSR2, 3) if waits_for == "hook" else None
+        own = diagnostics._capture(rank0, None, hook, deadline, user=0, stuck="i0")
+        as_peer = diagnostics._capture(rank0, None, None, deadline, user=0)
+        assert as_peer is not own
+        assert [(j.role, j.hook is not None, j.core is not None) for j in jobs] == [
+            ("stuck", waits_for == "hook", waits_for == "core"),
+            ("peer", False, False),
+        ]
+        # Peers of a peer capture still running share it: one capture of a rank.
+        assert diagnostics._capture(rank0, None, None, deadline, user=0) is as_peer
+        for future in running:
+            future.set_result(b"")
 
 
 # From a read of the incidents' code ----------------------------------------------------

@@ -749,14 +749,14 @@ def test_captures_older_than_the_share_window_are_let_go_oldest_first() -> None:
         kept.set_result(b"")  # ended: one still running is kept whatever its age
         now = time.monotonic()
         for pid, age in ((1, 10.0), (2, SHARE_WINDOW + 0.1), (3, SHARE_WINDOW / 2)):
-            diagnostics._shared[(pid, 100, 0)] = (now - age, kept)
+            diagnostics._shared[(pid, 100, 0)] = (now - age, kept, False)
         worker = Worker(2**22 + 5, 100)  # no such process
         first = diagnostics._capture(worker, None, None, now + 5, user=0)
         assert [key[0] for key in diagnostics._shared] == [3, worker.pid]
         first.result(10)
         diagnostics._shared.clear()
-        diagnostics._shared[(worker.pid, 100, 0)] = (now - 10.0, first)  # stale
-        diagnostics._shared[(3, 100, 0)] = (time.monotonic(), kept)
+        diagnostics._shared[(worker.pid, 100, 0)] = (now - 10.0, first, False)  # stale
+        diagnostics._shared[(3, 100, 0)] = (time.monotonic(), kept, False)
         again = diagnostics._capture(worker, None, None, now + 5, user=0)
         assert again is not first
         assert [key[0] for key in diagnostics._shared] == [3, worker.pid]  # the newest, last

@@ -111,9 +111,11 @@ class Diagnostics:
         self._lock = threading.Lock()
         #: Told when an incident is handed to the writer (see ``close()``).
         self._settled = threading.Condition(self._lock)
-        #: (pid, start time, user) -> (when, the capture): see ``_capture``.
+        #: (pid, start time, user) -> (when, the capture, whether it may wait for the
+        #: worker's hook or core): see ``_capture``.
         self._shared: Dict[
-            Tuple[int, Optional[int], Optional[int]], Tuple[float, concurrent.futures.Future[bytes]]
+            Tuple[int, Optional[int], Optional[int]],
+            Tuple[float, concurrent.futures.Future[bytes], bool],
         ] = {}
         self._incidents: Dict[str, _Pending] = {}
         #: Incidents written, and failures to write one.
@@ -274,21 +276,25 @@ class Diagnostics:
         )
         with self._lock:
             shared = self._shared.get(key)
-            # One still running is shared whatever its age: ranks that hung together,
-            # expiring further apart than the window while captures are slow.
-            fresh = (
+            # One still running is shared whatever its age (ranks that hung together,
+            # expiring further apart than the window while captures are slow), but never
+            # with a peer while it waits for its worker's hook or core: the incident of
+            # the peer's, and so its worker's kill, would wait with it, up to its budget
+            # (a rank on a hung file system delayed every other rank's kill by as much).
+            if (
                 shared is not None
                 and since <= shared[0]
                 and (now - shared[0] < SHARE_WINDOW or not shared[1].done())
-            )
-            if shared is not None and fresh and not needs_own:
+                and not (stuck is None and shared[2] and not shared[1].done())
+                and not needs_own
+            ):
                 return self._unless_stackless(shared[1], job) if wants_hook else shared[1]
             future = self._helper.submit(job)
             self._shared.pop(key, None)  # the newest last: the stale ones are the first
-            self._shared[key] = (now, future)
+            self._shared[key] = (now, future, wants_hook or core is not None)
             while self._shared:  # the stale ones only: never a scan of every capture
                 oldest = next(iter(self._shared))
-                began, running = self._shared[oldest]
+                began, running, _ = self._shared[oldest]
                 if now - began < SHARE_WINDOW or not running.done():
                     break
                 del self._shared[oldest]

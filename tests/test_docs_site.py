@@ -26,6 +26,7 @@ import zlib
 from typing import Dict, List, Optional, Set, Tuple
 
 import pytest
+from packaging.version import Version
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = {
@@ -75,13 +76,22 @@ def changelog_sections() -> Dict[str, List[str]]:
 
 
 def test_the_changelog_has_each_distributions_current_version_first() -> None:
+    # Between versions the repository carries the next one with ".dev0", so that a build
+    # of it never says it is the last one: what it adds is under [Unreleased], above the
+    # last version's section.
     sections = changelog_sections()
     assert list(sections) == list(PACKAGES)
     for dist, versions in sections.items():
-        assert versions[:2] == ["Unreleased", current_version(dist)], (
-            f"CHANGELOG.md: {dist} is at {current_version(dist)}; its section must start "
-            f"with [Unreleased] then [{current_version(dist)}], not {versions[:2]}"
-        )
+        current = Version(current_version(dist))
+        assert versions[0] == "Unreleased", f"CHANGELOG.md: {dist} starts with {versions[0]}"
+        if current.is_devrelease:
+            assert Version(versions[1]) < Version(current.base_version), (
+                f"CHANGELOG.md: {dist} {current} is not of a version after [{versions[1]}]"
+            )
+        else:
+            assert versions[1] == str(current), (
+                f"CHANGELOG.md: {dist} is at {current}; [{current}] must follow [Unreleased]"
+            )
 
 
 def test_changelog_entries_are_keep_a_changelog_kinds() -> None:

@@ -30,7 +30,7 @@ def pyproject(dist: str) -> Dict[str, Any]:
 
 def protocol_version() -> List[int]:
     text = (ROOT / "packages/ftimer-protocol/src/ftimer_protocol/_version.py").read_text()
-    m = re.search(r'__version__ = "(\d+)\.(\d+)\.(\d+)"', text)
+    m = re.search(r'__version__ = "(\d+)\.(\d+)\.(\d+)(?:\.dev\d+)?"', text)
     assert m, text
     return [int(part) for part in m.groups()]
 

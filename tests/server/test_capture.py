@@ -45,7 +45,7 @@ from ftimer_server.incidents._stack_formats import (
     parse_py_spy,
 )
 
-from .conftest import AS_NOBODY, need_nobody
+from .conftest import AS_NOBODY, held_in_d, need_nobody
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
 
@@ -803,6 +803,23 @@ def test_core_dump(tmp_path: pathlib.Path, small_process: subprocess.Popen[bytes
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert small_process.poll() is None
     assert read_stat(small_process.pid).state not in "Tt"  # left running
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/gcore"), reason="gcore (gdb) is not installed")
+def test_no_core_of_a_worker_a_stop_cannot_reach(
+    tmp_path: pathlib.Path, vfork_program: str
+) -> None:
+    # gcore's gdb waited for a thread in uninterruptible sleep (a hung mount) to stop:
+    # the whole budget, then killed; on a FUSE wait the stop interrupted the request.
+    with held_in_d(vfork_program) as held, pinned(held.pid) as process:
+        path, error = core_dump(
+            process, str(tmp_path), max_bytes=1 << 30, deadline=time.monotonic() + 5
+        )
+    assert path is None
+    assert error == (
+        f"core dump: not taken: thread {held.pid} cannot be stopped (in uninterruptible "
+        "sleep, D state, or waiting for a FUSE server)"
+    )
 
 
 NON_DUMPABLE = """

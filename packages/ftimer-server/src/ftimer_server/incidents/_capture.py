@@ -42,6 +42,7 @@ from ._procfs import (
     thread_stack_mappings,
     tracer_name,
     tracer_pid,
+    unstoppable,
 )
 from ._stack_formats import (
     MAX_ARGS,
@@ -65,9 +66,6 @@ _RESERVE = 0.05
 #: still leaves the hook time to answer.
 _HOOK_SHARE = 0.4
 _HOOK_SHARE_MAX = 0.5
-#: Kernel waits a stop signal makes uninterruptible: a FUSE request's (shown as S until
-#: a signal comes), whose server hangs; py-spy's stop then waited for it all its time.
-_STOP_BLOCKS = frozenset({"request_wait_answer", "__fuse_request_send", "fuse_simple_request"})
 
 
 @dataclass(frozen=True)
@@ -313,7 +311,7 @@ def _try_py_spy(
     # frames cannot be read so (py-spy refuses --native with --nonblocking).
     # And a worker stopped already (T state: SIGSTOP, Ctrl-Z), which py-spy's own stop
     # fails on ("Failed to suspend process"), and which needs none.
-    uninterruptible = [t.tid for t in threads if t.state == "D" or t.wchan in _STOP_BLOCKS]
+    uninterruptible = unstoppable(threads)
     nonblocking = role == "peer" or bool(uninterruptible) or was_stopped
     native = options.native and not nonblocking
     if role != "peer" and (uninterruptible or was_stopped):

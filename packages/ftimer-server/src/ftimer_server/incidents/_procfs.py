@@ -17,7 +17,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set, Tuple, TypeVar
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
 
 from ftimer_protocol import ProcStat, parse_proc_stat, parse_proc_status
 from ftimer_server.core._incident import ChildState, ProcessFacts
@@ -40,6 +40,7 @@ __all__ = [
     "thread_stack_mappings",
     "tracer_name",
     "tracer_pid",
+    "unstoppable",
 ]
 
 _T = TypeVar("_T")
@@ -280,6 +281,17 @@ class ThreadFacts:
     kernel_stack: Optional[List[str]] = None
     blocked: str = ""
     sp: Optional[int] = None
+
+
+#: Kernel waits a stop signal makes uninterruptible: a FUSE request's (shown as S until
+#: a signal comes), whose server hangs; py-spy's stop then waited for it all its time.
+_STOP_BLOCKS = frozenset({"request_wait_answer", "__fuse_request_send", "fuse_simple_request"})
+
+
+def unstoppable(threads: Sequence[ThreadFacts]) -> List[int]:
+    """The ids of those of ``threads`` a stop signal cannot stop until they leave the
+    kernel: in uninterruptible sleep (D state), or waiting for a FUSE server."""
+    return [t.tid for t in threads if t.state == "D" or t.wchan in _STOP_BLOCKS]
 
 
 def read_threads(

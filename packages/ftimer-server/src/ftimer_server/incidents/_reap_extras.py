@@ -29,7 +29,16 @@ from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tup
 from ftimer_server.core._records import Descendant
 
 from ._pinned import Process, ProcessRefused
-from ._procfs import PAGE_SIZE, children, non_dumpable, read_stat, read_status, tracer_pid
+from ._procfs import (
+    PAGE_SIZE,
+    children,
+    non_dumpable,
+    read_stat,
+    read_status,
+    read_threads,
+    tracer_pid,
+    unstoppable,
+)
 from ._tools import run_tool
 
 __all__ = ["core_dump", "signal_again", "signal_tree"]
@@ -121,6 +130,15 @@ def _core_dump(
     path = f"{prefix}.{process.pid}"  # gcore appends the pid
     if deadline <= time.monotonic():
         return None, "core dump: no time left before the deadline"
+    with contextlib.suppress(OSError):
+        stuck = unstoppable(read_threads(process.pid, kernel_stacks=False))
+        if stuck:
+            # gdb's attach waits for each thread to stop: for these, past the deadline,
+            # and a stop interrupts a FUSE server's request.
+            return None, (
+                f"core dump: not taken: thread {', '.join(map(str, stuck))} cannot be "
+                "stopped (in uninterruptible sleep, D state, or waiting for a FUSE server)"
+            )
     # Not one another tracer holds (a debugger's to resume, see run_tool).
     running = st.state not in ("T", "t") and not tracer_pid(process.pid)
     if running:

@@ -24,6 +24,7 @@ from ftimer_server import (
     Rejected,
     RejectReason,
     Timer,
+    Unkillable,
     WorkerGone,
 )
 from ftimer_server.daemon import _cli
@@ -62,6 +63,16 @@ def test_status_table() -> None:
         "42   step       10.0s   SIGKILL      rank=3",
         "44   report     10m00s  report-only",
     ]
+
+
+def test_status_says_how_many_workers_outlived_their_sigkill() -> None:
+    stats = {"rejections": {}, "unkillable": 2}
+    assert format_status(status_doc(timers=[], stats=stats)).splitlines()[2:] == [
+        "0 timers armed",
+        "2 workers still alive 30 s after their SIGKILL since the start (stuck in the "
+        "kernel): the log says what each waits in",
+    ]
+    assert len(format_status(status_doc(timers=[], stats={"unkillable": 0})).splitlines()) == 3
 
 
 def test_status_shows_what_workers_sent_escaped() -> None:
@@ -142,6 +153,13 @@ def reaped(**overrides: object) -> Reaped:
             logging.WARNING,
             "escalated: pid 42 still alive 10.0 s after its signal, sent SIGKILL (not "
             "delivered: EPERM); the signal went to 1 descendant (pid 43) too",
+        ),
+        (
+            Unkillable(42, 1234, 30.0, {"rank": "3"}, "thread 44: D in request_wait_answer"),
+            logging.ERROR,
+            "unkillable: pid 42 still alive 30 s after its SIGKILL, in thread 44: D in "
+            "request_wait_answer: it dies only when that wait in the kernel ends (a hung file "
+            "system, device or driver), holding its memory and devices until then, rank=3",
         ),
         (WorkerGone(42, 1234, (T,)), logging.INFO, "worker exited: pid 42, 1 timer(s) dropped"),
         (WorkerGone(42, 1234), logging.DEBUG, "worker exited: pid 42, 0 timer(s) dropped"),

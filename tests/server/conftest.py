@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
+from tests.conftest import wait_until
 
 from ftimer_protocol import Message, encode, parse_proc_stat
 from ftimer_server import Descendant, Event, OsSignaller, ProcessInspector, Worker
@@ -274,3 +275,44 @@ def on_thread_start(
 
     fake = types.SimpleNamespace(**{**vars(threading), "Thread": Thread})
     monkeypatch.setattr(module, "threading", fake)
+
+
+#: A parent held in uninterruptible sleep (D state) while its vfork()ed child waits on
+#: stdin: a thread no stop signal reaches, as one on a hung mount, that ends at will.
+VFORK = r"""
+#include <unistd.h>
+int main(void) {
+    if (vfork() == 0) { char c; read(0, &c, 1); _exit(0); }
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def vfork_program(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``VFORK`` compiled; skips where there is no C compiler."""
+    if shutil.which("cc") is None:
+        pytest.skip("needs a C compiler (cc) for a process in uninterruptible sleep")
+    directory = tmp_path_factory.mktemp("vfork")
+    (directory / "vfork.c").write_text(VFORK)
+    subprocess.run(["cc", "-o", str(directory / "vfork"), str(directory / "vfork.c")], check=True)
+    return str(directory / "vfork")
+
+
+@contextlib.contextmanager
+def held_in_d(program: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``vfork_program`` until its parent is in D; end it after (by closing the
+    child's stdin: no signal)."""
+    with subprocess.Popen([program], stdin=subprocess.PIPE) as held:
+        assert held.stdin is not None
+        try:
+            wait_until(lambda: _state(held.pid) == "D", what="the vfork()ing parent in D")
+            yield held
+        finally:
+            held.stdin.close()
+        assert held.wait(10) == 0
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return parse_proc_stat(f.read()).state

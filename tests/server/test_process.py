@@ -17,7 +17,7 @@ from ftimer_server import FileTimerServer, OsSignaller, RecordingSignaller, Syst
 from ftimer_server.server import _process
 from ftimer_server.server._process import proc_problem, raise_fd_limit
 
-from .conftest import proc_start_time
+from .conftest import held_in_d, proc_start_time
 
 inspector = SystemInspector()
 
@@ -156,6 +156,18 @@ def test_a_stop_signal_as_the_reap_leaves_the_worker_stopped(children) -> None:
         assert os.waitpid(child.pid, os.WCONTINUED | os.WNOHANG) == (0, 0)  # not continued
     finally:
         inspector.close(worker)
+
+
+def test_waiting_names_the_threads_in_uninterruptible_sleep(vfork_program: str) -> None:
+    # What a worker that outlived its SIGKILL waits in (the Unkillable event's `waiting`).
+    with held_in_d(vfork_program) as held:
+        assert str(inspector.waiting(held.pid)).startswith(f"thread {held.pid}: D")
+    with subprocess.Popen(["sleep", "60"]) as sleeping:
+        try:
+            assert wait_until(lambda: inspector.waiting(sleeping.pid) == "state S")
+        finally:
+            sleeping.kill()  # our own child
+    assert inspector.waiting(sleeping.pid) is None  # gone
 
 
 def test_os_signaller_refuses_process_groups(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,6 +42,7 @@ from ftimer_server import (
     RejectReason,
     SystemInspector,
     Timer,
+    Unkillable,
     Worker,
     WorkerGone,
 )
@@ -162,6 +163,27 @@ def test_disarmed_and_report_only_timers_do_not_kill(
     assert child.poll() is None
     assert [e.timer.scope_id for e in events.of(Expired)] == ["report"]  # type: ignore[attr-defined]
     assert events.of(Reaped) == []
+
+
+def test_a_worker_alive_after_its_sigkill_is_reported_unkillable(
+    fifo_path: pathlib.Path, events: Recorder, children, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As a worker in a hung FUSE or NFS wait lives on: the signaller's SIGKILL reaches
+    # nobody, so that this sleeping child stands for it; the server looks again later.
+    from ftimer_server.core import _reaper
+
+    class Unheeded(RecordingSignaller):
+        kills = True
+
+    monkeypatch.setattr(_reaper, "KILL_CHECK", 0.3)
+    child = children()
+    with FileTimerServer(fifo_path, on_event=events, signaller=Unheeded()) as server:
+        send(fifo_path, Arm(pid=child.pid, scope_id="s", deadline=time.monotonic(), signal=9))
+        [event] = wait_until(lambda: events.of(Unkillable), what="the worker found alive")
+        assert isinstance(event, Unkillable)
+        assert (event.pid, event.waiting) == (child.pid, "state S")
+        assert event.after >= 0.3
+        assert server.stats().unkillable == 1
 
 
 def test_a_worker_that_dies_mid_scope_is_cleaned_up_at_once(

@@ -37,6 +37,7 @@ from ftimer_server import (
     RejectReason,
     SystemInspector,
     Timer,
+    Unkillable,
     Worker,
     WorkerGone,
 )
@@ -44,6 +45,7 @@ from ftimer_server.core._horizon import BLOCKED_WRITE, SETTLE
 from ftimer_server.core._host import Delivery
 from ftimer_server.core._policy import clocks_apart
 from ftimer_server.core._reader import LineReader
+from ftimer_server.core._reaper import KILL_CHECK
 from ftimer_server.core._records import Descendant
 from ftimer_server.core._table import Expiry
 from ftimer_server.core._watchdog import REFUSAL_TTL, Watchdog
@@ -64,8 +66,9 @@ class Rig:
         escalate_after: Optional[float] = None,
         signal_override: Optional[int] = None,
         signaller: Optional[RecordingSignaller] = None,
+        inspector: Optional[FakeInspector] = None,
     ):
-        self.host = FakeInspector()
+        self.host = FakeInspector() if inspector is None else inspector
         self.host.spawn(SERVER, start_time=5, parent=PARENT)
         self.host.spawn(PARENT, start_time=4, parent=1)
         self.signaller = RecordingSignaller() if signaller is None else signaller
@@ -704,6 +707,60 @@ def test_no_escalation_when_the_worker_died_or_got_sigkill() -> None:
     rig.at(5.0)
     assert sorted(rig.signaller.sent) == [(1000, 15), (1001, 9)]
     assert rig.events.of(Escalated) == []
+
+
+class Killing(RecordingSignaller):
+    """Records, and says its SIGKILLs end processes (the fake ones live on regardless)."""
+
+    kills = True
+
+
+class Waiting(FakeInspector):
+    def waiting(self, pid: int) -> Optional[str]:
+        return "thread 7: D in request_wait_answer"
+
+
+@pytest.mark.parametrize("escalated", [False, True], ids=["reaped with SIGKILL", "escalated"])
+def test_a_worker_alive_long_after_its_sigkill_is_unkillable(escalated: bool) -> None:
+    # A worker in a wait the kernel does not interrupt (a hung FUSE or NFS mount) took
+    # its SIGKILL and lived on: said "reaped", it was never looked at again.
+    rig = Rig(signaller=Killing(), escalate_after=2.0 if escalated else None, inspector=Waiting())
+    rig.host.spawn(1000, start_time=100, parent=SERVER)
+    rig.apply(arm(signal=15 if escalated else 9, deadline=1.0, labels={"rank": "3"}))
+    rig.at(1.0)
+    killed = 3.0 if escalated else 1.0
+    rig.at(killed)
+    assert rig.signaller.sent[-1] == (1000, signal.SIGKILL)
+    assert rig.wd.next_wakeup() == killed + KILL_CHECK
+    rig.at(killed + KILL_CHECK - 0.001)
+    assert rig.events.of(Unkillable) == []
+    rig.at(killed + KILL_CHECK)
+    assert rig.events.of(Unkillable) == [
+        Unkillable(1000, 100, KILL_CHECK, {"rank": "3"}, "thread 7: D in request_wait_answer")
+    ]
+    assert rig.wd.counters.snapshot(0, 0).unkillable == 1
+    rig.at(killed + 10 * KILL_CHECK)  # said once
+    assert len(rig.events.of(Unkillable)) == 1
+    assert rig.wd.next_wakeup() is None
+
+
+def test_a_worker_that_dies_of_its_sigkill_is_not_unkillable() -> None:
+    rig = Rig(signaller=Killing())
+    rig.host.spawn(1000, start_time=100, parent=SERVER)
+    rig.apply(arm(deadline=1.0))
+    rig.at(1.0)
+    rig.host.exit(1000)
+    rig.at(1.0 + KILL_CHECK)
+    assert rig.events.of(Unkillable) == []
+
+
+def test_no_worker_is_unkillable_where_nothing_is_signalled(rig: Rig) -> None:
+    # A dry run (a RecordingSignaller): its workers all live on after their "SIGKILL".
+    rig.apply(arm(deadline=1.0))
+    rig.at(1.0)
+    assert rig.wd.next_wakeup() is None
+    rig.at(1.0 + KILL_CHECK)
+    assert rig.events.of(Unkillable) == []
 
 
 class TreeSignaller(RecordingSignaller):

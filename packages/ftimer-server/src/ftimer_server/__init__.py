@@ -17,6 +17,7 @@ from .core._events import (
     Reaped,
     Rejected,
     RejectReason,
+    Unkillable,
     WorkerGone,
 )
 from .core._incident import (
@@ -61,6 +62,7 @@ __all__ = [
     "Expired",
     "Reaped",
     "Escalated",
+    "Unkillable",
     "WorkerGone",
     "Rejected",
     "RejectReason",

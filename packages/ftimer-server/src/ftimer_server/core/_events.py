@@ -30,6 +30,7 @@ __all__ = [
     "Reaped",
     "RejectReason",
     "Rejected",
+    "Unkillable",
     "WorkerGone",
 ]
 
@@ -198,6 +199,29 @@ class Escalated(Event, frozen=True, tag="escalated"):
     exited: bool = False
 
 
+class Unkillable(Event, frozen=True, tag="unkillable"):
+    """A worker sent SIGKILL (by its reap or its escalation) still lives ``after``
+    seconds later: a thread of it is in a wait the kernel does not interrupt (a hung
+    file system or device, a driver), and it dies only when that wait ends, holding its
+    memory, devices and files meanwhile. Said once per SIGKILL.
+
+    Attributes:
+        pid: the worker.
+        start_time: the worker's start time (clock ticks since boot), if known.
+        after: seconds since its SIGKILL.
+        labels: the labels of the timer that decided its reap.
+        waiting: what it waits in, as the server read it: its threads in uninterruptible
+            sleep and their kernel wait channels (``"thread 15: D in
+            request_wait_answer"``), else its own state; ``None`` if unread.
+    """
+
+    pid: int
+    start_time: Optional[int]
+    after: float
+    labels: Optional[Dict[str, str]] = None
+    waiting: Optional[str] = None
+
+
 class WorkerGone(Event, frozen=True, tag="worker_gone"):
     """A bound worker exited; the timers it still held are dropped unsignalled.
 
@@ -308,6 +332,7 @@ EVENT_TYPES: Tuple[Type[Event], ...] = (
     Expired,
     Reaped,
     Escalated,
+    Unkillable,
     WorkerGone,
     Rejected,
     DecodeFailed,

@@ -125,9 +125,12 @@ class Host(abc.ABC):
 
     Attributes:
         signals: the signal numbers of this platform.
+        kills: a SIGKILL it delivers ends the process, so that one alive long after is
+            ``Unkillable``; False where nothing is really signalled (a dry run).
     """
 
     signals: FrozenSet[int]
+    kills: bool = True
 
     @abc.abstractmethod
     def resolve(self, pid: int, *, ancestry: bool = False) -> Union[Facts, Unresolved]:
@@ -151,6 +154,11 @@ class Host(abc.ABC):
     @abc.abstractmethod
     def signal(self, worker: Worker, signal: int) -> Delivery:
         """Deliver ``signal`` to exactly the process ``worker`` was bound to."""
+
+    def waiting(self, worker: Worker) -> Optional[str]:
+        """What the live process ``worker`` was bound to waits in (``Unkillable.waiting``),
+        or ``None`` if the host cannot tell."""
+        return None
 
     def reap(self, worker: Worker, signal: int, expiry: Expiry, now: float) -> Delivery:
         """Reap ``worker`` for ``expiry``: whatever comes before the signal (diagnostics),

@@ -13,14 +13,19 @@ import itertools
 import math
 from typing import Dict, Generic, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
-from ._events import Escalated, Reaped
+from ._events import Escalated, Reaped, Unkillable
 from ._host import KILL, CaptureRequest, Delivery, Host, Peer
 from ._records import Descendant, Timer, Worker
 from ._table import Expiry
 
-__all__ = ["Reaper"]
+__all__ = ["KILL_CHECK", "Reaper"]
 
 T = TypeVar("T")
+
+#: Seconds after a worker's SIGKILL at which it is looked at again: one still alive
+#: then is ``Unkillable``. A process with much memory, or a GPU's, can take seconds to
+#: die; one in an uninterruptible wait dies only when that wait ends.
+KILL_CHECK = 30.0
 
 
 class Reaper:
@@ -66,6 +71,9 @@ class Reaper:
         #: (due, seq, grace), a heap. Kept by no pid: the pid may be bound anew meanwhile.
         self._orphans: List[Tuple[float, int, _Grace]] = []
         self._seq = itertools.count()
+        #: The workers sent SIGKILL (the timer that decided their reap, when), due to be
+        #: looked at again ``KILL_CHECK`` seconds later.
+        self._killed: _Schedule[Tuple[Worker, Timer, float]] = _Schedule()
 
     def reap(
         self,
@@ -134,7 +142,9 @@ class Reaper:
         assert decider is not None
         delivery = self._host.reap(worker, signal, expiry, now)
         grace = self._escalate_after
-        if grace is not None and signal != KILL:
+        if signal == KILL:
+            self._sent_kill(worker, decider, delivery, now)
+        elif grace is not None:
             self._grace(worker, decider, delivery, now + grace)
         return Reaped(
             pid=worker.pid,
@@ -168,6 +178,27 @@ class Reaper:
             grace = (worker, decider, delivery.descendants)
             heapq.heappush(self._orphans, (due, next(self._seq), grace))
 
+    def _sent_kill(self, worker: Worker, decider: Timer, delivery: Delivery, now: float) -> None:
+        if delivery.delivered and self._host.kills:
+            self._killed.put(worker.pid, now + KILL_CHECK, (worker, decider, now))
+
+    def unkillable(self, now: float) -> List[Unkillable]:
+        """The workers sent SIGKILL ``KILL_CHECK`` seconds or more before ``now`` that
+        still live (each said once)."""
+        out = []
+        for _, (worker, decider, killed) in self._killed.pop_due(now):
+            if self._host.alive(worker):
+                out.append(
+                    Unkillable(
+                        pid=worker.pid,
+                        start_time=worker.start_time,
+                        after=now - killed,
+                        labels=decider.labels,
+                        waiting=self._host.waiting(worker),
+                    )
+                )
+        return out
+
     def pending(self, pid: int) -> bool:
         """True while a capture or an escalation of ``pid`` is pending."""
         return pid in self._pending or pid in self._capturing
@@ -185,13 +216,20 @@ class Reaper:
         self._pending.pop(pid)
         if pending is not None and pending[1][2]:
             heapq.heappush(self._orphans, (pending[0], next(self._seq), pending[1]))
+        self._killed.pop(pid)
         capture = self._capturing.pop(pid)
         return None if capture is None else capture.incident
 
     def next_deadline(self) -> Optional[float]:
-        """When the next capture budget ends or escalation is due, or ``None``."""
+        """When the next capture budget ends, escalation is due or SIGKILL is looked at
+        again (``unkillable()``), or ``None``."""
         orphan = self._orphans[0][0] if self._orphans else None
-        ends = (self._capturing.next_due(), self._pending.next_due(), orphan)
+        ends = (
+            self._capturing.next_due(),
+            self._pending.next_due(),
+            orphan,
+            self._killed.next_due(),
+        )
         return min((t for t in ends if t is not None), default=None)
 
     def finish(self, now: float) -> Tuple[List[Reaped], List[Tuple[Worker, Optional[Escalated]]]]:
@@ -228,6 +266,8 @@ class Reaper:
         for due, (worker, decider, signalled), bound in ended:
             alive = bound and host.alive(worker)
             killed, delivery = _kill(host, worker if alive else None, signalled)
+            if delivery is not None:
+                self._sent_kill(worker, decider, delivery, now)
             event = None
             if alive or killed:
                 event = self._escalated(worker, decider, due, now, killed, delivery=delivery)

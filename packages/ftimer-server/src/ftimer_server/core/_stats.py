@@ -14,6 +14,7 @@ from ._events import (
     Expired,
     Reaped,
     Rejected,
+    Unkillable,
     WorkerGone,
 )
 
@@ -38,6 +39,8 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
             (not those whose worker had exited: ``Reaped.gone``).
         expired: timers that expired (with or without a signal).
         escalations: workers that outlived the grace period and got SIGKILL.
+        unkillable: workers still alive ``KILL_CHECK`` seconds after their SIGKILL
+            (``Unkillable``).
         workers_gone: bound workers seen to exit (and workers of saved timers found gone
             by ``restore()``).
         armed: timers armed now.
@@ -61,6 +64,7 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
     workers: int
     received: Dict[str, int] = {}
     pid_overridden: int = 0
+    unkillable: int = 0
 
 
 class Counters:
@@ -82,6 +86,7 @@ class Counters:
         self.reap_failures = 0
         self.expired = 0
         self.escalations = 0
+        self.unkillable = 0
         self.workers_gone = 0
         #: Messages (and bad lines or datagrams) received, by transport.
         self.received: Counter[str] = Counter()
@@ -111,6 +116,8 @@ class Counters:
             self.workers_gone += 1
         elif t is Escalated:
             self.escalations += 1
+        elif t is Unkillable:
+            self.unkillable += 1
 
     def snapshot(self, armed: int, workers: int) -> Stats:
         """A frozen copy, with the current gauges."""
@@ -135,4 +142,5 @@ class Counters:
             workers=workers,
             received=dict(self.received),
             pid_overridden=self.pid_overridden,
+            unkillable=self.unkillable,
         )

@@ -421,6 +421,8 @@ class Watchdog:
                 self._expired(expiry, now, together)
         # Captures whose budget ran out, and grace periods that ended: signal now.
         self._signalled(self._reaper.due(now), self._reaper.escalate(now))
+        for event in self._reaper.unkillable(now):
+            self._emit(event)
         refused = self._refused  # in the order they end: let go of the pidfds of those past
         while refused and next(iter(refused.values())).until <= now:
             self._forget_refusal(next(iter(refused)))

@@ -28,6 +28,7 @@ import msgspec
 
 from ftimer_protocol import SYSTEM_FIFO_PATH, default_fifo_path
 from ftimer_server._version import __version__
+from ftimer_server.core._reaper import KILL_CHECK
 from ftimer_server.core._report import printable
 
 from ._config import (
@@ -571,6 +572,7 @@ class _StatusStats(msgspec.Struct):
     """What `format_status` shows of the server's counters."""
 
     rejections: Dict[str, Annotated[int, msgspec.Meta(ge=0)]] = {}
+    unkillable: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class _Status(msgspec.Struct):
@@ -652,6 +654,14 @@ def _format(status: _Status) -> str:
         + f", up {_duration(status.uptime)}",
         armed,
     ]
+    unkillable = status.stats.unkillable if status.stats is not None else 0
+    if unkillable:
+        # Reaped, and alive all the same: what the log said once is said here until a restart.
+        lines.append(
+            f"{unkillable} worker{'s' if unkillable != 1 else ''} still alive "
+            f"{KILL_CHECK:g} s after their SIGKILL since the start (stuck in the kernel): "
+            "the log says what each waits in"
+        )
     refused = status.stats.rejections if status.stats is not None else {}
     if refused:
         # Each is a timer not enforced: said here, not left to the log alone.

@@ -43,6 +43,7 @@ from ftimer_server.core._events import (
     Event,
     Expired,
     Reaped,
+    Unkillable,
 )
 from ftimer_server.core._incident import Incident
 from ftimer_server.core._policy import Policy
@@ -108,7 +109,7 @@ EXIT_STARTUP = 3
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 #: Events whose lines each name one reaped worker: folded later than others.
-_OF_A_REAP = (Expired, Reaped, Escalated)
+_OF_A_REAP = (Expired, Reaped, Escalated, Unkillable)
 #: Seconds a metrics scrape waits for a busy loop's counters before serving the last.
 SCRAPE_WAIT = 1.0
 #: Seconds between two looks whether the FIFO's and the socket's paths still name them.

@@ -23,6 +23,7 @@ from ftimer_server.core._events import (
     Expired,
     Reaped,
     Rejected,
+    Unkillable,
     WorkerGone,
 )
 from ftimer_server.core._report import some_pids
@@ -160,6 +161,19 @@ def _escalated(
     )
 
 
+def _unkillable(
+    event: Unkillable, labels: str, dry_run: bool, restoring: bool, now: Optional[float]
+) -> Line:
+    """The line of a worker that outlived its SIGKILL."""
+    return (
+        logging.ERROR,
+        "unkillable: pid %d still alive %.0f s after its SIGKILL, in %s: it dies only when "
+        "that wait in the kernel ends (a hung file system, device or driver), holding its "
+        "memory and devices until then%s",
+        (event.pid, event.after, event.waiting or "a wait that could not be read", labels),
+    )
+
+
 def _worker_gone(
     event: WorkerGone, labels: str, dry_run: bool, restoring: bool, now: Optional[float]
 ) -> Line:
@@ -219,6 +233,7 @@ _LINES: Dict[type, Callable[[Any, str, bool, bool, Optional[float]], Line]] = {
     Expired: _expired,
     Reaped: _reaped,
     Escalated: _escalated,
+    Unkillable: _unkillable,
     WorkerGone: _worker_gone,
     Rejected: _rejected,
     DecodeFailed: _decode_failed,

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ftimer_server.core._events import RejectReason
+from ftimer_server.core._reaper import KILL_CHECK
 from ftimer_server.core._stats import Stats
 
 from ._daemon_log import signal_label
@@ -175,6 +176,11 @@ class _StatsCollector:
             ),
             ("ftimer_expired_timers", "Timers that expired.", s.expired),
             ("ftimer_escalations", "Workers that outlived the grace period.", s.escalations),
+            (
+                "ftimer_unkillable",
+                f"Workers still alive {KILL_CHECK:g} s after their SIGKILL (stuck in the kernel).",
+                s.unkillable,
+            ),
             (
                 "ftimer_workers_gone",
                 "Bound workers seen to exit (and, at a start, saved ones that exited meanwhile).",

@@ -86,6 +86,7 @@ class SystemHost(Host):
         tree: bool = False,
     ) -> None:
         self.signals = platform_signals()
+        self.kills = signaller.kills
         self._inspector = inspector
         self._signaller = signaller
         self._steps = tuple(steps)
@@ -184,6 +185,13 @@ class SystemHost(Host):
             # goes through the signaller's own identity checks.
             logger.warning("cannot tell whether process %d is alive: %s", worker.pid, e)
             return True
+
+    def waiting(self, worker: Worker) -> Optional[str]:
+        try:
+            return self._inspector.waiting(worker.pid)
+        except Exception:  # a custom inspector's bug costs only the description
+            logger.exception("cannot read what process %d waits in", worker.pid)
+            return None
 
     def signal(self, worker: Worker, signal: int) -> Delivery:
         try:

@@ -103,6 +103,12 @@ class ProcessInspector(abc.ABC):
         """
         return (0, 0)
 
+    def waiting(self, pid: int) -> Optional[str]:
+        """What process ``pid`` waits in, for a worker that outlived its SIGKILL: its
+        threads in uninterruptible sleep with their kernel wait channels, else its state;
+        ``None`` where the platform does not tell (this default). Never raises."""
+        return None
+
     def open(self, pid: int) -> Optional[int]:
         """Return a pidfd for process ``pid``, or ``None`` where pidfds are unavailable.
 
@@ -199,6 +205,22 @@ class SystemInspector(ProcessInspector):
             raise ProcessLookupError(errno.ESRCH, f"no process {shows}") from None
         return monotonic - self._clocks[0], boottime - self._clocks[1]
 
+    def waiting(self, pid: int) -> Optional[str]:
+        if not _LINUX:
+            return None
+        try:
+            tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))[:_WAITS_READ]
+        except (OSError, ValueError):
+            return None
+        waits = [f"thread {tid}: {wait}" for tid in tids if (wait := _uninterruptible(pid, tid))]
+        if not waits:  # none in D (or they left it meanwhile)
+            try:
+                return f"state {_stat(pid).state}"
+            except (OSError, ValueError, IndexError):
+                return None
+        more = len(waits) - _WAITS_SHOWN
+        return "; ".join(waits[:_WAITS_SHOWN]) + (f"; {more} more" if more > 0 else "")
+
     def open(self, pid: int) -> Optional[int]:
         if not self._pidfds or pid <= 0:
             return None
@@ -215,6 +237,25 @@ class SystemInspector(ProcessInspector):
                 self._warned = True
                 logger.warning("no pidfds on this kernel: processes are checked by start time")
             return None
+
+
+#: Threads ``waiting()`` reads at most (two small files each), and shows.
+_WAITS_READ = 256
+_WAITS_SHOWN = 4
+
+
+def _uninterruptible(pid: int, tid: int) -> Optional[str]:
+    """``"D in <wait channel>"`` for a thread in uninterruptible sleep; else None."""
+    base = f"/proc/{pid}/task/{tid}"
+    try:
+        with open(f"{base}/stat", "rb") as f:
+            if parse_proc_stat(f.read()).state != "D":
+                return None
+        with open(f"{base}/wchan") as f:
+            wchan = f.read().strip()
+    except (OSError, ValueError, IndexError):
+        return None
+    return "D" if wchan in ("", "0") else f"D in {wchan}"
 
 
 def _stat(pid: int) -> ProcStat:

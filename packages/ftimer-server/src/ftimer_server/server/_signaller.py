@@ -29,7 +29,14 @@ _NOT_CONTINUED = frozenset(
 
 
 class Signaller(abc.ABC):
-    """Delivers a signal to a bound worker process."""
+    """Delivers a signal to a bound worker process.
+
+    Attributes:
+        kills: its SIGKILL ends a process (the kernel's word): a worker alive long
+            after one is ``Unkillable``. False for a signaller that signals nobody.
+    """
+
+    kills = True
 
     @abc.abstractmethod
     def send(self, worker: Worker, signal: int) -> bool:
@@ -206,6 +213,8 @@ class RecordingSignaller(Signaller):
     Args:
         delivered: what ``send()`` answers.
     """
+
+    kills = False
 
     def __init__(self, delivered: bool = True) -> None:
         self.delivered = delivered

@@ -314,3 +314,34 @@ def _deadline(line: bytes) -> float:
         return message.deadline
     assert isinstance(message, TimerRequestV1)
     return message.expiration_time
+
+
+# Pinned by mutation testing: each test below fails with a line of Resync dropped.
+
+
+def test_a_line_unsure_of_is_owed_again_though_recorded_before() -> None:
+    r, _ = v2()
+    line = b"arm-s\n"
+    r.arm("s", line, None)
+    r.failed(0.0)
+    r.accepted("s", line)  # the resync delivered the arm
+    r.unsure("s")  # a later line about s raised as it was written: maybe went out
+    assert r.resync() == [("s", line)]
+
+
+def test_a_failure_drops_the_deferred_lines() -> None:
+    r, lines = v2()
+    d = lines.disarm("s")
+    r.defer([("s", d)], ["s"])  # a handler's disarm, during a delivery
+    r.arm("s", b"arm-s\n", None)  # re-armed after it
+    r.failed(1.0)
+    assert r.backlog() == [("s", b"arm-s\n")]  # not followed by the stale disarm
+
+
+def test_a_reconnection_forgets_what_the_old_connection_took() -> None:
+    r, _ = v2()
+    r.arm("s", b"arm-s\n", None)
+    r.failed(0.0)
+    r.accepted("s", b"arm-s\n")
+    r.reconnected()  # the queue that held it died with the server
+    assert r.resync() == [("s", b"arm-s\n")]

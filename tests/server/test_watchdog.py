@@ -1119,3 +1119,141 @@ def test_core_matches_a_model(ops_list: list[tuple[str, int, str, float, int]]) 
             assert got[k][0] == pytest.approx(d, abs=1e-6)
             assert got[k][1] == s
     assert sorted(rig.signaller.sent) == sorted(reaps)
+
+
+# Pinned by mutation testing: each test below fails with a one-line change to the core
+# (a comparison flipped, a statement dropped) that every other test let through.
+
+
+def test_tick_judges_no_deadline_past_the_horizon(rig: Rig) -> None:
+    rig.apply(arm(deadline=7.0))
+    rig.now = 10.0
+    rig.wd.tick(10.0, horizon=5.0)  # a disarm written before 7.0 may still be unread
+    assert rig.signaller.sent == []
+    rig.wd.tick(10.0, horizon=7.0)
+    assert rig.signaller.sent == [(1000, 9)]
+
+
+def test_next_wakeup_is_the_earlier_of_expiry_and_escalation() -> None:
+    rig = Rig(escalate_after=2.0)
+    rig.host.spawn(1000, parent=SERVER)
+    rig.host.spawn(1001, parent=SERVER)
+    rig.apply(arm(1000, signal=15, deadline=1.0), arm(1001, deadline=50.0))
+    rig.at(1.0)
+    assert rig.wd.next_wakeup() == 3.0  # the SIGKILL, not the other timer at 50
+    rig.apply(arm(1001, deadline=2.0))
+    assert rig.wd.next_wakeup() == 2.0
+
+
+def test_an_arm_over_the_limit_is_neither_counted_ok_nor_reported_armed() -> None:
+    rig = Rig(policy=Policy(max_timers=1))
+    rig.host.spawn(1000, parent=SERVER)
+    rig.host.spawn(1001, parent=SERVER)
+    rig.apply(arm(1000), arm(1001))
+    assert rig.wd.stats().requests["arm"] == {"ok": 1, "rejected": 1}
+    assert [e.timer.pid for e in rig.events.of(Armed)] == [1000]
+    assert [w.pid for w in rig.wd.workers()] == [1000]  # 1001 not left bound
+
+
+def test_journal_keeps_the_start_time_a_refused_arm_named(rig: Rig) -> None:
+    rig.apply(arm(start_time=100))
+    other = arm(scope="x", start_time=999)  # another process's: refused
+    rig.apply(other)
+    [kept] = rig.wd.as_bound([other], 0.0, WALL)
+    assert kept.start_time == 999
+
+
+def test_journal_drops_a_v1_arm_of_an_unbound_pid(rig: Rig) -> None:
+    req = TimerRequestV1(pid=1013, scope_id="s", expiration_time=WALL + 5, signal=9)
+    assert rig.wd.as_bound([req], 0.0, WALL) == []
+
+
+def test_a_worker_found_dead_at_escalation_is_dropped() -> None:
+    rig = Rig(escalate_after=2.0)
+    rig.host.spawn(1000, parent=SERVER)
+    rig.apply(arm(signal=15, deadline=1.0))
+    rig.at(1.0)
+    rig.host.exit(1000)
+    rig.at(3.0)
+    assert rig.signaller.sent == [(1000, 15)]
+    assert [e.pid for e in rig.events.of(WorkerGone)] == [1000]
+    assert rig.wd.workers() == []
+
+
+def test_a_disarm_before_settle_is_not_resurrected(rig: Rig) -> None:
+    rig.apply(arm(scope="keep", deadline=100.0, start_time=100))
+    # As the reader decodes it: int objects of its own, not the worker's.
+    rec = Timer(int("1000"), "s", 5.0, 9, int("100"))
+    rig.apply(rec, Disarm(1000, "s", 100))  # no pidfd: the disarm goes the general way
+    rig.at(6.0)
+    assert rig.signaller.sent == []
+
+
+def test_a_rearm_before_settle_keeps_the_later_deadline(rig: Rig) -> None:
+    rig.apply(arm(scope="keep", deadline=100.0, start_time=100))
+    rec = Timer(int("1000"), "s", 5.0, 9, int("100"))
+    rig.apply(rec, arm(scope="s", deadline=50.0))  # re-armed (general path)
+    rig.at(6.0)
+    assert rig.signaller.sent == []
+
+
+def test_sighup_decides_an_expiry(rig: Rig) -> None:
+    rig.apply(arm(signal=1, deadline=1.0))
+    rig.at(1.0)
+    assert rig.signaller.sent == [(1000, 1)]
+
+
+def test_a_queue_left_full_keeps_judgement_behind(rig: Rig) -> None:
+    rig.apply(arm(deadline=5.8))
+    rig.wd.horizon.read(4.9, False, 4.9)  # all read: safe up to 4.9
+    rig.wd.horizon.read(5.5, True, 5.6)  # found full; no read since
+    rig.at(6.0)  # past the woken writers' turn, but the queue was full at the last read
+    assert rig.signaller.sent == []  # judged only up to max(4.9, 6.0 - BLOCKED_WRITE)
+    rig.at(6.8)
+    assert rig.signaller.sent == [(1000, 9)]
+
+
+def test_every_pidfd_opened_is_watched_and_released() -> None:
+    # Dropping a bind's watch, a release, or close()'s went unnoticed: pidfds leaked in
+    # a long-lived daemon, or exits were never seen.
+    opened: List[int] = []
+    closed: List[int] = []
+    watched: List[int] = []
+
+    class Pidfds(FakeInspector):
+        def open(self, pid: int) -> Optional[int]:
+            self._get(pid)
+            opened.append(pid)
+            return 100_000 + pid
+
+        def alive(self, worker: Worker) -> bool:
+            return super().alive(msgspec.structs.replace(worker, pidfd=None))
+
+        def close(self, worker: Worker) -> None:
+            if worker.pidfd is not None:
+                closed.append(worker.pid)
+
+    host = Pidfds()
+    host.spawn(SERVER, start_time=5)
+    for pid in (1000, 1001, 1002):
+        host.spawn(pid, start_time=100, parent=SERVER)
+    watch = SystemHost(host, RecordingSignaller(), watch=lambda w: watched.append(w.pid))
+    wd = Watchdog(host=watch, server_pid=SERVER)
+    wd.apply([arm(1000), arm(1001), arm(1002)], 0.0, WALL)
+    assert sorted(watched) == [1000, 1001, 1002]
+    [w1001] = [w for w in wd.workers() if w.pid == 1001]
+    host.exit(1001)
+    wd.worker_gone(w1001)
+    assert closed == [1001]
+    wd.close()
+    assert sorted(closed) == sorted(opened)
+    assert wd.workers() == []
+
+
+def test_the_hot_path_keeps_the_total_limit() -> None:
+    rig = Rig(policy=Policy(max_timers=2))
+    rig.host.spawn(1000, start_time=100, parent=SERVER)
+    rig.apply(arm(scope="a", start_time=100))  # binds (general path)
+    rig.apply(Timer(1000, "b", 10.0, 9, 100), Timer(1000, "c", 10.0, 9, 100))  # as decoded
+    assert len(rig.wd.armed()) == 2
+    assert rig.wd.stats().requests["arm"] == {"ok": 2, "rejected": 1}

@@ -94,24 +94,15 @@ print(json.dumps({"left": sorted(int(s) for s in left), "ticks": ticks, "arms": 
 """
 
 
-def _xfail_on_39(strict: bool) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(
-        sys.version_info < (3, 10),
-        reason="Python 3.9 runs a handler between almost any two bytecodes, inside the "
-        "window docs/client.md names for it",
-        strict=strict,
-    )
-
-
-# On 3.9 the FIFO's SIGPIPE is left blocked within a second, every run; the socket's
-# window is narrower, and a run passes now and then (about one in five).
-@pytest.mark.parametrize(
-    "transport",
-    [
-        pytest.param("fifo", marks=_xfail_on_39(strict=True)),
-        pytest.param("socket", marks=_xfail_on_39(strict=False)),
-    ],
+# On 3.9 the FIFO's SIGPIPE is left blocked within a second in most runs, the socket's
+# in about four of five; a race, which a loaded machine can let a run pass.
+@pytest.mark.xfail(
+    sys.version_info < (3, 10),
+    reason="Python 3.9 runs a handler between almost any two bytecodes, inside the "
+    "window docs/client.md names for it",
+    strict=False,
 )
+@pytest.mark.parametrize("transport", ["fifo", "socket"])
 def test_an_interrupting_handler_never_leaves_signals_blocked(
     fifo_path: pathlib.Path, transport: str
 ) -> None:

@@ -69,8 +69,8 @@ def test_status_says_how_many_workers_outlived_their_sigkill() -> None:
     stats = {"rejections": {}, "unkillable": 2}
     assert format_status(status_doc(timers=[], stats=stats)).splitlines()[2:] == [
         "0 timers armed",
-        "2 workers still alive 30 s after their SIGKILL since the start (stuck in the "
-        "kernel): the log says what each waits in",
+        "2 workers outlived their SIGKILL by 30 s since the start (stuck in the kernel): "
+        "the log says what each waited in",
     ]
     assert len(format_status(status_doc(timers=[], stats={"unkillable": 0})).splitlines()) == 3
 

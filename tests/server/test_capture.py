@@ -822,6 +822,21 @@ def test_no_core_of_a_worker_a_stop_cannot_reach(
     )
 
 
+def test_a_thread_in_d_for_a_moment_does_not_cost_the_core(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One look at /proc caught a data loader's thread in a moment's disk read: the
+    # worker got no core, which gdb would have taken a few milliseconds later.
+    from ftimer_server.incidents import _reap_extras
+    from ftimer_server.incidents._procfs import ThreadFacts
+
+    looks = iter([[ThreadFacts(7, state="D")], [ThreadFacts(7, state="S")]])
+    monkeypatch.setattr(_reap_extras, "read_threads", lambda pid, **kw: next(looks))
+    assert _reap_extras._unstoppable(7, time.monotonic() + 5) == []
+    looks = iter([[ThreadFacts(7, state="D")], [ThreadFacts(7, state="D")]])
+    assert _reap_extras._unstoppable(7, time.monotonic() + 5) == [7]
+
+
 NON_DUMPABLE = """
 import ctypes, sys
 assert ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) == 0  # PR_SET_DUMPABLE: off

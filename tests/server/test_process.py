@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 import signal
@@ -14,7 +15,7 @@ from tests.conftest import wait_until
 
 from ftimer_protocol import socket_path_for
 from ftimer_server import FileTimerServer, OsSignaller, RecordingSignaller, SystemInspector, Worker
-from ftimer_server.server import _process
+from ftimer_server.server import _process, _signaller
 from ftimer_server.server._process import proc_problem, raise_fd_limit
 
 from .conftest import held_in_d, proc_start_time
@@ -144,6 +145,20 @@ def test_a_stopped_worker_is_continued_to_act_on_its_signal(children, pinned: bo
         assert child.wait(10) == -signal.SIGTERM
     finally:
         inspector.close(worker)
+
+
+def test_a_worker_ended_by_its_signal_before_the_sigcont_was_delivered_to() -> None:
+    # Its SIGCONT found it gone (its parent reaped it at once): the reap said "the
+    # process had exited" of a worker that got its signal.
+    sent: List[int] = []
+
+    def send(signum: int) -> None:
+        sent.append(signum)
+        if signum == signal.SIGCONT:
+            raise ProcessLookupError(errno.ESRCH, "gone")
+
+    _signaller._deliver(send, signal.SIGTERM)
+    assert sent == [signal.SIGTERM, signal.SIGCONT]
 
 
 def test_a_stop_signal_as_the_reap_leaves_the_worker_stopped(children) -> None:

@@ -658,9 +658,9 @@ def _format(status: _Status) -> str:
     if unkillable:
         # Reaped, and alive all the same: what the log said once is said here until a restart.
         lines.append(
-            f"{unkillable} worker{'s' if unkillable != 1 else ''} still alive "
-            f"{KILL_CHECK:g} s after their SIGKILL since the start (stuck in the kernel): "
-            "the log says what each waits in"
+            f"{unkillable} worker{'s' if unkillable != 1 else ''} outlived "
+            f"{'their' if unkillable != 1 else 'its'} SIGKILL by {KILL_CHECK:g} s since the "
+            "start (stuck in the kernel): the log says what each waited in"
         )
     refused = status.stats.rejections if status.stats is not None else {}
     if refused:

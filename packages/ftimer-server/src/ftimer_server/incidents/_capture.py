@@ -36,6 +36,7 @@ from ._pinned import Process, ProcessRefused
 from ._procfs import (
     ThreadFacts,
     bounded,
+    cannot_stop,
     live_thread,
     read_facts,
     read_threads,
@@ -318,9 +319,8 @@ def _try_py_spy(
         why = (
             "it is stopped (T state), and py-spy cannot stop it again; no native frames"
             if was_stopped
-            else f"thread {', '.join(map(str, uninterruptible))} cannot be stopped (in "
-            "uninterruptible sleep, D state, or waiting for a FUSE server); no native "
-            "frames, and a thread that ran meanwhile may show a torn stack"
+            else f"{cannot_stop(uninterruptible)}; no native frames, and a thread that ran "
+            "meanwhile may show a torn stack"
         )
         notes.append(f"read without stopping it: {why}")
     spy = functools.partial(

@@ -55,9 +55,11 @@ logger = logging.getLogger("ftimer_server")
 
 #: Captures of one pid started this close together serve every incident that needs one.
 SHARE_WINDOW = 1.0
-#: Seconds past a capture's budget that ``close()`` waits for its worker to be signalled;
-#: past a write's ``WRITE_TIMEOUT``, for the helper's word that it gave up.
-_WRITE_WAIT = 1.0
+#: Seconds past a capture's budget that ``close()`` waits for its incident to be written.
+_CLOSE_WAIT = 1.0
+#: Seconds past a write's ``WRITE_TIMEOUT`` its answer is waited for (the helper's word
+#: that it gave up).
+_ANSWER_WAIT = 1.0
 #: Seconds an incident's write may take from its hand-over to the helper, the writes
 #: before it included (one at a time): past that it is given up, and said so.
 WRITE_TIMEOUT = 10.0
@@ -202,11 +204,12 @@ class Diagnostics:
     def close(self) -> None:
         """Stop capturing: the incidents in progress are finished and written first
         (their workers are signalled at a server's stop, so their captures end soon),
-        waiting for their captures no longer than one capture's budget and for each
-        write no longer than its ``WRITE_TIMEOUT``; ``on_incident`` is not called once
-        this returns. Then the helper is stopped, with the capture tools still running
-        (their process groups are killed, the processes they had stopped resumed)."""
-        deadline = time.monotonic() + self.options.timeout + _WRITE_WAIT
+        waiting no longer than one capture's budget; then the helper is stopped, with
+        the capture tools still running (their process groups are killed, the
+        processes they had stopped resumed). The incidents not written by then fail
+        (``NOT_WRITTEN``): ``on_incident`` gets each before this returns, unless a call
+        of it blocks."""
+        deadline = time.monotonic() + self.options.timeout + _CLOSE_WAIT
         with self._settled:
             while self._incidents:
                 left = deadline - time.monotonic()
@@ -218,12 +221,12 @@ class Diagnostics:
                     break
                 self._settled.wait(left)
         self._stop_threads()
-        # Every write handed over gives up by its own deadline: the writer ends by then,
-        # unless an ``on_incident`` callback blocks it.
-        self._writer.join(WRITE_TIMEOUT + 2 * _WRITE_WAIT)
+        self._writer.join(max(0.0, deadline - time.monotonic()))  # the writes, in that time
+        self._helper.close(timeout=_CLOSE_WAIT)  # what still runs has outlived its budget
+        # The writes left fail at once now: told to on_incident before this returns.
+        self._writer.join(_CLOSE_WAIT)
         if self._writer.is_alive():
-            logger.warning("stopping the capture helper with an incident's on_incident running")
-        self._helper.close(timeout=_WRITE_WAIT)  # what still runs has outlived its budget
+            logger.warning("stopped the capture helper while an on_incident callback still runs")
 
     def _stop_threads(self) -> None:
         self._collecting.put(None)
@@ -399,7 +402,7 @@ class Diagnostics:
         deadline = pending.handed + WRITE_TIMEOUT
         job = WriteJob(record, where, want, deadline)
         try:
-            wait = max(0.0, deadline + _WRITE_WAIT - time.monotonic())
+            wait = max(0.0, deadline + _ANSWER_WAIT - time.monotonic())
             data = self._helper.submit(job).result(wait)
             record = _INCIDENT.decode(data) if want else record
         except (RuntimeError, HelperGone) as e:  # not written; annotated here for others
@@ -407,7 +410,7 @@ class Diagnostics:
         except concurrent.futures.TimeoutError:
             record = annotate(record)
             error = (
-                f"no answer within {WRITE_TIMEOUT + _WRITE_WAIT:g} s: given up ("
+                f"no answer within {WRITE_TIMEOUT + _ANSWER_WAIT:g} s: given up ("
                 + (
                     "the capture helper is busy or stopped"
                     if store is None

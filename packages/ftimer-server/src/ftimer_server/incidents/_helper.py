@@ -243,23 +243,8 @@ class Helper:
         try:
             self._process.wait(timeout)
         except subprocess.TimeoutExpired:
-            # SIGTERM first: it kills the tools it runs and resumes what they stopped.
-            self._process.terminate()
-            try:
-                self._process.wait(1)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                try:
-                    # Bounded too: a process in a wait the kernel does not interrupt (a
-                    # file system that never answers) dies only when that wait ends.
-                    self._process.wait(_KILL_WAIT)
-                except subprocess.TimeoutExpired:
-                    logger.error(
-                        "the capture helper (pid %d) has not died %g s after SIGKILL: left",
-                        self._process.pid,
-                        _KILL_WAIT,
-                    )
-        self._reader.join(5)
+            _stop(self._process)
+        self._reader.join(_KILL_WAIT)
 
     def _write(
         self,
@@ -290,7 +275,7 @@ class Helper:
                 self._answer(answers)
         except Exception:  # a helper it cannot understand is one it cannot use
             logger.exception("cannot read the capture helper's answers: stopping it")
-            process.kill()  # started anew at the next job (see submit)
+            _stop(process)  # started anew at the next job (see submit)
         with self._lock:  # the helper exited: whatever it had is lost
             if process is not self._process:
                 return  # a new one took over already
@@ -309,6 +294,26 @@ class Helper:
                 future.set_exception(RuntimeError(done.error))
             else:
                 future.set_result(done.result or b"")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """End the helper ``process``: SIGTERM first (it kills the tools it runs and resumes
+    what they stopped), SIGKILL a second later; waited for, boundedly."""
+    process.terminate()
+    try:
+        process.wait(1)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        try:
+            # Bounded too: a process in a wait the kernel does not interrupt (a file
+            # system that never answers) dies only when that wait ends.
+            process.wait(_KILL_WAIT)
+        except subprocess.TimeoutExpired:
+            logger.error(
+                "the capture helper (pid %d) has not died %g s after SIGKILL: left",
+                process.pid,
+                _KILL_WAIT,
+            )
 
 
 # -- the helper process ------------------------------------------------------------------

@@ -41,6 +41,7 @@ __all__ = [
     "tracer_name",
     "tracer_pid",
     "unstoppable",
+    "cannot_stop",
 ]
 
 _T = TypeVar("_T")
@@ -292,6 +293,14 @@ def unstoppable(threads: Sequence[ThreadFacts]) -> List[int]:
     """The ids of those of ``threads`` a stop signal cannot stop until they leave the
     kernel: in uninterruptible sleep (D state), or waiting for a FUSE server."""
     return [t.tid for t in threads if t.state == "D" or t.wchan in _STOP_BLOCKS]
+
+
+def cannot_stop(tids: Sequence[int]) -> str:
+    """Why threads ``tids`` (``unstoppable``) hold a stop off, in words."""
+    return (
+        f"thread {', '.join(map(str, tids))} cannot be stopped (in uninterruptible sleep, "
+        "D state, or waiting for a FUSE server)"
+    )
 
 
 def read_threads(

@@ -31,6 +31,7 @@ from ftimer_server.core._records import Descendant
 from ._pinned import Process, ProcessRefused
 from ._procfs import (
     PAGE_SIZE,
+    cannot_stop,
     children,
     non_dumpable,
     read_stat,
@@ -56,6 +57,9 @@ _MAX_TREE = 10000
 # past it the walk goes on without waiting (a descendant still stopping may then finish
 # a fork it had begun, and its child escape the tree: escaping, never an innocent hit).
 _FREEZE_WAIT = 0.05
+#: Seconds between two looks at a worker's threads before its core: one in D state at
+#: both is held there (a hung mount), not in a moment's disk I/O.
+_D_AGAIN = 0.05
 #: Stop signals: a timer's may be one (to freeze a hung worker for a debugger), which a
 #: SIGCONT after it would undo.
 _STOPS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
@@ -130,15 +134,11 @@ def _core_dump(
     path = f"{prefix}.{process.pid}"  # gcore appends the pid
     if deadline <= time.monotonic():
         return None, "core dump: no time left before the deadline"
-    with contextlib.suppress(OSError):
-        stuck = unstoppable(read_threads(process.pid, kernel_stacks=False))
-        if stuck:
-            # gdb's attach waits for each thread to stop: for these, past the deadline,
-            # and a stop interrupts a FUSE server's request.
-            return None, (
-                f"core dump: not taken: thread {', '.join(map(str, stuck))} cannot be "
-                "stopped (in uninterruptible sleep, D state, or waiting for a FUSE server)"
-            )
+    stuck = _unstoppable(process.pid, deadline)
+    if stuck:
+        # gdb's attach waits for each thread to stop: for these, past the deadline, and
+        # a stop interrupts a FUSE server's request.
+        return None, f"core dump: not taken: {cannot_stop(stuck)}"
     # Not one another tracer holds (a debugger's to resume, see run_tool).
     running = st.state not in ("T", "t") and not tracer_pid(process.pid)
     if running:
@@ -194,6 +194,20 @@ def _core_dump(
             text = f"ptrace not permitted (root or CAP_SYS_PTRACE needed): {text}"
         return None, f"core dump: gcore failed (exit {run.returncode}): {text}"
     return path, None
+
+
+def _unstoppable(pid: int, deadline: float) -> List[int]:
+    """The threads of ``pid`` a stop cannot reach (``unstoppable``), looked at twice
+    ``_D_AGAIN`` apart: a thread in D for a moment's disk I/O (a data loader's read)
+    has left it by then."""
+    try:
+        stuck = unstoppable(read_threads(pid, kernel_stacks=False))
+        if not stuck:
+            return []
+        time.sleep(max(0.0, min(_D_AGAIN, deadline - time.monotonic())))
+        return [t for t in unstoppable(read_threads(pid, kernel_stacks=False)) if t in stuck]
+    except OSError:
+        return []
 
 
 def _room_for_core(directory: str) -> int:

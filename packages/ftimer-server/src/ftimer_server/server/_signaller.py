@@ -8,6 +8,7 @@ run with ``--dry-run`` does the same.
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import os
 import signal as _signal
@@ -200,7 +201,8 @@ class OsSignaller(Signaller):
 def _deliver(send: Callable[[int], object], signal: int) -> None:
     send(signal)
     if signal not in _NOT_CONTINUED:
-        send(_signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):  # the signal ended it already
+            send(_signal.SIGCONT)
 
 
 class RecordingSignaller(Signaller):

@@ -409,15 +409,12 @@ class Diagnostics:
             record, error = annotate(record), str(e)
         except concurrent.futures.TimeoutError:
             record = annotate(record)
-            error = (
-                f"no answer within {WRITE_TIMEOUT + _ANSWER_WAIT:g} s: given up ("
-                + (
-                    "the capture helper is busy or stopped"
-                    if store is None
-                    else "the incident directory's file system is slow or hung"
-                )
-                + ")"
+            why = (
+                "the capture helper is busy or stopped"
+                if store is None
+                else "the incident directory's file system is slow or hung"
             )
+            error = f"no answer within {WRITE_TIMEOUT + _ANSWER_WAIT:g} s: given up ({why})"
         if error is not None:
             self.write_errors += 1
             logger.error("cannot write incident %s: %s", incident, error)

@@ -24,8 +24,8 @@ __all__ = ["OsSignaller", "RecordingSignaller", "Signaller"]
 #: Signals a stopped process is not continued after: they kill it, stop it, continue it
 #: already, or are a probe (0).
 _NOT_CONTINUED = frozenset(
-    {0, _signal.SIGKILL, _signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU}
-    | {_signal.SIGCONT}
+    {0, _signal.SIGKILL, _signal.SIGCONT}
+    | {_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU}
 )
 
 

@@ -827,14 +827,37 @@ def test_a_thread_in_d_for_a_moment_does_not_cost_the_core(
 ) -> None:
     # One look at /proc caught a data loader's thread in a moment's disk read: the
     # worker got no core, which gdb would have taken a few milliseconds later.
-    from ftimer_server.incidents import _reap_extras
+    from ftimer_server.incidents import _procfs
+    from ftimer_server.incidents._procfs import ThreadFacts, held_unstoppable
+
+    in_d = [ThreadFacts(7, state="D")]
+    monkeypatch.setattr(_procfs, "read_threads", lambda pid, **kw: [ThreadFacts(7, state="S")])
+    assert held_unstoppable(7, in_d, time.monotonic() + 5) == []
+    monkeypatch.setattr(_procfs, "read_threads", lambda pid, **kw: in_d)
+    assert held_unstoppable(7, in_d, time.monotonic() + 5) == [7]
+
+
+def test_no_hook_signal_to_a_worker_whose_threads_cannot_take_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With every thread that could take the hook's signal in D state (a hung mount),
+    # its handler runs only when that wait ends: the capture waited out its budget for
+    # it, the reap as late (2.9 s), and on a FUSE wait the signal cut the request.
+    from ftimer_server.incidents import _procfs
+    from ftimer_server.incidents._dump_hook import HookFile, prepare_hook
     from ftimer_server.incidents._procfs import ThreadFacts
 
-    looks = iter([[ThreadFacts(7, state="D")], [ThreadFacts(7, state="S")]])
-    monkeypatch.setattr(_reap_extras, "read_threads", lambda pid, **kw: next(looks))
-    assert _reap_extras._unstoppable(7, time.monotonic() + 5) == []
-    looks = iter([[ThreadFacts(7, state="D")], [ThreadFacts(7, state="D")]])
-    assert _reap_extras._unstoppable(7, time.monotonic() + 5) == [7]
+    with stuck("sleep", hook=True) as worker, pinned(worker.pid) as process:
+        in_d = [ThreadFacts(worker.pid, state="D")]
+        monkeypatch.setattr(_procfs, "read_threads", lambda pid, **kw: in_d)
+        said = prepare_hook(process, worker.hook, in_d, time.monotonic() + 5)
+        assert said == (
+            f"dump hook: thread {worker.pid} cannot be stopped (in uninterruptible sleep, "
+            "D state, or waiting for a FUSE server), and no other thread takes SIGUSR2 (12): "
+            "not sent (its handler would not run before that wait ends)"
+        )
+        monkeypatch.setattr(_procfs, "read_threads", lambda pid, **kw: [ThreadFacts(worker.pid)])
+        assert isinstance(prepare_hook(process, worker.hook, in_d, time.monotonic() + 5), HookFile)
 
 
 NON_DUMPABLE = """

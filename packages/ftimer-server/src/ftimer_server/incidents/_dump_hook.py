@@ -37,7 +37,15 @@ from ftimer_protocol import DumpHook
 from ftimer_server.core._incident import ThreadStack
 
 from ._pinned import Process
-from ._procfs import ThreadFacts, bounded, read_status, signal_mask, thread_stack_mappings
+from ._procfs import (
+    ThreadFacts,
+    bounded,
+    cannot_stop,
+    held_unstoppable,
+    read_status,
+    signal_mask,
+    thread_stack_mappings,
+)
 from ._stack_formats import (
     FaulthandlerThread,
     MethodResult,
@@ -259,6 +267,14 @@ def prepare_hook(
         return f"dump hook: every thread of the worker blocks {name}: not sent"
     if status.get("State", " ")[0] in "Tt":
         return f"dump hook: the worker is stopped (state T) and runs no handler: {name} not sent"
+    able = {t.tid for t in threads if not (t.blocked and signal_mask(t.blocked, hook.signal))}
+    held = held_unstoppable(pid, threads, deadline, among=able)
+    if able and len(held) == len(able):
+        # The budget would go in waiting, and a stop-like interrupt cuts a FUSE request.
+        return (
+            f"dump hook: {cannot_stop(held)}, and no other thread takes {name}: not sent "
+            "(its handler would not run before that wait ends)"
+        )
     uids = {int(u) for u in status.get("Uid", "").split() if u.isdigit()}
     opened = _checked(pid, hook.fd, uids, deadline, read=False)
     if isinstance(opened, str):

@@ -42,6 +42,7 @@ __all__ = [
     "tracer_pid",
     "unstoppable",
     "cannot_stop",
+    "held_unstoppable",
 ]
 
 _T = TypeVar("_T")
@@ -293,6 +294,28 @@ def unstoppable(threads: Sequence[ThreadFacts]) -> List[int]:
     """The ids of those of ``threads`` a stop signal cannot stop until they leave the
     kernel: in uninterruptible sleep (D state), or waiting for a FUSE server."""
     return [t.tid for t in threads if t.state == "D" or t.wchan in _STOP_BLOCKS]
+
+
+#: Seconds between two looks at a process's threads: one in D state at both is held
+#: there (a hung mount), not in a moment's disk I/O (a data loader's read).
+D_AGAIN = 0.05
+
+
+def held_unstoppable(
+    pid: int, threads: Sequence[ThreadFacts], deadline: float, among: Optional[Set[int]] = None
+) -> List[int]:
+    """Those of ``threads`` (of process ``pid``, read just before; of ids ``among``, if
+    given) that a stop or a signal's handler cannot reach (``unstoppable``), and still
+    cannot ``D_AGAIN`` later (by ``deadline``). Never raises."""
+    first = [t for t in unstoppable(threads) if among is None or t in among]
+    if not first:
+        return []
+    time.sleep(max(0.0, min(D_AGAIN, deadline - time.monotonic())))
+    try:
+        again = read_threads(pid, kernel_stacks=False)
+    except OSError:
+        return []
+    return [t for t in unstoppable(again) if t in first]
 
 
 def cannot_stop(tids: Sequence[int]) -> str:

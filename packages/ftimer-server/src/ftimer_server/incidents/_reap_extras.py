@@ -33,12 +33,12 @@ from ._procfs import (
     PAGE_SIZE,
     cannot_stop,
     children,
+    held_unstoppable,
     non_dumpable,
     read_stat,
     read_status,
     read_threads,
     tracer_pid,
-    unstoppable,
 )
 from ._tools import run_tool
 
@@ -57,9 +57,6 @@ _MAX_TREE = 10000
 # past it the walk goes on without waiting (a descendant still stopping may then finish
 # a fork it had begun, and its child escape the tree: escaping, never an innocent hit).
 _FREEZE_WAIT = 0.05
-#: Seconds between two looks at a worker's threads before its core: one in D state at
-#: both is held there (a hung mount), not in a moment's disk I/O.
-_D_AGAIN = 0.05
 #: Stop signals: a timer's may be one (to freeze a hung worker for a debugger), which a
 #: SIGCONT after it would undo.
 _STOPS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
@@ -134,7 +131,11 @@ def _core_dump(
     path = f"{prefix}.{process.pid}"  # gcore appends the pid
     if deadline <= time.monotonic():
         return None, "core dump: no time left before the deadline"
-    stuck = _unstoppable(process.pid, deadline)
+    try:
+        threads = read_threads(process.pid, kernel_stacks=False)
+    except OSError:
+        threads = []
+    stuck = held_unstoppable(process.pid, threads, deadline)
     if stuck:
         # gdb's attach waits for each thread to stop: for these, past the deadline, and
         # a stop interrupts a FUSE server's request.
@@ -194,20 +195,6 @@ def _core_dump(
             text = f"ptrace not permitted (root or CAP_SYS_PTRACE needed): {text}"
         return None, f"core dump: gcore failed (exit {run.returncode}): {text}"
     return path, None
-
-
-def _unstoppable(pid: int, deadline: float) -> List[int]:
-    """The threads of ``pid`` a stop cannot reach (``unstoppable``), looked at twice
-    ``_D_AGAIN`` apart: a thread in D for a moment's disk I/O (a data loader's read)
-    has left it by then."""
-    try:
-        stuck = unstoppable(read_threads(pid, kernel_stacks=False))
-        if not stuck:
-            return []
-        time.sleep(max(0.0, min(_D_AGAIN, deadline - time.monotonic())))
-        return [t for t in unstoppable(read_threads(pid, kernel_stacks=False)) if t in stuck]
-    except OSError:
-        return []
 
 
 def _room_for_core(directory: str) -> int:

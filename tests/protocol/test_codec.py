@@ -15,6 +15,7 @@ from ftimer_protocol import (
     MAX_SCOPE,
     MAX_TIME,
     PIPE_BUF,
+    SUPPORTED_VERSIONS,
     Arm,
     Disarm,
     DisarmAll,
@@ -33,6 +34,7 @@ from ftimer_protocol import (
     decode,
     decode_value,
     encode,
+    surrogates_as_text,
     torch_request,
 )
 
@@ -467,3 +469,48 @@ def test_a_line_of_pipe_buf_bytes_with_a_high_surrogate_escape_still_decodes() -
     for decoded in (decode(exact), StreamDecoder().feed(exact + b"\n")[0]):
         assert isinstance(decoded, TimerRequestV1)
         assert decoded.scope_id.startswith("\\ud800")  # as text (protocol.md)
+
+
+# Pinned by mutation testing: each test below fails with a one-line change to the codec
+# that every other test let through.
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_decode_takes_every_buffer_it_is_typed_for(kind: type) -> None:
+    # A reader that hands decode() a memoryview of its receive buffer (no copy) got an
+    # AttributeError, not a message.
+    line = encode(Arm(42, "s", 1.0, 9, 7))
+    assert decode(kind(line)) == Arm(42, "s", 1.0, 9, 7)
+
+
+def test_supported_versions_are_those_decoded() -> None:
+    assert SUPPORTED_VERSIONS == (1, 2)
+    with pytest.raises(UnsupportedVersion):
+        decode(b'{"version":3,"pid":1}')
+
+
+def _time(t: float) -> float:
+    return torch_request(
+        {"pid": 42, "scope_id": "s", "expiration_time": t, "signal": 9}
+    ).expiration_time
+
+
+def test_torch_request_reads_times_as_torchs_server_does() -> None:
+    # register_timers(): a time within the bound is kept as it is, even at the bound
+    # (-MAX_TIME stays a release, not a timer that never fires); beyond it, one torch's
+    # server never expires arms at MAX_TIME and one below -MAX_TIME releases.
+    for t in (1.5, -1.0, MAX_TIME, -MAX_TIME):
+        assert _time(t) == t
+    assert _time(math.inf) == MAX_TIME
+    assert _time(math.nan) == MAX_TIME
+    assert _time(MAX_TIME * 2) == MAX_TIME
+    assert _time(-math.inf) == -1.0
+    assert _time(-MAX_TIME * 2) == -1.0
+    request = torch_request({"pid": 42, "scope_id": "s", "expiration_time": 1.0, "signal": 9})
+    assert request == TimerRequestV1(pid=42, scope_id="s", expiration_time=1.0, signal=9)
+
+
+def test_only_the_surrogates_of_non_utf8_bytes_are_written_as_bytes() -> None:
+    # U+DC80..U+DCFF are how Python holds bytes 0x80..0xFF of a non-UTF-8 path; U+DD00
+    # is no byte: "\x100" named a scope nobody wrote.
+    assert surrogates_as_text("\udcff\udd00\udc7f") == "\\xff\\udd00\\udc7f"

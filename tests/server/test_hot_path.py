@@ -15,7 +15,7 @@ import msgspec
 from hypothesis import event, given, settings
 
 from ftimer_protocol import Arm, Disarm, DisarmAll, Expire
-from ftimer_server import Policy, RecordingSignaller, Timer, Worker
+from ftimer_server import Disarmed, Policy, RecordingSignaller, Timer, Worker
 from ftimer_server.core._watchdog import Watchdog
 from ftimer_server.server._edge import SystemHost
 
@@ -158,3 +158,49 @@ def test_the_hot_path_is_taken() -> None:
     assert kept == record
     assert kept.pid is worker.pid
     assert kept.start_time is worker.start_time
+
+
+# Pinned by mutation testing: the differential test above cannot see these, since a
+# Disarm takes the same branch in both its watchdogs.
+
+PID = PIDS[0]
+
+
+def _armed_with_a_pidfd():  # type: ignore[no-untyped-def]
+    watchdog, events = rig(Policy())
+    watchdog.apply([Arm(PID, "s", 5.0, 9, start_of(PID))], 0.0, 0.0)  # bound, with a pidfd
+    return watchdog, events
+
+
+def test_a_disarm_naming_another_start_time_leaves_the_timer_armed() -> None:
+    # A disarm written by the process that held the pid before (another start time)
+    # must not disarm the worker bound now: it would go unwatched, stuck or not.
+    watchdog, _ = _armed_with_a_pidfd()
+    watchdog.apply([Disarm(PID, "s", start_of(PID) + 1)], 0.0, 0.0)
+    assert [t.scope_id for t in watchdog.armed()] == ["s"]
+
+
+def test_a_disarm_of_an_unbound_pid_disarms_nothing_of_another() -> None:
+    watchdog, _ = _armed_with_a_pidfd()
+    watchdog.apply([Disarm(PIDS[1], "s", start_of(PIDS[1]))], 0.0, 0.0)
+    assert [(t.pid, t.scope_id) for t in watchdog.armed()] == [(PID, "s")]
+
+
+def test_a_hot_disarm_is_reported_and_an_unknown_one_counted() -> None:
+    # Listeners (the daemon's log, metrics) saw no Disarmed, and stats no unknown disarm.
+    watchdog, events = _armed_with_a_pidfd()
+    watchdog.apply([Disarm(PID, "s", start_of(PID)), Disarm(PID, "x", start_of(PID))], 0.0, 0.0)
+    assert [e.timer.scope_id for e in events.of(Disarmed)] == ["s"]
+    assert watchdog.stats().requests["disarm"] == {"ok": 1, "unknown": 1}
+
+
+def test_hot_arms_and_disarms_count_as_changes() -> None:
+    # The state file is saved when the table's change count moves: arms, re-arms and
+    # disarms on the hot path each count, or a daemon restarted after them restores
+    # timers as they were before.
+    watchdog, _ = _armed_with_a_pidfd()
+    table = watchdog.table
+    before = table.changes
+    record = Timer(PID, "t", 5.0, 9, start_of(PID))
+    watchdog.apply([record, record, Disarm(PID, "t", start_of(PID))], 0.0, 0.0)
+    assert table.changes - before == 3  # an arm, a re-arm, a disarm

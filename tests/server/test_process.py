@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pathlib
 import signal
 import subprocess
 import sys
-from typing import List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import pytest
 from tests.conftest import wait_until
@@ -161,6 +162,60 @@ def test_a_worker_ended_by_its_signal_before_the_sigcont_was_delivered_to() -> N
     assert sent == [signal.SIGTERM, signal.SIGCONT]
 
 
+def test_a_probe_leaves_a_stopped_worker_stopped(children) -> None:
+    # Signal 0 asks whether a process lives: followed by a SIGCONT, it would continue a
+    # worker stopped for a debugger.
+    child = children()
+    os.kill(child.pid, signal.SIGSTOP)  # our own child
+    assert os.WIFSTOPPED(os.waitpid(child.pid, os.WUNTRACED)[1])
+    worker = Worker(child.pid, inspector.start_time(child.pid), inspector.open(child.pid))
+    try:
+        assert OsSignaller().send(worker, 0)
+        assert os.waitpid(child.pid, os.WCONTINUED | os.WNOHANG) == (0, 0)  # not continued
+    finally:
+        inspector.close(worker)
+
+
+def test_a_signal_without_a_pidfd_leaves_no_descriptor_open(children) -> None:
+    # Each signal to a worker bound without a pidfd opens one for its check: left open,
+    # a long-lived server ran out of descriptors.
+    child = children()
+    worker = Worker(child.pid, inspector.start_time(child.pid))
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        assert OsSignaller().send(worker, 0)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("errno_", [errno.EMFILE, errno.ENFILE, errno.ENOMEM])
+def test_out_of_descriptors_a_signal_falls_back_to_the_start_time_check(
+    children, errno_: int
+) -> None:
+    # No pidfd to be had (out of descriptors): the start time's check alone, as without
+    # pidfds, rather than a reap that fails.
+    class Exhausted(SystemInspector):
+        def open(self, pid: int) -> Optional[int]:
+            raise OSError(errno_, os.strerror(errno_))
+
+    child = children()
+    worker = Worker(child.pid, inspector.start_time(child.pid))
+    assert OsSignaller(Exhausted()).send(worker, signal.SIGTERM)
+    assert child.wait(10) == -signal.SIGTERM
+
+
+def test_a_pidfd_refused_for_another_reason_refuses_the_signal(children) -> None:
+    # ENOENT: a thread's id (or a process gone): never a reason to fall back to kill().
+    class Refusing(SystemInspector):
+        def open(self, pid: int) -> Optional[int]:
+            raise OSError(errno.ENOENT, "No such file or directory")
+
+    child = children()
+    worker = Worker(child.pid, inspector.start_time(child.pid))
+    with pytest.raises(OSError, match="No such file or directory"):
+        OsSignaller(Refusing()).send(worker, signal.SIGTERM)
+    assert child.poll() is None
+
+
 def test_a_stop_signal_as_the_reap_leaves_the_worker_stopped(children) -> None:
     # A reap that asks to stop the worker (to be looked at) is not undone by a SIGCONT.
     child = children()
@@ -239,12 +294,36 @@ def test_a_custom_inspector_s_kill_is_refused_where_proc_hides_the_process(
         raise ProcessLookupError(2, "No such file or directory")
 
     monkeypatch.setattr(SystemInspector, "tgid", hidden)
-    with pytest.raises(PermissionError, match="/proc cannot tell whether it is a thread's id"):
+    with probes_only(monkeypatch) as probes, pytest.raises(PermissionError) as refused:
         signaller.send(worker, signal.SIGKILL)
+    assert str(refused.value) == (
+        f"refusing to signal pid {child.pid}: /proc cannot tell whether it is a thread's "
+        "id (No such file or directory)"
+    )
+    assert probes == [(child.pid, 0)]  # whether it lives: asked with signal 0 alone
     assert child.poll() is None
     child.kill()
     child.wait()
-    assert not signaller.send(worker, signal.SIGKILL)  # gone
+    with probes_only(monkeypatch) as probes:
+        assert not signaller.send(worker, signal.SIGKILL)  # gone
+    assert probes == [(child.pid, 0)]
+
+
+@contextlib.contextmanager
+def probes_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[List[Tuple[int, int]]]:
+    """Record each kill(); let only probes (signal 0) reach the system."""
+    calls: List[Tuple[int, int]] = []
+    real = os.kill
+
+    def kill(pid: int, sig: int) -> None:
+        calls.append((pid, sig))
+        if sig != 0:
+            raise AssertionError(f"kill({pid}, {sig}) reached the system")
+        real(pid, sig)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "kill", kill)
+        yield calls
 
 
 @pytest.mark.parametrize("fault", [PermissionError(13, "denied"), ValueError("a format")])

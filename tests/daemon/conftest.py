@@ -204,12 +204,14 @@ class DaemonProcess:
         return self
 
     def records(self) -> List[Dict[str, Any]]:
-        """The JSON log lines written so far."""
+        """The JSON log lines written so far, whole: a long line (an incident's) may be
+        read half-written, its file's buffer flushed in the middle of it."""
         try:
             text = self.log.read_text()
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        whole = text.split("\n")[:-1]  # what follows the last newline is not a line yet
+        return [json.loads(line) for line in whole if line.strip()]
 
     def wait_for_record(
         self,

@@ -71,9 +71,9 @@ class Reaper:
         #: (due, seq, grace), a heap. Kept by no pid: the pid may be bound anew meanwhile.
         self._orphans: List[Tuple[float, int, _Grace]] = []
         self._seq = itertools.count()
-        #: The workers sent SIGKILL (the timer that decided their reap, when), due to be
+        #: The workers sent SIGKILL (with the timer that decided their reap), due to be
         #: looked at again ``KILL_CHECK`` seconds later.
-        self._killed: _Schedule[Tuple[Worker, Timer, float]] = _Schedule()
+        self._killed: _Schedule[Tuple[Worker, Timer]] = _Schedule()
 
     def reap(
         self,
@@ -180,19 +180,19 @@ class Reaper:
 
     def _sent_kill(self, worker: Worker, decider: Timer, delivery: Delivery, now: float) -> None:
         if delivery.delivered and self._host.kills:
-            self._killed.put(worker.pid, now + KILL_CHECK, (worker, decider, now))
+            self._killed.put(worker.pid, now + KILL_CHECK, (worker, decider))
 
     def unkillable(self, now: float) -> List[Unkillable]:
         """The workers sent SIGKILL ``KILL_CHECK`` seconds or more before ``now`` that
         still live (each said once)."""
         out = []
-        for _, (worker, decider, killed) in self._killed.pop_due(now):
+        for due, (worker, decider) in self._killed.pop_due(now):
             if self._host.alive(worker):
                 out.append(
                     Unkillable(
                         pid=worker.pid,
                         start_time=worker.start_time,
-                        after=now - killed,
+                        after=now - (due - KILL_CHECK),
                         labels=decider.labels,
                         waiting=self._host.waiting(worker),
                     )

@@ -208,16 +208,22 @@ class SystemInspector(ProcessInspector):
     def waiting(self, pid: int) -> Optional[str]:
         if not _LINUX:
             return None
+        # Imported only for a worker that outlived its SIGKILL: keeps the daemon's memory
+        # down (as the signaller's walk of a tree does).
+        from ftimer_server.incidents._procfs import read_threads  # noqa: PLC0415
+
         try:
-            tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))[:_WAITS_READ]
-        except (OSError, ValueError):
+            threads = read_threads(pid, kernel_stacks=False)
+        except OSError:
             return None
-        waits = [f"thread {tid}: {wait}" for tid in tids if (wait := _uninterruptible(pid, tid))]
-        if not waits:  # none in D (or they left it meanwhile)
-            try:
-                return f"state {_stat(pid).state}"
-            except (OSError, ValueError, IndexError):
-                return None
+        waits = [
+            f"thread {t.tid}: D" + (f" in {t.wchan}" if t.wchan else "")
+            for t in threads
+            if t.state == "D"
+        ]
+        if not waits:  # none in D (they left it meanwhile): the process's own state
+            main = [t.state for t in threads if t.tid == pid]
+            return f"state {main[0]}" if main and main[0] else None
         more = len(waits) - _WAITS_SHOWN
         return "; ".join(waits[:_WAITS_SHOWN]) + (f"; {more} more" if more > 0 else "")
 
@@ -239,23 +245,8 @@ class SystemInspector(ProcessInspector):
             return None
 
 
-#: Threads ``waiting()`` reads at most (two small files each), and shows.
-_WAITS_READ = 256
+#: Threads in uninterruptible sleep ``waiting()`` names at most.
 _WAITS_SHOWN = 4
-
-
-def _uninterruptible(pid: int, tid: int) -> Optional[str]:
-    """``"D in <wait channel>"`` for a thread in uninterruptible sleep; else None."""
-    base = f"/proc/{pid}/task/{tid}"
-    try:
-        with open(f"{base}/stat", "rb") as f:
-            if parse_proc_stat(f.read()).state != "D":
-                return None
-        with open(f"{base}/wchan") as f:
-            wchan = f.read().strip()
-    except (OSError, ValueError, IndexError):
-        return None
-    return "D" if wchan in ("", "0") else f"D in {wchan}"
 
 
 def _stat(pid: int) -> ProcStat:

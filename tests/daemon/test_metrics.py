@@ -33,6 +33,7 @@ def stats(**overrides: object) -> Stats:
         "workers": 2,
         "pid_overridden": 8,
         "unkillable": 9,
+        "unkillable_alive": 3,
     }
     fields.update(overrides)
     return Stats(**fields)  # type: ignore[arg-type]
@@ -58,6 +59,7 @@ def test_metrics_are_the_server_counters_read_at_scrape_time() -> None:
     assert sample(m, "ftimer_expired_timers_total") == 4
     assert sample(m, "ftimer_escalations_total") == 1
     assert sample(m, "ftimer_unkillable_total") == 9
+    assert sample(m, "ftimer_unkillable_workers") == 3
     assert sample(m, "ftimer_workers_gone_total") == 6
     assert sample(m, "ftimer_socket_pid_overridden_total") == 8
     assert sample(m, "ftimer_dry_run") == 1

@@ -66,12 +66,17 @@ def test_status_table() -> None:
 
 
 def test_status_says_how_many_workers_outlived_their_sigkill() -> None:
-    stats = {"rejections": {}, "unkillable": 2}
+    stats = {"rejections": {}, "unkillable": 2, "unkillable_alive": 1}
     assert format_status(status_doc(timers=[], stats=stats)).splitlines()[2:] == [
         "0 timers armed",
-        "2 workers outlived their SIGKILL by 30 s since the start (stuck in the kernel): "
-        "the log says what each waited in",
+        "2 workers outlived their SIGKILL by 30 s since the start (stuck in the kernel), "
+        "1 still alive: the log says what each waited in",
     ]
+    stats = {"unkillable": 1, "unkillable_alive": 0}
+    assert format_status(status_doc(timers=[], stats=stats)).splitlines()[3] == (
+        "1 worker outlived its SIGKILL by 30 s since the start (stuck in the kernel), "
+        "none still alive: the log says what each waited in"
+    )
     assert len(format_status(status_doc(timers=[], stats={"unkillable": 0})).splitlines()) == 3
 
 
@@ -163,6 +168,11 @@ def reaped(**overrides: object) -> Reaped:
         ),
         (WorkerGone(42, 1234, (T,)), logging.INFO, "worker exited: pid 42, 1 timer(s) dropped"),
         (WorkerGone(42, 1234), logging.DEBUG, "worker exited: pid 42, 0 timer(s) dropped"),
+        (
+            WorkerGone(42, 1234, unkillable=True),
+            logging.WARNING,
+            "worker exited at last: pid 42, which had outlived its SIGKILL (unkillable)",
+        ),
         (
             Rejected(RejectReason.RESERVED_PID, "arm", 1, "s"),
             logging.WARNING,

@@ -183,7 +183,13 @@ def test_a_worker_alive_after_its_sigkill_is_reported_unkillable(
         assert isinstance(event, Unkillable)
         assert (event.pid, event.waiting) == (child.pid, "state S")
         assert event.after >= 0.3
-        assert server.stats().unkillable == 1
+        assert (server.stats().unkillable, server.stats().unkillable_alive) == (1, 1)
+        # Its wait ends: the pidfd says so, and the server tells.
+        child.kill()
+        child.wait()
+        [gone] = wait_until(lambda: events.of(WorkerGone), what="the worker's end")
+        assert gone == WorkerGone(child.pid, gone.start_time, unkillable=True)  # type: ignore[attr-defined]
+        assert (server.stats().unkillable, server.stats().unkillable_alive) == (1, 0)
 
 
 def test_a_worker_that_dies_mid_scope_is_cleaned_up_at_once(

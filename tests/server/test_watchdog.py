@@ -738,9 +738,16 @@ def test_a_worker_alive_long_after_its_sigkill_is_unkillable(escalated: bool) ->
     assert rig.events.of(Unkillable) == [
         Unkillable(1000, 100, KILL_CHECK, {"rank": "3"}, "thread 7: D in request_wait_answer")
     ]
-    assert rig.wd.counters.snapshot(0, 0).unkillable == 1
-    rig.at(killed + 10 * KILL_CHECK)  # said once
+    assert (rig.wd.stats().unkillable, rig.wd.stats().unkillable_alive) == (1, 1)
+    rig.at(killed + 10 * KILL_CHECK)  # said once, looked at again
     assert len(rig.events.of(Unkillable)) == 1
+    assert rig.events.of(WorkerGone) == []
+    # Its wait ends at last: said, so that the operator (and the alert) know.
+    rig.host.exit(1000)
+    assert rig.wd.next_wakeup() == killed + 11 * KILL_CHECK
+    rig.at(killed + 11 * KILL_CHECK)
+    assert rig.events.of(WorkerGone) == [WorkerGone(1000, 100, unkillable=True)]
+    assert (rig.wd.stats().unkillable, rig.wd.stats().unkillable_alive) == (1, 0)
     assert rig.wd.next_wakeup() is None
 
 

@@ -223,7 +223,8 @@ class Unkillable(Event, frozen=True, tag="unkillable"):
 
 
 class WorkerGone(Event, frozen=True, tag="worker_gone"):
-    """A bound worker exited; the timers it still held are dropped unsignalled.
+    """A bound worker exited; the timers it still held are dropped unsignalled. Also a
+    reaped worker said ``Unkillable`` that exited at last.
 
     Also given by ``restore()`` for the saved timers of a worker that exited while no
     server ran.
@@ -234,12 +235,15 @@ class WorkerGone(Event, frozen=True, tag="worker_gone"):
         timers: the timers it still held.
         incident: the id of the incident it exited during the capture of (it is not
             signalled), if any.
+        unkillable: it had been said ``Unkillable``: the wait that outlived its SIGKILL
+            ended (seen within ``KILL_CHECK`` seconds where the server has no pidfd of it).
     """
 
     pid: int
     start_time: Optional[int]
     timers: Tuple[Timer, ...] = ()
     incident: Optional[str] = None
+    unkillable: bool = False
 
     @property
     def labels(self) -> Optional[Dict[str, str]]:

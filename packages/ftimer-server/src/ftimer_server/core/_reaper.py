@@ -13,7 +13,7 @@ import itertools
 import math
 from typing import Dict, Generic, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
-from ._events import Escalated, Reaped, Unkillable
+from ._events import Escalated, Reaped, Unkillable, WorkerGone
 from ._host import KILL, CaptureRequest, Delivery, Host, Peer
 from ._records import Descendant, Timer, Worker
 from ._table import Expiry
@@ -72,8 +72,11 @@ class Reaper:
         self._orphans: List[Tuple[float, int, _Grace]] = []
         self._seq = itertools.count()
         #: The workers sent SIGKILL (with the timer that decided their reap), due to be
-        #: looked at again ``KILL_CHECK`` seconds later.
+        #: looked at again ``KILL_CHECK`` seconds later, and every ``KILL_CHECK`` seconds
+        #: once said ``Unkillable``, until seen to exit.
         self._killed: _Schedule[Tuple[Worker, Timer]] = _Schedule()
+        #: The workers said ``Unkillable`` and not yet seen to exit.
+        self._outliving: Dict[int, Worker] = {}
 
     def reap(
         self,
@@ -182,15 +185,24 @@ class Reaper:
         if delivery.delivered and self._host.kills:
             self._killed.put(worker.pid, now + KILL_CHECK, (worker, decider))
 
-    def unkillable(self, now: float) -> List[Unkillable]:
+    def unkillable(self, now: float) -> List[Union[Unkillable, WorkerGone]]:
         """The workers sent SIGKILL ``KILL_CHECK`` seconds or more before ``now`` that
-        still live (each said once)."""
-        out = []
+        still live (each said once), and those said so before that are found to have
+        exited at last (``WorkerGone``, ``unkillable`` set; where the host watches a
+        pidfd, ``forget()`` learns it first)."""
+        out: List[Union[Unkillable, WorkerGone]] = []
         for due, (worker, decider) in self._killed.pop_due(now):
-            if self._host.alive(worker):
+            pid = worker.pid
+            if not self._host.alive(worker):
+                if self._outliving.pop(pid, None) is not None:
+                    out.append(WorkerGone(pid, worker.start_time, unkillable=True))
+                continue
+            self._killed.put(pid, now + KILL_CHECK, (worker, decider))
+            if pid not in self._outliving:
+                self._outliving[pid] = worker
                 out.append(
                     Unkillable(
-                        pid=worker.pid,
+                        pid=pid,
                         start_time=worker.start_time,
                         after=now - (due - KILL_CHECK),
                         labels=decider.labels,
@@ -198,6 +210,11 @@ class Reaper:
                     )
                 )
         return out
+
+    @property
+    def outliving(self) -> int:
+        """How many workers said ``Unkillable`` are not yet seen to exit."""
+        return len(self._outliving)
 
     def pending(self, pid: int) -> bool:
         """True while a capture or an escalation of ``pid`` is pending."""
@@ -208,17 +225,19 @@ class Reaper:
         reap."""
         return [(c.worker, c.decider) for _, c in self._capturing.items()]
 
-    def forget(self, pid: int) -> Optional[str]:
+    def forget(self, pid: int) -> Tuple[Optional[str], bool]:
         """Cancel what is pending for ``pid`` (it exited); return the id of the incident
-        whose capture it exited during, if any. The descendants its reap signalled get
-        SIGKILL at the end of its grace all the same (see ``escalate()``)."""
+        whose capture it exited during, if any, and whether it had been said
+        ``Unkillable``. The descendants its reap signalled get SIGKILL at the end of its
+        grace all the same (see ``escalate()``)."""
         pending = self._pending.get(pid)
         self._pending.pop(pid)
         if pending is not None and pending[1][2]:
             heapq.heappush(self._orphans, (pending[0], next(self._seq), pending[1]))
         self._killed.pop(pid)
         capture = self._capturing.pop(pid)
-        return None if capture is None else capture.incident
+        outlived = self._outliving.pop(pid, None) is not None
+        return (None if capture is None else capture.incident), outlived
 
     def next_deadline(self) -> Optional[float]:
         """When the next capture budget ends, escalation is due or SIGKILL is looked at

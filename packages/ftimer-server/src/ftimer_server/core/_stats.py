@@ -41,6 +41,7 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
         escalations: workers that outlived the grace period and got SIGKILL.
         unkillable: workers still alive ``KILL_CHECK`` seconds after their SIGKILL
             (``Unkillable``).
+        unkillable_alive: of those, the ones not yet seen to exit (now).
         workers_gone: bound workers seen to exit (and workers of saved timers found gone
             by ``restore()``).
         armed: timers armed now.
@@ -65,6 +66,7 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
     received: Dict[str, int] = {}
     pid_overridden: int = 0
     unkillable: int = 0
+    unkillable_alive: int = 0
 
 
 class Counters:
@@ -119,7 +121,7 @@ class Counters:
         elif t is Unkillable:
             self.unkillable += 1
 
-    def snapshot(self, armed: int, workers: int) -> Stats:
+    def snapshot(self, armed: int, workers: int, unkillable_alive: int) -> Stats:
         """A frozen copy, with the current gauges."""
         counts = self.requests.copy()
         counts["arm", "ok"] += self.arm_ok
@@ -143,4 +145,5 @@ class Counters:
             received=dict(self.received),
             pid_overridden=self.pid_overridden,
             unkillable=self.unkillable,
+            unkillable_alive=unkillable_alive,
         )

@@ -500,7 +500,7 @@ class Watchdog:
 
     def stats(self) -> Stats:
         """A snapshot of the counters."""
-        return self.counters.snapshot(len(self.table), len(self._workers))
+        return self.counters.snapshot(len(self.table), len(self._workers), self._reaper.outliving)
 
     def close(self) -> None:
         """Release every bound worker (closes pidfds); timers stay, for ``armed()``."""
@@ -712,9 +712,9 @@ class Watchdog:
         pid = worker.pid
         del self._workers[pid]
         self._release(worker)
-        incident = self._reaper.forget(pid)
+        incident, unkillable = self._reaper.forget(pid)
         timers = tuple(dropped) + tuple(self.table.disarm_all(pid))
-        self._emit(WorkerGone(pid, worker.start_time, timers, incident))
+        self._emit(WorkerGone(pid, worker.start_time, timers, incident, unkillable))
 
     def _expired(self, expiry: Expiry, now: float, together: Sequence[Timer] = ()) -> None:
         worker = self._workers.get(expiry.pid)

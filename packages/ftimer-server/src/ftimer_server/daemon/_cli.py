@@ -573,6 +573,7 @@ class _StatusStats(msgspec.Struct):
 
     rejections: Dict[str, Annotated[int, msgspec.Meta(ge=0)]] = {}
     unkillable: Annotated[int, msgspec.Meta(ge=0)] = 0
+    unkillable_alive: Optional[Annotated[int, msgspec.Meta(ge=0)]] = None  # a newer daemon's
 
 
 class _Status(msgspec.Struct):
@@ -657,10 +658,14 @@ def _format(status: _Status) -> str:
     unkillable = status.stats.unkillable if status.stats is not None else 0
     if unkillable:
         # Reaped, and alive all the same: what the log said once is said here until a restart.
+        assert status.stats is not None
+        alive = status.stats.unkillable_alive
         lines.append(
             f"{unkillable} worker{'s' if unkillable != 1 else ''} outlived "
             f"{'their' if unkillable != 1 else 'its'} SIGKILL by {KILL_CHECK:g} s since the "
-            "start (stuck in the kernel): the log says what each waited in"
+            "start (stuck in the kernel)"
+            + ("" if alive is None else f", {alive or 'none'} still alive")
+            + ": the log says what each waited in"
         )
     refused = status.stats.rejections if status.stats is not None else {}
     if refused:

@@ -185,6 +185,12 @@ def _worker_gone(
             "saved timers not restored: pid %d exited while no server ran, %d timer(s) dropped%s",
             (event.pid, n, labels),
         )
+    if event.unkillable:
+        return (
+            logging.WARNING,
+            "worker exited at last: pid %d, which had outlived its SIGKILL (unkillable)%s",
+            (event.pid, labels),
+        )
     level = logging.INFO if n else logging.DEBUG
     return level, "worker exited: pid %d, %d timer(s) dropped%s", (event.pid, n, labels)
 

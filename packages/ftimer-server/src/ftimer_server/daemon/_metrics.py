@@ -127,6 +127,11 @@ class _StatsCollector:
             "Worker processes bound now (armed once, still running).",
             value=s.workers,
         )
+        yield core.GaugeMetricFamily(
+            "ftimer_unkillable_workers",
+            f"Workers alive {KILL_CHECK:g} s or more after their SIGKILL, not yet seen to exit.",
+            value=s.unkillable_alive,
+        )
         requests = core.CounterMetricFamily(
             "ftimer_requests",
             "Messages applied, by type and result (ok, rejected, unknown).",

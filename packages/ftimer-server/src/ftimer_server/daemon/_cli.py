@@ -35,11 +35,13 @@ from ._config import (
     CAPTURE_METHODS,
     SETTING_NAMES,
     ConfigError,
+    DaemonConfig,
     FileSettings,
     ascii_int,
     control_socket_for,
     load_config_file,
     resolve_config,
+    setting_text,
 )
 from ._control import DaemonNotRunning, query_status
 from ._daemon import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_daemon
@@ -245,6 +247,13 @@ def _parser() -> argparse.ArgumentParser:
         "in brackets: [::1]:9464; needs the ftimer-server[metrics] extra)",
     )
     _add_incident_options(run)
+    run.add_argument(
+        "--check-config",
+        action="store_true",
+        help="read the options and the config file as a start would, print the settings "
+        "they make, and exit without starting: 0 if they are valid, 2 if not (the paths "
+        "are tried by a start alone, which makes them)",
+    )
 
     status = sub.add_parser(
         "status",
@@ -471,6 +480,10 @@ def _command(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_USAGE
     if args.command == "status":
         return _status(config.control_socket, as_json=args.json, health=args.health, out=out)
+    if args.command == "run" and args.check_config:
+        for name in DaemonConfig.__dataclass_fields__:
+            out.write(f"{name.replace('_', '-')}: {setting_text(name, getattr(config, name))}\n")
+        return EXIT_OK
     if args.command == "incidents":
         hint = _system_daemon_hint(config.control_socket)
         if hint:  # a worker's user of the system daemon reads its own, maybe old, ones
@@ -601,6 +614,10 @@ class _Status(msgspec.Struct):
     state_failing: Optional[str] = None
     # Why the last incident could not be written, or None (none failed, or one was since).
     incidents_failing: Optional[str] = None
+    # Why the last reload of the config file failed, or None.
+    reload_failed: Optional[str] = None
+    # The settings the config file changes that wait for a restart.
+    restart_needed: List[str] = []
     # None when the loop held its table (stalled).
     stats: Optional[_StatusStats] = None
 
@@ -640,6 +657,9 @@ def _format(status: _Status) -> str:
     if status.incidents_failing is not None:
         # The reaps go on; what the engineer on call would read of them is lost.
         health += f", INCIDENTS NOT WRITTEN: {printable(status.incidents_failing)}"
+    if status.reload_failed is not None:
+        # The settings before it hold, and a restart would refuse the file.
+        health += f", CONFIG NOT RELOADED: {printable(status.reload_failed)}"
     count = status.armed if status.armed is not None else len(timers)
     armed = f"{count} timer{'s' if count != 1 else ''} armed"
     if status.timers is not None and len(timers) < count:
@@ -655,6 +675,11 @@ def _format(status: _Status) -> str:
         + f", up {_duration(status.uptime)}",
         armed,
     ]
+    if status.restart_needed:
+        lines.append(
+            "config changes that need a restart: "
+            + ", ".join(printable(change) for change in status.restart_needed)
+        )
     unkillable = status.stats.unkillable if status.stats is not None else 0
     if unkillable:
         # Reaped, and alive all the same: what the log said once is said here until a restart.

@@ -37,10 +37,11 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, TypeVa
 
 import msgspec
 
-from ftimer_protocol import FIFO_ENV_VARS, default_fifo_path, socket_path_for
+from ftimer_protocol import FIFO_ENV_VARS, default_fifo_path, signal_name, socket_path_for
 from ftimer_protocol import parse_signal as _parse_signal
 from ftimer_protocol._limits import LABEL_KEY_PATTERN
 from ftimer_server._files import NotARegularFile, open_regular
+from ftimer_server.core._report import printable
 from ftimer_server.incidents._options import CAPTURE_METHODS as INCIDENT_METHODS
 
 from ._control import bound_first
@@ -67,10 +68,12 @@ __all__ = [
     "FileSettings",
     "control_socket_for",
     "default_incident_dir",
+    "host_port",
     "load_config_file",
     "parse_signal",
     "parse_size",
     "resolve_config",
+    "setting_text",
 ]
 
 #: Seconds before SIGKILL when ``signal`` is set to something else and ``grace`` is not.
@@ -274,6 +277,8 @@ def load_config_file(path: str) -> FileSettings:
         raise ConfigError(
             f"config file {path} is not valid TOML: arrays or tables nested too deeply"
         ) from None
+    except ValueError:  # Python's limit on the digits int() reads: no setting takes them
+        raise ConfigError(f"config file {path} has a number thousands of digits long") from None
     try:
         return msgspec.convert(raw, FileSettings)
     except msgspec.ValidationError as e:
@@ -339,8 +344,13 @@ def ascii_int(text: str) -> Optional[int]:
     """
     text = text.strip()
     if text.isascii() and text.isdecimal():
-        return int(text)
+        # int() of thousands of digits raises ValueError; any such number is out of range.
+        return int(text) if len(text) <= _MAX_DIGITS else 10**_MAX_DIGITS
     return None
+
+
+#: Digits of a number read as they are: a longer one is past every setting's range.
+_MAX_DIGITS = 30
 
 
 def parse_signal(value: Union[int, str]) -> int:
@@ -389,7 +399,7 @@ def parse_group(value: Union[int, str]) -> int:
     """
     number = value if isinstance(value, int) else ascii_int(value)
     if number is not None:
-        return _within(number, 0, MAX_ID, shown=f"gid {number}")
+        return _within(number, 0, MAX_ID, shown=f"gid {str(value).strip()}")
     assert isinstance(value, str)
     try:
         return grp.getgrnam(value).gr_gid
@@ -433,7 +443,7 @@ def parse_address(value: str) -> Tuple[str, int]:
             f"metrics address {value!r} has no port number: give [HOST:]PORT, like 127.0.0.1:9464"
         )
     if port > 65535:
-        raise ConfigError(f"metrics address {value!r}: port {port} is out of range 0..65535")
+        raise ConfigError(f"metrics address {value!r}: port {port_text} is out of range 0..65535")
     return host, port
 
 
@@ -456,7 +466,9 @@ def parse_size(value: Union[int, str]) -> int:
             f"{value!r} is not a size: give bytes, or a number with K, M, G or T "
             '(powers of 1024), like "256M" or "4GiB"'
         )
-    size = int(match[1]) * _UNITS[(match[2] or "").upper()]
+    number = ascii_int(match[1])
+    assert number is not None, "the pattern matched digits"
+    size = number * _UNITS[(match[2] or "").upper()]
     # Named as written: "99999999999999999999T", not the 33 digits it makes.
     return _within(size, 1, MAX_SIZE, "bytes", shown=value.strip())
 
@@ -475,6 +487,30 @@ def parse_job_label(value: str) -> Optional[str]:
             'most 32 in all), nor "" for none'
         )
     return value
+
+
+def setting_text(name: str, value: Any) -> str:
+    """The value of setting ``name`` (a `DaemonConfig` field) as its option takes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "default" if name.startswith("max_") else "none"  # the server's caps
+    if name == "fifo_mode":
+        return f"{value:04o}"
+    if name == "signal":
+        return signal_name(value)
+    if name == "metrics_address":
+        return host_port(*value)
+    if name == "allow_signals":
+        return ", ".join(map(signal_name, sorted(value)))
+    if isinstance(value, frozenset):
+        return ", ".join(map(str, sorted(value)))
+    return printable(str(value))
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def control_socket_for(fifo: str) -> str:

@@ -48,6 +48,7 @@ from ftimer_server.core._events import (
 from ftimer_server.core._incident import Incident
 from ftimer_server.core._policy import Policy
 from ftimer_server.core._records import Timer
+from ftimer_server.core._report import printable
 from ftimer_server.core._stats import Stats
 from ftimer_server.incidents._options import NOT_WRITTEN, IncidentOptions
 from ftimer_server.server._fifo import (
@@ -64,9 +65,11 @@ from ftimer_server.server._server import FileTimerServer
 from ._config import (
     ConfigError,
     DaemonConfig,
+    host_port,
     load_config_file,
     overridden,
     resolve_config,
+    setting_text,
 )
 from ._control import ControlServer, ControlSocketBusy
 from ._daemon_log import describe, event_fields, signal_label
@@ -164,6 +167,10 @@ class Daemon:
         #: The paths found no longer naming the FIFO or the socket (``_watch_paths``).
         self._lost: List[str] = []
         self._paths_done = threading.Event()
+        #: Why the last reload of the config file failed (None: it did, or none ran).
+        self._reload_failed: Optional[str] = None
+        #: The settings the config file changes that wait for a restart ("name (old -> new)").
+        self._restart_needed: List[str] = []
 
     # -- the run -----------------------------------------------------------------------
 
@@ -288,7 +295,7 @@ class Daemon:
             try:
                 self._metrics_address = self._metrics.bind(address)
             except OSError as e:
-                raise StartupError(f"cannot serve metrics on {_host_port(*address)}: {e}") from None
+                raise StartupError(f"cannot serve metrics on {host_port(*address)}: {e}") from None
 
     def _load_state(self, boot_id: str) -> Tuple[StateLoad, Optional[Journal]]:
         """What the state file holds (the saved timers, the journal segment to replay
@@ -482,7 +489,7 @@ class Daemon:
             self._saver.start()
         if self._metrics is not None and self._metrics_address is not None:
             self._metrics.serve()
-            log.info("metrics on http://%s/metrics", _host_port(*self._metrics_address))
+            log.info("metrics on http://%s/metrics", host_port(*self._metrics_address))
 
     def _ready(self) -> None:
         c = self.config
@@ -501,7 +508,7 @@ class Daemon:
             c.state_file or "none",
         )
         self._logging.drain()  # what the start-up logged is written before it says ready
-        self._notifier.ready(f"watching {c.fifo}" + (" (dry run)" if c.dry_run else ""))
+        self._notifier.ready(self._systemd_status())
 
     def _loop(self, wake_fd: int) -> int:
         """Wait for signals and for flood summaries to come due; act on them.
@@ -519,12 +526,13 @@ class Daemon:
             timeout = None if due is None else math.ceil(max(0.0, due - time.monotonic()) * 1000)
             poller.poll(timeout)
             self._logging.flush_repeats()
-            for signum in _read_signals(wake_fd):
+            signals = _read_signals(wake_fd)
+            for signum in signals:
                 if signum in _STOP_SIGNALS:
                     log.info("%s: shutting down", signal.Signals(signum).name)
                     return EXIT_OK
-                if signum == signal.SIGHUP:
-                    self._reload()
+            if signal.SIGHUP in signals:  # once for those read together: a storm costs one
+                self._reload()
 
     def _watch_paths(self, server: FileTimerServer) -> None:
         """A thread of its own: every ``_PATHS_EVERY`` seconds, say (an error line) when
@@ -599,6 +607,10 @@ class Daemon:
             self._lock_fd = None
 
     def _reload(self) -> None:
+        """SIGHUP: reopen the log file and reload the config file, if any, applying what
+        applies in place (``_RELOADABLE``) and saying what waits for a restart. A file
+        that is not valid leaves the config as it was; the failure is said in the log,
+        ``status``, the metrics and to systemd until a reload succeeds."""
         self._notifier.reloading()
         reopened = True
         try:
@@ -607,38 +619,58 @@ class Daemon:
             log.error("cannot reopen the log file: %s", e)
             reopened = False
         path = self.config.config_file
-        if path is not None:
-            try:
-                settings = load_config_file(path)
-                new = resolve_config(self._cli, settings, config_file=path)
-                hidden = overridden(self._cli, settings, path, new)
-            except ConfigError as e:
-                log.error("config not reloaded: %s", e)
-            else:
-                if hidden:  # else a change to them would seem taken, and was not
-                    log.warning(
-                        "settings of %s that the command line gives otherwise, not applied "
-                        "(now or at a restart): %s",
-                        path,
-                        ", ".join(hidden),
-                    )
-                changed = [
-                    name
-                    for name in DaemonConfig.__dataclass_fields__
-                    if name not in _RELOADABLE and getattr(new, name) != getattr(self.config, name)
-                ]
-                if changed:
-                    log.warning(
-                        "config changes that need a restart were not applied: %s",
-                        ", ".join(n.replace("_", "-") for n in changed),
-                    )
-                self._logging.configure(new.log_format, new.log_level)
-                if self._server is not None:
-                    self._server.set_event_types(self._event_types())
-                log.info("config reloaded from %s", path)
-        elif reopened:
-            log.info("log file reopened")
-        self._notifier.ready()
+        if path is None:
+            if reopened:
+                log.info("log file reopened")
+            self._notifier.ready(self._systemd_status())
+            return
+        try:
+            settings = load_config_file(path)
+            # As a start would: a restart must not be refused what a reload took.
+            new = resolve_config(self._cli, settings, config_file=path, starting=True)
+            hidden = overridden(self._cli, settings, path, new)
+        except Exception as e:  # a bug as well as a bad file: neither may end the daemon
+            if not isinstance(e, ConfigError):
+                log.exception("reading %s failed", path)
+            self._reload_failed = printable(str(e))
+            log.error("config not reloaded: %s", self._reload_failed)
+        else:
+            self._logging.configure(new.log_format, new.log_level)  # first: the lines below
+            if self._server is not None:
+                self._server.set_event_types(self._event_types())
+            if hidden:  # else a change to them would seem taken, and was not
+                log.warning(
+                    "settings of %s that the command line gives otherwise, not applied "
+                    "(now or at a restart): %s",
+                    path,
+                    ", ".join(hidden),
+                )
+            self._reload_failed = None
+            self._restart_needed = [
+                f"{name.replace('_', '-')} ({setting_text(name, getattr(self.config, name))} "
+                f"-> {setting_text(name, getattr(new, name))})"
+                for name in DaemonConfig.__dataclass_fields__
+                if name not in _RELOADABLE and getattr(new, name) != getattr(self.config, name)
+            ]
+            if self._restart_needed:
+                log.warning(
+                    "config changes that need a restart were not applied: %s",
+                    ", ".join(self._restart_needed),
+                )
+            log.info("config reloaded from %s", path)
+        if self._metrics is not None:
+            self._metrics.reloaded(self._reload_failed is None, len(self._restart_needed))
+        self._notifier.ready(self._systemd_status())
+
+    def _systemd_status(self) -> str:
+        """The status line systemd shows (``systemctl status``)."""
+        c = self.config
+        line = f"watching {c.fifo}" + (" (dry run)" if c.dry_run else "")
+        if self._reload_failed is not None:
+            line += f"; config not reloaded: {self._reload_failed}"
+        elif self._restart_needed:
+            line += "; a restart is needed to apply: " + ", ".join(self._restart_needed)
+        return line
 
     # -- callbacks (the server's thread, the control thread, the saver's thread) --------
 
@@ -744,7 +776,14 @@ class Daemon:
         if failing is None and saver is not None and journal is not None and journal.failing:
             failing = f"its journal cannot be written ({journal.failing}): the file is removed"
         return status_document(
-            self._server, self.config, self._lost, self._started, timers, state_failing=failing
+            self._server,
+            self.config,
+            self._lost,
+            self._started,
+            timers,
+            state_failing=failing,
+            reload_failed=self._reload_failed,
+            restart_needed=self._restart_needed,
         )
 
 
@@ -782,11 +821,6 @@ def _check_incident_dir(options: IncidentOptions) -> None:
         IncidentStore(options.directory, keep=options.keep, max_bytes=options.max_bytes)
     except OSError as e:  # its messages name the directory
         raise StartupError(e.strerror or f"incident directory {options.directory}: {e}") from None
-
-
-def _host_port(host: str, port: int) -> str:
-    """``host:port`` as a URL writes it: an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _os_error(e: OSError) -> str:

@@ -258,6 +258,18 @@ class Metrics:
             buckets=CAPTURE_BUCKETS,
             registry=self.registry,
         )
+        self._reload_ok = prom.Gauge(
+            "ftimer_config_last_reload_successful",
+            "1 if the config file's last reload (SIGHUP) succeeded or none was asked for, "
+            "0 if it failed (the settings before it hold).",
+            registry=self.registry,
+        )
+        self._reload_ok.set(1)
+        self._restart_needed = prom.Gauge(
+            "ftimer_config_restart_needed",
+            "Settings the config file changes that apply only at a restart.",
+            registry=self.registry,
+        )
         self._prom = prom
         self._server: Any = None
         self._thread: Any = None
@@ -265,6 +277,12 @@ class Metrics:
     def reaped(self, late: float) -> None:
         """Record one reap, ``late`` seconds after its deadline."""
         self._latency.observe(max(late, 0.0))
+
+    def reloaded(self, ok: bool, restart_needed: int) -> None:
+        """Record a reload of the config file: whether it succeeded, and how many
+        changed settings wait for a restart."""
+        self._reload_ok.set(ok)
+        self._restart_needed.set(restart_needed)
 
     def incident(self, method: str, seconds: float) -> None:
         """Record one incident whose stuck worker was captured by ``method``."""

@@ -7,7 +7,7 @@ import heapq
 import operator
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import msgspec
 
@@ -38,6 +38,8 @@ def status_document(
     timers: bool,
     *,
     state_failing: Optional[str] = None,
+    reload_failed: Optional[str] = None,
+    restart_needed: Sequence[str] = (),
 ) -> Dict[str, Any]:
     """The daemon's status document: its health, its paths and settings, the server's
     counters and, with ``timers``, the soonest timers (``status``; not ``health``).
@@ -47,6 +49,8 @@ def status_document(
         started: when the daemon started (``time.monotonic()``).
         state_failing: why the last save of the state file failed, or None. Not a
             matter of health: a restart would not mend it, and a liveness probe would.
+        reload_failed: why the last reload of the config file failed, or None.
+        restart_needed: the settings the config file changes that wait for a restart.
     """
     caught_up, healthy = _reading(server)
     try:
@@ -72,6 +76,8 @@ def status_document(
         "state_file": c.state_file,
         "state_failing": state_failing,
         "incidents_failing": server.incidents_failing,
+        "reload_failed": reload_failed,
+        "restart_needed": list(restart_needed),
         "dry_run": c.dry_run,
         "signal": c.signal,
         "grace": c.grace,

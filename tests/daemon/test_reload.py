@@ -19,6 +19,7 @@ from ftimer_server.daemon._cli import format_status
 from ftimer_server.daemon._config import ConfigError, DaemonConfig, load_config_file, resolve_config
 from ftimer_server.daemon._daemon import Daemon
 from ftimer_server.daemon._logging import LoggingSetup
+from ftimer_server.daemon._systemd import MAX_STATUS
 
 from .conftest import PATIENCE, PYTHON, DaemonProcess
 
@@ -80,9 +81,14 @@ def test_a_failed_reload_is_said_to_status_metrics_and_systemd_until_one_succeed
     reload(f'incidents-max-bytes = "{HUGE}"\n', "STATUS=watching ")
     assert d.proc.poll() is None
     doc = d.status()
-    assert doc["reload_failed"].startswith(f"config file {config}: incidents-max-bytes")
-    assert any("config not reloaded: config file" in n for n in d.notify.received)
-    assert ", CONFIG NOT RELOADED: config file " in format_status(doc).splitlines()[0]
+    assert doc["reload_failed"].startswith(f"config not reloaded: config file {config}: ")
+    assert "incidents-max-bytes" in doc["reload_failed"]
+    [status] = [n for n in d.notify.received if "STATUS=" in n]
+    status_line = status.split("\n")[-1]
+    assert status_line.startswith(f"STATUS=watching {d.fifo}; config not reloaded: config file")
+    assert len(status_line) <= 7 + MAX_STATUS  # the value is quoted: systemd'd drop READY=1
+    header = format_status(doc).splitlines()[0]
+    assert ", RELOAD FAILED: config not reloaded: config file " in header
     assert metric("ftimer_config_last_reload_successful") == 0
     # Valid again, with a change that waits for a restart: said with its values.
     reload("dry-run = true\n", "a restart is needed to apply: dry-run (false -> true)")
@@ -90,7 +96,7 @@ def test_a_failed_reload_is_said_to_status_metrics_and_systemd_until_one_succeed
     assert (doc["reload_failed"], doc["restart_needed"]) == (None, ["dry-run (false -> true)"])
     assert doc["dry_run"] is False  # not half-applied
     text = format_status(doc)
-    assert "CONFIG NOT RELOADED" not in text
+    assert "RELOAD FAILED" not in text
     assert "config changes that need a restart: dry-run (false -> true)" in text.splitlines()
     assert metric("ftimer_config_last_reload_successful") == 1
     assert metric("ftimer_config_restart_needed") == 1
@@ -178,3 +184,52 @@ def test_a_reload_refuses_what_a_restart_would(spawn: Spawn, short_dir: pathlib.
     assert "metrics need prometheus_client" in failed
     assert d.status()["restart_needed"] == []
     assert d.stop() == 0
+
+
+def test_a_log_file_that_cannot_be_reopened_is_a_failed_reload(
+    spawn: Spawn, short_dir: pathlib.Path
+) -> None:
+    # Said in one log line (to the old file), and the metrics said the reload went well.
+    d = spawn().ready()
+    d.log.rename(d.log.with_name("d.log.1"))
+    d.log.mkdir()  # where the new file would go
+    d.proc.send_signal(signal.SIGHUP)
+    failed = wait_until(lambda: d.status()["reload_failed"], what="the reload's failure")
+    assert failed.startswith(f"log file not reopened: [Errno 21] Is a directory: '{d.log}'")
+    d.log.rmdir()
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: d.status()["reload_failed"] is None, what="a good reload")
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "setting", "shown"),
+    [
+        (["--metrics-address", "[::1]:9464"], "metrics-address", "[::1]:9464"),
+        (
+            ["--metrics-address", "00000000000000000000000000000009464"],
+            "metrics-address",
+            "127.0.0.1:9464",
+        ),
+        ([], "allow-uids", "any"),
+        (["--allow-signal", "TERM", "--allow-signal", "9"], "allow-signals", "SIGKILL, SIGTERM"),
+        ([], "max-timers", "1000000"),
+        ([], "max-timers-per-pid", "10000"),
+        ([], "grace", "none"),
+    ],
+)
+def test_check_config_shows_each_setting_as_its_option_takes_it(
+    short_dir: pathlib.Path, options: list[str], setting: str, shown: str
+) -> None:
+    result = run_check("--fifo", str(short_dir / "timer.fifo"), *options)
+    assert result.returncode == 0, result.stderr
+    assert f"{setting}: {shown}" in result.stdout.splitlines()
+
+
+def test_a_metrics_host_with_a_newline_is_refused(short_dir: pathlib.Path) -> None:
+    # Shown in systemd's STATUS= at a reload, it made lines of its own ("STOPPING=1").
+    result = run_check(
+        "--fifo", str(short_dir / "t.fifo"), "--metrics-address", "[x\nSTOPPING=1\ny]:1"
+    )
+    assert result.returncode == 2
+    assert "is not a host name or address" in result.stderr

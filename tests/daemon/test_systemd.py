@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ftimer_server.daemon._systemd import SystemdNotifier
+from ftimer_server.daemon._systemd import MAX_STATUS, SystemdNotifier
 
 
 @pytest.fixture
@@ -39,6 +39,21 @@ def test_notifications_arrive_as_datagrams(notify_socket: tuple[str, socket.sock
     assert sock.recv(4096).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
     assert n.stopping()
     assert sock.recv(4096) == b"STOPPING=1"
+    n.close()
+
+
+def test_the_status_is_one_short_line(notify_socket: tuple[str, socket.socket]) -> None:
+    # systemd reads each line as an assignment, and drops a notification of 4096 bytes
+    # or more whole: READY=1 with a long status, and a reload never ended.
+    path, sock = notify_socket
+    n = SystemdNotifier.from_environ({"NOTIFY_SOCKET": path})
+    assert n.ready("bad host x\nSTOPPING=1\n" + "é" * 5000)
+    lines = sock.recv(8192).decode().split("\n")
+    assert lines[:2] == ["READY=1", f"MAINPID={os.getpid()}"]
+    [status] = lines[2:]
+    assert status.startswith("STATUS=bad host x\\nSTOPPING=1\\néé")
+    assert len(status) == len("STATUS=") + MAX_STATUS
+    assert status.endswith("é…")
     n.close()
 
 

@@ -751,6 +751,46 @@ def test_a_worker_alive_long_after_its_sigkill_is_unkillable(escalated: bool) ->
     assert rig.wd.next_wakeup() is None
 
 
+def unkillable_rig() -> Rig:
+    """pid 1000 (start time 100) reaped with SIGKILL at 1.0 and said unkillable."""
+    rig = Rig(signaller=Killing(), inspector=Waiting())
+    rig.host.spawn(1000, start_time=100, parent=SERVER)
+    rig.apply(arm(deadline=1.0))
+    rig.at(1.0)
+    rig.at(1.0 + KILL_CHECK)
+    assert len(rig.events.of(Unkillable)) == 1
+    return rig
+
+
+def test_an_unkillable_workers_pid_taken_by_another_unkillable_one_is_told_apart() -> None:
+    # Without pidfds a pid is reused unseen: the second worker's SIGKILL took the first
+    # one's place, was never said unkillable, and its end was said as the first one's.
+    rig = unkillable_rig()
+    rig.host.exit(1000)  # between two looks
+    rig.host.spawn(1000, start_time=200, parent=SERVER)
+    rig.apply(arm(deadline=40.0))
+    rig.at(40.0)
+    rig.at(40.0 + KILL_CHECK)
+    assert [(e.pid, e.start_time) for e in rig.events.of(Unkillable)] == [(1000, 100), (1000, 200)]  # type: ignore[attr-defined]
+    assert rig.events.of(WorkerGone) == [WorkerGone(1000, 100, unkillable=True)]
+    assert rig.wd.stats().unkillable_alive == 1
+
+
+def test_another_worker_of_an_unkillable_workers_pid_exits_as_itself() -> None:
+    rig = unkillable_rig()
+    rig.host.exit(1000)
+    rig.host.spawn(1000, start_time=200, parent=SERVER)
+    rig.apply(arm(signal=15, deadline=100.0))
+    rig.host.exit(1000)
+    rig.at(100.0)  # its expiry finds it gone
+    gone = {e.start_time: e for e in rig.events.of(WorkerGone)}  # type: ignore[attr-defined]
+    assert not gone[200].unkillable  # type: ignore[attr-defined]
+    rig.at(1.0 + 3 * KILL_CHECK)  # the first one's next look finds it gone
+    assert gone[200] in rig.events.of(WorkerGone)
+    assert WorkerGone(1000, 100, unkillable=True) in rig.events.of(WorkerGone)
+    assert rig.wd.stats().unkillable_alive == 0
+
+
 def test_a_worker_that_dies_of_its_sigkill_is_not_unkillable() -> None:
     rig = Rig(signaller=Killing())
     rig.host.spawn(1000, start_time=100, parent=SERVER)

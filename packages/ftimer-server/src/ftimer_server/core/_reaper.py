@@ -72,11 +72,11 @@ class Reaper:
         self._orphans: List[Tuple[float, int, _Grace]] = []
         self._seq = itertools.count()
         #: The workers sent SIGKILL (with the timer that decided their reap), due to be
-        #: looked at again ``KILL_CHECK`` seconds later, and every ``KILL_CHECK`` seconds
-        #: once said ``Unkillable``, until seen to exit.
+        #: looked at again ``KILL_CHECK`` seconds later.
         self._killed: _Schedule[Tuple[Worker, Timer]] = _Schedule()
-        #: The workers said ``Unkillable`` and not yet seen to exit.
-        self._outliving: Dict[int, Worker] = {}
+        #: The workers said ``Unkillable`` and not yet seen to exit, looked at again
+        #: every ``KILL_CHECK`` seconds.
+        self._outliving: _Schedule[Worker] = _Schedule()
 
     def reap(
         self,
@@ -191,24 +191,27 @@ class Reaper:
         exited at last (``WorkerGone``, ``unkillable`` set; where the host watches a
         pidfd, ``forget()`` learns it first)."""
         out: List[Union[Unkillable, WorkerGone]] = []
+        for _, worker in self._outliving.pop_due(now):
+            if self._host.alive(worker):
+                self._outliving.put(worker.pid, now + KILL_CHECK, worker)
+            else:
+                out.append(WorkerGone(worker.pid, worker.start_time, unkillable=True))
         for due, (worker, decider) in self._killed.pop_due(now):
-            pid = worker.pid
             if not self._host.alive(worker):
-                if self._outliving.pop(pid, None) is not None:
-                    out.append(WorkerGone(pid, worker.start_time, unkillable=True))
                 continue
-            self._killed.put(pid, now + KILL_CHECK, (worker, decider))
-            if pid not in self._outliving:
-                self._outliving[pid] = worker
-                out.append(
-                    Unkillable(
-                        pid=pid,
-                        start_time=worker.start_time,
-                        after=now - (due - KILL_CHECK),
-                        labels=decider.labels,
-                        waiting=self._host.waiting(worker),
-                    )
+            held = self._outliving.pop(worker.pid)
+            if held is not None:  # its pid is another's now: it is gone
+                out.append(WorkerGone(held.pid, held.start_time, unkillable=True))
+            self._outliving.put(worker.pid, now + KILL_CHECK, worker)
+            out.append(
+                Unkillable(
+                    pid=worker.pid,
+                    start_time=worker.start_time,
+                    after=now - (due - KILL_CHECK),
+                    labels=decider.labels,
+                    waiting=self._host.waiting(worker),
                 )
+            )
         return out
 
     @property
@@ -225,18 +228,24 @@ class Reaper:
         reap."""
         return [(c.worker, c.decider) for _, c in self._capturing.items()]
 
-    def forget(self, pid: int) -> Tuple[Optional[str], bool]:
-        """Cancel what is pending for ``pid`` (it exited); return the id of the incident
-        whose capture it exited during, if any, and whether it had been said
+    def forget(self, worker: Worker) -> Tuple[Optional[str], bool]:
+        """Cancel what is pending for ``worker`` (it exited); return the id of the
+        incident whose capture it exited during, if any, and whether it had been said
         ``Unkillable``. The descendants its reap signalled get SIGKILL at the end of its
         grace all the same (see ``escalate()``)."""
+        pid = worker.pid
         pending = self._pending.get(pid)
         self._pending.pop(pid)
         if pending is not None and pending[1][2]:
             heapq.heappush(self._orphans, (pending[0], next(self._seq), pending[1]))
         self._killed.pop(pid)
         capture = self._capturing.pop(pid)
-        outlived = self._outliving.pop(pid, None) is not None
+        held = self._outliving.get(pid)
+        # Another process of that pid (without pidfds, pids are reused unseen) is left
+        # to its next look, which finds it gone.
+        outlived = held is not None and held[1].start_time == worker.start_time
+        if outlived:
+            self._outliving.pop(pid)
         return (None if capture is None else capture.incident), outlived
 
     def next_deadline(self) -> Optional[float]:
@@ -248,6 +257,7 @@ class Reaper:
             self._pending.next_due(),
             orphan,
             self._killed.next_due(),
+            self._outliving.next_due(),
         )
         return min((t for t in ends if t is not None), default=None)
 
@@ -373,6 +383,9 @@ class _Schedule(Generic[T]):
 
     def __contains__(self, pid: int) -> bool:
         return pid in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def put(self, pid: int, due: float, item: T) -> None:
         """Schedule ``item`` of ``pid`` at ``due``, replacing the one it had."""

@@ -712,7 +712,7 @@ class Watchdog:
         pid = worker.pid
         del self._workers[pid]
         self._release(worker)
-        incident, unkillable = self._reaper.forget(pid)
+        incident, unkillable = self._reaper.forget(worker)
         timers = tuple(dropped) + tuple(self.table.disarm_all(pid))
         self._emit(WorkerGone(pid, worker.start_time, timers, incident, unkillable))
 

@@ -614,7 +614,7 @@ class _Status(msgspec.Struct):
     state_failing: Optional[str] = None
     # Why the last incident could not be written, or None (none failed, or one was since).
     incidents_failing: Optional[str] = None
-    # Why the last reload of the config file failed, or None.
+    # What the last reload (SIGHUP) failed to do, and why, or None.
     reload_failed: Optional[str] = None
     # The settings the config file changes that wait for a restart.
     restart_needed: List[str] = []
@@ -658,8 +658,8 @@ def _format(status: _Status) -> str:
         # The reaps go on; what the engineer on call would read of them is lost.
         health += f", INCIDENTS NOT WRITTEN: {printable(status.incidents_failing)}"
     if status.reload_failed is not None:
-        # The settings before it hold, and a restart would refuse the file.
-        health += f", CONFIG NOT RELOADED: {printable(status.reload_failed)}"
+        # The settings (or the log file) before it hold; a restart would refuse the file.
+        health += f", RELOAD FAILED: {printable(status.reload_failed)}"
     count = status.armed if status.armed is not None else len(timers)
     armed = f"{count} timer{'s' if count != 1 else ''} armed"
     if status.timers is not None and len(timers) < count:

@@ -41,6 +41,7 @@ from ftimer_protocol import FIFO_ENV_VARS, default_fifo_path, signal_name, socke
 from ftimer_protocol import parse_signal as _parse_signal
 from ftimer_protocol._limits import LABEL_KEY_PATTERN
 from ftimer_server._files import NotARegularFile, open_regular
+from ftimer_server.core._policy import Policy
 from ftimer_server.core._report import printable
 from ftimer_server.incidents._options import CAPTURE_METHODS as INCIDENT_METHODS
 
@@ -345,7 +346,8 @@ def ascii_int(text: str) -> Optional[int]:
     text = text.strip()
     if text.isascii() and text.isdecimal():
         # int() of thousands of digits raises ValueError; any such number is out of range.
-        return int(text) if len(text) <= _MAX_DIGITS else 10**_MAX_DIGITS
+        digits = text.lstrip("0") or "0"
+        return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
     return None
 
 
@@ -437,6 +439,8 @@ def parse_address(value: str) -> Tuple[str, int]:
     else:
         host, _, port_text = text.rpartition(":")
         host = host or "127.0.0.1"
+    if not host.isprintable() or any(c.isspace() or c in "[]" for c in host):
+        raise ConfigError(f"metrics address {value!r}: {host!r} is not a host name or address")
     port = ascii_int(port_text)
     if port is None:
         raise ConfigError(
@@ -490,21 +494,24 @@ def parse_job_label(value: str) -> Optional[str]:
 
 
 def setting_text(name: str, value: Any) -> str:
-    """The value of setting ``name`` (a `DaemonConfig` field) as its option takes it."""
+    """The value of setting ``name`` (a `DaemonConfig` field) as its option takes it, in
+    one line."""
+    if name in ("max_timers", "max_timers_per_pid") and value is None:
+        value = getattr(Policy(), name)  # the server's own cap
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
-        return "default" if name.startswith("max_") else "none"  # the server's caps
+        return "any" if name in ("allow_uids", "allow_signals") else "none"
     if name == "fifo_mode":
         return f"{value:04o}"
     if name == "signal":
         return signal_name(value)
     if name == "metrics_address":
-        return host_port(*value)
-    if name == "allow_signals":
-        return ", ".join(map(signal_name, sorted(value)))
-    if isinstance(value, frozenset):
-        return ", ".join(map(str, sorted(value)))
+        value = host_port(*value)
+    elif name == "allow_signals":
+        value = ", ".join(map(signal_name, sorted(value)))
+    elif isinstance(value, frozenset):
+        value = ", ".join(map(str, sorted(value)))
     return printable(str(value))
 
 

@@ -167,7 +167,7 @@ class Daemon:
         #: The paths found no longer naming the FIFO or the socket (``_watch_paths``).
         self._lost: List[str] = []
         self._paths_done = threading.Event()
-        #: Why the last reload of the config file failed (None: it did, or none ran).
+        #: What the last reload (SIGHUP) failed to do, and why (None: nothing, or none ran).
         self._reload_failed: Optional[str] = None
         #: The settings the config file changes that wait for a restart ("name (old -> new)").
         self._restart_needed: List[str] = []
@@ -607,23 +607,33 @@ class Daemon:
             self._lock_fd = None
 
     def _reload(self) -> None:
-        """SIGHUP: reopen the log file and reload the config file, if any, applying what
-        applies in place (``_RELOADABLE``) and saying what waits for a restart. A file
-        that is not valid leaves the config as it was; the failure is said in the log,
-        ``status``, the metrics and to systemd until a reload succeeds."""
+        """SIGHUP: reopen the log file and reload the config file, if any. What fails
+        (a log file that cannot be reopened, a config file that is not valid: the
+        settings before it hold) is said in the log, ``status``, the metrics and to
+        systemd until a reload succeeds."""
         self._notifier.reloading()
-        reopened = True
+        failed = []
         try:
             self._logging.reopen()
         except OSError as e:
             log.error("cannot reopen the log file: %s", e)
-            reopened = False
+            failed.append(f"log file not reopened: {e}")
         path = self.config.config_file
-        if path is None:
-            if reopened:
-                log.info("log file reopened")
-            self._notifier.ready(self._systemd_status())
-            return
+        if path is not None:
+            error = self._reload_config(path)
+            if error is not None:
+                failed.append(error)
+        elif not failed:
+            log.info("log file reopened")
+        self._reload_failed = printable("; ".join(failed)) if failed else None
+        if self._metrics is not None:
+            self._metrics.reloaded(self._reload_failed is None, len(self._restart_needed))
+        self._notifier.ready(self._systemd_status())
+
+    def _reload_config(self, path: str) -> Optional[str]:
+        """Reload the config file at ``path``: apply what applies in place
+        (``_RELOADABLE``), say what waits for a restart; return why it was not reloaded,
+        or None."""
         try:
             settings = load_config_file(path)
             # As a start would: a restart must not be refused what a reload took.
@@ -632,42 +642,38 @@ class Daemon:
         except Exception as e:  # a bug as well as a bad file: neither may end the daemon
             if not isinstance(e, ConfigError):
                 log.exception("reading %s failed", path)
-            self._reload_failed = printable(str(e))
-            log.error("config not reloaded: %s", self._reload_failed)
-        else:
-            self._logging.configure(new.log_format, new.log_level)  # first: the lines below
-            if self._server is not None:
-                self._server.set_event_types(self._event_types())
-            if hidden:  # else a change to them would seem taken, and was not
-                log.warning(
-                    "settings of %s that the command line gives otherwise, not applied "
-                    "(now or at a restart): %s",
-                    path,
-                    ", ".join(hidden),
-                )
-            self._reload_failed = None
-            self._restart_needed = [
-                f"{name.replace('_', '-')} ({setting_text(name, getattr(self.config, name))} "
-                f"-> {setting_text(name, getattr(new, name))})"
-                for name in DaemonConfig.__dataclass_fields__
-                if name not in _RELOADABLE and getattr(new, name) != getattr(self.config, name)
-            ]
-            if self._restart_needed:
-                log.warning(
-                    "config changes that need a restart were not applied: %s",
-                    ", ".join(self._restart_needed),
-                )
-            log.info("config reloaded from %s", path)
-        if self._metrics is not None:
-            self._metrics.reloaded(self._reload_failed is None, len(self._restart_needed))
-        self._notifier.ready(self._systemd_status())
+            log.error("config not reloaded: %s", e)
+            return f"config not reloaded: {e}"
+        self._logging.configure(new.log_format, new.log_level)  # first: the lines below
+        if self._server is not None:
+            self._server.set_event_types(self._event_types())
+        if hidden:  # else a change to them would seem taken, and was not
+            log.warning(
+                "settings of %s that the command line gives otherwise, not applied "
+                "(now or at a restart): %s",
+                path,
+                ", ".join(hidden),
+            )
+        self._restart_needed = [
+            f"{name.replace('_', '-')} ({setting_text(name, getattr(self.config, name))} "
+            f"-> {setting_text(name, getattr(new, name))})"
+            for name in DaemonConfig.__dataclass_fields__
+            if name not in _RELOADABLE and getattr(new, name) != getattr(self.config, name)
+        ]
+        if self._restart_needed:
+            log.warning(
+                "config changes that need a restart were not applied: %s",
+                ", ".join(self._restart_needed),
+            )
+        log.info("config reloaded from %s", path)
+        return None
 
     def _systemd_status(self) -> str:
         """The status line systemd shows (``systemctl status``)."""
         c = self.config
         line = f"watching {c.fifo}" + (" (dry run)" if c.dry_run else "")
         if self._reload_failed is not None:
-            line += f"; config not reloaded: {self._reload_failed}"
+            line += f"; {self._reload_failed}"
         elif self._restart_needed:
             line += "; a restart is needed to apply: " + ", ".join(self._restart_needed)
         return line

@@ -260,8 +260,8 @@ class Metrics:
         )
         self._reload_ok = prom.Gauge(
             "ftimer_config_last_reload_successful",
-            "1 if the config file's last reload (SIGHUP) succeeded or none was asked for, "
-            "0 if it failed (the settings before it hold).",
+            "1 if the last reload (SIGHUP: the log file reopened, the config file read) "
+            "succeeded or none was asked for, 0 if it failed (what was before it holds).",
             registry=self.registry,
         )
         self._reload_ok.set(1)

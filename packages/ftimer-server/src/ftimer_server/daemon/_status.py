@@ -49,7 +49,7 @@ def status_document(
         started: when the daemon started (``time.monotonic()``).
         state_failing: why the last save of the state file failed, or None. Not a
             matter of health: a restart would not mend it, and a liveness probe would.
-        reload_failed: why the last reload of the config file failed, or None.
+        reload_failed: what the last reload (SIGHUP) failed to do, and why, or None.
         restart_needed: the settings the config file changes that wait for a restart.
     """
     caught_up, healthy = _reading(server)

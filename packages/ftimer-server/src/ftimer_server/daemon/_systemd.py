@@ -20,7 +20,9 @@ import time
 from collections.abc import Mapping
 from typing import List, Optional, Sequence, Tuple
 
-__all__ = ["MIN_WATCHDOG_INTERVAL", "SystemdNotifier", "stored_fds"]
+from ftimer_server.core._report import printable
+
+__all__ = ["MAX_STATUS", "MIN_WATCHDOG_INTERVAL", "SystemdNotifier", "stored_fds"]
 
 log = logging.getLogger("ftimer_server.systemd")
 
@@ -29,6 +31,9 @@ log = logging.getLogger("ftimer_server.systemd")
 #: thousands of pings a second). 10 ms is far below any useful ``WatchdogSec=`` (seconds)
 #: and as short as ``--state-interval`` may be.
 MIN_WATCHDOG_INTERVAL = 0.01
+#: The longest ``STATUS=`` sent, in characters (at most 4 bytes each: well within the
+#: 4096 bytes of a notification systemd reads).
+MAX_STATUS = 512
 
 
 class SystemdNotifier:
@@ -124,9 +129,15 @@ class SystemdNotifier:
         return True
 
     def ready(self, status: str = "") -> bool:
-        """``READY=1`` (and ``STATUS=``, ``MAINPID=``): start-up finished."""
+        """``READY=1`` (and ``STATUS=``, ``MAINPID=``): start-up (or a reload) finished.
+        ``status`` is sent in one line of at most `MAX_STATUS` characters: systemd reads a
+        notification's lines as its assignments, and ignores one of 4096 bytes or more,
+        its ``READY=1`` with it."""
         lines = ["READY=1", f"MAINPID={os.getpid()}"]
         if status:
+            status = printable(status)
+            if len(status) > MAX_STATUS:
+                status = status[: MAX_STATUS - 1] + "…"
             lines.append(f"STATUS={status}")
         return self.notify(*lines)
 

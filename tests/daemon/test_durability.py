@@ -670,3 +670,60 @@ def test_a_state_saved_on_other_clocks_is_not_used(
     assert d.armed_scopes() == ["an-hour-left"]
     assert d.stop() == 0
     assert json.loads(state.read_bytes())["clocks"] == list(clocks or ())  # what it saved on
+
+
+def test_a_disarm_re_sent_after_the_restore_grace_still_spares_its_worker(
+    spawn: Spawn, short_dir: pathlib.Path
+) -> None:
+    # With 150k timers armed, the clients' re-sends after a restart kept the queues full
+    # for seconds (7-12 s over the socket): a healthy worker's disarm, lost in the
+    # outage, came after the restore grace, and the worker was reaped with SIGKILL. A
+    # restored timer now waits for its worker to be heard from while the queues are
+    # full (the re-sends begin with the disarms a restart may have lost); a stuck
+    # worker's re-sent arm gets it reaped.
+    healthy = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
+    stuck = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
+    flooders: list[subprocess.Popen[str]] = []
+    try:
+        inspector = SystemInspector()
+        born = {p.pid: inspector.start_time(p.pid) for p in (healthy, stuck)}
+        wait_until(lambda: (ticks_since_boot(time.time()) or 0) > max(born.values()), what="a tick")
+        deadline = time.monotonic() + 1.0  # falls in the "outage", before the re-sends
+        state = short_dir / "state.json"
+        timers = tuple(Timer(p.pid, "step", deadline, 9, born[p.pid]) for p in (healthy, stuck))
+        write_state(state, journal=0, timers=timers)
+        d = spawn("--state-file", str(state), "--restore-grace", "0.2").ready()
+        # Other clients' re-sends: disarms of nothing, as fast as they can write.
+        flooders = [
+            subprocess.Popen([PYTHON, "-c", FLOOD, str(d.fifo), str(os.getpid())]) for _ in range(3)
+        ]
+        wait_until(lambda: d.status()["stats"]["requests"].get("disarm"), what="the flood")
+        time.sleep(max(0.0, deadline + 0.5 - time.monotonic()))  # the deadline, the grace pass
+        assert sorted(t["pid"] for t in d.status()["timers"]) == sorted(born)  # none reaped
+        fd = os.open(d.fifo, os.O_WRONLY)
+        try:  # the re-sends, late: each worker's first line since the restart
+            os.write(fd, encode(Disarm(pid=healthy.pid, scope_id="step")))
+            os.write(fd, encode(Arm(pid=stuck.pid, scope_id="step", deadline=deadline, signal=9)))
+        finally:
+            os.close(fd)
+        assert stuck.wait(PATIENCE) == -signal.SIGKILL
+        d.wait_for_record(event="reaped", pid=stuck.pid)
+        assert healthy.poll() is None
+        for f in flooders:
+            f.kill()
+        assert d.stop() == 0
+    finally:
+        for proc in (healthy, stuck, *flooders):
+            kill_and_close(proc)
+
+
+#: Writes disarms of a scope that pid argv[2] never armed to the FIFO argv[1], as fast
+#: as it can, until killed.
+FLOOD = """
+import os, sys
+from ftimer_protocol import Disarm, encode
+chunk = encode(Disarm(pid=int(sys.argv[2]), scope_id="none")) * 600
+fd = os.open(sys.argv[1], os.O_WRONLY)
+while True:
+    os.write(fd, chunk)
+"""

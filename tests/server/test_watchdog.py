@@ -48,7 +48,7 @@ from ftimer_server.core._reader import LineReader
 from ftimer_server.core._reaper import KILL_CHECK
 from ftimer_server.core._records import Descendant
 from ftimer_server.core._table import Expiry
-from ftimer_server.core._watchdog import REFUSAL_TTL, Watchdog
+from ftimer_server.core._watchdog import REFUSAL_TTL, RESYNC_QUIET, RESYNC_WAIT, Watchdog
 from ftimer_server.daemon._state import decode_state, encode_state
 from ftimer_server.server._edge import SystemHost
 
@@ -324,10 +324,93 @@ def test_nothing_expires_while_held(rig: Rig) -> None:
     rig.apply(arm(deadline=5.0))
     rig.wd.hold(12.0)
     assert rig.wd.next_wakeup() == 12.0
+    rig.now = 11.0
+    rig.apply(arm(scope="other", deadline=100.0))  # its worker is heard from
     rig.at(11.9)
     assert rig.signaller.sent == []
     rig.at(12.0)
     assert rig.signaller.sent == [(1000, 9)]
+
+
+def restored_rig() -> Rig:
+    """Three workers' timers restored, due in the outage (5.0), the grace until 12.0."""
+    rig = Rig()
+    for pid in (1000, 1001, 1002):
+        rig.host.spawn(pid, start_time=100, parent=SERVER)
+    rig.wd.restore([Timer(pid, "s", 5.0, 9, 100, None) for pid in (1000, 1001, 1002)])
+    rig.wd.hold(12.0)
+    rig.wd.horizon.read(11.9, False, 11.9)  # the loop reads
+    return rig
+
+
+def test_a_restored_timer_waits_for_its_worker_while_the_resends_fill_the_queue() -> None:
+    # After a restart at 150k timers, the clients' re-sends kept the queues full for
+    # seconds: a healthy worker's disarm, lost in the outage, came after the grace, and
+    # it was reaped. Its timer waits for its re-send now (the disarms come first).
+    rig = restored_rig()
+    rig.wd.horizon.read(12.5, True, 12.6)  # the re-sends fill the queue
+    rig.at(13.0)
+    assert rig.signaller.sent == []
+    assert sorted(t.pid for t in rig.wd.armed()) == [1000, 1001, 1002]  # saved meanwhile
+    assert rig.wd.stats().armed == 3
+    rig.now = 13.5
+    rig.apply(Disarm(pid=1000, scope_id="s"))  # the healthy worker's lost disarm
+    rig.apply(arm(pid=1001, scope="s", deadline=5.0))  # the stuck one re-sends its arm
+    rig.at(13.5)
+    assert rig.signaller.sent == [(1001, 9)]  # heard from: judged at once
+    rig.wd.horizon.read(14.0, True, 14.1)  # still full
+    assert rig.wd.next_wakeup() == 14.1 + RESYNC_QUIET  # 1002's wait
+    rig.at(14.1 + RESYNC_QUIET - 0.001)
+    assert rig.signaller.sent == [(1001, 9)]
+    rig.at(14.1 + RESYNC_QUIET)  # the queues had room long enough: never heard from
+    assert rig.signaller.sent == [(1001, 9), (1002, 9)]
+    assert rig.wd.armed() == []
+
+
+def test_a_restored_timer_waits_no_longer_than_resync_wait() -> None:
+    rig = restored_rig()
+    for t in range(13, 50):  # a queue full for good
+        rig.wd.horizon.read(t, True, t + 0.1)
+        rig.at(t + 0.1)
+        if t + 0.1 < 12.0 + RESYNC_WAIT:
+            assert rig.signaller.sent == []
+    assert sorted(rig.signaller.sent) == [(1000, 9), (1001, 9), (1002, 9)]
+
+
+def test_without_a_full_queue_restored_timers_wait_for_the_grace_alone() -> None:
+    # A hung worker's client has nothing to re-send: it is reaped when the grace ends.
+    rig = restored_rig()
+    rig.at(12.0)
+    assert sorted(rig.signaller.sent) == [(1000, 9), (1001, 9), (1002, 9)]
+
+
+def test_a_restored_reap_under_way_waits_for_the_grace_alone() -> None:
+    # Overdue when saved: its worker was being reaped (a capture, or a SIGKILL due), and
+    # no disarm since can change that.
+    rig = Rig()
+    rig.host.spawn(1000, start_time=100, parent=SERVER)
+    rig.wd.restore([Timer(1000, "s", 5.0, 9, 100, None)], saved_at=6.0)
+    rig.wd.hold(12.0)
+    rig.at(12.0)
+    assert rig.signaller.sent == [(1000, 9)]
+
+
+def test_a_worker_gone_while_its_restored_timer_waits_drops_it() -> None:
+    rig = Rig()
+    rig.host.spawn(1000, start_time=100, parent=SERVER)
+    rig.wd.restore([Timer(1000, "s", 5.0, 9, 100, None)])
+    rig.wd.hold(12.0)
+    rig.wd.horizon.read(11.9, False, 11.9)
+    rig.wd.horizon.read(12.5, True, 12.6)
+    rig.at(13.0)
+    assert rig.signaller.sent == []
+    [worker] = rig.wd.workers()
+    rig.host.exit(1000)
+    rig.wd.worker_gone(worker)
+    [gone] = rig.events.of(WorkerGone)
+    assert [t.scope_id for t in gone.timers] == ["s"]  # type: ignore[attr-defined]
+    assert rig.wd.armed() == []
+    assert rig.wd.next_wakeup() is None
 
 
 def test_after_a_full_queue_judgement_waits_for_the_writers_it_held() -> None:

@@ -51,6 +51,8 @@ class Horizon:
         self._held_until = -math.inf
         self._held_at = -math.inf
         self._full = False  # at the last read
+        #: When the last read of a full queue ended (none yet: -inf).
+        self.full_at = -math.inf
         self._ended = -math.inf  # when the last read ended (none yet: away until the first)
 
     def read(self, at: float, full: bool, ended: float) -> None:
@@ -62,6 +64,7 @@ class Horizon:
         self._full, self._ended = full, ended
         if full:
             self.settled_at = ended + SETTLE
+            self.full_at = ended
         elif at >= self.settled_at and at >= self._held_until:
             self.trusted = at
 

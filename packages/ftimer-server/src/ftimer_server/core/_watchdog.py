@@ -22,6 +22,7 @@ from typing import (
     NamedTuple,
     Optional,
     Sequence,
+    Set,
     Tuple,
     Union,
     cast,
@@ -74,6 +75,15 @@ __all__ = ["Watchdog"]
 #: process get its id within that time, that process's arms would be refused until then.
 REFUSAL_TTL = 1.0
 MAX_REFUSALS = 1024
+#: After a restart, a restored timer of a worker not heard from since waits for it past
+#: the restore grace while the queues are found full (the clients' re-sends, which begin
+#: with what may have been lost: a disarm of the outage), until they have had room for
+#: ``RESYNC_QUIET`` seconds (the client's longest back-off and a margin), and at most
+#: ``RESYNC_WAIT`` seconds: on a host with many timers the re-sends of all queue up for
+#: seconds (75k timers over the socket took 7-12 s on 2 cores), and one worker's disarm
+#: came after the grace: a healthy worker reaped.
+RESYNC_QUIET = 1.5
+RESYNC_WAIT = 30.0
 #: The most peers a stuck worker's incident captures (the first found): a job of
 #: thousands of workers on one host made each reap capture them all, from the loop,
 #: and reaps came seconds late, then not at all. An incident holds a few captures'
@@ -214,6 +224,14 @@ class Watchdog:
         self._refused: Dict[int, _Refusal] = {}
         self._now = 0.0
         self._hold_until = 0.0
+        #: After a restart: the workers of restored timers not heard from since, until
+        #: ``_unheard_until`` (``hold()``), and the timers of theirs that came due
+        #: meanwhile, out of the table until then (``_park()``).
+        self._unheard: Set[int] = set()
+        self._unheard_until = 0.0
+        #: The workers of restored timers that were being reaped when saved.
+        self._reaping: Set[int] = set()
+        self._parked: Dict[int, Tuple[Timer, ...]] = {}
         #: Holds judgement back after a queue was found full (the I/O loop tells it what
         #: it read): a writer may be waiting for room with a disarm.
         self.horizon = Horizon()
@@ -245,6 +263,8 @@ class Watchdog:
         """
         tokens: List[str] = []
         self._now = now
+        if self._unheard and not self._catching_up:
+            self._heard(results)
         table, workers, signals, counters = self.table, self._workers, self._signals, self.counters
         emit = self._emit_to if self.timer_events else None
         i, n = 0, len(results)
@@ -315,7 +335,13 @@ class Watchdog:
         finally:
             self.written_at_tick, self._catching_up, self._since = None, False, False
 
-    def restore(self, timers: Iterable[Timer], written_at_tick: Optional[int] = None) -> None:
+    def restore(
+        self,
+        timers: Iterable[Timer],
+        written_at_tick: Optional[int] = None,
+        *,
+        saved_at: Optional[float] = None,
+    ) -> None:
         """Arm saved timers again (a restarted daemon's state), checking each process.
 
         The timers of a process that is gone now (no process holds its pid, or another
@@ -329,7 +355,13 @@ class Watchdog:
             written_at_tick: when they were saved, in clock ticks since boot: a timer saved
                 without a start time is refused for a process that started later (it
                 holds a reused pid), as a journal's line is in a replay.
+            saved_at: when they were saved, on the monotonic clock: the workers of timers
+                overdue by then were being reaped, and ``hold()`` does not have them wait
+                to be heard from.
         """
+        timers = list(timers)
+        if saved_at is not None:
+            self._reaping.update(t.pid for t in timers if t.deadline < saved_at)
         # Each start time of a pid checked on its own (a state file names one a pid, but
         # a damaged one may name two: only the process holding the pid now is bound);
         # torch's timers (none) last, with the process bound by then.
@@ -384,14 +416,20 @@ class Watchdog:
         """Expire nothing before ``until``: after a restart, the workers' clients need
         that long to re-send what they could not write while no server read the FIFO
         (a disarm written during the outage), so a deadline that fell in the outage is
-        judged only then."""
+        judged only then. And a timer armed now (restored) whose worker has not been
+        heard from since waits for it while the clients' re-sends fill the queues (they
+        begin with what may have been lost): see ``RESYNC_QUIET``."""
         self._hold_until = max(self._hold_until, until)
+        self._unheard = ({t.pid for t in self.table} - self._reaping) | set(self._parked)
+        self._unheard_until = self._hold_until + RESYNC_WAIT
 
     def next_wakeup(self) -> Optional[float]:
         """The next time ``tick()`` has something to do, or ``None`` (nothing armed)."""
         deadline = self.horizon.wakeup(self.table.next_deadline())
         if deadline is not None and deadline < self._hold_until:
             deadline = self._hold_until
+        if self._parked and (deadline is None or self._resynced_by() < deadline):
+            deadline = self._resynced_by()
         escalation = self._reaper.next_deadline()
         if deadline is None:
             return escalation
@@ -411,9 +449,13 @@ class Watchdog:
                 timer expires while a disarm written before its deadline still waits to
                 be read.
         """
+        if self._unheard and now >= self._resynced_by():
+            self._heard_all()
         if now >= self._hold_until:
             judged = self.horizon.judged(now if horizon is None else min(horizon, now))
             expiries = self.table.expire(judged)
+            if self._unheard:
+                expiries = self._park(expiries)
             # Ranks that hang together expire together: each is the others' peer, though
             # their timers just left the table.
             together = [t for e in expiries for t in e.cleared] if len(expiries) > 1 else []
@@ -454,7 +496,7 @@ class Watchdog:
 
     def armed(self) -> List[Timer]:
         """A snapshot of the armed timers."""
-        return list(self.table)
+        return list(self.table) + self._parked_timers()
 
     @property
     def changes(self) -> int:
@@ -465,7 +507,7 @@ class Watchdog:
         """What a restart must restore: the armed timers, then the reaps not finished
         (``Reaper.unfinished()``: a capture or a SIGKILL still due), which win over an
         armed timer of the same key."""
-        return list(self.table) + self._reaper.unfinished()
+        return list(self.table) + self._parked_timers() + self._reaper.unfinished()
 
     def as_bound(self, results: Sequence[Incoming], now: float, wall: float) -> List[Message]:
         """What a journal keeps of ``results``, just applied at ``now`` (``wall``): their
@@ -500,7 +542,8 @@ class Watchdog:
 
     def stats(self) -> Stats:
         """A snapshot of the counters."""
-        return self.counters.snapshot(len(self.table), len(self._workers), self._reaper.outliving)
+        armed = len(self.table) + sum(map(len, self._parked.values()))
+        return self.counters.snapshot(armed, len(self._workers), self._reaper.outliving)
 
     def close(self) -> None:
         """Release every bound worker (closes pidfds); timers stay, for ``armed()``."""
@@ -693,6 +736,48 @@ class Watchdog:
     def _release(self, worker: Worker) -> None:
         self._host.release(worker)
 
+    def _heard(self, results: Sequence[Incoming]) -> None:
+        """The workers that ``results`` (applied next) are about are heard from since the
+        restart: their parked timers go back to the table first, for what they say to
+        apply to them."""
+        for m in results:
+            if type(m) in ABOUT_A_PROCESS:
+                pid = cast(Union[Arm, Disarm, DisarmAll, Expire, TimerRequestV1], m).pid
+                if pid in self._unheard:
+                    self._unheard.discard(pid)
+                    self._unpark(pid)
+
+    def _resynced_by(self) -> float:
+        """When the clients' re-sends after the restart are taken to be over: the queues
+        have had room for ``RESYNC_QUIET`` seconds since the grace, or ``RESYNC_WAIT``
+        is over."""
+        quiet = max(self._hold_until, self.horizon.full_at + RESYNC_QUIET)
+        return min(quiet, self._unheard_until)
+
+    def _heard_all(self) -> None:
+        """The re-sends are over: the parked timers go back to the table, to expire."""
+        for pid in list(self._parked):
+            self._unpark(pid)
+        self._unheard.clear()
+
+    def _park(self, expiries: List[Expiry]) -> List[Expiry]:
+        """``expiries`` but those of workers not heard from since the restart, whose
+        timers are kept out of the table until they are (``_heard``)."""
+        out = []
+        for expiry in expiries:
+            if expiry.pid in self._unheard:
+                self._parked[expiry.pid] = self._parked.get(expiry.pid, ()) + expiry.cleared
+            else:
+                out.append(expiry)
+        return out
+
+    def _unpark(self, pid: int) -> None:
+        for timer in self._parked.pop(pid, ()):
+            self.table.arm(timer)
+
+    def _parked_timers(self) -> List[Timer]:
+        return [t for timers in self._parked.values() for t in timers]
+
     def _release_if_idle(self, worker: Worker) -> None:
         # A worker bound with a pidfd stays bound until it exits: binding costs a few
         # system calls, and workers arm and disarm in a loop. Without a pidfd there is
@@ -701,6 +786,7 @@ class Watchdog:
         if (
             worker.pidfd is None
             and pid not in self.table
+            and pid not in self._parked
             and not self._reaper.pending(pid)
             and self._workers.get(pid) is worker
         ):
@@ -713,7 +799,9 @@ class Watchdog:
         del self._workers[pid]
         self._release(worker)
         incident, unkillable = self._reaper.forget(worker)
-        timers = tuple(dropped) + tuple(self.table.disarm_all(pid))
+        self._unheard.discard(pid)
+        parked = self._parked.pop(pid, ())
+        timers = tuple(dropped) + parked + tuple(self.table.disarm_all(pid))
         self._emit(WorkerGone(pid, worker.start_time, timers, incident, unkillable))
 
     def _expired(self, expiry: Expiry, now: float, together: Sequence[Timer] = ()) -> None:

@@ -578,7 +578,13 @@ class FileTimerServer:
         with self._table(timeout):
             return self._watchdog.stats()
 
-    def restore(self, timers: Iterable[Timer], written_by: Optional[float] = None) -> None:
+    def restore(
+        self,
+        timers: Iterable[Timer],
+        written_by: Optional[float] = None,
+        *,
+        saved_at: Optional[float] = None,
+    ) -> None:
         """Arm saved timers (``armed()`` of a previous server), checking each process.
 
         Deadlines are monotonic seconds of this boot. The timers of a process that is
@@ -587,14 +593,21 @@ class FileTimerServer:
         ``restore``/``exited``, not refused); a timer the policy refuses, with a
         ``Rejected`` event (request ``"restore"``); one the FIFO would drop as malformed
         (a NaN deadline, say) is dropped and counted as the FIFO's are (a
-        ``DecodeFailed`` event). For ``restore_grace`` seconds nothing expires. Call it
-        before ``start()`` or while running.
+        ``DecodeFailed`` event). For ``restore_grace`` seconds nothing expires; after
+        that, while the clients' re-sends keep the queues full, a restored timer waits
+        for its worker to be heard from (its client re-sends first the disarms the
+        restart may have lost; see ``RESYNC_QUIET``). Call it before ``start()`` or while
+        running.
 
         Args:
             timers: the saved timers.
             written_by: when they were saved (``time.time()``): a process that started
                 later holds a reused pid, and a timer naming that pid without a start
                 time is not its (as in ``replay()``).
+            saved_at: when they were saved on the monotonic clock (as their deadlines):
+                a timer overdue by then was being reaped (the previous server was
+                capturing its worker, or waiting to SIGKILL it), and its worker's reap
+                waits for nothing but the grace.
 
         Raises:
             RuntimeError: the server was stopped, or was made in another process.
@@ -613,7 +626,7 @@ class FileTimerServer:
             if malformed:
                 self._watchdog.apply(malformed, time.monotonic(), time.time())
             ticks = None if written_by is None else ticks_since_boot(written_by)
-            self._watchdog.restore(checked, ticks)
+            self._watchdog.restore(checked, ticks, saved_at=saved_at)
             if checked:
                 self._hold()
         self._loop_or_flush()

@@ -692,13 +692,16 @@ def test_a_disarm_re_sent_after_the_restore_grace_still_spares_its_worker(
         state = short_dir / "state.json"
         timers = tuple(Timer(p.pid, "step", deadline, 9, born[p.pid]) for p in (healthy, stuck))
         write_state(state, journal=0, timers=timers)
-        d = spawn("--state-file", str(state), "--restore-grace", "0.2").ready()
-        # Other clients' re-sends: disarms of nothing, as fast as they can write.
+        d = spawn("--state-file", str(state), "--restore-grace", "1.0")
+        # Other clients' re-sends, from the moment the FIFO is open: disarms of nothing,
+        # as fast as they can write.
         flooders = [
             subprocess.Popen([PYTHON, "-c", FLOOD, str(d.fifo), str(os.getpid())]) for _ in range(3)
         ]
+        d.ready()
         wait_until(lambda: d.status()["stats"]["requests"].get("disarm"), what="the flood")
-        time.sleep(max(0.0, deadline + 0.5 - time.monotonic()))  # the deadline, the grace pass
+        grace_over = time.monotonic() + 1.5  # at the latest
+        time.sleep(max(0.0, max(deadline, grace_over) - time.monotonic()))  # let both pass
         assert sorted(t["pid"] for t in d.status()["timers"]) == sorted(born)  # none reaped
         fd = os.open(d.fifo, os.O_WRONLY)
         try:  # the re-sends, late: each worker's first line since the restart
@@ -718,12 +721,17 @@ def test_a_disarm_re_sent_after_the_restore_grace_still_spares_its_worker(
 
 
 #: Writes disarms of a scope that pid argv[2] never armed to the FIFO argv[1], as fast
-#: as it can, until killed.
+#: as it can, from when the FIFO is there until killed.
 FLOOD = """
-import os, sys
+import os, sys, time
 from ftimer_protocol import Disarm, encode
-chunk = encode(Disarm(pid=int(sys.argv[2]), scope_id="none")) * 600
-fd = os.open(sys.argv[1], os.O_WRONLY)
+chunk = encode(Disarm(pid=int(sys.argv[2]), scope_id="none")) * 1000
+while True:
+    try:
+        fd = os.open(sys.argv[1], os.O_WRONLY)  # blocks until the daemon reads it
+        break
+    except FileNotFoundError:
+        time.sleep(0.01)
 while True:
     os.write(fd, chunk)
 """

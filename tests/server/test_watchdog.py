@@ -367,6 +367,31 @@ def test_a_restored_timer_waits_for_its_worker_while_the_resends_fill_the_queue(
     assert rig.wd.armed() == []
 
 
+def test_a_restored_timer_waits_for_its_own_scope_not_its_workers_other_channel() -> None:
+    # A worker with a client on each transport: the FIFO one's re-sends got through in a
+    # second, the socket one's lost disarm of "short" in seven; the worker was heard from,
+    # and "short" expired (4 of 6 such workers reaped in a review's restart).
+    rig = Rig()
+    rig.host.spawn(1000, start_time=100, parent=SERVER)
+    restored = [Timer(1000, "long", 100.0, 9, 100, None), Timer(1000, "short", 5.0, 9, 100, None)]
+    rig.wd.restore(restored)
+    rig.wd.hold(12.0)
+    rig.wd.horizon.read(11.9, False, 11.9)
+    rig.wd.horizon.read(12.5, True, 12.6)  # the re-sends fill the queue
+    rig.now = 12.7
+    rig.apply(arm(scope="long", deadline=100.0))  # the FIFO client's re-send
+    rig.at(12.7)
+    rig.wd.horizon.read(13.0, True, 13.1)
+    rig.at(13.1)
+    assert rig.signaller.sent == []
+    rig.now = 13.2
+    rig.apply(Disarm(pid=1000, scope_id="short"))  # the socket client's, late
+    rig.at(13.2)
+    rig.at(20.0)  # the re-sends long over
+    assert rig.signaller.sent == []
+    assert [t.scope_id for t in rig.wd.armed()] == ["long"]
+
+
 def test_a_restored_timer_waits_no_longer_than_resync_wait() -> None:
     rig = restored_rig()
     for t in range(13, 50):  # a queue full for good

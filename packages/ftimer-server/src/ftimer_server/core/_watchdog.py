@@ -224,10 +224,11 @@ class Watchdog:
         self._refused: Dict[int, _Refusal] = {}
         self._now = 0.0
         self._hold_until = 0.0
-        #: After a restart: the workers of restored timers not heard from since, until
-        #: ``_unheard_until`` (``hold()``), and the timers of theirs that came due
-        #: meanwhile, out of the table until then (``_park()``).
-        self._unheard: Set[int] = set()
+        #: After a restart, until ``_unheard_until`` (``hold()``): pid -> the scopes of
+        #: its restored timers not heard of since (neither re-armed nor disarmed: its
+        #: clients, one per transport or protocol, re-send each), and the timers of
+        #: workers that came due meanwhile, all unheard of, out of the table (``_park()``).
+        self._unheard: Dict[int, Set[str]] = {}
         self._unheard_until = 0.0
         #: The workers of restored timers that were being reaped when saved.
         self._reaping: Set[int] = set()
@@ -416,11 +417,15 @@ class Watchdog:
         """Expire nothing before ``until``: after a restart, the workers' clients need
         that long to re-send what they could not write while no server read the FIFO
         (a disarm written during the outage), so a deadline that fell in the outage is
-        judged only then. And a timer armed now (restored) whose worker has not been
-        heard from since waits for it while the clients' re-sends fill the queues (they
-        begin with what may have been lost): see ``RESYNC_QUIET``."""
+        judged only then. And a timer armed now (restored) not heard of since (its
+        scope neither re-armed nor disarmed) waits for it while the clients' re-sends
+        fill the queues (they begin with what may have been lost): see
+        ``RESYNC_QUIET``."""
         self._hold_until = max(self._hold_until, until)
-        self._unheard = ({t.pid for t in self.table} - self._reaping) | set(self._parked)
+        self._unheard = {}
+        for t in itertools.chain(self.table, self._parked_timers()):
+            if t.pid not in self._reaping:
+                self._unheard.setdefault(t.pid, set()).add(t.scope_id)
         self._unheard_until = self._hold_until + RESYNC_WAIT
 
     def next_wakeup(self) -> Optional[float]:
@@ -737,15 +742,24 @@ class Watchdog:
         self._host.release(worker)
 
     def _heard(self, results: Sequence[Incoming]) -> None:
-        """The workers that ``results`` (applied next) are about are heard from since the
-        restart: their parked timers go back to the table first, for what they say to
-        apply to them."""
+        """The scopes that ``results`` (applied next) arm or disarm are heard of since the
+        restart: their workers' parked timers go back to the table first, for what they
+        say to apply to them (those still unheard of are parked again at the next
+        tick)."""
         for m in results:
-            if type(m) in ABOUT_A_PROCESS:
-                pid = cast(Union[Arm, Disarm, DisarmAll, Expire, TimerRequestV1], m).pid
-                if pid in self._unheard:
-                    self._unheard.discard(pid)
-                    self._unpark(pid)
+            if type(m) not in ABOUT_A_PROCESS:
+                continue
+            pid = cast(Union[Arm, Disarm, DisarmAll, Expire, TimerRequestV1], m).pid
+            scopes = self._unheard.get(pid)
+            if scopes is None:
+                continue
+            if isinstance(m, DisarmAll):
+                scopes.clear()
+            else:
+                scopes.discard(cast(Union[Arm, Disarm, Expire, TimerRequestV1], m).scope_id)
+            if not scopes:
+                del self._unheard[pid]
+            self._unpark(pid)
 
     def _resynced_by(self) -> float:
         """When the clients' re-sends after the restart are taken to be over: the queues
@@ -761,11 +775,12 @@ class Watchdog:
         self._unheard.clear()
 
     def _park(self, expiries: List[Expiry]) -> List[Expiry]:
-        """``expiries`` but those of workers not heard from since the restart, whose
-        timers are kept out of the table until they are (``_heard``)."""
+        """``expiries`` but those whose expired timers are all unheard of since the
+        restart, kept out of the table until one of the worker's is (``_heard``)."""
         out = []
         for expiry in expiries:
-            if expiry.pid in self._unheard:
+            scopes = self._unheard.get(expiry.pid, ())
+            if all(t.scope_id in scopes for t in expiry.expired):
                 self._parked[expiry.pid] = self._parked.get(expiry.pid, ()) + expiry.cleared
             else:
                 out.append(expiry)
@@ -799,7 +814,7 @@ class Watchdog:
         del self._workers[pid]
         self._release(worker)
         incident, unkillable = self._reaper.forget(worker)
-        self._unheard.discard(pid)
+        self._unheard.pop(pid, None)
         parked = self._parked.pop(pid, ())
         timers = tuple(dropped) + parked + tuple(self.table.disarm_all(pid))
         self._emit(WorkerGone(pid, worker.start_time, timers, incident, unkillable))

@@ -735,3 +735,35 @@ while True:
 while True:
     os.write(fd, chunk)
 """
+
+
+def test_a_second_restart_in_the_grace_still_spares_a_worker_not_heard_from(
+    spawn: Spawn, short_dir: pathlib.Path
+) -> None:
+    # A first version took a timer overdue when the state was saved for a reap under
+    # way: restored by a first restart, saved (overdue) in its grace, it was reaped at
+    # the second restart's grace's end while the re-sends filled the queue.
+    healthy = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
+    flooders: list[subprocess.Popen[str]] = []
+    try:
+        born = SystemInspector().start_time(healthy.pid)
+        wait_until(lambda: (ticks_since_boot(time.time()) or 0) > (born or 0), what="a tick")
+        deadline = time.monotonic() + 0.5  # falls in the first outage
+        state = short_dir / "state.json"
+        write_state(state, journal=0, timers=(Timer(healthy.pid, "step", deadline, 9, born),))
+        d = spawn("--state-file", str(state), "--restore-grace", "5", name="first").ready()
+        time.sleep(max(0.0, deadline + 0.3 - time.monotonic()))  # its deadline passes
+        assert d.stop() == 0  # a second restart, within the grace: a final save
+        d = spawn("--state-file", str(state), "--restore-grace", "1.0", name="second")
+        flooders = [
+            subprocess.Popen([PYTHON, "-c", FLOOD, str(d.fifo), str(os.getpid())]) for _ in range(3)
+        ]
+        d.ready()
+        wait_until(lambda: d.status()["stats"]["requests"].get("disarm"), what="the flood")
+        time.sleep(2.0)  # the grace passes, the queue full, the worker not heard from
+        assert healthy.poll() is None
+        assert [t["pid"] for t in d.status()["timers"]] == [healthy.pid]
+        assert d.stop() == 0
+    finally:
+        for proc in (healthy, *flooders):
+            kill_and_close(proc)

@@ -409,15 +409,69 @@ def test_without_a_full_queue_restored_timers_wait_for_the_grace_alone() -> None
     assert sorted(rig.signaller.sent) == [(1000, 9), (1001, 9), (1002, 9)]
 
 
-def test_a_restored_reap_under_way_waits_for_the_grace_alone() -> None:
-    # Overdue when saved: its worker was being reaped (a capture, or a SIGKILL due), and
-    # no disarm since can change that.
+def test_a_second_restart_while_timers_wait_still_waits_for_the_re_sends() -> None:
+    # The state saved while timers waited (or in the first grace) holds them overdue:
+    # a first version took a timer overdue when saved for a reap under way, and a second
+    # restart reaped the healthy at its grace's end, under the same flood of re-sends.
+    first = restored_rig()
+    first.wd.horizon.read(12.5, True, 12.6)
+    first.at(13.0)
+    assert first.signaller.sent == []
+    rig = Rig()
+    for pid in (1000, 1001, 1002):
+        rig.host.spawn(pid, start_time=100, parent=SERVER)
+    rig.wd.restore(first.wd.saved())
+    rig.wd.hold(30.0)
+    rig.wd.horizon.read(29.9, False, 29.9)
+    rig.wd.horizon.read(30.5, True, 30.6)  # the re-sends fill the queue again
+    rig.at(31.0)
+    assert rig.signaller.sent == []
+
+
+def test_a_worker_with_two_lost_disarms_heard_across_two_reads_is_not_reaped() -> None:
+    # Its client re-sends both disarms first, but the queue is full: one read each. A
+    # first version let the first unpark the worker, and the tick after it reaped it.
     rig = Rig()
     rig.host.spawn(1000, start_time=100, parent=SERVER)
-    rig.wd.restore([Timer(1000, "s", 5.0, 9, 100, None)], saved_at=6.0)
+    rig.wd.restore([Timer(1000, "a", 5.0, 9, 100, None), Timer(1000, "b", 5.0, 9, 100, None)])
     rig.wd.hold(12.0)
-    rig.at(12.0)
+    rig.wd.horizon.read(11.9, False, 11.9)
+    rig.wd.horizon.read(12.5, True, 12.6)
+    rig.at(13.0)
+    rig.now = 13.1
+    rig.apply(Disarm(pid=1000, scope_id="a"))
+    rig.wd.horizon.read(13.1, True, 13.2)  # still full: the second waits for room
+    rig.at(13.2)
+    rig.now = 13.3
+    rig.apply(Disarm(pid=1000, scope_id="b"))
+    rig.at(13.3)
+    rig.at(20.0)
+    assert rig.signaller.sent == []
+    assert rig.wd.armed() == []
+
+
+def test_a_waiting_timer_goes_back_past_the_cap_its_room_was_given_to() -> None:
+    # While a stuck worker's timer waited out of the table, another worker took its
+    # room: the timer, put back, was refused by the cap without a word, and the stuck
+    # worker never reaped.
+    rig = Rig(policy=Policy(max_timers=3))
+    for pid in (1000, 1001, 1002, 1003):
+        rig.host.spawn(pid, start_time=100, parent=SERVER)
+    rig.wd.restore(
+        [Timer(1000, "s", 5.0, 9, 100, None)]
+        + [Timer(p, "s", 100.0, 9, 100, None) for p in (1001, 1002)]
+    )
+    rig.wd.hold(12.0)
+    rig.wd.horizon.read(11.9, False, 11.9)
+    rig.wd.horizon.read(12.5, True, 12.6)
+    rig.at(13.0)
+    rig.now = 13.1
+    rig.apply(arm(pid=1003, scope="s", deadline=100.0))  # takes the room
+    rig.now = 13.2
+    rig.apply(arm(pid=1000, scope="s", deadline=5.0))  # the stuck one's re-send
+    rig.at(13.2)
     assert rig.signaller.sent == [(1000, 9)]
+    assert rig.events.of(Rejected) == []
 
 
 def test_a_worker_gone_while_its_restored_timer_waits_drops_it() -> None:

@@ -131,8 +131,13 @@ class TimerTable:
         """True if ``pid`` has armed timers."""
         return bool(self._by_pid.get(pid))  # type: ignore[call-overload]
 
-    def arm(self, timer: Timer) -> Tuple[Optional[Timer], Optional[RejectReason]]:
+    def arm(
+        self, timer: Timer, *, capped: bool = True
+    ) -> Tuple[Optional[Timer], Optional[RejectReason]]:
         """Arm ``timer``, replacing the one with the same key, if any.
+
+        Args:
+            capped: the limits apply (False: a timer admitted before, taken out a while).
 
         Returns:
             (the replaced timer or ``None``, ``None``) when armed, or
@@ -141,14 +146,14 @@ class TimerTable:
         scopes = self._by_pid.get(timer.pid)
         if scopes is None:
             previous = None
-            if self._count >= self.max_total:
+            if capped and self._count >= self.max_total:
                 return None, RejectReason.TIMER_LIMIT
             scopes = self._by_pid[timer.pid] = {}
         else:
             previous = scopes.get(timer.scope_id)
             if previous is timer:
                 return previous, None
-            if previous is None:
+            if previous is None and capped:
                 if len(scopes) >= self.max_per_pid:
                     return None, RejectReason.PID_TIMER_LIMIT
                 if self._count >= self.max_total:

@@ -230,8 +230,6 @@ class Watchdog:
         #: workers that came due meanwhile, all unheard of, out of the table (``_park()``).
         self._unheard: Dict[int, Set[str]] = {}
         self._unheard_until = 0.0
-        #: The workers of restored timers that were being reaped when saved.
-        self._reaping: Set[int] = set()
         self._parked: Dict[int, Tuple[Timer, ...]] = {}
         #: Holds judgement back after a queue was found full (the I/O loop tells it what
         #: it read): a writer may be waiting for room with a disarm.
@@ -336,13 +334,7 @@ class Watchdog:
         finally:
             self.written_at_tick, self._catching_up, self._since = None, False, False
 
-    def restore(
-        self,
-        timers: Iterable[Timer],
-        written_at_tick: Optional[int] = None,
-        *,
-        saved_at: Optional[float] = None,
-    ) -> None:
+    def restore(self, timers: Iterable[Timer], written_at_tick: Optional[int] = None) -> None:
         """Arm saved timers again (a restarted daemon's state), checking each process.
 
         The timers of a process that is gone now (no process holds its pid, or another
@@ -356,13 +348,7 @@ class Watchdog:
             written_at_tick: when they were saved, in clock ticks since boot: a timer saved
                 without a start time is refused for a process that started later (it
                 holds a reused pid), as a journal's line is in a replay.
-            saved_at: when they were saved, on the monotonic clock: the workers of timers
-                overdue by then were being reaped, and ``hold()`` does not have them wait
-                to be heard from.
         """
-        timers = list(timers)
-        if saved_at is not None:
-            self._reaping.update(t.pid for t in timers if t.deadline < saved_at)
         # Each start time of a pid checked on its own (a state file names one a pid, but
         # a damaged one may name two: only the process holding the pid now is bound);
         # torch's timers (none) last, with the process bound by then.
@@ -424,8 +410,7 @@ class Watchdog:
         self._hold_until = max(self._hold_until, until)
         self._unheard = {}
         for t in itertools.chain(self.table, self._parked_timers()):
-            if t.pid not in self._reaping:
-                self._unheard.setdefault(t.pid, set()).add(t.scope_id)
+            self._unheard.setdefault(t.pid, set()).add(t.scope_id)
         self._unheard_until = self._hold_until + RESYNC_WAIT
 
     def next_wakeup(self) -> Optional[float]:
@@ -746,19 +731,18 @@ class Watchdog:
         restart: their workers' parked timers go back to the table first, for what they
         say to apply to them (those still unheard of are parked again at the next
         tick)."""
+        unheard = self._unheard
         for m in results:
-            if type(m) not in ABOUT_A_PROCESS:
+            if type(m) not in ABOUT_A_PROCESS or m.pid not in unheard:  # type: ignore[union-attr]
                 continue
-            pid = cast(Union[Arm, Disarm, DisarmAll, Expire, TimerRequestV1], m).pid
-            scopes = self._unheard.get(pid)
-            if scopes is None:
-                continue
+            pid = m.pid  # type: ignore[union-attr]
+            scopes = unheard[pid]
             if isinstance(m, DisarmAll):
                 scopes.clear()
             else:
-                scopes.discard(cast(Union[Arm, Disarm, Expire, TimerRequestV1], m).scope_id)
+                scopes.discard(m.scope_id)  # type: ignore[union-attr]
             if not scopes:
-                del self._unheard[pid]
+                del unheard[pid]
             self._unpark(pid)
 
     def _resynced_by(self) -> float:
@@ -788,7 +772,7 @@ class Watchdog:
 
     def _unpark(self, pid: int) -> None:
         for timer in self._parked.pop(pid, ()):
-            self.table.arm(timer)
+            self.table.arm(timer, capped=False)  # its room may be another's by now
 
     def _parked_timers(self) -> List[Timer]:
         return [t for timers in self._parked.values() for t in timers]

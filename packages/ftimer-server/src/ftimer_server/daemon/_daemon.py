@@ -354,7 +354,7 @@ class Daemon:
         if timers:
             self._restoring = True
             try:
-                server.restore(timers, saved.written_at, saved_at=saved.saved_at)
+                server.restore(timers, saved.written_at)
             finally:
                 self._restoring = False
             log.info("restored %d of %d saved timers", len(server.armed()), len(timers))

@@ -321,9 +321,6 @@ class StateLoad(msgspec.Struct, frozen=True):
     #: wrote what the journal kept after it. From the file's boot clock, so a step of
     #: the wall clock since moves it along (else the file's mtime).
     written_at: Optional[float] = None
-    #: When the snapshot was taken, on the monotonic clock (as the timers' deadlines),
-    #: or None (none used).
-    saved_at: Optional[float] = None
 
 
 def lock_state(path: str) -> int:
@@ -484,7 +481,7 @@ def load_state(
     written_at = st.st_mtime
     if state.boot_clock is not None and (boot_now := boot_clock()) is not None:
         written_at = time.time() - (boot_now - state.boot_clock)
-    return StateLoad(state.timers, state.journal, written_at=written_at, saved_at=state.saved_at)
+    return StateLoad(state.timers, state.journal, written_at=written_at)
 
 
 def fifo_identity(fd: int) -> Tuple[int, int]:

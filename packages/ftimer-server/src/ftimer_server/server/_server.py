@@ -578,13 +578,7 @@ class FileTimerServer:
         with self._table(timeout):
             return self._watchdog.stats()
 
-    def restore(
-        self,
-        timers: Iterable[Timer],
-        written_by: Optional[float] = None,
-        *,
-        saved_at: Optional[float] = None,
-    ) -> None:
+    def restore(self, timers: Iterable[Timer], written_by: Optional[float] = None) -> None:
         """Arm saved timers (``armed()`` of a previous server), checking each process.
 
         Deadlines are monotonic seconds of this boot. The timers of a process that is
@@ -604,10 +598,6 @@ class FileTimerServer:
             written_by: when they were saved (``time.time()``): a process that started
                 later holds a reused pid, and a timer naming that pid without a start
                 time is not its (as in ``replay()``).
-            saved_at: when they were saved on the monotonic clock (as their deadlines):
-                a timer overdue by then was being reaped (the previous server was
-                capturing its worker, or waiting to SIGKILL it), and its worker's reap
-                waits for nothing but the grace.
 
         Raises:
             RuntimeError: the server was stopped, or was made in another process.
@@ -626,7 +616,7 @@ class FileTimerServer:
             if malformed:
                 self._watchdog.apply(malformed, time.monotonic(), time.time())
             ticks = None if written_by is None else ticks_since_boot(written_by)
-            self._watchdog.restore(checked, ticks, saved_at=saved_at)
+            self._watchdog.restore(checked, ticks)
             if checked:
                 self._hold()
         self._loop_or_flush()

@@ -288,15 +288,21 @@ int main(void) {
 """
 
 
+def compiled(factory: pytest.TempPathFactory, name: str, source: str, *flags: str) -> str:
+    """The path of C ``source`` compiled as ``name``; skips where there is no compiler."""
+    if shutil.which("cc") is None:
+        pytest.skip("needs a C compiler (cc) for a process in uninterruptible sleep")
+    directory = factory.mktemp(name)
+    (directory / f"{name}.c").write_text(source)
+    program = str(directory / name)
+    subprocess.run(["cc", *flags, "-o", program, str(directory / f"{name}.c")], check=True)
+    return program
+
+
 @pytest.fixture(scope="session")
 def vfork_program(tmp_path_factory: pytest.TempPathFactory) -> str:
     """``VFORK`` compiled; skips where there is no C compiler."""
-    if shutil.which("cc") is None:
-        pytest.skip("needs a C compiler (cc) for a process in uninterruptible sleep")
-    directory = tmp_path_factory.mktemp("vfork")
-    (directory / "vfork.c").write_text(VFORK)
-    subprocess.run(["cc", "-o", str(directory / "vfork"), str(directory / "vfork.c")], check=True)
-    return str(directory / "vfork")
+    return compiled(tmp_path_factory, "vfork", VFORK)
 
 
 @contextlib.contextmanager

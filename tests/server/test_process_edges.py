@@ -7,7 +7,6 @@ import errno
 import os
 import pathlib
 import resource
-import shutil
 import subprocess
 import sys
 from typing import List
@@ -18,7 +17,7 @@ from tests.conftest import wait_until
 from ftimer_protocol import parse_proc_stat
 from ftimer_server import SystemInspector, Worker
 
-from .conftest import proc_start_time
+from .conftest import compiled, proc_start_time
 
 inspector = SystemInspector()
 
@@ -125,14 +124,7 @@ int main(int argc, char **argv) {
 
 @pytest.fixture(scope="module")
 def vfork_threads(tmp_path_factory: pytest.TempPathFactory) -> str:
-    if shutil.which("cc") is None:
-        pytest.skip("needs a C compiler (cc) for threads in uninterruptible sleep")
-    directory = tmp_path_factory.mktemp("vfork_threads")
-    (directory / "v.c").write_text(VFORK_THREADS)
-    subprocess.run(
-        ["cc", "-pthread", "-o", str(directory / "v"), str(directory / "v.c")], check=True
-    )
-    return str(directory / "v")
+    return compiled(tmp_path_factory, "vfork_threads", VFORK_THREADS, "-pthread")
 
 
 def _in_d(pid: int) -> List[str]:

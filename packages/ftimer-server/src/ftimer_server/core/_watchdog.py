@@ -75,13 +75,13 @@ __all__ = ["Watchdog"]
 #: process get its id within that time, that process's arms would be refused until then.
 REFUSAL_TTL = 1.0
 MAX_REFUSALS = 1024
-#: After a restart, a restored timer of a worker not heard from since waits for it past
-#: the restore grace while the queues are found full (the clients' re-sends, which begin
-#: with what may have been lost: a disarm of the outage), until they have had room for
-#: ``RESYNC_QUIET`` seconds (the client's longest back-off and a margin), and at most
-#: ``RESYNC_WAIT`` seconds: on a host with many timers the re-sends of all queue up for
-#: seconds (75k timers over the socket took 7-12 s on 2 cores), and one worker's disarm
-#: came after the grace: a healthy worker reaped.
+#: After a restart, a restored timer that no client has re-sent since (re-armed or
+#: disarmed) waits for it past the restore grace while the queues are found full (the
+#: clients' re-sends, which begin with what may have been lost: a disarm of the outage),
+#: until they have had room for ``RESYNC_QUIET`` seconds (the client's longest back-off
+#: and a margin), and at most ``RESYNC_WAIT`` seconds: on a host with many timers the
+#: re-sends of all queue up for seconds (75k timers over the socket took 7-12 s on 2
+#: cores), and one worker's disarm came after the grace: a healthy worker reaped.
 RESYNC_QUIET = 1.5
 RESYNC_WAIT = 30.0
 #: The most peers a stuck worker's incident captures (the first found): a job of

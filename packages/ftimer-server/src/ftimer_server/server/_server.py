@@ -589,7 +589,7 @@ class FileTimerServer:
         (a NaN deadline, say) is dropped and counted as the FIFO's are (a
         ``DecodeFailed`` event). For ``restore_grace`` seconds nothing expires; after
         that, while the clients' re-sends keep the queues full, a restored timer waits
-        for its worker to be heard from (its client re-sends first the disarms the
+        to be re-sent, re-armed or disarmed (a client re-sends first the disarms the
         restart may have lost; see ``RESYNC_QUIET``). Call it before ``start()`` or while
         running.
 

@@ -767,3 +767,45 @@ def test_a_second_restart_in_the_grace_still_spares_a_worker_not_heard_from(
     finally:
         for proc in (healthy, *flooders):
             kill_and_close(proc)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "kill -9"])
+def test_a_line_read_in_part_before_a_restart_is_read_whole_after_it(
+    spawn: Spawn, short_dir: pathlib.Path, stop: int
+) -> None:
+    # A read ends anywhere: the daemon held the first part of a disarm, kept in its
+    # journal; the next one replayed it and dropped it, then read the rest from the FIFO
+    # as a line of its own, malformed: the disarm lost, the healthy worker reaped.
+    healthy = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
+    try:
+        state = short_dir / "state.json"
+        d = spawn("--state-file", str(state), name="first").ready()
+        fd = os.open(d.fifo, os.O_WRONLY)  # a client's, held across the restart
+        try:
+            deadline = time.monotonic() + 6.0
+            os.write(fd, encode(Arm(pid=healthy.pid, scope_id="step", deadline=deadline, signal=9)))
+            wait_until(lambda: saved_scopes(state) == ["step"], what="the arm saved")
+            line = encode(Disarm(pid=healthy.pid, scope_id="step"))
+            os.write(fd, line[:20])
+
+            def journaled() -> bool:
+                return any(
+                    line[:20] in p.read_bytes() for p in short_dir.glob("state.json.journal.*")
+                )
+
+            wait_until(journaled, what="the first part read")
+            d.stop(stop)
+            d = spawn("--state-file", str(state), name="second").ready()
+            os.write(fd, line[20:])
+            wait_until(
+                lambda: d.status()["stats"]["requests"].get("disarm", {}).get("ok") == 1,
+                what="the disarm applied",
+            )
+            assert d.status()["timers"] == []
+        finally:
+            os.close(fd)
+        assert healthy.poll() is None
+        assert not [r for r in d.records() if r.get("event") == "decode_failed"]
+        assert d.stop() == 0
+    finally:
+        kill_and_close(healthy)

@@ -272,6 +272,8 @@ class FileTimerServer:
         self._journal = journal
         self._restore_grace = restore_grace
         self._hold_at_open = False  # restored before start: the grace begins at the open
+        #: The unfinished line a replay ended with: the rest of it is in the FIFO.
+        self._replayed_unfinished = b""
         self._socket_path = None if socket_path is None else os.path.abspath(socket_path)
         self._socket: Optional[DatagramSocket] = None
         self._adopt_socket = adopt_socket
@@ -658,6 +660,7 @@ class FileTimerServer:
                 for chunk in chunks:
                     watchdog.apply(reader.feed(chunk), time.monotonic(), time.time())
                     size += len(chunk)
+            self._replayed_unfinished = reader.unfinished
             if size:
                 self._hold()
         self._flush()
@@ -999,6 +1002,11 @@ class FileTimerServer:
             journal=self._journal,
             socket=self._socket,
         )
+        if not fifo.replaced:
+            # The last server read a line in part (a read ends anywhere) and kept that
+            # part at its checkpoint: the rest is in this FIFO, and would be read as a
+            # line of its own, refused: a disarm lost, a healthy worker reaped.
+            loop.reader.feed(self._replayed_unfinished)
         if self._hold_at_open:  # a slow start (a helper, a socket) took from the grace
             self._watchdog.hold(time.monotonic() + self._restore_grace)
         for worker in self._watchdog.workers():  # bound by restore() before start

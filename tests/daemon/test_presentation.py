@@ -23,6 +23,7 @@ from ftimer_server import (
     Reaped,
     Rejected,
     RejectReason,
+    ResendsOver,
     Timer,
     Unkillable,
     WorkerGone,
@@ -168,6 +169,13 @@ def reaped(**overrides: object) -> Reaped:
         ),
         (WorkerGone(42, 1234, (T,)), logging.INFO, "worker exited: pid 42, 1 timer(s) dropped"),
         (WorkerGone(42, 1234), logging.DEBUG, "worker exited: pid 42, 0 timer(s) dropped"),
+        (
+            ResendsOver(3, 2, 10.25),
+            logging.WARNING,
+            "re-sends over 10.2 s after the restore grace: 3 restored timer(s) of 2 worker(s) "
+            "no client re-sent, held back meanwhile (the queues were full), are judged now: "
+            "their clients could not re-send (a worker stopped, or torch's client)",
+        ),
         (
             WorkerGone(42, 1234, unkillable=True),
             logging.WARNING,

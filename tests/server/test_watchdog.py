@@ -35,6 +35,7 @@ from ftimer_server import (
     RecordingSignaller,
     Rejected,
     RejectReason,
+    ResendsOver,
     SystemInspector,
     Timer,
     Unkillable,
@@ -365,6 +366,11 @@ def test_a_restored_timer_waits_for_its_worker_while_the_resends_fill_the_queue(
     rig.at(14.1 + RESYNC_QUIET)  # the queues had room long enough: never heard from
     assert rig.signaller.sent == [(1001, 9), (1002, 9)]
     assert rig.wd.armed() == []
+    # Said, before the expiry it explains.
+    [over] = rig.events.of(ResendsOver)
+    assert over == ResendsOver(1, 1, pytest.approx(14.1 + RESYNC_QUIET - 12.0))
+    events = rig.events.events
+    assert events.index(over) < max(i for i, e in enumerate(events) if isinstance(e, Expired))
 
 
 def test_a_restored_timer_waits_for_its_own_scope_not_its_workers_other_channel() -> None:
@@ -407,6 +413,7 @@ def test_without_a_full_queue_restored_timers_wait_for_the_grace_alone() -> None
     rig = restored_rig()
     rig.at(12.0)
     assert sorted(rig.signaller.sent) == [(1000, 9), (1001, 9), (1002, 9)]
+    assert rig.events.of(ResendsOver) == []
 
 
 def test_a_second_restart_while_timers_wait_still_waits_for_the_re_sends() -> None:

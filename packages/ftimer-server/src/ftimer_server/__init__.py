@@ -17,6 +17,7 @@ from .core._events import (
     Reaped,
     Rejected,
     RejectReason,
+    ResendsOver,
     Unkillable,
     WorkerGone,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "Unkillable",
     "WorkerGone",
     "Rejected",
+    "ResendsOver",
     "RejectReason",
     "DecodeFailed",
     # processes and signals

@@ -30,6 +30,7 @@ __all__ = [
     "Reaped",
     "RejectReason",
     "Rejected",
+    "ResendsOver",
     "Unkillable",
     "WorkerGone",
 ]
@@ -222,6 +223,24 @@ class Unkillable(Event, frozen=True, tag="unkillable"):
     waiting: Optional[str] = None
 
 
+class ResendsOver(Event, frozen=True, tag="resends_over"):
+    """After a restart, the timers that waited past the restore grace for their clients'
+    re-sends (the queues were full) and were not re-sent go back to be judged: the
+    re-sends are taken to be over (the queues had room for ``RESYNC_QUIET`` seconds, or
+    ``RESYNC_WAIT`` passed). Their workers' clients could not re-send (a worker stopped,
+    or torch's client, which never does): expired, they are reaped as late.
+
+    Attributes:
+        timers: the timers that waited and were not re-sent.
+        workers: how many workers they are of.
+        waited: seconds since the grace ended.
+    """
+
+    timers: int
+    workers: int
+    waited: float
+
+
 class WorkerGone(Event, frozen=True, tag="worker_gone"):
     """A bound worker exited; the timers it still held are dropped unsignalled. Also a
     reaped worker said ``Unkillable`` that exited at last.
@@ -340,4 +359,5 @@ EVENT_TYPES: Tuple[Type[Event], ...] = (
     WorkerGone,
     Rejected,
     DecodeFailed,
+    ResendsOver,
 )

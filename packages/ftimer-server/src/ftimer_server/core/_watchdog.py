@@ -54,6 +54,7 @@ from ._events import (
     Refused,
     Rejected,
     RejectReason,
+    ResendsOver,
     WorkerGone,
 )
 from ._horizon import Horizon
@@ -440,7 +441,7 @@ class Watchdog:
                 be read.
         """
         if self._unheard and now >= self._resynced_by():
-            self._heard_all()
+            self._heard_all(now)
         if now >= self._hold_until:
             judged = self.horizon.judged(now if horizon is None else min(horizon, now))
             expiries = self.table.expire(judged)
@@ -752,8 +753,11 @@ class Watchdog:
         quiet = max(self._hold_until, self.horizon.full_at + RESYNC_QUIET)
         return min(quiet, self._unheard_until)
 
-    def _heard_all(self) -> None:
+    def _heard_all(self, now: float) -> None:
         """The re-sends are over: the parked timers go back to the table, to expire."""
+        if self._parked:
+            timers = sum(map(len, self._parked.values()))
+            self._emit(ResendsOver(timers, len(self._parked), now - self._hold_until))
         for pid in list(self._parked):
             self._unpark(pid)
         self._unheard.clear()

@@ -23,6 +23,7 @@ from ftimer_server.core._events import (
     Expired,
     Reaped,
     Rejected,
+    ResendsOver,
     Unkillable,
     WorkerGone,
 )
@@ -174,6 +175,19 @@ def _unkillable(
     )
 
 
+def _resends_over(
+    event: ResendsOver, labels: str, dry_run: bool, restoring: bool, now: Optional[float]
+) -> Line:
+    """The line of the restored timers that waited for re-sends in vain."""
+    return (
+        logging.WARNING,
+        "re-sends over %.1f s after the restore grace: %d restored timer(s) of %d worker(s) "
+        "no client re-sent, held back meanwhile (the queues were full), are judged now: "
+        "their clients could not re-send (a worker stopped, or torch's client)",
+        (event.waited, event.timers, event.workers),
+    )
+
+
 def _worker_gone(
     event: WorkerGone, labels: str, dry_run: bool, restoring: bool, now: Optional[float]
 ) -> Line:
@@ -240,6 +254,7 @@ _LINES: Dict[type, Callable[[Any, str, bool, bool, Optional[float]], Line]] = {
     Reaped: _reaped,
     Escalated: _escalated,
     Unkillable: _unkillable,
+    ResendsOver: _resends_over,
     WorkerGone: _worker_gone,
     Rejected: _rejected,
     DecodeFailed: _decode_failed,

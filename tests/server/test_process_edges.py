@@ -251,3 +251,27 @@ def test_only_emfile_and_enfile_are_said_to_be_out_of_descriptors() -> None:
     )
     for other in (None, errno.ENOENT, errno.EPERM, errno.EINVAL):
         assert out_of_descriptors(other) == ""
+
+
+def test_a_kernel_without_pidfds_is_said_once_and_start_times_serve(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, children
+) -> None:
+    # A kernel before 5.3 (pidfd_open: ENOSYS): processes are checked by their start
+    # time instead, which an operator must be told once (the warning went untested).
+    calls: List[int] = []
+
+    def no_pidfds(pid: int, flags: int = 0) -> int:
+        calls.append(pid)
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+    child = children()
+    inspector = SystemInspector()
+    with caplog.at_level("WARNING", logger="ftimer_server"):
+        assert inspector.open(child.pid) is None
+        assert inspector.open(child.pid) is None
+    assert calls == [child.pid]  # not asked again
+    warned = [r.getMessage() for r in caplog.records if "no pidfds" in r.getMessage()]
+    assert warned == ["no pidfds on this kernel: processes are checked by start time"]
+    start = proc_start_time(child.pid)
+    assert inspector.alive(Worker(child.pid, start, None))

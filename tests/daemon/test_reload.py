@@ -4,6 +4,7 @@ leaves changes for a restart, and ``run --check-config``."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import pathlib
 import signal
@@ -131,6 +132,26 @@ def test_sighups_read_together_reload_the_config_once(tmp_path: pathlib.Path) ->
         setup.close()
     assert result == [0]
     assert stream.getvalue().count("config reloaded") == 1
+
+
+def test_a_reloads_warnings_are_in_the_log_format_it_sets(tmp_path: pathlib.Path) -> None:
+    # The warning of a change waiting for a restart was written in the old format: one
+    # text line in a log that had just become JSON lines.
+    config = tmp_path / "ftimer.toml"
+    config.write_text('log-format = "text"\n')
+    stream = io.StringIO()
+    setup = LoggingSetup("text", "info", stream=stream)
+    cli = {"fifo": str(tmp_path / "t.fifo")}
+    start = resolve_config(cli, load_config_file(str(config)), config_file=str(config))
+    daemon = Daemon(start, setup, cli=cli, environ={})
+    config.write_text('log-format = "json"\nmax-timers = 5\n')
+    try:
+        daemon._reload()
+    finally:
+        setup.close()
+    lines = stream.getvalue().splitlines()
+    warning = next(json.loads(ln) for ln in lines if "need a restart" in ln)
+    assert warning["msg"].endswith("not applied: max-timers (1000000 -> 5)")
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess[str]:

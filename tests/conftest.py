@@ -7,6 +7,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -120,4 +121,15 @@ def in_private_pid_namespace(*argv: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         check=False,
+    )
+
+
+def on_other_clocks(
+    script: str, *args: str, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``script`` run by this Python in a new time namespace whose CLOCK_MONOTONIC is
+    11 s and CLOCK_BOOTTIME 3 s ahead of the host's (needs root and unshare(1))."""
+    command = ["unshare", "--time", "--monotonic", "11", "--boottime", "3", "--fork"]
+    return subprocess.run(
+        [*command, sys.executable, "-c", script, *args], capture_output=True, text=True, check=check
     )

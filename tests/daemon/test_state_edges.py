@@ -8,13 +8,11 @@ import logging
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import time
 from typing import List, Tuple
 
 import pytest
-from tests.conftest import wait_until
+from tests.conftest import on_other_clocks, wait_until
 
 from ftimer_server import Timer
 from ftimer_server.daemon._state import (
@@ -102,23 +100,7 @@ print(load_state(path, "boot").ignored)
     os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)"
 )
 def test_a_state_saved_on_other_clocks_says_how_far_apart(tmp_path: pathlib.Path) -> None:
-    done = subprocess.run(
-        [
-            "unshare",
-            "--time",
-            "--monotonic",
-            "11",
-            "--boottime",
-            "3",
-            "--fork",
-            sys.executable,
-            "-c",
-            OTHER_CLOCKS,
-            str(tmp_path / "state.json"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    done = on_other_clocks(OTHER_CLOCKS, str(tmp_path / "state.json"))
     if done.returncode and "unshare" in done.stderr:
         pytest.skip(f"no time namespaces here: {done.stderr!r}")
     assert done.stdout == (

@@ -12,7 +12,7 @@ import sys
 from typing import List
 
 import pytest
-from tests.conftest import wait_until
+from tests.conftest import on_other_clocks, wait_until
 
 from ftimer_protocol import parse_proc_stat
 from ftimer_server import SystemInspector, Worker
@@ -187,24 +187,7 @@ print(*SystemInspector().clock_offsets(int(sys.argv[1])))
 @pytest.mark.skipif(bool(_WHY_NOT), reason=_WHY_NOT)
 def test_offsets_are_from_the_servers_clocks_when_it_runs_in_a_time_namespace() -> None:
     with _in_time_namespace(["--monotonic", f"-{BEHIND}", "--boottime", "7"]) as worker:
-        done = subprocess.run(
-            [
-                "unshare",
-                "--time",
-                "--monotonic",
-                "11",
-                "--boottime",
-                "3",
-                "--fork",
-                sys.executable,
-                "-c",
-                OFFSETS,
-                str(worker),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        done = on_other_clocks(OFFSETS, str(worker), check=True)
     assert done.stdout.split() == [str((-BEHIND - 11) * 10**9), str((7 - 3) * 10**9)]
 
 

@@ -685,3 +685,27 @@ def test_overridden_names_the_options_that_hide_another_value_of_the_file(
     config.write_text('log-level = "INFO"\nsignal = "SIGTERM"\nfifo = "timer.fifo"\n')
     cli = {"log_level": "info", "signal": "TERM", "fifo": str(tmp_path / "timer.fifo")}
     assert hidden(cli, load_config_file(str(config))) == []
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "fifo-mode",
+        "fifo-group",
+        "metrics-address",
+        "incidents-max-bytes",
+        "log-format",
+        "signal",
+        "job-label",
+        "x" * 5000,  # no such setting
+    ],
+)
+def test_an_error_quotes_a_value_thousands_of_characters_long_cut(
+    tmp_path: pathlib.Path, key: str
+) -> None:
+    # The whole value was quoted: a 10 KB message in the log, `status` and STATUS=.
+    path = write(tmp_path, f'{key} = "{"x" * 5000}"\n')
+    with pytest.raises(ConfigError) as e:
+        resolve_config({"fifo": str(tmp_path / "t.fifo")}, load_config_file(path))
+    assert len(str(e.value)) < 400, str(e.value)
+    assert "xxxxxxxx" in str(e.value)  # enough of it is shown to know it

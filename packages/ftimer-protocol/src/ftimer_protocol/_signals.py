@@ -67,7 +67,9 @@ def _by_name(text: str) -> int:
                 return number
     member = _signal.Signals.__members__.get(name)
     if member is None:
-        raise ValueError(f"unknown signal: {text!r} ({_HINT})")
+        # Cut: no signal's name is long, and the error may end in a status line.
+        shown = repr(text) if len(text) <= 32 else f"{text[:32]!r}..."
+        raise ValueError(f"unknown signal: {shown} ({_HINT})")
     return int(member)
 
 

@@ -115,6 +115,20 @@ class ConfigError(Exception):
     """A setting is invalid or the config file cannot be read (exit code 2)."""
 
 
+#: The most characters of a value an error quotes: the rest is counted, not shown.
+SHOWN_CHARS = 64
+
+
+def _shown(value: object) -> str:
+    """``value`` quoted for an error message, cut after `SHOWN_CHARS` characters (a
+    value thousands of characters long would otherwise fill the log, ``status`` and
+    systemd's ``STATUS=``)."""
+    text = str(value)
+    if len(text) <= SHOWN_CHARS:
+        return repr(value)
+    return f"{text[:SHOWN_CHARS]!r}... ({len(text)} characters)"
+
+
 class FileSettings(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only=True):
     """Everything a config file may set; None means "not set here"."""
 
@@ -308,7 +322,7 @@ def _in_plain_words(error: str) -> str:
         hint = (
             f" (did you mean {close[0]!r}?)" if close else " (ftimer-server run --help lists them)"
         )
-        return f"there is no setting {key!r}{hint}"
+        return f"there is no setting {_shown(key)}{hint}"
     wrong = re.fullmatch(r"Expected `(.*)`, got `(.*)` - at `\$\.([^`]*)`", error)
     if wrong:
         wanted = [t for t in wrong.group(1).split(" | ") if t != "null"]
@@ -378,7 +392,7 @@ def parse_mode(value: Union[int, str]) -> int:
         text = value.strip().lower()
         text = text[2:] if text.startswith("0o") else text
         if not text or any(c not in "01234567" for c in text):
-            raise ConfigError(f"FIFO mode {value!r} is not an octal mode like 0620")
+            raise ConfigError(f"FIFO mode {_shown(value)} is not an octal mode like 0620")
         value = int(text, 8)
     elif value > 0o777 and set(str(value)) <= set("01234567") and int(str(value), 8) <= 0o777:
         # TOML reads `fifo-mode = 660` as the decimal number 660 (0o1224).
@@ -407,9 +421,9 @@ def parse_group(value: Union[int, str]) -> int:
         return grp.getgrnam(value).gr_gid
     except (KeyError, ValueError):  # ValueError: a NUL byte in the name
         raise ConfigError(
-            f"unknown group {value!r}: the group must exist before the daemon starts "
-            f"(create it, e.g. `groupadd {value}`, and put the workers' users in it), "
-            "or give a gid"
+            f"unknown group {_shown(value)}: the group must exist before the daemon starts "
+            f"(create it, e.g. `groupadd {value if len(value) <= SHOWN_CHARS else 'NAME'}`, "
+            "and put the workers' users in it), or give a gid"
         ) from None
 
 
@@ -428,26 +442,31 @@ def parse_address(value: str) -> Tuple[str, int]:
         host, sep, port_text = text[1:].partition("]:")
         if not sep or not host:
             raise ConfigError(
-                f"metrics address {value!r}: give an IPv6 address in brackets and a port, "
+                f"metrics address {_shown(value)}: give an IPv6 address in brackets and a port, "
                 "like [::1]:9464"
             )
     elif text.count(":") > 1:
         raise ConfigError(
-            f"metrics address {value!r}: write an IPv6 address in brackets, with the port "
+            f"metrics address {_shown(value)}: write an IPv6 address in brackets, with the port "
             "after them, like [::1]:9464"
         )
     else:
         host, _, port_text = text.rpartition(":")
         host = host or "127.0.0.1"
     if not host.isprintable() or any(c.isspace() or c in "[]" for c in host):
-        raise ConfigError(f"metrics address {value!r}: {host!r} is not a host name or address")
+        raise ConfigError(
+            f"metrics address {_shown(value)}: {_shown(host)} is not a host name or address"
+        )
     port = ascii_int(port_text)
     if port is None:
         raise ConfigError(
-            f"metrics address {value!r} has no port number: give [HOST:]PORT, like 127.0.0.1:9464"
+            f"metrics address {_shown(value)} has no port number: give [HOST:]PORT, "
+            "like 127.0.0.1:9464"
         )
     if port > 65535:
-        raise ConfigError(f"metrics address {value!r}: port {port_text} is out of range 0..65535")
+        raise ConfigError(
+            f"metrics address {_shown(value)}: port {port_text} is out of range 0..65535"
+        )
     return host, port
 
 
@@ -467,7 +486,7 @@ def parse_size(value: Union[int, str]) -> int:
     match = _SIZE.match(value) if value.isascii() else None
     if match is None:
         raise ConfigError(
-            f"{value!r} is not a size: give bytes, or a number with K, M, G or T "
+            f"{_shown(value)} is not a size: give bytes, or a number with K, M, G or T "
             '(powers of 1024), like "256M" or "4GiB"'
         )
     number = ascii_int(match[1])
@@ -487,7 +506,7 @@ def parse_job_label(value: str) -> Optional[str]:
         return None
     if not re.fullmatch(LABEL_KEY_PATTERN, value):
         raise ConfigError(
-            f"{value!r} is not a label name (a letter or _, then letters, digits or _, at "
+            f"{_shown(value)} is not a label name (a letter or _, then letters, digits or _, at "
             'most 32 in all), nor "" for none'
         )
     return value
@@ -851,7 +870,7 @@ def _path(value: str) -> str:
     if not value:
         raise ConfigError("the path is empty")
     if "\0" in value:
-        raise ConfigError(f"the path {value!r} contains a NUL byte")
+        raise ConfigError(f"the path {_shown(value)} contains a NUL byte")
     return os.path.abspath(value)
 
 
@@ -958,7 +977,7 @@ def _within(
 
 def _choice(value: str, choices: Tuple[str, ...], what: str) -> str:
     if value.lower() not in choices:
-        raise ConfigError(f"{what} {value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{what} {_shown(value)} is not one of {', '.join(choices)}")
     return value.lower()
 
 

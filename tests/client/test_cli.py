@@ -389,15 +389,20 @@ def test_a_parent_that_adopted_the_command_is_never_armed(peer: FifoPeer) -> Non
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER: orphans come here
     try:
+        # The background job starts ftimer once told, after the shell has exited (an
+        # asynchronous list's stdin is /dev/null: it reads the shell's as fd 4).
         shell = subprocess.Popen(
             ["setsid", "sh", "-c",
-             'exec 3>&1; (sleep 0.3; exec "$@" >&3 2>&3) & echo $!; exit 0', "sh",
+             'exec 3>&1 4<&0; (read _ <&4; exec "$@" >&3 2>&3 4<&-) & echo $!; exit 0', "sh",
              *FTIMER, "arm", "--fifo", str(peer.path), "--scope", "s", "--after", "60"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
+        assert shell.stdin is not None
         assert shell.stdout is not None
         orphan = int(shell.stdout.readline())
         assert shell.wait(10) == 0
+        shell.stdin.write("go\n")
+        shell.stdin.close()
         _, status = os.waitpid(orphan, 0)  # adopted: this process reaps it
         said = shell.stdout.read()
         shell.stdout.close()

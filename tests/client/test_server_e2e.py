@@ -12,7 +12,7 @@ import textwrap
 from typing import Any, Iterator, List, Set, Tuple
 
 import pytest
-from tests.conftest import wait_until
+from tests.conftest import children_of, wait_until
 
 from ftimer_protocol import socket_path_for
 
@@ -192,8 +192,9 @@ def test_a_server_restarted_without_its_state_gets_the_timer_of_ftimer_exec(
             again = restarted_without_state(first, path, signaller)
             assert again == [(timer.pid, "exec:sleep", timer.deadline)]
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(timer.pid, signal.SIGKILL)  # the command: the wrapper's child
+            for command_pid in children_of(wrapper.pid):  # ours: the wrapper's child
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(command_pid, signal.SIGKILL)
             wrapper.wait(30)
     assert signaller.sent == []
 

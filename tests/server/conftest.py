@@ -171,8 +171,8 @@ def children() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Spawn real child processes (``sleep`` by default); all are killed at the end."""
     spawned: List[subprocess.Popen[bytes]] = []
 
-    def spawn(*argv: str) -> subprocess.Popen[bytes]:
-        child = subprocess.Popen(list(argv) or ["sleep", "60"])
+    def spawn(*argv: str, **options: Any) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(list(argv) or ["sleep", "60"], **options)
         spawned.append(child)
         return child
 

@@ -490,8 +490,7 @@ def test_a_stopped_worker_is_read_without_stopping_it_and_left_stopped(
 ) -> None:
     # py-spy's own stop failed on it ("Failed to suspend process"): no stack at all.
     os.kill(says_signals.pid, signal.SIGSTOP)
-    while read_stat(says_signals.pid).state != "T":
-        time.sleep(0.001)
+    assert os.WIFSTOPPED(os.waitpid(says_signals.pid, os.WUNTRACED)[1])
     result = _capture(says_signals.pid)
     assert result.method == "py-spy", result.error
     assert "stuck_worker_fn" in _functions(result)

@@ -218,7 +218,10 @@ def test_a_pidfd_refused_for_another_reason_refuses_the_signal(children) -> None
 
 def test_a_stop_signal_as_the_reap_leaves_the_worker_stopped(children) -> None:
     # A reap that asks to stop the worker (to be looked at) is not undone by a SIGCONT.
-    child = children()
+    # The worker in a group of its own in pytest's session: a process group whose
+    # members' parents are all outside the session (pytest's own, under nohup or setsid)
+    # is orphaned, and the kernel discards SIGTSTP sent to it: the test hung.
+    child = children(preexec_fn=os.setpgrp)
     worker = Worker(child.pid, inspector.start_time(child.pid), inspector.open(child.pid))
     try:
         assert OsSignaller().send(worker, signal.SIGTSTP)

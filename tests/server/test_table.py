@@ -244,3 +244,35 @@ def test_limits_must_be_positive() -> None:
 
     with pytest.raises(ValueError, match="must be a whole number >= 1"):
         Policy(max_timers=0)
+
+
+def test_equal_labels_are_held_once_and_never_the_callers() -> None:
+    # A dict of labels a timer was two thirds of its memory (~790 bytes with torchrun's
+    # three, ~260 shared); the bench's "bytes per timer with torchrun's three labels".
+    table = TimerTable()
+    given = [{"job": "j", "rank": "3"} for _ in range(3)]
+    for i, labels in enumerate(given):
+        table.arm(Timer(10 + i, "s", 50.0, 9, labels=labels))
+    table.arm(Timer(20, "s", 50.0, 9, labels={"job": "j", "rank": "4"}))
+    table.settle()
+    held = {t.pid: t.labels for t in table}
+    assert held[10] is held[11] is held[12]
+    assert held[10] == {"job": "j", "rank": "3"}
+    assert held[20] == {"job": "j", "rank": "4"}
+    given[0]["rank"] = "changed by the caller"
+    assert all(labels == {"job": "j", "rank": "3"} for labels in (held[10], held[11]))
+
+
+def test_the_pool_of_labels_starts_over_past_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ftimer_server.core import _records
+
+    monkeypatch.setattr(_records, "MAX_LABEL_SETS", 2)
+    pool = _records.LabelPool()
+    a, b, c = ({"rank": str(i)} for i in range(3))
+    kept_a = pool.shared(a)
+    assert pool.shared(dict(a)) is kept_a
+    pool.shared(b)
+    kept_c = pool.shared(c)  # a third set: the pool started over, holding only it
+    assert pool.shared(dict(c)) is kept_c
+    assert pool.shared(dict(a)) is not kept_a
+    assert pool.shared(dict(a)) == a

@@ -58,7 +58,7 @@ from ftimer_server._files import (
     write_atomically,
 )
 from ftimer_server.core._policy import clocks_apart
-from ftimer_server.core._records import Timer
+from ftimer_server.core._records import LabelPool, Timer
 from ftimer_server.server._journal import Failures
 from ftimer_server.server._process import own_clock_offsets
 
@@ -274,11 +274,16 @@ def decode_state(data: bytes) -> StateFile:
     except RecursionError:
         raise StateFileError("invalid state file: JSON nested too deeply") from None
     timers: List[Timer] = []
+    labels = LabelPool()  # the timers read take a third of the memory until restored
     for item in raw.timers:
         try:
-            timers.append(_timer_decoder.decode(item))
+            timer = _timer_decoder.decode(item)
         except (msgspec.DecodeError, RecursionError) as e:
             log.error("state file: dropped an invalid timer (%s): %s", e, bytes(item)[:200])
+            continue
+        if timer.labels:
+            timer = msgspec.structs.replace(timer, labels=labels.shared(timer.labels))
+        timers.append(timer)
     return StateFile(
         version=raw.version,
         boot_id=raw.boot_id,

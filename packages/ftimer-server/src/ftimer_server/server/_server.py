@@ -608,11 +608,14 @@ class FileTimerServer:
         malformed: List[MalformedMessage] = []
         for timer in timers:
             # Timer() checks nothing: a NaN deadline would never expire, nor would any
-            # timer after it in the table.
+            # timer after it in the table. The checked copy is not kept: the table makes
+            # its own timers, and a second copy of each would stay in the daemon's memory.
             try:
-                checked.append(msgspec.convert(msgspec.to_builtins(timer), Timer))
+                msgspec.convert(msgspec.to_builtins(timer), Timer)
             except (msgspec.ValidationError, TypeError) as e:
                 malformed.append(MalformedMessage(f"restore: {e}", repr(timer).encode()[:64]))
+            else:
+                checked.append(timer)
         with self._lock:
             self._check_usable("restore into a new one")
             if malformed:

@@ -182,6 +182,11 @@ def reaped(**overrides: object) -> Reaped:
             "worker exited at last: pid 42, which had outlived its SIGKILL (unkillable)",
         ),
         (
+            WorkerGone(42, 1234, unkillable=True, decider=T),
+            logging.WARNING,
+            "worker exited at last: pid 42, which had outlived its SIGKILL (unkillable), rank=3",
+        ),
+        (
             Rejected(RejectReason.RESERVED_PID, "arm", 1, "s"),
             logging.WARNING,
             "refused arm: pid 1 scope 's': reserved_pid",

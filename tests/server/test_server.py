@@ -188,7 +188,10 @@ def test_a_worker_alive_after_its_sigkill_is_reported_unkillable(
         child.kill()
         child.wait()
         [gone] = wait_until(lambda: events.of(WorkerGone), what="the worker's end")
-        assert gone == WorkerGone(child.pid, gone.start_time, unkillable=True)  # type: ignore[attr-defined]
+        assert isinstance(gone, WorkerGone)
+        assert (gone.pid, gone.timers, gone.unkillable) == (child.pid, (), True)
+        assert gone.decider is not None
+        assert gone.decider.scope_id == "s"
         assert (server.stats().unkillable, server.stats().unkillable_alive) == (1, 0)
 
 

@@ -256,6 +256,8 @@ class WorkerGone(Event, frozen=True, tag="worker_gone"):
             signalled), if any.
         unkillable: it had been said ``Unkillable``: the wait that outlived its SIGKILL
             ended (seen within ``KILL_CHECK`` seconds where the server has no pidfd of it).
+        decider: with ``unkillable``, the timer whose reap it outlived (its labels are
+            the event's).
     """
 
     pid: int
@@ -263,9 +265,12 @@ class WorkerGone(Event, frozen=True, tag="worker_gone"):
     timers: Tuple[Timer, ...] = ()
     incident: Optional[str] = None
     unkillable: bool = False
+    decider: Optional[Timer] = None
 
     @property
     def labels(self) -> Optional[Dict[str, str]]:
+        if self.decider is not None and self.decider.labels:
+            return self.decider.labels
         return next((t.labels for t in self.timers if t.labels), None)
 
 

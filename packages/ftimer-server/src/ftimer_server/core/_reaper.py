@@ -76,7 +76,7 @@ class Reaper:
         self._killed: _Schedule[Tuple[Worker, Timer]] = _Schedule()
         #: The workers said ``Unkillable`` and not yet seen to exit, looked at again
         #: every ``KILL_CHECK`` seconds.
-        self._outliving: _Schedule[Worker] = _Schedule()
+        self._outliving: _Schedule[Tuple[Worker, Timer]] = _Schedule()
 
     def reap(
         self,
@@ -191,18 +191,19 @@ class Reaper:
         exited at last (``WorkerGone``, ``unkillable`` set; where the host watches a
         pidfd, ``forget()`` learns it first)."""
         out: List[Union[Unkillable, WorkerGone]] = []
-        for _, worker in self._outliving.pop_due(now):
+        for _, outliving in self._outliving.pop_due(now):
+            worker, decider = outliving
             if self._host.alive(worker):
-                self._outliving.put(worker.pid, now + KILL_CHECK, worker)
+                self._outliving.put(worker.pid, now + KILL_CHECK, outliving)
             else:
-                out.append(WorkerGone(worker.pid, worker.start_time, unkillable=True))
+                out.append(_exited_at_last(worker, decider))
         for due, (worker, decider) in self._killed.pop_due(now):
             if not self._host.alive(worker):
                 continue
             held = self._outliving.pop(worker.pid)
             if held is not None:  # its pid is another's now: it is gone
-                out.append(WorkerGone(held.pid, held.start_time, unkillable=True))
-            self._outliving.put(worker.pid, now + KILL_CHECK, worker)
+                out.append(_exited_at_last(*held))
+            self._outliving.put(worker.pid, now + KILL_CHECK, (worker, decider))
             out.append(
                 Unkillable(
                     pid=worker.pid,
@@ -228,11 +229,11 @@ class Reaper:
         reap."""
         return [(c.worker, c.decider) for _, c in self._capturing.items()]
 
-    def forget(self, worker: Worker) -> Tuple[Optional[str], bool]:
+    def forget(self, worker: Worker) -> Tuple[Optional[str], Optional[Timer]]:
         """Cancel what is pending for ``worker`` (it exited); return the id of the
-        incident whose capture it exited during, if any, and whether it had been said
-        ``Unkillable``. The descendants its reap signalled get SIGKILL at the end of its
-        grace all the same (see ``escalate()``)."""
+        incident whose capture it exited during, if any, and, if it had been said
+        ``Unkillable``, the timer whose reap it outlived. The descendants its reap
+        signalled get SIGKILL at the end of its grace all the same (see ``escalate()``)."""
         pid = worker.pid
         pending = self._pending.get(pid)
         self._pending.pop(pid)
@@ -243,9 +244,10 @@ class Reaper:
         held = self._outliving.get(pid)
         # Another process of that pid (without pidfds, pids are reused unseen) is left
         # to its next look, which finds it gone.
-        outlived = held is not None and held[1].start_time == worker.start_time
-        if outlived:
+        outlived = None
+        if held is not None and held[1][0].start_time == worker.start_time:
             self._outliving.pop(pid)
+            outlived = held[1][1]
         return (None if capture is None else capture.incident), outlived
 
     def next_deadline(self) -> Optional[float]:
@@ -447,3 +449,8 @@ def _kill(
     killed = host.kill_descendants(worker, signalled, kill)
     kill()  # where the host did not
     return killed, deliveries[0] if deliveries else None
+
+
+def _exited_at_last(worker: Worker, decider: Timer) -> WorkerGone:
+    """A worker said ``Unkillable`` is seen gone: ``decider`` decided the reap it outlived."""
+    return WorkerGone(worker.pid, worker.start_time, unkillable=True, decider=decider)

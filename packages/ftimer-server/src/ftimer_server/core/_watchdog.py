@@ -801,11 +801,12 @@ class Watchdog:
         pid = worker.pid
         del self._workers[pid]
         self._release(worker)
-        incident, unkillable = self._reaper.forget(worker)
+        incident, outlived = self._reaper.forget(worker)
         self._unheard.pop(pid, None)
         parked = self._parked.pop(pid, ())
         timers = tuple(dropped) + parked + tuple(self.table.disarm_all(pid))
-        self._emit(WorkerGone(pid, worker.start_time, timers, incident, unkillable))
+        unkillable = outlived is not None
+        self._emit(WorkerGone(pid, worker.start_time, timers, incident, unkillable, outlived))
 
     def _expired(self, expiry: Expiry, now: float, together: Sequence[Timer] = ()) -> None:
         worker = self._workers.get(expiry.pid)

@@ -6,6 +6,7 @@ import contextlib
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,14 @@ settings.register_profile(
     "ftimer", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 settings.load_profile(os.environ.get("FTIMER_HYPOTHESIS_PROFILE", "ftimer"))
+
+# A background job of a shell without job control (`pytest &`, a nohup'd run) starts
+# with SIGINT and SIGQUIT ignored, and every process the tests start would inherit that:
+# the tests of Ctrl-C failed. What a terminal gives, back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

@@ -709,3 +709,10 @@ def test_an_error_quotes_a_value_thousands_of_characters_long_cut(
         resolve_config({"fifo": str(tmp_path / "t.fifo")}, load_config_file(path))
     assert len(str(e.value)) < 400, str(e.value)
     assert "xxxxxxxx" in str(e.value)  # enough of it is shown to know it
+
+
+def test_an_error_quotes_a_port_thousands_of_digits_long_cut(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, f'metrics-address = "127.0.0.1:{"9" * 5000}"\n')
+    with pytest.raises(ConfigError, match="is out of range") as e:
+        resolve_config({"fifo": str(tmp_path / "t.fifo")}, load_config_file(path))
+    assert len(str(e.value)) < 400, str(e.value)

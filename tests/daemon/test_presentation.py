@@ -249,6 +249,16 @@ def test_a_long_scope_and_labels_are_cut_in_text_lines_kept_whole_in_fields() ->
         assert event_fields(event)["scope_id"] == scope
 
 
+def test_an_unkillable_workers_exit_has_its_labels_as_json_fields() -> None:
+    # "decider": null on every worker_gone line, and an exit at last's labels only inside
+    # it, under the Arm message's "op".
+    assert "decider" not in event_fields(WorkerGone(42, 1234, (T,)))
+    fields = event_fields(WorkerGone(42, 1234, unkillable=True, decider=T))
+    assert fields["labels"] == {"rank": "3"}
+    assert fields["decider"]["scope_id"] == "step"
+    assert "op" not in fields["decider"]
+
+
 def test_the_format_string_is_the_kind_of_line_for_flood_control() -> None:
     # Refusals for one reason naming other pids are one kind; another reason is another.
     kinds = {

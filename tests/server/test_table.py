@@ -246,33 +246,49 @@ def test_limits_must_be_positive() -> None:
         Policy(max_timers=0)
 
 
-def test_equal_labels_are_held_once_and_never_the_callers() -> None:
-    # A dict of labels a timer was two thirds of its memory (~790 bytes with torchrun's
-    # three, ~260 shared); the bench's "bytes per timer with torchrun's three labels".
+def test_a_workers_equal_labels_are_held_once_and_never_the_callers() -> None:
+    # A dict of labels a timer was two thirds of its memory (~890 bytes with torchrun's
+    # three, ~300 shared); the bench's "bytes per timer with torchrun's three labels".
     table = TimerTable()
     given = [{"job": "j", "rank": "3"} for _ in range(3)]
     for i, labels in enumerate(given):
-        table.arm(Timer(10 + i, "s", 50.0, 9, labels=labels))
-    table.arm(Timer(20, "s", 50.0, 9, labels={"job": "j", "rank": "4"}))
+        table.arm(Timer(10, f"s{i}", 50.0, 9, labels=labels))
+    table.arm(Timer(11, "s", 50.0, 9, labels={"job": "j", "rank": "3"}))
+    table.arm(Timer(10, "other", 50.0, 9, labels={"job": "j", "rank": "4"}))
     table.settle()
-    held = {t.pid: t.labels for t in table}
-    assert held[10] is held[11] is held[12]
-    assert held[10] == {"job": "j", "rank": "3"}
-    assert held[20] == {"job": "j", "rank": "4"}
+    held = {(t.pid, t.scope_id): t.labels for t in table}
+    assert held[10, "s0"] is held[10, "s1"] is held[10, "s2"]
+    assert held[10, "s0"] == {"job": "j", "rank": "3"}
+    assert held[10, "other"] == {"job": "j", "rank": "4"}
+    # Another worker's are its own: a change to one worker's reaches no other.
+    assert held[11, "s"] == held[10, "s0"]
+    assert held[11, "s"] is not held[10, "s0"]
     given[0]["rank"] = "changed by the caller"
-    assert all(labels == {"job": "j", "rank": "3"} for labels in (held[10], held[11]))
+    assert held[10, "s0"] == {"job": "j", "rank": "3"}
 
 
-def test_the_pool_of_labels_starts_over_past_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ftimer_server.core import _records
+def test_labels_changed_by_a_reader_are_not_handed_to_later_timers() -> None:
+    # armed() and events hand out the dict: one changed there was given to every timer
+    # armed after it with the same labels.
+    table = TimerTable()
+    table.arm(Timer(10, "a", 50.0, 9, labels={"rank": "3"}))
+    table.settle()
+    [armed] = list(table)
+    assert armed.labels is not None
+    armed.labels["host"] = "changed by a reader"
+    table.arm(Timer(10, "b", 50.0, 9, labels={"rank": "3"}))
+    table.settle()
+    assert {t.scope_id: t.labels for t in table}["b"] == {"rank": "3"}
 
-    monkeypatch.setattr(_records, "MAX_LABEL_SETS", 2)
-    pool = _records.LabelPool()
-    a, b, c = ({"rank": str(i)} for i in range(3))
-    kept_a = pool.shared(a)
-    assert pool.shared(dict(a)) is kept_a
-    pool.shared(b)
-    kept_c = pool.shared(c)  # a third set: the pool started over, holding only it
-    assert pool.shared(dict(c)) is kept_c
-    assert pool.shared(dict(a)) is not kept_a
-    assert pool.shared(dict(a)) == a
+
+def test_a_workers_labels_are_forgotten_with_it() -> None:
+    table = TimerTable()
+    table.arm(Timer(10, "a", 50.0, 9, labels={"rank": "3"}))
+    table.settle()
+    [first] = list(table)
+    table.disarm_all(10)
+    table.arm(Timer(10, "a", 50.0, 9, labels={"rank": "3"}))
+    table.settle()
+    [again] = list(table)
+    assert again.labels == first.labels
+    assert again.labels is not first.labels

@@ -245,9 +245,11 @@ class Reaper:
         # Another process of that pid (without pidfds, pids are reused unseen) is left
         # to its next look, which finds it gone.
         outlived = None
-        if held is not None and held[1][0].start_time == worker.start_time:
-            self._outliving.pop(pid)
-            outlived = held[1][1]
+        if held is not None:
+            _, (said, decider) = held
+            if said.start_time == worker.start_time:
+                self._outliving.pop(pid)
+                outlived = decider
         return (None if capture is None else capture.incident), outlived
 
     def next_deadline(self) -> Optional[float]:

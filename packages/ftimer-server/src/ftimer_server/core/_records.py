@@ -11,7 +11,7 @@ a burst of arms costs no copy.
 
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, Optional, Tuple
+from typing import Dict, FrozenSet, Optional
 
 import msgspec
 
@@ -25,7 +25,7 @@ from ftimer_protocol import (
     TimerRequestV1,
 )
 
-__all__ = ["ABOUT_A_PROCESS", "Descendant", "LabelPool", "Timer", "Worker", "request_of"]
+__all__ = ["ABOUT_A_PROCESS", "Descendant", "Timer", "Worker", "request_of", "shared_labels"]
 
 
 class Timer(Arm, frozen=True, tag="arm"):
@@ -45,34 +45,22 @@ class Timer(Arm, frozen=True, tag="arm"):
     """
 
 
-class LabelPool:
-    """Equal labels held once. A worker's timers carry the same labels (its job, rank),
-    and a dict of them is two thirds of a timer's memory: ~890 bytes a timer with
-    torchrun's three labels, ~300 with the dict shared (the bench's memory rows).
+def shared_labels(
+    held: Dict[int, Dict[str, str]], pid: int, labels: Dict[str, str]
+) -> Dict[str, str]:
+    """``labels``, as the one dict ``held`` keeps for ``pid``'s timers: the kept one if
+    equal, else a copy of ``labels``, kept from now on (never a caller's dict, which the
+    caller may change).
 
-    Bounded: past `MAX_LABEL_SETS` different sets (labels that change at every step, say)
-    it starts over; the timers keep the dicts they share.
+    A worker's timers carry the same labels (its job, rank), and a dict of them is two
+    thirds of a timer's memory: ~890 bytes a timer with torchrun's three labels, ~300
+    with the dict shared (the bench's memory rows). Per worker, not across workers: a
+    dict that someone changes (it should be read only) changes that worker's alone.
     """
-
-    __slots__ = ("_held",)
-
-    def __init__(self) -> None:
-        self._held: Dict[Tuple[Tuple[str, str], ...], Dict[str, str]] = {}
-
-    def shared(self, labels: Dict[str, str]) -> Dict[str, str]:
-        """A dict equal to ``labels`` held here: a copy of the first such (no caller's
-        dict is kept: a caller may change its own)."""
-        key = tuple(labels.items())
-        held = self._held.get(key)
-        if held is None:
-            if len(self._held) >= MAX_LABEL_SETS:
-                self._held.clear()
-            held = self._held[key] = dict(labels)
-        return held
-
-
-#: The most different sets of labels a `LabelPool` holds.
-MAX_LABEL_SETS = 4096
+    kept = held.get(pid)
+    if kept is None or kept != labels:
+        kept = held[pid] = dict(labels)
+    return kept
 
 
 class Worker(msgspec.Struct, frozen=True, gc=False):

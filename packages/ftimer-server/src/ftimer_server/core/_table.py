@@ -11,7 +11,7 @@ and a timer disarmed before then (most of them, under load) never costs a heap e
 
 Timers and heap entries are ``gc=False`` structs in dicts and lists the garbage collector
 need not traverse, so 100k armed timers add little to a collection's work, and a timer
-costs about 250 bytes (labels included: equal ones are held once).
+costs about 300 bytes (labels included: a worker's equal ones are held once).
 
 ``apply_batch()`` is the server's hot path: under load nearly every message is an arm or
 a disarm of a worker already bound, and at two million messages a second every call and
@@ -42,7 +42,7 @@ import msgspec
 from ftimer_protocol import Disarm
 
 from ._events import Armed, Disarmed, Event, RejectReason
-from ._records import LabelPool, Timer, Worker
+from ._records import Timer, Worker, shared_labels
 from ._stats import Counters
 
 __all__ = ["Expiry", "TimerTable"]
@@ -112,7 +112,7 @@ class TimerTable:
         self._changes = 0
         self._heap: List[_Entry] = []
         self._seq = 0  # arming order, among equal deadlines (see settle())
-        self._labels = LabelPool()
+        self._labels: Dict[int, Dict[str, str]] = {}  # pid -> the labels its timers share
         # Rebuild the heap when it grows past this (stale entries dominate by then).
         self._compact_at = _COMPACT_MIN
 
@@ -184,6 +184,7 @@ class TimerTable:
     def disarm_all(self, pid: int) -> List[Timer]:
         """Disarm every timer of ``pid`` and forget the pid; return the timers."""
         scopes = self._by_pid.pop(pid, None)
+        self._labels.pop(pid, None)
         if not scopes:
             return []
         self._count -= len(scopes)
@@ -197,13 +198,13 @@ class TimerTable:
             workers: the bound processes by pid. A timer decoded straight from the wire
                 has its own pid and start time objects; one whose worker is given is
                 re-made to share the worker's (56 bytes less per armed timer). A timer
-                with labels is re-made to share an equal dict of them (see
-                ``LabelPool``: ~580 bytes less).
+                with labels is re-made to share its worker's dict of them, if equal (see
+                ``shared_labels``: ~580 bytes less).
         """
         fresh, by_pid, heap = self._fresh, self._by_pid, self._heap
         if not fresh:
             return  # the heap is as the last call left it (within its bound)
-        shared_labels = self._labels.shared
+        held = self._labels
         # The arming order among equal deadlines, without an int object per entry: the
         # entries of one call share ``seq`` (past every earlier call's), and only a
         # deadline met again within the call takes a later one of its own.
@@ -217,7 +218,7 @@ class TimerTable:
             timer = armed
             labels = armed.labels
             if labels:
-                labels = shared_labels(labels)
+                labels = shared_labels(held, armed.pid, labels)
             worker = workers.get(armed.pid) if workers is not None else None
             if labels is not armed.labels or (
                 worker is not None

@@ -126,7 +126,7 @@ def _shown(value: object) -> str:
     text = str(value)
     if len(text) <= SHOWN_CHARS:
         return repr(value)
-    return f"{text[:SHOWN_CHARS]!r}... ({len(text)} characters)"
+    return f"{text[:SHOWN_CHARS]!r}... ({len(text)} chars)"
 
 
 class FileSettings(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only=True):
@@ -464,9 +464,8 @@ def parse_address(value: str) -> Tuple[str, int]:
             "like 127.0.0.1:9464"
         )
     if port > 65535:
-        raise ConfigError(
-            f"metrics address {_shown(value)}: port {port_text} is out of range 0..65535"
-        )
+        shown = port_text if len(port_text) <= SHOWN_CHARS else _shown(port_text)
+        raise ConfigError(f"metrics address {_shown(value)}: port {shown} is out of range 0..65535")
     return host, port
 
 

@@ -319,6 +319,12 @@ def event_fields(event: Event) -> Dict[str, Any]:
     if timer is not None:
         del timer["op"]  # a Timer is an Arm message: its tag says nothing here
         fields.update(timer)
+    if "decider" in fields:  # a WorkerGone's: only an unkillable worker's exit has one
+        decider = fields.pop("decider")
+        if decider is not None:
+            del decider["op"]
+            fields["decider"] = decider
+            fields["labels"] = decider["labels"]  # as on the lines of its reap
     if isinstance(event, DecodeFailed) and event.excerpt is not None:
         fields["excerpt"] = event.excerpt.decode("utf-8", "backslashreplace")
     return fields

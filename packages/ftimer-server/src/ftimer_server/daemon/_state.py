@@ -41,7 +41,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import msgspec
 
@@ -58,7 +58,7 @@ from ftimer_server._files import (
     write_atomically,
 )
 from ftimer_server.core._policy import clocks_apart
-from ftimer_server.core._records import LabelPool, Timer
+from ftimer_server.core._records import Timer, shared_labels
 from ftimer_server.server._journal import Failures
 from ftimer_server.server._process import own_clock_offsets
 
@@ -274,7 +274,7 @@ def decode_state(data: bytes) -> StateFile:
     except RecursionError:
         raise StateFileError("invalid state file: JSON nested too deeply") from None
     timers: List[Timer] = []
-    labels = LabelPool()  # the timers read take a third of the memory until restored
+    labels: Dict[int, Dict[str, str]] = {}  # a third of the memory until restored
     for item in raw.timers:
         try:
             timer = _timer_decoder.decode(item)
@@ -282,7 +282,8 @@ def decode_state(data: bytes) -> StateFile:
             log.error("state file: dropped an invalid timer (%s): %s", e, bytes(item)[:200])
             continue
         if timer.labels:
-            timer = msgspec.structs.replace(timer, labels=labels.shared(timer.labels))
+            shared = shared_labels(labels, timer.pid, timer.labels)
+            timer = msgspec.structs.replace(timer, labels=shared)
         timers.append(timer)
     return StateFile(
         version=raw.version,

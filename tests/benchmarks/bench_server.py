@@ -36,6 +36,8 @@ HERE = pathlib.Path(__file__).resolve()
 KINDS = ("ftimer", "torch")
 HOLDERS = 20  # processes the "other" timers are bound to (5k timers each at 100k)
 FAR = 3600.0  # seconds: the other timers never expire during a run
+#: The labels ftimer's client adds under torchrun (its job id, RANK and LOCAL_RANK).
+TORCHRUN_LABELS = {"job": "llama-70b-pretrain-20261206", "rank": "3", "local_rank": "3"}
 
 Row = Dict[str, Any]
 
@@ -171,8 +173,9 @@ def write(kind: str, path: str, n: int, how: str) -> None:
     opens, writes and closes the FIFO per message; ftimer's keeps it open), with
     "+socket": ftimer's client over the server's datagram socket at ``path``, with
     "+fresh": a scope never used before for each pair (``f"step-{i}"``) instead of 8
-    scopes used over and over; "open": pre-encoded lines, one write() each, the FIFO
-    opened once per round; "per-message": pre-encoded lines, the FIFO opened and closed
+    scopes used over and over, with "+labels": ftimer's client adds ``TORCHRUN_LABELS``
+    to every arm; "open": pre-encoded lines, one write() each, the FIFO opened once per
+    round; "per-message": pre-encoded lines, the FIFO opened and closed
     around each write (torch's way); "batch": pre-encoded lines joined into writes of up
     to PIPE_BUF bytes; "datagrams": pre-encoded lines, one datagram each on the socket at
     ``path``, with "+yes", "+text" or "+json": that kind of ``JUNK`` instead.
@@ -185,7 +188,9 @@ def write(kind: str, path: str, n: int, how: str) -> None:
             from ftimer_client import FileTimerClient
 
             transport = "socket" if "socket" in options else "fifo"
-            client = FileTimerClient(path, signal.SIGKILL, transport=transport)
+            # "+labels": the labels ftimer's client adds under torchrun, on every arm.
+            labels = TORCHRUN_LABELS if "labels" in options else {}
+            client = FileTimerClient(path, signal.SIGKILL, transport=transport, labels=labels)
         else:
             from torch.distributed.elastic.timer import FileTimerClient  # type: ignore
 
@@ -507,6 +512,16 @@ MODES = {
         "FileTimerClient.acquire/release in a loop: ftimer's client (v2, FIFO kept open) "
         "against torch's (v1 json, open/write/close per message)",
         socket=("client+socket", "over the socket, ftimer's client", _SOCKET_CLIENT_NOTE),
+        quick_writers=(4,),
+    ),
+    "labels": Mode(
+        "each library's client, ftimer's with torchrun's labels",
+        "client+labels",
+        "client",
+        "FileTimerClient.acquire/release in a loop, ftimer's client adding the labels it "
+        "adds under torchrun (job, rank, local_rank) to every arm; torch's client has "
+        "none",
+        writers=(4,),
         quick_writers=(4,),
     ),
     "scopes": Mode(
@@ -899,11 +914,7 @@ def _labelled_memory_row(
     lines = []
     for i in range(n):
         rank = i % len(pids)
-        labels = {
-            "job": "llama-70b-pretrain-20261206",
-            "rank": str(rank),
-            "local_rank": str(rank % 8),
-        }
+        labels = {**TORCHRUN_LABELS, "rank": str(rank), "local_rank": str(rank % 8)}
         lines.append(
             _arm_line("ftimer", pids[rank], f"labelled-{i}", FAR, starts[pids[rank]], labels=labels)
         )

@@ -10,6 +10,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from ftimer_server import RejectReason, Timer
+from ftimer_server.core import _table
 from ftimer_server.core._table import TimerTable
 
 
@@ -246,6 +247,13 @@ def test_limits_must_be_positive() -> None:
         Policy(max_timers=0)
 
 
+@pytest.fixture
+def sharing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Labels shared however few timers are armed."""
+    monkeypatch.setattr(_table, "SHARE_LABELS_AT", 0)
+
+
+@pytest.mark.usefixtures("sharing")
 def test_a_workers_equal_labels_are_held_once_and_never_the_callers() -> None:
     # A dict of labels a timer was two thirds of its memory (~890 bytes with torchrun's
     # three, ~300 shared); the bench's "bytes per timer with torchrun's three labels".
@@ -267,6 +275,7 @@ def test_a_workers_equal_labels_are_held_once_and_never_the_callers() -> None:
     assert held[10, "s0"] == {"job": "j", "rank": "3"}
 
 
+@pytest.mark.usefixtures("sharing")
 def test_labels_changed_by_a_reader_are_not_handed_to_later_timers() -> None:
     # armed() and events hand out the dict: one changed there was given to every timer
     # armed after it with the same labels.
@@ -281,6 +290,7 @@ def test_labels_changed_by_a_reader_are_not_handed_to_later_timers() -> None:
     assert {t.scope_id: t.labels for t in table}["b"] == {"rank": "3"}
 
 
+@pytest.mark.usefixtures("sharing")
 def test_a_workers_labels_are_forgotten_with_it() -> None:
     table = TimerTable()
     table.arm(Timer(10, "a", 50.0, 9, labels={"rank": "3"}))
@@ -292,3 +302,19 @@ def test_a_workers_labels_are_forgotten_with_it() -> None:
     [again] = list(table)
     assert again.labels == first.labels
     assert again.labels is not first.labels
+
+
+def test_labels_are_shared_only_once_many_timers_are_armed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Below, their memory is small and a high rate of arms is spared the check.
+    monkeypatch.setattr(_table, "SHARE_LABELS_AT", 3)
+    table = TimerTable()
+    for scope in ("a", "b"):
+        table.arm(Timer(10, scope, 50.0, 9, labels={"rank": "3"}))
+    table.settle()
+    first = {t.scope_id: t.labels for t in table}
+    assert first["a"] is not first["b"]
+    table.arm(Timer(10, "c", 50.0, 9, labels={"rank": "3"}))
+    table.arm(Timer(10, "d", 50.0, 9, labels={"rank": "3"}))
+    table.settle()
+    later = {t.scope_id: t.labels for t in table}
+    assert later["c"] is later["d"]

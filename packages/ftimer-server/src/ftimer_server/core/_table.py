@@ -11,7 +11,8 @@ and a timer disarmed before then (most of them, under load) never costs a heap e
 
 Timers and heap entries are ``gc=False`` structs in dicts and lists the garbage collector
 need not traverse, so 100k armed timers add little to a collection's work, and a timer
-costs about 300 bytes (labels included: a worker's equal ones are held once).
+costs about 300 bytes (labels included, in a table of thousands: a worker's equal ones are
+held once).
 
 ``apply_batch()`` is the server's hot path: under load nearly every message is an arm or
 a disarm of a worker already bound, and at two million messages a second every call and
@@ -46,6 +47,11 @@ from ._records import Timer, Worker, shared_labels
 from ._stats import Counters
 
 __all__ = ["Expiry", "TimerTable"]
+
+#: Armed timers from which a settled timer's labels are shared with its worker's others:
+#: below, their memory is a few MB at most, and the check (~0.3 us a timer) is spared to
+#: a host that arms and disarms at a high rate.
+SHARE_LABELS_AT = 10_000
 
 # Below this many heap entries, stale ones are never worth a rebuild.
 _COMPACT_MIN = 1024
@@ -199,12 +205,12 @@ class TimerTable:
                 has its own pid and start time objects; one whose worker is given is
                 re-made to share the worker's (56 bytes less per armed timer). A timer
                 with labels is re-made to share its worker's dict of them, if equal (see
-                ``shared_labels``: ~580 bytes less).
+                ``shared_labels``: ~580 bytes less), once `SHARE_LABELS_AT` are armed.
         """
         fresh, by_pid, heap = self._fresh, self._by_pid, self._heap
         if not fresh:
             return  # the heap is as the last call left it (within its bound)
-        held = self._labels
+        held = self._labels if self._count >= SHARE_LABELS_AT else None
         # The arming order among equal deadlines, without an int object per entry: the
         # entries of one call share ``seq`` (past every earlier call's), and only a
         # deadline met again within the call takes a later one of its own.
@@ -217,7 +223,7 @@ class TimerTable:
                 continue  # disarmed or replaced since
             timer = armed
             labels = armed.labels
-            if labels:
+            if labels and held is not None:
                 labels = shared_labels(held, armed.pid, labels)
             worker = workers.get(armed.pid) if workers is not None else None
             if labels is not armed.labels or (

@@ -9,11 +9,19 @@ import signal
 import pytest
 
 from ftimer_protocol import Arm, DumpHook
-from ftimer_server import Unkillable, WorkerGone
+from ftimer_server import WorkerGone
 from ftimer_server.core._reaper import KILL_CHECK
 
 from .test_capture_core import Rig as CaptureRig
-from .test_watchdog import SERVER, CountingInspector, Killing, Rig, Waiting, arm
+from .test_watchdog import (
+    SERVER,
+    CountingInspector,
+    Killing,
+    Rig,
+    Waiting,
+    arm,
+    unkillable_rig,
+)
 
 
 class WaitingWithPidfds(CountingInspector, Waiting):
@@ -24,12 +32,7 @@ def test_an_unkillable_worker_seen_to_exit_is_said_gone_once_and_not_counted_ali
     # mutant: Reaper.forget() kept the worker among the "outliving" after its pidfd said
     # it exited: the gauge (ftimer_unkillable_workers, the FtimerWorkerUnkillable alert)
     # stayed up until the next look, which said "exited at last" a second time.
-    rig = Rig(signaller=Killing(), inspector=WaitingWithPidfds())
-    rig.host.spawn(1000, start_time=100, parent=SERVER)
-    rig.apply(arm(deadline=1.0))
-    rig.at(1.0)
-    rig.at(1.0 + KILL_CHECK)
-    assert len(rig.events.of(Unkillable)) == 1
+    rig = unkillable_rig(WaitingWithPidfds())
     assert rig.wd.stats().unkillable_alive == 1
     [worker] = [w for w in rig.wd.workers() if w.pid == 1000]
     rig.host.exit(1000)

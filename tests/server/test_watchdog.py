@@ -935,9 +935,9 @@ def exits_at_last(rig: Rig) -> List[Tuple[int, Optional[int], float]]:
     ]
 
 
-def unkillable_rig() -> Rig:
+def unkillable_rig(inspector: Optional[Waiting] = None) -> Rig:
     """pid 1000 (start time 100) reaped with SIGKILL at 1.0 and said unkillable."""
-    rig = Rig(signaller=Killing(), inspector=Waiting())
+    rig = Rig(signaller=Killing(), inspector=inspector or Waiting())
     rig.host.spawn(1000, start_time=100, parent=SERVER)
     rig.apply(arm(deadline=1.0))
     rig.at(1.0)

@@ -372,3 +372,12 @@ def restart(old: Peer) -> Peer:
     old.close()
     old.path.unlink(missing_ok=True)
     return type(old)(old.path)
+
+
+def held_only(fd: int) -> bool:
+    """Whether this process's descriptor ``fd`` is an O_PATH one: it holds a file (a
+    protocol 1 client holds the FIFO it writes to) without reading or writing it, and a
+    FIFO's reader sees no writer in it."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        flags = next(line for line in f if line.startswith("flags:"))
+    return bool(int(flags.split()[1], 8) & os.O_PATH)

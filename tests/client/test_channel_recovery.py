@@ -15,7 +15,7 @@ from ftimer_client import FileTimerClient, ServerStalled, ServerUnavailable
 from ftimer_client._resync import Resync
 from ftimer_protocol import Arm
 
-from .conftest import FILL_LINE, FifoPeer, Peer, restart, server_state
+from .conftest import FILL_LINE, FifoPeer, Peer, held_only, restart, server_state
 
 N = 300  # scopes: their resync is longer than the room the tests leave in a pipe
 
@@ -192,29 +192,16 @@ def test_protocol_1_resends_what_a_stalled_reader_held_when_it_left(peer: FifoPe
         third.close()
 
 
-@pytest.mark.parametrize(
-    "protocol",
-    [
-        pytest.param(
-            1,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known, not mended: protocol 1 (one open per message) cannot tell "
-                "the FIFO it opens now from the stalled one it wrote before (a file "
-                "system such as ext4 gives the new FIFO the old one's inode number)",
-            ),
-        ),
-        2,
-    ],
-)
+@pytest.mark.parametrize("protocol", [1, 2])
 def test_what_a_stalled_reader_held_when_it_was_replaced_is_resent(
     peer: FifoPeer, protocol: int
 ) -> None:
     # As above, but the new server is there before the retry looks (a restart between two
     # retries): nothing fails to open, and yet the old pipe's lines were never read.
     # Protocol 2 finds its kept connection lost and starts over; protocol 1 (one open per
-    # message) never learns that the FIFO it opens now is another one: the scopes the
-    # stalled server held unread never reach the new one.
+    # message) never learned that the FIFO it opened now was another one (on ext4, with
+    # the old one's inode number): the scopes the stalled server held unread never
+    # reached the new one.
     client = FileTimerClient(peer.path, protocol=protocol, write_timeout=0.1)
     _arm_many(client, peer)
     peer.pause()
@@ -572,7 +559,9 @@ def test_protocol_1_retries_that_wait_for_room_leave_no_writer_open(peer: FifoPe
         time.sleep(0.01)
     assert not channel.needs_resync
     assert channel._once == set()
-    assert _open_on(ident) == 2  # the peer's own two
+    # The peer's own two, and the client's hold on the FIFO (O_PATH: no writer).
+    assert _open_on(ident) == 3
+    assert held_only(channel._once_pin)
 
 
 def test_retries_on_a_stalled_server_back_off(

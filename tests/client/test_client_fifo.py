@@ -14,21 +14,23 @@ from ftimer_client import FileTimerClient, ServerUnavailable
 from ftimer_client._proc import process_start_time
 from ftimer_protocol import Arm, Disarm, Expire, TimerRequestV1
 
-from .conftest import FifoPeer, server_state
+from .conftest import FifoPeer, held_only, server_state
 
 ME = os.getpid()
 
 
 def fifo_descriptors(path: pathlib.Path) -> int:
-    """How many descriptors of this process are open on ``path``."""
+    """How many descriptors of this process are open on ``path`` (an O_PATH one, which
+    only holds it, aside)."""
     target = os.stat(path)
     count = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
             st = os.stat(f"/proc/self/fd/{fd}")
+            same = (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino)
+            count += same and not held_only(int(fd))
         except OSError:
             continue
-        count += (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino)
     return count
 
 

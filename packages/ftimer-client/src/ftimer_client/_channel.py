@@ -28,7 +28,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Dict, List, Optional, Sequence, Set, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from ftimer_protocol import DumpHook
 
@@ -49,7 +49,7 @@ from ._signals import start_helper
 from ._socket import open_pidfd
 from ._transport import open_writer
 from ._wire import V1Lines, V2Lines
-from ._writer import ConnectionLost, Writer
+from ._writer import ConnectionLost, Writer, owns
 
 __all__ = ["Channel"]
 
@@ -94,6 +94,12 @@ class Channel:
         self._writer: Optional[Writer] = None  # version 2's connection
         #: Version 1's writers of one message open now (closed in a forked child).
         self._once: Set[Writer] = set()
+        #: The FIFO version 1 wrote to last (its ``end``), and an O_PATH descriptor of it,
+        #: held so that a FIFO made anew gets another inode number (ext4 gives it an
+        #: unlinked one's while nothing holds that), or -1. Not a writer: a torch server
+        #: expires nothing while one holds its FIFO open.
+        self._once_end: Optional[Tuple[int, int]] = None
+        self._once_pin = -1
         # The hot path's descriptor: >= 0 only while connected, in sync, and the writer
         # delivers a line with one os.write() on it.
         self._fd = -1
@@ -307,6 +313,7 @@ class Channel:
         """Close the connection and the pidfd if no client uses them (lock held)."""
         if self._clients <= 0:
             self._disconnect()
+            self._unpin_once()
             if self._pidfd >= 0:
                 fd, self._pidfd = self._pidfd, -1
                 os.close(fd)
@@ -445,8 +452,32 @@ class Channel:
         except ServerUnavailable:
             self.state.forget_progress()
             raise
+        if writer.end != self._once_end:
+            if self._once_end is not None:
+                # Another FIFO (torch's server makes its own anew at a restart): what the
+                # old one held died unread, as with a lost connection of version 2.
+                self.state.reconnected()
+            self._pin_once(writer)
         self._once.add(writer)
         return writer
+
+    def _pin_once(self, writer: Writer) -> None:
+        """Hold the FIFO ``writer`` opened (see ``_once_pin``), letting go of the last."""
+        self._unpin_once()
+        self._once_end = writer.end
+        try:
+            fd = os.open(writer.path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return  # its inode number may be another FIFO's later: no worse than before
+        if owns(fd, writer.end):
+            self._once_pin = fd
+        else:
+            os.close(fd)  # replaced in between: the next open finds it another
+
+    def _unpin_once(self) -> None:
+        fd, self._once_pin = self._once_pin, -1
+        if self._once_end is not None and owns(fd, self._once_end):
+            os.close(fd)
 
     def _close_once(self, writer: Writer) -> None:
         """Close a writer of ``_open_once``."""
@@ -707,6 +738,8 @@ class Channel:
     def __del__(self) -> None:
         if getattr(self, "_pidfd", -1) >= 0:
             os.close(self._pidfd)
+        if getattr(self, "_once_pin", -1) >= 0:
+            self._unpin_once()
 
 
 def _watch(channel: weakref.ref[Channel], writer: Writer, ended: threading.Event) -> None:

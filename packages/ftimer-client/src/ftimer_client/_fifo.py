@@ -24,7 +24,7 @@ import select
 import signal
 import stat
 import time
-from typing import Callable
+from typing import Callable, Tuple
 
 from ._errors import ServerStalled, ServerUnavailable
 from ._paths import hidden_system_dir
@@ -147,6 +147,11 @@ class FifoWriter:
         except OSError:
             return False
         return (st.st_dev, st.st_ino) != self._inode
+
+    @property
+    def end(self) -> Tuple[int, int]:
+        """The FIFO's (device, inode) (see ``Writer``)."""
+        return self._inode
 
     def wait_room(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for room in the pipe (see ``Writer``)."""

@@ -91,6 +91,11 @@ class SocketWriter:
         # the cost of os.write: the hot path is the FIFO's. Not with a pidfd to attach.
         self.hot_fd = sock.fileno() if pidfd < 0 else -1
 
+    @property
+    def end(self) -> Tuple[int, int]:
+        """The socket file's (device, inode) (see ``Writer``)."""
+        return self._inode
+
     def write(self, line: bytes, timeout: float) -> None:
         """Send ``line`` as one datagram, waiting up to ``timeout`` seconds for room in a
         full queue.

@@ -42,6 +42,10 @@ class Writer(Protocol):
     #: path), or -1 when every line must go through ``write()``.
     hot_fd: int
 
+    @property
+    def end(self) -> Tuple[int, int]:
+        """The (device, inode) of the server's FIFO or socket file connected to."""
+
     def write(self, line: bytes, timeout: float) -> None:
         """Deliver ``line``, waiting up to ``timeout`` seconds for room.
 

@@ -11,7 +11,7 @@ import pathlib
 import pytest
 
 from ftimer_protocol import Disarm
-from ftimer_server.server._journal import Journal
+from ftimer_server.server._journal import Journal, JournalIncomplete
 
 from .test_journal import no_space, pipe  # noqa: F401  (pipe: a fixture)
 
@@ -93,4 +93,30 @@ def test_an_idle_segment_after_failures_proves_nothing_and_a_recovery_is_said_on
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1, said
     assert "written whole again, after 1 failed write(s)" in said[0]
+    journal.close()
+
+
+def test_a_closed_journal_keeps_no_descriptor(tmp_path: pathlib.Path) -> None:
+    # mutant: close() left the segment's descriptor open: one per embedded server stopped
+    # (an agent that starts a server per job, for as long as the agent lives).
+    fds = set(os.listdir("/proc/self/fd"))
+    journal = Journal(str(tmp_path / "j"))
+    assert set(os.listdir("/proc/self/fd")) != fds  # its segment is open
+    journal.close()
+    assert set(os.listdir("/proc/self/fd")) == fds
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_segment_of_another_user_is_set_aside_and_no_descriptor_kept(
+    tmp_path: pathlib.Path,
+) -> None:
+    # mutant: the segment another user owns was set aside with its descriptor left open.
+    (tmp_path / "j.1").write_bytes(b"a line\n")
+    os.chown(tmp_path / "j.1", 4242, 4242)
+    journal = Journal(str(tmp_path / "j"))
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(JournalIncomplete, match="owned by uid 4242"):
+        b"".join(journal.replay(1))
+    assert set(os.listdir("/proc/self/fd")) == fds
+    assert not (tmp_path / "j.1").exists()  # set aside, never read again
     journal.close()

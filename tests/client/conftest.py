@@ -17,6 +17,7 @@ import pathlib
 import select
 import socket
 import struct
+import subprocess
 import termios
 import threading
 import time
@@ -381,3 +382,11 @@ def held_only(fd: int) -> bool:
     with open(f"/proc/self/fdinfo/{fd}") as f:
         flags = next(line for line in f if line.startswith("flags:"))
     return bool(int(flags.split()[1], 8) & os.O_PATH)
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A child process of the test's own, to arm timers for."""
+    with subprocess.Popen(["sleep", "60"]) as child:
+        yield child
+        child.kill()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,13 +16,6 @@ from .conftest import SocketPeer
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "pidfd_open"), reason="the socket transport is Linux's (pidfds)"
 )
-
-
-@pytest.fixture
-def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    with subprocess.Popen(["sleep", "60"]) as child:
-        yield child
-        child.kill()
 
 
 def _pidfds() -> set:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,14 +24,6 @@ ME = os.getpid()
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "pidfd_open"), reason="the socket transport is Linux's (pidfds)"
 )
-
-
-@pytest.fixture
-def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    """A child process of the test's own, to arm timers for."""
-    with subprocess.Popen(["sleep", "60"]) as child:
-        yield child
-        child.kill()
 
 
 def test_each_line_is_one_datagram_and_the_kernel_names_the_sender(speer: SocketPeer) -> None:

@@ -137,7 +137,15 @@ def test_bad_files_raise_state_file_error(data: bytes) -> None:
 
 def test_a_bad_timer_costs_only_itself() -> None:
     good = {"op": "arm", "pid": 42, "scope_id": "s", "deadline": 1.5, "signal": 9}
-    bad = [{"pid": "one"}, {**good, "deadline": -1.0e9}, {**good, "signal": 99}, 7]
+    bad = [
+        {"pid": "one"},
+        {**good, "deadline": -1.0e9},
+        {**good, "signal": 99},
+        7,
+        # A Timer's decoding leaves label keys to the state file's reader (metrics
+        # export them as Prometheus label names).
+        {**good, "labels": {"rank": "0", "bad key": "x"}},
+    ]
     doc = {"version": 1, "boot_id": BOOT, "saved_at": 1.0, "timers": [*bad, good]}
     assert decode_state(json.dumps(doc).encode()).timers == [Timer(42, "s", 1.5, 9)]
 

@@ -21,7 +21,9 @@ from ftimer_protocol import (
     encode,
 )
 from ftimer_server import Timer
+from ftimer_server.core import _records
 from ftimer_server.core._reader import LineReader, decode_one
+from ftimer_server.core._records import valid_label_keys
 
 
 def as_messages(results: list[DecodeResult]) -> list[DecodeResult]:
@@ -50,6 +52,21 @@ v2_lines = st.builds(
     lambda pid, scope: encode(Disarm(pid=pid, scope_id=scope)),
     st.integers(1, 100),
     st.text(max_size=5),
+)
+# Label keys the reader must refuse as the protocol does (a Timer's decoding leaves them
+# to it), beside valid ones; any text, too.
+label_keys = (
+    st.sampled_from(["job", "rank", "local_rank", "_", "a" * 32])
+    | st.sampled_from(["bad key", "job\n", "1x", "", "a" * 33, "rank-0", "é"])
+    | st.text(max_size=8)
+)
+labelled_lines = st.builds(
+    lambda pid, labels: (
+        b'{"version":2,"op":"arm","pid":%d,"scope_id":"s","deadline":1,'
+        b'"signal":9,"labels":%s}\n' % (pid, msgspec.json.encode(labels))
+    ),
+    st.integers(1, 100),
+    st.dictionaries(label_keys, st.text(max_size=4), max_size=4),
 )
 v1_lines = st.builds(
     lambda pid, t: encode(TimerRequestV1(pid=pid, scope_id="s", expiration_time=t, signal=9)),
@@ -94,7 +111,7 @@ junk = st.sampled_from(
 
 @settings(max_examples=300)
 @given(
-    st.lists(st.one_of(v2_lines, v2_lines, v1_lines, junk), max_size=40),
+    st.lists(st.one_of(v2_lines, v2_lines, v1_lines, labelled_lines, junk), max_size=40),
     st.lists(st.integers(1, 600), max_size=30),
 )
 def test_same_results_as_the_stream_decoder(parts: list[bytes], cuts: list[int]) -> None:
@@ -109,7 +126,7 @@ def test_same_results_as_the_stream_decoder(parts: list[bytes], cuts: list[int])
 
 
 @settings(max_examples=300)
-@given(st.one_of(v2_lines, v1_lines, junk))
+@given(st.one_of(v2_lines, v1_lines, labelled_lines, junk))
 def test_one_line_decodes_as_decode_value_does_with_arms_as_timers(line: bytes) -> None:
     # How the socket decodes a datagram: its arms, as Timers, take the table's batch path.
     body = line[:-1] if line.endswith(b"\n") else line
@@ -186,6 +203,27 @@ def test_an_object_spread_over_lines_that_each_open_as_a_message_is_no_message()
     )
     assert per_line(LineReader().feed(stream)) == per_line(StreamDecoder().feed(stream))
     assert not any(isinstance(r, Arm) for r in LineReader().feed(stream))
+
+
+@settings(max_examples=100)
+@given(st.lists(labelled_lines, min_size=1, max_size=20))
+def test_a_run_of_labelled_arms_is_refused_as_the_protocol_refuses_it(
+    lines: list[bytes],
+) -> None:
+    # The run decoded in one call: any arm whose label key the protocol refuses sends
+    # the run the slow way, which refuses that line alone and says why.
+    stream = b"".join(lines)
+    assert per_line(LineReader().feed(stream)) == per_line(StreamDecoder().feed(stream))
+
+
+def test_label_keys_are_checked_however_many_were_seen() -> None:
+    # The keys seen valid are remembered, up to a bound that junk keys cannot pass.
+    for i in range(3000):
+        assert valid_label_keys({f"k{i}": "v"})
+    assert len(_records._known_keys) <= _records._MAX_KNOWN_KEYS
+    assert valid_label_keys({"k2999": "v", "k0": "v"})
+    for bad in ("bad key", "job\n", "a" * 33, ""):
+        assert not valid_label_keys({"k0": "v", bad: "v"})
 
 
 def test_a_label_named_version_does_not_cost_the_message() -> None:

@@ -22,7 +22,7 @@ import msgspec
 import pytest
 from tests.conftest import in_private_pid_namespace, wait_until
 
-from ftimer_protocol import MAX_TIME, Arm, Disarm, Expire, TimerRequestV1, encode
+from ftimer_protocol import LABEL_KEY_PATTERN, MAX_TIME, Arm, Disarm, Expire, TimerRequestV1, encode
 from ftimer_server import (
     Armed,
     DecodeFailed,
@@ -455,6 +455,7 @@ def test_restore_drops_malformed_timers(
     saved = [
         Timer(other.pid, "nan", float("nan"), 9, proc_start_time(other.pid)),
         Timer(other.pid, "pid", 0.0, 9, proc_start_time(other.pid)),
+        Timer(other.pid, "key", 0.0, 9, proc_start_time(other.pid), {"job\n": "j"}),
         Timer(child.pid, "a", time.monotonic() + 0.1, 9, proc_start_time(child.pid)),
     ]
     saved[1] = msgspec.structs.replace(saved[1], pid="7")  # type: ignore[arg-type]
@@ -465,8 +466,9 @@ def test_restore_drops_malformed_timers(
     assert [e.reason.split(" - ")[0] for e in failed] == [  # type: ignore[attr-defined]
         "restore: Expected `float` >= 0.0",
         "restore: Expected `int`, got `str`",
+        f"restore: Expected `str` matching regex {LABEL_KEY_PATTERN!r}",
     ]
-    assert server.stats().decode_errors == {"MalformedMessage": 2}  # as register_timers()
+    assert server.stats().decode_errors == {"MalformedMessage": 3}  # as register_timers()
     with server:
         assert wait_exit(child)[0] == -9
     assert other.poll() is None

@@ -16,7 +16,7 @@ the same number of valid lines costs, events and logs included.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Iterable, List, Optional, Tuple, Union
 
 import msgspec
 
@@ -36,7 +36,7 @@ from ftimer_protocol import (
     decode_value,
 )
 
-from ._records import Timer
+from ._records import Timer, valid_label_keys
 
 __all__ = ["LineReader", "decode_one", "extends_run"]
 
@@ -61,9 +61,12 @@ def decode_one(line: bytes) -> DecodeResult:
     their arms too take the table's batch path."""
     if line.startswith(V2_PREFIX):
         try:
-            return _V2.decode(line)
+            result = _V2.decode(line)
         except _DECODE_ERRORS:
             pass  # decode_value() says why
+        else:
+            if _keys_valid((result,)):
+                return result
     return decode_value(line)
 
 
@@ -77,6 +80,13 @@ def extends_run(run: Optional[RemoteProtocolError], result: object) -> bool:
         and type(result) is type(run)
         and result.reason == run.reason
     )
+
+
+def _keys_valid(results: Iterable[object]) -> bool:
+    """Whether the label keys of every ``Timer`` in ``results`` are valid: the one check
+    a ``Timer`` does not make as it is decoded (``Timer.labels``). If not, the lines are
+    decoded again the slow way, which says why."""
+    return all(valid_label_keys(r.labels) for r in results if type(r) is Timer and r.labels)
 
 
 class LineReader:
@@ -147,6 +157,8 @@ class LineReader:
         if lines != len(results) or chunk[end - 2] != _CLOSE:
             return None
         if chunk.count(b"}\n" + prefix, start, end) != lines - 1:
+            return None
+        if chunk.find(b'"labels"', start, end) >= 0 and not _keys_valid(results):
             return None
         return results
 

@@ -11,11 +11,16 @@ a burst of arms costs no copy.
 
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, Optional
+import re
+from typing import Annotated, Dict, FrozenSet, Optional, Set
 
 import msgspec
+from msgspec import Meta
 
 from ftimer_protocol import (
+    LABEL_KEY_PATTERN,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
     Arm,
     Disarm,
     DisarmAll,
@@ -25,7 +30,22 @@ from ftimer_protocol import (
     TimerRequestV1,
 )
 
-__all__ = ["ABOUT_A_PROCESS", "Descendant", "Timer", "Worker", "request_of", "shared_labels"]
+__all__ = [
+    "ABOUT_A_PROCESS",
+    "Descendant",
+    "Timer",
+    "Worker",
+    "request_of",
+    "shared_labels",
+    "valid_label_keys",
+]
+
+# The protocol's Labels but for the pattern of keys, which valid_label_keys() checks:
+# msgspec matches each key against it with Python's re, 1.4 of the 1.8 us a labelled arm
+# took to decode.
+_LooseLabels = Annotated[
+    Dict[str, Annotated[str, Meta(max_length=MAX_LABEL_VALUE)]], Meta(max_length=MAX_LABELS)
+]
 
 
 class Timer(Arm, frozen=True, tag="arm"):
@@ -43,6 +63,30 @@ class Timer(Arm, frozen=True, tag="arm"):
         dump: how the worker has its own stacks dumped (its client's faulthandler
             hook), if it announced one.
     """
+
+    # Decoding into a Timer checks its label keys' length alone: whoever decodes one
+    # from outside checks them with valid_label_keys().
+    labels: Optional[_LooseLabels] = None
+
+
+_KEY = re.compile(LABEL_KEY_PATTERN)
+# Keys seen to follow the pattern: a worker's labels have the same few keys (job, rank),
+# found in a set at a tenth of the pattern's cost. Bounded, so junk keys cannot grow it.
+_known_keys: Set[str] = set()
+_MAX_KNOWN_KEYS = 1024
+
+
+def valid_label_keys(labels: Dict[str, str]) -> bool:
+    """Whether every key of ``labels`` follows the protocol's ``LABEL_KEY_PATTERN``."""
+    if labels.keys() <= _known_keys:
+        return True
+    for key in labels:
+        if key not in _known_keys:
+            if not _KEY.search(key):
+                return False
+            if len(_known_keys) < _MAX_KNOWN_KEYS:
+                _known_keys.add(key)
+    return True
 
 
 def shared_labels(

@@ -45,7 +45,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import msgspec
 
-from ftimer_protocol import PIPE_BUF
+from ftimer_protocol import LABEL_KEY_PATTERN, PIPE_BUF
 from ftimer_server._files import (
     NotAPrivateDirectory,
     NotARegularFile,
@@ -58,7 +58,7 @@ from ftimer_server._files import (
     write_atomically,
 )
 from ftimer_server.core._policy import clocks_apart
-from ftimer_server.core._records import Timer, shared_labels
+from ftimer_server.core._records import Timer, shared_labels, valid_label_keys
 from ftimer_server.server._journal import Failures
 from ftimer_server.server._process import own_clock_offsets
 
@@ -278,6 +278,8 @@ def decode_state(data: bytes) -> StateFile:
     for item in raw.timers:
         try:
             timer = _timer_decoder.decode(item)
+            if timer.labels and not valid_label_keys(timer.labels):
+                raise msgspec.ValidationError(f"a label key does not match {LABEL_KEY_PATTERN}")
         except (msgspec.DecodeError, RecursionError) as e:
             log.error("state file: dropped an invalid timer (%s): %s", e, bytes(item)[:200])
             continue

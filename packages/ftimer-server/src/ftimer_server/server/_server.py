@@ -34,6 +34,7 @@ import msgspec
 
 from ftimer_protocol import (
     FIFO_ENV_VARS,
+    Arm,
     DisarmAll,
     FileTimerRequest,
     MalformedMessage,
@@ -608,10 +609,11 @@ class FileTimerServer:
         malformed: List[MalformedMessage] = []
         for timer in timers:
             # Timer() checks nothing: a NaN deadline would never expire, nor would any
-            # timer after it in the table. The checked copy is not kept: the table makes
+            # timer after it in the table. Checked as the Arm it was (a Timer's decoding
+            # leaves label keys unchecked). The checked copy is not kept: the table makes
             # its own timers, and a second copy of each would stay in the daemon's memory.
             try:
-                msgspec.convert(msgspec.to_builtins(timer), Timer)
+                msgspec.convert(msgspec.to_builtins(timer), Arm)
             except (msgspec.ValidationError, TypeError) as e:
                 malformed.append(MalformedMessage(f"restore: {e}", repr(timer).encode()[:64]))
             else:

@@ -192,13 +192,16 @@ def test_parse_mode_rejects(value: int | str) -> None:
         ("0.0.0.0:1", ("0.0.0.0", 1)),
         ("[::1]:9464", ("::1", 9464)),
         ("localhost:0", ("localhost", 0)),
+        ("a" * 253 + ":9464", ("a" * 253, 9464)),  # DNS's longest name
     ],
 )
 def test_parse_address(value: str, expected: tuple[str, int]) -> None:
     assert parse_address(value) == expected
 
 
-@pytest.mark.parametrize("value", ["", "host:", "host:http", "1.2.3.4:70000"])
+@pytest.mark.parametrize(
+    "value", ["", "host:", "host:http", "1.2.3.4:70000", "a" * 254 + ":9464", "a" * 5000 + ":1"]
+)
 def test_parse_address_rejects(value: str) -> None:
     with pytest.raises(ConfigError):
         parse_address(value)

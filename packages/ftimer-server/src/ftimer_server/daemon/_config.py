@@ -427,6 +427,10 @@ def parse_group(value: Union[int, str]) -> int:
         ) from None
 
 
+#: The longest host name DNS allows (RFC 1035), so the longest a metrics host can be.
+_MAX_HOST = 253
+
+
 def parse_address(value: str) -> Tuple[str, int]:
     """``"9464"``, ``":9464"``, ``"0.0.0.0:9464"``, ``"[::1]:9464"`` -> (host, port).
 
@@ -435,7 +439,7 @@ def parse_address(value: str) -> Tuple[str, int]:
 
     Raises:
         ConfigError: no port number, or one out of range; an IPv6 address without its
-            brackets.
+            brackets; a host that cannot be one.
     """
     text = value.strip()
     if text.startswith("["):
@@ -456,6 +460,11 @@ def parse_address(value: str) -> Tuple[str, int]:
     if not host.isprintable() or any(c.isspace() or c in "[]" for c in host):
         raise ConfigError(
             f"metrics address {_shown(value)}: {_shown(host)} is not a host name or address"
+        )
+    if len(host) > _MAX_HOST:
+        raise ConfigError(
+            f"metrics address {_shown(value)}: a host name or address has at most "
+            f"{_MAX_HOST} characters"
         )
     port = ascii_int(port_text)
     if port is None:

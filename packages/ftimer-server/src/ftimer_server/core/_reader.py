@@ -158,7 +158,7 @@ class LineReader:
             return None
         if chunk.count(b"}\n" + prefix, start, end) != lines - 1:
             return None
-        if chunk.find(b'"labels"', start, end) >= 0 and not _keys_valid(results):
+        if decoder is _V2 and not _keys_valid(results):
             return None
         return results
 

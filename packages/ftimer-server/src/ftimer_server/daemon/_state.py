@@ -45,7 +45,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import msgspec
 
-from ftimer_protocol import LABEL_KEY_PATTERN, PIPE_BUF
+from ftimer_protocol import PIPE_BUF, Arm
 from ftimer_server._files import (
     NotAPrivateDirectory,
     NotARegularFile,
@@ -174,6 +174,7 @@ _CRC32 = re.compile(rb',"crc32":(\d{1,10})}\s*\Z')
 _header_decoder = msgspec.json.Decoder(_Header)
 _decoder = msgspec.json.Decoder(_LenientStateFile)
 _timer_decoder = msgspec.json.Decoder(Timer)
+_arm_decoder = msgspec.json.Decoder(Arm)  # a Timer's, with its label keys checked
 
 
 def read_boot_id(path: str = BOOT_ID_PATH) -> str:
@@ -279,7 +280,7 @@ def decode_state(data: bytes) -> StateFile:
         try:
             timer = _timer_decoder.decode(item)
             if timer.labels and not valid_label_keys(timer.labels):
-                raise msgspec.ValidationError(f"a label key does not match {LABEL_KEY_PATTERN}")
+                _arm_decoder.decode(item)  # raises, saying which key, as a line would
         except (msgspec.DecodeError, RecursionError) as e:
             log.error("state file: dropped an invalid timer (%s): %s", e, bytes(item)[:200])
             continue

@@ -21,6 +21,7 @@ from tests.conftest import wait_until
 
 from ftimer_protocol import Message, encode, parse_proc_stat
 from ftimer_server import Descendant, Event, OsSignaller, ProcessInspector, Worker
+from ftimer_server.incidents._procfs import pidfd_pid
 
 #: The first pid of pretend workers served by a real server: above Linux's highest pid_max
 #: (PID_MAX_LIMIT, 2**22), so never a real process. A real server refuses its own pid and
@@ -148,6 +149,11 @@ def send(path: os.PathLike[str], *messages: Message, raw: bytes = b"") -> None:
             os.write(fd, encode(m))
     finally:
         os.close(fd)
+
+
+def pidfds_of(pid: int) -> int:
+    """How many of this process's descriptors are pidfds of ``pid``."""
+    return sum(pidfd_pid(int(fd)) == pid for fd in os.listdir("/proc/self/fd"))
 
 
 def wait_exit(child: subprocess.Popen[bytes], timeout: float = 10.0) -> tuple[int, float]:

@@ -21,8 +21,9 @@ import pytest
 from ftimer_protocol import PIPE_BUF, Arm, Disarm, DisarmAll, Sync, TimerRequestV1, encode
 from ftimer_server import RejectReason, SystemInspector
 from ftimer_server.core._events import Refused
-from ftimer_server.incidents._procfs import pidfd_pid
 from ftimer_server.server._socket import open_socket
+
+from .conftest import pidfds_of
 
 _SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
 _SO_PASSPIDFD = getattr(socket, "SO_PASSPIDFD", 76)
@@ -243,11 +244,6 @@ def test_what_only_spares_a_worker_is_taken_from_a_sender_on_other_clocks(
     assert results[3].reason is RejectReason.OTHER_CLOCK  # type: ignore[union-attr]
 
 
-def _pidfds_of(pid: int) -> int:
-    """How many of this process's descriptors are pidfds of ``pid``."""
-    return sum(pidfd_pid(int(fd)) == pid for fd in os.listdir("/proc/self/fd"))
-
-
 def test_each_receive_lets_go_of_the_last_batch_s_pidfds(tmp_path: pathlib.Path) -> None:
     # A batch's pidfds (the one a datagram carried and vouches with) are closed by
     # release(), or at the latest by the next receive(): a caller that never released
@@ -262,12 +258,12 @@ def test_each_receive_lets_go_of_the_last_batch_s_pidfds(tmp_path: pathlib.Path)
             [timer] = sock.receive()
             assert timer.pid == child.pid  # type: ignore[union-attr]
             assert child.pid in sock.vouched
-            assert _pidfds_of(child.pid) == 2  # the test's, and the one that vouches
+            assert pidfds_of(child.pid) == 2  # the test's, and the one that vouches
             sender.send(encode(Disarm(pid=os.getpid(), scope_id="next")))
             [disarm] = sock.receive()  # no release() in between
         assert disarm.scope_id == "next"  # type: ignore[union-attr]
         assert child.pid not in sock.vouched
-        assert _pidfds_of(child.pid) == 1  # the test's own
+        assert pidfds_of(child.pid) == 1  # the test's own
     finally:
         os.close(pidfd)
         sock.close()

@@ -23,7 +23,7 @@ from ftimer_server.incidents._procfs import pidfd_pid
 from ftimer_server.server import _closer as closer_module
 from ftimer_server.server._socket import forgo_socket, open_socket, shut_for_reading
 
-from .conftest import NOBODY, run_as_nobody
+from .conftest import NOBODY, pidfds_of, run_as_nobody
 
 _SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
 _SO_PASSPIDFD = getattr(socket, "SO_PASSPIDFD", 76)
@@ -144,11 +144,6 @@ def test_a_sync_s_descriptor_that_cannot_be_told_a_pipe_is_no_receipt(
     assert server.returncode == 0
 
 
-def _pidfds_of(pid: int) -> int:
-    """How many of this process's descriptors are pidfds of ``pid``."""
-    return sum(pidfd_pid(int(fd)) == pid for fd in os.listdir("/proc/self/fd"))
-
-
 def test_close_lets_go_of_the_last_batch_s_pidfds(tmp_path: pathlib.Path) -> None:
     # A server stopping closes its socket with a batch read and never applied (or its
     # release() skipped by an error): the pidfds that vouched for it are closed with
@@ -162,9 +157,9 @@ def test_close_lets_go_of_the_last_batch_s_pidfds(tmp_path: pathlib.Path) -> Non
             socket.send_fds(sender, [arm(child.pid)], [pidfd])
         [timer] = sock.receive()
         assert timer.pid == child.pid  # type: ignore[union-attr]
-        assert _pidfds_of(child.pid) == 2  # the test's, and the one that vouches
+        assert pidfds_of(child.pid) == 2  # the test's, and the one that vouches
         sock.close()  # no release() first
-        assert _pidfds_of(child.pid) == 1  # the test's own
+        assert pidfds_of(child.pid) == 1  # the test's own
         assert sock.vouched == {}
     finally:
         os.close(pidfd)

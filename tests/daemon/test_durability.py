@@ -39,13 +39,6 @@ def saved_scopes(state: pathlib.Path) -> list[str]:
         return []
 
 
-def saved_signals(state: pathlib.Path) -> list[int]:
-    try:
-        return [t["signal"] for t in json.loads(state.read_text())["timers"]]
-    except (FileNotFoundError, ValueError):
-        return []
-
-
 def saved_after(state: pathlib.Path, when: float) -> Optional[Dict[str, Any]]:
     """The state file, if it was saved after ``when`` (monotonic seconds)."""
     try:

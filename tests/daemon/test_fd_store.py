@@ -390,6 +390,31 @@ def test_a_socket_shut_by_a_daemon_killed_as_it_stopped_is_not_taken_over(
     assert not socket_module.shut_for_reading(now)
 
 
+def test_a_kept_socket_whose_file_another_socket_replaced_is_not_taken_over(
+    spawn: Callable[..., DaemonProcess],
+    short_dir: pathlib.Path,
+    store: FdStore,
+    quiet: Callable[[pathlib.Path, float], subprocess.Popen[str]],
+) -> None:
+    # The kept socket's file was removed and another socket bound at its path (by a
+    # process of the daemon's user): the next daemon took the kept one over by its name,
+    # and served a socket no client could reach, the one at the path unread.
+    args = ["--state-file", str(short_dir / "state.json")]
+    first = store.start(spawn, *args, name="first")
+    quiet_on_the_socket(first, quiet)  # a timer restored: the socket would be taken over
+    first.stop(signal.SIGKILL)
+    store.drain()
+    path = str(first.fifo.with_suffix(".socket"))
+    os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as other:
+        other.bind(path)
+        second = spawn(*args, env={"NOTIFY_SOCKET": store.path}, **store.passed(), name="second")
+        _, err = second.proc.communicate(timeout=PATIENCE)
+        assert second.proc.returncode == 3  # as any start with a live socket at the path
+        assert "a process is bound to the socket there; not removing it" in err
+        assert os.path.exists(path)  # the other's, left
+
+
 def test_a_socket_not_taken_over_is_let_go(
     spawn: Callable[..., DaemonProcess], store: FdStore
 ) -> None:

@@ -428,12 +428,6 @@ def test_a_socket_let_go_that_is_bound_elsewhere_leaves_the_path_alone(
         assert os.path.lexists(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: forgo_socket() takes getsockname() == path for 'its file is there', and "
-    "removes a socket another live process of this user bound at the path since (one "
-    "open_socket() would never remove: it answers)",
-)
 def test_a_socket_let_go_leaves_a_live_socket_bound_at_its_path_since(
     tmp_path: pathlib.Path,
 ) -> None:

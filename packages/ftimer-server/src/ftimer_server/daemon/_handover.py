@@ -18,6 +18,7 @@ import socket
 import stat
 from typing import Optional, Tuple
 
+from ftimer_server.server._sockdiag import bound_at
 from ftimer_server.server._socket import DatagramSocket, shut_for_reading
 
 from ._systemd import SystemdNotifier, stored_fds
@@ -113,15 +114,14 @@ def _stored_queue(name: str) -> Optional[int]:
 
 
 def _bound_at(fd: int, path: str) -> bool:
-    """Whether ``fd`` is an AF_UNIX datagram socket bound at ``path``, which still
-    names a socket (one stopped cleanly unlinked it)."""
+    """Whether ``fd`` is an AF_UNIX datagram socket whose file is at ``path`` (one
+    stopped cleanly removed it; another may have been bound there since)."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
         return False
     try:
-        named = stat.S_ISSOCK(os.lstat(path).st_mode)
-        return named and sock.type == socket.SOCK_DGRAM and sock.getsockname() == path
+        return sock.type == socket.SOCK_DGRAM and bound_at(sock, path)
     except OSError:
         return False
     finally:

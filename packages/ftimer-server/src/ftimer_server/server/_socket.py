@@ -64,6 +64,7 @@ from ftimer_server.incidents._procfs import pidfd_pid
 from . import _closer, _kinship
 from ._fifo import FifoError, resolve_group
 from ._process import ProcessInspector, SystemInspector, out_of_descriptors
+from ._sockdiag import bound_at
 
 __all__ = ["DatagramSocket", "open_socket"]
 
@@ -548,7 +549,7 @@ def _adopt(
     try:
         if (sock.family, sock.type) != (socket.AF_UNIX, socket.SOCK_DGRAM):
             raise FifoError(path, "the socket given is not an AF_UNIX datagram socket")
-        if sock.getsockname() != path or not stat.S_ISSOCK(os.lstat(path).st_mode):
+        if not bound_at(sock, path):
             raise FifoError(path, "the socket given is not bound there")
         passes_pidfds = _pass_credentials(sock)
         gid = resolve_group(group)
@@ -580,8 +581,7 @@ def forgo_socket(path: str, fd: int) -> None:
             os.close(fd)
         return
     with sock, contextlib.suppress(OSError):
-        st = os.lstat(path)
-        if sock.getsockname() == path and stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid():
+        if bound_at(sock, path) and os.lstat(path).st_uid == os.geteuid():
             os.unlink(path)
 
 

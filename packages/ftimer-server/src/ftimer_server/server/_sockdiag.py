@@ -3,8 +3,8 @@
 A socket's name (``getsockname()``) is the path it was bound at, whatever is at that path
 now: the file may have been removed, and another socket bound there since. Only the
 kernel can tell which file is the socket's (``NETLINK_SOCK_DIAG``, ``UDIAG_SHOW_VFS``:
-the device and inode of the file it was bound to). The socket holds that file, so its
-inode cannot be given to another while it is open.
+the inode of the file it was bound to). The socket holds that file, so its inode number
+cannot be given to another while it is open.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import socket
 import stat
 import struct
-from typing import Optional, Tuple
+from typing import Optional
 
 __all__ = ["bound_at", "bound_file"]
 
@@ -30,13 +30,13 @@ _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, port
 _REQUEST = struct.Struct("=BBHIIIII")  # family, protocol, pad, states, ino, show, cookie
 _REPLY = struct.Struct("=BBBBIII")  # family, type, state, pad, ino, cookie
 _ATTR = struct.Struct("=HH")  # length, type
-_VFS = struct.Struct("=II")  # ino, dev (the kernel's encoding: major << 20 | minor)
+_VFS_INO = struct.Struct("=I")  # unix_diag_vfs: the inode (then the device)
 
 
-def bound_file(fd: int) -> Optional[Tuple[int, int]]:
-    """The (device, inode) of the file the AF_UNIX socket ``fd`` is bound to, as
-    ``os.stat()`` gives them (the inode's low 32 bits: all the kernel says), or ``None``
-    if it is bound to none (unbound, or an abstract name).
+def bound_file(fd: int) -> Optional[int]:
+    """The inode number of the file the AF_UNIX socket ``fd`` is bound to (its low 32
+    bits: all the kernel says), or ``None`` if it is bound to none (unbound, or an
+    abstract name).
 
     Raises:
         OSError: the kernel cannot say (no ``unix_diag``, not a socket).
@@ -63,8 +63,7 @@ def bound_file(fd: int) -> Optional[Tuple[int, int]]:
         if size < _ATTR.size:
             break
         if attribute == _UNIX_DIAG_VFS:
-            vfs_ino, dev = _VFS.unpack_from(reply, at + _ATTR.size)
-            return os.makedev(dev >> 20, dev & 0xFFFFF), vfs_ino
+            return int(_VFS_INO.unpack_from(reply, at + _ATTR.size)[0])
         at += (size + 3) & ~3
     return None
 
@@ -86,4 +85,7 @@ def bound_at(sock: socket.socket, path: str) -> bool:
         bound = bound_file(sock.fileno())
     except OSError:
         return True  # the name must do
-    return bound == (st.st_dev, st.st_ino & 0xFFFFFFFF)
+    # The inode alone: the device the kernel names is not always the one stat() gives
+    # (btrfs subvolumes, overlayfs), and the socket holds its file, whose number no file
+    # bound at the path since can have.
+    return bound == st.st_ino & 0xFFFFFFFF

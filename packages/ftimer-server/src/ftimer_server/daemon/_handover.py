@@ -18,7 +18,7 @@ import socket
 import stat
 from typing import Optional, Tuple
 
-from ftimer_server.server._sockdiag import bound_at
+from ftimer_server.server._sockdiag import reached_at
 from ftimer_server.server._socket import DatagramSocket, shut_for_reading
 
 from ._systemd import SystemdNotifier, stored_fds
@@ -43,7 +43,7 @@ def take_stored_socket(path: Optional[str]) -> Optional[Tuple[int, int]]:
         queue = _stored_queue(name)
         if queue is None:
             continue
-        if taken is None and path is not None and _bound_at(fd, path):
+        if taken is None and path is not None and _reached_at(fd, path):
             if not shut_for_reading(fd):
                 taken = fd, queue
                 continue
@@ -113,15 +113,15 @@ def _stored_queue(name: str) -> Optional[int]:
     return int(rest)
 
 
-def _bound_at(fd: int, path: str) -> bool:
-    """Whether ``fd`` is an AF_UNIX datagram socket whose file is at ``path`` (one
-    stopped cleanly removed it; another may have been bound there since)."""
+def _reached_at(fd: int, path: str) -> bool:
+    """Whether ``fd`` is an AF_UNIX datagram socket that a datagram sent to ``path``
+    reaches (one stopped cleanly removed its file; another may be bound there since)."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
         return False
     try:
-        return sock.type == socket.SOCK_DGRAM and bound_at(sock, path)
+        return sock.type == socket.SOCK_DGRAM and reached_at(sock, path)
     except OSError:
         return False
     finally:

@@ -64,7 +64,7 @@ from ftimer_server.incidents._procfs import pidfd_pid
 from . import _closer, _kinship
 from ._fifo import FifoError, resolve_group
 from ._process import ProcessInspector, SystemInspector, out_of_descriptors
-from ._sockdiag import bound_at
+from ._sockdiag import reached_at
 
 __all__ = ["DatagramSocket", "open_socket"]
 
@@ -549,7 +549,7 @@ def _adopt(
     try:
         if (sock.family, sock.type) != (socket.AF_UNIX, socket.SOCK_DGRAM):
             raise FifoError(path, "the socket given is not an AF_UNIX datagram socket")
-        if not bound_at(sock, path):
+        if not reached_at(sock, path):
             raise FifoError(path, "the socket given is not bound there")
         passes_pidfds = _pass_credentials(sock)
         gid = resolve_group(group)
@@ -570,7 +570,7 @@ def _adopt(
 
 def forgo_socket(path: str, fd: int) -> None:
     """Close ``fd``, a socket given to be taken over (``open_socket``'s ``adopt``), and
-    remove ``path`` if it is bound there and a socket of this user's is there (as
+    remove ``path`` if it leads to that socket and the file is this user's (as
     ``open_socket`` replaces one left by a server that died): a new one may be bound in
     its place. Never raises (what cannot be done is left: the bind that follows says
     why)."""
@@ -581,7 +581,7 @@ def forgo_socket(path: str, fd: int) -> None:
             os.close(fd)
         return
     with sock, contextlib.suppress(OSError):
-        if bound_at(sock, path) and os.lstat(path).st_uid == os.geteuid():
+        if reached_at(sock, path) and os.lstat(path).st_uid == os.geteuid():
             os.unlink(path)
 
 

@@ -46,8 +46,9 @@ _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_SNDTIMEO
 #: The datagram whose descriptor (a pipe's write end) the server closes once it has
 #: applied every datagram before it: a sender's receipt (see ``SocketWriter.wait_read``).
 _RECEIPT = encode(Sync(token="ftimer-receipt"))
-#: The longest path an AF_UNIX address holds (sun_path, Linux: not NUL-terminated).
-_SUN_PATH = 108
+#: The longest path an AF_UNIX socket can be reached at: ``sun_path``'s 108 bytes, less
+#: the NUL Python's socket module keeps room for (it refuses 108, errno None).
+_SUN_PATH = 107
 
 
 class SocketWriter:
@@ -78,14 +79,14 @@ class SocketWriter:
             self._file, self._inode = _pin(path)
             _connect(sock, path)
             self._identity = identity(sock.fileno())  # to tell it is still ours (owned)
+        except ServerUnavailable:  # an OSError, said in its own words already
+            sock.close()
+            self._unpin()
+            raise
         except OSError as e:
             sock.close()
             self._unpin()
             raise _unavailable(e, path) from e
-        except ServerUnavailable:
-            sock.close()
-            self._unpin()
-            raise
         self._sock = sock
         # write() on a connected datagram socket sends one datagram, as send() does, at
         # the cost of os.write: the hot path is the FIFO's. Not with a pidfd to attach.

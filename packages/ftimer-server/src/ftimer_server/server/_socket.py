@@ -488,7 +488,13 @@ def open_socket(
             raise FifoError(path, f"a socket of uid {st.st_uid} is there; not removing it")
         if _answers(path):
             raise FifoError(path, "a process is bound to the socket there; not removing it")
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass  # removed meanwhile (its server's stop): the bind says what is there now
+        except OSError as e:
+            why = f"cannot remove the socket left there: {e.strerror}"
+            raise FifoError(path, why, e.errno) from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
         passes_pidfds = _pass_credentials(sock)

@@ -349,16 +349,10 @@ def test_a_long_path_reached_through_its_directory_leaves_no_descriptor_behind(
         peer.close()
 
 
-def reach(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, length: int) -> None:
-    """Send a datagram to a socket bound at a path of ``length`` bytes (a directory's
-    name padded), and see it read."""
-    directory = tmp_path / ("d" * (length - len(os.fsencode(str(tmp_path))) - len("//s")))
-    directory.mkdir()
-    monkeypatch.chdir(directory)
-    peer = SocketPeer(pathlib.Path("s"))  # bound relative to its directory
+def delivered(path: str, peer: SocketPeer) -> None:
+    """Send ``LINE`` through a writer of its own to the socket at ``path``, and see
+    ``peer`` read it; ``peer`` is closed after."""
     try:
-        path = str(directory / "s")
-        assert len(os.fsencode(path)) == length
         writer = SocketWriter(path)
         try:
             writer.write(LINE, 1.0)
@@ -367,6 +361,18 @@ def reach(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, length: int) 
         assert peer.wait_count(1) == [Disarm(ME, "s", 0)]
     finally:
         peer.close()
+
+
+def reach(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, length: int) -> None:
+    """Send a datagram to a socket bound at a path of ``length`` bytes (a directory's
+    name padded), and see it read."""
+    directory = tmp_path / ("d" * (length - len(os.fsencode(str(tmp_path))) - len("//s")))
+    directory.mkdir()
+    monkeypatch.chdir(directory)
+    peer = SocketPeer(pathlib.Path("s"))  # bound relative to its directory
+    path = str(directory / "s")
+    assert len(os.fsencode(path)) == length
+    delivered(path, peer)
 
 
 def test_a_path_one_byte_longer_than_an_address_holds_is_reached(

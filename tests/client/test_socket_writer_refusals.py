@@ -15,19 +15,16 @@ import pathlib
 import socket
 import subprocess
 import sys
-from typing import Iterator, Set
+from typing import Iterator
 
 import pytest
 
 from ftimer_client import ServerStalled, ServerUnavailable, _socket
 from ftimer_client._socket import SocketWriter
 from ftimer_client._writer import ConnectionLost
-from ftimer_protocol import Disarm, encode
 
 from .conftest import SocketPeer
-
-ME = os.getpid()
-LINE = encode(Disarm(ME, "s", 0))
+from .test_socket_writer import LINE, ME, delivered, fds
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "pidfd_open"), reason="the socket transport is Linux's (pidfds)"
@@ -187,16 +184,7 @@ def test_a_path_as_long_as_an_address_holds_is_reached_whatever_its_name(
     # directory (/proc/self/fd/N/NAME) would be too long for it.
     name = "n" * 107
     monkeypatch.chdir(tmp_path)
-    peer = SocketPeer(pathlib.Path(name))
-    try:
-        writer = SocketWriter(name)
-        try:
-            writer.write(LINE, 1.0)
-        finally:
-            writer.close()
-        assert peer.wait_count(1) == [Disarm(ME, "s", 0)]
-    finally:
-        peer.close()
+    delivered(name, SocketPeer(pathlib.Path(name)))
 
 
 def test_a_long_path_whose_name_just_fits_the_way_through_its_directory_is_reached(
@@ -207,17 +195,9 @@ def test_a_long_path_whose_name_just_fits_the_way_through_its_directory_is_reach
     name = "n" * (107 - len("/proc/self/fd/2147483647/"))
     monkeypatch.chdir(tmp_path)
     peer = SocketPeer(pathlib.Path(name))  # bound relative to its directory
-    try:
-        path = str(tmp_path / name)
-        assert len(os.fsencode(path)) > 107
-        writer = SocketWriter(path)
-        try:
-            writer.write(LINE, 1.0)
-        finally:
-            writer.close()
-        assert peer.wait_count(1) == [Disarm(ME, "s", 0)]
-    finally:
-        peer.close()
+    path = str(tmp_path / name)
+    assert len(os.fsencode(path)) > 107
+    delivered(path, peer)
 
 
 def test_a_name_too_long_for_a_directory_numbered_high_is_refused_in_its_own_words(
@@ -243,11 +223,6 @@ def test_a_name_too_long_for_a_directory_numbered_high_is_refused_in_its_own_wor
 
 
 # -- the receipt (``wait_read``) ----------------------------------------------------------
-
-
-def fds() -> Set[str]:
-    """This process's descriptors."""
-    return set(os.listdir("/proc/self/fd"))
 
 
 def test_a_receipt_leaves_no_descriptor_behind(speer: SocketPeer) -> None:

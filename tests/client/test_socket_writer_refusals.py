@@ -232,7 +232,7 @@ def test_a_receipt_leaves_no_descriptor_behind(speer: SocketPeer) -> None:
         writer.write(LINE, 1.0)
         before = fds()
         assert writer.wait_read(10.0) is True
-        assert fds() == before
+        assert fds() <= before  # nothing left open (others' may close meanwhile)
     finally:
         writer.close()
 

@@ -23,6 +23,7 @@ from ftimer_protocol import (
     encode,
 )
 from ftimer_server import Timer
+from ftimer_server.core import _records
 from ftimer_server.core._reader import LineReader, decode_one
 from ftimer_server.core._records import valid_label_keys
 
@@ -224,6 +225,20 @@ def test_a_run_of_labelled_arms_is_refused_as_the_protocol_refuses_it(
 def test_label_keys_are_valid_as_the_protocol_pattern_says(key: str) -> None:
     assert valid_label_keys({key: "v"}) == bool(re.search(LABEL_KEY_PATTERN, key))
     assert not valid_label_keys({"job": "v", key: "v", "bad key": "v"})
+
+
+def test_label_keys_found_valid_are_remembered_within_a_bound() -> None:
+    # Valid keys are remembered (a worker sends the same few on every arm); a flood of
+    # distinct ones neither grows the server's memory without bound nor lets an invalid
+    # key through beside remembered ones.
+    for i in range(5000):
+        assert valid_label_keys({f"k{i}": "v", "job": "v"})
+    assert 3 <= len(_records._VALID_KEYS) <= _records._MAX_VALID_KEYS
+    assert "k4999" not in _records._VALID_KEYS
+    assert valid_label_keys({"k4999": "v", "job": "v"})
+    for bad in ("bad key", "x" * 33, "ключ", "9lives", ""):
+        assert not valid_label_keys({"job": "v", bad: "v"})
+        assert bad not in _records._VALID_KEYS
 
 
 def test_a_label_named_version_does_not_cost_the_message() -> None:

@@ -11,7 +11,7 @@ a burst of arms costs no copy.
 
 from __future__ import annotations
 
-from typing import Annotated, Dict, FrozenSet, Optional
+from typing import Annotated, Dict, FrozenSet, Optional, Set
 
 import msgspec
 from msgspec import Meta
@@ -68,10 +68,23 @@ class Timer(Arm, frozen=True, tag="arm"):
     labels: Optional[TimerLabels] = None
 
 
+# Keys already found valid: a worker sends the same few keys on every arm, and one set
+# lookup for all of them costs a quarter of checking each (the labelled ingest's reader:
+# 0.66 -> 0.50 us a line). Bounded, so that a flood of distinct keys only costs the check.
+_VALID_KEYS: Set[str] = set()
+_MAX_VALID_KEYS = 1024
+
+
 def valid_label_keys(labels: Dict[str, str]) -> bool:
     """Whether every key of ``labels`` follows the protocol's ``LABEL_KEY_PATTERN``: an
     ASCII identifier of at most 32 characters (a third of the pattern's cost)."""
-    return all(len(key) <= 32 and key.isascii() and key.isidentifier() for key in labels)
+    if _VALID_KEYS.issuperset(labels):
+        return True
+    if not all(len(key) <= 32 and key.isascii() and key.isidentifier() for key in labels):
+        return False
+    if len(_VALID_KEYS) < _MAX_VALID_KEYS:
+        _VALID_KEYS.update(labels)
+    return True
 
 
 def shared_labels(

@@ -1,0 +1,231 @@
+"""The channel's retry thread through servers that leave during a retry step
+(``_channel.py`` ``_retry_step``, ``_retry_loop``; each test seen to fail with a mutant
+of the code that no other test caught). Every server here is a recording peer that
+restarts (closes, its path made anew): nothing is ever signalled."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import List, Optional
+
+import pytest
+from tests.conftest import wait_until
+
+from ftimer_client import FileTimerClient, ServerUnavailable, _channel
+from ftimer_client._fifo import FifoWriter
+from ftimer_client._resync import Resync
+from ftimer_client._writer import Writer
+
+from .conftest import FifoPeer, Peer, held_only, restart, server_state
+from .test_fork import in_child
+
+ME = os.getpid()
+
+
+def descriptors_of(fifo: os.stat_result) -> List[int]:
+    """This process's descriptors open on the file ``fifo`` is the status of."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/proc/self/fd/{name}")
+            if (st.st_dev, st.st_ino) == (fifo.st_dev, fifo.st_ino):
+                found.append(int(name))
+    return found
+
+
+def test_a_server_that_leaves_twice_in_one_retry_step_still_gets_the_resync(
+    server: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # _channel.py _retry_step: "for reconnecting in (False, True)", the second lost
+    # connection of a step raising ServerUnavailable (a failed retry, backing off). Each
+    # server here restarts right after the retry connected to it, before its first line
+    # (the hook runs the real connect, then restarts the server: the write finds the
+    # connection lost for real). Without the raise, the step fell through to
+    # "unreachable": the AssertionError ended the retry thread, and a stuck worker's
+    # timer never reached the server that then stayed.
+    client = FileTimerClient(server.path, labels={})
+    client.arm("s", 60)
+    server.wait_count(1)
+    channel = client._channel
+    server.close()
+    server.path.unlink()  # the server goes
+    with pytest.raises(ServerUnavailable):
+        client.arm("t", 60)
+    assert channel._retrying()
+    peers: List[Peer] = []
+    connect = _channel.Channel._connect
+
+    def connect_then_restart(self: _channel.Channel) -> Writer:
+        writer = connect(self)
+        if self is channel and len(peers) < 3:
+            peers.append(restart(peers[-1]))
+        return writer
+
+    monkeypatch.setattr(_channel.Channel, "_connect", connect_then_restart)
+    with channel.lock:  # the retry waits: the peer is in the list before it connects
+        peers.append(type(server)(server.path))
+    try:
+        wait_until(lambda: len(peers) == 3, what="two restarts")
+        last = peers[-1]
+        messages = last.wait_for(lambda m: (ME, "s") in server_state(m))
+        wait_until(lambda: not channel._retrying(), what="the retry thread to end")
+        assert not channel.needs_resync
+        assert {s for p, s in server_state(messages) if p == ME} == {"s"}  # "t" raised
+        client.close()
+    finally:
+        for peer in peers:
+            peer.close()
+
+
+def test_a_child_forked_while_another_thread_delivers_sends_its_own_lines(
+    peer: FifoPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # _channel.py _after_fork: self._sending = False. A thread of the parent was in a
+    # delivery (its write waiting, here held by a hook in the writer) at the fork: the
+    # child's copy said a delivery was under way that no thread of the child would ever
+    # end, and put every line of the child's aside (Resync.defer), never sent.
+    client = FileTimerClient(peer.path, labels={})
+    writing, release = threading.Event(), threading.Event()
+    write = FifoWriter.write
+
+    def held(self: FifoWriter, line: bytes, timeout: float) -> None:
+        if threading.current_thread() is holder:
+            writing.set()
+            release.wait(10)
+        write(self, line, timeout)
+
+    monkeypatch.setattr(FifoWriter, "write", held)
+    holder = threading.Thread(target=client.arm, args=("parent", 60))
+    holder.start()
+    try:
+        assert writing.wait(10)
+        pid = in_child(lambda: client.arm("child", 60))
+    finally:
+        release.set()
+        holder.join(10)
+    messages = peer.wait_for(lambda m: {(pid, "child"), (ME, "parent")} <= set(server_state(m)))
+    assert {s for p, s in server_state(messages) if p == pid} == {"child"}
+    client.close()
+
+
+def test_a_protocol_1_server_that_leaves_between_the_retrys_open_and_write_gets_the_resync(
+    peer: FifoPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # _channel.py _retry_step: "keep = False" before the try. Protocol 1's retry opens
+    # the FIFO for each step; a server that left before the step's first line (the hook
+    # runs the real open, then restarts the server: the write finds its reader gone for
+    # real) made _retry_lines raise. Without the line, the finally (closing the writer)
+    # raised UnboundLocalError: the retry thread ended, and a stuck worker's timer never
+    # reached the server that then stayed. With "keep = True", the writer of the step
+    # that failed was never closed: a descriptor left open on the old FIFO.
+    client = FileTimerClient(peer.path, protocol=1)
+    client.arm("s", 60)
+    peer.wait_count(1)
+    channel = client._channel
+    peer.close()
+    peer.path.unlink()  # the server goes
+    with pytest.raises(ServerUnavailable):
+        client.arm("t", 60)
+    assert channel._retrying()
+    peers: List[Peer] = []
+    open_once = _channel.Channel._open_once
+
+    def open_then_restart(self: _channel.Channel) -> Writer:
+        writer = open_once(self)
+        if self is channel and len(peers) < 2:
+            peers.append(restart(peers[-1]))
+        return writer
+
+    monkeypatch.setattr(_channel.Channel, "_open_once", open_then_restart)
+    with channel.lock:  # the retry waits: the peer is in the list before it opens
+        peers.append(FifoPeer(peer.path))
+        first = os.stat(peer.path)
+    try:
+        wait_until(lambda: len(peers) == 2, what="a restart")
+        messages = peers[-1].wait_for(lambda m: (ME, "s") in server_state(m))
+        wait_until(lambda: not channel._retrying(), what="the retry thread to end")
+        assert not channel.needs_resync
+        assert {s for p, s in server_state(messages) if p == ME} == {"s"}  # "t" raised
+        assert descriptors_of(first) == []  # the step that failed closed its writer
+        client.close()
+    finally:
+        for server in peers:
+            server.close()
+
+
+def test_the_retry_sends_a_chunk_at_most_per_hold_of_the_lock(
+    server: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # _channel.py _retry_lines: "sent += 1". Uncounted, one step sent the whole resync
+    # under the lock, however long (a caller, or a signal handler, waited for all of it,
+    # not a chunk), and never reset the backoff after progress (retry_progressed).
+    monkeypatch.setattr(_channel, "RETRY_CHUNK", 1)
+    client = FileTimerClient(server.path, labels={})
+    for scope in "abc":
+        client.arm(scope, 60)
+    server.wait_count(3)
+    channel = client._channel
+    server.close()
+    server.path.unlink()  # the server goes
+    with pytest.raises(ServerUnavailable):
+        client.arm("d", 60)
+    steps: List[int] = []
+    lines = [0]
+    accepted, retry_step = Resync.accepted, _channel.Channel._retry_step
+
+    def counted(state: Resync, scope_id: Optional[str], line: bytes) -> None:
+        accepted(state, scope_id, line)
+        if state is channel.state:
+            lines[0] += 1
+
+    def step(self: _channel.Channel) -> object:
+        lines[0] = 0
+        try:
+            return retry_step(self)
+        finally:
+            if self is channel:
+                steps.append(lines[0])
+
+    monkeypatch.setattr(Resync, "accepted", counted)
+    monkeypatch.setattr(_channel.Channel, "_retry_step", step)
+    back = type(server)(server.path)
+    try:
+        messages = back.wait_for(lambda m: {(ME, s) for s in "abc"} <= set(server_state(m)))
+        wait_until(lambda: not channel._retrying(), what="the retry thread to end")
+        assert {s for p, s in server_state(messages) if p == ME} == {"a", "b", "c"}
+        assert sum(steps) >= 3
+        assert max(steps) == 1  # a line per hold of the lock
+        client.close()
+    finally:
+        back.close()
+
+
+def test_a_protocol_1_retry_closes_the_fifo_after_each_chunk(
+    peer: FifoPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # _channel.py _retry_lines: "return False" once a chunk went out. Returning None,
+    # _retry_step took it for a writer to wait on and kept protocol 1's writer open:
+    # every chunk of the resync left a descriptor open for writing on the FIFO.
+    monkeypatch.setattr(_channel, "RETRY_CHUNK", 1)
+    client = FileTimerClient(peer.path, protocol=1)
+    for scope in "abc":
+        client.arm(scope, 60)
+    peer.wait_count(3)
+    channel = client._channel
+    peer.close()
+    peer.path.unlink()  # the server goes
+    with pytest.raises(ServerUnavailable):
+        client.arm("d", 60)
+    back = FifoPeer(peer.path)
+    try:
+        fifo = os.stat(peer.path)
+        messages = back.wait_for(lambda m: {(ME, s) for s in "abc"} <= set(server_state(m)))
+        wait_until(lambda: not channel._retrying(), what="the retry thread to end")
+        assert {s for p, s in server_state(messages) if p == ME} == {"a", "b", "c"}
+        ours = (back.rfd, back.wfd)
+        assert [fd for fd in descriptors_of(fifo) if fd not in ours and not held_only(fd)] == []
+        client.close()
+    finally:
+        back.close()

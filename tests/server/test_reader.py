@@ -232,7 +232,7 @@ def test_label_keys_found_valid_are_remembered_within_a_bound() -> None:
     # distinct ones neither grows the server's memory without bound nor lets an invalid
     # key through beside remembered ones.
     for i in range(5000):
-        assert valid_label_keys({f"k{i}": "v", "job": "v"})
+        assert valid_label_keys({f"k{i}": "v", f"n{i}": "v", "job": "v"})
     assert 3 <= len(_records._VALID_KEYS) <= _records._MAX_VALID_KEYS
     assert "k4999" not in _records._VALID_KEYS
     assert valid_label_keys({"k4999": "v", "job": "v"})

@@ -11,6 +11,7 @@ unlink, create again).
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import os
 import pathlib
@@ -373,6 +374,17 @@ def restart(old: Peer) -> Peer:
     old.close()
     old.path.unlink(missing_ok=True)
     return type(old)(old.path)
+
+
+def descriptors_on(file: os.stat_result) -> List[int]:
+    """This process's descriptors open on the file ``file`` is the status of."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed since the listing
+            st = os.stat(f"/proc/self/fd/{name}")
+            if (st.st_dev, st.st_ino) == (file.st_dev, file.st_ino):
+                found.append(int(name))
+    return found
 
 
 def held_only(fd: int) -> bool:

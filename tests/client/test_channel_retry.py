@@ -22,7 +22,7 @@ from ftimer_client import FileTimerClient, ServerUnavailable, ServerUnavailableW
 from ftimer_client._resync import Resync
 from ftimer_protocol import Arm
 
-from .conftest import FifoPeer, Peer, held_only, restart, server_state
+from .conftest import FifoPeer, Peer, descriptors_on, held_only, restart, server_state
 from .test_fork import in_child
 
 ME = os.getpid()
@@ -325,13 +325,7 @@ def test_a_protocol_1_client_closed_or_dropped_lets_go_of_the_fifo_it_held(
     fifo = os.stat(peer.path)
 
     def pins() -> List[int]:
-        found = []
-        for name in os.listdir("/proc/self/fd"):
-            with contextlib.suppress(OSError):
-                st = os.stat(f"/proc/self/fd/{name}")
-                if (st.st_dev, st.st_ino) == (fifo.st_dev, fifo.st_ino) and held_only(int(name)):
-                    found.append(int(name))
-        return found
+        return [fd for fd in descriptors_on(fifo) if held_only(fd)]
 
     before = pins()
     client = FileTimerClient(peer.path, protocol=1)

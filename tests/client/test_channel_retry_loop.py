@@ -5,7 +5,6 @@ restarts (closes, its path made anew): nothing is ever signalled."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from typing import List, Optional
@@ -18,21 +17,10 @@ from ftimer_client._fifo import FifoWriter
 from ftimer_client._resync import Resync
 from ftimer_client._writer import Writer
 
-from .conftest import FifoPeer, Peer, held_only, restart, server_state
+from .conftest import FifoPeer, Peer, descriptors_on, held_only, restart, server_state
 from .test_fork import in_child
 
 ME = os.getpid()
-
-
-def descriptors_of(fifo: os.stat_result) -> List[int]:
-    """This process's descriptors open on the file ``fifo`` is the status of."""
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            st = os.stat(f"/proc/self/fd/{name}")
-            if (st.st_dev, st.st_ino) == (fifo.st_dev, fifo.st_ino):
-                found.append(int(name))
-    return found
 
 
 def test_a_server_that_leaves_twice_in_one_retry_step_still_gets_the_resync(
@@ -148,7 +136,7 @@ def test_a_protocol_1_server_that_leaves_between_the_retrys_open_and_write_gets_
         wait_until(lambda: not channel._retrying(), what="the retry thread to end")
         assert not channel.needs_resync
         assert {s for p, s in server_state(messages) if p == ME} == {"s"}  # "t" raised
-        assert descriptors_of(first) == []  # the step that failed closed its writer
+        assert descriptors_on(first) == []  # the step that failed closed its writer
         client.close()
     finally:
         for server in peers:
@@ -225,7 +213,7 @@ def test_a_protocol_1_retry_closes_the_fifo_after_each_chunk(
         wait_until(lambda: not channel._retrying(), what="the retry thread to end")
         assert {s for p, s in server_state(messages) if p == ME} == {"a", "b", "c"}
         ours = (back.rfd, back.wfd)
-        assert [fd for fd in descriptors_of(fifo) if fd not in ours and not held_only(fd)] == []
+        assert [fd for fd in descriptors_on(fifo) if fd not in ours and not held_only(fd)] == []
         client.close()
     finally:
         back.close()

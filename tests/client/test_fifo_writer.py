@@ -9,7 +9,6 @@ lost the room to another writer; what is at a path."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import gc
 import json
@@ -28,7 +27,7 @@ from ftimer_client._fifo import FifoWriter, _wait_for_room, sigpipe_ignored
 from ftimer_client._writer import is_fifo, is_socket, poll_ms
 from ftimer_protocol import Sync, encode
 
-from .conftest import FifoPeer
+from .conftest import FifoPeer, descriptors_on
 
 LINE = encode(Sync(token="t"))
 
@@ -67,11 +66,12 @@ print(json.dumps({"outcome": outcome, "pending": signal.SIGPIPE in signal.sigpen
 """
 
 
-def run_worker(peer: FifoPeer, mode: str) -> Dict[str, Any]:
-    """Run the worker against ``peer``, which leaves once the worker has connected;
-    return its two reports (the test fails if the worker did not exit 0)."""
+def run_worker(peer: FifoPeer, *args: str, script: str = WORKER) -> Dict[str, Any]:
+    """Run the worker (``script``, given the FIFO's path and ``args``) against ``peer``,
+    which leaves once the worker has connected; return its two reports (the test fails
+    if the worker did not exit 0)."""
     with subprocess.Popen(
-        [sys.executable, "-c", WORKER, str(peer.path), mode],
+        [sys.executable, "-c", script, str(peer.path), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -180,13 +180,7 @@ def test_a_fifo_made_again_at_the_path_is_seen_as_lost_while_the_old_is_still_re
 
 def writers_of(path: pathlib.Path) -> int:
     """How many descriptors of this process are open on the FIFO at ``path``."""
-    target = os.stat(path)
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # closed since the listing
-            st = os.stat(f"/proc/self/fd/{fd}")
-            count += (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino)
-    return count
+    return len(descriptors_on(os.stat(path)))
 
 
 def test_a_closed_writer_has_no_hot_path(peer: FifoPeer) -> None:

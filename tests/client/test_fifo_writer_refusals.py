@@ -9,7 +9,6 @@ Python's back, seen in a mask whose hex digits matter."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import pathlib
 import subprocess
@@ -21,6 +20,7 @@ from ftimer_client import ServerUnavailable
 from ftimer_client._fifo import FifoWriter
 
 from .conftest import FifoPeer
+from .test_fifo_writer import run_worker
 
 # -- refusals, in words -------------------------------------------------------------------
 
@@ -163,24 +163,9 @@ def test_sigpipe_default_is_read_from_a_mask_whose_hex_digits_matter(peer: FifoP
     # The kernel's mask is hexadecimal: read in another base, 0x1000200 has SIGPIPE's
     # bit set, the writer takes the hot path, and the write after the server left kills
     # the worker with SIGPIPE.
-    with subprocess.Popen(
-        [sys.executable, "-c", MASK_WORKER, str(peer.path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as worker:
-        try:
-            assert worker.stdin is not None
-            assert worker.stdout is not None
-            connected = json.loads(worker.stdout.readline())
-            peer.close()  # the server died: the FIFO stays, nobody reads it
-            worker.stdin.write("go\n")
-            worker.stdin.flush()
-            wrote = worker.stdout.readline()
-            status = worker.wait(30)
-        finally:
-            if worker.poll() is None:
-                worker.kill()
-    assert status == 0, f"the worker died: status {status}"  # -13: killed by SIGPIPE
-    assert connected == {"mask": "0000000001000200", "ignored": False, "hot_fd": -1}
-    assert json.loads(wrote) == {"outcome": "lost"}
+    assert run_worker(peer, script=MASK_WORKER) == {
+        "mask": "0000000001000200",
+        "ignored": False,
+        "hot_fd": -1,
+        "outcome": "lost",
+    }

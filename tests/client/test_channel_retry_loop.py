@@ -23,6 +23,36 @@ from .test_fork import in_child
 ME = os.getpid()
 
 
+def lose_server(client: FileTimerClient, server: Peer, scope: str) -> None:
+    """The server goes (its path removed with it): the client's arm of ``scope`` fails,
+    and the retry thread takes over."""
+    server.close()
+    server.path.unlink()
+    with pytest.raises(ServerUnavailable):
+        client.arm(scope, 60)
+
+
+def restart_after(
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    channel: _channel.Channel,
+    peers: List[Peer],
+    restarts: int,
+) -> None:
+    """Have ``channel``'s ``Channel.<method>`` (a connect or an open) run, then restart
+    the last of ``peers`` (the new one appended), ``restarts`` times in all: the first
+    line after it finds the connection lost for real."""
+    real = getattr(_channel.Channel, method)
+
+    def then_restart(self: _channel.Channel) -> Writer:
+        writer = real(self)
+        if self is channel and len(peers) <= restarts:
+            peers.append(restart(peers[-1]))
+        return writer
+
+    monkeypatch.setattr(_channel.Channel, method, then_restart)
+
+
 def test_a_server_that_leaves_twice_in_one_retry_step_still_gets_the_resync(
     server: Peer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -37,21 +67,10 @@ def test_a_server_that_leaves_twice_in_one_retry_step_still_gets_the_resync(
     client.arm("s", 60)
     server.wait_count(1)
     channel = client._channel
-    server.close()
-    server.path.unlink()  # the server goes
-    with pytest.raises(ServerUnavailable):
-        client.arm("t", 60)
+    lose_server(client, server, "t")
     assert channel._retrying()
     peers: List[Peer] = []
-    connect = _channel.Channel._connect
-
-    def connect_then_restart(self: _channel.Channel) -> Writer:
-        writer = connect(self)
-        if self is channel and len(peers) < 3:
-            peers.append(restart(peers[-1]))
-        return writer
-
-    monkeypatch.setattr(_channel.Channel, "_connect", connect_then_restart)
+    restart_after(monkeypatch, "_connect", channel, peers, restarts=2)
     with channel.lock:  # the retry waits: the peer is in the list before it connects
         peers.append(type(server)(server.path))
     try:
@@ -112,21 +131,10 @@ def test_a_protocol_1_server_that_leaves_between_the_retrys_open_and_write_gets_
     client.arm("s", 60)
     peer.wait_count(1)
     channel = client._channel
-    peer.close()
-    peer.path.unlink()  # the server goes
-    with pytest.raises(ServerUnavailable):
-        client.arm("t", 60)
+    lose_server(client, peer, "t")
     assert channel._retrying()
     peers: List[Peer] = []
-    open_once = _channel.Channel._open_once
-
-    def open_then_restart(self: _channel.Channel) -> Writer:
-        writer = open_once(self)
-        if self is channel and len(peers) < 2:
-            peers.append(restart(peers[-1]))
-        return writer
-
-    monkeypatch.setattr(_channel.Channel, "_open_once", open_then_restart)
+    restart_after(monkeypatch, "_open_once", channel, peers, restarts=1)
     with channel.lock:  # the retry waits: the peer is in the list before it opens
         peers.append(FifoPeer(peer.path))
         first = os.stat(peer.path)
@@ -155,10 +163,7 @@ def test_the_retry_sends_a_chunk_at_most_per_hold_of_the_lock(
         client.arm(scope, 60)
     server.wait_count(3)
     channel = client._channel
-    server.close()
-    server.path.unlink()  # the server goes
-    with pytest.raises(ServerUnavailable):
-        client.arm("d", 60)
+    lose_server(client, server, "d")
     steps: List[int] = []
     lines = [0]
     accepted, retry_step = Resync.accepted, _channel.Channel._retry_step
@@ -202,10 +207,7 @@ def test_a_protocol_1_retry_closes_the_fifo_after_each_chunk(
         client.arm(scope, 60)
     peer.wait_count(3)
     channel = client._channel
-    peer.close()
-    peer.path.unlink()  # the server goes
-    with pytest.raises(ServerUnavailable):
-        client.arm("d", 60)
+    lose_server(client, peer, "d")
     back = FifoPeer(peer.path)
     try:
         fifo = os.stat(peer.path)

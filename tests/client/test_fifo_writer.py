@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import errno
 import gc
-import json
 import os
 import pathlib
 import signal
 import socket
 import subprocess
 import sys
-from typing import Any, Dict, List
+from typing import Any, List
 
 import pytest
 
@@ -28,6 +27,7 @@ from ftimer_client._writer import is_fifo, is_socket, poll_ms
 from ftimer_protocol import Sync, encode
 
 from .conftest import FifoPeer, descriptors_on
+from .test_transport_sigpipe import run_worker
 
 LINE = encode(Sync(token="t"))
 
@@ -66,39 +66,13 @@ print(json.dumps({"outcome": outcome, "pending": signal.SIGPIPE in signal.sigpen
 """
 
 
-def run_worker(peer: FifoPeer, *args: str, script: str = WORKER) -> Dict[str, Any]:
-    """Run the worker (``script``, given the FIFO's path and ``args``) against ``peer``,
-    which leaves once the worker has connected; return its two reports (the test fails
-    if the worker did not exit 0)."""
-    with subprocess.Popen(
-        [sys.executable, "-c", script, str(peer.path), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as worker:
-        try:
-            assert worker.stdin is not None
-            assert worker.stdout is not None
-            connected = json.loads(worker.stdout.readline())
-            peer.close()  # the server died: the FIFO stays, nobody reads it
-            worker.stdin.write("go\n")
-            worker.stdin.flush()
-            wrote = worker.stdout.readline()
-            status = worker.wait(30)
-        finally:
-            if worker.poll() is None:
-                worker.kill()
-    assert status == 0, f"the worker died: status {status}"  # -13: killed by SIGPIPE
-    return {**connected, **json.loads(wrote)}
-
-
 def test_sigpipe_restored_by_a_host_behind_pythons_back_is_not_taken_for_ignored(
     peer: FifoPeer,
 ) -> None:
     # Python's view alone (signal.getsignal) says ignored; the kernel's does not. The
     # writer must not take the hot path, or the write after the server left kills the
     # worker.
-    result = run_worker(peer, "host")
+    result = run_worker(peer, "host", script=WORKER, sent=0)
     assert result == {"ignored": False, "hot_fd": -1, "outcome": "lost", "pending": False}
 
 
@@ -107,7 +81,7 @@ def test_a_writer_opened_per_message_with_sigpipe_default_survives_a_reader_leav
 ) -> None:
     # Protocol 1 opens the FIFO per message and asks only Python's view: that view saying
     # "default" must still keep the write off the hot path.
-    result = run_worker(peer, "per-message")
+    result = run_worker(peer, "per-message", script=WORKER, sent=0)
     assert result == {"ignored": False, "hot_fd": -1, "outcome": "lost", "pending": False}
 
 

@@ -20,7 +20,7 @@ from ftimer_client import ServerUnavailable
 from ftimer_client._fifo import FifoWriter
 
 from .conftest import FifoPeer
-from .test_fifo_writer import run_worker
+from .test_transport_sigpipe import run_worker
 
 # -- refusals, in words -------------------------------------------------------------------
 
@@ -163,7 +163,7 @@ def test_sigpipe_default_is_read_from_a_mask_whose_hex_digits_matter(peer: FifoP
     # The kernel's mask is hexadecimal: read in another base, 0x1000200 has SIGPIPE's
     # bit set, the writer takes the hot path, and the write after the server left kills
     # the worker with SIGPIPE.
-    assert run_worker(peer, script=MASK_WORKER) == {
+    assert run_worker(peer, script=MASK_WORKER, sent=0) == {
         "mask": "0000000001000200",
         "ignored": False,
         "hot_fd": -1,

@@ -25,8 +25,9 @@ from ftimer_client._fifo import FifoWriter, sigpipe_ignored
 
 from .conftest import FifoPeer, SocketPeer
 
-# The worker: arms once while the server reads, says "ready", waits for "go" (the server
-# has left), arms again, and reports what happened as one JSON line.
+# The worker: arms once while the server reads, says it is connected (an empty first
+# report), waits for "go" (the server has left), arms again, and reports what happened
+# as one JSON line.
 WORKER = r"""
 import json, os, signal, sys, threading
 from ftimer_client import FileTimerClient, ServerUnavailable
@@ -39,7 +40,7 @@ else:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 client = FileTimerClient(path, transport=transport, labels={}, signal=0)
 client.arm("a", 60)
-print("ready", flush=True)
+print("{}", flush=True)
 assert sys.stdin.readline() == "go\n"
 if mode.startswith("blocked"):
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
@@ -67,11 +68,13 @@ print(json.dumps(result), flush=True)
 """
 
 
-def run_worker(peer: Any, transport: str, mode: str) -> Dict[str, Any]:
-    """Run the worker against ``peer``, which leaves after the first arm; return its
-    report (the test fails if the worker did not exit 0)."""
+def run_worker(peer: Any, *args: str, script: str = WORKER, sent: int = 1) -> Dict[str, Any]:
+    """Run ``script`` (given the peer's path and ``args``) against ``peer``, which leaves
+    once the worker's first report says it is connected and ``sent`` of its messages
+    were read; return its two reports, merged (the test fails if the worker did not
+    exit 0)."""
     with subprocess.Popen(
-        [sys.executable, "-c", WORKER, str(peer.path), transport, mode],
+        [sys.executable, "-c", script, str(peer.path), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -79,8 +82,8 @@ def run_worker(peer: Any, transport: str, mode: str) -> Dict[str, Any]:
         try:
             assert worker.stdout is not None
             assert worker.stdin is not None
-            assert worker.stdout.readline() == "ready\n"
-            peer.wait_count(1)
+            connected = json.loads(worker.stdout.readline())
+            peer.wait_count(sent)
             peer.close()  # the server died: the FIFO (or socket file) stays, nobody reads it
             worker.stdin.write("go\n")
             worker.stdin.flush()
@@ -90,8 +93,7 @@ def run_worker(peer: Any, transport: str, mode: str) -> Dict[str, Any]:
             if worker.poll() is None:
                 worker.kill()
     assert status == 0, f"the worker died: status {status}"  # -13: killed by SIGPIPE
-    result: Dict[str, Any] = json.loads(report)
-    return result
+    return {**connected, **json.loads(report)}
 
 
 @pytest.mark.parametrize("mode", ["default", "thread", "handler"])

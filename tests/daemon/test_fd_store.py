@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 from tests.conftest import wait_until
+from tests.server.conftest import needs_unix_diag
 
 from ftimer_server.daemon._systemd import stored_fds
 from ftimer_server.server import _socket as socket_module
@@ -390,6 +391,7 @@ def test_a_socket_shut_by_a_daemon_killed_as_it_stopped_is_not_taken_over(
     assert not socket_module.shut_for_reading(now)
 
 
+@needs_unix_diag
 def test_a_kept_socket_whose_file_another_socket_replaced_is_not_taken_over(
     spawn: Callable[..., DaemonProcess],
     short_dir: pathlib.Path,

@@ -7,6 +7,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,12 +23,32 @@ from tests.conftest import wait_until
 from ftimer_protocol import Message, encode, parse_proc_stat
 from ftimer_server import Descendant, Event, OsSignaller, ProcessInspector, Worker
 from ftimer_server.incidents._procfs import pidfd_pid
+from ftimer_server.server._sockdiag import peer_of
 
 #: The first pid of pretend workers served by a real server: above Linux's highest pid_max
 #: (PID_MAX_LIMIT, 2**22), so never a real process. A real server refuses its own pid and
 #: its helper's, so pretend pids that could be real (2000 on a freshly booted machine) met
 #: the test process's now and then, and an arm was refused.
 FAKE_PID = 2**22 + 1
+
+
+def _kernel_names_peers() -> bool:
+    """Whether the kernel names an AF_UNIX socket's peer (``sock_diag`` with
+    ``unix_diag``, netlink allowed), which the checks of a kept socket ask."""
+    ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ends[0], ends[1]:
+        try:
+            return peer_of(ends[0].fileno()) == os.fstat(ends[1].fileno()).st_ino
+        except OSError:
+            return False
+
+
+#: For tests of the kernel's answer itself (the server falls back to a socket's name
+#: where it has none, tested apart).
+needs_unix_diag = pytest.mark.skipif(
+    not _kernel_names_peers(),
+    reason="the kernel does not name a socket's peer (no unix_diag, or netlink refused)",
+)
 
 
 class OwnChildrenSignaller(OsSignaller):

@@ -14,6 +14,7 @@ from typing import Tuple
 
 import pytest
 from tests.conftest import tmpfs
+from tests.server.conftest import needs_unix_diag
 
 from ftimer_server import FifoError
 from ftimer_server.server import _sockdiag
@@ -33,6 +34,7 @@ def replaced(tmp_path: pathlib.Path) -> Iterator[Tuple[socket.socket, socket.soc
             yield last, other, path
 
 
+@needs_unix_diag
 def test_the_kernel_names_the_socket_a_socket_is_connected_to(tmp_path: pathlib.Path) -> None:
     path = str(tmp_path / "s.socket")
     with (
@@ -47,6 +49,7 @@ def test_the_kernel_names_the_socket_a_socket_is_connected_to(tmp_path: pathlib.
         peer_of(not_a_socket.fileno())  # which errno: the kernel's
 
 
+@needs_unix_diag
 def test_a_socket_is_not_reached_at_its_path_once_another_is_bound_there(
     replaced: Tuple[socket.socket, socket.socket, str],
 ) -> None:
@@ -56,6 +59,7 @@ def test_a_socket_is_not_reached_at_its_path_once_another_is_bound_there(
     assert reached_at(other, path)
 
 
+@needs_unix_diag
 def test_a_socket_under_a_mount_laid_over_its_directory_is_not_reached(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -115,6 +119,7 @@ def test_without_the_kernel_s_word_a_socket_s_name_decides_and_the_log_says_so_o
     assert "allow AF_NETLINK" in said
 
 
+@needs_unix_diag
 def test_a_socket_given_to_take_over_that_its_path_no_longer_leads_to_is_refused(
     replaced: Tuple[socket.socket, socket.socket, str],
 ) -> None:

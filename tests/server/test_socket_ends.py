@@ -16,6 +16,7 @@ import sys
 from typing import List, Optional, Tuple, Union
 
 import pytest
+from tests.server.conftest import needs_unix_diag
 
 from ftimer_server import FifoError, RejectReason, SystemInspector
 from ftimer_server.core._events import Refused
@@ -26,6 +27,7 @@ from ftimer_server.server._socket import forgo_socket, open_socket
 _SO_PASSPIDFD = getattr(socket, "SO_PASSPIDFD", 76)
 
 
+@needs_unix_diag
 def test_the_kernel_s_errno_is_raised_for_a_descriptor_that_is_no_socket() -> None:
     # A pipe's inode is no socket's (both are numbered from one counter): the kernel
     # answers with an error message (ENOENT), raised as its errno, never taken for a

@@ -16,6 +16,7 @@ import sys
 from typing import List
 
 import pytest
+from tests.server.conftest import needs_unix_diag
 
 from ftimer_protocol import Arm, Sync, encode
 from ftimer_server import FifoError, RejectReason
@@ -428,6 +429,7 @@ def test_a_socket_let_go_that_is_bound_elsewhere_leaves_the_path_alone(
         assert os.path.lexists(path)
 
 
+@needs_unix_diag
 def test_a_socket_let_go_leaves_a_live_socket_bound_at_its_path_since(
     tmp_path: pathlib.Path,
 ) -> None:

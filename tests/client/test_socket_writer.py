@@ -267,11 +267,12 @@ def test_a_path_too_long_even_through_its_directory_is_refused_in_its_own_words(
 # -- a constructor that did not finish ----------------------------------------------------
 
 
-def test_a_writer_interrupted_while_connecting_lets_go_of_the_socket_file(
+def test_a_writer_interrupted_while_connecting_lets_go_of_the_socket_and_its_file_at_once(
     speer: SocketPeer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Its hold on the socket file (an O_PATH descriptor) is let go of when the writer
-    # is dropped, though the constructor never got to close it.
+    # Its hold on the socket file (an O_PATH descriptor) and the socket were left to the
+    # collector: the file held while the traceback lived, the socket closed with a
+    # ResourceWarning.
     connect = _socket._connect
 
     def interrupted(sock: socket.socket, path: str) -> None:
@@ -282,14 +283,12 @@ def test_a_writer_interrupted_while_connecting_lets_go_of_the_socket_file(
     monkeypatch.setattr(_socket, "_connect", interrupted)
     with pytest.raises(KeyboardInterrupt) as info:
         SocketWriter(str(speer.path))
-    assert holding(str(speer.path))  # held while the writer lives (its traceback's)
-    with warnings.catch_warnings():
-        # The socket itself is left to the collector (ResourceWarning).
-        warnings.simplefilter("ignore", ResourceWarning)
+    assert not holding(str(speer.path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
         del info
         gc.collect()
-    # Not the whole set of descriptors: the collection may close others' meanwhile.
-    assert not holding(str(speer.path))
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
 def test_a_closed_writer_has_no_hot_path(speer: SocketPeer) -> None:

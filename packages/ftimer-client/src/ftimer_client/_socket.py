@@ -79,14 +79,14 @@ class SocketWriter:
             self._file, self._inode = _pin(path)
             _connect(sock, path)
             self._identity = identity(sock.fileno())  # to tell it is still ours (owned)
-        except ServerUnavailable:  # an OSError, said in its own words already
+        except BaseException as e:
+            # Let go of at once, on a KeyboardInterrupt too: the collector would close
+            # the socket with a ResourceWarning, and hold the file until it ran.
             sock.close()
             self._unpin()
-            raise
-        except OSError as e:
-            sock.close()
-            self._unpin()
-            raise _unavailable(e, path) from e
+            if isinstance(e, OSError) and not isinstance(e, ServerUnavailable):
+                raise _unavailable(e, path) from e
+            raise  # ServerUnavailable is said in its own words already
         self._sock = sock
         # write() on a connected datagram socket sends one datagram, as send() does, at
         # the cost of os.write: the hot path is the FIFO's. Not with a pidfd to attach.

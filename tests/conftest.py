@@ -102,6 +102,16 @@ parent_not_init = pytest.mark.skipif(
 )
 
 
+#: For tests that arm for this process, or run a command that arms for its parent: with
+#: pytest as pid 1 (``docker run IMAGE pytest``, a PID namespace's first process), the
+#: client refuses pid 1 as init, and this process's parent is outside its namespace.
+not_pid_1 = pytest.mark.skipif(
+    os.getpid() == 1,
+    reason="pytest is pid 1 here, which the client refuses as init: run it under an init "
+    "(docker run --init)",
+)
+
+
 @contextlib.contextmanager
 def tmpfs(path: pathlib.Path, size: str) -> Iterator[pathlib.Path]:
     """A tmpfs of ``size`` (``64k``, ``1m``) mounted 0700 at ``path``, made here, for a

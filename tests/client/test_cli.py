@@ -14,7 +14,7 @@ import time
 from typing import List
 
 import pytest
-from tests.conftest import parent_not_init, wait_until
+from tests.conftest import not_pid_1, parent_not_init, wait_until
 
 from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, _program, main
 from ftimer_client._proc import process_start_time
@@ -35,6 +35,7 @@ def ftimer(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     )
 
 
+@not_pid_1
 def test_arm_beat_disarm_for_the_calling_process(peer: FifoPeer) -> None:
     fifo = str(peer.path)
     before = time.monotonic()
@@ -225,6 +226,7 @@ def test_exec_of_an_empty_name_is_not_found_and_says_so(peer: FifoPeer) -> None:
     assert server_state(peer.wait_count(2)) == {}
 
 
+@not_pid_1
 def test_absent_server_exits_3_with_a_clear_message(tmp_path: pathlib.Path) -> None:
     done = ftimer("arm", "--fifo", str(tmp_path / "none"), "--scope", "s", "--after", "5")
     assert done.returncode == EXIT_UNAVAILABLE
@@ -311,6 +313,7 @@ def test_errors_name_the_problem_in_the_users_terms(
         assert line in err
 
 
+@not_pid_1
 def test_warn_policy_prints_one_plain_line(tmp_path: pathlib.Path) -> None:
     done = ftimer(
         "arm", "--fifo", str(tmp_path / "none"), "--scope", "s", "--after", "5",
@@ -355,6 +358,7 @@ def test_arm_help_warns_that_the_default_pid_is_the_calling_shell(
     )
 
 
+@not_pid_1
 def test_at_the_fifo_torchs_agent_serves_itself_torchs_protocol_is_spoken(
     peer: FifoPeer,
 ) -> None:
@@ -413,6 +417,7 @@ def test_a_parent_that_adopted_the_command_is_never_armed(peer: FifoPeer) -> Non
     assert peer.messages == []  # nothing sent
 
 
+@not_pid_1
 def test_a_command_in_a_session_of_its_own_arms_its_live_parent(peer: FifoPeer) -> None:
     # A worker's subprocess.run(["ftimer", "arm", ...], start_new_session=True): the
     # parent, alive, was in another session than the command, which was taken for an

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tests.conftest import wait_until
+from tests.conftest import not_pid_1, wait_until
 
 from ftimer_client import FileTimerClient
 from ftimer_client._cli import main as ftimer_main
@@ -581,6 +581,7 @@ def test_every_line_with_a_hook_is_the_message(
 # -- the ftimer command --------------------------------------------------
 
 
+@not_pid_1
 def test_the_command_offers_no_dump_signal_and_ignores_the_environment(
     peer: FifoPeer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -14,6 +14,7 @@ import time
 from typing import Any, List
 
 import pytest
+from tests.conftest import not_pid_1
 
 from ftimer_client import FileTimerClient, ServerStalled, _channel
 from ftimer_protocol import PIPE_BUF, Arm, DisarmAll, Message
@@ -118,6 +119,7 @@ def test_an_arm_whose_line_went_out_before_a_handlers_failed_is_disarmed(
 # -- 2: release_all() disarms what this process armed, not every timer of its pid --------
 
 
+@not_pid_1
 def test_release_all_leaves_the_timers_other_channels_armed_for_the_pid(peer: FifoPeer) -> None:
     # ftimer exec arms its command's timer on a channel of its own (one naming a pid): a
     # command that called release_all() before exec(), as advised, wiped it with a

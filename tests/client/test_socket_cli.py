@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Tuple
 
 import pytest
-from tests.conftest import in_private_pid_namespace, parent_not_init
+from tests.conftest import in_private_pid_namespace, not_pid_1, parent_not_init
 
 from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, main
 from ftimer_protocol import Arm, Disarm, socket_path_for
@@ -186,6 +186,7 @@ def test_exec_in_process_passes_the_pidfd_of_its_child(speer: SocketPeer) -> Non
     assert server_state([arm, disarm]) == {}
 
 
+@not_pid_1
 def test_no_server_on_the_socket_fails_with_status_3_and_exec_does_not_run(
     socket_path: object, tmp_path: object, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -282,6 +283,7 @@ def test_ctrl_c_while_exec_waits_for_its_receipt_runs_nothing_and_says_no_traceb
     assert not marker.exists()
 
 
+@not_pid_1
 def test_transport_options(
     fifo_path: object, socket_path: object, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from tests.conftest import not_pid_1
 
 from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, main
 from ftimer_protocol import Arm
@@ -70,6 +71,7 @@ def test_a_duration_too_large_is_a_usage_error_in_seconds(
 
 
 @pytest.mark.parametrize(("kind", "words"), [("dir", "a directory"), ("file", "a regular file")])
+@not_pid_1
 def test_socket_naming_something_else_says_what_it_is(
     tmp_path: pathlib.Path, kind: str, words: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 import pytest
-from tests.conftest import wait_until
+from tests.conftest import not_pid_1, wait_until
 
 from ftimer_protocol import parse_proc_stat, proc_status_field
 
@@ -199,6 +199,7 @@ print(runs, blocked)
 """
 
 
+@not_pid_1
 def test_a_handler_never_runs_with_the_helpers_mask(peer: FifoPeer) -> None:
     # Every signal was blocked around Thread.start(), which waits in Python code: a
     # handler that ran there had them all blocked, and a process it started ignored

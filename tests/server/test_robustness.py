@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from tests.conftest import not_pid_1
 
 from ftimer_protocol import PIPE_BUF, Arm, Disarm, DisarmAll, Expire, TimerRequestV1, encode
 from ftimer_server import (
@@ -149,6 +150,7 @@ def test_deeply_nested_json_is_a_malformed_line_and_costs_no_other(fifo_path: pa
     assert signaller.sent == []
 
 
+@not_pid_1
 def test_hostile_pids_and_signals_are_refused(fifo_path: pathlib.Path) -> None:
     events = Recorder()
     signaller = RecordingSignaller()
@@ -248,6 +250,7 @@ def test_an_embedded_server_says_it_drops_a_line_it_cannot_read(
     )
 
 
+@not_pid_1
 def test_an_embedded_server_says_why_it_refuses_its_own_process(
     fifo_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
-from tests.conftest import children_of, wait_until
+from tests.conftest import children_of, not_pid_1, wait_until
 
 from ftimer_protocol import PIPE_BUF, Arm, Disarm, Expire, Sync, encode
 from ftimer_server import (
@@ -731,6 +731,7 @@ def test_a_datagram_with_several_descriptors_is_refused_for_them_not_as_gone(
     ] * 4
 
 
+@not_pid_1
 def test_descriptors_lost_in_the_control_data_never_leave_the_sender_the_subject(
     tmp_path: pathlib.Path,
 ) -> None:

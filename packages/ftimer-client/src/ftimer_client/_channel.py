@@ -773,7 +773,10 @@ def _watch(channel: weakref.ref[Channel], writer: Writer, ended: threading.Event
             return
         with lock:
             held._found_lost(writer)
-        return
+        # Acted on, the connection is let go of (``ended`` is set: this loop ends now).
+        # Not, when a delivery failed meanwhile: the retry may resync on this connection,
+        # which is then watched on, as any other in sync.
+        held = None
 
 
 _channels: weakref.WeakSet[Channel] = weakref.WeakSet()

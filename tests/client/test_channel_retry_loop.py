@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import pytest
 from tests.conftest import wait_until
@@ -30,6 +30,18 @@ def lose_server(client: FileTimerClient, server: Peer, scope: str) -> None:
     server.path.unlink()
     with pytest.raises(ServerUnavailable):
         client.arm(scope, 60)
+
+
+def retrying(server: Peer, armed: str = "s", lost: str = "t", **options: Any) -> FileTimerClient:
+    """A client (``options``: ``FileTimerClient``'s) that armed each scope of ``armed``,
+    then lost its server (``lose_server``) on the arm of ``lost``: its retry thread runs."""
+    client = FileTimerClient(server.path, **options)
+    for scope in armed:
+        client.arm(scope, 60)
+    server.wait_count(len(armed))
+    lose_server(client, server, lost)
+    assert client._channel._retrying()
+    return client
 
 
 def restart_after(
@@ -63,12 +75,8 @@ def test_a_server_that_leaves_twice_in_one_retry_step_still_gets_the_resync(
     # connection lost for real). Without the raise, the step fell through to
     # "unreachable": the AssertionError ended the retry thread, and a stuck worker's
     # timer never reached the server that then stayed.
-    client = FileTimerClient(server.path, labels={})
-    client.arm("s", 60)
-    server.wait_count(1)
+    client = retrying(server, labels={})
     channel = client._channel
-    lose_server(client, server, "t")
-    assert channel._retrying()
     peers: List[Peer] = []
     restart_after(monkeypatch, "_connect", channel, peers, restarts=2)
     with channel.lock:  # the retry waits: the peer is in the list before it connects
@@ -127,12 +135,8 @@ def test_a_protocol_1_server_that_leaves_between_the_retrys_open_and_write_gets_
     # raised UnboundLocalError: the retry thread ended, and a stuck worker's timer never
     # reached the server that then stayed. With "keep = True", the writer of the step
     # that failed was never closed: a descriptor left open on the old FIFO.
-    client = FileTimerClient(peer.path, protocol=1)
-    client.arm("s", 60)
-    peer.wait_count(1)
+    client = retrying(peer, protocol=1)
     channel = client._channel
-    lose_server(client, peer, "t")
-    assert channel._retrying()
     peers: List[Peer] = []
     restart_after(monkeypatch, "_open_once", channel, peers, restarts=1)
     with channel.lock:  # the retry waits: the peer is in the list before it opens
@@ -158,12 +162,8 @@ def test_the_retry_sends_a_chunk_at_most_per_hold_of_the_lock(
     # under the lock, however long (a caller, or a signal handler, waited for all of it,
     # not a chunk), and never reset the backoff after progress (retry_progressed).
     monkeypatch.setattr(_channel, "RETRY_CHUNK", 1)
-    client = FileTimerClient(server.path, labels={})
-    for scope in "abc":
-        client.arm(scope, 60)
-    server.wait_count(3)
+    client = retrying(server, "abc", "d", labels={})
     channel = client._channel
-    lose_server(client, server, "d")
     steps: List[int] = []
     lines = [0]
     accepted, retry_step = Resync.accepted, _channel.Channel._retry_step
@@ -202,12 +202,8 @@ def test_a_protocol_1_retry_closes_the_fifo_after_each_chunk(
     # _retry_step took it for a writer to wait on and kept protocol 1's writer open:
     # every chunk of the resync left a descriptor open for writing on the FIFO.
     monkeypatch.setattr(_channel, "RETRY_CHUNK", 1)
-    client = FileTimerClient(peer.path, protocol=1)
-    for scope in "abc":
-        client.arm(scope, 60)
-    peer.wait_count(3)
+    client = retrying(peer, "abc", "d", protocol=1)
     channel = client._channel
-    lose_server(client, peer, "d")
     back = FifoPeer(peer.path)
     try:
         fifo = os.stat(peer.path)

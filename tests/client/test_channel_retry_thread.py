@@ -27,7 +27,7 @@ from ftimer_client._writer import Writer
 from ftimer_protocol import PIPE_BUF, TimerRequestV1
 
 from .conftest import FifoPeer, Peer, SocketPeer, restart, server_state
-from .test_channel_retry_loop import lose_server, restart_after
+from .test_channel_retry_loop import lose_server, restart_after, retrying
 from .test_watch import watches
 
 ME = os.getpid()
@@ -73,12 +73,8 @@ def test_a_retry_steps_connection_lost_at_once_is_made_again_without_backing_off
     # restarts it): the step's first line finds the connection lost, and the step
     # connects once more and delivers. Without that second try, the first loss raised:
     # a failed retry, and the resync waited out a backoff (up to RETRY_MAX) for nothing.
-    client = FileTimerClient(server.path, labels={})
-    client.arm("s", 60)
-    server.wait_count(1)
+    client = retrying(server, labels={})
     channel = client._channel
-    lose_server(client, server, "t")
-    assert channel._retrying()
     events: List[str] = []
     retry_failed = Resync.retry_failed
 
@@ -163,13 +159,9 @@ def test_a_protocol_1_retry_resends_what_died_in_a_fifo_its_reader_left(
     # the retry went on after the disarm, and the new server never had it: any line
     # of the resync sent before the reader left (an arm as well) was lost so.
     monkeypatch.setattr(_channel, "RETRY_CHUNK", 1)
-    client = FileTimerClient(peer.path, protocol=1)
-    for scope in "abc":
-        client.arm(scope, 60)
-    peer.wait_count(3)
+    # The disarm of "t" is owed: it may have gone out.
+    client = retrying(peer, "abc", "t", protocol=1)
     channel = client._channel
-    lose_server(client, peer, "t")  # the disarm of "t" is owed: it may have gone out
-    assert channel._retrying()
     peers: List[FifoPeer] = []
     opens = [0]
     open_once, close_once = _channel.Channel._open_once, _channel.Channel._close_once
@@ -320,12 +312,8 @@ def test_a_retry_that_ends_after_the_last_client_closed_lets_go_of_the_connectio
     # owed); its close() delivered everything, and the retry then found nothing to
     # send. Without it, the connection (a descriptor, its watch thread) stayed open
     # for a channel no client used any more.
-    client = FileTimerClient(server.path, labels={})
-    client.arm("s", 60)
-    server.wait_count(1)
+    client = retrying(server, labels={})
     channel = client._channel
-    lose_server(client, server, "t")
-    assert channel._retrying()
     before = watches()
     with channel.lock:  # the retry waits: the close comes first
         back = type(server)(server.path)
@@ -398,12 +386,8 @@ def test_the_retry_lets_go_of_the_lock_for_a_pause_between_two_chunks(
     # than asked: the gaps below are a lower bound, not a guess at timing.)
     monkeypatch.setattr(_channel, "RETRY_CHUNK", 1)
     monkeypatch.setattr(_channel, "RETRY_PAUSE", 0.1)
-    client = FileTimerClient(server.path, labels={})
-    for scope in "abc":
-        client.arm(scope, 60)
-    server.wait_count(3)
+    client = retrying(server, "abc", "d", labels={})
     channel = client._channel
-    lose_server(client, server, "d")
     steps: List[float] = []
     retry_step = _channel.Channel._retry_step
 

@@ -268,6 +268,17 @@ def test_release_all_raises_when_its_disarms_do_not_get_through(peer: FifoPeer) 
     client.close()
 
 
+def disarm_delivered_when_back(peer: FifoPeer) -> None:
+    """A server back on ``peer``'s FIFO (it left) gets the disarm owed: nothing is left
+    armed of what either server read."""
+    new = FifoPeer(peer.path, create=False)
+    try:
+        new.wait_for(lambda m: len(m) > 0)
+        assert server_state([*peer.messages, *new.messages]) == {}
+    finally:
+        new.close()
+
+
 def test_an_arm_racing_close_raises_the_disarm_that_did_not_get_through(
     peer: FifoPeer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -287,12 +298,7 @@ def test_an_arm_racing_close_raises_the_disarm_that_did_not_get_through(
     with pytest.raises(ServerUnavailable):
         client.arm("s", 600)
     monkeypatch.undo()
-    new = FifoPeer(peer.path, create=False)  # the disarm is delivered when it is back
-    try:
-        new.wait_for(lambda m: len(m) > 0)
-        assert server_state([*peer.messages, *new.messages]) == {}
-    finally:
-        new.close()
+    disarm_delivered_when_back(peer)
 
 
 def test_a_heartbeat_racing_the_arming_clients_close_raises_a_lost_disarm(
@@ -318,12 +324,7 @@ def test_a_heartbeat_racing_the_arming_clients_close_raises_a_lost_disarm(
     with pytest.raises(ServerUnavailable):
         caller.heartbeat("s", 60)
     monkeypatch.undo()
-    new = FifoPeer(peer.path, create=False)  # the disarm is delivered when it is back
-    try:
-        new.wait_for(lambda m: len(m) > 0)
-        assert server_state([*peer.messages, *new.messages]) == {}
-    finally:
-        new.close()
+    disarm_delivered_when_back(peer)
     caller.close()
 
 

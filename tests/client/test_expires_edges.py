@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import pathlib
 import sys
 import threading
-import warnings
 from typing import Any, Dict, List, Optional, Tuple
 from unittest import mock
 
@@ -32,6 +30,7 @@ from ftimer_client._expires import default_scope_suffix
 from ftimer_protocol import Arm, Disarm
 
 from .conftest import FifoPeer, server_state
+from .test_fork import in_child
 
 #: What an arm that sent nothing kept raises, as torch's clients do (BrokenPipeError:
 #: torch's FileTimerClient with no server).
@@ -182,33 +181,15 @@ def test_a_clean_block_whose_disarm_was_not_delivered_raises(peer: FifoPeer) -> 
 def test_a_child_forked_by_another_thread_names_its_blocks_as_its_main_thread_s() -> None:
     # The thread that forks is the child's main thread: its default scopes end in no
     # "@tid-", as the same line's in a child forked by the main thread.
-    r, w = os.pipe()
-    pids: List[int] = []
-
-    def fork() -> None:
-        with warnings.catch_warnings():
-            # Python >= 3.12 warns about fork() with threads running (this one's caller).
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
-        if pid == 0:  # pragma: no cover (child)
-            code = 1
-            try:
-                os.write(w, repr(default_scope_suffix()).encode())
-                code = 0
-            finally:
-                os._exit(code)
-        pids.append(pid)
+    def named_as_the_main_thread() -> None:
+        assert default_scope_suffix() == ""
 
     assert default_scope_suffix() == ""
-    forker = threading.Thread(target=fork)
+    forked: List[int] = []  # the child's pid, once it exited cleanly
+    forker = threading.Thread(target=lambda: forked.append(in_child(named_as_the_main_thread)))
     forker.start()
-    forker.join(10)
-    os.close(w)
-    with os.fdopen(r, "rb") as reader:
-        said = reader.read()  # until the child exited (and closed its end)
-    _, status = os.waitpid(pids[0], 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert said == b"''"
+    forker.join(30)
+    assert forked
 
 
 @pytest.mark.parametrize("after", [True, False])

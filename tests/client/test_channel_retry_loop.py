@@ -65,27 +65,41 @@ def restart_after(
     monkeypatch.setattr(_channel.Channel, method, then_restart)
 
 
-def test_a_server_that_leaves_twice_in_one_retry_step_still_gets_the_resync(
-    server: Peer, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("restarts", [1, 2])
+def test_a_server_that_leaves_as_a_retry_step_connects_still_gets_the_resync(
+    server: Peer, monkeypatch: pytest.MonkeyPatch, restarts: int
 ) -> None:
-    # _channel.py _retry_step: "for reconnecting in (False, True)", the second lost
-    # connection of a step raising ServerUnavailable (a failed retry, backing off). Each
-    # server here restarts right after the retry connected to it, before its first line
-    # (the hook runs the real connect, then restarts the server: the write finds the
-    # connection lost for real). Without the raise, the step fell through to
-    # "unreachable": the AssertionError ended the retry thread, and a stuck worker's
-    # timer never reached the server that then stayed.
+    # _channel.py _retry_step: "for reconnecting in (False, True)". Each server here
+    # restarts right after the retry connected to it, before its first line (the hook
+    # runs the real connect, then restarts the server: the write finds the connection
+    # lost for real). Once: the step connects once more and delivers; without that
+    # second try, the first loss raised: a failed retry, and the resync waited out a
+    # backoff (up to RETRY_MAX) for nothing. Twice in one step: the second loss raises
+    # ServerUnavailable (a failed retry, backing off); without the raise, the step fell
+    # through to "unreachable": the AssertionError ended the retry thread, and a stuck
+    # worker's timer never reached the server that then stayed.
     client = retrying(server, labels={})
     channel = client._channel
+    failed: List[float] = []
+    retry_failed = Resync.retry_failed
+
+    def failing(state: Resync, now: float) -> None:
+        retry_failed(state, now)
+        if state is channel.state:
+            failed.append(now)
+
+    monkeypatch.setattr(Resync, "retry_failed", failing)
     peers: List[Peer] = []
-    restart_after(monkeypatch, "_connect", channel, peers, restarts=2)
+    restart_after(monkeypatch, "_connect", channel, peers, restarts=restarts)
     with channel.lock:  # the retry waits: the peer is in the list before it connects
         peers.append(type(server)(server.path))
+        failed.clear()  # the retries while no server was there failed
     try:
-        wait_until(lambda: len(peers) == 3, what="two restarts")
-        last = peers[-1]
-        messages = last.wait_for(lambda m: (ME, "s") in server_state(m))
+        wait_until(lambda: len(peers) == restarts + 1, what="the restarts")
+        messages = peers[-1].wait_for(lambda m: (ME, "s") in server_state(m))
         wait_until(lambda: not channel._retrying(), what="the retry thread to end")
+        if restarts == 1:
+            assert failed == []  # the step that met the restart reconnected, and delivered
         assert not channel.needs_resync
         assert {s for p, s in server_state(messages) if p == ME} == {"s"}  # "t" raised
         client.close()

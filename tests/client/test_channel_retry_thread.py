@@ -1,8 +1,7 @@
 """The channel's retry and watch threads at their edges (``_channel.py``; each test seen
 to fail with a mutant of the code that no other test caught): a connection's watch ends
 as soon as the connection is let go of, and quietly when its client was dropped while it
-probed; a retry step whose new connection is lost at once reconnects rather than backing
-off; protocol 1's retry forgets its progress when the reader left; a retry that got a
+probed; protocol 1's retry forgets its progress when the reader left; a retry that got a
 line through backs off from the first delay again, and retries after an early one wait
 out their backoff; the retry pauses between two chunks, is no longer counted once it
 ends, and lets go of the connection of a client closed meanwhile. A watch whose finding
@@ -27,7 +26,7 @@ from ftimer_client._writer import Writer
 from ftimer_protocol import PIPE_BUF, TimerRequestV1
 
 from .conftest import FifoPeer, Peer, SocketPeer, restart, server_state
-from .test_channel_retry_loop import lose_server, restart_after, retrying
+from .test_channel_retry_loop import lose_server, retrying
 from .test_watch import watches
 
 ME = os.getpid()
@@ -63,43 +62,6 @@ def test_a_connections_watch_ends_as_soon_as_the_connection_is_let_go_of(
     finally:
         if new is not server:
             new.close()
-
-
-def test_a_retry_steps_connection_lost_at_once_is_made_again_without_backing_off(
-    server: Peer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # _channel.py _retry_step: "for reconnecting in (False, True)". The server restarts
-    # right after the retry connected to it (the hook runs the real connect, then
-    # restarts it): the step's first line finds the connection lost, and the step
-    # connects once more and delivers. Without that second try, the first loss raised:
-    # a failed retry, and the resync waited out a backoff (up to RETRY_MAX) for nothing.
-    client = retrying(server, labels={})
-    channel = client._channel
-    events: List[str] = []
-    retry_failed = Resync.retry_failed
-
-    def failing(state: Resync, now: float) -> None:
-        retry_failed(state, now)
-        if state is channel.state:
-            events.append("failed")
-
-    monkeypatch.setattr(Resync, "retry_failed", failing)
-    peers: List[Peer] = []
-    restart_after(monkeypatch, "_connect", channel, peers, restarts=1)
-    with channel.lock:  # the retry waits: the peer is in the list before it connects
-        peers.append(type(server)(server.path))
-        events.clear()  # the retries while no server was there failed
-    try:
-        wait_until(lambda: len(peers) == 2, what="a restart")
-        messages = peers[-1].wait_for(lambda m: (ME, "s") in server_state(m))
-        wait_until(lambda: not channel._retrying(), what="the retry thread to end")
-        assert events == []  # the step that met the restart reconnected, and delivered
-        assert not channel.needs_resync
-        assert {s for p, s in server_state(messages) if p == ME} == {"s"}  # "t" raised
-        client.close()
-    finally:
-        for peer in peers:
-            peer.close()
 
 
 def test_a_client_dropped_while_its_watch_probes_a_lost_connection_ends_the_watch_quietly(

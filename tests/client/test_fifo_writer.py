@@ -174,6 +174,25 @@ def test_a_writer_dropped_without_close_lets_go_of_the_fifo(peer: FifoPeer) -> N
     assert writers_of(peer.path) == before
 
 
+def test_a_writer_interrupted_after_its_open_lets_go_of_the_fifo(
+    peer: FifoPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A KeyboardInterrupt between the open and keeping the descriptor left it open until
+    # the process exited: the writer's __del__ closes only a descriptor it kept.
+    fstat = os.fstat
+
+    def interrupted(fd: int) -> os.stat_result:
+        if os.readlink(f"/proc/self/fd/{fd}") != str(peer.path):  # another's: not ours
+            return fstat(fd)
+        raise KeyboardInterrupt
+
+    before = writers_of(peer.path)  # the peer's own
+    monkeypatch.setattr(os, "fstat", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        FifoWriter(str(peer.path))
+    assert writers_of(peer.path) == before
+
+
 # A writer that got descriptor 0 (a worker started with stdin closed), dropped without
 # close(): says whether descriptor 0 is still open.
 DROPPED_AT_0 = """

@@ -58,17 +58,23 @@ class FifoWriter:
             fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             raise _unavailable(e, path, "FIFO or socket" if or_socket else "FIFO") from e
-        st = os.fstat(fd)
-        if not stat.S_ISFIFO(st.st_mode):
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISFIFO(st.st_mode):
+                raise ServerUnavailable(errno.EINVAL, "not a FIFO", path)
+            # SIGPIPE not ignored: each write blocks it, so none may go to the hot path.
+            # A descriptor kept open looks at the kernel's disposition (a host embedding
+            # Python may have changed it behind Python's back); one opened per message,
+            # only at Python's (a read of /proc per message would cost more than the
+            # write).
+            self._guard = not sigpipe_ignored(thorough=check_replaced)
+        except BaseException:
+            # Let go of at once, on a KeyboardInterrupt too: the collector never would
+            # (``__del__`` closes a descriptor the writer keeps, and it kept none yet).
             os.close(fd)
-            raise ServerUnavailable(errno.EINVAL, "not a FIFO", path)
+            raise
         self._fd = fd
         self._inode = (st.st_dev, st.st_ino)
-        # SIGPIPE not ignored: each write blocks it, so none may go to the hot path. A
-        # descriptor kept open looks at the kernel's disposition (a host embedding
-        # Python may have changed it behind Python's back); one opened per message,
-        # only at Python's (a read of /proc per message would cost more than the write).
-        self._guard = not sigpipe_ignored(thorough=check_replaced)
         self.hot_fd = -1 if self._guard else fd
 
     def write(self, line: bytes, timeout: float) -> None:

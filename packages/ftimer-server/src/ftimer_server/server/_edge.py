@@ -250,7 +250,11 @@ class SystemHost(Host):
             try:
                 killed.update((d.pid, d) for d in self._signaller.send_again(rest, KILL))
             except Exception:  # a custom signaller's bug: the worker is escalated regardless
-                logger.exception("signalling the descendants of process %d failed", rest[0].pid)
+                logger.exception(
+                    "killing descendants %s of %s failed",
+                    ", ".join(str(d.pid) for d in rest),
+                    f"process {worker.pid}" if worker else "a reaped process",
+                )
         return tuple(killed.values())
 
     def _send_tree(

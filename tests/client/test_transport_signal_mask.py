@@ -91,6 +91,10 @@ while time.monotonic() < end and not left:
         ticks += 1
 signal.setitimer(signal.ITIMER_REAL, 0)
 print(json.dumps({"left": sorted(int(s) for s in left), "ticks": ticks, "arms": arms}))
+# Out at once: retry threads whose start() the handler interrupted (threading's state then
+# broken) print their tracebacks, and one still printing at shutdown aborts the interpreter.
+sys.stdout.flush()
+os._exit(0)
 """
 
 

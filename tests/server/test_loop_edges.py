@@ -2,15 +2,18 @@
 mutation testing (each test fails with the mutant that found it).
 
 Some drive a ``Loop`` directly, on a real FIFO (and socket) with a fake host and a
-recording signaller: one iteration at a time, no thread, nothing signalled for real."""
+recording signaller: one iteration at a time, no thread, nothing signalled for real, and
+the loop's clock (``Clock``) moved by the test where its timing is asked."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pathlib
 import selectors
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -417,3 +420,178 @@ def test_the_liveness_probe_sees_an_iteration_only_while_it_runs(
     assert busy is not None
     assert began <= busy <= time.time()
     assert stopping is None
+
+
+def test_a_full_socket_queue_holds_judgement_back_for_the_senders_waiting_for_room(
+    fifo_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A datagram socket's queue found full may hold back a sender with a datagram it
+    # began before the iteration noted the time (a disarm, before its deadline): it gets
+    # in only once the read has made room. So a deadline passed by then is not judged in
+    # that iteration, but once the woken senders have had their turn (SETTLE after the
+    # read) and the queue was found with room: as for a full FIFO, the socket's fullness
+    # counts too (else a healthy worker whose disarm was waiting for room is reaped).
+    clock = Clock()
+    monkeypatch.setattr(_loop, "time", clock)
+    events: List[Event] = []
+    with bare_loop(fifo_path, lambda tokens: None, events.append, with_socket=True) as (
+        loop,
+        _wd,
+        sig,
+        sock,
+    ):
+        assert sock is not None
+        loop._iterate([])  # the loop is running (the first read is a return from absence)
+        deadline = clock.now + 0.5
+        send(fifo_path, Arm(pid=FAKE_PID, scope_id="s", deadline=deadline, signal=9))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.setblocking(False)
+            filled = 0
+            try:
+                while filled < 10 * sock.batch:  # junk, until the queue has no room
+                    sender.sendto(b"junk\n", sock.path)
+                    filled += 1
+            except BlockingIOError:
+                pass
+            assert sock.queue_length <= filled < 10 * sock.batch, "the queue is full"
+            clock.now = deadline + 0.1  # the deadline passes while the senders wait
+            loop._iterate([])  # reads the full queue (and the FIFO's arm)
+            assert not sock.queued(), "read to the end: room for the waiting senders"
+            assert [e for e in events if isinstance(e, Expired)] == []
+            assert sig.sent == []
+            clock.now += _horizon.SETTLE  # their turn is over, and nothing came
+            loop._iterate([])
+        assert [e.timer.pid for e in events if isinstance(e, Expired)] == [FAKE_PID]
+    assert sig.sent == [(FAKE_PID, 9)]
+
+
+def test_a_single_byte_in_the_fifo_is_read_and_the_idle_loop_waits_again(
+    fifo_path: pathlib.Path,
+) -> None:
+    # The FIFO holds one byte: the end of a line whose start an earlier iteration read
+    # (a writer that split its line). It is read like any other bytes: the line is
+    # applied, and the FIFO left empty, so the next wait blocks (a byte left behind
+    # keeps the FIFO readable: a loop that spins for ever, and a line never applied).
+    line = encode(Arm(pid=FAKE_PID, scope_id="s", deadline=1e9, signal=9))
+    with bare_loop(fifo_path, lambda tokens: None, Recorder()) as (loop, wd, sig, _):
+        send(fifo_path, raw=line[:-1])
+        loop._iterate([])
+        assert wd.armed() == []  # half a line: nothing yet
+        send(fifo_path, raw=line[-1:])
+        loop._iterate([])
+        assert [(t.pid, t.scope_id) for t in wd.armed()] == [(FAKE_PID, "s")]
+        assert loop._selector.select(0) == []
+    assert sig.sent == []
+
+
+def test_a_worker_s_exit_is_seen_once_and_the_loop_waits_again(
+    fifo_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker's pidfd turns readable when it exits, and stays so: the iteration that
+    # sees it stops waiting for it. Else every later wait returns at once (a loop that
+    # spins for ever) and the same exit is queued again in each iteration.
+    monkeypatch.setattr(_loop, "time", Clock())  # the exit stays held
+    child = subprocess.Popen(["true"])  # this test's own child, never signalled
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        child.wait()
+        worker = Worker(child.pid, None, pidfd)
+        with bare_loop(fifo_path, lambda tokens: None, Recorder()) as (loop, _wd, sig, _):
+            loop.watch(worker)
+            ready = loop._selector.select(0)
+            assert [key.data for key, _ in ready] == [worker]
+            loop._iterate(ready)
+            assert loop._selector.select(0) == []
+            loop._iterate(loop._selector.select(0))
+            assert [w for _, w in loop._exits] == [worker]
+        assert sig.sent == []
+    finally:
+        os.close(pidfd)
+
+
+def test_a_failing_iteration_is_logged_and_the_loop_pauses_before_the_next(
+    fifo_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A bug in an iteration (bad input never raises) is logged and the loop keeps
+    # serving, but it pauses before the next iteration: a failure that repeats must not
+    # make the loop spin (a core burnt for ever), nor go unseen.
+    clock = Clock()
+    slept: List[float] = []
+    monkeypatch.setattr(clock, "sleep", slept.append)  # the pause, not slept
+    monkeypatch.setattr(_loop, "time", clock)
+    calls: List[object] = []
+    with bare_loop(fifo_path, lambda tokens: None, Recorder()) as (loop, _wd, _sig, _):
+
+        def broken(ready: object) -> float:
+            calls.append(ready)
+            if len(calls) == 1:
+                raise RuntimeError("a bug")
+            loop.request_stop()
+            return clock.now
+
+        monkeypatch.setattr(loop, "_iterate", broken)
+        loop.wake()  # each wait returns at once: the wake-up is never drained
+        with caplog.at_level(logging.ERROR, logger="ftimer_server"):
+            loop.run()
+    assert len(calls) == 2
+    assert len(slept) == 1
+    assert slept[0] > 0
+    assert "RuntimeError: a bug" in caplog.text
+
+
+def test_the_end_of_a_capture_wakes_the_waiting_loop(fifo_path: pathlib.Path) -> None:
+    # captured() comes from the capture's thread while the loop waits: it must wake
+    # that wait, else the captured worker is signalled only at the loop's next wake-up
+    # for something else (its capture budget's end, a minute later, on an idle server).
+    events = Recorder()
+    with bare_loop(fifo_path, lambda tokens: None, events, capture_budget=60.0) as (
+        loop,
+        _wd,
+        sig,
+        _,
+    ):
+        send(fifo_path, Arm(pid=FAKE_PID, scope_id="s", deadline=time.monotonic(), signal=9))
+        loop._iterate(loop._selector.select(0))
+        assert events.of(Expired), "expired, its capture under way"
+        assert loop._selector.select(0) == []  # nothing to read: the loop would wait
+        loop.captured(FAKE_PID)
+        ready = loop._selector.select(0)
+        assert ready, "woken"
+        loop._iterate(ready)
+        assert sig.sent == [(FAKE_PID, 9)]
+
+
+def test_close_lets_go_of_its_descriptors_and_a_later_wake_up_writes_nowhere(
+    fifo_path: pathlib.Path,
+) -> None:
+    # A server opened and closed again and again (an agent's restarts, a test suite)
+    # must not leave its wake-up pipe and selector open each time; and a wake-up from
+    # another thread after the close (a capture ending late) must write nowhere, not to
+    # a descriptor the program has since opened under the same number (0, say).
+    with bare_loop(fifo_path, lambda tokens: None, Recorder()) as (loop, _wd, _sig, _):
+        fds = [loop._wake_r, loop._wake_w, loop._selector.fileno()]
+        inodes = [os.fstat(fd).st_ino for fd in fds]
+        loop.close()
+        for fd, inode in zip(fds, inodes):
+            assert not still_open(fd, inode), f"descriptor {fd} left open"
+        r, w = os.pipe()
+        stdin = os.dup(0)
+        try:
+            os.dup2(w, 0)  # what descriptor 0 is now: a pipe the test reads
+            loop.wake()
+        finally:
+            os.dup2(stdin, 0)
+            os.close(stdin)
+            os.close(w)
+        try:
+            assert os.read(r, 1) == b"", "the wake-up was written to descriptor 0"
+        finally:
+            os.close(r)
+
+
+def still_open(fd: int, inode: int) -> bool:
+    """Whether ``fd`` is still the descriptor of ``inode`` (not closed, nor reused)."""
+    try:
+        return os.fstat(fd).st_ino == inode
+    except OSError:
+        return False

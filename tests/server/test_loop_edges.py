@@ -561,6 +561,16 @@ def test_the_end_of_a_capture_wakes_the_waiting_loop(fifo_path: pathlib.Path) ->
         assert sig.sent == [(FAKE_PID, 9)]
 
 
+def test_a_loop_not_run_yet_is_idle_and_of_no_thread(fifo_path: pathlib.Path) -> None:
+    # The server publishes its loop before the loop's thread runs it: meanwhile torch's
+    # liveness probe reads busy_since (None: healthy, the probe says now) and a stop()
+    # from another thread compares ident with its own (None: no thread's), where a
+    # missing attribute would raise out of both.
+    with bare_loop(fifo_path, lambda tokens: None, Recorder()) as (loop, _wd, _sig, _):
+        assert loop.busy_since is None
+        assert loop.ident is None
+
+
 def test_close_lets_go_of_its_descriptors_and_a_later_wake_up_writes_nowhere(
     fifo_path: pathlib.Path,
 ) -> None:

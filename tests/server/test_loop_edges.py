@@ -68,16 +68,17 @@ class Clock:
 @contextlib.contextmanager
 def bare_loop(
     fifo_path: pathlib.Path,
-    after: Callable[[List[str]], None],
-    emit: Callable[[Event], None],
     *,
+    after: Callable[[List[str]], None] = lambda tokens: None,
+    emit: Optional[Callable[[Event], None]] = None,
     with_socket: bool = False,
     escalate_after: Optional[float] = None,
     capture_budget: Optional[float] = None,
     journal: Optional[Journal] = None,
 ) -> Iterator[tuple[Loop, Watchdog, RecordingSignaller, Optional[DatagramSocket]]]:
     """A Loop on a real FIFO (and socket), its watchdog on a fake host of pretend pids
-    FAKE_PID... with a recording signaller."""
+    FAKE_PID... with a recording signaller; ``after`` gets each iteration's tokens,
+    ``emit`` its events (a fresh ``Recorder`` if not given)."""
     host = FakeInspector(auto=range(FAKE_PID, FAKE_PID + 10))
     host.spawn(SERVER, start_time=5)
     host.spawn(os.getpid(), start_time=proc_start_time(os.getpid()), parent=os.getppid())
@@ -85,7 +86,7 @@ def bare_loop(
     watchdog = Watchdog(
         host=SystemHost(host, signaller, capture=lambda request: "incident-1"),
         server_pid=SERVER,
-        emit=emit,
+        emit=Recorder() if emit is None else emit,
         escalate_after=escalate_after,
         capture_budget=capture_budget,
     )
@@ -136,7 +137,7 @@ def test_an_interrupted_loop_still_applies_what_was_written_and_finishes_its_rea
             send(fifo_path, Arm(pid=FAKE_PID + 1, scope_id="late", deadline=1e9, signal=9))
             raise KeyboardInterrupt
 
-    with bare_loop(fifo_path, after, Recorder(), escalate_after=3600.0) as (loop, wd, sig, _):
+    with bare_loop(fifo_path, after=after, escalate_after=3600.0) as (loop, wd, sig, _):
         send(fifo_path, Arm(pid=FAKE_PID, scope_id="s", deadline=time.monotonic(), signal=15))
         with pytest.raises(KeyboardInterrupt):
             loop.run()
@@ -152,12 +153,7 @@ def test_a_datagram_the_selector_did_not_report_is_read_in_the_same_iteration(
     # arrived since: it was sent before the iteration noted its horizon, so it must be
     # read and applied before any deadline is judged against that horizon (a disarm
     # left in the queue would let its timer expire).
-    with bare_loop(fifo_path, lambda tokens: None, Recorder(), with_socket=True) as (
-        loop,
-        wd,
-        _,
-        sock,
-    ):
+    with bare_loop(fifo_path, with_socket=True) as (loop, wd, _, sock):
         assert sock is not None
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
             sender.sendto(encode(Sync("probe")), sock.path)
@@ -182,7 +178,7 @@ def test_a_deadline_is_judged_against_the_moment_before_the_read_not_after_it(
             clock.now = deadline + 0.05
 
     events: List[Event] = []
-    with bare_loop(fifo_path, lambda tokens: None, emit) as (loop, _wd, sig, _):
+    with bare_loop(fifo_path, emit=emit) as (loop, _wd, sig, _):
         send(fifo_path, Arm(pid=FAKE_PID, scope_id="s", deadline=deadline, signal=9))
         loop._iterate([])
         assert [e for e in events if isinstance(e, Expired)] == []
@@ -208,7 +204,7 @@ def test_each_exit_waits_its_own_hold_for_its_last_words(
     clock = Clock()
     monkeypatch.setattr(_loop, "time", clock)
     events = Recorder()
-    with bare_loop(fifo_path, lambda tokens: None, events) as (loop, wd, sig, _):
+    with bare_loop(fifo_path, emit=events) as (loop, wd, sig, _):
         first, second = FAKE_PID, FAKE_PID + 1
         for pid in (first, second):
             send(fifo_path, Arm(pid=pid, scope_id="s", deadline=1e9, signal=9))
@@ -235,12 +231,7 @@ def test_a_worker_that_exits_during_its_capture_is_not_signalled_when_the_captur
     # be another's by then).
     monkeypatch.setattr(_loop, "EXIT_HOLD", 0.3)
     events = Recorder()
-    with bare_loop(fifo_path, lambda tokens: None, events, capture_budget=60.0) as (
-        loop,
-        wd,
-        sig,
-        _,
-    ):
+    with bare_loop(fifo_path, emit=events, capture_budget=60.0) as (loop, wd, sig, _):
         send(fifo_path, Arm(pid=FAKE_PID, scope_id="s", deadline=time.monotonic(), signal=9))
         loop._iterate([])
         assert events.of(Expired), "expired, its capture under way"
@@ -259,7 +250,7 @@ def test_after_a_wake_up_the_idle_loop_waits_again(fifo_path: pathlib.Path) -> N
     # A wake-up (a stop, a capture's end, a timer registered) is consumed by the
     # iteration it woke: with nothing armed the next wait must block again, not return
     # at once (an idle server that spins on a stale wake-up burns a core for ever).
-    with bare_loop(fifo_path, lambda tokens: None, Recorder()) as (loop, _wd, _sig, _):
+    with bare_loop(fifo_path) as (loop, _wd, _sig, _):
         loop.wake()
         loop.wake()
         ready = loop._selector.select(0)
@@ -274,12 +265,7 @@ def test_a_datagram_sent_after_the_stop_time_read_fails_instead_of_being_lost(
     # On stop the socket is shut for reading before its last read: a send after that
     # read fails (the client resyncs with the next server), where it would succeed and
     # its datagram (a disarm, say) be dropped with the socket.
-    with bare_loop(fifo_path, lambda tokens: None, Recorder(), with_socket=True) as (
-        loop,
-        wd,
-        _sig,
-        sock,
-    ):
+    with bare_loop(fifo_path, with_socket=True) as (loop, wd, _sig, sock):
         assert sock is not None
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
             sender.sendto(encode(Sync("before")), sock.path)
@@ -301,9 +287,7 @@ def test_a_datagram_journaled_while_the_fifo_holds_half_a_line_replays_whole(
     journal = Journal(str(tmp_path / "state"))
     first = journal.seq
     line = encode(Arm(pid=FAKE_PID, scope_id="fifo", deadline=1e9, signal=0))
-    with bare_loop(
-        fifo_path, lambda tokens: None, Recorder(), with_socket=True, journal=journal
-    ) as (loop, wd, _sig, sock):
+    with bare_loop(fifo_path, with_socket=True, journal=journal) as (loop, wd, _sig, sock):
         assert sock is not None
         send(fifo_path, raw=line[:10])
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
@@ -338,7 +322,7 @@ def test_after_reading_a_full_fifo_judgement_waits_for_the_writers_it_woke(
             clock.now += 10 * settle
 
     events: List[Event] = []
-    with bare_loop(fifo_path, lambda tokens: None, emit) as (loop, _wd, sig, _):
+    with bare_loop(fifo_path, emit=emit) as (loop, _wd, sig, _):
         loop._iterate([])  # the loop is running (the first read is a return from absence)
         send(fifo_path, Arm(pid=FAKE_PID, scope_id="s", deadline=deadline, signal=9))
         fd = os.open(fifo_path, os.O_WRONLY | os.O_NONBLOCK)
@@ -364,12 +348,7 @@ def test_the_end_of_a_capture_signals_its_worker_in_the_iteration_it_wakes(
     # A hung worker is captured before it is signalled; the capture's end (from another
     # thread) wakes the loop, which signals it then, not when the budget runs out.
     events = Recorder()
-    with bare_loop(fifo_path, lambda tokens: None, events, capture_budget=60.0) as (
-        loop,
-        _wd,
-        sig,
-        _,
-    ):
+    with bare_loop(fifo_path, emit=events, capture_budget=60.0) as (loop, _wd, sig, _):
         send(fifo_path, Arm(pid=FAKE_PID, scope_id="s", deadline=time.monotonic(), signal=9))
         loop._iterate([])
         assert events.of(Expired), "expired, its capture under way"
@@ -386,7 +365,7 @@ def test_a_stop_whose_last_read_fails_still_finishes_and_returns(
     # signals the reaps not done and hands the façade its (empty) results, then returns
     # as a stop does, not as a loop that ended on an error.
     calls: List[List[str]] = []
-    with bare_loop(fifo_path, calls.append, Recorder()) as (loop, _wd, _sig, _):
+    with bare_loop(fifo_path, after=calls.append) as (loop, _wd, _sig, _):
 
         def broken(socket_ready: bool = True) -> None:
             raise RuntimeError("a bug")
@@ -404,7 +383,7 @@ def test_the_liveness_probe_sees_an_iteration_only_while_it_runs(
     # iteration under way, None between them. Never set, a loop stuck in an iteration
     # looks healthy; never cleared, an idle healthy one looks stuck since its last one.
     seen: List[Optional[float]] = []
-    with bare_loop(fifo_path, lambda tokens: None, Recorder()) as (loop, _wd, _sig, _):
+    with bare_loop(fifo_path) as (loop, _wd, _sig, _):
 
         def after(tokens: List[str]) -> None:  # in the iteration, then in the stop's read
             seen.append(loop.busy_since)
@@ -434,12 +413,7 @@ def test_a_full_socket_queue_holds_judgement_back_for_the_senders_waiting_for_ro
     clock = Clock()
     monkeypatch.setattr(_loop, "time", clock)
     events: List[Event] = []
-    with bare_loop(fifo_path, lambda tokens: None, events.append, with_socket=True) as (
-        loop,
-        _wd,
-        sig,
-        sock,
-    ):
+    with bare_loop(fifo_path, emit=events.append, with_socket=True) as (loop, _wd, sig, sock):
         assert sock is not None
         loop._iterate([])  # the loop is running (the first read is a return from absence)
         deadline = clock.now + 0.5
@@ -473,7 +447,7 @@ def test_a_single_byte_in_the_fifo_is_read_and_the_idle_loop_waits_again(
     # applied, and the FIFO left empty, so the next wait blocks (a byte left behind
     # keeps the FIFO readable: a loop that spins for ever, and a line never applied).
     line = encode(Arm(pid=FAKE_PID, scope_id="s", deadline=1e9, signal=9))
-    with bare_loop(fifo_path, lambda tokens: None, Recorder()) as (loop, wd, sig, _):
+    with bare_loop(fifo_path) as (loop, wd, sig, _):
         send(fifo_path, raw=line[:-1])
         loop._iterate([])
         assert wd.armed() == []  # half a line: nothing yet
@@ -496,7 +470,7 @@ def test_a_worker_s_exit_is_seen_once_and_the_loop_waits_again(
     try:
         child.wait()
         worker = Worker(child.pid, None, pidfd)
-        with bare_loop(fifo_path, lambda tokens: None, Recorder()) as (loop, _wd, sig, _):
+        with bare_loop(fifo_path) as (loop, _wd, sig, _):
             loop.watch(worker)
             ready = loop._selector.select(0)
             assert [key.data for key, _ in ready] == [worker]
@@ -520,7 +494,7 @@ def test_a_failing_iteration_is_logged_and_the_loop_pauses_before_the_next(
     monkeypatch.setattr(clock, "sleep", slept.append)  # the pause, not slept
     monkeypatch.setattr(_loop, "time", clock)
     calls: List[object] = []
-    with bare_loop(fifo_path, lambda tokens: None, Recorder()) as (loop, _wd, _sig, _):
+    with bare_loop(fifo_path) as (loop, _wd, _sig, _):
 
         def broken(ready: object) -> float:
             calls.append(ready)
@@ -544,12 +518,7 @@ def test_the_end_of_a_capture_wakes_the_waiting_loop(fifo_path: pathlib.Path) ->
     # that wait, else the captured worker is signalled only at the loop's next wake-up
     # for something else (its capture budget's end, a minute later, on an idle server).
     events = Recorder()
-    with bare_loop(fifo_path, lambda tokens: None, events, capture_budget=60.0) as (
-        loop,
-        _wd,
-        sig,
-        _,
-    ):
+    with bare_loop(fifo_path, emit=events, capture_budget=60.0) as (loop, _wd, sig, _):
         send(fifo_path, Arm(pid=FAKE_PID, scope_id="s", deadline=time.monotonic(), signal=9))
         loop._iterate(loop._selector.select(0))
         assert events.of(Expired), "expired, its capture under way"
@@ -566,7 +535,7 @@ def test_a_loop_not_run_yet_is_idle_and_of_no_thread(fifo_path: pathlib.Path) ->
     # liveness probe reads busy_since (None: healthy, the probe says now) and a stop()
     # from another thread compares ident with its own (None: no thread's), where a
     # missing attribute would raise out of both.
-    with bare_loop(fifo_path, lambda tokens: None, Recorder()) as (loop, _wd, _sig, _):
+    with bare_loop(fifo_path) as (loop, _wd, _sig, _):
         assert loop.busy_since is None
         assert loop.ident is None
 
@@ -578,7 +547,7 @@ def test_close_lets_go_of_its_descriptors_and_a_later_wake_up_writes_nowhere(
     # must not leave its wake-up pipe and selector open each time; and a wake-up from
     # another thread after the close (a capture ending late) must write nowhere, not to
     # a descriptor the program has since opened under the same number (0, say).
-    with bare_loop(fifo_path, lambda tokens: None, Recorder()) as (loop, _wd, _sig, _):
+    with bare_loop(fifo_path) as (loop, _wd, _sig, _):
         fds = [loop._wake_r, loop._wake_w, loop._selector.fileno()]
         inodes = [os.fstat(fd).st_ino for fd in fds]
         loop.close()

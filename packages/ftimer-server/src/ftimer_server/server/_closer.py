@@ -19,7 +19,7 @@ import struct
 import threading
 import time
 import weakref
-from typing import Callable, Deque, Dict, Sequence, Tuple
+from typing import Callable, Deque, Dict, Sequence
 
 __all__ = ["CLOSER", "Closer"]
 
@@ -80,8 +80,8 @@ class Closer:
         self._close = close
         self._cond = threading.Condition()
         self._pending: Deque[int] = collections.deque()
-        #: Each busy thread's descriptor and when its close began, by thread.
-        self._closing: Dict[int, Tuple[int, float]] = {}
+        #: When each busy thread's close began, by thread.
+        self._closing: Dict[int, float] = {}
         self._threads = 0
         self._said = -math.inf
         #: Weakly: a socket dropped without close() is not kept open by its watch.
@@ -111,10 +111,12 @@ class Closer:
 
     def for_child(self) -> Closer:
         """The closer of a forked child: the parent's threads are not there, the
-        descriptors they had yet to close (or were closing) are, and are its to close.
-        The parent's sockets are the parent's to watch."""
+        descriptors they had yet to close are, and are its to close. Not those they were
+        closing: the kernel frees a descriptor's number as its close begins, so by the
+        fork the number may be another file's (a close that blocks, what the threads are
+        for, leaves it free for as long as it blocks). The parent's sockets are the
+        parent's to watch."""
         child = Closer(self._close)
-        child._pending.extend(fd for fd, _ in self._closing.values())
         child._pending.extend(self._pending)
         with child._cond:
             child._dispatch()
@@ -131,7 +133,7 @@ class Closer:
         while short > 0 and self._threads < self.MAX_THREADS and self._start():
             short -= 1
         if short > 0 and self._threads == self.MAX_THREADS:
-            oldest = min((began for _, began in self._closing.values()), default=math.inf)
+            oldest = min(self._closing.values(), default=math.inf)
             self._say(
                 "every thread that closes descriptors senders passed to the socket is "
                 "busy, one for %.1f s (a sender may be passing descriptors whose close "
@@ -180,7 +182,7 @@ class Closer:
                         self._refuse(False)
                     cond.wait()
                 fd = self._pending.popleft()
-                closing[me] = (fd, time.monotonic())
+                closing[me] = time.monotonic()
             with contextlib.suppress(OSError):
                 self._close(fd)
             with cond:

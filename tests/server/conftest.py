@@ -172,6 +172,15 @@ def send(path: os.PathLike[str], *messages: Message, raw: bytes = b"") -> None:
         os.close(fd)
 
 
+def is_open(fd: int) -> bool:
+    """Whether descriptor ``fd`` is open in this process."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def pidfds_of(pid: int) -> int:
     """How many of this process's descriptors are pidfds of ``pid``."""
     return sum(pidfd_pid(int(fd)) == pid for fd in os.listdir("/proc/self/fd"))

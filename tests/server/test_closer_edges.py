@@ -26,7 +26,7 @@ from tests.conftest import wait_until
 
 from ftimer_server.server import _closer as closer_module
 
-from .conftest import on_thread_start
+from .conftest import is_open, on_thread_start
 
 
 class Gate:
@@ -100,14 +100,6 @@ def _refuses_rights(path: str) -> bool:
         except PermissionError:
             return True
         return False
-
-
-def _open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def _refusal_supported() -> bool:
@@ -260,7 +252,7 @@ def test_clearing_a_socket_s_linger_leaves_it_open_and_resetting() -> None:
     with ours, theirs:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 60))
         closer_module._no_linger(ours.fileno())
-        assert _open(ours.fileno())
+        assert is_open(ours.fileno())
         linger = ours.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
         assert struct.unpack("ii", linger) == (1, 0)
 
@@ -271,7 +263,7 @@ def test_clearing_linger_leaves_other_descriptors_alone_and_never_raises() -> No
     read_end, write_end = os.pipe()
     try:
         closer_module._no_linger(read_end)
-        assert _open(read_end)
+        assert is_open(read_end)
     finally:
         os.close(read_end)
         os.close(write_end)

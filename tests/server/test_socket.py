@@ -47,7 +47,7 @@ from ftimer_server.server import _closer as closer_module
 from ftimer_server.server import _socket as socket_module
 from ftimer_server.server._socket import open_socket
 
-from .conftest import OwnChildrenSignaller, run_as_nobody, wait_exit
+from .conftest import OwnChildrenSignaller, is_open, run_as_nobody, wait_exit
 
 # Sends one line to the socket argv[1]: argv[2] is the line; with argv[3], also a pidfd
 # of that pid (SCM_RIGHTS). Then waits for its stdin to close (it is the sender).
@@ -612,7 +612,7 @@ def test_the_closer_thread_is_made_again_in_a_forked_child(tmp_path: pathlib.Pat
     # every descriptor a sender passed leaked there.
     r, w = os.pipe()
     closer_module.CLOSER.close([r])  # the parent's closer thread runs from now on
-    wait_until(lambda: _closed(r), what="the parent's descriptor closed")
+    wait_until(lambda: not is_open(r), what="the parent's descriptor closed")
     os.close(w)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
@@ -621,18 +621,10 @@ def test_the_closer_thread_is_made_again_in_a_forked_child(tmp_path: pathlib.Pat
         r2, _ = os.pipe()
         closer_module.CLOSER.close([r2])
         deadline = time.monotonic() + 10
-        while not _closed(r2) and time.monotonic() < deadline:
+        while is_open(r2) and time.monotonic() < deadline:
             time.sleep(0.001)
-        os._exit(0 if _closed(r2) else 1)
+        os._exit(1 if is_open(r2) else 0)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-
-
-def _closed(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return True
-    return False
 
 
 def test_a_batch_that_fails_to_apply_still_releases_its_pidfds(
@@ -885,7 +877,7 @@ def test_pidfds_senders_pass_are_closed_at_once(
     assert len(results) == 4
     assert handed == []
     assert len(received) == 4
-    assert not [fd for fd in received if _is_open(fd)]
+    assert not [fd for fd in received if is_open(fd)]
     sock.close()
 
 
@@ -902,10 +894,6 @@ def _received_descriptors(monkeypatch: pytest.MonkeyPatch) -> List[int]:
 
     monkeypatch.setattr(socket_module, "_parse", recording)
     return received
-
-
-def _is_open(fd: int) -> bool:
-    return os.path.exists(f"/proc/self/fd/{fd}")
 
 
 def test_descriptors_senders_pass_arrive_close_on_exec(
@@ -1047,7 +1035,7 @@ def test_a_forked_child_s_closer_leaves_alone_the_number_of_a_close_that_blocked
     closer = closer_module.Closer(os.close)  # the linger left on: its close blocks
     try:
         closer.close([fd])
-        wait_until(lambda: closer._closing and _closed(fd), what="the close begun")
+        wait_until(lambda: closer._closing and not is_open(fd), what="the close begun")
         taken = os.open(os.devnull, os.O_RDONLY)  # the freed number taken by another file
         if taken != fd:  # (the lowest free number: fd, unless another was freed meanwhile)
             os.dup2(taken, fd)
@@ -1061,11 +1049,11 @@ def test_a_forked_child_s_closer_leaves_alone_the_number_of_a_close_that_blocked
                 deadline = time.monotonic() + 10
                 while (child._pending or child._closing) and time.monotonic() < deadline:
                     time.sleep(0.001)
-                os._exit(1 if _closed(fd) else 0)
+                os._exit(0 if is_open(fd) else 1)
             finally:
                 os._exit(2)
         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, "the child's copy closed"
-        assert not _closed(fd)
+        assert is_open(fd)
     finally:
         peer.close()  # resets the connection, unread data and all: the close returns
         wait_until(lambda: not closer._closing, what="the parent's close returned")

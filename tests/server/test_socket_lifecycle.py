@@ -24,7 +24,7 @@ from ftimer_server.incidents._procfs import pidfd_pid
 from ftimer_server.server import _closer as closer_module
 from ftimer_server.server._socket import forgo_socket, open_socket, shut_for_reading
 
-from .conftest import NOBODY, pidfds_of, run_as_nobody
+from .conftest import NOBODY, is_open, pidfds_of, run_as_nobody
 
 _SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
 _SO_PASSPIDFD = getattr(socket, "SO_PASSPIDFD", 76)
@@ -368,14 +368,6 @@ def test_a_socket_to_take_over_whose_path_now_holds_a_file_is_refused(
     assert path.read_text() == "not a socket"
 
 
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 def test_a_socket_let_go_is_closed_and_its_path_removed(tmp_path: pathlib.Path) -> None:
     # The last server's socket, not taken over (--no-socket): closed, and its path
     # removed, so that senders find no server there (and use the FIFO) rather than a
@@ -385,7 +377,7 @@ def test_a_socket_let_go_is_closed_and_its_path_removed(tmp_path: pathlib.Path) 
     last.bind(str(path))
     fd = last.detach()
     forgo_socket(str(path), fd)
-    assert not _is_open(fd)
+    assert not is_open(fd)
     assert not os.path.lexists(path)
 
 
@@ -408,7 +400,7 @@ def test_a_socket_let_go_leaves_what_is_not_its_own_at_the_path(tmp_path: pathli
             os.chown(path, NOBODY, NOBODY)
         fd = last.detach()
         forgo_socket(str(path), fd)
-        assert not _is_open(fd), replace
+        assert not is_open(fd), replace
         assert os.path.lexists(path), replace
         os.unlink(path)
         if other is not None:
@@ -425,7 +417,7 @@ def test_a_socket_let_go_that_is_bound_elsewhere_leaves_the_path_alone(
         last.bind(str(tmp_path / "elsewhere.socket"))
         fd = last.detach()
         forgo_socket(str(path), fd)
-        assert not _is_open(fd)
+        assert not is_open(fd)
         assert os.path.lexists(path)
 
 
@@ -441,7 +433,7 @@ def test_a_socket_let_go_leaves_a_live_socket_bound_at_its_path_since(
         other.bind(str(path))  # a live process's now: it answers
         fd = last.detach()
         forgo_socket(str(path), fd)
-        assert not _is_open(fd)
+        assert not is_open(fd)
         assert os.path.lexists(path)
 
 
@@ -452,7 +444,7 @@ def test_letting_go_of_a_descriptor_that_is_no_socket_closes_it_and_never_raises
     path.write_text("x")
     fd = os.open(os.devnull, os.O_RDONLY)
     forgo_socket(str(path), fd)  # not a socket: socket.socket(fileno=) refuses it
-    assert not _is_open(fd)
+    assert not is_open(fd)
     assert path.read_text() == "x"
     forgo_socket(str(path), fd)  # not open at all: nothing to do, no exception
 

@@ -76,6 +76,23 @@ def warnings(caplog: pytest.LogCaptureFixture) -> List[str]:
     ]
 
 
+def said_over_a_minute(
+    event: Event, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> List[str]:
+    """The warnings a server with no ``on_event`` says for ``event`` given to it at 0 s,
+    59 s (asserted said only once by then) and 60 s."""
+    clock = Clock(monkeypatch)
+    cb = callbacks()
+    with caplog.at_level(logging.WARNING, logger="ftimer_server"):
+        cb.event(event)
+        clock.now += 59.0
+        cb.event(event)
+        assert len(warnings(caplog)) == 1
+        clock.now += 1.0
+        cb.event(event)
+    return warnings(caplog)
+
+
 # --- call(): what a callback raises ---------------------------------------------------
 
 
@@ -232,16 +249,7 @@ def test_own_refusal_warned_once_a_minute(
 ) -> None:
     """torch's agent gives no on_event: a timer of the server's own process (or an
     ancestor's) refused must be said, but not for every request of a tight loop."""
-    clock = Clock(monkeypatch)
-    cb = callbacks()
-    with caplog.at_level(logging.WARNING, logger="ftimer_server"):
-        cb.event(rejected(reason))
-        clock.now += 59.0
-        cb.event(rejected(reason))
-        assert len(warnings(caplog)) == 1
-        clock.now += 1.0
-        cb.event(rejected(reason))
-    said = warnings(caplog)
+    said = said_over_a_minute(rejected(reason), monkeypatch, caplog)
     assert len(said) == 2
     whose = "this server's own" if reason is RejectReason.SERVER_PROCESS else "an ancestor's"
     assert whose in said[0]
@@ -263,16 +271,7 @@ def test_undecodable_lines_warned_once_a_minute(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A worker whose requests are dropped runs unwatched: said, once a minute."""
-    clock = Clock(monkeypatch)
-    cb = callbacks()
-    with caplog.at_level(logging.WARNING, logger="ftimer_server"):
-        cb.event(decode_failed())
-        clock.now += 59.0
-        cb.event(decode_failed())
-        assert len(warnings(caplog)) == 1
-        clock.now += 1.0
-        cb.event(decode_failed())
-    said = warnings(caplog)
+    said = said_over_a_minute(decode_failed(), monkeypatch, caplog)
     assert len(said) == 2
     assert said[0].startswith("dropped 1 invalid line(s): bad: junk: b'x'")  # what was lost
 

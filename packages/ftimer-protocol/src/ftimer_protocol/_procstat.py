@@ -92,7 +92,10 @@ def parse_proc_status(data: bytes) -> Dict[str, str]:
         data: the file's contents.
     """
     fields: Dict[str, str] = {}
-    for line in data.decode(errors="replace").splitlines():
+    # Lines end at "\n" alone: a command name holds any other byte raw (a "\x1c" or
+    # "\x85" that str.splitlines() would break at, ending the name early and adding a
+    # field of the process's choosing).
+    for line in data.decode(errors="replace").split("\n"):
         key, colon, value = line.partition(":")
         if colon:
             fields[key] = value.strip()
@@ -120,4 +123,4 @@ def proc_status_field(data: bytes, name: str) -> Optional[str]:
         start += 1 + len(key)
     end = data.find(b"\n", start)
     values = data[start : None if end < 0 else end].split()
-    return values[0].decode("ascii", "replace") if values else None
+    return values[0].decode(errors="replace") if values else None

@@ -120,16 +120,20 @@ def test_proc_status_field_agrees_with_the_whole_parse_around_blank_lines(
             assert parse_proc_status(data)[name] == values[-1].strip()
 
 
-@pytest.mark.parametrize("breaker", ["\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"])
+@pytest.mark.parametrize(
+    "breaker", ["\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+)
 def test_a_status_line_ends_only_at_a_newline(breaker: str) -> None:
     """A status line ends at ``\\n`` alone: a command name holding another line break
     (the kernel writes it raw) is read whole, adding no field of its choosing."""
-    data = f"Name:\tjob{breaker}Tgid:1\nTgid:\t42\nUid:\t0\t0\t0\t0\n".encode()
+    name = f"job{breaker}Tgid:1"
+    data = f"Name:\t{name}\nTgid:\t42\nUid:\t0\t0\t0\t0\n".encode()
     fields = parse_proc_status(data)
-    assert fields["Name"] == f"job{breaker}Tgid:1"
+    assert fields["Name"] == name
     assert fields["Tgid"] == "42"
     assert set(fields) == {"Name", "Tgid", "Uid"}
-    assert proc_status_field(data, "Name") == f"job{breaker}Tgid:1"
+    # The first word: ASCII white space ends it.
+    assert proc_status_field(data, "Name") == ("job" if breaker in "\r\x0b\x0c" else name)
 
 
 def test_a_real_process_cannot_add_a_status_field_through_its_name() -> None:

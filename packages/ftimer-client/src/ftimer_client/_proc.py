@@ -43,8 +43,8 @@ def process_of_thread(pid: int) -> Optional[int]:
 def default_labels(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """Labels a client sends by default: ``rank`` and ``local_rank`` from torchrun's
     ``RANK`` and ``LOCAL_RANK`` environment variables, where they are set to an integer
-    (decimal digits, 16 at most), and ``job`` from its ``TORCHELASTIC_RUN_ID`` where it is not empty (cut to the
-    protocol's bound on a label value).
+    (decimal digits, 16 at most), and ``job`` from its ``TORCHELASTIC_RUN_ID`` where it
+    is not empty (cut to the protocol's bound on a label value).
     """
     env = os.environ if environ is None else environ
     labels = {}

@@ -92,9 +92,9 @@ def parse_proc_status(data: bytes) -> Dict[str, str]:
         data: the file's contents.
     """
     fields: Dict[str, str] = {}
-    # Lines end at "\n" alone: a command name holds any other byte raw (a "\x1c" or
-    # "\x85" that str.splitlines() would break at, ending the name early and adding a
-    # field of the process's choosing).
+    # Lines end at "\n" alone: a command name holds any other byte raw (a "\r", "\x1c"
+    # or "\x85" that str.splitlines() would break at, ending the name early and adding
+    # a field of the process's choosing).
     for line in data.decode(errors="replace").split("\n"):
         key, colon, value = line.partition(":")
         if colon:

@@ -402,3 +402,20 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     with subprocess.Popen(["sleep", "60"]) as child:
         yield child
         child.kill()
+
+
+@contextlib.contextmanager
+def live_thread_id() -> Iterator[int]:
+    """The id (``gettid``) of a thread of this process that runs until the block ends."""
+    started, done_with = threading.Event(), threading.Event()
+    tids: List[int] = []
+    thread = threading.Thread(
+        target=lambda: (tids.append(threading.get_native_id()), started.set(), done_with.wait())
+    )
+    thread.start()
+    try:
+        assert started.wait(10)
+        yield tids[0]
+    finally:
+        done_with.set()
+        thread.join()

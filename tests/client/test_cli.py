@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from typing import List
 
@@ -20,7 +19,7 @@ from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, _program, main
 from ftimer_client._proc import process_start_time
 from ftimer_protocol import Arm, Disarm, Expire, TimerRequestV1
 
-from .conftest import FifoPeer, server_state
+from .conftest import FifoPeer, live_thread_id, server_state
 
 ME = os.getpid()
 FTIMER = [sys.executable, "-m", "ftimer_client"]  # the `ftimer` command
@@ -448,23 +447,13 @@ def test_disarming_a_process_that_has_exited_succeeds(peer: FifoPeer) -> None:
 
 
 def test_a_threads_id_is_refused_as_no_process(peer: FifoPeer) -> None:
-    # kill(tid, 0) succeeds: the arm was sent, the server refused it, and the command
-    # exited 0 with nothing armed.
-    started, done_with = threading.Event(), threading.Event()
-    tids: List[int] = []
-    thread = threading.Thread(
-        target=lambda: (tids.append(threading.get_native_id()), started.set(), done_with.wait())
-    )
-    thread.start()
-    try:
-        assert started.wait(10)
-        where = ("--fifo", str(peer.path), "--pid", str(tids[0]))
+    # kill(tid, 0) succeeds for a thread's id: the command itself finds it a thread and
+    # refuses it, sending nothing.
+    with live_thread_id() as tid:
+        where = ("--fifo", str(peer.path), "--pid", str(tid))
         done = ftimer("arm", *where, "--scope", "s", "--after", "5")
-    finally:
-        done_with.set()
-        thread.join()
     assert done.returncode == EXIT_USAGE
-    assert f"{tids[0]} is a thread of process {os.getpid()}, not a process (--pid)" in done.stderr
+    assert f"{tid} is a thread of process {os.getpid()}, not a process (--pid)" in done.stderr
     assert peer.messages == []
 
 

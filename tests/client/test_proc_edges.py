@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-from typing import List
 
 import pytest
 
@@ -14,7 +12,7 @@ from ftimer_client import FileTimerClient
 from ftimer_client._proc import default_labels, process_of_thread, process_start_time
 from ftimer_protocol import Arm
 
-from .conftest import FifoPeer
+from .conftest import FifoPeer, live_thread_id
 
 
 def test_a_process_that_has_exited_is_no_thread_and_has_no_start_time() -> None:
@@ -31,18 +29,8 @@ def test_a_process_is_no_thread_and_a_thread_names_its_process(
     """A process's own id (this one's, a child's) gives None; a thread's gives its process."""
     assert process_of_thread(os.getpid()) is None
     assert process_of_thread(sleeper.pid) is None
-    started, done_with = threading.Event(), threading.Event()
-    tids: List[int] = []
-    thread = threading.Thread(
-        target=lambda: (tids.append(threading.get_native_id()), started.set(), done_with.wait())
-    )
-    thread.start()
-    try:
-        assert started.wait(10)
-        assert process_of_thread(tids[0]) == os.getpid()
-    finally:
-        done_with.set()
-        thread.join()
+    with live_thread_id() as tid:
+        assert process_of_thread(tid) == os.getpid()
 
 
 def test_a_rank_is_a_label_up_to_sixteen_digits() -> None:

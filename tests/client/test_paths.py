@@ -14,9 +14,7 @@ from ftimer_client._paths import TRANSPORTS, Route, resolve_route, torch_serves
 from ftimer_client._transport import open_writer
 from ftimer_protocol import SYSTEM_FIFO_PATH, SYSTEM_SOCKET_PATH
 
-
-def no(path: str) -> bool:
-    return False
+from .conftest import no
 
 
 def test_argument_wins() -> None:

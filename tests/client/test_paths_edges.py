@@ -12,11 +12,7 @@ import pytest
 from ftimer_client._paths import Route, hidden_system_dir, resolve_route, system_route, torch_serves
 from ftimer_protocol import SYSTEM_FIFO_PATH, SYSTEM_SOCKET_PATH
 
-TORCH_ON = {"TORCHELASTIC_ENABLE_FILE_TIMER": "1"}
-
-
-def no(path: str) -> bool:
-    return False
+from .conftest import no
 
 
 def only_the_system_socket(path: str) -> bool:
@@ -104,7 +100,7 @@ def test_torch_serves_nothing_when_its_agent_names_no_fifo() -> None:
     """TORCHELASTIC_ENABLE_FILE_TIMER=1 without TORCHELASTIC_TIMER_FILE: not torch's server."""
     for env in (
         {"TORCHELASTIC_ENABLE_FILE_TIMER": "1"},
-        {**TORCH_ON, "TORCHELASTIC_TIMER_FILE": ""},
+        {"TORCHELASTIC_ENABLE_FILE_TIMER": "1", "TORCHELASTIC_TIMER_FILE": ""},
     ):
         assert not torch_serves(Route("/srv/job.fifo", "auto"), env)
         assert not torch_serves(Route("", "fifo"), env)

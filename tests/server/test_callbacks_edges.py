@@ -76,6 +76,14 @@ def warnings(caplog: pytest.LogCaptureFixture) -> List[str]:
     ]
 
 
+def said(caplog: pytest.LogCaptureFixture, cb: Callbacks, *events: Event) -> List[str]:
+    """The warnings said so far, once ``cb`` was given ``events`` in order."""
+    with caplog.at_level(logging.WARNING, logger="ftimer_server"):
+        for event in events:
+            cb.event(event)
+    return warnings(caplog)
+
+
 def said_over_a_minute(
     event: Event, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> List[str]:
@@ -83,14 +91,11 @@ def said_over_a_minute(
     59 s (asserted said only once by then) and 60 s."""
     clock = Clock(monkeypatch)
     cb = callbacks()
-    with caplog.at_level(logging.WARNING, logger="ftimer_server"):
-        cb.event(event)
-        clock.now += 59.0
-        cb.event(event)
-        assert len(warnings(caplog)) == 1
-        clock.now += 1.0
-        cb.event(event)
-    return warnings(caplog)
+    said(caplog, cb, event)
+    clock.now += 59.0
+    assert len(said(caplog, cb, event)) == 1
+    clock.now += 1.0
+    return said(caplog, cb, event)
 
 
 # --- call(): what a callback raises ---------------------------------------------------
@@ -260,11 +265,8 @@ def test_other_refusals_are_not_warned(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     Clock(monkeypatch)
-    cb = callbacks()
-    with caplog.at_level(logging.WARNING, logger="ftimer_server"):
-        cb.event(rejected(RejectReason.NO_SUCH_PROCESS))
-        cb.event(rejected(RejectReason.NOT_DESCENDANT))
-    assert warnings(caplog) == []
+    refused = [rejected(RejectReason.NO_SUCH_PROCESS), rejected(RejectReason.NOT_DESCENDANT)]
+    assert said(caplog, callbacks(), *refused) == []
 
 
 def test_undecodable_lines_warned_once_a_minute(
@@ -281,16 +283,11 @@ def test_the_two_warnings_keep_their_own_minute(
 ) -> None:
     """One warning said must not silence the other for a minute."""
     Clock(monkeypatch)
-    cb = callbacks()
-    with caplog.at_level(logging.WARNING, logger="ftimer_server"):
-        cb.event(rejected())
-        cb.event(decode_failed())
-        cb.event(rejected(RejectReason.SERVER_ANCESTOR))
-        cb.event(decode_failed())
-    said = warnings(caplog)
-    assert len(said) == 2
-    assert "this server's own" in said[0]
-    assert said[1].startswith("dropped")
+    events = [rejected(), decode_failed(), rejected(RejectReason.SERVER_ANCESTOR), decode_failed()]
+    warned = said(caplog, callbacks(), *events)
+    assert len(warned) == 2
+    assert "this server's own" in warned[0]
+    assert warned[1].startswith("dropped")
 
 
 def test_first_warning_said_however_early(
@@ -298,13 +295,8 @@ def test_first_warning_said_however_early(
 ) -> None:
     """CLOCK_MONOTONIC starts near 0 at boot (or in a new time namespace): the first
     warning is said even then."""
-    clock = Clock(monkeypatch)
-    clock.now = 1.0
-    cb = callbacks()
-    with caplog.at_level(logging.WARNING, logger="ftimer_server"):
-        cb.event(rejected())
-        cb.event(decode_failed())
-    assert len(warnings(caplog)) == 2
+    Clock(monkeypatch).now = 1.0
+    assert len(said(caplog, callbacks(), rejected(), decode_failed())) == 2
 
 
 def test_no_warning_when_on_event_is_given(
@@ -315,10 +307,7 @@ def test_no_warning_when_on_event_is_given(
     Clock(monkeypatch)
     got: List[Event] = []
     cb = callbacks(on_event=got.append, types=frozenset({Expired}))
-    with caplog.at_level(logging.WARNING, logger="ftimer_server"):
-        cb.event(rejected())
-        cb.event(decode_failed())
-    assert warnings(caplog) == []
+    assert said(caplog, cb, rejected(), decode_failed()) == []
     assert got == []
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 from ftimer_client import FileTimerClient
 
-from .conftest import SocketPeer
+from .conftest import Peer, SocketPeer, descriptors_on, restart, server_state
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "pidfd_open"), reason="the socket transport is Linux's (pidfds)"
@@ -53,75 +54,75 @@ def test_a_handlers_call_after_the_deliverys_last_take_is_sent(
     # handler's body as that last take returns.
     from ftimer_client._resync import Resync
 
-    from .conftest import server_state
+    with FileTimerClient(server.path, labels={}) as client:
+        client.arm("h", 60)
+        server.wait_count(1)
+        channel = client._channel
+        take = Resync.take_deferred
+        handled = []
 
-    client = FileTimerClient(server.path, labels={})
-    client.arm("h", 60)
-    server.wait_count(1)
-    channel = client._channel
-    take = Resync.take_deferred
-    handled = []
+        def take_then_handler(state: Resync) -> list:
+            lines = take(state)
+            caller = sys._getframe(1).f_code.co_name
+            if state is channel.state and caller == "_deliver" and channel._sending and not handled:
+                handled.append(1)
+                client.release("h")  # deferred: the delivery is still under way
+            return lines
 
-    def take_then_handler(state: Resync) -> list:
-        lines = take(state)
-        caller = sys._getframe(1).f_code.co_name
-        if state is channel.state and caller == "_deliver" and channel._sending and not handled:
-            handled.append(1)
-            client.release("h")  # deferred: the delivery is still under way
-        return lines
-
-    monkeypatch.setattr(Resync, "take_deferred", take_then_handler)
-    client.expire("now", signal=0)  # always a delivery (no hot path)
-    monkeypatch.undo()
-    assert handled
-    client.arm("sync", 60)
-    messages = server.wait_for(lambda m: (os.getpid(), "sync") in server_state(m))
-    assert (os.getpid(), "h") not in server_state(messages)
-    assert set(client.armed) == {"sync"}
-
-
-def _open_on(ident) -> int:
-    count = 0
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            st = os.stat(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        count += (st.st_dev, st.st_ino) == ident
-    return count
+        monkeypatch.setattr(Resync, "take_deferred", take_then_handler)
+        client.expire("now", signal=0)  # always a delivery (no hot path)
+        monkeypatch.undo()
+        assert handled
+        client.arm("sync", 60)
+        messages = server.wait_for(lambda m: (os.getpid(), "sync") in server_state(m))
+        assert (os.getpid(), "h") not in server_state(messages)
+        assert set(client.armed) == {"sync"}
 
 
 def test_a_connection_lost_to_a_restart_is_closed_when_the_client_reconnects(server) -> None:
     # _channel.py _send: the connection found lost is closed (not only replaced): a
     # descriptor leaked per server restart otherwise (and, on the FIFO, a writer kept on
     # the old pipe).
-    from .conftest import restart, server_state
-
     client = FileTimerClient(server.path, labels={})
     client.arm("a", 60)
     server.wait_count(1)
     old = client._channel._writer
-    st = os.fstat(old.hot_fd)
-    ident = (st.st_dev, st.st_ino)
+    connection = os.fstat(old.hot_fd)
     new = restart(server)
     try:
-        assert _open_on(ident) == 1  # only the client's connection holds it now
+        assert len(descriptors_on(connection)) == 1  # only the client's connection now
         client.arm("b", 60)  # finds the connection lost: reconnects and resyncs
         messages = new.wait_for(lambda m: (os.getpid(), "b") in server_state(m))
         assert {s for _, s in server_state(messages)} == {"a", "b"}
         assert client._channel._writer is not old
-        assert _open_on(ident) == 0
+        assert descriptors_on(connection) == []
     finally:
+        client.close()
         new.close()
+
+
+def test_a_client_dropped_armed_closes_its_connection_when_collected(server: Peer) -> None:
+    # _channel.py _watch: between looks the watch thread of an armed client's connection
+    # holds no reference to it; held, a client dropped without close() kept its
+    # descriptor open until the watch's next look, up to a second later (whatever ran
+    # meanwhile, such as a test comparing this process's descriptors before and after).
+    client = FileTimerClient(server.path, labels={})
+    client.arm("step", 600)
+    server.wait_count(1)
+    fd = client._channel._writer.hot_fd
+    connection = os.fstat(fd)
+    del client
+    gc.collect()
+    assert fd not in descriptors_on(connection)
 
 
 def test_protocol_1_keeps_no_writer_of_a_message_it_has_sent(peer) -> None:
     # _channel.py _close_once: each message's writer is forgotten once closed; kept, the
     # set grows by one writer per message for the life of the process (a long training
     # job arms and releases thousands of times), and a fork re-closes them all.
-    client = FileTimerClient(peer.path, protocol=1)
-    for i in range(50):
-        client.arm(f"s{i}", 60)
-        client.release(f"s{i}")
-    peer.wait_count(100)
-    assert client._channel._once == set()
+    with FileTimerClient(peer.path, protocol=1) as client:
+        for i in range(50):
+            client.arm(f"s{i}", 60)
+            client.release(f"s{i}")
+        peer.wait_count(100)
+        assert client._channel._once == set()

@@ -72,13 +72,13 @@ def test_clients_dropped_without_close_let_their_watch_and_connection_go(
     # The watch held its channel: each dropped client left a thread and a descriptor.
     # Their own watches: others' (earlier tests' clients, collected) may end meanwhile.
     before = watches()
-    for _ in range(20):
-        client = FileTimerClient(peer.path, pid=other, labels={})  # a channel of its own
+    clients = [FileTimerClient(peer.path, pid=other, labels={}) for _ in range(20)]
+    for client in clients:  # each a channel of its own
         client.arm("s", 60)
         client.release("s")
     theirs = watches() - before
     assert len(theirs) >= 20
-    del client
+    del client, clients
     gc.collect()
     wait_until(lambda: not theirs & watches(), what="the dropped clients' watches gone")
 

@@ -509,7 +509,9 @@ class Channel:
         writer = self._writer = self._open()
         ended = threading.Event()
         try:
-            start_helper(_watch, (weakref.ref(self), writer, ended), "ftimer-client-watch")
+            start_helper(
+                _watch, (weakref.ref(self), weakref.ref(writer), ended), "ftimer-client-watch"
+            )
         except RuntimeError:  # no thread to be had (a pids limit): it serves, unwatched
             return writer
         self._watching = ended
@@ -736,13 +738,18 @@ class Channel:
                 built.rebind(self.pid, self.start_time, hook)
 
     def __del__(self) -> None:
+        watching = getattr(self, "_watching", None)
+        if watching is not None:  # its watch thread ends now, not at its next look
+            watching.set()
         if getattr(self, "_pidfd", -1) >= 0:
             os.close(self._pidfd)
         if getattr(self, "_once_pin", -1) >= 0:
             self._unpin_once()
 
 
-def _watch(channel: weakref.ref[Channel], writer: Writer, ended: threading.Event) -> None:
+def _watch(
+    channel: weakref.ref[Channel], writer: weakref.ref[Writer], ended: threading.Event
+) -> None:
     """The watch of ``channel``'s connection ``writer``, until it is let go of (``ended``)
     or the channel is dropped: every ``WATCH_EVERY`` seconds, while the server is taken to
     be in sync and holds something of this channel's (an armed timer, or one disarmed of
@@ -751,32 +758,41 @@ def _watch(channel: weakref.ref[Channel], writer: Writer, ended: threading.Event
     which sends nothing). A stuck worker sends nothing more: without this, a server that
     restarted without its state never learned its timer.
 
-    The look is made without the channel's lock (it stats and connects on the path,
-    which a hung mount can hold), and without a reference to the channel in between:
-    a client dropped without ``close()`` lets its channel and connection go.
+    Between looks the watch holds neither the channel nor its connection: a client
+    dropped without ``close()`` closes its connection when it is collected.
     """
     while not ended.wait(WATCH_EVERY):
-        held = channel()
-        if held is None or held._writer is not writer:
+        if not _look(channel, writer):
             return
-        due = (held.armed or held.state.recent) and not held.state.needs_resync
-        lock, held = held.lock, None
-        if not due:
-            continue
-        try:
-            if not writer.lost():
-                continue
-        except OSError:  # cannot tell now: the next look may
-            continue
-        held = channel()
-        if held is None:
-            return
-        with lock:
-            held._found_lost(writer)
-        # Acted on, the connection is let go of (``ended`` is set: this loop ends now).
-        # Not, when a delivery failed meanwhile: the retry may resync on this connection,
-        # which is then watched on, as any other in sync.
-        held = None
+
+
+def _look(channel: weakref.ref[Channel], writer: weakref.ref[Writer]) -> bool:
+    """One look of ``_watch``: whether to look again.
+
+    It is made without the channel's lock (it stats and connects on the path, which a
+    hung mount can hold), and without a reference to the channel in between.
+    """
+    held, connection = channel(), writer()
+    if held is None or connection is None or held._writer is not connection:
+        return False
+    due = (held.armed or held.state.recent) and not held.state.needs_resync
+    lock, held = held.lock, None
+    if not due:
+        return True
+    try:
+        if not connection.lost():
+            return True
+    except OSError:  # cannot tell now: the next look may
+        return True
+    held = channel()
+    if held is None:
+        return False
+    with lock:
+        held._found_lost(connection)
+    # Acted on, the connection is let go of (``ended`` is set: the watch ends). Not, when
+    # a delivery failed meanwhile: the retry may resync on this connection, which is then
+    # watched on, as any other in sync.
+    return True
 
 
 _channels: weakref.WeakSet[Channel] = weakref.WeakSet()

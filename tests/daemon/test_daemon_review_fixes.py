@@ -4,7 +4,6 @@ scrape slots, refusals the flood filter holds back, and durations with underscor
 
 from __future__ import annotations
 
-import gc
 import io
 import json
 import os
@@ -20,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any, Callable, Dict, List
 
 import pytest
-from tests.conftest import wait_until
+from tests.conftest import open_descriptors, wait_until
 
 from ftimer_protocol import Arm, encode
 from ftimer_server import Event, FileTimerServer, RecordingSignaller, Rejected
@@ -441,10 +440,7 @@ def test_a_failed_start_leaves_no_descriptor_behind(fails_at: str, short_dir: pa
     # once started: a start failing between the two (a file at the control socket's
     # path, a metrics port taken, ...) kept the pipe, in a process that embeds the daemon.
     fifo, control = str(short_dir / "timer.fifo"), str(short_dir / "control.sock")
-    # Earlier tests' garbage goes first: a client dropped while armed is held in a cycle
-    # (its timers name it), and a collection in the middle would close its descriptor.
-    gc.collect()
-    before = sorted(os.listdir("/proc/self/fd"))
+    before = open_descriptors()
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()

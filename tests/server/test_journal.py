@@ -10,7 +10,7 @@ import re
 import time
 
 import pytest
-from tests.conftest import wait_until
+from tests.conftest import open_descriptors, wait_until
 
 from ftimer_protocol import Arm, Disarm, TimerRequestV1, encode
 from ftimer_server import FileTimerServer, RecordingSignaller, Rejected
@@ -107,7 +107,7 @@ def test_a_checkpoint_that_cannot_write_its_carry_leaves_nothing_behind(
     # Each failed save left a descriptor open and the new segment on disk, which the
     # next checkpoint found in its way.
     journal = Journal(str(tmp_path / "j"))
-    fds = len(os.listdir("/proc/self/fd"))
+    fds = len(open_descriptors())
 
     def full(fd: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")

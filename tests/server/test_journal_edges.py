@@ -9,6 +9,7 @@ import os
 import pathlib
 
 import pytest
+from tests.conftest import open_descriptors
 
 from ftimer_protocol import Disarm
 from ftimer_server.server._journal import Journal, JournalIncomplete
@@ -38,7 +39,7 @@ def test_checkpoints_leave_no_descriptor_open(tmp_path: pathlib.Path) -> None:
     # mutant: checkpoint() kept the old segment's descriptor: one leaked per save, every
     # state interval, until the daemon ran out of descriptors.
     journal = Journal(str(tmp_path / "j"))
-    fds = len(os.listdir("/proc/self/fd"))
+    fds = len(open_descriptors())
     for _ in range(5):
         journal.saved(journal.checkpoint())
     assert len(os.listdir("/proc/self/fd")) == fds
@@ -99,7 +100,7 @@ def test_an_idle_segment_after_failures_proves_nothing_and_a_recovery_is_said_on
 def test_a_closed_journal_keeps_no_descriptor(tmp_path: pathlib.Path) -> None:
     # mutant: close() left the segment's descriptor open: one per embedded server stopped
     # (an agent that starts a server per job, for as long as the agent lives).
-    fds = set(os.listdir("/proc/self/fd"))
+    fds = set(open_descriptors())
     journal = Journal(str(tmp_path / "j"))
     assert set(os.listdir("/proc/self/fd")) != fds  # its segment is open
     journal.close()

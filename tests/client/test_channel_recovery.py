@@ -10,12 +10,21 @@ from collections import Counter
 from typing import List
 
 import pytest
+from tests.conftest import wait_until
 
 from ftimer_client import FileTimerClient, ServerStalled, ServerUnavailable
 from ftimer_client._resync import Resync
 from ftimer_protocol import Arm
 
-from .conftest import FILL_LINE, FifoPeer, Peer, held_only, restart, server_state
+from .conftest import (
+    FILL_LINE,
+    FifoPeer,
+    Peer,
+    descriptors_on,
+    held_only,
+    restart,
+    server_state,
+)
 
 N = 300  # scopes: their resync is longer than the room the tests leave in a pipe
 
@@ -116,10 +125,7 @@ def test_a_callers_partly_sent_resync_is_not_sent_again(peer: FifoPeer) -> None:
         assert peer.unread() > level - 8192  # it got some through
     peer.resume()
     peer.wait_for(lambda m: len(_scopes(m)) == N)
-    deadline = time.monotonic() + 10
-    while channel.needs_resync and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not channel.needs_resync
+    wait_until(lambda: not channel.needs_resync, what="the retry's resync")
     arms = Counter(m.scope_id for m in peer.take() if isinstance(m, Arm))
     assert {s: n for s, n in arms.items() if n > 1} == {}
 
@@ -179,10 +185,8 @@ def test_protocol_1_resends_what_a_stalled_reader_held_when_it_left(peer: FifoPe
     mp = pytest.MonkeyPatch()
     mp.setattr(Resync, "retry_failed", counting)
     try:
-        deadline = time.monotonic() + 10
         n = len(fails)
-        while len(fails) < n + 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(fails) >= n + 2, what="two retries that found no reader")
     finally:
         mp.undo()
     third = restart(peer)
@@ -500,13 +504,10 @@ def test_protocol_1_retries_that_wait_for_room_leave_no_writer_open(peer: FifoPe
     # _channel.py _retry_loop: self._close_once(full) after protocol 1's wait for room.
     # Kept open, each retry leaks a descriptor, and torch's server expires nothing
     # while a writer holds its FIFO.
-    from .test_channel_edges import _open_on
-
     client = FileTimerClient(peer.path, protocol=1, write_timeout=0.1)
     client.arm("a", 60)
     peer.wait_count(1)
-    st = os.stat(peer.path)
-    ident = (st.st_dev, st.st_ino)
+    fifo = os.stat(peer.path)
     fails = threading.Semaphore(0)
     failed = Resync.retry_failed
 
@@ -528,14 +529,12 @@ def test_protocol_1_retries_that_wait_for_room_leave_no_writer_open(peer: FifoPe
         mp.undo()
     peer.resume()
     channel = client._channel
-    deadline = time.monotonic() + 10
-    while channel.needs_resync and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not channel.needs_resync
+    wait_until(lambda: not channel.needs_resync, what="the retry's resync")
     assert channel._once == set()
     # The peer's own two, and the client's hold on the FIFO (O_PATH: no writer).
-    assert _open_on(ident) == 3
+    assert len(descriptors_on(fifo)) == 3
     assert held_only(channel._once_pin)
+    client.close()
 
 
 def test_retries_on_a_stalled_server_back_off(

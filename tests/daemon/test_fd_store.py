@@ -72,6 +72,8 @@ class FdStore:
         self.sock.settimeout(0.1)
         self.held: Dict[str, List[int]] = {}
         self.received: List[Dict[str, str]] = []
+        #: FileDescriptorStoreMax: past it, a descriptor given is closed, not held.
+        self.limit = 2  # the example unit's (docs/examples/ftimer-server.service)
 
     def receive(self) -> bool:
         """Take one notification (waiting 0.1 s at most); return whether one came."""
@@ -93,10 +95,13 @@ class FdStore:
             assert fields.get("FDPOLL") == "0"  # systemd would drop it while none reads
             held = self.held.setdefault(name, [])
             for fd in fds:  # one already held is kept once, as systemd keeps it
-                if any(os.path.sameopenfile(fd, old) for old in held):
+                full = sum(map(len, self.held.values())) >= self.limit
+                if full or any(os.path.sameopenfile(fd, old) for old in held):
                     os.close(fd)
                 else:
                     held.append(fd)
+            if not held:
+                del self.held[name]
         else:
             for fd in fds:
                 os.close(fd)
@@ -450,6 +455,20 @@ def test_a_socket_taken_over_keeps_the_queue_length_it_was_made_with(
     assert list(store.held) == ["fifo", "socket-q7"]  # stored again as it is
     # Never taken out of the store meanwhile: a kill then would have lost it.
     assert not [f for f in store.received if f.get("FDSTOREREMOVE") == "1"]
+
+
+def test_a_full_store_holds_the_new_socket_in_place_of_the_last_ones(
+    spawn: Callable[..., DaemonProcess], store: FdStore
+) -> None:
+    # A daemon that took the last one's socket not over (it restored nothing) and made
+    # its own under another queue length (the sysctl changed between the two) stored
+    # its own before it let go of the last one's: the store, full (the FIFO and that
+    # socket), refused it, and then held no socket until the next restart.
+    first = store.start(spawn, name="first")
+    first.stop(signal.SIGKILL)
+    store.held["socket-q7"] = store.held.pop(SOCKET)  # made when the sysctl said 7
+    store.start(spawn, name="second")
+    assert sorted(store.held) == sorted(["fifo", SOCKET])
 
 
 def test_only_descriptors_passed_to_this_process_are_taken() -> None:

@@ -77,13 +77,16 @@ def keep_for_next(
                 os.close(fd)
         if sock is not None:
             stored_as = f"{_SOCKET_NAME}{sock.queue_length}"
-            # One taken over is held under that name still: taken out and stored again,
-            # a kill in between would lose it, with what is queued on it.
-            if not sock.taken_over:
-                notifier.store(stored_as, sock.fd)  # in place of one of that name
-        for _, name in stored_fds():  # the last daemon's socket, unless it is this one
+        # The last daemon's socket, unless it is this one, goes first: a full store (the
+        # example unit's FileDescriptorStoreMax=2, the FIFO and it) would refuse this
+        # one's under another queue length.
+        for _, name in stored_fds():
             if _stored_queue(name) is not None and name != stored_as:
                 notifier.unstore(name)
+        # One taken over is held under that name still: taken out and stored again, a
+        # kill in between would lose it, with what is queued on it.
+        if sock is not None and stored_as is not None and not sock.taken_over:
+            notifier.store(stored_as, sock.fd)  # in place of one of that name
     for fd, name in stored_fds():
         # The last daemon's FIFO: this one has it open now (or made a new one).
         with contextlib.suppress(OSError):

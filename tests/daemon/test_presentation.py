@@ -54,6 +54,25 @@ def status_doc(**overrides: object) -> dict[str, object]:
     return doc
 
 
+@pytest.mark.parametrize("lost", [["fifo"], ["fifo", "socket"]])
+def test_status_paths_that_are_not_utf8_are_printed_escaped(lost: list[str]) -> None:
+    # A daemon in a directory whose name is not UTF-8 sends its paths with surrogate
+    # escapes (JSON's "\udcff"): printed raw, `status` died with a UnicodeEncodeError
+    # traceback under a UTF-8 locale while the daemon was healthy.
+    bad = os.fsdecode(b"/run/\xff")
+    paths = {"fifo": f"{bad}/timer.fifo", "socket": f"{bad}/timer.socket"}
+    text = format_status(
+        status_doc(
+            **paths,
+            lost_paths=[paths[name] for name in lost],
+            state_file=f"{bad}/state.json",
+            state_failing="No space left on device",
+        )
+    )
+    text.encode("utf-8")  # a lone surrogate would raise
+    assert text.count("/run/\\udcff/") == 3 + len(lost)
+
+
 def test_status_table() -> None:
     assert format_status(status_doc()).splitlines() == [
         "ftimer-server 1.2.3 (pid 7), enforcing",

@@ -535,8 +535,9 @@ def _lost(status: _Status) -> str:
     """What a status says of the FIFO's or socket's paths that no longer name them."""
     if len(status.lost_paths) == 1:
         [path] = status.lost_paths
-        return f"{path} no longer names its {'FIFO' if path == status.fifo else 'socket'}"
-    return " and ".join(status.lost_paths) + " no longer name its FIFO and socket"
+        what = "FIFO" if path == status.fifo else "socket"
+        return f"{printable(path)} no longer names its {what}"
+    return " and ".join(map(printable, status.lost_paths)) + " no longer name its FIFO and socket"
 
 
 def _system_daemon_hint(path: str) -> str:
@@ -653,7 +654,8 @@ def _format(status: _Status) -> str:
         health = f", PATHS LOST: {_lost(status)}"
     if status.state_failing is not None:
         # What a restart would lose: not a matter of health, but said as loudly.
-        health += f", STATE NOT SAVED to {status.state_file}: {printable(status.state_failing)}"
+        state_file = printable(str(status.state_file))
+        health += f", STATE NOT SAVED to {state_file}: {printable(status.state_failing)}"
     if status.incidents_failing is not None:
         # The reaps go on; what the engineer on call would read of them is lost.
         health += f", INCIDENTS NOT WRITTEN: {printable(status.incidents_failing)}"
@@ -670,8 +672,8 @@ def _format(status: _Status) -> str:
             armed += f" (no progress for {_duration(time.time() - status.last_progress)})"
     lines = [
         f"ftimer-server {status.version} (pid {status.pid}), {mode}{health}",
-        f"FIFO {status.fifo}"
-        + (f", socket {status.socket}" if status.socket else "")
+        f"FIFO {printable(status.fifo)}"
+        + (f", socket {printable(status.socket)}" if status.socket else "")
         + f", up {_duration(status.uptime)}",
         armed,
     ]

@@ -20,6 +20,7 @@ daemons starting at once on one FIFO are kept apart by the FIFO's lock file, see
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import stat
 import struct
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Dict, FrozenSet, Optional
 
 from ftimer_server._files import unlink_if_same
@@ -48,7 +50,15 @@ _PEER_TIMEOUT = 2.0
 #: Connections served at once; more wait to be accepted until one is done (each is done
 #: within its timeouts and one status computation).
 _MAX_PEERS = 8
+#: Connections the kernel queues while every slot is busy (a burst of probes); past it a
+#: connect() waits for room (`query_status`'s, up to its timeout).
+_BACKLOG = 64
+#: Seconds the accepting thread waits before it tries again, out of descriptors.
+_ACCEPT_RETRY = 0.1
+#: accept() errors that last until something else lets go of a resource.
+_SCARCE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+_TIMEVAL = struct.Struct("@ll")  # struct timeval {time_t tv_sec; suseconds_t tv_usec;}
 
 
 #: The private directory's prefix, before mkdtemp's 8 random characters.
@@ -131,7 +141,7 @@ class ControlServer:
                 sock.bind(tmp)
                 os.chmod(tmp, 0o600)
                 os.rename(tmp, self.path)
-                sock.listen(8)
+                sock.listen(_BACKLOG)
             except BaseException:
                 sock.close()
                 with contextlib.suppress(OSError):
@@ -142,8 +152,22 @@ class ControlServer:
                 os.rmdir(private)
         self._bound = os.lstat(self.path)
         self._sock = sock
-        self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._serve, name="ftimer-control", daemon=True)
+        # Made here, not on the thread: out of descriptors, the start fails (the thread
+        # would die, and the socket queue connections nobody accepts).
+        sel: Optional[selectors.BaseSelector] = None
+        try:
+            self._wake_r, self._wake_w = os.pipe()
+            sel = selectors.DefaultSelector()
+            sel.register(sock, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+        except BaseException:
+            if sel is not None:
+                sel.close()
+            self.stop()
+            raise
+        self._thread = threading.Thread(
+            target=self._serve, args=(sel,), name="ftimer-control", daemon=True
+        )
         self._thread.start()
 
     def check_free(self) -> None:
@@ -206,19 +230,28 @@ class ControlServer:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
 
-    def _serve(self) -> None:
+    def _serve(self, sel: selectors.BaseSelector) -> None:
         assert self._sock is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._sock, selectors.EVENT_READ)
-            sel.register(self._wake_r, selectors.EVENT_READ)
+        scarce = False
+        with sel:
             while True:
                 ready = sel.select()
                 if any(key.fileobj == self._wake_r for key, _ in ready):
                     return
                 try:
                     conn, _ = self._sock.accept()
-                except OSError:
+                except OSError as e:
+                    if e.errno not in _SCARCE:
+                        continue
+                    # The connection stays queued, the socket readable: retried at
+                    # once, this would spin a core until a descriptor is freed.
+                    if not scarce:
+                        log.warning("control socket: cannot accept a connection: %s", e)
+                    scarce = True
+                    if self._stop_wait(_ACCEPT_RETRY):
+                        return
                     continue
+                scarce = False
                 with self._peers:
                     self._peers.wait_for(lambda: self._serving < _MAX_PEERS or self._stopping)
                     if self._stopping:
@@ -235,6 +268,11 @@ class ControlServer:
                     conn.close()
                     self._done()
 
+    def _stop_wait(self, timeout: float) -> bool:
+        """Wait ``timeout`` seconds, or less if stop() is called: return whether it was."""
+        with self._peers:
+            return self._peers.wait_for(lambda: self._stopping, timeout)
+
     def _serve_peer(self, conn: socket.socket) -> None:
         try:
             with conn:
@@ -249,10 +287,23 @@ class ControlServer:
 
     def _handle(self, conn: socket.socket) -> None:
         try:
+            # Read the request line before any reply: closing with unread data resets
+            # the connection, and the peer would see ECONNRESET instead of the answer.
+            # However it is written, in one piece or several, within _PEER_TIMEOUT.
+            deadline = time.monotonic() + _PEER_TIMEOUT
+            request = b""
+            while (
+                b"\n" not in request
+                and len(request) < _MAX_REQUEST
+                and request.strip() not in _REQUESTS  # complete without its newline
+            ):
+                conn.settimeout(max(0.001, deadline - time.monotonic()))
+                chunk = conn.recv(_MAX_REQUEST - len(request))
+                if not chunk:
+                    break
+                request += chunk
             conn.settimeout(_PEER_TIMEOUT)
-            # Read the request before any reply: closing with unread data resets the
-            # connection, and the peer would see ECONNRESET instead of the answer.
-            request = conn.recv(_MAX_REQUEST).strip()
+            request = request.strip()
             uid = _peer_uid(conn)
             reply: Dict[str, Any]
             if uid is not None and uid not in self._allowed:
@@ -288,13 +339,24 @@ def query_status(path: str, timeout: float = 5.0, *, health: bool = False) -> Di
         ValueError: the reply is not a JSON object.
     """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
+        # A blocking connect(), which the kernel lets wait up to the send timeout while
+        # the daemon's queue of connections is full; with Python's timeout (the socket
+        # non-blocking) it would fail at once then (EAGAIN).
+        seconds = max(timeout, 0.001)
+        sock.setsockopt(
+            socket.SOL_SOCKET,
+            socket.SO_SNDTIMEO,
+            _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1_000_000)),
+        )
         try:
             sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
             raise DaemonNotRunning(f"no ftimer-server is running on {path}") from None
         except PermissionError:
             raise PermissionError(_REFUSED.format(path=path)) from None
+        except BlockingIOError:
+            raise TimeoutError(f"the daemon on {path} accepted no connection") from None
+        sock.settimeout(timeout)
         # A path in a directory others may make first (/tmp/ftimer-UID): whoever holds it
         # could answer anything. A user's own daemon runs as that user, the system's as
         # root (root itself may ask a daemon of any user).

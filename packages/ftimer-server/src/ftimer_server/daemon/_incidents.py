@@ -120,7 +120,7 @@ def list_incidents(
     if summaries is None:
         return EXIT_FAILURE
     if not summaries:
-        out.write(f"no incidents in {directory}\n")
+        out.write(printable(f"no incidents in {directory}") + "\n")
         return EXIT_OK
     out.write(format_incident_list(summaries))
     return EXIT_OK
@@ -148,6 +148,10 @@ def _summaries(
     return found
 
 
+#: Characters of an incident's labels its line shows (``show`` shows them all).
+_LABELS_SHOWN = 60
+
+
 def format_incident_list(summaries: Sequence[IncidentSummary]) -> str:
     """A table: time (UTC), id, pid, labels, and the first line of what was found; the
     cells made `printable` (labels and summaries quote what the worker sent)."""
@@ -161,7 +165,11 @@ def format_incident_list(summaries: Sequence[IncidentSummary]) -> str:
             labels or "-",
             _headline(s),
         )
-        rows.append(tuple(map(printable, cells)))
+        row = list(map(printable, cells))
+        # The worker's labels, escaped: up to kilobytes, padding every line to their width.
+        if len(row[3]) > _LABELS_SHOWN:
+            row[3] = row[3][: _LABELS_SHOWN - 3] + "..."
+        rows.append(tuple(row))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]).rstrip() for r in rows]
     return "\n".join(lines) + "\n"
@@ -228,12 +236,14 @@ def show_incident(
         try:
             with open(path, "rb") as f:
                 doc = json.loads(f.read())
-        except (OSError, ValueError) as e:  # removed (or replaced) by the retention since
+            # The same record, every character past ASCII escaped (\u009b, \u202e): what
+            # a worker wrote never reaches the terminal as a control or a reordering.
+            text = json.dumps(doc, ensure_ascii=True, separators=(",", ":"))
+        # Removed (or replaced) by the retention since; nested deeper than json reads.
+        except (OSError, ValueError, RecursionError) as e:
             _error(f"cannot read {path}: {getattr(e, 'strerror', None) or e}", err)
             return EXIT_FAILURE
-        # The same record, every character past ASCII escaped (\u009b, \u202e): what a
-        # worker wrote never reaches the terminal as a control or a reordering.
-        out.write(json.dumps(doc, ensure_ascii=True, separators=(",", ":")) + "\n")
+        out.write(text + "\n")
     else:
         out.write(render(incident))
     return EXIT_OK

@@ -15,10 +15,12 @@ else can hold it (anyone who may read the directory could lock the directory its
 A write waits for it at most until its deadline, then gives up and says so.
 
 Retention: after each write incidents go until at most ``keep`` remain and their files
-take at most ``max_bytes`` (the newest is always kept, however large). Each goes from
-the user holding the most (incidents while over ``keep``, then bytes), its oldest first:
-one user whose workers are reaped over and over (any user can have its own reaped)
-pushes out its own incidents, not another's within a fair share. An incident's user is
+take at most ``max_bytes`` (the one just written is always kept, however large, and
+when its user's bytes alone are over, the others' stay). Each goes from the user
+holding the most (incidents while over ``keep``, then bytes), its oldest first: one
+user whose workers are reaped over and over (any user can have its own reaped) pushes
+out its own incidents, not another's within a fair share. Only names ``incident_id``
+makes count (a state file beside them is no incident). An incident's user is
 its stuck worker's real uid, read as its capture began (``Incident.uid``; a record
 written before it had that field: as its capture recorded it); one whose uid could not
 be read counts as one more user. Every file whose name is an incident's id followed by a dot
@@ -88,8 +90,16 @@ LOCK = ".lock"
 LOCK_WAIT = 10.0
 #: Seconds between two tries of a lock held by another.
 _LOCK_POLL = 0.05
+#: An id as ``incident_id`` makes it.
+_ID = r"[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[0-9]+-[A-Za-z0-9_.-]*"
 #: A file named as an incident's (``<id>.core``): an orphan if its record is missing.
-_INCIDENT_FILE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[0-9]+-[A-Za-z0-9_.-]*\.")
+_INCIDENT_FILE = re.compile(rf"^{_ID}\.")
+#: An incident's record, as retention counts it: a ``*.json`` of another name (the state
+#: file, in a directory shared with it) is no incident.
+_RECORD_NAME = re.compile(rf"^{_ID}\.json$")
+#: A temporary file of this store's (``write_atomically``'s, of a record or a text); not
+#: another's, as the state file's being written in a directory shared with it.
+_OWN_TMP = re.compile(rf"^\.{_ID}\.(?:json|txt)\.[a-z0-9_]+\.tmp$")
 #: A core gcore is writing (``_reap_extras.core_dump``), before its rename.
 _CORE_BEING_WRITTEN = re.compile(r"^core\.[0-9]{8}T[0-9]{6}\.[0-9]{3}Z\.[0-9]+$")
 #: Seconds after which a file of an incident with no record, or a core still named as
@@ -184,7 +194,8 @@ class IncidentStore:
         directory: where incidents go; created 0700 if missing (its missing parents
             too, 0700).
         keep: at most this many incidents are kept (at least 1).
-        max_bytes: their files take at most this many bytes, the newest excepted.
+        max_bytes: their files take at most this many bytes, the one just written
+            excepted.
         create: create and check the directory (the server). False: only read what is
             there (the ``incidents`` commands, which may run as another user and must
             not make a directory): nothing is created or checked.
@@ -240,16 +251,24 @@ class IncidentStore:
         base = os.path.join(self.directory, incident.id)
         if deadline is None:
             deadline = time.monotonic() + LOCK_WAIT
-        with self._lock, _locked(self.directory, deadline):
-            try:
+        written = False
+        try:
+            with self._lock, _locked(self.directory, deadline):
+                # The text first: a record that exists has its text beside it.
                 write_atomically(base + TEXT, text)
                 write_atomically(base + RECORD, record)
-            except BaseException:
-                # Its text, and its core (renamed ``<id>.core`` before this write): with
-                # no record, nothing would ever count or prune them.
+                written = True
+                try:
+                    self._prune(incident.id)
+                except Exception:  # a record it cannot read, say: the write stands
+                    log.exception("cannot prune incidents in %s", self.directory)
+        except BaseException:
+            if not written:
+                # Its text, and its core (renamed ``<id>.core`` before this write), also
+                # when the lock was not had by the deadline: with no record, nothing
+                # would count or prune them, but as orphans an hour later.
                 self._remove_files_of(incident.id)
-                raise
-            self._prune()
+            raise
         return base + RECORD
 
     def list(self) -> List[IncidentSummary]:
@@ -287,14 +306,16 @@ class IncidentStore:
         Raises:
             IncidentError: no such incident, or several whose ids start so.
         """
+        if "/" not in id_or_path:
+            # An id first: one may end as a file name does (a scope is the worker's).
+            exact = os.path.join(self.directory, id_or_path + RECORD)
+            if os.path.exists(exact):
+                return exact
         if "/" in id_or_path or id_or_path.endswith((RECORD, TEXT)):
             path = id_or_path[: -len(TEXT)] + RECORD if id_or_path.endswith(TEXT) else id_or_path
             if not os.path.isabs(path) and not os.path.exists(path):
                 path = os.path.join(self.directory, path)
             return path
-        exact = os.path.join(self.directory, id_or_path + RECORD)
-        if os.path.exists(exact):
-            return exact
         try:
             names = os.listdir(self.directory)
         except OSError as e:
@@ -319,12 +340,14 @@ class IncidentStore:
         except OSError as e:
             log.warning("cannot list %s: %s", self.directory, e.strerror or e)
             return
-        ids = {n[: -len(RECORD)] for n in names if _is_record(n)} | {incident}
+        ids = {n[: -len(RECORD)] for n in names if _RECORD_NAME.match(n)} | {incident}
         for name in names:
             if _owner(name, ids) == incident:
                 _remove(os.path.join(self.directory, name))
 
-    def _prune(self) -> None:
+    def _prune(self, written: str) -> None:
+        """Remove incidents beyond ``keep`` and ``max_bytes``, never ``written`` (the
+        newest by the clock that named it, which may have stepped back since others)."""
         try:
             incidents, others = self._incidents()
         except OSError as e:
@@ -345,16 +368,18 @@ class IncidentStore:
         users = self._users(incidents)
         count: Dict[Optional[int], int] = {}
         taken: Dict[Optional[int], int] = {}  # bytes
-        removable: Dict[Optional[int], List[int]] = {}  # oldest first, the newest never
+        removable: Dict[Optional[int], List[int]] = {}  # oldest first, the written never
         for n, (held, user) in enumerate(zip(incidents, users)):
             count[user] = count.get(user, 0) + 1
             taken[user] = taken.get(user, 0) + sum(s for _, s in held.files)
-            if n < len(incidents) - 1:
+            if held.id != written:
                 removable.setdefault(user, []).append(n)
         while (left > self.keep or total > self.max_bytes) and removable:
             most = count if left > self.keep else taken
             # The user holding the most; between equals, the older incident first.
             user = max(removable, key=lambda u: (most[u], -removable[u][0]))
+            if most is taken and taken[user] < max(taken.values()):
+                break  # over by the bytes of the written one's user alone: it stays
             n = removable[user].pop(0)
             if not removable[user]:
                 del removable[user]
@@ -390,7 +415,7 @@ class IncidentStore:
         records: Dict[str, Tuple[int, int]] = {}
         others: List[Tuple[str, int, float]] = []
         names = sorted(os.listdir(self.directory))
-        ids = {n[: -len(RECORD)] for n in names if _is_record(n)}
+        ids = {n[: -len(RECORD)] for n in names if _RECORD_NAME.match(n)}
         for name in names:
             path = os.path.join(self.directory, name)
             try:
@@ -399,7 +424,7 @@ class IncidentStore:
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue
-            if name.startswith(".") and name.endswith(".tmp"):
+            if _OWN_TMP.match(name):
                 with contextlib.suppress(OSError):
                     os.unlink(path)  # no write is in progress: we hold the lock
                 continue
@@ -430,7 +455,7 @@ def _read_user(path: str) -> Optional[int]:
         with open(fd, "rb") as f:
             data = f.read(MAX_RECORD_BYTES + 1)
         record = _user_decoder.decode(data)
-    except (OSError, NotARegularFile, msgspec.DecodeError, msgspec.ValidationError):
+    except (OSError, NotARegularFile, msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     if record.uid is not None:
         return record.uid
@@ -569,7 +594,7 @@ def read_incident(path: str) -> Incident:
     data = _versioned(path)
     try:
         return _incident_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
         raise IncidentError(f"{path} is not an incident record: {e}") from None
 
 
@@ -578,7 +603,7 @@ def _read_summary(path: str) -> IncidentSummary:
     data = _versioned(path)
     try:
         summary = _summary_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
         raise IncidentError(f"{path} is not an incident record: {e}") from None
     return msgspec.structs.replace(summary, path=path)
 
@@ -608,7 +633,7 @@ def _versioned(path: str) -> bytes:
         raise IncidentError(f"{path} is larger than an incident record may be")
     try:
         version = _version_decoder.decode(data).version
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
         raise IncidentError(f"{path} is not an incident record: {e}") from None
     if version is None:
         raise IncidentError(f"{path} is not an incident record: it has no version")

@@ -76,7 +76,10 @@ def test_a_hostile_worker_reaches_the_text_log_and_incidents_escaped(
 
     for text in (log, listed, shown):
         assert_printable(text)
+    for text in (log, shown):
         assert rb"rank=0\nFAKE LOG LINE: reaped pid 1" in text
+    # The list cuts an incident's labels; its summary names the rank as the worker did.
+    assert rb"rank 0\nFAKE LOG LINE: reaped pid 1" in listed
     assert rb"job=j\x1b]0;PWNED\x07\x1b[2J" in log
     # The daemon's own line breaks stay: the incident's summary, a line each.
     assert re.search(rb"daemon: incident [^\n]*\):\n  timer 'step[^\n]*\n  captured ", log)

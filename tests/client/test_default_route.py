@@ -46,6 +46,7 @@ if pid == 0:
         # Written before acquire() returned: in the pipe now.
         print("own:", sorted(set(os.read(own, 65536).decode().split('"')) & SCOPES))
     print("shared:", early._channel is late._channel, "path:", early.file_path)
+    print("third shares:", FileTimerClient(on_unavailable="ignore")._channel is late._channel)
     sys.stdout.flush()
     os._exit(0)
 os.close(from_parent); os.close(to_parent)
@@ -102,6 +103,7 @@ def test_a_worker_started_before_the_system_daemon_joins_it_with_one_channel() -
     out = _run("late")
     assert "system: ['early', 'early-again', 'late']" in out
     assert "shared: True path: /run/ftimer/timer.fifo" in out
+    assert "third shares: True" in out
 
 
 def test_a_worker_on_a_per_user_server_stays_with_it_when_the_daemon_appears() -> None:
@@ -111,3 +113,6 @@ def test_a_worker_on_a_per_user_server_stays_with_it_when_the_daemon_appears() -
     assert "own: ['early', 'early-again']" in out
     assert "system: ['late']" in out
     assert "shared: False path: /run/user/1000/ftimer/timer.fifo" in out
+    # The daemon's channel is the one a later client gets (not the per-user one, which
+    # stays where it is, nor a third: two to one server wipe each other's timers).
+    assert "third shares: True" in out

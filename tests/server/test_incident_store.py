@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from typing import List
+from typing import List, Optional
 
 import msgspec
 import pytest
@@ -33,8 +33,16 @@ ROOT = os.geteuid() == 0
 T0 = 1_796_000_000.0
 
 
-def make(n: int = 0, *, raw: str = "", pid: int = 4242, host: str = "node-a") -> Incident:
-    """The n-th incident: one second after the one before."""
+def make(
+    n: int = 0,
+    *,
+    raw: str = "",
+    pid: int = 4242,
+    host: str = "node-a",
+    scope: str = "step",
+    uid: Optional[int] = None,
+) -> Incident:
+    """The n-th incident: one second after the one before (of ``uid``'s worker)."""
     created = T0 + n
     stuck = Capture(
         pid=pid,
@@ -44,11 +52,12 @@ def make(n: int = 0, *, raw: str = "", pid: int = 4242, host: str = "node-a") ->
         raw=raw,
     )
     return Incident(
-        id=incident_id(created, pid, "step"),
+        id=incident_id(created, pid, scope),
         host=host,
         created=created,
         pid=pid,
-        scope_id="step",
+        uid=uid,
+        scope_id=scope,
         signal=9,
         deadline=100.0 + n,
         labels={"rank": "3", "job": "71"},

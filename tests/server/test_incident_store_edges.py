@@ -9,41 +9,15 @@ import pathlib
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from typing import List
 
 import pytest
 
-from ftimer_server.core._incident import Capture, Frame, Incident, ProcessFacts, ThreadStack
-from ftimer_server.incidents._store import IncidentStore, incident_id
+from ftimer_server.incidents._store import IncidentStore
 
-T0 = 1_796_000_000.0
+from .test_incident_store import make
+
 ALICE, BOB = 1001, 1002
-
-
-def make(
-    n: int = 0, *, scope: str = "step", uid: Optional[int] = None, pid: int = 4242
-) -> Incident:
-    """The n-th incident (one second after the one before), of ``uid``'s worker."""
-    created = T0 + n
-    stuck = Capture(
-        pid=pid,
-        method="facts",
-        facts=ProcessFacts(cmdline=["python", "train.py"], uid=uid),
-        threads=[ThreadStack(tid=pid, name="MainThread", frames=[Frame("step", "/app/t.py", 9)])],
-    )
-    return Incident(
-        id=incident_id(created, pid, scope),
-        host="node-a",
-        created=created,
-        pid=pid,
-        uid=uid,
-        scope_id=scope,
-        signal=9,
-        deadline=100.0 + n,
-        labels={"rank": "3", "job": "71"},
-        job="71",
-        captures=[stuck],
-    )
 
 
 def ids(directory: pathlib.Path) -> List[str]:

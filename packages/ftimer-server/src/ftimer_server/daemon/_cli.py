@@ -39,7 +39,9 @@ from ._config import (
     FileSettings,
     ascii_int,
     control_socket_for,
+    hidden_warning,
     load_config_file,
+    overridden,
     resolve_config,
     setting_text,
 )
@@ -480,9 +482,13 @@ def _command(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_USAGE
     if args.command == "status":
         return _status(config.control_socket, as_json=args.json, health=args.health, out=out)
+    hidden = overridden(cli, file, config_file, config) if config_file else []
     if args.command == "run" and args.check_config:
         for name in DaemonConfig.__dataclass_fields__:
             out.write(f"{name.replace('_', '-')}: {setting_text(name, getattr(config, name))}\n")
+        if hidden:
+            warning = hidden_warning(config_file, hidden)
+            print(f"ftimer-server: warning: {warning}", file=sys.stderr)
         return EXIT_OK
     if args.command == "incidents":
         hint = _system_daemon_hint(config.control_socket)
@@ -491,7 +497,7 @@ def _command(args: argparse.Namespace, out: TextIO) -> int:
         if action == "show":
             return show_incident(config.incident_dir, args.id, as_json=args.json, out=out)
         return list_incidents(config.incident_dir, out=out)
-    return run_daemon(config, cli)
+    return run_daemon(config, cli, hidden)
 
 
 #: The FIFO of the system daemon (root's default), which `status` points other users to.

@@ -69,6 +69,7 @@ __all__ = [
     "FileSettings",
     "control_socket_for",
     "default_incident_dir",
+    "hidden_warning",
     "host_port",
     "load_config_file",
     "parse_signal",
@@ -101,6 +102,11 @@ _RESTORE_GRACE = (0.0, 3600.0)
 _CAPTURE_TIMEOUT = (0.05, 60.0)
 #: A value with a leading zero (``fifo-mode = 0620``): TOML refuses it, with no word of why.
 _LEADING_ZERO = re.compile(r"^\s*[\w-]+\s*=\s*[+-]?0[0-9]", re.MULTILINE)
+#: A fifo-mode written as a decimal number (``fifo-mode = 440``), which TOML reads as such.
+_DECIMAL_MODE = re.compile(
+    r"""^\s*(?:fifo-mode|"fifo-mode"|'fifo-mode')\s*=\s*\+?([1-9][0-9_]*)\s*(?:#.*)?$""",
+    re.MULTILINE,
+)
 #: The most timers (in all, or of one process) or incidents a limit may allow: a signed
 #: 32-bit count, more timers than any host's memory holds; a larger limit is no limit.
 MAX_COUNT = 2**31 - 1
@@ -287,6 +293,8 @@ def load_config_file(path: str) -> FileSettings:
         hint = ""
         if _LEADING_ZERO.search(data.decode("utf-8")):  # a mode written as in chmod
             hint = ' (TOML has no numbers with a leading zero: write a mode as "0620" or 0o620)'
+        elif data.startswith(b"\xef\xbb\xbf"):
+            hint = " (the file starts with a byte order mark, BOM: save it as UTF-8 without one)"
         raise ConfigError(f"config file {path} is not valid TOML: {e}{hint}") from None
     except RecursionError:
         raise ConfigError(
@@ -295,9 +303,21 @@ def load_config_file(path: str) -> FileSettings:
     except ValueError:  # Python's limit on the digits int() reads: no setting takes them
         raise ConfigError(f"config file {path} has a number thousands of digits long") from None
     try:
-        return msgspec.convert(raw, FileSettings)
+        settings = msgspec.convert(raw, FileSettings)
     except msgspec.ValidationError as e:
         raise ConfigError(f"config file {path}: {_in_plain_words(str(e))}") from None
+    decimal = _DECIMAL_MODE.search(data.decode("utf-8"))
+    if isinstance(settings.fifo_mode, int) and decimal:
+        # 440 is read as 0o670 and 400 as 0o620: a mode is meant in octal, always.
+        digits = decimal.group(1).replace("_", "")
+        octal = '0o620 or "0620"'
+        if set(digits) <= set("01234567"):
+            octal = f'"0{digits}" or 0o{digits}'
+        raise ConfigError(
+            f"config file {path}: fifo-mode: FIFO mode {digits} is a decimal number: write "
+            f"the octal mode as {octal}"
+        )
+    return settings
 
 
 #: What the schema's types are called in a config file.
@@ -593,7 +613,7 @@ def resolve_config(
     }
     if capture is not None:
         given["capture"] = capture
-    _check_own_paths(merged, fifo, control_socket, socket, given)
+    _check_own_paths(merged, fifo, control_socket, socket, given, config_file=config_file)
     return DaemonConfig(
         fifo=fifo,
         fifo_group=fifo_group,
@@ -632,6 +652,14 @@ class _Merged:
         }
 
 
+def hidden_warning(config_file: Optional[str], hidden: List[str]) -> str:
+    """The warning that the options ``hidden`` (`overridden`) hide values of ``config_file``."""
+    return (
+        f"settings of {config_file} that the command line gives otherwise, not applied "
+        f"(now or at a restart): {', '.join(hidden)}"
+    )
+
+
 def overridden(
     cli: Mapping[str, Any], file: FileSettings, config_file: str, applied: DaemonConfig
 ) -> List[str]:
@@ -668,7 +696,7 @@ def _merge(
         if value is None and file is not None:
             value = getattr(file, name)
             origin[name] = f"config file {config_file or '(unnamed)'}: {key}"
-            if name in _PATHS and value and config_file is not None:
+            if name in _PATHS and value and config_file is not None and not _home(value):
                 # Relative to the file, not to wherever the daemon (or `status -c`) runs.
                 value = os.path.join(os.path.dirname(os.path.abspath(config_file)), value)
         merged[name] = value
@@ -792,6 +820,8 @@ def _check_own_paths(
     control_socket: str,
     socket: Optional[str],
     given: Mapping[str, Any],
+    *,
+    config_file: Optional[str] = None,
 ) -> None:
     """Check the paths of the daemon's own files (`_check_distinct`): the FIFO, the
     sockets, the state file, the log file, the lock files beside them and the incident
@@ -801,6 +831,11 @@ def _check_own_paths(
     # Each file the daemon makes, replaces or appends to needs a path of its own.
     state_file = given.get("state_file")
     files = [
+        # Read again at every SIGHUP and start: a file the daemon writes there replaces it.
+        (
+            f"the config file {config_file}",
+            None if config_file is None else os.path.abspath(config_file),
+        ),
         (_label("--fifo", origin, values, "fifo"), fifo),
         ("the FIFO's lock file (the FIFO + .lock)", fifo + ".lock"),
         (_label("--control-socket", origin, values, "control_socket"), control_socket),
@@ -879,7 +914,14 @@ def _path(value: str) -> str:
         raise ConfigError("the path is empty")
     if "\0" in value:
         raise ConfigError(f"the path {_shown(value)} contains a NUL byte")
+    if _home(value):
+        raise ConfigError(f"the path {_shown(value)}: ~ is no home directory here; give it whole")
     return os.path.abspath(value)
+
+
+def _home(value: str) -> bool:
+    """``value`` starts with ``~``, as a shell's path in the home directory."""
+    return value == "~" or value.startswith("~/")
 
 
 def _socket_path(path: str) -> str:

@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Type
 
 from ftimer_server._files import remove_leftovers
@@ -65,6 +65,7 @@ from ftimer_server.server._server import FileTimerServer
 from ._config import (
     ConfigError,
     DaemonConfig,
+    hidden_warning,
     host_port,
     load_config_file,
     overridden,
@@ -648,12 +649,7 @@ class Daemon:
         if self._server is not None:
             self._server.set_event_types(self._event_types())
         if hidden:  # else a change to them would seem taken, and was not
-            log.warning(
-                "settings of %s that the command line gives otherwise, not applied "
-                "(now or at a restart): %s",
-                path,
-                ", ".join(hidden),
-            )
+            log.warning("%s", hidden_warning(path, hidden))
         self._restart_needed = [
             f"{name.replace('_', '-')} ({setting_text(name, getattr(self.config, name))} "
             f"-> {setting_text(name, getattr(new, name))})"
@@ -877,7 +873,11 @@ def _read_signals(fd: int) -> List[int]:
     return list(data)
 
 
-def run_daemon(config: DaemonConfig, cli: Optional[Mapping[str, Any]] = None) -> int:
+def run_daemon(
+    config: DaemonConfig,
+    cli: Optional[Mapping[str, Any]] = None,
+    hidden: Sequence[str] = (),
+) -> int:
     """Set up logging and run the daemon in the foreground; return the exit code."""
     # systemd's watchdog kills a wedged daemon with WatchdogSignal=SIGABRT: print every
     # thread's Python stack to stderr (the journal) first, so the hang can be diagnosed.
@@ -888,6 +888,8 @@ def run_daemon(config: DaemonConfig, cli: Optional[Mapping[str, Any]] = None) ->
     except OSError as e:
         print(f"ftimer-server: error: cannot open the log file: {e}", file=sys.stderr)
         return EXIT_STARTUP
+    if hidden:  # as a reload says it: else the file's value would seem the one applied
+        log.warning("%s", hidden_warning(config.config_file, list(hidden)))
     try:
         return Daemon(config, setup, cli).run()
     finally:

@@ -24,6 +24,8 @@ import contextlib
 import errno
 import math
 import os
+import resource
+import shutil
 import signal
 import sys
 import time
@@ -53,7 +55,8 @@ EXIT_UNAVAILABLE = 3
 EXIT_NOT_FOUND = 127
 EXIT_CANNOT_RUN = 126
 # Sent to this process for CMD (by a supervisor): passed on. SIGINT and SIGQUIT from a
-# terminal reach CMD directly (same process group); the wrapper ignores them, as system().
+# terminal reach CMD directly (same process group); the wrapper then ignores them, as
+# system(), and passes them on otherwise (a container's stop signal, a kill -INT).
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 IGNORED = (signal.SIGINT, signal.SIGQUIT)
 # Why there is no --dump-signal: the hook is faulthandler inside the worker's own Python
@@ -259,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _client(args: argparse.Namespace, pid: int) -> FileTimerClient:
+def _client(args: argparse.Namespace, pid: int, policy: Optional[str] = None) -> FileTimerClient:
     labels: Optional[Dict[str, str]] = None if args.label is None else dict(args.label)
     sig = signal.SIGKILL if args.signal is None else args.signal
     if args.socket is not None and args.transport not in (None, "socket"):
@@ -273,7 +276,7 @@ def _client(args: argparse.Namespace, pid: int) -> FileTimerClient:
         sig,
         transport=transport,
         protocol=args.protocol,
-        on_unavailable=args.on_unavailable,
+        on_unavailable=policy or args.on_unavailable,
         write_timeout=args.write_timeout,
         labels=labels,
         pid=pid,
@@ -297,14 +300,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # This command's name, as its parent's command line may hold it (a caller of main()
     # is not started by a command line).
     args.program = sys.argv[0] if argv is None else "ftimer"
+    args.as_command = argv is None  # this process is the command (main() may be called)
     with warnings.catch_warnings():
         # A warning (``--on-unavailable warn``) is one line for a person, not Python's
         # "file:line: Category: ..." with the source line of the console script.
         warnings.showwarning = _show_warning
         try:
-            return _run(args)
+            status = _run(args)
         except KeyboardInterrupt:  # Ctrl-C while it waits (for room, or a receipt)
-            return 128 + signal.SIGINT
+            status, args.died_of = 128 + signal.SIGINT, signal.SIGINT
+    died_of = getattr(args, "died_of", None)
+    if args.as_command and died_of in IGNORED:
+        # CMD died of Ctrl-C (or Ctrl-\\): die of it too, as the shell that runs this
+        # command stops its script only for a child killed by the signal it got itself
+        # (an exit(130) says the child handled it, and the script goes on).
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # closed, or None (no console)
+                stream.flush()
+        signal.signal(died_of, signal.SIG_DFL)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(
+                resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1])
+            )
+        os.kill(os.getpid(), died_of)
+    return status
 
 
 def _usage_error(e: ValueError) -> str:
@@ -354,6 +373,15 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "exec":
             return _exec(command, args)
         pid = os.getppid() if args.pid is None else args.pid
+        if pid == os.getpid() and args.command != "disarm" and args.as_command:
+            # `exec ftimer arm --pid $$`, `$(ftimer arm --pid $BASHPID)`: the shell's
+            # process became this command, and its timer would end with it at once.
+            # (A disarm is kept: it still disarms the timers the shell armed.)
+            command.error(
+                f"--pid {pid} is this command's own process (the shell ran it with exec): "
+                "its timer would end with this command; give the shell's pid from a "
+                "shell that goes on, or run the step under `ftimer exec`"
+            )
         if pid == 1 and os.getppid() != 1:
             command.error(
                 "--pid 1 names the first process of this PID namespace, which is not the "
@@ -413,11 +441,25 @@ def _run(args: argparse.Namespace) -> int:
                     "server can read this PID namespace's pids"
                 )
             args.transport = "fifo"  # auto would take the socket beside it
-        client = _client(args, pid)
+        # A disarm this command could not deliver is lost when it exits (no retries
+        # live on): say so in its terms, whatever the policy lets it exit with.
+        client = _client(args, pid, "raise" if args.command == "disarm" else None)
         if args.command in ("arm", "beat"):
             client.arm(args.scope, args.after)
         elif args.command == "disarm":
-            client.release(args.scope)
+            try:
+                client.release(args.scope)
+            except ServerUnavailable as e:
+                if args.on_unavailable == "raise":
+                    raise
+                if args.on_unavailable == "warn":
+                    warnings.warn(
+                        f"could not disarm: {e}: the timer stays armed in a server that "
+                        "holds it (stalled, or restarted with its state file)",
+                        ServerUnavailableWarning,
+                        stacklevel=1,
+                    )
+                return 0
         else:
             client.expire(args.scope)
         if not client._wait_read():
@@ -521,6 +563,17 @@ def _restore(previous: Dict[int, Any], signums: Sequence[int]) -> None:
 
 
 def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    # An ignored SIGCHLD is inherited across exec (a parent's SIG_IGN against zombies):
+    # the kernel would reap CMD at once, and waitid() find no child. CMD gets the
+    # default too, as under timeout(1).
+    chld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        return _run_cmd(parser, args)
+    finally:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL if chld is None else chld)
+
+
+def _run_cmd(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     cmd: List[str] = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.error("exec needs a command after --")
@@ -550,6 +603,8 @@ def _exec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"ftimer: {_shown(cmd[0])}: {message}", file=sys.stderr)
         return int(exit_code)
     code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        args.died_of = -code
     return 128 - code if code < 0 else code
 
 
@@ -572,7 +627,7 @@ def _start_gated(cmd: List[str]) -> tuple[int, int, int]:
                 # subprocess.
                 for ignored in (signal.SIGPIPE, signal.SIGXFSZ):
                     signal.signal(ignored, signal.SIG_DFL)
-                os.execvp(cmd[0], cmd)
+                _execvp(cmd)
         except OSError as e:
             code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_RUN
             os.write(err_w, f"{code} {e}".encode())
@@ -584,6 +639,18 @@ def _start_gated(cmd: List[str]) -> tuple[int, int, int]:
     os.close(gate_r)
     os.close(err_w)
     return pid, gate_w, err_r
+
+
+def _execvp(cmd: List[str]) -> None:
+    """``os.execvp``, and as POSIX's execvp (glibc's, a shell's) a file the kernel cannot
+    run (ENOEXEC: an executable script without ``#!``) through ``/bin/sh``."""
+    try:
+        os.execvp(cmd[0], cmd)
+    except OSError as e:
+        path = cmd[0] if os.sep in cmd[0] else shutil.which(cmd[0])
+        if e.errno != errno.ENOEXEC or path is None:
+            raise
+        os.execv("/bin/sh", ["/bin/sh", path, *cmd[1:]])
 
 
 def _arm_cmd(args: argparse.Namespace, pid: int, scope: str) -> FileTimerClient:
@@ -625,11 +692,26 @@ def _forward_signals(pid: int) -> Dict[int, Any]:
 
     # Put back when CMD is done: main() may be called in a process that goes on.
     previous: Dict[int, Any] = {s: signal.getsignal(s) for s in (*FORWARDED, *IGNORED)}
-    for signum in FORWARDED:
-        signal.signal(signum, forward)
-    for signum in IGNORED:
-        signal.signal(signum, signal.SIG_IGN)
+    # From a terminal, SIGINT and SIGQUIT reach CMD directly (its foreground group):
+    # ignored here. Without one, only a kill of this process sends them: passed on.
+    passed_on = FORWARDED if _in_terminal_foreground() else (*FORWARDED, *IGNORED)
+    for signum in (*FORWARDED, *IGNORED):
+        signal.signal(signum, forward if signum in passed_on else signal.SIG_IGN)
     return previous
+
+
+def _in_terminal_foreground() -> bool:
+    """Whether this process is in its controlling terminal's foreground group."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:  # no controlling terminal
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _open_gate(gate_w: int, err_r: int) -> str:
@@ -653,7 +735,7 @@ def _await_exit(pid: int) -> Optional[int]:
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
     # CMD is done: a signal sent now has nothing to go to (its pid is another's once it
     # is reaped), and must not end this command before the disarm, with another status.
-    for signum in FORWARDED:
+    for signum in (*FORWARDED, *IGNORED):
         signal.signal(signum, signal.SIG_IGN)
     if reap_first:
         _, status = os.waitpid(pid, 0)

@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import msgspec
+import msgspec.structs
 
 from ftimer_protocol import signal_name
 from ftimer_server.core._events import (
@@ -273,6 +274,10 @@ def _labels(labels: Optional[Dict[str, str]]) -> str:
 #: of either, and flood control counts lines, not bytes. The JSON lines' fields, the
 #: status and the incidents keep them whole.
 SHOWN = 200
+#: Timers of a worker a JSON line lists (a reap's, an exit's): a worker may hold 10,000,
+#: each with a 4 KiB scope, and journald splits a line beyond 48 KiB (LineMax=);
+#: ``timers_total`` says how many it had.
+LISTED = 4
 
 
 class _Cut:
@@ -312,7 +317,14 @@ def _literal(text: str) -> str:
 def event_fields(event: Event) -> Dict[str, Any]:
     """The event as flat fields for JSON logs: ``event`` (its tag), then its members, with
     those of its ``timer`` (pid, scope_id, deadline, ...) lifted to the top."""
+    # Every timer of a worker (a reap's, an exit's): flood control counts lines, not bytes.
+    timers = getattr(event, "timers", ())
+    cut = len(timers) > LISTED
+    if cut:
+        event = msgspec.structs.replace(event, timers=timers[:LISTED])
     fields: Dict[str, Any] = msgspec.to_builtins(event, str_keys=True)
+    if cut:
+        fields["timers_total"] = len(timers)
     if "incident" in fields and fields["incident"] is None:
         del fields["incident"]  # only reaps that were diagnosed name one
     timer = fields.pop("timer", None)

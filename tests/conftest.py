@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from types import ModuleType
-from typing import Callable, List, Optional, TypeVar
+from typing import Callable, List, Optional, Set, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -56,13 +56,19 @@ def fifo_path() -> Iterator[pathlib.Path]:
 T = TypeVar("T")
 
 
-def open_descriptors() -> List[str]:
-    """This process's open descriptors, once earlier tests' garbage is collected: a
-    client dropped while armed is held in a reference cycle (its timers name it) until a
-    collection closes its descriptor, which would otherwise fall in the middle of a
-    test that compares its descriptors before and after."""
+def open_descriptors() -> Set[str]:
+    """This process's open descriptors, once earlier tests' garbage is collected (a
+    client dropped while armed is held in a reference cycle until a collection closes
+    its descriptor): the list ``opened_since`` compares with."""
     gc.collect()
-    return sorted(os.listdir("/proc/self/fd"))
+    return set(os.listdir("/proc/self/fd"))
+
+
+def opened_since(before: Set[str]) -> Set[str]:
+    """The descriptors open now that were not in ``before``: what the code a test ran
+    left open. Not the whole lists compared: another test's leftover thread (a server's
+    closer, a peer's connection timing out) may close one of its own meanwhile."""
+    return set(os.listdir("/proc/self/fd")) - before
 
 
 def children_of(pid: int) -> List[int]:

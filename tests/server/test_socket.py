@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
-from tests.conftest import children_of, not_pid_1, open_descriptors, wait_until
+from tests.conftest import children_of, not_pid_1, open_descriptors, opened_since, wait_until
 
 from ftimer_protocol import PIPE_BUF, Arm, Disarm, Expire, Sync, encode
 from ftimer_server import (
@@ -289,7 +289,7 @@ def test_a_sender_that_exits_before_it_is_read_is_never_taken_for_its_pid(
 
 def test_bad_datagrams_are_counted_and_no_descriptor_leaks(served) -> None:  # type: ignore[no-untyped-def]
     server, events, path = served
-    before = len(open_descriptors())
+    before = open_descriptors()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.connect(path)
     pidfd = os.pidfd_open(os.getpid())
@@ -307,7 +307,7 @@ def test_bad_datagrams_are_counted_and_no_descriptor_leaks(served) -> None:  # t
     assert stats.rejections == {"foreign_subject": 50}
     assert stats.received["socket"] == 52
     # Closed by the server's closer thread, off the loop: soon, not necessarily yet.
-    wait_until(lambda: len(os.listdir("/proc/self/fd")) == before, what="every descriptor closed")
+    wait_until(lambda: not opened_since(before), what="every descriptor closed")
     del events
 
 

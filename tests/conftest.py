@@ -71,6 +71,18 @@ def opened_since(before: Set[str]) -> Set[str]:
     return set(os.listdir("/proc/self/fd")) - before
 
 
+def open_under(directory: pathlib.Path) -> List[str]:
+    """Where this process's descriptors on files under ``directory`` lead, sorted: a
+    test's own files, which no other test's leftover thread opens or closes."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed since the listing
+            target = os.readlink(f"/proc/self/fd/{name}")
+            if target.startswith(f"{directory}{os.sep}"):
+                found.append(target)
+    return sorted(found)
+
+
 def children_of(pid: int) -> List[int]:
     """The pids of ``pid``'s children (every thread's), as this process sees them."""
     found: List[int] = []

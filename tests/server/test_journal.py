@@ -10,7 +10,7 @@ import re
 import time
 
 import pytest
-from tests.conftest import open_descriptors, opened_since, wait_until
+from tests.conftest import open_under, wait_until
 
 from ftimer_protocol import Arm, Disarm, TimerRequestV1, encode
 from ftimer_server import FileTimerServer, RecordingSignaller, Rejected
@@ -107,7 +107,7 @@ def test_a_checkpoint_that_cannot_write_its_carry_leaves_nothing_behind(
     # Each failed save left a descriptor open and the new segment on disk, which the
     # next checkpoint found in its way.
     journal = Journal(str(tmp_path / "j"))
-    fds = open_descriptors()
+    held = open_under(tmp_path)  # its segment
 
     def full(fd: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -116,7 +116,7 @@ def test_a_checkpoint_that_cannot_write_its_carry_leaves_nothing_behind(
     with pytest.raises(OSError, match="No space left"):
         journal.checkpoint(b"half a line")
     monkeypatch.undo()
-    assert opened_since(fds) == set()
+    assert open_under(tmp_path) == held
     assert sorted(p.name for p in tmp_path.iterdir()) == ["j.1"]
     assert journal.checkpoint(b"half") == 2  # the next one, as if nothing happened
     journal.close()

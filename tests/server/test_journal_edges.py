@@ -9,7 +9,7 @@ import os
 import pathlib
 
 import pytest
-from tests.conftest import open_descriptors, opened_since
+from tests.conftest import open_under
 
 from ftimer_protocol import Disarm
 from ftimer_server.server._journal import Journal, JournalIncomplete
@@ -39,10 +39,9 @@ def test_checkpoints_leave_no_descriptor_open(tmp_path: pathlib.Path) -> None:
     # mutant: checkpoint() kept the old segment's descriptor: one leaked per save, every
     # state interval, until the daemon ran out of descriptors.
     journal = Journal(str(tmp_path / "j"))
-    fds = open_descriptors()
     for _ in range(5):
         journal.saved(journal.checkpoint())
-    assert opened_since(fds) == set()
+    assert open_under(tmp_path) == [str(tmp_path / "j.6")]  # the current segment's alone
     journal.close()
 
 
@@ -100,11 +99,10 @@ def test_an_idle_segment_after_failures_proves_nothing_and_a_recovery_is_said_on
 def test_a_closed_journal_keeps_no_descriptor(tmp_path: pathlib.Path) -> None:
     # mutant: close() left the segment's descriptor open: one per embedded server stopped
     # (an agent that starts a server per job, for as long as the agent lives).
-    fds = open_descriptors()
     journal = Journal(str(tmp_path / "j"))
-    assert opened_since(fds) != set()  # its segment is open
+    assert open_under(tmp_path) != []  # its segment is open
     journal.close()
-    assert opened_since(fds) == set()
+    assert open_under(tmp_path) == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
@@ -115,9 +113,9 @@ def test_a_segment_of_another_user_is_set_aside_and_no_descriptor_kept(
     (tmp_path / "j.1").write_bytes(b"a line\n")
     os.chown(tmp_path / "j.1", 4242, 4242)
     journal = Journal(str(tmp_path / "j"))
-    fds = open_descriptors()
+    held = open_under(tmp_path)
     with pytest.raises(JournalIncomplete, match="owned by uid 4242"):
         b"".join(journal.replay(1))
-    assert opened_since(fds) == set()
+    assert open_under(tmp_path) == held
     assert not (tmp_path / "j.1").exists()  # set aside, never read again
     journal.close()

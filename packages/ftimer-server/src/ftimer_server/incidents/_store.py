@@ -100,6 +100,9 @@ _RECORD_NAME = re.compile(rf"^{_ID}\.json$")
 #: A temporary file of this store's (``write_atomically``'s, of a record or a text); not
 #: another's, as the state file's being written in a directory shared with it.
 _OWN_TMP = re.compile(rf"^\.{_ID}\.(?:json|txt)\.[a-z0-9_]+\.tmp$")
+#: What decoding a record that is no incident's raises: RecursionError for one nested
+#: deeper than the decoder goes (written by hand: the server writes none).
+_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 #: A core gcore is writing (``_reap_extras.core_dump``), before its rename.
 _CORE_BEING_WRITTEN = re.compile(r"^core\.[0-9]{8}T[0-9]{6}\.[0-9]{3}Z\.[0-9]+$")
 #: Seconds after which a file of an incident with no record, or a core still named as
@@ -455,7 +458,7 @@ def _read_user(path: str) -> Optional[int]:
         with open(fd, "rb") as f:
             data = f.read(MAX_RECORD_BYTES + 1)
         record = _user_decoder.decode(data)
-    except (OSError, NotARegularFile, msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except (OSError, NotARegularFile, *_UNDECODABLE):
         return None
     if record.uid is not None:
         return record.uid
@@ -594,7 +597,7 @@ def read_incident(path: str) -> Incident:
     data = _versioned(path)
     try:
         return _incident_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+    except _UNDECODABLE as e:
         raise IncidentError(f"{path} is not an incident record: {e}") from None
 
 
@@ -603,7 +606,7 @@ def _read_summary(path: str) -> IncidentSummary:
     data = _versioned(path)
     try:
         summary = _summary_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+    except _UNDECODABLE as e:
         raise IncidentError(f"{path} is not an incident record: {e}") from None
     return msgspec.structs.replace(summary, path=path)
 
@@ -633,7 +636,7 @@ def _versioned(path: str) -> bytes:
         raise IncidentError(f"{path} is larger than an incident record may be")
     try:
         version = _version_decoder.decode(data).version
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+    except _UNDECODABLE as e:
         raise IncidentError(f"{path} is not an incident record: {e}") from None
     if version is None:
         raise IncidentError(f"{path} is not an incident record: it has no version")

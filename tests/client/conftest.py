@@ -19,6 +19,7 @@ import select
 import socket
 import struct
 import subprocess
+import sys
 import termios
 import threading
 import time
@@ -374,6 +375,13 @@ def restart(old: Peer) -> Peer:
     old.close()
     old.path.unlink(missing_ok=True)
     return type(old)(old.path)
+
+
+def exec_argv(peer: Peer, *cmd: str) -> List[str]:
+    """The command line of ``ftimer exec`` of ``cmd`` under a 60 s timer, through
+    ``peer``'s path."""
+    ftimer = [sys.executable, "-m", "ftimer_client"]
+    return [*ftimer, "exec", "--fifo", str(peer.path), "--after", "60", "--", *cmd]
 
 
 def descriptors_on(file: os.stat_result) -> List[int]:

@@ -19,7 +19,7 @@ from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, _program, main
 from ftimer_client._proc import process_start_time
 from ftimer_protocol import Arm, Disarm, Expire, TimerRequestV1
 
-from .conftest import FifoPeer, live_thread_id, server_state
+from .conftest import FifoPeer, exec_argv, live_thread_id, server_state
 
 ME = os.getpid()
 FTIMER = [sys.executable, "-m", "ftimer_client"]  # the `ftimer` command
@@ -128,18 +128,7 @@ def test_exec_command_runs_with_default_sigxfsz(peer: FifoPeer) -> None:
 def test_exec_passes_sigterm_on_to_the_command(peer: FifoPeer) -> None:
     script = 'trap "exit 42" TERM; echo ready; while :; do sleep 0.05; done'
     with subprocess.Popen(
-        [
-            *FTIMER,
-            "exec",
-            "--fifo",
-            str(peer.path),
-            "--after",
-            "60",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ],
+        exec_argv(peer, "sh", "-c", script),
         stdout=subprocess.PIPE,
         text=True,
     ) as wrapper:

@@ -15,7 +15,7 @@ import sys
 from ftimer_client._cli import EXIT_USAGE
 from ftimer_protocol import Arm, Disarm
 
-from .conftest import FifoPeer
+from .conftest import FifoPeer, exec_argv
 
 FTIMER = [sys.executable, "-m", "ftimer_client"]
 
@@ -31,7 +31,7 @@ def test_exec_runs_an_executable_script_without_a_shebang_with_sh(
     script.write_text("echo ran\nexit 4\n")
     script.chmod(0o755)
     done = subprocess.run(
-        [*FTIMER, "exec", "--fifo", str(peer.path), "--after", "60", "--", str(script), "x"],
+        exec_argv(peer, str(script), "x"),
         capture_output=True,
         text=True,
         timeout=30,
@@ -65,20 +65,7 @@ def test_ctrl_c_of_exec_stops_the_calling_bash_script(peer: FifoPeer) -> None:
     # (`for f in *; do ftimer exec ... -- job "$f"; done` could not be stopped).
     # sleep itself, or GNU timeout (which re-raises its child's signal), stop it.
     rd, wr = os.pipe()
-    line = shlex.join(
-        [
-            *FTIMER,
-            "exec",
-            "--fifo",
-            str(peer.path),
-            "--after",
-            "60",
-            "--",
-            "bash",
-            "-c",
-            f"echo >&{wr}; exec sleep 30",
-        ]
-    )
+    line = shlex.join(exec_argv(peer, "bash", "-c", f"echo >&{wr}; exec sleep 30"))
     script = f"{line}; echo ran-on"
     with subprocess.Popen(
         ["bash", "-c", script],
@@ -141,7 +128,7 @@ def test_exec_started_with_sigchld_ignored_passes_on_the_status_and_disarms(
     # died of a ChildProcessError traceback with status 1, CMD's 7 lost and its timer
     # never disarmed.
     done = subprocess.run(
-        [*FTIMER, "exec", "--fifo", str(peer.path), "--after", "60", "--", "sh", "-c", "exit 7"],
+        exec_argv(peer, "sh", "-c", "exit 7"),
         capture_output=True,
         text=True,
         timeout=30,
@@ -161,18 +148,7 @@ def test_sigint_sent_to_exec_without_a_terminal_reaches_the_command(peer: FifoPe
     # SIGKILLed at the grace period's end.
     rd, wr = os.pipe()
     with subprocess.Popen(
-        [
-            *FTIMER,
-            "exec",
-            "--fifo",
-            str(peer.path),
-            "--after",
-            "60",
-            "--",
-            "bash",
-            "-c",
-            f"echo >&{wr}; exec sleep 30",
-        ],
+        exec_argv(peer, "bash", "-c", f"echo >&{wr}; exec sleep 30"),
         pass_fds=(wr,),
         start_new_session=True,  # no controlling terminal
     ) as proc:

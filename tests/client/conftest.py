@@ -377,11 +377,18 @@ def restart(old: Peer) -> Peer:
     return type(old)(old.path)
 
 
+FTIMER = [sys.executable, "-m", "ftimer_client"]  # the `ftimer` command
+
+
+def ftimer(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run the `ftimer` command with ``args``; its output captured as text."""
+    return subprocess.run([*FTIMER, *args], capture_output=True, text=True, timeout=timeout)
+
+
 def exec_argv(peer: Peer, *cmd: str) -> List[str]:
     """The command line of ``ftimer exec`` of ``cmd`` under a 60 s timer, through
     ``peer``'s path."""
-    ftimer = [sys.executable, "-m", "ftimer_client"]
-    return [*ftimer, "exec", "--fifo", str(peer.path), "--after", "60", "--", *cmd]
+    return [*FTIMER, "exec", "--fifo", str(peer.path), "--after", "60", "--", *cmd]
 
 
 def descriptors_on(file: os.stat_result) -> List[int]:

@@ -8,7 +8,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from typing import List
 
@@ -19,19 +18,9 @@ from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, _program, main
 from ftimer_client._proc import process_start_time
 from ftimer_protocol import Arm, Disarm, Expire, TimerRequestV1
 
-from .conftest import FifoPeer, exec_argv, live_thread_id, server_state
+from .conftest import FTIMER, FifoPeer, exec_argv, ftimer, live_thread_id, server_state
 
 ME = os.getpid()
-FTIMER = [sys.executable, "-m", "ftimer_client"]  # the `ftimer` command
-
-
-def ftimer(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*FTIMER, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @not_pid_1

@@ -10,14 +10,11 @@ import pathlib
 import shlex
 import signal
 import subprocess
-import sys
 
 from ftimer_client._cli import EXIT_USAGE
 from ftimer_protocol import Arm, Disarm
 
-from .conftest import FifoPeer, exec_argv
-
-FTIMER = [sys.executable, "-m", "ftimer_client"]
+from .conftest import FTIMER, FifoPeer, exec_argv, ftimer
 
 
 def test_exec_runs_an_executable_script_without_a_shebang_with_sh(
@@ -30,12 +27,7 @@ def test_exec_runs_an_executable_script_without_a_shebang_with_sh(
     script = tmp_path / "job"
     script.write_text("echo ran\nexit 4\n")
     script.chmod(0o755)
-    done = subprocess.run(
-        exec_argv(peer, str(script), "x"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = ftimer("exec", "--fifo", str(peer.path), "--after", "60", "--", str(script), "x")
     assert (done.returncode, done.stdout, done.stderr) == (4, "ran\n", "")
     arm, disarm = peer.wait_count(2)
     assert isinstance(arm, Arm)
@@ -95,22 +87,12 @@ def test_a_disarm_not_delivered_under_warn_says_the_timer_stays_armed(
     # disarm later): but this command exits, its owed disarm with it, and the server
     # that reads again holds the armed timer and kills the script at its deadline.
     common = ["--fifo", str(peer.path), "--scope", "s", "--pid", str(sleeper.pid)]
-    armed = subprocess.run(
-        [*FTIMER, "arm", *common, "--after", "60", "--signal", "0"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    armed = ftimer("arm", *common, "--after", "60", "--signal", "0")
     assert armed.returncode == 0
     assert isinstance(peer.wait_count(1)[0], Arm)
     peer.pause()
     peer.fill()
-    done = subprocess.run(
-        [*FTIMER, "disarm", *common, "--on-unavailable", "warn", "--write-timeout", "0.2"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = ftimer("disarm", *common, "--on-unavailable", "warn", "--write-timeout", "0.2")
     assert done.returncode == 0
     assert "without a watchdog" not in done.stderr
     assert "stays armed" in done.stderr

@@ -22,8 +22,7 @@ from tests.conftest import in_private_pid_namespace, not_pid_1, parent_not_init
 from ftimer_client._cli import EXIT_UNAVAILABLE, EXIT_USAGE, main
 from ftimer_protocol import Arm, Disarm, socket_path_for
 
-from .conftest import FifoPeer, SocketPeer, server_state
-from .test_cli import FTIMER, ftimer
+from .conftest import FTIMER, FifoPeer, SocketPeer, ftimer, server_state
 
 ME = os.getpid()
 

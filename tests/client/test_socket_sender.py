@@ -20,8 +20,7 @@ from ftimer_client._cli import EXIT_UNAVAILABLE
 from ftimer_client._socket import SocketWriter
 from ftimer_protocol import Arm
 
-from .conftest import SocketPeer
-from .test_cli import FTIMER
+from .conftest import FTIMER, SocketPeer
 
 #: Linux 6.16's, which Python's socket module may not name yet.
 SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)

@@ -43,16 +43,21 @@ while True:
         os.write(fd, struct.pack("<IiQ", 16 + len(body), 0, unique) + body)
 """
 
-# In the namespaces: a daemon whose FIFO is in argv[1]/dir, then the hung mount over
-# that directory; once the daemon's look at its FIFO waits in it, SIGTERM. Prints
-# whether the daemon stopped, and then, the mount gone, how it exited.
+# In the namespaces: a daemon whose FIFO (argv[4] "fifo") or incident directory (argv[4]
+# "reload", in its config file) is in argv[1]/dir, then the hung mount over that
+# directory; a SIGHUP for "reload"; once the daemon waits in the mount (its look at its
+# FIFO, or the reload resolving the incident directory), SIGTERM. Prints whether the
+# daemon stopped, and then, the mount gone, how it exited.
 SCENE = r"""
-import os, subprocess, sys, time
-top, python, fuse = sys.argv[1], sys.argv[2], sys.argv[3]
+import os, signal, subprocess, sys, time
+top, python, fuse, mode = sys.argv[1:5]
 os.mkdir(f"{top}/dir")
-daemon = subprocess.Popen([python, "-m", "ftimer_server", "run", "--fifo", f"{top}/dir/t.fifo",
-                           "--control-socket", f"{top}/ctl.sock", "--no-socket",
-                           "--log-file", f"{top}/d.log"])
+with open(f"{top}/ftimer.toml", "w") as f:
+    f.write(f'incident-dir = "{top}/dir/incidents"\n' if mode == "reload" else "")
+fifo = f"{top}/dir/t.fifo" if mode == "fifo" else f"{top}/t.fifo"
+daemon = subprocess.Popen([python, "-m", "ftimer_server", "run", "-c", f"{top}/ftimer.toml",
+                           "--fifo", fifo, "--control-socket", f"{top}/ctl.sock",
+                           "--no-socket", "--log-file", f"{top}/d.log"])
 
 def until(what, condition):
     end = time.monotonic() + 15
@@ -80,7 +85,9 @@ def said(text):
 until("the daemon", lambda: said(" ready: FIFO "))
 hung = subprocess.Popen([python, "-c", fuse, f"{top}/dir"], stdin=subprocess.PIPE)
 until("the mount", lambda: f" {top}/dir " in open("/proc/self/mountinfo").read())
-until("a look at the FIFO held by the mount", waiting_in_fuse)
+if mode == "reload":  # logrotate's postrotate, say, while the share hangs
+    daemon.send_signal(signal.SIGHUP)
+until("the daemon held by the mount", waiting_in_fuse)
 daemon.terminate()
 try:  # its stop is done once it says so; its exit waits for the mount (the kernel's)
     until("the stop", lambda: "ftimer_server.daemon: stopped" in open(f"{top}/d.log").read())
@@ -100,15 +107,27 @@ _NAMESPACES = [
 ]  # fmt: skip
 
 
-def test_a_fifo_behind_a_mount_that_hangs_holds_no_stop(tmp_path: pathlib.Path) -> None:
-    # The look ran in the main loop, which then sat in uninterruptible sleep: SIGTERM
-    # and SIGHUP waited for as long as the mount hung.
+def scene(tmp_path: pathlib.Path, mode: str) -> str:
+    """What `SCENE` printed in ``mode``."""
     done = subprocess.run(
-        [*_NAMESPACES, sys.executable, "-c", SCENE, str(tmp_path), PYTHON, HUNG_FUSE],
+        [*_NAMESPACES, sys.executable, "-c", SCENE, str(tmp_path), PYTHON, HUNG_FUSE, mode],
         capture_output=True,
         text=True,
         timeout=PATIENCE * 4,
     )
     if "mount: " in done.stderr:
         pytest.skip(f"no FUSE mount here: {done.stderr.strip()}")
-    assert done.stdout == "stopped\nexit 0\n", (done.stdout, done.stderr)
+    return f"{done.stdout}{done.stderr}"
+
+
+def test_a_fifo_behind_a_mount_that_hangs_holds_no_stop(tmp_path: pathlib.Path) -> None:
+    # The look ran in the main loop, which then sat in uninterruptible sleep: SIGTERM
+    # and SIGHUP waited for as long as the mount hung.
+    assert scene(tmp_path, "fifo") == "stopped\nexit 0\n"
+
+
+def test_a_reload_held_by_a_mount_that_hangs_holds_no_stop(tmp_path: pathlib.Path) -> None:
+    # A reload resolves the directories of the daemon's paths, here an incident directory
+    # on a share (docs/incidents.md merges incidents on one): on the main loop, it held
+    # the SIGTERM after it for as long as the mount hung.
+    assert scene(tmp_path, "reload") == "stopped\nexit 0\n"

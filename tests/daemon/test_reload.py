@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -22,7 +23,7 @@ from ftimer_server.daemon._daemon import Daemon
 from ftimer_server.daemon._logging import LoggingSetup
 from ftimer_server.daemon._systemd import MAX_STATUS
 
-from .conftest import PATIENCE, PYTHON, DaemonProcess
+from .conftest import PATIENCE, PYTHON, DaemonProcess, Notifications
 
 Spawn = Callable[..., DaemonProcess]
 
@@ -132,6 +133,47 @@ def test_sighups_read_together_reload_the_config_once(tmp_path: pathlib.Path) ->
         setup.close()
     assert result == [0]
     assert stream.getvalue().count("config reloaded") == 1
+
+
+def test_a_reload_held_past_the_stop_applies_nothing(tmp_path: pathlib.Path) -> None:
+    # A reload runs on a thread of its own, which a mount that hangs can hold past the
+    # stop: what it read then must not be applied, nor READY=1 sent after the stop.
+    config = tmp_path / "ftimer.toml"
+    config.write_text('log-level = "info"\n')
+    stream = io.StringIO()
+    setup = LoggingSetup("text", "info", stream=stream)
+    systemd = Notifications(str(tmp_path / "notify"))
+    daemon = Daemon(
+        DaemonConfig(fifo=str(tmp_path / "t.fifo"), config_file=str(config)),
+        setup,
+        environ={"NOTIFY_SOCKET": systemd.path},
+    )
+    config.write_text('log-level = "debug"\n')
+    reading, release = threading.Event(), threading.Event()
+    read = daemon._read_config
+
+    def held(path: str) -> object:  # as a path on a mount that hangs holds it
+        reading.set()
+        release.wait(PATIENCE)
+        return read(path)
+
+    daemon._read_config = held  # type: ignore[method-assign]
+    reload = threading.Thread(target=daemon._reload)
+    reload.start()
+    try:
+        assert reading.wait(PATIENCE)
+        daemon._shutdown()
+        release.set()
+        reload.join(PATIENCE)
+        assert not logging.getLogger().isEnabledFor(logging.DEBUG)
+    finally:
+        release.set()
+        setup.close()
+    systemd.drain()
+    systemd.close()
+    assert systemd.has("RELOADING=1"), systemd.received
+    assert not systemd.has("READY=1"), systemd.received
+    assert "config reloaded" not in stream.getvalue()
 
 
 def test_a_reloads_warnings_are_in_the_log_format_it_sets(tmp_path: pathlib.Path) -> None:

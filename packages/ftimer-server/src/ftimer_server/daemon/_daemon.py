@@ -12,9 +12,10 @@ serve the metrics; tell systemd READY=1.
 
 The main thread then only waits for signals. Handlers do nothing but wake it (the signal
 number arrives on a wake-up pipe); the loop acts: SIGTERM / SIGINT shut down cleanly
-(STOPPING=1, server stopped, state saved), SIGHUP reopens the log file and reloads the
-config file. Everything else runs on the server's own thread, which also sends systemd's
-WATCHDOG=1, so a wedged server loop is noticed.
+(STOPPING=1, server stopped, state saved), SIGHUP wakes the reload thread, which reopens
+the log file and reloads the config file (either may wait on a mount that hangs, and a
+SIGTERM must not). Everything else runs on the server's own thread, which also sends
+systemd's WATCHDOG=1, so a wedged server loop is noticed.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Type
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Type, Union
 
 from ftimer_server._files import remove_leftovers
 from ftimer_server._version import __version__
@@ -172,6 +173,11 @@ class Daemon:
         self._reload_failed: Optional[str] = None
         #: The settings the config file changes that wait for a restart ("name (old -> new)").
         self._restart_needed: List[str] = []
+        #: A SIGHUP for the reload thread (``_reloads``), or the stop.
+        self._hup = threading.Event()
+        #: Held while a reload applies what it read, and by the stop: none applies after.
+        self._applying = threading.Lock()
+        self._stopping = False
 
     # -- the run -----------------------------------------------------------------------
 
@@ -518,6 +524,7 @@ class Daemon:
         the wait began makes a summary due that the timeout computed before it does not
         cover.
         """
+        threading.Thread(target=self._reloads, name="ftimer-reload", daemon=True).start()
         log_fd = self._logging.wake_fd
         poller = select.poll()
         for fd in (wake_fd, log_fd):
@@ -532,8 +539,23 @@ class Daemon:
                 if signum in _STOP_SIGNALS:
                     log.info("%s: shutting down", signal.Signals(signum).name)
                     return EXIT_OK
-            if signal.SIGHUP in signals:  # once for those read together: a storm costs one
+            if signal.SIGHUP in signals:
+                self._hup.set()
+
+    def _reloads(self) -> None:
+        """A thread of its own: reload at a SIGHUP (`_reload`); those that come during a
+        reload make one more, a storm costs one. Not the main loop's: a log file or a
+        path of the config on a mount that hangs holds the reload as long, and the
+        SIGTERM after it must not wait. Never joined."""
+        while True:
+            self._hup.wait()
+            self._hup.clear()
+            if self._stopping:
+                return
+            try:
                 self._reload()
+            except Exception:  # a bug here must not cost the reloads to come
+                log.exception("the reload failed")
 
     def _watch_paths(self, server: FileTimerServer) -> None:
         """A thread of its own: every ``_PATHS_EVERY`` seconds, say (an error line) when
@@ -564,6 +586,9 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self._paths_done.set()  # not joined: it may be held by a mount that hangs
+        with self._applying:  # a reload held by a mount applies nothing later
+            self._stopping = True
+        self._hup.set()
         if self._server is not None:
             self._notifier.stopping()
         if self._control is not None:
@@ -620,31 +645,39 @@ class Daemon:
             log.error("cannot reopen the log file: %s", e)
             failed.append(f"log file not reopened: {e}")
         path = self.config.config_file
-        if path is not None:
-            error = self._reload_config(path)
-            if error is not None:
-                failed.append(error)
-        elif not failed:
-            log.info("log file reopened")
-        self._reload_failed = printable("; ".join(failed)) if failed else None
-        if self._metrics is not None:
-            self._metrics.reloaded(self._reload_failed is None, len(self._restart_needed))
-        self._notifier.ready(self._systemd_status())
+        read = None if path is None else self._read_config(path)
+        with self._applying:
+            if self._stopping:
+                return
+            if isinstance(read, str):
+                failed.append(read)
+            elif read is not None:
+                self._apply_config(*read)
+            elif not failed:
+                log.info("log file reopened")
+            self._reload_failed = printable("; ".join(failed)) if failed else None
+            if self._metrics is not None:
+                self._metrics.reloaded(self._reload_failed is None, len(self._restart_needed))
+            self._notifier.ready(self._systemd_status())
 
-    def _reload_config(self, path: str) -> Optional[str]:
-        """Reload the config file at ``path``: apply what applies in place
-        (``_RELOADABLE``), say what waits for a restart; return why it was not reloaded,
-        or None."""
+    def _read_config(self, path: str) -> Union[Tuple[DaemonConfig, List[str]], str]:
+        """The config file at ``path`` resolved as a start would (a restart must not be
+        refused what a reload took), with the settings the command line hides in it; or
+        why it was not reloaded."""
         try:
             settings = load_config_file(path)
-            # As a start would: a restart must not be refused what a reload took.
             new = resolve_config(self._cli, settings, config_file=path, starting=True)
-            hidden = overridden(self._cli, settings, path, new)
+            return new, overridden(self._cli, settings, path, new)
         except Exception as e:  # a bug as well as a bad file: neither may end the daemon
             if not isinstance(e, ConfigError):
                 log.exception("reading %s failed", path)
             log.error("config not reloaded: %s", e)
             return f"config not reloaded: {e}"
+
+    def _apply_config(self, new: DaemonConfig, hidden: List[str]) -> None:
+        """Apply what applies in place (``_RELOADABLE``) of ``new``; say what waits for a
+        restart."""
+        path = new.config_file
         self._logging.configure(new.log_format, new.log_level)  # first: the lines below
         if self._server is not None:
             self._server.set_event_types(self._event_types())
@@ -662,7 +695,6 @@ class Daemon:
                 ", ".join(self._restart_needed),
             )
         log.info("config reloaded from %s", path)
-        return None
 
     def _systemd_status(self) -> str:
         """The status line systemd shows (``systemctl status``)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,31 @@ def test_core_of_an_unwritten_record_is_removed(small_disk: pathlib.Path) -> Non
     assert names(directory) == []  # no core left that nothing would count or prune
     store.write(make(2))  # the space is there for the next
     assert len(names(directory)) == 2
+
+
+def test_a_file_system_full_of_older_incidents_makes_room_for_the_newest(
+    small_disk: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Under keep and max_bytes, the older incidents filled the disk: retention ran only
+    # after a write, so every later write failed with ENOSPC and none was written again.
+    directory = small_disk / "incidents"
+    store = IncidentStore(str(directory))
+    incidents = [make(n, raw="x" * (100 << 10)) for n in range(1, 21)]
+    for incident in incidents:
+        store.write(incident)
+    kept = sorted({name.rsplit(".", 1)[0] for name in names(directory)})
+    assert names(directory) == sorted(f"{i}{end}" for i in kept for end in (".json", ".txt"))
+    ids = [incident.id for incident in incidents]
+    gone = len(ids) - len(kept)
+    assert gone > 0
+    assert kept == ids[gone:]  # the oldest went, each whole
+    full = re.compile(
+        rf"the file system of {re.escape(str(directory))} is full: removed incident (\S+), "
+        r"to write (\S+)"
+    )
+    said = [full.fullmatch(r.getMessage()) for r in caplog.records if r.levelname == "WARNING"]
+    assert [m[1] for m in said if m] == ids[:gone]
+    assert all(m and ids.index(m[2]) >= len(kept) for m in said)  # for a write past the fill
 
 
 def test_old_files_of_incidents_with_no_record_are_pruned(tmp_path: pathlib.Path) -> None:

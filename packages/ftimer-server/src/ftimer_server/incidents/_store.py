@@ -15,22 +15,25 @@ else can hold it (anyone who may read the directory could lock the directory its
 A write waits for it at most until its deadline, then gives up and says so.
 
 Retention: after each write incidents go until at most ``keep`` remain and their files
-take at most ``max_bytes`` (the one just written is always kept, however large, and
-when its user's bytes alone are over, the others' stay). Each goes from the user
-holding the most (incidents while over ``keep``, then bytes), its oldest first: one
-user whose workers are reaped over and over (any user can have its own reaped) pushes
-out its own incidents, not another's within a fair share. Only names ``incident_id``
-makes count (a state file beside them is no incident). An incident's user is
-its stuck worker's real uid, read as its capture began (``Incident.uid``; a record
-written before it had that field: as its capture recorded it); one whose uid could not
-be read counts as one more user. Every file whose name is an incident's id followed by a dot
-(its record, its text, and anything the server puts beside them, a core file say)
-belongs to that incident: it is counted, and removed with it. A core is renamed
-``<id>.core`` before its incident's record is written: an incident whose record cannot
-be written (a full disk) takes its core with it, and a file named as an incident's with
-no record (its helper killed between the two) is counted, and removed once older than
-any capture can be (``ORPHAN_AGE``). A core gcore is still writing
-(``core.<time>.<pid>``) is counted too. The directory belongs to one daemon.
+take at most ``max_bytes`` (the one just written is always kept, however large, and when
+its user's bytes alone are over, the others' stay). Each goes from the user holding the
+most (incidents while over ``keep``, then bytes), its oldest first: one user whose
+workers are reaped over and over (any user can have its own reaped) pushes out its own
+incidents, not another's within a fair share. A write that finds the file system full
+(``ENOSPC``, ``EDQUOT``) removes incidents so, as many as the new one's files take, and
+tries again, until none is left to remove: the newest incident tells of the stuck worker
+of now, the oldest of one long gone. Only names ``incident_id`` makes count (a state
+file beside them is no incident). An incident's user is its stuck worker's real uid,
+read as its capture began (``Incident.uid``; a record written before it had that field:
+as its capture recorded it); one whose uid could not be read counts as one more user.
+Every file whose name is an incident's id followed by a dot (its record, its text, and
+anything the server puts beside them, a core file say) belongs to that incident: it is
+counted, and removed with it. A core is renamed ``<id>.core`` before its incident's
+record is written: an incident whose record cannot be written (a full disk) takes its
+core with it, and a file named as an incident's with no record (its helper killed
+between the two) is counted, and removed once older than any capture can be
+(``ORPHAN_AGE``). A core gcore is still writing (``core.<time>.<pid>``) is counted too.
+The directory belongs to one daemon.
 
 The directory is created 0700. One that exists must be a directory, not a symlink, owned
 by the server's user and writable by nobody else: incidents hold command lines and
@@ -86,6 +89,8 @@ RECORD = ".json"
 TEXT = ".txt"
 #: The directory's lock: the server's user's alone (see ``_locked``).
 LOCK = ".lock"
+#: A write's errors that say the file system is full (``EDQUOT``: of the user's quota).
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 #: Seconds a write waits for the directory's lock when it is given no deadline.
 LOCK_WAIT = 10.0
 #: Seconds between two tries of a lock held by another.
@@ -241,10 +246,11 @@ class IncidentStore:
             the record's path.
 
         Raises:
-            OSError: a file could not be written (a full disk, a directory that became
-                unwritable, ...), or the lock was still held by another process at the
-                deadline (``TimeoutError``): nothing of this incident is left behind. A
-                failure to prune older incidents is logged, not raised.
+            OSError: a file could not be written (a full disk with no older incident
+                left to remove, a directory that became unwritable, ...), or the lock
+                was still held by another process at the deadline (``TimeoutError``):
+                nothing of this incident is left behind. A failure to prune older
+                incidents is logged, not raised.
             ValueError: the incident's id is not a safe file name.
         """
         if not _SAFE_ID.match(incident.id):
@@ -257,9 +263,17 @@ class IncidentStore:
         written = False
         try:
             with self._lock, _locked(self.directory, deadline):
-                # The text first: a record that exists has its text beside it.
-                write_atomically(base + TEXT, text)
-                write_atomically(base + RECORD, record)
+                while True:
+                    try:
+                        # The text first: a record that exists has its text beside it.
+                        write_atomically(base + TEXT, text)
+                        write_atomically(base + RECORD, record)
+                        break
+                    except OSError as e:
+                        # The oldest incidents go to make room, as retention would.
+                        room = len(text) + len(record)
+                        if e.errno not in _FULL or not self._prune(incident.id, room):
+                            raise
                 written = True
                 try:
                     self._prune(incident.id)
@@ -348,16 +362,18 @@ class IncidentStore:
             if _owner(name, ids) == incident:
                 _remove(os.path.join(self.directory, name))
 
-    def _prune(self, written: str) -> None:
-        """Remove incidents beyond ``keep`` and ``max_bytes``, never ``written`` (the
-        newest by the clock that named it, which may have stepped back since others)."""
+    def _prune(self, written: str, room: int = 0) -> int:
+        """Remove incidents beyond ``keep`` and ``max_bytes``, and more until ``room``
+        bytes are freed; never ``written`` (the newest by the clock that named it, which
+        may have stepped back since others). Return how many were removed."""
         try:
             incidents, others = self._incidents()
         except OSError as e:
             log.warning("cannot prune incidents in %s: %s", self.directory, e)
-            return
+            return 0
         total = sum(size for held in incidents for _, size in held.files)
         total += sum(size for _, size, _ in others)
+        budget = min(self.max_bytes, total - room) if room else self.max_bytes
         now = time.time()
         for path, size, mtime in others:
             # A leftover (its incident's record never written, a gcore killed with its
@@ -366,8 +382,8 @@ class IncidentStore:
                 log.warning("removed %s: a file of an incident with no record", path)
                 total -= size
         left = len(incidents)
-        if left <= self.keep and total <= self.max_bytes:
-            return
+        if left <= self.keep and total <= budget:
+            return 0
         users = self._users(incidents)
         count: Dict[Optional[int], int] = {}
         taken: Dict[Optional[int], int] = {}  # bytes
@@ -377,7 +393,7 @@ class IncidentStore:
             taken[user] = taken.get(user, 0) + sum(s for _, s in held.files)
             if held.id != written:
                 removable.setdefault(user, []).append(n)
-        while (left > self.keep or total > self.max_bytes) and removable:
+        while (left > self.keep or total > budget) and removable:
             most = count if left > self.keep else taken
             # The user holding the most; between equals, the older incident first.
             user = max(removable, key=lambda u: (most[u], -removable[u][0]))
@@ -393,6 +409,14 @@ class IncidentStore:
                 taken[user] -= size
                 if _remove(path):
                     total -= size
+            if room:
+                log.warning(
+                    "the file system of %s is full: removed incident %s, to write %s",
+                    self.directory,
+                    incidents[n].id,
+                    written,
+                )
+        return len(incidents) - left
 
     def _users(self, incidents: List[_Held]) -> List[Optional[int]]:
         """The user of each incident: its stuck worker's real uid, or None where its

@@ -187,7 +187,9 @@ def test_without_prometheus_client_a_clear_error(monkeypatch: pytest.MonkeyPatch
 
 def test_last_progress_stops_while_the_loop_is_stuck(tmp_path) -> None:
     """The gauge is now while the server's loop is healthy and stays at the start of the
-    iteration it is stuck in (here: a callback that blocks), so an alert can tell them apart."""
+    iteration it is stuck in (here: a callback that blocks); the stall's own gauge is 0,
+    then grows by the host's clock, so an alert can tell them apart without comparing
+    the host's clock with its own."""
     from ftimer_protocol import Arm, encode
     from ftimer_server import Armed, FileTimerServer
 
@@ -200,10 +202,15 @@ def test_last_progress_stops_while_the_loop_is_stuck(tmp_path) -> None:
 
     fifo = tmp_path / "timer.fifo"
     with FileTimerServer(fifo, on_event=stuck) as server:
-        m = Metrics(server.stats, last_progress=server.get_last_progress_time)
+        m = Metrics(
+            server.stats,
+            last_progress=server.get_last_progress_time,
+            stalled_for=server.stalled_for,
+        )
         healthy = sample(m, "ftimer_last_progress_timestamp_seconds")
         assert healthy is not None
         assert abs(healthy - time.time()) <= 1
+        assert sample(m, "ftimer_loop_stalled_seconds") < 1  # 0, or an iteration's time
         child = subprocess.Popen(["sleep", "60"])
         try:
             fd = os.open(fifo, os.O_WRONLY)
@@ -214,15 +221,19 @@ def test_last_progress_stops_while_the_loop_is_stuck(tmp_path) -> None:
             child.kill()
             child.wait()
         since = sample(m, "ftimer_last_progress_timestamp_seconds")
+        stalled = sample(m, "ftimer_loop_stalled_seconds")
         time.sleep(1.1)  # the gauge must not follow the clock while the loop is stuck
         assert sample(m, "ftimer_last_progress_timestamp_seconds") == since
         assert since is not None
         assert since < time.time() - 1
+        assert stalled is not None
+        assert sample(m, "ftimer_loop_stalled_seconds") >= stalled + 1.1
         gate.set()
         server.sync()
         after = sample(m, "ftimer_last_progress_timestamp_seconds")
         assert after is not None
         assert after > since
+        assert sample(m, "ftimer_loop_stalled_seconds") < 1  # 0, or an iteration's time
 
 
 def test_a_scrape_never_waits_out_a_loop_stalled_holding_the_table(tmp_path) -> None:

@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import pytest
 from tests.conftest import not_pid_1, wait_until
@@ -379,10 +379,11 @@ def test_a_stop_whose_last_read_fails_still_finishes_and_returns(
 def test_the_liveness_probe_sees_an_iteration_only_while_it_runs(
     fifo_path: pathlib.Path,
 ) -> None:
-    # torch's get_last_progress_time() reads busy_since: the wall-clock start of the
-    # iteration under way, None between them. Never set, a loop stuck in an iteration
-    # looks healthy; never cleared, an idle healthy one looks stuck since its last one.
-    seen: List[Optional[float]] = []
+    # torch's get_last_progress_time() and stalled_for() read busy_since: the start of
+    # the iteration under way (wall clock, monotonic), None between them. Never set, a
+    # loop stuck in an iteration looks healthy; never cleared, an idle healthy one looks
+    # stuck since its last one.
+    seen: List[Optional[Tuple[float, float]]] = []
     with bare_loop(fifo_path) as (loop, _wd, _sig, _):
 
         def after(tokens: List[str]) -> None:  # in the iteration, then in the stop's read
@@ -390,14 +391,15 @@ def test_the_liveness_probe_sees_an_iteration_only_while_it_runs(
             loop.request_stop()
 
         loop._after = after
-        began = time.time()
+        began = (time.time(), time.monotonic())
         loop.wake()
         loop.run()  # one iteration (the wake-up), then the stop
         assert loop.busy_since is None
     assert len(seen) == 2
     busy, stopping = seen
     assert busy is not None
-    assert began <= busy <= time.time()
+    assert began[0] <= busy[0] <= time.time()
+    assert began[1] <= busy[1] <= time.monotonic()
     assert stopping is None
 
 

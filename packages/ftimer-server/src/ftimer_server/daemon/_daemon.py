@@ -252,10 +252,11 @@ class Daemon:
             try:
                 self._metrics = Metrics(
                     self._stats,
-                    self._state_saves,
-                    c.dry_run,
-                    self._incident_writes,
-                    self._last_progress,
+                    state_saves=self._state_saves,
+                    dry_run=c.dry_run,
+                    incident_writes=self._incident_writes,
+                    last_progress=self._last_progress,
+                    stalled_for=self._stalled_for,
                 )
             except MetricsUnavailable as e:
                 raise ConfigError(f"--metrics-address: {e}") from None
@@ -793,6 +794,9 @@ class Daemon:
 
     def _last_progress(self) -> float:
         return time.time() if self._server is None else self._server.get_last_progress_time()
+
+    def _stalled_for(self) -> float:
+        return 0.0 if self._server is None else self._server.stalled_for()
 
     def _state_saves(self) -> tuple[int, int]:
         """(Saves, failures): a failed write of the journal counts, as it takes the

@@ -78,6 +78,7 @@ class _StatsCollector:
         state_saves: Optional[Callable[[], Tuple[int, int]]],
         incident_writes: Optional[Callable[[], Tuple[int, int]]],
         last_progress: Optional[Callable[[], float]],
+        stalled_for: Optional[Callable[[], float]],
         dry_run: bool,
     ) -> None:
         self._prom = prom
@@ -85,6 +86,7 @@ class _StatsCollector:
         self._state_saves = state_saves
         self._incident_writes = incident_writes
         self._last_progress = last_progress
+        self._stalled_for = stalled_for
         self._dry_run = dry_run
         self._last: Optional[Stats] = None  # what the last scrape read
 
@@ -98,6 +100,14 @@ class _StatsCollector:
                 "ftimer_last_progress_timestamp_seconds",
                 "Unix time the server's loop last made progress (now while it is healthy).",
                 value=self._last_progress(),
+            )
+        if self._stalled_for is not None:
+            # The host's own measure: the alert compares no clock of the host's with the
+            # Prometheus server's, which may be off by more than a stall's threshold.
+            yield core.GaugeMetricFamily(
+                "ftimer_loop_stalled_seconds",
+                "Seconds the server's loop has been stuck in one iteration (0 while healthy).",
+                value=self._stalled_for(),
             )
         yield core.GaugeMetricFamily(
             "ftimer_dry_run", "1 if expiries are logged instead of signalled.", value=self._dry_run
@@ -211,6 +221,8 @@ class Metrics:
         incident_writes: (successful, failed) incident writes, read at scrape time.
         last_progress: when the server's loop last made progress
             (``FileTimerServer.get_last_progress_time``), read at scrape time.
+        stalled_for: how long the server's loop has been stuck
+            (``FileTimerServer.stalled_for``), read at scrape time.
         dry_run: whether the daemon runs with ``--dry-run`` (a gauge).
 
     Raises:
@@ -220,10 +232,12 @@ class Metrics:
     def __init__(
         self,
         stats: Callable[[], Stats],
+        *,
         state_saves: Optional[Callable[[], Tuple[int, int]]] = None,
         dry_run: bool = False,
         incident_writes: Optional[Callable[[], Tuple[int, int]]] = None,
         last_progress: Optional[Callable[[], float]] = None,
+        stalled_for: Optional[Callable[[], float]] = None,
     ) -> None:
         prom = prometheus()
         self.registry = prom.CollectorRegistry()
@@ -233,6 +247,7 @@ class Metrics:
             state_saves=state_saves,
             incident_writes=incident_writes,
             last_progress=last_progress,
+            stalled_for=stalled_for,
             dry_run=dry_run,
         )
         self.registry.register(collector)

@@ -128,8 +128,7 @@ def _reading(server: FileTimerServer) -> Tuple[bool, bool]:
         # EMFILE: no descriptor to write the marker with. Judged by the loop's iteration
         # instead: one that has run this long is stuck; an idle or busy loop reads (out of
         # descriptors, it went on reaping; only a liveness probe's restart would stop it).
-        stuck_for = time.time() - server.get_last_progress_time()
-        return False, stuck_for < _HEALTH_TIMEOUT + 1  # the progress time is in seconds
+        return False, server.stalled_for() < _HEALTH_TIMEOUT
     except RuntimeError:  # stopped meanwhile
         return False, False
     return True, True

@@ -100,8 +100,9 @@ class Loop:
         self._stopping = False
         #: The loop's thread, once it runs.
         self.ident: Optional[int] = None
-        #: The wall-clock time the current iteration started, or None between them.
-        self.busy_since: Optional[float] = None
+        #: When the current iteration started (wall clock, monotonic), or None between
+        #: them: one assignment, read whole by other threads.
+        self.busy_since: Optional[Tuple[float, float]] = None
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -182,7 +183,7 @@ class Loop:
                 timeout = min(max(0.0, wakeup - time.monotonic()), MAX_WAIT)
             try:
                 ready = self._selector.select(timeout)
-                self.busy_since = time.time()
+                self.busy_since = (time.time(), time.monotonic())
                 now = self._iterate(ready)
                 if next_tick is not None and now >= next_tick:
                     assert self._on_tick is not None

@@ -825,7 +825,14 @@ class FileTimerServer:
         """torch's liveness probe: now while the loop is healthy (idle or working), else
         the wall-clock second its current iteration started."""
         busy_since = None if self._loop is None else self._loop.busy_since
-        return int(time.time() if busy_since is None else busy_since)
+        return int(time.time() if busy_since is None else busy_since[0])
+
+    def stalled_for(self) -> float:
+        """Seconds the loop's current iteration has run so far: 0.0 while the loop is
+        healthy (between iterations), by the monotonic clock, which no step of the wall
+        clock (nor another host's) changes."""
+        busy_since = None if self._loop is None else self._loop.busy_since
+        return 0.0 if busy_since is None else max(0.0, time.monotonic() - busy_since[1])
 
     def set_event_types(self, event_types: Optional[Iterable[Type[Event]]]) -> None:
         """Change which events ``on_event`` receives (``None``: all), from now on.

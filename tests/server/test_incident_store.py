@@ -21,6 +21,7 @@ import pytest
 
 from ftimer_server.core._incident import Capture, Frame, Incident, ThreadStack
 from ftimer_server.core._report import render
+from ftimer_server.incidents import _store
 from ftimer_server.incidents._store import (
     IncidentError,
     IncidentStore,
@@ -156,6 +157,22 @@ def test_an_invalid_record_is_skipped_by_list_and_refused_by_load(
     assert "-1-bad.json" in caplog.text
     with pytest.raises(IncidentError, match=message):
         store.load("20261130T005319.000Z-1-bad")
+
+
+def test_a_record_pruned_while_the_list_reads_is_no_fault(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `incidents` lists while the daemon prunes: a record named by the directory's listing
+    # and removed before it was read was warned of as a file it could not read.
+    store = IncidentStore(str(tmp_path), keep=2)
+    for n in (1, 2):
+        store.write(make(n))
+    listed = os.listdir(tmp_path)  # then the daemon writes one more, and prunes the first
+    store.write(make(3))
+    monkeypatch.setattr(_store.os, "listdir", lambda path: list(listed))
+    with caplog.at_level(logging.WARNING, logger="ftimer_server.incidents"):
+        assert [s.id for s in store.list()] == [make(2).id]
+    assert caplog.text == ""
 
 
 def test_an_unreadable_record_is_skipped_with_a_warning(

@@ -303,7 +303,8 @@ class IncidentStore:
             try:
                 found.append(_read_summary(path))
             except IncidentError as e:
-                log.warning("skipping %s", e)
+                if os.path.lexists(path):  # else pruned since it was listed: not a fault
+                    log.warning("skipping %s", e)
         found.sort(key=lambda s: (s.created, s.id))
         return found
 

@@ -1587,7 +1587,8 @@ def test_a_receipt_is_given_while_every_closer_thread_is_held(
         assert [type(r).__name__ for r in results] == ["Refused"] * 8 + ["Sync"]
         assert select.select([read_end], [], [], 0)[0] == []  # given once the batch is applied
         sock.release()
-        assert select.select([read_end], [], [], 0)[0] == [read_end]  # end of file: given
+        assert select.select([read_end], [], [], 0)[0] == [read_end]  # given
+        assert os.read(read_end, 2) == b"\n"  # written, then closed
         assert os.read(read_end, 1) == b""
     finally:
         close.free.set()

@@ -43,8 +43,8 @@ _LOST = frozenset(
 #: Times a sender yields the CPU, retrying, before it waits for room in a full queue.
 _YIELDS = 2
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_SNDTIMEO
-#: The datagram whose descriptor (a pipe's write end) the server closes once it has
-#: applied every datagram before it: a sender's receipt (see ``SocketWriter.wait_read``).
+#: The datagram whose descriptor (a pipe's write end) the server writes a byte into once
+#: it has applied every datagram before it: a sender's receipt (``SocketWriter.wait_read``).
 _RECEIPT = encode(Sync(token="ftimer-receipt"))
 #: The longest path an AF_UNIX socket can be reached at: ``sun_path``'s 108 bytes, less
 #: the NUL Python's socket module keeps room for (it refuses 108, errno None).
@@ -178,9 +178,9 @@ class SocketWriter:
         Only a sender about to exit needs it (the ``ftimer`` command): the server refuses
         a datagram naming another process if its sender has exited by the time it judges
         it (it can no longer check their kinship), a moment after reading it. So a sync
-        datagram follows, carrying a pipe's write end, which the server closes once it
-        has applied every datagram before it (docs/protocol.md, "Socket binding"): the
-        read end's end-of-file is the receipt, while the server still reads the socket.
+        datagram follows, carrying a pipe's write end, into which the server writes a
+        byte once it has applied every datagram before it, and which it then closes
+        (docs/protocol.md, "Socket binding"): that byte is the receipt.
 
         Raises:
             ServerUnavailable: as ``write`` (not when the time runs out, nor when the
@@ -199,10 +199,9 @@ class SocketWriter:
             poller.register(read_end, select.POLLIN)
             if not poller.poll(poll_ms(end - time.monotonic())):
                 return False
-            # A server gone with the datagrams unread closes the pipe too (the kernel drops
-            # what its socket held): the end of file is a receipt only from a live one,
-            # seen bound (its path removed as it went, too, it gave none).
-            return self._bound(strict=True)
+            # An end of file alone is a receipt closed unread: by the kernel, the server
+            # out of descriptors (MSG_CTRUNC) or gone with the datagram in its queue.
+            return os.read(read_end, 1) != b""
         finally:
             os.close(read_end)
 
@@ -216,15 +215,15 @@ class SocketWriter:
         """Whether the descriptor is still this writer's socket (see ``Writer``)."""
         return owns(self._sock.fileno(), self._identity)
 
-    def _bound(self, *, strict: bool = False) -> bool:
+    def _bound(self) -> bool:
         """Whether a server still reads the socket this writer sends to: yes, too, where
-        the probe cannot tell (no descriptor left for it, say), or, unless ``strict``, a
-        path this process cannot look at (see ``_replaced``)."""
+        the probe cannot tell (no descriptor left for it, say), or a path this process
+        cannot look at (see ``_replaced``)."""
         try:
             if _inode(self.path) != self._inode:
                 return False
         except OSError:
-            return not strict
+            return True
         try:
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         except OSError:  # EMFILE, ENOBUFS

@@ -28,6 +28,7 @@ import errno
 import logging
 import os
 import select
+import signal
 import socket
 import stat
 import struct
@@ -107,6 +108,10 @@ _CLOCKS_UNCHECKED = (Disarm, DisarmAll, TimerRequestV1)
 #: read costs as much as a few datagrams. 64 datagrams take well under a millisecond to
 #: judge, less than a pipe-full of the FIFO's lines.
 READ_BATCH = 64
+#: What the server writes into a receipt before closing it: an end of file without it
+#: is a receipt the kernel closed inside recvmsg() (the server out of descriptors,
+#: MSG_CTRUNC), before what was read with it was applied.
+_APPLIED = b"\n"
 
 
 class DatagramSocket:
@@ -157,6 +162,9 @@ class DatagramSocket:
         self.overridden = 0
         self.vouched: Dict[int, int] = {}
         self._open_pidfds: List[int] = []  # the batch's pidfds and receipts, closed by release()
+        #: Of those, the receipts: each is written ``_APPLIED`` before it is closed, so a
+        #: sender tells a receipt given from one the kernel closed unreceived.
+        self._receipts: List[int] = []
         #: The parents read while judging the current batch (see ``_kinship.may_name``).
         self._parents: Dict[int, int] = {}
         self._bound = os.lstat(path)
@@ -238,6 +246,8 @@ class DatagramSocket:
                 if rights and type(result) is Sync:  # a receipt: closed once applied
                     kept.add(rights[0])
                     open_pidfds.append(rights[0])
+                    if rights[0] not in pidfds:
+                        self._receipts.append(rights[0])
                 if extends_run(run, result):  # as a run of such lines on the FIFO
                     run.lines += 1  # type: ignore[union-attr]
                     continue
@@ -266,7 +276,10 @@ class DatagramSocket:
 
     def release(self) -> None:
         """Close the batch's pidfds (the senders', and those ``vouched``) and its
-        receipts, once the batch is applied."""
+        receipts, once the batch is applied: a receipt is written ``_APPLIED`` first."""
+        if self._receipts:
+            _give(self._receipts)
+            self._receipts.clear()
         for fd in self._open_pidfds:
             try:  # noqa: SIM105 - contextlib.suppress costs a call per descriptor
                 os.close(fd)
@@ -317,9 +330,11 @@ class DatagramSocket:
         # pidfd where the kernel gives one (before 6.17 it gives an error for a sender
         # already reaped), nothing shows that the pid is still the sender's.
         gone = sender_exited or (self.passes_pidfds and -sender_fd in _GONE)
-        if gone and not rights:
+        if gone and (not rights or (named is not None and _exited(rights))):
             # About the sender itself, which has exited (a worker that ended right after
-            # its last step): its timers went with it, and an arm has nothing to watch.
+            # its last step), or about a process that has exited too (the sender's own
+            # pidfd, "as if it carried none", among them): its timers went with it, and
+            # an arm has nothing to watch.
             return Moot(request_of(message))
         if gone or (self.passes_pidfds and sender_fd == -1):
             why = "it exited before its message was read"
@@ -439,6 +454,28 @@ def _receipt(rights: List[int]) -> bool:
 def _refused(reason: RejectReason, message: Message, pid: int, why: str) -> Refused:
     scope = getattr(message, "scope_id", None)
     return Refused(reason, request_of(message), pid, why, scope)
+
+
+def _give(receipts: List[int]) -> None:
+    """Write ``_APPLIED`` into each receipt, never waiting (a pipe its sender filled gets
+    none). SIGPIPE is blocked meanwhile: a receipt whose sender closed its end fails the
+    write (EPIPE), and a program embedding the server that set SIGPIPE's action back to
+    the default would die of it; the one raised is taken back before the mask is."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
+    broken = False
+    try:
+        for fd in receipts:
+            try:
+                os.set_blocking(fd, False)
+                os.write(fd, _APPLIED)
+            except BrokenPipeError:
+                broken = True
+            except OSError:  # full: its sender filled it
+                pass
+    finally:
+        if broken and signal.SIGPIPE not in mask:
+            signal.sigtimedwait({signal.SIGPIPE}, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _exited(pidfds: List[int]) -> FrozenSet[int]:

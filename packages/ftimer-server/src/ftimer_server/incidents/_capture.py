@@ -34,6 +34,8 @@ from ftimer_server.core._incident import Capture, ProcessFacts, ThreadStack
 from ._dump_hook import HookFile, prepare_hook, run_hook
 from ._pinned import Process, ProcessRefused
 from ._procfs import (
+    MAX_THREADS,
+    SLOW_FACTS_WAIT,
     ThreadFacts,
     bounded,
     cannot_stop,
@@ -164,11 +166,24 @@ def _capture(
     try:
         use_hook = options.hook and not options.dry_run and hook is not None
         facts, notes = read_facts(pid, deadline - _RESERVE)
+        # Its share of the budget, as the facts' slow reads: the stacks keep the rest.
+        until = min(deadline - _RESERVE, time.monotonic() + SLOW_FACTS_WAIT)
         try:
-            threads = read_threads(pid, kernel_stacks=True, masks=use_hook, stack_pointers=use_hook)
+            threads = read_threads(
+                pid,
+                kernel_stacks=True,
+                masks=use_hook,
+                stack_pointers=use_hook,
+                deadline=until,
+            )
         except OSError as e:
             threads = []
             notes.append(f"threads unreadable: {e}")
+        if time.monotonic() >= until and 0 < len(threads) < min(facts.threads, MAX_THREADS):
+            notes.append(
+                f"the /proc facts of {len(threads)} of its {facts.threads} threads read by "
+                "the deadline"
+            )
         # Stopped before we came (job control, a debugger): left as it was found.
         was_stopped = facts.state in ("T", "t")
         # Traced by a debugger: not ours to stop or resume (py-spy could not attach anyway).

@@ -49,9 +49,11 @@ from ._procfs import (
 from ._stack_formats import (
     FaulthandlerThread,
     MethodResult,
+    excerpt,
     faulthandler_cut_threads,
     match_thread_idents,
     parse_faulthandler,
+    parsing,
 )
 
 __all__ = ["SAFE_FILE_SYSTEMS", "HookFile", "prepare_hook", "run_hook"]
@@ -451,24 +453,27 @@ def _run_hook(
         if (last > hook_file.start and now - grew >= _QUIET) or now >= stop:
             break
         _wait_exit(process, min(_POLL, max(0.0, stop - now)))
-    length = min(last - hook_file.start, MAX_DUMP)
-    data = b""
-    if length > 0:
-        try:
-            done, read = bounded(lambda: os.pread(fd, length, hook_file.start), deadline)
-        except OSError as e:
-            return MethodResult(error=f"dump hook: the dump could not be read: {e}")
-        if not done or read is None:
-            return MethodResult(error="dump hook: the dump could not be read by the deadline")
-        data = read
-    text = data.decode(errors="replace")
-    parsed = parse_faulthandler(text)
+    # Read and parsed two at a time (py-spy's outputs with them): sixteen stuck workers
+    # writing 4 MiB dumps each at once took the helper to 600 MiB.
+    if not parsing.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        return MethodResult(error="dump hook: no time left to read the dump by the deadline")
+    try:
+        read = _read_dump(fd, hook_file.start, min(last - hook_file.start, MAX_DUMP), deadline)
+        if isinstance(read, MethodResult):
+            return read
+        text = read.decode(errors="replace")
+        del read
+        parsed = parse_faulthandler(text)
+        cut = faulthandler_cut_threads(text)
+        wrote, raw = bool(text), excerpt(text)
+        del text  # not held beyond the two at a time
+    finally:
+        parsing.release()
     if not parsed:
-        why = "wrote nothing" if not text else "wrote no stack faulthandler's way"
+        why = "wrote nothing" if not wrote else "wrote no stack faulthandler's way"
         return MethodResult(
-            raw=text, error=f"dump hook: the worker {why} after {name} by the deadline"
+            raw=raw, error=f"dump hook: the worker {why} after {name} by the deadline"
         )
-    cut = faulthandler_cut_threads(text)
     idents = [t.ident for t in parsed]
     main = _main(parsed, threads, pid, hook_file.hook.signal)
     pairs = match_thread_idents(idents, threads, mapped or [], pid, not cut, main_ident=main)
@@ -484,12 +489,26 @@ def _run_hook(
                 tid=pairs[t.ident] if pairs.get(t.ident) in lived else 0,
                 name=t.ident,
                 frames=t.frames,
+                frames_cut=t.cut,
             )
             for t in parsed
         ],
-        raw=text,
+        raw=raw,
         notes=[_THREADS_CUT] if cut else None,
     )
+
+
+def _read_dump(fd: int, start: int, length: int, deadline: float) -> Union[bytes, MethodResult]:
+    """``length`` bytes of the dump file from ``start`` by ``deadline``, or why not."""
+    if length <= 0:
+        return b""
+    try:
+        done, read = bounded(lambda: os.pread(fd, length, start), deadline)
+    except OSError as e:
+        return MethodResult(error=f"dump hook: the dump could not be read: {e}")
+    if not done or read is None:
+        return MethodResult(error="dump hook: the dump could not be read by the deadline")
+    return read
 
 
 #: How many were left out is not said: /proc's threads include those Python knows not.

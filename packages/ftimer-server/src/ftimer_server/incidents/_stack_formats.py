@@ -11,10 +11,11 @@ too wherever that pairing is certain.
 
 from __future__ import annotations
 
+import bisect
 import re
 import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import msgspec
 
@@ -64,9 +65,9 @@ MAX_ARGS = 256
 #: A frame's cost besides its names, in ``MAX_CAPTURE_TEXT``'s characters (line,
 #: native, the JSON and text around it).
 _FRAME_COST = 32
-#: Parsing py-spy's output takes a few times its size for a moment: at most this many
-#: captures parse at once, whatever the number capturing.
-_parsing = threading.BoundedSemaphore(2)
+#: Parsing py-spy's output or a dump hook's takes a few times its size for a moment: at
+#: most this many captures parse at once, whatever the number capturing.
+parsing = threading.BoundedSemaphore(2)
 
 
 @dataclass
@@ -171,7 +172,7 @@ def salvage_py_spy(head: bytes, tail: bytes) -> Tuple[List[ThreadStack], Optiona
 
 
 def _parse_py_spy(parts: List[bytes]) -> Tuple[List[ThreadStack], Optional[List[str]]]:
-    with _parsing:
+    with parsing:
         try:
             threads = [t for part in parts for t in _PY_SPY.decode(part)]
         except msgspec.MsgspecError as e:
@@ -281,6 +282,8 @@ class FaulthandlerThread(msgspec.Struct, frozen=True):
     current: bool = False
     frames: List[Frame] = []
     truncated: bool = False
+    #: Frames parsed but not kept (beyond the innermost ``MAX_FRAMES``).
+    cut: int = 0
 
 
 _HEADER = re.compile(
@@ -288,7 +291,22 @@ _HEADER = re.compile(
     r"\(most recent call first\):\s*$"
 )
 _STACK = re.compile(r"^Stack \(most recent call first\):\s*$")
-_FRAME = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+|\?+) in (?P<function>.*?)\s*$')
+# Linear, whatever the worker writes: a lazy name before ``\s*$`` backtracked
+# quadratically on a name of spaces then a character (a 4 MiB line: hours, in ``re``,
+# holding the GIL of the capture helper). The name's trailing spaces are cut after.
+_FRAME = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+|\?+) in (?P<function>.*)$')
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of ``text``, one at a time (``splitlines()`` made a list of them all:
+    150,000 strings for a dump of 4 MiB of frames)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        if end < 0:
+            end = len(text)
+        yield text[start:end].rstrip("\r")
+        start = end + 1
 
 
 def parse_faulthandler(text: str) -> List[FaulthandlerThread]:
@@ -296,35 +314,50 @@ def parse_faulthandler(text: str) -> List[FaulthandlerThread]:
     first):", "Current thread 0x...", or "Stack ..." for a single thread), each followed
     by ``  File "x.py", line N in func`` lines. Lines it does not know are skipped, so a
     dump cut short still yields what was written.
+
+    Bounded whatever the worker writes into its dump file (``MAX_DUMP`` bytes of it):
+    the first ``MAX_THREADS`` threads (faulthandler writes 100 at most), the innermost
+    ``MAX_FRAMES`` frames of each (``cut`` counts the rest), lines read one at a time.
+    The caller reads and parses a dump under ``parsing`` (two at a time, as py-spy's
+    output).
     """
     threads: List[FaulthandlerThread] = []
     ident: Optional[str] = None
     current = truncated = False
     frames: List[Frame] = []
+    cut = 0
 
     def close() -> None:
         if ident is not None:
-            threads.append(FaulthandlerThread(ident, current, frames, truncated))
+            threads.append(FaulthandlerThread(ident, current, frames, truncated, cut))
 
-    for line in text.splitlines():
+    for line in _lines(text):
         header = _HEADER.match(line)
         if header or _STACK.match(line):
             close()
+            if len(threads) >= MAX_THREADS:
+                return threads
             ident = header.group("ident") if header else "0x0"
             current = bool(header and header.group("current") == "Current thread")
             truncated = False
             frames = []
+            cut = 0
             continue
         if ident is None:
             continue
         frame = _FRAME.match(line)
-        if frame:
+        if frame and len(frames) >= MAX_FRAMES:
+            cut += 1  # the innermost come first: these are the outer ones
+        elif frame:
             number = frame.group("line")
             frames.append(
                 Frame(
-                    function=frame.group("function"),
-                    file=frame.group("file"),
-                    line=int(number) if number.isdigit() else 0,
+                    function=_cut(frame.group("function").rstrip()),
+                    file=_cut(frame.group("file")),
+                    # A worker writes what it likes: a number of thousands of digits
+                    # raises on Python 3.11+ (its digit limit) and takes quadratic
+                    # time before; no real line number has more than a few.
+                    line=int(number) if number.isdigit() and len(number) <= 18 else 0,
                 )
             )
         elif line == "  ...":  # frames left out (unindented, it is threads: see below)
@@ -373,10 +406,16 @@ def match_thread_idents(
         same mapping).
     """
 
+    # By bisection: a worker has up to vm.max_map_count (65,530) mappings and thousands
+    # of threads, and a scan of every mapping for every thread took seconds past the
+    # capture's deadline. Mappings (``/proc/PID/maps``) do not overlap.
+    ordered = sorted(mappings)
+    starts = [start for start, _ in ordered]
+
     def span(address: int) -> Optional[Tuple[int, int]]:
-        for start, end in mappings:
-            if start <= address < end:
-                return (start, end)
+        i = bisect.bisect_right(starts, address) - 1
+        if i >= 0 and address < ordered[i][1]:
+            return ordered[i]
         return None
 
     by_span_idents: Dict[Tuple[int, int], List[str]] = {}

@@ -67,7 +67,9 @@ def test_round_trip(ts: list[Timer], saved_at: float) -> None:
 
 def test_format_is_readable_json_with_a_version() -> None:
     t = Timer(pid=42, scope_id="step", deadline=12.5, signal=9, start_time=7)
-    data = encode_state([t], BOOT, 10.0, boot_clock=9.5, clocks=(0, 2), fifo=(3, 4))
+    data = encode_state(
+        [t], BOOT, 10.0, boot_clock=9.5, clocks=(0, 2), fifo=(3, 4), fifo_path="/run/t.fifo"
+    )
     doc = json.loads(data)
     body = data[: data.rindex(b',"crc32":')]
     assert doc.pop("crc32") == zlib.crc32(body)  # of every byte before it
@@ -89,6 +91,7 @@ def test_format_is_readable_json_with_a_version() -> None:
         "boot_clock": 9.5,
         "clocks": [0, 2],
         "fifo": [3, 4],
+        "fifo_path": "/run/t.fifo",
     }
 
 

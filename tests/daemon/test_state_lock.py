@@ -81,10 +81,13 @@ def test_a_second_daemon_on_the_same_state_file_is_refused_and_touches_nothing(
     assert a.stop() == 0
     assert problems(a) == []
     assert saved(state) == ["step"]
-    # The lock file stays, free again: the next daemon on the state file restores.
-    c = daemons("c", "--state-file", str(state)).ready()
+    # The lock file stays, free again: the next daemon on the state file (and on the
+    # FIFO its worker writes to) restores.
+    c = DaemonProcess(short_dir / "a", ["--capture", "none", "--state-file", str(state)], name="c")
+    c.ready()
     assert c.armed_scopes() == ["step"]
     assert c.stop() == 0
+    c.cleanup()
     assert w.proc.poll() is None
 
 

@@ -493,6 +493,7 @@ class Daemon:
                 saved=journal.saved if journal is not None else lambda _: None,
                 overdue=(lambda: journal.full) if journal is not None else lambda: False,
                 fifo=fifo_identity(server.fifo.read_fd) if server.fifo is not None else None,
+                fifo_path=os.path.abspath(c.fifo),
             )
             self._saver.start()
         if self._metrics is not None and self._metrics_address is not None:

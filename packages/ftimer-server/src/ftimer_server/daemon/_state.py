@@ -118,7 +118,8 @@ class StateFile(msgspec.Struct, frozen=True, kw_only=True):
     ``clocks`` the saver's offsets (ns) of CLOCK_MONOTONIC and CLOCK_BOOTTIME (its time
     namespace's: the deadlines and start times are on those clocks), or None where there
     are no time namespaces (and in files of older daemons); ``fifo`` the device and inode
-    of the FIFO the saving server read, or None (in files of older daemons)."""
+    of the FIFO the saving server read, or None (in files of older daemons); ``fifo_path``
+    the absolute path its clients open, or None (in files of older daemons)."""
 
     version: int
     boot_id: str
@@ -128,6 +129,7 @@ class StateFile(msgspec.Struct, frozen=True, kw_only=True):
     boot_clock: Optional[float] = None
     clocks: Optional[Tuple[int, int]] = None
     fifo: Optional[Tuple[int, int]] = None
+    fifo_path: Optional[str] = None
 
 
 class _LenientStateFile(msgspec.Struct, frozen=True, kw_only=True):
@@ -140,6 +142,7 @@ class _LenientStateFile(msgspec.Struct, frozen=True, kw_only=True):
     boot_clock: Optional[float] = None
     clocks: Optional[Tuple[int, int]] = None
     fifo: Optional[Tuple[int, int]] = None
+    fifo_path: Optional[str] = None
 
 
 class _Header(msgspec.Struct):
@@ -196,10 +199,18 @@ def encode_state(
     *,
     clocks: Optional[Tuple[int, int]] = None,
     fifo: Optional[Tuple[int, int]] = None,
+    fifo_path: Optional[str] = None,
 ) -> bytes:
     """Serialise a state file."""
     pieces = state_pieces(
-        list(timers), boot_id, saved_at, journal, boot_clock, clocks=clocks, fifo=fifo
+        list(timers),
+        boot_id,
+        saved_at,
+        journal,
+        boot_clock,
+        clocks=clocks,
+        fifo=fifo,
+        fifo_path=fifo_path,
     )
     return b"".join(pieces)
 
@@ -213,6 +224,7 @@ def state_pieces(
     *,
     clocks: Optional[Tuple[int, int]] = None,
     fifo: Optional[Tuple[int, int]] = None,
+    fifo_path: Optional[str] = None,
 ) -> Iterator[Union[bytes, memoryview]]:
     """A state file in pieces, each encoded when asked for and holding at most
     ``STATE_CHUNK_TIMERS`` timers: joined, the bytes of ``StateFile`` encoded whole, with
@@ -227,6 +239,7 @@ def state_pieces(
         boot_clock=boot_clock,
         clocks=clocks,
         fifo=fifo,
+        fifo_path=fifo_path,
     )
     # The last match is the member's: only numbers and null follow it.
     head, tail = _encoder.encode(empty).rsplit(b'"timers":[]', 1)
@@ -297,6 +310,7 @@ def decode_state(data: bytes) -> StateFile:
         boot_clock=raw.boot_clock,
         clocks=raw.clocks,
         fifo=raw.fifo,
+        fifo_path=raw.fifo_path,
     )
 
 
@@ -465,7 +479,12 @@ def load_state(
                 raise StateFileError(
                     f"owned by uid {st.st_uid}, not by the daemon's user (uid {os.geteuid()})"
                 )
-            data = f.read(max_bytes + 1)
+            if st.st_size > max_bytes:
+                raise StateFileError(f"larger than {max_bytes} bytes")
+            # Not f.read(max_bytes + 1), which allocates that much first, whatever the
+            # file's size (4.6 GB with the default --max-timers): where it could not be
+            # had, every start with a state file ended in a MemoryError.
+            data = f.read(st.st_size + 1)
         if len(data) > max_bytes:
             raise StateFileError(f"larger than {max_bytes} bytes")
         state = decode_state(data)
@@ -487,8 +506,33 @@ def load_state(
     if fifo is not None and state.fifo is not None and _another_fifo(fifo, state.fifo):
         why = f"saved by a server of another FIFO than the one at {fifo} (made since by another)"
         return StateLoad([], ignored=why)
+    if (
+        fifo is not None
+        and state.fifo_path is not None
+        and state.fifo_path != os.path.abspath(fifo)
+        and not _same_fifo(fifo, state.fifo)
+    ):
+        # The FIFO was moved (another --fifo): its workers still write to the old path,
+        # which nobody reads now; their disarms would never arrive, and a healthy worker
+        # that carried on without its server was reaped at its old deadline.
+        why = (
+            f"saved by a server of the FIFO at {state.fifo_path}, not {fifo}: its workers "
+            "cannot reach this one"
+        )
+        return StateLoad([], ignored=why)
     written_at = st.st_mtime
     if state.boot_clock is not None and (boot_now := boot_clock()) is not None:
+        if not 0 <= state.boot_clock <= boot_now:
+            # Not a time of this boot up to now (the file was written by hand): 1e308
+            # ended every start in an OverflowError (the daemon crashed at each restart,
+            # the file never set aside), and a time ahead of the clock had every process
+            # read as born before the snapshot (a timer saved without a start time bound
+            # whichever process took its pid since).
+            return set_aside_state(
+                path,
+                f"its boot clock {state.boot_clock:g} s is no time of this boot up to now "
+                f"({boot_now:.3f} s)",
+            )
         written_at = time.time() - (boot_now - state.boot_clock)
     return StateLoad(state.timers, state.journal, written_at=written_at)
 
@@ -497,6 +541,15 @@ def fifo_identity(fd: int) -> Tuple[int, int]:
     """The device and inode of the FIFO open at ``fd``, as a state file names it."""
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
+
+
+def _same_fifo(path: str, saved: Optional[Tuple[int, int]]) -> bool:
+    """Whether the FIFO ``saved`` names is at ``path`` (another spelling of its path)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return saved is not None and (st.st_dev, st.st_ino) == tuple(saved)
 
 
 def _another_fifo(path: str, saved: Tuple[int, int]) -> bool:
@@ -574,6 +627,7 @@ class StateSaver:
             (a save that took the snapshot meanwhile has made it false), so a flood
             makes one save per trim's worth of journal, not a storm.
         fifo: the FIFO the server reads (`fifo_identity`), written into the file.
+        fifo_path: the path of that FIFO (absolute), written into the file.
     """
 
     def __init__(
@@ -587,9 +641,11 @@ class StateSaver:
         saved: Callable[[int], Optional[float]] = lambda journal: None,
         overdue: Callable[[], bool] = lambda: False,
         fifo: Optional[Tuple[int, int]] = None,
+        fifo_path: Optional[str] = None,
     ) -> None:
         self.path = path
         self._fifo = fifo
+        self._fifo_path = fifo_path
         self._saved = saved
         self._overdue = overdue
         self.interval = interval
@@ -636,7 +692,14 @@ class StateSaver:
                 timers, journal = self._snapshot()
                 clock, clocks = self._clock(), self._clocks
                 pieces = state_pieces(
-                    timers, self._boot_id, clock, journal, boot, clocks=clocks, fifo=self._fifo
+                    timers,
+                    self._boot_id,
+                    clock,
+                    journal,
+                    boot,
+                    clocks=clocks,
+                    fifo=self._fifo,
+                    fifo_path=self._fifo_path,
                 )
                 write_state(self.path, pieces)
             except OSError as e:

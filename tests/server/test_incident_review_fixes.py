@@ -725,6 +725,32 @@ def test_a_helper_whose_interpreter_prints_at_start_up_still_answers(
         helper.close()
 
 
+def test_what_the_helper_logs_goes_into_the_servers_log(
+    tmp_path: pathlib.Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The helper set up no logging: its lines (retention's, a failed capture's
+    # traceback, at a worker's every expiry) went raw onto the stderr it shares with the
+    # daemon, past the daemon's format, log file, escaping and flood control.
+    directory = tmp_path / "incidents"
+    IncidentStore(str(directory)).write(make(1))
+    orphan = directory / f"{make(2).id}.core"  # its helper killed before its record
+    orphan.write_bytes(b"c")
+    long_ago = time.time() - 2 * 3600
+    os.utime(orphan, (long_ago, long_ago))
+    helper = _helper.Helper()
+    try:
+        where = (str(directory), 200, 1 << 30)
+        with caplog.at_level(logging.INFO, logger="ftimer_server"):
+            helper.submit(_helper.WriteJob(make(3), where, False)).result(10)
+    finally:
+        helper.close()
+    said = [r for r in caplog.records if r.name == "ftimer_server"]
+    assert [(r.levelno, r.getMessage()) for r in said] == [
+        (logging.WARNING, f"capture helper: removed {orphan}: a file of an incident with no record")
+    ]
+    assert capfd.readouterr().err == ""
+
+
 def test_a_helper_whose_answer_cannot_be_read_is_stopped_and_replaced(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -737,7 +763,7 @@ def test_a_helper_whose_answer_cannot_be_read_is_stopped_and_replaced(
     helper = _helper.Helper()
     first = helper._process
     try:
-        monkeypatch.setattr(_helper, "_dones", Unreadable())
+        monkeypatch.setattr(_helper, "_answers", Unreadable())
         lost = helper.submit(_helper.WriteJob(_small_incident(), None, True))
         assert isinstance(lost.exception(10), _helper.HelperGone)
         assert first.wait(10) == 128 + signal.SIGTERM  # ours: stopped, to be started anew

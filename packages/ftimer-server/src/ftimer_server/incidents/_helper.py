@@ -12,7 +12,9 @@ a reused pid is still never touched.
 The two talk in frames, a 4-byte length then a msgpack message (``Job`` in, ``Done``
 out) matched by a number: jobs on the helper's stdin, answers on a pipe of their own,
 since its stdout is anybody's that runs in its interpreter (a ``sitecustomize`` or a
-``.pth`` file that prints a line at start-up would otherwise be read as a frame).
+``.pth`` file that prints a line at start-up would otherwise be read as a frame). What
+the helper logs goes back on that pipe too (``Said``), into the server's log: its
+format, its file and its flood control, never raw onto a stderr it shares.
 """
 
 from __future__ import annotations
@@ -103,13 +105,20 @@ class _Frame(msgspec.Struct, frozen=True):
     job: Union[CaptureJob, WriteJob]
 
 
-class Done(msgspec.Struct, frozen=True):
+class Done(msgspec.Struct, frozen=True, tag=True):
     """The answer to job ``number``: its result (an encoded ``Capture`` or
     ``Incident``), or what went wrong."""
 
     number: int
     result: Optional[bytes] = None
     error: Optional[str] = None
+
+
+class Said(msgspec.Struct, frozen=True, tag=True):
+    """A line the helper logged: its level, and its text (with its traceback, if any)."""
+
+    level: int
+    text: str
 
 
 class HelperGone(Exception):
@@ -119,7 +128,7 @@ class HelperGone(Exception):
 _encoder = msgspec.msgpack.Encoder()
 _json = msgspec.json.Encoder()
 _frames = msgspec.msgpack.Decoder(_Frame)
-_dones = msgspec.msgpack.Decoder(Done)
+_answers = msgspec.msgpack.Decoder(Union[Done, Said])
 
 
 def _send(stream: IO[bytes], message: object, lock: threading.Lock) -> None:
@@ -285,7 +294,10 @@ class Helper:
 
     def _answer(self, stream: IO[bytes]) -> None:
         while (data := _receive(stream)) is not None:
-            done = _dones.decode(data)
+            done = _answers.decode(data)
+            if isinstance(done, Said):
+                logger.log(done.level, "capture helper: %s", done.text)
+                continue
             with self._lock:
                 future = self._pending.pop(done.number, None)
             if future is None:
@@ -499,6 +511,10 @@ def main() -> None:
     os.umask(0o077)
     signal.signal(signal.SIGTERM, _end)
     out_lock = threading.Lock()
+    said = logging.getLogger("ftimer_server")
+    said.addHandler(_Forward(out, out_lock))
+    said.setLevel(logging.INFO)
+    said.propagate = False  # else Python's last resort prints it on stderr as well
     captures = concurrent.futures.ThreadPoolExecutor(THREADS, "ftimer-capture")
     # Writes one at a time on a thread of their own: a slow or hung write (a full disk,
     # a file system that stalls) never takes a capture's thread, and the writes behind
@@ -521,6 +537,24 @@ def main() -> None:
         (captures if isinstance(frame.job, CaptureJob) else writes).submit(work, frame)
     captures.shutdown(wait=True)
     writes.shutdown(wait=True)
+
+
+class _Forward(logging.Handler):
+    """Send each record to the server (``Said``), on the answers' pipe."""
+
+    def __init__(self, out: IO[bytes], lock: threading.Lock) -> None:
+        super().__init__()
+        self._out = out
+        self._lock = lock
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            _send(self._out, Said(record.levelno, text), self._lock)
+        except Exception:
+            self.handleError(record)
 
 
 def _end(signum: int, frame: object) -> None:

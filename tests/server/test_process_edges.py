@@ -16,6 +16,7 @@ from tests.conftest import on_other_clocks, wait_until
 
 from ftimer_protocol import parse_proc_stat
 from ftimer_server import SystemInspector, Worker
+from ftimer_server.server import _process
 
 from .conftest import compiled, proc_start_time
 
@@ -151,6 +152,23 @@ def test_waiting_names_four_threads_in_d_and_counts_the_others(
             assert inspector.waiting(process.pid) == "; ".join(waits[:4]) + more
         finally:
             process.stdin.close()  # every vfork child reads EOF and exits: no signal
+        assert process.wait(10) == 0
+
+
+def test_waiting_reads_threads_only_within_its_budget(
+    vfork_threads: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It runs on the loop's thread, for a worker that outlived its SIGKILL: reading every
+    # thread of thousands in D held every reap behind it. With no time left, it reads none.
+    with subprocess.Popen([vfork_threads, "2"], stdin=subprocess.PIPE) as process:
+        assert process.stdin is not None
+        try:
+            wait_until(lambda: len(_in_d(process.pid)) == 2, what="the threads in D")
+            assert str(inspector.waiting(process.pid)).startswith("thread ")
+            monkeypatch.setattr(_process, "WAITING_BUDGET", 0.0)
+            assert inspector.waiting(process.pid) is None
+        finally:
+            process.stdin.close()
         assert process.wait(10) == 0
 
 

@@ -213,7 +213,11 @@ class SystemInspector(ProcessInspector):
         from ftimer_server.incidents._procfs import read_threads  # noqa: PLC0415
 
         try:
-            threads = read_threads(pid, kernel_stacks=False)
+            # On the loop's thread: a worker of thousands of threads in D took a third
+            # of a second to read whole, every reap waiting behind it.
+            threads = read_threads(
+                pid, kernel_stacks=False, deadline=time.monotonic() + WAITING_BUDGET
+            )
         except OSError:
             return None
         waits = [
@@ -247,6 +251,8 @@ class SystemInspector(ProcessInspector):
 
 #: Threads in uninterruptible sleep ``waiting()`` names at most.
 _WAITS_SHOWN = 4
+#: Seconds ``waiting()`` reads a process's threads at most.
+WAITING_BUDGET = 0.01
 
 
 def _stat(pid: int) -> ProcStat:

@@ -121,3 +121,27 @@ def test_a_path_starting_with_a_tilde_is_not_a_directory_named_tilde(
         resolve_config(
             {"fifo": str(tmp_path / "t.fifo")}, load_config_file(path), environ={}, config_file=path
         )
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        (
+            {"log_level": "warn"},
+            "log level 'warn' is not one of debug, info, warning, error (did you mean 'warning'?)",
+        ),
+        (
+            {"capture": "pyspy"},
+            "capture method 'pyspy' is not one of auto, py-spy, hook, "
+            "facts, none (did you mean 'py-spy'?)",
+        ),
+        ({"log_format": "yaml"}, "log format 'yaml' is not one of text, json"),
+    ],
+)
+def test_a_setting_of_a_few_words_suggests_the_word_meant(
+    tmp_path: pathlib.Path, given: dict, said: str
+) -> None:
+    # `log-level = "warn"` (logging's own abbreviation) was told the four words, no more.
+    with pytest.raises(ConfigError) as refused:
+        resolve_config({"fifo": str(tmp_path / "t.fifo"), **given}, None)
+    assert said in str(refused.value)

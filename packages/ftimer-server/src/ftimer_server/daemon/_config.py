@@ -1027,7 +1027,9 @@ def _within(
 
 def _choice(value: str, choices: Tuple[str, ...], what: str) -> str:
     if value.lower() not in choices:
-        raise ConfigError(f"{what} {_shown(value)} is not one of {', '.join(choices)}")
+        close = difflib.get_close_matches(value.lower(), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{what} {_shown(value)} is not one of {', '.join(choices)}{hint}")
     return value.lower()
 
 

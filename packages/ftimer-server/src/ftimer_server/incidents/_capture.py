@@ -40,6 +40,7 @@ from ._procfs import (
     bounded,
     cannot_stop,
     live_thread,
+    namespace_tids,
     read_facts,
     read_threads,
     thread_stack_mappings,
@@ -355,7 +356,22 @@ def _try_py_spy(
         result = spy(native=False)
         if result.threads is not None:
             notes.insert(0, f"{failed}; without --native: Python frames only")
-    return result, result.error
+    return _in_our_namespace(process.pid, result, deadline), result.error
+
+
+def _in_our_namespace(pid: int, result: MethodResult, deadline: float) -> MethodResult:
+    """``result`` with py-spy's thread ids, the worker's own, made ours: a worker in a
+    PID namespace of its own (a container without ``hostPID``) calls its main thread 1,
+    which /proc here calls by its pid, and its stacks would pair with no thread. An id
+    not mapped by the deadline is 0, unknown, never another thread's."""
+    if not result.threads:
+        return result
+    mapping = namespace_tids(pid, deadline - _RESERVE)
+    if mapping:
+        result.threads = [
+            msgspec.structs.replace(t, tid=mapping.get(t.tid, 0)) for t in result.threads
+        ]
+    return result
 
 
 def _try_hook(

@@ -343,8 +343,12 @@ def _open_dump_file(pid: int, number: int, uids: Set[int], *, read: bool) -> _Op
         OSError: the file could not be examined.
     """
     path = f"/proc/{pid}/fd/{number}"
-    if not os.path.lexists(path):  # a /proc link: no file system is asked
+    try:
+        os.lstat(path)  # a /proc link: no file system is asked
+    except FileNotFoundError:
         return f"dump hook: {path} is not open: the worker closed it; signal not sent"
+    # Any other error (EACCES: the server may not look into another user's /proc/PID/fd
+    # without CAP_SYS_PTRACE) is raised, and said as it is, not as a descriptor closed.
     # Its file system first, from /proc alone: a file on a FUSE or NFS mount is never
     # touched, not even by the walk to it.
     kind = _file_system(f"/proc/{pid}/fdinfo/{number}", pid)

@@ -168,6 +168,31 @@ def live_thread(pid: int) -> Optional[int]:
     return None
 
 
+def namespace_tids(pid: int, deadline: float) -> Dict[int, int]:
+    """The ids of ``pid``'s threads in their own PID namespace, mapped to ours (the
+    ``/proc`` this server reads), from each thread's ``NSpid``, as many as are read by
+    ``deadline``; empty when the process is in our namespace (or nothing could be read).
+    py-spy names threads by the ids the worker gives them (``threading.get_native_id``),
+    which in a container of its own PID namespace are not ours."""
+    mapping: Dict[int, int] = {}
+    try:
+        if len(read_status(pid).get("NSpid", "").split()) < 2:  # in ours
+            return mapping
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return mapping
+    for name in tids:
+        if time.monotonic() >= deadline:
+            break
+        try:
+            ids = read_status(pid, int(name)).get("NSpid", "").split()
+        except (OSError, ValueError):
+            continue
+        if len(ids) > 1 and ids[-1].isdecimal() and ids[0].isdecimal():
+            mapping[int(ids[-1])] = int(ids[0])
+    return mapping
+
+
 def signal_mask(value: str, signal: int) -> bool:
     """True if ``signal`` is in a ``SigCgt``/``SigBlk`` hex mask of ``/proc/PID/status``."""
     try:

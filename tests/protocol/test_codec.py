@@ -514,3 +514,20 @@ def test_only_the_surrogates_of_non_utf8_bytes_are_written_as_bytes() -> None:
     # U+DC80..U+DCFF are how Python holds bytes 0x80..0xFF of a non-UTF-8 path; U+DD00
     # is no byte: "\x100" named a scope nobody wrote.
     assert surrogates_as_text("\udcff\udd00\udc7f") == "\\xff\\udd00\\udc7f"
+
+
+def test_a_torch_request_of_other_number_types_is_read_as_torch_reads_it() -> None:
+    # torch's server keeps a request whose time is a float subclass (numpy's float64) or
+    # whose pid is a numpy integer, and computes with them; the schema refused both, and
+    # register_timers() dropped the request: its worker unwatched (numpy's own types are
+    # tried in the interop tests, where torch brings numpy).
+    class Seconds(float):
+        pass
+
+    request = torch_request(
+        {"pid": 42, "scope_id": "s", "expiration_time": Seconds(1.5), "signal": 9}
+    )
+    assert type(request.expiration_time) is float
+    assert request.expiration_time == 1.5
+    with pytest.raises(MalformedMessage, match="pid"):  # a bool is no pid, as before
+        torch_request({"pid": True, "scope_id": "s", "expiration_time": 1.0, "signal": 9})

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import operator
 import os
 import re
 import signal as _signal
@@ -34,7 +36,7 @@ from ._proc import default_labels
 from ._shared import channel_for
 from ._wire import V1Lines, V2Lines, check_signal, fix_deadline
 
-__all__ = ["POLICIES", "FileTimerClient", "beyond_float", "not_seconds"]
+__all__ = ["POLICIES", "FileTimerClient", "beyond_float", "not_seconds", "plain_seconds"]
 
 #: Values of ``on_unavailable``.
 POLICIES = ("raise", "warn", "ignore")
@@ -262,6 +264,8 @@ class FileTimerClient:
             raise _closed()
         if type(after) is bool:  # True would be a 1 s timer
             raise TypeError("after must be a number of seconds, not a bool")
+        if type(after) is not float and type(after) is not int:
+            after = plain_seconds(after)
         v2 = self._v2
         if v2 is None or signal is not None:
             line = self._line(scope_id, after, signal)
@@ -292,6 +296,8 @@ class FileTimerClient:
         """
         v2 = self._v2
         sig = None if signal is None else check_signal(signal)
+        if type(after) is not float and type(after) is not int:
+            after = plain_seconds(after)
         try:
             deadline = (time.time() if v2 is None else _monotonic()) + after
             if not 0.0 <= deadline <= MAX_TIME:
@@ -564,6 +570,19 @@ class FileTimerClient:
                 ServerUnavailableWarning,
                 stacklevel=level,
             )
+
+
+def plain_seconds(after: Any) -> Any:
+    """``after`` as a plain ``int`` or ``float`` when it is a real number of another type
+    (a numpy scalar, a Fraction): ``now + np.float32(60)`` is computed in float32, whose
+    steps at today's epoch are 128 s, and would send a time up to a minute early. Anything
+    else (a str, a bool, a Decimal) is returned as it is, to be refused where it is used.
+    The hot paths call it only for a type other than ``float`` and ``int``."""
+    if isinstance(after, bool) or not isinstance(after, numbers.Real):
+        return after
+    if isinstance(after, numbers.Integral):
+        return operator.index(after)
+    return float(after)
 
 
 def not_seconds(what: str, value: object) -> TypeError:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Protocol, Tuple, Type, TypeVar, runt
 
 from ftimer_protocol import surrogates_as_text
 
-from ._client import FileTimerClient, beyond_float, not_seconds
+from ._client import FileTimerClient, beyond_float, not_seconds, plain_seconds
 
 __all__ = ["TimerClient", "configure", "default_scope_suffix", "expires"]
 
@@ -150,7 +150,7 @@ def _expiration_time(after: float) -> float:
             timer that never fires and minus infinity as a release.
     """
     try:
-        when = time.time() + after
+        when: float = time.time() + plain_seconds(after)
     except OverflowError:  # an int beyond any float
         when = beyond_float(after)
     if not when > -math.inf:  # NaN or -inf

@@ -14,6 +14,8 @@ reads it. Both looked at only once a line failed.
 from __future__ import annotations
 
 import json
+import numbers
+import operator
 import re
 from collections.abc import Mapping
 from json.encoder import encode_basestring_ascii
@@ -285,6 +287,9 @@ def torch_request(fields: Mapping[str, Any]) -> TimerRequestV1:
         MalformedMessage: a field is missing, of the wrong type or out of bounds.
     """
     fields = dict(fields, version=1)
+    for name in ("pid", "expiration_time", "signal"):
+        if name in fields:
+            fields[name] = _plain_number(fields[name])
     time = fields.get("expiration_time")
     if isinstance(time, (int, float)) and not -MAX_TIME <= time <= MAX_TIME:
         # NaN compares false: torch's server never finds it due, nor below zero.
@@ -293,6 +298,20 @@ def torch_request(fields: Mapping[str, Any]) -> TimerRequestV1:
         return msgspec.convert(fields, TimerRequestV1)
     except msgspec.ValidationError as e:
         raise MalformedMessage(str(e), repr(fields).encode()[:EXCERPT_BYTES]) from None
+
+
+def _plain_number(value: Any) -> Any:
+    """``value`` as the plain ``int`` or ``float`` torch's server computes with: a numpy
+    scalar (``np.float64`` is a subclass of float, ``np.int64`` is no int at all), any
+    other subclass of float or integer type, which torch's server keeps and ``kill()``s
+    with, and which the schema would refuse; anything else (a bool, a str) as it is."""
+    if type(value) in (int, float) or isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return operator.index(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def _escapes_as_text(match: re.Match[bytes]) -> bytes:

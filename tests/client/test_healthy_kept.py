@@ -127,11 +127,12 @@ def test_an_arm_racing_close_is_not_left_armed(peer: FifoPeer) -> None:
 
     class Closing(float):
         """A duration whose use closes the client: as another thread's close() would,
-        between the arm's check that the client is open and its delivery."""
+        between the arm's check that the client is open and its delivery (the arm makes
+        it a plain float first)."""
 
-        def __radd__(self, other: float) -> float:
+        def __float__(self) -> float:
             client.close()
-            return other + float(self)
+            return float.__float__(self)
 
     # Left armed, release() would refuse the closed client and the timer would reap
     # this healthy process.

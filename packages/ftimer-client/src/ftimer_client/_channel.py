@@ -271,7 +271,7 @@ class Channel:
         with self.lock:
             previous = None if forget is None else self.state.armed.get(forget)
             if forget is not None:
-                self.state.disarm(forget)
+                self.state.expired(forget, line)
             deferrals = self._deferrals
             try:
                 self._deliver([(forget, line)], timeout)
@@ -353,6 +353,26 @@ class Channel:
             # Before the state is read (a handler's lines come after), and inside the
             # try: set and left stuck, it would put every later line aside for ever.
             self._sending = True
+            if self.keep_open and self._writer is None and state.needs_resync:
+                # Connect before the resync is worked out (a line per scope armed, or
+                # disarmed, since the server was lost): a server still absent fails the
+                # call at once, not after a walk of the registry, which a loop of
+                # distinct scopes under "warn" or "ignore" grows with every block.
+                self._connect()
+            elif (
+                self.keep_open
+                and state.stalled
+                and self._writer is not None
+                and not self._writer.wait_room(0)
+                and not self._writer.lost()
+            ):
+                # Still full, and still the server's: fails as the first line would.
+                raise ServerStalled(
+                    errno.EAGAIN,
+                    "the ftimer server has not drained its FIFO or socket within the "
+                    "write timeout",
+                    self.route.path,
+                )
             end = time.monotonic() + state.timeout(timeout)
             backlog = state.backlog(arming)
             while backlog or lines:
@@ -558,7 +578,13 @@ class Channel:
         if not self._reached:
             state.owe_no_disarms()
         if not self._retrying() and state.retry_wanted:
-            self._retry = start_helper(self._retry_loop, (), "ftimer-client-resync")
+            try:
+                self._retry = start_helper(self._retry_loop, (), "ftimer-client-resync")
+            except RuntimeError:
+                # No thread to be had (a pids limit, or the interpreter shutting down):
+                # the failure stays the caller's (its policy), and the next delivery
+                # resyncs and tries to start the retries again, as _connect's watch.
+                self._retry = None
 
     def _retry_loop(self) -> None:
         """The retry thread: deliver what the resync owes, with backoff, until the server

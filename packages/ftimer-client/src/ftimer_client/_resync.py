@@ -104,6 +104,7 @@ class Resync:
         "_cursor",
         "_deferred",
         "_delay",
+        "_expired",
         "_lost",
         "_plan",
         "_recent",
@@ -128,6 +129,9 @@ class Resync:
         self.stalled = False
         self._lost: Dict[str, bytes] = {}  # scope -> its disarm, maybe not delivered
         self._recent: Deque[str] = collections.deque(maxlen=RECENT)  # scopes disarmed
+        # scope -> its expire line, for the scopes of ``_recent`` expired (not released):
+        # a reconnection sends that again, not a disarm (the worker asked to be reaped).
+        self._expired: Dict[str, bytes] = {}
         self._deferred: List[Line] = []  # lines to send after the delivery in progress
         self._retry_at: Optional[float] = None
         self._delay = RETRY_FIRST
@@ -150,6 +154,7 @@ class Resync:
 
     def unarm(self, scope_id: str, previous: Optional[Armed]) -> None:
         """Undo ``arm``: an arm that was refused did not happen."""
+        self._expired.pop(scope_id, None)  # armed since: it asked for no reap then
         if previous is None:
             self.armed.pop(scope_id, None)
         else:
@@ -158,7 +163,16 @@ class Resync:
     def disarm(self, scope_id: str) -> None:
         """Forget ``scope_id`` (disarmed or expired); unknown scopes are ignored."""
         self.armed.pop(scope_id, None)
+        self._expired.pop(scope_id, None)
         self._recent.append(scope_id)
+
+    def expired(self, scope_id: str, line: bytes) -> None:
+        """Forget ``scope_id``, expired now with ``line``: until delivered again, a
+        reconnection owes that line, not a disarm."""
+        self.disarm(scope_id)
+        self._expired[scope_id] = line
+        while len(self._expired) > RECENT:
+            del self._expired[next(iter(self._expired))]
 
     # A signal handler may arm or disarm (through any client of the channel) between two
     # rounds of a Python loop: every loop over the registry goes over a copy of it, made
@@ -179,6 +193,7 @@ class Resync:
         armed = self.armed
         for scope_id in scopes:
             armed.pop(scope_id, None)  # a handler may have disarmed it meanwhile
+            self._expired.pop(scope_id, None)
         self._recent.extend(scopes)
         return [self._base.disarm(s) for s in scopes]
 
@@ -349,8 +364,13 @@ class Resync:
 
     def _owe_recent(self) -> None:
         # The last disarms delivered may not have been read (see RECENT): sent again.
-        armed = self.armed
-        self.lost_disarms([s for s in tuple(self._recent) if s not in armed])
+        armed, expired = self.armed, self._expired
+        recent = [s for s in tuple(self._recent) if s not in armed]
+        self.lost_disarms(recent)
+        for scope_id in recent:
+            line = expired.get(scope_id)
+            if line is not None:  # an expire that may have died unread: sent again
+                self._lost[scope_id] = line
         self._recent.clear()
 
     # -- retries --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import wait_until
 
 from ftimer_client import FileTimerClient, _resync, configure, expires
-from ftimer_protocol import Arm, Expire
+from ftimer_protocol import Arm, Disarm, Expire
 
 from .conftest import FifoPeer, server_state
 
@@ -60,7 +60,8 @@ def test_blocks_while_the_server_is_gone_never_walk_every_lost_disarm(
         with expires(after=60, scope="back"):
             pass
         wait_until(lambda: not client._channel.needs_resync, what="the resync")
-        peer.wait_for(lambda m: any(getattr(x, "scope_id", "") == "back" for x in m))
+        # Until the block's disarm is read too (its arm alone: a timer held, a flake).
+        peer.wait_for(lambda m: any(isinstance(x, Disarm) and x.scope_id == "back" for x in m))
         assert not {k for k in server_state(peer.messages) if k[0] == os.getpid()}
     finally:
         client.close()
@@ -120,6 +121,34 @@ def test_an_expire_lost_with_a_restarting_server_is_sent_again_not_made_a_disarm
             new.close()
     finally:
         client.close()
+
+
+def test_an_expire_read_before_a_stall_is_not_sent_again(fifo_path: pathlib.Path) -> None:
+    # Kept to be re-sent after a restart, a report-only expire (the worker carries on)
+    # was re-sent after a mere stall too, its line read already: the healthy worker
+    # reported, or signalled, a second time.
+    peer = FifoPeer(fifo_path)
+    client = FileTimerClient(str(fifo_path), signal=0, on_unavailable="ignore", write_timeout=0.05)
+
+    def expires_of_a(messages: List[Any]) -> int:
+        return sum(1 for x in messages if isinstance(x, Expire) and x.scope_id == "a")
+
+    try:
+        client.arm("a", 600)
+        client.expire("a")
+        peer.wait_for(lambda m: expires_of_a(m) == 1)
+        peer.pause()
+        peer.fill()  # a flood: the pipe full for a moment
+        client.arm("b", 600)  # stalled: ignored
+        peer.resume()
+        wait_until(lambda: not client._channel.needs_resync, what="the resync")
+        client.arm("c", 600)  # read once all before it is (a FIFO keeps their order)
+        peer.wait_for(lambda m: any(getattr(x, "scope_id", "") == "c" for x in m))
+        assert expires_of_a(peer.messages) == 1
+    finally:
+        peer.resume()
+        client.close()
+        peer.close()
 
 
 # Uses up the threads its limit allows (a container's pids limit), arms and disarms once

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import io
 import logging
 import os
 import pathlib
@@ -32,6 +33,7 @@ from ftimer_server import FileTimerServer, RecordingSignaller, Worker
 from ftimer_server.core._host import CaptureRequest, Peer
 from ftimer_server.core._incident import Capture, Incident
 from ftimer_server.core._records import Timer
+from ftimer_server.daemon._logging import LoggingSetup
 from ftimer_server.incidents import _diagnostics, _helper
 from ftimer_server.incidents._capture import PEER_HOOK, CaptureOptions, find_py_spy
 from ftimer_server.incidents._diagnostics import Diagnostics, IncidentOptions, _as_stuck
@@ -749,6 +751,42 @@ def test_what_the_helper_logs_goes_into_the_servers_log(
         (logging.WARNING, f"capture helper: removed {orphan}: a file of an incident with no record")
     ]
     assert capfd.readouterr().err == ""
+
+
+def test_the_helpers_lines_keep_their_kinds_in_the_flood_control() -> None:
+    # Every line forwarded was logged as "capture helper: %s", one kind: ten retention
+    # warnings in a window held back a warning of another kind, never written.
+    stream = io.StringIO()
+    setup = LoggingSetup("text", "info", stream=stream)
+    try:
+        read_end, write_end = os.pipe()
+        with os.fdopen(write_end, "wb") as out:
+            forward = _helper._Forward(out, threading.Lock())
+            store_log = logging.getLogger("ftimer_server.incidents")
+            full = "the file system of %s is full: removed incident %s, to write %s"
+            for args in [("/d", n, "new") for n in range(11)]:
+                forward.handle(
+                    store_log.makeRecord(store_log.name, logging.WARNING, "", 1, full, args, None)
+                )
+            other = ("/d/x.core", "Operation not permitted")
+            forward.handle(
+                store_log.makeRecord(
+                    store_log.name, logging.WARNING, "", 1, "cannot remove %s: %s", other, None
+                )
+            )
+            forward.handle(  # a summary of the held quotes the last one alone
+                store_log.makeRecord(
+                    store_log.name, logging.WARNING, "", 1, full, ("/d", 99, "new"), None
+                )
+            )
+        helper = _helper.Helper.__new__(_helper.Helper)  # its reader of answers alone
+        helper._lock = threading.Lock()
+        helper._pending = {}
+        with os.fdopen(read_end, "rb") as answers:
+            helper._answer(answers)
+    finally:
+        setup.close()
+    assert "capture helper: cannot remove /d/x.core: Operation not permitted" in stream.getvalue()
 
 
 def test_a_helper_whose_answer_cannot_be_read_is_stopped_and_replaced(

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import List, Optional, Tuple
@@ -100,6 +101,47 @@ def test_a_file_system_full_of_older_incidents_makes_room_for_the_newest(
     said = [full.fullmatch(r.getMessage()) for r in caplog.records if r.levelname == "WARNING"]
     assert [m[1] for m in said if m] == ids[:gone]
     assert all(m and ids.index(m[2]) >= len(kept) for m in said)  # for a write past the fill
+
+
+def test_a_full_file_system_with_a_record_that_will_not_go_gives_the_write_up(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A record that could not be removed (EPERM; btrfs may refuse an unlink when full)
+    # was counted removed, and the write's retry picked it again, for ever, holding the
+    # directory's lock: no incident written again, the log full of false removals.
+    store = IncidentStore(str(tmp_path))
+    old = make(1)
+    store.write(old)
+    stuck = str(tmp_path / f"{old.id}.json")
+    unlink = os.unlink
+    over = threading.Event()
+
+    def full(path: str, data: bytes) -> None:
+        raise OSError(errno.EIO if over.is_set() else errno.ENOSPC, "full")
+
+    def refusing(path: str, *args: object, **kwargs: object) -> None:
+        if path == stuck:
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+        unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_store, "write_atomically", full)
+    monkeypatch.setattr(_store.os, "unlink", refusing)
+    raised: List[int] = []
+
+    def write() -> None:
+        try:
+            store.write(make(2))
+        except OSError as e:
+            raised.append(e.errno)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    writer.join(5)
+    looping = writer.is_alive()
+    over.set()  # a looping write ends at its next try
+    writer.join(5)
+    assert not looping
+    assert raised == [errno.ENOSPC]
 
 
 def test_old_files_of_incidents_with_no_record_are_pruned(tmp_path: pathlib.Path) -> None:

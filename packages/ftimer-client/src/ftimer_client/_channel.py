@@ -369,8 +369,7 @@ class Channel:
                 # Still full, and still the server's: fails as the first line would.
                 raise ServerStalled(
                     errno.EAGAIN,
-                    "the ftimer server has not drained its FIFO or socket within the "
-                    "write timeout",
+                    "the ftimer server has not drained its FIFO or socket within the write timeout",
                     self.route.path,
                 )
             end = time.monotonic() + state.timeout(timeout)

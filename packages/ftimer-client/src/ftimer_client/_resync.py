@@ -346,7 +346,9 @@ class Resync:
         # The resync makes the deferred lines good (their scopes are in the registry or
         # lost); sent after it they could only undo a later re-arm.
         self._deferred.clear()
-        self._owe_recent()
+        # A stall's server still holds its pipe or queue, and reads what it took: an
+        # expire sent again would reap (or report) the worker a second time.
+        self._owe_recent(expires=not stalled)
         if not self.needs_resync:
             self.needs_resync = True
             self.outages += 1
@@ -362,16 +364,21 @@ class Resync:
         self._owe_recent()
         self.forget_progress()
 
-    def _owe_recent(self) -> None:
+    def _owe_recent(self, *, expires: bool = True) -> None:
         # The last disarms delivered may not have been read (see RECENT): sent again.
+        # An expire is sent again only where it may have died unread (``expires``: the
+        # connection lost); else its scope stays among the recent, for such a loss.
         armed, expired = self.armed, self._expired
         recent = [s for s in tuple(self._recent) if s not in armed]
-        self.lost_disarms(recent)
-        for scope_id in recent:
-            line = expired.get(scope_id)
-            if line is not None:  # an expire that may have died unread: sent again
-                self._lost[scope_id] = line
+        kept = [] if expires else [s for s in recent if s in expired]
+        self.lost_disarms([s for s in recent if expires or s not in expired])
+        if expires:
+            for scope_id in recent:
+                line = expired.get(scope_id)
+                if line is not None:  # an expire that may have died unread: sent again
+                    self._lost[scope_id] = line
         self._recent.clear()
+        self._recent.extend(kept)
 
     # -- retries --------------------------------------------------------------------------
 

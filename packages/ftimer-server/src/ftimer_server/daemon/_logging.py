@@ -398,7 +398,9 @@ class RepeatFilter(logging.Filter):
         if getattr(record, "_summary", False) or record.levelno < self.min_level:
             return True
         now = self._clock()
-        kind = (record.name, record.levelno, str(record.msg))
+        # ``_kind``: the format string of a line logged elsewhere, passed on whole (the
+        # capture helper's lines, all "capture helper: %s" here).
+        kind = (record.name, record.levelno, getattr(record, "_kind", None) or str(record.msg))
         first_held = False
         with self._lock:
             window = self._windows.get(kind)

@@ -180,7 +180,7 @@ def _capture(
         except OSError as e:
             threads = []
             notes.append(f"threads unreadable: {e}")
-        if time.monotonic() >= until and 0 < len(threads) < min(facts.threads, MAX_THREADS):
+        if time.monotonic() >= until and len(threads) < min(facts.threads, MAX_THREADS):
             notes.append(
                 f"the /proc facts of {len(threads)} of its {facts.threads} threads read by "
                 "the deadline"
@@ -367,7 +367,7 @@ def _in_our_namespace(pid: int, result: MethodResult, deadline: float) -> Method
     if not result.threads:
         return result
     mapping = namespace_tids(pid, deadline - _RESERVE)
-    if mapping:
+    if mapping is not None:
         result.threads = [
             msgspec.structs.replace(t, tid=mapping.get(t.tid, 0)) for t in result.threads
         ]

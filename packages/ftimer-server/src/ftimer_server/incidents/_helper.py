@@ -119,6 +119,8 @@ class Said(msgspec.Struct, frozen=True, tag=True):
 
     level: int
     text: str
+    #: The line's format string (``record.msg``): its kind, for the flood control.
+    kind: str = ""
 
 
 class HelperGone(Exception):
@@ -296,7 +298,8 @@ class Helper:
         while (data := _receive(stream)) is not None:
             done = _answers.decode(data)
             if isinstance(done, Said):
-                logger.log(done.level, "capture helper: %s", done.text)
+                kind = {"_kind": "capture helper: " + done.kind} if done.kind else None
+                logger.log(done.level, "capture helper: %s", done.text, extra=kind)
                 continue
             with self._lock:
                 future = self._pending.pop(done.number, None)
@@ -552,7 +555,7 @@ class _Forward(logging.Handler):
             text = record.getMessage()
             if record.exc_info:
                 text += "\n" + logging.Formatter().formatException(record.exc_info)
-            _send(self._out, Said(record.levelno, text), self._lock)
+            _send(self._out, Said(record.levelno, text, str(record.msg)), self._lock)
         except Exception:
             self.handleError(record)
 

@@ -168,19 +168,19 @@ def live_thread(pid: int) -> Optional[int]:
     return None
 
 
-def namespace_tids(pid: int, deadline: float) -> Dict[int, int]:
+def namespace_tids(pid: int, deadline: float) -> Optional[Dict[int, int]]:
     """The ids of ``pid``'s threads in their own PID namespace, mapped to ours (the
     ``/proc`` this server reads), from each thread's ``NSpid``, as many as are read by
-    ``deadline``; empty when the process is in our namespace (or nothing could be read).
+    ``deadline``; None when the process is in our namespace (or that cannot be read).
     py-spy names threads by the ids the worker gives them (``threading.get_native_id``),
     which in a container of its own PID namespace are not ours."""
-    mapping: Dict[int, int] = {}
     try:
         if len(read_status(pid).get("NSpid", "").split()) < 2:  # in ours
-            return mapping
+            return None
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return mapping
+        return None
+    mapping: Dict[int, int] = {}
     for name in tids:
         if time.monotonic() >= deadline:
             break

@@ -366,7 +366,8 @@ class IncidentStore:
     def _prune(self, written: str, room: int = 0) -> int:
         """Remove incidents beyond ``keep`` and ``max_bytes``, and more until ``room``
         bytes are freed; never ``written`` (the newest by the clock that named it, which
-        may have stepped back since others). Return how many were removed."""
+        may have stepped back since others). Return how many were removed (a record that
+        could not be removed is no removal: the write's retry must not pick it again)."""
         try:
             incidents, others = self._incidents()
         except OSError as e:
@@ -386,6 +387,7 @@ class IncidentStore:
         if left <= self.keep and total <= budget:
             return 0
         users = self._users(incidents)
+        removed = 0
         count: Dict[Optional[int], int] = {}
         taken: Dict[Optional[int], int] = {}  # bytes
         removable: Dict[Optional[int], List[int]] = {}  # oldest first, the written never
@@ -406,18 +408,22 @@ class IncidentStore:
             left -= 1
             count[user] -= 1
             # The record first: from then on, nobody lists a half-removed incident.
+            gone = True
             for path, size in sorted(incidents[n].files, key=lambda f: not f[0].endswith(RECORD)):
                 taken[user] -= size
                 if _remove(path):
                     total -= size
-            if room:
+                elif path.endswith(RECORD):
+                    gone = False  # still listed: the next prune would pick it again
+            removed += gone
+            if room and gone:
                 log.warning(
                     "the file system of %s is full: removed incident %s, to write %s",
                     self.directory,
                     incidents[n].id,
                     written,
                 )
-        return len(incidents) - left
+        return removed
 
     def _users(self, incidents: List[_Held]) -> List[Optional[int]]:
         """The user of each incident: its stuck worker's real uid, or None where its

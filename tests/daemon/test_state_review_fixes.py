@@ -5,8 +5,6 @@ file of a FIFO moved to another path. Real daemons; what they arm is report-only
 
 from __future__ import annotations
 
-import json
-import pathlib
 import subprocess
 import time
 
@@ -19,6 +17,7 @@ from ftimer_server.daemon._state import boot_clock, encode_state, read_boot_id
 from ftimer_server.server._process import SystemInspector
 
 from .conftest import PATIENCE, PYTHON, kill_and_close
+from .test_durability import saved_scopes
 
 # -- the read: never a buffer for the largest file the limits allow ------------------
 
@@ -104,13 +103,6 @@ client.release("step")
 print("released", flush=True)
 sys.stdin.readline()
 """
-
-
-def saved_scopes(state: pathlib.Path) -> list:
-    try:
-        return [t["scope_id"] for t in json.loads(state.read_text())["timers"]]
-    except (FileNotFoundError, ValueError):
-        return []
 
 
 def test_a_state_file_is_not_restored_by_a_daemon_on_another_fifo_path(spawn, short_dir) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from ftimer_protocol import DumpHook
+from ftimer_server.core._incident import Capture
 from ftimer_server.incidents._capture import CaptureOptions, capture
 from ftimer_server.incidents._procfs import read_threads
 from ftimer_server.incidents._stack_formats import (
@@ -98,6 +99,20 @@ def hooked_worker() -> Iterator[tuple[int, int]]:
             worker.stdout.close()
 
 
+def hook_capture(pid: int, fd: int, seconds: float) -> Capture:
+    """A capture of ``pid`` by its dump hook (on ``fd``), within ``seconds``."""
+    return capture(
+        pid,
+        None,
+        None,
+        role="stuck",
+        labels=None,
+        hook=DumpHook(signal=12, fd=fd),
+        options=CaptureOptions(py_spy=None, hook=True),
+        deadline=time.monotonic() + seconds,
+    )
+
+
 def test_a_dump_is_read_and_parsed_two_at_a_time() -> None:
     # As py-spy's output is: with both turns taken (two other captures parsing), the
     # dump is not read until one is free, and never past the deadline.
@@ -105,32 +120,14 @@ def test_a_dump_is_read_and_parsed_two_at_a_time() -> None:
         assert parsing.acquire(blocking=False)
         assert parsing.acquire(blocking=False)
         try:
-            c = capture(
-                pid,
-                None,
-                None,
-                role="stuck",
-                labels=None,
-                hook=DumpHook(signal=12, fd=fd),
-                options=CaptureOptions(py_spy=None, hook=True),
-                deadline=time.monotonic() + 1.0,
-            )
+            c = hook_capture(pid, fd, seconds=1.0)
         finally:
             parsing.release()
             parsing.release()
         assert not any(t.frames for t in c.threads)  # /proc's facts of them alone
         assert "no time left to read the dump by the deadline" in (c.error or ""), c.error
         assert c.facts is not None  # what /proc said is kept
-        free = capture(
-            pid,
-            None,
-            None,
-            role="stuck",
-            labels=None,
-            hook=DumpHook(signal=12, fd=fd),
-            options=CaptureOptions(py_spy=None, hook=True),
-            deadline=time.monotonic() + 3.0,
-        )
+        free = hook_capture(pid, fd, seconds=3.0)
         assert free.method == "hook", free.error
         assert free.threads
 

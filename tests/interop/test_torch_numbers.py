@@ -21,20 +21,25 @@ from ftimer_server import DecodeFailed, FileTimerRequest
 
 pytestmark = pytest.mark.interop
 
-np = pytest.importorskip("numpy")
-
 
 class Seconds(float):
     """A float subclass, as numpy's float64 is."""
 
 
 Fields = Tuple[Any, str, Any, Any]
-CASES: Dict[str, Callable[[int, float], Fields]] = {
-    "np.float64 time": lambda pid, t: (pid, "s", np.float64(t), 9),
-    "float subclass time": lambda pid, t: (pid, "s", Seconds(t), 9),
-    "np.int64 pid": lambda pid, t: (np.int64(pid), "s", t, 9),
-    "np.int64 signal": lambda pid, t: (pid, "s", t, np.int64(9)),
+CASES: Dict[str, Callable[[Any, int, float], Fields]] = {
+    "np.float64 time": lambda np, pid, t: (pid, "s", np.float64(t), 9),
+    "float subclass time": lambda np, pid, t: (pid, "s", Seconds(t), 9),
+    "np.int64 pid": lambda np, pid, t: (np.int64(pid), "s", t, 9),
+    "np.int64 signal": lambda np, pid, t: (pid, "s", t, np.int64(9)),
 }
+
+
+@pytest.fixture
+def np() -> Any:
+    """numpy, which torch brings (imported here, not at collection: the session of the
+    other tests has no numpy, and must not skip this file for it)."""
+    return pytest.importorskip("numpy")
 
 
 @pytest.fixture
@@ -49,7 +54,7 @@ def sleeper() -> Iterator[int]:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_request_of_numpy_numbers_is_kept_as_torch_keeps_it(
-    case: str, tmp_path: pathlib.Path, sleeper: int
+    case: str, tmp_path: pathlib.Path, sleeper: int, np: Any
 ) -> None:
     # A deadline computed with numpy (now + a timeout from step-time statistics) was
     # dropped as malformed: its worker was never reaped, nor listed as expired.
@@ -61,13 +66,13 @@ def test_a_request_of_numpy_numbers_is_kept_as_torch_keeps_it(
 
     now = time.time()
     torch = Torch(str(tmp_path / "torch.fifo"), "run")
-    torch.register_timers([torch_timer.FileTimerRequest(*CASES[case](sleeper, now - 1))])
+    torch.register_timers([torch_timer.FileTimerRequest(*CASES[case](np, sleeper, now - 1))])
     assert [int(p) for p in torch.get_expired_timers(now)] == [sleeper]
     events: List[object] = []
     ours = ftimer_server.FileTimerServer(
         str(tmp_path / "ftimer.fifo"), "run", dry_run=True, on_event=events.append
     )
-    ours.register_timers([FileTimerRequest(*CASES[case](sleeper, now - 1))])
+    ours.register_timers([FileTimerRequest(*CASES[case](np, sleeper, now - 1))])
     assert not [e for e in events if isinstance(e, DecodeFailed)]
     assert list(ours.get_expired_timers(now)) == [sleeper]
 
@@ -78,7 +83,7 @@ NOW = 1796677507.0
 
 @pytest.mark.parametrize("how", ["expires", "arm", "beat"])
 def test_a_float32_timeout_is_sent_as_the_time_it_stands_for(
-    how: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    how: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, np: Any
 ) -> None:
     # time.time() + np.float32(60) stays float32 (numpy 2), whose steps at today's epoch
     # are 128 s: protocol 1 sent a time 63 s early, and torch's server would have reaped

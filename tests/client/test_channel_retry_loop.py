@@ -24,12 +24,14 @@ ME = os.getpid()
 
 
 def lose_server(client: FileTimerClient, server: Peer, scope: str) -> None:
-    """The server goes (its path removed with it): the client's arm of ``scope`` fails,
-    and the retry thread takes over."""
+    """``scope`` armed, the server goes (its path removed with it): the client's release
+    of ``scope`` fails, its disarm is owed, and the retry thread takes over."""
+    client.arm(scope, 60)
+    server.wait_for(lambda m: any(getattr(x, "scope_id", "") == scope for x in m))
     server.close()
     server.path.unlink()
     with pytest.raises(ServerUnavailable):
-        client.arm(scope, 60)
+        client.release(scope)
 
 
 def retrying(server: Peer, armed: str = "s", lost: str = "t", **options: Any) -> FileTimerClient:

@@ -174,7 +174,8 @@ def test_a_retry_that_got_lines_through_backs_off_from_the_first_delay_again(
     # (a second between tries) on a server that was draining, slow as it was.
     client = FileTimerClient(speer.path, transport="socket", write_timeout=0.05, labels={})
     client.arm("a", 60)
-    speer.wait_count(1)
+    client.arm("c", 60)
+    speer.wait_count(2)
     channel = client._channel
     delays: List[Tuple[float, bool]] = []  # each failed retry's delay, and whether
     fails = threading.Semaphore(0)  # a line of the resync had gone through before it
@@ -190,15 +191,15 @@ def test_a_retry_that_got_lines_through_backs_off_from_the_first_delay_again(
     speer.pause()
     speer.fill()
     with pytest.raises(ServerUnavailable):
-        client.arm("b", 60)  # the resync owes two lines: the disarm of "b", the arm of "a"
+        client.arm("b", 60)  # the resync owes two lines: the arms of "a" and "c"
     for _ in range(3):  # three retries in vain: 0.1 + 0.2 + 0.4 s of backoff
         assert fails.acquire(timeout=10)
     speer.sock.recv(PIPE_BUF)  # room for one datagram: a retry gets a line through
     wait_until(lambda: any(through for _, through in delays), what="a line through")
     speer.resume()
-    messages = speer.wait_for(lambda m: (ME, "a") in server_state(m))
+    messages = speer.wait_for(lambda m: {(ME, "a"), (ME, "c")} <= set(server_state(m)))
     wait_until(lambda: not channel._retrying(), what="the retry thread to end")
-    assert {s for p, s in server_state(messages) if p == ME} == {"a"}
+    assert {s for p, s in server_state(messages) if p == ME} == {"a", "c"}
     client.close()
     assert [d for d, _ in delays[:3]] == pytest.approx([0.1, 0.2, 0.4])
     after = next(d for d, through in delays if through)  # then the queue full again

@@ -5,6 +5,7 @@ processes; the timers are report-only (signal 0)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import subprocess
@@ -15,7 +16,7 @@ from typing import Any, List
 import pytest
 from tests.conftest import wait_until
 
-from ftimer_client import FileTimerClient, _resync, configure, expires
+from ftimer_client import FileTimerClient, ServerUnavailable, _resync, configure, expires
 from ftimer_protocol import Arm, Disarm, Expire
 
 from .conftest import FifoPeer, server_state
@@ -85,10 +86,48 @@ def test_blocks_while_the_server_is_stalled_never_walk_every_lost_disarm(
                 pass
         assert owed_calls[0] < 50 * BLOCKS
         peer.resume()
-        last = f"batch-{BLOCKS - 1}"
-        peer.wait_for(lambda m: any(getattr(x, "scope_id", "") == last for x in m))
+        wait_until(lambda: not client._channel.needs_resync, what="the resync")
+        with expires(after=60, scope="back"):
+            pass
+        peer.wait_for(lambda m: any(isinstance(x, Disarm) and x.scope_id == "back" for x in m))
+        # None of those arms reached the server: it is owed none of their disarms.
+        assert not [m for m in peer.messages if m.scope_id.startswith("batch-")]
     finally:
         peer.resume()
+        client.close()
+        peer.close()
+
+
+@pytest.mark.parametrize("policy", ["ignore", "raise"])
+def test_blocks_whose_arms_never_left_owe_the_server_no_disarm(
+    fifo_path: pathlib.Path, policy: str
+) -> None:
+    # Each block released (or refused, under "raise") while the server was gone kept a
+    # disarm to send it: a loop of distinct scopes through an outage grew without bound,
+    # and the server back got a disarm a block (1,500 here) before anything new. Those
+    # arms never left: no server holds them. A scope armed before the outage and
+    # released during it is still disarmed once the server is back.
+    peer = FifoPeer(fifo_path)
+    client = FileTimerClient(str(fifo_path), signal=0, on_unavailable=policy)
+    configure(client)
+    try:
+        client.arm("held", 60)
+        peer.wait_for(lambda m: any(isinstance(x, Arm) and x.scope_id == "held" for x in m))
+        peer.close()
+        fifo_path.unlink()  # the server is gone
+        with contextlib.suppress(ServerUnavailable):  # under "raise"
+            client.release("held")
+        for i in range(BLOCKS):
+            with contextlib.suppress(ServerUnavailable), expires(after=60, scope=f"batch-{i}"):
+                pass
+        peer = FifoPeer(fifo_path)
+        with expires(after=60, scope="back"):
+            pass
+        wait_until(lambda: not client._channel.needs_resync, what="the resync")
+        peer.wait_for(lambda m: any(isinstance(x, Disarm) and x.scope_id == "back" for x in m))
+        assert not [m for m in peer.messages if m.scope_id.startswith("batch-")]
+        assert any(isinstance(m, Disarm) and m.scope_id == "held" for m in peer.messages)
+    finally:
         client.close()
         peer.close()
 

@@ -207,12 +207,11 @@ def test_a_full_queue_waits_a_bounded_time_then_fails_fast(server: Peer) -> None
     server.wait_drained()
     client.arm("c", 60)
     messages = server.wait_for(lambda m: any(getattr(x, "scope_id", "") == "c" for x in m))
-    # The resync first: the disarms owed (of "b", whose arm raised: had its line gone
-    # out all the same, nothing else would disarm it; the release of "a" that stalled),
-    # then the registry's arms.
+    # The resync first: the disarm owed (the release of "a" that stalled; none of "b",
+    # whose arm the full queue refused: it never went out), then the registry's arms.
     assert [(type(m), m.scope_id) for m in messages[:2]] == [  # type: ignore[union-attr]
-        (Disarm, "b"),
         (Disarm, "a"),
+        (Arm, "c"),
     ]
     assert scopes(server_state(messages)) == {"c"}  # "b" was refused, "a" released
 

@@ -325,7 +325,7 @@ def test_a_line_unsure_of_is_owed_again_though_recorded_before() -> None:
     r.arm("s", line, None)
     r.failed(0.0)
     r.accepted("s", line)  # the resync delivered the arm
-    r.unsure("s")  # a later line about s raised as it was written: maybe went out
+    r.unsure("s", refused=False)  # a later line about s raised as it was written
     assert r.resync() == [("s", line)]
 
 
@@ -345,3 +345,58 @@ def test_a_reconnection_forgets_what_the_old_connection_took() -> None:
     r.accepted("s", b"arm-s\n")
     r.reconnected()  # the queue that held it died with the server
     assert r.resync() == [("s", b"arm-s\n")]
+
+
+# A scope armed during an outage whose arm never left owes no server a disarm; any sign
+# that its line may have gone out makes the disarm owed again.
+
+
+def unsent_then_released(*events: str) -> Tuple[Resync, bool]:
+    """Arm "s" the slow way during an outage, apply ``events`` to its line, release it;
+    return the state and whether its disarm is owed."""
+    state, lines = v2()
+    state.failed(0.0)  # the server is gone
+    line = arm_line(lines, "s")
+    state.arm("s", line, owner=1)
+    state.unsent("s")
+    for event in events:
+        if event == "accepted":
+            state.accepted("s", line)
+        elif event == "refused":
+            state.unsure("s", refused=True)
+        elif event == "interrupted":
+            state.unsure("s", refused=False)
+    state.disarm("s")
+    owed = state.owes_disarm("s")
+    if owed:
+        state.lost_disarms(["s"])
+    return state, owed
+
+
+def test_a_disarm_of_an_arm_that_never_left_is_owed_to_no_server() -> None:
+    state, owed = unsent_then_released("refused")
+    assert not owed
+    state.reconnected()  # not among the recent disarms either
+    assert state.resync() == []
+    assert state.next_retry(1.0) is None  # nothing to retry for
+
+
+@pytest.mark.parametrize("event", ["accepted", "interrupted"])
+def test_a_disarm_is_owed_once_the_arm_may_have_left(event: str) -> None:
+    state, owed = unsent_then_released("refused", event)
+    assert owed
+    assert [decode(line) for line in lines_of(state.resync())] == [Disarm(PID, "s", START)]
+
+
+def test_a_disarm_delivered_before_the_arm_that_never_left_stays_owed() -> None:
+    # "s" was disarmed (delivered: among the recent) before the outage: a server that
+    # died unread may restore it, and the arm that never left changes nothing to that.
+    state, lines = v2()
+    state.arm("s", arm_line(lines, "s"), owner=1)
+    state.disarm("s")
+    state.failed(0.0)
+    state.arm("s", arm_line(lines, "s", 200.0), owner=1)
+    state.unsent("s")
+    state.disarm("s")
+    assert not state.owes_disarm("s")
+    assert [decode(line) for line in lines_of(state.resync())] == [Disarm(PID, "s", START)]

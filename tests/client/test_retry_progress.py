@@ -331,7 +331,7 @@ def test_any_interleaving_of_retry_steps_and_callers_ends_with_the_registry(
         """Accept as many as there is room for; whether all went."""
         for scope, line in items:
             if room <= 0:
-                state.unsure(scope)  # type: ignore[arg-type]
+                state.unsure(scope, refused=True)  # type: ignore[arg-type]
                 return False
             room -= 1
             queue.append(line)

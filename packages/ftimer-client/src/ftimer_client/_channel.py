@@ -181,6 +181,8 @@ class Channel:
                         pass  # a full queue or a gone server: _deliver() sorts it out
                 # A resync sent first carries the scope's previous line, not this one:
                 # this one goes last, so that an arm that raised did not reach the server.
+                if previous is None:
+                    self.state.unsent(scope_id)
                 self._deliver([(scope_id, line)], timeout, arming=(scope_id, previous))
             except ServerUnavailable as e:
                 if not keep:
@@ -188,7 +190,7 @@ class Channel:
                     # call, made later, stands.
                     if armed.get(scope_id) is entry:
                         self.state.unarm(scope_id, previous)
-                    if previous is None:
+                    if previous is None and self.state.owes_disarm(scope_id):
                         # Its line may have gone out all the same (a signal handler's
                         # lines, sent after it, are what failed): the resync disarms it.
                         # (Had it a previous line, the resync re-arms that one.)
@@ -226,7 +228,8 @@ class Channel:
             except BaseException as e:
                 if not forgotten:
                     self.state.disarm(scope_id)
-                self.state.lost_disarms((scope_id,))
+                if self.state.owes_disarm(scope_id):
+                    self.state.lost_disarms((scope_id,))
                 self._failed(e if isinstance(e, ServerUnavailable) else None)
                 raise
 
@@ -257,7 +260,7 @@ class Channel:
                 if not forgotten:
                     for scope_id in scopes:
                         state.disarm(scope_id)
-                state.lost_disarms(scopes)
+                state.lost_disarms([s for s in reversed(scopes) if state.owes_disarm(s)])
                 self._failed(e if isinstance(e, ServerUnavailable) else None)
                 raise
 
@@ -453,7 +456,7 @@ class Channel:
         except BaseException as e:
             # A refusal, or an exception (a signal handler's) as the line went out: what
             # the server holds for its scope is unknown (forgetting more is harmless).
-            state.unsure(scope_id)
+            state.unsure(scope_id, refused=isinstance(e, (ServerUnavailable, ConnectionLost)))
             if isinstance(e, ConnectionLost) and not self.keep_open:
                 state.forget_progress()  # the reader left: the pipe may have gone too
                 raise self._lost() from None

@@ -39,7 +39,7 @@ held may have died with it.
 from __future__ import annotations
 
 import collections
-from typing import Deque, Dict, FrozenSet, Iterable, List, Optional, Tuple, Union
+from typing import Deque, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple, Union
 
 from ._wire import V1Lines, V2Lines
 
@@ -110,6 +110,7 @@ class Resync:
         "_recent",
         "_retry_at",
         "_synced",
+        "_unsent",
         "armed",
         "needs_resync",
         "outages",
@@ -133,6 +134,11 @@ class Resync:
         # a reconnection sends that again, not a disarm (the worker asked to be reaped).
         self._expired: Dict[str, bytes] = {}
         self._deferred: List[Line] = []  # lines to send after the delivery in progress
+        # Scopes armed while the server's view was unknown whose arm no connection took,
+        # and that had no arm before: no server holds them, so a disarm of one that fails
+        # is owed to none (a loop of distinct scopes through an outage would otherwise
+        # pile up a disarm a block, and send them all once the server is back).
+        self._unsent: Set[str] = set()
         self._retry_at: Optional[float] = None
         self._delay = RETRY_FIRST
         # The resync's progress: scope -> the last line about it the connection accepted
@@ -159,6 +165,25 @@ class Resync:
             self.armed.pop(scope_id, None)
         else:
             self.armed[scope_id] = previous
+
+    def unsent(self, scope_id: str) -> None:
+        """``scope_id``, armed now and not before, is about to be sent the slow way: until
+        a connection takes a line about it, no server holds it (see ``owes_disarm``)."""
+        self._unsent.add(scope_id)
+
+    def owes_disarm(self, scope_id: str) -> bool:
+        """Whether a server may hold an arm of ``scope_id`` that only its disarm just
+        forgotten (``disarm``, ``disarm_all``) and not delivered would undo: False for a
+        scope whose arm no connection took (``unsent``), which this then forgets, its
+        disarm taken back from the recent. (A disarm owed from before, lost or recent,
+        stays owed all the same.)"""
+        if scope_id not in self._unsent:
+            return True
+        self._unsent.discard(scope_id)
+        recent = self._recent
+        if recent and recent[-1] == scope_id:
+            recent.pop()
+        return False
 
     def disarm(self, scope_id: str) -> None:
         """Forget ``scope_id`` (disarmed or expired); unknown scopes are ignored."""
@@ -297,6 +322,7 @@ class Resync:
         delivered = [s for s in tuple(self._lost) if s not in armed]
         self._recent = collections.deque([*delivered, *self._recent], maxlen=RECENT)
         self._lost.clear()
+        self._unsent.clear()
         self.forget_progress()
         self._retry_at = None
         self._delay = RETRY_FIRST
@@ -305,14 +331,19 @@ class Resync:
         """The connection accepted ``line``, about ``scope_id``: while the server's view is
         unknown, the resync counts it delivered (the server reads it before any line sent
         after it), until ``forget_progress``."""
-        if self.needs_resync and scope_id is not None:
-            self._synced[scope_id] = line
+        if scope_id is not None:
+            self._unsent.discard(scope_id)
+            if self.needs_resync:
+                self._synced[scope_id] = line
 
-    def unsure(self, scope_id: Optional[str]) -> None:
-        """Whether the line about ``scope_id`` went out is unknown (an exception came as it
-        was written): the resync sends what that scope owes again."""
+    def unsure(self, scope_id: Optional[str], *, refused: bool) -> None:
+        """The line about ``scope_id`` was ``refused`` (the connection took none of it),
+        or whether it went out is unknown (an exception came as it was written): the
+        resync sends what that scope owes again."""
         if scope_id is not None:
             self._synced.pop(scope_id, None)
+            if not refused:
+                self._unsent.discard(scope_id)
 
     def forget_progress(self) -> None:
         """The connection the resync's lines went to is lost or replaced: they may have

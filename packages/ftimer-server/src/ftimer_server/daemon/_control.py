@@ -35,6 +35,8 @@ from typing import Any, Callable, Dict, FrozenSet, Optional
 
 from ftimer_server._files import unlink_if_same
 
+from ._unasked import Unasked
+
 __all__ = [
     "ControlServer",
     "ControlSocketBusy",
@@ -117,7 +119,9 @@ class ControlServer:
         self._thread: Optional[threading.Thread] = None
         self._peers = threading.Condition()
         self._serving = 0  # connections being served; guarded by _peers
+        self._unasked = Unasked()
         self._stopping = False
+        self._pending: Optional[socket.socket] = None  # a socket rebind() made to serve
 
     def start(self) -> None:
         """Bind the socket (0600, atomically via a temporary name) and start serving.
@@ -133,23 +137,7 @@ class ControlServer:
         # in the FIFO's directory, another user who may write there could swap the
         # socket for a link to any file between the bind and the chmod. A longer path
         # than ``path`` if its name is short: the config checks it (``bound_first``).
-        private = tempfile.mkdtemp(prefix=_PRIVATE, dir=os.path.dirname(self.path))
-        tmp = os.path.join(private, "s")
-        try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.bind(tmp)
-                os.chmod(tmp, 0o600)
-                os.rename(tmp, self.path)
-                sock.listen(_BACKLOG)
-            except BaseException:
-                sock.close()
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-        finally:
-            with contextlib.suppress(OSError):
-                os.rmdir(private)
+        sock = self._bind(replace=True)
         self._bound = os.lstat(self.path)
         self._sock = sock
         # Made here, not on the thread: out of descriptors, the start fails (the thread
@@ -169,6 +157,79 @@ class ControlServer:
             target=self._serve, args=(sel,), name="ftimer-control", daemon=True
         )
         self._thread.start()
+
+    def _bind(self, replace: bool) -> socket.socket:
+        """A listening socket bound at ``path``, 0600 (``replace``: in place of what is
+        there; else only where nothing is).
+
+        Raises:
+            FileExistsError: not ``replace``, and something is at ``path``.
+            OSError: the directory is not writable, the path is too long, ...
+        """
+        private = tempfile.mkdtemp(prefix=_PRIVATE, dir=os.path.dirname(self.path))
+        tmp = os.path.join(private, "s")
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(tmp)
+                os.chmod(tmp, 0o600)
+                if replace:
+                    os.rename(tmp, self.path)
+                else:  # a link fails where another file was put meanwhile
+                    os.link(tmp, self.path)
+                    os.unlink(tmp)
+                sock.listen(_BACKLOG)
+            except BaseException:
+                sock.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.rmdir(private)
+        return sock
+
+    def lost(self) -> bool:
+        """Whether ``path`` no longer names the socket being served (removed, or
+        replaced by another file): ``status`` cannot reach this daemon there."""
+        bound = self._bound
+        if bound is None:
+            return False
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) != (bound.st_dev, bound.st_ino)
+
+    def rebind(self) -> bool:
+        """Serve a new socket at ``path``, where the one served was removed: True if it
+        is served, False if the server stops (or never started).
+
+        Raises:
+            FileExistsError: something else is at ``path`` now (left alone).
+            OSError: the socket cannot be made there.
+        """
+        if self._thread is None:
+            return False
+        sock = self._bind(replace=False)
+        try:
+            bound = os.lstat(self.path)
+        except OSError:
+            sock.close()
+            raise
+        with self._peers:
+            if self._stopping:  # stop() ran meanwhile: nothing would serve it
+                sock.close()
+                unlink_if_same(self.path, bound)
+                return False
+            self._bound = bound
+            old, self._pending = self._pending, sock
+            os.write(self._wake_w, b"r")  # the serving thread takes it
+        if old is not None:  # made by a rebind the serving thread never took
+            old.close()
+        return True
 
     def check_free(self) -> None:
         """Make sure no daemon answers at ``path``; remove a dead daemon's socket, if it
@@ -222,6 +283,9 @@ class ControlServer:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._pending is not None:
+            self._pending.close()
+            self._pending = None
         if self._bound is not None:
             unlink_if_same(self.path, self._bound)
             self._bound = None
@@ -237,7 +301,18 @@ class ControlServer:
             while True:
                 ready = sel.select()
                 if any(key.fileobj == self._wake_r for key, _ in ready):
-                    return
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 64)
+                    with self._peers:
+                        if self._stopping:
+                            return
+                        pending, self._pending = self._pending, None
+                    if pending is not None:  # rebind(): serve the new socket instead
+                        sel.unregister(self._sock)
+                        self._sock.close()
+                        self._sock = pending
+                        sel.register(pending, selectors.EVENT_READ)
+                    continue
                 try:
                     conn, _ = self._sock.accept()
                 except OSError as e:
@@ -253,11 +328,17 @@ class ControlServer:
                     continue
                 scarce = False
                 with self._peers:
+                    if self._serving >= _MAX_PEERS:
+                        # Else those queued behind silent connections, a liveness probe
+                        # among them, wait their turn of _PEER_TIMEOUT each, past their
+                        # own timeout (see _unasked).
+                        self._unasked.shut_oldest()
                     self._peers.wait_for(lambda: self._serving < _MAX_PEERS or self._stopping)
                     if self._stopping:
                         conn.close()
                         return
                     self._serving += 1
+                self._unasked.add(conn)
                 peer = threading.Thread(
                     target=self._serve_peer, args=(conn,), name="ftimer-control-peer", daemon=True
                 )
@@ -265,6 +346,7 @@ class ControlServer:
                     peer.start()
                 except RuntimeError as e:  # no thread to be had (TasksMax): drop this one
                     log.warning("control socket: %s", e)
+                    self._unasked.asked(conn)
                     conn.close()
                     self._done()
 
@@ -278,6 +360,7 @@ class ControlServer:
             with conn:
                 self._handle(conn)
         finally:
+            self._unasked.asked(conn)
             self._done()
 
     def _done(self) -> None:
@@ -302,6 +385,7 @@ class ControlServer:
                 if not chunk:
                     break
                 request += chunk
+            self._unasked.asked(conn)
             conn.settimeout(_PEER_TIMEOUT)
             request = request.strip()
             uid = _peer_uid(conn)

@@ -168,6 +168,7 @@ class Daemon:
         self._started = time.monotonic()
         #: The paths found no longer naming the FIFO or the socket (``_watch_paths``).
         self._lost: List[str] = []
+        self._control_lost = False  # its path names another file (said once)
         self._paths_done = threading.Event()
         #: What the last reload (SIGHUP) failed to do, and why (None: nothing, or none ran).
         self._reload_failed: Optional[str] = None
@@ -585,6 +586,24 @@ class Daemon:
             if path not in lost:
                 log.info("%s names the daemon's own again", path)
         self._lost = lost
+        # `status` finds no daemon without its control socket: one removed is made
+        # anew (no worker holds it); another file put in its place is left alone.
+        control = self._control
+        if control is None or not control.lost():
+            self._control_lost = False
+            return
+        try:
+            if control.rebind():
+                log.error("the control socket %s was removed; made it anew", control.path)
+        except OSError as e:
+            if not self._control_lost:
+                log.error(
+                    "%s no longer names the daemon's control socket, and none can be made "
+                    "there (%s): `status` cannot reach the daemon; restart it to make one",
+                    control.path,
+                    e.strerror or e,
+                )
+            self._control_lost = True
 
     def _shutdown(self) -> None:
         self._paths_done.set()  # not joined: it may be held by a mount that hangs

@@ -16,7 +16,7 @@ import socket
 import socketserver
 import threading
 from collections.abc import Iterator
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ftimer_server.core._events import RejectReason
@@ -24,6 +24,7 @@ from ftimer_server.core._reaper import KILL_CHECK
 from ftimer_server.core._stats import Stats
 
 from ._daemon_log import signal_label
+from ._unasked import Unasked, shut
 
 __all__ = ["REAP_LATENCY_BUCKETS", "Metrics", "MetricsUnavailable", "prometheus"]
 #: Capture times: py-spy takes tens of milliseconds, a budget a few seconds.
@@ -355,46 +356,36 @@ class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(MAX_SCRAPERS)
-        self._lock = threading.Lock()
-        #: Connections served that have not sent their request yet, oldest first.
-        self._waiting: Dict[socket.socket, None] = {}
+        self._unasked = Unasked()
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False) and not self._took_a_waiting_slot():
+        if not self._slots.acquire(blocking=False) and not self._took_a_silent_slot():
             self.shutdown_request(request)  # closes it: the scraper may try again
             return
         request.settimeout(SCRAPE_TIMEOUT)
-        with self._lock:
-            self._waiting[request] = None
+        self._unasked.add(request)
         try:
             super().process_request(request, client_address)
         except BaseException:  # no thread to be had: the slot is free again
-            self.requested(request)
+            self._unasked.asked(request)
             self._slots.release()
             raise
 
     def requested(self, request: socket.socket) -> None:
         """``request`` has sent its request (or is done): it keeps its slot."""
-        with self._lock:
-            self._waiting.pop(request, None)
+        self._unasked.asked(request)
 
-    def _took_a_waiting_slot(self) -> bool:
+    def _took_a_silent_slot(self) -> bool:
         """Shut the oldest connection that has not sent its request down, and take its
         slot once its thread is done; False if there is none, or it is not done in
         ``_SLOT_WAIT``."""
-        with self._lock:
-            oldest = next(iter(self._waiting), None)
-            if oldest is None:
-                return False
-            del self._waiting[oldest]
-        _shut(oldest)  # its read ends: its thread ends and frees its slot
-        return self._slots.acquire(timeout=_SLOT_WAIT)
+        return self._unasked.shut_oldest() and self._slots.acquire(timeout=_SLOT_WAIT)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         # The socket's timeout bounds each call; this, the whole: a shutdown ends the
         # handler's read or write, whatever it waits for.
-        deadline = threading.Timer(SCRAPE_TIMEOUT, _shut, args=(request,))
+        deadline = threading.Timer(SCRAPE_TIMEOUT, shut, args=(request,))
         deadline.daemon = True
         deadline.start()
         try:
@@ -403,11 +394,6 @@ class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
             deadline.cancel()
             self.requested(request)
             self._slots.release()
-
-
-def _shut(request: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        request.shutdown(socket.SHUT_RDWR)
 
 
 class _QuietHandler(WSGIRequestHandler):

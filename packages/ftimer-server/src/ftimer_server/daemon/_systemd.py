@@ -116,11 +116,15 @@ class SystemdNotifier:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                # Never waits: a receiver whose queue is full (a busy or wedged PID 1, a
+                # supervisor that stopped reading after READY=1) would hold the caller
+                # for good, and the keep-alives come from the reaping loop. A ping that
+                # cannot be sent is a ping missed, which a watchdog is there to judge.
                 if fds:
                     rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    self._sock.sendmsg([payload], rights, 0, self._address)
+                    self._sock.sendmsg([payload], rights, socket.MSG_DONTWAIT, self._address)
                 else:
-                    self._sock.sendto(payload, self._address)
+                    self._sock.sendto(payload, socket.MSG_DONTWAIT, self._address)
             except OSError as e:
                 if not self._warned:
                     log.warning("cannot notify systemd at %r: %s", self._address, e)

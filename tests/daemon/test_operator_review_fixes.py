@@ -1,0 +1,97 @@
+"""The daemon's operator surface as a careless operator or a hostile local user meets
+it: connections to the control socket that say nothing, a supervisor's notify socket
+nobody reads, the control socket's file removed. Real daemons; no timer is armed, so
+they signal nothing."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+from typing import Callable, List
+
+from ftimer_server.daemon._control import query_status
+
+from .conftest import PATIENCE, PYTHON, DaemonProcess
+
+Spawn = Callable[..., DaemonProcess]
+
+
+def health(d: DaemonProcess) -> subprocess.CompletedProcess[str]:
+    """``ftimer-server status --health``, as a liveness probe runs it."""
+    return subprocess.run(
+        [PYTHON, "-m", "ftimer_server", "status", "--health", "--fifo", str(d.fifo)],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE * 2,
+    )
+
+
+def test_silent_connections_never_make_the_health_probe_fail(spawn: Spawn) -> None:
+    # The control socket serves 8 connections at once, each given 2 s to ask: those
+    # queued behind 40 connections that said nothing waited their turn, and the probe's
+    # 5 s ran out ("timed out", exit 1) on a healthy daemon, which a liveness probe then
+    # restarts. A silent connection now gives its slot up to a new one.
+    d = spawn("--capture", "none", "--no-socket").ready()
+    idle: List[socket.socket] = []
+    try:
+        for _ in range(40):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(d.fifo) + ".sock")  # and says nothing
+            idle.append(s)
+        probe = health(d)
+    finally:
+        for s in idle:
+            s.close()
+    assert probe.returncode == 0, probe.stderr
+
+
+def test_a_notify_socket_nobody_reads_holds_neither_the_loop_nor_the_stop(
+    spawn: Spawn,
+) -> None:
+    # A supervisor that stops reading its notify socket after READY=1 (or a busy one):
+    # the reaping loop's keep-alive was a blocking send, and once the queue was full it
+    # waited there for good: no line read, no timer reaped, and SIGTERM waited on it
+    # too. A keep-alive that finds no room is dropped (said once in the log).
+    d = spawn("--capture", "none", "--no-socket", env={"WATCHDOG_USEC": "200000"}).ready()
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    try:
+        while True:  # nobody reads the notify socket from now on
+            filler.sendto(b"X=1", d.notify.path)
+    except BlockingIOError:
+        pass
+    finally:
+        filler.close()
+    d.wait_for_record(where=lambda r: r["msg"].startswith("cannot notify systemd"))
+    probe = health(d)
+    assert probe.returncode == 0, probe.stderr
+    assert d.stop() == 0
+
+
+def test_a_removed_control_socket_is_made_anew(spawn: Spawn) -> None:
+    # Removed (a mistaken rm, a cleaner of /tmp), `status` said "no ftimer-server is
+    # running" of a daemon that went on reaping, for as long as it ran; an operator who
+    # believed it and started another was refused by the FIFO's lock.
+    d = spawn("--capture", "none", "--no-socket").ready()
+    path = str(d.fifo) + ".sock"
+    os.unlink(path)
+    d.wait_for_record(where=lambda r: r["msg"].endswith("was removed; made it anew"))
+    assert query_status(path, health=True)["healthy"] is True
+    assert health(d).returncode == 0
+    assert d.stop() == 0
+    assert not os.path.exists(path)  # the new one is removed at the stop too
+
+
+def test_another_file_in_the_control_sockets_place_is_left_alone(spawn: Spawn) -> None:
+    d = spawn("--capture", "none", "--no-socket").ready()
+    path = pathlib.Path(str(d.fifo) + ".sock")
+    path.unlink()
+    path.write_text("not ours")
+    d.wait_for_record(where=lambda r: "no longer names the daemon's control socket" in r["msg"])
+    assert path.read_text() == "not ours"
+    path.unlink()  # gone: made anew at the next check
+    d.wait_for_record(where=lambda r: r["msg"].endswith("was removed; made it anew"))
+    assert health(d).returncode == 0
+    assert d.stop() == 0

@@ -616,9 +616,22 @@ def _start_gated(cmd: List[str]) -> tuple[int, int, int]:
     # unwatched (unless the policy says so); exec errors come back through err_r.
     gate_r, gate_w = os.pipe()
     err_r, err_w = os.pipe()
-    pid = os.fork()
+    # CMD's process is Python until it execs: Python's SIGINT handler there would turn a
+    # Ctrl-C at the gate into KeyboardInterrupt (exit 126, "cannot run") or lose it (the
+    # handler tripped, never run before exec). It dies of it instead, as CMD would, and
+    # this command with it. Blocked across the fork, so none lands in between.
+    interrupts = {signal.SIGINT}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, interrupts)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        raise
     if pid == 0:  # pragma: no cover (the child, until exec)
         code = EXIT_CANNOT_RUN
+        if callable(signal.getsignal(signal.SIGINT)):  # not if ignored: CMD keeps that
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         try:
             os.close(gate_w)
             os.close(err_r)
@@ -638,6 +651,7 @@ def _start_gated(cmd: List[str]) -> tuple[int, int, int]:
             os._exit(code)
     os.close(gate_r)
     os.close(err_w)
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return pid, gate_w, err_r
 
 
@@ -687,27 +701,33 @@ def _forward_signals(pid: int) -> Dict[int, Any]:
     handlers they had, for ``_restore``."""
 
     def forward(signum: int, _frame: object) -> None:
+        # From a terminal, SIGINT and SIGQUIT reach CMD directly when CMD is in the
+        # terminal's foreground group: not passed on. Otherwise (no terminal, a kill of
+        # this process, or CMD in a group of its own: `timeout`, `setsid`) passed on.
+        # Asked when the signal comes, not once at the start: a job started in the
+        # background (`ftimer exec ... &`) may be brought to the foreground (`fg`)
+        # later, and the other way round (Ctrl-Z, `bg`).
+        if signum in IGNORED and _in_terminal_foreground(pid):
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
     # Put back when CMD is done: main() may be called in a process that goes on.
     previous: Dict[int, Any] = {s: signal.getsignal(s) for s in (*FORWARDED, *IGNORED)}
-    # From a terminal, SIGINT and SIGQUIT reach CMD directly (its foreground group):
-    # ignored here. Without one, only a kill of this process sends them: passed on.
-    passed_on = FORWARDED if _in_terminal_foreground() else (*FORWARDED, *IGNORED)
     for signum in (*FORWARDED, *IGNORED):
-        signal.signal(signum, forward if signum in passed_on else signal.SIG_IGN)
+        signal.signal(signum, forward)
     return previous
 
 
-def _in_terminal_foreground() -> bool:
-    """Whether this process is in its controlling terminal's foreground group."""
+def _in_terminal_foreground(pid: int = 0) -> bool:
+    """Whether process ``pid`` (0: this one) is in the controlling terminal's foreground
+    group."""
     try:
         fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
     except OSError:  # no controlling terminal
         return False
     try:
-        return os.tcgetpgrp(fd) == os.getpgrp()
+        return os.tcgetpgrp(fd) == os.getpgid(pid)
     except OSError:
         return False
     finally:

@@ -73,16 +73,24 @@ def configure(
     given = timer_client if timer_client is not None else client
     # Said now, not at the first block's entry, far from the mistake. torch's
     # TimerClient has both methods: any of its clients passes.
-    if given is not None and (
+    if given is not None:
+        _check_client(given, "configure()")
+    _configured = given
+
+
+def _check_client(given: Any, who: str) -> None:
+    """Raises TypeError: ``given`` is not a timer client (a class, such as
+    ``FileTimerClient`` itself, a path, anything without callable ``acquire`` and
+    ``release``)."""
+    if (
         isinstance(given, type)
         or not callable(getattr(given, "acquire", None))
         or not callable(getattr(given, "release", None))
     ):
         raise TypeError(
-            "configure() takes a timer client, an object with acquire() and release() "
+            f"{who} takes a timer client, an object with acquire() and release() "
             f"such as FileTimerClient(...), not {given!r}"
         )
-    _configured = given
 
 
 def default_scope_suffix() -> str:
@@ -234,6 +242,8 @@ class expires:
     ) -> None:
         if type(after) is not float and type(after) is not int:  # 2 compares a block
             _check_after(after)
+        if client is not None and type(client) is not FileTimerClient:
+            _check_client(client, "expires(client=...)")
         self._after = after
         self._scope = scope
         self._client = client
@@ -336,6 +346,13 @@ class expires:
             client.arm(scope, after)  # type: ignore[attr-defined]
         else:
             client.acquire(scope, _expiration_time(after))
+        if self._active != active:
+            # The block ended while this beat (from another thread: a heartbeat thread)
+            # was on its way: its disarm may have gone out before this arm, which would
+            # leave the timer armed for a process that left the block, and reap it.
+            with contextlib.suppress(Exception):
+                client.release(scope)
+            raise RuntimeError("beat() outside the expires block (it ended meanwhile)")
 
     def __call__(self, func: F) -> F:
         """Decorate ``func``: each call runs in its own ``expires`` block.

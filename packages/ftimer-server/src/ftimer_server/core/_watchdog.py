@@ -220,6 +220,9 @@ class Watchdog:
         self._signals = policy.signals(host.signals)
         self._emit_to = emit
         self._workers: Dict[int, Worker] = {}
+        #: The pids of bound workers seen to exit, whose exit is not applied yet (the I/O
+        #: loop holds it for their last words: ``worker_exited``).
+        self._exiting: Set[int] = set()
         #: pid -> its refusal, in the order they end: REFUSAL_TTL after the last ``now``
         #: given to ``apply()``, which never goes back (before any, a restore's at once).
         self._refused: Dict[int, _Refusal] = {}
@@ -385,6 +388,14 @@ class Watchdog:
                         t.dump,
                         its_clocks=False,  # saved on the server's clocks
                     )
+
+    def worker_exited(self, worker: Worker) -> None:
+        """The I/O loop saw ``worker`` exit, and applies it later (``worker_gone``), once
+        its last words are read. Meanwhile its pid may be another process's already:
+        an arm that names it without a start time (torch's) binds whoever holds it,
+        never the dead worker, whose exit would drop that timer with its own."""
+        if self._workers.get(worker.pid) is worker:
+            self._exiting.add(worker.pid)
 
     def worker_gone(self, worker: Worker) -> None:
         """The I/O loop saw ``worker`` exit (its pidfd became readable): drop its timers."""
@@ -580,14 +591,21 @@ class Watchdog:
             self._reject(reason, request, pid, scope_id, labels, f"signal {signal}")
             return
         worker = self._workers.get(pid)
-        if worker is None or (
-            start_time is not None
-            and worker.start_time is not None
-            and worker.start_time != start_time
+        # torch's arm (no start time) for a worker seen to exit: whoever holds the pid.
+        exited = start_time is None and pid in self._exiting
+        if (
+            worker is None
+            or exited
+            or (
+                start_time is not None
+                and worker.start_time is not None
+                and worker.start_time != start_time
+            )
         ):
             bound = self._bind(pid, start_time, its_clocks)
             if not isinstance(bound, Worker):
-                if self._ended(bound):
+                # (Its pid free since: the exited worker's own last arm, read late.)
+                if self._ended(bound) or (exited and bound.reason is RejectReason.NO_SUCH_PROCESS):
                     self._moot(request)
                 else:
                     self._reject(bound.reason, request, pid, scope_id, labels, bound.detail)
@@ -800,6 +818,7 @@ class Watchdog:
     def _gone(self, worker: Worker, dropped: Sequence[Timer] = ()) -> None:
         pid = worker.pid
         del self._workers[pid]
+        self._exiting.discard(pid)
         self._release(worker)
         incident, outlived = self._reaper.forget(worker)
         self._unheard.pop(pid, None)

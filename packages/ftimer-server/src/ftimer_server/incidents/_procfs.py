@@ -28,6 +28,7 @@ __all__ = [
     "PAGE_SIZE",
     "ThreadFacts",
     "bounded",
+    "catches_or_ignores",
     "children",
     "live_thread",
     "read_facts",
@@ -199,6 +200,14 @@ def signal_mask(value: str, signal: int) -> bool:
         return bool(int(value, 16) >> (signal - 1) & 1)
     except ValueError:
         return False
+
+
+def catches_or_ignores(status: Dict[str, str], signal: int) -> bool:
+    """Whether the process of ``status`` (``read_status``) catches or ignores ``signal``:
+    the signal's default action is not what it does to it (False where unreadable)."""
+    return signal_mask(status.get("SigCgt", ""), signal) or signal_mask(
+        status.get("SigIgn", ""), signal
+    )
 
 
 def _read(path: str) -> bytes:

@@ -32,6 +32,7 @@ from ._pinned import Process, ProcessRefused
 from ._procfs import (
     PAGE_SIZE,
     cannot_stop,
+    catches_or_ignores,
     children,
     held_unstoppable,
     non_dumpable,
@@ -304,6 +305,11 @@ def _signal_tree(
             return []
         for child, process in frozen.items():
             try:
+                if signal in _STOPS and _catches_or_ignores(child, signal):
+                    # Continued first, as it runs without the walk (a SIGCONT after the
+                    # signal would discard it): not left stopped for good by the walk's
+                    # SIGSTOP, its handler never run.
+                    process.resume()
                 process.send(signal)
                 signalled.append(Descendant(child, process.start_time, may.users(child)))
             except OSError:
@@ -320,10 +326,13 @@ def _signal_tree(
         for process in frozen.values():
             process.close()
         if stopped:
+            stops = sends_its_own and signal in _STOPS
+            if stops and _catches_or_ignores(pid, signal):  # as a descendant that does
+                root.resume()
             try:
                 then()  # its own signal, before it may run again
             finally:
-                if not (sends_its_own and signal in _STOPS):
+                if not stops:
                     root.resume()
         root.close()
     return signalled
@@ -360,6 +369,14 @@ def signal_again(descendants: Sequence[Descendant], signal: int) -> List[Descend
         finally:
             process.close()
     return delivered
+
+
+def _catches_or_ignores(pid: int, signal: int) -> bool:
+    """Whether process ``pid`` catches or ignores ``signal`` (False where unreadable)."""
+    try:
+        return catches_or_ignores(read_status(pid), signal)
+    except OSError:
+        return False
 
 
 def _stop(root: Process) -> bool:

@@ -123,6 +123,7 @@ class OsSignaller(Signaller):
         reap would wait for whoever continues it."""
         try:
             own = worker.pidfd
+            signal = _as_received(worker.pid, signal)
             if own is not None:
                 _deliver(lambda s: _signal.pidfd_send_signal(own, s), signal)
                 return True
@@ -196,6 +197,39 @@ class OsSignaller(Signaller):
         from ftimer_server.incidents._reap_extras import signal_again  # noqa: PLC0415
 
         return signal_again(descendants, signal)
+
+
+#: Signals sent as they are to a namespace's init: forced through (SIGKILL, SIGSTOP),
+#: none, or whose default action is to do nothing.
+_AS_SENT = frozenset(
+    {0, _signal.SIGKILL, _signal.SIGSTOP}
+    | {_signal.SIGCHLD, _signal.SIGCONT, _signal.SIGURG, _signal.SIGWINCH}
+)
+_STOPPING = frozenset({_signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
+
+
+def _as_received(pid: int, signal: int) -> int:
+    """``signal``, or what its default action comes to (SIGKILL, or SIGSTOP for a stop
+    signal) for a process that is pid 1 of a PID namespace below the server's (a
+    container's first process) and neither catches nor ignores it: the kernel drops such
+    a signal, even from an ancestor namespace (it forces only SIGKILL and SIGSTOP
+    through), where any other process would die (or stop) of it. What cannot be read
+    leaves ``signal``."""
+    if signal in _AS_SENT:
+        return signal
+    from ftimer_server.incidents._procfs import (  # noqa: PLC0415
+        catches_or_ignores,
+        read_status,
+    )
+
+    try:
+        status = read_status(pid)
+    except OSError:
+        return signal
+    nspid = status.get("NSpid", "").split()
+    if len(nspid) < 2 or nspid[-1] != "1" or catches_or_ignores(status, signal):
+        return signal
+    return _signal.SIGSTOP if signal in _STOPPING else _signal.SIGKILL
 
 
 def _deliver(send: Callable[[int], object], signal: int) -> None:

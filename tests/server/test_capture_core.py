@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+import pytest
+
 from ftimer_protocol import Arm, Expire
 from ftimer_server import (
     Escalated,
@@ -14,10 +16,11 @@ from ftimer_server import (
     Reaped,
     RecordingSignaller,
     Rejected,
+    Timer,
     WorkerGone,
 )
 from ftimer_server.core._host import CaptureRequest
-from ftimer_server.core._watchdog import MAX_PEERS, Watchdog
+from ftimer_server.core._watchdog import MAX_PEERS, PEER_SCAN_PER_PID, Watchdog
 from ftimer_server.server._edge import SystemHost
 
 from .conftest import FakeInspector, Recorder
@@ -297,3 +300,33 @@ def test_an_incident_captures_at_most_max_peers_of_a_large_job() -> None:
     assert len(request.peers) == MAX_PEERS
     assert request.peers[0].worker.pid == 1001
     assert {p.worker.pid for p in request.peers[1:]} <= set(workers)
+
+
+def test_the_peers_are_found_from_a_few_timers_of_each_worker_not_every_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each reap looked for the job's other ranks through every armed timer, on the
+    # loop's thread: a writer of the FIFO that armed a full table, then sent a line per
+    # reap with a job of its own, held the loop 78 ms a reap at 200,000 timers.
+    rig = Rig()
+    for pid in (1001, 1002, 1003):
+        rig.wd.apply(
+            [Arm(pid, f"s{i}", 50.0, 9, labels={"job": "j1"}) for i in range(500)], 0.0, 0.0
+        )
+    looked = [0]
+    job_of = Watchdog._job_of
+
+    def counting(self: Watchdog, timer: Timer) -> Optional[str]:
+        looked[0] += 1
+        return job_of(self, timer)
+
+    monkeypatch.setattr(Watchdog, "_job_of", counting)
+    rig.arm(1000, 5.0, job="alone")
+    rig.wd.tick(5.0)
+    [request] = rig.host.requests
+    assert not request.peers
+    assert looked[0] <= 2 + 3 * PEER_SCAN_PER_PID  # the stuck one's own, then each worker's
+    rig.arm(1000, 10.0, job="j1")  # and the job's ranks are still found
+    rig.wd.captured(1000, 5.1)
+    rig.wd.tick(10.0)
+    assert sorted(p.worker.pid for p in rig.host.requests[-1].peers) == [1001, 1002, 1003]

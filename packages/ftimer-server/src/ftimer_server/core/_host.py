@@ -62,11 +62,14 @@ class Unresolved(msgspec.Struct, frozen=True):
         detail: for people: the errno and what was being read.
         exited: the pid's process was found, then found to have exited (a zombie, say):
             a request for it came too late to matter, and is not refused.
+        scarce: the host ran out of file descriptors finding out (``EMFILE``,
+            ``ENFILE``): once some are freed, asking again may succeed.
     """
 
     reason: RejectReason
     detail: str = ""
     exited: bool = False
+    scarce: bool = False
 
 
 class Delivery(msgspec.Struct, frozen=True):

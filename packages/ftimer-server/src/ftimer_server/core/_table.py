@@ -29,6 +29,7 @@ from typing import (
     Any,
     Callable,
     Dict,
+    Iterable,
     Iterator,
     List,
     Mapping,
@@ -133,6 +134,12 @@ class TimerTable:
     def __iter__(self) -> Iterator[Timer]:
         for scopes in self._by_pid.values():
             yield from scopes.values()
+
+    def by_pid(self) -> Iterator[Tuple[int, Iterable[Timer]]]:
+        """Each pid with armed timers, and its timers (a view: not to be kept)."""
+        for pid, scopes in self._by_pid.items():
+            if scopes:
+                yield pid, scopes.values()
 
     def __contains__(self, pid: object) -> bool:
         """True if ``pid`` has armed timers."""

@@ -90,6 +90,8 @@ RESYNC_WAIT = 30.0
 #: and reaps came seconds late, then not at all. An incident holds a few captures'
 #: stacks whole anyway, and a host's ranks of one job are rarely more.
 MAX_PEERS = 15
+#: The timers of each armed worker a reap looks at for its job label (`_peers`).
+PEER_SCAN_PER_PID = 16
 #: Refusals that are facts about the process holding the pid, not about one message.
 _LASTING = frozenset(
     (
@@ -552,6 +554,7 @@ class Watchdog:
         for worker in list(self._workers.values()):
             self._release(worker)
         self._workers.clear()
+        self._exiting.clear()
         while self._refused:
             self._forget_refusal(next(iter(self._refused)))
 
@@ -706,6 +709,10 @@ class Watchdog:
                 return Unresolved(why, detail)
             self._forget_refusal(pid)
         facts = self._host.resolve(pid, ancestry=self.policy.descendants_only)
+        if isinstance(facts, Unresolved) and facts.scarce and self._let_go_of_idle():
+            # Processes with no timer (named once by anyone who may write the FIFO) or
+            # refused a moment ago held them: a worker that arms now is watched first.
+            facts = self._host.resolve(pid, ancestry=self.policy.descendants_only)
         if not isinstance(facts, Facts):
             if facts.reason is RejectReason.NOT_A_PROCESS:
                 self._remember_refusal(pid, facts.reason, facts.detail, None)
@@ -744,6 +751,18 @@ class Watchdog:
 
     def _release(self, worker: Worker) -> None:
         self._host.release(worker)
+
+    def _let_go_of_idle(self) -> bool:
+        """Close the pidfds held for nothing: of the refusals remembered, and of the
+        bound workers with no timer, none parked and no reap pending (bound again at
+        their next arm). Returns whether any was closed."""
+        refused = [pid for pid, r in self._refused.items() if r.process is not None]
+        for pid in refused:
+            self._forget_refusal(pid)
+        idle = [w for w in self._workers.values() if w.pidfd is not None and self._idle(w.pid)]
+        for worker in idle:
+            self._unbind(worker)
+        return bool(refused or idle)
 
     def _heard(self, results: Sequence[Incoming]) -> None:
         """The scopes that ``results`` (applied next) arm or disarm are heard of since the
@@ -803,27 +822,33 @@ class Watchdog:
         # A worker bound with a pidfd stays bound until it exits: binding costs a few
         # system calls, and workers arm and disarm in a loop. Without a pidfd there is
         # nothing to hold, and nothing would tell us it exited: let it go when idle.
-        pid = worker.pid
         if (
             worker.pidfd is None
-            and pid not in self.table
-            and pid not in self._parked
-            and not self._reaper.pending(pid)
-            and self._workers.get(pid) is worker
+            and self._idle(worker.pid)
+            and self._workers.get(worker.pid) is worker
         ):
-            del self._workers[pid]
-            self._release(worker)
-            self.table.disarm_all(pid)  # drops its empty entry
+            self._unbind(worker)
 
-    def _gone(self, worker: Worker, dropped: Sequence[Timer] = ()) -> None:
+    def _idle(self, pid: int) -> bool:
+        """Whether the worker bound to ``pid`` has no timer, none parked, no reap pending."""
+        return pid not in self.table and pid not in self._parked and not self._reaper.pending(pid)
+
+    def _unbind(self, worker: Worker) -> List[Timer]:
+        """Forget ``worker``, close what the host holds of it, and disarm its timers;
+        return them."""
         pid = worker.pid
         del self._workers[pid]
         self._exiting.discard(pid)
         self._release(worker)
+        return self.table.disarm_all(pid)  # (also drops an empty entry)
+
+    def _gone(self, worker: Worker, dropped: Sequence[Timer] = ()) -> None:
+        pid = worker.pid
+        armed = self._unbind(worker)
         incident, outlived = self._reaper.forget(worker)
         self._unheard.pop(pid, None)
         parked = self._parked.pop(pid, ())
-        timers = tuple(dropped) + parked + tuple(self.table.disarm_all(pid))
+        timers = tuple(dropped) + parked + tuple(armed)
         unkillable = outlived is not None
         self._emit(WorkerGone(pid, worker.start_time, timers, incident, unkillable, outlived))
 
@@ -831,7 +856,7 @@ class Watchdog:
         worker = self._workers.get(expiry.pid)
         outcome: Optional[Union[str, Reaped]] = None
         if worker is not None and expiry.decider is not None and self._host.alive(worker):
-            # Peers matter only to a capture (and finding them scans every timer).
+            # Peers matter only to a capture (and finding them looks at every worker).
             job = self._job_of(expiry.decider) if self._captures else None
             peers = self._peers(job, worker, now, together)
             outcome = self._reaper.reap(worker, expiry, now, peers, job)
@@ -867,8 +892,19 @@ class Watchdog:
         def bound(timers: Iterable[Timer]) -> Iterator[Tuple[Optional[Worker], Timer]]:
             return ((workers.get(t.pid), t) for t in timers)
 
+        def armed() -> Iterator[Tuple[Optional[Worker], Timer]]:
+            # A few timers of each bound worker, not every timer: a worker's job label is
+            # the same on all its timers (its client adds it), and a scan of the whole
+            # table per reap held the loop (0.4 s a reap with 1M timers armed, for as
+            # many reaps as one line each asks).
+            for pid, scopes in self.table.by_pid():
+                worker = workers.get(pid)
+                if worker is not None and pid != stuck.pid:
+                    for timer in itertools.islice(scopes, PEER_SCAN_PER_PID):
+                        yield worker, timer
+
         capturing = self._reaper.capturing()
-        for worker, timer in itertools.chain(bound(together), capturing, bound(self.table)):
+        for worker, timer in itertools.chain(bound(together), capturing, armed()):
             if (
                 worker is not None
                 and worker.pid != stuck.pid

@@ -110,7 +110,8 @@ class SystemHost(Host):
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.EINVAL):  # what pidfd_open says of a thread
                 return self._not_a_process(pid)
-            return Unresolved(RejectReason.UNVERIFIABLE, f"pidfd_open: {_describe(e)}")
+            why = f"pidfd_open: {_describe(e)}"
+            return Unresolved(RejectReason.UNVERIFIABLE, why, scarce=e.errno in _SCARCE)
         except Exception as e:  # a custom inspector's bug: refuse, never crash the loop
             logger.exception("inspecting process %d failed", pid)
             return Unresolved(RejectReason.UNVERIFIABLE, _describe(e))
@@ -157,7 +158,8 @@ class SystemHost(Host):
             self.release(Worker(pid, None, pidfd))
         if not isinstance(e, OSError):
             logger.exception("inspecting process %d failed", pid)
-        return Unresolved(RejectReason.UNVERIFIABLE, f"/proc/{pid}: {_describe(e)}")
+        scarce = isinstance(e, OSError) and e.errno in _SCARCE
+        return Unresolved(RejectReason.UNVERIFIABLE, f"/proc/{pid}: {_describe(e)}", scarce=scarce)
 
     def bound(self, worker: Worker) -> None:
         if worker.pidfd is not None:
@@ -320,6 +322,10 @@ def _optional(read: Callable[[int], int], pid: int) -> Optional[int]:
         return read(pid)
     except NotImplementedError:
         return None
+
+
+#: What a process out of file descriptors, or a host, is told.
+_SCARCE = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 def _describe(e: BaseException) -> str:

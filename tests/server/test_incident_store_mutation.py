@@ -7,13 +7,15 @@ disk)."""
 from __future__ import annotations
 
 import errno
+import math
 import os
 import pathlib
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable, List, Optional
+import types
+from typing import Callable, Iterator, List, Optional
 
 import msgspec
 import pytest
@@ -256,33 +258,109 @@ sys.stdin.read()
 """
 
 
-def test_a_write_with_no_deadline_waits_for_a_lock_held_a_moment(tmp_path: pathlib.Path) -> None:
-    # No deadline: the write waits up to LOCK_WAIT (10 s) for the directory's lock.
+class HeldLock:
+    """The store's lock held by another process (a real flock), and the store's clock
+    made a fake one that its own polls advance: the holder lets go once ``held_for``
+    seconds of that clock have gone by (never: inf). Whether anything was written while
+    it held the lock is kept (``written_while_held``)."""
+
+    def __init__(self, directory: pathlib.Path, monkeypatch: pytest.MonkeyPatch, held_for: float):
+        self.directory = directory
+        self.holder = subprocess.Popen(
+            [sys.executable, "-c", LOCKER, str(directory / ".lock")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.holder.stdout is not None
+        assert self.holder.stdout.readline() == "locked\n"
+        self.start = self.now = 1000.0
+        self.held_for = held_for
+        self.released = False
+        self.written_while_held: List[str] = []
+        fake = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if k[0] != "_"})
+        fake.monotonic, fake.sleep = (lambda: self.now), self._sleep
+        monkeypatch.setattr(_store, "time", fake)
+
+    def _sleep(self, seconds: float) -> None:
+        self.now += seconds
+        if not self.released and self.now - self.start >= self.held_for:
+            self.written_while_held = [n for n in os.listdir(self.directory) if n != ".lock"]
+            self.release()
+
+    def release(self) -> None:
+        if self.holder.returncode is not None:
+            return
+        self.released = True
+        assert self.holder.stdin is not None
+        assert self.holder.stdout is not None
+        self.holder.stdin.close()
+        self.holder.wait(30)  # its lock is released as it exits
+        self.holder.stdout.close()
+
+
+@pytest.fixture
+def held_lock(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[float], HeldLock]]:
+    """``held_lock(held_for)``: ``tmp_path``'s lock held (``HeldLock``), let go of at the
+    end if it still is."""
+    made: List[HeldLock] = []
+
+    def hold(held_for: float) -> HeldLock:
+        made.append(HeldLock(tmp_path, monkeypatch, held_for))
+        return made[-1]
+
+    yield hold
+    for lock in made:
+        lock.release()
+
+
+def test_a_write_with_no_deadline_waits_lock_wait_for_a_held_lock(
+    tmp_path: pathlib.Path, held_lock: Callable[[float], HeldLock]
+) -> None:
+    # No deadline: the write waits up to LOCK_WAIT (10 s) for the directory's lock, and
+    # writes nothing meanwhile. (A write that ignored the lock, or gave up after 0.5 s,
+    # passed a test that held it 0.3 s.)
     store = IncidentStore(str(tmp_path))
-    outcome: List[object] = []
-    with subprocess.Popen(
-        [sys.executable, "-c", LOCKER, str(tmp_path / ".lock")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as holder:
-        assert holder.stdout is not None
-        assert holder.stdin is not None
-        assert holder.stdout.readline() == "locked\n"
+    lock = held_lock(9.9)
+    assert store.write(make(0)) == str(tmp_path / f"{make(0).id}.json")
+    assert lock.released
+    assert lock.written_while_held == []
 
-        def write() -> None:
-            try:
-                outcome.append(store.write(make(0)))
-            except BaseException as e:  # reported below
-                outcome.append(e)
 
-        writer = threading.Thread(target=write)
-        writer.start()
-        time.sleep(0.3)  # the write is waiting (or has given up, wrongly)
-        holder.stdin.close()  # the holder exits: its lock is released
-        writer.join(30)
-    assert outcome == [str(tmp_path / f"{make(0).id}.json")]
-    assert os.path.exists(outcome[0])
+def test_a_write_with_no_deadline_gives_up_at_lock_wait(
+    tmp_path: pathlib.Path, held_lock: Callable[[float], HeldLock]
+) -> None:
+    store = IncidentStore(str(tmp_path))
+    lock = held_lock(math.inf)
+    with pytest.raises(TimeoutError, match=r"lock .*\.lock is held by another process"):
+        store.write(make(0))
+    assert _store.LOCK_WAIT <= lock.now - lock.start < _store.LOCK_WAIT + 0.5
+    assert not (tmp_path / f"{make(0).id}.json").exists()
+
+
+def test_a_held_lock_gives_a_write_up_at_its_deadline_no_later(
+    tmp_path: pathlib.Path, held_lock: Callable[[float], HeldLock]
+) -> None:
+    store = IncidentStore(str(tmp_path))
+    lock = held_lock(math.inf)
+    deadline = lock.start + 0.3
+    with pytest.raises(TimeoutError, match=r"lock .*\.lock is held by another process"):
+        store.write(make(1), deadline=deadline)
+    assert deadline <= lock.now <= deadline + _store._LOCK_POLL  # within one poll
+    assert not (tmp_path / f"{make(1).id}.json").exists()
+
+
+def test_a_write_waits_for_the_lock_until_its_deadline_not_less(
+    tmp_path: pathlib.Path, held_lock: Callable[[float], HeldLock]
+) -> None:
+    # Let go of 0.05 s before the deadline: the write waited, and wrote nothing before.
+    store = IncidentStore(str(tmp_path))
+    lock = held_lock(0.9)
+    assert store.write(make(0), deadline=lock.start + 0.95) == str(tmp_path / f"{make(0).id}.json")
+    assert lock.released
+    assert lock.written_while_held == []
 
 
 def test_a_write_failing_for_another_reason_than_a_full_disk_removes_no_older_incident(
@@ -530,11 +608,6 @@ def write_behind_a_holder(
         holder.stdin.close()
         writer.join(30)
     return outcome
-
-
-def test_a_write_waits_for_the_lock_until_its_deadline_not_less(tmp_path: pathlib.Path) -> None:
-    outcome = write_behind_a_holder(tmp_path, LOCKER, time.monotonic() + 0.95, hold=0.2)
-    assert outcome == [str(tmp_path / f"{make(0).id}.json")]
 
 
 def test_writes_leave_no_descriptor_open(tmp_path: pathlib.Path) -> None:

@@ -35,6 +35,7 @@ from ftimer_server.incidents._store import (
     IncidentStore,
     IncidentSummary,
     load_incidents,
+    read_record,
 )
 
 __all__ = [
@@ -228,20 +229,17 @@ def show_incident(
         _say_earlier(summaries, directory, err)
     try:
         path = store.path_of(ident)
-        incident = store.load(path)
+        incident, record = read_record(path)
     except IncidentError as e:
         _error(str(e), err)
         return EXIT_FAILURE
     if as_json:
         try:
-            with open(path, "rb") as f:
-                doc = json.loads(f.read())
             # The same record, every character past ASCII escaped (\u009b, \u202e): what
             # a worker wrote never reaches the terminal as a control or a reordering.
-            text = json.dumps(doc, ensure_ascii=True, separators=(",", ":"))
-        # Removed (or replaced) by the retention since; nested deeper than json reads.
-        except (OSError, ValueError, RecursionError) as e:
-            _error(f"cannot read {path}: {getattr(e, 'strerror', None) or e}", err)
+            text = json.dumps(json.loads(record), ensure_ascii=True, separators=(",", ":"))
+        except (ValueError, RecursionError) as e:  # nested deeper than json reads
+            _error(f"cannot read {path}: {e}", err)
             return EXIT_FAILURE
         out.write(text + "\n")
     else:

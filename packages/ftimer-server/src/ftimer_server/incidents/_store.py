@@ -76,6 +76,7 @@ __all__ = [
     "incident_id",
     "load_incidents",
     "read_incident",
+    "read_record",
 ]
 
 log = logging.getLogger("ftimer_server.incidents")
@@ -625,9 +626,18 @@ def read_incident(path: str) -> Incident:
         IncidentError: missing, unreadable, not an incident record, or of a schema
             version this server does not read.
     """
+    return read_record(path)[0]
+
+
+def read_record(path: str) -> Tuple[Incident, bytes]:
+    """The incident record at ``path``, and its bytes (read once, bounded).
+
+    Raises:
+        IncidentError: as ``read_incident``.
+    """
     data = _versioned(path)
     try:
-        return _incident_decoder.decode(data)
+        return _incident_decoder.decode(data), data
     except _UNDECODABLE as e:
         raise IncidentError(f"{path} is not an incident record: {e}") from None
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import pathlib
+import random
 import select
 import signal
 import socket
@@ -88,15 +90,16 @@ def write(kind: str, path: str, n: int, how: str) -> None:
 
         print("ready", flush=True)
         for cmd in sys.stdin:
-            if cmd.strip() != "go":
+            k = _round(cmd, n)
+            if k is None:
                 break
             if "fresh" in options:
-                for _ in range(n // 2):
+                for _ in range(k // 2):
                     scope = f"step-{next(fresh)}"
                     retry(client.acquire, scope, far)
                     retry(client.release, scope)
             else:
-                for scope in scopes:
+                for scope in scopes[: k // 2]:
                     retry(client.acquire, scope, far)
                     retry(client.release, scope)
             print(f"done {failures}", flush=True)
@@ -131,29 +134,38 @@ def write(kind: str, path: str, n: int, how: str) -> None:
         sender = SocketWriter(path)
     print("ready", flush=True)
     for cmd in sys.stdin:
-        if cmd.strip() != "go":
+        k = _round(cmd, n)
+        if k is None:
             break
         if method == "datagrams":
-            for x in lines:
+            for x in lines[:k]:
                 sender.write(x, 30.0)
         elif how == "per-message":
-            for x in lines:
+            for x in lines[:k]:
                 fd = os.open(path, os.O_WRONLY)
                 os.write(fd, x)
                 os.close(fd)
         elif how == "batch":
             fd = os.open(path, os.O_WRONLY)
-            for x in batches:
+            for x in batches if k == len(lines) else _batches(lines[:k]):
                 os.write(fd, x)
             os.close(fd)
         else:
             # Closed after each round: torch's server applies what it read only when a
             # line arrives or the last writer closes.
             fd = os.open(path, os.O_WRONLY)
-            for x in lines:
+            for x in lines[:k]:
                 os.write(fd, x)
             os.close(fd)
         print("done 0", flush=True)
+
+
+def _round(cmd: str, n: int) -> Optional[int]:
+    """The messages a "go [K]" line asks for (all ``n`` without K); None: not a round."""
+    words = cmd.split()
+    if not words or words[0] != "go":
+        return None
+    return min(n, int(words[1])) if len(words) > 1 else n
 
 
 class WriterProcess:
@@ -176,8 +188,9 @@ class WriterProcess:
         import in parallel)."""
         assert self._out.readline().strip() == "ready"
 
-    def go(self) -> None:
-        self._in.write("go\n")
+    def go(self, count: Optional[int] = None) -> None:
+        """Start a round of all its messages, or of the first ``count``."""
+        self._in.write("go\n" if count is None else f"go {count}\n")
         self._in.flush()
 
     def done(self) -> int:
@@ -490,21 +503,36 @@ def _ingest(
             for s in series:  # interleaved
                 for other in (*servers.values(), floor):
                     other.pause(other is not s.server)
-                n = writers * (s.total // writers // 2 * 2)
-                start = time.monotonic()
-                for p in procs[s.name]:
-                    p.go()
-                # The writers stay alive until the server read everything: a datagram
-                # whose sender exited before it was read is refused.
-                end, ok = s.server.wait_applied(n)
-                if ok < n:  # every message received and applied
-                    raise RuntimeError(f"{s.name}: {n - ok} of {n} messages not applied")
-                # torch's client can raise on close after its line went through: the
-                # retry sends it twice.
-                duplicates[s.name] += ok - n
-                for p in procs[s.name]:
-                    failures[s.name] = max(failures[s.name], p.done())
-                rates[s.name].append(n / (end - start))
+                per = s.total // writers // 2 * 2
+                # A round costs a fixed time besides its messages (torch's server sleeps
+                # max_interval before its first line and again after its last, before it
+                # applies them): a round of one arm/disarm pair per writer (that fixed
+                # time alone), then a full one, and the rate of the difference.
+                took = []
+                for count in (2, per):
+                    n = writers * count
+                    if s.server.kind == "torch":
+                        # Its loop at a known phase (it just applied a line, and sleeps
+                        # max_interval before it reads again): the same fixed cost in
+                        # both rounds, which the difference then cancels.
+                        s.server.send([_TORCH_PROBE])
+                        s.server.wait_applied(0)
+                    start = time.monotonic()
+                    for p in procs[s.name]:
+                        p.go(count)
+                    # The writers stay alive until the server read everything: a
+                    # datagram whose sender exited before it was read is refused.
+                    end, ok = s.server.wait_applied(n)
+                    if ok < n:  # every message received and applied
+                        raise RuntimeError(f"{s.name}: {n - ok} of {n} messages not applied")
+                    # torch's client can raise on close after its line went through:
+                    # the retry sends it twice.
+                    duplicates[s.name] += ok - n
+                    for p in procs[s.name]:
+                        failures[s.name] = max(failures[s.name], p.done())
+                    took.append((n, end - start))
+                (n0, t0), (n1, t1) = took
+                rates[s.name].append((n1 - n0) / (t1 - t0))
     finally:
         for ps in procs.values():
             for p in ps:
@@ -541,7 +569,9 @@ def _ingest(
                 "torch": torch_rate,
                 "better": "higher",
                 "transport": "fifo" if name == "ftimer" else "socket",
-                "note": f"median of {reps}; arm/disarm pairs, {per:,} arms per writer "
+                "note": f"median of {reps}; each the rate of the difference between a "
+                "round of one pair per writer and a full one (a round's fixed cost "
+                f"cancelled); arm/disarm pairs, {per:,} arms per writer "
                 f"(torch {total['torch'] // writers // 2:,}); {note}; every message checked "
                 "applied",
             }
@@ -549,9 +579,23 @@ def _ingest(
     return rows
 
 
+#: A line torch's server applies and forgets (a disarm of a timer nobody armed).
+_TORCH_PROBE = (
+    json.dumps(
+        {"version": 1, "pid": os.getpid(), "scope_id": "probe", "expiration_time": -1, "signal": 0}
+    )
+    + "\n"
+).encode()
+
 # How long before its deadline a reap-latency timer is armed: long enough for each server
 # to have applied it (torch's loop sleeps up to max_interval before reading).
 ARM_AHEAD = {"ftimer": 0.05, "torch": 0.4}
+#: A random extra delay (s) for torch's timers. torch checks expiry once per loop, and its
+#: loop restarts when it is resumed (SIGCONT) and when it applies a line: a fixed delay
+#: puts every deadline at the same phase of that loop, and the samples are one value
+#: repeated (0.1 ms or 100 ms, by luck). Over two loop periods (with 100k timers a loop
+#: takes longer than max_interval) the phase is random, as a real worker's deadline's.
+PHASE_JITTER = {"ftimer": 0.0, "torch": 0.2}
 
 
 def _reap_once(server: Server, delay: float, over_socket: bool = False) -> float:
@@ -559,6 +603,7 @@ def _reap_once(server: Server, delay: float, over_socket: bool = False) -> float
 
     ``over_socket``: the arm goes over ftimer's datagram socket with the worker's pidfd
     (our child, so ours to name: ``ftimer exec``'s way), instead of the FIFO."""
+    delay += random.uniform(0.0, PHASE_JITTER[server.kind])
     worker = subprocess.Popen(["sleep", "60"])
     pidfd = os.pidfd_open(worker.pid)
     try:
@@ -817,8 +862,11 @@ def _labelled_memory_row(
 
 
 def _percentile(samples: List[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile: the ceil(q * n)-th smallest. The same statistic
+    whatever the number of samples (for q = 0.99, the max of fewer than 100), so that
+    columns with different numbers of samples compare alike."""
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+    return ordered[max(0, min(len(ordered), math.ceil(q * len(ordered))) - 1)]
 
 
 def run(quick: bool) -> List[Row]:

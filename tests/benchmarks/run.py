@@ -99,8 +99,18 @@ def _advantage(factor: float) -> Callable[[Row], bool]:
 
 TARGETS = [
     # The FIFO's blocks ($: not the socket's, whose targets are relative to them).
-    Target("client", r"explicit scope, ftimer v2$", "<= 5 us per block", _at_most(5)),
-    Target("client", r"default scope, ftimer v2$", "<= 6 us per block", _at_most(6)),
+    # The brief's targets are ratios of the same run (machines differ ~3x in absolute
+    # times): >= 10x torch's block (default scope >= 15x) and <= 4x the floor.
+    Target("client", r"explicit scope, ftimer v2$", ">= 10x torch", _advantage(10)),
+    Target("client", r"default scope, ftimer v2$", ">= 15x torch", _advantage(15)),
+    Target(
+        "client",
+        r"explicit scope, ftimer v2$",
+        "<= 4x the floor (two pre-encoded writes)",
+        _within("floor", 4),
+        _times("floor"),
+        "the floor",
+    ),
     Target("client", r"against ftimer's server", "no failed block", _at_most(0)),
     Target(
         "client",
@@ -121,6 +131,7 @@ TARGETS = [
     ),
     Target("server ingest", r"^(?!.*floor:)", ">= 10x torch", _advantage(10)),
     # The brief asks for these at 100k armed and "independent of how many are armed".
+    Target("reap latency", r"^(median|p99), ", ">= 10x lower than torch", _advantage(10)),
     Target("reap latency", r"^median", "<= 2 ms", _at_most(2)),
     Target("reap latency", r"^p99", "<= 10 ms", _at_most(10)),
     Target(

@@ -16,10 +16,17 @@ from typing import Any, List
 import pytest
 from tests.conftest import wait_until
 
-from ftimer_client import FileTimerClient, ServerUnavailable, _resync, configure, expires
+from ftimer_client import (
+    FileTimerClient,
+    ServerStalled,
+    ServerUnavailable,
+    _resync,
+    configure,
+    expires,
+)
 from ftimer_protocol import Arm, Disarm, Expire
 
-from .conftest import FifoPeer, server_state
+from .conftest import FifoPeer, Peer, SocketPeer, restart, server_state
 
 #: Blocks of distinct scopes released while the server cannot be reached.
 BLOCKS = 1500
@@ -250,3 +257,31 @@ def test_a_worker_with_no_thread_to_spare_carries_on_when_the_server_goes(
         finally:
             worker.kill()
     assert said == "ok\n"
+
+
+@pytest.mark.parametrize("transport", ["fifo", "socket"])
+def test_a_refused_rearm_keeps_the_disarm_delivered_before_it_owed(
+    fifo_path: pathlib.Path, transport: str
+) -> None:
+    # The refused re-arm of "s" took the delivered disarm of "s" off the recent: a server
+    # that died before reading it, and restored "s" from its state file, was never sent
+    # it again and kept a timer for a healthy process.
+    server: Peer = FifoPeer(fifo_path) if transport == "fifo" else SocketPeer(fifo_path)
+    client = FileTimerClient(str(fifo_path), write_timeout=0.2, transport=transport, labels={})
+    try:
+        for scope in ("t", "s"):
+            client.arm(scope, 60)
+        client.release("t")
+        client.release("s")  # delivered: among the recent
+        server.wait_count(4)
+        server.pause()
+        server.fill()
+        with pytest.raises(ServerStalled):
+            client.arm("s", 60)  # refused by the full queue: it never went out
+        server = restart(server)  # the old one may not have read the disarms
+        client.arm("c", 60)
+        messages = server.wait_for(lambda m: any(x.scope_id == "c" for x in m))
+        assert {m.scope_id for m in messages if isinstance(m, Disarm)} >= {"t", "s"}
+    finally:
+        client.close()
+        server.close()

@@ -190,7 +190,7 @@ class Channel:
                     # call, made later, stands.
                     if armed.get(scope_id) is entry:
                         self.state.unarm(scope_id, previous)
-                    if previous is None and self.state.owes_disarm(scope_id):
+                    if previous is None and self.state.arm_left(scope_id):
                         # Its line may have gone out all the same (a signal handler's
                         # lines, sent after it, are what failed): the resync disarms it.
                         # (Had it a previous line, the resync re-arms that one.)
@@ -212,12 +212,11 @@ class Channel:
             Whatever interrupted the delivery.
         """
         with self.lock:
-            forgotten = False
+            owed: Optional[bool] = None
             try:
                 # Inside the try: an interrupt that lands once the scope is forgotten (or
-                # before) still counts it released, and its disarm lost.
-                self.state.disarm(scope_id)
-                forgotten = True
+                # before) still counts it released, and its disarm lost (if owed).
+                owed = self.state.disarm(scope_id)
                 if self._fd >= 0:  # as in arm()
                     try:
                         os.write(self._fd, line)
@@ -226,9 +225,9 @@ class Channel:
                         pass
                 self._deliver([(scope_id, line)], timeout, (scope_id,))
             except BaseException as e:
-                if not forgotten:
-                    self.state.disarm(scope_id)
-                if self.state.owes_disarm(scope_id):
+                if owed is None:
+                    owed = self.state.disarm(scope_id)
+                if owed:
                     self.state.lost_disarms((scope_id,))
                 self._failed(e if isinstance(e, ServerUnavailable) else None)
                 raise
@@ -248,19 +247,17 @@ class Channel:
             # Which scopes, before any is forgotten: an interrupt that lands while they
             # are forgotten or sent still counts every one of them disarmed, and lost.
             scopes = state.scopes_of(owner)
-            forgotten = False
+            owed: Optional[List[str]] = None
             try:
-                lines = state.disarm_all(scopes)
-                forgotten = True
+                lines, owed = state.disarm_all(scopes)
                 if lines or owner is None:
                     # (An owner that armed nothing owes the server nothing: a resync due
                     # for another reason is the next delivery's, or the retries'.)
                     self._deliver(list(zip(scopes, lines)), timeout, scopes)
             except BaseException as e:
-                if not forgotten:
-                    for scope_id in scopes:
-                        state.disarm(scope_id)
-                state.lost_disarms([s for s in reversed(scopes) if state.owes_disarm(s)])
+                if owed is None:
+                    owed = [s for s in scopes if state.disarm(s)]
+                state.lost_disarms(owed)
                 self._failed(e if isinstance(e, ServerUnavailable) else None)
                 raise
 

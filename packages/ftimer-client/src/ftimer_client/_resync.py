@@ -168,33 +168,35 @@ class Resync:
 
     def unsent(self, scope_id: str) -> None:
         """``scope_id``, armed now and not before, is about to be sent the slow way: until
-        a connection takes a line about it, no server holds it (see ``owes_disarm``)."""
+        a connection takes a line about it, no server holds it (see ``disarm``)."""
         self._unsent.add(scope_id)
 
-    def owes_disarm(self, scope_id: str) -> bool:
-        """Whether a server may hold an arm of ``scope_id`` that only its disarm just
-        forgotten (``disarm``, ``disarm_all``) and not delivered would undo: False for a
-        scope whose arm no connection took (``unsent``), which this then forgets, its
-        disarm taken back from the recent. (A disarm owed from before, lost or recent,
-        stays owed all the same.)"""
-        if scope_id not in self._unsent:
-            return True
-        self._unsent.discard(scope_id)
-        recent = self._recent
-        if recent and recent[-1] == scope_id:
-            recent.pop()
-        return False
+    def arm_left(self, scope_id: str) -> bool:
+        """Whether the arm of ``scope_id`` may have reached a server: not one that no
+        connection took (``unsent``), which this forgets."""
+        if scope_id in self._unsent:
+            self._unsent.discard(scope_id)
+            return False
+        return True
 
-    def disarm(self, scope_id: str) -> None:
-        """Forget ``scope_id`` (disarmed or expired); unknown scopes are ignored."""
+    def disarm(self, scope_id: str) -> bool:
+        """Forget ``scope_id``, released; unknown scopes are ignored. Returns whether a
+        server may hold its arm (``arm_left``), whose disarm it then owes: counted among
+        the recent, and the caller's to count lost if it does not go through."""
         self.armed.pop(scope_id, None)
         self._expired.pop(scope_id, None)
+        if not self.arm_left(scope_id):
+            return False
         self._recent.append(scope_id)
+        return True
 
     def expired(self, scope_id: str, line: bytes) -> None:
         """Forget ``scope_id``, expired now with ``line``: until delivered again, a
-        reconnection owes that line, not a disarm."""
-        self.disarm(scope_id)
+        reconnection owes that line, not a disarm (its arm sent or not: the worker asks
+        to be reaped)."""
+        self.armed.pop(scope_id, None)
+        self._unsent.discard(scope_id)
+        self._recent.append(scope_id)
         self._expired[scope_id] = line
         while len(self._expired) > RECENT:
             del self._expired[next(iter(self._expired))]
@@ -208,19 +210,16 @@ class Resync:
         """The scopes ``owner`` armed (None: every scope)."""
         return [s for s, (_, o) in list(self.armed.items()) if owner is None or o is owner]
 
-    def disarm_all(self, scopes: List[str]) -> List[bytes]:
-        """Forget ``scopes`` (``scopes_of(owner)``: those an owner armed, or all); return
-        the lines that disarm them on the server, one per scope.
+    def disarm_all(self, scopes: List[str]) -> Tuple[List[bytes], List[str]]:
+        """Forget ``scopes`` (``scopes_of(owner)``: those an owner armed, or all), each as
+        ``disarm`` does; return the lines that disarm them on the server, one per scope,
+        and the scopes whose disarm is owed.
 
         Never a ``disarm_all``, even for every scope: it would wipe what other channels
         armed for this pid (``ftimer exec``'s timer of the command that calls this).
         """
-        armed = self.armed
-        for scope_id in scopes:
-            armed.pop(scope_id, None)  # a handler may have disarmed it meanwhile
-            self._expired.pop(scope_id, None)
-        self._recent.extend(scopes)
-        return [self._base.disarm(s) for s in scopes]
+        owed = [s for s in scopes if self.disarm(s)]  # (a handler may have disarmed one)
+        return [self._base.disarm(s) for s in scopes], owed
 
     def armed_by(self, owner: object) -> FrozenSet[str]:
         """The scopes ``owner`` armed and that are still armed."""

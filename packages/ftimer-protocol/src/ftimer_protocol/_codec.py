@@ -98,6 +98,12 @@ _TORCH_TIME = re.compile(_TIME_MEMBER + rb"(-?(?:Infinity|NaN|[0-9][0-9.eE+-]*))
 _NEVER, _RELEASE = repr(float(MAX_TIME)).encode(), b"-1.0"
 #: Escapes of the letters of "version" (U+0065 to U+0076): a member name that may spell it.
 _LETTER_ESCAPE = re.compile(rb"\\u00[67]")
+#: A character outside ASCII: only ever inside a JSON string of an encoded message.
+_NON_ASCII = re.compile("[^\x00-\x7f]+")
+
+
+def _ascii_escape(match: re.Match[str]) -> str:
+    return encode_basestring_ascii(match.group())[1:-1]
 
 
 def encode(message: Message, *, limit: int = PIPE_BUF) -> bytes:
@@ -122,6 +128,11 @@ def encode(message: Message, *, limit: int = PIPE_BUF) -> bytes:
         raise LocalProtocolError(f"cannot encode {message!r}: {e}") from None
     if type(message) is TimerRequestV1:
         check = _v1_decoder.decode
+        if not body.isascii():
+            # torch's server decodes its FIFO with the locale's encoding, and its client
+            # writes ASCII only (json.dumps): any other character as a \uXXXX escape,
+            # counted as such against PIPE_BUF.
+            body = _NON_ASCII.sub(_ascii_escape, body.decode()).encode()
         line = body + b"\n"
     else:
         check = _v2_decoder.decode
@@ -159,7 +170,7 @@ def decode(line: Buffer) -> Message:
     return result
 
 
-def decode_value(line: Buffer) -> Union[Message, RemoteProtocolError]:
+def decode_value(line: Buffer, max_line: int = PIPE_BUF) -> Union[Message, RemoteProtocolError]:
     """``decode()`` without raising: the message, or the error as a value.
 
     The error is never raised, so it holds no traceback (no frames kept alive). A line
@@ -170,8 +181,8 @@ def decode_value(line: Buffer) -> Union[Message, RemoteProtocolError]:
     """
     if type(line) is not bytes:
         line = bytes(line)
-    if len(line) > PIPE_BUF and len(line) - line.endswith(b"\n") > PIPE_BUF:
-        return LineTooLong(f"line longer than {PIPE_BUF} bytes", line[:EXCERPT_BYTES])
+    if len(line) > max_line and len(line) - line.endswith(b"\n") > max_line:
+        return LineTooLong(f"line longer than {max_line} bytes", line[:EXCERPT_BYTES])
     return _decoded(line)
 
 
@@ -248,7 +259,13 @@ def _time_at_fault(line: bytes, error: str) -> bool:
     if at is None:
         return False
     where = int(at.group(1))
-    return _NOT_A_NUMBER.search(line, max(0, where - 64), where + 64) is not None
+    # The member's name may be any amount of JSON white space before the value: look
+    # back to the last name before where msgspec stopped, and match from there.
+    start = line.rfind(b'"expiration_time"', 0, where)
+    if start < 0:
+        return False
+    found = _NOT_A_NUMBER.match(line, start)
+    return found is not None and found.end() >= where
 
 
 def _with_torch_time(line: bytes) -> Optional[TimerRequestV1]:

@@ -52,7 +52,7 @@ def decode_line(
     if overlong_excerpt is None and len(line) <= max_line:
         if not line.strip(_BLANK):
             return []
-        result = decode_value(line)
+        result = decode_value(line, max_line)
         if not isinstance(result, RemoteProtocolError):
             return [result]
         out: List[DecodeResult] = [result]
@@ -75,7 +75,7 @@ def _resync(line: bytes, max_line: int, first: int = 1) -> Optional[DecodeResult
         start = line.rfind(MESSAGE_START, 0, end)
         if start < first or len(line) - start > max_line:
             return None
-        result = decode_value(line[start:])
+        result = decode_value(line[start:], max_line)
         if not isinstance(result, RemoteProtocolError):
             return result
         end = start

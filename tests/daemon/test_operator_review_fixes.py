@@ -5,13 +5,16 @@ they signal nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import socket
 import subprocess
+import threading
 from typing import Callable, List
 
 from ftimer_server.daemon._control import query_status
+from ftimer_server.daemon._systemd import SystemdNotifier
 
 from .conftest import PATIENCE, PYTHON, DaemonProcess
 
@@ -87,11 +90,47 @@ def test_a_removed_control_socket_is_made_anew(spawn: Spawn) -> None:
 def test_another_file_in_the_control_sockets_place_is_left_alone(spawn: Spawn) -> None:
     d = spawn("--capture", "none", "--no-socket").ready()
     path = pathlib.Path(str(d.fifo) + ".sock")
-    path.unlink()
-    path.write_text("not ours")
+    other = path.with_name("other")
+    other.write_text("not ours")
+    other.replace(path)  # in one step: the daemon's check never sees the path free
     d.wait_for_record(where=lambda r: "no longer names the daemon's control socket" in r["msg"])
     assert path.read_text() == "not ours"
     path.unlink()  # gone: made anew at the next check
     d.wait_for_record(where=lambda r: r["msg"].endswith("was removed; made it anew"))
     assert health(d).returncode == 0
     assert d.stop() == 0
+
+
+def test_ready_waits_out_a_notify_socket_that_is_full_for_a_moment(
+    short_dir: pathlib.Path,
+) -> None:
+    # With every notification sent without waiting (so that a ping never holds the
+    # loop), READY=1 met a queue full for a moment (PID 1 busy at boot, when every unit
+    # notifies) and was dropped: systemd kills a daemon that never says it is ready.
+    # Only WATCHDOG=1 may be a ping missed.
+    path = str(short_dir / "notify")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filler.sendto(b"X=1", path)
+    catching_up = threading.Timer(0.3, drain, args=(receiver,))  # PID 1, a moment later
+    catching_up.start()
+    notifier = SystemdNotifier.from_environ({"NOTIFY_SOCKET": path})
+    try:
+        assert notifier.ready("ok")
+    finally:
+        catching_up.join()
+        notifier.close()
+        receiver.close()
+        filler.close()
+
+
+def drain(sock: socket.socket) -> None:
+    """Receive what ``sock``'s queue holds."""
+    sock.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            sock.recv(4096)

@@ -1,7 +1,7 @@
 """The reaping path as odd workers meet it: a container's first process (pid 1 of its
-PID namespace) reaped with a signal it has no handler for, a worker that catches the
-stop signal it is reaped with under ``reap_tree``, and torch's arm from a process that
-took the pid of a worker whose exit the loop still holds. Real processes, all started
+PID namespace) reaped with a signal it has no handler for, or one that takes it itself,
+a worker that catches the stop signal it is reaped with under ``reap_tree``, and a dead
+worker's last torch arm read after another process took its pid. Real processes, all started
 here; the server signals only the test's descendants (``OwnChildrenSignaller``, the
 worker's pidfd) or nothing (``RecordingSignaller`` in a private PID namespace)."""
 
@@ -25,6 +25,7 @@ from tests.server.conftest import OwnChildrenSignaller, Recorder, proc_start_tim
 from ftimer_protocol import Arm
 from ftimer_server import FileTimerServer, Reaped
 from ftimer_server.incidents._diagnostics import IncidentOptions
+from ftimer_server.server._signaller import _as_received
 
 namespaces = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None,
@@ -112,10 +113,10 @@ def test_a_stop_signal_the_worker_catches_is_handled_with_or_without_reap_tree(
             worker.stdout.close()  # type: ignore[union-attr]
 
 
-REUSED_PID = """
+LATE_ARM = """
 import json, os, subprocess, sys, threading, time
 from ftimer_protocol import TimerRequestV1, encode
-from ftimer_server import FileTimerServer, Reaped, RecordingSignaller
+from ftimer_server import Expired, FileTimerServer, Reaped, RecordingSignaller
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 path = sys.argv[1]
@@ -137,42 +138,83 @@ server.start()
 fd = os.open(path, os.O_WRONLY)
 old = subprocess.Popen(["sleep", "60"])
 pid, born = old.pid, start_time(old.pid)
-# torch's format (no start time); the old worker's timer far off.
-os.write(fd, encode(TimerRequestV1(pid, "old", time.time() + 3600, 15)))
+os.write(fd, encode(TimerRequestV1(pid, "old", time.time() + 3600, 15)))  # torch's format
 assert held.wait(30)
+# The old worker's last words, written before it dies: another arm, due in 0.3 s.
+os.write(fd, encode(TimerRequestV1(pid, "late", time.time() + 0.3, 15)))
 old.kill()
 old.wait()  # its pid free: the loop sees its exit and holds it (EXIT_HOLD)
 while int(time.clock_gettime(time.CLOCK_BOOTTIME) * CLK_TCK) <= born:
     time.sleep(0.001)  # a later tick: another process by its start time
 with open("/proc/sys/kernel/ns_last_pid", "w") as f:
     f.write(str(pid - 1))
-new = subprocess.Popen(["sleep", "60"])
+new = subprocess.Popen(["sleep", "60"])  # asks for nothing
 assert new.pid == pid, (new.pid, pid)
-os.write(fd, encode(TimerRequestV1(pid, "new", time.time() + 0.3, 15)))  # then hangs
 gate.set()
-end = time.monotonic() + 10
-while time.monotonic() < end and not any(isinstance(e, Reaped) for e in events):
+witness = subprocess.Popen(["sleep", "60"])  # a report-only timer due after "late"
+os.write(fd, encode(TimerRequestV1(witness.pid, "after", time.time() + 0.6, 0)))
+end = time.monotonic() + 10  # until it expires
+while time.monotonic() < end and not any(
+    isinstance(e, Expired) and e.timer.scope_id == "after" for e in events
+):
     time.sleep(0.01)
 print(json.dumps([[e.scope_id for e in events if isinstance(e, Reaped)], signaller.sent]))
 server.stop()
 new.kill()
+witness.kill()
 """
 
 
 @namespaces
-def test_torchs_arm_on_the_pid_of_a_worker_whose_exit_is_held_binds_the_new_process(
+def test_a_dead_workers_last_arm_never_binds_the_process_that_took_its_pid(
     tmp_path: pathlib.Path,
 ) -> None:
-    # The loop applies a worker's exit 50 ms after it sees it (its last words first).
-    # torch's arm carries no start time: one from a process that took the pid meanwhile
-    # was bound to the dead worker, and dropped with it: the new process, stuck, was
-    # never reaped. In a PID namespace of its own (ns_last_pid picks the pid).
+    # The loop applies a worker's exit 50 ms after it sees it, its last words first.
+    # torch's arm carries no start time: bound to whoever held the pid when read, the
+    # dead worker's own last arm went to a process that took the pid meanwhile, and
+    # reaped it, though it never asked. (The other side, left so: a new process's
+    # first arm read in those 50 ms is dropped with the dead worker; its next one binds.)
     result = subprocess.run(
-        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", REUSED_PID,
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", LATE_ARM,
          str(tmp_path / "timer.fifo")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     reaped, sent = json.loads(result.stdout)
-    assert reaped == ["new"]
-    assert [s for _, s in sent] == [15]
+    assert reaped == []
+    assert sent == []
+
+
+SIGWAIT_INIT = (
+    "import signal; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM});"
+    "print('ready', flush=True); signal.sigwait({signal.SIGTERM}); print('got', flush=True)"
+)
+
+
+@namespaces
+@pytest.mark.parametrize("waits", ["sigwait", "blocked"])
+def test_a_namespaces_init_that_takes_the_signal_itself_gets_it_as_sent(waits: str) -> None:
+    # tini and dumb-init block the signals and take them with sigwait() (systemd and
+    # catatonit with a signalfd, blocked): the kernel drops none of them, and such an
+    # init passes SIGTERM on for a graceful stop. Made SIGKILL, the whole namespace died.
+    script = SIGWAIT_INIT if waits == "sigwait" else SIGWAIT_INIT.replace(
+        "signal.sigwait({signal.SIGTERM})", "__import__('time').sleep(600)"
+    )  # fmt: skip
+    outer = subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-c", script],
+                             stdout=subprocess.PIPE)  # fmt: skip
+    pidfds = []
+    try:
+        assert outer.stdout is not None
+        assert outer.stdout.readline() == b"ready\n"
+        [init] = children_of(outer.pid)
+        pidfds.append(os.pidfd_open(init))
+        if waits == "sigwait":  # in sigtimedwait(), where SigBlk no longer shows it
+            wait_until(lambda: "sigtimedwait" in pathlib.Path(f"/proc/{init}/wchan").read_text())
+        assert _as_received(init, signal.SIGTERM) == signal.SIGTERM
+    finally:
+        for fd in pidfds:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
+        outer.wait(30)
+        outer.stdout.close()  # type: ignore[union-attr]

@@ -222,9 +222,6 @@ class Watchdog:
         self._signals = policy.signals(host.signals)
         self._emit_to = emit
         self._workers: Dict[int, Worker] = {}
-        #: The pids of bound workers seen to exit, whose exit is not applied yet (the I/O
-        #: loop holds it for their last words: ``worker_exited``).
-        self._exiting: Set[int] = set()
         #: pid -> its refusal, in the order they end: REFUSAL_TTL after the last ``now``
         #: given to ``apply()``, which never goes back (before any, a restore's at once).
         self._refused: Dict[int, _Refusal] = {}
@@ -391,14 +388,6 @@ class Watchdog:
                         its_clocks=False,  # saved on the server's clocks
                     )
 
-    def worker_exited(self, worker: Worker) -> None:
-        """The I/O loop saw ``worker`` exit, and applies it later (``worker_gone``), once
-        its last words are read. Meanwhile its pid may be another process's already:
-        an arm that names it without a start time (torch's) binds whoever holds it,
-        never the dead worker, whose exit would drop that timer with its own."""
-        if self._workers.get(worker.pid) is worker:
-            self._exiting.add(worker.pid)
-
     def worker_gone(self, worker: Worker) -> None:
         """The I/O loop saw ``worker`` exit (its pidfd became readable): drop its timers."""
         if self._workers.get(worker.pid) is worker:
@@ -554,7 +543,6 @@ class Watchdog:
         for worker in list(self._workers.values()):
             self._release(worker)
         self._workers.clear()
-        self._exiting.clear()
         while self._refused:
             self._forget_refusal(next(iter(self._refused)))
 
@@ -594,21 +582,18 @@ class Watchdog:
             self._reject(reason, request, pid, scope_id, labels, f"signal {signal}")
             return
         worker = self._workers.get(pid)
-        # torch's arm (no start time) for a worker seen to exit: whoever holds the pid.
-        exited = start_time is None and pid in self._exiting
-        if (
-            worker is None
-            or exited
-            or (
-                start_time is not None
-                and worker.start_time is not None
-                and worker.start_time != start_time
-            )
+        # torch's arm (no start time) for a worker whose exit is held goes to that worker
+        # and is dropped with it: its own last words are what the hold is for, and
+        # nothing tells them from an arm of a process that took the pid since (which
+        # re-arms at its next step). Bound to that one, they reaped who never asked.
+        if worker is None or (
+            start_time is not None
+            and worker.start_time is not None
+            and worker.start_time != start_time
         ):
             bound = self._bind(pid, start_time, its_clocks)
             if not isinstance(bound, Worker):
-                # (Its pid free since: the exited worker's own last arm, read late.)
-                if self._ended(bound) or (exited and bound.reason is RejectReason.NO_SUCH_PROCESS):
+                if self._ended(bound):
                     self._moot(request)
                 else:
                     self._reject(bound.reason, request, pid, scope_id, labels, bound.detail)
@@ -838,7 +823,6 @@ class Watchdog:
         return them."""
         pid = worker.pid
         del self._workers[pid]
-        self._exiting.discard(pid)
         self._release(worker)
         return self.table.disarm_all(pid)  # (also drops an empty entry)
 

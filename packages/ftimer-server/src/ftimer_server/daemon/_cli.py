@@ -46,7 +46,7 @@ from ._config import (
     setting_text,
 )
 from ._control import DaemonNotRunning, query_status
-from ._daemon import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, run_daemon
+from ._daemon import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, defer_sighup, run_daemon
 from ._daemon_log import signal_label
 from ._incidents import DEFAULT_WINDOW, list_incidents, merge_incidents, show_incident
 from ._logging import LOG_FORMATS, LOG_LEVELS
@@ -440,6 +440,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     args = _parser().parse_args(argv)
     if args.command == "run":
+        if not args.check_config:
+            defer_sighup()  # until the daemon's own handler: its default action kills
         return _command(args, sys.stdout)
     # The other commands print a report, written once it is complete: one that cannot be
     # written (a full disk, a reader gone from the pipe) ends with an error line and

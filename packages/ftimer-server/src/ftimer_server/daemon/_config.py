@@ -836,6 +836,11 @@ def _check_own_paths(
             f"the config file {config_file}",
             None if config_file is None else os.path.abspath(config_file),
         ),
+        (
+            # Read through its symlinks: a file written at the end of them replaces it too.
+            f"the file the config file {config_file} links to",
+            _behind_links(config_file),
+        ),
         (_label("--fifo", origin, values, "fifo"), fifo),
         ("the FIFO's lock file (the FIFO + .lock)", fifo + ".lock"),
         (_label("--control-socket", origin, values, "control_socket"), control_socket),
@@ -855,6 +860,15 @@ def _check_own_paths(
             what = "the default --incident-dir (incidents beside the state file, else the FIFO)"
         files.append((what, incident_dir))
     _check_distinct([(what, path) for what, path in files if path is not None], state_file)
+
+
+def _behind_links(config_file: Optional[str]) -> Optional[str]:
+    """The file a symlinked ``config_file`` is read from, or None (no config file, or one
+    that is no symlink: its own path is checked already)."""
+    if config_file is None:
+        return None
+    real = os.path.realpath(config_file)
+    return None if _normalized(real) == _normalized(config_file) else real
 
 
 def _label(option: str, origin: Mapping[str, str], merged: Mapping[str, Any], name: str) -> str:
@@ -920,8 +934,10 @@ def _path(value: str) -> str:
 
 
 def _home(value: str) -> bool:
-    """``value`` starts with ``~``, as a shell's path in the home directory."""
-    return value == "~" or value.startswith("~/")
+    """``value`` starts with ``~``, as a shell's path in a home directory (``~/x``, and
+    ``~user/x`` too: no shell expands either here, and joined to the config file's
+    directory it named a path nobody meant)."""
+    return value.startswith("~")
 
 
 def _socket_path(path: str) -> str:

@@ -101,6 +101,7 @@ __all__ = [
     "EXIT_STARTUP",
     "EXIT_USAGE",
     "Daemon",
+    "defer_sighup",
     "run_daemon",
 ]
 
@@ -121,6 +122,22 @@ SCRAPE_WAIT = 1.0
 _PATHS_EVERY = 1.0
 #: Settings a SIGHUP applies in place; any other change needs a restart.
 _RELOADABLE = ("log_format", "log_level", "config_file")
+
+
+#: A SIGHUP that came after `defer_sighup` and before the daemon's own handler.
+_EARLY_HUP = threading.Event()
+
+
+def _early_hup(signum: int, frame: object) -> None:
+    _EARLY_HUP.set()
+
+
+def defer_sighup() -> None:
+    """Until `Daemon.run` installs its handlers, take a SIGHUP as a reload to make once
+    started, not as its default action (the end of the process): `kill -HUP` from
+    logrotate or an operator during the start-up killed the daemon it meant to reload."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, _early_hup)
 
 
 class StartupError(Exception):
@@ -193,6 +210,9 @@ class Daemon:
         old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         handled = (*_STOP_SIGNALS, signal.SIGHUP)
         old_handlers = {sig: signal.signal(sig, _wake_only) for sig in handled}
+        if _EARLY_HUP.is_set():  # the reload thread, started by the loop, makes it
+            _EARLY_HUP.clear()
+            self._hup.set()
         try:
             try:
                 self._start()
@@ -592,18 +612,22 @@ class Daemon:
         if control is None or not control.lost():
             self._control_lost = False
             return
-        try:
-            if control.rebind():
-                log.error("the control socket %s was removed; made it anew", control.path)
-        except OSError as e:
-            if not self._control_lost:
-                log.error(
-                    "%s no longer names the daemon's control socket, and none can be made "
-                    "there (%s): `status` cannot reach the daemon; restart it to make one",
-                    control.path,
-                    e.strerror or e,
-                )
-            self._control_lost = True
+        why = "another file is there"
+        if not os.path.lexists(control.path):  # (else left alone: no bind tried each second)
+            try:
+                if control.rebind():
+                    log.error("the control socket %s was removed; made it anew", control.path)
+                return
+            except OSError as e:
+                why = e.strerror or str(e)
+        if not self._control_lost:
+            log.error(
+                "%s no longer names the daemon's control socket, and none can be made "
+                "there (%s): `status` cannot reach the daemon; restart it to make one",
+                control.path,
+                why,
+            )
+        self._control_lost = True
 
     def _shutdown(self) -> None:
         self._paths_done.set()  # not joined: it may be held by a mount that hangs

@@ -14,6 +14,7 @@ from __future__ import annotations
 import array
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -31,6 +32,8 @@ log = logging.getLogger("ftimer_server.systemd")
 #: thousands of pings a second). 10 ms is far below any useful ``WatchdogSec=`` (seconds)
 #: and as short as ``--state-interval`` may be.
 MIN_WATCHDOG_INTERVAL = 0.01
+#: How long a notification other than a ping waits for room in systemd's queue (s).
+NOTIFY_WAIT = 2.0
 #: The longest ``STATUS=`` sent, in characters (at most 4 bytes each: well within the
 #: 4096 bytes of a notification systemd reads).
 MAX_STATUS = 512
@@ -102,9 +105,11 @@ class SystemdNotifier:
             return None
         return max(self.watchdog_usec / 2e6, MIN_WATCHDOG_INTERVAL)
 
-    def notify(self, *lines: str, fds: Sequence[int] = ()) -> bool:
+    def notify(self, *lines: str, fds: Sequence[int] = (), wait: float = NOTIFY_WAIT) -> bool:
         """Send ``lines`` as one notification, with descriptors ``fds``; True if it was
-        sent.
+        sent. A receiver whose queue is full is waited for ``wait`` seconds at most (0:
+        not at all, for a ``WATCHDOG=1`` ping: one missed is the watchdog's to judge;
+        READY=1, FDSTORE=1 and STOPPING=1 dropped are not made good by the next one).
 
         Failures (socket gone, permission) are logged once and otherwise ignored: systemd
         being unreachable must not stop the watchdog from working.
@@ -112,20 +117,34 @@ class SystemdNotifier:
         if self._address is None:
             return False
         payload = "\n".join(lines).encode()
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        end = time.monotonic() + wait
         with self._lock:
             try:
                 if self._sock is None:
-                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                # Never waits: a receiver whose queue is full (a busy or wedged PID 1, a
-                # supervisor that stopped reading after READY=1) would hold the caller
-                # for good, and the keep-alives come from the reaping loop. A ping that
-                # cannot be sent is a ping missed, which a watchdog is there to judge.
-                if fds:
-                    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    self._sock.sendmsg([payload], rights, socket.MSG_DONTWAIT, self._address)
-                else:
-                    self._sock.sendto(payload, socket.MSG_DONTWAIT, self._address)
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    try:
+                        # Connected: poll() says when the receiver's queue has room.
+                        sock.connect(self._address)
+                    except BaseException:
+                        sock.close()
+                        raise
+                    self._sock = sock
+                while True:
+                    try:
+                        self._sock.sendmsg([payload], rights, socket.MSG_DONTWAIT)
+                        break
+                    except BlockingIOError:
+                        left = end - time.monotonic()
+                        if left <= 0:
+                            raise
+                        poller = select.poll()
+                        poller.register(self._sock, select.POLLOUT)
+                        poller.poll(left * 1000)
             except OSError as e:
+                if not isinstance(e, BlockingIOError) and self._sock is not None:
+                    self._sock.close()  # a notify socket made anew: connect again
+                    self._sock = None
                 if not self._warned:
                     log.warning("cannot notify systemd at %r: %s", self._address, e)
                     self._warned = True
@@ -169,7 +188,7 @@ class SystemdNotifier:
 
     def watchdog(self) -> bool:
         """``WATCHDOG=1``: the service is alive (send only when it really is)."""
-        return self.notify("WATCHDOG=1")
+        return self.notify("WATCHDOG=1", wait=0)
 
     def close(self) -> None:
         """Close the socket (a later notification opens a new one)."""

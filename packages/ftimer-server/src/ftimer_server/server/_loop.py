@@ -246,8 +246,6 @@ class Loop:
             elif key.data is not _FIFO:  # a pidfd: it exited
                 self.unwatch(key.data)  # readable from now on: stop waiting for it
                 self._exits.append((time.monotonic() + EXIT_HOLD, key.data))
-                with self._lock:
-                    watchdog.worker_exited(key.data)
         tokens, horizon = self._ingest(socket_ready)
         with self._lock:
             now = time.monotonic()

@@ -220,6 +220,7 @@ def _as_received(pid: int, signal: int) -> int:
     from ftimer_server.incidents._procfs import (  # noqa: PLC0415
         catches_or_ignores,
         read_status,
+        signal_mask,
     )
 
     try:
@@ -229,7 +230,27 @@ def _as_received(pid: int, signal: int) -> int:
     nspid = status.get("NSpid", "").split()
     if len(nspid) < 2 or nspid[-1] != "1" or catches_or_ignores(status, signal):
         return signal
+    # A blocked signal is never dropped (the kernel queues it: signalfd, as systemd and
+    # catatonit take theirs), nor one to a process in sigtimedwait() (tini, dumb-init:
+    # the kernel unblocks the waited set meanwhile, so SigBlk does not show it), nor
+    # one to a traced process: they receive it as sent.
+    if (
+        signal_mask(status.get("SigBlk", ""), signal)
+        or status.get("TracerPid", "0") != "0"
+        or _in_sigwait(pid)
+    ):
+        return signal
     return _signal.SIGSTOP if signal in _STOPPING else _signal.SIGKILL
+
+
+def _in_sigwait(pid: int) -> bool:
+    """Whether process ``pid`` waits in sigtimedwait() (sigwait, sigwaitinfo): its
+    waited signals are taken, not dropped (False where it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return "sigtimedwait" in f.read()
+    except OSError:
+        return False
 
 
 def _deliver(send: Callable[[int], object], signal: int) -> None:

@@ -4,25 +4,16 @@ its config file behind a symlink. Real daemons; no timer is armed, they signal n
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import signal
 import subprocess
 import sys
 from typing import Callable
 
 import pytest
-from tests.conftest import wait_until
 
 from ftimer_server.daemon._config import ConfigError, load_config_file, resolve_config
 
-from .conftest import PATIENCE
-
-
-def _wait(cond: Callable[[], bool], what: str) -> None:
-    wait_until(cond, PATIENCE, what=what)
-
+from .conftest import PATIENCE, PYTHON, DaemonProcess
 
 # -- 1. a path starting with "~user" is silently taken relative to the config's directory
 
@@ -80,54 +71,17 @@ sys.exit(_cli.main(sys.argv[1:]))
 """
 
 
-def test_a_sighup_during_start_up_does_not_kill_the_daemon(short_dir: pathlib.Path) -> None:
+def test_a_sighup_while_the_daemon_starts_is_one_reload_once_started(
+    spawn: Callable[..., DaemonProcess], short_dir: pathlib.Path
+) -> None:
+    # Its default action ended the daemon a `kill -HUP` (logrotate, an operator) meant
+    # to reload, when it came before the daemon's own handler.
     conf = short_dir / "ftimer.toml"
     conf.write_text('log-level = "info"\n')
-    log = short_dir / "d.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            SIGHUP_WHILE_READING_CONFIG,
-            "run",
-            "-c",
-            str(conf),
-            "--fifo",
-            str(short_dir / "t.fifo"),
-            "--log-format",
-            "json",
-            "--log-file",
-            str(log),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",)},
-    )
-    try:
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"the daemon died at start-up: exit {proc.returncode} "
-                    f"(-{int(signal.SIGHUP)} is SIGHUP's default action)"
-                )
-            text = log.read_text() if log.exists() else ""
-            return any(
-                " ready: " in json.loads(ln)["msg"]
-                for ln in text.splitlines()
-                if ln.strip().endswith("}")
-            )
-
-        _wait(ready, "the daemon's ready line")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(PATIENCE) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for f in (proc.stdout, proc.stderr):
-            f.close()
+    d = spawn("-c", str(conf), command=[PYTHON, "-c", SIGHUP_WHILE_READING_CONFIG])
+    d.ready()
+    d.wait_for_record(where=lambda r: r["msg"] == f"config reloaded from {conf}")
+    assert d.stop() == 0
 
 
 # -- 3. a file the daemon writes may be the config file when the config is read via a symlink
@@ -135,7 +89,7 @@ def test_a_sighup_during_start_up_does_not_kill_the_daemon(short_dir: pathlib.Pa
 
 @pytest.mark.parametrize("option", ["--log-file", "--state-file"])
 def test_no_file_the_daemon_writes_is_the_config_file_behind_its_symlink(
-    short_dir: pathlib.Path, option: str
+    spawn: Callable[..., DaemonProcess], short_dir: pathlib.Path, option: str
 ) -> None:
     # docs/deploy.md: "no file the daemon writes (the state file, the log file, ...) may be
     # the config file itself". Given the config's own path it is refused (exit 2); given
@@ -149,46 +103,6 @@ def test_no_file_the_daemon_writes_is_the_config_file_behind_its_symlink(
     target.write_text(text)
     link = short_dir / "etc" / "ftimer.toml"
     link.symlink_to("../real/ftimer.toml")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ftimer_server",
-            "run",
-            "-c",
-            str(link),
-            "--fifo",
-            str(short_dir / "t.fifo"),
-            "--log-format",
-            "json",
-            option,
-            str(target),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
-    )
-    try:
-        # Ready (its line in the log, or a state file saved) or gone, whichever first.
-        def content() -> str:
-            try:
-                return target.read_text()
-            except FileNotFoundError:  # set aside as an unreadable state file
-                return "<gone>"
-
-        def settled() -> bool:
-            return proc.poll() is not None or content() != text
-
-        _wait(settled, "the daemon to start or refuse")
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(PATIENCE)
-        assert content() == text, "the daemon wrote into (or moved) its own config file"
-        assert proc.returncode == 2
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for f in (proc.stdout, proc.stderr):
-            f.close()
+    d = spawn("-c", str(link), option, str(target))
+    assert d.proc.wait(PATIENCE) == 2  # refused, as for the config file's own path
+    assert target.read_text() == text, "the daemon wrote into (or moved) its own config file"

@@ -11,6 +11,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import warnings
 from typing import Any, List
 
 import pytest
@@ -20,6 +21,7 @@ from ftimer_client import (
     FileTimerClient,
     ServerStalled,
     ServerUnavailable,
+    ServerUnavailableWarning,
     _resync,
     configure,
     expires,
@@ -282,6 +284,40 @@ def test_a_refused_rearm_keeps_the_disarm_delivered_before_it_owed(
         client.arm("c", 60)
         messages = server.wait_for(lambda m: any(x.scope_id == "c" for x in m))
         assert {m.scope_id for m in messages if isinstance(m, Disarm)} >= {"t", "s"}
+    finally:
+        client.close()
+        server.close()
+
+
+@pytest.mark.parametrize("transport", ["fifo", "socket"])
+@pytest.mark.parametrize("policy", ["raise", "warn"])
+def test_a_rearm_through_a_restart_keeps_the_delivered_disarm_owed(
+    fifo_path: pathlib.Path, transport: str, policy: str
+) -> None:
+    # The re-arm of "s", sent as its connection was found lost, dropped the disarm of
+    # "s" from the recent ("s" being armed again), then failed: refused (undone) or
+    # released unsent, owing nothing. The restarted server kept the timer its state file
+    # restored, for a healthy process.
+    server: Peer = FifoPeer(fifo_path) if transport == "fifo" else SocketPeer(fifo_path)
+    client = FileTimerClient(
+        str(fifo_path), write_timeout=0.2, transport=transport, labels={}, on_unavailable=policy
+    )
+    try:
+        client.arm("s", 60)
+        server.wait_count(1)  # held, and saved in its state file
+        server.pause()
+        client.release("s")  # delivered, never read: the server dies
+        server.close()
+        fifo_path.unlink()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ServerUnavailableWarning)
+            with contextlib.suppress(ServerUnavailable):  # under "raise": refused
+                client.arm("s", 60)
+                client.release("s")  # under "warn": still away
+        server = FifoPeer(fifo_path) if transport == "fifo" else SocketPeer(fifo_path)
+        client.arm("c", 60)  # back, "s" restored from its state file
+        messages = server.wait_for(lambda m: any(x.scope_id == "c" for x in m))
+        assert [type(m) for m in messages if m.scope_id == "s"][-1:] == [Disarm]
     finally:
         client.close()
         server.close()

@@ -413,3 +413,18 @@ def test_a_refused_arm_leaves_the_disarm_delivered_before_it_owed() -> None:
     assert not state.arm_left("s")
     state.failed(0.0)
     assert [decode(line) for line in lines_of(state.resync())] == [Disarm(PID, "s", START)]
+
+
+def test_a_rearm_found_lost_and_refused_leaves_the_disarm_before_it_owed() -> None:
+    # The reconnection the re-arm met dropped the recent disarm of its scope (armed
+    # again, tentatively), and the refused arm then owed nothing itself.
+    state, lines = v2()
+    state.arm("s", arm_line(lines, "s"), owner=1)
+    assert state.disarm("s")  # delivered: among the recent
+    state.arm("s", arm_line(lines, "s", 200.0), owner=1)  # again, the slow way
+    state.unsent("s")
+    state.reconnected()  # its connection found lost as it went
+    state.unarm("s", None)  # ... and refused: it did not happen
+    assert not state.arm_left("s")
+    state.failed(0.0)
+    assert [decode(line) for line in lines_of(state.resync())] == [Disarm(PID, "s", START)]

@@ -13,6 +13,9 @@ import subprocess
 import threading
 from typing import Callable, List
 
+import pytest
+
+from ftimer_server.daemon import _systemd
 from ftimer_server.daemon._control import query_status
 from ftimer_server.daemon._systemd import SystemdNotifier
 
@@ -58,15 +61,7 @@ def test_a_notify_socket_nobody_reads_holds_neither_the_loop_nor_the_stop(
     # waited there for good: no line read, no timer reaped, and SIGTERM waited on it
     # too. A keep-alive that finds no room is dropped (said once in the log).
     d = spawn("--capture", "none", "--no-socket", env={"WATCHDOG_USEC": "200000"}).ready()
-    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    filler.setblocking(False)
-    try:
-        while True:  # nobody reads the notify socket from now on
-            filler.sendto(b"X=1", d.notify.path)
-    except BlockingIOError:
-        pass
-    finally:
-        filler.close()
+    fill(d.notify.path)  # nobody reads the notify socket from now on
     d.wait_for_record(where=lambda r: r["msg"].startswith("cannot notify systemd"))
     probe = health(d)
     assert probe.returncode == 0, probe.stderr
@@ -111,11 +106,7 @@ def test_ready_waits_out_a_notify_socket_that_is_full_for_a_moment(
     path = str(short_dir / "notify")
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(path)
-    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    filler.setblocking(False)
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            filler.sendto(b"X=1", path)
+    fill(path)
     catching_up = threading.Timer(0.3, drain, args=(receiver,))  # PID 1, a moment later
     catching_up.start()
     notifier = SystemdNotifier.from_environ({"NOTIFY_SOCKET": path})
@@ -125,7 +116,6 @@ def test_ready_waits_out_a_notify_socket_that_is_full_for_a_moment(
         catching_up.join()
         notifier.close()
         receiver.close()
-        filler.close()
 
 
 def drain(sock: socket.socket) -> None:
@@ -134,3 +124,63 @@ def drain(sock: socket.socket) -> None:
     with contextlib.suppress(BlockingIOError):
         while True:
             sock.recv(4096)
+
+
+def test_a_ping_never_waits_for_a_notification_waiting_for_room(
+    short_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # READY=1 waiting for room held the notifier's lock: the reaping loop's WATCHDOG=1,
+    # which never waits, waited on the lock as long (2 s; a reload's two, 4 s).
+    path = str(short_dir / "notify")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    fill(path)
+    notifier = SystemdNotifier(path, watchdog_usec=1_000_000)
+    retrying, pinged, woke = threading.Event(), threading.Event(), threading.Event()
+
+    def held_retry(seconds: float) -> None:  # READY=1's wait for room, held open
+        retrying.set()
+        pinged.wait(10)
+        woke.set()
+
+    monkeypatch.setattr(_systemd.time, "sleep", held_retry)
+    ready = threading.Thread(target=notifier.ready)
+    ready.start()
+    try:
+        assert retrying.wait(10)
+        notifier.watchdog()  # the reaping loop's, while READY=1 waits for room
+        assert not woke.is_set()  # it returned while READY=1 still waited
+    finally:
+        pinged.set()
+        drain(receiver)
+        ready.join(30)
+        notifier.close()
+        receiver.close()
+
+
+def test_a_notify_socket_made_anew_gets_the_next_notification(short_dir: pathlib.Path) -> None:
+    path = str(short_dir / "notify")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    notifier = SystemdNotifier(path)
+    try:
+        assert notifier.notify("STATUS=first")
+        assert receiver.recv(4096) == b"STATUS=first"
+        receiver.close()
+        pathlib.Path(path).unlink()
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # made anew
+        receiver.bind(path)
+        assert notifier.ready("back")
+        assert receiver.recv(4096).startswith(b"READY=1")
+    finally:
+        notifier.close()
+        receiver.close()
+
+
+def fill(path: str) -> None:
+    """Fill the queue of the datagram socket bound at ``path`` (ours)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                filler.sendto(b"X=1", path)

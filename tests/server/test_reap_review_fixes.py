@@ -218,3 +218,54 @@ def test_a_namespaces_init_that_takes_the_signal_itself_gets_it_as_sent(waits: s
             os.close(fd)
         outer.wait(30)
         outer.stdout.close()  # type: ignore[union-attr]
+
+
+ANOTHER_THREAD = (
+    "import signal, threading, time\n"
+    "threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+    "print('ready', flush=True); time.sleep(600)\n"
+)
+WAITS_FOR_ANOTHER = (
+    "import signal\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})\n"
+    "print('ready', flush=True); signal.sigtimedwait({signal.SIGCHLD}, 600)\n"
+)
+PLAIN = "import time; print('ready', flush=True); time.sleep(600)\n"
+
+
+@namespaces
+@pytest.mark.parametrize(
+    "script", [ANOTHER_THREAD, WAITS_FOR_ANOTHER, PLAIN], ids=["thread", "sigchld", "traced"]
+)
+def test_what_a_stuck_init_that_would_drop_the_signal_is_sent_ends_it(script: str) -> None:
+    # An init's main thread that blocks it, or a wait in sigtimedwait(), says nothing
+    # of a thread that does not block it (it takes the signal, and drops it), of the set
+    # waited for (SIGCHLD), or of a tracer that passes it on: the container ran on.
+    outer = subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-c", script],
+                             stdout=subprocess.PIPE)  # fmt: skip
+    pidfds, tracer = [], None
+    try:
+        assert outer.stdout is not None
+        assert outer.stdout.readline() == b"ready\n"
+        [init] = children_of(outer.pid)
+        pidfds.append(os.pidfd_open(init))
+        status = pathlib.Path(f"/proc/{init}/status")
+        if script is WAITS_FOR_ANOTHER:
+            wait_until(lambda: "sigtimedwait" in pathlib.Path(f"/proc/{init}/wchan").read_text())
+        if script is PLAIN:
+            if shutil.which("strace") is None:
+                pytest.skip("no strace here to trace the init")
+            tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(init)])
+            wait_until(lambda: "TracerPid:\t0\n" not in status.read_text(), what="strace")
+        signal.pidfd_send_signal(pidfds[0], _as_received(init, signal.SIGTERM))
+        assert select.select(pidfds, [], [], 10)[0], "the stuck init runs on"
+    finally:
+        for fd in pidfds:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
+        if tracer is not None:
+            tracer.wait(30)
+        outer.wait(30)
+        outer.stdout.close()  # type: ignore[union-attr]

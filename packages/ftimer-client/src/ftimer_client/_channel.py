@@ -256,7 +256,7 @@ class Channel:
                     self._deliver(list(zip(scopes, lines)), timeout, scopes)
             except BaseException as e:
                 if owed is None:
-                    owed = [s for s in scopes if state.disarm(s)]
+                    owed = state.disarm_all(scopes)[1]
                 state.lost_disarms(owed)
                 self._failed(e if isinstance(e, ServerUnavailable) else None)
                 raise

@@ -398,8 +398,13 @@ class Resync:
         # The last disarms delivered may not have been read (see RECENT): sent again.
         # An expire is sent again only where it may have died unread (``expires``: the
         # connection lost); else its scope stays among the recent, for such a loss.
-        armed, expired = self.armed, self._expired
-        recent = [s for s in tuple(self._recent) if s not in armed]
+        armed, expired, unsent = self.armed, self._expired, self._unsent
+        every = tuple(self._recent)
+        recent = [s for s in every if s not in armed]
+        # Armed again the slow way, by an arm no connection took yet: one refused (undone)
+        # or released unsent owes nothing itself, and only this disarm then undoes the
+        # timer a server that died before reading it restores.
+        self.lost_disarms([s for s in every if s in armed and s in unsent])
         kept = [] if expires else [s for s in recent if s in expired]
         self.lost_disarms([s for s in recent if expires or s not in expired])
         if expires:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import array
 import logging
 import os
-import select
 import socket
 import threading
 import time
@@ -32,8 +31,10 @@ log = logging.getLogger("ftimer_server.systemd")
 #: thousands of pings a second). 10 ms is far below any useful ``WatchdogSec=`` (seconds)
 #: and as short as ``--state-interval`` may be.
 MIN_WATCHDOG_INTERVAL = 0.01
-#: How long a notification other than a ping waits for room in systemd's queue (s).
+#: How long a notification other than a ping waits for room in systemd's queue (s),
+#: trying again every _NOTIFY_RETRY.
 NOTIFY_WAIT = 2.0
+_NOTIFY_RETRY = 0.01
 #: The longest ``STATUS=`` sent, in characters (at most 4 bytes each: well within the
 #: 4096 bytes of a notification systemd reads).
 MAX_STATUS = 512
@@ -107,8 +108,8 @@ class SystemdNotifier:
 
     def notify(self, *lines: str, fds: Sequence[int] = (), wait: float = NOTIFY_WAIT) -> bool:
         """Send ``lines`` as one notification, with descriptors ``fds``; True if it was
-        sent. A receiver whose queue is full is waited for ``wait`` seconds at most (0:
-        not at all, for a ``WATCHDOG=1`` ping: one missed is the watchdog's to judge;
+        sent. A receiver whose queue is full is tried again for ``wait`` seconds at most
+        (0: not at all, for a ``WATCHDOG=1`` ping: one missed is the watchdog's to judge;
         READY=1, FDSTORE=1 and STOPPING=1 dropped are not made good by the next one).
 
         Failures (socket gone, permission) are logged once and otherwise ignored: systemd
@@ -119,37 +120,26 @@ class SystemdNotifier:
         payload = "\n".join(lines).encode()
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         end = time.monotonic() + wait
-        with self._lock:
+        while True:
             try:
-                if self._sock is None:
-                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                    try:
-                        # Connected: poll() says when the receiver's queue has room.
-                        sock.connect(self._address)
-                    except BaseException:
-                        sock.close()
-                        raise
-                    self._sock = sock
-                while True:
-                    try:
-                        self._sock.sendmsg([payload], rights, socket.MSG_DONTWAIT)
-                        break
-                    except BlockingIOError:
-                        left = end - time.monotonic()
-                        if left <= 0:
-                            raise
-                        poller = select.poll()
-                        poller.register(self._sock, select.POLLOUT)
-                        poller.poll(left * 1000)
+                with self._lock:
+                    if self._sock is None:
+                        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    # Never blocks (a full queue would hold the caller for good), and not
+                    # connected: a notify socket made anew at the address is reached.
+                    self._sock.sendmsg([payload], rights, socket.MSG_DONTWAIT, self._address)
+                return True
+            except BlockingIOError as e:
+                error: OSError = e
+                if time.monotonic() < end:
+                    time.sleep(_NOTIFY_RETRY)  # without the lock: a ping never waits
+                    continue
             except OSError as e:
-                if not isinstance(e, BlockingIOError) and self._sock is not None:
-                    self._sock.close()  # a notify socket made anew: connect again
-                    self._sock = None
-                if not self._warned:
-                    log.warning("cannot notify systemd at %r: %s", self._address, e)
-                    self._warned = True
-                return False
-        return True
+                error = e
+            if not self._warned:
+                log.warning("cannot notify systemd at %r: %s", self._address, error)
+                self._warned = True
+            return False
 
     def ready(self, status: str = "") -> bool:
         """``READY=1`` (and ``STATUS=``, ``MAINPID=``): start-up (or a reload) finished.

@@ -12,7 +12,9 @@ import contextlib
 import errno
 import os
 import signal as _signal
+import sys
 import threading
+import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from ftimer_server.core._records import Descendant, Worker
@@ -211,16 +213,15 @@ _STOPPING = frozenset({_signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
 def _as_received(pid: int, signal: int) -> int:
     """``signal``, or what its default action comes to (SIGKILL, or SIGSTOP for a stop
     signal) for a process that is pid 1 of a PID namespace below the server's (a
-    container's first process) and neither catches nor ignores it: the kernel drops such
-    a signal, even from an ancestor namespace (it forces only SIGKILL and SIGSTOP
-    through), where any other process would die (or stop) of it. What cannot be read
-    leaves ``signal``."""
+    container's first process), neither catches nor ignores it, and does not take it
+    itself (``_takes_itself``): the kernel drops such a signal, even from an ancestor
+    namespace (it forces only SIGKILL and SIGSTOP through), where any other process
+    would die (or stop) of it. What cannot be read leaves ``signal``."""
     if signal in _AS_SENT:
         return signal
     from ftimer_server.incidents._procfs import (  # noqa: PLC0415
         catches_or_ignores,
         read_status,
-        signal_mask,
     )
 
     try:
@@ -230,27 +231,54 @@ def _as_received(pid: int, signal: int) -> int:
     nspid = status.get("NSpid", "").split()
     if len(nspid) < 2 or nspid[-1] != "1" or catches_or_ignores(status, signal):
         return signal
-    # A blocked signal is never dropped (the kernel queues it: signalfd, as systemd and
-    # catatonit take theirs), nor one to a process in sigtimedwait() (tini, dumb-init:
-    # the kernel unblocks the waited set meanwhile, so SigBlk does not show it), nor
-    # one to a traced process: they receive it as sent.
-    if (
-        signal_mask(status.get("SigBlk", ""), signal)
-        or status.get("TracerPid", "0") != "0"
-        or _in_sigwait(pid)
-    ):
+    if _takes_itself(pid, signal):
         return signal
     return _signal.SIGSTOP if signal in _STOPPING else _signal.SIGKILL
 
 
-def _in_sigwait(pid: int) -> bool:
-    """Whether process ``pid`` waits in sigtimedwait() (sigwait, sigwaitinfo): its
-    waited signals are taken, not dropped (False where it cannot be read)."""
+def _takes_itself(pid: int, signal: int) -> bool:
+    """Whether every thread of process ``pid`` blocks ``signal`` (it stays queued for a
+    signalfd, as systemd and catatonit take theirs) or waits for it in sigtimedwait()
+    (tini, dumb-init; SigBlk no longer shows the set waited for). One thread that does
+    neither takes the signal to its default action, which the kernel drops for an init
+    (a traced one's too, once its tracer passes it on). Threads read within 10 ms;
+    what cannot be read: False."""
+    from ftimer_server.incidents._procfs import read_threads, signal_mask  # noqa: PLC0415
+
     try:
-        with open(f"/proc/{pid}/wchan") as f:
-            return "sigtimedwait" in f.read()
+        threads = read_threads(
+            pid, kernel_stacks=False, masks=True, deadline=time.monotonic() + 0.01
+        )
     except OSError:
         return False
+    return bool(threads) and all(
+        signal_mask(t.blocked, signal)
+        or ("sigtimedwait" in (t.wchan or "") and _waits_for(pid, t.tid, signal))
+        for t in threads
+    )
+
+
+#: rt_sigtimedwait's number where ``/proc/PID/task/TID/syscall`` names it so.
+_SIGTIMEDWAIT = {"x86_64": 128, "aarch64": 137}.get(os.uname().machine)
+
+
+def _waits_for(pid: int, tid: int, signal: int) -> bool:
+    """Whether thread ``tid`` of ``pid``, in sigtimedwait(), waits for ``signal``: the
+    set its call points to, read from its memory; where that cannot be read, taken to
+    (an init waits for every signal)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+            fields = f.read().split()
+        if _SIGTIMEDWAIT is None or int(fields[0]) != _SIGTIMEDWAIT:
+            return True
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            waited = os.pread(fd, 8, int(fields[1], 16))
+        finally:
+            os.close(fd)
+    except (OSError, ValueError, IndexError):
+        return True
+    return bool(int.from_bytes(waited, sys.byteorder) >> (signal - 1) & 1)
 
 
 def _deliver(send: Callable[[int], object], signal: int) -> None:

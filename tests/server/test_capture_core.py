@@ -330,3 +330,18 @@ def test_the_peers_are_found_from_a_few_timers_of_each_worker_not_every_timer(
     rig.wd.captured(1000, 5.1)
     rig.wd.tick(10.0)
     assert sorted(p.worker.pid for p in rig.host.requests[-1].peers) == [1001, 1002, 1003]
+
+
+def test_a_rank_whose_first_timers_carry_no_job_label_is_still_a_peer() -> None:
+    # Kills _watchdog.py `PEER_SCAN_PER_PID = 16` made 1: a rank whose first timer was
+    # armed by a client without the job label (a library's own client) was no peer.
+    rig = Rig()
+    rig.wd.apply(
+        [Arm(1001, "lib", 50.0, 9, labels={}), Arm(1001, "lib2", 50.0, 9, labels={"x": "y"}),
+         Arm(1001, "step", 50.0, 9, labels={"job": "j1"})], 0.0, 0.0,
+    )  # fmt: skip
+    rig.arm(1000, 5.0)  # job j1
+    rig.wd.tick(5.0)
+    [request] = rig.host.requests
+    assert request.job == "j1"
+    assert [p.worker.pid for p in request.peers] == [1001]

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tu
 import pytest
 
 import ftimer_client._expires as expires_module
+from ftimer_client import _channel
 from ftimer_protocol import (
     PIPE_BUF,
     Arm,
@@ -341,10 +342,16 @@ def peer(fifo_path: pathlib.Path) -> Iterator[FifoPeer]:
 
 @pytest.fixture(autouse=True)
 def _unconfigured() -> Iterator[None]:
-    """Every test starts and ends with no configured client."""
+    """Every test starts and ends with no configured client, and no retry of its own
+    left: a test's servers go with its temporary directory, and a channel that still
+    owed one a disarm would retry for good, opening descriptors (its socket, its own
+    pidfd) while later tests count theirs."""
     expires_module.configure(None)
     yield
     expires_module.configure(None)
+    for channel in list(_channel._channels):
+        with channel.lock:
+            channel.state.reset()  # nothing owed: its retry thread ends at its next turn
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
-from tests.conftest import wait_until
+from tests.conftest import children_of, wait_until
 
 from ftimer_protocol import Message, encode, parse_proc_stat
 from ftimer_server import Descendant, Event, OsSignaller, ProcessInspector, Worker
@@ -358,3 +358,35 @@ def held_in_d(program: str) -> Iterator[subprocess.Popen[bytes]]:
 def _state(pid: int) -> str:
     with open(f"/proc/{pid}/stat", "rb") as f:
         return parse_proc_stat(f.read()).state
+
+
+#: For tests that need a private PID namespace of their own.
+namespaces = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare(1) for a private PID namespace",
+)
+
+
+@contextlib.contextmanager
+def namespace_init(script: str) -> Iterator[Tuple[int, int]]:
+    """pid 1 of a new PID namespace running Python ``script``, once it printed "ready":
+    its pid (as this namespace sees it) and a pidfd of it. Killed (SIGKILL, which the
+    kernel forces through from here) at the end."""
+    outer = subprocess.Popen(
+        ["unshare", "--pid", "--fork", sys.executable, "-c", script], stdout=subprocess.PIPE
+    )
+    pidfds: List[int] = []
+    try:
+        assert outer.stdout is not None
+        assert outer.stdout.readline() == b"ready\n"
+        [init] = wait_until(lambda: children_of(outer.pid), what="the namespace's init")
+        pidfds.append(os.pidfd_open(init))
+        yield init, pidfds[0]
+    finally:
+        for fd in pidfds:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
+        outer.wait(30)
+        if outer.stdout is not None:
+            outer.stdout.close()

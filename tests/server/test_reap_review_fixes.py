@@ -20,17 +20,19 @@ import time
 
 import pytest
 from tests.conftest import children_of, wait_until
-from tests.server.conftest import OwnChildrenSignaller, Recorder, proc_start_time, send
+from tests.server.conftest import (
+    OwnChildrenSignaller,
+    Recorder,
+    namespace_init,
+    namespaces,
+    proc_start_time,
+    send,
+)
 
 from ftimer_protocol import Arm
 from ftimer_server import FileTimerServer, Reaped
 from ftimer_server.incidents._diagnostics import IncidentOptions
 from ftimer_server.server._signaller import _as_received
-
-namespaces = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None,
-    reason="needs root and unshare(1) for a private PID namespace",
-)
 
 
 def state(pid: int) -> str:
@@ -200,24 +202,10 @@ def test_a_namespaces_init_that_takes_the_signal_itself_gets_it_as_sent(waits: s
     script = SIGWAIT_INIT if waits == "sigwait" else SIGWAIT_INIT.replace(
         "signal.sigwait({signal.SIGTERM})", "__import__('time').sleep(600)"
     )  # fmt: skip
-    outer = subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-c", script],
-                             stdout=subprocess.PIPE)  # fmt: skip
-    pidfds = []
-    try:
-        assert outer.stdout is not None
-        assert outer.stdout.readline() == b"ready\n"
-        [init] = children_of(outer.pid)
-        pidfds.append(os.pidfd_open(init))
+    with namespace_init(script) as (init, _):
         if waits == "sigwait":  # in sigtimedwait(), where SigBlk no longer shows it
             wait_until(lambda: "sigtimedwait" in pathlib.Path(f"/proc/{init}/wchan").read_text())
         assert _as_received(init, signal.SIGTERM) == signal.SIGTERM
-    finally:
-        for fd in pidfds:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-            os.close(fd)
-        outer.wait(30)
-        outer.stdout.close()  # type: ignore[union-attr]
 
 
 ANOTHER_THREAD = (
@@ -242,14 +230,8 @@ def test_what_a_stuck_init_that_would_drop_the_signal_is_sent_ends_it(script: st
     # An init's main thread that blocks it, or a wait in sigtimedwait(), says nothing
     # of a thread that does not block it (it takes the signal, and drops it), of the set
     # waited for (SIGCHLD), or of a tracer that passes it on: the container ran on.
-    outer = subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-c", script],
-                             stdout=subprocess.PIPE)  # fmt: skip
-    pidfds, tracer = [], None
-    try:
-        assert outer.stdout is not None
-        assert outer.stdout.readline() == b"ready\n"
-        [init] = children_of(outer.pid)
-        pidfds.append(os.pidfd_open(init))
+    tracer = None
+    with namespace_init(script) as (init, pidfd):
         status = pathlib.Path(f"/proc/{init}/status")
         if script is WAITS_FOR_ANOTHER:
             wait_until(lambda: "sigtimedwait" in pathlib.Path(f"/proc/{init}/wchan").read_text())
@@ -258,14 +240,10 @@ def test_what_a_stuck_init_that_would_drop_the_signal_is_sent_ends_it(script: st
                 pytest.skip("no strace here to trace the init")
             tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(init)])
             wait_until(lambda: "TracerPid:\t0\n" not in status.read_text(), what="strace")
-        signal.pidfd_send_signal(pidfds[0], _as_received(init, signal.SIGTERM))
-        assert select.select(pidfds, [], [], 10)[0], "the stuck init runs on"
-    finally:
-        for fd in pidfds:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-            os.close(fd)
-        if tracer is not None:
-            tracer.wait(30)
-        outer.wait(30)
-        outer.stdout.close()  # type: ignore[union-attr]
+        try:
+            signal.pidfd_send_signal(pidfd, _as_received(init, signal.SIGTERM))
+            assert select.select([pidfd], [], [], 10)[0], "the stuck init runs on"
+        finally:
+            if tracer is not None:
+                tracer.kill()
+                tracer.wait(30)

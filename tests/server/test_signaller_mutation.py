@@ -4,23 +4,12 @@ pidfd); _as_received itself signals nothing."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 import signal
-import subprocess
-import sys
-from typing import Iterator, List
 
 import pytest
-from tests.conftest import children_of
+from tests.server.conftest import namespace_init, namespaces
 
 from ftimer_server.server._signaller import _as_received
-
-namespaces = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None or not hasattr(os, "pidfd_open"),
-    reason="needs root, unshare(1) and pidfds for a private PID namespace",
-)
 
 CATCHES = (
     "import signal, time; signal.signal(signal.SIGTERM, lambda *a: None);"
@@ -28,32 +17,11 @@ CATCHES = (
 )
 
 
-@contextlib.contextmanager
-def namespace_init(script: str) -> Iterator[int]:
-    """pid 1 of a new PID namespace running ``script``, its pid (outside) once ready."""
-    outer = subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-c", script],
-                             stdout=subprocess.PIPE)  # fmt: skip
-    pidfds: List[int] = []
-    try:
-        assert outer.stdout is not None
-        assert outer.stdout.readline() == b"ready\n"
-        [init] = children_of(outer.pid)
-        pidfds.append(os.pidfd_open(init))
-        yield init
-    finally:
-        for fd in pidfds:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-            os.close(fd)
-        outer.wait(30)
-        outer.stdout.close()  # type: ignore[union-attr]
-
-
 @namespaces
 def test_a_namespaces_init_that_catches_the_signal_gets_it_as_sent() -> None:
     # Kills `... or catches_or_ignores(status, signal)` dropped from _as_received (a
     # container's init with a SIGTERM handler got SIGKILL: no graceful stop).
-    with namespace_init(CATCHES) as init:
+    with namespace_init(CATCHES) as (init, _):
         assert _as_received(init, signal.SIGTERM) == signal.SIGTERM
         assert _as_received(init, signal.SIGUSR1) == signal.SIGKILL  # (the contrast)
 
@@ -63,7 +31,7 @@ def test_a_namespaces_init_is_stopped_not_killed_by_a_stop_signal() -> None:
     # Kills `return SIGSTOP if signal in _STOPPING else SIGKILL` made `return SIGKILL`,
     # and SIGSTOP dropped from _AS_SENT (SIGSTOP itself then made SIGKILL): a stop
     # asked of a container's init killed the whole namespace.
-    with namespace_init(CATCHES) as init:
+    with namespace_init(CATCHES) as (init, _):
         assert _as_received(init, signal.SIGTSTP) == signal.SIGSTOP
         assert _as_received(init, signal.SIGSTOP) == signal.SIGSTOP
 

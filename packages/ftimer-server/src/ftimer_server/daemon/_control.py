@@ -33,7 +33,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, FrozenSet, Optional
 
-from ftimer_server._files import unlink_if_same
+from ftimer_server._files import is_same_file, unlink_if_same
 
 from ._unasked import Unasked
 
@@ -196,12 +196,9 @@ class ControlServer:
         if bound is None:
             return False
         try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return True
-        except OSError:
+            return not is_same_file(self.path, bound)
+        except OSError:  # cannot be looked up now: not said lost
             return False
-        return (st.st_dev, st.st_ino) != (bound.st_dev, bound.st_ino)
 
     def rebind(self) -> bool:
         """Serve a new socket at ``path``, where the one served was removed: True if it
